@@ -1,0 +1,299 @@
+"""Reverse-mode differentiation in index notation, with Kronecker-delta contraction.
+
+For a statement ``T[o] = R_r body`` and a read ``X[a(o, r)]`` in its body, the chain
+rule gives the contribution
+
+    gX[j] += sum_{o, r} gT[o] * d body / d X[a] * prod_k delta(a_k(o, r), j_k)
+
+The local partial ``d body / d X[a]`` is ordinary scalar SymPy differentiation (the read
+is replaced by a real symbol). The deltas are then *contracted*: each ``a_k`` is affine in
+the summation indices, so ``a_k = j_k`` is solved for one summation index (preferring a
+unit coefficient), which is substituted everywhere and leaves a range guard
+``0 <= solution < range``; a coefficient other than +-1 leaves a divisibility guard.
+Remaining summation indices whose guards are linear in them get tightened loop bounds
+(the window of a transposed convolution), so the gather form costs no more than the
+forward. For ``max`` the partial is routed to the first maximal element through the
+argmax recorded by the forward (PyTorch's rule). Every step is recorded for the LaTeX
+derivation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from .normalize import Stmt
+
+
+@dataclass
+class Guard:
+    """``lo <= expr < hi`` (kind "range"), ``expr == other`` ("eq") or ``expr % other == 0`` ("div")."""
+
+    kind: str
+    expr: sympy.Expr
+    lo: sympy.Expr = sympy.S.Zero
+    hi: sympy.Expr = sympy.S.Zero
+    other: sympy.Expr = sympy.S.Zero
+
+    def subs(self, mapping):
+        return Guard(
+            self.kind,
+            sympy.sympify(self.expr).xreplace(mapping),
+            sympy.sympify(self.lo).xreplace(mapping),
+            sympy.sympify(self.hi).xreplace(mapping),
+            sympy.sympify(self.other).xreplace(mapping),
+        )
+
+    def condition(self):
+        if self.kind == "range":
+            return sympy.And(sympy.Ge(self.expr, self.lo), sympy.Lt(self.expr, self.hi))
+        if self.kind == "eq":
+            return sympy.Eq(self.expr, self.other)
+        return sympy.Eq(sympy.Mod(self.expr, self.other), 0)
+
+
+@dataclass
+class Term:
+    """One gather-form contribution ``g[free] += sum_{loops} [guards] * expr``."""
+
+    grad: str  # the gradient tensor written, e.g. g_x
+    of: str  # the tensor differentiated, e.g. x
+    free: tuple[sympy.Symbol, ...]
+    loops: list[tuple[sympy.Symbol, sympy.Expr, sympy.Expr]]  # (index, lo, hi)
+    guards: list[Guard]
+    expr: sympy.Expr
+    stmt: Stmt
+    read: sympy.Expr
+    local: sympy.Expr = sympy.S.Zero
+    chain: sympy.Expr = sympy.S.Zero  # the uncontracted chain-rule summand (with deltas)
+    chain_over: tuple = ()
+    chain_free: tuple = ()
+    steps: list[str] = field(default_factory=list)
+
+    @property
+    def elementwise(self):
+        return not self.loops and not self.guards
+
+
+def grad_name(name: str) -> str:
+    return f"g_{name}"
+
+
+def read_of(name: str, idx) -> sympy.Expr:
+    idx = tuple(idx)
+    if not idx:
+        return sympy.Symbol(name, real=True)
+    return sympy.IndexedBase(name, real=True)[idx]
+
+
+def reads_in(expr, tensors: set[str]):
+    """Reads of the given tensors in expr, grouped by (name, index tuple), stable order."""
+    found = {}
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, sympy.Indexed) and str(node.base) in tensors:
+            found[(str(node.base), tuple(node.indices))] = node
+        elif isinstance(node, sympy.Symbol) and node.name in tensors:
+            found[(node.name, ())] = node
+    return [found[k] for k in sorted(found, key=lambda k: (k[0], sympy.default_sort_key(sympy.Tuple(*k[1]))))]
+
+
+def clean_derivative(expr):
+    """Derivatives of step functions are zero almost everywhere (as PyTorch takes them)."""
+    expr = expr.replace(sympy.DiracDelta, lambda *a: sympy.S.Zero)
+    expr = expr.replace(sympy.Heaviside, lambda x, *a: sympy.Piecewise((1, x > 0), (0, True)))
+    expr = expr.replace(sympy.Subs, lambda *a: sympy.Subs(*a).doit())
+    return expr
+
+
+def local_partial(body, read):
+    d = sympy.Dummy("d", real=True)
+    replaced = body.xreplace({read: d})
+    return clean_derivative(sympy.diff(replaced, d)).xreplace({d: read})
+
+
+def _fresh(base: str, taken: set[str]) -> sympy.Symbol:
+    k = 1
+    name = base
+    while name in taken:
+        name = f"{base}{k}"
+        k += 1
+    taken.add(name)
+    return sympy.Symbol(name, integer=True)
+
+
+def contract(stmt: Stmt, read, shape, dim_names, argmax_reads, seed):
+    """Contract the deltas of one read; returns (free, loops, guards, substitution)."""
+    sum_idx = list(stmt.free) + list(stmt.over)
+    ranges = dict(stmt.ranges)
+    taken = {str(s) for s in sum_idx} | {str(s) for s in stmt.body.free_symbols}
+    free = []
+    subst: dict = {}
+    guards: list[Guard] = []
+    remaining = list(sum_idx)
+    positions = list(read.indices) if isinstance(read, sympy.Indexed) else []
+    # name the gradient's indices: reuse a plain forward index where it stands alone
+    plain_used = set()
+    for k, a in enumerate(positions):
+        if isinstance(a, sympy.Symbol) and a in remaining and a not in plain_used:
+            free.append(a)
+            plain_used.add(a)
+        else:
+            free.append(_fresh(str(dim_names[k]).lower(), taken))
+    for k, a in enumerate(positions):
+        j = free[k]
+        a = sympy.sympify(a).xreplace(subst)
+        if a == j and j in remaining:
+            remaining.remove(j)
+            if ranges.get(j) != shape[k]:
+                guards.append(Guard("range", j, 0, ranges[j]))
+            continue
+        cands = [s for s in remaining if a.has(s)]
+        choice = None
+        for s in cands:
+            c = sympy.diff(a, s)
+            if c.free_symbols & set(remaining):
+                continue
+            if c in (1, -1):
+                choice = (s, c)
+                break
+        if choice is None:
+            for s in cands:
+                c = sympy.diff(a, s)
+                if not (c.free_symbols & set(remaining)) and c.is_positive:
+                    choice = (s, c)
+                    break
+        if choice is None:
+            guards.append(Guard("eq", a, other=j))
+            continue
+        s, c = choice
+        rest = sympy.expand(a - c * s)
+        if c == 1:
+            sol = j - rest
+        elif c == -1:
+            sol = rest - j
+        else:
+            sol = sympy.floor((j - rest) / c)
+            guards.append(Guard("div", j - rest, other=c))
+        step = {s: sol}
+        subst = {key: sympy.sympify(v).xreplace(step) for key, v in subst.items()}
+        subst[s] = sol
+        guards = [g.subs(step) for g in guards]
+        remaining.remove(s)
+        guards.append(Guard("range", sol, 0, ranges[s]))
+    # argmax routing of a max reduction: over-index == recorded argmax
+    for r, am in argmax_reads:
+        r_val = sympy.sympify(r).xreplace(subst)
+        am_val = am.xreplace(subst)
+        guards.append(Guard("eq", r_val, other=am_val))
+    loops, guards = tighten(remaining, ranges, guards)
+    guards = [g for g in guards if not _trivial(g, free, shape)]
+    return tuple(free), loops, guards, subst
+
+
+def _trivial(g: Guard, free, shape):
+    if g.kind == "range" and g.expr in free:
+        k = list(free).index(g.expr)
+        return g.lo == 0 and sympy.simplify(g.hi - shape[k]) == 0
+    if g.kind == "range":
+        lo_ok = sympy.simplify(g.expr - g.lo).is_nonnegative
+        hi_ok = sympy.simplify(g.hi - g.expr).is_positive
+        return bool(lo_ok and hi_ok)
+    return False
+
+
+def tighten(remaining, ranges, guards):
+    """Turn range guards linear in a summation index into that index's loop bounds."""
+    loops = []
+    guards = list(guards)
+    for pos, u in enumerate(remaining):
+        inner = set(remaining[pos + 1 :])
+        lo_bounds = [sympy.S.Zero]
+        hi_bounds = [ranges[u]]
+        keep = []
+        for g in guards:
+            if g.kind != "range" or not g.expr.has(u):
+                keep.append(g)
+                continue
+            c = sympy.diff(g.expr, u)
+            rest = sympy.expand(g.expr - c * u)
+            if c.free_symbols & (set(remaining)) or rest.has(u) or (rest.free_symbols & inner):
+                keep.append(g)
+                continue
+            if c.is_positive:
+                lo_bounds.append(-sympy.floor((rest - g.lo) / c))
+                hi_bounds.append(sympy.floor((g.hi - 1 - rest) / c) + 1)
+            elif c.is_negative:
+                cp = -c
+                hi_bounds.append(sympy.floor((rest - g.lo) / cp) + 1)
+                lo_bounds.append(sympy.floor((rest - g.hi) / cp) + 1)
+            else:
+                keep.append(g)
+                continue
+        guards = keep
+        loops.append((u, sympy.Max(*lo_bounds), sympy.Min(*hi_bounds)))
+    return loops, guards
+
+
+@dataclass
+class Backward:
+    """The result of the reverse pass."""
+
+    terms: list[Term]  # in evaluation order
+    argmax: dict[str, tuple[str, ...]]  # max statement target -> argmax tensor names
+    inlined: dict[str, tuple[tuple, sympy.Expr]]  # gradient name -> (free, expression)
+    all_terms: list[Term] = field(default_factory=list)  # inlined ones too, for the derivation
+
+
+def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str]):
+    """Reverse-mode pass. ``wrt``: tensor name -> shape for every tensor that needs a
+    gradient (differentiable args and the intermediates between them and the outputs).
+
+    A gradient of an intermediate whose contributions are all elementwise is not
+    materialised: its expression is substituted into the statements that read it.
+    """
+    terms: dict[str, list[Term]] = {}
+    order: list[Term] = []
+    everything: list[Term] = []
+    argmax: dict[str, tuple[str, ...]] = {}
+    inlined: dict[str, tuple[tuple, sympy.Expr]] = {}
+    for stmt in reversed(stmts):
+        g_t = grad_name(stmt.target)
+        if stmt.stop_gradient:
+            continue
+        if stmt.target in outputs:
+            seed = read_of(g_t, stmt.free)
+        elif terms.get(g_t):
+            own = terms[g_t]
+            if all(t.elementwise for t in own):
+                seed = sympy.Add(*[t.expr.xreplace(dict(zip(t.free, stmt.free))) for t in own])
+                inlined[g_t] = (tuple(stmt.free), seed)
+                for t in own:
+                    order.remove(t)
+                del terms[g_t]
+            else:
+                seed = read_of(g_t, stmt.free)
+        else:
+            continue
+        argmax_reads = []
+        if stmt.reduce == "max":
+            names = tuple(f"{stmt.target}_argmax_{r}" for r in stmt.over)
+            argmax[stmt.target] = names
+            argmax_reads = [(r, read_of(n, stmt.free)) for r, n in zip(stmt.over, names)]
+        for read in reads_in(stmt.body, set(wrt)):
+            name = str(read.base) if isinstance(read, sympy.Indexed) else read.name
+            local = local_partial(stmt.body, read)
+            if local == 0:
+                continue
+            shape = wrt[name]
+            free, loops, guards, subst = contract(stmt, read, shape, dim_names[name], argmax_reads, seed)
+            expr = (seed * local).xreplace(subst)
+            over = tuple(stmt.free) + tuple(stmt.over)
+            primed = tuple(sympy.Symbol(f"{j}'", integer=True) for j in free)
+            deltas = sympy.Mul(*[sympy.KroneckerDelta(a, j, evaluate=False) for a, j in zip(read.indices, primed)]) if isinstance(read, sympy.Indexed) else sympy.S.One
+            t = Term(grad_name(name), name, free, loops, guards, expr, stmt, read, local, seed * local * deltas, over)
+            t.chain_free = primed
+            terms.setdefault(grad_name(name), []).append(t)
+            order.append(t)
+            everything.append(t)
+    return Backward(order, argmax, inlined, everything)

@@ -1,0 +1,111 @@
+"""Writing library ops in Python with SymPy: the twin of the TOML spec language.
+
+The helpers build exactly the symbols the TOML parser builds (indices are integer
+Symbols, dimensions positive integer Symbols, tensors real IndexedBases), so a Python op
+and its TOML twin produce the same OpDef and therefore the same code.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import sympy
+
+from .functions import ReduceMax, ReduceSum
+from .ir import dim, index
+from .spec import Equation, OpDef, _attr_symbol, finish_activation
+
+Sum = ReduceSum
+Max = ReduceMax
+
+x = sympy.Symbol("x", real=True)  # the argument of an activation
+
+
+def dims(names: str):
+    return tuple(dim(n) for n in names.split())
+
+
+def indices(names: str):
+    return tuple(index(n) for n in names.split())
+
+
+def tensors(names: str):
+    return tuple(sympy.IndexedBase(n, real=True) for n in names.split())
+
+
+def scalar(name: str):
+    return sympy.Symbol(name, real=True)
+
+
+def attr(name: str, default):
+    return _attr_symbol(name, default)
+
+
+def _source():
+    frame = inspect.stack()[2]
+    return "derive/ops/" + frame.filename.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _text(lhs, rhs):
+    return f"{sympy.sstr(lhs)} = {sympy.sstr(rhs)}"
+
+
+def activation(name, expr, attrs=None, doc=""):
+    op = OpDef(name=name, kind="activation", source=_source(), doc=doc)
+    op.attrs = dict(attrs or {})
+    for a, v in op.attrs.items():
+        op.symbols[a] = _attr_symbol(a, v)
+    op.expr = expr
+    op.expr_text = sympy.sstr(expr)
+    return finish_activation(op)
+
+
+def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, ranges=None,
+          differentiate=None, doc="", kind="layer"):
+    op = OpDef(name=name, kind=kind, source=_source(), doc=doc)
+    op.inputs = {k: tuple(v.split()) for k, v in inputs.items()}
+    op.params = {k: tuple(v.split()) for k, v in (params or {}).items()}
+    op.outputs = {k: tuple(v.split()) for k, v in outputs.items()}
+    op.attrs = dict(attrs or {})
+    names = {d for t in (op.inputs, op.params, op.outputs) for s in t.values() for d in s} | set(dims or {})
+    for d in sorted(names):
+        op.symbols[d] = dim(d)
+    for a, v in op.attrs.items():
+        op.symbols[a] = _attr_symbol(a, v)
+    op.derived_dims = dict(dims or {})
+    op.ranges = dict(ranges or {})
+    for lhs, rhs in equations:
+        if isinstance(lhs, sympy.Indexed):
+            op.equations.append(Equation(str(lhs.base), tuple(lhs.indices), rhs, _text(lhs, rhs)))
+        else:
+            op.equations.append(Equation(str(lhs), (), rhs, _text(lhs, rhs)))
+    op.differentiate = differentiate
+    return op
+
+
+def loss(name, **kw):
+    return layer(name, kind="loss", **kw)
+
+
+def optimizer(name, state, hyper, update, doc=""):
+    """``update``: list of (target name, rhs) over scalar symbols p, g, state, hyper, t."""
+    op = OpDef(name=name, kind="optimizer", source=_source(), doc=doc)
+    op.state = list(state)
+    op.hyper = dict(hyper)
+    for h in op.hyper:
+        op.symbols[h] = sympy.Symbol(h, real=True)
+    op.symbols["t"] = sympy.Symbol("t", integer=True, positive=True)
+    for target, rhs in update:
+        op.equations.append(Equation(target, (), rhs, f"{target} = {sympy.sstr(rhs)}"))
+    return op
+
+
+def schedule(name, hyper, expr, doc=""):
+    op = OpDef(name=name, kind="schedule", source=_source(), doc=doc)
+    op.hyper = dict(hyper)
+    for h in op.hyper:
+        op.symbols[h] = sympy.Symbol(h, real=True)
+    op.symbols["t"] = sympy.Symbol("t", integer=True, nonnegative=True)
+    op.expr = expr
+    op.expr_text = sympy.sstr(expr)
+    return op

@@ -1,0 +1,233 @@
+"""Named functions of the spec language and their derivatives.
+
+Two kinds of names live here:
+
+* *Stable primitives* (``sigmoid``, ``softplus``) stay as SymPy functions all the way to
+  the printers, which emit overflow-free implementations of them. Their derivatives are
+  not written by hand: :func:`derived_fdiff` differentiates the mathematical definition
+  with SymPy and then re-expresses the result through the named functions
+  (``sigmoid' = sigmoid (1 - sigmoid)``, ``softplus' = sigmoid``), choosing the form
+  with the fewest operations.
+* *Macros* (``relu``, ``where``, ``abs`` ...) expand at parse time into elementary SymPy
+  expressions (``Piecewise``, ``Abs``).
+
+Reductions (``sum(expr, i, j)``, ``max(expr, i)``) are :class:`Reduce` nodes, which
+derive/normalize.py lifts into intermediates before differentiation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sympy
+from sympy import Function, Piecewise, exp, log
+from sympy.codegen.cfunctions import expm1, log1p
+
+
+class NamedFunction(Function):
+    """A one-argument function defined by an elementary ``definition``."""
+
+    is_real = True
+
+    @staticmethod
+    def definition(x):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def fdiff(self, argindex=1):
+        if argindex != 1:
+            raise sympy.ArgumentIndexError(self, argindex)
+        return derived_fdiff(type(self))(self.args[0])
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return self.definition(x)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+class sigmoid(NamedFunction):
+    """The logistic function 1 / (1 + exp(-x)); printed as a stable two-branch kernel."""
+
+    @staticmethod
+    def definition(x):
+        return 1 / (1 + exp(-x))
+
+    def _latex(self, printer):
+        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+
+
+class softplus(NamedFunction):
+    """log(1 + exp(x)); printed as max(x, 0) + log1p(exp(-|x|))."""
+
+    @staticmethod
+    def definition(x):
+        return log(1 + exp(x))
+
+    def _latex(self, printer):
+        return r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
+
+
+STABLE_PRIMITIVES = (sigmoid, softplus)
+
+
+def _exp_as_power(expr, x, E):
+    """Write every exp(k*x) with integer k as E**k so the expression is rational in E."""
+
+    def repl(arg):
+        k = sympy.simplify(arg / x)
+        if k.is_Integer:
+            return E**k
+        return exp(arg)
+
+    return expr.replace(exp, repl)
+
+
+@functools.lru_cache(maxsize=None)
+def derived_fdiff(cls):
+    """The derivative of a named function, from SymPy's diff of its definition.
+
+    The raw derivative (e.g. ``exp(-x)/(1 + exp(-x))**2``) is re-expressed through each
+    stable primitive g by solving ``g = definition_g(x)`` for exp(x) and substituting;
+    the candidate with the fewest operations wins. Returns a callable of the argument.
+    """
+    x = sympy.Dummy("x", real=True)
+    raw = sympy.diff(cls.definition(x), x)
+    candidates = [sympy.simplify(raw)]
+    E = sympy.Dummy("E", positive=True)
+    rational = _exp_as_power(raw, x, E)
+    for g_cls in STABLE_PRIMITIVES:
+        g = sympy.Dummy("g", positive=True)
+        relation = _exp_as_power(g_cls.definition(x), x, E)
+        solutions = [s for s in sympy.solve(sympy.Eq(g, relation), E) if s.free_symbols <= {g}]
+        for sol in solutions:
+            expressed = sympy.factor(sympy.cancel(rational.subs(E, sol)))
+            if x in expressed.free_symbols or E in expressed.free_symbols:
+                continue
+            candidates.append(expressed.subs(g, g_cls(x)))
+    best = min(candidates, key=lambda c: (sympy.count_ops(c), sympy.srepr(c)))
+    best = tidy_signs(best)
+    return sympy.Lambda(x, best)
+
+
+def tidy_signs(expr):
+    """-(s)(s - 1) -> s (1 - s): the textbook sign convention for factored products."""
+    if isinstance(expr, sympy.Mul) and expr.could_extract_minus_sign():
+        factors = list((-expr).as_ordered_factors())
+        for k, f in enumerate(factors):
+            if isinstance(f, sympy.Add):
+                factors[k] = sympy.expand(-f)
+                return sympy.Mul(*factors, evaluate=True)
+    return expr
+
+
+class Reduce(Function):
+    """A reduction node ``kind(body, i, j, ...)``; lifted into an intermediate later."""
+
+    kind = "?"
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    def _sympystr(self, printer):
+        return "%s(%s, %s)" % (self.kind, printer._print(self.body), ", ".join(map(printer._print, self.indices)))
+
+    @property
+    def indices(self):
+        return self.args[1:]
+
+
+class ReduceSum(Reduce):
+    kind = "sum"
+
+    def _latex(self, printer):
+        idx = ",".join(printer._print(i) for i in self.indices)
+        return r"\sum_{%s} \left(%s\right)" % (idx, printer._print(self.body))
+
+
+class ReduceMax(Reduce):
+    kind = "max"
+
+    def _latex(self, printer):
+        idx = ",".join(printer._print(i) for i in self.indices)
+        return r"\max_{%s} \left(%s\right)" % (idx, printer._print(self.body))
+
+
+# ---------------------------------------------------------------------------
+# The whitelist: every function name a spec may call, and what it builds.
+
+
+def _where(cond, a, b):
+    return Piecewise((a, cond), (b, True))
+
+
+def _relu(x):
+    return Piecewise((x, x > 0), (0, True))
+
+
+def _leaky_relu(x, slope=sympy.Rational(1, 100)):
+    return Piecewise((x, x > 0), (slope * x, True))
+
+
+def _elu(x, alpha=1):
+    return Piecewise((x, x > 0), (alpha * expm1(x), True))
+
+
+def _gelu(x):
+    return x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2
+
+
+def _silu(x):
+    return x * sigmoid(x)
+
+
+def _mish(x):
+    return x * sympy.tanh(softplus(x))
+
+
+def _scalar_max(*args):
+    return sympy.Max(*args)
+
+
+def _scalar_min(*args):
+    return sympy.Min(*args)
+
+
+ELEMENTARY = {
+    "exp": sympy.exp,
+    "log": sympy.log,
+    "log1p": log1p,
+    "expm1": expm1,
+    "sqrt": sympy.sqrt,
+    "sin": sympy.sin,
+    "cos": sympy.cos,
+    "tan": sympy.tan,
+    "atan": sympy.atan,
+    "sinh": sympy.sinh,
+    "cosh": sympy.cosh,
+    "tanh": sympy.tanh,
+    "erf": sympy.erf,
+    "abs": sympy.Abs,
+    "sign": sympy.sign,
+    "floor": sympy.floor,
+    "Max": _scalar_max,
+    "Min": _scalar_min,
+    "where": _where,
+}
+
+ACTIVATIONS = {
+    "sigmoid": sigmoid,
+    "softplus": softplus,
+    "relu": _relu,
+    "leaky_relu": _leaky_relu,
+    "elu": _elu,
+    "gelu": _gelu,
+    "silu": _silu,
+    "mish": _mish,
+}
+
+REDUCTIONS = {"sum": ReduceSum, "max": ReduceMax}
+
+CONSTANTS = {"pi": sympy.pi}
+
+FUNCTIONS = {**ELEMENTARY, **ACTIVATIONS}

@@ -1,0 +1,151 @@
+"""The kernel IR: the one interface between derive/ (which produces it) and codegen/
+(which prints it).
+
+derive/ turns a spec into a :class:`Program`: forward and backward as ordered lists of
+:class:`Assign` statements in index notation, every gradient already derived,
+contracted, simplified and stabilised. codegen/ knows nothing of any particular op; it
+lowers each ``Assign`` to a loop nest (or a GEMM call when the statement has
+matrix-product shape) for each target.
+
+Conventions every producer guarantees and every consumer may rely on:
+
+* Index symbols are ``sympy.Symbol(name, integer=True)``; dimensions are
+  ``Symbol(name, integer=True, positive=True)``; attributes are Symbols too (their
+  defaults live in ``Program.attrs``).
+* Tensor reads in a body are ``sympy.Indexed(IndexedBase(name), *exprs)``. A tensor of
+  shape ``()`` (a loss, its seed gradient) is read as the plain ``Symbol(name)`` and
+  written by an ``Assign`` with empty ``free``; its name is in ``Program.scalars``.
+* A read that may fall outside its tensor's bounds is already wrapped by derive in a
+  ``Piecewise((read, inside), (0, True))``; codegen never adds bounds checks of its own.
+* Guards (range conditions from delta contraction, the argmax routing of ``max``)
+  appear as ``Piecewise`` in the body. Codegen prints them as scalar ternaries.
+* Every order here (tensors, statements, loops) is deterministic: lists, never sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+ROLES = ("input", "param", "output", "intermediate", "seed", "grad", "state")
+
+
+def index(name: str) -> sympy.Symbol:
+    """An index symbol: a loop variable in the generated code."""
+    return sympy.Symbol(name, integer=True)
+
+
+def dim(name: str) -> sympy.Symbol:
+    """A dimension symbol: a size bound from an argument's shape or derived from attrs."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """A named array of the program.
+
+    ``shape`` is a tuple of SymPy expressions over dimension and attribute symbols
+    (``()`` for a scalar). ``dtype`` is ``"float"`` (the op's float type, float32 or
+    float64 at run time) or ``"int"`` (int64 index data, never differentiated).
+    """
+
+    name: str
+    shape: tuple[sympy.Expr, ...]
+    role: str
+    dtype: str = "float"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """``for index in range(lo, hi)``: ``lo`` inclusive, ``hi`` exclusive.
+
+    Bounds are SymPy integer expressions over dimensions, attributes and the indices
+    of enclosing loops (tightened bounds of gather-form gradients depend on the free
+    indices, e.g. the window of a transposed convolution). ``Max``/``Min`` and
+    ``floor`` may appear in bounds.
+    """
+
+    index: sympy.Symbol
+    lo: sympy.Expr
+    hi: sympy.Expr
+
+
+@dataclass(frozen=True)
+class Assign:
+    """``target[free] (= or +=) reduce_{over} body`` for every ``free`` in its range.
+
+    * ``reduce == "none"``: ``over`` is empty; the body is computed per element.
+    * ``reduce == "sum"``: the body is summed over the ``over`` loops (nested in order).
+    * ``reduce == "max"``: the maximum of the body over ``over``; when ``argmax`` is not
+      empty, ``argmax[k]`` names an int tensor (same shape as the target) that receives
+      the value of ``over[k].index`` at the *first* maximal element in loop order.
+    * ``accumulate``: add into the existing target instead of overwriting it (the
+      target was written by an earlier statement).
+    * ``equation``: the statement in readable text, for the kernel's docstring.
+    """
+
+    target: str
+    free: tuple[Loop, ...]
+    body: sympy.Expr
+    reduce: str = "none"
+    over: tuple[Loop, ...] = ()
+    accumulate: bool = False
+    argmax: tuple[str, ...] = ()
+    equation: str = ""
+
+
+@dataclass(frozen=True)
+class Program:
+    """Everything codegen needs to emit one op's module section.
+
+    ``forward`` computes the outputs (and the intermediates they need) from ``args``.
+    ``backward`` runs after ``forward`` (which recomputes the intermediates) and
+    computes ``grads`` from ``seeds`` (the output gradients, backward's first
+    arguments). For optimizers ``forward``/``backward`` are empty and ``step`` holds
+    the sequential in-place update statements.
+    """
+
+    name: str
+    kind: str  # activation | layer | loss | optimizer
+    source: str  # the spec it came from, as shown in the generated file's header
+    dims: tuple[sympy.Symbol, ...]  # bound from argument shapes at run time
+    derived_dims: tuple[tuple[sympy.Symbol, sympy.Expr], ...]  # computed in order
+    attrs: tuple[tuple[sympy.Symbol, int | float], ...]  # run-time attributes, defaults
+    args: tuple[TensorDecl, ...]  # forward arguments: inputs then params
+    outputs: tuple[TensorDecl, ...]
+    intermediates: tuple[TensorDecl, ...] = ()
+    forward: tuple[Assign, ...] = ()
+    seeds: tuple[TensorDecl, ...] = ()
+    grads: tuple[TensorDecl, ...] = ()  # one per differentiable arg, in arg order
+    grad_of: tuple[str, ...] = ()  # the arg name each grad belongs to
+    grad_intermediates: tuple[TensorDecl, ...] = ()
+    backward: tuple[Assign, ...] = ()
+    scalars: tuple[str, ...] = ()  # tensors of shape () read as plain Symbols
+    elementwise: bool = False  # activation: any input shape, computed on the flat array
+    state: tuple[str, ...] = ()  # optimizer state names, in order
+    step: tuple[Assign, ...] = ()  # optimizer update statements, sequential, in place
+    step_counter: sympy.Symbol | None = None  # optimizer step count t (from 1)
+    latex: str = ""  # the derivation document for this op
+    doc: str = ""  # one-line description
+    extra: dict = field(default_factory=dict)
+
+    def tensor(self, name: str) -> TensorDecl:
+        for t in self.all_tensors():
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def all_tensors(self) -> tuple[TensorDecl, ...]:
+        return (
+            self.args
+            + self.outputs
+            + self.intermediates
+            + self.seeds
+            + self.grads
+            + self.grad_intermediates
+        )

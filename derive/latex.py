@@ -1,0 +1,207 @@
+"""Derivations for people: the steps of each op's derivation as LaTeX.
+
+A derivation is a list of blocks, ``("text", str)`` or ``("math", latex)``, rendered as
+a LaTeX fragment (``op.latex()``), a standalone .tex document, or Markdown with ``$$``
+math. Gradients are written with bars: ``\\bar{x}`` is dL/dx for the scalar L being
+differentiated, so ``\\bar{y}`` is the incoming output gradient.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.printing.latex import LatexPrinter
+
+from .spec import OpDef
+
+
+def _name(name: str) -> str:
+    if name.startswith("g_"):
+        return r"\bar{%s}" % _name(name[2:])
+    if "_" in name or len(name) > 2 and name not in ("lse",):
+        return r"\mathrm{%s}" % name.replace("_", r"\_")
+    return name
+
+
+class DerivationPrinter(LatexPrinter):
+    def _print_Indexed(self, expr):
+        idx = ",".join(self._print(i) for i in expr.indices)
+        return "%s_{%s}" % (_name(str(expr.base)), idx)
+
+    def _print_Symbol(self, expr, style="plain"):
+        if expr.name.startswith("g_") or "_" in expr.name:
+            return _name(expr.name)
+        return super()._print_Symbol(expr)
+
+    def _print_KroneckerDelta(self, expr, exp=None):
+        return r"\delta_{%s,\,%s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
+
+
+_printer = DerivationPrinter({"mul_symbol": None})
+
+
+def tex(expr) -> str:
+    return _printer.doprint(expr)
+
+
+def _lhs(name, idx):
+    if not idx:
+        return _name(name)
+    return "%s_{%s}" % (_name(name), ",".join(tex(i) for i in idx))
+
+
+def _sum_prefix(indices):
+    if not indices:
+        return ""
+    return r"\sum_{%s} " % ",".join(tex(i) for i in indices)
+
+
+def _stmt_tex(s):
+    body = tex(s.body)
+    if s.reduce == "sum":
+        body = _sum_prefix(s.over) + r"\left(" + body + r"\right)"
+    elif s.reduce == "max":
+        body = r"\max_{%s} " % ",".join(tex(i) for i in s.over) + body
+    return f"{_lhs(s.target, s.free)} = {body}"
+
+
+def _guards_tex(guards):
+    parts = []
+    for g in guards:
+        if g.kind == "range":
+            parts.append(r"%s \le %s < %s" % (tex(g.lo), tex(g.expr), tex(g.hi)))
+        elif g.kind == "eq":
+            parts.append(r"%s = %s" % (tex(g.expr), tex(g.other)))
+        else:
+            parts.append(r"%s \mid %s" % (tex(g.other), tex(g.expr)))
+    return parts
+
+
+def _term_tex(t):
+    lhs = _lhs(t.grad, t.free)
+    prefix = ""
+    if t.loops:
+        bounds = []
+        for i, lo, hi in t.loops:
+            bounds.append(r"%s=%s" % (tex(i), tex(lo)) + r"}^{" + tex(hi - 1))
+        prefix = "".join(r"\sum_{" + b + "} " for b in bounds)
+    guard = ""
+    if t.guards:
+        guard = r"\left[" + r",\ ".join(_guards_tex(t.guards)) + r"\right]"
+    return r"%s \mathrel{+}= %s%s\,%s" % (lhs, prefix, guard, tex(t.expr))
+
+
+def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, str]]:
+    blocks: list[tuple[str, str]] = []
+    add = blocks.append
+    add(("heading", op.name))
+    if op.doc:
+        add(("text", op.doc))
+    add(("text", "Forward definition (the spec):"))
+    for eq in op.equations:
+        add(("math", f"{_lhs(eq.target, eq.index)} = {tex(eq.rhs)}"))
+    extra = [s for s in stmts if s.origin != "spec"]
+    if extra:
+        add(("text", "Normalised statements (each reduction its own intermediate; stability rewrites applied):"))
+        for s in stmts:
+            line = _stmt_tex(s)
+            if s.stop_gradient:
+                line += r"\quad(\text{stop-gradient})"
+            add(("math", line))
+            if s.note:
+                add(("text", s.note + "."))
+    if not backward.terms and not backward.inlined:
+        return blocks
+    add(("text", r"Reverse mode: $\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:"))
+    for t in _all_terms_in_order(backward):
+        add(("text", f"Through the read ${tex(t.read)}$ in the statement for ${_name(t.stmt.target)}$:"))
+        d = r"\frac{\partial %s}{\partial %s} = %s" % (_lhs(t.stmt.target, t.stmt.free), tex(t.read), tex(t.local))
+        if t.stmt.reduce == "max":
+            d += r"\quad\text{(at the first maximal element, 0 elsewhere)}"
+        add(("math", d))
+        add(("math", r"%s \mathrel{+}= %s%s" % (_lhs(t.grad, t.chain_free), _sum_prefix(t.chain_over), tex(t.chain))))
+        add(("math", _term_tex(t)))
+    if backward.inlined:
+        add(("text", "Gradients of intermediates that are elementwise and therefore substituted, not stored:"))
+        for g, (free, expr) in backward.inlined.items():
+            add(("math", f"{_lhs(g, free)} = {tex(expr)}"))
+    add(("text", "Result: the vector-Jacobian products the kernels compute:"))
+    for a in program.backward:
+        add(("math", _assign_tex(a)))
+    return blocks
+
+
+def _all_terms_in_order(backward):
+    return list(getattr(backward, "all_terms", backward.terms))
+
+
+def _assign_tex(a):
+    lhs = _lhs(a.target, [lp.index for lp in a.free])
+    body = a.body
+    prefix = ""
+    for lp in a.over:
+        prefix += r"\sum_{%s=%s}^{%s} " % (tex(lp.index), tex(lp.lo), tex(lp.hi - 1))
+    op = r"\mathrel{+}=" if a.accumulate else "="
+    return f"{lhs} {op} {prefix}{tex(body)}"
+
+
+def optimizer_blocks(op: OpDef):
+    blocks = [("heading", op.name)]
+    if op.doc:
+        blocks.append(("text", op.doc))
+    hyper = ", ".join(f"{_name(k)} = {v}" for k, v in op.hyper.items())
+    blocks.append(("text", f"Elementwise update of parameter $p$ with gradient $g$ at step $t$ (from 1); defaults: ${hyper}$."))
+    for eq in op.equations:
+        blocks.append(("math", r"%s \leftarrow %s" % (_name(eq.target), tex(eq.rhs))))
+    return blocks
+
+
+def schedule_blocks(op: OpDef):
+    blocks = [("heading", op.name)]
+    if op.doc:
+        blocks.append(("text", op.doc))
+    blocks.append(("math", r"\mathrm{lr}_t = %s" % tex(op.expr)))
+    return blocks
+
+
+def render_tex(blocks, level="subsection*") -> str:
+    out = []
+    for kind, text in blocks:
+        if kind == "heading":
+            out.append("\\%s{%s}" % (level, text.replace("_", r"\_")))
+        elif kind == "text":
+            out.append(text.replace("_", r"\_") if "$" not in text else text)
+        else:
+            out.append("\\begin{equation*}\n" + text + "\n\\end{equation*}")
+    return "\n\n".join(out) + "\n"
+
+
+def render_md(blocks) -> str:
+    out = []
+    for kind, text in blocks:
+        if kind == "heading":
+            out.append(f"## `{text}`")
+        elif kind == "text":
+            out.append(text)
+        else:
+            out.append("$$\n" + text + "\n$$")
+    return "\n\n".join(out) + "\n"
+
+
+def derivation_latex(op, stmts, backward, program) -> str:
+    return render_tex(derivation_blocks(op, stmts, backward, program))
+
+
+def optimizer_latex(op) -> str:
+    return render_tex(optimizer_blocks(op))
+
+
+def schedule_latex(op) -> str:
+    return render_tex(schedule_blocks(op))
+
+
+TEX_PREAMBLE = r"""\documentclass[11pt]{article}
+\usepackage{amsmath,amssymb}
+\usepackage[margin=2cm]{geometry}
+\allowdisplaybreaks
+\begin{document}
+"""

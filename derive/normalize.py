@@ -1,0 +1,237 @@
+"""From spec equations to statements: stability rewrites, then reductions lifted out.
+
+After this pass every statement has the form ``T[o] = R_{r} body`` with R one of
+none/sum/max and a body free of reductions, which is what differentiation and lowering
+work on. The passes, in order:
+
+1. ``stabilise``: every ``sum(exp(E), k)`` becomes ``exp(lse)`` with
+   ``lse = m + log(sum(exp(E - m), k))`` and ``m = max(E, k)``; ``m`` is marked
+   stop-gradient because the shifted form does not depend on it (the derivative with
+   respect to m is 1 - S/S = 0, which :func:`check_shift_invariance` verifies with SymPy
+   when the pass runs). Then ``log(exp(a)) -> a``, exponentials are combined
+   (``exp(a)/exp(b) -> exp(a - b)``), and the elementary rewrites
+   ``log(1 + exp(a)) -> softplus(a)``, ``log(sigmoid(a)) -> -softplus(-a)``,
+   ``exp(a)/(1 + exp(a)) -> sigmoid(a)``, ``log(1 + a) -> log1p(a)``,
+   ``exp(a) - 1 -> expm1(a)``, ``sigmoid(-a) -> 1 - sigmoid(a)``,
+   ``log(cosh(a)) -> a + softplus(-2a) - log 2`` apply.
+2. ``lift``: innermost-first, every reduction that is not the whole right-hand side
+   becomes an intermediate indexed by the indices it leaves free.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import sympy
+from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
+
+from .functions import Reduce, ReduceMax, ReduceSum, sigmoid, softplus
+from .spec import Equation, OpDef
+
+
+@dataclass
+class Stmt:
+    """``target[free] = reduce_{over} body``, ``body`` free of reductions."""
+
+    target: str
+    free: tuple[sympy.Symbol, ...]
+    body: sympy.Expr
+    reduce: str = "none"
+    over: tuple[sympy.Symbol, ...] = ()
+    ranges: dict[sympy.Symbol, sympy.Expr] = field(default_factory=dict)
+    text: str = ""
+    stop_gradient: bool = False
+    origin: str = "spec"  # spec | lifted | stability
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Stability
+
+
+@functools.lru_cache(maxsize=None)
+def check_shift_invariance() -> bool:
+    """SymPy proof that m + log(sum_c exp(e_c - m)) does not depend on m."""
+    m = sympy.Symbol("m", real=True)
+    e = sympy.symbols("e0:3", real=True)
+    lse = m + sympy.log(sum(sympy.exp(ei - m) for ei in e))
+    return sympy.simplify(sympy.diff(lse, m)) == 0
+
+
+_w = sympy.Wild("w")
+_v = sympy.Wild("v")
+
+
+def _elementary_rewrites(expr):
+    """Rewrites towards overflow-free primitives (each an identity)."""
+    if not isinstance(expr, sympy.Basic):
+        return expr
+    rules = [
+        (sympy.log(sympy.exp(_w) + 1), lambda w: softplus(w)),
+        (sympy.log(1 + sympy.exp(-_w)), lambda w: softplus(-w)),
+        (sympy.log(sigmoid(_w)), lambda w: -softplus(-w)),
+        (sympy.log(1 - sigmoid(_w)), lambda w: -softplus(w)),
+        (sympy.exp(_w) / (sympy.exp(_w) + 1), lambda w: sigmoid(w)),
+        (1 / (1 + sympy.exp(-_w)), lambda w: sigmoid(w)),
+        (sympy.log(sympy.cosh(_w)), lambda w: w + softplus(-2 * w) - sympy.log(2)),
+    ]
+    for pattern, build in rules:
+        expr = _replace(expr, pattern, build)
+    expr = expr.replace(
+        lambda e: isinstance(e, sigmoid) and e.args[0].could_extract_minus_sign(),
+        lambda e: 1 - sigmoid(-e.args[0]),
+    )
+    expr = expr.replace(
+        lambda e: isinstance(e, sympy.log) and isinstance(e.args[0], sympy.exp),
+        lambda e: e.args[0].args[0],
+    )
+    return optimize(expr, [log1p_opt, expm1_opt])
+
+
+def _replace(expr, pattern, build):
+    """Replace literal instances of ``pattern`` (checked by rebuilding the match)."""
+
+    def matcher(e):
+        if not isinstance(e, type(pattern)):
+            return False
+        m = e.match(pattern)
+        return bool(m) and _w in m and pattern.xreplace({_w: m[_w]}) == e
+
+    return expr.replace(matcher, lambda e: build(e.match(pattern)[_w]))
+
+
+class Namer:
+    """Deterministic fresh names for intermediates: <target>_<what><k>."""
+
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def __call__(self, base):
+        k = 0
+        while f"{base}{k}" in self.taken:
+            k += 1
+        name = f"{base}{k}"
+        self.taken.add(name)
+        return name
+
+
+def _free_indices(node, ranges):
+    """Indices free in a reduction node, in a stable order (by name)."""
+    own = set(node.indices) if isinstance(node, Reduce) else set()
+    idx = {s for s in node.free_symbols if s in ranges and s not in own}
+    return tuple(sorted(idx, key=str))
+
+
+def _read(name, idx):
+    base = sympy.IndexedBase(name, real=True)
+    return base[idx] if idx else sympy.Symbol(name, real=True)
+
+
+def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sympy.Expr:
+    """Rewrite one equation's right-hand side; new statements go to ``extra``."""
+    rhs = eq.rhs
+
+    def lse_of(node):
+        inner = node.body
+        if not (isinstance(node, ReduceSum) and isinstance(inner, sympy.exp)):
+            return None
+        assert check_shift_invariance()
+        e = inner.args[0]
+        free = _free_indices(node, eq.ranges)
+        ranges = {i: eq.ranges[i] for i in free + tuple(node.indices)}
+        shape = tuple(eq.ranges[i] for i in free)
+        m_name, s_name, l_name = namer(f"{eq.target}_max"), namer(f"{eq.target}_sumexp"), namer(f"{eq.target}_lse")
+        m = _read(m_name, free)
+        extra.append(Stmt(m_name, free, e, "max", tuple(node.indices), ranges, origin="stability", stop_gradient=True,
+                          note="the maximum subtracted for stability; the shifted log-sum-exp does not depend on it"))
+        extra.append(Stmt(s_name, free, sympy.exp(e - m), "sum", tuple(node.indices), ranges, origin="stability"))
+        extra.append(Stmt(l_name, free, m + sympy.log(_read(s_name, free)), "none", (), ranges, origin="stability",
+                          note="log-sum-exp with the maximum subtracted"))
+        for n in (m_name, s_name, l_name):
+            shapes[n] = shape
+        return sympy.exp(_read(l_name, free))
+
+    # innermost first: replace sum(exp(E)) nodes bottom-up
+    def walk(expr):
+        if not expr.args:
+            return expr
+        new_args = [walk(a) for a in expr.args]
+        node = expr.func(*new_args) if new_args != list(expr.args) else expr
+        if isinstance(node, ReduceSum):
+            replaced = lse_of(node)
+            if replaced is not None:
+                return replaced
+        return node
+
+    rhs = walk(rhs)
+    rhs = sympy.powsimp(rhs, combine="exp")
+    rhs = _rewrite_outside_reductions(rhs)
+    return rhs
+
+
+def _rewrite_outside_reductions(expr):
+    if isinstance(expr, Reduce):
+        return expr.func(_rewrite_outside_reductions(expr.body), *expr.indices)
+    if any(isinstance(n, Reduce) for n in sympy.preorder_traversal(expr)):
+        return expr.func(*[_rewrite_outside_reductions(a) for a in expr.args])
+    return _elementary_rewrites(expr)
+
+
+# ---------------------------------------------------------------------------
+# Lifting
+
+
+def lift(eq: Equation, rhs, namer: Namer, shapes: dict) -> list[Stmt]:
+    """Split one equation into statements with one reduction each at most."""
+    out: list[Stmt] = []
+
+    def innermost(expr):
+        for node in sympy.postorder_traversal(expr):
+            if isinstance(node, Reduce) and not any(isinstance(a, Reduce) for a in sympy.preorder_traversal(node.body)):
+                return node
+        return None
+
+    while True:
+        node = innermost(rhs)
+        if node is None:
+            break
+        if node == rhs:
+            break
+        free = _free_indices(node, eq.ranges)
+        name = namer(f"{eq.target}_{node.kind}")
+        ranges = {i: eq.ranges[i] for i in free + tuple(node.indices)}
+        out.append(Stmt(name, free, node.body, node.kind, tuple(node.indices), ranges, origin="lifted"))
+        shapes[name] = tuple(eq.ranges[i] for i in free)
+        rhs = rhs.xreplace({node: _read(name, free)})
+    ranges = {i: s for i, s in eq.ranges.items() if i in rhs.free_symbols or i in eq.index}
+    if isinstance(rhs, Reduce):
+        out.append(Stmt(eq.target, eq.index, rhs.body, rhs.kind, tuple(rhs.indices), ranges))
+    else:
+        out.append(Stmt(eq.target, eq.index, rhs, "none", (), ranges))
+    return out
+
+
+def normalize(op: OpDef) -> list[Stmt]:
+    """All statements of a bound op, in evaluation order."""
+    taken = {e.target for e in op.equations} | set(op.inputs) | set(op.params)
+    namer = Namer(taken)
+    stmts: list[Stmt] = []
+    for eq in op.equations:
+        extra: list[Stmt] = []
+        rhs = stabilise(eq, namer, extra, op.intermediates)
+        stmts.extend(extra)
+        stmts.extend(lift(eq, rhs, namer, op.intermediates))
+    for s in stmts:
+        s.body = _elementary_rewrites(s.body)
+        if not s.text:
+            s.text = statement_text(s)
+    return stmts
+
+
+def statement_text(s: Stmt) -> str:
+    lhs = f"{s.target}[{', '.join(map(str, s.free))}]" if s.free else s.target
+    body = sympy.sstr(s.body)
+    if s.reduce != "none":
+        body = f"{s.reduce}({body}, {', '.join(map(str, s.over))})"
+    return f"{lhs} = {body}"

@@ -1,0 +1,1 @@
+"""The op library: forward mathematics only. Every gradient is derived by derive/."""

@@ -1,0 +1,34 @@
+"""Losses with PyTorch's default reductions; targets are data (not differentiated)."""
+
+from sympy import Abs, Piecewise, exp, log
+
+from ..dsl import Sum, attr, dims, indices, loss, scalar, tensors
+from ..functions import sigmoid
+
+b, n, c, k = indices("b n c k")
+B, N = dims("B N")
+pred, target, logits, logprobs, logq, logp = tensors("pred target logits logprobs logq logp")
+L = scalar("loss")
+delta = attr("delta", 1.0)
+d = pred[b, n] - target[b, n]
+
+OPS = [
+    loss("mse", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
+         equations=[(L, Sum(d**2, b, n) / (B * N))], doc="Mean squared error over all elements."),
+    loss("huber", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
+         attrs={"delta": 1.0},
+         equations=[(L, Sum(Piecewise((d**2 / 2, Abs(d) < delta), (delta * (Abs(d) - delta / 2), True)), b, n) / (B * N))],
+         doc="Huber loss, mean over all elements."),
+    loss("bce_with_logits", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
+         equations=[(L, -Sum(target[b, n] * log(sigmoid(pred[b, n])) + (1 - target[b, n]) * log(1 - sigmoid(pred[b, n])), b, n) / (B * N))],
+         doc="Binary cross-entropy of sigmoid(pred), written from its definition; the stability pass turns the logs into softplus."),
+    loss("softmax_cross_entropy", inputs={"logits": "B C", "target": "B C"}, outputs={"loss": ""}, differentiate=["logits"],
+         equations=[(L, -Sum(target[b, c] * (logits[b, c] - log(Sum(exp(logits[b, k]), k))), b, c) / B)],
+         doc="Cross-entropy of softmax(logits) with one-hot or probability targets, mean over the batch."),
+    loss("nll", inputs={"logprobs": "B C", "target": "B C"}, outputs={"loss": ""}, differentiate=["logprobs"],
+         equations=[(L, -Sum(target[b, c] * logprobs[b, c], b, c) / B)],
+         doc="Negative log-likelihood of log-probabilities with one-hot or probability targets, mean over the batch."),
+    loss("kl_div", inputs={"logq": "B C", "logp": "B C"}, outputs={"loss": ""},
+         equations=[(L, Sum(exp(logp[b, c]) * (logp[b, c] - logq[b, c]), b, c) / B)],
+         doc="KL(p || q) from log-probabilities, batchmean (F.kl_div(logq, logp, reduction='batchmean', log_target=True))."),
+]

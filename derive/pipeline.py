@@ -1,0 +1,227 @@
+"""From an OpDef to a Program: bind, normalise, differentiate, simplify, lower.
+
+This is the only place that knows the order of the passes. Lowering turns statements
+and gradient terms into IR ``Assign``s: loops with ranges, out-of-bounds reads wrapped
+as zeros (the spec language's padding rule), guards as ``Piecewise``.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from . import ir
+from .differentiate import Guard, differentiate, grad_name, read_of
+from .errors import SpecError
+from .latex import derivation_blocks, optimizer_blocks, render_tex, schedule_blocks
+from .normalize import Stmt, normalize
+from .simplify import simplify_terms
+from .spec import OpDef, bind
+
+
+def build(op: OpDef) -> ir.Program:
+    if op.kind == "optimizer":
+        return _build_optimizer(op)
+    if op.kind == "schedule":
+        return _build_schedule(op)
+    bind(op)
+    stmts = normalize(op)
+    shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
+    shapes.update(op.intermediates)
+    dim_names = _dim_names(op, stmts, shapes)
+    args = list(op.inputs) + list(op.params)
+    diff_args = op.differentiate if op.differentiate is not None else args
+    # tensors whose value depends on a differentiable argument
+    depends = set(diff_args)
+    for s in stmts:
+        if s.stop_gradient:
+            continue
+        if any(str(r.base) in depends for r in s.body.atoms(sympy.Indexed)) or any(
+            sym.name in depends for sym in s.body.atoms(sympy.Symbol)
+        ):
+            depends.add(s.target)
+    wrt = {n: shapes[n] for n in sorted(depends)}
+    backward = differentiate(stmts, wrt, dim_names, set(op.outputs))
+    simplify_terms(backward, stmts, shapes)
+    program = lower(op, stmts, backward, shapes, diff_args)
+    blocks = derivation_blocks(op, stmts, backward, program)
+    return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks})
+
+
+def _replace(program, **changes):
+    from dataclasses import replace
+
+    return replace(program, **changes)
+
+
+def _dim_names(op: OpDef, stmts: list[Stmt], shapes) -> dict[str, tuple]:
+    names = {}
+    for n, shape in shapes.items():
+        names[n] = tuple(str(d) if isinstance(d, sympy.Symbol) else f"d{k}" for k, d in enumerate(shape))
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Lowering
+
+
+def _provably_inside(e, size, loops: dict, guards: list[Guard]) -> bool:
+    if e in loops:
+        lo, hi = loops[e]
+        lo_ok = lo == 0 or (isinstance(lo, sympy.Max) and 0 in lo.args)
+        hi_ok = sympy.simplify(hi - size) == 0 or (isinstance(hi, sympy.Min) and any(sympy.simplify(a - size) == 0 for a in hi.args))
+        if lo_ok and hi_ok:
+            return True
+    for g in guards:
+        if g.kind == "range" and g.expr == e and g.lo == 0 and sympy.simplify(g.hi - size) == 0:
+            return True
+    return False
+
+
+def wrap_reads(body, shapes, loops: dict, guards: list[Guard]):
+    """Wrap every read that may fall outside its tensor in Piecewise((read, inside), (0, True))."""
+    mapping = {}
+    for read in sorted(body.atoms(sympy.Indexed), key=sympy.default_sort_key):
+        shape = shapes.get(str(read.base))
+        if shape is None:
+            continue
+        conds = []
+        for e, size in zip(read.indices, shape):
+            if not _provably_inside(e, size, loops, guards):
+                conds.append(sympy.And(sympy.Ge(e, 0), sympy.Lt(e, size)))
+        if conds:
+            mapping[read] = sympy.Piecewise((read, sympy.And(*conds)), (0, True))
+    return body.xreplace(mapping) if mapping else body
+
+
+def _statement_text(target, free, reduce, over, body):
+    lhs = f"{target}[{', '.join(map(str, free))}]" if free else target
+    text = sympy.sstr(body)
+    if reduce != "none":
+        text = f"{reduce}({text}, {', '.join(map(str, over))})"
+    return f"{lhs} = {text}"
+
+
+def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
+    shapes = dict(shapes)
+    forward = []
+    intermediates = []
+    for s in stmts:
+        free = tuple(ir.Loop(i, sympy.S.Zero, s.ranges[i]) for i in s.free)
+        over = tuple(ir.Loop(i, sympy.S.Zero, s.ranges[i]) for i in s.over)
+        loops = {lp.index: (lp.lo, lp.hi) for lp in free + over}
+        body = wrap_reads(s.body, shapes, loops, [])
+        argmax = backward.argmax.get(s.target, ())
+        forward.append(ir.Assign(s.target, free, body, s.reduce, over, False, argmax, s.text))
+        if s.target not in op.outputs:
+            intermediates.append(ir.TensorDecl(s.target, shapes[s.target], "intermediate"))
+        for name in argmax:
+            intermediates.append(ir.TensorDecl(name, shapes[s.target], "intermediate", "int"))
+            shapes[name] = shapes[s.target]
+    seeds = tuple(ir.TensorDecl(grad_name(o), shapes[o], "seed") for o in op.outputs)
+    for sd in seeds:
+        shapes[sd.name] = sd.shape
+    # gradient statements
+    back = []
+    written = set()
+    grad_tensors = {}
+    for t in backward.terms:
+        shape = shapes[t.of]
+        free_loops = tuple(ir.Loop(i, sympy.S.Zero, size) for i, size in zip(t.free, shape))
+        over = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.loops)
+        loops = {lp.index: (lp.lo, lp.hi) for lp in free_loops + over}
+        body = t.expr
+        if t.guards:
+            body = sympy.Piecewise((body, sympy.And(*[g.condition() for g in t.guards])), (0, True))
+        body = wrap_reads(body, shapes, loops, t.guards)
+        reduce = "sum" if over else "none"
+        accumulate = t.grad in written
+        written.add(t.grad)
+        text = _statement_text(t.grad, t.free, reduce, [lp.index for lp in over], t.expr)
+        if accumulate:
+            text = text.replace(" = ", " += ", 1)
+        back.append(ir.Assign(t.grad, free_loops, body, reduce, over, accumulate, (), text))
+        grad_tensors[t.grad] = shape
+    grads = []
+    for a in diff_args:
+        g = grad_name(a)
+        if g not in written:
+            shape = shapes[a]
+            idx = tuple(sympy.Symbol(f"i{k}", integer=True) for k in range(len(shape)))
+            back.append(ir.Assign(g, tuple(ir.Loop(i, sympy.S.Zero, n) for i, n in zip(idx, shape)), sympy.S.Zero,
+                                  equation=f"{g} = 0 (no path from {a} to an output)"))
+        grads.append(ir.TensorDecl(g, shapes[a], "grad"))
+    grad_names = {g.name for g in grads}
+    grad_intermediates = tuple(
+        ir.TensorDecl(n, s, "grad") for n, s in grad_tensors.items() if n not in grad_names
+    )
+    args = tuple(
+        [ir.TensorDecl(n, shapes[n], "input") for n in op.inputs] + [ir.TensorDecl(n, shapes[n], "param") for n in op.params]
+    )
+    outputs = tuple(ir.TensorDecl(n, shapes[n], "output") for n in op.outputs)
+    dims = []
+    for a in args:
+        for d in a.shape:
+            if isinstance(d, sympy.Symbol) and d not in dims and str(d) not in op.derived_dims:
+                dims.append(d)
+    derived = tuple((op.symbols[d], e) for d, e in op.derived_dims.items())
+    known = set(dims) | {d for d, _ in derived} | {op.symbols[a] for a in op.attrs}
+    for t in outputs:
+        for d in t.shape:
+            missing = d.free_symbols - known
+            if missing:
+                raise SpecError(op.source, f"the size {sorted(map(str, missing))[0]} of output `{t.name}` is neither an argument's dimension nor given in `dims`")
+    all_tensors = list(args) + list(outputs) + intermediates + list(seeds) + grads + list(grad_intermediates)
+    scalars = tuple(t.name for t in all_tensors if t.rank == 0)
+    attrs = tuple((op.symbols[a], v) for a, v in op.attrs.items())
+    return ir.Program(
+        name=op.name,
+        kind=op.kind,
+        source=op.source,
+        dims=tuple(dims),
+        derived_dims=derived,
+        attrs=attrs,
+        args=args,
+        outputs=outputs,
+        intermediates=tuple(intermediates),
+        forward=tuple(forward),
+        seeds=seeds,
+        grads=tuple(grads),
+        grad_of=tuple(diff_args),
+        grad_intermediates=grad_intermediates,
+        backward=tuple(back),
+        scalars=scalars,
+        elementwise=op.kind == "activation",
+        doc=op.doc,
+    )
+
+
+def _build_optimizer(op: OpDef) -> ir.Program:
+    n = ir.index("n")
+    N = ir.dim("N")
+    names = ["p", "g", *op.state]
+    mapping = {sympy.Symbol(k, real=True): sympy.IndexedBase(k, real=True)[n] for k in names}
+    steps = []
+    for eq in op.equations:
+        body = eq.rhs.xreplace(mapping)
+        steps.append(ir.Assign(eq.target, (ir.Loop(n, sympy.S.Zero, N),), body, equation=eq.text))
+    args = (ir.TensorDecl("p", (N,), "param"), ir.TensorDecl("g", (N,), "input"))
+    state = tuple(ir.TensorDecl(s, (N,), "state") for s in op.state)
+    attrs = tuple((op.symbols[h], v) for h, v in op.hyper.items())
+    program = ir.Program(
+        name=op.name, kind="optimizer", source=op.source, dims=(N,), derived_dims=(), attrs=attrs,
+        args=args, outputs=(), intermediates=state, state=tuple(op.state), step=tuple(steps),
+        step_counter=op.symbols["t"], doc=op.doc,
+    )
+    blocks = optimizer_blocks(op)
+    return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks})
+
+
+def _build_schedule(op: OpDef) -> ir.Program:
+    attrs = tuple((op.symbols[h], v) for h, v in op.hyper.items())
+    step = (ir.Assign("lr", (), op.expr, equation=f"lr_t = {op.expr_text}"),)
+    program = ir.Program(
+        name=op.name, kind="schedule", source=op.source, dims=(), derived_dims=(), attrs=attrs,
+        args=(), outputs=(), step=step, step_counter=op.symbols["t"], doc=op.doc,
+    )
+    blocks = schedule_blocks(op)
+    return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks})

@@ -1,0 +1,355 @@
+"""Op definitions: what a spec says, before any derivation.
+
+An :class:`OpDef` is built either from a TOML file (:func:`load_toml`) or by a library
+module in derive/ops/ written in Python with SymPy (:func:`activation`, :func:`layer`,
+:func:`optimizer`, :func:`schedule`). Both paths end in the same object, so a TOML
+spec and its Python twin produce the same Op and the same code.
+
+:func:`bind` then checks the equations and gives every index its range: an index takes
+its range from a position where it stands alone in a tensor read (``x[b,i]`` binds
+``i`` to x's second dimension), or from ``ranges``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+
+import sympy
+
+from .errors import SpecError
+from .functions import Reduce
+from .ir import dim as dim_symbol
+from .parse import Scope, parse_equation, parse_expression
+
+KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
+
+_KEYS = {
+    "activation": {"name", "kind", "doc", "expr", "attrs"},
+    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate"},
+    "optimizer": {"name", "kind", "doc", "state", "hyper", "update"},
+    "schedule": {"name", "kind", "doc", "hyper", "expr"},
+}
+_KEYS["loss"] = _KEYS["layer"]
+_REQUIRED = {
+    "activation": ("name", "kind", "expr"),
+    "layer": ("name", "kind", "inputs", "outputs", "equations"),
+    "loss": ("name", "kind", "inputs", "outputs", "equations"),
+    "optimizer": ("name", "kind", "update"),
+    "schedule": ("name", "kind", "expr"),
+}
+
+
+@dataclass
+class Equation:
+    """``target[index] = rhs``; ``rhs`` may contain Reduce nodes."""
+
+    target: str
+    index: tuple[sympy.Symbol, ...]
+    rhs: sympy.Expr
+    text: str
+    ranges: dict[sympy.Symbol, sympy.Expr] = field(default_factory=dict)  # set by bind()
+
+
+@dataclass
+class OpDef:
+    name: str
+    kind: str
+    source: str
+    doc: str = ""
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    params: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    attrs: dict[str, int | float] = field(default_factory=dict)
+    derived_dims: dict[str, sympy.Expr] = field(default_factory=dict)
+    ranges: dict[str, sympy.Expr] = field(default_factory=dict)
+    equations: list[Equation] = field(default_factory=list)
+    differentiate: list[str] | None = None
+    # optimizers and schedules
+    state: list[str] = field(default_factory=list)
+    hyper: dict[str, int | float] = field(default_factory=dict)
+    expr: sympy.Expr | None = None
+    expr_text: str = ""
+    # every symbol by name (dims, attrs, hyper)
+    symbols: dict[str, sympy.Symbol] = field(default_factory=dict)
+    # filled by bind(): index -> range size, intermediate shapes
+    index_ranges: dict[sympy.Symbol, sympy.Expr] = field(default_factory=dict)
+    intermediates: dict[str, tuple[sympy.Expr, ...]] = field(default_factory=dict)
+
+    def shape_of(self, name: str) -> tuple[sympy.Expr, ...]:
+        for table in (self.inputs, self.params, self.outputs):
+            if name in table:
+                return tuple(self.symbols[d] for d in table[name])
+        return self.intermediates[name]
+
+
+# ---------------------------------------------------------------------------
+# TOML
+
+
+def _parse_dims(path, owner, text) -> tuple[str, ...]:
+    if not isinstance(text, str):
+        raise SpecError(path, f"the shape of `{owner}` must be a string of dimension names, got {text!r}")
+    names = tuple(text.split())
+    for n in names:
+        if not n.isidentifier() or n.startswith("_"):
+            raise SpecError(path, f"`{n}` in the shape of `{owner}` is not a dimension name")
+    return names
+
+
+def _number(path, owner, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(path, f"`{owner}` must be a number, got {value!r}")
+    return value
+
+
+def _attr_symbol(name, default):
+    if isinstance(default, int):
+        return sympy.Symbol(name, integer=True, positive=True) if default > 0 else sympy.Symbol(name, integer=True)
+    return sympy.Symbol(name, real=True)
+
+
+def load_toml(path) -> OpDef:
+    """Read a TOML spec file into an OpDef (nothing in it is evaluated as Python)."""
+    path = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(path, f"TOML syntax error: {exc}") from None
+    except OSError as exc:
+        raise SpecError(path, f"cannot read the spec: {exc.strerror}") from None
+    return from_dict(data, path)
+
+
+def from_dict(data: dict, path: str) -> OpDef:
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise SpecError(path, f"`kind` must be one of {', '.join(KINDS)}, got {kind!r}")
+    for key in _REQUIRED[kind]:
+        if key not in data:
+            raise SpecError(path, f"a {kind} spec needs the key `{key}`")
+    for key in data:
+        if key not in _KEYS[kind]:
+            raise SpecError(path, f"unknown key `{key}` for a {kind} spec")
+    name = data["name"]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(path, f"`name` must be an identifier, got {name!r}")
+    op = OpDef(name=name, kind=kind, source=path, doc=str(data.get("doc", "")))
+    if kind == "activation":
+        return _activation_from_dict(op, data, path)
+    if kind == "optimizer":
+        return _optimizer_from_dict(op, data, path)
+    if kind == "schedule":
+        return _schedule_from_dict(op, data, path)
+    return _layer_from_dict(op, data, path)
+
+
+def _table(path, data, key):
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise SpecError(path, f"`{key}` must be a table")
+    return value
+
+
+def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
+    for key in ("inputs", "params", "outputs"):
+        table = {n: _parse_dims(path, n, t) for n, t in _table(path, data, key).items()}
+        setattr(op, key, table)
+    names = list(op.inputs) + list(op.params) + list(op.outputs)
+    if len(set(names)) != len(names):
+        raise SpecError(path, "a tensor name is declared twice among inputs, params and outputs")
+    op.attrs = {k: _number(path, k, v) for k, v in _table(path, data, "attrs").items()}
+    dims_text = _table(path, data, "dims")
+    ranges_text = _table(path, data, "ranges")
+    all_dims = {d for table in (op.inputs, op.params, op.outputs) for shape in table.values() for d in shape}
+    for d in sorted(all_dims | set(dims_text)):
+        op.symbols[d] = dim_symbol(d)
+    for a, v in op.attrs.items():
+        op.symbols[a] = _attr_symbol(a, v)
+    scope = Scope(path, symbols=dict(op.symbols))
+    for d, text in dims_text.items():
+        op.derived_dims[d] = parse_expression(str(text), scope)
+    for i, text in ranges_text.items():
+        op.ranges[i] = parse_expression(str(text), scope)
+    equations = data["equations"]
+    if isinstance(equations, str):
+        equations = [equations]
+    if not isinstance(equations, list) or not equations:
+        raise SpecError(path, "`equations` must be a non-empty list of strings")
+    op.equations = parse_equations(op, equations, path)
+    diff = data.get("differentiate")
+    if diff is not None:
+        if not isinstance(diff, list) or not all(isinstance(d, str) for d in diff):
+            raise SpecError(path, "`differentiate` must be a list of argument names")
+        for d in diff:
+            if d not in op.inputs and d not in op.params:
+                raise SpecError(path, f"`differentiate` names `{d}`, which is not an input or param")
+        op.differentiate = list(diff)
+    return op
+
+
+def parse_equations(op: OpDef, texts: list[str], path: str) -> list[Equation]:
+    """Parse equations in order; each target not declared as an output is an intermediate
+    that later equations may read."""
+    tensors = {n: len(s) for table in (op.inputs, op.params, op.outputs) for n, s in table.items()}
+    scope = Scope(path, tensors=dict(tensors), symbols=dict(op.symbols))
+    extra = set(op.ranges)
+    result = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise SpecError(path, f"an equation must be a string, got {text!r}")
+        target, idx, rhs = parse_equation(text, scope, extra)
+        if target in op.inputs or target in op.params:
+            raise SpecError(path, f"`{target}` is an input and cannot be assigned", text)
+        if target in op.outputs and len(op.outputs[target]) != len(idx):
+            raise SpecError(path, f"output `{target}` has rank {len(op.outputs[target])} but is written with {len(idx)} indices", text)
+        scope.tensors.setdefault(target, len(idx))
+        result.append(Equation(target, idx, rhs, text.strip()))
+    return result
+
+
+def _activation_from_dict(op, data, path):
+    op.attrs = {k: _number(path, k, v) for k, v in _table(path, data, "attrs").items()}
+    for a, v in op.attrs.items():
+        op.symbols[a] = _attr_symbol(a, v)
+    scope = Scope(path, symbols=dict(op.symbols))
+    scope.symbols["x"] = sympy.Symbol("x", real=True)
+    op.expr = parse_expression(data["expr"], scope)
+    op.expr_text = str(data["expr"])
+    return finish_activation(op)
+
+
+def finish_activation(op: OpDef) -> OpDef:
+    """An activation ``y = f(x)`` is the layer ``y[n] = f(x[n])`` over the flat array."""
+    x = sympy.Symbol("x", real=True)
+    n = sympy.Symbol("n", integer=True)
+    op.symbols["N"] = dim_symbol("N")
+    op.inputs = {"x": ("N",)}
+    op.outputs = {"y": ("N",)}
+    xb = sympy.IndexedBase("x", real=True)
+    rhs = op.expr.subs(x, xb[n])
+    text = op.expr_text or str(op.expr)
+    op.equations = [Equation("y", (n,), rhs, f"y = {text}")]
+    return op
+
+
+def _optimizer_from_dict(op, data, path):
+    state = data.get("state", [])
+    if not isinstance(state, list) or not all(isinstance(s, str) and s.isidentifier() for s in state):
+        raise SpecError(path, "`state` must be a list of names")
+    op.state = list(state)
+    op.hyper = {k: _number(path, k, v) for k, v in _table(path, data, "hyper").items()}
+    updates = data["update"]
+    if not isinstance(updates, list) or not updates:
+        raise SpecError(path, "`update` must be a non-empty list of equations")
+    for h in op.hyper:
+        op.symbols[h] = sympy.Symbol(h, real=True)
+    op.symbols["t"] = sympy.Symbol("t", integer=True, positive=True)
+    scope = Scope(path, tensors={n: 0 for n in ["p", "g", *op.state]}, symbols=dict(op.symbols))
+    for text in updates:
+        target, idx, rhs = parse_equation(text, scope)
+        if idx or target not in ["p", *op.state]:
+            raise SpecError(path, f"an update assigns `p` or a state name ({', '.join(op.state) or 'none'}), not `{target}`", text)
+        op.equations.append(Equation(target, (), rhs, text.strip()))
+    return op
+
+
+def _schedule_from_dict(op, data, path):
+    op.hyper = {k: _number(path, k, v) for k, v in _table(path, data, "hyper").items()}
+    for h in op.hyper:
+        op.symbols[h] = sympy.Symbol(h, real=True)
+    op.symbols["t"] = sympy.Symbol("t", integer=True, nonnegative=True)
+    op.symbols["lr"] = sympy.Symbol("lr", real=True)
+    scope = Scope(path, symbols=dict(op.symbols))
+    op.expr = parse_expression(data["expr"], scope)
+    op.expr_text = str(data["expr"])
+    return op
+
+
+# ---------------------------------------------------------------------------
+# Binding: ranges for every index, shapes for every intermediate.
+
+
+def _reduce_nodes(expr):
+    return [n for n in sympy.preorder_traversal(expr) if isinstance(n, Reduce)]
+
+
+def bind(op: OpDef) -> OpDef:
+    """Give every index a range and every intermediate a shape, or fail clearly."""
+    path = op.source
+    shapes: dict[str, tuple[sympy.Expr, ...]] = {}
+    dim_names: dict[str, tuple[str, ...]] = {}
+    for table in (op.inputs, op.params, op.outputs):
+        for n, s in table.items():
+            shapes[n] = tuple(op.symbols[d] for d in s)
+            dim_names[n] = s
+    ranges: dict[sympy.Symbol, sympy.Expr] = {}
+    for name, size in op.ranges.items():
+        ranges[sympy.Symbol(name, integer=True)] = size
+    for eq in op.equations:
+        local: dict[sympy.Symbol, tuple[sympy.Expr, str]] = {}
+
+        def bind_index(i, size, where):
+            if i in ranges and ranges[i] != size and i not in local:
+                pass  # an index may range differently in another equation
+            if i in local and local[i][0] != size:
+                raise SpecError(
+                    path,
+                    f"index `{i}` is bound to two different dimensions: {local[i][0]} "
+                    f"({local[i][1]}) and {size} ({where})",
+                    eq.text,
+                )
+            local.setdefault(i, (size, where))
+
+        for i_name, size in op.ranges.items():
+            local[sympy.Symbol(i_name, integer=True)] = (size, "ranges")
+        reads = sorted(eq.rhs.atoms(sympy.Indexed), key=sympy.default_sort_key)
+        for read in reads:
+            name = str(read.base)
+            if name not in shapes:
+                raise SpecError(path, f"`{name}` is read before it is defined", eq.text)
+            shape = shapes[name]
+            for k, e in enumerate(read.indices):
+                if isinstance(e, sympy.Symbol) and e.is_integer and e not in op.symbols.values():
+                    bind_index(e, shape[k], f"dimension {k + 1} of `{name}`")
+        if eq.target in shapes and eq.target in op.outputs:
+            for k, i in enumerate(eq.index):
+                bind_index(i, shapes[eq.target][k], f"dimension {k + 1} of output `{eq.target}`")
+        bound_by_reduce = set()
+        for node in _reduce_nodes(eq.rhs):
+            bound_by_reduce.update(node.indices)
+        all_indices = set()
+        for read in reads:
+            for e in read.indices:
+                all_indices |= {s for s in e.free_symbols if s not in op.symbols.values()}
+        all_indices |= set(eq.index) | bound_by_reduce
+        for i in sorted(all_indices, key=str):
+            if i not in local:
+                raise SpecError(
+                    path,
+                    f"index `{i}` has no range: it never stands alone in a tensor read; "
+                    f"give it one in `ranges`",
+                    eq.text,
+                )
+            if i not in eq.index and i not in bound_by_reduce:
+                raise SpecError(
+                    path,
+                    f"index `{i}` is used but never bound: it is neither on the left-hand "
+                    f"side nor summed or maximised over",
+                    eq.text,
+                )
+        for i, (size, _) in local.items():
+            ranges[i] = size
+        eq.ranges = {i: size for i, (size, _) in local.items()}
+        if eq.target not in shapes:
+            shapes[eq.target] = tuple(local[i][0] for i in eq.index)
+            op.intermediates[eq.target] = shapes[eq.target]
+        for i in eq.index:
+            if i not in local:
+                raise SpecError(path, f"index `{i}` on the left-hand side has no range", eq.text)
+    missing = [o for o in op.outputs if o not in [e.target for e in op.equations]]
+    if missing:
+        raise SpecError(path, f"output `{missing[0]}` is never assigned")
+    op.index_ranges = ranges
+    return op
