@@ -245,7 +245,35 @@ class Backward:
     all_terms: list[Term] = field(default_factory=list)  # inlined ones too, for the derivation
 
 
-def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str]):
+def apply_assumptions(expr, loops, guards, assumptions):
+    """Use facts like ``sum(target[b, c], c) == 1``: a term summed over full ranges whose
+    loop-dependent factor is exactly an assumed sum is replaced by the assumed value."""
+    if not loops or guards or not assumptions:
+        return expr, loops, None
+    loop_idx = [u for u, _, _ in loops]
+    inside, outside = [], []
+    for f in sympy.Mul.make_args(expr):
+        (inside if f.free_symbols & set(loop_idx) else outside).append(f)
+    if len(inside) != 1 or not isinstance(inside[0], sympy.Indexed):
+        return expr, loops, None
+    read = inside[0]
+    for lhs, rhs, text in assumptions:
+        body = lhs.body
+        if not isinstance(body, sympy.Indexed) or body.base != read.base or len(lhs.indices) != len(loops):
+            continue
+        mapping = {}
+        ok = True
+        for a, b in zip(body.indices, read.indices):
+            if a in lhs.indices:
+                ok = ok and b in loop_idx
+            mapping[a] = b
+        full = all(lo == 0 for _, lo, _ in loops)
+        if ok and full and {mapping.get(i) for i in lhs.indices} == set(loop_idx):
+            return sympy.Mul(*outside) * rhs, [], text
+    return expr, loops, None
+
+
+def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str], assumptions=()):
     """Reverse-mode pass. ``wrt``: tensor name -> shape for every tensor that needs a
     gradient (differentiable args and the intermediates between them and the outputs).
 
@@ -288,11 +316,14 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             shape = wrt[name]
             free, loops, guards, subst = contract(stmt, read, shape, dim_names[name], argmax_reads, seed)
             expr = (seed * local).xreplace(subst)
+            expr, loops, used = apply_assumptions(expr, loops, guards, assumptions)
             over = tuple(stmt.free) + tuple(stmt.over)
             primed = tuple(sympy.Symbol(f"{j}'", integer=True) for j in free)
             deltas = sympy.Mul(*[sympy.KroneckerDelta(a, j, evaluate=False) for a, j in zip(read.indices, primed)]) if isinstance(read, sympy.Indexed) else sympy.S.One
             t = Term(grad_name(name), name, free, loops, guards, expr, stmt, read, local, seed * local * deltas, over)
             t.chain_free = primed
+            if used:
+                t.steps.append(used)
             terms.setdefault(grad_name(name), []).append(t)
             order.append(t)
             everything.append(t)

@@ -40,7 +40,7 @@ def build(op: OpDef) -> ir.Program:
         ):
             depends.add(s.target)
     wrt = {n: shapes[n] for n in sorted(depends)}
-    backward = differentiate(stmts, wrt, dim_names, set(op.outputs))
+    backward = differentiate(stmts, wrt, dim_names, set(op.outputs), op.assumptions)
     simplify_terms(backward, stmts, shapes)
     program = lower(op, stmts, backward, shapes, diff_args)
     blocks = derivation_blocks(op, stmts, backward, program)

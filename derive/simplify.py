@@ -67,6 +67,8 @@ def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
     if sympy.count_ops(expr) < 80 and not expr.has(sympy.Piecewise):
         candidates.append(sympy.factor_terms(sympy.expand(expr)))
     candidates.append(sympy.factor_terms(expr))
+    candidates = [sympy.powsimp(c, combine="exp") for c in candidates]
+    candidates += [reuse_forward(c, stmts) for c in candidates]
     best = min(candidates, key=_cost)
     if rules:
         trial = best
@@ -83,7 +85,26 @@ def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
     return best
 
 
+def merge_elementwise(backward) -> None:
+    """Several elementwise contributions to one gradient become one expression, placed
+    where the last of them stood (everything it reads is computed by then)."""
+    by_grad: dict[str, list] = {}
+    for t in backward.terms:
+        if t.elementwise:
+            by_grad.setdefault(t.grad, []).append(t)
+    for group in by_grad.values():
+        if len(group) < 2:
+            continue
+        last = group[-1]
+        total = sympy.Add(*[t.expr.xreplace(dict(zip(t.free, last.free))) for t in group])
+        last.merged = [t for t in group]
+        last.expr = total
+        for t in group[:-1]:
+            backward.terms.remove(t)
+
+
 def simplify_terms(backward, stmts: list[Stmt], shapes) -> None:
     rules = _inverse_rules(stmts, shapes)
+    merge_elementwise(backward)
     for t in backward.terms:
         t.expr = simplify_expr(t.expr, stmts, rules)

@@ -26,7 +26,7 @@ KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
 
 _KEYS = {
     "activation": {"name", "kind", "doc", "expr", "attrs"},
-    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate"},
+    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate", "assume"},
     "optimizer": {"name", "kind", "doc", "state", "hyper", "update"},
     "schedule": {"name", "kind", "doc", "hyper", "expr"},
 }
@@ -65,6 +65,8 @@ class OpDef:
     ranges: dict[str, sympy.Expr] = field(default_factory=dict)
     equations: list[Equation] = field(default_factory=list)
     differentiate: list[str] | None = None
+    # facts about the data the derivation may use, e.g. sum(target[b, c], c) == 1
+    assumptions: list[tuple[sympy.Expr, sympy.Expr, str]] = field(default_factory=list)
     # optimizers and schedules
     state: list[str] = field(default_factory=list)
     hyper: dict[str, int | float] = field(default_factory=dict)
@@ -178,6 +180,15 @@ def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
     if not isinstance(equations, list) or not equations:
         raise SpecError(path, "`equations` must be a non-empty list of strings")
     op.equations = parse_equations(op, equations, path)
+    assume = data.get("assume", [])
+    if not isinstance(assume, list):
+        raise SpecError(path, "`assume` must be a list of equalities such as `sum(target[b, c], c) == 1`")
+    tensors = {n: len(s) for table in (op.inputs, op.params, op.outputs) for n, s in table.items()}
+    for text in assume:
+        fact = parse_expression(text, Scope(path, tensors=dict(tensors), symbols=dict(op.symbols)))
+        if not isinstance(fact, sympy.Eq) or not isinstance(fact.lhs, Reduce):
+            raise SpecError(path, "an assumption must read `sum(expr, i, ...) == value`", text)
+        op.assumptions.append((fact.lhs, fact.rhs, text))
     diff = data.get("differentiate")
     if diff is not None:
         if not isinstance(diff, list) or not all(isinstance(d, str) for d in diff):
