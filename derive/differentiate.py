@@ -269,7 +269,7 @@ def apply_assumptions(expr, loops, guards, assumptions):
             mapping[a] = b
         full = all(lo == 0 for _, lo, _ in loops)
         if ok and full and {mapping.get(i) for i in lhs.indices} == set(loop_idx):
-            return sympy.Mul(*outside) * rhs, [], text
+            return sympy.Mul(*outside) * rhs, [], (lhs, rhs)
     return expr, loops, None
 
 

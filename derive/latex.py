@@ -118,7 +118,11 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
         if t.stmt.reduce == "max":
             d += r"\quad\text{(at the first maximal element, 0 elsewhere)}"
         add(("math", d))
-        add(("math", r"%s \mathrel{+}= %s%s" % (_lhs(t.grad, t.chain_free), _sum_prefix(t.chain_over), tex(t.chain))))
+        if isinstance(t.read, sympy.Indexed):
+            add(("math", r"%s \mathrel{+}= %s%s" % (_lhs(t.grad, t.chain_free), _sum_prefix(t.chain_over), tex(t.chain))))
+            if t.steps:
+                facts = ", ".join(f"${tex(lhs)} = {tex(rhs)}$" for lhs, rhs in t.steps)
+                add(("text", f"Using the assumption {facts}:"))
         add(("math", _term_tex(t)))
     if backward.inlined:
         add(("text", "Gradients of intermediates that are elementwise and therefore substituted, not stored:"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sympy
 
+from .functions import sigmoid
 from .normalize import Stmt, _elementary_rewrites
 
 
@@ -61,8 +62,15 @@ def reuse_forward(expr, stmts: list[Stmt]):
     return expr
 
 
+def _textbook_identities(expr):
+    """Identities that shorten derivatives of stabilised forms: 2 sigma(2a) - 1 = tanh(a)."""
+    from .normalize import _replace, _w
+
+    return _replace(expr, 2 * sigmoid(2 * _w) - 1, lambda w: sympy.tanh(w))
+
+
 def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
-    expr = _elementary_rewrites(expr)
+    expr = _textbook_identities(_elementary_rewrites(expr))
     candidates = [expr]
     if sympy.count_ops(expr) < 80 and not expr.has(sympy.Piecewise):
         candidates.append(sympy.factor_terms(sympy.expand(expr)))

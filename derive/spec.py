@@ -130,7 +130,8 @@ def from_dict(data: dict, path: str) -> OpDef:
         raise SpecError(path, f"`kind` must be one of {', '.join(KINDS)}, got {kind!r}")
     for key in _REQUIRED[kind]:
         if key not in data:
-            raise SpecError(path, f"a {kind} spec needs the key `{key}`")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise SpecError(path, f"{article} {kind} spec needs the key `{key}`")
     for key in data:
         if key not in _KEYS[kind]:
             raise SpecError(path, f"unknown key `{key}` for a {kind} spec")

@@ -10,11 +10,11 @@ lr, beta1, beta2, eps, momentum, alpha, weight_decay = (scalar(n) for n in "lr b
 t = sympy.Symbol("t", integer=True, positive=True)
 
 OPS = [
-    optimizer("sgd", [], {"lr": 0.01}, [("p", p - lr * g)], doc="Plain gradient descent."),
-    optimizer("momentum", ["buf"], {"lr": 0.01, "momentum": 0.9},
+    optimizer("sgd", [], {"lr": 0.001}, [("p", p - lr * g)], doc="Plain gradient descent."),
+    optimizer("momentum", ["buf"], {"lr": 0.001, "momentum": 0.9},
               [("buf", momentum * buf + g), ("p", p - lr * buf)],
               doc="SGD with heavy-ball momentum (torch.optim.SGD(momentum=...), dampening 0; the buffer starts at 0, so the first step equals torch's buf = g)."),
-    optimizer("nesterov", ["buf"], {"lr": 0.01, "momentum": 0.9},
+    optimizer("nesterov", ["buf"], {"lr": 0.001, "momentum": 0.9},
               [("buf", momentum * buf + g), ("p", p - lr * (g + momentum * buf))],
               doc="SGD with Nesterov momentum (torch.optim.SGD(nesterov=True))."),
     optimizer("adagrad", ["s"], {"lr": 0.01, "eps": 1e-10},
