@@ -1,0 +1,499 @@
+"""Module emission: Programs to the text of generated modules.
+
+Python decides everything here (what kernels exist, their arguments, allocations,
+checks, launch sizes) and hands plain dicts of printed strings to the templates in
+``codegen/templates/``, which only lay them out.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from derive.ir import Program
+
+from .lower import Kernel, Lowerer, decl_of, tensor_decls
+from .printers import CPUPrinter, CUDAPrinter, HostPrinter
+from .template_util import render
+
+GROUPS = {
+    "activation": "activations",
+    "layer": "layers",
+    "loss": "losses",
+    "optimizer": "optimizers",
+    "schedule": "schedules",
+}
+CPU_TEMPLATE = "cpu/module.py.jinja"
+CUDA_TEMPLATE = "cuda/module.py.jinja"
+PACKAGE_TEMPLATE = "package/__init__.py.jinja"
+CUDA_THREADS = 128
+CUDA_TILE = 16
+
+
+def group_of(program: Program) -> str:
+    try:
+        return GROUPS[program.kind]
+    except KeyError:
+        raise ValueError("%s: unknown op kind %r" % (program.name, program.kind)) from None
+
+
+def ident(name: str) -> str:
+    """A Python identifier fragment for an op name."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+# --------------------------------------------------------------------------- per op plan
+class OpPlan:
+    """Everything both targets need for one op: lowered kernels per entry point and
+    the host-side bookkeeping (binding, allocation, returns)."""
+
+    def __init__(self, program: Program):
+        self.p = program
+        self.id = ident(program.name)
+        self.lowerer = Lowerer(program)
+        self.attr_int = {
+            a.name: isinstance(v, int) and not isinstance(v, bool) for a, v in program.attrs
+        }
+        self.entries = []  # (entry name, kernels, statements)
+        self.flat = program.elementwise or program.kind == "optimizer"
+        if program.kind == "schedule":
+            return
+        if program.kind == "optimizer":
+            returned = [d.name for d in program.args[:1]] + list(program.state)
+            self._add("step", program.step, returned)
+        else:
+            self._add("fwd", program.forward, [d.name for d in program.outputs])
+            if program.grads:
+                self._add("bwd", program.forward + program.backward, [d.name for d in program.grads])
+
+    def _add(self, entry, statements, returned):
+        kernels = self.lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
+        live = self.lowerer.live(list(statements), set(returned))
+        # identical kernels across entry points are emitted once
+        self.entries.append((entry, kernels, live, returned))
+
+    # ----------------------------------------------------------------- host side
+    def needs_zero(self, name, statements) -> bool:
+        """Whether an array must start zeroed: unless its first writer overwrites
+        every element."""
+        d = decl_of(self.p, name)
+        for s in statements:
+            if name == s.target or name in s.argmax:
+                if s.accumulate or len(s.free) != d.rank:
+                    return True
+                for l, extent in zip(s.free, d.shape):
+                    if l.lo != 0 or sympy.sympify(l.hi) != sympy.sympify(extent):
+                        return True
+                return False
+        return True
+
+
+# --------------------------------------------------------------------------- printing
+def _printers(plan: OpPlan, target: str):
+    lw = plan.lowerer
+    cls = CUDAPrinter if target == "cuda" else CPUPrinter
+    return cls(int_symbols=lw.int_symbols, int_tensors=lw.int_tensors, scalars=lw.scalars)
+
+
+def _loops(pr, loops):
+    return [{"var": pr.index(l.index), "lo": pr.index(l.lo), "hi": pr.index(l.hi)} for l in loops]
+
+
+def _subscript(pr, item, lw):
+    if item.target in lw.scalars and not item.index:
+        return "0"
+    return ", ".join(pr.index(i) for i in item.index) or "0"
+
+
+def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
+    pr = _printers(plan, target)
+    lw = plan.lowerer
+    items = []
+    for it in k.items:
+        over = list(it.over)
+        over_syms = {l.index for l in over}
+        argmax = []
+        for name, idx, local, store in it.argmax:
+            lo = next(l.lo for l in over if l.index == idx)
+            init = pr.index(lo) if not (sympy.sympify(lo).free_symbols & over_syms) else "0"
+            argmax.append(
+                {"target": name, "index": pr.index(idx), "local": pr.index(local), "store": store, "init": init}
+            )
+        items.append(
+            {
+                "equation": it.equation,
+                "pre": [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in it.pre],
+                "inner": [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in it.inner],
+                "reduce": it.reduce,
+                "local": pr.index(it.local),
+                "value": pr.expr(it.value, "int" if it.is_int else "float"),
+                "init": pr.expr(it.init) if it.init is not None and it.init != it.local else "",
+                "finish": pr.expr(it.finish) if it.finish is not None else "",
+                "over": _loops(pr, over),
+                "argmax": argmax,
+                "store": it.store,
+                "target": it.target,
+                "subscript": _subscript(pr, it, lw),
+            }
+        )
+    params = list(k.arrays) + [pr.index(s) for s in k.symbols]
+    ctx = {
+        "name": k.name,
+        "params": params,
+        "doc": k.equations,
+        "float_source": k.float_source,
+        "free": _loops(pr, k.free),
+        "stmts": items,
+        "temps": k.temps,
+        "gemm": None,
+        "consts": [{"sym": pr.index(c.sym), "expr": pr.expr(c.expr)} for c in k.consts],
+    }
+    ctx["helpers"] = sorted(pr.helpers_used)
+    if k.gemm is not None:
+        g = k.gemm
+        f0, f1 = (pr.index(l.index) for l in k.free)
+        ctx["gemm"] = {
+            "left": g.left + (".T" if g.left_t else ""),
+            "right": g.right + (".T" if g.right_t else ""),
+            "subscript": "%s, %s" % (f0, f1),
+            "row": f0,
+            "col": f1,
+            "m": pr.index(g.m),
+            "n": pr.index(g.n),
+            "k": pr.index(g.k),
+            "out": g.out,
+            "direct": g.direct,
+            "left_read": "%s[%s]" % (g.left, "_kk, %s" % f0 if g.left_t else "%s, _kk" % f0),
+            "right_read": "%s[%s]" % (g.right, "%s, _kk" % f1 if g.right_t else "_kk, %s" % f1),
+        }
+    ctx["reduce_outer"] = False
+    if target == "cuda":
+        cuda_layout(ctx, k, pr)
+    else:
+        ctx["depth"] = len(k.free) + 1
+        ctx["reduce_outer"] = reduce_outer(k)
+    return ctx
+
+
+def reduce_outer(k: Kernel) -> bool:
+    """Whether a CPU sum should run with its reduction loops outside the free loops
+    (accumulating into the output array): when the reads walk memory along the
+    innermost free index rather than the innermost reduction index (column sums)."""
+    if k.gemm is not None or len(k.items) != 1 or not k.free:
+        return False
+    (it,) = k.items
+    if it.reduce != "sum" or not it.store or it.argmax or it.finish is not None:
+        return False
+    loops = list(k.free) + list(it.over)
+    indices = {l.index for l in loops}
+    for l in loops:
+        if (sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & indices:
+            return False
+    inner_free, inner_over = k.free[-1].index, it.over[-1].index
+    reads = [r for r in sympy.sympify(it.value).atoms(sympy.Indexed)]
+    for t in it.pre + it.inner:
+        reads += list(sympy.sympify(t.expr).atoms(sympy.Indexed))
+    along_free = sum(1 for r in reads if r.indices[-1] == inner_free)
+    along_over = sum(1 for r in reads if r.indices[-1] == inner_over)
+    return along_free > along_over
+
+
+def cuda_layout(ctx: dict, k: Kernel, pr) -> None:
+    """One thread per element of the leading free loops whose bounds do not depend on
+    other free indices; the remaining loops run inside the thread."""
+    free_syms = {l.index for l in k.free}
+    par = []
+    for l in k.free:
+        if (sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & free_syms:
+            break
+        par.append(l)
+    seq = k.free[len(par):]
+    ctx["parallel"] = [
+        {"var": pr.index(l.index), "lo": pr.index(l.lo), "extent": pr.index(sympy.Max(l.hi - l.lo, 0))}
+        for l in par
+    ]
+    lines = []
+    rev = list(reversed(par))
+    for n, l in enumerate(rev):
+        var = pr.index(l.index)
+        offset = "" if l.lo == 0 else "%s + " % pr.index(l.lo)
+        if n == len(rev) - 1:
+            lines.append("%s = %s_r" % (var, offset))
+        else:
+            extent = pr.expr(sympy.Max(l.hi - l.lo, 0), "int")
+            lines.append("%s = %s_r %% %s" % (var, offset, extent if l.hi.is_Atom and l.lo == 0 else "(%s)" % extent))
+            lines.append("_r //= %s" % (extent if l.hi.is_Atom and l.lo == 0 else "(%s)" % extent))
+    ctx["decompose"] = [{"assign": a} for a in lines]
+    ctx["sequential"] = _loops(pr, seq)
+    ctx["total"] = [pr.index(sympy.Max(l.hi - l.lo, 0)) for l in par]
+    if k.gemm is None:
+        ctx["params"] = ctx.get("params", []) + ["_total"]
+        ctx["depth"] = 2 + len(seq)
+    else:
+        ctx["depth"] = 2
+
+
+def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, target: str) -> dict:
+    """The host wrapper of one entry point (forward, backward or step)."""
+    p = plan.p
+    hp = HostPrinter(int_symbols=plan.lowerer.int_symbols)
+    if entry == "step":
+        params = [d.name for d in p.args]
+        params += [n for n in p.state if n not in params]
+        inputs = [decl_of(p, n) for n in params]
+    elif entry == "fwd":
+        inputs = list(p.args)
+    else:
+        inputs = list(p.seeds) + list(p.args)
+    params = [d.name for d in inputs]
+    inplace = set(returned) if entry == "step" else set()
+    convert = []
+    for d in inputs:
+        kind = "scalar" if (d.rank == 0 or d.name in p.scalars) else d.dtype
+        convert.append({"name": d.name, "kind": kind, "inplace": d.name in inplace})
+    # bind dimensions from shapes: the first axis that names a dimension binds it,
+    # every other axis is checked once derived dimensions are known
+    bound = {}
+    bind = []
+    checks = []
+    derived_exprs = {s: str(e) for s, e in p.derived_dims}
+    dims = {d.name for d in p.dims}
+    for d in inputs:
+        if d.rank == 0 or d.name in p.scalars:
+            continue
+        shape = d.shape
+        if plan.flat and len(shape) != 1:
+            shape = (sympy.Mul(*shape),)
+        axes = []
+        for ax, e in enumerate(shape):
+            e = sympy.sympify(e)
+            if isinstance(e, sympy.Symbol) and e.name in dims and e.name not in bound:
+                axes.append({"axis": ax, "dim": e.name})
+                bound[e.name] = "from %s axis %d" % (d.name, ax)
+            else:
+                if isinstance(e, sympy.Symbol) and e.name in bound:
+                    why = bound[e.name]
+                elif e in derived_exprs:
+                    why = "derived: %s" % derived_exprs[e]
+                else:
+                    why = "expected"
+                checks.append({"name": d.name, "axis": ax, "dim": str(e), "expr": hp.index(e), "why": why})
+        bind.append({"name": d.name, "rank": len(shape), "axes": axes})
+    missing = sorted(n for n in dims if n not in bound)
+    if missing:
+        raise ValueError("%s: dimensions %s are not bound by any argument" % (p.name, ", ".join(missing)))
+    derived = [{"name": s.name, "expr": hp.index(e)} for s, e in p.derived_dims]
+    # arrays the kernels use that are not arguments
+    given = set(params)
+    used = []
+    for k in kernels:
+        for a in k.arrays:
+            if a not in given and a not in used:
+                used.append(a)
+    order = [d.name for d in tensor_decls(p)]
+    used.sort(key=order.index)
+    alloc = []
+    for name in used:
+        d = decl_of(p, name)
+        if d.rank == 0 or name in p.scalars:
+            shape = "(1,)"
+        else:
+            dims_ = [hp.index(s) for s in d.shape]
+            shape = "(%s,)" % dims_[0] if len(dims_) == 1 else "(%s)" % ", ".join(dims_)
+        alloc.append(
+            {
+                "name": name,
+                "shape": shape,
+                "dtype": "np.int64" if d.dtype == "int" else "_dtype",
+                "zero": plan.needs_zero(name, statements),
+            }
+        )
+    # kernel calls
+    float_attrs = {a.name for a, v in p.attrs if not plan.attr_int[a.name]}
+    calls = []
+    for k in kernels:
+        args = []
+        for a in k.arrays:
+            args.append(a)
+        for s in k.symbols:
+            args.append(s.name)
+        call = {"kernel": k.name, "args": args, "gemm": k.gemm is not None}
+        if target == "cuda":
+            pr = _printers(plan, "cuda")
+            if k.gemm is not None:
+                call["m"] = hp.index(k.gemm.m)
+                call["n"] = hp.index(k.gemm.n)
+            else:
+                ctx = {}
+                cuda_layout(ctx, k, pr)
+                total = [hp.index(sympy.Max(l.hi - l.lo, 0)) for l in k.free[: len(ctx["parallel"])]]
+                call["total"] = " * ".join(t if sympy.Symbol(t).is_Atom and t.isidentifier() else "(%s)" % t for t in total) if total else "1"
+        calls.append(call)
+    if entry == "step":
+        results = []
+    elif entry == "fwd":
+        results = [d.name for d in p.outputs]
+    else:
+        results = list(p.grads and [d.name for d in p.grads])
+    result_kinds = []
+    for n in results:
+        d = decl_of(p, n)
+        result_kinds.append({"name": n, "scalar": d.rank == 0 or n in p.scalars})
+    symbols_used = sorted({s.name for k in kernels for s in k.symbols})
+    attrs = [a.name for a, _ in p.attrs]
+    keywords = ([p.step_counter.name] if entry == "step" and p.step_counter is not None else []) + attrs
+    signature = ", ".join(params + (["*"] + keywords if keywords else []))
+    docs = {
+        "fwd": "Forward of %s: %s from %s." % (p.name, ", ".join(d.name for d in p.outputs), ", ".join(params)),
+        "bwd": "Backward of %s: gradients %s from %s (forward recomputed)."
+        % (p.name, ", ".join(d.name for d in p.grads), ", ".join(params)),
+        "step": "One in-place %s step: updates %s." % (p.name, ", ".join(returned)),
+    }
+    return {
+        "signature": signature,
+        "doc": docs[entry],
+        "arrays": [c["name"] for c in convert if c["kind"] != "scalar"],
+        "name": "_%s_%s" % (plan.id, entry),
+        "entry": entry,
+        "op": p.name,
+        "params": params,
+        "attrs": attrs,
+        "float_attrs": [a for a in attrs if a in float_attrs and a in symbols_used],
+        "int_attrs": [a for a in attrs if a not in float_attrs],
+        "counter": p.step_counter.name if (entry == "step" and p.step_counter is not None) else None,
+        "convert": convert,
+        "bind": bind,
+        "derived": derived,
+        "checks": checks,
+        "alloc": alloc,
+        "calls": calls,
+        "results": result_kinds,
+        "flat": plan.flat,
+    }
+
+
+def op_context(plan: OpPlan, target: str) -> dict:
+    p = plan.p
+    hp = HostPrinter(int_symbols=plan.lowerer.int_symbols)
+    kernels = []
+    entries = {}
+    seen = {}
+    for entry, ks, statements, returned in plan.entries:
+        # a kernel identical to one of an earlier entry (backward recomputing the
+        # forward) is emitted once; new ones are numbered per entry point
+        number = 0
+        for k in ks:
+            ctx = kernel_context(plan, k, target)
+            key = _kernel_key(ctx)
+            if key in seen:
+                k.name = seen[key]
+            else:
+                k.name = ctx["name"] = "_%s_%s%d" % (plan.id, entry, number)
+                number += 1
+                seen[key] = k.name
+                kernels.append(ctx)
+        entries[entry] = entry_context(plan, entry, ks, statements, returned, target)
+    ctx = {
+        "name": p.name,
+        "id": plan.id,
+        "kind": p.kind,
+        "source": p.source,
+        "doc": p.doc,
+        "attrs": [{"name": a.name, "default": v} for a, v in p.attrs],
+        "arg_names": [d.name for d in p.args],
+        "differentiable": list(p.grad_of),
+        "state": list(p.state),
+        "latex_lines": p.latex.splitlines(keepends=True),
+        "kernels": kernels,
+        "entries": entries,
+        "schedule": None,
+        "n_seeds": len(p.seeds),
+        "funcs": _funcs(plan),
+    }
+    if p.kind == "schedule":
+        ctx["schedule"] = schedule_context(p, hp)
+    return ctx
+
+
+def _funcs(plan: OpPlan):
+    """(key, function name) pairs for the op's entry in ``_FUNCS``."""
+    names = {"fwd": "forward", "bwd": "backward", "step": "step"}
+    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries]
+    if plan.p.kind == "optimizer":
+        out.append(("init_state", "_%s_init_state" % plan.id))
+    if plan.p.kind == "schedule":
+        out.append(("lr", "_%s_lr" % plan.id))
+    return sorted(out)
+
+
+def _kernel_key(ctx: dict):
+    return repr({k: v for k, v in ctx.items() if k != "name"})
+
+
+def schedule_context(p: Program, hp: HostPrinter) -> dict:
+    if len(p.step) + len(p.forward) != 1:
+        raise ValueError("%s: a schedule has exactly one statement (lr = ...)" % p.name)
+    (stmt,) = p.step or p.forward
+    t = p.step_counter if p.step_counter is not None else sympy.Symbol("t")
+    return {
+        "counter": t.name,
+        "expr": hp.expr(stmt.body),
+        "equation": stmt.equation or "lr = %s" % stmt.body,
+    }
+
+
+# --------------------------------------------------------------------------- modules
+def header_context(programs, template: str, command: str) -> dict:
+    sources = []
+    for p in programs:
+        if p.source not in sources:
+            sources.append(p.source)
+    return {"sources": sources, "template": template, "command": command}
+
+
+def render_group(programs, module: str, command: str, single: str | None = None):
+    """Text of the CPU module and (when any op has kernels) the CUDA companion.
+
+    ``module`` is the module's file stem; ``single`` names the op of a one-op user
+    module (its ``op()`` then needs no name)."""
+    plans = [OpPlan(p) for p in programs]
+    cpu_ops = [op_context(pl, "cpu") for pl in plans]
+    helpers = sorted({h for o in cpu_ops for k in o["kernels"] for h in k["helpers"]})
+    has_cuda = any(o["kind"] != "schedule" for o in cpu_ops)
+    cpu = render(
+        CPU_TEMPLATE,
+        header=header_context(programs, CPU_TEMPLATE, command),
+        module=module,
+        ops=cpu_ops,
+        helpers=helpers,
+        single=single,
+        has_kernels=has_cuda,
+        threads=CUDA_THREADS,
+        tile=CUDA_TILE,
+    )
+    if not has_cuda:
+        return cpu, None
+    cuda_ops = [op_context(pl, "cuda") for pl in plans if pl.p.kind != "schedule"]
+    cuda_helpers = sorted({h for o in cuda_ops for k in o["kernels"] for h in k["helpers"]})
+    text = render(
+        CUDA_TEMPLATE,
+        header=header_context(programs, CUDA_TEMPLATE, command),
+        module=module,
+        ops=cuda_ops,
+        helpers=cuda_helpers,
+        has_gemm=any(k["gemm"] for o in cuda_ops for k in o["kernels"]),
+        single=single,
+        has_kernels=True,
+        threads=CUDA_THREADS,
+        tile=CUDA_TILE,
+    )
+    return cpu, text
+
+
+def render_package(groups: dict, command: str) -> str:
+    """generated/__init__.py: ``ops()`` and ``op()`` over the group modules."""
+    names = sorted((name, module) for module, names in groups.items() for name in names)
+    return render(
+        PACKAGE_TEMPLATE,
+        header={"sources": ["derive.library()"], "template": PACKAGE_TEMPLATE, "command": command},
+        ops=[{"name": n, "module": m} for n, m in names],
+    )

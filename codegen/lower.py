@@ -1,0 +1,719 @@
+"""Lowering: a sequence of :class:`derive.ir.Assign` statements to kernels.
+
+Target independent. A :class:`Kernel` is one loop nest over shared free loops holding
+one or more :class:`Item` statements (a fused group); the printers and templates turn
+it into an ``@njit`` function (CPU) or a ``@cuda.jit`` kernel (CUDA).
+
+What happens here, in order:
+
+1. Dead statements are dropped (backward reruns forward; only what the gradients need
+   is kept).
+2. Statements are grouped. Consecutive statements over the same free loops (up to
+   renaming of the loop indices) join one group when every read of a tensor the group
+   already wrote is at the group's own free index, so one loop iteration computes one
+   element of everything in the group. Reductions join too (each keeps its own inner
+   loop). A statement of matrix-product shape (GEMM) starts a group of its own, which
+   only elementwise statements (its epilogue) may join.
+3. A tensor written and read only inside one group, and not returned, becomes a scalar
+   local of the loop body (no array is allocated for it).
+4. Loop-invariant float subexpressions (``lr / (1 - beta1**t)``) become constants
+   ``_c0, _c1, ...`` computed once before the loops.
+5. Each item's expression is CSE'd (``sympy.cse``, ``order='canonical'``, temporaries
+   ``_t0, _t1, ...`` numbered per kernel in order). ``Piecewise`` subtrees are kept
+   whole, so nothing a guard protects is hoisted in front of its guard.
+6. A GEMM writes straight into an output array of its group when nothing reads that
+   array's old content (no temporary; no loop at all without an epilogue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from derive.ir import Assign, Loop, Program, TensorDecl
+
+from .printers import CPUPrinter
+
+DOT = sympy.Symbol("_dot")
+
+
+# --------------------------------------------------------------------------- plan types
+@dataclass
+class Temp:
+    sym: sympy.Symbol
+    expr: sympy.Expr
+
+
+@dataclass
+class Item:
+    """One statement inside a kernel's loop body.
+
+    The statement's value ends up in the scalar ``local``; ``store`` says whether it is
+    also written to ``target[index]``. For reductions ``init`` starts the accumulator,
+    the reduction loops ``over`` run ``inner`` temporaries and fold ``value`` into it,
+    and ``finish`` (if any) is assigned to the local after the loops.
+    """
+
+    target: str
+    index: tuple
+    reduce: str
+    value: sympy.Expr
+    local: sympy.Symbol
+    store: bool
+    equation: str
+    over: tuple = ()
+    init: sympy.Expr | None = None
+    finish: sympy.Expr | None = None
+    pre: list = field(default_factory=list)
+    inner: list = field(default_factory=list)
+    argmax: list = field(default_factory=list)  # (tensor, over index, local, store)
+    is_int: bool = False
+
+
+@dataclass
+class Gemm:
+    """``_dot[f0, f1] = sum_k left[.., ..] * right[.., ..]``; operands as 2-D arrays,
+    transposed (``.T``) where the read's index order is (k, f0) or (f1, k)."""
+
+    left: str
+    left_t: bool
+    right: str
+    right_t: bool
+    m: sympy.Expr
+    n: sympy.Expr
+    k: sympy.Expr
+    out: str | None = None  # an output array np.dot may write directly (CPU)
+    direct: bool = False  # the kernel is only that np.dot: no epilogue loop
+
+
+@dataclass
+class Kernel:
+    name: str
+    free: tuple  # Loops
+    items: list
+    gemm: Gemm | None
+    arrays: list  # array argument names, in program order
+    symbols: list  # size/attribute symbols, sorted by name
+    float_source: str  # array whose dtype defines _F
+    equations: list
+    temps: int = 0
+    consts: list = field(default_factory=list)  # loop-invariant values, kernel prologue
+
+
+@dataclass
+class Group:
+    free: tuple
+    statements: list  # renamed Assigns
+    gemm: Gemm | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+def tensor_decls(program: Program) -> list[TensorDecl]:
+    """All tensors of a program, including optimizer state, in declaration order."""
+    decls = list(program.all_tensors())
+    names = {d.name for d in decls}
+    extra = program.extra.get("state_decls", ()) if isinstance(program.extra, dict) else ()
+    for d in extra:
+        if d.name not in names:
+            decls.append(d)
+            names.add(d.name)
+    if program.state:
+        like = decls[0] if decls else None
+        for s in program.state:
+            if s not in names and like is not None:
+                decls.append(TensorDecl(s, like.shape, "state", "float"))
+                names.add(s)
+    return decls
+
+
+def decl_of(program: Program, name: str) -> TensorDecl:
+    for d in tensor_decls(program):
+        if d.name == name:
+            return d
+    raise KeyError("%s: no tensor named %r" % (program.name, name))
+
+
+def reads_of(expr) -> list:
+    """Tensor reads (``Indexed``) in ``expr``, sorted deterministically."""
+    return sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key)
+
+
+def read_names(stmt: Assign, scalars) -> set:
+    names = set()
+    exprs = [stmt.body] + [l.lo for l in stmt.over + stmt.free] + [l.hi for l in stmt.over + stmt.free]
+    for e in exprs:
+        e = sympy.sympify(e)
+        names.update(r.base.label.name for r in e.atoms(sympy.Indexed))
+        names.update(s.name for s in e.free_symbols if isinstance(s, sympy.Symbol) and s.name in scalars)
+    if stmt.accumulate:
+        names.add(stmt.target)
+    return names
+
+
+def written_names(stmt: Assign) -> list:
+    return [stmt.target] + list(stmt.argmax)
+
+
+def target_index(stmt: Assign) -> tuple:
+    return tuple(l.index for l in stmt.free)
+
+
+def rename_assign(stmt: Assign, mapping: dict) -> Assign:
+    if not mapping:
+        return stmt
+
+    def sub(e):
+        return sympy.sympify(e).xreplace(mapping)
+
+    return Assign(
+        target=stmt.target,
+        free=tuple(Loop(mapping.get(l.index, l.index), sub(l.lo), sub(l.hi)) for l in stmt.free),
+        body=sub(stmt.body),
+        reduce=stmt.reduce,
+        over=tuple(Loop(l.index, sub(l.lo), sub(l.hi)) for l in stmt.over),
+        accumulate=stmt.accumulate,
+        argmax=stmt.argmax,
+        equation=stmt.equation,
+    )
+
+
+def match_loops(group_free: tuple, free: tuple):
+    """Index renaming that makes ``free`` identical to ``group_free``, or None."""
+    if len(group_free) != len(free):
+        return None
+    mapping = {}
+    for g, f in zip(group_free, free):
+        if f.index != g.index:
+            mapping[f.index] = g.index
+        if sympy.sympify(f.lo).xreplace(mapping) != g.lo or sympy.sympify(f.hi).xreplace(mapping) != g.hi:
+            return None
+    return mapping
+
+
+def equation_text(stmt: Assign) -> str:
+    if stmt.equation:
+        return stmt.equation
+    idx = ", ".join(str(l.index) for l in stmt.free)
+    lhs = "%s[%s]" % (stmt.target, idx) if idx else stmt.target
+    op = "+=" if stmt.accumulate else "="
+    body = str(stmt.body)
+    if stmt.reduce != "none":
+        body = "%s(%s, %s)" % (stmt.reduce, body, ", ".join(str(l.index) for l in stmt.over))
+    return "%s %s %s" % (lhs, op, body)
+
+
+# --------------------------------------------------------------------------- GEMM
+def match_gemm(program: Program, stmt: Assign) -> Gemm | None:
+    """A GEMM-shaped sum: ``t[i,j] (+)= c * sum_k A[i,k] B[k,j]`` (any read order), full
+    ranges, 2-D float operands; ``c`` free of ``k``."""
+    if stmt.reduce != "sum" or len(stmt.over) != 1 or len(stmt.free) != 2:
+        return None
+    (k,) = stmt.over
+    f0, f1 = stmt.free
+    if any(l.lo != 0 for l in (k, f0, f1)) or f0.index == f1.index:
+        return None
+    reads = []
+    for factor in sympy.Mul.make_args(stmt.body):
+        if isinstance(factor, sympy.Indexed) and k.index in factor.free_symbols:
+            reads.append(factor)
+        elif k.index in factor.free_symbols:
+            return None
+    if len(reads) != 2:
+        return None
+    ops = {}
+    for r in reads:
+        try:
+            d = decl_of(program, r.base.label.name)
+        except KeyError:
+            return None
+        if d.rank != 2 or d.dtype != "float" or len(r.indices) != 2:
+            return None
+        idx = tuple(r.indices)
+        for f, pos_name in ((f0.index, "left"), (f1.index, "right")):
+            if set(idx) == {f, k.index} and pos_name not in ops:
+                ops[pos_name] = (r, d, idx)
+                break
+        else:
+            return None
+    if len(ops) != 2:
+        return None
+    (lr, ld, lidx), (rr, rd, ridx) = ops["left"], ops["right"]
+    # full ranges: every loop covers the operand's dimension
+    if ld.shape[lidx.index(f0.index)] != f0.hi or ld.shape[lidx.index(k.index)] != k.hi:
+        return None
+    if rd.shape[ridx.index(f1.index)] != f1.hi or rd.shape[ridx.index(k.index)] != k.hi:
+        return None
+    return Gemm(
+        left=ld.name,
+        left_t=lidx != (f0.index, k.index),
+        right=rd.name,
+        right_t=ridx != (k.index, f1.index),
+        m=f0.hi,
+        n=f1.hi,
+        k=k.hi,
+    )
+
+
+def gemm_scale(stmt: Assign) -> sympy.Expr:
+    (k,) = stmt.over
+    return sympy.Mul(*[f for f in sympy.Mul.make_args(stmt.body) if k.index not in f.free_symbols])
+
+
+# --------------------------------------------------------------------------- lowering
+class Lowerer:
+    """Lowers statement sequences of one program."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.decls = {d.name: d for d in tensor_decls(program)}
+        self.scalars = set(program.scalars)
+        int_syms = {d.name for d in program.dims}
+        int_syms |= {d.name for d, _ in program.derived_dims}
+        int_syms |= {a.name for a, v in program.attrs if isinstance(v, int) and not isinstance(v, bool)}
+        if program.step_counter is not None:
+            int_syms.add(program.step_counter.name)
+        self.int_symbols = int_syms
+        self.int_tensors = {d.name for d in self.decls.values() if d.dtype == "int"}
+        self.typer = CPUPrinter(int_symbols=int_syms, int_tensors=self.int_tensors, scalars=self.scalars)
+
+    # ---------------------------------------------------------------- entry point
+    def lower(self, statements, returned, prefix: str) -> list[Kernel]:
+        statements = self.live(list(statements), set(returned))
+        groups = self.group(statements)
+        inputs = {d.name for d in self.program.args} | {d.name for d in self.program.seeds}
+        inputs |= set(self.program.state)
+        users: dict[str, set] = {}
+        for gi, g in enumerate(groups):
+            for s in g.statements:
+                for n in read_names(s, self.scalars) | set(written_names(s)):
+                    users.setdefault(n, set()).add(gi)
+        kernels = []
+        for gi, g in enumerate(groups):
+            local_ok = {
+                n
+                for s in g.statements
+                for n in written_names(s)
+                if n not in returned and n not in inputs and users.get(n) == {gi}
+            }
+            kernels.append(self.build(g, local_ok, "%s%d" % (prefix, gi)))
+        return kernels
+
+    # ---------------------------------------------------------------- dead code
+    def live(self, statements, returned):
+        needed = set(returned)
+        keep = []
+        for s in reversed(statements):
+            if set(written_names(s)) & needed:
+                keep.append(s)
+                needed |= read_names(s, self.scalars)
+        keep.reverse()
+        return keep
+
+    # ---------------------------------------------------------------- grouping
+    def group(self, statements) -> list[Group]:
+        groups: list[Group] = []
+        for s in statements:
+            gemm = match_gemm(self.program, s)
+            if gemm is None and groups:
+                mapping = self.can_join(groups[-1], s)
+                if mapping is not None:
+                    groups[-1].statements.append(rename_assign(s, mapping))
+                    continue
+            groups.append(Group(free=s.free, statements=[s], gemm=gemm))
+        return groups
+
+    def can_join(self, g: Group, s: Assign):
+        if g.gemm is not None and s.reduce != "none":
+            return None
+        mapping = match_loops(g.free, s.free)
+        if mapping is None:
+            return None
+        free_syms = tuple(l.index for l in g.free)
+        if any(l.index in free_syms for l in s.over):
+            return None
+        s2 = rename_assign(s, mapping)
+        written = set()
+        for t in g.statements:
+            written.update(written_names(t))
+        if (set(written_names(s2)) & self.scalars) and g.free:
+            return None
+        # every read of a group-written tensor is at the group's free index
+        for r in self.all_reads(s2):
+            name = r.base.label.name
+            if name in written or name in written_names(s2):
+                if tuple(r.indices) != free_syms:
+                    return None
+        # earlier statements never read what s writes at another index
+        for t in g.statements:
+            for r in self.all_reads(t):
+                if r.base.label.name in written_names(s2) and tuple(r.indices) != free_syms:
+                    return None
+        # a GEMM reads its operands across the whole group's range
+        if g.gemm is not None and set(written_names(s2)) & {g.gemm.left, g.gemm.right}:
+            return None
+        return mapping
+
+    @staticmethod
+    def all_reads(s: Assign):
+        exprs = [s.body] + [l.lo for l in s.over] + [l.hi for l in s.over]
+        out = []
+        for e in exprs:
+            out.extend(sympy.sympify(e).atoms(sympy.Indexed))
+        return sorted(set(out), key=sympy.default_sort_key)
+
+    # ---------------------------------------------------------------- kernel build
+    def build(self, g: Group, local_ok: set, name: str) -> Kernel:
+        free_syms = tuple(l.index for l in g.free)
+        locals_: dict[str, sympy.Symbol] = {}
+        last_write = {}
+        for si, s in enumerate(g.statements):
+            for n in written_names(s):
+                last_write[n] = si
+        items: list[Item] = []
+        for si, s in enumerate(g.statements):
+            # reads of what the group already computed become its scalar locals
+            # (matched by name: derive's IndexedBase/Symbol may carry assumptions)
+            body = sympy.sympify(s.body)
+            subs = {}
+            for r in body.atoms(sympy.Indexed):
+                if r.base.label.name in locals_ and tuple(r.indices) == free_syms:
+                    subs[r] = locals_[r.base.label.name]
+            for sym in body.free_symbols:
+                if isinstance(sym, sympy.Symbol) and sym.name in self.scalars and sym.name in locals_:
+                    subs[sym] = locals_[sym.name]
+            body = body.xreplace(subs)
+            target_read = (
+                sympy.Symbol(s.target)
+                if s.target in self.scalars
+                else sympy.Indexed(sympy.IndexedBase(s.target), *free_syms)
+            )
+            prev = locals_.get(s.target, target_read) if s.accumulate else None
+            local = locals_.get(s.target) or sympy.Symbol("_v_" + s.target)
+            store = s.target not in local_ok and last_write[s.target] == si
+            is_int = self.decls[s.target].dtype == "int" if s.target in self.decls else False
+            item = Item(
+                target=s.target,
+                index=free_syms,
+                reduce=s.reduce,
+                value=body,
+                local=local,
+                store=store,
+                equation=equation_text(s),
+                is_int=is_int,
+            )
+            if si == 0 and g.gemm is not None:
+                item.reduce = "none"
+                item.value = gemm_scale(s).xreplace(subs) * DOT
+                if prev is not None:
+                    item.value = prev + item.value
+            elif s.reduce == "none":
+                if prev is not None:
+                    item.value = prev + body
+            elif s.reduce == "sum":
+                item.over = s.over
+                item.init = prev if prev is not None else sympy.Integer(0)
+            elif s.reduce == "max":
+                item.over = s.over
+                item.init = sympy.S.NegativeInfinity
+                if prev is not None:
+                    item.finish = prev + local
+                for k, amname in enumerate(s.argmax):
+                    amlocal = sympy.Symbol("_v_" + amname, integer=True)
+                    amstore = amname not in local_ok and last_write[amname] == si
+                    item.argmax.append((amname, s.over[k].index, amlocal, amstore))
+                    locals_[amname] = amlocal
+            else:
+                raise ValueError("%s: unknown reduction %r in %s" % (self.program.name, s.reduce, item.equation))
+            locals_[s.target] = local
+            items.append(item)
+        if g.gemm is not None:
+            g.gemm.out, g.gemm.direct = self.gemm_out(g, items)
+        kernel = Kernel(
+            name=name,
+            free=g.free,
+            items=items,
+            gemm=g.gemm,
+            arrays=[],
+            symbols=[],
+            float_source="",
+            equations=[it.equation for it in items],
+        )
+        self.cse(kernel)
+        self.signature(kernel, g)
+        return kernel
+
+    def gemm_out(self, g: Group, items):
+        """An array of the group that ``np.dot`` can write in place of a temporary:
+        a stored (m, n) float target whose old content nothing in the group reads,
+        and which is not an operand. The epilogue then reads ``_dot`` from it before
+        overwriting the same element."""
+        gm = g.gemm
+        for it in items:
+            if not it.store or it.target in (gm.left, gm.right) or it.target not in self.decls:
+                continue
+            d = self.decls[it.target]
+            if d.dtype != "float" or tuple(sympy.sympify(e) for e in d.shape) != (gm.m, gm.n):
+                continue
+            writes = [k for k, st in enumerate(g.statements) if st.target == it.target]
+            if any(g.statements[k].accumulate for k in writes):
+                continue
+            if any(it.target in read_names(st, self.scalars) for st in g.statements[: writes[0] + 1]):
+                continue
+            first = items[0]
+            direct = len(items) == 1 and first.value == DOT and first.target == it.target
+            return it.target, direct
+        return None, False
+
+    # ---------------------------------------------------------------- CSE
+    def cse(self, kernel: Kernel):
+        """CSE of the kernel's items; temporaries ``_t0, _t1, ...`` in order.
+
+        ``Piecewise`` subtrees are opaque to CSE (a guarded read must stay behind its
+        guard), except their first condition, which is evaluated whenever the
+        ``Piecewise`` is. Temporaries already computed are then substituted back
+        inside the ``Piecewise`` branches (using a value computed earlier is safe)."""
+        counter = [0]
+
+        def fresh_syms():
+            while True:
+                yield sympy.Symbol("_t%d" % counter[0])
+                counter[0] += 1
+
+        self.hoist(kernel)
+        guards: dict = {}
+        # elementwise items share one CSE
+        ew = [it for it in kernel.items if not it.over]
+        if ew:
+            temps, values = self._cse([it.value for it in ew], fresh_syms(), guards)
+            for it, v in zip(ew, values):
+                it.value = v
+            self._place(kernel.items, ew, temps)
+        for it in kernel.items:
+            if not it.over:
+                continue
+            temps, (value,) = self._cse([it.value], fresh_syms(), guards)
+            it.value = value
+            over = {l.index for l in it.over}
+            dep = set()
+            for t in temps:
+                if t.expr.free_symbols & (over | dep):
+                    dep.add(t.sym)
+                    it.inner.append(t)
+                else:
+                    it.pre.append(t)
+        kernel.temps = counter[0]
+        # restore the Piecewise subtrees, reusing temporaries already computed
+        if guards:
+            avail: dict = {}
+            full: dict = {}
+            for it in kernel.items:
+                for group in (it.pre, it.inner):
+                    for t in group:
+                        t.expr = self._restore(t.expr, guards, avail)
+                        f = self._restore(t.expr, guards, {}).xreplace(full)
+                        full[t.sym] = f
+                        avail[f] = t.sym
+                it.value = self._restore(it.value, guards, avail)
+
+    def hoist(self, kernel: Kernel):
+        """Move loop-invariant float subexpressions (``1 - beta1**t``, ``g_loss/B``) to
+        constants ``_c0, _c1, ...`` computed once before the loops. ``Piecewise``
+        subtrees are hoisted whole or not at all (a ternary is safe to evaluate; its
+        branches alone may not be)."""
+        if not kernel.free and not any(it.over for it in kernel.items):
+            return
+        variant = {l.index for l in kernel.free} | {DOT}
+        written = set()
+        for it in kernel.items:
+            variant |= {l.index for l in it.over} | {it.local}
+            variant |= {a[2] for a in it.argmax}
+            written.add(it.target)
+        consts: dict = {}
+
+        def invariant(e):
+            if e.atoms(sympy.Indexed):
+                return False
+            for sym in e.free_symbols:
+                if sym in variant or sym.name in written or sym.name.startswith("_"):
+                    return False
+            return True
+
+        def worth(e):
+            if e.is_Atom or not isinstance(e, sympy.Expr) or self.typer.is_int(e):
+                return False
+            if isinstance(e, sympy.Mul) and len(e.args) == 2 and e.args[0].is_Number:
+                return not (e.args[1].is_Atom and e.args[0] == -1)
+            return True
+
+        def const(e):
+            if e not in consts:
+                consts[e] = sympy.Symbol("_c%d" % len(consts))
+            return consts[e]
+
+        def walk(e):
+            if invariant(e):
+                return const(e) if worth(e) else e
+            if e.is_Atom or isinstance(e, (sympy.Indexed, sympy.Piecewise)) or not isinstance(e, sympy.Expr):
+                return e
+            if isinstance(e, (sympy.Add, sympy.Mul)):
+                # the invariant terms (factors) of a sum (product) form one constant
+                inv = [a for a in e.args if not a.is_Number and invariant(a)]
+                if inv:
+                    grouped = e.func(*inv)
+                    if worth(grouped):
+                        rest = [walk(a) for a in e.args if a.is_Number or not invariant(a)]
+                        return e.func(const(grouped), *rest)
+            return e.func(*[walk(a) for a in e.args])
+
+        for it in kernel.items:
+            it.value = walk(it.value)
+        kernel.consts = [Temp(sym, e) for e, sym in consts.items()]
+
+    @staticmethod
+    def _plain_reads(e) -> bool:
+        return all(all(isinstance(i, sympy.Symbol) for i in r.indices) for r in e.atoms(sympy.Indexed))
+
+    def _cse(self, exprs, symbols, guards):
+        guarded = sympy.Function("_guarded")
+
+        def hide(e):
+            if isinstance(e, sympy.Piecewise):
+                key = sympy.Symbol("_pw%d" % len(guards))
+                c1 = e.args[0].cond
+                if isinstance(c1, sympy.core.relational.Relational) and self._plain_reads(c1):
+                    # the first condition is always evaluated: what it shares with
+                    # the branches is passed alongside it, so CSE computes it once
+                    shared = self._shared(c1, e)
+                    guards[key] = (e, shared)
+                    return guarded(c1, *shared, key)
+                guards[key] = (e, ())
+                return guarded(key)
+            if not e.args or e.is_Atom or isinstance(e, sympy.Indexed):
+                return e
+            return e.func(*[hide(a) for a in e.args])
+
+        hidden = [hide(sympy.sympify(e)) for e in exprs]
+        repl, reduced = sympy.cse(hidden, symbols=symbols, order="canonical")
+        # integer-valued temporaries get integer symbols (they index and bound)
+        rename = {}
+        temps = []
+        for s, e in repl:
+            e = e.xreplace(rename)
+            if self.typer.is_int(self._restore(e, guards, {})):
+                ns = sympy.Symbol(s.name, integer=True)
+                rename[s] = ns
+                s = ns
+            temps.append(Temp(s, e))
+        reduced = [e.xreplace(rename) for e in reduced]
+        return temps, reduced
+
+    @staticmethod
+    def _restore(e, guards, avail):
+        """Put the Piecewise subtrees back, substituting available temporaries."""
+        calls = [c for c in e.atoms(sympy.Function) if type(c).__name__ == "_guarded"]
+        if not calls:
+            return e
+        rep = {}
+        for c in calls:
+            pw, shared = guards[c.args[-1]]
+            sub = dict(avail)
+            if len(c.args) > 1:
+                first = c.args[0]
+                sub.update(zip(shared, c.args[1:-1]))
+            else:
+                first = pw.args[0].cond.xreplace(sub)
+            pieces = [(pw.args[0].expr.xreplace(sub), first)]
+            pieces += [(a.expr.xreplace(sub), a.cond.xreplace(sub)) for a in pw.args[1:]]
+            rep[c] = sympy.Piecewise(*pieces, evaluate=False)
+        return e.xreplace(rep)
+
+    @staticmethod
+    def _shared(cond, pw) -> tuple:
+        """Subexpressions of ``cond`` that also occur in the rest of ``pw``, sorted."""
+        rest = [pw.args[0].expr] + [x for a in pw.args[1:] for x in (a.expr, a.cond)]
+        rest_subtrees = [set(sympy.preorder_traversal(r)) for r in rest]
+        found = set()
+        for sub in sympy.preorder_traversal(cond):
+            if isinstance(sub, sympy.Indexed) or sub.is_Atom or not isinstance(sub, sympy.Expr):
+                continue
+            if isinstance(sub, sympy.Mul) and len(sub.args) == 2 and sub.args[0] == -1:
+                continue  # a bare negation is not worth a temporary
+            if any(sub in subtrees for subtrees in rest_subtrees):
+                found.add(sub)
+        return tuple(sorted(found, key=sympy.default_sort_key))
+
+    @staticmethod
+    def _place(items, ew, temps):
+        """Put each shared temporary before the first item that uses it."""
+        first = {}
+        pos = {id(it): k for k, it in enumerate(items)}
+        for it in ew:
+            for s in it.value.free_symbols:
+                first.setdefault(s, pos[id(it)])
+        for t in reversed(temps):
+            if t.sym in first:
+                for s in t.expr.free_symbols:
+                    if s not in first or first[s] > first[t.sym]:
+                        first[s] = first[t.sym]
+        for t in temps:
+            items[first.get(t.sym, pos[id(ew[0])])].pre.append(t)
+
+    # ---------------------------------------------------------------- signature
+    def signature(self, kernel: Kernel, g: Group):
+        exprs = []
+        for l in kernel.free:
+            exprs += [l.lo, l.hi]
+        bound = {l.index for l in kernel.free}
+        for c in kernel.consts:
+            exprs.append(c.expr)
+            bound.add(c.sym)
+        arrays = set()
+        stored_float = []
+        for it in kernel.items:
+            for t in it.pre + it.inner:
+                exprs.append(t.expr)
+                bound.add(t.sym)
+            for l in it.over:
+                exprs += [l.lo, l.hi]
+                bound.add(l.index)
+            exprs.append(it.value)
+            for e in (it.init, it.finish):
+                if e is not None:
+                    exprs.append(e)
+            bound.add(it.local)
+            if it.store:
+                arrays.add(it.target)
+                if not it.is_int:
+                    stored_float.append(it.target)
+            for am, _, amlocal, amstore in it.argmax:
+                bound.add(amlocal)
+                if amstore:
+                    arrays.add(am)
+        if kernel.gemm is not None:
+            arrays |= {kernel.gemm.left, kernel.gemm.right}
+            exprs += [kernel.gemm.m, kernel.gemm.n, kernel.gemm.k]
+        symbols = set()
+        for e in exprs:
+            e = sympy.sympify(e)
+            arrays.update(r.base.label.name for r in e.atoms(sympy.Indexed))
+            for s in e.free_symbols:
+                if isinstance(s, sympy.Indexed) or isinstance(s, sympy.IndexedBase):
+                    continue
+                if s in bound or s == DOT or s.name.startswith("_"):
+                    continue
+                if s.name in self.scalars:
+                    arrays.add(s.name)
+                elif s.name in self.decls:
+                    arrays.add(s.name)
+                else:
+                    symbols.add(s)
+        # IndexedBase labels show up in free_symbols of Indexed: drop tensor names
+        symbols = {s for s in symbols if s.name not in self.decls}
+        order = [d.name for d in tensor_decls(self.program)]
+        kernel.arrays = [n for n in order if n in arrays]
+        kernel.symbols = sorted(symbols, key=lambda s: s.name)
+        floats = [n for n in kernel.arrays if self.decls[n].dtype == "float"]
+        kernel.float_source = (stored_float or floats or [None])[0]
+        if kernel.float_source is None:
+            raise ValueError("%s: kernel %s has no float array" % (self.program.name, kernel.name))

@@ -1,0 +1,442 @@
+"""Code printers: SymPy scalar expressions to Numba-compilable Python.
+
+:class:`CPUPrinter` prints for ``@njit`` kernels, :class:`CUDAPrinter` for
+``@cuda.jit`` kernels and overrides only what differs. Both are dtype-aware without
+being dtype-specific: every kernel binds ``_F = <float array>.dtype.type`` on entry,
+and the printer wraps every number and every integer-valued quantity that enters
+floating-point arithmetic in ``_F(...)``. A float32 kernel therefore computes in
+float32 throughout (Numba would otherwise promote ``float32 * 0.5`` or
+``float32 / int64`` to float64), and a float64 kernel in float64, from one source.
+
+Expressions are printed in one of two modes:
+
+* ``"float"``: the value is floating point; numbers become ``_F(0.5)``,
+  integer-valued symbols (dimensions, indices, integer attributes) become ``_F(B)``.
+* ``"int"``: index arithmetic (subscripts, loop bounds, comparisons of indices);
+  numbers stay integers, ``floor(a/b)`` prints as ``a // b``.
+
+``Piecewise`` prints as nested scalar ternaries (never ``numpy.select``), so a read
+guarded by a condition is only evaluated when the condition holds.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.pycode import PythonCodePrinter
+
+#: SymPy function class name -> the ``math`` function it prints as.
+MATH_FUNCTIONS = {
+    "exp": "math.exp",
+    "log": "math.log",
+    "sin": "math.sin",
+    "cos": "math.cos",
+    "tan": "math.tan",
+    "asin": "math.asin",
+    "acos": "math.acos",
+    "atan": "math.atan",
+    "atan2": "math.atan2",
+    "sinh": "math.sinh",
+    "cosh": "math.cosh",
+    "tanh": "math.tanh",
+    "asinh": "math.asinh",
+    "acosh": "math.acosh",
+    "atanh": "math.atanh",
+    "erf": "math.erf",
+    "erfc": "math.erfc",
+    "gamma": "math.gamma",
+    "loggamma": "math.lgamma",
+    "log1p": "math.log1p",
+    "expm1": "math.expm1",
+}
+
+#: Named stable functions that derive leaves in expressions -> generated helper name.
+#: Each helper takes the value and the float type ``_F``.
+HELPER_FUNCTIONS = {
+    "sigmoid": "_sigmoid",
+    "softplus": "_softplus",
+}
+
+CAST = "_F"
+
+
+class CodegenError(Exception):
+    """An expression codegen cannot print (names the construct)."""
+
+
+class CPUPrinter(PythonCodePrinter):
+    """Prints scalar SymPy expressions for ``@njit`` kernels.
+
+    ``int_symbols``: names of integer-valued symbols (dimensions, indices, integer
+    attributes, integer CSE temporaries). ``int_tensors``: names of int64 tensors.
+    ``scalars``: tensors of shape ``()``, stored as one-element arrays and read as
+    ``name[0]``. ``locals_``: symbols that name float scalar locals of the kernel.
+    """
+
+    target = "cpu"
+    helper_functions = HELPER_FUNCTIONS
+
+    def __init__(self, int_symbols=(), int_tensors=(), scalars=(), settings=None):
+        super().__init__(dict({"fully_qualified_modules": True}, **(settings or {})))
+        self.int_symbols = frozenset(int_symbols)
+        self.int_tensors = frozenset(int_tensors)
+        self.scalars = frozenset(scalars)
+        self._mode = "float"
+        self._int_memo: dict = {}
+        self.helpers_used: set[str] = set()
+
+    # ----------------------------------------------------------------- entry points
+    def expr(self, e, mode: str = "float") -> str:
+        """Print ``e`` in ``mode`` ("float" or "int")."""
+        e = sympy.sympify(e)
+        old, self._mode = self._mode, mode
+        try:
+            return self._print(e)
+        finally:
+            self._mode = old
+
+    def index(self, e) -> str:
+        """Print an integer (index) expression."""
+        return self.expr(e, "int")
+
+    def auto(self, e) -> str:
+        """Print in the mode the expression's own type calls for."""
+        return self.expr(e, "int" if self.is_int(e) else "float")
+
+    # ----------------------------------------------------------------- typing
+    def is_int(self, e) -> bool:
+        """Whether ``e`` is integer-valued (prints without a float cast)."""
+        try:
+            return self._int_memo[e]
+        except KeyError:
+            pass
+        r = self._is_int(e)
+        self._int_memo[e] = r
+        return r
+
+    def _is_int(self, e) -> bool:
+        if isinstance(e, sympy.Basic) and (e.is_Boolean or e.is_Relational):
+            return False
+        if isinstance(e, sympy.Integer):
+            return True
+        if isinstance(e, sympy.Number):
+            return False
+        if isinstance(e, sympy.Symbol):
+            if e.name in self.scalars:
+                return False
+            return e.name in self.int_symbols or bool(e.is_integer)
+        if isinstance(e, sympy.Indexed):
+            return e.base.label.name in self.int_tensors
+        if isinstance(e, (sympy.Add, sympy.Max, sympy.Min, sympy.Mod)):
+            return all(self.is_int(a) for a in e.args)
+        if isinstance(e, sympy.Mul):
+            return all(self.is_int(a) for a in e.args)
+        if isinstance(e, sympy.Pow):
+            return (
+                self.is_int(e.base)
+                and isinstance(e.exp, sympy.Integer)
+                and e.exp >= 0
+            )
+        if isinstance(e, (sympy.floor, sympy.ceiling, sympy.KroneckerDelta)):
+            return True
+        if isinstance(e, sympy.Piecewise):
+            return all(self.is_int(a.expr) for a in e.args)
+        return False
+
+    def _print(self, expr, **kwargs):
+        if (
+            self._mode == "float"
+            and isinstance(expr, sympy.Expr)
+            and not isinstance(expr, sympy.Piecewise)
+            and self.is_int(expr)
+        ):
+            self._mode = "int"
+            try:
+                s = super()._print(expr, **kwargs)
+            finally:
+                self._mode = "float"
+            if isinstance(expr, sympy.Integer) and expr < 0:
+                return "-%s(%s)" % (CAST, -expr)
+            return "%s(%s)" % (CAST, s)
+        return super()._print(expr, **kwargs)
+
+    def parenthesize(self, item, level, strict=False):
+        # A non-negative literal prints as an atom (``_F(0.5)``), never ``(_F(0.5))``.
+        if isinstance(item, (sympy.Rational, sympy.Float)) and item >= 0:
+            return self._print(item)
+        return super().parenthesize(item, level, strict)
+
+    def _in_mode(self, mode, fn, *args):
+        old, self._mode = self._mode, mode
+        try:
+            return fn(*args)
+        finally:
+            self._mode = old
+
+    def _floordiv(self, num, den, negate=False):
+        p = PRECEDENCE["Mul"]
+        n = self._in_mode("int", self.parenthesize, num, p)
+        d = self._in_mode("int", self.parenthesize, den, p, True)
+        return ("-(%s // %s)" if negate else "(%s // %s)") % (n, d)
+
+    def _float(self, value) -> str:
+        """A typed float literal."""
+        if self._mode == "int":
+            raise CodegenError("non-integer number %s in an index expression" % value)
+        v = float(value)
+        if v < 0:
+            return "-%s(%r)" % (CAST, -v)
+        return "%s(%r)" % (CAST, v)
+
+    # ----------------------------------------------------------------- atoms
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    _print_Zero = _print_Integer
+    _print_One = _print_Integer
+    _print_NegativeOne = _print_Integer
+
+    def _print_Rational(self, expr):
+        return self._float(expr)
+
+    _print_Half = _print_Rational
+
+    def _print_Float(self, expr):
+        return self._float(expr)
+
+    def _print_Infinity(self, expr):
+        return "%s(math.inf)" % CAST
+
+    def _print_NegativeInfinity(self, expr):
+        return "-%s(math.inf)" % CAST
+
+    def _print_NaN(self, expr):
+        return "%s(math.nan)" % CAST
+
+    def _print_Exp1(self, expr):
+        return "%s(math.e)" % CAST
+
+    def _print_Pi(self, expr):
+        return "%s(math.pi)" % CAST
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_Symbol(self, expr):
+        name = super()._print_Symbol(expr)
+        if expr.name in self.scalars:
+            return "%s[0]" % name
+        return name
+
+    _print_Dummy = _print_Symbol
+
+    def _print_Indexed(self, expr):
+        name = expr.base.label.name
+        old, self._mode = self._mode, "int"
+        try:
+            idx = ", ".join(self._print(i) for i in expr.indices)
+        finally:
+            self._mode = old
+        return "%s[%s]" % (name, idx)
+
+    # ----------------------------------------------------------------- arithmetic
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.base, expr.exp
+        if self._mode == "int":
+            if isinstance(exp, sympy.Integer) and exp >= 0:
+                return "%s**%s" % (self.parenthesize(base, PRECEDENCE["Pow"]), exp)
+            raise CodegenError("non-integer power %s in an index expression" % expr)
+        if exp == sympy.S.Half:
+            return "math.sqrt(%s)" % self._print(base)
+        if exp == -sympy.S.Half:
+            return "%s(1) / math.sqrt(%s)" % (CAST, self._print(base))
+        if isinstance(exp, sympy.Integer):
+            n = int(exp)
+            if n < 0:
+                inner = base if n == -1 else sympy.Pow(base, -n, evaluate=False)
+                return "%s(1) / %s" % (CAST, self.parenthesize(inner, PRECEDENCE["Mul"] + 1))
+            if n == 2 and (base.is_Symbol or isinstance(base, sympy.Indexed)):
+                b = self._print(base)
+                return "%s * %s" % (b, b)
+            return "%s**%d" % (self.parenthesize(base, PRECEDENCE["Pow"] + 1), n)
+        b = self.parenthesize(base, PRECEDENCE["Pow"] + 1)
+        if self.is_int(exp):
+            e = self.expr(exp, "int")
+            return "%s**%s" % (b, e if exp.is_Atom else "(%s)" % e)
+        return "%s**(%s)" % (b, self._print(exp))
+
+    def _print_floor(self, expr):
+        arg = expr.args[0]
+        if self.is_int(arg):
+            return self.expr(arg, "int")
+        num, den = sympy.fraction(sympy.together(arg))
+        if den != 1 and self.is_int(num) and self.is_int(den):
+            return self._floordiv(num, den)
+        return "int(math.floor(%s))" % self.expr(arg, "float")
+
+    def _print_ceiling(self, expr):
+        arg = expr.args[0]
+        if self.is_int(arg):
+            return self.expr(arg, "int")
+        num, den = sympy.fraction(sympy.together(arg))
+        if den != 1 and self.is_int(num) and self.is_int(den):
+            return self._floordiv(-num, den, negate=True)
+        return "int(math.ceil(%s))" % self.expr(arg, "float")
+
+    def _print_Mod(self, expr):
+        p = PRECEDENCE["Mul"]
+        return "%s %% %s" % (self.parenthesize(expr.args[0], p), self.parenthesize(expr.args[1], p + 1))
+
+    def _minmax(self, name, args):
+        args = list(args)
+        s = self._print(args[-1])
+        for a in reversed(args[:-1]):
+            s = "%s(%s, %s)" % (name, self._print(a), s)
+        return s
+
+    def _print_Max(self, expr):
+        return self._minmax("max", expr.args)
+
+    def _print_Min(self, expr):
+        return self._minmax("min", expr.args)
+
+    def _print_Abs(self, expr):
+        return "abs(%s)" % self._print(expr.args[0])
+
+    def _one_zero(self):
+        if self._mode == "int":
+            return "1", "-1", "0"
+        return "%s(1)" % CAST, "-%s(1)" % CAST, "%s(0)" % CAST
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        one, mone, zero = self._one_zero()
+        return "(%s if %s > 0 else (%s if %s < 0 else %s))" % (one, x, mone, x, zero)
+
+    def _print_Heaviside(self, expr):
+        x = self._print(expr.args[0])
+        one, _, zero = self._one_zero()
+        h0 = self._print(expr.args[1]) if len(expr.args) > 1 else self._float(0.5)
+        return "(%s if %s > 0 else (%s if %s < 0 else %s))" % (one, x, zero, x, h0)
+
+    def _print_KroneckerDelta(self, expr):
+        a, b = (self.expr(x, "int") for x in expr.args)
+        one, _, zero = self._one_zero()
+        return "(%s if %s == %s else %s)" % (one, a, b, zero)
+
+    # ----------------------------------------------------------------- logic
+    def _print_Piecewise(self, expr):
+        pieces = list(expr.args)
+        if pieces[-1].cond == sympy.true:
+            tail = self._print(pieces[-1].expr)
+            pieces = pieces[:-1]
+        else:
+            tail = "%s(math.nan)" % CAST if self._mode == "float" else "0"
+        s = tail
+        for piece in reversed(pieces):
+            s = "(%s if %s else %s)" % (self._print(piece.expr), self._print(piece.cond), s)
+        return s
+
+    def _print_Relational(self, expr):
+        mode = "int" if self.is_int(expr.lhs) and self.is_int(expr.rhs) else "float"
+        lhs = self.expr(expr.lhs, mode)
+        rhs = self.expr(expr.rhs, mode)
+        return "(%s %s %s)" % (lhs, expr.rel_op, rhs)
+
+    def _print_And(self, expr):
+        return "(%s)" % " and ".join(self._print(a) for a in expr.args)
+
+    def _print_Or(self, expr):
+        return "(%s)" % " or ".join(self._print(a) for a in expr.args)
+
+    def _print_Not(self, expr):
+        return "(not %s)" % self._print(expr.args[0])
+
+    # ----------------------------------------------------------------- functions
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name in self.helper_functions:
+            self.helpers_used.add(name)
+            args = ", ".join(self.expr(a, "float") for a in expr.args)
+            return "%s(%s, %s)" % (self.helper_functions[name], args, CAST)
+        if name in MATH_FUNCTIONS:
+            args = ", ".join(self.expr(a, "float") for a in expr.args)
+            return "%s(%s)" % (MATH_FUNCTIONS[name], args)
+        raise CodegenError("no code printer for the function %r in %s" % (name, expr))
+
+    def _print_not_supported(self, expr):
+        raise CodegenError("no code printer for %s (%s)" % (type(expr).__name__, expr))
+
+    def emptyPrinter(self, expr):
+        raise CodegenError("no code printer for %s (%s)" % (type(expr).__name__, expr))
+
+
+class CUDAPrinter(CPUPrinter):
+    """Prints scalar expressions for ``@cuda.jit`` kernels and device functions.
+
+    Numba's CUDA target accepts the same scalar Python as the CPU target (``math``
+    functions map to libdevice, ``max``/``min``/``abs`` are supported), so the only
+    differences are the names of the device-function helpers.
+    """
+
+    target = "cuda"
+    helper_functions = {k: v + "_dev" for k, v in HELPER_FUNCTIONS.items()}
+
+
+class HostPrinter(CPUPrinter):
+    """Prints for plain (un-jitted) Python on the host: shapes, derived dimensions,
+    learning-rate schedules. Numbers print as Python literals; no ``_F`` casts."""
+
+    target = "host"
+
+    def _print(self, expr, **kwargs):
+        return PythonCodePrinter._print(self, expr, **kwargs)
+
+    def _float(self, value):
+        return repr(float(value))
+
+    def _print_Infinity(self, expr):
+        return "math.inf"
+
+    def _print_NegativeInfinity(self, expr):
+        return "-math.inf"
+
+    def _print_NaN(self, expr):
+        return "math.nan"
+
+    def _print_Exp1(self, expr):
+        return "math.e"
+
+    def _print_Pi(self, expr):
+        return "math.pi"
+
+    def _one_zero(self):
+        return ("1", "-1", "0") if self._mode == "int" else ("1.0", "-1.0", "0.0")
+
+    def _print_Pow(self, expr, rational=False):
+        if self._mode == "int" or not (expr.exp == sympy.S.Half or expr.exp == -sympy.S.Half):
+            b = self.parenthesize(expr.base, PRECEDENCE["Pow"] + 1)
+            e = self.parenthesize(expr.exp, PRECEDENCE["Pow"] + 1)
+            if isinstance(expr.exp, sympy.Integer) and expr.exp < 0:
+                return "1.0 / %s**%d" % (b, -int(expr.exp))
+            return "%s**%s" % (b, e)
+        if expr.exp == sympy.S.Half:
+            return "math.sqrt(%s)" % self._print(expr.base)
+        return "1.0 / math.sqrt(%s)" % self._print(expr.base)
+
+    def _print_Piecewise(self, expr):
+        return CPUPrinter._print_Piecewise(self, expr).replace("%s(math.nan)" % CAST, "math.nan")
+
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name in HELPER_FUNCTIONS:
+            raise CodegenError("%s is not available in host code (%s)" % (name, expr))
+        if name in MATH_FUNCTIONS:
+            return "%s(%s)" % (MATH_FUNCTIONS[name], ", ".join(self._print(a) for a in expr.args))
+        raise CodegenError("no code printer for the function %r in %s" % (name, expr))
+
+
+__all__ = ["CPUPrinter", "CUDAPrinter", "HostPrinter", "CodegenError", "precedence"]

@@ -1,0 +1,52 @@
+"""The one Jinja environment codegen renders with: strict, cached, whitespace-exact."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def _pyrepr(value) -> str:
+    """A Python literal for a str/int/float/bool/None value (strings double-quoted)."""
+    r = repr(value)
+    if isinstance(value, str) and r.startswith("'"):
+        body = r[1:-1].replace("\\'", "'").replace('"', '\\"')
+        return '"%s"' % body
+    return r
+
+
+def _pytuple(values) -> str:
+    """A tuple literal: ``()``, ``("a",)``, ``("a", "b")``."""
+    items = [_pyrepr(v) for v in values]
+    if len(items) == 1:
+        return "(%s,)" % items[0]
+    return "(%s)" % ", ".join(items)
+
+
+def _docstring(text: str) -> str:
+    """Text made safe for a triple-quoted docstring."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
+@functools.lru_cache(maxsize=None)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = _pyrepr
+    env.filters["docstring"] = _docstring
+    env.filters["pytuple"] = _pytuple
+    return env
+
+
+def render(template: str, **context) -> str:
+    return environment().get_template(template).render(**context)

@@ -1,0 +1,477 @@
+"""The training loop of the examples: data, checkpoints, the loop, the plot.
+
+``examples/train.py`` is its command line; tests import it with ``examples/`` on
+``sys.path``. Everything model-specific comes from a generated model module
+(``generated/models/<name>.py``, made from ``specs/models/<name>.toml`` by
+``python -m codegen``): ``init``, ``init_state``, ``train_step``, ``loss``, ``predict``.
+
+Checkpoints are one ``.npz`` file per run directory, replaced atomically after every
+epoch (written to a temporary file in the same directory, then ``os.replace``), holding
+the parameters, the optimizer state, the epoch, the shuffling RNG's state, the history
+and the run's configuration; a run stopped at any moment resumes from the last
+completed epoch and continues exactly as if it had not been stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import tomllib
+
+import numpy as np
+
+CHECKPOINT = "checkpoint.npz"
+PLOT = "training.png"
+METRICS = "metrics.json"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A scikit-learn bundled dataset: ``load() -> (features, targets)``."""
+
+    name: str
+    task: str  # "classification" (integer labels) or "regression" (real targets)
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    description: str
+
+
+def _sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def load():
+        import sklearn.datasets
+
+        return getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
+
+    return load
+
+
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        Dataset("digits", "classification", _sklearn("digits"), "8x8 handwritten digits: 1797 samples, 64 features, 10 classes"),
+        Dataset("breast_cancer", "classification", _sklearn("breast_cancer"), "Wisconsin breast cancer: 569 samples, 30 features, 2 classes"),
+        Dataset("diabetes", "regression", _sklearn("diabetes"), "diabetes progression: 442 samples, 10 features, 1 real target"),
+    )
+}
+
+
+@dataclass
+class Split:
+    """Standardised train/test arrays. ``y_*`` are one-hot rows (classification) or
+    standardised targets of shape (N, 1) (regression); ``labels_*`` the class indices."""
+
+    task: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labels_train: np.ndarray | None = None
+    labels_test: np.ndarray | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.y_train.shape[1]
+
+
+def load_dataset(name: str, test_size: float = 0.2, split_seed: int = 0, dtype=np.float32) -> Split:
+    """Load a registered dataset, split it (stratified for classification) and
+    standardise the features with the training split's mean and deviation."""
+    from sklearn.model_selection import train_test_split
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
+    ds = DATASETS[name]
+    x, t = ds.load()
+    x = np.asarray(x, dtype=np.float64)
+    stratify = t if ds.task == "classification" else None
+    x_tr, x_te, t_tr, t_te = train_test_split(x, t, test_size=test_size, random_state=split_seed, stratify=stratify)
+    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+    std[std == 0] = 1.0  # constant features (digits has some) stay at 0
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+
+    def arr(a):
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    if ds.task == "classification":
+        classes = np.unique(t_tr)
+        l_tr, l_te = np.searchsorted(classes, t_tr), np.searchsorted(classes, t_te)
+        eye = np.eye(len(classes))
+        return Split("classification", arr(x_tr), arr(eye[l_tr]), arr(x_te), arr(eye[l_te]), l_tr, l_te)
+    t_tr, t_te = np.asarray(t_tr, np.float64).reshape(len(t_tr), -1), np.asarray(t_te, np.float64).reshape(len(t_te), -1)
+    t_mean, t_std = t_tr.mean(axis=0), t_tr.std(axis=0)
+    return Split("regression", arr(x_tr), arr((t_tr - t_mean) / t_std), arr(x_te), arr((t_te - t_mean) / t_std))
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def model_name(spec_path) -> str:
+    """The ``name`` of a model spec (read with tomllib; nothing is evaluated)."""
+    path = Path(spec_path)
+    try:
+        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TrainError(f"cannot read the model spec {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainError(f"{path}: invalid TOML: {exc}") from None
+    name = spec.get("name")
+    if spec.get("kind") != "model" or not isinstance(name, str):
+        raise TrainError(f"{path}: not a model spec (it needs kind = \"model\" and a name)")
+    return name
+
+
+def load_model(spec_path, build_dir=None):
+    """The generated module of a model spec.
+
+    A spec of the library (``generated/models/<name>.py`` exists) imports the committed
+    module. Any other spec is rendered with ``codegen.model.render_model`` into
+    ``build_dir`` and imported from there, so a user's own model trains without
+    touching ``generated/``.
+    """
+    name = model_name(spec_path)
+    try:
+        return importlib.import_module(f"generated.models.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in (f"generated.models.{name}", "generated.models"):
+            raise
+    if build_dir is None:
+        raise TrainError(
+            f"no generated module for the model {name!r}; run `python -m codegen` "
+            f"(or pass an output directory to build {spec_path} there)"
+        )
+    from codegen.model import ModelSpecError, render_model
+
+    try:
+        _, text = render_model(spec_path)
+    except ModelSpecError as exc:
+        raise TrainError(str(exc)) from None
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    target = build_dir / f"{name}.py"
+    _write_atomic(target, text.encode())
+    spec = importlib.util.spec_from_file_location(f"symgrad_user_model_{name}", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Open a temporary file beside ``path`` for writing; on success it replaces
+    ``path`` (``os.replace``), on any error it is removed and ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_atomic(path, data: bytes) -> None:
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def save_checkpoint(path, *, params, state, epoch, rng, history, config) -> None:
+    """Write a checkpoint atomically: a temporary file in the same directory, then
+    ``os.replace`` (an interrupted write leaves the previous checkpoint intact)."""
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    arrays.update({f"state/{k}": np.asarray(v) for k, v in state.items()})
+    arrays["epoch"] = np.asarray(epoch, dtype=np.int64)
+    arrays["rng"] = np.asarray(json.dumps(rng.bit_generator.state))
+    arrays["history"] = np.asarray(json.dumps(history))
+    arrays["config"] = np.asarray(json.dumps(config, sort_keys=True))
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    with np.load(path, allow_pickle=False) as z:
+        params = {k[len("param/") :]: z[k].copy() for k in z.files if k.startswith("param/")}
+        state = {}
+        for k in z.files:
+            if k.startswith("state/"):
+                v = z[k]
+                state[k[len("state/") :]] = v.item() if v.ndim == 0 and v.dtype.kind == "i" else v.copy()
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(str(z["rng"]))
+        return {
+            "params": params,
+            "state": state,
+            "epoch": int(z["epoch"]),
+            "rng": rng,
+            "history": json.loads(str(z["history"])),
+            "config": json.loads(str(z["config"])),
+        }
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class Diverged(TrainError):
+    """The loss stopped being finite."""
+
+
+@dataclass
+class Config:
+    spec: str
+    out: str
+    dataset: str = "digits"
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+    lr: float | None = None  # None: the spec's (or the optimizer's default)
+    schedule: str | None = None  # None, "step", "exponential" or "cosine"
+    schedule_hyper: dict = field(default_factory=dict)
+    resume: bool = False
+    dtype: str = "float32"
+    test_size: float = 0.2
+    split_seed: int = 0
+    progress: bool = True
+    plot: bool = True
+
+
+# what must agree between a checkpoint and the run that resumes from it
+_RESUME_KEYS = ("model", "dataset", "dtype", "test_size", "split_seed")
+
+SCHEDULES = ("step", "exponential", "cosine")
+
+
+def _schedule_defaults(name: str, epochs: int) -> dict:
+    return {
+        "step": {"step_size": max(1, epochs // 3), "gamma": 0.1},
+        "exponential": {"gamma": 0.9},
+        "cosine": {"T_max": epochs, "eta_min": 0.0},
+    }[name]
+
+
+def learning_rates(config: Config, base_lr: float):
+    """``lr(epoch)`` for the run: constant, or the generated schedule op's ``lr``."""
+    if config.schedule is None:
+        return lambda epoch: base_lr
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r} (known: {', '.join(SCHEDULES)})")
+    import generated
+
+    sched = generated.op(config.schedule)
+    hyper = {**_schedule_defaults(config.schedule, config.epochs), **config.schedule_hyper}
+    if "lr" in getattr(sched, "hyper", {}):
+        return lambda epoch: float(sched.lr(epoch, lr=base_lr, **hyper))
+    # a schedule without a base rate gives the factor to multiply it by
+    return lambda epoch: base_lr * float(sched.lr(epoch, **hyper))
+
+
+def evaluate(model, params, x, y, labels=None) -> dict:
+    """Test loss and, for classification, accuracy (for regression, R^2)."""
+    out = {"test_loss": float(model.loss(params, x, y))}
+    if labels is not None:
+        out["test_accuracy"] = float(np.mean(model.predict(params, x) == labels))
+    else:
+        pred = np.asarray(model.forward(params, x), dtype=np.float64)
+        ss_res = float(np.sum((pred - y) ** 2))
+        ss_tot = float(np.sum((y - y.mean(axis=0)) ** 2))
+        out["test_r2"] = 1.0 - ss_res / ss_tot
+    return out
+
+
+def _optimizer_default_lr(model) -> float:
+    if "lr" in model.HYPER:
+        return float(model.HYPER["lr"])
+    import generated
+
+    return float(generated.op(model.OPTIMIZER).hyper["lr"])
+
+
+def train(config: Config, log=print) -> dict:
+    """Train ``config.spec`` on ``config.dataset``; return the history and final metrics.
+
+    Raises :class:`Diverged` when the loss becomes NaN or infinite (the checkpoint of
+    the last completed epoch is kept).
+    """
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(config.spec, build_dir=out / "model")
+    dtype = np.dtype(config.dtype)
+    data = load_dataset(config.dataset, config.test_size, config.split_seed, dtype)
+    if data.n_features != model.INPUT or data.n_outputs != model.OUTPUT:
+        raise TrainError(
+            f"the model {model.NAME!r} maps {model.INPUT} features to {model.OUTPUT} outputs, "
+            f"but the dataset {config.dataset!r} has {data.n_features} features and {data.n_outputs} "
+            f"{'classes' if data.task == 'classification' else 'targets'}"
+        )
+    run_config = {
+        "model": model.NAME,
+        "spec": str(config.spec),
+        "dataset": config.dataset,
+        "dtype": dtype.name,
+        "test_size": config.test_size,
+        "split_seed": config.split_seed,
+        "seed": config.seed,
+    }
+    ckpt_path = out / CHECKPOINT
+    start, history = 0, []
+    if config.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        mismatch = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != run_config[k]]
+        if mismatch:
+            raise TrainError(
+                f"{ckpt_path} was written by a different run ("
+                + ", ".join(f"{k}: {ckpt['config'].get(k)!r} there, {run_config[k]!r} here" for k in mismatch)
+                + "); use another --out or drop --resume"
+            )
+        params, state, rng = ckpt["params"], ckpt["state"], ckpt["rng"]
+        start, history = ckpt["epoch"], ckpt["history"]
+        log(f"resuming {model.NAME} from {ckpt_path} after epoch {start}")
+    else:
+        if config.resume:
+            log(f"no checkpoint in {out}; starting from scratch")
+        elif ckpt_path.exists():
+            ckpt_path.unlink()  # a fresh run: an old run's checkpoint must not pass for this one's
+        params = model.init(config.seed, dtype=dtype)
+        state = model.init_state(params)
+        rng = np.random.default_rng(config.seed)
+
+    base_lr = float(config.lr) if config.lr is not None else _optimizer_default_lr(model)
+    lr_at = learning_rates(config, base_lr)
+    labels_test = data.labels_test if data.task == "classification" else None
+    n = len(data.x_train)
+    n_batches = math.ceil(n / config.batch_size)
+    metric = "test_accuracy" if labels_test is not None else "test_r2"
+
+    for epoch in range(start + 1, config.epochs + 1):
+        lr = lr_at(epoch - 1)
+        order = rng.permutation(n)
+        t0 = time.perf_counter()
+        total = 0.0
+        bar = tqdm(
+            range(n_batches),
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None if config.progress else True,  # None: off when not a terminal
+            file=sys.stderr,
+        )
+        for b in bar:
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            loss = float(model.train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr))
+            if not math.isfinite(loss):
+                bar.close()
+                if epoch > 1:
+                    kept = f"the checkpoint of epoch {epoch - 1} is kept in {ckpt_path}"
+                else:
+                    kept = "no epoch was completed, so no checkpoint was written"
+                raise Diverged(
+                    f"training diverged: the loss became {loss} at epoch {epoch}, batch {b + 1} "
+                    f"(learning rate {lr:g}); {kept}. Try a smaller --lr."
+                )
+            total += loss * len(idx)
+            if b % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "loss": total / n, "lr": lr, "seconds": seconds}
+        record.update(evaluate(model, params, data.x_test, data.y_test, labels_test))
+        if not math.isfinite(record["test_loss"]):
+            kept = f"the checkpoint of epoch {epoch - 1} is kept in {ckpt_path}" if epoch > 1 else "no checkpoint was written"
+            raise Diverged(
+                f"training diverged: the test loss became {record['test_loss']} after epoch {epoch} "
+                f"(learning rate {lr:g}); {kept}. Try a smaller --lr."
+            )
+        history.append(record)
+        save_checkpoint(ckpt_path, params=params, state=state, epoch=epoch, rng=rng, history=history, config=run_config)
+        log(
+            f"epoch {epoch:3d}/{config.epochs}  loss {record['loss']:.4f}  test loss {record['test_loss']:.4f}  "
+            f"{metric.replace('_', ' ')} {record[metric]:.4f}  lr {lr:.3g}  {seconds:.2f} s"
+        )
+
+    result = {
+        "model": model.NAME,
+        "dataset": config.dataset,
+        "epochs": len(history),
+        "history": history,
+        "config": asdict(config),
+    }
+    if history:
+        result[metric] = history[-1][metric]
+        result["test_loss"] = history[-1]["test_loss"]
+        result["seconds_per_epoch"] = float(np.median([h["seconds"] for h in history]))
+    result["params"] = params
+    metrics = {k: v for k, v in result.items() if k != "params"}
+    _write_atomic(out / METRICS, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+    if config.plot and history:
+        plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}")
+    return result
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot_history(history: list[dict], path, title: str = "") -> None:
+    """Loss (train and test) and the test metric per epoch, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    metric = "test_accuracy" if "test_accuracy" in history[0] else "test_r2"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [h["loss"] for h in history], marker="o", label="train")
+    ax1.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(epochs, [h[metric] for h in history], marker="o", color="C2")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy" if metric == "test_accuracy" else "test $R^2$")
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,393 @@
+"""Shared references for the tests: the PyTorch oracle, a finite-difference gradient
+checker, input generators and tolerances.
+
+Every test compares symgrad against these helpers instead of carrying its own copy.
+PyTorch is a test dependency only; the oracle is always evaluated in float64.
+
+Calling conventions (the generated-module contract, /work/shared/DESIGN.md):
+``op.forward(*args)`` takes inputs then params; ``op.backward(*seeds, *args)`` returns
+one gradient per differentiable argument (an array for one, a tuple for several).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KINDS_WITH_GRADIENTS = ("activation", "layer", "loss")
+
+# ----------------------------------------------------------------------------------
+# The oracle: library op name -> a torch callable with the op's argument order.
+# Attributes are passed as keywords with the op's own attribute names.
+# ----------------------------------------------------------------------------------
+
+
+def _nll(logprobs, target):
+    return -(target * logprobs).sum() / logprobs.shape[0]
+
+
+TORCH_ORACLE: dict[str, Callable] = {
+    # activations
+    "relu": lambda x: F.relu(x),
+    "leaky_relu": lambda x, slope=0.01: F.leaky_relu(x, negative_slope=slope),
+    "elu": lambda x, alpha=1.0: F.elu(x, alpha=alpha),
+    "gelu": lambda x: F.gelu(x, approximate="none"),
+    "sigmoid": lambda x: torch.sigmoid(x),
+    "tanh": lambda x: torch.tanh(x),
+    "softplus": lambda x: F.softplus(x),
+    "silu": lambda x: F.silu(x),
+    "mish": lambda x: F.mish(x),
+    "softmax": lambda x: F.softmax(x, dim=-1),
+    "log_softmax": lambda x: F.log_softmax(x, dim=-1),
+    # layers (dense's weight is I x O)
+    "dense": lambda x, weight, bias: x @ weight + bias,
+    # losses
+    "mse": lambda pred, target: F.mse_loss(pred, target),
+    "huber": lambda pred, target, delta=1.0: F.huber_loss(pred, target, delta=delta),
+    "bce_with_logits": lambda pred, target: F.binary_cross_entropy_with_logits(pred, target),
+    "softmax_cross_entropy": lambda logits, target: F.cross_entropy(logits, target),
+    "nll": _nll,
+    "kl_div": lambda logq, logp: F.kl_div(logq, logp, reduction="batchmean", log_target=True),
+}
+
+# Elementwise activations accept any input shape; softmax/log_softmax are row-wise (B C).
+ELEMENTWISE = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus", "silu", "mish")
+
+# Documented kinds, attributes (defaults) and differentiable arguments of the library.
+DOCUMENTED_KINDS = {
+    **{n: "activation" for n in ELEMENTWISE},
+    # row-wise over (B C): listed with the activations, but a row-wise op may be a layer
+    **{n: ("activation", "layer") for n in ("softmax", "log_softmax")},
+    "dense": "layer",
+    **{
+        n: "loss"
+        for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div")
+    },
+    **{
+        n: "optimizer"
+        for n in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+    },
+    **{n: "schedule" for n in ("step", "exponential", "cosine")},
+}
+DOCUMENTED_ATTRS = {"leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0}}
+# Non-default attribute values the tests also run with (attributes are given at run time).
+ATTR_VARIANTS = {"leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}]}
+DOCUMENTED_DIFFERENTIABLE = {
+    "dense": ("x", "weight", "bias"),
+    "mse": ("pred",),
+    "huber": ("pred",),
+    "bce_with_logits": ("pred",),
+    "softmax_cross_entropy": ("logits",),
+    "nll": ("logprobs",),
+    "kl_div": ("logq", "logp"),
+}
+
+# ----------------------------------------------------------------------------------
+# Tolerances
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tol:
+    rtol: float
+    atol: float
+
+
+TOLERANCES = {
+    np.dtype(np.float64): Tol(rtol=1e-9, atol=1e-12),
+    np.dtype(np.float32): Tol(rtol=1e-4, atol=1e-5),
+}
+# Central differences in float64: truncation ~h^2, round-off ~eps/h.
+FD_TOL = Tol(rtol=1e-6, atol=1e-7)
+
+
+def tol(dtype) -> Tol:
+    return TOLERANCES[np.dtype(dtype)]
+
+
+def extreme_tol(dtype, magnitude: float) -> Tol:
+    """Tolerance for inputs of size ``magnitude``: such an input is only known to
+    ``magnitude * eps``, so a result that subtracts inputs is only defined to that
+    absolute accuracy (e.g. logsumexp(x) - x_target in cross-entropy)."""
+    base = tol(dtype)
+    eps = float(np.finfo(dtype).eps)
+    return Tol(rtol=base.rtol, atol=max(base.atol, 8 * eps * magnitude))
+
+
+def assert_close(actual, expected, dtype, what: str = "", t: Tol | None = None):
+    t = t or tol(dtype)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64),
+        np.asarray(expected, dtype=np.float64),
+        rtol=t.rtol,
+        atol=t.atol,
+        err_msg=what,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Calling ops uniformly
+# ----------------------------------------------------------------------------------
+
+
+def as_tuple(result) -> tuple:
+    """forward/backward return one array, or a tuple for several."""
+    return tuple(result) if isinstance(result, tuple) else (result,)
+
+
+def cast(args: Sequence, dtype) -> list:
+    return [np.asarray(a, dtype=dtype) for a in args]
+
+
+def make_seeds(outputs: Sequence, rng: np.random.Generator, dtype) -> list:
+    """A random output gradient per output; a Python float for a scalar output (loss)."""
+    seeds = []
+    for out in outputs:
+        if np.ndim(out) == 0:
+            seeds.append(float(rng.uniform(0.5, 1.5)))
+        else:
+            seeds.append(rng.normal(size=np.shape(out)).astype(dtype))
+    return seeds
+
+
+def run_forward(op, args) -> tuple:
+    return as_tuple(op.forward(*args))
+
+
+def run_backward(op, seeds, args) -> tuple:
+    return as_tuple(op.backward(*seeds, *args))
+
+
+def differentiable_indices(op) -> list[int]:
+    return [list(op.arg_names).index(n) for n in op.differentiable]
+
+
+# ----------------------------------------------------------------------------------
+# The torch oracle, in float64
+# ----------------------------------------------------------------------------------
+
+
+def _t(a, grad: bool = False) -> torch.Tensor:
+    return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
+
+
+def torch_forward(name: str, args: Sequence, attrs: dict) -> np.ndarray:
+    with torch.no_grad():
+        out = TORCH_ORACLE[name](*[_t(a) for a in args], **attrs)
+    return out.numpy()
+
+
+def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) -> list[np.ndarray]:
+    """Gradients of sum(seed * f(args)) with respect to args[i] for i in wrt."""
+    ts = [_t(a, grad=i in wrt) for i, a in enumerate(args)]
+    out = TORCH_ORACLE[name](*ts, **attrs)
+    grads = torch.autograd.grad(out, [ts[i] for i in wrt], grad_outputs=_t(seed).reshape(out.shape))
+    return [g.numpy() for g in grads]
+
+
+# ----------------------------------------------------------------------------------
+# Central finite differences, float64
+# ----------------------------------------------------------------------------------
+
+
+def numerical_vjp(forward: Callable, args: Sequence, seeds: Sequence, wrt: Sequence[int], h: float = 1e-6) -> list:
+    """Central-difference gradient of phi(args) = sum_k sum(seed_k * forward(args)_k)
+    with respect to each args[i], i in wrt. Everything in float64."""
+    args = [np.array(a, dtype=np.float64) for a in args]
+    seeds = [np.asarray(s, dtype=np.float64) for s in seeds]
+
+    def phi(current):
+        outs = as_tuple(forward(*current))
+        return sum(float(np.sum(s * np.asarray(o, dtype=np.float64))) for s, o in zip(seeds, outs))
+
+    grads = []
+    for i in wrt:
+        g = np.zeros_like(args[i])
+        flat, gflat = args[i].reshape(-1), g.reshape(-1)
+        for k in range(flat.size):
+            x0 = flat[k]
+            step = h * max(1.0, abs(x0))
+            flat[k] = x0 + step
+            up = phi(args)
+            flat[k] = x0 - step
+            down = phi(args)
+            flat[k] = x0
+            gflat[k] = (up - down) / (2 * step)
+        grads.append(g)
+    return grads
+
+
+# ----------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------
+
+B, I, O, C = 3, 5, 4, 5  # small, odd, all different: a transposed index shows up
+
+
+def prob_rows(rng, shape) -> np.ndarray:
+    """Rows of probabilities (positive, summing to one along the last axis)."""
+    z = rng.normal(size=shape)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_prob_rows(rng, shape, scale: float = 1.0) -> np.ndarray:
+    z = scale * rng.normal(size=shape)
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+
+
+def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> list[np.ndarray] | None:
+    n = rng.normal
+    if name in ELEMENTWISE:
+        return [2.0 * n(size=(B, I))]
+    if name in ("softmax", "log_softmax"):
+        return [2.0 * n(size=(B, C))]
+    if name == "dense":
+        return [n(size=(B, I)), n(size=(I, O)), n(size=(O,))]
+    if name == "mse":
+        return [n(size=(B, C)), n(size=(B, C))]
+    if name == "huber":  # differences on both sides of delta
+        return [2.0 * n(size=(B, C)), n(size=(B, C))]
+    if name == "bce_with_logits":
+        return [2.0 * n(size=(B, C)), rng.uniform(0.0, 1.0, size=(B, C))]
+    if name == "softmax_cross_entropy":
+        return [2.0 * n(size=(B, C)), prob_rows(rng, (B, C))]
+    if name == "nll":
+        return [log_prob_rows(rng, (B, C)), prob_rows(rng, (B, C))]
+    if name == "kl_div":
+        return [log_prob_rows(rng, (B, C)), log_prob_rows(rng, (B, C))]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _program(name: str):
+    import derive
+
+    for prog in derive.library():
+        if prog.name == name:
+            return prog
+    raise KeyError(f"{name} is neither known to the tests nor in derive.library()")
+
+
+def _generic_inputs(name: str, rng: np.random.Generator, attrs: dict) -> list[np.ndarray]:
+    """Inputs for an op the tests do not know: shapes from its derive.Program, each
+    dimension a different small size."""
+    import sympy
+
+    prog = _program(name)
+    sizes = iter((3, 5, 4, 6, 7, 2, 8, 9))
+    subs = {d: next(sizes) for d in prog.dims}
+    for sym, default in prog.attrs:
+        subs[sym] = attrs.get(str(sym), default)
+    for sym, expr in prog.derived_dims:
+        subs[sym] = int(sympy.sympify(expr).subs(subs))
+    shapes = [tuple(int(sympy.sympify(s).subs(subs)) for s in t.shape) for t in prog.args]
+    if prog.elementwise:
+        shapes = [(B, I) for _ in shapes]
+    return [rng.normal(size=s) for s in shapes]
+
+
+def make_inputs(
+    name: str, rng: np.random.Generator, dtype=np.float64, attrs: dict | None = None, sizes: dict | None = None
+) -> list[np.ndarray]:
+    """Valid inputs for op ``name`` (probability rows for cross-entropy, nll and kl
+    targets, [0, 1] targets for BCE), generated in float64 then cast to ``dtype``.
+    ``sizes`` overrides the dimensions B, I, O, C of library ops."""
+    args = _library_inputs(name, rng, **(sizes or {}))
+    if args is None:
+        args = _generic_inputs(name, rng, attrs or {})
+    return cast(args, dtype)
+
+
+def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3) -> list[np.ndarray] | None:
+    """Inputs of magnitude ``magnitude`` of both signs (float64, exactly representable
+    in float32), with valid targets; None for ops without an extreme-input recipe."""
+
+    def big(shape):
+        signs = rng.choice([-1.0, 1.0], size=shape)
+        offsets = rng.choice([0.0, 0.5, 1.0, 3.0], size=shape)
+        x = signs * (magnitude - offsets)
+        flat = x.reshape(-1)
+        flat[0], flat[1] = magnitude, -magnitude  # both extremes always present
+        return x
+
+    if name in ELEMENTWISE:
+        return [big((B, I))]
+    if name in ("softmax", "log_softmax"):
+        return [big((B, C))]
+    if name == "dense":
+        return [big((B, I)), rng.normal(size=(I, O)), rng.normal(size=(O,))]
+    if name in ("mse", "huber"):
+        return [big((B, C)), rng.normal(size=(B, C))]
+    if name == "bce_with_logits":
+        t = rng.uniform(0.0, 1.0, size=(B, C))
+        t[0, :2] = (1.0, 0.0)  # confident and wrong in both directions
+        return [big((B, C)), t]
+    if name == "softmax_cross_entropy":
+        return [big((B, C)), prob_rows(rng, (B, C))]
+    if name == "nll":
+        return [log_prob_rows(rng, (B, C), scale=magnitude), prob_rows(rng, (B, C))]
+    if name == "kl_div":
+        return [log_prob_rows(rng, (B, C), scale=magnitude), log_prob_rows(rng, (B, C), scale=magnitude)]
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Discovering the library
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op with the attribute values it is tested with."""
+
+    name: str
+    attrs: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def kw(self) -> dict:
+        return dict(self.attrs)
+
+    @property
+    def id(self) -> str:
+        return self.name + "".join(f"-{k}={v}" for k, v in self.attrs)
+
+
+@functools.lru_cache(maxsize=None)
+def library_kinds() -> dict[str, str]:
+    """{op name: kind} for every op of the generated library ({} when it cannot be
+    imported: then the tests that check the library itself fail)."""
+    try:
+        import generated
+
+        names = generated.ops()
+    except Exception:  # noqa: BLE001 - reported by test_library_lists_every_documented_op
+        return {}
+    kinds = {}
+    for name in names:
+        try:
+            kinds[name] = generated.op(name).kind
+        except Exception:  # noqa: BLE001 - reported by test_every_op_constructs
+            kinds[name] = "?"
+    return kinds
+
+
+def op_cases(kinds: Sequence[str] = KINDS_WITH_GRADIENTS, variants: bool = True, oracle_only: bool = False) -> list:
+    """pytest params: every library op of the given kinds (plus attribute variants)."""
+    import pytest
+
+    cases = []
+    for name, kind in sorted(library_kinds().items()):
+        if kind not in kinds or (oracle_only and name not in TORCH_ORACLE):
+            continue
+        cases.append(OpCase(name))
+        if variants:
+            for attrs in ATTR_VARIANTS.get(name, []):
+                cases.append(OpCase(name, tuple(sorted(attrs.items()))))
+    return [pytest.param(c, id=c.id) for c in cases]
