@@ -69,11 +69,15 @@ class Term:
     chain: sympy.Expr = sympy.S.Zero  # the uncontracted chain-rule summand (with deltas)
     chain_over: tuple = ()
     chain_free: tuple = ()
-    steps: list[str] = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    # scatter form: for every point of ``loops`` (the forward's iteration space),
+    # g[scatter] += sum_{over} expr, where the read's indices could not be solved for
+    scatter: tuple = ()
+    scatter_over: list = field(default_factory=list)
 
     @property
     def elementwise(self):
-        return not self.loops and not self.guards
+        return not self.loops and not self.guards and not self.scatter
 
 
 def grad_name(name: str) -> str:
@@ -120,6 +124,50 @@ def _fresh(base: str, taken: set[str]) -> sympy.Symbol:
         k += 1
     taken.add(name)
     return sympy.Symbol(name, integer=True)
+
+
+def is_affine(a, indices) -> bool:
+    """Whether ``a`` is affine in ``indices`` with coefficients free of them (so that
+    ``a = j`` can be solved for one of them)."""
+    a = sympy.sympify(a)
+    present = [s for s in indices if a.has(s)]
+    if not present:
+        return True
+    for node in sympy.preorder_traversal(a):
+        if not isinstance(node, (sympy.Add, sympy.Mul, sympy.Symbol, sympy.Number)) and any(node.has(s) for s in present):
+            return False
+    try:
+        poly = sympy.Poly(a, *present)
+    except sympy.PolynomialError:
+        return False
+    return poly.total_degree() <= 1
+
+
+def needs_scatter(stmt: Stmt, read) -> bool:
+    """A read whose index expressions are not affine in the statement's indices
+    (a data-dependent index such as ``table[idx[b], d]``, or ``//`` and ``%``) cannot be
+    contracted into gather form; its gradient is scattered instead."""
+    if not isinstance(read, sympy.Indexed):
+        return False
+    indices = list(stmt.free) + list(stmt.over)
+    return not all(is_affine(a, indices) for a in read.indices)
+
+
+def scatter_term(stmt: Stmt, read, name, seed, local, argmax_reads):
+    """g[a(o, r)] += gT[o] * local for every point (o, r) of the forward's loops.
+
+    Indices of the iteration space that do not occur in the written position become an
+    inner sum, so the scattered value is itself a contraction (e.g. col2im of W^T g)."""
+    indices = list(stmt.free) + list(stmt.over)
+    target = tuple(read.indices)
+    written = [i for i in indices if any(sympy.sympify(a).has(i) for a in target)]
+    inner = [i for i in indices if i not in written]
+    expr = seed * local
+    for r, am in argmax_reads:
+        expr = sympy.Piecewise((expr, sympy.Eq(r, am)), (0, True))
+    loops = [(i, sympy.S.Zero, stmt.ranges[i]) for i in written]
+    over = [(i, sympy.S.Zero, stmt.ranges[i]) for i in inner]
+    return loops, over, target, expr
 
 
 def contract(stmt: Stmt, read, shape, dim_names, argmax_reads, seed):
@@ -314,6 +362,15 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             if local == 0:
                 continue
             shape = wrt[name]
+            if needs_scatter(stmt, read):
+                loops, over, target, expr = scatter_term(stmt, read, name, seed, local, argmax_reads)
+                t = Term(grad_name(name), name, (), loops, [], expr, stmt, read, local, seed * local,
+                         tuple(stmt.free) + tuple(stmt.over), scatter=target, scatter_over=over)
+                t.chain_free = target
+                terms.setdefault(grad_name(name), []).append(t)
+                order.append(t)
+                everything.append(t)
+                continue
             free, loops, guards, subst = contract(stmt, read, shape, dim_names[name], argmax_reads, seed)
             expr = (seed * local).xreplace(subst)
             expr, loops, used = apply_assumptions(expr, loops, guards, assumptions)

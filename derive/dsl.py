@@ -61,12 +61,13 @@ def activation(name, expr, attrs=None, doc=""):
 
 
 def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, ranges=None,
-          differentiate=None, doc="", kind="layer", assume=()):
+          differentiate=None, doc="", kind="layer", assume=(), dtypes=None):
     op = OpDef(name=name, kind=kind, source=_source(), doc=doc)
     op.inputs = {k: tuple(v.split()) for k, v in inputs.items()}
     op.params = {k: tuple(v.split()) for k, v in (params or {}).items()}
     op.outputs = {k: tuple(v.split()) for k, v in outputs.items()}
     op.attrs = dict(attrs or {})
+    op.dtypes = dict(dtypes or {})
     names = {d for t in (op.inputs, op.params, op.outputs) for s in t.values() for d in s} | set(dims or {})
     for d in sorted(names):
         op.symbols[d] = dim(d)

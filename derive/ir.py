@@ -86,6 +86,12 @@ class Assign:
       the value of ``over[k].index`` at the *first* maximal element in loop order.
     * ``accumulate``: add into the existing target instead of overwriting it (the
       target was written by an earlier statement).
+    * ``scatter``: when not empty, the statement writes ``target[scatter]`` (index
+      expressions over the loop indices) instead of ``target[free indices]``: ``free``
+      is then the iteration space, not the target's shape, several iterations may hit
+      the same element, and they add up (``accumulate`` is True; the target was zeroed
+      by an earlier statement; CUDA needs atomic adds). ``where`` is the condition under
+      which an iteration writes at all (its position inside the target's bounds).
     * ``equation``: the statement in readable text, for the kernel's docstring.
     """
 
@@ -97,6 +103,8 @@ class Assign:
     accumulate: bool = False
     argmax: tuple[str, ...] = ()
     equation: str = ""
+    scatter: tuple[sympy.Expr, ...] = ()
+    where: sympy.Expr = sympy.true
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,11 @@ def _guards_tex(guards):
 
 
 def _term_tex(t):
+    if t.scatter:
+        lhs = "%s_{%s}" % (_name(t.grad), ",".join(tex(a) for a in t.scatter))
+        inner = _sum_prefix([i for i, _, _ in t.scatter_over])
+        loops = ",".join(tex(i) for i, _, _ in t.loops)
+        return r"%s \mathrel{+}= %s%s \quad \text{for every } (%s)\ \text{(scatter-add)}" % (lhs, inner, tex(t.expr), loops)
     lhs = _lhs(t.grad, t.free)
     prefix = ""
     if t.loops:

@@ -224,8 +224,11 @@ def _collect_index_names(tree, scope: Scope) -> set[str]:
     names: set[str] = set()
 
     def visit_slice(n):
+        tensor_names = {id(s.value) for s in ast.walk(n) if isinstance(s, ast.Subscript)}
+        called = {id(s.func) for s in ast.walk(n) if isinstance(s, ast.Call)}
         for sub in ast.walk(n):
-            if isinstance(sub, ast.Name) and sub.id not in scope.symbols and sub.id not in scope.tensors:
+            if (isinstance(sub, ast.Name) and id(sub) not in tensor_names and id(sub) not in called
+                    and sub.id not in scope.symbols and sub.id not in scope.tensors):
                 names.add(sub.id)
 
     for n in ast.walk(tree):

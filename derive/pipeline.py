@@ -29,7 +29,11 @@ def build(op: OpDef) -> ir.Program:
     shapes.update(op.intermediates)
     dim_names = _dim_names(op, stmts, shapes)
     args = list(op.inputs) + list(op.params)
-    diff_args = op.differentiate if op.differentiate is not None else args
+    ints = {n for n, d in op.dtypes.items() if d == "int"}
+    diff_args = op.differentiate if op.differentiate is not None else [a for a in args if a not in ints]
+    for a in diff_args:
+        if a in ints:
+            raise SpecError(op.source, f"`{a}` holds integers (index data) and cannot be differentiated")
     # tensors whose value depends on a differentiable argument
     depends = set(diff_args)
     for s in stmts:
@@ -126,6 +130,26 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
     grad_tensors = {}
     for t in backward.terms:
         shape = shapes[t.of]
+        if t.scatter:
+            if t.grad not in written:
+                idx = tuple(sympy.Symbol(f"i{k}", integer=True) for k in range(len(shape)))
+                back.append(ir.Assign(t.grad, tuple(ir.Loop(i, sympy.S.Zero, n) for i, n in zip(idx, shape)),
+                                      sympy.S.Zero, equation=f"{t.grad} = 0"))
+                written.add(t.grad)
+            iter_loops = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.loops)
+            over = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.scatter_over)
+            loops = {lp.index: (lp.lo, lp.hi) for lp in iter_loops + over}
+            body = wrap_reads(t.expr, shapes, loops, [])
+            inside = [sympy.And(sympy.Ge(a, 0), sympy.Lt(a, n)) for a, n in zip(t.scatter, shape)
+                      if not _provably_inside(a, n, loops, [])]
+            where = sympy.And(*inside) if inside else sympy.true
+            reduce = "sum" if over else "none"
+            lhs = f"{t.grad}[{', '.join(map(str, t.scatter))}]"
+            text = f"{lhs} += " + (f"sum({sympy.sstr(t.expr)}, {', '.join(str(lp.index) for lp in over)})" if over else sympy.sstr(t.expr))
+            back.append(ir.Assign(t.grad, iter_loops, body, reduce, over, True, (), text + "  (scatter)",
+                                  tuple(t.scatter), where))
+            grad_tensors[t.grad] = shape
+            continue
         free_loops = tuple(ir.Loop(i, sympy.S.Zero, size) for i, size in zip(t.free, shape))
         over = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.loops)
         loops = {lp.index: (lp.lo, lp.hi) for lp in free_loops + over}
@@ -155,7 +179,8 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         ir.TensorDecl(n, s, "grad") for n, s in grad_tensors.items() if n not in grad_names
     )
     args = tuple(
-        [ir.TensorDecl(n, shapes[n], "input") for n in op.inputs] + [ir.TensorDecl(n, shapes[n], "param") for n in op.params]
+        [ir.TensorDecl(n, shapes[n], "input", op.dtypes.get(n, "float")) for n in op.inputs]
+        + [ir.TensorDecl(n, shapes[n], "param") for n in op.params]
     )
     outputs = tuple(ir.TensorDecl(n, shapes[n], "output") for n in op.outputs)
     dims = []

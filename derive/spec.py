@@ -26,7 +26,7 @@ KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
 
 _KEYS = {
     "activation": {"name", "kind", "doc", "expr", "attrs"},
-    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate", "assume"},
+    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate", "assume", "dtypes"},
     "optimizer": {"name", "kind", "doc", "state", "hyper", "update"},
     "schedule": {"name", "kind", "doc", "hyper", "expr"},
 }
@@ -60,6 +60,7 @@ class OpDef:
     inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     params: dict[str, tuple[str, ...]] = field(default_factory=dict)
     outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # input name -> "int" (index data)
     attrs: dict[str, int | float] = field(default_factory=dict)
     derived_dims: dict[str, sympy.Expr] = field(default_factory=dict)
     ranges: dict[str, sympy.Expr] = field(default_factory=dict)
@@ -163,6 +164,12 @@ def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
     if len(set(names)) != len(names):
         raise SpecError(path, "a tensor name is declared twice among inputs, params and outputs")
     op.attrs = {k: _number(path, k, v) for k, v in _table(path, data, "attrs").items()}
+    for k, v in _table(path, data, "dtypes").items():
+        if k not in op.inputs:
+            raise SpecError(path, f"`dtypes` names `{k}`, which is not an input")
+        if v not in ("int", "float"):
+            raise SpecError(path, f"the dtype of `{k}` must be \"int\" or \"float\", got {v!r}")
+        op.dtypes[k] = v
     dims_text = _table(path, data, "dims")
     ranges_text = _table(path, data, "ranges")
     all_dims = {d for table in (op.inputs, op.params, op.outputs) for shape in table.values() for d in shape}
@@ -334,7 +341,10 @@ def bind(op: OpDef) -> OpDef:
         all_indices = set()
         for read in reads:
             for e in read.indices:
-                all_indices |= {s for s in e.free_symbols if s not in op.symbols.values()}
+                all_indices |= {
+                    s for s in e.free_symbols
+                    if isinstance(s, sympy.Symbol) and s not in op.symbols.values() and s.name not in shapes
+                }
         all_indices |= set(eq.index) | bound_by_reduce
         for i in sorted(all_indices, key=str):
             if i not in local:
