@@ -380,7 +380,7 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             t = Term(grad_name(name), name, free, loops, guards, expr, stmt, read, local, seed * local * deltas, over)
             t.chain_free = primed
             if used:
-                t.steps.append(used)
+                t.steps.append(("assume", *used))
             terms.setdefault(grad_name(name), []).append(t)
             order.append(t)
             everything.append(t)

@@ -125,10 +125,14 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
         add(("math", d))
         if isinstance(t.read, sympy.Indexed):
             add(("math", r"%s \mathrel{+}= %s%s" % (_lhs(t.grad, t.chain_free), _sum_prefix(t.chain_over), tex(t.chain))))
-            if t.steps:
-                facts = ", ".join(f"${tex(lhs)} = {tex(rhs)}$" for lhs, rhs in t.steps)
-                add(("text", f"Using the assumption {facts}:"))
+            for kind, lhs, rhs in t.steps:
+                if kind == "assume":
+                    add(("text", f"Using the assumption ${tex(lhs)} = {tex(rhs)}$:"))
         add(("math", _term_tex(t)))
+        for kind, lhs, rhs in t.steps:
+            if kind == "closed":
+                add(("text", f"The sum is known from the forward pass: $\\sum {tex(lhs)} = {tex(rhs)}$ "
+                             "(by linearity and the forward's own sums)."))
     if backward.inlined:
         add(("text", "Gradients of intermediates that are elementwise and therefore substituted, not stored:"))
         for g, (free, expr) in backward.inlined.items():

@@ -59,7 +59,29 @@ def reuse_forward(expr, stmts: list[Stmt]):
         pattern = s.body.xreplace(wild)
         target = sympy.IndexedBase(s.target, real=True)[tuple(wild[i] for i in s.free)]
         expr = expr.replace(pattern, target)
+        if isinstance(s.body, sympy.Pow) and s.body.exp.is_Rational:
+            # T = B**p, so B**q = T**(q/p): (var + eps)**(-3/2) -> rstd**3
+            expr = _power_reuse(expr, s, s.body.exp)
     return expr
+
+
+def _power_reuse(expr, s, p):
+    def matcher(e):
+        return isinstance(e, sympy.Pow) and e.exp.is_Rational and _base_matches(e.base, s) is not None
+
+    def build(e):
+        m = _base_matches(e.base, s)
+        return sympy.IndexedBase(s.target, real=True)[tuple(m[i] for i in s.free)] ** (e.exp / p)
+
+    return expr.replace(matcher, build)
+
+
+def _base_matches(base, s):
+    wild = {i: sympy.Wild(f"w_{i}") for i in s.free}
+    m = base.match(s.body.base.xreplace(wild))
+    if m is None or any(w not in m for w in wild.values()) or s.body.base.xreplace(wild).xreplace(m) != base:
+        return None
+    return {i: m[wild[i]] for i in s.free}
 
 
 def _textbook_identities(expr):
@@ -111,8 +133,87 @@ def merge_elementwise(backward) -> None:
             backward.terms.remove(t)
 
 
+def _match_forward_sum(core, loop_idx, stmts):
+    """If ``core`` (summed over ``loop_idx``) is the body of a forward sum statement,
+    return that statement's result read; else None."""
+    for s in stmts:
+        if s.reduce != "sum" or len(s.over) != len(loop_idx):
+            continue
+        wild = {i: sympy.Wild(f"w_{i}") for i in s.free}
+        renamed = s.body.xreplace(dict(zip(s.over, loop_idx))).xreplace(wild)
+        m = core.match(renamed)
+        if m is None or any(w not in m for w in wild.values()):
+            continue
+        if renamed.xreplace(m) != core:
+            continue
+        return _read_at(s.target, [m[wild[i]] for i in s.free])
+    return None
+
+
+def _read_at(name, idx):
+    if not idx:
+        return sympy.Symbol(name, real=True)
+    return sympy.IndexedBase(name, real=True)[tuple(idx)]
+
+
+def close_sums(backward, stmts: list[Stmt], rules) -> None:
+    """Evaluate sums of gradient terms in closed form where the forward already did.
+
+    By linearity, a summand splits into pieces; a piece free of the summation indices
+    sums to itself times the range, and a piece equal to the body of a forward sum is
+    that sum's result. With the inverse rules (mu_sum = D mu) this proves, e.g., that
+    sum_d (x[b,d] - mu[b]) = 0, which removes a whole reduction from layer norm's
+    backward and leaves its compact textbook form."""
+    for t in list(backward.terms):
+        if not t.loops or t.guards or t.scatter:
+            continue
+        loop_idx = [i for i, _, _ in t.loops]
+        ranges = {i: hi for i, lo, hi in t.loops if lo == 0}
+        if len(ranges) != len(loop_idx) or any(hi != t.stmt.ranges.get(i) for i, hi in ranges.items()):
+            continue
+        outside, inside = [], []
+        for f in sympy.Mul.make_args(t.expr):
+            (inside if f.free_symbols & set(loop_idx) else outside).append(f)
+        closed, open_ = [], []
+        for piece in sympy.Add.make_args(sympy.expand(sympy.Mul(*inside))):
+            coeff = sympy.Mul(*[f for f in sympy.Mul.make_args(piece) if not (f.free_symbols & set(loop_idx))])
+            core = sympy.Mul(*[f for f in sympy.Mul.make_args(piece) if f.free_symbols & set(loop_idx)])
+            if core == 1:
+                closed.append(coeff * sympy.Mul(*ranges.values()))
+                continue
+            found = _match_forward_sum(core, loop_idx, stmts)
+            if found is None:
+                open_.append(piece)
+            else:
+                closed.append(coeff * found)
+        if not closed:
+            continue
+        value = sympy.Add(*closed)
+        for read, free, inverse in rules:
+            value = _apply_rule(value, read, free, inverse)
+        value = sympy.simplify(value) if sympy.count_ops(value) < 40 else value
+        t.steps.append(("closed", sympy.Add(*closed), value))
+        if open_:
+            t.expr = sympy.Mul(*outside) * sympy.Add(*open_)
+            if value != 0:
+                extra = _copy_term(t, sympy.Mul(*outside) * value)
+                backward.terms.insert(backward.terms.index(t) + 1, extra)
+        elif value == 0:
+            backward.terms.remove(t)
+        else:
+            t.expr = sympy.Mul(*outside) * value
+            t.loops = []
+
+
+def _copy_term(t, expr):
+    from dataclasses import replace
+
+    return replace(t, expr=expr, loops=[], steps=list(t.steps))
+
+
 def simplify_terms(backward, stmts: list[Stmt], shapes) -> None:
     rules = _inverse_rules(stmts, shapes)
+    close_sums(backward, stmts, rules)
     merge_elementwise(backward)
     for t in backward.terms:
         t.expr = simplify_expr(t.expr, stmts, rules)

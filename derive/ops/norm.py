@@ -1,0 +1,49 @@
+"""Normalisation layers and dropout, written as their textbook forward definitions.
+
+The statistics are intermediates (mean, then the biased variance); the compact backward
+of normalisation is derived from these equations, not written.
+"""
+
+from sympy import sqrt
+
+from ..dsl import Sum, attr, dims, indices, layer, tensors
+
+b, d, n, c, h, w = indices("b d n c h w")
+D, N, H, W = dims("D N H W")
+eps, momentum, p = attr("eps", 1e-5), attr("momentum", 0.1), attr("p", 0.5)
+x, weight, bias, y, mask = tensors("x weight bias y mask")
+mean, var, xhat = tensors("mean var xhat")
+running_mean, running_var, new_mean, new_var = tensors("running_mean running_var new_mean new_var")
+
+M = N * H * W  # elements per channel
+
+OPS = [
+    layer("layer_norm", inputs={"x": "B D"}, params={"weight": "D", "bias": "D"}, outputs={"y": "B D"},
+          attrs={"eps": 1e-5},
+          equations=[(mean[b], Sum(x[b, d], d) / D),
+                     (var[b], Sum((x[b, d] - mean[b]) ** 2, d) / D),
+                     (y[b, d], (x[b, d] - mean[b]) / sqrt(var[b] + eps) * weight[d] + bias[d])],
+          doc="Layer normalisation over the last axis with affine weight and bias, as torch.nn.functional.layer_norm."),
+    layer("batch_norm2d", inputs={"x": "N C H W"}, params={"weight": "C", "bias": "C"}, outputs={"y": "N C H W"},
+          attrs={"eps": 1e-5, "momentum": 0.1},
+          equations=[(mean[c], Sum(x[n, c, h, w], n, h, w) / M),
+                     (var[c], Sum((x[n, c, h, w] - mean[c]) ** 2, n, h, w) / M),
+                     (y[n, c, h, w], (x[n, c, h, w] - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c])],
+          doc="Batch normalisation in training mode (batch statistics, biased variance), as "
+              "torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats."),
+    layer("batch_norm2d_stats", inputs={"x": "N C H W", "running_mean": "C", "running_var": "C"},
+          outputs={"new_mean": "C", "new_var": "C"}, attrs={"momentum": 0.1}, differentiate=[],
+          equations=[(mean[c], Sum(x[n, c, h, w], n, h, w) / M),
+                     (new_mean[c], (1 - momentum) * running_mean[c] + momentum * mean[c]),
+                     (new_var[c], (1 - momentum) * running_var[c]
+                      + momentum * Sum((x[n, c, h, w] - mean[c]) ** 2, n, h, w) / (M - 1))],
+          doc="The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); nothing is differentiated."),
+    layer("batch_norm2d_eval", inputs={"x": "N C H W", "running_mean": "C", "running_var": "C"},
+          params={"weight": "C", "bias": "C"}, outputs={"y": "N C H W"}, attrs={"eps": 1e-5},
+          differentiate=["x", "weight", "bias"],
+          equations=[(y[n, c, h, w], (x[n, c, h, w] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c])],
+          doc="Batch normalisation in inference mode (running statistics are data)."),
+    layer("dropout", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5},
+          differentiate=["x"], equations=[(y[b, d], x[b, d] * mask[b, d] / (1 - p))],
+          doc="Inverted dropout with a given 0/1 mask (data), scaled by 1/(1 - p)."),
+]
