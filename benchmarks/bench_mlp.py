@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `generated` imports without an installed package
+    sys.path.insert(0, str(ROOT))
 SIZES = (784, 256, 128, 10)
 LR = 1e-3
 SECTIONS = ("symgrad", "numpy", "torch", "jax")

@@ -44,7 +44,7 @@ def render_programs(programs, command: str = COMMAND) -> dict:
     return files
 
 
-def render_models(spec_dir=MODEL_SPECS, programs=None) -> dict:
+def render_models(spec_dir=MODEL_SPECS, programs=None, modules=None) -> dict:
     """{relative path: text} for model specs (``generated/models/``), via
     ``codegen.model`` when that module exists."""
     try:
@@ -54,7 +54,7 @@ def render_models(spec_dir=MODEL_SPECS, programs=None) -> dict:
     files = {}
     names = []
     for spec in sorted(Path(spec_dir).glob("*.toml")):
-        rel, text = model.render_model(spec, programs)
+        rel, text = model.render_model(spec, programs, modules)
         rel = Path(rel).as_posix()
         if rel.startswith("generated/"):
             rel = rel[len("generated/"):]
@@ -73,7 +73,7 @@ def render_library(programs=None) -> dict:
 
         programs = library()
     files = render_programs(programs)
-    files.update(render_models(programs=programs))
+    files.update(render_models(programs=programs, modules=files))
     return files
 
 

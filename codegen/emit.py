@@ -42,6 +42,25 @@ def ident(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- per op plan
+def backward_variants(program: Program) -> list:
+    """Backward entry points that compute a subset of the gradients, as (suffix,
+    gradient names): ``params``, the gradients of the parameters only (what the first
+    layer of a network needs: nobody uses the gradient of the data). Emitted as
+    compiled cores ``_<op>_bwd_<suffix>_core`` when the subset is proper."""
+    roles = {d.name: d.role for d in program.args}
+    params = [g.name for g, arg in zip(program.grads, program.grad_of) if roles.get(arg) == "param"]
+    if params and len(params) < len(program.grads):
+        return [("params", params)]
+    return []
+
+
+def core_name(op: str, entry: str) -> str:
+    """The compiled entry point of an op (``_dense_fwd_core``): validated arrays in,
+    results out; what the Python wrappers and the generated models call."""
+    return "_%s_%s_core" % (ident(op), entry)
+
+
+# --------------------------------------------------------------------------- per op plan
 class OpPlan:
     """Everything both targets need for one op: lowered kernels per entry point and
     the host-side bookkeeping (binding, allocation, returns)."""
@@ -54,6 +73,7 @@ class OpPlan:
             a.name: isinstance(v, int) and not isinstance(v, bool) for a, v in program.attrs
         }
         self.entries = []  # (entry name, kernels, statements)
+        self.variants = set()  # entries with a compiled core only (no Python wrapper)
         self.flat = program.elementwise or program.kind == "optimizer"
         if program.kind == "schedule":
             return
@@ -64,6 +84,10 @@ class OpPlan:
             self._add("fwd", program.forward, [d.name for d in program.outputs])
             if program.grads:
                 self._add("bwd", program.forward + program.backward, [d.name for d in program.grads])
+            for suffix, grads in backward_variants(program):
+                # the same program asked for fewer gradients: lowering drops the rest
+                self._add("bwd_" + suffix, program.forward + program.backward, grads)
+                self.variants.add("bwd_" + suffix)
 
     def _add(self, entry, statements, returned):
         kernels = self.lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
@@ -242,7 +266,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         inputs = [decl_of(p, n) for n in params]
     elif entry == "fwd":
         inputs = list(p.args)
-    else:
+    else:  # bwd and its variants
         inputs = list(p.seeds) + list(p.args)
     params = [d.name for d in inputs]
     inplace = set(returned) if entry == "step" else set()
@@ -333,7 +357,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     elif entry == "fwd":
         results = [d.name for d in p.outputs]
     else:
-        results = list(p.grads and [d.name for d in p.grads])
+        results = list(returned)
     result_kinds = []
     for n in results:
         d = decl_of(p, n)
@@ -342,15 +366,23 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     attrs = [a.name for a, _ in p.attrs]
     keywords = ([p.step_counter.name] if entry == "step" and p.step_counter is not None else []) + attrs
     signature = ", ".join(params + (["*"] + keywords if keywords else []))
-    docs = {
-        "fwd": "Forward of %s: %s from %s." % (p.name, ", ".join(d.name for d in p.outputs), ", ".join(params)),
-        "bwd": "Backward of %s: gradients %s from %s (forward recomputed)."
-        % (p.name, ", ".join(d.name for d in p.grads), ", ".join(params)),
-        "step": "One in-place %s step: updates %s." % (p.name, ", ".join(returned)),
-    }
+    if entry == "fwd":
+        doc = "Forward of %s: %s from %s." % (p.name, ", ".join(d.name for d in p.outputs), ", ".join(params))
+    elif entry == "step":
+        doc = "One in-place %s step: updates %s." % (p.name, ", ".join(returned))
+    else:
+        doc = "Backward of %s: gradients %s from %s (forward recomputed)." % (p.name, ", ".join(results), ", ".join(params))
+    # the compiled core: arrays already checked and converted; dimensions from shapes,
+    # float attributes cast to the arrays' float type, outputs allocated inside
+    floats = [c["name"] for c in convert if c["kind"] != "int"]
     return {
         "signature": signature,
-        "doc": docs[entry],
+        "doc": doc,
+        "core": core_name(p.name, entry),
+        "core_args": params + keywords,
+        "core_doc": "%s Compiled; the arguments are already checked (C-contiguous arrays of one float type)." % doc,
+        "dtype_source": floats[0] if floats else None,
+        "wrapper": entry not in plan.variants,
         "arrays": [c["name"] for c in convert if c["kind"] != "scalar"],
         "name": "_%s_%s" % (plan.id, entry),
         "entry": entry,
@@ -367,6 +399,13 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "alloc": alloc,
         "calls": calls,
         "results": result_kinds,
+        "result_names": [r["name"] for r in result_kinds],
+        # what the wrapper returns of the core's results: scalars as numbers (the core
+        # returns them as one-element arrays), flat results in the arguments' shape
+        "returns": [
+            "%s[0]" % r["name"] if r["scalar"] else ("%s.reshape(_shape)" % r["name"] if plan.flat else r["name"])
+            for r in result_kinds
+        ],
         "flat": plan.flat,
     }
 
@@ -378,6 +417,8 @@ def op_context(plan: OpPlan, target: str) -> dict:
     entries = {}
     seen = {}
     for entry, ks, statements, returned in plan.entries:
+        if target == "cuda" and entry in plan.variants:
+            continue  # variants are CPU cores for the fused model steps
         # a kernel identical to one of an earlier entry (backward recomputing the
         # forward) is emitted once; new ones are numbered per entry point
         number = 0
@@ -417,7 +458,7 @@ def op_context(plan: OpPlan, target: str) -> dict:
 def _funcs(plan: OpPlan):
     """(key, function name) pairs for the op's entry in ``_FUNCS``."""
     names = {"fwd": "forward", "bwd": "backward", "step": "step"}
-    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries]
+    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries if entry not in plan.variants]
     if plan.p.kind == "optimizer":
         out.append(("init_state", "_%s_init_state" % plan.id))
     if plan.p.kind == "schedule":

@@ -12,9 +12,13 @@ A model spec composes library ops into a network, a loss and an optimizer::
 :func:`render_model` checks the spec against the library's ops (their kinds, arguments,
 parameter shapes, attributes and hyperparameters, read from the derived
 :class:`derive.ir.Program` objects) and renders ``codegen/templates/model/model.py.jinja``.
-The emitted module has no kernels of its own: it calls the library's generated ops
-through ``generated.op(...)``, so a model gets the same CPU kernels (and the same Numba
-disk cache) as any other user of the library.
+The emitted module has no kernels of its own. ``forward``, ``loss`` and
+``loss_and_grads`` call the library's ops through ``generated.op(...)``; ``train_step``
+checks its arguments once and calls one ``@njit(cache=True)`` function that chains the
+library's compiled cores (``_dense_fwd_core``, ``_dense_bwd_params_core``,
+``_adam_step_core``, ...: the code the ops' own wrappers call), so a training step is a
+single compiled call with no per-op Python overhead and no unused gradients (the first
+layer uses a params-only backward core).
 
 The spec is read with :mod:`tomllib` and nothing in it is evaluated: op names are looked
 up in the library, attribute values must be TOML numbers.
@@ -22,6 +26,7 @@ up in the library, attribute values must be TOML numbers.
 
 from __future__ import annotations
 
+import hashlib
 import keyword
 import re
 from collections.abc import Iterable, Mapping
@@ -32,6 +37,7 @@ import tomllib
 
 from derive.errors import SpecError
 
+from .emit import backward_variants, core_name, group_of
 from .template_util import render
 
 TEMPLATE = "model/model.py.jinja"
@@ -69,6 +75,11 @@ class OpInfo:
     hyper: tuple[str, ...]
     state: tuple[str, ...]
     elementwise: bool
+    module: str = ""  # the generated module holding the op's compiled cores
+    attr_defaults: tuple[tuple[str, int | float], ...] = ()  # attributes in core order
+    counter: str = ""  # an optimizer's step counter, passed before its attributes
+    variants: tuple[str, ...] = ()  # backward cores for a subset of the gradients
+    int_args: tuple[str, ...] = ()  # arguments holding int64 data
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -102,6 +113,11 @@ def op_info(program) -> OpInfo:
         hyper=hyper_names,
         state=tuple(program.state),
         elementwise=bool(program.elementwise),
+        module=group_of(program),
+        attr_defaults=tuple((str(sym), v) for sym, v in program.attrs),
+        counter=program.step_counter.name if program.step_counter is not None else "",
+        variants=tuple(suffix for suffix, _ in backward_variants(program)),
+        int_args=tuple(a.name for a in program.args if a.dtype == "int"),
     )
 
 
@@ -140,6 +156,10 @@ class _Layer:
     width_out: int
     grads: tuple[str, ...]  # what backward returns, unpacked: g<index> or _ for the input
     param_grads: tuple[tuple[str, str, str], ...]  # (params key, local name, its grad's name)
+    fwd_core: str = ""  # compiled cores the fused step calls
+    bwd_core: str = ""
+    bwd_unpack: tuple[str, ...] = ()  # what the backward core returns, unpacked
+    core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
 
     @property
     def needs_backward(self) -> bool:
@@ -161,6 +181,19 @@ def _tuple_literal(names) -> str:
 
 def _literal(value) -> str:
     return repr(int(value)) if isinstance(value, int) else repr(float(value))
+
+
+def _core_attrs(info: OpInfo, given: dict) -> tuple[str, ...]:
+    """Every attribute of ``info`` as a literal of its default's type (what ``op()``
+    converts to), the spec's value where it gives one."""
+    out = []
+    for name, default in info.attr_defaults:
+        value = given.get(name, default)
+        if isinstance(default, int) and not isinstance(default, bool):
+            out.append(repr(int(value)))
+        else:
+            out.append(repr(float(value)))
+    return tuple(out)
 
 
 class _Checker:
@@ -265,6 +298,11 @@ def _layers(check: _Checker, spec: dict) -> list[_Layer]:
         for pname, key, _, _ in params:
             if pname not in info.differentiable:
                 check.fail(where, f"parameter {pname!r} is not differentiable, so it cannot be trained")
+        # the first layer's input gradient is never used: its params-only core skips it
+        if i == 0 and "params" in info.variants:
+            bwd_core, bwd_unpack = core_name(info.name, "bwd_params"), tuple(g for _, _, g in param_grads)
+        else:
+            bwd_core, bwd_unpack = core_name(info.name, "bwd"), tuple(grads)
         layers.append(
             _Layer(
                 index=i,
@@ -278,6 +316,10 @@ def _layers(check: _Checker, spec: dict) -> list[_Layer]:
                 width_out=width_out,
                 grads=tuple(grads),
                 param_grads=tuple(param_grads),
+                fwd_core=core_name(info.name, "fwd"),
+                bwd_core=bwd_core,
+                bwd_unpack=bwd_unpack,
+                core_attrs=_core_attrs(info, rest),
             )
         )
         width = width_out
@@ -303,15 +345,18 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         check.fail("doc", f"must be a string, got {doc!r}")
     _positive_int(check, "", "input", spec["input"])
     layers = _layers(check, spec)
+    infos = check.infos
 
     loss_name = spec["loss"]
     loss_attrs: tuple = ()
+    loss_given: dict = {}
     if isinstance(loss_name, dict):
         if "op" not in loss_name:
             check.fail("loss", "missing field 'op' (the library loss)")
         loss = check.lookup("loss", loss_name["op"], ("loss",))
         rest = {k: v for k, v in loss_name.items() if k != "op"}
         loss_attrs = check.attrs(f"loss (op {loss.name!r})", rest, loss.attrs, "attribute")
+        loss_given = rest
     else:
         loss = check.lookup("loss", loss_name, ("loss",))
     if len(loss.differentiable) != 1 or loss.differentiable[0] != loss.args[0][0]:
@@ -339,7 +384,35 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         width = f"{layer.width_in} -> {layer.width_out}"
         shapes = ", ".join(f"{key} {shape}" for _, key, shape, _ in layer.params)
         summary.append(f"{layer.index:<5}  {layer.op:<22}  {width:<11}  {shapes}".rstrip())
+    # the fused step: the compiled cores it calls, by module
+    cores: dict[str, set] = {}
+    for layer, info in ((layer, infos[layer.op]) for layer in layers):
+        cores.setdefault(info.module, set()).add(layer.fwd_core)
+        if layer.needs_backward:
+            cores[info.module].add(layer.bwd_core)
+    loss_cores = (core_name(loss.name, "fwd"), core_name(loss.name, "bwd"))
+    opt_core = core_name(opt.name, "step")
+    cores.setdefault(loss.module, set()).update(loss_cores)
+    cores.setdefault(opt.module, set()).add(opt_core)
+    target = loss.args[1][0] if len(loss.args) > 1 else None
+    slot_locals = [
+        (f"{key}.{s}", f"{local}_{s}") for layer in layers for _, key, _, local in layer.params for s in opt.state
+    ]
     return {
+        "imports": [(m, sorted(cores[m])) for m in sorted(cores)],
+        "modules": sorted(cores),
+        "loss_fwd_core": loss_cores[0],
+        "loss_bwd_core": loss_cores[1],
+        "loss_core_attrs": _core_attrs(loss, loss_given),
+        "target_int": target in loss.int_args,
+        "opt_core": opt_core,
+        "opt_counter": opt.counter,
+        "opt_attrs": [
+            (a, "int" if isinstance(d, int) and not isinstance(d, bool) else "float") for a, d in opt.attr_defaults
+        ],
+        "param_locals": [local for layer in layers for _, _, _, local in layer.params],
+        "param_keys": [key for layer in layers for _, key, _, _ in layer.params],
+        "slot_locals": slot_locals,
         "summary": summary,
         "hyper_literal": "{" + ", ".join(f'"{k}": {v}' for k, v in hyper) + "}",
         "slots_literal": _tuple_literal(opt.state),
@@ -372,19 +445,37 @@ def load_spec(spec_path) -> dict:
         raise ModelSpecError(path, f"invalid TOML: {exc}") from None
 
 
-def render_model(spec_path, programs: Iterable | Mapping | None = None) -> tuple[str, str]:
+def render_model(
+    spec_path, programs: Iterable | Mapping | None = None, modules: Mapping[str, str] | None = None
+) -> tuple[str, str]:
     """Render one model spec; return ``("models/<name>.py", text)``.
 
     ``programs`` are the library's :class:`derive.ir.Program` objects (a list, or a dict
     by name); by default :func:`derive.library` is asked. The filename is relative to
-    the ``generated/`` package.
+    the ``generated/`` package. ``modules`` ({"layers.py": text, ...}) are the library
+    modules the model's fused step compiles in, as they will be written; by default
+    they are read from ``generated/``. Their digests go into the model's text, so the
+    fused step's Numba cache (keyed on the model file) is invalidated whenever a
+    kernel it was compiled from changes.
     """
     path = Path(spec_path)
     spec = load_spec(path)
     context = _check_spec(path, spec, _library_infos(programs))
     context["header"] = {"sources": [_display_path(path)], "template": TEMPLATE, "command": COMMAND}
+    context["digests"] = [(m, _digest(m + ".py", modules)) for m in context["modules"]]
     text = render(TEMPLATE, **context)
     return f"models/{context['name']}.py", text
+
+
+def _digest(filename: str, modules: Mapping[str, str] | None) -> str:
+    if modules is not None and filename in modules:
+        data = modules[filename].encode("utf-8")
+    else:
+        try:
+            data = (REPO_ROOT / "generated" / filename).read_bytes()
+        except OSError:
+            return "missing"
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def render_models_init(names: Iterable[str]) -> tuple[str, str]:

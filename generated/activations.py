@@ -114,6 +114,19 @@ def _elu_bwd0(x, g_y, g_x, N, alpha):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _elu_fwd_core(x, alpha):
+    """Forward of elu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    alpha = _dtype.type(alpha)
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _elu_fwd0(x, y, N, alpha)
+    return y.reshape(_shape)
+
+
 def _elu_fwd(x, *, alpha):
     """Forward of elu: y from x."""
     _dtype = _float_dtype((x,))
@@ -123,9 +136,22 @@ def _elu_fwd(x, *, alpha):
     _check_rank("elu", "x", x, 1)
     N = x.shape[0]
     alpha = _dtype.type(alpha)
-    y = np.empty((N,), _dtype)
-    _elu_fwd0(x, y, N, alpha)
+    y = _elu_fwd_core(x, alpha)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _elu_bwd_core(g_y, x, alpha):
+    """Backward of elu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    alpha = _dtype.type(alpha)
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _elu_bwd0(x, g_y, g_x, N, alpha)
+    return g_x.reshape(_shape)
 
 
 def _elu_bwd(g_y, x, *, alpha):
@@ -141,8 +167,7 @@ def _elu_bwd(g_y, x, *, alpha):
     _check_rank("elu", "x", x, 1)
     _check_dim("elu", "x", x, 0, "N", N, "from g_y axis 0")
     alpha = _dtype.type(alpha)
-    g_x = np.empty((N,), _dtype)
-    _elu_bwd0(x, g_y, g_x, N, alpha)
+    g_x = _elu_bwd_core(g_y, x, alpha)
     return g_x.reshape(_shape)
 
 
@@ -171,6 +196,18 @@ def _gelu_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _gelu_fwd_core(x):
+    """Forward of gelu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _gelu_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _gelu_fwd(x):
     """Forward of gelu: y from x."""
     _dtype = _float_dtype((x,))
@@ -179,9 +216,21 @@ def _gelu_fwd(x):
     x = x.reshape(x.size)
     _check_rank("gelu", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _gelu_fwd0(x, y, N)
+    y = _gelu_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_bwd_core(g_y, x):
+    """Backward of gelu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _gelu_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _gelu_bwd(g_y, x):
@@ -196,8 +245,7 @@ def _gelu_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("gelu", "x", x, 1)
     _check_dim("gelu", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _gelu_bwd0(x, g_y, g_x, N)
+    g_x = _gelu_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 
@@ -222,6 +270,19 @@ def _leaky_relu_bwd0(x, g_y, g_x, N, slope):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _leaky_relu_fwd_core(x, slope):
+    """Forward of leaky_relu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    slope = _dtype.type(slope)
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _leaky_relu_fwd0(x, y, N, slope)
+    return y.reshape(_shape)
+
+
 def _leaky_relu_fwd(x, *, slope):
     """Forward of leaky_relu: y from x."""
     _dtype = _float_dtype((x,))
@@ -231,9 +292,22 @@ def _leaky_relu_fwd(x, *, slope):
     _check_rank("leaky_relu", "x", x, 1)
     N = x.shape[0]
     slope = _dtype.type(slope)
-    y = np.empty((N,), _dtype)
-    _leaky_relu_fwd0(x, y, N, slope)
+    y = _leaky_relu_fwd_core(x, slope)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _leaky_relu_bwd_core(g_y, x, slope):
+    """Backward of leaky_relu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    slope = _dtype.type(slope)
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _leaky_relu_bwd0(x, g_y, g_x, N, slope)
+    return g_x.reshape(_shape)
 
 
 def _leaky_relu_bwd(g_y, x, *, slope):
@@ -249,8 +323,7 @@ def _leaky_relu_bwd(g_y, x, *, slope):
     _check_rank("leaky_relu", "x", x, 1)
     _check_dim("leaky_relu", "x", x, 0, "N", N, "from g_y axis 0")
     slope = _dtype.type(slope)
-    g_x = np.empty((N,), _dtype)
-    _leaky_relu_bwd0(x, g_y, g_x, N, slope)
+    g_x = _leaky_relu_bwd_core(g_y, x, slope)
     return g_x.reshape(_shape)
 
 
@@ -276,6 +349,18 @@ def _mish_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _mish_fwd_core(x):
+    """Forward of mish: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _mish_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _mish_fwd(x):
     """Forward of mish: y from x."""
     _dtype = _float_dtype((x,))
@@ -284,9 +369,21 @@ def _mish_fwd(x):
     x = x.reshape(x.size)
     _check_rank("mish", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _mish_fwd0(x, y, N)
+    y = _mish_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _mish_bwd_core(g_y, x):
+    """Backward of mish: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _mish_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _mish_bwd(g_y, x):
@@ -301,8 +398,7 @@ def _mish_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("mish", "x", x, 1)
     _check_dim("mish", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _mish_bwd0(x, g_y, g_x, N)
+    g_x = _mish_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 
@@ -327,6 +423,18 @@ def _relu_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _relu_fwd_core(x):
+    """Forward of relu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _relu_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _relu_fwd(x):
     """Forward of relu: y from x."""
     _dtype = _float_dtype((x,))
@@ -335,9 +443,21 @@ def _relu_fwd(x):
     x = x.reshape(x.size)
     _check_rank("relu", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _relu_fwd0(x, y, N)
+    y = _relu_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _relu_bwd_core(g_y, x):
+    """Backward of relu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _relu_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _relu_bwd(g_y, x):
@@ -352,8 +472,7 @@ def _relu_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("relu", "x", x, 1)
     _check_dim("relu", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _relu_bwd0(x, g_y, g_x, N)
+    g_x = _relu_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 
@@ -379,6 +498,18 @@ def _sigmoid_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _sigmoid_fwd_core(x):
+    """Forward of sigmoid: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _sigmoid_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _sigmoid_fwd(x):
     """Forward of sigmoid: y from x."""
     _dtype = _float_dtype((x,))
@@ -387,9 +518,21 @@ def _sigmoid_fwd(x):
     x = x.reshape(x.size)
     _check_rank("sigmoid", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _sigmoid_fwd0(x, y, N)
+    y = _sigmoid_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _sigmoid_bwd_core(g_y, x):
+    """Backward of sigmoid: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _sigmoid_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _sigmoid_bwd(g_y, x):
@@ -404,8 +547,7 @@ def _sigmoid_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("sigmoid", "x", x, 1)
     _check_dim("sigmoid", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _sigmoid_bwd0(x, g_y, g_x, N)
+    g_x = _sigmoid_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 
@@ -431,6 +573,18 @@ def _silu_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _silu_fwd_core(x):
+    """Forward of silu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _silu_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _silu_fwd(x):
     """Forward of silu: y from x."""
     _dtype = _float_dtype((x,))
@@ -439,9 +593,21 @@ def _silu_fwd(x):
     x = x.reshape(x.size)
     _check_rank("silu", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _silu_fwd0(x, y, N)
+    y = _silu_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _silu_bwd_core(g_y, x):
+    """Backward of silu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _silu_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _silu_bwd(g_y, x):
@@ -456,8 +622,7 @@ def _silu_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("silu", "x", x, 1)
     _check_dim("silu", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _silu_bwd0(x, g_y, g_x, N)
+    g_x = _silu_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 
@@ -482,6 +647,18 @@ def _softplus_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _softplus_fwd_core(x):
+    """Forward of softplus: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _softplus_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _softplus_fwd(x):
     """Forward of softplus: y from x."""
     _dtype = _float_dtype((x,))
@@ -490,9 +667,21 @@ def _softplus_fwd(x):
     x = x.reshape(x.size)
     _check_rank("softplus", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _softplus_fwd0(x, y, N)
+    y = _softplus_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _softplus_bwd_core(g_y, x):
+    """Backward of softplus: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _softplus_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _softplus_bwd(g_y, x):
@@ -507,8 +696,7 @@ def _softplus_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("softplus", "x", x, 1)
     _check_dim("softplus", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _softplus_bwd0(x, g_y, g_x, N)
+    g_x = _softplus_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 
@@ -533,6 +721,18 @@ def _tanh_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _tanh_fwd_core(x):
+    """Forward of tanh: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    _tanh_fwd0(x, y, N)
+    return y.reshape(_shape)
+
+
 def _tanh_fwd(x):
     """Forward of tanh: y from x."""
     _dtype = _float_dtype((x,))
@@ -541,9 +741,21 @@ def _tanh_fwd(x):
     x = x.reshape(x.size)
     _check_rank("tanh", "x", x, 1)
     N = x.shape[0]
-    y = np.empty((N,), _dtype)
-    _tanh_fwd0(x, y, N)
+    y = _tanh_fwd_core(x)
     return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _tanh_bwd_core(g_y, x):
+    """Backward of tanh: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    _tanh_bwd0(x, g_y, g_x, N)
+    return g_x.reshape(_shape)
 
 
 def _tanh_bwd(g_y, x):
@@ -558,8 +770,7 @@ def _tanh_bwd(g_y, x):
     N = g_y.shape[0]
     _check_rank("tanh", "x", x, 1)
     _check_dim("tanh", "x", x, 0, "N", N, "from g_y axis 0")
-    g_x = np.empty((N,), _dtype)
-    _tanh_bwd0(x, g_y, g_x, N)
+    g_x = _tanh_bwd_core(g_y, x)
     return g_x.reshape(_shape)
 
 

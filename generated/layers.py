@@ -124,6 +124,18 @@ def _dense_bwd2(weight, g_y, g_x, B, I, O):
     np.dot(g_y, weight.T, g_x)
 
 
+@njit(cache=True, error_model="numpy")
+def _dense_fwd_core(x, weight, bias):
+    """Forward of dense: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = np.empty((B, O), _dtype)
+    _dense_fwd0(x, weight, bias, y, B, I, O)
+    return y
+
+
 def _dense_fwd(x, weight, bias):
     """Forward of dense: y from x, weight, bias."""
     _dtype = _float_dtype((x, weight, bias))
@@ -138,9 +150,23 @@ def _dense_fwd(x, weight, bias):
     _check_rank("dense", "bias", bias, 1)
     _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
     _check_dim("dense", "bias", bias, 0, "O", O, "from weight axis 1")
-    y = np.empty((B, O), _dtype)
-    _dense_fwd0(x, weight, bias, y, B, I, O)
-    return y
+    return _dense_fwd_core(x, weight, bias)
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_bwd_core(g_y, x, weight, bias):
+    """Backward of dense: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = np.empty((B, I), _dtype)
+    g_weight = np.empty((I, O), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    _dense_bwd0(g_y, g_bias, B, O)
+    _dense_bwd1(x, g_y, g_weight, B, I, O)
+    _dense_bwd2(weight, g_y, g_x, B, I, O)
+    return g_x, g_weight, g_bias
 
 
 def _dense_bwd(g_y, x, weight, bias):
@@ -161,13 +187,21 @@ def _dense_bwd(g_y, x, weight, bias):
     _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
     _check_dim("dense", "weight", weight, 1, "O", O, "from g_y axis 1")
     _check_dim("dense", "bias", bias, 0, "O", O, "from g_y axis 1")
-    g_x = np.empty((B, I), _dtype)
+    return _dense_bwd_core(g_y, x, weight, bias)
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_bwd_params_core(g_y, x, weight, bias):
+    """Backward of dense: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
     g_weight = np.empty((I, O), _dtype)
     g_bias = np.empty((O,), _dtype)
     _dense_bwd0(g_y, g_bias, B, O)
     _dense_bwd1(x, g_y, g_weight, B, I, O)
-    _dense_bwd2(weight, g_y, g_x, B, I, O)
-    return g_x, g_weight, g_bias
+    return g_weight, g_bias
 
 
 # ============================================================================ log_softmax
@@ -245,11 +279,10 @@ def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_y_lse0, B, C):
             g_x[b, k] = _v_g_x
 
 
-def _log_softmax_fwd(x):
-    """Forward of log_softmax: y from x."""
-    _dtype = _float_dtype((x,))
-    x = _as_float("log_softmax", "x", x, _dtype)
-    _check_rank("log_softmax", "x", x, 2)
+@njit(cache=True, error_model="numpy")
+def _log_softmax_fwd_core(x):
+    """Forward of log_softmax: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
@@ -257,6 +290,30 @@ def _log_softmax_fwd(x):
     _log_softmax_fwd0(x, y_lse0, B, C)
     _log_softmax_fwd1(x, y, y_lse0, B, C)
     return y
+
+
+def _log_softmax_fwd(x):
+    """Forward of log_softmax: y from x."""
+    _dtype = _float_dtype((x,))
+    x = _as_float("log_softmax", "x", x, _dtype)
+    _check_rank("log_softmax", "x", x, 2)
+    B = x.shape[0]
+    C = x.shape[1]
+    return _log_softmax_fwd_core(x)
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_core(g_y, x):
+    """Backward of log_softmax: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y_lse0 = np.empty((B,), _dtype)
+    g_x = np.empty((B, C), _dtype)
+    g_y_lse0 = np.empty((B,), _dtype)
+    _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C)
+    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_y_lse0, B, C)
+    return g_x
 
 
 def _log_softmax_bwd(g_y, x):
@@ -270,12 +327,7 @@ def _log_softmax_bwd(g_y, x):
     _check_rank("log_softmax", "x", x, 2)
     _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
-    y_lse0 = np.empty((B,), _dtype)
-    g_x = np.empty((B, C), _dtype)
-    g_y_lse0 = np.empty((B,), _dtype)
-    _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C)
-    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_y_lse0, B, C)
-    return g_x
+    return _log_softmax_bwd_core(g_y, x)
 
 
 # ============================================================================ softmax
@@ -335,11 +387,10 @@ def _softmax_bwd1(y, g_y, g_x, g_y_lse0, B, C):
             g_x[b, k] = _v_g_x
 
 
-def _softmax_fwd(x):
-    """Forward of softmax: y from x."""
-    _dtype = _float_dtype((x,))
-    x = _as_float("softmax", "x", x, _dtype)
-    _check_rank("softmax", "x", x, 2)
+@njit(cache=True, error_model="numpy")
+def _softmax_fwd_core(x):
+    """Forward of softmax: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
@@ -347,6 +398,33 @@ def _softmax_fwd(x):
     _softmax_fwd0(x, y_lse0, B, C)
     _softmax_fwd1(x, y, y_lse0, B, C)
     return y
+
+
+def _softmax_fwd(x):
+    """Forward of softmax: y from x."""
+    _dtype = _float_dtype((x,))
+    x = _as_float("softmax", "x", x, _dtype)
+    _check_rank("softmax", "x", x, 2)
+    B = x.shape[0]
+    C = x.shape[1]
+    return _softmax_fwd_core(x)
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_bwd_core(g_y, x):
+    """Backward of softmax: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_lse0 = np.empty((B,), _dtype)
+    g_x = np.empty((B, C), _dtype)
+    g_y_lse0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_lse0, B, C)
+    _softmax_fwd1(x, y, y_lse0, B, C)
+    _softmax_bwd0(y, g_y, g_y_lse0, B, C)
+    _softmax_bwd1(y, g_y, g_x, g_y_lse0, B, C)
+    return g_x
 
 
 def _softmax_bwd(g_y, x):
@@ -360,15 +438,7 @@ def _softmax_bwd(g_y, x):
     _check_rank("softmax", "x", x, 2)
     _check_dim("softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("softmax", "x", x, 1, "C", C, "from g_y axis 1")
-    y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
-    g_x = np.empty((B, C), _dtype)
-    g_y_lse0 = np.empty((B,), _dtype)
-    _softmax_fwd0(x, y_lse0, B, C)
-    _softmax_fwd1(x, y, y_lse0, B, C)
-    _softmax_bwd0(y, g_y, g_y_lse0, B, C)
-    _softmax_bwd1(y, g_y, g_x, g_y_lse0, B, C)
-    return g_x
+    return _softmax_bwd_core(g_y, x)
 
 
 # The host functions of each op on this target.

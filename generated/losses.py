@@ -124,6 +124,17 @@ def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N):
             g_pred[b, n] = _v_g_pred
 
 
+@njit(cache=True, error_model="numpy")
+def _bce_with_logits_fwd_core(pred, target):
+    """Forward of bce_with_logits: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    _bce_with_logits_fwd0(pred, target, loss, B, N)
+    return loss
+
+
 def _bce_with_logits_fwd(pred, target):
     """Forward of bce_with_logits: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
@@ -135,9 +146,19 @@ def _bce_with_logits_fwd(pred, target):
     _check_rank("bce_with_logits", "target", target, 2)
     _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
-    loss = np.empty((1,), _dtype)
-    _bce_with_logits_fwd0(pred, target, loss, B, N)
+    loss = _bce_with_logits_fwd_core(pred, target)
     return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _bce_with_logits_bwd_core(g_loss, pred, target):
+    """Backward of bce_with_logits: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N)
+    return g_pred
 
 
 def _bce_with_logits_bwd(g_loss, pred, target):
@@ -152,9 +173,7 @@ def _bce_with_logits_bwd(g_loss, pred, target):
     _check_rank("bce_with_logits", "target", target, 2)
     _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
-    g_pred = np.empty((B, N), _dtype)
-    _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N)
-    return g_pred
+    return _bce_with_logits_bwd_core(g_loss, pred, target)
 
 
 # ============================================================================ huber
@@ -191,6 +210,18 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
             g_pred[b, n] = _v_g_pred
 
 
+@njit(cache=True, error_model="numpy")
+def _huber_fwd_core(pred, target, delta):
+    """Forward of huber: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    _huber_fwd0(pred, target, loss, B, N, delta)
+    return loss
+
+
 def _huber_fwd(pred, target, *, delta):
     """Forward of huber: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
@@ -203,9 +234,20 @@ def _huber_fwd(pred, target, *, delta):
     _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
-    loss = np.empty((1,), _dtype)
-    _huber_fwd0(pred, target, loss, B, N, delta)
+    loss = _huber_fwd_core(pred, target, delta)
     return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _huber_bwd_core(g_loss, pred, target, delta):
+    """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
+    return g_pred
 
 
 def _huber_bwd(g_loss, pred, target, *, delta):
@@ -221,9 +263,7 @@ def _huber_bwd(g_loss, pred, target, *, delta):
     _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
-    g_pred = np.empty((B, N), _dtype)
-    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
-    return g_pred
+    return _huber_bwd_core(g_loss, pred, target, delta)
 
 
 # ============================================================================ kl_div
@@ -264,6 +304,17 @@ def _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C):
             g_logq[b, c] = _v_g_logq
 
 
+@njit(cache=True, error_model="numpy")
+def _kl_div_fwd_core(logq, logp):
+    """Forward of kl_div: loss from logq, logp. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    loss = np.empty((1,), _dtype)
+    _kl_div_fwd0(logq, logp, loss, B, C)
+    return loss
+
+
 def _kl_div_fwd(logq, logp):
     """Forward of kl_div: loss from logq, logp."""
     _dtype = _float_dtype((logq, logp))
@@ -275,9 +326,20 @@ def _kl_div_fwd(logq, logp):
     _check_rank("kl_div", "logp", logp, 2)
     _check_dim("kl_div", "logp", logp, 0, "B", B, "from logq axis 0")
     _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
-    loss = np.empty((1,), _dtype)
-    _kl_div_fwd0(logq, logp, loss, B, C)
+    loss = _kl_div_fwd_core(logq, logp)
     return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _kl_div_bwd_core(g_loss, logq, logp):
+    """Backward of kl_div: gradients g_logq, g_logp from g_loss, logq, logp (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    g_logq = np.empty((B, C), _dtype)
+    g_logp = np.empty((B, C), _dtype)
+    _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C)
+    return g_logq, g_logp
 
 
 def _kl_div_bwd(g_loss, logq, logp):
@@ -292,10 +354,7 @@ def _kl_div_bwd(g_loss, logq, logp):
     _check_rank("kl_div", "logp", logp, 2)
     _check_dim("kl_div", "logp", logp, 0, "B", B, "from logq axis 0")
     _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
-    g_logq = np.empty((B, C), _dtype)
-    g_logp = np.empty((B, C), _dtype)
-    _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C)
-    return g_logq, g_logp
+    return _kl_div_bwd_core(g_loss, logq, logp)
 
 
 # ============================================================================ mse
@@ -329,6 +388,17 @@ def _mse_bwd0(pred, target, g_loss, g_pred, B, N):
             g_pred[b, n] = _v_g_pred
 
 
+@njit(cache=True, error_model="numpy")
+def _mse_fwd_core(pred, target):
+    """Forward of mse: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    _mse_fwd0(pred, target, loss, B, N)
+    return loss
+
+
 def _mse_fwd(pred, target):
     """Forward of mse: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
@@ -340,9 +410,19 @@ def _mse_fwd(pred, target):
     _check_rank("mse", "target", target, 2)
     _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
-    loss = np.empty((1,), _dtype)
-    _mse_fwd0(pred, target, loss, B, N)
+    loss = _mse_fwd_core(pred, target)
     return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _mse_bwd_core(g_loss, pred, target):
+    """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _mse_bwd0(pred, target, g_loss, g_pred, B, N)
+    return g_pred
 
 
 def _mse_bwd(g_loss, pred, target):
@@ -357,9 +437,7 @@ def _mse_bwd(g_loss, pred, target):
     _check_rank("mse", "target", target, 2)
     _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
-    g_pred = np.empty((B, N), _dtype)
-    _mse_bwd0(pred, target, g_loss, g_pred, B, N)
-    return g_pred
+    return _mse_bwd_core(g_loss, pred, target)
 
 
 # ============================================================================ nll
@@ -393,6 +471,17 @@ def _nll_bwd0(target, g_loss, g_logprobs, B, C):
             g_logprobs[b, c] = _v_g_logprobs
 
 
+@njit(cache=True, error_model="numpy")
+def _nll_fwd_core(logprobs, target):
+    """Forward of nll: loss from logprobs, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((1,), _dtype)
+    _nll_fwd0(logprobs, target, loss, B, C)
+    return loss
+
+
 def _nll_fwd(logprobs, target):
     """Forward of nll: loss from logprobs, target."""
     _dtype = _float_dtype((logprobs, target))
@@ -404,9 +493,19 @@ def _nll_fwd(logprobs, target):
     _check_rank("nll", "target", target, 2)
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
-    loss = np.empty((1,), _dtype)
-    _nll_fwd0(logprobs, target, loss, B, C)
+    loss = _nll_fwd_core(logprobs, target)
     return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _nll_bwd_core(g_loss, logprobs, target):
+    """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    _nll_bwd0(target, g_loss, g_logprobs, B, C)
+    return g_logprobs
 
 
 def _nll_bwd(g_loss, logprobs, target):
@@ -421,9 +520,7 @@ def _nll_bwd(g_loss, logprobs, target):
     _check_rank("nll", "target", target, 2)
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
-    g_logprobs = np.empty((B, C), _dtype)
-    _nll_bwd0(target, g_loss, g_logprobs, B, C)
-    return g_logprobs
+    return _nll_bwd_core(g_loss, logprobs, target)
 
 
 # ============================================================================ softmax_cross_entropy
@@ -480,6 +577,19 @@ def _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, 
             g_logits[b, k] = _v_g_logits
 
 
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_fwd_core(logits, target):
+    """Forward of softmax_cross_entropy: loss from logits, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((1,), _dtype)
+    loss_lse0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
+    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+    return loss
+
+
 def _softmax_cross_entropy_fwd(logits, target):
     """Forward of softmax_cross_entropy: loss from logits, target."""
     _dtype = _float_dtype((logits, target))
@@ -491,11 +601,21 @@ def _softmax_cross_entropy_fwd(logits, target):
     _check_rank("softmax_cross_entropy", "target", target, 2)
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
-    loss = np.empty((1,), _dtype)
-    loss_lse0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+    loss = _softmax_cross_entropy_fwd_core(logits, target)
     return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_lse0 = np.empty((B,), _dtype)
+    g_logits = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
+    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
+    return g_logits
 
 
 def _softmax_cross_entropy_bwd(g_loss, logits, target):
@@ -510,11 +630,7 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     _check_rank("softmax_cross_entropy", "target", target, 2)
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
-    loss_lse0 = np.empty((B,), _dtype)
-    g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
-    return g_logits
+    return _softmax_cross_entropy_bwd_core(g_loss, logits, target)
 
 
 # The host functions of each op on this target.

@@ -96,6 +96,19 @@ def _adagrad_step0(p, g, s, N, eps, lr):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _adagrad_step_core(p, g, s, t, lr, eps):
+    """One in-place adagrad step: updates p, s. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    eps = _dtype.type(eps)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    s = s.reshape(s.size)
+    N = p.shape[0]
+    _adagrad_step0(p, g, s, N, eps, lr)
+
+
 def _adagrad_step(p, g, s, *, t, lr, eps):
     """One in-place adagrad step: updates p, s."""
     _dtype = _float_dtype((p, g, s))
@@ -114,7 +127,7 @@ def _adagrad_step(p, g, s, *, t, lr, eps):
     _check_dim("adagrad", "s", s, 0, "N", N, "from p axis 0")
     lr = _dtype.type(lr)
     eps = _dtype.type(eps)
-    _adagrad_step0(p, g, s, N, eps, lr)
+    _adagrad_step_core(p, g, s, t, lr, eps)
 
 
 def _adagrad_init_state(p):
@@ -148,6 +161,22 @@ def _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _adam_step_core(p, g, m, v, t, lr, beta1, beta2, eps):
+    """One in-place adam step: updates p, m, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    beta1 = _dtype.type(beta1)
+    beta2 = _dtype.type(beta2)
+    eps = _dtype.type(eps)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    m = m.reshape(m.size)
+    v = v.reshape(v.size)
+    N = p.shape[0]
+    _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t)
+
+
 def _adam_step(p, g, m, v, *, t, lr, beta1, beta2, eps):
     """One in-place adam step: updates p, m, v."""
     _dtype = _float_dtype((p, g, m, v))
@@ -172,7 +201,7 @@ def _adam_step(p, g, m, v, *, t, lr, beta1, beta2, eps):
     beta1 = _dtype.type(beta1)
     beta2 = _dtype.type(beta2)
     eps = _dtype.type(eps)
-    _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t)
+    _adam_step_core(p, g, m, v, t, lr, beta1, beta2, eps)
 
 
 def _adam_init_state(p):
@@ -210,6 +239,23 @@ def _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _adamw_step_core(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """One in-place adamw step: updates p, m, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    beta1 = _dtype.type(beta1)
+    beta2 = _dtype.type(beta2)
+    eps = _dtype.type(eps)
+    weight_decay = _dtype.type(weight_decay)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    m = m.reshape(m.size)
+    v = v.reshape(v.size)
+    N = p.shape[0]
+    _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay)
+
+
 def _adamw_step(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
     """One in-place adamw step: updates p, m, v."""
     _dtype = _float_dtype((p, g, m, v))
@@ -235,7 +281,7 @@ def _adamw_step(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
     beta2 = _dtype.type(beta2)
     eps = _dtype.type(eps)
     weight_decay = _dtype.type(weight_decay)
-    _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay)
+    _adamw_step_core(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)
 
 
 def _adamw_init_state(p):
@@ -261,6 +307,19 @@ def _momentum_step0(p, g, buf, N, lr, momentum):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _momentum_step_core(p, g, buf, t, lr, momentum):
+    """One in-place momentum step: updates p, buf. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    momentum = _dtype.type(momentum)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    buf = buf.reshape(buf.size)
+    N = p.shape[0]
+    _momentum_step0(p, g, buf, N, lr, momentum)
+
+
 def _momentum_step(p, g, buf, *, t, lr, momentum):
     """One in-place momentum step: updates p, buf."""
     _dtype = _float_dtype((p, g, buf))
@@ -279,7 +338,7 @@ def _momentum_step(p, g, buf, *, t, lr, momentum):
     _check_dim("momentum", "buf", buf, 0, "N", N, "from p axis 0")
     lr = _dtype.type(lr)
     momentum = _dtype.type(momentum)
-    _momentum_step0(p, g, buf, N, lr, momentum)
+    _momentum_step_core(p, g, buf, t, lr, momentum)
 
 
 def _momentum_init_state(p):
@@ -305,6 +364,19 @@ def _nesterov_step0(p, g, buf, N, lr, momentum):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _nesterov_step_core(p, g, buf, t, lr, momentum):
+    """One in-place nesterov step: updates p, buf. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    momentum = _dtype.type(momentum)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    buf = buf.reshape(buf.size)
+    N = p.shape[0]
+    _nesterov_step0(p, g, buf, N, lr, momentum)
+
+
 def _nesterov_step(p, g, buf, *, t, lr, momentum):
     """One in-place nesterov step: updates p, buf."""
     _dtype = _float_dtype((p, g, buf))
@@ -323,7 +395,7 @@ def _nesterov_step(p, g, buf, *, t, lr, momentum):
     _check_dim("nesterov", "buf", buf, 0, "N", N, "from p axis 0")
     lr = _dtype.type(lr)
     momentum = _dtype.type(momentum)
-    _nesterov_step0(p, g, buf, N, lr, momentum)
+    _nesterov_step_core(p, g, buf, t, lr, momentum)
 
 
 def _nesterov_init_state(p):
@@ -350,6 +422,20 @@ def _rmsprop_step0(p, g, v, N, alpha, eps, lr):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _rmsprop_step_core(p, g, v, t, lr, alpha, eps):
+    """One in-place rmsprop step: updates p, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    alpha = _dtype.type(alpha)
+    eps = _dtype.type(eps)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    v = v.reshape(v.size)
+    N = p.shape[0]
+    _rmsprop_step0(p, g, v, N, alpha, eps, lr)
+
+
 def _rmsprop_step(p, g, v, *, t, lr, alpha, eps):
     """One in-place rmsprop step: updates p, v."""
     _dtype = _float_dtype((p, g, v))
@@ -369,7 +455,7 @@ def _rmsprop_step(p, g, v, *, t, lr, alpha, eps):
     lr = _dtype.type(lr)
     alpha = _dtype.type(alpha)
     eps = _dtype.type(eps)
-    _rmsprop_step0(p, g, v, N, alpha, eps, lr)
+    _rmsprop_step_core(p, g, v, t, lr, alpha, eps)
 
 
 def _rmsprop_init_state(p):
@@ -389,6 +475,17 @@ def _sgd_step0(p, g, N, lr):
         p[n] = _v_p
 
 
+@njit(cache=True, error_model="numpy")
+def _sgd_step_core(p, g, t, lr):
+    """One in-place sgd step: updates p. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    N = p.shape[0]
+    _sgd_step0(p, g, N, lr)
+
+
 def _sgd_step(p, g, *, t, lr):
     """One in-place sgd step: updates p."""
     _dtype = _float_dtype((p, g))
@@ -402,7 +499,7 @@ def _sgd_step(p, g, *, t, lr):
     _check_rank("sgd", "g", g, 1)
     _check_dim("sgd", "g", g, 0, "N", N, "from p axis 0")
     lr = _dtype.type(lr)
-    _sgd_step0(p, g, N, lr)
+    _sgd_step_core(p, g, t, lr)
 
 
 def _sgd_init_state(p):

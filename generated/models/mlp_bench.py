@@ -3,6 +3,12 @@
 # Template: codegen/templates/model/model.py.jinja
 # Regenerate: python -m codegen
 
+# The fused train step compiles in kernels of (sha256 of each module, so that its
+# Numba cache, keyed on this file, goes stale with them):
+#   generated/activations.py 3238dfda2e05b97b
+#   generated/layers.py 5c35af49c1ce3cc3
+#   generated/losses.py 522809467d760c85
+#   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_bench model.
 
 Model ``mlp_bench``: 784 input features -> 10 outputs.
@@ -24,8 +30,13 @@ gradients were derived symbolically from their forward definitions.
 """
 
 import numpy as np
+from numba import njit
 
 import generated
+from generated.activations import _relu_bwd_core, _relu_fwd_core
+from generated.layers import _dense_bwd_core, _dense_bwd_params_core, _dense_fwd_core
+from generated.losses import _softmax_cross_entropy_bwd_core, _softmax_cross_entropy_fwd_core
+from generated.optimizers import _adam_step_core
 
 NAME = "mlp_bench"
 INPUT = 784
@@ -51,6 +62,27 @@ _relu3 = generated.op("relu")
 _dense4 = generated.op("dense")
 _loss = generated.op("softmax_cross_entropy")
 _optimizer = generated.op("adam")
+_HYPER_VALUES = _optimizer._values(HYPER)
+_TRAINED = (
+    "dense0.weight",
+    "dense0.bias",
+    "dense2.weight",
+    "dense2.bias",
+    "dense4.weight",
+    "dense4.bias",
+    "dense0.weight.m",
+    "dense0.weight.v",
+    "dense0.bias.m",
+    "dense0.bias.v",
+    "dense2.weight.m",
+    "dense2.weight.v",
+    "dense2.bias.m",
+    "dense2.bias.v",
+    "dense4.weight.m",
+    "dense4.weight.v",
+    "dense4.bias.m",
+    "dense4.bias.v",
+)
 
 
 def init(seed, dtype=np.float32):
@@ -152,37 +184,120 @@ def loss_and_grads(params, x, y):
 def train_step(params, state, x, y, **hyper):
     """One training step on the batch (x, y), in place; returns the loss before the step.
 
-    Forward, loss, backward and the adam update run layer by layer: each
-    layer's parameters are updated as soon as the gradient for the layer below is
-    computed. ``hyper`` overrides the optimizer's hyperparameters for this step
-    (a learning-rate schedule passes ``lr``).
+    Forward, loss, backward and the adam update of every parameter run in one
+    compiled call (``_train_step``), layer by layer: each layer's parameters are
+    updated as soon as the gradient for the layer below is computed. ``hyper``
+    overrides the optimizer's hyperparameters for this step (a learning-rate schedule
+    passes ``lr``).
     """
-    hyper = {**HYPER, **hyper}
-    t = state["t"] + 1
-    state["t"] = t
+    h = _optimizer._values({**HYPER, **hyper}) if hyper else _HYPER_VALUES
     dense0_weight = params["dense0.weight"]
     dense0_bias = params["dense0.bias"]
     dense2_weight = params["dense2.weight"]
     dense2_bias = params["dense2.bias"]
     dense4_weight = params["dense4.weight"]
     dense4_bias = params["dense4.bias"]
+    dense0_weight_m = state["dense0.weight.m"]
+    dense0_weight_v = state["dense0.weight.v"]
+    dense0_bias_m = state["dense0.bias.m"]
+    dense0_bias_v = state["dense0.bias.v"]
+    dense2_weight_m = state["dense2.weight.m"]
+    dense2_weight_v = state["dense2.weight.v"]
+    dense2_bias_m = state["dense2.bias.m"]
+    dense2_bias_v = state["dense2.bias.v"]
+    dense4_weight_m = state["dense4.weight.m"]
+    dense4_weight_v = state["dense4.weight.v"]
+    dense4_bias_m = state["dense4.bias.m"]
+    dense4_bias_v = state["dense4.bias.v"]
+    dtype = dense0_weight.dtype
+    _check_trained(
+        (
+            dense0_weight,
+            dense0_bias,
+            dense2_weight,
+            dense2_bias,
+            dense4_weight,
+            dense4_bias,
+            dense0_weight_m,
+            dense0_weight_v,
+            dense0_bias_m,
+            dense0_bias_v,
+            dense2_weight_m,
+            dense2_weight_v,
+            dense2_bias_m,
+            dense2_bias_v,
+            dense4_weight_m,
+            dense4_weight_v,
+            dense4_bias_m,
+            dense4_bias_v,
+        ),
+        dtype,
+    )
+    x = np.ascontiguousarray(x, dtype)
+    y = np.ascontiguousarray(y, dtype)
+    t = state["t"] + 1
+    state["t"] = t
+    loss = _train_step(
+        x,
+        y,
+        dense0_weight,
+        dense0_bias,
+        dense2_weight,
+        dense2_bias,
+        dense4_weight,
+        dense4_bias,
+        dense0_weight_m,
+        dense0_weight_v,
+        dense0_bias_m,
+        dense0_bias_v,
+        dense2_weight_m,
+        dense2_weight_v,
+        dense2_bias_m,
+        dense2_bias_v,
+        dense4_weight_m,
+        dense4_weight_v,
+        dense4_bias_m,
+        dense4_bias_v,
+        t,
+        float(h["lr"]),
+        float(h["beta1"]),
+        float(h["beta2"]),
+        float(h["eps"]),
+    )
+    return loss[0]
+
+
+def _check_trained(arrays, dtype):
+    """Parameters and optimizer slots are updated in place: C-contiguous, one float type."""
+    for key, a in zip(_TRAINED, arrays):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(
+                "train_step: %r must be a C-contiguous %s NumPy array (it is updated in place); got %r"
+                % (key, dtype, getattr(a, "dtype", type(a).__name__))
+            )
+
+
+@njit(cache=True, error_model="numpy")
+def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, dense2_weight_m, dense2_weight_v, dense2_bias_m, dense2_bias_v, dense4_weight_m, dense4_weight_v, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps):
+    """The fused training step: the library's compiled cores, layer by layer; returns
+    the loss (a one-element array)."""
     h0 = x
-    h1 = _dense0.forward(h0, dense0_weight, dense0_bias)
-    h2 = _relu1.forward(h1)
-    h3 = _dense2.forward(h2, dense2_weight, dense2_bias)
-    h4 = _relu3.forward(h3)
-    h5 = _dense4.forward(h4, dense4_weight, dense4_bias)
-    loss = _loss.forward(h5, y)
-    g5 = _loss.backward(1.0, h5, y)
-    g4, g_dense4_weight, g_dense4_bias = _dense4.backward(g5, h4, dense4_weight, dense4_bias)
-    _optimizer.step(dense4_weight, g_dense4_weight, state["dense4.weight.m"], state["dense4.weight.v"], t=t, **hyper)
-    _optimizer.step(dense4_bias, g_dense4_bias, state["dense4.bias.m"], state["dense4.bias.v"], t=t, **hyper)
-    g3 = _relu3.backward(g4, h3)
-    g2, g_dense2_weight, g_dense2_bias = _dense2.backward(g3, h2, dense2_weight, dense2_bias)
-    _optimizer.step(dense2_weight, g_dense2_weight, state["dense2.weight.m"], state["dense2.weight.v"], t=t, **hyper)
-    _optimizer.step(dense2_bias, g_dense2_bias, state["dense2.bias.m"], state["dense2.bias.v"], t=t, **hyper)
-    g1 = _relu1.backward(g2, h1)
-    _, g_dense0_weight, g_dense0_bias = _dense0.backward(g1, h0, dense0_weight, dense0_bias)
-    _optimizer.step(dense0_weight, g_dense0_weight, state["dense0.weight.m"], state["dense0.weight.v"], t=t, **hyper)
-    _optimizer.step(dense0_bias, g_dense0_bias, state["dense0.bias.m"], state["dense0.bias.v"], t=t, **hyper)
+    h1 = _dense_fwd_core(h0, dense0_weight, dense0_bias)
+    h2 = _relu_fwd_core(h1)
+    h3 = _dense_fwd_core(h2, dense2_weight, dense2_bias)
+    h4 = _relu_fwd_core(h3)
+    h5 = _dense_fwd_core(h4, dense4_weight, dense4_bias)
+    loss = _softmax_cross_entropy_fwd_core(h5, y)
+    g5 = _softmax_cross_entropy_bwd_core(np.ones(1, h5.dtype), h5, y)
+    g4, g_dense4_weight, g_dense4_bias = _dense_bwd_core(g5, h4, dense4_weight, dense4_bias)
+    _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
+    _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
+    g3 = _relu_bwd_core(g4, h3)
+    g2, g_dense2_weight, g_dense2_bias = _dense_bwd_core(g3, h2, dense2_weight, dense2_bias)
+    _adam_step_core(dense2_weight, g_dense2_weight, dense2_weight_m, dense2_weight_v, t, lr, beta1, beta2, eps)
+    _adam_step_core(dense2_bias, g_dense2_bias, dense2_bias_m, dense2_bias_v, t, lr, beta1, beta2, eps)
+    g1 = _relu_bwd_core(g2, h1)
+    g_dense0_weight, g_dense0_bias = _dense_bwd_params_core(g1, h0, dense0_weight, dense0_bias)
+    _adam_step_core(dense0_weight, g_dense0_weight, dense0_weight_m, dense0_weight_v, t, lr, beta1, beta2, eps)
+    _adam_step_core(dense0_bias, g_dense0_bias, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps)
     return loss
