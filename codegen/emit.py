@@ -128,6 +128,15 @@ def _subscript(pr, item, lw):
     return ", ".join(pr.index(i) for i in item.index) or "0"
 
 
+def _scatter_store(pr, item, target: str) -> str:
+    """``target[idx] += value`` (several iterations may add to one element: atomics on CUDA)."""
+    idx = ", ".join(pr.index(e) for e in item.scatter)
+    local = pr.index(item.local)
+    if target == "cuda":
+        return "cuda.atomic.add(%s, (%s,), %s)" % (item.target, idx, local)
+    return "%s[%s] += %s" % (item.target, idx, local)
+
+
 def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
     pr = _printers(plan, target)
     lw = plan.lowerer
@@ -154,9 +163,11 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
                 "finish": pr.expr(it.finish) if it.finish is not None else "",
                 "over": _loops(pr, over),
                 "argmax": argmax,
-                "store": it.store,
+                "store": it.store and not it.scatter,
                 "target": it.target,
                 "subscript": _subscript(pr, it, lw),
+                "scatter": _scatter_store(pr, it, target) if it.scatter else "",
+                "where": pr.index(it.where) if it.scatter and it.where is not sympy.true else "",
             }
         )
     params = list(k.arrays) + [pr.index(s) for s in k.symbols]

@@ -69,6 +69,8 @@ class Item:
     inner: list = field(default_factory=list)
     argmax: list = field(default_factory=list)  # (tensor, over index, local, store)
     is_int: bool = False
+    scatter: tuple = ()  # target[scatter] += local (where ``where`` holds)
+    where: sympy.Expr = sympy.true
 
 
 @dataclass
@@ -142,6 +144,7 @@ def reads_of(expr) -> list:
 def read_names(stmt: Assign, scalars) -> set:
     names = set()
     exprs = [stmt.body] + [l.lo for l in stmt.over + stmt.free] + [l.hi for l in stmt.over + stmt.free]
+    exprs += list(stmt.scatter) + [stmt.where]
     for e in exprs:
         e = sympy.sympify(e)
         names.update(r.base.label.name for r in e.atoms(sympy.Indexed))
@@ -175,6 +178,8 @@ def rename_assign(stmt: Assign, mapping: dict) -> Assign:
         accumulate=stmt.accumulate,
         argmax=stmt.argmax,
         equation=stmt.equation,
+        scatter=tuple(sub(e) for e in stmt.scatter),
+        where=sub(stmt.where),
     )
 
 
@@ -207,7 +212,7 @@ def equation_text(stmt: Assign) -> str:
 def match_gemm(program: Program, stmt: Assign) -> Gemm | None:
     """A GEMM-shaped sum: ``t[i,j] (+)= c * sum_k A[i,k] B[k,j]`` (any read order), full
     ranges, 2-D float operands; ``c`` free of ``k``."""
-    if stmt.reduce != "sum" or len(stmt.over) != 1 or len(stmt.free) != 2:
+    if stmt.reduce != "sum" or len(stmt.over) != 1 or len(stmt.free) != 2 or stmt.scatter:
         return None
     (k,) = stmt.over
     f0, f1 = stmt.free
@@ -326,6 +331,8 @@ class Lowerer:
     def can_join(self, g: Group, s: Assign):
         if g.gemm is not None and s.reduce != "none":
             return None
+        if s.scatter or any(t.scatter for t in g.statements):
+            return None  # a scatter writes elsewhere than the group's free index
         mapping = match_loops(g.free, s.free)
         if mapping is None:
             return None
@@ -388,9 +395,9 @@ class Lowerer:
                 if s.target in self.scalars
                 else sympy.Indexed(sympy.IndexedBase(s.target), *free_syms)
             )
-            prev = locals_.get(s.target, target_read) if s.accumulate else None
+            prev = locals_.get(s.target, target_read) if s.accumulate and not s.scatter else None
             local = locals_.get(s.target) or sympy.Symbol("_v_" + s.target)
-            store = s.target not in local_ok and last_write[s.target] == si
+            store = s.scatter != () or (s.target not in local_ok and last_write[s.target] == si)
             is_int = self.decls[s.target].dtype == "int" if s.target in self.decls else False
             item = Item(
                 target=s.target,
@@ -401,6 +408,8 @@ class Lowerer:
                 store=store,
                 equation=equation_text(s),
                 is_int=is_int,
+                scatter=tuple(s.scatter),
+                where=s.where,
             )
             if si == 0 and g.gemm is not None:
                 item.reduce = "none"
@@ -425,7 +434,8 @@ class Lowerer:
                     locals_[amname] = amlocal
             else:
                 raise ValueError("%s: unknown reduction %r in %s" % (self.program.name, s.reduce, item.equation))
-            locals_[s.target] = local
+            if not s.scatter:
+                locals_[s.target] = local
             items.append(item)
         if g.gemm is not None:
             g.gemm.out, g.gemm.direct = self.gemm_out(g, items)
@@ -678,6 +688,7 @@ class Lowerer:
                 exprs += [l.lo, l.hi]
                 bound.add(l.index)
             exprs.append(it.value)
+            exprs += list(it.scatter) + [it.where]
             for e in (it.init, it.finish):
                 if e is not None:
                     exprs.append(e)

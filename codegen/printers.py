@@ -176,7 +176,7 @@ class CPUPrinter(PythonCodePrinter):
     def _floordiv(self, num, den, negate=False):
         p = PRECEDENCE["Mul"]
         n = self._in_mode("int", self.parenthesize, num, p)
-        d = self._in_mode("int", self.parenthesize, den, p, True)
+        d = self._in_mode("int", self.parenthesize, den, p, False)
         return ("-(%s // %s)" if negate else "(%s // %s)") % (n, d)
 
     def _float(self, value) -> str:

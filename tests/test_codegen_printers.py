@@ -48,6 +48,11 @@ def test_float_literals_are_typed(pr, expr, text):
     assert pr.expr(expr) == text
 
 
+def test_floor_division_by_a_product_keeps_its_parentheses(pr):
+    assert pr.index(sympy.floor(i / (N * K))) == "(i // (K*N))"
+    assert eval(pr.index(sympy.floor(i / (N * K))), {"i": 23, "N": 2, "K": 3}) == 3
+
+
 def test_index_expressions_stay_integer(pr):
     assert pr.index(x[S * i + p].indices[0]) == "S*i + p"
     assert pr.expr(x[S * i + p]) == "x[S*i + p]"
