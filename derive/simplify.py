@@ -39,7 +39,10 @@ def _inverse_rules(stmts: list[Stmt], shapes):
                 continue
             x = sympy.Dummy("S", positive=True)
             lhs = sympy.IndexedBase(s.target, real=True)[tuple(s.free)]
-            sol = sympy.solve(sympy.Eq(lhs, s.body.xreplace({read: x})), x)
+            try:
+                sol = sympy.solve(sympy.Eq(lhs, s.body.xreplace({read: x})), x)
+            except (NotImplementedError, ValueError, TypeError):
+                continue  # not invertible in closed form (e.g. through Max): no rule
             if len(sol) == 1:
                 rules.append((read, s.free, sol[0]))
     return rules

@@ -310,8 +310,8 @@ def bind(op: OpDef) -> OpDef:
         local: dict[sympy.Symbol, tuple[sympy.Expr, str]] = {}
 
         def bind_index(i, size, where):
-            if i in ranges and ranges[i] != size and i not in local:
-                pass  # an index may range differently in another equation
+            if i in local and local[i][1] == "ranges":
+                return  # an explicit range wins: the read covers part of that dimension
             if i in local and local[i][0] != size:
                 raise SpecError(
                     path,
