@@ -54,6 +54,56 @@ TORCH_ORACLE: dict[str, Callable] = {
     "nll": _nll,
     "kl_div": lambda logq, logp: F.kl_div(logq, logp, reduction="batchmean", log_target=True),
 }
+# The layer library (issue 3); attributes keep the ops' own names.
+LAYER_ORACLE: dict[str, Callable] = {
+    "conv2d": lambda x, weight, bias, S=1, P=0: F.conv2d(x, weight, bias, stride=S, padding=P),
+    "max_pool2d": lambda x, K=2, S=2: F.max_pool2d(x, K, S),
+    "avg_pool2d": lambda x, K=2, S=2: F.avg_pool2d(x, K, S),
+    "flatten": lambda x: torch.flatten(x, 1),
+    "layer_norm": lambda x, weight, bias, eps=1e-5: F.layer_norm(x, (x.shape[-1],), weight, bias, eps),
+    "batch_norm2d": lambda x, weight, bias, eps=1e-5, momentum=0.1: F.batch_norm(
+        x, None, None, weight, bias, training=True, momentum=momentum, eps=eps),
+    "batch_norm2d_eval": lambda x, running_mean, running_var, weight, bias, eps=1e-5: F.batch_norm(
+        x, running_mean, running_var, weight, bias, training=False, eps=eps),
+    "dropout": lambda x, mask, p=0.5: x * mask / (1 - p),
+    "embedding": lambda idx, table: F.embedding(idx, table),
+    "rnn_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh),
+    "gru_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),
+    "scaled_dot_product_attention": lambda q, k, v, causal=0: F.scaled_dot_product_attention(
+        q, k, v, is_causal=bool(causal)),
+    "cosine_similarity": lambda x1, x2, eps=1e-8: F.cosine_similarity(x1, x2, dim=-1, eps=eps),
+    "gcn_layer": lambda A, x, weight, bias: A @ x @ weight + bias,
+}
+TORCH_ORACLE.update(LAYER_ORACLE)
+# Default sizes of the layer library's inputs (small, odd, all different).
+LAYER_SIZES = {
+    "conv2d": {"N": 2, "C": 3, "H": 7, "W": 6, "O": 4, "KH": 3, "KW": 2},
+    "max_pool2d": {"N": 2, "C": 3, "H": 7, "W": 6},
+    "avg_pool2d": {"N": 2, "C": 3, "H": 7, "W": 6},
+    "flatten": {"N": 2, "C": 3, "H": 4, "W": 5},
+    "layer_norm": {"B": 3, "D": 7},
+    "batch_norm2d": {"N": 3, "C": 2, "H": 3, "W": 5},
+    "batch_norm2d_eval": {"N": 3, "C": 2, "H": 3, "W": 5},
+    "batch_norm2d_stats": {"N": 3, "C": 2, "H": 3, "W": 5},
+    "dropout": {"B": 3, "N": 7},
+    "embedding": {"B": 6, "V": 5, "D": 4},
+    "rnn_cell": {"B": 3, "I": 5, "H": 4},
+    "gru_cell": {"B": 3, "I": 5, "H": 4},
+    "scaled_dot_product_attention": {"B": 2, "L": 3, "S": 5, "D": 4, "E": 6},
+    "cosine_similarity": {"B": 3, "D": 7},
+    "gcn_layer": {"V": 6, "I": 5, "O": 3},
+}
+
+
+def batch_norm2d_stats_oracle(x, running_mean, running_var, momentum=0.1):
+    """(new running mean, new running var) as torch.nn.BatchNorm2d updates them in training."""
+    bn = torch.nn.BatchNorm2d(x.shape[1], momentum=momentum, dtype=torch.float64)
+    bn.running_mean.copy_(_t(running_mean))
+    bn.running_var.copy_(_t(running_var))
+    bn.train()
+    with torch.no_grad():
+        bn(_t(x))
+    return bn.running_mean.numpy(), bn.running_var.numpy()
 
 # Elementwise activations accept any input shape; softmax/log_softmax are row-wise (B C).
 ELEMENTWISE = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus", "silu", "mish")
@@ -85,6 +135,11 @@ DOCUMENTED_DIFFERENTIABLE = {
     "softmax_cross_entropy": ("logits",),
     "nll": ("logprobs",),
     "kl_div": ("logq", "logp"),
+    # layers with data inputs (masks, indices, adjacency, running statistics)
+    "dropout": ("x",),
+    "embedding": ("table",),
+    "gcn_layer": ("x", "weight", "bias"),
+    "batch_norm2d_eval": ("x", "weight", "bias"),
 }
 
 # ----------------------------------------------------------------------------------
@@ -141,7 +196,12 @@ def as_tuple(result) -> tuple:
 
 
 def cast(args: Sequence, dtype) -> list:
-    return [np.asarray(a, dtype=dtype) for a in args]
+    """Float arrays to ``dtype``; integer arrays (index data such as embedding ids) stay int64."""
+    return [np.asarray(a, dtype=np.int64) if _is_int(a) else np.asarray(a, dtype=dtype) for a in args]
+
+
+def _is_int(a) -> bool:
+    return np.issubdtype(np.asarray(a).dtype, np.integer)
 
 
 def make_seeds(outputs: Sequence, rng: np.random.Generator, dtype) -> list:
@@ -173,6 +233,8 @@ def differentiable_indices(op) -> list[int]:
 
 
 def _t(a, grad: bool = False) -> torch.Tensor:
+    if _is_int(a):  # index data stays integer (and is never differentiated)
+        return torch.tensor(np.asarray(a, dtype=np.int64))
     return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
 
 
@@ -180,6 +242,20 @@ def torch_forward(name: str, args: Sequence, attrs: dict) -> np.ndarray:
     with torch.no_grad():
         out = TORCH_ORACLE[name](*[_t(a) for a in args], **attrs)
     return out.numpy()
+
+
+def oracle_wrt(name: str) -> list[int]:
+    """Positions of the differentiable arguments of op ``name`` in its oracle's argument
+    order (every argument unless DOCUMENTED_DIFFERENTIABLE says otherwise)."""
+    import inspect
+
+    params = [p for p in inspect.signature(TORCH_ORACLE[name]).parameters.values()
+              if p.default is inspect.Parameter.empty]
+    names = [p.name for p in params]
+    documented = DOCUMENTED_DIFFERENTIABLE.get(name)
+    if documented is None or DOCUMENTED_KINDS.get(name) == "loss":
+        return list(range(len(names)))
+    return [names.index(n) for n in documented]
 
 
 def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) -> list[np.ndarray]:
@@ -198,7 +274,7 @@ def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) 
 def numerical_vjp(forward: Callable, args: Sequence, seeds: Sequence, wrt: Sequence[int], h: float = 1e-6) -> list:
     """Central-difference gradient of phi(args) = sum_k sum(seed_k * forward(args)_k)
     with respect to each args[i], i in wrt. Everything in float64."""
-    args = [np.array(a, dtype=np.float64) for a in args]
+    args = [np.array(a) if _is_int(a) else np.array(a, dtype=np.float64) for a in args]
     seeds = [np.asarray(s, dtype=np.float64) for s in seeds]
 
     def phi(current):
@@ -265,6 +341,51 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
     return None
 
 
+def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict | None = None) -> list[np.ndarray]:
+    """Inputs of the layer library (issue 3) for the given sizes (float64; integer index
+    data as int64). Size names follow the op's declared dimensions."""
+    attrs = attrs or {}
+    n = rng.normal
+    z = sizes
+    if name == "conv2d":
+        return [n(size=(z["N"], z["C"], z["H"], z["W"])), n(size=(z["O"], z["C"], z["KH"], z["KW"])), n(size=(z["O"],))]
+    if name in ("max_pool2d", "avg_pool2d", "flatten"):
+        return [n(size=(z["N"], z["C"], z["H"], z["W"]))]
+    if name == "layer_norm":
+        return [2.0 * n(size=(z["B"], z["D"])) + 0.5, 1.0 + 0.3 * n(size=(z["D"],)), n(size=(z["D"],))]
+    if name == "batch_norm2d":
+        return [2.0 * n(size=(z["N"], z["C"], z["H"], z["W"])) + 0.5, 1.0 + 0.3 * n(size=(z["C"],)), n(size=(z["C"],))]
+    if name in ("batch_norm2d_eval", "batch_norm2d_stats"):
+        x = 2.0 * n(size=(z["N"], z["C"], z["H"], z["W"])) + 0.5
+        stats = [n(size=(z["C"],)), rng.uniform(0.5, 2.0, size=(z["C"],))]
+        if name == "batch_norm2d_stats":
+            return [x, *stats]
+        return [x, *stats, 1.0 + 0.3 * n(size=(z["C"],)), n(size=(z["C"],))]
+    if name == "dropout":
+        p = attrs.get("p", 0.5)
+        return [n(size=(z["B"], z["N"])), (rng.uniform(size=(z["B"], z["N"])) >= p).astype(np.float64)]
+    if name == "embedding":
+        idx = rng.integers(0, z["V"], size=z["B"])
+        idx[: min(3, z["B"])] = idx[0]  # repeated indices: their gradients must add up
+        return [idx.astype(np.int64), n(size=(z["V"], z["D"]))]
+    if name in ("rnn_cell", "gru_cell"):
+        g = 3 if name == "gru_cell" else 1
+        H, I, Bn = z["H"], z["I"], z["B"]
+        return [n(size=(Bn, I)), n(size=(Bn, H)), 0.5 * n(size=(g * H, I)), 0.5 * n(size=(g * H, H)),
+                0.5 * n(size=(g * H,)), 0.5 * n(size=(g * H,))]
+    if name == "scaled_dot_product_attention":
+        return [n(size=(z["B"], z["L"], z["D"])), n(size=(z["B"], z["S"], z["D"])), n(size=(z["B"], z["S"], z["E"]))]
+    if name == "cosine_similarity":
+        return [n(size=(z["B"], z["D"])), n(size=(z["B"], z["D"]))]
+    if name == "gcn_layer":
+        V = z["V"]
+        adj = (rng.uniform(size=(V, V)) < 0.4).astype(np.float64)
+        adj = np.maximum(adj, adj.T) + np.eye(V)
+        dinv = 1.0 / np.sqrt(adj.sum(axis=1))
+        return [adj * dinv[:, None] * dinv[None, :], n(size=(V, z["I"])), n(size=(z["I"], z["O"])), n(size=(z["O"],))]
+    raise KeyError(f"no input recipe for layer {name}")
+
+
 @functools.lru_cache(maxsize=None)
 def _program(name: str):
     import derive
@@ -299,6 +420,8 @@ def make_inputs(
     """Valid inputs for op ``name`` (probability rows for cross-entropy, nll and kl
     targets, [0, 1] targets for BCE), generated in float64 then cast to ``dtype``.
     ``sizes`` overrides the dimensions B, I, O, C of library ops."""
+    if name in LAYER_SIZES:
+        return cast(layer_inputs(name, rng, {**LAYER_SIZES[name], **(sizes or {})}, attrs), dtype)
     args = _library_inputs(name, rng, **(sizes or {}))
     if args is None:
         args = _generic_inputs(name, rng, attrs or {})

@@ -18,7 +18,7 @@ def test_finite_differences_agree_with_torch_autograd(name, attrs, rng):
     args = ref.make_inputs(name, rng)
     out = ref.torch_forward(name, args, attrs)
     (seed,) = ref.make_seeds([out], rng, np.float64)
-    wrt = list(range(len(args)))
+    wrt = ref.oracle_wrt(name)
     numeric = ref.numerical_vjp(lambda *a: ref.torch_forward(name, a, attrs), args, [seed], wrt)
     for g, e in zip(numeric, ref.torch_vjp(name, args, attrs, seed, wrt)):
         ref.assert_close(g, e, np.float64, name, ref.FD_TOL)
@@ -32,7 +32,7 @@ def test_probability_targets_are_valid(name, rng):
     np.testing.assert_allclose(target.sum(axis=-1), 1.0)
 
 
-@pytest.mark.parametrize("name", sorted(ref.TORCH_ORACLE))
+@pytest.mark.parametrize("name", sorted(set(ref.TORCH_ORACLE) - set(ref.LAYER_ORACLE)))
 def test_extreme_inputs_reach_the_magnitude(name, rng):
     args = ref.extreme_inputs(name, rng, 1e3)
     assert np.max(np.abs(args[0])) >= 1e3 - 1e-9

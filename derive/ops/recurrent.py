@@ -8,19 +8,13 @@ from ..functions import sigmoid
 b, d, i, j, k = indices("b d i j k")
 (H,) = dims("H")
 x, h, w_ih, w_hh, b_ih, b_hh, y, idx, table = tensors("x h w_ih w_hh b_ih b_hh y idx table")
-gi, gh = tensors("gi gh")
+r, z, hn, nn = tensors("r z hn nn")
 
 
-def _gates(g):
-    """Row g*H + j of the stacked (3H) gate weights: torch's order is r, z, n."""
-    return (Sum(x[b, i] * w_ih[g * H + j, i], i) + b_ih[g * H + j],
-            Sum(h[b, k] * w_hh[g * H + j, k], k) + b_hh[g * H + j])
+def _affine(w, inp, col, g):
+    """Row g*H + j of a stacked (3H) weight applied to inp, torch's gate order r, z, n."""
+    return Sum(inp[b, col] * w[g * H + j, col], col)
 
-
-(xr, hr), (xz, hz), (xn, hn) = _gates(0), _gates(1), _gates(2)
-r = sigmoid(xr + hr)
-z = sigmoid(xz + hz)
-nn = tanh(xn + r * hn)
 
 OPS = [
     layer("embedding", inputs={"idx": "B", "table": "V D"}, outputs={"y": "B D"}, dtypes={"idx": "int"},
@@ -32,7 +26,11 @@ OPS = [
           doc="One step of an Elman RNN with tanh, as torch.nn.RNNCell."),
     layer("gru_cell", inputs={"x": "B I", "h": "B H"},
           params={"w_ih": "G I", "w_hh": "G H", "b_ih": "G", "b_hh": "G"}, outputs={"y": "B H"},
-          dims={"G": 3 * H},
-          equations=[(y[b, j], (1 - z) * nn + z * h[b, j])],
+          dims={"G": 3 * H}, ranges={"j": H},
+          equations=[(r[b, j], sigmoid(_affine(w_ih, x, i, 0) + b_ih[j] + _affine(w_hh, h, k, 0) + b_hh[j])),
+                     (z[b, j], sigmoid(_affine(w_ih, x, i, 1) + b_ih[H + j] + _affine(w_hh, h, k, 1) + b_hh[H + j])),
+                     (hn[b, j], _affine(w_hh, h, k, 2) + b_hh[2 * H + j]),
+                     (nn[b, j], tanh(_affine(w_ih, x, i, 2) + b_ih[2 * H + j] + r[b, j] * hn[b, j])),
+                     (y[b, j], (1 - z[b, j]) * nn[b, j] + z[b, j] * h[b, j])],
           doc="One step of a GRU, as torch.nn.GRUCell (gates r, z, n stacked in rows of the 3H weights)."),
 ]
