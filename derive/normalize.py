@@ -90,10 +90,18 @@ def _elementary_rewrites(expr):
 
 
 def _replace(expr, pattern, build):
-    """Replace literal instances of ``pattern`` (checked by rebuilding the match)."""
+    """Replace literal instances of ``pattern`` (checked by rebuilding the match).
+
+    Wildcard matching of sums and products is combinatorial, so a node is only tried
+    when it contains every function the pattern does (exp, log, sigmoid, ...)."""
+    needed = {type(f) for f in pattern.atoms(sympy.Function)}
+    if not needed <= {type(f) for f in expr.atoms(sympy.Function)}:
+        return expr
 
     def matcher(e):
         if not isinstance(e, type(pattern)):
+            return False
+        if not needed <= {type(f) for f in e.atoms(sympy.Function)}:
             return False
         m = e.match(pattern)
         return bool(m) and _w in m and pattern.xreplace({_w: m[_w]}) == e

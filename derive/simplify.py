@@ -37,6 +37,8 @@ def _inverse_rules(stmts: list[Stmt], shapes):
         for read in sorted(s.body.atoms(sympy.Indexed), key=sympy.default_sort_key):
             if str(read.base) not in sums or tuple(read.indices) != tuple(s.free):
                 continue
+            if not _invertible_kind(s.body):
+                continue
             x = sympy.Dummy("S", positive=True)
             lhs = sympy.IndexedBase(s.target, real=True)[tuple(s.free)]
             try:
@@ -46,6 +48,12 @@ def _inverse_rules(stmts: list[Stmt], shapes):
             if len(sol) == 1:
                 rules.append((read, s.free, sol[0]))
     return rules
+
+
+def _invertible_kind(body) -> bool:
+    """Only rational functions, exp and log are inverted: the inverses of sigmoid or tanh
+    (logit, atanh) never shorten a gradient, and solving for them is slow."""
+    return all(isinstance(f, (sympy.exp, sympy.log)) for f in body.atoms(sympy.Function))
 
 
 def _apply_rule(expr, read, free, value):
@@ -58,14 +66,78 @@ def reuse_forward(expr, stmts: list[Stmt]):
     for s in stmts:
         if s.reduce != "none" or not s.free or sympy.count_ops(s.body) < 2:
             continue
-        wild = {i: sympy.Wild(f"w_{i}") for i in s.free}
-        pattern = s.body.xreplace(wild)
-        target = sympy.IndexedBase(s.target, real=True)[tuple(wild[i] for i in s.free)]
-        expr = expr.replace(pattern, target)
+        for mapping in _index_instances(s, expr):
+            concrete = s.body.xreplace(mapping)
+            target = sympy.IndexedBase(s.target, real=True)[tuple(mapping[i] for i in s.free)]
+            expr = _replace_subexpression(expr, concrete, target)
         if isinstance(s.body, sympy.Pow) and s.body.exp.is_Rational:
             # T = B**p, so B**q = T**(q/p): (var + eps)**(-3/2) -> rstd**3
             expr = _power_reuse(expr, s, s.body.exp)
     return expr
+
+
+def _index_instances(s: Stmt, expr) -> list[dict]:
+    """The index substitutions under which ``s.body`` could occur in ``expr``.
+
+    Every free index of ``s`` appears bare in some read of ``s.body``; pairing those
+    reads with the reads of the same tensor in ``expr`` fixes the substitution. This
+    finds the instances directly instead of pattern-matching with wildcards, which is
+    combinatorial in the number of terms of a sum."""
+    free = set(s.free)
+    expr_reads: dict[str, list] = {}
+    for r in expr.atoms(sympy.Indexed):
+        expr_reads.setdefault(str(r.base), []).append(r)
+    partial: list[dict] = [{}]
+    for read in sorted(s.body.atoms(sympy.Indexed), key=sympy.default_sort_key):
+        slots = [(k, i) for k, i in enumerate(read.indices) if i in free]
+        if not slots:
+            continue
+        options = []
+        for other in expr_reads.get(str(read.base), ()):
+            if len(other.indices) == len(read.indices):
+                options.append({i: other.indices[k] for k, i in slots})
+        if not options:
+            return []
+        merged = []
+        for m in partial:
+            for o in options:
+                if all(m.get(i, v) == v for i, v in o.items()):
+                    merged.append({**m, **o})
+        partial = merged[:64]  # a bound on pathological inputs; real specs have a handful
+    seen, out = set(), []
+    for m in partial:
+        if set(m) != free:
+            continue
+        key = tuple(m[i] for i in s.free)
+        if key not in seen:
+            seen.add(key)
+            out.append(m)
+    return out
+
+
+def _replace_subexpression(expr, concrete, target):
+    """``expr`` with ``concrete`` replaced by ``target``: as a whole subtree, or as a
+    sub-sum / sub-product of a larger Add / Mul (``a + b + c`` with ``a + b`` known)."""
+    if concrete.is_Add or concrete.is_Mul:
+        parts = concrete.args
+        op = type(concrete)
+
+        def visit(e):
+            if e == concrete:
+                return target
+            if not e.args:
+                return e
+            new = e.func(*[visit(a) for a in e.args]) if not isinstance(e, sympy.Indexed) else e
+            if isinstance(new, op):
+                args = list(new.args)
+                if all(args.count(p) >= 1 for p in parts) and len(args) > len(parts):
+                    for p in parts:
+                        args.remove(p)
+                    return op(target, *args)
+            return new
+
+        return visit(expr)
+    return expr.xreplace({concrete: target})
 
 
 def _power_reuse(expr, s, p):

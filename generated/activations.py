@@ -565,11 +565,16 @@ def _silu_fwd0(x, y, N):
 
 @njit(cache=True, error_model="numpy")
 def _silu_bwd0(x, g_y, g_x, N):
-    """g_x[n] = ((1 - sigmoid(x[n]))*x[n] + 1)*sigmoid(x[n])*g_y[n]"""
+    """y[n] = sigmoid(x[n])*x[n]
+    g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
+    """
     _F = g_x.dtype.type
     for n in range(0, N):
+        # y[n] = sigmoid(x[n])*x[n]
         _t0 = _sigmoid(x[n], _F)
-        _v_g_x = _t0*((_F(1) - _t0)*x[n] + _F(1))*g_y[n]
+        _v_y = _t0*x[n]
+        # g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
+        _v_g_x = _t0*(-_v_y + x[n] + _F(1))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -1125,13 +1130,13 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n} \\mathrel{+}= \\,\\left(\\left(1 - \\sigma\\left(x_{n}\\right)\\right) x_{n} + 1\\right) \\sigma\\left(x_{n}\\right) \\bar{y}_{n}\n"
+        "\\bar{x}_{n} \\mathrel{+}= \\,\\left(x_{n} - y_{n} + 1\\right) \\sigma\\left(x_{n}\\right) \\bar{y}_{n}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n} = \\left(\\left(1 - \\sigma\\left(x_{n}\\right)\\right) x_{n} + 1\\right) \\sigma\\left(x_{n}\\right) \\bar{y}_{n}\n"
+        "\\bar{x}_{n} = \\left(x_{n} - y_{n} + 1\\right) \\sigma\\left(x_{n}\\right) \\bar{y}_{n}\n"
         "\\end{equation*}\n"
     ),
     "softplus": (

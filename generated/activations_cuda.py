@@ -552,13 +552,18 @@ def _silu_fwd0(x, y, N, _total):
 
 @cuda.jit(cache=True)
 def _silu_bwd0(x, g_y, g_x, N, _total):
-    """g_x[n] = ((1 - sigmoid(x[n]))*x[n] + 1)*sigmoid(x[n])*g_y[n]"""
+    """y[n] = sigmoid(x[n])*x[n]
+    g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
+    """
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
+        # y[n] = sigmoid(x[n])*x[n]
         _t0 = _sigmoid_dev(x[n], _F)
-        _v_g_x = _t0*((_F(1) - _t0)*x[n] + _F(1))*g_y[n]
+        _v_y = _t0*x[n]
+        # g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
+        _v_g_x = _t0*(-_v_y + x[n] + _F(1))*g_y[n]
         g_x[n] = _v_g_x
 
 

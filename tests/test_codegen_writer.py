@@ -32,7 +32,9 @@ def test_every_file_has_the_header(library_files):
     for rel, text in library_files.items():
         if rel.startswith("models/"):
             continue
-        head = text.splitlines()[:6]
+        lines = text.splitlines()
+        head = lines[: lines.index("")]  # the leading comment block
+        assert all(line.startswith("#") for line in head), rel
         assert head[0] == writer.MARKER, rel
         assert any(line.startswith("# Regenerate: python -m codegen") for line in head), rel
         assert any(line.startswith("# Template: codegen/templates/") for line in head), rel

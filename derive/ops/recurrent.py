@@ -17,7 +17,7 @@ def _affine(w, inp, col, g):
 
 
 OPS = [
-    layer("embedding", inputs={"idx": "B", "table": "V D"}, outputs={"y": "B D"}, dtypes={"idx": "int"},
+    layer("embedding", inputs={"idx": "B"}, params={"table": "V D"}, outputs={"y": "B D"}, dtypes={"idx": "int"},
           equations=[(y[b, d], table[idx[b], d])],
           doc="Row lookup y[b] = table[idx[b]] (idx: integers, data); the table's gradient is a scatter-add."),
     layer("rnn_cell", inputs={"x": "B I", "h": "B H"},

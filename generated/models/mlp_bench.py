@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 3238dfda2e05b97b
-#   generated/layers.py 5c35af49c1ce3cc3
+#   generated/activations.py a131cbcfafd526a8
+#   generated/layers.py 7d04bb7a352d72ea
 #   generated/losses.py 522809467d760c85
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_bench model.
