@@ -65,8 +65,8 @@ _v = sympy.Wild("v")
 
 def _elementary_rewrites(expr):
     """Rewrites towards overflow-free primitives (each an identity)."""
-    if not isinstance(expr, sympy.Basic):
-        return expr
+    if not isinstance(expr, sympy.Expr):
+        return expr  # conditions (relations, booleans) hold no overflow-prone arithmetic of their own
     rules = [
         (sympy.log(sympy.exp(_w) + 1), lambda w: softplus(w)),
         (sympy.log(1 + sympy.exp(-_w)), lambda w: softplus(-w)),

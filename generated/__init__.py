@@ -22,6 +22,7 @@ _MODULES = {
     "bce_with_logits": "losses",
     "conv2d": "layers",
     "cosine": "schedules",
+    "cosine_embedding_loss": "losses",
     "cosine_similarity": "layers",
     "dense": "layers",
     "dropout": "layers",

@@ -3,7 +3,7 @@
 # Template: codegen/templates/cpu/module.py.jinja
 # Regenerate: python -m codegen
 
-"""losses: bce_with_logits, huber, kl_div, mse, nll, softmax_cross_entropy.
+"""losses: bce_with_logits, cosine_embedding_loss, huber, kl_div, mse, nll, softmax_cross_entropy.
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 losses_cuda.py).
@@ -174,6 +174,175 @@ def _bce_with_logits_bwd(g_loss, pred, target):
     _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
     return _bce_with_logits_bwd_core(g_loss, pred, target)
+
+
+# ============================================================================ cosine_embedding_loss
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin):
+    """loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
+    loss = loss_sum0/B
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
+    _v_loss_sum0 = _F(0)
+    for b in range(0, B):
+        _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(_F(0), -margin + cos[b]) if (label[b] < _F(0)) else _F(0)))
+    # loss = loss_sum0/B
+    _v_loss = _c0*_v_loss_sum0
+    loss[0] = _v_loss
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos_sum0.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin):
+    """g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+    """
+    _F = g_x2.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    for b in range(0, B):
+        for d in range(0, D):
+            # g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+            _t0 = eps + cos_sum1[b]
+            _t1 = eps + cos_sum0[b]
+            _t2 = _c0/math.sqrt(_t0*_t1)
+            _t3 = (label[b] > _F(0))
+            _v_g_x2 = _t2*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t0
+            g_x2[b, d] = _v_g_x2
+            # g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+            _v_g_x1 = _t2*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t1
+            g_x1[b, d] = _v_g_x1
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
+    """Forward of cosine_embedding_loss: loss from x1, x2, label. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((1,), _dtype)
+    cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+    return loss
+
+
+def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
+    """Forward of cosine_embedding_loss: loss from x1, x2, label."""
+    _dtype = _float_dtype((x1, x2, label))
+    x1 = _as_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss", "label", label, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    loss = _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps)
+    return loss[0]
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, x1, x2, label))
+    g_loss = _as_scalar("cosine_embedding_loss", "g_loss", g_loss, _dtype)
+    x1 = _as_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss", "label", label, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    return _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps)
 
 
 # ============================================================================ huber
@@ -639,6 +808,10 @@ _FUNCS = {
         "backward": _bce_with_logits_bwd,
         "forward": _bce_with_logits_fwd,
     },
+    "cosine_embedding_loss": {
+        "backward": _cosine_embedding_loss_bwd,
+        "forward": _cosine_embedding_loss_fwd,
+    },
     "huber": {
         "backward": _huber_bwd,
         "forward": _huber_fwd,
@@ -672,6 +845,15 @@ _SPECS = {
         "state": (),
         "seeds": 1,
         "doc": "Binary cross-entropy of sigmoid(pred), written from its definition; the stability pass turns the logs into softplus.",
+    },
+    "cosine_embedding_loss": {
+        "kind": "loss",
+        "attrs": {"margin": 0.0, "eps": 1e-12},
+        "arg_names": ("x1", "x2", "label"),
+        "differentiable": ("x1", "x2"),
+        "state": (),
+        "seeds": 1,
+        "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
     },
     "huber": {
         "kind": "loss",
@@ -780,6 +962,203 @@ _LATEX = {
         "\n"
         "\\begin{equation*}\n"
         "\\bar{\\mathrm{pred}}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(\\sigma\\left(\\mathrm{pred}_{b,n}\\right) - \\mathrm{target}_{b,n}\\right)}{B N}\n"
+        "\\end{equation*}\n"
+    ),
+    "cosine_embedding_loss": (
+        "\\subsection*{cosine\\_embedding\\_loss}\n"
+        "\n"
+        "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as F.cosine\\_embedding\\_loss (eps guards the squared norms, as PyTorch's 1e-12).\n"
+        "\n"
+        "Forward definition (the spec):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{cos}_{b} = \\frac{\\sum_{d} \\left(x1_{b,d} x2_{b,d}\\right)}{\\sqrt{\\left(eps + \\sum_{d} \\left(x1_{b,d}^{2}\\right)\\right) \\left(eps + \\sum_{d} \\left(x2_{b,d}^{2}\\right)\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = \\frac{\\sum_{b} \\left(\\begin{cases} 1 - \\mathrm{cos}_{b} & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\max\\left(0, - margin + \\mathrm{cos}_{b}\\right) & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{cos\\_sum0}_{b} = \\sum_{d} \\left(x1_{b,d}^{2}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{cos\\_sum1}_{b} = \\sum_{d} \\left(x2_{b,d}^{2}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{cos\\_sum2}_{b} = \\sum_{d} \\left(x1_{b,d} x2_{b,d}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{cos}_{b} = \\frac{\\mathrm{cos\\_sum2}_{b}}{\\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss\\_sum0} = \\sum_{b} \\left(\\begin{cases} 1 - \\mathrm{cos}_{b} & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\max\\left(0, - margin + \\mathrm{cos}_{b}\\right) & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = \\frac{\\mathrm{loss\\_sum0}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
+        "\n"
+        "Through the read $\\mathrm{loss\\_sum0}$ in the statement for $\\mathrm{loss}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sum0}} = \\frac{1}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{cos}_{b}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{cos}_{b}} = \\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{cos\\_sum0}_{b}$ in the statement for $\\mathrm{cos}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos}_{b}}{\\partial \\mathrm{cos\\_sum0}_{b}} = \\frac{\\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\mathrm{cos\\_sum2}_{b}}{\\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{cos\\_sum1}_{b}$ in the statement for $\\mathrm{cos}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos}_{b}}{\\partial \\mathrm{cos\\_sum1}_{b}} = \\frac{\\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\mathrm{cos\\_sum2}_{b}}{\\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum1}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{cos\\_sum2}_{b}$ in the statement for $\\mathrm{cos}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos}_{b}}{\\partial \\mathrm{cos\\_sum2}_{b}} = \\frac{1}{\\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum2}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum2}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x1_{b,d}$ in the statement for $\\mathrm{cos\\_sum2}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos\\_sum2}_{b}}{\\partial x1_{b,d}} = x2_{b,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x2_{b,d}$ in the statement for $\\mathrm{cos\\_sum2}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos\\_sum2}_{b}}{\\partial x2_{b,d}} = x1_{b,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x2_{b,d}$ in the statement for $\\mathrm{cos\\_sum1}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos\\_sum1}_{b}}{\\partial x2_{b,d}} = 2 x2_{b,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{2 \\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\mathrm{cos\\_sum2}_{b} x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(eps x1_{b,d} + \\mathrm{cos\\_sum1}_{b} x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x1_{b,d}$ in the statement for $\\mathrm{cos\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{cos\\_sum0}_{b}}{\\partial x1_{b,d}} = 2 x1_{b,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{2 \\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\mathrm{cos\\_sum2}_{b} x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(eps x2_{b,d} + \\mathrm{cos\\_sum0}_{b} x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} = \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum2}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum1}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{cos\\_sum0}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x2}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(eps x1_{b,d} + \\mathrm{cos\\_sum1}_{b} x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x1}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(eps x2_{b,d} + \\mathrm{cos\\_sum0}_{b} x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
         "\\end{equation*}\n"
     ),
     "huber": (

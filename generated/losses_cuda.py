@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""losses_cuda: generated CUDA kernels and host wrappers (6 ops).
+"""losses_cuda: generated CUDA kernels and host wrappers (7 ops).
 
 Imported by ``losses.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -253,6 +253,163 @@ def _bce_with_logits_bwd(g_loss, pred, target):
     g_pred = _empty((B, N), _dtype)
     _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
     return _result(g_pred, _dev)
+
+
+# ============================================================================ cosine_embedding_loss
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps, _total):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, _total):
+    """loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
+    loss = loss_sum0/B
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
+        _v_loss_sum0 = _F(0)
+        for b in range(0, B):
+            _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(_F(0), -margin + cos[b]) if (label[b] < _F(0)) else _F(0)))
+        # loss = loss_sum0/B
+        _v_loss = _c0*_v_loss_sum0
+        loss[0] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, _total):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, _total):
+    """g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+    """
+    _F = g_x2.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        # g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+        _t0 = eps + cos_sum1[b]
+        _t1 = eps + cos_sum0[b]
+        _t2 = _c0/math.sqrt(_t0*_t1)
+        _t3 = (label[b] > _F(0))
+        _v_g_x2 = _t2*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t0
+        g_x2[b, d] = _v_g_x2
+        # g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+        _v_g_x1 = _t2*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t1
+        g_x1[b, d] = _v_g_x1
+
+
+def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
+    """Forward of cosine_embedding_loss: loss from x1, x2, label."""
+    _dev = any(_on_device(a) for a in (x1, x2, label))
+    _dtype = _float_dtype((x1, x2, label))
+    x1 = _dev_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _dev_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _dev_float("cosine_embedding_loss", "label", label, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    loss = _empty((1,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
+    return _result(loss, False)[0]
+
+
+def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, x1, x2, label))
+    _dtype = _float_dtype((g_loss, x1, x2, label))
+    g_loss = _dev_scalar("cosine_embedding_loss", "g_loss", g_loss, _dtype)
+    x1 = _dev_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _dev_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _dev_float("cosine_embedding_loss", "label", label, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return _result(g_x1, _dev), _result(g_x2, _dev)
 
 
 # ============================================================================ huber
@@ -657,6 +814,10 @@ _FUNCS = {
     "bce_with_logits": {
         "backward": _bce_with_logits_bwd,
         "forward": _bce_with_logits_fwd,
+    },
+    "cosine_embedding_loss": {
+        "backward": _cosine_embedding_loss_bwd,
+        "forward": _cosine_embedding_loss_fwd,
     },
     "huber": {
         "backward": _huber_bwd,

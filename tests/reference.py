@@ -53,6 +53,8 @@ TORCH_ORACLE: dict[str, Callable] = {
     "softmax_cross_entropy": lambda logits, target: F.cross_entropy(logits, target),
     "nll": _nll,
     "kl_div": lambda logq, logp: F.kl_div(logq, logp, reduction="batchmean", log_target=True),
+    "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12: F.cosine_embedding_loss(
+        x1, x2, label, margin=margin),
 }
 # The layer library (issue 3); attributes keep the ops' own names.
 LAYER_ORACLE: dict[str, Callable] = {
@@ -95,6 +97,16 @@ LAYER_SIZES = {
 }
 
 
+# Which argument of a layer extreme_inputs scales (the first float, differentiable one).
+EXTREME_ARG = {"embedding": 1, "gcn_layer": 1}
+# How many products of the scaled argument's magnitude a result sums (default 1): the
+# gradients of attention through a nearly saturated softmax are differences of L*E
+# such products (q_l times g.v_s), so they are only defined to eps * M * L * E, for
+# PyTorch's kernels as for ours. Used by extreme_tol's callers.
+EXTREME_TERMS = {"scaled_dot_product_attention": LAYER_SIZES["scaled_dot_product_attention"]["L"]
+                 * LAYER_SIZES["scaled_dot_product_attention"]["E"]}
+
+
 def batch_norm2d_stats_oracle(x, running_mean, running_var, momentum=0.1):
     """(new running mean, new running var) as torch.nn.BatchNorm2d updates them in training."""
     bn = torch.nn.BatchNorm2d(x.shape[1], momentum=momentum, dtype=torch.float64)
@@ -116,17 +128,33 @@ DOCUMENTED_KINDS = {
     "dense": "layer",
     **{
         n: "loss"
-        for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div")
+        for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div", "cosine_embedding_loss")
     },
+    **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
+                            "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
+                            "gru_cell", "scaled_dot_product_attention", "cosine_similarity", "gcn_layer")},
     **{
         n: "optimizer"
         for n in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
     },
     **{n: "schedule" for n in ("step", "exponential", "cosine")},
 }
-DOCUMENTED_ATTRS = {"leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0}}
+DOCUMENTED_ATTRS = {
+    "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0},
+    "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12},
+    # the layer library's table (issue 3)
+    "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
+    "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
+    "scaled_dot_product_attention": {"causal": 0}, "cosine_similarity": {"eps": 1e-8},
+}
 # Non-default attribute values the tests also run with (attributes are given at run time).
-ATTR_VARIANTS = {"leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}]}
+ATTR_VARIANTS = {
+    "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}],
+    "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12}],
+    "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
+    "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
+    "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
+}
 DOCUMENTED_DIFFERENTIABLE = {
     "dense": ("x", "weight", "bias"),
     "mse": ("pred",),
@@ -140,7 +168,12 @@ DOCUMENTED_DIFFERENTIABLE = {
     "embedding": ("table",),
     "gcn_layer": ("x", "weight", "bias"),
     "batch_norm2d_eval": ("x", "weight", "bias"),
+    "batch_norm2d_stats": (),
+    "cosine_embedding_loss": ("x1", "x2"),
 }
+
+# Arguments holding discrete labels (+1/-1): not differentiable, not even for torch.
+DISCRETE_ARGS = {"cosine_embedding_loss": ("label",)}
 
 # ----------------------------------------------------------------------------------
 # Tolerances
@@ -254,7 +287,8 @@ def oracle_wrt(name: str) -> list[int]:
     names = [p.name for p in params]
     documented = DOCUMENTED_DIFFERENTIABLE.get(name)
     if documented is None or DOCUMENTED_KINDS.get(name) == "loss":
-        return list(range(len(names)))
+        # a loss's targets are differentiable for torch too, discrete labels are not
+        return [k for k, n in enumerate(names) if n not in DISCRETE_ARGS.get(name, ())]
     return [names.index(n) for n in documented]
 
 
@@ -338,6 +372,8 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
         return [log_prob_rows(rng, (B, C)), prob_rows(rng, (B, C))]
     if name == "kl_div":
         return [log_prob_rows(rng, (B, C)), log_prob_rows(rng, (B, C))]
+    if name == "cosine_embedding_loss":  # labels 1 and -1, cosines on both sides of any margin
+        return [n(size=(B, I)), n(size=(B, I)), rng.choice([-1.0, 1.0], size=B)]
     return None
 
 
@@ -458,6 +494,13 @@ def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3) 
         return [log_prob_rows(rng, (B, C), scale=magnitude), prob_rows(rng, (B, C))]
     if name == "kl_div":
         return [log_prob_rows(rng, (B, C), scale=magnitude), log_prob_rows(rng, (B, C), scale=magnitude)]
+    if name == "cosine_embedding_loss":
+        return [big((B, I)), big((B, I)), rng.choice([-1.0, 1.0], size=B)]
+    if name in LAYER_SIZES:  # the layer's main float argument at the magnitude, the rest as usual
+        args = layer_inputs(name, rng, LAYER_SIZES[name])
+        k = EXTREME_ARG.get(name, 0)
+        args[k] = big(args[k].shape)
+        return args
     return None
 
 
@@ -509,6 +552,8 @@ def op_cases(kinds: Sequence[str] = KINDS_WITH_GRADIENTS, variants: bool = True,
     for name, kind in sorted(library_kinds().items()):
         if kind not in kinds or (oracle_only and name not in TORCH_ORACLE):
             continue
+        if DOCUMENTED_DIFFERENTIABLE.get(name) == ():
+            continue  # nothing to differentiate (batch_norm2d_stats): tested on its own
         cases.append(OpCase(name))
         if variants:
             for attrs in ATTR_VARIANTS.get(name, []):

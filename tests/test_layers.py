@@ -5,9 +5,8 @@ differences, on several shapes (odd sizes, batch 1, non-square images, conv2d wi
 every stride in {1, 2, 3} and padding in {0, 1, 2}), and its CUDA kernels against its
 CPU kernels under the simulator.
 
-The ops are built here from derive/ops/*.py into a temporary directory (derive.build,
-then codegen's renderer, then an import by path), so these tests do not depend on
-generated/ until the ops are registered in the library.
+The ops are the library's: their Programs from derive.library(), their kernels from
+generated/ (test_ops.py also runs them at one default size with every other op).
 
 ``KNOWN_GAPS`` lists what the engine cannot do yet, with the reason; those cases are
 strict xfails, so a fix shows up as an XPASS that asks for the entry to be removed.
@@ -15,10 +14,8 @@ strict xfails, so a fix shows up as an XPASS that asks for the entry to be remov
 
 from __future__ import annotations
 
-import copy
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,36 +147,25 @@ def params(cases, *parts):
 # ---------------------------------------------------------------- building
 
 
-class _Built(dict):
-    """op name -> (Program, module), built on first use from a copy of its OpDef."""
+class _Library:
+    """What the tests need of one op: its derived Program and the generated module's
+    ``op()`` (the layers are part of the library, built by ``python -m codegen``)."""
 
-    def __init__(self, out: Path):
-        super().__init__()
-        self.out = out
-
-    def __missing__(self, name):
+    def __getitem__(self, name):
         import derive
-        from codegen import load_module
-        from codegen.emit import render_group
-        from codegen.writer import write_if_changed
+        import generated
 
-        program = derive.build(copy.deepcopy(OPDEFS[name]))
-        stem = "layer_" + name
-        cpu, cuda = render_group([program], stem, "tests/test_layers.py", single=name)
-        write_if_changed(self.out / (stem + ".py"), cpu)
-        if cuda is not None:
-            write_if_changed(self.out / (stem + "_cuda.py"), cuda)
-        self[name] = (program, load_module(self.out / (stem + ".py")))
-        return self[name]
+        program = {p.name: p for p in derive.library()}[name]
+        return program, generated
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return _Built(tmp_path_factory.mktemp("layers"))
+def built():
+    return _Library()
 
 
 def make_op(built, c: LayerCase, target: str = "cpu"):
-    return built[c.name][1].op(target=target, **c.kw)
+    return built[c.name][1].op(c.name, target=target, **c.kw)
 
 
 def inputs(c: LayerCase, rng, dtype=np.float64):
@@ -192,7 +178,7 @@ def inputs(c: LayerCase, rng, dtype=np.float64):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=gap_marks(n)) for n in sorted(OPDEFS)])
 def test_layer_builds_with_its_documented_arguments(built, name):
     program, module = built[name]
-    op = module.op()
+    op = module.op(name)
     assert op.name == name and op.kind == "layer"
     assert isinstance(op.latex(), str) and op.latex()
     opdef = OPDEFS[name]
@@ -220,7 +206,7 @@ EXPECTED_ARGS = {
 @pytest.mark.parametrize("name", [pytest.param(n, marks=gap_marks(n)) for n in sorted(EXPECTED_ARGS)])
 def test_issue_table_names_arguments_and_attrs(built, name):
     args, differentiable, attrs = EXPECTED_ARGS[name]
-    op = built[name][1].op()
+    op = built[name][1].op(name)
     assert tuple(op.arg_names) == args
     assert tuple(op.differentiable) == differentiable
     assert op.attrs == pytest.approx(attrs)
@@ -309,7 +295,7 @@ def test_cuda_matches_cpu(built, c, dtype, rng):
 
 @pytest.mark.parametrize("target", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_embedding_repeated_indices_accumulate(built, target, rng):
-    op = built["embedding"][1].op(target=target)
+    op = built["embedding"][1].op("embedding", target=target)
     idx = np.array([2, 0, 2, 2, 1], dtype=np.int64)
     table = rng.normal(size=(4, 3))
     np.testing.assert_array_equal(op.forward(idx, table), table[idx])
@@ -323,7 +309,7 @@ def test_embedding_repeated_indices_accumulate(built, target, rng):
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3])
 def test_batch_norm_running_statistics_match_torch(built, momentum, rng):
-    op = built["batch_norm2d_stats"][1].op(momentum=momentum)
+    op = built["batch_norm2d_stats"][1].op("batch_norm2d_stats", momentum=momentum)
     x, rm, rv = ref.layer_inputs("batch_norm2d_stats", rng, {"N": 3, "C": 4, "H": 2, "W": 5})
     new_mean, new_var = ref.as_tuple(op.forward(x, rm, rv))
     e_mean, e_var = ref.batch_norm2d_stats_oracle(x, rm, rv, momentum)
@@ -332,7 +318,7 @@ def test_batch_norm_running_statistics_match_torch(built, momentum, rng):
 
 
 def test_attention_is_stable_for_large_scores(built, rng):
-    op = built["scaled_dot_product_attention"][1].op(causal=1)
+    op = built["scaled_dot_product_attention"][1].op("scaled_dot_product_attention", causal=1)
     q, k, v = ref.layer_inputs("scaled_dot_product_attention", rng, {"B": 1, "L": 3, "S": 4, "D": 2, "E": 3})
     q, k = 30.0 * q, 30.0 * k  # scores of magnitude ~1e3
     for dtype in (np.float32, np.float64):

@@ -1,15 +1,17 @@
 """Losses with PyTorch's default reductions; targets are data (not differentiated)."""
 
-from sympy import Abs, Piecewise, exp, log
+from sympy import Abs, Max, Piecewise, exp, log, sqrt
 
 from ..dsl import Sum, attr, dims, indices, loss, scalar, tensors
 from ..functions import sigmoid
 
-b, n, c, k = indices("b n c k")
+b, n, c, k, d_ = indices("b n c k d")
 B, N = dims("B N")
 pred, target, logits, logprobs, logq, logp = tensors("pred target logits logprobs logq logp")
 L = scalar("loss")
-delta = attr("delta", 1.0)
+delta, margin, eps = attr("delta", 1.0), attr("margin", 0.0), attr("eps", 1e-12)
+x1, x2, label = tensors("x1 x2 label")
+cos = tensors("cos")[0]
 d = pred[b, n] - target[b, n]
 
 OPS = [
@@ -32,4 +34,12 @@ OPS = [
     loss("kl_div", inputs={"logq": "B C", "logp": "B C"}, outputs={"loss": ""},
          equations=[(L, Sum(exp(logp[b, c]) * (logp[b, c] - logq[b, c]), b, c) / B)],
          doc="KL(p || q) from log-probabilities, batchmean (F.kl_div(logq, logp, reduction='batchmean', log_target=True))."),
+    loss("cosine_embedding_loss", inputs={"x1": "B D", "x2": "B D", "label": "B"}, outputs={"loss": ""},
+         differentiate=["x1", "x2"], attrs={"margin": 0.0, "eps": 1e-12},
+         equations=[(cos[b], Sum(x1[b, d_] * x2[b, d_], d_)
+                      / sqrt((Sum(x1[b, d_] ** 2, d_) + eps) * (Sum(x2[b, d_] ** 2, d_) + eps))),
+                     (L, Sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, cos[b] - margin), label[b] < 0), (0, True)), b)
+                      / B)],
+         doc="Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as "
+             "F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12)."),
 ]
