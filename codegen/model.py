@@ -2,37 +2,85 @@
 
 A model spec composes library ops into a network, a loss and an optimizer::
 
-    name = "mlp_digits"
+    name = "cnn_digits"
     kind = "model"
-    input = 64
-    layers = [{ op = "dense", out = 128 }, { op = "relu" }, { op = "dense", out = 10 }]
+    input = [1, 8, 8]
+    layers = [
+      { op = "conv2d", out = 8, KH = 3, KW = 3, P = 1 },
+      { op = "relu" },
+      { op = "max_pool2d" },
+      { op = "flatten" },
+      { op = "dense", out = 10 },
+    ]
     loss = "softmax_cross_entropy"
     optimizer = { op = "adam", lr = 0.001 }
 
-:func:`render_model` checks the spec against the library's ops (their kinds, arguments,
-parameter shapes, attributes and hyperparameters, read from the derived
-:class:`derive.ir.Program` objects) and renders ``codegen/templates/model/model.py.jinja``.
-The emitted module has no kernels of its own. ``forward``, ``loss`` and
-``loss_and_grads`` call the library's ops through ``generated.op(...)``; ``train_step``
-checks its arguments once and calls one ``@njit(cache=True)`` function that chains the
-library's compiled cores (``_dense_fwd_core``, ``_dense_bwd_params_core``,
-``_adam_step_core``, ...: the code the ops' own wrappers call), so a training step is a
-single compiled call with no per-op Python overhead and no unused gradients (the first
-layer uses a params-only backward core).
+``input`` is the shape of one sample: a number (``input = 64``, features) or a list
+(``input = [1, 8, 8]``, channels, height, width); the batch dimension is added in front.
 
-The spec is read with :mod:`tomllib` and nothing in it is evaluated: op names are looked
-up in the library, attribute values must be TOML numbers.
+**Shapes.** Each layer's op is read off its derived :class:`derive.ir.Program`, never
+off its name. The op's (one) input binds its dimension names to the shape coming in:
+the first to the batch, the others to the sizes of one sample (conv2d's ``x`` is
+``N C H W``: C = 1, H = 8, W = 8 above). The dimensions it does not bind come from the
+layer's entry:
+
+* ``out`` sizes the output's new dimension, the one neither the input binds nor the op
+  derives (dense's ``O``, conv2d's ``O``, a cell's ``H``);
+* any other dimension is given by its name (``KH = 3, KW = 3``);
+* the op's derived dimensions (conv2d's ``HO = floor((H + 2P - KH)/S) + 1``, flatten's
+  ``F = C*H*W``) are evaluated with SymPy from those sizes and the attributes;
+* attributes are given by name (``P = 1``); the others keep their defaults.
+
+The output's shape (without the batch) is the next layer's input; the last layer's
+must be what the loss takes. Elementwise ops (activations) keep the shape.
+
+**Recurrence.** A *cell* is an op with two inputs, a step input and a state, whose
+output has the state's shape (rnn_cell, gru_cell). ``unroll = true`` runs it over a
+sequence::
+
+    input = [12, 1]                                        # T = 12 steps of 1 feature
+    layers = [{ op = "gru_cell", out = 16, unroll = true }, { op = "dense", out = 2 }]
+
+The first axis of a sample is time: the cell's step input binds the others (``I = 1``),
+``out`` sizes the state (``H = 16``). The state starts at zero, the cell runs over the
+T steps, and the layer passes on the last state (batch, H). The fused training step
+keeps every state, and backpropagates through time: the state's gradient runs back
+over the steps while each step's parameter gradients are summed.
+
+**Parameters** are initialised by the role they play in the op's forward equations
+(read off the Program, so any op gets a suitable rule): a parameter multiplied with the
+input inside a sum (a weight) is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in
+being the size of the summed dimensions it spans (dense: I; conv2d: C*KH*KW; a cell's
+recurrent weight: H), as PyTorch's layers do; a parameter added to the result (a bias)
+starts at zero; one only multiplied (a scale, layer_norm's weight) at one; any other
+(an embedding table) from N(0, 1).
+
+:func:`render_model` checks the spec against the library's ops and renders
+``codegen/templates/model/model.py.jinja``. The emitted module has no kernels of its
+own. ``forward``, ``loss`` and ``loss_and_grads`` call the library's ops through
+``generated.op(...)``; ``train_step`` checks its arguments once and calls one
+``@njit(cache=True)`` function that chains the library's compiled cores
+(``_dense_fwd_core``, ``_dense_bwd_params_core``, ``_adam_step_core``, ...: the code the
+ops' own wrappers call), so a training step is a single compiled call with no per-op
+Python overhead and no unused gradients (the first layer uses a params-only backward
+core where the op has one).
+
+The spec is read with :mod:`tomllib` and nothing in it is evaluated: op names are
+looked up in the library, sizes and attribute values must be TOML numbers, and derived
+dimensions are the library's own SymPy expressions, evaluated at those numbers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import keyword
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import sympy
 import tomllib
 
 from derive.errors import SpecError
@@ -47,10 +95,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_FIELDS = ("name", "kind", "input", "layers", "loss", "optimizer")
 OPTIONAL_FIELDS = ("doc",)
 LAYER_KINDS = ("activation", "layer")
+LAYER_FIELDS = ("op", "out", "unroll")  # besides the op's dimensions and attributes
 
 # What the model's output means, by loss: it decides what ``predict`` returns.
 CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "nll")
 BINARY_LOSSES = ("bce_with_logits",)
+
+# How a parameter starts, by the role it plays in its op's forward equations.
+INIT_RULES = ("fan_in", "zeros", "ones", "normal")
 
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -80,6 +132,8 @@ class OpInfo:
     counter: str = ""  # an optimizer's step counter, passed before its attributes
     variants: tuple[str, ...] = ()  # backward cores for a subset of the gradients
     int_args: tuple[str, ...] = ()  # arguments holding int64 data
+    derived: tuple[tuple[str, sympy.Expr], ...] = ()  # derived dimensions, in order
+    inits: tuple[tuple[str, str, sympy.Expr], ...] = ()  # (param, rule, fan-in expression)
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -118,7 +172,78 @@ def op_info(program) -> OpInfo:
         counter=program.step_counter.name if program.step_counter is not None else "",
         variants=tuple(suffix for suffix, _ in backward_variants(program)),
         int_args=tuple(a.name for a in program.args if a.dtype == "int"),
+        derived=tuple((str(sym), expr) for sym, expr in program.derived_dims),
+        inits=param_inits(program),
     )
+
+
+# ------------------------------------------------------------------ initialisation
+
+
+def _reads(expr) -> list:
+    return sorted(expr.atoms(sympy.Indexed), key=sympy.default_sort_key)
+
+
+def _tensor(read) -> str:
+    return str(read.base.label)
+
+
+def _context(expr, read, ctx: str = "other"):
+    """How ``read`` enters ``expr``: "add" (a term of a sum), "mul" (a factor of a
+    product with another tensor read) or "other", from its nearest enclosing operation
+    (a Piecewise bounds guard, or a product with constants only, is looked through);
+    None when ``read`` is not in ``expr``."""
+    if expr == read:
+        return ctx
+    if isinstance(expr, (sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair)):
+        inner = ctx
+    elif expr.is_Add:
+        inner = "add"
+    elif expr.is_Mul:
+        others = [a for a in expr.args if read not in a.atoms(sympy.Indexed) and a.atoms(sympy.Indexed)]
+        inner = "mul" if others else ctx
+    else:
+        inner = "other"
+    for arg in expr.args:
+        found = _context(arg, read, inner)
+        if found is not None:
+            return found
+    return None
+
+
+def param_inits(program) -> tuple[tuple[str, str, sympy.Expr], ...]:
+    """(param, rule, fan-in) for each parameter of ``program``, from the forward
+    statements that read it (see the module docstring); the fan-in is an expression
+    over the op's dimensions (1 for rules that do not use it)."""
+    out = []
+    for arg in program.args:
+        if arg.role != "param":
+            continue
+        rule, fan_in, contexts = None, sympy.Integer(1), []
+        for stmt in program.forward:
+            reads = [r for r in _reads(stmt.body) if _tensor(r) == arg.name]
+            if not reads:
+                continue
+            others = [r for r in _reads(stmt.body) if _tensor(r) != arg.name]
+            if stmt.reduce == "sum" and others:
+                extent = {loop.index: loop.hi - loop.lo for loop in stmt.over}
+                spanned = set()
+                for r in reads:
+                    for i in r.indices:
+                        spanned |= sympy.sympify(i).free_symbols & set(extent)
+                rule = "fan_in"
+                fan_in = sympy.Mul(*(extent[i] for i in sorted(spanned, key=str)))
+                break
+            contexts.extend(_context(stmt.body, r) for r in reads)
+        if rule is None:
+            if contexts and all(c == "add" for c in contexts):
+                rule = "zeros"
+            elif "mul" in contexts:
+                rule = "ones"
+            else:
+                rule = "normal"
+        out.append((arg.name, rule, fan_in))
+    return tuple(out)
 
 
 def _library_infos(programs) -> dict[str, OpInfo]:
@@ -143,27 +268,70 @@ def _display_path(path: Path) -> str:
         return path.name
 
 
+# ------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class _Param:
+    arg: str  # the op's argument name
+    key: str  # the params dict key, e.g. conv2d0.weight
+    local: str  # the local variable name, e.g. conv2d0_weight
+    shape: tuple[int, ...]
+    init: str  # one of INIT_RULES
+    fan_in: int
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """How the compiled and the Python code call a cell at step t (one line each)."""
+
+    state_shape: tuple[int, ...]  # per sample
+    axes: tuple[int, ...]  # batch-major (B, T, ...) <-> time-major (T, B, ...)
+    py_fwd_args: str
+    py_bwd_args: str
+    py_bwd_unpack: str
+    jit_fwd_args: str
+    jit_bwd_args: str
+    jit_bwd_unpack: str
+    step_grad: bool  # whether the step input's gradient is needed (layers below)
+
+    @property
+    def state_dims(self) -> str:
+        """The state's sizes after the batch, as a call writes them: "16"."""
+        return ", ".join(str(d) for d in self.state_shape)
+
+
 @dataclass(frozen=True)
 class _Layer:
     index: int
     var: str  # the module-level name of the op object, e.g. _dense0
     op: str
     kind: str
-    attrs: tuple[tuple[str, str], ...]  # (name, Python literal)
-    params: tuple[tuple[str, str, tuple[int, ...], str], ...]  # (arg, key, shape, local name)
-    fan_in: int
-    width_in: int
-    width_out: int
+    attrs: tuple[tuple[str, str], ...]  # (name, Python literal) given in the spec
+    params: tuple[_Param, ...]
+    shape_in: tuple[int, ...]  # one sample's shape
+    shape_out: tuple[int, ...]
     grads: tuple[str, ...]  # what backward returns, unpacked: g<index> or _ for the input
     param_grads: tuple[tuple[str, str, str], ...]  # (params key, local name, its grad's name)
     fwd_core: str = ""  # compiled cores the fused step calls
     bwd_core: str = ""
     bwd_unpack: tuple[str, ...] = ()  # what the backward core returns, unpacked
     core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
+    cell: _Cell | None = None  # set when the layer unrolls a cell over time
 
     @property
     def needs_backward(self) -> bool:
         return bool(self.params) or self.index > 0
+
+    @property
+    def py_args(self) -> str:
+        """The parameters, as the Python wrappers take them after the input."""
+        return "".join(", " + p.local for p in self.params)
+
+    @property
+    def core_args(self) -> str:
+        """The parameters and attributes, as the compiled cores take them after the input."""
+        return "".join(", " + a for a in [p.local for p in self.params] + list(self.core_attrs))
 
 
 def _a(word: str) -> str:
@@ -172,6 +340,10 @@ def _a(word: str) -> str:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _tuple_literal(names) -> str:
@@ -183,13 +355,39 @@ def _literal(value) -> str:
     return repr(int(value)) if isinstance(value, int) else repr(float(value))
 
 
+def _shape(sizes) -> str:
+    """A shape as Python writes it: (8,), (1, 8, 8)."""
+    return repr(tuple(sizes))
+
+
+def _dims_text(names) -> str:
+    return "(" + ", ".join(names) + ")"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return _entry_text(value)
+    return repr(value)
+
+
+def _entry_text(entry: dict) -> str:
+    """A layer entry as the spec writes it: { op = "dense", out = 10 }."""
+    return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in entry.items()) + " }"
+
+
 def _core_attrs(info: OpInfo, given: dict) -> tuple[str, ...]:
     """Every attribute of ``info`` as a literal of its default's type (what ``op()``
     converts to), the spec's value where it gives one."""
     out = []
     for name, default in info.attr_defaults:
         value = given.get(name, default)
-        if isinstance(default, int) and not isinstance(default, bool):
+        if _integer(default):
             out.append(repr(int(value)))
         else:
             out.append(repr(float(value)))
@@ -230,79 +428,291 @@ class _Checker:
 
 
 def _positive_int(check: _Checker, where: str, field: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _integer(value) or value < 1:
         check.fail(where, f"{field!r} must be a positive integer, got {value!r}")
     return value
 
 
-def _layers(check: _Checker, spec: dict) -> list[_Layer]:
+def _input_shape(check: _Checker, value) -> tuple[int, ...]:
+    """The spec's ``input``: a number of features, or a list of sizes (one sample)."""
+    if _integer(value):
+        return (_positive_int(check, "", "input", value),)
+    if isinstance(value, list) and value and all(_integer(v) and v >= 1 for v in value):
+        return tuple(value)
+    check.fail("input", f"must be a positive integer (features) or a non-empty list of them (one sample's shape, e.g. [1, 8, 8]), got {value!r}")
+
+
+def _evaluate(expr: sympy.Expr, values: dict) -> sympy.Expr:
+    """``expr`` (a library op's SymPy expression) at the given sizes and attributes."""
+    mapping = {s: values[s.name] for s in expr.free_symbols if s.name in values}
+    return sympy.sympify(expr).xreplace({s: sympy.sympify(v) for s, v in mapping.items()})
+
+
+class _Binder:
+    """The sizes of one layer: its dimension names bound to numbers."""
+
+    def __init__(self, check: _Checker, where: str, info: OpInfo, entry: dict):
+        self.check = check
+        self.where = where
+        self.info = info
+        self.entry = entry
+        self.dims: dict[str, int] = {}
+        self.new_out: list[str] = []  # the output's dimensions that 'out' may size
+        self.source: dict[str, str] = {}  # where each size came from, for messages
+
+    def fail(self, problem: str):
+        self.check.fail(self.where, problem)
+
+    def bind(self, name: str, value: int, source: str):
+        if name in self.dims and self.dims[name] != value:
+            self.fail(
+                f"shape mismatch: dimension {name} is {self.dims[name]} ({self.source[name]}) "
+                f"but {value} ({source})"
+            )
+        self.dims[name] = value
+        self.source[name] = source
+
+    def all_dims(self) -> list[str]:
+        names = []
+        for _, _, shape in self.info.args:
+            names.extend(shape)
+        names.extend(self.info.output_shape)
+        names.extend(n for n, _ in self.info.derived)
+        return sorted(set(names))
+
+    def given(self, batch: str, bound_by_input: set[str], new_out: list[str]):
+        """Sizes from the entry: ``out`` and dimensions by name."""
+        derived = dict(self.info.derived)
+        self.new_out = new_out
+        for key, value in self.entry.items():
+            if key in LAYER_FIELDS or key in self.info.attrs:
+                continue
+            if key not in self.all_dims():
+                have = ["out"] if new_out else []
+                have += ["unroll"] if "unroll" in self.entry else []
+                have += [d for d in self.all_dims() if d not in (batch, *bound_by_input, *derived, *new_out)]
+                have += list(self.info.attrs)
+                self.fail(f"unknown field {key!r} (this layer takes: {', '.join(have) or 'nothing but op'})")
+            if key == batch:
+                self.fail(f"dimension {key!r} is the batch; it is not given in the spec")
+            if key in derived:
+                self.fail(f"dimension {key!r} is derived ({key} = {derived[key]}); it cannot be given")
+            if key in bound_by_input:
+                self.fail(f"dimension {key!r} is set by the layer's input ({key} = {self.dims[key]}); it cannot be given")
+            self.bind(key, _positive_int(self.check, self.where, key, value), f"given as {key} = {value}")
+        if "out" in self.entry:
+            if not new_out:
+                self.fail(
+                    "'out' is not used: this op's output "
+                    f"{_dims_text(self.info.output_shape)} has no dimension of its own to size"
+                )
+            if len(new_out) > 1:
+                self.fail(f"'out' is ambiguous: this op's output has the new dimensions {', '.join(new_out)}; give each by name")
+            if new_out[0] in self.entry:
+                self.fail(f"dimension {new_out[0]} is given twice, as 'out' and as {new_out[0]!r}")
+            self.bind(new_out[0], _positive_int(self.check, self.where, "out", self.entry["out"]), f"out = {self.entry['out']}")
+
+    def derive(self, attrs: dict):
+        """The op's derived dimensions, in order, at the bound sizes and ``attrs``."""
+        for name, expr in self.info.derived:
+            values = {**attrs, **self.dims}
+            missing = sorted(s.name for s in expr.free_symbols if s.name not in values)
+            if missing:
+                self.fail(
+                    f"unknown dimension {', '.join(missing)}: the derived dimension {name} = {expr} needs it; "
+                    f"give it in the entry (e.g. {missing[0]} = <size>)"
+                )
+            value = _evaluate(expr, values)
+            at = ", ".join(f"{s.name}={values[s.name]}" for s in sorted(expr.free_symbols, key=str))
+            if not value.is_Integer:
+                self.fail(f"derived dimension {name} = {expr} is {value} at {at}, not an integer")
+            if int(value) < 1:
+                self.fail(
+                    f"derived dimension {name} = {expr} is {int(value)} at {at}: it must be positive "
+                    "(the input is too small for these sizes and attributes)"
+                )
+            self.bind(name, int(value), f"{name} = {expr} at {at}")
+
+    def sizes(self, names, what: str, batch: str) -> tuple[int, ...]:
+        """The sizes of ``names`` (a shape without its batch dimension)."""
+        out = []
+        for d in names:
+            if d == batch:
+                self.fail(f"{what} has the batch dimension {batch} after its first axis; a model layer cannot batch it")
+            if d not in self.dims:
+                hint = "out = <size>" if self.new_out == [d] else f"{d} = <size>"
+                self.fail(f"unknown dimension {d!r}: {what} needs it and neither the input nor the entry gives it; add {hint} to the entry")
+            out.append(self.dims[d])
+        return tuple(out)
+
+
+def _reshapers(infos: dict[str, OpInfo], rank_in: int, rank_out: int) -> list[str]:
+    """Ops without parameters that take one input of ``rank_in`` (batch included) to an
+    output of ``rank_out``: what the error for a rank mismatch suggests."""
+    out = []
+    for info in infos.values():
+        if info.kind != "layer" or info.params or len(info.inputs) != 1:
+            continue
+        if len(info.inputs[0][1]) == rank_in and len(info.output_shape) == rank_out:
+            out.append(info.name)
+    return sorted(out)
+
+
+def _describe(i: int, entry: dict) -> str:
+    return f"layers[{i}] {_entry_text(entry)}"
+
+
+def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple[int, ...], before: str):
+    """Bind layer ``i``'s dimensions to sizes. Returns (attr values, binder, output
+    shape, cell, batch dimension): the cell is (step input, state input) names when the
+    layer unrolls; elementwise layers have no dimensions (cell and batch are None)."""
+    where = _describe(i, entry)
+    b = _Binder(check, where, info, entry)
+    attrs_given = {k: v for k, v in entry.items() if k in info.attrs}
+    attr_values = dict(info.attr_defaults)
+    for k, v in attrs_given.items():
+        if not _number(v):
+            check.fail(where, f"attribute {k!r} must be a number, got {v!r}")
+        if _integer(attr_values[k]) and not _integer(v):
+            check.fail(where, f"attribute {k!r} must be an integer (its default is {attr_values[k]}), got {v!r}")
+        attr_values[k] = v
+    unroll = entry.get("unroll", False)
+    if not isinstance(unroll, bool):
+        check.fail(where, f"'unroll' must be true or false, got {unroll!r}")
+    float_inputs = [(n, s) for n, s in info.inputs if n not in info.int_args]
+    if len(float_inputs) != len(info.inputs):
+        ints = ", ".join(n for n, _ in info.inputs if n in info.int_args)
+        check.fail(where, f"input {ints} holds integer data; a model layer passes float arrays from layer to layer")
+    got = _shape(shape)
+    if info.elementwise:
+        if unroll:
+            check.fail(where, "'unroll' is for cells (two inputs, a step and a state); this op is elementwise")
+        for key in entry:
+            if key not in ("op",) and key not in info.attrs:
+                check.fail(where, f"unknown field {key!r}: this op is elementwise (it keeps the shape); it takes only attributes ({', '.join(info.attrs) or 'none'})")
+        return attr_values, b, shape, None, None
+
+    if unroll:
+        if len(float_inputs) != 2:
+            check.fail(where, f"'unroll' needs a cell: an op with two inputs (a step and a state), this one has {len(float_inputs)}")
+        states = [k for k, (_, s) in enumerate(float_inputs) if s == info.output_shape]
+        if len(states) != 1:
+            check.fail(
+                where,
+                "'unroll' needs a cell: one of its two inputs must be the state, shaped as its output "
+                f"{_dims_text(info.output_shape)}; the inputs are "
+                + ", ".join(f"{n} {_dims_text(s)}" for n, s in float_inputs),
+            )
+        step_name, step_dims = float_inputs[1 - states[0]]
+        state_name, state_dims = float_inputs[states[0]]
+        if len(step_dims) != len(shape):
+            check.fail(
+                where,
+                f"shape mismatch: the cell runs over the first axis of {before}'s shape {got} (time) and takes steps "
+                f"{step_name} {_dims_text(step_dims)} with {len(step_dims) - 1} dimension(s) per sample, "
+                f"so it needs {len(step_dims)} dimension(s) per sample (time first)",
+            )
+        batch = step_dims[0]
+        if state_dims[0] != batch or info.output_shape[0] != batch:
+            check.fail(where, f"the cell's step, state and output must share the batch dimension {batch}")
+        for d, size in zip(step_dims[1:], shape[1:]):
+            b.bind(d, size, f"from {before}")
+        cell = (step_name, state_name)
+    else:
+        if len(float_inputs) != 1:
+            names = ", ".join(f"{n} {_dims_text(s)}" for n, s in float_inputs)
+            hint = ""
+            if len(float_inputs) == 2 and sum(s == info.output_shape for _, s in float_inputs) == 1:
+                hint = "; to run it as a recurrent cell over a sequence, add unroll = true"
+            check.fail(where, f"this op takes {len(float_inputs)} inputs ({names}); a model layer takes one, the output of the layer before{hint}")
+        in_name, in_dims = float_inputs[0]
+        if len(in_dims) != len(shape) + 1:
+            hint = ""
+            fix = _reshapers(check.infos, len(shape) + 1, len(in_dims))
+            if fix:
+                hint = "; reshape it first, e.g. with " + " or ".join(f'{{ op = "{n}" }}' for n in fix)
+            check.fail(
+                where,
+                f"shape mismatch: this op takes {in_name} {_dims_text(in_dims)}, {len(in_dims) - 1} dimension(s) "
+                f"per sample, but {before} gives {got} per sample{hint}",
+            )
+        batch = in_dims[0]
+        if info.output_shape[:1] != (batch,):
+            check.fail(where, f"the op's output {_dims_text(info.output_shape)} does not keep the batch dimension {batch} first")
+        for d, size in zip(in_dims[1:], shape):
+            b.bind(d, size, f"from {before}")
+        cell = None
+
+    bound = set(b.dims)
+    derived = {n for n, _ in info.derived}
+    new_out = [d for d in info.output_shape[1:] if d not in bound and d not in derived]
+    b.given(batch, bound, new_out)
+    b.derive(attr_values)
+    for pname, pshape in info.params:
+        if batch in pshape:
+            check.fail(where, f"parameter {pname!r} {_dims_text(pshape)} has the batch dimension {batch}")
+    out_shape = b.sizes(info.output_shape[1:], f"output {_dims_text(info.output_shape)}", batch)
+    return attr_values, b, out_shape, cell, batch
+
+
+def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]:
     raw = spec["layers"]
     if not isinstance(raw, list) or not raw:
         check.fail("layers", "must be a non-empty list of tables like { op = \"dense\", out = 10 }")
-    width = spec["input"]
     layers = []
+    before = "the input"
     for i, entry in enumerate(raw):
-        where = f"layers[{i}]"
         if not isinstance(entry, dict):
-            check.fail(where, f"must be a table like {{ op = \"relu\" }}, got {entry!r}")
+            check.fail(f"layers[{i}]", f"must be a table like {{ op = \"relu\" }}, got {entry!r}")
         if "op" not in entry:
-            check.fail(where, "missing field 'op' (the library op of this layer)")
-        info = check.lookup(where, entry["op"], LAYER_KINDS)
-        where = f"layers[{i}] (op {info.name!r})"
-        rest = {k: v for k, v in entry.items() if k not in ("op", "out")}
-        attrs = check.attrs(where, rest, info.attrs, "attribute")
+            check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
+        info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
+        where = _describe(i, entry)
+        attrs = check.attrs(where, {k: v for k, v in entry.items() if k in info.attrs}, info.attrs, "attribute")
+        attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, shape, before)
 
-        width_in = width
-        if info.elementwise:
-            if "out" in entry:
-                check.fail(where, "'out' is only for layers that change the width; this op is elementwise")
-            width_out = width_in
-            dims = {}
-        else:
-            if len(info.inputs) != 1 or len(info.inputs[0][1]) != 2 or len(info.output_shape) != 2:
-                check.fail(where, "a model layer must map one (batch, features) input to a (batch, features) output")
-            in_dim = info.inputs[0][1][1]
-            out_dim = info.output_shape[1]
-            if out_dim == in_dim:
-                if "out" in entry:
-                    check.fail(where, "'out' is not used: this op keeps the width of its input")
-                width_out = width_in
-            else:
-                if "out" not in entry:
-                    check.fail(where, "missing field 'out' (the width of this layer's output)")
-                width_out = _positive_int(check, where, "out", entry["out"])
-            dims = {in_dim: width_in, out_dim: width_out}
-
+        values = {**attr_values, **binder.dims}
+        inits = {p: (rule, fan) for p, rule, fan in info.inits}
         params = []
         for pname, pshape in info.params:
-            shape = []
-            for d in pshape:
-                if d not in dims:
-                    check.fail(where, f"parameter {pname!r} has dimension {d!r}, which a model layer cannot bind")
-                shape.append(dims[d])
+            sizes = binder.sizes(pshape, f"parameter {pname!r} {_dims_text(pshape)}", batch)
             key = f"{info.name}{i}.{pname}"
-            params.append((pname, key, tuple(shape), key.replace(".", "_")))
+            rule, fan = inits.get(pname, ("fan_in", sympy.Mul(*(sympy.Symbol(d) for d in pshape[1:]))))
+            fan_value = _evaluate(fan, values)
+            if not fan_value.is_Integer or int(fan_value) < 1:
+                check.fail(where, f"parameter {pname!r}: its fan-in {fan} is {fan_value}, not a positive integer")
+            params.append(_Param(pname, key, key.replace(".", "_"), sizes, rule, int(fan_value)))
 
-        first_input = info.inputs[0][0] if info.inputs else info.args[0][0]
-        if i > 0 and first_input not in info.differentiable:
-            check.fail(where, f"input {first_input!r} is not differentiable, so no gradient reaches the layers before it")
-        by_arg = {p[0]: p for p in params}
+        flowing = cell[0] if cell else (info.inputs[0][0] if info.inputs else info.args[0][0])
+        if i > 0 and flowing not in info.differentiable:
+            check.fail(where, f"input {flowing!r} is not differentiable, so no gradient reaches the layers before it")
+        if cell and cell[1] not in info.differentiable:
+            check.fail(where, f"the state {cell[1]!r} is not differentiable, so the gradient cannot run back through time")
+        for p in params:
+            if p.arg not in info.differentiable:
+                check.fail(where, f"parameter {p.arg!r} is not differentiable, so it cannot be trained")
+        by_arg = {p.arg: p for p in params}
         grads, param_grads = [], []
         for arg in info.differentiable:
             if arg in by_arg:
-                _, key, _, local = by_arg[arg]
-                grads.append("g_" + local)
-                param_grads.append((key, local, "g_" + local))
-            else:
+                p = by_arg[arg]
+                grads.append("g_" + p.local)
+                param_grads.append((p.key, p.local, "g_" + p.local))
+            elif arg == flowing:
                 grads.append(f"g{i}" if i > 0 else "_")
-        for pname, key, _, _ in params:
-            if pname not in info.differentiable:
-                check.fail(where, f"parameter {pname!r} is not differentiable, so it cannot be trained")
+            else:
+                grads.append("_")
+        core_attrs = _core_attrs(info, {k: v for k, v in entry.items() if k in info.attrs})
         # the first layer's input gradient is never used: its params-only core skips it
-        if i == 0 and "params" in info.variants:
+        if i == 0 and "params" in info.variants and cell is None:
             bwd_core, bwd_unpack = core_name(info.name, "bwd_params"), tuple(g for _, _, g in param_grads)
         else:
-            bwd_core, bwd_unpack = core_name(info.name, "bwd"), tuple(grads)
+            # unused gradients get names of their own: Numba types each variable once
+            bwd_core = core_name(info.name, "bwd")
+            bwd_unpack = tuple(_unused(i, arg) if g == "_" else g for arg, g in zip(info.differentiable, grads))
+        layer_cell = None
+        if cell is not None:
+            layer_cell = _cell_calls(i, info, cell, params, core_attrs, len(shape), shape_out)
         layers.append(
             _Layer(
                 index=i,
@@ -311,19 +721,82 @@ def _layers(check: _Checker, spec: dict) -> list[_Layer]:
                 kind=info.kind,
                 attrs=attrs,
                 params=tuple(params),
-                fan_in=width_in,
-                width_in=width_in,
-                width_out=width_out,
+                shape_in=shape,
+                shape_out=shape_out,
                 grads=tuple(grads),
                 param_grads=tuple(param_grads),
                 fwd_core=core_name(info.name, "fwd"),
                 bwd_core=bwd_core,
                 bwd_unpack=bwd_unpack,
-                core_attrs=_core_attrs(info, rest),
+                core_attrs=core_attrs,
+                cell=layer_cell,
             )
         )
-        width = width_out
+        shape = shape_out
+        before = f"layers[{i}] (op {info.name!r})"
     return layers
+
+
+def _unused(i: int, arg: str) -> str:
+    """The compiled step's name for a gradient nobody uses (layer i's ``arg``)."""
+    return f"_unused{i}_{arg}"
+
+
+def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape) -> _Cell:
+    """The one-line calls of a cell at step t, in the op's argument order.
+
+    Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, t]``, the state
+    ``hs<i+1>[t]`` (a list of states). Compiled: the steps are ``xs<i+1>[t]`` (the input
+    made time-major), the states ``hs<i+1>[t]`` (an array of T + 1 states)."""
+    step, state = cell
+    n = i + 1
+    locals_ = [p.local for p in params]
+
+    def args(step_expr, state_expr, tail):
+        by_name = {step: step_expr, state: state_expr}
+        return ", ".join([by_name[name] for name, _ in info.inputs] + tail)
+
+    by_arg = {p.arg: p for p in params}
+
+    def unpack(unused):
+        out = []
+        for arg in info.differentiable:
+            if arg in by_arg:
+                out.append("d_" + by_arg[arg].local)
+            elif arg == state:
+                out.append(f"gh{n}")
+            elif arg == step and step_grad:
+                out.append("gx")
+            else:
+                out.append(unused(arg))
+        return ", ".join(out)
+
+    step_grad = i > 0
+    axes = (1, 0) + tuple(range(2, rank + 1))
+    return _Cell(
+        state_shape=tuple(state_shape),
+        axes=axes,
+        py_fwd_args=args(f"h{i}[:, t]", f"hs{n}[t]", locals_),
+        py_bwd_args=f"gh{n}, " + args(f"h{i}[:, t]", f"hs{n}[t]", locals_),
+        py_bwd_unpack=unpack(lambda arg: "_"),
+        jit_fwd_args=args(f"xs{n}[t]", f"hs{n}[t]", locals_ + list(core_attrs)),
+        jit_bwd_args=f"gh{n}, " + args(f"xs{n}[t]", f"hs{n}[t]", locals_ + list(core_attrs)),
+        jit_bwd_unpack=unpack(lambda arg: _unused(i, arg)),
+        step_grad=step_grad,
+    )
+
+
+def _check_loss_input(check: _Checker, loss: OpInfo, shape: tuple[int, ...]):
+    """The last layer's output must have the rank the loss's prediction has."""
+    pred_name, pred_dims = loss.args[0][0], loss.args[0][2]
+    if len(pred_dims) != len(shape) + 1:
+        fix = _reshapers(check.infos, len(shape) + 1, len(pred_dims))
+        hint = (", e.g. with " + " or ".join(f'{{ op = "{n}" }}' for n in fix)) if fix else ""
+        check.fail(
+            f"loss (op {loss.name!r})",
+            f"shape mismatch: the loss takes {pred_name} {_dims_text(pred_dims)}, {len(pred_dims) - 1} dimension(s) "
+            f"per sample, but the last layer gives {_shape(shape)} per sample; end the layers with a layer of that rank{hint}",
+        )
 
 
 def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
@@ -343,9 +816,9 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     doc = spec.get("doc", "")
     if not isinstance(doc, str):
         check.fail("doc", f"must be a string, got {doc!r}")
-    _positive_int(check, "", "input", spec["input"])
-    layers = _layers(check, spec)
-    infos = check.infos
+    input_shape = _input_shape(check, spec["input"])
+    layers = _layers(check, spec, input_shape)
+    output_shape = layers[-1].shape_out
 
     loss_name = spec["loss"]
     loss_attrs: tuple = ()
@@ -361,6 +834,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         loss = check.lookup("loss", loss_name, ("loss",))
     if len(loss.differentiable) != 1 or loss.differentiable[0] != loss.args[0][0]:
         check.fail(f"loss (op {loss.name!r})", "a model loss must be differentiable in its first argument only")
+    _check_loss_input(check, loss, output_shape)
 
     opt_spec = spec["optimizer"]
     if isinstance(opt_spec, str):
@@ -378,26 +852,29 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     else:
         task = "regression"
 
-    params = [(key, shape, layer.fan_in) for layer in layers for _, key, shape, _ in layer.params]
+    params = [p for layer in layers for p in layer.params]
     summary = []
     for layer in layers:
-        width = f"{layer.width_in} -> {layer.width_out}"
-        shapes = ", ".join(f"{key} {shape}" for _, key, shape, _ in layer.params)
-        summary.append(f"{layer.index:<5}  {layer.op:<22}  {width:<11}  {shapes}".rstrip())
+        shapes = f"{_shape(layer.shape_in)} -> {_shape(layer.shape_out)}"
+        op = layer.op + (" (unrolled)" if layer.cell else "")
+        pshapes = ", ".join(f"{p.key} {_shape(p.shape)}" for p in layer.params)
+        summary.append(f"{layer.index:<5}  {op:<22}  {shapes:<24}  {pshapes}".rstrip())
     # the fused step: the compiled cores it calls, by module
     cores: dict[str, set] = {}
-    for layer, info in ((layer, infos[layer.op]) for layer in layers):
-        cores.setdefault(info.module, set()).add(layer.fwd_core)
+    for layer in layers:
+        module = infos[layer.op].module
+        cores.setdefault(module, set()).add(layer.fwd_core)
         if layer.needs_backward:
-            cores[info.module].add(layer.bwd_core)
+            cores[module].add(layer.bwd_core)
     loss_cores = (core_name(loss.name, "fwd"), core_name(loss.name, "bwd"))
     opt_core = core_name(opt.name, "step")
     cores.setdefault(loss.module, set()).update(loss_cores)
     cores.setdefault(opt.module, set()).add(opt_core)
     target = loss.args[1][0] if len(loss.args) > 1 else None
-    slot_locals = [
-        (f"{key}.{s}", f"{local}_{s}") for layer in layers for _, key, _, local in layer.params for s in opt.state
-    ]
+    target_dims = loss.args[1][2] if target else ()
+    # the target's shape when it is the prediction's (checked before the fused step runs)
+    target_like_output = target_dims == loss.args[0][2]
+    slot_locals = [(f"{p.key}.{s}", f"{p.local}_{s}") for p in params for s in opt.state]
     return {
         "imports": [(m, sorted(cores[m])) for m in sorted(cores)],
         "modules": sorted(cores),
@@ -405,21 +882,21 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         "loss_bwd_core": loss_cores[1],
         "loss_core_attrs": _core_attrs(loss, loss_given),
         "target_int": target in loss.int_args,
+        "target_like_output": target_like_output,
         "opt_core": opt_core,
         "opt_counter": opt.counter,
-        "opt_attrs": [
-            (a, "int" if isinstance(d, int) and not isinstance(d, bool) else "float") for a, d in opt.attr_defaults
-        ],
-        "param_locals": [local for layer in layers for _, _, _, local in layer.params],
-        "param_keys": [key for layer in layers for _, key, _, _ in layer.params],
+        "opt_attrs": [(a, "int" if _integer(d) else "float") for a, d in opt.attr_defaults],
+        "param_locals": [p.local for p in params],
         "slot_locals": slot_locals,
         "summary": summary,
         "hyper_literal": "{" + ", ".join(f'"{k}": {v}' for k, v in hyper) + "}",
         "slots_literal": _tuple_literal(opt.state),
         "name": name,
         "doc": doc.strip() or f"The {name} model.",
-        "input": spec["input"],
-        "output": layers[-1].width_out,
+        "input_shape": _shape(input_shape),
+        "output_shape": _shape(output_shape),
+        "input_size": math.prod(input_shape),
+        "output_size": math.prod(output_shape),
         "layers": layers,
         "params": params,
         "loss": loss.name,
@@ -429,6 +906,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         "hyper": hyper,
         "slots": opt.state,
         "n": len(layers),
+        "unrolled": any(layer.cell for layer in layers),
     }
 
 
@@ -445,6 +923,13 @@ def load_spec(spec_path) -> dict:
         raise ModelSpecError(path, f"invalid TOML: {exc}") from None
 
 
+def check_model(spec_path, programs: Iterable | Mapping | None = None) -> dict:
+    """Validate a model spec; return what the template is rendered with (its layers,
+    with their shapes and parameters, among it). Raises :class:`ModelSpecError`."""
+    path = Path(spec_path)
+    return _check_spec(path, load_spec(path), _library_infos(programs))
+
+
 def render_model(
     spec_path, programs: Iterable | Mapping | None = None, modules: Mapping[str, str] | None = None
 ) -> tuple[str, str]:
@@ -459,8 +944,7 @@ def render_model(
     kernel it was compiled from changes.
     """
     path = Path(spec_path)
-    spec = load_spec(path)
-    context = _check_spec(path, spec, _library_infos(programs))
+    context = check_model(path, programs)
     context["header"] = {"sources": [_display_path(path)], "template": TEMPLATE, "command": COMMAND}
     context["digests"] = [(m, _digest(m + ".py", modules)) for m in context["modules"]]
     text = render(TEMPLATE, **context)

@@ -5,8 +5,9 @@
 
 """Generated models: one module per model spec in specs/models/.
 
+- ``generated.models.cnn_digits``
 - ``generated.models.mlp_bench``
 - ``generated.models.mlp_digits``
 """
 
-MODELS = ("mlp_bench", "mlp_digits")
+MODELS = ("cnn_digits", "mlp_bench", "mlp_digits")

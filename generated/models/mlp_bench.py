@@ -6,19 +6,19 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py a131cbcfafd526a8
-#   generated/layers.py 7d04bb7a352d72ea
-#   generated/losses.py 522809467d760c85
+#   generated/layers.py 699fc9e8b20b38bd
+#   generated/losses.py 368db27c867793b5
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_bench model.
 
-Model ``mlp_bench``: 784 input features -> 10 outputs.
+Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).
 
-  layer  op                      width        parameters
-  0      dense                   784 -> 256   dense0.weight (784, 256), dense0.bias (256,)
-  1      relu                    256 -> 256
-  2      dense                   256 -> 128   dense2.weight (256, 128), dense2.bias (128,)
-  3      relu                    128 -> 128
-  4      dense                   128 -> 10    dense4.weight (128, 10), dense4.bias (10,)
+  layer  op                      shape per sample          parameters
+  0      dense                   (784,) -> (256,)          dense0.weight (784, 256), dense0.bias (256,)
+  1      relu                    (256,) -> (256,)
+  2      dense                   (256,) -> (128,)          dense2.weight (256, 128), dense2.bias (128,)
+  3      relu                    (128,) -> (128,)
+  4      dense                   (128,) -> (10,)           dense4.weight (128, 10), dense4.bias (10,)
 
 Loss: softmax_cross_entropy. Optimizer: adam (lr=0.001).
 
@@ -39,7 +39,9 @@ from generated.losses import _softmax_cross_entropy_bwd_core, _softmax_cross_ent
 from generated.optimizers import _adam_step_core
 
 NAME = "mlp_bench"
-INPUT = 784
+INPUT_SHAPE = (784,)  # one sample: a batch is (B,) + INPUT_SHAPE
+OUTPUT_SHAPE = (10,)
+INPUT = 784  # numbers per sample (the product of INPUT_SHAPE)
 OUTPUT = 10
 TASK = "classification"
 LOSS = "softmax_cross_entropy"
@@ -86,21 +88,20 @@ _TRAINED = (
 
 
 def init(seed, dtype=np.float32):
-    """Fresh parameters, as PyTorch initialises them: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    """Fresh parameters, by the role each plays in its op: a weight (multiplied with the
+    input in a sum) from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's layers, a bias
+    (added) at zero, a scale (multiplied) at one, anything else from N(0, 1)."""
     rng = np.random.default_rng(seed)
     params = {}
     bound = 1.0 / np.sqrt(784)
     params["dense0.weight"] = rng.uniform(-bound, bound, size=(784, 256)).astype(dtype)
-    bound = 1.0 / np.sqrt(784)
-    params["dense0.bias"] = rng.uniform(-bound, bound, size=(256,)).astype(dtype)
+    params["dense0.bias"] = np.zeros((256,), dtype)
     bound = 1.0 / np.sqrt(256)
     params["dense2.weight"] = rng.uniform(-bound, bound, size=(256, 128)).astype(dtype)
-    bound = 1.0 / np.sqrt(256)
-    params["dense2.bias"] = rng.uniform(-bound, bound, size=(128,)).astype(dtype)
+    params["dense2.bias"] = np.zeros((128,), dtype)
     bound = 1.0 / np.sqrt(128)
     params["dense4.weight"] = rng.uniform(-bound, bound, size=(128, 10)).astype(dtype)
-    bound = 1.0 / np.sqrt(128)
-    params["dense4.bias"] = rng.uniform(-bound, bound, size=(10,)).astype(dtype)
+    params["dense4.bias"] = np.zeros((10,), dtype)
     return params
 
 
@@ -129,13 +130,19 @@ def init_state(params):
 
 
 def forward(params, x):
-    """The model's output (before the loss) for a batch ``x`` of shape (B, 784)."""
+    """The model's output (before the loss) for a batch ``x`` of shape (B,) + INPUT_SHAPE."""
+    dense0_weight = params["dense0.weight"]
+    dense0_bias = params["dense0.bias"]
+    dense2_weight = params["dense2.weight"]
+    dense2_bias = params["dense2.bias"]
+    dense4_weight = params["dense4.weight"]
+    dense4_bias = params["dense4.bias"]
     h0 = x
-    h1 = _dense0.forward(h0, params["dense0.weight"], params["dense0.bias"])
+    h1 = _dense0.forward(h0, dense0_weight, dense0_bias)
     h2 = _relu1.forward(h1)
-    h3 = _dense2.forward(h2, params["dense2.weight"], params["dense2.bias"])
+    h3 = _dense2.forward(h2, dense2_weight, dense2_bias)
     h4 = _relu3.forward(h3)
-    h5 = _dense4.forward(h4, params["dense4.weight"], params["dense4.bias"])
+    h5 = _dense4.forward(h4, dense4_weight, dense4_bias)
     return h5
 
 
@@ -235,6 +242,10 @@ def train_step(params, state, x, y, **hyper):
     )
     x = np.ascontiguousarray(x, dtype)
     y = np.ascontiguousarray(y, dtype)
+    if x.shape[1:] != INPUT_SHAPE:
+        raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
+    if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
+        raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
     t = state["t"] + 1
     state["t"] = t
     loss = _train_step(

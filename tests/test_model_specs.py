@@ -1,0 +1,279 @@
+"""Model specs (codegen/model.py): shapes flow through layers of any rank, sizes come
+from the op's Programs (input dims, ``out``, dims by name, derived dims), parameters
+are initialised by their role, and bad specs fail with messages naming the file, the
+layer entry and the problem."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from codegen.model import ModelSpecError, check_model, render_model
+
+# the library ops these tests compose (derived once: gru_cell would be slow)
+OPS = (
+    "adam", "conv2d", "dense", "dropout", "flatten", "layer_norm", "max_pool2d", "mse", "relu",
+    "rnn_cell", "softmax_cross_entropy",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def programs():
+    import derive
+
+    return [derive.build(d) for d in derive.library_defs() if d.name in OPS]
+
+
+@pytest.fixture
+def spec(tmp_path):
+    """``spec(input, layers, loss=...)`` -> the path of a model spec with those fields."""
+
+    def write(input, layers, loss='"softmax_cross_entropy"', name="m"):
+        text = f"""
+            name = "{name}"
+            kind = "model"
+            input = {input}
+            layers = [
+            {textwrap.indent(layers.strip(), " " * 12).strip()}
+            ]
+            loss = {loss}
+            optimizer = {{ op = "adam", lr = 0.001 }}
+        """
+        path = tmp_path / f"{name}.toml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+CNN = """
+{ op = "conv2d", out = 8, KH = 3, KW = 3, P = 1 },
+{ op = "relu" },
+{ op = "max_pool2d" },
+{ op = "flatten" },
+{ op = "dense", out = 10 },
+"""
+
+
+def shapes(context):
+    return [(layer.op, layer.shape_in, layer.shape_out) for layer in context["layers"]]
+
+
+def params(context):
+    return {p.key: p for p in context["params"]}
+
+
+def fails(programs, path, *patterns):
+    with pytest.raises(ModelSpecError) as info:
+        check_model(path, programs)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    for p in patterns:
+        assert re.search(p, message), f"{p!r} not in: {message}"
+    return message
+
+
+# ------------------------------------------------------------------ shapes and sizes
+
+
+def test_shapes_flow_through_conv_pool_flatten_dense(programs, spec):
+    context = check_model(spec("[1, 8, 8]", CNN), programs)
+    assert shapes(context) == [
+        ("conv2d", (1, 8, 8), (8, 8, 8)),
+        ("relu", (8, 8, 8), (8, 8, 8)),
+        ("max_pool2d", (8, 8, 8), (8, 4, 4)),
+        ("flatten", (8, 4, 4), (128,)),
+        ("dense", (128,), (10,)),
+    ]
+
+
+def test_an_integer_input_is_one_feature_axis(programs, spec):
+    context = check_model(spec("64", '{ op = "dense", out = 10 }'), programs)
+    assert shapes(context) == [("dense", (64,), (10,))]
+
+
+def test_derived_dims_use_the_entry_attributes(programs, spec):
+    layers = '{ op = "conv2d", out = 4, KH = 3, KW = 5, S = 2 }, { op = "flatten" }, { op = "dense", out = 2 }'
+    context = check_model(spec("[3, 9, 11]", layers), programs)
+    # HO = floor((9 - 3)/2) + 1 = 4, WO = floor((11 - 5)/2) + 1 = 4
+    assert shapes(context)[0] == ("conv2d", (3, 9, 11), (4, 4, 4))
+    assert params(context)["conv2d0.weight"].shape == (4, 3, 3, 5)
+
+
+def test_parameters_are_sized_from_input_out_and_named_dims(programs, spec):
+    ps = params(check_model(spec("[1, 8, 8]", CNN), programs))
+    assert {k: p.shape for k, p in ps.items()} == {
+        "conv2d0.weight": (8, 1, 3, 3),
+        "conv2d0.bias": (8,),
+        "dense4.weight": (128, 10),
+        "dense4.bias": (10,),
+    }
+
+
+# ----------------------------------------------------------------- initialisation
+
+
+def test_weights_are_drawn_with_the_fan_in_of_their_summed_dims(programs, spec):
+    ps = params(check_model(spec("[2, 8, 8]", CNN), programs))
+    assert (ps["conv2d0.weight"].init, ps["conv2d0.weight"].fan_in) == ("fan_in", 2 * 3 * 3)
+    assert (ps["dense4.weight"].init, ps["dense4.weight"].fan_in) == ("fan_in", 8 * 4 * 4)
+
+
+def test_biases_start_at_zero_and_scales_at_one(programs, spec):
+    layers = '{ op = "dense", out = 6 }, { op = "layer_norm" }, { op = "dense", out = 3 }'
+    ps = params(check_model(spec("5", layers), programs))
+    assert ps["dense0.bias"].init == "zeros"
+    assert ps["layer_norm1.weight"].init == "ones"
+    assert ps["layer_norm1.bias"].init == "zeros"
+
+
+def test_init_draws_weights_in_their_bound(programs, spec, tmp_path):
+    import codegen
+
+    model = codegen.load_module(_write_module(programs, spec("[1, 8, 8]", CNN), tmp_path))
+    p = model.init(0, dtype=np.float64)
+    assert np.abs(p["conv2d0.weight"]).max() <= 1 / 3 and np.abs(p["conv2d0.weight"]).max() > 0.2
+    assert not p["conv2d0.bias"].any() and not p["dense4.bias"].any()
+
+
+def _write_module(programs, path, out_dir):
+    rel, text = render_model(path, programs)
+    target = out_dir / rel.split("/")[-1]
+    target.write_text(text)
+    return target
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_a_missing_kernel_size_is_an_unknown_dim(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", out = 8 }, { op = "flatten" }, { op = "dense", out = 10 }')
+    fails(programs, path, r"layers\[0\] \{ op = \"conv2d\", out = 8 \}", r"unknown dimension KH", r"KH = <size>")
+
+
+def test_a_missing_out_is_named(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", KH = 3, KW = 3 }, { op = "flatten" }, { op = "dense", out = 10 }')
+    fails(programs, path, r"layers\[0\]", r"unknown dimension 'O'", r"out = <size>")
+
+
+def test_dense_after_conv_without_flatten_is_a_shape_mismatch(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", out = 8, KH = 3, KW = 3 }, { op = "dense", out = 10 }')
+    fails(
+        programs, path, r"layers\[1\] \{ op = \"dense\", out = 10 \}", "shape mismatch",
+        r"\(B, I\)", r"\(8, 6, 6\)", r'op = "flatten"',
+    )  # fmt: skip
+
+
+def test_a_kernel_larger_than_the_input_is_a_non_positive_derived_size(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", out = 8, KH = 9, KW = 3 }, { op = "flatten" }, { op = "dense", out = 10 }')
+    fails(programs, path, r"layers\[0\]", r"derived dimension HO", r"is 0 at", "must be positive")
+
+
+def test_pooling_a_too_small_map_is_a_non_positive_derived_size(programs, spec):
+    layers = "{ op = \"max_pool2d\", K = 3, S = 3 }, { op = \"flatten\" }, { op = \"dense\", out = 2 }"
+    fails(programs, spec("[1, 2, 2]", layers), r"layers\[0\]", r"derived dimension HO", "must be positive")
+
+
+def test_a_dim_the_input_sets_cannot_be_given(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", out = 8, KH = 3, KW = 3, C = 3 }, { op = "flatten" }, { op = "dense", out = 10 }')
+    fails(programs, path, r"dimension 'C' is set by the layer's input \(C = 1\)")
+
+
+def test_a_derived_dim_cannot_be_given(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", out = 8, KH = 3, KW = 3, HO = 4 }, { op = "flatten" }, { op = "dense", out = 10 }')
+    fails(programs, path, r"dimension 'HO' is derived")
+
+
+def test_out_and_its_dim_by_name_is_given_twice(programs, spec):
+    fails(programs, spec("4", '{ op = "dense", out = 3, O = 3 }'), "given twice")
+
+
+def test_an_unknown_field_lists_what_the_layer_takes(programs, spec):
+    fails(programs, spec("4", '{ op = "dense", out = 3, width = 3 }'), r"unknown field 'width'", r"this layer takes: out")
+
+
+def test_out_on_an_op_without_a_new_dim_is_refused(programs, spec):
+    fails(programs, spec("[1, 8, 8]", '{ op = "flatten", out = 64 }, { op = "dense", out = 2 }'), "'out' is not used")
+
+
+def test_an_integer_attribute_must_be_an_integer(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "conv2d", out = 8, KH = 3, KW = 3, P = 0.5 }, { op = "flatten" }, { op = "dense", out = 2 }')
+    fails(programs, path, r"attribute 'P' must be an integer")
+
+
+def test_a_loss_after_an_image_is_a_shape_mismatch(programs, spec):
+    fails(programs, spec("[1, 8, 8]", '{ op = "relu" }'), r"loss \(op 'softmax_cross_entropy'\)", "shape mismatch", r'op = "flatten"')
+
+
+def test_an_op_with_two_inputs_is_not_a_feedforward_layer(programs, spec):
+    fails(programs, spec("4", '{ op = "dropout" }'), r"takes 2 inputs \(x \(B, N\), mask \(B, N\)\)")
+
+
+def test_the_input_must_be_a_shape(programs, spec):
+    fails(programs, spec("[1, 0]", '{ op = "dense", out = 2 }'), r"input: must be a positive integer")
+
+
+# ------------------------------------------------------- the generated CNN module
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    from generated.models import cnn_digits
+
+    return cnn_digits
+
+
+def torch_cnn_loss(cnn, params: dict, x, y):
+    """cnn_digits' layers with torch.nn.functional, from the module's layer table."""
+    h = torch.tensor(x)
+    w, b = params["conv2d0.weight"], params["conv2d0.bias"]
+    h = F.max_pool2d(F.relu(F.conv2d(h, w, b, padding=1)), 2)
+    h = torch.flatten(h, 1) @ params["dense4.weight"] + params["dense4.bias"]
+    return F.cross_entropy(h, torch.tensor(y))
+
+
+def test_cnn_module_loss_and_grads_match_torch(cnn, rng):
+    params = cnn.init(0, dtype=np.float64)
+    assert list(cnn.PARAM_SHAPES) == ["conv2d0.weight", "conv2d0.bias", "dense4.weight", "dense4.bias"]
+    x = rng.normal(size=(5,) + cnn.INPUT_SHAPE)
+    y = np.eye(10)[rng.integers(0, 10, size=5)]
+    loss, grads = cnn.loss_and_grads(params, x, y)
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    expected = torch_cnn_loss(cnn, tparams, x, y)
+    expected.backward()
+    ref.assert_close(loss, expected.item(), np.float64, "loss")
+    for k in cnn.PARAM_SHAPES:
+        ref.assert_close(grads[k], tparams[k].grad.numpy(), np.float64, f"gradient of {k}")
+
+
+def test_cnn_train_step_is_loss_and_grads_then_adam(cnn, rng):
+    import generated
+
+    params = cnn.init(1, dtype=np.float64)
+    manual = {k: v.copy() for k, v in params.items()}
+    state = cnn.init_state(params)
+    adam = generated.op(cnn.OPTIMIZER)
+    slots = {k: adam.init_state(v) for k, v in manual.items()}
+    hyper = {**adam.hyper, **cnn.HYPER}
+    for t in (1, 2):
+        x = rng.normal(size=(6,) + cnn.INPUT_SHAPE)
+        y = np.eye(10)[rng.integers(0, 10, size=6)]
+        loss_manual, grads = cnn.loss_and_grads(manual, x, y)
+        for k in manual:
+            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
+        loss = cnn.train_step(params, state, x, y)
+        ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
+        for k in params:
+            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+
+
+def test_train_step_refuses_a_batch_of_the_wrong_sample_shape(cnn):
+    params = cnn.init(0)
+    with pytest.raises(ValueError, match=r"x must have shape \(B,\) \+ \(1, 8, 8\)"):
+        cnn.train_step(params, cnn.init_state(params), np.zeros((4, 64), np.float32), np.zeros((4, 10), np.float32))
