@@ -42,6 +42,7 @@ _MODULES = {
     "mish": "activations",
     "momentum": "optimizers",
     "mse": "losses",
+    "multi_head_attention": "layers",
     "nesterov": "optimizers",
     "nll": "losses",
     "relu": "activations",

@@ -11,7 +11,7 @@
 # Template: codegen/templates/cpu/module.py.jinja
 # Regenerate: python -m codegen
 
-"""layers: avg_pool2d, batch_norm2d, batch_norm2d_eval, batch_norm2d_stats, conv2d, cosine_similarity, dense, dropout, embedding, flatten, gcn_layer, gru_cell, layer_norm, log_softmax, max_pool2d, rnn_cell, scaled_dot_product_attention, softmax.
+"""layers: avg_pool2d, batch_norm2d, batch_norm2d_eval, batch_norm2d_stats, conv2d, cosine_similarity, dense, dropout, embedding, flatten, gcn_layer, gru_cell, layer_norm, log_softmax, max_pool2d, multi_head_attention, rnn_cell, scaled_dot_product_attention, softmax.
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 layers_cuda.py).
@@ -93,6 +93,19 @@ def _sigmoid(x, F):
     z = math.exp(-abs(x))
     r = F(1) / (F(1) + z)
     return r if x >= 0 else z * r
+
+
+@njit(cache=True, error_model="numpy")
+def _span(a, b, lo, hi):
+    """The part of the loop range [lo, hi) where a*v + b >= 0 (integers), as (lo, hi)
+    with lo <= hi: one bound of a guard, so a loop runs without a test per element."""
+    if a > 0:
+        lo = max(lo, -(b // a))
+    elif a < 0:
+        hi = min(hi, b // -a + 1)
+    elif b < 0:
+        hi = lo
+    return lo, max(lo, hi)
 
 
 # ============================================================================ avg_pool2d
@@ -216,11 +229,12 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
 
 
 @njit(cache=True, error_model="numpy")
-def _batch_norm2d_fwd0(x, mean, var, C, H, N, W):
+def _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps):
     """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
     mean[c] = mean_sum0[c]/(H*N*W)
     var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
     var[c] = var_sum0[c]/(H*N*W)
+    rstd[c] = 1/sqrt(eps + var[c])
     """
     _F = mean.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
@@ -242,53 +256,47 @@ def _batch_norm2d_fwd0(x, mean, var, C, H, N, W):
                     _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
         # var[c] = var_sum0[c]/(H*N*W)
         _v_var = _c0*_v_var_sum0
-        var[c] = _v_var
+        # rstd[c] = 1/sqrt(eps + var[c])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[c] = _v_rstd
 
 
 @njit(cache=True, error_model="numpy")
-def _batch_norm2d_fwd1(x, weight, bias, y, mean, var, C, H, N, W, eps):
-    """y[n, c, h, w] = bias[c] + (-mean[c] + x[n, c, h, w])*weight[c]/sqrt(eps + var[c])"""
+def _batch_norm2d_fwd1(x, weight, bias, y, mean, rstd, C, H, N, W):
+    """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+    y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+    """
     _F = y.dtype.type
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, H):
                 for w in range(0, W):
-                    _v_y = bias[c] + (-mean[c] + x[n, c, h, w])*weight[c]/math.sqrt(eps + var[c])
+                    # xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+                    _v_xhat = (-mean[c] + x[n, c, h, w])*rstd[c]
+                    # y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+                    _v_y = _v_xhat*weight[c] + bias[c]
                     y[n, c, h, w] = _v_y
 
 
 @njit(cache=True, error_model="numpy")
-def _batch_norm2d_bwd0(x, weight, mean, var, g_y, g_weight, g_bias, g_mean, g_var, C, H, N, W, eps):
-    """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
-    mean[c] = mean_sum0[c]/(H*N*W)
-    var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-    var[c] = var_sum0[c]/(H*N*W)
-    g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
-    g_mean[c] = sum(-g_y[n, c, h, w]*weight[c]/sqrt(eps + var[c]), n, h, w)
-    g_var[c] = sum((mean[c] - x[n, c, h, w])*g_y[n, c, h, w]*weight[c]/(2*(eps + var[c])**(3/2)), n, h, w)
-    g_weight[c] = sum((-mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + var[c]), n, h, w)
+def _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W):
+    """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]"""
+    _F = xhat.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_xhat = (-mean[c] + x[n, c, h, w])*rstd[c]
+                    xhat[n, c, h, w] = _v_xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W):
+    """g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
+    g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
     """
-    _F = mean.dtype.type
-    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    _F = g_bias.dtype.type
     for c in range(0, C):
-        # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
-        _v_mean_sum0 = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_mean_sum0 += x[n, c, h, w]
-        # mean[c] = mean_sum0[c]/(H*N*W)
-        _v_mean = _c0*_v_mean_sum0
-        mean[c] = _v_mean
-        # var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-        _v_var_sum0 = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
-        # var[c] = var_sum0[c]/(H*N*W)
-        _v_var = _c0*_v_var_sum0
-        var[c] = _v_var
         # g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
         _v_g_bias = _F(0)
         for n in range(0, N):
@@ -296,84 +304,26 @@ def _batch_norm2d_bwd0(x, weight, mean, var, g_y, g_weight, g_bias, g_mean, g_va
                 for w in range(0, W):
                     _v_g_bias += g_y[n, c, h, w]
         g_bias[c] = _v_g_bias
-        # g_mean[c] = sum(-g_y[n, c, h, w]*weight[c]/sqrt(eps + var[c]), n, h, w)
-        _v_g_mean = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_g_mean += -g_y[n, c, h, w]*weight[c]/math.sqrt(_v_var + eps)
-        g_mean[c] = _v_g_mean
-        # g_var[c] = sum((mean[c] - x[n, c, h, w])*g_y[n, c, h, w]*weight[c]/(2*(eps + var[c])**(3/2)), n, h, w)
-        _v_g_var = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_g_var += _F(0.5)*(_v_mean - x[n, c, h, w])*g_y[n, c, h, w]*weight[c]/(_v_var + eps)**(_F(1.5))
-        g_var[c] = _v_g_var
-        # g_weight[c] = sum((-mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + var[c]), n, h, w)
+        # g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
         _v_g_weight = _F(0)
         for n in range(0, N):
             for h in range(0, H):
                 for w in range(0, W):
-                    _v_g_weight += (-_v_mean + x[n, c, h, w])*g_y[n, c, h, w]/math.sqrt(_v_var + eps)
+                    _v_g_weight += g_y[n, c, h, w]*xhat[n, c, h, w]
         g_weight[c] = _v_g_weight
 
 
 @njit(cache=True, error_model="numpy")
-def _batch_norm2d_bwd1(x, weight, mean, var, g_y, g_x, g_mean, g_var, C, H, N, W, eps):
-    """g_x[n, c, h, w] = g_y[n, c, h, w]*weight[c]/sqrt(eps + var[c]) + 2*(-mean[c] + x[n, c, h, w])*g_var[c]/(H*N*W) + g_mean[c]/(H*N*W)"""
+def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W):
+    """g_x[n, c, h, w] = (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*weight[c]"""
     _F = g_x.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, H):
                 for w in range(0, W):
-                    _v_g_x = _F(2)*_c0*(-mean[c] + x[n, c, h, w])*g_var[c] + _c0*g_mean[c] + g_y[n, c, h, w]*weight[c]/math.sqrt(eps + var[c])
+                    _v_g_x = (-_c0*g_bias[c] - _c0*g_weight[c]*xhat[n, c, h, w] + g_y[n, c, h, w])*rstd[c]*weight[c]
                     g_x[n, c, h, w] = _v_g_x
-
-
-@njit(cache=True, error_model="numpy")
-def _batch_norm2d_bwd_params0(x, g_y, g_weight, g_bias, C, H, N, W, eps):
-    """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
-    mean[c] = mean_sum0[c]/(H*N*W)
-    var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-    var[c] = var_sum0[c]/(H*N*W)
-    g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
-    g_weight[c] = sum((-mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + var[c]), n, h, w)
-    """
-    _F = g_bias.dtype.type
-    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
-    for c in range(0, C):
-        # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
-        _v_mean_sum0 = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_mean_sum0 += x[n, c, h, w]
-        # mean[c] = mean_sum0[c]/(H*N*W)
-        _v_mean = _c0*_v_mean_sum0
-        # var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-        _v_var_sum0 = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
-        # var[c] = var_sum0[c]/(H*N*W)
-        _v_var = _c0*_v_var_sum0
-        # g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
-        _v_g_bias = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_g_bias += g_y[n, c, h, w]
-        g_bias[c] = _v_g_bias
-        # g_weight[c] = sum((-mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + var[c]), n, h, w)
-        _v_g_weight = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_g_weight += (-_v_mean + x[n, c, h, w])*g_y[n, c, h, w]/math.sqrt(_v_var + eps)
-        g_weight[c] = _v_g_weight
 
 
 @njit(cache=True, error_model="numpy")
@@ -387,9 +337,9 @@ def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
     W = x.shape[3]
     y = np.empty((N, C, H, W), _dtype)
     mean = np.empty((C,), _dtype)
-    var = np.empty((C,), _dtype)
-    _batch_norm2d_fwd0(x, mean, var, C, H, N, W)
-    _batch_norm2d_fwd1(x, weight, bias, y, mean, var, C, H, N, W, eps)
+    rstd = np.empty((C,), _dtype)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_fwd1(x, weight, bias, y, mean, rstd, C, H, N, W)
     return y
 
 
@@ -422,14 +372,15 @@ def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
     H = g_y.shape[2]
     W = g_y.shape[3]
     mean = np.empty((C,), _dtype)
-    var = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
     g_x = np.empty((N, C, H, W), _dtype)
     g_weight = np.empty((C,), _dtype)
     g_bias = np.empty((C,), _dtype)
-    g_mean = np.empty((C,), _dtype)
-    g_var = np.empty((C,), _dtype)
-    _batch_norm2d_bwd0(x, weight, mean, var, g_y, g_weight, g_bias, g_mean, g_var, C, H, N, W, eps)
-    _batch_norm2d_bwd1(x, weight, mean, var, g_y, g_x, g_mean, g_var, C, H, N, W, eps)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
     return g_x, g_weight, g_bias
 
 
@@ -467,9 +418,14 @@ def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
     C = g_y.shape[1]
     H = g_y.shape[2]
     W = g_y.shape[3]
+    mean = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
     g_weight = np.empty((C,), _dtype)
     g_bias = np.empty((C,), _dtype)
-    _batch_norm2d_bwd_params0(x, g_y, g_weight, g_bias, C, H, N, W, eps)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
     return g_weight, g_bias
 
 
@@ -701,30 +657,38 @@ def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
 
 
 @njit(cache=True, error_model="numpy")
-def _conv2d_fwd0(x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)"""
-    _F = y_sum0.dtype.type
-    for h in range(0, HO):
-        for n in range(0, N):
-            for o in range(0, O):
-                for w in range(0, WO):
-                    _v_y_sum0 = _F(0)
-                    for c in range(0, C):
-                        for p in range(0, KH):
-                            for q in range(0, KW):
-                                _v_y_sum0 += (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*weight[o, c, p, q]
-                    y_sum0[h, n, o, w] = _v_y_sum0
-
-
-@njit(cache=True, error_model="numpy")
-def _conv2d_fwd1(bias, y, y_sum0, HO, N, O, WO):
-    """y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]"""
+def _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO):
+    """y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)
+    y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]
+    """
     _F = y.dtype.type
+    _b = np.empty((C, KH, KW, HO, WO), y.dtype)
     for n in range(0, N):
+        # gather: _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
+        for c in range(0, C):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    for h in range(0, HO):
+                        _lo, _hi = 0, WO
+                        _lo, _hi = _span(S, -P + q, _lo, _hi)
+                        _lo, _hi = _span(-S, P + W - q - 1, _lo, _hi)
+                        if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
+                            _hi = _lo
+                        for w in range(0, _lo):
+                            _b[c, p, q, h, w] = _F(0)
+                        for w in range(_lo, _hi):
+                            _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q]
+                        for w in range(_hi, WO):
+                            _b[c, p, q, h, w] = _F(0)
+        np.dot(weight.reshape(O, C*KH*KW), _b.reshape(C*KH*KW, HO*WO), y[n].reshape(O, HO*WO))
         for o in range(0, O):
             for h in range(0, HO):
                 for w in range(0, WO):
-                    _v_y = bias[o] + y_sum0[h, n, o, w]
+                    _dot = y[n, o, h, w]
+                    # y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)
+                    _v_y_sum0 = _dot
+                    # y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]
+                    _v_y = _v_y_sum0 + bias[o]
                     y[n, o, h, w] = _v_y
 
 
@@ -745,32 +709,61 @@ def _conv2d_bwd0(g_y, g_bias, HO, N, O, WO):
 def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
     """g_weight[o, c, p, q] = sum(g_y[n, o, h, w]*x[n, c, -P + S*h + p, -P + S*w + q], h, n, w)"""
     _F = g_weight.dtype.type
+    _b = np.empty((C, KH, KW, HO, WO), g_weight.dtype)
+    _prod = np.empty((O, C*KH*KW), g_weight.dtype)
+    _pv = _prod.reshape((O, C, KH, KW))
+    _prod[:] = _F(0)
+    for n in range(0, N):
+        # gather: _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
+        for c in range(0, C):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    for h in range(0, HO):
+                        _lo, _hi = 0, WO
+                        _lo, _hi = _span(S, -P + q, _lo, _hi)
+                        _lo, _hi = _span(-S, P + W - q - 1, _lo, _hi)
+                        if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
+                            _hi = _lo
+                        for w in range(0, _lo):
+                            _b[c, p, q, h, w] = _F(0)
+                        for w in range(_lo, _hi):
+                            _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q]
+                        for w in range(_hi, WO):
+                            _b[c, p, q, h, w] = _F(0)
+        _prod += np.dot(g_y[n].reshape(O, HO*WO), _b.reshape(C*KH*KW, HO*WO).T)
     for o in range(0, O):
         for c in range(0, C):
             for p in range(0, KH):
                 for q in range(0, KW):
-                    _v_g_weight = _F(0)
-                    for h in range(0, HO):
-                        for n in range(0, N):
-                            for w in range(0, WO):
-                                _v_g_weight += (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*g_y[n, o, h, w]
+                    _dot = _pv[o, c, p, q]
+                    _v_g_weight = _dot
                     g_weight[o, c, p, q] = _v_g_weight
 
 
 @njit(cache=True, error_model="numpy")
 def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """g_x[n, c, h1, w1] = sum(g_y[n, o, h, w]*weight[o, c, P - S*h + h1, P - S*w + w1], h, o, w)"""
+    """g_x[n, c, h1, w1] = sum(g_y[n, o, h, w]*weight[o, c, P - S*h + h1, P - S*w + w1], h, o, w)
+    as a scatter: g_x[n, c, -P + S*h + kh, -P + S*w + kw] += sum(g_y[n, o, h, w]*weight[o, c, kh, kw], o)
+    """
     _F = g_x.dtype.type
+    g_x[:] = _F(0)
+    _prod = np.empty((C*KH*KW, HO*WO), g_x.dtype)
+    _pv = _prod.reshape((C, KH, KW, HO, WO))
     for n in range(0, N):
+        np.dot(weight.reshape(O, C*KH*KW).T, g_y[n].reshape(O, HO*WO), _prod)
         for c in range(0, C):
-            for h1 in range(0, H):
-                for w1 in range(0, W):
-                    _v_g_x = _F(0)
-                    for h in range(max(0, ((-KH + P + h1) // S) + 1), min(HO, ((P + h1) // S) + 1)):
-                        for o in range(0, O):
-                            for w in range(max(0, ((-KW + P + w1) // S) + 1), min(WO, ((P + w1) // S) + 1)):
-                                _v_g_x += (weight[o, c, P - S*h + h1, P - S*w + w1] if ((P - S*h + h1 >= 0) and (P - S*w + w1 >= 0) and (KH > P - S*h + h1) and (KW > P - S*w + w1)) else _F(0))*g_y[n, o, h, w]
-                    g_x[n, c, h1, w1] = _v_g_x
+            for kh in range(0, KH):
+                for kw in range(0, KW):
+                    for h in range(0, HO):
+                        _lo, _hi = 0, WO
+                        _lo, _hi = _span(S, -P + kw, _lo, _hi)
+                        _lo, _hi = _span(-S, P + W - kw - 1, _lo, _hi)
+                        if not ((-P + S*h + kh >= 0) and (-P + S*h + kh < H)):
+                            _hi = _lo
+                        for w in range(_lo, _hi):
+                            _dot = _pv[c, kh, kw, h, w]
+                            _v_g_x = _dot
+                            g_x[n, c, -P + S*h + kh, -P + S*w + kw] += _v_g_x
 
 
 @njit(cache=True, error_model="numpy")
@@ -787,9 +780,7 @@ def _conv2d_fwd_core(x, weight, bias, S, P):
     HO = ((H - KH + 2*P) // S) + 1
     WO = ((-KW + 2*P + W) // S) + 1
     y = np.empty((N, O, HO, WO), _dtype)
-    y_sum0 = np.empty((HO, N, O, WO), _dtype)
-    _conv2d_fwd0(x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_fwd1(bias, y, y_sum0, HO, N, O, WO)
+    _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return y
 
 
@@ -1582,114 +1573,192 @@ def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
 
 
 @njit(cache=True, error_model="numpy")
-def _gru_cell_fwd0(x, h, w_ih, w_hh, b_ih, b_hh, y, B, G, H, I):
-    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
-    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+def _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H):
+    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)"""
+    _F = r_sum0.dtype.type
+    _b = np.empty((H, H), r_sum0.dtype)
+    # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, H
+        if not ((j >= 0) and (G > j)):
+            _hi = _lo
+        for k in range(0, _lo):
+            _b[j, k] = _F(0)
+        for k in range(_lo, _hi):
+            _b[j, k] = w_hh[j, k]
+        for k in range(_hi, H):
+            _b[j, k] = _F(0)
+    np.dot(h.reshape(B, H), _b.reshape(H, H).T, r_sum0.reshape(B, H))
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
+    """r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
     r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
-    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+    """
+    _F = r.dtype.type
+    _b = np.empty((H, I), r.dtype)
+    # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((j >= 0) and (G > j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(x.reshape(B, I), _b.reshape(H, I).T, r.reshape(B, H))
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = r[b, j]
+            # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+            _v_r_sum1 = _dot
+            # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+            _v_r = _sigmoid(_v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)) + r_sum0[b, j], _F)
+            r[b, j] = _v_r
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H):
+    """z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)"""
+    _F = z_sum0.dtype.type
+    _b = np.empty((H, H), z_sum0.dtype)
+    # gather: _b[j, k] = w_hh[H + j, k], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, H
+        if not ((H + j >= 0) and (G > H + j)):
+            _hi = _lo
+        for k in range(0, _lo):
+            _b[j, k] = _F(0)
+        for k in range(_lo, _hi):
+            _b[j, k] = w_hh[H + j, k]
+        for k in range(_hi, H):
+            _b[j, k] = _F(0)
+    np.dot(h.reshape(B, H), _b.reshape(H, H).T, z_sum0.reshape(B, H))
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I):
+    """z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
     z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+    """
+    _F = z.dtype.type
+    _b = np.empty((H, I), z.dtype)
+    # gather: _b[j, i] = w_ih[H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((H + j >= 0) and (G > H + j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[H + j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(x.reshape(B, I), _b.reshape(H, I).T, z.reshape(B, H))
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = z[b, j]
+            # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+            _v_z_sum1 = _dot
+            # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+            _v_z = _sigmoid(_v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + z_sum0[b, j], _F)
+            z[b, j] = _v_z
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H):
+    """hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
     hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    """
+    _F = hn.dtype.type
+    _b = np.empty((H, H), hn.dtype)
+    # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, H
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for k in range(0, _lo):
+            _b[j, k] = _F(0)
+        for k in range(_lo, _hi):
+            _b[j, k] = w_hh[2*H + j, k]
+        for k in range(_hi, H):
+            _b[j, k] = _F(0)
+    np.dot(h.reshape(B, H), _b.reshape(H, H).T, hn.reshape(B, H))
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = hn[b, j]
+            # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+            _v_hn_sum0 = _dot
+            # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+            _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
+            hn[b, j] = _v_hn
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I):
+    """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
     """
     _F = y.dtype.type
+    _b = np.empty((H, I), y.dtype)
+    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[2*H + j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(x.reshape(B, I), _b.reshape(H, I).T, y.reshape(B, H))
     for b in range(0, B):
         for j in range(0, H):
-            # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
-            _v_r_sum0 = _F(0)
-            for k in range(0, H):
-                _v_r_sum0 += (w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*h[b, k]
-            # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
-            _v_r_sum1 = _F(0)
-            for i in range(0, I):
-                _v_r_sum1 += (w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*x[b, i]
-            # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-            _v_r = _sigmoid(_v_r_sum0 + _v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)), _F)
-            # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
-            _v_z_sum0 = _F(0)
-            for k in range(0, H):
-                _v_z_sum0 += (w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*h[b, k]
-            # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
-            _v_z_sum1 = _F(0)
-            for i in range(0, I):
-                _v_z_sum1 += (w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*x[b, i]
-            # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-            _v_z = _sigmoid(_v_z_sum0 + _v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)), _F)
-            # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
-            _v_hn_sum0 = _F(0)
-            for k in range(0, H):
-                _v_hn_sum0 += (w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*h[b, k]
-            # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-            _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
+            _dot = y[b, j]
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
-            _v_nn_sum0 = _F(0)
-            for i in range(0, I):
-                _v_nn_sum0 += (w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*x[b, i]
+            _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)))
+            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
             # y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
-            _v_y = _v_nn*(_F(1) - _v_z) + _v_z*h[b, j]
+            _v_y = _v_nn*(_F(1) - z[b, j]) + h[b, j]*z[b, j]
             y[b, j] = _v_y
 
 
 @njit(cache=True, error_model="numpy")
-def _gru_cell_bwd0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, G, H, I):
-    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
-    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
-    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
-    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
-    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
-    hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I):
+    """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     g_h[b, j] = g_y[b, j]*z[b, j]
     """
-    _F = r.dtype.type
+    _F = nn.dtype.type
+    _b = np.empty((H, I), nn.dtype)
+    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[2*H + j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H))
     for b in range(0, B):
         for j in range(0, H):
-            # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
-            _v_r_sum0 = _F(0)
-            for k in range(0, H):
-                _v_r_sum0 += (w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*h[b, k]
-            # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
-            _v_r_sum1 = _F(0)
-            for i in range(0, I):
-                _v_r_sum1 += (w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*x[b, i]
-            # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-            _v_r = _sigmoid(_v_r_sum0 + _v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)), _F)
-            r[b, j] = _v_r
-            # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
-            _v_z_sum0 = _F(0)
-            for k in range(0, H):
-                _v_z_sum0 += (w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*h[b, k]
-            # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
-            _v_z_sum1 = _F(0)
-            for i in range(0, I):
-                _v_z_sum1 += (w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*x[b, i]
-            # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-            _v_z = _sigmoid(_v_z_sum0 + _v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)), _F)
-            z[b, j] = _v_z
-            # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
-            _v_hn_sum0 = _F(0)
-            for k in range(0, H):
-                _v_hn_sum0 += (w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*h[b, k]
-            # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-            _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
-            hn[b, j] = _v_hn
+            _dot = nn[b, j]
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
-            _v_nn_sum0 = _F(0)
-            for i in range(0, I):
-                _v_nn_sum0 += (w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*x[b, i]
+            _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)))
+            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
             nn[b, j] = _v_nn
             # g_h[b, j] = g_y[b, j]*z[b, j]
-            _v_g_h = _v_z*g_y[b, j]
+            _v_g_h = g_y[b, j]*z[b, j]
             g_h[b, j] = _v_g_h
 
 
@@ -1721,12 +1790,24 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
 def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*w_ih[2*H + j, i], j)"""
     _F = g_x.dtype.type
+    _a = np.empty((B, H), g_x.dtype)
+    _b = np.empty((H, I), g_x.dtype)
+    # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]
     for b in range(0, B):
-        for i in range(0, I):
-            _v_g_x = _F(0)
-            for j in range(0, H):
-                _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*(w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]
-            g_x[b, i] = _v_g_x
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]
+    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[2*H + j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(_a.reshape(B, H), _b.reshape(H, I), g_x.reshape(B, I))
 
 
 @njit(cache=True, error_model="numpy")
@@ -1744,11 +1825,29 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
 def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*w_hh[2*H + j, k], j)"""
     _F = g_h.dtype.type
+    _a = np.empty((B, H), g_h.dtype)
+    _b = np.empty((H, H), g_h.dtype)
+    _prod = np.empty((B, H), g_h.dtype)
+    # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]
+    for b in range(0, B):
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]
+    # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, H
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for k in range(0, _lo):
+            _b[j, k] = _F(0)
+        for k in range(_lo, _hi):
+            _b[j, k] = w_hh[2*H + j, k]
+        for k in range(_hi, H):
+            _b[j, k] = _F(0)
+    np.dot(_a.reshape(B, H), _b.reshape(H, H), _prod)
     for b in range(0, B):
         for k in range(0, H):
-            _v_g_h = g_h[b, k]
-            for j in range(0, H):
-                _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*(w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]*r[b, j]
+            _dot = _prod[b, k]
+            _v_g_h = _dot + g_h[b, k]
             g_h[b, k] = _v_g_h
 
 
@@ -1801,11 +1900,29 @@ def _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I):
 def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j], j)"""
     _F = g_x.dtype.type
+    _a = np.empty((B, H), g_x.dtype)
+    _b = np.empty((H, I), g_x.dtype)
+    _prod = np.empty((B, I), g_x.dtype)
+    # gather: _a[b, j] = (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
+    for b in range(0, B):
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
+    # gather: _b[j, i] = w_ih[H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((H + j >= 0) and (G > H + j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[H + j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(_a.reshape(B, H), _b.reshape(H, I), _prod)
     for b in range(0, B):
         for i in range(0, I):
-            _v_g_x = g_x[b, i]
-            for j in range(0, H):
-                _v_g_x += (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*(w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*g_y[b, j]*z[b, j]
+            _dot = _prod[b, i]
+            _v_g_x = _dot + g_x[b, i]
             g_x[b, i] = _v_g_x
 
 
@@ -1813,11 +1930,29 @@ def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
 def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j], j)"""
     _F = g_h.dtype.type
+    _a = np.empty((B, H), g_h.dtype)
+    _b = np.empty((H, H), g_h.dtype)
+    _prod = np.empty((B, H), g_h.dtype)
+    # gather: _a[b, j] = (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
+    for b in range(0, B):
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
+    # gather: _b[j, k] = w_hh[H + j, k], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, H
+        if not ((H + j >= 0) and (G > H + j)):
+            _hi = _lo
+        for k in range(0, _lo):
+            _b[j, k] = _F(0)
+        for k in range(_lo, _hi):
+            _b[j, k] = w_hh[H + j, k]
+        for k in range(_hi, H):
+            _b[j, k] = _F(0)
+    np.dot(_a.reshape(B, H), _b.reshape(H, H), _prod)
     for b in range(0, B):
         for k in range(0, H):
-            _v_g_h = g_h[b, k]
-            for j in range(0, H):
-                _v_g_h += (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*(w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*g_y[b, j]*z[b, j]
+            _dot = _prod[b, k]
+            _v_g_h = _dot + g_h[b, k]
             g_h[b, k] = _v_g_h
 
 
@@ -1870,11 +2005,29 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I):
 def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
+    _a = np.empty((B, H), g_x.dtype)
+    _b = np.empty((H, I), g_x.dtype)
+    _prod = np.empty((B, I), g_x.dtype)
+    # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
+    for b in range(0, B):
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
+    # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((j >= 0) and (G > j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(_a.reshape(B, H), _b.reshape(H, I), _prod)
     for b in range(0, B):
         for i in range(0, I):
-            _v_g_x = g_x[b, i]
-            for j in range(0, H):
-                _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
+            _dot = _prod[b, i]
+            _v_g_x = _dot + g_x[b, i]
             g_x[b, i] = _v_g_x
 
 
@@ -1882,11 +2035,29 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
 def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
+    _a = np.empty((B, H), g_h.dtype)
+    _b = np.empty((H, H), g_h.dtype)
+    _prod = np.empty((B, H), g_h.dtype)
+    # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
+    for b in range(0, B):
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
+    # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, H
+        if not ((j >= 0) and (G > j)):
+            _hi = _lo
+        for k in range(0, _lo):
+            _b[j, k] = _F(0)
+        for k in range(_lo, _hi):
+            _b[j, k] = w_hh[j, k]
+        for k in range(_hi, H):
+            _b[j, k] = _F(0)
+    np.dot(_a.reshape(B, H), _b.reshape(H, H), _prod)
     for b in range(0, B):
         for k in range(0, H):
-            _v_g_h = g_h[b, k]
-            for j in range(0, H):
-                _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
+            _dot = _prod[b, k]
+            _v_g_h = _dot + g_h[b, k]
             g_h[b, k] = _v_g_h
 
 
@@ -1904,56 +2075,31 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H):
 
 
 @njit(cache=True, error_model="numpy")
-def _gru_cell_bwd_params0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, B, G, H, I):
-    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
-    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
-    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
-    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
-    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
-    hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
+    """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     """
-    _F = r.dtype.type
+    _F = nn.dtype.type
+    _b = np.empty((H, I), nn.dtype)
+    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for i in range(0, _lo):
+            _b[j, i] = _F(0)
+        for i in range(_lo, _hi):
+            _b[j, i] = w_ih[2*H + j, i]
+        for i in range(_hi, I):
+            _b[j, i] = _F(0)
+    np.dot(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H))
     for b in range(0, B):
         for j in range(0, H):
-            # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
-            _v_r_sum0 = _F(0)
-            for k in range(0, H):
-                _v_r_sum0 += (w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*h[b, k]
-            # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
-            _v_r_sum1 = _F(0)
-            for i in range(0, I):
-                _v_r_sum1 += (w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*x[b, i]
-            # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-            _v_r = _sigmoid(_v_r_sum0 + _v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)), _F)
-            r[b, j] = _v_r
-            # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
-            _v_z_sum0 = _F(0)
-            for k in range(0, H):
-                _v_z_sum0 += (w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*h[b, k]
-            # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
-            _v_z_sum1 = _F(0)
-            for i in range(0, I):
-                _v_z_sum1 += (w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*x[b, i]
-            # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-            _v_z = _sigmoid(_v_z_sum0 + _v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)), _F)
-            z[b, j] = _v_z
-            # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
-            _v_hn_sum0 = _F(0)
-            for k in range(0, H):
-                _v_hn_sum0 += (w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*h[b, k]
-            # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-            _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
-            hn[b, j] = _v_hn
+            _dot = nn[b, j]
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
-            _v_nn_sum0 = _F(0)
-            for i in range(0, I):
-                _v_nn_sum0 += (w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*x[b, i]
+            _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)))
+            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
             nn[b, j] = _v_nn
 
 
@@ -1966,7 +2112,17 @@ def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     H = h.shape[1]
     G = 3*H
     y = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(x, h, w_ih, w_hh, b_ih, b_hh, y, B, G, H, I)
+    r_sum0 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I)
     return y
 
 
@@ -2008,7 +2164,9 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     H = g_y.shape[1]
     I = x.shape[1]
     G = 3*H
+    r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
     nn = np.empty((B, H), _dtype)
@@ -2018,7 +2176,12 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
     g_b_hh = np.empty((G,), _dtype)
-    _gru_cell_bwd0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
@@ -2080,7 +2243,9 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     H = g_y.shape[1]
     I = x.shape[1]
     G = 3*H
+    r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
     nn = np.empty((B, H), _dtype)
@@ -2088,7 +2253,12 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
     g_b_hh = np.empty((G,), _dtype)
-    _gru_cell_bwd_params0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
@@ -2106,11 +2276,12 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
 
 
 @njit(cache=True, error_model="numpy")
-def _layer_norm_fwd0(x, mean, var, B, D):
+def _layer_norm_fwd0(x, mean, rstd, B, D, eps):
     """mean_sum0[b] = sum(x[b, d], d)
     mean[b] = mean_sum0[b]/D
     var_sum0[b] = sum((-mean[b] + x[b, d])**2, d)
     var[b] = var_sum0[b]/D
+    rstd[b] = 1/sqrt(eps + var[b])
     """
     _F = mean.dtype.type
     _c0 = _F(1) / _F(D)
@@ -2128,75 +2299,40 @@ def _layer_norm_fwd0(x, mean, var, B, D):
             _v_var_sum0 += (-_v_mean + x[b, d])**2
         # var[b] = var_sum0[b]/D
         _v_var = _c0*_v_var_sum0
-        var[b] = _v_var
+        # rstd[b] = 1/sqrt(eps + var[b])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[b] = _v_rstd
 
 
 @njit(cache=True, error_model="numpy")
-def _layer_norm_fwd1(x, weight, bias, y, mean, var, B, D, eps):
-    """y[b, d] = bias[d] + (-mean[b] + x[b, d])*weight[d]/sqrt(eps + var[b])"""
+def _layer_norm_fwd1(x, weight, bias, y, mean, rstd, B, D):
+    """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+    y[b, d] = bias[d] + weight[d]*xhat[b, d]
+    """
     _F = y.dtype.type
     for b in range(0, B):
         for d in range(0, D):
-            _v_y = bias[d] + (-mean[b] + x[b, d])*weight[d]/math.sqrt(eps + var[b])
+            # xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+            _v_xhat = (-mean[b] + x[b, d])*rstd[b]
+            # y[b, d] = bias[d] + weight[d]*xhat[b, d]
+            _v_y = _v_xhat*weight[d] + bias[d]
             y[b, d] = _v_y
 
 
 @njit(cache=True, error_model="numpy")
-def _layer_norm_bwd0(g_y, g_bias, B, D):
-    """g_bias[d] = sum(g_y[b, d], b)"""
-    _F = g_bias.dtype.type
-    for d in range(0, D):
-        g_bias[d] = _F(0)
+def _layer_norm_bwd0(x, mean, rstd, xhat, B, D):
+    """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]"""
+    _F = xhat.dtype.type
     for b in range(0, B):
         for d in range(0, D):
-            g_bias[d] += g_y[b, d]
+            _v_xhat = (-mean[b] + x[b, d])*rstd[b]
+            xhat[b, d] = _v_xhat
 
 
 @njit(cache=True, error_model="numpy")
-def _layer_norm_bwd1(x, weight, mean, var, g_y, g_mean, g_var, B, D, eps):
-    """g_mean[b] = sum(-g_y[b, d]*weight[d]/sqrt(eps + var[b]), d)
-    g_var[b] = sum((mean[b] - x[b, d])*g_y[b, d]*weight[d]/(2*(eps + var[b])**(3/2)), d)
-    """
-    _F = g_mean.dtype.type
-    for b in range(0, B):
-        # g_mean[b] = sum(-g_y[b, d]*weight[d]/sqrt(eps + var[b]), d)
-        _v_g_mean = _F(0)
-        for d in range(0, D):
-            _v_g_mean += -g_y[b, d]*weight[d]/math.sqrt(eps + var[b])
-        g_mean[b] = _v_g_mean
-        # g_var[b] = sum((mean[b] - x[b, d])*g_y[b, d]*weight[d]/(2*(eps + var[b])**(3/2)), d)
-        _v_g_var = _F(0)
-        for d in range(0, D):
-            _v_g_var += _F(0.5)*(mean[b] - x[b, d])*g_y[b, d]*weight[d]/(eps + var[b])**(_F(1.5))
-        g_var[b] = _v_g_var
-
-
-@njit(cache=True, error_model="numpy")
-def _layer_norm_bwd2(x, mean, var, g_y, g_weight, B, D, eps):
-    """g_weight[d] = sum((-mean[b] + x[b, d])*g_y[b, d]/sqrt(eps + var[b]), b)"""
-    _F = g_weight.dtype.type
-    for d in range(0, D):
-        _v_g_weight = _F(0)
-        for b in range(0, B):
-            _v_g_weight += (-mean[b] + x[b, d])*g_y[b, d]/math.sqrt(eps + var[b])
-        g_weight[d] = _v_g_weight
-
-
-@njit(cache=True, error_model="numpy")
-def _layer_norm_bwd3(x, weight, mean, var, g_y, g_x, g_mean, g_var, B, D, eps):
-    """g_x[b, d] = g_y[b, d]*weight[d]/sqrt(eps + var[b]) + 2*(-mean[b] + x[b, d])*g_var[b]/D + g_mean[b]/D"""
-    _F = g_x.dtype.type
-    _c0 = _F(1) / _F(D)
-    for b in range(0, B):
-        for d in range(0, D):
-            _v_g_x = _F(2)*_c0*(-mean[b] + x[b, d])*g_var[b] + _c0*g_mean[b] + g_y[b, d]*weight[d]/math.sqrt(eps + var[b])
-            g_x[b, d] = _v_g_x
-
-
-@njit(cache=True, error_model="numpy")
-def _layer_norm_bwd_params0(x, mean, var, g_y, g_weight, g_bias, B, D, eps):
+def _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D):
     """g_bias[d] = sum(g_y[b, d], b)
-    g_weight[d] = sum((-mean[b] + x[b, d])*g_y[b, d]/sqrt(eps + var[b]), b)
+    g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
     """
     _F = g_bias.dtype.type
     for d in range(0, D):
@@ -2205,11 +2341,41 @@ def _layer_norm_bwd_params0(x, mean, var, g_y, g_weight, g_bias, B, D, eps):
         for b in range(0, B):
             _v_g_bias += g_y[b, d]
         g_bias[d] = _v_g_bias
-        # g_weight[d] = sum((-mean[b] + x[b, d])*g_y[b, d]/sqrt(eps + var[b]), b)
+        # g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
         _v_g_weight = _F(0)
         for b in range(0, B):
-            _v_g_weight += (-mean[b] + x[b, d])*g_y[b, d]/math.sqrt(eps + var[b])
+            _v_g_weight += g_y[b, d]*xhat[b, d]
         g_weight[d] = _v_g_weight
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D):
+    """g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+    g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+    """
+    _F = g_x_sum0.dtype.type
+    for b in range(0, B):
+        # g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+        _v_g_x_sum0 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum0 += g_y[b, d]*weight[d]
+        g_x_sum0[b] = _v_g_x_sum0
+        # g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+        _v_g_x_sum1 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum1 += g_y[b, d]*weight[d]*xhat[b, d]
+        g_x_sum1[b] = _v_g_x_sum1
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D):
+    """g_x[b, d] = (g_y[b, d]*weight[d] - g_x_sum0[b]/D - g_x_sum1[b]*xhat[b, d]/D)*rstd[b]"""
+    _F = g_x.dtype.type
+    _c0 = _F(1) / _F(D)
+    for b in range(0, B):
+        for d in range(0, D):
+            _v_g_x = (-_c0*g_x_sum0[b] - _c0*g_x_sum1[b]*xhat[b, d] + g_y[b, d]*weight[d])*rstd[b]
+            g_x[b, d] = _v_g_x
 
 
 @njit(cache=True, error_model="numpy")
@@ -2221,9 +2387,9 @@ def _layer_norm_fwd_core(x, weight, bias, eps):
     D = x.shape[1]
     y = np.empty((B, D), _dtype)
     mean = np.empty((B,), _dtype)
-    var = np.empty((B,), _dtype)
-    _layer_norm_fwd0(x, mean, var, B, D)
-    _layer_norm_fwd1(x, weight, bias, y, mean, var, B, D, eps)
+    rstd = np.empty((B,), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_fwd1(x, weight, bias, y, mean, rstd, B, D)
     return y
 
 
@@ -2252,17 +2418,18 @@ def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
     B = g_y.shape[0]
     D = g_y.shape[1]
     mean = np.empty((B,), _dtype)
-    var = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
     g_x = np.empty((B, D), _dtype)
     g_weight = np.empty((D,), _dtype)
     g_bias = np.empty((D,), _dtype)
-    g_mean = np.empty((B,), _dtype)
-    g_var = np.empty((B,), _dtype)
-    _layer_norm_fwd0(x, mean, var, B, D)
-    _layer_norm_bwd0(g_y, g_bias, B, D)
-    _layer_norm_bwd1(x, weight, mean, var, g_y, g_mean, g_var, B, D, eps)
-    _layer_norm_bwd2(x, mean, var, g_y, g_weight, B, D, eps)
-    _layer_norm_bwd3(x, weight, mean, var, g_y, g_x, g_mean, g_var, B, D, eps)
+    g_x_sum0 = np.empty((B,), _dtype)
+    g_x_sum1 = np.empty((B,), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
+    _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
     return g_x, g_weight, g_bias
 
 
@@ -2295,11 +2462,13 @@ def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
     B = g_y.shape[0]
     D = g_y.shape[1]
     mean = np.empty((B,), _dtype)
-    var = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
     g_weight = np.empty((D,), _dtype)
     g_bias = np.empty((D,), _dtype)
-    _layer_norm_fwd0(x, mean, var, B, D)
-    _layer_norm_bwd_params0(x, mean, var, g_y, g_weight, g_bias, B, D, eps)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
     return g_weight, g_bias
 
 
@@ -2340,11 +2509,11 @@ def _log_softmax_fwd1(x, y, y_lse0, B, C):
 
 
 @njit(cache=True, error_model="numpy")
-def _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C):
+def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
     y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-    g_y_lse0[b] = sum(-g_y[b, c], c)
+    g_x_sum0[b] = sum(g_y[b, c], c)
     """
     _F = y_lse0.dtype.type
     for b in range(0, B):
@@ -2361,20 +2530,20 @@ def _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C):
         # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
         _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
         y_lse0[b] = _v_y_lse0
-        # g_y_lse0[b] = sum(-g_y[b, c], c)
-        _v_g_y_lse0 = _F(0)
+        # g_x_sum0[b] = sum(g_y[b, c], c)
+        _v_g_x_sum0 = _F(0)
         for c in range(0, C):
-            _v_g_y_lse0 += -g_y[b, c]
-        g_y_lse0[b] = _v_g_y_lse0
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
 
 
 @njit(cache=True, error_model="numpy")
-def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_y_lse0, B, C):
-    """g_x[b, k] = exp(x[b, k] - y_lse0[b])*g_y_lse0[b] + g_y[b, k]"""
+def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C):
+    """g_x[b, k] = -exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_x = math.exp(x[b, k] - y_lse0[b])*g_y_lse0[b] + g_y[b, k]
+            _v_g_x = -math.exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]
             g_x[b, k] = _v_g_x
 
 
@@ -2409,9 +2578,9 @@ def _log_softmax_bwd_core(g_y, x):
     C = g_y.shape[1]
     y_lse0 = np.empty((B,), _dtype)
     g_x = np.empty((B, C), _dtype)
-    g_y_lse0 = np.empty((B,), _dtype)
-    _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C)
-    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_y_lse0, B, C)
+    g_x_sum0 = np.empty((B,), _dtype)
+    _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
@@ -2561,6 +2730,709 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     return _max_pool2d_bwd_core(g_y, x, K, S)
 
 
+# ============================================================================ multi_head_attention
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads):
+    """qh_sum0[b, d, h, l] = sum(wq[e, Dh*h + d]*x[b, l, e], e)
+    qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]
+    """
+    _F = qh.dtype.type
+    _b = np.empty((E, Dh), qh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _b[e, d] = wq[e, Dh*h + d], 0 where its guard fails
+            for e in range(0, E):
+                _lo, _hi = 0, Dh
+                _lo, _hi = _span(1, Dh*h, _lo, _hi)
+                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                for d in range(0, _lo):
+                    _b[e, d] = _F(0)
+                for d in range(_lo, _hi):
+                    _b[e, d] = wq[e, Dh*h + d]
+                for d in range(_hi, Dh):
+                    _b[e, d] = _F(0)
+            np.dot(x[b].reshape(L, E), _b.reshape(E, Dh), qh[b, h].reshape(L, Dh))
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _dot = qh[b, h, l, d]
+                    # qh_sum0[b, d, h, l] = sum(wq[e, Dh*h + d]*x[b, l, e], e)
+                    _v_qh_sum0 = _dot
+                    # qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]
+                    _v_qh = _v_qh_sum0 + (bq[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))
+                    qh[b, h, l, d] = _v_qh
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads):
+    """kh_sum0[b, d, h, l] = sum(wk[e, Dh*h + d]*x[b, l, e], e)
+    kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]
+    """
+    _F = kh.dtype.type
+    _b = np.empty((E, Dh), kh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _b[e, d] = wk[e, Dh*h + d], 0 where its guard fails
+            for e in range(0, E):
+                _lo, _hi = 0, Dh
+                _lo, _hi = _span(1, Dh*h, _lo, _hi)
+                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                for d in range(0, _lo):
+                    _b[e, d] = _F(0)
+                for d in range(_lo, _hi):
+                    _b[e, d] = wk[e, Dh*h + d]
+                for d in range(_hi, Dh):
+                    _b[e, d] = _F(0)
+            np.dot(x[b].reshape(L, E), _b.reshape(E, Dh), kh[b, h].reshape(L, Dh))
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _dot = kh[b, h, l, d]
+                    # kh_sum0[b, d, h, l] = sum(wk[e, Dh*h + d]*x[b, l, e], e)
+                    _v_kh_sum0 = _dot
+                    # kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]
+                    _v_kh = _v_kh_sum0 + (bk[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))
+                    kh[b, h, l, d] = _v_kh
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads):
+    """vh_sum0[b, d, h, l] = sum(wv[e, Dh*h + d]*x[b, l, e], e)
+    vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]
+    """
+    _F = vh.dtype.type
+    _b = np.empty((E, Dh), vh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _b[e, d] = wv[e, Dh*h + d], 0 where its guard fails
+            for e in range(0, E):
+                _lo, _hi = 0, Dh
+                _lo, _hi = _span(1, Dh*h, _lo, _hi)
+                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                for d in range(0, _lo):
+                    _b[e, d] = _F(0)
+                for d in range(_lo, _hi):
+                    _b[e, d] = wv[e, Dh*h + d]
+                for d in range(_hi, Dh):
+                    _b[e, d] = _F(0)
+            np.dot(x[b].reshape(L, E), _b.reshape(E, Dh), vh[b, h].reshape(L, Dh))
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _dot = vh[b, h, l, d]
+                    # vh_sum0[b, d, h, l] = sum(wv[e, Dh*h + d]*x[b, l, e], e)
+                    _v_vh_sum0 = _dot
+                    # vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]
+                    _v_vh = _v_vh_sum0 + (bv[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))
+                    vh[b, h, l, d] = _v_vh
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads):
+    """raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*qh[b, h, l, d], d)
+    raw[b, h, l, s] = raw_sum0[b, h, l, s]/sqrt(Dh)
+    score[b, h, l, s] = Piecewise((-oo, (causal > 0) & (l < s)), (raw[b, h, l, s], True))
+    """
+    _F = score.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    for b in range(0, B):
+        for h in range(0, heads):
+            np.dot(qh[b, h].reshape(L, Dh), kh[b, h].reshape(L, Dh).T, score[b, h].reshape(L, L))
+            for l in range(0, L):
+                for s in range(0, L):
+                    _dot = score[b, h, l, s]
+                    # raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*qh[b, h, l, d], d)
+                    _v_raw_sum0 = _dot
+                    # raw[b, h, l, s] = raw_sum0[b, h, l, s]/sqrt(Dh)
+                    _v_raw = _c0*_v_raw_sum0
+                    # score[b, h, l, s] = Piecewise((-oo, (causal > 0) & (l < s)), (raw[b, h, l, s], True))
+                    _v_score = (-_F(math.inf) if ((causal > 0) and (l < s)) else _v_raw)
+                    score[b, h, l, s] = _v_score
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd4(score, prob_lse0, B, L, heads):
+    """prob_max0[b, h, l] = max(score[b, h, l, t], t)
+    prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
+    prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
+    """
+    _F = prob_lse0.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                # prob_max0[b, h, l] = max(score[b, h, l, t], t)
+                _v_prob_max0 = -_F(math.inf)
+                for t in range(0, L):
+                    _m = score[b, h, l, t]
+                    if _m > _v_prob_max0:
+                        _v_prob_max0 = _m
+                # prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
+                _v_prob_sumexp0 = _F(0)
+                for t in range(0, L):
+                    _v_prob_sumexp0 += math.exp(-_v_prob_max0 + score[b, h, l, t])
+                # prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
+                _v_prob_lse0 = _v_prob_max0 + math.log(_v_prob_sumexp0)
+                prob_lse0[b, h, l] = _v_prob_lse0
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads):
+    """prob[b, h, l, s] = exp(-prob_lse0[b, h, l] + score[b, h, l, s])"""
+    _F = prob.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for s in range(0, L):
+                    _v_prob = math.exp(-prob_lse0[b, h, l] + score[b, h, l, s])
+                    prob[b, h, l, s] = _v_prob
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads):
+    """oh[b, h, l, d] = sum(prob[b, h, l, s]*vh[b, h, s, d], s)"""
+    _F = oh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            np.dot(prob[b, h].reshape(L, L), vh[b, h].reshape(L, Dh), oh[b, h].reshape(L, Dh))
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads):
+    """y_sum0[b, f, l] = sum(oh[b, h, l, d]*wo[Dh*h + d, f], h, d)
+    y[b, l, f] = bo[f] + y_sum0[b, f, l]
+    """
+    _F = y.dtype.type
+    _b = np.empty((Dh, E), y.dtype)
+    _prod = np.empty((L, E), y.dtype)
+    for b in range(0, B):
+        _prod[:] = _F(0)
+        for h in range(0, heads):
+            # gather: _b[d, f] = wo[Dh*h + d, f], 0 where its guard fails
+            for d in range(0, Dh):
+                _lo, _hi = 0, E
+                if not ((Dh*h + d >= 0) and (E > Dh*h + d)):
+                    _hi = _lo
+                for f in range(0, _lo):
+                    _b[d, f] = _F(0)
+                for f in range(_lo, _hi):
+                    _b[d, f] = wo[Dh*h + d, f]
+                for f in range(_hi, E):
+                    _b[d, f] = _F(0)
+            _prod += np.dot(oh[b, h].reshape(L, Dh), _b.reshape(Dh, E))
+        for l in range(0, L):
+            for f in range(0, E):
+                _dot = _prod[l, f]
+                # y_sum0[b, f, l] = sum(oh[b, h, l, d]*wo[Dh*h + d, f], h, d)
+                _v_y_sum0 = _dot
+                # y[b, l, f] = bo[f] + y_sum0[b, f, l]
+                _v_y = _v_y_sum0 + bo[f]
+                y[b, l, f] = _v_y
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd0(g_y, g_bo, B, E, L):
+    """g_bo[f] = sum(g_y[b, l, f], b, l)"""
+    _F = g_bo.dtype.type
+    for f in range(0, E):
+        g_bo[f] = _F(0)
+    for b in range(0, B):
+        for l in range(0, L):
+            for f in range(0, E):
+                g_bo[f] += g_y[b, l, f]
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads):
+    """g_oh[b, h, l, d] = sum(g_y[b, l, f]*wo[Dh*h + d, f], f)"""
+    _F = g_oh.dtype.type
+    _b = np.empty((Dh, E), g_oh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _b[d, f] = wo[Dh*h + d, f], 0 where its guard fails
+            for d in range(0, Dh):
+                _lo, _hi = 0, E
+                if not ((Dh*h + d >= 0) and (E > Dh*h + d)):
+                    _hi = _lo
+                for f in range(0, _lo):
+                    _b[d, f] = _F(0)
+                for f in range(_lo, _hi):
+                    _b[d, f] = wo[Dh*h + d, f]
+                for f in range(_hi, E):
+                    _b[d, f] = _F(0)
+            np.dot(g_y[b].reshape(L, E), _b.reshape(Dh, E).T, g_oh[b, h].reshape(L, Dh))
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads):
+    """g_wo[e, f] = sum(g_y[b, l, f]*oh[b, h, l, -Dh*h + e], b, l, h)
+    as a scatter: g_wo[Dh*h + dh, f] += sum(g_y[b, l, f]*oh[b, h, l, dh], b, l)
+    """
+    _F = g_wo.dtype.type
+    g_wo[:] = _F(0)
+    _prod = np.empty((E, Dh), g_wo.dtype)
+    for h in range(0, heads):
+        _prod[:] = _F(0)
+        for b in range(0, B):
+            _prod += np.dot(g_y[b].reshape(L, E).T, oh[b, h].reshape(L, Dh))
+        for f in range(0, E):
+            _lo, _hi = 0, Dh
+            _lo, _hi = _span(1, Dh*h, _lo, _hi)
+            _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+            for dh in range(_lo, _hi):
+                _dot = _prod[f, dh]
+                _v_g_wo = _dot
+                g_wo[Dh*h + dh, f] += _v_g_wo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads):
+    """g_prob[b, h, l, s] = sum(g_oh[b, h, l, d]*vh[b, h, s, d], d)"""
+    _F = g_prob.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            np.dot(g_oh[b, h].reshape(L, Dh), vh[b, h].reshape(L, Dh).T, g_prob[b, h].reshape(L, L))
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads):
+    """g_vh[b, h, s, d] = sum(g_oh[b, h, l, d]*prob[b, h, l, s], l)"""
+    _F = g_vh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            np.dot(prob[b, h].reshape(L, L).T, g_oh[b, h].reshape(L, Dh), g_vh[b, h].reshape(L, Dh))
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads):
+    """g_prob_lse0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
+    _F = g_prob_lse0.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                _v_g_prob_lse0 = _F(0)
+                for s in range(0, L):
+                    _v_g_prob_lse0 += -g_prob[b, h, l, s]*prob[b, h, l, s]
+                g_prob_lse0[b, h, l] = _v_g_prob_lse0
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads):
+    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+    _F = g_kh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _a = np.empty((L, L), g_kh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
+            for l in range(0, L):
+                for s in range(0, L):
+                    _a[l, s] = _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]
+            np.dot(_a.reshape(L, L).T, qh[b, h].reshape(L, Dh), g_kh[b, h].reshape(L, Dh))
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads):
+    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+    _F = g_qh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _a = np.empty((L, L), g_qh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
+            for l in range(0, L):
+                for s in range(0, L):
+                    _a[l, s] = _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]
+            np.dot(_a.reshape(L, L), kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh))
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads):
+    """g_bv[e] = sum(g_vh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = g_bv.dtype.type
+    for e in range(0, E):
+        _v_g_bv = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_bv += g_vh[b, h, l, -Dh*h + e]
+        g_bv[e] = _v_g_bv
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads):
+    """g_wv[e, e1] = sum(g_vh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = g_wv.dtype.type
+    for e in range(0, E):
+        for e1 in range(0, E):
+            _v_g_wv = _F(0)
+            for b in range(0, B):
+                for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                    for l in range(0, L):
+                        _v_g_wv += g_vh[b, h, l, -Dh*h + e1]*x[b, l, e]
+            g_wv[e, e1] = _v_g_wv
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads):
+    """g_x[b, l, e] = sum(g_vh[b, h, l, d]*wv[e, Dh*h + d], d, h)"""
+    _F = g_x.dtype.type
+    _b = np.empty((E, Dh), g_x.dtype)
+    _prod = np.empty((L, E), g_x.dtype)
+    for b in range(0, B):
+        _prod[:] = _F(0)
+        for h in range(0, heads):
+            # gather: _b[e, d] = wv[e, Dh*h + d], 0 where its guard fails
+            for e in range(0, E):
+                _lo, _hi = 0, Dh
+                _lo, _hi = _span(1, Dh*h, _lo, _hi)
+                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                for d in range(0, _lo):
+                    _b[e, d] = _F(0)
+                for d in range(_lo, _hi):
+                    _b[e, d] = wv[e, Dh*h + d]
+                for d in range(_hi, Dh):
+                    _b[e, d] = _F(0)
+            _prod += np.dot(g_vh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T)
+        for l in range(0, L):
+            for e in range(0, E):
+                _dot = _prod[l, e]
+                _v_g_x = _dot
+                g_x[b, l, e] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads):
+    """g_bk[e] = sum(g_kh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = g_bk.dtype.type
+    for e in range(0, E):
+        _v_g_bk = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_bk += g_kh[b, h, l, -Dh*h + e]
+        g_bk[e] = _v_g_bk
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads):
+    """g_wk[e, e1] = sum(g_kh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = g_wk.dtype.type
+    for e in range(0, E):
+        for e1 in range(0, E):
+            _v_g_wk = _F(0)
+            for b in range(0, B):
+                for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                    for l in range(0, L):
+                        _v_g_wk += g_kh[b, h, l, -Dh*h + e1]*x[b, l, e]
+            g_wk[e, e1] = _v_g_wk
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads):
+    """g_x[b, l, e] += sum(g_kh[b, h, l, d]*wk[e, Dh*h + d], d, h)"""
+    _F = g_x.dtype.type
+    _b = np.empty((E, Dh), g_x.dtype)
+    _prod = np.empty((L, E), g_x.dtype)
+    for b in range(0, B):
+        _prod[:] = _F(0)
+        for h in range(0, heads):
+            # gather: _b[e, d] = wk[e, Dh*h + d], 0 where its guard fails
+            for e in range(0, E):
+                _lo, _hi = 0, Dh
+                _lo, _hi = _span(1, Dh*h, _lo, _hi)
+                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                for d in range(0, _lo):
+                    _b[e, d] = _F(0)
+                for d in range(_lo, _hi):
+                    _b[e, d] = wk[e, Dh*h + d]
+                for d in range(_hi, Dh):
+                    _b[e, d] = _F(0)
+            _prod += np.dot(g_kh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T)
+        for l in range(0, L):
+            for e in range(0, E):
+                _dot = _prod[l, e]
+                _v_g_x = _dot + g_x[b, l, e]
+                g_x[b, l, e] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads):
+    """g_bq[e] = sum(g_qh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = g_bq.dtype.type
+    for e in range(0, E):
+        _v_g_bq = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_bq += g_qh[b, h, l, -Dh*h + e]
+        g_bq[e] = _v_g_bq
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads):
+    """g_wq[e, e1] = sum(g_qh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = g_wq.dtype.type
+    for e in range(0, E):
+        for e1 in range(0, E):
+            _v_g_wq = _F(0)
+            for b in range(0, B):
+                for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                    for l in range(0, L):
+                        _v_g_wq += g_qh[b, h, l, -Dh*h + e1]*x[b, l, e]
+            g_wq[e, e1] = _v_g_wq
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads):
+    """g_x[b, l, e] += sum(g_qh[b, h, l, d]*wq[e, Dh*h + d], d, h)"""
+    _F = g_x.dtype.type
+    _b = np.empty((E, Dh), g_x.dtype)
+    _prod = np.empty((L, E), g_x.dtype)
+    for b in range(0, B):
+        _prod[:] = _F(0)
+        for h in range(0, heads):
+            # gather: _b[e, d] = wq[e, Dh*h + d], 0 where its guard fails
+            for e in range(0, E):
+                _lo, _hi = 0, Dh
+                _lo, _hi = _span(1, Dh*h, _lo, _hi)
+                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                for d in range(0, _lo):
+                    _b[e, d] = _F(0)
+                for d in range(_lo, _hi):
+                    _b[e, d] = wq[e, Dh*h + d]
+                for d in range(_hi, Dh):
+                    _b[e, d] = _F(0)
+            _prod += np.dot(g_qh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T)
+        for l in range(0, L):
+            for e in range(0, E):
+                _dot = _prod[l, e]
+                _v_g_x = _dot + g_x[b, l, e]
+                g_x[b, l, e] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = np.empty((B, L, E), _dtype)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
+    return y
+
+
+def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
+    """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo."""
+    _dtype = _float_dtype((x, wq, wk, wv, bq, bk, bv, wo, bo))
+    x = _as_float("multi_head_attention", "x", x, _dtype)
+    wq = _as_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _as_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _as_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _as_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _as_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _as_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _as_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _as_float("multi_head_attention", "bo", bo, _dtype)
+    _check_rank("multi_head_attention", "x", x, 3)
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from x axis 2")
+    return _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    g_x = np.empty((B, L, E), _dtype)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed)."""
+    _dtype = _float_dtype((g_y, x, wq, wk, wv, bq, bk, bv, wo, bo))
+    g_y = _as_float("multi_head_attention", "g_y", g_y, _dtype)
+    x = _as_float("multi_head_attention", "x", x, _dtype)
+    wq = _as_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _as_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _as_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _as_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _as_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _as_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _as_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _as_float("multi_head_attention", "bo", bo, _dtype)
+    _check_rank("multi_head_attention", "g_y", g_y, 3)
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    _check_rank("multi_head_attention", "x", x, 3)
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_dim("multi_head_attention", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("multi_head_attention", "x", x, 1, "L", L, "from g_y axis 1")
+    _check_dim("multi_head_attention", "x", x, 2, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from g_y axis 2")
+    return _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
 # ============================================================================ rnn_cell
 
 
@@ -2611,50 +3483,48 @@ def _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H):
 def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I):
     """g_w_ih[j, i] = sum((1 - y[b, j]**2)*g_y[b, j]*x[b, i], b)"""
     _F = g_w_ih.dtype.type
-    for j in range(0, H):
-        for i in range(0, I):
-            g_w_ih[j, i] = _F(0)
+    _a = np.empty((B, H), g_w_ih.dtype)
+    # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            for i in range(0, I):
-                g_w_ih[j, i] += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*x[b, i]
+            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
+    np.dot(_a.reshape(B, H).T, x.reshape(B, I), g_w_ih.reshape(H, I))
 
 
 @njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I):
     """g_x[b, i] = sum((1 - y[b, j]**2)*g_y[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
+    _a = np.empty((B, H), g_x.dtype)
+    # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
-        for i in range(0, I):
-            _v_g_x = _F(0)
-            for j in range(0, H):
-                _v_g_x += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*w_ih[j, i]
-            g_x[b, i] = _v_g_x
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
+    np.dot(_a.reshape(B, H), w_ih.reshape(H, I), g_x.reshape(B, I))
 
 
 @njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H):
     """g_h[b, k] = sum((1 - y[b, j]**2)*g_y[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
+    _a = np.empty((B, H), g_h.dtype)
+    # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
-        for k in range(0, H):
-            _v_g_h = _F(0)
-            for j in range(0, H):
-                _v_g_h += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*w_hh[j, k]
-            g_h[b, k] = _v_g_h
+        for j in range(0, H):
+            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
+    np.dot(_a.reshape(B, H), w_hh.reshape(H, H), g_h.reshape(B, H))
 
 
 @njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
     """g_w_hh[j, k] = sum((1 - y[b, j]**2)*g_y[b, j]*h[b, k], b)"""
     _F = g_w_hh.dtype.type
-    for j in range(0, H):
-        for k in range(0, H):
-            g_w_hh[j, k] = _F(0)
+    _a = np.empty((B, H), g_w_hh.dtype)
+    # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            for k in range(0, H):
-                g_w_hh[j, k] += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*h[b, k]
+            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
+    np.dot(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2789,12 +3659,12 @@ def _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal):
     _F = score.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     for b in range(0, B):
+        np.dot(q[b].reshape(L, D), k[b].reshape(S, D).T, score[b].reshape(L, S))
         for l in range(0, L):
             for s in range(0, S):
+                _dot = score[b, l, s]
                 # raw_sum0[b, l, s] = sum(k[b, s, d]*q[b, l, d], d)
-                _v_raw_sum0 = _F(0)
-                for d in range(0, D):
-                    _v_raw_sum0 += k[b, s, d]*q[b, l, d]
+                _v_raw_sum0 = _dot
                 # raw[b, l, s] = raw_sum0[b, l, s]/sqrt(D)
                 _v_raw = _c0*_v_raw_sum0
                 # score[b, l, s] = Piecewise((-oo, (causal > 0) & (l < s)), (raw[b, l, s], True))
@@ -2842,31 +3712,15 @@ def _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S):
     """y[b, l, e] = sum(prob[b, l, s]*v[b, s, e], s)"""
     _F = y.dtype.type
     for b in range(0, B):
-        for l in range(0, L):
-            for e in range(0, E):
-                _v_y = _F(0)
-                for s in range(0, S):
-                    _v_y += prob[b, l, s]*v[b, s, e]
-                y[b, l, e] = _v_y
+        np.dot(prob[b].reshape(L, S), v[b].reshape(S, E), y[b].reshape(L, E))
 
 
 @njit(cache=True, error_model="numpy")
-def _scaled_dot_product_attention_bwd0(v, score, prob_lse0, prob, g_y, g_prob, B, E, L, S):
-    """prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])
-    g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)
-    """
-    _F = prob.dtype.type
+def _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S):
+    """g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)"""
+    _F = g_prob.dtype.type
     for b in range(0, B):
-        for l in range(0, L):
-            for s in range(0, S):
-                # prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])
-                _v_prob = math.exp(-prob_lse0[b, l] + score[b, l, s])
-                prob[b, l, s] = _v_prob
-                # g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)
-                _v_g_prob = _F(0)
-                for e in range(0, E):
-                    _v_g_prob += g_y[b, l, e]*v[b, s, e]
-                g_prob[b, l, s] = _v_g_prob
+        np.dot(g_y[b].reshape(L, E), v[b].reshape(S, E).T, g_prob[b].reshape(L, S))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2874,14 +3728,7 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S):
     """g_v[b, s, e] = sum(g_y[b, l, e]*prob[b, l, s], l)"""
     _F = g_v.dtype.type
     for b in range(0, B):
-        for s in range(0, S):
-            for e in range(0, E):
-                g_v[b, s, e] = _F(0)
-    for l in range(0, L):
-        for b in range(0, B):
-            for s in range(0, S):
-                for e in range(0, E):
-                    g_v[b, s, e] += g_y[b, l, e]*prob[b, l, s]
+        np.dot(prob[b].reshape(L, S).T, g_y[b].reshape(L, E), g_v[b].reshape(S, E))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2901,13 +3748,13 @@ def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, 
     """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
+    _a = np.empty((L, S), g_k.dtype)
     for b in range(0, B):
-        for s in range(0, S):
-            for d in range(0, D):
-                _v_g_k = _F(0)
-                for l in range(0, L):
-                    _v_g_k += _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d]
-                g_k[b, s, d] = _v_g_k
+        # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
+        for l in range(0, L):
+            for s in range(0, S):
+                _a[l, s] = _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]
+        np.dot(_a.reshape(L, S).T, q[b].reshape(L, D), g_k[b].reshape(S, D))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2915,13 +3762,13 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, 
     """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
+    _a = np.empty((L, S), g_q.dtype)
     for b in range(0, B):
+        # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
         for l in range(0, L):
-            for d in range(0, D):
-                _v_g_q = _F(0)
-                for s in range(0, S):
-                    _v_g_q += _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s]
-                g_q[b, l, d] = _v_g_q
+            for s in range(0, S):
+                _a[l, s] = _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]
+        np.dot(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2984,7 +3831,8 @@ def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     g_prob_lse0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
     _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_bwd0(v, score, prob_lse0, prob, g_y, g_prob, B, E, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
     _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
     _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
@@ -3055,23 +3903,23 @@ def _softmax_fwd1(x, y, y_lse0, B, C):
 
 
 @njit(cache=True, error_model="numpy")
-def _softmax_bwd0(y, g_y, g_y_lse0, B, C):
-    """g_y_lse0[b] = sum(-g_y[b, c]*y[b, c], c)"""
-    _F = g_y_lse0.dtype.type
+def _softmax_bwd0(y, g_y, g_x_sum0, B, C):
+    """g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)"""
+    _F = g_x_sum0.dtype.type
     for b in range(0, B):
-        _v_g_y_lse0 = _F(0)
+        _v_g_x_sum0 = _F(0)
         for c in range(0, C):
-            _v_g_y_lse0 += -g_y[b, c]*y[b, c]
-        g_y_lse0[b] = _v_g_y_lse0
+            _v_g_x_sum0 += g_y[b, c]*y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
 
 
 @njit(cache=True, error_model="numpy")
-def _softmax_bwd1(y, g_y, g_x, g_y_lse0, B, C):
-    """g_x[b, k] = (g_y[b, k] + g_y_lse0[b])*y[b, k]"""
+def _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C):
+    """g_x[b, k] = (-g_x_sum0[b] + g_y[b, k])*y[b, k]"""
     _F = g_x.dtype.type
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_x = (g_y[b, k] + g_y_lse0[b])*y[b, k]
+            _v_g_x = (-g_x_sum0[b] + g_y[b, k])*y[b, k]
             g_x[b, k] = _v_g_x
 
 
@@ -3107,11 +3955,11 @@ def _softmax_bwd_core(g_y, x):
     y = np.empty((B, C), _dtype)
     y_lse0 = np.empty((B,), _dtype)
     g_x = np.empty((B, C), _dtype)
-    g_y_lse0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
     _softmax_fwd0(x, y_lse0, B, C)
     _softmax_fwd1(x, y, y_lse0, B, C)
-    _softmax_bwd0(y, g_y, g_y_lse0, B, C)
-    _softmax_bwd1(y, g_y, g_x, g_y_lse0, B, C)
+    _softmax_bwd0(y, g_y, g_x_sum0, B, C)
+    _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
@@ -3189,6 +4037,10 @@ _FUNCS = {
     "max_pool2d": {
         "backward": _max_pool2d_bwd,
         "forward": _max_pool2d_fwd,
+    },
+    "multi_head_attention": {
+        "backward": _multi_head_attention_bwd,
+        "forward": _multi_head_attention_fwd,
     },
     "rnn_cell": {
         "backward": _rnn_cell_bwd,
@@ -3342,6 +4194,15 @@ _SPECS = {
         "seeds": 1,
         "doc": "Max pooling with a K x K window and stride S (no padding), as torch.nn.functional.max_pool2d.",
     },
+    "multi_head_attention": {
+        "kind": "layer",
+        "attrs": {"heads": 2, "causal": 0},
+        "arg_names": ("x", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo"),
+        "differentiable": ("x", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo"),
+        "state": (),
+        "seeds": 1,
+        "doc": "Multi-head self-attention: projections x W + b (weights E x E, in x out), split into `heads` heads of E / heads columns, scaled dot-product attention per head (causal mask optional), heads concatenated and projected by wo, as torch.nn.MultiheadAttention with batch_first (its weights transposed).",
+    },
     "rnn_cell": {
         "kind": "layer",
         "attrs": {},
@@ -3453,7 +4314,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "y_{n,c,h,w} = \\mathrm{bias}_{c} + \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\mathrm{rstd}_{c} = \\frac{1}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{xhat}_{n,c,h,w} = \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{n,c,h,w} = \\mathrm{bias}_{c} + \\mathrm{weight}_{c} \\mathrm{xhat}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
@@ -3475,7 +4344,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "y_{n,c,h,w} = \\mathrm{bias}_{c} + \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\mathrm{rstd}_{c} = \\frac{1}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{xhat}_{n,c,h,w} = \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{n,c,h,w} = \\mathrm{bias}_{c} + \\mathrm{weight}_{c} \\mathrm{xhat}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
@@ -3494,60 +4371,88 @@ _LATEX = {
         "\\bar{\\mathrm{bias}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,\\bar{y}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{mean}_{c}$ in the statement for $y$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial y_{n,c,h,w}}{\\partial \\mathrm{mean}_{c}} = - \\frac{\\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{c'} \\mathrel{+}= \\sum_{n,c,h,w} - \\frac{\\delta_{c,\\,c'} \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,- \\frac{\\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{var}_{c}$ in the statement for $y$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial y_{n,c,h,w}}{\\partial \\mathrm{var}_{c}} = - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{weight}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var}}_{c'} \\mathrel{+}= \\sum_{n,c,h,w} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,\\frac{\\left(\\mathrm{mean}_{c} - x_{n,c,h,w}\\right) \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
         "Through the read $\\mathrm{weight}_{c}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{n,c,h,w}}{\\partial \\mathrm{weight}_{c}} = \\frac{- \\mathrm{mean}_{c} + x_{n,c,h,w}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\frac{\\partial y_{n,c,h,w}}{\\partial \\mathrm{weight}_{c}} = \\mathrm{xhat}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{weight}}_{c'} \\mathrel{+}= \\sum_{n,c,h,w} \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\bar{y}_{n,c,h,w}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\bar{\\mathrm{weight}}_{c'} \\mathrel{+}= \\sum_{n,c,h,w} \\delta_{c,\\,c'} \\bar{y}_{n,c,h,w} \\mathrm{xhat}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{weight}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,\\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{y}_{n,c,h,w}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\bar{\\mathrm{weight}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,\\bar{y}_{n,c,h,w} \\mathrm{xhat}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $x_{n,c,h,w}$ in the statement for $y$:\n"
+        "Through the read $\\mathrm{xhat}_{n,c,h,w}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{n,c,h,w}}{\\partial x_{n,c,h,w}} = \\frac{\\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{n',c',h',w'} \\mathrel{+}= \\sum_{n,c,h,w} \\frac{\\delta_{c,\\,c'} \\delta_{h,\\,h'} \\delta_{n,\\,n'} \\delta_{w,\\,w'} \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\frac{\\partial y_{n,c,h,w}}{\\partial \\mathrm{xhat}_{n,c,h,w}} = \\mathrm{weight}_{c}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\frac{\\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\bar{\\mathrm{xhat}}_{n',c',h',w'} \\mathrel{+}= \\sum_{n,c,h,w} \\delta_{c,\\,c'} \\delta_{h,\\,h'} \\delta_{n,\\,n'} \\delta_{w,\\,w'} \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{xhat}}_{n,c,h,w} \\mathrel{+}= \\,\\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{mean}_{c}$ in the statement for $\\mathrm{xhat}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{xhat}_{n,c,h,w}}{\\partial \\mathrm{mean}_{c}} = - \\mathrm{rstd}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{mean}}_{c'} \\mathrel{+}= \\sum_{n,c,h,w} - \\delta_{c,\\,c'} \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{mean}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,- \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{rstd}_{c}$ in the statement for $\\mathrm{xhat}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{xhat}_{n,c,h,w}}{\\partial \\mathrm{rstd}_{c}} = - \\mathrm{mean}_{c} + x_{n,c,h,w}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{rstd}}_{c'} \\mathrel{+}= \\sum_{n,c,h,w} \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{rstd}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{n,c,h,w}$ in the statement for $\\mathrm{xhat}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{xhat}_{n,c,h,w}}{\\partial x_{n,c,h,w}} = \\mathrm{rstd}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n',c',h',w'} \\mathrel{+}= \\sum_{n,c,h,w} \\delta_{c,\\,c'} \\delta_{h,\\,h'} \\delta_{n,\\,n'} \\delta_{w,\\,w'} \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{var}_{c}$ in the statement for $\\mathrm{rstd}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{rstd}_{c}}{\\partial \\mathrm{var}_{c}} = - \\frac{1}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{c'} \\mathrel{+}= \\sum_{c} - \\frac{\\delta_{c,\\,c'} \\bar{\\mathrm{rstd}}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{c} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{rstd}}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{var\\_sum0}_{c}$ in the statement for $\\mathrm{var}$:\n"
@@ -3557,11 +4462,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var\\_sum0}}_{c'} \\mathrel{+}= \\sum_{c} \\frac{\\delta_{c,\\,c'} \\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{\\mathrm{var\\_sum0}}_{c'} \\mathrel{+}= \\sum_{c} - \\frac{\\delta_{c,\\,c'} \\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var\\_sum0}}_{c} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{\\mathrm{var\\_sum0}}_{c} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{mean}_{c}$ in the statement for $\\mathrm{var\\_sum0}$:\n"
@@ -3571,11 +4476,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{c'} \\mathrel{+}= \\sum_{c,n,h,w} \\frac{\\left(2 \\mathrm{mean}_{c} - 2 x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{\\mathrm{mean}}_{c'} \\mathrel{+}= \\sum_{c,n,h,w} - \\frac{\\left(2 \\mathrm{mean}_{c} - 2 x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,\\frac{\\left(2 \\mathrm{mean}_{c} - 2 x_{n,c,h,w}\\right) \\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{\\mathrm{mean}}_{c} \\mathrel{+}= \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\,- \\frac{\\left(2 \\mathrm{mean}_{c} - 2 x_{n,c,h,w}\\right) \\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "The sum is known from the forward pass: $\\sum 2 H N W \\mathrm{mean}_{c} - 2 \\mathrm{mean\\_sum0}_{c} = 0$ (by linearity and the forward's own sums).\n"
@@ -3587,11 +4492,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n',c',h',w'} \\mathrel{+}= \\sum_{c,n,h,w} \\frac{\\left(- 2 \\mathrm{mean}_{c} + 2 x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\delta_{h,\\,h'} \\delta_{n,\\,n'} \\delta_{w,\\,w'} \\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{x}_{n',c',h',w'} \\mathrel{+}= \\sum_{c,n,h,w} - \\frac{\\left(- 2 \\mathrm{mean}_{c} + 2 x_{n,c,h,w}\\right) \\delta_{c,\\,c'} \\delta_{h,\\,h'} \\delta_{n,\\,n'} \\delta_{w,\\,w'} \\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\frac{\\left(- 2 \\mathrm{mean}_{c} + 2 x_{n,c,h,w}\\right) \\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,- \\frac{\\left(- 2 \\mathrm{mean}_{c} + 2 x_{n,c,h,w}\\right) \\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{mean\\_sum0}_{c}$ in the statement for $\\mathrm{mean}$:\n"
@@ -3619,17 +4524,71 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\frac{\\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}} + \\frac{2 \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{\\mathrm{var}}_{c}}{H N W} + \\frac{\\bar{\\mathrm{mean}}_{c}}{H N W}\n"
+        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\left(\\bar{y}_{n,c,h,w} - \\frac{\\bar{\\mathrm{bias}}_{c}}{H N W} - \\frac{\\bar{\\mathrm{weight}}_{c} \\mathrm{xhat}_{n,c,h,w}}{H N W}\\right) \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var\\_sum0}}_{c} = \\frac{\\bar{\\mathrm{var}}_{c}}{H N W}\n"
+        "\\bar{\\mathrm{xhat}}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{c} = - \\frac{\\bar{\\mathrm{rstd}}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var\\_sum0}}_{c} = - \\frac{\\bar{\\mathrm{rstd}}_{c}}{2 H N W \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{\\mathrm{mean\\_sum0}}_{c} = \\frac{\\bar{\\mathrm{mean}}_{c}}{H N W}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "$\\bar{x}$ reads the gradients of the statistics $\\bar{\\mathrm{mean}}$, $\\bar{\\mathrm{rstd}}$, reductions read nowhere else (with $\\mathrm{rstd}_{c}^{3} = \\frac{1}{\\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}$ from the forward):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{\\mathrm{rstd}}_{c} \\mathrm{rstd}_{c}^{3}}{H N W} + \\frac{\\bar{\\mathrm{mean}}_{c}}{H N W}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Substitute them as the sums they are, over primed indices:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}^{3} \\sum_{n',h',w'} \\left(- \\mathrm{mean}_{c} + x_{n',c,h',w'}\\right) \\bar{y}_{n',c,h',w'} \\mathrm{weight}_{c}}{H N W} + \\frac{\\sum_{n',h',w'} \\left(- \\bar{y}_{n',c,h',w'} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\\right)}{H N W}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Move the factors free of the summation indices out of the sums:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}^{3} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\left(- \\mathrm{mean}_{c} + x_{n',c,h',w'}\\right) \\bar{y}_{n',c,h',w'}}{H N W} - \\frac{\\mathrm{rstd}_{c} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\bar{y}_{n',c,h',w'}}{H N W}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reuse the forward's $\\mathrm{xhat}$ on both sides of the sums (taking $\\mathrm{rstd}_{c}^{3} = \\mathrm{rstd}_{c}\\,\\mathrm{rstd}_{c}^{2}$ apart):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\mathrm{rstd}_{c} \\mathrm{weight}_{c} \\mathrm{xhat}_{n,c,h,w} \\sum_{n',h',w'} \\bar{y}_{n',c,h',w'} \\mathrm{xhat}_{n',c,h',w'}}{H N W} - \\frac{\\mathrm{rstd}_{c} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\bar{y}_{n',c,h',w'}}{H N W}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Collect the common factor $\\mathrm{rstd}_{c} \\mathrm{weight}_{c}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} = \\left(\\bar{y}_{n,c,h,w} - \\frac{\\mathrm{xhat}_{n,c,h,w} \\sum_{n',h',w'} \\bar{y}_{n',c,h',w'} \\mathrm{xhat}_{n',c,h',w'}}{H N W} - \\frac{\\sum_{n',h',w'} \\bar{y}_{n',c,h',w'}}{H N W}\\right) \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "The remaining sums are $\\bar{\\mathrm{bias}}$, $\\bar{\\mathrm{weight}}$, which the backward already computes; they are read, not computed again:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{bias}}_{c} = \\sum_{n,h,w} \\bar{y}_{n,c,h,w}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{weight}}_{c} = \\sum_{n,h,w} \\bar{y}_{n,c,h,w} \\mathrm{xhat}_{n,c,h,w}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "The compact form:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{n,c,h,w} = \\left(\\bar{y}_{n,c,h,w} - \\frac{\\bar{\\mathrm{bias}}_{c}}{H N W} - \\frac{\\bar{\\mathrm{weight}}_{c} \\mathrm{xhat}_{n,c,h,w}}{H N W}\\right) \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
@@ -3639,19 +4598,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{c} = \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} - \\frac{\\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
+        "\\bar{\\mathrm{weight}}_{c} = \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\bar{y}_{n,c,h,w} \\mathrm{xhat}_{n,c,h,w}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var}}_{c} = \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\frac{\\left(\\mathrm{mean}_{c} - x_{n,c,h,w}\\right) \\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{2 \\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{weight}}_{c} = \\sum_{n=0}^{N - 1} \\sum_{h=0}^{H - 1} \\sum_{w=0}^{W - 1} \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{y}_{n,c,h,w}}{\\sqrt{eps + \\mathrm{var}_{c}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} = \\frac{\\bar{y}_{n,c,h,w} \\mathrm{weight}_{c}}{\\sqrt{eps + \\mathrm{var}_{c}}} + \\frac{2 \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{\\mathrm{var}}_{c}}{H N W} + \\frac{\\bar{\\mathrm{mean}}_{c}}{H N W}\n"
+        "\\bar{x}_{n,c,h,w} = \\left(\\bar{y}_{n,c,h,w} - \\frac{\\bar{\\mathrm{bias}}_{c}}{H N W} - \\frac{\\bar{\\mathrm{weight}}_{c} \\mathrm{xhat}_{n,c,h,w}}{H N W}\\right) \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\n"
         "\\end{equation*}\n"
     ),
     "batch_norm2d_eval": (
@@ -4938,7 +5889,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "y_{b,d} = \\mathrm{bias}_{d} + \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\mathrm{rstd}_{b} = \\frac{1}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{xhat}_{b,d} = \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{b,d} = \\mathrm{bias}_{d} + \\mathrm{weight}_{d} \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
@@ -4960,7 +5919,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "y_{b,d} = \\mathrm{bias}_{d} + \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\mathrm{rstd}_{b} = \\frac{1}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{xhat}_{b,d} = \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{b,d} = \\mathrm{bias}_{d} + \\mathrm{weight}_{d} \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
@@ -4979,60 +5946,88 @@ _LATEX = {
         "\\bar{\\mathrm{bias}}_{d} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\,\\bar{y}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{mean}_{b}$ in the statement for $y$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,d}}{\\partial \\mathrm{mean}_{b}} = - \\frac{\\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{b'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\delta_{b,\\,b'} \\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{b} \\mathrel{+}= \\sum_{d=0}^{D - 1} \\,- \\frac{\\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{var}_{b}$ in the statement for $y$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,d}}{\\partial \\mathrm{var}_{b}} = - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{weight}_{d}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var}}_{b'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\delta_{b,\\,b'} \\bar{y}_{b,d} \\mathrm{weight}_{d}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var}}_{b} \\mathrel{+}= \\sum_{d=0}^{D - 1} \\,\\frac{\\left(\\mathrm{mean}_{b} - x_{b,d}\\right) \\bar{y}_{b,d} \\mathrm{weight}_{d}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
-        "\\end{equation*}\n"
-        "\n"
         "Through the read $\\mathrm{weight}_{d}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,d}}{\\partial \\mathrm{weight}_{d}} = \\frac{- \\mathrm{mean}_{b} + x_{b,d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\frac{\\partial y_{b,d}}{\\partial \\mathrm{weight}_{d}} = \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{weight}}_{d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\delta_{d,\\,d'} \\bar{y}_{b,d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\bar{\\mathrm{weight}}_{d'} \\mathrel{+}= \\sum_{b,d} \\delta_{d,\\,d'} \\bar{y}_{b,d} \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{weight}}_{d} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\,\\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{y}_{b,d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\bar{\\mathrm{weight}}_{d} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\,\\bar{y}_{b,d} \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $x_{b,d}$ in the statement for $y$:\n"
+        "Through the read $\\mathrm{xhat}_{b,d}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,d}}{\\partial x_{b,d}} = \\frac{\\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\frac{\\partial y_{b,d}}{\\partial \\mathrm{xhat}_{b,d}} = \\mathrm{weight}_{d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\bar{\\mathrm{xhat}}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{xhat}}_{b,d} \\mathrel{+}= \\,\\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{mean}_{b}$ in the statement for $\\mathrm{xhat}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{xhat}_{b,d}}{\\partial \\mathrm{mean}_{b}} = - \\mathrm{rstd}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{mean}}_{b'} \\mathrel{+}= \\sum_{b,d} - \\delta_{b,\\,b'} \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{mean}}_{b} \\mathrel{+}= \\sum_{d=0}^{D - 1} \\,- \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{rstd}_{b}$ in the statement for $\\mathrm{xhat}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{xhat}_{b,d}}{\\partial \\mathrm{rstd}_{b}} = - \\mathrm{mean}_{b} + x_{b,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{rstd}}_{b'} \\mathrel{+}= \\sum_{b,d} \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\delta_{b,\\,b'} \\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{rstd}}_{b} \\mathrel{+}= \\sum_{d=0}^{D - 1} \\,\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{b,d}$ in the statement for $\\mathrm{xhat}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{xhat}_{b,d}}{\\partial x_{b,d}} = \\mathrm{rstd}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} \\mathrel{+}= \\,\\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{var}_{b}$ in the statement for $\\mathrm{rstd}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{rstd}_{b}}{\\partial \\mathrm{var}_{b}} = - \\frac{1}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\delta_{b,\\,b'} \\bar{\\mathrm{rstd}}_{b}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{b} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{rstd}}_{b}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{var\\_sum0}_{b}$ in the statement for $\\mathrm{var}$:\n"
@@ -5042,11 +6037,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\delta_{b,\\,b'} \\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{\\mathrm{var\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\delta_{b,\\,b'} \\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var\\_sum0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{\\mathrm{var\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{mean}_{b}$ in the statement for $\\mathrm{var\\_sum0}$:\n"
@@ -5056,11 +6051,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{b'} \\mathrel{+}= \\sum_{b,d} \\frac{\\left(2 \\mathrm{mean}_{b} - 2 x_{b,d}\\right) \\delta_{b,\\,b'} \\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{\\mathrm{mean}}_{b'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(2 \\mathrm{mean}_{b} - 2 x_{b,d}\\right) \\delta_{b,\\,b'} \\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{b} \\mathrel{+}= \\sum_{d=0}^{D - 1} \\,\\frac{\\left(2 \\mathrm{mean}_{b} - 2 x_{b,d}\\right) \\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{\\mathrm{mean}}_{b} \\mathrel{+}= \\sum_{d=0}^{D - 1} \\,- \\frac{\\left(2 \\mathrm{mean}_{b} - 2 x_{b,d}\\right) \\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "The sum is known from the forward pass: $\\sum 2 D \\mathrm{mean}_{b} - 2 \\mathrm{mean\\_sum0}_{b} = 0$ (by linearity and the forward's own sums).\n"
@@ -5072,11 +6067,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\left(- 2 \\mathrm{mean}_{b} + 2 x_{b,d}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{x}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(- 2 \\mathrm{mean}_{b} + 2 x_{b,d}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- 2 \\mathrm{mean}_{b} + 2 x_{b,d}\\right) \\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{x}_{b,d} \\mathrel{+}= \\,- \\frac{\\left(- 2 \\mathrm{mean}_{b} + 2 x_{b,d}\\right) \\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{mean\\_sum0}_{b}$ in the statement for $\\mathrm{mean}$:\n"
@@ -5104,17 +6099,71 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}} + \\frac{2 \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{\\mathrm{var}}_{b}}{D} + \\frac{\\bar{\\mathrm{mean}}_{b}}{D}\n"
+        "\\bar{x}_{b,d} \\mathrel{+}= \\,\\left(\\bar{y}_{b,d} \\mathrm{weight}_{d} - \\frac{\\bar{\\mathrm{x\\_sum0}}_{b}}{D} - \\frac{\\bar{\\mathrm{x\\_sum1}}_{b} \\mathrm{xhat}_{b,d}}{D}\\right) \\mathrm{rstd}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var\\_sum0}}_{b} = \\frac{\\bar{\\mathrm{var}}_{b}}{D}\n"
+        "\\bar{\\mathrm{xhat}}_{b,d} = \\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{b} = - \\frac{\\bar{\\mathrm{rstd}}_{b}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var\\_sum0}}_{b} = - \\frac{\\bar{\\mathrm{rstd}}_{b}}{2 D \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{\\mathrm{mean\\_sum0}}_{b} = \\frac{\\bar{\\mathrm{mean}}_{b}}{D}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "$\\bar{x}$ reads the gradients of the statistics $\\bar{\\mathrm{mean}}$, $\\bar{\\mathrm{rstd}}$, reductions read nowhere else (with $\\mathrm{rstd}_{b}^{3} = \\frac{1}{\\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}$ from the forward):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{\\mathrm{rstd}}_{b} \\mathrm{rstd}_{b}^{3}}{D} + \\frac{\\bar{\\mathrm{mean}}_{b}}{D}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Substitute them as the sums they are, over primed indices:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}^{3} \\sum_{d'} \\left(- \\mathrm{mean}_{b} + x_{b,d'}\\right) \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D} + \\frac{\\sum_{d'} \\left(- \\bar{y}_{b,d'} \\mathrm{rstd}_{b} \\mathrm{weight}_{d'}\\right)}{D}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Move the factors free of the summation indices out of the sums:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}^{3} \\sum_{d'} \\left(- \\mathrm{mean}_{b} + x_{b,d'}\\right) \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D} - \\frac{\\mathrm{rstd}_{b} \\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reuse the forward's $\\mathrm{xhat}$ on both sides of the sums (taking $\\mathrm{rstd}_{b}^{3} = \\mathrm{rstd}_{b}\\,\\mathrm{rstd}_{b}^{2}$ apart):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\mathrm{rstd}_{b} \\mathrm{xhat}_{b,d} \\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'} \\mathrm{xhat}_{b,d'}}{D} - \\frac{\\mathrm{rstd}_{b} \\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Collect the common factor $\\mathrm{rstd}_{b}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} = \\left(\\bar{y}_{b,d} \\mathrm{weight}_{d} - \\frac{\\mathrm{xhat}_{b,d} \\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'} \\mathrm{xhat}_{b,d'}}{D} - \\frac{\\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D}\\right) \\mathrm{rstd}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Name the remaining sums, each computed once rather than per element:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b} = \\sum_{d} \\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(1)}_{b} = \\sum_{d} \\bar{y}_{b,d} \\mathrm{weight}_{d} \\mathrm{xhat}_{b,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "The compact form:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,d} = \\left(\\bar{y}_{b,d} \\mathrm{weight}_{d} - \\frac{\\Sigma^{(0)}_{b}}{D} - \\frac{\\Sigma^{(1)}_{b} \\mathrm{xhat}_{b,d}}{D}\\right) \\mathrm{rstd}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
@@ -5124,19 +6173,19 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{mean}}_{b} = \\sum_{d=0}^{D - 1} - \\frac{\\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\bar{\\mathrm{weight}}_{d} = \\sum_{b=0}^{B - 1} \\bar{y}_{b,d} \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{var}}_{b} = \\sum_{d=0}^{D - 1} \\frac{\\left(\\mathrm{mean}_{b} - x_{b,d}\\right) \\bar{y}_{b,d} \\mathrm{weight}_{d}}{2 \\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}\n"
+        "\\Sigma^{(0)}_{b} = \\sum_{d=0}^{D - 1} \\bar{y}_{b,d} \\mathrm{weight}_{d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{weight}}_{d} = \\sum_{b=0}^{B - 1} \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{y}_{b,d}}{\\sqrt{eps + \\mathrm{var}_{b}}}\n"
+        "\\Sigma^{(1)}_{b} = \\sum_{d=0}^{D - 1} \\bar{y}_{b,d} \\mathrm{weight}_{d} \\mathrm{xhat}_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} = \\frac{\\bar{y}_{b,d} \\mathrm{weight}_{d}}{\\sqrt{eps + \\mathrm{var}_{b}}} + \\frac{2 \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{\\mathrm{var}}_{b}}{D} + \\frac{\\bar{\\mathrm{mean}}_{b}}{D}\n"
+        "\\bar{x}_{b,d} = \\left(\\bar{y}_{b,d} \\mathrm{weight}_{d} - \\frac{\\Sigma^{(0)}_{b}}{D} - \\frac{\\Sigma^{(1)}_{b} \\mathrm{xhat}_{b,d}}{D}\\right) \\mathrm{rstd}_{b}\n"
         "\\end{equation*}\n"
     ),
     "log_softmax": (
@@ -5227,7 +6276,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} \\mathrel{+}= \\,e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\bar{\\mathrm{y\\_lse0}}_{b} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} \\mathrel{+}= \\,- e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\bar{\\mathrm{x\\_sum0}}_{b} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -5236,14 +6285,44 @@ _LATEX = {
         "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
-        "Result: the vector-Jacobian products the kernels compute:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_lse0}}_{b} = \\sum_{c=0}^{C - 1} - \\bar{y}_{b,c}\n"
-        "\\end{equation*}\n"
+        "$\\bar{x}$ reads the gradients of the statistics $\\bar{\\mathrm{y\\_lse0}}$, reductions read nowhere else:\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{x}_{b,k} = e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\bar{\\mathrm{y\\_lse0}}_{b} + \\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Substitute them as the sums they are, over primed indices:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\sum_{c'} \\left(- \\bar{y}_{b,c'}\\right) + \\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Move the factors free of the summation indices out of the sums:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = - e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\sum_{c'} \\bar{y}_{b,c'} + \\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Name the remaining sums, each computed once rather than per element:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b} = \\sum_{c} \\bar{y}_{b,c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "The compact form:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = - e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\Sigma^{(0)}_{b} + \\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b} = \\sum_{c=0}^{C - 1} \\bar{y}_{b,c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = - e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\Sigma^{(0)}_{b} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
     ),
     "max_pool2d": (
@@ -5277,6 +6356,585 @@ _LATEX = {
         "\n"
         "\\begin{equation*}\n"
         "\\bar{x}_{n,c,h_{1},w_{1}} = \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- K + h_{1}}{S}}\\right\\rfloor + 1\\right)}^{\\min\\left(HO, \\left\\lfloor{\\frac{h_{1}}{S}}\\right\\rfloor + 1\\right) - 1} \\sum_{w=\\max\\left(0, \\left\\lfloor{\\frac{- K + w_{1}}{S}}\\right\\rfloor + 1\\right)}^{\\min\\left(WO, \\left\\lfloor{\\frac{w_{1}}{S}}\\right\\rfloor + 1\\right) - 1} \\begin{cases} \\bar{y}_{n,c,h,w} & \\text{for}\\: S h - h_{1} = - \\mathrm{y\\_argmax\\_p}_{n,c,h,w} \\wedge S w - w_{1} = - \\mathrm{y\\_argmax\\_q}_{n,c,h,w} \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+    ),
+    "multi_head_attention": (
+        "\\subsection*{multi\\_head\\_attention}\n"
+        "\n"
+        "Multi-head self-attention: projections x W + b (weights E x E, in x out), split into `heads` heads of E / heads columns, scaled dot-product attention per head (causal mask optional), heads concatenated and projected by wo, as torch.nn.MultiheadAttention with batch\\_first (its weights transposed).\n"
+        "\n"
+        "Forward definition (the spec):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "qh_{b,h,l,d} = \\sum_{e} \\left(wq_{e,Dh h + d} x_{b,l,e}\\right) + bq_{Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "kh_{b,h,l,d} = \\sum_{e} \\left(wk_{e,Dh h + d} x_{b,l,e}\\right) + bk_{Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "vh_{b,h,l,d} = \\sum_{e} \\left(wv_{e,Dh h + d} x_{b,l,e}\\right) + bv_{Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{raw}_{b,h,l,s} = \\frac{\\sum_{d} \\left(kh_{b,h,s,d} qh_{b,h,l,d}\\right)}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{score}_{b,h,l,s} = \\begin{cases} -\\infty & \\text{for}\\: causal > 0 \\wedge l < s \\\\\\mathrm{raw}_{b,h,l,s} & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{prob}_{b,h,l,s} = \\frac{e^{\\mathrm{score}_{b,h,l,s}}}{\\sum_{t} \\left(e^{\\mathrm{score}_{b,h,l,t}}\\right)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "oh_{b,h,l,d} = \\sum_{s} \\left(\\mathrm{prob}_{b,h,l,s} vh_{b,h,s,d}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{b,l,f} = \\sum_{h,d} \\left(oh_{b,h,l,d} wo_{Dh h + d,f}\\right) + bo_{f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{qh\\_sum0}_{b,d,h,l} = \\sum_{e} \\left(wq_{e,Dh h + d} x_{b,l,e}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "qh_{b,h,l,d} = bq_{Dh h + d} + \\mathrm{qh\\_sum0}_{b,d,h,l}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{kh\\_sum0}_{b,d,h,l} = \\sum_{e} \\left(wk_{e,Dh h + d} x_{b,l,e}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "kh_{b,h,l,d} = bk_{Dh h + d} + \\mathrm{kh\\_sum0}_{b,d,h,l}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{vh\\_sum0}_{b,d,h,l} = \\sum_{e} \\left(wv_{e,Dh h + d} x_{b,l,e}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "vh_{b,h,l,d} = bv_{Dh h + d} + \\mathrm{vh\\_sum0}_{b,d,h,l}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{raw\\_sum0}_{b,h,l,s} = \\sum_{d} \\left(kh_{b,h,s,d} qh_{b,h,l,d}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{raw}_{b,h,l,s} = \\frac{\\mathrm{raw\\_sum0}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{score}_{b,h,l,s} = \\begin{cases} -\\infty & \\text{for}\\: causal > 0 \\wedge l < s \\\\\\mathrm{raw}_{b,h,l,s} & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{prob\\_max0}_{b,h,l} = \\max_{t} \\mathrm{score}_{b,h,l,t}\\quad(\\text{stop-gradient})\n"
+        "\\end{equation*}\n"
+        "\n"
+        "the maximum subtracted for stability; the shifted log-sum-exp does not depend on it.\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{prob\\_sumexp0}_{b,h,l} = \\sum_{t} \\left(e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{prob\\_lse0}_{b,h,l} = \\log{\\left(\\mathrm{prob\\_sumexp0}_{b,h,l} \\right)} + \\mathrm{prob\\_max0}_{b,h,l}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "log-sum-exp with the maximum subtracted.\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{prob}_{b,h,l,s} = e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "oh_{b,h,l,d} = \\sum_{s} \\left(\\mathrm{prob}_{b,h,l,s} vh_{b,h,s,d}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{y\\_sum0}_{b,f,l} = \\sum_{h,d} \\left(oh_{b,h,l,d} wo_{Dh h + d,f}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{b,l,f} = bo_{f} + \\mathrm{y\\_sum0}_{b,f,l}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
+        "\n"
+        "Through the read $bo_{f}$ in the statement for $y$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial y_{b,l,f}}{\\partial bo_{f}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bo}_{f'} \\mathrel{+}= \\sum_{b,l,f} \\delta_{f,\\,f'} \\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bo}_{f} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{l=0}^{L - 1} \\,\\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{y\\_sum0}_{b,f,l}$ in the statement for $y$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial y_{b,l,f}}{\\partial \\mathrm{y\\_sum0}_{b,f,l}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b',f',l'} \\mathrel{+}= \\sum_{b,l,f} \\delta_{b,\\,b'} \\delta_{f,\\,f'} \\delta_{l,\\,l'} \\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b,f,l} \\mathrel{+}= \\,\\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $oh_{b,h,l,d}$ in the statement for $\\mathrm{y\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{y\\_sum0}_{b,f,l}}{\\partial oh_{b,h,l,d}} = wo_{Dh h + d,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{oh}_{b',h',l',d'} \\mathrel{+}= \\sum_{b,f,l,h,d} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{y}_{b,l,f} wo_{Dh h + d,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{oh}_{b,h,l,d} \\mathrel{+}= \\sum_{f=0}^{E - 1} \\,\\bar{y}_{b,l,f} wo_{Dh h + d,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $wo_{Dh h + d,f}$ in the statement for $\\mathrm{y\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{y\\_sum0}_{b,f,l}}{\\partial wo_{Dh h + d,f}} = oh_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wo}_{e',f'} \\mathrel{+}= \\sum_{b,f,l,h,d} \\delta_{f,\\,f'} \\delta_{Dh h + d,\\,e'} \\bar{y}_{b,l,f} oh_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wo}_{e,f} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{l=0}^{L - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\,\\bar{y}_{b,l,f} oh_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{prob}_{b,h,l,s}$ in the statement for $oh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial oh_{b,h,l,d}}{\\partial \\mathrm{prob}_{b,h,l,s}} = vh_{b,h,s,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,d,s} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'} \\bar{oh}_{b,h,l,d} vh_{b,h,s,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\,\\bar{oh}_{b,h,l,d} vh_{b,h,s,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $vh_{b,h,s,d}$ in the statement for $oh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial oh_{b,h,l,d}}{\\partial vh_{b,h,s,d}} = \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{vh}_{b',h',s',d'} \\mathrel{+}= \\sum_{b,h,l,d,s} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{s,\\,s'} \\bar{oh}_{b,h,l,d} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{vh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\bar{oh}_{b,h,l,d} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{prob\\_lse0}_{b,h,l}$ in the statement for $\\mathrm{prob}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{prob}_{b,h,l,s}}{\\partial \\mathrm{prob\\_lse0}_{b,h,l}} = - e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob\\_lse0}}_{b',h',l'} \\mathrel{+}= \\sum_{b,h,l,s} - e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob}}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob\\_lse0}}_{b,h,l} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,- \\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{score}_{b,h,l,s}$ in the statement for $\\mathrm{prob}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{prob}_{b,h,l,s}}{\\partial \\mathrm{score}_{b,h,l,s}} = e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{score}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'} \\bar{\\mathrm{prob}}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{score}}_{b,h,l,s} \\mathrel{+}= \\,e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{prob\\_sumexp0}_{b,h,l}$ in the statement for $\\mathrm{prob\\_lse0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{prob\\_lse0}_{b,h,l}}{\\partial \\mathrm{prob\\_sumexp0}_{b,h,l}} = \\frac{1}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b',h',l'} \\mathrel{+}= \\sum_{b,h,l} \\frac{\\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{score}_{b,h,l,t}$ in the statement for $\\mathrm{prob\\_sumexp0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{prob\\_sumexp0}_{b,h,l}}{\\partial \\mathrm{score}_{b,h,l,t}} = e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{score}}_{b',h',l',t'} \\mathrel{+}= \\sum_{b,h,l,t} \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{t,\\,t'} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{score}}_{b,h,l,t} \\mathrel{+}= \\,\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{raw}_{b,h,l,s}$ in the statement for $\\mathrm{score}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{score}_{b,h,l,s}}{\\partial \\mathrm{raw}_{b,h,l,s}} = \\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{raw}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{raw}}_{b,h,l,s} \\mathrel{+}= \\,\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{raw\\_sum0}_{b,h,l,s}$ in the statement for $\\mathrm{raw}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{raw}_{b,h,l,s}}{\\partial \\mathrm{raw\\_sum0}_{b,h,l,s}} = \\frac{1}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b,h,l,s} \\mathrel{+}= \\,\\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $kh_{b,h,s,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{raw\\_sum0}_{b,h,l,s}}{\\partial kh_{b,h,s,d}} = qh_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{kh}_{b',h',s',d'} \\mathrel{+}= \\sum_{b,h,l,s,d} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{s,\\,s'} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{kh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $qh_{b,h,l,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{raw\\_sum0}_{b,h,l,s}}{\\partial qh_{b,h,l,d}} = kh_{b,h,s,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{qh}_{b',h',l',d'} \\mathrel{+}= \\sum_{b,h,l,s,d} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} kh_{b,h,s,d}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{qh}_{b,h,l,d} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $bv_{Dh h + d}$ in the statement for $vh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial vh_{b,h,l,d}}{\\partial bv_{Dh h + d}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bv}_{e'} \\mathrel{+}= \\sum_{b,h,l,d} \\delta_{Dh h + d,\\,e'} \\bar{vh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bv}_{e} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\,\\bar{vh}_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{vh\\_sum0}_{b,d,h,l}$ in the statement for $vh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial vh_{b,h,l,d}}{\\partial \\mathrm{vh\\_sum0}_{b,d,h,l}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{vh\\_sum0}}_{b',d',h',l'} \\mathrel{+}= \\sum_{b,h,l,d} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{vh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{vh\\_sum0}}_{b,d,h,l} \\mathrel{+}= \\,\\bar{vh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $wv_{e,Dh h + d}$ in the statement for $\\mathrm{vh\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{vh\\_sum0}_{b,d,h,l}}{\\partial wv_{e,Dh h + d}} = x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wv}_{e',e1'} \\mathrel{+}= \\sum_{b,d,h,l,e} \\delta_{e,\\,e'} \\delta_{Dh h + d,\\,e1'} \\bar{vh}_{b,h,l,d} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wv}_{e,e_{1}} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e_{1}}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e_{1}}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\,\\bar{vh}_{b,h,l,- Dh h + e_{1}} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{b,l,e}$ in the statement for $\\mathrm{vh\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{vh\\_sum0}_{b,d,h,l}}{\\partial x_{b,l,e}} = wv_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b',l',e'} \\mathrel{+}= \\sum_{b,d,h,l,e} \\delta_{b,\\,b'} \\delta_{e,\\,e'} \\delta_{l,\\,l'} \\bar{vh}_{b,h,l,d} wv_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\,\\bar{vh}_{b,h,l,d} wv_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $bk_{Dh h + d}$ in the statement for $kh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial kh_{b,h,l,d}}{\\partial bk_{Dh h + d}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bk}_{e'} \\mathrel{+}= \\sum_{b,h,l,d} \\delta_{Dh h + d,\\,e'} \\bar{kh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bk}_{e} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\,\\bar{kh}_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{kh\\_sum0}_{b,d,h,l}$ in the statement for $kh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial kh_{b,h,l,d}}{\\partial \\mathrm{kh\\_sum0}_{b,d,h,l}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{kh\\_sum0}}_{b',d',h',l'} \\mathrel{+}= \\sum_{b,h,l,d} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{kh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{kh\\_sum0}}_{b,d,h,l} \\mathrel{+}= \\,\\bar{kh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $wk_{e,Dh h + d}$ in the statement for $\\mathrm{kh\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{kh\\_sum0}_{b,d,h,l}}{\\partial wk_{e,Dh h + d}} = x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wk}_{e',e1'} \\mathrel{+}= \\sum_{b,d,h,l,e} \\delta_{e,\\,e'} \\delta_{Dh h + d,\\,e1'} \\bar{kh}_{b,h,l,d} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wk}_{e,e_{1}} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e_{1}}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e_{1}}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\,\\bar{kh}_{b,h,l,- Dh h + e_{1}} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{b,l,e}$ in the statement for $\\mathrm{kh\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{kh\\_sum0}_{b,d,h,l}}{\\partial x_{b,l,e}} = wk_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b',l',e'} \\mathrel{+}= \\sum_{b,d,h,l,e} \\delta_{b,\\,b'} \\delta_{e,\\,e'} \\delta_{l,\\,l'} \\bar{kh}_{b,h,l,d} wk_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\,\\bar{kh}_{b,h,l,d} wk_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $bq_{Dh h + d}$ in the statement for $qh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial qh_{b,h,l,d}}{\\partial bq_{Dh h + d}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bq}_{e'} \\mathrel{+}= \\sum_{b,h,l,d} \\delta_{Dh h + d,\\,e'} \\bar{qh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bq}_{e} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\,\\bar{qh}_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{qh\\_sum0}_{b,d,h,l}$ in the statement for $qh$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial qh_{b,h,l,d}}{\\partial \\mathrm{qh\\_sum0}_{b,d,h,l}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{qh\\_sum0}}_{b',d',h',l'} \\mathrel{+}= \\sum_{b,h,l,d} \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{qh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{qh\\_sum0}}_{b,d,h,l} \\mathrel{+}= \\,\\bar{qh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $wq_{e,Dh h + d}$ in the statement for $\\mathrm{qh\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{qh\\_sum0}_{b,d,h,l}}{\\partial wq_{e,Dh h + d}} = x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wq}_{e',e1'} \\mathrel{+}= \\sum_{b,d,h,l,e} \\delta_{e,\\,e'} \\delta_{Dh h + d,\\,e1'} \\bar{qh}_{b,h,l,d} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wq}_{e,e_{1}} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e_{1}}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e_{1}}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\,\\bar{qh}_{b,h,l,- Dh h + e_{1}} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{b,l,e}$ in the statement for $\\mathrm{qh\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{qh\\_sum0}_{b,d,h,l}}{\\partial x_{b,l,e}} = wq_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b',l',e'} \\mathrel{+}= \\sum_{b,d,h,l,e} \\delta_{b,\\,b'} \\delta_{e,\\,e'} \\delta_{l,\\,l'} \\bar{qh}_{b,h,l,d} wq_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\,\\bar{qh}_{b,h,l,d} wq_{e,Dh h + d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b,f,l} = \\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} = \\frac{\\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{score}}_{b,h,l,s} = e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{raw}}_{b,h,l,s} = \\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b,h,l,s} = \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{vh\\_sum0}}_{b,d,h,l} = \\bar{vh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{kh\\_sum0}}_{b,d,h,l} = \\bar{kh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{qh\\_sum0}}_{b,d,h,l} = \\bar{qh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bo}_{f} = \\sum_{b=0}^{B - 1} \\sum_{l=0}^{L - 1} \\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{oh}_{b,h,l,d} = \\sum_{f=0}^{E - 1} \\left(\\begin{cases} wo_{Dh h + d,f} & \\text{for}\\: Dh h + d \\geq 0 \\wedge E > Dh h + d \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wo}_{e,f} = \\sum_{b=0}^{B - 1} \\sum_{l=0}^{L - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\left(\\begin{cases} oh_{b,h,l,- Dh h + e} & \\text{for}\\: Dh h - e \\leq 0 \\wedge Dh > - Dh h + e \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,l,f}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob}}_{b,h,l,s} = \\sum_{d=0}^{Dh - 1} \\bar{oh}_{b,h,l,d} vh_{b,h,s,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{vh}_{b,h,s,d} = \\sum_{l=0}^{L - 1} \\bar{oh}_{b,h,l,d} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{prob\\_lse0}}_{b,h,l} = \\sum_{s=0}^{L - 1} - \\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{kh}_{b,h,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{qh}_{b,h,l,d} = \\sum_{s=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: causal > 0 \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bv}_{e} = \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\bar{vh}_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wv}_{e,e_{1}} = \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e_{1}}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e_{1}}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\bar{vh}_{b,h,l,- Dh h + e_{1}} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,l,e} = \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\left(\\begin{cases} wv_{e,Dh h + d} & \\text{for}\\: Dh h + d \\geq 0 \\wedge E > Dh h + d \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{vh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bk}_{e} = \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\bar{kh}_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wk}_{e,e_{1}} = \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e_{1}}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e_{1}}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\bar{kh}_{b,h,l,- Dh h + e_{1}} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\left(\\begin{cases} wk_{e,Dh h + d} & \\text{for}\\: Dh h + d \\geq 0 \\wedge E > Dh h + d \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{kh}_{b,h,l,d}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{bq}_{e} = \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\bar{qh}_{b,h,l,- Dh h + e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{wq}_{e,e_{1}} = \\sum_{b=0}^{B - 1} \\sum_{h=\\max\\left(0, \\left\\lfloor{\\frac{- Dh + e_{1}}{Dh}}\\right\\rfloor + 1\\right)}^{\\min\\left(heads, \\left\\lfloor{\\frac{e_{1}}{Dh}}\\right\\rfloor + 1\\right) - 1} \\sum_{l=0}^{L - 1} \\bar{qh}_{b,h,l,- Dh h + e_{1}} x_{b,l,e}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\left(\\begin{cases} wq_{e,Dh h + d} & \\text{for}\\: Dh h + d \\geq 0 \\wedge E > Dh h + d \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{qh}_{b,h,l,d}\n"
         "\\end{equation*}\n"
     ),
     "rnn_cell": (
@@ -5785,7 +7443,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} \\mathrel{+}= \\,\\left(\\bar{y}_{b,k} + \\bar{\\mathrm{y\\_lse0}}_{b}\\right) y_{b,k}\n"
+        "\\bar{x}_{b,k} \\mathrel{+}= \\,\\left(- \\bar{\\mathrm{x\\_sum0}}_{b} + \\bar{y}_{b,k}\\right) y_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -5794,14 +7452,50 @@ _LATEX = {
         "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
-        "Result: the vector-Jacobian products the kernels compute:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_lse0}}_{b} = \\sum_{c=0}^{C - 1} - \\bar{y}_{b,c} y_{b,c}\n"
-        "\\end{equation*}\n"
+        "$\\bar{x}$ reads the gradients of the statistics $\\bar{\\mathrm{y\\_lse0}}$, reductions read nowhere else:\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} + \\bar{\\mathrm{y\\_lse0}}_{b}\\right) y_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Substitute them as the sums they are, over primed indices:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} + \\sum_{c'} \\left(- \\bar{y}_{b,c'} y_{b,c'}\\right)\\right) y_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Move the factors free of the summation indices out of the sums:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} - \\sum_{c'} \\bar{y}_{b,c'} y_{b,c'}\\right) y_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Collect the common factor $y_{b,k}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} - \\sum_{c'} \\bar{y}_{b,c'} y_{b,c'}\\right) y_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Name the remaining sums, each computed once rather than per element:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b} = \\sum_{c} \\bar{y}_{b,c} y_{b,c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "The compact form:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = \\left(- \\Sigma^{(0)}_{b} + \\bar{y}_{b,k}\\right) y_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b} = \\sum_{c=0}^{C - 1} \\bar{y}_{b,c} y_{b,c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} = \\left(- \\Sigma^{(0)}_{b} + \\bar{y}_{b,k}\\right) y_{b,k}\n"
         "\\end{equation*}\n"
     ),
 }

@@ -11,7 +11,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""layers_cuda: generated CUDA kernels and host wrappers (18 ops).
+"""layers_cuda: generated CUDA kernels and host wrappers (19 ops).
 
 Imported by ``layers.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -298,11 +298,12 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
 
 
 @cuda.jit(cache=True)
-def _batch_norm2d_fwd0(x, mean, var, C, H, N, W, _total):
+def _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps, _total):
     """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
     mean[c] = mean_sum0[c]/(H*N*W)
     var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
     var[c] = var_sum0[c]/(H*N*W)
+    rstd[c] = 1/sqrt(eps + var[c])
     """
     _F = mean.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
@@ -326,12 +327,16 @@ def _batch_norm2d_fwd0(x, mean, var, C, H, N, W, _total):
                     _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
         # var[c] = var_sum0[c]/(H*N*W)
         _v_var = _c0*_v_var_sum0
-        var[c] = _v_var
+        # rstd[c] = 1/sqrt(eps + var[c])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[c] = _v_rstd
 
 
 @cuda.jit(cache=True)
-def _batch_norm2d_fwd1(x, weight, bias, y, mean, var, C, H, N, W, eps, _total):
-    """y[n, c, h, w] = bias[c] + (-mean[c] + x[n, c, h, w])*weight[c]/sqrt(eps + var[c])"""
+def _batch_norm2d_fwd1(x, weight, bias, y, mean, rstd, C, H, N, W, _total):
+    """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+    y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+    """
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -342,44 +347,39 @@ def _batch_norm2d_fwd1(x, weight, bias, y, mean, var, C, H, N, W, eps, _total):
         c = _r % C
         _r //= C
         n = _r
-        _v_y = bias[c] + (-mean[c] + x[n, c, h, w])*weight[c]/math.sqrt(eps + var[c])
+        # xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+        _v_xhat = (-mean[c] + x[n, c, h, w])*rstd[c]
+        # y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+        _v_y = _v_xhat*weight[c] + bias[c]
         y[n, c, h, w] = _v_y
 
 
 @cuda.jit(cache=True)
-def _batch_norm2d_bwd0(x, weight, mean, var, g_y, g_weight, g_bias, g_mean, g_var, C, H, N, W, eps, _total):
-    """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
-    mean[c] = mean_sum0[c]/(H*N*W)
-    var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-    var[c] = var_sum0[c]/(H*N*W)
-    g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
-    g_mean[c] = sum(-g_y[n, c, h, w]*weight[c]/sqrt(eps + var[c]), n, h, w)
-    g_var[c] = sum((mean[c] - x[n, c, h, w])*g_y[n, c, h, w]*weight[c]/(2*(eps + var[c])**(3/2)), n, h, w)
-    g_weight[c] = sum((-mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + var[c]), n, h, w)
+def _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W, _total):
+    """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]"""
+    _F = xhat.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_xhat = (-mean[c] + x[n, c, h, w])*rstd[c]
+        xhat[n, c, h, w] = _v_xhat
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W, _total):
+    """g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
+    g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
     """
-    _F = mean.dtype.type
-    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    _F = g_bias.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         c = _r
-        # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
-        _v_mean_sum0 = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_mean_sum0 += x[n, c, h, w]
-        # mean[c] = mean_sum0[c]/(H*N*W)
-        _v_mean = _c0*_v_mean_sum0
-        mean[c] = _v_mean
-        # var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-        _v_var_sum0 = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
-        # var[c] = var_sum0[c]/(H*N*W)
-        _v_var = _c0*_v_var_sum0
-        var[c] = _v_var
         # g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
         _v_g_bias = _F(0)
         for n in range(0, N):
@@ -387,32 +387,18 @@ def _batch_norm2d_bwd0(x, weight, mean, var, g_y, g_weight, g_bias, g_mean, g_va
                 for w in range(0, W):
                     _v_g_bias += g_y[n, c, h, w]
         g_bias[c] = _v_g_bias
-        # g_mean[c] = sum(-g_y[n, c, h, w]*weight[c]/sqrt(eps + var[c]), n, h, w)
-        _v_g_mean = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_g_mean += -g_y[n, c, h, w]*weight[c]/math.sqrt(_v_var + eps)
-        g_mean[c] = _v_g_mean
-        # g_var[c] = sum((mean[c] - x[n, c, h, w])*g_y[n, c, h, w]*weight[c]/(2*(eps + var[c])**(3/2)), n, h, w)
-        _v_g_var = _F(0)
-        for n in range(0, N):
-            for h in range(0, H):
-                for w in range(0, W):
-                    _v_g_var += _F(0.5)*(_v_mean - x[n, c, h, w])*g_y[n, c, h, w]*weight[c]/(_v_var + eps)**(_F(1.5))
-        g_var[c] = _v_g_var
-        # g_weight[c] = sum((-mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + var[c]), n, h, w)
+        # g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
         _v_g_weight = _F(0)
         for n in range(0, N):
             for h in range(0, H):
                 for w in range(0, W):
-                    _v_g_weight += (-_v_mean + x[n, c, h, w])*g_y[n, c, h, w]/math.sqrt(_v_var + eps)
+                    _v_g_weight += g_y[n, c, h, w]*xhat[n, c, h, w]
         g_weight[c] = _v_g_weight
 
 
 @cuda.jit(cache=True)
-def _batch_norm2d_bwd1(x, weight, mean, var, g_y, g_x, g_mean, g_var, C, H, N, W, eps, _total):
-    """g_x[n, c, h, w] = g_y[n, c, h, w]*weight[c]/sqrt(eps + var[c]) + 2*(-mean[c] + x[n, c, h, w])*g_var[c]/(H*N*W) + g_mean[c]/(H*N*W)"""
+def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W, _total):
+    """g_x[n, c, h, w] = (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*weight[c]"""
     _F = g_x.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
     _r = cuda.grid(1)
@@ -424,7 +410,7 @@ def _batch_norm2d_bwd1(x, weight, mean, var, g_y, g_x, g_mean, g_var, C, H, N, W
         c = _r % C
         _r //= C
         n = _r
-        _v_g_x = _F(2)*_c0*(-mean[c] + x[n, c, h, w])*g_var[c] + _c0*g_mean[c] + g_y[n, c, h, w]*weight[c]/math.sqrt(eps + var[c])
+        _v_g_x = (-_c0*g_bias[c] - _c0*g_weight[c]*xhat[n, c, h, w] + g_y[n, c, h, w])*rstd[c]*weight[c]
         g_x[n, c, h, w] = _v_g_x
 
 
@@ -447,9 +433,9 @@ def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     eps = _dtype.type(eps)
     y = _empty((N, C, H, W), _dtype)
     mean = _empty((C,), _dtype)
-    var = _empty((C,), _dtype)
-    _launch(_batch_norm2d_fwd0, C, x, mean, var, C, H, N, W)
-    _launch(_batch_norm2d_fwd1, N * C * H * W, x, weight, bias, y, mean, var, C, H, N, W, eps)
+    rstd = _empty((C,), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_fwd1, N * C * H * W, x, weight, bias, y, mean, rstd, C, H, N, W)
     return _result(y, _dev)
 
 
@@ -477,14 +463,15 @@ def _batch_norm2d_bwd(g_y, x, weight, bias, *, eps, momentum):
     _check_dim("batch_norm2d", "bias", bias, 0, "C", C, "from g_y axis 1")
     eps = _dtype.type(eps)
     mean = _empty((C,), _dtype)
-    var = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
     g_x = _empty((N, C, H, W), _dtype)
     g_weight = _empty((C,), _dtype)
     g_bias = _empty((C,), _dtype)
-    g_mean = _empty((C,), _dtype)
-    g_var = _empty((C,), _dtype)
-    _launch(_batch_norm2d_bwd0, C, x, weight, mean, var, g_y, g_weight, g_bias, g_mean, g_var, C, H, N, W, eps)
-    _launch(_batch_norm2d_bwd1, N * C * H * W, x, weight, mean, var, g_y, g_x, g_mean, g_var, C, H, N, W, eps)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
 
 
@@ -2079,11 +2066,12 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
 
 
 @cuda.jit(cache=True)
-def _layer_norm_fwd0(x, mean, var, B, D, _total):
+def _layer_norm_fwd0(x, mean, rstd, B, D, eps, _total):
     """mean_sum0[b] = sum(x[b, d], d)
     mean[b] = mean_sum0[b]/D
     var_sum0[b] = sum((-mean[b] + x[b, d])**2, d)
     var[b] = var_sum0[b]/D
+    rstd[b] = 1/sqrt(eps + var[b])
     """
     _F = mean.dtype.type
     _c0 = _F(1) / _F(D)
@@ -2103,72 +2091,87 @@ def _layer_norm_fwd0(x, mean, var, B, D, _total):
             _v_var_sum0 += (-_v_mean + x[b, d])**2
         # var[b] = var_sum0[b]/D
         _v_var = _c0*_v_var_sum0
-        var[b] = _v_var
+        # rstd[b] = 1/sqrt(eps + var[b])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[b] = _v_rstd
 
 
 @cuda.jit(cache=True)
-def _layer_norm_fwd1(x, weight, bias, y, mean, var, B, D, eps, _total):
-    """y[b, d] = bias[d] + (-mean[b] + x[b, d])*weight[d]/sqrt(eps + var[b])"""
+def _layer_norm_fwd1(x, weight, bias, y, mean, rstd, B, D, _total):
+    """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+    y[b, d] = bias[d] + weight[d]*xhat[b, d]
+    """
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         d = _r % D
         _r //= D
         b = _r
-        _v_y = bias[d] + (-mean[b] + x[b, d])*weight[d]/math.sqrt(eps + var[b])
+        # xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+        _v_xhat = (-mean[b] + x[b, d])*rstd[b]
+        # y[b, d] = bias[d] + weight[d]*xhat[b, d]
+        _v_y = _v_xhat*weight[d] + bias[d]
         y[b, d] = _v_y
 
 
 @cuda.jit(cache=True)
-def _layer_norm_bwd0(g_y, g_bias, B, D, _total):
-    """g_bias[d] = sum(g_y[b, d], b)"""
+def _layer_norm_bwd0(x, mean, rstd, xhat, B, D, _total):
+    """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]"""
+    _F = xhat.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        _v_xhat = (-mean[b] + x[b, d])*rstd[b]
+        xhat[b, d] = _v_xhat
+
+
+@cuda.jit(cache=True)
+def _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D, _total):
+    """g_bias[d] = sum(g_y[b, d], b)
+    g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
+    """
     _F = g_bias.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         d = _r
+        # g_bias[d] = sum(g_y[b, d], b)
         _v_g_bias = _F(0)
         for b in range(0, B):
             _v_g_bias += g_y[b, d]
         g_bias[d] = _v_g_bias
-
-
-@cuda.jit(cache=True)
-def _layer_norm_bwd1(x, weight, mean, var, g_y, g_mean, g_var, B, D, eps, _total):
-    """g_mean[b] = sum(-g_y[b, d]*weight[d]/sqrt(eps + var[b]), d)
-    g_var[b] = sum((mean[b] - x[b, d])*g_y[b, d]*weight[d]/(2*(eps + var[b])**(3/2)), d)
-    """
-    _F = g_mean.dtype.type
-    _r = cuda.grid(1)
-    if _r < _total:
-        b = _r
-        # g_mean[b] = sum(-g_y[b, d]*weight[d]/sqrt(eps + var[b]), d)
-        _v_g_mean = _F(0)
-        for d in range(0, D):
-            _v_g_mean += -g_y[b, d]*weight[d]/math.sqrt(eps + var[b])
-        g_mean[b] = _v_g_mean
-        # g_var[b] = sum((mean[b] - x[b, d])*g_y[b, d]*weight[d]/(2*(eps + var[b])**(3/2)), d)
-        _v_g_var = _F(0)
-        for d in range(0, D):
-            _v_g_var += _F(0.5)*(mean[b] - x[b, d])*g_y[b, d]*weight[d]/(eps + var[b])**(_F(1.5))
-        g_var[b] = _v_g_var
-
-
-@cuda.jit(cache=True)
-def _layer_norm_bwd2(x, mean, var, g_y, g_weight, B, D, eps, _total):
-    """g_weight[d] = sum((-mean[b] + x[b, d])*g_y[b, d]/sqrt(eps + var[b]), b)"""
-    _F = g_weight.dtype.type
-    _r = cuda.grid(1)
-    if _r < _total:
-        d = _r
+        # g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
         _v_g_weight = _F(0)
         for b in range(0, B):
-            _v_g_weight += (-mean[b] + x[b, d])*g_y[b, d]/math.sqrt(eps + var[b])
+            _v_g_weight += g_y[b, d]*xhat[b, d]
         g_weight[d] = _v_g_weight
 
 
 @cuda.jit(cache=True)
-def _layer_norm_bwd3(x, weight, mean, var, g_y, g_x, g_mean, g_var, B, D, eps, _total):
-    """g_x[b, d] = g_y[b, d]*weight[d]/sqrt(eps + var[b]) + 2*(-mean[b] + x[b, d])*g_var[b]/D + g_mean[b]/D"""
+def _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D, _total):
+    """g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+    g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+    """
+    _F = g_x_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+        _v_g_x_sum0 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum0 += g_y[b, d]*weight[d]
+        g_x_sum0[b] = _v_g_x_sum0
+        # g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+        _v_g_x_sum1 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum1 += g_y[b, d]*weight[d]*xhat[b, d]
+        g_x_sum1[b] = _v_g_x_sum1
+
+
+@cuda.jit(cache=True)
+def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D, _total):
+    """g_x[b, d] = (g_y[b, d]*weight[d] - g_x_sum0[b]/D - g_x_sum1[b]*xhat[b, d]/D)*rstd[b]"""
     _F = g_x.dtype.type
     _c0 = _F(1) / _F(D)
     _r = cuda.grid(1)
@@ -2176,7 +2179,7 @@ def _layer_norm_bwd3(x, weight, mean, var, g_y, g_x, g_mean, g_var, B, D, eps, _
         d = _r % D
         _r //= D
         b = _r
-        _v_g_x = _F(2)*_c0*(-mean[b] + x[b, d])*g_var[b] + _c0*g_mean[b] + g_y[b, d]*weight[d]/math.sqrt(eps + var[b])
+        _v_g_x = (-_c0*g_x_sum0[b] - _c0*g_x_sum1[b]*xhat[b, d] + g_y[b, d]*weight[d])*rstd[b]
         g_x[b, d] = _v_g_x
 
 
@@ -2197,9 +2200,9 @@ def _layer_norm_fwd(x, weight, bias, *, eps):
     eps = _dtype.type(eps)
     y = _empty((B, D), _dtype)
     mean = _empty((B,), _dtype)
-    var = _empty((B,), _dtype)
-    _launch(_layer_norm_fwd0, B, x, mean, var, B, D)
-    _launch(_layer_norm_fwd1, B * D, x, weight, bias, y, mean, var, B, D, eps)
+    rstd = _empty((B,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_fwd1, B * D, x, weight, bias, y, mean, rstd, B, D)
     return _result(y, _dev)
 
 
@@ -2223,17 +2226,18 @@ def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
     _check_dim("layer_norm", "bias", bias, 0, "D", D, "from g_y axis 1")
     eps = _dtype.type(eps)
     mean = _empty((B,), _dtype)
-    var = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
     g_x = _empty((B, D), _dtype)
     g_weight = _empty((D,), _dtype)
     g_bias = _empty((D,), _dtype)
-    g_mean = _empty((B,), _dtype)
-    g_var = _empty((B,), _dtype)
-    _launch(_layer_norm_fwd0, B, x, mean, var, B, D)
-    _launch(_layer_norm_bwd0, D, g_y, g_bias, B, D)
-    _launch(_layer_norm_bwd1, B, x, weight, mean, var, g_y, g_mean, g_var, B, D, eps)
-    _launch(_layer_norm_bwd2, D, x, mean, var, g_y, g_weight, B, D, eps)
-    _launch(_layer_norm_bwd3, B * D, x, weight, mean, var, g_y, g_x, g_mean, g_var, B, D, eps)
+    g_x_sum0 = _empty((B,), _dtype)
+    g_x_sum1 = _empty((B,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
 
 
@@ -2279,11 +2283,11 @@ def _log_softmax_fwd1(x, y, y_lse0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C, _total):
+def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C, _total):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
     y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-    g_y_lse0[b] = sum(-g_y[b, c], c)
+    g_x_sum0[b] = sum(g_y[b, c], c)
     """
     _F = y_lse0.dtype.type
     _r = cuda.grid(1)
@@ -2302,23 +2306,23 @@ def _log_softmax_bwd0(x, y_lse0, g_y, g_y_lse0, B, C, _total):
         # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
         _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
         y_lse0[b] = _v_y_lse0
-        # g_y_lse0[b] = sum(-g_y[b, c], c)
-        _v_g_y_lse0 = _F(0)
+        # g_x_sum0[b] = sum(g_y[b, c], c)
+        _v_g_x_sum0 = _F(0)
         for c in range(0, C):
-            _v_g_y_lse0 += -g_y[b, c]
-        g_y_lse0[b] = _v_g_y_lse0
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_y_lse0, B, C, _total):
-    """g_x[b, k] = exp(x[b, k] - y_lse0[b])*g_y_lse0[b] + g_y[b, k]"""
+def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C, _total):
+    """g_x[b, k] = -exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
         _r //= C
         b = _r
-        _v_g_x = math.exp(x[b, k] - y_lse0[b])*g_y_lse0[b] + g_y[b, k]
+        _v_g_x = -math.exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]
         g_x[b, k] = _v_g_x
 
 
@@ -2351,9 +2355,9 @@ def _log_softmax_bwd(g_y, x):
     _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
     y_lse0 = _empty((B,), _dtype)
     g_x = _empty((B, C), _dtype)
-    g_y_lse0 = _empty((B,), _dtype)
-    _launch(_log_softmax_bwd0, B, x, y_lse0, g_y, g_y_lse0, B, C)
-    _launch(_log_softmax_bwd1, B * C, x, y_lse0, g_y, g_x, g_y_lse0, B, C)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_log_softmax_bwd0, B, x, y_lse0, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_lse0, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
 
 
@@ -2478,6 +2482,703 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
     _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return _result(g_x, _dev)
+
+
+# ============================================================================ multi_head_attention
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd0(x, wq, qh_sum0, B, Dh, E, L, heads, _total):
+    """qh_sum0[b, d, h, l] = sum(wq[e, Dh*h + d]*x[b, l, e], e)"""
+    _F = qh_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        d = _r % Dh
+        _r //= Dh
+        b = _r
+        _v_qh_sum0 = _F(0)
+        for e in range(0, E):
+            _v_qh_sum0 += (wq[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*x[b, l, e]
+        qh_sum0[b, d, h, l] = _v_qh_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd1(bq, qh_sum0, qh, B, Dh, E, L, heads, _total):
+    """qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]"""
+    _F = qh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_qh = (bq[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0)) + qh_sum0[b, d, h, l]
+        qh[b, h, l, d] = _v_qh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd2(x, wk, kh_sum0, B, Dh, E, L, heads, _total):
+    """kh_sum0[b, d, h, l] = sum(wk[e, Dh*h + d]*x[b, l, e], e)"""
+    _F = kh_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        d = _r % Dh
+        _r //= Dh
+        b = _r
+        _v_kh_sum0 = _F(0)
+        for e in range(0, E):
+            _v_kh_sum0 += (wk[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*x[b, l, e]
+        kh_sum0[b, d, h, l] = _v_kh_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd3(bk, kh_sum0, kh, B, Dh, E, L, heads, _total):
+    """kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]"""
+    _F = kh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_kh = (bk[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0)) + kh_sum0[b, d, h, l]
+        kh[b, h, l, d] = _v_kh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd4(x, wv, vh_sum0, B, Dh, E, L, heads, _total):
+    """vh_sum0[b, d, h, l] = sum(wv[e, Dh*h + d]*x[b, l, e], e)"""
+    _F = vh_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        d = _r % Dh
+        _r //= Dh
+        b = _r
+        _v_vh_sum0 = _F(0)
+        for e in range(0, E):
+            _v_vh_sum0 += (wv[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*x[b, l, e]
+        vh_sum0[b, d, h, l] = _v_vh_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd5(bv, vh_sum0, vh, B, Dh, E, L, heads, _total):
+    """vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]"""
+    _F = vh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_vh = (bv[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0)) + vh_sum0[b, d, h, l]
+        vh[b, h, l, d] = _v_vh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd6(qh, kh, score, B, Dh, L, causal, heads, _total):
+    """raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*qh[b, h, l, d], d)
+    raw[b, h, l, s] = raw_sum0[b, h, l, s]/sqrt(Dh)
+    score[b, h, l, s] = Piecewise((-oo, (causal > 0) & (l < s)), (raw[b, h, l, s], True))
+    """
+    _F = score.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % L
+        _r //= L
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        # raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*qh[b, h, l, d], d)
+        _v_raw_sum0 = _F(0)
+        for d in range(0, Dh):
+            _v_raw_sum0 += kh[b, h, s, d]*qh[b, h, l, d]
+        # raw[b, h, l, s] = raw_sum0[b, h, l, s]/sqrt(Dh)
+        _v_raw = _c0*_v_raw_sum0
+        # score[b, h, l, s] = Piecewise((-oo, (causal > 0) & (l < s)), (raw[b, h, l, s], True))
+        _v_score = (-_F(math.inf) if ((causal > 0) and (l < s)) else _v_raw)
+        score[b, h, l, s] = _v_score
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd7(score, prob_lse0, B, L, heads, _total):
+    """prob_max0[b, h, l] = max(score[b, h, l, t], t)
+    prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
+    prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
+    """
+    _F = prob_lse0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        # prob_max0[b, h, l] = max(score[b, h, l, t], t)
+        _v_prob_max0 = -_F(math.inf)
+        for t in range(0, L):
+            _m = score[b, h, l, t]
+            if _m > _v_prob_max0:
+                _v_prob_max0 = _m
+        # prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
+        _v_prob_sumexp0 = _F(0)
+        for t in range(0, L):
+            _v_prob_sumexp0 += math.exp(-_v_prob_max0 + score[b, h, l, t])
+        # prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
+        _v_prob_lse0 = _v_prob_max0 + math.log(_v_prob_sumexp0)
+        prob_lse0[b, h, l] = _v_prob_lse0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd8(score, prob_lse0, prob, B, L, heads, _total):
+    """prob[b, h, l, s] = exp(-prob_lse0[b, h, l] + score[b, h, l, s])"""
+    _F = prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % L
+        _r //= L
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_prob = math.exp(-prob_lse0[b, h, l] + score[b, h, l, s])
+        prob[b, h, l, s] = _v_prob
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd9(vh, prob, oh, B, Dh, L, heads, _total):
+    """oh[b, h, l, d] = sum(prob[b, h, l, s]*vh[b, h, s, d], s)"""
+    _F = oh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_oh = _F(0)
+        for s in range(0, L):
+            _v_oh += prob[b, h, l, s]*vh[b, h, s, d]
+        oh[b, h, l, d] = _v_oh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd10(wo, oh, y_sum0, B, Dh, E, L, heads, _total):
+    """y_sum0[b, f, l] = sum(oh[b, h, l, d]*wo[Dh*h + d, f], h, d)"""
+    _F = y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        f = _r % E
+        _r //= E
+        b = _r
+        _v_y_sum0 = _F(0)
+        for h in range(0, heads):
+            for d in range(0, Dh):
+                _v_y_sum0 += (wo[Dh*h + d, f] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*oh[b, h, l, d]
+        y_sum0[b, f, l] = _v_y_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_fwd11(bo, y, y_sum0, B, E, L, _total):
+    """y[b, l, f] = bo[f] + y_sum0[b, f, l]"""
+    _F = y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        f = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_y = bo[f] + y_sum0[b, f, l]
+        y[b, l, f] = _v_y
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd0(g_y, g_bo, B, E, L, _total):
+    """g_bo[f] = sum(g_y[b, l, f], b, l)"""
+    _F = g_bo.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        f = _r
+        _v_g_bo = _F(0)
+        for b in range(0, B):
+            for l in range(0, L):
+                _v_g_bo += g_y[b, l, f]
+        g_bo[f] = _v_g_bo
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads, _total):
+    """g_oh[b, h, l, d] = sum(g_y[b, l, f]*wo[Dh*h + d, f], f)"""
+    _F = g_oh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_g_oh = _F(0)
+        for f in range(0, E):
+            _v_g_oh += (wo[Dh*h + d, f] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_y[b, l, f]
+        g_oh[b, h, l, d] = _v_g_oh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads, _total):
+    """g_wo[e, f] = sum(g_y[b, l, f]*oh[b, h, l, -Dh*h + e], b, l, h)"""
+    _F = g_wo.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        f = _r % E
+        _r //= E
+        e = _r
+        _v_g_wo = _F(0)
+        for b in range(0, B):
+            for l in range(0, L):
+                for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                    _v_g_wo += (oh[b, h, l, -Dh*h + e] if ((Dh > -Dh*h + e) and (Dh*h - e <= 0)) else _F(0))*g_y[b, l, f]
+        g_wo[e, f] = _v_g_wo
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads, _total):
+    """g_prob[b, h, l, s] = sum(g_oh[b, h, l, d]*vh[b, h, s, d], d)"""
+    _F = g_prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % L
+        _r //= L
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_g_prob = _F(0)
+        for d in range(0, Dh):
+            _v_g_prob += g_oh[b, h, l, d]*vh[b, h, s, d]
+        g_prob[b, h, l, s] = _v_g_prob
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads, _total):
+    """g_vh[b, h, s, d] = sum(g_oh[b, h, l, d]*prob[b, h, l, s], l)"""
+    _F = g_vh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        s = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_g_vh = _F(0)
+        for l in range(0, L):
+            _v_g_vh += g_oh[b, h, l, d]*prob[b, h, l, s]
+        g_vh[b, h, s, d] = _v_g_vh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads, _total):
+    """g_prob_lse0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
+    _F = g_prob_lse0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_g_prob_lse0 = _F(0)
+        for s in range(0, L):
+            _v_g_prob_lse0 += -g_prob[b, h, l, s]*prob[b, h, l, s]
+        g_prob_lse0[b, h, l] = _v_g_prob_lse0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads, _total):
+    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+    _F = g_kh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        s = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_g_kh = _F(0)
+        for l in range(0, L):
+            _v_g_kh += _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d]
+        g_kh[b, h, s, d] = _v_g_kh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads, _total):
+    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+    _F = g_qh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_g_qh = _F(0)
+        for s in range(0, L):
+            _v_g_qh += _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s]
+        g_qh[b, h, l, d] = _v_g_qh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads, _total):
+    """g_bv[e] = sum(g_vh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = g_bv.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r
+        _v_g_bv = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_bv += g_vh[b, h, l, -Dh*h + e]
+        g_bv[e] = _v_g_bv
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads, _total):
+    """g_wv[e, e1] = sum(g_vh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = g_wv.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e1 = _r % E
+        _r //= E
+        e = _r
+        _v_g_wv = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_wv += g_vh[b, h, l, -Dh*h + e1]*x[b, l, e]
+        g_wv[e, e1] = _v_g_wv
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads, _total):
+    """g_x[b, l, e] = sum(g_vh[b, h, l, d]*wv[e, Dh*h + d], d, h)"""
+    _F = g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_g_x = _F(0)
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                _v_g_x += (wv[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_vh[b, h, l, d]
+        g_x[b, l, e] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads, _total):
+    """g_bk[e] = sum(g_kh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = g_bk.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r
+        _v_g_bk = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_bk += g_kh[b, h, l, -Dh*h + e]
+        g_bk[e] = _v_g_bk
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads, _total):
+    """g_wk[e, e1] = sum(g_kh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = g_wk.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e1 = _r % E
+        _r //= E
+        e = _r
+        _v_g_wk = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_wk += g_kh[b, h, l, -Dh*h + e1]*x[b, l, e]
+        g_wk[e, e1] = _v_g_wk
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads, _total):
+    """g_x[b, l, e] += sum(g_kh[b, h, l, d]*wk[e, Dh*h + d], d, h)"""
+    _F = g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_g_x = g_x[b, l, e]
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                _v_g_x += (wk[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_kh[b, h, l, d]
+        g_x[b, l, e] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads, _total):
+    """g_bq[e] = sum(g_qh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = g_bq.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r
+        _v_g_bq = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_bq += g_qh[b, h, l, -Dh*h + e]
+        g_bq[e] = _v_g_bq
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads, _total):
+    """g_wq[e, e1] = sum(g_qh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = g_wq.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e1 = _r % E
+        _r //= E
+        e = _r
+        _v_g_wq = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                for l in range(0, L):
+                    _v_g_wq += g_qh[b, h, l, -Dh*h + e1]*x[b, l, e]
+        g_wq[e, e1] = _v_g_wq
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads, _total):
+    """g_x[b, l, e] += sum(g_qh[b, h, l, d]*wq[e, Dh*h + d], d, h)"""
+    _F = g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_g_x = g_x[b, l, e]
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                _v_g_x += (wq[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_qh[b, h, l, d]
+        g_x[b, l, e] = _v_g_x
+
+
+def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
+    """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo."""
+    _dev = any(_on_device(a) for a in (x, wq, wk, wv, bq, bk, bv, wo, bo))
+    _dtype = _float_dtype((x, wq, wk, wv, bq, bk, bv, wo, bo))
+    x = _dev_float("multi_head_attention", "x", x, _dtype)
+    wq = _dev_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _dev_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _dev_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _dev_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _dev_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _dev_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _dev_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _dev_float("multi_head_attention", "bo", bo, _dtype)
+    _check_rank("multi_head_attention", "x", x, 3)
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from x axis 2")
+    y = _empty((B, L, E), _dtype)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_lse0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_lse0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_lse0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
+    return _result(y, _dev)
+
+
+def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, wq, wk, wv, bq, bk, bv, wo, bo))
+    _dtype = _float_dtype((g_y, x, wq, wk, wv, bq, bk, bv, wo, bo))
+    g_y = _dev_float("multi_head_attention", "g_y", g_y, _dtype)
+    x = _dev_float("multi_head_attention", "x", x, _dtype)
+    wq = _dev_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _dev_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _dev_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _dev_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _dev_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _dev_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _dev_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _dev_float("multi_head_attention", "bo", bo, _dtype)
+    _check_rank("multi_head_attention", "g_y", g_y, 3)
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    _check_rank("multi_head_attention", "x", x, 3)
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_dim("multi_head_attention", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("multi_head_attention", "x", x, 1, "L", L, "from g_y axis 1")
+    _check_dim("multi_head_attention", "x", x, 2, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from g_y axis 2")
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_lse0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_x = _empty((B, L, E), _dtype)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_lse0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_lse0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_lse0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd13, B * L * E, wk, g_x, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
+    return _result(g_x, _dev), _result(g_wq, _dev), _result(g_wk, _dev), _result(g_wv, _dev), _result(g_bq, _dev), _result(g_bk, _dev), _result(g_bv, _dev), _result(g_wo, _dev), _result(g_bo, _dev)
 
 
 # ============================================================================ rnn_cell
@@ -3076,28 +3777,28 @@ def _softmax_fwd1(x, y, y_lse0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _softmax_bwd0(y, g_y, g_y_lse0, B, C, _total):
-    """g_y_lse0[b] = sum(-g_y[b, c]*y[b, c], c)"""
-    _F = g_y_lse0.dtype.type
+def _softmax_bwd0(y, g_y, g_x_sum0, B, C, _total):
+    """g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)"""
+    _F = g_x_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
-        _v_g_y_lse0 = _F(0)
+        _v_g_x_sum0 = _F(0)
         for c in range(0, C):
-            _v_g_y_lse0 += -g_y[b, c]*y[b, c]
-        g_y_lse0[b] = _v_g_y_lse0
+            _v_g_x_sum0 += g_y[b, c]*y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
 
 
 @cuda.jit(cache=True)
-def _softmax_bwd1(y, g_y, g_x, g_y_lse0, B, C, _total):
-    """g_x[b, k] = (g_y[b, k] + g_y_lse0[b])*y[b, k]"""
+def _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C, _total):
+    """g_x[b, k] = (-g_x_sum0[b] + g_y[b, k])*y[b, k]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
         _r //= C
         b = _r
-        _v_g_x = (g_y[b, k] + g_y_lse0[b])*y[b, k]
+        _v_g_x = (-g_x_sum0[b] + g_y[b, k])*y[b, k]
         g_x[b, k] = _v_g_x
 
 
@@ -3131,11 +3832,11 @@ def _softmax_bwd(g_y, x):
     y = _empty((B, C), _dtype)
     y_lse0 = _empty((B,), _dtype)
     g_x = _empty((B, C), _dtype)
-    g_y_lse0 = _empty((B,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
     _launch(_softmax_fwd0, B, x, y_lse0, B, C)
     _launch(_softmax_fwd1, B * C, x, y, y_lse0, B, C)
-    _launch(_softmax_bwd0, B, y, g_y, g_y_lse0, B, C)
-    _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_y_lse0, B, C)
+    _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
+    _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
 
 
@@ -3199,6 +3900,10 @@ _FUNCS = {
     "max_pool2d": {
         "backward": _max_pool2d_bwd,
         "forward": _max_pool2d_fwd,
+    },
+    "multi_head_attention": {
+        "backward": _multi_head_attention_bwd,
+        "forward": _multi_head_attention_fwd,
     },
     "rnn_cell": {
         "backward": _rnn_cell_bwd,

@@ -56,6 +56,18 @@ TORCH_ORACLE: dict[str, Callable] = {
     "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12: F.cosine_embedding_loss(
         x1, x2, label, margin=margin),
 }
+def _multi_head_attention(x, w, b, wo, bo, heads, causal):
+    """Projections, a split into heads, F.scaled_dot_product_attention, the heads joined and projected."""
+    B_, L_, E_ = x.shape
+
+    def split(t):
+        return t.reshape(B_, L_, int(heads), E_ // int(heads)).transpose(1, 2)
+
+    q, k, v = (split(x @ wi + bi) for wi, bi in zip(w, b))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+    return o.transpose(1, 2).reshape(B_, L_, E_) @ wo + bo
+
+
 # The layer library (issue 3); attributes keep the ops' own names.
 LAYER_ORACLE: dict[str, Callable] = {
     "conv2d": lambda x, weight, bias, S=1, P=0: F.conv2d(x, weight, bias, stride=S, padding=P),
@@ -75,6 +87,8 @@ LAYER_ORACLE: dict[str, Callable] = {
         q, k, v, is_causal=bool(causal)),
     "cosine_similarity": lambda x1, x2, eps=1e-8: F.cosine_similarity(x1, x2, dim=-1, eps=eps),
     "gcn_layer": lambda A, x, weight, bias: A @ x @ weight + bias,
+    "multi_head_attention": lambda x, wq, wk, wv, bq, bk, bv, wo, bo, heads=2, causal=0: _multi_head_attention(
+        x, (wq, wk, wv), (bq, bk, bv), wo, bo, heads, causal),
 }
 TORCH_ORACLE.update(LAYER_ORACLE)
 # Default sizes of the layer library's inputs (small, odd, all different).
@@ -94,6 +108,7 @@ LAYER_SIZES = {
     "scaled_dot_product_attention": {"B": 2, "L": 3, "S": 5, "D": 4, "E": 6},
     "cosine_similarity": {"B": 3, "D": 7},
     "gcn_layer": {"V": 6, "I": 5, "O": 3},
+    "multi_head_attention": {"B": 2, "L": 3, "E": 4},
 }
 
 
@@ -132,7 +147,8 @@ DOCUMENTED_KINDS = {
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
-                            "gru_cell", "scaled_dot_product_attention", "cosine_similarity", "gcn_layer")},
+                            "gru_cell", "scaled_dot_product_attention", "cosine_similarity", "gcn_layer",
+                            "multi_head_attention")},
     **{
         n: "optimizer"
         for n in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
@@ -146,6 +162,7 @@ DOCUMENTED_ATTRS = {
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
     "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
     "scaled_dot_product_attention": {"causal": 0}, "cosine_similarity": {"eps": 1e-8},
+    "multi_head_attention": {"heads": 2, "causal": 0},
 }
 # Non-default attribute values the tests also run with (attributes are given at run time).
 ATTR_VARIANTS = {
@@ -154,6 +171,7 @@ ATTR_VARIANTS = {
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
+    "multi_head_attention": [{"heads": 4, "causal": 1}],
 }
 DOCUMENTED_DIFFERENTIABLE = {
     "dense": ("x", "weight", "bias"),
@@ -419,6 +437,10 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
         adj = np.maximum(adj, adj.T) + np.eye(V)
         dinv = 1.0 / np.sqrt(adj.sum(axis=1))
         return [adj * dinv[:, None] * dinv[None, :], n(size=(V, z["I"])), n(size=(z["I"], z["O"])), n(size=(z["O"],))]
+    if name == "multi_head_attention":
+        E_ = z["E"]
+        return [n(size=(z["B"], z["L"], E_)), *(0.5 * n(size=(E_, E_)) for _ in range(3)),
+                *(0.5 * n(size=(E_,)) for _ in range(3)), 0.5 * n(size=(E_, E_)), 0.5 * n(size=(E_,))]
     raise KeyError(f"no input recipe for layer {name}")
 
 

@@ -26,3 +26,36 @@ OPS = [
           doc="Cosine similarity along the last axis, x1.x2 / (max(|x1|, eps) max(|x2|, eps)), as "
               "torch.nn.functional.cosine_similarity."),
 ]
+
+# Multi-head self-attention, built from the same equations: heads are a split of the
+# model dimension E into NH blocks of Dh = E / NH columns of the projections.
+h, f = indices("h f")
+(E,) = dims("E")
+NH = attr("heads", 2)
+Dh = dims("Dh")[0]
+x, wq, wk, wv, wo, bq, bk, bv, bo = tensors("x wq wk wv wo bq bk bv bo")
+qh, kh, vh, oh = tensors("qh kh vh oh")
+
+
+def _project(w, bias):
+    return Sum(x[b, l, e] * w[e, h * Dh + d], e) + bias[h * Dh + d]
+
+
+OPS.append(
+    layer("multi_head_attention", inputs={"x": "B L E"},
+          params={"wq": "E E", "wk": "E E", "wv": "E E", "bq": "E", "bk": "E", "bv": "E", "wo": "E E", "bo": "E"},
+          outputs={"y": "B L E"}, attrs={"heads": 2, "causal": 0}, dims={"Dh": sympy.floor(E / NH)},
+          ranges={"h": NH, "d": Dh, "s": sympy.Symbol("L", integer=True, positive=True),
+                  "t": sympy.Symbol("L", integer=True, positive=True)},
+          equations=[(qh[b, h, l, d], _project(wq, bq)),
+                     (kh[b, h, l, d], _project(wk, bk)),
+                     (vh[b, h, l, d], _project(wv, bv)),
+                     (raw[b, h, l, s], Sum(qh[b, h, l, d] * kh[b, h, s, d], d) / sqrt(Dh)),
+                     (score[b, h, l, s], Piecewise((-sympy.oo, (causal > 0) & (s > l)), (raw[b, h, l, s], True))),
+                     (prob[b, h, l, s], exp(score[b, h, l, s]) / Sum(exp(score[b, h, l, t]), t)),
+                     (oh[b, h, l, d], Sum(prob[b, h, l, s] * vh[b, h, s, d], s)),
+                     (y[b, l, f], Sum(oh[b, h, l, d] * wo[h * Dh + d, f], h, d) + bo[f])],
+          doc="Multi-head self-attention: projections x W + b (weights E x E, in x out), split into `heads` "
+              "heads of E / heads columns, scaled dot-product attention per head (causal mask optional), "
+              "heads concatenated and projected by wo, as torch.nn.MultiheadAttention with batch_first "
+              "(its weights transposed)."))
