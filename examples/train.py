@@ -1,9 +1,13 @@
-"""Train a model spec on a scikit-learn dataset with the generated kernels.
+"""Train a model spec on a dataset with the generated kernels.
 
+    python examples/train.py                          # the digits MLP (mlp_digits)
+    python examples/train.py --model cnn_digits       # an example, by name (--list)
     python examples/train.py specs/models/mlp_digits.toml --epochs 20 --batch-size 32 \
-        --seed 0 --out runs/mlp_digits
+        --seed 0 --out runs/mlp_digits                # any model spec, on --dataset
 
-Prints the loss and test accuracy per epoch, checkpoints every epoch to
+An example (``--model``) brings its dataset, epochs and batch size; the options
+override them. Prints the loss and test accuracy (regression: R^2, and the test MSE
+against closed-form least squares) per epoch, checkpoints every epoch to
 OUT/checkpoint.npz (``--resume`` continues from it), writes OUT/metrics.json and the
 loss/accuracy plot OUT/training.png. Exits with status 1 if the loss becomes NaN or
 infinite.
@@ -17,15 +21,18 @@ import sys
 import trainer
 
 
-def parse_args(argv=None) -> trainer.Config:
+def parse_args(argv=None) -> trainer.Config | None:
+    """The run's configuration; None for ``--list``."""
     p = argparse.ArgumentParser(
         prog="python examples/train.py",
         description="Train a model spec (specs/models/*.toml) with the generated kernels.",
     )
-    p.add_argument("spec", help="model spec, e.g. specs/models/mlp_digits.toml")
-    p.add_argument("--dataset", default="digits", choices=sorted(trainer.DATASETS), help="scikit-learn dataset (default: digits)")
-    p.add_argument("--epochs", type=int, default=20, help="total epochs (with --resume: train until this many)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("spec", nargs="?", default=None, help="model spec, e.g. specs/models/mlp_digits.toml")
+    p.add_argument("--model", choices=sorted(trainer.EXAMPLES), default=None, help="an example by name (default: mlp_digits)")
+    p.add_argument("--list", action="store_true", help="list the examples and datasets, and exit")
+    p.add_argument("--dataset", default=None, choices=sorted(trainer.DATASETS), help="dataset (default: the example's, or digits)")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (with --resume: train until this many; default: the example's, or 20)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the example's, or 32")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and the shuffling")
     p.add_argument("--out", default=None, help="run directory for checkpoint, metrics and plot (default: runs/<model name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
@@ -38,6 +45,22 @@ def parse_args(argv=None) -> trainer.Config:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write training.png")
     a = p.parse_args(argv)
+    if a.list:
+        return None
+    if a.spec is not None and a.model is not None:
+        p.error("give a model spec or --model, not both")
+    if a.spec is None:
+        example = trainer.EXAMPLES[a.model or "mlp_digits"]
+        a.spec = str(example.spec)
+    else:
+        # a library spec given by its path is still that example
+        example = trainer.EXAMPLES.get(trainer.model_name(a.spec))
+    defaults = {"dataset": "digits", "epochs": 20, "batch_size": 32}
+    if example is not None:
+        defaults = {"dataset": example.dataset, "epochs": example.epochs, "batch_size": example.batch_size}
+    for name, value in defaults.items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
     for name in ("epochs", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -68,12 +91,24 @@ def parse_args(argv=None) -> trainer.Config:
     )
 
 
+def print_examples() -> None:
+    print("examples (--model NAME):")
+    for e in trainer.EXAMPLES.values():
+        print(f"  {e.model:<22} {e.dataset:<14} {e.about}")
+    print("datasets (--dataset NAME):")
+    for d in trainer.DATASETS.values():
+        print(f"  {d.name:<22} {d.description}")
+
+
 def main(argv=None) -> int:
     try:
         config = parse_args(argv)
     except trainer.TrainError as exc:  # an unreadable spec
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if config is None:
+        print_examples()
+        return 0
     try:
         result = trainer.train(config)
     except trainer.TrainError as exc:
@@ -86,6 +121,11 @@ def main(argv=None) -> int:
         print(f"test accuracy: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {result['epochs']} epochs)")
     elif "test_r2" in result:
         print(f"test R^2: {result['test_r2']:.4f} ({result['model']} on {result['dataset']}, {result['epochs']} epochs)")
+        ls = result["least_squares"]
+        print(
+            f"test MSE: {result['test_mse']:.4f}; closed-form least squares (np.linalg.lstsq) on the same split: "
+            f"{ls['test_mse']:.4f} (R^2 {ls['test_r2']:.4f}); ratio {result['test_mse'] / ls['test_mse']:.3f}"
+        )
     print(f"checkpoint, metrics and plot in {config.out}/")
     return 0
 

@@ -34,6 +34,7 @@ import numpy as np
 CHECKPOINT = "checkpoint.npz"
 PLOT = "training.png"
 METRICS = "metrics.json"
+SPECS = Path(__file__).resolve().parent.parent / "specs" / "models"
 
 
 # ----------------------------------------------------------------------------- data
@@ -58,19 +59,38 @@ def _sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     return load
 
 
+MAJORITY_SAMPLES, MAJORITY_STEPS = 2000, 15
+
+
+def majority_bits(n: int = MAJORITY_SAMPLES, steps: int = MAJORITY_STEPS, seed: int = 1234):
+    """A generated sequence task: ``n`` random bit sequences of ``steps`` steps (odd), as
+    features of shape (n, steps, 1), and whether the majority of the bits is 1 (a label
+    0 or 1). Half the sequences have 7 or 8 ones of 15: the model must count."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2, size=(n, steps, 1))
+    return bits.astype(np.float64), (2 * bits.sum(axis=(1, 2)) > steps).astype(np.int64)
+
+
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
         Dataset("digits", "classification", _sklearn("digits"), "8x8 handwritten digits: 1797 samples, 64 features, 10 classes"),
         Dataset("breast_cancer", "classification", _sklearn("breast_cancer"), "Wisconsin breast cancer: 569 samples, 30 features, 2 classes"),
         Dataset("diabetes", "regression", _sklearn("diabetes"), "diabetes progression: 442 samples, 10 features, 1 real target"),
+        Dataset(
+            "majority",
+            "classification",
+            majority_bits,
+            f"generated: {MAJORITY_SAMPLES} random bit sequences of {MAJORITY_STEPS} steps; is the majority 1? (2 classes)",
+        ),
     )
 }
 
 
 @dataclass
 class Split:
-    """Standardised train/test arrays. ``y_*`` are one-hot rows (classification) or
+    """Standardised train/test arrays. ``x_*`` keep the dataset's sample shape (digits:
+    64 features; majority: 15 steps of 1). ``y_*`` are one-hot rows (classification) or
     standardised targets of shape (N, 1) (regression); ``labels_*`` the class indices."""
 
     task: str
@@ -83,7 +103,8 @@ class Split:
 
     @property
     def n_features(self) -> int:
-        return self.x_train.shape[1]
+        """Numbers per sample."""
+        return math.prod(self.x_train.shape[1:])
 
     @property
     def n_outputs(self) -> int:
@@ -92,7 +113,7 @@ class Split:
 
 def load_dataset(name: str, test_size: float = 0.2, split_seed: int = 0, dtype=np.float32) -> Split:
     """Load a registered dataset, split it (stratified for classification) and
-    standardise the features with the training split's mean and deviation."""
+    standardise each feature with the training split's mean and deviation."""
     from sklearn.model_selection import train_test_split
 
     if name not in DATASETS:
@@ -119,8 +140,84 @@ def load_dataset(name: str, test_size: float = 0.2, split_seed: int = 0, dtype=n
     return Split("regression", arr(x_tr), arr((t_tr - t_mean) / t_std), arr(x_te), arr((t_te - t_mean) / t_std))
 
 
+# ------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """A model spec of the library (``specs/models/<model>.toml``), the dataset it is
+    made for and the settings it reaches its stated result with."""
+
+    model: str
+    dataset: str
+    epochs: int
+    batch_size: int
+    about: str
+
+    @property
+    def spec(self) -> Path:
+        return SPECS / f"{self.model}.toml"
+
+
+EXAMPLES: dict[str, Example] = {
+    e.model: e
+    for e in (
+        Example("mlp_digits", "digits", 20, 32, "MLP 64-128-10 on the 8x8 digits (>= 96% test accuracy)"),
+        Example("cnn_digits", "digits", 20, 32, "conv 3x3 (32 maps), ReLU, max-pool, dense on the digits as 1x8x8 images (>= 98%)"),
+        Example("logreg_breast_cancer", "breast_cancer", 30, 32, "logistic regression (BCE with logits) on breast cancer (>= 95%)"),
+        Example("linear_diabetes", "diabetes", 200, 512, "linear regression (MSE, full batch) on diabetes: the least-squares fit"),
+    )
+}
+
+
 class TrainError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
+
+
+def fit_to_model(data: Split, model) -> Split:
+    """``data`` as ``model`` takes it: each sample reshaped to ``model.INPUT_SHAPE`` (the
+    same numbers per sample: digits' 64 features become a 1x8x8 image) and, for a binary
+    model (one logit per sample), the labels of a two-class dataset as 0/1 targets."""
+    if data.n_features != model.INPUT:
+        raise TrainError(
+            f"the model {model.NAME!r} takes samples of shape {model.INPUT_SHAPE} ({model.INPUT} numbers), "
+            f"but the dataset's samples have shape {data.x_train.shape[1:]} ({data.n_features} numbers)"
+        )
+
+    def x(a):
+        return a.reshape((len(a),) + tuple(model.INPUT_SHAPE))
+
+    y_train, y_test = data.y_train, data.y_test
+    if model.TASK == "binary" and data.task == "classification":
+        if data.n_outputs != 2:
+            raise TrainError(f"the model {model.NAME!r} is a binary classifier, but the dataset has {data.n_outputs} classes")
+        y_train = data.labels_train.reshape(-1, 1).astype(data.x_train.dtype)
+        y_test = data.labels_test.reshape(-1, 1).astype(data.x_train.dtype)
+    if y_train.shape[1:] != tuple(model.OUTPUT_SHAPE):
+        what = "classes" if data.task == "classification" else "targets"
+        raise TrainError(
+            f"the model {model.NAME!r} gives outputs of shape {model.OUTPUT_SHAPE}, "
+            f"but the dataset has {data.n_outputs} {what}"
+        )
+    return Split(data.task, x(data.x_train), y_train, x(data.x_test), y_test, data.labels_train, data.labels_test)
+
+
+def least_squares(data: Split) -> dict:
+    """The closed-form baseline of a regression: the affine least-squares fit
+    (``np.linalg.lstsq`` with an intercept column) on the training split, and its test
+    MSE and R^2 (in the standardised targets the models are trained on)."""
+    def design(x):
+        x = x.reshape(len(x), -1).astype(np.float64)
+        return np.hstack([x, np.ones((len(x), 1))])
+
+    coef, *_ = np.linalg.lstsq(design(data.x_train), data.y_train.astype(np.float64), rcond=None)
+    pred = design(data.x_test) @ coef
+    y = data.y_test.astype(np.float64)
+    return {"test_mse": float(np.mean((pred - y) ** 2)), "test_r2": _r2(pred, y)}
+
+
+def _r2(pred, y) -> float:
+    return 1.0 - float(np.sum((pred - y) ** 2)) / float(np.sum((y - y.mean(axis=0)) ** 2))
 
 
 # ---------------------------------------------------------------------------- model
@@ -170,8 +267,12 @@ def load_model(spec_path, build_dir=None):
     build_dir.mkdir(parents=True, exist_ok=True)
     target = build_dir / f"{name}.py"
     _write_atomic(target, text.encode())
-    spec = importlib.util.spec_from_file_location(f"symgrad_user_model_{name}", target)
+    module_name = f"symgrad_user_model_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, target)
     module = importlib.util.module_from_spec(spec)
+    # registered before it runs: Numba's on-disk cache of its fused step finds the
+    # module by name when a later run loads the cached code
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -300,15 +401,15 @@ def learning_rates(config: Config, base_lr: float):
 
 
 def evaluate(model, params, x, y, labels=None) -> dict:
-    """Test loss and, for classification, accuracy (for regression, R^2)."""
+    """Test loss and, for classification, accuracy (for regression, MSE and R^2)."""
     out = {"test_loss": float(model.loss(params, x, y))}
     if labels is not None:
-        out["test_accuracy"] = float(np.mean(model.predict(params, x) == labels))
+        out["test_accuracy"] = float(np.mean(np.reshape(model.predict(params, x), len(labels)) == labels))
     else:
         pred = np.asarray(model.forward(params, x), dtype=np.float64)
-        ss_res = float(np.sum((pred - y) ** 2))
-        ss_tot = float(np.sum((y - y.mean(axis=0)) ** 2))
-        out["test_r2"] = 1.0 - ss_res / ss_tot
+        y = np.asarray(y, dtype=np.float64)
+        out["test_mse"] = float(np.mean((pred - y) ** 2))
+        out["test_r2"] = _r2(pred, y)
     return out
 
 
@@ -332,13 +433,10 @@ def train(config: Config, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config.spec, build_dir=out / "model")
     dtype = np.dtype(config.dtype)
-    data = load_dataset(config.dataset, config.test_size, config.split_seed, dtype)
-    if data.n_features != model.INPUT or data.n_outputs != model.OUTPUT:
-        raise TrainError(
-            f"the model {model.NAME!r} maps {model.INPUT} features to {model.OUTPUT} outputs, "
-            f"but the dataset {config.dataset!r} has {data.n_features} features and {data.n_outputs} "
-            f"{'classes' if data.task == 'classification' else 'targets'}"
-        )
+    try:
+        data = fit_to_model(load_dataset(config.dataset, config.test_size, config.split_seed, dtype), model)
+    except TrainError as exc:
+        raise TrainError(f"{exc} (dataset {config.dataset!r})") from None
     run_config = {
         "model": model.NAME,
         "spec": str(config.spec),
@@ -434,20 +532,28 @@ def train(config: Config, log=print) -> dict:
     if history:
         result[metric] = history[-1][metric]
         result["test_loss"] = history[-1]["test_loss"]
+        if "test_mse" in history[-1]:
+            result["test_mse"] = history[-1]["test_mse"]
         result["seconds_per_epoch"] = float(np.median([h["seconds"] for h in history]))
+    baseline = None
+    if data.task == "regression":
+        result["least_squares"] = least_squares(data)
+        if model.LOSS == "mse":  # the same measure as the test loss
+            baseline = result["least_squares"]["test_mse"]
     result["params"] = params
     metrics = {k: v for k, v in result.items() if k != "params"}
     _write_atomic(out / METRICS, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     if config.plot and history:
-        plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}")
+        plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}", baseline=baseline)
     return result
 
 
 # ----------------------------------------------------------------------------- plot
 
 
-def plot_history(history: list[dict], path, title: str = "") -> None:
-    """Loss (train and test) and the test metric per epoch, as a PNG (written atomically)."""
+def plot_history(history: list[dict], path, title: str = "", baseline: float | None = None) -> None:
+    """Loss (train and test) and the test metric per epoch, as a PNG (written atomically).
+    ``baseline``: a reference test loss drawn as a line (least squares, for regression)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -458,6 +564,8 @@ def plot_history(history: list[dict], path, title: str = "") -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax1.plot(epochs, [h["loss"] for h in history], marker="o", label="train")
     ax1.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
+    if baseline is not None:
+        ax1.axhline(baseline, color="C3", linestyle="--", label="least squares (test)")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")

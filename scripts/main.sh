@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: set up the environment, write the derivations of
-# the whole op library, regenerate the kernels from the specs, and train the digits
-# MLP with the generated modules (prints its test accuracy).
+# the whole op library, regenerate the kernels from the specs, train the digits MLP
+# with the generated modules (prints its test accuracy), then the other examples
+# (examples/trainer.py's EXAMPLES: a CNN on the digits, a breast-cancer classifier, a
+# linear regression on diabetes against least squares), each with its own settings.
 #
 #   bash scripts/main.sh
 #
-# EPOCHS, BATCH_SIZE and SEED override the training run's settings.
+# EPOCHS, BATCH_SIZE and SEED override the digits MLP's settings; EXAMPLES (names,
+# space-separated) chooses the other examples to train ("" for none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +42,12 @@ t0=$(now)
   --out runs/mlp_digits
 echo "   training (with first-call compilation) took $(elapsed "$t0")"
 cp runs/mlp_digits/training.png docs/figures/mlp_digits_training.png
-echo "== done: docs/derivations.md, docs/derivations.tex, docs/figures/mlp_digits_training.png, runs/mlp_digits/"
+
+for model in ${EXAMPLES-cnn_digits logreg_breast_cancer linear_diabetes}; do
+  echo "== training the example $model (python examples/train.py --model $model)"
+  t0=$(now)
+  "$PY" examples/train.py --model "$model" --seed "${SEED:-0}" --out "runs/$model"
+  echo "   training took $(elapsed "$t0")"
+  cp "runs/$model/training.png" "docs/figures/${model}_training.png"
+done
+echo "== done: docs/derivations.md, docs/derivations.tex, docs/figures/*_training.png, runs/"

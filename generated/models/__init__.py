@@ -6,8 +6,10 @@
 """Generated models: one module per model spec in specs/models/.
 
 - ``generated.models.cnn_digits``
+- ``generated.models.linear_diabetes``
+- ``generated.models.logreg_breast_cancer``
 - ``generated.models.mlp_bench``
 - ``generated.models.mlp_digits``
 """
 
-MODELS = ("cnn_digits", "mlp_bench", "mlp_digits")
+MODELS = ("cnn_digits", "linear_diabetes", "logreg_breast_cancer", "mlp_bench", "mlp_digits")
