@@ -291,6 +291,8 @@ class Backward:
     argmax: dict[str, tuple[str, ...]]  # max statement target -> argmax tensor names
     inlined: dict[str, tuple[tuple, sympy.Expr]]  # gradient name -> (free, expression)
     all_terms: list[Term] = field(default_factory=list)  # inlined ones too, for the derivation
+    rewrites: list = field(default_factory=list)  # steps after the chain rule (statistics.Rewrite), in order
+    named_sums: list[str] = field(default_factory=list)  # reductions those steps introduced, in order
 
 
 def apply_assumptions(expr, loops, guards, assumptions):

@@ -23,30 +23,48 @@ def _name(name: str) -> str:
 
 
 class DerivationPrinter(LatexPrinter):
+    """LaTeX with gradient bars, tensor names upright, and ``names``: tensors shown under
+    another name (the sums a derivation named, e.g. ``\\Sigma^{(0)}``)."""
+
+    _default_settings = {**LatexPrinter._default_settings, "names": {}}
+
+    def _tensor(self, name):
+        return self._settings["names"].get(name) or _name(name)
+
     def _print_Indexed(self, expr):
         idx = ",".join(self._print(i) for i in expr.indices)
-        return "%s_{%s}" % (_name(str(expr.base)), idx)
+        return "%s_{%s}" % (self._tensor(str(expr.base)), idx)
 
     def _print_Symbol(self, expr, style="plain"):
-        if expr.name.startswith("g_") or "_" in expr.name:
-            return _name(expr.name)
+        if expr.name in self._settings["names"] or expr.name.startswith("g_") or "_" in expr.name:
+            return self._tensor(expr.name)
         return super()._print_Symbol(expr)
 
     def _print_KroneckerDelta(self, expr, exp=None):
         return r"\delta_{%s,\,%s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
 
+    def _print_Sum(self, expr):
+        """``\\sum_{d'} body``, as the chain-rule lines write sums (ranges are whole)."""
+        body = self._print(expr.function)
+        if expr.function.is_Add or expr.function.could_extract_minus_sign():
+            body = r"\left(%s\right)" % body
+        return r"\sum_{%s} %s" % (",".join(self._print(lim[0]) for lim in expr.limits), body)
+
 
 _printer = DerivationPrinter({"mul_symbol": None})
 
 
-def tex(expr) -> str:
+def tex(expr, names=None) -> str:
+    if names:
+        return DerivationPrinter({"mul_symbol": None, "names": names}).doprint(expr)
     return _printer.doprint(expr)
 
 
-def _lhs(name, idx):
+def _lhs(name, idx, names=None):
+    shown = (names or {}).get(name) or _name(name)
     if not idx:
-        return _name(name)
-    return "%s_{%s}" % (_name(name), ",".join(tex(i) for i in idx))
+        return shown
+    return "%s_{%s}" % (shown, ",".join(tex(i) for i in idx))
 
 
 def _sum_prefix(indices):
@@ -137,24 +155,34 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
         add(("text", "Gradients of intermediates that are elementwise and therefore substituted, not stored:"))
         for g, (free, expr) in backward.inlined.items():
             add(("math", f"{_lhs(g, free)} = {tex(expr)}"))
+    names = sum_names(backward)
+    for step in backward.rewrites:
+        add(("text", step.caption))
+        for g, free, expr in step.equations:
+            add(("math", f"{_lhs(g, free, names)} = {tex(expr, names)}"))
     add(("text", "Result: the vector-Jacobian products the kernels compute:"))
     for a in program.backward:
-        add(("math", _assign_tex(a)))
+        add(("math", _assign_tex(a, names)))
     return blocks
+
+
+def sum_names(backward) -> dict[str, str]:
+    """How the derivation writes the sums it named: ``g_x_sum0`` is ``\\Sigma^{(0)}``."""
+    return {n: r"\Sigma^{(%d)}" % k for k, n in enumerate(backward.named_sums)}
 
 
 def _all_terms_in_order(backward):
     return list(getattr(backward, "all_terms", backward.terms))
 
 
-def _assign_tex(a):
-    lhs = _lhs(a.target, [lp.index for lp in a.free])
+def _assign_tex(a, names=None):
+    lhs = _lhs(a.target, [lp.index for lp in a.free], names)
     body = a.body
     prefix = ""
     for lp in a.over:
         prefix += r"\sum_{%s=%s}^{%s} " % (tex(lp.index), tex(lp.lo), tex(lp.hi - 1))
     op = r"\mathrel{+}=" if a.accumulate else "="
-    return f"{lhs} {op} {prefix}{tex(body)}"
+    return f"{lhs} {op} {prefix}{tex(body, names)}"
 
 
 def optimizer_blocks(op: OpDef):

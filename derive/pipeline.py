@@ -1,4 +1,5 @@
-"""From an OpDef to a Program: bind, normalise, differentiate, simplify, lower.
+"""From an OpDef to a Program: bind, normalise, differentiate, simplify, substitute the
+gradients of statistics (derive/statistics.py), lower.
 
 This is the only place that knows the order of the passes. Lowering turns statements
 and gradient terms into IR ``Assign``s: loops with ranges, out-of-bounds reads wrapped
@@ -16,6 +17,7 @@ from .latex import derivation_blocks, optimizer_blocks, render_tex, schedule_blo
 from .normalize import Stmt, normalize
 from .simplify import simplify_terms
 from .spec import OpDef, bind
+from .statistics import substitute_statistics
 
 
 def build(op: OpDef) -> ir.Program:
@@ -46,6 +48,7 @@ def build(op: OpDef) -> ir.Program:
     wrt = {n: shapes[n] for n in sorted(depends)}
     backward = differentiate(stmts, wrt, dim_names, set(op.outputs), op.assumptions)
     simplify_terms(backward, stmts, shapes)
+    substitute_statistics(backward, stmts, shapes, {grad_name(a) for a in diff_args})
     program = lower(op, stmts, backward, shapes, diff_args)
     blocks = derivation_blocks(op, stmts, backward, program)
     return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks})

@@ -35,7 +35,7 @@ def _inverse_rules(stmts: list[Stmt], shapes):
         if s.reduce != "none" or not s.free:
             continue
         for read in sorted(s.body.atoms(sympy.Indexed), key=sympy.default_sort_key):
-            if str(read.base) not in sums or tuple(read.indices) != tuple(s.free):
+            if str(read.base) not in sums or sorted(read.indices, key=str) != sorted(s.free, key=str):
                 continue
             if not _invertible_kind(s.body):
                 continue

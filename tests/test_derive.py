@@ -134,3 +134,142 @@ def test_library_derivation_is_deterministic():
     first = [build(op).latex for op in derive.library_defs()[:12]]
     second = [build(op).latex for op in derive.library_defs()[:12]]
     assert first == second
+
+
+# ---------------------------------------------------------------- statistics' gradients
+# (derive/statistics.py: a gradient of a statistic read by one elementwise gradient is
+# substituted into it as a sum, re-expressed through the forward and lifted again)
+
+INSTANCE_NORM_SPEC = """
+name = "instance_norm"
+kind = "layer"
+inputs = { x = "N C L" }
+outputs = { y = "N C L" }
+attrs = { eps = 1e-5 }
+equations = [
+  "mean[n,c] = sum(x[n,c,l], l) / L",
+  "var[n,c] = sum((x[n,c,l] - mean[n,c])**2, l) / L",
+  "rstd[n,c] = 1 / sqrt(var[n,c] + eps)",
+  "y[n,c,l] = (x[n,c,l] - mean[n,c]) * rstd[n,c]",
+]
+"""
+
+
+def _spec(tmp_path, text, name):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def _grads(program):
+    return {a.target: a for a in program.backward}
+
+
+def test_layer_norm_backward_is_the_textbook_form():
+    b, d = _idx("b", "d")
+    D = sympy.Symbol("D", integer=True, positive=True)
+    grads = _grads(LIB["layer_norm"])
+    gy, w, xhat, rstd = _t("g_y")[b, d], _t("weight")[d], _t("xhat")[b, d], _t("rstd")[b]
+    s0, s1 = grads["g_x_sum0"], grads["g_x_sum1"]
+    assert [lp.index for lp in s0.over] == [d] and s0.body == gy * w
+    assert [lp.index for lp in s1.over] == [d] and s1.body == gy * w * xhat
+    expected = rstd * (gy * w - _t("g_x_sum0")[b] / D - xhat * _t("g_x_sum1")[b] / D)
+    assert sympy.expand(grads["g_x"].body - expected) == 0
+
+
+def test_statistics_gradients_are_not_materialised():
+    for name in ("layer_norm", "batch_norm2d"):
+        targets = {a.target for a in LIB[name].backward}
+        assert not targets & {"g_mean", "g_var", "g_rstd"}, (name, sorted(targets))
+
+
+def test_a_sum_the_backward_already_computes_is_read():
+    """batch norm's remaining sums over (n, h, w) are exactly g_bias and g_weight."""
+    n, c, h, w = _idx("n", "c", "h", "w")
+    M = sympy.Mul(*[sympy.Symbol(s, integer=True, positive=True) for s in "NHW"])
+    grads = _grads(LIB["batch_norm2d"])
+    assert set(grads) == {"g_bias", "g_weight", "g_x"}
+    xhat = _t("xhat")[n, c, h, w]
+    expected = _t("rstd")[c] * _t("weight")[c] * (
+        _t("g_y")[n, c, h, w] - _t("g_bias")[c] / M - xhat * _t("g_weight")[c] / M)
+    assert sympy.expand(grads["g_x"].body - expected) == 0
+
+
+def test_forward_reuse_takes_a_power_apart_across_a_sum():
+    from derive.normalize import Stmt
+    from derive.statistics import reuse_in_product
+
+    b, d, e = _idx("b", "d", "e")
+    x, m, r = _t("x"), _t("mean"), _t("rstd")
+    xhat = Stmt("xhat", (b, d), (x[b, d] - m[b]) * r[b])
+    product = -(x[b, d] - m[b]) * r[b] ** 3 * (m[b] - x[b, e]) * _t("g_y")[b, e]
+    assert reuse_in_product(product, [xhat]) == _t("xhat")[b, d] * _t("xhat")[b, e] * r[b] * _t("g_y")[b, e]
+
+
+def test_forward_reuse_leaves_a_product_missing_a_factor():
+    from derive.normalize import Stmt
+    from derive.statistics import reuse_in_product
+
+    b, d = _idx("b", "d")
+    x, m, r = _t("x"), _t("mean"), _t("rstd")
+    xhat = Stmt("xhat", (b, d), (x[b, d] - m[b]) * r[b])
+    product = (x[b, d] - m[b]) / r[b]  # rstd with the opposite sign of exponent
+    assert reuse_in_product(product, [xhat]) == product
+
+
+def test_a_statistic_gradient_read_twice_is_kept():
+    """attention's g_prob_lse0 is read by g_q and g_k: substituting it would compute its sum twice."""
+    targets = [a.target for a in LIB["scaled_dot_product_attention"].backward]
+    assert "g_prob_lse0" in targets
+
+
+def test_softmax_backward_is_y_times_output_gradient_minus_its_weighted_sum():
+    b, c, k = _idx("b", "c", "k")
+    grads = _grads(LIB["softmax"])
+    s = grads["g_x_sum0"]
+    assert [lp.index for lp in s.over] == [c] and s.body == _t("g_y")[b, c] * _t("y")[b, c]
+    expected = _t("y")[b, k] * (_t("g_y")[b, k] - _t("g_x_sum0")[b])
+    assert sympy.expand(grads["g_x"].body - expected) == 0
+
+
+def test_statistics_substitution_is_recorded_in_the_derivation():
+    tex = LIB["layer_norm"].latex
+    steps = ["reads the gradients of the statistics", "Substitute them as the sums they are",
+             "Move the factors free of the summation indices out of the sums",
+             r"Reuse the forward's $\mathrm{xhat}$ on both sides of the sums",
+             r"Collect the common factor $\mathrm{rstd}_{b}$", "Name the remaining sums", "The compact form"]
+    positions = [tex.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), list(zip(steps, positions))
+    assert r"\sum_{d'}" in tex and r"\Sigma^{(0)}_{b} = \sum_{d}" in tex
+
+
+def test_statistics_of_a_new_spec_reach_the_compact_form(tmp_path):
+    """The step is general: instance norm (statistics over the last axis of N C L, lifted
+    with their indices in another order) comes out compact with no op-specific code."""
+    program = derive.from_file(_spec(tmp_path, INSTANCE_NORM_SPEC, "instance_norm"))
+    grads = _grads(program)
+    assert set(grads) == {"g_x_sum0", "g_x_sum1", "g_x"}
+    n, c, l = _idx("n", "c", "l")
+    L = sympy.Symbol("L", integer=True, positive=True)
+    y = _t("y")[n, c, l]
+    expected = _t("rstd")[n, c] * (_t("g_y")[n, c, l] - _t("g_x_sum0")[n, c] / L - y * _t("g_x_sum1")[n, c] / L)
+    assert sympy.expand(grads["g_x"].body - expected) == 0
+
+
+def test_compact_instance_norm_backward_matches_pytorch(tmp_path):
+    import numpy as np
+    import torch
+
+    import codegen
+
+    module = codegen.build(_spec(tmp_path, INSTANCE_NORM_SPEC, "instance_norm"), tmp_path / "out")
+    op = module.op("instance_norm")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 5)) * 3 + 1
+    gy = rng.normal(size=(2, 3, 5))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.instance_norm(xt, eps=1e-5)
+    yt.backward(torch.tensor(gy))
+    np.testing.assert_allclose(op.forward(x), yt.detach().numpy(), rtol=1e-10, atol=1e-12)
+    gx = op.backward(gy, x)  # one differentiable argument: one array
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-8, atol=1e-10)

@@ -1,7 +1,9 @@
 """Normalisation layers and dropout, written as their textbook forward definitions.
 
-The statistics are intermediates (mean, then the biased variance); the compact backward
-of normalisation is derived from these equations, not written.
+The statistics are intermediates (mean, the biased variance, rstd = 1/sqrt(var + eps)) and
+so is the normalised input xhat = (x - mean) rstd, as the textbook writes the forward. The
+compact backward, rstd (ghat - mean(ghat) - xhat mean(ghat xhat)) with ghat = weight g_y,
+is derived from these equations (derive/statistics.py), not written.
 """
 
 from sympy import sqrt
@@ -12,7 +14,7 @@ b, d, n, c, h, w = indices("b d n c h w")
 D, N, H, W = dims("D N H W")
 eps, momentum, p = attr("eps", 1e-5), attr("momentum", 0.1), attr("p", 0.5)
 x, weight, bias, y, mask = tensors("x weight bias y mask")
-mean, var, xhat = tensors("mean var xhat")
+mean, var, rstd, xhat = tensors("mean var rstd xhat")
 running_mean, running_var, new_mean, new_var = tensors("running_mean running_var new_mean new_var")
 
 M = N * H * W  # elements per channel
@@ -22,13 +24,17 @@ OPS = [
           attrs={"eps": 1e-5},
           equations=[(mean[b], Sum(x[b, d], d) / D),
                      (var[b], Sum((x[b, d] - mean[b]) ** 2, d) / D),
-                     (y[b, d], (x[b, d] - mean[b]) / sqrt(var[b] + eps) * weight[d] + bias[d])],
+                     (rstd[b], 1 / sqrt(var[b] + eps)),
+                     (xhat[b, d], (x[b, d] - mean[b]) * rstd[b]),
+                     (y[b, d], xhat[b, d] * weight[d] + bias[d])],
           doc="Layer normalisation over the last axis with affine weight and bias, as torch.nn.functional.layer_norm."),
     layer("batch_norm2d", inputs={"x": "N C H W"}, params={"weight": "C", "bias": "C"}, outputs={"y": "N C H W"},
           attrs={"eps": 1e-5, "momentum": 0.1},
           equations=[(mean[c], Sum(x[n, c, h, w], n, h, w) / M),
                      (var[c], Sum((x[n, c, h, w] - mean[c]) ** 2, n, h, w) / M),
-                     (y[n, c, h, w], (x[n, c, h, w] - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c])],
+                     (rstd[c], 1 / sqrt(var[c] + eps)),
+                     (xhat[n, c, h, w], (x[n, c, h, w] - mean[c]) * rstd[c]),
+                     (y[n, c, h, w], xhat[n, c, h, w] * weight[c] + bias[c])],
           doc="Batch normalisation in training mode (batch statistics, biased variance), as "
               "torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats."),
     layer("batch_norm2d_stats", inputs={"x": "N C H W", "running_mean": "C", "running_var": "C"},
