@@ -11,7 +11,8 @@ import sympy
 
 from derive.ir import Program
 
-from .lower import Kernel, Lowerer, decl_of, tensor_decls
+from . import contract as cn
+from .lower import DOT, Kernel, Lowerer, decl_of, tensor_decls
 from .printers import CPUPrinter, CUDAPrinter, HostPrinter
 from .template_util import render
 
@@ -63,16 +64,21 @@ def core_name(op: str, entry: str) -> str:
 # --------------------------------------------------------------------------- per op plan
 class OpPlan:
     """Everything both targets need for one op: lowered kernels per entry point and
-    the host-side bookkeeping (binding, allocation, returns)."""
+    target, and the host-side bookkeeping (binding, allocation, returns). The CPU
+    lowering turns contractions into BLAS products (codegen/contract.py); the CUDA
+    kernels keep their loops (GEMMs of matrix-product shape are tiled there)."""
 
-    def __init__(self, program: Program):
+    TARGETS = ("cpu", "cuda")
+
+    def __init__(self, program: Program, contract: bool = True):
         self.p = program
         self.id = ident(program.name)
         self.lowerer = Lowerer(program)
+        self.lowerers = {"cpu": Lowerer(program, contract=contract), "cuda": self.lowerer}
         self.attr_int = {
             a.name: isinstance(v, int) and not isinstance(v, bool) for a, v in program.attrs
         }
-        self.entries = []  # (entry name, kernels, statements)
+        self.entries = {t: [] for t in self.TARGETS}  # target -> [(entry, kernels, statements, returned)]
         self.variants = set()  # entries with a compiled core only (no Python wrapper)
         self.flat = program.elementwise or program.kind == "optimizer"
         if program.kind == "schedule":
@@ -90,10 +96,11 @@ class OpPlan:
                 self.variants.add("bwd_" + suffix)
 
     def _add(self, entry, statements, returned):
-        kernels = self.lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
-        live = self.lowerer.live(list(statements), set(returned))
-        # identical kernels across entry points are emitted once
-        self.entries.append((entry, kernels, live, returned))
+        for target, lowerer in self.lowerers.items():
+            kernels = lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
+            live = lowerer.live(list(statements), set(returned))
+            # identical kernels across entry points are emitted once (op_context)
+            self.entries[target].append((entry, kernels, live, returned))
 
     # ----------------------------------------------------------------- host side
     def needs_zero(self, name, statements) -> bool:
@@ -201,12 +208,110 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
             "right_read": "%s[%s]" % (g.right, "%s, _kk" % f1 if g.right_t else "_kk, %s" % f1),
         }
     ctx["reduce_outer"] = False
+    ctx["contract"] = None
     if target == "cuda":
         cuda_layout(ctx, k, pr)
     else:
         ctx["depth"] = len(k.free) + 1
         ctx["reduce_outer"] = reduce_outer(k)
+        if k.contract is not None:
+            ctx["contract"] = contract_context(k, ctx, pr)
+            if any(s["bounds"] for s in ctx["contract"]["spans"]):
+                ctx["helpers"] = sorted(set(ctx["helpers"]) | {"span"})
     return ctx
+
+
+def _extent(pr, loops) -> str:
+    return pr.index(sympy.Mul(*[l.hi - l.lo for l in loops]))
+
+
+def _matrix(pr, op) -> str:
+    """A contraction operand as a 2-D matrix: a view of its array or its buffer."""
+    base = op.name
+    if op.view and op.outer:
+        base = "%s[%s]" % (op.name, ", ".join(pr.index(v) for v in op.outer))
+    text = "%s.reshape(%s, %s)" % (base, _extent(pr, op.rows), _extent(pr, op.cols))
+    return text + (".T" if op.trans else "")
+
+
+def _span(pr, sp, store: str, fill: str) -> dict:
+    return {
+        "var": pr.index(sp.var),
+        "lo": pr.index(sp.lo),
+        "hi": pr.index(sp.hi),
+        "bounds": [{"a": pr.index(a), "b": pr.index(b)} for a, b in sp.bounds],
+        "row": "" if sp.row is sympy.true else pr.index(sp.row),
+        "rest": "" if sp.rest is sympy.true else pr.index(sp.rest),
+        "store": store,
+        "fill": fill,
+    }
+
+
+def contract_context(k: Kernel, ctx: dict, pr) -> dict:
+    """The CPU layout of a contraction kernel (codegen/contract.py): buffers, the
+    gathers, the product, the epilogue or scatter."""
+    c = k.contract
+    gathers = []
+    for op in (c.left, c.right):
+        if op.view:
+            continue
+        layout = op.rows + op.cols
+        store = "%s[%s]" % (op.name, ", ".join(pr.index(l.index) for l in layout))
+        span = _span(pr, op.span, store, pr.expr(0))
+        span["pre"] = [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in op.pre]
+        span["value"] = pr.expr(op.value)
+        conds, value = cn.split_guards(op.expr)
+        comment = "%s = %s" % (store, value)
+        if conds:
+            comment += ", 0 where its guard fails"
+        gathers.append(
+            {
+                "comment": comment,
+                "buffer": op.name,
+                "shape": ", ".join(pr.index(l.hi - l.lo) for l in layout),
+                "loops": _loops(pr, layout[:-1]),
+                "span": span,
+            }
+        )
+    a, b = _matrix(pr, c.left), _matrix(pr, c.right)
+    m, n = _extent(pr, c.m), _extent(pr, c.n)
+    prod = view = None
+    if c.out is not None:
+        outer = [pr.index(l.index) for l in c.outer]
+        target = "%s[%s]" % (c.out, ", ".join(outer)) if outer else c.out
+        dot = "np.dot(%s, %s, %s.reshape(%s, %s))" % (a, b, target, m, n)
+        read = "%s[%s]" % (c.out, ", ".join(pr.index(l.index) for l in c.outer + c.m + c.n))
+    else:
+        prod = "%s, %s" % (m, n)
+        dot = ("_prod += np.dot(%s, %s)" if c.kouter else "np.dot(%s, %s, _prod)") % (a, b)
+        if len(c.m) == 1 and len(c.n) == 1:
+            pv = "_prod"
+        else:
+            pv = "_pv"
+            view = ", ".join(pr.index(l.hi - l.lo) for l in c.m + c.n)
+        read = "%s[%s]" % (pv, ", ".join(pr.index(l.index) for l in c.m + c.n))
+    direct = c.out is not None and len(k.items) == 1 and k.items[0].value == DOT and k.items[0].target == c.out
+    spans = [g["span"] for g in gathers]
+    scatter = None
+    if c.scatter:
+        scatter = _span(pr, c.span, "", "")
+        spans.append(scatter)
+    epi = list(c.m + c.n) if not c.scatter else list(c.m + c.n[:-1])
+    return {
+        "zero": [c.zero] if c.zero else [],
+        "buffers": [{"name": g["buffer"], "shape": g["shape"]} for g in gathers],
+        "prod": prod,
+        "view": view,
+        "outer": _loops(pr, c.outer),
+        "kouter": _loops(pr, c.kouter),
+        "gathers": gathers,
+        "dot": dot,
+        "read": read,
+        "epilogue": not direct,
+        "loops": _loops(pr, epi),
+        "scatter": scatter,
+        "spans": spans,
+    }
 
 
 def reduce_outer(k: Kernel) -> bool:
@@ -427,7 +532,7 @@ def op_context(plan: OpPlan, target: str) -> dict:
     kernels = []
     entries = {}
     seen = {}
-    for entry, ks, statements, returned in plan.entries:
+    for entry, ks, statements, returned in plan.entries[target]:
         if target == "cuda" and entry in plan.variants:
             continue  # variants are CPU cores for the fused model steps
         # a kernel identical to one of an earlier entry (backward recomputing the
@@ -469,7 +574,7 @@ def op_context(plan: OpPlan, target: str) -> dict:
 def _funcs(plan: OpPlan):
     """(key, function name) pairs for the op's entry in ``_FUNCS``."""
     names = {"fwd": "forward", "bwd": "backward", "step": "step"}
-    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries if entry not in plan.variants]
+    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries["cpu"] if entry not in plan.variants]
     if plan.p.kind == "optimizer":
         out.append(("init_state", "_%s_init_state" % plan.id))
     if plan.p.kind == "schedule":
@@ -502,12 +607,13 @@ def header_context(programs, template: str, command: str) -> dict:
     return {"sources": sources, "template": template, "command": command}
 
 
-def render_group(programs, module: str, command: str, single: str | None = None):
+def render_group(programs, module: str, command: str, single: str | None = None, contract: bool = True):
     """Text of the CPU module and (when any op has kernels) the CUDA companion.
 
     ``module`` is the module's file stem; ``single`` names the op of a one-op user
-    module (its ``op()`` then needs no name)."""
-    plans = [OpPlan(p) for p in programs]
+    module (its ``op()`` then needs no name). ``contract=False`` keeps the CPU's
+    contractions as loops (the reference the tests compare the BLAS lowering with)."""
+    plans = [OpPlan(p, contract) for p in programs]
     cpu_ops = [op_context(pl, "cpu") for pl in plans]
     helpers = sorted({h for o in cpu_ops for k in o["kernels"] for h in k["helpers"]})
     has_cuda = any(o["kind"] != "schedule" for o in cpu_ops)

@@ -23,16 +23,23 @@ What happens here, in order:
    whole, so nothing a guard protects is hoisted in front of its guard.
 6. A GEMM writes straight into an output array of its group when nothing reads that
    array's old content (no temporary; no loop at all without an epilogue).
+7. With ``contract=True`` (the CPU), any other sum of a product of two operands
+   (batched matrix products, convolutions through a gathered patch matrix, windowed
+   gathers rewritten as scatters) becomes a :class:`codegen.contract.Contraction`:
+   BLAS products per batch element; its group takes elementwise epilogue statements
+   over the same loops in any order. See codegen/contract.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import sympy
 
 from derive.ir import Assign, Loop, Program, TensorDecl
 
+from . import contract as cn
 from .printers import CPUPrinter
 
 DOT = sympy.Symbol("_dot")
@@ -101,6 +108,7 @@ class Kernel:
     equations: list
     temps: int = 0
     consts: list = field(default_factory=list)  # loop-invariant values, kernel prologue
+    contract: cn.Contraction | None = None  # CPU lowering of a contraction (else loops)
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Group:
     free: tuple
     statements: list  # renamed Assigns
     gemm: Gemm | None = None
+    contract: cn.Match | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -181,6 +190,19 @@ def rename_assign(stmt: Assign, mapping: dict) -> Assign:
         scatter=tuple(sub(e) for e in stmt.scatter),
         where=sub(stmt.where),
     )
+
+
+def match_loops_any_order(group_free: tuple, free: tuple):
+    """``{}`` when ``free`` is ``group_free`` in another order (same indices, same
+    bounds), else None."""
+    if len(group_free) != len(free) or {l.index for l in free} != {g.index for g in group_free}:
+        return None
+    by_index = {g.index: g for g in group_free}
+    for l in free:
+        g = by_index[l.index]
+        if sympy.sympify(l.lo) != g.lo or sympy.sympify(l.hi) != g.hi:
+            return None
+    return {}
 
 
 def match_loops(group_free: tuple, free: tuple):
@@ -269,8 +291,9 @@ def gemm_scale(stmt: Assign) -> sympy.Expr:
 class Lowerer:
     """Lowers statement sequences of one program."""
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, contract: bool = False):
         self.program = program
+        self.contract = contract
         self.decls = {d.name: d for d in tensor_decls(program)}
         self.scalars = set(program.scalars)
         int_syms = {d.name for d in program.dims}
@@ -320,45 +343,66 @@ class Lowerer:
         groups: list[Group] = []
         for s in statements:
             gemm = match_gemm(self.program, s)
-            if gemm is None and groups:
+            found = None
+            if gemm is None and self.contract:
+                found = cn.match(s, self.decls, self.typer.is_int)
+                if found is not None and cn.plan(found, [], self.typer.is_int) is None:
+                    found = None
+                if found is not None and found.stmt is not s:
+                    # rewritten as a scatter: the docstring keeps the equation as written
+                    text = equation_text(s)
+                    found.stmt = dataclasses.replace(found.stmt, equation=text)
+                    s = found.stmt
+            if gemm is None and found is None and groups:
                 mapping = self.can_join(groups[-1], s)
                 if mapping is not None:
                     groups[-1].statements.append(rename_assign(s, mapping))
                     continue
-            groups.append(Group(free=s.free, statements=[s], gemm=gemm))
+            groups.append(Group(free=s.free, statements=[s], gemm=gemm, contract=found))
         return groups
 
     def can_join(self, g: Group, s: Assign):
-        if g.gemm is not None and s.reduce != "none":
+        if (g.gemm is not None or g.contract is not None) and s.reduce != "none":
             return None
         if s.scatter or any(t.scatter for t in g.statements):
             return None  # a scatter writes elsewhere than the group's free index
         mapping = match_loops(g.free, s.free)
+        if mapping is None and g.contract is not None:
+            # a contraction's epilogue may store in another index order
+            mapping = match_loops_any_order(g.free, s.free)
         if mapping is None:
             return None
         free_syms = tuple(l.index for l in g.free)
         if any(l.index in free_syms for l in s.over):
             return None
         s2 = rename_assign(s, mapping)
-        written = set()
+        # where the group writes each tensor (its free index, in the writer's order)
+        written = {}
         for t in g.statements:
-            written.update(written_names(t))
+            for n in written_names(t):
+                written[n] = target_index(t)
+        own = target_index(s2)
         if (set(written_names(s2)) & self.scalars) and g.free:
             return None
-        # every read of a group-written tensor is at the group's free index
+        # every read of a group-written tensor is at the index its writer wrote
         for r in self.all_reads(s2):
             name = r.base.label.name
-            if name in written or name in written_names(s2):
-                if tuple(r.indices) != free_syms:
-                    return None
+            if name in written_names(s2) and tuple(r.indices) != own:
+                return None
+            if name in written and tuple(r.indices) != written[name]:
+                return None
         # earlier statements never read what s writes at another index
         for t in g.statements:
             for r in self.all_reads(t):
-                if r.base.label.name in written_names(s2) and tuple(r.indices) != free_syms:
+                if r.base.label.name in written_names(s2) and tuple(r.indices) != own:
                     return None
         # a GEMM reads its operands across the whole group's range
         if g.gemm is not None and set(written_names(s2)) & {g.gemm.left, g.gemm.right}:
             return None
+        if g.contract is not None:
+            operands = g.contract.left.expr * g.contract.right.expr
+            if set(written_names(s2)) & {r.base.label.name for r in operands.atoms(sympy.Indexed)}:
+                return None
         return mapping
 
     @staticmethod
@@ -378,14 +422,17 @@ class Lowerer:
             for n in written_names(s):
                 last_write[n] = si
         items: list[Item] = []
+        windex: dict[str, tuple] = {}  # tensor -> the index the group writes it at
         for si, s in enumerate(g.statements):
             # reads of what the group already computed become its scalar locals
             # (matched by name: derive's IndexedBase/Symbol may carry assumptions)
             body = sympy.sympify(s.body)
+            own = target_index(s)
             subs = {}
             for r in body.atoms(sympy.Indexed):
-                if r.base.label.name in locals_ and tuple(r.indices) == free_syms:
-                    subs[r] = locals_[r.base.label.name]
+                name_r = r.base.label.name
+                if name_r in locals_ and tuple(r.indices) == windex.get(name_r):
+                    subs[r] = locals_[name_r]
             for sym in body.free_symbols:
                 if isinstance(sym, sympy.Symbol) and sym.name in self.scalars and sym.name in locals_:
                     subs[sym] = locals_[sym.name]
@@ -393,7 +440,7 @@ class Lowerer:
             target_read = (
                 sympy.Symbol(s.target)
                 if s.target in self.scalars
-                else sympy.Indexed(sympy.IndexedBase(s.target), *free_syms)
+                else sympy.Indexed(sympy.IndexedBase(s.target), *own)
             )
             prev = locals_.get(s.target, target_read) if s.accumulate and not s.scatter else None
             local = locals_.get(s.target) or sympy.Symbol("_v_" + s.target)
@@ -401,7 +448,7 @@ class Lowerer:
             is_int = self.decls[s.target].dtype == "int" if s.target in self.decls else False
             item = Item(
                 target=s.target,
-                index=free_syms,
+                index=own,
                 reduce=s.reduce,
                 value=body,
                 local=local,
@@ -414,6 +461,11 @@ class Lowerer:
             if si == 0 and g.gemm is not None:
                 item.reduce = "none"
                 item.value = gemm_scale(s).xreplace(subs) * DOT
+                if prev is not None:
+                    item.value = prev + item.value
+            elif si == 0 and g.contract is not None:
+                item.reduce = "none"
+                item.value = g.contract.scale * DOT
                 if prev is not None:
                     item.value = prev + item.value
             elif s.reduce == "none":
@@ -432,13 +484,18 @@ class Lowerer:
                     amstore = amname not in local_ok and last_write[amname] == si
                     item.argmax.append((amname, s.over[k].index, amlocal, amstore))
                     locals_[amname] = amlocal
+                    windex[amname] = own
             else:
                 raise ValueError("%s: unknown reduction %r in %s" % (self.program.name, s.reduce, item.equation))
             if not s.scatter:
                 locals_[s.target] = local
+                windex[s.target] = own
             items.append(item)
         if g.gemm is not None:
             g.gemm.out, g.gemm.direct = self.gemm_out(g, items)
+        contract = None
+        if g.contract is not None:
+            contract = cn.plan(g.contract, self.contract_outs(g, items), self.typer.is_int)
         kernel = Kernel(
             name=name,
             free=g.free,
@@ -448,7 +505,10 @@ class Lowerer:
             symbols=[],
             float_source="",
             equations=[it.equation for it in items],
+            contract=contract,
         )
+        if contract is not None and contract.note:
+            kernel.equations.append(contract.note)
         self.cse(kernel)
         self.signature(kernel, g)
         return kernel
@@ -474,6 +534,32 @@ class Lowerer:
             direct = len(items) == 1 and first.value == DOT and first.target == it.target
             return it.target, direct
         return None, False
+
+    def contract_outs(self, g: Group, items) -> list:
+        """(array, index order) of the group's stored outputs a contraction's product
+        may be written into (by slices): float, covering the group's loops exactly,
+        not an operand, and no statement reads its old content."""
+        m = g.contract
+        if m.stmt.scatter:
+            return []
+        operands = {r.base.label.name for r in (m.left.expr * m.right.expr).atoms(sympy.Indexed)}
+        loops = {l.index: l for l in g.free}
+        outs = []
+        for it in items:
+            if not it.store or it.scatter or it.target in operands or it.target not in self.decls:
+                continue
+            d = self.decls[it.target]
+            if d.dtype != "float" or d.rank != len(loops) or set(it.index) != set(loops):
+                continue
+            if not all(cn._same(loops[i].hi, e) for i, e in zip(it.index, d.shape)):
+                continue
+            writes = [k for k, st in enumerate(g.statements) if st.target == it.target]
+            if any(g.statements[k].accumulate for k in writes):
+                continue
+            if any(it.target in read_names(st, self.scalars) for st in g.statements[: writes[0] + 1]):
+                continue
+            outs.append((it.target, tuple(it.index)))
+        return outs
 
     # ---------------------------------------------------------------- CSE
     def cse(self, kernel: Kernel):
@@ -512,6 +598,19 @@ class Lowerer:
                     it.inner.append(t)
                 else:
                     it.pre.append(t)
+        # a contraction's gathered operands: one CSE each (their own loops)
+        for op in self.gathered(kernel):
+            own_guards: dict = {}
+            temps, (value,) = self._cse([op.value], fresh_syms(), own_guards)
+            avail: dict = {}
+            full: dict = {}
+            for t in temps:
+                t.expr = self._restore(t.expr, own_guards, avail)
+                f = self._restore(t.expr, own_guards, {}).xreplace(full)
+                full[t.sym] = f
+                avail[f] = t.sym
+            op.value = self._restore(value, own_guards, avail)
+            op.pre = temps
         kernel.temps = counter[0]
         # restore the Piecewise subtrees, reusing temporaries already computed
         if guards:
@@ -534,6 +633,9 @@ class Lowerer:
         if not kernel.free and not any(it.over for it in kernel.items):
             return
         variant = {l.index for l in kernel.free} | {DOT}
+        if kernel.contract is not None:
+            c = kernel.contract
+            variant |= {l.index for l in c.outer + c.kouter + c.m + c.n + c.k}
         written = set()
         for it in kernel.items:
             variant |= {l.index for l in it.over} | {it.local}
@@ -578,7 +680,15 @@ class Lowerer:
 
         for it in kernel.items:
             it.value = walk(it.value)
+        for op in self.gathered(kernel):
+            op.value = walk(op.value)
         kernel.consts = [Temp(sym, e) for e, sym in consts.items()]
+
+    @staticmethod
+    def gathered(kernel: Kernel) -> list:
+        """The operands of the kernel's contraction that are gathered into buffers."""
+        c = kernel.contract
+        return [] if c is None else [op for op in (c.left, c.right) if not op.view]
 
     @staticmethod
     def _plain_reads(e) -> bool:
@@ -704,6 +814,27 @@ class Lowerer:
         if kernel.gemm is not None:
             arrays |= {kernel.gemm.left, kernel.gemm.right}
             exprs += [kernel.gemm.m, kernel.gemm.n, kernel.gemm.k]
+        c = kernel.contract
+        if c is not None:
+            loops = c.outer + c.kouter + c.m + c.n + c.k
+            bound |= {l.index for l in loops}
+            exprs += [e for l in loops for e in (l.lo, l.hi)]
+            spans = [c.span] if c.span is not None else []
+            for op in (c.left, c.right):
+                if op.view:
+                    arrays.add(op.name)
+                else:
+                    exprs.append(op.value)
+                    for t in op.pre:
+                        exprs.append(t.expr)
+                        bound.add(t.sym)
+                    spans.append(op.span)
+            for sp in spans:
+                exprs += [sp.row, sp.rest] + [e for ab in sp.bounds for e in ab]
+            if c.out is not None:
+                arrays.add(c.out)
+            if c.zero is not None:
+                arrays.add(c.zero)
         symbols = set()
         for e in exprs:
             e = sympy.sympify(e)

@@ -3,6 +3,10 @@ dead-code elimination, and CSE that never hoists a guarded read out of its guard
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+import pytest
 import sympy
 
 from codegen.lower import Lowerer, match_gemm
@@ -130,3 +134,212 @@ def test_column_sum_runs_reduction_loop_outside():
     tensors = TENSORS[:-1] + [TensorDecl("z", (B,), "output")]
     (k,) = Lowerer(_program(row, tensors)).lower(row, ["z"], "k")
     assert not reduce_outer(k)
+
+
+# --------------------------------------------------------------------------- contractions (CPU)
+# codegen/contract.py: sums of two operands become BLAS products per batch element.
+
+N_, C_, H_, W_, KH, KW, HO, WO = (dim(n) for n in ("N", "C", "H", "W", "KH", "KW", "HO", "WO"))
+L_, S_, D_ = dim("L"), dim("S"), dim("D")
+n, c, h, w_, p, q, l, s, d = (index(v) for v in ("n", "c", "h", "w", "p", "q", "l", "s", "d"))
+STRIDE, PAD = sympy.Symbol("Sd", integer=True, positive=True), sympy.Symbol("Pd", integer=True)
+qt, kt, x4, w4, y4 = (sympy.IndexedBase(v) for v in ("q", "k", "x4", "w4", "y4"))
+
+ATTN = [
+    TensorDecl("q", (B, L_, D_), "input"),
+    TensorDecl("k", (B, S_, D_), "input"),
+    TensorDecl("r", (B, L_, S_), "output"),
+]
+RAW = Assign("r", (Loop(b, 0, B), Loop(l, 0, L_), Loop(s, 0, S_)), qt[b, l, d] * kt[b, s, d], "sum", (Loop(d, 0, D_),))
+
+CONV = [
+    TensorDecl("x4", (N_, C_, H_, W_), "input"),
+    TensorDecl("w4", (O, C_, KH, KW), "param"),
+    TensorDecl("y4", (N_, O, HO, WO), "output"),
+]
+HI, WI = STRIDE * h + p - PAD, STRIDE * w_ + q - PAD
+PATCH = sympy.Piecewise((x4[n, c, HI, WI], (HI >= 0) & (WI >= 0) & (H_ > HI) & (W_ > WI)), (0, True))
+CONV_FWD = Assign(
+    "y4",
+    (Loop(n, 0, N_), Loop(o, 0, O), Loop(h, 0, HO), Loop(w_, 0, WO)),
+    PATCH * w4[o, c, p, q],
+    "sum",
+    (Loop(c, 0, C_), Loop(p, 0, KH), Loop(q, 0, KW)),
+)
+
+
+def _contract_kernel(stmt, tensors, contract=True):
+    (k,) = Lowerer(_program([stmt], tensors), contract=contract).lower([stmt], [stmt.target], "k")
+    return k
+
+
+def test_batched_product_is_one_gemm_per_batch_element_on_views():
+    c = _contract_kernel(RAW, ATTN).contract
+    assert [l.index for l in c.outer] == [b] and not c.kouter
+    assert (c.left.name, c.left.view, c.left.trans) == ("q", True, False)  # q[b] is (L, D)
+    assert (c.right.name, c.right.view, c.right.trans) == ("k", True, True)  # k[b].T is (D, S)
+    assert c.out == "r"  # written straight into r[b]
+
+
+def test_contractions_stay_loops_without_contract():
+    k = _contract_kernel(RAW, ATTN, contract=False)
+    assert k.contract is None and k.gemm is None and k.items[0].over
+
+
+def test_affine_reads_are_gathered_into_a_patch_matrix():
+    plan = _contract_kernel(CONV_FWD, CONV).contract
+    assert [l.index for l in plan.outer] == [n]
+    assert (plan.left.name, plan.left.view, plan.left.trans) == ("w4", True, False)  # w4 as (O, C*KH*KW)
+    patch = plan.right  # (C*KH*KW, HO*WO) per image: im2col
+    assert not patch.view and [l.index for l in patch.layout] == [c, p, q, h, w_]
+    assert plan.out == "y4"
+
+
+def test_patch_gather_splits_its_innermost_loop_by_the_guard():
+    span = _contract_kernel(CONV_FWD, CONV).contract.right.span
+    assert span.var == w_
+    # -Pd + Sd*w + q >= 0 and W > -Pd + Sd*w + q become the span; h's conditions a row test
+    assert sorted(a for a, _ in span.bounds) == sorted([STRIDE, -STRIDE], key=str)
+    assert span.row.has(h) and not span.row.has(w_) and span.rest is sympy.true
+
+
+def test_unguarded_gather_keeps_no_ternary_inside_the_span():
+    op = _contract_kernel(CONV_FWD, CONV).contract.right
+    assert not op.value.atoms(sympy.Piecewise) and op.value.atoms(sympy.Indexed)
+
+
+def test_epilogue_joins_a_contraction_in_another_index_order():
+    z = sympy.IndexedBase("z")
+    tensors = CONV + [TensorDecl("z", (HO, N_, O, WO), "intermediate"), TensorDecl("bias", (O,), "param")]
+    z_stmt = Assign("z", (Loop(h, 0, HO), Loop(n, 0, N_), Loop(o, 0, O), Loop(w_, 0, WO)), CONV_FWD.body, "sum", CONV_FWD.over)
+    y_stmt = Assign("y4", CONV_FWD.free, bias[o] + z[h, n, o, w_])
+    (k,) = Lowerer(_program([z_stmt, y_stmt], tensors), contract=True).lower([z_stmt, y_stmt], ["y4"], "k")
+    assert [it.target for it in k.items] == ["z", "y4"] and not k.items[0].store  # z is a register
+    assert k.items[1].index == (n, o, h, w_) and k.contract.out == "y4"
+
+
+def test_summation_index_outside_the_product_accumulates():
+    tensors = CONV + [TensorDecl("gw", (O, C_, KH, KW), "output")]
+    stmt = Assign(
+        "gw",
+        (Loop(o, 0, O), Loop(c, 0, C_), Loop(p, 0, KH), Loop(q, 0, KW)),
+        PATCH * y4[n, o, h, w_],
+        "sum",
+        (Loop(h, 0, HO), Loop(n, 0, N_), Loop(w_, 0, WO)),
+    )
+    plan = _contract_kernel(stmt, tensors).contract
+    # n leads both reads: looping over it outside makes y4[n] a view (O, HO*WO)
+    assert [l.index for l in plan.kouter] == [n] and plan.left.view and plan.left.name == "y4"
+    assert plan.out is None  # products accumulate in a buffer first
+
+
+def test_three_operand_sum_stays_loops():
+    v, u = index("v"), index("u")
+    A, xx, ww = sympy.IndexedBase("A"), sympy.IndexedBase("xx"), sympy.IndexedBase("ww")
+    tensors = [
+        TensorDecl("A", (B, B), "input"),
+        TensorDecl("xx", (B, I), "input"),
+        TensorDecl("ww", (I, O), "param"),
+        TensorDecl("y", (B, O), "output"),
+    ]
+    stmt = Assign("y", (Loop(v, 0, B), Loop(o, 0, O)), A[v, u] * xx[u, i] * ww[i, o], "sum", (Loop(u, 0, B), Loop(i, 0, I)))
+    assert _contract_kernel(stmt, tensors).contract is None
+
+
+def test_sum_of_one_operand_is_a_reduction_not_a_contraction():
+    norm = Assign("z", (Loop(b, 0, B),), x[b, i] * x[b, i], "sum", (Loop(i, 0, I),))
+    tensors = TENSORS[:-1] + [TensorDecl("z", (B,), "output")]
+    assert _contract_kernel(norm, tensors).contract is None
+
+
+# ------------------------------------------------------------------ gather to scatter
+def _conv_program():
+    from derive import build
+    from derive.ops import conv
+
+    (opdef,) = [o for o in conv.OPS if o.name == "conv2d"]
+    return build(opdef)
+
+
+def _conv_input_grad(program):
+    (stmt,) = [s for s in program.backward if s.target == "g_x"]
+    return stmt
+
+
+def test_windowed_gather_becomes_a_scatter_of_a_gemm():
+    from codegen import contract as cn
+
+    program = _conv_program()
+    stmt = _conv_input_grad(program)
+    lw = Lowerer(program, contract=True)
+    m = cn.match(stmt, lw.decls, lw.typer.is_int)
+    assert m is not None and m.zero == "g_x" and m.stmt.scatter  # g_x[n, c, S*h + kh - P, ...] +=
+    assert all(l.lo == 0 and not l.hi.free_symbols & {l2.index for l2 in m.stmt.free} for l in m.stmt.free)
+    assert {l.index.name for l in m.stmt.over} == {"o"}  # the product's K; h, w are iterated
+
+
+def test_window_not_implied_by_the_guard_is_not_rewritten():
+    from codegen import contract as cn
+
+    program = _conv_program()
+    stmt = _conv_input_grad(program)
+    (factor,) = [f for f in sympy.Mul.make_args(stmt.body) if isinstance(f, sympy.Piecewise)]
+    unguarded = stmt.body.xreplace({factor: factor.args[0].expr})  # the read without its guard
+    lw = Lowerer(program, contract=True)
+    assert cn.to_scatter(dataclasses.replace(stmt, body=unguarded), lw.decls, lw.typer.is_int) is None
+
+
+# ------------------------------------------------------------------ numbers
+NUMERIC = {
+    "conv2d-S2-P1": ("conv", "conv2d", {"S": 2, "P": 1}, ((2, 3, 7, 6), (4, 3, 3, 2), (4,))),
+    "conv2d-S1-P2": ("conv", "conv2d", {"S": 1, "P": 2}, ((2, 3, 7, 6), (4, 3, 3, 2), (4,))),
+    "attention-causal": ("attention", "scaled_dot_product_attention", {"causal": 1}, ((2, 5, 3), (2, 6, 3), (2, 6, 4))),
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """case -> (op with BLAS contractions, the same op with loops), built once."""
+    import importlib
+
+    from codegen import load_module
+    from codegen.emit import render_group
+    from derive import build
+
+    folder = tmp_path_factory.mktemp("contract")
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            module, name, attrs, _ = NUMERIC[case]
+            (opdef,) = [o for o in importlib.import_module("derive.ops." + module).OPS if o.name == name]
+            program = build(opdef)
+            ops = []
+            for contract in (True, False):
+                stem = "m_%s_%s" % ("blas" if contract else "loops", case.replace("-", "_"))
+                cpu, _ = render_group([program], stem, "test", single=program.name, contract=contract)
+                (folder / (stem + ".py")).write_text(cpu)
+                ops.append(load_module(folder / (stem + ".py")).op(**attrs))
+            cache[case] = ops
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [("conv2d-S2-P1", np.float64), ("conv2d-S1-P2", np.float64), ("attention-causal", np.float64),
+     ("conv2d-S2-P1", np.float32)],
+)
+def test_contractions_compute_what_the_loops_compute(rendered, case, dtype):
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal(shape).astype(dtype) for shape in NUMERIC[case][3]]
+    results = []
+    for op in rendered(case):
+        y = op.forward(*args)
+        gy = np.random.default_rng(4).standard_normal(y.shape).astype(dtype)
+        results.append([y, *op.backward(gy, *args)])
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    for fast, slow in zip(*results):
+        assert fast.dtype == dtype
+        np.testing.assert_allclose(fast, slow, rtol=tol, atol=tol)
