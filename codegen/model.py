@@ -742,14 +742,19 @@ def _unused(i: int, arg: str) -> str:
     return f"_unused{i}_{arg}"
 
 
-def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape) -> _Cell:
-    """The one-line calls of a cell at step t, in the op's argument order.
+# the time loop's variable in the emitted code (not t: that is an optimizer's counter)
+TIME = "step"
 
-    Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, t]``, the state
-    ``hs<i+1>[t]`` (a list of states). Compiled: the steps are ``xs<i+1>[t]`` (the input
-    made time-major), the states ``hs<i+1>[t]`` (an array of T + 1 states)."""
+
+def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape) -> _Cell:
+    """The one-line calls of a cell at time ``step``, in the op's argument order.
+
+    Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, step]``, the state
+    ``hs<i+1>[step]`` (a list of states). Compiled: the steps are ``xs<i+1>[step]`` (the
+    input made time-major), the states ``hs<i+1>[step]`` (an array of T + 1 states)."""
     step, state = cell
     n = i + 1
+    k = TIME
     locals_ = [p.local for p in params]
 
     def args(step_expr, state_expr, tail):
@@ -776,11 +781,11 @@ def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs,
     return _Cell(
         state_shape=tuple(state_shape),
         axes=axes,
-        py_fwd_args=args(f"h{i}[:, t]", f"hs{n}[t]", locals_),
-        py_bwd_args=f"gh{n}, " + args(f"h{i}[:, t]", f"hs{n}[t]", locals_),
+        py_fwd_args=args(f"h{i}[:, {k}]", f"hs{n}[{k}]", locals_),
+        py_bwd_args=f"gh{n}, " + args(f"h{i}[:, {k}]", f"hs{n}[{k}]", locals_),
         py_bwd_unpack=unpack(lambda arg: "_"),
-        jit_fwd_args=args(f"xs{n}[t]", f"hs{n}[t]", locals_ + list(core_attrs)),
-        jit_bwd_args=f"gh{n}, " + args(f"xs{n}[t]", f"hs{n}[t]", locals_ + list(core_attrs)),
+        jit_fwd_args=args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + list(core_attrs)),
+        jit_bwd_args=f"gh{n}, " + args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + list(core_attrs)),
         jit_bwd_unpack=unpack(lambda arg: _unused(i, arg)),
         step_grad=step_grad,
     )
@@ -842,6 +847,8 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     if not isinstance(opt_spec, dict) or "op" not in opt_spec:
         check.fail("optimizer", "must be an op name or a table like { op = \"adam\", lr = 0.001 }")
     opt = check.lookup("optimizer", opt_spec["op"], ("optimizer",))
+    if any(layer.cell for layer in layers) and TIME in (opt.counter, *(a for a, _ in opt.attr_defaults)):
+        check.fail(f"optimizer (op {opt.name!r})", f"its argument {TIME!r} is the name of the unrolled layers' time loop")
     rest = {k: v for k, v in opt_spec.items() if k != "op"}
     hyper = check.attrs(f"optimizer (op {opt.name!r})", rest, opt.hyper, "hyperparameter")
 
@@ -907,6 +914,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         "slots": opt.state,
         "n": len(layers),
         "unrolled": any(layer.cell for layer in layers),
+        "time": TIME,
     }
 
 

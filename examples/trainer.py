@@ -166,6 +166,7 @@ EXAMPLES: dict[str, Example] = {
         Example("cnn_digits", "digits", 20, 32, "conv 3x3 (32 maps), ReLU, max-pool, dense on the digits as 1x8x8 images (>= 98%)"),
         Example("logreg_breast_cancer", "breast_cancer", 30, 32, "logistic regression (BCE with logits) on breast cancer (>= 95%)"),
         Example("linear_diabetes", "diabetes", 200, 512, "linear regression (MSE, full batch) on diabetes: the least-squares fit"),
+        Example("gru_majority", "majority", 10, 32, "GRU over 15 random bits, trained through time: is the majority 1? (>= 95%)"),
     )
 }
 

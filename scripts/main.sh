@@ -3,7 +3,8 @@
 # the whole op library, regenerate the kernels from the specs, train the digits MLP
 # with the generated modules (prints its test accuracy), then the other examples
 # (examples/trainer.py's EXAMPLES: a CNN on the digits, a breast-cancer classifier, a
-# linear regression on diabetes against least squares), each with its own settings.
+# linear regression on diabetes against least squares, a GRU on bit sequences), each
+# with its own settings.
 #
 #   bash scripts/main.sh
 #
@@ -43,7 +44,7 @@ t0=$(now)
 echo "   training (with first-call compilation) took $(elapsed "$t0")"
 cp runs/mlp_digits/training.png docs/figures/mlp_digits_training.png
 
-for model in ${EXAMPLES-cnn_digits logreg_breast_cancer linear_diabetes}; do
+for model in ${EXAMPLES-cnn_digits logreg_breast_cancer linear_diabetes gru_majority}; do
   echo "== training the example $model (python examples/train.py --model $model)"
   t0=$(now)
   "$PY" examples/train.py --model "$model" --seed "${SEED:-0}" --out "runs/$model"

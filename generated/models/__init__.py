@@ -6,10 +6,11 @@
 """Generated models: one module per model spec in specs/models/.
 
 - ``generated.models.cnn_digits``
+- ``generated.models.gru_majority``
 - ``generated.models.linear_diabetes``
 - ``generated.models.logreg_breast_cancer``
 - ``generated.models.mlp_bench``
 - ``generated.models.mlp_digits``
 """
 
-MODELS = ("cnn_digits", "linear_diabetes", "logreg_breast_cancer", "mlp_bench", "mlp_digits")
+MODELS = ("cnn_digits", "gru_majority", "linear_diabetes", "logreg_breast_cancer", "mlp_bench", "mlp_digits")

@@ -1,0 +1,226 @@
+"""Recurrence in model specs: a cell op (two inputs, a step and a state shaped as its
+output) with ``unroll = true`` runs over the first axis of each sample from a zero
+state and passes on its last state; its gradients are backpropagation through time,
+matching PyTorch's cells unrolled by hand; the fused ``train_step`` equals
+loss-and-gradients followed by the optimizer; the GRU example learns its task."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from codegen.model import ModelSpecError, check_model, render_model
+
+REPO = Path(__file__).resolve().parent.parent
+MAJORITY_ACCURACY = 0.95
+
+# the library ops these tests compose (derived once)
+OPS = ("adam", "dense", "mse", "relu", "rnn_cell", "softmax_cross_entropy", "tanh")
+
+
+@pytest.fixture(scope="module")
+def programs():
+    import derive
+
+    return [derive.build(d) for d in derive.library_defs() if d.name in OPS]
+
+
+@pytest.fixture
+def spec(tmp_path):
+    """``spec(input, layers)`` -> the path of a model spec (softmax cross-entropy, adam)."""
+
+    def write(input, layers, name="seq"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            textwrap.dedent(f"""\
+                name = "{name}"
+                kind = "model"
+                input = {input}
+                layers = [{layers}]
+                loss = "softmax_cross_entropy"
+                optimizer = {{ op = "adam", lr = 0.01 }}
+            """)
+        )
+        return path
+
+    return write
+
+
+def build(programs, path, tmp_path):
+    import codegen
+
+    rel, text = render_model(path, programs)
+    target = tmp_path / Path(rel).name
+    target.write_text(text)
+    return codegen.load_module(target)
+
+
+def batch(rng, model, n=4):
+    x = rng.normal(size=(n,) + model.INPUT_SHAPE)
+    y = np.eye(model.OUTPUT)[rng.integers(0, model.OUTPUT, size=n)]
+    return x, y
+
+
+def torch_unrolled(cell, x, params: dict, prefix: str):
+    """The last state of ``cell`` run over axis 1 of ``x`` from zeros, in torch."""
+    w_ih, w_hh, b_ih, b_hh = (params[f"{prefix}.{k}"] for k in ("w_ih", "w_hh", "b_ih", "b_hh"))
+    h = torch.zeros(x.shape[0], w_hh.shape[1], dtype=x.dtype)
+    for step in range(x.shape[1]):
+        h = cell(x[:, step], h, w_ih, w_hh, b_ih, b_hh)
+    return h
+
+
+def assert_grads_match_torch(model, params, x, y, torch_loss):
+    loss, grads = model.loss_and_grads(params, x, y)
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    expected = torch_loss(tparams)
+    expected.backward()
+    ref.assert_close(loss, expected.item(), np.float64, "loss")
+    assert sorted(grads) == sorted(params)
+    for k in params:
+        ref.assert_close(grads[k], tparams[k].grad.numpy(), np.float64, f"gradient of {k}")
+
+
+def assert_train_step_is_loss_and_grads_then_adam(model, params, rng, steps=2):
+    import generated
+
+    manual = {k: v.copy() for k, v in params.items()}
+    state = model.init_state(params)
+    adam = generated.op(model.OPTIMIZER)
+    slots = {k: adam.init_state(v) for k, v in manual.items()}
+    hyper = {**adam.hyper, **model.HYPER}
+    for t in range(1, steps + 1):
+        x, y = batch(rng, model)
+        loss_manual, grads = model.loss_and_grads(manual, x, y)
+        for k in manual:
+            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
+        loss = model.train_step(params, state, x, y)
+        ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
+        for k in params:
+            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+
+
+# ------------------------------------------------------------------------- specs
+
+
+def test_an_unrolled_cell_maps_a_sequence_to_its_last_state(programs, spec):
+    context = check_model(spec("[7, 3]", '{ op = "rnn_cell", out = 5, unroll = true }, { op = "dense", out = 2 }'), programs)
+    layer = context["layers"][0]
+    assert (layer.shape_in, layer.shape_out) == ((7, 3), (5,))
+    assert {p.key: p.shape for p in layer.params} == {
+        "rnn_cell0.w_ih": (5, 3),
+        "rnn_cell0.w_hh": (5, 5),
+        "rnn_cell0.b_ih": (5,),
+        "rnn_cell0.b_hh": (5,),
+    }
+
+
+def test_a_cell_weights_fan_in_is_its_input_or_state_size(programs, spec):
+    context = check_model(spec("[7, 3]", '{ op = "rnn_cell", out = 5, unroll = true }, { op = "dense", out = 2 }'), programs)
+    inits = {p.arg: (p.init, p.fan_in) for p in context["layers"][0].params}
+    assert inits == {"w_ih": ("fan_in", 3), "w_hh": ("fan_in", 5), "b_ih": ("zeros", 1), "b_hh": ("zeros", 1)}
+
+
+def test_a_cell_without_unroll_is_told_to_unroll(programs, spec):
+    with pytest.raises(ModelSpecError, match=r"layers\[0\] .*takes 2 inputs.*add unroll = true"):
+        check_model(spec("[7, 3]", '{ op = "rnn_cell", out = 5 }, { op = "dense", out = 2 }'), programs)
+
+
+def test_unroll_needs_a_cell(programs, spec):
+    with pytest.raises(ModelSpecError, match=r"layers\[0\] .*'unroll' needs a cell.*this one has 1"):
+        check_model(spec("[7, 3]", '{ op = "dense", out = 5, unroll = true }'), programs)
+
+
+def test_unroll_needs_a_time_axis(programs, spec):
+    with pytest.raises(ModelSpecError, match=r"layers\[0\] .*shape mismatch.*first axis of the input's shape \(3,\)"):
+        check_model(spec("[3]", '{ op = "rnn_cell", out = 5, unroll = true }, { op = "dense", out = 2 }'), programs)
+
+
+# ------------------------------------------------------------ gradients through time
+
+
+@pytest.fixture(scope="module")
+def rnn(programs, tmp_path_factory):
+    """tanh -> rnn_cell unrolled over 4 steps of 2 features -> dense: the step gradient
+    flows back through the cell to the layer before it."""
+    tmp = tmp_path_factory.mktemp("rnn")
+    path = tmp / "seq.toml"
+    path.write_text(
+        textwrap.dedent("""\
+            name = "seq"
+            kind = "model"
+            input = [4, 2]
+            layers = [{ op = "tanh" }, { op = "rnn_cell", out = 3, unroll = true }, { op = "dense", out = 2 }]
+            loss = "softmax_cross_entropy"
+            optimizer = { op = "adam", lr = 0.01 }
+        """)
+    )
+    return build(programs, path, tmp)
+
+
+def test_unrolled_rnn_gradients_match_torch(rnn, rng):
+    params = rnn.init(0, dtype=np.float64)
+    x, y = batch(rng, rnn)
+
+    def torch_loss(p):
+        h = torch_unrolled(torch.rnn_tanh_cell, torch.tanh(torch.tensor(x)), p, "rnn_cell1")
+        return F.cross_entropy(h @ p["dense2.weight"] + p["dense2.bias"], torch.tensor(y))
+
+    assert_grads_match_torch(rnn, params, x, y, torch_loss)
+
+
+def test_unrolled_train_step_is_loss_and_grads_then_adam(rnn, rng):
+    assert_train_step_is_loss_and_grads_then_adam(rnn, rnn.init(1, dtype=np.float64), rng)
+
+
+# ------------------------------------------------------------- the GRU example
+
+
+@pytest.fixture(scope="module")
+def gru():
+    from generated.models import gru_majority
+
+    return gru_majority
+
+
+def test_gru_module_gradients_match_torch(gru, rng):
+    params = gru.init(0, dtype=np.float64)
+    x, y = batch(rng, gru)
+
+    def torch_loss(p):
+        h = torch_unrolled(torch.gru_cell, torch.tensor(x), p, "gru_cell0")
+        return F.cross_entropy(h @ p["dense1.weight"] + p["dense1.bias"], torch.tensor(y))
+
+    assert_grads_match_torch(gru, params, x, y, torch_loss)
+
+
+def test_gru_train_step_is_loss_and_grads_then_adam(gru, rng):
+    assert_train_step_is_loss_and_grads_then_adam(gru, gru.init(1, dtype=np.float64), rng)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import trainer as module
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    return module
+
+
+@pytest.mark.slow
+def test_gru_learns_the_majority_of_a_bit_sequence(trainer, tmp_path):
+    example = trainer.EXAMPLES["gru_majority"]
+    config = trainer.Config(
+        spec=str(example.spec), out=str(tmp_path / "run"), dataset=example.dataset, epochs=example.epochs,
+        batch_size=example.batch_size, seed=0, progress=False, plot=False,
+    )  # fmt: skip
+    result = trainer.train(config, log=lambda *a: None)
+    assert result["test_accuracy"] >= MAJORITY_ACCURACY, result["history"][-1]
