@@ -204,13 +204,21 @@ def schedule_blocks(op: OpDef):
     return blocks
 
 
+_SPECIAL = {"_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%", "#": r"\#", "~": r"\~{}"}
+
+
+def _plain(text: str) -> str:
+    """Prose (an op's doc string) with LaTeX's special characters escaped."""
+    return "".join(_SPECIAL.get(ch, ch) for ch in text)
+
+
 def render_tex(blocks, level="subsection*") -> str:
     out = []
     for kind, text in blocks:
         if kind == "heading":
-            out.append("\\%s{%s}" % (level, text.replace("_", r"\_")))
+            out.append("\\%s{%s}" % (level, _plain(text)))
         elif kind == "text":
-            out.append(text.replace("_", r"\_") if "$" not in text else text)
+            out.append(_plain(text) if "$" not in text else text)
         else:
             out.append("\\begin{equation*}\n" + text + "\n\\end{equation*}")
     return "\n\n".join(out) + "\n"

@@ -196,8 +196,12 @@ class _Rewriter:
         return expr.xreplace({p: s.display() for p, s in self.sums.items()})
 
     def record(self, caption, expr):
+        """A step showing the consumer as ``expr``; none when it reads as the last one did."""
         c = self.consumer
-        self.steps.append(Rewrite(caption, [(c.grad, c.free, self.show(expr))]))
+        shown = self.show(expr)
+        if self.steps and self.steps[-1].equations[-1][2] == shown:
+            return
+        self.steps.append(Rewrite(caption, [(c.grad, c.free, shown)]))
 
     def run(self) -> None:
         c = self.consumer
@@ -238,14 +242,17 @@ class _Rewriter:
         if after > before:
             return
         if new_terms:
-            naming = Rewrite("Name the remaining sums, each computed once rather than per element:")
+            naming = Rewrite("Name the remaining sum%s, computed once rather than per element:"
+                             % ("s" if len(new_terms) > 1 else ""))
             for t in new_terms:
                 naming.equations.append((t.grad, t.free, _sum_of(t)))
             self.steps.append(naming)
         if shared:
             known = ", ".join(f"${_tex_name(u.grad)}$" for _, u in shared)
-            caption = (f"The {'other ' if new_terms else ''}remaining sums are {known}, which the backward "
-                       "already computes; they are read, not computed again:")
+            many = len(shared) > 1
+            caption = (f"The {'other ' if new_terms else ''}remaining sum{'s are' if many else ' is'} {known}, "
+                       f"which the backward already computes; {'they are' if many else 'it is'} read, "
+                       "not computed again:")
             self.steps.append(Rewrite(caption, [(u.grad, u.free, _sum_of(u)) for _, u in shared]))
         self.steps.append(Rewrite("The compact form:", [(c.grad, c.free, new_expr)]))
         # commit
@@ -281,13 +288,16 @@ class _Rewriter:
                     total += outside * p
                 replaced[read], shown[read] = total, display
         names = ", ".join(f"${_tex_name(g[0].of, bar=True)}$" for g in self.groups)
-        self.steps.append(Rewrite(
-            f"${_tex_name(c.grad)}$ reads the gradients of the statistics {names}, reductions read nowhere else"
-            f"{self.powers_note(c.expr)}:", [(c.grad, c.free, c.expr)]))
-        self.steps.append(Rewrite("Substitute them as the sums they are, over primed indices:",
+        what = ("the gradients of the statistics %s, reductions" if len(self.groups) > 1
+                else "the gradient of the statistic %s, a reduction") % names
+        self.steps.append(Rewrite(f"${_tex_name(c.grad)}$ reads {what} read nowhere else{self.powers_note(c.expr)}:",
+                                  [(c.grad, c.free, c.expr)]))
+        self.steps.append(Rewrite(f"Substitute {'them' if len(self.groups) > 1 else 'it'} as the sum"
+                                  f"{'s' if len(self.groups) > 1 else ''} over primed indices:",
                                   [(c.grad, c.free, c.expr.xreplace(shown))]))
         expr = c.expr.xreplace(replaced)
-        self.record("Move the factors free of the summation indices out of the sums:", expr)
+        self.record("Move the factors free of the summation indices out of the sum%s:"
+                    % ("s" if len(self.sums) > 1 else ""), expr)
         return expr
 
     def powers_note(self, expr) -> str:

@@ -234,7 +234,7 @@ def test_softmax_backward_is_y_times_output_gradient_minus_its_weighted_sum():
 
 def test_statistics_substitution_is_recorded_in_the_derivation():
     tex = LIB["layer_norm"].latex
-    steps = ["reads the gradients of the statistics", "Substitute them as the sums they are",
+    steps = ["reads the gradients of the statistics", "Substitute them as the sums over primed indices",
              "Move the factors free of the summation indices out of the sums",
              r"Reuse the forward's $\mathrm{xhat}$ on both sides of the sums",
              r"Collect the common factor $\mathrm{rstd}_{b}$", "Name the remaining sums", "The compact form"]
