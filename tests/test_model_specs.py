@@ -229,7 +229,7 @@ def cnn():
     return cnn_digits
 
 
-def torch_cnn_loss(cnn, params: dict, x, y):
+def torch_cnn_loss(params: dict, x, y):
     """cnn_digits' layers with torch.nn.functional, from the module's layer table."""
     h = torch.tensor(x)
     w, b = params["conv2d0.weight"], params["conv2d0.bias"]
@@ -245,7 +245,7 @@ def test_cnn_module_loss_and_grads_match_torch(cnn, rng):
     y = np.eye(10)[rng.integers(0, 10, size=5)]
     loss, grads = cnn.loss_and_grads(params, x, y)
     tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    expected = torch_cnn_loss(cnn, tparams, x, y)
+    expected = torch_cnn_loss(tparams, x, y)
     expected.backward()
     ref.assert_close(loss, expected.item(), np.float64, "loss")
     for k in cnn.PARAM_SHAPES:
