@@ -7,6 +7,8 @@ checks, launch sizes) and hands plain dicts of printed strings to the templates 
 
 from __future__ import annotations
 
+import contextlib
+
 import sympy
 
 from derive.ir import Program
@@ -216,8 +218,8 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
         ctx["reduce_outer"] = reduce_outer(k)
         if k.contract is not None:
             ctx["contract"] = contract_context(k, ctx, pr)
-            if any(s["bounds"] for s in ctx["contract"]["spans"]):
-                ctx["helpers"] = sorted(set(ctx["helpers"]) | {"span"})
+            used = {"gemm"} | ({"span"} if ctx["contract"]["uses_span"] else set())
+            ctx["helpers"] = sorted(set(ctx["helpers"]) | used)
     return ctx
 
 
@@ -234,17 +236,63 @@ def _matrix(pr, op) -> str:
     return text + (".T" if op.trans else "")
 
 
-def _span(pr, sp, store: str, fill: str) -> dict:
-    return {
-        "var": pr.index(sp.var),
-        "lo": pr.index(sp.lo),
-        "hi": pr.index(sp.hi),
-        "bounds": [{"a": pr.index(a), "b": pr.index(b)} for a, b in sp.bounds],
+def _span(pr, sp, loops, store: str = "", fill: str = "") -> tuple[dict, list, list]:
+    """The split innermost loop of a gather or scatter nested in ``loops``, and where
+    its bounds are computed: (span, lines before the nest, lines after each loop's
+    header). The bounds go right after the innermost loop whose index they use, so
+    they are not recomputed (integer divisions) for every row."""
+    var, lo, hi = pr.index(sp.var), pr.index(sp.lo), pr.index(sp.hi)
+    calc = ["%s, %s = %s, %s" % ("{lo}", "{hi}", lo, hi)]
+    calc += ["{lo}, {hi} = _span(%s, %s, {lo}, {hi})" % (pr.index(a), pr.index(b)) for a, b in sp.bounds]
+    uses = set().union(*(sympy.sympify(e).free_symbols for ab in sp.bounds for e in ab)) if sp.bounds else set()
+    level = max((k for k, l in enumerate(loops) if l.index in uses), default=-1)
+    before, heads = [], [[] for _ in loops]
+    if sp.bounds and level < len(loops) - 1:
+        names = {"lo": "_lo_" + var, "hi": "_hi_" + var}
+        (before if level < 0 else heads[level]).extend(line.format(**names) for line in calc)
+        init = ["_lo, _hi = %s, %s" % (names["lo"], names["hi"])]
+    else:
+        init = [line.format(lo="_lo", hi="_hi") for line in calc]
+    span = {
+        "var": var,
+        "lo": lo,
+        "hi": hi,
+        "split": bool(sp.bounds) or sp.row is not sympy.true,
+        "init": init,
         "row": "" if sp.row is sympy.true else pr.index(sp.row),
         "rest": "" if sp.rest is sympy.true else pr.index(sp.rest),
         "store": store,
         "fill": fill,
     }
+    return span, before, heads
+
+
+def _nest(pr, loops, heads) -> list:
+    out = _loops(pr, loops)
+    for l, head in zip(out, heads):
+        l["head"] = head
+    return out
+
+
+def _subscripted(pr, name: str, index) -> str:
+    """``name[index]`` printed as a read (so ``CPUPrinter.unsigned`` applies)."""
+    return pr.index(sympy.Indexed(sympy.IndexedBase(name), *index))
+
+
+@contextlib.contextmanager
+def _unsigned(pr, var, temps):
+    """Print subscripts that move with a span's loop index ``var`` (directly or through
+    the temporaries ``temps``) as unsigned: inside the span every guard holds, so they
+    are in bounds (see ``CPUPrinter.unsigned``)."""
+    moving = {var}
+    for t in temps:
+        if t.expr.free_symbols & moving:
+            moving.add(t.sym)
+    old, pr.unsigned = pr.unsigned, frozenset(moving)
+    try:
+        yield
+    finally:
+        pr.unsigned = old
 
 
 def contract_context(k: Kernel, ctx: dict, pr) -> dict:
@@ -256,12 +304,20 @@ def contract_context(k: Kernel, ctx: dict, pr) -> dict:
         if op.view:
             continue
         layout = op.rows + op.cols
-        store = "%s[%s]" % (op.name, ", ".join(pr.index(l.index) for l in layout))
-        span = _span(pr, op.span, store, pr.expr(0))
-        span["pre"] = [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in op.pre]
-        span["value"] = pr.expr(op.value)
+        plain = "%s[%s]" % (op.name, ", ".join(pr.index(l.index) for l in layout))
+        # where the zeros fall does not change from one product to the next: the
+        # buffer starts zeroed and only the span is written
+        outer = {l.index for l in c.outer + c.kouter}
+        sp = op.span
+        moving = set().union(*(sympy.sympify(e).free_symbols for ab in sp.bounds for e in ab), sp.row.free_symbols)
+        zeroed = not (moving & outer)
+        with _unsigned(pr, op.span.var, op.pre):
+            store = _subscripted(pr, op.name, [l.index for l in layout])
+            span, before, heads = _span(pr, op.span, layout[:-1], store, "" if zeroed else pr.expr(0))
+            span["pre"] = [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in op.pre]
+            span["value"] = pr.expr(op.value)
         conds, value = cn.split_guards(op.expr)
-        comment = "%s = %s" % (store, value)
+        comment = "%s = %s" % (plain, value)
         if conds:
             comment += ", 0 where its guard fails"
         gathers.append(
@@ -269,7 +325,9 @@ def contract_context(k: Kernel, ctx: dict, pr) -> dict:
                 "comment": comment,
                 "buffer": op.name,
                 "shape": ", ".join(pr.index(l.hi - l.lo) for l in layout),
-                "loops": _loops(pr, layout[:-1]),
+                "zeroed": zeroed,
+                "head": before,
+                "loops": _nest(pr, layout[:-1], heads),
                 "span": span,
             }
         )
@@ -279,11 +337,11 @@ def contract_context(k: Kernel, ctx: dict, pr) -> dict:
     if c.out is not None:
         outer = [pr.index(l.index) for l in c.outer]
         target = "%s[%s]" % (c.out, ", ".join(outer)) if outer else c.out
-        dot = "np.dot(%s, %s, %s.reshape(%s, %s))" % (a, b, target, m, n)
+        dot = "_gemm(%s, %s, %s.reshape(%s, %s), False)" % (a, b, target, m, n)
         read = "%s[%s]" % (c.out, ", ".join(pr.index(l.index) for l in c.outer + c.m + c.n))
     else:
         prod = "%s, %s" % (m, n)
-        dot = ("_prod += np.dot(%s, %s)" if c.kouter else "np.dot(%s, %s, _prod)") % (a, b)
+        dot = "_gemm(%s, %s, _prod, %s)" % (a, b, bool(c.kouter))
         if len(c.m) == 1 and len(c.n) == 1:
             pv = "_prod"
         else:
@@ -291,15 +349,25 @@ def contract_context(k: Kernel, ctx: dict, pr) -> dict:
             view = ", ".join(pr.index(l.hi - l.lo) for l in c.m + c.n)
         read = "%s[%s]" % (pv, ", ".join(pr.index(l.index) for l in c.m + c.n))
     direct = c.out is not None and len(k.items) == 1 and k.items[0].value == DOT and k.items[0].target == c.out
+    epi = list(c.m + c.n) if not c.scatter else list(c.m + c.n[:-1])
+    before, heads = [], [[] for _ in epi]
     spans = [g["span"] for g in gathers]
     scatter = None
     if c.scatter:
-        scatter = _span(pr, c.span, "", "")
+        (it,) = k.items
+        with _unsigned(pr, c.span.var, it.pre):
+            scatter, before, heads = _span(pr, c.span, epi)
+            scatter["read"] = _subscripted(pr, pv, [l.index for l in c.m + c.n])
+            scatter["pre"] = [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in it.pre]
+            scatter["assign"] = "%s = %s" % (pr.index(it.local), pr.expr(it.value))
+            scatter["store"] = "%s += %s" % (_subscripted(pr, it.target, it.scatter), pr.index(it.local))
         spans.append(scatter)
-    epi = list(c.m + c.n) if not c.scatter else list(c.m + c.n[:-1])
+    lines = before + [x for h in heads for x in h] + [x for s_ in spans for x in s_["init"]]
+    lines += [x for g in gathers for x in g["head"] + [y for l in g["loops"] for y in l["head"]]]
     return {
+        "uses_span": any("_span(" in line for line in lines),
         "zero": [c.zero] if c.zero else [],
-        "buffers": [{"name": g["buffer"], "shape": g["shape"]} for g in gathers],
+        "buffers": [{"name": g["buffer"], "shape": g["shape"], "zeroed": g["zeroed"]} for g in gathers],
         "prod": prod,
         "view": view,
         "outer": _loops(pr, c.outer),
@@ -308,7 +376,8 @@ def contract_context(k: Kernel, ctx: dict, pr) -> dict:
         "dot": dot,
         "read": read,
         "epilogue": not direct,
-        "loops": _loops(pr, epi),
+        "head": before,
+        "loops": _nest(pr, epi, heads),
         "scatter": scatter,
         "spans": spans,
     }

@@ -84,6 +84,11 @@ class CPUPrinter(PythonCodePrinter):
         self._mode = "float"
         self._int_memo: dict = {}
         self.helpers_used: set[str] = set()
+        #: index symbols known to keep every subscript they enter in bounds (the
+        #: innermost loop of a guard-split span): such subscripts print as unsigned
+        #: (``np.uint64(...)``), which spares Numba's negative-index wraparound test
+        #: and lets the loop vectorise. Set by the emitter around such loops only.
+        self.unsigned: frozenset = frozenset()
 
     # ----------------------------------------------------------------- entry points
     def expr(self, e, mode: str = "float") -> str:
@@ -237,10 +242,15 @@ class CPUPrinter(PythonCodePrinter):
         name = expr.base.label.name
         old, self._mode = self._mode, "int"
         try:
-            idx = ", ".join(self._print(i) for i in expr.indices)
+            idx = []
+            for i in expr.indices:
+                text = self._print(i)
+                if self.unsigned and sympy.sympify(i).free_symbols & self.unsigned:
+                    text = "np.uint64(%s)" % text
+                idx.append(text)
         finally:
             self._mode = old
-        return "%s[%s]" % (name, idx)
+        return "%s[%s]" % (name, ", ".join(idx))
 
     # ----------------------------------------------------------------- arithmetic
     def _print_Pow(self, expr, rational=False):

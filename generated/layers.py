@@ -87,6 +87,24 @@ def _check_derived(op, dim, value):
 
 
 @njit(cache=True, error_model="numpy")
+def _gemm(a, b, out, add):
+    """out = a @ b, or out += a @ b when add, through BLAS (np.dot). A product with
+    fewer rows than columns and an inner dimension at least its row count is computed
+    as its transpose and copied: OpenBLAS's sgemm runs such short, wide products up to
+    1.6x slower than their transposes (benchmarks/RESULTS.md)."""
+    if out.shape[0] < out.shape[1] and a.shape[1] >= out.shape[0]:
+        t = np.dot(b.T, a.T)
+        if add:
+            out += t.T
+        else:
+            out[:, :] = t.T
+    elif add:
+        out += np.dot(a, b)
+    else:
+        np.dot(a, b, out)
+
+
+@njit(cache=True, error_model="numpy")
 def _sigmoid(x, F):
     """1 / (1 + exp(-x)), stable for both signs: exp only ever sees -|x| (no
     overflow), and the sign picks r or z*r without a branch the data can mispredict."""
@@ -662,25 +680,22 @@ def _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO):
     y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]
     """
     _F = y.dtype.type
-    _b = np.empty((C, KH, KW, HO, WO), y.dtype)
+    _b = np.zeros((C, KH, KW, HO, WO), y.dtype)
     for n in range(0, N):
         # gather: _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
         for c in range(0, C):
             for p in range(0, KH):
                 for q in range(0, KW):
+                    _lo_w, _hi_w = 0, WO
+                    _lo_w, _hi_w = _span(S, -P + q, _lo_w, _hi_w)
+                    _lo_w, _hi_w = _span(-S, P + W - q - 1, _lo_w, _hi_w)
                     for h in range(0, HO):
-                        _lo, _hi = 0, WO
-                        _lo, _hi = _span(S, -P + q, _lo, _hi)
-                        _lo, _hi = _span(-S, P + W - q - 1, _lo, _hi)
+                        _lo, _hi = _lo_w, _hi_w
                         if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
                             _hi = _lo
-                        for w in range(0, _lo):
-                            _b[c, p, q, h, w] = _F(0)
                         for w in range(_lo, _hi):
-                            _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q]
-                        for w in range(_hi, WO):
-                            _b[c, p, q, h, w] = _F(0)
-        np.dot(weight.reshape(O, C*KH*KW), _b.reshape(C*KH*KW, HO*WO), y[n].reshape(O, HO*WO))
+                            _b[c, p, q, h, np.uint64(w)] = x[n, c, -P + S*h + p, np.uint64(-P + S*w + q)]
+        _gemm(weight.reshape(O, C*KH*KW), _b.reshape(C*KH*KW, HO*WO), y[n].reshape(O, HO*WO), False)
         for o in range(0, O):
             for h in range(0, HO):
                 for w in range(0, WO):
@@ -709,7 +724,7 @@ def _conv2d_bwd0(g_y, g_bias, HO, N, O, WO):
 def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
     """g_weight[o, c, p, q] = sum(g_y[n, o, h, w]*x[n, c, -P + S*h + p, -P + S*w + q], h, n, w)"""
     _F = g_weight.dtype.type
-    _b = np.empty((C, KH, KW, HO, WO), g_weight.dtype)
+    _b = np.zeros((C, KH, KW, HO, WO), g_weight.dtype)
     _prod = np.empty((O, C*KH*KW), g_weight.dtype)
     _pv = _prod.reshape((O, C, KH, KW))
     _prod[:] = _F(0)
@@ -718,19 +733,16 @@ def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
         for c in range(0, C):
             for p in range(0, KH):
                 for q in range(0, KW):
+                    _lo_w, _hi_w = 0, WO
+                    _lo_w, _hi_w = _span(S, -P + q, _lo_w, _hi_w)
+                    _lo_w, _hi_w = _span(-S, P + W - q - 1, _lo_w, _hi_w)
                     for h in range(0, HO):
-                        _lo, _hi = 0, WO
-                        _lo, _hi = _span(S, -P + q, _lo, _hi)
-                        _lo, _hi = _span(-S, P + W - q - 1, _lo, _hi)
+                        _lo, _hi = _lo_w, _hi_w
                         if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
                             _hi = _lo
-                        for w in range(0, _lo):
-                            _b[c, p, q, h, w] = _F(0)
                         for w in range(_lo, _hi):
-                            _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q]
-                        for w in range(_hi, WO):
-                            _b[c, p, q, h, w] = _F(0)
-        _prod += np.dot(g_y[n].reshape(O, HO*WO), _b.reshape(C*KH*KW, HO*WO).T)
+                            _b[c, p, q, h, np.uint64(w)] = x[n, c, -P + S*h + p, np.uint64(-P + S*w + q)]
+        _gemm(g_y[n].reshape(O, HO*WO), _b.reshape(C*KH*KW, HO*WO).T, _prod, True)
     for o in range(0, O):
         for c in range(0, C):
             for p in range(0, KH):
@@ -750,20 +762,21 @@ def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
     _prod = np.empty((C*KH*KW, HO*WO), g_x.dtype)
     _pv = _prod.reshape((C, KH, KW, HO, WO))
     for n in range(0, N):
-        np.dot(weight.reshape(O, C*KH*KW).T, g_y[n].reshape(O, HO*WO), _prod)
+        _gemm(weight.reshape(O, C*KH*KW).T, g_y[n].reshape(O, HO*WO), _prod, False)
         for c in range(0, C):
             for kh in range(0, KH):
                 for kw in range(0, KW):
+                    _lo_w, _hi_w = 0, WO
+                    _lo_w, _hi_w = _span(S, -P + kw, _lo_w, _hi_w)
+                    _lo_w, _hi_w = _span(-S, P + W - kw - 1, _lo_w, _hi_w)
                     for h in range(0, HO):
-                        _lo, _hi = 0, WO
-                        _lo, _hi = _span(S, -P + kw, _lo, _hi)
-                        _lo, _hi = _span(-S, P + W - kw - 1, _lo, _hi)
+                        _lo, _hi = _lo_w, _hi_w
                         if not ((-P + S*h + kh >= 0) and (-P + S*h + kh < H)):
                             _hi = _lo
                         for w in range(_lo, _hi):
-                            _dot = _pv[c, kh, kw, h, w]
+                            _dot = _pv[c, kh, kw, h, np.uint64(w)]
                             _v_g_x = _dot
-                            g_x[n, c, -P + S*h + kh, -P + S*w + kw] += _v_g_x
+                            g_x[n, c, -P + S*h + kh, np.uint64(-P + S*w + kw)] += _v_g_x
 
 
 @njit(cache=True, error_model="numpy")
@@ -1576,19 +1589,15 @@ def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
 def _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H):
     """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)"""
     _F = r_sum0.dtype.type
-    _b = np.empty((H, H), r_sum0.dtype)
+    _b = np.zeros((H, H), r_sum0.dtype)
     # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
         if not ((j >= 0) and (G > j)):
             _hi = _lo
-        for k in range(0, _lo):
-            _b[j, k] = _F(0)
         for k in range(_lo, _hi):
-            _b[j, k] = w_hh[j, k]
-        for k in range(_hi, H):
-            _b[j, k] = _F(0)
-    np.dot(h.reshape(B, H), _b.reshape(H, H).T, r_sum0.reshape(B, H))
+            _b[j, np.uint64(k)] = w_hh[j, np.uint64(k)]
+    _gemm(h.reshape(B, H), _b.reshape(H, H).T, r_sum0.reshape(B, H), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1597,19 +1606,15 @@ def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
     r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
     """
     _F = r.dtype.type
-    _b = np.empty((H, I), r.dtype)
+    _b = np.zeros((H, I), r.dtype)
     # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((j >= 0) and (G > j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(x.reshape(B, I), _b.reshape(H, I).T, r.reshape(B, H))
+            _b[j, np.uint64(i)] = w_ih[j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, r.reshape(B, H), False)
     for b in range(0, B):
         for j in range(0, H):
             _dot = r[b, j]
@@ -1624,19 +1629,15 @@ def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
 def _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H):
     """z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)"""
     _F = z_sum0.dtype.type
-    _b = np.empty((H, H), z_sum0.dtype)
+    _b = np.zeros((H, H), z_sum0.dtype)
     # gather: _b[j, k] = w_hh[H + j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
         if not ((H + j >= 0) and (G > H + j)):
             _hi = _lo
-        for k in range(0, _lo):
-            _b[j, k] = _F(0)
         for k in range(_lo, _hi):
-            _b[j, k] = w_hh[H + j, k]
-        for k in range(_hi, H):
-            _b[j, k] = _F(0)
-    np.dot(h.reshape(B, H), _b.reshape(H, H).T, z_sum0.reshape(B, H))
+            _b[j, np.uint64(k)] = w_hh[H + j, np.uint64(k)]
+    _gemm(h.reshape(B, H), _b.reshape(H, H).T, z_sum0.reshape(B, H), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1645,19 +1646,15 @@ def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I):
     z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
     """
     _F = z.dtype.type
-    _b = np.empty((H, I), z.dtype)
+    _b = np.zeros((H, I), z.dtype)
     # gather: _b[j, i] = w_ih[H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((H + j >= 0) and (G > H + j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[H + j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(x.reshape(B, I), _b.reshape(H, I).T, z.reshape(B, H))
+            _b[j, np.uint64(i)] = w_ih[H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, z.reshape(B, H), False)
     for b in range(0, B):
         for j in range(0, H):
             _dot = z[b, j]
@@ -1674,19 +1671,15 @@ def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H):
     hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
     """
     _F = hn.dtype.type
-    _b = np.empty((H, H), hn.dtype)
+    _b = np.zeros((H, H), hn.dtype)
     # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
         if not ((2*H + j >= 0) and (G > 2*H + j)):
             _hi = _lo
-        for k in range(0, _lo):
-            _b[j, k] = _F(0)
         for k in range(_lo, _hi):
-            _b[j, k] = w_hh[2*H + j, k]
-        for k in range(_hi, H):
-            _b[j, k] = _F(0)
-    np.dot(h.reshape(B, H), _b.reshape(H, H).T, hn.reshape(B, H))
+            _b[j, np.uint64(k)] = w_hh[2*H + j, np.uint64(k)]
+    _gemm(h.reshape(B, H), _b.reshape(H, H).T, hn.reshape(B, H), False)
     for b in range(0, B):
         for j in range(0, H):
             _dot = hn[b, j]
@@ -1704,19 +1697,15 @@ def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I):
     y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
     """
     _F = y.dtype.type
-    _b = np.empty((H, I), y.dtype)
+    _b = np.zeros((H, I), y.dtype)
     # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((2*H + j >= 0) and (G > 2*H + j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[2*H + j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(x.reshape(B, I), _b.reshape(H, I).T, y.reshape(B, H))
+            _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, y.reshape(B, H), False)
     for b in range(0, B):
         for j in range(0, H):
             _dot = y[b, j]
@@ -1736,19 +1725,15 @@ def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I):
     g_h[b, j] = g_y[b, j]*z[b, j]
     """
     _F = nn.dtype.type
-    _b = np.empty((H, I), nn.dtype)
+    _b = np.zeros((H, I), nn.dtype)
     # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((2*H + j >= 0) and (G > 2*H + j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[2*H + j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H))
+            _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H), False)
     for b in range(0, B):
         for j in range(0, H):
             _dot = nn[b, j]
@@ -1790,24 +1775,20 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
 def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*w_ih[2*H + j, i], j)"""
     _F = g_x.dtype.type
-    _a = np.empty((B, H), g_x.dtype)
-    _b = np.empty((H, I), g_x.dtype)
+    _a = np.zeros((B, H), g_x.dtype)
+    _b = np.zeros((H, I), g_x.dtype)
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((2*H + j >= 0) and (G > 2*H + j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[2*H + j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(_a.reshape(B, H), _b.reshape(H, I), g_x.reshape(B, I))
+            _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
+    _gemm(_a.reshape(B, H), _b.reshape(H, I), g_x.reshape(B, I), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1825,25 +1806,21 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
 def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*w_hh[2*H + j, k], j)"""
     _F = g_h.dtype.type
-    _a = np.empty((B, H), g_h.dtype)
-    _b = np.empty((H, H), g_h.dtype)
+    _a = np.zeros((B, H), g_h.dtype)
+    _b = np.zeros((H, H), g_h.dtype)
     _prod = np.empty((B, H), g_h.dtype)
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
         if not ((2*H + j >= 0) and (G > 2*H + j)):
             _hi = _lo
-        for k in range(0, _lo):
-            _b[j, k] = _F(0)
         for k in range(_lo, _hi):
-            _b[j, k] = w_hh[2*H + j, k]
-        for k in range(_hi, H):
-            _b[j, k] = _F(0)
-    np.dot(_a.reshape(B, H), _b.reshape(H, H), _prod)
+            _b[j, np.uint64(k)] = w_hh[2*H + j, np.uint64(k)]
+    _gemm(_a.reshape(B, H), _b.reshape(H, H), _prod, False)
     for b in range(0, B):
         for k in range(0, H):
             _dot = _prod[b, k]
@@ -1900,25 +1877,21 @@ def _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I):
 def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j], j)"""
     _F = g_x.dtype.type
-    _a = np.empty((B, H), g_x.dtype)
-    _b = np.empty((H, I), g_x.dtype)
+    _a = np.zeros((B, H), g_x.dtype)
+    _b = np.zeros((H, I), g_x.dtype)
     _prod = np.empty((B, I), g_x.dtype)
     # gather: _a[b, j] = (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
+            _a[b, np.uint64(j)] = (_F(1) - z[b, np.uint64(j)])*(h[b, np.uint64(j)] - nn[b, np.uint64(j)])*g_y[b, np.uint64(j)]*z[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((H + j >= 0) and (G > H + j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[H + j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(_a.reshape(B, H), _b.reshape(H, I), _prod)
+            _b[j, np.uint64(i)] = w_ih[H + j, np.uint64(i)]
+    _gemm(_a.reshape(B, H), _b.reshape(H, I), _prod, False)
     for b in range(0, B):
         for i in range(0, I):
             _dot = _prod[b, i]
@@ -1930,25 +1903,21 @@ def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
 def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j], j)"""
     _F = g_h.dtype.type
-    _a = np.empty((B, H), g_h.dtype)
-    _b = np.empty((H, H), g_h.dtype)
+    _a = np.zeros((B, H), g_h.dtype)
+    _b = np.zeros((H, H), g_h.dtype)
     _prod = np.empty((B, H), g_h.dtype)
     # gather: _a[b, j] = (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*z[b, j]
+            _a[b, np.uint64(j)] = (_F(1) - z[b, np.uint64(j)])*(h[b, np.uint64(j)] - nn[b, np.uint64(j)])*g_y[b, np.uint64(j)]*z[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[H + j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
         if not ((H + j >= 0) and (G > H + j)):
             _hi = _lo
-        for k in range(0, _lo):
-            _b[j, k] = _F(0)
         for k in range(_lo, _hi):
-            _b[j, k] = w_hh[H + j, k]
-        for k in range(_hi, H):
-            _b[j, k] = _F(0)
-    np.dot(_a.reshape(B, H), _b.reshape(H, H), _prod)
+            _b[j, np.uint64(k)] = w_hh[H + j, np.uint64(k)]
+    _gemm(_a.reshape(B, H), _b.reshape(H, H), _prod, False)
     for b in range(0, B):
         for k in range(0, H):
             _dot = _prod[b, k]
@@ -2005,25 +1974,21 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I):
 def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
-    _a = np.empty((B, H), g_x.dtype)
-    _b = np.empty((H, I), g_x.dtype)
+    _a = np.zeros((B, H), g_x.dtype)
+    _b = np.zeros((H, I), g_x.dtype)
     _prod = np.empty((B, I), g_x.dtype)
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((j >= 0) and (G > j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(_a.reshape(B, H), _b.reshape(H, I), _prod)
+            _b[j, np.uint64(i)] = w_ih[j, np.uint64(i)]
+    _gemm(_a.reshape(B, H), _b.reshape(H, I), _prod, False)
     for b in range(0, B):
         for i in range(0, I):
             _dot = _prod[b, i]
@@ -2035,25 +2000,21 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
 def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
-    _a = np.empty((B, H), g_h.dtype)
-    _b = np.empty((H, H), g_h.dtype)
+    _a = np.zeros((B, H), g_h.dtype)
+    _b = np.zeros((H, H), g_h.dtype)
     _prod = np.empty((B, H), g_h.dtype)
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
         if not ((j >= 0) and (G > j)):
             _hi = _lo
-        for k in range(0, _lo):
-            _b[j, k] = _F(0)
         for k in range(_lo, _hi):
-            _b[j, k] = w_hh[j, k]
-        for k in range(_hi, H):
-            _b[j, k] = _F(0)
-    np.dot(_a.reshape(B, H), _b.reshape(H, H), _prod)
+            _b[j, np.uint64(k)] = w_hh[j, np.uint64(k)]
+    _gemm(_a.reshape(B, H), _b.reshape(H, H), _prod, False)
     for b in range(0, B):
         for k in range(0, H):
             _dot = _prod[b, k]
@@ -2080,19 +2041,15 @@ def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     """
     _F = nn.dtype.type
-    _b = np.empty((H, I), nn.dtype)
+    _b = np.zeros((H, I), nn.dtype)
     # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
         if not ((2*H + j >= 0) and (G > 2*H + j)):
             _hi = _lo
-        for i in range(0, _lo):
-            _b[j, i] = _F(0)
         for i in range(_lo, _hi):
-            _b[j, i] = w_ih[2*H + j, i]
-        for i in range(_hi, I):
-            _b[j, i] = _F(0)
-    np.dot(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H))
+            _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H), False)
     for b in range(0, B):
         for j in range(0, H):
             _dot = nn[b, j]
@@ -2743,17 +2700,18 @@ def _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads):
     for b in range(0, B):
         for h in range(0, heads):
             # gather: _b[e, d] = wq[e, Dh*h + d], 0 where its guard fails
+            _lo_d, _hi_d = 0, Dh
+            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
+            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
             for e in range(0, E):
-                _lo, _hi = 0, Dh
-                _lo, _hi = _span(1, Dh*h, _lo, _hi)
-                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                _lo, _hi = _lo_d, _hi_d
                 for d in range(0, _lo):
-                    _b[e, d] = _F(0)
+                    _b[e, np.uint64(d)] = _F(0)
                 for d in range(_lo, _hi):
-                    _b[e, d] = wq[e, Dh*h + d]
+                    _b[e, np.uint64(d)] = wq[e, np.uint64(Dh*h + d)]
                 for d in range(_hi, Dh):
-                    _b[e, d] = _F(0)
-            np.dot(x[b].reshape(L, E), _b.reshape(E, Dh), qh[b, h].reshape(L, Dh))
+                    _b[e, np.uint64(d)] = _F(0)
+            _gemm(x[b].reshape(L, E), _b.reshape(E, Dh), qh[b, h].reshape(L, Dh), False)
             for l in range(0, L):
                 for d in range(0, Dh):
                     _dot = qh[b, h, l, d]
@@ -2774,17 +2732,18 @@ def _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads):
     for b in range(0, B):
         for h in range(0, heads):
             # gather: _b[e, d] = wk[e, Dh*h + d], 0 where its guard fails
+            _lo_d, _hi_d = 0, Dh
+            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
+            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
             for e in range(0, E):
-                _lo, _hi = 0, Dh
-                _lo, _hi = _span(1, Dh*h, _lo, _hi)
-                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                _lo, _hi = _lo_d, _hi_d
                 for d in range(0, _lo):
-                    _b[e, d] = _F(0)
+                    _b[e, np.uint64(d)] = _F(0)
                 for d in range(_lo, _hi):
-                    _b[e, d] = wk[e, Dh*h + d]
+                    _b[e, np.uint64(d)] = wk[e, np.uint64(Dh*h + d)]
                 for d in range(_hi, Dh):
-                    _b[e, d] = _F(0)
-            np.dot(x[b].reshape(L, E), _b.reshape(E, Dh), kh[b, h].reshape(L, Dh))
+                    _b[e, np.uint64(d)] = _F(0)
+            _gemm(x[b].reshape(L, E), _b.reshape(E, Dh), kh[b, h].reshape(L, Dh), False)
             for l in range(0, L):
                 for d in range(0, Dh):
                     _dot = kh[b, h, l, d]
@@ -2805,17 +2764,18 @@ def _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads):
     for b in range(0, B):
         for h in range(0, heads):
             # gather: _b[e, d] = wv[e, Dh*h + d], 0 where its guard fails
+            _lo_d, _hi_d = 0, Dh
+            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
+            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
             for e in range(0, E):
-                _lo, _hi = 0, Dh
-                _lo, _hi = _span(1, Dh*h, _lo, _hi)
-                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                _lo, _hi = _lo_d, _hi_d
                 for d in range(0, _lo):
-                    _b[e, d] = _F(0)
+                    _b[e, np.uint64(d)] = _F(0)
                 for d in range(_lo, _hi):
-                    _b[e, d] = wv[e, Dh*h + d]
+                    _b[e, np.uint64(d)] = wv[e, np.uint64(Dh*h + d)]
                 for d in range(_hi, Dh):
-                    _b[e, d] = _F(0)
-            np.dot(x[b].reshape(L, E), _b.reshape(E, Dh), vh[b, h].reshape(L, Dh))
+                    _b[e, np.uint64(d)] = _F(0)
+            _gemm(x[b].reshape(L, E), _b.reshape(E, Dh), vh[b, h].reshape(L, Dh), False)
             for l in range(0, L):
                 for d in range(0, Dh):
                     _dot = vh[b, h, l, d]
@@ -2836,7 +2796,7 @@ def _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads):
     _c0 = _F(1) / math.sqrt(_F(Dh))
     for b in range(0, B):
         for h in range(0, heads):
-            np.dot(qh[b, h].reshape(L, Dh), kh[b, h].reshape(L, Dh).T, score[b, h].reshape(L, L))
+            _gemm(qh[b, h].reshape(L, Dh), kh[b, h].reshape(L, Dh).T, score[b, h].reshape(L, L), False)
             for l in range(0, L):
                 for s in range(0, L):
                     _dot = score[b, h, l, s]
@@ -2892,7 +2852,7 @@ def _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads):
     _F = oh.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
-            np.dot(prob[b, h].reshape(L, L), vh[b, h].reshape(L, Dh), oh[b, h].reshape(L, Dh))
+            _gemm(prob[b, h].reshape(L, L), vh[b, h].reshape(L, Dh), oh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -2912,12 +2872,12 @@ def _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads):
                 if not ((Dh*h + d >= 0) and (E > Dh*h + d)):
                     _hi = _lo
                 for f in range(0, _lo):
-                    _b[d, f] = _F(0)
+                    _b[d, np.uint64(f)] = _F(0)
                 for f in range(_lo, _hi):
-                    _b[d, f] = wo[Dh*h + d, f]
+                    _b[d, np.uint64(f)] = wo[Dh*h + d, np.uint64(f)]
                 for f in range(_hi, E):
-                    _b[d, f] = _F(0)
-            _prod += np.dot(oh[b, h].reshape(L, Dh), _b.reshape(Dh, E))
+                    _b[d, np.uint64(f)] = _F(0)
+            _gemm(oh[b, h].reshape(L, Dh), _b.reshape(Dh, E), _prod, True)
         for l in range(0, L):
             for f in range(0, E):
                 _dot = _prod[l, f]
@@ -2953,12 +2913,12 @@ def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads):
                 if not ((Dh*h + d >= 0) and (E > Dh*h + d)):
                     _hi = _lo
                 for f in range(0, _lo):
-                    _b[d, f] = _F(0)
+                    _b[d, np.uint64(f)] = _F(0)
                 for f in range(_lo, _hi):
-                    _b[d, f] = wo[Dh*h + d, f]
+                    _b[d, np.uint64(f)] = wo[Dh*h + d, np.uint64(f)]
                 for f in range(_hi, E):
-                    _b[d, f] = _F(0)
-            np.dot(g_y[b].reshape(L, E), _b.reshape(Dh, E).T, g_oh[b, h].reshape(L, Dh))
+                    _b[d, np.uint64(f)] = _F(0)
+            _gemm(g_y[b].reshape(L, E), _b.reshape(Dh, E).T, g_oh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -2972,15 +2932,16 @@ def _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads):
     for h in range(0, heads):
         _prod[:] = _F(0)
         for b in range(0, B):
-            _prod += np.dot(g_y[b].reshape(L, E).T, oh[b, h].reshape(L, Dh))
+            _gemm(g_y[b].reshape(L, E).T, oh[b, h].reshape(L, Dh), _prod, True)
+        _lo_dh, _hi_dh = 0, Dh
+        _lo_dh, _hi_dh = _span(1, Dh*h, _lo_dh, _hi_dh)
+        _lo_dh, _hi_dh = _span(-1, -Dh*h + E - 1, _lo_dh, _hi_dh)
         for f in range(0, E):
-            _lo, _hi = 0, Dh
-            _lo, _hi = _span(1, Dh*h, _lo, _hi)
-            _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+            _lo, _hi = _lo_dh, _hi_dh
             for dh in range(_lo, _hi):
-                _dot = _prod[f, dh]
+                _dot = _prod[f, np.uint64(dh)]
                 _v_g_wo = _dot
-                g_wo[Dh*h + dh, f] += _v_g_wo
+                g_wo[np.uint64(Dh*h + dh), f] += _v_g_wo
 
 
 @njit(cache=True, error_model="numpy")
@@ -2989,7 +2950,7 @@ def _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads):
     _F = g_prob.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
-            np.dot(g_oh[b, h].reshape(L, Dh), vh[b, h].reshape(L, Dh).T, g_prob[b, h].reshape(L, L))
+            _gemm(g_oh[b, h].reshape(L, Dh), vh[b, h].reshape(L, Dh).T, g_prob[b, h].reshape(L, L), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -2998,7 +2959,7 @@ def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads):
     _F = g_vh.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
-            np.dot(prob[b, h].reshape(L, L).T, g_oh[b, h].reshape(L, Dh), g_vh[b, h].reshape(L, Dh))
+            _gemm(prob[b, h].reshape(L, L).T, g_oh[b, h].reshape(L, Dh), g_vh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3019,14 +2980,14 @@ def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, ca
     """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
     _F = g_kh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
-    _a = np.empty((L, L), g_kh.dtype)
+    _a = np.zeros((L, L), g_kh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
             # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
             for l in range(0, L):
                 for s in range(0, L):
-                    _a[l, s] = _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]
-            np.dot(_a.reshape(L, L).T, qh[b, h].reshape(L, Dh), g_kh[b, h].reshape(L, Dh))
+                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
+            _gemm(_a.reshape(L, L).T, qh[b, h].reshape(L, Dh), g_kh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3034,14 +2995,14 @@ def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, ca
     """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
     _F = g_qh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
-    _a = np.empty((L, L), g_qh.dtype)
+    _a = np.zeros((L, L), g_qh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
             # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
             for l in range(0, L):
                 for s in range(0, L):
-                    _a[l, s] = _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]
-            np.dot(_a.reshape(L, L), kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh))
+                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
+            _gemm(_a.reshape(L, L), kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3081,17 +3042,18 @@ def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads):
         _prod[:] = _F(0)
         for h in range(0, heads):
             # gather: _b[e, d] = wv[e, Dh*h + d], 0 where its guard fails
+            _lo_d, _hi_d = 0, Dh
+            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
+            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
             for e in range(0, E):
-                _lo, _hi = 0, Dh
-                _lo, _hi = _span(1, Dh*h, _lo, _hi)
-                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                _lo, _hi = _lo_d, _hi_d
                 for d in range(0, _lo):
-                    _b[e, d] = _F(0)
+                    _b[e, np.uint64(d)] = _F(0)
                 for d in range(_lo, _hi):
-                    _b[e, d] = wv[e, Dh*h + d]
+                    _b[e, np.uint64(d)] = wv[e, np.uint64(Dh*h + d)]
                 for d in range(_hi, Dh):
-                    _b[e, d] = _F(0)
-            _prod += np.dot(g_vh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T)
+                    _b[e, np.uint64(d)] = _F(0)
+            _gemm(g_vh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T, _prod, True)
         for l in range(0, L):
             for e in range(0, E):
                 _dot = _prod[l, e]
@@ -3136,17 +3098,18 @@ def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads):
         _prod[:] = _F(0)
         for h in range(0, heads):
             # gather: _b[e, d] = wk[e, Dh*h + d], 0 where its guard fails
+            _lo_d, _hi_d = 0, Dh
+            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
+            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
             for e in range(0, E):
-                _lo, _hi = 0, Dh
-                _lo, _hi = _span(1, Dh*h, _lo, _hi)
-                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                _lo, _hi = _lo_d, _hi_d
                 for d in range(0, _lo):
-                    _b[e, d] = _F(0)
+                    _b[e, np.uint64(d)] = _F(0)
                 for d in range(_lo, _hi):
-                    _b[e, d] = wk[e, Dh*h + d]
+                    _b[e, np.uint64(d)] = wk[e, np.uint64(Dh*h + d)]
                 for d in range(_hi, Dh):
-                    _b[e, d] = _F(0)
-            _prod += np.dot(g_kh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T)
+                    _b[e, np.uint64(d)] = _F(0)
+            _gemm(g_kh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T, _prod, True)
         for l in range(0, L):
             for e in range(0, E):
                 _dot = _prod[l, e]
@@ -3191,17 +3154,18 @@ def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads):
         _prod[:] = _F(0)
         for h in range(0, heads):
             # gather: _b[e, d] = wq[e, Dh*h + d], 0 where its guard fails
+            _lo_d, _hi_d = 0, Dh
+            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
+            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
             for e in range(0, E):
-                _lo, _hi = 0, Dh
-                _lo, _hi = _span(1, Dh*h, _lo, _hi)
-                _lo, _hi = _span(-1, -Dh*h + E - 1, _lo, _hi)
+                _lo, _hi = _lo_d, _hi_d
                 for d in range(0, _lo):
-                    _b[e, d] = _F(0)
+                    _b[e, np.uint64(d)] = _F(0)
                 for d in range(_lo, _hi):
-                    _b[e, d] = wq[e, Dh*h + d]
+                    _b[e, np.uint64(d)] = wq[e, np.uint64(Dh*h + d)]
                 for d in range(_hi, Dh):
-                    _b[e, d] = _F(0)
-            _prod += np.dot(g_qh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T)
+                    _b[e, np.uint64(d)] = _F(0)
+            _gemm(g_qh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T, _prod, True)
         for l in range(0, L):
             for e in range(0, E):
                 _dot = _prod[l, e]
@@ -3483,48 +3447,48 @@ def _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H):
 def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I):
     """g_w_ih[j, i] = sum((1 - y[b, j]**2)*g_y[b, j]*x[b, i], b)"""
     _F = g_w_ih.dtype.type
-    _a = np.empty((B, H), g_w_ih.dtype)
+    _a = np.zeros((B, H), g_w_ih.dtype)
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
-    np.dot(_a.reshape(B, H).T, x.reshape(B, I), g_w_ih.reshape(H, I))
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+    _gemm(_a.reshape(B, H).T, x.reshape(B, I), g_w_ih.reshape(H, I), False)
 
 
 @njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I):
     """g_x[b, i] = sum((1 - y[b, j]**2)*g_y[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
-    _a = np.empty((B, H), g_x.dtype)
+    _a = np.zeros((B, H), g_x.dtype)
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
-    np.dot(_a.reshape(B, H), w_ih.reshape(H, I), g_x.reshape(B, I))
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+    _gemm(_a.reshape(B, H), w_ih.reshape(H, I), g_x.reshape(B, I), False)
 
 
 @njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H):
     """g_h[b, k] = sum((1 - y[b, j]**2)*g_y[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
-    _a = np.empty((B, H), g_h.dtype)
+    _a = np.zeros((B, H), g_h.dtype)
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
-    np.dot(_a.reshape(B, H), w_hh.reshape(H, H), g_h.reshape(B, H))
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+    _gemm(_a.reshape(B, H), w_hh.reshape(H, H), g_h.reshape(B, H), False)
 
 
 @njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
     """g_w_hh[j, k] = sum((1 - y[b, j]**2)*g_y[b, j]*h[b, k], b)"""
     _F = g_w_hh.dtype.type
-    _a = np.empty((B, H), g_w_hh.dtype)
+    _a = np.zeros((B, H), g_w_hh.dtype)
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, j] = (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
-    np.dot(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H))
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+    _gemm(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3659,7 +3623,7 @@ def _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal):
     _F = score.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     for b in range(0, B):
-        np.dot(q[b].reshape(L, D), k[b].reshape(S, D).T, score[b].reshape(L, S))
+        _gemm(q[b].reshape(L, D), k[b].reshape(S, D).T, score[b].reshape(L, S), False)
         for l in range(0, L):
             for s in range(0, S):
                 _dot = score[b, l, s]
@@ -3712,7 +3676,7 @@ def _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S):
     """y[b, l, e] = sum(prob[b, l, s]*v[b, s, e], s)"""
     _F = y.dtype.type
     for b in range(0, B):
-        np.dot(prob[b].reshape(L, S), v[b].reshape(S, E), y[b].reshape(L, E))
+        _gemm(prob[b].reshape(L, S), v[b].reshape(S, E), y[b].reshape(L, E), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3720,7 +3684,7 @@ def _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S):
     """g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)"""
     _F = g_prob.dtype.type
     for b in range(0, B):
-        np.dot(g_y[b].reshape(L, E), v[b].reshape(S, E).T, g_prob[b].reshape(L, S))
+        _gemm(g_y[b].reshape(L, E), v[b].reshape(S, E).T, g_prob[b].reshape(L, S), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3728,7 +3692,7 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S):
     """g_v[b, s, e] = sum(g_y[b, l, e]*prob[b, l, s], l)"""
     _F = g_v.dtype.type
     for b in range(0, B):
-        np.dot(prob[b].reshape(L, S).T, g_y[b].reshape(L, E), g_v[b].reshape(S, E))
+        _gemm(prob[b].reshape(L, S).T, g_y[b].reshape(L, E), g_v[b].reshape(S, E), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3748,13 +3712,13 @@ def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, 
     """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
-    _a = np.empty((L, S), g_k.dtype)
+    _a = np.zeros((L, S), g_k.dtype)
     for b in range(0, B):
         # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
         for l in range(0, L):
             for s in range(0, S):
-                _a[l, s] = _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]
-        np.dot(_a.reshape(L, S).T, q[b].reshape(L, D), g_k[b].reshape(S, D))
+                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
+        _gemm(_a.reshape(L, S).T, q[b].reshape(L, D), g_k[b].reshape(S, D), False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3762,13 +3726,13 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, 
     """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
-    _a = np.empty((L, S), g_q.dtype)
+    _a = np.zeros((L, S), g_q.dtype)
     for b in range(0, B):
         # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
         for l in range(0, L):
             for s in range(0, S):
-                _a[l, s] = _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]
-        np.dot(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D))
+                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
+        _gemm(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D), False)
 
 
 @njit(cache=True, error_model="numpy")

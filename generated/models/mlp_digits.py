@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py a131cbcfafd526a8
-#   generated/layers.py a40fff2c98236565
+#   generated/layers.py 3f44cfed98e49fb0
 #   generated/losses.py 368db27c867793b5
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_digits model.
