@@ -4,6 +4,7 @@ dead-code elimination, and CSE that never hoists a guarded read out of its guard
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -253,6 +254,7 @@ def test_sum_of_one_operand_is_a_reduction_not_a_contraction():
 
 
 # ------------------------------------------------------------------ gather to scatter
+@functools.lru_cache(maxsize=None)
 def _conv_program():
     from derive import build
     from derive.ops import conv
@@ -343,3 +345,51 @@ def test_contractions_compute_what_the_loops_compute(rendered, case, dtype):
     for fast, slow in zip(*results):
         assert fast.dtype == dtype
         np.testing.assert_allclose(fast, slow, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------ printing of spans
+def test_span_subscripts_print_unsigned():
+    from codegen.printers import CPUPrinter
+
+    pr = CPUPrinter(int_symbols={"Sd", "Pd"})
+    read = x4[n, c, HI, WI]
+    assert pr.expr(read) == "x4[n, c, -Pd + Sd*h + p, -Pd + Sd*w + q]"
+    pr.unsigned = frozenset({w_})  # inside the span of w every subscript moving with w is in bounds
+    assert pr.expr(read) == "x4[n, c, -Pd + Sd*h + p, np.uint64(-Pd + Sd*w + q)]"
+
+
+def _conv_text():
+    from codegen.emit import render_group
+
+    cpu, _ = render_group([_conv_program()], "m", "test", single="conv2d")
+    return cpu
+
+
+def test_span_bounds_are_computed_outside_the_rows():
+    text = _conv_text()
+    fwd = text[text.index("def _conv2d_fwd0"):text.index("def _conv2d_bwd0")]
+    # the bounds of w use q only: computed in q's loop, not once per row h
+    assert fwd.index("_lo_w, _hi_w = _span(") < fwd.index("for h in range(0, HO):")
+    assert "_lo, _hi = _lo_w, _hi_w" in fwd
+
+
+def test_patch_buffer_zeroed_once_when_its_zeros_do_not_move():
+    fwd = _conv_text().split("def _conv2d_fwd0", 1)[1].split("def _conv2d_bwd0", 1)[0]
+    assert "_b = np.zeros((C, KH, KW, HO, WO)" in fwd
+    assert "_F(0)" not in fwd.split("for n in range(0, N):", 1)[1]  # no fill loops per image
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 5), (40, 30, 5), (3, 2, 5), (6, 6, 6)])
+@pytest.mark.parametrize("add", [False, True])
+def test_gemm_helper_matches_np_dot_in_both_orientations(tmp_path, shape, add):
+    from codegen import load_module
+
+    text = _conv_text()
+    (tmp_path / "m_gemm.py").write_text(text)
+    module = load_module(tmp_path / "m_gemm.py", "m_gemm_%d_%d_%d_%d" % (*shape, add))
+    m, nn, k = shape
+    rng = np.random.default_rng(0)
+    a, bb = rng.standard_normal((m, k)), rng.standard_normal((nn, k)).T  # b is a transposed view
+    out = np.full((m, nn), 2.0)
+    module._gemm(a, bb, out, add)
+    np.testing.assert_allclose(out, a @ bb + (2.0 if add else 0.0), rtol=1e-12)
