@@ -341,7 +341,8 @@ def to_scatter(stmt: Assign, decls: dict, is_int):
 def _rewrite(stmt, read, fi, factors, conds, where, full, decls, is_int):
     d = decls[read.base.label.name]
     taken = {s.name for s in sympy.sympify(stmt.body).free_symbols}
-    taken |= {l.index.name for l in stmt.free + stmt.over}
+    for l in stmt.free + stmt.over:
+        taken |= {l.index.name} | {s.name for s in _bound_syms(l)}
     new_idx = list(read.indices)
     subst, new_of = {}, {}
     for m, (pos, a, rest) in sorted(where.items(), key=lambda kv: kv[1][0]):
