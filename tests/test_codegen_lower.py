@@ -175,11 +175,11 @@ def _contract_kernel(stmt, tensors, contract=True):
 
 
 def test_batched_product_is_one_gemm_per_batch_element_on_views():
-    c = _contract_kernel(RAW, ATTN).contract
-    assert [l.index for l in c.outer] == [b] and not c.kouter
-    assert (c.left.name, c.left.view, c.left.trans) == ("q", True, False)  # q[b] is (L, D)
-    assert (c.right.name, c.right.view, c.right.trans) == ("k", True, True)  # k[b].T is (D, S)
-    assert c.out == "r"  # written straight into r[b]
+    plan = _contract_kernel(RAW, ATTN).contract
+    assert [l.index for l in plan.outer] == [b] and not plan.kouter
+    assert (plan.left.name, plan.left.view, plan.left.trans) == ("q", True, False)  # q[b] is (L, D)
+    assert (plan.right.name, plan.right.view, plan.right.trans) == ("k", True, True)  # k[b].T is (D, S)
+    assert plan.out == "r"  # written straight into r[b]
 
 
 def test_contractions_stay_loops_without_contract():
