@@ -1,6 +1,6 @@
 """One training step of an MLP 784-256-128-10, side by side.
 
-    python benchmarks/bench_mlp.py [--batches 32 128 1024] [--rounds 3] [--threads N]
+    python benchmarks/bench_mlp.py [--batches 32 128 1024] [--rounds 5] [--threads N] [--load N]
 
 Model: float32, dense-relu-dense-relu-dense, softmax cross-entropy on one-hot targets,
 Adam (lr 0.001), the same for every section:
@@ -14,8 +14,17 @@ Adam (lr 0.001), the same for every section:
 
 Each section runs in its own subprocess; the sections take turns in every round (the
 order rotates), and each reports per-step times of several timed repeats after a
-warm-up. The table gives the median over all rounds and repeats as samples per second
-and the ratio to PyTorch eager. Separately, the generated module's first-call time is
+warm-up. The first table gives the median over all rounds and repeats as samples per
+second and the ratio to PyTorch eager; the second, each section's least disturbed round
+(the smallest of its per-round medians), which on a shared or virtual machine is the
+better estimate of what the code itself costs. Per-step times are printed with the
+range of the per-round medians, so that a difference smaller than the noise shows as
+one.
+
+``--load N`` keeps N busy-looping processes running while the sections are timed: the
+situation of a machine whose cores are not all free (a second job, a noisy neighbour on
+a virtual machine). It measures how each library's threading copes when one of its
+threads runs on a core it has to share. Separately, the generated module's first-call time is
 measured with an empty Numba cache (a fresh ``NUMBA_CACHE_DIR``: compilation) and again
 in a second process with that cache (the cached import).
 
@@ -275,10 +284,11 @@ def _versions() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[32, 128, 1024])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one subprocess per section per round)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one subprocess per section per round)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per batch size in each worker")
     p.add_argument("--min-seconds", type=float, default=0.1, help="least time of one timed repeat")
     p.add_argument("--threads", type=int, default=None, help="thread count for every library (default: their own)")
+    p.add_argument("--load", type=int, default=0, help="busy-looping processes to run alongside (default 0)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
     p.add_argument("--worker", choices=SECTIONS, help=argparse.SUPPRESS)
@@ -306,8 +316,26 @@ def main(argv=None) -> int:
         compile_times = (cold, warm)
         print(f"compile: cold {cold}, cached {warm}", file=sys.stderr)
 
-    times: dict[str, dict[int, list[float]]] = {s: {b: [] for b in a.batches} for s in a.sections}
+    # section -> batch -> one list of repeat times per round
+    times: dict[str, dict[int, list[list[float]]]] = {s: {b: [] for b in a.batches} for s in a.sections}
     skipped: dict[str, str] = {}
+    load = [_busy_loop() for _ in range(a.load)]
+    try:
+        _rounds(a, common, times, skipped)
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
+    _report(a, times, skipped, compile_times)
+    return 0
+
+
+def _busy_loop() -> subprocess.Popen:
+    """A process that keeps one core busy until it is killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _rounds(a, common, times, skipped) -> None:
     for r in range(a.rounds):
         order = a.sections[r % len(a.sections) :] + a.sections[: r % len(a.sections)]
         for section in order:
@@ -318,30 +346,29 @@ def main(argv=None) -> int:
                 skipped[section] = res["skipped"]
                 continue
             for b in a.batches:
-                times[section][b].extend(res[str(b)])
+                times[section][b].append(res[str(b)])
             print(f"round {r + 1}/{a.rounds}: {section} done", file=sys.stderr)
 
+
+def _report(a, times, skipped, compile_times) -> None:
     sections = [s for s in a.sections if s not in skipped]
-    med = {s: {b: statistics.median(times[s][b]) for b in a.batches} for s in sections}
+    med = {s: {b: statistics.median([t for rnd in times[s][b] for t in rnd]) for b in a.batches} for s in sections}
+    rounds = {s: {b: [statistics.median(rnd) for rnd in times[s][b]] for b in a.batches} for s in sections}
+    best = {s: {b: min(rounds[s][b]) for b in a.batches} for s in sections}
     threads = a.threads if a.threads else f"library defaults ({os.cpu_count()} cores)"
+    load = f"; {a.load} busy-looping process(es) running alongside" if a.load else ""
     print(f"### One training step, MLP {'-'.join(map(str, SIZES))}, float32, Adam\n")
-    print(f"{_versions()}; {platform.machine()}, {os.cpu_count()} cores; threads: {threads}.")
-    print(f"Median of {a.rounds} interleaved rounds x {a.repeats} repeats; samples/s (in brackets: speed relative to PyTorch eager, above 1 is faster).\n")
-    header = "| batch | " + " | ".join(LABELS[s] for s in sections) + " |"
-    print(header)
-    print("|" + "---:|" * (len(sections) + 1))
-    for b in a.batches:
-        cells = []
-        for s in sections:
-            sps = b / med[s][b]
-            cell = f"{sps:,.0f}"
-            if "torch" in med:
-                cell += f" ({med['torch'][b] / med[s][b]:.2f}x)"
-            cells.append(cell)
-        print(f"| {b} | " + " | ".join(cells) + " |")
+    print(f"{_versions()}; {platform.machine()}, {os.cpu_count()} cores; threads: {threads}{load}.")
+    print(f"{a.rounds} interleaved rounds x {a.repeats} repeats; samples/s (in brackets: speed relative to PyTorch eager, above 1 is faster).\n")
+    print("Median over all rounds:\n")
+    _table(a.batches, sections, med)
+    print("\nLeast disturbed round (each section's smallest per-round median):\n")
+    _table(a.batches, sections, best)
     print()
-    print("Per-step time (ms, median): " + "; ".join(
-        f"{LABELS[s]}: " + ", ".join(f"B={b} {1e3 * med[s][b]:.3f}" for b in a.batches) for s in sections
+    print("Per-step time (ms): median [range of the per-round medians]: " + "; ".join(
+        f"{LABELS[s]}: " + ", ".join(
+            f"B={b} {1e3 * med[s][b]:.3f} [{1e3 * min(rounds[s][b]):.2f}-{1e3 * max(rounds[s][b]):.2f}]" for b in a.batches
+        ) for s in sections
     ))
     for s, why in skipped.items():
         print(f"\n{LABELS[s]}: skipped ({why}).")
@@ -352,7 +379,20 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---:|")
         for label, t in (("empty (compiles)", cold), ("warm (second process)", warm)):
             print(f"| {label} | {t['import']:.2f} s | {t['first_step']:.2f} s | {1e3 * t['second_step']:.2f} ms |")
-    return 0
+
+
+def _table(batches, sections, per_step) -> None:
+    header = "| batch | " + " | ".join(LABELS[s] for s in sections) + " |"
+    print(header)
+    print("|" + "---:|" * (len(sections) + 1))
+    for b in batches:
+        cells = []
+        for s in sections:
+            cell = f"{b / per_step[s][b]:,.0f}"
+            if "torch" in per_step:
+                cell += f" ({per_step['torch'][b] / per_step[s][b]:.2f}x)"
+            cells.append(cell)
+        print(f"| {b} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
