@@ -53,11 +53,15 @@ def render_models(spec_dir=MODEL_SPECS, programs=None, modules=None) -> dict:
         return {}
     files = {}
     names = []
+    specs = {}  # module path -> the spec that renders it
     for spec in sorted(Path(spec_dir).glob("*.toml")):
         rel, text = model.render_model(spec, programs, modules)
         rel = Path(rel).as_posix()
         if rel.startswith("generated/"):
             rel = rel[len("generated/"):]
+        if rel in specs:
+            raise model.ModelSpecError(spec, f"name: {Path(rel).stem!r} is also the name of {specs[rel]}; each model needs a name of its own")
+        specs[rel] = spec
         files[rel] = text
         names.append(Path(rel).stem)
     if names and hasattr(model, "render_models_init"):

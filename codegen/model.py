@@ -104,7 +104,7 @@ BINARY_LOSSES = ("bce_with_logits",)
 # How a parameter starts, by the role it plays in its op's forward equations.
 INIT_RULES = ("fan_in", "zeros", "ones", "normal")
 
-_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # no leading "_": not "__init__" of the package
 
 
 class ModelSpecError(SpecError):
@@ -319,9 +319,11 @@ class _Layer:
     core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
     cell: _Cell | None = None  # set when the layer unrolls a cell over time
 
+    backward: bool = True  # False below the first layer with parameters: no gradient is needed there
+
     @property
     def needs_backward(self) -> bool:
-        return bool(self.params) or self.index > 0
+        return self.backward
 
     @property
     def py_args(self) -> str:
@@ -415,14 +417,19 @@ class _Checker:
             self.fail(where, f"op {name!r} is {_a(info.kind)}, not {' or '.join(_a(k) for k in kinds)}")
         return info
 
-    def attrs(self, where: str, table: dict, allowed: tuple[str, ...], what: str):
+    def attrs(self, where: str, table: dict, allowed: tuple[str, ...], what: str, defaults: dict):
+        """The spec's values of an op's attributes, as literals. A value must be a finite
+        number, and an integer where the op's default is one (a size, a stride): the
+        compiled step and the ops' wrappers would otherwise read it differently."""
         out = []
         for key, value in table.items():
             if key not in allowed:
                 have = ", ".join(allowed) if allowed else "none"
                 self.fail(where, f"unknown {what} {key!r} (this op has: {have})")
-            if not _number(value):
-                self.fail(where, f"{what} {key!r} must be a number, got {value!r}")
+            if not _number(value) or not math.isfinite(value):
+                self.fail(where, f"{what} {key!r} must be a finite number, got {value!r}")
+            if _integer(defaults.get(key)) and not _integer(value):
+                self.fail(where, f"{what} {key!r} must be an integer (its default is {defaults[key]}), got {value!r}")
             out.append((key, _literal(value)))
         return tuple(out)
 
@@ -661,6 +668,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
         check.fail("layers", "must be a non-empty list of tables like { op = \"dense\", out = 10 }")
     layers = []
     before = "the input"
+    first = _first_trained(check, raw)
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             check.fail(f"layers[{i}]", f"must be a table like {{ op = \"relu\" }}, got {entry!r}")
@@ -668,7 +676,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
             check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
         info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
         where = _describe(i, entry)
-        attrs = check.attrs(where, {k: v for k, v in entry.items() if k in info.attrs}, info.attrs, "attribute")
+        attrs = check.attrs(where, {k: v for k, v in entry.items() if k in info.attrs}, info.attrs, "attribute", dict(info.attr_defaults))
         attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, shape, before)
 
         values = {**attr_values, **binder.dims}
@@ -684,7 +692,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
             params.append(_Param(pname, key, key.replace(".", "_"), sizes, rule, int(fan_value)))
 
         flowing = cell[0] if cell else (info.inputs[0][0] if info.inputs else info.args[0][0])
-        if i > 0 and flowing not in info.differentiable:
+        if i > first and flowing not in info.differentiable:
             check.fail(where, f"input {flowing!r} is not differentiable, so no gradient reaches the layers before it")
         if cell and cell[1] not in info.differentiable:
             check.fail(where, f"the state {cell[1]!r} is not differentiable, so the gradient cannot run back through time")
@@ -699,12 +707,13 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
                 grads.append("g_" + p.local)
                 param_grads.append((p.key, p.local, "g_" + p.local))
             elif arg == flowing:
-                grads.append(f"g{i}" if i > 0 else "_")
+                grads.append(f"g{i}" if i > first else "_")
             else:
                 grads.append("_")
         core_attrs = _core_attrs(info, {k: v for k, v in entry.items() if k in info.attrs})
-        # the first layer's input gradient is never used: its params-only core skips it
-        if i == 0 and "params" in info.variants and cell is None:
+        # below the first trained layer no gradient is used: that layer's params-only core
+        # skips its input gradient, and the layers before it run no backward at all
+        if i <= first and "params" in info.variants and cell is None:
             bwd_core, bwd_unpack = core_name(info.name, "bwd_params"), tuple(g for _, _, g in param_grads)
         else:
             # unused gradients get names of their own: Numba types each variable once
@@ -712,7 +721,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
             bwd_unpack = tuple(_unused(i, arg) if g == "_" else g for arg, g in zip(info.differentiable, grads))
         layer_cell = None
         if cell is not None:
-            layer_cell = _cell_calls(i, info, cell, params, core_attrs, len(shape), shape_out)
+            layer_cell = _cell_calls(i, info, cell, params, core_attrs, len(shape), shape_out, i > first)
         layers.append(
             _Layer(
                 index=i,
@@ -730,11 +739,23 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
                 bwd_unpack=bwd_unpack,
                 core_attrs=core_attrs,
                 cell=layer_cell,
+                backward=i >= first,
             )
         )
         shape = shape_out
         before = f"layers[{i}] (op {info.name!r})"
     return layers
+
+
+def _first_trained(check: _Checker, raw: list) -> int:
+    """The index of the first layer whose op has parameters (len(raw) when none has):
+    gradients flow back only to there. Entries that are not valid are reported by the
+    main pass, in order."""
+    for i, entry in enumerate(raw):
+        info = check.infos.get(entry.get("op")) if isinstance(entry, dict) else None
+        if info is not None and info.params:
+            return i
+    return len(raw)
 
 
 def _unused(i: int, arg: str) -> str:
@@ -746,7 +767,7 @@ def _unused(i: int, arg: str) -> str:
 TIME = "step"
 
 
-def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape) -> _Cell:
+def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape, step_grad: bool) -> _Cell:
     """The one-line calls of a cell at time ``step``, in the op's argument order.
 
     Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, step]``, the state
@@ -776,7 +797,6 @@ def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs,
                 out.append(unused(arg))
         return ", ".join(out)
 
-    step_grad = i > 0
     axes = (1, 0) + tuple(range(2, rank + 1))
     return _Cell(
         state_shape=tuple(state_shape),
@@ -817,7 +837,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         check.fail("kind", f"must be \"model\" for a model spec, got {spec['kind']!r}")
     name = spec["name"]
     if not isinstance(name, str) or not _NAME_RE.match(name) or keyword.iskeyword(name):
-        check.fail("name", f"must be a lower-case Python identifier (it names the module), got {name!r}")
+        check.fail("name", f"must be a lower-case Python identifier starting with a letter (it names the module), got {name!r}")
     doc = spec.get("doc", "")
     if not isinstance(doc, str):
         check.fail("doc", f"must be a string, got {doc!r}")
@@ -833,7 +853,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
             check.fail("loss", "missing field 'op' (the library loss)")
         loss = check.lookup("loss", loss_name["op"], ("loss",))
         rest = {k: v for k, v in loss_name.items() if k != "op"}
-        loss_attrs = check.attrs(f"loss (op {loss.name!r})", rest, loss.attrs, "attribute")
+        loss_attrs = check.attrs(f"loss (op {loss.name!r})", rest, loss.attrs, "attribute", dict(loss.attr_defaults))
         loss_given = rest
     else:
         loss = check.lookup("loss", loss_name, ("loss",))
@@ -850,7 +870,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     if any(layer.cell for layer in layers) and TIME in (opt.counter, *(a for a, _ in opt.attr_defaults)):
         check.fail(f"optimizer (op {opt.name!r})", f"its argument {TIME!r} is the name of the unrolled layers' time loop")
     rest = {k: v for k, v in opt_spec.items() if k != "op"}
-    hyper = check.attrs(f"optimizer (op {opt.name!r})", rest, opt.hyper, "hyperparameter")
+    hyper = check.attrs(f"optimizer (op {opt.name!r})", rest, opt.hyper, "hyperparameter", dict(opt.attr_defaults))
 
     if loss.name in CLASSIFICATION_LOSSES:
         task = "classification"
@@ -860,6 +880,8 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         task = "regression"
 
     params = [p for layer in layers for p in layer.params]
+    if not params:
+        check.fail("layers", "no layer has parameters, so there is nothing to train; add a layer with weights (dense, conv2d, ...)")
     summary = []
     for layer in layers:
         shapes = f"{_shape(layer.shape_in)} -> {_shape(layer.shape_out)}"
@@ -882,6 +904,10 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     # the target's shape when it is the prediction's (checked before the fused step runs)
     target_like_output = target_dims == loss.args[0][2]
     slot_locals = [(f"{p.key}.{s}", f"{p.local}_{s}") for p in params for s in opt.state]
+    # one list, so that an optimizer without state or counter (sgd) leaves no empty slot
+    step_signature = ["x", "y", *(p.local for p in params), *(local for _, local in slot_locals)]
+    step_signature += [opt.counter] if opt.counter else []
+    step_signature += [a for a, _ in opt.attr_defaults]
     return {
         "imports": [(m, sorted(cores[m])) for m in sorted(cores)],
         "modules": sorted(cores),
@@ -895,6 +921,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         "opt_attrs": [(a, "int" if _integer(d) else "float") for a, d in opt.attr_defaults],
         "param_locals": [p.local for p in params],
         "slot_locals": slot_locals,
+        "step_signature": step_signature,
         "summary": summary,
         "hyper_literal": "{" + ", ".join(f'"{k}": {v}' for k, v in hyper) + "}",
         "slots_literal": _tuple_literal(opt.state),

@@ -21,20 +21,22 @@ OPS = (
     "adam", "conv2d", "dense", "dropout", "flatten", "layer_norm", "max_pool2d", "mse", "relu",
     "rnn_cell", "softmax_cross_entropy",
 )  # fmt: skip
+# every library optimizer: a model's fused step must compile and run for each
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 
 
 @pytest.fixture(scope="module")
 def programs():
     import derive
 
-    return [derive.build(d) for d in derive.library_defs() if d.name in OPS]
+    return [derive.build(d) for d in derive.library_defs() if d.name in OPS + OPTIMIZERS]
 
 
 @pytest.fixture
 def spec(tmp_path):
     """``spec(input, layers, loss=...)`` -> the path of a model spec with those fields."""
 
-    def write(input, layers, loss='"softmax_cross_entropy"', name="m"):
+    def write(input, layers, loss='"softmax_cross_entropy"', name="m", optimizer='{ op = "adam", lr = 0.001 }'):
         text = f"""
             name = "{name}"
             kind = "model"
@@ -43,7 +45,7 @@ def spec(tmp_path):
             {textwrap.indent(layers.strip(), " " * 12).strip()}
             ]
             loss = {loss}
-            optimizer = {{ op = "adam", lr = 0.001 }}
+            optimizer = {optimizer}
         """
         path = tmp_path / f"{name}.toml"
         path.write_text(textwrap.dedent(text))
@@ -219,6 +221,40 @@ def test_the_input_must_be_a_shape(programs, spec):
     fails(programs, spec("[1, 0]", '{ op = "dense", out = 2 }'), r"input: must be a positive integer")
 
 
+def test_a_model_without_parameters_has_nothing_to_train(programs, spec):
+    fails(programs, spec("10", '{ op = "relu" }'), r"layers: no layer has parameters, so there is nothing to train")
+
+
+@pytest.mark.parametrize("name", ["__init__", "_private", "9lives", "class"])
+def test_the_name_must_be_a_module_name_of_its_own(programs, spec, name):
+    path = spec("4", '{ op = "dense", out = 2 }', name="m")
+    path.write_text(path.read_text().replace('name = "m"', f'name = "{name}"'))
+    fails(programs, path, r"name: must be a lower-case Python identifier starting with a letter")
+
+
+def test_two_model_specs_cannot_share_a_name(programs, tmp_path):
+    import codegen
+
+    for stem in ("a", "b"):
+        (tmp_path / f"{stem}.toml").write_text(
+            'name = "same"\nkind = "model"\ninput = 4\nlayers = [{ op = "dense", out = 2 }]\n'
+            'loss = "softmax_cross_entropy"\noptimizer = "adam"\n'
+        )
+    with pytest.raises(ModelSpecError, match=r"b\.toml: name: 'same' is also the name of .*a\.toml"):
+        codegen.render_models(tmp_path, programs)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_an_attribute_must_be_finite(programs, spec, value):
+    path = spec("4", '{ op = "dense", out = 2 }', optimizer=f'{{ op = "adam", lr = {value} }}')
+    fails(programs, path, r"optimizer \(op 'adam'\): hyperparameter 'lr' must be a finite number")
+
+
+def test_a_layer_attribute_with_an_integer_default_refuses_a_fraction(programs, spec):
+    path = spec("[1, 8, 8]", '{ op = "max_pool2d", K = 2.5 }, { op = "flatten" }, { op = "dense", out = 2 }')
+    fails(programs, path, r"attribute 'K' must be an integer \(its default is 2\), got 2\.5")
+
+
 # ------------------------------------------------------- the generated CNN module
 
 
@@ -271,6 +307,45 @@ def test_cnn_train_step_is_loss_and_grads_then_adam(cnn, rng):
         ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
         for k in params:
             ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_train_step_is_loss_and_grads_then_each_optimizer(programs, spec, tmp_path, rng, optimizer):
+    """The fused step of every library optimizer, with or without state (sgd has
+    none), equals the model's loss and gradients followed by the optimizer op."""
+    import generated
+
+    path = spec("6", '{ op = "dense", out = 5 }, { op = "relu" }, { op = "dense", out = 3 }', optimizer=f'"{optimizer}"')
+    model = _load(programs, path, tmp_path)
+    opt = generated.op(optimizer)
+    params = model.init(2, dtype=np.float64)
+    manual = {k: v.copy() for k, v in params.items()}
+    state = model.init_state(params)
+    slots = {k: opt.init_state(v) for k, v in manual.items()}
+    for t in (1, 2, 3):
+        x = rng.normal(size=(4, 6))
+        y = np.eye(3)[rng.integers(0, 3, size=4)]
+        loss_manual, grads = model.loss_and_grads(manual, x, y)
+        for k in manual:
+            opt.step(manual[k], grads[k], *slots[k], t=t, **opt.hyper)
+        ref.assert_close(model.train_step(params, state, x, y), loss_manual, np.float64, f"{optimizer}: loss at step {t}")
+        for k in params:
+            ref.assert_close(params[k], manual[k], np.float64, f"{optimizer}: {k} after step {t}")
+
+
+def test_layers_below_the_first_trained_one_run_no_backward(programs, spec, tmp_path):
+    """Nothing below the first layer with parameters needs a gradient: that layer
+    takes its params-only core and the layers before it run no backward."""
+    rel, text = render_model(spec("[1, 4, 4]", '{ op = "flatten" }, { op = "relu" }, { op = "dense", out = 3 }'), programs)
+    step = text[text.index("def _train_step"):]
+    assert "_dense_bwd_params_core(" in step
+    assert "_relu_bwd_core(" not in step and "_dense_bwd_core(" not in step
+
+
+def _load(programs, path, out_dir):
+    import codegen
+
+    return codegen.load_module(_write_module(programs, path, out_dir))
 
 
 def test_train_step_refuses_a_batch_of_the_wrong_sample_shape(cnn):
