@@ -51,9 +51,11 @@ over the steps while each step's parameter gradients are summed.
 (read off the Program, so any op gets a suitable rule): a parameter multiplied with the
 input inside a sum (a weight) is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in
 being the size of the summed dimensions it spans (dense: I; conv2d: C*KH*KW; a cell's
-recurrent weight: H), as PyTorch's layers do; a parameter added to the result (a bias)
-starts at zero; one only multiplied (a scale, layer_norm's weight) at one; any other
-(an embedding table) from N(0, 1).
+recurrent weight: H), PyTorch's rule for weights; a parameter added to the result (a
+bias) starts at zero (PyTorch draws biases like weights); one only multiplied (a scale,
+layer_norm's weight) at one; any other (an embedding table) from N(0, 1). A cell's input
+weight gets the fan-in of its own sum (I), where PyTorch's cells use 1/sqrt(H) for
+every weight.
 
 :func:`render_model` checks the spec against the library's ops and renders
 ``codegen/templates/model/model.py.jinja``. The emitted module has no kernels of its
@@ -62,8 +64,8 @@ own. ``forward``, ``loss`` and ``loss_and_grads`` call the library's ops through
 ``@njit(cache=True)`` function that chains the library's compiled cores
 (``_dense_fwd_core``, ``_dense_bwd_params_core``, ``_adam_step_core``, ...: the code the
 ops' own wrappers call), so a training step is a single compiled call with no per-op
-Python overhead and no unused gradients (the first layer uses a params-only backward
-core where the op has one).
+Python overhead and no unused gradients (no backward runs below the first layer with
+parameters, and that layer uses its op's params-only backward core where it has one).
 
 The spec is read with :mod:`tomllib` and nothing in it is evaluated: op names are
 looked up in the library, sizes and attribute values must be TOML numbers, and derived
