@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one subprocess per section per round)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per batch size in each worker")
     p.add_argument("--min-seconds", type=float, default=0.1, help="least time of one timed repeat")
-    p.add_argument("--threads", type=int, default=None, help="thread count for every library (default: their own)")
+    p.add_argument("--threads", type=int, default=None, help="thread count for every library, set in the environment before each worker starts (default: their own; note that OpenBLAS started with 1 thread is about 3x slower than 1 thread chosen at run time, see RESULTS.md)")
     p.add_argument("--load", type=int, default=0, help="busy-looping processes to run alongside (default 0)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")

@@ -321,11 +321,7 @@ class _Layer:
     core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
     cell: _Cell | None = None  # set when the layer unrolls a cell over time
 
-    backward: bool = True  # False below the first layer with parameters: no gradient is needed there
-
-    @property
-    def needs_backward(self) -> bool:
-        return self.backward
+    needs_backward: bool = True  # False below the first layer with parameters: no gradient is needed there
 
     @property
     def py_args(self) -> str:
@@ -578,13 +574,7 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple
     where = _describe(i, entry)
     b = _Binder(check, where, info, entry)
     attrs_given = {k: v for k, v in entry.items() if k in info.attrs}
-    attr_values = dict(info.attr_defaults)
-    for k, v in attrs_given.items():
-        if not _number(v):
-            check.fail(where, f"attribute {k!r} must be a number, got {v!r}")
-        if _integer(attr_values[k]) and not _integer(v):
-            check.fail(where, f"attribute {k!r} must be an integer (its default is {attr_values[k]}), got {v!r}")
-        attr_values[k] = v
+    attr_values = {**dict(info.attr_defaults), **attrs_given}  # values checked by _Checker.attrs
     unroll = entry.get("unroll", False)
     if not isinstance(unroll, bool):
         check.fail(where, f"'unroll' must be true or false, got {unroll!r}")
@@ -741,7 +731,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
                 bwd_unpack=bwd_unpack,
                 core_attrs=core_attrs,
                 cell=layer_cell,
-                backward=i >= first,
+                needs_backward=i >= first,
             )
         )
         shape = shape_out
