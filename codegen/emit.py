@@ -14,7 +14,7 @@ import sympy
 from derive.ir import Program
 
 from . import contract as cn
-from .lower import DOT, Kernel, Lowerer, decl_of, tensor_decls
+from .lower import DOT, Kernel, Lowerer, decl_of, read_names, tensor_decls, written_names
 from .printers import CPUPrinter, CUDAPrinter, HostPrinter
 from .template_util import render
 
@@ -57,6 +57,61 @@ def backward_variants(program: Program) -> list:
     return []
 
 
+def _reduces(stmt) -> bool:
+    """Whether a statement sums, maximises or scatters over an index."""
+    return stmt.reduce != "none" or bool(stmt.over) or stmt.accumulate
+
+
+def _resting_on_reductions(program: Program) -> set[str]:
+    """The forward's values written by a reduction or computed from one."""
+    scalars = set(program.scalars)
+    rests: set[str] = set()
+    for s in program.forward:
+        if _reduces(s) or read_names(s, scalars) & rests:
+            rests |= set(written_names(s))
+    return rests
+
+
+def saved_for_backward(program: Program) -> tuple[list[str], list[str]]:
+    """What a fused training step keeps from an op's forward for its backward instead
+    of recomputing it, as (outputs, intermediates) in declaration order: the values
+    the backward reads that rest on a reduction (a sum, a maximum and its argmax, a
+    log-sum-exp), so that the backward recomputes no reduction. Values computed
+    elementwise from the arguments are cheaper to recompute in the backward's own
+    loops than to store and load again, so they are not kept; ops without reductions
+    (activations, optimizers) keep nothing."""
+    if program.elementwise or not program.backward:
+        return [], []
+    read = set()
+    for s in program.backward:
+        read |= read_names(s, set(program.scalars))
+    frontier = _resting_on_reductions(program) & read
+    outputs = [d.name for d in program.outputs if d.name in frontier]
+    order = [d.name for d in tensor_decls(program)]
+    kept = sorted((n for n in frontier if n not in outputs), key=order.index)
+    return outputs, kept
+
+
+def saving_variants(program: Program) -> list:
+    """Entry points of the fused steps' forward-saving path, as (entry, statements,
+    returned, inputs): ``fwd_saving`` returns the outputs and the kept intermediates;
+    ``bwd_saved`` (and ``bwd_params_saved``) take them after the arguments and skip the
+    forward's reductions. None when nothing is worth keeping (see saved_for_backward)."""
+    outputs, kept = saved_for_backward(program)
+    if not kept and not outputs:
+        return []
+    decls = {d.name: d for d in tensor_decls(program)}
+    rests = _resting_on_reductions(program)
+    # the backward recomputes only what does not rest on a reduction
+    recomputed = tuple(s for s in program.forward if not set(written_names(s)) & rests)
+    inputs = list(program.seeds) + list(program.args) + [decls[n] for n in outputs + kept]
+    out = [("fwd_saving", program.forward, [d.name for d in program.outputs] + kept, list(program.args))]
+    out.append(("bwd_saved", recomputed + program.backward, [d.name for d in program.grads], inputs))
+    for suffix, grads in backward_variants(program):
+        out.append(("bwd_%s_saved" % suffix, recomputed + program.backward, grads, inputs))
+    return out
+
+
 def core_name(op: str, entry: str) -> str:
     """The compiled entry point of an op (``_dense_fwd_core``): validated arrays in,
     results out; what the Python wrappers and the generated models call."""
@@ -82,6 +137,7 @@ class OpPlan:
         }
         self.entries = {t: [] for t in self.TARGETS}  # target -> [(entry, kernels, statements, returned)]
         self.variants = set()  # entries with a compiled core only (no Python wrapper)
+        self.inputs = {}  # entry -> its arguments, where they are not the usual ones
         self.flat = program.elementwise or program.kind == "optimizer"
         if program.kind == "schedule":
             return
@@ -96,9 +152,16 @@ class OpPlan:
                 # the same program asked for fewer gradients: lowering drops the rest
                 self._add("bwd_" + suffix, program.forward + program.backward, grads)
                 self.variants.add("bwd_" + suffix)
+            for entry, statements, returned, inputs in saving_variants(program):
+                self._add(entry, statements, returned, inputs)
+                self.variants.add(entry)
 
-    def _add(self, entry, statements, returned):
+    def _add(self, entry, statements, returned, inputs=None):
+        if inputs is not None:
+            self.inputs[entry] = inputs
         for target, lowerer in self.lowerers.items():
+            if target == "cuda" and inputs is not None:
+                continue  # the forward-saving path serves the fused CPU steps only
             kernels = lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
             live = lowerer.live(list(statements), set(returned))
             # identical kernels across entry points are emitted once (op_context)
@@ -445,7 +508,9 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     """The host wrapper of one entry point (forward, backward or step)."""
     p = plan.p
     hp = HostPrinter(int_symbols=plan.lowerer.int_symbols)
-    if entry == "step":
+    if entry in plan.inputs:
+        inputs = plan.inputs[entry]
+    elif entry == "step":
         params = [d.name for d in p.args]
         params += [n for n in p.state if n not in params]
         inputs = [decl_of(p, n) for n in params]
@@ -553,6 +618,12 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     signature = ", ".join(params + (["*"] + keywords if keywords else []))
     if entry == "fwd":
         doc = "Forward of %s: %s from %s." % (p.name, ", ".join(d.name for d in p.outputs), ", ".join(params))
+    elif entry == "fwd_saving":
+        doc = "Forward of %s: %s from %s, with what the backward reads of its reductions." % (
+            p.name, ", ".join(results), ", ".join(params))
+    elif entry.endswith("_saved"):
+        doc = "Backward of %s: gradients %s from %s (the forward's reductions passed in)." % (
+            p.name, ", ".join(results), ", ".join(params))
     elif entry == "step":
         doc = "One in-place %s step: updates %s." % (p.name, ", ".join(returned))
     else:

@@ -87,7 +87,7 @@ import tomllib
 
 from derive.errors import SpecError
 
-from .emit import backward_variants, core_name, group_of
+from .emit import backward_variants, core_name, group_of, saved_for_backward
 from .template_util import render
 
 TEMPLATE = "model/model.py.jinja"
@@ -136,6 +136,10 @@ class OpInfo:
     int_args: tuple[str, ...] = ()  # arguments holding int64 data
     derived: tuple[tuple[str, sympy.Expr], ...] = ()  # derived dimensions, in order
     inits: tuple[tuple[str, str, sympy.Expr], ...] = ()  # (param, rule, fan-in expression)
+    # what the forward keeps for the backward (emit.saved_for_backward): outputs the
+    # backward reads, and intermediates its fwd_saving core returns after the outputs
+    saved_outputs: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -176,6 +180,8 @@ def op_info(program) -> OpInfo:
         int_args=tuple(a.name for a in program.args if a.dtype == "int"),
         derived=tuple((str(sym), expr) for sym, expr in program.derived_dims),
         inits=param_inits(program),
+        saved_outputs=tuple(saved_for_backward(program)[0]),
+        kept=tuple(saved_for_backward(program)[1]),
     )
 
 
@@ -320,6 +326,8 @@ class _Layer:
     bwd_unpack: tuple[str, ...] = ()  # what the backward core returns, unpacked
     core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
     cell: _Cell | None = None  # set when the layer unrolls a cell over time
+    kept: tuple[str, ...] = ()  # locals holding what the forward keeps for the backward
+    given: tuple[str, ...] = ()  # what the backward core takes of it, after the parameters
 
     needs_backward: bool = True  # False below the first layer with parameters: no gradient is needed there
 
@@ -330,8 +338,18 @@ class _Layer:
 
     @property
     def core_args(self) -> str:
-        """The parameters and attributes, as the compiled cores take them after the input."""
+        """The parameters and attributes, as the compiled forward takes them after the input."""
         return "".join(", " + a for a in [p.local for p in self.params] + list(self.core_attrs))
+
+    @property
+    def bwd_core_args(self) -> str:
+        """The same for the compiled backward: the kept values come before the attributes."""
+        return "".join(", " + a for a in [p.local for p in self.params] + list(self.given) + list(self.core_attrs))
+
+    @property
+    def fwd_targets(self) -> str:
+        """What the compiled forward's result is unpacked into: the output, then the kept values."""
+        return ", ".join([f"h{self.index + 1}", *self.kept])
 
 
 def _a(word: str) -> str:
@@ -706,11 +724,18 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
         # below the first trained layer no gradient is used: that layer's params-only core
         # skips its input gradient, and the layers before it run no backward at all
         if i <= first and "params" in info.variants and cell is None:
-            bwd_core, bwd_unpack = core_name(info.name, "bwd_params"), tuple(g for _, _, g in param_grads)
+            bwd_entry, bwd_unpack = "bwd_params", tuple(g for _, _, g in param_grads)
         else:
             # unused gradients get names of their own: Numba types each variable once
-            bwd_core = core_name(info.name, "bwd")
+            bwd_entry = "bwd"
             bwd_unpack = tuple(_unused(i, arg) if g == "_" else g for arg, g in zip(info.differentiable, grads))
+        # the forward keeps what rests on its reductions, so the backward does not redo them
+        # (not over time: a cell's steps are recomputed one by one)
+        fwd_entry, kept, given = "fwd", (), ()
+        if cell is None and (info.kept or info.saved_outputs) and i >= first:
+            fwd_entry, bwd_entry = "fwd_saving", bwd_entry + "_saved"
+            kept = tuple(f"kept{i}_{n}" for n in info.kept)
+            given = tuple(f"h{i + 1}" for _ in info.saved_outputs) + kept
         layer_cell = None
         if cell is not None:
             layer_cell = _cell_calls(i, info, cell, params, core_attrs, len(shape), shape_out, i > first)
@@ -726,11 +751,13 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
                 shape_out=shape_out,
                 grads=tuple(grads),
                 param_grads=tuple(param_grads),
-                fwd_core=core_name(info.name, "fwd"),
-                bwd_core=bwd_core,
+                fwd_core=core_name(info.name, fwd_entry),
+                bwd_core=core_name(info.name, bwd_entry),
                 bwd_unpack=bwd_unpack,
                 core_attrs=core_attrs,
                 cell=layer_cell,
+                kept=kept,
+                given=given,
                 needs_backward=i >= first,
             )
         )
@@ -839,14 +866,14 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
 
     loss_name = spec["loss"]
     loss_attrs: tuple = ()
-    loss_given: dict = {}
+    loss_given_attrs: dict = {}
     if isinstance(loss_name, dict):
         if "op" not in loss_name:
             check.fail("loss", "missing field 'op' (the library loss)")
         loss = check.lookup("loss", loss_name["op"], ("loss",))
         rest = {k: v for k, v in loss_name.items() if k != "op"}
         loss_attrs = check.attrs(f"loss (op {loss.name!r})", rest, loss.attrs, "attribute", dict(loss.attr_defaults))
-        loss_given = rest
+        loss_given_attrs = rest
     else:
         loss = check.lookup("loss", loss_name, ("loss",))
     if len(loss.differentiable) != 1 or loss.differentiable[0] != loss.args[0][0]:
@@ -887,7 +914,11 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         cores.setdefault(module, set()).add(layer.fwd_core)
         if layer.needs_backward:
             cores[module].add(layer.bwd_core)
-    loss_cores = (core_name(loss.name, "fwd"), core_name(loss.name, "bwd"))
+    # the loss keeps what its backward reads of its reductions (a log-sum-exp), as layers do
+    saving = bool(loss.kept or loss.saved_outputs)
+    loss_cores = (core_name(loss.name, "fwd_saving" if saving else "fwd"), core_name(loss.name, "bwd_saved" if saving else "bwd"))
+    loss_kept = tuple(f"kept_{n}" for n in loss.kept) if saving else ()
+    loss_given = tuple("loss" for _ in loss.saved_outputs) + loss_kept if saving else ()
     opt_core = core_name(opt.name, "step")
     cores.setdefault(loss.module, set()).update(loss_cores)
     cores.setdefault(opt.module, set()).add(opt_core)
@@ -905,7 +936,9 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         "modules": sorted(cores),
         "loss_fwd_core": loss_cores[0],
         "loss_bwd_core": loss_cores[1],
-        "loss_core_attrs": _core_attrs(loss, loss_given),
+        "loss_core_attrs": _core_attrs(loss, loss_given_attrs),
+        "loss_fwd_targets": ", ".join(("loss",) + loss_kept),
+        "loss_bwd_given": loss_given,
         "target_int": target in loss.int_args,
         "target_like_output": target_like_output,
         "opt_core": opt_core,

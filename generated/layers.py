@@ -345,6 +345,24 @@ def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, 
 
 
 @njit(cache=True, error_model="numpy")
+def _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W):
+    """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+    y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+    """
+    _F = xhat.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    # xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+                    _v_xhat = (-mean[c] + x[n, c, h, w])*rstd[c]
+                    xhat[n, c, h, w] = _v_xhat
+                    # y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+                    _v_y = _v_xhat*weight[c] + bias[c]
+                    y[n, c, h, w] = _v_y
+
+
+@njit(cache=True, error_model="numpy")
 def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
     """Forward of batch_norm2d: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -443,6 +461,54 @@ def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
     g_bias = np.empty((C,), _dtype)
     _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
     _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
+    """Forward of batch_norm2d: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = np.empty((N, C, H, W), _dtype)
+    mean = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W)
+    return y, rstd, xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """Backward of batch_norm2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """Backward of batch_norm2d: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
     return g_weight, g_bias
 
@@ -1033,6 +1099,33 @@ def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
     _check_dim("cosine_similarity", "x2", x2, 1, "D", D, "from x1 axis 1")
     eps = _dtype.type(eps)
     return _cosine_similarity_bwd_core(g_y, x1, x2, eps)
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_fwd_saving_core(x1, x2, eps):
+    """Forward of cosine_similarity: y, y_sum0, y_sum1 from x1, x2, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = np.empty((B,), _dtype)
+    y_sum0 = np.empty((B,), _dtype)
+    y_sum1 = np.empty((B,), _dtype)
+    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
+    return y, y_sum0, y_sum1
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
+    """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2, y, y_sum0, y_sum1 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
+    return g_x1, g_x2
 
 
 # ============================================================================ dense
@@ -2061,6 +2154,45 @@ def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
 
 
 @njit(cache=True, error_model="numpy")
+def _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I):
+    """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+    y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
+    """
+    _F = nn.dtype.type
+    _b = np.zeros((H, I), nn.dtype)
+    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    for j in range(0, H):
+        _lo, _hi = 0, I
+        if not ((2*H + j >= 0) and (G > 2*H + j)):
+            _hi = _lo
+        for i in range(_lo, _hi):
+            _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H), False)
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = nn[b, j]
+            # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+            _v_nn_sum0 = _dot
+            # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
+            nn[b, j] = _v_nn
+            # y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
+            _v_y = _v_nn*(_F(1) - z[b, j]) + h[b, j]*z[b, j]
+            y[b, j] = _v_y
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_saved0(z, g_y, g_h, B, H):
+    """g_h[b, j] = g_y[b, j]*z[b, j]"""
+    _F = g_h.dtype.type
+    for b in range(0, B):
+        for j in range(0, H):
+            _v_g_h = g_y[b, j]*z[b, j]
+            g_h[b, j] = _v_g_h
+
+
+@njit(cache=True, error_model="numpy")
 def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y from x, h, w_ih, w_hh, b_ih, b_hh. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2229,6 +2361,89 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
+    """Forward of gru_cell: y, r, z, hn, nn from x, h, w_ih, w_hh, b_ih, b_hh, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = 3*H
+    y = np.empty((B, H), _dtype)
+    r_sum0 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I)
+    return y, r, z, hn, nn
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    g_x = np.empty((B, I), _dtype)
+    g_h = np.empty((B, H), _dtype)
+    g_w_ih = np.empty((G, I), _dtype)
+    g_w_hh = np.empty((G, H), _dtype)
+    g_b_ih = np.empty((G,), _dtype)
+    g_b_hh = np.empty((G,), _dtype)
+    _gru_cell_bwd_saved0(z, g_y, g_h, B, H)
+    _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
+    _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """Backward of gru_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    g_w_ih = np.empty((G, I), _dtype)
+    g_w_hh = np.empty((G, H), _dtype)
+    g_b_ih = np.empty((G,), _dtype)
+    g_b_hh = np.empty((G,), _dtype)
+    _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
+    _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
+    _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
 # ============================================================================ layer_norm
 
 
@@ -2336,6 +2551,22 @@ def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D):
 
 
 @njit(cache=True, error_model="numpy")
+def _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D):
+    """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+    y[b, d] = bias[d] + weight[d]*xhat[b, d]
+    """
+    _F = xhat.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            # xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+            _v_xhat = (-mean[b] + x[b, d])*rstd[b]
+            xhat[b, d] = _v_xhat
+            # y[b, d] = bias[d] + weight[d]*xhat[b, d]
+            _v_y = _v_xhat*weight[d] + bias[d]
+            y[b, d] = _v_y
+
+
+@njit(cache=True, error_model="numpy")
 def _layer_norm_fwd_core(x, weight, bias, eps):
     """Forward of layer_norm: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2429,6 +2660,51 @@ def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
     return g_weight, g_bias
 
 
+@njit(cache=True, error_model="numpy")
+def _layer_norm_fwd_saving_core(x, weight, bias, eps):
+    """Forward of layer_norm: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    y = np.empty((B, D), _dtype)
+    mean = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D)
+    return y, rstd, xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
+    """Backward of layer_norm: gradients g_x, g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x = np.empty((B, D), _dtype)
+    g_weight = np.empty((D,), _dtype)
+    g_bias = np.empty((D,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    g_x_sum1 = np.empty((B,), _dtype)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
+    _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
+    """Backward of layer_norm: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_weight = np.empty((D,), _dtype)
+    g_bias = np.empty((D,), _dtype)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
+    return g_weight, g_bias
+
+
 # ============================================================================ log_softmax
 
 
@@ -2505,6 +2781,17 @@ def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C):
 
 
 @njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
+    """g_x_sum0[b] = sum(g_y[b, c], c)"""
+    _F = g_x_sum0.dtype.type
+    for b in range(0, B):
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
+
+
+@njit(cache=True, error_model="numpy")
 def _log_softmax_fwd_core(x):
     """Forward of log_softmax: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2553,6 +2840,32 @@ def _log_softmax_bwd(g_y, x):
     _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
     return _log_softmax_bwd_core(g_y, x)
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_fwd_saving_core(x):
+    """Forward of log_softmax: y, y_lse0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_lse0 = np.empty((B,), _dtype)
+    _log_softmax_fwd0(x, y_lse0, B, C)
+    _log_softmax_fwd1(x, y, y_lse0, B, C)
+    return y, y_lse0
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
+    """Backward of log_softmax: gradients g_x from g_y, x, y_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = np.empty((B, C), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
+    return g_x
 
 
 # ============================================================================ max_pool2d
@@ -2614,6 +2927,29 @@ def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
                         for w in range(max(0, ((-K + w1) // S) + 1), min(WO, (w1 // S) + 1)):
                             _v_g_x += (g_y[n, c, h, w] if ((S*h - h1 == -y_argmax_p[n, c, h, w]) and (S*w - w1 == -y_argmax_q[n, c, h, w])) else _F(0))
                     g_x[n, c, h1, w1] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
+    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+    _F = y.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _v_y = -_F(math.inf)
+                    _v_y_argmax_p = 0
+                    _v_y_argmax_q = 0
+                    for p in range(0, K):
+                        for q in range(0, K):
+                            _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                            if _m > _v_y:
+                                _v_y = _m
+                                _v_y_argmax_p = p
+                                _v_y_argmax_q = q
+                    y[n, c, h, w] = _v_y
+                    y_argmax_p[n, c, h, w] = _v_y_argmax_p
+                    y_argmax_q[n, c, h, w] = _v_y_argmax_q
 
 
 @njit(cache=True, error_model="numpy")
@@ -2685,6 +3021,38 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     return _max_pool2d_bwd_core(g_y, x, K, S)
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_fwd_saving_core(x, K, S):
+    """Forward of max_pool2d: y, y_argmax_p, y_argmax_q from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = np.empty((N, C, HO, WO), _dtype)
+    y_argmax_p = np.empty((N, C, HO, WO), np.int64)
+    y_argmax_q = np.empty((N, C, HO, WO), np.int64)
+    _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    return y, y_argmax_p, y_argmax_q
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
+    """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = np.empty((N, C, H, W), _dtype)
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    return g_x
 
 
 # ============================================================================ multi_head_attention
@@ -3397,6 +3765,115 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Forward of multi_head_attention: y, qh, kh, vh, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = np.empty((B, L, E), _dtype)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
+    return y, qh, kh, vh, prob, oh
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_x = np.empty((B, L, E), _dtype)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
 # ============================================================================ rnn_cell
 
 
@@ -3605,6 +4082,58 @@ def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     g_b_hh = np.empty((H,), _dtype)
     _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
     _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
+    _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
+    _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
+    """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y = np.empty((B, H), _dtype)
+    y_sum0 = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_x = np.empty((B, I), _dtype)
+    g_h = np.empty((B, H), _dtype)
+    g_w_ih = np.empty((H, I), _dtype)
+    g_w_hh = np.empty((H, H), _dtype)
+    g_b_ih = np.empty((H,), _dtype)
+    g_b_hh = np.empty((H,), _dtype)
+    _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
+    _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
+    _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I)
+    _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H)
+    _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """Backward of rnn_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_w_ih = np.empty((H, I), _dtype)
+    g_w_hh = np.empty((H, H), _dtype)
+    g_b_ih = np.empty((H,), _dtype)
+    g_b_hh = np.empty((H,), _dtype)
     _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
     _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
@@ -3830,6 +4359,48 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     return _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal)
 
 
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
+    """Forward of scaled_dot_product_attention: y, prob from q, k, v, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = np.empty((B, L, E), _dtype)
+    score = np.empty((B, L, S), _dtype)
+    prob_lse0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
+    return y, prob
+
+
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
+    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_q = np.empty((B, L, D), _dtype)
+    g_k = np.empty((B, S, D), _dtype)
+    g_v = np.empty((B, S, E), _dtype)
+    g_prob = np.empty((B, L, S), _dtype)
+    g_prob_lse0 = np.empty((B, L), _dtype)
+    _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
+    _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+    return g_q, g_k, g_v
+
+
 # ============================================================================ softmax
 
 
@@ -3939,6 +4510,32 @@ def _softmax_bwd(g_y, x):
     _check_dim("softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("softmax", "x", x, 1, "C", C, "from g_y axis 1")
     return _softmax_bwd_core(g_y, x)
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_fwd_saving_core(x):
+    """Forward of softmax: y from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_lse0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_lse0, B, C)
+    _softmax_fwd1(x, y, y_lse0, B, C)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_bwd_saved_core(g_y, x, y):
+    """Backward of softmax: gradients g_x from g_y, x, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = np.empty((B, C), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    _softmax_bwd0(y, g_y, g_x_sum0, B, C)
+    _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
+    return g_x
 
 
 # The host functions of each op on this target.

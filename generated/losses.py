@@ -345,6 +345,38 @@ def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
     return _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps)
 
 
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
+    """Forward of cosine_embedding_loss: loss, cos_sum0, cos_sum1, cos_sum2, cos from x1, x2, label, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((1,), _dtype)
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return g_x1, g_x2
+
+
 # ============================================================================ huber
 
 
@@ -800,6 +832,30 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     return _softmax_cross_entropy_bwd_core(g_loss, logits, target)
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_fwd_saving_core(logits, target):
+    """Forward of softmax_cross_entropy: loss, loss_lse0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((1,), _dtype)
+    loss_lse0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
+    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+    return loss, loss_lse0
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
+    return g_logits
 
 
 # The host functions of each op on this target.

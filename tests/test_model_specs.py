@@ -18,8 +18,8 @@ from codegen.model import ModelSpecError, check_model, render_model
 
 # the library ops these tests compose (derived once: gru_cell would be slow)
 OPS = (
-    "adam", "conv2d", "dense", "dropout", "flatten", "layer_norm", "max_pool2d", "mse", "relu",
-    "rnn_cell", "softmax_cross_entropy",
+    "adam", "conv2d", "dense", "dropout", "flatten", "layer_norm", "log_softmax", "max_pool2d", "mse",
+    "nll", "relu", "rnn_cell", "softmax", "softmax_cross_entropy",
 )  # fmt: skip
 # every library optimizer: a model's fused step must compile and run for each
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
@@ -331,6 +331,45 @@ def test_train_step_is_loss_and_grads_then_each_optimizer(programs, spec, tmp_pa
         ref.assert_close(model.train_step(params, state, x, y), loss_manual, np.float64, f"{optimizer}: loss at step {t}")
         for k in params:
             ref.assert_close(params[k], manual[k], np.float64, f"{optimizer}: {k} after step {t}")
+
+
+# models whose layers or loss keep what rests on their reductions for the backward
+# (codegen.emit.saved_for_backward): an output (softmax), intermediates (log_softmax's
+# log-sum-exp, layer_norm's statistics, max-pooling's argmax, the loss's log-sum-exp)
+KEEPING = {
+    "softmax": ("6", '{ op = "dense", out = 5 }, { op = "softmax" }, { op = "dense", out = 3 }', '"mse"'),
+    "log_softmax-nll": ("6", '{ op = "dense", out = 3 }, { op = "log_softmax" }', '"nll"'),
+    "layer_norm": ("6", '{ op = "dense", out = 5 }, { op = "layer_norm" }, { op = "dense", out = 3 }', '"softmax_cross_entropy"'),
+    "max_pool2d": ("[2, 4, 4]", '{ op = "conv2d", out = 2, KH = 3, KW = 3, P = 1 }, { op = "max_pool2d", K = 2, S = 2 }, { op = "flatten" }, { op = "dense", out = 3 }', '"softmax_cross_entropy"'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEEPING))
+def test_kept_reductions_give_the_train_step_of_loss_and_grads(programs, spec, tmp_path, rng, case):
+    """Layers and losses whose forward keeps values for the backward: the fused step
+    takes their saving cores and still equals loss_and_grads followed by the optimizer."""
+    import generated
+
+    input, layers, loss = KEEPING[case]
+    path = spec(input, layers, loss=loss)
+    _, text = render_model(path, programs)
+    step = text[text.index("def _train_step"):]
+    assert "_fwd_saving_core(" in step and "_saved_core(" in step
+    model = _load(programs, path, tmp_path)
+    opt = generated.op(model.OPTIMIZER)
+    params = model.init(2, dtype=np.float64)
+    manual = {k: v.copy() for k, v in params.items()}
+    state = model.init_state(params)
+    slots = {k: opt.init_state(v) for k, v in manual.items()}
+    for t in (1, 2):
+        x = rng.normal(size=(4,) + model.INPUT_SHAPE)
+        y = np.eye(3)[rng.integers(0, 3, size=4)]
+        loss_manual, grads = model.loss_and_grads(manual, x, y)
+        for k in manual:
+            opt.step(manual[k], grads[k], *slots[k], t=t, **{**opt.hyper, **model.HYPER})
+        ref.assert_close(model.train_step(params, state, x, y), loss_manual, np.float64, f"{case}: loss at step {t}")
+        for k in params:
+            ref.assert_close(params[k], manual[k], np.float64, f"{case}: {k} after step {t}")
 
 
 def test_layers_below_the_first_trained_one_run_no_backward(programs, spec, tmp_path):

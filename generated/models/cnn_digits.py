@@ -6,8 +6,8 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py a131cbcfafd526a8
-#   generated/layers.py 3f44cfed98e49fb0
-#   generated/losses.py 368db27c867793b5
+#   generated/layers.py 4594ea4bb61c18cd
+#   generated/losses.py 504d851202f1ab3e
 #   generated/optimizers.py 26c2efa4e97587f2
 """The cnn_digits model.
 
@@ -34,8 +34,8 @@ from numba import njit
 
 import generated
 from generated.activations import _relu_bwd_core, _relu_fwd_core
-from generated.layers import _conv2d_bwd_params_core, _conv2d_fwd_core, _dense_bwd_core, _dense_fwd_core, _flatten_bwd_core, _flatten_fwd_core, _max_pool2d_bwd_core, _max_pool2d_fwd_core
-from generated.losses import _softmax_cross_entropy_bwd_core, _softmax_cross_entropy_fwd_core
+from generated.layers import _conv2d_bwd_params_core, _conv2d_fwd_core, _dense_bwd_core, _dense_fwd_core, _flatten_bwd_core, _flatten_fwd_core, _max_pool2d_bwd_saved_core, _max_pool2d_fwd_saving_core
+from generated.losses import _softmax_cross_entropy_bwd_saved_core, _softmax_cross_entropy_fwd_saving_core
 from generated.optimizers import _adam_step_core
 
 NAME = "cnn_digits"
@@ -254,16 +254,16 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     h0 = x
     h1 = _conv2d_fwd_core(h0, conv2d0_weight, conv2d0_bias, 1, 1)
     h2 = _relu_fwd_core(h1)
-    h3 = _max_pool2d_fwd_core(h2, 2, 2)
+    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_core(h2, 2, 2)
     h4 = _flatten_fwd_core(h3)
     h5 = _dense_fwd_core(h4, dense4_weight, dense4_bias)
-    loss = _softmax_cross_entropy_fwd_core(h5, y)
-    g5 = _softmax_cross_entropy_bwd_core(np.ones(1, h5.dtype), h5, y)
+    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_core(h5, y)
+    g5 = _softmax_cross_entropy_bwd_saved_core(np.ones(1, h5.dtype), h5, y, kept_loss_lse0)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_core(g5, h4, dense4_weight, dense4_bias)
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
     g3 = _flatten_bwd_core(g4, h3)
-    g2 = _max_pool2d_bwd_core(g3, h2, 2, 2)
+    g2 = _max_pool2d_bwd_saved_core(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
     g1 = _relu_bwd_core(g2, h1)
     g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_core(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)

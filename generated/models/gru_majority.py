@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 3f44cfed98e49fb0
-#   generated/losses.py 368db27c867793b5
+#   generated/layers.py 4594ea4bb61c18cd
+#   generated/losses.py 504d851202f1ab3e
 #   generated/optimizers.py 26c2efa4e97587f2
 """The gru_majority model.
 
@@ -33,7 +33,7 @@ from numba import njit
 
 import generated
 from generated.layers import _dense_bwd_core, _dense_fwd_core, _gru_cell_bwd_core, _gru_cell_fwd_core
-from generated.losses import _softmax_cross_entropy_bwd_core, _softmax_cross_entropy_fwd_core
+from generated.losses import _softmax_cross_entropy_bwd_saved_core, _softmax_cross_entropy_fwd_saving_core
 from generated.optimizers import _adam_step_core
 
 NAME = "gru_majority"
@@ -303,8 +303,8 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
         hs1[step + 1] = _gru_cell_fwd_core(xs1[step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh)
     h1 = hs1[xs1.shape[0]]
     h2 = _dense_fwd_core(h1, dense1_weight, dense1_bias)
-    loss = _softmax_cross_entropy_fwd_core(h2, y)
-    g2 = _softmax_cross_entropy_bwd_core(np.ones(1, h2.dtype), h2, y)
+    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_core(h2, y)
+    g2 = _softmax_cross_entropy_bwd_saved_core(np.ones(1, h2.dtype), h2, y, kept_loss_lse0)
     g1, g_dense1_weight, g_dense1_bias = _dense_bwd_core(g2, h1, dense1_weight, dense1_bias)
     _adam_step_core(dense1_weight, g_dense1_weight, dense1_weight_m, dense1_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense1_bias, g_dense1_bias, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps)

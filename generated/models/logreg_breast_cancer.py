@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 3f44cfed98e49fb0
-#   generated/losses.py 368db27c867793b5
+#   generated/layers.py 4594ea4bb61c18cd
+#   generated/losses.py 504d851202f1ab3e
 #   generated/optimizers.py 26c2efa4e97587f2
 """The logreg_breast_cancer model.
 

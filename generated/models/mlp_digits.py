@@ -6,8 +6,8 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py a131cbcfafd526a8
-#   generated/layers.py 3f44cfed98e49fb0
-#   generated/losses.py 368db27c867793b5
+#   generated/layers.py 4594ea4bb61c18cd
+#   generated/losses.py 504d851202f1ab3e
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_digits model.
 
@@ -33,7 +33,7 @@ from numba import njit
 import generated
 from generated.activations import _relu_bwd_core, _relu_fwd_core
 from generated.layers import _dense_bwd_core, _dense_bwd_params_core, _dense_fwd_core
-from generated.losses import _softmax_cross_entropy_bwd_core, _softmax_cross_entropy_fwd_core
+from generated.losses import _softmax_cross_entropy_bwd_saved_core, _softmax_cross_entropy_fwd_saving_core
 from generated.optimizers import _adam_step_core
 
 NAME = "mlp_digits"
@@ -245,8 +245,8 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, de
     h1 = _dense_fwd_core(h0, dense0_weight, dense0_bias)
     h2 = _relu_fwd_core(h1)
     h3 = _dense_fwd_core(h2, dense2_weight, dense2_bias)
-    loss = _softmax_cross_entropy_fwd_core(h3, y)
-    g3 = _softmax_cross_entropy_bwd_core(np.ones(1, h3.dtype), h3, y)
+    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_core(h3, y)
+    g3 = _softmax_cross_entropy_bwd_saved_core(np.ones(1, h3.dtype), h3, y, kept_loss_lse0)
     g2, g_dense2_weight, g_dense2_bias = _dense_bwd_core(g3, h2, dense2_weight, dense2_bias)
     _adam_step_core(dense2_weight, g_dense2_weight, dense2_weight_m, dense2_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense2_bias, g_dense2_bias, dense2_bias_m, dense2_bias_v, t, lr, beta1, beta2, eps)
