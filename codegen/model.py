@@ -99,10 +99,6 @@ OPTIONAL_FIELDS = ("doc",)
 LAYER_KINDS = ("activation", "layer")
 LAYER_FIELDS = ("op", "out", "unroll")  # besides the op's dimensions and attributes
 
-# What the model's output means, by loss: it decides what ``predict`` returns.
-CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "nll")
-BINARY_LOSSES = ("bce_with_logits",)
-
 # How a parameter starts, by the role it plays in its op's forward equations.
 INIT_RULES = ("fan_in", "zeros", "ones", "normal")
 
@@ -140,6 +136,7 @@ class OpInfo:
     # backward reads, and intermediates its fwd_saving core returns after the outputs
     saved_outputs: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
+    task: str = ""  # a loss's: what the model's output means; decides what ``predict`` returns
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -182,6 +179,7 @@ def op_info(program) -> OpInfo:
         inits=param_inits(program),
         saved_outputs=tuple(saved_for_backward(program)[0]),
         kept=tuple(saved_for_backward(program)[1]),
+        task=program.task,
     )
 
 
@@ -891,12 +889,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     rest = {k: v for k, v in opt_spec.items() if k != "op"}
     hyper = check.attrs(f"optimizer (op {opt.name!r})", rest, opt.hyper, "hyperparameter", dict(opt.attr_defaults))
 
-    if loss.name in CLASSIFICATION_LOSSES:
-        task = "classification"
-    elif loss.name in BINARY_LOSSES:
-        task = "binary"
-    else:
-        task = "regression"
+    task = loss.task or "regression"
 
     params = [p for layer in layers for p in layer.params]
     if not params:

@@ -85,8 +85,12 @@ def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, 
     return op
 
 
-def loss(name, **kw):
-    return layer(name, kind="loss", **kw)
+def loss(name, task="regression", **kw):
+    """A layer with a scalar output; ``task`` says what the model's output means
+    (one of derive.spec.TASKS)."""
+    op = layer(name, kind="loss", **kw)
+    op.task = task
+    return op
 
 
 def optimizer(name, state, hyper, update, doc=""):

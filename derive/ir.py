@@ -135,6 +135,7 @@ class Program:
     backward: tuple[Assign, ...] = ()
     scalars: tuple[str, ...] = ()  # tensors of shape () read as plain Symbols
     elementwise: bool = False  # activation: any input shape, computed on the flat array
+    task: str = ""  # losses: what the model's output means (classification, binary, regression)
     state: tuple[str, ...] = ()  # optimizer state names, in order
     step: tuple[Assign, ...] = ()  # optimizer update statements, sequential, in place
     step_counter: sympy.Symbol | None = None  # optimizer step count t (from 1)

@@ -219,6 +219,7 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         backward=tuple(back),
         scalars=scalars,
         elementwise=op.kind == "activation",
+        task=op.task if op.kind == "loss" else "",
         doc=op.doc,
     )
 

@@ -30,7 +30,9 @@ _KEYS = {
     "optimizer": {"name", "kind", "doc", "state", "hyper", "update"},
     "schedule": {"name", "kind", "doc", "hyper", "expr"},
 }
-_KEYS["loss"] = _KEYS["layer"]
+# a loss may say what the model's output means, which decides what a model predicts
+_KEYS["loss"] = _KEYS["layer"] | {"task"}
+TASKS = ("classification", "binary", "regression")
 _REQUIRED = {
     "activation": ("name", "kind", "expr"),
     "layer": ("name", "kind", "inputs", "outputs", "equations"),
@@ -66,6 +68,9 @@ class OpDef:
     ranges: dict[str, sympy.Expr] = field(default_factory=dict)
     equations: list[Equation] = field(default_factory=list)
     differentiate: list[str] | None = None
+    # losses: what the model's output means (TASKS): classes scored by the output's
+    # last axis, a binary label per element (logit > 0), or the value itself
+    task: str = "regression"
     # facts about the data the derivation may use, e.g. sum(target[b, c], c) == 1
     assumptions: list[tuple[sympy.Expr, sympy.Expr, str]] = field(default_factory=list)
     # optimizers and schedules
@@ -146,6 +151,10 @@ def from_dict(data: dict, path: str) -> OpDef:
         return _optimizer_from_dict(op, data, path)
     if kind == "schedule":
         return _schedule_from_dict(op, data, path)
+    if kind == "loss" and "task" in data:
+        if data["task"] not in TASKS:
+            raise SpecError(path, f"`task` must be one of {', '.join(TASKS)}, got {data['task']!r}")
+        op.task = data["task"]
     return _layer_from_dict(op, data, path)
 
 

@@ -65,6 +65,13 @@ CASES = [
     Bad("missing-equations", 'name = "bad"\nkind = "layer"\ninputs = { x = "B I" }\noutputs = { y = "B I" }\n', ("equations",), problem=r"(?i)missing|required"),
     Bad("missing-expr", 'name = "bad"\nkind = "activation"\n', ("expr",), problem=r"(?i)missing|required"),
     Bad("unknown-kind", 'name = "bad"\nkind = "activaton"\nexpr = "x"\n', ("activaton",), problem=r"(?i)kind"),
+    Bad(
+        "unknown-loss-task",
+        'name = "bad"\nkind = "loss"\ntask = "ranking"\ninputs = { pred = "B N" }\noutputs = { loss = "" }\n'
+        'equations = ["loss = sum(pred[b,n], b, n)"]\n',
+        ("task", "ranking"),
+        problem=r"(?i)classification.*binary.*regression",
+    ),
 ]
 
 

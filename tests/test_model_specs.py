@@ -372,6 +372,33 @@ def test_kept_reductions_give_the_train_step_of_loss_and_grads(programs, spec, t
             ref.assert_close(params[k], manual[k], np.float64, f"{case}: {k} after step {t}")
 
 
+@pytest.mark.parametrize("task", ["classification", "binary", "regression", None])
+def test_what_a_model_predicts_comes_from_its_loss_spec(programs, spec, tmp_path, task):
+    """The loss spec's ``task`` (default regression) decides the model's TASK and its
+    predict: a user's loss is treated like the library's, by what it declares."""
+    import derive
+
+    text = f'''
+        name = "my_loss"
+        kind = "loss"
+        {f'task = "{task}"' if task else ""}
+        inputs = {{ pred = "B C", target = "B C" }}
+        differentiate = ["pred"]
+        outputs = {{ loss = "" }}
+        equations = ["loss = sum((pred[b,c] - target[b,c])**2, b, c) / B"]
+    '''
+    loss_path = tmp_path / "my_loss.toml"
+    loss_path.write_text(textwrap.dedent(text))
+    mine = derive.from_file(loss_path)
+    context = check_model(spec("6", '{ op = "dense", out = 3 }', loss='"my_loss"'), [*programs, mine])
+    assert context["task"] == (task or "regression")
+
+
+def test_the_library_losses_declare_their_task(programs):
+    by_name = {p.name: p.task for p in programs if p.kind == "loss"}
+    assert by_name["softmax_cross_entropy"] == "classification" and by_name["mse"] == "regression"
+
+
 def test_layers_below_the_first_trained_one_run_no_backward(programs, spec, tmp_path):
     """Nothing below the first layer with parameters needs a gradient: that layer
     takes its params-only core and the layers before it run no backward."""
