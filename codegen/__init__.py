@@ -17,12 +17,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .template_util import COMMAND
 from .writer import stale_files, sync_directory, write_if_changed
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = REPO / "generated"
 MODEL_SPECS = REPO / "specs" / "models"
-COMMAND = "python -m codegen"
 
 __all__ = ["render_library", "regenerate", "check", "render_spec", "build", "load_module"]
 
@@ -98,15 +98,15 @@ def render_spec(path, out_dir=".", command: str | None = None) -> dict:
 
     from .emit import render_group
 
+    if command is None:
+        command = "%s %s --out %s" % (COMMAND, path, out_dir)
     if _spec_kind(path) == "model":
         from . import model
 
-        rel, text = model.render_model(path)
+        rel, text = model.render_model(path, command=command)
         return {Path(rel).name: text}
     program = from_file(path)
     stem = _module_name(program.name)
-    if command is None:
-        command = "python -m codegen %s --out %s" % (path, out_dir)
     cpu, cuda = render_group([program], stem, command, single=program.name)
     files = {stem + ".py": cpu}
     if cuda is not None:

@@ -88,10 +88,9 @@ import tomllib
 from derive.errors import SpecError
 
 from .emit import backward_variants, core_name, group_of, saved_for_backward
-from .template_util import render
+from .template_util import COMMAND, render
 
 TEMPLATE = "model/model.py.jinja"
-COMMAND = "python -m codegen"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 REQUIRED_FIELDS = ("name", "kind", "input", "layers", "loss", "optimizer")
@@ -984,7 +983,10 @@ def check_model(spec_path, programs: Iterable | Mapping | None = None) -> dict:
 
 
 def render_model(
-    spec_path, programs: Iterable | Mapping | None = None, modules: Mapping[str, str] | None = None
+    spec_path,
+    programs: Iterable | Mapping | None = None,
+    modules: Mapping[str, str] | None = None,
+    command: str = COMMAND,
 ) -> tuple[str, str]:
     """Render one model spec; return ``("models/<name>.py", text)``.
 
@@ -994,11 +996,12 @@ def render_model(
     modules the model's fused step compiles in, as they will be written; by default
     they are read from ``generated/``. Their digests go into the model's text, so the
     fused step's Numba cache (keyed on the model file) is invalidated whenever a
-    kernel it was compiled from changes.
+    kernel it was compiled from changes. ``command`` is the regenerate command its
+    header names (a user's model built with ``--out`` names its own).
     """
     path = Path(spec_path)
     context = check_model(path, programs)
-    context["header"] = {"sources": [_display_path(path)], "template": TEMPLATE, "command": COMMAND}
+    context["header"] = {"sources": [_display_path(path)], "template": TEMPLATE, "command": command}
     context["digests"] = [(m, _digest(m + ".py", modules)) for m in context["modules"]]
     text = render(TEMPLATE, **context)
     return f"models/{context['name']}.py", text

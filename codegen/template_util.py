@@ -8,6 +8,9 @@ from pathlib import Path
 import jinja2
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+# what every generated file's header says regenerates the library (a user's spec
+# built with ``--out`` names its own command)
+COMMAND = "python -m codegen"
 
 
 def _pyrepr(value) -> str:

@@ -399,6 +399,17 @@ def test_the_library_losses_declare_their_task(programs):
     assert by_name["softmax_cross_entropy"] == "classification" and by_name["mse"] == "regression"
 
 
+def test_a_users_model_names_its_own_regenerate_command(spec, tmp_path):
+    """A model spec built with ``--out`` says how to rebuild it, not how to
+    regenerate the library."""
+    import codegen
+
+    path = spec("6", '{ op = "dense", out = 3 }')
+    out = tmp_path / "out"
+    (text,) = codegen.render_spec(path, out).values()
+    assert f"# Regenerate: python -m codegen {path} --out {out}\n" in text
+
+
 def test_layers_below_the_first_trained_one_run_no_backward(programs, spec, tmp_path):
     """Nothing below the first layer with parameters needs a gradient: that layer
     takes its params-only core and the layers before it run no backward."""
