@@ -49,6 +49,8 @@ import sympy
 
 from derive.ir import Assign, Loop
 
+from .printers import RESERVED_NAMES
+
 ZERO = sympy.Integer(0)
 
 
@@ -89,10 +91,6 @@ class Operand:
     span: Span | None = None
     value: sympy.Expr | None = None  # the gathered value inside the span
     pre: list = field(default_factory=list)  # CSE temporaries of the gather (Temp)
-
-    @property
-    def layout(self) -> tuple:
-        return tuple(self.rows) + tuple(self.cols)
 
 
 @dataclass
@@ -219,9 +217,20 @@ def _bound_syms(l: Loop) -> set:
     return sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols
 
 
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
+    """Whether two index expressions (loop bounds, extents) are equal. Cheap tests
+    first: structural equality, then the expanded difference (a nonzero polynomial is
+    never zero); ``simplify`` only for what they leave (``floor``, ``Max``), as it is
+    slow and this runs for every bound of every candidate statement."""
     a, b = sympy.sympify(a), sympy.sympify(b)
-    return a == b or sympy.simplify(a - b) == 0
+    if a == b:
+        return True
+    diff = sympy.expand(a - b)
+    if diff == 0:
+        return True
+    if diff.is_polynomial():
+        return False
+    return sympy.simplify(diff) == 0
 
 
 def _indices_of(expr, loopvars) -> frozenset:
@@ -241,7 +250,7 @@ def plain_read(expr, loops: dict, decls: dict):
         return None
     for i, extent in zip(idx, d.shape):
         l = loops.get(i)
-        if l is None or l.lo != 0 or not _same(l.hi, extent):
+        if l is None or l.lo != 0 or not same_value(l.hi, extent):
             return None
     return expr
 
@@ -277,18 +286,28 @@ def _window(l: Loop, free: set, conds, is_int):
         if not full:
             return None
         for a in args:
-            if sympy.sympify(a).free_symbols & free and not any(_same(a, b) for b in implied):
+            if not sympy.sympify(a).free_symbols & free:
+                continue
+            # derive writes the implied form itself: look for it before asking simplify
+            if a not in implied and not any(same_value(a, b) for b in implied):
                 return None
         out.append(kind(*full))
     return tuple(out)
 
 
-def _fresh(base: str, taken: set) -> sympy.Symbol:
-    name = base if base.isidentifier() else "u"
-    k = 0
-    while name in taken:
+def fresh_index(base: str, taken: set) -> sympy.Symbol:
+    """An integer symbol named ``base`` (``base1``, ``base2``, ... when taken), added to
+    ``taken``. The name ends up as a loop variable of a generated kernel, so it is a
+    Python identifier that is none of :data:`RESERVED_NAMES` (a dimension ``NP`` must
+    not shadow ``np``) and does not start with ``_`` (codegen's own locals): any other
+    base becomes ``u``."""
+    stem = base
+    if not stem.isidentifier() or stem.startswith("_") or stem in RESERVED_NAMES:
+        stem = "u"
+    name, k = stem, 0
+    while name in taken or name in RESERVED_NAMES:
         k += 1
-        name = "%s%d" % (base, k)
+        name = "%s%d" % (stem, k)
     taken.add(name)
     return sympy.Symbol(name, integer=True)
 
@@ -340,7 +359,7 @@ def to_scatter(stmt: Assign, decls: dict, is_int):
 
 def _rewrite(stmt, read, fi, factors, conds, where, full, decls, is_int):
     d = decls[read.base.label.name]
-    taken = {s.name for s in sympy.sympify(stmt.body).free_symbols}
+    taken = {s.name for s in sympy.sympify(stmt.body).free_symbols} | {stmt.target}
     for l in stmt.free + stmt.over:
         taken |= {l.index.name} | {s.name for s in _bound_syms(l)}
     new_idx = list(read.indices)
@@ -348,7 +367,7 @@ def _rewrite(stmt, read, fi, factors, conds, where, full, decls, is_int):
     for m, (pos, a, rest) in sorted(where.items(), key=lambda kv: kv[1][0]):
         extent = d.shape[pos]
         base = str(extent).lower() if isinstance(extent, sympy.Symbol) else "u"
-        u = _fresh(base, taken)
+        u = fresh_index(base, taken)
         new_idx[pos] = u
         subst[m] = sympy.expand(a * (u - rest))  # read position u = a*m + rest
         new_of[m] = (u, extent)

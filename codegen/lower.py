@@ -496,6 +496,12 @@ class Lowerer:
         contract = None
         if g.contract is not None:
             contract = cn.plan(g.contract, self.contract_outs(g, items), self.typer.is_int)
+            if contract is None:
+                # group() kept the match only if it planned without outputs, and outputs
+                # only add choices; were it None, the first item would read a _dot that
+                # no product computes
+                raise AssertionError("%s: kernel %s: the contraction of %s planned in group() but not here"
+                                     % (self.program.name, name, items[0].equation))
         kernel = Kernel(
             name=name,
             free=g.free,
@@ -551,7 +557,7 @@ class Lowerer:
             d = self.decls[it.target]
             if d.dtype != "float" or d.rank != len(loops) or set(it.index) != set(loops):
                 continue
-            if not all(cn._same(loops[i].hi, e) for i, e in zip(it.index, d.shape)):
+            if not all(cn.same_value(loops[i].hi, e) for i, e in zip(it.index, d.shape)):
                 continue
             writes = [k for k, st in enumerate(g.statements) if st.target == it.target]
             if any(g.statements[k].accumulate for k in writes):

@@ -21,6 +21,9 @@ guarded by a condition is only evaluated when the condition holds.
 
 from __future__ import annotations
 
+import builtins
+import keyword
+
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pycode import PythonCodePrinter
@@ -58,6 +61,17 @@ HELPER_FUNCTIONS = {
 }
 
 CAST = "_F"
+
+#: Names a symbol that codegen invents (a loop index) must not take: the modules the
+#: generated files import (``math``, ``np``, ``njit``, ``cuda``, ... in the
+#: templates' import blocks), Python's keywords and builtins (``range``, ``len``, ``min``
+#: are called by the kernels). Codegen's own locals (``_F``, ``_dot``, ``_t0``) start
+#: with ``_``, which no invented name does.
+RESERVED_NAMES = frozenset(
+    {"math", "np", "numpy", "numba", "njit", "cuda", "float32", "float64", "generated", "importlib", "os", "sys"}
+    | set(keyword.kwlist)
+    | set(dir(builtins))
+)
 
 
 class CodegenError(Exception):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from .normalize import Stmt
+from .terms import fresh_index
 
 
 @dataclass
@@ -116,16 +117,6 @@ def local_partial(body, read):
     return clean_derivative(sympy.diff(replaced, d)).xreplace({d: read})
 
 
-def _fresh(base: str, taken: set[str]) -> sympy.Symbol:
-    k = 1
-    name = base
-    while name in taken:
-        name = f"{base}{k}"
-        k += 1
-    taken.add(name)
-    return sympy.Symbol(name, integer=True)
-
-
 def is_affine(a, indices) -> bool:
     """Whether ``a`` is affine in ``indices`` with coefficients free of them (so that
     ``a = j`` can be solved for one of them)."""
@@ -187,7 +178,7 @@ def contract(stmt: Stmt, read, shape, dim_names, argmax_reads, seed):
             free.append(a)
             plain_used.add(a)
         else:
-            free.append(_fresh(str(dim_names[k]).lower(), taken))
+            free.append(fresh_index(str(dim_names[k]).lower(), taken))
     for k, a in enumerate(positions):
         j = free[k]
         a = sympy.sympify(a).xreplace(subst)

@@ -14,9 +14,10 @@ from sympy.printing.latex import LatexPrinter
 from .spec import OpDef
 
 
-def _name(name: str) -> str:
+def tex_name(name: str) -> str:
+    """A tensor's name in LaTeX: gradients barred, long names upright."""
     if name.startswith("g_"):
-        return r"\bar{%s}" % _name(name[2:])
+        return r"\bar{%s}" % tex_name(name[2:])
     if "_" in name or len(name) > 2 and name not in ("lse",):
         return r"\mathrm{%s}" % name.replace("_", r"\_")
     return name
@@ -29,7 +30,7 @@ class DerivationPrinter(LatexPrinter):
     _default_settings = {**LatexPrinter._default_settings, "names": {}}
 
     def _tensor(self, name):
-        return self._settings["names"].get(name) or _name(name)
+        return self._settings["names"].get(name) or tex_name(name)
 
     def _print_Indexed(self, expr):
         idx = ",".join(self._print(i) for i in expr.indices)
@@ -61,7 +62,7 @@ def tex(expr, names=None) -> str:
 
 
 def _lhs(name, idx, names=None):
-    shown = (names or {}).get(name) or _name(name)
+    shown = (names or {}).get(name) or tex_name(name)
     if not idx:
         return shown
     return "%s_{%s}" % (shown, ",".join(tex(i) for i in idx))
@@ -96,7 +97,7 @@ def _guards_tex(guards):
 
 def _term_tex(t):
     if t.scatter:
-        lhs = "%s_{%s}" % (_name(t.grad), ",".join(tex(a) for a in t.scatter))
+        lhs = "%s_{%s}" % (tex_name(t.grad), ",".join(tex(a) for a in t.scatter))
         inner = _sum_prefix([i for i, _, _ in t.scatter_over])
         loops = ",".join(tex(i) for i, _, _ in t.loops)
         return r"%s \mathrel{+}= %s%s \quad \text{for every } (%s)\ \text{(scatter-add)}" % (lhs, inner, tex(t.expr), loops)
@@ -136,7 +137,7 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
         return blocks
     add(("text", r"Reverse mode: $\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:"))
     for t in _all_terms_in_order(backward):
-        add(("text", f"Through the read ${tex(t.read)}$ in the statement for ${_name(t.stmt.target)}$:"))
+        add(("text", f"Through the read ${tex(t.read)}$ in the statement for ${tex_name(t.stmt.target)}$:"))
         d = r"\frac{\partial %s}{\partial %s} = %s" % (_lhs(t.stmt.target, t.stmt.free), tex(t.read), tex(t.local))
         if t.stmt.reduce == "max":
             d += r"\quad\text{(at the first maximal element, 0 elsewhere)}"
@@ -189,10 +190,10 @@ def optimizer_blocks(op: OpDef):
     blocks = [("heading", op.name)]
     if op.doc:
         blocks.append(("text", op.doc))
-    hyper = ", ".join(f"{_name(k)} = {v}" for k, v in op.hyper.items())
+    hyper = ", ".join(f"{tex_name(k)} = {v}" for k, v in op.hyper.items())
     blocks.append(("text", f"Elementwise update of parameter $p$ with gradient $g$ at step $t$ (from 1); defaults: ${hyper}$."))
     for eq in op.equations:
-        blocks.append(("math", r"%s \leftarrow %s" % (_name(eq.target), tex(eq.rhs))))
+        blocks.append(("math", r"%s \leftarrow %s" % (tex_name(eq.target), tex(eq.rhs))))
     return blocks
 
 

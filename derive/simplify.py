@@ -21,9 +21,11 @@ import sympy
 
 from .functions import sigmoid
 from .normalize import Stmt, _elementary_rewrites
+from .terms import is_full_sum, split_factors
 
 
-def _cost(e):
+def cost(e):
+    """What a rewrite must lower: operations, then the size of the tree."""
     return (sympy.count_ops(e), len(sympy.srepr(e)))
 
 
@@ -66,7 +68,7 @@ def reuse_forward(expr, stmts: list[Stmt]):
     for s in stmts:
         if s.reduce != "none" or not s.free or sympy.count_ops(s.body) < 2:
             continue
-        for mapping in _index_instances(s, expr):
+        for mapping in index_instances(s, expr):
             concrete = s.body.xreplace(mapping)
             target = sympy.IndexedBase(s.target, real=True)[tuple(mapping[i] for i in s.free)]
             expr = _replace_subexpression(expr, concrete, target)
@@ -76,7 +78,7 @@ def reuse_forward(expr, stmts: list[Stmt]):
     return expr
 
 
-def _index_instances(s: Stmt, expr) -> list[dict]:
+def index_instances(s: Stmt, expr) -> list[dict]:
     """The index substitutions under which ``s.body`` could occur in ``expr``.
 
     Every free index of ``s`` appears bare in some read of ``s.body``; pairing those
@@ -174,7 +176,7 @@ def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
     candidates.append(sympy.factor_terms(expr))
     candidates = [sympy.powsimp(c, combine="exp") for c in candidates]
     candidates += [reuse_forward(c, stmts) for c in candidates]
-    best = min(candidates, key=_cost)
+    best = min(candidates, key=cost)
     if rules:
         trial = best
         for read, free, value in rules:
@@ -182,10 +184,10 @@ def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
         trial = sympy.powsimp(trial, combine="exp")
         trial = reuse_forward(trial, stmts)
         trial = sympy.factor_terms(trial)
-        if _cost(trial) < _cost(best):
+        if cost(trial) < cost(best):
             best = trial
     reused = reuse_forward(best, stmts)
-    if _cost(reused) <= _cost(best):
+    if cost(reused) <= cost(best):
         best = reused
     return best
 
@@ -240,21 +242,15 @@ def close_sums(backward, stmts: list[Stmt], rules) -> None:
     sum_d (x[b,d] - mu[b]) = 0, which removes a whole reduction from layer norm's
     backward and leaves its compact textbook form."""
     for t in list(backward.terms):
-        if not t.loops or t.guards or t.scatter:
+        if not is_full_sum(t):
             continue
         loop_idx = [i for i, _, _ in t.loops]
-        ranges = {i: hi for i, lo, hi in t.loops if lo == 0}
-        if len(ranges) != len(loop_idx) or any(hi != t.stmt.ranges.get(i) for i, hi in ranges.items()):
-            continue
-        outside, inside = [], []
-        for f in sympy.Mul.make_args(t.expr):
-            (inside if f.free_symbols & set(loop_idx) else outside).append(f)
+        outside, inside = split_factors(t.expr, loop_idx)
         closed, open_ = [], []
-        for piece in sympy.Add.make_args(sympy.expand(sympy.Mul(*inside))):
-            coeff = sympy.Mul(*[f for f in sympy.Mul.make_args(piece) if not (f.free_symbols & set(loop_idx))])
-            core = sympy.Mul(*[f for f in sympy.Mul.make_args(piece) if f.free_symbols & set(loop_idx)])
+        for piece in sympy.Add.make_args(sympy.expand(inside)):
+            coeff, core = split_factors(piece, loop_idx)
             if core == 1:
-                closed.append(coeff * sympy.Mul(*ranges.values()))
+                closed.append(coeff * sympy.Mul(*[hi for _, _, hi in t.loops]))
                 continue
             found = _match_forward_sum(core, loop_idx, stmts)
             if found is None:
@@ -269,14 +265,14 @@ def close_sums(backward, stmts: list[Stmt], rules) -> None:
         value = sympy.simplify(value) if sympy.count_ops(value) < 40 else value
         t.steps.append(("closed", sympy.Add(*closed), value))
         if open_:
-            t.expr = sympy.Mul(*outside) * sympy.Add(*open_)
+            t.expr = outside * sympy.Add(*open_)
             if value != 0:
-                extra = _copy_term(t, sympy.Mul(*outside) * value)
+                extra = _copy_term(t, outside * value)
                 backward.terms.insert(backward.terms.index(t) + 1, extra)
         elif value == 0:
             backward.terms.remove(t)
         else:
-            t.expr = sympy.Mul(*outside) * value
+            t.expr = outside * value
             t.loops = []
 
 

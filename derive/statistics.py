@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 import sympy
 
 from .differentiate import Term, read_of
+from .latex import tex, tex_name
 from .normalize import Stmt
-from .simplify import _cost, _index_instances, reuse_forward
+from .simplify import cost, index_instances, reuse_forward
+from .terms import fresh_index, is_full_sum, split_factors
 
 
 @dataclass
@@ -53,13 +55,6 @@ class _Sum:
 
     def display(self):
         return sympy.Sum(self.inner, *[(i, 0, hi - 1) for i, hi in self.loops])
-
-
-def _full_sum(t: Term) -> bool:
-    """A gather-form reduction over whole ranges, without guards."""
-    if not t.loops or t.guards or t.scatter:
-        return False
-    return all(lo == 0 and hi == t.stmt.ranges.get(i) for i, lo, hi in t.loops)
 
 
 def _reads(expr, name):
@@ -88,7 +83,7 @@ def _statistics_of(consumer: Term, terms: list[Term], returned: set[str]) -> lis
         groups.setdefault(t.grad, []).append(t)
     found = []
     for g, group in groups.items():
-        if g == consumer.grad or g in returned or not all(_full_sum(t) for t in group):
+        if g == consumer.grad or g in returned or not all(is_full_sum(t) for t in group):
             continue
         reads = _reads(consumer.expr, g)
         if not reads or len(group[0].free) >= len(consumer.free):
@@ -100,14 +95,6 @@ def _statistics_of(consumer: Term, terms: list[Term], returned: set[str]) -> lis
             continue
         found.append(group)
     return found
-
-
-def _split(expr, loop_idx):
-    """``expr`` as (factors free of ``loop_idx``, the rest)."""
-    outside, inside = [], []
-    for f in sympy.Mul.make_args(expr):
-        (inside if f.free_symbols & set(loop_idx) else outside).append(f)
-    return sympy.Mul(*outside), sympy.Mul(*inside)
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +139,7 @@ def reuse_in_product(expr, stmts: list[Stmt]):
     for s in stmts:
         if s.reduce != "none" or not s.free or not s.body.is_Mul:
             continue
-        for mapping in _index_instances(s, expr):
+        for mapping in index_instances(s, expr):
             concrete = s.body.xreplace(mapping)
             target = sympy.IndexedBase(s.target, real=True)[tuple(mapping[i] for i in s.free)]
             expr = _take_factors(expr, concrete, target)
@@ -229,7 +216,7 @@ class _Rewriter:
         candidates = [combined, sympy.factor_terms(combined)]
         if sympy.count_ops(combined) < 80:
             candidates.append(sympy.factor_terms(sympy.expand(combined)))
-        compact = min(candidates, key=_cost)
+        compact = min(candidates, key=cost)
         common = [f for f in sympy.Mul.make_args(compact) if not f.is_Add and not f.is_Number and not f.has(*self.sums)]
         if compact.is_Mul and common and any(f.is_Add for f in compact.args):
             self.record("Collect the common factor $%s$:" % tex(sympy.Mul(*common)), compact)
@@ -237,8 +224,8 @@ class _Rewriter:
         if reads is None:
             return
         new_expr = compact.xreplace(reads)
-        after = sum(_cost(t.expr)[0] for t in new_terms) + _cost(new_expr)[0]
-        before = sum(_cost(t.expr)[0] for g in self.groups for t in g) + _cost(c.expr)[0]
+        after = sum(cost(t.expr)[0] for t in new_terms) + cost(new_expr)[0]
+        before = sum(cost(t.expr)[0] for g in self.groups for t in g) + cost(c.expr)[0]
         if after > before:
             return
         if new_terms:
@@ -279,7 +266,7 @@ class _Rewriter:
                     primes = _primed([i for i, _, _ in t.loops], taken)
                     body = t.expr.xreplace({**dict(zip(t.free, idx)), **primes})
                     loops = tuple((primes[i], hi) for i, _, hi in t.loops)
-                    outside, inside = _split(body, list(primes.values()))
+                    outside, inside = split_factors(body, list(primes.values()))
                     p = sympy.Symbol(f"_S{len(self.sums)}", real=True)
                     while p.name in taken:
                         p = sympy.Symbol(p.name + "_", real=True)
@@ -326,7 +313,7 @@ class _Rewriter:
             _, had = _powers(before)
             _, has = _powers(product)
             split |= {b ** e for b, e in had.items() if e.is_Number and abs(e) > 1 and has.get(b, 0) != e}
-            coeffs[p], s.inner = _split(product, [i for i, _ in s.loops])
+            coeffs[p], s.inner = split_factors(product, [i for i, _ in s.loops])
         return sorted(reused), sorted(split, key=sympy.default_sort_key)
 
     def merge_equal(self, coeffs):
@@ -354,7 +341,7 @@ class _Rewriter:
             names = {str(i) for i in s.idx}
             loops, rename = [], {}
             for (primed, hi), (orig, _, _) in zip(s.loops, s.term.loops):
-                new = orig if str(orig) not in names else _fresh(str(orig), names)
+                new = orig if str(orig) not in names else fresh_index(str(orig), names)
                 names.add(str(new))
                 rename[primed] = new
                 loops.append((new, sympy.S.Zero, hi))
@@ -384,7 +371,7 @@ class _Rewriter:
         for t in terms:
             writers[t.grad] = writers.get(t.grad, 0) + 1
         for u in terms[:stop]:
-            if u.grad in removed or writers[u.grad] != 1 or not _full_sum(u) or len(u.loops) != len(loops):
+            if u.grad in removed or writers[u.grad] != 1 or not is_full_sum(u) or len(u.loops) != len(loops):
                 continue
             if len(u.free) != len(s.idx) or tuple(self.shapes.get(u.of, ())) != tuple(self.shapes.get(s.term.of, ())):
                 continue
@@ -401,20 +388,5 @@ def _sum_of(t: Term):
     return sympy.Sum(t.expr, *[(i, 0, hi - 1) for i, _, hi in t.loops])
 
 
-def _fresh(base, taken):
-    k = 1
-    while f"{base}{k}" in taken:
-        k += 1
-    return sympy.Symbol(f"{base}{k}", integer=True)
-
-
 def _tex_name(name, bar=False):
-    from .latex import _name
-
-    return _name(("g_" + name) if bar else name)
-
-
-def tex(e):
-    from .latex import tex as _tex
-
-    return _tex(e)
+    return tex_name(("g_" + name) if bar else name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import keyword
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_affine_reads_are_gathered_into_a_patch_matrix():
     assert [l.index for l in plan.outer] == [n]
     assert (plan.left.name, plan.left.view, plan.left.trans) == ("w4", True, False)  # w4 as (O, C*KH*KW)
     patch = plan.right  # (C*KH*KW, HO*WO) per image: im2col
-    assert not patch.view and [l.index for l in patch.layout] == [c, p, q, h, w_]
+    assert not patch.view and [l.index for l in patch.rows + patch.cols] == [c, p, q, h, w_]
     assert plan.out == "y4"
 
 
@@ -289,6 +290,149 @@ def test_window_not_implied_by_the_guard_is_not_rewritten():
     unguarded = stmt.body.xreplace({factor: factor.args[0].expr})  # the read without its guard
     lw = Lowerer(program, contract=True)
     assert cn.to_scatter(dataclasses.replace(stmt, body=unguarded), lw.decls, lw.typer.is_int) is None
+
+
+def _kernel_source(text, target):
+    """The emitted CPU kernel whose docstring starts with ``target[``."""
+    chunks = text.split("\n@njit")[1:]  # each: (options), def, docstring, body
+    (source,) = [c for c in chunks if c.split("\n")[2].strip().startswith('"""%s[' % target)]
+    return source
+
+
+def test_conv2d_input_gradient_is_a_blas_product_per_image_not_loops():
+    """The CPU backward of conv2d computes g_x (a transposed convolution) as one np.dot
+    per image added into g_x (col2im). That takes the scatter rewrite, which accepts the
+    windows only in the bound forms derive writes (contract._implied_bounds re-derives
+    differentiate.tighten's): should the two drift apart, g_x falls back to loops
+    without an error, and this test is what notices."""
+    from codegen.emit import OpPlan
+
+    (kernels,) = [ks for entry, ks, _, _ in OpPlan(_conv_program()).entries["cpu"] if entry == "bwd"]
+    (k,) = [k for k in kernels if [it.target for it in k.items] == ["g_x"]]
+    c = k.contract
+    assert c is not None and c.scatter and not k.items[0].over  # no summation loop left
+    # both operands are the arrays themselves (no gather): weight as (C*KH*KW, O), g_y[n] as (O, HO*WO)
+    assert (c.left.name, c.left.view, c.right.name, c.right.view) == ("weight", True, "g_y", True)
+    assert [l.index.name for l in c.outer] == ["n"] and [l.index.name for l in c.k] == ["o"]
+    source = _kernel_source(_conv_text(), "g_x")
+    assert "as a scatter" in source and source.count("_gemm(") == 1
+    assert "for o in range" not in source and "for n in range(0, N):" in source
+
+
+# ------------------------------------------------------------------ names and values
+@pytest.mark.parametrize(
+    "base, taken, name",
+    [
+        ("kh", set(), "kh"),
+        ("kh", {"kh", "kh1"}, "kh2"),
+        ("np", set(), "u"),  # a dimension NP: np.dot, np.uint64 in the kernel
+        ("math", {"u"}, "u1"),
+        ("njit", set(), "u"),
+        ("range", set(), "u"),  # the kernels' loops call range
+        ("if", set(), "u"),
+        ("2d", {"u"}, "u1"),  # not an identifier: never "2d1"
+        ("k-h", set(), "u"),
+        ("_t", set(), "u"),  # codegen's own locals start with _
+    ],
+)
+def test_fresh_index_is_an_identifier_the_generated_code_leaves_free(base, taken, name):
+    from codegen import contract as cn
+    from codegen.printers import RESERVED_NAMES
+
+    taken = set(taken)
+    u = cn.fresh_index(base, taken)
+    assert u.name == name and u.name in taken and u.is_integer
+    assert u.name.isidentifier() and not keyword.iskeyword(u.name) and u.name not in RESERVED_NAMES
+
+
+def test_reserved_names_cover_what_the_generated_modules_import():
+    import ast
+
+    from codegen.emit import render_group
+    from codegen.printers import RESERVED_NAMES
+
+    assert {"range", "len", "min", "max", "abs", "int", "float"} <= RESERVED_NAMES  # called by kernels
+    for text in render_group([_conv_program()], "m", "test", single="conv2d"):
+        imported = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                imported |= {a.asname or a.name for a in node.names}
+        assert {"np", "math", "njit"} & imported and imported <= RESERVED_NAMES, imported - RESERVED_NAMES
+
+
+CONV_NP = """
+name = "conv_np"
+kind = "layer"
+attrs = { S = 2, P = 1 }
+inputs = { x = "N C H W" }
+params = { weight = "O C NP MATH" }
+outputs = { y = "N O HO WO" }
+dims = { HO = "(H + 2*P - NP) // S + 1", WO = "(W + 2*P - MATH) // S + 1" }
+equations = ["y[n,o,h,w] = sum(x[n,c,h*S+p-P, w*S+q-P] * weight[o,c,p,q], c, p, q)"]
+"""
+
+
+def test_scatter_over_axes_named_np_and_math_compiles_and_computes(tmp_path):
+    """The scatter's new loops are named after the weight's axes: NP and MATH must not
+    become loop variables ``np`` and ``math`` (the kernel calls np.uint64, np.empty)."""
+    import generated
+    from codegen import build
+
+    (tmp_path / "conv_np.toml").write_text(CONV_NP)
+    module = build(tmp_path / "conv_np.toml", tmp_path)
+    source = _kernel_source((tmp_path / "conv_np.py").read_text(), "g_x")
+    assert "as a scatter" in source
+    assert "for np in" not in source and "for math in" not in source
+    rng = np.random.default_rng(5)
+    x_, w = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, 3, 2))
+    ours, ref = module.op(), generated.op("conv2d", S=2, P=1)
+    y = ours.forward(x_, w)
+    np.testing.assert_allclose(y, ref.forward(x_, w, np.zeros(4)), rtol=1e-12, atol=1e-12)
+    gy = rng.standard_normal(y.shape)
+    g_x, g_w = ours.backward(gy, x_, w)
+    r_x, r_w, _ = ref.backward(gy, x_, w, np.zeros(4))
+    np.testing.assert_allclose(g_x, r_x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_w, r_w, rtol=1e-12, atol=1e-12)
+
+
+def test_same_value_decides_polynomials_without_simplify(monkeypatch):
+    """Loop bounds and extents are compared for every candidate statement: structural
+    equality and the expanded difference decide them; simplify (slow) is left for what
+    those cannot (a quotient to cancel, floor, Max)."""
+    from codegen import contract as cn
+
+    a, bb = sympy.symbols("a bb", integer=True)
+    calls = []
+    real = sympy.simplify
+    monkeypatch.setattr(sympy, "simplify", lambda e, *args, **kw: calls.append(e) or real(e, *args, **kw))
+    assert cn.same_value(N_ * C_, C_ * N_)
+    assert cn.same_value(a * (bb + 1), a * bb + a)
+    assert cn.same_value(HO - 1 + a, a + HO - 1)
+    assert not cn.same_value(HO, HO + 1)
+    assert not cn.same_value(a * bb, a + bb)
+    assert calls == []
+    assert cn.same_value((a**2 - 1) / (a - 1), a + 1)  # not a polynomial: simplify decides
+    assert len(calls) == 1
+
+
+def test_contraction_that_stops_planning_is_an_error_not_a_kernel_without_its_product(monkeypatch):
+    """group() plans a matched contraction once to keep it; build() plans it again with
+    the outputs it may write. Were the second plan None, the kernel's item would read
+    ``_dot`` with no product computing it: lowering raises instead."""
+    from codegen import contract as cn
+
+    real, calls = cn.plan, []
+
+    def plan_once(m, outs, is_int):
+        calls.append(outs)
+        return real(m, outs, is_int) if len(calls) == 1 else None
+
+    monkeypatch.setattr(cn, "plan", plan_once)
+    with pytest.raises(AssertionError, match="contraction"):
+        _contract_kernel(RAW, ATTN)
+    assert len(calls) == 2
 
 
 # ------------------------------------------------------------------ numbers

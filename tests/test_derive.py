@@ -243,6 +243,49 @@ def test_statistics_substitution_is_recorded_in_the_derivation():
     assert r"\sum_{d'}" in tex and r"\Sigma^{(0)}_{b} = \sum_{d}" in tex
 
 
+def test_term_helpers_shared_by_the_passes():
+    from types import SimpleNamespace
+
+    from derive.terms import fresh_index, is_full_sum, split_factors
+
+    i, j, o = _idx("i", "j", "o")
+    N, M = (sympy.Symbol(n, integer=True, positive=True) for n in "NM")
+    stmt = SimpleNamespace(ranges={i: N, j: M})
+
+    def term(loops, guards=(), scatter=()):
+        return SimpleNamespace(loops=loops, guards=list(guards), scatter=scatter, stmt=stmt)
+
+    assert is_full_sum(term([(i, 0, N), (j, 0, M)]))
+    assert not is_full_sum(term([]))  # elementwise
+    assert not is_full_sum(term([(i, 1, N)]))  # part of the range
+    assert not is_full_sum(term([(i, 0, M)]))
+    assert not is_full_sum(term([(i, 0, N)], guards=["a guard"]))
+    assert not is_full_sum(term([(i, 0, N)], scatter=(o,)))
+    x, w = _t("x"), _t("w")
+    body = 3 * w[o] * x[o, i] * sympy.exp(x[o, j])
+    assert split_factors(body, [i, j]) == (3 * w[o], x[o, i] * sympy.exp(x[o, j]))
+    taken = {"h"}
+    assert [fresh_index(b, taken).name for b in ("c", "h", "h")] == ["c", "h1", "h2"]
+    assert taken == {"c", "h", "h1", "h2"} and fresh_index("k", set()).is_integer
+
+
+def test_statistics_and_simplify_share_one_copy_of_the_term_helpers():
+    """What a plain full sum is, how a summand splits at its summation indices and how a
+    new index is named are decided once (derive/terms.py), not once per pass; and
+    statistics imports no other module's private names."""
+    import ast
+
+    from derive import differentiate, simplify, statistics, terms
+
+    assert simplify.is_full_sum is statistics.is_full_sum is terms.is_full_sum
+    assert simplify.split_factors is statistics.split_factors is terms.split_factors
+    assert differentiate.fresh_index is statistics.fresh_index is terms.fresh_index
+    tree = ast.parse((ROOT / "derive" / "statistics.py").read_text())
+    private = [(node.module, a.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
 def test_statistics_of_a_new_spec_reach_the_compact_form(tmp_path):
     """The step is general: instance norm (statistics over the last axis of N C L, lifted
     with their indices in another order) comes out compact with no op-specific code."""
