@@ -11,11 +11,12 @@ import contextlib
 
 import sympy
 
+from derive.errors import SpecError
 from derive.ir import Program
 
 from . import contract as cn
-from .lower import DOT, Kernel, Lowerer, decl_of, read_names, tensor_decls, written_names
-from .printers import CPUPrinter, CUDAPrinter, HostPrinter
+from .lower import DOT, Kernel, Lowerer, decl_of, read_names, safe_index_names, tensor_decls, written_names
+from .printers import RESERVED_NAMES, CPUPrinter, CUDAPrinter, HostPrinter
 from .template_util import render
 
 GROUPS = {
@@ -55,6 +56,25 @@ def backward_variants(program: Program) -> list:
     if params and len(params) < len(program.grads):
         return [("params", params)]
     return []
+
+
+def check_names(program: Program) -> Program:
+    """``program``, when none of its tensors, dimensions, attributes or state takes a
+    name the generated module binds for something else (a Python keyword or builtin,
+    ``np``, ``math``, ...): those names become the module's parameters, keywords and
+    locals, where they would shadow it. Raises SpecError naming the file otherwise.
+    (Loop indices are renamed instead: see lower.safe_index_names.)"""
+    named = [("tensor", d.name) for d in tensor_decls(program)]
+    named += [("dimension", d.name) for d in program.dims] + [("dimension", s.name) for s, _ in program.derived_dims]
+    named += [("attribute", a.name) for a, _ in program.attrs] + [("state", n) for n in program.state]
+    for what, name in named:
+        if name in RESERVED_NAMES:
+            raise SpecError(
+                program.source,
+                f"the {what} name `{name}` is a Python keyword or builtin, or a module the generated "
+                f"code imports (np, math, ...): it would shadow that in the generated module; rename it",
+            )
+    return program
 
 
 def _reduces(stmt) -> bool:
@@ -128,7 +148,7 @@ class OpPlan:
     TARGETS = ("cpu", "cuda")
 
     def __init__(self, program: Program, contract: bool = True):
-        self.p = program
+        program = self.p = safe_index_names(check_names(program))
         self.id = ident(program.name)
         self.lowerer = Lowerer(program)
         self.lowerers = {"cpu": Lowerer(program, contract=contract), "cuda": self.lowerer}

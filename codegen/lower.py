@@ -40,7 +40,7 @@ import sympy
 from derive.ir import Assign, Loop, Program, TensorDecl
 
 from . import contract as cn
-from .printers import CPUPrinter
+from .printers import RESERVED_NAMES, CPUPrinter
 
 DOT = sympy.Symbol("_dot")
 
@@ -189,6 +189,38 @@ def rename_assign(stmt: Assign, mapping: dict) -> Assign:
         equation=stmt.equation,
         scatter=tuple(sub(e) for e in stmt.scatter),
         where=sub(stmt.where),
+    )
+
+
+def safe_index_names(program: Program) -> Program:
+    """``program`` with every loop index renamed whose name the generated module binds
+    for something else (``np``, ``math``, a keyword or builtin: RESERVED_NAMES).
+    Indices are the kernels' own loop variables, so renaming them changes nothing
+    outside; they are named by the spec's author or by derive, which names a gradient's
+    new index after its dimension in lower case (a dimension NP gives ``np``)."""
+    statements = program.forward + program.backward + program.step
+    indices = []
+    for s in statements:
+        for l in s.free + s.over:
+            if l.index not in indices:
+                indices.append(l.index)
+    clashing = [i for i in indices if i.name in RESERVED_NAMES]
+    if not clashing:
+        return program
+    taken = {str(s) for s in sympy.Tuple(*(s.body for s in statements)).free_symbols}
+    taken |= {i.name for i in indices} | {d.name for d in tensor_decls(program)}
+    mapping = {i: cn.fresh_index(i.name + "_", taken) for i in clashing}
+
+    def rename(stmt: Assign) -> Assign:
+        renamed = rename_assign(stmt, mapping)
+        over = tuple(Loop(mapping.get(l.index, l.index), l.lo, l.hi) for l in renamed.over)
+        return dataclasses.replace(renamed, over=over)
+
+    return dataclasses.replace(
+        program,
+        forward=tuple(rename(s) for s in program.forward),
+        backward=tuple(rename(s) for s in program.backward),
+        step=tuple(rename(s) for s in program.step),
     )
 
 

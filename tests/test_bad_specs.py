@@ -132,3 +132,29 @@ def test_spec_text_is_never_evaluated_as_python(spec, load, tmp_path, monkeypatc
         load(path, tmp_path)
     assert path.name in str(info.value)
     assert not (tmp_path / "PWNED").exists(), "spec text was executed"
+
+
+@pytest.mark.parametrize(
+    "spec, name",
+    [
+        pytest.param(_layer("y[b,i] = np[b,i]", inputs='{ np = "B I" }'), "np", id="tensor-np"),
+        pytest.param(_layer("y[b,i] = x[b,i]", inputs='{ x = "B len" }', outputs='{ y = "B len" }'), "len", id="dimension-len"),
+        pytest.param(_layer("y[b,i] = x[b,i] * min", extra="attrs = { min = 1.0 }\n"), "min", id="attribute-min"),
+        pytest.param(_layer("y[b,i] = math[b,i]", extra="", inputs='{ x = "B I" }').replace(
+            'equations = ["y[b,i] = math[b,i]"]', 'equations = ["math[b,i] = 2*x[b,i]", "y[b,i] = math[b,i]"]'), "math", id="intermediate-math"),
+    ],
+)
+def test_a_name_the_generated_module_binds_is_refused(spec, name, tmp_path, monkeypatch):
+    """A tensor, dimension or attribute keeps its name in the generated module (a
+    parameter, keyword or local there), so one named like a module it imports or a
+    Python builtin would shadow it: codegen refuses it with the file and the name."""
+    import codegen
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "shadow.toml"
+    path.write_text(spec)
+    with pytest.raises(_spec_error()) as info:
+        codegen.build(path, tmp_path / "out")
+    message = str(info.value)
+    assert path.name in message and f"`{name}`" in message and "rename" in message, message
+    assert not (tmp_path / "out" / "bad.py").exists()
