@@ -170,18 +170,21 @@ class OpPlan:
                 self._add("bwd", program.forward + program.backward, [d.name for d in program.grads])
             for suffix, grads in backward_variants(program):
                 # the same program asked for fewer gradients: lowering drops the rest
-                self._add("bwd_" + suffix, program.forward + program.backward, grads)
-                self.variants.add("bwd_" + suffix)
+                self._add("bwd_" + suffix, program.forward + program.backward, grads, variant=True)
             for entry, statements, returned, inputs in saving_variants(program):
-                self._add(entry, statements, returned, inputs)
-                self.variants.add(entry)
+                self._add(entry, statements, returned, inputs, variant=True)
 
-    def _add(self, entry, statements, returned, inputs=None):
+    def _add(self, entry, statements, returned, inputs=None, variant=False):
+        """Lower one entry point. ``inputs`` replaces its usual arguments; a ``variant``
+        is a compiled CPU core for the fused model steps only (no Python wrapper, no
+        CUDA kernels)."""
         if inputs is not None:
             self.inputs[entry] = inputs
+        if variant:
+            self.variants.add(entry)
         for target, lowerer in self.lowerers.items():
-            if target == "cuda" and inputs is not None:
-                continue  # the forward-saving path serves the fused CPU steps only
+            if variant and target != "cpu":
+                continue
             kernels = lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
             live = lowerer.live(list(statements), set(returned))
             # identical kernels across entry points are emitted once (op_context)
@@ -693,8 +696,6 @@ def op_context(plan: OpPlan, target: str) -> dict:
     entries = {}
     seen = {}
     for entry, ks, statements, returned in plan.entries[target]:
-        if target == "cuda" and entry in plan.variants:
-            continue  # variants are CPU cores for the fused model steps
         # a kernel identical to one of an earlier entry (backward recomputing the
         # forward) is emitted once; new ones are numbered per entry point
         number = 0
