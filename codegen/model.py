@@ -66,6 +66,11 @@ own. ``forward``, ``loss`` and ``loss_and_grads`` call the library's ops through
 ops' own wrappers call), so a training step is a single compiled call with no per-op
 Python overhead and no unused gradients (no backward runs below the first layer with
 parameters, and that layer uses its op's params-only backward core where it has one).
+A layer or loss whose backward reads values resting on its forward's reductions (a
+log-sum-exp, an argmax, a norm's statistics) runs its forward-saving core and hands
+those values to its backward (``_fwd_saving_core`` / ``_bwd_saved_core``, see
+:func:`codegen.emit.saved_for_backward`), so no reduction is computed twice; unrolled
+cells still recompute each time step's forward.
 
 The spec is read with :mod:`tomllib` and nothing in it is evaluated: op names are
 looked up in the library, sizes and attribute values must be TOML numbers, and derived
