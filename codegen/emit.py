@@ -114,9 +114,11 @@ def saved_for_backward(program: Program) -> tuple[list[str], list[str]]:
 
 def saving_variants(program: Program) -> list:
     """Entry points of the fused steps' forward-saving path, as (entry, statements,
-    returned, inputs): ``fwd_saving`` returns the outputs and the kept intermediates;
-    ``bwd_saved`` (and ``bwd_params_saved``) take them after the arguments and skip the
-    forward's reductions. None when nothing is worth keeping (see saved_for_backward)."""
+    returned, inputs): ``fwd_saving`` returns the outputs and the kept intermediates
+    (only when there are such intermediates: otherwise it is the plain forward);
+    ``bwd_saved`` (and ``bwd_params_saved``) take the outputs they read and the kept
+    intermediates after the arguments, and skip the forward's reductions. None when
+    nothing is worth keeping (see saved_for_backward)."""
     outputs, kept = saved_for_backward(program)
     if not kept and not outputs:
         return []
@@ -125,7 +127,7 @@ def saving_variants(program: Program) -> list:
     # the backward recomputes only what does not rest on a reduction
     recomputed = tuple(s for s in program.forward if not set(written_names(s)) & rests)
     inputs = list(program.seeds) + list(program.args) + [decls[n] for n in outputs + kept]
-    out = [("fwd_saving", program.forward, [d.name for d in program.outputs] + kept, list(program.args))]
+    out = [("fwd_saving", program.forward, [d.name for d in program.outputs] + kept, list(program.args))] if kept else []
     out.append(("bwd_saved", recomputed + program.backward, [d.name for d in program.grads], inputs))
     for suffix, grads in backward_variants(program):
         out.append(("bwd_%s_saved" % suffix, recomputed + program.backward, grads, inputs))

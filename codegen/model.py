@@ -304,6 +304,13 @@ class _Cell:
     jit_bwd_args: str
     jit_bwd_unpack: str
     step_grad: bool  # whether the step input's gradient is needed (layers below)
+    kept: tuple[str, ...] = ()  # lists of what the forward keeps, one entry per step
+    new_state: str = ""  # the compiled forward's new state at one step, when it keeps values
+
+    @property
+    def jit_fwd_targets(self) -> str:
+        """The compiled forward's results at one step: the new state, then the kept values."""
+        return ", ".join([self.new_state, *(f"{name}_step" for name in self.kept)])
 
     @property
     def state_dims(self) -> str:
@@ -732,15 +739,19 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
             bwd_entry = "bwd"
             bwd_unpack = tuple(_unused(i, arg) if g == "_" else g for arg, g in zip(info.differentiable, grads))
         # the forward keeps what rests on its reductions, so the backward does not redo them
-        # (not over time: a cell's steps are recomputed one by one)
+        # (an unrolled cell keeps them per time step, in one list per value)
         fwd_entry, kept, given = "fwd", (), ()
-        if cell is None and (info.kept or info.saved_outputs) and i >= first:
-            fwd_entry, bwd_entry = "fwd_saving", bwd_entry + "_saved"
+        saving = bool(info.kept or info.saved_outputs) and i >= first
+        if saving:
+            fwd_entry, bwd_entry = "fwd_saving" if info.kept else "fwd", bwd_entry + "_saved"
             kept = tuple(f"kept{i}_{n}" for n in info.kept)
             given = tuple(f"h{i + 1}" for _ in info.saved_outputs) + kept
         layer_cell = None
         if cell is not None:
-            layer_cell = _cell_calls(i, info, cell, params, core_attrs, len(shape), shape_out, i > first)
+            layer_cell = _cell_calls(
+                i, info, cell, params, core_attrs, len(shape), shape_out, i > first, kept if saving else None
+            )
+            given = ()  # a cell's backward takes them per step: _Cell.jit_bwd_args
         layers.append(
             _Layer(
                 index=i,
@@ -788,12 +799,18 @@ def _unused(i: int, arg: str) -> str:
 TIME = "step"
 
 
-def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape, step_grad: bool) -> _Cell:
+def _cell_calls(
+    i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape, step_grad: bool,
+    kept: tuple[str, ...] | None = None,
+) -> _Cell:
     """The one-line calls of a cell at time ``step``, in the op's argument order.
 
     Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, step]``, the state
     ``hs<i+1>[step]`` (a list of states). Compiled: the steps are ``xs<i+1>[step]`` (the
-    input made time-major), the states ``hs<i+1>[step]`` (an array of T + 1 states)."""
+    input made time-major), the states ``hs<i+1>[step]`` (an array of T + 1 states).
+    ``kept`` (the names of lists, one entry per step) when the compiled forward saves what
+    rests on its reductions: the backward at ``step`` then reads the entries of that step,
+    and the step's new state where the op keeps its output."""
     step, state = cell
     n = i + 1
     k = TIME
@@ -819,6 +836,9 @@ def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs,
         return ", ".join(out)
 
     axes = (1, 0) + tuple(range(2, rank + 1))
+    given = []
+    if kept is not None:
+        given = [f"hs{n}[{k} + 1]" for _ in info.saved_outputs] + [f"{name}[{k}]" for name in kept]
     return _Cell(
         state_shape=tuple(state_shape),
         axes=axes,
@@ -826,7 +846,9 @@ def _cell_calls(i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs,
         py_bwd_args=f"gh{n}, " + args(f"h{i}[:, {k}]", f"hs{n}[{k}]", locals_),
         py_bwd_unpack=unpack(lambda arg: "_"),
         jit_fwd_args=args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + list(core_attrs)),
-        jit_bwd_args=f"gh{n}, " + args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + list(core_attrs)),
+        jit_bwd_args=f"gh{n}, " + args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + given + list(core_attrs)),
+        kept=tuple(kept or ()),
+        new_state=f"state{n}",
         jit_bwd_unpack=unpack(lambda arg: _unused(i, arg)),
         step_grad=step_grad,
     )
@@ -913,7 +935,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
             cores[module].add(layer.bwd_core)
     # the loss keeps what its backward reads of its reductions (a log-sum-exp), as layers do
     saving = bool(loss.kept or loss.saved_outputs)
-    loss_cores = (core_name(loss.name, "fwd_saving" if saving else "fwd"), core_name(loss.name, "bwd_saved" if saving else "bwd"))
+    loss_cores = (core_name(loss.name, "fwd_saving" if loss.kept else "fwd"), core_name(loss.name, "bwd_saved" if saving else "bwd"))
     loss_kept = tuple(f"kept_{n}" for n in loss.kept) if saving else ()
     loss_given = tuple("loss" for _ in loss.saved_outputs) + loss_kept if saving else ()
     opt_core = core_name(opt.name, "step")

@@ -4089,20 +4089,6 @@ def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
 
 
 @njit(cache=True, error_model="numpy")
-def _rnn_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
-    """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
-    _dtype = x.dtype
-    B = x.shape[0]
-    I = x.shape[1]
-    H = h.shape[1]
-    y = np.empty((B, H), _dtype)
-    y_sum0 = np.empty((B, H), _dtype)
-    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
-    _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
-    return y
-
-
-@njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4510,19 +4496,6 @@ def _softmax_bwd(g_y, x):
     _check_dim("softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("softmax", "x", x, 1, "C", C, "from g_y axis 1")
     return _softmax_bwd_core(g_y, x)
-
-
-@njit(cache=True, error_model="numpy")
-def _softmax_fwd_saving_core(x):
-    """Forward of softmax: y from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
-    _dtype = x.dtype
-    B = x.shape[0]
-    C = x.shape[1]
-    y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
-    _softmax_fwd0(x, y_lse0, B, C)
-    _softmax_fwd1(x, y, y_lse0, B, C)
-    return y
 
 
 @njit(cache=True, error_model="numpy")

@@ -81,12 +81,21 @@ def test_softmax_cross_entropy_keeps_its_log_sum_exp():
     assert saved_for_backward(_programs()["softmax_cross_entropy"]) == ([], ["loss_lse0"])
 
 
+def test_softmax_hands_its_output_to_the_backward_and_has_no_second_forward():
+    # the output is kept by whoever called the forward: the plain forward serves
+    assert saved_for_backward(_programs()["softmax"]) == (["y"], [])
+    module = importlib.import_module("generated.layers")
+    assert hasattr(module, core_name("softmax", "bwd_saved"))
+    assert not hasattr(module, core_name("softmax", "fwd_saving"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", SAVING)
 def test_forward_saving_core_returns_the_forward(name, dtype, rng):
-    op, args, outputs, _, _, attrs = _case(name, dtype, rng)
-    got = ref.as_tuple(_core(name, "fwd_saving")(*args, *attrs))
     kept = saved_for_backward(_programs()[name])[1]
+    entry = "fwd_saving" if kept else "fwd"  # keeping only outputs, the plain forward serves
+    op, args, outputs, _, _, attrs = _case(name, dtype, rng)
+    got = ref.as_tuple(_core(name, entry)(*args, *attrs))
     assert len(got) == len(outputs) + len(kept)
     _assert_same(got[: len(outputs)], outputs, dtype, f"{name} fwd_saving outputs")
 
@@ -96,9 +105,9 @@ def test_forward_saving_core_returns_the_forward(name, dtype, rng):
 def test_backward_from_the_saved_reductions_is_the_backward(name, dtype, rng):
     program = _programs()[name]
     op, args, outputs, seeds, core_seeds, attrs = _case(name, dtype, rng)
-    got = ref.as_tuple(_core(name, "fwd_saving")(*args, *attrs))
-    out_names = [d.name for d in program.outputs]
     given_outputs, kept = saved_for_backward(program)
+    got = ref.as_tuple(_core(name, "fwd_saving" if kept else "fwd")(*args, *attrs))
+    out_names = [d.name for d in program.outputs]
     values = dict(zip(out_names + kept, got))
     given = [values[n] for n in given_outputs + kept]
     expected = ref.run_backward(op, seeds, args)

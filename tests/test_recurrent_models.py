@@ -205,6 +205,25 @@ def test_gru_train_step_is_loss_and_grads_then_adam(gru, rng):
     assert_train_step_is_loss_and_grads_then_adam(gru, gru.init(1, dtype=np.float64), rng)
 
 
+@pytest.mark.parametrize(
+    "model, forward, kept",
+    [("rnn", "_rnn_cell_fwd_core(", "hs2[step + 1]"), ("gru", "_gru_cell_fwd_saving_core(", "kept0_r[step]")],
+)
+def test_backpropagation_through_time_takes_what_each_step_kept(model, forward, kept, request):
+    """The unrolled forward keeps, per time step, what its backward reads of the
+    step's reductions (the GRU's gates in lists; the RNN's is its new state, which the
+    states array holds anyway), and the backward at that step takes it instead of
+    recomputing the step's forward (the train-step tests above check the numbers)."""
+    import inspect
+
+    module = request.getfixturevalue(model)
+    step = inspect.getsource(module)
+    step = step[step.index("def _train_step"):]
+    assert forward in step
+    backward = next(line for line in step.splitlines() if "_cell_bwd" in line)
+    assert "_bwd_saved_core(" in backward and kept in backward, backward
+
+
 @pytest.fixture(scope="module")
 def trainer():
     sys.path.insert(0, str(REPO / "examples"))

@@ -5,7 +5,7 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 4594ea4bb61c18cd
+#   generated/layers.py 9c68994c468eda90
 #   generated/losses.py 504d851202f1ab3e
 #   generated/optimizers.py 26c2efa4e97587f2
 """The gru_majority model.
@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 import generated
-from generated.layers import _dense_bwd_core, _dense_fwd_core, _gru_cell_bwd_core, _gru_cell_fwd_core
+from generated.layers import _dense_bwd_core, _dense_fwd_core, _gru_cell_bwd_saved_core, _gru_cell_fwd_saving_core
 from generated.losses import _softmax_cross_entropy_bwd_saved_core, _softmax_cross_entropy_fwd_saving_core
 from generated.optimizers import _adam_step_core
 
@@ -299,8 +299,17 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
     # layer 0: gru_cell over time; xs1[step] is the input at that step, hs1[step] the state before it
     xs1 = np.ascontiguousarray(h0.transpose((1, 0, 2)))
     hs1 = np.zeros((xs1.shape[0] + 1, xs1.shape[1], 16), xs1.dtype)
+    kept0_r = []
+    kept0_z = []
+    kept0_hn = []
+    kept0_nn = []
     for step in range(xs1.shape[0]):
-        hs1[step + 1] = _gru_cell_fwd_core(xs1[step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh)
+        state1, kept0_r_step, kept0_z_step, kept0_hn_step, kept0_nn_step = _gru_cell_fwd_saving_core(xs1[step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh)
+        hs1[step + 1] = state1
+        kept0_r.append(kept0_r_step)
+        kept0_z.append(kept0_z_step)
+        kept0_hn.append(kept0_hn_step)
+        kept0_nn.append(kept0_nn_step)
     h1 = hs1[xs1.shape[0]]
     h2 = _dense_fwd_core(h1, dense1_weight, dense1_bias)
     loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_core(h2, y)
@@ -315,7 +324,7 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
     g_gru_cell0_b_hh = np.zeros_like(gru_cell0_b_hh)
     gh1 = g1
     for step in range(xs1.shape[0] - 1, -1, -1):
-        _unused0_x, gh1, d_gru_cell0_w_ih, d_gru_cell0_w_hh, d_gru_cell0_b_ih, d_gru_cell0_b_hh = _gru_cell_bwd_core(gh1, xs1[step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh)
+        _unused0_x, gh1, d_gru_cell0_w_ih, d_gru_cell0_w_hh, d_gru_cell0_b_ih, d_gru_cell0_b_hh = _gru_cell_bwd_saved_core(gh1, xs1[step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, kept0_r[step], kept0_z[step], kept0_hn[step], kept0_nn[step])
         g_gru_cell0_w_ih += d_gru_cell0_w_ih
         g_gru_cell0_w_hh += d_gru_cell0_w_hh
         g_gru_cell0_b_ih += d_gru_cell0_b_ih

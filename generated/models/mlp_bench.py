@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py a131cbcfafd526a8
-#   generated/layers.py 4594ea4bb61c18cd
+#   generated/layers.py 9c68994c468eda90
 #   generated/losses.py 504d851202f1ab3e
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_bench model.
