@@ -13,7 +13,7 @@ import sympy
 
 from .functions import ReduceMax, ReduceSum
 from .ir import dim, index
-from .spec import Equation, OpDef, _attr_symbol, finish_activation
+from .spec import Equation, OpDef, attr_symbol, finish_activation
 
 Sum = ReduceSum
 Max = ReduceMax
@@ -38,7 +38,7 @@ def scalar(name: str):
 
 
 def attr(name: str, default):
-    return _attr_symbol(name, default)
+    return attr_symbol(name, default)
 
 
 def _source():
@@ -54,7 +54,7 @@ def activation(name, expr, attrs=None, doc=""):
     op = OpDef(name=name, kind="activation", source=_source(), doc=doc)
     op.attrs = dict(attrs or {})
     for a, v in op.attrs.items():
-        op.symbols[a] = _attr_symbol(a, v)
+        op.symbols[a] = attr_symbol(a, v)
     op.expr = expr
     op.expr_text = sympy.sstr(expr)
     return finish_activation(op)
@@ -72,7 +72,7 @@ def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, 
     for d in sorted(names):
         op.symbols[d] = dim(d)
     for a, v in op.attrs.items():
-        op.symbols[a] = _attr_symbol(a, v)
+        op.symbols[a] = attr_symbol(a, v)
     op.derived_dims = dict(dims or {})
     op.ranges = dict(ranges or {})
     for lhs, rhs in equations:

@@ -59,25 +59,25 @@ def check_shift_invariance() -> bool:
     return sympy.simplify(sympy.diff(lse, m)) == 0
 
 
-_w = sympy.Wild("w")
-_v = sympy.Wild("v")
+# the wildcard of replace_literal's patterns
+WILD = sympy.Wild("w")
 
 
-def _elementary_rewrites(expr):
+def elementary_rewrites(expr):
     """Rewrites towards overflow-free primitives (each an identity)."""
     if not isinstance(expr, sympy.Expr):
         return expr  # conditions (relations, booleans) hold no overflow-prone arithmetic of their own
     rules = [
-        (sympy.log(sympy.exp(_w) + 1), lambda w: softplus(w)),
-        (sympy.log(1 + sympy.exp(-_w)), lambda w: softplus(-w)),
-        (sympy.log(sigmoid(_w)), lambda w: -softplus(-w)),
-        (sympy.log(1 - sigmoid(_w)), lambda w: -softplus(w)),
-        (sympy.exp(_w) / (sympy.exp(_w) + 1), lambda w: sigmoid(w)),
-        (1 / (1 + sympy.exp(-_w)), lambda w: sigmoid(w)),
-        (sympy.log(sympy.cosh(_w)), lambda w: w + softplus(-2 * w) - sympy.log(2)),
+        (sympy.log(sympy.exp(WILD) + 1), lambda w: softplus(w)),
+        (sympy.log(1 + sympy.exp(-WILD)), lambda w: softplus(-w)),
+        (sympy.log(sigmoid(WILD)), lambda w: -softplus(-w)),
+        (sympy.log(1 - sigmoid(WILD)), lambda w: -softplus(w)),
+        (sympy.exp(WILD) / (sympy.exp(WILD) + 1), lambda w: sigmoid(w)),
+        (1 / (1 + sympy.exp(-WILD)), lambda w: sigmoid(w)),
+        (sympy.log(sympy.cosh(WILD)), lambda w: w + softplus(-2 * w) - sympy.log(2)),
     ]
     for pattern, build in rules:
-        expr = _replace(expr, pattern, build)
+        expr = replace_literal(expr, pattern, build)
     expr = expr.replace(
         lambda e: isinstance(e, sigmoid) and e.args[0].could_extract_minus_sign(),
         lambda e: 1 - sigmoid(-e.args[0]),
@@ -89,8 +89,9 @@ def _elementary_rewrites(expr):
     return optimize(expr, [log1p_opt, expm1_opt])
 
 
-def _replace(expr, pattern, build):
-    """Replace literal instances of ``pattern`` (checked by rebuilding the match).
+def replace_literal(expr, pattern, build):
+    """Replace literal instances of ``pattern``, an expression in the wildcard
+    :data:`WILD`, by ``build(w)`` (each match checked by rebuilding it).
 
     Wildcard matching of sums and products is combinatorial, so a node is only tried
     when it contains every function the pattern does (exp, log, sigmoid, ...)."""
@@ -104,9 +105,9 @@ def _replace(expr, pattern, build):
         if not needed <= {type(f) for f in e.atoms(sympy.Function)}:
             return False
         m = e.match(pattern)
-        return bool(m) and _w in m and pattern.xreplace({_w: m[_w]}) == e
+        return bool(m) and WILD in m and pattern.xreplace({WILD: m[WILD]}) == e
 
-    return expr.replace(matcher, lambda e: build(e.match(pattern)[_w]))
+    return expr.replace(matcher, lambda e: build(e.match(pattern)[WILD]))
 
 
 class Namer:
@@ -183,7 +184,7 @@ def _rewrite_outside_reductions(expr):
         return expr.func(_rewrite_outside_reductions(expr.body), *expr.indices)
     if any(isinstance(n, Reduce) for n in sympy.preorder_traversal(expr)):
         return expr.func(*[_rewrite_outside_reductions(a) for a in expr.args])
-    return _elementary_rewrites(expr)
+    return elementary_rewrites(expr)
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def normalize(op: OpDef) -> list[Stmt]:
         stmts.extend(extra)
         stmts.extend(lift(eq, rhs, namer, op.intermediates))
     for s in stmts:
-        s.body = _elementary_rewrites(s.body)
+        s.body = elementary_rewrites(s.body)
         if not s.text:
             s.text = statement_text(s)
     return stmts

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sympy
 
 from .functions import sigmoid
-from .normalize import Stmt, _elementary_rewrites
+from .normalize import WILD, Stmt, elementary_rewrites, replace_literal
 from .terms import is_full_sum, split_factors
 
 
@@ -163,13 +163,11 @@ def _base_matches(base, s):
 
 def _textbook_identities(expr):
     """Identities that shorten derivatives of stabilised forms: 2 sigma(2a) - 1 = tanh(a)."""
-    from .normalize import _replace, _w
-
-    return _replace(expr, 2 * sigmoid(2 * _w) - 1, lambda w: sympy.tanh(w))
+    return replace_literal(expr, 2 * sigmoid(2 * WILD) - 1, lambda w: sympy.tanh(w))
 
 
 def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
-    expr = _textbook_identities(_elementary_rewrites(expr))
+    expr = _textbook_identities(elementary_rewrites(expr))
     candidates = [expr]
     if sympy.count_ops(expr) < 80 and not expr.has(sympy.Piecewise):
         candidates.append(sympy.factor_terms(sympy.expand(expr)))

@@ -111,7 +111,9 @@ def _number(path, owner, value):
     return value
 
 
-def _attr_symbol(name, default):
+def attr_symbol(name, default):
+    """The SymPy symbol of an attribute: an integer default makes it an integer (positive
+    when the default is), which the derivation's index arithmetic relies on."""
     if isinstance(default, int):
         return sympy.Symbol(name, integer=True, positive=True) if default > 0 else sympy.Symbol(name, integer=True)
     return sympy.Symbol(name, real=True)
@@ -185,7 +187,7 @@ def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
     for d in sorted(all_dims | set(dims_text)):
         op.symbols[d] = dim_symbol(d)
     for a, v in op.attrs.items():
-        op.symbols[a] = _attr_symbol(a, v)
+        op.symbols[a] = attr_symbol(a, v)
     scope = Scope(path, symbols=dict(op.symbols))
     for d, text in dims_text.items():
         op.derived_dims[d] = parse_expression(str(text), scope)
@@ -240,7 +242,7 @@ def parse_equations(op: OpDef, texts: list[str], path: str) -> list[Equation]:
 def _activation_from_dict(op, data, path):
     op.attrs = {k: _number(path, k, v) for k, v in _table(path, data, "attrs").items()}
     for a, v in op.attrs.items():
-        op.symbols[a] = _attr_symbol(a, v)
+        op.symbols[a] = attr_symbol(a, v)
     scope = Scope(path, symbols=dict(op.symbols))
     scope.symbols["x"] = sympy.Symbol("x", real=True)
     op.expr = parse_expression(data["expr"], scope)

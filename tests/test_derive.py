@@ -271,8 +271,7 @@ def test_term_helpers_shared_by_the_passes():
 
 def test_statistics_and_simplify_share_one_copy_of_the_term_helpers():
     """What a plain full sum is, how a summand splits at its summation indices and how a
-    new index is named are decided once (derive/terms.py), not once per pass; and
-    statistics imports no other module's private names."""
+    new index is named are decided once (derive/terms.py), not once per pass."""
     import ast
 
     from derive import differentiate, simplify, statistics, terms
@@ -280,9 +279,18 @@ def test_statistics_and_simplify_share_one_copy_of_the_term_helpers():
     assert simplify.is_full_sum is statistics.is_full_sum is terms.is_full_sum
     assert simplify.split_factors is statistics.split_factors is terms.split_factors
     assert differentiate.fresh_index is statistics.fresh_index is terms.fresh_index
-    tree = ast.parse((ROOT / "derive" / "statistics.py").read_text())
-    private = [(node.module, a.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               for a in node.names if a.name.startswith("_")]
+
+
+@pytest.mark.parametrize("package", ["derive", "codegen"])
+def test_no_module_imports_another_modules_private_names(package):
+    """What one module uses of another is that module's public interface."""
+    import ast
+
+    private = []
+    for path in sorted((ROOT / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private += [(path.name, node.module, a.name) for a in node.names if a.name.startswith("_")]
     assert private == []
 
 
