@@ -36,14 +36,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `generated` imports without an installed package
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import run_worker, set_threads, time_calls, versions  # noqa: E402
 SECTIONS = ("symgrad", "numpy", "torch")
 LABELS = {"symgrad": "symgrad (generated)", "numpy": "NumPy im2col (hand-written)", "torch": "PyTorch eager"}
 CONV = {"N": 32, "C": 16, "H": 28, "W": 28, "O": 32, "K": 3, "P": 1}
@@ -256,28 +256,6 @@ def _results(maker, case):
 # --------------------------------------------------------------------------- timing
 
 
-def _time(fn, repeats: int, min_seconds: float) -> list[float]:
-    for _ in range(3):  # warm-up: compilation, allocator, caches
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-6)
-    n = max(3, int(min_seconds / one))
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((time.perf_counter() - t0) / n)
-    return out
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = str(threads)
-
-
 def worker(section: str, cases: list[str], repeats: int, min_seconds: float, threads: int | None) -> dict:
     if section == "torch":
         import torch
@@ -285,32 +263,11 @@ def worker(section: str, cases: list[str], repeats: int, min_seconds: float, thr
         if threads:
             torch.set_num_threads(threads)
     return {
-        f"{case} {mode}": _time(MAKERS[section](case, mode), repeats, min_seconds) for case in cases for mode in MODES
+        f"{case} {mode}": time_calls(MAKERS[section](case, mode), repeats, min_seconds) for case in cases for mode in MODES
     }
 
 
 # ---------------------------------------------------------------------------- driver
-
-
-def _run(args: list[str]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, cwd=ROOT
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _versions() -> str:
-    import numpy
-
-    parts = [f"Python {platform.python_version()}", f"NumPy {numpy.__version__}"]
-    for mod in ("numba", "torch"):
-        try:
-            parts.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            pass
-    return ", ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -326,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--check-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    _set_threads(a.threads)
+    set_threads(a.threads)
     if a.worker:
         print(json.dumps(worker(a.worker, a.cases, a.repeats, a.min_seconds, a.threads)))
         return 0
@@ -337,13 +294,13 @@ def main(argv=None) -> int:
     common = ["--cases", *a.cases, "--repeats", str(a.repeats), "--min-seconds", str(a.min_seconds)]
     if a.threads:
         common += ["--threads", str(a.threads)]
-    errors = None if a.no_check else _run(["--check-worker"] + (["--threads", str(a.threads)] if a.threads else []))
+    errors = None if a.no_check else run_worker(__file__, ["--check-worker"] + (["--threads", str(a.threads)] if a.threads else []))
     keys = [f"{case} {mode}" for case in a.cases for mode in MODES]
     times: dict[str, dict[str, list[float]]] = {s: {k: [] for k in keys} for s in a.sections}
     for r in range(a.rounds):
         order = a.sections[r % len(a.sections) :] + a.sections[: r % len(a.sections)]
         for section in order:
-            res = _run(["--worker", section, *common])
+            res = run_worker(__file__, ["--worker", section, *common])
             for k in keys:
                 times[section][k].extend(res[k])
             print(f"round {r + 1}/{a.rounds}: {section} done", file=sys.stderr)
@@ -351,7 +308,7 @@ def main(argv=None) -> int:
     med = {s: {k: statistics.median(times[s][k]) for k in keys} for s in a.sections}
     threads = a.threads if a.threads else f"library defaults ({os.cpu_count()} cores)"
     print("### Convolution and attention, float32, CPU\n")
-    print(f"{_versions()}; {platform.machine()}, {os.cpu_count()} cores; threads: {threads}.")
+    print(f"{versions()}; {platform.machine()}, {os.cpu_count()} cores; threads: {threads}.")
     print(
         f"Median of {a.rounds} interleaved rounds x {a.repeats} repeats; milliseconds per call "
         "(in brackets: time relative to PyTorch eager, below 1 is faster).\n"

@@ -49,6 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `generated` imports without an installed package
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import run_worker, set_threads, time_calls, versions  # noqa: E402
 SIZES = (784, 256, 128, 10)
 LR = 1e-3
 SECTIONS = ("symgrad", "numpy", "torch", "jax")
@@ -197,28 +199,6 @@ def make_jax(batch):
 MAKERS = {"symgrad": make_symgrad, "numpy": make_numpy, "torch": make_torch, "jax": make_jax}
 
 
-def _time_steps(step, repeats: int, min_seconds: float) -> list[float]:
-    for _ in range(3):  # warm-up: compilation, allocator, caches
-        step()
-    t0 = time.perf_counter()
-    step()
-    one = max(time.perf_counter() - t0, 1e-6)
-    n = max(3, int(min_seconds / one))
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        out.append((time.perf_counter() - t0) / n)
-    return out
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = str(threads)
-
-
 def worker(section: str, batches: list[int], repeats: int, min_seconds: float, threads: int | None) -> dict:
     if section == "torch":
         import torch
@@ -230,7 +210,7 @@ def worker(section: str, batches: list[int], repeats: int, min_seconds: float, t
             import jax  # noqa: F401
         except ImportError:
             return {"skipped": "jax is not installed (pip install -e '.[bench]')"}
-    return {str(b): _time_steps(MAKERS[section](b), repeats, min_seconds) for b in batches}
+    return {str(b): time_calls(MAKERS[section](b), repeats, min_seconds) for b in batches}
 
 
 def compile_worker(batch: int) -> dict:
@@ -256,31 +236,6 @@ def compile_worker(batch: int) -> dict:
 # ---------------------------------------------------------------------------- driver
 
 
-def _run(args: list[str], env=None) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _versions() -> str:
-    import numpy
-
-    parts = [f"Python {platform.python_version()}", f"NumPy {numpy.__version__}"]
-    for mod in ("numba", "torch", "jax"):
-        try:
-            parts.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            pass
-    return ", ".join(parts)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[32, 128, 1024])
@@ -295,7 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    _set_threads(a.threads)
+    set_threads(a.threads)
     if a.worker:
         print(json.dumps(worker(a.worker, a.batches, a.repeats, a.min_seconds, a.threads)))
         return 0
@@ -311,8 +266,8 @@ def main(argv=None) -> int:
     if not a.no_compile and "symgrad" in a.sections:
         with tempfile.TemporaryDirectory(prefix="symgrad-numba-cache-") as cache:
             env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-            cold = _run(["--compile-worker", "--batches", "32"], env)
-            warm = _run(["--compile-worker", "--batches", "32"], env)
+            cold = run_worker(__file__, ["--compile-worker", "--batches", "32"], env)
+            warm = run_worker(__file__, ["--compile-worker", "--batches", "32"], env)
         compile_times = (cold, warm)
         print(f"compile: cold {cold}, cached {warm}", file=sys.stderr)
 
@@ -341,7 +296,7 @@ def _rounds(a, common, times, skipped) -> None:
         for section in order:
             if section in skipped:
                 continue
-            res = _run(["--worker", section, *common])
+            res = run_worker(__file__, ["--worker", section, *common])
             if "skipped" in res:
                 skipped[section] = res["skipped"]
                 continue
@@ -358,7 +313,7 @@ def _report(a, times, skipped, compile_times) -> None:
     threads = a.threads if a.threads else f"library defaults ({os.cpu_count()} cores)"
     load = f"; {a.load} busy-looping process(es) running alongside" if a.load else ""
     print(f"### One training step, MLP {'-'.join(map(str, SIZES))}, float32, Adam\n")
-    print(f"{_versions()}; {platform.machine()}, {os.cpu_count()} cores; threads: {threads}{load}.")
+    print(f"{versions(('numba', 'torch', 'jax'))}; {platform.machine()}, {os.cpu_count()} cores; threads: {threads}{load}.")
     print(f"{a.rounds} interleaved rounds x {a.repeats} repeats; samples/s (in brackets: speed relative to PyTorch eager, above 1 is faster).\n")
     print("Median over all rounds:\n")
     _table(a.batches, sections, med)
