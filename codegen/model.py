@@ -164,6 +164,7 @@ def op_info(program) -> OpInfo:
         hyper_names = attrs  # an optimizer's hyperparameters are its attributes
     else:
         hyper_names = ()
+    saved_outputs, kept = saved_for_backward(program)
     return OpInfo(
         name=program.name,
         kind=program.kind,
@@ -181,8 +182,8 @@ def op_info(program) -> OpInfo:
         int_args=tuple(a.name for a in program.args if a.dtype == "int"),
         derived=tuple((str(sym), expr) for sym, expr in program.derived_dims),
         inits=param_inits(program),
-        saved_outputs=tuple(saved_for_backward(program)[0]),
-        kept=tuple(saved_for_backward(program)[1]),
+        saved_outputs=tuple(saved_outputs),
+        kept=tuple(kept),
         task=program.task,
     )
 
