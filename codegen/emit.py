@@ -140,6 +140,18 @@ def core_name(op: str, entry: str) -> str:
     return "_%s_%s_core" % (ident(op), entry)
 
 
+def alloc_name(op: str, entry: str) -> str:
+    """The compiled function allocating an entry point's results (``_dense_fwd_alloc``):
+    a fused model step calls it once per batch shape."""
+    return "_%s_%s_alloc" % (ident(op), entry)
+
+
+def into_name(op: str, entry: str) -> str:
+    """The entry point writing into results it is given (``_dense_fwd_into``): what a
+    fused model step calls every step, so that it allocates no large array."""
+    return "_%s_%s_into" % (ident(op), entry)
+
+
 # --------------------------------------------------------------------------- per op plan
 class OpPlan:
     """Everything both targets need for one op: lowered kernels per entry point and
@@ -590,6 +602,15 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
                 used.append(a)
     order = [d.name for d in tensor_decls(p)]
     used.sort(key=order.index)
+    if entry == "step":
+        results = []
+    elif entry == "fwd":
+        results = [d.name for d in p.outputs]
+    else:
+        results = list(returned)
+    missing = [n for n in results if n not in used]
+    if missing:  # a result the kernels do not write (an argument passed through)
+        raise ValueError("%s %s: results %s are not computed by its kernels" % (p.name, entry, ", ".join(missing)))
     alloc = []
     for name in used:
         d = decl_of(p, name)
@@ -604,6 +625,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
                 "shape": shape,
                 "dtype": "np.int64" if d.dtype == "int" else "_dtype",
                 "zero": plan.needs_zero(name, statements),
+                "result": name in results,
             }
         )
     # kernel calls
@@ -627,12 +649,6 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
                 total = [hp.index(sympy.Max(l.hi - l.lo, 0)) for l in k.free[: len(ctx["parallel"])]]
                 call["total"] = " * ".join(t if sympy.Symbol(t).is_Atom and t.isidentifier() else "(%s)" % t for t in total) if total else "1"
         calls.append(call)
-    if entry == "step":
-        results = []
-    elif entry == "fwd":
-        results = [d.name for d in p.outputs]
-    else:
-        results = list(returned)
     result_kinds = []
     for n in results:
         d = decl_of(p, n)
@@ -660,6 +676,8 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "signature": signature,
         "doc": doc,
         "core": core_name(p.name, entry),
+        "alloc_fn": alloc_name(p.name, entry),
+        "into_fn": into_name(p.name, entry),
         "core_args": params + keywords,
         "core_doc": "%s Compiled; the arguments are already checked (C-contiguous arrays of one float type)." % doc,
         "dtype_source": floats[0] if floats else None,
@@ -681,6 +699,9 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "calls": calls,
         "results": result_kinds,
         "result_names": [r["name"] for r in result_kinds],
+        "array_results": [r["name"] for r in result_kinds if not r["scalar"]],
+        # what the float type is needed for once the results are given
+        "needs_dtype": any(not a["result"] for a in alloc) or any(a in float_attrs and a in symbols_used for a in attrs),
         # what the wrapper returns of the core's results: scalars as numbers (the core
         # returns them as one-element arrays), flat results in the arguments' shape
         "returns": [

@@ -127,6 +127,28 @@ def _elu_fwd_core(x, alpha):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _elu_fwd_alloc(x, alpha):
+    """The results of ``_elu_fwd_core`` for arguments of these shapes, uninitialised: what ``_elu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _elu_fwd_into(x, alpha, y):
+    """``_elu_fwd_core`` writing its results into y (from ``_elu_fwd_alloc``)."""
+    _dtype = x.dtype
+    alpha = _dtype.type(alpha)
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _elu_fwd0(x, y, N, alpha)
+
+
 def _elu_fwd(x, *, alpha):
     """Forward of elu: y from x."""
     _dtype = _float_dtype((x,))
@@ -152,6 +174,30 @@ def _elu_bwd_core(g_y, x, alpha):
     g_x = np.empty((N,), _dtype)
     _elu_bwd0(x, g_y, g_x, N, alpha)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _elu_bwd_alloc(g_y, x, alpha):
+    """The results of ``_elu_bwd_core`` for arguments of these shapes, uninitialised: what ``_elu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _elu_bwd_into(g_y, x, alpha, g_x):
+    """``_elu_bwd_core`` writing its results into g_x (from ``_elu_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    alpha = _dtype.type(alpha)
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _elu_bwd0(x, g_y, g_x, N, alpha)
 
 
 def _elu_bwd(g_y, x, *, alpha):
@@ -208,6 +254,26 @@ def _gelu_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _gelu_fwd_alloc(x):
+    """The results of ``_gelu_fwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_fwd_into(x, y):
+    """``_gelu_fwd_core`` writing its results into y (from ``_gelu_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _gelu_fwd0(x, y, N)
+
+
 def _gelu_fwd(x):
     """Forward of gelu: y from x."""
     _dtype = _float_dtype((x,))
@@ -231,6 +297,28 @@ def _gelu_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _gelu_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_bwd_alloc(g_y, x):
+    """The results of ``_gelu_bwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_bwd_into(g_y, x, g_x):
+    """``_gelu_bwd_core`` writing its results into g_x (from ``_gelu_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _gelu_bwd0(x, g_y, g_x, N)
 
 
 def _gelu_bwd(g_y, x):
@@ -283,6 +371,28 @@ def _leaky_relu_fwd_core(x, slope):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _leaky_relu_fwd_alloc(x, slope):
+    """The results of ``_leaky_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _leaky_relu_fwd_into(x, slope, y):
+    """``_leaky_relu_fwd_core`` writing its results into y (from ``_leaky_relu_fwd_alloc``)."""
+    _dtype = x.dtype
+    slope = _dtype.type(slope)
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _leaky_relu_fwd0(x, y, N, slope)
+
+
 def _leaky_relu_fwd(x, *, slope):
     """Forward of leaky_relu: y from x."""
     _dtype = _float_dtype((x,))
@@ -308,6 +418,30 @@ def _leaky_relu_bwd_core(g_y, x, slope):
     g_x = np.empty((N,), _dtype)
     _leaky_relu_bwd0(x, g_y, g_x, N, slope)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _leaky_relu_bwd_alloc(g_y, x, slope):
+    """The results of ``_leaky_relu_bwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _leaky_relu_bwd_into(g_y, x, slope, g_x):
+    """``_leaky_relu_bwd_core`` writing its results into g_x (from ``_leaky_relu_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    slope = _dtype.type(slope)
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _leaky_relu_bwd0(x, g_y, g_x, N, slope)
 
 
 def _leaky_relu_bwd(g_y, x, *, slope):
@@ -361,6 +495,26 @@ def _mish_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _mish_fwd_alloc(x):
+    """The results of ``_mish_fwd_core`` for arguments of these shapes, uninitialised: what ``_mish_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _mish_fwd_into(x, y):
+    """``_mish_fwd_core`` writing its results into y (from ``_mish_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _mish_fwd0(x, y, N)
+
+
 def _mish_fwd(x):
     """Forward of mish: y from x."""
     _dtype = _float_dtype((x,))
@@ -384,6 +538,28 @@ def _mish_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _mish_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _mish_bwd_alloc(g_y, x):
+    """The results of ``_mish_bwd_core`` for arguments of these shapes, uninitialised: what ``_mish_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _mish_bwd_into(g_y, x, g_x):
+    """``_mish_bwd_core`` writing its results into g_x (from ``_mish_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _mish_bwd0(x, g_y, g_x, N)
 
 
 def _mish_bwd(g_y, x):
@@ -435,6 +611,26 @@ def _relu_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _relu_fwd_alloc(x):
+    """The results of ``_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_relu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _relu_fwd_into(x, y):
+    """``_relu_fwd_core`` writing its results into y (from ``_relu_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _relu_fwd0(x, y, N)
+
+
 def _relu_fwd(x):
     """Forward of relu: y from x."""
     _dtype = _float_dtype((x,))
@@ -458,6 +654,28 @@ def _relu_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _relu_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _relu_bwd_alloc(g_y, x):
+    """The results of ``_relu_bwd_core`` for arguments of these shapes, uninitialised: what ``_relu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _relu_bwd_into(g_y, x, g_x):
+    """``_relu_bwd_core`` writing its results into g_x (from ``_relu_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _relu_bwd0(x, g_y, g_x, N)
 
 
 def _relu_bwd(g_y, x):
@@ -510,6 +728,26 @@ def _sigmoid_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _sigmoid_fwd_alloc(x):
+    """The results of ``_sigmoid_fwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _sigmoid_fwd_into(x, y):
+    """``_sigmoid_fwd_core`` writing its results into y (from ``_sigmoid_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _sigmoid_fwd0(x, y, N)
+
+
 def _sigmoid_fwd(x):
     """Forward of sigmoid: y from x."""
     _dtype = _float_dtype((x,))
@@ -533,6 +771,28 @@ def _sigmoid_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _sigmoid_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _sigmoid_bwd_alloc(g_y, x):
+    """The results of ``_sigmoid_bwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _sigmoid_bwd_into(g_y, x, g_x):
+    """``_sigmoid_bwd_core`` writing its results into g_x (from ``_sigmoid_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _sigmoid_bwd0(x, g_y, g_x, N)
 
 
 def _sigmoid_bwd(g_y, x):
@@ -590,6 +850,26 @@ def _silu_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _silu_fwd_alloc(x):
+    """The results of ``_silu_fwd_core`` for arguments of these shapes, uninitialised: what ``_silu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _silu_fwd_into(x, y):
+    """``_silu_fwd_core`` writing its results into y (from ``_silu_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _silu_fwd0(x, y, N)
+
+
 def _silu_fwd(x):
     """Forward of silu: y from x."""
     _dtype = _float_dtype((x,))
@@ -613,6 +893,28 @@ def _silu_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _silu_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _silu_bwd_alloc(g_y, x):
+    """The results of ``_silu_bwd_core`` for arguments of these shapes, uninitialised: what ``_silu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _silu_bwd_into(g_y, x, g_x):
+    """``_silu_bwd_core`` writing its results into g_x (from ``_silu_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _silu_bwd0(x, g_y, g_x, N)
 
 
 def _silu_bwd(g_y, x):
@@ -664,6 +966,26 @@ def _softplus_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _softplus_fwd_alloc(x):
+    """The results of ``_softplus_fwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _softplus_fwd_into(x, y):
+    """``_softplus_fwd_core`` writing its results into y (from ``_softplus_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _softplus_fwd0(x, y, N)
+
+
 def _softplus_fwd(x):
     """Forward of softplus: y from x."""
     _dtype = _float_dtype((x,))
@@ -687,6 +1009,28 @@ def _softplus_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _softplus_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _softplus_bwd_alloc(g_y, x):
+    """The results of ``_softplus_bwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _softplus_bwd_into(g_y, x, g_x):
+    """``_softplus_bwd_core`` writing its results into g_x (from ``_softplus_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _softplus_bwd0(x, g_y, g_x, N)
 
 
 def _softplus_bwd(g_y, x):
@@ -738,6 +1082,26 @@ def _tanh_fwd_core(x):
     return y.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy")
+def _tanh_fwd_alloc(x):
+    """The results of ``_tanh_fwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = np.empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _tanh_fwd_into(x, y):
+    """``_tanh_fwd_core`` writing its results into y (from ``_tanh_fwd_alloc``)."""
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _tanh_fwd0(x, y, N)
+
+
 def _tanh_fwd(x):
     """Forward of tanh: y from x."""
     _dtype = _float_dtype((x,))
@@ -761,6 +1125,28 @@ def _tanh_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _tanh_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _tanh_bwd_alloc(g_y, x):
+    """The results of ``_tanh_bwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = np.empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy")
+def _tanh_bwd_into(g_y, x, g_x):
+    """``_tanh_bwd_core`` writing its results into g_x (from ``_tanh_bwd_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _tanh_bwd0(x, g_y, g_x, N)
 
 
 def _tanh_bwd(g_y, x):

@@ -190,6 +190,35 @@ def _avg_pool2d_fwd_core(x, K, S):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _avg_pool2d_fwd_alloc(x, K, S):
+    """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = np.empty((N, C, HO, WO), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _avg_pool2d_fwd_into(x, K, S, y):
+    """``_avg_pool2d_fwd_core`` writing its results into y (from ``_avg_pool2d_fwd_alloc``)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y_sum0 = np.empty((C, HO, N, WO), _dtype)
+    _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO)
+    _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO)
+
+
 def _avg_pool2d_fwd(x, *, K, S):
     """Forward of avg_pool2d: y from x."""
     _dtype = _float_dtype((x,))
@@ -219,6 +248,32 @@ def _avg_pool2d_bwd_core(g_y, x, K, S):
     g_x = np.empty((N, C, H, W), _dtype)
     _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _avg_pool2d_bwd_alloc(g_y, x, K, S):
+    """The results of ``_avg_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = np.empty((N, C, H, W), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _avg_pool2d_bwd_into(g_y, x, K, S, g_x):
+    """``_avg_pool2d_bwd_core`` writing its results into g_x (from ``_avg_pool2d_bwd_alloc``)."""
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO)
 
 
 def _avg_pool2d_bwd(g_y, x, *, K, S):
@@ -379,6 +434,33 @@ def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_fwd_alloc(x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = np.empty((N, C, H, W), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_fwd_into(x, weight, bias, eps, momentum, y):
+    """``_batch_norm2d_fwd_core`` writing its results into y (from ``_batch_norm2d_fwd_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    mean = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_fwd1(x, weight, bias, y, mean, rstd, C, H, N, W)
+
+
 def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     """Forward of batch_norm2d: y from x, weight, bias."""
     _dtype = _float_dtype((x, weight, bias))
@@ -418,6 +500,38 @@ def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
     _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
     return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_alloc(g_y, x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_into(g_y, x, weight, bias, eps, momentum, g_x, g_weight, g_bias):
+    """``_batch_norm2d_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
 
 
 def _batch_norm2d_bwd(g_y, x, weight, bias, *, eps, momentum):
@@ -466,6 +580,36 @@ def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
 
 
 @njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_params_alloc(g_y, x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_params_into(g_y, x, weight, bias, eps, momentum, g_weight, g_bias):
+    """``_batch_norm2d_bwd_params_core`` writing its results into g_weight, g_bias (from ``_batch_norm2d_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
+
+
+@njit(cache=True, error_model="numpy")
 def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
     """Forward of batch_norm2d: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -481,6 +625,34 @@ def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
     _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
     _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W)
     return y, rstd, xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_fwd_saving_alloc(x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = np.empty((N, C, H, W), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    return y, rstd, xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_fwd_saving_into(x, weight, bias, eps, momentum, y, rstd, xhat):
+    """``_batch_norm2d_fwd_saving_core`` writing its results into y, rstd, xhat (from ``_batch_norm2d_fwd_saving_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    mean = np.empty((C,), _dtype)
+    _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps)
+    _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W)
 
 
 @njit(cache=True, error_model="numpy")
@@ -500,6 +672,31 @@ def _batch_norm2d_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum
 
 
 @njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum, g_x, g_weight, g_bias):
+    """``_batch_norm2d_bwd_saved_core`` writing its results into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_saved_alloc``)."""
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
+
+
+@njit(cache=True, error_model="numpy")
 def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
     """Backward of batch_norm2d: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -511,6 +708,29 @@ def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, m
     g_bias = np.empty((C,), _dtype)
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
     return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum, g_weight, g_bias):
+    """``_batch_norm2d_bwd_params_saved_core`` writing its results into g_weight, g_bias (from ``_batch_norm2d_bwd_params_saved_alloc``)."""
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
 
 
 # ============================================================================ batch_norm2d_eval
@@ -577,6 +797,30 @@ def _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps)
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_eval_fwd_alloc(x, running_mean, running_var, weight, bias, eps):
+    """The results of ``_batch_norm2d_eval_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = np.empty((N, C, H, W), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_eval_fwd_into(x, running_mean, running_var, weight, bias, eps, y):
+    """``_batch_norm2d_eval_fwd_core`` writing its results into y (from ``_batch_norm2d_eval_fwd_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _batch_norm2d_eval_fwd0(x, running_mean, running_var, weight, bias, y, C, H, N, W, eps)
+
+
 def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
     """Forward of batch_norm2d_eval: y from x, running_mean, running_var, weight, bias."""
     _dtype = _float_dtype((x, running_mean, running_var, weight, bias))
@@ -617,6 +861,33 @@ def _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias,
     _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
     _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps)
     return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_eval_bwd_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
+    """The results of ``_batch_norm2d_eval_bwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_eval_bwd_into(g_y, x, running_mean, running_var, weight, bias, eps, g_x, g_weight, g_bias):
+    """``_batch_norm2d_eval_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_batch_norm2d_eval_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
+    _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps)
 
 
 def _batch_norm2d_eval_bwd(g_y, x, running_mean, running_var, weight, bias, *, eps):
@@ -663,6 +934,31 @@ def _batch_norm2d_eval_bwd_params_core(g_y, x, running_mean, running_var, weight
     g_bias = np.empty((C,), _dtype)
     _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
     return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_eval_bwd_params_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
+    """The results of ``_batch_norm2d_eval_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_eval_bwd_params_into(g_y, x, running_mean, running_var, weight, bias, eps, g_weight, g_bias):
+    """``_batch_norm2d_eval_bwd_params_core`` writing its results into g_weight, g_bias (from ``_batch_norm2d_eval_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
 
 
 # ============================================================================ batch_norm2d_stats
@@ -716,6 +1012,31 @@ def _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum):
     new_var = np.empty((C,), _dtype)
     _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum)
     return new_mean, new_var
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_stats_fwd_alloc(x, running_mean, running_var, momentum):
+    """The results of ``_batch_norm2d_stats_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_stats_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    new_mean = np.empty((C,), _dtype)
+    new_var = np.empty((C,), _dtype)
+    return new_mean, new_var
+
+
+@njit(cache=True, error_model="numpy")
+def _batch_norm2d_stats_fwd_into(x, running_mean, running_var, momentum, new_mean, new_var):
+    """``_batch_norm2d_stats_fwd_core`` writing its results into new_mean, new_var (from ``_batch_norm2d_stats_fwd_alloc``)."""
+    _dtype = x.dtype
+    momentum = _dtype.type(momentum)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum)
 
 
 def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
@@ -863,6 +1184,38 @@ def _conv2d_fwd_core(x, weight, bias, S, P):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _conv2d_fwd_alloc(x, weight, bias, S, P):
+    """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    y = np.empty((N, O, HO, WO), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _conv2d_fwd_into(x, weight, bias, S, P, y):
+    """``_conv2d_fwd_core`` writing its results into y (from ``_conv2d_fwd_alloc``)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO)
+
+
 def _conv2d_fwd(x, weight, bias, *, S, P):
     """Forward of conv2d: y from x, weight, bias."""
     _dtype = _float_dtype((x, weight, bias))
@@ -908,6 +1261,42 @@ def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
     _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
+    """The results of ``_conv2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    g_x = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((O, C, KH, KW), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias):
+    """``_conv2d_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``)."""
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
+    _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
 
 
 def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
@@ -959,6 +1348,40 @@ def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
     _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
     _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
+    """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    g_weight = np.empty((O, C, KH, KW), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias):
+    """``_conv2d_bwd_params_core`` writing its results into g_weight, g_bias (from ``_conv2d_bwd_params_alloc``)."""
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
+    _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
 
 
 # ============================================================================ cosine_similarity
@@ -1051,6 +1474,26 @@ def _cosine_similarity_fwd_core(x1, x2, eps):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_fwd_alloc(x1, x2, eps):
+    """The results of ``_cosine_similarity_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = np.empty((B,), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_fwd_into(x1, x2, eps, y):
+    """``_cosine_similarity_fwd_core`` writing its results into y (from ``_cosine_similarity_fwd_alloc``)."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_similarity_fwd0(x1, x2, y, B, D, eps)
+
+
 def _cosine_similarity_fwd(x1, x2, *, eps):
     """Forward of cosine_similarity: y from x1, x2."""
     _dtype = _float_dtype((x1, x2))
@@ -1081,6 +1524,31 @@ def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
     _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
     return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_bwd_alloc(g_y, x1, x2, eps):
+    """The results of ``_cosine_similarity_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_bwd_into(g_y, x1, x2, eps, g_x1, g_x2):
+    """``_cosine_similarity_bwd_core`` writing its results into g_x1, g_x2 (from ``_cosine_similarity_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    y = np.empty((B,), _dtype)
+    y_sum0 = np.empty((B,), _dtype)
+    y_sum1 = np.empty((B,), _dtype)
+    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
+    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
 
 
 def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
@@ -1116,6 +1584,28 @@ def _cosine_similarity_fwd_saving_core(x1, x2, eps):
 
 
 @njit(cache=True, error_model="numpy")
+def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
+    """The results of ``_cosine_similarity_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_saving_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = np.empty((B,), _dtype)
+    y_sum0 = np.empty((B,), _dtype)
+    y_sum1 = np.empty((B,), _dtype)
+    return y, y_sum0, y_sum1
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_fwd_saving_into(x1, x2, eps, y, y_sum0, y_sum1):
+    """``_cosine_similarity_fwd_saving_core`` writing its results into y, y_sum0, y_sum1 (from ``_cosine_similarity_fwd_saving_alloc``)."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
+
+
+@njit(cache=True, error_model="numpy")
 def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
     """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2, y, y_sum0, y_sum1 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1126,6 +1616,27 @@ def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
     g_x2 = np.empty((B, D), _dtype)
     _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
     return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y, y_sum0, y_sum1, eps):
+    """The results of ``_cosine_similarity_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y, y_sum0, y_sum1, eps, g_x1, g_x2):
+    """``_cosine_similarity_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_similarity_bwd_saved_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
 
 
 # ============================================================================ dense
@@ -1185,6 +1696,26 @@ def _dense_fwd_core(x, weight, bias):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _dense_fwd_alloc(x, weight, bias):
+    """The results of ``_dense_fwd_core`` for arguments of these shapes, uninitialised: what ``_dense_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = np.empty((B, O), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_fwd_into(x, weight, bias, y):
+    """``_dense_fwd_core`` writing its results into y (from ``_dense_fwd_alloc``)."""
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    _dense_fwd0(x, weight, bias, y, B, I, O)
+
+
 def _dense_fwd(x, weight, bias):
     """Forward of dense: y from x, weight, bias."""
     _dtype = _float_dtype((x, weight, bias))
@@ -1216,6 +1747,30 @@ def _dense_bwd_core(g_y, x, weight, bias):
     _dense_bwd1(x, g_y, g_weight, B, I, O)
     _dense_bwd2(weight, g_y, g_x, B, I, O)
     return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_bwd_alloc(g_y, x, weight, bias):
+    """The results of ``_dense_bwd_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = np.empty((B, I), _dtype)
+    g_weight = np.empty((I, O), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_bwd_into(g_y, x, weight, bias, g_x, g_weight, g_bias):
+    """``_dense_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_dense_bwd_alloc``)."""
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _dense_bwd0(g_y, g_bias, B, O)
+    _dense_bwd1(x, g_y, g_weight, B, I, O)
+    _dense_bwd2(weight, g_y, g_x, B, I, O)
 
 
 def _dense_bwd(g_y, x, weight, bias):
@@ -1251,6 +1806,28 @@ def _dense_bwd_params_core(g_y, x, weight, bias):
     _dense_bwd0(g_y, g_bias, B, O)
     _dense_bwd1(x, g_y, g_weight, B, I, O)
     return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_bwd_params_alloc(g_y, x, weight, bias):
+    """The results of ``_dense_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_weight = np.empty((I, O), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _dense_bwd_params_into(g_y, x, weight, bias, g_weight, g_bias):
+    """``_dense_bwd_params_core`` writing its results into g_weight, g_bias (from ``_dense_bwd_params_alloc``)."""
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _dense_bwd0(g_y, g_bias, B, O)
+    _dense_bwd1(x, g_y, g_weight, B, I, O)
 
 
 # ============================================================================ dropout
@@ -1290,6 +1867,26 @@ def _dropout_fwd_core(x, mask, p):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _dropout_fwd_alloc(x, mask, p):
+    """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    N = x.shape[1]
+    y = np.empty((B, N), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _dropout_fwd_into(x, mask, p, y):
+    """``_dropout_fwd_core`` writing its results into y (from ``_dropout_fwd_alloc``)."""
+    _dtype = x.dtype
+    p = _dtype.type(p)
+    B = x.shape[0]
+    N = x.shape[1]
+    _dropout_fwd0(x, mask, y, B, N, p)
+
+
 def _dropout_fwd(x, mask, *, p):
     """Forward of dropout: y from x, mask."""
     _dtype = _float_dtype((x, mask))
@@ -1315,6 +1912,26 @@ def _dropout_bwd_core(g_y, x, mask, p):
     g_x = np.empty((B, N), _dtype)
     _dropout_bwd0(mask, g_y, g_x, B, N, p)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _dropout_bwd_alloc(g_y, x, mask, p):
+    """The results of ``_dropout_bwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    g_x = np.empty((B, N), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _dropout_bwd_into(g_y, x, mask, p, g_x):
+    """``_dropout_bwd_core`` writing its results into g_x (from ``_dropout_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    p = _dtype.type(p)
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    _dropout_bwd0(mask, g_y, g_x, B, N, p)
 
 
 def _dropout_bwd(g_y, x, mask, *, p):
@@ -1382,6 +1999,26 @@ def _embedding_fwd_core(idx, table):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _embedding_fwd_alloc(idx, table):
+    """The results of ``_embedding_fwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_fwd_into`` writes."""
+    _dtype = table.dtype
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    y = np.empty((B, D), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _embedding_fwd_into(idx, table, y):
+    """``_embedding_fwd_core`` writing its results into y (from ``_embedding_fwd_alloc``)."""
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    _embedding_fwd0(idx, table, y, B, D, V)
+
+
 def _embedding_fwd(idx, table):
     """Forward of embedding: y from idx, table."""
     _dtype = _float_dtype((idx, table))
@@ -1406,6 +2043,27 @@ def _embedding_bwd_core(g_y, idx, table):
     _embedding_bwd0(g_table, D, V)
     _embedding_bwd1(idx, g_y, g_table, B, D, V)
     return g_table
+
+
+@njit(cache=True, error_model="numpy")
+def _embedding_bwd_alloc(g_y, idx, table):
+    """The results of ``_embedding_bwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    g_table = np.empty((V, D), _dtype)
+    return g_table
+
+
+@njit(cache=True, error_model="numpy")
+def _embedding_bwd_into(g_y, idx, table, g_table):
+    """``_embedding_bwd_core`` writing its results into g_table (from ``_embedding_bwd_alloc``)."""
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    _embedding_bwd0(g_table, D, V)
+    _embedding_bwd1(idx, g_y, g_table, B, D, V)
 
 
 def _embedding_bwd(g_y, idx, table):
@@ -1475,6 +2133,30 @@ def _flatten_fwd_core(x):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _flatten_fwd_alloc(x):
+    """The results of ``_flatten_fwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    y = np.empty((N, F), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _flatten_fwd_into(x, y):
+    """``_flatten_fwd_core`` writing its results into y (from ``_flatten_fwd_alloc``)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    _flatten_fwd0(x, y, C, F, H, N, W)
+
+
 def _flatten_fwd(x):
     """Forward of flatten: y from x."""
     _dtype = _float_dtype((x,))
@@ -1502,6 +2184,31 @@ def _flatten_bwd_core(g_y, x):
     _flatten_bwd0(g_x, C, H, N, W)
     _flatten_bwd1(g_y, g_x, C, F, H, N, W)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _flatten_bwd_alloc(g_y, x):
+    """The results of ``_flatten_bwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    g_x = np.empty((N, C, H, W), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _flatten_bwd_into(g_y, x, g_x):
+    """``_flatten_bwd_core`` writing its results into g_x (from ``_flatten_bwd_alloc``)."""
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    _flatten_bwd0(g_x, C, H, N, W)
+    _flatten_bwd1(g_y, g_x, C, F, H, N, W)
 
 
 def _flatten_bwd(g_y, x):
@@ -1599,6 +2306,29 @@ def _gcn_layer_fwd_core(A, x, weight, bias):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _gcn_layer_fwd_alloc(A, x, weight, bias):
+    """The results of ``_gcn_layer_fwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_fwd_into`` writes."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = np.empty((V, O), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _gcn_layer_fwd_into(A, x, weight, bias, y):
+    """``_gcn_layer_fwd_core`` writing its results into y (from ``_gcn_layer_fwd_alloc``)."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y_sum0 = np.empty((O, V), _dtype)
+    _gcn_layer_fwd0(A, x, weight, y_sum0, I, O, V)
+    _gcn_layer_fwd1(bias, y, y_sum0, O, V)
+
+
 def _gcn_layer_fwd(A, x, weight, bias):
     """Forward of gcn_layer: y from A, x, weight, bias."""
     _dtype = _float_dtype((A, x, weight, bias))
@@ -1634,6 +2364,30 @@ def _gcn_layer_bwd_core(g_y, A, x, weight, bias):
     _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
     _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V)
     return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _gcn_layer_bwd_alloc(g_y, A, x, weight, bias):
+    """The results of ``_gcn_layer_bwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = np.empty((V, I), _dtype)
+    g_weight = np.empty((I, O), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _gcn_layer_bwd_into(g_y, A, x, weight, bias, g_x, g_weight, g_bias):
+    """``_gcn_layer_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_gcn_layer_bwd_alloc``)."""
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _gcn_layer_bwd0(g_y, g_bias, O, V)
+    _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
+    _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V)
 
 
 def _gcn_layer_bwd(g_y, A, x, weight, bias):
@@ -1673,6 +2427,28 @@ def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
     _gcn_layer_bwd0(g_y, g_bias, O, V)
     _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
     return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _gcn_layer_bwd_params_alloc(g_y, A, x, weight, bias):
+    """The results of ``_gcn_layer_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_weight = np.empty((I, O), _dtype)
+    g_bias = np.empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _gcn_layer_bwd_params_into(g_y, A, x, weight, bias, g_weight, g_bias):
+    """``_gcn_layer_bwd_params_core`` writing its results into g_weight, g_bias (from ``_gcn_layer_bwd_params_alloc``)."""
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _gcn_layer_bwd0(g_y, g_bias, O, V)
+    _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
 
 
 # ============================================================================ gru_cell
@@ -2215,6 +2991,39 @@ def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = 3*H
+    y = np.empty((B, H), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """``_gru_cell_fwd_core`` writing its results into y (from ``_gru_cell_fwd_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = 3*H
+    r_sum0 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I)
+
+
 def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y from x, h, w_ih, w_hh, b_ih, b_hh."""
     _dtype = _float_dtype((x, h, w_ih, w_hh, b_ih, b_hh))
@@ -2290,6 +3099,61 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_bwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    g_x = np.empty((B, I), _dtype)
+    g_h = np.empty((B, H), _dtype)
+    g_w_ih = np.empty((G, I), _dtype)
+    g_w_hh = np.empty((G, H), _dtype)
+    g_b_ih = np.empty((G,), _dtype)
+    g_b_hh = np.empty((G,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_gru_cell_bwd_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    r_sum0 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I)
+    _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
+    _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+
+
 def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed)."""
     _dtype = _float_dtype((g_y, x, h, w_ih, w_hh, b_ih, b_hh))
@@ -2362,6 +3226,53 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
 
 
 @njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    g_w_ih = np.empty((G, I), _dtype)
+    g_w_hh = np.empty((G, H), _dtype)
+    g_b_ih = np.empty((G,), _dtype)
+    g_b_hh = np.empty((G,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_gru_cell_bwd_params_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    r_sum0 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I)
+    _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
+    _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
+    _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+
+
+@njit(cache=True, error_model="numpy")
 def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y, r, z, hn, nn from x, h, w_ih, w_hh, b_ih, b_hh, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2383,6 +3294,40 @@ def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
     _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I)
     return y, r, z, hn, nn
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd_saving_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = 3*H
+    y = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    return y, r, z, hn, nn
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_fwd_saving_into(x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn):
+    """``_gru_cell_fwd_saving_core`` writing its results into y, r, z, hn, nn (from ``_gru_cell_fwd_saving_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = 3*H
+    r_sum0 = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
+    _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I)
 
 
 @njit(cache=True, error_model="numpy")
@@ -2420,6 +3365,49 @@ def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
 
 
 @njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """The results of ``_gru_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    g_x = np.empty((B, I), _dtype)
+    g_h = np.empty((B, H), _dtype)
+    g_w_ih = np.empty((G, I), _dtype)
+    g_w_hh = np.empty((G, H), _dtype)
+    g_b_ih = np.empty((G,), _dtype)
+    g_b_hh = np.empty((G,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_gru_cell_bwd_saved_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_saved_alloc``)."""
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    _gru_cell_bwd_saved0(z, g_y, g_h, B, H)
+    _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
+    _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+
+
+@njit(cache=True, error_model="numpy")
 def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     """Backward of gru_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2442,6 +3430,40 @@ def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
     _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """The results of ``_gru_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    g_w_ih = np.empty((G, I), _dtype)
+    g_w_hh = np.empty((G, H), _dtype)
+    g_b_ih = np.empty((G,), _dtype)
+    g_b_hh = np.empty((G,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_gru_cell_bwd_params_saved_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_params_saved_alloc``)."""
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = 3*H
+    _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
+    _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
+    _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
+    _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
 # ============================================================================ layer_norm
@@ -2581,6 +3603,29 @@ def _layer_norm_fwd_core(x, weight, bias, eps):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _layer_norm_fwd_alloc(x, weight, bias, eps):
+    """The results of ``_layer_norm_fwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    D = x.shape[1]
+    y = np.empty((B, D), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_fwd_into(x, weight, bias, eps, y):
+    """``_layer_norm_fwd_core`` writing its results into y (from ``_layer_norm_fwd_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    mean = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_fwd1(x, weight, bias, y, mean, rstd, B, D)
+
+
 def _layer_norm_fwd(x, weight, bias, *, eps):
     """Forward of layer_norm: y from x, weight, bias."""
     _dtype = _float_dtype((x, weight, bias))
@@ -2619,6 +3664,37 @@ def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
     _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
     _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
     return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_alloc(g_y, x, weight, bias, eps):
+    """The results of ``_layer_norm_bwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x = np.empty((B, D), _dtype)
+    g_weight = np.empty((D,), _dtype)
+    g_bias = np.empty((D,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_into(g_y, x, weight, bias, eps, g_x, g_weight, g_bias):
+    """``_layer_norm_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_layer_norm_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    g_x_sum1 = np.empty((B,), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
+    _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
 
 
 def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
@@ -2661,6 +3737,32 @@ def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
 
 
 @njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_params_alloc(g_y, x, weight, bias, eps):
+    """The results of ``_layer_norm_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_weight = np.empty((D,), _dtype)
+    g_bias = np.empty((D,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_params_into(g_y, x, weight, bias, eps, g_weight, g_bias):
+    """``_layer_norm_bwd_params_core`` writing its results into g_weight, g_bias (from ``_layer_norm_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
+
+
+@njit(cache=True, error_model="numpy")
 def _layer_norm_fwd_saving_core(x, weight, bias, eps):
     """Forward of layer_norm: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2674,6 +3776,30 @@ def _layer_norm_fwd_saving_core(x, weight, bias, eps):
     _layer_norm_fwd0(x, mean, rstd, B, D, eps)
     _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D)
     return y, rstd, xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_fwd_saving_alloc(x, weight, bias, eps):
+    """The results of ``_layer_norm_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    D = x.shape[1]
+    y = np.empty((B, D), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    return y, rstd, xhat
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_fwd_saving_into(x, weight, bias, eps, y, rstd, xhat):
+    """``_layer_norm_fwd_saving_core`` writing its results into y, rstd, xhat (from ``_layer_norm_fwd_saving_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    mean = np.empty((B,), _dtype)
+    _layer_norm_fwd0(x, mean, rstd, B, D, eps)
+    _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D)
 
 
 @njit(cache=True, error_model="numpy")
@@ -2694,6 +3820,31 @@ def _layer_norm_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
 
 
 @njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
+    """The results of ``_layer_norm_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x = np.empty((B, D), _dtype)
+    g_weight = np.empty((D,), _dtype)
+    g_bias = np.empty((D,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_x, g_weight, g_bias):
+    """``_layer_norm_bwd_saved_core`` writing its results into g_x, g_weight, g_bias (from ``_layer_norm_bwd_saved_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x_sum0 = np.empty((B,), _dtype)
+    g_x_sum1 = np.empty((B,), _dtype)
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
+    _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
+
+
+@njit(cache=True, error_model="numpy")
 def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     """Backward of layer_norm: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2703,6 +3854,25 @@ def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     g_bias = np.empty((D,), _dtype)
     _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
     return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
+    """The results of ``_layer_norm_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_weight = np.empty((D,), _dtype)
+    g_bias = np.empty((D,), _dtype)
+    return g_weight, g_bias
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_weight, g_bias):
+    """``_layer_norm_bwd_params_saved_core`` writing its results into g_weight, g_bias (from ``_layer_norm_bwd_params_saved_alloc``)."""
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
 
 
 # ============================================================================ log_softmax
@@ -2804,6 +3974,27 @@ def _log_softmax_fwd_core(x):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _log_softmax_fwd_alloc(x):
+    """The results of ``_log_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = np.empty((B, C), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_fwd_into(x, y):
+    """``_log_softmax_fwd_core`` writing its results into y (from ``_log_softmax_fwd_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_lse0 = np.empty((B,), _dtype)
+    _log_softmax_fwd0(x, y_lse0, B, C)
+    _log_softmax_fwd1(x, y, y_lse0, B, C)
+
+
 def _log_softmax_fwd(x):
     """Forward of log_softmax: y from x."""
     _dtype = _float_dtype((x,))
@@ -2826,6 +4017,28 @@ def _log_softmax_bwd_core(g_y, x):
     _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C)
     _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_alloc(g_y, x):
+    """The results of ``_log_softmax_bwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = np.empty((B, C), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_into(g_y, x, g_x):
+    """``_log_softmax_bwd_core`` writing its results into g_x (from ``_log_softmax_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y_lse0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
 
 
 def _log_softmax_bwd(g_y, x):
@@ -2856,6 +4069,26 @@ def _log_softmax_fwd_saving_core(x):
 
 
 @njit(cache=True, error_model="numpy")
+def _log_softmax_fwd_saving_alloc(x):
+    """The results of ``_log_softmax_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_lse0 = np.empty((B,), _dtype)
+    return y, y_lse0
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_fwd_saving_into(x, y, y_lse0):
+    """``_log_softmax_fwd_saving_core`` writing its results into y, y_lse0 (from ``_log_softmax_fwd_saving_alloc``)."""
+    B = x.shape[0]
+    C = x.shape[1]
+    _log_softmax_fwd0(x, y_lse0, B, C)
+    _log_softmax_fwd1(x, y, y_lse0, B, C)
+
+
+@njit(cache=True, error_model="numpy")
 def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
     """Backward of log_softmax: gradients g_x from g_y, x, y_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2866,6 +4099,27 @@ def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
     _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
     _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_saved_alloc(g_y, x, y_lse0):
+    """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = np.empty((B, C), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _log_softmax_bwd_saved_into(g_y, x, y_lse0, g_x):
+    """``_log_softmax_bwd_saved_core`` writing its results into g_x (from ``_log_softmax_bwd_saved_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x_sum0 = np.empty((B,), _dtype)
+    _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
 
 
 # ============================================================================ max_pool2d
@@ -2967,6 +4221,32 @@ def _max_pool2d_fwd_core(x, K, S):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_fwd_alloc(x, K, S):
+    """The results of ``_max_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = np.empty((N, C, HO, WO), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_fwd_into(x, K, S, y):
+    """``_max_pool2d_fwd_core`` writing its results into y (from ``_max_pool2d_fwd_alloc``)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO)
+
+
 def _max_pool2d_fwd(x, *, K, S):
     """Forward of max_pool2d: y from x."""
     _dtype = _float_dtype((x,))
@@ -2999,6 +4279,36 @@ def _max_pool2d_bwd_core(g_y, x, K, S):
     _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
     _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_bwd_alloc(g_y, x, K, S):
+    """The results of ``_max_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = np.empty((N, C, H, W), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_bwd_into(g_y, x, K, S, g_x):
+    """``_max_pool2d_bwd_core`` writing its results into g_x (from ``_max_pool2d_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y_argmax_p = np.empty((N, C, HO, WO), np.int64)
+    y_argmax_q = np.empty((N, C, HO, WO), np.int64)
+    _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
 
 
 def _max_pool2d_bwd(g_y, x, *, K, S):
@@ -3041,6 +4351,34 @@ def _max_pool2d_fwd_saving_core(x, K, S):
 
 
 @njit(cache=True, error_model="numpy")
+def _max_pool2d_fwd_saving_alloc(x, K, S):
+    """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = np.empty((N, C, HO, WO), _dtype)
+    y_argmax_p = np.empty((N, C, HO, WO), np.int64)
+    y_argmax_q = np.empty((N, C, HO, WO), np.int64)
+    return y, y_argmax_p, y_argmax_q
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_fwd_saving_into(x, K, S, y, y_argmax_p, y_argmax_q):
+    """``_max_pool2d_fwd_saving_core`` writing its results into y, y_argmax_p, y_argmax_q (from ``_max_pool2d_fwd_saving_alloc``)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+
+
+@njit(cache=True, error_model="numpy")
 def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
     """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3053,6 +4391,32 @@ def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
     g_x = np.empty((N, C, H, W), _dtype)
     _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
+    """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = np.empty((N, C, H, W), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x):
+    """``_max_pool2d_bwd_saved_core`` writing its results into g_x (from ``_max_pool2d_bwd_saved_alloc``)."""
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
 
 
 # ============================================================================ multi_head_attention
@@ -3568,6 +4932,43 @@ def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, cau
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = np.empty((B, L, E), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y):
+    """``_multi_head_attention_fwd_core`` writing its results into y (from ``_multi_head_attention_fwd_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
+
+
 def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
     """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo."""
     _dtype = _float_dtype((x, wq, wk, wv, bq, bk, bv, wo, bo))
@@ -3664,6 +5065,73 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
     _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_bwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_x = np.empty((B, L, E), _dtype)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+    """``_multi_head_attention_bwd_core`` writing its results into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
 
 
 def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
@@ -3766,6 +5234,69 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
 
 
 @njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_params_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+    """``_multi_head_attention_bwd_params_core`` writing its results into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+
+
+@njit(cache=True, error_model="numpy")
 def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """Forward of multi_head_attention: y, qh, kh, vh, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -3790,6 +5321,43 @@ def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
     return y, qh, kh, vh, prob, oh
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = np.empty((B, L, E), _dtype)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    return y, qh, kh, vh, prob, oh
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob, oh):
+    """``_multi_head_attention_fwd_saving_core`` writing its results into y, qh, kh, vh, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_lse0 = np.empty((B, heads, L), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
 
 
 @njit(cache=True, error_model="numpy")
@@ -3836,6 +5404,59 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
 
 
 @njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """The results of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_x = np.empty((B, L, E), _dtype)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+    """``_multi_head_attention_bwd_saved_core`` writing its results into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_saved_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
+
+
+@njit(cache=True, error_model="numpy")
 def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
     """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3872,6 +5493,55 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """The results of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_wq = np.empty((E, E), _dtype)
+    g_wk = np.empty((E, E), _dtype)
+    g_wv = np.empty((E, E), _dtype)
+    g_bq = np.empty((E,), _dtype)
+    g_bk = np.empty((E,), _dtype)
+    g_bv = np.empty((E,), _dtype)
+    g_wo = np.empty((E, E), _dtype)
+    g_bo = np.empty((E,), _dtype)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+@njit(cache=True, error_model="numpy")
+def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+    """``_multi_head_attention_bwd_params_saved_core`` writing its results into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_saved_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
 
 
 # ============================================================================ rnn_cell
@@ -3982,6 +5652,29 @@ def _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_rnn_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y = np.empty((B, H), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """``_rnn_cell_fwd_core`` writing its results into y (from ``_rnn_cell_fwd_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y_sum0 = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+
+
 def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh."""
     _dtype = _float_dtype((x, h, w_ih, w_hh, b_ih, b_hh))
@@ -4033,6 +5726,40 @@ def _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H)
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_rnn_cell_bwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_x = np.empty((B, I), _dtype)
+    g_h = np.empty((B, H), _dtype)
+    g_w_ih = np.empty((H, I), _dtype)
+    g_w_hh = np.empty((H, H), _dtype)
+    g_b_ih = np.empty((H,), _dtype)
+    g_b_hh = np.empty((H,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_rnn_cell_bwd_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = np.empty((B, H), _dtype)
+    y_sum0 = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
+    _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
+    _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I)
+    _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H)
+    _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
 
 
 def _rnn_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
@@ -4089,6 +5816,36 @@ def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
 
 
 @njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_rnn_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_w_ih = np.empty((H, I), _dtype)
+    g_w_hh = np.empty((H, H), _dtype)
+    g_b_ih = np.empty((H,), _dtype)
+    g_b_hh = np.empty((H,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_rnn_cell_bwd_params_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = np.empty((B, H), _dtype)
+    y_sum0 = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
+    _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
+    _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
+
+
+@njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4110,6 +5867,35 @@ def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
 
 
 @njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """The results of ``_rnn_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_x = np.empty((B, I), _dtype)
+    g_h = np.empty((B, H), _dtype)
+    g_w_ih = np.empty((H, I), _dtype)
+    g_w_hh = np.empty((H, H), _dtype)
+    g_b_ih = np.empty((H,), _dtype)
+    g_b_hh = np.empty((H,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_rnn_cell_bwd_saved_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_saved_alloc``)."""
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
+    _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
+    _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I)
+    _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H)
+    _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
+
+
+@njit(cache=True, error_model="numpy")
 def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     """Backward of rnn_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4124,6 +5910,31 @@ def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """The results of ``_rnn_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_w_ih = np.empty((H, I), _dtype)
+    g_w_hh = np.empty((H, H), _dtype)
+    g_b_ih = np.empty((H,), _dtype)
+    g_b_hh = np.empty((H,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_rnn_cell_bwd_params_saved_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_params_saved_alloc``)."""
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H)
+    _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
+    _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
 
 
 # ============================================================================ scaled_dot_product_attention
@@ -4270,6 +6081,37 @@ def _scaled_dot_product_attention_fwd_core(q, k, v, causal):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_fwd_alloc(q, k, v, causal):
+    """The results of ``_scaled_dot_product_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_into`` writes."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = np.empty((B, L, E), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y):
+    """``_scaled_dot_product_attention_fwd_core`` writing its results into y (from ``_scaled_dot_product_attention_fwd_alloc``)."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    score = np.empty((B, L, S), _dtype)
+    prob_lse0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
+
+
 def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     """Forward of scaled_dot_product_attention: y from q, k, v."""
     _dtype = _float_dtype((q, k, v))
@@ -4319,6 +6161,45 @@ def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     return g_q, g_k, g_v
 
 
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_bwd_alloc(g_y, q, k, v, causal):
+    """The results of ``_scaled_dot_product_attention_bwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_q = np.empty((B, L, D), _dtype)
+    g_k = np.empty((B, S, D), _dtype)
+    g_v = np.empty((B, S, E), _dtype)
+    return g_q, g_k, g_v
+
+
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
+    """``_scaled_dot_product_attention_bwd_core`` writing its results into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    score = np.empty((B, L, S), _dtype)
+    prob_lse0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    g_prob = np.empty((B, L, S), _dtype)
+    g_prob_lse0 = np.empty((B, L), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
+    _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+
+
 def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v (forward recomputed)."""
     _dtype = _float_dtype((g_y, q, k, v))
@@ -4366,6 +6247,37 @@ def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
 
 
 @njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
+    """The results of ``_scaled_dot_product_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_saving_into`` writes."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = np.empty((B, L, E), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    return y, prob
+
+
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob):
+    """``_scaled_dot_product_attention_fwd_saving_core`` writing its results into y, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``)."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    score = np.empty((B, L, S), _dtype)
+    prob_lse0 = np.empty((B, L), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
+
+
+@njit(cache=True, error_model="numpy")
 def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
     """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4385,6 +6297,39 @@ def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
     _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
     _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
     return g_q, g_k, g_v
+
+
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
+    """The results of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_q = np.empty((B, L, D), _dtype)
+    g_k = np.empty((B, S, D), _dtype)
+    g_v = np.empty((B, S, E), _dtype)
+    return g_q, g_k, g_v
+
+
+@njit(cache=True, error_model="numpy")
+def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q, g_k, g_v):
+    """``_scaled_dot_product_attention_bwd_saved_core`` writing its results into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_saved_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_prob = np.empty((B, L, S), _dtype)
+    g_prob_lse0 = np.empty((B, L), _dtype)
+    _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
+    _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
 
 
 # ============================================================================ softmax
@@ -4457,6 +6402,27 @@ def _softmax_fwd_core(x):
     return y
 
 
+@njit(cache=True, error_model="numpy")
+def _softmax_fwd_alloc(x):
+    """The results of ``_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = np.empty((B, C), _dtype)
+    return y
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_fwd_into(x, y):
+    """``_softmax_fwd_core`` writing its results into y (from ``_softmax_fwd_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_lse0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_lse0, B, C)
+    _softmax_fwd1(x, y, y_lse0, B, C)
+
+
 def _softmax_fwd(x):
     """Forward of softmax: y from x."""
     _dtype = _float_dtype((x,))
@@ -4484,6 +6450,31 @@ def _softmax_bwd_core(g_y, x):
     return g_x
 
 
+@njit(cache=True, error_model="numpy")
+def _softmax_bwd_alloc(g_y, x):
+    """The results of ``_softmax_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = np.empty((B, C), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_bwd_into(g_y, x, g_x):
+    """``_softmax_bwd_core`` writing its results into g_x (from ``_softmax_bwd_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_lse0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_lse0, B, C)
+    _softmax_fwd1(x, y, y_lse0, B, C)
+    _softmax_bwd0(y, g_y, g_x_sum0, B, C)
+    _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
+
+
 def _softmax_bwd(g_y, x):
     """Backward of softmax: gradients g_x from g_y, x (forward recomputed)."""
     _dtype = _float_dtype((g_y, x))
@@ -4509,6 +6500,27 @@ def _softmax_bwd_saved_core(g_y, x, y):
     _softmax_bwd0(y, g_y, g_x_sum0, B, C)
     _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
     return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_bwd_saved_alloc(g_y, x, y):
+    """The results of ``_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = np.empty((B, C), _dtype)
+    return g_x
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_bwd_saved_into(g_y, x, y, g_x):
+    """``_softmax_bwd_saved_core`` writing its results into g_x (from ``_softmax_bwd_saved_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x_sum0 = np.empty((B,), _dtype)
+    _softmax_bwd0(y, g_y, g_x_sum0, B, C)
+    _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
 
 
 # The host functions of each op on this target.

@@ -135,6 +135,24 @@ def _bce_with_logits_fwd_core(pred, target):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _bce_with_logits_fwd_alloc(pred, target):
+    """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _bce_with_logits_fwd_into(pred, target, loss):
+    """``_bce_with_logits_fwd_core`` writing its results into loss (from ``_bce_with_logits_fwd_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _bce_with_logits_fwd0(pred, target, loss, B, N)
+
+
 def _bce_with_logits_fwd(pred, target):
     """Forward of bce_with_logits: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
@@ -159,6 +177,24 @@ def _bce_with_logits_bwd_core(g_loss, pred, target):
     g_pred = np.empty((B, N), _dtype)
     _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N)
     return g_pred
+
+
+@njit(cache=True, error_model="numpy")
+def _bce_with_logits_bwd_alloc(g_loss, pred, target):
+    """The results of ``_bce_with_logits_bwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy")
+def _bce_with_logits_bwd_into(g_loss, pred, target, g_pred):
+    """``_bce_with_logits_bwd_core`` writing its results into g_pred (from ``_bce_with_logits_bwd_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N)
 
 
 def _bce_with_logits_bwd(g_loss, pred, target):
@@ -286,6 +322,29 @@ def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
+    """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
+    """``_cosine_embedding_loss_fwd_core`` writing its results into loss (from ``_cosine_embedding_loss_fwd_alloc``)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+
+
 def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     """Forward of cosine_embedding_loss: loss from x1, x2, label."""
     _dtype = _float_dtype((x1, x2, label))
@@ -323,6 +382,33 @@ def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
     _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
     return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
+    """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_x2):
+    """``_cosine_embedding_loss_bwd_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
 
 
 def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
@@ -364,6 +450,32 @@ def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
 
 
 @njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps):
+    """The results of ``_cosine_embedding_loss_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_saving_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((1,), _dtype)
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, loss, cos_sum0, cos_sum1, cos_sum2, cos):
+    """``_cosine_embedding_loss_fwd_saving_core`` writing its results into loss, cos_sum0, cos_sum1, cos_sum2, cos (from ``_cosine_embedding_loss_fwd_saving_alloc``)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+
+
+@njit(cache=True, error_model="numpy")
 def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -375,6 +487,28 @@ def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_s
     g_x2 = np.empty((B, D), _dtype)
     _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
     return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
+    """The results of ``_cosine_embedding_loss_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy")
+def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, g_x1, g_x2):
+    """``_cosine_embedding_loss_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_saved_alloc``)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
 
 
 # ============================================================================ huber
@@ -423,6 +557,26 @@ def _huber_fwd_core(pred, target, delta):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _huber_fwd_alloc(pred, target, delta):
+    """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised: what ``_huber_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _huber_fwd_into(pred, target, delta, loss):
+    """``_huber_fwd_core`` writing its results into loss (from ``_huber_fwd_alloc``)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _huber_fwd0(pred, target, loss, B, N, delta)
+
+
 def _huber_fwd(pred, target, *, delta):
     """Forward of huber: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
@@ -449,6 +603,26 @@ def _huber_bwd_core(g_loss, pred, target, delta):
     g_pred = np.empty((B, N), _dtype)
     _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
     return g_pred
+
+
+@njit(cache=True, error_model="numpy")
+def _huber_bwd_alloc(g_loss, pred, target, delta):
+    """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised: what ``_huber_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy")
+def _huber_bwd_into(g_loss, pred, target, delta, g_pred):
+    """``_huber_bwd_core`` writing its results into g_pred (from ``_huber_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
 
 
 def _huber_bwd(g_loss, pred, target, *, delta):
@@ -516,6 +690,24 @@ def _kl_div_fwd_core(logq, logp):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _kl_div_fwd_alloc(logq, logp):
+    """The results of ``_kl_div_fwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_fwd_into`` writes."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _kl_div_fwd_into(logq, logp, loss):
+    """``_kl_div_fwd_core`` writing its results into loss (from ``_kl_div_fwd_alloc``)."""
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _kl_div_fwd0(logq, logp, loss, B, C)
+
+
 def _kl_div_fwd(logq, logp):
     """Forward of kl_div: loss from logq, logp."""
     _dtype = _float_dtype((logq, logp))
@@ -541,6 +733,25 @@ def _kl_div_bwd_core(g_loss, logq, logp):
     g_logp = np.empty((B, C), _dtype)
     _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C)
     return g_logq, g_logp
+
+
+@njit(cache=True, error_model="numpy")
+def _kl_div_bwd_alloc(g_loss, logq, logp):
+    """The results of ``_kl_div_bwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    g_logq = np.empty((B, C), _dtype)
+    g_logp = np.empty((B, C), _dtype)
+    return g_logq, g_logp
+
+
+@njit(cache=True, error_model="numpy")
+def _kl_div_bwd_into(g_loss, logq, logp, g_logq, g_logp):
+    """``_kl_div_bwd_core`` writing its results into g_logq, g_logp (from ``_kl_div_bwd_alloc``)."""
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C)
 
 
 def _kl_div_bwd(g_loss, logq, logp):
@@ -600,6 +811,24 @@ def _mse_fwd_core(pred, target):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _mse_fwd_alloc(pred, target):
+    """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised: what ``_mse_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _mse_fwd_into(pred, target, loss):
+    """``_mse_fwd_core`` writing its results into loss (from ``_mse_fwd_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _mse_fwd0(pred, target, loss, B, N)
+
+
 def _mse_fwd(pred, target):
     """Forward of mse: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
@@ -624,6 +853,24 @@ def _mse_bwd_core(g_loss, pred, target):
     g_pred = np.empty((B, N), _dtype)
     _mse_bwd0(pred, target, g_loss, g_pred, B, N)
     return g_pred
+
+
+@njit(cache=True, error_model="numpy")
+def _mse_bwd_alloc(g_loss, pred, target):
+    """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised: what ``_mse_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy")
+def _mse_bwd_into(g_loss, pred, target, g_pred):
+    """``_mse_bwd_core`` writing its results into g_pred (from ``_mse_bwd_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _mse_bwd0(pred, target, g_loss, g_pred, B, N)
 
 
 def _mse_bwd(g_loss, pred, target):
@@ -683,6 +930,24 @@ def _nll_fwd_core(logprobs, target):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _nll_fwd_alloc(logprobs, target):
+    """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_nll_fwd_into`` writes."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _nll_fwd_into(logprobs, target, loss):
+    """``_nll_fwd_core`` writing its results into loss (from ``_nll_fwd_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _nll_fwd0(logprobs, target, loss, B, C)
+
+
 def _nll_fwd(logprobs, target):
     """Forward of nll: loss from logprobs, target."""
     _dtype = _float_dtype((logprobs, target))
@@ -707,6 +972,24 @@ def _nll_bwd_core(g_loss, logprobs, target):
     g_logprobs = np.empty((B, C), _dtype)
     _nll_bwd0(target, g_loss, g_logprobs, B, C)
     return g_logprobs
+
+
+@njit(cache=True, error_model="numpy")
+def _nll_bwd_alloc(g_loss, logprobs, target):
+    """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    return g_logprobs
+
+
+@njit(cache=True, error_model="numpy")
+def _nll_bwd_into(g_loss, logprobs, target, g_logprobs):
+    """``_nll_bwd_core`` writing its results into g_logprobs (from ``_nll_bwd_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _nll_bwd0(target, g_loss, g_logprobs, B, C)
 
 
 def _nll_bwd(g_loss, logprobs, target):
@@ -791,6 +1074,27 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_fwd_alloc(logits, target):
+    """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_fwd_into(logits, target, loss):
+    """``_softmax_cross_entropy_fwd_core`` writing its results into loss (from ``_softmax_cross_entropy_fwd_alloc``)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_lse0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
+    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+
+
 def _softmax_cross_entropy_fwd(logits, target):
     """Forward of softmax_cross_entropy: loss from logits, target."""
     _dtype = _float_dtype((logits, target))
@@ -817,6 +1121,27 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
     _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
     return g_logits
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
+    """The results of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    return g_logits
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
+    """``_softmax_cross_entropy_bwd_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_lse0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
+    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
 
 
 def _softmax_cross_entropy_bwd(g_loss, logits, target):
@@ -848,6 +1173,26 @@ def _softmax_cross_entropy_fwd_saving_core(logits, target):
 
 
 @njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
+    """The results of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((1,), _dtype)
+    loss_lse0 = np.empty((B,), _dtype)
+    return loss, loss_lse0
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_lse0):
+    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_lse0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
+    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+
+
+@njit(cache=True, error_model="numpy")
 def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -856,6 +1201,24 @@ def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
     g_logits = np.empty((B, C), _dtype)
     _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
     return g_logits
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_lse0):
+    """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    return g_logits
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_lse0, g_logits):
+    """``_softmax_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``)."""
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
 
 
 # The host functions of each op on this target.

@@ -5,7 +5,11 @@
 * ``_<op>_fwd_saving_core`` / ``_<op>_bwd_saved_core`` (and ``_bwd_params_saved``): the
   forward also returns what the backward reads of its reductions (softmax's
   log-sum-exp, max-pooling's argmax, a norm's statistics), and the backward takes those
-  instead of recomputing the reductions.
+  instead of recomputing the reductions;
+* ``_<op>_<entry>_alloc`` / ``_<op>_<entry>_into``: every core with results is the two in
+  turn, so that a fused step allocates its arrays once per batch shape and then writes
+  into them every step: writing into arrays that hold an earlier step's values (or
+  garbage) must give the same results.
 
 Each must give what the public entry points give, for every library op that has it,
 in float64 and float32. The public forward and backward are checked against PyTorch
@@ -21,7 +25,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from codegen.emit import backward_variants, core_name, group_of, saved_for_backward
+from codegen.emit import alloc_name, backward_variants, core_name, group_of, into_name, saved_for_backward
 
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
 
@@ -39,12 +43,13 @@ def _names(has) -> list[str]:
 
 SAVING = _names(lambda p: any(saved_for_backward(p)))
 PARAMS_ONLY = _names(lambda p: bool(backward_variants(p)))
+DIFFERENTIABLE = _names(lambda p: bool(p.grads))
 
 
-def _core(name: str, entry: str):
+def _core(name: str, entry: str, kind=core_name):
     program = _programs()[name]
     module = importlib.import_module("generated." + group_of(program))
-    return getattr(module, core_name(name, entry))
+    return getattr(module, kind(name, entry))
 
 
 def _case(name: str, dtype, rng):
@@ -129,3 +134,24 @@ def test_params_only_backward_is_part_of_the_backward(name, dtype, rng):
         which = [[d.name for d in program.grads].index(n) for n in names]
         part = ref.as_tuple(_core(name, f"bwd_{suffix}")(*core_seeds, *args, *attrs))
         _assert_same(part, [expected[i] for i in which], dtype, f"{name} bwd_{suffix}")
+
+
+def _spoiled(arrays):
+    """Fresh result arrays from ``_alloc``, filled with what a stale step might leave."""
+    for a in arrays:
+        a.fill(-7 if a.dtype.kind == "i" else np.nan)
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+def test_writing_into_used_arrays_gives_the_cores_results(name, dtype, rng):
+    program = _programs()[name]
+    op, args, outputs, seeds, core_seeds, attrs = _case(name, dtype, rng)
+    for entry, inputs in (("fwd", [*args, *attrs]), ("bwd", [*core_seeds, *args, *attrs])):
+        expected = ref.as_tuple(_core(name, entry)(*inputs))
+        arrays = _spoiled(list(ref.as_tuple(_core(name, entry, alloc_name)(*inputs))))
+        assert [a.shape for a in arrays] == [np.shape(e) for e in expected]
+        for _ in range(2):  # into NaN-filled arrays, then into its own earlier results
+            _core(name, entry, into_name)(*inputs, *arrays)
+            _assert_same(arrays, expected, dtype, f"{name} {entry} into")

@@ -297,9 +297,10 @@ def test_cnn_train_step_is_loss_and_grads_then_adam(cnn, rng):
     adam = generated.op(cnn.OPTIMIZER)
     slots = {k: adam.init_state(v) for k, v in manual.items()}
     hyper = {**adam.hyper, **cnn.HYPER}
-    for t in (1, 2):
-        x = rng.normal(size=(6,) + cnn.INPUT_SHAPE)
-        y = np.eye(10)[rng.integers(0, 10, size=6)]
+    # the step's arrays are reused while the batch shape stays and replaced when it changes
+    for t, batch in ((1, 6), (2, 6), (3, 4), (4, 6)):
+        x = rng.normal(size=(batch,) + cnn.INPUT_SHAPE)
+        y = np.eye(10)[rng.integers(0, 10, size=batch)]
         loss_manual, grads = cnn.loss_and_grads(manual, x, y)
         for k in manual:
             adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
@@ -355,7 +356,7 @@ def test_kept_reductions_give_the_train_step_of_loss_and_grads(programs, spec, t
     _, text = render_model(path, programs)
     step = text[text.index("def _train_step"):]
     # every layer but softmax (which hands over its output) also keeps intermediates
-    assert "_bwd_saved_core(" in step and ("_fwd_saving_core(" in step) == (case != "softmax")
+    assert "_bwd_saved_into(" in step and ("_fwd_saving_into(" in step) == (case != "softmax")
     model = _load(programs, path, tmp_path)
     opt = generated.op(model.OPTIMIZER)
     params = model.init(2, dtype=np.float64)
@@ -416,14 +417,47 @@ def test_layers_below_the_first_trained_one_run_no_backward(programs, spec, tmp_
     takes its params-only core and the layers before it run no backward."""
     rel, text = render_model(spec("[1, 4, 4]", '{ op = "flatten" }, { op = "relu" }, { op = "dense", out = 3 }'), programs)
     step = text[text.index("def _train_step"):]
-    assert "_dense_bwd_params_core(" in step
-    assert "_relu_bwd_core(" not in step and "_dense_bwd_core(" not in step
+    assert "_dense_bwd_params_into(" in step
+    assert "_relu_bwd_into(" not in step and "_dense_bwd_into(" not in step
 
 
 def _load(programs, path, out_dir):
     import codegen
 
     return codegen.load_module(_write_module(programs, path, out_dir))
+
+
+def test_train_step_allocates_its_arrays_once_per_batch_shape(cnn, rng):
+    """The fused step writes into arrays kept between calls (allocating megabytes per
+    step costs page faults), and takes new ones when the batch shape changes."""
+    params = cnn.init(0)
+    state = cnn.init_state(params)
+
+    def step(batch):
+        x = rng.normal(size=(batch,) + cnn.INPUT_SHAPE).astype(np.float32)
+        cnn.train_step(params, state, x, np.eye(10, dtype=np.float32)[rng.integers(0, 10, size=batch)])
+        return cnn._ARRAYS.arrays
+
+    first = step(4)
+    assert step(4) is first
+    other = step(5)
+    assert other is not first and other[0].shape[0] == 5
+
+
+def test_the_fused_step_calls_the_cores_that_write_into_given_arrays(programs, spec):
+    _, text = render_model(spec("[1, 4, 4]", '{ op = "conv2d", out = 2, KH = 3, KW = 3 }, { op = "relu" }, { op = "flatten" }, { op = "dense", out = 3 }'), programs)
+    step = text[text.index("def _train_step"):text.index("def _step_arrays")]
+    assert "_conv2d_fwd_into(h0" in step and "_dense_bwd_into(g4, h3" in step
+    # only the optimizer's in-place step is a core: nothing in the step allocates a result
+    assert [line for line in step.splitlines() if "_core(" in line and "_step_core(" not in line] == []
+
+
+def test_train_step_refuses_parameters_of_the_wrong_shape(cnn):
+    params = cnn.init(0)
+    state = cnn.init_state(params)
+    params["dense4.bias"] = np.zeros(11, np.float32)
+    with pytest.raises(ValueError, match=r"'dense4.bias' must have shape \(10,\), got \(11,\)"):
+        cnn.train_step(params, state, np.zeros((4, 1, 8, 8), np.float32), np.zeros((4, 10), np.float32))
 
 
 def test_train_step_refuses_a_batch_of_the_wrong_sample_shape(cnn):

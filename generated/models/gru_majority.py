@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 9c68994c468eda90
-#   generated/losses.py 504d851202f1ab3e
+#   generated/layers.py 1f736bfd2c69165c
+#   generated/losses.py 34c099628376bfd5
 #   generated/optimizers.py 26c2efa4e97587f2
 """The gru_majority model.
 
@@ -28,12 +28,14 @@ Every layer, the loss and the optimizer are library ops from ``generated``: thei
 gradients were derived symbolically from their forward definitions.
 """
 
+import threading
+
 import numpy as np
 from numba import njit
 
 import generated
-from generated.layers import _dense_bwd_core, _dense_fwd_core, _gru_cell_bwd_saved_core, _gru_cell_fwd_saving_core
-from generated.losses import _softmax_cross_entropy_bwd_saved_core, _softmax_cross_entropy_fwd_saving_core
+from generated.layers import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into, _gru_cell_bwd_saved_core, _gru_cell_fwd_saving_core
+from generated.losses import _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
 from generated.optimizers import _adam_step_core
 
 NAME = "gru_majority"
@@ -60,26 +62,30 @@ _dense1 = generated.op("dense")
 _loss = generated.op("softmax_cross_entropy")
 _optimizer = generated.op("adam")
 _HYPER_VALUES = _optimizer._values(HYPER)
-_TRAINED = (
-    "gru_cell0.w_ih",
-    "gru_cell0.w_hh",
-    "gru_cell0.b_ih",
-    "gru_cell0.b_hh",
-    "dense1.weight",
-    "dense1.bias",
-    "gru_cell0.w_ih.m",
-    "gru_cell0.w_ih.v",
-    "gru_cell0.w_hh.m",
-    "gru_cell0.w_hh.v",
-    "gru_cell0.b_ih.m",
-    "gru_cell0.b_ih.v",
-    "gru_cell0.b_hh.m",
-    "gru_cell0.b_hh.v",
-    "dense1.weight.m",
-    "dense1.weight.v",
-    "dense1.bias.m",
-    "dense1.bias.v",
+_TRAINED = (  # what train_step updates in place, with its shape
+    ("gru_cell0.w_ih", (48, 1)),
+    ("gru_cell0.w_hh", (48, 16)),
+    ("gru_cell0.b_ih", (48,)),
+    ("gru_cell0.b_hh", (48,)),
+    ("dense1.weight", (16, 2)),
+    ("dense1.bias", (2,)),
+    ("gru_cell0.w_ih.m", (48, 1)),
+    ("gru_cell0.w_ih.v", (48, 1)),
+    ("gru_cell0.w_hh.m", (48, 16)),
+    ("gru_cell0.w_hh.v", (48, 16)),
+    ("gru_cell0.b_ih.m", (48,)),
+    ("gru_cell0.b_ih.v", (48,)),
+    ("gru_cell0.b_hh.m", (48,)),
+    ("gru_cell0.b_hh.v", (48,)),
+    ("dense1.weight.m", (16, 2)),
+    ("dense1.weight.v", (16, 2)),
+    ("dense1.bias.m", (2,)),
+    ("dense1.bias.v", (2,)),
 )
+# the fused step's arrays for the last batch shape, per thread: allocated once and
+# reused, because allocating and freeing arrays of megabytes every step costs page
+# faults (the allocator hands large blocks back to the operating system)
+_ARRAYS = threading.local()
 
 
 def init(seed, dtype=np.float32):
@@ -196,9 +202,11 @@ def train_step(params, state, x, y, **hyper):
 
     Forward, loss, backward and the adam update of every parameter run in one
     compiled call (``_train_step``), layer by layer: each layer's parameters are
-    updated as soon as the gradient for the layer below is computed. ``hyper``
-    overrides the optimizer's hyperparameters for this step (a learning-rate schedule
-    passes ``lr``).
+    updated as soon as the gradient for the layer below is computed. The step writes
+    its activations and gradients into arrays allocated on the first call with a
+    batch of this shape and reused after (one set per thread). ``hyper`` overrides
+    the optimizer's hyperparameters for this step (a learning-rate schedule passes
+    ``lr``).
     """
     h = _optimizer._values({**HYPER, **hyper}) if hyper else _HYPER_VALUES
     gru_cell0_w_ih = params["gru_cell0.w_ih"]
@@ -249,6 +257,10 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
+    key = (x.shape, y.shape, dtype)
+    if getattr(_ARRAYS, "key", None) != key:
+        _ARRAYS.arrays = _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias)
+        _ARRAYS.key = key
     t = state["t"] + 1
     state["t"] = t
     loss = _train_step(
@@ -277,24 +289,29 @@ def train_step(params, state, x, y, **hyper):
         float(h["beta1"]),
         float(h["beta2"]),
         float(h["eps"]),
+        _ARRAYS.arrays,
     )
     return loss[0]
 
 
 def _check_trained(arrays, dtype):
-    """Parameters and optimizer slots are updated in place: C-contiguous, one float type."""
-    for key, a in zip(_TRAINED, arrays):
+    """Parameters and optimizer slots are updated in place: C-contiguous, one float
+    type, the model's shapes."""
+    for (key, shape), a in zip(_TRAINED, arrays):
         if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
             raise ValueError(
                 "train_step: %r must be a C-contiguous %s NumPy array (it is updated in place); got %r"
                 % (key, dtype, getattr(a, "dtype", type(a).__name__))
             )
+        if a.shape != shape:
+            raise ValueError("train_step: %r must have shape %r, got %r" % (key, shape, a.shape))
 
 
 @njit(cache=True, error_model="numpy")
-def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias, gru_cell0_w_ih_m, gru_cell0_w_ih_v, gru_cell0_w_hh_m, gru_cell0_w_hh_v, gru_cell0_b_ih_m, gru_cell0_b_ih_v, gru_cell0_b_hh_m, gru_cell0_b_hh_v, dense1_weight_m, dense1_weight_v, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps):
-    """The fused training step: the library's compiled cores, layer by layer; returns
-    the loss (a one-element array)."""
+def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias, gru_cell0_w_ih_m, gru_cell0_w_ih_v, gru_cell0_w_hh_m, gru_cell0_w_hh_v, gru_cell0_b_ih_m, gru_cell0_b_ih_v, gru_cell0_b_hh_m, gru_cell0_b_hh_v, dense1_weight_m, dense1_weight_v, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps, buffers):
+    """The fused training step: the library's compiled cores, layer by layer, writing
+    into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
+    h2, loss, kept_loss_lse0, seed, g2, g1, g_dense1_weight, g_dense1_bias = buffers
     h0 = x
     # layer 0: gru_cell over time; xs1[step] is the input at that step, hs1[step] the state before it
     xs1 = np.ascontiguousarray(h0.transpose((1, 0, 2)))
@@ -311,10 +328,10 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
         kept0_hn.append(kept0_hn_step)
         kept0_nn.append(kept0_nn_step)
     h1 = hs1[xs1.shape[0]]
-    h2 = _dense_fwd_core(h1, dense1_weight, dense1_bias)
-    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_core(h2, y)
-    g2 = _softmax_cross_entropy_bwd_saved_core(np.ones(1, h2.dtype), h2, y, kept_loss_lse0)
-    g1, g_dense1_weight, g_dense1_bias = _dense_bwd_core(g2, h1, dense1_weight, dense1_bias)
+    _dense_fwd_into(h1, dense1_weight, dense1_bias, h2)
+    _softmax_cross_entropy_fwd_saving_into(h2, y, loss, kept_loss_lse0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_lse0, g2)
+    _dense_bwd_into(g2, h1, dense1_weight, dense1_bias, g1, g_dense1_weight, g_dense1_bias)
     _adam_step_core(dense1_weight, g_dense1_weight, dense1_weight_m, dense1_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense1_bias, g_dense1_bias, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps)
     # layer 0: backpropagation through time, summing each step's parameter gradients
@@ -334,3 +351,26 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
     _adam_step_core(gru_cell0_b_ih, g_gru_cell0_b_ih, gru_cell0_b_ih_m, gru_cell0_b_ih_v, t, lr, beta1, beta2, eps)
     _adam_step_core(gru_cell0_b_hh, g_gru_cell0_b_hh, gru_cell0_b_hh_m, gru_cell0_b_hh_v, t, lr, beta1, beta2, eps)
     return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias):
+    """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
+    uninitialised, for a batch of the shape of ``x``."""
+    h0 = x
+    h1 = np.empty((h0.shape[0], 16), h0.dtype)  # its shape (the unrolled cell allocates per step)
+    h2 = _dense_fwd_alloc(h1, dense1_weight, dense1_bias)
+    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y)
+    seed = np.ones(1, h2.dtype)
+    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_lse0)
+    g1, g_dense1_weight, g_dense1_bias = _dense_bwd_alloc(g2, h1, dense1_weight, dense1_bias)
+    return (
+        h2,
+        loss,
+        kept_loss_lse0,
+        seed,
+        g2,
+        g1,
+        g_dense1_weight,
+        g_dense1_bias,
+    )

@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 9c68994c468eda90
-#   generated/losses.py 504d851202f1ab3e
+#   generated/layers.py 1f736bfd2c69165c
+#   generated/losses.py 34c099628376bfd5
 #   generated/optimizers.py 26c2efa4e97587f2
 """The linear_diabetes model.
 
@@ -24,12 +24,14 @@ Every layer, the loss and the optimizer are library ops from ``generated``: thei
 gradients were derived symbolically from their forward definitions.
 """
 
+import threading
+
 import numpy as np
 from numba import njit
 
 import generated
-from generated.layers import _dense_bwd_params_core, _dense_fwd_core
-from generated.losses import _mse_bwd_core, _mse_fwd_core
+from generated.layers import _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
+from generated.losses import _mse_bwd_alloc, _mse_bwd_into, _mse_fwd_alloc, _mse_fwd_into
 from generated.optimizers import _adam_step_core
 
 NAME = "linear_diabetes"
@@ -51,14 +53,18 @@ _dense0 = generated.op("dense")
 _loss = generated.op("mse")
 _optimizer = generated.op("adam")
 _HYPER_VALUES = _optimizer._values(HYPER)
-_TRAINED = (
-    "dense0.weight",
-    "dense0.bias",
-    "dense0.weight.m",
-    "dense0.weight.v",
-    "dense0.bias.m",
-    "dense0.bias.v",
+_TRAINED = (  # what train_step updates in place, with its shape
+    ("dense0.weight", (10, 1)),
+    ("dense0.bias", (1,)),
+    ("dense0.weight.m", (10, 1)),
+    ("dense0.weight.v", (10, 1)),
+    ("dense0.bias.m", (1,)),
+    ("dense0.bias.v", (1,)),
 )
+# the fused step's arrays for the last batch shape, per thread: allocated once and
+# reused, because allocating and freeing arrays of megabytes every step costs page
+# faults (the allocator hands large blocks back to the operating system)
+_ARRAYS = threading.local()
 
 
 def init(seed, dtype=np.float32):
@@ -125,9 +131,11 @@ def train_step(params, state, x, y, **hyper):
 
     Forward, loss, backward and the adam update of every parameter run in one
     compiled call (``_train_step``), layer by layer: each layer's parameters are
-    updated as soon as the gradient for the layer below is computed. ``hyper``
-    overrides the optimizer's hyperparameters for this step (a learning-rate schedule
-    passes ``lr``).
+    updated as soon as the gradient for the layer below is computed. The step writes
+    its activations and gradients into arrays allocated on the first call with a
+    batch of this shape and reused after (one set per thread). ``hyper`` overrides
+    the optimizer's hyperparameters for this step (a learning-rate schedule passes
+    ``lr``).
     """
     h = _optimizer._values({**HYPER, **hyper}) if hyper else _HYPER_VALUES
     dense0_weight = params["dense0.weight"]
@@ -154,6 +162,10 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
+    key = (x.shape, y.shape, dtype)
+    if getattr(_ARRAYS, "key", None) != key:
+        _ARRAYS.arrays = _step_arrays(x, y, dense0_weight, dense0_bias)
+        _ARRAYS.key = key
     t = state["t"] + 1
     state["t"] = t
     loss = _train_step(
@@ -170,29 +182,54 @@ def train_step(params, state, x, y, **hyper):
         float(h["beta1"]),
         float(h["beta2"]),
         float(h["eps"]),
+        _ARRAYS.arrays,
     )
     return loss[0]
 
 
 def _check_trained(arrays, dtype):
-    """Parameters and optimizer slots are updated in place: C-contiguous, one float type."""
-    for key, a in zip(_TRAINED, arrays):
+    """Parameters and optimizer slots are updated in place: C-contiguous, one float
+    type, the model's shapes."""
+    for (key, shape), a in zip(_TRAINED, arrays):
         if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
             raise ValueError(
                 "train_step: %r must be a C-contiguous %s NumPy array (it is updated in place); got %r"
                 % (key, dtype, getattr(a, "dtype", type(a).__name__))
             )
+        if a.shape != shape:
+            raise ValueError("train_step: %r must have shape %r, got %r" % (key, shape, a.shape))
 
 
 @njit(cache=True, error_model="numpy")
-def _train_step(x, y, dense0_weight, dense0_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps):
-    """The fused training step: the library's compiled cores, layer by layer; returns
-    the loss (a one-element array)."""
+def _train_step(x, y, dense0_weight, dense0_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps, buffers):
+    """The fused training step: the library's compiled cores, layer by layer, writing
+    into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
+    h1, loss, seed, g1, g_dense0_weight, g_dense0_bias = buffers
     h0 = x
-    h1 = _dense_fwd_core(h0, dense0_weight, dense0_bias)
-    loss = _mse_fwd_core(h1, y)
-    g1 = _mse_bwd_core(np.ones(1, h1.dtype), h1, y)
-    g_dense0_weight, g_dense0_bias = _dense_bwd_params_core(g1, h0, dense0_weight, dense0_bias)
+    _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
+    _mse_fwd_into(h1, y, loss)
+    _mse_bwd_into(seed, h1, y, g1)
+    _dense_bwd_params_into(g1, h0, dense0_weight, dense0_bias, g_dense0_weight, g_dense0_bias)
     _adam_step_core(dense0_weight, g_dense0_weight, dense0_weight_m, dense0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense0_bias, g_dense0_bias, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps)
     return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _step_arrays(x, y, dense0_weight, dense0_bias):
+    """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
+    uninitialised, for a batch of the shape of ``x``."""
+    h0 = x
+    h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
+    loss = _mse_fwd_alloc(h1, y)
+    seed = np.ones(1, h1.dtype)
+    g1 = _mse_bwd_alloc(seed, h1, y)
+    g_dense0_weight, g_dense0_bias = _dense_bwd_params_alloc(g1, h0, dense0_weight, dense0_bias)
+    return (
+        h1,
+        loss,
+        seed,
+        g1,
+        g_dense0_weight,
+        g_dense0_bias,
+    )

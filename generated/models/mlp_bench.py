@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py a131cbcfafd526a8
-#   generated/layers.py 9c68994c468eda90
-#   generated/losses.py 504d851202f1ab3e
+#   generated/activations.py 54d6bbdb6458dd4f
+#   generated/layers.py 1f736bfd2c69165c
+#   generated/losses.py 34c099628376bfd5
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_bench model.
 
@@ -29,13 +29,15 @@ Every layer, the loss and the optimizer are library ops from ``generated``: thei
 gradients were derived symbolically from their forward definitions.
 """
 
+import threading
+
 import numpy as np
 from numba import njit
 
 import generated
-from generated.activations import _relu_bwd_core, _relu_fwd_core
-from generated.layers import _dense_bwd_core, _dense_bwd_params_core, _dense_fwd_core
-from generated.losses import _softmax_cross_entropy_bwd_saved_core, _softmax_cross_entropy_fwd_saving_core
+from generated.activations import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
+from generated.layers import _dense_bwd_alloc, _dense_bwd_into, _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
+from generated.losses import _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
 from generated.optimizers import _adam_step_core
 
 NAME = "mlp_bench"
@@ -65,26 +67,30 @@ _dense4 = generated.op("dense")
 _loss = generated.op("softmax_cross_entropy")
 _optimizer = generated.op("adam")
 _HYPER_VALUES = _optimizer._values(HYPER)
-_TRAINED = (
-    "dense0.weight",
-    "dense0.bias",
-    "dense2.weight",
-    "dense2.bias",
-    "dense4.weight",
-    "dense4.bias",
-    "dense0.weight.m",
-    "dense0.weight.v",
-    "dense0.bias.m",
-    "dense0.bias.v",
-    "dense2.weight.m",
-    "dense2.weight.v",
-    "dense2.bias.m",
-    "dense2.bias.v",
-    "dense4.weight.m",
-    "dense4.weight.v",
-    "dense4.bias.m",
-    "dense4.bias.v",
+_TRAINED = (  # what train_step updates in place, with its shape
+    ("dense0.weight", (784, 256)),
+    ("dense0.bias", (256,)),
+    ("dense2.weight", (256, 128)),
+    ("dense2.bias", (128,)),
+    ("dense4.weight", (128, 10)),
+    ("dense4.bias", (10,)),
+    ("dense0.weight.m", (784, 256)),
+    ("dense0.weight.v", (784, 256)),
+    ("dense0.bias.m", (256,)),
+    ("dense0.bias.v", (256,)),
+    ("dense2.weight.m", (256, 128)),
+    ("dense2.weight.v", (256, 128)),
+    ("dense2.bias.m", (128,)),
+    ("dense2.bias.v", (128,)),
+    ("dense4.weight.m", (128, 10)),
+    ("dense4.weight.v", (128, 10)),
+    ("dense4.bias.m", (10,)),
+    ("dense4.bias.v", (10,)),
 )
+# the fused step's arrays for the last batch shape, per thread: allocated once and
+# reused, because allocating and freeing arrays of megabytes every step costs page
+# faults (the allocator hands large blocks back to the operating system)
+_ARRAYS = threading.local()
 
 
 def init(seed, dtype=np.float32):
@@ -193,9 +199,11 @@ def train_step(params, state, x, y, **hyper):
 
     Forward, loss, backward and the adam update of every parameter run in one
     compiled call (``_train_step``), layer by layer: each layer's parameters are
-    updated as soon as the gradient for the layer below is computed. ``hyper``
-    overrides the optimizer's hyperparameters for this step (a learning-rate schedule
-    passes ``lr``).
+    updated as soon as the gradient for the layer below is computed. The step writes
+    its activations and gradients into arrays allocated on the first call with a
+    batch of this shape and reused after (one set per thread). ``hyper`` overrides
+    the optimizer's hyperparameters for this step (a learning-rate schedule passes
+    ``lr``).
     """
     h = _optimizer._values({**HYPER, **hyper}) if hyper else _HYPER_VALUES
     dense0_weight = params["dense0.weight"]
@@ -246,6 +254,10 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
+    key = (x.shape, y.shape, dtype)
+    if getattr(_ARRAYS, "key", None) != key:
+        _ARRAYS.arrays = _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias)
+        _ARRAYS.key = key
     t = state["t"] + 1
     state["t"] = t
     loss = _train_step(
@@ -274,41 +286,87 @@ def train_step(params, state, x, y, **hyper):
         float(h["beta1"]),
         float(h["beta2"]),
         float(h["eps"]),
+        _ARRAYS.arrays,
     )
     return loss[0]
 
 
 def _check_trained(arrays, dtype):
-    """Parameters and optimizer slots are updated in place: C-contiguous, one float type."""
-    for key, a in zip(_TRAINED, arrays):
+    """Parameters and optimizer slots are updated in place: C-contiguous, one float
+    type, the model's shapes."""
+    for (key, shape), a in zip(_TRAINED, arrays):
         if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
             raise ValueError(
                 "train_step: %r must be a C-contiguous %s NumPy array (it is updated in place); got %r"
                 % (key, dtype, getattr(a, "dtype", type(a).__name__))
             )
+        if a.shape != shape:
+            raise ValueError("train_step: %r must have shape %r, got %r" % (key, shape, a.shape))
 
 
 @njit(cache=True, error_model="numpy")
-def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, dense2_weight_m, dense2_weight_v, dense2_bias_m, dense2_bias_v, dense4_weight_m, dense4_weight_v, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps):
-    """The fused training step: the library's compiled cores, layer by layer; returns
-    the loss (a one-element array)."""
+def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, dense2_weight_m, dense2_weight_v, dense2_bias_m, dense2_bias_v, dense4_weight_m, dense4_weight_v, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps, buffers):
+    """The fused training step: the library's compiled cores, layer by layer, writing
+    into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
+    h1, h2, h3, h4, h5, loss, kept_loss_lse0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g_dense2_weight, g_dense2_bias, g1, g_dense0_weight, g_dense0_bias = buffers
     h0 = x
-    h1 = _dense_fwd_core(h0, dense0_weight, dense0_bias)
-    h2 = _relu_fwd_core(h1)
-    h3 = _dense_fwd_core(h2, dense2_weight, dense2_bias)
-    h4 = _relu_fwd_core(h3)
-    h5 = _dense_fwd_core(h4, dense4_weight, dense4_bias)
-    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_core(h5, y)
-    g5 = _softmax_cross_entropy_bwd_saved_core(np.ones(1, h5.dtype), h5, y, kept_loss_lse0)
-    g4, g_dense4_weight, g_dense4_bias = _dense_bwd_core(g5, h4, dense4_weight, dense4_bias)
+    _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
+    _relu_fwd_into(h1, h2)
+    _dense_fwd_into(h2, dense2_weight, dense2_bias, h3)
+    _relu_fwd_into(h3, h4)
+    _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
+    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_lse0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_lse0, g5)
+    _dense_bwd_into(g5, h4, dense4_weight, dense4_bias, g4, g_dense4_weight, g_dense4_bias)
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
-    g3 = _relu_bwd_core(g4, h3)
-    g2, g_dense2_weight, g_dense2_bias = _dense_bwd_core(g3, h2, dense2_weight, dense2_bias)
+    _relu_bwd_into(g4, h3, g3)
+    _dense_bwd_into(g3, h2, dense2_weight, dense2_bias, g2, g_dense2_weight, g_dense2_bias)
     _adam_step_core(dense2_weight, g_dense2_weight, dense2_weight_m, dense2_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense2_bias, g_dense2_bias, dense2_bias_m, dense2_bias_v, t, lr, beta1, beta2, eps)
-    g1 = _relu_bwd_core(g2, h1)
-    g_dense0_weight, g_dense0_bias = _dense_bwd_params_core(g1, h0, dense0_weight, dense0_bias)
+    _relu_bwd_into(g2, h1, g1)
+    _dense_bwd_params_into(g1, h0, dense0_weight, dense0_bias, g_dense0_weight, g_dense0_bias)
     _adam_step_core(dense0_weight, g_dense0_weight, dense0_weight_m, dense0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense0_bias, g_dense0_bias, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps)
     return loss
+
+
+@njit(cache=True, error_model="numpy")
+def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias):
+    """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
+    uninitialised, for a batch of the shape of ``x``."""
+    h0 = x
+    h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
+    h2 = _relu_fwd_alloc(h1)
+    h3 = _dense_fwd_alloc(h2, dense2_weight, dense2_bias)
+    h4 = _relu_fwd_alloc(h3)
+    h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
+    loss, kept_loss_lse0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
+    seed = np.ones(1, h5.dtype)
+    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_lse0)
+    g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
+    g3 = _relu_bwd_alloc(g4, h3)
+    g2, g_dense2_weight, g_dense2_bias = _dense_bwd_alloc(g3, h2, dense2_weight, dense2_bias)
+    g1 = _relu_bwd_alloc(g2, h1)
+    g_dense0_weight, g_dense0_bias = _dense_bwd_params_alloc(g1, h0, dense0_weight, dense0_bias)
+    return (
+        h1,
+        h2,
+        h3,
+        h4,
+        h5,
+        loss,
+        kept_loss_lse0,
+        seed,
+        g5,
+        g4,
+        g_dense4_weight,
+        g_dense4_bias,
+        g3,
+        g2,
+        g_dense2_weight,
+        g_dense2_bias,
+        g1,
+        g_dense0_weight,
+        g_dense0_bias,
+    )
