@@ -393,8 +393,7 @@ class _Layer:
 
     @property
     def fwd_targets(self) -> str:
-        """What the compiled forward's result is unpacked into: the output, then the kept values."""
-        return ", ".join([f"h{self.index + 1}", *self.kept])
+        return ", ".join(self.fwd_results)
 
 
 def _a(word: str) -> str:

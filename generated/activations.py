@@ -127,9 +127,9 @@ def _elu_fwd_core(x, alpha):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _elu_fwd_alloc(x, alpha):
-    """The results of ``_elu_fwd_core`` for arguments of these shapes, uninitialised: what ``_elu_fwd_into`` writes."""
+    """The results of ``_elu_fwd_core`` for arguments of these shapes, uninitialised: what ``_elu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -176,9 +176,9 @@ def _elu_bwd_core(g_y, x, alpha):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _elu_bwd_alloc(g_y, x, alpha):
-    """The results of ``_elu_bwd_core`` for arguments of these shapes, uninitialised: what ``_elu_bwd_into`` writes."""
+    """The results of ``_elu_bwd_core`` for arguments of these shapes, uninitialised: what ``_elu_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -254,9 +254,9 @@ def _gelu_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gelu_fwd_alloc(x):
-    """The results of ``_gelu_fwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_fwd_into`` writes."""
+    """The results of ``_gelu_fwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -299,9 +299,9 @@ def _gelu_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gelu_bwd_alloc(g_y, x):
-    """The results of ``_gelu_bwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_bwd_into`` writes."""
+    """The results of ``_gelu_bwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -371,9 +371,9 @@ def _leaky_relu_fwd_core(x, slope):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _leaky_relu_fwd_alloc(x, slope):
-    """The results of ``_leaky_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_fwd_into`` writes."""
+    """The results of ``_leaky_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -420,9 +420,9 @@ def _leaky_relu_bwd_core(g_y, x, slope):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _leaky_relu_bwd_alloc(g_y, x, slope):
-    """The results of ``_leaky_relu_bwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_bwd_into`` writes."""
+    """The results of ``_leaky_relu_bwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -495,9 +495,9 @@ def _mish_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _mish_fwd_alloc(x):
-    """The results of ``_mish_fwd_core`` for arguments of these shapes, uninitialised: what ``_mish_fwd_into`` writes."""
+    """The results of ``_mish_fwd_core`` for arguments of these shapes, uninitialised: what ``_mish_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -540,9 +540,9 @@ def _mish_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _mish_bwd_alloc(g_y, x):
-    """The results of ``_mish_bwd_core`` for arguments of these shapes, uninitialised: what ``_mish_bwd_into`` writes."""
+    """The results of ``_mish_bwd_core`` for arguments of these shapes, uninitialised: what ``_mish_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -611,9 +611,9 @@ def _relu_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _relu_fwd_alloc(x):
-    """The results of ``_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_relu_fwd_into`` writes."""
+    """The results of ``_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_relu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -656,9 +656,9 @@ def _relu_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _relu_bwd_alloc(g_y, x):
-    """The results of ``_relu_bwd_core`` for arguments of these shapes, uninitialised: what ``_relu_bwd_into`` writes."""
+    """The results of ``_relu_bwd_core`` for arguments of these shapes, uninitialised: what ``_relu_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -728,9 +728,9 @@ def _sigmoid_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _sigmoid_fwd_alloc(x):
-    """The results of ``_sigmoid_fwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_fwd_into`` writes."""
+    """The results of ``_sigmoid_fwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -773,9 +773,9 @@ def _sigmoid_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _sigmoid_bwd_alloc(g_y, x):
-    """The results of ``_sigmoid_bwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_bwd_into`` writes."""
+    """The results of ``_sigmoid_bwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -850,9 +850,9 @@ def _silu_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _silu_fwd_alloc(x):
-    """The results of ``_silu_fwd_core`` for arguments of these shapes, uninitialised: what ``_silu_fwd_into`` writes."""
+    """The results of ``_silu_fwd_core`` for arguments of these shapes, uninitialised: what ``_silu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -895,9 +895,9 @@ def _silu_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _silu_bwd_alloc(g_y, x):
-    """The results of ``_silu_bwd_core`` for arguments of these shapes, uninitialised: what ``_silu_bwd_into`` writes."""
+    """The results of ``_silu_bwd_core`` for arguments of these shapes, uninitialised: what ``_silu_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -966,9 +966,9 @@ def _softplus_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softplus_fwd_alloc(x):
-    """The results of ``_softplus_fwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_fwd_into`` writes."""
+    """The results of ``_softplus_fwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -1011,9 +1011,9 @@ def _softplus_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softplus_bwd_alloc(g_y, x):
-    """The results of ``_softplus_bwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_bwd_into`` writes."""
+    """The results of ``_softplus_bwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)
@@ -1082,9 +1082,9 @@ def _tanh_fwd_core(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _tanh_fwd_alloc(x):
-    """The results of ``_tanh_fwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_fwd_into`` writes."""
+    """The results of ``_tanh_fwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     _shape = x.shape
     x = x.reshape(x.size)
@@ -1127,9 +1127,9 @@ def _tanh_bwd_core(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+
 def _tanh_bwd_alloc(g_y, x):
-    """The results of ``_tanh_bwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_bwd_into`` writes."""
+    """The results of ``_tanh_bwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     _shape = g_y.shape
     g_y = g_y.reshape(g_y.size)

@@ -190,9 +190,9 @@ def _avg_pool2d_fwd_core(x, K, S):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _avg_pool2d_fwd_alloc(x, K, S):
-    """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_fwd_into`` writes."""
+    """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -250,9 +250,9 @@ def _avg_pool2d_bwd_core(g_y, x, K, S):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _avg_pool2d_bwd_alloc(g_y, x, K, S):
-    """The results of ``_avg_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_bwd_into`` writes."""
+    """The results of ``_avg_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -434,9 +434,9 @@ def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_fwd_alloc(x, weight, bias, eps, momentum):
-    """The results of ``_batch_norm2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_into`` writes."""
+    """The results of ``_batch_norm2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -502,9 +502,9 @@ def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_bwd_alloc(g_y, x, weight, bias, eps, momentum):
-    """The results of ``_batch_norm2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_into`` writes."""
+    """The results of ``_batch_norm2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -579,9 +579,9 @@ def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_bwd_params_alloc(g_y, x, weight, bias, eps, momentum):
-    """The results of ``_batch_norm2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_into`` writes."""
+    """The results of ``_batch_norm2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -627,9 +627,9 @@ def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
     return y, rstd, xhat
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_fwd_saving_alloc(x, weight, bias, eps, momentum):
-    """The results of ``_batch_norm2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_saving_into`` writes."""
+    """The results of ``_batch_norm2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -671,9 +671,9 @@ def _batch_norm2d_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
-    """The results of ``_batch_norm2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_saved_into`` writes."""
+    """The results of ``_batch_norm2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -710,9 +710,9 @@ def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, m
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
-    """The results of ``_batch_norm2d_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_saved_into`` writes."""
+    """The results of ``_batch_norm2d_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -797,9 +797,9 @@ def _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps)
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_eval_fwd_alloc(x, running_mean, running_var, weight, bias, eps):
-    """The results of ``_batch_norm2d_eval_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_fwd_into`` writes."""
+    """The results of ``_batch_norm2d_eval_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -863,9 +863,9 @@ def _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias,
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_eval_bwd_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
-    """The results of ``_batch_norm2d_eval_bwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_bwd_into`` writes."""
+    """The results of ``_batch_norm2d_eval_bwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -936,9 +936,9 @@ def _batch_norm2d_eval_bwd_params_core(g_y, x, running_mean, running_var, weight
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_eval_bwd_params_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
-    """The results of ``_batch_norm2d_eval_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_bwd_params_into`` writes."""
+    """The results of ``_batch_norm2d_eval_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -1014,9 +1014,9 @@ def _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum):
     return new_mean, new_var
 
 
-@njit(cache=True, error_model="numpy")
+
 def _batch_norm2d_stats_fwd_alloc(x, running_mean, running_var, momentum):
-    """The results of ``_batch_norm2d_stats_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_stats_fwd_into`` writes."""
+    """The results of ``_batch_norm2d_stats_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_stats_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -1184,9 +1184,9 @@ def _conv2d_fwd_core(x, weight, bias, S, P):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _conv2d_fwd_alloc(x, weight, bias, S, P):
-    """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_fwd_into`` writes."""
+    """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -1263,9 +1263,9 @@ def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
-    """The results of ``_conv2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_into`` writes."""
+    """The results of ``_conv2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
@@ -1350,9 +1350,9 @@ def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
-    """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_params_into`` writes."""
+    """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
@@ -1474,9 +1474,9 @@ def _cosine_similarity_fwd_core(x1, x2, eps):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_similarity_fwd_alloc(x1, x2, eps):
-    """The results of ``_cosine_similarity_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_into`` writes."""
+    """The results of ``_cosine_similarity_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
     D = x1.shape[1]
@@ -1526,9 +1526,9 @@ def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_similarity_bwd_alloc(g_y, x1, x2, eps):
-    """The results of ``_cosine_similarity_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_into`` writes."""
+    """The results of ``_cosine_similarity_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = x1.shape[1]
@@ -1583,9 +1583,9 @@ def _cosine_similarity_fwd_saving_core(x1, x2, eps):
     return y, y_sum0, y_sum1
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
-    """The results of ``_cosine_similarity_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_saving_into`` writes."""
+    """The results of ``_cosine_similarity_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
     D = x1.shape[1]
@@ -1618,9 +1618,9 @@ def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y, y_sum0, y_sum1, eps):
-    """The results of ``_cosine_similarity_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_saved_into`` writes."""
+    """The results of ``_cosine_similarity_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = x1.shape[1]
@@ -1696,9 +1696,9 @@ def _dense_fwd_core(x, weight, bias):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _dense_fwd_alloc(x, weight, bias):
-    """The results of ``_dense_fwd_core`` for arguments of these shapes, uninitialised: what ``_dense_fwd_into`` writes."""
+    """The results of ``_dense_fwd_core`` for arguments of these shapes, uninitialised: what ``_dense_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -1749,9 +1749,9 @@ def _dense_bwd_core(g_y, x, weight, bias):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _dense_bwd_alloc(g_y, x, weight, bias):
-    """The results of ``_dense_bwd_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_into`` writes."""
+    """The results of ``_dense_bwd_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     O = g_y.shape[1]
@@ -1808,9 +1808,9 @@ def _dense_bwd_params_core(g_y, x, weight, bias):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _dense_bwd_params_alloc(g_y, x, weight, bias):
-    """The results of ``_dense_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_params_into`` writes."""
+    """The results of ``_dense_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     O = g_y.shape[1]
@@ -1867,9 +1867,9 @@ def _dropout_fwd_core(x, mask, p):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _dropout_fwd_alloc(x, mask, p):
-    """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_fwd_into`` writes."""
+    """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     N = x.shape[1]
@@ -1914,9 +1914,9 @@ def _dropout_bwd_core(g_y, x, mask, p):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _dropout_bwd_alloc(g_y, x, mask, p):
-    """The results of ``_dropout_bwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_bwd_into`` writes."""
+    """The results of ``_dropout_bwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     N = g_y.shape[1]
@@ -1999,9 +1999,9 @@ def _embedding_fwd_core(idx, table):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _embedding_fwd_alloc(idx, table):
-    """The results of ``_embedding_fwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_fwd_into`` writes."""
+    """The results of ``_embedding_fwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = table.dtype
     B = idx.shape[0]
     V = table.shape[0]
@@ -2045,9 +2045,9 @@ def _embedding_bwd_core(g_y, idx, table):
     return g_table
 
 
-@njit(cache=True, error_model="numpy")
+
 def _embedding_bwd_alloc(g_y, idx, table):
-    """The results of ``_embedding_bwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_bwd_into`` writes."""
+    """The results of ``_embedding_bwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = g_y.shape[1]
@@ -2133,9 +2133,9 @@ def _flatten_fwd_core(x):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _flatten_fwd_alloc(x):
-    """The results of ``_flatten_fwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_fwd_into`` writes."""
+    """The results of ``_flatten_fwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -2186,9 +2186,9 @@ def _flatten_bwd_core(g_y, x):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _flatten_bwd_alloc(g_y, x):
-    """The results of ``_flatten_bwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_bwd_into`` writes."""
+    """The results of ``_flatten_bwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = x.shape[1]
@@ -2306,9 +2306,9 @@ def _gcn_layer_fwd_core(A, x, weight, bias):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gcn_layer_fwd_alloc(A, x, weight, bias):
-    """The results of ``_gcn_layer_fwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_fwd_into`` writes."""
+    """The results of ``_gcn_layer_fwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = A.dtype
     V = A.shape[0]
     I = x.shape[1]
@@ -2366,9 +2366,9 @@ def _gcn_layer_bwd_core(g_y, A, x, weight, bias):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gcn_layer_bwd_alloc(g_y, A, x, weight, bias):
-    """The results of ``_gcn_layer_bwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_bwd_into`` writes."""
+    """The results of ``_gcn_layer_bwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     V = g_y.shape[0]
     O = g_y.shape[1]
@@ -2429,9 +2429,9 @@ def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gcn_layer_bwd_params_alloc(g_y, A, x, weight, bias):
-    """The results of ``_gcn_layer_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_bwd_params_into`` writes."""
+    """The results of ``_gcn_layer_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     V = g_y.shape[0]
     O = g_y.shape[1]
@@ -2991,9 +2991,9 @@ def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_gru_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_into`` writes."""
+    """The results of ``_gru_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -3099,9 +3099,9 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_gru_cell_bwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_into`` writes."""
+    """The results of ``_gru_cell_bwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -3225,9 +3225,9 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gru_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_gru_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_into`` writes."""
+    """The results of ``_gru_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -3296,9 +3296,9 @@ def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y, r, z, hn, nn
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gru_cell_fwd_saving_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_gru_cell_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_saving_into`` writes."""
+    """The results of ``_gru_cell_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -3364,9 +3364,9 @@ def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gru_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
-    """The results of ``_gru_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_saved_into`` writes."""
+    """The results of ``_gru_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -3432,9 +3432,9 @@ def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _gru_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
-    """The results of ``_gru_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_saved_into`` writes."""
+    """The results of ``_gru_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -3603,9 +3603,9 @@ def _layer_norm_fwd_core(x, weight, bias, eps):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _layer_norm_fwd_alloc(x, weight, bias, eps):
-    """The results of ``_layer_norm_fwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_into`` writes."""
+    """The results of ``_layer_norm_fwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     D = x.shape[1]
@@ -3666,9 +3666,9 @@ def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _layer_norm_bwd_alloc(g_y, x, weight, bias, eps):
-    """The results of ``_layer_norm_bwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_into`` writes."""
+    """The results of ``_layer_norm_bwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = g_y.shape[1]
@@ -3736,9 +3736,9 @@ def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _layer_norm_bwd_params_alloc(g_y, x, weight, bias, eps):
-    """The results of ``_layer_norm_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_into`` writes."""
+    """The results of ``_layer_norm_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = g_y.shape[1]
@@ -3778,9 +3778,9 @@ def _layer_norm_fwd_saving_core(x, weight, bias, eps):
     return y, rstd, xhat
 
 
-@njit(cache=True, error_model="numpy")
+
 def _layer_norm_fwd_saving_alloc(x, weight, bias, eps):
-    """The results of ``_layer_norm_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_saving_into`` writes."""
+    """The results of ``_layer_norm_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     D = x.shape[1]
@@ -3819,9 +3819,9 @@ def _layer_norm_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _layer_norm_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
-    """The results of ``_layer_norm_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_saved_into`` writes."""
+    """The results of ``_layer_norm_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = g_y.shape[1]
@@ -3856,9 +3856,9 @@ def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+
 def _layer_norm_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
-    """The results of ``_layer_norm_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_saved_into`` writes."""
+    """The results of ``_layer_norm_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = g_y.shape[1]
@@ -3974,9 +3974,9 @@ def _log_softmax_fwd_core(x):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _log_softmax_fwd_alloc(x):
-    """The results of ``_log_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_into`` writes."""
+    """The results of ``_log_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
@@ -4019,9 +4019,9 @@ def _log_softmax_bwd_core(g_y, x):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _log_softmax_bwd_alloc(g_y, x):
-    """The results of ``_log_softmax_bwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_into`` writes."""
+    """The results of ``_log_softmax_bwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
@@ -4068,9 +4068,9 @@ def _log_softmax_fwd_saving_core(x):
     return y, y_lse0
 
 
-@njit(cache=True, error_model="numpy")
+
 def _log_softmax_fwd_saving_alloc(x):
-    """The results of ``_log_softmax_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_saving_into`` writes."""
+    """The results of ``_log_softmax_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
@@ -4101,9 +4101,9 @@ def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _log_softmax_bwd_saved_alloc(g_y, x, y_lse0):
-    """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_saved_into`` writes."""
+    """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
@@ -4221,9 +4221,9 @@ def _max_pool2d_fwd_core(x, K, S):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _max_pool2d_fwd_alloc(x, K, S):
-    """The results of ``_max_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_into`` writes."""
+    """The results of ``_max_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -4281,9 +4281,9 @@ def _max_pool2d_bwd_core(g_y, x, K, S):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _max_pool2d_bwd_alloc(g_y, x, K, S):
-    """The results of ``_max_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_into`` writes."""
+    """The results of ``_max_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -4350,9 +4350,9 @@ def _max_pool2d_fwd_saving_core(x, K, S):
     return y, y_argmax_p, y_argmax_q
 
 
-@njit(cache=True, error_model="numpy")
+
 def _max_pool2d_fwd_saving_alloc(x, K, S):
-    """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_saving_into`` writes."""
+    """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -4393,9 +4393,9 @@ def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
-    """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_saved_into`` writes."""
+    """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -4932,9 +4932,9 @@ def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, cau
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _multi_head_attention_fwd_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
-    """The results of ``_multi_head_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_into`` writes."""
+    """The results of ``_multi_head_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
@@ -5067,9 +5067,9 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+
 def _multi_head_attention_bwd_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
-    """The results of ``_multi_head_attention_bwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_into`` writes."""
+    """The results of ``_multi_head_attention_bwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5233,9 +5233,9 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+
 def _multi_head_attention_bwd_params_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
-    """The results of ``_multi_head_attention_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_into`` writes."""
+    """The results of ``_multi_head_attention_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5323,9 +5323,9 @@ def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     return y, qh, kh, vh, prob, oh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
-    """The results of ``_multi_head_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_saving_into`` writes."""
+    """The results of ``_multi_head_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
@@ -5403,9 +5403,9 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+
 def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
-    """The results of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_saved_into`` writes."""
+    """The results of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5495,9 +5495,9 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+
 def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
-    """The results of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_saved_into`` writes."""
+    """The results of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5652,9 +5652,9 @@ def _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _rnn_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_rnn_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_fwd_into`` writes."""
+    """The results of ``_rnn_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -5728,9 +5728,9 @@ def _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _rnn_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_rnn_cell_bwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_into`` writes."""
+    """The results of ``_rnn_cell_bwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -5815,9 +5815,9 @@ def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _rnn_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
-    """The results of ``_rnn_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_into`` writes."""
+    """The results of ``_rnn_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -5866,9 +5866,9 @@ def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _rnn_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
-    """The results of ``_rnn_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_saved_into`` writes."""
+    """The results of ``_rnn_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -5912,9 +5912,9 @@ def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+
 def _rnn_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
-    """The results of ``_rnn_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_saved_into`` writes."""
+    """The results of ``_rnn_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -6081,9 +6081,9 @@ def _scaled_dot_product_attention_fwd_core(q, k, v, causal):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _scaled_dot_product_attention_fwd_alloc(q, k, v, causal):
-    """The results of ``_scaled_dot_product_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_into`` writes."""
+    """The results of ``_scaled_dot_product_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -6161,9 +6161,9 @@ def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     return g_q, g_k, g_v
 
 
-@njit(cache=True, error_model="numpy")
+
 def _scaled_dot_product_attention_bwd_alloc(g_y, q, k, v, causal):
-    """The results of ``_scaled_dot_product_attention_bwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_into`` writes."""
+    """The results of ``_scaled_dot_product_attention_bwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -6246,9 +6246,9 @@ def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
     return y, prob
 
 
-@njit(cache=True, error_model="numpy")
+
 def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
-    """The results of ``_scaled_dot_product_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_saving_into`` writes."""
+    """The results of ``_scaled_dot_product_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -6299,9 +6299,9 @@ def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
     return g_q, g_k, g_v
 
 
-@njit(cache=True, error_model="numpy")
+
 def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
-    """The results of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_saved_into`` writes."""
+    """The results of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -6402,9 +6402,9 @@ def _softmax_fwd_core(x):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_fwd_alloc(x):
-    """The results of ``_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_fwd_into`` writes."""
+    """The results of ``_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
@@ -6450,9 +6450,9 @@ def _softmax_bwd_core(g_y, x):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_bwd_alloc(g_y, x):
-    """The results of ``_softmax_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_bwd_into`` writes."""
+    """The results of ``_softmax_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
@@ -6502,9 +6502,9 @@ def _softmax_bwd_saved_core(g_y, x, y):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_bwd_saved_alloc(g_y, x, y):
-    """The results of ``_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_bwd_saved_into`` writes."""
+    """The results of ``_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]

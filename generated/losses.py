@@ -135,9 +135,9 @@ def _bce_with_logits_fwd_core(pred, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _bce_with_logits_fwd_alloc(pred, target):
-    """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_fwd_into`` writes."""
+    """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -179,9 +179,9 @@ def _bce_with_logits_bwd_core(g_loss, pred, target):
     return g_pred
 
 
-@njit(cache=True, error_model="numpy")
+
 def _bce_with_logits_bwd_alloc(g_loss, pred, target):
-    """The results of ``_bce_with_logits_bwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_bwd_into`` writes."""
+    """The results of ``_bce_with_logits_bwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -322,9 +322,9 @@ def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
-    """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_into`` writes."""
+    """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
     D = x1.shape[1]
@@ -384,9 +384,9 @@ def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
-    """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_into`` writes."""
+    """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = x1.shape[0]
     D = x1.shape[1]
@@ -449,9 +449,9 @@ def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
     return loss, cos_sum0, cos_sum1, cos_sum2, cos
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps):
-    """The results of ``_cosine_embedding_loss_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_saving_into`` writes."""
+    """The results of ``_cosine_embedding_loss_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
     D = x1.shape[1]
@@ -489,9 +489,9 @@ def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_s
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+
 def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
-    """The results of ``_cosine_embedding_loss_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_saved_into`` writes."""
+    """The results of ``_cosine_embedding_loss_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = x1.shape[0]
     D = x1.shape[1]
@@ -557,9 +557,9 @@ def _huber_fwd_core(pred, target, delta):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _huber_fwd_alloc(pred, target, delta):
-    """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised: what ``_huber_fwd_into`` writes."""
+    """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised: what ``_huber_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -605,9 +605,9 @@ def _huber_bwd_core(g_loss, pred, target, delta):
     return g_pred
 
 
-@njit(cache=True, error_model="numpy")
+
 def _huber_bwd_alloc(g_loss, pred, target, delta):
-    """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised: what ``_huber_bwd_into`` writes."""
+    """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised: what ``_huber_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -690,9 +690,9 @@ def _kl_div_fwd_core(logq, logp):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _kl_div_fwd_alloc(logq, logp):
-    """The results of ``_kl_div_fwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_fwd_into`` writes."""
+    """The results of ``_kl_div_fwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logq.dtype
     B = logq.shape[0]
     C = logq.shape[1]
@@ -735,9 +735,9 @@ def _kl_div_bwd_core(g_loss, logq, logp):
     return g_logq, g_logp
 
 
-@njit(cache=True, error_model="numpy")
+
 def _kl_div_bwd_alloc(g_loss, logq, logp):
-    """The results of ``_kl_div_bwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_bwd_into`` writes."""
+    """The results of ``_kl_div_bwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logq.shape[0]
     C = logq.shape[1]
@@ -811,9 +811,9 @@ def _mse_fwd_core(pred, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _mse_fwd_alloc(pred, target):
-    """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised: what ``_mse_fwd_into`` writes."""
+    """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised: what ``_mse_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -855,9 +855,9 @@ def _mse_bwd_core(g_loss, pred, target):
     return g_pred
 
 
-@njit(cache=True, error_model="numpy")
+
 def _mse_bwd_alloc(g_loss, pred, target):
-    """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised: what ``_mse_bwd_into`` writes."""
+    """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised: what ``_mse_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -930,9 +930,9 @@ def _nll_fwd_core(logprobs, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _nll_fwd_alloc(logprobs, target):
-    """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_nll_fwd_into`` writes."""
+    """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
@@ -974,9 +974,9 @@ def _nll_bwd_core(g_loss, logprobs, target):
     return g_logprobs
 
 
-@njit(cache=True, error_model="numpy")
+
 def _nll_bwd_alloc(g_loss, logprobs, target):
-    """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_nll_bwd_into`` writes."""
+    """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
@@ -1074,9 +1074,9 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_cross_entropy_fwd_alloc(logits, target):
-    """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_into`` writes."""
+    """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
@@ -1123,9 +1123,9 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     return g_logits
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
-    """The results of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_into`` writes."""
+    """The results of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
@@ -1172,9 +1172,9 @@ def _softmax_cross_entropy_fwd_saving_core(logits, target):
     return loss, loss_lse0
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
-    """The results of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_saving_into`` writes."""
+    """The results of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
@@ -1203,9 +1203,9 @@ def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
     return g_logits
 
 
-@njit(cache=True, error_model="numpy")
+
 def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_lse0):
-    """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes."""
+    """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]

@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 1f736bfd2c69165c
-#   generated/losses.py 34c099628376bfd5
+#   generated/layers.py 9382d83627108632
+#   generated/losses.py 8d77130f1f663bed
 #   generated/optimizers.py 26c2efa4e97587f2
 """The linear_diabetes model.
 
@@ -215,10 +215,9 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense0_weight_m, dense0_weight
     return loss
 
 
-@njit(cache=True, error_model="numpy")
 def _step_arrays(x, y, dense0_weight, dense0_bias):
     """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
-    uninitialised, for a batch of the shape of ``x``."""
+    uninitialised, for a batch of the shape of ``x`` (plain Python: once per batch shape)."""
     h0 = x
     h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
     loss = _mse_fwd_alloc(h1, y)

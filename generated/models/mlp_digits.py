@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 54d6bbdb6458dd4f
-#   generated/layers.py 1f736bfd2c69165c
-#   generated/losses.py 34c099628376bfd5
+#   generated/activations.py 3f8f8ace8e4e2cc3
+#   generated/layers.py 9382d83627108632
+#   generated/losses.py 8d77130f1f663bed
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_digits model.
 
@@ -274,10 +274,9 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, de
     return loss
 
 
-@njit(cache=True, error_model="numpy")
 def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias):
     """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
-    uninitialised, for a batch of the shape of ``x``."""
+    uninitialised, for a batch of the shape of ``x`` (plain Python: once per batch shape)."""
     h0 = x
     h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
     h2 = _relu_fwd_alloc(h1)
