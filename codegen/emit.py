@@ -672,6 +672,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     # the compiled core: arrays already checked and converted; dimensions from shapes,
     # float attributes cast to the arrays' float type, outputs allocated inside
     floats = [c["name"] for c in convert if c["kind"] != "int"]
+    casts = [a for a in attrs if a in float_attrs and a in symbols_used]
     return {
         "signature": signature,
         "doc": doc,
@@ -688,7 +689,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "op": p.name,
         "params": params,
         "attrs": attrs,
-        "float_attrs": [a for a in attrs if a in float_attrs and a in symbols_used],
+        "float_attrs": casts,
         "int_attrs": [a for a in attrs if a not in float_attrs],
         "counter": p.step_counter.name if (entry == "step" and p.step_counter is not None) else None,
         "convert": convert,
@@ -701,7 +702,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "result_names": [r["name"] for r in result_kinds],
         "array_results": [r["name"] for r in result_kinds if not r["scalar"]],
         # what the float type is needed for once the results are given
-        "needs_dtype": any(not a["result"] for a in alloc) or any(a in float_attrs and a in symbols_used for a in attrs),
+        "needs_dtype": bool(casts) or any(not a["result"] for a in alloc),
         # what the wrapper returns of the core's results: scalars as numbers (the core
         # returns them as one-element arrays), flat results in the arguments' shape
         "returns": [

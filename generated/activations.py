@@ -127,7 +127,6 @@ def _elu_fwd_core(x, alpha):
     return y.reshape(_shape)
 
 
-
 def _elu_fwd_alloc(x, alpha):
     """The results of ``_elu_fwd_core`` for arguments of these shapes, uninitialised: what ``_elu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -174,7 +173,6 @@ def _elu_bwd_core(g_y, x, alpha):
     g_x = np.empty((N,), _dtype)
     _elu_bwd0(x, g_y, g_x, N, alpha)
     return g_x.reshape(_shape)
-
 
 
 def _elu_bwd_alloc(g_y, x, alpha):
@@ -254,7 +252,6 @@ def _gelu_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _gelu_fwd_alloc(x):
     """The results of ``_gelu_fwd_core`` for arguments of these shapes, uninitialised: what ``_gelu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -297,7 +294,6 @@ def _gelu_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _gelu_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _gelu_bwd_alloc(g_y, x):
@@ -371,7 +367,6 @@ def _leaky_relu_fwd_core(x, slope):
     return y.reshape(_shape)
 
 
-
 def _leaky_relu_fwd_alloc(x, slope):
     """The results of ``_leaky_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -418,7 +413,6 @@ def _leaky_relu_bwd_core(g_y, x, slope):
     g_x = np.empty((N,), _dtype)
     _leaky_relu_bwd0(x, g_y, g_x, N, slope)
     return g_x.reshape(_shape)
-
 
 
 def _leaky_relu_bwd_alloc(g_y, x, slope):
@@ -495,7 +489,6 @@ def _mish_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _mish_fwd_alloc(x):
     """The results of ``_mish_fwd_core`` for arguments of these shapes, uninitialised: what ``_mish_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -538,7 +531,6 @@ def _mish_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _mish_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _mish_bwd_alloc(g_y, x):
@@ -611,7 +603,6 @@ def _relu_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _relu_fwd_alloc(x):
     """The results of ``_relu_fwd_core`` for arguments of these shapes, uninitialised: what ``_relu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -654,7 +645,6 @@ def _relu_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _relu_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _relu_bwd_alloc(g_y, x):
@@ -728,7 +718,6 @@ def _sigmoid_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _sigmoid_fwd_alloc(x):
     """The results of ``_sigmoid_fwd_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -771,7 +760,6 @@ def _sigmoid_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _sigmoid_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _sigmoid_bwd_alloc(g_y, x):
@@ -850,7 +838,6 @@ def _silu_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _silu_fwd_alloc(x):
     """The results of ``_silu_fwd_core`` for arguments of these shapes, uninitialised: what ``_silu_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -893,7 +880,6 @@ def _silu_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _silu_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _silu_bwd_alloc(g_y, x):
@@ -966,7 +952,6 @@ def _softplus_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _softplus_fwd_alloc(x):
     """The results of ``_softplus_fwd_core`` for arguments of these shapes, uninitialised: what ``_softplus_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -1009,7 +994,6 @@ def _softplus_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _softplus_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _softplus_bwd_alloc(g_y, x):
@@ -1082,7 +1066,6 @@ def _tanh_fwd_core(x):
     return y.reshape(_shape)
 
 
-
 def _tanh_fwd_alloc(x):
     """The results of ``_tanh_fwd_core`` for arguments of these shapes, uninitialised: what ``_tanh_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -1125,7 +1108,6 @@ def _tanh_bwd_core(g_y, x):
     g_x = np.empty((N,), _dtype)
     _tanh_bwd0(x, g_y, g_x, N)
     return g_x.reshape(_shape)
-
 
 
 def _tanh_bwd_alloc(g_y, x):

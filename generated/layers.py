@@ -190,7 +190,6 @@ def _avg_pool2d_fwd_core(x, K, S):
     return y
 
 
-
 def _avg_pool2d_fwd_alloc(x, K, S):
     """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -248,7 +247,6 @@ def _avg_pool2d_bwd_core(g_y, x, K, S):
     g_x = np.empty((N, C, H, W), _dtype)
     _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO)
     return g_x
-
 
 
 def _avg_pool2d_bwd_alloc(g_y, x, K, S):
@@ -434,7 +432,6 @@ def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
     return y
 
 
-
 def _batch_norm2d_fwd_alloc(x, weight, bias, eps, momentum):
     """The results of ``_batch_norm2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -500,7 +497,6 @@ def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
     _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
     return g_x, g_weight, g_bias
-
 
 
 def _batch_norm2d_bwd_alloc(g_y, x, weight, bias, eps, momentum):
@@ -579,7 +575,6 @@ def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
     return g_weight, g_bias
 
 
-
 def _batch_norm2d_bwd_params_alloc(g_y, x, weight, bias, eps, momentum):
     """The results of ``_batch_norm2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -627,7 +622,6 @@ def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
     return y, rstd, xhat
 
 
-
 def _batch_norm2d_fwd_saving_alloc(x, weight, bias, eps, momentum):
     """The results of ``_batch_norm2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -671,7 +665,6 @@ def _batch_norm2d_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum
     return g_x, g_weight, g_bias
 
 
-
 def _batch_norm2d_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
     """The results of ``_batch_norm2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -708,7 +701,6 @@ def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, m
     g_bias = np.empty((C,), _dtype)
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
     return g_weight, g_bias
-
 
 
 def _batch_norm2d_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
@@ -797,7 +789,6 @@ def _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps)
     return y
 
 
-
 def _batch_norm2d_eval_fwd_alloc(x, running_mean, running_var, weight, bias, eps):
     """The results of ``_batch_norm2d_eval_fwd_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -861,7 +852,6 @@ def _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias,
     _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
     _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps)
     return g_x, g_weight, g_bias
-
 
 
 def _batch_norm2d_eval_bwd_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
@@ -934,7 +924,6 @@ def _batch_norm2d_eval_bwd_params_core(g_y, x, running_mean, running_var, weight
     g_bias = np.empty((C,), _dtype)
     _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
     return g_weight, g_bias
-
 
 
 def _batch_norm2d_eval_bwd_params_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
@@ -1012,7 +1001,6 @@ def _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum):
     new_var = np.empty((C,), _dtype)
     _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum)
     return new_mean, new_var
-
 
 
 def _batch_norm2d_stats_fwd_alloc(x, running_mean, running_var, momentum):
@@ -1184,7 +1172,6 @@ def _conv2d_fwd_core(x, weight, bias, S, P):
     return y
 
 
-
 def _conv2d_fwd_alloc(x, weight, bias, S, P):
     """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -1261,7 +1248,6 @@ def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
     _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return g_x, g_weight, g_bias
-
 
 
 def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
@@ -1348,7 +1334,6 @@ def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
     _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
     _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return g_weight, g_bias
-
 
 
 def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
@@ -1474,7 +1459,6 @@ def _cosine_similarity_fwd_core(x1, x2, eps):
     return y
 
 
-
 def _cosine_similarity_fwd_alloc(x1, x2, eps):
     """The results of ``_cosine_similarity_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
@@ -1524,7 +1508,6 @@ def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
     _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
     return g_x1, g_x2
-
 
 
 def _cosine_similarity_bwd_alloc(g_y, x1, x2, eps):
@@ -1583,7 +1566,6 @@ def _cosine_similarity_fwd_saving_core(x1, x2, eps):
     return y, y_sum0, y_sum1
 
 
-
 def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
     """The results of ``_cosine_similarity_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
@@ -1616,7 +1598,6 @@ def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
     g_x2 = np.empty((B, D), _dtype)
     _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
     return g_x1, g_x2
-
 
 
 def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y, y_sum0, y_sum1, eps):
@@ -1696,7 +1677,6 @@ def _dense_fwd_core(x, weight, bias):
     return y
 
 
-
 def _dense_fwd_alloc(x, weight, bias):
     """The results of ``_dense_fwd_core`` for arguments of these shapes, uninitialised: what ``_dense_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -1747,7 +1727,6 @@ def _dense_bwd_core(g_y, x, weight, bias):
     _dense_bwd1(x, g_y, g_weight, B, I, O)
     _dense_bwd2(weight, g_y, g_x, B, I, O)
     return g_x, g_weight, g_bias
-
 
 
 def _dense_bwd_alloc(g_y, x, weight, bias):
@@ -1808,7 +1787,6 @@ def _dense_bwd_params_core(g_y, x, weight, bias):
     return g_weight, g_bias
 
 
-
 def _dense_bwd_params_alloc(g_y, x, weight, bias):
     """The results of ``_dense_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_dense_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -1867,7 +1845,6 @@ def _dropout_fwd_core(x, mask, p):
     return y
 
 
-
 def _dropout_fwd_alloc(x, mask, p):
     """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -1912,7 +1889,6 @@ def _dropout_bwd_core(g_y, x, mask, p):
     g_x = np.empty((B, N), _dtype)
     _dropout_bwd0(mask, g_y, g_x, B, N, p)
     return g_x
-
 
 
 def _dropout_bwd_alloc(g_y, x, mask, p):
@@ -1999,7 +1975,6 @@ def _embedding_fwd_core(idx, table):
     return y
 
 
-
 def _embedding_fwd_alloc(idx, table):
     """The results of ``_embedding_fwd_core`` for arguments of these shapes, uninitialised: what ``_embedding_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = table.dtype
@@ -2043,7 +2018,6 @@ def _embedding_bwd_core(g_y, idx, table):
     _embedding_bwd0(g_table, D, V)
     _embedding_bwd1(idx, g_y, g_table, B, D, V)
     return g_table
-
 
 
 def _embedding_bwd_alloc(g_y, idx, table):
@@ -2133,7 +2107,6 @@ def _flatten_fwd_core(x):
     return y
 
 
-
 def _flatten_fwd_alloc(x):
     """The results of ``_flatten_fwd_core`` for arguments of these shapes, uninitialised: what ``_flatten_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -2184,7 +2157,6 @@ def _flatten_bwd_core(g_y, x):
     _flatten_bwd0(g_x, C, H, N, W)
     _flatten_bwd1(g_y, g_x, C, F, H, N, W)
     return g_x
-
 
 
 def _flatten_bwd_alloc(g_y, x):
@@ -2306,7 +2278,6 @@ def _gcn_layer_fwd_core(A, x, weight, bias):
     return y
 
 
-
 def _gcn_layer_fwd_alloc(A, x, weight, bias):
     """The results of ``_gcn_layer_fwd_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = A.dtype
@@ -2364,7 +2335,6 @@ def _gcn_layer_bwd_core(g_y, A, x, weight, bias):
     _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
     _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V)
     return g_x, g_weight, g_bias
-
 
 
 def _gcn_layer_bwd_alloc(g_y, A, x, weight, bias):
@@ -2427,7 +2397,6 @@ def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
     _gcn_layer_bwd0(g_y, g_bias, O, V)
     _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
     return g_weight, g_bias
-
 
 
 def _gcn_layer_bwd_params_alloc(g_y, A, x, weight, bias):
@@ -2991,7 +2960,6 @@ def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-
 def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     """The results of ``_gru_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -3097,7 +3065,6 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
-
 
 
 def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
@@ -3225,7 +3192,6 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-
 def _gru_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """The results of ``_gru_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -3296,7 +3262,6 @@ def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y, r, z, hn, nn
 
 
-
 def _gru_cell_fwd_saving_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     """The results of ``_gru_cell_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -3364,7 +3329,6 @@ def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-
 def _gru_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     """The results of ``_gru_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -3430,7 +3394,6 @@ def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
     _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
-
 
 
 def _gru_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
@@ -3603,7 +3566,6 @@ def _layer_norm_fwd_core(x, weight, bias, eps):
     return y
 
 
-
 def _layer_norm_fwd_alloc(x, weight, bias, eps):
     """The results of ``_layer_norm_fwd_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -3664,7 +3626,6 @@ def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
     _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
     _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
     return g_x, g_weight, g_bias
-
 
 
 def _layer_norm_bwd_alloc(g_y, x, weight, bias, eps):
@@ -3736,7 +3697,6 @@ def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
     return g_weight, g_bias
 
 
-
 def _layer_norm_bwd_params_alloc(g_y, x, weight, bias, eps):
     """The results of ``_layer_norm_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -3776,7 +3736,6 @@ def _layer_norm_fwd_saving_core(x, weight, bias, eps):
     _layer_norm_fwd0(x, mean, rstd, B, D, eps)
     _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D)
     return y, rstd, xhat
-
 
 
 def _layer_norm_fwd_saving_alloc(x, weight, bias, eps):
@@ -3819,7 +3778,6 @@ def _layer_norm_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     return g_x, g_weight, g_bias
 
 
-
 def _layer_norm_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
     """The results of ``_layer_norm_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -3854,7 +3812,6 @@ def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     g_bias = np.empty((D,), _dtype)
     _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
     return g_weight, g_bias
-
 
 
 def _layer_norm_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
@@ -3974,7 +3931,6 @@ def _log_softmax_fwd_core(x):
     return y
 
 
-
 def _log_softmax_fwd_alloc(x):
     """The results of ``_log_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -4017,7 +3973,6 @@ def _log_softmax_bwd_core(g_y, x):
     _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C)
     _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
     return g_x
-
 
 
 def _log_softmax_bwd_alloc(g_y, x):
@@ -4068,7 +4023,6 @@ def _log_softmax_fwd_saving_core(x):
     return y, y_lse0
 
 
-
 def _log_softmax_fwd_saving_alloc(x):
     """The results of ``_log_softmax_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -4099,7 +4053,6 @@ def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
     _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
     _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
     return g_x
-
 
 
 def _log_softmax_bwd_saved_alloc(g_y, x, y_lse0):
@@ -4221,7 +4174,6 @@ def _max_pool2d_fwd_core(x, K, S):
     return y
 
 
-
 def _max_pool2d_fwd_alloc(x, K, S):
     """The results of ``_max_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -4279,7 +4231,6 @@ def _max_pool2d_bwd_core(g_y, x, K, S):
     _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
     _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return g_x
-
 
 
 def _max_pool2d_bwd_alloc(g_y, x, K, S):
@@ -4350,7 +4301,6 @@ def _max_pool2d_fwd_saving_core(x, K, S):
     return y, y_argmax_p, y_argmax_q
 
 
-
 def _max_pool2d_fwd_saving_alloc(x, K, S):
     """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -4391,7 +4341,6 @@ def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
     g_x = np.empty((N, C, H, W), _dtype)
     _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return g_x
-
 
 
 def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
@@ -4932,7 +4881,6 @@ def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, cau
     return y
 
 
-
 def _multi_head_attention_fwd_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """The results of ``_multi_head_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -5065,7 +5013,6 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
     _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
-
 
 
 def _multi_head_attention_bwd_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
@@ -5233,7 +5180,6 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-
 def _multi_head_attention_bwd_params_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """The results of ``_multi_head_attention_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -5323,7 +5269,6 @@ def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     return y, qh, kh, vh, prob, oh
 
 
-
 def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """The results of ``_multi_head_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -5401,7 +5346,6 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
     _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
-
 
 
 def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
@@ -5493,7 +5437,6 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads)
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
-
 
 
 def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
@@ -5652,7 +5595,6 @@ def _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-
 def _rnn_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     """The results of ``_rnn_cell_fwd_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -5726,7 +5668,6 @@ def _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H)
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
-
 
 
 def _rnn_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
@@ -5815,7 +5756,6 @@ def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-
 def _rnn_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """The results of ``_rnn_cell_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -5866,7 +5806,6 @@ def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-
 def _rnn_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     """The results of ``_rnn_cell_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
@@ -5910,7 +5849,6 @@ def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I)
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
-
 
 
 def _rnn_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
@@ -6081,7 +6019,6 @@ def _scaled_dot_product_attention_fwd_core(q, k, v, causal):
     return y
 
 
-
 def _scaled_dot_product_attention_fwd_alloc(q, k, v, causal):
     """The results of ``_scaled_dot_product_attention_fwd_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = q.dtype
@@ -6159,7 +6096,6 @@ def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
     _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
     return g_q, g_k, g_v
-
 
 
 def _scaled_dot_product_attention_bwd_alloc(g_y, q, k, v, causal):
@@ -6246,7 +6182,6 @@ def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
     return y, prob
 
 
-
 def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
     """The results of ``_scaled_dot_product_attention_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = q.dtype
@@ -6297,7 +6232,6 @@ def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
     _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
     _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
     return g_q, g_k, g_v
-
 
 
 def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
@@ -6402,7 +6336,6 @@ def _softmax_fwd_core(x):
     return y
 
 
-
 def _softmax_fwd_alloc(x):
     """The results of ``_softmax_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
@@ -6448,7 +6381,6 @@ def _softmax_bwd_core(g_y, x):
     _softmax_bwd0(y, g_y, g_x_sum0, B, C)
     _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
     return g_x
-
 
 
 def _softmax_bwd_alloc(g_y, x):
@@ -6500,7 +6432,6 @@ def _softmax_bwd_saved_core(g_y, x, y):
     _softmax_bwd0(y, g_y, g_x_sum0, B, C)
     _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
     return g_x
-
 
 
 def _softmax_bwd_saved_alloc(g_y, x, y):

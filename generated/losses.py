@@ -135,7 +135,6 @@ def _bce_with_logits_fwd_core(pred, target):
     return loss
 
 
-
 def _bce_with_logits_fwd_alloc(pred, target):
     """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
@@ -177,7 +176,6 @@ def _bce_with_logits_bwd_core(g_loss, pred, target):
     g_pred = np.empty((B, N), _dtype)
     _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N)
     return g_pred
-
 
 
 def _bce_with_logits_bwd_alloc(g_loss, pred, target):
@@ -322,7 +320,6 @@ def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
     return loss
 
 
-
 def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
     """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
@@ -382,7 +379,6 @@ def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
     _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
     return g_x1, g_x2
-
 
 
 def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
@@ -449,7 +445,6 @@ def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
     return loss, cos_sum0, cos_sum1, cos_sum2, cos
 
 
-
 def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps):
     """The results of ``_cosine_embedding_loss_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
@@ -487,7 +482,6 @@ def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_s
     g_x2 = np.empty((B, D), _dtype)
     _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
     return g_x1, g_x2
-
 
 
 def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
@@ -557,7 +551,6 @@ def _huber_fwd_core(pred, target, delta):
     return loss
 
 
-
 def _huber_fwd_alloc(pred, target, delta):
     """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised: what ``_huber_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
@@ -603,7 +596,6 @@ def _huber_bwd_core(g_loss, pred, target, delta):
     g_pred = np.empty((B, N), _dtype)
     _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
     return g_pred
-
 
 
 def _huber_bwd_alloc(g_loss, pred, target, delta):
@@ -690,7 +682,6 @@ def _kl_div_fwd_core(logq, logp):
     return loss
 
 
-
 def _kl_div_fwd_alloc(logq, logp):
     """The results of ``_kl_div_fwd_core`` for arguments of these shapes, uninitialised: what ``_kl_div_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logq.dtype
@@ -733,7 +724,6 @@ def _kl_div_bwd_core(g_loss, logq, logp):
     g_logp = np.empty((B, C), _dtype)
     _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C)
     return g_logq, g_logp
-
 
 
 def _kl_div_bwd_alloc(g_loss, logq, logp):
@@ -811,7 +801,6 @@ def _mse_fwd_core(pred, target):
     return loss
 
 
-
 def _mse_fwd_alloc(pred, target):
     """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised: what ``_mse_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
@@ -853,7 +842,6 @@ def _mse_bwd_core(g_loss, pred, target):
     g_pred = np.empty((B, N), _dtype)
     _mse_bwd0(pred, target, g_loss, g_pred, B, N)
     return g_pred
-
 
 
 def _mse_bwd_alloc(g_loss, pred, target):
@@ -930,7 +918,6 @@ def _nll_fwd_core(logprobs, target):
     return loss
 
 
-
 def _nll_fwd_alloc(logprobs, target):
     """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logprobs.dtype
@@ -972,7 +959,6 @@ def _nll_bwd_core(g_loss, logprobs, target):
     g_logprobs = np.empty((B, C), _dtype)
     _nll_bwd0(target, g_loss, g_logprobs, B, C)
     return g_logprobs
-
 
 
 def _nll_bwd_alloc(g_loss, logprobs, target):
@@ -1074,7 +1060,6 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     return loss
 
 
-
 def _softmax_cross_entropy_fwd_alloc(logits, target):
     """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
@@ -1121,7 +1106,6 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
     _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
     return g_logits
-
 
 
 def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
@@ -1172,7 +1156,6 @@ def _softmax_cross_entropy_fwd_saving_core(logits, target):
     return loss, loss_lse0
 
 
-
 def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
     """The results of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
@@ -1201,7 +1184,6 @@ def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
     g_logits = np.empty((B, C), _dtype)
     _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
     return g_logits
-
 
 
 def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_lse0):

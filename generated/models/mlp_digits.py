@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 3f8f8ace8e4e2cc3
-#   generated/layers.py 9382d83627108632
-#   generated/losses.py 8d77130f1f663bed
+#   generated/activations.py 10ca279e0eab3f08
+#   generated/layers.py e7d000265fa847b1
+#   generated/losses.py f0eaecee4a9c99ea
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_digits model.
 
