@@ -19,19 +19,21 @@ def _blocks_for(program):
     return program.extra.get("blocks") or [("raw", program.latex)]
 
 
-def document(programs, fmt: str) -> str:
+def document(programs, fmt: str, title: str = "derivations of the op library") -> str:
+    """A whole document: Markdown with ``$$`` math, or a .tex file that compiles."""
     if fmt == "md":
-        parts = ["# symgrad: derivations of the op library", "",
+        parts = [f"# symgrad: {title}", "",
                  "Every gradient below was derived by SymPy from the forward definition; "
                  "$\\bar{t}$ is the gradient of the final scalar with respect to $t$.", ""]
         for p in programs:
             parts.append(render_md(_blocks_for(p)))
         return "\n".join(parts)
-    parts = [TEX_PREAMBLE, "\\section*{symgrad: derivations of the op library}",
+    parts = [TEX_PREAMBLE, "\\section*{symgrad: %s}" % title.replace("_", "\\_"),
              "Every gradient below was derived by SymPy from the forward definition; "
-             "$\\bar{t}$ is the gradient of the final scalar with respect to $t$.", ""]
+             "$\\bar{t}$ is the gradient of the final scalar with respect to $t$.", "",
+             "\\tableofcontents", ""]
     for p in programs:
-        parts.append(render_tex(_blocks_for(p)))
+        parts.append(render_tex(_blocks_for(p), level="subsection", fit=True))
     parts.append("\\end{document}\n")
     return "\n".join(parts)
 
@@ -64,7 +66,10 @@ def main(argv=None) -> int:
                     print(f"error: no library op named {args.target!r}; known: {names}", file=sys.stderr)
                     return 2
                 program = found[0]
-            text = render_md(_blocks_for(program)) if fmt == "md" else program.latex
+            if args.out:  # a file is a whole document
+                text = document([program], fmt, title=f"the derivation of {program.name}")
+            else:
+                text = render_md(_blocks_for(program)) if fmt == "md" else program.latex
         else:
             parser.print_usage(sys.stderr)
             return 2

@@ -41,6 +41,37 @@ class DerivationPrinter(LatexPrinter):
             return self._tensor(expr.name)
         return super()._print_Symbol(expr)
 
+    def _print_And(self, expr):
+        """A conjunction with its bounds chained: ``0 \\le e < H`` for ``e >= 0 \\wedge H > e``.
+
+        Guards of zero-padded reads come out of the derivation as four separate
+        inequalities per window; a reader knows them as two ranges."""
+        bounds = [_as_bound(arg) for arg in expr.args]
+        used = [False] * len(bounds)
+        parts = []
+        for i, bound in enumerate(bounds):
+            if used[i]:
+                continue
+            used[i] = True
+            if bound is None:
+                parts.append(self._print(expr.args[i]))
+                continue
+            chain = list(bound)  # low, rel, high
+            for j in range(i + 1, len(bounds)):
+                other = bounds[j]
+                if used[j] or other is None:
+                    continue
+                if other[0] == chain[-1]:  # low < e, e < high
+                    chain += other[1:]
+                elif other[2] == chain[0]:  # e < high, low < e
+                    chain = list(other[:2]) + chain
+                else:
+                    continue
+                used[j] = True
+                break
+            parts.append(" ".join(t if isinstance(t, str) else self._print(t) for t in chain))
+        return r" \wedge ".join(parts)
+
     def _print_KroneckerDelta(self, expr, exp=None):
         return r"\delta_{%s,\,%s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
 
@@ -50,6 +81,18 @@ class DerivationPrinter(LatexPrinter):
         if expr.function.is_Add or expr.function.could_extract_minus_sign():
             body = r"\left(%s\right)" % body
         return r"\sum_{%s} %s" % (",".join(self._print(lim[0]) for lim in expr.limits), body)
+
+
+def _as_bound(rel):
+    """``(low, "<" or "\\le", high)`` for an inequality, None for anything else."""
+    if isinstance(rel, (sympy.StrictLessThan, sympy.LessThan)):
+        low, high = rel.lhs, rel.rhs
+    elif isinstance(rel, (sympy.StrictGreaterThan, sympy.GreaterThan)):
+        low, high = rel.rhs, rel.lhs
+    else:
+        return None
+    strict = isinstance(rel, (sympy.StrictLessThan, sympy.StrictGreaterThan))
+    return low, "<" if strict else r"\le", high
 
 
 _printer = DerivationPrinter({"mul_symbol": None})
@@ -205,7 +248,8 @@ def schedule_blocks(op: OpDef):
     return blocks
 
 
-_SPECIAL = {"_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%", "#": r"\#", "~": r"\~{}"}
+_SPECIAL = {"_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%", "#": r"\#", "~": r"\~{}",
+            "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 def _plain(text: str) -> str:
@@ -213,7 +257,10 @@ def _plain(text: str) -> str:
     return "".join(_SPECIAL.get(ch, ch) for ch in text)
 
 
-def render_tex(blocks, level="subsection*") -> str:
+def render_tex(blocks, level="subsection*", fit=False) -> str:
+    """A LaTeX fragment; ``fit`` (for a document with TEX_PREAMBLE) shrinks a display
+    that is wider than the line to the line's width instead of letting it run off
+    the page."""
     out = []
     for kind, text in blocks:
         if kind == "heading":
@@ -221,7 +268,8 @@ def render_tex(blocks, level="subsection*") -> str:
         elif kind == "text":
             out.append(_plain(text) if "$" not in text else text)
         else:
-            out.append("\\begin{equation*}\n" + text + "\n\\end{equation*}")
+            body = "\\fitdisplay{%s}" % text if fit else text
+            out.append("\\begin{equation*}\n" + body + "\n\\end{equation*}")
     return "\n\n".join(out) + "\n"
 
 
@@ -250,8 +298,14 @@ def schedule_latex(op) -> str:
 
 
 TEX_PREAMBLE = r"""\documentclass[11pt]{article}
-\usepackage{amsmath,amssymb}
+\usepackage{amsmath,amssymb,graphicx}
 \usepackage[margin=2cm]{geometry}
 \allowdisplaybreaks
+\sloppy  % long identifiers in the prose (torch.nn.functional...) go to the next line, not into the margin
+% A display wider than the line is scaled down to the line's width (render_tex's fit).
+\newsavebox{\fitbox}
+\newcommand{\fitdisplay}[1]{%
+  \sbox{\fitbox}{$\displaystyle #1$}%
+  \ifdim\wd\fitbox>\linewidth\resizebox{\linewidth}{!}{\usebox{\fitbox}}\else\usebox{\fitbox}\fi}
 \begin{document}
 """

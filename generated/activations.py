@@ -1279,7 +1279,7 @@ _LATEX = {
     "elu": (
         "\\subsection*{elu}\n"
         "\n"
-        "x for x > 0, alpha (exp(x) - 1) otherwise.\n"
+        "x for x \\textgreater{} 0, alpha (exp(x) - 1) otherwise.\n"
         "\n"
         "Forward definition (the spec):\n"
         "\n"
@@ -1345,7 +1345,7 @@ _LATEX = {
     "leaky_relu": (
         "\\subsection*{leaky\\_relu}\n"
         "\n"
-        "x for x > 0, slope * x otherwise.\n"
+        "x for x \\textgreater{} 0, slope * x otherwise.\n"
         "\n"
         "Forward definition (the spec):\n"
         "\n"

@@ -1624,7 +1624,7 @@ _LATEX = {
     "kl_div": (
         "\\subsection*{kl\\_div}\n"
         "\n"
-        "KL(p || q) from log-probabilities, batchmean (F.kl\\_div(logq, logp, reduction='batchmean', log\\_target=True)).\n"
+        "KL(p \\textbar{}\\textbar{} q) from log-probabilities, batchmean (F.kl\\_div(logq, logp, reduction='batchmean', log\\_target=True)).\n"
         "\n"
         "Forward definition (the spec):\n"
         "\n"

@@ -85,20 +85,65 @@ def test_derive_unknown_op_fails_naming_it():
     assert "no_such_op" in proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope="module")
+def library_documents(tmp_path_factory) -> dict[str, Path]:
+    """``python -m derive --all --out`` as .md and as .tex, written once for these tests."""
+    out = tmp_path_factory.mktemp("derivations")
+    documents = {}
+    for suffix in (".md", ".tex"):
+        path = out / f"derivations{suffix}"
+        proc = run(["-m", "derive", "--all", "--out", str(path)])
+        assert proc.returncode == 0, proc.stderr
+        documents[suffix] = path
+    return documents
+
+
 @pytest.mark.parametrize("suffix", [".md", ".tex"])
-def test_derive_all_writes_a_document(tmp_path, suffix):
+def test_derive_all_writes_a_document(library_documents, suffix):
     import generated
 
-    out = tmp_path / f"derivations{suffix}"
-    proc = run(["-m", "derive", "--all", "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr
-    text = out.read_text()
+    text = library_documents[suffix].read_text()
     missing = [n for n in generated.ops() if n.replace("_", "\\_") not in text and n not in text]
     assert not missing, f"ops missing from the document: {missing}"
     if suffix == ".tex":
         assert "\\documentclass" in text and "\\begin{document}" in text and "\\end{document}" in text
     else:
         assert "$$" in text or "\\[" in text or "```math" in text, "display math in the Markdown"
+
+
+@pytest.mark.parametrize("suffix", [".md", ".tex"])
+def test_committed_derivations_are_up_to_date(library_documents, suffix):
+    committed = REPO / "docs" / f"derivations{suffix}"
+    assert committed.read_text() == library_documents[suffix].read_text(), (
+        f"{committed.relative_to(REPO)} is stale: run python -m derive --all --out {committed.relative_to(REPO)}")
+
+
+def pdflatex(tex: Path) -> str:
+    """Compile ``tex`` twice (the table of contents) and return the log."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex is not installed (.ci/run installs texlive-latex-base where it can)")
+    for _ in range(2):
+        proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
+                              cwd=tex.parent, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{tex.name} does not compile:\n{proc.stdout[-3000:]}"
+    assert tex.with_suffix(".pdf").stat().st_size > 0
+    return tex.with_suffix(".log").read_text(errors="replace")
+
+
+def test_library_tex_compiles_and_every_line_fits_the_page(library_documents):
+    log = pdflatex(library_documents[".tex"])
+    overfull = [line for line in log.splitlines() if line.startswith("Overfull \\hbox")]
+    assert not overfull, f"{len(overfull)} lines run into the margin, e.g. {overfull[:3]}"
+
+
+def test_derive_out_writes_a_whole_document_for_one_op(tmp_path):
+    out = tmp_path / "conv2d.tex"
+    proc = run(["-m", "derive", "conv2d", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.startswith("\\documentclass") and "conv2d" in text
+    log = pdflatex(out)
+    assert "Overfull \\hbox" not in log
 
 
 # ---------------------------------------------------------------- python -m codegen

@@ -324,3 +324,21 @@ def test_compact_instance_norm_backward_matches_pytorch(tmp_path):
     np.testing.assert_allclose(op.forward(x), yt.detach().numpy(), rtol=1e-10, atol=1e-12)
     gx = op.backward(gy, x)  # one differentiable argument: one array
     np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_padding_guards_print_as_ranges():
+    """A zero-padded read's four inequalities read as two ranges, 0 <= e < H."""
+    from derive.latex import tex
+
+    P, S, h, p, H, w, q, W, n = sympy.symbols("P S h p H w q W n")
+    row, col = -P + S * h + p, -P + S * w + q
+    guard = sympy.And(row >= 0, col >= 0, H > row, W > col, sympy.Eq(n, 1))
+    text = tex(sympy.Piecewise((1, guard), (0, True)))
+    assert rf"0 \le {tex(row)} < H" in text and rf"0 \le {tex(col)} < W" in text
+    assert "n = 1" in text and r"\geq" not in text and ">" not in text
+
+
+def test_conv2d_derivation_writes_its_padding_as_ranges():
+    text = LIB["conv2d"].latex
+    assert r"0 \le - P + S h + p < H" in text
+    assert r"\geq 0" not in text

@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 10ca279e0eab3f08
-#   generated/layers.py e7d000265fa847b1
-#   generated/losses.py f0eaecee4a9c99ea
+#   generated/activations.py 4d8d23897bbcaba8
+#   generated/layers.py 76f497916d0aa272
+#   generated/losses.py 3901054156547fcb
 #   generated/optimizers.py 26c2efa4e97587f2
 """The mlp_bench model.
 
