@@ -78,6 +78,11 @@ class CodegenError(Exception):
     """An expression codegen cannot print (names the construct)."""
 
 
+def _is_square(e) -> bool:
+    """A symbol or tensor element squared: printed as ``x * x`` (see _print_Pow)."""
+    return isinstance(e, sympy.Pow) and e.exp == 2 and (e.base.is_Symbol or isinstance(e.base, sympy.Indexed))
+
+
 class CPUPrinter(PythonCodePrinter):
     """Prints scalar SymPy expressions for ``@njit`` kernels.
 
@@ -183,6 +188,12 @@ class CPUPrinter(PythonCodePrinter):
         # A non-negative literal prints as an atom (``_F(0.5)``), never ``(_F(0.5))``.
         if isinstance(item, (sympy.Rational, sympy.Float)) and item >= 0:
             return self._print(item)
+        if _is_square(item):
+            # printed as the product ``x * x``: it binds like a product, not a power
+            # (y/x**2 is ``y/(x * x)``, not ``y/x * x``)
+            p = PRECEDENCE["Mul"]
+            text = self._print(item)
+            return "(%s)" % text if p < level or (not strict and p <= level) else text
         return super().parenthesize(item, level, strict)
 
     def _in_mode(self, mode, fn, *args):
@@ -270,6 +281,11 @@ class CPUPrinter(PythonCodePrinter):
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.base, expr.exp
         if self._mode == "int":
+            if _is_square(expr):
+                # K * K: Numba lowers an integer ``**`` through float64 (on CUDA, f64
+                # instructions inside float32 kernels)
+                b = self._print(base)
+                return "%s * %s" % (b, b)
             if isinstance(exp, sympy.Integer) and exp >= 0:
                 return "%s**%s" % (self.parenthesize(base, PRECEDENCE["Pow"]), exp)
             raise CodegenError("non-integer power %s in an index expression" % expr)
@@ -282,14 +298,15 @@ class CPUPrinter(PythonCodePrinter):
             if n < 0:
                 inner = base if n == -1 else sympy.Pow(base, -n, evaluate=False)
                 return "%s(1) / %s" % (CAST, self.parenthesize(inner, PRECEDENCE["Mul"] + 1))
-            if n == 2 and (base.is_Symbol or isinstance(base, sympy.Indexed)):
+            if _is_square(expr):
                 b = self._print(base)
                 return "%s * %s" % (b, b)
             return "%s**%d" % (self.parenthesize(base, PRECEDENCE["Pow"] + 1), n)
         b = self.parenthesize(base, PRECEDENCE["Pow"] + 1)
         if self.is_int(exp):
-            e = self.expr(exp, "int")
-            return "%s**%s" % (b, e if exp.is_Atom else "(%s)" % e)
+            # beta**t with an integer t: the exponent cast to the kernel's float type, or
+            # Numba types float32 ** int64 as float64 and promotes the whole expression
+            return "%s**%s(%s)" % (b, CAST, self.expr(exp, "int"))
         return "%s**(%s)" % (b, self._print(exp))
 
     def _print_floor(self, expr):

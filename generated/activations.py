@@ -473,7 +473,7 @@ def _mish_bwd0(x, g_y, g_x, N):
     _F = g_x.dtype.type
     for n in range(0, N):
         _t0 = math.tanh(_softplus(x[n], _F))
-        _v_g_x = (_t0 + (_F(1) - _t0 * _t0)*_sigmoid(x[n], _F)*x[n])*g_y[n]
+        _v_g_x = (_t0 + (_F(1) - (_t0 * _t0))*_sigmoid(x[n], _F)*x[n])*g_y[n]
         g_x[n] = _v_g_x
 
 

@@ -385,7 +385,7 @@ def _mish_bwd0(x, g_y, g_x, N, _total):
     if _r < _total:
         n = _r
         _t0 = math.tanh(_softplus_dev(x[n], _F))
-        _v_g_x = (_t0 + (_F(1) - _t0 * _t0)*_sigmoid_dev(x[n], _F)*x[n])*g_y[n]
+        _v_g_x = (_t0 + (_F(1) - (_t0 * _t0))*_sigmoid_dev(x[n], _F)*x[n])*g_y[n]
         g_x[n] = _v_g_x
 
 

@@ -148,7 +148,7 @@ def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO):
 def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
     """y[n, c, h, w] = y_sum0[c, h, n, w]/K**2"""
     _F = y.dtype.type
-    _c0 = _F(1) / _F(K**2)
+    _c0 = _F(1) / (_F(K * K))
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, HO):
@@ -161,7 +161,7 @@ def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
 def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO):
     """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/K**2, h, w)"""
     _F = g_x.dtype.type
-    _c0 = _F(1) / _F(K**2)
+    _c0 = _F(1) / (_F(K * K))
     for n in range(0, N):
         for c in range(0, C):
             for h1 in range(0, H):
@@ -2592,7 +2592,7 @@ def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H):
     for g in range(0, G):
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_ih += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_b_ih[g] = _v_g_b_ih
 
 
@@ -2606,7 +2606,7 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
     for b in range(0, B):
         for g in range(0, G):
             for i in range(0, I):
-                g_w_ih[g, i] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+                g_w_ih[g, i] += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2618,7 +2618,7 @@ def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
@@ -2636,7 +2636,7 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
     for g in range(0, G):
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_hh += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_b_hh[g] = _v_g_b_hh
 
 
@@ -2650,7 +2650,7 @@ def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*r[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
@@ -2676,7 +2676,7 @@ def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H):
     for b in range(0, B):
         for g in range(0, G):
             for k in range(0, H):
-                g_w_hh[g, k] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+                g_w_hh[g, k] += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2786,12 +2786,12 @@ def _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H):
         # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
         _v_g_b_hh = g_b_hh[j]
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_b_hh += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
         g_b_hh[j] = _v_g_b_hh
         # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
         _v_g_b_ih = g_b_ih[j]
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_b_ih += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
         g_b_ih[j] = _v_g_b_ih
 
 
@@ -2805,7 +2805,7 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I):
     for b in range(0, B):
         for j in range(0, G):
             for i in range(0, I):
-                g_w_ih[j, i] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
+                g_w_ih[j, i] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy")
@@ -2818,7 +2818,7 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
@@ -2844,7 +2844,7 @@ def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
@@ -2870,7 +2870,7 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H):
     for b in range(0, B):
         for j in range(0, G):
             for k in range(0, H):
-                g_w_hh[j, k] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+                g_w_hh[j, k] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy")
@@ -5524,12 +5524,12 @@ def _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H):
         # g_b_hh[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
+            _v_g_b_hh += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
         g_b_hh[j] = _v_g_b_hh
         # g_b_ih[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
+            _v_g_b_ih += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
         g_b_ih[j] = _v_g_b_ih
 
 
@@ -5541,7 +5541,7 @@ def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H).T, x.reshape(B, I), g_w_ih.reshape(H, I), False)
 
 
@@ -5553,7 +5553,7 @@ def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H), w_ih.reshape(H, I), g_x.reshape(B, I), False)
 
 
@@ -5565,7 +5565,7 @@ def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H), w_hh.reshape(H, H), g_h.reshape(B, H), False)
 
 
@@ -5577,7 +5577,7 @@ def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H), False)
 
 

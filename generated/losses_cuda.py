@@ -430,7 +430,7 @@ def _huber_fwd0(pred, target, loss, B, N, delta, _total):
             for n in range(0, N):
                 _t0 = pred[b, n] - target[b, n]
                 _t1 = abs(_t0)
-                _v_loss_sum0 += (_F(0.5)*_t0 * _t0 if (delta > _t1) else delta*(_t1 - _F(0.5)*delta))
+                _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else delta*(_t1 - _F(0.5)*delta))
         # loss = loss_sum0/(B*N)
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss

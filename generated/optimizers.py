@@ -147,14 +147,14 @@ def _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t):
     _F = m.dtype.type
     _c0 = _F(1) - beta1
     _c1 = _F(1) - beta2
-    _c2 = _F(1) / (_F(1) - beta2**t)
-    _c3 = lr/(_F(1) - beta1**t)
+    _c2 = _F(1) / (_F(1) - beta2**_F(t))
+    _c3 = lr/(_F(1) - beta1**_F(t))
     for n in range(0, N):
         # m = beta1*m + g*(1 - beta1)
         _v_m = _c0*g[n] + beta1*m[n]
         m[n] = _v_m
         # v = beta2*v + g**2*(1 - beta2)
-        _v_v = _c1*g[n] * g[n] + beta2*v[n]
+        _v_v = _c1*(g[n] * g[n]) + beta2*v[n]
         v[n] = _v_v
         # p = -lr*m/((1 - beta1**t)*(eps + sqrt(v/(1 - beta2**t)))) + p
         _v_p = -_c3*_v_m/(eps + math.sqrt(_c2*_v_v)) + p[n]
@@ -223,8 +223,8 @@ def _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay):
     _c0 = lr*weight_decay
     _c1 = _F(1) - beta1
     _c2 = _F(1) - beta2
-    _c3 = _F(1) / (_F(1) - beta2**t)
-    _c4 = lr/(_F(1) - beta1**t)
+    _c3 = _F(1) / (_F(1) - beta2**_F(t))
+    _c4 = lr/(_F(1) - beta1**_F(t))
     for n in range(0, N):
         # p = -lr*p*weight_decay + p
         _v_p = -_c0*p[n] + p[n]
@@ -232,7 +232,7 @@ def _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay):
         _v_m = _c1*g[n] + beta1*m[n]
         m[n] = _v_m
         # v = beta2*v + g**2*(1 - beta2)
-        _v_v = _c2*g[n] * g[n] + beta2*v[n]
+        _v_v = _c2*(g[n] * g[n]) + beta2*v[n]
         v[n] = _v_v
         # p = -lr*m/((1 - beta1**t)*(eps + sqrt(v/(1 - beta2**t)))) + p
         _v_p = -_c4*_v_m/(eps + math.sqrt(_c3*_v_v)) + _v_p
@@ -415,7 +415,7 @@ def _rmsprop_step0(p, g, v, N, alpha, eps, lr):
     _c0 = _F(1) - alpha
     for n in range(0, N):
         # v = alpha*v + g**2*(1 - alpha)
-        _v_v = _c0*g[n] * g[n] + alpha*v[n]
+        _v_v = _c0*(g[n] * g[n]) + alpha*v[n]
         v[n] = _v_v
         # p = -g*lr/(eps + sqrt(v)) + p
         _v_p = -lr*g[n]/(math.sqrt(_v_v) + eps) + p[n]

@@ -48,6 +48,29 @@ def test_float_literals_are_typed(pr, expr, text):
     assert pr.expr(expr) == text
 
 
+@pytest.mark.parametrize(
+    "expr, text, values",
+    [
+        (sympy.Symbol("y") / sympy.Symbol("u") ** 2, "y/(u * u)", {"y": 3.0, "u": 2.0}),
+        (1 / sympy.Symbol("u") ** 2, "_F(1) / (u * u)", {"u": 2.0}),
+        (sympy.floor(N / K**2), "_F((N // (K * K)))", {"N": 20, "K": 2}),
+    ],
+)
+def test_a_square_printed_as_a_product_binds_as_one(pr, expr, text, values):
+    """x**2 prints as ``x * x``; under a division it keeps its parentheses."""
+    printed = pr.expr(expr)
+    assert printed == text
+    by_name = {str(s): s for s in expr.free_symbols}
+    expected = float(expr.subs({by_name[k]: v for k, v in values.items()}))
+    assert eval(printed, {"_F": float, **values}) == pytest.approx(expected)  # test only
+
+
+def test_an_integer_exponent_is_cast_to_the_float_type(pr):
+    """beta**t with an integer t: float32 ** int64 would be float64 in Numba."""
+    beta, t = sympy.Symbol("beta"), sympy.Symbol("t", integer=True)
+    assert pr.expr(1 - beta**t) == "_F(1) - beta**_F(t)"
+
+
 def test_floor_division_by_a_product_keeps_its_parentheses(pr):
     assert pr.index(sympy.floor(i / (N * K))) == "(i // (K*N))"
     assert eval(pr.index(sympy.floor(i / (N * K))), {"i": 23, "N": 2, "K": 3}) == 3

@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 4d8d23897bbcaba8
-#   generated/layers.py 76f497916d0aa272
-#   generated/losses.py 3901054156547fcb
-#   generated/optimizers.py 26c2efa4e97587f2
+#   generated/activations.py 827c922eeaacd02c
+#   generated/layers.py 4c0d339cc64dcdbc
+#   generated/losses.py 9c3ed628bec4ed8a
+#   generated/optimizers.py 4170e522433b57e8
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).
