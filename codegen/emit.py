@@ -279,6 +279,11 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
                 "where": pr.index(it.where) if it.scatter and it.where is not sympy.true else "",
             }
         )
+    for item in items:
+        # what a sum run with its loops outside (reduce_outer) first stores in its
+        # output: nothing when it accumulates onto the output's own value
+        element = "%s[%s]" % (item["target"], item["subscript"])
+        item["reset"] = "" if item["init"] == element else "%s = %s" % (element, item["init"])
     params = list(k.arrays) + [pr.index(s) for s in k.symbols]
     ctx = {
         "name": k.name,
@@ -290,6 +295,7 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
         "temps": k.temps,
         "gemm": None,
         "consts": [{"sym": pr.index(c.sym), "expr": pr.expr(c.expr)} for c in k.consts],
+        "resets": [it["reset"] for it in items if it["reset"]],
     }
     ctx["helpers"] = sorted(pr.helpers_used)
     if k.gemm is not None:
@@ -484,23 +490,31 @@ def contract_context(k: Kernel, ctx: dict, pr) -> dict:
 
 
 def reduce_outer(k: Kernel) -> bool:
-    """Whether a CPU sum should run with its reduction loops outside the free loops
-    (accumulating into the output array): when the reads walk memory along the
-    innermost free index rather than the innermost reduction index (column sums)."""
-    if k.gemm is not None or len(k.items) != 1 or not k.free:
+    """Whether a CPU kernel's sums should run with their reduction loops outside the
+    free loops (accumulating into the output arrays): when the reads walk memory along
+    the innermost free index rather than the innermost reduction index (column sums).
+    Several sums fused in one kernel qualify together when they reduce over the same
+    loops (layer_norm's g_bias and g_weight, both over the batch)."""
+    if k.gemm is not None or not k.items or not k.free:
         return False
-    (it,) = k.items
-    if it.reduce != "sum" or not it.store or it.argmax or it.finish is not None:
-        return False
-    loops = list(k.free) + list(it.over)
+    first = k.items[0]
+    same_over = [(l.index, l.lo, l.hi) for l in first.over]
+    for it in k.items:
+        if it.reduce != "sum" or not it.store or it.argmax or it.finish is not None or it.init is None:
+            return False
+        if it.scatter or [(l.index, l.lo, l.hi) for l in it.over] != same_over:
+            return False
+    loops = list(k.free) + list(first.over)
     indices = {l.index for l in loops}
     for l in loops:
         if (sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & indices:
             return False
-    inner_free, inner_over = k.free[-1].index, it.over[-1].index
-    reads = [r for r in sympy.sympify(it.value).atoms(sympy.Indexed)]
-    for t in it.pre + it.inner:
-        reads += list(sympy.sympify(t.expr).atoms(sympy.Indexed))
+    inner_free, inner_over = k.free[-1].index, first.over[-1].index
+    reads = []
+    for it in k.items:
+        reads += list(sympy.sympify(it.value).atoms(sympy.Indexed))
+        for t in it.pre + it.inner:
+            reads += list(sympy.sympify(t.expr).atoms(sympy.Indexed))
     along_free = sum(1 for r in reads if r.indices[-1] == inner_free)
     along_over = sum(1 for r in reads if r.indices[-1] == inner_over)
     return along_free > along_over

@@ -11,6 +11,11 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 # what every generated file's header says regenerates the library (a user's spec
 # built with ``--out`` names its own command)
 COMMAND = "python -m codegen"
+# The decorator of every CPU kernel. fastmath where it is safe: contraction into FMA,
+# reassociation (vectorised sums), reciprocal multiplies and unsigned zeros. Not nnan
+# or ninf (the kernels compare with -inf, a training run detects NaN losses) and not
+# afn (approximate exp/log would undo the accuracy the stability rewrites buy).
+NJIT = '@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})'
 
 
 def _pyrepr(value) -> str:
@@ -48,6 +53,7 @@ def environment() -> jinja2.Environment:
     env.filters["pyrepr"] = _pyrepr
     env.filters["docstring"] = _docstring
     env.filters["pytuple"] = _pytuple
+    env.globals["njit"] = NJIT
     return env
 
 

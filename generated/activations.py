@@ -7,9 +7,10 @@
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 activations_cuda.py).
-CPU kernels are single-threaded ``@njit(cache=True)`` loops; matrix products call
-``np.dot`` (threaded BLAS). ``_F`` is each kernel's float type: every number and
-integer in float arithmetic is cast to it, so float32 stays float32.
+CPU kernels are single-threaded ``@njit(cache=True)`` loops (fastmath without nnan,
+ninf or afn); matrix products call ``np.dot`` (threaded BLAS). ``_F`` is each
+kernel's float type: every number and integer in float arithmetic is cast to it, so
+float32 stays float32.
 """
 
 import math
@@ -78,7 +79,7 @@ def _check_derived(op, dim, value):
         raise ValueError("%s: derived dimension %s = %d is negative; check the arguments' shapes and attributes" % (op, dim, value))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid(x, F):
     """1 / (1 + exp(-x)), stable for both signs: exp only ever sees -|x| (no
     overflow), and the sign picks r or z*r without a branch the data can mispredict."""
@@ -87,7 +88,7 @@ def _sigmoid(x, F):
     return r if x >= 0 else z * r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus(x, F):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), stable for both signs."""
     return max(x, F(0)) + math.log1p(math.exp(-abs(x)))
@@ -96,7 +97,7 @@ def _softplus(x, F):
 # ============================================================================ elu
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_fwd0(x, y, N, alpha):
     """y[n] = Piecewise((x[n], x[n] > 0), (alpha*expm1(x[n]), True))"""
     _F = y.dtype.type
@@ -105,7 +106,7 @@ def _elu_fwd0(x, y, N, alpha):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_bwd0(x, g_y, g_x, N, alpha):
     """g_x[n] = Piecewise((1, x[n] > 0), (alpha*exp(x[n]), True))*g_y[n]"""
     _F = g_x.dtype.type
@@ -114,7 +115,7 @@ def _elu_bwd0(x, g_y, g_x, N, alpha):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_fwd_core(x, alpha):
     """Forward of elu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -137,7 +138,7 @@ def _elu_fwd_alloc(x, alpha):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_fwd_into(x, alpha, y):
     """``_elu_fwd_core`` writing its results into y (from ``_elu_fwd_alloc``)."""
     _dtype = x.dtype
@@ -161,7 +162,7 @@ def _elu_fwd(x, *, alpha):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_bwd_core(g_y, x, alpha):
     """Backward of elu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -186,7 +187,7 @@ def _elu_bwd_alloc(g_y, x, alpha):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_bwd_into(g_y, x, alpha, g_x):
     """``_elu_bwd_core`` writing its results into g_x (from ``_elu_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -218,7 +219,7 @@ def _elu_bwd(g_y, x, *, alpha):
 # ============================================================================ gelu
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gelu_fwd0(x, y, N):
     """y[n] = (erf(sqrt(2)*x[n]/2) + 1)*x[n]/2"""
     _F = y.dtype.type
@@ -229,7 +230,7 @@ def _gelu_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gelu_bwd0(x, g_y, g_x, N):
     """g_x[n] = (erf(sqrt(2)*x[n]/2) + 1 + sqrt(2)*exp(-x[n]**2/2)*x[n]/sqrt(pi))*g_y[n]/2"""
     _F = g_x.dtype.type
@@ -240,7 +241,7 @@ def _gelu_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gelu_fwd_core(x):
     """Forward of gelu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -262,7 +263,7 @@ def _gelu_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gelu_fwd_into(x, y):
     """``_gelu_fwd_core`` writing its results into y (from ``_gelu_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -283,7 +284,7 @@ def _gelu_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gelu_bwd_core(g_y, x):
     """Backward of gelu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -307,7 +308,7 @@ def _gelu_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gelu_bwd_into(g_y, x, g_x):
     """``_gelu_bwd_core`` writing its results into g_x (from ``_gelu_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)
@@ -336,7 +337,7 @@ def _gelu_bwd(g_y, x):
 # ============================================================================ leaky_relu
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _leaky_relu_fwd0(x, y, N, slope):
     """y[n] = Piecewise((x[n], x[n] > 0), (slope*x[n], True))"""
     _F = y.dtype.type
@@ -345,7 +346,7 @@ def _leaky_relu_fwd0(x, y, N, slope):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _leaky_relu_bwd0(x, g_y, g_x, N, slope):
     """g_x[n] = Piecewise((1, x[n] > 0), (slope, True))*g_y[n]"""
     _F = g_x.dtype.type
@@ -354,7 +355,7 @@ def _leaky_relu_bwd0(x, g_y, g_x, N, slope):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _leaky_relu_fwd_core(x, slope):
     """Forward of leaky_relu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -377,7 +378,7 @@ def _leaky_relu_fwd_alloc(x, slope):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _leaky_relu_fwd_into(x, slope, y):
     """``_leaky_relu_fwd_core`` writing its results into y (from ``_leaky_relu_fwd_alloc``)."""
     _dtype = x.dtype
@@ -401,7 +402,7 @@ def _leaky_relu_fwd(x, *, slope):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _leaky_relu_bwd_core(g_y, x, slope):
     """Backward of leaky_relu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -426,7 +427,7 @@ def _leaky_relu_bwd_alloc(g_y, x, slope):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _leaky_relu_bwd_into(g_y, x, slope, g_x):
     """``_leaky_relu_bwd_core`` writing its results into g_x (from ``_leaky_relu_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -458,7 +459,7 @@ def _leaky_relu_bwd(g_y, x, *, slope):
 # ============================================================================ mish
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mish_fwd0(x, y, N):
     """y[n] = tanh(softplus(x[n]))*x[n]"""
     _F = y.dtype.type
@@ -467,7 +468,7 @@ def _mish_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mish_bwd0(x, g_y, g_x, N):
     """g_x[n] = ((1 - tanh(softplus(x[n]))**2)*sigmoid(x[n])*x[n] + tanh(softplus(x[n])))*g_y[n]"""
     _F = g_x.dtype.type
@@ -477,7 +478,7 @@ def _mish_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mish_fwd_core(x):
     """Forward of mish: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -499,7 +500,7 @@ def _mish_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mish_fwd_into(x, y):
     """``_mish_fwd_core`` writing its results into y (from ``_mish_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -520,7 +521,7 @@ def _mish_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mish_bwd_core(g_y, x):
     """Backward of mish: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -544,7 +545,7 @@ def _mish_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mish_bwd_into(g_y, x, g_x):
     """``_mish_bwd_core`` writing its results into g_x (from ``_mish_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)
@@ -573,7 +574,7 @@ def _mish_bwd(g_y, x):
 # ============================================================================ relu
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _relu_fwd0(x, y, N):
     """y[n] = Piecewise((x[n], x[n] > 0), (0, True))"""
     _F = y.dtype.type
@@ -582,7 +583,7 @@ def _relu_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _relu_bwd0(x, g_y, g_x, N):
     """g_x[n] = Piecewise((1, x[n] > 0), (0, True))*g_y[n]"""
     _F = g_x.dtype.type
@@ -591,7 +592,7 @@ def _relu_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _relu_fwd_core(x):
     """Forward of relu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -613,7 +614,7 @@ def _relu_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _relu_fwd_into(x, y):
     """``_relu_fwd_core`` writing its results into y (from ``_relu_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -634,7 +635,7 @@ def _relu_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _relu_bwd_core(g_y, x):
     """Backward of relu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -658,7 +659,7 @@ def _relu_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _relu_bwd_into(g_y, x, g_x):
     """``_relu_bwd_core`` writing its results into g_x (from ``_relu_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)
@@ -687,7 +688,7 @@ def _relu_bwd(g_y, x):
 # ============================================================================ sigmoid
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid_fwd0(x, y, N):
     """y[n] = sigmoid(x[n])"""
     _F = y.dtype.type
@@ -696,7 +697,7 @@ def _sigmoid_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid_bwd0(x, g_y, g_x, N):
     """g_x[n] = (1 - sigmoid(x[n]))*sigmoid(x[n])*g_y[n]"""
     _F = g_x.dtype.type
@@ -706,7 +707,7 @@ def _sigmoid_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid_fwd_core(x):
     """Forward of sigmoid: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -728,7 +729,7 @@ def _sigmoid_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid_fwd_into(x, y):
     """``_sigmoid_fwd_core`` writing its results into y (from ``_sigmoid_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -749,7 +750,7 @@ def _sigmoid_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid_bwd_core(g_y, x):
     """Backward of sigmoid: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -773,7 +774,7 @@ def _sigmoid_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid_bwd_into(g_y, x, g_x):
     """``_sigmoid_bwd_core`` writing its results into g_x (from ``_sigmoid_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)
@@ -802,7 +803,7 @@ def _sigmoid_bwd(g_y, x):
 # ============================================================================ silu
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_fwd0(x, y, N):
     """y[n] = sigmoid(x[n])*x[n]"""
     _F = y.dtype.type
@@ -811,7 +812,7 @@ def _silu_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_bwd0(x, g_y, g_x, N):
     """y[n] = sigmoid(x[n])*x[n]
     g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
@@ -826,7 +827,7 @@ def _silu_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_fwd_core(x):
     """Forward of silu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -848,7 +849,7 @@ def _silu_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_fwd_into(x, y):
     """``_silu_fwd_core`` writing its results into y (from ``_silu_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -869,7 +870,7 @@ def _silu_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_bwd_core(g_y, x):
     """Backward of silu: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -893,7 +894,7 @@ def _silu_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_bwd_into(g_y, x, g_x):
     """``_silu_bwd_core`` writing its results into g_x (from ``_silu_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)
@@ -922,7 +923,7 @@ def _silu_bwd(g_y, x):
 # ============================================================================ softplus
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus_fwd0(x, y, N):
     """y[n] = softplus(x[n])"""
     _F = y.dtype.type
@@ -931,7 +932,7 @@ def _softplus_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus_bwd0(x, g_y, g_x, N):
     """g_x[n] = sigmoid(x[n])*g_y[n]"""
     _F = g_x.dtype.type
@@ -940,7 +941,7 @@ def _softplus_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus_fwd_core(x):
     """Forward of softplus: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -962,7 +963,7 @@ def _softplus_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus_fwd_into(x, y):
     """``_softplus_fwd_core`` writing its results into y (from ``_softplus_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -983,7 +984,7 @@ def _softplus_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus_bwd_core(g_y, x):
     """Backward of softplus: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1007,7 +1008,7 @@ def _softplus_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus_bwd_into(g_y, x, g_x):
     """``_softplus_bwd_core`` writing its results into g_x (from ``_softplus_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)
@@ -1036,7 +1037,7 @@ def _softplus_bwd(g_y, x):
 # ============================================================================ tanh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _tanh_fwd0(x, y, N):
     """y[n] = tanh(x[n])"""
     _F = y.dtype.type
@@ -1045,7 +1046,7 @@ def _tanh_fwd0(x, y, N):
         y[n] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _tanh_bwd0(x, g_y, g_x, N):
     """g_x[n] = (1 - tanh(x[n])**2)*g_y[n]"""
     _F = g_x.dtype.type
@@ -1054,7 +1055,7 @@ def _tanh_bwd0(x, g_y, g_x, N):
         g_x[n] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _tanh_fwd_core(x):
     """Forward of tanh: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -1076,7 +1077,7 @@ def _tanh_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _tanh_fwd_into(x, y):
     """``_tanh_fwd_core`` writing its results into y (from ``_tanh_fwd_alloc``)."""
     x = x.reshape(x.size)
@@ -1097,7 +1098,7 @@ def _tanh_fwd(x):
     return y.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _tanh_bwd_core(g_y, x):
     """Backward of tanh: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1121,7 +1122,7 @@ def _tanh_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _tanh_bwd_into(g_y, x, g_x):
     """``_tanh_bwd_core`` writing its results into g_x (from ``_tanh_bwd_alloc``)."""
     g_y = g_y.reshape(g_y.size)

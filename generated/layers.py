@@ -15,9 +15,10 @@
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 layers_cuda.py).
-CPU kernels are single-threaded ``@njit(cache=True)`` loops; matrix products call
-``np.dot`` (threaded BLAS). ``_F`` is each kernel's float type: every number and
-integer in float arithmetic is cast to it, so float32 stays float32.
+CPU kernels are single-threaded ``@njit(cache=True)`` loops (fastmath without nnan,
+ninf or afn); matrix products call ``np.dot`` (threaded BLAS). ``_F`` is each
+kernel's float type: every number and integer in float arithmetic is cast to it, so
+float32 stays float32.
 """
 
 import math
@@ -86,7 +87,7 @@ def _check_derived(op, dim, value):
         raise ValueError("%s: derived dimension %s = %d is negative; check the arguments' shapes and attributes" % (op, dim, value))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gemm(a, b, out, add):
     """out = a @ b, or out += a @ b when add, through BLAS (np.dot). A product with
     fewer rows than columns and an inner dimension at least its row count is computed
@@ -104,7 +105,7 @@ def _gemm(a, b, out, add):
         np.dot(a, b, out)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid(x, F):
     """1 / (1 + exp(-x)), stable for both signs: exp only ever sees -|x| (no
     overflow), and the sign picks r or z*r without a branch the data can mispredict."""
@@ -113,7 +114,7 @@ def _sigmoid(x, F):
     return r if x >= 0 else z * r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _span(a, b, lo, hi):
     """The part of the loop range [lo, hi) where a*v + b >= 0 (integers), as (lo, hi)
     with lo <= hi: one bound of a guard, so a loop runs without a test per element."""
@@ -129,7 +130,7 @@ def _span(a, b, lo, hi):
 # ============================================================================ avg_pool2d
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO):
     """y_sum0[c, h, n, w] = sum(x[n, c, S*h + p, S*w + q], p, q)"""
     _F = y_sum0.dtype.type
@@ -144,7 +145,7 @@ def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO):
                     y_sum0[c, h, n, w] = _v_y_sum0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
     """y[n, c, h, w] = y_sum0[c, h, n, w]/K**2"""
     _F = y.dtype.type
@@ -157,7 +158,7 @@ def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
                     y[n, c, h, w] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO):
     """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/K**2, h, w)"""
     _F = g_x.dtype.type
@@ -173,7 +174,7 @@ def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO):
                     g_x[n, c, h1, w1] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_fwd_core(x, K, S):
     """Forward of avg_pool2d: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -203,7 +204,7 @@ def _avg_pool2d_fwd_alloc(x, K, S):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_fwd_into(x, K, S, y):
     """``_avg_pool2d_fwd_core`` writing its results into y (from ``_avg_pool2d_fwd_alloc``)."""
     _dtype = x.dtype
@@ -234,7 +235,7 @@ def _avg_pool2d_fwd(x, *, K, S):
     return _avg_pool2d_fwd_core(x, K, S)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_bwd_core(g_y, x, K, S):
     """Backward of avg_pool2d: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -262,7 +263,7 @@ def _avg_pool2d_bwd_alloc(g_y, x, K, S):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_bwd_into(g_y, x, K, S, g_x):
     """``_avg_pool2d_bwd_core`` writing its results into g_x (from ``_avg_pool2d_bwd_alloc``)."""
     N = g_y.shape[0]
@@ -299,7 +300,7 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
 # ============================================================================ batch_norm2d
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps):
     """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
     mean[c] = mean_sum0[c]/(H*N*W)
@@ -332,7 +333,7 @@ def _batch_norm2d_fwd0(x, mean, rstd, C, H, N, W, eps):
         rstd[c] = _v_rstd
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd1(x, weight, bias, y, mean, rstd, C, H, N, W):
     """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
     y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
@@ -349,7 +350,7 @@ def _batch_norm2d_fwd1(x, weight, bias, y, mean, rstd, C, H, N, W):
                     y[n, c, h, w] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W):
     """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]"""
     _F = xhat.dtype.type
@@ -361,7 +362,7 @@ def _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W):
                     xhat[n, c, h, w] = _v_xhat
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W):
     """g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
     g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
@@ -384,7 +385,7 @@ def _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W):
         g_weight[c] = _v_g_weight
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W):
     """g_x[n, c, h, w] = (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*weight[c]"""
     _F = g_x.dtype.type
@@ -397,7 +398,7 @@ def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, 
                     g_x[n, c, h, w] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W):
     """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
     y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
@@ -415,7 +416,7 @@ def _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W):
                     y[n, c, h, w] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
     """Forward of batch_norm2d: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -443,7 +444,7 @@ def _batch_norm2d_fwd_alloc(x, weight, bias, eps, momentum):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd_into(x, weight, bias, eps, momentum, y):
     """``_batch_norm2d_fwd_core`` writing its results into y (from ``_batch_norm2d_fwd_alloc``)."""
     _dtype = x.dtype
@@ -477,7 +478,7 @@ def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     return _batch_norm2d_fwd_core(x, weight, bias, eps, momentum)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
     """Backward of batch_norm2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -512,7 +513,7 @@ def _batch_norm2d_bwd_alloc(g_y, x, weight, bias, eps, momentum):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_into(g_y, x, weight, bias, eps, momentum, g_x, g_weight, g_bias):
     """``_batch_norm2d_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -555,7 +556,7 @@ def _batch_norm2d_bwd(g_y, x, weight, bias, *, eps, momentum):
     return _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
     """Backward of batch_norm2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -587,7 +588,7 @@ def _batch_norm2d_bwd_params_alloc(g_y, x, weight, bias, eps, momentum):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_params_into(g_y, x, weight, bias, eps, momentum, g_weight, g_bias):
     """``_batch_norm2d_bwd_params_core`` writing its results into g_weight, g_bias (from ``_batch_norm2d_bwd_params_alloc``)."""
     _dtype = g_y.dtype
@@ -604,7 +605,7 @@ def _batch_norm2d_bwd_params_into(g_y, x, weight, bias, eps, momentum, g_weight,
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
     """Forward of batch_norm2d: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -635,7 +636,7 @@ def _batch_norm2d_fwd_saving_alloc(x, weight, bias, eps, momentum):
     return y, rstd, xhat
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_fwd_saving_into(x, weight, bias, eps, momentum, y, rstd, xhat):
     """``_batch_norm2d_fwd_saving_core`` writing its results into y, rstd, xhat (from ``_batch_norm2d_fwd_saving_alloc``)."""
     _dtype = x.dtype
@@ -649,7 +650,7 @@ def _batch_norm2d_fwd_saving_into(x, weight, bias, eps, momentum, y, rstd, xhat)
     _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
     """Backward of batch_norm2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -678,7 +679,7 @@ def _batch_norm2d_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentu
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum, g_x, g_weight, g_bias):
     """``_batch_norm2d_bwd_saved_core`` writing its results into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_saved_alloc``)."""
     N = g_y.shape[0]
@@ -689,7 +690,7 @@ def _batch_norm2d_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum
     _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
     """Backward of batch_norm2d: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -715,7 +716,7 @@ def _batch_norm2d_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, 
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum, g_weight, g_bias):
     """``_batch_norm2d_bwd_params_saved_core`` writing its results into g_weight, g_bias (from ``_batch_norm2d_bwd_params_saved_alloc``)."""
     N = g_y.shape[0]
@@ -728,7 +729,7 @@ def _batch_norm2d_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, m
 # ============================================================================ batch_norm2d_eval
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_fwd0(x, running_mean, running_var, weight, bias, y, C, H, N, W, eps):
     """y[n, c, h, w] = bias[c] + (-running_mean[c] + x[n, c, h, w])*weight[c]/sqrt(eps + running_var[c])"""
     _F = y.dtype.type
@@ -740,7 +741,7 @@ def _batch_norm2d_eval_fwd0(x, running_mean, running_var, weight, bias, y, C, H,
                     y[n, c, h, w] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps):
     """g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
     g_weight[c] = sum((-running_mean[c] + x[n, c, h, w])*g_y[n, c, h, w]/sqrt(eps + running_var[c]), n, h, w)
@@ -763,7 +764,7 @@ def _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias,
         g_weight[c] = _v_g_weight
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps):
     """g_x[n, c, h, w] = g_y[n, c, h, w]*weight[c]/sqrt(eps + running_var[c])"""
     _F = g_x.dtype.type
@@ -775,7 +776,7 @@ def _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps):
                     g_x[n, c, h, w] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps):
     """Forward of batch_norm2d_eval: y from x, running_mean, running_var, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -800,7 +801,7 @@ def _batch_norm2d_eval_fwd_alloc(x, running_mean, running_var, weight, bias, eps
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_fwd_into(x, running_mean, running_var, weight, bias, eps, y):
     """``_batch_norm2d_eval_fwd_core`` writing its results into y (from ``_batch_norm2d_eval_fwd_alloc``)."""
     _dtype = x.dtype
@@ -837,7 +838,7 @@ def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
     return _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias, eps):
     """Backward of batch_norm2d_eval: gradients g_x, g_weight, g_bias from g_y, x, running_mean, running_var, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -867,7 +868,7 @@ def _batch_norm2d_eval_bwd_alloc(g_y, x, running_mean, running_var, weight, bias
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_bwd_into(g_y, x, running_mean, running_var, weight, bias, eps, g_x, g_weight, g_bias):
     """``_batch_norm2d_eval_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_batch_norm2d_eval_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -911,7 +912,7 @@ def _batch_norm2d_eval_bwd(g_y, x, running_mean, running_var, weight, bias, *, e
     return _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_bwd_params_core(g_y, x, running_mean, running_var, weight, bias, eps):
     """Backward of batch_norm2d_eval: gradients g_weight, g_bias from g_y, x, running_mean, running_var, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -938,7 +939,7 @@ def _batch_norm2d_eval_bwd_params_alloc(g_y, x, running_mean, running_var, weigh
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_eval_bwd_params_into(g_y, x, running_mean, running_var, weight, bias, eps, g_weight, g_bias):
     """``_batch_norm2d_eval_bwd_params_core`` writing its results into g_weight, g_bias (from ``_batch_norm2d_eval_bwd_params_alloc``)."""
     _dtype = g_y.dtype
@@ -953,7 +954,7 @@ def _batch_norm2d_eval_bwd_params_into(g_y, x, running_mean, running_var, weight
 # ============================================================================ batch_norm2d_stats
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum):
     """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
     mean[c] = mean_sum0[c]/(H*N*W)
@@ -988,7 +989,7 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
         new_var[c] = _v_new_var
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum):
     """Forward of batch_norm2d_stats: new_mean, new_var from x, running_mean, running_var. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -1015,7 +1016,7 @@ def _batch_norm2d_stats_fwd_alloc(x, running_mean, running_var, momentum):
     return new_mean, new_var
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _batch_norm2d_stats_fwd_into(x, running_mean, running_var, momentum, new_mean, new_var):
     """``_batch_norm2d_stats_fwd_core`` writing its results into new_mean, new_var (from ``_batch_norm2d_stats_fwd_alloc``)."""
     _dtype = x.dtype
@@ -1049,7 +1050,7 @@ def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
 # ============================================================================ conv2d
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO):
     """y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)
     y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]
@@ -1082,7 +1083,7 @@ def _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO):
                     y[n, o, h, w] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd0(g_y, g_bias, HO, N, O, WO):
     """g_bias[o] = sum(g_y[n, o, h, w], n, h, w)"""
     _F = g_bias.dtype.type
@@ -1095,7 +1096,7 @@ def _conv2d_bwd0(g_y, g_bias, HO, N, O, WO):
         g_bias[o] = _v_g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
     """g_weight[o, c, p, q] = sum(g_y[n, o, h, w]*x[n, c, -P + S*h + p, -P + S*w + q], h, n, w)"""
     _F = g_weight.dtype.type
@@ -1127,7 +1128,7 @@ def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
                     g_weight[o, c, p, q] = _v_g_weight
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
     """g_x[n, c, h1, w1] = sum(g_y[n, o, h, w]*weight[o, c, P - S*h + h1, P - S*w + w1], h, o, w)
     as a scatter: g_x[n, c, -P + S*h + kh, -P + S*w + kw] += sum(g_y[n, o, h, w]*weight[o, c, kh, kw], o)
@@ -1154,7 +1155,7 @@ def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
                             g_x[n, c, -P + S*h + kh, np.uint64(-P + S*w + kw)] += _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_fwd_core(x, weight, bias, S, P):
     """Forward of conv2d: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -1188,7 +1189,7 @@ def _conv2d_fwd_alloc(x, weight, bias, S, P):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_fwd_into(x, weight, bias, S, P, y):
     """``_conv2d_fwd_core`` writing its results into y (from ``_conv2d_fwd_alloc``)."""
     N = x.shape[0]
@@ -1228,7 +1229,7 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
     return _conv2d_fwd_core(x, weight, bias, S, P)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1268,7 +1269,7 @@ def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias):
     """``_conv2d_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``)."""
     N = g_y.shape[0]
@@ -1316,7 +1317,7 @@ def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
     return _conv2d_bwd_core(g_y, x, weight, bias, S, P)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
     """Backward of conv2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1353,7 +1354,7 @@ def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias):
     """``_conv2d_bwd_params_core`` writing its results into g_weight, g_bias (from ``_conv2d_bwd_params_alloc``)."""
     N = g_y.shape[0]
@@ -1372,7 +1373,7 @@ def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias):
 # ============================================================================ cosine_similarity
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_fwd0(x1, x2, y, B, D, eps):
     """y_sum0[b] = sum(x1[b, d]**2, d)
     y_sum1[b] = sum(x2[b, d]**2, d)
@@ -1398,7 +1399,7 @@ def _cosine_similarity_fwd0(x1, x2, y, B, D, eps):
         y[b] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
     """y_sum0[b] = sum(x1[b, d]**2, d)
     y_sum1[b] = sum(x2[b, d]**2, d)
@@ -1426,7 +1427,7 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
         y[b] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps):
     """g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
@@ -1447,7 +1448,7 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
             g_x1[b, d] = _v_g_x1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_fwd_core(x1, x2, eps):
     """Forward of cosine_similarity: y from x1, x2. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
@@ -1468,7 +1469,7 @@ def _cosine_similarity_fwd_alloc(x1, x2, eps):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_fwd_into(x1, x2, eps, y):
     """``_cosine_similarity_fwd_core`` writing its results into y (from ``_cosine_similarity_fwd_alloc``)."""
     _dtype = x1.dtype
@@ -1493,7 +1494,7 @@ def _cosine_similarity_fwd(x1, x2, *, eps):
     return _cosine_similarity_fwd_core(x1, x2, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2 (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1520,7 +1521,7 @@ def _cosine_similarity_bwd_alloc(g_y, x1, x2, eps):
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd_into(g_y, x1, x2, eps, g_x1, g_x2):
     """``_cosine_similarity_bwd_core`` writing its results into g_x1, g_x2 (from ``_cosine_similarity_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -1552,7 +1553,7 @@ def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
     return _cosine_similarity_bwd_core(g_y, x1, x2, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_fwd_saving_core(x1, x2, eps):
     """Forward of cosine_similarity: y, y_sum0, y_sum1 from x1, x2, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
@@ -1577,7 +1578,7 @@ def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
     return y, y_sum0, y_sum1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_fwd_saving_into(x1, x2, eps, y, y_sum0, y_sum1):
     """``_cosine_similarity_fwd_saving_core`` writing its results into y, y_sum0, y_sum1 (from ``_cosine_similarity_fwd_saving_alloc``)."""
     _dtype = x1.dtype
@@ -1587,7 +1588,7 @@ def _cosine_similarity_fwd_saving_into(x1, x2, eps, y, y_sum0, y_sum1):
     _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
     """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2, y, y_sum0, y_sum1 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1610,7 +1611,7 @@ def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y, y_sum0, y_sum1, eps):
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y, y_sum0, y_sum1, eps, g_x1, g_x2):
     """``_cosine_similarity_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_similarity_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
@@ -1623,7 +1624,7 @@ def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y, y_sum0, y_sum1, eps, g_x1,
 # ============================================================================ dense
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_fwd0(x, weight, bias, y, B, I, O):
     """y_sum0[b, o] = sum(weight[i, o]*x[b, i], i)
     y[b, o] = bias[o] + y_sum0[b, o]
@@ -1640,7 +1641,7 @@ def _dense_fwd0(x, weight, bias, y, B, I, O):
             y[b, o] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd0(g_y, g_bias, B, O):
     """g_bias[o] = sum(g_y[b, o], b)"""
     _F = g_bias.dtype.type
@@ -1651,21 +1652,21 @@ def _dense_bwd0(g_y, g_bias, B, O):
             g_bias[o] += g_y[b, o]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd1(x, g_y, g_weight, B, I, O):
     """g_weight[i, o] = sum(g_y[b, o]*x[b, i], b)"""
     _F = g_weight.dtype.type
     np.dot(x.T, g_y, g_weight)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd2(weight, g_y, g_x, B, I, O):
     """g_x[b, i] = sum(g_y[b, o]*weight[i, o], o)"""
     _F = g_x.dtype.type
     np.dot(g_y, weight.T, g_x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_fwd_core(x, weight, bias):
     """Forward of dense: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -1687,7 +1688,7 @@ def _dense_fwd_alloc(x, weight, bias):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_fwd_into(x, weight, bias, y):
     """``_dense_fwd_core`` writing its results into y (from ``_dense_fwd_alloc``)."""
     B = x.shape[0]
@@ -1713,7 +1714,7 @@ def _dense_fwd(x, weight, bias):
     return _dense_fwd_core(x, weight, bias)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd_core(g_y, x, weight, bias):
     """Backward of dense: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1741,7 +1742,7 @@ def _dense_bwd_alloc(g_y, x, weight, bias):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd_into(g_y, x, weight, bias, g_x, g_weight, g_bias):
     """``_dense_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_dense_bwd_alloc``)."""
     B = g_y.shape[0]
@@ -1773,7 +1774,7 @@ def _dense_bwd(g_y, x, weight, bias):
     return _dense_bwd_core(g_y, x, weight, bias)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd_params_core(g_y, x, weight, bias):
     """Backward of dense: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1798,7 +1799,7 @@ def _dense_bwd_params_alloc(g_y, x, weight, bias):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dense_bwd_params_into(g_y, x, weight, bias, g_weight, g_bias):
     """``_dense_bwd_params_core`` writing its results into g_weight, g_bias (from ``_dense_bwd_params_alloc``)."""
     B = g_y.shape[0]
@@ -1811,7 +1812,7 @@ def _dense_bwd_params_into(g_y, x, weight, bias, g_weight, g_bias):
 # ============================================================================ dropout
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dropout_fwd0(x, mask, y, B, N, p):
     """y[b, d] = mask[b, d]*x[b, d]/(1 - p)"""
     _F = y.dtype.type
@@ -1822,7 +1823,7 @@ def _dropout_fwd0(x, mask, y, B, N, p):
             y[b, d] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dropout_bwd0(mask, g_y, g_x, B, N, p):
     """g_x[b, d] = g_y[b, d]*mask[b, d]/(1 - p)"""
     _F = g_x.dtype.type
@@ -1833,7 +1834,7 @@ def _dropout_bwd0(mask, g_y, g_x, B, N, p):
             g_x[b, d] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dropout_fwd_core(x, mask, p):
     """Forward of dropout: y from x, mask. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -1854,7 +1855,7 @@ def _dropout_fwd_alloc(x, mask, p):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dropout_fwd_into(x, mask, p, y):
     """``_dropout_fwd_core`` writing its results into y (from ``_dropout_fwd_alloc``)."""
     _dtype = x.dtype
@@ -1879,7 +1880,7 @@ def _dropout_fwd(x, mask, *, p):
     return _dropout_fwd_core(x, mask, p)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dropout_bwd_core(g_y, x, mask, p):
     """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -1900,7 +1901,7 @@ def _dropout_bwd_alloc(g_y, x, mask, p):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _dropout_bwd_into(g_y, x, mask, p, g_x):
     """``_dropout_bwd_core`` writing its results into g_x (from ``_dropout_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -1932,7 +1933,7 @@ def _dropout_bwd(g_y, x, mask, *, p):
 # ============================================================================ embedding
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_fwd0(idx, table, y, B, D, V):
     """y[b, d] = table[idx[b], d]"""
     _F = y.dtype.type
@@ -1942,7 +1943,7 @@ def _embedding_fwd0(idx, table, y, B, D, V):
             y[b, d] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_bwd0(g_table, D, V):
     """g_table = 0"""
     _F = g_table.dtype.type
@@ -1952,7 +1953,7 @@ def _embedding_bwd0(g_table, D, V):
             g_table[i0, i1] = _v_g_table
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_bwd1(idx, g_y, g_table, B, D, V):
     """g_table[idx[b], d] += g_y[b, d]  (scatter)"""
     _F = g_table.dtype.type
@@ -1963,7 +1964,7 @@ def _embedding_bwd1(idx, g_y, g_table, B, D, V):
                 g_table[idx[b], d] += _v_g_table
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_fwd_core(idx, table):
     """Forward of embedding: y from idx, table. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = table.dtype
@@ -1985,7 +1986,7 @@ def _embedding_fwd_alloc(idx, table):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_fwd_into(idx, table, y):
     """``_embedding_fwd_core`` writing its results into y (from ``_embedding_fwd_alloc``)."""
     B = idx.shape[0]
@@ -2007,7 +2008,7 @@ def _embedding_fwd(idx, table):
     return _embedding_fwd_core(idx, table)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_bwd_core(g_y, idx, table):
     """Backward of embedding: gradients g_table from g_y, idx, table (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2030,7 +2031,7 @@ def _embedding_bwd_alloc(g_y, idx, table):
     return g_table
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _embedding_bwd_into(g_y, idx, table, g_table):
     """``_embedding_bwd_core`` writing its results into g_table (from ``_embedding_bwd_alloc``)."""
     B = g_y.shape[0]
@@ -2060,7 +2061,7 @@ def _embedding_bwd(g_y, idx, table):
 # ============================================================================ flatten
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_fwd0(x, y, C, F, H, N, W):
     """y[n, j] = x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)]"""
     _F = y.dtype.type
@@ -2070,7 +2071,7 @@ def _flatten_fwd0(x, y, C, F, H, N, W):
             y[n, j] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_bwd0(g_x, C, H, N, W):
     """g_x = 0"""
     _F = g_x.dtype.type
@@ -2082,7 +2083,7 @@ def _flatten_bwd0(g_x, C, H, N, W):
                     g_x[i0, i1, i2, i3] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_bwd1(g_y, g_x, C, F, H, N, W):
     """g_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)] += g_y[n, j]  (scatter)"""
     _F = g_x.dtype.type
@@ -2093,7 +2094,7 @@ def _flatten_bwd1(g_y, g_x, C, F, H, N, W):
                 g_x[n, (j // (H*W)), (j // W) % H, j % W] += _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_fwd_core(x):
     """Forward of flatten: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2119,7 +2120,7 @@ def _flatten_fwd_alloc(x):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_fwd_into(x, y):
     """``_flatten_fwd_core`` writing its results into y (from ``_flatten_fwd_alloc``)."""
     N = x.shape[0]
@@ -2144,7 +2145,7 @@ def _flatten_fwd(x):
     return _flatten_fwd_core(x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_bwd_core(g_y, x):
     """Backward of flatten: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2171,7 +2172,7 @@ def _flatten_bwd_alloc(g_y, x):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _flatten_bwd_into(g_y, x, g_x):
     """``_flatten_bwd_core`` writing its results into g_x (from ``_flatten_bwd_alloc``)."""
     N = g_y.shape[0]
@@ -2204,7 +2205,7 @@ def _flatten_bwd(g_y, x):
 # ============================================================================ gcn_layer
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_fwd0(A, x, weight, y_sum0, I, O, V):
     """y_sum0[o, v] = sum(A[v, u]*weight[i, o]*x[u, i], u, i)"""
     _F = y_sum0.dtype.type
@@ -2217,7 +2218,7 @@ def _gcn_layer_fwd0(A, x, weight, y_sum0, I, O, V):
             y_sum0[o, v] = _v_y_sum0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_fwd1(bias, y, y_sum0, O, V):
     """y[v, o] = bias[o] + y_sum0[o, v]"""
     _F = y.dtype.type
@@ -2227,7 +2228,7 @@ def _gcn_layer_fwd1(bias, y, y_sum0, O, V):
             y[v, o] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd0(g_y, g_bias, O, V):
     """g_bias[o] = sum(g_y[v, o], v)"""
     _F = g_bias.dtype.type
@@ -2238,7 +2239,7 @@ def _gcn_layer_bwd0(g_y, g_bias, O, V):
             g_bias[o] += g_y[v, o]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V):
     """g_weight[i, o] = sum(A[v, u]*g_y[v, o]*x[u, i], v, u)"""
     _F = g_weight.dtype.type
@@ -2251,7 +2252,7 @@ def _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V):
             g_weight[i, o] = _v_g_weight
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V):
     """g_x[u, i] = sum(A[v, u]*g_y[v, o]*weight[i, o], o, v)"""
     _F = g_x.dtype.type
@@ -2264,7 +2265,7 @@ def _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V):
             g_x[u, i] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_fwd_core(A, x, weight, bias):
     """Forward of gcn_layer: y from A, x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = A.dtype
@@ -2288,7 +2289,7 @@ def _gcn_layer_fwd_alloc(A, x, weight, bias):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_fwd_into(A, x, weight, bias, y):
     """``_gcn_layer_fwd_core`` writing its results into y (from ``_gcn_layer_fwd_alloc``)."""
     _dtype = A.dtype
@@ -2321,7 +2322,7 @@ def _gcn_layer_fwd(A, x, weight, bias):
     return _gcn_layer_fwd_core(A, x, weight, bias)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd_core(g_y, A, x, weight, bias):
     """Backward of gcn_layer: gradients g_x, g_weight, g_bias from g_y, A, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2349,7 +2350,7 @@ def _gcn_layer_bwd_alloc(g_y, A, x, weight, bias):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd_into(g_y, A, x, weight, bias, g_x, g_weight, g_bias):
     """``_gcn_layer_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_gcn_layer_bwd_alloc``)."""
     V = g_y.shape[0]
@@ -2385,7 +2386,7 @@ def _gcn_layer_bwd(g_y, A, x, weight, bias):
     return _gcn_layer_bwd_core(g_y, A, x, weight, bias)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
     """Backward of gcn_layer: gradients g_weight, g_bias from g_y, A, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -2410,7 +2411,7 @@ def _gcn_layer_bwd_params_alloc(g_y, A, x, weight, bias):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gcn_layer_bwd_params_into(g_y, A, x, weight, bias, g_weight, g_bias):
     """``_gcn_layer_bwd_params_core`` writing its results into g_weight, g_bias (from ``_gcn_layer_bwd_params_alloc``)."""
     V = g_y.shape[0]
@@ -2423,7 +2424,7 @@ def _gcn_layer_bwd_params_into(g_y, A, x, weight, bias, g_weight, g_bias):
 # ============================================================================ gru_cell
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H):
     """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)"""
     _F = r_sum0.dtype.type
@@ -2438,7 +2439,7 @@ def _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H):
     _gemm(h.reshape(B, H), _b.reshape(H, H).T, r_sum0.reshape(B, H), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
     """r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
     r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
@@ -2463,7 +2464,7 @@ def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
             r[b, j] = _v_r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H):
     """z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)"""
     _F = z_sum0.dtype.type
@@ -2478,7 +2479,7 @@ def _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H):
     _gemm(h.reshape(B, H), _b.reshape(H, H).T, z_sum0.reshape(B, H), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I):
     """z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
     z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
@@ -2503,7 +2504,7 @@ def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I):
             z[b, j] = _v_z
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H):
     """hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
     hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
@@ -2528,7 +2529,7 @@ def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H):
             hn[b, j] = _v_hn
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
@@ -2556,7 +2557,7 @@ def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I):
             y[b, j] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
@@ -2585,7 +2586,7 @@ def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I):
             g_h[b, j] = _v_g_h
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H):
     """g_b_ih[g] = sum((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g], b)"""
     _F = g_b_ih.dtype.type
@@ -2596,7 +2597,7 @@ def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H):
         g_b_ih[g] = _v_g_b_ih
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
     """g_w_ih[g, i] = sum((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i], b)"""
     _F = g_w_ih.dtype.type
@@ -2609,7 +2610,7 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
                 g_w_ih[g, i] += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*w_ih[2*H + j, i], j)"""
     _F = g_x.dtype.type
@@ -2629,7 +2630,7 @@ def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     _gemm(_a.reshape(B, H), _b.reshape(H, I), g_x.reshape(B, I), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
     """g_b_hh[g] = sum((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g], b)"""
     _F = g_b_hh.dtype.type
@@ -2640,7 +2641,7 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
         g_b_hh[g] = _v_g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*w_hh[2*H + j, k], j)"""
     _F = g_h.dtype.type
@@ -2666,7 +2667,7 @@ def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
             g_h[b, k] = _v_g_h
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H):
     """g_w_hh[g, k] = sum((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g], b)"""
     _F = g_w_hh.dtype.type
@@ -2679,7 +2680,7 @@ def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H):
                 g_w_hh[g, k] += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H):
     """g_b_hh[g] += sum((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g], b)
     g_b_ih[g] += sum((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g], b)
@@ -2698,20 +2699,17 @@ def _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H):
         g_b_ih[g] = _v_g_b_ih
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I):
     """g_w_ih[g, i] += sum((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*x[b, i]*z[b, -H + g], b)"""
     _F = g_w_ih.dtype.type
-    for g in range(0, G):
-        for i in range(0, I):
-            g_w_ih[g, i] = g_w_ih[g, i]
     for b in range(0, B):
         for g in range(0, G):
             for i in range(0, I):
                 g_w_ih[g, i] += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*x[b, i]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j], j)"""
     _F = g_x.dtype.type
@@ -2737,7 +2735,7 @@ def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
             g_x[b, i] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j], j)"""
     _F = g_h.dtype.type
@@ -2763,52 +2761,41 @@ def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H):
             g_h[b, k] = _v_g_h
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H):
     """g_w_hh[g, k] += sum((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*z[b, -H + g], b)"""
     _F = g_w_hh.dtype.type
-    for g in range(0, G):
-        for k in range(0, H):
-            g_w_hh[g, k] = g_w_hh[g, k]
     for b in range(0, B):
         for g in range(0, G):
             for k in range(0, H):
                 g_w_hh[g, k] += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H):
     """g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
     g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
     """
     _F = g_b_hh.dtype.type
-    for j in range(0, G):
-        # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
-        _v_g_b_hh = g_b_hh[j]
-        for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
-        g_b_hh[j] = _v_g_b_hh
-        # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
-        _v_g_b_ih = g_b_ih[j]
-        for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
-        g_b_ih[j] = _v_g_b_ih
+    for b in range(0, B):
+        for j in range(0, G):
+            # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
+            g_b_hh[j] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
+            g_b_ih[j] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I):
     """g_w_ih[j, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i], b)"""
     _F = g_w_ih.dtype.type
-    for j in range(0, G):
-        for i in range(0, I):
-            g_w_ih[j, i] = g_w_ih[j, i]
     for b in range(0, B):
         for j in range(0, G):
             for i in range(0, I):
                 g_w_ih[j, i] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
     """g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
@@ -2834,7 +2821,7 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
             g_x[b, i] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
@@ -2860,20 +2847,17 @@ def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
             g_h[b, k] = _v_g_h
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H):
     """g_w_hh[j, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j], b)"""
     _F = g_w_hh.dtype.type
-    for j in range(0, G):
-        for k in range(0, H):
-            g_w_hh[j, k] = g_w_hh[j, k]
     for b in range(0, B):
         for j in range(0, G):
             for k in range(0, H):
                 g_w_hh[j, k] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
@@ -2898,7 +2882,7 @@ def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
             nn[b, j] = _v_nn
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
@@ -2927,7 +2911,7 @@ def _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I):
             y[b, j] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_saved0(z, g_y, g_h, B, H):
     """g_h[b, j] = g_y[b, j]*z[b, j]"""
     _F = g_h.dtype.type
@@ -2937,7 +2921,7 @@ def _gru_cell_bwd_saved0(z, g_y, g_h, B, H):
             g_h[b, j] = _v_g_h
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y from x, h, w_ih, w_hh, b_ih, b_hh. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -2971,7 +2955,7 @@ def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
     """``_gru_cell_fwd_core`` writing its results into y (from ``_gru_cell_fwd_alloc``)."""
     _dtype = x.dtype
@@ -3022,7 +3006,7 @@ def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     return _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3083,7 +3067,7 @@ def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_gru_cell_bwd_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -3155,7 +3139,7 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of gru_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3206,7 +3190,7 @@ def _gru_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_gru_cell_bwd_params_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_params_alloc``)."""
     _dtype = g_y.dtype
@@ -3238,7 +3222,7 @@ def _gru_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh,
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y, r, z, hn, nn from x, h, w_ih, w_hh, b_ih, b_hh, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -3277,7 +3261,7 @@ def _gru_cell_fwd_saving_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     return y, r, z, hn, nn
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_fwd_saving_into(x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn):
     """``_gru_cell_fwd_saving_core`` writing its results into y, r, z, hn, nn (from ``_gru_cell_fwd_saving_alloc``)."""
     _dtype = x.dtype
@@ -3295,7 +3279,7 @@ def _gru_cell_fwd_saving_into(x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn):
     _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3345,7 +3329,7 @@ def _gru_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_gru_cell_bwd_saved_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_saved_alloc``)."""
     B = g_y.shape[0]
@@ -3371,7 +3355,7 @@ def _gru_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     """Backward of gru_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3410,7 +3394,7 @@ def _gru_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_gru_cell_bwd_params_saved_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_params_saved_alloc``)."""
     B = g_y.shape[0]
@@ -3432,7 +3416,7 @@ def _gru_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
 # ============================================================================ layer_norm
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd0(x, mean, rstd, B, D, eps):
     """mean_sum0[b] = sum(x[b, d], d)
     mean[b] = mean_sum0[b]/D
@@ -3461,7 +3445,7 @@ def _layer_norm_fwd0(x, mean, rstd, B, D, eps):
         rstd[b] = _v_rstd
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd1(x, weight, bias, y, mean, rstd, B, D):
     """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
     y[b, d] = bias[d] + weight[d]*xhat[b, d]
@@ -3476,7 +3460,7 @@ def _layer_norm_fwd1(x, weight, bias, y, mean, rstd, B, D):
             y[b, d] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd0(x, mean, rstd, xhat, B, D):
     """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]"""
     _F = xhat.dtype.type
@@ -3486,26 +3470,24 @@ def _layer_norm_bwd0(x, mean, rstd, xhat, B, D):
             xhat[b, d] = _v_xhat
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D):
     """g_bias[d] = sum(g_y[b, d], b)
     g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
     """
     _F = g_bias.dtype.type
     for d in range(0, D):
-        # g_bias[d] = sum(g_y[b, d], b)
-        _v_g_bias = _F(0)
-        for b in range(0, B):
-            _v_g_bias += g_y[b, d]
-        g_bias[d] = _v_g_bias
-        # g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
-        _v_g_weight = _F(0)
-        for b in range(0, B):
-            _v_g_weight += g_y[b, d]*xhat[b, d]
-        g_weight[d] = _v_g_weight
+        g_bias[d] = _F(0)
+        g_weight[d] = _F(0)
+    for b in range(0, B):
+        for d in range(0, D):
+            # g_bias[d] = sum(g_y[b, d], b)
+            g_bias[d] += g_y[b, d]
+            # g_weight[d] = sum(g_y[b, d]*xhat[b, d], b)
+            g_weight[d] += g_y[b, d]*xhat[b, d]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D):
     """g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
     g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
@@ -3524,7 +3506,7 @@ def _layer_norm_bwd2(weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D):
         g_x_sum1[b] = _v_g_x_sum1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D):
     """g_x[b, d] = (g_y[b, d]*weight[d] - g_x_sum0[b]/D - g_x_sum1[b]*xhat[b, d]/D)*rstd[b]"""
     _F = g_x.dtype.type
@@ -3535,7 +3517,7 @@ def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D):
             g_x[b, d] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D):
     """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
     y[b, d] = bias[d] + weight[d]*xhat[b, d]
@@ -3551,7 +3533,7 @@ def _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D):
             y[b, d] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd_core(x, weight, bias, eps):
     """Forward of layer_norm: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -3575,7 +3557,7 @@ def _layer_norm_fwd_alloc(x, weight, bias, eps):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd_into(x, weight, bias, eps, y):
     """``_layer_norm_fwd_core`` writing its results into y (from ``_layer_norm_fwd_alloc``)."""
     _dtype = x.dtype
@@ -3605,7 +3587,7 @@ def _layer_norm_fwd(x, weight, bias, *, eps):
     return _layer_norm_fwd_core(x, weight, bias, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
     """Backward of layer_norm: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3639,7 +3621,7 @@ def _layer_norm_bwd_alloc(g_y, x, weight, bias, eps):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_into(g_y, x, weight, bias, eps, g_x, g_weight, g_bias):
     """``_layer_norm_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_layer_norm_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -3679,7 +3661,7 @@ def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
     return _layer_norm_bwd_core(g_y, x, weight, bias, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
     """Backward of layer_norm: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3707,7 +3689,7 @@ def _layer_norm_bwd_params_alloc(g_y, x, weight, bias, eps):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_params_into(g_y, x, weight, bias, eps, g_weight, g_bias):
     """``_layer_norm_bwd_params_core`` writing its results into g_weight, g_bias (from ``_layer_norm_bwd_params_alloc``)."""
     _dtype = g_y.dtype
@@ -3722,7 +3704,7 @@ def _layer_norm_bwd_params_into(g_y, x, weight, bias, eps, g_weight, g_bias):
     _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd_saving_core(x, weight, bias, eps):
     """Forward of layer_norm: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -3749,7 +3731,7 @@ def _layer_norm_fwd_saving_alloc(x, weight, bias, eps):
     return y, rstd, xhat
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_fwd_saving_into(x, weight, bias, eps, y, rstd, xhat):
     """``_layer_norm_fwd_saving_core`` writing its results into y, rstd, xhat (from ``_layer_norm_fwd_saving_alloc``)."""
     _dtype = x.dtype
@@ -3761,7 +3743,7 @@ def _layer_norm_fwd_saving_into(x, weight, bias, eps, y, rstd, xhat):
     _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     """Backward of layer_norm: gradients g_x, g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3789,7 +3771,7 @@ def _layer_norm_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
     return g_x, g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_x, g_weight, g_bias):
     """``_layer_norm_bwd_saved_core`` writing its results into g_x, g_weight, g_bias (from ``_layer_norm_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
@@ -3802,7 +3784,7 @@ def _layer_norm_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_x, g_wei
     _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
     """Backward of layer_norm: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3824,7 +3806,7 @@ def _layer_norm_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
     return g_weight, g_bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_weight, g_bias):
     """``_layer_norm_bwd_params_saved_core`` writing its results into g_weight, g_bias (from ``_layer_norm_bwd_params_saved_alloc``)."""
     B = g_y.shape[0]
@@ -3835,7 +3817,7 @@ def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_w
 # ============================================================================ log_softmax
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd0(x, y_lse0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
@@ -3858,7 +3840,7 @@ def _log_softmax_fwd0(x, y_lse0, B, C):
         y_lse0[b] = _v_y_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd1(x, y, y_lse0, B, C):
     """y[b, c] = x[b, c] - y_lse0[b]"""
     _F = y.dtype.type
@@ -3868,7 +3850,7 @@ def _log_softmax_fwd1(x, y, y_lse0, B, C):
             y[b, c] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
@@ -3897,7 +3879,7 @@ def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C):
         g_x_sum0[b] = _v_g_x_sum0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C):
     """g_x[b, k] = -exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
@@ -3907,7 +3889,7 @@ def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C):
             g_x[b, k] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
     """g_x_sum0[b] = sum(g_y[b, c], c)"""
     _F = g_x_sum0.dtype.type
@@ -3918,7 +3900,7 @@ def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
         g_x_sum0[b] = _v_g_x_sum0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_core(x):
     """Forward of log_softmax: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -3940,7 +3922,7 @@ def _log_softmax_fwd_alloc(x):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_into(x, y):
     """``_log_softmax_fwd_core`` writing its results into y (from ``_log_softmax_fwd_alloc``)."""
     _dtype = x.dtype
@@ -3961,7 +3943,7 @@ def _log_softmax_fwd(x):
     return _log_softmax_fwd_core(x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd_core(g_y, x):
     """Backward of log_softmax: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -3984,7 +3966,7 @@ def _log_softmax_bwd_alloc(g_y, x):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd_into(g_y, x, g_x):
     """``_log_softmax_bwd_core`` writing its results into g_x (from ``_log_softmax_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -4010,7 +3992,7 @@ def _log_softmax_bwd(g_y, x):
     return _log_softmax_bwd_core(g_y, x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_saving_core(x):
     """Forward of log_softmax: y, y_lse0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -4033,7 +4015,7 @@ def _log_softmax_fwd_saving_alloc(x):
     return y, y_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_saving_into(x, y, y_lse0):
     """``_log_softmax_fwd_saving_core`` writing its results into y, y_lse0 (from ``_log_softmax_fwd_saving_alloc``)."""
     B = x.shape[0]
@@ -4042,7 +4024,7 @@ def _log_softmax_fwd_saving_into(x, y, y_lse0):
     _log_softmax_fwd1(x, y, y_lse0, B, C)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
     """Backward of log_softmax: gradients g_x from g_y, x, y_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4064,7 +4046,7 @@ def _log_softmax_bwd_saved_alloc(g_y, x, y_lse0):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd_saved_into(g_y, x, y_lse0, g_x):
     """``_log_softmax_bwd_saved_core`` writing its results into g_x (from ``_log_softmax_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
@@ -4078,7 +4060,7 @@ def _log_softmax_bwd_saved_into(g_y, x, y_lse0, g_x):
 # ============================================================================ max_pool2d
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO):
     """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
     _F = y.dtype.type
@@ -4099,7 +4081,7 @@ def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO):
                     y[n, c, h, w] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
     """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
     _F = x.dtype.type
@@ -4121,7 +4103,7 @@ def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
                     y_argmax_q[n, c, h, w] = _v_y_argmax_q
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO):
     """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w], h, w)"""
     _F = g_x.dtype.type
@@ -4136,7 +4118,7 @@ def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
                     g_x[n, c, h1, w1] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
     """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
     _F = y.dtype.type
@@ -4159,7 +4141,7 @@ def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, 
                     y_argmax_q[n, c, h, w] = _v_y_argmax_q
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_fwd_core(x, K, S):
     """Forward of max_pool2d: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -4187,7 +4169,7 @@ def _max_pool2d_fwd_alloc(x, K, S):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_fwd_into(x, K, S, y):
     """``_max_pool2d_fwd_core`` writing its results into y (from ``_max_pool2d_fwd_alloc``)."""
     N = x.shape[0]
@@ -4215,7 +4197,7 @@ def _max_pool2d_fwd(x, *, K, S):
     return _max_pool2d_fwd_core(x, K, S)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_bwd_core(g_y, x, K, S):
     """Backward of max_pool2d: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4246,7 +4228,7 @@ def _max_pool2d_bwd_alloc(g_y, x, K, S):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_bwd_into(g_y, x, K, S, g_x):
     """``_max_pool2d_bwd_core`` writing its results into g_x (from ``_max_pool2d_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -4284,7 +4266,7 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     return _max_pool2d_bwd_core(g_y, x, K, S)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_fwd_saving_core(x, K, S):
     """Forward of max_pool2d: y, y_argmax_p, y_argmax_q from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -4316,7 +4298,7 @@ def _max_pool2d_fwd_saving_alloc(x, K, S):
     return y, y_argmax_p, y_argmax_q
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_fwd_saving_into(x, K, S, y, y_argmax_p, y_argmax_q):
     """``_max_pool2d_fwd_saving_core`` writing its results into y, y_argmax_p, y_argmax_q (from ``_max_pool2d_fwd_saving_alloc``)."""
     N = x.shape[0]
@@ -4328,7 +4310,7 @@ def _max_pool2d_fwd_saving_into(x, K, S, y, y_argmax_p, y_argmax_q):
     _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
     """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -4356,7 +4338,7 @@ def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x):
     """``_max_pool2d_bwd_saved_core`` writing its results into g_x (from ``_max_pool2d_bwd_saved_alloc``)."""
     N = g_y.shape[0]
@@ -4371,7 +4353,7 @@ def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x):
 # ============================================================================ multi_head_attention
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads):
     """qh_sum0[b, d, h, l] = sum(wq[e, Dh*h + d]*x[b, l, e], e)
     qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]
@@ -4403,7 +4385,7 @@ def _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads):
                     qh[b, h, l, d] = _v_qh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads):
     """kh_sum0[b, d, h, l] = sum(wk[e, Dh*h + d]*x[b, l, e], e)
     kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]
@@ -4435,7 +4417,7 @@ def _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads):
                     kh[b, h, l, d] = _v_kh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads):
     """vh_sum0[b, d, h, l] = sum(wv[e, Dh*h + d]*x[b, l, e], e)
     vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]
@@ -4467,7 +4449,7 @@ def _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads):
                     vh[b, h, l, d] = _v_vh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads):
     """raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*qh[b, h, l, d], d)
     raw[b, h, l, s] = raw_sum0[b, h, l, s]/sqrt(Dh)
@@ -4490,7 +4472,7 @@ def _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads):
                     score[b, h, l, s] = _v_score
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd4(score, prob_lse0, B, L, heads):
     """prob_max0[b, h, l] = max(score[b, h, l, t], t)
     prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
@@ -4515,7 +4497,7 @@ def _multi_head_attention_fwd4(score, prob_lse0, B, L, heads):
                 prob_lse0[b, h, l] = _v_prob_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads):
     """prob[b, h, l, s] = exp(-prob_lse0[b, h, l] + score[b, h, l, s])"""
     _F = prob.dtype.type
@@ -4527,7 +4509,7 @@ def _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads):
                     prob[b, h, l, s] = _v_prob
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads):
     """oh[b, h, l, d] = sum(prob[b, h, l, s]*vh[b, h, s, d], s)"""
     _F = oh.dtype.type
@@ -4536,7 +4518,7 @@ def _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads):
             _gemm(prob[b, h].reshape(L, L), vh[b, h].reshape(L, Dh), oh[b, h].reshape(L, Dh), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads):
     """y_sum0[b, f, l] = sum(oh[b, h, l, d]*wo[Dh*h + d, f], h, d)
     y[b, l, f] = bo[f] + y_sum0[b, f, l]
@@ -4569,7 +4551,7 @@ def _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads):
                 y[b, l, f] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd0(g_y, g_bo, B, E, L):
     """g_bo[f] = sum(g_y[b, l, f], b, l)"""
     _F = g_bo.dtype.type
@@ -4581,7 +4563,7 @@ def _multi_head_attention_bwd0(g_y, g_bo, B, E, L):
                 g_bo[f] += g_y[b, l, f]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads):
     """g_oh[b, h, l, d] = sum(g_y[b, l, f]*wo[Dh*h + d, f], f)"""
     _F = g_oh.dtype.type
@@ -4602,7 +4584,7 @@ def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads):
             _gemm(g_y[b].reshape(L, E), _b.reshape(Dh, E).T, g_oh[b, h].reshape(L, Dh), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads):
     """g_wo[e, f] = sum(g_y[b, l, f]*oh[b, h, l, -Dh*h + e], b, l, h)
     as a scatter: g_wo[Dh*h + dh, f] += sum(g_y[b, l, f]*oh[b, h, l, dh], b, l)
@@ -4625,7 +4607,7 @@ def _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads):
                 g_wo[np.uint64(Dh*h + dh), f] += _v_g_wo
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads):
     """g_prob[b, h, l, s] = sum(g_oh[b, h, l, d]*vh[b, h, s, d], d)"""
     _F = g_prob.dtype.type
@@ -4634,7 +4616,7 @@ def _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads):
             _gemm(g_oh[b, h].reshape(L, Dh), vh[b, h].reshape(L, Dh).T, g_prob[b, h].reshape(L, L), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads):
     """g_vh[b, h, s, d] = sum(g_oh[b, h, l, d]*prob[b, h, l, s], l)"""
     _F = g_vh.dtype.type
@@ -4643,7 +4625,7 @@ def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads):
             _gemm(prob[b, h].reshape(L, L).T, g_oh[b, h].reshape(L, Dh), g_vh[b, h].reshape(L, Dh), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads):
     """g_prob_lse0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
     _F = g_prob_lse0.dtype.type
@@ -4656,7 +4638,7 @@ def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads):
                 g_prob_lse0[b, h, l] = _v_g_prob_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads):
     """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
     _F = g_kh.dtype.type
@@ -4671,7 +4653,7 @@ def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, ca
             _gemm(_a.reshape(L, L).T, qh[b, h].reshape(L, Dh), g_kh[b, h].reshape(L, Dh), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads):
     """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
     _F = g_qh.dtype.type
@@ -4686,7 +4668,7 @@ def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, ca
             _gemm(_a.reshape(L, L), kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads):
     """g_bv[e] = sum(g_vh[b, h, l, -Dh*h + e], b, h, l)"""
     _F = g_bv.dtype.type
@@ -4699,7 +4681,7 @@ def _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads):
         g_bv[e] = _v_g_bv
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads):
     """g_wv[e, e1] = sum(g_vh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
     _F = g_wv.dtype.type
@@ -4713,7 +4695,7 @@ def _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads):
             g_wv[e, e1] = _v_g_wv
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads):
     """g_x[b, l, e] = sum(g_vh[b, h, l, d]*wv[e, Dh*h + d], d, h)"""
     _F = g_x.dtype.type
@@ -4742,7 +4724,7 @@ def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads):
                 g_x[b, l, e] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads):
     """g_bk[e] = sum(g_kh[b, h, l, -Dh*h + e], b, h, l)"""
     _F = g_bk.dtype.type
@@ -4755,7 +4737,7 @@ def _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads):
         g_bk[e] = _v_g_bk
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads):
     """g_wk[e, e1] = sum(g_kh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
     _F = g_wk.dtype.type
@@ -4769,7 +4751,7 @@ def _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads):
             g_wk[e, e1] = _v_g_wk
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads):
     """g_x[b, l, e] += sum(g_kh[b, h, l, d]*wk[e, Dh*h + d], d, h)"""
     _F = g_x.dtype.type
@@ -4798,7 +4780,7 @@ def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads):
                 g_x[b, l, e] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads):
     """g_bq[e] = sum(g_qh[b, h, l, -Dh*h + e], b, h, l)"""
     _F = g_bq.dtype.type
@@ -4811,7 +4793,7 @@ def _multi_head_attention_bwd14(g_bq, g_qh, B, Dh, E, L, heads):
         g_bq[e] = _v_g_bq
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads):
     """g_wq[e, e1] = sum(g_qh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
     _F = g_wq.dtype.type
@@ -4825,7 +4807,7 @@ def _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads):
             g_wq[e, e1] = _v_g_wq
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads):
     """g_x[b, l, e] += sum(g_qh[b, h, l, d]*wq[e, Dh*h + d], d, h)"""
     _F = g_x.dtype.type
@@ -4854,7 +4836,7 @@ def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads):
                 g_x[b, l, e] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -4892,7 +4874,7 @@ def _multi_head_attention_fwd_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, ca
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y):
     """``_multi_head_attention_fwd_core`` writing its results into y (from ``_multi_head_attention_fwd_alloc``)."""
     _dtype = x.dtype
@@ -4958,7 +4940,7 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     return _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5034,7 +5016,7 @@ def _multi_head_attention_bwd_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, head
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_core`` writing its results into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -5127,7 +5109,7 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     return _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5198,7 +5180,7 @@ def _multi_head_attention_bwd_params_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, b
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_params_core`` writing its results into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_alloc``)."""
     _dtype = g_y.dtype
@@ -5242,7 +5224,7 @@ def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """Forward of multi_head_attention: y, qh, kh, vh, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -5285,7 +5267,7 @@ def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, he
     return y, qh, kh, vh, prob, oh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob, oh):
     """``_multi_head_attention_fwd_saving_core`` writing its results into y, qh, kh, vh, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``)."""
     _dtype = x.dtype
@@ -5305,7 +5287,7 @@ def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
     """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5367,7 +5349,7 @@ def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_saved_core`` writing its results into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
@@ -5400,7 +5382,7 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
     """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5457,7 +5439,7 @@ def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv,
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_params_saved_core`` writing its results into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_saved_alloc``)."""
     _dtype = g_y.dtype
@@ -5490,14 +5472,14 @@ def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, 
 # ============================================================================ rnn_cell
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_fwd0(h, w_hh, y_sum0, B, H):
     """y_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)"""
     _F = y_sum0.dtype.type
     np.dot(h, w_hh.T, y_sum0)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I):
     """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
     y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
@@ -5514,26 +5496,24 @@ def _rnn_cell_fwd1(x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I):
             y[b, j] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H):
     """g_b_hh[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
     g_b_ih[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
     """
     _F = g_b_hh.dtype.type
     for j in range(0, H):
-        # g_b_hh[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
-        _v_g_b_hh = _F(0)
-        for b in range(0, B):
-            _v_g_b_hh += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
-        g_b_hh[j] = _v_g_b_hh
-        # g_b_ih[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
-        _v_g_b_ih = _F(0)
-        for b in range(0, B):
-            _v_g_b_ih += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
-        g_b_ih[j] = _v_g_b_ih
+        g_b_hh[j] = _F(0)
+        g_b_ih[j] = _F(0)
+    for b in range(0, B):
+        for j in range(0, H):
+            # g_b_hh[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
+            g_b_hh[j] += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
+            # g_b_ih[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
+            g_b_ih[j] += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I):
     """g_w_ih[j, i] = sum((1 - y[b, j]**2)*g_y[b, j]*x[b, i], b)"""
     _F = g_w_ih.dtype.type
@@ -5545,7 +5525,7 @@ def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I):
     _gemm(_a.reshape(B, H).T, x.reshape(B, I), g_w_ih.reshape(H, I), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I):
     """g_x[b, i] = sum((1 - y[b, j]**2)*g_y[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
@@ -5557,7 +5537,7 @@ def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I):
     _gemm(_a.reshape(B, H), w_ih.reshape(H, I), g_x.reshape(B, I), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H):
     """g_h[b, k] = sum((1 - y[b, j]**2)*g_y[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
@@ -5569,7 +5549,7 @@ def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H):
     _gemm(_a.reshape(B, H), w_hh.reshape(H, H), g_h.reshape(B, H), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
     """g_w_hh[j, k] = sum((1 - y[b, j]**2)*g_y[b, j]*h[b, k], b)"""
     _F = g_w_hh.dtype.type
@@ -5581,7 +5561,7 @@ def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
     _gemm(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -5605,7 +5585,7 @@ def _rnn_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
     """``_rnn_cell_fwd_core`` writing its results into y (from ``_rnn_cell_fwd_alloc``)."""
     _dtype = x.dtype
@@ -5645,7 +5625,7 @@ def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     return _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5685,7 +5665,7 @@ def _rnn_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_rnn_cell_bwd_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -5735,7 +5715,7 @@ def _rnn_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of rnn_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5769,7 +5749,7 @@ def _rnn_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_rnn_cell_bwd_params_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_params_alloc``)."""
     _dtype = g_y.dtype
@@ -5785,7 +5765,7 @@ def _rnn_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh,
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5821,7 +5801,7 @@ def _rnn_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_rnn_cell_bwd_saved_core`` writing its results into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_saved_alloc``)."""
     B = g_y.shape[0]
@@ -5834,7 +5814,7 @@ def _rnn_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_x, g_h, g_w
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     """Backward of rnn_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -5864,7 +5844,7 @@ def _rnn_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
     return g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rnn_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
     """``_rnn_cell_bwd_params_saved_core`` writing its results into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_params_saved_alloc``)."""
     B = g_y.shape[0]
@@ -5878,7 +5858,7 @@ def _rnn_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_w_ih
 # ============================================================================ scaled_dot_product_attention
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal):
     """raw_sum0[b, l, s] = sum(k[b, s, d]*q[b, l, d], d)
     raw[b, l, s] = raw_sum0[b, l, s]/sqrt(D)
@@ -5900,7 +5880,7 @@ def _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal):
                 score[b, l, s] = _v_score
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S):
     """prob_max0[b, l] = max(score[b, l, t], t)
     prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t]), t)
@@ -5924,7 +5904,7 @@ def _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S):
             prob_lse0[b, l] = _v_prob_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S):
     """prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])"""
     _F = prob.dtype.type
@@ -5935,7 +5915,7 @@ def _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S):
                 prob[b, l, s] = _v_prob
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S):
     """y[b, l, e] = sum(prob[b, l, s]*v[b, s, e], s)"""
     _F = y.dtype.type
@@ -5943,7 +5923,7 @@ def _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S):
         _gemm(prob[b].reshape(L, S), v[b].reshape(S, E), y[b].reshape(L, E), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S):
     """g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)"""
     _F = g_prob.dtype.type
@@ -5951,7 +5931,7 @@ def _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S):
         _gemm(g_y[b].reshape(L, E), v[b].reshape(S, E).T, g_prob[b].reshape(L, S), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S):
     """g_v[b, s, e] = sum(g_y[b, l, e]*prob[b, l, s], l)"""
     _F = g_v.dtype.type
@@ -5959,7 +5939,7 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S):
         _gemm(prob[b].reshape(L, S).T, g_y[b].reshape(L, E), g_v[b].reshape(S, E), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S):
     """g_prob_lse0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s], s)"""
     _F = g_prob_lse0.dtype.type
@@ -5971,7 +5951,7 @@ def _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S):
             g_prob_lse0[b, l] = _v_g_prob_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal):
     """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
@@ -5985,7 +5965,7 @@ def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, 
         _gemm(_a.reshape(L, S).T, q[b].reshape(L, D), g_k[b].reshape(S, D), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal):
     """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
@@ -5999,7 +5979,7 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, 
         _gemm(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D), False)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd_core(q, k, v, causal):
     """Forward of scaled_dot_product_attention: y from q, k, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = q.dtype
@@ -6031,7 +6011,7 @@ def _scaled_dot_product_attention_fwd_alloc(q, k, v, causal):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y):
     """``_scaled_dot_product_attention_fwd_core`` writing its results into y (from ``_scaled_dot_product_attention_fwd_alloc``)."""
     _dtype = q.dtype
@@ -6070,7 +6050,7 @@ def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     return _scaled_dot_product_attention_fwd_core(q, k, v, causal)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -6112,7 +6092,7 @@ def _scaled_dot_product_attention_bwd_alloc(g_y, q, k, v, causal):
     return g_q, g_k, g_v
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
     """``_scaled_dot_product_attention_bwd_core`` writing its results into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -6162,7 +6142,7 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     return _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
     """Forward of scaled_dot_product_attention: y, prob from q, k, v, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = q.dtype
@@ -6195,7 +6175,7 @@ def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
     return y, prob
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob):
     """``_scaled_dot_product_attention_fwd_saving_core`` writing its results into y, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``)."""
     _dtype = q.dtype
@@ -6212,7 +6192,7 @@ def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob):
     _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
     """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -6248,7 +6228,7 @@ def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
     return g_q, g_k, g_v
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q, g_k, g_v):
     """``_scaled_dot_product_attention_bwd_saved_core`` writing its results into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
@@ -6269,7 +6249,7 @@ def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q
 # ============================================================================ softmax
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_fwd0(x, y_lse0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
@@ -6292,7 +6272,7 @@ def _softmax_fwd0(x, y_lse0, B, C):
         y_lse0[b] = _v_y_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_fwd1(x, y, y_lse0, B, C):
     """y[b, c] = exp(x[b, c] - y_lse0[b])"""
     _F = y.dtype.type
@@ -6302,7 +6282,7 @@ def _softmax_fwd1(x, y, y_lse0, B, C):
             y[b, c] = _v_y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_bwd0(y, g_y, g_x_sum0, B, C):
     """g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)"""
     _F = g_x_sum0.dtype.type
@@ -6313,7 +6293,7 @@ def _softmax_bwd0(y, g_y, g_x_sum0, B, C):
         g_x_sum0[b] = _v_g_x_sum0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C):
     """g_x[b, k] = (-g_x_sum0[b] + g_y[b, k])*y[b, k]"""
     _F = g_x.dtype.type
@@ -6323,7 +6303,7 @@ def _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C):
             g_x[b, k] = _v_g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_fwd_core(x):
     """Forward of softmax: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -6345,7 +6325,7 @@ def _softmax_fwd_alloc(x):
     return y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_fwd_into(x, y):
     """``_softmax_fwd_core`` writing its results into y (from ``_softmax_fwd_alloc``)."""
     _dtype = x.dtype
@@ -6366,7 +6346,7 @@ def _softmax_fwd(x):
     return _softmax_fwd_core(x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_bwd_core(g_y, x):
     """Backward of softmax: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -6392,7 +6372,7 @@ def _softmax_bwd_alloc(g_y, x):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_bwd_into(g_y, x, g_x):
     """``_softmax_bwd_core`` writing its results into g_x (from ``_softmax_bwd_alloc``)."""
     _dtype = g_y.dtype
@@ -6421,7 +6401,7 @@ def _softmax_bwd(g_y, x):
     return _softmax_bwd_core(g_y, x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_bwd_saved_core(g_y, x, y):
     """Backward of softmax: gradients g_x from g_y, x, y (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
@@ -6443,7 +6423,7 @@ def _softmax_bwd_saved_alloc(g_y, x, y):
     return g_x
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_bwd_saved_into(g_y, x, y, g_x):
     """``_softmax_bwd_saved_core`` writing its results into g_x (from ``_softmax_bwd_saved_alloc``)."""
     _dtype = g_y.dtype

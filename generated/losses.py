@@ -7,9 +7,10 @@
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 losses_cuda.py).
-CPU kernels are single-threaded ``@njit(cache=True)`` loops; matrix products call
-``np.dot`` (threaded BLAS). ``_F`` is each kernel's float type: every number and
-integer in float arithmetic is cast to it, so float32 stays float32.
+CPU kernels are single-threaded ``@njit(cache=True)`` loops (fastmath without nnan,
+ninf or afn); matrix products call ``np.dot`` (threaded BLAS). ``_F`` is each
+kernel's float type: every number and integer in float arithmetic is cast to it, so
+float32 stays float32.
 """
 
 import math
@@ -78,7 +79,7 @@ def _check_derived(op, dim, value):
         raise ValueError("%s: derived dimension %s = %d is negative; check the arguments' shapes and attributes" % (op, dim, value))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid(x, F):
     """1 / (1 + exp(-x)), stable for both signs: exp only ever sees -|x| (no
     overflow), and the sign picks r or z*r without a branch the data can mispredict."""
@@ -87,7 +88,7 @@ def _sigmoid(x, F):
     return r if x >= 0 else z * r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softplus(x, F):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), stable for both signs."""
     return max(x, F(0)) + math.log1p(math.exp(-abs(x)))
@@ -96,7 +97,7 @@ def _softplus(x, F):
 # ============================================================================ bce_with_logits
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_fwd0(pred, target, loss, B, N):
     """loss_sum0 = sum(-(1 - target[b, n])*softplus(pred[b, n]) - softplus(-pred[b, n])*target[b, n], b, n)
     loss = -loss_sum0/(B*N)
@@ -113,7 +114,7 @@ def _bce_with_logits_fwd0(pred, target, loss, B, N):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N):
     """g_pred[b, n] = g_loss*(sigmoid(pred[b, n]) - target[b, n])/(B*N)"""
     _F = g_pred.dtype.type
@@ -124,7 +125,7 @@ def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N):
             g_pred[b, n] = _v_g_pred
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_fwd_core(pred, target):
     """Forward of bce_with_logits: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
@@ -144,7 +145,7 @@ def _bce_with_logits_fwd_alloc(pred, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_fwd_into(pred, target, loss):
     """``_bce_with_logits_fwd_core`` writing its results into loss (from ``_bce_with_logits_fwd_alloc``)."""
     B = pred.shape[0]
@@ -167,7 +168,7 @@ def _bce_with_logits_fwd(pred, target):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_bwd_core(g_loss, pred, target):
     """Backward of bce_with_logits: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -187,7 +188,7 @@ def _bce_with_logits_bwd_alloc(g_loss, pred, target):
     return g_pred
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_bwd_into(g_loss, pred, target, g_pred):
     """``_bce_with_logits_bwd_core`` writing its results into g_pred (from ``_bce_with_logits_bwd_alloc``)."""
     B = pred.shape[0]
@@ -213,7 +214,7 @@ def _bce_with_logits_bwd(g_loss, pred, target):
 # ============================================================================ cosine_embedding_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps):
     """cos_sum0[b] = sum(x1[b, d]**2, d)
     cos_sum1[b] = sum(x2[b, d]**2, d)
@@ -239,7 +240,7 @@ def _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps):
         cos[b] = _v_cos
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin):
     """loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
     loss = loss_sum0/B
@@ -255,7 +256,7 @@ def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps):
     """cos_sum0[b] = sum(x1[b, d]**2, d)
     cos_sum1[b] = sum(x2[b, d]**2, d)
@@ -284,7 +285,7 @@ def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D,
         cos[b] = _v_cos
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin):
     """g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
     g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
@@ -305,7 +306,7 @@ def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
             g_x1[b, d] = _v_g_x1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
     """Forward of cosine_embedding_loss: loss from x1, x2, label. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
@@ -329,7 +330,7 @@ def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
     """``_cosine_embedding_loss_fwd_core`` writing its results into loss (from ``_cosine_embedding_loss_fwd_alloc``)."""
     _dtype = x1.dtype
@@ -362,7 +363,7 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -391,7 +392,7 @@ def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_x2):
     """``_cosine_embedding_loss_bwd_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``)."""
     _dtype = g_loss.dtype
@@ -427,7 +428,7 @@ def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
     return _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
     """Forward of cosine_embedding_loss: loss, cos_sum0, cos_sum1, cos_sum2, cos from x1, x2, label, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
@@ -458,7 +459,7 @@ def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps):
     return loss, cos_sum0, cos_sum1, cos_sum2, cos
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, loss, cos_sum0, cos_sum1, cos_sum2, cos):
     """``_cosine_embedding_loss_fwd_saving_core`` writing its results into loss, cos_sum0, cos_sum1, cos_sum2, cos (from ``_cosine_embedding_loss_fwd_saving_alloc``)."""
     _dtype = x1.dtype
@@ -470,7 +471,7 @@ def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, loss, cos
     _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -494,7 +495,7 @@ def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_
     return g_x1, g_x2
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, g_x1, g_x2):
     """``_cosine_embedding_loss_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_saved_alloc``)."""
     _dtype = g_loss.dtype
@@ -508,7 +509,7 @@ def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_s
 # ============================================================================ huber
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _huber_fwd0(pred, target, loss, B, N, delta):
     """loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True)), b, n)
     loss = loss_sum0/(B*N)
@@ -527,7 +528,7 @@ def _huber_fwd0(pred, target, loss, B, N, delta):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
     """g_pred[b, n] = g_loss*Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))/(B*N)"""
     _F = g_pred.dtype.type
@@ -539,7 +540,7 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
             g_pred[b, n] = _v_g_pred
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _huber_fwd_core(pred, target, delta):
     """Forward of huber: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
@@ -560,7 +561,7 @@ def _huber_fwd_alloc(pred, target, delta):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _huber_fwd_into(pred, target, delta, loss):
     """``_huber_fwd_core`` writing its results into loss (from ``_huber_fwd_alloc``)."""
     _dtype = pred.dtype
@@ -586,7 +587,7 @@ def _huber_fwd(pred, target, *, delta):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _huber_bwd_core(g_loss, pred, target, delta):
     """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -607,7 +608,7 @@ def _huber_bwd_alloc(g_loss, pred, target, delta):
     return g_pred
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _huber_bwd_into(g_loss, pred, target, delta, g_pred):
     """``_huber_bwd_core`` writing its results into g_pred (from ``_huber_bwd_alloc``)."""
     _dtype = g_loss.dtype
@@ -636,7 +637,7 @@ def _huber_bwd(g_loss, pred, target, *, delta):
 # ============================================================================ kl_div
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_fwd0(logq, logp, loss, B, C):
     """loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
     loss = loss_sum0/B
@@ -653,7 +654,7 @@ def _kl_div_fwd0(logq, logp, loss, B, C):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C):
     """g_logp[b, c] = g_loss*(logp[b, c] - logq[b, c] + 1)*exp(logp[b, c])/B
     g_logq[b, c] = -g_loss*exp(logp[b, c])/B
@@ -671,7 +672,7 @@ def _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C):
             g_logq[b, c] = _v_g_logq
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_fwd_core(logq, logp):
     """Forward of kl_div: loss from logq, logp. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logq.dtype
@@ -691,7 +692,7 @@ def _kl_div_fwd_alloc(logq, logp):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_fwd_into(logq, logp, loss):
     """``_kl_div_fwd_core`` writing its results into loss (from ``_kl_div_fwd_alloc``)."""
     B = logq.shape[0]
@@ -714,7 +715,7 @@ def _kl_div_fwd(logq, logp):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_bwd_core(g_loss, logq, logp):
     """Backward of kl_div: gradients g_logq, g_logp from g_loss, logq, logp (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -736,7 +737,7 @@ def _kl_div_bwd_alloc(g_loss, logq, logp):
     return g_logq, g_logp
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_bwd_into(g_loss, logq, logp, g_logq, g_logp):
     """``_kl_div_bwd_core`` writing its results into g_logq, g_logp (from ``_kl_div_bwd_alloc``)."""
     B = logq.shape[0]
@@ -762,7 +763,7 @@ def _kl_div_bwd(g_loss, logq, logp):
 # ============================================================================ mse
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mse_fwd0(pred, target, loss, B, N):
     """loss_sum0 = sum((pred[b, n] - target[b, n])**2, b, n)
     loss = loss_sum0/(B*N)
@@ -779,7 +780,7 @@ def _mse_fwd0(pred, target, loss, B, N):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mse_bwd0(pred, target, g_loss, g_pred, B, N):
     """g_pred[b, n] = 2*g_loss*(pred[b, n] - target[b, n])/(B*N)"""
     _F = g_pred.dtype.type
@@ -790,7 +791,7 @@ def _mse_bwd0(pred, target, g_loss, g_pred, B, N):
             g_pred[b, n] = _v_g_pred
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mse_fwd_core(pred, target):
     """Forward of mse: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
@@ -810,7 +811,7 @@ def _mse_fwd_alloc(pred, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mse_fwd_into(pred, target, loss):
     """``_mse_fwd_core`` writing its results into loss (from ``_mse_fwd_alloc``)."""
     B = pred.shape[0]
@@ -833,7 +834,7 @@ def _mse_fwd(pred, target):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mse_bwd_core(g_loss, pred, target):
     """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -853,7 +854,7 @@ def _mse_bwd_alloc(g_loss, pred, target):
     return g_pred
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _mse_bwd_into(g_loss, pred, target, g_pred):
     """``_mse_bwd_core`` writing its results into g_pred (from ``_mse_bwd_alloc``)."""
     B = pred.shape[0]
@@ -879,7 +880,7 @@ def _mse_bwd(g_loss, pred, target):
 # ============================================================================ nll
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nll_fwd0(logprobs, target, loss, B, C):
     """loss_sum0 = sum(logprobs[b, c]*target[b, c], b, c)
     loss = -loss_sum0/B
@@ -896,7 +897,7 @@ def _nll_fwd0(logprobs, target, loss, B, C):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nll_bwd0(target, g_loss, g_logprobs, B, C):
     """g_logprobs[b, c] = -g_loss*target[b, c]/B"""
     _F = g_logprobs.dtype.type
@@ -907,7 +908,7 @@ def _nll_bwd0(target, g_loss, g_logprobs, B, C):
             g_logprobs[b, c] = _v_g_logprobs
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nll_fwd_core(logprobs, target):
     """Forward of nll: loss from logprobs, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logprobs.dtype
@@ -927,7 +928,7 @@ def _nll_fwd_alloc(logprobs, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nll_fwd_into(logprobs, target, loss):
     """``_nll_fwd_core`` writing its results into loss (from ``_nll_fwd_alloc``)."""
     B = logprobs.shape[0]
@@ -950,7 +951,7 @@ def _nll_fwd(logprobs, target):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nll_bwd_core(g_loss, logprobs, target):
     """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -970,7 +971,7 @@ def _nll_bwd_alloc(g_loss, logprobs, target):
     return g_logprobs
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nll_bwd_into(g_loss, logprobs, target, g_logprobs):
     """``_nll_bwd_core`` writing its results into g_logprobs (from ``_nll_bwd_alloc``)."""
     B = logprobs.shape[0]
@@ -996,7 +997,7 @@ def _nll_bwd(g_loss, logprobs, target):
 # ============================================================================ softmax_cross_entropy
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C):
     """loss_max0[b] = max(logits[b, k], k)
     loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
@@ -1019,7 +1020,7 @@ def _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C):
         loss_lse0[b] = _v_loss_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C):
     """loss_sum0 = sum((logits[b, c] - loss_lse0[b])*target[b, c], b, c)
     loss = -loss_sum0/B
@@ -1036,7 +1037,7 @@ def _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C):
     loss[0] = _v_loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C):
     """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_lse0[b]) - target[b, k])/B"""
     _F = g_logits.dtype.type
@@ -1047,7 +1048,7 @@ def _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, 
             g_logits[b, k] = _v_g_logits
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_core(logits, target):
     """Forward of softmax_cross_entropy: loss from logits, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
@@ -1069,7 +1070,7 @@ def _softmax_cross_entropy_fwd_alloc(logits, target):
     return loss
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_into(logits, target, loss):
     """``_softmax_cross_entropy_fwd_core`` writing its results into loss (from ``_softmax_cross_entropy_fwd_alloc``)."""
     _dtype = logits.dtype
@@ -1095,7 +1096,7 @@ def _softmax_cross_entropy_fwd(logits, target):
     return loss[0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -1117,7 +1118,7 @@ def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
     return g_logits
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
     """``_softmax_cross_entropy_bwd_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_alloc``)."""
     _dtype = g_loss.dtype
@@ -1143,7 +1144,7 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     return _softmax_cross_entropy_bwd_core(g_loss, logits, target)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_saving_core(logits, target):
     """Forward of softmax_cross_entropy: loss, loss_lse0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
@@ -1166,7 +1167,7 @@ def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
     return loss, loss_lse0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_lse0):
     """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_lse0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
     B = logits.shape[0]
@@ -1175,7 +1176,7 @@ def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_lse0):
     _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
@@ -1195,7 +1196,7 @@ def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_lse0):
     return g_logits
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_lse0, g_logits):
     """``_softmax_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``)."""
     B = logits.shape[0]

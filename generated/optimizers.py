@@ -7,9 +7,10 @@
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 optimizers_cuda.py).
-CPU kernels are single-threaded ``@njit(cache=True)`` loops; matrix products call
-``np.dot`` (threaded BLAS). ``_F`` is each kernel's float type: every number and
-integer in float arithmetic is cast to it, so float32 stays float32.
+CPU kernels are single-threaded ``@njit(cache=True)`` loops (fastmath without nnan,
+ninf or afn); matrix products call ``np.dot`` (threaded BLAS). ``_F`` is each
+kernel's float type: every number and integer in float arithmetic is cast to it, so
+float32 stays float32.
 """
 
 import math
@@ -81,7 +82,7 @@ def _check_derived(op, dim, value):
 # ============================================================================ adagrad
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _adagrad_step0(p, g, s, N, eps, lr):
     """s = g**2 + s
     p = -g*lr/(eps + sqrt(s)) + p
@@ -96,7 +97,7 @@ def _adagrad_step0(p, g, s, N, eps, lr):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _adagrad_step_core(p, g, s, t, lr, eps):
     """One in-place adagrad step: updates p, s. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype
@@ -138,7 +139,7 @@ def _adagrad_init_state(p):
 # ============================================================================ adam
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t):
     """m = beta1*m + g*(1 - beta1)
     v = beta2*v + g**2*(1 - beta2)
@@ -161,7 +162,7 @@ def _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _adam_step_core(p, g, m, v, t, lr, beta1, beta2, eps):
     """One in-place adam step: updates p, m, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype
@@ -212,7 +213,7 @@ def _adam_init_state(p):
 # ============================================================================ adamw
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay):
     """p = -lr*p*weight_decay + p
     m = beta1*m + g*(1 - beta1)
@@ -239,7 +240,7 @@ def _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _adamw_step_core(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
     """One in-place adamw step: updates p, m, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype
@@ -292,7 +293,7 @@ def _adamw_init_state(p):
 # ============================================================================ momentum
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _momentum_step0(p, g, buf, N, lr, momentum):
     """buf = buf*momentum + g
     p = -buf*lr + p
@@ -307,7 +308,7 @@ def _momentum_step0(p, g, buf, N, lr, momentum):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _momentum_step_core(p, g, buf, t, lr, momentum):
     """One in-place momentum step: updates p, buf. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype
@@ -349,7 +350,7 @@ def _momentum_init_state(p):
 # ============================================================================ nesterov
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nesterov_step0(p, g, buf, N, lr, momentum):
     """buf = buf*momentum + g
     p = -lr*(buf*momentum + g) + p
@@ -364,7 +365,7 @@ def _nesterov_step0(p, g, buf, N, lr, momentum):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _nesterov_step_core(p, g, buf, t, lr, momentum):
     """One in-place nesterov step: updates p, buf. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype
@@ -406,7 +407,7 @@ def _nesterov_init_state(p):
 # ============================================================================ rmsprop
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rmsprop_step0(p, g, v, N, alpha, eps, lr):
     """v = alpha*v + g**2*(1 - alpha)
     p = -g*lr/(eps + sqrt(v)) + p
@@ -422,7 +423,7 @@ def _rmsprop_step0(p, g, v, N, alpha, eps, lr):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _rmsprop_step_core(p, g, v, t, lr, alpha, eps):
     """One in-place rmsprop step: updates p, v. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype
@@ -466,7 +467,7 @@ def _rmsprop_init_state(p):
 # ============================================================================ sgd
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sgd_step0(p, g, N, lr):
     """p = -g*lr + p"""
     _F = p.dtype.type
@@ -475,7 +476,7 @@ def _sgd_step0(p, g, N, lr):
         p[n] = _v_p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sgd_step_core(p, g, t, lr):
     """One in-place sgd step: updates p. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = p.dtype

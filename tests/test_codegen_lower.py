@@ -140,6 +140,32 @@ def test_column_sum_runs_reduction_loop_outside():
     assert not reduce_outer(k)
 
 
+def test_column_sums_fused_in_one_kernel_run_their_reduction_loop_outside_together():
+    """Two sums over the batch (a norm's g_bias and g_weight) share one kernel; both
+    accumulate in the order the arrays lie in memory."""
+    from codegen.emit import reduce_outer
+
+    tensors = TENSORS + [TensorDecl("gb", (O,), "output"), TensorDecl("gw", (O,), "output")]
+    sums = [
+        Assign("gb", (Loop(o, 0, O),), gy[b, o], "sum", (Loop(b, 0, B),)),
+        Assign("gw", (Loop(o, 0, O),), gy[b, o] * x[b, o], "sum", (Loop(b, 0, B),)),
+    ]
+    tensors = [t for t in tensors if t.name != "gy"] + [TensorDecl("gy", (B, O), "input")]
+    kernels = Lowerer(_program(sums, tensors)).lower(sums, ["gb", "gw"], "k")
+    assert len(kernels) == 1 and len(kernels[0].items) == 2
+    assert reduce_outer(kernels[0])
+
+
+def test_layer_norm_parameter_gradients_walk_the_batch_outside():
+    import generated.layers as layers
+
+    src = layers._layer_norm_bwd1.py_func.__code__.co_filename
+    text = open(src).read()
+    body = text[text.index("def _layer_norm_bwd1("):].split("\n\n\n")[0]
+    loops = [line.strip() for line in body.splitlines() if line.strip().startswith("for ")]
+    assert loops == ["for d in range(0, D):", "for b in range(0, B):", "for d in range(0, D):"], body
+
+
 # --------------------------------------------------------------------------- contractions (CPU)
 # codegen/contract.py: sums of two operands become BLAS products per batch element.
 

@@ -82,3 +82,33 @@ def test_softmax_rows_with_huge_spread(name, dtype):
     gy = np.array([[1.0, -2.0, 0.5], [0.3, 0.2, -0.1], [1.0, 1.0, 1.0]], dtype=dtype)
     compare_where_torch_finite(op.forward(x), ref.torch_forward(name, [x], {}), dtype, f"{name} forward")
     compare_where_torch_finite(op.backward(gy, x), ref.torch_vjp(name, [x], {}, gy, [0])[0], dtype, f"{name} backward")
+
+
+# Infinities and NaNs keep their IEEE meaning in the kernels (the CPU kernels are
+# compiled with fastmath, but without nnan and ninf: codegen/template_util.py NJIT).
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_inputs_keep_their_ieee_meaning(dtype):
+    import generated
+
+    inf = dtype(np.inf)
+    x = np.array([[-inf, 0.0, 1.0, inf]], dtype)
+    np.testing.assert_array_equal(generated.op("relu").forward(x), [[0.0, 0.0, 1.0, inf]])
+    np.testing.assert_array_equal(generated.op("sigmoid").forward(x)[0, [0, 3]], [0.0, 1.0])
+    # a masked logit (-inf) gets probability 0; the others share all of it
+    logits = np.array([[-inf, 0.0, np.log(3.0)]], dtype)
+    np.testing.assert_allclose(generated.op("softmax").forward(logits), [[0.0, 0.25, 0.75]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["mse", "softmax_cross_entropy", "bce_with_logits"])
+def test_a_nan_input_gives_a_nan_loss(name, dtype):
+    """What the training loop's NaN check relies on: NaN is never optimised away."""
+    import generated
+
+    pred = np.zeros((2, 3), dtype)
+    pred[1, 2] = np.nan
+    target = np.full((2, 3), 1 / 3, dtype)
+    assert np.isnan(generated.op(name).forward(pred, target))
+    assert np.isnan(generated.op(name).backward(1.0, pred, target)).any()

@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 4c0d339cc64dcdbc
-#   generated/losses.py 9c3ed628bec4ed8a
-#   generated/optimizers.py 4170e522433b57e8
+#   generated/layers.py ed3a3aae53f33665
+#   generated/losses.py e895ff6ea43f3b83
+#   generated/optimizers.py 27f80e2fc701243e
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).
@@ -307,7 +307,7 @@ def _check_trained(arrays, dtype):
             raise ValueError("train_step: %r must have shape %r, got %r" % (key, shape, a.shape))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias, gru_cell0_w_ih_m, gru_cell0_w_ih_v, gru_cell0_w_hh_m, gru_cell0_w_hh_v, gru_cell0_b_ih_m, gru_cell0_b_ih_v, gru_cell0_b_hh_m, gru_cell0_b_hh_v, dense1_weight_m, dense1_weight_v, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The fused training step: the library's compiled cores, layer by layer, writing
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""

@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 827c922eeaacd02c
-#   generated/layers.py 4c0d339cc64dcdbc
-#   generated/losses.py 9c3ed628bec4ed8a
-#   generated/optimizers.py 4170e522433b57e8
+#   generated/activations.py 2e7701dec48ac038
+#   generated/layers.py ed3a3aae53f33665
+#   generated/losses.py e895ff6ea43f3b83
+#   generated/optimizers.py 27f80e2fc701243e
 """The mlp_bench model.
 
 Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).
@@ -304,7 +304,7 @@ def _check_trained(arrays, dtype):
             raise ValueError("train_step: %r must have shape %r, got %r" % (key, shape, a.shape))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, dense2_weight_m, dense2_weight_v, dense2_bias_m, dense2_bias_v, dense4_weight_m, dense4_weight_v, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The fused training step: the library's compiled cores, layer by layer, writing
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
