@@ -188,9 +188,10 @@ class CPUPrinter(PythonCodePrinter):
         # A non-negative literal prints as an atom (``_F(0.5)``), never ``(_F(0.5))``.
         if isinstance(item, (sympy.Rational, sympy.Float)) and item >= 0:
             return self._print(item)
-        if _is_square(item):
+        if _is_square(item) and not (self._mode == "float" and self.is_int(item)):
             # printed as the product ``x * x``: it binds like a product, not a power
-            # (y/x**2 is ``y/(x * x)``, not ``y/x * x``)
+            # (y/x**2 is ``y/(x * x)``, not ``y/x * x``); an integer square in float
+            # arithmetic prints as one cast, ``_F(K * K)``
             p = PRECEDENCE["Mul"]
             text = self._print(item)
             return "(%s)" % text if p < level or (not strict and p <= level) else text

@@ -149,7 +149,7 @@ def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO):
 def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
     """y[n, c, h, w] = y_sum0[c, h, n, w]/K**2"""
     _F = y.dtype.type
-    _c0 = _F(1) / (_F(K * K))
+    _c0 = _F(1) / _F(K * K)
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, HO):
@@ -162,7 +162,7 @@ def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
 def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO):
     """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/K**2, h, w)"""
     _F = g_x.dtype.type
-    _c0 = _F(1) / (_F(K * K))
+    _c0 = _F(1) / _F(K * K)
     for n in range(0, N):
         for c in range(0, C):
             for h1 in range(0, H):

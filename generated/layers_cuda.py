@@ -213,7 +213,7 @@ def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO, _total):
 def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO, _total):
     """y[n, c, h, w] = y_sum0[c, h, n, w]/K**2"""
     _F = y.dtype.type
-    _c0 = _F(1) / (_F(K * K))
+    _c0 = _F(1) / _F(K * K)
     _r = cuda.grid(1)
     if _r < _total:
         w = _r % WO
@@ -231,7 +231,7 @@ def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO, _total):
 def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO, _total):
     """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/K**2, h, w)"""
     _F = g_x.dtype.type
-    _c0 = _F(1) / (_F(K * K))
+    _c0 = _F(1) / _F(K * K)
     _r = cuda.grid(1)
     if _r < _total:
         w1 = _r % W

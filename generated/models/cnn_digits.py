@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 2e7701dec48ac038
-#   generated/layers.py ed3a3aae53f33665
+#   generated/layers.py 9b1caa6e8ff77984
 #   generated/losses.py e895ff6ea43f3b83
 #   generated/optimizers.py 27f80e2fc701243e
 """The cnn_digits model.
