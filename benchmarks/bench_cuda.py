@@ -85,22 +85,24 @@ def _data(case: str, s: dict) -> list:
     if case == "relu":
         return [normal(s["N"]), normal(s["N"])]
     if case == "conv":
-        ho = s["H"] + 2 - s["K"] + 1
+        S, P = OPS["conv"][1]["S"], OPS["conv"][1]["P"]
+        ho = (s["H"] + 2 * P - s["K"]) // S + 1
         return [normal(s["N"], s["C"], s["H"], s["W"]), normal(s["O"], s["C"], s["K"], s["K"]), normal(s["O"]),
                 normal(s["N"], s["O"], ho, ho)]
     return [normal(s["N"]), normal(s["N"])]  # adam: parameter, gradient
 
 
-def make_symgrad(case: str, mode: str, s: dict, smoke: bool = False):
+def make_symgrad(case: str, mode: str, s: dict, smoke: bool = False):  # smoke: as make_torch's
     from numba import cuda
 
     import generated
 
-    arrays = [cuda.to_device(a) for a in _data(case, s)]
+    host = _data(case, s)
+    arrays = [cuda.to_device(a) for a in host]
     if case == "adam":
         op = generated.op("adam", target="cuda")
         p, g = arrays
-        state = [cuda.to_device(z) for z in generated.op("adam").init_state(_data(case, s)[0])]
+        state = [cuda.to_device(z) for z in generated.op("adam").init_state(host[0])]
         step = [0]
 
         def run():

@@ -118,8 +118,8 @@ def test_committed_derivations_are_up_to_date(library_documents, suffix):
         f"{committed.relative_to(REPO)} is stale: run python -m derive --all --out {committed.relative_to(REPO)}")
 
 
-def pdflatex(tex: Path) -> str:
-    """Compile ``tex`` twice (the table of contents) and return the log."""
+def pdflatex_overfull_lines(tex: Path) -> list[str]:
+    """Compile ``tex`` twice (the table of contents); the log's overfull-line warnings."""
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex is not installed (.ci/run installs texlive-latex-base where it can)")
     for _ in range(2):
@@ -127,12 +127,12 @@ def pdflatex(tex: Path) -> str:
                               cwd=tex.parent, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{tex.name} does not compile:\n{proc.stdout[-3000:]}"
     assert tex.with_suffix(".pdf").stat().st_size > 0
-    return tex.with_suffix(".log").read_text(errors="replace")
+    log = tex.with_suffix(".log").read_text(errors="replace")
+    return [line for line in log.splitlines() if line.startswith("Overfull \\hbox")]
 
 
 def test_library_tex_compiles_and_every_line_fits_the_page(library_documents):
-    log = pdflatex(library_documents[".tex"])
-    overfull = [line for line in log.splitlines() if line.startswith("Overfull \\hbox")]
+    overfull = pdflatex_overfull_lines(library_documents[".tex"])
     assert not overfull, f"{len(overfull)} lines run into the margin, e.g. {overfull[:3]}"
 
 
@@ -142,8 +142,8 @@ def test_derive_out_writes_a_whole_document_for_one_op(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert text.startswith("\\documentclass") and "conv2d" in text
-    log = pdflatex(out)
-    assert "Overfull \\hbox" not in log
+    overfull = pdflatex_overfull_lines(out)
+    assert not overfull, overfull[:3]
 
 
 # ---------------------------------------------------------------- python -m codegen
