@@ -21,7 +21,9 @@ guarded by a condition is only evaluated when the condition holds.
 
 from __future__ import annotations
 
+import ast
 import builtins
+import functools
 import keyword
 
 import sympy
@@ -81,6 +83,90 @@ class CodegenError(Exception):
 def _is_square(e) -> bool:
     """A symbol or tensor element squared: printed as ``x * x`` (see _print_Pow)."""
     return isinstance(e, sympy.Pow) and e.exp == 2 and (e.base.is_Symbol or isinstance(e.base, sympy.Indexed))
+
+
+# ---------------------------------------------------------------------------------
+# Precedence of printed text.
+#
+# Whether a sub-expression needs parentheses depends on how it is *printed*, not on its
+# SymPy class: ``x**2`` prints as the product ``x * x``, ``x**-2`` as the quotient
+# ``_F(1) / (x * x)``, ``-3`` as the unary minus ``-_F(3)``, a Piecewise as a
+# parenthesised ternary. Asking SymPy's ``precedence(expr)`` gets these wrong (``-g/x**2``
+# printed as ``-g/x * x``). So every composite form below parenthesises its operands
+# from the precedence of the operand's printed text, read back with Python's own parser:
+# the text says what Python will do with it, whatever printed it.
+
+#: Python's operator precedence on SymPy's scale (sympy.printing.precedence.PRECEDENCE),
+#: with unary minus between Mul and Pow as in Python.
+PREC_LAMBDA = PRECEDENCE["Lambda"]
+PREC_ADD = PRECEDENCE["Add"]
+PREC_MUL = PRECEDENCE["Mul"]
+PREC_NEG = (PRECEDENCE["Mul"] + PRECEDENCE["Pow"]) // 2
+PREC_POW = PRECEDENCE["Pow"]
+PREC_ATOM = PRECEDENCE["Atom"]
+
+_BINOP_PREC = {
+    ast.Add: PREC_ADD, ast.Sub: PREC_ADD,
+    ast.Mult: PREC_MUL, ast.Div: PREC_MUL, ast.FloorDiv: PREC_MUL, ast.Mod: PREC_MUL,
+    ast.Pow: PREC_POW,
+}
+
+
+def _node_precedence(node) -> int:
+    if isinstance(node, ast.BinOp):
+        return _BINOP_PREC.get(type(node.op), PREC_LAMBDA)
+    if isinstance(node, ast.UnaryOp):
+        return PRECEDENCE["Not"] if isinstance(node.op, ast.Not) else PREC_NEG
+    if isinstance(node, ast.BoolOp):
+        return PRECEDENCE["And"] if isinstance(node.op, ast.And) else PRECEDENCE["Or"]
+    if isinstance(node, ast.Compare):
+        return PRECEDENCE["Relational"]
+    if isinstance(node, (ast.Call, ast.Name, ast.Constant, ast.Subscript, ast.Attribute)):
+        return PREC_ATOM
+    return PREC_LAMBDA  # a conditional expression, or anything unforeseen: parenthesise
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_printed(text: str):
+    try:
+        return ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+
+
+def _wrapped(text: str) -> bool:
+    """Whether ``text`` is one parenthesised group, ``( ... )``."""
+    if not text.startswith("("):
+        return False
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return k == len(text) - 1
+    return False
+
+
+def printed_precedence(text: str) -> int:
+    """The precedence of the outermost operation of the Python expression ``text`` (an
+    atom when the whole text is in parentheses)."""
+    if _wrapped(text):
+        return PREC_ATOM
+    node = _parse_printed(text)
+    return PREC_LAMBDA if node is None else _node_precedence(node)
+
+
+def _is_product_chain(text: str) -> bool:
+    """Whether ``text`` is ``a*b/c*...``: ``*`` and ``/`` all along its left spine, down to
+    an operand that binds tighter than unary minus. Only then does ``-`` + text mean
+    ``-(text)``: ``-a*b/c`` is ``((-a)*b)/c``, the same number, but ``-a % b`` is
+    ``(-a) % b``. (Right operands cannot capture a prefixed minus.)"""
+    node = _parse_printed(text)
+    while isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
+        node = node.left
+    if node is None:
+        return False
+    # the leftmost operand starts after column 0 only when it is in parentheses
+    return node.col_offset > 0 or _node_precedence(node) > PREC_NEG
 
 
 class CPUPrinter(PythonCodePrinter):
@@ -185,17 +271,24 @@ class CPUPrinter(PythonCodePrinter):
         return super()._print(expr, **kwargs)
 
     def parenthesize(self, item, level, strict=False):
-        # A non-negative literal prints as an atom (``_F(0.5)``), never ``(_F(0.5))``.
-        if isinstance(item, (sympy.Rational, sympy.Float)) and item >= 0:
-            return self._print(item)
-        if _is_square(item) and not (self._mode == "float" and self.is_int(item)):
-            # printed as the product ``x * x``: it binds like a product, not a power
-            # (y/x**2 is ``y/(x * x)``, not ``y/x * x``); an integer square in float
-            # arithmetic prints as one cast, ``_F(K * K)``
-            p = PRECEDENCE["Mul"]
-            text = self._print(item)
-            return "(%s)" % text if p < level or (not strict and p <= level) else text
-        return super().parenthesize(item, level, strict)
+        """``item`` printed, in parentheses when its printed text binds less tightly
+        than ``level`` (or as tightly, unless ``strict``). See printed_precedence."""
+        text = self._print(item)
+        p = printed_precedence(text)
+        if p < level or (not strict and p <= level):
+            return "(%s)" % text
+        return text
+
+    def _negate(self, text: str) -> str:
+        """``-(text)``, without parentheses where Python reads ``-text`` the same."""
+        if _is_product_chain(text) or printed_precedence(text) >= PREC_POW:
+            return "-" + text
+        return "-(%s)" % text
+
+    def _factor(self, item, first: bool) -> str:
+        """A factor of a product: in parentheses when it binds less tightly than ``*``, and
+        a later factor also when it binds as tightly (``c*(g * g)``, ``a*(b % c)``)."""
+        return self.parenthesize(item, PREC_MUL, strict=first)
 
     def _in_mode(self, mode, fn, *args):
         old, self._mode = self._mode, mode
@@ -279,6 +372,39 @@ class CPUPrinter(PythonCodePrinter):
         return "%s[%s]" % (name, ", ".join(idx))
 
     # ----------------------------------------------------------------- arithmetic
+    def _print_Add(self, expr, order=None):
+        terms = self._as_ordered_terms(expr, order=order)
+        text = self.parenthesize(terms[0], PREC_ADD, strict=True)
+        for term in terms[1:]:
+            if term.as_coeff_Mul()[0] < 0:
+                # ``a - b``: b is a right operand of ``-``, so ``a - (b - c)`` and
+                # ``a - (-b)`` keep their parentheses
+                text += " - " + self.parenthesize(-term, PREC_ADD)
+            else:
+                text += " + " + self.parenthesize(term, PREC_ADD, strict=True)
+        return text
+
+    def _print_Mul(self, expr):
+        c, rest = expr.as_coeff_Mul()
+        negative = c < 0
+        if negative:
+            expr = sympy.Mul(-c, rest) if c != -1 else rest
+        numer, denom = [], []
+        for item in sympy.Mul.make_args(expr) if not expr.is_Mul else expr.as_ordered_factors():
+            if item.is_commutative and item.is_Pow and item.exp.is_Rational and item.exp.is_negative:
+                denom.append(item.base if item.exp == -1 else sympy.Pow(item.base, -item.exp, evaluate=False))
+            else:
+                numer.append(item)
+        numer = numer or [sympy.S.One]
+        text = "*".join(self._factor(f, k == 0) for k, f in enumerate(numer))
+        if len(denom) == 1:
+            d = self._print(denom[0])
+            # a right operand of ``/``: anything looser than a power gets parentheses
+            text += "/" + (d if printed_precedence(d) >= PREC_POW else "(%s)" % d)
+        elif denom:
+            text += "/(%s)" % "*".join(self._factor(f, k == 0) for k, f in enumerate(denom))
+        return self._negate(text) if negative else text
+
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.base, expr.exp
         if self._mode == "int":
