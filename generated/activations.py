@@ -32,14 +32,14 @@ def _as_float(op, name, a, dtype):
     a = np.asarray(a)
     if a.dtype.kind not in "fiub":
         raise ValueError("%s: argument %r has dtype %s; expected float32 or float64" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=dtype)
+    return np.asarray(a, dtype=dtype, order="C")  # ascontiguousarray would make a 0-d array 1-d
 
 
 def _as_int(op, name, a):
     a = np.asarray(a)
     if a.dtype.kind not in "iub":
         raise ValueError("%s: argument %r has dtype %s; expected integers" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return np.asarray(a, dtype=np.int64, order="C")
 
 
 def _as_scalar(op, name, a, dtype):
@@ -237,7 +237,7 @@ def _gelu_bwd0(x, g_y, g_x, N):
     _c0 = math.sqrt(_F(2))/math.sqrt(_F(math.pi))
     _c1 = math.sqrt(_F(2))
     for n in range(0, N):
-        _v_g_x = _F(0.5)*(_c0*math.exp(-_F(0.5)*x[n] * x[n])*x[n] + math.erf(_F(0.5)*_c1*x[n]) + _F(1))*g_y[n]
+        _v_g_x = _F(0.5)*(_c0*math.exp(-_F(0.5)*(x[n] * x[n]))*x[n] + math.erf(_F(0.5)*_c1*x[n]) + _F(1))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -474,7 +474,7 @@ def _mish_bwd0(x, g_y, g_x, N):
     _F = g_x.dtype.type
     for n in range(0, N):
         _t0 = math.tanh(_softplus(x[n], _F))
-        _v_g_x = (_t0 + (_F(1) - (_t0 * _t0))*_sigmoid(x[n], _F)*x[n])*g_y[n]
+        _v_g_x = (_t0 + (_F(1) - _t0 * _t0)*_sigmoid(x[n], _F)*x[n])*g_y[n]
         g_x[n] = _v_g_x
 
 

@@ -40,14 +40,14 @@ def _as_float(op, name, a, dtype):
     a = np.asarray(a)
     if a.dtype.kind not in "fiub":
         raise ValueError("%s: argument %r has dtype %s; expected float32 or float64" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=dtype)
+    return np.asarray(a, dtype=dtype, order="C")  # ascontiguousarray would make a 0-d array 1-d
 
 
 def _as_int(op, name, a):
     a = np.asarray(a)
     if a.dtype.kind not in "iub":
         raise ValueError("%s: argument %r has dtype %s; expected integers" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return np.asarray(a, dtype=np.int64, order="C")
 
 
 def _as_scalar(op, name, a, dtype):
@@ -965,7 +965,7 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
     _F = new_mean.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
     _c1 = _F(1) - momentum
-    _c2 = momentum/(_F(H*N*W - 1))
+    _c2 = momentum/_F(H*N*W - 1)
     for c in range(0, C):
         # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
         _v_mean_sum0 = _F(0)
@@ -2593,7 +2593,7 @@ def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H):
     for g in range(0, G):
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_b_ih[g] = _v_g_b_ih
 
 
@@ -2607,7 +2607,7 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
     for b in range(0, B):
         for g in range(0, G):
             for i in range(0, I):
-                g_w_ih[g, i] += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+                g_w_ih[g, i] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2619,7 +2619,7 @@ def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
@@ -2637,7 +2637,7 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
     for g in range(0, G):
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_b_hh[g] = _v_g_b_hh
 
 
@@ -2651,7 +2651,7 @@ def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*r[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
@@ -2677,7 +2677,7 @@ def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H):
     for b in range(0, B):
         for g in range(0, G):
             for k in range(0, H):
-                g_w_hh[g, k] += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+                g_w_hh[g, k] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2780,9 +2780,9 @@ def _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H):
     for b in range(0, B):
         for j in range(0, G):
             # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
-            g_b_hh[j] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            g_b_hh[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
             # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
-            g_b_ih[j] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            g_b_ih[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2792,7 +2792,7 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I):
     for b in range(0, B):
         for j in range(0, G):
             for i in range(0, I):
-                g_w_ih[j, i] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
+                g_w_ih[j, i] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2805,7 +2805,7 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, I
@@ -2831,7 +2831,7 @@ def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
     # gather: _a[b, j] = (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (nn[b, np.uint64(j)] * nn[b, np.uint64(j)]))*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
     # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
     for j in range(0, H):
         _lo, _hi = 0, H
@@ -2854,7 +2854,7 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H):
     for b in range(0, B):
         for j in range(0, G):
             for k in range(0, H):
-                g_w_hh[j, k] += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+                g_w_hh[j, k] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -5508,9 +5508,9 @@ def _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H):
     for b in range(0, B):
         for j in range(0, H):
             # g_b_hh[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
-            g_b_hh[j] += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
+            g_b_hh[j] += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
             # g_b_ih[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
-            g_b_ih[j] += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
+            g_b_ih[j] += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -5521,7 +5521,7 @@ def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H).T, x.reshape(B, I), g_w_ih.reshape(H, I), False)
 
 
@@ -5533,7 +5533,7 @@ def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H), w_ih.reshape(H, I), g_x.reshape(B, I), False)
 
 
@@ -5545,7 +5545,7 @@ def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H), w_hh.reshape(H, H), g_h.reshape(B, H), False)
 
 
@@ -5557,7 +5557,7 @@ def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
     # gather: _a[b, j] = (1 - y[b, j]**2)*g_y[b, j]
     for b in range(0, B):
         for j in range(0, H):
-            _a[b, np.uint64(j)] = (_F(1) - (y[b, np.uint64(j)] * y[b, np.uint64(j)]))*g_y[b, np.uint64(j)]
+            _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H), False)
 
 

@@ -39,14 +39,14 @@ def _as_float(op, name, a, dtype):
     a = np.asarray(a)
     if a.dtype.kind not in "fiub":
         raise ValueError("%s: argument %r has dtype %s; expected float32 or float64" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=dtype)
+    return np.asarray(a, dtype=dtype, order="C")  # ascontiguousarray would make a 0-d array 1-d
 
 
 def _as_int(op, name, a):
     a = np.asarray(a)
     if a.dtype.kind not in "iub":
         raise ValueError("%s: argument %r has dtype %s; expected integers" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return np.asarray(a, dtype=np.int64, order="C")
 
 
 def _as_scalar(op, name, a, dtype):
@@ -616,7 +616,7 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
     _F = new_mean.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
     _c1 = _F(1) - momentum
-    _c2 = momentum/(_F(H*N*W - 1))
+    _c2 = momentum/_F(H*N*W - 1)
     _r = cuda.grid(1)
     if _r < _total:
         c = _r
@@ -1728,7 +1728,7 @@ def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H, _total):
         g = _r
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_b_ih[g] = _v_g_b_ih
 
 
@@ -1743,7 +1743,7 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I, _total):
         g = _r
         _v_g_w_ih = _F(0)
         for b in range(0, B):
-            _v_g_w_ih += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_w_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_w_ih[g, i] = _v_g_w_ih
 
 
@@ -1758,7 +1758,7 @@ def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I, _total):
         b = _r
         _v_g_x = _F(0)
         for j in range(0, H):
-            _v_g_x += (_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - z[b, j])*(w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]
+            _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*(w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]
         g_x[b, i] = _v_g_x
 
 
@@ -1771,7 +1771,7 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H, _total):
         g = _r
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_b_hh[g] = _v_g_b_hh
 
 
@@ -1786,7 +1786,7 @@ def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H, _total):
         b = _r
         _v_g_h = g_h[b, k]
         for j in range(0, H):
-            _v_g_h += (_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - z[b, j])*(w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]*r[b, j]
+            _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*(w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]*r[b, j]
         g_h[b, k] = _v_g_h
 
 
@@ -1801,7 +1801,7 @@ def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H, _total):
         g = _r
         _v_g_w_hh = _F(0)
         for b in range(0, B):
-            _v_g_w_hh += ((_F(1) - (nn[b, -2*H + g] * nn[b, -2*H + g]))*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_w_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
         g_w_hh[g, k] = _v_g_w_hh
 
 
@@ -1898,12 +1898,12 @@ def _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H, _total):
         # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
         _v_g_b_hh = g_b_hh[j]
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_b_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
         g_b_hh[j] = _v_g_b_hh
         # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
         _v_g_b_ih = g_b_ih[j]
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_b_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
         g_b_ih[j] = _v_g_b_ih
 
 
@@ -1918,7 +1918,7 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I, _total):
         j = _r
         _v_g_w_ih = g_w_ih[j, i]
         for b in range(0, B):
-            _v_g_w_ih += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_w_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
         g_w_ih[j, i] = _v_g_w_ih
 
 
@@ -1933,7 +1933,7 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I, _total):
         b = _r
         _v_g_x = g_x[b, i]
         for j in range(0, H):
-            _v_g_x += (_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
+            _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
         g_x[b, i] = _v_g_x
 
 
@@ -1948,7 +1948,7 @@ def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H, _total):
         b = _r
         _v_g_h = g_h[b, k]
         for j in range(0, H):
-            _v_g_h += (_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
+            _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
         g_h[b, k] = _v_g_h
 
 
@@ -1963,7 +1963,7 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H, _total):
         j = _r
         _v_g_w_hh = g_w_hh[j, k]
         for b in range(0, B):
-            _v_g_w_hh += ((_F(1) - (nn[b, j] * nn[b, j]))*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_w_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
         g_w_hh[j, k] = _v_g_w_hh
 
 
@@ -3334,12 +3334,12 @@ def _rnn_cell_bwd0(y, g_y, g_b_ih, g_b_hh, B, H, _total):
         # g_b_hh[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
+            _v_g_b_hh += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
         g_b_hh[j] = _v_g_b_hh
         # g_b_ih[j] = sum((1 - y[b, j]**2)*g_y[b, j], b)
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]
+            _v_g_b_ih += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]
         g_b_ih[j] = _v_g_b_ih
 
 
@@ -3354,7 +3354,7 @@ def _rnn_cell_bwd1(x, y, g_y, g_w_ih, B, H, I, _total):
         j = _r
         _v_g_w_ih = _F(0)
         for b in range(0, B):
-            _v_g_w_ih += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]*x[b, i]
+            _v_g_w_ih += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*x[b, i]
         g_w_ih[j, i] = _v_g_w_ih
 
 
@@ -3369,7 +3369,7 @@ def _rnn_cell_bwd2(w_ih, y, g_y, g_x, B, H, I, _total):
         b = _r
         _v_g_x = _F(0)
         for j in range(0, H):
-            _v_g_x += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]*w_ih[j, i]
+            _v_g_x += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*w_ih[j, i]
         g_x[b, i] = _v_g_x
 
 
@@ -3384,7 +3384,7 @@ def _rnn_cell_bwd3(w_hh, y, g_y, g_h, B, H, _total):
         b = _r
         _v_g_h = _F(0)
         for j in range(0, H):
-            _v_g_h += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]*w_hh[j, k]
+            _v_g_h += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*w_hh[j, k]
         g_h[b, k] = _v_g_h
 
 
@@ -3399,7 +3399,7 @@ def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H, _total):
         j = _r
         _v_g_w_hh = _F(0)
         for b in range(0, B):
-            _v_g_w_hh += (_F(1) - (y[b, j] * y[b, j]))*g_y[b, j]*h[b, k]
+            _v_g_w_hh += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*h[b, k]
         g_w_hh[j, k] = _v_g_w_hh
 
 

@@ -31,14 +31,14 @@ def _as_float(op, name, a, dtype):
     a = np.asarray(a)
     if a.dtype.kind not in "fiub":
         raise ValueError("%s: argument %r has dtype %s; expected float32 or float64" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=dtype)
+    return np.asarray(a, dtype=dtype, order="C")  # ascontiguousarray would make a 0-d array 1-d
 
 
 def _as_int(op, name, a):
     a = np.asarray(a)
     if a.dtype.kind not in "iub":
         raise ValueError("%s: argument %r has dtype %s; expected integers" % (op, name, a.dtype))
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return np.asarray(a, dtype=np.int64, order="C")
 
 
 def _as_scalar(op, name, a, dtype):

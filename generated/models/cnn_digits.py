@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 2e7701dec48ac038
-#   generated/layers.py 9b1caa6e8ff77984
-#   generated/losses.py e895ff6ea43f3b83
-#   generated/optimizers.py 27f80e2fc701243e
+#   generated/activations.py 79bffac04e95ac4e
+#   generated/layers.py d6cbfe3bcaf7a023
+#   generated/losses.py 8fb668c879641a97
+#   generated/optimizers.py 9072ecf0ebc71829
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

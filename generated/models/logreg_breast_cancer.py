@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 9b1caa6e8ff77984
-#   generated/losses.py e895ff6ea43f3b83
-#   generated/optimizers.py 27f80e2fc701243e
+#   generated/layers.py d6cbfe3bcaf7a023
+#   generated/losses.py 8fb668c879641a97
+#   generated/optimizers.py 9072ecf0ebc71829
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).
