@@ -758,6 +758,9 @@ def op_context(plan: OpPlan, target: str) -> dict:
         "arg_names": [d.name for d in p.args],
         "differentiable": list(p.grad_of),
         "state": list(p.state),
+        # per-step scalar state: (name, initial value) in state order, None for arrays
+        "state_init": [dict(p.state_init).get(n) for n in p.state],
+        "scalar_state": bool(p.state_init),
         "latex_lines": p.latex.splitlines(keepends=True),
         "kernels": kernels,
         "entries": entries,
@@ -816,9 +819,11 @@ def render_group(programs, module: str, command: str, single: str | None = None,
     cpu_ops = [op_context(pl, "cpu") for pl in plans]
     helpers = sorted({h for o in cpu_ops for k in o["kernels"] for h in k["helpers"]})
     has_cuda = any(o["kind"] != "schedule" for o in cpu_ops)
+    scalar_state = any(o["scalar_state"] for o in cpu_ops)
     cpu = render(
         CPU_TEMPLATE,
         header=header_context(programs, CPU_TEMPLATE, command),
+        scalar_state=scalar_state,
         module=module,
         ops=cpu_ops,
         helpers=helpers,
@@ -834,6 +839,7 @@ def render_group(programs, module: str, command: str, single: str | None = None,
     text = render(
         CUDA_TEMPLATE,
         header=header_context(programs, CUDA_TEMPLATE, command),
+        scalar_state=scalar_state,
         module=module,
         ops=cuda_ops,
         helpers=cuda_helpers,

@@ -93,10 +93,13 @@ def loss(name, task="regression", **kw):
     return op
 
 
-def optimizer(name, state, hyper, update, doc=""):
-    """``update``: list of (target name, rhs) over scalar symbols p, g, state, hyper, t."""
+def optimizer(name, state, hyper, update, doc="", scalar_state=None):
+    """``update``: list of (target name, rhs) over scalar symbols p, g, state, hyper, t;
+    a target that is none of p and the state is a temporary of the step.
+    ``scalar_state``: per-step scalars (name -> initial value), as in a TOML spec."""
     op = OpDef(name=name, kind="optimizer", source=_source(), doc=doc)
     op.state = list(state)
+    op.scalar_state = {k: float(v) for k, v in (scalar_state or {}).items()}
     op.hyper = dict(hyper)
     for h in op.hyper:
         op.symbols[h] = sympy.Symbol(h, real=True)

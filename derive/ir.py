@@ -136,7 +136,8 @@ class Program:
     scalars: tuple[str, ...] = ()  # tensors of shape () read as plain Symbols
     elementwise: bool = False  # activation: any input shape, computed on the flat array
     task: str = ""  # losses: what the model's output means (classification, binary, regression)
-    state: tuple[str, ...] = ()  # optimizer state names, in order
+    state: tuple[str, ...] = ()  # optimizer state names, in order (per-element, then scalar)
+    state_init: tuple[tuple[str, float], ...] = ()  # scalar state (in ``scalars``): initial values
     step: tuple[Assign, ...] = ()  # optimizer update statements, sequential, in place
     step_counter: sympy.Symbol | None = None  # optimizer step count t (from 1)
     latex: str = ""  # the derivation document for this op

@@ -225,21 +225,68 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
 
 
 def _build_optimizer(op: OpDef) -> ir.Program:
+    """An optimizer's update lines as in-place statements, in order. ``p``, ``g``, the
+    state and every temporary computed from a per-element value are arrays read at the
+    element ``n`` (a temporary read only inside the step's loop becomes a local of the
+    kernel, never an array); the scalar state and every temporary computed from
+    hyperparameters, ``t`` and scalar state only are per-step scalars, updated once per
+    step by a statement without loops."""
     n = ir.index("n")
     N = ir.dim("N")
-    names = ["p", "g", *op.state]
-    mapping = {sympy.Symbol(k, real=True): sympy.IndexedBase(k, real=True)[n] for k in names}
+    path = op.source
+    elementwise = {"p", "g", *op.state}
+    scalar = set(op.scalar_state)
+    given = elementwise | scalar
+    temps: dict[str, bool] = {}  # temporary -> per-element
+    assigned = set()
+    for k, eq in enumerate(op.equations):
+        reads = {s.name for s in eq.rhs.free_symbols if isinstance(s, sympy.Symbol)}
+        per_element = bool(reads & (elementwise | {t for t, e in temps.items() if e}))
+        target = eq.target
+        if target == "g":
+            raise SpecError(path, "the gradient `g` cannot be assigned", eq.text)
+        if target in scalar and per_element:
+            raise SpecError(
+                path,
+                f"scalar state `{target}` is updated once per step, but this line reads per-element "
+                f"values ({', '.join(sorted(reads & (elementwise | set(temps))))}); declare it in `state` "
+                f"to keep one value per element",
+                eq.text,
+            )
+        if target not in given:
+            if target in temps and temps[target] != per_element:
+                raise SpecError(path, f"temporary `{target}` was a per-step scalar and is now assigned a per-element value: use another name", eq.text)
+            temps[target] = temps.get(target, per_element)
+            later = [e for e in op.equations[k + 1:]]
+            if not any(target in {s.name for s in e.rhs.free_symbols} for e in later):
+                raise SpecError(
+                    path,
+                    f"`{target}` is assigned but no later line reads it: a temporary of the step must be "
+                    f"used; if `{target}` is meant to be state, declare it in `state` (or `scalar_state`)",
+                    eq.text,
+                )
+        assigned.add(target)
+    never = [s for s in [*op.state, *op.scalar_state] if s not in assigned]
+    if never:
+        raise SpecError(path, f"state `{never[0]}` is declared but no update line assigns it")
+    arrays = elementwise | {t for t, e in temps.items() if e}
+    mapping = {sympy.Symbol(k, real=True): sympy.IndexedBase(k, real=True)[n] for k in sorted(arrays)}
     steps = []
     for eq in op.equations:
         body = eq.rhs.xreplace(mapping)
-        steps.append(ir.Assign(eq.target, (ir.Loop(n, sympy.S.Zero, N),), body, equation=eq.text))
+        loops = (ir.Loop(n, sympy.S.Zero, N),) if eq.target in arrays else ()
+        steps.append(ir.Assign(eq.target, loops, body, equation=eq.text))
     args = (ir.TensorDecl("p", (N,), "param"), ir.TensorDecl("g", (N,), "input"))
     state = tuple(ir.TensorDecl(s, (N,), "state") for s in op.state)
+    state += tuple(ir.TensorDecl(s, (), "state") for s in op.scalar_state)
+    locals_ = tuple(ir.TensorDecl(t, (N,) if e else (), "intermediate") for t, e in temps.items())
+    scalars = tuple(op.scalar_state) + tuple(t for t, e in temps.items() if not e)
     attrs = tuple((op.symbols[h], v) for h, v in op.hyper.items())
     program = ir.Program(
         name=op.name, kind="optimizer", source=op.source, dims=(N,), derived_dims=(), attrs=attrs,
-        args=args, outputs=(), intermediates=state, state=tuple(op.state), step=tuple(steps),
-        step_counter=op.symbols["t"], doc=op.doc,
+        args=args, outputs=(), intermediates=state + locals_, scalars=scalars,
+        state=tuple(op.state) + tuple(op.scalar_state), state_init=tuple(op.scalar_state.items()),
+        step=tuple(steps), step_counter=op.symbols["t"], doc=op.doc,
     )
     blocks = optimizer_blocks(op)
     return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks})

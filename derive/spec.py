@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from .errors import SpecError
-from .functions import Reduce
+from .functions import Reduce, expand_means
 from .ir import dim as dim_symbol
 from .parse import Scope, parse_equation, parse_expression
 
@@ -27,7 +27,7 @@ KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
 _KEYS = {
     "activation": {"name", "kind", "doc", "expr", "attrs"},
     "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate", "assume", "dtypes"},
-    "optimizer": {"name", "kind", "doc", "state", "hyper", "update"},
+    "optimizer": {"name", "kind", "doc", "state", "scalar_state", "hyper", "update"},
     "schedule": {"name", "kind", "doc", "hyper", "expr"},
 }
 # a loss may say what the model's output means, which decides what a model predicts
@@ -73,8 +73,10 @@ class OpDef:
     task: str = "regression"
     # facts about the data the derivation may use, e.g. sum(target[b, c], c) == 1
     assumptions: list[tuple[sympy.Expr, sympy.Expr, str]] = field(default_factory=list)
-    # optimizers and schedules
+    # optimizers and schedules: per-element state (arrays shaped like p, starting at 0)
+    # and per-step scalar state (name -> initial value, updated once per step)
     state: list[str] = field(default_factory=list)
+    scalar_state: dict[str, float] = field(default_factory=dict)
     hyper: dict[str, int | float] = field(default_factory=dict)
     expr: sympy.Expr | None = None
     expr_text: str = ""
@@ -269,6 +271,12 @@ def _optimizer_from_dict(op, data, path):
     if not isinstance(state, list) or not all(isinstance(s, str) and s.isidentifier() for s in state):
         raise SpecError(path, "`state` must be a list of names")
     op.state = list(state)
+    for k, v in _table(path, data, "scalar_state").items():
+        if not k.isidentifier() or k.startswith("_"):
+            raise SpecError(path, f"`{k}` in `scalar_state` is not a name")
+        if k in op.state:
+            raise SpecError(path, f"`{k}` is in both `state` and `scalar_state`")
+        op.scalar_state[k] = float(_number(path, f"scalar_state.{k}", v))
     op.hyper = {k: _number(path, k, v) for k, v in _table(path, data, "hyper").items()}
     updates = data["update"]
     if not isinstance(updates, list) or not updates:
@@ -276,11 +284,18 @@ def _optimizer_from_dict(op, data, path):
     for h in op.hyper:
         op.symbols[h] = sympy.Symbol(h, real=True)
     op.symbols["t"] = sympy.Symbol("t", integer=True, positive=True)
-    scope = Scope(path, tensors={n: 0 for n in ["p", "g", *op.state]}, symbols=dict(op.symbols))
+    for name in ["p", "g", *op.state, *op.scalar_state]:
+        if name in op.symbols:
+            raise SpecError(path, f"`{name}` names both a hyperparameter (or the step t) and a tensor of the update")
+    scope = Scope(path, tensors={n: 0 for n in ["p", "g", *op.state, *op.scalar_state]}, symbols=dict(op.symbols))
     for text in updates:
         target, idx, rhs = parse_equation(text, scope)
-        if idx or target not in ["p", *op.state]:
-            raise SpecError(path, f"an update assigns `p` or a state name ({', '.join(op.state) or 'none'}), not `{target}`", text)
+        if idx:
+            raise SpecError(path, f"an update line assigns a plain name (p, a state or a temporary), not `{target}[...]`", text)
+        if target in op.symbols:
+            raise SpecError(path, f"`{target}` is a hyperparameter (or the step t) and cannot be assigned", text)
+        # any other new name is a temporary: a local value of the step that later lines read
+        scope.tensors.setdefault(target, 0)
         op.equations.append(Equation(target, (), rhs, text.strip()))
     return op
 
@@ -327,7 +342,10 @@ def bind(op: OpDef) -> OpDef:
                 raise SpecError(
                     path,
                     f"index `{i}` is bound to two different dimensions: {local[i][0]} "
-                    f"({local[i][1]}) and {size} ({where})",
+                    f"({local[i][1]}) and {size} ({where}); if one read covers only part of "
+                    f"its axis (a slice at an offset, such as one gate of a 4*H axis), give "
+                    f"`{i}` the slice's size in `ranges`; "
+                    f"if they are different axes, use a different index name for each",
                     eq.text,
                 )
             local.setdefault(i, (size, where))
@@ -375,6 +393,7 @@ def bind(op: OpDef) -> OpDef:
         for i, (size, _) in local.items():
             ranges[i] = size
         eq.ranges = {i: size for i, (size, _) in local.items()}
+        eq.rhs = expand_means(eq.rhs, eq.ranges)
         if eq.target not in shapes:
             shapes[eq.target] = tuple(local[i][0] for i in eq.index)
             op.intermediates[eq.target] = shapes[eq.target]
