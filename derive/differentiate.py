@@ -314,6 +314,15 @@ def apply_assumptions(expr, loops, guards, assumptions):
     return expr, loops, None
 
 
+def _fresh_grad(name: str, wrt, outputs) -> str:
+    """``name``, or ``name`` with a number, that no tensor's gradient is called."""
+    taken = {grad_name(n) for n in list(wrt) + list(outputs)}
+    fresh, k = name, 1
+    while fresh in taken:
+        fresh, k = f"{name}{k}", k + 1
+    return fresh
+
+
 def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str], assumptions=()):
     """Reverse-mode pass. ``wrt``: tensor name -> shape for every tensor that needs a
     gradient (differentiable args and the intermediates between them and the outputs).
@@ -332,6 +341,24 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             continue
         if stmt.target in outputs:
             seed = read_of(g_t, stmt.free)
+            if terms.get(g_t):
+                # an output that later statements read: its gradient is the incoming
+                # output gradient plus what flows back through those reads, which are
+                # gathered under their own name (g_t is the caller's seed argument)
+                own = terms.pop(g_t)
+                if all(t.elementwise for t in own):
+                    total = _fresh_grad(g_t + "_total", wrt, outputs)
+                    seed = seed + sympy.Add(*[t.expr.xreplace(dict(zip(t.free, stmt.free))) for t in own])
+                    for t in own:
+                        order.remove(t)
+                        t.grad = total
+                    inlined[total] = (tuple(stmt.free), seed)
+                else:
+                    via = _fresh_grad(g_t + "_reads", wrt, outputs)
+                    for t in own:
+                        t.grad = via
+                    terms[via] = own
+                    seed = seed + read_of(via, stmt.free)
         elif terms.get(g_t):
             own = terms[g_t]
             if all(t.elementwise for t in own):

@@ -11,8 +11,9 @@ Two kinds of names live here:
 * *Macros* (``relu``, ``where``, ``abs`` ...) expand at parse time into elementary SymPy
   expressions (``Piecewise``, ``Abs``).
 
-Reductions (``sum(expr, i, j)``, ``max(expr, i)``) are :class:`Reduce` nodes, which
-derive/normalize.py lifts into intermediates before differentiation.
+Reductions (``sum(expr, i, j)``, ``max(expr, i)``, ``mean(expr, i)``) are :class:`Reduce`
+nodes; a mean becomes a sum over its size once the indices are bound, and
+derive/normalize.py lifts the sums and maxima into intermediates before differentiation.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ class NamedFunction(Function):
     """A one-argument function defined by an elementary ``definition``."""
 
     is_real = True
+    latex_name = None  # default: \operatorname{<class name>}
 
     @staticmethod
     def definition(x):  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _latex(self, printer, exp=None):
+        """``name(x)``, or ``name^{k}(x)`` under a power (as LaTeX writes sin^2 x)."""
+        name = self.latex_name or r"\operatorname{%s}" % type(self).__name__.replace("_", r"\_")
+        head = name if exp is None else r"%s^{%s}" % (name, exp)
+        return r"%s\left(%s\right)" % (head, printer._print(self.args[0]))
 
     def fdiff(self, argindex=1):
         if argindex != 1:
@@ -48,23 +56,21 @@ class NamedFunction(Function):
 class sigmoid(NamedFunction):
     """The logistic function 1 / (1 + exp(-x)); printed as a stable two-branch kernel."""
 
+    latex_name = r"\sigma"
+
     @staticmethod
     def definition(x):
         return 1 / (1 + exp(-x))
-
-    def _latex(self, printer):
-        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
 
 
 class softplus(NamedFunction):
     """log(1 + exp(x)); printed as max(x, 0) + log1p(exp(-|x|))."""
 
+    latex_name = r"\operatorname{softplus}"
+
     @staticmethod
     def definition(x):
         return log(1 + exp(x))
-
-    def _latex(self, printer):
-        return r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
 
 
 STABLE_PRIMITIVES = (sigmoid, softplus)
@@ -132,6 +138,12 @@ class Reduce(Function):
     def _sympystr(self, printer):
         return "%s(%s, %s)" % (self.kind, printer._print(self.body), ", ".join(map(printer._print, self.indices)))
 
+    def _latex(self, printer, exp=None):
+        """``op_{i,j} (body)``, parenthesised whole under a power."""
+        idx = ",".join(printer._print(i) for i in self.indices)
+        text = r"%s_{%s} \left(%s\right)" % (self.latex_op, idx, printer._print(self.body))
+        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
+
     @property
     def indices(self):
         return self.args[1:]
@@ -139,18 +151,35 @@ class Reduce(Function):
 
 class ReduceSum(Reduce):
     kind = "sum"
-
-    def _latex(self, printer):
-        idx = ",".join(printer._print(i) for i in self.indices)
-        return r"\sum_{%s} \left(%s\right)" % (idx, printer._print(self.body))
+    latex_op = r"\sum"
 
 
 class ReduceMax(Reduce):
     kind = "max"
+    latex_op = r"\max"
 
-    def _latex(self, printer):
-        idx = ",".join(printer._print(i) for i in self.indices)
-        return r"\max_{%s} \left(%s\right)" % (idx, printer._print(self.body))
+
+class ReduceMean(Reduce):
+    """``mean(body, i, ...)``: the sum over the indices divided by the product of their
+    ranges. The ranges are known once the spec's indices are bound, where
+    :func:`expand_means` rewrites it into that sum, so everything after (stability,
+    lifting, differentiation, the kernels) sees only the sum."""
+
+    kind = "mean"
+    latex_op = r"\operatorname{mean}"
+
+
+def expand_means(expr, ranges):
+    """Every ``mean(body, i, ...)`` in ``expr`` as ``sum(body, i, ...) / (R_i * ...)``
+    with ``ranges`` (index symbol -> size), innermost first."""
+    if not expr.has(ReduceMean):
+        return expr
+
+    def as_sum(node):
+        body = expand_means(node.body, ranges)
+        return ReduceSum(body, *node.indices) / sympy.Mul(*[ranges[i] for i in node.indices])
+
+    return expr.replace(lambda e: isinstance(e, ReduceMean), as_sum)
 
 
 # ---------------------------------------------------------------------------
@@ -215,6 +244,28 @@ ELEMENTARY = {
     "where": _where,
 }
 
+def _relation(cls):
+    def build(a, b):
+        return cls(a, b)
+
+    build.__name__ = cls.__name__
+    return build
+
+
+# comparisons and logic in SymPy's spelling, the same objects as ``a == b``, ``a < b``,
+# ``c and d``: usable wherever a condition is (where's first argument)
+RELATIONS = {
+    "Eq": _relation(sympy.Eq),
+    "Ne": _relation(sympy.Ne),
+    "Lt": _relation(sympy.Lt),
+    "Le": _relation(sympy.Le),
+    "Gt": _relation(sympy.Gt),
+    "Ge": _relation(sympy.Ge),
+    "And": sympy.And,
+    "Or": sympy.Or,
+    "Not": sympy.Not,
+}
+
 ACTIVATIONS = {
     "sigmoid": sigmoid,
     "softplus": softplus,
@@ -226,8 +277,8 @@ ACTIVATIONS = {
     "mish": _mish,
 }
 
-REDUCTIONS = {"sum": ReduceSum, "max": ReduceMax}
+REDUCTIONS = {"sum": ReduceSum, "max": ReduceMax, "mean": ReduceMean}
 
 CONSTANTS = {"pi": sympy.pi}
 
-FUNCTIONS = {**ELEMENTARY, **ACTIVATIONS}
+FUNCTIONS = {**ELEMENTARY, **RELATIONS, **ACTIVATIONS}

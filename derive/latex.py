@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sympy
 from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import PRECEDENCE
 
 from .spec import OpDef
 
@@ -72,6 +73,32 @@ class DerivationPrinter(LatexPrinter):
             parts.append(" ".join(t if isinstance(t, str) else self._print(t) for t in chain))
         return r" \wedge ".join(parts)
 
+    # numbers: a rational that is a decimal fraction (a denominator dividing a power of
+    # ten, with a factor 5) prints as that decimal, as a spec writes it (the parser keeps
+    # 0.044715 exact as 8943/200000; its derivative's 0.134145 prints so too); halves,
+    # quarters and other binary fractions stay fractions (x/2 as in a textbook)
+
+    def _print_Rational(self, expr):
+        return decimal_tex(expr) or super()._print_Rational(expr)
+
+    def _print_Mul(self, expr):
+        coeff, rest = expr.as_coeff_Mul()
+        if coeff.is_Rational and coeff.is_negative and decimal_tex(-coeff) and rest != 1:
+            return "- " + self._print_Mul(-expr)
+        if decimal_tex(coeff) and rest != 1:
+            return "%s %s" % (decimal_tex(coeff), self.parenthesize(rest, PRECEDENCE["Mul"], strict=True))
+        return super()._print_Mul(expr)
+
+    def _print_Pow(self, expr):
+        e = expr.exp
+        if e.is_Rational and decimal_tex(abs(e)):
+            if e.is_negative:
+                return r"\frac{1}{%s}" % self._print(sympy.Pow(expr.base, -e, evaluate=False))
+            if expr.base.is_Function:
+                return self._print(expr.base, exp=decimal_tex(e))
+            return self._helper_print_standard_power(expr, r"%s^{%s}")
+        return super()._print_Pow(expr)
+
     def _print_KroneckerDelta(self, expr, exp=None):
         return r"\delta_{%s,\,%s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
 
@@ -81,6 +108,29 @@ class DerivationPrinter(LatexPrinter):
         if expr.function.is_Add or expr.function.could_extract_minus_sign():
             body = r"\left(%s\right)" % body
         return r"\sum_{%s} %s" % (",".join(self._print(lim[0]) for lim in expr.limits), body)
+
+
+def decimal_tex(r) -> str | None:
+    """A rational that is a decimal fraction as its exact decimal (``0.044715``; below
+    1e-4 as ``1.5 \\cdot 10^{-8}``), None for any other number."""
+    if not isinstance(r, sympy.Rational) or r.is_Integer:
+        return None
+    q, twos, fives = r.q, 0, 0
+    while q % 2 == 0:
+        q, twos = q // 2, twos + 1
+    while q % 5 == 0:
+        q, fives = q // 5, fives + 1
+    if q != 1 or fives == 0:
+        return None
+    k = max(twos, fives)
+    digits = str(abs(r.p) * 10**k // r.q)
+    sign = "-" if r.p < 0 else ""
+    if abs(r) < sympy.Rational(1, 10**4):
+        mantissa = digits[0] + ("." + digits[1:].rstrip("0") if digits[1:].rstrip("0") else "")
+        power = r"10^{%d}" % (len(digits) - 1 - k)
+        return sign + (power if mantissa == "1" else r"%s \cdot %s" % (mantissa, power))
+    digits = digits.rjust(k + 1, "0")
+    return "%s%s.%s" % (sign, digits[:-k], digits[-k:])
 
 
 def _as_bound(rel):

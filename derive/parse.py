@@ -11,12 +11,13 @@ naming the file, the expression and the offending name.
 from __future__ import annotations
 
 import ast
+import difflib
 from dataclasses import dataclass, field
 
 import sympy
 
 from .errors import SpecError
-from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS
+from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, RELATIONS
 from .ir import index as index_symbol
 
 
@@ -82,6 +83,46 @@ _NODE_NAMES = {
 }
 
 
+# names from other languages and libraries, and what the spec language writes instead
+ALIASES = {
+    "ln": "log",
+    "pow": "a**b",
+    "power": "a**b",
+    "arctan": "atan",
+    "avg": "mean(expr, i)",
+    "average": "mean(expr, i)",
+    "clip": "Max(lo, Min(x, hi))",
+    "clamp": "Max(lo, Min(x, hi))",
+    "heaviside": "where(x > 0, 1, 0)",
+    "logsumexp": "log(sum(exp(expr), i))",
+    "softmax": "exp(x[b,i]) / sum(exp(x[b,j]), j)",
+    "ifelse": "where(cond, a, b)",
+    "select": "where(cond, a, b)",
+}
+
+_BINOP_HINTS = {
+    "BitXor": " (a power is written `**`, e.g. x**2)",
+    "BitAnd": " (a conjunction is written `and` or And(a, b))",
+    "BitOr": " (a disjunction is written `or` or Or(a, b))",
+    "MatMult": " (write the product as a sum over an index, e.g. sum(w[o,i]*x[b,i], i))",
+    "LShift": "",
+    "RShift": "",
+}
+
+
+def near_match(name: str, candidates) -> str:
+    """`` (did you mean `X`?)`` for the candidate closest to ``name`` (case-insensitive;
+    difflib's ratio), or an alias's replacement, or ``""``."""
+    if name.lower() in ALIASES:
+        return f" (did you mean `{ALIASES[name.lower()]}`?)"
+    candidates = sorted(set(candidates))
+    lowered = [c.lower() for c in candidates]
+    best = difflib.get_close_matches(name.lower(), lowered, n=1, cutoff=0.6)
+    if not best:
+        return ""
+    return f" (did you mean `{candidates[lowered.index(best[0])]}`?)"
+
+
 class ExprParser:
     """Builds SymPy from one expression's syntax tree, checking every name."""
 
@@ -114,7 +155,8 @@ class ExprParser:
     def visit_BinOp(self, node):
         op = _BINOPS.get(type(node.op))
         if op is None:
-            self.fail(f"the operator `{type(node.op).__name__}` is not allowed")
+            what = type(node.op).__name__
+            self.fail(f"the operator `{what}` is not allowed{_BINOP_HINTS.get(what, '')}")
         return op(self.build(node.left), self.build(node.right))
 
     def visit_UnaryOp(self, node):
@@ -165,7 +207,8 @@ class ExprParser:
             return CONSTANTS[name]
         if name in FUNCTIONS or name in REDUCTIONS:
             self.fail(f"the function `{name}` is used without calling it")
-        self.fail(f"unknown name `{name}`")
+        known = [*self.scope.symbols, *self.scope.tensors, *CONSTANTS, *self.index_names]
+        self.fail(f"unknown name `{name}`{near_match(name, known)}")
 
     def visit_Call(self, node):
         if not isinstance(node.func, ast.Name):
@@ -180,12 +223,17 @@ class ExprParser:
             indices = []
             for arg in node.args[1:]:
                 if not isinstance(arg, ast.Name):
-                    self.fail(f"the reduction indices of `{name}` must be plain index names")
+                    other = {"max": " (the larger of two values is Max(a, b))"}.get(name, "")
+                    self.fail(f"the reduction indices of `{name}` must be plain index names{other}")
                 self._check_name(arg.id)
                 indices.append(self.scope.index(arg.id))
             return REDUCTIONS[name](self.build(node.args[0]), *indices)
         if name not in FUNCTIONS:
-            self.fail(f"unknown function `{name}`")
+            if name in self.scope.tensors:
+                self.fail(f"`{name}` is a tensor, not a function: read it with square brackets, {name}[...]")
+            self.fail(f"unknown function `{name}`{near_match(name, [*FUNCTIONS, *REDUCTIONS])}")
+        if name in RELATIONS and name not in ("And", "Or") and len(node.args) != (1 if name == "Not" else 2):
+            self.fail(f"`{name}` takes {'one argument' if name == 'Not' else 'two arguments'}, got {len(node.args)}")
         args = [self.build(a) for a in node.args]
         try:
             return FUNCTIONS[name](*args)
@@ -198,7 +246,8 @@ class ExprParser:
         name = node.value.id
         self._check_name(name)
         if name not in self.scope.tensors:
-            self.fail(f"unknown tensor `{name}`")
+            tensors = [t for t, rank in self.scope.tensors.items() if rank]
+            self.fail(f"unknown tensor `{name}`{near_match(name, tensors)}")
         slc = node.slice
         items = slc.elts if isinstance(slc, ast.Tuple) else [slc]
         rank = self.scope.tensors[name]
