@@ -1,0 +1,162 @@
+"""A long differential-fuzzing campaign (issue 11): random specs over the whole spec
+language, each built with ``codegen.build`` and compared with PyTorch (float64) and
+central finite differences; see tests/fuzz_specs.py for the generator and the check.
+
+    .venv/bin/python scripts/fuzz_campaign.py --n 2000 --out fuzz-out
+
+Spec ``k`` of a campaign depends only on ``--seed`` and ``k`` (``--start`` resumes or
+replays one: ``--start 417 --n 1``). Every failing spec's TOML and its mismatch are
+printed and saved under ``--out`` (``<k>-<name>.toml`` and ``.txt``); the summary
+(checked, wrong, crashed, refused, discarded, and each distinct failure with the first
+spec that showed it) is printed and written to ``--out/summary.json``.
+
+The codegen/derive that run are the ones first on ``sys.path``: to fuzz another
+checkout, ``cd OTHER && PYTHONPATH=OTHER python /path/to/scripts/fuzz_campaign.py``
+(the modules' files are printed at the start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")  # before anything imports numba
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE / "tests"))  # fuzz_specs and reference
+sys.path.append(str(HERE))  # derive, codegen: unless PYTHONPATH names another checkout
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def signature(outcome) -> str:
+    """A failure's kind, without the numbers: groups the same bug across specs."""
+    lines = [ln for ln in outcome.message.strip().splitlines() if ln.strip()]
+    if outcome.status in ("crash", "oracle"):
+        last = lines[-1] if lines else ""
+        text = re.sub(r"'[^']*'", "'…'", last)
+        text = re.sub(r"fz_[0-9a-f]+", "fz_…", text)
+    else:
+        text = lines[0] if lines else ""
+        text = re.sub(r"gradient of \w+", "gradient of …", text)
+        text = re.sub(r"output \w+", "output …", text)
+        text = text.split(":")[0]
+    text = re.sub(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?", "#", text)
+    return f"{outcome.status}/{outcome.stage}/{outcome.target}: {text}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200, help="how many specs (default 200)")
+    ap.add_argument("--seed", type=int, default=0, help="campaign seed (default 0)")
+    ap.add_argument("--start", type=int, default=0, help="index of the first spec (default 0)")
+    ap.add_argument("--families", default="", help="comma-separated subset of: activation,layer,window,loss,optimizer")
+    ap.add_argument("--cuda-every", type=int, default=0,
+                    help="also check every K-th spec's CUDA kernels (simulator unless a GPU is lent); 0: never")
+    ap.add_argument("--no-temporaries", action="store_true", help="no optimizer temporaries")
+    ap.add_argument("--max-depth", type=int, default=3)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per spec before it counts as a crash")
+    ap.add_argument("--out", default="fuzz-out", help="directory for failing specs and summary.json")
+    ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    args = ap.parse_args(argv)
+
+    import codegen
+    import derive
+    import fuzz_specs as fz
+
+    print(f"codegen: {codegen.__file__}\nderive:  {derive.__file__}\nfuzzer:  {fz.__file__}", flush=True)
+    families = tuple(f for f in args.families.split(",") if f) or fz.FAMILIES
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGALRM, _alarm)
+
+    counts: Counter = Counter()
+    by_family: dict = {}
+    first: dict = {}  # signature -> {"index", "count", "spec", "message"}
+    t0 = time.time()
+    for k in range(args.start, args.start + args.n):
+        spec = fz.random_spec(args.seed, k, families=families, temporaries=not args.no_temporaries,
+                              max_depth=args.max_depth)
+        targets = ["cpu"] + (["cuda"] if args.cuda_every and k % args.cuda_every == 0 else [])
+        for target in targets:
+            t1 = time.time()
+            with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+                signal.alarm(args.timeout)
+                try:
+                    outcome = fz.check(spec, tmp, target=target)
+                except _Timeout:
+                    outcome = fz.Outcome("crash", "timeout", f"no result after {args.timeout} s", spec, target)
+                finally:
+                    signal.alarm(0)
+            status = outcome.status
+            counts[(status, target)] += 1
+            by_family.setdefault(spec.family, Counter())[status] += 1
+            line = f"[{k}] {spec.family:10s} {target:4s} {status:9s} {time.time() - t1:5.1f}s {spec.name}"
+            if outcome.failed:
+                sig = signature(outcome)
+                entry = first.setdefault(sig, {"index": k, "count": 0, "spec": spec.toml,
+                                               "message": outcome.message, "target": target})
+                entry["count"] += 1
+                stem = out / f"{k}-{spec.name}-{target}"
+                stem.with_suffix(".toml").write_text(spec.toml)
+                stem.with_suffix(".txt").write_text(outcome.report() + "\n")
+                print(f"{line}\n{outcome.report()}\n", flush=True)
+            elif status == "refused":
+                sig = "refused: " + re.sub(r"`[^`]*`", "`…`", outcome.message.split(": ", 1)[-1])[:160]
+                counts[("refused-reason", sig)] += 1
+                if not args.quiet:
+                    print(f"{line}  ({outcome.message[:200]})", flush=True)
+            elif not args.quiet:
+                print(line, flush=True)
+
+    elapsed = time.time() - t0
+    cpu = {s: counts[(s, "cpu")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
+    cuda = {s: counts[(s, "cuda")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
+    summary = {
+        "codegen": codegen.__file__,
+        "seed": args.seed, "start": args.start, "specs": args.n, "families": list(families),
+        "seconds": round(elapsed, 1),
+        "cpu": cpu, "cuda": cuda,
+        "checked": cpu["ok"] + cpu["wrong"] + cpu["crash"],
+        "failed": cpu["wrong"] + cpu["crash"] + cuda["wrong"] + cuda["crash"],
+        "by_family": {f: dict(c) for f, c in sorted(by_family.items())},
+        "refusals": {k[1]: v for k, v in counts.items() if k[0] == "refused-reason"},
+        "distinct_failures": [{"signature": s, **v} for s, v in sorted(first.items(), key=lambda kv: kv[1]["index"])],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n==== summary ====")
+    print(f"{args.n} specs (seed {args.seed}, from {args.start}) in {elapsed:.0f} s")
+    print(f"CPU:  checked {summary['checked']} (ok {cpu['ok']}, wrong {cpu['wrong']}, crashed {cpu['crash']}); "
+          f"refused {cpu['refused']}, discarded {cpu['discarded']}, oracle errors {cpu['oracle']}")
+    if args.cuda_every:
+        print(f"CUDA: ok {cuda['ok']}, wrong {cuda['wrong']}, crashed {cuda['crash']}, "
+              f"refused {cuda['refused']}, discarded {cuda['discarded']}")
+    for f, c in sorted(by_family.items()):
+        print(f"  {f:10s} {dict(c)}")
+    if summary["refusals"]:
+        print("refusals:")
+        for r, c in sorted(summary["refusals"].items(), key=lambda kv: -kv[1]):
+            print(f"  {c:4d}  {r}")
+    print(f"distinct failures: {len(first)}")
+    for s, v in sorted(first.items(), key=lambda kv: kv[1]["index"]):
+        print(f"  first at spec {v['index']} ({v['count']}x): {s}")
+    print(f"summary: {out / 'summary.json'}")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1551 @@
+"""Differential fuzzing of the spec language (issue 11): random specs, each with its
+PyTorch reference, and the check that builds one and compares it.
+
+The generator draws one expression tree per equation and renders it twice: as spec text
+(SymPy syntax, what a user writes in a TOML file) and as a function on float64 torch
+tensors (the oracle). Nothing is derived by hand and nothing is shared with derive/ or
+codegen/: the oracle is an interpreter of the same tree over torch, with reads as
+gathers (out-of-bounds reads are zero, as the spec language says) and reductions as
+torch sums and maxima over the axes of an index space.
+
+Families (``family`` of :func:`specs`), together the whole spec language:
+
+* ``activation``: ``kind = "activation"``, ``expr`` in ``x`` (float attributes too);
+* ``layer``: inputs and params of shapes over B, N, K; intermediates (rank 0, 1, 2);
+  one or two outputs, a later equation reading an earlier output; sums, maxima and
+  contractions (``sum(x[b,i] * w[i,k], i)``); shifted and reversed reads (``x[b, n + 1]``,
+  ``x[b, N - 1 - n]``); float attributes; ``differentiate``;
+* ``window``: strided, padded and dilated reads ``x[b, c, o*S + p*D - P]`` with attributes
+  (default and given at run time), ``dims`` and ``ranges``, sum or max over the window;
+* ``loss``: a scalar output (``sum(..., b, n) / B``), ``differentiate = [...]``;
+* ``optimizer``: state, hyperparameters (default and given at run time), ``t``,
+  temporaries; ``op.step`` is compared with the same update tree evaluated by torch.
+
+Expressions use every whitelisted function (derive/functions.py FUNCTIONS), where with
+comparisons and ``and``/``or``, Max/Min, quotients (negative coefficients over squares:
+``1/x``, ``x/s``), integer, negative, rational, float and symbolic powers, unary minus,
+nested divisions and reductions. Inputs keep every function in its domain: each float
+input is sampled away from zero (|v| in [0.3, 1.5]), some inputs positive; a logarithm,
+square root or fractional power gets a positive argument (a positive input, or a wrapped
+``1 + e**2``, ``exp(e)``, ``cosh(e)``, ``2 + sin(e)`` ...), a quotient a non-zero
+denominator (an input read, or such a wrapped form). Kinks (abs, sign, floor, Max, Min,
+where, relu) can still land near a sample point inside a compound argument: a sample
+where PyTorch's own autograd disagrees with central differences is *discarded*, not
+counted, as is one whose reference value overflows.
+
+:func:`check` builds one spec (``codegen.build``) in its own directory and returns an
+:class:`Outcome`: ``ok``; ``refused`` (a clear ``SpecError``; not wrong); ``discarded``
+(the sample point is unusable, see above); ``wrong`` (a value, a gradient, a shape, a
+dtype, or the op's signature differs from the contract); ``crash`` (any other exception
+while building, printing LaTeX or running: a TypeError in the LaTeX printer, a
+SyntaxError in the generated module). tests/test_fuzz.py runs a bounded, derandomised
+number of these; scripts/fuzz_campaign.py runs long campaigns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+import reference as ref
+
+torch.set_default_dtype(torch.float64)
+
+# ======================================================================================
+# Index expressions: integer arithmetic over indices, attributes and dimensions
+# ======================================================================================
+
+
+class IExpr:
+    def spec(self) -> str:
+        raise NotImplementedError
+
+    def eval(self, ctx: "Ctx"):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class IVar(IExpr):
+    name: str  # an index (an axis of the index space), or an integer attribute or dim
+
+    def spec(self):
+        return self.name
+
+    def eval(self, ctx):
+        if ctx is not None and self.name in ctx.axes:
+            return ctx.arange(self.name)
+        return ctx.ints[self.name]
+
+
+@dataclass(frozen=True)
+class IConst(IExpr):
+    value: int
+
+    def spec(self):
+        return str(self.value)
+
+    def eval(self, ctx):
+        return self.value
+
+
+@dataclass(frozen=True)
+class IOp(IExpr):
+    op: str  # + - * //
+    a: IExpr
+    b: IExpr
+
+    def spec(self):
+        a, b = self.a.spec(), self.b.spec()
+        if self.op == "+":
+            return f"{a} + {b}"
+        if self.op == "-":
+            return f"{a} - {_iparen(self.b, b)}"
+        if self.op == "*":
+            return f"{_iparen(self.a, a)}*{_iparen(self.b, b)}"
+        return f"({a})//{_iparen(self.b, b)}"
+
+    def eval(self, ctx):
+        a, b = self.a.eval(ctx), self.b.eval(ctx)
+        if self.op == "+":
+            return a + b
+        if self.op == "-":
+            return a - b
+        if self.op == "*":
+            return a * b
+        return a // b
+
+
+def _iparen(node, text):
+    return f"({text})" if isinstance(node, IOp) and node.op in "+-" else text
+
+
+# ======================================================================================
+# Value expressions
+# ======================================================================================
+
+
+class Node:
+    prec = 100  # binding strength of the rendered text (atoms: 100)
+
+    def spec(self) -> str:
+        raise NotImplementedError
+
+    def eval(self, ctx: "Ctx") -> torch.Tensor:
+        raise NotImplementedError
+
+    def children(self) -> tuple:
+        return ()
+
+    def walk(self):
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+
+def _wrap(node: Node, min_prec: int) -> str:
+    text = node.spec()
+    return f"({text})" if node.prec < min_prec else text
+
+
+@dataclass(frozen=True)
+class Num(Node):
+    text: str
+    value: float
+
+    @property
+    def prec(self):
+        return 100 if self.value >= 0 and "/" not in self.text else 0
+
+    def spec(self):
+        return self.text
+
+    def eval(self, ctx):
+        return torch.tensor(self.value)
+
+
+@dataclass(frozen=True)
+class Sym(Node):
+    """An attribute, a hyperparameter, a dimension or the step counter t."""
+
+    name: str
+
+    def spec(self):
+        return self.name
+
+    def eval(self, ctx):
+        return torch.tensor(float(ctx.scalars[self.name]))
+
+
+@dataclass(frozen=True)
+class Read(Node):
+    name: str
+    idx: tuple = ()  # IExpr per dimension; () reads a rank-0 tensor (or an optimizer's p, g, state)
+    padded: bool = False  # may read out of bounds (then the value is zero)
+
+    def spec(self):
+        if not self.idx:
+            return self.name
+        return f"{self.name}[{', '.join(i.spec() for i in self.idx)}]"
+
+    def eval(self, ctx):
+        t = ctx.env[self.name]
+        if not self.idx:
+            return t
+        mask = None
+        clamped = []
+        for e, n in zip(self.idx, t.shape):
+            v = e.eval(ctx)
+            v = v if isinstance(v, torch.Tensor) else torch.tensor(v).reshape([1] * ctx.nd)
+            ok = (v >= 0) & (v < n)
+            mask = ok if mask is None else mask & ok
+            clamped.append(v.clamp(0, max(n - 1, 0)))
+        value = t[tuple(clamped)]
+        return torch.where(mask, value, torch.zeros(()))
+
+
+@dataclass(frozen=True)
+class Neg(Node):
+    a: Node
+    prec = 40
+
+    def spec(self):
+        return "-" + _wrap(self.a, 50)
+
+    def eval(self, ctx):
+        return -self.a.eval(ctx)
+
+    def children(self):
+        return (self.a,)
+
+
+_BIN_PREC = {"+": 20, "-": 20, "*": 30, "/": 30}
+
+
+@dataclass(frozen=True)
+class Bin(Node):
+    op: str
+    a: Node
+    b: Node
+
+    @property
+    def prec(self):
+        return _BIN_PREC[self.op]
+
+    def spec(self):
+        p = self.prec
+        right = p + 1 if self.op in "-/" else p  # a - (b - c), a / (b * c)
+        if self.op == "*":
+            right = p + 1  # a * (b / c) keeps its grouping as written
+        return f"{_wrap(self.a, p)} {self.op} {_wrap(self.b, right)}"
+
+    def eval(self, ctx):
+        a, b = self.a.eval(ctx), self.b.eval(ctx)
+        return {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div}[self.op](a, b)
+
+    def children(self):
+        return (self.a, self.b)
+
+
+@dataclass(frozen=True)
+class Pow(Node):
+    base: Node
+    expo: Node
+    prec = 60
+
+    def spec(self):
+        return f"{_wrap(self.base, 70)}**{_wrap(self.expo, 70)}"
+
+    def eval(self, ctx):
+        return torch.pow(self.base.eval(ctx), self.expo.eval(ctx))
+
+    def children(self):
+        return (self.base, self.expo)
+
+
+def _leaky(x, slope=None):
+    s = 0.01 if slope is None else slope
+    return torch.where(x > 0, x, s * x)
+
+
+def _elu(x, alpha=None):
+    a = 1.0 if alpha is None else alpha
+    return torch.where(x > 0, x, a * torch.expm1(x))
+
+
+def _max(*a):
+    out = a[0]
+    for b in a[1:]:
+        out = torch.maximum(out, b)
+    return out
+
+
+def _min(*a):
+    out = a[0]
+    for b in a[1:]:
+        out = torch.minimum(out, b)
+    return out
+
+
+# name -> (torch function, domain of the first argument, weight)
+#   domain: any | pos (positive, away from 0) | tan (|arg| < 1.5)
+TORCH_FUNCTIONS = {
+    "exp": (torch.exp, "any", 3),
+    "log": (torch.log, "pos", 3),
+    "log1p": (torch.log1p, "pos", 2),
+    "expm1": (torch.expm1, "any", 2),
+    "sqrt": (torch.sqrt, "pos", 3),
+    "sin": (torch.sin, "any", 2),
+    "cos": (torch.cos, "any", 2),
+    "tan": (torch.tan, "tan", 2),
+    "atan": (torch.atan, "any", 2),
+    "sinh": (torch.sinh, "any", 2),
+    "cosh": (torch.cosh, "any", 2),
+    "tanh": (torch.tanh, "any", 3),
+    "erf": (torch.erf, "any", 2),
+    "abs": (torch.abs, "any", 2),
+    "sign": (torch.sign, "any", 1),
+    "floor": (torch.floor, "any", 1),
+    "Max": (_max, "any", 2),
+    "Min": (_min, "any", 2),
+    # the library's named activations
+    "sigmoid": (torch.sigmoid, "any", 4),
+    "softplus": (lambda x: torch.logaddexp(x, torch.zeros(())), "any", 4),
+    "relu": (torch.relu, "any", 2),
+    "leaky_relu": (_leaky, "any", 1),
+    "elu": (_elu, "any", 1),
+    "gelu": (lambda x: F.gelu(x, approximate="none"), "any", 1),
+    "silu": (F.silu, "any", 1),
+    "mish": (F.mish, "any", 1),
+}
+
+
+@dataclass(frozen=True)
+class Fn(Node):
+    name: str
+    args: tuple
+
+    def spec(self):
+        return f"{self.name}({', '.join(a.spec() for a in self.args)})"
+
+    def eval(self, ctx):
+        fn = TORCH_FUNCTIONS[self.name][0]
+        if self.name in ("leaky_relu", "elu") and len(self.args) == 2:
+            return fn(self.args[0].eval(ctx), float(self.args[1].value))
+        return fn(*[a.eval(ctx) for a in self.args])
+
+    def children(self):
+        return self.args
+
+
+_CMP = {">": torch.gt, ">=": torch.ge, "<": torch.lt, "<=": torch.le, "==": torch.eq, "!=": torch.ne}
+_CMP_FN = {">": "Gt", ">=": "Ge", "<": "Lt", "<=": "Le", "==": "Eq", "!=": "Ne"}
+
+
+@dataclass(frozen=True)
+class Cmp(Node):
+    op: str
+    a: Node
+    b: Node
+    fn: bool = False  # SymPy's spelling: Gt(a, b)
+
+    @property
+    def prec(self):
+        return 100 if self.fn else 10
+
+    def spec(self):
+        if self.fn:
+            return f"{_CMP_FN[self.op]}({self.a.spec()}, {self.b.spec()})"
+        return f"{_wrap(self.a, 20)} {self.op} {_wrap(self.b, 20)}"
+
+    def eval(self, ctx):
+        return _CMP[self.op](self.a.eval(ctx), self.b.eval(ctx))
+
+    def children(self):
+        return (self.a, self.b)
+
+
+@dataclass(frozen=True)
+class BoolOp(Node):
+    op: str  # and | or | not (b unused)
+    a: Node
+    b: Node | None = None
+    fn: bool = False  # SymPy's spelling: And(a, b), Or(a, b), Not(a)
+
+    @property
+    def prec(self):
+        return 100 if self.fn else (3 if self.op == "not" else 5)
+
+    def spec(self):
+        if self.fn:
+            args = (self.a,) if self.op == "not" else (self.a, self.b)
+            return f"{self.op.capitalize()}({', '.join(a.spec() for a in args)})"
+        if self.op == "not":
+            return f"not {_wrap(self.a, 6)}"
+        return f"{_wrap(self.a, 6)} {self.op} {_wrap(self.b, 6)}"
+
+    def eval(self, ctx):
+        a = self.a.eval(ctx)
+        if self.op == "not":
+            return ~a
+        b = self.b.eval(ctx)
+        return a & b if self.op == "and" else a | b
+
+    def children(self):
+        return (self.a,) if self.b is None else (self.a, self.b)
+
+
+@dataclass(frozen=True)
+class Where(Node):
+    cond: Node
+    a: Node
+    b: Node
+
+    def spec(self):
+        return f"where({self.cond.spec()}, {self.a.spec()}, {self.b.spec()})"
+
+    def eval(self, ctx):
+        return torch.where(self.cond.eval(ctx), self.a.eval(ctx), self.b.eval(ctx))
+
+    def children(self):
+        return (self.cond, self.a, self.b)
+
+
+@dataclass(frozen=True)
+class Red(Node):
+    kind: str  # sum | max | mean
+    body: Node
+    idx: tuple  # ((index name, size name), ...)
+
+    def spec(self):
+        return f"{self.kind}({self.body.spec()}, {', '.join(i for i, _ in self.idx)})"
+
+    def eval(self, ctx):
+        body = self.body.eval(ctx)
+        axes = [ctx.axes[i] for i, _ in self.idx]
+        shape = [1] * ctx.nd
+        for i, _ in self.idx:
+            shape[ctx.axes[i]] = ctx.size(i)
+        body = body.expand(torch.broadcast_shapes(body.shape, tuple(shape)))
+        if self.kind == "sum":
+            return body.sum(dim=axes, keepdim=True)
+        if self.kind == "mean":
+            return body.mean(dim=axes, keepdim=True)
+        return body.amax(dim=axes, keepdim=True)
+
+    def children(self):
+        return (self.body,)
+
+
+# ======================================================================================
+# The oracle: equations over an index space
+# ======================================================================================
+
+
+@dataclass
+class Ctx:
+    env: dict  # tensor name -> torch tensor
+    ints: dict  # integer attributes and dimension sizes
+    scalars: dict  # every attribute, hyperparameter, dimension and t, as numbers
+    axes: dict = field(default_factory=dict)  # index name -> axis
+    sizes: dict = field(default_factory=dict)  # index name -> size name (a dim or an attr)
+    nd: int = 0
+
+    def size(self, index):
+        return int(self.ints[self.sizes[index]])
+
+    def arange(self, index):
+        shape = [1] * self.nd
+        shape[self.axes[index]] = self.size(index)
+        return torch.arange(self.size(index)).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Equation:
+    target: str
+    lhs: tuple  # ((index name, size name), ...)
+    rhs: Node
+
+    def spec(self):
+        if not self.lhs:
+            return f"{self.target} = {self.rhs.spec()}"
+        return f"{self.target}[{', '.join(i for i, _ in self.lhs)}] = {self.rhs.spec()}"
+
+    def eval(self, ctx: Ctx) -> torch.Tensor:
+        sizes = dict(self.lhs)
+        for node in self.rhs.walk():
+            if isinstance(node, Red):
+                sizes.update(dict(node.idx))
+        names = [i for i, _ in self.lhs] + [i for i in sizes if i not in dict(self.lhs)]
+        ctx.axes = {n: k for k, n in enumerate(names)}
+        ctx.sizes = sizes
+        ctx.nd = len(names)
+        value = self.rhs.eval(ctx)
+        shape = [ctx.size(i) for i, _ in self.lhs]
+        value = value.reshape(value.shape + (1,) * (ctx.nd - value.dim())) if value.dim() < ctx.nd else value
+        if value.dim() == 0:
+            return value.expand(shape) if shape else value
+        value = value.expand(shape + list(value.shape[len(shape):]))
+        return value.reshape(shape)
+
+
+# ======================================================================================
+# A generated spec
+# ======================================================================================
+
+
+@dataclass
+class FuzzSpec:
+    family: str
+    kind: str
+    name: str = ""
+    toml: str = ""
+    # layers, activations, losses
+    inputs: dict = field(default_factory=dict)  # name -> tuple of dim names
+    params: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    positive: set = field(default_factory=set)  # tensors sampled positive
+    attrs: dict = field(default_factory=dict)  # name -> default
+    run_attrs: dict = field(default_factory=dict)  # attributes given at run time
+    derived: dict = field(default_factory=dict)  # dim name -> IExpr
+    ranges: dict = field(default_factory=dict)  # index name -> size name
+    equations: list = field(default_factory=list)
+    differentiate: list | None = None
+    sizes: dict = field(default_factory=dict)  # base dim -> size
+    act_shape: tuple = ()  # activations: the input's shape
+    # optimizers
+    state: list = field(default_factory=list)
+    scalar_state: dict = field(default_factory=dict)  # name -> initial value
+    hyper: dict = field(default_factory=dict)
+    temporaries: list = field(default_factory=list)
+    steps: int = 3
+    seed: int = 0
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def arg_names(self) -> tuple:
+        return tuple(self.inputs) + tuple(self.params)
+
+    @property
+    def expected_differentiable(self) -> tuple:
+        if self.kind == "activation":
+            return ("x",)
+        if self.differentiate is not None:
+            return tuple(n for n in self.arg_names if n in self.differentiate)
+        return self.arg_names
+
+    def attr_values(self) -> dict:
+        values = dict(self.attrs)
+        for k, v in self.run_attrs.items():
+            values[k] = int(v) if isinstance(self.attrs[k], int) else float(v)
+        return values
+
+    def dim_values(self) -> dict:
+        ints = {k: v for k, v in self.attr_values().items() if isinstance(v, int)}
+        ints.update(self.sizes)
+        for d, e in self.derived.items():
+            ints[d] = int(e.eval(_IntCtx(ints)))
+        return ints
+
+    def shape(self, name) -> tuple:
+        dims = {**self.inputs, **self.params, **self.outputs}[name]
+        ints = self.dim_values()
+        return tuple(ints[d] for d in dims)
+
+    # ------------------------------------------------------------------ the oracle
+    def reference(self, args: dict) -> list:
+        """Outputs (declaration order) of the spec on torch tensors ``args``."""
+        if self.kind == "activation":
+            ctx = Ctx(env={"x": args["x"]}, ints={}, scalars=self.attr_values())
+            return [self.equations[0].rhs.eval(ctx).expand(args["x"].shape)]
+        ints = self.dim_values()
+        scalars = {**ints, **self.attr_values()}
+        ctx = Ctx(env=dict(args), ints=ints, scalars=scalars)
+        for eq in self.equations:
+            ctx.env[eq.target] = eq.eval(ctx)
+        return [ctx.env[o] for o in self.outputs]
+
+    def reference_step(self, env: dict, t: int, hyper: dict) -> dict:
+        """One optimizer step on torch tensors ``env`` (p, g, state): the new values."""
+        env = dict(env)
+        ctx = Ctx(env=env, ints={}, scalars={**hyper, "t": t})
+        for eq in self.equations:
+            value = eq.rhs.eval(ctx)
+            env[eq.target] = value.clone() if eq.target in self.scalar_state else value.expand(env["p"].shape).clone()
+        return env
+
+    def describe(self) -> str:
+        run = f"attributes at run time: {self.run_attrs}" if self.run_attrs else "default attributes"
+        if self.kind == "activation":
+            where = f"input shape {self.act_shape}"
+        elif self.kind == "optimizer":
+            where = f"{self.steps} steps, parameter size {self.sizes.get('n')}"
+        else:
+            where = f"sizes {self.sizes}"
+        pos = f", positive inputs {sorted(self.positive)}" if self.positive else ""
+        return f"# family {self.family}, seed {self.seed}, {where}, {run}{pos}\n{self.toml}"
+
+
+class _IntCtx:
+    def __init__(self, ints):
+        self.ints = ints
+        self.axes = {}
+
+
+# ======================================================================================
+# TOML rendering
+# ======================================================================================
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        raise TypeError(v)
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+def _table(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"
+
+
+def render_toml(s: FuzzSpec) -> str:
+    lines = [f'name = "{s.name}"', f'kind = "{s.kind}"']
+    if s.kind == "activation":
+        if s.attrs:
+            lines.append("attrs = " + _table({k: _toml_value(v) for k, v in s.attrs.items()}))
+        lines.append(f'expr = "{s.equations[0].rhs.spec()}"')
+        return "\n".join(lines) + "\n"
+    if s.kind == "optimizer":
+        lines.append("state = [" + ", ".join(f'"{n}"' for n in s.state) + "]")
+        if s.scalar_state:
+            lines.append("scalar_state = " + _table({k: _toml_value(v) for k, v in s.scalar_state.items()}))
+        lines.append("hyper = " + _table({k: _toml_value(v) for k, v in s.hyper.items()}))
+        lines.append("update = [")
+        lines += [f'  "{eq.spec()}",' for eq in s.equations]
+        lines.append("]")
+        return "\n".join(lines) + "\n"
+    if s.attrs:
+        lines.append("attrs = " + _table({k: _toml_value(v) for k, v in s.attrs.items()}))
+    for key in ("inputs", "params", "outputs"):
+        table = getattr(s, key)
+        if table:
+            lines.append(f"{key} = " + _table({k: f'"{" ".join(v)}"' for k, v in table.items()}))
+    if s.derived:
+        lines.append("dims = " + _table({k: f'"{e.spec()}"' for k, e in s.derived.items()}))
+    if s.ranges:
+        lines.append("ranges = " + _table({k: f'"{v}"' for k, v in s.ranges.items()}))
+    if s.differentiate is not None:
+        lines.append("differentiate = [" + ", ".join(f'"{n}"' for n in s.differentiate) + "]")
+    lines.append("equations = [")
+    lines += [f'  "{eq.spec()}",' for eq in s.equations]
+    lines.append("]")
+    return "\n".join(lines) + "\n"
+
+
+def finish(s: FuzzSpec) -> FuzzSpec:
+    body = render_toml(FuzzSpec(**{**s.__dict__, "name": "NAME"}))
+    s.name = "fz_" + hashlib.sha1(body.encode()).hexdigest()[:10]
+    s.toml = render_toml(s)
+    return s
+
+
+# ======================================================================================
+# The generator
+# ======================================================================================
+
+
+NUMBERS = [("1", 1.0), ("2", 2.0), ("3", 3.0), ("0.5", 0.5), ("1.5", 1.5), ("0.25", 0.25), ("0.044715", 0.044715),
+           ("1/3", 1 / 3), ("2/3", 2 / 3)]
+POWERS_ANY = [("2", 2.0), ("3", 3.0), ("4", 4.0)]
+POWERS_NONZERO = [("-1", -1.0), ("-2", -2.0), ("-3", -3.0)]
+POWERS_POSITIVE = [("(1/2)", 0.5), ("(3/2)", 1.5), ("(-1/2)", -0.5), ("(1/3)", 1 / 3), ("(2/3)", 2 / 3),
+                   ("(-3/2)", -1.5), ("0.5", 0.5), ("2.5", 2.5), ("(5/2)", 2.5)]
+
+
+def _num(text, value):
+    return Num(text, value) if not text.startswith("(") else Num(text[1:-1], value)
+
+
+@dataclass
+class TensorInfo:
+    dims: tuple
+    role: str  # input | param | inter | output | opt (an optimizer's p, g or state)
+    positive: bool = False
+
+    @property
+    def safe(self):
+        """Sampled away from zero (|v| >= 0.3): a denominator as it stands."""
+        return self.role in ("input", "param")
+
+
+@dataclass
+class Scope:
+    """What an expression may use at one point: indices (name -> size name)."""
+
+    indices: dict
+    reduce: bool = True
+
+
+class HypothesisSource:
+    """Choices drawn by Hypothesis (inside a composite strategy): shrinkable, replayable."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def pick(self, options):
+        return self.draw(st.sampled_from(options))
+
+    def integer(self, lo, hi):
+        return self.draw(st.integers(lo, hi))
+
+
+class RandomSource:
+    """Choices from a seeded ``random.Random`` (long campaigns: spec k of seed s)."""
+
+    def __init__(self, seed):
+        import random
+
+        self.rng = random.Random(seed)
+
+    def pick(self, options):
+        return options[self.rng.randrange(len(options))]
+
+    def integer(self, lo, hi):
+        return self.rng.randint(lo, hi)
+
+
+class Gen:
+    """Draws one spec's trees from ``src`` (a HypothesisSource or a RandomSource)."""
+
+    def __init__(self, src, max_depth):
+        self.src = src
+        self.max_depth = max_depth
+        self.tensors: dict[str, TensorInfo] = {}
+        self.float_attrs: list[str] = []
+        self.dim_syms: list[str] = []
+        self.n_index = 0
+        self.allow_mean = True
+
+    # ---------------------------------------------------------------- drawing helpers
+    def pick(self, options):
+        return self.src.pick(list(options))
+
+    def integer(self, lo, hi):
+        return self.src.integer(lo, hi)
+
+    def weighted(self, table: dict):
+        keys = [k for k, w in table.items() for _ in range(w) if w > 0]
+        return self.pick(keys)
+
+    def chance(self, percent: int) -> bool:
+        return self.src.integer(0, 99) < percent
+
+    def fresh_index(self) -> str:
+        self.n_index += 1
+        return f"j{self.n_index}"
+
+    # ---------------------------------------------------------------- reads
+    def readable(self, scope: Scope, name: str) -> bool:
+        dims = self.tensors[name].dims
+        have = set(scope.indices.values())
+        return all(d in have for d in dims)
+
+    def read(self, scope: Scope, name: str) -> Read:
+        dims = self.tensors[name].dims
+        idx = []
+        for d in dims:
+            options = sorted(i for i, s in scope.indices.items() if s == d)
+            idx.append(IVar(self.pick(options)))
+        return Read(name, tuple(idx))
+
+    def leaf_reads(self, scope):
+        return sorted(n for n in self.tensors if self.readable(scope, n))
+
+    def leaf(self, scope: Scope) -> Node:
+        names = self.leaf_reads(scope)
+        kind = self.weighted({"read": 14 if names else 0, "num": 3, "attr": 2 if self.float_attrs else 0,
+                              "dim": 1 if self.dim_syms else 0})
+        if kind == "read":
+            return self.read(scope, self.pick(names))
+        if kind == "attr":
+            return Sym(self.pick(self.float_attrs))
+        if kind == "dim":
+            return Sym(self.pick(self.dim_syms))
+        return Num(*self.pick(NUMBERS))
+
+    def safe_read(self, scope: Scope, positive=False):
+        names = [n for n in self.leaf_reads(scope)
+                 if self.tensors[n].safe and (self.tensors[n].positive or not positive)]
+        return self.read(scope, self.pick(names)) if names else None
+
+    # ---------------------------------------------------------------- domains
+    def positive(self, scope: Scope, depth: int) -> Node:
+        """An expression > 0 (and away from 0) for every sample."""
+        r = self.safe_read(scope, positive=True)
+        nz = self.safe_read(scope)
+        form = self.weighted({"read": 4 if r is not None else 0, "sq1": 3, "exp": 3, "cosh": 1, "sin2": 1,
+                              "sigmoid": 2, "softplus": 1, "square": 3 if nz is not None else 0,
+                              "abs": 2 if nz is not None else 0, "num": 1, "sqrt1": 1})
+        e = self.gen(scope, depth - 1) if depth > 0 else self.leaf(scope)
+        if form == "read":
+            return r
+        if form == "sq1":
+            return Bin("+", Num("1", 1.0), Pow(e, Num("2", 2.0)))
+        if form == "exp":
+            return Fn("exp", (e,))
+        if form == "cosh":
+            return Fn("cosh", (e,))
+        if form == "sin2":
+            return Bin("+", Num("2", 2.0), Fn(self.pick(["sin", "cos", "tanh"]), (e,)))
+        if form == "sigmoid":
+            return Fn("sigmoid", (e,))
+        if form == "softplus":
+            return Fn("softplus", (e,))
+        if form == "square":
+            return Pow(nz, Num("2", 2.0))
+        if form == "abs":
+            return Fn("abs", (nz,))
+        if form == "sqrt1":
+            return Fn("sqrt", (Bin("+", Num("1", 1.0), Pow(e, Num("2", 2.0))),))
+        return Num(*self.pick([("2", 2.0), ("0.5", 0.5), ("3", 3.0)]))
+
+    def nonzero(self, scope: Scope, depth: int) -> Node:
+        nz = self.safe_read(scope)
+        form = self.weighted({"read": 6 if nz is not None else 0, "pos": 3, "neg": 1})
+        if form == "read":
+            return nz
+        p = self.positive(scope, depth)
+        return Neg(p) if form == "neg" else p
+
+    def small(self, scope: Scope, depth: int) -> Node:
+        """|value| < 1.5 (tan's argument)."""
+        nz = self.safe_read(scope)
+        if nz is not None and self.chance(40):
+            return nz
+        e = self.gen(scope, depth - 1) if depth > 0 else self.leaf(scope)
+        return Fn(self.pick(["tanh", "sin", "cos", "erf"]), (e,))
+
+    # ---------------------------------------------------------------- expressions
+    def gen(self, scope: Scope, depth: int) -> Node:
+        if depth <= 0:
+            return self.leaf(scope)
+        kind = self.weighted({"leaf": 3, "fn": 7, "bin": 8, "pow": 3, "neg": 1, "where": 1,
+                              "reduce": 2 if scope.reduce else 0})
+        d = depth - 1
+        if kind == "leaf":
+            return self.leaf(scope)
+        if kind == "fn":
+            return self.function(scope, depth)
+        if kind == "bin":
+            op = self.weighted({"+": 3, "-": 3, "*": 3, "/": 4})
+            a = self.gen(scope, d)
+            b = self.nonzero(scope, d) if op == "/" else self.gen(scope, d)
+            if op == "/" and self.chance(20):
+                a = Num("1", 1.0)  # 1/x, the quotient with a negative derivative
+            return Bin(op, a, b)
+        if kind == "pow":
+            return self.power(scope, d)
+        if kind == "neg":
+            return Neg(self.gen(scope, d))
+        if kind == "where":
+            return self.where(scope, d)
+        return self.reduction(scope, d)
+
+    def function(self, scope: Scope, depth: int) -> Node:
+        name = self.weighted({n: w for n, (_, _, w) in TORCH_FUNCTIONS.items()})
+        domain = TORCH_FUNCTIONS[name][1]
+        d = depth - 1
+        if name in ("Max", "Min"):
+            n = self.pick([2, 2, 3])
+            args = [self.gen(scope, d) for _ in range(n)]
+            if self.chance(30):
+                args[-1] = Num(*self.pick([("0", 0.0), ("0.5", 0.5), ("1", 1.0)]))
+            return Fn(name, tuple(args))
+        if domain == "pos":
+            arg = self.positive(scope, d)
+            if name == "log1p" and self.chance(30):
+                arg = Pow(self.gen(scope, d), Num("2", 2.0))  # log1p(e**2): e**2 > -1
+            return Fn(name, (arg,))
+        if domain == "tan":
+            return Fn(name, (self.small(scope, d),))
+        arg = self.gen(scope, d)
+        if name == "leaky_relu" and self.chance(50):
+            return Fn(name, (arg, Num(*self.pick([("0.2", 0.2), ("0.1", 0.1)]))))
+        if name == "elu" and self.chance(50):
+            return Fn(name, (arg, Num(*self.pick([("0.5", 0.5), ("2", 2.0)]))))
+        return Fn(name, (arg,))
+
+    def power(self, scope: Scope, d: int) -> Node:
+        kind = self.weighted({"int": 4, "negint": 3, "frac": 3, "sym": 1, "attr": 1 if self.float_attrs else 0,
+                              "fnpow": 2})
+        if kind == "int":
+            return Pow(self.gen(scope, d), Num(*self.pick(POWERS_ANY)))
+        if kind == "negint":
+            return Pow(self.nonzero(scope, d), _num(*self.pick(POWERS_NONZERO)))
+        if kind == "frac":
+            return Pow(self.positive(scope, d), _num(*self.pick(POWERS_POSITIVE)))
+        if kind == "fnpow":  # a power of a named function: sigmoid(e)**2, softplus(e)**3, tanh(e)**-1 ...
+            name = self.pick(["sigmoid", "softplus", "tanh", "exp", "cosh", "gelu", "silu", "mish", "erf"])
+            e = self.gen(scope, d - 1) if d > 0 else self.leaf(scope)
+            base = Fn(name, (e,))
+            if name in ("sigmoid", "softplus", "exp", "cosh"):
+                return Pow(base, _num(*self.pick(POWERS_ANY + POWERS_NONZERO + POWERS_POSITIVE)))
+            return Pow(base, Num(*self.pick(POWERS_ANY)))
+        if kind == "attr":
+            return Pow(self.positive(scope, d), Sym(self.pick(self.float_attrs)))
+        # a symbolic exponent: (positive)**(expression)
+        return Pow(self.positive(scope, d), Fn(self.pick(["tanh", "sin", "sigmoid"]), (self.gen(scope, d),)))
+
+    def where(self, scope: Scope, d: int) -> Node:
+        def cmp():
+            a = self.gen(scope, d)
+            b = Num(*self.pick([("0", 0.0), ("0.5", 0.5), ("1", 1.0), ("-1/2", -0.5)])) if self.chance(60) \
+                else self.gen(scope, d)
+            # == and != hold nowhere and everywhere for continuous samples: still conditions to print
+            op = self.weighted({">": 3, ">=": 2, "<": 3, "<=": 2, "==": 1, "!=": 1})
+            return Cmp(op, a, b, fn=self.chance(30))
+
+        cond = cmp()
+        if self.chance(25):
+            cond = BoolOp(self.pick(["and", "or"]), cond, cmp(), fn=self.chance(40))
+        if self.chance(10):
+            cond = BoolOp("not", cond, fn=self.chance(50))
+        return Where(cond, self.gen(scope, d), self.gen(scope, d))
+
+    def reduction(self, scope: Scope, d: int) -> Node:
+        dims = sorted({dd for t in self.tensors.values() for dd in t.dims if self._reducible(scope, dd)})
+        if not dims:
+            return self.gen(Scope(scope.indices, reduce=False), d + 1)
+        dim = self.pick(dims)
+        j = self.fresh_index()
+        inner = Scope({**scope.indices, j: dim}, reduce=scope.reduce)
+        body = self.gen(inner, d)
+        body = self.ensure_index(inner, body, j, dim)
+        kind = self.weighted({"sum": 6, "max": 3, "mean": 1 if self.allow_mean else 0})
+        return Red(kind, body, ((j, dim),))
+
+    def _reducible(self, scope, dim):
+        """Some tensor with dimension ``dim`` is readable once an index binds it."""
+        probe = Scope({**scope.indices, "_probe": dim})
+        return any(dim in t.dims and self.readable(probe, n) for n, t in self.tensors.items())
+
+    def ensure_index(self, scope: Scope, body: Node, j: str, dim: str) -> Node:
+        """Make ``j`` stand alone in a read of ``body`` (it takes its range from there)."""
+        if any(isinstance(n, Read) and any(isinstance(e, IVar) and e.name == j for e in n.idx) for n in body.walk()):
+            return body
+        names = [n for n, t in self.tensors.items() if dim in t.dims and self.readable(scope, n)]
+        name = self.pick(sorted(names))
+        dims = self.tensors[name].dims
+        idx = []
+        for dd in dims:
+            options = sorted(i for i, s in scope.indices.items() if s == dd)
+            idx.append(IVar(j if dd == dim else self.pick(options)))
+        r = Read(name, tuple(idx))
+        op = self.pick(["+", "*", "-"])
+        return Bin(op, r, body) if self.chance(50) else Bin(op, body, r)
+
+    def force_read(self, scope: Scope, expr: Node, name: str) -> Node:
+        """``expr`` combined with a read of tensor ``name`` (summed over the dimensions
+        ``scope`` has no index for)."""
+        dims = self.tensors[name].dims
+        have = dict(scope.indices)
+        red = []
+        idx = []
+        for dd in dims:
+            options = sorted(i for i, s in have.items() if s == dd)
+            if options:
+                idx.append(IVar(self.pick(options)))
+            else:
+                j = self.fresh_index()
+                have[j] = dd
+                red.append((j, dd))
+                idx.append(IVar(j))
+        term: Node = Read(name, tuple(idx))
+        if self.chance(40):
+            term = Fn(self.pick(["tanh", "sin", "sigmoid", "exp", "atan"]), (term,))
+        if red:
+            term = Red(self.pick(["sum", "sum", "max"]), term, tuple(red))
+        op = self.pick(["+", "-", "*"])
+        return Bin(op, expr, term) if self.chance(60) else Bin(op, term, expr)
+
+    @staticmethod
+    def reads_of(node: Node) -> set:
+        return {n.name for n in node.walk() if isinstance(n, Read)}
+
+    @staticmethod
+    def standalone(node: Node) -> set:
+        return {e.name for n in node.walk() if isinstance(n, Read) for e in n.idx if isinstance(e, IVar)}
+
+
+# ======================================================================================
+# Families
+# ======================================================================================
+
+
+def _runtime(g: Gen, spec: FuzzSpec, variants: dict):
+    """Some attributes given at run time (a value different from the default)."""
+    for k, options in variants.items():
+        if g.chance(40):
+            spec.run_attrs[k] = g.pick(options)
+
+
+def gen_activation(g: Gen, spec: FuzzSpec):
+    g.tensors["x"] = TensorInfo((), "input", positive=False)
+    if g.chance(30):
+        spec.attrs["alpha"] = g.pick([0.5, 1.5, 2.0])
+        g.float_attrs.append("alpha")
+        _runtime(g, spec, {"alpha": [0.75, 1.25]})
+    rhs = g.gen(Scope({}, reduce=False), g.max_depth)
+    if "x" not in g.reads_of(rhs):
+        rhs = Bin(g.pick(["+", "*", "-"]), rhs, Read("x"))
+    spec.equations = [Equation("y", (), rhs)]
+    spec.inputs = {"x": ()}
+    spec.act_shape = g.pick([(5,), (2, 3), (7,), (1,), ()])  # () : a 0-d input keeps its shape
+
+
+_SHAPES = [("B", "N"), ("N",), ("B",), ("B", "N"), ("N", "K"), ("K",), ("B", "K")]
+
+
+def gen_layer(g: Gen, spec: FuzzSpec, loss: bool = False):
+    spec.sizes = {"B": g.pick([2, 3]), "N": g.pick([3, 4]), "K": g.pick([2, 3])}
+    if g.chance(10):
+        spec.sizes[g.pick(["B", "N", "K"])] = 1
+    g.dim_syms = ["B", "N"]
+    if g.chance(25):
+        spec.attrs["alpha"] = g.pick([0.5, 2.0, 1.5])
+        g.float_attrs.append("alpha")
+        _runtime(g, spec, {"alpha": [0.25, 3.0]})
+    # inputs and params
+    n_in = g.pick([1, 2, 2, 3])
+    n_par = g.pick([0, 1, 1, 2])
+    names_in = ["x", "u", "s"][:n_in]
+    names_par = ["w", "v"][:n_par]
+    for k, n in enumerate(names_in):
+        dims = ("B", "N") if k == 0 else g.pick(_SHAPES)
+        spec.inputs[n] = dims
+        g.tensors[n] = TensorInfo(dims, "input", positive=g.chance(30))
+    for n in names_par:
+        dims = g.pick(_SHAPES)
+        spec.params[n] = dims
+        g.tensors[n] = TensorInfo(dims, "param", positive=g.chance(30))
+    spec.positive = {n for n, t in g.tensors.items() if t.positive}
+    present = {d for t in g.tensors.values() for d in t.dims}
+
+    def shape(options):  # a target's shape, over dimensions the inputs define
+        return g.pick([o for o in options if set(o) <= present])
+
+    if loss:
+        spec.outputs = {"loss": ()}
+        targets = [(f"t{k}", shape([("B", "N"), ("B",), ("N", "K"), ()])) for k in range(g.pick([0, 0, 1, 2]))]
+        targets += [("loss", ())]
+        g.allow_mean = True
+    else:
+        n_out = g.pick([1, 2, 2])
+        outs = [("y", shape([("B", "N"), ("B", "N"), ("B",), ("B", "K"), ("N",)]))]
+        if n_out == 2:
+            outs.append(("z", shape([("B", "N"), ("B",), ("B", "K")])))
+        n_inter = g.pick([0, 0, 1, 2])
+        inters = [(f"t{k}", shape([("B", "N"), ("B",), ("N",), (), ("B", "K")])) for k in range(n_inter)]
+        targets = list(inters)
+        for o in outs:  # outputs interleaved with the intermediates, in order
+            targets.insert(g.integer(0, len(targets)), o)
+        if targets[-1][0] not in dict(outs):
+            targets.append(targets.pop(next(k for k, t in enumerate(targets) if t[0] in dict(outs))))
+        spec.outputs = {n: d for n, d in targets if n in dict(outs)}
+    unread = list(g.tensors)
+    eqs = []
+    for k, (target, dims) in enumerate(targets):
+        lhs = tuple((f"i{m}", d) for m, d in enumerate(dims))
+        scope = Scope(dict(lhs))
+        if target == "loss" and g.chance(70):  # the usual form: sum(f(pred[b,n], target[b,n]), b, n) / B
+            red = (("b", "B"), ("n", "N"))
+            inner = Scope(dict(red))
+            body = g.gen(inner, g.max_depth)
+            for j, d in red:
+                body = g.ensure_index(inner, body, j, d)
+            rhs = Red(g.weighted({"sum": 4, "mean": 1}), body, red)
+            if rhs.kind == "sum" and g.chance(70):
+                rhs = Bin("/", rhs, Sym("B"))
+        else:
+            rhs = g.gen(scope, g.max_depth)
+        # every earlier intermediate is read (by the next equation that may), every input
+        # by the end; a later equation reads an earlier output half of the time
+        must = []
+        prev = [t for t, _ in targets[:k]]
+        for p in prev:
+            if p in unread and (p not in spec.outputs or g.chance(50)):
+                must.append(p)
+        last = k == len(targets) - 1
+        if last:
+            must += [n for n in unread if n not in must and n not in spec.outputs]
+        for name in must:
+            if name not in g.reads_of(rhs):
+                rhs = g.force_read(scope, rhs, name)
+        if target not in spec.outputs:  # an intermediate's indices must stand alone in a read
+            for i, d in lhs:
+                if i not in g.standalone(rhs):
+                    holders = [n for n, t in g.tensors.items() if d in t.dims]
+                    rhs = g.force_read(scope, rhs, g.pick(sorted(holders)))
+                    if i not in g.standalone(rhs):
+                        rhs = _force_standalone(g, scope, rhs, i, d)
+        for name in g.reads_of(rhs):
+            if name in unread:
+                unread.remove(name)
+        eqs.append(Equation(target, lhs, rhs))
+        role = "output" if target in spec.outputs else "inter"
+        g.tensors[target] = TensorInfo(dims, role)
+        unread.append(target)
+    spec.equations = eqs
+    if loss or g.chance(15):
+        args = list(spec.inputs) + list(spec.params)
+        chosen = [a for a in args if g.chance(60)] or [args[0]]
+        if len(chosen) < len(args) or g.chance(50):
+            spec.differentiate = chosen
+
+
+def _force_standalone(g, scope, rhs, i, d):
+    holders = sorted(n for n, t in g.tensors.items() if d in t.dims and g.readable(scope, n))
+    name = g.pick(holders)
+    dims = g.tensors[name].dims
+    idx = tuple(IVar(i) if dd == d else IVar(g.pick(sorted(k for k, s in scope.indices.items() if s == dd)))
+                for dd in dims)
+    return Bin(g.pick(["+", "*"]), rhs, Read(name, idx))
+
+
+def gen_window(g: Gen, spec: FuzzSpec):
+    """conv1d/pool1d-like layers: y[b, (f,) o] = red(body(x[b, (c,) o*S + p*D - P], w[(f, c,) p]), (c,) p)."""
+    channels = g.chance(50)
+    pool = g.chance(35)  # no weight: K is an attribute and p needs `ranges`
+    out_ch = channels and not pool and g.chance(50)
+    dilated = g.chance(30)
+    spec.attrs = {"S": g.pick([1, 2]), "P": g.pick([0, 1])}
+    variants = {"S": [1, 2, 3], "P": [0, 1, 2]}
+    if dilated:
+        spec.attrs["D"] = g.pick([1, 2])
+        variants["D"] = [1, 2]
+    if pool:
+        spec.attrs["K"] = g.pick([2, 3])
+        variants["K"] = [2, 3]
+        spec.ranges = {"p": "K"}
+    _runtime(g, spec, variants)
+    spec.sizes = {"B": g.pick([1, 2]), "N": g.pick([5, 6, 7])}
+    if channels:
+        spec.sizes["C"] = 2
+    if out_ch:
+        spec.sizes["F"] = g.pick([2, 3])
+    if not pool:
+        spec.sizes["K"] = g.pick([2, 3])
+    xd = ("B", "C", "N") if channels else ("B", "N")
+    spec.inputs["x"] = xd
+    g.tensors["x"] = TensorInfo(xd, "input", positive=g.chance(20))
+    if not pool:
+        wd = (("F",) if out_ch else ()) + (("C",) if channels else ()) + ("K",)
+        spec.params["w"] = wd
+        g.tensors["w"] = TensorInfo(wd, "param", positive=g.chance(20))
+    bias = not pool and g.chance(40)
+    if bias:
+        bd = ("F",) if out_ch else ("B",)
+        spec.params["bias"] = bd
+        g.tensors["bias"] = TensorInfo(bd, "param")
+    spec.positive = {n for n, t in g.tensors.items() if t.positive}
+    two_p = IOp("*", IConst(2), IVar("P"))
+    if dilated:  # (N + 2*P - D*(K - 1) - 1)//S + 1
+        span = IOp("-", IOp("-", IOp("+", IVar("N"), two_p), IOp("*", IVar("D"), IOp("-", IVar("K"), IConst(1)))),
+                   IConst(1))
+    else:  # (N + 2*P - K)//S + 1
+        span = IOp("-", IOp("+", IVar("N"), two_p), IVar("K"))
+    osize = IOp("+", IOp("//", span, IVar("S")), IConst(1))
+    spec.derived = {"O": osize}
+    # keep O >= 1 for the run-time attributes
+    vals = spec.attr_values()
+    k = vals.get("K", spec.sizes.get("K"))
+    need = vals.get("D", 1) * (k - 1) + 1 - 2 * vals["P"]
+    spec.sizes["N"] = max(spec.sizes["N"], need)
+    ydims = ("B",) + (("F",) if out_ch else ()) + ("O",)
+    spec.outputs = {"y": ydims}
+    lhs = tuple(zip(["b", "f", "o"] if out_ch else ["b", "o"], ydims))
+    pos = IOp("*", IVar("o"), IVar("S"))
+    pos = IOp("+", pos, IOp("*", IVar("p"), IVar("D")) if dilated else IVar("p"))
+    pos = IOp("-", pos, IVar("P"))
+    xidx = (IVar("b"),) + ((IVar("c"),) if channels else ()) + (pos,)
+    X = Read("x", xidx, padded=True)
+    # the body: reads X (padded: zero outside) and W; no division by X, no log of X
+    g.tensors["_X"] = TensorInfo((), "inter")  # placeholder so leaves can be X
+    leaves = [X]
+    if not pool:
+        widx = ((IVar("f"),) if out_ch else ()) + ((IVar("c"),) if channels else ()) + (IVar("p"),)
+        leaves.append(Read("w", widx))
+    form = g.weighted({"prod": 4, "fprod": 3, "free": 3})
+    if form == "prod" and not pool:
+        body = Bin("*", X, leaves[1])
+    elif form == "fprod":
+        f = g.pick(["tanh", "sigmoid", "exp", "sin", "softplus", "relu", "abs", "atan", "erf"])
+        body = Fn(f, (X,))
+        if not pool:
+            body = Bin("*", body, leaves[1])
+    else:
+        body = _window_body(g, leaves, 2)
+        if not pool and "w" not in Gen.reads_of(body):
+            body = Bin("*", body, leaves[1])
+    del g.tensors["_X"]
+    if "x" not in Gen.reads_of(body):
+        body = Bin("+", body, X)
+    red_idx = ((("c", "C"),) if channels else ()) + (("p", "K"),)
+    kind = g.weighted({"sum": 3, "max": 2})
+    rhs: Node = Red(kind, body, red_idx)
+    if bias:
+        rhs = Bin("+", rhs, Read("bias", (IVar("f"),) if out_ch else (IVar("b"),)))
+    if g.chance(30):
+        rhs = Fn(g.pick(["tanh", "sigmoid", "softplus", "exp"]), (rhs,))
+    spec.equations = [Equation("y", lhs, rhs)]
+
+
+def _window_body(g: Gen, leaves, depth):
+    if depth == 0:
+        if g.chance(80):
+            return g.pick(leaves)
+        return Num(*g.pick(NUMBERS))
+    kind = g.weighted({"leaf": 2, "fn": 3, "bin": 4, "pow": 1})
+    if kind == "leaf":
+        return g.pick(leaves)
+    if kind == "fn":
+        name = g.pick(["tanh", "sigmoid", "exp", "sin", "cos", "softplus", "relu", "atan", "erf", "gelu", "silu",
+                       "abs", "elu", "mish"])
+        return Fn(name, (_window_body(g, leaves, depth - 1),))
+    if kind == "pow":
+        return Pow(_window_body(g, leaves, depth - 1), Num(*g.pick(POWERS_ANY)))
+    op = g.pick(["+", "-", "*", "/"])
+    a = _window_body(g, leaves, depth - 1)
+    if op == "/":
+        b = Bin("+", Num("1", 1.0), Pow(_window_body(g, leaves, depth - 1), Num("2", 2.0)))
+    else:
+        b = _window_body(g, leaves, depth - 1)
+    return Bin(op, a, b)
+
+
+def gen_optimizer(g: Gen, spec: FuzzSpec, temporaries: bool):
+    spec.sizes = {"n": g.pick([3, 5])}
+    spec.state = [s for s in ["m", "v"] if g.chance(60)]
+    spec.hyper = {"lr": g.pick([0.1, 0.01, 0.05])}
+    for h, opts in (("beta", [0.9, 0.5]), ("eps", [0.001, 0.1]), ("c", [0.5, 2.0])):
+        if g.chance(60):
+            spec.hyper[h] = g.pick(opts)
+    _runtime(g, spec, {h: [0.3, 0.7] for h in spec.hyper if h != "lr"} | {"lr": [0.2, 0.02]})
+    g.float_attrs = [h for h in spec.hyper if h not in ("lr",)] + ["t"] * g.pick([0, 1])
+    for n in ["p", "g", *spec.state]:
+        g.tensors[n] = TensorInfo((), "input" if n == "g" else "opt")
+    scope = Scope({}, reduce=False)
+    eqs = []
+    for s in spec.state:
+        beta = Sym("beta") if "beta" in spec.hyper else Num("0.9", 0.9)
+        form = g.weighted({"ema": 3, "free": 2})
+        if form == "ema":
+            inner = g.gen(scope, 1)
+            if "g" not in Gen.reads_of(inner):
+                inner = Bin("*", inner, Read("g"))
+            rhs = Bin("+", Bin("*", beta, Read(s)), Bin("*", Bin("-", Num("1", 1.0), beta), inner))
+        else:
+            rhs = g.gen(scope, 2)
+            if s not in Gen.reads_of(rhs):
+                rhs = Bin("+", rhs, Bin("*", Num("0.5", 0.5), Read(s)))
+        eqs.append(Equation(s, (), rhs))
+    temp = None
+    scalars = []  # read by the p update
+    if temporaries and g.chance(35):  # scalar state (second round): per step, from hyper, t and itself
+        name = "sc"
+        spec.scalar_state = {name: g.pick([1.0, 0.5])}
+        saved, g.tensors = g.tensors, {name: TensorInfo((), "opt")}
+        saved_attrs, g.float_attrs = g.float_attrs, [h for h in spec.hyper] + ["t"]
+        factor = g.gen(scope, 1)
+        eqs.insert(0, Equation(name, (), Bin("*", Read(name), factor) if g.chance(70) else Bin("+", Read(name), factor)))
+        scalars.append(name)
+        if g.chance(50):  # a per-step scalar temporary
+            eqs.insert(1, Equation("c2", (), g.gen(scope, 1)))
+            spec.temporaries.append("c2")
+            scalars.append("c2")
+        g.tensors, g.float_attrs = saved, saved_attrs
+        for n in scalars:
+            g.tensors[n] = TensorInfo((), "inter")
+    if temporaries and g.chance(50):  # an elementwise temporary (second round): read by the p update
+        temp = "c1"
+        eqs.append(Equation(temp, (), g.gen(scope, 2)))
+        spec.temporaries.append(temp)
+        g.tensors[temp] = TensorInfo((), "inter")
+    step = g.gen(scope, 2)
+    for n in ([temp] if temp else []) + scalars:
+        if n not in Gen.reads_of(step):
+            step = Bin(g.pick(["+", "*"]), step, Read(n) if g.chance(50) else Fn("tanh", (Read(n),)))
+    if g.chance(40):  # bias correction in t
+        bc = Bin("-", Num("1", 1.0), Pow(Sym("beta") if "beta" in spec.hyper else Num("0.9", 0.9), Sym("t")))
+        step = Bin("/", step, bc)
+    rhs = Bin("-", Read("p"), Bin("*", Sym("lr"), step))
+    if not Gen.reads_of(step) - {"p"}:
+        rhs = Bin("-", rhs, Bin("*", Sym("lr"), Read("g")))
+    # the parameter is updated last, or (one time in five) before a state update that then reads the new p
+    first = len(scalars)  # after the scalar updates, which read neither p nor g
+    pos = len(eqs) if temp is not None or g.chance(80) else g.integer(first, len(eqs))
+    eqs.insert(pos, Equation("p", (), rhs))
+    spec.equations = eqs
+
+
+# ======================================================================================
+# The strategy
+# ======================================================================================
+
+FAMILIES = ("activation", "layer", "window", "loss", "optimizer")
+
+
+def generate(src, families=FAMILIES, temporaries=True, max_depth=3) -> FuzzSpec:
+    """One random :class:`FuzzSpec` from the choices of ``src`` (``.toml`` is its text)."""
+    family = src.pick(list(families))
+    depth = src.integer(1, max_depth)
+    g = Gen(src, depth)
+    kind = {"window": "layer"}.get(family, family)
+    spec = FuzzSpec(family=family, kind=kind)
+    if family == "activation":
+        gen_activation(g, spec)
+    elif family == "layer":
+        gen_layer(g, spec)
+    elif family == "loss":
+        gen_layer(g, spec, loss=True)
+    elif family == "window":
+        gen_window(g, spec)
+    else:
+        gen_optimizer(g, spec, temporaries)
+    spec.seed = src.integer(0, 2**31 - 1)
+    return finish(spec)
+
+
+@st.composite
+def specs(draw, families=FAMILIES, temporaries=True, max_depth=3):
+    """The Hypothesis strategy of random specs."""
+    return generate(HypothesisSource(draw), families, temporaries, max_depth)
+
+
+def random_spec(seed: int, k: int, **kw) -> FuzzSpec:
+    """Spec number ``k`` of campaign seed ``seed`` (reproducible on its own)."""
+    return generate(RandomSource(f"{seed}:{k}"), **kw)
+
+
+# ======================================================================================
+# The check
+# ======================================================================================
+
+SPEC_TOL = ref.Tol(rtol=1e-7, atol=1e-9)  # against torch, float64, relative to each array's scale
+FD_TOL = ref.Tol(rtol=1e-4, atol=1e-5)  # against central differences, float64
+LIMIT = 1e6  # a reference value beyond this is an unusable sample, not a test
+
+
+@dataclass
+class Outcome:
+    status: str  # ok | refused | discarded | wrong | crash | oracle (the fuzzer's own reference failed)
+    stage: str = ""
+    message: str = ""
+    spec: FuzzSpec | None = None
+    target: str = "cpu"
+
+    @property
+    def failed(self):
+        return self.status in ("wrong", "crash", "oracle")
+
+    def report(self) -> str:
+        text = self.spec.describe() if self.spec else ""
+        return f"{self.status} at {self.stage} on {self.target}: {self.message}\n--- spec ---\n{text}"
+
+
+class _Discard(Exception):
+    pass
+
+
+class _Oracle(Exception):
+    pass
+
+
+class _Wrong(Exception):
+    def __init__(self, stage, message):
+        super().__init__(message)
+        self.stage = stage
+
+
+def _close(actual, expected, tol: ref.Tol, what: str, stage: str):
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise _Wrong(stage, f"{what}: shape {a.shape}, expected {e.shape}")
+    scale = max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
+    bad = ~(np.abs(a - e) <= tol.atol * scale + tol.rtol * np.abs(e))
+    if np.any(bad):
+        k = np.argwhere(bad)[0] if a.ndim else ()
+        k = tuple(int(v) for v in k)
+        raise _Wrong(stage, f"{what}: {int(bad.sum())} of {bad.size} differ; at {k}: got {a[k]!r}, "
+                            f"expected {e[k]!r} (scale {scale:.3g})")
+
+
+def _finite_ok(arrays, what):
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float64)
+        if not np.all(np.isfinite(a)) or (a.size and np.max(np.abs(a)) > LIMIT):
+            raise _Discard(f"the reference's {what} is not finite or beyond {LIMIT:g}")
+
+
+def sample_inputs(spec: FuzzSpec, rng: np.random.Generator) -> list:
+    """Float64 inputs, |v| in [0.3, 1.5], positive for the tensors in ``spec.positive``."""
+    args = []
+    for name in spec.arg_names:
+        shape = spec.act_shape if spec.kind == "activation" else spec.shape(name)
+        v = rng.uniform(0.3, 1.5, size=shape)
+        if name not in spec.positive:
+            v = v * rng.choice([-1.0, 1.0], size=shape)
+        args.append(np.asarray(v, dtype=np.float64))
+    return args
+
+
+def _torch_call(spec, args, grad=False):
+    ts = {n: torch.tensor(a, requires_grad=grad) for n, a in zip(spec.arg_names, args)}
+    return ts, spec.reference(ts)
+
+
+def _torch_forward_np(spec):
+    def fwd(*args):
+        with torch.no_grad():
+            _, outs = _torch_call(spec, args)
+        return tuple(o.numpy() for o in outs)
+    return fwd
+
+
+def check(spec: FuzzSpec, workdir, target: str = "cpu", fd: bool = True) -> Outcome:
+    """Build ``spec`` in ``workdir`` and compare it with its oracle on ``target``."""
+    from derive.errors import SpecError
+
+    import codegen
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{spec.name}.toml"
+    path.write_text(spec.toml)
+    try:
+        module = codegen.build(str(path), str(workdir / "out"))
+    except SpecError as exc:
+        return Outcome("refused", "build", str(exc).replace(str(workdir) + "/", ""), spec, target)
+    except Exception:  # noqa: BLE001 - any other exception is a failure to report
+        return Outcome("crash", "build", _tb(), spec, target)
+    stage = "op"
+    try:
+        op = module.op(target=target, **spec.run_attrs)
+        stage = "latex"
+        text = op.latex()
+        if not isinstance(text, str) or not text.strip():
+            raise _Wrong("latex", f"op.latex() returned {text!r}")
+        stage = "run"
+        if spec.kind == "optimizer":
+            _check_optimizer(spec, op, target)
+        else:
+            _check_layer(spec, op, target, fd)
+    except _Discard as exc:
+        return Outcome("discarded", stage, str(exc), spec, target)
+    except _Oracle as exc:
+        return Outcome("oracle", "reference", str(exc), spec, target)
+    except _Wrong as exc:
+        return Outcome("wrong", exc.stage, str(exc), spec, target)
+    except Exception:  # noqa: BLE001
+        return Outcome("crash", stage, _tb(), spec, target)
+    return Outcome("ok", "", "", spec, target)
+
+
+def _tb():
+    lines = traceback.format_exc().strip().splitlines()
+    return "\n".join(lines[-12:])
+
+
+def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
+    rng = np.random.default_rng(spec.seed)
+    args = sample_inputs(spec, rng)
+    if tuple(op.arg_names) != spec.arg_names:
+        raise _Wrong("signature", f"op.arg_names {tuple(op.arg_names)}, expected {spec.arg_names}")
+    want = spec.expected_differentiable
+    if tuple(op.differentiable) != want:
+        raise _Wrong("signature", f"op.differentiable {tuple(op.differentiable)}, expected {want}")
+    # the oracle first: a sample whose reference is unusable is discarded
+    wrt = [spec.arg_names.index(n) for n in want]
+    try:
+        ts, outs = _torch_call(spec, args, grad=True)
+        ref_out = [o.detach().numpy() for o in outs]
+        _finite_ok(ref_out, "forward")
+        seeds = ref.make_seeds(ref_out, rng, np.float64)
+        live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+        grads_t = [None] * len(wrt)
+        if live:
+            grads_t = torch.autograd.grad(
+                [o for o, _ in live], [ts[spec.arg_names[i]] for i in wrt],
+                grad_outputs=[torch.tensor(np.asarray(s, dtype=np.float64)).reshape(o.shape) for o, s in live],
+                allow_unused=True)
+        ref_grads = [np.zeros_like(args[i]) if g is None else g.numpy() for i, g in zip(wrt, grads_t)]
+    except _Discard:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the fuzzer's own oracle failed: a bug in this file
+        raise _Oracle(_tb()) from exc
+    _finite_ok(ref_grads, "gradient")
+    if fd:
+        numeric = ref.numerical_vjp(_torch_forward_np(spec), args, seeds, wrt)
+        for g, n in zip(ref_grads, numeric):
+            try:
+                _close(g, n, FD_TOL, "", "")
+            except _Wrong:
+                raise _Discard("PyTorch's autograd and central differences disagree at this sample "
+                               "(a kink or a steep point)") from None
+    # symgrad
+    out = ref.as_tuple(op.forward(*args))
+    if len(out) != len(ref_out):
+        raise _Wrong("forward", f"{len(out)} outputs, expected {len(ref_out)}")
+    for name, o, e in zip(spec.outputs, out, ref_out):
+        if np.asarray(o).dtype != np.float64:
+            raise _Wrong("forward", f"output {name} has dtype {np.asarray(o).dtype}, expected float64")
+        _close(o, e, SPEC_TOL, f"forward output {name}", "forward")
+    grads = ref.as_tuple(op.backward(*seeds, *args))
+    if len(grads) != len(want):
+        raise _Wrong("backward", f"{len(grads)} gradients, expected {len(want)}")
+    for i, g, e in zip(wrt, grads, ref_grads):
+        _close(g, e, SPEC_TOL, f"gradient of {spec.arg_names[i]} (against torch autograd)", "backward")
+    if fd and target == "cpu":
+        numeric = ref.numerical_vjp(op.forward, args, seeds, wrt)
+        for i, g, n in zip(wrt, grads, numeric):
+            _close(g, n, FD_TOL, f"gradient of {spec.arg_names[i]} (against central differences)", "backward")
+
+
+def _check_optimizer(spec: FuzzSpec, op, target: str):
+    rng = np.random.default_rng(spec.seed)
+    n = spec.sizes["n"]
+    p = rng.uniform(0.3, 1.5, size=n) * rng.choice([-1.0, 1.0], size=n)
+    state = op.init_state(p)
+    state = tuple(state) if isinstance(state, (tuple, list)) else (state,)
+    names = [*spec.state, *spec.scalar_state]
+    if len(state) != len(names):
+        raise _Wrong("init_state", f"{len(state)} state arrays, expected {len(names)} ({names})")
+    for name, s in zip(names, state):
+        init = np.full(1, spec.scalar_state[name]) if name in spec.scalar_state else np.zeros(n)
+        _close(s, init, SPEC_TOL, f"initial state {name}", "init_state")
+    env = {"p": torch.tensor(p.copy()), **{s: torch.zeros(n) for s in spec.state},
+           **{s: torch.tensor(float(v)) for s, v in spec.scalar_state.items()}}
+    hyper = {**spec.hyper, **spec.run_attrs}
+    for t in range(1, spec.steps + 1):
+        g = rng.uniform(0.3, 1.5, size=n) * rng.choice([-1.0, 1.0], size=n)
+        env["g"] = torch.tensor(g)
+        try:
+            new = spec.reference_step(env, t, hyper)
+        except Exception as exc:  # noqa: BLE001 - the fuzzer's own oracle failed
+            raise _Oracle(_tb()) from exc
+        _finite_ok([new[k].numpy() for k in ["p", *names]], f"step {t}")
+        op.step(p, g, *state, t=t, **spec.run_attrs)
+        _close(p, new["p"].numpy(), SPEC_TOL, f"p after step {t}", "step")
+        for name, s in zip(names, state):
+            expected = new[name].numpy().reshape(1) if name in spec.scalar_state else new[name].numpy()
+            _close(s, expected, SPEC_TOL, f"state {name} after step {t}", "step")
+        env = {k: new[k] for k in ["p", *names]}

@@ -1,0 +1,211 @@
+"""Differential fuzzing (issue 11), the bounded CI run: random specs over the whole spec
+language (tests/fuzz_specs.py) built with ``codegen.build`` and compared with PyTorch
+(float64) and central finite differences, on the CPU and, with fewer examples, on CUDA
+(the simulator unless a GPU is lent). Derandomised: the same examples every run. A
+failure prints the spec's TOML, its sizes and its input seed; replay a long campaign's
+spec with ``scripts/fuzz_campaign.py --seed S --start K --n 1``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import tomllib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+
+import fuzz_specs as fz
+
+# No shrinking in CI (each example builds a module, ~1-3 s): the failing spec is printed as found.
+CI = dict(derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+          print_blob=False)
+
+
+def _run(spec, target):
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+        outcome = fz.check(spec, tmp, target=target)
+    assert not outcome.failed, outcome.report()
+    return outcome
+
+
+@settings(max_examples=24, **CI)
+@given(spec=fz.specs())
+def test_random_specs_match_torch_and_finite_differences_on_cpu(spec):
+    _run(spec, "cpu")
+
+
+@pytest.mark.cuda
+@settings(max_examples=4, **CI)
+@given(spec=fz.specs(max_depth=2))
+def test_random_specs_match_torch_on_cuda(spec):
+    _run(spec, "cuda")
+
+
+# ------------------------------------------------------------- the regressions of issue 11
+
+
+def _activation(node, shape=(5,)):
+    return fz.finish(fz.FuzzSpec("activation", "activation", inputs={"x": ()},
+                                 equations=[fz.Equation("y", (), node)], act_shape=shape, seed=11))
+
+
+X = fz.Read("x")
+N_IDX = (("i", "N"),)
+
+
+def _read(name):
+    return fz.Read(name, (fz.IVar("i"),))
+
+
+KNOWN = {
+    # 1: a negative coefficient over a square printed as -g/x * x
+    "reciprocal": _activation(fz.Bin("/", fz.Num("1", 1.0), X)),
+    "quotient": fz.finish(fz.FuzzSpec(
+        "layer", "layer", inputs={"x": ("N",), "s": ("N",)}, outputs={"y": ("N",)}, sizes={"N": 4}, seed=11,
+        equations=[fz.Equation("y", N_IDX, fz.Bin("/", _read("x"), _read("s")))])),
+    # 2: an output read by a later equation: SyntaxError, duplicate argument
+    "output_read_later": fz.finish(fz.FuzzSpec(
+        "layer", "layer", inputs={"x": ("N",)}, outputs={"u": ("N",), "y": ("N",)}, sizes={"N": 4}, seed=11,
+        equations=[fz.Equation("u", N_IDX, fz.Fn("exp", (_read("x"),))),
+                   fz.Equation("y", N_IDX, fz.Bin("*", _read("u"), _read("x")))])),
+    # 3: a power of a library function crashed the LaTeX printer
+    "sigmoid_squared": _activation(fz.Pow(fz.Fn("sigmoid", (X,)), fz.Num("2", 2.0))),
+    "softplus_cubed": _activation(fz.Pow(fz.Fn("softplus", (X,)), fz.Num("3", 3.0))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_issue_11_regressions(name):
+    outcome = _run(KNOWN[name], "cpu")
+    assert outcome.status == "ok", outcome.report()
+
+
+# ------------------------------------------------------------- the fuzzer itself
+
+
+def test_generator_covers_the_spec_language():
+    """Every whitelisted function and every construct of issue 11's list shows up in a few
+    hundred generated specs, and every generated spec is valid TOML."""
+    from derive.functions import FUNCTIONS
+
+    texts = {f: [] for f in fz.FAMILIES}
+    for k in range(400):
+        spec = fz.random_spec(2026, k)
+        tomllib.loads(spec.toml)
+        texts[spec.family].append(spec)
+    every = "\n".join(s.toml for ss in texts.values() for s in ss)
+    missing = sorted(n for n in FUNCTIONS if f"{n}(" not in every)
+    assert not missing, f"the fuzzer never calls {missing}"
+    assert all(texts.values()), {f: len(v) for f, v in texts.items()}
+    layers = texts["layer"] + texts["window"] + texts["loss"]
+    constructs = {
+        "sum": "sum(" in every, "max reduction": "max(" in every, "where": "where(" in every,
+        "and/or": " and " in every or " or " in every, "1/x": "1 / x" in every,
+        "negative power": "**(-" in every, "rational power": "**(1/2)" in every or "**(3/2)" in every,
+        "power of sigmoid or softplus": "sigmoid(" in every and any(
+            isinstance(n, fz.Pow) and isinstance(n.base, fz.Fn) and n.base.name in ("sigmoid", "softplus")
+            for ss in texts.values() for s in ss for eq in s.equations for n in eq.rhs.walk()),
+        "unary minus": "-(" in every,
+        "strided padded read": "o*S + p" in every, "dilation": "p*D" in every, "ranges": "ranges =" in every,
+        "dims": "dims =" in every, "differentiate": "differentiate =" in every,
+        "attributes at run time": any(s.run_attrs for s in layers),
+        "output read later": any(
+            eq.target != o and o in fz.Gen.reads_of(eq.rhs)
+            for s in texts["layer"] for o in s.outputs for eq in s.equations[[e.target for e in s.equations].index(o):]),
+        "intermediate": any(len(s.equations) > len(s.outputs) for s in texts["layer"]),
+        "rank-0 intermediate": any(eq.lhs == () and eq.target not in s.outputs for s in layers for eq in s.equations),
+        "optimizer temporary": any(s.temporaries for s in texts["optimizer"]),
+        "optimizer t": "**t" in "\n".join(s.toml for s in texts["optimizer"]),
+        "0-d activation input": any(s.act_shape == () for s in texts["activation"]),
+    }
+    assert all(constructs.values()), [k for k, v in constructs.items() if not v]
+
+
+def test_reference_interpreter_agrees_with_torch_functional():
+    """The oracle's reads and reductions: a padded strided convolution (the window
+    family's form) equals F.conv1d, a softmax written out equals F.softmax."""
+    import torch
+    import torch.nn.functional as F
+
+    pos = fz.IOp("-", fz.IOp("+", fz.IOp("*", fz.IVar("o"), fz.IVar("S")), fz.IVar("p")), fz.IVar("P"))
+    xr = fz.Read("x", (fz.IVar("b"), fz.IVar("c"), pos), padded=True)
+    wr = fz.Read("w", (fz.IVar("f"), fz.IVar("c"), fz.IVar("p")))
+    span = fz.IOp("-", fz.IOp("+", fz.IVar("N"), fz.IOp("*", fz.IConst(2), fz.IVar("P"))), fz.IVar("K"))
+    conv = fz.FuzzSpec(
+        "window", "layer", inputs={"x": ("B", "C", "N")}, params={"w": ("F", "C", "K")},
+        outputs={"y": ("B", "F", "O")}, attrs={"S": 2, "P": 1}, derived={"O": fz.IOp("+", fz.IOp("//", span, fz.IVar("S")), fz.IConst(1))},
+        sizes={"B": 2, "C": 3, "N": 7, "F": 2, "K": 3},
+        equations=[fz.Equation("y", (("b", "B"), ("f", "F"), ("o", "O")),
+                               fz.Red("sum", fz.Bin("*", xr, wr), (("c", "C"), ("p", "K"))))])
+    rng = np.random.default_rng(0)
+    x, w = torch.tensor(rng.normal(size=(2, 3, 7))), torch.tensor(rng.normal(size=(2, 3, 3)))
+    (y,) = conv.reference({"x": x, "w": w})
+    np.testing.assert_allclose(y.numpy(), F.conv1d(x, w, stride=2, padding=1).numpy(), rtol=1e-12, atol=1e-12)
+    assert "x[b, c, o*S + p - P]" in fz.finish(conv).toml
+
+    j = (("j", "N"),)
+    e = fz.Fn("exp", (fz.Read("x", (fz.IVar("b"), fz.IVar("n"))),))
+    denom = fz.Red("sum", fz.Fn("exp", (fz.Read("x", (fz.IVar("b"), fz.IVar("j"))),)), j)
+    soft = fz.FuzzSpec("layer", "layer", inputs={"x": ("B", "N")}, outputs={"y": ("B", "N")}, sizes={"B": 2, "N": 5},
+                       equations=[fz.Equation("y", (("b", "B"), ("n", "N")), fz.Bin("/", e, denom))])
+    x = torch.tensor(rng.normal(size=(2, 5)))
+    (y,) = soft.reference({"x": x})
+    np.testing.assert_allclose(y.numpy(), F.softmax(x, dim=1).numpy(), rtol=1e-12)
+    assert "exp(x[b, n]) / sum(exp(x[b, j]), j)" in fz.finish(soft).toml
+
+
+def test_check_reports_wrong_gradients_crashes_and_refusals(monkeypatch):
+    """The check can fail: a perturbed backward is wrong, a perturbed forward is wrong, a
+    module that does not import is a crash, a SpecError is a refusal."""
+    import codegen
+
+    spec = KNOWN["quotient"]
+    real_build = codegen.build
+
+    def perturbed(which):
+        def build(path, out_dir):
+            module = real_build(path, out_dir)
+            make = module.op
+
+            class Wrapped:
+                def __init__(self, op):
+                    self._op = op
+
+                def __getattr__(self, name):
+                    return getattr(self._op, name)
+
+                def forward(self, *a):
+                    out = self._op.forward(*a)
+                    return out * (1 + 1e-6) if which == "forward" else out
+
+                def backward(self, *a):
+                    grads = self._op.backward(*a)
+                    if which == "backward":
+                        return (grads[0], grads[1] * 1.001)
+                    return grads
+
+            module.op = lambda **kw: Wrapped(make(**kw))
+            return module
+        return build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        monkeypatch.setattr(codegen, "build", perturbed("backward"))
+        out = fz.check(spec, tmp + "/a")
+        assert out.status == "wrong" and "gradient of s" in out.message, out.report()
+        monkeypatch.setattr(codegen, "build", perturbed("forward"))
+        out = fz.check(spec, tmp + "/b")
+        assert out.status == "wrong" and out.stage == "forward", out.report()
+
+        def broken(path, out_dir):
+            raise SyntaxError("duplicate argument 'g_u' in function definition")
+
+        monkeypatch.setattr(codegen, "build", broken)
+        out = fz.check(spec, tmp + "/c")
+        assert out.status == "crash" and out.failed and "duplicate argument" in out.message
+        monkeypatch.setattr(codegen, "build", real_build)
+        bad = fz.FuzzSpec(**{**spec.__dict__})
+        bad.toml = spec.toml.replace("x[i] / s[i]", "x[i] / q[i]")
+        out = fz.check(bad, tmp + "/d")
+        assert out.status == "refused" and not out.failed and "q" in out.message, out.report()
