@@ -4,11 +4,15 @@ After this pass every statement has the form ``T[o] = R_{r} body`` with R one of
 none/sum/max and a body free of reductions, which is what differentiation and lowering
 work on. The passes, in order:
 
-1. ``stabilise``: every ``sum(exp(E), k)`` becomes ``exp(lse)`` with
-   ``lse = m + log(sum(exp(E - m), k))`` and ``m = max(E, k)``; ``m`` is marked
-   stop-gradient because the shifted form does not depend on it (the derivative with
-   respect to m is 1 - S/S = 0, which :func:`check_shift_invariance` verifies with SymPy
-   when the pass runs). Then ``log(exp(a)) -> a``, exponentials are combined
+1. ``stabilise``: every ``sum(exp(E) * F, k)`` (F = 1 for a plain sum of exponentials)
+   becomes ``exp(m) * S`` with ``m = max(E, k)`` and ``S = sum(exp(E - m) * F, k)``; ``m``
+   is marked stop-gradient because the shifted form does not depend on it (the derivative
+   with respect to m is 0, which :func:`check_shift_invariance` verifies with SymPy when
+   the pass runs). Sums over one exponent share their maximum, so in a ratio of them
+   (softmax, attention written by hand) ``exp(m)`` cancels; a logarithm of one becomes
+   ``m + log(S)``, with ``E - m`` computed on its own (a log-softmax is
+   ``(E - m) - log(S)``, never ``E - (m + log S)``, which rounds at the magnitude of m).
+   Then ``log(exp(a) * b) -> a + log(b)``, exponentials are combined
    (``exp(a)/exp(b) -> exp(a - b)``), and the elementary rewrites
    ``log(1 + exp(a)) -> softplus(a)``, ``log(sigmoid(a)) -> -softplus(-a)``,
    ``exp(a)/(1 + exp(a)) -> sigmoid(a)``, ``log(1 + a) -> log1p(a)``,
@@ -52,11 +56,14 @@ class Stmt:
 
 @functools.lru_cache(maxsize=None)
 def check_shift_invariance() -> bool:
-    """SymPy proof that m + log(sum_c exp(e_c - m)) does not depend on m."""
+    """SymPy proof that exp(m) sum_c exp(e_c - m) f_c and m + log(sum_c exp(e_c - m))
+    do not depend on m."""
     m = sympy.Symbol("m", real=True)
     e = sympy.symbols("e0:3", real=True)
+    f = sympy.symbols("f0:3", real=True)
+    weighted = sympy.exp(m) * sum(sympy.exp(ei - m) * fi for ei, fi in zip(e, f))
     lse = m + sympy.log(sum(sympy.exp(ei - m) for ei in e))
-    return sympy.simplify(sympy.diff(lse, m)) == 0
+    return sympy.simplify(sympy.diff(weighted, m)) == 0 and sympy.simplify(sympy.diff(lse, m)) == 0
 
 
 # the wildcard of replace_literal's patterns
@@ -86,7 +93,19 @@ def elementary_rewrites(expr):
         lambda e: isinstance(e, sympy.log) and isinstance(e.args[0], sympy.exp),
         lambda e: e.args[0].args[0],
     )
+    expr = expr.replace(
+        lambda e: isinstance(e, sympy.log) and e.args[0].is_Mul and any(isinstance(f, sympy.exp) for f in e.args[0].args),
+        _split_log_of_exp,
+    )
     return optimize(expr, [log1p_opt, expm1_opt])
+
+
+def _split_log_of_exp(e):
+    """log(exp(a) * b) -> a + log(b): the exponential's argument never goes through exp."""
+    factors = sympy.Mul.make_args(e.args[0])
+    exps = [f.args[0] for f in factors if isinstance(f, sympy.exp)]
+    rest = sympy.Mul(*[f for f in factors if not isinstance(f, sympy.exp)])
+    return sympy.Add(*exps) + (sympy.log(rest) if rest != 1 else 0)
 
 
 def replace_literal(expr, pattern, build):
@@ -137,38 +156,68 @@ def _read(name, idx):
     return base[idx] if idx else sympy.Symbol(name, real=True)
 
 
-def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sympy.Expr:
-    """Rewrite one equation's right-hand side; new statements go to ``extra``."""
-    rhs = eq.rhs
+def _exp_factor(body, over):
+    """``body`` as ``exp(E) * F`` with E depending on the summed indices ``over``, or None."""
+    body = sympy.powsimp(body, combine="exp")
+    exps = [f for f in sympy.Mul.make_args(body) if isinstance(f, sympy.exp)]
+    if len(exps) != 1 or not set(over) & exps[0].args[0].free_symbols:
+        return None
+    rest = sympy.Mul(*[f for f in sympy.Mul.make_args(body) if f is not exps[0]])
+    if rest.has(sympy.exp) and any(set(over) & e.args[0].free_symbols for e in rest.atoms(sympy.exp)):
+        return None
+    return exps[0].args[0], rest
 
-    def lse_of(node):
-        inner = node.body
-        if not (isinstance(node, ReduceSum) and isinstance(inner, sympy.exp)):
+
+def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sympy.Expr:
+    """Rewrite one equation's right-hand side; new statements go to ``extra``.
+
+    Every ``sum(exp(E) * F, j)`` (F = 1 for a plain sum of exponentials) becomes
+    ``exp(m) * S`` with ``m = max(E, j)`` (stop-gradient) and ``S = sum(exp(E - m) * F, j)``.
+    Sums over the same exponent share one maximum, so in a ratio of such sums (softmax,
+    attention written by hand) the factors ``exp(m)`` cancel, and a logarithm of one
+    becomes ``m + log(S)``: nothing is computed at the magnitude of ``exp(E)``, and a
+    probability is ``exp(E - m) / S``, accurate to the rounding of E - m (not of a
+    log-sum-exp at the magnitude of E)."""
+    rhs = eq.rhs
+    maxima: dict = {}
+    sums: list = []
+
+    def shifted(node):
+        if not isinstance(node, ReduceSum) or node.body.has(Reduce):
+            return None
+        split = _exp_factor(node.body, node.indices)
+        if split is None:
             return None
         assert check_shift_invariance()
-        e = inner.args[0]
+        e, rest = split
+        over = tuple(node.indices)
+        own = set(over)
+        e_free = tuple(sorted((i for i in e.free_symbols if i in eq.ranges and i not in own), key=str))
+        key = (e, over)
+        if key not in maxima:
+            m_name = namer(f"{eq.target}_max")
+            ranges = {i: eq.ranges[i] for i in e_free + over}
+            extra.append(Stmt(m_name, e_free, e, "max", over, ranges, origin="stability", stop_gradient=True,
+                              note="the maximum subtracted for stability; the shifted sums do not depend on it"))
+            shapes[m_name] = tuple(eq.ranges[i] for i in e_free)
+            maxima[key] = _read(m_name, e_free)
+        m = maxima[key]
         free = _free_indices(node, eq.ranges)
-        ranges = {i: eq.ranges[i] for i in free + tuple(node.indices)}
-        shape = tuple(eq.ranges[i] for i in free)
-        m_name, s_name, l_name = namer(f"{eq.target}_max"), namer(f"{eq.target}_sumexp"), namer(f"{eq.target}_lse")
-        m = _read(m_name, free)
-        extra.append(Stmt(m_name, free, e, "max", tuple(node.indices), ranges, origin="stability", stop_gradient=True,
-                          note="the maximum subtracted for stability; the shifted log-sum-exp does not depend on it"))
-        extra.append(Stmt(s_name, free, sympy.exp(e - m), "sum", tuple(node.indices), ranges, origin="stability"))
-        extra.append(Stmt(l_name, free, m + sympy.log(_read(s_name, free)), "none", (), ranges, origin="stability",
-                          note="log-sum-exp with the maximum subtracted"))
-        for n in (m_name, s_name, l_name):
-            shapes[n] = shape
-        return sympy.exp(_read(l_name, free))
+        ranges = {i: eq.ranges[i] for i in free + over}
+        s_name = namer(f"{eq.target}_sumexp")
+        extra.append(Stmt(s_name, free, sympy.exp(e - m) * rest, "sum", over, ranges, origin="stability"))
+        shapes[s_name] = tuple(eq.ranges[i] for i in free)
+        sums.append((s_name, free, ranges, e, m, e_free, over))
+        return sympy.exp(m) * _read(s_name, free)
 
-    # innermost first: replace sum(exp(E)) nodes bottom-up
+    # innermost first: replace sum(exp(E) * F) nodes bottom-up
     def walk(expr):
         if not expr.args:
             return expr
         new_args = [walk(a) for a in expr.args]
         node = expr.func(*new_args) if new_args != list(expr.args) else expr
         if isinstance(node, ReduceSum):
-            replaced = lse_of(node)
+            replaced = shifted(node)
             if replaced is not None:
                 return replaced
         return node
@@ -176,7 +225,42 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sy
     rhs = walk(rhs)
     rhs = sympy.powsimp(rhs, combine="exp")
     rhs = _rewrite_outside_reductions(rhs)
+    # log(S) of a shifted sum, computed once per row rather than per element
+    for s_name, free, ranges, e, m, e_free, over in sums:
+        log_s = sympy.log(_read(s_name, free))
+        if rhs.has(log_s):
+            l_name = namer(f"{eq.target}_logsumexp")
+            extra.append(Stmt(l_name, free, log_s, "none", (), ranges, origin="stability",
+                              note="the logarithm of the shifted sum; the log-sum-exp is the maximum plus it"))
+            shapes[l_name] = tuple(eq.ranges[i] for i in free)
+            rhs = rhs.xreplace({log_s: _read(l_name, free)})
+            rhs = _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes)
     return rhs
+
+
+def _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes):
+    """``E - m`` wherever the right-hand side holds it next to other terms (``E - m - log S``,
+    a log-softmax) becomes a read of a statement computing it: the difference must be
+    rounded before anything else is added, which the kernels' reassociating arithmetic
+    would not keep within one expression (``E - (m + log S)`` rounds at the magnitude of m)."""
+    from .simplify import index_instances, replace_subexpression
+
+    idx = e_free + over
+    shift = Stmt("", idx, e - m)
+    found = index_instances(shift, rhs)
+    if not found:
+        return rhs
+    name = namer(f"{eq.target}_shifted")
+    new = rhs
+    for mapping in found:
+        new = replace_subexpression(new, (e - m).xreplace(mapping), _read(name, tuple(mapping[i] for i in idx)))
+    if new == rhs:
+        namer.taken.discard(name)
+        return rhs
+    extra.append(Stmt(name, idx, e - m, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
+                      note="the exponent less its maximum, rounded on its own"))
+    shapes[name] = tuple(eq.ranges[i] for i in idx)
+    return new
 
 
 def _rewrite_outside_reductions(expr):

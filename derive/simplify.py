@@ -66,16 +66,23 @@ def _apply_rule(expr, read, free, value):
 
 def reuse_forward(expr, stmts: list[Stmt]):
     for s in stmts:
-        if s.reduce != "none" or not s.free or sympy.count_ops(s.body) < 2:
+        if s.reduce != "none" or not s.free or (sympy.count_ops(s.body) < 2 and s.origin != "stability"):
             continue
         for mapping in index_instances(s, expr):
             concrete = s.body.xreplace(mapping)
             target = sympy.IndexedBase(s.target, real=True)[tuple(mapping[i] for i in s.free)]
-            expr = _replace_subexpression(expr, concrete, target)
+            expr = replace_subexpression(expr, concrete, target)
         if isinstance(s.body, sympy.Pow) and s.body.exp.is_Rational:
             # T = B**p, so B**q = T**(q/p): (var + eps)**(-3/2) -> rstd**3
             expr = _power_reuse(expr, s, s.body.exp)
     return expr
+
+
+def reuse_in_products(expr, stmts: list[Stmt]):
+    """:func:`reuse_in_product` in every product of ``expr``: exp(x - m) S^-2 -> y S^-1."""
+    if not any(s.reduce == "none" and s.free and s.body.is_Mul for s in stmts):
+        return expr
+    return expr.replace(lambda e: e.is_Mul, lambda e: reuse_in_product(e, stmts))
 
 
 def index_instances(s: Stmt, expr) -> list[dict]:
@@ -117,7 +124,7 @@ def index_instances(s: Stmt, expr) -> list[dict]:
     return out
 
 
-def _replace_subexpression(expr, concrete, target):
+def replace_subexpression(expr, concrete, target):
     """``expr`` with ``concrete`` replaced by ``target``: as a whole subtree, or as a
     sub-sum / sub-product of a larger Add / Mul (``a + b + c`` with ``a + b`` known)."""
     if concrete.is_Add or concrete.is_Mul:
@@ -159,6 +166,51 @@ def _base_matches(base, s):
     if m is None or any(w not in m for w in wild.values()) or s.body.base.xreplace(wild).xreplace(m) != base:
         return None
     return {i: m[wild[i]] for i in s.free}
+
+
+def powers(expr):
+    """A product as (numeric factor, {base: exponent}); sums as bases get a canonical sign."""
+    number = sympy.S.One
+    powers: dict = {}
+    for f in sympy.Mul.make_args(expr):
+        if f.is_Number:
+            number *= f
+            continue
+        base, exp = (f, sympy.S.One) if isinstance(f, sympy.exp) else f.as_base_exp()
+        if base.is_Add and exp.is_integer and base.could_extract_minus_sign():
+            base = -base
+            number *= (-1) ** exp
+        powers[base] = powers.get(base, 0) + exp
+    return number, powers
+
+
+def _take_factors(expr, concrete, target):
+    """``expr`` with the factors of ``concrete`` taken out and ``target`` put in, when
+    every factor of ``concrete`` is there with an exponent of the same sign and at least
+    its size: with ``xhat = (x - m) r``, ``(x - m) r^3 -> xhat r^2``."""
+    number, have = powers(expr)
+    c_number, need = powers(concrete)
+    if not need:
+        return expr
+    for base, e in need.items():
+        h = have.get(base)
+        if h is None or not (e.is_Number and h.is_Number) or h * e <= 0 or abs(h) < abs(e):
+            return expr
+    rest = [base ** (h - need.get(base, 0)) for base, h in have.items()]
+    return number / c_number * target * sympy.Mul(*rest)
+
+
+def reuse_in_product(expr, stmts: list[Stmt]):
+    """Forward reuse in a product of factors (each elementwise statement with a product
+    body, at every index instance the product holds)."""
+    for s in stmts:
+        if s.reduce != "none" or not s.free or not s.body.is_Mul:
+            continue
+        for mapping in index_instances(s, expr):
+            concrete = s.body.xreplace(mapping)
+            target = sympy.IndexedBase(s.target, real=True)[tuple(mapping[i] for i in s.free)]
+            expr = _take_factors(expr, concrete, target)
+    return expr
 
 
 def _textbook_identities(expr):
@@ -286,3 +338,9 @@ def simplify_terms(backward, stmts: list[Stmt], shapes) -> None:
     merge_elementwise(backward)
     for t in backward.terms:
         t.expr = simplify_expr(t.expr, stmts, rules)
+        if t.loops:
+            # a reduction's summand (an elementwise term is left to derive/statistics.py,
+            # which records its forward reuse as a step of the derivation)
+            reused = reuse_in_products(t.expr, stmts)
+            if cost(reused) <= cost(t.expr):
+                t.expr = reused

@@ -32,7 +32,7 @@ import sympy
 from .differentiate import Term, read_of
 from .latex import tex, tex_name
 from .normalize import Stmt
-from .simplify import cost, index_instances, reuse_forward
+from .simplify import cost, powers, reuse_forward, reuse_in_product
 from .terms import fresh_index, is_full_sum, split_factors
 
 
@@ -95,55 +95,6 @@ def _statistics_of(consumer: Term, terms: list[Term], returned: set[str]) -> lis
             continue
         found.append(group)
     return found
-
-
-# ---------------------------------------------------------------------------
-# Forward reuse inside a product, powers taken apart
-
-
-def _powers(expr):
-    """A product as (numeric factor, {base: exponent}); sums as bases get a canonical sign."""
-    number = sympy.S.One
-    powers: dict = {}
-    for f in sympy.Mul.make_args(expr):
-        if f.is_Number:
-            number *= f
-            continue
-        base, exp = f.as_base_exp()
-        if base.is_Add and exp.is_integer and base.could_extract_minus_sign():
-            base = -base
-            number *= (-1) ** exp
-        powers[base] = powers.get(base, 0) + exp
-    return number, powers
-
-
-def _take_factors(expr, concrete, target):
-    """``expr`` with the factors of ``concrete`` taken out and ``target`` put in, when
-    every factor of ``concrete`` is there with an exponent of the same sign and at least
-    its size: with ``xhat = (x - m) r``, ``(x - m) r^3 -> xhat r^2``."""
-    number, have = _powers(expr)
-    c_number, need = _powers(concrete)
-    if not need:
-        return expr
-    for base, e in need.items():
-        h = have.get(base)
-        if h is None or not (e.is_Number and h.is_Number) or h * e <= 0 or abs(h) < abs(e):
-            return expr
-    rest = [base ** (h - need.get(base, 0)) for base, h in have.items()]
-    return number / c_number * target * sympy.Mul(*rest)
-
-
-def reuse_in_product(expr, stmts: list[Stmt]):
-    """Forward reuse in a product of factors (each elementwise statement with a product
-    body, at every index instance the product holds)."""
-    for s in stmts:
-        if s.reduce != "none" or not s.free or not s.body.is_Mul:
-            continue
-        for mapping in index_instances(s, expr):
-            concrete = s.body.xreplace(mapping)
-            target = sympy.IndexedBase(s.target, real=True)[tuple(mapping[i] for i in s.free)]
-            expr = _take_factors(expr, concrete, target)
-    return expr
 
 
 # ---------------------------------------------------------------------------
@@ -310,8 +261,8 @@ class _Rewriter:
                 continue
             reused |= {str(r.base) for r in product.atoms(sympy.Indexed)} - {
                 str(r.base) for r in before.atoms(sympy.Indexed)}
-            _, had = _powers(before)
-            _, has = _powers(product)
+            _, had = powers(before)
+            _, has = powers(product)
             split |= {b ** e for b, e in had.items() if e.is_Number and abs(e) > 1 and has.get(b, 0) != e}
             coeffs[p], s.inner = split_factors(product, [i for i, _ in s.loops])
         return sorted(reused), sorted(split, key=sympy.default_sort_key)

@@ -59,7 +59,8 @@ def test_softmax_cross_entropy_gradient_is_softmax_minus_target_over_batch():
     (assign,) = LIB["softmax_cross_entropy"].backward
     g = sympy.Symbol("g_loss", real=True)
     B = sympy.Symbol("B", integer=True, positive=True)
-    softmax = sympy.exp(_t("logits")[b, k] - _t("loss_lse0")[b])
+    # softmax as exp(logits - max) / sum(exp(logits - max)), the shifted logits computed once
+    softmax = sympy.exp(_t("loss_shifted0")[b, k]) / _t("loss_sumexp0")[b]
     assert assign.reduce == "none"
     assert sympy.simplify(assign.body - g * (softmax - _t("target")[b, k]) / B) == 0
 
@@ -218,9 +219,9 @@ def test_forward_reuse_leaves_a_product_missing_a_factor():
 
 
 def test_a_statistic_gradient_read_twice_is_kept():
-    """attention's g_prob_lse0 is read by g_q and g_k: substituting it would compute its sum twice."""
+    """attention's g_prob_sumexp0 is read by g_q and g_k: substituting it would compute its sum twice."""
     targets = [a.target for a in LIB["scaled_dot_product_attention"].backward]
-    assert "g_prob_lse0" in targets
+    assert "g_prob_sumexp0" in targets
 
 
 def test_softmax_backward_is_y_times_output_gradient_minus_its_weighted_sum():
