@@ -145,7 +145,7 @@ class _Rewriter:
         c = self.consumer
         expr = self.substitute()
         # the consumer is linear in the gradients it read, so in every placeholder
-        rest = expr.xreplace({p: 0 for p in self.sums})
+        rest = expr.xreplace({p: sympy.S.Zero for p in self.sums})  # a SymPy zero: xreplace of a bare placeholder returns the value itself
         coeffs = {p: sympy.factor_terms(sympy.diff(expr, p)) for p in self.sums}
         if any(coeffs[p].has(*self.sums) for p in coeffs):
             return  # not affine in the gradients read (cannot happen for a chain rule; kept as a guard)
