@@ -105,6 +105,8 @@ def _split_log_of_exp(e):
     factors = sympy.Mul.make_args(e.args[0])
     exps = [f.args[0] for f in factors if isinstance(f, sympy.exp)]
     rest = sympy.Mul(*[f for f in factors if not isinstance(f, sympy.exp)])
+    if rest.is_Pow and rest.exp == -1:  # log(exp(a) / b) -> a - log(b)
+        return sympy.Add(*exps) - sympy.log(rest.base)
     return sympy.Add(*exps) + (sympy.log(rest) if rest != 1 else 0)
 
 

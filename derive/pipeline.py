@@ -1,5 +1,6 @@
-"""From an OpDef to a Program: bind, normalise, differentiate, simplify, substitute the
-gradients of statistics (derive/statistics.py), lower.
+"""From an OpDef to a Program: bind, normalise, stabilise (derive/stabilize.py),
+differentiate, simplify, substitute the gradients of statistics (derive/statistics.py),
+lower.
 
 This is the only place that knows the order of the passes. Lowering turns statements
 and gradient terms into IR ``Assign``s: loops with ranges, out-of-bounds reads wrapped
@@ -17,6 +18,7 @@ from .latex import derivation_blocks, optimizer_blocks, render_tex, schedule_blo
 from .normalize import Stmt, normalize
 from .simplify import simplify_terms
 from .spec import OpDef, bind
+from .stabilize import stabilize
 from .statistics import substitute_statistics
 
 
@@ -27,6 +29,7 @@ def build(op: OpDef) -> ir.Program:
         return _build_schedule(op)
     bind(op)
     stmts = normalize(op)
+    stabilize(stmts)
     shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
     shapes.update(op.intermediates)
     dim_names = _dim_names(op, stmts, shapes)

@@ -218,13 +218,42 @@ def _textbook_identities(expr):
     return replace_literal(expr, 2 * sigmoid(2 * WILD) - 1, lambda w: sympy.tanh(w))
 
 
+def _collect_shared(add):
+    """Terms of a sum that share a factor, collected: ``x - x s + 1 -> x (1 - s) + 1``.
+
+    A precision rule, not a size one: written out, ``x - x s`` subtracts two nearly
+    equal products where s is near 1 (and forward reuse would make it ``x - y``, which
+    a reassociating compiler may evaluate as ``(x + 1) - y = 0`` for a large x);
+    collected, the small difference ``1 - s`` is formed first."""
+    terms = list(add.args)
+    if len(terms) < 3:
+        return add
+    counts: dict = {}
+    for t in terms:
+        for f in set(sympy.Mul.make_args(t)):
+            if not f.is_Number:
+                counts[f] = counts.get(f, 0) + 1
+    shared = [f for f, n in counts.items() if 1 < n < len(terms) and not f.is_Add]
+    if not shared:
+        return add
+    f = min(shared, key=sympy.default_sort_key)
+    inside = [t for t in terms if f in sympy.Mul.make_args(t)]
+    rest = [t for t in terms if f not in sympy.Mul.make_args(t)]
+    return f * sympy.Add(*[t / f for t in inside]) + sympy.Add(*rest)
+
+
+def collect_shared(expr):
+    """:func:`_collect_shared` in every sum of ``expr``."""
+    return expr.replace(lambda e: e.is_Add, _collect_shared)
+
+
 def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
     expr = _textbook_identities(elementary_rewrites(expr))
     candidates = [expr]
     if sympy.count_ops(expr) < 80 and not expr.has(sympy.Piecewise):
         candidates.append(sympy.factor_terms(sympy.expand(expr)))
     candidates.append(sympy.factor_terms(expr))
-    candidates = [sympy.powsimp(c, combine="exp") for c in candidates]
+    candidates = [collect_shared(sympy.powsimp(c, combine="exp")) for c in candidates]
     candidates += [reuse_forward(c, stmts) for c in candidates]
     best = min(candidates, key=cost)
     if rules:

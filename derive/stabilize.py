@@ -1,0 +1,114 @@
+"""Stability rewrites that look across statements and at products, after normalisation.
+
+Each is a rule over expression shapes (never over an op's name), applied to the
+normalised statements (derive/normalize.py) before differentiation:
+
+* :func:`look_through`: a logarithm of an elementwise intermediate is rewritten with the
+  intermediate's definition substituted when that resolves it. With ``p = sigmoid(z)``
+  (focal loss as its paper writes it), ``log(p)`` becomes ``-softplus(-z)`` and
+  ``log(1 - p)`` becomes ``-softplus(z)``: finite where ``p`` rounds to 0 or 1. With
+  ``p = exp(s - m) / S`` (a softmax named on its own line), ``log(p)`` becomes
+  ``s - m - log(S)``. The intermediate keeps its statement for its other reads.
+* :func:`zero_times_log`: a product ``X^a log(Y)`` (a > 0) in which X is a factor of Y
+  (``p log p``, ``p log(p / q)``: an entropy or a KL divergence written from its
+  definition) is 0 where X is 0, its limit, instead of ``0 * log(0) = NaN``.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.codegen.cfunctions import log1p
+
+from .normalize import Stmt, elementary_rewrites, statement_text
+
+_LOGS = (sympy.log, log1p)
+
+
+def _definitions(stmts: list[Stmt]) -> dict[str, Stmt]:
+    """Elementwise statements whose body holds a function a logarithm can undo."""
+    return {s.target: s for s in stmts
+            if s.reduce == "none" and not s.stop_gradient and s.body.atoms(sympy.Function)}
+
+
+def _substituted(arg, defs: dict[str, Stmt]):
+    """``arg`` with every read of a definition in ``defs`` replaced by its body."""
+    mapping = {}
+    for r in arg.atoms(sympy.Indexed):
+        s = defs.get(str(r.base))
+        if s is not None and len(r.indices) == len(s.free):
+            mapping[r] = s.body.xreplace(dict(zip(s.free, r.indices)))
+    for sym in arg.atoms(sympy.Symbol):
+        s = defs.get(sym.name)
+        if s is not None and not s.free:
+            mapping[sym] = s.body
+    return arg.xreplace(mapping) if mapping else None
+
+
+def _resolved(expr, functions) -> bool:
+    """No logarithm in ``expr`` still takes one of ``functions`` (exp, sigmoid, ...)."""
+    return not any(isinstance(n, _LOGS) and n.args[0].atoms(sympy.Function) & functions
+                   for n in sympy.preorder_traversal(expr))
+
+
+def look_through(stmts: list[Stmt]) -> None:
+    """Rewrite, in place, logarithms of elementwise intermediates (see the module doc)."""
+    defs = _definitions(stmts)
+    if not defs:
+        return
+    for k, s in enumerate(stmts):
+        earlier = {n: d for n, d in defs.items() if any(d is t for t in stmts[:k])}
+        if not earlier or not s.body.has(*_LOGS):
+            continue
+
+        def rewrite(node):
+            inner = _substituted(node.args[0], earlier)
+            if inner is None:
+                return node
+            candidate = elementary_rewrites(sympy.log(1 + inner) if isinstance(node, log1p) else sympy.log(inner))
+            functions = {f for f in inner.atoms(sympy.Function)} - set(node.args[0].atoms(sympy.Function))
+            if functions and _resolved(candidate, functions):
+                return candidate
+            return node
+
+        body = s.body.replace(lambda e: isinstance(e, _LOGS), rewrite)
+        if body != s.body:
+            s.body, s.text = body, ""
+
+
+def _factor_of(x, y) -> bool:
+    """Whether ``x`` is a factor of ``y`` with a positive exponent (so y = 0 where x = 0)."""
+    for f in sympy.Mul.make_args(y):
+        base, exp = f.as_base_exp()
+        if base == x and exp.is_positive:
+            return True
+    return False
+
+
+def _zero_where_factor_vanishes(mul):
+    logs = [f for f in mul.args if isinstance(f, sympy.log)]
+    for f in mul.args:
+        base, exp = f.as_base_exp()
+        if base.is_Number or not exp.is_positive or isinstance(f, sympy.log):
+            continue
+        if any(_factor_of(base, lg.args[0]) for lg in logs):
+            return sympy.Piecewise((0, sympy.Eq(base, 0)), (mul, True))
+    return mul
+
+
+def zero_times_log(stmts: list[Stmt]) -> None:
+    """``X^a log(Y)`` with X a factor of Y is 0 where X is 0 (see the module doc)."""
+    for s in stmts:
+        if s.body.has(sympy.log):
+            body = s.body.replace(lambda e: e.is_Mul and any(isinstance(f, sympy.log) for f in e.args),
+                                  _zero_where_factor_vanishes)
+            if body != s.body:
+                s.body, s.text = body, ""
+
+
+def stabilize(stmts: list[Stmt]) -> None:
+    """Both rewrites, in place; a rewritten statement's text is written again."""
+    look_through(stmts)
+    zero_times_log(stmts)
+    for s in stmts:
+        if not s.text:
+            s.text = statement_text(s)
