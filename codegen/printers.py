@@ -460,9 +460,16 @@ class CPUPrinter(PythonCodePrinter):
 
     def _minmax(self, name, args):
         args = list(args)
+        if self._mode == "float":
+            # NaN in, NaN out: max(a, b) is a unless b > a, so a NaN b would be dropped.
+            # Numbers (never NaN) go last; any other later argument is tested for NaN.
+            args = [a for a in args if not a.is_number] + [a for a in args if a.is_number]
         s = self._print(args[-1])
-        for a in reversed(args[:-1]):
-            s = "%s(%s, %s)" % (name, self._print(a), s)
+        for k in range(len(args) - 2, -1, -1):
+            b = s
+            s = "%s(%s, %s)" % (name, self._print(args[k]), b)
+            if self._mode == "float" and not all(a.is_number for a in args[k + 1:]):
+                s = "(%s if %s != %s else %s)" % (b, b, b, s)
         return s
 
     def _print_Max(self, expr):
@@ -496,13 +503,25 @@ class CPUPrinter(PythonCodePrinter):
         return "(%s if %s == %s else %s)" % (one, a, b, zero)
 
     # ----------------------------------------------------------------- logic
+    def _float_comparison(self, cond) -> bool:
+        """Whether a condition compares float values (a NaN operand makes it unordered)."""
+        return any(not (self.is_int(r.lhs) and self.is_int(r.rhs)) for r in cond.atoms(sympy.core.relational.Relational))
+
     def _print_Piecewise(self, expr):
         pieces = list(expr.args)
+        nan = "%s(math.nan)" % CAST if self._mode == "float" else "0"
         if pieces[-1].cond == sympy.true:
             tail = self._print(pieces[-1].expr)
             pieces = pieces[:-1]
+            last = pieces[-1].cond if pieces else None
+            if self._mode == "float" and last is not None and self._float_comparison(last):
+                # NaN in, NaN out: a comparison with a NaN operand is false, so the
+                # default branch is taken only where the last condition's ordered
+                # complement holds (x <= 0 after x > 0), and NaN otherwise
+                complement = sympy.logic.boolalg.to_nnf(sympy.Not(last))
+                tail = "(%s if %s else %s)" % (tail, self._print(complement), nan)
         else:
-            tail = "%s(math.nan)" % CAST if self._mode == "float" else "0"
+            tail = nan
         s = tail
         for piece in reversed(pieces):
             s = "(%s if %s else %s)" % (self._print(piece.expr), self._print(piece.cond), s)

@@ -102,7 +102,7 @@ def _elu_fwd0(x, y, N, alpha):
     """y[n] = Piecewise((x[n], x[n] > 0), (alpha*expm1(x[n]), True))"""
     _F = y.dtype.type
     for n in range(0, N):
-        _v_y = (x[n] if (x[n] > _F(0)) else alpha*math.expm1(x[n]))
+        _v_y = (x[n] if (x[n] > _F(0)) else (alpha*math.expm1(x[n]) if (x[n] <= _F(0)) else _F(math.nan)))
         y[n] = _v_y
 
 
@@ -111,7 +111,7 @@ def _elu_bwd0(x, g_y, g_x, N, alpha):
     """g_x[n] = Piecewise((1, x[n] > 0), (alpha*exp(x[n]), True))*g_y[n]"""
     _F = g_x.dtype.type
     for n in range(0, N):
-        _v_g_x = (_F(1) if (x[n] > _F(0)) else alpha*math.exp(x[n]))*g_y[n]
+        _v_g_x = (_F(1) if (x[n] > _F(0)) else (alpha*math.exp(x[n]) if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -342,7 +342,7 @@ def _leaky_relu_fwd0(x, y, N, slope):
     """y[n] = Piecewise((x[n], x[n] > 0), (slope*x[n], True))"""
     _F = y.dtype.type
     for n in range(0, N):
-        _v_y = (x[n] if (x[n] > _F(0)) else slope*x[n])
+        _v_y = (x[n] if (x[n] > _F(0)) else (slope*x[n] if (x[n] <= _F(0)) else _F(math.nan)))
         y[n] = _v_y
 
 
@@ -351,7 +351,7 @@ def _leaky_relu_bwd0(x, g_y, g_x, N, slope):
     """g_x[n] = Piecewise((1, x[n] > 0), (slope, True))*g_y[n]"""
     _F = g_x.dtype.type
     for n in range(0, N):
-        _v_g_x = (_F(1) if (x[n] > _F(0)) else slope)*g_y[n]
+        _v_g_x = (_F(1) if (x[n] > _F(0)) else (slope if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -579,7 +579,7 @@ def _relu_fwd0(x, y, N):
     """y[n] = Piecewise((x[n], x[n] > 0), (0, True))"""
     _F = y.dtype.type
     for n in range(0, N):
-        _v_y = (x[n] if (x[n] > _F(0)) else _F(0))
+        _v_y = (x[n] if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))
         y[n] = _v_y
 
 
@@ -588,7 +588,7 @@ def _relu_bwd0(x, g_y, g_x, N):
     """g_x[n] = Piecewise((1, x[n] > 0), (0, True))*g_y[n]"""
     _F = g_x.dtype.type
     for n in range(0, N):
-        _v_g_x = (_F(1) if (x[n] > _F(0)) else _F(0))*g_y[n]
+        _v_g_x = (_F(1) if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -815,15 +815,15 @@ def _silu_fwd0(x, y, N):
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _silu_bwd0(x, g_y, g_x, N):
     """y[n] = sigmoid(x[n])*x[n]
-    g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
+    g_x[n] = ((1 - sigmoid(x[n]))*y[n] + sigmoid(x[n]))*g_y[n]
     """
     _F = g_x.dtype.type
     for n in range(0, N):
         # y[n] = sigmoid(x[n])*x[n]
         _t0 = _sigmoid(x[n], _F)
         _v_y = _t0*x[n]
-        # g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
-        _v_g_x = _t0*(-_v_y + x[n] + _F(1))*g_y[n]
+        # g_x[n] = ((1 - sigmoid(x[n]))*y[n] + sigmoid(x[n]))*g_y[n]
+        _v_g_x = (_t0 + _v_y*(_F(1) - _t0))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -1499,13 +1499,13 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n} \\mathrel{+}= \\,\\left(x_{n} - y_{n} + 1\\right) \\sigma\\left(x_{n}\\right) \\bar{y}_{n}\n"
+        "\\bar{x}_{n} \\mathrel{+}= \\,\\left(\\left(1 - \\sigma\\left(x_{n}\\right)\\right) y_{n} + \\sigma\\left(x_{n}\\right)\\right) \\bar{y}_{n}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n} = \\left(x_{n} - y_{n} + 1\\right) \\sigma\\left(x_{n}\\right) \\bar{y}_{n}\n"
+        "\\bar{x}_{n} = \\left(\\left(1 - \\sigma\\left(x_{n}\\right)\\right) y_{n} + \\sigma\\left(x_{n}\\right)\\right) \\bar{y}_{n}\n"
         "\\end{equation*}\n"
     ),
     "softplus": (

@@ -194,7 +194,7 @@ def _elu_fwd0(x, y, N, alpha, _total):
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
-        _v_y = (x[n] if (x[n] > _F(0)) else alpha*math.expm1(x[n]))
+        _v_y = (x[n] if (x[n] > _F(0)) else (alpha*math.expm1(x[n]) if (x[n] <= _F(0)) else _F(math.nan)))
         y[n] = _v_y
 
 
@@ -205,7 +205,7 @@ def _elu_bwd0(x, g_y, g_x, N, alpha, _total):
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
-        _v_g_x = (_F(1) if (x[n] > _F(0)) else alpha*math.exp(x[n]))*g_y[n]
+        _v_g_x = (_F(1) if (x[n] > _F(0)) else (alpha*math.exp(x[n]) if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -314,7 +314,7 @@ def _leaky_relu_fwd0(x, y, N, slope, _total):
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
-        _v_y = (x[n] if (x[n] > _F(0)) else slope*x[n])
+        _v_y = (x[n] if (x[n] > _F(0)) else (slope*x[n] if (x[n] <= _F(0)) else _F(math.nan)))
         y[n] = _v_y
 
 
@@ -325,7 +325,7 @@ def _leaky_relu_bwd0(x, g_y, g_x, N, slope, _total):
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
-        _v_g_x = (_F(1) if (x[n] > _F(0)) else slope)*g_y[n]
+        _v_g_x = (_F(1) if (x[n] > _F(0)) else (slope if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -431,7 +431,7 @@ def _relu_fwd0(x, y, N, _total):
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
-        _v_y = (x[n] if (x[n] > _F(0)) else _F(0))
+        _v_y = (x[n] if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))
         y[n] = _v_y
 
 
@@ -442,7 +442,7 @@ def _relu_bwd0(x, g_y, g_x, N, _total):
     _r = cuda.grid(1)
     if _r < _total:
         n = _r
-        _v_g_x = (_F(1) if (x[n] > _F(0)) else _F(0))*g_y[n]
+        _v_g_x = (_F(1) if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
 
 
@@ -553,7 +553,7 @@ def _silu_fwd0(x, y, N, _total):
 @cuda.jit(cache=True)
 def _silu_bwd0(x, g_y, g_x, N, _total):
     """y[n] = sigmoid(x[n])*x[n]
-    g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
+    g_x[n] = ((1 - sigmoid(x[n]))*y[n] + sigmoid(x[n]))*g_y[n]
     """
     _F = g_x.dtype.type
     _r = cuda.grid(1)
@@ -562,8 +562,8 @@ def _silu_bwd0(x, g_y, g_x, N, _total):
         # y[n] = sigmoid(x[n])*x[n]
         _t0 = _sigmoid_dev(x[n], _F)
         _v_y = _t0*x[n]
-        # g_x[n] = (x[n] - y[n] + 1)*sigmoid(x[n])*g_y[n]
-        _v_g_x = _t0*(-_v_y + x[n] + _F(1))*g_y[n]
+        # g_x[n] = ((1 - sigmoid(x[n]))*y[n] + sigmoid(x[n]))*g_y[n]
+        _v_g_x = (_t0 + _v_y*(_F(1) - _t0))*g_y[n]
         g_x[n] = _v_g_x
 
 

@@ -1395,7 +1395,7 @@ def _cosine_similarity_fwd0(x1, x2, y, B, D, eps):
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
         # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _v_y = _v_y_sum2/(max(eps, math.sqrt(_v_y_sum0))*max(eps, math.sqrt(_v_y_sum1)))
+        _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
         y[b] = _v_y
 
 
@@ -1423,7 +1423,7 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
         # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _v_y = _v_y_sum2/(max(eps, math.sqrt(_v_y_sum0))*max(eps, math.sqrt(_v_y_sum1)))
+        _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
         y[b] = _v_y
 
 
@@ -1438,13 +1438,13 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
             # g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
             _t0 = math.sqrt(y_sum1[b])
             _t1 = math.sqrt(y_sum0[b])
-            _t2 = max(_t1, eps)
-            _t3 = max(_t0, eps)
+            _t2 = (eps if eps != eps else max(_t1, eps))
+            _t3 = (eps if eps != eps else max(_t0, eps))
             _t4 = g_y[b]/(_t2*_t3)
-            _v_g_x2 = _t4*(_t0*x1[b, d] - _t2*(_F(1) if (-_t0 + eps < _F(0)) else _F(0))*x2[b, d]*y[b])/_t0
+            _v_g_x2 = _t4*(_t0*x1[b, d] - _t2*(_F(1) if (-_t0 + eps < _F(0)) else (_F(0) if (-_t0 + eps >= _F(0)) else _F(math.nan)))*x2[b, d]*y[b])/_t0
             g_x2[b, d] = _v_g_x2
             # g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-            _v_g_x1 = _t4*(_t1*x2[b, d] - _t3*(_F(1) if (-_t1 + eps < _F(0)) else _F(0))*x1[b, d]*y[b])/_t1
+            _v_g_x1 = _t4*(_t1*x2[b, d] - _t3*(_F(1) if (-_t1 + eps < _F(0)) else (_F(0) if (-_t1 + eps >= _F(0)) else _F(math.nan)))*x1[b, d]*y[b])/_t1
             g_x1[b, d] = _v_g_x1
 
 
@@ -3818,12 +3818,12 @@ def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_w
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd0(x, y_lse0, B, C):
+def _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
+    y_logsumexp0[b] = log(y_sumexp0[b])
     """
-    _F = y_lse0.dtype.type
+    _F = y_max0.dtype.type
     for b in range(0, B):
         # y_max0[b] = max(x[b, k], k)
         _v_y_max0 = -_F(math.inf)
@@ -3831,33 +3831,37 @@ def _log_softmax_fwd0(x, y_lse0, B, C):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
             _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-        _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
-        y_lse0[b] = _v_y_lse0
+        # y_logsumexp0[b] = log(y_sumexp0[b])
+        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
+        y_logsumexp0[b] = _v_y_logsumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd1(x, y, y_lse0, B, C):
-    """y[b, c] = x[b, c] - y_lse0[b]"""
+def _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C):
+    """y_shifted0[b, k] = x[b, k] - y_max0[b]
+    y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
+    """
     _F = y.dtype.type
     for b in range(0, B):
-        for c in range(0, C):
-            _v_y = x[b, c] - y_lse0[b]
-            y[b, c] = _v_y
+        for k in range(0, C):
+            # y_shifted0[b, k] = x[b, k] - y_max0[b]
+            _v_y_shifted0 = x[b, k] - y_max0[b]
+            # y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
+            _v_y = _v_y_shifted0 - y_logsumexp0[b]
+            y[b, k] = _v_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C):
+def _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-    g_x_sum0[b] = sum(g_y[b, c], c)
     """
-    _F = y_lse0.dtype.type
+    _F = y_max0.dtype.type
     for b in range(0, B):
         # y_max0[b] = max(x[b, k], k)
         _v_y_max0 = -_F(math.inf)
@@ -3865,32 +3869,26 @@ def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
             _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-        _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
-        y_lse0[b] = _v_y_lse0
-        # g_x_sum0[b] = sum(g_y[b, c], c)
-        _v_g_x_sum0 = _F(0)
-        for c in range(0, C):
-            _v_g_x_sum0 += g_y[b, c]
-        g_x_sum0[b] = _v_g_x_sum0
+        y_sumexp0[b] = _v_y_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C):
-    """g_x[b, k] = -exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]"""
-    _F = g_x.dtype.type
+def _log_softmax_bwd1(x, y_max0, y_shifted0, B, C):
+    """y_shifted0[b, k] = x[b, k] - y_max0[b]"""
+    _F = y_shifted0.dtype.type
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_x = -math.exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]
-            g_x[b, k] = _v_g_x
+            _v_y_shifted0 = x[b, k] - y_max0[b]
+            y_shifted0[b, k] = _v_y_shifted0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
+def _log_softmax_bwd2(g_y, g_x_sum0, B, C):
     """g_x_sum0[b] = sum(g_y[b, c], c)"""
     _F = g_x_sum0.dtype.type
     for b in range(0, B):
@@ -3901,15 +3899,67 @@ def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C):
+    """g_x[b, k] = -exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
+    _F = g_x.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_g_x = -math.exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
+            g_x[b, k] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    y_logsumexp0[b] = log(y_sumexp0[b])
+    """
+    _F = y_max0.dtype.type
+    for b in range(0, B):
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+        # y_logsumexp0[b] = log(y_sumexp0[b])
+        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
+        y_logsumexp0[b] = _v_y_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_fwd_saving1(x, y, y_max0, y_logsumexp0, y_shifted0, B, C):
+    """y_shifted0[b, k] = x[b, k] - y_max0[b]
+    y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
+    """
+    _F = y_shifted0.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            # y_shifted0[b, k] = x[b, k] - y_max0[b]
+            _v_y_shifted0 = x[b, k] - y_max0[b]
+            y_shifted0[b, k] = _v_y_shifted0
+            # y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
+            _v_y = _v_y_shifted0 - y_logsumexp0[b]
+            y[b, k] = _v_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_core(x):
     """Forward of log_softmax: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_lse0, B, C)
-    _log_softmax_fwd1(x, y, y_lse0, B, C)
+    y_max0 = np.empty((B,), _dtype)
+    y_logsumexp0 = np.empty((B,), _dtype)
+    _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C)
+    _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C)
     return y
 
 
@@ -3928,9 +3978,10 @@ def _log_softmax_fwd_into(x, y):
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
-    y_lse0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_lse0, B, C)
-    _log_softmax_fwd1(x, y, y_lse0, B, C)
+    y_max0 = np.empty((B,), _dtype)
+    y_logsumexp0 = np.empty((B,), _dtype)
+    _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C)
+    _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C)
 
 
 def _log_softmax_fwd(x):
@@ -3949,11 +4000,15 @@ def _log_softmax_bwd_core(g_y, x):
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
-    y_lse0 = np.empty((B,), _dtype)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C)
+    _log_softmax_bwd1(x, y_max0, y_shifted0, B, C)
+    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
@@ -3972,10 +4027,14 @@ def _log_softmax_bwd_into(g_y, x, g_x):
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
-    y_lse0 = np.empty((B,), _dtype)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C)
+    _log_softmax_bwd1(x, y_max0, y_shifted0, B, C)
+    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
 
 
 def _log_softmax_bwd(g_y, x):
@@ -3994,15 +4053,18 @@ def _log_softmax_bwd(g_y, x):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_saving_core(x):
-    """Forward of log_softmax: y, y_lse0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of log_softmax: y, y_sumexp0, y_shifted0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_lse0, B, C)
-    _log_softmax_fwd1(x, y, y_lse0, B, C)
-    return y, y_lse0
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    y_logsumexp0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
+    _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C)
+    _log_softmax_fwd_saving1(x, y, y_max0, y_logsumexp0, y_shifted0, B, C)
+    return y, y_sumexp0, y_shifted0
 
 
 def _log_softmax_fwd_saving_alloc(x):
@@ -4011,33 +4073,37 @@ def _log_softmax_fwd_saving_alloc(x):
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
-    return y, y_lse0
+    y_sumexp0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
+    return y, y_sumexp0, y_shifted0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd_saving_into(x, y, y_lse0):
-    """``_log_softmax_fwd_saving_core`` writing its results into y, y_lse0 (from ``_log_softmax_fwd_saving_alloc``)."""
+def _log_softmax_fwd_saving_into(x, y, y_sumexp0, y_shifted0):
+    """``_log_softmax_fwd_saving_core`` writing its results into y, y_sumexp0, y_shifted0 (from ``_log_softmax_fwd_saving_alloc``)."""
+    _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
-    _log_softmax_fwd0(x, y_lse0, B, C)
-    _log_softmax_fwd1(x, y, y_lse0, B, C)
+    y_max0 = np.empty((B,), _dtype)
+    y_logsumexp0 = np.empty((B,), _dtype)
+    _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C)
+    _log_softmax_fwd_saving1(x, y, y_max0, y_logsumexp0, y_shifted0, B, C)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved_core(g_y, x, y_lse0):
-    """Backward of log_softmax: gradients g_x from g_y, x, y_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _log_softmax_bwd_saved_core(g_y, x, y_sumexp0, y_shifted0):
+    """Backward of log_softmax: gradients g_x from g_y, x, y_sumexp0, y_shifted0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
-def _log_softmax_bwd_saved_alloc(g_y, x, y_lse0):
+def _log_softmax_bwd_saved_alloc(g_y, x, y_sumexp0, y_shifted0):
     """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -4047,14 +4113,14 @@ def _log_softmax_bwd_saved_alloc(g_y, x, y_lse0):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved_into(g_y, x, y_lse0, g_x):
+def _log_softmax_bwd_saved_into(g_y, x, y_sumexp0, y_shifted0, g_x):
     """``_log_softmax_bwd_saved_core`` writing its results into g_x (from ``_log_softmax_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
 
 
 # ============================================================================ max_pool2d
@@ -4473,12 +4539,11 @@ def _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_fwd4(score, prob_lse0, B, L, heads):
+def _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads):
     """prob_max0[b, h, l] = max(score[b, h, l, t], t)
     prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
-    prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
     """
-    _F = prob_lse0.dtype.type
+    _F = prob_max0.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
             for l in range(0, L):
@@ -4488,24 +4553,23 @@ def _multi_head_attention_fwd4(score, prob_lse0, B, L, heads):
                     _m = score[b, h, l, t]
                     if _m > _v_prob_max0:
                         _v_prob_max0 = _m
+                prob_max0[b, h, l] = _v_prob_max0
                 # prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
                 _v_prob_sumexp0 = _F(0)
                 for t in range(0, L):
                     _v_prob_sumexp0 += math.exp(-_v_prob_max0 + score[b, h, l, t])
-                # prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
-                _v_prob_lse0 = _v_prob_max0 + math.log(_v_prob_sumexp0)
-                prob_lse0[b, h, l] = _v_prob_lse0
+                prob_sumexp0[b, h, l] = _v_prob_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads):
-    """prob[b, h, l, s] = exp(-prob_lse0[b, h, l] + score[b, h, l, s])"""
+def _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads):
+    """prob[b, h, l, s] = exp(-prob_max0[b, h, l] + score[b, h, l, s])/prob_sumexp0[b, h, l]"""
     _F = prob.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
             for l in range(0, L):
                 for s in range(0, L):
-                    _v_prob = math.exp(-prob_lse0[b, h, l] + score[b, h, l, s])
+                    _v_prob = math.exp(-prob_max0[b, h, l] + score[b, h, l, s])/prob_sumexp0[b, h, l]
                     prob[b, h, l, s] = _v_prob
 
 
@@ -4626,46 +4690,46 @@ def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads):
-    """g_prob_lse0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
-    _F = g_prob_lse0.dtype.type
+def _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads):
+    """g_prob_sumexp0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l], s)"""
+    _F = g_prob_sumexp0.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
             for l in range(0, L):
-                _v_g_prob_lse0 = _F(0)
+                _v_g_prob_sumexp0 = _F(0)
                 for s in range(0, L):
-                    _v_g_prob_lse0 += -g_prob[b, h, l, s]*prob[b, h, l, s]
-                g_prob_lse0[b, h, l] = _v_g_prob_lse0
+                    _v_g_prob_sumexp0 += -g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l]
+                g_prob_sumexp0[b, h, l] = _v_g_prob_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads):
-    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+def _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads):
+    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
     _F = g_kh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _a = np.zeros((L, L), g_kh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
+            # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
             for l in range(0, L):
                 for s in range(0, L):
-                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
+                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
             _gemm(_a.reshape(L, L).T, qh[b, h].reshape(L, Dh), g_kh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads):
-    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+def _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads):
+    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
     _F = g_qh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _a = np.zeros((L, L), g_qh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
-            for l in range(0, L):
-                for s in range(0, L):
-                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
-            _gemm(_a.reshape(L, L), kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh), False)
+            # gather: _a[s, l] = (g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
+            for s in range(0, L):
+                for l in range(0, L):
+                    _a[s, np.uint64(l)] = _c0*(g_prob[b, h, np.uint64(l), s] + g_prob_sumexp0[b, h, np.uint64(l)]*prob_sumexp0[b, h, np.uint64(l)])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, np.uint64(l), s]
+            _gemm(_a.reshape(L, L).T, kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -4849,15 +4913,16 @@ def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, cau
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
     return y
@@ -4886,15 +4951,16 @@ def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, cau
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
 
@@ -4952,7 +5018,8 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     g_x = np.empty((B, L, E), _dtype)
@@ -4967,24 +5034,24 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
     _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5028,30 +5095,31 @@ def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
     _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5121,7 +5189,8 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     g_wq = np.empty((E, E), _dtype)
@@ -5135,24 +5204,24 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
     _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5192,30 +5261,31 @@ def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
     _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5226,7 +5296,7 @@ def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
-    """Forward of multi_head_attention: y, qh, kh, vh, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of multi_head_attention: y, qh, kh, vh, prob_sumexp0, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
@@ -5237,18 +5307,19 @@ def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
-    return y, qh, kh, vh, prob, oh
+    return y, qh, kh, vh, prob_sumexp0, prob, oh
 
 
 def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
@@ -5262,34 +5333,35 @@ def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, he
     qh = np.empty((B, heads, L, Dh), _dtype)
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
-    return y, qh, kh, vh, prob, oh
+    return y, qh, kh, vh, prob_sumexp0, prob, oh
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob, oh):
-    """``_multi_head_attention_fwd_saving_core`` writing its results into y, qh, kh, vh, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``)."""
+def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob_sumexp0, prob, oh):
+    """``_multi_head_attention_fwd_saving_core`` writing its results into y, qh, kh, vh, prob_sumexp0, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``)."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
     E = x.shape[2]
     Dh = (E // heads)
     score = np.empty((B, heads, L, L), _dtype)
-    prob_lse0 = np.empty((B, heads, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
     _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
-    _multi_head_attention_fwd4(score, prob_lse0, B, L, heads)
-    _multi_head_attention_fwd5(score, prob_lse0, prob, B, L, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
-    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5307,7 +5379,7 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5315,9 +5387,9 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5330,7 +5402,7 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
     """The results of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5350,7 +5422,7 @@ def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_saved_core`` writing its results into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5360,7 +5432,7 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5368,9 +5440,9 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5383,8 +5455,8 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
-    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5401,7 +5473,7 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5409,9 +5481,9 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5421,7 +5493,7 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
     """The results of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5440,7 +5512,7 @@ def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_params_saved_core`` writing its results into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5450,7 +5522,7 @@ def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, 
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5458,9 +5530,9 @@ def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5881,12 +5953,11 @@ def _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S):
+def _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S):
     """prob_max0[b, l] = max(score[b, l, t], t)
     prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t]), t)
-    prob_lse0[b, l] = log(prob_sumexp0[b, l]) + prob_max0[b, l]
     """
-    _F = prob_lse0.dtype.type
+    _F = prob_max0.dtype.type
     for b in range(0, B):
         for l in range(0, L):
             # prob_max0[b, l] = max(score[b, l, t], t)
@@ -5895,23 +5966,22 @@ def _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S):
                 _m = score[b, l, t]
                 if _m > _v_prob_max0:
                     _v_prob_max0 = _m
+            prob_max0[b, l] = _v_prob_max0
             # prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t]), t)
             _v_prob_sumexp0 = _F(0)
             for t in range(0, S):
                 _v_prob_sumexp0 += math.exp(-_v_prob_max0 + score[b, l, t])
-            # prob_lse0[b, l] = log(prob_sumexp0[b, l]) + prob_max0[b, l]
-            _v_prob_lse0 = _v_prob_max0 + math.log(_v_prob_sumexp0)
-            prob_lse0[b, l] = _v_prob_lse0
+            prob_sumexp0[b, l] = _v_prob_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S):
-    """prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])"""
+def _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S):
+    """prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]"""
     _F = prob.dtype.type
     for b in range(0, B):
         for l in range(0, L):
             for s in range(0, S):
-                _v_prob = math.exp(-prob_lse0[b, l] + score[b, l, s])
+                _v_prob = math.exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
                 prob[b, l, s] = _v_prob
 
 
@@ -5940,43 +6010,43 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S):
-    """g_prob_lse0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s], s)"""
-    _F = g_prob_lse0.dtype.type
+def _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S):
+    """g_prob_sumexp0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l], s)"""
+    _F = g_prob_sumexp0.dtype.type
     for b in range(0, B):
         for l in range(0, L):
-            _v_g_prob_lse0 = _F(0)
+            _v_g_prob_sumexp0 = _F(0)
             for s in range(0, S):
-                _v_g_prob_lse0 += -g_prob[b, l, s]*prob[b, l, s]
-            g_prob_lse0[b, l] = _v_g_prob_lse0
+                _v_g_prob_sumexp0 += -g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l]
+            g_prob_sumexp0[b, l] = _v_g_prob_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal):
-    """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
+def _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal):
+    """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     _a = np.zeros((L, S), g_k.dtype)
     for b in range(0, B):
-        # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
+        # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
         for l in range(0, L):
             for s in range(0, S):
-                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
+                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
         _gemm(_a.reshape(L, S).T, q[b].reshape(L, D), g_k[b].reshape(S, D), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal):
-    """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
+def _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal):
+    """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
-    _a = np.zeros((L, S), g_q.dtype)
+    _a = np.zeros((S, L), g_q.dtype)
     for b in range(0, B):
-        # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
-        for l in range(0, L):
-            for s in range(0, S):
-                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
-        _gemm(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D), False)
+        # gather: _a[s, l] = (g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
+        for s in range(0, S):
+            for l in range(0, L):
+                _a[s, np.uint64(l)] = _c0*(g_prob[b, np.uint64(l), s] + g_prob_sumexp0[b, np.uint64(l)]*prob_sumexp0[b, np.uint64(l)])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, np.uint64(l), s]
+        _gemm(_a.reshape(S, L).T, k[b].reshape(S, D), g_q[b].reshape(L, D), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -5990,11 +6060,12 @@ def _scaled_dot_product_attention_fwd_core(q, k, v, causal):
     E = v.shape[2]
     y = np.empty((B, L, E), _dtype)
     score = np.empty((B, L, S), _dtype)
-    prob_lse0 = np.empty((B, L), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
-    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
     return y
 
@@ -6021,11 +6092,12 @@ def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y):
     S = k.shape[1]
     E = v.shape[2]
     score = np.empty((B, L, S), _dtype)
-    prob_lse0 = np.empty((B, L), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
-    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
 
 
@@ -6060,21 +6132,22 @@ def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     D = q.shape[2]
     S = k.shape[1]
     score = np.empty((B, L, S), _dtype)
-    prob_lse0 = np.empty((B, L), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
     g_q = np.empty((B, L, D), _dtype)
     g_k = np.empty((B, S, D), _dtype)
     g_v = np.empty((B, S, E), _dtype)
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_lse0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
-    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
     return g_q, g_k, g_v
 
 
@@ -6102,18 +6175,19 @@ def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
     D = q.shape[2]
     S = k.shape[1]
     score = np.empty((B, L, S), _dtype)
-    prob_lse0 = np.empty((B, L), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_lse0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
-    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
 
 
 def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
@@ -6144,7 +6218,7 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
-    """Forward of scaled_dot_product_attention: y, prob from q, k, v, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of scaled_dot_product_attention: y, prob_sumexp0, prob from q, k, v, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -6153,13 +6227,14 @@ def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
     E = v.shape[2]
     y = np.empty((B, L, E), _dtype)
     score = np.empty((B, L, S), _dtype)
-    prob_lse0 = np.empty((B, L), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
-    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
-    return y, prob
+    return y, prob_sumexp0, prob
 
 
 def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
@@ -6171,13 +6246,14 @@ def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
     S = k.shape[1]
     E = v.shape[2]
     y = np.empty((B, L, E), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
-    return y, prob
+    return y, prob_sumexp0, prob
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob):
-    """``_scaled_dot_product_attention_fwd_saving_core`` writing its results into y, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``)."""
+def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob_sumexp0, prob):
+    """``_scaled_dot_product_attention_fwd_saving_core`` writing its results into y, prob_sumexp0, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``)."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -6185,16 +6261,16 @@ def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob):
     S = k.shape[1]
     E = v.shape[2]
     score = np.empty((B, L, S), _dtype)
-    prob_lse0 = np.empty((B, L), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
-    _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S)
-    _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
-    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob_sumexp0, prob, causal):
+    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob_sumexp0, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -6205,16 +6281,16 @@ def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
     g_k = np.empty((B, S, D), _dtype)
     g_v = np.empty((B, S, E), _dtype)
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_lse0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
     return g_q, g_k, g_v
 
 
-def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
+def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob_sumexp0, prob, causal):
     """The results of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -6229,7 +6305,7 @@ def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q, g_k, g_v):
+def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob_sumexp0, prob, causal, g_q, g_k, g_v):
     """``_scaled_dot_product_attention_bwd_saved_core`` writing its results into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -6238,24 +6314,23 @@ def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q
     D = q.shape[2]
     S = k.shape[1]
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_lse0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
 
 
 # ============================================================================ softmax
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_fwd0(x, y_lse0, B, C):
+def _softmax_fwd0(x, y_max0, y_sumexp0, B, C):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
     """
-    _F = y_lse0.dtype.type
+    _F = y_max0.dtype.type
     for b in range(0, B):
         # y_max0[b] = max(x[b, k], k)
         _v_y_max0 = -_F(math.inf)
@@ -6263,22 +6338,21 @@ def _softmax_fwd0(x, y_lse0, B, C):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
             _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-        _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
-        y_lse0[b] = _v_y_lse0
+        y_sumexp0[b] = _v_y_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_fwd1(x, y, y_lse0, B, C):
-    """y[b, c] = exp(x[b, c] - y_lse0[b])"""
+def _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C):
+    """y[b, c] = exp(x[b, c] - y_max0[b])/y_sumexp0[b]"""
     _F = y.dtype.type
     for b in range(0, B):
         for c in range(0, C):
-            _v_y = math.exp(x[b, c] - y_lse0[b])
+            _v_y = math.exp(x[b, c] - y_max0[b])/y_sumexp0[b]
             y[b, c] = _v_y
 
 
@@ -6310,9 +6384,10 @@ def _softmax_fwd_core(x):
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
-    _softmax_fwd0(x, y_lse0, B, C)
-    _softmax_fwd1(x, y, y_lse0, B, C)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_max0, y_sumexp0, B, C)
+    _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C)
     return y
 
 
@@ -6331,9 +6406,10 @@ def _softmax_fwd_into(x, y):
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
-    y_lse0 = np.empty((B,), _dtype)
-    _softmax_fwd0(x, y_lse0, B, C)
-    _softmax_fwd1(x, y, y_lse0, B, C)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_max0, y_sumexp0, B, C)
+    _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C)
 
 
 def _softmax_fwd(x):
@@ -6353,11 +6429,12 @@ def _softmax_bwd_core(g_y, x):
     B = g_y.shape[0]
     C = g_y.shape[1]
     y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _softmax_fwd0(x, y_lse0, B, C)
-    _softmax_fwd1(x, y, y_lse0, B, C)
+    _softmax_fwd0(x, y_max0, y_sumexp0, B, C)
+    _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C)
     _softmax_bwd0(y, g_y, g_x_sum0, B, C)
     _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
     return g_x
@@ -6379,10 +6456,11 @@ def _softmax_bwd_into(g_y, x, g_x):
     B = g_y.shape[0]
     C = g_y.shape[1]
     y = np.empty((B, C), _dtype)
-    y_lse0 = np.empty((B,), _dtype)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _softmax_fwd0(x, y_lse0, B, C)
-    _softmax_fwd1(x, y, y_lse0, B, C)
+    _softmax_fwd0(x, y_max0, y_sumexp0, B, C)
+    _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C)
     _softmax_bwd0(y, g_y, g_x_sum0, B, C)
     _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
 
@@ -7005,19 +7083,19 @@ _LATEX = {
         "$\\bar{x}$ reads the gradients of the statistics $\\bar{\\mathrm{mean}}$, $\\bar{\\mathrm{rstd}}$, reductions read nowhere else (with $\\mathrm{rstd}_{c}^{3} = \\frac{1}{\\left(eps + \\mathrm{var}_{c}\\right)^{\\frac{3}{2}}}$ from the forward):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{\\mathrm{rstd}}_{c} \\mathrm{rstd}_{c}^{3}}{H N W} + \\frac{\\bar{\\mathrm{mean}}_{c}}{H N W}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} + \\frac{- \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\bar{\\mathrm{rstd}}_{c} \\mathrm{rstd}_{c}^{3} + \\bar{\\mathrm{mean}}_{c}}{H N W}\n"
         "\\end{equation*}\n"
         "\n"
         "Substitute them as the sums over primed indices:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}^{3} \\sum_{n',h',w'} \\left(- \\mathrm{mean}_{c} + x_{n',c,h',w'}\\right) \\bar{y}_{n',c,h',w'} \\mathrm{weight}_{c}}{H N W} + \\frac{\\sum_{n',h',w'} \\left(- \\bar{y}_{n',c,h',w'} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\\right)}{H N W}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} + \\frac{- \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}^{3} \\sum_{n',h',w'} \\left(- \\mathrm{mean}_{c} + x_{n',c,h',w'}\\right) \\bar{y}_{n',c,h',w'} \\mathrm{weight}_{c} + \\sum_{n',h',w'} \\left(- \\bar{y}_{n',c,h',w'} \\mathrm{rstd}_{c} \\mathrm{weight}_{c}\\right)}{H N W}\n"
         "\\end{equation*}\n"
         "\n"
         "Move the factors free of the summation indices out of the sums:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} - \\frac{\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}^{3} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\left(- \\mathrm{mean}_{c} + x_{n',c,h',w'}\\right) \\bar{y}_{n',c,h',w'}}{H N W} - \\frac{\\mathrm{rstd}_{c} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\bar{y}_{n',c,h',w'}}{H N W}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,c,h,w} \\mathrm{rstd}_{c} \\mathrm{weight}_{c} + \\frac{- \\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right) \\mathrm{rstd}_{c}^{3} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\left(- \\mathrm{mean}_{c} + x_{n',c,h',w'}\\right) \\bar{y}_{n',c,h',w'} - \\mathrm{rstd}_{c} \\mathrm{weight}_{c} \\sum_{n',h',w'} \\bar{y}_{n',c,h',w'}}{H N W}\n"
         "\\end{equation*}\n"
         "\n"
         "Reuse the forward's $\\mathrm{xhat}$ on both sides of the sums (taking $\\mathrm{rstd}_{c}^{3} = \\mathrm{rstd}_{c}\\,\\mathrm{rstd}_{c}^{2}$ apart):\n"
@@ -8580,19 +8658,19 @@ _LATEX = {
         "$\\bar{x}$ reads the gradients of the statistics $\\bar{\\mathrm{mean}}$, $\\bar{\\mathrm{rstd}}$, reductions read nowhere else (with $\\mathrm{rstd}_{b}^{3} = \\frac{1}{\\left(eps + \\mathrm{var}_{b}\\right)^{\\frac{3}{2}}}$ from the forward):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{\\mathrm{rstd}}_{b} \\mathrm{rstd}_{b}^{3}}{D} + \\frac{\\bar{\\mathrm{mean}}_{b}}{D}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} + \\frac{- \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\bar{\\mathrm{rstd}}_{b} \\mathrm{rstd}_{b}^{3} + \\bar{\\mathrm{mean}}_{b}}{D}\n"
         "\\end{equation*}\n"
         "\n"
         "Substitute them as the sums over primed indices:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}^{3} \\sum_{d'} \\left(- \\mathrm{mean}_{b} + x_{b,d'}\\right) \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D} + \\frac{\\sum_{d'} \\left(- \\bar{y}_{b,d'} \\mathrm{rstd}_{b} \\mathrm{weight}_{d'}\\right)}{D}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} + \\frac{- \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}^{3} \\sum_{d'} \\left(- \\mathrm{mean}_{b} + x_{b,d'}\\right) \\bar{y}_{b,d'} \\mathrm{weight}_{d'} + \\sum_{d'} \\left(- \\bar{y}_{b,d'} \\mathrm{rstd}_{b} \\mathrm{weight}_{d'}\\right)}{D}\n"
         "\\end{equation*}\n"
         "\n"
         "Move the factors free of the summation indices out of the sums:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} - \\frac{\\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}^{3} \\sum_{d'} \\left(- \\mathrm{mean}_{b} + x_{b,d'}\\right) \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D} - \\frac{\\mathrm{rstd}_{b} \\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D}\n"
+        "\\bar{x}_{b,d} = \\bar{y}_{b,d} \\mathrm{rstd}_{b} \\mathrm{weight}_{d} + \\frac{- \\left(- \\mathrm{mean}_{b} + x_{b,d}\\right) \\mathrm{rstd}_{b}^{3} \\sum_{d'} \\left(- \\mathrm{mean}_{b} + x_{b,d'}\\right) \\bar{y}_{b,d'} \\mathrm{weight}_{d'} - \\mathrm{rstd}_{b} \\sum_{d'} \\bar{y}_{b,d'} \\mathrm{weight}_{d'}}{D}\n"
         "\\end{equation*}\n"
         "\n"
         "Reuse the forward's $\\mathrm{xhat}$ on both sides of the sums (taking $\\mathrm{rstd}_{b}^{3} = \\mathrm{rstd}_{b}\\,\\mathrm{rstd}_{b}^{2}$ apart):\n"
@@ -8662,64 +8740,84 @@ _LATEX = {
         "\\mathrm{y\\_max0}_{b} = \\max_{k} x_{b,k}\\quad(\\text{stop-gradient})\n"
         "\\end{equation*}\n"
         "\n"
-        "the maximum subtracted for stability; the shifted log-sum-exp does not depend on it.\n"
+        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{y\\_sumexp0}_{b} = \\sum_{k} \\left(e^{x_{b,k} - \\mathrm{y\\_max0}_{b}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{y\\_lse0}_{b} = \\log{\\left(\\mathrm{y\\_sumexp0}_{b} \\right)} + \\mathrm{y\\_max0}_{b}\n"
+        "\\mathrm{y\\_logsumexp0}_{b} = \\log{\\left(\\mathrm{y\\_sumexp0}_{b} \\right)}\n"
         "\\end{equation*}\n"
         "\n"
-        "log-sum-exp with the maximum subtracted.\n"
+        "the logarithm of the shifted sum; the log-sum-exp is the maximum plus it.\n"
         "\n"
         "\\begin{equation*}\n"
-        "y_{b,c} = x_{b,c} - \\mathrm{y\\_lse0}_{b}\n"
+        "\\mathrm{y\\_shifted0}_{b,k} = x_{b,k} - \\mathrm{y\\_max0}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "the exponent less its maximum, rounded on its own.\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "y_{b,c} = - \\mathrm{y\\_logsumexp0}_{b} + \\mathrm{y\\_shifted0}_{b,c}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
         "\n"
-        "Through the read $x_{b,c}$ in the statement for $y$:\n"
+        "Through the read $\\mathrm{y\\_logsumexp0}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,c}}{\\partial x_{b,c}} = 1\n"
+        "\\frac{\\partial y_{b,c}}{\\partial \\mathrm{y\\_logsumexp0}_{b}} = -1\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\delta_{b,\\,b'} \\delta_{c,\\,c'} \\bar{y}_{b,c}\n"
+        "\\bar{\\mathrm{y\\_logsumexp0}}_{b'} \\mathrel{+}= \\sum_{b,c} - \\delta_{b,\\,b'} \\bar{y}_{b,c}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,c} \\mathrel{+}= \\,\\bar{y}_{b,c}\n"
+        "\\bar{\\mathrm{y\\_logsumexp0}}_{b} \\mathrel{+}= \\sum_{c=0}^{C - 1} \\,- \\bar{y}_{b,c}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{y\\_lse0}_{b}$ in the statement for $y$:\n"
+        "Through the read $\\mathrm{y\\_shifted0}_{b,c}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,c}}{\\partial \\mathrm{y\\_lse0}_{b}} = -1\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_lse0}}_{b'} \\mathrel{+}= \\sum_{b,c} - \\delta_{b,\\,b'} \\bar{y}_{b,c}\n"
+        "\\frac{\\partial y_{b,c}}{\\partial \\mathrm{y\\_shifted0}_{b,c}} = 1\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_lse0}}_{b} \\mathrel{+}= \\sum_{c=0}^{C - 1} \\,- \\bar{y}_{b,c}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{y\\_sumexp0}_{b}$ in the statement for $\\mathrm{y\\_lse0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{y\\_lse0}_{b}}{\\partial \\mathrm{y\\_sumexp0}_{b}} = \\frac{1}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{\\mathrm{y\\_shifted0}}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\delta_{b,\\,b'} \\delta_{c,\\,c'} \\bar{y}_{b,c}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\delta_{b,\\,b'} \\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{\\mathrm{y\\_shifted0}}_{b,c} \\mathrel{+}= \\,\\bar{y}_{b,c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{b,k}$ in the statement for $\\mathrm{y\\_shifted0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{y\\_shifted0}_{b,k}}{\\partial x_{b,k}} = 1\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} \\mathrel{+}= \\,\\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{y\\_sumexp0}_{b}$ in the statement for $\\mathrm{y\\_logsumexp0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{y\\_logsumexp0}_{b}}{\\partial \\mathrm{y\\_sumexp0}_{b}} = \\frac{1}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{y\\_sumexp0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\delta_{b,\\,b'} \\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{y\\_sumexp0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x_{b,k}$ in the statement for $\\mathrm{y\\_sumexp0}$:\n"
@@ -8729,35 +8827,39 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} \\mathrel{+}= \\,- e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\bar{\\mathrm{x\\_sum0}}_{b} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} \\mathrel{+}= \\,- \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\bar{\\mathrm{x\\_sum0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{\\mathrm{y\\_shifted0}}_{b,k} = \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
-        "$\\bar{x}$ reads the gradient of the statistic $\\bar{\\mathrm{y\\_lse0}}$, a reduction read nowhere else:\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "$\\bar{x}$ reads the gradient of the statistic $\\bar{\\mathrm{y\\_logsumexp0}}$, a reduction read nowhere else:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\bar{\\mathrm{y\\_lse0}}_{b} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Substitute it as the sum over primed indices:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\sum_{c'} \\left(- \\bar{y}_{b,c'}\\right) + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\sum_{c'} \\left(- \\bar{y}_{b,c'}\\right)}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Move the factors free of the summation indices out of the sum:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = - e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\sum_{c'} \\bar{y}_{b,c'} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = - \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\sum_{c'} \\bar{y}_{b,c'}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Name the remaining sum, computed once rather than per element:\n"
@@ -8769,7 +8871,7 @@ _LATEX = {
         "The compact form:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = - e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\Sigma^{(0)}_{b} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = - \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\Sigma^{(0)}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
@@ -8779,7 +8881,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = - e^{x_{b,k} - \\mathrm{y\\_lse0}_{b}} \\Sigma^{(0)}_{b} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = - \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\Sigma^{(0)}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
     ),
     "max_pool2d": (
@@ -8896,20 +8998,14 @@ _LATEX = {
         "\\mathrm{prob\\_max0}_{b,h,l} = \\max_{t} \\mathrm{score}_{b,h,l,t}\\quad(\\text{stop-gradient})\n"
         "\\end{equation*}\n"
         "\n"
-        "the maximum subtracted for stability; the shifted log-sum-exp does not depend on it.\n"
+        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{prob\\_sumexp0}_{b,h,l} = \\sum_{t} \\left(e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{prob\\_lse0}_{b,h,l} = \\log{\\left(\\mathrm{prob\\_sumexp0}_{b,h,l} \\right)} + \\mathrm{prob\\_max0}_{b,h,l}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "log-sum-exp with the maximum subtracted.\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\mathrm{prob}_{b,h,l,s} = e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}\n"
+        "\\mathrm{prob}_{b,h,l,s} = \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9010,46 +9106,32 @@ _LATEX = {
         "\\bar{vh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\bar{oh}_{b,h,l,d} \\mathrm{prob}_{b,h,l,s}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{prob\\_lse0}_{b,h,l}$ in the statement for $\\mathrm{prob}$:\n"
+        "Through the read $\\mathrm{prob\\_sumexp0}_{b,h,l}$ in the statement for $\\mathrm{prob}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{prob}_{b,h,l,s}}{\\partial \\mathrm{prob\\_lse0}_{b,h,l}} = - e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}\n"
+        "\\frac{\\partial \\mathrm{prob}_{b,h,l,s}}{\\partial \\mathrm{prob\\_sumexp0}_{b,h,l}} = - \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}}{\\mathrm{prob\\_sumexp0}_{b,h,l}^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_lse0}}_{b',h',l'} \\mathrel{+}= \\sum_{b,h,l,s} - e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob}}_{b,h,l,s}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b',h',l'} \\mathrel{+}= \\sum_{b,h,l,s} - \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_lse0}}_{b,h,l} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,- \\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,- \\frac{\\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{score}_{b,h,l,s}$ in the statement for $\\mathrm{prob}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{prob}_{b,h,l,s}}{\\partial \\mathrm{score}_{b,h,l,s}} = e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}\n"
+        "\\frac{\\partial \\mathrm{prob}_{b,h,l,s}}{\\partial \\mathrm{score}_{b,h,l,s}} = \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'} \\bar{\\mathrm{prob}}_{b,h,l,s}\n"
+        "\\bar{\\mathrm{score}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b,h,l,s} \\mathrel{+}= \\,e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{prob\\_sumexp0}_{b,h,l}$ in the statement for $\\mathrm{prob\\_lse0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{prob\\_lse0}_{b,h,l}}{\\partial \\mathrm{prob\\_sumexp0}_{b,h,l}} = \\frac{1}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b',h',l'} \\mathrel{+}= \\sum_{b,h,l} \\frac{\\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\bar{\\mathrm{score}}_{b,h,l,s} \\mathrel{+}= \\,\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{score}_{b,h,l,t}$ in the statement for $\\mathrm{prob\\_sumexp0}$:\n"
@@ -9059,11 +9141,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b',h',l',t'} \\mathrel{+}= \\sum_{b,h,l,t} \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{t,\\,t'} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\bar{\\mathrm{score}}_{b',h',l',t'} \\mathrel{+}= \\sum_{b,h,l,t} e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}} \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{t,\\,t'} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b,h,l,t} \\mathrel{+}= \\,\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\bar{\\mathrm{score}}_{b,h,l,t} \\mathrel{+}= \\,e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,t}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{raw}_{b,h,l,s}$ in the statement for $\\mathrm{score}$:\n"
@@ -9073,11 +9155,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}\n"
+        "\\bar{\\mathrm{raw}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw}}_{b,h,l,s} \\mathrel{+}= \\,\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
+        "\\bar{\\mathrm{raw}}_{b,h,l,s} \\mathrel{+}= \\,\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{raw\\_sum0}_{b,h,l,s}$ in the statement for $\\mathrm{raw}$:\n"
@@ -9087,11 +9169,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw\\_sum0}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}}{\\sqrt{Dh}}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b',h',l',s'} \\mathrel{+}= \\sum_{b,h,l,s} \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw\\_sum0}}_{b,h,l,s} \\mathrel{+}= \\,\\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{Dh}}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b,h,l,s} \\mathrel{+}= \\,\\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $kh_{b,h,s,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
@@ -9101,11 +9183,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{kh}_{b',h',s',d'} \\mathrel{+}= \\sum_{b,h,l,s,d} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{s,\\,s'} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\bar{kh}_{b',h',s',d'} \\mathrel{+}= \\sum_{b,h,l,s,d} \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{s,\\,s'} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{kh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\bar{kh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $qh_{b,h,l,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
@@ -9115,11 +9197,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{qh}_{b',h',l',d'} \\mathrel{+}= \\sum_{b,h,l,s,d} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} kh_{b,h,s,d}}{\\sqrt{Dh}}\n"
+        "\\bar{qh}_{b',h',l',d'} \\mathrel{+}= \\sum_{b,h,l,s,d} \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{h,\\,h'} \\delta_{l,\\,l'} kh_{b,h,s,d}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{qh}_{b,h,l,d} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\bar{qh}_{b,h,l,d} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $bv_{Dh h + d}$ in the statement for $vh$:\n"
@@ -9297,19 +9379,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} = \\frac{\\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\bar{\\mathrm{score}}_{b,h,l,s} = \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b,h,l,s} = e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\bar{\\mathrm{raw}}_{b,h,l,s} = \\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw}}_{b,h,l,s} = \\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw\\_sum0}}_{b,h,l,s} = \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{Dh}}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b,h,l,s} = \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob}}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}} + e^{- \\mathrm{prob\\_max0}_{b,h,l} + \\mathrm{score}_{b,h,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9347,15 +9425,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_lse0}}_{b,h,l} = \\sum_{s=0}^{L - 1} - \\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} = \\sum_{s=0}^{L - 1} - \\frac{\\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{kh}_{b,h,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\bar{kh}_{b,h,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{qh}_{b,h,l,d} = \\sum_{s=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\bar{qh}_{b,h,l,d} = \\sum_{s=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9610,20 +9688,14 @@ _LATEX = {
         "\\mathrm{prob\\_max0}_{b,l} = \\max_{t} \\mathrm{score}_{b,l,t}\\quad(\\text{stop-gradient})\n"
         "\\end{equation*}\n"
         "\n"
-        "the maximum subtracted for stability; the shifted log-sum-exp does not depend on it.\n"
+        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{prob\\_sumexp0}_{b,l} = \\sum_{t} \\left(e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,t}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{prob\\_lse0}_{b,l} = \\log{\\left(\\mathrm{prob\\_sumexp0}_{b,l} \\right)} + \\mathrm{prob\\_max0}_{b,l}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "log-sum-exp with the maximum subtracted.\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\mathrm{prob}_{b,l,s} = e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}}\n"
+        "\\mathrm{prob}_{b,l,s} = \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9660,46 +9732,32 @@ _LATEX = {
         "\\bar{v}_{b,s,e} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\bar{y}_{b,l,e} \\mathrm{prob}_{b,l,s}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{prob\\_lse0}_{b,l}$ in the statement for $\\mathrm{prob}$:\n"
+        "Through the read $\\mathrm{prob\\_sumexp0}_{b,l}$ in the statement for $\\mathrm{prob}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{prob}_{b,l,s}}{\\partial \\mathrm{prob\\_lse0}_{b,l}} = - e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}}\n"
+        "\\frac{\\partial \\mathrm{prob}_{b,l,s}}{\\partial \\mathrm{prob\\_sumexp0}_{b,l}} = - \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}}}{\\mathrm{prob\\_sumexp0}_{b,l}^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_lse0}}_{b',l'} \\mathrel{+}= \\sum_{b,l,s} - e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob}}_{b,l,s}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b',l'} \\mathrel{+}= \\sum_{b,l,s} - \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_lse0}}_{b,l} \\mathrel{+}= \\sum_{s=0}^{S - 1} \\,- \\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrel{+}= \\sum_{s=0}^{S - 1} \\,- \\frac{\\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{score}_{b,l,s}$ in the statement for $\\mathrm{prob}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{prob}_{b,l,s}}{\\partial \\mathrm{score}_{b,l,s}} = e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}}\n"
+        "\\frac{\\partial \\mathrm{prob}_{b,l,s}}{\\partial \\mathrm{score}_{b,l,s}} = \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b',l',s'} \\mathrel{+}= \\sum_{b,l,s} e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{s,\\,s'} \\bar{\\mathrm{prob}}_{b,l,s}\n"
+        "\\bar{\\mathrm{score}}_{b',l',s'} \\mathrel{+}= \\sum_{b,l,s} \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{s,\\,s'} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b,l,s} \\mathrel{+}= \\,e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{prob\\_sumexp0}_{b,l}$ in the statement for $\\mathrm{prob\\_lse0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{prob\\_lse0}_{b,l}}{\\partial \\mathrm{prob\\_sumexp0}_{b,l}} = \\frac{1}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b',l'} \\mathrel{+}= \\sum_{b,l} \\frac{\\delta_{b,\\,b'} \\delta_{l,\\,l'} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
+        "\\bar{\\mathrm{score}}_{b,l,s} \\mathrel{+}= \\,\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{score}_{b,l,t}$ in the statement for $\\mathrm{prob\\_sumexp0}$:\n"
@@ -9709,11 +9767,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b',l',t'} \\mathrel{+}= \\sum_{b,l,t} \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,t}} \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{t,\\,t'} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
+        "\\bar{\\mathrm{score}}_{b',l',t'} \\mathrel{+}= \\sum_{b,l,t} e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,t}} \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{t,\\,t'} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b,l,t} \\mathrel{+}= \\,\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,t}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
+        "\\bar{\\mathrm{score}}_{b,l,t} \\mathrel{+}= \\,e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,t}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{raw}_{b,l,s}$ in the statement for $\\mathrm{score}$:\n"
@@ -9723,11 +9781,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw}}_{b',l',s'} \\mathrel{+}= \\sum_{b,l,s} \\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}\n"
+        "\\bar{\\mathrm{raw}}_{b',l',s'} \\mathrel{+}= \\sum_{b,l,s} \\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw}}_{b,l,s} \\mathrel{+}= \\,\\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
+        "\\bar{\\mathrm{raw}}_{b,l,s} \\mathrel{+}= \\,\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{raw\\_sum0}_{b,l,s}$ in the statement for $\\mathrm{raw}$:\n"
@@ -9737,11 +9795,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw\\_sum0}}_{b',l',s'} \\mathrel{+}= \\sum_{b,l,s} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}}{\\sqrt{D}}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b',l',s'} \\mathrel{+}= \\sum_{b,l,s} \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{l,\\,l'} \\delta_{s,\\,s'}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw\\_sum0}}_{b,l,s} \\mathrel{+}= \\,\\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{D}}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b,l,s} \\mathrel{+}= \\,\\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $k_{b,s,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
@@ -9751,11 +9809,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{k}_{b',s',d'} \\mathrel{+}= \\sum_{b,l,s,d} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{s,\\,s'} q_{b,l,d}}{\\sqrt{D}}\n"
+        "\\bar{k}_{b',s',d'} \\mathrel{+}= \\sum_{b,l,s,d} \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{s,\\,s'} q_{b,l,d}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{k}_{b,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
+        "\\bar{k}_{b,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $q_{b,l,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
@@ -9765,29 +9823,25 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{q}_{b',l',d'} \\mathrel{+}= \\sum_{b,l,s,d} \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{l,\\,l'} k_{b,s,d}}{\\sqrt{D}}\n"
+        "\\bar{q}_{b',l',d'} \\mathrel{+}= \\sum_{b,l,s,d} \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\delta_{l,\\,l'} k_{b,s,d}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{q}_{b,l,d} \\mathrel{+}= \\sum_{s=0}^{S - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
+        "\\bar{q}_{b,l,d} \\mathrel{+}= \\sum_{s=0}^{S - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,l} = \\frac{\\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
+        "\\bar{\\mathrm{score}}_{b,l,s} = \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{score}}_{b,l,s} = e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
+        "\\bar{\\mathrm{raw}}_{b,l,s} = \\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw}}_{b,l,s} = \\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{raw\\_sum0}}_{b,l,s} = \\frac{\\left(e^{- \\mathrm{prob\\_lse0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s} + \\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_lse0}}_{b,l}}{\\mathrm{prob\\_sumexp0}_{b,l}}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{D}}\n"
+        "\\bar{\\mathrm{raw\\_sum0}}_{b,l,s} = \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
@@ -9801,15 +9855,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_lse0}}_{b,l} = \\sum_{s=0}^{S - 1} - \\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}\n"
+        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,l} = \\sum_{s=0}^{S - 1} - \\frac{\\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{k}_{b,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
+        "\\bar{k}_{b,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{q}_{b,l,d} = \\sum_{s=0}^{S - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_lse0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
+        "\\bar{q}_{b,l,d} = \\sum_{s=0}^{S - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
     ),
     "softmax": (
@@ -9829,20 +9883,14 @@ _LATEX = {
         "\\mathrm{y\\_max0}_{b} = \\max_{k} x_{b,k}\\quad(\\text{stop-gradient})\n"
         "\\end{equation*}\n"
         "\n"
-        "the maximum subtracted for stability; the shifted log-sum-exp does not depend on it.\n"
+        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{y\\_sumexp0}_{b} = \\sum_{k} \\left(e^{x_{b,k} - \\mathrm{y\\_max0}_{b}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{y\\_lse0}_{b} = \\log{\\left(\\mathrm{y\\_sumexp0}_{b} \\right)} + \\mathrm{y\\_max0}_{b}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "log-sum-exp with the maximum subtracted.\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "y_{b,c} = e^{x_{b,c} - \\mathrm{y\\_lse0}_{b}}\n"
+        "y_{b,c} = \\frac{e^{x_{b,c} - \\mathrm{y\\_max0}_{b}}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
@@ -9850,43 +9898,29 @@ _LATEX = {
         "Through the read $x_{b,c}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,c}}{\\partial x_{b,c}} = e^{x_{b,c} - \\mathrm{y\\_lse0}_{b}}\n"
+        "\\frac{\\partial y_{b,c}}{\\partial x_{b,c}} = \\frac{e^{x_{b,c} - \\mathrm{y\\_max0}_{b}}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b',c'} \\mathrel{+}= \\sum_{b,c} e^{x_{b,c} - \\mathrm{y\\_lse0}_{b}} \\delta_{b,\\,b'} \\delta_{c,\\,c'} \\bar{y}_{b,c}\n"
+        "\\bar{x}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\frac{e^{x_{b,c} - \\mathrm{y\\_max0}_{b}} \\delta_{b,\\,b'} \\delta_{c,\\,c'} \\bar{y}_{b,c}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,c} \\mathrel{+}= \\,e^{x_{b,c} - \\mathrm{y\\_lse0}_{b}} \\bar{y}_{b,c}\n"
+        "\\bar{x}_{b,c} \\mathrel{+}= \\,\\frac{e^{x_{b,c} - \\mathrm{y\\_max0}_{b}} \\bar{y}_{b,c}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{y\\_lse0}_{b}$ in the statement for $y$:\n"
+        "Through the read $\\mathrm{y\\_sumexp0}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b,c}}{\\partial \\mathrm{y\\_lse0}_{b}} = - e^{x_{b,c} - \\mathrm{y\\_lse0}_{b}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_lse0}}_{b'} \\mathrel{+}= \\sum_{b,c} - e^{x_{b,c} - \\mathrm{y\\_lse0}_{b}} \\delta_{b,\\,b'} \\bar{y}_{b,c}\n"
+        "\\frac{\\partial y_{b,c}}{\\partial \\mathrm{y\\_sumexp0}_{b}} = - \\frac{e^{x_{b,c} - \\mathrm{y\\_max0}_{b}}}{\\mathrm{y\\_sumexp0}_{b}^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_lse0}}_{b} \\mathrel{+}= \\sum_{c=0}^{C - 1} \\,- \\bar{y}_{b,c} y_{b,c}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{y\\_sumexp0}_{b}$ in the statement for $\\mathrm{y\\_lse0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{y\\_lse0}_{b}}{\\partial \\mathrm{y\\_sumexp0}_{b}} = \\frac{1}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{\\mathrm{y\\_sumexp0}}_{b'} \\mathrel{+}= \\sum_{b,c} - \\frac{e^{x_{b,c} - \\mathrm{y\\_max0}_{b}} \\delta_{b,\\,b'} \\bar{y}_{b,c}}{\\mathrm{y\\_sumexp0}_{b}^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\delta_{b,\\,b'} \\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{\\mathrm{y\\_sumexp0}}_{b} \\mathrel{+}= \\sum_{c=0}^{C - 1} \\,- \\frac{\\bar{y}_{b,c} y_{b,c}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x_{b,k}$ in the statement for $\\mathrm{y\\_sumexp0}$:\n"
@@ -9896,29 +9930,23 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{\\mathrm{y\\_sumexp0}}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{x}_{b,k} \\mathrel{+}= \\,\\left(- \\bar{\\mathrm{x\\_sum0}}_{b} + \\bar{y}_{b,k}\\right) y_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
-        "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
+        "$\\bar{x}$ reads the gradient of the statistic $\\bar{\\mathrm{y\\_sumexp0}}$, a reduction read nowhere else:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_lse0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "$\\bar{x}$ reads the gradient of the statistic $\\bar{\\mathrm{y\\_lse0}}$, a reduction read nowhere else:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} + \\bar{\\mathrm{y\\_lse0}}_{b}\\right) y_{b,k}\n"
+        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} + \\bar{\\mathrm{y\\_sumexp0}}_{b} \\mathrm{y\\_sumexp0}_{b}\\right) y_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Substitute it as the sum over primed indices:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} + \\sum_{c'} \\left(- \\bar{y}_{b,c'} y_{b,c'}\\right)\\right) y_{b,k}\n"
+        "\\bar{x}_{b,k} = \\left(\\bar{y}_{b,k} + \\mathrm{y\\_sumexp0}_{b} \\sum_{c'} \\left(- \\frac{\\bar{y}_{b,c'} y_{b,c'}}{\\mathrm{y\\_sumexp0}_{b}}\\right)\\right) y_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Move the factors free of the summation indices out of the sum:\n"

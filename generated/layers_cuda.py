@@ -858,7 +858,7 @@ def _cosine_similarity_fwd0(x1, x2, y, B, D, eps, _total):
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
         # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _v_y = _v_y_sum2/(max(eps, math.sqrt(_v_y_sum0))*max(eps, math.sqrt(_v_y_sum1)))
+        _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
         y[b] = _v_y
 
 
@@ -888,7 +888,7 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps, _total):
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
         # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _v_y = _v_y_sum2/(max(eps, math.sqrt(_v_y_sum0))*max(eps, math.sqrt(_v_y_sum1)))
+        _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
         y[b] = _v_y
 
 
@@ -906,13 +906,13 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
         # g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
         _t0 = math.sqrt(y_sum1[b])
         _t1 = math.sqrt(y_sum0[b])
-        _t2 = max(_t1, eps)
-        _t3 = max(_t0, eps)
+        _t2 = (eps if eps != eps else max(_t1, eps))
+        _t3 = (eps if eps != eps else max(_t0, eps))
         _t4 = g_y[b]/(_t2*_t3)
-        _v_g_x2 = _t4*(_t0*x1[b, d] - _t2*(_F(1) if (-_t0 + eps < _F(0)) else _F(0))*x2[b, d]*y[b])/_t0
+        _v_g_x2 = _t4*(_t0*x1[b, d] - _t2*(_F(1) if (-_t0 + eps < _F(0)) else (_F(0) if (-_t0 + eps >= _F(0)) else _F(math.nan)))*x2[b, d]*y[b])/_t0
         g_x2[b, d] = _v_g_x2
         # g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _v_g_x1 = _t4*(_t1*x2[b, d] - _t3*(_F(1) if (-_t1 + eps < _F(0)) else _F(0))*x1[b, d]*y[b])/_t1
+        _v_g_x1 = _t4*(_t1*x2[b, d] - _t3*(_F(1) if (-_t1 + eps < _F(0)) else (_F(0) if (-_t1 + eps >= _F(0)) else _F(math.nan)))*x1[b, d]*y[b])/_t1
         g_x1[b, d] = _v_g_x1
 
 
@@ -2245,12 +2245,12 @@ def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_fwd0(x, y_lse0, B, C, _total):
+def _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C, _total):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
+    y_logsumexp0[b] = log(y_sumexp0[b])
     """
-    _F = y_lse0.dtype.type
+    _F = y_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
@@ -2260,36 +2260,40 @@ def _log_softmax_fwd0(x, y_lse0, B, C, _total):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
             _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-        _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
-        y_lse0[b] = _v_y_lse0
+        # y_logsumexp0[b] = log(y_sumexp0[b])
+        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
+        y_logsumexp0[b] = _v_y_logsumexp0
 
 
 @cuda.jit(cache=True)
-def _log_softmax_fwd1(x, y, y_lse0, B, C, _total):
-    """y[b, c] = x[b, c] - y_lse0[b]"""
+def _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C, _total):
+    """y_shifted0[b, k] = x[b, k] - y_max0[b]
+    y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
+    """
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        c = _r % C
+        k = _r % C
         _r //= C
         b = _r
-        _v_y = x[b, c] - y_lse0[b]
-        y[b, c] = _v_y
+        # y_shifted0[b, k] = x[b, k] - y_max0[b]
+        _v_y_shifted0 = x[b, k] - y_max0[b]
+        # y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
+        _v_y = _v_y_shifted0 - y_logsumexp0[b]
+        y[b, k] = _v_y
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C, _total):
+def _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C, _total):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-    g_x_sum0[b] = sum(g_y[b, c], c)
     """
-    _F = y_lse0.dtype.type
+    _F = y_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
@@ -2299,14 +2303,34 @@ def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C, _total):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
             _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-        _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
-        y_lse0[b] = _v_y_lse0
-        # g_x_sum0[b] = sum(g_y[b, c], c)
+        y_sumexp0[b] = _v_y_sumexp0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_bwd1(x, y_max0, y_shifted0, B, C, _total):
+    """y_shifted0[b, k] = x[b, k] - y_max0[b]"""
+    _F = y_shifted0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_y_shifted0 = x[b, k] - y_max0[b]
+        y_shifted0[b, k] = _v_y_shifted0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_bwd2(g_y, g_x_sum0, B, C, _total):
+    """g_x_sum0[b] = sum(g_y[b, c], c)"""
+    _F = g_x_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
         _v_g_x_sum0 = _F(0)
         for c in range(0, C):
             _v_g_x_sum0 += g_y[b, c]
@@ -2314,15 +2338,15 @@ def _log_softmax_bwd0(x, y_lse0, g_y, g_x_sum0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd1(x, y_lse0, g_y, g_x, g_x_sum0, B, C, _total):
-    """g_x[b, k] = -exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]"""
+def _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C, _total):
+    """g_x[b, k] = -exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
         _r //= C
         b = _r
-        _v_g_x = -math.exp(x[b, k] - y_lse0[b])*g_x_sum0[b] + g_y[b, k]
+        _v_g_x = -math.exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
         g_x[b, k] = _v_g_x
 
 
@@ -2335,9 +2359,10 @@ def _log_softmax_fwd(x):
     B = x.shape[0]
     C = x.shape[1]
     y = _empty((B, C), _dtype)
-    y_lse0 = _empty((B,), _dtype)
-    _launch(_log_softmax_fwd0, B, x, y_lse0, B, C)
-    _launch(_log_softmax_fwd1, B * C, x, y, y_lse0, B, C)
+    y_max0 = _empty((B,), _dtype)
+    y_logsumexp0 = _empty((B,), _dtype)
+    _launch(_log_softmax_fwd0, B, x, y_max0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y, y_max0, y_logsumexp0, B, C)
     return _result(y, _dev)
 
 
@@ -2353,11 +2378,15 @@ def _log_softmax_bwd(g_y, x):
     _check_rank("log_softmax", "x", x, 2)
     _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
-    y_lse0 = _empty((B,), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    y_shifted0 = _empty((B, C), _dtype)
     g_x = _empty((B, C), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
-    _launch(_log_softmax_bwd0, B, x, y_lse0, g_y, g_x_sum0, B, C)
-    _launch(_log_softmax_bwd1, B * C, x, y_lse0, g_y, g_x, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_bwd2, B, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd3, B * C, y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
 
 
@@ -2624,12 +2653,11 @@ def _multi_head_attention_fwd6(qh, kh, score, B, Dh, L, causal, heads, _total):
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_fwd7(score, prob_lse0, B, L, heads, _total):
+def _multi_head_attention_fwd7(score, prob_max0, prob_sumexp0, B, L, heads, _total):
     """prob_max0[b, h, l] = max(score[b, h, l, t], t)
     prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
-    prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
     """
-    _F = prob_lse0.dtype.type
+    _F = prob_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         l = _r % L
@@ -2643,18 +2671,17 @@ def _multi_head_attention_fwd7(score, prob_lse0, B, L, heads, _total):
             _m = score[b, h, l, t]
             if _m > _v_prob_max0:
                 _v_prob_max0 = _m
+        prob_max0[b, h, l] = _v_prob_max0
         # prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t]), t)
         _v_prob_sumexp0 = _F(0)
         for t in range(0, L):
             _v_prob_sumexp0 += math.exp(-_v_prob_max0 + score[b, h, l, t])
-        # prob_lse0[b, h, l] = log(prob_sumexp0[b, h, l]) + prob_max0[b, h, l]
-        _v_prob_lse0 = _v_prob_max0 + math.log(_v_prob_sumexp0)
-        prob_lse0[b, h, l] = _v_prob_lse0
+        prob_sumexp0[b, h, l] = _v_prob_sumexp0
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_fwd8(score, prob_lse0, prob, B, L, heads, _total):
-    """prob[b, h, l, s] = exp(-prob_lse0[b, h, l] + score[b, h, l, s])"""
+def _multi_head_attention_fwd8(score, prob_max0, prob_sumexp0, prob, B, L, heads, _total):
+    """prob[b, h, l, s] = exp(-prob_max0[b, h, l] + score[b, h, l, s])/prob_sumexp0[b, h, l]"""
     _F = prob.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -2665,7 +2692,7 @@ def _multi_head_attention_fwd8(score, prob_lse0, prob, B, L, heads, _total):
         h = _r % heads
         _r //= heads
         b = _r
-        _v_prob = math.exp(-prob_lse0[b, h, l] + score[b, h, l, s])
+        _v_prob = math.exp(-prob_max0[b, h, l] + score[b, h, l, s])/prob_sumexp0[b, h, l]
         prob[b, h, l, s] = _v_prob
 
 
@@ -2810,9 +2837,9 @@ def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads, _total):
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads, _total):
-    """g_prob_lse0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
-    _F = g_prob_lse0.dtype.type
+def _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads, _total):
+    """g_prob_sumexp0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l], s)"""
+    _F = g_prob_sumexp0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         l = _r % L
@@ -2820,15 +2847,15 @@ def _multi_head_attention_bwd5(prob, g_prob, g_prob_lse0, B, L, heads, _total):
         h = _r % heads
         _r //= heads
         b = _r
-        _v_g_prob_lse0 = _F(0)
+        _v_g_prob_sumexp0 = _F(0)
         for s in range(0, L):
-            _v_g_prob_lse0 += -g_prob[b, h, l, s]*prob[b, h, l, s]
-        g_prob_lse0[b, h, l] = _v_g_prob_lse0
+            _v_g_prob_sumexp0 += -g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l]
+        g_prob_sumexp0[b, h, l] = _v_g_prob_sumexp0
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads, _total):
-    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+def _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads, _total):
+    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
     _F = g_kh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _r = cuda.grid(1)
@@ -2842,13 +2869,13 @@ def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, ca
         b = _r
         _v_g_kh = _F(0)
         for l in range(0, L):
-            _v_g_kh += _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d]
+            _v_g_kh += _c0*(g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d]
         g_kh[b, h, s, d] = _v_g_kh
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads, _total):
-    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+def _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads, _total):
+    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
     _F = g_qh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _r = cuda.grid(1)
@@ -2862,7 +2889,7 @@ def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, ca
         b = _r
         _v_g_qh = _F(0)
         for s in range(0, L):
-            _v_g_qh += _c0*(g_prob[b, h, l, s] + g_prob_lse0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s]
+            _v_g_qh += _c0*(g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s]
         g_qh[b, h, l, d] = _v_g_qh
 
 
@@ -3063,7 +3090,8 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     vh_sum0 = _empty((B, Dh, heads, L), _dtype)
     vh = _empty((B, heads, L, Dh), _dtype)
     score = _empty((B, heads, L, L), _dtype)
-    prob_lse0 = _empty((B, heads, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
     prob = _empty((B, heads, L, L), _dtype)
     oh = _empty((B, heads, L, Dh), _dtype)
     y_sum0 = _empty((B, E, L), _dtype)
@@ -3074,8 +3102,8 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
-    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_lse0, B, L, heads)
-    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_lse0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
@@ -3133,7 +3161,8 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     vh_sum0 = _empty((B, Dh, heads, L), _dtype)
     vh = _empty((B, heads, L, Dh), _dtype)
     score = _empty((B, heads, L, L), _dtype)
-    prob_lse0 = _empty((B, heads, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
     prob = _empty((B, heads, L, L), _dtype)
     oh = _empty((B, heads, L, Dh), _dtype)
     g_x = _empty((B, L, E), _dtype)
@@ -3148,7 +3177,7 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     g_oh = _empty((B, heads, L, Dh), _dtype)
     g_prob = _empty((B, heads, L, L), _dtype)
     g_vh = _empty((B, heads, L, Dh), _dtype)
-    g_prob_lse0 = _empty((B, heads, L), _dtype)
+    g_prob_sumexp0 = _empty((B, heads, L), _dtype)
     g_kh = _empty((B, heads, L, Dh), _dtype)
     g_qh = _empty((B, heads, L, Dh), _dtype)
     _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
@@ -3158,17 +3187,17 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
-    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_lse0, B, L, heads)
-    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_lse0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
     _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
     _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
     _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
-    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_lse0, B, L, heads)
-    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_lse0, g_kh, B, Dh, L, causal, heads)
-    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_lse0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
     _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -3514,12 +3543,11 @@ def _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal, _total):
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S, _total):
+def _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S, _total):
     """prob_max0[b, l] = max(score[b, l, t], t)
     prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t]), t)
-    prob_lse0[b, l] = log(prob_sumexp0[b, l]) + prob_max0[b, l]
     """
-    _F = prob_lse0.dtype.type
+    _F = prob_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         l = _r % L
@@ -3531,18 +3559,17 @@ def _scaled_dot_product_attention_fwd1(score, prob_lse0, B, L, S, _total):
             _m = score[b, l, t]
             if _m > _v_prob_max0:
                 _v_prob_max0 = _m
+        prob_max0[b, l] = _v_prob_max0
         # prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t]), t)
         _v_prob_sumexp0 = _F(0)
         for t in range(0, S):
             _v_prob_sumexp0 += math.exp(-_v_prob_max0 + score[b, l, t])
-        # prob_lse0[b, l] = log(prob_sumexp0[b, l]) + prob_max0[b, l]
-        _v_prob_lse0 = _v_prob_max0 + math.log(_v_prob_sumexp0)
-        prob_lse0[b, l] = _v_prob_lse0
+        prob_sumexp0[b, l] = _v_prob_sumexp0
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S, _total):
-    """prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])"""
+def _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S, _total):
+    """prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]"""
     _F = prob.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -3551,7 +3578,7 @@ def _scaled_dot_product_attention_fwd2(score, prob_lse0, prob, B, L, S, _total):
         l = _r % L
         _r //= L
         b = _r
-        _v_prob = math.exp(-prob_lse0[b, l] + score[b, l, s])
+        _v_prob = math.exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
         prob[b, l, s] = _v_prob
 
 
@@ -3573,8 +3600,8 @@ def _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S, _total):
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd0(v, score, prob_lse0, prob, g_y, g_prob, B, E, L, S, _total):
-    """prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])
+def _scaled_dot_product_attention_bwd0(v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S, _total):
+    """prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
     g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)
     """
     _F = prob.dtype.type
@@ -3585,8 +3612,8 @@ def _scaled_dot_product_attention_bwd0(v, score, prob_lse0, prob, g_y, g_prob, B
         l = _r % L
         _r //= L
         b = _r
-        # prob[b, l, s] = exp(-prob_lse0[b, l] + score[b, l, s])
-        _v_prob = math.exp(-prob_lse0[b, l] + score[b, l, s])
+        # prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+        _v_prob = math.exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
         prob[b, l, s] = _v_prob
         # g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)
         _v_g_prob = _F(0)
@@ -3613,23 +3640,23 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S, _total):
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_lse0, B, L, S, _total):
-    """g_prob_lse0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s], s)"""
-    _F = g_prob_lse0.dtype.type
+def _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S, _total):
+    """g_prob_sumexp0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l], s)"""
+    _F = g_prob_sumexp0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         l = _r % L
         _r //= L
         b = _r
-        _v_g_prob_lse0 = _F(0)
+        _v_g_prob_sumexp0 = _F(0)
         for s in range(0, S):
-            _v_g_prob_lse0 += -g_prob[b, l, s]*prob[b, l, s]
-        g_prob_lse0[b, l] = _v_g_prob_lse0
+            _v_g_prob_sumexp0 += -g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l]
+        g_prob_sumexp0[b, l] = _v_g_prob_sumexp0
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal, _total):
-    """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
+def _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal, _total):
+    """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     _r = cuda.grid(1)
@@ -3641,13 +3668,13 @@ def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_lse0, B, D, 
         b = _r
         _v_g_k = _F(0)
         for l in range(0, L):
-            _v_g_k += _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d]
+            _v_g_k += _c0*(g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d]
         g_k[b, s, d] = _v_g_k
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal, _total):
-    """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_lse0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
+def _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal, _total):
+    """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     _r = cuda.grid(1)
@@ -3659,7 +3686,7 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_lse0, B, D, 
         b = _r
         _v_g_q = _F(0)
         for s in range(0, S):
-            _v_g_q += _c0*(g_prob[b, l, s] + g_prob_lse0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s]
+            _v_g_q += _c0*(g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s]
         g_q[b, l, d] = _v_g_q
 
 
@@ -3684,11 +3711,12 @@ def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
     y = _empty((B, L, E), _dtype)
     score = _empty((B, L, S), _dtype)
-    prob_lse0 = _empty((B, L), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
     prob = _empty((B, L, S), _dtype)
     _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
-    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_lse0, B, L, S)
-    _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_lse0, prob, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
     _launch(_scaled_dot_product_attention_fwd3, B * L * E, v, y, prob, B, E, L, S)
     return _result(y, _dev)
 
@@ -3718,20 +3746,21 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
     _check_dim("scaled_dot_product_attention", "v", v, 2, "E", E, "from g_y axis 2")
     score = _empty((B, L, S), _dtype)
-    prob_lse0 = _empty((B, L), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
     prob = _empty((B, L, S), _dtype)
     g_q = _empty((B, L, D), _dtype)
     g_k = _empty((B, S, D), _dtype)
     g_v = _empty((B, S, E), _dtype)
     g_prob = _empty((B, L, S), _dtype)
-    g_prob_lse0 = _empty((B, L), _dtype)
+    g_prob_sumexp0 = _empty((B, L), _dtype)
     _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
-    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_lse0, B, L, S)
-    _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_lse0, prob, g_y, g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S)
     _launch(_scaled_dot_product_attention_bwd1, B * S * E, prob, g_y, g_v, B, E, L, S)
-    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_lse0, B, L, S)
-    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_lse0, B, D, L, S, causal)
-    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_lse0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
     return _result(g_q, _dev), _result(g_k, _dev), _result(g_v, _dev)
 
 
@@ -3739,12 +3768,11 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
 
 
 @cuda.jit(cache=True)
-def _softmax_fwd0(x, y_lse0, B, C, _total):
+def _softmax_fwd0(x, y_max0, y_sumexp0, B, C, _total):
     """y_max0[b] = max(x[b, k], k)
     y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
     """
-    _F = y_lse0.dtype.type
+    _F = y_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
@@ -3754,25 +3782,24 @@ def _softmax_fwd0(x, y_lse0, B, C, _total):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
             _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_lse0[b] = log(y_sumexp0[b]) + y_max0[b]
-        _v_y_lse0 = _v_y_max0 + math.log(_v_y_sumexp0)
-        y_lse0[b] = _v_y_lse0
+        y_sumexp0[b] = _v_y_sumexp0
 
 
 @cuda.jit(cache=True)
-def _softmax_fwd1(x, y, y_lse0, B, C, _total):
-    """y[b, c] = exp(x[b, c] - y_lse0[b])"""
+def _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C, _total):
+    """y[b, c] = exp(x[b, c] - y_max0[b])/y_sumexp0[b]"""
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         c = _r % C
         _r //= C
         b = _r
-        _v_y = math.exp(x[b, c] - y_lse0[b])
+        _v_y = math.exp(x[b, c] - y_max0[b])/y_sumexp0[b]
         y[b, c] = _v_y
 
 
@@ -3811,9 +3838,10 @@ def _softmax_fwd(x):
     B = x.shape[0]
     C = x.shape[1]
     y = _empty((B, C), _dtype)
-    y_lse0 = _empty((B,), _dtype)
-    _launch(_softmax_fwd0, B, x, y_lse0, B, C)
-    _launch(_softmax_fwd1, B * C, x, y, y_lse0, B, C)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
     return _result(y, _dev)
 
 
@@ -3830,11 +3858,12 @@ def _softmax_bwd(g_y, x):
     _check_dim("softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("softmax", "x", x, 1, "C", C, "from g_y axis 1")
     y = _empty((B, C), _dtype)
-    y_lse0 = _empty((B,), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
     g_x = _empty((B, C), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
-    _launch(_softmax_fwd0, B, x, y_lse0, B, C)
-    _launch(_softmax_fwd1, B * C, x, y, y_lse0, B, C)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
     _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
     _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)

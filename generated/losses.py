@@ -250,7 +250,7 @@ def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin):
     # loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
-        _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(_F(0), -margin + cos[b]) if (label[b] < _F(0)) else _F(0)))
+        _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(-margin + cos[b], _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
     # loss = loss_sum0/B
     _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
@@ -287,22 +287,22 @@ def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D,
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin):
-    """g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
-    g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
     """
     _F = g_x2.dtype.type
     _c0 = g_loss[0]/_F(B)
     for b in range(0, B):
         for d in range(0, D):
-            # g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+            # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
             _t0 = eps + cos_sum1[b]
             _t1 = eps + cos_sum0[b]
             _t2 = _c0/math.sqrt(_t0*_t1)
             _t3 = (label[b] > _F(0))
-            _v_g_x2 = _t2*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t0
+            _v_g_x2 = _t2*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] >= _F(0)) else _F(math.nan))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t0
             g_x2[b, d] = _v_g_x2
-            # g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
-            _v_g_x1 = _t2*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t1
+            # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+            _v_g_x1 = _t2*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] >= _F(0)) else _F(math.nan))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t1
             g_x1[b, d] = _v_g_x1
 
 
@@ -522,7 +522,7 @@ def _huber_fwd0(pred, target, loss, B, N, delta):
         for n in range(0, N):
             _t0 = pred[b, n] - target[b, n]
             _t1 = abs(_t0)
-            _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else delta*(_t1 - _F(0.5)*delta))
+            _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else (delta*(_t1 - _F(0.5)*delta) if (delta <= _t1) else _F(math.nan)))
     # loss = loss_sum0/(B*N)
     _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
@@ -536,7 +536,7 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
     for b in range(0, B):
         for n in range(0, N):
             _t0 = pred[b, n] - target[b, n]
-            _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else _F(0))))
+            _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else _F(0))) if (delta <= abs(_t0)) else _F(math.nan)))
             g_pred[b, n] = _v_g_pred
 
 
@@ -639,18 +639,26 @@ def _huber_bwd(g_loss, pred, target, *, delta):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_fwd0(logq, logp, loss, B, C):
-    """loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
-    loss = loss_sum0/B
+    """loss_max0 = max(logp[b, c], b, c)
+    loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
+    loss = loss_sumexp0*exp(loss_max0)/B
     """
     _F = loss.dtype.type
     _c0 = _F(1) / _F(B)
-    # loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
-    _v_loss_sum0 = _F(0)
+    # loss_max0 = max(logp[b, c], b, c)
+    _v_loss_max0 = -_F(math.inf)
     for b in range(0, B):
         for c in range(0, C):
-            _v_loss_sum0 += (logp[b, c] - logq[b, c])*math.exp(logp[b, c])
-    # loss = loss_sum0/B
-    _v_loss = _c0*_v_loss_sum0
+            _m = logp[b, c]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+    # loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
+    _v_loss_sumexp0 = _F(0)
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_loss_sumexp0 += (logp[b, c] - logq[b, c])*math.exp(-_v_loss_max0 + logp[b, c])
+    # loss = loss_sumexp0*exp(loss_max0)/B
+    _v_loss = _c0*_v_loss_sumexp0*math.exp(_v_loss_max0)
     loss[0] = _v_loss
 
 
@@ -998,12 +1006,12 @@ def _nll_bwd(g_loss, logprobs, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C):
+def _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C):
     """loss_max0[b] = max(logits[b, k], k)
     loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-    loss_lse0[b] = log(loss_sumexp0[b]) + loss_max0[b]
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
     """
-    _F = loss_lse0.dtype.type
+    _F = loss_max0.dtype.type
     for b in range(0, B):
         # loss_max0[b] = max(logits[b, k], k)
         _v_loss_max0 = -_F(math.inf)
@@ -1011,40 +1019,113 @@ def _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C):
             _m = logits[b, k]
             if _m > _v_loss_max0:
                 _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
         # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
         _v_loss_sumexp0 = _F(0)
         for k in range(0, C):
             _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
-        # loss_lse0[b] = log(loss_sumexp0[b]) + loss_max0[b]
-        _v_loss_lse0 = _v_loss_max0 + math.log(_v_loss_sumexp0)
-        loss_lse0[b] = _v_loss_lse0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        loss_logsumexp0[b] = _v_loss_logsumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C):
-    """loss_sum0 = sum((logits[b, c] - loss_lse0[b])*target[b, c], b, c)
+def _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C):
+    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]"""
+    _F = loss_shifted0.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_loss_shifted0 = logits[b, k] - loss_max0[b]
+            loss_shifted0[b, k] = _v_loss_shifted0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C):
+    """loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
     loss = -loss_sum0/B
     """
     _F = loss.dtype.type
     _c0 = _F(1) / _F(B)
-    # loss_sum0 = sum((logits[b, c] - loss_lse0[b])*target[b, c], b, c)
+    # loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
-            _v_loss_sum0 += (logits[b, c] - loss_lse0[b])*target[b, c]
+            _v_loss_sum0 += (-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c]
     # loss = -loss_sum0/B
     _v_loss = -_c0*_v_loss_sum0
     loss[0] = _v_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C):
-    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_lse0[b]) - target[b, k])/B"""
+def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    """
+    _F = loss_max0.dtype.type
+    for b in range(0, B):
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C):
+    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]
+    g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B
+    """
     _F = g_logits.dtype.type
     _c0 = g_loss[0]/_F(B)
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_logits = _c0*(math.exp(logits[b, k] - loss_lse0[b]) - target[b, k])
+            # loss_shifted0[b, k] = logits[b, k] - loss_max0[b]
+            _v_loss_shifted0 = logits[b, k] - loss_max0[b]
+            # g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B
+            _v_g_logits = _c0*(math.exp(_v_loss_shifted0)/loss_sumexp0[b] - target[b, k])
+            g_logits[b, k] = _v_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    """
+    _F = loss_max0.dtype.type
+    for b in range(0, B):
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        loss_logsumexp0[b] = _v_loss_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_loss, g_logits, B, C):
+    """g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B"""
+    _F = g_logits.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_g_logits = _c0*(math.exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])
             g_logits[b, k] = _v_g_logits
 
 
@@ -1055,9 +1136,12 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     B = logits.shape[0]
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
-    loss_lse0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_logsumexp0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
     return loss
 
 
@@ -1076,9 +1160,12 @@ def _softmax_cross_entropy_fwd_into(logits, target, loss):
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
-    loss_lse0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_logsumexp0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
 
 
 def _softmax_cross_entropy_fwd(logits, target):
@@ -1102,10 +1189,11 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
-    loss_lse0 = np.empty((B,), _dtype)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
     g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
     return g_logits
 
 
@@ -1124,9 +1212,10 @@ def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
-    loss_lse0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
 def _softmax_cross_entropy_bwd(g_loss, logits, target):
@@ -1146,15 +1235,19 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_saving_core(logits, target):
-    """Forward of softmax_cross_entropy: loss, loss_lse0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of softmax_cross_entropy: loss, loss_sumexp0, loss_shifted0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
-    loss_lse0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
-    return loss, loss_lse0
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    loss_logsumexp0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
+    return loss, loss_sumexp0, loss_shifted0
 
 
 def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
@@ -1163,31 +1256,36 @@ def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
     B = logits.shape[0]
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
-    loss_lse0 = np.empty((B,), _dtype)
-    return loss, loss_lse0
+    loss_sumexp0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    return loss, loss_sumexp0, loss_shifted0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_lse0):
-    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_lse0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
+def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_sumexp0, loss_shifted0):
+    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_sumexp0, loss_shifted0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
+    _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
-    _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C)
-    _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_logsumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_lse0):
-    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_lse0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_sumexp0, loss_shifted0):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_sumexp0, loss_shifted0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_loss, g_logits, B, C)
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_lse0):
+def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_sumexp0, loss_shifted0):
     """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -1197,11 +1295,11 @@ def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_lse0):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_lse0, g_logits):
+def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_sumexp0, loss_shifted0, g_logits):
     """``_softmax_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``)."""
     B = logits.shape[0]
     C = logits.shape[1]
-    _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_loss, g_logits, B, C)
 
 
 # The host functions of each op on this target.
@@ -1514,7 +1612,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(eps x1_{b,d} + \\mathrm{cos\\_sum1}_{b} x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x1_{b,d}$ in the statement for $\\mathrm{cos\\_sum0}$:\n"
@@ -1528,7 +1626,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(eps x2_{b,d} + \\mathrm{cos\\_sum0}_{b} x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -1556,11 +1654,11 @@ _LATEX = {
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(eps x1_{b,d} + \\mathrm{cos\\_sum1}_{b} x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{x2}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(eps x2_{b,d} + \\mathrm{cos\\_sum0}_{b} x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
+        "\\bar{x1}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
         "\\end{equation*}\n"
     ),
     "huber": (
@@ -1636,47 +1734,53 @@ _LATEX = {
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{loss\\_sum0} = \\sum_{b,c} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{\\mathrm{logp}_{b,c}}\\right)\n"
+        "\\mathrm{loss\\_max0} = \\max_{b,c} \\mathrm{logp}_{b,c}\\quad(\\text{stop-gradient})\n"
+        "\\end{equation*}\n"
+        "\n"
+        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss\\_sumexp0} = \\sum_{b,c} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{loss} = \\frac{\\mathrm{loss\\_sum0}}{B}\n"
+        "\\mathrm{loss} = \\frac{\\mathrm{loss\\_sumexp0} e^{\\mathrm{loss\\_max0}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
         "\n"
-        "Through the read $\\mathrm{loss\\_sum0}$ in the statement for $\\mathrm{loss}$:\n"
+        "Through the read $\\mathrm{loss\\_sumexp0}$ in the statement for $\\mathrm{loss}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sum0}} = \\frac{1}{B}\n"
+        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sumexp0}} = \\frac{e^{\\mathrm{loss\\_max0}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\bar{\\mathrm{loss\\_sumexp0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{loss\\_max0}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{logp}_{b,c}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "Through the read $\\mathrm{logp}_{b,c}$ in the statement for $\\mathrm{loss\\_sumexp0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{logp}_{b,c}} = \\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{\\mathrm{logp}_{b,c}} + e^{\\mathrm{logp}_{b,c}}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sumexp0}}{\\partial \\mathrm{logp}_{b,c}} = \\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}} + e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logp}}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\frac{\\bar{\\mathrm{loss}} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{\\mathrm{logp}_{b,c}} + e^{\\mathrm{logp}_{b,c}}\\right) \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
+        "\\bar{\\mathrm{logp}}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\frac{\\bar{\\mathrm{loss}} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}} + e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\\right) e^{\\mathrm{loss\\_max0}} \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{\\mathrm{logp}}_{b,c} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c} + 1\\right) e^{\\mathrm{logp}_{b,c}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{logq}_{b,c}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "Through the read $\\mathrm{logq}_{b,c}$ in the statement for $\\mathrm{loss\\_sumexp0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{logq}_{b,c}} = - e^{\\mathrm{logp}_{b,c}}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sumexp0}}{\\partial \\mathrm{logq}_{b,c}} = - e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logq}}_{b',c'} \\mathrel{+}= \\sum_{b,c} - \\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{logp}_{b,c}} \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
+        "\\bar{\\mathrm{logq}}_{b',c'} \\mathrel{+}= \\sum_{b,c} - \\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{loss\\_max0}} e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}} \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -1686,7 +1790,7 @@ _LATEX = {
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_sum0}} = \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\bar{\\mathrm{loss\\_sumexp0}} = \\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{loss\\_max0}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
@@ -1834,20 +1938,26 @@ _LATEX = {
         "\\mathrm{loss\\_max0}_{b} = \\max_{k} \\mathrm{logits}_{b,k}\\quad(\\text{stop-gradient})\n"
         "\\end{equation*}\n"
         "\n"
-        "the maximum subtracted for stability; the shifted log-sum-exp does not depend on it.\n"
+        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{loss\\_sumexp0}_{b} = \\sum_{k} \\left(e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{loss\\_lse0}_{b} = \\log{\\left(\\mathrm{loss\\_sumexp0}_{b} \\right)} + \\mathrm{loss\\_max0}_{b}\n"
+        "\\mathrm{loss\\_logsumexp0}_{b} = \\log{\\left(\\mathrm{loss\\_sumexp0}_{b} \\right)}\n"
         "\\end{equation*}\n"
         "\n"
-        "log-sum-exp with the maximum subtracted.\n"
+        "the logarithm of the shifted sum; the log-sum-exp is the maximum plus it.\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{loss\\_sum0} = \\sum_{b,c} \\left(\\left(\\mathrm{logits}_{b,c} - \\mathrm{loss\\_lse0}_{b}\\right) \\mathrm{target}_{b,c}\\right)\n"
+        "\\mathrm{loss\\_shifted0}_{b,k} = \\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "the exponent less its maximum, rounded on its own.\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss\\_sum0} = \\sum_{b,c} \\left(\\left(- \\mathrm{loss\\_logsumexp0}_{b} + \\mathrm{loss\\_shifted0}_{b,c}\\right) \\mathrm{target}_{b,c}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -1866,40 +1976,54 @@ _LATEX = {
         "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{logits}_{b,c}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "Through the read $\\mathrm{loss\\_logsumexp0}_{b}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{logits}_{b,c}} = \\mathrm{target}_{b,c}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{loss\\_logsumexp0}_{b}} = - \\mathrm{target}_{b,c}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b',c'} \\mathrel{+}= \\sum_{b,c} - \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\delta_{c,\\,c'} \\mathrm{target}_{b,c}}{B}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b,c} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,c}}{B}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "Through the read $\\mathrm{loss\\_lse0}_{b}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{loss\\_lse0}_{b}} = - \\mathrm{target}_{b,c}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_lse0}}_{b'} \\mathrel{+}= \\sum_{b,c} \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\mathrm{target}_{b,c}}{B}\n"
+        "\\bar{\\mathrm{loss\\_logsumexp0}}_{b'} \\mathrel{+}= \\sum_{b,c} \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\mathrm{target}_{b,c}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Using the assumption $\\sum_{c} \\left(\\mathrm{target}_{b,c}\\right) = 1$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_lse0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\bar{\\mathrm{loss\\_logsumexp0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{loss\\_sumexp0}_{b}$ in the statement for $\\mathrm{loss\\_lse0}$:\n"
+        "Through the read $\\mathrm{loss\\_shifted0}_{b,c}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_lse0}_{b}}{\\partial \\mathrm{loss\\_sumexp0}_{b}} = \\frac{1}{\\mathrm{loss\\_sumexp0}_{b}}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{loss\\_shifted0}_{b,c}} = \\mathrm{target}_{b,c}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_shifted0}}_{b',c'} \\mathrel{+}= \\sum_{b,c} - \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\delta_{c,\\,c'} \\mathrm{target}_{b,c}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_shifted0}}_{b,c} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,c}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{logits}_{b,k}$ in the statement for $\\mathrm{loss\\_shifted0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_shifted0}_{b,k}}{\\partial \\mathrm{logits}_{b,k}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logits}}_{b',k'} \\mathrel{+}= \\sum_{b,k} - \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\mathrm{target}_{b,k}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,k}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{loss\\_sumexp0}_{b}$ in the statement for $\\mathrm{loss\\_logsumexp0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_logsumexp0}_{b}}{\\partial \\mathrm{loss\\_sumexp0}_{b}} = \\frac{1}{\\mathrm{loss\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -1921,7 +2045,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_lse0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
+        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{loss\\_shifted0}_{b,k}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -1931,7 +2055,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_lse0}}_{b} = \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\bar{\\mathrm{loss\\_shifted0}}_{b,k} = - \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,k}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_logsumexp0}}_{b} = \\frac{\\bar{\\mathrm{loss}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -1941,7 +2069,7 @@ _LATEX = {
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b,k} = \\frac{\\bar{\\mathrm{loss}} \\left(e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_lse0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
+        "\\bar{\\mathrm{logits}}_{b,k} = \\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{loss\\_shifted0}_{b,k}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
         "\\end{equation*}\n"
     ),
 }

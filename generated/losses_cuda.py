@@ -298,7 +298,7 @@ def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, _total):
         # loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
-            _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(_F(0), -margin + cos[b]) if (label[b] < _F(0)) else _F(0)))
+            _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(-margin + cos[b], _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
         # loss = loss_sum0/B
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
@@ -337,8 +337,8 @@ def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D,
 
 @cuda.jit(cache=True)
 def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, _total):
-    """g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
-    g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
     """
     _F = g_x2.dtype.type
     _c0 = g_loss[0]/_F(B)
@@ -347,15 +347,15 @@ def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         d = _r % D
         _r //= D
         b = _r
-        # g_x2[b, d] = g_loss*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+        # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
         _t0 = eps + cos_sum1[b]
         _t1 = eps + cos_sum0[b]
         _t2 = _c0/math.sqrt(_t0*_t1)
         _t3 = (label[b] > _F(0))
-        _v_g_x2 = _t2*(eps*x1[b, d] + cos_sum1[b]*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t0
+        _v_g_x2 = _t2*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] >= _F(0)) else _F(math.nan))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t0
         g_x2[b, d] = _v_g_x2
-        # g_x1[b, d] = g_loss*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
-        _v_g_x1 = _t2*(eps*x2[b, d] + cos_sum0[b]*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else _F(0)) if (label[b] < _F(0)) else _F(0)))/_t1
+        # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+        _v_g_x1 = _t2*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t3 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] >= _F(0)) else _F(math.nan))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t1
         g_x1[b, d] = _v_g_x1
 
 
@@ -430,7 +430,7 @@ def _huber_fwd0(pred, target, loss, B, N, delta, _total):
             for n in range(0, N):
                 _t0 = pred[b, n] - target[b, n]
                 _t1 = abs(_t0)
-                _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else delta*(_t1 - _F(0.5)*delta))
+                _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else (delta*(_t1 - _F(0.5)*delta) if (delta <= _t1) else _F(math.nan)))
         # loss = loss_sum0/(B*N)
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
@@ -447,7 +447,7 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, _total):
         _r //= N
         b = _r
         _t0 = pred[b, n] - target[b, n]
-        _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else _F(0))))
+        _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else _F(0))) if (delta <= abs(_t0)) else _F(math.nan)))
         g_pred[b, n] = _v_g_pred
 
 
@@ -493,20 +493,28 @@ def _huber_bwd(g_loss, pred, target, *, delta):
 
 @cuda.jit(cache=True)
 def _kl_div_fwd0(logq, logp, loss, B, C, _total):
-    """loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
-    loss = loss_sum0/B
+    """loss_max0 = max(logp[b, c], b, c)
+    loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
+    loss = loss_sumexp0*exp(loss_max0)/B
     """
     _F = loss.dtype.type
     _c0 = _F(1) / _F(B)
     _r = cuda.grid(1)
     if _r < _total:
-        # loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
-        _v_loss_sum0 = _F(0)
+        # loss_max0 = max(logp[b, c], b, c)
+        _v_loss_max0 = -_F(math.inf)
         for b in range(0, B):
             for c in range(0, C):
-                _v_loss_sum0 += (logp[b, c] - logq[b, c])*math.exp(logp[b, c])
-        # loss = loss_sum0/B
-        _v_loss = _c0*_v_loss_sum0
+                _m = logp[b, c]
+                if _m > _v_loss_max0:
+                    _v_loss_max0 = _m
+        # loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
+        _v_loss_sumexp0 = _F(0)
+        for b in range(0, B):
+            for c in range(0, C):
+                _v_loss_sumexp0 += (logp[b, c] - logq[b, c])*math.exp(-_v_loss_max0 + logp[b, c])
+        # loss = loss_sumexp0*exp(loss_max0)/B
+        _v_loss = _c0*_v_loss_sumexp0*math.exp(_v_loss_max0)
         loss[0] = _v_loss
 
 
@@ -713,12 +721,12 @@ def _nll_bwd(g_loss, logprobs, target):
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C, _total):
+def _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C, _total):
     """loss_max0[b] = max(logits[b, k], k)
     loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-    loss_lse0[b] = log(loss_sumexp0[b]) + loss_max0[b]
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
     """
-    _F = loss_lse0.dtype.type
+    _F = loss_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
@@ -728,37 +736,76 @@ def _softmax_cross_entropy_fwd0(logits, loss_lse0, B, C, _total):
             _m = logits[b, k]
             if _m > _v_loss_max0:
                 _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
         # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
         _v_loss_sumexp0 = _F(0)
         for k in range(0, C):
             _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
-        # loss_lse0[b] = log(loss_sumexp0[b]) + loss_max0[b]
-        _v_loss_lse0 = _v_loss_max0 + math.log(_v_loss_sumexp0)
-        loss_lse0[b] = _v_loss_lse0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        loss_logsumexp0[b] = _v_loss_logsumexp0
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_fwd1(logits, target, loss, loss_lse0, B, C, _total):
-    """loss_sum0 = sum((logits[b, c] - loss_lse0[b])*target[b, c], b, c)
+def _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C, _total):
+    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]"""
+    _F = loss_shifted0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_loss_shifted0 = logits[b, k] - loss_max0[b]
+        loss_shifted0[b, k] = _v_loss_shifted0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C, _total):
+    """loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
     loss = -loss_sum0/B
     """
     _F = loss.dtype.type
     _c0 = _F(1) / _F(B)
     _r = cuda.grid(1)
     if _r < _total:
-        # loss_sum0 = sum((logits[b, c] - loss_lse0[b])*target[b, c], b, c)
+        # loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
             for c in range(0, C):
-                _v_loss_sum0 += (logits[b, c] - loss_lse0[b])*target[b, c]
+                _v_loss_sum0 += (-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c]
         # loss = -loss_sum0/B
         _v_loss = -_c0*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, C, _total):
-    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_lse0[b]) - target[b, k])/B"""
+def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C, _total):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    """
+    _F = loss_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, _total):
+    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]
+    g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B
+    """
     _F = g_logits.dtype.type
     _c0 = g_loss[0]/_F(B)
     _r = cuda.grid(1)
@@ -766,7 +813,10 @@ def _softmax_cross_entropy_bwd0(logits, target, loss_lse0, g_loss, g_logits, B, 
         k = _r % C
         _r //= C
         b = _r
-        _v_g_logits = _c0*(math.exp(logits[b, k] - loss_lse0[b]) - target[b, k])
+        # loss_shifted0[b, k] = logits[b, k] - loss_max0[b]
+        _v_loss_shifted0 = logits[b, k] - loss_max0[b]
+        # g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B
+        _v_g_logits = _c0*(math.exp(_v_loss_shifted0)/loss_sumexp0[b] - target[b, k])
         g_logits[b, k] = _v_g_logits
 
 
@@ -783,9 +833,12 @@ def _softmax_cross_entropy_fwd(logits, target):
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     loss = _empty((1,), _dtype)
-    loss_lse0 = _empty((B,), _dtype)
-    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_lse0, B, C)
-    _launch(_softmax_cross_entropy_fwd1, 1, logits, target, loss, loss_lse0, B, C)
+    loss_max0 = _empty((B,), _dtype)
+    loss_logsumexp0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_fwd2, 1, target, loss, loss_logsumexp0, loss_shifted0, B, C)
     return _result(loss, False)[0]
 
 
@@ -802,10 +855,11 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     _check_rank("softmax_cross_entropy", "target", target, 2)
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
-    loss_lse0 = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
     g_logits = _empty((B, C), _dtype)
-    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_lse0, B, C)
-    _launch(_softmax_cross_entropy_bwd0, B * C, logits, target, loss_lse0, g_loss, g_logits, B, C)
+    _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
     return _result(g_logits, _dev)
 
 

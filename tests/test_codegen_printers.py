@@ -37,7 +37,7 @@ def pr():
         (x[i] / N, "x[i]/_F(N)"),
         (x[i] ** 2, "x[i] * x[i]"),
         (sympy.sqrt(x[i]), "math.sqrt(x[i])"),
-        (sympy.Max(0, x[i]), "max(_F(0), x[i])"),
+        (sympy.Max(0, x[i]), "max(x[i], _F(0))"),
         (-sympy.oo, "-_F(math.inf)"),
         (sympy.Float(1e-8) * x[i], "_F(1e-08)*x[i]"),
         (sympy.Symbol("g_loss") * x[i], "g_loss[0]*x[i]"),
@@ -92,7 +92,9 @@ def test_piecewise_prints_nested_ternaries(pr):
     assert text.startswith("(x[i - p] if (") and text.endswith("else _F(0))")
     assert "select" not in text
     three = sympy.Piecewise((x[i], x[i] > 1), (slope, x[i] < -1), (0, True))
-    assert pr.expr(three) == "(x[i] if (x[i] > _F(1)) else (slope if (x[i] < -_F(1)) else _F(0)))"
+    # the default branch is taken where the last condition's complement holds, NaN otherwise
+    assert pr.expr(three) == ("(x[i] if (x[i] > _F(1)) else (slope if (x[i] < -_F(1)) else "
+                              "(_F(0) if (x[i] >= -_F(1)) else _F(math.nan))))")
 
 
 def test_stable_helpers_and_functions(pr):
@@ -147,4 +149,4 @@ def test_float32_is_not_promoted(pr, dtype):
         # float64 may only appear as the constant fed to an _F(...) cast
         for line in annotated.splitlines():
             if ":: float64" in line:
-                assert "const(float" in line or "math.pi" in line, line
+                assert "const(float" in line or "math.pi" in line or "attr=nan" in line, line
