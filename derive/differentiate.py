@@ -108,7 +108,13 @@ def clean_derivative(expr):
     expr = expr.replace(sympy.DiracDelta, lambda *a: sympy.S.Zero)
     expr = expr.replace(sympy.Heaviside, lambda x, *a: sympy.Piecewise((1, x > 0), (0, True)))
     expr = expr.replace(sympy.Subs, lambda *a: sympy.Subs(*a).doit())
-    return expr
+    return integral_floats(expr)
+
+
+def integral_floats(expr):
+    """Floats with integer values as the integers they are: d(0.5 x^2)/dx is x, not 1.0 x."""
+    floats = {f: sympy.Integer(int(f)) for f in expr.atoms(sympy.Float) if float(f).is_integer()}
+    return expr.xreplace(floats) if floats else expr
 
 
 def local_partial(body, read):

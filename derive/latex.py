@@ -81,11 +81,26 @@ class DerivationPrinter(LatexPrinter):
     def _print_Rational(self, expr):
         return decimal_tex(expr) or super()._print_Rational(expr)
 
+    def _print_Float(self, expr):
+        """A float as its shortest decimal (Python's repr): 0.134145, not 0.134145000000000."""
+        value = float(expr)
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return decimal_tex(sympy.Rational(repr(value))) or super()._print_Float(expr)
+
     def _print_Mul(self, expr):
         coeff, rest = expr.as_coeff_Mul()
+        if isinstance(coeff, sympy.Float) and abs(float(coeff)) == 1 and rest != 1:
+            return self._print(rest if coeff > 0 else -rest)  # 1.0 x is x
+        if isinstance(coeff, sympy.Float):
+            coeff = sympy.Rational(repr(float(coeff)))
         if coeff.is_Rational and coeff.is_negative and decimal_tex(-coeff) and rest != 1:
             return "- " + self._print_Mul(-expr)
         if decimal_tex(coeff) and rest != 1:
+            num, den = sympy.fraction(rest)
+            if den != 1:  # 0.1 / x, not 0.1 (1/x)
+                top = decimal_tex(coeff) if num == 1 else "%s %s" % (decimal_tex(coeff), self.parenthesize(num, PRECEDENCE["Mul"], strict=True))
+                return r"\frac{%s}{%s}" % (top, self._print(den))
             return "%s %s" % (decimal_tex(coeff), self.parenthesize(rest, PRECEDENCE["Mul"], strict=True))
         return super()._print_Mul(expr)
 

@@ -15,6 +15,7 @@ import difflib
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.core.parameters import distribute
 
 from .errors import SpecError
 from .functions import CONSTANTS, FUNCTIONS, REDUCTIONS, RELATIONS
@@ -45,12 +46,21 @@ class Scope:
         return self.indices[name]
 
 
+def exact(e):
+    """A float (as a spec writes it) as the exact rational it denotes: 0.5 -> 1/2."""
+    if isinstance(e, sympy.Float):
+        return sympy.Rational(repr(float(e)))
+    return e
+
+
 _BINOPS = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
     ast.Mult: lambda a, b: a * b,
     ast.Div: lambda a, b: a / b,
-    ast.Pow: lambda a, b: a**b,
+    # an exponent is exact (x**0.5 is sqrt(x), x**1.5 is x**(3/2)): SymPy's power rules
+    # and the printers' square roots and reciprocals apply to rational exponents
+    ast.Pow: lambda a, b: a ** exact(b),
     ast.FloorDiv: lambda a, b: sympy.floor(a / b),
     ast.Mod: lambda a, b: sympy.Mod(a, b),
 }
@@ -134,6 +144,13 @@ class ExprParser:
     def fail(self, problem: str):
         raise SpecError(self.scope.path, problem, self.text)
 
+    def parse(self, node):
+        """The expression of a whole tree, as written: a number times a sum stays a
+        product (0.79*(x + 0.044715*x**3) is not distributed into 0.0357*x**3 + ...),
+        so the derivation's forward definition shows the spec's own constants."""
+        with distribute(False):
+            return self.build(node)
+
     def build(self, node):
         method = getattr(self, "visit_" + type(node).__name__, None)
         if method is None:
@@ -148,9 +165,13 @@ class ExprParser:
         value = node.value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(f"the literal {value!r} is not a number")
-        if isinstance(value, int):
-            return sympy.Integer(value)
-        return sympy.Rational(repr(value))
+        if isinstance(value, int) or value.is_integer():
+            return sympy.Integer(int(value))
+        # a decimal stays the float it is written as: derivations print it (and what is
+        # computed from it, 3 * 0.044715 = 0.134145) as a decimal, the kernels as a typed
+        # literal; an exact rational here (8943/200000) made SymPy's simplification pull
+        # out common denominators and print 5e-22 * (3989422804014327 * ...)
+        return sympy.Float(value)
 
     def visit_BinOp(self, node):
         op = _BINOPS.get(type(node.op))
@@ -296,7 +317,7 @@ def parse_expression(text: str, scope: Scope, extra_indices: set[str] = frozense
         raise SpecError(scope.path, f"expected an expression string, got {text!r}")
     tree = _parse_tree(text, scope.path, "eval")
     names = _collect_index_names(tree, scope) | set(extra_indices) | set(scope.indices)
-    return ExprParser(scope, text, names).build(tree)
+    return ExprParser(scope, text, names).parse(tree)
 
 
 def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset()):
@@ -330,5 +351,5 @@ def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset(
         lhs_idx = tuple(lhs_idx)
     else:
         raise SpecError(scope.path, "the left-hand side must be a tensor name or tensor[i, ...]", text)
-    rhs = parser.build(stmt.value)
+    rhs = parser.parse(stmt.value)
     return lhs_name, lhs_idx, rhs
