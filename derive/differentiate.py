@@ -290,6 +290,9 @@ class Backward:
     all_terms: list[Term] = field(default_factory=list)  # inlined ones too, for the derivation
     rewrites: list = field(default_factory=list)  # steps after the chain rule (statistics.Rewrite), in order
     named_sums: list[str] = field(default_factory=list)  # reductions those steps introduced, in order
+    # outputs that later statements read: gradient name (the output's total, or the
+    # reads' gathered contributions) -> the output
+    read_outputs: dict[str, str] = field(default_factory=dict)
 
 
 def apply_assumptions(expr, loops, guards, assumptions):
@@ -341,6 +344,7 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
     everything: list[Term] = []
     argmax: dict[str, tuple[str, ...]] = {}
     inlined: dict[str, tuple[tuple, sympy.Expr]] = {}
+    read_outputs: dict[str, str] = {}
     for stmt in reversed(stmts):
         g_t = grad_name(stmt.target)
         if stmt.stop_gradient:
@@ -359,12 +363,14 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
                         order.remove(t)
                         t.grad = total
                     inlined[total] = (tuple(stmt.free), seed)
+                    read_outputs[total] = stmt.target
                 else:
                     via = _fresh_grad(g_t + "_reads", wrt, outputs)
                     for t in own:
                         t.grad = via
                     terms[via] = own
                     seed = seed + read_of(via, stmt.free)
+                    read_outputs[via] = stmt.target
         elif terms.get(g_t):
             own = terms[g_t]
             if all(t.elementwise for t in own):
@@ -410,4 +416,4 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             terms.setdefault(grad_name(name), []).append(t)
             order.append(t)
             everything.append(t)
-    return Backward(order, argmax, inlined, everything)
+    return Backward(order, argmax, inlined, everything, read_outputs=read_outputs)

@@ -260,9 +260,19 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
             if kind == "closed":
                 add(("text", f"The sum is known from the forward pass: $\\sum {tex(lhs)} = {tex(rhs)}$ "
                              "(by linearity and the forward's own sums)."))
-    if backward.inlined:
-        add(("text", "Gradients of intermediates that are elementwise and therefore substituted, not stored:"))
+    read_outputs = getattr(backward, "read_outputs", {})
+    if read_outputs:
+        shown = ", ".join(f"${tex_name(o)}$" for o in dict.fromkeys(read_outputs.values()))
+        add(("text", f"Outputs that later statements read ({shown}): the gradient that flows into each is "
+                     "its own incoming gradient plus the contributions through those reads"
+                     + (":" if any(g in backward.inlined for g in read_outputs) else " (gathered above).")))
         for g, (free, expr) in backward.inlined.items():
+            if g in read_outputs:
+                add(("math", f"{_lhs(g, free)} = {tex(expr)}"))
+    inlined = {g: v for g, v in backward.inlined.items() if g not in read_outputs}
+    if inlined:
+        add(("text", "Gradients of intermediates that are elementwise and therefore substituted, not stored:"))
+        for g, (free, expr) in inlined.items():
             add(("math", f"{_lhs(g, free)} = {tex(expr)}"))
     names = sum_names(backward)
     for step in backward.rewrites:

@@ -175,6 +175,7 @@ def test_output_read_later_counts_its_own_gradient_once(tmp_path):
     x, u, g_u, g_y = (sympy.IndexedBase(n, real=True)[i] for n in ("x", "u", "g_u", "g_y"))
     assert sympy.simplify(gx.body - ((g_u + g_y * x) * sympy.exp(x) + g_y * u)) == 0
     assert all(a.target != "g_u" for a in program.backward), "the seed g_u is never written"
+    assert "Outputs that later statements read ($u$)" in program.latex
 
 
 # ------------------------------------------------------------------ LaTeX under powers
