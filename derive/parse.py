@@ -120,17 +120,19 @@ _BINOP_HINTS = {
 }
 
 
-def near_match(name: str, candidates) -> str:
-    """`` (did you mean `X`?)`` for the candidate closest to ``name`` (case-insensitive;
-    difflib's ratio), or an alias's replacement, or ``""``."""
-    if name.lower() in ALIASES:
-        return f" (did you mean `{ALIASES[name.lower()]}`?)"
+def closest(name: str, candidates) -> str | None:
+    """The candidate closest to ``name`` (case-insensitive, difflib's ratio), or None."""
     candidates = sorted(set(candidates))
     lowered = [c.lower() for c in candidates]
     best = difflib.get_close_matches(name.lower(), lowered, n=1, cutoff=0.6)
-    if not best:
-        return ""
-    return f" (did you mean `{candidates[lowered.index(best[0])]}`?)"
+    return candidates[lowered.index(best[0])] if best else None
+
+
+def near_match(name: str, candidates) -> str:
+    """`` (did you mean `X`?)`` for the candidate closest to ``name``, or an alias's
+    replacement (``ln`` -> ``log``), or ``""``."""
+    suggestion = ALIASES.get(name.lower()) or closest(name, candidates)
+    return f" (did you mean `{suggestion}`?)" if suggestion else ""
 
 
 class ExprParser:
@@ -233,6 +235,12 @@ class ExprParser:
 
     def visit_Call(self, node):
         if not isinstance(node.func, ast.Name):
+            func = node.func
+            if isinstance(func, ast.Attribute) and not func.attr.startswith("_"):
+                plain = closest(func.attr, [*FUNCTIONS, *REDUCTIONS])
+                if plain:
+                    self.fail(f"only whitelisted functions may be called, by their plain name: write `{plain}(...)`, "
+                              f"not `{ast.unparse(func)}(...)`")
             self.fail("only whitelisted functions may be called, by their plain name")
         name = node.func.id
         self._check_name(name)

@@ -305,6 +305,8 @@ HINTS = [
     Hint("caret-power", "y[b,i] = x[b,i]^2", "`**`"),
     Hint("max-of-two", "y[b,i] = max(x[b,i], 0)", "Max(a, b)"),
     Hint("tensor-called", "y[b,i] = x(b, i)", "x[...]"),
+    Hint("numpy-prefix", "y[b,i] = np.exp(x[b,i])", "write `exp(...)`"),
+    Hint("math-prefix-near", "y[b,i] = math.Tanh(x[b,i])", "write `tanh(...)`"),
     Hint("eq-one-argument", "y[b,i] = where(Eq(x[b,i]), 1, 0)", "two arguments"),
     Hint("two-dimensions", "y[b,i] = x[b,i] + w[b,i]", "`ranges`"),
 ]
