@@ -97,6 +97,11 @@ def elementary_rewrites(expr):
         lambda e: isinstance(e, sympy.log) and e.args[0].is_Mul and any(isinstance(f, sympy.exp) for f in e.args[0].args),
         _split_log_of_exp,
     )
+    expr = expr.replace(
+        lambda e: isinstance(e, sympy.log) and e.args[0].is_Add and len(e.args[0].args) == 2
+        and all(isinstance(t, sympy.exp) for t in e.args[0].args),
+        _log_add_exp,
+    )
     return optimize(expr, [log1p_opt, expm1_opt])
 
 
@@ -108,6 +113,14 @@ def _split_log_of_exp(e):
     if rest.is_Pow and rest.exp == -1:  # log(exp(a) / b) -> a - log(b)
         return sympy.Add(*exps) - sympy.log(rest.base)
     return sympy.Add(*exps) + (sympy.log(rest) if rest != 1 else 0)
+
+
+def _log_add_exp(e):
+    """log(exp(a) + exp(b)) -> the larger plus softplus(smaller - larger): neither
+    exponential is formed. Each branch is smooth and the derivative at a tie is 1/2 from
+    either side (max(a, b) + softplus(-|a - b|) would give 0 there)."""
+    a, b = (t.args[0] for t in e.args[0].args)
+    return sympy.Piecewise((a + softplus(b - a), a >= b), (b + softplus(a - b), True))
 
 
 def replace_literal(expr, pattern, build):

@@ -9,9 +9,10 @@ normalised statements (derive/normalize.py) before differentiation:
   ``log(1 - p)`` becomes ``-softplus(z)``: finite where ``p`` rounds to 0 or 1. With
   ``p = exp(s - m) / S`` (a softmax named on its own line), ``log(p)`` becomes
   ``s - m - log(S)``. The intermediate keeps its statement for its other reads.
-* :func:`zero_times_log`: a product ``X^a log(Y)`` (a > 0) in which X is a factor of Y
-  (``p log p``, ``p log(p / q)``: an entropy or a KL divergence written from its
-  definition) is 0 where X is 0, its limit, instead of ``0 * log(0) = NaN``.
+* :func:`zero_times_log`: a product ``X^a F`` (a > 0) where F holds ``log(Y)`` with X a
+  factor of Y, and X nowhere else (``p log p``, ``p log(p / q)``: an entropy or a KL
+  divergence written from its definition), is 0 where X is 0, its limit, instead of
+  ``0 * log(0) = NaN``.
 """
 
 from __future__ import annotations
@@ -84,13 +85,22 @@ def _factor_of(x, y) -> bool:
     return False
 
 
+def _vanishes_with(x, f) -> bool:
+    """Whether ``x * f`` tends to 0 with x: f holds a log of a multiple of x, and x
+    nowhere else (``log(x) + 2`` does; ``log(x) + 1/x`` does not)."""
+    logs = [n for n in sympy.preorder_traversal(f) if isinstance(n, sympy.log) and _factor_of(x, n.args[0])]
+    if not logs:
+        return False
+    rest = f.xreplace({n: sympy.Dummy() for n in logs})
+    return not rest.has(x) and not rest.has(sympy.log)
+
+
 def _zero_where_factor_vanishes(mul):
-    logs = [f for f in mul.args if isinstance(f, sympy.log)]
     for f in mul.args:
         base, exp = f.as_base_exp()
-        if base.is_Number or not exp.is_positive or isinstance(f, sympy.log):
+        if base.is_Number or not exp.is_positive or f.has(sympy.log):
             continue
-        if any(_factor_of(base, lg.args[0]) for lg in logs):
+        if any(_vanishes_with(base, g) for g in mul.args if g is not f):
             return sympy.Piecewise((0, sympy.Eq(base, 0)), (mul, True))
     return mul
 
@@ -99,8 +109,7 @@ def zero_times_log(stmts: list[Stmt]) -> None:
     """``X^a log(Y)`` with X a factor of Y is 0 where X is 0 (see the module doc)."""
     for s in stmts:
         if s.body.has(sympy.log):
-            body = s.body.replace(lambda e: e.is_Mul and any(isinstance(f, sympy.log) for f in e.args),
-                                  _zero_where_factor_vanishes)
+            body = s.body.replace(lambda e: e.is_Mul and e.has(sympy.log), _zero_where_factor_vanishes)
             if body != s.body:
                 s.body, s.text = body, ""
 
