@@ -4,9 +4,10 @@ central finite differences; see tests/fuzz_specs.py for the generator and the ch
 
     .venv/bin/python scripts/fuzz_campaign.py --n 2000 --out fuzz-out
 
-Spec ``k`` of a campaign depends only on ``--seed`` and ``k`` (``--start`` resumes or
-replays one: ``--start 417 --n 1``). Every failing spec's TOML and its mismatch are
-printed and saved under ``--out`` (``<k>-<name>.toml`` and ``.txt``); the summary
+Spec ``k`` of a campaign depends only on ``--seed``, ``k`` and the fuzzer's version
+(``--start`` resumes or replays one: ``--start 417 --n 1``). Every failing spec's TOML
+and its mismatch are printed and saved under ``--out`` (``<k>-<name>-<target>.toml``,
+``.txt``, and ``.pkl``, which ``--replay`` checks again); the summary
 (checked, wrong, crashed, refused, discarded, and each distinct failure with the first
 spec that showed it) is printed and written to ``--out/summary.json``.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 import signal
 import sys
@@ -53,8 +55,9 @@ def signature(outcome) -> str:
     else:
         text = lines[0] if lines else ""
         text = re.sub(r"gradient of \w+", "gradient of …", text)
-        text = re.sub(r"output \w+", "output …", text)
-        text = text.split(":")[0]
+        text = re.sub(r"(output|state) \w+", r"\1 …", text)
+        text = text.split(";")[0]  # "what: shape (1,), expected ()" or "what: 3 of 6 differ"
+        text = re.sub(r"\d+ of \d+ differ", "values differ", text)
     text = re.sub(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?", "#", text)
     return f"{outcome.status}/{outcome.stage}/{outcome.target}: {text}"
 
@@ -72,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=300, help="seconds per spec before it counts as a crash")
     ap.add_argument("--out", default="fuzz-out", help="directory for failing specs and summary.json")
     ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    ap.add_argument("--replay", default="", help="check one saved failing spec (a .pkl under --out) and exit")
     args = ap.parse_args(argv)
 
     import codegen
@@ -83,6 +87,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGALRM, _alarm)
+    if args.replay:  # the spec exactly as the campaign that saved it generated it
+        spec = pickle.loads(Path(args.replay).read_bytes())
+        for target in ["cpu"] + (["cuda"] if args.cuda_every else []):
+            with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+                outcome = fz.check(spec, tmp, target=target)
+            print(outcome.report())
+        return 0 if outcome.status in ("ok", "refused", "discarded") else 1
 
     counts: Counter = Counter()
     by_family: dict = {}
@@ -113,6 +124,7 @@ def main(argv=None):
                 entry["count"] += 1
                 stem = out / f"{k}-{spec.name}-{target}"
                 stem.with_suffix(".toml").write_text(spec.toml)
+                stem.with_suffix(".pkl").write_bytes(pickle.dumps(spec))
                 stem.with_suffix(".txt").write_text(outcome.report() + "\n")
                 print(f"{line}\n{outcome.report()}\n", flush=True)
             elif status == "refused":

@@ -837,7 +837,7 @@ class Gen:
     def gen(self, scope: Scope, depth: int) -> Node:
         if depth <= 0:
             return self.leaf(scope)
-        kind = self.weighted({"leaf": 3, "fn": 7, "bin": 8, "pow": 3, "neg": 1, "where": 1,
+        kind = self.weighted({"leaf": 3, "fn": 7, "bin": 8, "pow": 3, "neg": 1, "where": 2,
                               "reduce": 2 if scope.reduce else 0})
         d = depth - 1
         if kind == "leaf":
@@ -911,12 +911,12 @@ class Gen:
                 else self.gen(scope, d)
             # == and != hold nowhere and everywhere for continuous samples: still conditions to print
             op = self.weighted({">": 3, ">=": 2, "<": 3, "<=": 2, "==": 1, "!=": 1})
-            return Cmp(op, a, b, fn=self.chance(30))
+            return Cmp(op, a, b, fn=self.chance(40))
 
         cond = cmp()
         if self.chance(25):
             cond = BoolOp(self.pick(["and", "or"]), cond, cmp(), fn=self.chance(40))
-        if self.chance(10):
+        if self.chance(15):
             cond = BoolOp("not", cond, fn=self.chance(50))
         return Where(cond, self.gen(scope, d), self.gen(scope, d))
 
