@@ -173,7 +173,7 @@ class ExprParser:
         # computed from it, 3 * 0.044715 = 0.134145) as a decimal, the kernels as a typed
         # literal; an exact rational here (8943/200000) made SymPy's simplification pull
         # out common denominators and print 5e-22 * (3989422804014327 * ...)
-        return sympy.Float(value)
+        return sympy.Float(repr(value))  # from the text: its precision keeps every digit written
 
     def visit_BinOp(self, node):
         op = _BINOPS.get(type(node.op))
