@@ -710,6 +710,8 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "bind": bind,
         "derived": derived,
         "checks": checks,
+        # the facts its gradients were derived from, checked before anything runs
+        "assume": assumption_checks(p) if entry.startswith("bwd") else [],
         "alloc": alloc,
         "calls": calls,
         "results": result_kinds,
@@ -725,6 +727,12 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         ],
         "flat": plan.flat,
     }
+
+
+def assumption_checks(p: Program) -> list:
+    """The run-time checks of an op's assumptions (derive/assumptions.py)."""
+    return [{"name": a.tensor, "axes": "(%s,)" % ", ".join("%d" % k for k in a.axes), "value": repr(a.value),
+             "free": a.free, "text": "%s (%s)" % (a.text, p.source)} for a in p.assumptions]
 
 
 def op_context(plan: OpPlan, target: str) -> dict:
@@ -820,10 +828,12 @@ def render_group(programs, module: str, command: str, single: str | None = None,
     helpers = sorted({h for o in cpu_ops for k in o["kernels"] for h in k["helpers"]})
     has_cuda = any(o["kind"] != "schedule" for o in cpu_ops)
     scalar_state = any(o["scalar_state"] for o in cpu_ops)
+    assumptions = any(pl.p.assumptions for pl in plans)
     cpu = render(
         CPU_TEMPLATE,
         header=header_context(programs, CPU_TEMPLATE, command),
         scalar_state=scalar_state,
+        assumptions=assumptions,
         module=module,
         ops=cpu_ops,
         helpers=helpers,
@@ -840,6 +850,7 @@ def render_group(programs, module: str, command: str, single: str | None = None,
         CUDA_TEMPLATE,
         header=header_context(programs, CUDA_TEMPLATE, command),
         scalar_state=scalar_state,
+        assumptions=assumptions,
         module=module,
         ops=cuda_ops,
         helpers=cuda_helpers,

@@ -98,7 +98,7 @@ import tomllib
 
 from derive.errors import SpecError
 
-from .emit import alloc_name, backward_variants, core_name, group_of, into_name, saved_for_backward
+from .emit import alloc_name, assumption_checks, backward_variants, core_name, group_of, into_name, saved_for_backward
 from .template_util import COMMAND, render
 
 TEMPLATE = "model/model.py.jinja"
@@ -147,6 +147,7 @@ class OpInfo:
     saved_outputs: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
     task: str = ""  # a loss's: what the model's output means; decides what ``predict`` returns
+    assume: tuple = ()  # the run-time checks of the assumptions its gradient was derived from
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -191,6 +192,7 @@ def op_info(program) -> OpInfo:
         saved_outputs=tuple(saved_outputs),
         kept=tuple(kept),
         task=program.task,
+        assume=tuple(assumption_checks(program)),
     )
 
 
@@ -981,6 +983,8 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         f(loss.name, e) for e in loss_entries for f in (into_name, alloc_name)
     )
     cores.setdefault(opt.module, set()).add(opt_core)
+    if loss.assume:  # checked on y before the fused step (the loss's backward wrapper is not called)
+        cores[loss.module].add("_check_assumption")
     # the arrays the fused step writes, in the order it writes them
     buffers = [name for layer in layers if not layer.cell for name in layer.fwd_results]
     buffers += ["loss", *loss_kept, "seed", f"g{len(layers)}"]
@@ -1011,6 +1015,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         "loss_fwd_targets": ("loss",) + loss_kept,
         "loss_bwd_given": loss_given,
         "target_int": target in loss.int_args,
+        "loss_assume": loss.assume,
         "target_like_output": target_like_output,
         "opt_core": opt_core,
         "opt_counter": opt.counter,

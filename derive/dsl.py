@@ -42,7 +42,9 @@ def attr(name: str, default):
 
 
 def _source():
-    frame = inspect.stack()[2]
+    """The ops file that called the helper (loss() calls layer(): skip this file's frames)."""
+    here = inspect.stack()[0].filename
+    frame = next(f for f in inspect.stack()[1:] if f.filename != here)
     return "derive/ops/" + frame.filename.replace("\\", "/").rsplit("/", 1)[-1]
 
 

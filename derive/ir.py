@@ -142,6 +142,8 @@ class Program:
     step_counter: sympy.Symbol | None = None  # optimizer step count t (from 1)
     latex: str = ""  # the derivation document for this op
     doc: str = ""  # one-line description
+    # facts the derivation used (derive.assumptions.Assumption), checked by the backward
+    assumptions: tuple = ()
     extra: dict = field(default_factory=dict)
 
     def tensor(self, name: str) -> TensorDecl:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sympy
 
 from . import ir
+from .assumptions import checked_assumptions
 from .differentiate import Guard, differentiate, grad_name, read_of
 from .errors import SpecError
 from .latex import derivation_blocks, optimizer_blocks, render_tex, schedule_blocks
@@ -54,7 +55,7 @@ def build(op: OpDef) -> ir.Program:
     substitute_statistics(backward, stmts, shapes, {grad_name(a) for a in diff_args})
     program = lower(op, stmts, backward, shapes, diff_args)
     blocks = derivation_blocks(op, stmts, backward, program)
-    return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks})
+    return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks}, assumptions=checked_assumptions(op))
 
 
 def _replace(program, **changes):

@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/layers.py 29187b47915d5719
-#   generated/losses.py e6315442fc05c71a
+#   generated/losses.py a609198b83cc5699
 #   generated/optimizers.py 9072ecf0ebc71829
 """The gru_majority model.
 
@@ -35,7 +35,7 @@ from numba import njit
 
 import generated
 from generated.layers import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into, _gru_cell_bwd_saved_core, _gru_cell_fwd_saving_core
-from generated.losses import _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
+from generated.losses import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
 from generated.optimizers import _adam_step_core
 
 NAME = "gru_majority"
@@ -257,6 +257,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias)

@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/layers.py 29187b47915d5719
-#   generated/losses.py e6315442fc05c71a
+#   generated/losses.py a609198b83cc5699
 #   generated/optimizers.py 9072ecf0ebc71829
 """The linear_diabetes model.
 

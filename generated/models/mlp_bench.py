@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 51ff441d944d4d43
 #   generated/layers.py 29187b47915d5719
-#   generated/losses.py e6315442fc05c71a
+#   generated/losses.py a609198b83cc5699
 #   generated/optimizers.py 9072ecf0ebc71829
 """The mlp_bench model.
 
@@ -37,7 +37,7 @@ from numba import njit
 import generated
 from generated.activations import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
 from generated.layers import _dense_bwd_alloc, _dense_bwd_into, _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
-from generated.losses import _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
+from generated.losses import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
 from generated.optimizers import _adam_step_core
 
 NAME = "mlp_bench"
@@ -254,6 +254,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias)
