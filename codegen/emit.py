@@ -607,6 +607,33 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     if missing:
         raise ValueError("%s: dimensions %s are not bound by any argument" % (p.name, ", ".join(missing)))
     derived = [{"name": s.name, "expr": hp.index(e)} for s, e in p.derived_dims]
+    import os
+
+    derived_exprs = {s.name: str(e) for s, e in p.derived_dims}
+    relations = []
+    for lhs, rhs, text in p.relations:
+        names = sorted({s.name for s in (lhs.free_symbols | rhs.free_symbols)})
+        relations.append({
+            "text": text,
+            "lhs": hp.index(lhs),
+            "rhs": hp.index(rhs),
+            "lhs_text": sympy.sstr(lhs),
+            "rhs_text": sympy.sstr(rhs),
+            "sizes": _sizes_dict(names, bound, derived_exprs),
+        })
+    read_checks = []
+    for read, tensor, axis, least, greatest, size, extents in p.read_checks:
+        names = sorted({s.name for e in (least, greatest, size, *extents) for s in sympy.sympify(e).free_symbols})
+        read_checks.append({
+            "read": "%s[%s]" % (tensor, ", ".join(hp.index(i) for i in read.indices)),
+            "tensor": tensor,
+            "axis": axis,
+            "least": hp.index(least),
+            "greatest": hp.index(greatest),
+            "size": hp.index(size),
+            "extents": "(%s,)" % ", ".join(hp.index(x) for x in extents),
+            "sizes": _sizes_dict(names, bound, derived_exprs),
+        })
     # arrays the kernels use that are not arguments
     given = set(params)
     used = []
@@ -709,6 +736,9 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "convert": convert,
         "bind": bind,
         "derived": derived,
+        "relations": relations,
+        "read_checks": read_checks,
+        "spec_file": os.path.basename(p.source),
         "checks": checks,
         # the facts its gradients were derived from, checked before anything runs
         "assume": assumption_checks(p) if entry.startswith("bwd") else [],
@@ -727,6 +757,16 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         ],
         "flat": plan.flat,
     }
+
+
+def _sizes_dict(names, bound, derived_exprs) -> str:
+    """Python source of {name: (value, where it comes from)} for a size check's message."""
+    def origin(n):
+        if n in bound:
+            return bound[n]
+        return "derived: %s" % derived_exprs[n] if n in derived_exprs else "attribute"
+
+    return "{%s}" % ", ".join("%r: (%s, %r)" % (n, n, origin(n)) for n in names)
 
 
 def assumption_checks(p: Program) -> list:
@@ -829,11 +869,15 @@ def render_group(programs, module: str, command: str, single: str | None = None,
     has_cuda = any(o["kind"] != "schedule" for o in cpu_ops)
     scalar_state = any(o["scalar_state"] for o in cpu_ops)
     assumptions = any(pl.p.assumptions for pl in plans)
+    relations = any(pl.p.relations for pl in plans)
+    read_checks = any(pl.p.read_checks for pl in plans)
     cpu = render(
         CPU_TEMPLATE,
         header=header_context(programs, CPU_TEMPLATE, command),
         scalar_state=scalar_state,
         assumptions=assumptions,
+        relations=relations,
+        read_checks=read_checks,
         module=module,
         ops=cpu_ops,
         helpers=helpers,
@@ -851,6 +895,8 @@ def render_group(programs, module: str, command: str, single: str | None = None,
         header=header_context(programs, CUDA_TEMPLATE, command),
         scalar_state=scalar_state,
         assumptions=assumptions,
+        relations=relations,
+        read_checks=read_checks,
         module=module,
         ops=cuda_ops,
         helpers=cuda_helpers,

@@ -187,7 +187,9 @@ def op_info(program) -> OpInfo:
         counter=program.step_counter.name if program.step_counter is not None else "",
         variants=tuple(suffix for suffix, _ in backward_variants(program)),
         int_args=tuple(a.name for a in program.args if a.dtype == "int"),
-        derived=tuple((str(sym), expr) for sym, expr in program.derived_dims),
+        # a relation of `dims` naming a dimension (GRU's G = 3*H) sizes it as a derived one
+        derived=tuple((str(sym), expr) for sym, expr in program.derived_dims)
+        + tuple((str(lhs), rhs) for lhs, rhs, _ in program.relations if isinstance(lhs, sympy.Symbol)),
         inits=param_inits(program),
         saved_outputs=tuple(saved_outputs),
         kept=tuple(kept),

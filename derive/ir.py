@@ -138,6 +138,14 @@ class Program:
     task: str = ""  # losses: what the model's output means (classification, binary, regression)
     state: tuple[str, ...] = ()  # optimizer state names, in order (per-element, then scalar)
     state_init: tuple[tuple[str, float], ...] = ()  # scalar state (in ``scalars``): initial values
+    # facts about the sizes checked by the host wrappers once dimensions are bound and
+    # derived: (lhs, rhs, the relation as the spec states it), lhs == rhs
+    relations: tuple[tuple[sympy.Expr, sympy.Expr, str], ...] = ()
+    # reads of the spec that must stay inside their tensor (index arithmetic with
+    # attributes, no padding offset) and that no relation proves inside: (the read as
+    # written (an Indexed), tensor, axis, least index, greatest index, axis size, the loop extents);
+    # the host wrappers check least >= 0 and greatest < size whenever no extent is 0
+    read_checks: tuple = ()
     step: tuple[Assign, ...] = ()  # optimizer update statements, sequential, in place
     step_counter: sympy.Symbol | None = None  # optimizer step count t (from 1)
     latex: str = ""  # the derivation document for this op

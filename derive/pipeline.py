@@ -75,7 +75,113 @@ def _dim_names(op: OpDef, stmts: list[Stmt], shapes) -> dict[str, tuple]:
 # Lowering
 
 
-def _provably_inside(e, size, loops: dict, guards: list[Guard]) -> bool:
+class Facts:
+    """What lowering knows about sizes and loop indices: every dimension and positive
+    attribute is positive, every loop index lies in its range, and the relations of
+    ``dims`` hold (``G = 2*H``: the wrappers check them at run time). ``proves(cond)``
+    says whether a guard or bounds condition holds for every value of the loops."""
+
+    def __init__(self, relations=None, derived=None):
+        self.relations = dict(relations or {})
+        self.derived = dict(derived or {})  # derived dimensions, substituted when proving
+
+    def _nonnegative(self, e) -> bool:
+        """Whether ``e`` (over sizes) is >= 0: with the relations and derived dimensions
+        substituted, and each ``c * floor(a/q)`` bounded below (floor(x) <= x for c < 0,
+        floor(a/q) >= (a - q + 1)/q for c > 0 and integers a, q > 0)."""
+        for _ in range(4):
+            e2 = sympy.sympify(e).xreplace(self.relations).xreplace(self.derived)
+            if e2 == e:
+                break
+            e = e2
+        e = sympy.expand(e)
+        low = sympy.S.Zero
+        for term in sympy.Add.make_args(e):
+            floors = [f for f in term.atoms(sympy.floor)]
+            if len(floors) == 1:
+                coeff = term / floors[0]
+                a, q = sympy.fraction(sympy.together(floors[0].args[0]))
+                if coeff.is_nonpositive:
+                    term = coeff * floors[0].args[0]
+                elif coeff.is_positive and q.is_positive and a.is_integer and q.is_integer:
+                    term = coeff * (a - q + 1) / q
+            low += term
+        return bool(sympy.expand(low).is_nonnegative)
+
+    def _extreme(self, e, lowest: bool, loops: dict, depth: int = 0):
+        """The least (``lowest``) or greatest value of ``e``, affine in the loop indices,
+        over the loops' ranges; None where that is not known."""
+        e = sympy.expand(sympy.sympify(e))
+        inner = [i for i in e.free_symbols if i in loops]
+        if not inner:
+            return e
+        if depth > 8:
+            return None
+        for i in sorted(inner, key=str):
+            c = sympy.diff(e, i)
+            if c.free_symbols & set(loops):
+                return None  # not affine in the loop indices
+            sign = c.xreplace(self.relations)
+            if sign.is_nonnegative:
+                up = not lowest
+            elif sign.is_nonpositive:
+                up = lowest
+            else:
+                return None
+            lo, hi = loops[i]
+            e = e.xreplace({i: (hi - 1) if up else lo})
+        return self._extreme(e, lowest, loops, depth + 1)
+
+    @staticmethod
+    def tightened(loops: dict, guards) -> dict:
+        """The loops' ranges where range guards ``lo <= i + c < hi`` (c free of the loop
+        indices) narrow them: what a read under those guards may assume."""
+        tight = dict(loops)
+        for g in guards:
+            if g.kind != "range":
+                continue
+            e = sympy.expand(sympy.sympify(g.expr))
+            inner = [i for i in e.free_symbols if i in loops]
+            if len(inner) == 1 and sympy.diff(e, inner[0]) == 1:
+                i = inner[0]
+                c = e - i
+                tight[i] = (g.lo - c, g.hi - c)
+        return tight
+
+    def proves(self, cond, loops: dict) -> bool:
+        if cond is sympy.true:
+            return True
+        if isinstance(cond, sympy.And):
+            return all(self.proves(c, loops) for c in cond.args)
+        if isinstance(cond, (sympy.Ge, sympy.Gt, sympy.Le, sympy.Lt)):
+            # floor(p/q) < c  <=  p < q*c, and floor(p/q) >= 0  <=  p >= 0, for q > 0
+            # and an integer c (grouped indices such as h // R)
+            if isinstance(cond, (sympy.Gt, sympy.Le)):
+                cond = cond.reversed
+            if isinstance(cond.lhs, sympy.floor) and cond.rhs.is_integer:
+                p_, q_ = sympy.fraction(sympy.together(cond.lhs.args[0]))
+                if q_.xreplace(self.relations).is_positive:
+                    if isinstance(cond, sympy.Lt):
+                        return self.proves(sympy.Lt(p_, q_ * cond.rhs), loops)
+                    if cond.rhs == 0:
+                        return self.proves(sympy.Ge(p_, 0), loops)
+            # a >= b  <=>  min(a - b) >= 0; integers: a > b  <=>  a - b - 1 >= 0
+            if isinstance(cond, (sympy.Ge, sympy.Gt)):
+                diff = cond.lhs - cond.rhs
+            else:
+                diff = cond.rhs - cond.lhs
+            if isinstance(cond, (sympy.Gt, sympy.Lt)):
+                diff = diff - 1
+            if not all(s.is_integer for s in diff.free_symbols):
+                return False
+            low = self._extreme(diff, True, loops)
+            if low is None:
+                return False
+            return self._nonnegative(low)
+        return False
+
+
+def _provably_inside(e, size, loops: dict, guards: list[Guard], facts: Facts | None = None) -> bool:
     if e in loops:
         lo, hi = loops[e]
         lo_ok = lo == 0 or (isinstance(lo, sympy.Max) and 0 in lo.args)
@@ -85,10 +191,16 @@ def _provably_inside(e, size, loops: dict, guards: list[Guard]) -> bool:
     for g in guards:
         if g.kind == "range" and g.expr == e and g.lo == 0 and sympy.simplify(g.hi - size) == 0:
             return True
+    if facts is not None and facts.relations:
+        inside = sympy.And(sympy.Ge(e, 0), sympy.Lt(e, size))
+        if facts.proves(inside, loops):
+            return True
+        tight = facts.tightened(loops, guards)
+        return tight != loops and facts.proves(inside, tight)
     return False
 
 
-def wrap_reads(body, shapes, loops: dict, guards: list[Guard]):
+def wrap_reads(body, shapes, loops: dict, guards: list[Guard], facts: Facts | None = None):
     """Wrap every read that may fall outside its tensor in Piecewise((read, inside), (0, True))."""
     mapping = {}
     for read in sorted(body.atoms(sympy.Indexed), key=sympy.default_sort_key):
@@ -97,7 +209,7 @@ def wrap_reads(body, shapes, loops: dict, guards: list[Guard]):
             continue
         conds = []
         for e, size in zip(read.indices, shape):
-            if not _provably_inside(e, size, loops, guards):
+            if not _provably_inside(e, size, loops, guards, facts):
                 conds.append(sympy.And(sympy.Ge(e, 0), sympy.Lt(e, size)))
         if conds:
             mapping[read] = sympy.Piecewise((read, sympy.And(*conds)), (0, True))
@@ -114,13 +226,14 @@ def _statement_text(target, free, reduce, over, body):
 
 def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
     shapes = dict(shapes)
+    facts = Facts({op.symbols[d]: e for d, e in op.relations.items()})
     forward = []
     intermediates = []
     for s in stmts:
         free = tuple(ir.Loop(i, sympy.S.Zero, s.ranges[i]) for i in s.free)
         over = tuple(ir.Loop(i, sympy.S.Zero, s.ranges[i]) for i in s.over)
         loops = {lp.index: (lp.lo, lp.hi) for lp in free + over}
-        body = wrap_reads(s.body, shapes, loops, [])
+        body = wrap_reads(s.body, shapes, loops, [], facts)
         argmax = backward.argmax.get(s.target, ())
         forward.append(ir.Assign(s.target, free, body, s.reduce, over, False, argmax, s.text))
         if s.target not in op.outputs:
@@ -146,9 +259,9 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
             iter_loops = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.loops)
             over = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.scatter_over)
             loops = {lp.index: (lp.lo, lp.hi) for lp in iter_loops + over}
-            body = wrap_reads(t.expr, shapes, loops, [])
+            body = wrap_reads(t.expr, shapes, loops, [], facts)
             inside = [sympy.And(sympy.Ge(a, 0), sympy.Lt(a, n)) for a, n in zip(t.scatter, shape)
-                      if not _provably_inside(a, n, loops, [])]
+                      if not _provably_inside(a, n, loops, [], facts)]
             where = sympy.And(*inside) if inside else sympy.true
             reduce = "sum" if over else "none"
             lhs = f"{t.grad}[{', '.join(map(str, t.scatter))}]"
@@ -161,9 +274,12 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         over = tuple(ir.Loop(i, lo, hi) for i, lo, hi in t.loops)
         loops = {lp.index: (lp.lo, lp.hi) for lp in free_loops + over}
         body = t.expr
-        if t.guards:
-            body = sympy.Piecewise((body, sympy.And(*[g.condition() for g in t.guards])), (0, True))
-        body = wrap_reads(body, shapes, loops, t.guards)
+        # guards the relations of `dims` prove true for every value of the loops are dropped
+        conds = [c for g in t.guards for c in sympy.And.make_args(g.condition())]
+        kept = [c for c in conds if not (facts.relations and facts.proves(c, loops))]
+        if kept:
+            body = sympy.Piecewise((body, sympy.And(*kept)), (0, True))
+        body = wrap_reads(body, shapes, loops, t.guards, facts)
         reduce = "sum" if over else "none"
         accumulate = t.grad in written
         written.add(t.grad)
@@ -195,7 +311,8 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         for d in a.shape:
             if isinstance(d, sympy.Symbol) and d not in dims and str(d) not in op.derived_dims:
                 dims.append(d)
-    derived = tuple((op.symbols[d], e) for d, e in op.derived_dims.items())
+    derived, relations = _sizes(op)
+    read_checks = _read_checks(op, Facts(facts.relations, dict(derived)))
     known = set(dims) | {d for d, _ in derived} | {op.symbols[a] for a in op.attrs}
     for t in outputs:
         for d in t.shape:
@@ -211,6 +328,8 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         source=op.source,
         dims=tuple(dims),
         derived_dims=derived,
+        relations=relations,
+        read_checks=read_checks,
         attrs=attrs,
         args=args,
         outputs=outputs,
@@ -226,6 +345,105 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         task=op.task if op.kind == "loss" else "",
         doc=op.doc,
     )
+
+
+def _index_extreme(e, lowest: bool, loops: dict):
+    """The exact least or greatest value of an index expression over independent loops
+    ``{i: extent}`` (each from 0), for sums of loop-free terms and terms ``c * i`` or
+    ``c * floor(a / q)`` (a itself such a sum, q > 0), each loop index in one term only;
+    None for anything else."""
+    total = sympy.S.Zero
+    seen = set()
+    for term in sympy.Add.make_args(sympy.expand(e)):
+        inner = term.free_symbols & set(loops)
+        if not inner:
+            total += term
+            continue
+        if inner & seen:
+            return None
+        seen |= inner
+        coeff, rest = term.as_independent(*loops, as_Add=False)
+        if coeff.is_positive:
+            low = lowest
+        elif coeff.is_negative:
+            low = not lowest
+        else:
+            return None
+        if rest in loops:
+            value = sympy.S.Zero if low else loops[rest] - 1
+        elif isinstance(rest, sympy.floor):
+            p_, q_ = sympy.fraction(sympy.together(rest.args[0]))
+            if not q_.is_positive or q_.free_symbols & set(loops):
+                return None
+            inner_value = _index_extreme(p_, low, loops)
+            if inner_value is None:
+                return None
+            value = sympy.floor(inner_value / q_)
+        else:
+            return None
+        total += coeff * value
+    return total
+
+
+def _read_checks(op: OpDef, facts: Facts) -> tuple:
+    """The spec's reads that must stay inside their tensor for every value of the loops:
+    an index built from loop indices and attributes with no offset of its own (``h // R``,
+    ``h*S + p``; an offset such as ``- P`` or ``+ 1`` is the spec's padding, read as zero
+    outside). Those the relations of ``dims`` prove inside need nothing; the others
+    are checked by the host wrappers against the actual sizes (grouped-query attention's
+    R against the number of heads: a mismatch is an error, not a read of zeros)."""
+    shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
+    shapes.update(op.intermediates)
+    sizes = set(op.symbols.values())
+    checks = []
+    for eq in op.equations:
+        loops = dict(eq.ranges)
+        for read in sorted(eq.rhs.atoms(sympy.Indexed), key=sympy.default_sort_key):
+            name = str(read.base)
+            if name not in shapes or op.dtypes.get(name) == "int":
+                continue
+            for axis, (e, size) in enumerate(zip(read.indices, shapes[name])):
+                if e in loops and sympy.simplify(loops[e] - size) == 0:
+                    continue
+                inner = e.free_symbols & set(loops)
+                if not inner or e.atoms(sympy.Indexed) or (e.free_symbols - inner - sizes):
+                    continue
+                offset = sum((t for t in sympy.Add.make_args(sympy.expand(e)) if not t.free_symbols & set(loops)), sympy.S.Zero)
+                if offset != 0:
+                    continue  # padding: a read outside is zero by the spec's rule
+                bounds = {i: (sympy.S.Zero, loops[i]) for i in loops}
+                if facts.proves(sympy.And(sympy.Ge(e, 0), sympy.Lt(e, size)), bounds):
+                    continue
+                least = _index_extreme(e, True, {i: loops[i] for i in inner})
+                greatest = _index_extreme(e, False, {i: loops[i] for i in inner})
+                if least is None or greatest is None:
+                    continue
+                extents = tuple(loops[i] for i in sorted(inner, key=str))
+                checks.append((read, name, axis, least, greatest, size, extents))
+    return tuple(checks)
+
+
+def _sizes(op: OpDef):
+    """The derived dimensions, in order, and the relations the wrappers check. A derived
+    dimension that is a quotient (``H = "G / 2"``, or solved from ``G = "2*H"``) must be
+    exact: it is computed with floor division and checked (``G = 2*H``), so that a size
+    that does not divide is an error naming the spec, never a silent truncation."""
+    derived, relations = [], []
+    for d, e in op.relations.items():
+        relations.append((op.symbols[d], e, f"{d} = {sympy.sstr(e)}"))
+    for d, e in op.derived_dims.items():
+        sym = op.symbols[d]
+        if e.is_integer:
+            derived.append((sym, e))
+            continue
+        num, den = sympy.fraction(sympy.together(e))
+        if not (num.is_integer and den.is_integer):
+            raise SpecError(op.source, f"the dimension {d} = {sympy.sstr(e)} in `dims` is not a whole number; sizes are integers (use // to round down)")
+        derived.append((sym, sympy.floor(e)))
+        fact = sympy.expand(num - den * sym)
+        if not any(sympy.expand((l - r) - fact) == 0 or sympy.expand((l - r) + fact) == 0 for l, r, _ in relations):
+            relations.append((num, den * sym, f"{d} = {sympy.sstr(e)}, an exact quotient"))
+    return tuple(derived), tuple(relations)
 
 
 def _build_optimizer(op: OpDef) -> ir.Program:

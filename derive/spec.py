@@ -20,7 +20,7 @@ import sympy
 from .errors import SpecError
 from .functions import Reduce, expand_means
 from .ir import dim as dim_symbol
-from .parse import Scope, parse_equation, parse_expression
+from .parse import Scope, distribute, parse_equation, parse_expression
 
 KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
 
@@ -65,6 +65,9 @@ class OpDef:
     dtypes: dict[str, str] = field(default_factory=dict)  # input name -> "int" (index data)
     attrs: dict[str, int | float] = field(default_factory=dict)
     derived_dims: dict[str, sympy.Expr] = field(default_factory=dict)
+    # `dims` entries naming an argument's dimension: relations checked against the shapes
+    # at run time (``G = 4*H``); split off derived_dims by bind()
+    relations: dict[str, sympy.Expr] = field(default_factory=dict)
     ranges: dict[str, sympy.Expr] = field(default_factory=dict)
     equations: list[Equation] = field(default_factory=list)
     differentiate: list[str] | None = None
@@ -260,7 +263,8 @@ def finish_activation(op: OpDef) -> OpDef:
     op.inputs = {"x": ("N",)}
     op.outputs = {"y": ("N",)}
     xb = sympy.IndexedBase("x", real=True)
-    rhs = op.expr.subs(x, xb[n])
+    with distribute(False):  # a decimal times a sum stays as written (derive/parse.py)
+        rhs = op.expr.subs(x, xb[n])
     text = op.expr_text or str(op.expr)
     op.equations = [Equation("y", (n,), rhs, f"y = {text}")]
     return op
@@ -320,9 +324,67 @@ def _reduce_nodes(expr):
     return [n for n in sympy.preorder_traversal(expr) if isinstance(n, Reduce)]
 
 
+def split_dims(op: OpDef) -> None:
+    """Sort ``dims`` into derived dimensions (computed from the arguments' sizes and the
+    attributes) and relations: an entry naming a dimension an argument already has
+    (``G = "4*H"`` where x is ``B G``) states a fact about the shapes, checked at run
+    time and used by the derivation. A relation whose right-hand side has a dimension no
+    argument binds (GLU's ``G = "2*H"``, H only in the output) is solved for it: H is
+    derived as the exact quotient G/2 (a size that does not divide is an error at run
+    time, never a truncation)."""
+    path = op.source
+    arg_dims = {d for table in (op.inputs, op.params) for shape in table.values() for d in shape}
+    derived = {}
+    for d, e in op.derived_dims.items():
+        if d in arg_dims:
+            op.relations[d] = e
+        else:
+            derived[d] = e
+    # an exact quotient H = G/2 states the relation G = 2*H too
+    for d, e in derived.items():
+        if e.is_integer is not False and not e.is_integer:
+            num, den = sympy.fraction(sympy.together(e))
+            for s in sorted(num.free_symbols, key=str):
+                if s.name in arg_dims and s.name not in op.relations:
+                    solutions = sympy.solve(sympy.Eq(num, den * op.symbols[d]), s)
+                    if len(solutions) == 1:
+                        op.relations[s.name] = solutions[0]
+                        break
+    known = arg_dims | set(derived) | set(op.attrs)
+    solved = {}
+    for d, e in op.relations.items():
+        unknown = sorted((s for s in e.free_symbols if s.name not in known), key=str)
+        if not unknown:
+            continue
+        if len(unknown) > 1:
+            raise SpecError(
+                path,
+                f"the relation {d} = {e} in `dims` has more than one dimension no argument binds "
+                f"({', '.join(map(str, unknown))}); give each of them in `dims` or bind it from an argument",
+            )
+        x = unknown[0]
+        solutions = sympy.solve(sympy.Eq(op.symbols[d], e), x)
+        if len(solutions) != 1:
+            raise SpecError(path, f"the relation {d} = {e} in `dims` cannot be solved for {x}; give {x} in `dims`")
+        solved[x.name] = solutions[0]
+        known.add(x.name)
+    op.derived_dims = {**solved, **derived}
+
+
+def multiple_of(op: OpDef, big, small) -> bool:
+    """Whether the relations of ``dims`` make the size ``big`` a whole multiple (2 or
+    more) of ``small``."""
+    if not op.relations:
+        return False
+    facts = {op.symbols[d]: e for d, e in op.relations.items()}
+    ratio = sympy.simplify(sympy.sympify(big).xreplace(facts) / sympy.sympify(small).xreplace(facts))
+    return ratio.is_Integer and ratio > 1
+
+
 def bind(op: OpDef) -> OpDef:
     """Give every index a range and every intermediate a shape, or fail clearly."""
     path = op.source
+    split_dims(op)
     shapes: dict[str, tuple[sympy.Expr, ...]] = {}
     dim_names: dict[str, tuple[str, ...]] = {}
     for table in (op.inputs, op.params, op.outputs):
@@ -339,12 +401,19 @@ def bind(op: OpDef) -> OpDef:
             if i in local and local[i][1] == "ranges":
                 return  # an explicit range wins: the read covers part of that dimension
             if i in local and local[i][0] != size:
+                # a relation in `dims` (G = 4*H) says one axis is a whole multiple of the
+                # other: the index runs over the smaller one, a part of the larger axis
+                if multiple_of(op, local[i][0], size):
+                    local[i] = (size, where)
+                    return
+                if multiple_of(op, size, local[i][0]):
+                    return
                 raise SpecError(
                     path,
                     f"index `{i}` is bound to two different dimensions: {local[i][0]} "
                     f"({local[i][1]}) and {size} ({where}); if one read covers only part of "
-                    f"its axis (a slice at an offset, such as one gate of a 4*H axis), give "
-                    f"`{i}` the slice's size in `ranges`; "
+                    f"its axis (a slice at an offset, such as one gate of a 4*H axis), state "
+                    f"the relation in `dims` (G = \"4*H\") or give `{i}` the slice's size in `ranges`; "
                     f"if they are different axes, use a different index name for each",
                     eq.text,
                 )

@@ -1,0 +1,185 @@
+"""Sizes a spec states or implies are facts the generated code checks and the
+derivation uses (tests/specs/{glu,glu_quotient,lstm_cell,gqa,gqa_unrelated,shift}.toml):
+
+* ``dims`` may state a relation (``G = "4*H"``, G also an input's dimension): the host
+  wrappers check it against the actual shapes (an error naming the spec, the relation
+  and the sizes), and lowering drops the bounds guards it proves true (an axis split
+  into halves or four gates reads no guarded element);
+* a dimension that must be an exact quotient (``H = "G / 2"``, or H solved from
+  ``G = "2*H"``) is an error when the size does not divide, never a truncation;
+* a read whose index is built from attributes and loop indices with no offset of its
+  own (``k[b, h // R, u, e]``) must stay inside its tensor: where no relation proves it,
+  the wrappers check it at run time (a mismatch between R and the shapes is an error,
+  not a read of zeros); a read with an offset (``x[b, t + 1]``) is the spec language's
+  padding and reads zero outside, as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from conftest import SPECS
+
+DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
+
+
+def _t(a, grad=False):
+    return torch.tensor(np.asarray(a, np.float64), requires_grad=grad)
+
+
+def _gqa(q, k, v, R):
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(R, 1), v.repeat_interleave(R, 1))
+
+
+def _lstm(x, h, c, w_ih, w_hh, bias):
+    return torch.lstm_cell(x, (h, c), w_ih, w_hh, bias, torch.zeros_like(bias))
+
+
+# spec -> (torch oracle returning a tuple of outputs, argument shapes, attributes)
+CASES = {
+    "glu": (lambda x: (F.glu(x, -1),), [(3, 6)], {}),
+    "glu_quotient": (lambda x: (F.glu(x, -1),), [(3, 6)], {}),
+    # B=2, I=3, H=2, G=8
+    "lstm_cell": (_lstm, [(2, 3), (2, 2), (2, 2), (8, 3), (8, 2), (8,)], {}),
+    # B=1, HQ=4, HK=2, T=3, S=4, D=2
+    "gqa": (lambda q, k, v: (_gqa(q, k, v, 2),), [(1, 4, 3, 2), (1, 2, 4, 2), (1, 2, 4, 2)], {"R": 2}),
+    "gqa_unrelated": (lambda q, k, v: (_gqa(q, k, v, 2),), [(1, 4, 3, 2), (1, 2, 4, 2), (1, 2, 4, 2)], {"R": 2}),
+}
+
+
+def _op(build_spec, name, target="cpu", **attrs):
+    return build_spec(SPECS / f"{name}.toml").op(target=target, **attrs)
+
+
+# Compiling the attention's CPU kernels takes ~25 s per float type: gqa runs on the CPU in
+# float64 (float32 under the simulator, whose kernels are the same expressions), and
+# gqa_unrelated (the same kernels with run-time read checks) under the simulator only.
+RUNS = [
+    (name, target, dtype)
+    for name in sorted(CASES)
+    for target in ("cpu", "cuda")
+    for dtype in (np.float32, np.float64)
+    if not (name == "gqa" and target == "cpu" and dtype == np.float32)
+    and not (name == "gqa_unrelated" and target == "cpu")
+]
+
+
+@pytest.mark.parametrize(
+    "name, target, dtype", [pytest.param(*r, id=f"{r[0]}-{r[1]}-{np.dtype(r[2]).name}") for r in RUNS]
+)
+def test_matches_torch(build_spec, name, target, dtype, rng):
+    oracle, shapes, attrs = CASES[name]
+    op = _op(build_spec, name, target, **attrs)
+    args = ref.cast([rng.normal(size=s) for s in shapes], dtype)
+    outputs = ref.as_tuple(op.forward(*args))
+    ts = [_t(a, grad=True) for a in args]
+    expected = oracle(*ts)
+    assert len(outputs) == len(expected)
+    for out, e in zip(outputs, expected):
+        ref.assert_close(out, e.detach().numpy(), dtype, f"{name} forward on {target}")
+    seeds = ref.make_seeds(outputs, rng, dtype)
+    grads = ref.as_tuple(op.backward(*seeds, *args))
+    torch_grads = torch.autograd.grad(expected, ts, [_t(s) for s in seeds])
+    assert len(grads) == len(args)
+    for i, (g, e) in enumerate(zip(grads, torch_grads)):
+        ref.assert_close(g, e.numpy(), dtype, f"{name} on {target}: gradient of argument {i}")
+
+
+# ---------------------------------------------------------------- run-time checks
+
+
+@pytest.mark.parametrize("name", ["glu", "glu_quotient"])
+def test_a_size_that_does_not_divide_is_an_error_not_a_truncation(build_spec, name, target, rng):
+    op = _op(build_spec, name, target)
+    x = rng.normal(size=(3, 7))
+    for call in (lambda: op.forward(x), lambda: op.backward(np.ones((3, 3)), x)):
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert f"{name} ({name}.toml)" in message
+        assert "relation G = 2*H" in message and "G = 7 but 2*H = 6" in message
+        assert "not a truncation" in message
+
+
+def test_a_relation_is_checked_against_the_shapes(build_spec, rng):
+    op = _op(build_spec, "lstm_cell")
+    args = [rng.normal(size=s) for s in [(2, 3), (2, 2), (2, 2), (12, 3), (12, 2), (12,)]]  # G = 12, H = 2
+    with pytest.raises(ValueError, match=r"lstm_cell \(lstm_cell.toml\): .*relation G = 4\*H .*G = 12 but 4\*H = 8"):
+        op.forward(*args)
+
+
+def test_an_attribute_in_a_relation_is_checked(build_spec, target, rng):
+    op = _op(build_spec, "gqa", target, R=1)  # 4 query heads, 2 key heads: R must be 2
+    q, k, v = (rng.normal(size=s) for s in [(1, 4, 3, 2), (1, 2, 4, 2), (1, 2, 4, 2)])
+    with pytest.raises(ValueError, match=r"gqa \(gqa.toml\): .*relation HQ = HK\*R .*HQ = 4 but HK\*R = 2"):
+        op.forward(q, k, v)
+
+
+def test_an_attribute_in_index_arithmetic_is_checked_without_a_relation(build_spec, target, rng):
+    op = _op(build_spec, "gqa_unrelated", target, R=1)
+    q, k, v = (rng.normal(size=s) for s in [(1, 4, 3, 2), (1, 2, 4, 2), (1, 2, 4, 2)])
+    for call in (lambda: op.forward(q, k, v), lambda: op.backward(np.ones(q.shape), q, k, v)):
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert "gqa_unrelated (gqa_unrelated.toml): the read k[b, (h // R), u, e] reaches index 3 on axis 1 of 'k'" in message
+        assert "HK = 2" in message and "R = 1" in message
+
+
+def test_a_padding_read_is_not_checked(build_spec, target, rng):
+    """``x[b, t + 1]`` leaves x at the last t: zero there, by the padding rule."""
+    module = build_spec(SPECS / "shift.toml")
+    assert "_check_read(" not in inspect.getsource(module)
+    x = rng.normal(size=(2, 5))
+    expected = np.concatenate([x[:, 1:], np.zeros((2, 1))], axis=1) - x
+    ref.assert_close(module.op(target=target).forward(x), expected, np.float64, "shift")
+
+
+# ---------------------------------------------------------------- guards
+
+
+def _kernel_conditions(source: str) -> list[str]:
+    """The conditional expressions of a module's kernels (``a if cond else b``)."""
+    return re.findall(r" if (.+?) else ", source)
+
+
+def test_a_split_axis_reads_without_bounds_guards(build_spec):
+    """GLU's forward reads x[b, j] and x[b, j + H] with j < H = G/2: no guard at all; its
+    backward keeps only the halves' own conditions (j < H, j >= H), none against G."""
+    source = inspect.getsource(build_spec(SPECS / "glu.toml"))
+    forward = re.findall(r"\ndef _glu_fwd\d+\(.*?(?=\n\n\n)", source, re.S)
+    backward = re.findall(r"\ndef _glu_bwd\d+\(.*?(?=\n\n\n)", source, re.S)
+    assert forward and backward
+    assert _kernel_conditions("".join(forward)) == []
+    conditions = _kernel_conditions("".join(backward))
+    assert conditions and not [c for c in conditions if "G" in c]
+
+
+def test_four_gates_read_without_bounds_guards(build_spec):
+    """The LSTM cell's gates split G = 4*H rows: the forward has no guard, and the
+    backward's conditions pick a gate (H, 2*H, 3*H); none compares against G."""
+    source = inspect.getsource(build_spec(SPECS / "lstm_cell.toml"))
+    kernels = re.findall(r"\ndef (_lstm_cell_(?:fwd|bwd)\d+)\(.*?(?=\n\n\n)", source, re.S)
+    forward = [k for k in re.findall(r"\ndef _lstm_cell_fwd\d+\(.*?(?=\n\n\n)", source, re.S)]
+    assert len(kernels) > len(forward) > 0
+    assert _kernel_conditions("".join(forward)) == []
+    conditions = _kernel_conditions("".join(re.findall(r"\ndef _lstm_cell_bwd\d+\(.*?(?=\n\n\n)", source, re.S)))
+    assert conditions and not [c for c in conditions if "G" in c]
+
+
+def test_library_gru_cell_reads_without_bounds_guards():
+    """The library's gru_cell states G = 3*H: its kernels compare nothing with G."""
+    import generated.layers as layers
+
+    source = inspect.getsource(layers)
+    gru = source[source.index("# ============================================================================ gru_cell"):]
+    gru = gru[: gru.index("# ============================================================================", 10)]
+    assert "_check_relation(\"gru_cell\"" in gru
+    assert not [c for c in _kernel_conditions(gru) if "G" in c]
