@@ -71,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--cuda-every", type=int, default=0,
                     help="also check every K-th spec's CUDA kernels (simulator unless a GPU is lent); 0: never")
     ap.add_argument("--no-temporaries", action="store_true", help="no optimizer temporaries")
+    ap.add_argument("--float32", action="store_true",
+                    help="also compare float32 results' error with PyTorch float32's (status 'imprecise')")
     ap.add_argument("--max-depth", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per spec before it counts as a crash")
     ap.add_argument("--out", default="fuzz-out", help="directory for failing specs and summary.json")
@@ -98,6 +100,7 @@ def main(argv=None):
     counts: Counter = Counter()
     by_family: dict = {}
     first: dict = {}  # signature -> {"index", "count", "spec", "message"}
+    imprecise: dict = {}
     t0 = time.time()
     for k in range(args.start, args.start + args.n):
         spec = fz.random_spec(args.seed, k, families=families, temporaries=not args.no_temporaries,
@@ -108,7 +111,7 @@ def main(argv=None):
             with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
                 signal.alarm(args.timeout)
                 try:
-                    outcome = fz.check(spec, tmp, target=target)
+                    outcome = fz.check(spec, tmp, target=target, float32=args.float32 and target == "cpu")
                 except _Timeout:
                     outcome = fz.Outcome("crash", "timeout", f"no result after {args.timeout} s", spec, target)
                 finally:
@@ -127,6 +130,11 @@ def main(argv=None):
                 stem.with_suffix(".pkl").write_bytes(pickle.dumps(spec))
                 stem.with_suffix(".txt").write_text(outcome.report() + "\n")
                 print(f"{line}\n{outcome.report()}\n", flush=True)
+            elif status == "imprecise":
+                sig = signature(outcome)
+                entry = imprecise.setdefault(sig, {"index": k, "count": 0, "spec": spec.toml, "message": outcome.message})
+                entry["count"] += 1
+                print(f"{line}\n{outcome.report()}\n", flush=True)
             elif status == "refused":
                 sig = "refused: " + re.sub(r"`[^`]*`", "`…`", outcome.message.split(": ", 1)[-1])[:160]
                 counts[("refused-reason", sig)] += 1
@@ -136,7 +144,7 @@ def main(argv=None):
                 print(line, flush=True)
 
     elapsed = time.time() - t0
-    cpu = {s: counts[(s, "cpu")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
+    cpu = {s: counts[(s, "cpu")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded", "imprecise")}
     cuda = {s: counts[(s, "cuda")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
     summary = {
         "codegen": codegen.__file__,
@@ -147,13 +155,15 @@ def main(argv=None):
         "failed": cpu["wrong"] + cpu["crash"] + cuda["wrong"] + cuda["crash"],
         "by_family": {f: dict(c) for f, c in sorted(by_family.items())},
         "refusals": {k[1]: v for k, v in counts.items() if k[0] == "refused-reason"},
+        "imprecise": [{"signature": s, **v} for s, v in sorted(imprecise.items(), key=lambda kv: kv[1]["index"])],
         "distinct_failures": [{"signature": s, **v} for s, v in sorted(first.items(), key=lambda kv: kv[1]["index"])],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n==== summary ====")
     print(f"{args.n} specs (seed {args.seed}, from {args.start}) in {elapsed:.0f} s")
     print(f"CPU:  checked {summary['checked']} (ok {cpu['ok']}, wrong {cpu['wrong']}, crashed {cpu['crash']}); "
-          f"refused {cpu['refused']}, discarded {cpu['discarded']}, oracle errors {cpu['oracle']}")
+          f"refused {cpu['refused']}, discarded {cpu['discarded']}, oracle errors {cpu['oracle']}"
+          + (f", float32 less precise than PyTorch's {cpu['imprecise']}" if args.float32 else ""))
     if args.cuda_every:
         print(f"CUDA: ok {cuda['ok']}, wrong {cuda['wrong']}, crashed {cuda['crash']}, "
               f"refused {cuda['refused']}, discarded {cuda['discarded']}")
@@ -163,6 +173,10 @@ def main(argv=None):
         print("refusals:")
         for r, c in sorted(summary["refusals"].items(), key=lambda kv: -kv[1]):
             print(f"  {c:4d}  {r}")
+    if imprecise:
+        print(f"float32 less precise than PyTorch's float32 (x{fz.F32_FACTOR:g}): {len(imprecise)} kinds")
+        for s, v in sorted(imprecise.items(), key=lambda kv: kv[1]["index"]):
+            print(f"  first at spec {v['index']} ({v['count']}x): {s}")
     print(f"distinct failures: {len(first)}")
     for s, v in sorted(first.items(), key=lambda kv: kv[1]["index"]):
         print(f"  first at spec {v['index']} ({v['count']}x): {s}")

@@ -99,7 +99,7 @@ def test_generator_covers_the_spec_language():
     missing = sorted(n for n in FUNCTIONS if f"{n}(" not in every)
     assert not missing, f"the fuzzer never calls {missing}"
     assert all(texts.values()), {f: len(v) for f, v in texts.items()}
-    layers = texts["layer"] + texts["window"] + texts["loss"]
+    layers = texts["layer"] + texts["window"] + texts["split"] + texts["loss"]
     constructs = {
         "sum": "sum(" in every, "max reduction": "max(" in every, "where": "where(" in every,
         "and/or": " and " in every or " or " in every, "1/x": "1 / x" in every,
@@ -110,6 +110,9 @@ def test_generator_covers_the_spec_language():
         "unary minus": "-(" in every,
         "strided padded read": "o*S + p" in every, "dilation": "p*D" in every, "ranges": "ranges =" in every,
         "dims": "dims =" in every, "differentiate": "differentiate =" in every,
+        "relation between dims": any(s.relations for s in texts["split"]) and "j + 2*H" in every,
+        "contraction": "sum(x[i0, j" in every or "sum(x[b, c, o*S + p - P] * w[f, c, p], c, p)" in every,
+        "scalar state": any(s.scalar_state for s in texts["optimizer"]),
         "attributes at run time": any(s.run_attrs for s in layers),
         "output read later": any(
             eq.target != o and o in fz.Gen.reads_of(eq.rhs)
