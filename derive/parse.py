@@ -53,10 +53,20 @@ def exact(e):
     return e
 
 
+def _times(a, b):
+    """a * b; a decimal times a sum stays that product, as written (SymPy would
+    distribute 0.79*(x + 0.044715*x**3) into 0.0357*x**3 + 0.79*x, and the derivation's
+    forward definition would not show the spec's own constants)."""
+    if (isinstance(a, sympy.Float) and isinstance(b, sympy.Add)) or (isinstance(b, sympy.Float) and isinstance(a, sympy.Add)):
+        with distribute(False):
+            return a * b
+    return a * b
+
+
 _BINOPS = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
+    ast.Mult: _times,
     ast.Div: lambda a, b: a / b,
     # an exponent is exact (x**0.5 is sqrt(x), x**1.5 is x**(3/2)): SymPy's power rules
     # and the printers' square roots and reciprocals apply to rational exponents
@@ -145,13 +155,6 @@ class ExprParser:
 
     def fail(self, problem: str):
         raise SpecError(self.scope.path, problem, self.text)
-
-    def parse(self, node):
-        """The expression of a whole tree, as written: a number times a sum stays a
-        product (0.79*(x + 0.044715*x**3) is not distributed into 0.0357*x**3 + ...),
-        so the derivation's forward definition shows the spec's own constants."""
-        with distribute(False):
-            return self.build(node)
 
     def build(self, node):
         method = getattr(self, "visit_" + type(node).__name__, None)
@@ -325,7 +328,7 @@ def parse_expression(text: str, scope: Scope, extra_indices: set[str] = frozense
         raise SpecError(scope.path, f"expected an expression string, got {text!r}")
     tree = _parse_tree(text, scope.path, "eval")
     names = _collect_index_names(tree, scope) | set(extra_indices) | set(scope.indices)
-    return ExprParser(scope, text, names).parse(tree)
+    return ExprParser(scope, text, names).build(tree)
 
 
 def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset()):
@@ -359,5 +362,5 @@ def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset(
         lhs_idx = tuple(lhs_idx)
     else:
         raise SpecError(scope.path, "the left-hand side must be a tensor name or tensor[i, ...]", text)
-    rhs = parser.parse(stmt.value)
+    rhs = parser.build(stmt.value)
     return lhs_name, lhs_idx, rhs

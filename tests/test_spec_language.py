@@ -382,6 +382,23 @@ def test_a_decimal_literal_prints_as_written(tmp_path, written, printed):
     assert r"\frac" not in program.latex.split("Reverse mode")[0]
 
 
+def test_an_activation_prints_its_constants_as_written(tmp_path):
+    text = 'name = "gelu_tanh_act"\nkind = "activation"\nexpr = "0.5*x*(1 + tanh(0.7978845608028654*(x + 0.044715*x**3)))"\n'
+    latex = derive_text(tmp_path, text).latex
+    assert r"0.7978845608028654 \left(0.044715 x_{n}^{3} + x_{n}\right)" in latex.split("Reverse mode")[0], latex
+
+
+def test_integer_arithmetic_still_distributes(tmp_path):
+    """Only a decimal times a sum is kept as written; sizes and index arithmetic
+    (2*(h + 1)) are SymPy's usual canonical sums."""
+    program = derive_text(tmp_path, layer_toml("d", '{ x = "N" }', '{ y = "M" }', ["y[h] = x[2*(h + 1)] * 3*(h + 2)"],
+                                               extra='dims = { M = "(N - 2)//2" }'))
+    (fwd,) = program.forward
+    (read,) = fwd.body.atoms(sympy.Indexed)
+    h = fwd.free[0].index
+    assert read.indices == (2 * h + 2,)
+
+
 @pytest.mark.parametrize("value", ["1/2", "3/4", "1/3", "2/7"])
 def test_other_fractions_stay_fractions(value):
     from derive.latex import tex
