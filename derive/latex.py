@@ -310,6 +310,9 @@ def optimizer_blocks(op: OpDef):
         blocks.append(("text", op.doc))
     hyper = ", ".join(f"{tex_name(k)} = {v}" for k, v in op.hyper.items())
     blocks.append(("text", f"Elementwise update of parameter $p$ with gradient $g$ at step $t$ (from 1); defaults: ${hyper}$."))
+    if op.scalar_state:
+        scalars = ", ".join(f"{tex_name(k)} = {v}" for k, v in op.scalar_state.items())
+        blocks.append(("text", f"Per-step scalar state (one number, updated once per step), initially ${scalars}$."))
     for eq in op.equations:
         blocks.append(("math", r"%s \leftarrow %s" % (tex_name(eq.target), tex(eq.rhs))))
     return blocks

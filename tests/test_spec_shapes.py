@@ -183,3 +183,26 @@ def test_library_gru_cell_reads_without_bounds_guards():
     gru = gru[: gru.index("# ============================================================================", 10)]
     assert "_check_relation(\"gru_cell\"" in gru
     assert not [c for c in _kernel_conditions(gru) if "G" in c]
+
+
+# ---------------------------------------------------------------- bad specs
+
+BAD_DIMS = [
+    ('dims = { G = "H*K" }', "the relation G = H*K in `dims` has more than one dimension no argument binds (H, K)"),
+    ('dims = { H = "sqrt(G)", K = "1" }', "the dimension H = sqrt(G) in `dims` is not a whole number"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_DIMS, ids=["two-unknowns", "not-whole"])
+def test_bad_dims_name_the_problem(tmp_path, line, message):
+    import codegen
+    from derive.errors import SpecError
+
+    path = tmp_path / "bad_dims.toml"
+    path.write_text(
+        'name = "bad_dims"\nkind = "layer"\ninputs = { x = "B G" }\noutputs = { y = "B H K" }\n'
+        f'{line}\nranges = {{ j = "H" }}\nequations = ["y[b, j, k] = x[b, j]"]\n'
+    )
+    with pytest.raises(SpecError) as info:
+        codegen.build(str(path), str(tmp_path / "out"))
+    assert message in str(info.value) and "bad_dims.toml" in str(info.value)
