@@ -98,7 +98,7 @@ class IConst(IExpr):
 
 @dataclass(frozen=True)
 class IOp(IExpr):
-    op: str  # + - * //
+    op: str  # + - * // %
     a: IExpr
     b: IExpr
 
@@ -110,7 +110,9 @@ class IOp(IExpr):
             return f"{a} - {_iparen(self.b, b)}"
         if self.op == "*":
             return f"{_iparen(self.a, a)}*{_iparen(self.b, b)}"
-        return f"({a})//{_iparen(self.b, b)}"
+        if self.op == "%":
+            return f"({a}) % {_iparen(self.b, b)}" if isinstance(self.a, IOp) else f"{a} % {b}"
+        return f"({a})//{_iparen(self.b, b)}" if isinstance(self.a, IOp) else f"{a}//{b}"
 
     def eval(self, ctx):
         a, b = self.a.eval(ctx), self.b.eval(ctx)
@@ -120,6 +122,8 @@ class IOp(IExpr):
             return a - b
         if self.op == "*":
             return a * b
+        if self.op == "%":
+            return a % b
         return a // b
 
 
@@ -759,13 +763,28 @@ class Gen:
         have = set(scope.indices.values())
         return all(d in have for d in dims)
 
-    def read(self, scope: Scope, name: str) -> Read:
+    def read(self, scope: Scope, name: str, arithmetic: bool = True) -> Read:
+        """A read of ``name`` by indices of ``scope``; with ``arithmetic``, sometimes an
+        index inside integer arithmetic: reversed (N - 1 - i), cyclic ((i + 1) % N),
+        halved (i // 2), or shifted (i + 1, i - 1: out of bounds at one end, read as zero)."""
         dims = self.tensors[name].dims
         idx = []
+        padded = False
         for d in dims:
             options = sorted(i for i, s in scope.indices.items() if s == d)
-            idx.append(IVar(self.pick(options)))
-        return Read(name, tuple(idx))
+            i = IVar(self.pick(options))
+            form = self.weighted({"plain": 22, "flip": 1, "cyclic": 1, "half": 1, "shift": 1}) if arithmetic else "plain"
+            if form == "flip":
+                i = IOp("-", IOp("-", IVar(d), IConst(1)), i)
+            elif form == "cyclic":
+                i = IOp("%", IOp("+", i, IConst(1)), IVar(d))
+            elif form == "half":
+                i = IOp("//", i, IConst(2))
+            elif form == "shift":
+                i = IOp(self.pick(["+", "-"]), i, IConst(1))
+                padded = True
+            idx.append(i)
+        return Read(name, tuple(idx), padded=padded)
 
     def leaf_reads(self, scope):
         return sorted(n for n in self.tensors if self.readable(scope, n))
@@ -785,7 +804,7 @@ class Gen:
     def safe_read(self, scope: Scope, positive=False):
         names = [n for n in self.leaf_reads(scope)
                  if self.tensors[n].safe and (self.tensors[n].positive or not positive)]
-        return self.read(scope, self.pick(names)) if names else None
+        return self.read(scope, self.pick(names), arithmetic=False) if names else None
 
     # ---------------------------------------------------------------- domains
     def positive(self, scope: Scope, depth: int) -> Node:
