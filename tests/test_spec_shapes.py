@@ -206,3 +206,17 @@ def test_bad_dims_name_the_problem(tmp_path, line, message):
     with pytest.raises(SpecError) as info:
         codegen.build(str(path), str(tmp_path / "out"))
     assert message in str(info.value) and "bad_dims.toml" in str(info.value)
+
+
+def test_library_attention_heads_must_divide_the_model_width(rng):
+    """multi_head_attention's head width is the exact quotient Dh = E / heads: 3 heads of
+    a width-4 model is an error (torch.nn.MultiheadAttention refuses it too), not heads of
+    width 1 that ignore a column."""
+    import generated
+
+    op = generated.op("multi_head_attention", heads=3)
+    E = 4
+    args = [rng.normal(size=(2, 3, E))] + [rng.normal(size=(E, E)) for _ in range(3)]
+    args += [rng.normal(size=E) for _ in range(3)] + [rng.normal(size=(E, E)), rng.normal(size=E)]
+    with pytest.raises(ValueError, match=r"relation E = Dh\*heads .*E = 4 but Dh\*heads = 3"):
+        op.forward(*args)

@@ -44,7 +44,7 @@ def _project(w, bias):
 OPS.append(
     layer("multi_head_attention", inputs={"x": "B L E"},
           params={"wq": "E E", "wk": "E E", "wv": "E E", "bq": "E", "bk": "E", "bv": "E", "wo": "E E", "bo": "E"},
-          outputs={"y": "B L E"}, attrs={"heads": 2, "causal": 0}, dims={"Dh": sympy.floor(E / NH)},
+          outputs={"y": "B L E"}, attrs={"heads": 2, "causal": 0}, dims={"Dh": E / NH},
           ranges={"h": NH, "d": Dh, "s": sympy.Symbol("L", integer=True, positive=True),
                   "t": sympy.Symbol("L", integer=True, positive=True)},
           equations=[(qh[b, h, l, d], _project(wq, bq)),
