@@ -113,6 +113,7 @@ def test_generator_covers_the_spec_language():
         "relation between dims": any(s.relations for s in texts["split"]) and "j + 2*H" in every,
         "contraction": "sum(x[i0, j" in every or "sum(x[b, c, o*S + p - P] * w[f, c, p], c, p)" in every,
         "scalar state": any(s.scalar_state for s in texts["optimizer"]),
+        "integer arithmetic in reads": "% N]" in every and "//2" in every and " - 1 - i" in every,
         "attributes at run time": any(s.run_attrs for s in layers),
         "output read later": any(
             eq.target != o and o in fz.Gen.reads_of(eq.rhs)
