@@ -430,7 +430,11 @@ def _sizes(op: OpDef):
     that does not divide is an error naming the spec, never a silent truncation."""
     derived, relations = [], []
     for d, e in op.relations.items():
-        relations.append((op.symbols[d], e, f"{d} = {sympy.sstr(e)}"))
+        lhs = op.symbols[d]
+        if not e.is_integer:  # H = G/4 between two bound sizes: checked as 4*H = G, in integers
+            num, den = sympy.fraction(sympy.together(e))
+            lhs, e = den * lhs, num
+        relations.append((lhs, e, f"{d} = {sympy.sstr(op.relations[d])}"))
     for d, e in op.derived_dims.items():
         sym = op.symbols[d]
         if e.is_integer:
