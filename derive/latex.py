@@ -231,6 +231,9 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
     add(("text", "Forward definition (the spec):"))
     for eq in op.equations:
         add(("math", f"{_lhs(eq.target, eq.index)} = {tex(eq.rhs)}"))
+    if op.relations:
+        facts = ", ".join(f"{tex_name(d)} = {tex(e)}" for d, e in op.relations.items())
+        add(("text", f"Sizes (checked when the op runs; the derivation drops the bounds guards they prove): ${facts}$."))
     extra = [s for s in stmts if s.origin != "spec"]
     if extra:
         add(("text", "Normalised statements (each reduction its own intermediate; stability rewrites applied):"))
