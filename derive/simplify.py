@@ -17,9 +17,12 @@ when it has fewer operations:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy
 
 from .functions import sigmoid
+from .latex import tex, tex_name
 from .normalize import WILD, Stmt, elementary_rewrites, replace_literal
 from .terms import is_full_sum, split_factors
 
@@ -373,3 +376,68 @@ def simplify_terms(backward, stmts: list[Stmt], shapes) -> None:
             reused = reuse_in_products(t.expr, stmts)
             if cost(reused) <= cost(t.expr):
                 t.expr = reused
+    factor_out_of_sums(backward, stmts)
+
+
+def _reads_of(expr, name):
+    return [r for r in expr.atoms(sympy.Indexed) if str(r.base) == name] + [
+        r for r in expr.atoms(sympy.Symbol) if r.name == name]
+
+
+def factor_out_of_sums(backward, stmts: list[Stmt]) -> None:
+    """A named gradient sum ``g_S[o] = sum_r c[o] f`` keeps only ``sum_r f``; its readers
+    take the factor ``c[o]`` (where it often cancels: attention's
+    ``g_S = -sum_s g_p p / S`` is read as ``g_S S``, now ``-g_S`` with
+    ``g_S = sum_s g_p p``). Fewer operations, and no rounding through ``/S`` and ``*S``
+    on the difference ``g_p - sum_s g_p p`` that a nearly saturated softmax makes small.
+    Only for the gradient of an intermediate, written by one term and read by several
+    terms or by a reduction (one elementwise reader is derive/statistics.py's case), when
+    the operations of it and its readers do not grow."""
+    targets = {s.target for s in stmts}
+    writers: dict[str, int] = {}
+    for t in backward.terms:
+        writers[t.grad] = writers.get(t.grad, 0) + 1
+    for t in list(backward.terms):
+        if not is_full_sum(t) or writers[t.grad] != 1 or t.of not in targets:
+            continue
+        outside, inside = split_factors(t.expr, [i for i, _, _ in t.loops])
+        if outside == 1 or not outside.free_symbols.isdisjoint({i for i, _, _ in t.loops}):
+            continue
+        readers = [u for u in backward.terms if u is not t and _reads_of(u.expr, t.grad)]
+        if not readers or any(backward.terms.index(u) < backward.terms.index(t) for u in readers):
+            continue
+        if len(readers) == 1 and readers[0].elementwise:
+            continue  # derive/statistics.py substitutes the sum into its one consumer
+        new = {}
+        for u in readers:
+            mapping = {}
+            for r in _reads_of(u.expr, t.grad):
+                idx = tuple(r.indices) if isinstance(r, sympy.Indexed) else ()
+                mapping[r] = outside.xreplace(dict(zip(t.free, idx))) * r
+            new[id(u)] = sympy.factor_terms(u.expr.xreplace(mapping))
+        before = cost(t.expr)[0] + sum(cost(u.expr)[0] for u in readers)
+        after = cost(inside)[0] + sum(cost(e)[0] for e in new.values())
+        if after > before:
+            continue
+        # the sum is no longer the gradient of t.of: it gets a name of its own (a Sigma in
+        # the derivation), and the derivation records the step
+        from .statistics import Rewrite
+
+        taken = {u.grad for u in backward.terms} | targets | set(backward.named_sums)
+        k = len(backward.named_sums)
+        while f"{t.grad}_sum{k}" in taken:
+            k += 1
+        name = f"{t.grad}_sum{k}"
+        read = sympy.IndexedBase(name, real=True)[tuple(t.free)] if t.free else sympy.Symbol(name, real=True)
+        named = replace(t, grad=name, expr=inside, steps=list(t.steps))
+        backward.terms[backward.terms.index(t)] = named
+        step = Rewrite(f"Take the factor ${tex(outside)}$ out of the sum of ${tex_name(t.grad)}$ and into its "
+                       "readers, where it cancels or is applied once:",
+                       [(name, t.free, sympy.Sum(inside, *[(i, 0, hi - 1) for i, _, hi in t.loops]))])
+        for u in readers:
+            u.expr = new[id(u)].xreplace({r: r.func(sympy.IndexedBase(name, real=True), *r.indices)
+                                          if isinstance(r, sympy.Indexed) else read
+                                          for r in _reads_of(new[id(u)], t.grad)})
+            step.equations.append((u.grad, u.free, u.expr))
+        backward.named_sums.append(name)
+        backward.rewrites.append(step)

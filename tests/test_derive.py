@@ -219,9 +219,15 @@ def test_forward_reuse_leaves_a_product_missing_a_factor():
 
 
 def test_a_statistic_gradient_read_twice_is_kept():
-    """attention's g_prob_sumexp0 is read by g_q and g_k: substituting it would compute its sum twice."""
-    targets = [a.target for a in LIB["scaled_dot_product_attention"].backward]
-    assert "g_prob_sumexp0" in targets
+    """attention's sum_s g_prob prob is read by g_q and g_k: substituting it would compute it twice.
+    The factor -1/sum(exp) its chain rule carries cancels in the readers (simplify.factor_out_of_sums):
+    the textbook (g_prob - sum_s g_prob prob) prob, as PyTorch computes it."""
+    grads = {a.target: a for a in LIB["scaled_dot_product_attention"].backward}
+    b, l, s = _idx("b", "l", "s")
+    named = grads["g_prob_sumexp0_sum0"]
+    assert named.body == _t("g_prob")[b, l, s] * _t("prob")[b, l, s]
+    for g in ("g_q", "g_k"):
+        assert (_t("g_prob")[b, l, s] - _t("g_prob_sumexp0_sum0")[b, l]) in grads[g].body.args, grads[g].equation
 
 
 def test_softmax_backward_is_y_times_output_gradient_minus_its_weighted_sum():
