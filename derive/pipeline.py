@@ -387,9 +387,11 @@ def _index_extreme(e, lowest: bool, loops: dict):
 
 def _read_checks(op: OpDef, facts: Facts) -> tuple:
     """The spec's reads that must stay inside their tensor for every value of the loops:
-    an index built from loop indices and attributes with no offset of its own (``h // R``,
-    ``h*S + p``; an offset such as ``- P`` or ``+ 1`` is the spec's padding, read as zero
-    outside). Those the relations of ``dims`` prove inside need nothing; the others
+    an index built from loop indices and attributes, with no offset of its own and no
+    loop over the axis's own size (``h // R`` with h over HQ on an axis of HK, ``h*S + p``
+    with h over HO on an axis of H, ``k`` over an attribute K on an axis of N). An offset
+    (``- P``, ``+ 1``) or a window around a position of the same axis (``x[b, i + k]``
+    with i over that axis) is the spec's padding, read as zero outside. Those the relations of ``dims`` prove inside need nothing; the others
     are checked by the host wrappers against the actual sizes (grouped-query attention's
     R against the number of heads: a mismatch is an error, not a read of zeros)."""
     shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
@@ -411,6 +413,8 @@ def _read_checks(op: OpDef, facts: Facts) -> tuple:
                 offset = sum((t for t in sympy.Add.make_args(sympy.expand(e)) if not t.free_symbols & set(loops)), sympy.S.Zero)
                 if offset != 0:
                     continue  # padding: a read outside is zero by the spec's rule
+                if any(sympy.simplify(loops[i] - size) == 0 for i in inner):
+                    continue  # a window around a position of this axis (x[b, i + k]): padding too
                 bounds = {i: (sympy.S.Zero, loops[i]) for i in loops}
                 if facts.proves(sympy.And(sympy.Ge(e, 0), sympy.Lt(e, size)), bounds):
                     continue

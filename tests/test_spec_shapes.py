@@ -7,11 +7,13 @@ derivation uses (tests/specs/{glu,glu_quotient,lstm_cell,gqa,gqa_unrelated,shift
   into halves or four gates reads no guarded element);
 * a dimension that must be an exact quotient (``H = "G / 2"``, or H solved from
   ``G = "2*H"``) is an error when the size does not divide, never a truncation;
-* a read whose index is built from attributes and loop indices with no offset of its
-  own (``k[b, h // R, u, e]``) must stay inside its tensor: where no relation proves it,
-  the wrappers check it at run time (a mismatch between R and the shapes is an error,
-  not a read of zeros); a read with an offset (``x[b, t + 1]``) is the spec language's
-  padding and reads zero outside, as before.
+* a read whose index is built from attributes and loop indices, with no offset of its
+  own and no loop over the axis's own size (``k[b, h // R, u, e]``, ``x[b, k]`` with k
+  over an attribute K), must stay inside its tensor: where no relation proves it, the
+  wrappers check it at run time (a mismatch between R and the shapes is an error, not a
+  read of zeros); a read with an offset (``x[b, t + 1]``) or a window around a position
+  of the same axis (``x[b, i + k]``) is the spec language's padding and reads zero
+  outside, as before.
 """
 
 from __future__ import annotations
@@ -140,6 +142,25 @@ def test_a_padding_read_is_not_checked(build_spec, target, rng):
     x = rng.normal(size=(2, 5))
     expected = np.concatenate([x[:, 1:], np.zeros((2, 1))], axis=1) - x
     ref.assert_close(module.op(target=target).forward(x), expected, np.float64, "shift")
+
+
+def test_a_window_around_a_position_is_padding(build_spec, rng):
+    """``x[b, i + k]`` with i over x's own axis sticks out at the end for every size:
+    the spec's padding (zeros), not a mismatch."""
+    module = build_spec(SPECS / "window.toml")
+    assert "_check_read(" not in inspect.getsource(module)
+    x = rng.normal(size=(2, 5))
+    padded = np.concatenate([x, np.zeros((2, 2))], axis=1)
+    expected = padded[:, 0:5] + padded[:, 1:6] + padded[:, 2:7]
+    ref.assert_close(module.op().forward(x), expected, np.float64, "window")
+
+
+def test_an_attribute_used_as_a_size_is_checked(build_spec, target, rng):
+    module = build_spec(SPECS / "first_k.toml")
+    x = rng.normal(size=(2, 3))
+    ref.assert_close(module.op(target=target, K=3).forward(x), x.sum(axis=1), np.float64, "first_k")
+    with pytest.raises(ValueError, match=r"first_k \(first_k.toml\): the read x\[b, k\] reaches index 3 on axis 1 of 'x', whose size is 3"):
+        module.op(target=target, K=4).forward(x)
 
 
 # ---------------------------------------------------------------- guards
