@@ -1038,6 +1038,8 @@ def gen_layer(g: Gen, spec: FuzzSpec, loss: bool = False):
     spec.sizes = {"B": g.pick([2, 3]), "N": g.pick([3, 4]), "K": g.pick([2, 3])}
     if g.chance(10):
         spec.sizes[g.pick(["B", "N", "K"])] = 1
+    elif g.chance(10):  # larger than any unrolling or blocking would notice at 3
+        spec.sizes[g.pick(["B", "N", "K"])] = g.pick([9, 17])
     g.dim_syms = ["B", "N"]
     if g.chance(25):
         spec.attrs["alpha"] = g.pick([0.5, 2.0, 1.5])
@@ -1591,6 +1593,42 @@ def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
         numeric = ref.numerical_vjp(op.forward, args, seeds, wrt)
         for i, g, n in zip(wrt, grads, numeric):
             _close(g, n, FD_TOL, f"gradient of {spec.arg_names[i]} (against central differences)", "backward")
+    _check_other_shape(spec, op, rng, wrt)
+
+
+def _check_other_shape(spec: FuzzSpec, op, rng, wrt):
+    """The same op called again with another batch size (another shape for an activation):
+    kernels and whatever the module keeps between calls must follow the shapes."""
+    import dataclasses
+
+    if spec.kind == "activation":
+        other = dataclasses.replace(spec, act_shape=(2, 4) if spec.act_shape != (2, 4) else (3,))
+    elif "B" in spec.sizes:
+        other = dataclasses.replace(spec, sizes={**spec.sizes, "B": spec.sizes["B"] + 2})
+    else:
+        return
+    args = sample_inputs(other, rng)
+    try:
+        ts, outs = _torch_call(other, args, grad=True)
+        ref_out = [o.detach().numpy() for o in outs]
+        _finite_ok(ref_out, "forward")
+        seeds = ref.make_seeds(ref_out, rng, np.float64)
+        live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+        grads_t = [None] * len(wrt)
+        if live:
+            grads_t = torch.autograd.grad(
+                [o for o, _ in live], [ts[other.arg_names[i]] for i in wrt],
+                grad_outputs=[torch.tensor(np.asarray(s, dtype=np.float64)).reshape(o.shape) for o, s in live],
+                allow_unused=True)
+        ref_grads = [np.zeros_like(args[i]) if g is None else g.numpy() for i, g in zip(wrt, grads_t)]
+        _finite_ok(ref_grads, "gradient")
+    except _Discard:
+        return  # this second sample is unusable; the first one was checked
+    where = f"(second call, {'shape ' + str(other.act_shape) if spec.kind == 'activation' else 'sizes ' + str(other.sizes)})"
+    for name, o, e in zip(spec.outputs, ref.as_tuple(op.forward(*args)), ref_out):
+        _close(o, e, SPEC_TOL, f"forward output {name} {where}", "forward")
+    for i, g, e in zip(wrt, ref.as_tuple(op.backward(*seeds, *args)), ref_grads):
+        _close(g, e, SPEC_TOL, f"gradient of {spec.arg_names[i]} {where}", "backward")
 
 
 def _check_optimizer(spec: FuzzSpec, op, target: str):
