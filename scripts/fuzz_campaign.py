@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import pickle
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -37,12 +37,16 @@ sys.path.insert(0, str(HERE / "tests"))  # fuzz_specs and reference
 sys.path.append(str(HERE))  # derive, codegen: unless PYTHONPATH names another checkout
 
 
-class _Timeout(Exception):
-    pass
+def _work(job):
+    """One spec, checked in a worker process: (seed, k, generator options, target, float32)."""
+    import fuzz_specs as fz
 
+    import codegen
 
-def _alarm(signum, frame):
-    raise _Timeout()
+    seed, k, gen_kw, target, float32 = job
+    spec = fz.random_spec(seed, k, **gen_kw)
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+        return fz.check(spec, tmp, target=target, float32=float32), codegen.__file__
 
 
 def signature(outcome) -> str:
@@ -75,20 +79,22 @@ def main(argv=None):
                     help="also compare float32 results' error with PyTorch float32's (status 'imprecise')")
     ap.add_argument("--max-depth", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per spec before it counts as a crash")
+    ap.add_argument("--recycle", type=int, default=40, help="specs per worker process before a fresh one")
     ap.add_argument("--out", default="fuzz-out", help="directory for failing specs and summary.json")
     ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
     ap.add_argument("--replay", default="", help="check one saved failing spec (a .pkl under --out) and exit")
     args = ap.parse_args(argv)
 
-    import codegen
-    import derive
+    import importlib.util
+
     import fuzz_specs as fz
 
-    print(f"codegen: {codegen.__file__}\nderive:  {derive.__file__}\nfuzzer:  {fz.__file__}", flush=True)
+    codegen_file = importlib.util.find_spec("codegen").origin  # what the workers will import
+    derive_file = importlib.util.find_spec("derive").origin
+    print(f"codegen: {codegen_file}\nderive:  {derive_file}\nfuzzer:  {fz.__file__}", flush=True)
     families = tuple(f for f in args.families.split(",") if f) or fz.FAMILIES
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGALRM, _alarm)
     if args.replay:  # the spec exactly as the campaign that saved it generated it
         spec = pickle.loads(Path(args.replay).read_bytes())
         for target in ["cpu"] + (["cuda"] if args.cuda_every else []):
@@ -102,20 +108,27 @@ def main(argv=None):
     first: dict = {}  # signature -> {"index", "count", "spec", "message"}
     imprecise: dict = {}
     t0 = time.time()
+    gen_kw = dict(families=families, temporaries=not args.no_temporaries, max_depth=args.max_depth)
+    # each spec runs in a worker process, replaced every --recycle specs: the built modules
+    # and their compiled kernels stay loaded (~25 MB a spec), and a hang or a crash of the
+    # interpreter costs one spec, not the campaign
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(1, maxtasksperchild=args.recycle)
     for k in range(args.start, args.start + args.n):
-        spec = fz.random_spec(args.seed, k, families=families, temporaries=not args.no_temporaries,
-                              max_depth=args.max_depth)
+        spec = fz.random_spec(args.seed, k, **gen_kw)
         targets = ["cpu"] + (["cuda"] if args.cuda_every and k % args.cuda_every == 0 else [])
         for target in targets:
             t1 = time.time()
-            with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-                signal.alarm(args.timeout)
-                try:
-                    outcome = fz.check(spec, tmp, target=target, float32=args.float32 and target == "cpu")
-                except _Timeout:
-                    outcome = fz.Outcome("crash", "timeout", f"no result after {args.timeout} s", spec, target)
-                finally:
-                    signal.alarm(0)
+            job = (args.seed, k, gen_kw, target, args.float32 and target == "cpu")
+            try:
+                outcome, used = pool.apply_async(_work, (job,)).get(timeout=args.timeout)
+                if used != codegen_file:
+                    raise SystemExit(f"the worker imported {used}, not {codegen_file}")
+            except mp.TimeoutError:
+                outcome = fz.Outcome("crash", "timeout", f"no result after {args.timeout} s "
+                                     "(or the worker died)", spec, target)
+                pool.terminate()
+                pool = ctx.Pool(1, maxtasksperchild=args.recycle)
             status = outcome.status
             counts[(status, target)] += 1
             by_family.setdefault(spec.family, Counter())[status] += 1
@@ -143,11 +156,12 @@ def main(argv=None):
             elif not args.quiet:
                 print(line, flush=True)
 
+    pool.terminate()
     elapsed = time.time() - t0
     cpu = {s: counts[(s, "cpu")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded", "imprecise")}
     cuda = {s: counts[(s, "cuda")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
     summary = {
-        "codegen": codegen.__file__,
+        "codegen": codegen_file,
         "seed": args.seed, "start": args.start, "specs": args.n, "families": list(families),
         "seconds": round(elapsed, 1),
         "cpu": cpu, "cuda": cuda,
