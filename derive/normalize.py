@@ -272,8 +272,13 @@ def _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes):
     if new == rhs:
         namer.taken.discard(name)
         return rhs
-    extra.append(Stmt(name, idx, e - m, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
-                      note="the exponent less its maximum, rounded on its own"))
+    # placed right after the maximum, not next to its reader: a statement over other loops
+    # (the sum) stands between them, so the kernels do not fuse the two into one loop body,
+    # where reassociating arithmetic could compute E - (m + log S) after all
+    m_name = str(m.base) if isinstance(m, sympy.Indexed) else str(m)
+    at = next(k for k, t in enumerate(extra) if t.target == m_name) + 1
+    extra.insert(at, Stmt(name, idx, e - m, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
+                          note="the exponent less its maximum, rounded on its own"))
     shapes[name] = tuple(eq.ranges[i] for i in idx)
     return new
 
