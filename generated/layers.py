@@ -87,6 +87,17 @@ def _check_derived(op, dim, value):
         raise ValueError("%s: derived dimension %s = %d is negative; check the arguments' shapes and attributes" % (op, dim, value))
 
 
+def _check_relation(op, spec, relation, lhs_text, lhs, rhs_text, rhs, sizes):
+    """A relation of the spec's ``dims`` (``G = 4*H``, or an exact quotient) against the
+    sizes of these arguments."""
+    if lhs != rhs:
+        given = ", ".join("%s = %d (%s)" % (k, v, why) for k, (v, why) in sizes.items())
+        raise ValueError(
+            "%s (%s): the arguments' sizes break the relation %s of `dims`: %s = %d but %s = %d (%s); "
+            "a size that does not divide is an error, not a truncation" % (op, spec, relation, lhs_text, lhs, rhs_text, rhs, given)
+        )
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gemm(a, b, out, add):
     """out = a @ b, or out += a @ b when add, through BLAS (np.dot). A product with
@@ -955,17 +966,27 @@ def _batch_norm2d_eval_bwd_params_into(g_y, x, running_mean, running_var, weight
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum):
+def _batch_norm2d_stats_fwd0(count, H, N, W):
+    """count = sum(1, n, h, w)"""
+    _F = count.dtype.type
+    _v_count = _F(0)
+    for n in range(0, N):
+        for h in range(0, H):
+            for w in range(0, W):
+                _v_count += _F(1)
+    count[0] = _v_count
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum):
     """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
     mean[c] = mean_sum0[c]/(H*N*W)
-    new_mean[c] = momentum*mean[c] + (1 - momentum)*running_mean[c]
+    new_mean[c] = Piecewise((momentum*mean[c] + (1 - momentum)*running_mean[c], count > 0), (running_mean[c], True))
     new_var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-    new_var[c] = momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c]
+    new_var[c] = Piecewise((momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c], count > 0), (running_var[c], True))
     """
     _F = new_mean.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
-    _c1 = _F(1) - momentum
-    _c2 = momentum/_F(H*N*W - 1)
     for c in range(0, C):
         # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
         _v_mean_sum0 = _F(0)
@@ -975,8 +996,9 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
                     _v_mean_sum0 += x[n, c, h, w]
         # mean[c] = mean_sum0[c]/(H*N*W)
         _v_mean = _c0*_v_mean_sum0
-        # new_mean[c] = momentum*mean[c] + (1 - momentum)*running_mean[c]
-        _v_new_mean = _c1*running_mean[c] + _v_mean*momentum
+        # new_mean[c] = Piecewise((momentum*mean[c] + (1 - momentum)*running_mean[c], count > 0), (running_mean[c], True))
+        _t0 = (count[0] > _F(0))
+        _v_new_mean = (_v_mean*momentum + (_F(1) - momentum)*running_mean[c] if _t0 else running_mean[c])
         new_mean[c] = _v_new_mean
         # new_var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
         _v_new_var_sum0 = _F(0)
@@ -984,8 +1006,8 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
             for h in range(0, H):
                 for w in range(0, W):
                     _v_new_var_sum0 += (-_v_mean + x[n, c, h, w])**2
-        # new_var[c] = momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c]
-        _v_new_var = _c1*running_var[c] + _c2*_v_new_var_sum0
+        # new_var[c] = Piecewise((momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c], count > 0), (running_var[c], True))
+        _v_new_var = (_v_new_var_sum0*momentum/_F(H*N*W - 1) + (_F(1) - momentum)*running_var[c] if _t0 else running_var[c])
         new_var[c] = _v_new_var
 
 
@@ -1000,7 +1022,9 @@ def _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum):
     W = x.shape[3]
     new_mean = np.empty((C,), _dtype)
     new_var = np.empty((C,), _dtype)
-    _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum)
+    count = np.empty((1,), _dtype)
+    _batch_norm2d_stats_fwd0(count, H, N, W)
+    _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum)
     return new_mean, new_var
 
 
@@ -1025,7 +1049,9 @@ def _batch_norm2d_stats_fwd_into(x, running_mean, running_var, momentum, new_mea
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum)
+    count = np.empty((1,), _dtype)
+    _batch_norm2d_stats_fwd0(count, H, N, W)
+    _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum)
 
 
 def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
@@ -2425,33 +2451,27 @@ def _gcn_layer_bwd_params_into(g_y, A, x, weight, bias, g_weight, g_bias):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H):
+def _gru_cell_fwd0(h, w_hh, r_sum0, B, H):
     """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)"""
     _F = r_sum0.dtype.type
     _b = np.zeros((H, H), r_sum0.dtype)
-    # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
+    # gather: _b[j, k] = w_hh[j, k]
     for j in range(0, H):
-        _lo, _hi = 0, H
-        if not ((j >= 0) and (G > j)):
-            _hi = _lo
-        for k in range(_lo, _hi):
+        for k in range(0, H):
             _b[j, np.uint64(k)] = w_hh[j, np.uint64(k)]
     _gemm(h.reshape(B, H), _b.reshape(H, H).T, r_sum0.reshape(B, H), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
+def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I):
     """r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
     r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
     """
     _F = r.dtype.type
     _b = np.zeros((H, I), r.dtype)
-    # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((j >= 0) and (G > j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[j, np.uint64(i)]
     _gemm(x.reshape(B, I), _b.reshape(H, I).T, r.reshape(B, H), False)
     for b in range(0, B):
@@ -2460,38 +2480,32 @@ def _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I):
             # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
             _v_r_sum1 = _dot
             # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-            _v_r = _sigmoid(_v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)) + r_sum0[b, j], _F)
+            _v_r = _sigmoid(_v_r_sum1 + b_hh[j] + b_ih[j] + r_sum0[b, j], _F)
             r[b, j] = _v_r
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H):
+def _gru_cell_fwd2(h, w_hh, z_sum0, B, H):
     """z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)"""
     _F = z_sum0.dtype.type
     _b = np.zeros((H, H), z_sum0.dtype)
-    # gather: _b[j, k] = w_hh[H + j, k], 0 where its guard fails
+    # gather: _b[j, k] = w_hh[H + j, k]
     for j in range(0, H):
-        _lo, _hi = 0, H
-        if not ((H + j >= 0) and (G > H + j)):
-            _hi = _lo
-        for k in range(_lo, _hi):
+        for k in range(0, H):
             _b[j, np.uint64(k)] = w_hh[H + j, np.uint64(k)]
     _gemm(h.reshape(B, H), _b.reshape(H, H).T, z_sum0.reshape(B, H), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I):
+def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I):
     """z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
     z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
     """
     _F = z.dtype.type
     _b = np.zeros((H, I), z.dtype)
-    # gather: _b[j, i] = w_ih[H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((H + j >= 0) and (G > H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[H + j, np.uint64(i)]
     _gemm(x.reshape(B, I), _b.reshape(H, I).T, z.reshape(B, H), False)
     for b in range(0, B):
@@ -2500,23 +2514,20 @@ def _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I):
             # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
             _v_z_sum1 = _dot
             # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-            _v_z = _sigmoid(_v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + z_sum0[b, j], _F)
+            _v_z = _sigmoid(_v_z_sum1 + b_hh[H + j] + b_ih[H + j] + z_sum0[b, j], _F)
             z[b, j] = _v_z
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H):
+def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H):
     """hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
     hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
     """
     _F = hn.dtype.type
     _b = np.zeros((H, H), hn.dtype)
-    # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
+    # gather: _b[j, k] = w_hh[2*H + j, k]
     for j in range(0, H):
-        _lo, _hi = 0, H
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for k in range(_lo, _hi):
+        for k in range(0, H):
             _b[j, np.uint64(k)] = w_hh[2*H + j, np.uint64(k)]
     _gemm(h.reshape(B, H), _b.reshape(H, H).T, hn.reshape(B, H), False)
     for b in range(0, B):
@@ -2525,24 +2536,21 @@ def _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H):
             # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
             _v_hn_sum0 = _dot
             # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-            _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
+            _v_hn = _v_hn_sum0 + b_hh[2*H + j]
             hn[b, j] = _v_hn
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I):
+def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
     """
     _F = y.dtype.type
     _b = np.zeros((H, I), y.dtype)
-    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[2*H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
     _gemm(x.reshape(B, I), _b.reshape(H, I).T, y.reshape(B, H), False)
     for b in range(0, B):
@@ -2551,26 +2559,23 @@ def _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I):
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
             _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
+            _v_nn = math.tanh(_v_nn_sum0 + b_ih[2*H + j] + hn[b, j]*r[b, j])
             # y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
             _v_y = _v_nn*(_F(1) - z[b, j]) + h[b, j]*z[b, j]
             y[b, j] = _v_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I):
+def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     g_h[b, j] = g_y[b, j]*z[b, j]
     """
     _F = nn.dtype.type
     _b = np.zeros((H, I), nn.dtype)
-    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[2*H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
     _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H), False)
     for b in range(0, B):
@@ -2579,7 +2584,7 @@ def _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I):
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
             _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
+            _v_nn = math.tanh(_v_nn_sum0 + b_ih[2*H + j] + hn[b, j]*r[b, j])
             nn[b, j] = _v_nn
             # g_h[b, j] = g_y[b, j]*z[b, j]
             _v_g_h = g_y[b, j]*z[b, j]
@@ -2593,7 +2598,7 @@ def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H):
     for g in range(0, G):
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if (2*H - g <= 0) else _F(0))
         g_b_ih[g] = _v_g_b_ih
 
 
@@ -2607,11 +2612,11 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I):
     for b in range(0, B):
         for g in range(0, G):
             for i in range(0, I):
-                g_w_ih[g, i] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+                g_w_ih[g, i] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if (2*H - g <= 0) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
+def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, H, I):
     """g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*w_ih[2*H + j, i], j)"""
     _F = g_x.dtype.type
     _a = np.zeros((B, H), g_x.dtype)
@@ -2620,12 +2625,9 @@ def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I):
     for b in range(0, B):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]
-    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[2*H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
     _gemm(_a.reshape(B, H), _b.reshape(H, I), g_x.reshape(B, I), False)
 
@@ -2637,12 +2639,12 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H):
     for g in range(0, G):
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if (2*H - g <= 0) else _F(0))
         g_b_hh[g] = _v_g_b_hh
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
+def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*w_hh[2*H + j, k], j)"""
     _F = g_h.dtype.type
     _a = np.zeros((B, H), g_h.dtype)
@@ -2652,12 +2654,9 @@ def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H):
     for b in range(0, B):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*r[b, np.uint64(j)]
-    # gather: _b[j, k] = w_hh[2*H + j, k], 0 where its guard fails
+    # gather: _b[j, k] = w_hh[2*H + j, k]
     for j in range(0, H):
-        _lo, _hi = 0, H
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for k in range(_lo, _hi):
+        for k in range(0, H):
             _b[j, np.uint64(k)] = w_hh[2*H + j, np.uint64(k)]
     _gemm(_a.reshape(B, H), _b.reshape(H, H), _prod, False)
     for b in range(0, B):
@@ -2677,7 +2676,7 @@ def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H):
     for b in range(0, B):
         for g in range(0, G):
             for k in range(0, H):
-                g_w_hh[g, k] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+                g_w_hh[g, k] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if (2*H - g <= 0) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2710,7 +2709,7 @@ def _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
+def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, H, I):
     """g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j], j)"""
     _F = g_x.dtype.type
     _a = np.zeros((B, H), g_x.dtype)
@@ -2720,12 +2719,9 @@ def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
     for b in range(0, B):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - z[b, np.uint64(j)])*(h[b, np.uint64(j)] - nn[b, np.uint64(j)])*g_y[b, np.uint64(j)]*z[b, np.uint64(j)]
-    # gather: _b[j, i] = w_ih[H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((H + j >= 0) and (G > H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[H + j, np.uint64(i)]
     _gemm(_a.reshape(B, H), _b.reshape(H, I), _prod, False)
     for b in range(0, B):
@@ -2736,7 +2732,7 @@ def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H):
+def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, H):
     """g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j], j)"""
     _F = g_h.dtype.type
     _a = np.zeros((B, H), g_h.dtype)
@@ -2746,12 +2742,9 @@ def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H):
     for b in range(0, B):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - z[b, np.uint64(j)])*(h[b, np.uint64(j)] - nn[b, np.uint64(j)])*g_y[b, np.uint64(j)]*z[b, np.uint64(j)]
-    # gather: _b[j, k] = w_hh[H + j, k], 0 where its guard fails
+    # gather: _b[j, k] = w_hh[H + j, k]
     for j in range(0, H):
-        _lo, _hi = 0, H
-        if not ((H + j >= 0) and (G > H + j)):
-            _hi = _lo
-        for k in range(_lo, _hi):
+        for k in range(0, H):
             _b[j, np.uint64(k)] = w_hh[H + j, np.uint64(k)]
     _gemm(_a.reshape(B, H), _b.reshape(H, H), _prod, False)
     for b in range(0, B):
@@ -2780,9 +2773,9 @@ def _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H):
     for b in range(0, B):
         for j in range(0, G):
             # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
-            g_b_hh[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            g_b_hh[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if (H > j) else _F(0))
             # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
-            g_b_ih[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            g_b_ih[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if (H > j) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2792,11 +2785,11 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I):
     for b in range(0, B):
         for j in range(0, G):
             for i in range(0, I):
-                g_w_ih[j, i] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
+                g_w_ih[j, i] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if (H > j) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
+def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, H, I):
     """g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
     _a = np.zeros((B, H), g_x.dtype)
@@ -2806,12 +2799,9 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
     for b in range(0, B):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
-    # gather: _b[j, i] = w_ih[j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((j >= 0) and (G > j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[j, np.uint64(i)]
     _gemm(_a.reshape(B, H), _b.reshape(H, I), _prod, False)
     for b in range(0, B):
@@ -2822,7 +2812,7 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
+def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, H):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
     _a = np.zeros((B, H), g_h.dtype)
@@ -2832,12 +2822,9 @@ def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H):
     for b in range(0, B):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - nn[b, np.uint64(j)] * nn[b, np.uint64(j)])*(_F(1) - r[b, np.uint64(j)])*(_F(1) - z[b, np.uint64(j)])*g_y[b, np.uint64(j)]*hn[b, np.uint64(j)]*r[b, np.uint64(j)]
-    # gather: _b[j, k] = w_hh[j, k], 0 where its guard fails
+    # gather: _b[j, k] = w_hh[j, k]
     for j in range(0, H):
-        _lo, _hi = 0, H
-        if not ((j >= 0) and (G > j)):
-            _hi = _lo
-        for k in range(_lo, _hi):
+        for k in range(0, H):
             _b[j, np.uint64(k)] = w_hh[j, np.uint64(k)]
     _gemm(_a.reshape(B, H), _b.reshape(H, H), _prod, False)
     for b in range(0, B):
@@ -2854,22 +2841,19 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H):
     for b in range(0, B):
         for j in range(0, G):
             for k in range(0, H):
-                g_w_hh[j, k] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+                g_w_hh[j, k] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if (H > j) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
+def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     """
     _F = nn.dtype.type
     _b = np.zeros((H, I), nn.dtype)
-    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[2*H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
     _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H), False)
     for b in range(0, B):
@@ -2878,24 +2862,21 @@ def _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I):
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
             _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
+            _v_nn = math.tanh(_v_nn_sum0 + b_ih[2*H + j] + hn[b, j]*r[b, j])
             nn[b, j] = _v_nn
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I):
+def _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, H, I):
     """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
     nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
     y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
     """
     _F = nn.dtype.type
     _b = np.zeros((H, I), nn.dtype)
-    # gather: _b[j, i] = w_ih[2*H + j, i], 0 where its guard fails
+    # gather: _b[j, i] = w_ih[2*H + j, i]
     for j in range(0, H):
-        _lo, _hi = 0, I
-        if not ((2*H + j >= 0) and (G > 2*H + j)):
-            _hi = _lo
-        for i in range(_lo, _hi):
+        for i in range(0, I):
             _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
     _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn.reshape(B, H), False)
     for b in range(0, B):
@@ -2904,7 +2885,7 @@ def _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I):
             # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
             _v_nn_sum0 = _dot
             # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-            _v_nn = math.tanh(_v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)) + hn[b, j]*r[b, j])
+            _v_nn = math.tanh(_v_nn_sum0 + b_ih[2*H + j] + hn[b, j]*r[b, j])
             nn[b, j] = _v_nn
             # y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
             _v_y = _v_nn*(_F(1) - z[b, j]) + h[b, j]*z[b, j]
@@ -2928,19 +2909,19 @@ def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     y = np.empty((B, H), _dtype)
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, H, I)
     return y
 
 
@@ -2950,7 +2931,7 @@ def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     y = np.empty((B, H), _dtype)
     return y
 
@@ -2962,18 +2943,18 @@ def _gru_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_fwd5(x, h, w_ih, b_ih, y, r, z, hn, B, H, I)
 
 
 def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
@@ -2991,18 +2972,17 @@ def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     _check_rank("gru_cell", "h", h, 2)
     H = h.shape[1]
     _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
     _check_rank("gru_cell", "w_hh", w_hh, 2)
     _check_rank("gru_cell", "b_ih", b_ih, 1)
     _check_rank("gru_cell", "b_hh", b_hh, 1)
-    G = 3*H
-    _check_derived("gru_cell", "G", G)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from h axis 1')})
     _check_dim("gru_cell", "h", h, 0, "B", B, "from x axis 0")
-    _check_dim("gru_cell", "w_ih", w_ih, 0, "G", G, "derived: 3*H")
     _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
-    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
     _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from h axis 1")
-    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "derived: 3*H")
-    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
     return _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -3013,7 +2993,7 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
@@ -3026,27 +3006,27 @@ def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
     g_b_hh = np.empty((G,), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, H, I)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
-    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
@@ -3057,7 +3037,7 @@ def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     g_x = np.empty((B, I), _dtype)
     g_h = np.empty((B, H), _dtype)
     g_w_ih = np.empty((G, I), _dtype)
@@ -3074,34 +3054,34 @@ def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
     nn = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_bwd0(x, w_ih, b_ih, r, z, hn, nn, g_y, g_h, B, H, I)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
-    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
@@ -3122,20 +3102,19 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     I = x.shape[1]
     _check_rank("gru_cell", "h", h, 2)
     _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
     _check_rank("gru_cell", "w_hh", w_hh, 2)
     _check_rank("gru_cell", "b_ih", b_ih, 1)
     _check_rank("gru_cell", "b_hh", b_hh, 1)
-    G = 3*H
-    _check_derived("gru_cell", "G", G)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from g_y axis 1')})
     _check_dim("gru_cell", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("gru_cell", "h", h, 0, "B", B, "from g_y axis 0")
     _check_dim("gru_cell", "h", h, 1, "H", H, "from g_y axis 1")
-    _check_dim("gru_cell", "w_ih", w_ih, 0, "G", G, "derived: 3*H")
     _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
-    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
     _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from g_y axis 1")
-    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "derived: 3*H")
-    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
     return _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -3146,7 +3125,7 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
@@ -3157,12 +3136,12 @@ def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
     g_b_hh = np.empty((G,), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, H, I)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
@@ -3182,7 +3161,7 @@ def _gru_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     g_w_ih = np.empty((G, I), _dtype)
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
@@ -3197,19 +3176,19 @@ def _gru_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh,
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
     nn = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_bwd_params0(x, w_ih, b_ih, r, hn, nn, B, H, I)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
@@ -3229,7 +3208,7 @@ def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     y = np.empty((B, H), _dtype)
     r_sum0 = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
@@ -3237,12 +3216,12 @@ def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
     z = np.empty((B, H), _dtype)
     hn = np.empty((B, H), _dtype)
     nn = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, H, I)
     return y, r, z, hn, nn
 
 
@@ -3252,7 +3231,7 @@ def _gru_cell_fwd_saving_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     y = np.empty((B, H), _dtype)
     r = np.empty((B, H), _dtype)
     z = np.empty((B, H), _dtype)
@@ -3268,15 +3247,15 @@ def _gru_cell_fwd_saving_into(x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn):
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     r_sum0 = np.empty((B, H), _dtype)
     z_sum0 = np.empty((B, H), _dtype)
-    _gru_cell_fwd0(h, w_hh, r_sum0, B, G, H)
-    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, G, H, I)
-    _gru_cell_fwd2(h, w_hh, z_sum0, B, G, H)
-    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, G, H, I)
-    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, G, H)
-    _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, G, H, I)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_fwd1(x, w_ih, b_ih, b_hh, r_sum0, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_fwd3(x, w_ih, b_ih, b_hh, z_sum0, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_fwd_saving0(x, h, w_ih, b_ih, y, r, z, hn, nn, B, H, I)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -3286,7 +3265,7 @@ def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     g_x = np.empty((B, I), _dtype)
     g_h = np.empty((B, H), _dtype)
     g_w_ih = np.empty((G, I), _dtype)
@@ -3296,19 +3275,19 @@ def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     _gru_cell_bwd_saved0(z, g_y, g_h, B, H)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
-    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
@@ -3319,7 +3298,7 @@ def _gru_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     g_x = np.empty((B, I), _dtype)
     g_h = np.empty((B, H), _dtype)
     g_w_ih = np.empty((G, I), _dtype)
@@ -3335,23 +3314,23 @@ def _gru_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     _gru_cell_bwd_saved0(z, g_y, g_h, B, H)
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
-    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd7(h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, H)
     _gru_cell_bwd11(h, z, nn, g_y, g_w_hh, B, G, H)
     _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
-    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
-    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
@@ -3362,7 +3341,7 @@ def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     g_w_ih = np.empty((G, I), _dtype)
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
@@ -3386,7 +3365,7 @@ def _gru_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     g_w_ih = np.empty((G, I), _dtype)
     g_w_hh = np.empty((G, H), _dtype)
     g_b_ih = np.empty((G,), _dtype)
@@ -3400,7 +3379,7 @@ def _gru_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
-    G = 3*H
+    G = w_ih.shape[0]
     _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H)
     _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I)
     _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H)
@@ -3818,67 +3797,20 @@ def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_w
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C):
-    """y_max0[b] = max(x[b, k], k)
-    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_logsumexp0[b] = log(y_sumexp0[b])
-    """
+def _log_softmax_fwd0(x, y_max0, B, C):
+    """y_max0[b] = max(x[b, k], k)"""
     _F = y_max0.dtype.type
     for b in range(0, B):
-        # y_max0[b] = max(x[b, k], k)
         _v_y_max0 = -_F(math.inf)
         for k in range(0, C):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
         y_max0[b] = _v_y_max0
-        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-        _v_y_sumexp0 = _F(0)
-        for k in range(0, C):
-            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_logsumexp0[b] = log(y_sumexp0[b])
-        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
-        y_logsumexp0[b] = _v_y_logsumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C):
-    """y_shifted0[b, k] = x[b, k] - y_max0[b]
-    y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
-    """
-    _F = y.dtype.type
-    for b in range(0, B):
-        for k in range(0, C):
-            # y_shifted0[b, k] = x[b, k] - y_max0[b]
-            _v_y_shifted0 = x[b, k] - y_max0[b]
-            # y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
-            _v_y = _v_y_shifted0 - y_logsumexp0[b]
-            y[b, k] = _v_y
-
-
-@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C):
-    """y_max0[b] = max(x[b, k], k)
-    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    """
-    _F = y_max0.dtype.type
-    for b in range(0, B):
-        # y_max0[b] = max(x[b, k], k)
-        _v_y_max0 = -_F(math.inf)
-        for k in range(0, C):
-            _m = x[b, k]
-            if _m > _v_y_max0:
-                _v_y_max0 = _m
-        y_max0[b] = _v_y_max0
-        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-        _v_y_sumexp0 = _F(0)
-        for k in range(0, C):
-            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        y_sumexp0[b] = _v_y_sumexp0
-
-
-@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd1(x, y_max0, y_shifted0, B, C):
+def _log_softmax_fwd1(x, y_max0, y_shifted0, B, C):
     """y_shifted0[b, k] = x[b, k] - y_max0[b]"""
     _F = y_shifted0.dtype.type
     for b in range(0, B):
@@ -3888,10 +3820,44 @@ def _log_softmax_bwd1(x, y_max0, y_shifted0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd2(g_y, g_x_sum0, B, C):
-    """g_x_sum0[b] = sum(g_y[b, c], c)"""
-    _F = g_x_sum0.dtype.type
+def _log_softmax_fwd2(x, y_max0, y_logsumexp0, B, C):
+    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    y_logsumexp0[b] = log(y_sumexp0[b])
+    """
+    _F = y_logsumexp0.dtype.type
     for b in range(0, B):
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+        # y_logsumexp0[b] = log(y_sumexp0[b])
+        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
+        y_logsumexp0[b] = _v_y_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C):
+    """y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]"""
+    _F = y.dtype.type
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_y = -y_logsumexp0[b] + y_shifted0[b, c]
+            y[b, c] = _v_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C):
+    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    g_x_sum0[b] = sum(g_y[b, c], c)
+    """
+    _F = y_sumexp0.dtype.type
+    for b in range(0, B):
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+        y_sumexp0[b] = _v_y_sumexp0
+        # g_x_sum0[b] = sum(g_y[b, c], c)
         _v_g_x_sum0 = _F(0)
         for c in range(0, C):
             _v_g_x_sum0 += g_y[b, c]
@@ -3899,7 +3865,7 @@ def _log_softmax_bwd2(g_y, g_x_sum0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C):
+def _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C):
     """g_x[b, k] = -exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     for b in range(0, B):
@@ -3910,23 +3876,15 @@ def _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C):
-    """y_max0[b] = max(x[b, k], k)
-    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
     y_logsumexp0[b] = log(y_sumexp0[b])
     """
-    _F = y_max0.dtype.type
+    _F = y_sumexp0.dtype.type
     for b in range(0, B):
-        # y_max0[b] = max(x[b, k], k)
-        _v_y_max0 = -_F(math.inf)
-        for k in range(0, C):
-            _m = x[b, k]
-            if _m > _v_y_max0:
-                _v_y_max0 = _m
-        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
-            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
         y_sumexp0[b] = _v_y_sumexp0
         # y_logsumexp0[b] = log(y_sumexp0[b])
         _v_y_logsumexp0 = math.log(_v_y_sumexp0)
@@ -3934,19 +3892,14 @@ def _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd_saving1(x, y, y_max0, y_logsumexp0, y_shifted0, B, C):
-    """y_shifted0[b, k] = x[b, k] - y_max0[b]
-    y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
-    """
-    _F = y_shifted0.dtype.type
+def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
+    """g_x_sum0[b] = sum(g_y[b, c], c)"""
+    _F = g_x_sum0.dtype.type
     for b in range(0, B):
-        for k in range(0, C):
-            # y_shifted0[b, k] = x[b, k] - y_max0[b]
-            _v_y_shifted0 = x[b, k] - y_max0[b]
-            y_shifted0[b, k] = _v_y_shifted0
-            # y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
-            _v_y = _v_y_shifted0 - y_logsumexp0[b]
-            y[b, k] = _v_y
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -3957,9 +3910,12 @@ def _log_softmax_fwd_core(x):
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
     y_max0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
     y_logsumexp0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C)
-    _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C)
+    _log_softmax_fwd0(x, y_max0, B, C)
+    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
+    _log_softmax_fwd2(x, y_max0, y_logsumexp0, B, C)
+    _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C)
     return y
 
 
@@ -3979,9 +3935,12 @@ def _log_softmax_fwd_into(x, y):
     B = x.shape[0]
     C = x.shape[1]
     y_max0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
     y_logsumexp0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C)
-    _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C)
+    _log_softmax_fwd0(x, y_max0, B, C)
+    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
+    _log_softmax_fwd2(x, y_max0, y_logsumexp0, B, C)
+    _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C)
 
 
 def _log_softmax_fwd(x):
@@ -4001,14 +3960,14 @@ def _log_softmax_bwd_core(g_y, x):
     B = g_y.shape[0]
     C = g_y.shape[1]
     y_max0 = np.empty((B,), _dtype)
-    y_sumexp0 = np.empty((B,), _dtype)
     y_shifted0 = np.empty((B, C), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C)
-    _log_softmax_bwd1(x, y_max0, y_shifted0, B, C)
-    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_fwd0(x, y_max0, B, C)
+    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
+    _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
@@ -4028,13 +3987,13 @@ def _log_softmax_bwd_into(g_y, x, g_x):
     B = g_y.shape[0]
     C = g_y.shape[1]
     y_max0 = np.empty((B,), _dtype)
-    y_sumexp0 = np.empty((B,), _dtype)
     y_shifted0 = np.empty((B, C), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C)
-    _log_softmax_bwd1(x, y_max0, y_shifted0, B, C)
-    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_fwd0(x, y_max0, B, C)
+    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
+    _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
 def _log_softmax_bwd(g_y, x):
@@ -4053,18 +4012,20 @@ def _log_softmax_bwd(g_y, x):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_saving_core(x):
-    """Forward of log_softmax: y, y_sumexp0, y_shifted0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of log_softmax: y, y_shifted0, y_sumexp0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
     y_max0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
     y_sumexp0 = np.empty((B,), _dtype)
     y_logsumexp0 = np.empty((B,), _dtype)
-    y_shifted0 = np.empty((B, C), _dtype)
+    _log_softmax_fwd0(x, y_max0, B, C)
+    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
     _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C)
-    _log_softmax_fwd_saving1(x, y, y_max0, y_logsumexp0, y_shifted0, B, C)
-    return y, y_sumexp0, y_shifted0
+    _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C)
+    return y, y_shifted0, y_sumexp0
 
 
 def _log_softmax_fwd_saving_alloc(x):
@@ -4073,37 +4034,39 @@ def _log_softmax_fwd_saving_alloc(x):
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
-    y_sumexp0 = np.empty((B,), _dtype)
     y_shifted0 = np.empty((B, C), _dtype)
-    return y, y_sumexp0, y_shifted0
+    y_sumexp0 = np.empty((B,), _dtype)
+    return y, y_shifted0, y_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd_saving_into(x, y, y_sumexp0, y_shifted0):
-    """``_log_softmax_fwd_saving_core`` writing its results into y, y_sumexp0, y_shifted0 (from ``_log_softmax_fwd_saving_alloc``)."""
+def _log_softmax_fwd_saving_into(x, y, y_shifted0, y_sumexp0):
+    """``_log_softmax_fwd_saving_core`` writing its results into y, y_shifted0, y_sumexp0 (from ``_log_softmax_fwd_saving_alloc``)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y_max0 = np.empty((B,), _dtype)
     y_logsumexp0 = np.empty((B,), _dtype)
+    _log_softmax_fwd0(x, y_max0, B, C)
+    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
     _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C)
-    _log_softmax_fwd_saving1(x, y, y_max0, y_logsumexp0, y_shifted0, B, C)
+    _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved_core(g_y, x, y_sumexp0, y_shifted0):
-    """Backward of log_softmax: gradients g_x from g_y, x, y_sumexp0, y_shifted0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _log_softmax_bwd_saved_core(g_y, x, y_shifted0, y_sumexp0):
+    """Backward of log_softmax: gradients g_x from g_y, x, y_shifted0, y_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
-def _log_softmax_bwd_saved_alloc(g_y, x, y_sumexp0, y_shifted0):
+def _log_softmax_bwd_saved_alloc(g_y, x, y_shifted0, y_sumexp0):
     """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -4113,14 +4076,14 @@ def _log_softmax_bwd_saved_alloc(g_y, x, y_sumexp0, y_shifted0):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved_into(g_y, x, y_sumexp0, y_shifted0, g_x):
+def _log_softmax_bwd_saved_into(g_y, x, y_shifted0, y_sumexp0, g_x):
     """``_log_softmax_bwd_saved_core`` writing its results into g_x (from ``_log_softmax_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_bwd2(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
+    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
 # ============================================================================ max_pool2d
@@ -4425,21 +4388,13 @@ def _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads):
     qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]
     """
     _F = qh.dtype.type
-    _b = np.empty((E, Dh), qh.dtype)
+    _b = np.zeros((E, Dh), qh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _b[e, d] = wq[e, Dh*h + d], 0 where its guard fails
-            _lo_d, _hi_d = 0, Dh
-            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
-            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
+            # gather: _b[e, d] = wq[e, Dh*h + d]
             for e in range(0, E):
-                _lo, _hi = _lo_d, _hi_d
-                for d in range(0, _lo):
-                    _b[e, np.uint64(d)] = _F(0)
-                for d in range(_lo, _hi):
+                for d in range(0, Dh):
                     _b[e, np.uint64(d)] = wq[e, np.uint64(Dh*h + d)]
-                for d in range(_hi, Dh):
-                    _b[e, np.uint64(d)] = _F(0)
             _gemm(x[b].reshape(L, E), _b.reshape(E, Dh), qh[b, h].reshape(L, Dh), False)
             for l in range(0, L):
                 for d in range(0, Dh):
@@ -4447,7 +4402,7 @@ def _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads):
                     # qh_sum0[b, d, h, l] = sum(wq[e, Dh*h + d]*x[b, l, e], e)
                     _v_qh_sum0 = _dot
                     # qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]
-                    _v_qh = _v_qh_sum0 + (bq[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))
+                    _v_qh = _v_qh_sum0 + bq[Dh*h + d]
                     qh[b, h, l, d] = _v_qh
 
 
@@ -4457,21 +4412,13 @@ def _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads):
     kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]
     """
     _F = kh.dtype.type
-    _b = np.empty((E, Dh), kh.dtype)
+    _b = np.zeros((E, Dh), kh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _b[e, d] = wk[e, Dh*h + d], 0 where its guard fails
-            _lo_d, _hi_d = 0, Dh
-            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
-            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
+            # gather: _b[e, d] = wk[e, Dh*h + d]
             for e in range(0, E):
-                _lo, _hi = _lo_d, _hi_d
-                for d in range(0, _lo):
-                    _b[e, np.uint64(d)] = _F(0)
-                for d in range(_lo, _hi):
+                for d in range(0, Dh):
                     _b[e, np.uint64(d)] = wk[e, np.uint64(Dh*h + d)]
-                for d in range(_hi, Dh):
-                    _b[e, np.uint64(d)] = _F(0)
             _gemm(x[b].reshape(L, E), _b.reshape(E, Dh), kh[b, h].reshape(L, Dh), False)
             for l in range(0, L):
                 for d in range(0, Dh):
@@ -4479,7 +4426,7 @@ def _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads):
                     # kh_sum0[b, d, h, l] = sum(wk[e, Dh*h + d]*x[b, l, e], e)
                     _v_kh_sum0 = _dot
                     # kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]
-                    _v_kh = _v_kh_sum0 + (bk[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))
+                    _v_kh = _v_kh_sum0 + bk[Dh*h + d]
                     kh[b, h, l, d] = _v_kh
 
 
@@ -4489,21 +4436,13 @@ def _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads):
     vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]
     """
     _F = vh.dtype.type
-    _b = np.empty((E, Dh), vh.dtype)
+    _b = np.zeros((E, Dh), vh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _b[e, d] = wv[e, Dh*h + d], 0 where its guard fails
-            _lo_d, _hi_d = 0, Dh
-            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
-            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
+            # gather: _b[e, d] = wv[e, Dh*h + d]
             for e in range(0, E):
-                _lo, _hi = _lo_d, _hi_d
-                for d in range(0, _lo):
-                    _b[e, np.uint64(d)] = _F(0)
-                for d in range(_lo, _hi):
+                for d in range(0, Dh):
                     _b[e, np.uint64(d)] = wv[e, np.uint64(Dh*h + d)]
-                for d in range(_hi, Dh):
-                    _b[e, np.uint64(d)] = _F(0)
             _gemm(x[b].reshape(L, E), _b.reshape(E, Dh), vh[b, h].reshape(L, Dh), False)
             for l in range(0, L):
                 for d in range(0, Dh):
@@ -4511,7 +4450,7 @@ def _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads):
                     # vh_sum0[b, d, h, l] = sum(wv[e, Dh*h + d]*x[b, l, e], e)
                     _v_vh_sum0 = _dot
                     # vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]
-                    _v_vh = _v_vh_sum0 + (bv[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))
+                    _v_vh = _v_vh_sum0 + bv[Dh*h + d]
                     vh[b, h, l, d] = _v_vh
 
 
@@ -4588,26 +4527,19 @@ def _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads):
     y[b, l, f] = bo[f] + y_sum0[b, f, l]
     """
     _F = y.dtype.type
-    _b = np.empty((Dh, E), y.dtype)
-    _prod = np.empty((L, E), y.dtype)
+    _a = np.zeros((Dh, E), y.dtype)
+    _prod = np.empty((E, L), y.dtype)
     for b in range(0, B):
         _prod[:] = _F(0)
         for h in range(0, heads):
-            # gather: _b[d, f] = wo[Dh*h + d, f], 0 where its guard fails
+            # gather: _a[d, f] = wo[Dh*h + d, f]
             for d in range(0, Dh):
-                _lo, _hi = 0, E
-                if not ((Dh*h + d >= 0) and (E > Dh*h + d)):
-                    _hi = _lo
-                for f in range(0, _lo):
-                    _b[d, np.uint64(f)] = _F(0)
-                for f in range(_lo, _hi):
-                    _b[d, np.uint64(f)] = wo[Dh*h + d, np.uint64(f)]
-                for f in range(_hi, E):
-                    _b[d, np.uint64(f)] = _F(0)
-            _gemm(oh[b, h].reshape(L, Dh), _b.reshape(Dh, E), _prod, True)
-        for l in range(0, L):
-            for f in range(0, E):
-                _dot = _prod[l, f]
+                for f in range(0, E):
+                    _a[d, np.uint64(f)] = wo[Dh*h + d, np.uint64(f)]
+            _gemm(_a.reshape(Dh, E).T, oh[b, h].reshape(L, Dh).T, _prod, True)
+        for f in range(0, E):
+            for l in range(0, L):
+                _dot = _prod[f, l]
                 # y_sum0[b, f, l] = sum(oh[b, h, l, d]*wo[Dh*h + d, f], h, d)
                 _v_y_sum0 = _dot
                 # y[b, l, f] = bo[f] + y_sum0[b, f, l]
@@ -4631,20 +4563,13 @@ def _multi_head_attention_bwd0(g_y, g_bo, B, E, L):
 def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads):
     """g_oh[b, h, l, d] = sum(g_y[b, l, f]*wo[Dh*h + d, f], f)"""
     _F = g_oh.dtype.type
-    _b = np.empty((Dh, E), g_oh.dtype)
+    _b = np.zeros((Dh, E), g_oh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _b[d, f] = wo[Dh*h + d, f], 0 where its guard fails
+            # gather: _b[d, f] = wo[Dh*h + d, f]
             for d in range(0, Dh):
-                _lo, _hi = 0, E
-                if not ((Dh*h + d >= 0) and (E > Dh*h + d)):
-                    _hi = _lo
-                for f in range(0, _lo):
-                    _b[d, np.uint64(f)] = _F(0)
-                for f in range(_lo, _hi):
+                for f in range(0, E):
                     _b[d, np.uint64(f)] = wo[Dh*h + d, np.uint64(f)]
-                for f in range(_hi, E):
-                    _b[d, np.uint64(f)] = _F(0)
             _gemm(g_y[b].reshape(L, E), _b.reshape(Dh, E).T, g_oh[b, h].reshape(L, Dh), False)
 
 
@@ -4690,46 +4615,46 @@ def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads):
-    """g_prob_sumexp0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l], s)"""
-    _F = g_prob_sumexp0.dtype.type
+def _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads):
+    """g_prob_sumexp0_sum0[b, h, l] = sum(g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
+    _F = g_prob_sumexp0_sum0.dtype.type
     for b in range(0, B):
         for h in range(0, heads):
             for l in range(0, L):
-                _v_g_prob_sumexp0 = _F(0)
+                _v_g_prob_sumexp0_sum0 = _F(0)
                 for s in range(0, L):
-                    _v_g_prob_sumexp0 += -g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l]
-                g_prob_sumexp0[b, h, l] = _v_g_prob_sumexp0
+                    _v_g_prob_sumexp0_sum0 += g_prob[b, h, l, s]*prob[b, h, l, s]
+                g_prob_sumexp0_sum0[b, h, l] = _v_g_prob_sumexp0_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads):
-    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads):
+    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
     _F = g_kh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _a = np.zeros((L, L), g_kh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _a[l, s] = (g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
+            # gather: _a[l, s] = (g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
             for l in range(0, L):
                 for s in range(0, L):
-                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
+                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] - g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
             _gemm(_a.reshape(L, L).T, qh[b, h].reshape(L, Dh), g_kh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads):
-    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads):
+    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
     _F = g_qh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _a = np.zeros((L, L), g_qh.dtype)
     for b in range(0, B):
         for h in range(0, heads):
-            # gather: _a[s, l] = (g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
-            for s in range(0, L):
-                for l in range(0, L):
-                    _a[s, np.uint64(l)] = _c0*(g_prob[b, h, np.uint64(l), s] + g_prob_sumexp0[b, h, np.uint64(l)]*prob_sumexp0[b, h, np.uint64(l)])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, np.uint64(l), s]
-            _gemm(_a.reshape(L, L).T, kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh), False)
+            # gather: _a[l, s] = (g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]/sqrt(Dh)
+            for l in range(0, L):
+                for s in range(0, L):
+                    _a[l, np.uint64(s)] = _c0*(g_prob[b, h, l, np.uint64(s)] - g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, np.uint64(s)]
+            _gemm(_a.reshape(L, L), kh[b, h].reshape(L, Dh), g_qh[b, h].reshape(L, Dh), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -4763,27 +4688,19 @@ def _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads):
 def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads):
     """g_x[b, l, e] = sum(g_vh[b, h, l, d]*wv[e, Dh*h + d], d, h)"""
     _F = g_x.dtype.type
-    _b = np.empty((E, Dh), g_x.dtype)
-    _prod = np.empty((L, E), g_x.dtype)
+    _a = np.zeros((E, Dh), g_x.dtype)
+    _prod = np.empty((E, L), g_x.dtype)
     for b in range(0, B):
         _prod[:] = _F(0)
         for h in range(0, heads):
-            # gather: _b[e, d] = wv[e, Dh*h + d], 0 where its guard fails
-            _lo_d, _hi_d = 0, Dh
-            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
-            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
+            # gather: _a[e, d] = wv[e, Dh*h + d]
             for e in range(0, E):
-                _lo, _hi = _lo_d, _hi_d
-                for d in range(0, _lo):
-                    _b[e, np.uint64(d)] = _F(0)
-                for d in range(_lo, _hi):
-                    _b[e, np.uint64(d)] = wv[e, np.uint64(Dh*h + d)]
-                for d in range(_hi, Dh):
-                    _b[e, np.uint64(d)] = _F(0)
-            _gemm(g_vh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T, _prod, True)
-        for l in range(0, L):
-            for e in range(0, E):
-                _dot = _prod[l, e]
+                for d in range(0, Dh):
+                    _a[e, np.uint64(d)] = wv[e, np.uint64(Dh*h + d)]
+            _gemm(_a.reshape(E, Dh), g_vh[b, h].reshape(L, Dh).T, _prod, True)
+        for e in range(0, E):
+            for l in range(0, L):
+                _dot = _prod[e, l]
                 _v_g_x = _dot
                 g_x[b, l, e] = _v_g_x
 
@@ -4819,27 +4736,19 @@ def _multi_head_attention_bwd12(x, g_wk, g_kh, B, Dh, E, L, heads):
 def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads):
     """g_x[b, l, e] += sum(g_kh[b, h, l, d]*wk[e, Dh*h + d], d, h)"""
     _F = g_x.dtype.type
-    _b = np.empty((E, Dh), g_x.dtype)
-    _prod = np.empty((L, E), g_x.dtype)
+    _a = np.zeros((E, Dh), g_x.dtype)
+    _prod = np.empty((E, L), g_x.dtype)
     for b in range(0, B):
         _prod[:] = _F(0)
         for h in range(0, heads):
-            # gather: _b[e, d] = wk[e, Dh*h + d], 0 where its guard fails
-            _lo_d, _hi_d = 0, Dh
-            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
-            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
+            # gather: _a[e, d] = wk[e, Dh*h + d]
             for e in range(0, E):
-                _lo, _hi = _lo_d, _hi_d
-                for d in range(0, _lo):
-                    _b[e, np.uint64(d)] = _F(0)
-                for d in range(_lo, _hi):
-                    _b[e, np.uint64(d)] = wk[e, np.uint64(Dh*h + d)]
-                for d in range(_hi, Dh):
-                    _b[e, np.uint64(d)] = _F(0)
-            _gemm(g_kh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T, _prod, True)
-        for l in range(0, L):
-            for e in range(0, E):
-                _dot = _prod[l, e]
+                for d in range(0, Dh):
+                    _a[e, np.uint64(d)] = wk[e, np.uint64(Dh*h + d)]
+            _gemm(_a.reshape(E, Dh), g_kh[b, h].reshape(L, Dh).T, _prod, True)
+        for e in range(0, E):
+            for l in range(0, L):
+                _dot = _prod[e, l]
                 _v_g_x = _dot + g_x[b, l, e]
                 g_x[b, l, e] = _v_g_x
 
@@ -4875,27 +4784,19 @@ def _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads):
 def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads):
     """g_x[b, l, e] += sum(g_qh[b, h, l, d]*wq[e, Dh*h + d], d, h)"""
     _F = g_x.dtype.type
-    _b = np.empty((E, Dh), g_x.dtype)
-    _prod = np.empty((L, E), g_x.dtype)
+    _a = np.zeros((E, Dh), g_x.dtype)
+    _prod = np.empty((E, L), g_x.dtype)
     for b in range(0, B):
         _prod[:] = _F(0)
         for h in range(0, heads):
-            # gather: _b[e, d] = wq[e, Dh*h + d], 0 where its guard fails
-            _lo_d, _hi_d = 0, Dh
-            _lo_d, _hi_d = _span(1, Dh*h, _lo_d, _hi_d)
-            _lo_d, _hi_d = _span(-1, -Dh*h + E - 1, _lo_d, _hi_d)
+            # gather: _a[e, d] = wq[e, Dh*h + d]
             for e in range(0, E):
-                _lo, _hi = _lo_d, _hi_d
-                for d in range(0, _lo):
-                    _b[e, np.uint64(d)] = _F(0)
-                for d in range(_lo, _hi):
-                    _b[e, np.uint64(d)] = wq[e, np.uint64(Dh*h + d)]
-                for d in range(_hi, Dh):
-                    _b[e, np.uint64(d)] = _F(0)
-            _gemm(g_qh[b, h].reshape(L, Dh), _b.reshape(E, Dh).T, _prod, True)
-        for l in range(0, L):
-            for e in range(0, E):
-                _dot = _prod[l, e]
+                for d in range(0, Dh):
+                    _a[e, np.uint64(d)] = wq[e, np.uint64(Dh*h + d)]
+            _gemm(_a.reshape(E, Dh), g_qh[b, h].reshape(L, Dh).T, _prod, True)
+        for e in range(0, E):
+            for l in range(0, L):
+                _dot = _prod[e, l]
                 _v_g_x = _dot + g_x[b, l, e]
                 g_x[b, l, e] = _v_g_x
 
@@ -4991,6 +4892,7 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     _check_rank("multi_head_attention", "bo", bo, 1)
     Dh = (E // heads)
     _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from x axis 2'), 'heads': (heads, 'attribute')})
     _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from x axis 2")
     _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from x axis 2")
     _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from x axis 2")
@@ -5034,7 +4936,7 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
@@ -5049,9 +4951,9 @@ def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5102,7 +5004,7 @@ def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
@@ -5117,9 +5019,9 @@ def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5159,6 +5061,7 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     _check_rank("multi_head_attention", "bo", bo, 1)
     Dh = (E // heads)
     _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from g_y axis 2'), 'heads': (heads, 'attribute')})
     _check_dim("multi_head_attention", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("multi_head_attention", "x", x, 1, "L", L, "from g_y axis 1")
     _check_dim("multi_head_attention", "x", x, 2, "E", E, "from g_y axis 2")
@@ -5204,7 +5107,7 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
@@ -5219,9 +5122,9 @@ def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5268,7 +5171,7 @@ def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
@@ -5283,9 +5186,9 @@ def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5296,7 +5199,7 @@ def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
-    """Forward of multi_head_attention: y, qh, kh, vh, prob_sumexp0, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of multi_head_attention: y, qh, kh, vh, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
@@ -5319,7 +5222,7 @@ def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
     _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
     _multi_head_attention_fwd7(wo, bo, y, oh, B, Dh, E, L, heads)
-    return y, qh, kh, vh, prob_sumexp0, prob, oh
+    return y, qh, kh, vh, prob, oh
 
 
 def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
@@ -5333,15 +5236,14 @@ def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, he
     qh = np.empty((B, heads, L, Dh), _dtype)
     kh = np.empty((B, heads, L, Dh), _dtype)
     vh = np.empty((B, heads, L, Dh), _dtype)
-    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     prob = np.empty((B, heads, L, L), _dtype)
     oh = np.empty((B, heads, L, Dh), _dtype)
-    return y, qh, kh, vh, prob_sumexp0, prob, oh
+    return y, qh, kh, vh, prob, oh
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob_sumexp0, prob, oh):
-    """``_multi_head_attention_fwd_saving_core`` writing its results into y, qh, kh, vh, prob_sumexp0, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``)."""
+def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob, oh):
+    """``_multi_head_attention_fwd_saving_core`` writing its results into y, qh, kh, vh, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``)."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
@@ -5349,6 +5251,7 @@ def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
     Dh = (E // heads)
     score = np.empty((B, heads, L, L), _dtype)
     prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
     _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
     _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
     _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
@@ -5360,8 +5263,8 @@ def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, hea
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
-    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5379,7 +5282,7 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5387,9 +5290,9 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5402,7 +5305,7 @@ def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
+def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
     """The results of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5422,7 +5325,7 @@ def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_saved_core`` writing its results into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5432,7 +5335,7 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5440,9 +5343,9 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -5455,8 +5358,8 @@ def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
-    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -5473,7 +5376,7 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5481,9 +5384,9 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -5493,7 +5396,7 @@ def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, 
     return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal):
+def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
     """The results of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_bwd_params_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5512,7 +5415,7 @@ def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob_sumexp0, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
     """``_multi_head_attention_bwd_params_saved_core`` writing its results into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -5522,7 +5425,7 @@ def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, 
     g_oh = np.empty((B, heads, L, Dh), _dtype)
     g_prob = np.empty((B, heads, L, L), _dtype)
     g_vh = np.empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
     g_kh = np.empty((B, heads, L, Dh), _dtype)
     g_qh = np.empty((B, heads, L, Dh), _dtype)
     _multi_head_attention_bwd0(g_y, g_bo, B, E, L)
@@ -5530,9 +5433,9 @@ def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd2(oh, g_y, g_wo, B, Dh, E, L, heads)
     _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
     _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
-    _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _multi_head_attention_bwd8(g_bv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd9(x, g_wv, g_vh, B, Dh, E, L, heads)
     _multi_head_attention_bwd11(g_bk, g_kh, B, Dh, E, L, heads)
@@ -6010,43 +5913,43 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S):
-    """g_prob_sumexp0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l], s)"""
-    _F = g_prob_sumexp0.dtype.type
+def _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S):
+    """g_prob_sumexp0_sum0[b, l] = sum(g_prob[b, l, s]*prob[b, l, s], s)"""
+    _F = g_prob_sumexp0_sum0.dtype.type
     for b in range(0, B):
         for l in range(0, L):
-            _v_g_prob_sumexp0 = _F(0)
+            _v_g_prob_sumexp0_sum0 = _F(0)
             for s in range(0, S):
-                _v_g_prob_sumexp0 += -g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l]
-            g_prob_sumexp0[b, l] = _v_g_prob_sumexp0
+                _v_g_prob_sumexp0_sum0 += g_prob[b, l, s]*prob[b, l, s]
+            g_prob_sumexp0_sum0[b, l] = _v_g_prob_sumexp0_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal):
-    """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
+def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal):
+    """g_k[b, s, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     _a = np.zeros((L, S), g_k.dtype)
     for b in range(0, B):
-        # gather: _a[l, s] = (g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
+        # gather: _a[l, s] = (g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
         for l in range(0, L):
             for s in range(0, S):
-                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
+                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] - g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
         _gemm(_a.reshape(L, S).T, q[b].reshape(L, D), g_k[b].reshape(S, D), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal):
-    """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
+def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal):
+    """g_q[b, l, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
-    _a = np.zeros((S, L), g_q.dtype)
+    _a = np.zeros((L, S), g_q.dtype)
     for b in range(0, B):
-        # gather: _a[s, l] = (g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
-        for s in range(0, S):
-            for l in range(0, L):
-                _a[s, np.uint64(l)] = _c0*(g_prob[b, np.uint64(l), s] + g_prob_sumexp0[b, np.uint64(l)]*prob_sumexp0[b, np.uint64(l)])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, np.uint64(l), s]
-        _gemm(_a.reshape(S, L).T, k[b].reshape(S, D), g_q[b].reshape(L, D), False)
+        # gather: _a[l, s] = (g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]/sqrt(D)
+        for l in range(0, L):
+            for s in range(0, S):
+                _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] - g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
+        _gemm(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D), False)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -6139,15 +6042,15 @@ def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     g_k = np.empty((B, S, D), _dtype)
     g_v = np.empty((B, S, E), _dtype)
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_sumexp0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
     _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
     _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
     return g_q, g_k, g_v
 
 
@@ -6179,15 +6082,15 @@ def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
     prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_sumexp0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
     _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
     _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
 
 
 def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
@@ -6218,7 +6121,7 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
-    """Forward of scaled_dot_product_attention: y, prob_sumexp0, prob from q, k, v, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of scaled_dot_product_attention: y, prob from q, k, v, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -6234,7 +6137,7 @@ def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
     _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
     _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
     _scaled_dot_product_attention_fwd3(v, y, prob, B, E, L, S)
-    return y, prob_sumexp0, prob
+    return y, prob
 
 
 def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
@@ -6246,14 +6149,13 @@ def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
     S = k.shape[1]
     E = v.shape[2]
     y = np.empty((B, L, E), _dtype)
-    prob_sumexp0 = np.empty((B, L), _dtype)
     prob = np.empty((B, L, S), _dtype)
-    return y, prob_sumexp0, prob
+    return y, prob
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob_sumexp0, prob):
-    """``_scaled_dot_product_attention_fwd_saving_core`` writing its results into y, prob_sumexp0, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``)."""
+def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob):
+    """``_scaled_dot_product_attention_fwd_saving_core`` writing its results into y, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``)."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -6262,6 +6164,7 @@ def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob_sumex
     E = v.shape[2]
     score = np.empty((B, L, S), _dtype)
     prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
     _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
     _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
@@ -6269,8 +6172,8 @@ def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob_sumex
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob_sumexp0, prob, causal):
-    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob_sumexp0, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
+    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -6281,16 +6184,16 @@ def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob_sumexp0, pro
     g_k = np.empty((B, S, D), _dtype)
     g_v = np.empty((B, S, E), _dtype)
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_sumexp0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
     return g_q, g_k, g_v
 
 
-def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob_sumexp0, prob, causal):
+def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
     """The results of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -6305,7 +6208,7 @@ def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob_sumexp0, pr
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob_sumexp0, prob, causal, g_q, g_k, g_v):
+def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q, g_k, g_v):
     """``_scaled_dot_product_attention_bwd_saved_core`` writing its results into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -6314,12 +6217,12 @@ def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob_sumexp0, pro
     D = q.shape[2]
     S = k.shape[1]
     g_prob = np.empty((B, L, S), _dtype)
-    g_prob_sumexp0 = np.empty((B, L), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
     _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
     _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S)
-    _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
-    _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
-    _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
 
 
 # ============================================================================ softmax
@@ -6628,7 +6531,7 @@ _SPECS = {
         "differentiable": (),
         "state": (),
         "seeds": 2,
-        "doc": "The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); nothing is differentiated.",
+        "doc": "The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); an empty batch leaves the statistics unchanged, as PyTorch does; nothing is differentiated.",
     },
     "conv2d": {
         "kind": "layer",
@@ -7212,23 +7115,31 @@ _LATEX = {
     "batch_norm2d_stats": (
         "\\subsection*{batch\\_norm2d\\_stats}\n"
         "\n"
-        "The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); nothing is differentiated.\n"
+        "The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); an empty batch leaves the statistics unchanged, as PyTorch does; nothing is differentiated.\n"
         "\n"
         "Forward definition (the spec):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{count} = \\sum_{n,h,w} \\left(1\\right)\n"
+        "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{mean}_{c} = \\frac{\\sum_{n,h,w} \\left(x_{n,c,h,w}\\right)}{H N W}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{new\\_mean}_{c} = momentum \\mathrm{mean}_{c} + \\left(1 - momentum\\right) \\mathrm{running\\_mean}_{c}\n"
+        "\\mathrm{new\\_mean}_{c} = \\begin{cases} momentum \\mathrm{mean}_{c} + \\left(1 - momentum\\right) \\mathrm{running\\_mean}_{c} & \\text{for}\\: count > 0 \\\\\\mathrm{running\\_mean}_{c} & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{new\\_var}_{c} = \\frac{momentum \\sum_{n,h,w} \\left(\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right)^{2}\\right)}{H N W - 1} + \\left(1 - momentum\\right) \\mathrm{running\\_var}_{c}\n"
+        "\\mathrm{new\\_var}_{c} = \\begin{cases} \\frac{momentum \\sum_{n,h,w} \\left(\\left(- \\mathrm{mean}_{c} + x_{n,c,h,w}\\right)^{2}\\right)}{H N W - 1} + \\left(1 - momentum\\right) \\mathrm{running\\_var}_{c} & \\text{for}\\: count > 0 \\\\\\mathrm{running\\_var}_{c} & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{count} = \\sum_{n,h,w} \\left(1\\right)\n"
+        "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{mean\\_sum0}_{c} = \\sum_{n,h,w} \\left(x_{n,c,h,w}\\right)\n"
@@ -7239,7 +7150,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{new\\_mean}_{c} = momentum \\mathrm{mean}_{c} + \\left(1 - momentum\\right) \\mathrm{running\\_mean}_{c}\n"
+        "\\mathrm{new\\_mean}_{c} = \\begin{cases} momentum \\mathrm{mean}_{c} + \\left(1 - momentum\\right) \\mathrm{running\\_mean}_{c} & \\text{for}\\: count > 0 \\\\\\mathrm{running\\_mean}_{c} & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -7247,7 +7158,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{new\\_var}_{c} = \\frac{momentum \\mathrm{new\\_var\\_sum0}_{c}}{H N W - 1} + \\left(1 - momentum\\right) \\mathrm{running\\_var}_{c}\n"
+        "\\mathrm{new\\_var}_{c} = \\begin{cases} \\frac{momentum \\mathrm{new\\_var\\_sum0}_{c}}{H N W - 1} + \\left(1 - momentum\\right) \\mathrm{running\\_var}_{c} & \\text{for}\\: count > 0 \\\\\\mathrm{running\\_var}_{c} & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
     ),
     "conv2d": (
@@ -7834,6 +7745,8 @@ _LATEX = {
         "y_{b,j} = \\left(1 - z_{b,j}\\right) nn_{b,j} + h_{b,j} z_{b,j}\n"
         "\\end{equation*}\n"
         "\n"
+        "Sizes (checked when the op runs; the derivation drops the bounds guards they prove): $G = 3 H$.\n"
+        "\n"
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
         "\n"
         "\\begin{equation*}\n"
@@ -8337,27 +8250,27 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{b\\_ih}}_{g} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} & \\text{for}\\: - 2 H + g < H \\wedge 2 H - g \\le 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{b\\_ih}}_{g} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} & \\text{for}\\: 2 H - g \\leq 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{w\\_ih}}_{g,i} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} x_{b,i} & \\text{for}\\: - 2 H + g < H \\wedge 2 H - g \\le 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{w\\_ih}}_{g,i} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} x_{b,i} & \\text{for}\\: 2 H - g \\leq 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,i} = \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - z_{b,j}\\right) \\left(\\begin{cases} \\mathrm{w\\_ih}_{2 H + j,i} & \\text{for}\\: 0 \\le 2 H + j < G \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,j}\n"
+        "\\bar{x}_{b,i} = \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} \\mathrm{w\\_ih}_{2 H + j,i}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{b\\_hh}}_{g} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} r_{b,- 2 H + g} & \\text{for}\\: - 2 H + g < H \\wedge 2 H - g \\le 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{b\\_hh}}_{g} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} r_{b,- 2 H + g} & \\text{for}\\: 2 H - g \\leq 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{h}_{b,k} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - z_{b,j}\\right) \\left(\\begin{cases} \\mathrm{w\\_hh}_{2 H + j,k} & \\text{for}\\: 0 \\le 2 H + j < G \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,j} r_{b,j}\n"
+        "\\bar{h}_{b,k} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} r_{b,j} \\mathrm{w\\_hh}_{2 H + j,k}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{w\\_hh}}_{g,k} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} h_{b,k} r_{b,- 2 H + g} & \\text{for}\\: - 2 H + g < H \\wedge 2 H - g \\le 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{w\\_hh}}_{g,k} = \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,- 2 H + g}^{2}\\right) \\left(1 - z_{b,- 2 H + g}\\right) \\bar{y}_{b,- 2 H + g} h_{b,k} r_{b,- 2 H + g} & \\text{for}\\: 2 H - g \\leq 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -8373,11 +8286,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,i} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - z_{b,j}\\right) \\left(h_{b,j} - nn_{b,j}\\right) \\left(\\begin{cases} \\mathrm{w\\_ih}_{H + j,i} & \\text{for}\\: 0 \\le H + j < G \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,j} z_{b,j}\n"
+        "\\bar{x}_{b,i} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - z_{b,j}\\right) \\left(h_{b,j} - nn_{b,j}\\right) \\bar{y}_{b,j} \\mathrm{w\\_ih}_{H + j,i} z_{b,j}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{h}_{b,k} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - z_{b,j}\\right) \\left(h_{b,j} - nn_{b,j}\\right) \\left(\\begin{cases} \\mathrm{w\\_hh}_{H + j,k} & \\text{for}\\: 0 \\le H + j < G \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,j} z_{b,j}\n"
+        "\\bar{h}_{b,k} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - z_{b,j}\\right) \\left(h_{b,j} - nn_{b,j}\\right) \\bar{y}_{b,j} \\mathrm{w\\_hh}_{H + j,k} z_{b,j}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -8385,27 +8298,27 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{b\\_hh}}_{j} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} & \\text{for}\\: 0 \\le j < H \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{b\\_hh}}_{j} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} & \\text{for}\\: H > j \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{b\\_ih}}_{j} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} & \\text{for}\\: 0 \\le j < H \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{b\\_ih}}_{j} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} & \\text{for}\\: H > j \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{w\\_ih}}_{j,i} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} x_{b,i} & \\text{for}\\: 0 \\le j < H \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{w\\_ih}}_{j,i} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} x_{b,i} & \\text{for}\\: H > j \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,i} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\left(\\begin{cases} \\mathrm{w\\_ih}_{j,i} & \\text{for}\\: 0 \\le j < G \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j}\n"
+        "\\bar{x}_{b,i} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} \\mathrm{w\\_ih}_{j,i}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{h}_{b,k} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\left(\\begin{cases} \\mathrm{w\\_hh}_{j,k} & \\text{for}\\: 0 \\le j < G \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j}\n"
+        "\\bar{h}_{b,k} \\mathrel{+}= \\sum_{j=0}^{H - 1} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} hn_{b,j} r_{b,j} \\mathrm{w\\_hh}_{j,k}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{w\\_hh}}_{j,k} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} h_{b,k} hn_{b,j} r_{b,j} & \\text{for}\\: 0 \\le j < H \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\bar{\\mathrm{w\\_hh}}_{j,k} \\mathrel{+}= \\sum_{b=0}^{B - 1} \\begin{cases} \\left(1 - nn_{b,j}^{2}\\right) \\left(1 - r_{b,j}\\right) \\left(1 - z_{b,j}\\right) \\bar{y}_{b,j} h_{b,k} hn_{b,j} r_{b,j} & \\text{for}\\: H > j \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
     ),
     "layer_norm": (
@@ -8743,6 +8656,12 @@ _LATEX = {
         "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
+        "\\mathrm{y\\_shifted0}_{b,k} = x_{b,k} - \\mathrm{y\\_max0}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "the exponent less its maximum, rounded on its own.\n"
+        "\n"
+        "\\begin{equation*}\n"
         "\\mathrm{y\\_sumexp0}_{b} = \\sum_{k} \\left(e^{x_{b,k} - \\mathrm{y\\_max0}_{b}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
@@ -8751,12 +8670,6 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "the logarithm of the shifted sum; the log-sum-exp is the maximum plus it.\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\mathrm{y\\_shifted0}_{b,k} = x_{b,k} - \\mathrm{y\\_max0}_{b}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "the exponent less its maximum, rounded on its own.\n"
         "\n"
         "\\begin{equation*}\n"
         "y_{b,c} = - \\mathrm{y\\_logsumexp0}_{b} + \\mathrm{y\\_shifted0}_{b,c}\n"
@@ -8792,20 +8705,6 @@ _LATEX = {
         "\\bar{\\mathrm{y\\_shifted0}}_{b,c} \\mathrel{+}= \\,\\bar{y}_{b,c}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $x_{b,k}$ in the statement for $\\mathrm{y\\_shifted0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{y\\_shifted0}_{b,k}}{\\partial x_{b,k}} = 1\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{y}_{b,k}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} \\mathrel{+}= \\,\\bar{y}_{b,k}\n"
-        "\\end{equation*}\n"
-        "\n"
         "Through the read $\\mathrm{y\\_sumexp0}_{b}$ in the statement for $\\mathrm{y\\_logsumexp0}$:\n"
         "\n"
         "\\begin{equation*}\n"
@@ -8831,17 +8730,31 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
+        "\\bar{x}_{b,k} \\mathrel{+}= \\,\\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $x_{b,k}$ in the statement for $\\mathrm{y\\_shifted0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{y\\_shifted0}_{b,k}}{\\partial x_{b,k}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{x}_{b',k'} \\mathrel{+}= \\sum_{b,k} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\bar{y}_{b,k}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
         "\\bar{x}_{b,k} \\mathrel{+}= \\,- \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\bar{\\mathrm{x\\_sum0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_shifted0}}_{b,k} = \\bar{y}_{b,k}\n"
+        "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}}\n"
+        "\\bar{\\mathrm{y\\_shifted0}}_{b,k} = \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "$\\bar{x}$ reads the gradient of the statistic $\\bar{\\mathrm{y\\_logsumexp0}}$, a reduction read nowhere else:\n"
@@ -8955,6 +8868,8 @@ _LATEX = {
         "\\begin{equation*}\n"
         "y_{b,l,f} = \\sum_{h,d} \\left(oh_{b,h,l,d} wo_{Dh h + d,f}\\right) + bo_{f}\n"
         "\\end{equation*}\n"
+        "\n"
+        "Sizes (checked when the op runs; the derivation drops the bounds guards they prove): $E = Dh heads$.\n"
         "\n"
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
         "\n"
@@ -9187,7 +9102,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{kh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\bar{kh}_{b,h,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} - \\bar{\\mathrm{prob\\_sumexp0\\_sum0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $qh_{b,h,l,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
@@ -9201,7 +9116,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{qh}_{b,h,l,d} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\bar{qh}_{b,h,l,d} \\mathrel{+}= \\sum_{s=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} - \\bar{\\mathrm{prob\\_sumexp0\\_sum0}}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $bv_{Dh h + d}$ in the statement for $vh$:\n"
@@ -9402,6 +9317,20 @@ _LATEX = {
         "\\bar{\\mathrm{qh\\_sum0}}_{b,d,h,l} = \\bar{qh}_{b,h,l,d}\n"
         "\\end{equation*}\n"
         "\n"
+        "Take the factor $- \\frac{1}{\\mathrm{prob\\_sumexp0}_{b,h,l}}$ out of the sum of $\\bar{\\mathrm{prob\\_sumexp0}}$ and into its readers, where it cancels or is applied once:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b,h,l} = \\sum_{s} \\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{kh}_{b,h,s,d} = \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} - \\Sigma^{(0)}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{qh}_{b,h,l,d} = \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} - \\Sigma^{(0)}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\end{equation*}\n"
+        "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9409,7 +9338,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{oh}_{b,h,l,d} = \\sum_{f=0}^{E - 1} \\left(\\begin{cases} wo_{Dh h + d,f} & \\text{for}\\: 0 \\le Dh h + d < E \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b,l,f}\n"
+        "\\bar{oh}_{b,h,l,d} = \\sum_{f=0}^{E - 1} \\bar{y}_{b,l,f} wo_{Dh h + d,f}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9425,15 +9354,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} = \\sum_{s=0}^{L - 1} - \\frac{\\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}}{\\mathrm{prob\\_sumexp0}_{b,h,l}}\n"
+        "\\Sigma^{(0)}_{b,h,l} = \\sum_{s=0}^{L - 1} \\bar{\\mathrm{prob}}_{b,h,l,s} \\mathrm{prob}_{b,h,l,s}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{kh}_{b,h,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
+        "\\bar{kh}_{b,h,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} - \\Sigma^{(0)}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,h,l,s} qh_{b,h,l,d}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{qh}_{b,h,l,d} = \\sum_{s=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,h,l} \\mathrm{prob\\_sumexp0}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
+        "\\bar{qh}_{b,h,l,d} = \\sum_{s=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,h,l,s} - \\Sigma^{(0)}_{b,h,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) kh_{b,h,s,d} \\mathrm{prob}_{b,h,l,s}}{\\sqrt{Dh}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9445,7 +9374,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,l,e} = \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\left(\\begin{cases} wv_{e,Dh h + d} & \\text{for}\\: 0 \\le Dh h + d < E \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{vh}_{b,h,l,d}\n"
+        "\\bar{x}_{b,l,e} = \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\bar{vh}_{b,h,l,d} wv_{e,Dh h + d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9457,7 +9386,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\left(\\begin{cases} wk_{e,Dh h + d} & \\text{for}\\: 0 \\le Dh h + d < E \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{kh}_{b,h,l,d}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\bar{kh}_{b,h,l,d} wk_{e,Dh h + d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9469,7 +9398,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\left(\\begin{cases} wq_{e,Dh h + d} & \\text{for}\\: 0 \\le Dh h + d < E \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{qh}_{b,h,l,d}\n"
+        "\\bar{x}_{b,l,e} \\mathrel{+}= \\sum_{d=0}^{Dh - 1} \\sum_{h=0}^{heads - 1} \\bar{qh}_{b,h,l,d} wq_{e,Dh h + d}\n"
         "\\end{equation*}\n"
     ),
     "rnn_cell": (
@@ -9813,7 +9742,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{k}_{b,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
+        "\\bar{k}_{b,s,d} \\mathrel{+}= \\sum_{l=0}^{L - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} - \\bar{\\mathrm{prob\\_sumexp0\\_sum0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $q_{b,l,d}$ in the statement for $\\mathrm{raw\\_sum0}$:\n"
@@ -9827,7 +9756,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{q}_{b,l,d} \\mathrel{+}= \\sum_{s=0}^{S - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
+        "\\bar{q}_{b,l,d} \\mathrel{+}= \\sum_{s=0}^{S - 1} \\,\\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} - \\bar{\\mathrm{prob\\_sumexp0\\_sum0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -9844,6 +9773,20 @@ _LATEX = {
         "\\bar{\\mathrm{raw\\_sum0}}_{b,l,s} = \\frac{\\left(\\frac{e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob}}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}} + e^{- \\mathrm{prob\\_max0}_{b,l} + \\mathrm{score}_{b,l,s}} \\bar{\\mathrm{prob\\_sumexp0}}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right)}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
+        "Take the factor $- \\frac{1}{\\mathrm{prob\\_sumexp0}_{b,l}}$ out of the sum of $\\bar{\\mathrm{prob\\_sumexp0}}$ and into its readers, where it cancels or is applied once:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\Sigma^{(0)}_{b,l} = \\sum_{s} \\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{k}_{b,s,d} = \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} - \\Sigma^{(0)}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{q}_{b,l,d} = \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} - \\Sigma^{(0)}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
+        "\\end{equation*}\n"
+        "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
@@ -9855,15 +9798,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{prob\\_sumexp0}}_{b,l} = \\sum_{s=0}^{S - 1} - \\frac{\\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}}{\\mathrm{prob\\_sumexp0}_{b,l}}\n"
+        "\\Sigma^{(0)}_{b,l} = \\sum_{s=0}^{S - 1} \\bar{\\mathrm{prob}}_{b,l,s} \\mathrm{prob}_{b,l,s}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{k}_{b,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
+        "\\bar{k}_{b,s,d} = \\sum_{l=0}^{L - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} - \\Sigma^{(0)}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) \\mathrm{prob}_{b,l,s} q_{b,l,d}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{q}_{b,l,d} = \\sum_{s=0}^{S - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} + \\bar{\\mathrm{prob\\_sumexp0}}_{b,l} \\mathrm{prob\\_sumexp0}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
+        "\\bar{q}_{b,l,d} = \\sum_{s=0}^{S - 1} \\frac{\\left(\\bar{\\mathrm{prob}}_{b,l,s} - \\Sigma^{(0)}_{b,l}\\right) \\left(\\begin{cases} 0 & \\text{for}\\: 0 < causal \\wedge l < s \\\\1 & \\text{otherwise} \\end{cases}\\right) k_{b,s,d} \\mathrm{prob}_{b,l,s}}{\\sqrt{D}}\n"
         "\\end{equation*}\n"
     ),
     "softmax": (

@@ -85,6 +85,17 @@ def _check_derived(op, dim, value):
     if value < 0:
         raise ValueError("%s: derived dimension %s = %d is negative; check the arguments' shapes and attributes" % (op, dim, value))
 
+
+def _check_relation(op, spec, relation, lhs_text, lhs, rhs_text, rhs, sizes):
+    """A relation of the spec's ``dims`` (``G = 4*H``, or an exact quotient) against the
+    sizes of these arguments."""
+    if lhs != rhs:
+        given = ", ".join("%s = %d (%s)" % (k, v, why) for k, (v, why) in sizes.items())
+        raise ValueError(
+            "%s (%s): the arguments' sizes break the relation %s of `dims`: %s = %d but %s = %d (%s); "
+            "a size that does not divide is an error, not a truncation" % (op, spec, relation, lhs_text, lhs, rhs_text, rhs, given)
+        )
+
 _THREADS = 128
 _TILE = 16
 
@@ -606,17 +617,29 @@ def _batch_norm2d_eval_bwd(g_y, x, running_mean, running_var, weight, bias, *, e
 
 
 @cuda.jit(cache=True)
-def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum, _total):
+def _batch_norm2d_stats_fwd0(count, H, N, W, _total):
+    """count = sum(1, n, h, w)"""
+    _F = count.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        _v_count = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_count += _F(1)
+        count[0] = _v_count
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum, _total):
     """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
     mean[c] = mean_sum0[c]/(H*N*W)
-    new_mean[c] = momentum*mean[c] + (1 - momentum)*running_mean[c]
+    new_mean[c] = Piecewise((momentum*mean[c] + (1 - momentum)*running_mean[c], count > 0), (running_mean[c], True))
     new_var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
-    new_var[c] = momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c]
+    new_var[c] = Piecewise((momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c], count > 0), (running_var[c], True))
     """
     _F = new_mean.dtype.type
     _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
-    _c1 = _F(1) - momentum
-    _c2 = momentum/_F(H*N*W - 1)
     _r = cuda.grid(1)
     if _r < _total:
         c = _r
@@ -628,8 +651,9 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
                     _v_mean_sum0 += x[n, c, h, w]
         # mean[c] = mean_sum0[c]/(H*N*W)
         _v_mean = _c0*_v_mean_sum0
-        # new_mean[c] = momentum*mean[c] + (1 - momentum)*running_mean[c]
-        _v_new_mean = _c1*running_mean[c] + _v_mean*momentum
+        # new_mean[c] = Piecewise((momentum*mean[c] + (1 - momentum)*running_mean[c], count > 0), (running_mean[c], True))
+        _t0 = (count[0] > _F(0))
+        _v_new_mean = (_v_mean*momentum + (_F(1) - momentum)*running_mean[c] if _t0 else running_mean[c])
         new_mean[c] = _v_new_mean
         # new_var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
         _v_new_var_sum0 = _F(0)
@@ -637,8 +661,8 @@ def _batch_norm2d_stats_fwd0(x, running_mean, running_var, new_mean, new_var, C,
             for h in range(0, H):
                 for w in range(0, W):
                     _v_new_var_sum0 += (-_v_mean + x[n, c, h, w])**2
-        # new_var[c] = momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c]
-        _v_new_var = _c1*running_var[c] + _c2*_v_new_var_sum0
+        # new_var[c] = Piecewise((momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c], count > 0), (running_var[c], True))
+        _v_new_var = (_v_new_var_sum0*momentum/_F(H*N*W - 1) + (_F(1) - momentum)*running_var[c] if _t0 else running_var[c])
         new_var[c] = _v_new_var
 
 
@@ -661,7 +685,9 @@ def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
     momentum = _dtype.type(momentum)
     new_mean = _empty((C,), _dtype)
     new_var = _empty((C,), _dtype)
-    _launch(_batch_norm2d_stats_fwd0, C, x, running_mean, running_var, new_mean, new_var, C, H, N, W, momentum)
+    count = _empty((1,), _dtype)
+    _launch(_batch_norm2d_stats_fwd0, 1, count, H, N, W)
+    _launch(_batch_norm2d_stats_fwd1, C, x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum)
     return _result(new_mean, _dev), _result(new_var, _dev)
 
 
@@ -1602,7 +1628,7 @@ def _gcn_layer_bwd(g_y, A, x, weight, bias):
 
 
 @cuda.jit(cache=True)
-def _gru_cell_fwd0(x, h, w_ih, w_hh, b_ih, b_hh, y, B, G, H, I, _total):
+def _gru_cell_fwd0(x, h, w_ih, w_hh, b_ih, b_hh, y, B, H, I, _total):
     """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
     r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
     r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
@@ -1624,42 +1650,42 @@ def _gru_cell_fwd0(x, h, w_ih, w_hh, b_ih, b_hh, y, B, G, H, I, _total):
         # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
         _v_r_sum0 = _F(0)
         for k in range(0, H):
-            _v_r_sum0 += (w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*h[b, k]
+            _v_r_sum0 += h[b, k]*w_hh[j, k]
         # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
         _v_r_sum1 = _F(0)
         for i in range(0, I):
-            _v_r_sum1 += (w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*x[b, i]
+            _v_r_sum1 += w_ih[j, i]*x[b, i]
         # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-        _v_r = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)), _F)
+        _v_r = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + b_hh[j] + b_ih[j], _F)
         # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
         _v_z_sum0 = _F(0)
         for k in range(0, H):
-            _v_z_sum0 += (w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*h[b, k]
+            _v_z_sum0 += h[b, k]*w_hh[H + j, k]
         # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
         _v_z_sum1 = _F(0)
         for i in range(0, I):
-            _v_z_sum1 += (w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*x[b, i]
+            _v_z_sum1 += w_ih[H + j, i]*x[b, i]
         # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-        _v_z = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)), _F)
+        _v_z = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + b_hh[H + j] + b_ih[H + j], _F)
         # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
         _v_hn_sum0 = _F(0)
         for k in range(0, H):
-            _v_hn_sum0 += (w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*h[b, k]
+            _v_hn_sum0 += h[b, k]*w_hh[2*H + j, k]
         # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-        _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
+        _v_hn = _v_hn_sum0 + b_hh[2*H + j]
         # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
         _v_nn_sum0 = _F(0)
         for i in range(0, I):
-            _v_nn_sum0 += (w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*x[b, i]
+            _v_nn_sum0 += w_ih[2*H + j, i]*x[b, i]
         # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-        _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)))
+        _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + b_ih[2*H + j])
         # y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
         _v_y = _v_nn*(_F(1) - _v_z) + _v_z*h[b, j]
         y[b, j] = _v_y
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, G, H, I, _total):
+def _gru_cell_bwd0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, H, I, _total):
     """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
     r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
     r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
@@ -1681,38 +1707,38 @@ def _gru_cell_bwd0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, G, H
         # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
         _v_r_sum0 = _F(0)
         for k in range(0, H):
-            _v_r_sum0 += (w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*h[b, k]
+            _v_r_sum0 += h[b, k]*w_hh[j, k]
         # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
         _v_r_sum1 = _F(0)
         for i in range(0, I):
-            _v_r_sum1 += (w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*x[b, i]
+            _v_r_sum1 += w_ih[j, i]*x[b, i]
         # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
-        _v_r = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + (b_hh[j] if ((j >= 0) and (G > j)) else _F(0)) + (b_ih[j] if ((j >= 0) and (G > j)) else _F(0)), _F)
+        _v_r = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + b_hh[j] + b_ih[j], _F)
         r[b, j] = _v_r
         # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
         _v_z_sum0 = _F(0)
         for k in range(0, H):
-            _v_z_sum0 += (w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*h[b, k]
+            _v_z_sum0 += h[b, k]*w_hh[H + j, k]
         # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
         _v_z_sum1 = _F(0)
         for i in range(0, I):
-            _v_z_sum1 += (w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*x[b, i]
+            _v_z_sum1 += w_ih[H + j, i]*x[b, i]
         # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
-        _v_z = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + (b_hh[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)) + (b_ih[H + j] if ((H + j >= 0) and (G > H + j)) else _F(0)), _F)
+        _v_z = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + b_hh[H + j] + b_ih[H + j], _F)
         z[b, j] = _v_z
         # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
         _v_hn_sum0 = _F(0)
         for k in range(0, H):
-            _v_hn_sum0 += (w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*h[b, k]
+            _v_hn_sum0 += h[b, k]*w_hh[2*H + j, k]
         # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
-        _v_hn = _v_hn_sum0 + (b_hh[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))
+        _v_hn = _v_hn_sum0 + b_hh[2*H + j]
         hn[b, j] = _v_hn
         # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
         _v_nn_sum0 = _F(0)
         for i in range(0, I):
-            _v_nn_sum0 += (w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*x[b, i]
+            _v_nn_sum0 += w_ih[2*H + j, i]*x[b, i]
         # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
-        _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + (b_ih[2*H + j] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0)))
+        _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + b_ih[2*H + j])
         nn[b, j] = _v_nn
         # g_h[b, j] = g_y[b, j]*z[b, j]
         _v_g_h = _v_z*g_y[b, j]
@@ -1728,7 +1754,7 @@ def _gru_cell_bwd1(z, nn, g_y, g_b_ih, B, G, H, _total):
         g = _r
         _v_g_b_ih = _F(0)
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g] if (2*H - g <= 0) else _F(0))
         g_b_ih[g] = _v_g_b_ih
 
 
@@ -1743,12 +1769,12 @@ def _gru_cell_bwd2(x, z, nn, g_y, g_w_ih, B, G, H, I, _total):
         g = _r
         _v_g_w_ih = _F(0)
         for b in range(0, B):
-            _v_g_w_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_w_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*x[b, i] if (2*H - g <= 0) else _F(0))
         g_w_ih[g, i] = _v_g_w_ih
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I, _total):
+def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, H, I, _total):
     """g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*w_ih[2*H + j, i], j)"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
@@ -1758,7 +1784,7 @@ def _gru_cell_bwd3(w_ih, z, nn, g_y, g_x, B, G, H, I, _total):
         b = _r
         _v_g_x = _F(0)
         for j in range(0, H):
-            _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*(w_ih[2*H + j, i] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]
+            _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*w_ih[2*H + j, i]
         g_x[b, i] = _v_g_x
 
 
@@ -1771,12 +1797,12 @@ def _gru_cell_bwd4(r, z, nn, g_y, g_b_hh, B, G, H, _total):
         g = _r
         _v_g_b_hh = _F(0)
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g] if (2*H - g <= 0) else _F(0))
         g_b_hh[g] = _v_g_b_hh
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H, _total):
+def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, H, _total):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*w_hh[2*H + j, k], j)"""
     _F = g_h.dtype.type
     _r = cuda.grid(1)
@@ -1786,7 +1812,7 @@ def _gru_cell_bwd5(w_hh, r, z, nn, g_y, g_h, B, G, H, _total):
         b = _r
         _v_g_h = g_h[b, k]
         for j in range(0, H):
-            _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*(w_hh[2*H + j, k] if ((2*H + j >= 0) and (G > 2*H + j)) else _F(0))*g_y[b, j]*r[b, j]
+            _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*w_hh[2*H + j, k]
         g_h[b, k] = _v_g_h
 
 
@@ -1801,7 +1827,7 @@ def _gru_cell_bwd6(h, r, z, nn, g_y, g_w_hh, B, G, H, _total):
         g = _r
         _v_g_w_hh = _F(0)
         for b in range(0, B):
-            _v_g_w_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if ((H > -2*H + g) and (2*H - g <= 0)) else _F(0))
+            _v_g_w_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g] if (2*H - g <= 0) else _F(0))
         g_w_hh[g, k] = _v_g_w_hh
 
 
@@ -1842,7 +1868,7 @@ def _gru_cell_bwd8(x, h, z, nn, g_y, g_w_ih, B, G, H, I, _total):
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I, _total):
+def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, H, I, _total):
     """g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j], j)"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
@@ -1852,12 +1878,12 @@ def _gru_cell_bwd9(h, w_ih, z, nn, g_y, g_x, B, G, H, I, _total):
         b = _r
         _v_g_x = g_x[b, i]
         for j in range(0, H):
-            _v_g_x += (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*(w_ih[H + j, i] if ((H + j >= 0) and (G > H + j)) else _F(0))*g_y[b, j]*z[b, j]
+            _v_g_x += (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j]
         g_x[b, i] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H, _total):
+def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, H, _total):
     """g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j], j)"""
     _F = g_h.dtype.type
     _r = cuda.grid(1)
@@ -1867,7 +1893,7 @@ def _gru_cell_bwd10(h, w_hh, z, nn, g_y, g_h, B, G, H, _total):
         b = _r
         _v_g_h = g_h[b, k]
         for j in range(0, H):
-            _v_g_h += (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*(w_hh[H + j, k] if ((H + j >= 0) and (G > H + j)) else _F(0))*g_y[b, j]*z[b, j]
+            _v_g_h += (_F(1) - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j]
         g_h[b, k] = _v_g_h
 
 
@@ -1898,12 +1924,12 @@ def _gru_cell_bwd12(r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H, _total):
         # g_b_hh[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
         _v_g_b_hh = g_b_hh[j]
         for b in range(0, B):
-            _v_g_b_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_b_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if (H > j) else _F(0))
         g_b_hh[j] = _v_g_b_hh
         # g_b_ih[j] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j], b)
         _v_g_b_ih = g_b_ih[j]
         for b in range(0, B):
-            _v_g_b_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_b_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j] if (H > j) else _F(0))
         g_b_ih[j] = _v_g_b_ih
 
 
@@ -1918,12 +1944,12 @@ def _gru_cell_bwd13(x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I, _total):
         j = _r
         _v_g_w_ih = g_w_ih[j, i]
         for b in range(0, B):
-            _v_g_w_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_w_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*x[b, i] if (H > j) else _F(0))
         g_w_ih[j, i] = _v_g_w_ih
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I, _total):
+def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, H, I, _total):
     """g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_ih[j, i], j)"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
@@ -1933,12 +1959,12 @@ def _gru_cell_bwd14(w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I, _total):
         b = _r
         _v_g_x = g_x[b, i]
         for j in range(0, H):
-            _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_ih[j, i] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
+            _v_g_x += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_ih[j, i]
         g_x[b, i] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H, _total):
+def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, H, _total):
     """g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_hh[j, k], j)"""
     _F = g_h.dtype.type
     _r = cuda.grid(1)
@@ -1948,7 +1974,7 @@ def _gru_cell_bwd15(w_hh, r, z, hn, nn, g_y, g_h, B, G, H, _total):
         b = _r
         _v_g_h = g_h[b, k]
         for j in range(0, H):
-            _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*(w_hh[j, k] if ((j >= 0) and (G > j)) else _F(0))*g_y[b, j]*hn[b, j]*r[b, j]
+            _v_g_h += (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*w_hh[j, k]
         g_h[b, k] = _v_g_h
 
 
@@ -1963,7 +1989,7 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H, _total):
         j = _r
         _v_g_w_hh = g_w_hh[j, k]
         for b in range(0, B):
-            _v_g_w_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if ((j >= 0) and (H > j)) else _F(0))
+            _v_g_w_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if (H > j) else _F(0))
         g_w_hh[j, k] = _v_g_w_hh
 
 
@@ -1983,20 +2009,19 @@ def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     _check_rank("gru_cell", "h", h, 2)
     H = h.shape[1]
     _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
     _check_rank("gru_cell", "w_hh", w_hh, 2)
     _check_rank("gru_cell", "b_ih", b_ih, 1)
     _check_rank("gru_cell", "b_hh", b_hh, 1)
-    G = 3*H
-    _check_derived("gru_cell", "G", G)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from h axis 1')})
     _check_dim("gru_cell", "h", h, 0, "B", B, "from x axis 0")
-    _check_dim("gru_cell", "w_ih", w_ih, 0, "G", G, "derived: 3*H")
     _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
-    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
     _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from h axis 1")
-    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "derived: 3*H")
-    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
     y = _empty((B, H), _dtype)
-    _launch(_gru_cell_fwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, B, G, H, I)
+    _launch(_gru_cell_fwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, B, H, I)
     return _result(y, _dev)
 
 
@@ -2018,20 +2043,19 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     I = x.shape[1]
     _check_rank("gru_cell", "h", h, 2)
     _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
     _check_rank("gru_cell", "w_hh", w_hh, 2)
     _check_rank("gru_cell", "b_ih", b_ih, 1)
     _check_rank("gru_cell", "b_hh", b_hh, 1)
-    G = 3*H
-    _check_derived("gru_cell", "G", G)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from g_y axis 1')})
     _check_dim("gru_cell", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("gru_cell", "h", h, 0, "B", B, "from g_y axis 0")
     _check_dim("gru_cell", "h", h, 1, "H", H, "from g_y axis 1")
-    _check_dim("gru_cell", "w_ih", w_ih, 0, "G", G, "derived: 3*H")
     _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
-    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
     _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from g_y axis 1")
-    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "derived: 3*H")
-    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "derived: 3*H")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
     r = _empty((B, H), _dtype)
     z = _empty((B, H), _dtype)
     hn = _empty((B, H), _dtype)
@@ -2042,22 +2066,22 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     g_w_hh = _empty((G, H), _dtype)
     g_b_ih = _empty((G,), _dtype)
     g_b_hh = _empty((G,), _dtype)
-    _launch(_gru_cell_bwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, G, H, I)
+    _launch(_gru_cell_bwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, H, I)
     _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
     _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
-    _launch(_gru_cell_bwd3, B * I, w_ih, z, nn, g_y, g_x, B, G, H, I)
+    _launch(_gru_cell_bwd3, B * I, w_ih, z, nn, g_y, g_x, B, H, I)
     _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
-    _launch(_gru_cell_bwd5, B * H, w_hh, r, z, nn, g_y, g_h, B, G, H)
+    _launch(_gru_cell_bwd5, B * H, w_hh, r, z, nn, g_y, g_h, B, H)
     _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
     _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
-    _launch(_gru_cell_bwd9, B * I, h, w_ih, z, nn, g_y, g_x, B, G, H, I)
-    _launch(_gru_cell_bwd10, B * H, h, w_hh, z, nn, g_y, g_h, B, G, H)
+    _launch(_gru_cell_bwd9, B * I, h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd10, B * H, h, w_hh, z, nn, g_y, g_h, B, H)
     _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
     _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
     _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
-    _launch(_gru_cell_bwd14, B * I, w_ih, r, z, hn, nn, g_y, g_x, B, G, H, I)
-    _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, G, H)
+    _launch(_gru_cell_bwd14, B * I, w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return _result(g_x, _dev), _result(g_h, _dev), _result(g_w_ih, _dev), _result(g_w_hh, _dev), _result(g_b_ih, _dev), _result(g_b_hh, _dev)
 
@@ -2245,74 +2269,22 @@ def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_fwd0(x, y_max0, y_logsumexp0, B, C, _total):
-    """y_max0[b] = max(x[b, k], k)
-    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    y_logsumexp0[b] = log(y_sumexp0[b])
-    """
+def _log_softmax_fwd0(x, y_max0, B, C, _total):
+    """y_max0[b] = max(x[b, k], k)"""
     _F = y_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
-        # y_max0[b] = max(x[b, k], k)
         _v_y_max0 = -_F(math.inf)
         for k in range(0, C):
             _m = x[b, k]
             if _m > _v_y_max0:
                 _v_y_max0 = _m
         y_max0[b] = _v_y_max0
-        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-        _v_y_sumexp0 = _F(0)
-        for k in range(0, C):
-            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        # y_logsumexp0[b] = log(y_sumexp0[b])
-        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
-        y_logsumexp0[b] = _v_y_logsumexp0
 
 
 @cuda.jit(cache=True)
-def _log_softmax_fwd1(x, y, y_max0, y_logsumexp0, B, C, _total):
-    """y_shifted0[b, k] = x[b, k] - y_max0[b]
-    y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
-    """
-    _F = y.dtype.type
-    _r = cuda.grid(1)
-    if _r < _total:
-        k = _r % C
-        _r //= C
-        b = _r
-        # y_shifted0[b, k] = x[b, k] - y_max0[b]
-        _v_y_shifted0 = x[b, k] - y_max0[b]
-        # y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]
-        _v_y = _v_y_shifted0 - y_logsumexp0[b]
-        y[b, k] = _v_y
-
-
-@cuda.jit(cache=True)
-def _log_softmax_bwd0(x, y_max0, y_sumexp0, B, C, _total):
-    """y_max0[b] = max(x[b, k], k)
-    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-    """
-    _F = y_max0.dtype.type
-    _r = cuda.grid(1)
-    if _r < _total:
-        b = _r
-        # y_max0[b] = max(x[b, k], k)
-        _v_y_max0 = -_F(math.inf)
-        for k in range(0, C):
-            _m = x[b, k]
-            if _m > _v_y_max0:
-                _v_y_max0 = _m
-        y_max0[b] = _v_y_max0
-        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
-        _v_y_sumexp0 = _F(0)
-        for k in range(0, C):
-            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
-        y_sumexp0[b] = _v_y_sumexp0
-
-
-@cuda.jit(cache=True)
-def _log_softmax_bwd1(x, y_max0, y_shifted0, B, C, _total):
+def _log_softmax_fwd1(x, y_max0, y_shifted0, B, C, _total):
     """y_shifted0[b, k] = x[b, k] - y_max0[b]"""
     _F = y_shifted0.dtype.type
     _r = cuda.grid(1)
@@ -2325,12 +2297,51 @@ def _log_softmax_bwd1(x, y_max0, y_shifted0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd2(g_y, g_x_sum0, B, C, _total):
-    """g_x_sum0[b] = sum(g_y[b, c], c)"""
-    _F = g_x_sum0.dtype.type
+def _log_softmax_fwd2(x, y_max0, y_logsumexp0, B, C, _total):
+    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    y_logsumexp0[b] = log(y_sumexp0[b])
+    """
+    _F = y_logsumexp0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+        # y_logsumexp0[b] = log(y_sumexp0[b])
+        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
+        y_logsumexp0[b] = _v_y_logsumexp0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C, _total):
+    """y[b, c] = -y_logsumexp0[b] + y_shifted0[b, c]"""
+    _F = y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r % C
+        _r //= C
+        b = _r
+        _v_y = -y_logsumexp0[b] + y_shifted0[b, c]
+        y[b, c] = _v_y
+
+
+@cuda.jit(cache=True)
+def _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C, _total):
+    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    g_x_sum0[b] = sum(g_y[b, c], c)
+    """
+    _F = y_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+        y_sumexp0[b] = _v_y_sumexp0
+        # g_x_sum0[b] = sum(g_y[b, c], c)
         _v_g_x_sum0 = _F(0)
         for c in range(0, C):
             _v_g_x_sum0 += g_y[b, c]
@@ -2338,7 +2349,7 @@ def _log_softmax_bwd2(g_y, g_x_sum0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd3(y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C, _total):
+def _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C, _total):
     """g_x[b, k] = -exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
@@ -2360,9 +2371,12 @@ def _log_softmax_fwd(x):
     C = x.shape[1]
     y = _empty((B, C), _dtype)
     y_max0 = _empty((B,), _dtype)
+    y_shifted0 = _empty((B, C), _dtype)
     y_logsumexp0 = _empty((B,), _dtype)
-    _launch(_log_softmax_fwd0, B, x, y_max0, y_logsumexp0, B, C)
-    _launch(_log_softmax_fwd1, B * C, x, y, y_max0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_fwd2, B, x, y_max0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd3, B * C, y, y_shifted0, y_logsumexp0, B, C)
     return _result(y, _dev)
 
 
@@ -2379,14 +2393,14 @@ def _log_softmax_bwd(g_y, x):
     _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
     y_max0 = _empty((B,), _dtype)
-    y_sumexp0 = _empty((B,), _dtype)
     y_shifted0 = _empty((B, C), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
     g_x = _empty((B, C), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
-    _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, B, C)
-    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_shifted0, B, C)
-    _launch(_log_softmax_bwd2, B, g_y, g_x_sum0, B, C)
-    _launch(_log_softmax_bwd3, B * C, y_sumexp0, y_shifted0, g_y, g_x, g_x_sum0, B, C)
+    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
 
 
@@ -2531,12 +2545,12 @@ def _multi_head_attention_fwd0(x, wq, qh_sum0, B, Dh, E, L, heads, _total):
         b = _r
         _v_qh_sum0 = _F(0)
         for e in range(0, E):
-            _v_qh_sum0 += (wq[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*x[b, l, e]
+            _v_qh_sum0 += wq[e, Dh*h + d]*x[b, l, e]
         qh_sum0[b, d, h, l] = _v_qh_sum0
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_fwd1(bq, qh_sum0, qh, B, Dh, E, L, heads, _total):
+def _multi_head_attention_fwd1(bq, qh_sum0, qh, B, Dh, L, heads, _total):
     """qh[b, h, l, d] = bq[Dh*h + d] + qh_sum0[b, d, h, l]"""
     _F = qh.dtype.type
     _r = cuda.grid(1)
@@ -2548,7 +2562,7 @@ def _multi_head_attention_fwd1(bq, qh_sum0, qh, B, Dh, E, L, heads, _total):
         h = _r % heads
         _r //= heads
         b = _r
-        _v_qh = (bq[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0)) + qh_sum0[b, d, h, l]
+        _v_qh = bq[Dh*h + d] + qh_sum0[b, d, h, l]
         qh[b, h, l, d] = _v_qh
 
 
@@ -2567,12 +2581,12 @@ def _multi_head_attention_fwd2(x, wk, kh_sum0, B, Dh, E, L, heads, _total):
         b = _r
         _v_kh_sum0 = _F(0)
         for e in range(0, E):
-            _v_kh_sum0 += (wk[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*x[b, l, e]
+            _v_kh_sum0 += wk[e, Dh*h + d]*x[b, l, e]
         kh_sum0[b, d, h, l] = _v_kh_sum0
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_fwd3(bk, kh_sum0, kh, B, Dh, E, L, heads, _total):
+def _multi_head_attention_fwd3(bk, kh_sum0, kh, B, Dh, L, heads, _total):
     """kh[b, h, l, d] = bk[Dh*h + d] + kh_sum0[b, d, h, l]"""
     _F = kh.dtype.type
     _r = cuda.grid(1)
@@ -2584,7 +2598,7 @@ def _multi_head_attention_fwd3(bk, kh_sum0, kh, B, Dh, E, L, heads, _total):
         h = _r % heads
         _r //= heads
         b = _r
-        _v_kh = (bk[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0)) + kh_sum0[b, d, h, l]
+        _v_kh = bk[Dh*h + d] + kh_sum0[b, d, h, l]
         kh[b, h, l, d] = _v_kh
 
 
@@ -2603,12 +2617,12 @@ def _multi_head_attention_fwd4(x, wv, vh_sum0, B, Dh, E, L, heads, _total):
         b = _r
         _v_vh_sum0 = _F(0)
         for e in range(0, E):
-            _v_vh_sum0 += (wv[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*x[b, l, e]
+            _v_vh_sum0 += wv[e, Dh*h + d]*x[b, l, e]
         vh_sum0[b, d, h, l] = _v_vh_sum0
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_fwd5(bv, vh_sum0, vh, B, Dh, E, L, heads, _total):
+def _multi_head_attention_fwd5(bv, vh_sum0, vh, B, Dh, L, heads, _total):
     """vh[b, h, l, d] = bv[Dh*h + d] + vh_sum0[b, d, h, l]"""
     _F = vh.dtype.type
     _r = cuda.grid(1)
@@ -2620,7 +2634,7 @@ def _multi_head_attention_fwd5(bv, vh_sum0, vh, B, Dh, E, L, heads, _total):
         h = _r % heads
         _r //= heads
         b = _r
-        _v_vh = (bv[Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0)) + vh_sum0[b, d, h, l]
+        _v_vh = bv[Dh*h + d] + vh_sum0[b, d, h, l]
         vh[b, h, l, d] = _v_vh
 
 
@@ -2729,7 +2743,7 @@ def _multi_head_attention_fwd10(wo, oh, y_sum0, B, Dh, E, L, heads, _total):
         _v_y_sum0 = _F(0)
         for h in range(0, heads):
             for d in range(0, Dh):
-                _v_y_sum0 += (wo[Dh*h + d, f] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*oh[b, h, l, d]
+                _v_y_sum0 += oh[b, h, l, d]*wo[Dh*h + d, f]
         y_sum0[b, f, l] = _v_y_sum0
 
 
@@ -2777,7 +2791,7 @@ def _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads, _total):
         b = _r
         _v_g_oh = _F(0)
         for f in range(0, E):
-            _v_g_oh += (wo[Dh*h + d, f] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_y[b, l, f]
+            _v_g_oh += g_y[b, l, f]*wo[Dh*h + d, f]
         g_oh[b, h, l, d] = _v_g_oh
 
 
@@ -2837,9 +2851,9 @@ def _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads, _total):
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads, _total):
-    """g_prob_sumexp0[b, h, l] = sum(-g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l], s)"""
-    _F = g_prob_sumexp0.dtype.type
+def _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads, _total):
+    """g_prob_sumexp0_sum0[b, h, l] = sum(g_prob[b, h, l, s]*prob[b, h, l, s], s)"""
+    _F = g_prob_sumexp0_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         l = _r % L
@@ -2847,15 +2861,15 @@ def _multi_head_attention_bwd5(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L,
         h = _r % heads
         _r //= heads
         b = _r
-        _v_g_prob_sumexp0 = _F(0)
+        _v_g_prob_sumexp0_sum0 = _F(0)
         for s in range(0, L):
-            _v_g_prob_sumexp0 += -g_prob[b, h, l, s]*prob[b, h, l, s]/prob_sumexp0[b, h, l]
-        g_prob_sumexp0[b, h, l] = _v_g_prob_sumexp0
+            _v_g_prob_sumexp0_sum0 += g_prob[b, h, l, s]*prob[b, h, l, s]
+        g_prob_sumexp0_sum0[b, h, l] = _v_g_prob_sumexp0_sum0
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads, _total):
-    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+def _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads, _total):
+    """g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
     _F = g_kh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _r = cuda.grid(1)
@@ -2869,13 +2883,13 @@ def _multi_head_attention_bwd6(qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g
         b = _r
         _v_g_kh = _F(0)
         for l in range(0, L):
-            _v_g_kh += _c0*(g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d]
+            _v_g_kh += _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d]
         g_kh[b, h, s, d] = _v_g_kh
 
 
 @cuda.jit(cache=True)
-def _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads, _total):
-    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+def _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads, _total):
+    """g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
     _F = g_qh.dtype.type
     _c0 = _F(1) / math.sqrt(_F(Dh))
     _r = cuda.grid(1)
@@ -2889,7 +2903,7 @@ def _multi_head_attention_bwd7(kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g
         b = _r
         _v_g_qh = _F(0)
         for s in range(0, L):
-            _v_g_qh += _c0*(g_prob[b, h, l, s] + g_prob_sumexp0[b, h, l]*prob_sumexp0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s]
+            _v_g_qh += _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s]
         g_qh[b, h, l, d] = _v_g_qh
 
 
@@ -2939,7 +2953,7 @@ def _multi_head_attention_bwd10(wv, g_x, g_vh, B, Dh, E, L, heads, _total):
         _v_g_x = _F(0)
         for d in range(0, Dh):
             for h in range(0, heads):
-                _v_g_x += (wv[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_vh[b, h, l, d]
+                _v_g_x += g_vh[b, h, l, d]*wv[e, Dh*h + d]
         g_x[b, l, e] = _v_g_x
 
 
@@ -2989,7 +3003,7 @@ def _multi_head_attention_bwd13(wk, g_x, g_kh, B, Dh, E, L, heads, _total):
         _v_g_x = g_x[b, l, e]
         for d in range(0, Dh):
             for h in range(0, heads):
-                _v_g_x += (wk[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_kh[b, h, l, d]
+                _v_g_x += g_kh[b, h, l, d]*wk[e, Dh*h + d]
         g_x[b, l, e] = _v_g_x
 
 
@@ -3039,7 +3053,7 @@ def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads, _total):
         _v_g_x = g_x[b, l, e]
         for d in range(0, Dh):
             for h in range(0, heads):
-                _v_g_x += (wq[e, Dh*h + d] if ((Dh*h + d >= 0) and (E > Dh*h + d)) else _F(0))*g_qh[b, h, l, d]
+                _v_g_x += g_qh[b, h, l, d]*wq[e, Dh*h + d]
         g_x[b, l, e] = _v_g_x
 
 
@@ -3070,6 +3084,7 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     _check_rank("multi_head_attention", "bo", bo, 1)
     Dh = (E // heads)
     _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from x axis 2'), 'heads': (heads, 'attribute')})
     _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from x axis 2")
     _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from x axis 2")
     _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from x axis 2")
@@ -3096,11 +3111,11 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     oh = _empty((B, heads, L, Dh), _dtype)
     y_sum0 = _empty((B, E, L), _dtype)
     _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
-    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
-    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
-    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
     _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
     _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
@@ -3139,6 +3154,7 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     _check_rank("multi_head_attention", "bo", bo, 1)
     Dh = (E // heads)
     _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from g_y axis 2'), 'heads': (heads, 'attribute')})
     _check_dim("multi_head_attention", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("multi_head_attention", "x", x, 1, "L", L, "from g_y axis 1")
     _check_dim("multi_head_attention", "x", x, 2, "E", E, "from g_y axis 2")
@@ -3177,15 +3193,15 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     g_oh = _empty((B, heads, L, Dh), _dtype)
     g_prob = _empty((B, heads, L, L), _dtype)
     g_vh = _empty((B, heads, L, Dh), _dtype)
-    g_prob_sumexp0 = _empty((B, heads, L), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
     g_kh = _empty((B, heads, L, Dh), _dtype)
     g_qh = _empty((B, heads, L, Dh), _dtype)
     _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
-    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
-    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
-    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
     _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
     _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
@@ -3195,9 +3211,9 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
     _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
-    _launch(_multi_head_attention_bwd5, B * heads * L, prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, heads)
-    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_kh, B, Dh, L, causal, heads)
-    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob_sumexp0, prob, g_prob, g_prob_sumexp0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
     _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
@@ -3640,23 +3656,23 @@ def _scaled_dot_product_attention_bwd1(prob, g_y, g_v, B, E, L, S, _total):
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd2(prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S, _total):
-    """g_prob_sumexp0[b, l] = sum(-g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l], s)"""
-    _F = g_prob_sumexp0.dtype.type
+def _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S, _total):
+    """g_prob_sumexp0_sum0[b, l] = sum(g_prob[b, l, s]*prob[b, l, s], s)"""
+    _F = g_prob_sumexp0_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         l = _r % L
         _r //= L
         b = _r
-        _v_g_prob_sumexp0 = _F(0)
+        _v_g_prob_sumexp0_sum0 = _F(0)
         for s in range(0, S):
-            _v_g_prob_sumexp0 += -g_prob[b, l, s]*prob[b, l, s]/prob_sumexp0[b, l]
-        g_prob_sumexp0[b, l] = _v_g_prob_sumexp0
+            _v_g_prob_sumexp0_sum0 += g_prob[b, l, s]*prob[b, l, s]
+        g_prob_sumexp0_sum0[b, l] = _v_g_prob_sumexp0_sum0
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal, _total):
-    """g_k[b, s, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
+def _scaled_dot_product_attention_bwd3(q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal, _total):
+    """g_k[b, s, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
     _F = g_k.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     _r = cuda.grid(1)
@@ -3668,13 +3684,13 @@ def _scaled_dot_product_attention_bwd3(q, prob_sumexp0, prob, g_k, g_prob, g_pro
         b = _r
         _v_g_k = _F(0)
         for l in range(0, L):
-            _v_g_k += _c0*(g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d]
+            _v_g_k += _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d]
         g_k[b, s, d] = _v_g_k
 
 
 @cuda.jit(cache=True)
-def _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal, _total):
-    """g_q[b, l, d] = sum((g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
+def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal, _total):
+    """g_q[b, l, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
     _F = g_q.dtype.type
     _c0 = _F(1) / math.sqrt(_F(D))
     _r = cuda.grid(1)
@@ -3686,7 +3702,7 @@ def _scaled_dot_product_attention_bwd4(k, prob_sumexp0, prob, g_q, g_prob, g_pro
         b = _r
         _v_g_q = _F(0)
         for s in range(0, S):
-            _v_g_q += _c0*(g_prob[b, l, s] + g_prob_sumexp0[b, l]*prob_sumexp0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s]
+            _v_g_q += _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s]
         g_q[b, l, d] = _v_g_q
 
 
@@ -3753,14 +3769,14 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     g_k = _empty((B, S, D), _dtype)
     g_v = _empty((B, S, E), _dtype)
     g_prob = _empty((B, L, S), _dtype)
-    g_prob_sumexp0 = _empty((B, L), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
     _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
     _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
     _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S)
     _launch(_scaled_dot_product_attention_bwd1, B * S * E, prob, g_y, g_v, B, E, L, S)
-    _launch(_scaled_dot_product_attention_bwd2, B * L, prob_sumexp0, prob, g_prob, g_prob_sumexp0, B, L, S)
-    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob_sumexp0, prob, g_k, g_prob, g_prob_sumexp0, B, D, L, S, causal)
-    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob_sumexp0, prob, g_q, g_prob, g_prob_sumexp0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
     return _result(g_q, _dev), _result(g_k, _dev), _result(g_v, _dev)
 
 

@@ -1045,27 +1045,16 @@ def _nll_bwd(g_loss, logprobs, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C):
-    """loss_max0[b] = max(logits[b, k], k)
-    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-    loss_logsumexp0[b] = log(loss_sumexp0[b])
-    """
+def _softmax_cross_entropy_fwd0(logits, loss_max0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)"""
     _F = loss_max0.dtype.type
     for b in range(0, B):
-        # loss_max0[b] = max(logits[b, k], k)
         _v_loss_max0 = -_F(math.inf)
         for k in range(0, C):
             _m = logits[b, k]
             if _m > _v_loss_max0:
                 _v_loss_max0 = _m
         loss_max0[b] = _v_loss_max0
-        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-        _v_loss_sumexp0 = _F(0)
-        for k in range(0, C):
-            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
-        # loss_logsumexp0[b] = log(loss_sumexp0[b])
-        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
-        loss_logsumexp0[b] = _v_loss_logsumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1079,7 +1068,23 @@ def _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C):
+def _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    """
+    _F = loss_logsumexp0.dtype.type
+    for b in range(0, B):
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        loss_logsumexp0[b] = _v_loss_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C):
     """loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
     loss = -loss_sum0/B
     """
@@ -1097,68 +1102,17 @@ def _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B,
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C):
-    """loss_max0[b] = max(logits[b, k], k)
-    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-    """
-    _F = loss_max0.dtype.type
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)"""
+    _F = loss_sumexp0.dtype.type
     for b in range(0, B):
-        # loss_max0[b] = max(logits[b, k], k)
-        _v_loss_max0 = -_F(math.inf)
-        for k in range(0, C):
-            _m = logits[b, k]
-            if _m > _v_loss_max0:
-                _v_loss_max0 = _m
-        loss_max0[b] = _v_loss_max0
-        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
         _v_loss_sumexp0 = _F(0)
         for k in range(0, C):
-            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
         loss_sumexp0[b] = _v_loss_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C):
-    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]
-    g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B
-    """
-    _F = g_logits.dtype.type
-    _c0 = g_loss[0]/_F(B)
-    for b in range(0, B):
-        for k in range(0, C):
-            # loss_shifted0[b, k] = logits[b, k] - loss_max0[b]
-            _v_loss_shifted0 = logits[b, k] - loss_max0[b]
-            # g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B
-            _v_g_logits = _c0*(math.exp(_v_loss_shifted0)/loss_sumexp0[b] - target[b, k])
-            g_logits[b, k] = _v_g_logits
-
-
-@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C):
-    """loss_max0[b] = max(logits[b, k], k)
-    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-    loss_logsumexp0[b] = log(loss_sumexp0[b])
-    """
-    _F = loss_max0.dtype.type
-    for b in range(0, B):
-        # loss_max0[b] = max(logits[b, k], k)
-        _v_loss_max0 = -_F(math.inf)
-        for k in range(0, C):
-            _m = logits[b, k]
-            if _m > _v_loss_max0:
-                _v_loss_max0 = _m
-        loss_max0[b] = _v_loss_max0
-        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
-        _v_loss_sumexp0 = _F(0)
-        for k in range(0, C):
-            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
-        loss_sumexp0[b] = _v_loss_sumexp0
-        # loss_logsumexp0[b] = log(loss_sumexp0[b])
-        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
-        loss_logsumexp0[b] = _v_loss_logsumexp0
-
-
-@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_loss, g_logits, B, C):
+def _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C):
     """g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B"""
     _F = g_logits.dtype.type
     _c0 = g_loss[0]/_F(B)
@@ -1169,6 +1123,23 @@ def _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_los
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    """
+    _F = loss_sumexp0.dtype.type
+    for b in range(0, B):
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        loss_logsumexp0[b] = _v_loss_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_core(logits, target):
     """Forward of softmax_cross_entropy: loss from logits, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
@@ -1176,11 +1147,12 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
     loss_max0 = np.empty((B,), _dtype)
-    loss_logsumexp0 = np.empty((B,), _dtype)
     loss_shifted0 = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C)
+    loss_logsumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
-    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
     return loss
 
 
@@ -1200,11 +1172,12 @@ def _softmax_cross_entropy_fwd_into(logits, target, loss):
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = np.empty((B,), _dtype)
-    loss_logsumexp0 = np.empty((B,), _dtype)
     loss_shifted0 = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_max0, loss_logsumexp0, B, C)
+    loss_logsumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
-    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
 
 
 def _softmax_cross_entropy_fwd(logits, target):
@@ -1229,10 +1202,13 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
     g_logits = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
+    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
-    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
     return g_logits
 
 
@@ -1252,9 +1228,12 @@ def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
+    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
-    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
 def _softmax_cross_entropy_bwd(g_loss, logits, target):
@@ -1275,19 +1254,20 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_saving_core(logits, target):
-    """Forward of softmax_cross_entropy: loss, loss_sumexp0, loss_shifted0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of softmax_cross_entropy: loss, loss_shifted0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
     loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
     loss_logsumexp0 = np.empty((B,), _dtype)
-    loss_shifted0 = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
-    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
-    return loss, loss_sumexp0, loss_shifted0
+    _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    return loss, loss_shifted0, loss_sumexp0
 
 
 def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
@@ -1296,36 +1276,37 @@ def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
     B = logits.shape[0]
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
-    loss_sumexp0 = np.empty((B,), _dtype)
     loss_shifted0 = np.empty((B, C), _dtype)
-    return loss, loss_sumexp0, loss_shifted0
+    loss_sumexp0 = np.empty((B,), _dtype)
+    return loss, loss_shifted0, loss_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_sumexp0, loss_shifted0):
-    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_sumexp0, loss_shifted0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
+def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_shifted0, loss_sumexp0):
+    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_shifted0, loss_sumexp0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = np.empty((B,), _dtype)
     loss_logsumexp0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
-    _softmax_cross_entropy_fwd2(target, loss, loss_logsumexp0, loss_shifted0, B, C)
+    _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_sumexp0, loss_shifted0):
-    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_sumexp0, loss_shifted0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_shifted0, loss_sumexp0):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_shifted0, loss_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_sumexp0, loss_shifted0):
+def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_shifted0, loss_sumexp0):
     """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -1335,11 +1316,11 @@ def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_sumexp0,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_sumexp0, loss_shifted0, g_logits):
+def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_shifted0, loss_sumexp0, g_logits):
     """``_softmax_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``)."""
     B = logits.shape[0]
     C = logits.shape[1]
-    _softmax_cross_entropy_bwd_saved0(target, loss_sumexp0, loss_shifted0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
 # The host functions of each op on this target.
@@ -1981,6 +1962,12 @@ _LATEX = {
         "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
         "\n"
         "\\begin{equation*}\n"
+        "\\mathrm{loss\\_shifted0}_{b,k} = \\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "the exponent less its maximum, rounded on its own.\n"
+        "\n"
+        "\\begin{equation*}\n"
         "\\mathrm{loss\\_sumexp0}_{b} = \\sum_{k} \\left(e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
@@ -1989,12 +1976,6 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "the logarithm of the shifted sum; the log-sum-exp is the maximum plus it.\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\mathrm{loss\\_shifted0}_{b,k} = \\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "the exponent less its maximum, rounded on its own.\n"
         "\n"
         "\\begin{equation*}\n"
         "\\mathrm{loss\\_sum0} = \\sum_{b,c} \\left(\\left(- \\mathrm{loss\\_logsumexp0}_{b} + \\mathrm{loss\\_shifted0}_{b,c}\\right) \\mathrm{target}_{b,c}\\right)\n"
@@ -2046,20 +2027,6 @@ _LATEX = {
         "\\bar{\\mathrm{loss\\_shifted0}}_{b,c} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,c}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{logits}_{b,k}$ in the statement for $\\mathrm{loss\\_shifted0}$:\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_shifted0}_{b,k}}{\\partial \\mathrm{logits}_{b,k}} = 1\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b',k'} \\mathrel{+}= \\sum_{b,k} - \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\mathrm{target}_{b,k}}{B}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,k}}{B}\n"
-        "\\end{equation*}\n"
-        "\n"
         "Through the read $\\mathrm{loss\\_sumexp0}_{b}$ in the statement for $\\mathrm{loss\\_logsumexp0}$:\n"
         "\n"
         "\\begin{equation*}\n"
@@ -2085,6 +2052,20 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}}}{B \\mathrm{loss\\_sumexp0}_{b}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{logits}_{b,k}$ in the statement for $\\mathrm{loss\\_shifted0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_shifted0}_{b,k}}{\\partial \\mathrm{logits}_{b,k}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logits}}_{b',k'} \\mathrel{+}= \\sum_{b,k} - \\frac{\\bar{\\mathrm{loss}} \\delta_{b,\\,b'} \\delta_{k,\\,k'} \\mathrm{target}_{b,k}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
         "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{loss\\_shifted0}_{b,k}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
         "\\end{equation*}\n"
         "\n"
@@ -2095,15 +2076,15 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_shifted0}}_{b,k} = - \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,k}}{B}\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
         "\\bar{\\mathrm{loss\\_logsumexp0}}_{b} = \\frac{\\bar{\\mathrm{loss}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{\\mathrm{loss\\_sumexp0}}_{b} = \\frac{\\bar{\\mathrm{loss}}}{B \\mathrm{loss\\_sumexp0}_{b}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_shifted0}}_{b,k} = - \\frac{\\bar{\\mathrm{loss}} \\mathrm{target}_{b,k}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"

@@ -6,7 +6,8 @@ compact backward, rstd (ghat - mean(ghat) - xhat mean(ghat xhat)) with ghat = we
 is derived from these equations (derive/statistics.py), not written.
 """
 
-from sympy import sqrt
+import sympy
+from sympy import Piecewise, sqrt
 
 from ..dsl import Sum, attr, dims, indices, layer, tensors
 
@@ -15,6 +16,7 @@ D, N, H, W = dims("D N H W")
 eps, momentum, p = attr("eps", 1e-5), attr("momentum", 0.1), attr("p", 0.5)
 x, weight, bias, y, mask = tensors("x weight bias y mask")
 mean, var, rstd, xhat = tensors("mean var rstd xhat")
+count = sympy.Symbol("count", real=True)
 running_mean, running_var, new_mean, new_var = tensors("running_mean running_var new_mean new_var")
 
 M = N * H * W  # elements per channel
@@ -39,11 +41,16 @@ OPS = [
               "torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats."),
     layer("batch_norm2d_stats", inputs={"x": "N C H W", "running_mean": "C", "running_var": "C"},
           outputs={"new_mean": "C", "new_var": "C"}, attrs={"momentum": 0.1}, differentiate=[],
-          equations=[(mean[c], Sum(x[n, c, h, w], n, h, w) / M),
-                     (new_mean[c], (1 - momentum) * running_mean[c] + momentum * mean[c]),
-                     (new_var[c], (1 - momentum) * running_var[c]
-                      + momentum * Sum((x[n, c, h, w] - mean[c]) ** 2, n, h, w) / (M - 1))],
-          doc="The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); nothing is differentiated."),
+          ranges={"n": N, "h": H, "w": W},
+          equations=[(count, Sum(1, n, h, w)),  # 0 for an empty batch (M > 0 would be true: dimensions are >= 1)
+                     (mean[c], Sum(x[n, c, h, w], n, h, w) / M),
+                     (new_mean[c], Piecewise(((1 - momentum) * running_mean[c] + momentum * mean[c], count > 0),
+                                             (running_mean[c], True))),
+                     (new_var[c], Piecewise(((1 - momentum) * running_var[c]
+                                             + momentum * Sum((x[n, c, h, w] - mean[c]) ** 2, n, h, w) / (M - 1), count > 0),
+                                            (running_var[c], True)))],
+          doc="The running-statistics update of torch.nn.BatchNorm2d (unbiased batch variance); an empty batch "
+              "leaves the statistics unchanged, as PyTorch does; nothing is differentiated."),
     layer("batch_norm2d_eval", inputs={"x": "N C H W", "running_mean": "C", "running_var": "C"},
           params={"weight": "C", "bias": "C"}, outputs={"y": "N C H W"}, attrs={"eps": 1e-5},
           differentiate=["x", "weight", "bias"],
