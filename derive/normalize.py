@@ -171,6 +171,18 @@ def _read(name, idx):
     return base[idx] if idx else sympy.Symbol(name, real=True)
 
 
+def _masked_exp_factor(body, over):
+    """``body`` as ``exp(E) * F`` where a condition holds and 0 elsewhere (a masked sum,
+    ``where(k != i, exp(s[i,k]), 0)``): (E, F, condition), or None. Without a mask the
+    condition is True."""
+    if isinstance(body, sympy.Piecewise) and len(body.args) == 2 and body.args[1] == (0, True):
+        (value, cond), _ = body.args
+        split = _exp_factor(value, over)
+        return None if split is None else (*split, cond)
+    split = _exp_factor(body, over)
+    return None if split is None else (*split, sympy.true)
+
+
 def _exp_factor(body, over):
     """``body`` as ``exp(E) * F`` with E depending on the summed indices ``over``, or None."""
     body = sympy.powsimp(body, combine="exp")
@@ -200,19 +212,21 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sy
     def shifted(node):
         if not isinstance(node, ReduceSum) or node.body.has(Reduce):
             return None
-        split = _exp_factor(node.body, node.indices)
+        split = _masked_exp_factor(node.body, node.indices)
         if split is None:
             return None
         assert check_shift_invariance()
-        e, rest = split
+        e, rest, cond = split
         over = tuple(node.indices)
         own = set(over)
         e_free = tuple(sorted((i for i in e.free_symbols if i in eq.ranges and i not in own), key=str))
-        key = (e, over)
+        # the maximum over the terms the sum takes (a masked term is -inf for it)
+        masked = e if cond == sympy.true else sympy.Piecewise((e, cond), (-sympy.oo, True))
+        key = (masked, over)
         if key not in maxima:
             m_name = namer(f"{eq.target}_max")
             ranges = {i: eq.ranges[i] for i in e_free + over}
-            extra.append(Stmt(m_name, e_free, e, "max", over, ranges, origin="stability", stop_gradient=True,
+            extra.append(Stmt(m_name, e_free, masked, "max", over, ranges, origin="stability", stop_gradient=True,
                               note="the maximum subtracted for stability; the shifted sums do not depend on it"))
             shapes[m_name] = tuple(eq.ranges[i] for i in e_free)
             maxima[key] = _read(m_name, e_free)
@@ -220,7 +234,10 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sy
         free = _free_indices(node, eq.ranges)
         ranges = {i: eq.ranges[i] for i in free + over}
         s_name = namer(f"{eq.target}_sumexp")
-        extra.append(Stmt(s_name, free, sympy.exp(e - m) * rest, "sum", over, ranges, origin="stability"))
+        shifted_term = sympy.exp(e - m) * rest
+        if cond != sympy.true:
+            shifted_term = sympy.Piecewise((shifted_term, cond), (0, True))
+        extra.append(Stmt(s_name, free, shifted_term, "sum", over, ranges, origin="stability"))
         shapes[s_name] = tuple(eq.ranges[i] for i in free)
         sums.append((s_name, free, ranges, e, m, e_free, over))
         return sympy.exp(m) * _read(s_name, free)

@@ -63,6 +63,17 @@ def _infonce(za, zb, tau=0.1):
     return F.cross_entropy(za @ zb.T / tau, torch.arange(za.shape[0]))
 
 
+def _nt_xent(z, pos, tau=0.005):
+    zn = F.normalize(z, dim=1)
+    sim = (zn @ zn.T / tau).masked_fill(torch.eye(z.shape[0], dtype=torch.bool), -float("inf"))
+    return F.cross_entropy(sim, pos)
+
+
+def _nt_xent_inputs(rng):
+    n = 6  # three positive pairs (i, i + 3); similarities up to 1 / tau = 200
+    return [_big(rng, (n, 4)), (np.arange(n) + n // 2) % n]
+
+
 def _smooth_max(x, a, w, t=0.5):
     return t * torch.logsumexp(x / t, dim=1) * w + torch.logaddexp(a, x[:, 0])
 
@@ -96,6 +107,7 @@ FORMS = [
     Form("attention_by_hand", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), _attention_inputs,
          (0, 1, 2), terms=3 * 30 * 4),
     Form("infonce", _infonce, lambda rng: [_big(rng, (B, 4), 10.0), _big(rng, (B, 4), 10.0)], (0, 1), terms=40),
+    Form("nt_xent", _nt_xent, _nt_xent_inputs, (0,)),
     Form("softmax_then_log", lambda x, t: -(t * F.log_softmax(x, dim=1)).sum() / x.shape[0],
          lambda rng: [_big(rng, (B, C)), ref.prob_rows(rng, (B, C))], (0,)),
     Form("smooth_max", _smooth_max, lambda rng: [_big(rng, (B, C)), _big(rng, (B,)), rng.normal(size=B)], (0, 1, 2),
@@ -105,8 +117,14 @@ FORMS = [
 PARAMS = [pytest.param(f, id=f.id) for f in FORMS]
 
 
+def _tensor(a, grad=False, dtype=np.float64):
+    if np.issubdtype(np.asarray(a).dtype, np.integer):
+        return torch.tensor(np.asarray(a, np.int64))  # index data stays integer
+    return torch.tensor(np.asarray(a, dtype), requires_grad=grad)
+
+
 def _oracle(form, args, seed):
-    ts = [torch.tensor(np.asarray(a, np.float64), requires_grad=i in form.wrt) for i, a in enumerate(args)]
+    ts = [_tensor(a, i in form.wrt) for i, a in enumerate(args)]
     out = form.oracle(*ts)
     grads = torch.autograd.grad(out, [ts[i] for i in form.wrt], torch.tensor(np.asarray(seed, np.float64)).reshape(out.shape))
     return out.detach().numpy(), [g.numpy() for g in grads]
@@ -204,7 +222,7 @@ def _error(ours, exact):
 
 
 def _torch32(fn, args, wrt, seed):
-    ts = [torch.tensor(np.asarray(a, np.float32), requires_grad=i in wrt) for i, a in enumerate(args)]
+    ts = [_tensor(a, i in wrt, np.float32) for i, a in enumerate(args)]
     out = fn(*ts)
     grads = torch.autograd.grad(out, [ts[i] for i in wrt], torch.tensor(np.asarray(seed, np.float32)).reshape(out.shape))
     return out.detach().numpy(), [g.numpy() for g in grads]
