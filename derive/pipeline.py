@@ -438,7 +438,8 @@ def _sizes(op: OpDef):
         if not e.is_integer:  # H = G/4 between two bound sizes: checked as 4*H = G, in integers
             num, den = sympy.fraction(sympy.together(e))
             lhs, e = den * lhs, num
-        relations.append((lhs, e, f"{d} = {sympy.sstr(op.relations[d])}"))
+        note = f" ({op.relation_notes[d]})" if d in op.relation_notes else ""
+        relations.append((lhs, e, f"{d} = {sympy.sstr(op.relations[d])}{note}"))
     for d, e in op.derived_dims.items():
         sym = op.symbols[d]
         if e.is_integer:

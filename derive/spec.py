@@ -68,6 +68,7 @@ class OpDef:
     # `dims` entries naming an argument's dimension: relations checked against the shapes
     # at run time (``G = 4*H``); split off derived_dims by bind()
     relations: dict[str, sympy.Expr] = field(default_factory=dict)
+    relation_notes: dict[str, str] = field(default_factory=dict)  # why a relation is implied
     ranges: dict[str, sympy.Expr] = field(default_factory=dict)
     equations: list[Equation] = field(default_factory=list)
     differentiate: list[str] | None = None
@@ -473,4 +474,52 @@ def bind(op: OpDef) -> OpDef:
     if missing:
         raise SpecError(path, f"output `{missing[0]}` is never assigned")
     op.index_ranges = ranges
+    implied_relations(op)
     return op
+
+
+def implied_relations(op: OpDef) -> None:
+    """A dimension derived by floor division, ``H = "G // 2"``, that the equations use as
+    the size of blocks of G (a read of an axis of size G at ``j + m*H``, j over H and m a
+    whole number or a loop index over the divisor) splits G into parts: the spec implies
+    the relation G = 2*H, which is checked when the op runs (an odd G is an error, not a
+    silently dropped column) and used by the derivation, as if it were stated."""
+    shapes = {n: op.shape_of(n) for table in (op.inputs, op.params) for n in table}
+    for d, e in op.derived_dims.items():
+        if not isinstance(e, sympy.floor):
+            continue
+        whole, divisor = sympy.fraction(sympy.together(e.args[0]))
+        if not (isinstance(whole, sympy.Symbol) and whole.name in shapes_dims(op)) or whole.name in op.relations:
+            continue
+        size = op.symbols[d]
+        if _splits(op, shapes, whole, size, divisor):
+            op.relations[whole.name] = divisor * size
+            op.relation_notes[whole.name] = f"implied by {d} = {whole} // {divisor} splitting {whole} into parts"
+
+
+def shapes_dims(op: OpDef) -> set[str]:
+    return {d for table in (op.inputs, op.params) for shape in table.values() for d in shape}
+
+
+def _splits(op, shapes, whole, size, divisor) -> bool:
+    for eq in op.equations:
+        for read in eq.rhs.atoms(sympy.Indexed):
+            shape = shapes.get(str(read.base))
+            if shape is None:
+                continue
+            for e, n in zip(read.indices, shape):
+                if n != whole:
+                    continue
+                terms = sympy.Add.make_args(sympy.expand(e))
+                inner = [t for t in terms if t in eq.ranges and sympy.simplify(eq.ranges[t] - size) == 0]
+                blocks = [t for t in terms if t not in inner]
+                if len(inner) != 1 or not blocks:
+                    continue
+                ok = True
+                for t in blocks:
+                    m = sympy.simplify(t / size)
+                    if not ((m.is_Integer and m > 0) or (m in eq.ranges and sympy.simplify(eq.ranges[m] - divisor) == 0)):
+                        ok = False
+                if ok:
+                    return True
+    return False

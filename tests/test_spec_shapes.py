@@ -1,12 +1,13 @@
 """Sizes a spec states or implies are facts the generated code checks and the
-derivation uses (tests/specs/{glu,glu_quotient,lstm_cell,gqa,gqa_unrelated,shift}.toml):
+derivation uses (tests/specs/: glu*, lstm_cell, gqa*, shift, window, first_k):
 
 * ``dims`` may state a relation (``G = "4*H"``, G also an input's dimension): the host
   wrappers check it against the actual shapes (an error naming the spec, the relation
   and the sizes), and lowering drops the bounds guards it proves true (an axis split
   into halves or four gates reads no guarded element);
-* a dimension that must be an exact quotient (``H = "G / 2"``, or H solved from
-  ``G = "2*H"``) is an error when the size does not divide, never a truncation;
+* a dimension that must be an exact quotient (``H = "G / 2"``, H solved from
+  ``G = "2*H"``, or ``H = "G // 2"`` used as the size of blocks of G, which implies
+  G = 2*H) is an error when the size does not divide, never a truncation;
 * a read whose index is built from attributes and loop indices, with no offset of its
   own and no loop over the axis's own size (``k[b, h // R, u, e]``, ``x[b, k]`` with k
   over an attribute K), must stay inside its tensor: where no relation proves it, the
@@ -48,6 +49,7 @@ def _lstm(x, h, c, w_ih, w_hh, bias):
 CASES = {
     "glu": (lambda x: (F.glu(x, -1),), [(3, 6)], {}),
     "glu_quotient": (lambda x: (F.glu(x, -1),), [(3, 6)], {}),
+    "glu_floor": (lambda x: (F.glu(x, -1),), [(3, 6)], {}),
     # B=2, I=3, H=2, G=8
     "lstm_cell": (_lstm, [(2, 3), (2, 2), (2, 2), (8, 3), (8, 2), (8,)], {}),
     # B=1, HQ=4, HK=2, T=3, S=4, D=2
@@ -97,7 +99,7 @@ def test_matches_torch(build_spec, name, target, dtype, rng):
 # ---------------------------------------------------------------- run-time checks
 
 
-@pytest.mark.parametrize("name", ["glu", "glu_quotient"])
+@pytest.mark.parametrize("name", ["glu", "glu_quotient", "glu_floor"])
 def test_a_size_that_does_not_divide_is_an_error_not_a_truncation(build_spec, name, target, rng):
     op = _op(build_spec, name, target)
     x = rng.normal(size=(3, 7))
@@ -107,6 +109,8 @@ def test_a_size_that_does_not_divide_is_an_error_not_a_truncation(build_spec, na
         message = str(info.value)
         assert f"{name} ({name}.toml)" in message
         assert "relation G = 2*H" in message and "G = 7 but 2*H = 6" in message
+        if name == "glu_floor":
+            assert "implied by H = G // 2 splitting G into parts" in message
         assert "not a truncation" in message
 
 
@@ -171,12 +175,13 @@ def _kernel_conditions(source: str) -> list[str]:
     return re.findall(r" if (.+?) else ", source)
 
 
-def test_a_split_axis_reads_without_bounds_guards(build_spec):
+@pytest.mark.parametrize("name", ["glu", "glu_floor"])
+def test_a_split_axis_reads_without_bounds_guards(build_spec, name):
     """GLU's forward reads x[b, j] and x[b, j + H] with j < H = G/2: no guard at all; its
     backward keeps only the halves' own conditions (j < H, j >= H), none against G."""
-    source = inspect.getsource(build_spec(SPECS / "glu.toml"))
-    forward = re.findall(r"\ndef _glu_fwd\d+\(.*?(?=\n\n\n)", source, re.S)
-    backward = re.findall(r"\ndef _glu_bwd\d+\(.*?(?=\n\n\n)", source, re.S)
+    source = inspect.getsource(build_spec(SPECS / f"{name}.toml"))
+    forward = re.findall(r"\ndef _%s_fwd\d+\(.*?(?=\n\n\n)" % name, source, re.S)
+    backward = re.findall(r"\ndef _%s_bwd\d+\(.*?(?=\n\n\n)" % name, source, re.S)
     assert forward and backward
     assert _kernel_conditions("".join(forward)) == []
     conditions = _kernel_conditions("".join(backward))
