@@ -486,16 +486,23 @@ class CPUPrinter(PythonCodePrinter):
             return "1", "-1", "0"
         return "%s(1)" % CAST, "-%s(1)" % CAST, "%s(0)" % CAST
 
+    def _at_zero(self, arg, x, value):
+        """``value`` where ``x`` (printed ``arg``) is neither positive nor negative: at 0,
+        or NaN for a float NaN (NaN in, NaN out)."""
+        if self._mode == "float" and not self.is_int(arg):
+            return "(%s if %s == 0 else %s)" % (value, x, self._print(sympy.nan))
+        return value
+
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         one, mone, zero = self._one_zero()
-        return "(%s if %s > 0 else (%s if %s < 0 else %s))" % (one, x, mone, x, zero)
+        return "(%s if %s > 0 else (%s if %s < 0 else %s))" % (one, x, mone, x, self._at_zero(expr.args[0], x, zero))
 
     def _print_Heaviside(self, expr):
         x = self._print(expr.args[0])
         one, _, zero = self._one_zero()
         h0 = self._print(expr.args[1]) if len(expr.args) > 1 else self._float(0.5)
-        return "(%s if %s > 0 else (%s if %s < 0 else %s))" % (one, x, zero, x, h0)
+        return "(%s if %s > 0 else (%s if %s < 0 else %s))" % (one, x, zero, x, self._at_zero(expr.args[0], x, h0))
 
     def _print_KroneckerDelta(self, expr):
         a, b = (self.expr(x, "int") for x in expr.args)

@@ -487,7 +487,7 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, _total):
         _r //= N
         b = _r
         _t0 = pred[b, n] - target[b, n]
-        _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else _F(0))) if (delta <= abs(_t0)) else _F(math.nan)))
+        _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan)))) if (delta <= abs(_t0)) else _F(math.nan)))
         g_pred[b, n] = _v_g_pred
 
 

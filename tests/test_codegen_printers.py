@@ -103,7 +103,8 @@ def test_stable_helpers_and_functions(pr):
     assert pr.helpers_used == {"sigmoid", "softplus"}
     assert CUDAPrinter().expr(sigmoid(x[i])) == "_sigmoid_dev(x[i], _F)"
     assert pr.expr(sympy.erf(x[i])) == "math.erf(x[i])"
-    assert pr.expr(sympy.sign(x[i])) == "(_F(1) if x[i] > 0 else (-_F(1) if x[i] < 0 else _F(0)))"
+    assert pr.expr(sympy.sign(x[i])) == ("(_F(1) if x[i] > 0 else (-_F(1) if x[i] < 0 else "
+                                         "(_F(0) if x[i] == 0 else _F(math.nan))))")  # sign(NaN) is NaN
 
 
 def test_unknown_function_is_an_error(pr):

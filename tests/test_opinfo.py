@@ -727,6 +727,7 @@ NAN_FORMS = {  # spec expression -> the same function in PyTorch (where NaN prop
     "Max(0, -x)": lambda x: torch.clamp(-x, min=0),
     "where(x > 1, x**2, 3)": lambda x: torch.where(x > 1, x**2, 3.0),
     "where(x <= 1, 3, x**2)": lambda x: torch.where(x <= 1, 3.0, x**2),
+    "abs(x) + sign(x - 1)": lambda x: x.abs() + torch.sign(x - 1),
 }
 
 

@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 51ff441d944d4d43
 #   generated/layers.py 6aca80384084c280
-#   generated/losses.py 4abcc9676d5f5dc4
+#   generated/losses.py 3d23e959d6f09556
 #   generated/optimizers.py 9072ecf0ebc71829
 """The mlp_digits model.
 
