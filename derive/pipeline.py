@@ -9,6 +9,8 @@ as zeros (the spec language's padding rule), guards as ``Piecewise``.
 
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from . import ir
@@ -488,8 +490,11 @@ def _build_optimizer(op: OpDef) -> ir.Program:
             if target in temps and temps[target] != per_element:
                 raise SpecError(path, f"temporary `{target}` was a per-step scalar and is now assigned a per-element value: use another name", eq.text)
             temps[target] = temps.get(target, per_element)
-            later = [e for e in op.equations[k + 1:]]
-            if not any(target in {s.name for s in e.rhs.free_symbols} for e in later):
+            # read as written (SymPy may have simplified a read away: where(1 > 2, c, 0))
+            word = re.compile(r"\b%s\b" % re.escape(target))
+            later = op.equations[k + 1:]
+            if not any(target in {s.name for s in e.rhs.free_symbols} or word.search(e.text.split("=", 1)[-1])
+                       for e in later):
                 raise SpecError(
                     path,
                     f"`{target}` is assigned but no later line reads it: a temporary of the step must be "
