@@ -13,16 +13,21 @@ Families (``family`` of :func:`specs`), together the whole spec language:
 * ``activation``: ``kind = "activation"``, ``expr`` in ``x`` (float attributes too);
 * ``layer``: inputs and params of shapes over B, N, K; intermediates (rank 0, 1, 2);
   one or two outputs, a later equation reading an earlier output; sums, maxima and
-  contractions (``sum(x[b,i] * w[i,k], i)``); shifted and reversed reads (``x[b, n + 1]``,
-  ``x[b, N - 1 - n]``); float attributes; ``differentiate``;
+  contractions (``sum(x[b,i] * w[i,k], i)``); float attributes; ``differentiate``;
+  reads with integer arithmetic (``x[b, N - 1 - n]``, ``x[b, (n + 1) % N]``, ``x[b, n//2]``,
+  ``x[b, n + 1]`` read as zero past the end); sizes 1, 2-4, sometimes 9 or 17;
 * ``window``: strided, padded and dilated reads ``x[b, c, o*S + p*D - P]`` with attributes
   (default and given at run time), ``dims`` and ``ranges``, sum or max over the window;
+* ``split``: an axis split into parts, ``dims = { G = "R*H" }`` (a relation),
+  ``ranges = { j = "H" }``, ``x[b, j + 2*H]`` (GLU's halves, an LSTM's gates);
 * ``loss``: a scalar output (``sum(..., b, n) / B``), ``differentiate = [...]``;
-* ``optimizer``: state, hyperparameters (default and given at run time), ``t``,
-  temporaries; ``op.step`` is compared with the same update tree evaluated by torch.
+* ``optimizer``: state, scalar state, hyperparameters (default and given at run time),
+  ``t``, temporaries; ``op.step`` over three steps is compared with the same update tree
+  evaluated by torch.
 
 Expressions use every whitelisted function (derive/functions.py FUNCTIONS), where with
-comparisons and ``and``/``or``, Max/Min, quotients (negative coefficients over squares:
+comparisons (``>``, ``==``, ``Gt(a, b)``, ``Ne(a, b)``), ``and``/``or``/``not`` and ``And``/``Or``/``Not``,
+Max/Min, quotients (negative coefficients over squares:
 ``1/x``, ``x/s``), integer, negative, rational, float and symbolic powers, unary minus,
 nested divisions and reductions. Inputs keep every function in its domain: each float
 input is sampled away from zero (|v| in [0.3, 1.5]), some inputs positive; a logarithm,
@@ -38,8 +43,11 @@ counted, as is one whose reference value overflows.
 (the sample point is unusable, see above); ``wrong`` (a value, a gradient, a shape, a
 dtype, or the op's signature differs from the contract); ``crash`` (any other exception
 while building, printing LaTeX or running: a TypeError in the LaTeX printer, a
-SyntaxError in the generated module). tests/test_fuzz.py runs a bounded, derandomised
-number of these; scripts/fuzz_campaign.py runs long campaigns.
+SyntaxError in the generated module); ``oracle`` (this file's own reference failed: a
+bug here). Every op is called twice, the second time with another batch size. With
+``float32=True`` the float32 results' error must be within a factor of PyTorch's own
+float32 error (else ``imprecise``, reported apart). tests/test_fuzz.py runs a bounded,
+derandomised number of these; scripts/fuzz_campaign.py runs long campaigns.
 """
 
 from __future__ import annotations
