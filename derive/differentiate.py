@@ -103,6 +103,75 @@ def reads_in(expr, tensors: set[str]):
     return [found[k] for k in sorted(found, key=lambda k: (k[0], sympy.default_sort_key(sympy.Tuple(*k[1]))))]
 
 
+class _RealAbs(sympy.Function):
+    """|u| of a real u while differentiating: d|u| = sign(u) du (0 at u = 0, as PyTorch
+    takes it). SymPy's own Abs assumes a complex argument unless it can prove it real,
+    and |log x| came out as log(x/sign(x)) sign(x)**2 sign(log x)/(x log x), with re,
+    im and atan2 under a square root."""
+
+    def fdiff(self, argindex=1):
+        return sympy.sign(self.args[0])
+
+
+class _Flat(sympy.Function):
+    """A piecewise-constant function (floor, ceiling, sign) of a real argument while
+    differentiating: its derivative is 0 wherever it is defined, and PyTorch's at a
+    jump is 0 too. SymPy leaves d floor(u)/du unevaluated (a Derivative no printer can
+    print) and gives sign a DiracDelta, or an unevaluated Derivative when it cannot
+    prove the argument real."""
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+# every piecewise-constant function a spec may reach (derive/functions.py, ``//``)
+_FLAT = {cls: type(f"_flat_{cls.__name__}", (_Flat,), {}) for cls in (sympy.floor, sympy.ceiling, sympy.sign, sympy.Heaviside)}
+_BACK = {v: k for k, v in _FLAT.items()}
+_BACK[_RealAbs] = sympy.Abs
+
+# what must never be left in a derivative: it has no value a kernel can compute
+_UNDIFFERENTIATED = (sympy.Derivative, sympy.Subs, sympy.DiracDelta, sympy.re, sympy.im, sympy.arg,
+                     sympy.atan2, sympy.conjugate)
+
+
+class NotDifferentiable(Exception):
+    """A local derivative SymPy left unevaluated; ``function`` is what it could not
+    differentiate (turned into a SpecError naming the equation by :func:`differentiate`)."""
+
+    def __init__(self, function):
+        super().__init__(str(function))
+        self.function = function
+
+
+def as_real_kinks(expr, d):
+    """``expr`` with the kinks that contain ``d`` in forms SymPy differentiates as real
+    functions: |u| -> _RealAbs(u), floor/ceiling/sign -> flat functions (derivative 0), and
+    a % b -> a - b floor(a/b) (derivative 1 in a and -floor(a/b) in b, as torch.remainder),
+    frac(u) -> u - floor(u).
+    Kinks without ``d`` (index arithmetic of other reads) are left as they are."""
+
+    def real(e):
+        if isinstance(e, sympy.Mod):
+            a, b = e.args
+            return a - b * _FLAT[sympy.floor](a / b)
+        if isinstance(e, sympy.frac):
+            return e.args[0] - _FLAT[sympy.floor](e.args[0])
+        if isinstance(e, sympy.Abs):
+            return _RealAbs(e.args[0])
+        return _FLAT[type(e)](*e.args)
+
+    kinds = (sympy.Mod, sympy.frac, sympy.Abs, *_FLAT)
+    return expr.replace(lambda e: isinstance(e, kinds) and type(e) not in _BACK and e.has(d), real)
+
+
+def from_real_kinks(expr):
+    """The inverse of :func:`as_real_kinks` (a rewritten a % b stays a - b floor(a/b))."""
+    for cls, back in _BACK.items():
+        if expr.has(cls):
+            expr = expr.replace(cls, back)
+    return expr
+
+
 def clean_derivative(expr):
     """Derivatives of step functions are zero almost everywhere (as PyTorch takes them)."""
     expr = expr.replace(sympy.DiracDelta, lambda *a: sympy.S.Zero)
@@ -118,9 +187,18 @@ def integral_floats(expr):
 
 
 def local_partial(body, read):
+    """d body / d read, every kink differentiated as PyTorch does; raises
+    :class:`NotDifferentiable` where SymPy leaves anything unevaluated."""
     d = sympy.Dummy("d", real=True)
-    replaced = body.xreplace({read: d})
-    return clean_derivative(sympy.diff(replaced, d)).xreplace({d: read})
+    replaced = as_real_kinks(body.xreplace({read: d}), d)
+    partial = from_real_kinks(clean_derivative(sympy.diff(replaced, d)))
+    left = [n for n in sympy.preorder_traversal(partial) if isinstance(n, _UNDIFFERENTIATED)]
+    if left:
+        inner = left[0]
+        while isinstance(inner, (sympy.Derivative, sympy.Subs)):
+            inner = inner.args[0]
+        raise NotDifferentiable(from_real_kinks(inner).xreplace({d: read}))
+    return partial.xreplace({d: read})
 
 
 def is_affine(a, indices) -> bool:
@@ -323,6 +401,25 @@ def apply_assumptions(expr, loops, guards, assumptions):
     return expr, loops, None
 
 
+def _not_differentiable(path, equations, stmt, read, function):
+    """The SpecError for a local derivative SymPy left unevaluated, naming the spec's
+    equation that holds the function (or the statement, if none does)."""
+    from .errors import SpecError
+
+    text = next((eq.text for eq in equations if eq.rhs.has(function)), None)
+    if text is None:
+        text = next((eq.text for eq in equations if eq.target == stmt.target), None)
+    if text is None:
+        text = f"{stmt.target}[{', '.join(map(str, stmt.free))}] = {stmt.body}"
+    name = type(function).__name__ if isinstance(function, sympy.Function) else "the expression"
+    return SpecError(
+        path,
+        f"cannot differentiate `{function}` with respect to `{read}`: SymPy has no derivative for "
+        f"{name} here; write it with functions that have one (derive/functions.py lists them)",
+        text,
+    )
+
+
 def _fresh_grad(name: str, wrt, outputs) -> str:
     """``name``, or ``name`` with a number, that no tensor's gradient is called."""
     taken = {grad_name(n) for n in list(wrt) + list(outputs)}
@@ -332,9 +429,12 @@ def _fresh_grad(name: str, wrt, outputs) -> str:
     return fresh
 
 
-def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str], assumptions=()):
+def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str], assumptions=(),
+                  path: str = "", equations=()):
     """Reverse-mode pass. ``wrt``: tensor name -> shape for every tensor that needs a
     gradient (differentiable args and the intermediates between them and the outputs).
+    ``path`` and ``equations`` (the spec's) name the file and the equation in the error
+    for a function that cannot be differentiated.
 
     A gradient of an intermediate whose contributions are all elementwise is not
     materialised: its expression is substituted into the statements that read it.
@@ -390,7 +490,10 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             argmax_reads = [(r, read_of(n, stmt.free)) for r, n in zip(stmt.over, names)]
         for read in reads_in(stmt.body, set(wrt)):
             name = str(read.base) if isinstance(read, sympy.Indexed) else read.name
-            local = local_partial(stmt.body, read)
+            try:
+                local = local_partial(stmt.body, read)
+            except NotDifferentiable as exc:
+                raise _not_differentiable(path, equations, stmt, read, exc.function) from None
             if local == 0:
                 continue
             shape = wrt[name]

@@ -52,7 +52,7 @@ def build(op: OpDef) -> ir.Program:
         ):
             depends.add(s.target)
     wrt = {n: shapes[n] for n in sorted(depends)}
-    backward = differentiate(stmts, wrt, dim_names, set(op.outputs), op.assumptions)
+    backward = differentiate(stmts, wrt, dim_names, set(op.outputs), op.assumptions, path=op.source, equations=op.equations)
     simplify_terms(backward, stmts, shapes)
     substitute_statistics(backward, stmts, shapes, {grad_name(a) for a in diff_args})
     program = lower(op, stmts, backward, shapes, diff_args)

@@ -25,6 +25,12 @@ FINDINGS = {
         'name = "lone_sum"\nkind = "layer"\ninputs = { x = "N", s = "K" }\nparams = { v = "N K" }\n'
         'outputs = { y = "N" }\nequations = ["y[i] = sum(v[i, k], k) + sum(s[k], k) + x[i]"]\n',
         sizes={"N": 3, "K": 2}),
+    # floor in a differentiated expression: SymPy left Derivative(floor(x), x), which no
+    # printer prints; a piecewise-constant function's derivative is 0 (torch.floor/sign)
+    "floor_sign_loss": TextSpec(
+        'name = "floor_sign_loss"\nkind = "loss"\ninputs = { x = "B N" }\noutputs = { loss = "" }\n'
+        'equations = ["loss = sum(floor(x[b,n]) * x[b,n] + sign(x[b,n])*x[b,n]**2, b, n) / B"]\n',
+        sizes={"B": 2, "N": 3}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 

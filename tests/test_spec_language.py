@@ -461,3 +461,70 @@ def test_decimal_arithmetic_simplifies_as_exact_arithmetic(tmp_path, decimal, ex
     as_exact = with_decimals.xreplace({f: sympy.Rational(repr(float(f))) for f in with_decimals.atoms(sympy.Float)})
     assert as_exact == with_fractions, (with_decimals, with_fractions)
     assert "1.0" not in latex and "^{0.5}" not in latex, latex
+
+
+# ------------------------------------------------------------------ derivatives of kinks
+
+# spec expression of x (any real) or p (positive) -> the same function in PyTorch; the
+# points include the kinks (0 for abs and sign, integers for floor, p = 1 for |log p|)
+KINKS = {
+    "floor(x[i]) * x[i] + sign(x[i]) * x[i]**2": lambda x, p: torch.floor(x) * x + torch.sign(x) * x**2,
+    "floor(log(p[i])) * p[i]": lambda x, p: torch.floor(torch.log(p)) * p,
+    "(x[i] // 0.5) * x[i]": lambda x, p: torch.floor(x / 0.5) * x,
+    "x[i] % (1 + x[i]**2)": lambda x, p: torch.remainder(x, 1 + x**2),
+    "log(p[i]) % 1 + p[i]": lambda x, p: torch.remainder(torch.log(p), 1) + p,
+    "abs(log(p[i]))": lambda x, p: torch.abs(torch.log(p)),
+    "abs(sqrt(p[i])) * p[i]": lambda x, p: torch.abs(torch.sqrt(p)) * p,
+    "abs(p[i]**1.5)": lambda x, p: torch.abs(p**1.5),
+    "abs(log1p(p[i]))": lambda x, p: torch.abs(torch.log1p(p)),
+    "sign(sqrt(p[i])) * p[i]**2": lambda x, p: torch.sign(torch.sqrt(p)) * p**2,
+    "sign(sigmoid(x[i]) - 0.5) * x[i]": lambda x, p: torch.sign(torch.sigmoid(x) - 0.5) * x,
+    "abs(x[i])": lambda x, p: torch.abs(x),
+    "abs(atan(x[i])) * sign(x[i])": lambda x, p: torch.abs(torch.atan(x)) * torch.sign(x),
+    "where(x[i] > 0, x[i]**2, -x[i])": lambda x, p: torch.where(x > 0, x**2, -x),
+    "relu(x[i]) + abs(relu(x[i]) - 1)": lambda x, p: torch.relu(x) + torch.abs(torch.relu(x) - 1),
+}
+
+
+def test_kinks_differentiate_as_pytorch_does(build, rng, target):
+    """Piecewise-constant functions (floor, sign, ``//``) have derivative 0, as
+    torch.floor/sign; ``%`` has torch.remainder's; |u| has sign(u), 0 at u = 0, for any
+    real u (SymPy's own Abs assumed a complex argument: |log p| came out as 0/0 at p = 1,
+    other forms with re/im/atan2). Each output of one spec is one form, seeded alone."""
+    forms = list(KINKS)
+    text = layer_toml("kinks", '{ x = "N", p = "N" }', "{ " + ", ".join(f'y{k} = "N"' for k in range(len(forms))) + " }",
+                      [f"y{k}[i] = {f}" for k, f in enumerate(forms)])
+    op = build("kinks", text).op(target=target)
+    x = np.array([-2.5, -1.0, -0.5, 0.0, 0.3, 1.0, 2.0, 1.7])
+    p = np.array([0.25, 0.5, 1.0, 1.0, 2.0, np.e, 3.0, 1.3])
+    outs = ref.as_tuple(op.forward(x, p))
+    xt, pt = torch.tensor(x, requires_grad=True), torch.tensor(p, requires_grad=True)
+    for k, form in enumerate(forms):
+        want = KINKS[form](xt, pt)
+        ref.assert_close(outs[k], want.detach().numpy(), np.float64, f"forward of {form}")
+        seeds = [np.zeros_like(x) for _ in forms]
+        seeds[k] = rng.normal(size=x.shape)
+        gx, gp = op.backward(*seeds, x, p)
+        tx, tp = torch.autograd.grad(want, (xt, pt), torch.tensor(seeds[k]), allow_unused=True)
+        for name, got, t in (("x", gx, tx), ("p", gp, tp)):
+            expected = np.zeros_like(x) if t is None else t.numpy()
+            ref.assert_close(got, expected, np.float64, f"gradient of {form} in {name}")
+
+
+def test_a_function_without_a_derivative_is_an_error_naming_it():
+    """Nothing SymPy leaves unevaluated (a Derivative, a DiracDelta) reaches the printers:
+    a Python spec calling a function with no derivative is a SpecError naming the file,
+    the equation and the function."""
+    from derive import dsl
+    from derive.errors import SpecError
+    from derive.pipeline import build
+
+    x, y = dsl.tensors("x y")
+    (i,) = dsl.indices("i")
+    f = sympy.Function("f", real=True)
+    op = dsl.layer("opaque", inputs={"x": "N"}, outputs={"y": "N"}, equations=[(y[i], f(x[i]) * x[i] + 1)])
+    with pytest.raises(SpecError) as err:
+        build(op)
+    message = str(err.value)
+    assert "cannot differentiate `f(x[i])`" in message and "y[i] = f(x[i])*x[i] + 1" in message, message
+    assert err.value.path == op.source
