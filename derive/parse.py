@@ -148,10 +148,13 @@ def near_match(name: str, candidates) -> str:
 class ExprParser:
     """Builds SymPy from one expression's syntax tree, checking every name."""
 
-    def __init__(self, scope: Scope, text: str, index_names: set[str]):
+    def __init__(self, scope: Scope, text: str, index_names: set[str], reads: list | None = None):
         self.scope = scope
         self.text = text
         self.index_names = index_names
+        # every tensor read as written, before SymPy's evaluation can cancel it (w/w is 1):
+        # an index takes its range from these (derive/spec.py bind)
+        self.reads = [] if reads is None else reads
 
     def fail(self, problem: str):
         raise SpecError(self.scope.path, problem, self.text)
@@ -286,7 +289,9 @@ class ExprParser:
         if len(items) != rank:
             self.fail(f"tensor `{name}` has rank {rank} but is read with {len(items)} indices")
         idx = [self.build(item) for item in items]
-        return self.scope.base(name)[tuple(idx)]
+        read = self.scope.base(name)[tuple(idx)]
+        self.reads.append(read)
+        return read
 
     def visit_Tuple(self, node):
         self.fail("a tuple is not allowed here")
@@ -331,8 +336,9 @@ def parse_expression(text: str, scope: Scope, extra_indices: set[str] = frozense
     return ExprParser(scope, text, names).build(tree)
 
 
-def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset()):
-    """Parse ``lhs = rhs``; returns (target name, lhs index symbols, rhs expression)."""
+def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset(), reads: list | None = None):
+    """Parse ``lhs = rhs``; returns (target name, lhs index symbols, rhs expression).
+    ``reads``, if given, receives every tensor read of the right-hand side as written."""
     if not isinstance(text, str):
         raise SpecError(scope.path, f"expected an equation string, got {text!r}")
     tree = _parse_tree(text, scope.path, "exec")
@@ -341,7 +347,7 @@ def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset(
     stmt = tree.body[0]
     target = stmt.targets[0]
     names = _collect_index_names(tree, scope) | set(extra_indices) | set(scope.indices)
-    parser = ExprParser(scope, text, names)
+    parser = ExprParser(scope, text, names, reads)
     if isinstance(target, ast.Name):
         parser._check_name(target.id)
         lhs_name, lhs_idx = target.id, ()

@@ -51,6 +51,9 @@ class Equation:
     rhs: sympy.Expr
     text: str
     ranges: dict[sympy.Symbol, sympy.Expr] = field(default_factory=dict)  # set by bind()
+    # the tensor reads of the text as written (a TOML spec's), before SymPy's evaluation:
+    # sum(w[b, n] / w[b, n], n) still binds n to w's axis although the rhs is sum(1, n)
+    reads: tuple = ()
 
 
 @dataclass
@@ -235,13 +238,14 @@ def parse_equations(op: OpDef, texts: list[str], path: str) -> list[Equation]:
     for text in texts:
         if not isinstance(text, str):
             raise SpecError(path, f"an equation must be a string, got {text!r}")
-        target, idx, rhs = parse_equation(text, scope, extra)
+        reads = []
+        target, idx, rhs = parse_equation(text, scope, extra, reads)
         if target in op.inputs or target in op.params:
             raise SpecError(path, f"`{target}` is an input and cannot be assigned", text)
         if target in op.outputs and len(op.outputs[target]) != len(idx):
             raise SpecError(path, f"output `{target}` has rank {len(op.outputs[target])} but is written with {len(idx)} indices", text)
         scope.tensors.setdefault(target, len(idx))
-        result.append(Equation(target, idx, rhs, text.strip()))
+        result.append(Equation(target, idx, rhs, text.strip(), reads=tuple(reads)))
     return result
 
 
@@ -422,7 +426,9 @@ def bind(op: OpDef) -> OpDef:
 
         for i_name, size in op.ranges.items():
             local[sympy.Symbol(i_name, integer=True)] = (size, "ranges")
-        reads = sorted(eq.rhs.atoms(sympy.Indexed), key=sympy.default_sort_key)
+        # the reads of the text as written too: one that SymPy cancelled (w/w, x - x)
+        # still binds its indices, as the user reads the spec
+        reads = sorted(eq.rhs.atoms(sympy.Indexed) | set(eq.reads), key=sympy.default_sort_key)
         for read in reads:
             name = str(read.base)
             if name not in shapes:

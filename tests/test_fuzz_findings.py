@@ -31,6 +31,16 @@ FINDINGS = {
         'name = "floor_sign_loss"\nkind = "loss"\ninputs = { x = "B N" }\noutputs = { loss = "" }\n'
         'equations = ["loss = sum(floor(x[b,n]) * x[b,n] + sign(x[b,n])*x[b,n]**2, b, n) / B"]\n',
         sizes={"B": 2, "N": 3}),
+    # F2: the only standalone reads of n (and b) cancel (w/w is 1, x - x is 0) before
+    # binding; the index ranges come from the text as written
+    "cancelled_reads": TextSpec(
+        'name = "cancelled_reads"\nkind = "loss"\ninputs = { x = "B N", w = "B N" }\noutputs = { loss = "" }\n'
+        'equations = ["loss = sum(x[b,n]**2, b, n)/B - sum(w[b, n] / w[b, n], b, n) / B"]\n',
+        sizes={"B": 2, "N": 3}, positive={"w"}),
+    "cancelled_difference": TextSpec(
+        'name = "cancelled_difference"\nkind = "layer"\ninputs = { x = "B C L" }\noutputs = { y = "B" }\n'
+        'equations = ["t[b, c] = sum(x[b,c,i] - x[b,c,i], i) + 2", "y[b] = sum(t[b, c] * x[b, c, 0], c)"]\n',
+        sizes={"B": 2, "C": 3, "L": 4}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 

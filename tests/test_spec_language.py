@@ -528,3 +528,31 @@ def test_a_function_without_a_derivative_is_an_error_naming_it():
     message = str(err.value)
     assert "cannot differentiate `f(x[i])`" in message and "y[i] = f(x[i])*x[i] + 1" in message, message
     assert err.value.path == op.source
+
+
+# ------------------------------------------------------------------ indices bound as written
+
+
+@pytest.mark.parametrize("summand, each", [
+    ("w[b,n] / w[b,n]", 1), ("(w[b,n] - w[b,n]) * x[b] + 1", 1), ("where(1 > 2, w[b,n], 3)", 3),
+], ids=["quotient", "difference", "constant-false-branch"])
+def test_an_index_takes_its_range_from_the_text_as_written(tmp_path, summand, each, rng):
+    """``n`` stands alone in ``w[b, n]`` as the spec is written; SymPy cancels the read
+    (w/w is 1) before binding, so the range comes from the parser's reads: the sum of
+    1 over n is N, not the error that n never stands alone in a read."""
+    import codegen
+
+    text = layer_toml("as_written", '{ w = "B N", x = "B" }', '{ y = "B" }', [f"y[b] = sum({summand}, n) + x[b]"])
+    path = tmp_path / "as_written.toml"
+    path.write_text(text)
+    op = codegen.build(str(path), str(tmp_path / "out")).op()
+    w, x = rng.uniform(0.5, 2, size=(3, 5)), rng.normal(size=3)
+    np.testing.assert_allclose(op.forward(w, x), each * w.shape[1] + x, rtol=1e-14)
+
+
+def test_an_index_bound_only_in_a_cancelled_read_must_still_be_summed(tmp_path):
+    from derive.errors import SpecError
+
+    text = layer_toml("unbound", '{ w = "B N", x = "B" }', '{ y = "B" }', ["y[b] = x[b] + w[b,n] - w[b,n]"])
+    with pytest.raises(SpecError, match="index `n` is used but never bound"):
+        derive_text(tmp_path, text)
