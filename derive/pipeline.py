@@ -32,7 +32,7 @@ def build(op: OpDef) -> ir.Program:
         return _build_schedule(op)
     bind(op)
     stmts = normalize(op)
-    stabilize(stmts)
+    stabilize(stmts, op.intermediates)
     shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
     shapes.update(op.intermediates)
     dim_names = _dim_names(op, stmts, shapes)

@@ -114,10 +114,80 @@ def zero_times_log(stmts: list[Stmt]) -> None:
                 s.body, s.text = body, ""
 
 
-def stabilize(stmts: list[Stmt]) -> None:
-    """Both rewrites, in place; a rewritten statement's text is written again."""
+def _shifted_sums(stmts: list[Stmt]):
+    """The stability pass's shifted sums ``S = sum(exp(E - m) ...)``: (S, m's statement, E)."""
+    maxima = {s.target: s for s in stmts if s.reduce == "max" and s.stop_gradient}
+    out = []
+    for s in stmts:
+        if s.reduce != "sum" or s.origin != "stability":
+            continue
+        for e in s.body.atoms(sympy.exp):
+            indexed = e.args[0].atoms(sympy.Indexed)
+            labels = {r.base.label for r in indexed}
+            reads = [r for r in indexed | (e.args[0].atoms(sympy.Symbol) - labels)
+                     if str(getattr(r, "base", r)) in maxima]
+            if len(reads) == 1:
+                out.append((s, maxima[str(getattr(reads[0], "base", reads[0]))], e.args[0] + reads[0], reads[0]))
+                break
+    return out
+
+
+def name_shifted_logs(stmts: list[Stmt], shapes: dict) -> None:
+    """``log(S)`` of a shifted sum in a later statement (a softmax named on its own line,
+    then its log: ``E - m - log(S)`` after :func:`look_through`) is computed once per row,
+    and ``E - m`` as a statement of its own placed after the maximum, as derive/normalize.py
+    does within one equation: the kernels' reassociating arithmetic would otherwise round
+    ``E - (m + log S)`` at the magnitude of m."""
+    from .normalize import Namer
+    from .simplify import index_instances, replace_subexpression
+
+    namer = Namer({s.target for s in stmts} | {str(r.base) for s in stmts for r in s.body.atoms(sympy.Indexed)})
+    for S, m_stmt, e, m in _shifted_sums(stmts):
+        log_name = shift_name = None
+        base = m_stmt.target.rsplit("_max", 1)[0]  # the equation the stability pass shifted
+        for u in stmts[stmts.index(S) + 1:]:
+            logs = [n for n in u.body.atoms(sympy.log)
+                    if (isinstance(n.args[0], sympy.Indexed) and str(n.args[0].base) == S.target)
+                    or (isinstance(n.args[0], sympy.Symbol) and n.args[0].name == S.target)]
+            if not logs:
+                continue
+            if u.reduce == "none" and tuple(u.free) == tuple(S.free) and u.body == logs[0] and len(logs) == 1 \
+                    and (not S.free or tuple(logs[0].args[0].indices) == tuple(S.free)):
+                log_name = u.target  # the log of the sum, computed already
+                continue
+            if log_name is None:
+                log_name = namer(f"{base}_logsumexp")
+                read = sympy.IndexedBase(S.target, real=True)[tuple(S.free)] if S.free else sympy.Symbol(S.target, real=True)
+                stmts.insert(stmts.index(S) + 1, Stmt(
+                    log_name, S.free, sympy.log(read), "none", (), {i: S.ranges[i] for i in S.free}, origin="stability",
+                    note="the logarithm of the shifted sum; the log-sum-exp is the maximum plus it"))
+                shapes[log_name] = tuple(S.ranges[i] for i in S.free)
+            mapping = {}
+            for n in logs:
+                idx = tuple(n.args[0].indices) if isinstance(n.args[0], sympy.Indexed) else ()
+                mapping[n] = (sympy.IndexedBase(log_name, real=True)[idx] if idx else sympy.Symbol(log_name, real=True))
+            body = u.body.xreplace(mapping)
+            idx = tuple(m_stmt.free) + tuple(m_stmt.over)
+            renamed = dict(zip(tuple(m_stmt.free) + tuple(S.over), idx))
+            e_m = (e - m).xreplace(renamed)
+            for inst in index_instances(Stmt("", idx, e_m), body):
+                if shift_name is None:
+                    shift_name = namer(f"{base}_shifted")
+                    stmts.insert(stmts.index(m_stmt) + 1, Stmt(
+                        shift_name, idx, e_m, "none", (), dict(m_stmt.ranges), origin="stability",
+                        note="the exponent less its maximum, rounded on its own"))
+                    shapes[shift_name] = tuple(m_stmt.ranges[i] for i in idx)
+                body = replace_subexpression(body, e_m.xreplace(inst),
+                                             sympy.IndexedBase(shift_name, real=True)[tuple(inst[i] for i in idx)])
+            u.body, u.text = body, ""
+
+
+def stabilize(stmts: list[Stmt], shapes: dict | None = None) -> None:
+    """The rewrites, in place; a rewritten statement's text is written again. ``shapes``
+    (the op's intermediates) gets the shapes of the statements added."""
     look_through(stmts)
     zero_times_log(stmts)
+    name_shifted_logs(stmts, shapes if shapes is not None else {})
     for s in stmts:
         if not s.text:
             s.text = statement_text(s)

@@ -251,6 +251,9 @@ PRECISION = [
      (0, 1, 2)),
     ("infonce", lambda b: b(SPECS / "infonce.toml").op(), _infonce,
      lambda rng: [3.0 * rng.normal(size=(6, 8)), 3.0 * rng.normal(size=(6, 8))], (0, 1)),
+    ("softmax_then_log", lambda b: b(SPECS / "softmax_then_log.toml").op(),
+     lambda x, t: -(t * F.log_softmax(x, dim=1)).sum() / x.shape[0],
+     lambda rng: _softmax_inputs(rng) + [np.eye(7)[rng.integers(0, 7, 4)]], (0,)),
     ("silu", lambda b: _library("silu"), F.silu,
      lambda rng: [np.array([[3e7, 2.0**25, 1e30, 30.0, -30.0, 1.5, -1e3]])], (0,)),
 ]
