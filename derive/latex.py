@@ -37,6 +37,15 @@ class DerivationPrinter(LatexPrinter):
         idx = ",".join(self._print(i) for i in expr.indices)
         return "%s_{%s}" % (self._tensor(str(expr.base)), idx)
 
+    def _hprint_Function(self, func: str) -> str:
+        """A function's name whole, upright: SymPy reads trailing digits as a subscript
+        (expm1 printed as expm_{1}); a function name is one word."""
+        from sympy.printing.latex import accepted_latex_functions
+
+        if len(func) > 1 and func.isalnum() and func not in accepted_latex_functions:
+            return r"\operatorname{%s}" % func
+        return super()._hprint_Function(func)
+
     def _print_Symbol(self, expr, style="plain"):
         if expr.name in self._settings["names"] or expr.name.startswith("g_") or "_" in expr.name:
             return self._tensor(expr.name)

@@ -556,3 +556,15 @@ def test_an_index_bound_only_in_a_cancelled_read_must_still_be_summed(tmp_path):
     text = layer_toml("unbound", '{ w = "B N", x = "B" }', '{ y = "B" }', ["y[b] = x[b] + w[b,n] - w[b,n]"])
     with pytest.raises(SpecError, match="index `n` is used but never bound"):
         derive_text(tmp_path, text)
+
+
+@pytest.mark.parametrize("name", _numeric_functions())
+def test_every_function_name_prints_whole(name):
+    """A function's name is one word in LaTeX: SymPy read expm1's trailing digit as a
+    subscript (\\operatorname{expm}_{1})."""
+    from derive.latex import tex
+
+    text = tex(_function_call(name))
+    assert "_{" not in text, text
+    if name in ("expm1", "log1p"):
+        assert r"\operatorname{%s}" % name in text, text
