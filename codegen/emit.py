@@ -325,7 +325,8 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
         if k.contract is not None:
             ctx["contract"] = contract_context(k, ctx, pr)
             used = {"gemm"} | ({"span"} if ctx["contract"]["uses_span"] else set())
-            ctx["helpers"] = sorted(set(ctx["helpers"]) | used)
+            # the gathered operands print through pr too (softplus(x[...]) in a patch)
+            ctx["helpers"] = sorted(set(pr.helpers_used) | used)
     return ctx
 
 

@@ -246,3 +246,14 @@ def test_library_attention_heads_must_divide_the_model_width(rng):
     args += [rng.normal(size=E) for _ in range(3)] + [rng.normal(size=(E, E)), rng.normal(size=E)]
     with pytest.raises(ValueError, match=r"relation E = Dh\*heads .*E = 4 but Dh\*heads = 3"):
         op.forward(*args)
+
+
+def test_a_padded_read_inside_a_contraction(build_spec, rng):
+    """Found by the fuzzer: the CPU contraction's gathered operand printed _softplus, but
+    the module did not define the helper (NameError when the kernel compiled)."""
+    module = build_spec(SPECS / "softplus_conv.toml")
+    assert "_check_read(" not in inspect.getsource(module)
+    x, w, b = rng.normal(size=(2, 2, 7)), rng.normal(size=(3, 2, 2)), rng.normal(size=3)
+    # the read outside x is zero, then softplus applies: softplus(0) = log 2 at the padding
+    expected = F.conv1d(F.softplus(F.pad(_t(x), (1, 1))), _t(w), _t(b), stride=2).numpy()
+    ref.assert_close(module.op().forward(x, w, b), expected, np.float64, "softplus_conv")
