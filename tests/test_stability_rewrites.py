@@ -159,7 +159,7 @@ def test_paper_form_is_finite_and_correct_at_large_inputs(build_spec, form, dtyp
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("spec", ["focal_loss", "infonce"])
+@pytest.mark.parametrize("spec", ["focal_loss", "infonce", "nt_xent", "kl_from_definition"])
 def test_paper_form_on_cuda_equals_cpu(build_spec, spec, rng):
     form = next(f for f in FORMS if f.spec == spec)
     module = build_spec(SPECS / f"{spec}.toml")
