@@ -1285,7 +1285,7 @@ _LATEX = {
         "Forward definition (the spec):\n"
         "\n"
         "\\begin{equation*}\n"
-        "y_{n} = \\begin{cases} x_{n} & \\text{for}\\: x_{n} > 0 \\\\\\alpha \\operatorname{expm}_{1}{\\left(x_{n} \\right)} & \\text{otherwise} \\end{cases}\n"
+        "y_{n} = \\begin{cases} x_{n} & \\text{for}\\: x_{n} > 0 \\\\\\alpha \\operatorname{expm1}{\\left(x_{n} \\right)} & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"

@@ -5,7 +5,7 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 51ff441d944d4d43
+#   generated/activations.py 8b554fa29e97ea15
 #   generated/layers.py 6aca80384084c280
 #   generated/losses.py 3d23e959d6f09556
 #   generated/optimizers.py 9072ecf0ebc71829
