@@ -11,12 +11,13 @@ import inspect
 
 import sympy
 
-from .functions import ReduceMax, ReduceSum
+from .functions import ReduceMax, ReduceMean, ReduceSum
 from .ir import dim, index
 from .spec import Equation, OpDef, attr_symbol, finish_activation
 
 Sum = ReduceSum
 Max = ReduceMax
+Mean = ReduceMean  # Mean(body, i, ...): the sum over the indices divided by their ranges' product
 
 x = sympy.Symbol("x", real=True)  # the argument of an activation
 

@@ -353,6 +353,17 @@ def test_mean_derives_as_the_sum_over_the_size(tmp_path, mean_form, sum_form):
     assert mean.latex.replace("mean.toml", "") == total.latex.replace("sum.toml", "")
 
 
+def test_python_ops_mean_is_the_spec_languages_mean(tmp_path):
+    """derive.dsl.Mean, the Python twin of ``mean``: the library's mse (written with it)
+    derives what the TOML ``mean`` derives."""
+    import derive
+
+    mse = next(op for op in derive.library_defs() if op.name == "mse")
+    text = layer_toml("mse", '{ pred = "B N", target = "B N" }', '{ loss = "" }',
+                      ["loss = mean((pred[b,n] - target[b,n])**2, b, n)"], kind="loss", extra='differentiate = ["pred"]')
+    assert statements(derive.build(mse)) == statements(derive_text(tmp_path, text, "mse"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mean_squared_error_matches_torch(build, dtype, target, rng):
     text = layer_toml("mse_mean", '{ pred = "B N", target = "B N" }', '{ loss = "" }',

@@ -2,11 +2,11 @@
 
 from sympy import Abs, Max, Piecewise, exp, log, sqrt
 
-from ..dsl import Sum, attr, dims, indices, loss, scalar, tensors
+from ..dsl import Mean, Sum, attr, dims, indices, loss, scalar, tensors
 from ..functions import sigmoid
 
 b, n, c, k, d_ = indices("b n c k d")
-B, N = dims("B N")
+(B,) = dims("B")
 pred, target, logits, logprobs, logq, logp = tensors("pred target logits logprobs logq logp")
 L = scalar("loss")
 delta, margin, eps = attr("delta", 1.0), attr("margin", 0.0), attr("eps", 1e-12)
@@ -16,13 +16,13 @@ d = pred[b, n] - target[b, n]
 
 OPS = [
     loss("mse", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
-         equations=[(L, Sum(d**2, b, n) / (B * N))], doc="Mean squared error over all elements."),
+         equations=[(L, Mean(d**2, b, n))], doc="Mean squared error over all elements."),
     loss("huber", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
          attrs={"delta": 1.0},
-         equations=[(L, Sum(Piecewise((d**2 / 2, Abs(d) < delta), (delta * (Abs(d) - delta / 2), True)), b, n) / (B * N))],
+         equations=[(L, Mean(Piecewise((d**2 / 2, Abs(d) < delta), (delta * (Abs(d) - delta / 2), True)), b, n))],
          doc="Huber loss, mean over all elements."),
     loss("bce_with_logits", task="binary", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
-         equations=[(L, -Sum(target[b, n] * log(sigmoid(pred[b, n])) + (1 - target[b, n]) * log(1 - sigmoid(pred[b, n])), b, n) / (B * N))],
+         equations=[(L, -Mean(target[b, n] * log(sigmoid(pred[b, n])) + (1 - target[b, n]) * log(1 - sigmoid(pred[b, n])), b, n))],
          doc="Binary cross-entropy of sigmoid(pred), written from its definition; the stability pass turns the logs into softplus."),
     loss("softmax_cross_entropy", task="classification", inputs={"logits": "B C", "target": "B C"}, outputs={"loss": ""}, differentiate=["logits"],
          equations=[(L, -Sum(target[b, c] * (logits[b, c] - log(Sum(exp(logits[b, k]), k))), b, c) / B)],
@@ -38,8 +38,7 @@ OPS = [
          differentiate=["x1", "x2"], attrs={"margin": 0.0, "eps": 1e-12},
          equations=[(cos[b], Sum(x1[b, d_] * x2[b, d_], d_)
                       / sqrt((Sum(x1[b, d_] ** 2, d_) + eps) * (Sum(x2[b, d_] ** 2, d_) + eps))),
-                     (L, Sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, cos[b] - margin), label[b] < 0), (0, True)), b)
-                      / B)],
+                     (L, Mean(Piecewise((1 - cos[b], label[b] > 0), (Max(0, cos[b] - margin), label[b] < 0), (0, True)), b))],
          doc="Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as "
              "F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12)."),
 ]

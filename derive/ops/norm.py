@@ -9,10 +9,10 @@ is derived from these equations (derive/statistics.py), not written.
 import sympy
 from sympy import Piecewise, sqrt
 
-from ..dsl import Sum, attr, dims, indices, layer, tensors
+from ..dsl import Mean, Sum, attr, dims, indices, layer, tensors
 
 b, d, n, c, h, w = indices("b d n c h w")
-D, N, H, W = dims("D N H W")
+N, H, W = dims("N H W")
 eps, momentum, p = attr("eps", 1e-5), attr("momentum", 0.1), attr("p", 0.5)
 x, weight, bias, y, mask = tensors("x weight bias y mask")
 mean, var, rstd, xhat = tensors("mean var rstd xhat")
@@ -24,16 +24,16 @@ M = N * H * W  # elements per channel
 OPS = [
     layer("layer_norm", inputs={"x": "B D"}, params={"weight": "D", "bias": "D"}, outputs={"y": "B D"},
           attrs={"eps": 1e-5},
-          equations=[(mean[b], Sum(x[b, d], d) / D),
-                     (var[b], Sum((x[b, d] - mean[b]) ** 2, d) / D),
+          equations=[(mean[b], Mean(x[b, d], d)),
+                     (var[b], Mean((x[b, d] - mean[b]) ** 2, d)),
                      (rstd[b], 1 / sqrt(var[b] + eps)),
                      (xhat[b, d], (x[b, d] - mean[b]) * rstd[b]),
                      (y[b, d], xhat[b, d] * weight[d] + bias[d])],
           doc="Layer normalisation over the last axis with affine weight and bias, as torch.nn.functional.layer_norm."),
     layer("batch_norm2d", inputs={"x": "N C H W"}, params={"weight": "C", "bias": "C"}, outputs={"y": "N C H W"},
           attrs={"eps": 1e-5, "momentum": 0.1},
-          equations=[(mean[c], Sum(x[n, c, h, w], n, h, w) / M),
-                     (var[c], Sum((x[n, c, h, w] - mean[c]) ** 2, n, h, w) / M),
+          equations=[(mean[c], Mean(x[n, c, h, w], n, h, w)),
+                     (var[c], Mean((x[n, c, h, w] - mean[c]) ** 2, n, h, w)),
                      (rstd[c], 1 / sqrt(var[c] + eps)),
                      (xhat[n, c, h, w], (x[n, c, h, w] - mean[c]) * rstd[c]),
                      (y[n, c, h, w], xhat[n, c, h, w] * weight[c] + bias[c])],
@@ -43,7 +43,7 @@ OPS = [
           outputs={"new_mean": "C", "new_var": "C"}, attrs={"momentum": 0.1}, differentiate=[],
           ranges={"n": N, "h": H, "w": W},
           equations=[(count, Sum(1, n, h, w)),  # 0 for an empty batch (M > 0 would be true: dimensions are >= 1)
-                     (mean[c], Sum(x[n, c, h, w], n, h, w) / M),
+                     (mean[c], Mean(x[n, c, h, w], n, h, w)),
                      (new_mean[c], Piecewise(((1 - momentum) * running_mean[c] + momentum * mean[c], count > 0),
                                              (running_mean[c], True))),
                      (new_var[c], Piecewise(((1 - momentum) * running_var[c]
