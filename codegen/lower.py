@@ -733,7 +733,7 @@ class Lowerer:
         return all(all(isinstance(i, sympy.Symbol) for i in r.indices) for r in e.atoms(sympy.Indexed))
 
     def _cse(self, exprs, symbols, guards):
-        guarded = sympy.Function("_guarded")
+        guarded = sympy.Function("_guarded", real=True)  # real: Max and Min accept it as an argument
 
         def hide(e):
             if isinstance(e, sympy.Piecewise):

@@ -597,3 +597,28 @@ def test_a_gradient_index_named_after_dimension_np_is_renamed(tmp_path):
     (g_x,) = ref.as_tuple(op.backward(gy, x_))
     num = ref.numerical_vjp(lambda a: op.forward(a), [x_], [gy], [0])[0]
     np.testing.assert_allclose(g_x, num, rtol=1e-6, atol=1e-8)
+
+
+MAX_OF_GUARDED = """
+name = "max_of_guarded"
+kind = "layer"
+inputs = { w = "B" }
+outputs = { y = "B" }
+equations = ["y[i] = Max(w[i], log1p((w[i] - w[(i + 1) % B])**2))"]
+"""
+
+
+def test_a_guarded_read_inside_max(tmp_path):
+    """CSE hides each guarded read (Piecewise) behind a placeholder function; inside Max
+    the placeholder must be real, or SymPy refuses the argument ("not comparable").
+    Found by the fuzzer."""
+    from codegen import build
+
+    (tmp_path / "max_of_guarded.toml").write_text(MAX_OF_GUARDED)
+    op = build(tmp_path / "max_of_guarded.toml", tmp_path).op()
+    w = np.random.default_rng(5).standard_normal(6)
+    ref.assert_close(op.forward(w), np.maximum(w, np.log1p((w - np.roll(w, -1)) ** 2)), np.float64, "forward")
+    gy = np.ones(6)
+    (g_w,) = ref.as_tuple(op.backward(gy, w))
+    num = ref.numerical_vjp(lambda a: op.forward(a), [w], [gy], [0])[0]
+    np.testing.assert_allclose(g_w, num, rtol=1e-6, atol=1e-8)
