@@ -46,10 +46,22 @@ class Scope:
         return self.indices[name]
 
 
+# the largest denominator an exponent keeps exactly: SymPy's polynomial algorithms (factor,
+# cancel) write x**(p/q) as a power of the generator x**(1/q), and a computed exponent
+# such as sin(0.5) = 479425538604203/10**15 made a dense polynomial of that degree (the
+# derivation never finished)
+EXACT_DENOMINATOR = 1000
+
+
 def exact(e):
-    """A float (as a spec writes it) as the exact rational it denotes: 0.5 -> 1/2."""
+    """An exponent as the exact rational a spec writes (0.5 -> 1/2, 1.5 -> 3/2, 0.333 ->
+    333/1000), and one with a denominator over EXACT_DENOMINATOR (a computed sin(0.5),
+    or 1/3 written as 0.3333333) as the float it is."""
     if isinstance(e, sympy.Float):
-        return sympy.Rational(repr(float(e)))
+        r = sympy.Rational(repr(float(e)))
+        return r if r.q <= EXACT_DENOMINATOR else e
+    if isinstance(e, sympy.Rational) and e.q > EXACT_DENOMINATOR:
+        return sympy.Float(e)
     return e
 
 

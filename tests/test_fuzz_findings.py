@@ -41,6 +41,12 @@ FINDINGS = {
         'name = "cancelled_difference"\nkind = "layer"\ninputs = { x = "B C L" }\noutputs = { y = "B" }\n'
         'equations = ["t[b, c] = sum(x[b,c,i] - x[b,c,i], i) + 2", "y[b] = sum(t[b, c] * x[b, c, 0], c)"]\n',
         sizes={"B": 2, "C": 3, "L": 4}),
+    # F4: a computed exponent (sin(0.5)) became the exact rational 479425538604203/10**15,
+    # and SymPy's factor built a polynomial of that degree: the build never finished
+    "computed_exponent": TextSpec(
+        'name = "computed_exponent"\nkind = "loss"\ninputs = { x = "B N", v = "B N" }\noutputs = { loss = "" }\n'
+        'equations = ["loss = sum(v[b, n], b, n) * (sqrt(10)**sin(0.5) - sum(x[b, n], b, n))"]\n',
+        sizes={"B": 2, "N": 3}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 

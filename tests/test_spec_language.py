@@ -579,3 +579,17 @@ def test_every_function_name_prints_whole(name):
     assert "_{" not in text, text
     if name in ("expm1", "log1p"):
         assert r"\operatorname{%s}" % name in text, text
+
+
+@pytest.mark.parametrize("written, parsed", [
+    ("x**0.5", "sqrt(x)"), ("x**1.5", "x**(3/2)"), ("x**-0.25", "x**(-1/4)"), ("x**0.333", "x**(333/1000)"),
+    ("x**0.3333333", "x**0.3333333"), ("x**(479425538604203/1000000000000000)", "x**0.479425538604203"),
+])
+def test_an_exponent_is_exact_unless_its_denominator_is_huge(written, parsed):
+    """An exponent as written is exact (sqrt, x**(3/2)); a computed one (sin(0.5)) or a long
+    decimal stays a float: SymPy's factor wrote x**(p/q) as a polynomial of degree p in
+    x**(1/q), and a build with sqrt(10)**sin(0.5) never finished."""
+    from derive.parse import Scope, parse_expression
+
+    scope = Scope("t.toml", symbols={"x": sympy.Symbol("x", real=True)})
+    assert str(parse_expression(written, scope)) == parsed
