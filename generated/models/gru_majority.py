@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/layers.py 6aca80384084c280
-#   generated/losses.py 3d23e959d6f09556
+#   generated/losses.py ea10c5263914346b
 #   generated/optimizers.py 9072ecf0ebc71829
 """The gru_majority model.
 

@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 8b554fa29e97ea15
 #   generated/layers.py 6aca80384084c280
-#   generated/losses.py 3d23e959d6f09556
+#   generated/losses.py ea10c5263914346b
 #   generated/optimizers.py 9072ecf0ebc71829
 """The mlp_bench model.
 
