@@ -38,6 +38,20 @@ def test_masked_row_is_an_error_not_a_wrong_gradient(target_, rng):
         op.backward(1.0, x, t)
 
 
+@pytest.mark.cuda
+def test_device_arrays_are_checked_too(rng):
+    import generated
+    from numba import cuda
+
+    op = generated.op("softmax_cross_entropy", target="cuda")
+    x, t = _rows(rng)
+    g = op.backward(1.0, cuda.to_device(x), cuda.to_device(t))
+    np.testing.assert_allclose(g.copy_to_host(), generated.op("softmax_cross_entropy").backward(1.0, x, t), rtol=1e-12)
+    t[0] = 0.0
+    with pytest.raises(ValueError, match=MESSAGE + r".*at b = 0"):
+        op.backward(1.0, cuda.to_device(x), cuda.to_device(t))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rows_summing_to_one_up_to_rounding_pass(dtype, rng):
     import generated
