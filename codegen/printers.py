@@ -247,7 +247,11 @@ class CPUPrinter(PythonCodePrinter):
                 and isinstance(e.exp, sympy.Integer)
                 and e.exp >= 0
             )
-        if isinstance(e, (sympy.floor, sympy.ceiling, sympy.KroneckerDelta)):
+        if isinstance(e, (sympy.floor, sympy.ceiling)):
+            # floor(a / b) of integers is integer arithmetic; floor of a float is a float
+            # (it may be NaN or infinite), see _float_rounding
+            return self._int_quotient(e.args[0]) is not None
+        if isinstance(e, sympy.KroneckerDelta):
             return True
         if isinstance(e, sympy.Piecewise):
             return all(self.is_int(a.expr) for a in e.args)
@@ -436,23 +440,40 @@ class CPUPrinter(PythonCodePrinter):
             return "%s**%s(%s)" % (b, CAST, self.expr(exp, "int"))
         return "%s**(%s)" % (b, self._print(exp))
 
-    def _print_floor(self, expr):
-        arg = expr.args[0]
+    def _int_quotient(self, arg):
+        """(numerator, denominator) when ``arg`` is integer-valued or a quotient of
+        integer-valued expressions, else None."""
         if self.is_int(arg):
-            return self.expr(arg, "int")
+            return arg, sympy.S.One
         num, den = sympy.fraction(sympy.together(arg))
-        if den != 1 and self.is_int(num) and self.is_int(den):
-            return self._floordiv(num, den)
-        return "int(math.floor(%s))" % self.expr(arg, "float")
+        if self.is_int(num) and self.is_int(den):
+            return num, den
+        return None
+
+    def _float_rounding(self, fn, arg):
+        """floor/ceil of a float value, as a float: ``math.floor`` returns an integer,
+        which NaN and infinities do not fit. A float of magnitude 2**52 or more is already
+        a whole number, and so is returned as it is (NaN too: the comparison is false)."""
+        v = self.expr(arg, "float")
+        return "(%s(%s(%s)) if abs(%s) < %s(4503599627370496.0) else %s)" % (CAST, fn, v, v, CAST, v)
+
+    def _print_floor(self, expr):
+        q = self._int_quotient(expr.args[0])
+        if q is None:
+            if self._mode == "float":
+                return self._float_rounding("math.floor", expr.args[0])
+            return "int(math.floor(%s))" % self.expr(expr.args[0], "float")
+        num, den = q
+        return self.expr(num, "int") if den == 1 else self._floordiv(num, den)
 
     def _print_ceiling(self, expr):
-        arg = expr.args[0]
-        if self.is_int(arg):
-            return self.expr(arg, "int")
-        num, den = sympy.fraction(sympy.together(arg))
-        if den != 1 and self.is_int(num) and self.is_int(den):
-            return self._floordiv(-num, den, negate=True)
-        return "int(math.ceil(%s))" % self.expr(arg, "float")
+        q = self._int_quotient(expr.args[0])
+        if q is None:
+            if self._mode == "float":
+                return self._float_rounding("math.ceil", expr.args[0])
+            return "int(math.ceil(%s))" % self.expr(expr.args[0], "float")
+        num, den = q
+        return self.expr(num, "int") if den == 1 else self._floordiv(-num, den, negate=True)
 
     def _print_Mod(self, expr):
         p = PRECEDENCE["Mul"]
@@ -609,6 +630,9 @@ class HostPrinter(CPUPrinter):
 
     def _one_zero(self):
         return ("1", "-1", "0") if self._mode == "int" else ("1.0", "-1.0", "0.0")
+
+    def _float_rounding(self, fn, arg):
+        return "float(%s(%s))" % (fn, self.expr(arg, "float"))
 
     def _print_Pow(self, expr, rational=False):
         if self._mode == "int" or not (expr.exp == sympy.S.Half or expr.exp == -sympy.S.Half):

@@ -124,6 +124,8 @@ FORMS = [
     (-sigmoid(-a) ** -2, "a negated helper to a negative power"),
     (sympy.Max(a, b) ** -2 - sympy.Min(a, -c), "max and min in arithmetic"),
     (sympy.Abs(b) ** sympy.Rational(1, 3) / -sympy.Abs(a), "a root of an absolute value"),
+    (sympy.floor(a) * b - sympy.ceiling(-c / 2), "floor and ceiling of floats"),
+    (sympy.floor(i / K) / a, "a floor division over a float"),
 ]
 
 
@@ -193,3 +195,13 @@ def _trees():
 @given(_trees(), st.sampled_from(["cpu", "cuda"]))
 def test_random_expressions_print_their_value(form, target):
     _check(target, sympy.sympify(form))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 2.0**60, -2.5])
+def test_floor_of_a_float_keeps_nan_and_infinities(target, value):
+    """floor/ceil of a float is a float: NaN, infinities and huge values pass through
+    (math.floor's integer result cannot hold them)."""
+    text = PRINTERS[target]().expr(sympy.floor(a) + sympy.ceiling(a))
+    got = eval(text, dict(NAMESPACE), {"a": np.float64(value)})  # test only
+    np.testing.assert_equal(got, np.floor(value) + np.ceil(value))
