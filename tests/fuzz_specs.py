@@ -1258,6 +1258,8 @@ def _window_body(g: Gen, leaves, depth):
         b = Bin("+", Num("1", 1.0), Pow(_window_body(g, leaves, depth - 1), Num("2", 2.0)))
     else:
         b = _window_body(g, leaves, depth - 1)
+        if op == "-" and b == a:  # x - x cancels, and with it the only read binding an index
+            b = Num("0.5", 0.5)
     return Bin(op, a, b)
 
 
