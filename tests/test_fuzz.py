@@ -3,7 +3,8 @@ language (tests/fuzz_specs.py) built with ``codegen.build`` and compared with Py
 (float64) and central finite differences, on the CPU and, with fewer examples, on CUDA
 (the simulator unless a GPU is lent). Derandomised: the same examples every run. A
 failure prints the spec's TOML, its sizes and its input seed; replay a long campaign's
-spec with ``scripts/fuzz_campaign.py --seed S --start K --n 1``.
+spec with ``scripts/fuzz_campaign.py --seed S --start K --n 1`` (same fuzzer version) or
+``--replay OUT/K-NAME-cpu.pkl``. Runtime here: about 70 s (45 CPU, 10 CUDA examples).
 """
 
 from __future__ import annotations
