@@ -164,8 +164,9 @@ class ExprParser:
         self.scope = scope
         self.text = text
         self.index_names = index_names
-        # every tensor read as written, before SymPy's evaluation can cancel it (w/w is 1):
-        # an index takes its range from these (derive/spec.py bind)
+        # every tensor read and reduction as written, before SymPy's evaluation can cancel
+        # it (w/w is 1, 0 * max(x[j], j) is 0): an index takes its range from these reads
+        # and is bound by these reductions (derive/spec.py bind)
         self.reads = [] if reads is None else reads
 
     def fail(self, problem: str):
@@ -274,7 +275,9 @@ class ExprParser:
                     self.fail(f"the reduction indices of `{name}` must be plain index names{other}")
                 self._check_name(arg.id)
                 indices.append(self.scope.index(arg.id))
-            return REDUCTIONS[name](self.build(node.args[0]), *indices)
+            reduction = REDUCTIONS[name](self.build(node.args[0]), *indices)
+            self.reads.append(reduction)
+            return reduction
         if name not in FUNCTIONS:
             if name in self.scope.tensors:
                 self.fail(f"`{name}` is a tensor, not a function: read it with square brackets, {name}[...]")
@@ -350,7 +353,8 @@ def parse_expression(text: str, scope: Scope, extra_indices: set[str] = frozense
 
 def parse_equation(text: str, scope: Scope, extra_indices: set[str] = frozenset(), reads: list | None = None):
     """Parse ``lhs = rhs``; returns (target name, lhs index symbols, rhs expression).
-    ``reads``, if given, receives every tensor read of the right-hand side as written."""
+    ``reads``, if given, receives every tensor read and reduction of the right-hand side
+    as written."""
     if not isinstance(text, str):
         raise SpecError(scope.path, f"expected an equation string, got {text!r}")
     tree = _parse_tree(text, scope.path, "exec")

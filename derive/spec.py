@@ -51,8 +51,9 @@ class Equation:
     rhs: sympy.Expr
     text: str
     ranges: dict[sympy.Symbol, sympy.Expr] = field(default_factory=dict)  # set by bind()
-    # the tensor reads of the text as written (a TOML spec's), before SymPy's evaluation:
-    # sum(w[b, n] / w[b, n], n) still binds n to w's axis although the rhs is sum(1, n)
+    # the tensor reads and reductions of the text as written (a TOML spec's), before
+    # SymPy's evaluation: sum(w[b, n] / w[b, n], n) still binds n to w's axis although the
+    # rhs is sum(1, n), and 0 * max(x[j], j) still binds j
     reads: tuple = ()
 
 
@@ -428,7 +429,8 @@ def bind(op: OpDef) -> OpDef:
             local[sympy.Symbol(i_name, integer=True)] = (size, "ranges")
         # the reads of the text as written too: one that SymPy cancelled (w/w, x - x)
         # still binds its indices, as the user reads the spec
-        reads = sorted(eq.rhs.atoms(sympy.Indexed) | set(eq.reads), key=sympy.default_sort_key)
+        written = {r for r in eq.reads if isinstance(r, sympy.Indexed)}
+        reads = sorted(eq.rhs.atoms(sympy.Indexed) | written, key=sympy.default_sort_key)
         for read in reads:
             name = str(read.base)
             if name not in shapes:
@@ -441,7 +443,7 @@ def bind(op: OpDef) -> OpDef:
             for k, i in enumerate(eq.index):
                 bind_index(i, shapes[eq.target][k], f"dimension {k + 1} of output `{eq.target}`")
         bound_by_reduce = set()
-        for node in _reduce_nodes(eq.rhs):
+        for node in _reduce_nodes(eq.rhs) + [r for r in eq.reads if isinstance(r, Reduce)]:
             bound_by_reduce.update(node.indices)
         all_indices = set()
         for read in reads:

@@ -546,7 +546,8 @@ def test_a_function_without_a_derivative_is_an_error_naming_it():
 
 @pytest.mark.parametrize("summand, each", [
     ("w[b,n] / w[b,n]", 1), ("(w[b,n] - w[b,n]) * x[b] + 1", 1), ("where(1 > 2, w[b,n], 3)", 3),
-], ids=["quotient", "difference", "constant-false-branch"])
+    ("1 + (x[b] - x[b]) * max(w[j,n], j)", 1),  # the max (which binds j) cancels too
+], ids=["quotient", "difference", "constant-false-branch", "cancelled-reduction"])
 def test_an_index_takes_its_range_from_the_text_as_written(tmp_path, summand, each, rng):
     """``n`` stands alone in ``w[b, n]`` as the spec is written; SymPy cancels the read
     (w/w is 1) before binding, so the range comes from the parser's reads: the sum of
