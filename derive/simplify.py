@@ -37,7 +37,9 @@ def _inverse_rules(stmts: list[Stmt], shapes):
     sums = {s.target for s in stmts if s.reduce == "sum"}
     rules = []
     for s in stmts:
-        if s.reduce != "none" or not s.free:
+        if s.reduce != "none" or not s.free or s.origin == "stability":
+            # not the stability pass's log(S): S = exp(log S) would bring exp(E - m - log S)
+            # back, which reassociating arithmetic rounds as exp(E - (m + log S))
             continue
         for read in sorted(s.body.atoms(sympy.Indexed), key=sympy.default_sort_key):
             if str(read.base) not in sums or sorted(read.indices, key=str) != sorted(s.free, key=str):
@@ -69,7 +71,7 @@ def _apply_rule(expr, read, free, value):
 
 def reuse_forward(expr, stmts: list[Stmt]):
     for s in stmts:
-        if s.reduce != "none" or not s.free or (sympy.count_ops(s.body) < 2 and s.origin != "stability"):
+        if s.reduce != "none" or not s.free or sympy.count_ops(s.body) < 2:
             continue
         for mapping in index_instances(s, expr):
             concrete = s.body.xreplace(mapping)

@@ -3847,15 +3847,23 @@ def _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C):
-    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
     g_x_sum0[b] = sum(g_y[b, c], c)
     """
-    _F = y_sumexp0.dtype.type
+    _F = y_max0.dtype.type
     for b in range(0, B):
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
-            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
         y_sumexp0[b] = _v_y_sumexp0
         # g_x_sum0[b] = sum(g_y[b, c], c)
         _v_g_x_sum0 = _F(0)
@@ -3865,12 +3873,12 @@ def _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C):
-    """g_x[b, k] = -exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
+def _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C):
+    """g_x[b, k] = -exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_x = -math.exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
+            _v_g_x = -math.exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
             g_x[b, k] = _v_g_x
 
 
@@ -3960,14 +3968,11 @@ def _log_softmax_bwd_core(g_y, x):
     B = g_y.shape[0]
     C = g_y.shape[1]
     y_max0 = np.empty((B,), _dtype)
-    y_shifted0 = np.empty((B, C), _dtype)
     y_sumexp0 = np.empty((B,), _dtype)
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_max0, B, C)
-    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
     _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
@@ -3987,13 +3992,10 @@ def _log_softmax_bwd_into(g_y, x, g_x):
     B = g_y.shape[0]
     C = g_y.shape[1]
     y_max0 = np.empty((B,), _dtype)
-    y_shifted0 = np.empty((B, C), _dtype)
     y_sumexp0 = np.empty((B,), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
-    _log_softmax_fwd0(x, y_max0, B, C)
-    _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
     _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
 def _log_softmax_bwd(g_y, x):
@@ -4012,7 +4014,7 @@ def _log_softmax_bwd(g_y, x):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_fwd_saving_core(x):
-    """Forward of log_softmax: y, y_shifted0, y_sumexp0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of log_softmax: y, y_max0, y_sumexp0 from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
@@ -4025,7 +4027,7 @@ def _log_softmax_fwd_saving_core(x):
     _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
     _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C)
     _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C)
-    return y, y_shifted0, y_sumexp0
+    return y, y_max0, y_sumexp0
 
 
 def _log_softmax_fwd_saving_alloc(x):
@@ -4034,18 +4036,18 @@ def _log_softmax_fwd_saving_alloc(x):
     B = x.shape[0]
     C = x.shape[1]
     y = np.empty((B, C), _dtype)
-    y_shifted0 = np.empty((B, C), _dtype)
+    y_max0 = np.empty((B,), _dtype)
     y_sumexp0 = np.empty((B,), _dtype)
-    return y, y_shifted0, y_sumexp0
+    return y, y_max0, y_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_fwd_saving_into(x, y, y_shifted0, y_sumexp0):
-    """``_log_softmax_fwd_saving_core`` writing its results into y, y_shifted0, y_sumexp0 (from ``_log_softmax_fwd_saving_alloc``)."""
+def _log_softmax_fwd_saving_into(x, y, y_max0, y_sumexp0):
+    """``_log_softmax_fwd_saving_core`` writing its results into y, y_max0, y_sumexp0 (from ``_log_softmax_fwd_saving_alloc``)."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
-    y_max0 = np.empty((B,), _dtype)
+    y_shifted0 = np.empty((B, C), _dtype)
     y_logsumexp0 = np.empty((B,), _dtype)
     _log_softmax_fwd0(x, y_max0, B, C)
     _log_softmax_fwd1(x, y_max0, y_shifted0, B, C)
@@ -4054,19 +4056,19 @@ def _log_softmax_fwd_saving_into(x, y, y_shifted0, y_sumexp0):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved_core(g_y, x, y_shifted0, y_sumexp0):
-    """Backward of log_softmax: gradients g_x from g_y, x, y_shifted0, y_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _log_softmax_bwd_saved_core(g_y, x, y_max0, y_sumexp0):
+    """Backward of log_softmax: gradients g_x from g_y, x, y_max0, y_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     g_x = np.empty((B, C), _dtype)
     g_x_sum0 = np.empty((B,), _dtype)
     _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return g_x
 
 
-def _log_softmax_bwd_saved_alloc(g_y, x, y_shifted0, y_sumexp0):
+def _log_softmax_bwd_saved_alloc(g_y, x, y_max0, y_sumexp0):
     """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -4076,14 +4078,14 @@ def _log_softmax_bwd_saved_alloc(g_y, x, y_shifted0, y_sumexp0):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _log_softmax_bwd_saved_into(g_y, x, y_shifted0, y_sumexp0, g_x):
+def _log_softmax_bwd_saved_into(g_y, x, y_max0, y_sumexp0, g_x):
     """``_log_softmax_bwd_saved_core`` writing its results into g_x (from ``_log_softmax_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     g_x_sum0 = np.empty((B,), _dtype)
     _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C)
-    _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
 # ============================================================================ max_pool2d
@@ -8744,7 +8746,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} \\mathrel{+}= \\,- \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\bar{\\mathrm{x\\_sum0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} \\mathrel{+}= \\,- \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\bar{\\mathrm{x\\_sum0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -8760,19 +8762,19 @@ _LATEX = {
         "$\\bar{x}$ reads the gradient of the statistic $\\bar{\\mathrm{y\\_logsumexp0}}$, a reduction read nowhere else:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\bar{\\mathrm{y\\_logsumexp0}}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Substitute it as the sum over primed indices:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\sum_{c'} \\left(- \\bar{y}_{b,c'}\\right)}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\sum_{c'} \\left(- \\bar{y}_{b,c'}\\right)}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Move the factors free of the summation indices out of the sum:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = - \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\sum_{c'} \\bar{y}_{b,c'}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = - \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\sum_{c'} \\bar{y}_{b,c'}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Name the remaining sum, computed once rather than per element:\n"
@@ -8784,7 +8786,7 @@ _LATEX = {
         "The compact form:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = - \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\Sigma^{(0)}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = - \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\Sigma^{(0)}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
@@ -8794,7 +8796,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{b,k} = - \\frac{e^{\\mathrm{y\\_shifted0}_{b,k}} \\Sigma^{(0)}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
+        "\\bar{x}_{b,k} = - \\frac{e^{x_{b,k} - \\mathrm{y\\_max0}_{b}} \\Sigma^{(0)}_{b}}{\\mathrm{y\\_sumexp0}_{b}} + \\bar{y}_{b,k}\n"
         "\\end{equation*}\n"
     ),
     "max_pool2d": (

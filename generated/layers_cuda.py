@@ -2329,17 +2329,25 @@ def _log_softmax_fwd3(y, y_shifted0, y_logsumexp0, B, C, _total):
 
 @cuda.jit(cache=True)
 def _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C, _total):
-    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
     g_x_sum0[b] = sum(g_y[b, c], c)
     """
-    _F = y_sumexp0.dtype.type
+    _F = y_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
         # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
         _v_y_sumexp0 = _F(0)
         for k in range(0, C):
-            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
         y_sumexp0[b] = _v_y_sumexp0
         # g_x_sum0[b] = sum(g_y[b, c], c)
         _v_g_x_sum0 = _F(0)
@@ -2349,15 +2357,15 @@ def _log_softmax_bwd0(x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _log_softmax_bwd1(y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C, _total):
-    """g_x[b, k] = -exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
+def _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C, _total):
+    """g_x[b, k] = -exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
         _r //= C
         b = _r
-        _v_g_x = -math.exp(y_shifted0[b, k])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
+        _v_g_x = -math.exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
         g_x[b, k] = _v_g_x
 
 
@@ -2393,14 +2401,11 @@ def _log_softmax_bwd(g_y, x):
     _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
     y_max0 = _empty((B,), _dtype)
-    y_shifted0 = _empty((B, C), _dtype)
     y_sumexp0 = _empty((B,), _dtype)
     g_x = _empty((B, C), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
-    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
-    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
     _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
-    _launch(_log_softmax_bwd1, B * C, y_shifted0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
 
 

@@ -1102,23 +1102,33 @@ def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B,
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C):
-    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)"""
-    _F = loss_sumexp0.dtype.type
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    """
+    _F = loss_max0.dtype.type
     for b in range(0, B):
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
         _v_loss_sumexp0 = _F(0)
         for k in range(0, C):
-            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
         loss_sumexp0[b] = _v_loss_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C):
-    """g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B"""
+def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C):
+    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])/B"""
     _F = g_logits.dtype.type
     _c0 = g_loss[0]/_F(B)
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_logits = _c0*(math.exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])
+            _v_g_logits = _c0*(math.exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])
             g_logits[b, k] = _v_g_logits
 
 
@@ -1202,13 +1212,10 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = np.empty((B,), _dtype)
-    loss_shifted0 = np.empty((B, C), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
     g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
-    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
-    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
     return g_logits
 
 
@@ -1228,12 +1235,9 @@ def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = np.empty((B,), _dtype)
-    loss_shifted0 = np.empty((B, C), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
-    _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
-    _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
-    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
 def _softmax_cross_entropy_bwd(g_loss, logits, target):
@@ -1254,7 +1258,7 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_fwd_saving_core(logits, target):
-    """Forward of softmax_cross_entropy: loss, loss_shifted0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of softmax_cross_entropy: loss, loss_max0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
@@ -1267,7 +1271,7 @@ def _softmax_cross_entropy_fwd_saving_core(logits, target):
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
     _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
-    return loss, loss_shifted0, loss_sumexp0
+    return loss, loss_max0, loss_sumexp0
 
 
 def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
@@ -1276,18 +1280,18 @@ def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
     B = logits.shape[0]
     C = logits.shape[1]
     loss = np.empty((1,), _dtype)
-    loss_shifted0 = np.empty((B, C), _dtype)
+    loss_max0 = np.empty((B,), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
-    return loss, loss_shifted0, loss_sumexp0
+    return loss, loss_max0, loss_sumexp0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_shifted0, loss_sumexp0):
-    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_shifted0, loss_sumexp0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
+def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_max0, loss_sumexp0):
+    """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_max0, loss_sumexp0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
-    loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
     loss_logsumexp0 = np.empty((B,), _dtype)
     _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
@@ -1296,17 +1300,17 @@ def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_shifted0, 
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_shifted0, loss_sumexp0):
-    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_shifted0, loss_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_max0, loss_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_shifted0, loss_sumexp0):
+def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0):
     """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -1316,11 +1320,11 @@ def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_shifted0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_shifted0, loss_sumexp0, g_logits):
+def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, g_logits):
     """``_softmax_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``)."""
     B = logits.shape[0]
     C = logits.shape[1]
-    _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
 # The host functions of each op on this target.
@@ -2066,7 +2070,7 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{loss\\_shifted0}_{b,k}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
+        "\\bar{\\mathrm{logits}}_{b,k} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -2090,7 +2094,7 @@ _LATEX = {
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logits}}_{b,k} = \\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{loss\\_shifted0}_{b,k}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
+        "\\bar{\\mathrm{logits}}_{b,k} = \\frac{\\bar{\\mathrm{loss}} \\left(\\frac{e^{\\mathrm{logits}_{b,k} - \\mathrm{loss\\_max0}_{b}}}{\\mathrm{loss\\_sumexp0}_{b}} - \\mathrm{target}_{b,k}\\right)}{B}\n"
         "\\end{equation*}\n"
     ),
 }

@@ -827,20 +827,30 @@ def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B,
 
 @cuda.jit(cache=True)
 def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C, _total):
-    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)"""
-    _F = loss_sumexp0.dtype.type
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    """
+    _F = loss_max0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
         _v_loss_sumexp0 = _F(0)
         for k in range(0, C):
-            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
         loss_sumexp0[b] = _v_loss_sumexp0
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C, _total):
-    """g_logits[b, k] = g_loss*(exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])/B"""
+def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, _total):
+    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])/B"""
     _F = g_logits.dtype.type
     _c0 = g_loss[0]/_F(B)
     _r = cuda.grid(1)
@@ -848,7 +858,7 @@ def _softmax_cross_entropy_bwd1(target, loss_shifted0, loss_sumexp0, g_loss, g_l
         k = _r % C
         _r //= C
         b = _r
-        _v_g_logits = _c0*(math.exp(loss_shifted0[b, k])/loss_sumexp0[b] - target[b, k])
+        _v_g_logits = _c0*(math.exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])
         g_logits[b, k] = _v_g_logits
 
 
@@ -890,13 +900,10 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
     loss_max0 = _empty((B,), _dtype)
-    loss_shifted0 = _empty((B, C), _dtype)
     loss_sumexp0 = _empty((B,), _dtype)
     g_logits = _empty((B, C), _dtype)
-    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
-    _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
-    _launch(_softmax_cross_entropy_bwd1, B * C, target, loss_shifted0, loss_sumexp0, g_loss, g_logits, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
     return _result(g_logits, _dev)
 
 

@@ -6,8 +6,8 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 8b554fa29e97ea15
-#   generated/layers.py 6aca80384084c280
-#   generated/losses.py ea10c5263914346b
+#   generated/layers.py 3e619bfeaa1ff198
+#   generated/losses.py f95da3bad56d72c3
 #   generated/optimizers.py 9072ecf0ebc71829
 """The cnn_digits model.
 
@@ -268,15 +268,15 @@ def _check_trained(arrays, dtype):
 def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, conv2d0_weight_m, conv2d0_weight_v, conv2d0_bias_m, conv2d0_bias_v, dense4_weight_m, dense4_weight_v, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The fused training step: the library's compiled cores, layer by layer, writing
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
-    h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, loss, kept_loss_shifted0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g1, g_conv2d0_weight, g_conv2d0_bias = buffers
+    h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, loss, kept_loss_max0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g1, g_conv2d0_weight, g_conv2d0_bias = buffers
     h0 = x
     _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
     _relu_fwd_into(h1, h2)
     _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
     _flatten_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
-    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_shifted0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_shifted0, kept_loss_sumexp0, g5)
+    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, g5)
     _dense_bwd_into(g5, h4, dense4_weight, dense4_bias, g4, g_dense4_weight, g_dense4_bias)
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
@@ -298,9 +298,9 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
     h4 = _flatten_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
-    loss, kept_loss_shifted0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
     seed = np.ones(1, h5.dtype)
-    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_shifted0, kept_loss_sumexp0)
+    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
     g3 = _flatten_bwd_alloc(g4, h3)
     g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
@@ -315,7 +315,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
         h4,
         h5,
         loss,
-        kept_loss_shifted0,
+        kept_loss_max0,
         kept_loss_sumexp0,
         seed,
         g5,

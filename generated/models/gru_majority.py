@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 6aca80384084c280
-#   generated/losses.py ea10c5263914346b
+#   generated/layers.py 3e619bfeaa1ff198
+#   generated/losses.py f95da3bad56d72c3
 #   generated/optimizers.py 9072ecf0ebc71829
 """The gru_majority model.
 
@@ -312,7 +312,7 @@ def _check_trained(arrays, dtype):
 def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias, gru_cell0_w_ih_m, gru_cell0_w_ih_v, gru_cell0_w_hh_m, gru_cell0_w_hh_v, gru_cell0_b_ih_m, gru_cell0_b_ih_v, gru_cell0_b_hh_m, gru_cell0_b_hh_v, dense1_weight_m, dense1_weight_v, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The fused training step: the library's compiled cores, layer by layer, writing
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
-    h2, loss, kept_loss_shifted0, kept_loss_sumexp0, seed, g2, g1, g_dense1_weight, g_dense1_bias = buffers
+    h2, loss, kept_loss_max0, kept_loss_sumexp0, seed, g2, g1, g_dense1_weight, g_dense1_bias = buffers
     h0 = x
     # layer 0: gru_cell over time; xs1[step] is the input at that step, hs1[step] the state before it
     xs1 = np.ascontiguousarray(h0.transpose((1, 0, 2)))
@@ -330,8 +330,8 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
         kept0_nn.append(kept0_nn_step)
     h1 = hs1[xs1.shape[0]]
     _dense_fwd_into(h1, dense1_weight, dense1_bias, h2)
-    _softmax_cross_entropy_fwd_saving_into(h2, y, loss, kept_loss_shifted0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_shifted0, kept_loss_sumexp0, g2)
+    _softmax_cross_entropy_fwd_saving_into(h2, y, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, g2)
     _dense_bwd_into(g2, h1, dense1_weight, dense1_bias, g1, g_dense1_weight, g_dense1_bias)
     _adam_step_core(dense1_weight, g_dense1_weight, dense1_weight_m, dense1_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense1_bias, g_dense1_bias, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps)
@@ -360,14 +360,14 @@ def _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0
     h0 = x
     h1 = np.empty((h0.shape[0], 16), h0.dtype)  # its shape (the unrolled cell allocates per step)
     h2 = _dense_fwd_alloc(h1, dense1_weight, dense1_bias)
-    loss, kept_loss_shifted0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y)
     seed = np.ones(1, h2.dtype)
-    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_shifted0, kept_loss_sumexp0)
+    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_max0, kept_loss_sumexp0)
     g1, g_dense1_weight, g_dense1_bias = _dense_bwd_alloc(g2, h1, dense1_weight, dense1_bias)
     return (
         h2,
         loss,
-        kept_loss_shifted0,
+        kept_loss_max0,
         kept_loss_sumexp0,
         seed,
         g2,

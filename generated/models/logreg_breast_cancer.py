@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 6aca80384084c280
-#   generated/losses.py ea10c5263914346b
+#   generated/layers.py 3e619bfeaa1ff198
+#   generated/losses.py f95da3bad56d72c3
 #   generated/optimizers.py 9072ecf0ebc71829
 """The logreg_breast_cancer model.
 

@@ -6,8 +6,8 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 8b554fa29e97ea15
-#   generated/layers.py 6aca80384084c280
-#   generated/losses.py ea10c5263914346b
+#   generated/layers.py 3e619bfeaa1ff198
+#   generated/losses.py f95da3bad56d72c3
 #   generated/optimizers.py 9072ecf0ebc71829
 """The mlp_bench model.
 
@@ -309,15 +309,15 @@ def _check_trained(arrays, dtype):
 def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, dense4_weight, dense4_bias, dense0_weight_m, dense0_weight_v, dense0_bias_m, dense0_bias_v, dense2_weight_m, dense2_weight_v, dense2_bias_m, dense2_bias_v, dense4_weight_m, dense4_weight_v, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The fused training step: the library's compiled cores, layer by layer, writing
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
-    h1, h2, h3, h4, h5, loss, kept_loss_shifted0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g_dense2_weight, g_dense2_bias, g1, g_dense0_weight, g_dense0_bias = buffers
+    h1, h2, h3, h4, h5, loss, kept_loss_max0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g_dense2_weight, g_dense2_bias, g1, g_dense0_weight, g_dense0_bias = buffers
     h0 = x
     _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
     _relu_fwd_into(h1, h2)
     _dense_fwd_into(h2, dense2_weight, dense2_bias, h3)
     _relu_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
-    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_shifted0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_shifted0, kept_loss_sumexp0, g5)
+    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, g5)
     _dense_bwd_into(g5, h4, dense4_weight, dense4_bias, g4, g_dense4_weight, g_dense4_bias)
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
@@ -341,9 +341,9 @@ def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, d
     h3 = _dense_fwd_alloc(h2, dense2_weight, dense2_bias)
     h4 = _relu_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
-    loss, kept_loss_shifted0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
     seed = np.ones(1, h5.dtype)
-    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_shifted0, kept_loss_sumexp0)
+    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
     g3 = _relu_bwd_alloc(g4, h3)
     g2, g_dense2_weight, g_dense2_bias = _dense_bwd_alloc(g3, h2, dense2_weight, dense2_bias)
@@ -356,7 +356,7 @@ def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, d
         h4,
         h5,
         loss,
-        kept_loss_shifted0,
+        kept_loss_max0,
         kept_loss_sumexp0,
         seed,
         g5,
