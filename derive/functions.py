@@ -49,6 +49,17 @@ class NamedFunction(Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return self.definition(x)
 
+    def _eval_evalf(self, prec):
+        """A number from the definition, so that a condition on constants (sqrt(softplus(2))
+        <= 0) is decided when it is built: undecided, it made SymPy's Piecewise raise
+        KeyError (its rewrite of a condition without free symbols)."""
+        if self.args[0].is_number:
+            from mpmath.libmp.libmpf import prec_to_dps
+
+            value = self.definition(self.args[0]).evalf(prec_to_dps(prec))
+            return value if value.is_Number else None
+        return None
+
     def _eval_is_real(self):
         return self.args[0].is_real
 

@@ -47,6 +47,11 @@ FINDINGS = {
         'name = "computed_exponent"\nkind = "loss"\ninputs = { x = "B N", v = "B N" }\noutputs = { loss = "" }\n'
         'equations = ["loss = sum(v[b, n], b, n) * (sqrt(10)**sin(0.5) - sum(x[b, n], b, n))"]\n',
         sizes={"B": 2, "N": 3}),
+    # a condition on constants that SymPy could not decide (softplus(2) had no numeric
+    # value) inside relu's condition: SymPy's Piecewise raised KeyError while building
+    "constant_condition": TextSpec(
+        'name = "constant_condition"\nkind = "activation"\n'
+        'expr = "relu(where(Le(softplus(2)**(1/2), 0), x - x, log1p(x**2))) + sigmoid(x) * where(sigmoid(0.25) > 0.5, x, 1)"\n'),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
