@@ -19,6 +19,7 @@ derive/normalize.py lifts the sums and maxima into intermediates before differen
 from __future__ import annotations
 
 import functools
+import importlib
 
 import sympy
 from sympy import Function, Piecewise, exp, log
@@ -159,6 +160,14 @@ class Reduce(Function):
     def indices(self):
         return self.args[1:]
 
+    def _rewrite(self, pattern, rule, method, **hints):
+        """A reduction's body is a value, never a condition: SymPy rewrites a condition
+        holding a Piecewise into Boolean ITE form (relu of a where whose condition reads a
+        max of a relu), and doing so inside the body failed (a value is not a Boolean)."""
+        if method == "_eval_rewrite_as_ITE":
+            return self
+        return super()._rewrite(pattern, rule, method, **hints)
+
 
 class ReduceSum(Reduce):
     kind = "sum"
@@ -178,6 +187,33 @@ class ReduceMean(Reduce):
 
     kind = "mean"
     latex_op = r"\operatorname{mean}"
+
+
+def _fold_outside_reductions(fold):
+    """SymPy's piecewise_fold with every reduction opaque. A Piecewise in a condition
+    (``where(x <= max(relu(w[j]), j), ...)``, relu a Piecewise) is folded when the condition
+    is built, and the fold took ``max(Piecewise((w[j], w[j] > 0), (0, True)), j)`` apart as
+    if max were an ordinary function: the condition w[j] > 0 left the reduction that binds
+    j (the kernels then read an undefined j). A reduction is held as a placeholder while
+    the rest folds; its body is folded, if ever, when it is lifted."""
+
+    @functools.wraps(fold)
+    def piecewise_fold(expr, evaluate=True):
+        if isinstance(expr, Reduce) or not isinstance(expr, sympy.Basic):
+            return expr
+        held = {r: sympy.Dummy("reduction", real=True) for r in expr.atoms(Reduce) if r.has(Piecewise)}
+        if not held:
+            return fold(expr, evaluate)
+        folded = fold(expr.xreplace(held), evaluate)
+        return folded.xreplace({d: r for r, d in held.items()})
+
+    return piecewise_fold
+
+
+# ExprCondPair and piecewise_fold's own recursion call the module's name
+_piecewise_module = importlib.import_module("sympy.functions.elementary.piecewise")
+if not hasattr(_piecewise_module.piecewise_fold, "__wrapped__"):
+    _piecewise_module.piecewise_fold = _fold_outside_reductions(_piecewise_module.piecewise_fold)
 
 
 def expand_means(expr, ranges):

@@ -52,6 +52,20 @@ FINDINGS = {
     "constant_condition": TextSpec(
         'name = "constant_condition"\nkind = "activation"\n'
         'expr = "relu(where(Le(softplus(2)**(1/2), 0), x - x, log1p(x**2))) + sigmoid(x) * where(sigmoid(0.25) > 0.5, x, 1)"\n'),
+    # a max of a relu in a where's condition: SymPy folded the relu's condition w[j, n] > 0
+    # out of the max that binds j (the kernel read an undefined j2), and under another relu
+    # rewrote the max's body as a Boolean (TypeError)
+    "reduction_in_condition": TextSpec(
+        'name = "reduction_in_condition"\nkind = "loss"\ninputs = { x = "B N" }\nparams = { w = "B N" }\n'
+        'outputs = { loss = "" }\n'
+        'equations = ["loss = sum(where(x[b, n] <= max(relu(w[j2, n]), j2), x[b, n]**2, w[b, n]), b, n) / B"]\n',
+        sizes={"B": 3, "N": 4}),
+    "reductions_in_nested_conditions": TextSpec(
+        'name = "reductions_in_nested_conditions"\nkind = "layer"\ninputs = { x = "B N" }\nparams = { w = "B N" }\n'
+        'outputs = { y = "B N" }\n'
+        'equations = ["y[b, n] = relu(where(x[b, n] <= max(relu(w[j, n]), j), x[b, n]**2 - 0.5, w[b, n]))'
+        ' + leaky_relu(x[b, n] - sum(abs(where(w[k, n] > 0, w[k, n], x[k, n])), k))"]\n',
+        sizes={"B": 3, "N": 4}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
