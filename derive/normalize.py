@@ -12,6 +12,10 @@ work on. The passes, in order:
    (softmax, attention written by hand) ``exp(m)`` cancels; a logarithm of one becomes
    ``m + log(S)``, with ``E - m`` computed on its own (a log-softmax is
    ``(E - m) - log(S)``, never ``E - (m + log S)``, which rounds at the magnitude of m).
+   Where the factor ``exp(m)`` survives (a weighted sum of exponentials on its own, whose
+   ``exp(m)`` overflows exactly where its unshifted terms do), the shift gains nothing:
+   derive/stabilize.py's :func:`~derive.stabilize.idle_shifts` finds those maxima and the
+   op is normalised again with them in ``unshifted``, so that sum keeps its written form.
    Then ``log(exp(a) * b) -> a + log(b)``, exponentials are combined
    (``exp(a)/exp(b) -> exp(a - b)``), and the elementary rewrites
    ``log(1 + exp(a)) -> softplus(a)``, ``log(sigmoid(a)) -> -softplus(-a)``,
@@ -48,6 +52,7 @@ class Stmt:
     stop_gradient: bool = False
     origin: str = "spec"  # spec | lifted | stability
     note: str = ""
+    shift: tuple | None = None  # a stability maximum's key: (equation, exponent, indices), see stabilise
 
 
 # ---------------------------------------------------------------------------
@@ -195,7 +200,8 @@ def _exp_factor(body, over):
     return exps[0].args[0], rest
 
 
-def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sympy.Expr:
+def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
+              unshifted: frozenset = frozenset()) -> sympy.Expr:
     """Rewrite one equation's right-hand side; new statements go to ``extra``.
 
     Every ``sum(exp(E) * F, j)`` (F = 1 for a plain sum of exponentials) becomes
@@ -204,7 +210,10 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sy
     attention written by hand) the factors ``exp(m)`` cancel, and a logarithm of one
     becomes ``m + log(S)``: nothing is computed at the magnitude of ``exp(E)``, and a
     probability is ``exp(E - m) / S``, accurate to the rounding of E - m (not of a
-    log-sum-exp at the magnitude of E)."""
+    log-sum-exp at the magnitude of E).
+
+    A sum whose maximum's key ``(eq.target, exponent, indices)`` is in ``unshifted``
+    keeps its written form (the factor exp(m) would survive, see normalize's doc)."""
     rhs = eq.rhs
     maxima: dict = {}
     sums: list = []
@@ -223,11 +232,14 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict) -> sy
         # the maximum over the terms the sum takes (a masked term is -inf for it)
         masked = e if cond == sympy.true else sympy.Piecewise((e, cond), (-sympy.oo, True))
         key = (masked, over)
+        if (eq.target, *key) in unshifted:
+            return None
         if key not in maxima:
             m_name = namer(f"{eq.target}_max")
             ranges = {i: eq.ranges[i] for i in e_free + over}
             extra.append(Stmt(m_name, e_free, masked, "max", over, ranges, origin="stability", stop_gradient=True,
-                              note="the maximum subtracted for stability; the shifted sums do not depend on it"))
+                              note="the maximum subtracted for stability; the shifted sums do not depend on it",
+                              shift=(eq.target, *key)))
             shapes[m_name] = tuple(eq.ranges[i] for i in e_free)
             maxima[key] = _read(m_name, e_free)
         m = maxima[key]
@@ -342,14 +354,15 @@ def lift(eq: Equation, rhs, namer: Namer, shapes: dict) -> list[Stmt]:
     return out
 
 
-def normalize(op: OpDef) -> list[Stmt]:
-    """All statements of a bound op, in evaluation order."""
+def normalize(op: OpDef, unshifted: frozenset = frozenset()) -> list[Stmt]:
+    """All statements of a bound op, in evaluation order; the stability maxima keyed in
+    ``unshifted`` are not taken (see :func:`stabilise`)."""
     taken = {e.target for e in op.equations} | set(op.inputs) | set(op.params)
     namer = Namer(taken)
     stmts: list[Stmt] = []
     for eq in op.equations:
         extra: list[Stmt] = []
-        rhs = stabilise(eq, namer, extra, op.intermediates)
+        rhs = stabilise(eq, namer, extra, op.intermediates, unshifted)
         stmts.extend(extra)
         stmts.extend(lift(eq, rhs, namer, op.intermediates))
     for s in stmts:

@@ -21,7 +21,7 @@ from .latex import derivation_blocks, optimizer_blocks, render_tex, schedule_blo
 from .normalize import Stmt, normalize
 from .simplify import simplify_terms
 from .spec import OpDef, bind
-from .stabilize import stabilize
+from .stabilize import idle_shifts, stabilize
 from .statistics import substitute_statistics
 
 
@@ -31,8 +31,7 @@ def build(op: OpDef) -> ir.Program:
     if op.kind == "schedule":
         return _build_schedule(op)
     bind(op)
-    stmts = normalize(op)
-    stabilize(stmts, op.intermediates)
+    stmts = _stabilised(op)
     shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
     shapes.update(op.intermediates)
     dim_names = _dim_names(op, stmts, shapes)
@@ -58,6 +57,23 @@ def build(op: OpDef) -> ir.Program:
     program = lower(op, stmts, backward, shapes, diff_args)
     blocks = derivation_blocks(op, stmts, backward, program)
     return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks}, assumptions=checked_assumptions(op))
+
+
+def _stabilised(op: OpDef) -> list[Stmt]:
+    """Normalised and stabilised statements. A shifted sum of exponentials whose factor
+    exp(m) survives (derive/stabilize.py's idle_shifts) gains nothing from the shift: the
+    op is normalised again with those sums as written, until every shift left pays."""
+    shapes = dict(op.intermediates)
+    unshifted = frozenset()
+    while True:
+        stmts = normalize(op, unshifted)
+        stabilize(stmts, op.intermediates)
+        idle = idle_shifts(stmts, op.outputs)
+        if not idle:
+            return stmts
+        unshifted |= idle
+        op.intermediates.clear()
+        op.intermediates.update(shapes)
 
 
 def _replace(program, **changes):

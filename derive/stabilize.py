@@ -13,6 +13,9 @@ normalised statements (derive/normalize.py) before differentiation:
   factor of Y, and X nowhere else (``p log p``, ``p log(p / q)``: an entropy or a KL
   divergence written from its definition), is 0 where X is 0, its limit, instead of
   ``0 * log(0) = NaN``.
+* :func:`idle_shifts`: the maxima of derive/normalize.py's shifted sums
+  ``exp(m) * sum(exp(E - m) F)`` whose factor ``exp(m)`` is not absorbed anywhere (see
+  there); the pipeline normalises again without them.
 """
 
 from __future__ import annotations
@@ -180,6 +183,83 @@ def name_shifted_logs(stmts: list[Stmt], shapes: dict) -> None:
                 body = replace_subexpression(body, e_m.xreplace(inst),
                                              sympy.IndexedBase(shift_name, real=True)[tuple(inst[i] for i in idx)])
             u.body, u.text = body, ""
+
+
+def _names_read(expr) -> set[str]:
+    return {str(r.base) for r in expr.atoms(sympy.Indexed)} | {x.name for x in expr.atoms(sympy.Symbol)}
+
+
+def _live(stmts: list[Stmt], outputs) -> list[Stmt]:
+    """The statements an output depends on (an intermediate whose every read a rewrite
+    replaced, a named sum of exponentials read only under a log, is not computed for them)."""
+    live, needed = [], set(outputs)
+    for s in reversed(stmts):
+        if s.target in needed:
+            live.append(s)
+            needed |= _names_read(s.body)
+    return live[::-1]
+
+
+def _reads_of(name: str, expr):
+    """The reads of ``name`` in ``expr``: ``name[...]``, or the scalar ``name``."""
+    indexed = [r for r in expr.atoms(sympy.Indexed) if str(r.base) == name]
+    return indexed or [x for x in expr.atoms(sympy.Symbol) if x.name == name]
+
+
+def _absorbed(arg, read, m: Stmt, maxima: set[str]) -> bool:
+    """Whether ``exp(arg)``, which holds the maximum ``read`` of ``m``, is the exponential of
+    a difference ``c (m - X)`` (plus anything else), X an instance of the maximised exponent
+    (``exp(E[c] - m)``: a softmax's numerator, a shifted sum's own terms) or another maximum
+    (a ratio of sums over two exponents): only then did the shift take the magnitude of m
+    out of an exponential. ``exp(m)`` itself, ``exp(2 m)``, ``exp(m + y)`` are not."""
+    c = sympy.diff(arg, read)
+    if c == 0 or c.has(read):
+        return False
+    rest = sympy.expand(-(arg - c * read) / c, deep=False)
+    terms = set(sympy.Add.make_args(rest))
+    if any(t in terms for n in maxima - {m.target} for t in _reads_of(n, rest)):
+        return True
+    e = m.body.args[0][0] if isinstance(m.body, sympy.Piecewise) else m.body  # a masked maximum's terms
+    if isinstance(read, sympy.Indexed):
+        e = e.xreplace(dict(zip(m.free, read.indices)))
+    wild = {j: sympy.Wild(f"w_{j}") for j in m.over}
+    pattern = e.xreplace(wild)
+    for r in rest.atoms(sympy.Indexed):
+        for p in pattern.atoms(sympy.Indexed):
+            if r.base != p.base:
+                continue
+            match = r.match(p)
+            if match is None:
+                continue
+            instance = pattern.xreplace(match)
+            if not instance.has(sympy.Wild) and set(sympy.Add.make_args(sympy.expand(instance, deep=False))) <= terms:
+                return True
+    return False
+
+
+def idle_shifts(stmts: list[Stmt], outputs) -> frozenset:
+    """The keys (:attr:`Stmt.shift`) of the stability maxima whose factor ``exp(m)`` survives:
+    some statement an output depends on holds an exponential of m that is not a difference
+    (:func:`_absorbed`). Where every read of m is additive (``m + log S``: a log-sum-exp,
+    after :func:`look_through` also through a named sum) or inside such a difference (a
+    ratio of sums sharing m cancels it outright), the shift keeps the computation at the
+    magnitude of the result; where ``exp(m)`` survives (``exp(m) * S`` of a weighted sum
+    of exponentials on its own, ``exp(2 m)`` of its square) it overflows exactly where the
+    written terms do, and the sum keeps its written form (one pass less, the textbook
+    derivation)."""
+    maxima = {s.target: s for s in stmts if s.shift is not None}
+    if not maxima:
+        return frozenset()
+    idle = set()
+    for u in _live(stmts, outputs):
+        for node in u.body.atoms(sympy.exp):
+            for name in _names_read(node.args[0]) & set(maxima):
+                m = maxima[name]
+                if m.shift in idle:
+                    continue
+                if not all(_absorbed(node.args[0], r, m, set(maxima)) for r in _reads_of(name, node.args[0])):
+                    idle.add(m.shift)
+    return frozenset(idle)
 
 
 def stabilize(stmts: list[Stmt], shapes: dict | None = None) -> None:

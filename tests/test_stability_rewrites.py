@@ -212,6 +212,61 @@ def test_zero_times_log_of_zero_is_zero():
     assert isinstance(s.body, sympy.Piecewise) and s.body.args[0][0] == 0
 
 
+# A shift pays only where its factor exp(m) is absorbed: a ratio of sums sharing m, a log
+# (also of a sum named on its own line), an exponential of a difference (E - m, m_a - m_b).
+# Where exp(m) survives the sum keeps its written form: exp(m) overflows exactly where the
+# written terms do, and the shift costs a pass over the terms.
+SHIFTS = [
+    ("weighted_sum", 'outputs = { loss = "" }', ["loss = sum(w[b,c] * exp(x[b,c]), b, c)"], False),
+    ("square_of_sum", 'outputs = { y = "B" }', ["y[b] = sum(w[b,c] * exp(x[b,c]), c)**2"], False),
+    ("product_of_sums", 'outputs = { y = "B" }', ["y[b] = sum(exp(x[b,c]), c) * sum(exp(w[b,c]), c)"], False),
+    ("log_of_sum_plus_one", 'outputs = { y = "B" }', ["y[b] = log(sum(exp(x[b,c]), c) + 1)"], False),
+    ("named_sum_read_as_written", 'outputs = { y = "B" }',
+     ["z[b] = sum(exp(x[b,c]) * w[b,c], c)", "y[b] = z[b] * x[b,0]"], False),
+    ("ratio", 'outputs = { y = "B" }', ["y[b] = sum(w[b,c] * exp(x[b,c]), c) / sum(exp(x[b,c]), c)"], True),
+    ("softmin", 'outputs = { y = "B C" }', ["y[b,c] = exp(-x[b,c]) / sum(exp(-x[b,k]), k)"], True),
+    ("ratio_over_two_exponents", 'outputs = { y = "B" }', ["y[b] = sum(exp(x[b,c]), c) / sum(exp(w[b,c]), c)"], True),
+    ("log_of_sum", 'outputs = { y = "B" }', ["y[b] = log(sum(w[b,c] * exp(x[b,c]), c))"], True),
+    ("named_sum_then_log", 'outputs = { loss = "" }', ["z[b] = sum(exp(x[b,c]), c)", "loss = sum(log(z[b]), b)"], True),
+]
+
+
+@pytest.mark.parametrize("name, outputs, equations, shifted", SHIFTS, ids=[c[0] for c in SHIFTS])
+def test_a_sum_of_exponentials_is_shifted_only_where_exp_m_is_absorbed(tmp_path, name, outputs, equations, shifted):
+    import sympy
+
+    import derive
+
+    kind = "loss" if "loss" in outputs else "layer"
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'name = "{name}"\nkind = "{kind}"\ninputs = {{ x = "B C", w = "B C" }}\n{outputs}\n'
+                    f"equations = [{', '.join(repr(e).replace(chr(39), chr(34)) for e in equations)}]\n")
+    program = derive.from_file(path)
+    maxima = [a.target for a in program.forward if a.reduce == "max"]
+    assert bool(maxima) == shifted, [a.equation for a in program.forward]
+    read = {str(r.base) for a in program.forward for r in a.body.atoms(sympy.Indexed)} | {
+        x.name for a in program.forward for x in a.body.atoms(sympy.Symbol)}
+    outputs = {t.name for t in program.outputs}
+    live = [a for a in program.forward if a.target in read or a.target in outputs]
+    # (a named sum read only under a log is left computed as exp(m) S, read by nothing)
+    exps = [(a, e.args[0]) for a in live for e in a.body.atoms(sympy.exp)]
+    if shifted:  # every exponential reading a maximum is of a difference (E - m, m_a - m_b), never exp(m)
+        assert all(len(sympy.Add.make_args(arg)) > 1 for a, arg in exps
+                   if any(str(r.base) in maxima for r in arg.atoms(sympy.Indexed))), [a.equation for a, _ in exps]
+    else:  # the sums as written: exponentials of the inputs
+        assert exps and all({str(r.base) for r in arg.atoms(sympy.Indexed)} <= {"x", "w"} for _, arg in exps), \
+            [a.equation for a, _ in exps]
+
+
+def test_library_kl_div_keeps_its_textbook_form():
+    import derive
+
+    (op,) = [o for o in derive.library_defs() if o.name == "kl_div"]
+    program = derive.build(op)
+    assert [a.reduce for a in program.forward] == ["sum", "none"], [a.equation for a in program.forward]
+    assert not any(a.reduce == "max" for a in program.backward)
+
+
 # ---------------------------------------------------------------- precision
 
 
