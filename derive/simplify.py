@@ -155,8 +155,21 @@ def replace_subexpression(expr, concrete, target):
 
 
 def _power_reuse(expr, s, p):
+    """B**q -> T**(q/p) where T = B**p, when that holds for every real B the forward
+    computes: q/p an integer, or B >= 0 (provably, or because T = B**p with an even root
+    is real only there). tanh**2 as (tanh**3)**(2/3) was NaN for a negative tanh."""
+
+    def real_identity(e):
+        ratio = e.exp / p
+        if ratio.is_integer or p.q % 2 == 0:
+            return True
+        return bool(e.base.is_nonnegative)
+
     def matcher(e):
-        return isinstance(e, sympy.Pow) and e.exp.is_Rational and _base_matches(e.base, s) is not None
+        if not (isinstance(e, sympy.Pow) and e.exp.is_Rational):
+            return False
+        m = _base_matches(e.base, s)
+        return m is not None and real_identity(e)
 
     def build(e):
         m = _base_matches(e.base, s)

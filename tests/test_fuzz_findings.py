@@ -66,6 +66,12 @@ FINDINGS = {
         'equations = ["y[b, n] = relu(where(x[b, n] <= max(relu(w[j, n]), j), x[b, n]**2 - 0.5, w[b, n]))'
         ' + leaky_relu(x[b, n] - sum(abs(where(w[k, n] > 0, w[k, n], x[k, n])), k))"]\n',
         sizes={"B": 3, "N": 4}),
+    # forward reuse wrote tanh(t0)**2 as t1**(2/3) with t1 = tanh(t0)**3: NaN for a
+    # negative tanh (a power of a power is reused only where it holds for every real base)
+    "odd_power_reuse": TextSpec(
+        'name = "odd_power_reuse"\nkind = "layer"\ninputs = { x = "B N" }\noutputs = { y = "B N" }\n'
+        'equations = ["t[b] = tanh(sum(x[b, j], j))**3", "y[b, n] = t[b] * x[b, n]"]\n',
+        sizes={"B": 4, "N": 3}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
