@@ -678,26 +678,18 @@ def _huber_bwd(g_loss, pred, target, *, delta):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _kl_div_fwd0(logq, logp, loss, B, C):
-    """loss_max0 = max(logp[b, c], b, c)
-    loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
-    loss = loss_sumexp0*exp(loss_max0)/B
+    """loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
+    loss = loss_sum0/B
     """
     _F = loss.dtype.type
     _c0 = _F(1) / _F(B)
-    # loss_max0 = max(logp[b, c], b, c)
-    _v_loss_max0 = -_F(math.inf)
+    # loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
+    _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
-            _m = logp[b, c]
-            if _m > _v_loss_max0:
-                _v_loss_max0 = _m
-    # loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
-    _v_loss_sumexp0 = _F(0)
-    for b in range(0, B):
-        for c in range(0, C):
-            _v_loss_sumexp0 += (logp[b, c] - logq[b, c])*math.exp(-_v_loss_max0 + logp[b, c])
-    # loss = loss_sumexp0*exp(loss_max0)/B
-    _v_loss = _c0*_v_loss_sumexp0*math.exp(_v_loss_max0)
+            _v_loss_sum0 += (logp[b, c] - logq[b, c])*math.exp(logp[b, c])
+    # loss = loss_sum0/B
+    _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
 
 
@@ -1759,53 +1751,47 @@ _LATEX = {
         "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{loss\\_max0} = \\max_{b,c} \\mathrm{logp}_{b,c}\\quad(\\text{stop-gradient})\n"
-        "\\end{equation*}\n"
-        "\n"
-        "the maximum subtracted for stability; the shifted sums do not depend on it.\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\mathrm{loss\\_sumexp0} = \\sum_{b,c} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\\right)\n"
+        "\\mathrm{loss\\_sum0} = \\sum_{b,c} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{\\mathrm{logp}_{b,c}}\\right)\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\mathrm{loss} = \\frac{\\mathrm{loss\\_sumexp0} e^{\\mathrm{loss\\_max0}}}{B}\n"
+        "\\mathrm{loss} = \\frac{\\mathrm{loss\\_sum0}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
         "\n"
-        "Through the read $\\mathrm{loss\\_sumexp0}$ in the statement for $\\mathrm{loss}$:\n"
+        "Through the read $\\mathrm{loss\\_sum0}$ in the statement for $\\mathrm{loss}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sumexp0}} = \\frac{e^{\\mathrm{loss\\_max0}}}{B}\n"
+        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sum0}} = \\frac{1}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_sumexp0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{loss\\_max0}}}{B}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{logp}_{b,c}$ in the statement for $\\mathrm{loss\\_sumexp0}$:\n"
+        "Through the read $\\mathrm{logp}_{b,c}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sumexp0}}{\\partial \\mathrm{logp}_{b,c}} = \\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}} + e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{logp}_{b,c}} = \\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{\\mathrm{logp}_{b,c}} + e^{\\mathrm{logp}_{b,c}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logp}}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\frac{\\bar{\\mathrm{loss}} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}} + e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\\right) e^{\\mathrm{loss\\_max0}} \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
+        "\\bar{\\mathrm{logp}}_{b',c'} \\mathrel{+}= \\sum_{b,c} \\frac{\\bar{\\mathrm{loss}} \\left(\\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c}\\right) e^{\\mathrm{logp}_{b,c}} + e^{\\mathrm{logp}_{b,c}}\\right) \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{\\mathrm{logp}}_{b,c} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\mathrm{logp}_{b,c} - \\mathrm{logq}_{b,c} + 1\\right) e^{\\mathrm{logp}_{b,c}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
-        "Through the read $\\mathrm{logq}_{b,c}$ in the statement for $\\mathrm{loss\\_sumexp0}$:\n"
+        "Through the read $\\mathrm{logq}_{b,c}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sumexp0}}{\\partial \\mathrm{logq}_{b,c}} = - e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{logq}_{b,c}} = - e^{\\mathrm{logp}_{b,c}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{logq}}_{b',c'} \\mathrel{+}= \\sum_{b,c} - \\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{loss\\_max0}} e^{- \\mathrm{loss\\_max0} + \\mathrm{logp}_{b,c}} \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
+        "\\bar{\\mathrm{logq}}_{b',c'} \\mathrel{+}= \\sum_{b,c} - \\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{logp}_{b,c}} \\delta_{b,\\,b'} \\delta_{c,\\,c'}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
@@ -1815,7 +1801,7 @@ _LATEX = {
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{loss\\_sumexp0}} = \\frac{\\bar{\\mathrm{loss}} e^{\\mathrm{loss\\_max0}}}{B}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} = \\frac{\\bar{\\mathrm{loss}}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"

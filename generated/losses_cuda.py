@@ -533,28 +533,20 @@ def _huber_bwd(g_loss, pred, target, *, delta):
 
 @cuda.jit(cache=True)
 def _kl_div_fwd0(logq, logp, loss, B, C, _total):
-    """loss_max0 = max(logp[b, c], b, c)
-    loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
-    loss = loss_sumexp0*exp(loss_max0)/B
+    """loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
+    loss = loss_sum0/B
     """
     _F = loss.dtype.type
     _c0 = _F(1) / _F(B)
     _r = cuda.grid(1)
     if _r < _total:
-        # loss_max0 = max(logp[b, c], b, c)
-        _v_loss_max0 = -_F(math.inf)
+        # loss_sum0 = sum((logp[b, c] - logq[b, c])*exp(logp[b, c]), b, c)
+        _v_loss_sum0 = _F(0)
         for b in range(0, B):
             for c in range(0, C):
-                _m = logp[b, c]
-                if _m > _v_loss_max0:
-                    _v_loss_max0 = _m
-        # loss_sumexp0 = sum((logp[b, c] - logq[b, c])*exp(-loss_max0 + logp[b, c]), b, c)
-        _v_loss_sumexp0 = _F(0)
-        for b in range(0, B):
-            for c in range(0, C):
-                _v_loss_sumexp0 += (logp[b, c] - logq[b, c])*math.exp(-_v_loss_max0 + logp[b, c])
-        # loss = loss_sumexp0*exp(loss_max0)/B
-        _v_loss = _c0*_v_loss_sumexp0*math.exp(_v_loss_max0)
+                _v_loss_sum0 += (logp[b, c] - logq[b, c])*math.exp(logp[b, c])
+        # loss = loss_sum0/B
+        _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
 
 

@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/layers.py 3e619bfeaa1ff198
-#   generated/losses.py f95da3bad56d72c3
+#   generated/losses.py d58134a299192ac8
 #   generated/optimizers.py 9072ecf0ebc71829
 """The logreg_breast_cancer model.
 

@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 8b554fa29e97ea15
 #   generated/layers.py 3e619bfeaa1ff198
-#   generated/losses.py f95da3bad56d72c3
+#   generated/losses.py d58134a299192ac8
 #   generated/optimizers.py 9072ecf0ebc71829
 """The mlp_digits model.
 
