@@ -173,9 +173,13 @@ def from_real_kinks(expr):
 
 
 def clean_derivative(expr):
-    """Derivatives of step functions are zero almost everywhere (as PyTorch takes them)."""
+    """Derivatives of step functions are zero almost everywhere (as PyTorch takes them).
+
+    A Heaviside step is what SymPy gives for the derivative of Max/Min (d Max(a, b)/da =
+    H(a - b)); at a tie it is 1/2 on each side, as torch.maximum splits it, so the
+    gradient of Max(u, v) sums to one even where u and v are the same element."""
     expr = expr.replace(sympy.DiracDelta, lambda *a: sympy.S.Zero)
-    expr = expr.replace(sympy.Heaviside, lambda x, *a: sympy.Piecewise((1, x > 0), (0, True)))
+    expr = expr.replace(sympy.Heaviside, lambda x, *a: sympy.Piecewise((1, x > 0), (0, x < 0), (sympy.S.Half, True)))
     expr = expr.replace(sympy.Subs, lambda *a: sympy.Subs(*a).doit())
     return integral_floats(expr)
 

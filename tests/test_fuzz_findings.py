@@ -72,6 +72,11 @@ FINDINGS = {
         'name = "odd_power_reuse"\nkind = "layer"\ninputs = { x = "B N" }\noutputs = { y = "B N" }\n'
         'equations = ["t[b] = tanh(sum(x[b, j], j))**3", "y[b, n] = t[b] * x[b, n]"]\n',
         sizes={"B": 4, "N": 3}),
+    # F6: Max of an element with itself (the middle of a reversal) gave neither side the
+    # gradient; a tie splits it half and half, as torch.maximum does
+    "max_with_itself": TextSpec(
+        'name = "max_with_itself"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
+        'equations = ["y[i] = Max(x[N - 1 - i], x[i]) + Min(x[i], x[N - 1 - i])"]\n', sizes={"N": 5}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
