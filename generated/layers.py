@@ -1455,22 +1455,24 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps):
-    """g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-    g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     """
     _F = g_x2.dtype.type
     for b in range(0, B):
         for d in range(0, D):
-            # g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+            # g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
             _t0 = math.sqrt(y_sum1[b])
             _t1 = math.sqrt(y_sum0[b])
             _t2 = (eps if eps != eps else max(_t1, eps))
-            _t3 = (eps if eps != eps else max(_t0, eps))
-            _t4 = g_y[b]/(_t2*_t3)
-            _v_g_x2 = _t4*(_t0*x1[b, d] - _t2*(_F(1) if (-_t0 + eps < _F(0)) else (_F(0) if (-_t0 + eps >= _F(0)) else _F(math.nan)))*x2[b, d]*y[b])/_t0
+            _t3 = -_t0 + eps
+            _t4 = (eps if eps != eps else max(_t0, eps))
+            _t5 = g_y[b]/(_t2*_t4)
+            _v_g_x2 = _t5*(_t0*x1[b, d] - _t2*(_F(1) if (_t3 < _F(0)) else (_F(0) if (_t3 > _F(0)) else (_F(0.5) if (_t3 <= _F(0)) else _F(math.nan))))*x2[b, d]*y[b])/_t0
             g_x2[b, d] = _v_g_x2
-            # g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-            _v_g_x1 = _t4*(_t1*x2[b, d] - _t3*(_F(1) if (-_t1 + eps < _F(0)) else (_F(0) if (-_t1 + eps >= _F(0)) else _F(math.nan)))*x1[b, d]*y[b])/_t1
+            # g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+            _t6 = -_t1 + eps
+            _v_g_x1 = _t5*(_t1*x2[b, d] - _t4*(_F(1) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5) if (_t6 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b])/_t1
             g_x1[b, d] = _v_g_x1
 
 
@@ -7296,29 +7298,29 @@ _LATEX = {
         "Through the read $\\mathrm{y\\_sum0}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum0}_{b}} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum0}_{b}} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{y\\_sum1}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum1}_{b}} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum1}_{b}} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{y\\_sum2}_{b}$ in the statement for $y$:\n"
@@ -7370,11 +7372,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x2_{b,d} \\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x2_{b,d} \\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x1_{b,d}$ in the statement for $\\mathrm{y\\_sum0}$:\n"
@@ -7384,11 +7386,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x1_{b,d} \\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x1_{b,d} \\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -7398,21 +7400,21 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} = \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x2}_{b,d} = \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} = \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x1}_{b,d} = \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
     ),
     "dense": (

@@ -326,22 +326,22 @@ def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D,
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin):
-    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
-    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
     """
     _F = g_x2.dtype.type
     _c0 = g_loss[0]/_F(B)
     for b in range(0, B):
         for d in range(0, D):
-            # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+            # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
             _t0 = eps + cos_sum1[b]
             _t1 = (label[b] > _F(0))
             _t2 = eps + cos_sum0[b]
             _t3 = _c0/math.sqrt(_t0*_t2)
-            _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] >= _F(0)) else _F(math.nan))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t0
+            _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t0
             g_x2[b, d] = _v_g_x2
-            # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
-            _v_g_x1 = _t3*(_t2*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] >= _F(0)) else _F(math.nan))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t2
+            # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+            _v_g_x1 = _t3*(_t2*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t2
             g_x1[b, d] = _v_g_x1
 
 
@@ -1537,15 +1537,15 @@ _LATEX = {
         "Through the read $\\mathrm{cos}_{b}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{cos}_{b}} = \\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{cos}_{b}} = \\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'}}{B}\n"
+        "\\bar{\\mathrm{cos}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'}}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
+        "\\bar{\\mathrm{cos}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{cos\\_sum0}_{b}$ in the statement for $\\mathrm{cos}$:\n"
@@ -1555,11 +1555,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{\\mathrm{cos\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{\\mathrm{cos\\_sum0}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{cos\\_sum1}_{b}$ in the statement for $\\mathrm{cos}$:\n"
@@ -1569,11 +1569,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{\\mathrm{cos\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum1}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{\\mathrm{cos\\_sum1}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{cos\\_sum2}_{b}$ in the statement for $\\mathrm{cos}$:\n"
@@ -1583,11 +1583,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum2}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{\\mathrm{cos\\_sum2}}_{b'} \\mathrel{+}= \\sum_{b} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum2}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{\\mathrm{cos\\_sum2}}_{b} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x1_{b,d}$ in the statement for $\\mathrm{cos\\_sum2}$:\n"
@@ -1597,11 +1597,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x2_{b,d}$ in the statement for $\\mathrm{cos\\_sum2}$:\n"
@@ -1611,11 +1611,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x2_{b,d}$ in the statement for $\\mathrm{cos\\_sum1}$:\n"
@@ -1625,11 +1625,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{2 \\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\mathrm{cos\\_sum2}_{b} x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{2 \\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\mathrm{cos\\_sum2}_{b} x2_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x1_{b,d}$ in the statement for $\\mathrm{cos\\_sum0}$:\n"
@@ -1639,11 +1639,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{2 \\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\mathrm{cos\\_sum2}_{b} x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} \\frac{2 \\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\mathrm{cos\\_sum2}_{b} x1_{b,d}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -1653,29 +1653,29 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
+        "\\bar{\\mathrm{cos}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum2}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
+        "\\bar{\\mathrm{cos\\_sum2}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum1}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{\\mathrm{cos\\_sum1}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum0}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{cos\\_sum0}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{\\mathrm{cos\\_sum0}}_{b} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{eps}{2} - \\frac{\\mathrm{cos\\_sum1}_{b}}{2}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\mathrm{cos\\_sum2}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\bar{x2}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) x1_{b,d} - \\mathrm{cos\\_sum2}_{b} x2_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
+        "\\bar{x1}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)}\n"
         "\\end{equation*}\n"
     ),
     "huber": (

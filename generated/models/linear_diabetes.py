@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 3e619bfeaa1ff198
-#   generated/losses.py d58134a299192ac8
+#   generated/layers.py 4a92086e12e26cd2
+#   generated/losses.py 505643cfa8048505
 #   generated/optimizers.py 9072ecf0ebc71829
 """The linear_diabetes model.
 
