@@ -4,6 +4,10 @@ After this pass every statement has the form ``T[o] = R_{r} body`` with R one of
 none/sum/max and a body free of reductions, which is what differentiation and lowering
 work on. The passes, in order:
 
+0. ``look_through_exponentials``: a sum of exponentials written in steps (the
+   exponentials named, ``e = exp(x)`` then ``e / sum(e, k)``; or the sum named,
+   ``z = sum(exp(x), k)`` then ``exp(x) / z``) is seen as written inline, so that
+   stability does not depend on how the formula is split into equations.
 1. ``stabilise``: every ``sum(exp(E) * F, k)`` (F = 1 for a plain sum of exponentials)
    becomes ``exp(m) * S`` with ``m = max(E, k)`` and ``S = sum(exp(E - m) * F, k)``; ``m``
    is marked stop-gradient because the shifted form does not depend on it (the derivative
@@ -354,13 +358,116 @@ def lift(eq: Equation, rhs, namer: Namer, shapes: dict) -> list[Stmt]:
     return out
 
 
+def _has_exp_factor(expr) -> bool:
+    """``expr`` is an exponential or a product with one."""
+    return any(isinstance(f, sympy.exp) for f in sympy.Mul.make_args(expr))
+
+
+def _reads(name: str, expr):
+    indexed = [r for r in expr.atoms(sympy.Indexed) if str(r.base) == name]
+    return indexed or [x for x in expr.atoms(sympy.Symbol) if x.name == name]
+
+
+def _instance(d: Equation, rhs, read, reader: Equation):
+    """``rhs`` (the definition ``d``'s right-hand side) at the indices of ``read``, its
+    bound indices renamed away from the reader's (whose ranges get the new ones)."""
+    idx = tuple(read.indices) if isinstance(read, sympy.Indexed) else ()
+    if len(idx) != len(d.index):
+        return None
+    mapping = dict(zip(d.index, idx))
+    taken = {str(i) for i in reader.ranges} | {str(i) for i in reader.rhs.free_symbols} \
+        | {str(i) for x in idx for i in sympy.sympify(x).free_symbols}
+    for node in sympy.preorder_traversal(rhs):
+        if isinstance(node, Reduce):
+            for j in node.indices:
+                if j in mapping:
+                    continue
+                name, k = str(j), 0
+                while name in taken:
+                    name, k = f"{j}_{k}", k + 1
+                new = sympy.Symbol(name, **j.assumptions0) if name != str(j) else j
+                taken.add(name)
+                mapping[j] = new
+                reader.ranges[new] = d.ranges[j]
+    return rhs.xreplace(mapping)
+
+
+def look_through_exponentials(op: OpDef) -> list[Equation]:
+    """The equations with sums of exponentials written in steps seen as written inline,
+    so that :func:`stabilise` shifts them as it does a softmax written on one line:
+
+    * an elementwise intermediate whose body is an exponential or a product with one
+      (``e[b,c] = exp(x[b,c])``), read inside a sum that thereby becomes a sum of
+      exponentials (``sum(e[b,k], k)``, ``sum(e[b,t,s] * v[b,s,d], s)``), is read through
+      its definition there;
+    * a named sum of exponentials (``z[b] = sum(exp(x[b,k]), k)``) read as a divisor is
+      read through its definition, and so are, in that quotient, the exponential
+      intermediates of the numerator: the factors exp(m) of both then cancel.
+
+    Each definition keeps its equation while anything else reads it (an output always);
+    one no longer read is dropped. The op's own equations are not changed (copies are)."""
+    from dataclasses import replace
+
+    outputs = set(op.outputs)
+    exps: dict = {}   # elementwise intermediates with an exponential factor: name -> (eq, rhs)
+    sums: dict = {}   # named sums of exponentials: name -> (eq, rhs)
+    out: list[Equation] = []
+    for eq in op.equations:
+        eq = replace(eq, ranges=dict(eq.ranges))
+        rhs = eq.rhs
+
+        def through(expr, names, pred=lambda r: True):
+            for n in names:
+                d, body = exps.get(n) or sums[n]
+                for r in _reads(n, expr):
+                    if pred(r):
+                        inst = _instance(d, body, r, eq)
+                        if inst is not None:
+                            expr = expr.xreplace({r: inst})
+            return expr
+
+        def in_sum(node):
+            body = through(node.body, exps)
+            if body == node.body or _masked_exp_factor(node.body, node.indices) is not None \
+                    or _masked_exp_factor(body, node.indices) is None:
+                return node
+            return node.func(body, *node.indices)
+
+        if exps:
+            rhs = rhs.replace(lambda e: isinstance(e, ReduceSum) and not e.body.has(Reduce), in_sum)
+        divisors = {n for n in sums for p in rhs.atoms(sympy.Pow)
+                    if p.exp.is_negative and p.base in _reads(n, p.base)}
+        if divisors:
+            rhs = through(rhs, divisors, lambda r: any(p.base == r and p.exp.is_negative for p in rhs.atoms(sympy.Pow)))
+        if rhs != eq.rhs:  # the exponentials beside a sum seen through, so that exp(m) cancels
+            rhs = through(rhs, exps)
+        if rhs != eq.rhs:
+            eq = replace(eq, rhs=rhs)
+        if not isinstance(rhs, Reduce) and not rhs.has(Reduce) and _has_exp_factor(rhs):
+            exps[eq.target] = (eq, rhs)
+        elif isinstance(rhs, ReduceSum) and not rhs.body.has(Reduce) \
+                and _masked_exp_factor(rhs.body, rhs.indices) is not None:
+            sums[eq.target] = (eq, rhs)
+        out.append(eq)
+    if len(out) == len(op.equations) and all(a is b or a.rhs == b.rhs for a, b in zip(out, op.equations)):
+        return list(op.equations)
+    kept: list[Equation] = []
+    needed = set(outputs)
+    for eq in reversed(out):
+        if eq.target in needed or eq.target not in exps and eq.target not in sums:
+            kept.append(eq)
+            needed |= {str(r.base) for r in eq.rhs.atoms(sympy.Indexed)} | {x.name for x in eq.rhs.atoms(sympy.Symbol)}
+    return kept[::-1]
+
+
 def normalize(op: OpDef, unshifted: frozenset = frozenset()) -> list[Stmt]:
     """All statements of a bound op, in evaluation order; the stability maxima keyed in
-    ``unshifted`` are not taken (see :func:`stabilise`)."""
+    ``unshifted`` are not taken (see :func:`stabilise`). Sums of exponentials written in
+    steps are first seen through (:func:`look_through_exponentials`)."""
     taken = {e.target for e in op.equations} | set(op.inputs) | set(op.params)
     namer = Namer(taken)
     stmts: list[Stmt] = []
-    for eq in op.equations:
+    for eq in look_through_exponentials(op):
         extra: list[Stmt] = []
         rhs = stabilise(eq, namer, extra, op.intermediates, unshifted)
         stmts.extend(extra)

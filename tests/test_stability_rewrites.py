@@ -89,6 +89,12 @@ def _probabilities_with_zeros(rng):
     return [p, ref.prob_rows(rng, (B, C))]
 
 
+def _softmax_inputs(rng):
+    x = _big(rng, (B, C))
+    x[0, :3] = (1000.0, 999.0, -1000.0)
+    return [x]
+
+
 @dataclass(frozen=True)
 class Form:
     spec: str
@@ -113,6 +119,11 @@ FORMS = [
     Form("smooth_max", _smooth_max, lambda rng: [_big(rng, (B, C)), _big(rng, (B,)), rng.normal(size=B)], (0, 1, 2),
          terms=2),
     Form("kl_from_definition", _kl_from_definition, _probabilities_with_zeros, (0, 1)),
+    # a softmax written in steps is shifted as one written on a line (exp(1000) is inf)
+    Form("softmax_in_steps", lambda x: F.softmax(x, dim=1), _softmax_inputs, (0,)),
+    Form("softmax_named_sum", lambda x: F.softmax(x, dim=1), _softmax_inputs, (0,)),
+    Form("attention_named_weights", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), _attention_inputs,
+         (0, 1, 2), terms=3 * 30 * 4),
 ]
 PARAMS = [pytest.param(f, id=f.id) for f in FORMS]
 
