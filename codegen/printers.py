@@ -457,23 +457,21 @@ class CPUPrinter(PythonCodePrinter):
         v = self.expr(arg, "float")
         return "(%s(%s(%s)) if abs(%s) < %s(4503599627370496.0) else %s)" % (CAST, fn, v, v, CAST, v)
 
-    def _print_floor(self, expr):
+    def _rounding(self, expr, fn, sign):
+        """floor (``sign`` 1) or ceiling (``sign`` -1, as -floor(-a/b)) of ``expr``'s argument."""
         q = self._int_quotient(expr.args[0])
         if q is None:
             if self._mode == "float":
-                return self._float_rounding("math.floor", expr.args[0])
-            return "int(math.floor(%s))" % self.expr(expr.args[0], "float")
+                return self._float_rounding(fn, expr.args[0])
+            return "int(%s(%s))" % (fn, self.expr(expr.args[0], "float"))
         num, den = q
-        return self.expr(num, "int") if den == 1 else self._floordiv(num, den)
+        return self.expr(num, "int") if den == 1 else self._floordiv(sign * num, den, negate=sign < 0)
+
+    def _print_floor(self, expr):
+        return self._rounding(expr, "math.floor", 1)
 
     def _print_ceiling(self, expr):
-        q = self._int_quotient(expr.args[0])
-        if q is None:
-            if self._mode == "float":
-                return self._float_rounding("math.ceil", expr.args[0])
-            return "int(math.ceil(%s))" % self.expr(expr.args[0], "float")
-        num, den = q
-        return self.expr(num, "int") if den == 1 else self._floordiv(-num, den, negate=True)
+        return self._rounding(expr, "math.ceil", -1)
 
     def _print_Mod(self, expr):
         p = PRECEDENCE["Mul"]
