@@ -1561,18 +1561,7 @@ def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
     # the oracle first: a sample whose reference is unusable is discarded
     wrt = [spec.arg_names.index(n) for n in want]
     try:
-        ts, outs = _torch_call(spec, args, grad=True)
-        ref_out = [o.detach().numpy() for o in outs]
-        _finite_ok(ref_out, "forward")
-        seeds = ref.make_seeds(ref_out, rng, np.float64)
-        live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
-        grads_t = [None] * len(wrt)
-        if live:
-            grads_t = torch.autograd.grad(
-                [o for o, _ in live], [ts[spec.arg_names[i]] for i in wrt],
-                grad_outputs=[torch.tensor(np.asarray(s, dtype=np.float64)).reshape(o.shape) for o, s in live],
-                allow_unused=True)
-        ref_grads = [np.zeros_like(args[i]) if g is None else g.numpy() for i, g in zip(wrt, grads_t)]
+        ref_out, seeds, ref_grads = _torch_reference(spec, args, rng, wrt)
     except _Discard:
         raise
     except Exception as exc:  # noqa: BLE001 - the fuzzer's own oracle failed: a bug in this file
@@ -1606,6 +1595,23 @@ def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
     _check_other_shape(spec, op, rng, wrt)
 
 
+def _torch_reference(spec: FuzzSpec, args, rng, wrt):
+    """The oracle at ``args``: (forward outputs, random output gradients, the gradients of
+    the arguments at positions ``wrt``), in float64; a non-finite forward is discarded."""
+    ts, outs = _torch_call(spec, args, grad=True)
+    ref_out = [o.detach().numpy() for o in outs]
+    _finite_ok(ref_out, "forward")
+    seeds = ref.make_seeds(ref_out, rng, np.float64)
+    live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+    grads_t = [None] * len(wrt)
+    if live:
+        grads_t = torch.autograd.grad(
+            [o for o, _ in live], [ts[spec.arg_names[i]] for i in wrt],
+            grad_outputs=[torch.tensor(np.asarray(s, dtype=np.float64)).reshape(o.shape) for o, s in live],
+            allow_unused=True)
+    return ref_out, seeds, [np.zeros_like(args[i]) if g is None else g.numpy() for i, g in zip(wrt, grads_t)]
+
+
 def _check_other_shape(spec: FuzzSpec, op, rng, wrt):
     """The same op called again with another batch size (another shape for an activation):
     kernels and whatever the module keeps between calls must follow the shapes."""
@@ -1619,18 +1625,7 @@ def _check_other_shape(spec: FuzzSpec, op, rng, wrt):
         return
     args = sample_inputs(other, rng)
     try:
-        ts, outs = _torch_call(other, args, grad=True)
-        ref_out = [o.detach().numpy() for o in outs]
-        _finite_ok(ref_out, "forward")
-        seeds = ref.make_seeds(ref_out, rng, np.float64)
-        live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
-        grads_t = [None] * len(wrt)
-        if live:
-            grads_t = torch.autograd.grad(
-                [o for o, _ in live], [ts[other.arg_names[i]] for i in wrt],
-                grad_outputs=[torch.tensor(np.asarray(s, dtype=np.float64)).reshape(o.shape) for o, s in live],
-                allow_unused=True)
-        ref_grads = [np.zeros_like(args[i]) if g is None else g.numpy() for i, g in zip(wrt, grads_t)]
+        ref_out, seeds, ref_grads = _torch_reference(other, args, rng, wrt)
         _finite_ok(ref_grads, "gradient")
     except _Discard:
         return  # this second sample is unusable; the first one was checked
