@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-ROLES = ("input", "param", "output", "intermediate", "seed", "grad", "state")
+ROLES = ("input", "param", "output", "intermediate", "seed", "grad", "state", "tangent")
 
 
 def index(name: str) -> sympy.Symbol:
@@ -153,6 +153,17 @@ class Program:
     # facts the derivation used (derive.assumptions.Assumption), checked by the backward
     assumptions: tuple = ()
     extra: dict = field(default_factory=dict)
+    # forward mode and second order (derive/tangent.py): the tangents of the
+    # differentiable args (in ``grad_of`` order: the extra arguments of jvp and hvp);
+    # ``jvp`` runs after ``forward`` and writes one tangent per output (``jvp_outputs``);
+    # ``hvp`` runs after ``forward`` and ``backward`` and writes, per grad, its derivative
+    # along the tangents with the seeds held fixed (``hvp_outputs``)
+    tangents: tuple[TensorDecl, ...] = ()
+    jvp: tuple[Assign, ...] = ()
+    jvp_outputs: tuple[TensorDecl, ...] = ()
+    hvp: tuple[Assign, ...] = ()
+    hvp_outputs: tuple[TensorDecl, ...] = ()
+    tangent_intermediates: tuple[TensorDecl, ...] = ()
 
     def tensor(self, name: str) -> TensorDecl:
         for t in self.all_tensors():
@@ -168,4 +179,8 @@ class Program:
             + self.seeds
             + self.grads
             + self.grad_intermediates
+            + self.tangents
+            + self.jvp_outputs
+            + self.hvp_outputs
+            + self.tangent_intermediates
         )

@@ -16,9 +16,11 @@ from .spec import OpDef
 
 
 def tex_name(name: str) -> str:
-    """A tensor's name in LaTeX: gradients barred, long names upright."""
+    """A tensor's name in LaTeX: gradients barred, tangents dotted, long names upright."""
     if name.startswith("g_"):
         return r"\bar{%s}" % tex_name(name[2:])
+    if name.startswith("t_"):
+        return r"\dot{%s}" % tex_name(name[2:])
     if "_" in name or len(name) > 2 and name not in ("lse",):
         return r"\mathrm{%s}" % name.replace("_", r"\_")
     return name
@@ -47,7 +49,7 @@ class DerivationPrinter(LatexPrinter):
         return super()._hprint_Function(func)
 
     def _print_Symbol(self, expr, style="plain"):
-        if expr.name in self._settings["names"] or expr.name.startswith("g_") or "_" in expr.name:
+        if expr.name in self._settings["names"] or expr.name.startswith(("g_", "t_")) or "_" in expr.name:
             return self._tensor(expr.name)
         return super()._print_Symbol(expr)
 
@@ -294,6 +296,25 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
     add(("text", "Result: the vector-Jacobian products the kernels compute:"))
     for a in program.backward:
         add(("math", _assign_tex(a, names)))
+    blocks.extend(second_order_blocks(program, names))
+    return blocks
+
+
+def second_order_blocks(program, names=None) -> list[tuple[str, str]]:
+    """Forward mode and the Hessian-vector product (derive/tangent.py), as the kernels
+    compute them."""
+    if not program.jvp:
+        return []
+    dotted = ", ".join(f"${tex_name(t.name)}$" for t in program.tangents)
+    blocks = [("text", "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents "
+                       f"{dotted} of the differentiable arguments (the Jacobian-vector product):")]
+    blocks += [("math", _assign_tex(a, names)) for a in program.jvp]
+    shown = {(a.target, str(a.body)) for a in program.jvp}
+    rest = [a for a in program.hvp if (a.target, str(a.body)) not in shown]
+    blocks.append(("text", "Second order (forward over reverse): the derivative of each vector-Jacobian product "
+                           "along the same tangents, the output gradients held fixed (the Hessian-vector product; "
+                           "the forward's tangents as above):"))
+    blocks += [("math", _assign_tex(a, names)) for a in rest]
     return blocks
 
 

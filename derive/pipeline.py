@@ -23,6 +23,7 @@ from .simplify import simplify_terms
 from .spec import OpDef, bind
 from .stabilize import idle_shifts, stabilize
 from .statistics import substitute_statistics
+from .tangent import forward_mode
 
 
 def build(op: OpDef) -> ir.Program:
@@ -55,6 +56,7 @@ def build(op: OpDef) -> ir.Program:
     simplify_terms(backward, stmts, shapes)
     substitute_statistics(backward, stmts, shapes, {grad_name(a) for a in diff_args})
     program = lower(op, stmts, backward, shapes, diff_args)
+    program = _replace(program, **forward_mode(program, {s.target for s in stmts if s.stop_gradient}))
     blocks = derivation_blocks(op, stmts, backward, program)
     return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks}, assumptions=checked_assumptions(op))
 

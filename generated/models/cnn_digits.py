@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 8b554fa29e97ea15
-#   generated/layers.py 4a92086e12e26cd2
-#   generated/losses.py 505643cfa8048505
+#   generated/activations.py 92985126f9e72064
+#   generated/layers.py aa2969d0b08b0c08
+#   generated/losses.py ba10f21bf28470d7
 #   generated/optimizers.py 9072ecf0ebc71829
 """The cnn_digits model.
 

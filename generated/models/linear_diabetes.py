@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 4a92086e12e26cd2
-#   generated/losses.py 505643cfa8048505
+#   generated/layers.py aa2969d0b08b0c08
+#   generated/losses.py ba10f21bf28470d7
 #   generated/optimizers.py 9072ecf0ebc71829
 """The linear_diabetes model.
 
