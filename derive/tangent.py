@@ -163,14 +163,6 @@ class Tangents:
         self.written.add(t)
 
 
-def tangent_statements(statements, varying: dict, constant, scalars, shapes: dict, taken) -> Tangents:
-    """The tangents of ``statements`` (see :class:`Tangents`), run in order."""
-    tangents = Tangents(varying, constant, scalars, shapes, taken)
-    for a in statements:
-        tangents.add(a)
-    return tangents
-
-
 def _zero(name: str, shape) -> ir.Assign:
     idx = tuple(sympy.Symbol(f"i{k}", integer=True) for k in range(len(shape)))
     return ir.Assign(name, tuple(ir.Loop(i, sympy.S.Zero, n) for i, n in zip(idx, shape)), sympy.S.Zero,
@@ -192,27 +184,31 @@ def forward_mode(program: ir.Program, constant=()) -> dict:
         varying[a] = tangent_name(a, taken | set(varying.values()))
     tangents = tuple(ir.TensorDecl(varying[a], shapes[a], "tangent") for a in program.grad_of)
 
-    def run(statements, wanted):
-        tg = tangent_statements(statements, varying, constant, program.scalars, shapes, taken)
+    tg = Tangents(varying, constant, program.scalars, shapes, taken)
+
+    def results(statements, wanted):
+        """The tangents of ``wanted``, each written (a tensor no tangent reaches gets
+        an explicit zero, under a name of its own)."""
         outs = []
-        statements = list(tg.statements)
         for name in wanted:
-            t = tg.name(name)
-            if t not in tg.written:
+            t = tg.names.get(name)
+            if t is None or t not in tg.written:
+                t = tangent_name(name, tg.taken)
+                tg.taken.add(t)
                 statements.append(_zero(t, shapes[name]))
             outs.append(ir.TensorDecl(t, shapes[name], "tangent"))
-        inner = [ir.TensorDecl(tg.names[n], shapes[n], "tangent") for n in tg.created
-                 if tg.names[n] not in {o.name for o in outs}]
-        return tuple(statements), tuple(outs), inner
+        return tuple(statements), tuple(outs)
 
-    # both runs name the forward's tangents alike (the same statements, in the same order)
-    jvp, jvp_out, jvp_inner = run(program.forward, [o.name for o in program.outputs])
-    hvp, hvp_out, hvp_inner = run(program.forward + program.backward, [g.name for g in program.grads])
-    inner = {}
+    # one pass: the forward's tangents are the JVP, and the HVP goes on from them
+    for a in program.forward:
+        tg.add(a)
+    jvp, jvp_out = results(list(tg.statements), [o.name for o in program.outputs])
+    for a in program.backward:
+        tg.add(a)
+    hvp, hvp_out = results(list(tg.statements), [g.name for g in program.grads])
     outs = {d.name for d in jvp_out + hvp_out}
-    for d in jvp_inner + hvp_inner:
-        if d.name not in outs:
-            inner.setdefault(d.name, d)
+    inner = {tg.names[n]: ir.TensorDecl(tg.names[n], shapes[n], "tangent") for n in tg.created
+             if tg.names[n] not in outs}
     scalars = tuple(program.scalars) + tuple(
         d.name for d in (*tangents, *jvp_out, *hvp_out, *inner.values()) if d.rank == 0 and d.name not in program.scalars)
     return dict(tangents=tangents, jvp=jvp, jvp_outputs=jvp_out, hvp=hvp, hvp_outputs=hvp_out,
