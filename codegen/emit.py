@@ -187,6 +187,14 @@ class OpPlan:
                 self._add("bwd_" + suffix, program.forward + program.backward, grads, variant=True)
             for entry, statements, returned, inputs in saving_variants(program):
                 self._add(entry, statements, returned, inputs, variant=True)
+            if program.jvp:
+                # forward mode and second order (derive/tangent.py): the tangents of the
+                # differentiable arguments come after the usual arguments
+                tangents = list(program.tangents)
+                self._add("jvp", program.forward + program.jvp, [d.name for d in program.jvp_outputs],
+                          list(program.args) + tangents)
+                self._add("hvp", program.forward + program.backward + program.hvp,
+                          [d.name for d in program.hvp_outputs], list(program.seeds) + list(program.args) + tangents)
 
     def _add(self, entry, statements, returned, inputs=None, variant=False):
         """Lower one entry point. ``inputs`` replaces its usual arguments; a ``variant``
@@ -709,6 +717,12 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
             p.name, ", ".join(results), ", ".join(params))
     elif entry == "step":
         doc = "One in-place %s step: updates %s." % (p.name, ", ".join(returned))
+    elif entry == "jvp":
+        doc = "Forward mode of %s: the tangents %s of the outputs from %s (forward recomputed)." % (
+            p.name, ", ".join(results), ", ".join(params))
+    elif entry == "hvp":
+        doc = "Second order of %s: %s, the derivatives of the gradients along the tangents, from %s (forward and backward recomputed)." % (
+            p.name, ", ".join(results), ", ".join(params))
     else:
         doc = "Backward of %s: gradients %s from %s (forward recomputed)." % (p.name, ", ".join(results), ", ".join(params))
     # the compiled core: arrays already checked and converted; dimensions from shapes,
@@ -742,7 +756,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "spec_file": os.path.basename(p.source),
         "checks": checks,
         # the facts its gradients were derived from, checked before anything runs
-        "assume": assumption_checks(p) if entry.startswith("bwd") else [],
+        "assume": assumption_checks(p) if entry.startswith("bwd") or entry == "hvp" else [],
         "alloc": alloc,
         "calls": calls,
         "results": result_kinds,
@@ -824,7 +838,7 @@ def op_context(plan: OpPlan, target: str) -> dict:
 
 def _funcs(plan: OpPlan):
     """(key, function name) pairs for the op's entry in ``_FUNCS``."""
-    names = {"fwd": "forward", "bwd": "backward", "step": "step"}
+    names = {"fwd": "forward", "bwd": "backward", "step": "step", "jvp": "jvp", "hvp": "hvp"}
     out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries["cpu"] if entry not in plan.variants]
     if plan.p.kind == "optimizer":
         out.append(("init_state", "_%s_init_state" % plan.id))

@@ -116,6 +116,24 @@ def _elu_bwd0(x, g_y, g_x, N, alpha):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _elu_jvp0(x, t_x, t_y, N, alpha):
+    """t_y[n] = Piecewise((t_x[n], x[n] > 0), (alpha*exp(x[n])*t_x[n], True))"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _v_t_y = (t_x[n] if (x[n] > _F(0)) else (alpha*math.exp(x[n])*t_x[n] if (x[n] <= _F(0)) else _F(math.nan)))
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _elu_hvp0(x, g_y, t_x, t_g_x, N, alpha):
+    """t_g_x[n] = Piecewise((0, x[n] > 0), (alpha*exp(x[n])*t_x[n], True))*g_y[n]"""
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        _v_t_g_x = (_F(0) if (x[n] > _F(0)) else (alpha*math.exp(x[n])*t_x[n] if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
+        t_g_x[n] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _elu_fwd_core(x, alpha):
     """Forward of elu: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -216,6 +234,121 @@ def _elu_bwd(g_y, x, *, alpha):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _elu_jvp_core(x, t_x, alpha):
+    """Forward mode of elu: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    alpha = _dtype.type(alpha)
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _elu_jvp0(x, t_x, t_y, N, alpha)
+    return t_y.reshape(_shape)
+
+
+def _elu_jvp_alloc(x, t_x, alpha):
+    """The results of ``_elu_jvp_core`` for arguments of these shapes, uninitialised: what ``_elu_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _elu_jvp_into(x, t_x, alpha, t_y):
+    """``_elu_jvp_core`` writing its results into t_y (from ``_elu_jvp_alloc``)."""
+    _dtype = x.dtype
+    alpha = _dtype.type(alpha)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _elu_jvp0(x, t_x, t_y, N, alpha)
+
+
+def _elu_jvp(x, t_x, *, alpha):
+    """Forward mode of elu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("elu", "x", x, _dtype)
+    t_x = _as_float("elu", "t_x", t_x, _dtype)
+    _shape = _same_shape("elu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("elu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("elu", "t_x", t_x, 1)
+    _check_dim("elu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    alpha = _dtype.type(alpha)
+    t_y = _elu_jvp_core(x, t_x, alpha)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _elu_hvp_core(g_y, x, t_x, alpha):
+    """Second order of elu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    alpha = _dtype.type(alpha)
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _elu_hvp0(x, g_y, t_x, t_g_x, N, alpha)
+    return t_g_x.reshape(_shape)
+
+
+def _elu_hvp_alloc(g_y, x, t_x, alpha):
+    """The results of ``_elu_hvp_core`` for arguments of these shapes, uninitialised: what ``_elu_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _elu_hvp_into(g_y, x, t_x, alpha, t_g_x):
+    """``_elu_hvp_core`` writing its results into t_g_x (from ``_elu_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    alpha = _dtype.type(alpha)
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _elu_hvp0(x, g_y, t_x, t_g_x, N, alpha)
+
+
+def _elu_hvp(g_y, x, t_x, *, alpha):
+    """Second order of elu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("elu", "g_y", g_y, _dtype)
+    x = _as_float("elu", "x", x, _dtype)
+    t_x = _as_float("elu", "t_x", t_x, _dtype)
+    _shape = _same_shape("elu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("elu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("elu", "x", x, 1)
+    _check_rank("elu", "t_x", t_x, 1)
+    _check_dim("elu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("elu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    alpha = _dtype.type(alpha)
+    t_g_x = _elu_hvp_core(g_y, x, t_x, alpha)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ gelu
 
 
@@ -239,6 +372,29 @@ def _gelu_bwd0(x, g_y, g_x, N):
     for n in range(0, N):
         _v_g_x = _F(0.5)*(_c0*math.exp(-_F(0.5)*(x[n] * x[n]))*x[n] + math.erf(_F(0.5)*_c1*x[n]) + _F(1))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gelu_jvp0(x, t_x, t_y, N):
+    """t_y[n] = (erf(sqrt(2)*x[n]/2) + 1)*t_x[n]/2 + sqrt(2)*exp(-x[n]**2/2)*t_x[n]*x[n]/(2*sqrt(pi))"""
+    _F = t_y.dtype.type
+    _c0 = math.sqrt(_F(2))
+    _c1 = math.sqrt(_F(2))/math.sqrt(_F(math.pi))
+    for n in range(0, N):
+        _t0 = _F(0.5)*x[n]
+        _v_t_y = _c1*_t0*math.exp(-_F(0.5)*(x[n] * x[n]))*t_x[n] + _F(0.5)*(math.erf(_c0*_t0) + _F(1))*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gelu_hvp0(x, g_y, t_x, t_g_x, N):
+    """t_g_x[n] = -sqrt(2)*(x[n]**2 - 2)*exp(-x[n]**2/2)*g_y[n]*t_x[n]/(2*sqrt(pi))"""
+    _F = t_g_x.dtype.type
+    _c0 = math.sqrt(_F(2))/math.sqrt(_F(math.pi))
+    for n in range(0, N):
+        _t0 = x[n] * x[n]
+        _v_t_g_x = -_F(0.5)*_c0*(_t0 - _F(2))*math.exp(-_F(0.5)*_t0)*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -334,6 +490,113 @@ def _gelu_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gelu_jvp_core(x, t_x):
+    """Forward mode of gelu: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _gelu_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _gelu_jvp_alloc(x, t_x):
+    """The results of ``_gelu_jvp_core`` for arguments of these shapes, uninitialised: what ``_gelu_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gelu_jvp_into(x, t_x, t_y):
+    """``_gelu_jvp_core`` writing its results into t_y (from ``_gelu_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _gelu_jvp0(x, t_x, t_y, N)
+
+
+def _gelu_jvp(x, t_x):
+    """Forward mode of gelu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("gelu", "x", x, _dtype)
+    t_x = _as_float("gelu", "t_x", t_x, _dtype)
+    _shape = _same_shape("gelu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("gelu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("gelu", "t_x", t_x, 1)
+    _check_dim("gelu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _gelu_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gelu_hvp_core(g_y, x, t_x):
+    """Second order of gelu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _gelu_hvp0(x, g_y, t_x, t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _gelu_hvp_alloc(g_y, x, t_x):
+    """The results of ``_gelu_hvp_core`` for arguments of these shapes, uninitialised: what ``_gelu_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gelu_hvp_into(g_y, x, t_x, t_g_x):
+    """``_gelu_hvp_core`` writing its results into t_g_x (from ``_gelu_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _gelu_hvp0(x, g_y, t_x, t_g_x, N)
+
+
+def _gelu_hvp(g_y, x, t_x):
+    """Second order of gelu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("gelu", "g_y", g_y, _dtype)
+    x = _as_float("gelu", "x", x, _dtype)
+    t_x = _as_float("gelu", "t_x", t_x, _dtype)
+    _shape = _same_shape("gelu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("gelu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("gelu", "x", x, 1)
+    _check_rank("gelu", "t_x", t_x, 1)
+    _check_dim("gelu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("gelu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _gelu_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ leaky_relu
 
 
@@ -353,6 +616,24 @@ def _leaky_relu_bwd0(x, g_y, g_x, N, slope):
     for n in range(0, N):
         _v_g_x = (_F(1) if (x[n] > _F(0)) else (slope if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _leaky_relu_jvp0(x, t_x, t_y, N, slope):
+    """t_y[n] = Piecewise((t_x[n], x[n] > 0), (slope*t_x[n], True))"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _v_t_y = (t_x[n] if (x[n] > _F(0)) else (slope*t_x[n] if (x[n] <= _F(0)) else _F(math.nan)))
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _leaky_relu_hvp0(t_g_x, N):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    for i0 in range(0, N):
+        _v_t_g_x = _F(0)
+        t_g_x[i0] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -456,6 +737,117 @@ def _leaky_relu_bwd(g_y, x, *, slope):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _leaky_relu_jvp_core(x, t_x, slope):
+    """Forward mode of leaky_relu: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    slope = _dtype.type(slope)
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _leaky_relu_jvp0(x, t_x, t_y, N, slope)
+    return t_y.reshape(_shape)
+
+
+def _leaky_relu_jvp_alloc(x, t_x, slope):
+    """The results of ``_leaky_relu_jvp_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _leaky_relu_jvp_into(x, t_x, slope, t_y):
+    """``_leaky_relu_jvp_core`` writing its results into t_y (from ``_leaky_relu_jvp_alloc``)."""
+    _dtype = x.dtype
+    slope = _dtype.type(slope)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _leaky_relu_jvp0(x, t_x, t_y, N, slope)
+
+
+def _leaky_relu_jvp(x, t_x, *, slope):
+    """Forward mode of leaky_relu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("leaky_relu", "x", x, _dtype)
+    t_x = _as_float("leaky_relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("leaky_relu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("leaky_relu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("leaky_relu", "t_x", t_x, 1)
+    _check_dim("leaky_relu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    slope = _dtype.type(slope)
+    t_y = _leaky_relu_jvp_core(x, t_x, slope)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _leaky_relu_hvp_core(g_y, x, t_x, slope):
+    """Second order of leaky_relu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _leaky_relu_hvp0(t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _leaky_relu_hvp_alloc(g_y, x, t_x, slope):
+    """The results of ``_leaky_relu_hvp_core`` for arguments of these shapes, uninitialised: what ``_leaky_relu_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _leaky_relu_hvp_into(g_y, x, t_x, slope, t_g_x):
+    """``_leaky_relu_hvp_core`` writing its results into t_g_x (from ``_leaky_relu_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _leaky_relu_hvp0(t_g_x, N)
+
+
+def _leaky_relu_hvp(g_y, x, t_x, *, slope):
+    """Second order of leaky_relu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("leaky_relu", "g_y", g_y, _dtype)
+    x = _as_float("leaky_relu", "x", x, _dtype)
+    t_x = _as_float("leaky_relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("leaky_relu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("leaky_relu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("leaky_relu", "x", x, 1)
+    _check_rank("leaky_relu", "t_x", t_x, 1)
+    _check_dim("leaky_relu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("leaky_relu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _leaky_relu_hvp_core(g_y, x, t_x, slope)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ mish
 
 
@@ -476,6 +868,28 @@ def _mish_bwd0(x, g_y, g_x, N):
         _t0 = math.tanh(_softplus(x[n], _F))
         _v_g_x = (_t0 + (_F(1) - _t0 * _t0)*_sigmoid(x[n], _F)*x[n])*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mish_jvp0(x, t_x, t_y, N):
+    """t_y[n] = (1 - tanh(softplus(x[n]))**2)*sigmoid(x[n])*t_x[n]*x[n] + tanh(softplus(x[n]))*t_x[n]"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _t0 = math.tanh(_softplus(x[n], _F))
+        _v_t_y = _t0*t_x[n] + (_F(1) - _t0 * _t0)*_sigmoid(x[n], _F)*t_x[n]*x[n]
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mish_hvp0(x, g_y, t_x, t_g_x, N):
+    """t_g_x[n] = (tanh(softplus(x[n])) - 1)*(tanh(softplus(x[n])) + 1)*(2*sigmoid(x[n])*tanh(softplus(x[n]))*x[n] + sigmoid(x[n])*x[n] - x[n] - 2)*sigmoid(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        _t0 = _sigmoid(x[n], _F)
+        _t1 = math.tanh(_softplus(x[n], _F))
+        _t2 = _t0*x[n]
+        _v_t_g_x = _t0*(_t1 - _F(1))*(_t1 + _F(1))*(_F(2)*_t1*_t2 + _t2 - x[n] - _F(2))*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -571,6 +985,113 @@ def _mish_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mish_jvp_core(x, t_x):
+    """Forward mode of mish: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _mish_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _mish_jvp_alloc(x, t_x):
+    """The results of ``_mish_jvp_core`` for arguments of these shapes, uninitialised: what ``_mish_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mish_jvp_into(x, t_x, t_y):
+    """``_mish_jvp_core`` writing its results into t_y (from ``_mish_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _mish_jvp0(x, t_x, t_y, N)
+
+
+def _mish_jvp(x, t_x):
+    """Forward mode of mish: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("mish", "x", x, _dtype)
+    t_x = _as_float("mish", "t_x", t_x, _dtype)
+    _shape = _same_shape("mish", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("mish", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("mish", "t_x", t_x, 1)
+    _check_dim("mish", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _mish_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mish_hvp_core(g_y, x, t_x):
+    """Second order of mish: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _mish_hvp0(x, g_y, t_x, t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _mish_hvp_alloc(g_y, x, t_x):
+    """The results of ``_mish_hvp_core`` for arguments of these shapes, uninitialised: what ``_mish_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mish_hvp_into(g_y, x, t_x, t_g_x):
+    """``_mish_hvp_core`` writing its results into t_g_x (from ``_mish_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _mish_hvp0(x, g_y, t_x, t_g_x, N)
+
+
+def _mish_hvp(g_y, x, t_x):
+    """Second order of mish: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("mish", "g_y", g_y, _dtype)
+    x = _as_float("mish", "x", x, _dtype)
+    t_x = _as_float("mish", "t_x", t_x, _dtype)
+    _shape = _same_shape("mish", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("mish", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("mish", "x", x, 1)
+    _check_rank("mish", "t_x", t_x, 1)
+    _check_dim("mish", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("mish", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _mish_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ relu
 
 
@@ -590,6 +1111,24 @@ def _relu_bwd0(x, g_y, g_x, N):
     for n in range(0, N):
         _v_g_x = (_F(1) if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _relu_jvp0(x, t_x, t_y, N):
+    """t_y[n] = Piecewise((t_x[n], x[n] > 0), (0, True))"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _v_t_y = (t_x[n] if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _relu_hvp0(t_g_x, N):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    for i0 in range(0, N):
+        _v_t_g_x = _F(0)
+        t_g_x[i0] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -685,6 +1224,113 @@ def _relu_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _relu_jvp_core(x, t_x):
+    """Forward mode of relu: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _relu_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _relu_jvp_alloc(x, t_x):
+    """The results of ``_relu_jvp_core`` for arguments of these shapes, uninitialised: what ``_relu_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _relu_jvp_into(x, t_x, t_y):
+    """``_relu_jvp_core`` writing its results into t_y (from ``_relu_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _relu_jvp0(x, t_x, t_y, N)
+
+
+def _relu_jvp(x, t_x):
+    """Forward mode of relu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("relu", "x", x, _dtype)
+    t_x = _as_float("relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("relu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("relu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("relu", "t_x", t_x, 1)
+    _check_dim("relu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _relu_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _relu_hvp_core(g_y, x, t_x):
+    """Second order of relu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _relu_hvp0(t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _relu_hvp_alloc(g_y, x, t_x):
+    """The results of ``_relu_hvp_core`` for arguments of these shapes, uninitialised: what ``_relu_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _relu_hvp_into(g_y, x, t_x, t_g_x):
+    """``_relu_hvp_core`` writing its results into t_g_x (from ``_relu_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _relu_hvp0(t_g_x, N)
+
+
+def _relu_hvp(g_y, x, t_x):
+    """Second order of relu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("relu", "g_y", g_y, _dtype)
+    x = _as_float("relu", "x", x, _dtype)
+    t_x = _as_float("relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("relu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("relu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("relu", "x", x, 1)
+    _check_rank("relu", "t_x", t_x, 1)
+    _check_dim("relu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("relu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _relu_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ sigmoid
 
 
@@ -705,6 +1351,26 @@ def _sigmoid_bwd0(x, g_y, g_x, N):
         _t0 = _sigmoid(x[n], _F)
         _v_g_x = _t0*(_F(1) - _t0)*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _sigmoid_jvp0(x, t_x, t_y, N):
+    """t_y[n] = (1 - sigmoid(x[n]))*sigmoid(x[n])*t_x[n]"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _t0 = _sigmoid(x[n], _F)
+        _v_t_y = _t0*(_F(1) - _t0)*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _sigmoid_hvp0(x, g_y, t_x, t_g_x, N):
+    """t_g_x[n] = (sigmoid(x[n]) - 1)*(2*sigmoid(x[n]) - 1)*sigmoid(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        _t0 = _sigmoid(x[n], _F)
+        _v_t_g_x = _t0*(_t0 - _F(1))*(_F(2)*_t0 - _F(1))*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -800,6 +1466,113 @@ def _sigmoid_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _sigmoid_jvp_core(x, t_x):
+    """Forward mode of sigmoid: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _sigmoid_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _sigmoid_jvp_alloc(x, t_x):
+    """The results of ``_sigmoid_jvp_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _sigmoid_jvp_into(x, t_x, t_y):
+    """``_sigmoid_jvp_core`` writing its results into t_y (from ``_sigmoid_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _sigmoid_jvp0(x, t_x, t_y, N)
+
+
+def _sigmoid_jvp(x, t_x):
+    """Forward mode of sigmoid: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("sigmoid", "x", x, _dtype)
+    t_x = _as_float("sigmoid", "t_x", t_x, _dtype)
+    _shape = _same_shape("sigmoid", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("sigmoid", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("sigmoid", "t_x", t_x, 1)
+    _check_dim("sigmoid", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _sigmoid_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _sigmoid_hvp_core(g_y, x, t_x):
+    """Second order of sigmoid: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _sigmoid_hvp0(x, g_y, t_x, t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _sigmoid_hvp_alloc(g_y, x, t_x):
+    """The results of ``_sigmoid_hvp_core`` for arguments of these shapes, uninitialised: what ``_sigmoid_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _sigmoid_hvp_into(g_y, x, t_x, t_g_x):
+    """``_sigmoid_hvp_core`` writing its results into t_g_x (from ``_sigmoid_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _sigmoid_hvp0(x, g_y, t_x, t_g_x, N)
+
+
+def _sigmoid_hvp(g_y, x, t_x):
+    """Second order of sigmoid: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("sigmoid", "g_y", g_y, _dtype)
+    x = _as_float("sigmoid", "x", x, _dtype)
+    t_x = _as_float("sigmoid", "t_x", t_x, _dtype)
+    _shape = _same_shape("sigmoid", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("sigmoid", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("sigmoid", "x", x, 1)
+    _check_rank("sigmoid", "t_x", t_x, 1)
+    _check_dim("sigmoid", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("sigmoid", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _sigmoid_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ silu
 
 
@@ -825,6 +1598,35 @@ def _silu_bwd0(x, g_y, g_x, N):
         # g_x[n] = ((1 - sigmoid(x[n]))*y[n] + sigmoid(x[n]))*g_y[n]
         _v_g_x = (_t0 + _v_y*(_F(1) - _t0))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _silu_jvp0(x, t_x, t_y, N):
+    """t_y[n] = -(sigmoid(x[n])*x[n] - x[n] - 1)*sigmoid(x[n])*t_x[n]"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _t0 = _sigmoid(x[n], _F)
+        _v_t_y = -_t0*(_t0*x[n] - x[n] - _F(1))*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _silu_hvp0(x, g_y, t_x, t_g_x, N):
+    """y[n] = sigmoid(x[n])*x[n]
+    t_y[n] = -(sigmoid(x[n])*x[n] - x[n] - 1)*sigmoid(x[n])*t_x[n]
+    t_g_x[n] = (sigmoid(x[n]) - 1)*(sigmoid(x[n])*t_x[n]*y[n] - sigmoid(x[n])*t_x[n] - t_y[n])*g_y[n]
+    """
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        # y[n] = sigmoid(x[n])*x[n]
+        _t0 = _sigmoid(x[n], _F)
+        _v_y = _t0*x[n]
+        # t_y[n] = -(sigmoid(x[n])*x[n] - x[n] - 1)*sigmoid(x[n])*t_x[n]
+        _t1 = _t0*t_x[n]
+        _v_t_y = -_t1*(_t0*x[n] - x[n] - _F(1))
+        # t_g_x[n] = (sigmoid(x[n]) - 1)*(sigmoid(x[n])*t_x[n]*y[n] - sigmoid(x[n])*t_x[n] - t_y[n])*g_y[n]
+        _v_t_g_x = (_t0 - _F(1))*(_t0*_v_y*t_x[n] - _t1 - _v_t_y)*g_y[n]
+        t_g_x[n] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -920,6 +1722,113 @@ def _silu_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _silu_jvp_core(x, t_x):
+    """Forward mode of silu: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _silu_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _silu_jvp_alloc(x, t_x):
+    """The results of ``_silu_jvp_core`` for arguments of these shapes, uninitialised: what ``_silu_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _silu_jvp_into(x, t_x, t_y):
+    """``_silu_jvp_core`` writing its results into t_y (from ``_silu_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _silu_jvp0(x, t_x, t_y, N)
+
+
+def _silu_jvp(x, t_x):
+    """Forward mode of silu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("silu", "x", x, _dtype)
+    t_x = _as_float("silu", "t_x", t_x, _dtype)
+    _shape = _same_shape("silu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("silu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("silu", "t_x", t_x, 1)
+    _check_dim("silu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _silu_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _silu_hvp_core(g_y, x, t_x):
+    """Second order of silu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _silu_hvp0(x, g_y, t_x, t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _silu_hvp_alloc(g_y, x, t_x):
+    """The results of ``_silu_hvp_core`` for arguments of these shapes, uninitialised: what ``_silu_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _silu_hvp_into(g_y, x, t_x, t_g_x):
+    """``_silu_hvp_core`` writing its results into t_g_x (from ``_silu_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _silu_hvp0(x, g_y, t_x, t_g_x, N)
+
+
+def _silu_hvp(g_y, x, t_x):
+    """Second order of silu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("silu", "g_y", g_y, _dtype)
+    x = _as_float("silu", "x", x, _dtype)
+    t_x = _as_float("silu", "t_x", t_x, _dtype)
+    _shape = _same_shape("silu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("silu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("silu", "x", x, 1)
+    _check_rank("silu", "t_x", t_x, 1)
+    _check_dim("silu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("silu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _silu_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ softplus
 
 
@@ -939,6 +1848,25 @@ def _softplus_bwd0(x, g_y, g_x, N):
     for n in range(0, N):
         _v_g_x = _sigmoid(x[n], _F)*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softplus_jvp0(x, t_x, t_y, N):
+    """t_y[n] = sigmoid(x[n])*t_x[n]"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _v_t_y = _sigmoid(x[n], _F)*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softplus_hvp0(x, g_y, t_x, t_g_x, N):
+    """t_g_x[n] = (1 - sigmoid(x[n]))*sigmoid(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        _t0 = _sigmoid(x[n], _F)
+        _v_t_g_x = _t0*(_F(1) - _t0)*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1034,6 +1962,113 @@ def _softplus_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softplus_jvp_core(x, t_x):
+    """Forward mode of softplus: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _softplus_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _softplus_jvp_alloc(x, t_x):
+    """The results of ``_softplus_jvp_core`` for arguments of these shapes, uninitialised: what ``_softplus_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softplus_jvp_into(x, t_x, t_y):
+    """``_softplus_jvp_core`` writing its results into t_y (from ``_softplus_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _softplus_jvp0(x, t_x, t_y, N)
+
+
+def _softplus_jvp(x, t_x):
+    """Forward mode of softplus: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("softplus", "x", x, _dtype)
+    t_x = _as_float("softplus", "t_x", t_x, _dtype)
+    _shape = _same_shape("softplus", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("softplus", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("softplus", "t_x", t_x, 1)
+    _check_dim("softplus", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _softplus_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softplus_hvp_core(g_y, x, t_x):
+    """Second order of softplus: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _softplus_hvp0(x, g_y, t_x, t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _softplus_hvp_alloc(g_y, x, t_x):
+    """The results of ``_softplus_hvp_core`` for arguments of these shapes, uninitialised: what ``_softplus_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softplus_hvp_into(g_y, x, t_x, t_g_x):
+    """``_softplus_hvp_core`` writing its results into t_g_x (from ``_softplus_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _softplus_hvp0(x, g_y, t_x, t_g_x, N)
+
+
+def _softplus_hvp(g_y, x, t_x):
+    """Second order of softplus: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("softplus", "g_y", g_y, _dtype)
+    x = _as_float("softplus", "x", x, _dtype)
+    t_x = _as_float("softplus", "t_x", t_x, _dtype)
+    _shape = _same_shape("softplus", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("softplus", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("softplus", "x", x, 1)
+    _check_rank("softplus", "t_x", t_x, 1)
+    _check_dim("softplus", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("softplus", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _softplus_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # ============================================================================ tanh
 
 
@@ -1053,6 +2088,25 @@ def _tanh_bwd0(x, g_y, g_x, N):
     for n in range(0, N):
         _v_g_x = (_F(1) - math.tanh(x[n])**2)*g_y[n]
         g_x[n] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _tanh_jvp0(x, t_x, t_y, N):
+    """t_y[n] = (1 - tanh(x[n])**2)*t_x[n]"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        _v_t_y = (_F(1) - math.tanh(x[n])**2)*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _tanh_hvp0(x, g_y, t_x, t_g_x, N):
+    """t_g_x[n] = -2*(1 - tanh(x[n])**2)*tanh(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        _t0 = math.tanh(x[n])
+        _v_t_g_x = -_F(2)*_t0*(_F(1) - _t0 * _t0)*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1148,43 +2202,168 @@ def _tanh_bwd(g_y, x):
     return g_x.reshape(_shape)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _tanh_jvp_core(x, t_x):
+    """Forward mode of tanh: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    _tanh_jvp0(x, t_x, t_y, N)
+    return t_y.reshape(_shape)
+
+
+def _tanh_jvp_alloc(x, t_x):
+    """The results of ``_tanh_jvp_core`` for arguments of these shapes, uninitialised: what ``_tanh_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = x.shape[0]
+    t_y = np.empty((N,), _dtype)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _tanh_jvp_into(x, t_x, t_y):
+    """``_tanh_jvp_core`` writing its results into t_y (from ``_tanh_jvp_alloc``)."""
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_y = t_y.reshape(t_y.size)
+    N = x.shape[0]
+    _tanh_jvp0(x, t_x, t_y, N)
+
+
+def _tanh_jvp(x, t_x):
+    """Forward mode of tanh: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("tanh", "x", x, _dtype)
+    t_x = _as_float("tanh", "t_x", t_x, _dtype)
+    _shape = _same_shape("tanh", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("tanh", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("tanh", "t_x", t_x, 1)
+    _check_dim("tanh", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _tanh_jvp_core(x, t_x)
+    return t_y.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _tanh_hvp_core(g_y, x, t_x):
+    """Second order of tanh: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    _tanh_hvp0(x, g_y, t_x, t_g_x, N)
+    return t_g_x.reshape(_shape)
+
+
+def _tanh_hvp_alloc(g_y, x, t_x):
+    """The results of ``_tanh_hvp_core`` for arguments of these shapes, uninitialised: what ``_tanh_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    N = g_y.shape[0]
+    t_g_x = np.empty((N,), _dtype)
+    return t_g_x.reshape(_shape)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _tanh_hvp_into(g_y, x, t_x, t_g_x):
+    """``_tanh_hvp_core`` writing its results into t_g_x (from ``_tanh_hvp_alloc``)."""
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    t_g_x = t_g_x.reshape(t_g_x.size)
+    N = g_y.shape[0]
+    _tanh_hvp0(x, g_y, t_x, t_g_x, N)
+
+
+def _tanh_hvp(g_y, x, t_x):
+    """Second order of tanh: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("tanh", "g_y", g_y, _dtype)
+    x = _as_float("tanh", "x", x, _dtype)
+    t_x = _as_float("tanh", "t_x", t_x, _dtype)
+    _shape = _same_shape("tanh", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("tanh", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("tanh", "x", x, 1)
+    _check_rank("tanh", "t_x", t_x, 1)
+    _check_dim("tanh", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("tanh", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _tanh_hvp_core(g_y, x, t_x)
+    return t_g_x.reshape(_shape)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "elu": {
         "backward": _elu_bwd,
         "forward": _elu_fwd,
+        "hvp": _elu_hvp,
+        "jvp": _elu_jvp,
     },
     "gelu": {
         "backward": _gelu_bwd,
         "forward": _gelu_fwd,
+        "hvp": _gelu_hvp,
+        "jvp": _gelu_jvp,
     },
     "leaky_relu": {
         "backward": _leaky_relu_bwd,
         "forward": _leaky_relu_fwd,
+        "hvp": _leaky_relu_hvp,
+        "jvp": _leaky_relu_jvp,
     },
     "mish": {
         "backward": _mish_bwd,
         "forward": _mish_fwd,
+        "hvp": _mish_hvp,
+        "jvp": _mish_jvp,
     },
     "relu": {
         "backward": _relu_bwd,
         "forward": _relu_fwd,
+        "hvp": _relu_hvp,
+        "jvp": _relu_jvp,
     },
     "sigmoid": {
         "backward": _sigmoid_bwd,
         "forward": _sigmoid_fwd,
+        "hvp": _sigmoid_hvp,
+        "jvp": _sigmoid_jvp,
     },
     "silu": {
         "backward": _silu_bwd,
         "forward": _silu_fwd,
+        "hvp": _silu_hvp,
+        "jvp": _silu_jvp,
     },
     "softplus": {
         "backward": _softplus_bwd,
         "forward": _softplus_fwd,
+        "hvp": _softplus_hvp,
+        "jvp": _softplus_jvp,
     },
     "tanh": {
         "backward": _tanh_bwd,
         "forward": _tanh_fwd,
+        "hvp": _tanh_hvp,
+        "jvp": _tanh_jvp,
     },
 }
 
@@ -1754,6 +2933,30 @@ class Op:
         if len(args) != n:
             raise TypeError("%s.backward takes %d arguments (%d output gradient(s), then %s); got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
         return fn(*args, **self.attrs)
+
+    def jvp(self, *args, tangents):
+        """The output tangents (forward mode): the derivative of the outputs along
+        ``tangents``, one per differentiable argument (``self.differentiable``)."""
+        fn = self._fn("jvp")
+        if len(args) != len(self.arg_names):
+            raise TypeError("%s.jvp takes %d arguments (%s) and tangents=; got %d" % (self.name, len(self.arg_names), ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("jvp", tangents), **self.attrs)
+
+    def hvp(self, *args, tangents):
+        """For each differentiable argument, the derivative of its gradient (the
+        output gradients given first, held fixed) along ``tangents``: a Hessian-vector
+        product for a loss (output gradient 1)."""
+        fn = self._fn("hvp")
+        n = self._seeds + len(self.arg_names)
+        if len(args) != n:
+            raise TypeError("%s.hvp takes %d arguments (%d output gradient(s), then %s) and tangents=; got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("hvp", tangents), **self.attrs)
+
+    def _tangents(self, what, tangents):
+        tangents = tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,)
+        if len(tangents) != len(self.differentiable):
+            raise TypeError("%s.%s takes one tangent per differentiable argument (%s); got %d" % (self.name, what, ", ".join(self.differentiable), len(tangents)))
+        return tangents
 
     def init_state(self, p):
         return self._fn("init_state")(p)

@@ -209,6 +209,28 @@ def _elu_bwd0(x, g_y, g_x, N, alpha, _total):
         g_x[n] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _elu_jvp0(x, t_x, t_y, N, alpha, _total):
+    """t_y[n] = Piecewise((t_x[n], x[n] > 0), (alpha*exp(x[n])*t_x[n], True))"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _v_t_y = (t_x[n] if (x[n] > _F(0)) else (alpha*math.exp(x[n])*t_x[n] if (x[n] <= _F(0)) else _F(math.nan)))
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _elu_hvp0(x, g_y, t_x, t_g_x, N, alpha, _total):
+    """t_g_x[n] = Piecewise((0, x[n] > 0), (alpha*exp(x[n])*t_x[n], True))*g_y[n]"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _v_t_g_x = (_F(0) if (x[n] > _F(0)) else (alpha*math.exp(x[n])*t_x[n] if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
+        t_g_x[n] = _v_t_g_x
+
+
 def _elu_fwd(x, *, alpha):
     """Forward of elu: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -243,6 +265,48 @@ def _elu_bwd(g_y, x, *, alpha):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _elu_jvp(x, t_x, *, alpha):
+    """Forward mode of elu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("elu", "x", x, _dtype)
+    t_x = _dev_float("elu", "t_x", t_x, _dtype)
+    _shape = _same_shape("elu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("elu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("elu", "t_x", t_x, 1)
+    _check_dim("elu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    alpha = _dtype.type(alpha)
+    t_y = _empty((N,), _dtype)
+    _launch(_elu_jvp0, N, x, t_x, t_y, N, alpha)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _elu_hvp(g_y, x, t_x, *, alpha):
+    """Second order of elu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("elu", "g_y", g_y, _dtype)
+    x = _dev_float("elu", "x", x, _dtype)
+    t_x = _dev_float("elu", "t_x", t_x, _dtype)
+    _shape = _same_shape("elu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("elu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("elu", "x", x, 1)
+    _check_rank("elu", "t_x", t_x, 1)
+    _check_dim("elu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("elu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    alpha = _dtype.type(alpha)
+    t_g_x = _empty((N,), _dtype)
+    _launch(_elu_hvp0, N, x, g_y, t_x, t_g_x, N, alpha)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ gelu
 
 
@@ -270,6 +334,33 @@ def _gelu_bwd0(x, g_y, g_x, N, _total):
         n = _r
         _v_g_x = _F(0.5)*(_c0*math.exp(-_F(0.5)*(x[n] * x[n]))*x[n] + math.erf(_F(0.5)*_c1*x[n]) + _F(1))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _gelu_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = (erf(sqrt(2)*x[n]/2) + 1)*t_x[n]/2 + sqrt(2)*exp(-x[n]**2/2)*t_x[n]*x[n]/(2*sqrt(pi))"""
+    _F = t_y.dtype.type
+    _c0 = math.sqrt(_F(2))
+    _c1 = math.sqrt(_F(2))/math.sqrt(_F(math.pi))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = _F(0.5)*x[n]
+        _v_t_y = _c1*_t0*math.exp(-_F(0.5)*(x[n] * x[n]))*t_x[n] + _F(0.5)*(math.erf(_c0*_t0) + _F(1))*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _gelu_hvp0(x, g_y, t_x, t_g_x, N, _total):
+    """t_g_x[n] = -sqrt(2)*(x[n]**2 - 2)*exp(-x[n]**2/2)*g_y[n]*t_x[n]/(2*sqrt(pi))"""
+    _F = t_g_x.dtype.type
+    _c0 = math.sqrt(_F(2))/math.sqrt(_F(math.pi))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = x[n] * x[n]
+        _v_t_g_x = -_F(0.5)*_c0*(_t0 - _F(2))*math.exp(-_F(0.5)*_t0)*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 def _gelu_fwd(x):
@@ -304,6 +395,46 @@ def _gelu_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _gelu_jvp(x, t_x):
+    """Forward mode of gelu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("gelu", "x", x, _dtype)
+    t_x = _dev_float("gelu", "t_x", t_x, _dtype)
+    _shape = _same_shape("gelu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("gelu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("gelu", "t_x", t_x, 1)
+    _check_dim("gelu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_gelu_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _gelu_hvp(g_y, x, t_x):
+    """Second order of gelu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("gelu", "g_y", g_y, _dtype)
+    x = _dev_float("gelu", "x", x, _dtype)
+    t_x = _dev_float("gelu", "t_x", t_x, _dtype)
+    _shape = _same_shape("gelu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("gelu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("gelu", "x", x, 1)
+    _check_rank("gelu", "t_x", t_x, 1)
+    _check_dim("gelu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("gelu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_gelu_hvp0, N, x, g_y, t_x, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ leaky_relu
 
 
@@ -327,6 +458,28 @@ def _leaky_relu_bwd0(x, g_y, g_x, N, slope, _total):
         n = _r
         _v_g_x = (_F(1) if (x[n] > _F(0)) else (slope if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _leaky_relu_jvp0(x, t_x, t_y, N, slope, _total):
+    """t_y[n] = Piecewise((t_x[n], x[n] > 0), (slope*t_x[n], True))"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _v_t_y = (t_x[n] if (x[n] > _F(0)) else (slope*t_x[n] if (x[n] <= _F(0)) else _F(math.nan)))
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _leaky_relu_hvp0(t_g_x, N, _total):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_x = _F(0)
+        t_g_x[i0] = _v_t_g_x
 
 
 def _leaky_relu_fwd(x, *, slope):
@@ -363,6 +516,47 @@ def _leaky_relu_bwd(g_y, x, *, slope):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _leaky_relu_jvp(x, t_x, *, slope):
+    """Forward mode of leaky_relu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("leaky_relu", "x", x, _dtype)
+    t_x = _dev_float("leaky_relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("leaky_relu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("leaky_relu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("leaky_relu", "t_x", t_x, 1)
+    _check_dim("leaky_relu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    slope = _dtype.type(slope)
+    t_y = _empty((N,), _dtype)
+    _launch(_leaky_relu_jvp0, N, x, t_x, t_y, N, slope)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _leaky_relu_hvp(g_y, x, t_x, *, slope):
+    """Second order of leaky_relu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("leaky_relu", "g_y", g_y, _dtype)
+    x = _dev_float("leaky_relu", "x", x, _dtype)
+    t_x = _dev_float("leaky_relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("leaky_relu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("leaky_relu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("leaky_relu", "x", x, 1)
+    _check_rank("leaky_relu", "t_x", t_x, 1)
+    _check_dim("leaky_relu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("leaky_relu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_leaky_relu_hvp0, N, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ mish
 
 
@@ -387,6 +581,32 @@ def _mish_bwd0(x, g_y, g_x, N, _total):
         _t0 = math.tanh(_softplus_dev(x[n], _F))
         _v_g_x = (_t0 + (_F(1) - _t0 * _t0)*_sigmoid_dev(x[n], _F)*x[n])*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _mish_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = (1 - tanh(softplus(x[n]))**2)*sigmoid(x[n])*t_x[n]*x[n] + tanh(softplus(x[n]))*t_x[n]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = math.tanh(_softplus_dev(x[n], _F))
+        _v_t_y = _t0*t_x[n] + (_F(1) - _t0 * _t0)*_sigmoid_dev(x[n], _F)*t_x[n]*x[n]
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _mish_hvp0(x, g_y, t_x, t_g_x, N, _total):
+    """t_g_x[n] = (tanh(softplus(x[n])) - 1)*(tanh(softplus(x[n])) + 1)*(2*sigmoid(x[n])*tanh(softplus(x[n]))*x[n] + sigmoid(x[n])*x[n] - x[n] - 2)*sigmoid(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = _sigmoid_dev(x[n], _F)
+        _t1 = math.tanh(_softplus_dev(x[n], _F))
+        _t2 = _t0*x[n]
+        _v_t_g_x = _t0*(_t1 - _F(1))*(_t1 + _F(1))*(_F(2)*_t1*_t2 + _t2 - x[n] - _F(2))*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 def _mish_fwd(x):
@@ -421,6 +641,46 @@ def _mish_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _mish_jvp(x, t_x):
+    """Forward mode of mish: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("mish", "x", x, _dtype)
+    t_x = _dev_float("mish", "t_x", t_x, _dtype)
+    _shape = _same_shape("mish", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("mish", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("mish", "t_x", t_x, 1)
+    _check_dim("mish", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_mish_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _mish_hvp(g_y, x, t_x):
+    """Second order of mish: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("mish", "g_y", g_y, _dtype)
+    x = _dev_float("mish", "x", x, _dtype)
+    t_x = _dev_float("mish", "t_x", t_x, _dtype)
+    _shape = _same_shape("mish", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("mish", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("mish", "x", x, 1)
+    _check_rank("mish", "t_x", t_x, 1)
+    _check_dim("mish", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("mish", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_mish_hvp0, N, x, g_y, t_x, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ relu
 
 
@@ -444,6 +704,28 @@ def _relu_bwd0(x, g_y, g_x, N, _total):
         n = _r
         _v_g_x = (_F(1) if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _relu_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = Piecewise((t_x[n], x[n] > 0), (0, True))"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _v_t_y = (t_x[n] if (x[n] > _F(0)) else (_F(0) if (x[n] <= _F(0)) else _F(math.nan)))
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _relu_hvp0(t_g_x, N, _total):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_x = _F(0)
+        t_g_x[i0] = _v_t_g_x
 
 
 def _relu_fwd(x):
@@ -478,6 +760,46 @@ def _relu_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _relu_jvp(x, t_x):
+    """Forward mode of relu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("relu", "x", x, _dtype)
+    t_x = _dev_float("relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("relu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("relu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("relu", "t_x", t_x, 1)
+    _check_dim("relu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_relu_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _relu_hvp(g_y, x, t_x):
+    """Second order of relu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("relu", "g_y", g_y, _dtype)
+    x = _dev_float("relu", "x", x, _dtype)
+    t_x = _dev_float("relu", "t_x", t_x, _dtype)
+    _shape = _same_shape("relu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("relu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("relu", "x", x, 1)
+    _check_rank("relu", "t_x", t_x, 1)
+    _check_dim("relu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("relu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_relu_hvp0, N, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ sigmoid
 
 
@@ -502,6 +824,30 @@ def _sigmoid_bwd0(x, g_y, g_x, N, _total):
         _t0 = _sigmoid_dev(x[n], _F)
         _v_g_x = _t0*(_F(1) - _t0)*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _sigmoid_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = (1 - sigmoid(x[n]))*sigmoid(x[n])*t_x[n]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = _sigmoid_dev(x[n], _F)
+        _v_t_y = _t0*(_F(1) - _t0)*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _sigmoid_hvp0(x, g_y, t_x, t_g_x, N, _total):
+    """t_g_x[n] = (sigmoid(x[n]) - 1)*(2*sigmoid(x[n]) - 1)*sigmoid(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = _sigmoid_dev(x[n], _F)
+        _v_t_g_x = _t0*(_t0 - _F(1))*(_F(2)*_t0 - _F(1))*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 def _sigmoid_fwd(x):
@@ -536,6 +882,46 @@ def _sigmoid_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _sigmoid_jvp(x, t_x):
+    """Forward mode of sigmoid: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("sigmoid", "x", x, _dtype)
+    t_x = _dev_float("sigmoid", "t_x", t_x, _dtype)
+    _shape = _same_shape("sigmoid", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("sigmoid", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("sigmoid", "t_x", t_x, 1)
+    _check_dim("sigmoid", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_sigmoid_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _sigmoid_hvp(g_y, x, t_x):
+    """Second order of sigmoid: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("sigmoid", "g_y", g_y, _dtype)
+    x = _dev_float("sigmoid", "x", x, _dtype)
+    t_x = _dev_float("sigmoid", "t_x", t_x, _dtype)
+    _shape = _same_shape("sigmoid", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("sigmoid", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("sigmoid", "x", x, 1)
+    _check_rank("sigmoid", "t_x", t_x, 1)
+    _check_dim("sigmoid", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("sigmoid", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_sigmoid_hvp0, N, x, g_y, t_x, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ silu
 
 
@@ -565,6 +951,39 @@ def _silu_bwd0(x, g_y, g_x, N, _total):
         # g_x[n] = ((1 - sigmoid(x[n]))*y[n] + sigmoid(x[n]))*g_y[n]
         _v_g_x = (_t0 + _v_y*(_F(1) - _t0))*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _silu_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = -(sigmoid(x[n])*x[n] - x[n] - 1)*sigmoid(x[n])*t_x[n]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = _sigmoid_dev(x[n], _F)
+        _v_t_y = -_t0*(_t0*x[n] - x[n] - _F(1))*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _silu_hvp0(x, g_y, t_x, t_g_x, N, _total):
+    """y[n] = sigmoid(x[n])*x[n]
+    t_y[n] = -(sigmoid(x[n])*x[n] - x[n] - 1)*sigmoid(x[n])*t_x[n]
+    t_g_x[n] = (sigmoid(x[n]) - 1)*(sigmoid(x[n])*t_x[n]*y[n] - sigmoid(x[n])*t_x[n] - t_y[n])*g_y[n]
+    """
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        # y[n] = sigmoid(x[n])*x[n]
+        _t0 = _sigmoid_dev(x[n], _F)
+        _v_y = _t0*x[n]
+        # t_y[n] = -(sigmoid(x[n])*x[n] - x[n] - 1)*sigmoid(x[n])*t_x[n]
+        _t1 = _t0*t_x[n]
+        _v_t_y = -_t1*(_t0*x[n] - x[n] - _F(1))
+        # t_g_x[n] = (sigmoid(x[n]) - 1)*(sigmoid(x[n])*t_x[n]*y[n] - sigmoid(x[n])*t_x[n] - t_y[n])*g_y[n]
+        _v_t_g_x = (_t0 - _F(1))*(_t0*_v_y*t_x[n] - _t1 - _v_t_y)*g_y[n]
+        t_g_x[n] = _v_t_g_x
 
 
 def _silu_fwd(x):
@@ -599,6 +1018,46 @@ def _silu_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _silu_jvp(x, t_x):
+    """Forward mode of silu: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("silu", "x", x, _dtype)
+    t_x = _dev_float("silu", "t_x", t_x, _dtype)
+    _shape = _same_shape("silu", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("silu", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("silu", "t_x", t_x, 1)
+    _check_dim("silu", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_silu_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _silu_hvp(g_y, x, t_x):
+    """Second order of silu: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("silu", "g_y", g_y, _dtype)
+    x = _dev_float("silu", "x", x, _dtype)
+    t_x = _dev_float("silu", "t_x", t_x, _dtype)
+    _shape = _same_shape("silu", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("silu", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("silu", "x", x, 1)
+    _check_rank("silu", "t_x", t_x, 1)
+    _check_dim("silu", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("silu", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_silu_hvp0, N, x, g_y, t_x, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ softplus
 
 
@@ -622,6 +1081,29 @@ def _softplus_bwd0(x, g_y, g_x, N, _total):
         n = _r
         _v_g_x = _sigmoid_dev(x[n], _F)*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _softplus_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = sigmoid(x[n])*t_x[n]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _v_t_y = _sigmoid_dev(x[n], _F)*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _softplus_hvp0(x, g_y, t_x, t_g_x, N, _total):
+    """t_g_x[n] = (1 - sigmoid(x[n]))*sigmoid(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = _sigmoid_dev(x[n], _F)
+        _v_t_g_x = _t0*(_F(1) - _t0)*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 def _softplus_fwd(x):
@@ -656,6 +1138,46 @@ def _softplus_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _softplus_jvp(x, t_x):
+    """Forward mode of softplus: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("softplus", "x", x, _dtype)
+    t_x = _dev_float("softplus", "t_x", t_x, _dtype)
+    _shape = _same_shape("softplus", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("softplus", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("softplus", "t_x", t_x, 1)
+    _check_dim("softplus", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_softplus_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _softplus_hvp(g_y, x, t_x):
+    """Second order of softplus: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("softplus", "g_y", g_y, _dtype)
+    x = _dev_float("softplus", "x", x, _dtype)
+    t_x = _dev_float("softplus", "t_x", t_x, _dtype)
+    _shape = _same_shape("softplus", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("softplus", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("softplus", "x", x, 1)
+    _check_rank("softplus", "t_x", t_x, 1)
+    _check_dim("softplus", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("softplus", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_softplus_hvp0, N, x, g_y, t_x, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # ============================================================================ tanh
 
 
@@ -679,6 +1201,29 @@ def _tanh_bwd0(x, g_y, g_x, N, _total):
         n = _r
         _v_g_x = (_F(1) - math.tanh(x[n])**2)*g_y[n]
         g_x[n] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _tanh_jvp0(x, t_x, t_y, N, _total):
+    """t_y[n] = (1 - tanh(x[n])**2)*t_x[n]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _v_t_y = (_F(1) - math.tanh(x[n])**2)*t_x[n]
+        t_y[n] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _tanh_hvp0(x, g_y, t_x, t_g_x, N, _total):
+    """t_g_x[n] = -2*(1 - tanh(x[n])**2)*tanh(x[n])*g_y[n]*t_x[n]"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r
+        _t0 = math.tanh(x[n])
+        _v_t_g_x = -_F(2)*_t0*(_F(1) - _t0 * _t0)*g_y[n]*t_x[n]
+        t_g_x[n] = _v_t_g_x
 
 
 def _tanh_fwd(x):
@@ -713,43 +1258,101 @@ def _tanh_bwd(g_y, x):
     return _result(g_x, _dev).reshape(_shape)
 
 
+def _tanh_jvp(x, t_x):
+    """Forward mode of tanh: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("tanh", "x", x, _dtype)
+    t_x = _dev_float("tanh", "t_x", t_x, _dtype)
+    _shape = _same_shape("tanh", ("x", "t_x"), (x, t_x))
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("tanh", "x", x, 1)
+    N = x.shape[0]
+    _check_rank("tanh", "t_x", t_x, 1)
+    _check_dim("tanh", "t_x", t_x, 0, "N", N, "from x axis 0")
+    t_y = _empty((N,), _dtype)
+    _launch(_tanh_jvp0, N, x, t_x, t_y, N)
+    return _result(t_y, _dev).reshape(_shape)
+
+
+def _tanh_hvp(g_y, x, t_x):
+    """Second order of tanh: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("tanh", "g_y", g_y, _dtype)
+    x = _dev_float("tanh", "x", x, _dtype)
+    t_x = _dev_float("tanh", "t_x", t_x, _dtype)
+    _shape = _same_shape("tanh", ("g_y", "x", "t_x"), (g_y, x, t_x))
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    t_x = t_x.reshape(t_x.size)
+    _check_rank("tanh", "g_y", g_y, 1)
+    N = g_y.shape[0]
+    _check_rank("tanh", "x", x, 1)
+    _check_rank("tanh", "t_x", t_x, 1)
+    _check_dim("tanh", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("tanh", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    t_g_x = _empty((N,), _dtype)
+    _launch(_tanh_hvp0, N, x, g_y, t_x, t_g_x, N)
+    return _result(t_g_x, _dev).reshape(_shape)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "elu": {
         "backward": _elu_bwd,
         "forward": _elu_fwd,
+        "hvp": _elu_hvp,
+        "jvp": _elu_jvp,
     },
     "gelu": {
         "backward": _gelu_bwd,
         "forward": _gelu_fwd,
+        "hvp": _gelu_hvp,
+        "jvp": _gelu_jvp,
     },
     "leaky_relu": {
         "backward": _leaky_relu_bwd,
         "forward": _leaky_relu_fwd,
+        "hvp": _leaky_relu_hvp,
+        "jvp": _leaky_relu_jvp,
     },
     "mish": {
         "backward": _mish_bwd,
         "forward": _mish_fwd,
+        "hvp": _mish_hvp,
+        "jvp": _mish_jvp,
     },
     "relu": {
         "backward": _relu_bwd,
         "forward": _relu_fwd,
+        "hvp": _relu_hvp,
+        "jvp": _relu_jvp,
     },
     "sigmoid": {
         "backward": _sigmoid_bwd,
         "forward": _sigmoid_fwd,
+        "hvp": _sigmoid_hvp,
+        "jvp": _sigmoid_jvp,
     },
     "silu": {
         "backward": _silu_bwd,
         "forward": _silu_fwd,
+        "hvp": _silu_hvp,
+        "jvp": _silu_jvp,
     },
     "softplus": {
         "backward": _softplus_bwd,
         "forward": _softplus_fwd,
+        "hvp": _softplus_hvp,
+        "jvp": _softplus_jvp,
     },
     "tanh": {
         "backward": _tanh_bwd,
         "forward": _tanh_fwd,
+        "hvp": _tanh_hvp,
+        "jvp": _tanh_jvp,
     },
 }
 

@@ -186,6 +186,46 @@ def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO):
+    """t_y_sum0[c, h, n, w] = sum(Piecewise((t_x[n, c, S*h + p, S*w + q], (S*h + p >= 0) & (S*w + q >= 0) & (H > S*h + p) & (W > S*w + q)), (0, True)), p, q)"""
+    _F = t_y_sum0.dtype.type
+    for c in range(0, C):
+        for h in range(0, HO):
+            for n in range(0, N):
+                for w in range(0, WO):
+                    _v_t_y_sum0 = _F(0)
+                    for p in range(0, K):
+                        for q in range(0, K):
+                            _v_t_y_sum0 += (t_x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    t_y_sum0[c, h, n, w] = _v_t_y_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO):
+    """t_y[n, c, h, w] = t_y_sum0[c, h, n, w]/K**2"""
+    _F = t_y.dtype.type
+    _c0 = _F(1) / _F(K * K)
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _v_t_y = _c0*t_y_sum0[c, h, n, w]
+                    t_y[n, c, h, w] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_hvp0(t_g_x, C, H, N, W):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    for i0 in range(0, N):
+        for i1 in range(0, C):
+            for i2 in range(0, H):
+                for i3 in range(0, W):
+                    _v_t_g_x = _F(0)
+                    t_g_x[i0, i1, i2, i3] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _avg_pool2d_fwd_core(x, K, S):
     """Forward of avg_pool2d: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -308,6 +348,141 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
     return _avg_pool2d_bwd_core(g_y, x, K, S)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_jvp_core(x, t_x, K, S):
+    """Forward mode of avg_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_y = np.empty((N, C, HO, WO), _dtype)
+    t_y_sum0 = np.empty((C, HO, N, WO), _dtype)
+    _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO)
+    _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO)
+    return t_y
+
+
+def _avg_pool2d_jvp_alloc(x, t_x, K, S):
+    """The results of ``_avg_pool2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_y = np.empty((N, C, HO, WO), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_jvp_into(x, t_x, K, S, t_y):
+    """``_avg_pool2d_jvp_core`` writing its results into t_y (from ``_avg_pool2d_jvp_alloc``)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_y_sum0 = np.empty((C, HO, N, WO), _dtype)
+    _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO)
+    _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO)
+
+
+def _avg_pool2d_jvp(x, t_x, *, K, S):
+    """Forward mode of avg_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("avg_pool2d", "x", x, _dtype)
+    t_x = _as_float("avg_pool2d", "t_x", t_x, _dtype)
+    _check_rank("avg_pool2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("avg_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("avg_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("avg_pool2d", "WO", WO)
+    _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("avg_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    return _avg_pool2d_jvp_core(x, t_x, K, S)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_hvp_core(g_y, x, t_x, K, S):
+    """Second order of avg_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    _avg_pool2d_hvp0(t_g_x, C, H, N, W)
+    return t_g_x
+
+
+def _avg_pool2d_hvp_alloc(g_y, x, t_x, K, S):
+    """The results of ``_avg_pool2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    return t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _avg_pool2d_hvp_into(g_y, x, t_x, K, S, t_g_x):
+    """``_avg_pool2d_hvp_core`` writing its results into t_g_x (from ``_avg_pool2d_hvp_alloc``)."""
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _avg_pool2d_hvp0(t_g_x, C, H, N, W)
+
+
+def _avg_pool2d_hvp(g_y, x, t_x, *, K, S):
+    """Second order of avg_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("avg_pool2d", "g_y", g_y, _dtype)
+    x = _as_float("avg_pool2d", "x", x, _dtype)
+    t_x = _as_float("avg_pool2d", "t_x", t_x, _dtype)
+    _check_rank("avg_pool2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("avg_pool2d", "x", x, 4)
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("avg_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("avg_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("avg_pool2d", "WO", WO)
+    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
+    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("avg_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("avg_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("avg_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    return _avg_pool2d_hvp_core(g_y, x, t_x, K, S)
+
+
 # ============================================================================ batch_norm2d
 
 
@@ -425,6 +600,188 @@ def _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W):
                     # y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
                     _v_y = _v_xhat*weight[c] + bias[c]
                     y[n, c, h, w] = _v_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_jvp0(x, mean, var, rstd, C, H, N, W, eps):
+    """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
+    mean[c] = mean_sum0[c]/(H*N*W)
+    var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
+    var[c] = var_sum0[c]/(H*N*W)
+    rstd[c] = 1/sqrt(eps + var[c])
+    """
+    _F = mean.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    for c in range(0, C):
+        # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
+        _v_mean_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_mean_sum0 += x[n, c, h, w]
+        # mean[c] = mean_sum0[c]/(H*N*W)
+        _v_mean = _c0*_v_mean_sum0
+        mean[c] = _v_mean
+        # var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
+        _v_var_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
+        # var[c] = var_sum0[c]/(H*N*W)
+        _v_var = _c0*_v_var_sum0
+        var[c] = _v_var
+        # rstd[c] = 1/sqrt(eps + var[c])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[c] = _v_rstd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_jvp1(x, mean, var, t_x, t_mean, t_rstd, C, H, N, W, eps):
+    """t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+    t_mean[c] = t_mean_sum0[c]/(H*N*W)
+    t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+    t_var[c] = t_var_sum0[c]/(H*N*W)
+    t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+    """
+    _F = t_mean.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    for c in range(0, C):
+        # t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+        _v_t_mean_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_mean_sum0 += t_x[n, c, h, w]
+        # t_mean[c] = t_mean_sum0[c]/(H*N*W)
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[c] = _v_t_mean
+        # t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+        _v_t_var_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[n, c, h, w])*(mean[c] - x[n, c, h, w])
+        # t_var[c] = t_var_sum0[c]/(H*N*W)
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[c])**(_F(1.5))
+        t_rstd[c] = _v_t_rstd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, C, H, N, W):
+    """t_xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+    t_y[n, c, h, w] = t_bias[c] + t_weight[c]*xhat[n, c, h, w] + t_xhat[n, c, h, w]*weight[c]
+    """
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    # t_xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+                    _v_t_xhat = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+                    # t_y[n, c, h, w] = t_bias[c] + t_weight[c]*xhat[n, c, h, w] + t_xhat[n, c, h, w]*weight[c]
+                    _v_t_y = _v_t_xhat*weight[c] + t_bias[c] + t_weight[c]*xhat[n, c, h, w]
+                    t_y[n, c, h, w] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp0(x, mean, var, xhat, g_y, g_weight, g_bias, t_x, t_mean, t_rstd, C, H, N, W, eps):
+    """g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
+    g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
+    t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+    t_mean[c] = t_mean_sum0[c]/(H*N*W)
+    t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+    t_var[c] = t_var_sum0[c]/(H*N*W)
+    t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+    """
+    _F = g_bias.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    for c in range(0, C):
+        # g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
+        _v_g_bias = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_g_bias += g_y[n, c, h, w]
+        g_bias[c] = _v_g_bias
+        # g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
+        _v_g_weight = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_g_weight += g_y[n, c, h, w]*xhat[n, c, h, w]
+        g_weight[c] = _v_g_weight
+        # t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+        _v_t_mean_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_mean_sum0 += t_x[n, c, h, w]
+        # t_mean[c] = t_mean_sum0[c]/(H*N*W)
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[c] = _v_t_mean
+        # t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+        _v_t_var_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[n, c, h, w])*(mean[c] - x[n, c, h, w])
+        # t_var[c] = t_var_sum0[c]/(H*N*W)
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[c])**(_F(1.5))
+        t_rstd[c] = _v_t_rstd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, C, H, N, W):
+    """t_xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]"""
+    _F = t_xhat.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_xhat = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+                    t_xhat[n, c, h, w] = _v_t_xhat
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp2(g_y, t_g_weight, t_xhat, C, H, N, W):
+    """t_g_weight[c] = sum(g_y[n, c, h, w]*t_xhat[n, c, h, w], n, h, w)"""
+    _F = t_g_weight.dtype.type
+    for c in range(0, C):
+        _v_t_g_weight = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_g_weight += g_y[n, c, h, w]*t_xhat[n, c, h, w]
+        t_g_weight[c] = _v_t_g_weight
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp3(weight, rstd, xhat, g_y, g_weight, g_bias, t_weight, t_g_x, t_g_weight, t_rstd, t_xhat, C, H, N, W):
+    """t_g_x[n, c, h, w] = (-g_weight[c]*t_xhat[n, c, h, w]/(H*N*W) - t_g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*weight[c] + (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*t_weight[c] + (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*t_rstd[c]*weight[c]"""
+    _F = t_g_x.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _t0 = _c0*g_weight[c]
+                    _t1 = -_c0*g_bias[c] - _t0*xhat[n, c, h, w] + g_y[n, c, h, w]
+                    _v_t_g_x = _t1*rstd[c]*t_weight[c] + _t1*t_rstd[c]*weight[c] + (-_c0*t_g_weight[c]*xhat[n, c, h, w] - _t0*t_xhat[n, c, h, w])*rstd[c]*weight[c]
+                    t_g_x[n, c, h, w] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp4(t_g_bias, C):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    for i0 in range(0, C):
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -737,6 +1094,200 @@ def _batch_norm2d_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, m
     _batch_norm2d_bwd1(xhat, g_y, g_weight, g_bias, C, H, N, W)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, eps, momentum):
+    """Forward mode of batch_norm2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    mean = np.empty((C,), _dtype)
+    var = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    t_y = np.empty((N, C, H, W), _dtype)
+    t_mean = np.empty((C,), _dtype)
+    t_rstd = np.empty((C,), _dtype)
+    _batch_norm2d_jvp0(x, mean, var, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_jvp1(x, mean, var, t_x, t_mean, t_rstd, C, H, N, W, eps)
+    _batch_norm2d_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, C, H, N, W)
+    return t_y
+
+
+def _batch_norm2d_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias, eps, momentum):
+    """The results of ``_batch_norm2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    t_y = np.empty((N, C, H, W), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_jvp_into(x, weight, bias, t_x, t_weight, t_bias, eps, momentum, t_y):
+    """``_batch_norm2d_jvp_core`` writing its results into t_y (from ``_batch_norm2d_jvp_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    mean = np.empty((C,), _dtype)
+    var = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    t_mean = np.empty((C,), _dtype)
+    t_rstd = np.empty((C,), _dtype)
+    _batch_norm2d_jvp0(x, mean, var, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_jvp1(x, mean, var, t_x, t_mean, t_rstd, C, H, N, W, eps)
+    _batch_norm2d_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, C, H, N, W)
+
+
+def _batch_norm2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, eps, momentum):
+    """Forward mode of batch_norm2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _as_float("batch_norm2d", "x", x, _dtype)
+    weight = _as_float("batch_norm2d", "weight", weight, _dtype)
+    bias = _as_float("batch_norm2d", "bias", bias, _dtype)
+    t_x = _as_float("batch_norm2d", "t_x", t_x, _dtype)
+    t_weight = _as_float("batch_norm2d", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("batch_norm2d", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("batch_norm2d", "weight", weight, 1)
+    _check_rank("batch_norm2d", "bias", bias, 1)
+    _check_rank("batch_norm2d", "t_x", t_x, 4)
+    _check_rank("batch_norm2d", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d", "weight", weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "bias", bias, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("batch_norm2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("batch_norm2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("batch_norm2d", "t_weight", t_weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "t_bias", t_bias, 0, "C", C, "from x axis 1")
+    eps = _dtype.type(eps)
+    return _batch_norm2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, eps, momentum)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, eps, momentum):
+    """Second order of batch_norm2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = np.empty((C,), _dtype)
+    var = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    t_g_weight = np.empty((C,), _dtype)
+    t_g_bias = np.empty((C,), _dtype)
+    t_mean = np.empty((C,), _dtype)
+    t_rstd = np.empty((C,), _dtype)
+    t_xhat = np.empty((N, C, H, W), _dtype)
+    _batch_norm2d_jvp0(x, mean, var, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_hvp0(x, mean, var, xhat, g_y, g_weight, g_bias, t_x, t_mean, t_rstd, C, H, N, W, eps)
+    _batch_norm2d_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, C, H, N, W)
+    _batch_norm2d_hvp2(g_y, t_g_weight, t_xhat, C, H, N, W)
+    _batch_norm2d_hvp3(weight, rstd, xhat, g_y, g_weight, g_bias, t_weight, t_g_x, t_g_weight, t_rstd, t_xhat, C, H, N, W)
+    _batch_norm2d_hvp4(t_g_bias, C)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+def _batch_norm2d_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias, eps, momentum):
+    """The results of ``_batch_norm2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    t_g_weight = np.empty((C,), _dtype)
+    t_g_bias = np.empty((C,), _dtype)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_hvp_into(g_y, x, weight, bias, t_x, t_weight, t_bias, eps, momentum, t_g_x, t_g_weight, t_g_bias):
+    """``_batch_norm2d_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_batch_norm2d_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = np.empty((C,), _dtype)
+    var = np.empty((C,), _dtype)
+    rstd = np.empty((C,), _dtype)
+    xhat = np.empty((N, C, H, W), _dtype)
+    g_weight = np.empty((C,), _dtype)
+    g_bias = np.empty((C,), _dtype)
+    t_mean = np.empty((C,), _dtype)
+    t_rstd = np.empty((C,), _dtype)
+    t_xhat = np.empty((N, C, H, W), _dtype)
+    _batch_norm2d_jvp0(x, mean, var, rstd, C, H, N, W, eps)
+    _batch_norm2d_bwd0(x, mean, rstd, xhat, C, H, N, W)
+    _batch_norm2d_hvp0(x, mean, var, xhat, g_y, g_weight, g_bias, t_x, t_mean, t_rstd, C, H, N, W, eps)
+    _batch_norm2d_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, C, H, N, W)
+    _batch_norm2d_hvp2(g_y, t_g_weight, t_xhat, C, H, N, W)
+    _batch_norm2d_hvp3(weight, rstd, xhat, g_y, g_weight, g_bias, t_weight, t_g_x, t_g_weight, t_rstd, t_xhat, C, H, N, W)
+    _batch_norm2d_hvp4(t_g_bias, C)
+
+
+def _batch_norm2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, eps, momentum):
+    """Second order of batch_norm2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _as_float("batch_norm2d", "g_y", g_y, _dtype)
+    x = _as_float("batch_norm2d", "x", x, _dtype)
+    weight = _as_float("batch_norm2d", "weight", weight, _dtype)
+    bias = _as_float("batch_norm2d", "bias", bias, _dtype)
+    t_x = _as_float("batch_norm2d", "t_x", t_x, _dtype)
+    t_weight = _as_float("batch_norm2d", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("batch_norm2d", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _check_rank("batch_norm2d", "x", x, 4)
+    _check_rank("batch_norm2d", "weight", weight, 1)
+    _check_rank("batch_norm2d", "bias", bias, 1)
+    _check_rank("batch_norm2d", "t_x", t_x, 4)
+    _check_rank("batch_norm2d", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "x", x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d", "x", x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d", "weight", weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "bias", bias, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d", "t_x", t_x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d", "t_weight", t_weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "t_bias", t_bias, 0, "C", C, "from g_y axis 1")
+    eps = _dtype.type(eps)
+    return _batch_norm2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, eps, momentum)
+
+
 # ============================================================================ batch_norm2d_eval
 
 
@@ -785,6 +1336,53 @@ def _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps):
                 for w in range(0, W):
                     _v_g_x = g_y[n, c, h, w]*weight[c]/math.sqrt(eps + running_var[c])
                     g_x[n, c, h, w] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_jvp0(x, running_mean, running_var, weight, t_x, t_weight, t_bias, t_y, C, H, N, W, eps):
+    """t_y[n, c, h, w] = t_bias[c] + (-running_mean[c] + x[n, c, h, w])*t_weight[c]/sqrt(eps + running_var[c]) + t_x[n, c, h, w]*weight[c]/sqrt(eps + running_var[c])"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _t0 = _F(1) / math.sqrt(eps + running_var[c])
+                    _v_t_y = _t0*(-running_mean[c] + x[n, c, h, w])*t_weight[c] + _t0*t_x[n, c, h, w]*weight[c] + t_bias[c]
+                    t_y[n, c, h, w] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_hvp0(running_var, g_y, t_x, t_g_weight, C, H, N, W, eps):
+    """t_g_weight[c] = sum(g_y[n, c, h, w]*t_x[n, c, h, w]/sqrt(eps + running_var[c]), n, h, w)"""
+    _F = t_g_weight.dtype.type
+    for c in range(0, C):
+        _v_t_g_weight = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_g_weight += g_y[n, c, h, w]*t_x[n, c, h, w]/math.sqrt(eps + running_var[c])
+        t_g_weight[c] = _v_t_g_weight
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_hvp1(running_var, g_y, t_weight, t_g_x, C, H, N, W, eps):
+    """t_g_x[n, c, h, w] = g_y[n, c, h, w]*t_weight[c]/sqrt(eps + running_var[c])"""
+    _F = t_g_x.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_g_x = g_y[n, c, h, w]*t_weight[c]/math.sqrt(eps + running_var[c])
+                    t_g_x[n, c, h, w] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_hvp2(t_g_bias, C):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    for i0 in range(0, C):
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -960,6 +1558,168 @@ def _batch_norm2d_eval_bwd_params_into(g_y, x, running_mean, running_var, weight
     H = g_y.shape[2]
     W = g_y.shape[3]
     _batch_norm2d_eval_bwd0(x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_jvp_core(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps):
+    """Forward mode of batch_norm2d_eval: the tangents t_y of the outputs from x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    t_y = np.empty((N, C, H, W), _dtype)
+    _batch_norm2d_eval_jvp0(x, running_mean, running_var, weight, t_x, t_weight, t_bias, t_y, C, H, N, W, eps)
+    return t_y
+
+
+def _batch_norm2d_eval_jvp_alloc(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps):
+    """The results of ``_batch_norm2d_eval_jvp_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    t_y = np.empty((N, C, H, W), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_jvp_into(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps, t_y):
+    """``_batch_norm2d_eval_jvp_core`` writing its results into t_y (from ``_batch_norm2d_eval_jvp_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _batch_norm2d_eval_jvp0(x, running_mean, running_var, weight, t_x, t_weight, t_bias, t_y, C, H, N, W, eps)
+
+
+def _batch_norm2d_eval_jvp(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Forward mode of batch_norm2d_eval: the tangents t_y of the outputs from x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dtype = _float_dtype((x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias))
+    x = _as_float("batch_norm2d_eval", "x", x, _dtype)
+    running_mean = _as_float("batch_norm2d_eval", "running_mean", running_mean, _dtype)
+    running_var = _as_float("batch_norm2d_eval", "running_var", running_var, _dtype)
+    weight = _as_float("batch_norm2d_eval", "weight", weight, _dtype)
+    bias = _as_float("batch_norm2d_eval", "bias", bias, _dtype)
+    t_x = _as_float("batch_norm2d_eval", "t_x", t_x, _dtype)
+    t_weight = _as_float("batch_norm2d_eval", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("batch_norm2d_eval", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d_eval", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("batch_norm2d_eval", "running_mean", running_mean, 1)
+    _check_rank("batch_norm2d_eval", "running_var", running_var, 1)
+    _check_rank("batch_norm2d_eval", "weight", weight, 1)
+    _check_rank("batch_norm2d_eval", "bias", bias, 1)
+    _check_rank("batch_norm2d_eval", "t_x", t_x, 4)
+    _check_rank("batch_norm2d_eval", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d_eval", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d_eval", "running_mean", running_mean, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "running_var", running_var, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "weight", weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "bias", bias, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("batch_norm2d_eval", "t_weight", t_weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "t_bias", t_bias, 0, "C", C, "from x axis 1")
+    eps = _dtype.type(eps)
+    return _batch_norm2d_eval_jvp_core(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_hvp_core(g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps):
+    """Second order of batch_norm2d_eval: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    t_g_weight = np.empty((C,), _dtype)
+    t_g_bias = np.empty((C,), _dtype)
+    _batch_norm2d_eval_hvp0(running_var, g_y, t_x, t_g_weight, C, H, N, W, eps)
+    _batch_norm2d_eval_hvp1(running_var, g_y, t_weight, t_g_x, C, H, N, W, eps)
+    _batch_norm2d_eval_hvp2(t_g_bias, C)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+def _batch_norm2d_eval_hvp_alloc(g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps):
+    """The results of ``_batch_norm2d_eval_hvp_core`` for arguments of these shapes, uninitialised: what ``_batch_norm2d_eval_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    t_g_weight = np.empty((C,), _dtype)
+    t_g_bias = np.empty((C,), _dtype)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _batch_norm2d_eval_hvp_into(g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps, t_g_x, t_g_weight, t_g_bias):
+    """``_batch_norm2d_eval_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_batch_norm2d_eval_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _batch_norm2d_eval_hvp0(running_var, g_y, t_x, t_g_weight, C, H, N, W, eps)
+    _batch_norm2d_eval_hvp1(running_var, g_y, t_weight, t_g_x, C, H, N, W, eps)
+    _batch_norm2d_eval_hvp2(t_g_bias, C)
+
+
+def _batch_norm2d_eval_hvp(g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Second order of batch_norm2d_eval: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias))
+    g_y = _as_float("batch_norm2d_eval", "g_y", g_y, _dtype)
+    x = _as_float("batch_norm2d_eval", "x", x, _dtype)
+    running_mean = _as_float("batch_norm2d_eval", "running_mean", running_mean, _dtype)
+    running_var = _as_float("batch_norm2d_eval", "running_var", running_var, _dtype)
+    weight = _as_float("batch_norm2d_eval", "weight", weight, _dtype)
+    bias = _as_float("batch_norm2d_eval", "bias", bias, _dtype)
+    t_x = _as_float("batch_norm2d_eval", "t_x", t_x, _dtype)
+    t_weight = _as_float("batch_norm2d_eval", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("batch_norm2d_eval", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d_eval", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _check_rank("batch_norm2d_eval", "x", x, 4)
+    _check_rank("batch_norm2d_eval", "running_mean", running_mean, 1)
+    _check_rank("batch_norm2d_eval", "running_var", running_var, 1)
+    _check_rank("batch_norm2d_eval", "weight", weight, 1)
+    _check_rank("batch_norm2d_eval", "bias", bias, 1)
+    _check_rank("batch_norm2d_eval", "t_x", t_x, 4)
+    _check_rank("batch_norm2d_eval", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d_eval", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d_eval", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d_eval", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "x", x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d_eval", "x", x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d_eval", "running_mean", running_mean, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "running_var", running_var, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "weight", weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "bias", bias, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d_eval", "t_weight", t_weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "t_bias", t_bias, 0, "C", C, "from g_y axis 1")
+    eps = _dtype.type(eps)
+    return _batch_norm2d_eval_hvp_core(g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, eps)
 
 
 # ============================================================================ batch_norm2d_stats
@@ -1182,6 +1942,102 @@ def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO):
+    """t_y_sum0[h, n, o, w] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*weight[o, c, p, q] + Piecewise((x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*t_weight[o, c, p, q], c, p, q)"""
+    _F = t_y_sum0.dtype.type
+    for h in range(0, HO):
+        for n in range(0, N):
+            for o in range(0, O):
+                for w in range(0, WO):
+                    _v_t_y_sum0 = _F(0)
+                    for c in range(0, C):
+                        for p in range(0, KH):
+                            for q in range(0, KW):
+                                _v_t_y_sum0 += (t_x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*weight[o, c, p, q] + (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*t_weight[o, c, p, q]
+                    t_y_sum0[h, n, o, w] = _v_t_y_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO):
+    """t_y[n, o, h, w] = t_bias[o] + t_y_sum0[h, n, o, w]"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        for o in range(0, O):
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _v_t_y = t_bias[o] + t_y_sum0[h, n, o, w]
+                    t_y[n, o, h, w] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
+    """t_g_weight[o, c, p, q] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*g_y[n, o, h, w], h, n, w)"""
+    _F = t_g_weight.dtype.type
+    _b = np.zeros((C, KH, KW, HO, WO), t_g_weight.dtype)
+    _prod = np.empty((O, C*KH*KW), t_g_weight.dtype)
+    _pv = _prod.reshape((O, C, KH, KW))
+    _prod[:] = _F(0)
+    for n in range(0, N):
+        # gather: _b[c, p, q, h, w] = t_x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
+        for c in range(0, C):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    _lo_w, _hi_w = 0, WO
+                    _lo_w, _hi_w = _span(S, -P + q, _lo_w, _hi_w)
+                    _lo_w, _hi_w = _span(-S, P + W - q - 1, _lo_w, _hi_w)
+                    for h in range(0, HO):
+                        _lo, _hi = _lo_w, _hi_w
+                        if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
+                            _hi = _lo
+                        for w in range(_lo, _hi):
+                            _b[c, p, q, h, np.uint64(w)] = t_x[n, c, -P + S*h + p, np.uint64(-P + S*w + q)]
+        _gemm(g_y[n].reshape(O, HO*WO), _b.reshape(C*KH*KW, HO*WO).T, _prod, True)
+    for o in range(0, O):
+        for c in range(0, C):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    _dot = _pv[o, c, p, q]
+                    _v_t_g_weight = _dot
+                    t_g_weight[o, c, p, q] = _v_t_g_weight
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
+    """t_g_x[n, c, h1, w1] = sum(Piecewise((t_weight[o, c, P - S*h + h1, P - S*w + w1], (P - S*h + h1 >= 0) & (P - S*w + w1 >= 0) & (KH > P - S*h + h1) & (KW > P - S*w + w1)), (0, True))*g_y[n, o, h, w], h, o, w)
+    as a scatter: t_g_x[n, c, -P + S*h + kh, -P + S*w + kw] += sum(g_y[n, o, h, w]*t_weight[o, c, kh, kw], o)
+    """
+    _F = t_g_x.dtype.type
+    t_g_x[:] = _F(0)
+    _prod = np.empty((C*KH*KW, HO*WO), t_g_x.dtype)
+    _pv = _prod.reshape((C, KH, KW, HO, WO))
+    for n in range(0, N):
+        _gemm(t_weight.reshape(O, C*KH*KW).T, g_y[n].reshape(O, HO*WO), _prod, False)
+        for c in range(0, C):
+            for kh in range(0, KH):
+                for kw in range(0, KW):
+                    _lo_w, _hi_w = 0, WO
+                    _lo_w, _hi_w = _span(S, -P + kw, _lo_w, _hi_w)
+                    _lo_w, _hi_w = _span(-S, P + W - kw - 1, _lo_w, _hi_w)
+                    for h in range(0, HO):
+                        _lo, _hi = _lo_w, _hi_w
+                        if not ((-P + S*h + kh >= 0) and (-P + S*h + kh < H)):
+                            _hi = _lo
+                        for w in range(_lo, _hi):
+                            _dot = _pv[c, kh, kw, h, np.uint64(w)]
+                            _v_t_g_x = _dot
+                            t_g_x[n, c, -P + S*h + kh, np.uint64(-P + S*w + kw)] += _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp2(t_g_bias, O):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    for i0 in range(0, O):
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _conv2d_fwd_core(x, weight, bias, S, P):
     """Forward of conv2d: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
@@ -1396,6 +2252,203 @@ def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias):
     _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, S, P):
+    """Forward mode of conv2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    t_y = np.empty((N, O, HO, WO), _dtype)
+    t_y_sum0 = np.empty((HO, N, O, WO), _dtype)
+    _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO)
+    return t_y
+
+
+def _conv2d_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias, S, P):
+    """The results of ``_conv2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_conv2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    t_y = np.empty((N, O, HO, WO), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_jvp_into(x, weight, bias, t_x, t_weight, t_bias, S, P, t_y):
+    """``_conv2d_jvp_core`` writing its results into t_y (from ``_conv2d_jvp_alloc``)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    t_y_sum0 = np.empty((HO, N, O, WO), _dtype)
+    _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO)
+
+
+def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+    """Forward mode of conv2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _as_float("conv2d", "x", x, _dtype)
+    weight = _as_float("conv2d", "weight", weight, _dtype)
+    bias = _as_float("conv2d", "bias", bias, _dtype)
+    t_x = _as_float("conv2d", "t_x", t_x, _dtype)
+    t_weight = _as_float("conv2d", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("conv2d", "t_bias", t_bias, _dtype)
+    _check_rank("conv2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("conv2d", "weight", weight, 4)
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    _check_rank("conv2d", "bias", bias, 1)
+    _check_rank("conv2d", "t_x", t_x, 4)
+    _check_rank("conv2d", "t_weight", t_weight, 4)
+    _check_rank("conv2d", "t_bias", t_bias, 1)
+    HO = ((H - KH + 2*P) // S) + 1
+    _check_derived("conv2d", "HO", HO)
+    WO = ((-KW + 2*P + W) // S) + 1
+    _check_derived("conv2d", "WO", WO)
+    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
+    _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from weight axis 0")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
+    _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
+    _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from weight axis 0")
+    return _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, S, P)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P):
+    """Second order of conv2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    t_g_weight = np.empty((O, C, KH, KW), _dtype)
+    t_g_bias = np.empty((O,), _dtype)
+    _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_hvp2(t_g_bias, O)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+def _conv2d_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P):
+    """The results of ``_conv2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_conv2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    t_g_weight = np.empty((O, C, KH, KW), _dtype)
+    t_g_bias = np.empty((O,), _dtype)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp_into(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P, t_g_x, t_g_weight, t_g_bias):
+    """``_conv2d_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_conv2d_hvp_alloc``)."""
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_hvp2(t_g_bias, O)
+
+
+def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+    """Second order of conv2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _as_float("conv2d", "g_y", g_y, _dtype)
+    x = _as_float("conv2d", "x", x, _dtype)
+    weight = _as_float("conv2d", "weight", weight, _dtype)
+    bias = _as_float("conv2d", "bias", bias, _dtype)
+    t_x = _as_float("conv2d", "t_x", t_x, _dtype)
+    t_weight = _as_float("conv2d", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("conv2d", "t_bias", t_bias, _dtype)
+    _check_rank("conv2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    _check_rank("conv2d", "x", x, 4)
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("conv2d", "weight", weight, 4)
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    _check_rank("conv2d", "bias", bias, 1)
+    _check_rank("conv2d", "t_x", t_x, 4)
+    _check_rank("conv2d", "t_weight", t_weight, 4)
+    _check_rank("conv2d", "t_bias", t_bias, 1)
+    HO = ((H - KH + 2*P) // S) + 1
+    _check_derived("conv2d", "HO", HO)
+    WO = ((-KW + 2*P + W) // S) + 1
+    _check_derived("conv2d", "WO", WO)
+    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - KH + 2*P)/S) + 1")
+    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-KW + 2*P + W)/S) + 1")
+    _check_dim("conv2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("conv2d", "weight", weight, 0, "O", O, "from g_y axis 1")
+    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "bias", bias, 0, "O", O, "from g_y axis 1")
+    _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from g_y axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
+    _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
+    _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    return _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P)
+
+
 # ============================================================================ cosine_similarity
 
 
@@ -1474,6 +2527,158 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
             _t6 = -_t1 + eps
             _v_g_x1 = _t5*(_t1*x2[b, d] - _t4*(_F(1) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5) if (_t6 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b])/_t1
             g_x1[b, d] = _v_g_x1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps):
+    """y_sum0[b] = sum(x1[b, d]**2, d)
+    y_sum1[b] = sum(x2[b, d]**2, d)
+    y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        # y_sum0[b] = sum(x1[b, d]**2, d)
+        _v_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_y_sum0 += x1[b, d] * x1[b, d]
+        # y_sum1[b] = sum(x2[b, d]**2, d)
+        _v_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_y_sum1 += x2[b, d] * x2[b, d]
+        # y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_y_sum2 += x1[b, d]*x2[b, d]
+        # t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        # t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        # t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t0 = math.sqrt(_v_y_sum0)
+        _t1 = (eps if eps != eps else max(_t0, eps))
+        _t2 = _F(1) / _t1
+        _t3 = math.sqrt(_v_y_sum1)
+        _t4 = (eps if eps != eps else max(_t3, eps))
+        _t5 = _F(1) / _t4
+        _t6 = -eps
+        _t7 = _t0 + _t6
+        _t8 = _F(0.5)*_v_y_sum2
+        _t9 = _t3 + _t6
+        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
+        t_y[b] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps):
+    """y_sum0[b] = sum(x1[b, d]**2, d)
+    y_sum1[b] = sum(x2[b, d]**2, d)
+    y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = y_sum0.dtype.type
+    for b in range(0, B):
+        # y_sum0[b] = sum(x1[b, d]**2, d)
+        _v_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_y_sum0 += x1[b, d] * x1[b, d]
+        y_sum0[b] = _v_y_sum0
+        # y_sum1[b] = sum(x2[b, d]**2, d)
+        _v_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_y_sum1 += x2[b, d] * x2[b, d]
+        y_sum1[b] = _v_y_sum1
+        # y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_y_sum2 += x1[b, d]*x2[b, d]
+        # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t0 = math.sqrt(_v_y_sum0)
+        _t1 = (eps if eps != eps else max(_t0, eps))
+        _t2 = _F(1) / _t1
+        _t3 = math.sqrt(_v_y_sum1)
+        _t4 = (eps if eps != eps else max(_t3, eps))
+        _t5 = _F(1) / _t4
+        _v_y = _t2*_t5*_v_y_sum2
+        y[b] = _v_y
+        # t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        t_y_sum0[b] = _v_t_y_sum0
+        # t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        t_y_sum1[b] = _v_t_y_sum1
+        # t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t6 = -eps
+        _t7 = _t0 + _t6
+        _t8 = _F(0.5)*_v_y_sum2
+        _t9 = _t3 + _t6
+        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
+        t_y[b] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps):
+    """t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = t_g_x2.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            # t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+            _t0 = math.sqrt(y_sum1[b])
+            _t1 = -_t0*x1[b, d]
+            _t2 = -_t0 + eps
+            _t3 = (_t2 < _F(0))
+            _t4 = math.sqrt(y_sum0[b])
+            _t5 = (eps if eps != eps else max(_t4, eps))
+            _t6 = _t5*x2[b, d]
+            _t7 = _t6*y[b]
+            _t8 = _F(0.5)*t_y_sum1[b]
+            _t9 = (eps if eps != eps else max(_t0, eps))
+            _t10 = _F(1) / _t9
+            _t11 = _F(1) / _t5
+            _t12 = _t11*g_y[b]
+            _t13 = _t10*_t12
+            _t14 = _t12/(_t9 * _t9)
+            _t15 = _F(1) / _t0
+            _t16 = -_t4 + eps
+            _t17 = (_t16 < _F(0))
+            _t18 = _F(1) / _t4
+            _t19 = _F(0.5)*t_y_sum0[b]
+            _t20 = _t18*_t19
+            _t21 = _t10*g_y[b]/(_t5 * _t5)
+            _v_t_g_x2 = _t10*_t11*_t15*(_t0*t_x1[b, d] + _F(0.5)*_t15*t_y_sum1[b]*x1[b, d] - _t20*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*x2[b, d]*y[b] - _t5*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*t_x2[b, d]*y[b] - _t6*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*t_y[b])*g_y[b] - _t13*_t8*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))/y_sum1[b]**(_F(1.5)) - _t14*_t8*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))/y_sum1[b] - _t15*_t20*_t21*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))
+            t_g_x2[b, d] = _v_t_g_x2
+            # t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+            _t22 = -_t4*x2[b, d]
+            _t23 = _t9*x1[b, d]
+            _t24 = _t23*y[b]
+            _t25 = _t15*_t8
+            _v_t_g_x1 = _t10*_t11*_t18*(_F(0.5)*_t18*t_y_sum0[b]*x2[b, d] - _t23*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*t_y[b] - _t25*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b] + _t4*t_x2[b, d] - _t9*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*t_x1[b, d]*y[b])*g_y[b] - _t13*_t19*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))/y_sum0[b]**(_F(1.5)) - _t14*_t18*_t25*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) - _t19*_t21*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))/y_sum0[b]
+            t_g_x1[b, d] = _v_t_g_x1
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1649,6 +2854,133 @@ def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y, y_sum0, y_sum1, eps, g_x1,
     _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_jvp_core(x1, x2, t_x1, t_x2, eps):
+    """Forward mode of cosine_similarity: the tangents t_y of the outputs from x1, x2, t_x1, t_x2 (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    t_y = np.empty((B,), _dtype)
+    _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps)
+    return t_y
+
+
+def _cosine_similarity_jvp_alloc(x1, x2, t_x1, t_x2, eps):
+    """The results of ``_cosine_similarity_jvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    t_y = np.empty((B,), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_jvp_into(x1, x2, t_x1, t_x2, eps, t_y):
+    """``_cosine_similarity_jvp_core`` writing its results into t_y (from ``_cosine_similarity_jvp_alloc``)."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps)
+
+
+def _cosine_similarity_jvp(x1, x2, t_x1, t_x2, *, eps):
+    """Forward mode of cosine_similarity: the tangents t_y of the outputs from x1, x2, t_x1, t_x2 (forward recomputed)."""
+    _dtype = _float_dtype((x1, x2, t_x1, t_x2))
+    x1 = _as_float("cosine_similarity", "x1", x1, _dtype)
+    x2 = _as_float("cosine_similarity", "x2", x2, _dtype)
+    t_x1 = _as_float("cosine_similarity", "t_x1", t_x1, _dtype)
+    t_x2 = _as_float("cosine_similarity", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_similarity", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_similarity", "x2", x2, 2)
+    _check_rank("cosine_similarity", "t_x1", t_x1, 2)
+    _check_rank("cosine_similarity", "t_x2", t_x2, 2)
+    _check_dim("cosine_similarity", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_similarity", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    eps = _dtype.type(eps)
+    return _cosine_similarity_jvp_core(x1, x2, t_x1, t_x2, eps)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_hvp_core(g_y, x1, x2, t_x1, t_x2, eps):
+    """Second order of cosine_similarity: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_y, x1, x2, t_x1, t_x2 (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    y = np.empty((B,), _dtype)
+    y_sum0 = np.empty((B,), _dtype)
+    y_sum1 = np.empty((B,), _dtype)
+    t_y = np.empty((B,), _dtype)
+    t_g_x1 = np.empty((B, D), _dtype)
+    t_g_x2 = np.empty((B, D), _dtype)
+    t_y_sum0 = np.empty((B,), _dtype)
+    t_y_sum1 = np.empty((B,), _dtype)
+    _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps)
+    _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps)
+    return t_g_x1, t_g_x2
+
+
+def _cosine_similarity_hvp_alloc(g_y, x1, x2, t_x1, t_x2, eps):
+    """The results of ``_cosine_similarity_hvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    t_g_x1 = np.empty((B, D), _dtype)
+    t_g_x2 = np.empty((B, D), _dtype)
+    return t_g_x1, t_g_x2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_hvp_into(g_y, x1, x2, t_x1, t_x2, eps, t_g_x1, t_g_x2):
+    """``_cosine_similarity_hvp_core`` writing its results into t_g_x1, t_g_x2 (from ``_cosine_similarity_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    y = np.empty((B,), _dtype)
+    y_sum0 = np.empty((B,), _dtype)
+    y_sum1 = np.empty((B,), _dtype)
+    t_y = np.empty((B,), _dtype)
+    t_y_sum0 = np.empty((B,), _dtype)
+    t_y_sum1 = np.empty((B,), _dtype)
+    _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps)
+    _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps)
+
+
+def _cosine_similarity_hvp(g_y, x1, x2, t_x1, t_x2, *, eps):
+    """Second order of cosine_similarity: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_y, x1, x2, t_x1, t_x2 (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x1, x2, t_x1, t_x2))
+    g_y = _as_float("cosine_similarity", "g_y", g_y, _dtype)
+    x1 = _as_float("cosine_similarity", "x1", x1, _dtype)
+    x2 = _as_float("cosine_similarity", "x2", x2, _dtype)
+    t_x1 = _as_float("cosine_similarity", "t_x1", t_x1, _dtype)
+    t_x2 = _as_float("cosine_similarity", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_similarity", "g_y", g_y, 1)
+    B = g_y.shape[0]
+    _check_rank("cosine_similarity", "x1", x1, 2)
+    D = x1.shape[1]
+    _check_rank("cosine_similarity", "x2", x2, 2)
+    _check_rank("cosine_similarity", "t_x1", t_x1, 2)
+    _check_rank("cosine_similarity", "t_x2", t_x2, 2)
+    _check_dim("cosine_similarity", "x1", x1, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "x2", x2, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    eps = _dtype.type(eps)
+    return _cosine_similarity_hvp_core(g_y, x1, x2, t_x1, t_x2, eps)
+
+
 # ============================================================================ dense
 
 
@@ -1692,6 +3024,46 @@ def _dense_bwd2(weight, g_y, g_x, B, I, O):
     """g_x[b, i] = sum(g_y[b, o]*weight[i, o], o)"""
     _F = g_x.dtype.type
     np.dot(g_y, weight.T, g_x)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_jvp0(x, weight, t_x, t_weight, t_bias, t_y, B, I, O):
+    """t_y_sum0[b, o] = sum(t_weight[i, o]*x[b, i] + t_x[b, i]*weight[i, o], i)
+    t_y[b, o] = t_bias[o] + t_y_sum0[b, o]
+    """
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for o in range(0, O):
+            # t_y_sum0[b, o] = sum(t_weight[i, o]*x[b, i] + t_x[b, i]*weight[i, o], i)
+            _v_t_y_sum0 = _F(0)
+            for i in range(0, I):
+                _v_t_y_sum0 += t_weight[i, o]*x[b, i] + t_x[b, i]*weight[i, o]
+            # t_y[b, o] = t_bias[o] + t_y_sum0[b, o]
+            _v_t_y = _v_t_y_sum0 + t_bias[o]
+            t_y[b, o] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_hvp0(g_y, t_x, t_g_weight, B, I, O):
+    """t_g_weight[i, o] = sum(g_y[b, o]*t_x[b, i], b)"""
+    _F = t_g_weight.dtype.type
+    np.dot(t_x.T, g_y, t_g_weight)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_hvp1(g_y, t_weight, t_g_x, B, I, O):
+    """t_g_x[b, i] = sum(g_y[b, o]*t_weight[i, o], o)"""
+    _F = t_g_x.dtype.type
+    np.dot(g_y, t_weight.T, t_g_x)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_hvp2(t_g_bias, O):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    for i0 in range(0, O):
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1837,6 +3209,136 @@ def _dense_bwd_params_into(g_y, x, weight, bias, g_weight, g_bias):
     _dense_bwd1(x, g_y, g_weight, B, I, O)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_jvp_core(x, weight, bias, t_x, t_weight, t_bias):
+    """Forward mode of dense: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    t_y = np.empty((B, O), _dtype)
+    _dense_jvp0(x, weight, t_x, t_weight, t_bias, t_y, B, I, O)
+    return t_y
+
+
+def _dense_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias):
+    """The results of ``_dense_jvp_core`` for arguments of these shapes, uninitialised: what ``_dense_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    t_y = np.empty((B, O), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_jvp_into(x, weight, bias, t_x, t_weight, t_bias, t_y):
+    """``_dense_jvp_core`` writing its results into t_y (from ``_dense_jvp_alloc``)."""
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    _dense_jvp0(x, weight, t_x, t_weight, t_bias, t_y, B, I, O)
+
+
+def _dense_jvp(x, weight, bias, t_x, t_weight, t_bias):
+    """Forward mode of dense: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _as_float("dense", "x", x, _dtype)
+    weight = _as_float("dense", "weight", weight, _dtype)
+    bias = _as_float("dense", "bias", bias, _dtype)
+    t_x = _as_float("dense", "t_x", t_x, _dtype)
+    t_weight = _as_float("dense", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("dense", "t_bias", t_bias, _dtype)
+    _check_rank("dense", "x", x, 2)
+    B = x.shape[0]
+    I = x.shape[1]
+    _check_rank("dense", "weight", weight, 2)
+    O = weight.shape[1]
+    _check_rank("dense", "bias", bias, 1)
+    _check_rank("dense", "t_x", t_x, 2)
+    _check_rank("dense", "t_weight", t_weight, 2)
+    _check_rank("dense", "t_bias", t_bias, 1)
+    _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "bias", bias, 0, "O", O, "from weight axis 1")
+    _check_dim("dense", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("dense", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 1, "O", O, "from weight axis 1")
+    _check_dim("dense", "t_bias", t_bias, 0, "O", O, "from weight axis 1")
+    return _dense_jvp_core(x, weight, bias, t_x, t_weight, t_bias)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias):
+    """Second order of dense: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    t_g_x = np.empty((B, I), _dtype)
+    t_g_weight = np.empty((I, O), _dtype)
+    t_g_bias = np.empty((O,), _dtype)
+    _dense_hvp0(g_y, t_x, t_g_weight, B, I, O)
+    _dense_hvp1(g_y, t_weight, t_g_x, B, I, O)
+    _dense_hvp2(t_g_bias, O)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+def _dense_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias):
+    """The results of ``_dense_hvp_core`` for arguments of these shapes, uninitialised: what ``_dense_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    t_g_x = np.empty((B, I), _dtype)
+    t_g_weight = np.empty((I, O), _dtype)
+    t_g_bias = np.empty((O,), _dtype)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dense_hvp_into(g_y, x, weight, bias, t_x, t_weight, t_bias, t_g_x, t_g_weight, t_g_bias):
+    """``_dense_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_dense_hvp_alloc``)."""
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _dense_hvp0(g_y, t_x, t_g_weight, B, I, O)
+    _dense_hvp1(g_y, t_weight, t_g_x, B, I, O)
+    _dense_hvp2(t_g_bias, O)
+
+
+def _dense_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias):
+    """Second order of dense: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _as_float("dense", "g_y", g_y, _dtype)
+    x = _as_float("dense", "x", x, _dtype)
+    weight = _as_float("dense", "weight", weight, _dtype)
+    bias = _as_float("dense", "bias", bias, _dtype)
+    t_x = _as_float("dense", "t_x", t_x, _dtype)
+    t_weight = _as_float("dense", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("dense", "t_bias", t_bias, _dtype)
+    _check_rank("dense", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    _check_rank("dense", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("dense", "weight", weight, 2)
+    _check_rank("dense", "bias", bias, 1)
+    _check_rank("dense", "t_x", t_x, 2)
+    _check_rank("dense", "t_weight", t_weight, 2)
+    _check_rank("dense", "t_bias", t_bias, 1)
+    _check_dim("dense", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "weight", weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("dense", "bias", bias, 0, "O", O, "from g_y axis 1")
+    _check_dim("dense", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dense", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("dense", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    return _dense_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias)
+
+
 # ============================================================================ dropout
 
 
@@ -1860,6 +3362,27 @@ def _dropout_bwd0(mask, g_y, g_x, B, N, p):
         for d in range(0, N):
             _v_g_x = _c0*g_y[b, d]*mask[b, d]
             g_x[b, d] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dropout_jvp0(mask, t_x, t_y, B, N, p):
+    """t_y[b, d] = mask[b, d]*t_x[b, d]/(1 - p)"""
+    _F = t_y.dtype.type
+    _c0 = _F(1) / (_F(1) - p)
+    for b in range(0, B):
+        for d in range(0, N):
+            _v_t_y = _c0*mask[b, d]*t_x[b, d]
+            t_y[b, d] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dropout_hvp0(t_g_x, B, N):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, N):
+            _v_t_g_x = _F(0)
+            t_g_x[i0, i1] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1958,6 +3481,106 @@ def _dropout_bwd(g_y, x, mask, *, p):
     return _dropout_bwd_core(g_y, x, mask, p)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dropout_jvp_core(x, mask, t_x, p):
+    """Forward mode of dropout: the tangents t_y of the outputs from x, mask, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    p = _dtype.type(p)
+    B = x.shape[0]
+    N = x.shape[1]
+    t_y = np.empty((B, N), _dtype)
+    _dropout_jvp0(mask, t_x, t_y, B, N, p)
+    return t_y
+
+
+def _dropout_jvp_alloc(x, mask, t_x, p):
+    """The results of ``_dropout_jvp_core`` for arguments of these shapes, uninitialised: what ``_dropout_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    N = x.shape[1]
+    t_y = np.empty((B, N), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dropout_jvp_into(x, mask, t_x, p, t_y):
+    """``_dropout_jvp_core`` writing its results into t_y (from ``_dropout_jvp_alloc``)."""
+    _dtype = x.dtype
+    p = _dtype.type(p)
+    B = x.shape[0]
+    N = x.shape[1]
+    _dropout_jvp0(mask, t_x, t_y, B, N, p)
+
+
+def _dropout_jvp(x, mask, t_x, *, p):
+    """Forward mode of dropout: the tangents t_y of the outputs from x, mask, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, mask, t_x))
+    x = _as_float("dropout", "x", x, _dtype)
+    mask = _as_float("dropout", "mask", mask, _dtype)
+    t_x = _as_float("dropout", "t_x", t_x, _dtype)
+    _check_rank("dropout", "x", x, 2)
+    B = x.shape[0]
+    N = x.shape[1]
+    _check_rank("dropout", "mask", mask, 2)
+    _check_rank("dropout", "t_x", t_x, 2)
+    _check_dim("dropout", "mask", mask, 0, "B", B, "from x axis 0")
+    _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
+    _check_dim("dropout", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("dropout", "t_x", t_x, 1, "N", N, "from x axis 1")
+    p = _dtype.type(p)
+    return _dropout_jvp_core(x, mask, t_x, p)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dropout_hvp_core(g_y, x, mask, t_x, p):
+    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, mask, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    t_g_x = np.empty((B, N), _dtype)
+    _dropout_hvp0(t_g_x, B, N)
+    return t_g_x
+
+
+def _dropout_hvp_alloc(g_y, x, mask, t_x, p):
+    """The results of ``_dropout_hvp_core`` for arguments of these shapes, uninitialised: what ``_dropout_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    t_g_x = np.empty((B, N), _dtype)
+    return t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _dropout_hvp_into(g_y, x, mask, t_x, p, t_g_x):
+    """``_dropout_hvp_core`` writing its results into t_g_x (from ``_dropout_hvp_alloc``)."""
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    _dropout_hvp0(t_g_x, B, N)
+
+
+def _dropout_hvp(g_y, x, mask, t_x, *, p):
+    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, mask, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, mask, t_x))
+    g_y = _as_float("dropout", "g_y", g_y, _dtype)
+    x = _as_float("dropout", "x", x, _dtype)
+    mask = _as_float("dropout", "mask", mask, _dtype)
+    t_x = _as_float("dropout", "t_x", t_x, _dtype)
+    _check_rank("dropout", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    _check_rank("dropout", "x", x, 2)
+    _check_rank("dropout", "mask", mask, 2)
+    _check_rank("dropout", "t_x", t_x, 2)
+    _check_dim("dropout", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dropout", "x", x, 1, "N", N, "from g_y axis 1")
+    _check_dim("dropout", "mask", mask, 0, "B", B, "from g_y axis 0")
+    _check_dim("dropout", "mask", mask, 1, "N", N, "from g_y axis 1")
+    _check_dim("dropout", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dropout", "t_x", t_x, 1, "N", N, "from g_y axis 1")
+    return _dropout_hvp_core(g_y, x, mask, t_x, p)
+
+
 # ============================================================================ embedding
 
 
@@ -1990,6 +3613,26 @@ def _embedding_bwd1(idx, g_y, g_table, B, D, V):
             _v_g_table = g_y[b, d]
             if ((idx[b] >= 0) and (idx[b] < V)):
                 g_table[idx[b], d] += _v_g_table
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _embedding_jvp0(idx, t_table, t_y, B, D, V):
+    """t_y[b, d] = Piecewise((t_table[idx[b], d], (idx[b] >= 0) & (V > idx[b])), (0, True))"""
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            _v_t_y = (t_table[idx[b], d] if ((idx[b] >= 0) and (V > idx[b])) else _F(0))
+            t_y[b, d] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _embedding_hvp0(t_g_table, D, V):
+    """t_g_table = 0 (no path from a differentiable argument)"""
+    _F = t_g_table.dtype.type
+    for i0 in range(0, V):
+        for i1 in range(0, D):
+            _v_t_g_table = _F(0)
+            t_g_table[i0, i1] = _v_t_g_table
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2086,6 +3729,106 @@ def _embedding_bwd(g_y, idx, table):
     return _embedding_bwd_core(g_y, idx, table)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _embedding_jvp_core(idx, table, t_table):
+    """Forward mode of embedding: the tangents t_y of the outputs from idx, table, t_table (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = table.dtype
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    t_y = np.empty((B, D), _dtype)
+    _embedding_jvp0(idx, t_table, t_y, B, D, V)
+    return t_y
+
+
+def _embedding_jvp_alloc(idx, table, t_table):
+    """The results of ``_embedding_jvp_core`` for arguments of these shapes, uninitialised: what ``_embedding_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = table.dtype
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    t_y = np.empty((B, D), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _embedding_jvp_into(idx, table, t_table, t_y):
+    """``_embedding_jvp_core`` writing its results into t_y (from ``_embedding_jvp_alloc``)."""
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    _embedding_jvp0(idx, t_table, t_y, B, D, V)
+
+
+def _embedding_jvp(idx, table, t_table):
+    """Forward mode of embedding: the tangents t_y of the outputs from idx, table, t_table (forward recomputed)."""
+    _dtype = _float_dtype((idx, table, t_table))
+    idx = _as_int("embedding", "idx", idx)
+    table = _as_float("embedding", "table", table, _dtype)
+    t_table = _as_float("embedding", "t_table", t_table, _dtype)
+    _check_rank("embedding", "idx", idx, 1)
+    B = idx.shape[0]
+    _check_rank("embedding", "table", table, 2)
+    V = table.shape[0]
+    D = table.shape[1]
+    _check_rank("embedding", "t_table", t_table, 2)
+    _check_dim("embedding", "t_table", t_table, 0, "V", V, "from table axis 0")
+    _check_dim("embedding", "t_table", t_table, 1, "D", D, "from table axis 1")
+    return _embedding_jvp_core(idx, table, t_table)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _embedding_hvp_core(g_y, idx, table, t_table):
+    """Second order of embedding: t_g_table, the derivatives of the gradients along the tangents, from g_y, idx, table, t_table (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    t_g_table = np.empty((V, D), _dtype)
+    _embedding_hvp0(t_g_table, D, V)
+    return t_g_table
+
+
+def _embedding_hvp_alloc(g_y, idx, table, t_table):
+    """The results of ``_embedding_hvp_core`` for arguments of these shapes, uninitialised: what ``_embedding_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    t_g_table = np.empty((V, D), _dtype)
+    return t_g_table
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _embedding_hvp_into(g_y, idx, table, t_table, t_g_table):
+    """``_embedding_hvp_core`` writing its results into t_g_table (from ``_embedding_hvp_alloc``)."""
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    _embedding_hvp0(t_g_table, D, V)
+
+
+def _embedding_hvp(g_y, idx, table, t_table):
+    """Second order of embedding: t_g_table, the derivatives of the gradients along the tangents, from g_y, idx, table, t_table (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, idx, table, t_table))
+    g_y = _as_float("embedding", "g_y", g_y, _dtype)
+    idx = _as_int("embedding", "idx", idx)
+    table = _as_float("embedding", "table", table, _dtype)
+    t_table = _as_float("embedding", "t_table", t_table, _dtype)
+    _check_rank("embedding", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    _check_rank("embedding", "idx", idx, 1)
+    _check_rank("embedding", "table", table, 2)
+    V = table.shape[0]
+    _check_rank("embedding", "t_table", t_table, 2)
+    _check_dim("embedding", "idx", idx, 0, "B", B, "from g_y axis 0")
+    _check_dim("embedding", "table", table, 1, "D", D, "from g_y axis 1")
+    _check_dim("embedding", "t_table", t_table, 0, "V", V, "from table axis 0")
+    _check_dim("embedding", "t_table", t_table, 1, "D", D, "from g_y axis 1")
+    return _embedding_hvp_core(g_y, idx, table, t_table)
+
+
 # ============================================================================ flatten
 
 
@@ -2120,6 +3863,28 @@ def _flatten_bwd1(g_y, g_x, C, F, H, N, W):
             _v_g_x = g_y[n, j]
             if ((j % W < W) and ((j // W) % H < H) and ((j // (H*W)) >= 0) and ((j // (H*W)) < C)):
                 g_x[n, (j // (H*W)), (j // W) % H, j % W] += _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _flatten_jvp0(t_x, t_y, C, F, H, N, W):
+    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H)) & (floor(j/(H*W)) >= 0) & (C > floor(j/(H*W)))), (0, True))"""
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        for j in range(0, F):
+            _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+            t_y[n, j] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _flatten_hvp0(t_g_x, C, H, N, W):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    for i0 in range(0, N):
+        for i1 in range(0, C):
+            for i2 in range(0, H):
+                for i3 in range(0, W):
+                    _v_t_g_x = _F(0)
+                    t_g_x[i0, i1, i2, i3] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2230,6 +3995,124 @@ def _flatten_bwd(g_y, x):
     return _flatten_bwd_core(g_y, x)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _flatten_jvp_core(x, t_x):
+    """Forward mode of flatten: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    t_y = np.empty((N, F), _dtype)
+    _flatten_jvp0(t_x, t_y, C, F, H, N, W)
+    return t_y
+
+
+def _flatten_jvp_alloc(x, t_x):
+    """The results of ``_flatten_jvp_core`` for arguments of these shapes, uninitialised: what ``_flatten_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    t_y = np.empty((N, F), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _flatten_jvp_into(x, t_x, t_y):
+    """``_flatten_jvp_core`` writing its results into t_y (from ``_flatten_jvp_alloc``)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    _flatten_jvp0(t_x, t_y, C, F, H, N, W)
+
+
+def _flatten_jvp(x, t_x):
+    """Forward mode of flatten: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("flatten", "x", x, _dtype)
+    t_x = _as_float("flatten", "t_x", t_x, _dtype)
+    _check_rank("flatten", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("flatten", "t_x", t_x, 4)
+    F = C*H*W
+    _check_derived("flatten", "F", F)
+    _check_dim("flatten", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("flatten", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("flatten", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("flatten", "t_x", t_x, 3, "W", W, "from x axis 3")
+    return _flatten_jvp_core(x, t_x)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _flatten_hvp_core(g_y, x, t_x):
+    """Second order of flatten: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    _flatten_hvp0(t_g_x, C, H, N, W)
+    return t_g_x
+
+
+def _flatten_hvp_alloc(g_y, x, t_x):
+    """The results of ``_flatten_hvp_core`` for arguments of these shapes, uninitialised: what ``_flatten_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    return t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _flatten_hvp_into(g_y, x, t_x, t_g_x):
+    """``_flatten_hvp_core`` writing its results into t_g_x (from ``_flatten_hvp_alloc``)."""
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    _flatten_hvp0(t_g_x, C, H, N, W)
+
+
+def _flatten_hvp(g_y, x, t_x):
+    """Second order of flatten: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("flatten", "g_y", g_y, _dtype)
+    x = _as_float("flatten", "x", x, _dtype)
+    t_x = _as_float("flatten", "t_x", t_x, _dtype)
+    _check_rank("flatten", "g_y", g_y, 2)
+    N = g_y.shape[0]
+    _check_rank("flatten", "x", x, 4)
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("flatten", "t_x", t_x, 4)
+    F = C*H*W
+    _check_derived("flatten", "F", F)
+    _check_dim("flatten", "g_y", g_y, 1, "F", F, "derived: C*H*W")
+    _check_dim("flatten", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("flatten", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("flatten", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("flatten", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("flatten", "t_x", t_x, 3, "W", W, "from x axis 3")
+    return _flatten_hvp_core(g_y, x, t_x)
+
+
 # ============================================================================ gcn_layer
 
 
@@ -2291,6 +4174,64 @@ def _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V):
                 for v in range(0, V):
                     _v_g_x += A[v, u]*g_y[v, o]*weight[i, o]
             g_x[u, i] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_jvp0(A, x, weight, t_x, t_weight, t_y_sum0, I, O, V):
+    """t_y_sum0[o, v] = sum((t_weight[i, o]*x[u, i] + t_x[u, i]*weight[i, o])*A[v, u], u, i)"""
+    _F = t_y_sum0.dtype.type
+    for o in range(0, O):
+        for v in range(0, V):
+            _v_t_y_sum0 = _F(0)
+            for u in range(0, V):
+                for i in range(0, I):
+                    _v_t_y_sum0 += (t_weight[i, o]*x[u, i] + t_x[u, i]*weight[i, o])*A[v, u]
+            t_y_sum0[o, v] = _v_t_y_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_jvp1(t_bias, t_y, t_y_sum0, O, V):
+    """t_y[v, o] = t_bias[o] + t_y_sum0[o, v]"""
+    _F = t_y.dtype.type
+    for v in range(0, V):
+        for o in range(0, O):
+            _v_t_y = t_bias[o] + t_y_sum0[o, v]
+            t_y[v, o] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_hvp0(A, g_y, t_x, t_g_weight, I, O, V):
+    """t_g_weight[i, o] = sum(A[v, u]*g_y[v, o]*t_x[u, i], v, u)"""
+    _F = t_g_weight.dtype.type
+    for i in range(0, I):
+        for o in range(0, O):
+            _v_t_g_weight = _F(0)
+            for v in range(0, V):
+                for u in range(0, V):
+                    _v_t_g_weight += A[v, u]*g_y[v, o]*t_x[u, i]
+            t_g_weight[i, o] = _v_t_g_weight
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_hvp1(A, g_y, t_weight, t_g_x, I, O, V):
+    """t_g_x[u, i] = sum(A[v, u]*g_y[v, o]*t_weight[i, o], o, v)"""
+    _F = t_g_x.dtype.type
+    for u in range(0, V):
+        for i in range(0, I):
+            _v_t_g_x = _F(0)
+            for o in range(0, O):
+                for v in range(0, V):
+                    _v_t_g_x += A[v, u]*g_y[v, o]*t_weight[i, o]
+            t_g_x[u, i] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_hvp2(t_g_bias, O):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    for i0 in range(0, O):
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2447,6 +4388,149 @@ def _gcn_layer_bwd_params_into(g_y, A, x, weight, bias, g_weight, g_bias):
     I = x.shape[1]
     _gcn_layer_bwd0(g_y, g_bias, O, V)
     _gcn_layer_bwd1(A, x, g_y, g_weight, I, O, V)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_jvp_core(A, x, weight, bias, t_x, t_weight, t_bias):
+    """Forward mode of gcn_layer: the tangents t_y of the outputs from A, x, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    t_y = np.empty((V, O), _dtype)
+    t_y_sum0 = np.empty((O, V), _dtype)
+    _gcn_layer_jvp0(A, x, weight, t_x, t_weight, t_y_sum0, I, O, V)
+    _gcn_layer_jvp1(t_bias, t_y, t_y_sum0, O, V)
+    return t_y
+
+
+def _gcn_layer_jvp_alloc(A, x, weight, bias, t_x, t_weight, t_bias):
+    """The results of ``_gcn_layer_jvp_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    t_y = np.empty((V, O), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_jvp_into(A, x, weight, bias, t_x, t_weight, t_bias, t_y):
+    """``_gcn_layer_jvp_core`` writing its results into t_y (from ``_gcn_layer_jvp_alloc``)."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    t_y_sum0 = np.empty((O, V), _dtype)
+    _gcn_layer_jvp0(A, x, weight, t_x, t_weight, t_y_sum0, I, O, V)
+    _gcn_layer_jvp1(t_bias, t_y, t_y_sum0, O, V)
+
+
+def _gcn_layer_jvp(A, x, weight, bias, t_x, t_weight, t_bias):
+    """Forward mode of gcn_layer: the tangents t_y of the outputs from A, x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dtype = _float_dtype((A, x, weight, bias, t_x, t_weight, t_bias))
+    A = _as_float("gcn_layer", "A", A, _dtype)
+    x = _as_float("gcn_layer", "x", x, _dtype)
+    weight = _as_float("gcn_layer", "weight", weight, _dtype)
+    bias = _as_float("gcn_layer", "bias", bias, _dtype)
+    t_x = _as_float("gcn_layer", "t_x", t_x, _dtype)
+    t_weight = _as_float("gcn_layer", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("gcn_layer", "t_bias", t_bias, _dtype)
+    _check_rank("gcn_layer", "A", A, 2)
+    V = A.shape[0]
+    _check_rank("gcn_layer", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("gcn_layer", "weight", weight, 2)
+    O = weight.shape[1]
+    _check_rank("gcn_layer", "bias", bias, 1)
+    _check_rank("gcn_layer", "t_x", t_x, 2)
+    _check_rank("gcn_layer", "t_weight", t_weight, 2)
+    _check_rank("gcn_layer", "t_bias", t_bias, 1)
+    _check_dim("gcn_layer", "A", A, 1, "V", V, "from A axis 0")
+    _check_dim("gcn_layer", "x", x, 0, "V", V, "from A axis 0")
+    _check_dim("gcn_layer", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "bias", bias, 0, "O", O, "from weight axis 1")
+    _check_dim("gcn_layer", "t_x", t_x, 0, "V", V, "from A axis 0")
+    _check_dim("gcn_layer", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 1, "O", O, "from weight axis 1")
+    _check_dim("gcn_layer", "t_bias", t_bias, 0, "O", O, "from weight axis 1")
+    return _gcn_layer_jvp_core(A, x, weight, bias, t_x, t_weight, t_bias)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_hvp_core(g_y, A, x, weight, bias, t_x, t_weight, t_bias):
+    """Second order of gcn_layer: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, A, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    t_g_x = np.empty((V, I), _dtype)
+    t_g_weight = np.empty((I, O), _dtype)
+    t_g_bias = np.empty((O,), _dtype)
+    _gcn_layer_hvp0(A, g_y, t_x, t_g_weight, I, O, V)
+    _gcn_layer_hvp1(A, g_y, t_weight, t_g_x, I, O, V)
+    _gcn_layer_hvp2(t_g_bias, O)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+def _gcn_layer_hvp_alloc(g_y, A, x, weight, bias, t_x, t_weight, t_bias):
+    """The results of ``_gcn_layer_hvp_core`` for arguments of these shapes, uninitialised: what ``_gcn_layer_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    t_g_x = np.empty((V, I), _dtype)
+    t_g_weight = np.empty((I, O), _dtype)
+    t_g_bias = np.empty((O,), _dtype)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gcn_layer_hvp_into(g_y, A, x, weight, bias, t_x, t_weight, t_bias, t_g_x, t_g_weight, t_g_bias):
+    """``_gcn_layer_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_gcn_layer_hvp_alloc``)."""
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _gcn_layer_hvp0(A, g_y, t_x, t_g_weight, I, O, V)
+    _gcn_layer_hvp1(A, g_y, t_weight, t_g_x, I, O, V)
+    _gcn_layer_hvp2(t_g_bias, O)
+
+
+def _gcn_layer_hvp(g_y, A, x, weight, bias, t_x, t_weight, t_bias):
+    """Second order of gcn_layer: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, A, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, A, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _as_float("gcn_layer", "g_y", g_y, _dtype)
+    A = _as_float("gcn_layer", "A", A, _dtype)
+    x = _as_float("gcn_layer", "x", x, _dtype)
+    weight = _as_float("gcn_layer", "weight", weight, _dtype)
+    bias = _as_float("gcn_layer", "bias", bias, _dtype)
+    t_x = _as_float("gcn_layer", "t_x", t_x, _dtype)
+    t_weight = _as_float("gcn_layer", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("gcn_layer", "t_bias", t_bias, _dtype)
+    _check_rank("gcn_layer", "g_y", g_y, 2)
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    _check_rank("gcn_layer", "A", A, 2)
+    _check_rank("gcn_layer", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("gcn_layer", "weight", weight, 2)
+    _check_rank("gcn_layer", "bias", bias, 1)
+    _check_rank("gcn_layer", "t_x", t_x, 2)
+    _check_rank("gcn_layer", "t_weight", t_weight, 2)
+    _check_rank("gcn_layer", "t_bias", t_bias, 1)
+    _check_dim("gcn_layer", "A", A, 0, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "A", A, 1, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "x", x, 0, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "weight", weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("gcn_layer", "bias", bias, 0, "O", O, "from g_y axis 1")
+    _check_dim("gcn_layer", "t_x", t_x, 0, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("gcn_layer", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    return _gcn_layer_hvp_core(g_y, A, x, weight, bias, t_x, t_weight, t_bias)
 
 
 # ============================================================================ gru_cell
@@ -2902,6 +4986,416 @@ def _gru_cell_bwd_saved0(z, g_y, g_h, B, H):
         for j in range(0, H):
             _v_g_h = g_y[b, j]*z[b, j]
             g_h[b, j] = _v_g_h
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_jvp0(x, w_ih, b_ih, b_hh, r_sum0, r_sum1, r, B, H, I):
+    """r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    """
+    _F = r_sum1.dtype.type
+    _b = np.zeros((H, I), r_sum1.dtype)
+    # gather: _b[j, i] = w_ih[j, i]
+    for j in range(0, H):
+        for i in range(0, I):
+            _b[j, np.uint64(i)] = w_ih[j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, r_sum1.reshape(B, H), False)
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = r_sum1[b, j]
+            # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+            _v_r_sum1 = _dot
+            r_sum1[b, j] = _v_r_sum1
+            # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+            _v_r = _sigmoid(_v_r_sum1 + b_hh[j] + b_ih[j] + r_sum0[b, j], _F)
+            r[b, j] = _v_r
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_jvp1(x, w_ih, b_ih, b_hh, z_sum0, z_sum1, z, B, H, I):
+    """z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    """
+    _F = z_sum1.dtype.type
+    _b = np.zeros((H, I), z_sum1.dtype)
+    # gather: _b[j, i] = w_ih[H + j, i]
+    for j in range(0, H):
+        for i in range(0, I):
+            _b[j, np.uint64(i)] = w_ih[H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, z_sum1.reshape(B, H), False)
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = z_sum1[b, j]
+            # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+            _v_z_sum1 = _dot
+            z_sum1[b, j] = _v_z_sum1
+            # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+            _v_z = _sigmoid(_v_z_sum1 + b_hh[H + j] + b_ih[H + j] + z_sum0[b, j], _F)
+            z[b, j] = _v_z
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_jvp2(x, w_ih, b_ih, r, hn, nn_sum0, nn, B, H, I):
+    """nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+    """
+    _F = nn_sum0.dtype.type
+    _b = np.zeros((H, I), nn_sum0.dtype)
+    # gather: _b[j, i] = w_ih[2*H + j, i]
+    for j in range(0, H):
+        for i in range(0, I):
+            _b[j, np.uint64(i)] = w_ih[2*H + j, np.uint64(i)]
+    _gemm(x.reshape(B, I), _b.reshape(H, I).T, nn_sum0.reshape(B, H), False)
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = nn_sum0[b, j]
+            # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+            _v_nn_sum0 = _dot
+            nn_sum0[b, j] = _v_nn_sum0
+            # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+            _v_nn = math.tanh(_v_nn_sum0 + b_ih[2*H + j] + hn[b, j]*r[b, j])
+            nn[b, j] = _v_nn
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_jvp3(x, h, w_ih, w_hh, b_ih, b_hh, r_sum0, r_sum1, r, z_sum0, z_sum1, z, hn, nn_sum0, nn, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I):
+    """t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+    t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+    t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+    t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+    t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+    t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+    t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+    t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+    t_y[b, j] = (1 - z[b, j])*t_nn[b, j] + h[b, j]*t_z[b, j] - nn[b, j]*t_z[b, j] + t_h[b, j]*z[b, j]
+    """
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for j in range(0, H):
+            # t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+            _v_t_r_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_r_sum0 += h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k]
+            # t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+            _v_t_r_sum1 = _F(0)
+            for i in range(0, I):
+                _v_t_r_sum1 += t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i]
+            # t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+            _t0 = _sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j], _F)
+            _v_t_r = _t0*(_F(1) - _t0)*(_v_t_r_sum0 + _v_t_r_sum1 + t_b_hh[j] + t_b_ih[j])
+            # t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+            _v_t_z_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_z_sum0 += h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k]
+            # t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+            _v_t_z_sum1 = _F(0)
+            for i in range(0, I):
+                _v_t_z_sum1 += t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i]
+            # t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+            _t1 = _sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j], _F)
+            _v_t_z = _t1*(_F(1) - _t1)*(_v_t_z_sum0 + _v_t_z_sum1 + t_b_hh[H + j] + t_b_ih[H + j])
+            # t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+            _v_t_hn_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_hn_sum0 += h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k]
+            # t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+            _v_t_hn = _v_t_hn_sum0 + t_b_hh[2*H + j]
+            # t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+            _v_t_nn_sum0 = _F(0)
+            for i in range(0, I):
+                _v_t_nn_sum0 += t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i]
+            # t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+            _v_t_nn = (_F(1) - math.tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(_v_t_hn*r[b, j] + _v_t_nn_sum0 + _v_t_r*hn[b, j] + t_b_ih[2*H + j])
+            # t_y[b, j] = (1 - z[b, j])*t_nn[b, j] + h[b, j]*t_z[b, j] - nn[b, j]*t_z[b, j] + t_h[b, j]*z[b, j]
+            _v_t_y = _v_t_nn*(_F(1) - z[b, j]) + _v_t_z*h[b, j] - _v_t_z*nn[b, j] + t_h[b, j]*z[b, j]
+            t_y[b, j] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp0(x, h, w_ih, w_hh, b_ih, b_hh, r_sum0, r_sum1, r, z_sum0, z_sum1, hn, nn_sum0, g_y, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H, I):
+    """t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+    t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+    t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+    t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+    t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+    t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+    t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+    t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+    t_g_h[b, j] = g_y[b, j]*t_z[b, j]
+    """
+    _F = t_r.dtype.type
+    for b in range(0, B):
+        for j in range(0, H):
+            # t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+            _v_t_r_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_r_sum0 += h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k]
+            # t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+            _v_t_r_sum1 = _F(0)
+            for i in range(0, I):
+                _v_t_r_sum1 += t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i]
+            # t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+            _t0 = _sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j], _F)
+            _v_t_r = _t0*(_F(1) - _t0)*(_v_t_r_sum0 + _v_t_r_sum1 + t_b_hh[j] + t_b_ih[j])
+            t_r[b, j] = _v_t_r
+            # t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+            _v_t_z_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_z_sum0 += h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k]
+            # t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+            _v_t_z_sum1 = _F(0)
+            for i in range(0, I):
+                _v_t_z_sum1 += t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i]
+            # t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+            _t1 = _sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j], _F)
+            _v_t_z = _t1*(_F(1) - _t1)*(_v_t_z_sum0 + _v_t_z_sum1 + t_b_hh[H + j] + t_b_ih[H + j])
+            t_z[b, j] = _v_t_z
+            # t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+            _v_t_hn_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_hn_sum0 += h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k]
+            # t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+            _v_t_hn = _v_t_hn_sum0 + t_b_hh[2*H + j]
+            t_hn[b, j] = _v_t_hn
+            # t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+            _v_t_nn_sum0 = _F(0)
+            for i in range(0, I):
+                _v_t_nn_sum0 += t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i]
+            # t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+            _v_t_nn = (_F(1) - math.tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(_v_t_hn*r[b, j] + _v_t_nn_sum0 + _v_t_r*hn[b, j] + t_b_ih[2*H + j])
+            t_nn[b, j] = _v_t_nn
+            # t_g_h[b, j] = g_y[b, j]*t_z[b, j]
+            _v_t_g_h = _v_t_z*g_y[b, j]
+            t_g_h[b, j] = _v_t_g_h
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp1(z, nn, g_y, t_g_b_ih, t_z, t_nn, B, G, H):
+    """t_g_b_ih[g] = sum(Piecewise((-(1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*t_z[b, -2*H + g] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_b_ih.dtype.type
+    for g in range(0, G):
+        _v_t_g_b_ih = _F(0)
+        for b in range(0, B):
+            _v_t_g_b_ih += (-(_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*t_z[b, -2*H + g] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g] if (2*H - g <= 0) else _F(0))
+        t_g_b_ih[g] = _v_t_g_b_ih
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp2(x, z, nn, g_y, t_x, t_g_w_ih, t_z, t_nn, B, G, H, I):
+    """t_g_w_ih[g, i] = sum(Piecewise(((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*t_x[b, i] - (1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*t_z[b, -2*H + g]*x[b, i] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g]*x[b, i], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_w_ih.dtype.type
+    for g in range(0, G):
+        for i in range(0, I):
+            t_g_w_ih[g, i] = _F(0)
+    for b in range(0, B):
+        for g in range(0, G):
+            for i in range(0, I):
+                t_g_w_ih[g, i] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*t_x[b, i] - (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*t_z[b, -2*H + g]*x[b, i] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g]*x[b, i] if (2*H - g <= 0) else _F(0))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp3(w_ih, z, nn, g_y, t_w_ih, t_g_x, t_z, t_nn, B, H, I):
+    """t_g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*t_w_ih[2*H + j, i] - (1 - nn[b, j]**2)*g_y[b, j]*t_z[b, j]*w_ih[2*H + j, i] - 2*(1 - z[b, j])*g_y[b, j]*nn[b, j]*t_nn[b, j]*w_ih[2*H + j, i], j)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for i in range(0, I):
+            _v_t_g_x = _F(0)
+            for j in range(0, H):
+                _t0 = _F(1) - nn[b, j] * nn[b, j]
+                _t1 = _F(1) - z[b, j]
+                _v_t_g_x += _t0*_t1*g_y[b, j]*t_w_ih[2*H + j, i] - _t0*g_y[b, j]*t_z[b, j]*w_ih[2*H + j, i] - _F(2)*_t1*g_y[b, j]*nn[b, j]*t_nn[b, j]*w_ih[2*H + j, i]
+            t_g_x[b, i] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp4(r, z, nn, g_y, t_g_b_hh, t_r, t_z, t_nn, B, G, H):
+    """t_g_b_hh[g] = sum(Piecewise(((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*t_r[b, -2*H + g] - (1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*r[b, -2*H + g]*t_z[b, -2*H + g] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_b_hh.dtype.type
+    for g in range(0, G):
+        _v_t_g_b_hh = _F(0)
+        for b in range(0, B):
+            _v_t_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*t_r[b, -2*H + g] - (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g]*t_z[b, -2*H + g] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g] if (2*H - g <= 0) else _F(0))
+        t_g_b_hh[g] = _v_t_g_b_hh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp5(w_hh, r, z, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_nn, B, H):
+    """t_g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_w_hh[2*H + j, k] + (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*t_r[b, j]*w_hh[2*H + j, k] - (1 - nn[b, j]**2)*g_y[b, j]*r[b, j]*t_z[b, j]*w_hh[2*H + j, k] - 2*(1 - z[b, j])*g_y[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*w_hh[2*H + j, k], j)"""
+    _F = t_g_h.dtype.type
+    for b in range(0, B):
+        for k in range(0, H):
+            _v_t_g_h = t_g_h[b, k]
+            for j in range(0, H):
+                _t0 = _F(1) - nn[b, j] * nn[b, j]
+                _t1 = g_y[b, j]*r[b, j]*w_hh[2*H + j, k]
+                _t2 = _F(1) - z[b, j]
+                _t3 = _t0*_t2*g_y[b, j]
+                _v_t_g_h += -_t0*_t1*t_z[b, j] - _F(2)*_t1*_t2*nn[b, j]*t_nn[b, j] + _t3*r[b, j]*t_w_hh[2*H + j, k] + _t3*t_r[b, j]*w_hh[2*H + j, k]
+            t_g_h[b, k] = _v_t_g_h
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp6(h, r, z, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_nn, B, G, H):
+    """t_g_w_hh[g, k] = sum(Piecewise(((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*t_r[b, -2*H + g] + (1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g]*t_h[b, k] - (1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g]*t_z[b, -2*H + g] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_w_hh.dtype.type
+    for g in range(0, G):
+        for k in range(0, H):
+            t_g_w_hh[g, k] = _F(0)
+    for b in range(0, B):
+        for g in range(0, G):
+            for k in range(0, H):
+                t_g_w_hh[g, k] += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*t_r[b, -2*H + g] + (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g]*t_h[b, k] - (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g]*t_z[b, -2*H + g] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g] if (2*H - g <= 0) else _F(0))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp7(h, z, nn, g_y, t_h, t_g_b_ih, t_g_b_hh, t_z, t_nn, B, G, H):
+    """t_g_b_hh[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+    t_g_b_ih[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+    """
+    _F = t_g_b_hh.dtype.type
+    for g in range(0, G):
+        # t_g_b_hh[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+        _v_t_g_b_hh = t_g_b_hh[g]
+        for b in range(0, B):
+            _v_t_g_b_hh += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+        t_g_b_hh[g] = _v_t_g_b_hh
+        # t_g_b_ih[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+        _v_t_g_b_ih = t_g_b_ih[g]
+        for b in range(0, B):
+            _v_t_g_b_ih += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+        t_g_b_ih[g] = _v_t_g_b_ih
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp8(x, h, z, nn, g_y, t_x, t_h, t_g_w_ih, t_z, t_nn, B, G, H, I):
+    """t_g_w_ih[g, i] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_x[b, i]*z[b, -H + g] + (1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*x[b, i]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)"""
+    _F = t_g_w_ih.dtype.type
+    for b in range(0, B):
+        for g in range(0, G):
+            for i in range(0, I):
+                t_g_w_ih[g, i] += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_x[b, i]*z[b, -H + g] + (_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*x[b, i]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp9(h, w_ih, z, nn, g_y, t_h, t_w_ih, t_g_x, t_z, t_nn, B, H, I):
+    """t_g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_w_ih[H + j, i]*z[b, j] + (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_ih[H + j, i] + (1 - z[b, j])*(t_h[b, j] - t_nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j] - (h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_ih[H + j, i]*z[b, j], j)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for i in range(0, I):
+            _v_t_g_x = t_g_x[b, i]
+            for j in range(0, H):
+                _t0 = h[b, j] - nn[b, j]
+                _t1 = t_z[b, j]*w_ih[H + j, i]
+                _t2 = g_y[b, j]*z[b, j]
+                _t3 = _F(1) - z[b, j]
+                _t4 = _t0*_t3*g_y[b, j]
+                _v_t_g_x += -_t0*_t1*_t2 + _t1*_t4 + _t2*_t3*(t_h[b, j] - t_nn[b, j])*w_ih[H + j, i] + _t4*t_w_ih[H + j, i]*z[b, j]
+            t_g_x[b, i] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp10(h, w_hh, z, nn, g_y, t_h, t_w_hh, t_g_h, t_z, t_nn, B, H):
+    """t_g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_w_hh[H + j, k]*z[b, j] + (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_hh[H + j, k] + (1 - z[b, j])*(t_h[b, j] - t_nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j] - (h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_hh[H + j, k]*z[b, j], j)"""
+    _F = t_g_h.dtype.type
+    for b in range(0, B):
+        for k in range(0, H):
+            _v_t_g_h = t_g_h[b, k]
+            for j in range(0, H):
+                _t0 = h[b, j] - nn[b, j]
+                _t1 = t_z[b, j]*w_hh[H + j, k]
+                _t2 = g_y[b, j]*z[b, j]
+                _t3 = _F(1) - z[b, j]
+                _t4 = _t0*_t3*g_y[b, j]
+                _v_t_g_h += -_t0*_t1*_t2 + _t1*_t4 + _t2*_t3*(t_h[b, j] - t_nn[b, j])*w_hh[H + j, k] + _t4*t_w_hh[H + j, k]*z[b, j]
+            t_g_h[b, k] = _v_t_g_h
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp11(h, z, nn, g_y, t_h, t_g_w_hh, t_z, t_nn, B, G, H):
+    """t_g_w_hh[g, k] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g] + (1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_h[b, k]*z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)"""
+    _F = t_g_w_hh.dtype.type
+    for b in range(0, B):
+        for g in range(0, G):
+            for k in range(0, H):
+                t_g_w_hh[g, k] += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g] + (_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_h[b, k]*z[b, -H + g] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp12(r, z, hn, nn, g_y, t_g_b_ih, t_g_b_hh, t_r, t_z, t_hn, t_nn, B, G, H):
+    """t_g_b_hh[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+    t_g_b_ih[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+    """
+    _F = t_g_b_hh.dtype.type
+    for b in range(0, B):
+        for j in range(0, G):
+            # t_g_b_hh[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+            t_g_b_hh[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j] if (H > j) else _F(0))
+            # t_g_b_ih[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+            t_g_b_ih[j] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j] if (H > j) else _F(0))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp13(x, r, z, hn, nn, g_y, t_x, t_g_w_ih, t_r, t_z, t_hn, t_nn, B, G, H, I):
+    """t_g_w_ih[j, i] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_x[b, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*x[b, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*x[b, i] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*x[b, i] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*x[b, i] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*x[b, i], H > j), (0, True)), b)"""
+    _F = t_g_w_ih.dtype.type
+    for b in range(0, B):
+        for j in range(0, G):
+            for i in range(0, I):
+                t_g_w_ih[j, i] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_x[b, i] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*x[b, i] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*x[b, i] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*x[b, i] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*x[b, i] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*x[b, i] if (H > j) else _F(0))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp14(w_ih, r, z, hn, nn, g_y, t_w_ih, t_g_x, t_r, t_z, t_hn, t_nn, B, H, I):
+    """t_g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_w_ih[j, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*w_ih[j, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*w_ih[j, i] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*w_ih[j, i] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*w_ih[j, i] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*w_ih[j, i], j)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for i in range(0, I):
+            _v_t_g_x = t_g_x[b, i]
+            for j in range(0, H):
+                _t0 = _F(1) - nn[b, j] * nn[b, j]
+                _t1 = _F(1) - r[b, j]
+                _t2 = _t1*w_ih[j, i]
+                _t3 = _t2*g_y[b, j]*hn[b, j]*r[b, j]
+                _t4 = t_r[b, j]*w_ih[j, i]
+                _t5 = _F(1) - z[b, j]
+                _t6 = _t0*_t5*g_y[b, j]*r[b, j]
+                _t7 = _t0*_t1*_t5*g_y[b, j]*hn[b, j]
+                _v_t_g_x += -_t0*_t3*t_z[b, j] + _t2*_t6*t_hn[b, j] - _F(2)*_t3*_t5*nn[b, j]*t_nn[b, j] - _t4*_t6*hn[b, j] + _t4*_t7 + _t7*r[b, j]*t_w_ih[j, i]
+            t_g_x[b, i] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp15(w_hh, r, z, hn, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H):
+    """t_g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_w_hh[j, k] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*w_hh[j, k] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*w_hh[j, k] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*w_hh[j, k] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*w_hh[j, k] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*w_hh[j, k], j)"""
+    _F = t_g_h.dtype.type
+    for b in range(0, B):
+        for k in range(0, H):
+            _v_t_g_h = t_g_h[b, k]
+            for j in range(0, H):
+                _t0 = _F(1) - nn[b, j] * nn[b, j]
+                _t1 = _F(1) - r[b, j]
+                _t2 = _t1*w_hh[j, k]
+                _t3 = _t2*g_y[b, j]*hn[b, j]*r[b, j]
+                _t4 = t_r[b, j]*w_hh[j, k]
+                _t5 = _F(1) - z[b, j]
+                _t6 = _t0*_t5*g_y[b, j]*r[b, j]
+                _t7 = _t0*_t1*_t5*g_y[b, j]*hn[b, j]
+                _v_t_g_h += -_t0*_t3*t_z[b, j] + _t2*_t6*t_hn[b, j] - _F(2)*_t3*_t5*nn[b, j]*t_nn[b, j] - _t4*_t6*hn[b, j] + _t4*_t7 + _t7*r[b, j]*t_w_hh[j, k]
+            t_g_h[b, k] = _v_t_g_h
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp16(h, r, z, hn, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_hn, t_nn, B, G, H):
+    """t_g_w_hh[j, k] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*r[b, j]*t_hn[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_h[b, k] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)"""
+    _F = t_g_w_hh.dtype.type
+    for b in range(0, B):
+        for j in range(0, G):
+            for k in range(0, H):
+                t_g_w_hh[j, k] += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*t_r[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*r[b, j]*t_hn[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_h[b, k] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_z[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_r[b, j] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j] if (H > j) else _F(0))
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -3394,6 +5888,292 @@ def _gru_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn,
     _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_jvp_core(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Forward mode of gru_cell: the tangents t_y of the outputs from x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    r_sum0 = np.empty((B, H), _dtype)
+    r_sum1 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z_sum1 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn_sum0 = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    t_y = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_jvp0(x, w_ih, b_ih, b_hh, r_sum0, r_sum1, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_jvp1(x, w_ih, b_ih, b_hh, z_sum0, z_sum1, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_jvp2(x, w_ih, b_ih, r, hn, nn_sum0, nn, B, H, I)
+    _gru_cell_jvp3(x, h, w_ih, w_hh, b_ih, b_hh, r_sum0, r_sum1, r, z_sum0, z_sum1, z, hn, nn_sum0, nn, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    return t_y
+
+
+def _gru_cell_jvp_alloc(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """The results of ``_gru_cell_jvp_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    t_y = np.empty((B, H), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_jvp_into(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y):
+    """``_gru_cell_jvp_core`` writing its results into t_y (from ``_gru_cell_jvp_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    r_sum0 = np.empty((B, H), _dtype)
+    r_sum1 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z_sum1 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn_sum0 = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_jvp0(x, w_ih, b_ih, b_hh, r_sum0, r_sum1, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_jvp1(x, w_ih, b_ih, b_hh, z_sum0, z_sum1, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_jvp2(x, w_ih, b_ih, r, hn, nn_sum0, nn, B, H, I)
+    _gru_cell_jvp3(x, h, w_ih, w_hh, b_ih, b_hh, r_sum0, r_sum1, r, z_sum0, z_sum1, z, hn, nn_sum0, nn, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+
+
+def _gru_cell_jvp(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Forward mode of gru_cell: the tangents t_y of the outputs from x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward recomputed)."""
+    _dtype = _float_dtype((x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    x = _as_float("gru_cell", "x", x, _dtype)
+    h = _as_float("gru_cell", "h", h, _dtype)
+    w_ih = _as_float("gru_cell", "w_ih", w_ih, _dtype)
+    w_hh = _as_float("gru_cell", "w_hh", w_hh, _dtype)
+    b_ih = _as_float("gru_cell", "b_ih", b_ih, _dtype)
+    b_hh = _as_float("gru_cell", "b_hh", b_hh, _dtype)
+    t_x = _as_float("gru_cell", "t_x", t_x, _dtype)
+    t_h = _as_float("gru_cell", "t_h", t_h, _dtype)
+    t_w_ih = _as_float("gru_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _as_float("gru_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _as_float("gru_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _as_float("gru_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("gru_cell", "x", x, 2)
+    B = x.shape[0]
+    I = x.shape[1]
+    _check_rank("gru_cell", "h", h, 2)
+    H = h.shape[1]
+    _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
+    _check_rank("gru_cell", "w_hh", w_hh, 2)
+    _check_rank("gru_cell", "b_ih", b_ih, 1)
+    _check_rank("gru_cell", "b_hh", b_hh, 1)
+    _check_rank("gru_cell", "t_x", t_x, 2)
+    _check_rank("gru_cell", "t_h", t_h, 2)
+    _check_rank("gru_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("gru_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("gru_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("gru_cell", "t_b_hh", t_b_hh, 1)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from h axis 1')})
+    _check_dim("gru_cell", "h", h, 0, "B", B, "from x axis 0")
+    _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_h", t_h, 0, "B", B, "from x axis 0")
+    _check_dim("gru_cell", "t_h", t_h, 1, "H", H, "from h axis 1")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("gru_cell", "t_b_ih", t_b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_b_hh", t_b_hh, 0, "G", G, "from w_ih axis 0")
+    return _gru_cell_jvp_core(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Second order of gru_cell: t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh, the derivatives of the gradients along the tangents, from g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    r_sum0 = np.empty((B, H), _dtype)
+    r_sum1 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z_sum1 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn_sum0 = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    t_g_x = np.empty((B, I), _dtype)
+    t_g_h = np.empty((B, H), _dtype)
+    t_g_w_ih = np.empty((G, I), _dtype)
+    t_g_w_hh = np.empty((G, H), _dtype)
+    t_g_b_ih = np.empty((G,), _dtype)
+    t_g_b_hh = np.empty((G,), _dtype)
+    t_r = np.empty((B, H), _dtype)
+    t_z = np.empty((B, H), _dtype)
+    t_hn = np.empty((B, H), _dtype)
+    t_nn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_jvp0(x, w_ih, b_ih, b_hh, r_sum0, r_sum1, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_jvp1(x, w_ih, b_ih, b_hh, z_sum0, z_sum1, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_jvp2(x, w_ih, b_ih, r, hn, nn_sum0, nn, B, H, I)
+    _gru_cell_hvp0(x, h, w_ih, w_hh, b_ih, b_hh, r_sum0, r_sum1, r, z_sum0, z_sum1, hn, nn_sum0, g_y, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H, I)
+    _gru_cell_hvp1(z, nn, g_y, t_g_b_ih, t_z, t_nn, B, G, H)
+    _gru_cell_hvp2(x, z, nn, g_y, t_x, t_g_w_ih, t_z, t_nn, B, G, H, I)
+    _gru_cell_hvp3(w_ih, z, nn, g_y, t_w_ih, t_g_x, t_z, t_nn, B, H, I)
+    _gru_cell_hvp4(r, z, nn, g_y, t_g_b_hh, t_r, t_z, t_nn, B, G, H)
+    _gru_cell_hvp5(w_hh, r, z, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_nn, B, H)
+    _gru_cell_hvp6(h, r, z, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_nn, B, G, H)
+    _gru_cell_hvp7(h, z, nn, g_y, t_h, t_g_b_ih, t_g_b_hh, t_z, t_nn, B, G, H)
+    _gru_cell_hvp8(x, h, z, nn, g_y, t_x, t_h, t_g_w_ih, t_z, t_nn, B, G, H, I)
+    _gru_cell_hvp9(h, w_ih, z, nn, g_y, t_h, t_w_ih, t_g_x, t_z, t_nn, B, H, I)
+    _gru_cell_hvp10(h, w_hh, z, nn, g_y, t_h, t_w_hh, t_g_h, t_z, t_nn, B, H)
+    _gru_cell_hvp11(h, z, nn, g_y, t_h, t_g_w_hh, t_z, t_nn, B, G, H)
+    _gru_cell_hvp12(r, z, hn, nn, g_y, t_g_b_ih, t_g_b_hh, t_r, t_z, t_hn, t_nn, B, G, H)
+    _gru_cell_hvp13(x, r, z, hn, nn, g_y, t_x, t_g_w_ih, t_r, t_z, t_hn, t_nn, B, G, H, I)
+    _gru_cell_hvp14(w_ih, r, z, hn, nn, g_y, t_w_ih, t_g_x, t_r, t_z, t_hn, t_nn, B, H, I)
+    _gru_cell_hvp15(w_hh, r, z, hn, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H)
+    _gru_cell_hvp16(h, r, z, hn, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_hn, t_nn, B, G, H)
+    return t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh
+
+
+def _gru_cell_hvp_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """The results of ``_gru_cell_hvp_core`` for arguments of these shapes, uninitialised: what ``_gru_cell_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    t_g_x = np.empty((B, I), _dtype)
+    t_g_h = np.empty((B, H), _dtype)
+    t_g_w_ih = np.empty((G, I), _dtype)
+    t_g_w_hh = np.empty((G, H), _dtype)
+    t_g_b_ih = np.empty((G,), _dtype)
+    t_g_b_hh = np.empty((G,), _dtype)
+    return t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gru_cell_hvp_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh):
+    """``_gru_cell_hvp_core`` writing its results into t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh (from ``_gru_cell_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    r_sum0 = np.empty((B, H), _dtype)
+    r_sum1 = np.empty((B, H), _dtype)
+    r = np.empty((B, H), _dtype)
+    z_sum0 = np.empty((B, H), _dtype)
+    z_sum1 = np.empty((B, H), _dtype)
+    z = np.empty((B, H), _dtype)
+    hn = np.empty((B, H), _dtype)
+    nn_sum0 = np.empty((B, H), _dtype)
+    nn = np.empty((B, H), _dtype)
+    t_r = np.empty((B, H), _dtype)
+    t_z = np.empty((B, H), _dtype)
+    t_hn = np.empty((B, H), _dtype)
+    t_nn = np.empty((B, H), _dtype)
+    _gru_cell_fwd0(h, w_hh, r_sum0, B, H)
+    _gru_cell_jvp0(x, w_ih, b_ih, b_hh, r_sum0, r_sum1, r, B, H, I)
+    _gru_cell_fwd2(h, w_hh, z_sum0, B, H)
+    _gru_cell_jvp1(x, w_ih, b_ih, b_hh, z_sum0, z_sum1, z, B, H, I)
+    _gru_cell_fwd4(h, w_hh, b_hh, hn, B, H)
+    _gru_cell_jvp2(x, w_ih, b_ih, r, hn, nn_sum0, nn, B, H, I)
+    _gru_cell_hvp0(x, h, w_ih, w_hh, b_ih, b_hh, r_sum0, r_sum1, r, z_sum0, z_sum1, hn, nn_sum0, g_y, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H, I)
+    _gru_cell_hvp1(z, nn, g_y, t_g_b_ih, t_z, t_nn, B, G, H)
+    _gru_cell_hvp2(x, z, nn, g_y, t_x, t_g_w_ih, t_z, t_nn, B, G, H, I)
+    _gru_cell_hvp3(w_ih, z, nn, g_y, t_w_ih, t_g_x, t_z, t_nn, B, H, I)
+    _gru_cell_hvp4(r, z, nn, g_y, t_g_b_hh, t_r, t_z, t_nn, B, G, H)
+    _gru_cell_hvp5(w_hh, r, z, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_nn, B, H)
+    _gru_cell_hvp6(h, r, z, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_nn, B, G, H)
+    _gru_cell_hvp7(h, z, nn, g_y, t_h, t_g_b_ih, t_g_b_hh, t_z, t_nn, B, G, H)
+    _gru_cell_hvp8(x, h, z, nn, g_y, t_x, t_h, t_g_w_ih, t_z, t_nn, B, G, H, I)
+    _gru_cell_hvp9(h, w_ih, z, nn, g_y, t_h, t_w_ih, t_g_x, t_z, t_nn, B, H, I)
+    _gru_cell_hvp10(h, w_hh, z, nn, g_y, t_h, t_w_hh, t_g_h, t_z, t_nn, B, H)
+    _gru_cell_hvp11(h, z, nn, g_y, t_h, t_g_w_hh, t_z, t_nn, B, G, H)
+    _gru_cell_hvp12(r, z, hn, nn, g_y, t_g_b_ih, t_g_b_hh, t_r, t_z, t_hn, t_nn, B, G, H)
+    _gru_cell_hvp13(x, r, z, hn, nn, g_y, t_x, t_g_w_ih, t_r, t_z, t_hn, t_nn, B, G, H, I)
+    _gru_cell_hvp14(w_ih, r, z, hn, nn, g_y, t_w_ih, t_g_x, t_r, t_z, t_hn, t_nn, B, H, I)
+    _gru_cell_hvp15(w_hh, r, z, hn, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H)
+    _gru_cell_hvp16(h, r, z, hn, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_hn, t_nn, B, G, H)
+
+
+def _gru_cell_hvp(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Second order of gru_cell: t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh, the derivatives of the gradients along the tangents, from g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    g_y = _as_float("gru_cell", "g_y", g_y, _dtype)
+    x = _as_float("gru_cell", "x", x, _dtype)
+    h = _as_float("gru_cell", "h", h, _dtype)
+    w_ih = _as_float("gru_cell", "w_ih", w_ih, _dtype)
+    w_hh = _as_float("gru_cell", "w_hh", w_hh, _dtype)
+    b_ih = _as_float("gru_cell", "b_ih", b_ih, _dtype)
+    b_hh = _as_float("gru_cell", "b_hh", b_hh, _dtype)
+    t_x = _as_float("gru_cell", "t_x", t_x, _dtype)
+    t_h = _as_float("gru_cell", "t_h", t_h, _dtype)
+    t_w_ih = _as_float("gru_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _as_float("gru_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _as_float("gru_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _as_float("gru_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("gru_cell", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    _check_rank("gru_cell", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("gru_cell", "h", h, 2)
+    _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
+    _check_rank("gru_cell", "w_hh", w_hh, 2)
+    _check_rank("gru_cell", "b_ih", b_ih, 1)
+    _check_rank("gru_cell", "b_hh", b_hh, 1)
+    _check_rank("gru_cell", "t_x", t_x, 2)
+    _check_rank("gru_cell", "t_h", t_h, 2)
+    _check_rank("gru_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("gru_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("gru_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("gru_cell", "t_b_hh", t_b_hh, 1)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from g_y axis 1')})
+    _check_dim("gru_cell", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "h", h, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "h", h, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_h", t_h, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "t_h", t_h, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "t_b_ih", t_b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_b_hh", t_b_hh, 0, "G", G, "from w_ih axis 0")
+    return _gru_cell_hvp_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh)
+
+
 # ============================================================================ layer_norm
 
 
@@ -3512,6 +6292,182 @@ def _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D):
             # y[b, d] = bias[d] + weight[d]*xhat[b, d]
             _v_y = _v_xhat*weight[d] + bias[d]
             y[b, d] = _v_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_jvp0(x, mean, var, rstd, B, D, eps):
+    """mean_sum0[b] = sum(x[b, d], d)
+    mean[b] = mean_sum0[b]/D
+    var_sum0[b] = sum((-mean[b] + x[b, d])**2, d)
+    var[b] = var_sum0[b]/D
+    rstd[b] = 1/sqrt(eps + var[b])
+    """
+    _F = mean.dtype.type
+    _c0 = _F(1) / _F(D)
+    for b in range(0, B):
+        # mean_sum0[b] = sum(x[b, d], d)
+        _v_mean_sum0 = _F(0)
+        for d in range(0, D):
+            _v_mean_sum0 += x[b, d]
+        # mean[b] = mean_sum0[b]/D
+        _v_mean = _c0*_v_mean_sum0
+        mean[b] = _v_mean
+        # var_sum0[b] = sum((-mean[b] + x[b, d])**2, d)
+        _v_var_sum0 = _F(0)
+        for d in range(0, D):
+            _v_var_sum0 += (-_v_mean + x[b, d])**2
+        # var[b] = var_sum0[b]/D
+        _v_var = _c0*_v_var_sum0
+        var[b] = _v_var
+        # rstd[b] = 1/sqrt(eps + var[b])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[b] = _v_rstd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_jvp1(x, mean, var, t_x, t_mean, t_rstd, B, D, eps):
+    """t_mean_sum0[b] = sum(t_x[b, d], d)
+    t_mean[b] = t_mean_sum0[b]/D
+    t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+    t_var[b] = t_var_sum0[b]/D
+    t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+    """
+    _F = t_mean.dtype.type
+    _c0 = _F(1) / _F(D)
+    for b in range(0, B):
+        # t_mean_sum0[b] = sum(t_x[b, d], d)
+        _v_t_mean_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_mean_sum0 += t_x[b, d]
+        # t_mean[b] = t_mean_sum0[b]/D
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[b] = _v_t_mean
+        # t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+        _v_t_var_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[b, d])*(mean[b] - x[b, d])
+        # t_var[b] = t_var_sum0[b]/D
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[b])**(_F(1.5))
+        t_rstd[b] = _v_t_rstd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, B, D):
+    """t_xhat[b, d] = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+    t_y[b, d] = t_bias[d] + t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d]
+    """
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            # t_xhat[b, d] = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+            _v_t_xhat = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+            # t_y[b, d] = t_bias[d] + t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d]
+            _v_t_y = _v_t_xhat*weight[d] + t_bias[d] + t_weight[d]*xhat[b, d]
+            t_y[b, d] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp0(x, weight, mean, var, xhat, g_y, g_x_sum0, g_x_sum1, t_x, t_mean, t_rstd, B, D, eps):
+    """g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+    g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+    t_mean_sum0[b] = sum(t_x[b, d], d)
+    t_mean[b] = t_mean_sum0[b]/D
+    t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+    t_var[b] = t_var_sum0[b]/D
+    t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+    """
+    _F = g_x_sum0.dtype.type
+    _c0 = _F(1) / _F(D)
+    for b in range(0, B):
+        # g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+        _v_g_x_sum0 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum0 += g_y[b, d]*weight[d]
+        g_x_sum0[b] = _v_g_x_sum0
+        # g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+        _v_g_x_sum1 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum1 += g_y[b, d]*weight[d]*xhat[b, d]
+        g_x_sum1[b] = _v_g_x_sum1
+        # t_mean_sum0[b] = sum(t_x[b, d], d)
+        _v_t_mean_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_mean_sum0 += t_x[b, d]
+        # t_mean[b] = t_mean_sum0[b]/D
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[b] = _v_t_mean
+        # t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+        _v_t_var_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[b, d])*(mean[b] - x[b, d])
+        # t_var[b] = t_var_sum0[b]/D
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[b])**(_F(1.5))
+        t_rstd[b] = _v_t_rstd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, B, D):
+    """t_xhat[b, d] = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]"""
+    _F = t_xhat.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            _v_t_xhat = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+            t_xhat[b, d] = _v_t_xhat
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp2(g_y, t_g_weight, t_xhat, B, D):
+    """t_g_weight[d] = sum(g_y[b, d]*t_xhat[b, d], b)"""
+    _F = t_g_weight.dtype.type
+    for d in range(0, D):
+        t_g_weight[d] = _F(0)
+    for b in range(0, B):
+        for d in range(0, D):
+            t_g_weight[d] += g_y[b, d]*t_xhat[b, d]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp3(weight, xhat, g_y, t_weight, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D):
+    """t_g_x_sum0[b] = sum(g_y[b, d]*t_weight[d], d)
+    t_g_x_sum1[b] = sum((t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d])*g_y[b, d], d)
+    """
+    _F = t_g_x_sum0.dtype.type
+    for b in range(0, B):
+        # t_g_x_sum0[b] = sum(g_y[b, d]*t_weight[d], d)
+        _v_t_g_x_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_g_x_sum0 += g_y[b, d]*t_weight[d]
+        t_g_x_sum0[b] = _v_t_g_x_sum0
+        # t_g_x_sum1[b] = sum((t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d])*g_y[b, d], d)
+        _v_t_g_x_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_g_x_sum1 += (t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d])*g_y[b, d]
+        t_g_x_sum1[b] = _v_t_g_x_sum1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp4(weight, rstd, xhat, g_y, g_x_sum0, g_x_sum1, t_weight, t_g_x, t_rstd, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D):
+    """t_g_x[b, d] = (g_y[b, d]*weight[d] - g_x_sum0[b]/D - g_x_sum1[b]*xhat[b, d]/D)*t_rstd[b] + (g_y[b, d]*t_weight[d] - g_x_sum1[b]*t_xhat[b, d]/D - t_g_x_sum0[b]/D - t_g_x_sum1[b]*xhat[b, d]/D)*rstd[b]"""
+    _F = t_g_x.dtype.type
+    _c0 = _F(1) / _F(D)
+    for b in range(0, B):
+        for d in range(0, D):
+            _t0 = _c0*g_x_sum1[b]
+            _v_t_g_x = (-_c0*g_x_sum0[b] - _t0*xhat[b, d] + g_y[b, d]*weight[d])*t_rstd[b] + (-_c0*t_g_x_sum0[b] - _c0*t_g_x_sum1[b]*xhat[b, d] - _t0*t_xhat[b, d] + g_y[b, d]*t_weight[d])*rstd[b]
+            t_g_x[b, d] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp5(t_g_bias, D):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    for i0 in range(0, D):
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -3795,6 +6751,184 @@ def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_w
     _layer_norm_bwd1(xhat, g_y, g_weight, g_bias, B, D)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_jvp_core(x, weight, bias, t_x, t_weight, t_bias, eps):
+    """Forward mode of layer_norm: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    mean = np.empty((B,), _dtype)
+    var = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    t_y = np.empty((B, D), _dtype)
+    t_mean = np.empty((B,), _dtype)
+    t_rstd = np.empty((B,), _dtype)
+    _layer_norm_jvp0(x, mean, var, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_jvp1(x, mean, var, t_x, t_mean, t_rstd, B, D, eps)
+    _layer_norm_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, B, D)
+    return t_y
+
+
+def _layer_norm_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias, eps):
+    """The results of ``_layer_norm_jvp_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    D = x.shape[1]
+    t_y = np.empty((B, D), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_jvp_into(x, weight, bias, t_x, t_weight, t_bias, eps, t_y):
+    """``_layer_norm_jvp_core`` writing its results into t_y (from ``_layer_norm_jvp_alloc``)."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    mean = np.empty((B,), _dtype)
+    var = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    t_mean = np.empty((B,), _dtype)
+    t_rstd = np.empty((B,), _dtype)
+    _layer_norm_jvp0(x, mean, var, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_jvp1(x, mean, var, t_x, t_mean, t_rstd, B, D, eps)
+    _layer_norm_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, B, D)
+
+
+def _layer_norm_jvp(x, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Forward mode of layer_norm: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _as_float("layer_norm", "x", x, _dtype)
+    weight = _as_float("layer_norm", "weight", weight, _dtype)
+    bias = _as_float("layer_norm", "bias", bias, _dtype)
+    t_x = _as_float("layer_norm", "t_x", t_x, _dtype)
+    t_weight = _as_float("layer_norm", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("layer_norm", "t_bias", t_bias, _dtype)
+    _check_rank("layer_norm", "x", x, 2)
+    B = x.shape[0]
+    D = x.shape[1]
+    _check_rank("layer_norm", "weight", weight, 1)
+    _check_rank("layer_norm", "bias", bias, 1)
+    _check_rank("layer_norm", "t_x", t_x, 2)
+    _check_rank("layer_norm", "t_weight", t_weight, 1)
+    _check_rank("layer_norm", "t_bias", t_bias, 1)
+    _check_dim("layer_norm", "weight", weight, 0, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "bias", bias, 0, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("layer_norm", "t_x", t_x, 1, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "t_weight", t_weight, 0, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "t_bias", t_bias, 0, "D", D, "from x axis 1")
+    eps = _dtype.type(eps)
+    return _layer_norm_jvp_core(x, weight, bias, t_x, t_weight, t_bias, eps)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, eps):
+    """Second order of layer_norm: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = np.empty((B,), _dtype)
+    var = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    g_x_sum1 = np.empty((B,), _dtype)
+    t_g_x = np.empty((B, D), _dtype)
+    t_g_weight = np.empty((D,), _dtype)
+    t_g_bias = np.empty((D,), _dtype)
+    t_mean = np.empty((B,), _dtype)
+    t_rstd = np.empty((B,), _dtype)
+    t_xhat = np.empty((B, D), _dtype)
+    t_g_x_sum0 = np.empty((B,), _dtype)
+    t_g_x_sum1 = np.empty((B,), _dtype)
+    _layer_norm_jvp0(x, mean, var, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_hvp0(x, weight, mean, var, xhat, g_y, g_x_sum0, g_x_sum1, t_x, t_mean, t_rstd, B, D, eps)
+    _layer_norm_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, B, D)
+    _layer_norm_hvp2(g_y, t_g_weight, t_xhat, B, D)
+    _layer_norm_hvp3(weight, xhat, g_y, t_weight, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D)
+    _layer_norm_hvp4(weight, rstd, xhat, g_y, g_x_sum0, g_x_sum1, t_weight, t_g_x, t_rstd, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D)
+    _layer_norm_hvp5(t_g_bias, D)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+def _layer_norm_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias, eps):
+    """The results of ``_layer_norm_hvp_core`` for arguments of these shapes, uninitialised: what ``_layer_norm_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    t_g_x = np.empty((B, D), _dtype)
+    t_g_weight = np.empty((D,), _dtype)
+    t_g_bias = np.empty((D,), _dtype)
+    return t_g_x, t_g_weight, t_g_bias
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _layer_norm_hvp_into(g_y, x, weight, bias, t_x, t_weight, t_bias, eps, t_g_x, t_g_weight, t_g_bias):
+    """``_layer_norm_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_layer_norm_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = np.empty((B,), _dtype)
+    var = np.empty((B,), _dtype)
+    rstd = np.empty((B,), _dtype)
+    xhat = np.empty((B, D), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    g_x_sum1 = np.empty((B,), _dtype)
+    t_mean = np.empty((B,), _dtype)
+    t_rstd = np.empty((B,), _dtype)
+    t_xhat = np.empty((B, D), _dtype)
+    t_g_x_sum0 = np.empty((B,), _dtype)
+    t_g_x_sum1 = np.empty((B,), _dtype)
+    _layer_norm_jvp0(x, mean, var, rstd, B, D, eps)
+    _layer_norm_bwd0(x, mean, rstd, xhat, B, D)
+    _layer_norm_hvp0(x, weight, mean, var, xhat, g_y, g_x_sum0, g_x_sum1, t_x, t_mean, t_rstd, B, D, eps)
+    _layer_norm_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, B, D)
+    _layer_norm_hvp2(g_y, t_g_weight, t_xhat, B, D)
+    _layer_norm_hvp3(weight, xhat, g_y, t_weight, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D)
+    _layer_norm_hvp4(weight, rstd, xhat, g_y, g_x_sum0, g_x_sum1, t_weight, t_g_x, t_rstd, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D)
+    _layer_norm_hvp5(t_g_bias, D)
+
+
+def _layer_norm_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Second order of layer_norm: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _as_float("layer_norm", "g_y", g_y, _dtype)
+    x = _as_float("layer_norm", "x", x, _dtype)
+    weight = _as_float("layer_norm", "weight", weight, _dtype)
+    bias = _as_float("layer_norm", "bias", bias, _dtype)
+    t_x = _as_float("layer_norm", "t_x", t_x, _dtype)
+    t_weight = _as_float("layer_norm", "t_weight", t_weight, _dtype)
+    t_bias = _as_float("layer_norm", "t_bias", t_bias, _dtype)
+    _check_rank("layer_norm", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    _check_rank("layer_norm", "x", x, 2)
+    _check_rank("layer_norm", "weight", weight, 1)
+    _check_rank("layer_norm", "bias", bias, 1)
+    _check_rank("layer_norm", "t_x", t_x, 2)
+    _check_rank("layer_norm", "t_weight", t_weight, 1)
+    _check_rank("layer_norm", "t_bias", t_bias, 1)
+    _check_dim("layer_norm", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("layer_norm", "x", x, 1, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "weight", weight, 0, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "bias", bias, 0, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("layer_norm", "t_x", t_x, 1, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "t_weight", t_weight, 0, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "t_bias", t_bias, 0, "D", D, "from g_y axis 1")
+    eps = _dtype.type(eps)
+    return _layer_norm_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, eps)
+
+
 # ============================================================================ log_softmax
 
 
@@ -3910,6 +7044,106 @@ def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C):
         for c in range(0, C):
             _v_g_x_sum0 += g_y[b, c]
         g_x_sum0[b] = _v_g_x_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_jvp0(x, y_max0, y_sumexp0, B, C):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    """
+    _F = y_max0.dtype.type
+    for b in range(0, B):
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_jvp1(t_x, t_y_shifted0, B, C):
+    """t_y_shifted0[b, k] = t_x[b, k]"""
+    _F = t_y_shifted0.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_y_shifted0 = t_x[b, k]
+            t_y_shifted0[b, k] = _v_t_y_shifted0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_jvp2(x, y_max0, y_sumexp0, t_x, t_y_logsumexp0, B, C):
+    """t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    t_y_logsumexp0[b] = t_y_sumexp0[b]/y_sumexp0[b]
+    """
+    _F = t_y_logsumexp0.dtype.type
+    for b in range(0, B):
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(x[b, k] - y_max0[b])*t_x[b, k]
+        # t_y_logsumexp0[b] = t_y_sumexp0[b]/y_sumexp0[b]
+        _v_t_y_logsumexp0 = _v_t_y_sumexp0/y_sumexp0[b]
+        t_y_logsumexp0[b] = _v_t_y_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_jvp3(t_y, t_y_shifted0, t_y_logsumexp0, B, C):
+    """t_y[b, c] = -t_y_logsumexp0[b] + t_y_shifted0[b, c]"""
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_t_y = -t_y_logsumexp0[b] + t_y_shifted0[b, c]
+            t_y[b, c] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_hvp0(x, y_max0, y_sumexp0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    g_x_sum0[b] = sum(g_y[b, c], c)
+    t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    """
+    _F = y_max0.dtype.type
+    for b in range(0, B):
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+        # g_x_sum0[b] = sum(g_y[b, c], c)
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])*t_x[b, k]
+        t_y_sumexp0[b] = _v_t_y_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_hvp1(x, y_max0, y_sumexp0, g_x_sum0, t_x, t_g_x, t_y_sumexp0, B, C):
+    """t_g_x[b, k] = -(t_x[b, k]*y_sumexp0[b] - t_y_sumexp0[b])*exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b]**2"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_g_x = -(t_x[b, k]*y_sumexp0[b] - t_y_sumexp0[b])*math.exp(x[b, k] - y_max0[b])*g_x_sum0[b]/(y_sumexp0[b] * y_sumexp0[b])
+            t_g_x[b, k] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -4090,6 +7324,120 @@ def _log_softmax_bwd_saved_into(g_y, x, y_max0, y_sumexp0, g_x):
     _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_jvp_core(x, t_x):
+    """Forward mode of log_softmax: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    t_y = np.empty((B, C), _dtype)
+    t_y_shifted0 = np.empty((B, C), _dtype)
+    t_y_logsumexp0 = np.empty((B,), _dtype)
+    _log_softmax_jvp0(x, y_max0, y_sumexp0, B, C)
+    _log_softmax_jvp1(t_x, t_y_shifted0, B, C)
+    _log_softmax_jvp2(x, y_max0, y_sumexp0, t_x, t_y_logsumexp0, B, C)
+    _log_softmax_jvp3(t_y, t_y_shifted0, t_y_logsumexp0, B, C)
+    return t_y
+
+
+def _log_softmax_jvp_alloc(x, t_x):
+    """The results of ``_log_softmax_jvp_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    t_y = np.empty((B, C), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_jvp_into(x, t_x, t_y):
+    """``_log_softmax_jvp_core`` writing its results into t_y (from ``_log_softmax_jvp_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    t_y_shifted0 = np.empty((B, C), _dtype)
+    t_y_logsumexp0 = np.empty((B,), _dtype)
+    _log_softmax_jvp0(x, y_max0, y_sumexp0, B, C)
+    _log_softmax_jvp1(t_x, t_y_shifted0, B, C)
+    _log_softmax_jvp2(x, y_max0, y_sumexp0, t_x, t_y_logsumexp0, B, C)
+    _log_softmax_jvp3(t_y, t_y_shifted0, t_y_logsumexp0, B, C)
+
+
+def _log_softmax_jvp(x, t_x):
+    """Forward mode of log_softmax: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("log_softmax", "x", x, _dtype)
+    t_x = _as_float("log_softmax", "t_x", t_x, _dtype)
+    _check_rank("log_softmax", "x", x, 2)
+    B = x.shape[0]
+    C = x.shape[1]
+    _check_rank("log_softmax", "t_x", t_x, 2)
+    _check_dim("log_softmax", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("log_softmax", "t_x", t_x, 1, "C", C, "from x axis 1")
+    return _log_softmax_jvp_core(x, t_x)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_hvp_core(g_y, x, t_x):
+    """Second order of log_softmax: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    t_g_x = np.empty((B, C), _dtype)
+    t_y_sumexp0 = np.empty((B,), _dtype)
+    _log_softmax_hvp0(x, y_max0, y_sumexp0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C)
+    _log_softmax_hvp1(x, y_max0, y_sumexp0, g_x_sum0, t_x, t_g_x, t_y_sumexp0, B, C)
+    return t_g_x
+
+
+def _log_softmax_hvp_alloc(g_y, x, t_x):
+    """The results of ``_log_softmax_hvp_core`` for arguments of these shapes, uninitialised: what ``_log_softmax_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    t_g_x = np.empty((B, C), _dtype)
+    return t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _log_softmax_hvp_into(g_y, x, t_x, t_g_x):
+    """``_log_softmax_hvp_core`` writing its results into t_g_x (from ``_log_softmax_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    t_y_sumexp0 = np.empty((B,), _dtype)
+    _log_softmax_hvp0(x, y_max0, y_sumexp0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C)
+    _log_softmax_hvp1(x, y_max0, y_sumexp0, g_x_sum0, t_x, t_g_x, t_y_sumexp0, B, C)
+
+
+def _log_softmax_hvp(g_y, x, t_x):
+    """Second order of log_softmax: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("log_softmax", "g_y", g_y, _dtype)
+    x = _as_float("log_softmax", "x", x, _dtype)
+    t_x = _as_float("log_softmax", "t_x", t_x, _dtype)
+    _check_rank("log_softmax", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("log_softmax", "x", x, 2)
+    _check_rank("log_softmax", "t_x", t_x, 2)
+    _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("log_softmax", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("log_softmax", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    return _log_softmax_hvp_core(g_y, x, t_x)
+
+
 # ============================================================================ max_pool2d
 
 
@@ -4172,6 +7520,44 @@ def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, 
                     y[n, c, h, w] = _v_y
                     y_argmax_p[n, c, h, w] = _v_y_argmax_p
                     y_argmax_q[n, c, h, w] = _v_y_argmax_q
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO):
+    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
+    t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
+    """
+    _F = t_y.dtype.type
+    for n in range(0, N):
+        for c in range(0, C):
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    # y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
+                    _v_y = -_F(math.inf)
+                    _v_y_argmax_p = 0
+                    _v_y_argmax_q = 0
+                    for p in range(0, K):
+                        for q in range(0, K):
+                            _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                            if _m > _v_y:
+                                _v_y = _m
+                                _v_y_argmax_p = p
+                                _v_y_argmax_q = q
+                    # t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
+                    _v_t_y = (t_x[n, c, S*h + _v_y_argmax_p, S*w + _v_y_argmax_q] if ((S*h + _v_y_argmax_p >= 0) and (S*w + _v_y_argmax_q >= 0) and (H > S*h + _v_y_argmax_p) and (W > S*w + _v_y_argmax_q)) else _F(0))
+                    t_y[n, c, h, w] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _max_pool2d_hvp0(t_g_x, C, H, N, W):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    for i0 in range(0, N):
+        for i1 in range(0, C):
+            for i2 in range(0, H):
+                for i3 in range(0, W):
+                    _v_t_g_x = _F(0)
+                    t_g_x[i0, i1, i2, i3] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -4381,6 +7767,136 @@ def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x):
     HO = ((H - K) // S) + 1
     WO = ((-K + W) // S) + 1
     _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _max_pool2d_jvp_core(x, t_x, K, S):
+    """Forward mode of max_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_y = np.empty((N, C, HO, WO), _dtype)
+    _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO)
+    return t_y
+
+
+def _max_pool2d_jvp_alloc(x, t_x, K, S):
+    """The results of ``_max_pool2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_y = np.empty((N, C, HO, WO), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _max_pool2d_jvp_into(x, t_x, K, S, t_y):
+    """``_max_pool2d_jvp_core`` writing its results into t_y (from ``_max_pool2d_jvp_alloc``)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO)
+
+
+def _max_pool2d_jvp(x, t_x, *, K, S):
+    """Forward mode of max_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("max_pool2d", "x", x, _dtype)
+    t_x = _as_float("max_pool2d", "t_x", t_x, _dtype)
+    _check_rank("max_pool2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("max_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("max_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("max_pool2d", "WO", WO)
+    _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    return _max_pool2d_jvp_core(x, t_x, K, S)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _max_pool2d_hvp_core(g_y, x, t_x, K, S):
+    """Second order of max_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    _max_pool2d_hvp0(t_g_x, C, H, N, W)
+    return t_g_x
+
+
+def _max_pool2d_hvp_alloc(g_y, x, t_x, K, S):
+    """The results of ``_max_pool2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    t_g_x = np.empty((N, C, H, W), _dtype)
+    return t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _max_pool2d_hvp_into(g_y, x, t_x, K, S, t_g_x):
+    """``_max_pool2d_hvp_core`` writing its results into t_g_x (from ``_max_pool2d_hvp_alloc``)."""
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _max_pool2d_hvp0(t_g_x, C, H, N, W)
+
+
+def _max_pool2d_hvp(g_y, x, t_x, *, K, S):
+    """Second order of max_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("max_pool2d", "g_y", g_y, _dtype)
+    x = _as_float("max_pool2d", "x", x, _dtype)
+    t_x = _as_float("max_pool2d", "t_x", t_x, _dtype)
+    _check_rank("max_pool2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("max_pool2d", "x", x, 4)
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("max_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("max_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("max_pool2d", "WO", WO)
+    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
+    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    return _max_pool2d_hvp_core(g_y, x, t_x, K, S)
 
 
 # ============================================================================ multi_head_attention
@@ -4803,6 +8319,416 @@ def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads):
                 _dot = _prod[e, l]
                 _v_g_x = _dot + g_x[b, l, e]
                 g_x[b, l, e] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp0(x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads):
+    """t_qh_sum0[b, d, h, l] = sum(t_wq[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wq[e, Dh*h + d], e)"""
+    _F = t_qh_sum0.dtype.type
+    for b in range(0, B):
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                for l in range(0, L):
+                    _v_t_qh_sum0 = _F(0)
+                    for e in range(0, E):
+                        _v_t_qh_sum0 += t_wq[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wq[e, Dh*h + d]
+                    t_qh_sum0[b, d, h, l] = _v_t_qh_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp1(t_bq, t_qh_sum0, t_qh, B, Dh, L, heads):
+    """t_qh[b, h, l, d] = t_bq[Dh*h + d] + t_qh_sum0[b, d, h, l]"""
+    _F = t_qh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _v_t_qh = t_bq[Dh*h + d] + t_qh_sum0[b, d, h, l]
+                    t_qh[b, h, l, d] = _v_t_qh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp2(x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads):
+    """t_kh_sum0[b, d, h, l] = sum(t_wk[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wk[e, Dh*h + d], e)"""
+    _F = t_kh_sum0.dtype.type
+    for b in range(0, B):
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                for l in range(0, L):
+                    _v_t_kh_sum0 = _F(0)
+                    for e in range(0, E):
+                        _v_t_kh_sum0 += t_wk[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wk[e, Dh*h + d]
+                    t_kh_sum0[b, d, h, l] = _v_t_kh_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp3(t_bk, t_kh_sum0, t_kh, B, Dh, L, heads):
+    """t_kh[b, h, l, d] = t_bk[Dh*h + d] + t_kh_sum0[b, d, h, l]"""
+    _F = t_kh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _v_t_kh = t_bk[Dh*h + d] + t_kh_sum0[b, d, h, l]
+                    t_kh[b, h, l, d] = _v_t_kh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp4(x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads):
+    """t_vh_sum0[b, d, h, l] = sum(t_wv[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wv[e, Dh*h + d], e)"""
+    _F = t_vh_sum0.dtype.type
+    for b in range(0, B):
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                for l in range(0, L):
+                    _v_t_vh_sum0 = _F(0)
+                    for e in range(0, E):
+                        _v_t_vh_sum0 += t_wv[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wv[e, Dh*h + d]
+                    t_vh_sum0[b, d, h, l] = _v_t_vh_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp5(t_bv, t_vh_sum0, t_vh, B, Dh, L, heads):
+    """t_vh[b, h, l, d] = t_bv[Dh*h + d] + t_vh_sum0[b, d, h, l]"""
+    _F = t_vh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _v_t_vh = t_bv[Dh*h + d] + t_vh_sum0[b, d, h, l]
+                    t_vh[b, h, l, d] = _v_t_vh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp6(qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads):
+    """t_raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*t_qh[b, h, l, d] + qh[b, h, l, d]*t_kh[b, h, s, d], d)
+    t_raw[b, h, l, s] = t_raw_sum0[b, h, l, s]/sqrt(Dh)
+    t_score[b, h, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, h, l, s], True))
+    """
+    _F = t_score.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for s in range(0, L):
+                    # t_raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*t_qh[b, h, l, d] + qh[b, h, l, d]*t_kh[b, h, s, d], d)
+                    _v_t_raw_sum0 = _F(0)
+                    for d in range(0, Dh):
+                        _v_t_raw_sum0 += kh[b, h, s, d]*t_qh[b, h, l, d] + qh[b, h, l, d]*t_kh[b, h, s, d]
+                    # t_raw[b, h, l, s] = t_raw_sum0[b, h, l, s]/sqrt(Dh)
+                    _v_t_raw = _c0*_v_t_raw_sum0
+                    # t_score[b, h, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, h, l, s], True))
+                    _v_t_score = (_F(0) if ((causal > 0) and (l < s)) else _v_t_raw)
+                    t_score[b, h, l, s] = _v_t_score
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp7(score, prob_max0, t_score, t_prob_sumexp0, B, L, heads):
+    """t_prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t])*t_score[b, h, l, t], t)"""
+    _F = t_prob_sumexp0.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                _v_t_prob_sumexp0 = _F(0)
+                for t in range(0, L):
+                    _v_t_prob_sumexp0 += math.exp(-prob_max0[b, h, l] + score[b, h, l, t])*t_score[b, h, l, t]
+                t_prob_sumexp0[b, h, l] = _v_t_prob_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp8(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads):
+    """t_prob[b, h, l, s] = (prob_sumexp0[b, h, l]*t_score[b, h, l, s] - t_prob_sumexp0[b, h, l])*exp(-prob_max0[b, h, l] + score[b, h, l, s])/prob_sumexp0[b, h, l]**2"""
+    _F = t_prob.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for s in range(0, L):
+                    _v_t_prob = (prob_sumexp0[b, h, l]*t_score[b, h, l, s] - t_prob_sumexp0[b, h, l])*math.exp(-prob_max0[b, h, l] + score[b, h, l, s])/(prob_sumexp0[b, h, l] * prob_sumexp0[b, h, l])
+                    t_prob[b, h, l, s] = _v_t_prob
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp9(vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads):
+    """t_oh[b, h, l, d] = sum(prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d], s)"""
+    _F = t_oh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _v_t_oh = _F(0)
+                    for s in range(0, L):
+                        _v_t_oh += prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d]
+                    t_oh[b, h, l, d] = _v_t_oh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp10(wo, oh, t_wo, t_oh, t_y_sum0, B, Dh, E, L, heads):
+    """t_y_sum0[b, f, l] = sum(oh[b, h, l, d]*t_wo[Dh*h + d, f] + t_oh[b, h, l, d]*wo[Dh*h + d, f], h, d)"""
+    _F = t_y_sum0.dtype.type
+    for b in range(0, B):
+        for f in range(0, E):
+            for l in range(0, L):
+                _v_t_y_sum0 = _F(0)
+                for h in range(0, heads):
+                    for d in range(0, Dh):
+                        _v_t_y_sum0 += oh[b, h, l, d]*t_wo[Dh*h + d, f] + t_oh[b, h, l, d]*wo[Dh*h + d, f]
+                t_y_sum0[b, f, l] = _v_t_y_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp11(t_bo, t_y, t_y_sum0, B, E, L):
+    """t_y[b, l, f] = t_bo[f] + t_y_sum0[b, f, l]"""
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            for f in range(0, E):
+                _v_t_y = t_bo[f] + t_y_sum0[b, f, l]
+                t_y[b, l, f] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp0(g_y, t_wo, t_g_oh, B, Dh, E, L, heads):
+    """t_g_oh[b, h, l, d] = sum(g_y[b, l, f]*t_wo[Dh*h + d, f], f)"""
+    _F = t_g_oh.dtype.type
+    _b = np.zeros((Dh, E), t_g_oh.dtype)
+    for b in range(0, B):
+        for h in range(0, heads):
+            # gather: _b[d, f] = t_wo[Dh*h + d, f]
+            for d in range(0, Dh):
+                for f in range(0, E):
+                    _b[d, np.uint64(f)] = t_wo[Dh*h + d, np.uint64(f)]
+            _gemm(g_y[b].reshape(L, E), _b.reshape(Dh, E).T, t_g_oh[b, h].reshape(L, Dh), False)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp1(g_y, t_g_wo, t_oh, B, Dh, E, L, heads):
+    """t_g_wo[e, f] = sum(Piecewise((t_oh[b, h, l, -Dh*h + e], (Dh > -Dh*h + e) & (Dh*h - e <= 0)), (0, True))*g_y[b, l, f], b, l, h)
+    as a scatter: t_g_wo[Dh*h + dh, f] += sum(g_y[b, l, f]*t_oh[b, h, l, dh], b, l)
+    """
+    _F = t_g_wo.dtype.type
+    t_g_wo[:] = _F(0)
+    _prod = np.empty((E, Dh), t_g_wo.dtype)
+    for h in range(0, heads):
+        _prod[:] = _F(0)
+        for b in range(0, B):
+            _gemm(g_y[b].reshape(L, E).T, t_oh[b, h].reshape(L, Dh), _prod, True)
+        _lo_dh, _hi_dh = 0, Dh
+        _lo_dh, _hi_dh = _span(1, Dh*h, _lo_dh, _hi_dh)
+        _lo_dh, _hi_dh = _span(-1, -Dh*h + E - 1, _lo_dh, _hi_dh)
+        for f in range(0, E):
+            _lo, _hi = _lo_dh, _hi_dh
+            for dh in range(_lo, _hi):
+                _dot = _prod[f, np.uint64(dh)]
+                _v_t_g_wo = _dot
+                t_g_wo[np.uint64(Dh*h + dh), f] += _v_t_g_wo
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp2(vh, g_oh, t_vh, t_g_oh, t_g_prob, B, Dh, L, heads):
+    """t_g_prob[b, h, l, s] = sum(g_oh[b, h, l, d]*t_vh[b, h, s, d] + t_g_oh[b, h, l, d]*vh[b, h, s, d], d)"""
+    _F = t_g_prob.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for s in range(0, L):
+                    _v_t_g_prob = _F(0)
+                    for d in range(0, Dh):
+                        _v_t_g_prob += g_oh[b, h, l, d]*t_vh[b, h, s, d] + t_g_oh[b, h, l, d]*vh[b, h, s, d]
+                    t_g_prob[b, h, l, s] = _v_t_g_prob
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp3(prob, g_oh, t_prob, t_g_oh, t_g_vh, B, Dh, L, heads):
+    """t_g_vh[b, h, s, d] = sum(g_oh[b, h, l, d]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_oh[b, h, l, d], l)"""
+    _F = t_g_vh.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for s in range(0, L):
+                for d in range(0, Dh):
+                    t_g_vh[b, h, s, d] = _F(0)
+    for l in range(0, L):
+        for b in range(0, B):
+            for h in range(0, heads):
+                for s in range(0, L):
+                    for d in range(0, Dh):
+                        t_g_vh[b, h, s, d] += g_oh[b, h, l, d]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_oh[b, h, l, d]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp4(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, heads):
+    """t_g_prob_sumexp0_sum0[b, h, l] = sum(g_prob[b, h, l, s]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_prob[b, h, l, s], s)"""
+    _F = t_g_prob_sumexp0_sum0.dtype.type
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                _v_t_g_prob_sumexp0_sum0 = _F(0)
+                for s in range(0, L):
+                    _v_t_g_prob_sumexp0_sum0 += g_prob[b, h, l, s]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_prob[b, h, l, s]
+                t_g_prob_sumexp0_sum0[b, h, l] = _v_t_g_prob_sumexp0_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp5(qh, prob, g_prob, g_prob_sumexp0_sum0, t_qh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_kh, B, Dh, L, causal, heads):
+    """t_g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*t_qh[b, h, l, d]/sqrt(Dh) + (g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*qh[b, h, l, d]*t_prob[b, h, l, s]/sqrt(Dh) + (t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+    _F = t_g_kh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    for b in range(0, B):
+        for h in range(0, heads):
+            for s in range(0, L):
+                for d in range(0, Dh):
+                    _v_t_g_kh = _F(0)
+                    for l in range(0, L):
+                        _t0 = _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
+                        _v_t_g_kh += _c0*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*t_qh[b, h, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*qh[b, h, l, d]*t_prob[b, h, l, s]
+                    t_g_kh[b, h, s, d] = _v_t_g_kh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp6(kh, prob, g_prob, g_prob_sumexp0_sum0, t_kh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_qh, B, Dh, L, causal, heads):
+    """t_g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*t_prob[b, h, l, s]/sqrt(Dh) + (g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*t_kh[b, h, s, d]/sqrt(Dh) + (t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+    _F = t_g_qh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    for b in range(0, B):
+        for h in range(0, heads):
+            for l in range(0, L):
+                for d in range(0, Dh):
+                    _v_t_g_qh = _F(0)
+                    for s in range(0, L):
+                        _t0 = _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
+                        _v_t_g_qh += _c0*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*t_prob[b, h, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*t_kh[b, h, s, d]
+                    t_g_qh[b, h, l, d] = _v_t_g_qh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp7(t_g_bv, t_g_vh, B, Dh, E, L, heads):
+    """t_g_bv[e] = sum(t_g_vh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = t_g_bv.dtype.type
+    for e in range(0, E):
+        _v_t_g_bv = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_bv += t_g_vh[b, h, l, -Dh*h + e]
+        t_g_bv[e] = _v_t_g_bv
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp8(x, g_vh, t_x, t_g_wv, t_g_vh, B, Dh, E, L, heads):
+    """t_g_wv[e, e1] = sum(g_vh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_vh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = t_g_wv.dtype.type
+    for e in range(0, E):
+        for e1 in range(0, E):
+            _v_t_g_wv = _F(0)
+            for b in range(0, B):
+                for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                    for l in range(0, L):
+                        _v_t_g_wv += g_vh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_vh[b, h, l, -Dh*h + e1]*x[b, l, e]
+            t_g_wv[e, e1] = _v_t_g_wv
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp9(wv, g_vh, t_wv, t_g_x, t_g_vh, B, Dh, E, L, heads):
+    """t_g_x[b, l, e] = sum(g_vh[b, h, l, d]*t_wv[e, Dh*h + d] + t_g_vh[b, h, l, d]*wv[e, Dh*h + d], d, h)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            for e in range(0, E):
+                _v_t_g_x = _F(0)
+                for d in range(0, Dh):
+                    for h in range(0, heads):
+                        _v_t_g_x += g_vh[b, h, l, d]*t_wv[e, Dh*h + d] + t_g_vh[b, h, l, d]*wv[e, Dh*h + d]
+                t_g_x[b, l, e] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp10(t_g_bk, t_g_kh, B, Dh, E, L, heads):
+    """t_g_bk[e] = sum(t_g_kh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = t_g_bk.dtype.type
+    for e in range(0, E):
+        _v_t_g_bk = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_bk += t_g_kh[b, h, l, -Dh*h + e]
+        t_g_bk[e] = _v_t_g_bk
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp11(x, g_kh, t_x, t_g_wk, t_g_kh, B, Dh, E, L, heads):
+    """t_g_wk[e, e1] = sum(g_kh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_kh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = t_g_wk.dtype.type
+    for e in range(0, E):
+        for e1 in range(0, E):
+            _v_t_g_wk = _F(0)
+            for b in range(0, B):
+                for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                    for l in range(0, L):
+                        _v_t_g_wk += g_kh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_kh[b, h, l, -Dh*h + e1]*x[b, l, e]
+            t_g_wk[e, e1] = _v_t_g_wk
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp12(wk, g_kh, t_wk, t_g_x, t_g_kh, B, Dh, E, L, heads):
+    """t_g_x[b, l, e] += sum(g_kh[b, h, l, d]*t_wk[e, Dh*h + d] + t_g_kh[b, h, l, d]*wk[e, Dh*h + d], d, h)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            for e in range(0, E):
+                _v_t_g_x = t_g_x[b, l, e]
+                for d in range(0, Dh):
+                    for h in range(0, heads):
+                        _v_t_g_x += g_kh[b, h, l, d]*t_wk[e, Dh*h + d] + t_g_kh[b, h, l, d]*wk[e, Dh*h + d]
+                t_g_x[b, l, e] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp13(t_g_bq, t_g_qh, B, Dh, E, L, heads):
+    """t_g_bq[e] = sum(t_g_qh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = t_g_bq.dtype.type
+    for e in range(0, E):
+        _v_t_g_bq = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_bq += t_g_qh[b, h, l, -Dh*h + e]
+        t_g_bq[e] = _v_t_g_bq
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp14(x, g_qh, t_x, t_g_wq, t_g_qh, B, Dh, E, L, heads):
+    """t_g_wq[e, e1] = sum(g_qh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_qh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = t_g_wq.dtype.type
+    for e in range(0, E):
+        for e1 in range(0, E):
+            _v_t_g_wq = _F(0)
+            for b in range(0, B):
+                for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                    for l in range(0, L):
+                        _v_t_g_wq += g_qh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_qh[b, h, l, -Dh*h + e1]*x[b, l, e]
+            t_g_wq[e, e1] = _v_t_g_wq
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp15(wq, g_qh, t_wq, t_g_x, t_g_qh, B, Dh, E, L, heads):
+    """t_g_x[b, l, e] += sum(g_qh[b, h, l, d]*t_wq[e, Dh*h + d] + t_g_qh[b, h, l, d]*wq[e, Dh*h + d], d, h)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            for e in range(0, E):
+                _v_t_g_x = t_g_x[b, l, e]
+                for d in range(0, Dh):
+                    for h in range(0, heads):
+                        _v_t_g_x += g_qh[b, h, l, d]*t_wq[e, Dh*h + d] + t_g_qh[b, h, l, d]*wq[e, Dh*h + d]
+                t_g_x[b, l, e] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp16(t_g_bo, E):
+    """t_g_bo = 0 (no path from a differentiable argument)"""
+    _F = t_g_bo.dtype.type
+    for i0 in range(0, E):
+        _v_t_g_bo = _F(0)
+        t_g_bo[i0] = _v_t_g_bo
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -5448,6 +9374,455 @@ def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, 
     _multi_head_attention_bwd15(x, g_wq, g_qh, B, Dh, E, L, heads)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp_core(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal):
+    """Forward mode of multi_head_attention: the tangents t_y of the outputs from x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    t_y = np.empty((B, L, E), _dtype)
+    t_qh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_qh = np.empty((B, heads, L, Dh), _dtype)
+    t_kh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_kh = np.empty((B, heads, L, Dh), _dtype)
+    t_vh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_vh = np.empty((B, heads, L, Dh), _dtype)
+    t_score = np.empty((B, heads, L, L), _dtype)
+    t_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    t_prob = np.empty((B, heads, L, L), _dtype)
+    t_oh = np.empty((B, heads, L, Dh), _dtype)
+    t_y_sum0 = np.empty((B, E, L), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_jvp0(x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp1(t_bq, t_qh_sum0, t_qh, B, Dh, L, heads)
+    _multi_head_attention_jvp2(x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp3(t_bk, t_kh_sum0, t_kh, B, Dh, L, heads)
+    _multi_head_attention_jvp4(x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp5(t_bv, t_vh_sum0, t_vh, B, Dh, L, heads)
+    _multi_head_attention_jvp6(qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads)
+    _multi_head_attention_jvp7(score, prob_max0, t_score, t_prob_sumexp0, B, L, heads)
+    _multi_head_attention_jvp8(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads)
+    _multi_head_attention_jvp9(vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads)
+    _multi_head_attention_jvp10(wo, oh, t_wo, t_oh, t_y_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp11(t_bo, t_y, t_y_sum0, B, E, L)
+    return t_y
+
+
+def _multi_head_attention_jvp_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal):
+    """The results of ``_multi_head_attention_jvp_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    t_y = np.empty((B, L, E), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_jvp_into(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal, t_y):
+    """``_multi_head_attention_jvp_core`` writing its results into t_y (from ``_multi_head_attention_jvp_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    oh = np.empty((B, heads, L, Dh), _dtype)
+    t_qh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_qh = np.empty((B, heads, L, Dh), _dtype)
+    t_kh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_kh = np.empty((B, heads, L, Dh), _dtype)
+    t_vh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_vh = np.empty((B, heads, L, Dh), _dtype)
+    t_score = np.empty((B, heads, L, L), _dtype)
+    t_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    t_prob = np.empty((B, heads, L, L), _dtype)
+    t_oh = np.empty((B, heads, L, Dh), _dtype)
+    t_y_sum0 = np.empty((B, E, L), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _multi_head_attention_fwd6(vh, prob, oh, B, Dh, L, heads)
+    _multi_head_attention_jvp0(x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp1(t_bq, t_qh_sum0, t_qh, B, Dh, L, heads)
+    _multi_head_attention_jvp2(x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp3(t_bk, t_kh_sum0, t_kh, B, Dh, L, heads)
+    _multi_head_attention_jvp4(x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp5(t_bv, t_vh_sum0, t_vh, B, Dh, L, heads)
+    _multi_head_attention_jvp6(qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads)
+    _multi_head_attention_jvp7(score, prob_max0, t_score, t_prob_sumexp0, B, L, heads)
+    _multi_head_attention_jvp8(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads)
+    _multi_head_attention_jvp9(vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads)
+    _multi_head_attention_jvp10(wo, oh, t_wo, t_oh, t_y_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp11(t_bo, t_y, t_y_sum0, B, E, L)
+
+
+def _multi_head_attention_jvp(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, *, heads, causal):
+    """Forward mode of multi_head_attention: the tangents t_y of the outputs from x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo (forward recomputed)."""
+    _dtype = _float_dtype((x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo))
+    x = _as_float("multi_head_attention", "x", x, _dtype)
+    wq = _as_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _as_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _as_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _as_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _as_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _as_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _as_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _as_float("multi_head_attention", "bo", bo, _dtype)
+    t_x = _as_float("multi_head_attention", "t_x", t_x, _dtype)
+    t_wq = _as_float("multi_head_attention", "t_wq", t_wq, _dtype)
+    t_wk = _as_float("multi_head_attention", "t_wk", t_wk, _dtype)
+    t_wv = _as_float("multi_head_attention", "t_wv", t_wv, _dtype)
+    t_bq = _as_float("multi_head_attention", "t_bq", t_bq, _dtype)
+    t_bk = _as_float("multi_head_attention", "t_bk", t_bk, _dtype)
+    t_bv = _as_float("multi_head_attention", "t_bv", t_bv, _dtype)
+    t_wo = _as_float("multi_head_attention", "t_wo", t_wo, _dtype)
+    t_bo = _as_float("multi_head_attention", "t_bo", t_bo, _dtype)
+    _check_rank("multi_head_attention", "x", x, 3)
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    _check_rank("multi_head_attention", "t_x", t_x, 3)
+    _check_rank("multi_head_attention", "t_wq", t_wq, 2)
+    _check_rank("multi_head_attention", "t_wk", t_wk, 2)
+    _check_rank("multi_head_attention", "t_wv", t_wv, 2)
+    _check_rank("multi_head_attention", "t_bq", t_bq, 1)
+    _check_rank("multi_head_attention", "t_bk", t_bk, 1)
+    _check_rank("multi_head_attention", "t_bv", t_bv, 1)
+    _check_rank("multi_head_attention", "t_wo", t_wo, 2)
+    _check_rank("multi_head_attention", "t_bo", t_bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from x axis 2'), 'heads': (heads, 'attribute')})
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("multi_head_attention", "t_x", t_x, 1, "L", L, "from x axis 1")
+    _check_dim("multi_head_attention", "t_x", t_x, 2, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bq", t_bq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bk", t_bk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bv", t_bv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bo", t_bo, 0, "E", E, "from x axis 2")
+    return _multi_head_attention_jvp_core(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal):
+    """Second order of multi_head_attention: t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo, the derivatives of the gradients along the tangents, from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_x = np.empty((B, L, E), _dtype)
+    t_g_wq = np.empty((E, E), _dtype)
+    t_g_wk = np.empty((E, E), _dtype)
+    t_g_wv = np.empty((E, E), _dtype)
+    t_g_bq = np.empty((E,), _dtype)
+    t_g_bk = np.empty((E,), _dtype)
+    t_g_bv = np.empty((E,), _dtype)
+    t_g_wo = np.empty((E, E), _dtype)
+    t_g_bo = np.empty((E,), _dtype)
+    t_qh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_qh = np.empty((B, heads, L, Dh), _dtype)
+    t_kh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_kh = np.empty((B, heads, L, Dh), _dtype)
+    t_vh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_vh = np.empty((B, heads, L, Dh), _dtype)
+    t_score = np.empty((B, heads, L, L), _dtype)
+    t_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    t_prob = np.empty((B, heads, L, L), _dtype)
+    t_oh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_oh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_prob = np.empty((B, heads, L, L), _dtype)
+    t_g_vh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
+    t_g_kh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_jvp0(x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp1(t_bq, t_qh_sum0, t_qh, B, Dh, L, heads)
+    _multi_head_attention_jvp2(x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp3(t_bk, t_kh_sum0, t_kh, B, Dh, L, heads)
+    _multi_head_attention_jvp4(x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp5(t_bv, t_vh_sum0, t_vh, B, Dh, L, heads)
+    _multi_head_attention_jvp6(qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads)
+    _multi_head_attention_jvp7(score, prob_max0, t_score, t_prob_sumexp0, B, L, heads)
+    _multi_head_attention_jvp8(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads)
+    _multi_head_attention_jvp9(vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads)
+    _multi_head_attention_hvp0(g_y, t_wo, t_g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp1(g_y, t_g_wo, t_oh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp2(vh, g_oh, t_vh, t_g_oh, t_g_prob, B, Dh, L, heads)
+    _multi_head_attention_hvp3(prob, g_oh, t_prob, t_g_oh, t_g_vh, B, Dh, L, heads)
+    _multi_head_attention_hvp4(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_hvp5(qh, prob, g_prob, g_prob_sumexp0_sum0, t_qh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_hvp6(kh, prob, g_prob, g_prob_sumexp0_sum0, t_kh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_hvp7(t_g_bv, t_g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp8(x, g_vh, t_x, t_g_wv, t_g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp9(wv, g_vh, t_wv, t_g_x, t_g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp10(t_g_bk, t_g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp11(x, g_kh, t_x, t_g_wk, t_g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp12(wk, g_kh, t_wk, t_g_x, t_g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp13(t_g_bq, t_g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp14(x, g_qh, t_x, t_g_wq, t_g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp15(wq, g_qh, t_wq, t_g_x, t_g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp16(t_g_bo, E)
+    return t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo
+
+
+def _multi_head_attention_hvp_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal):
+    """The results of ``_multi_head_attention_hvp_core`` for arguments of these shapes, uninitialised: what ``_multi_head_attention_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    t_g_x = np.empty((B, L, E), _dtype)
+    t_g_wq = np.empty((E, E), _dtype)
+    t_g_wk = np.empty((E, E), _dtype)
+    t_g_wv = np.empty((E, E), _dtype)
+    t_g_bq = np.empty((E,), _dtype)
+    t_g_bk = np.empty((E,), _dtype)
+    t_g_bv = np.empty((E,), _dtype)
+    t_g_wo = np.empty((E, E), _dtype)
+    t_g_bo = np.empty((E,), _dtype)
+    return t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _multi_head_attention_hvp_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal, t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo):
+    """``_multi_head_attention_hvp_core`` writing its results into t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo (from ``_multi_head_attention_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh = np.empty((B, heads, L, Dh), _dtype)
+    kh = np.empty((B, heads, L, Dh), _dtype)
+    vh = np.empty((B, heads, L, Dh), _dtype)
+    score = np.empty((B, heads, L, L), _dtype)
+    prob_max0 = np.empty((B, heads, L), _dtype)
+    prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    prob = np.empty((B, heads, L, L), _dtype)
+    g_oh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob = np.empty((B, heads, L, L), _dtype)
+    g_vh = np.empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
+    g_kh = np.empty((B, heads, L, Dh), _dtype)
+    g_qh = np.empty((B, heads, L, Dh), _dtype)
+    t_qh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_qh = np.empty((B, heads, L, Dh), _dtype)
+    t_kh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_kh = np.empty((B, heads, L, Dh), _dtype)
+    t_vh_sum0 = np.empty((B, Dh, heads, L), _dtype)
+    t_vh = np.empty((B, heads, L, Dh), _dtype)
+    t_score = np.empty((B, heads, L, L), _dtype)
+    t_prob_sumexp0 = np.empty((B, heads, L), _dtype)
+    t_prob = np.empty((B, heads, L, L), _dtype)
+    t_oh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_oh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_prob = np.empty((B, heads, L, L), _dtype)
+    t_g_vh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_prob_sumexp0_sum0 = np.empty((B, heads, L), _dtype)
+    t_g_kh = np.empty((B, heads, L, Dh), _dtype)
+    t_g_qh = np.empty((B, heads, L, Dh), _dtype)
+    _multi_head_attention_fwd0(x, wq, bq, qh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd1(x, wk, bk, kh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd2(x, wv, bv, vh, B, Dh, E, L, heads)
+    _multi_head_attention_fwd3(qh, kh, score, B, Dh, L, causal, heads)
+    _multi_head_attention_fwd4(score, prob_max0, prob_sumexp0, B, L, heads)
+    _multi_head_attention_fwd5(score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _multi_head_attention_bwd1(wo, g_y, g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_bwd3(vh, g_oh, g_prob, B, Dh, L, heads)
+    _multi_head_attention_bwd4(prob, g_oh, g_vh, B, Dh, L, heads)
+    _multi_head_attention_bwd5(prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_bwd6(qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_bwd7(kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_jvp0(x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp1(t_bq, t_qh_sum0, t_qh, B, Dh, L, heads)
+    _multi_head_attention_jvp2(x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp3(t_bk, t_kh_sum0, t_kh, B, Dh, L, heads)
+    _multi_head_attention_jvp4(x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads)
+    _multi_head_attention_jvp5(t_bv, t_vh_sum0, t_vh, B, Dh, L, heads)
+    _multi_head_attention_jvp6(qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads)
+    _multi_head_attention_jvp7(score, prob_max0, t_score, t_prob_sumexp0, B, L, heads)
+    _multi_head_attention_jvp8(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads)
+    _multi_head_attention_jvp9(vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads)
+    _multi_head_attention_hvp0(g_y, t_wo, t_g_oh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp1(g_y, t_g_wo, t_oh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp2(vh, g_oh, t_vh, t_g_oh, t_g_prob, B, Dh, L, heads)
+    _multi_head_attention_hvp3(prob, g_oh, t_prob, t_g_oh, t_g_vh, B, Dh, L, heads)
+    _multi_head_attention_hvp4(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, heads)
+    _multi_head_attention_hvp5(qh, prob, g_prob, g_prob_sumexp0_sum0, t_qh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_kh, B, Dh, L, causal, heads)
+    _multi_head_attention_hvp6(kh, prob, g_prob, g_prob_sumexp0_sum0, t_kh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_qh, B, Dh, L, causal, heads)
+    _multi_head_attention_hvp7(t_g_bv, t_g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp8(x, g_vh, t_x, t_g_wv, t_g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp9(wv, g_vh, t_wv, t_g_x, t_g_vh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp10(t_g_bk, t_g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp11(x, g_kh, t_x, t_g_wk, t_g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp12(wk, g_kh, t_wk, t_g_x, t_g_kh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp13(t_g_bq, t_g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp14(x, g_qh, t_x, t_g_wq, t_g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp15(wq, g_qh, t_wq, t_g_x, t_g_qh, B, Dh, E, L, heads)
+    _multi_head_attention_hvp16(t_g_bo, E)
+
+
+def _multi_head_attention_hvp(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, *, heads, causal):
+    """Second order of multi_head_attention: t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo, the derivatives of the gradients along the tangents, from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo))
+    g_y = _as_float("multi_head_attention", "g_y", g_y, _dtype)
+    x = _as_float("multi_head_attention", "x", x, _dtype)
+    wq = _as_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _as_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _as_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _as_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _as_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _as_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _as_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _as_float("multi_head_attention", "bo", bo, _dtype)
+    t_x = _as_float("multi_head_attention", "t_x", t_x, _dtype)
+    t_wq = _as_float("multi_head_attention", "t_wq", t_wq, _dtype)
+    t_wk = _as_float("multi_head_attention", "t_wk", t_wk, _dtype)
+    t_wv = _as_float("multi_head_attention", "t_wv", t_wv, _dtype)
+    t_bq = _as_float("multi_head_attention", "t_bq", t_bq, _dtype)
+    t_bk = _as_float("multi_head_attention", "t_bk", t_bk, _dtype)
+    t_bv = _as_float("multi_head_attention", "t_bv", t_bv, _dtype)
+    t_wo = _as_float("multi_head_attention", "t_wo", t_wo, _dtype)
+    t_bo = _as_float("multi_head_attention", "t_bo", t_bo, _dtype)
+    _check_rank("multi_head_attention", "g_y", g_y, 3)
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    _check_rank("multi_head_attention", "x", x, 3)
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    _check_rank("multi_head_attention", "t_x", t_x, 3)
+    _check_rank("multi_head_attention", "t_wq", t_wq, 2)
+    _check_rank("multi_head_attention", "t_wk", t_wk, 2)
+    _check_rank("multi_head_attention", "t_wv", t_wv, 2)
+    _check_rank("multi_head_attention", "t_bq", t_bq, 1)
+    _check_rank("multi_head_attention", "t_bk", t_bk, 1)
+    _check_rank("multi_head_attention", "t_bv", t_bv, 1)
+    _check_rank("multi_head_attention", "t_wo", t_wo, 2)
+    _check_rank("multi_head_attention", "t_bo", t_bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from g_y axis 2'), 'heads': (heads, 'attribute')})
+    _check_dim("multi_head_attention", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("multi_head_attention", "x", x, 1, "L", L, "from g_y axis 1")
+    _check_dim("multi_head_attention", "x", x, 2, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("multi_head_attention", "t_x", t_x, 1, "L", L, "from g_y axis 1")
+    _check_dim("multi_head_attention", "t_x", t_x, 2, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bq", t_bq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bk", t_bk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bv", t_bv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bo", t_bo, 0, "E", E, "from g_y axis 2")
+    return _multi_head_attention_hvp_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, heads, causal)
+
+
 # ============================================================================ rnn_cell
 
 
@@ -5538,6 +9913,120 @@ def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H):
         for j in range(0, H):
             _a[b, np.uint64(j)] = (_F(1) - y[b, np.uint64(j)] * y[b, np.uint64(j)])*g_y[b, np.uint64(j)]
     _gemm(_a.reshape(B, H).T, h.reshape(B, H), g_w_hh.reshape(H, H), False)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_jvp0(x, w_ih, y_sum1, B, H, I):
+    """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)"""
+    _F = y_sum1.dtype.type
+    np.dot(x, w_ih.T, y_sum1)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_jvp1(x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I):
+    """t_y_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+    t_y_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+    t_y[b, j] = (1 - tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])**2)*(t_b_hh[j] + t_b_ih[j] + t_y_sum0[b, j] + t_y_sum1[b, j])
+    """
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for j in range(0, H):
+            # t_y_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+            _v_t_y_sum0 = _F(0)
+            for k in range(0, H):
+                _v_t_y_sum0 += h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k]
+            # t_y_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+            _v_t_y_sum1 = _F(0)
+            for i in range(0, I):
+                _v_t_y_sum1 += t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i]
+            # t_y[b, j] = (1 - tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])**2)*(t_b_hh[j] + t_b_ih[j] + t_y_sum0[b, j] + t_y_sum1[b, j])
+            _v_t_y = (_F(1) - math.tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])**2)*(_v_t_y_sum0 + _v_t_y_sum1 + t_b_hh[j] + t_b_ih[j])
+            t_y[b, j] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp0(x, w_ih, b_ih, b_hh, y, y_sum0, y_sum1, B, H, I):
+    """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
+    """
+    _F = y_sum1.dtype.type
+    np.dot(x, w_ih.T, y_sum1)
+    for b in range(0, B):
+        for j in range(0, H):
+            _dot = y_sum1[b, j]
+            # y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+            _v_y_sum1 = _dot
+            y_sum1[b, j] = _v_y_sum1
+            # y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
+            _v_y = math.tanh(_v_y_sum1 + b_hh[j] + b_ih[j] + y_sum0[b, j])
+            y[b, j] = _v_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp1(y, g_y, t_y, t_g_b_ih, t_g_b_hh, B, H):
+    """t_g_b_hh[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+    t_g_b_ih[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+    """
+    _F = t_g_b_hh.dtype.type
+    for j in range(0, H):
+        t_g_b_hh[j] = _F(0)
+        t_g_b_ih[j] = _F(0)
+    for b in range(0, B):
+        for j in range(0, H):
+            # t_g_b_hh[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+            t_g_b_hh[j] += -_F(2)*g_y[b, j]*t_y[b, j]*y[b, j]
+            # t_g_b_ih[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+            t_g_b_ih[j] += -_F(2)*g_y[b, j]*t_y[b, j]*y[b, j]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp2(x, y, g_y, t_x, t_y, t_g_w_ih, B, H, I):
+    """t_g_w_ih[j, i] = sum((1 - y[b, j]**2)*g_y[b, j]*t_x[b, i] - 2*g_y[b, j]*t_y[b, j]*x[b, i]*y[b, j], b)"""
+    _F = t_g_w_ih.dtype.type
+    for j in range(0, H):
+        for i in range(0, I):
+            t_g_w_ih[j, i] = _F(0)
+    for b in range(0, B):
+        for j in range(0, H):
+            for i in range(0, I):
+                t_g_w_ih[j, i] += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_x[b, i] - _F(2)*g_y[b, j]*t_y[b, j]*x[b, i]*y[b, j]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp3(w_ih, y, g_y, t_w_ih, t_y, t_g_x, B, H, I):
+    """t_g_x[b, i] = sum((1 - y[b, j]**2)*g_y[b, j]*t_w_ih[j, i] - 2*g_y[b, j]*t_y[b, j]*w_ih[j, i]*y[b, j], j)"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for i in range(0, I):
+            _v_t_g_x = _F(0)
+            for j in range(0, H):
+                _v_t_g_x += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_w_ih[j, i] - _F(2)*g_y[b, j]*t_y[b, j]*w_ih[j, i]*y[b, j]
+            t_g_x[b, i] = _v_t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp4(w_hh, y, g_y, t_w_hh, t_y, t_g_h, B, H):
+    """t_g_h[b, k] = sum((1 - y[b, j]**2)*g_y[b, j]*t_w_hh[j, k] - 2*g_y[b, j]*t_y[b, j]*w_hh[j, k]*y[b, j], j)"""
+    _F = t_g_h.dtype.type
+    for b in range(0, B):
+        for k in range(0, H):
+            _v_t_g_h = _F(0)
+            for j in range(0, H):
+                _v_t_g_h += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_w_hh[j, k] - _F(2)*g_y[b, j]*t_y[b, j]*w_hh[j, k]*y[b, j]
+            t_g_h[b, k] = _v_t_g_h
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp5(h, y, g_y, t_h, t_y, t_g_w_hh, B, H):
+    """t_g_w_hh[j, k] = sum((1 - y[b, j]**2)*g_y[b, j]*t_h[b, k] - 2*g_y[b, j]*h[b, k]*t_y[b, j]*y[b, j], b)"""
+    _F = t_g_w_hh.dtype.type
+    for j in range(0, H):
+        for k in range(0, H):
+            t_g_w_hh[j, k] = _F(0)
+    for b in range(0, B):
+        for j in range(0, H):
+            for k in range(0, H):
+                t_g_w_hh[j, k] += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_h[b, k] - _F(2)*g_y[b, j]*h[b, k]*t_y[b, j]*y[b, j]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -5834,6 +10323,214 @@ def _rnn_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_w_ih
     _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_jvp_core(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Forward mode of rnn_cell: the tangents t_y of the outputs from x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y_sum0 = np.empty((B, H), _dtype)
+    y_sum1 = np.empty((B, H), _dtype)
+    t_y = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_jvp0(x, w_ih, y_sum1, B, H, I)
+    _rnn_cell_jvp1(x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    return t_y
+
+
+def _rnn_cell_jvp_alloc(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """The results of ``_rnn_cell_jvp_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    t_y = np.empty((B, H), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_jvp_into(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y):
+    """``_rnn_cell_jvp_core`` writing its results into t_y (from ``_rnn_cell_jvp_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y_sum0 = np.empty((B, H), _dtype)
+    y_sum1 = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_jvp0(x, w_ih, y_sum1, B, H, I)
+    _rnn_cell_jvp1(x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+
+
+def _rnn_cell_jvp(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Forward mode of rnn_cell: the tangents t_y of the outputs from x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward recomputed)."""
+    _dtype = _float_dtype((x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    x = _as_float("rnn_cell", "x", x, _dtype)
+    h = _as_float("rnn_cell", "h", h, _dtype)
+    w_ih = _as_float("rnn_cell", "w_ih", w_ih, _dtype)
+    w_hh = _as_float("rnn_cell", "w_hh", w_hh, _dtype)
+    b_ih = _as_float("rnn_cell", "b_ih", b_ih, _dtype)
+    b_hh = _as_float("rnn_cell", "b_hh", b_hh, _dtype)
+    t_x = _as_float("rnn_cell", "t_x", t_x, _dtype)
+    t_h = _as_float("rnn_cell", "t_h", t_h, _dtype)
+    t_w_ih = _as_float("rnn_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _as_float("rnn_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _as_float("rnn_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _as_float("rnn_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("rnn_cell", "x", x, 2)
+    B = x.shape[0]
+    I = x.shape[1]
+    _check_rank("rnn_cell", "h", h, 2)
+    H = h.shape[1]
+    _check_rank("rnn_cell", "w_ih", w_ih, 2)
+    _check_rank("rnn_cell", "w_hh", w_hh, 2)
+    _check_rank("rnn_cell", "b_ih", b_ih, 1)
+    _check_rank("rnn_cell", "b_hh", b_hh, 1)
+    _check_rank("rnn_cell", "t_x", t_x, 2)
+    _check_rank("rnn_cell", "t_h", t_h, 2)
+    _check_rank("rnn_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("rnn_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("rnn_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("rnn_cell", "t_b_hh", t_b_hh, 1)
+    _check_dim("rnn_cell", "h", h, 0, "B", B, "from x axis 0")
+    _check_dim("rnn_cell", "w_ih", w_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "b_ih", b_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "b_hh", b_hh, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("rnn_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_h", t_h, 0, "B", B, "from x axis 0")
+    _check_dim("rnn_cell", "t_h", t_h, 1, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_b_ih", t_b_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_b_hh", t_b_hh, 0, "H", H, "from h axis 1")
+    return _rnn_cell_jvp_core(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Second order of rnn_cell: t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh, the derivatives of the gradients along the tangents, from g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = np.empty((B, H), _dtype)
+    y_sum0 = np.empty((B, H), _dtype)
+    y_sum1 = np.empty((B, H), _dtype)
+    t_y = np.empty((B, H), _dtype)
+    t_g_x = np.empty((B, I), _dtype)
+    t_g_h = np.empty((B, H), _dtype)
+    t_g_w_ih = np.empty((H, I), _dtype)
+    t_g_w_hh = np.empty((H, H), _dtype)
+    t_g_b_ih = np.empty((H,), _dtype)
+    t_g_b_hh = np.empty((H,), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_hvp0(x, w_ih, b_ih, b_hh, y, y_sum0, y_sum1, B, H, I)
+    _rnn_cell_jvp1(x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    _rnn_cell_hvp1(y, g_y, t_y, t_g_b_ih, t_g_b_hh, B, H)
+    _rnn_cell_hvp2(x, y, g_y, t_x, t_y, t_g_w_ih, B, H, I)
+    _rnn_cell_hvp3(w_ih, y, g_y, t_w_ih, t_y, t_g_x, B, H, I)
+    _rnn_cell_hvp4(w_hh, y, g_y, t_w_hh, t_y, t_g_h, B, H)
+    _rnn_cell_hvp5(h, y, g_y, t_h, t_y, t_g_w_hh, B, H)
+    return t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh
+
+
+def _rnn_cell_hvp_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """The results of ``_rnn_cell_hvp_core`` for arguments of these shapes, uninitialised: what ``_rnn_cell_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    t_g_x = np.empty((B, I), _dtype)
+    t_g_h = np.empty((B, H), _dtype)
+    t_g_w_ih = np.empty((H, I), _dtype)
+    t_g_w_hh = np.empty((H, H), _dtype)
+    t_g_b_ih = np.empty((H,), _dtype)
+    t_g_b_hh = np.empty((H,), _dtype)
+    return t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _rnn_cell_hvp_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh):
+    """``_rnn_cell_hvp_core`` writing its results into t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh (from ``_rnn_cell_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = np.empty((B, H), _dtype)
+    y_sum0 = np.empty((B, H), _dtype)
+    y_sum1 = np.empty((B, H), _dtype)
+    t_y = np.empty((B, H), _dtype)
+    _rnn_cell_fwd0(h, w_hh, y_sum0, B, H)
+    _rnn_cell_hvp0(x, w_ih, b_ih, b_hh, y, y_sum0, y_sum1, B, H, I)
+    _rnn_cell_jvp1(x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    _rnn_cell_hvp1(y, g_y, t_y, t_g_b_ih, t_g_b_hh, B, H)
+    _rnn_cell_hvp2(x, y, g_y, t_x, t_y, t_g_w_ih, B, H, I)
+    _rnn_cell_hvp3(w_ih, y, g_y, t_w_ih, t_y, t_g_x, B, H, I)
+    _rnn_cell_hvp4(w_hh, y, g_y, t_w_hh, t_y, t_g_h, B, H)
+    _rnn_cell_hvp5(h, y, g_y, t_h, t_y, t_g_w_hh, B, H)
+
+
+def _rnn_cell_hvp(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Second order of rnn_cell: t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh, the derivatives of the gradients along the tangents, from g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    g_y = _as_float("rnn_cell", "g_y", g_y, _dtype)
+    x = _as_float("rnn_cell", "x", x, _dtype)
+    h = _as_float("rnn_cell", "h", h, _dtype)
+    w_ih = _as_float("rnn_cell", "w_ih", w_ih, _dtype)
+    w_hh = _as_float("rnn_cell", "w_hh", w_hh, _dtype)
+    b_ih = _as_float("rnn_cell", "b_ih", b_ih, _dtype)
+    b_hh = _as_float("rnn_cell", "b_hh", b_hh, _dtype)
+    t_x = _as_float("rnn_cell", "t_x", t_x, _dtype)
+    t_h = _as_float("rnn_cell", "t_h", t_h, _dtype)
+    t_w_ih = _as_float("rnn_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _as_float("rnn_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _as_float("rnn_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _as_float("rnn_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("rnn_cell", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    _check_rank("rnn_cell", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("rnn_cell", "h", h, 2)
+    _check_rank("rnn_cell", "w_ih", w_ih, 2)
+    _check_rank("rnn_cell", "w_hh", w_hh, 2)
+    _check_rank("rnn_cell", "b_ih", b_ih, 1)
+    _check_rank("rnn_cell", "b_hh", b_hh, 1)
+    _check_rank("rnn_cell", "t_x", t_x, 2)
+    _check_rank("rnn_cell", "t_h", t_h, 2)
+    _check_rank("rnn_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("rnn_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("rnn_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("rnn_cell", "t_b_hh", t_b_hh, 1)
+    _check_dim("rnn_cell", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "h", h, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "h", h, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "w_ih", w_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "b_ih", b_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "b_hh", b_hh, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_h", t_h, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "t_h", t_h, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_b_ih", t_b_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_b_hh", t_b_hh, 0, "H", H, "from g_y axis 1")
+    return _rnn_cell_hvp_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh)
+
+
 # ============================================================================ scaled_dot_product_attention
 
 
@@ -5954,6 +10651,148 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0
             for s in range(0, S):
                 _a[l, np.uint64(s)] = _c0*(g_prob[b, l, np.uint64(s)] - g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, np.uint64(s)]
         _gemm(_a.reshape(L, S), k[b].reshape(S, D), g_q[b].reshape(L, D), False)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_jvp0(q, k, score, prob_max0, prob_sumexp0, prob, t_q, t_k, t_score, B, D, L, S, causal):
+    """prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+    t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+    t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+    t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+    """
+    _F = prob.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    for b in range(0, B):
+        for l in range(0, L):
+            for s in range(0, S):
+                # prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+                _v_prob = math.exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+                prob[b, l, s] = _v_prob
+                # t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+                _v_t_raw_sum0 = _F(0)
+                for d in range(0, D):
+                    _v_t_raw_sum0 += k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d]
+                # t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+                _v_t_raw = _c0*_v_t_raw_sum0
+                # t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+                _v_t_score = (_F(0) if ((causal > 0) and (l < s)) else _v_t_raw)
+                t_score[b, l, s] = _v_t_score
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_jvp1(score, prob_max0, t_score, t_prob_sumexp0, B, L, S):
+    """t_prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t])*t_score[b, l, t], t)"""
+    _F = t_prob_sumexp0.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            _v_t_prob_sumexp0 = _F(0)
+            for t in range(0, S):
+                _v_t_prob_sumexp0 += math.exp(-prob_max0[b, l] + score[b, l, t])*t_score[b, l, t]
+            t_prob_sumexp0[b, l] = _v_t_prob_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_jvp2(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S):
+    """t_prob[b, l, s] = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]**2"""
+    _F = t_prob.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            for s in range(0, S):
+                _v_t_prob = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*math.exp(-prob_max0[b, l] + score[b, l, s])/(prob_sumexp0[b, l] * prob_sumexp0[b, l])
+                t_prob[b, l, s] = _v_t_prob
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_jvp3(v, prob, t_v, t_y, t_prob, B, E, L, S):
+    """t_y[b, l, e] = sum(prob[b, l, s]*t_v[b, s, e] + t_prob[b, l, s]*v[b, s, e], s)"""
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            for e in range(0, E):
+                _v_t_y = _F(0)
+                for s in range(0, S):
+                    _v_t_y += prob[b, l, s]*t_v[b, s, e] + t_prob[b, l, s]*v[b, s, e]
+                t_y[b, l, e] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp0(q, k, t_q, t_k, t_score, B, D, L, S, causal):
+    """t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+    t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+    t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+    """
+    _F = t_score.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    for b in range(0, B):
+        for l in range(0, L):
+            for s in range(0, S):
+                # t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+                _v_t_raw_sum0 = _F(0)
+                for d in range(0, D):
+                    _v_t_raw_sum0 += k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d]
+                # t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+                _v_t_raw = _c0*_v_t_raw_sum0
+                # t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+                _v_t_score = (_F(0) if ((causal > 0) and (l < s)) else _v_t_raw)
+                t_score[b, l, s] = _v_t_score
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp1(g_y, t_v, t_g_prob, B, E, L, S):
+    """t_g_prob[b, l, s] = sum(g_y[b, l, e]*t_v[b, s, e], e)"""
+    _F = t_g_prob.dtype.type
+    for b in range(0, B):
+        _gemm(g_y[b].reshape(L, E), t_v[b].reshape(S, E).T, t_g_prob[b].reshape(L, S), False)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp2(g_y, t_g_v, t_prob, B, E, L, S):
+    """t_g_v[b, s, e] = sum(g_y[b, l, e]*t_prob[b, l, s], l)"""
+    _F = t_g_v.dtype.type
+    for b in range(0, B):
+        _gemm(t_prob[b].reshape(L, S).T, g_y[b].reshape(L, E), t_g_v[b].reshape(S, E), False)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp3(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, S):
+    """t_g_prob_sumexp0_sum0[b, l] = sum(g_prob[b, l, s]*t_prob[b, l, s] + prob[b, l, s]*t_g_prob[b, l, s], s)"""
+    _F = t_g_prob_sumexp0_sum0.dtype.type
+    for b in range(0, B):
+        for l in range(0, L):
+            _v_t_g_prob_sumexp0_sum0 = _F(0)
+            for s in range(0, S):
+                _v_t_g_prob_sumexp0_sum0 += g_prob[b, l, s]*t_prob[b, l, s] + prob[b, l, s]*t_g_prob[b, l, s]
+            t_g_prob_sumexp0_sum0[b, l] = _v_t_g_prob_sumexp0_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp4(q, prob, g_prob, g_prob_sumexp0_sum0, t_q, t_g_k, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal):
+    """t_g_k[b, s, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*t_q[b, l, d]/sqrt(D) + (g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*q[b, l, d]*t_prob[b, l, s]/sqrt(D) + (t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
+    _F = t_g_k.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    for b in range(0, B):
+        for s in range(0, S):
+            for d in range(0, D):
+                _v_t_g_k = _F(0)
+                for l in range(0, L):
+                    _t0 = _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
+                    _v_t_g_k += _c0*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*t_q[b, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*q[b, l, d]*t_prob[b, l, s]
+                t_g_k[b, s, d] = _v_t_g_k
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp5(k, prob, g_prob, g_prob_sumexp0_sum0, t_k, t_g_q, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal):
+    """t_g_q[b, l, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*t_prob[b, l, s]/sqrt(D) + (g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*t_k[b, s, d]/sqrt(D) + (t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
+    _F = t_g_q.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    for b in range(0, B):
+        for l in range(0, L):
+            for d in range(0, D):
+                _v_t_g_q = _F(0)
+                for s in range(0, S):
+                    _t0 = _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
+                    _v_t_g_q += _c0*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*t_prob[b, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*t_k[b, s, d]
+                t_g_q[b, l, d] = _v_t_g_q
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -6229,6 +11068,233 @@ def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q
     _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_jvp_core(q, k, v, t_q, t_k, t_v, causal):
+    """Forward mode of scaled_dot_product_attention: the tangents t_y of the outputs from q, k, v, t_q, t_k, t_v (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    score = np.empty((B, L, S), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    t_y = np.empty((B, L, E), _dtype)
+    t_score = np.empty((B, L, S), _dtype)
+    t_prob_sumexp0 = np.empty((B, L), _dtype)
+    t_prob = np.empty((B, L, S), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_jvp0(q, k, score, prob_max0, prob_sumexp0, prob, t_q, t_k, t_score, B, D, L, S, causal)
+    _scaled_dot_product_attention_jvp1(score, prob_max0, t_score, t_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_jvp2(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S)
+    _scaled_dot_product_attention_jvp3(v, prob, t_v, t_y, t_prob, B, E, L, S)
+    return t_y
+
+
+def _scaled_dot_product_attention_jvp_alloc(q, k, v, t_q, t_k, t_v, causal):
+    """The results of ``_scaled_dot_product_attention_jvp_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    t_y = np.empty((B, L, E), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_jvp_into(q, k, v, t_q, t_k, t_v, causal, t_y):
+    """``_scaled_dot_product_attention_jvp_core`` writing its results into t_y (from ``_scaled_dot_product_attention_jvp_alloc``)."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    score = np.empty((B, L, S), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    t_score = np.empty((B, L, S), _dtype)
+    t_prob_sumexp0 = np.empty((B, L), _dtype)
+    t_prob = np.empty((B, L, S), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_jvp0(q, k, score, prob_max0, prob_sumexp0, prob, t_q, t_k, t_score, B, D, L, S, causal)
+    _scaled_dot_product_attention_jvp1(score, prob_max0, t_score, t_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_jvp2(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S)
+    _scaled_dot_product_attention_jvp3(v, prob, t_v, t_y, t_prob, B, E, L, S)
+
+
+def _scaled_dot_product_attention_jvp(q, k, v, t_q, t_k, t_v, *, causal):
+    """Forward mode of scaled_dot_product_attention: the tangents t_y of the outputs from q, k, v, t_q, t_k, t_v (forward recomputed)."""
+    _dtype = _float_dtype((q, k, v, t_q, t_k, t_v))
+    q = _as_float("scaled_dot_product_attention", "q", q, _dtype)
+    k = _as_float("scaled_dot_product_attention", "k", k, _dtype)
+    v = _as_float("scaled_dot_product_attention", "v", v, _dtype)
+    t_q = _as_float("scaled_dot_product_attention", "t_q", t_q, _dtype)
+    t_k = _as_float("scaled_dot_product_attention", "t_k", t_k, _dtype)
+    t_v = _as_float("scaled_dot_product_attention", "t_v", t_v, _dtype)
+    _check_rank("scaled_dot_product_attention", "q", q, 3)
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    _check_rank("scaled_dot_product_attention", "k", k, 3)
+    S = k.shape[1]
+    _check_rank("scaled_dot_product_attention", "v", v, 3)
+    E = v.shape[2]
+    _check_rank("scaled_dot_product_attention", "t_q", t_q, 3)
+    _check_rank("scaled_dot_product_attention", "t_k", t_k, 3)
+    _check_rank("scaled_dot_product_attention", "t_v", t_v, 3)
+    _check_dim("scaled_dot_product_attention", "k", k, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "k", k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "v", v, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 1, "L", L, "from q axis 1")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 2, "E", E, "from v axis 2")
+    return _scaled_dot_product_attention_jvp_core(q, k, v, t_q, t_k, t_v, causal)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp_core(g_y, q, k, v, t_q, t_k, t_v, causal):
+    """Second order of scaled_dot_product_attention: t_g_q, t_g_k, t_g_v, the derivatives of the gradients along the tangents, from g_y, q, k, v, t_q, t_k, t_v (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    score = np.empty((B, L, S), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    g_prob = np.empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
+    t_g_q = np.empty((B, L, D), _dtype)
+    t_g_k = np.empty((B, S, D), _dtype)
+    t_g_v = np.empty((B, S, E), _dtype)
+    t_score = np.empty((B, L, S), _dtype)
+    t_prob_sumexp0 = np.empty((B, L), _dtype)
+    t_prob = np.empty((B, L, S), _dtype)
+    t_g_prob = np.empty((B, L, S), _dtype)
+    t_g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
+    _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_hvp0(q, k, t_q, t_k, t_score, B, D, L, S, causal)
+    _scaled_dot_product_attention_jvp1(score, prob_max0, t_score, t_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_jvp2(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S)
+    _scaled_dot_product_attention_hvp1(g_y, t_v, t_g_prob, B, E, L, S)
+    _scaled_dot_product_attention_hvp2(g_y, t_g_v, t_prob, B, E, L, S)
+    _scaled_dot_product_attention_hvp3(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_hvp4(q, prob, g_prob, g_prob_sumexp0_sum0, t_q, t_g_k, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _scaled_dot_product_attention_hvp5(k, prob, g_prob, g_prob_sumexp0_sum0, t_k, t_g_q, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal)
+    return t_g_q, t_g_k, t_g_v
+
+
+def _scaled_dot_product_attention_hvp_alloc(g_y, q, k, v, t_q, t_k, t_v, causal):
+    """The results of ``_scaled_dot_product_attention_hvp_core`` for arguments of these shapes, uninitialised: what ``_scaled_dot_product_attention_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    t_g_q = np.empty((B, L, D), _dtype)
+    t_g_k = np.empty((B, S, D), _dtype)
+    t_g_v = np.empty((B, S, E), _dtype)
+    return t_g_q, t_g_k, t_g_v
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _scaled_dot_product_attention_hvp_into(g_y, q, k, v, t_q, t_k, t_v, causal, t_g_q, t_g_k, t_g_v):
+    """``_scaled_dot_product_attention_hvp_core`` writing its results into t_g_q, t_g_k, t_g_v (from ``_scaled_dot_product_attention_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    score = np.empty((B, L, S), _dtype)
+    prob_max0 = np.empty((B, L), _dtype)
+    prob_sumexp0 = np.empty((B, L), _dtype)
+    prob = np.empty((B, L, S), _dtype)
+    g_prob = np.empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
+    t_score = np.empty((B, L, S), _dtype)
+    t_prob_sumexp0 = np.empty((B, L), _dtype)
+    t_prob = np.empty((B, L, S), _dtype)
+    t_g_prob = np.empty((B, L, S), _dtype)
+    t_g_prob_sumexp0_sum0 = np.empty((B, L), _dtype)
+    _scaled_dot_product_attention_fwd0(q, k, score, B, D, L, S, causal)
+    _scaled_dot_product_attention_fwd1(score, prob_max0, prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_fwd2(score, prob_max0, prob_sumexp0, prob, B, L, S)
+    _scaled_dot_product_attention_bwd0(v, g_y, g_prob, B, E, L, S)
+    _scaled_dot_product_attention_bwd2(prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_hvp0(q, k, t_q, t_k, t_score, B, D, L, S, causal)
+    _scaled_dot_product_attention_jvp1(score, prob_max0, t_score, t_prob_sumexp0, B, L, S)
+    _scaled_dot_product_attention_jvp2(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S)
+    _scaled_dot_product_attention_hvp1(g_y, t_v, t_g_prob, B, E, L, S)
+    _scaled_dot_product_attention_hvp2(g_y, t_g_v, t_prob, B, E, L, S)
+    _scaled_dot_product_attention_hvp3(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, S)
+    _scaled_dot_product_attention_hvp4(q, prob, g_prob, g_prob_sumexp0_sum0, t_q, t_g_k, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _scaled_dot_product_attention_hvp5(k, prob, g_prob, g_prob_sumexp0_sum0, t_k, t_g_q, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal)
+
+
+def _scaled_dot_product_attention_hvp(g_y, q, k, v, t_q, t_k, t_v, *, causal):
+    """Second order of scaled_dot_product_attention: t_g_q, t_g_k, t_g_v, the derivatives of the gradients along the tangents, from g_y, q, k, v, t_q, t_k, t_v (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, q, k, v, t_q, t_k, t_v))
+    g_y = _as_float("scaled_dot_product_attention", "g_y", g_y, _dtype)
+    q = _as_float("scaled_dot_product_attention", "q", q, _dtype)
+    k = _as_float("scaled_dot_product_attention", "k", k, _dtype)
+    v = _as_float("scaled_dot_product_attention", "v", v, _dtype)
+    t_q = _as_float("scaled_dot_product_attention", "t_q", t_q, _dtype)
+    t_k = _as_float("scaled_dot_product_attention", "t_k", t_k, _dtype)
+    t_v = _as_float("scaled_dot_product_attention", "t_v", t_v, _dtype)
+    _check_rank("scaled_dot_product_attention", "g_y", g_y, 3)
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    _check_rank("scaled_dot_product_attention", "q", q, 3)
+    D = q.shape[2]
+    _check_rank("scaled_dot_product_attention", "k", k, 3)
+    S = k.shape[1]
+    _check_rank("scaled_dot_product_attention", "v", v, 3)
+    _check_rank("scaled_dot_product_attention", "t_q", t_q, 3)
+    _check_rank("scaled_dot_product_attention", "t_k", t_k, 3)
+    _check_rank("scaled_dot_product_attention", "t_v", t_v, 3)
+    _check_dim("scaled_dot_product_attention", "q", q, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "q", q, 1, "L", L, "from g_y axis 1")
+    _check_dim("scaled_dot_product_attention", "k", k, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "k", k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "v", v, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "v", v, 2, "E", E, "from g_y axis 2")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 1, "L", L, "from g_y axis 1")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 2, "E", E, "from g_y axis 2")
+    return _scaled_dot_product_attention_hvp_core(g_y, q, k, v, t_q, t_k, t_v, causal)
+
+
 # ============================================================================ softmax
 
 
@@ -6282,6 +11348,83 @@ def _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C):
         for k in range(0, C):
             _v_g_x = (-g_x_sum0[b] + g_y[b, k])*y[b, k]
             g_x[b, k] = _v_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_jvp0(x, y_max0, y_sumexp0, t_x, t_y_sumexp0, B, C):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    """
+    _F = y_max0.dtype.type
+    for b in range(0, B):
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])*t_x[b, k]
+        t_y_sumexp0[b] = _v_t_y_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_jvp1(x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C):
+    """t_y[b, c] = (t_x[b, c]*y_sumexp0[b] - t_y_sumexp0[b])*exp(x[b, c] - y_max0[b])/y_sumexp0[b]**2"""
+    _F = t_y.dtype.type
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_t_y = (t_x[b, c]*y_sumexp0[b] - t_y_sumexp0[b])*math.exp(x[b, c] - y_max0[b])/(y_sumexp0[b] * y_sumexp0[b])
+            t_y[b, c] = _v_t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_hvp0(x, y, y_max0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C):
+    """g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)
+    t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    """
+    _F = g_x_sum0.dtype.type
+    for b in range(0, B):
+        # g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]*y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(x[b, k] - y_max0[b])*t_x[b, k]
+        t_y_sumexp0[b] = _v_t_y_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_hvp1(g_y, t_y, t_g_x_sum0, B, C):
+    """t_g_x_sum0[b] = sum(g_y[b, c]*t_y[b, c], c)"""
+    _F = t_g_x_sum0.dtype.type
+    for b in range(0, B):
+        _v_t_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_t_g_x_sum0 += g_y[b, c]*t_y[b, c]
+        t_g_x_sum0[b] = _v_t_g_x_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_hvp2(y, g_y, g_x_sum0, t_y, t_g_x, t_g_x_sum0, B, C):
+    """t_g_x[b, k] = (-g_x_sum0[b] + g_y[b, k])*t_y[b, k] - t_g_x_sum0[b]*y[b, k]"""
+    _F = t_g_x.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_g_x = (-g_x_sum0[b] + g_y[b, k])*t_y[b, k] - t_g_x_sum0[b]*y[b, k]
+            t_g_x[b, k] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -6419,19 +11562,147 @@ def _softmax_bwd_saved_into(g_y, x, y, g_x):
     _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_jvp_core(x, t_x):
+    """Forward mode of softmax: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    t_y = np.empty((B, C), _dtype)
+    t_y_sumexp0 = np.empty((B,), _dtype)
+    _softmax_jvp0(x, y_max0, y_sumexp0, t_x, t_y_sumexp0, B, C)
+    _softmax_jvp1(x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C)
+    return t_y
+
+
+def _softmax_jvp_alloc(x, t_x):
+    """The results of ``_softmax_jvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    t_y = np.empty((B, C), _dtype)
+    return t_y
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_jvp_into(x, t_x, t_y):
+    """``_softmax_jvp_core`` writing its results into t_y (from ``_softmax_jvp_alloc``)."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    t_y_sumexp0 = np.empty((B,), _dtype)
+    _softmax_jvp0(x, y_max0, y_sumexp0, t_x, t_y_sumexp0, B, C)
+    _softmax_jvp1(x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C)
+
+
+def _softmax_jvp(x, t_x):
+    """Forward mode of softmax: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
+    x = _as_float("softmax", "x", x, _dtype)
+    t_x = _as_float("softmax", "t_x", t_x, _dtype)
+    _check_rank("softmax", "x", x, 2)
+    B = x.shape[0]
+    C = x.shape[1]
+    _check_rank("softmax", "t_x", t_x, 2)
+    _check_dim("softmax", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("softmax", "t_x", t_x, 1, "C", C, "from x axis 1")
+    return _softmax_jvp_core(x, t_x)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_hvp_core(g_y, x, t_x):
+    """Second order of softmax: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    t_y = np.empty((B, C), _dtype)
+    t_g_x = np.empty((B, C), _dtype)
+    t_y_sumexp0 = np.empty((B,), _dtype)
+    t_g_x_sum0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_max0, y_sumexp0, B, C)
+    _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C)
+    _softmax_hvp0(x, y, y_max0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C)
+    _softmax_jvp1(x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C)
+    _softmax_hvp1(g_y, t_y, t_g_x_sum0, B, C)
+    _softmax_hvp2(y, g_y, g_x_sum0, t_y, t_g_x, t_g_x_sum0, B, C)
+    return t_g_x
+
+
+def _softmax_hvp_alloc(g_y, x, t_x):
+    """The results of ``_softmax_hvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    t_g_x = np.empty((B, C), _dtype)
+    return t_g_x
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_hvp_into(g_y, x, t_x, t_g_x):
+    """``_softmax_hvp_core`` writing its results into t_g_x (from ``_softmax_hvp_alloc``)."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y = np.empty((B, C), _dtype)
+    y_max0 = np.empty((B,), _dtype)
+    y_sumexp0 = np.empty((B,), _dtype)
+    g_x_sum0 = np.empty((B,), _dtype)
+    t_y = np.empty((B, C), _dtype)
+    t_y_sumexp0 = np.empty((B,), _dtype)
+    t_g_x_sum0 = np.empty((B,), _dtype)
+    _softmax_fwd0(x, y_max0, y_sumexp0, B, C)
+    _softmax_fwd1(x, y, y_max0, y_sumexp0, B, C)
+    _softmax_hvp0(x, y, y_max0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C)
+    _softmax_jvp1(x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C)
+    _softmax_hvp1(g_y, t_y, t_g_x_sum0, B, C)
+    _softmax_hvp2(y, g_y, g_x_sum0, t_y, t_g_x, t_g_x_sum0, B, C)
+
+
+def _softmax_hvp(g_y, x, t_x):
+    """Second order of softmax: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _as_float("softmax", "g_y", g_y, _dtype)
+    x = _as_float("softmax", "x", x, _dtype)
+    t_x = _as_float("softmax", "t_x", t_x, _dtype)
+    _check_rank("softmax", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("softmax", "x", x, 2)
+    _check_rank("softmax", "t_x", t_x, 2)
+    _check_dim("softmax", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("softmax", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("softmax", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("softmax", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    return _softmax_hvp_core(g_y, x, t_x)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "avg_pool2d": {
         "backward": _avg_pool2d_bwd,
         "forward": _avg_pool2d_fwd,
+        "hvp": _avg_pool2d_hvp,
+        "jvp": _avg_pool2d_jvp,
     },
     "batch_norm2d": {
         "backward": _batch_norm2d_bwd,
         "forward": _batch_norm2d_fwd,
+        "hvp": _batch_norm2d_hvp,
+        "jvp": _batch_norm2d_jvp,
     },
     "batch_norm2d_eval": {
         "backward": _batch_norm2d_eval_bwd,
         "forward": _batch_norm2d_eval_fwd,
+        "hvp": _batch_norm2d_eval_hvp,
+        "jvp": _batch_norm2d_eval_jvp,
     },
     "batch_norm2d_stats": {
         "forward": _batch_norm2d_stats_fwd,
@@ -6439,62 +11710,92 @@ _FUNCS = {
     "conv2d": {
         "backward": _conv2d_bwd,
         "forward": _conv2d_fwd,
+        "hvp": _conv2d_hvp,
+        "jvp": _conv2d_jvp,
     },
     "cosine_similarity": {
         "backward": _cosine_similarity_bwd,
         "forward": _cosine_similarity_fwd,
+        "hvp": _cosine_similarity_hvp,
+        "jvp": _cosine_similarity_jvp,
     },
     "dense": {
         "backward": _dense_bwd,
         "forward": _dense_fwd,
+        "hvp": _dense_hvp,
+        "jvp": _dense_jvp,
     },
     "dropout": {
         "backward": _dropout_bwd,
         "forward": _dropout_fwd,
+        "hvp": _dropout_hvp,
+        "jvp": _dropout_jvp,
     },
     "embedding": {
         "backward": _embedding_bwd,
         "forward": _embedding_fwd,
+        "hvp": _embedding_hvp,
+        "jvp": _embedding_jvp,
     },
     "flatten": {
         "backward": _flatten_bwd,
         "forward": _flatten_fwd,
+        "hvp": _flatten_hvp,
+        "jvp": _flatten_jvp,
     },
     "gcn_layer": {
         "backward": _gcn_layer_bwd,
         "forward": _gcn_layer_fwd,
+        "hvp": _gcn_layer_hvp,
+        "jvp": _gcn_layer_jvp,
     },
     "gru_cell": {
         "backward": _gru_cell_bwd,
         "forward": _gru_cell_fwd,
+        "hvp": _gru_cell_hvp,
+        "jvp": _gru_cell_jvp,
     },
     "layer_norm": {
         "backward": _layer_norm_bwd,
         "forward": _layer_norm_fwd,
+        "hvp": _layer_norm_hvp,
+        "jvp": _layer_norm_jvp,
     },
     "log_softmax": {
         "backward": _log_softmax_bwd,
         "forward": _log_softmax_fwd,
+        "hvp": _log_softmax_hvp,
+        "jvp": _log_softmax_jvp,
     },
     "max_pool2d": {
         "backward": _max_pool2d_bwd,
         "forward": _max_pool2d_fwd,
+        "hvp": _max_pool2d_hvp,
+        "jvp": _max_pool2d_jvp,
     },
     "multi_head_attention": {
         "backward": _multi_head_attention_bwd,
         "forward": _multi_head_attention_fwd,
+        "hvp": _multi_head_attention_hvp,
+        "jvp": _multi_head_attention_jvp,
     },
     "rnn_cell": {
         "backward": _rnn_cell_bwd,
         "forward": _rnn_cell_fwd,
+        "hvp": _rnn_cell_hvp,
+        "jvp": _rnn_cell_jvp,
     },
     "scaled_dot_product_attention": {
         "backward": _scaled_dot_product_attention_bwd,
         "forward": _scaled_dot_product_attention_fwd,
+        "hvp": _scaled_dot_product_attention_hvp,
+        "jvp": _scaled_dot_product_attention_jvp,
     },
     "softmax": {
         "backward": _softmax_bwd,
         "forward": _softmax_fwd,
+        "hvp": _softmax_hvp,
+        "jvp": _softmax_jvp,
     },
 }
 
@@ -10660,6 +15961,30 @@ class Op:
         if len(args) != n:
             raise TypeError("%s.backward takes %d arguments (%d output gradient(s), then %s); got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
         return fn(*args, **self.attrs)
+
+    def jvp(self, *args, tangents):
+        """The output tangents (forward mode): the derivative of the outputs along
+        ``tangents``, one per differentiable argument (``self.differentiable``)."""
+        fn = self._fn("jvp")
+        if len(args) != len(self.arg_names):
+            raise TypeError("%s.jvp takes %d arguments (%s) and tangents=; got %d" % (self.name, len(self.arg_names), ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("jvp", tangents), **self.attrs)
+
+    def hvp(self, *args, tangents):
+        """For each differentiable argument, the derivative of its gradient (the
+        output gradients given first, held fixed) along ``tangents``: a Hessian-vector
+        product for a loss (output gradient 1)."""
+        fn = self._fn("hvp")
+        n = self._seeds + len(self.arg_names)
+        if len(args) != n:
+            raise TypeError("%s.hvp takes %d arguments (%d output gradient(s), then %s) and tangents=; got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("hvp", tangents), **self.attrs)
+
+    def _tangents(self, what, tangents):
+        tangents = tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,)
+        if len(tangents) != len(self.differentiable):
+            raise TypeError("%s.%s takes one tangent per differentiable argument (%s); got %d" % (self.name, what, ", ".join(self.differentiable), len(tangents)))
+        return tangents
 
     def init_state(self, p):
         return self._fn("init_state")(p)

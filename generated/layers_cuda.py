@@ -259,6 +259,61 @@ def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO, _total):
         g_x[n, c, h1, w1] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO, _total):
+    """t_y_sum0[c, h, n, w] = sum(Piecewise((t_x[n, c, S*h + p, S*w + q], (S*h + p >= 0) & (S*w + q >= 0) & (H > S*h + p) & (W > S*w + q)), (0, True)), p, q)"""
+    _F = t_y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        n = _r % N
+        _r //= N
+        h = _r % HO
+        _r //= HO
+        c = _r
+        _v_t_y_sum0 = _F(0)
+        for p in range(0, K):
+            for q in range(0, K):
+                _v_t_y_sum0 += (t_x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        t_y_sum0[c, h, n, w] = _v_t_y_sum0
+
+
+@cuda.jit(cache=True)
+def _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO, _total):
+    """t_y[n, c, h, w] = t_y_sum0[c, h, n, w]/K**2"""
+    _F = t_y.dtype.type
+    _c0 = _F(1) / _F(K * K)
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        h = _r % HO
+        _r //= HO
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_t_y = _c0*t_y_sum0[c, h, n, w]
+        t_y[n, c, h, w] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _avg_pool2d_hvp0(t_g_x, C, H, N, W, _total):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i3 = _r % W
+        _r //= W
+        i2 = _r % H
+        _r //= H
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_x = _F(0)
+        t_g_x[i0, i1, i2, i3] = _v_t_g_x
+
+
 def _avg_pool2d_fwd(x, *, K, S):
     """Forward of avg_pool2d: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -303,6 +358,64 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
     g_x = _empty((N, C, H, W), _dtype)
     _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return _result(g_x, _dev)
+
+
+def _avg_pool2d_jvp(x, t_x, *, K, S):
+    """Forward mode of avg_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("avg_pool2d", "x", x, _dtype)
+    t_x = _dev_float("avg_pool2d", "t_x", t_x, _dtype)
+    _check_rank("avg_pool2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("avg_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("avg_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("avg_pool2d", "WO", WO)
+    _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("avg_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    t_y = _empty((N, C, HO, WO), _dtype)
+    t_y_sum0 = _empty((C, HO, N, WO), _dtype)
+    _launch(_avg_pool2d_jvp0, C * HO * N * WO, t_x, t_y_sum0, C, H, HO, K, N, S, W, WO)
+    _launch(_avg_pool2d_jvp1, N * C * HO * WO, t_y, t_y_sum0, C, HO, K, N, WO)
+    return _result(t_y, _dev)
+
+
+def _avg_pool2d_hvp(g_y, x, t_x, *, K, S):
+    """Second order of avg_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("avg_pool2d", "g_y", g_y, _dtype)
+    x = _dev_float("avg_pool2d", "x", x, _dtype)
+    t_x = _dev_float("avg_pool2d", "t_x", t_x, _dtype)
+    _check_rank("avg_pool2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("avg_pool2d", "x", x, 4)
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("avg_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("avg_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("avg_pool2d", "WO", WO)
+    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
+    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("avg_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("avg_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("avg_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    t_g_x = _empty((N, C, H, W), _dtype)
+    _launch(_avg_pool2d_hvp0, N * C * H * W, t_g_x, C, H, N, W)
+    return _result(t_g_x, _dev)
 
 
 # ============================================================================ batch_norm2d
@@ -425,6 +538,213 @@ def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, 
         g_x[n, c, h, w] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _batch_norm2d_jvp0(x, mean, var, rstd, C, H, N, W, eps, _total):
+    """mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
+    mean[c] = mean_sum0[c]/(H*N*W)
+    var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
+    var[c] = var_sum0[c]/(H*N*W)
+    rstd[c] = 1/sqrt(eps + var[c])
+    """
+    _F = mean.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r
+        # mean_sum0[c] = sum(x[n, c, h, w], n, h, w)
+        _v_mean_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_mean_sum0 += x[n, c, h, w]
+        # mean[c] = mean_sum0[c]/(H*N*W)
+        _v_mean = _c0*_v_mean_sum0
+        mean[c] = _v_mean
+        # var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
+        _v_var_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_var_sum0 += (-_v_mean + x[n, c, h, w])**2
+        # var[c] = var_sum0[c]/(H*N*W)
+        _v_var = _c0*_v_var_sum0
+        var[c] = _v_var
+        # rstd[c] = 1/sqrt(eps + var[c])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[c] = _v_rstd
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_jvp1(x, mean, var, t_x, t_mean, t_rstd, C, H, N, W, eps, _total):
+    """t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+    t_mean[c] = t_mean_sum0[c]/(H*N*W)
+    t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+    t_var[c] = t_var_sum0[c]/(H*N*W)
+    t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+    """
+    _F = t_mean.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r
+        # t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+        _v_t_mean_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_mean_sum0 += t_x[n, c, h, w]
+        # t_mean[c] = t_mean_sum0[c]/(H*N*W)
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[c] = _v_t_mean
+        # t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+        _v_t_var_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[n, c, h, w])*(mean[c] - x[n, c, h, w])
+        # t_var[c] = t_var_sum0[c]/(H*N*W)
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[c])**(_F(1.5))
+        t_rstd[c] = _v_t_rstd
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, C, H, N, W, _total):
+    """t_xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+    t_y[n, c, h, w] = t_bias[c] + t_weight[c]*xhat[n, c, h, w] + t_xhat[n, c, h, w]*weight[c]
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        # t_xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+        _v_t_xhat = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+        # t_y[n, c, h, w] = t_bias[c] + t_weight[c]*xhat[n, c, h, w] + t_xhat[n, c, h, w]*weight[c]
+        _v_t_y = _v_t_xhat*weight[c] + t_bias[c] + t_weight[c]*xhat[n, c, h, w]
+        t_y[n, c, h, w] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_hvp0(x, mean, var, xhat, g_y, g_weight, g_bias, t_x, t_mean, t_rstd, C, H, N, W, eps, _total):
+    """g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
+    g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
+    t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+    t_mean[c] = t_mean_sum0[c]/(H*N*W)
+    t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+    t_var[c] = t_var_sum0[c]/(H*N*W)
+    t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+    """
+    _F = g_bias.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r
+        # g_bias[c] = sum(g_y[n, c, h, w], n, h, w)
+        _v_g_bias = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_g_bias += g_y[n, c, h, w]
+        g_bias[c] = _v_g_bias
+        # g_weight[c] = sum(g_y[n, c, h, w]*xhat[n, c, h, w], n, h, w)
+        _v_g_weight = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_g_weight += g_y[n, c, h, w]*xhat[n, c, h, w]
+        g_weight[c] = _v_g_weight
+        # t_mean_sum0[c] = sum(t_x[n, c, h, w], n, h, w)
+        _v_t_mean_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_mean_sum0 += t_x[n, c, h, w]
+        # t_mean[c] = t_mean_sum0[c]/(H*N*W)
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[c] = _v_t_mean
+        # t_var_sum0[c] = sum(2*(mean[c] - x[n, c, h, w])*(t_mean[c] - t_x[n, c, h, w]), n, h, w)
+        _v_t_var_sum0 = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[n, c, h, w])*(mean[c] - x[n, c, h, w])
+        # t_var[c] = t_var_sum0[c]/(H*N*W)
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[c] = -t_var[c]/(2*(eps + var[c])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[c])**(_F(1.5))
+        t_rstd[c] = _v_t_rstd
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, C, H, N, W, _total):
+    """t_xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]"""
+    _F = t_xhat.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_t_xhat = (-mean[c] + x[n, c, h, w])*t_rstd[c] + (-t_mean[c] + t_x[n, c, h, w])*rstd[c]
+        t_xhat[n, c, h, w] = _v_t_xhat
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_hvp2(g_y, t_g_weight, t_xhat, C, H, N, W, _total):
+    """t_g_weight[c] = sum(g_y[n, c, h, w]*t_xhat[n, c, h, w], n, h, w)"""
+    _F = t_g_weight.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r
+        _v_t_g_weight = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_g_weight += g_y[n, c, h, w]*t_xhat[n, c, h, w]
+        t_g_weight[c] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_hvp3(weight, rstd, xhat, g_y, g_weight, g_bias, t_weight, t_g_x, t_g_weight, t_rstd, t_xhat, C, H, N, W, _total):
+    """t_g_x[n, c, h, w] = (-g_weight[c]*t_xhat[n, c, h, w]/(H*N*W) - t_g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*weight[c] + (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*rstd[c]*t_weight[c] + (g_y[n, c, h, w] - g_bias[c]/(H*N*W) - g_weight[c]*xhat[n, c, h, w]/(H*N*W))*t_rstd[c]*weight[c]"""
+    _F = t_g_x.dtype.type
+    _c0 = _F(1)/(_F(H)*_F(N)*_F(W))
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        _t0 = _c0*g_weight[c]
+        _t1 = -_c0*g_bias[c] - _t0*xhat[n, c, h, w] + g_y[n, c, h, w]
+        _v_t_g_x = _t1*rstd[c]*t_weight[c] + _t1*t_rstd[c]*weight[c] + (-_c0*t_g_weight[c]*xhat[n, c, h, w] - _t0*t_xhat[n, c, h, w])*rstd[c]*weight[c]
+        t_g_x[n, c, h, w] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_hvp4(t_g_bias, C, _total):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
+
+
 def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     """Forward of batch_norm2d: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -484,6 +804,106 @@ def _batch_norm2d_bwd(g_y, x, weight, bias, *, eps, momentum):
     _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
     _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _batch_norm2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, eps, momentum):
+    """Forward mode of batch_norm2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _dev_float("batch_norm2d", "x", x, _dtype)
+    weight = _dev_float("batch_norm2d", "weight", weight, _dtype)
+    bias = _dev_float("batch_norm2d", "bias", bias, _dtype)
+    t_x = _dev_float("batch_norm2d", "t_x", t_x, _dtype)
+    t_weight = _dev_float("batch_norm2d", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("batch_norm2d", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("batch_norm2d", "weight", weight, 1)
+    _check_rank("batch_norm2d", "bias", bias, 1)
+    _check_rank("batch_norm2d", "t_x", t_x, 4)
+    _check_rank("batch_norm2d", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d", "weight", weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "bias", bias, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("batch_norm2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("batch_norm2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("batch_norm2d", "t_weight", t_weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d", "t_bias", t_bias, 0, "C", C, "from x axis 1")
+    eps = _dtype.type(eps)
+    mean = _empty((C,), _dtype)
+    var = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    t_y = _empty((N, C, H, W), _dtype)
+    t_mean = _empty((C,), _dtype)
+    t_rstd = _empty((C,), _dtype)
+    _launch(_batch_norm2d_jvp0, C, x, mean, var, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_jvp1, C, x, mean, var, t_x, t_mean, t_rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_jvp2, N * C * H * W, x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, C, H, N, W)
+    return _result(t_y, _dev)
+
+
+def _batch_norm2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, eps, momentum):
+    """Second order of batch_norm2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _dev_float("batch_norm2d", "g_y", g_y, _dtype)
+    x = _dev_float("batch_norm2d", "x", x, _dtype)
+    weight = _dev_float("batch_norm2d", "weight", weight, _dtype)
+    bias = _dev_float("batch_norm2d", "bias", bias, _dtype)
+    t_x = _dev_float("batch_norm2d", "t_x", t_x, _dtype)
+    t_weight = _dev_float("batch_norm2d", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("batch_norm2d", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _check_rank("batch_norm2d", "x", x, 4)
+    _check_rank("batch_norm2d", "weight", weight, 1)
+    _check_rank("batch_norm2d", "bias", bias, 1)
+    _check_rank("batch_norm2d", "t_x", t_x, 4)
+    _check_rank("batch_norm2d", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "x", x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d", "x", x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d", "weight", weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "bias", bias, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "t_x", t_x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d", "t_x", t_x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d", "t_weight", t_weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d", "t_bias", t_bias, 0, "C", C, "from g_y axis 1")
+    eps = _dtype.type(eps)
+    mean = _empty((C,), _dtype)
+    var = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    t_g_x = _empty((N, C, H, W), _dtype)
+    t_g_weight = _empty((C,), _dtype)
+    t_g_bias = _empty((C,), _dtype)
+    t_mean = _empty((C,), _dtype)
+    t_rstd = _empty((C,), _dtype)
+    t_xhat = _empty((N, C, H, W), _dtype)
+    _launch(_batch_norm2d_jvp0, C, x, mean, var, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_hvp0, C, x, mean, var, xhat, g_y, g_weight, g_bias, t_x, t_mean, t_rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_hvp1, N * C * H * W, x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, C, H, N, W)
+    _launch(_batch_norm2d_hvp2, C, g_y, t_g_weight, t_xhat, C, H, N, W)
+    _launch(_batch_norm2d_hvp3, N * C * H * W, weight, rstd, xhat, g_y, g_weight, g_bias, t_weight, t_g_x, t_g_weight, t_rstd, t_xhat, C, H, N, W)
+    _launch(_batch_norm2d_hvp4, C, t_g_bias, C)
+    return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
 
 
 # ============================================================================ batch_norm2d_eval
@@ -546,6 +966,67 @@ def _batch_norm2d_eval_bwd1(running_var, weight, g_y, g_x, C, H, N, W, eps, _tot
         n = _r
         _v_g_x = g_y[n, c, h, w]*weight[c]/math.sqrt(eps + running_var[c])
         g_x[n, c, h, w] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_eval_jvp0(x, running_mean, running_var, weight, t_x, t_weight, t_bias, t_y, C, H, N, W, eps, _total):
+    """t_y[n, c, h, w] = t_bias[c] + (-running_mean[c] + x[n, c, h, w])*t_weight[c]/sqrt(eps + running_var[c]) + t_x[n, c, h, w]*weight[c]/sqrt(eps + running_var[c])"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        _t0 = _F(1) / math.sqrt(eps + running_var[c])
+        _v_t_y = _t0*(-running_mean[c] + x[n, c, h, w])*t_weight[c] + _t0*t_x[n, c, h, w]*weight[c] + t_bias[c]
+        t_y[n, c, h, w] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_eval_hvp0(running_var, g_y, t_x, t_g_weight, C, H, N, W, eps, _total):
+    """t_g_weight[c] = sum(g_y[n, c, h, w]*t_x[n, c, h, w]/sqrt(eps + running_var[c]), n, h, w)"""
+    _F = t_g_weight.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r
+        _v_t_g_weight = _F(0)
+        for n in range(0, N):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_t_g_weight += g_y[n, c, h, w]*t_x[n, c, h, w]/math.sqrt(eps + running_var[c])
+        t_g_weight[c] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_eval_hvp1(running_var, g_y, t_weight, t_g_x, C, H, N, W, eps, _total):
+    """t_g_x[n, c, h, w] = g_y[n, c, h, w]*t_weight[c]/sqrt(eps + running_var[c])"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_t_g_x = g_y[n, c, h, w]*t_weight[c]/math.sqrt(eps + running_var[c])
+        t_g_x[n, c, h, w] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_eval_hvp2(t_g_bias, C, _total):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
 
 
 def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
@@ -611,6 +1092,96 @@ def _batch_norm2d_eval_bwd(g_y, x, running_mean, running_var, weight, bias, *, e
     _launch(_batch_norm2d_eval_bwd0, C, x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
     _launch(_batch_norm2d_eval_bwd1, N * C * H * W, running_var, weight, g_y, g_x, C, H, N, W, eps)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _batch_norm2d_eval_jvp(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Forward mode of batch_norm2d_eval: the tangents t_y of the outputs from x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias))
+    x = _dev_float("batch_norm2d_eval", "x", x, _dtype)
+    running_mean = _dev_float("batch_norm2d_eval", "running_mean", running_mean, _dtype)
+    running_var = _dev_float("batch_norm2d_eval", "running_var", running_var, _dtype)
+    weight = _dev_float("batch_norm2d_eval", "weight", weight, _dtype)
+    bias = _dev_float("batch_norm2d_eval", "bias", bias, _dtype)
+    t_x = _dev_float("batch_norm2d_eval", "t_x", t_x, _dtype)
+    t_weight = _dev_float("batch_norm2d_eval", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("batch_norm2d_eval", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d_eval", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("batch_norm2d_eval", "running_mean", running_mean, 1)
+    _check_rank("batch_norm2d_eval", "running_var", running_var, 1)
+    _check_rank("batch_norm2d_eval", "weight", weight, 1)
+    _check_rank("batch_norm2d_eval", "bias", bias, 1)
+    _check_rank("batch_norm2d_eval", "t_x", t_x, 4)
+    _check_rank("batch_norm2d_eval", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d_eval", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d_eval", "running_mean", running_mean, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "running_var", running_var, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "weight", weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "bias", bias, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("batch_norm2d_eval", "t_weight", t_weight, 0, "C", C, "from x axis 1")
+    _check_dim("batch_norm2d_eval", "t_bias", t_bias, 0, "C", C, "from x axis 1")
+    eps = _dtype.type(eps)
+    t_y = _empty((N, C, H, W), _dtype)
+    _launch(_batch_norm2d_eval_jvp0, N * C * H * W, x, running_mean, running_var, weight, t_x, t_weight, t_bias, t_y, C, H, N, W, eps)
+    return _result(t_y, _dev)
+
+
+def _batch_norm2d_eval_hvp(g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Second order of batch_norm2d_eval: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((g_y, x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias))
+    g_y = _dev_float("batch_norm2d_eval", "g_y", g_y, _dtype)
+    x = _dev_float("batch_norm2d_eval", "x", x, _dtype)
+    running_mean = _dev_float("batch_norm2d_eval", "running_mean", running_mean, _dtype)
+    running_var = _dev_float("batch_norm2d_eval", "running_var", running_var, _dtype)
+    weight = _dev_float("batch_norm2d_eval", "weight", weight, _dtype)
+    bias = _dev_float("batch_norm2d_eval", "bias", bias, _dtype)
+    t_x = _dev_float("batch_norm2d_eval", "t_x", t_x, _dtype)
+    t_weight = _dev_float("batch_norm2d_eval", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("batch_norm2d_eval", "t_bias", t_bias, _dtype)
+    _check_rank("batch_norm2d_eval", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _check_rank("batch_norm2d_eval", "x", x, 4)
+    _check_rank("batch_norm2d_eval", "running_mean", running_mean, 1)
+    _check_rank("batch_norm2d_eval", "running_var", running_var, 1)
+    _check_rank("batch_norm2d_eval", "weight", weight, 1)
+    _check_rank("batch_norm2d_eval", "bias", bias, 1)
+    _check_rank("batch_norm2d_eval", "t_x", t_x, 4)
+    _check_rank("batch_norm2d_eval", "t_weight", t_weight, 1)
+    _check_rank("batch_norm2d_eval", "t_bias", t_bias, 1)
+    _check_dim("batch_norm2d_eval", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d_eval", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "x", x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d_eval", "x", x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d_eval", "running_mean", running_mean, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "running_var", running_var, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "weight", weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "bias", bias, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 2, "H", H, "from g_y axis 2")
+    _check_dim("batch_norm2d_eval", "t_x", t_x, 3, "W", W, "from g_y axis 3")
+    _check_dim("batch_norm2d_eval", "t_weight", t_weight, 0, "C", C, "from g_y axis 1")
+    _check_dim("batch_norm2d_eval", "t_bias", t_bias, 0, "C", C, "from g_y axis 1")
+    eps = _dtype.type(eps)
+    t_g_x = _empty((N, C, H, W), _dtype)
+    t_g_weight = _empty((C,), _dtype)
+    t_g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_eval_hvp0, C, running_var, g_y, t_x, t_g_weight, C, H, N, W, eps)
+    _launch(_batch_norm2d_eval_hvp1, N * C * H * W, running_var, g_y, t_weight, t_g_x, C, H, N, W, eps)
+    _launch(_batch_norm2d_eval_hvp2, C, t_g_bias, C)
+    return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
 
 
 # ============================================================================ batch_norm2d_stats
@@ -789,6 +1360,97 @@ def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
         g_x[n, c, h1, w1] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
+    """t_y_sum0[h, n, o, w] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*weight[o, c, p, q] + Piecewise((x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*t_weight[o, c, p, q], c, p, q)"""
+    _F = t_y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        o = _r % O
+        _r //= O
+        n = _r % N
+        _r //= N
+        h = _r
+        _v_t_y_sum0 = _F(0)
+        for c in range(0, C):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    _v_t_y_sum0 += (t_x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*weight[o, c, p, q] + (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*t_weight[o, c, p, q]
+        t_y_sum0[h, n, o, w] = _v_t_y_sum0
+
+
+@cuda.jit(cache=True)
+def _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO, _total):
+    """t_y[n, o, h, w] = t_bias[o] + t_y_sum0[h, n, o, w]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        h = _r % HO
+        _r //= HO
+        o = _r % O
+        _r //= O
+        n = _r
+        _v_t_y = t_bias[o] + t_y_sum0[h, n, o, w]
+        t_y[n, o, h, w] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
+    """t_g_weight[o, c, p, q] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*g_y[n, o, h, w], h, n, w)"""
+    _F = t_g_weight.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        q = _r % KW
+        _r //= KW
+        p = _r % KH
+        _r //= KH
+        c = _r % C
+        _r //= C
+        o = _r
+        _v_t_g_weight = _F(0)
+        for h in range(0, HO):
+            for n in range(0, N):
+                for w in range(0, WO):
+                    _v_t_g_weight += (t_x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*g_y[n, o, h, w]
+        t_g_weight[o, c, p, q] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
+    """t_g_x[n, c, h1, w1] = sum(Piecewise((t_weight[o, c, P - S*h + h1, P - S*w + w1], (P - S*h + h1 >= 0) & (P - S*w + w1 >= 0) & (KH > P - S*h + h1) & (KW > P - S*w + w1)), (0, True))*g_y[n, o, h, w], h, o, w)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w1 = _r % W
+        _r //= W
+        h1 = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_t_g_x = _F(0)
+        for h in range(max(0, ((-KH + P + h1) // S) + 1), min(HO, ((P + h1) // S) + 1)):
+            for o in range(0, O):
+                for w in range(max(0, ((-KW + P + w1) // S) + 1), min(WO, ((P + w1) // S) + 1)):
+                    _v_t_g_x += (t_weight[o, c, P - S*h + h1, P - S*w + w1] if ((P - S*h + h1 >= 0) and (P - S*w + w1 >= 0) and (KH > P - S*h + h1) and (KW > P - S*w + w1)) else _F(0))*g_y[n, o, h, w]
+        t_g_x[n, c, h1, w1] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _conv2d_hvp2(t_g_bias, O, _total):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
+
+
 def _conv2d_fwd(x, weight, bias, *, S, P):
     """Forward of conv2d: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -855,6 +1517,104 @@ def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
     _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
     _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+    """Forward mode of conv2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _dev_float("conv2d", "x", x, _dtype)
+    weight = _dev_float("conv2d", "weight", weight, _dtype)
+    bias = _dev_float("conv2d", "bias", bias, _dtype)
+    t_x = _dev_float("conv2d", "t_x", t_x, _dtype)
+    t_weight = _dev_float("conv2d", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("conv2d", "t_bias", t_bias, _dtype)
+    _check_rank("conv2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("conv2d", "weight", weight, 4)
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    _check_rank("conv2d", "bias", bias, 1)
+    _check_rank("conv2d", "t_x", t_x, 4)
+    _check_rank("conv2d", "t_weight", t_weight, 4)
+    _check_rank("conv2d", "t_bias", t_bias, 1)
+    HO = ((H - KH + 2*P) // S) + 1
+    _check_derived("conv2d", "HO", HO)
+    WO = ((-KW + 2*P + W) // S) + 1
+    _check_derived("conv2d", "WO", WO)
+    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
+    _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from weight axis 0")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
+    _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
+    _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from weight axis 0")
+    t_y = _empty((N, O, HO, WO), _dtype)
+    t_y_sum0 = _empty((HO, N, O, WO), _dtype)
+    _launch(_conv2d_jvp0, HO * N * O * WO, x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_jvp1, N * O * HO * WO, t_bias, t_y, t_y_sum0, HO, N, O, WO)
+    return _result(t_y, _dev)
+
+
+def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+    """Second order of conv2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _dev_float("conv2d", "g_y", g_y, _dtype)
+    x = _dev_float("conv2d", "x", x, _dtype)
+    weight = _dev_float("conv2d", "weight", weight, _dtype)
+    bias = _dev_float("conv2d", "bias", bias, _dtype)
+    t_x = _dev_float("conv2d", "t_x", t_x, _dtype)
+    t_weight = _dev_float("conv2d", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("conv2d", "t_bias", t_bias, _dtype)
+    _check_rank("conv2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    _check_rank("conv2d", "x", x, 4)
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("conv2d", "weight", weight, 4)
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    _check_rank("conv2d", "bias", bias, 1)
+    _check_rank("conv2d", "t_x", t_x, 4)
+    _check_rank("conv2d", "t_weight", t_weight, 4)
+    _check_rank("conv2d", "t_bias", t_bias, 1)
+    HO = ((H - KH + 2*P) // S) + 1
+    _check_derived("conv2d", "HO", HO)
+    WO = ((-KW + 2*P + W) // S) + 1
+    _check_derived("conv2d", "WO", WO)
+    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - KH + 2*P)/S) + 1")
+    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-KW + 2*P + W)/S) + 1")
+    _check_dim("conv2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("conv2d", "weight", weight, 0, "O", O, "from g_y axis 1")
+    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "bias", bias, 0, "O", O, "from g_y axis 1")
+    _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from g_y axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
+    _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
+    _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    t_g_x = _empty((N, C, H, W), _dtype)
+    t_g_weight = _empty((O, C, KH, KW), _dtype)
+    t_g_bias = _empty((O,), _dtype)
+    _launch(_conv2d_hvp0, O * C * KH * KW, g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_hvp1, N * C * H * W, g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_hvp2, O, t_g_bias, O)
+    return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
 
 
 # ============================================================================ cosine_similarity
@@ -944,6 +1704,165 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
         g_x1[b, d] = _v_g_x1
 
 
+@cuda.jit(cache=True)
+def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps, _total):
+    """y_sum0[b] = sum(x1[b, d]**2, d)
+    y_sum1[b] = sum(x2[b, d]**2, d)
+    y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_sum0[b] = sum(x1[b, d]**2, d)
+        _v_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_y_sum0 += x1[b, d] * x1[b, d]
+        # y_sum1[b] = sum(x2[b, d]**2, d)
+        _v_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_y_sum1 += x2[b, d] * x2[b, d]
+        # y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_y_sum2 += x1[b, d]*x2[b, d]
+        # t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        # t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        # t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t0 = math.sqrt(_v_y_sum0)
+        _t1 = (eps if eps != eps else max(_t0, eps))
+        _t2 = _F(1) / _t1
+        _t3 = math.sqrt(_v_y_sum1)
+        _t4 = (eps if eps != eps else max(_t3, eps))
+        _t5 = _F(1) / _t4
+        _t6 = -eps
+        _t7 = _t0 + _t6
+        _t8 = _F(0.5)*_v_y_sum2
+        _t9 = _t3 + _t6
+        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
+        t_y[b] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps, _total):
+    """y_sum0[b] = sum(x1[b, d]**2, d)
+    y_sum1[b] = sum(x2[b, d]**2, d)
+    y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_sum0[b] = sum(x1[b, d]**2, d)
+        _v_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_y_sum0 += x1[b, d] * x1[b, d]
+        y_sum0[b] = _v_y_sum0
+        # y_sum1[b] = sum(x2[b, d]**2, d)
+        _v_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_y_sum1 += x2[b, d] * x2[b, d]
+        y_sum1[b] = _v_y_sum1
+        # y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_y_sum2 += x1[b, d]*x2[b, d]
+        # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t0 = math.sqrt(_v_y_sum0)
+        _t1 = (eps if eps != eps else max(_t0, eps))
+        _t2 = _F(1) / _t1
+        _t3 = math.sqrt(_v_y_sum1)
+        _t4 = (eps if eps != eps else max(_t3, eps))
+        _t5 = _F(1) / _t4
+        _v_y = _t2*_t5*_v_y_sum2
+        y[b] = _v_y
+        # t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        t_y_sum0[b] = _v_t_y_sum0
+        # t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        t_y_sum1[b] = _v_t_y_sum1
+        # t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t6 = -eps
+        _t7 = _t0 + _t6
+        _t8 = _F(0.5)*_v_y_sum2
+        _t9 = _t3 + _t6
+        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
+        t_y[b] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps, _total):
+    """t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = t_g_x2.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        # t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t0 = math.sqrt(y_sum1[b])
+        _t1 = -_t0*x1[b, d]
+        _t2 = -_t0 + eps
+        _t3 = (_t2 < _F(0))
+        _t4 = math.sqrt(y_sum0[b])
+        _t5 = (eps if eps != eps else max(_t4, eps))
+        _t6 = _t5*x2[b, d]
+        _t7 = _t6*y[b]
+        _t8 = _F(0.5)*t_y_sum1[b]
+        _t9 = (eps if eps != eps else max(_t0, eps))
+        _t10 = _F(1) / _t9
+        _t11 = _F(1) / _t5
+        _t12 = _t11*g_y[b]
+        _t13 = _t10*_t12
+        _t14 = _t12/(_t9 * _t9)
+        _t15 = _F(1) / _t0
+        _t16 = -_t4 + eps
+        _t17 = (_t16 < _F(0))
+        _t18 = _F(1) / _t4
+        _t19 = _F(0.5)*t_y_sum0[b]
+        _t20 = _t18*_t19
+        _t21 = _t10*g_y[b]/(_t5 * _t5)
+        _v_t_g_x2 = _t10*_t11*_t15*(_t0*t_x1[b, d] + _F(0.5)*_t15*t_y_sum1[b]*x1[b, d] - _t20*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*x2[b, d]*y[b] - _t5*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*t_x2[b, d]*y[b] - _t6*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*t_y[b])*g_y[b] - _t13*_t8*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))/y_sum1[b]**(_F(1.5)) - _t14*_t8*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))/y_sum1[b] - _t15*_t20*_t21*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))
+        t_g_x2[b, d] = _v_t_g_x2
+        # t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _t22 = -_t4*x2[b, d]
+        _t23 = _t9*x1[b, d]
+        _t24 = _t23*y[b]
+        _t25 = _t15*_t8
+        _v_t_g_x1 = _t10*_t11*_t18*(_F(0.5)*_t18*t_y_sum0[b]*x2[b, d] - _t23*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*t_y[b] - _t25*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b] + _t4*t_x2[b, d] - _t9*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*t_x1[b, d]*y[b])*g_y[b] - _t13*_t19*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))/y_sum0[b]**(_F(1.5)) - _t14*_t18*_t25*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) - _t19*_t21*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))/y_sum0[b]
+        t_g_x1[b, d] = _v_t_g_x1
+
+
 def _cosine_similarity_fwd(x1, x2, *, eps):
     """Forward of cosine_similarity: y from x1, x2."""
     _dev = any(_on_device(a) for a in (x1, x2))
@@ -986,6 +1905,69 @@ def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
     _launch(_cosine_similarity_bwd0, B, x1, x2, y, y_sum0, y_sum1, B, D, eps)
     _launch(_cosine_similarity_bwd1, B * D, x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
     return _result(g_x1, _dev), _result(g_x2, _dev)
+
+
+def _cosine_similarity_jvp(x1, x2, t_x1, t_x2, *, eps):
+    """Forward mode of cosine_similarity: the tangents t_y of the outputs from x1, x2, t_x1, t_x2 (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x1, x2, t_x1, t_x2))
+    _dtype = _float_dtype((x1, x2, t_x1, t_x2))
+    x1 = _dev_float("cosine_similarity", "x1", x1, _dtype)
+    x2 = _dev_float("cosine_similarity", "x2", x2, _dtype)
+    t_x1 = _dev_float("cosine_similarity", "t_x1", t_x1, _dtype)
+    t_x2 = _dev_float("cosine_similarity", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_similarity", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_similarity", "x2", x2, 2)
+    _check_rank("cosine_similarity", "t_x1", t_x1, 2)
+    _check_rank("cosine_similarity", "t_x2", t_x2, 2)
+    _check_dim("cosine_similarity", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_similarity", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    eps = _dtype.type(eps)
+    t_y = _empty((B,), _dtype)
+    _launch(_cosine_similarity_jvp0, B, x1, x2, t_x1, t_x2, t_y, B, D, eps)
+    return _result(t_y, _dev)
+
+
+def _cosine_similarity_hvp(g_y, x1, x2, t_x1, t_x2, *, eps):
+    """Second order of cosine_similarity: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_y, x1, x2, t_x1, t_x2 (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x1, x2, t_x1, t_x2))
+    _dtype = _float_dtype((g_y, x1, x2, t_x1, t_x2))
+    g_y = _dev_float("cosine_similarity", "g_y", g_y, _dtype)
+    x1 = _dev_float("cosine_similarity", "x1", x1, _dtype)
+    x2 = _dev_float("cosine_similarity", "x2", x2, _dtype)
+    t_x1 = _dev_float("cosine_similarity", "t_x1", t_x1, _dtype)
+    t_x2 = _dev_float("cosine_similarity", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_similarity", "g_y", g_y, 1)
+    B = g_y.shape[0]
+    _check_rank("cosine_similarity", "x1", x1, 2)
+    D = x1.shape[1]
+    _check_rank("cosine_similarity", "x2", x2, 2)
+    _check_rank("cosine_similarity", "t_x1", t_x1, 2)
+    _check_rank("cosine_similarity", "t_x2", t_x2, 2)
+    _check_dim("cosine_similarity", "x1", x1, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "x2", x2, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 0, "B", B, "from g_y axis 0")
+    _check_dim("cosine_similarity", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    eps = _dtype.type(eps)
+    y = _empty((B,), _dtype)
+    y_sum0 = _empty((B,), _dtype)
+    y_sum1 = _empty((B,), _dtype)
+    t_y = _empty((B,), _dtype)
+    t_g_x1 = _empty((B, D), _dtype)
+    t_g_x2 = _empty((B, D), _dtype)
+    t_y_sum0 = _empty((B,), _dtype)
+    t_y_sum1 = _empty((B,), _dtype)
+    _launch(_cosine_similarity_hvp0, B, x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps)
+    _launch(_cosine_similarity_hvp1, B * D, x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps)
+    return _result(t_g_x1, _dev), _result(t_g_x2, _dev)
 
 
 # ============================================================================ dense
@@ -1206,6 +2188,165 @@ def _dense_bwd2_f64(weight, g_y, g_x, B, I, O):
         g_x[b, i] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _dense_jvp0(x, weight, t_x, t_weight, t_bias, t_y, B, I, O, _total):
+    """t_y_sum0[b, o] = sum(t_weight[i, o]*x[b, i] + t_x[b, i]*weight[i, o], i)
+    t_y[b, o] = t_bias[o] + t_y_sum0[b, o]
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        o = _r % O
+        _r //= O
+        b = _r
+        # t_y_sum0[b, o] = sum(t_weight[i, o]*x[b, i] + t_x[b, i]*weight[i, o], i)
+        _v_t_y_sum0 = _F(0)
+        for i in range(0, I):
+            _v_t_y_sum0 += t_weight[i, o]*x[b, i] + t_x[b, i]*weight[i, o]
+        # t_y[b, o] = t_bias[o] + t_y_sum0[b, o]
+        _v_t_y = _v_t_y_sum0 + t_bias[o]
+        t_y[b, o] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _dense_hvp0_f32(g_y, t_x, t_g_weight, B, I, O):
+    """t_g_weight[i, o] = sum(g_y[b, o]*t_x[b, i], b)"""
+    _F = t_g_weight.dtype.type
+    _sa = cuda.shared.array((16, 16), float32)
+    _sb = cuda.shared.array((16, 16), float32)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    i = cuda.blockIdx.y * 16 + _ty
+    o = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, B, 16):
+        _kk = _k0 + _tx
+        if i < I and _kk < B:
+            _sa[_ty, _tx] = t_x[_kk, i]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < B and o < O:
+            _sb[_ty, _tx] = g_y[_kk, o]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if i < I and o < O:
+        _dot = _acc
+        _v_t_g_weight = _dot
+        t_g_weight[i, o] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _dense_hvp0_f64(g_y, t_x, t_g_weight, B, I, O):
+    """t_g_weight[i, o] = sum(g_y[b, o]*t_x[b, i], b)"""
+    _F = t_g_weight.dtype.type
+    _sa = cuda.shared.array((16, 16), float64)
+    _sb = cuda.shared.array((16, 16), float64)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    i = cuda.blockIdx.y * 16 + _ty
+    o = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, B, 16):
+        _kk = _k0 + _tx
+        if i < I and _kk < B:
+            _sa[_ty, _tx] = t_x[_kk, i]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < B and o < O:
+            _sb[_ty, _tx] = g_y[_kk, o]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if i < I and o < O:
+        _dot = _acc
+        _v_t_g_weight = _dot
+        t_g_weight[i, o] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _dense_hvp1_f32(g_y, t_weight, t_g_x, B, I, O):
+    """t_g_x[b, i] = sum(g_y[b, o]*t_weight[i, o], o)"""
+    _F = t_g_x.dtype.type
+    _sa = cuda.shared.array((16, 16), float32)
+    _sb = cuda.shared.array((16, 16), float32)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    b = cuda.blockIdx.y * 16 + _ty
+    i = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, O, 16):
+        _kk = _k0 + _tx
+        if b < B and _kk < O:
+            _sa[_ty, _tx] = g_y[b, _kk]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < O and i < I:
+            _sb[_ty, _tx] = t_weight[i, _kk]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if b < B and i < I:
+        _dot = _acc
+        _v_t_g_x = _dot
+        t_g_x[b, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _dense_hvp1_f64(g_y, t_weight, t_g_x, B, I, O):
+    """t_g_x[b, i] = sum(g_y[b, o]*t_weight[i, o], o)"""
+    _F = t_g_x.dtype.type
+    _sa = cuda.shared.array((16, 16), float64)
+    _sb = cuda.shared.array((16, 16), float64)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    b = cuda.blockIdx.y * 16 + _ty
+    i = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, O, 16):
+        _kk = _k0 + _tx
+        if b < B and _kk < O:
+            _sa[_ty, _tx] = g_y[b, _kk]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < O and i < I:
+            _sb[_ty, _tx] = t_weight[i, _kk]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if b < B and i < I:
+        _dot = _acc
+        _v_t_g_x = _dot
+        t_g_x[b, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _dense_hvp2(t_g_bias, O, _total):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
+
+
 def _dense_fwd(x, weight, bias):
     """Forward of dense: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -1254,6 +2395,76 @@ def _dense_bwd(g_y, x, weight, bias):
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
 
 
+def _dense_jvp(x, weight, bias, t_x, t_weight, t_bias):
+    """Forward mode of dense: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _dev_float("dense", "x", x, _dtype)
+    weight = _dev_float("dense", "weight", weight, _dtype)
+    bias = _dev_float("dense", "bias", bias, _dtype)
+    t_x = _dev_float("dense", "t_x", t_x, _dtype)
+    t_weight = _dev_float("dense", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("dense", "t_bias", t_bias, _dtype)
+    _check_rank("dense", "x", x, 2)
+    B = x.shape[0]
+    I = x.shape[1]
+    _check_rank("dense", "weight", weight, 2)
+    O = weight.shape[1]
+    _check_rank("dense", "bias", bias, 1)
+    _check_rank("dense", "t_x", t_x, 2)
+    _check_rank("dense", "t_weight", t_weight, 2)
+    _check_rank("dense", "t_bias", t_bias, 1)
+    _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "bias", bias, 0, "O", O, "from weight axis 1")
+    _check_dim("dense", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("dense", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 1, "O", O, "from weight axis 1")
+    _check_dim("dense", "t_bias", t_bias, 0, "O", O, "from weight axis 1")
+    t_y = _empty((B, O), _dtype)
+    _launch(_dense_jvp0, B * O, x, weight, t_x, t_weight, t_bias, t_y, B, I, O)
+    return _result(t_y, _dev)
+
+
+def _dense_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias):
+    """Second order of dense: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _dev_float("dense", "g_y", g_y, _dtype)
+    x = _dev_float("dense", "x", x, _dtype)
+    weight = _dev_float("dense", "weight", weight, _dtype)
+    bias = _dev_float("dense", "bias", bias, _dtype)
+    t_x = _dev_float("dense", "t_x", t_x, _dtype)
+    t_weight = _dev_float("dense", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("dense", "t_bias", t_bias, _dtype)
+    _check_rank("dense", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    _check_rank("dense", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("dense", "weight", weight, 2)
+    _check_rank("dense", "bias", bias, 1)
+    _check_rank("dense", "t_x", t_x, 2)
+    _check_rank("dense", "t_weight", t_weight, 2)
+    _check_rank("dense", "t_bias", t_bias, 1)
+    _check_dim("dense", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "weight", weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("dense", "bias", bias, 0, "O", O, "from g_y axis 1")
+    _check_dim("dense", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dense", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("dense", "t_weight", t_weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("dense", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    t_g_x = _empty((B, I), _dtype)
+    t_g_weight = _empty((I, O), _dtype)
+    t_g_bias = _empty((O,), _dtype)
+    _launch_gemm((_dense_hvp0_f32, _dense_hvp0_f64), _dtype, I, O, g_y, t_x, t_g_weight, B, I, O)
+    _launch_gemm((_dense_hvp1_f32, _dense_hvp1_f64), _dtype, B, I, g_y, t_weight, t_g_x, B, I, O)
+    _launch(_dense_hvp2, O, t_g_bias, O)
+    return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
+
+
 # ============================================================================ dropout
 
 
@@ -1283,6 +2494,33 @@ def _dropout_bwd0(mask, g_y, g_x, B, N, p, _total):
         b = _r
         _v_g_x = _c0*g_y[b, d]*mask[b, d]
         g_x[b, d] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _dropout_jvp0(mask, t_x, t_y, B, N, p, _total):
+    """t_y[b, d] = mask[b, d]*t_x[b, d]/(1 - p)"""
+    _F = t_y.dtype.type
+    _c0 = _F(1) / (_F(1) - p)
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % N
+        _r //= N
+        b = _r
+        _v_t_y = _c0*mask[b, d]*t_x[b, d]
+        t_y[b, d] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _dropout_hvp0(t_g_x, B, N, _total):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % N
+        _r //= N
+        i0 = _r
+        _v_t_g_x = _F(0)
+        t_g_x[i0, i1] = _v_t_g_x
 
 
 def _dropout_fwd(x, mask, *, p):
@@ -1323,6 +2561,53 @@ def _dropout_bwd(g_y, x, mask, *, p):
     g_x = _empty((B, N), _dtype)
     _launch(_dropout_bwd0, B * N, mask, g_y, g_x, B, N, p)
     return _result(g_x, _dev)
+
+
+def _dropout_jvp(x, mask, t_x, *, p):
+    """Forward mode of dropout: the tangents t_y of the outputs from x, mask, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, mask, t_x))
+    _dtype = _float_dtype((x, mask, t_x))
+    x = _dev_float("dropout", "x", x, _dtype)
+    mask = _dev_float("dropout", "mask", mask, _dtype)
+    t_x = _dev_float("dropout", "t_x", t_x, _dtype)
+    _check_rank("dropout", "x", x, 2)
+    B = x.shape[0]
+    N = x.shape[1]
+    _check_rank("dropout", "mask", mask, 2)
+    _check_rank("dropout", "t_x", t_x, 2)
+    _check_dim("dropout", "mask", mask, 0, "B", B, "from x axis 0")
+    _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
+    _check_dim("dropout", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("dropout", "t_x", t_x, 1, "N", N, "from x axis 1")
+    p = _dtype.type(p)
+    t_y = _empty((B, N), _dtype)
+    _launch(_dropout_jvp0, B * N, mask, t_x, t_y, B, N, p)
+    return _result(t_y, _dev)
+
+
+def _dropout_hvp(g_y, x, mask, t_x, *, p):
+    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, mask, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, mask, t_x))
+    _dtype = _float_dtype((g_y, x, mask, t_x))
+    g_y = _dev_float("dropout", "g_y", g_y, _dtype)
+    x = _dev_float("dropout", "x", x, _dtype)
+    mask = _dev_float("dropout", "mask", mask, _dtype)
+    t_x = _dev_float("dropout", "t_x", t_x, _dtype)
+    _check_rank("dropout", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    _check_rank("dropout", "x", x, 2)
+    _check_rank("dropout", "mask", mask, 2)
+    _check_rank("dropout", "t_x", t_x, 2)
+    _check_dim("dropout", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dropout", "x", x, 1, "N", N, "from g_y axis 1")
+    _check_dim("dropout", "mask", mask, 0, "B", B, "from g_y axis 0")
+    _check_dim("dropout", "mask", mask, 1, "N", N, "from g_y axis 1")
+    _check_dim("dropout", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("dropout", "t_x", t_x, 1, "N", N, "from g_y axis 1")
+    t_g_x = _empty((B, N), _dtype)
+    _launch(_dropout_hvp0, B * N, t_g_x, B, N)
+    return _result(t_g_x, _dev)
 
 
 # ============================================================================ embedding
@@ -1368,6 +2653,32 @@ def _embedding_bwd1(idx, g_y, g_table, B, D, V, _total):
             cuda.atomic.add(g_table, (idx[b], d,), _v_g_table)
 
 
+@cuda.jit(cache=True)
+def _embedding_jvp0(idx, t_table, t_y, B, D, V, _total):
+    """t_y[b, d] = Piecewise((t_table[idx[b], d], (idx[b] >= 0) & (V > idx[b])), (0, True))"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        _v_t_y = (t_table[idx[b], d] if ((idx[b] >= 0) and (V > idx[b])) else _F(0))
+        t_y[b, d] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _embedding_hvp0(t_g_table, D, V, _total):
+    """t_g_table = 0 (no path from a differentiable argument)"""
+    _F = t_g_table.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % D
+        _r //= D
+        i0 = _r
+        _v_t_g_table = _F(0)
+        t_g_table[i0, i1] = _v_t_g_table
+
+
 def _embedding_fwd(idx, table):
     """Forward of embedding: y from idx, table."""
     _dev = any(_on_device(a) for a in (idx, table))
@@ -1403,6 +2714,50 @@ def _embedding_bwd(g_y, idx, table):
     _launch(_embedding_bwd0, V * D, g_table, D, V)
     _launch(_embedding_bwd1, B * D, idx, g_y, g_table, B, D, V)
     return _result(g_table, _dev)
+
+
+def _embedding_jvp(idx, table, t_table):
+    """Forward mode of embedding: the tangents t_y of the outputs from idx, table, t_table (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (idx, table, t_table))
+    _dtype = _float_dtype((idx, table, t_table))
+    idx = _dev_int("embedding", "idx", idx)
+    table = _dev_float("embedding", "table", table, _dtype)
+    t_table = _dev_float("embedding", "t_table", t_table, _dtype)
+    _check_rank("embedding", "idx", idx, 1)
+    B = idx.shape[0]
+    _check_rank("embedding", "table", table, 2)
+    V = table.shape[0]
+    D = table.shape[1]
+    _check_rank("embedding", "t_table", t_table, 2)
+    _check_dim("embedding", "t_table", t_table, 0, "V", V, "from table axis 0")
+    _check_dim("embedding", "t_table", t_table, 1, "D", D, "from table axis 1")
+    t_y = _empty((B, D), _dtype)
+    _launch(_embedding_jvp0, B * D, idx, t_table, t_y, B, D, V)
+    return _result(t_y, _dev)
+
+
+def _embedding_hvp(g_y, idx, table, t_table):
+    """Second order of embedding: t_g_table, the derivatives of the gradients along the tangents, from g_y, idx, table, t_table (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, idx, table, t_table))
+    _dtype = _float_dtype((g_y, idx, table, t_table))
+    g_y = _dev_float("embedding", "g_y", g_y, _dtype)
+    idx = _dev_int("embedding", "idx", idx)
+    table = _dev_float("embedding", "table", table, _dtype)
+    t_table = _dev_float("embedding", "t_table", t_table, _dtype)
+    _check_rank("embedding", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    _check_rank("embedding", "idx", idx, 1)
+    _check_rank("embedding", "table", table, 2)
+    V = table.shape[0]
+    _check_rank("embedding", "t_table", t_table, 2)
+    _check_dim("embedding", "idx", idx, 0, "B", B, "from g_y axis 0")
+    _check_dim("embedding", "table", table, 1, "D", D, "from g_y axis 1")
+    _check_dim("embedding", "t_table", t_table, 0, "V", V, "from table axis 0")
+    _check_dim("embedding", "t_table", t_table, 1, "D", D, "from g_y axis 1")
+    t_g_table = _empty((V, D), _dtype)
+    _launch(_embedding_hvp0, V * D, t_g_table, D, V)
+    return _result(t_g_table, _dev)
 
 
 # ============================================================================ flatten
@@ -1452,6 +2807,36 @@ def _flatten_bwd1(g_y, g_x, C, F, H, N, W, _total):
             cuda.atomic.add(g_x, (n, (j // (H*W)), (j // W) % H, j % W,), _v_g_x)
 
 
+@cuda.jit(cache=True)
+def _flatten_jvp0(t_x, t_y, C, F, H, N, W, _total):
+    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H)) & (floor(j/(H*W)) >= 0) & (C > floor(j/(H*W)))), (0, True))"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % F
+        _r //= F
+        n = _r
+        _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+        t_y[n, j] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _flatten_hvp0(t_g_x, C, H, N, W, _total):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i3 = _r % W
+        _r //= W
+        i2 = _r % H
+        _r //= H
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_x = _F(0)
+        t_g_x[i0, i1, i2, i3] = _v_t_g_x
+
+
 def _flatten_fwd(x):
     """Forward of flatten: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -1489,6 +2874,56 @@ def _flatten_bwd(g_y, x):
     _launch(_flatten_bwd0, N * C * H * W, g_x, C, H, N, W)
     _launch(_flatten_bwd1, N * F, g_y, g_x, C, F, H, N, W)
     return _result(g_x, _dev)
+
+
+def _flatten_jvp(x, t_x):
+    """Forward mode of flatten: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("flatten", "x", x, _dtype)
+    t_x = _dev_float("flatten", "t_x", t_x, _dtype)
+    _check_rank("flatten", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("flatten", "t_x", t_x, 4)
+    F = C*H*W
+    _check_derived("flatten", "F", F)
+    _check_dim("flatten", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("flatten", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("flatten", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("flatten", "t_x", t_x, 3, "W", W, "from x axis 3")
+    t_y = _empty((N, F), _dtype)
+    _launch(_flatten_jvp0, N * F, t_x, t_y, C, F, H, N, W)
+    return _result(t_y, _dev)
+
+
+def _flatten_hvp(g_y, x, t_x):
+    """Second order of flatten: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("flatten", "g_y", g_y, _dtype)
+    x = _dev_float("flatten", "x", x, _dtype)
+    t_x = _dev_float("flatten", "t_x", t_x, _dtype)
+    _check_rank("flatten", "g_y", g_y, 2)
+    N = g_y.shape[0]
+    _check_rank("flatten", "x", x, 4)
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("flatten", "t_x", t_x, 4)
+    F = C*H*W
+    _check_derived("flatten", "F", F)
+    _check_dim("flatten", "g_y", g_y, 1, "F", F, "derived: C*H*W")
+    _check_dim("flatten", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("flatten", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("flatten", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("flatten", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("flatten", "t_x", t_x, 3, "W", W, "from x axis 3")
+    t_g_x = _empty((N, C, H, W), _dtype)
+    _launch(_flatten_hvp0, N * C * H * W, t_g_x, C, H, N, W)
+    return _result(t_g_x, _dev)
 
 
 # ============================================================================ gcn_layer
@@ -1568,6 +3003,78 @@ def _gcn_layer_bwd2(A, weight, g_y, g_x, I, O, V, _total):
         g_x[u, i] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _gcn_layer_jvp0(A, x, weight, t_x, t_weight, t_y_sum0, I, O, V, _total):
+    """t_y_sum0[o, v] = sum((t_weight[i, o]*x[u, i] + t_x[u, i]*weight[i, o])*A[v, u], u, i)"""
+    _F = t_y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        v = _r % V
+        _r //= V
+        o = _r
+        _v_t_y_sum0 = _F(0)
+        for u in range(0, V):
+            for i in range(0, I):
+                _v_t_y_sum0 += (t_weight[i, o]*x[u, i] + t_x[u, i]*weight[i, o])*A[v, u]
+        t_y_sum0[o, v] = _v_t_y_sum0
+
+
+@cuda.jit(cache=True)
+def _gcn_layer_jvp1(t_bias, t_y, t_y_sum0, O, V, _total):
+    """t_y[v, o] = t_bias[o] + t_y_sum0[o, v]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        o = _r % O
+        _r //= O
+        v = _r
+        _v_t_y = t_bias[o] + t_y_sum0[o, v]
+        t_y[v, o] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _gcn_layer_hvp0(A, g_y, t_x, t_g_weight, I, O, V, _total):
+    """t_g_weight[i, o] = sum(A[v, u]*g_y[v, o]*t_x[u, i], v, u)"""
+    _F = t_g_weight.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        o = _r % O
+        _r //= O
+        i = _r
+        _v_t_g_weight = _F(0)
+        for v in range(0, V):
+            for u in range(0, V):
+                _v_t_g_weight += A[v, u]*g_y[v, o]*t_x[u, i]
+        t_g_weight[i, o] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _gcn_layer_hvp1(A, g_y, t_weight, t_g_x, I, O, V, _total):
+    """t_g_x[u, i] = sum(A[v, u]*g_y[v, o]*t_weight[i, o], o, v)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        u = _r
+        _v_t_g_x = _F(0)
+        for o in range(0, O):
+            for v in range(0, V):
+                _v_t_g_x += A[v, u]*g_y[v, o]*t_weight[i, o]
+        t_g_x[u, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _gcn_layer_hvp2(t_g_bias, O, _total):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
+
+
 def _gcn_layer_fwd(A, x, weight, bias):
     """Forward of gcn_layer: y from A, x, weight, bias."""
     _dev = any(_on_device(a) for a in (A, x, weight, bias))
@@ -1624,6 +3131,86 @@ def _gcn_layer_bwd(g_y, A, x, weight, bias):
     _launch(_gcn_layer_bwd1, I * O, A, x, g_y, g_weight, I, O, V)
     _launch(_gcn_layer_bwd2, V * I, A, weight, g_y, g_x, I, O, V)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _gcn_layer_jvp(A, x, weight, bias, t_x, t_weight, t_bias):
+    """Forward mode of gcn_layer: the tangents t_y of the outputs from A, x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (A, x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((A, x, weight, bias, t_x, t_weight, t_bias))
+    A = _dev_float("gcn_layer", "A", A, _dtype)
+    x = _dev_float("gcn_layer", "x", x, _dtype)
+    weight = _dev_float("gcn_layer", "weight", weight, _dtype)
+    bias = _dev_float("gcn_layer", "bias", bias, _dtype)
+    t_x = _dev_float("gcn_layer", "t_x", t_x, _dtype)
+    t_weight = _dev_float("gcn_layer", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("gcn_layer", "t_bias", t_bias, _dtype)
+    _check_rank("gcn_layer", "A", A, 2)
+    V = A.shape[0]
+    _check_rank("gcn_layer", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("gcn_layer", "weight", weight, 2)
+    O = weight.shape[1]
+    _check_rank("gcn_layer", "bias", bias, 1)
+    _check_rank("gcn_layer", "t_x", t_x, 2)
+    _check_rank("gcn_layer", "t_weight", t_weight, 2)
+    _check_rank("gcn_layer", "t_bias", t_bias, 1)
+    _check_dim("gcn_layer", "A", A, 1, "V", V, "from A axis 0")
+    _check_dim("gcn_layer", "x", x, 0, "V", V, "from A axis 0")
+    _check_dim("gcn_layer", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "bias", bias, 0, "O", O, "from weight axis 1")
+    _check_dim("gcn_layer", "t_x", t_x, 0, "V", V, "from A axis 0")
+    _check_dim("gcn_layer", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 1, "O", O, "from weight axis 1")
+    _check_dim("gcn_layer", "t_bias", t_bias, 0, "O", O, "from weight axis 1")
+    t_y = _empty((V, O), _dtype)
+    t_y_sum0 = _empty((O, V), _dtype)
+    _launch(_gcn_layer_jvp0, O * V, A, x, weight, t_x, t_weight, t_y_sum0, I, O, V)
+    _launch(_gcn_layer_jvp1, V * O, t_bias, t_y, t_y_sum0, O, V)
+    return _result(t_y, _dev)
+
+
+def _gcn_layer_hvp(g_y, A, x, weight, bias, t_x, t_weight, t_bias):
+    """Second order of gcn_layer: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, A, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, A, x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((g_y, A, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _dev_float("gcn_layer", "g_y", g_y, _dtype)
+    A = _dev_float("gcn_layer", "A", A, _dtype)
+    x = _dev_float("gcn_layer", "x", x, _dtype)
+    weight = _dev_float("gcn_layer", "weight", weight, _dtype)
+    bias = _dev_float("gcn_layer", "bias", bias, _dtype)
+    t_x = _dev_float("gcn_layer", "t_x", t_x, _dtype)
+    t_weight = _dev_float("gcn_layer", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("gcn_layer", "t_bias", t_bias, _dtype)
+    _check_rank("gcn_layer", "g_y", g_y, 2)
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    _check_rank("gcn_layer", "A", A, 2)
+    _check_rank("gcn_layer", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("gcn_layer", "weight", weight, 2)
+    _check_rank("gcn_layer", "bias", bias, 1)
+    _check_rank("gcn_layer", "t_x", t_x, 2)
+    _check_rank("gcn_layer", "t_weight", t_weight, 2)
+    _check_rank("gcn_layer", "t_bias", t_bias, 1)
+    _check_dim("gcn_layer", "A", A, 0, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "A", A, 1, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "x", x, 0, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "weight", weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "weight", weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("gcn_layer", "bias", bias, 0, "O", O, "from g_y axis 1")
+    _check_dim("gcn_layer", "t_x", t_x, 0, "V", V, "from g_y axis 0")
+    _check_dim("gcn_layer", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 0, "I", I, "from x axis 1")
+    _check_dim("gcn_layer", "t_weight", t_weight, 1, "O", O, "from g_y axis 1")
+    _check_dim("gcn_layer", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    t_g_x = _empty((V, I), _dtype)
+    t_g_weight = _empty((I, O), _dtype)
+    t_g_bias = _empty((O,), _dtype)
+    _launch(_gcn_layer_hvp0, I * O, A, g_y, t_x, t_g_weight, I, O, V)
+    _launch(_gcn_layer_hvp1, V * I, A, g_y, t_weight, t_g_x, I, O, V)
+    _launch(_gcn_layer_hvp2, O, t_g_bias, O)
+    return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
 
 
 # ============================================================================ gru_cell
@@ -1995,6 +3582,498 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H, _total):
         g_w_hh[j, k] = _v_g_w_hh
 
 
+@cuda.jit(cache=True)
+def _gru_cell_jvp0(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I, _total):
+    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+    hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+    t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+    t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+    t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+    t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+    t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+    t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+    t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+    t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+    t_y[b, j] = (1 - z[b, j])*t_nn[b, j] + h[b, j]*t_z[b, j] - nn[b, j]*t_z[b, j] + t_h[b, j]*z[b, j]
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+        _v_r_sum0 = _F(0)
+        for k in range(0, H):
+            _v_r_sum0 += h[b, k]*w_hh[j, k]
+        # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+        _v_r_sum1 = _F(0)
+        for i in range(0, I):
+            _v_r_sum1 += w_ih[j, i]*x[b, i]
+        # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+        _t0 = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + b_hh[j] + b_ih[j], _F)
+        _v_r = _t0
+        # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+        _v_z_sum0 = _F(0)
+        for k in range(0, H):
+            _v_z_sum0 += h[b, k]*w_hh[H + j, k]
+        # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+        _v_z_sum1 = _F(0)
+        for i in range(0, I):
+            _v_z_sum1 += w_ih[H + j, i]*x[b, i]
+        # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+        _t1 = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + b_hh[H + j] + b_ih[H + j], _F)
+        _v_z = _t1
+        # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+        _v_hn_sum0 = _F(0)
+        for k in range(0, H):
+            _v_hn_sum0 += h[b, k]*w_hh[2*H + j, k]
+        # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+        _v_hn = _v_hn_sum0 + b_hh[2*H + j]
+        # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+        _v_nn_sum0 = _F(0)
+        for i in range(0, I):
+            _v_nn_sum0 += w_ih[2*H + j, i]*x[b, i]
+        # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+        _t2 = math.tanh(_v_hn*_v_r + _v_nn_sum0 + b_ih[2*H + j])
+        _v_nn = _t2
+        # t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+        _v_t_r_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_r_sum0 += h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k]
+        # t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+        _v_t_r_sum1 = _F(0)
+        for i in range(0, I):
+            _v_t_r_sum1 += t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i]
+        # t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+        _v_t_r = _t0*(_F(1) - _t0)*(_v_t_r_sum0 + _v_t_r_sum1 + t_b_hh[j] + t_b_ih[j])
+        # t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+        _v_t_z_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_z_sum0 += h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k]
+        # t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+        _v_t_z_sum1 = _F(0)
+        for i in range(0, I):
+            _v_t_z_sum1 += t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i]
+        # t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+        _v_t_z = _t1*(_F(1) - _t1)*(_v_t_z_sum0 + _v_t_z_sum1 + t_b_hh[H + j] + t_b_ih[H + j])
+        # t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+        _v_t_hn_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_hn_sum0 += h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k]
+        # t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+        _v_t_hn = _v_t_hn_sum0 + t_b_hh[2*H + j]
+        # t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+        _v_t_nn_sum0 = _F(0)
+        for i in range(0, I):
+            _v_t_nn_sum0 += t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i]
+        # t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+        _v_t_nn = (_F(1) - _t2 * _t2)*(_v_hn*_v_t_r + _v_r*_v_t_hn + _v_t_nn_sum0 + t_b_ih[2*H + j])
+        # t_y[b, j] = (1 - z[b, j])*t_nn[b, j] + h[b, j]*t_z[b, j] - nn[b, j]*t_z[b, j] + t_h[b, j]*z[b, j]
+        _v_t_y = -_v_nn*_v_t_z + _v_t_nn*(_F(1) - _v_z) + _v_t_z*h[b, j] + _v_z*t_h[b, j]
+        t_y[b, j] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H, I, _total):
+    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+    hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+    t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+    t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+    t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+    t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+    t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+    t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+    t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+    t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+    t_g_h[b, j] = g_y[b, j]*t_z[b, j]
+    """
+    _F = r.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+        _v_r_sum0 = _F(0)
+        for k in range(0, H):
+            _v_r_sum0 += h[b, k]*w_hh[j, k]
+        # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+        _v_r_sum1 = _F(0)
+        for i in range(0, I):
+            _v_r_sum1 += w_ih[j, i]*x[b, i]
+        # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+        _t0 = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + b_hh[j] + b_ih[j], _F)
+        _v_r = _t0
+        r[b, j] = _v_r
+        # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+        _v_z_sum0 = _F(0)
+        for k in range(0, H):
+            _v_z_sum0 += h[b, k]*w_hh[H + j, k]
+        # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+        _v_z_sum1 = _F(0)
+        for i in range(0, I):
+            _v_z_sum1 += w_ih[H + j, i]*x[b, i]
+        # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+        _t1 = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + b_hh[H + j] + b_ih[H + j], _F)
+        _v_z = _t1
+        z[b, j] = _v_z
+        # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+        _v_hn_sum0 = _F(0)
+        for k in range(0, H):
+            _v_hn_sum0 += h[b, k]*w_hh[2*H + j, k]
+        # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+        _v_hn = _v_hn_sum0 + b_hh[2*H + j]
+        hn[b, j] = _v_hn
+        # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+        _v_nn_sum0 = _F(0)
+        for i in range(0, I):
+            _v_nn_sum0 += w_ih[2*H + j, i]*x[b, i]
+        # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+        _t2 = math.tanh(_v_hn*_v_r + _v_nn_sum0 + b_ih[2*H + j])
+        _v_nn = _t2
+        nn[b, j] = _v_nn
+        # t_r_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+        _v_t_r_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_r_sum0 += h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k]
+        # t_r_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+        _v_t_r_sum1 = _F(0)
+        for i in range(0, I):
+            _v_t_r_sum1 += t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i]
+        # t_r[b, j] = (1 - sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j]))*(t_b_hh[j] + t_b_ih[j] + t_r_sum0[b, j] + t_r_sum1[b, j])*sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+        _v_t_r = _t0*(_F(1) - _t0)*(_v_t_r_sum0 + _v_t_r_sum1 + t_b_hh[j] + t_b_ih[j])
+        t_r[b, j] = _v_t_r
+        # t_z_sum0[b, j] = sum(h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k], k)
+        _v_t_z_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_z_sum0 += h[b, k]*t_w_hh[H + j, k] + t_h[b, k]*w_hh[H + j, k]
+        # t_z_sum1[b, j] = sum(t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i], i)
+        _v_t_z_sum1 = _F(0)
+        for i in range(0, I):
+            _v_t_z_sum1 += t_w_ih[H + j, i]*x[b, i] + t_x[b, i]*w_ih[H + j, i]
+        # t_z[b, j] = (1 - sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j]))*(t_b_hh[H + j] + t_b_ih[H + j] + t_z_sum0[b, j] + t_z_sum1[b, j])*sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+        _v_t_z = _t1*(_F(1) - _t1)*(_v_t_z_sum0 + _v_t_z_sum1 + t_b_hh[H + j] + t_b_ih[H + j])
+        t_z[b, j] = _v_t_z
+        # t_hn_sum0[b, j] = sum(h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k], k)
+        _v_t_hn_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_hn_sum0 += h[b, k]*t_w_hh[2*H + j, k] + t_h[b, k]*w_hh[2*H + j, k]
+        # t_hn[b, j] = t_b_hh[2*H + j] + t_hn_sum0[b, j]
+        _v_t_hn = _v_t_hn_sum0 + t_b_hh[2*H + j]
+        t_hn[b, j] = _v_t_hn
+        # t_nn_sum0[b, j] = sum(t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i], i)
+        _v_t_nn_sum0 = _F(0)
+        for i in range(0, I):
+            _v_t_nn_sum0 += t_w_ih[2*H + j, i]*x[b, i] + t_x[b, i]*w_ih[2*H + j, i]
+        # t_nn[b, j] = (1 - tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])**2)*(hn[b, j]*t_r[b, j] + r[b, j]*t_hn[b, j] + t_b_ih[2*H + j] + t_nn_sum0[b, j])
+        _v_t_nn = (_F(1) - _t2 * _t2)*(_v_hn*_v_t_r + _v_r*_v_t_hn + _v_t_nn_sum0 + t_b_ih[2*H + j])
+        t_nn[b, j] = _v_t_nn
+        # t_g_h[b, j] = g_y[b, j]*t_z[b, j]
+        _v_t_g_h = _v_t_z*g_y[b, j]
+        t_g_h[b, j] = _v_t_g_h
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp1(z, nn, g_y, t_g_b_ih, t_z, t_nn, B, G, H, _total):
+    """t_g_b_ih[g] = sum(Piecewise((-(1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*t_z[b, -2*H + g] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_b_ih.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        g = _r
+        _v_t_g_b_ih = _F(0)
+        for b in range(0, B):
+            _v_t_g_b_ih += (-(_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*t_z[b, -2*H + g] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g] if (2*H - g <= 0) else _F(0))
+        t_g_b_ih[g] = _v_t_g_b_ih
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp2(x, z, nn, g_y, t_x, t_g_w_ih, t_z, t_nn, B, G, H, I, _total):
+    """t_g_w_ih[g, i] = sum(Piecewise(((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*t_x[b, i] - (1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*t_z[b, -2*H + g]*x[b, i] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g]*x[b, i], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_w_ih.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        g = _r
+        _v_t_g_w_ih = _F(0)
+        for b in range(0, B):
+            _v_t_g_w_ih += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*t_x[b, i] - (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*t_z[b, -2*H + g]*x[b, i] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*t_nn[b, -2*H + g]*x[b, i] if (2*H - g <= 0) else _F(0))
+        t_g_w_ih[g, i] = _v_t_g_w_ih
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp3(w_ih, z, nn, g_y, t_w_ih, t_g_x, t_z, t_nn, B, H, I, _total):
+    """t_g_x[b, i] = sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*t_w_ih[2*H + j, i] - (1 - nn[b, j]**2)*g_y[b, j]*t_z[b, j]*w_ih[2*H + j, i] - 2*(1 - z[b, j])*g_y[b, j]*nn[b, j]*t_nn[b, j]*w_ih[2*H + j, i], j)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        b = _r
+        _v_t_g_x = _F(0)
+        for j in range(0, H):
+            _t0 = _F(1) - nn[b, j] * nn[b, j]
+            _t1 = _F(1) - z[b, j]
+            _v_t_g_x += _t0*_t1*g_y[b, j]*t_w_ih[2*H + j, i] - _t0*g_y[b, j]*t_z[b, j]*w_ih[2*H + j, i] - _F(2)*_t1*g_y[b, j]*nn[b, j]*t_nn[b, j]*w_ih[2*H + j, i]
+        t_g_x[b, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp4(r, z, nn, g_y, t_g_b_hh, t_r, t_z, t_nn, B, G, H, _total):
+    """t_g_b_hh[g] = sum(Piecewise(((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*t_r[b, -2*H + g] - (1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*r[b, -2*H + g]*t_z[b, -2*H + g] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_b_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        g = _r
+        _v_t_g_b_hh = _F(0)
+        for b in range(0, B):
+            _v_t_g_b_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*t_r[b, -2*H + g] - (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g]*t_z[b, -2*H + g] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g] if (2*H - g <= 0) else _F(0))
+        t_g_b_hh[g] = _v_t_g_b_hh
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp5(w_hh, r, z, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_nn, B, H, _total):
+    """t_g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_w_hh[2*H + j, k] + (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*t_r[b, j]*w_hh[2*H + j, k] - (1 - nn[b, j]**2)*g_y[b, j]*r[b, j]*t_z[b, j]*w_hh[2*H + j, k] - 2*(1 - z[b, j])*g_y[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*w_hh[2*H + j, k], j)"""
+    _F = t_g_h.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        b = _r
+        _v_t_g_h = t_g_h[b, k]
+        for j in range(0, H):
+            _t0 = _F(1) - nn[b, j] * nn[b, j]
+            _t1 = g_y[b, j]*r[b, j]*w_hh[2*H + j, k]
+            _t2 = _F(1) - z[b, j]
+            _t3 = _t0*_t2*g_y[b, j]
+            _v_t_g_h += -_t0*_t1*t_z[b, j] - _F(2)*_t1*_t2*nn[b, j]*t_nn[b, j] + _t3*r[b, j]*t_w_hh[2*H + j, k] + _t3*t_r[b, j]*w_hh[2*H + j, k]
+        t_g_h[b, k] = _v_t_g_h
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp6(h, r, z, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_nn, B, G, H, _total):
+    """t_g_w_hh[g, k] = sum(Piecewise(((1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*t_r[b, -2*H + g] + (1 - nn[b, -2*H + g]**2)*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g]*t_h[b, k] - (1 - nn[b, -2*H + g]**2)*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g]*t_z[b, -2*H + g] - 2*(1 - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g], 2*H - g <= 0), (0, True)), b)"""
+    _F = t_g_w_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        g = _r
+        _v_t_g_w_hh = _F(0)
+        for b in range(0, B):
+            _v_t_g_w_hh += ((_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*t_r[b, -2*H + g] + (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*r[b, -2*H + g]*t_h[b, k] - (_F(1) - nn[b, -2*H + g] * nn[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*r[b, -2*H + g]*t_z[b, -2*H + g] - _F(2)*(_F(1) - z[b, -2*H + g])*g_y[b, -2*H + g]*h[b, k]*nn[b, -2*H + g]*r[b, -2*H + g]*t_nn[b, -2*H + g] if (2*H - g <= 0) else _F(0))
+        t_g_w_hh[g, k] = _v_t_g_w_hh
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp7(h, z, nn, g_y, t_h, t_g_b_ih, t_g_b_hh, t_z, t_nn, B, G, H, _total):
+    """t_g_b_hh[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+    t_g_b_ih[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+    """
+    _F = t_g_b_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        g = _r
+        # t_g_b_hh[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+        _v_t_g_b_hh = t_g_b_hh[g]
+        for b in range(0, B):
+            _v_t_g_b_hh += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+        t_g_b_hh[g] = _v_t_g_b_hh
+        # t_g_b_ih[g] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)
+        _v_t_g_b_ih = t_g_b_ih[g]
+        for b in range(0, B):
+            _v_t_g_b_ih += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+        t_g_b_ih[g] = _v_t_g_b_ih
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp8(x, h, z, nn, g_y, t_x, t_h, t_g_w_ih, t_z, t_nn, B, G, H, I, _total):
+    """t_g_w_ih[g, i] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_x[b, i]*z[b, -H + g] + (1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*x[b, i]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)"""
+    _F = t_g_w_ih.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        g = _r
+        _v_t_g_w_ih = t_g_w_ih[g, i]
+        for b in range(0, B):
+            _v_t_g_w_ih += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_x[b, i]*z[b, -H + g] + (_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*x[b, i]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_z[b, -H + g]*x[b, i]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+        t_g_w_ih[g, i] = _v_t_g_w_ih
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp9(h, w_ih, z, nn, g_y, t_h, t_w_ih, t_g_x, t_z, t_nn, B, H, I, _total):
+    """t_g_x[b, i] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_w_ih[H + j, i]*z[b, j] + (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_ih[H + j, i] + (1 - z[b, j])*(t_h[b, j] - t_nn[b, j])*g_y[b, j]*w_ih[H + j, i]*z[b, j] - (h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_ih[H + j, i]*z[b, j], j)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        b = _r
+        _v_t_g_x = t_g_x[b, i]
+        for j in range(0, H):
+            _t0 = h[b, j] - nn[b, j]
+            _t1 = t_z[b, j]*w_ih[H + j, i]
+            _t2 = g_y[b, j]*z[b, j]
+            _t3 = _F(1) - z[b, j]
+            _t4 = _t0*_t3*g_y[b, j]
+            _v_t_g_x += -_t0*_t1*_t2 + _t1*_t4 + _t2*_t3*(t_h[b, j] - t_nn[b, j])*w_ih[H + j, i] + _t4*t_w_ih[H + j, i]*z[b, j]
+        t_g_x[b, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp10(h, w_hh, z, nn, g_y, t_h, t_w_hh, t_g_h, t_z, t_nn, B, H, _total):
+    """t_g_h[b, k] += sum((1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_w_hh[H + j, k]*z[b, j] + (1 - z[b, j])*(h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_hh[H + j, k] + (1 - z[b, j])*(t_h[b, j] - t_nn[b, j])*g_y[b, j]*w_hh[H + j, k]*z[b, j] - (h[b, j] - nn[b, j])*g_y[b, j]*t_z[b, j]*w_hh[H + j, k]*z[b, j], j)"""
+    _F = t_g_h.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        b = _r
+        _v_t_g_h = t_g_h[b, k]
+        for j in range(0, H):
+            _t0 = h[b, j] - nn[b, j]
+            _t1 = t_z[b, j]*w_hh[H + j, k]
+            _t2 = g_y[b, j]*z[b, j]
+            _t3 = _F(1) - z[b, j]
+            _t4 = _t0*_t3*g_y[b, j]
+            _v_t_g_h += -_t0*_t1*_t2 + _t1*_t4 + _t2*_t3*(t_h[b, j] - t_nn[b, j])*w_hh[H + j, k] + _t4*t_w_hh[H + j, k]*z[b, j]
+        t_g_h[b, k] = _v_t_g_h
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp11(h, z, nn, g_y, t_h, t_g_w_hh, t_z, t_nn, B, G, H, _total):
+    """t_g_w_hh[g, k] += sum(Piecewise(((1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g] + (1 - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_h[b, k]*z[b, -H + g] + (1 - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g]*z[b, -H + g], (H - g <= 0) & (H > -H + g)), (0, True)), b)"""
+    _F = t_g_w_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        g = _r
+        _v_t_g_w_hh = t_g_w_hh[g, k]
+        for b in range(0, B):
+            _v_t_g_w_hh += ((_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g] + (_F(1) - z[b, -H + g])*(h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*t_h[b, k]*z[b, -H + g] + (_F(1) - z[b, -H + g])*(t_h[b, -H + g] - t_nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*z[b, -H + g] - (h[b, -H + g] - nn[b, -H + g])*g_y[b, -H + g]*h[b, k]*t_z[b, -H + g]*z[b, -H + g] if ((H - g <= 0) and (H > -H + g)) else _F(0))
+        t_g_w_hh[g, k] = _v_t_g_w_hh
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp12(r, z, hn, nn, g_y, t_g_b_ih, t_g_b_hh, t_r, t_z, t_hn, t_nn, B, G, H, _total):
+    """t_g_b_hh[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+    t_g_b_ih[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+    """
+    _F = t_g_b_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r
+        # t_g_b_hh[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+        _v_t_g_b_hh = t_g_b_hh[j]
+        for b in range(0, B):
+            _v_t_g_b_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j] if (H > j) else _F(0))
+        t_g_b_hh[j] = _v_t_g_b_hh
+        # t_g_b_ih[j] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)
+        _v_t_g_b_ih = t_g_b_ih[j]
+        for b in range(0, B):
+            _v_t_g_b_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j] if (H > j) else _F(0))
+        t_g_b_ih[j] = _v_t_g_b_ih
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp13(x, r, z, hn, nn, g_y, t_x, t_g_w_ih, t_r, t_z, t_hn, t_nn, B, G, H, I, _total):
+    """t_g_w_ih[j, i] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_x[b, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*x[b, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*x[b, i] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*x[b, i] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*x[b, i] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*x[b, i], H > j), (0, True)), b)"""
+    _F = t_g_w_ih.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        j = _r
+        _v_t_g_w_ih = t_g_w_ih[j, i]
+        for b in range(0, B):
+            _v_t_g_w_ih += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_x[b, i] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*x[b, i] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*x[b, i] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*x[b, i] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*x[b, i] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*x[b, i] if (H > j) else _F(0))
+        t_g_w_ih[j, i] = _v_t_g_w_ih
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp14(w_ih, r, z, hn, nn, g_y, t_w_ih, t_g_x, t_r, t_z, t_hn, t_nn, B, H, I, _total):
+    """t_g_x[b, i] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_w_ih[j, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*w_ih[j, i] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*w_ih[j, i] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*w_ih[j, i] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*w_ih[j, i] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*w_ih[j, i], j)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        b = _r
+        _v_t_g_x = t_g_x[b, i]
+        for j in range(0, H):
+            _t0 = _F(1) - nn[b, j] * nn[b, j]
+            _t1 = _F(1) - r[b, j]
+            _t2 = _t1*w_ih[j, i]
+            _t3 = _t2*g_y[b, j]*hn[b, j]*r[b, j]
+            _t4 = t_r[b, j]*w_ih[j, i]
+            _t5 = _F(1) - z[b, j]
+            _t6 = _t0*_t5*g_y[b, j]*r[b, j]
+            _t7 = _t0*_t1*_t5*g_y[b, j]*hn[b, j]
+            _v_t_g_x += -_t0*_t3*t_z[b, j] + _t2*_t6*t_hn[b, j] - _F(2)*_t3*_t5*nn[b, j]*t_nn[b, j] - _t4*_t6*hn[b, j] + _t4*_t7 + _t7*r[b, j]*t_w_ih[j, i]
+        t_g_x[b, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp15(w_hh, r, z, hn, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H, _total):
+    """t_g_h[b, k] += sum((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_w_hh[j, k] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*t_r[b, j]*w_hh[j, k] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*r[b, j]*t_hn[b, j]*w_hh[j, k] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_z[b, j]*w_hh[j, k] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_r[b, j]*w_hh[j, k] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j]*w_hh[j, k], j)"""
+    _F = t_g_h.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        b = _r
+        _v_t_g_h = t_g_h[b, k]
+        for j in range(0, H):
+            _t0 = _F(1) - nn[b, j] * nn[b, j]
+            _t1 = _F(1) - r[b, j]
+            _t2 = _t1*w_hh[j, k]
+            _t3 = _t2*g_y[b, j]*hn[b, j]*r[b, j]
+            _t4 = t_r[b, j]*w_hh[j, k]
+            _t5 = _F(1) - z[b, j]
+            _t6 = _t0*_t5*g_y[b, j]*r[b, j]
+            _t7 = _t0*_t1*_t5*g_y[b, j]*hn[b, j]
+            _v_t_g_h += -_t0*_t3*t_z[b, j] + _t2*_t6*t_hn[b, j] - _F(2)*_t3*_t5*nn[b, j]*t_nn[b, j] - _t4*_t6*hn[b, j] + _t4*_t7 + _t7*r[b, j]*t_w_hh[j, k]
+        t_g_h[b, k] = _v_t_g_h
+
+
+@cuda.jit(cache=True)
+def _gru_cell_hvp16(h, r, z, hn, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_hn, t_nn, B, G, H, _total):
+    """t_g_w_hh[j, k] += sum(Piecewise(((1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*t_r[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*r[b, j]*t_hn[b, j] + (1 - nn[b, j]**2)*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_h[b, k] - (1 - nn[b, j]**2)*(1 - r[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_z[b, j] - (1 - nn[b, j]**2)*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_r[b, j] - 2*(1 - r[b, j])*(1 - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j], H > j), (0, True)), b)"""
+    _F = t_g_w_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        j = _r
+        _v_t_g_w_hh = t_g_w_hh[j, k]
+        for b in range(0, B):
+            _v_t_g_w_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*t_r[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*r[b, j]*t_hn[b, j] + (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*hn[b, j]*r[b, j]*t_h[b, k] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_z[b, j] - (_F(1) - nn[b, j] * nn[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j]*t_r[b, j] - _F(2)*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*nn[b, j]*r[b, j]*t_nn[b, j] if (H > j) else _F(0))
+        t_g_w_hh[j, k] = _v_t_g_w_hh
+
+
 def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y from x, h, w_ih, w_hh, b_ih, b_hh."""
     _dev = any(_on_device(a) for a in (x, h, w_ih, w_hh, b_ih, b_hh))
@@ -2086,6 +4165,147 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return _result(g_x, _dev), _result(g_h, _dev), _result(g_w_ih, _dev), _result(g_w_hh, _dev), _result(g_b_ih, _dev), _result(g_b_hh, _dev)
+
+
+def _gru_cell_jvp(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Forward mode of gru_cell: the tangents t_y of the outputs from x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    _dtype = _float_dtype((x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    x = _dev_float("gru_cell", "x", x, _dtype)
+    h = _dev_float("gru_cell", "h", h, _dtype)
+    w_ih = _dev_float("gru_cell", "w_ih", w_ih, _dtype)
+    w_hh = _dev_float("gru_cell", "w_hh", w_hh, _dtype)
+    b_ih = _dev_float("gru_cell", "b_ih", b_ih, _dtype)
+    b_hh = _dev_float("gru_cell", "b_hh", b_hh, _dtype)
+    t_x = _dev_float("gru_cell", "t_x", t_x, _dtype)
+    t_h = _dev_float("gru_cell", "t_h", t_h, _dtype)
+    t_w_ih = _dev_float("gru_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _dev_float("gru_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _dev_float("gru_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _dev_float("gru_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("gru_cell", "x", x, 2)
+    B = x.shape[0]
+    I = x.shape[1]
+    _check_rank("gru_cell", "h", h, 2)
+    H = h.shape[1]
+    _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
+    _check_rank("gru_cell", "w_hh", w_hh, 2)
+    _check_rank("gru_cell", "b_ih", b_ih, 1)
+    _check_rank("gru_cell", "b_hh", b_hh, 1)
+    _check_rank("gru_cell", "t_x", t_x, 2)
+    _check_rank("gru_cell", "t_h", t_h, 2)
+    _check_rank("gru_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("gru_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("gru_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("gru_cell", "t_b_hh", t_b_hh, 1)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from h axis 1')})
+    _check_dim("gru_cell", "h", h, 0, "B", B, "from x axis 0")
+    _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_h", t_h, 0, "B", B, "from x axis 0")
+    _check_dim("gru_cell", "t_h", t_h, 1, "H", H, "from h axis 1")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("gru_cell", "t_b_ih", t_b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_b_hh", t_b_hh, 0, "G", G, "from w_ih axis 0")
+    t_y = _empty((B, H), _dtype)
+    _launch(_gru_cell_jvp0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    return _result(t_y, _dev)
+
+
+def _gru_cell_hvp(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Second order of gru_cell: t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh, the derivatives of the gradients along the tangents, from g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    _dtype = _float_dtype((g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    g_y = _dev_float("gru_cell", "g_y", g_y, _dtype)
+    x = _dev_float("gru_cell", "x", x, _dtype)
+    h = _dev_float("gru_cell", "h", h, _dtype)
+    w_ih = _dev_float("gru_cell", "w_ih", w_ih, _dtype)
+    w_hh = _dev_float("gru_cell", "w_hh", w_hh, _dtype)
+    b_ih = _dev_float("gru_cell", "b_ih", b_ih, _dtype)
+    b_hh = _dev_float("gru_cell", "b_hh", b_hh, _dtype)
+    t_x = _dev_float("gru_cell", "t_x", t_x, _dtype)
+    t_h = _dev_float("gru_cell", "t_h", t_h, _dtype)
+    t_w_ih = _dev_float("gru_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _dev_float("gru_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _dev_float("gru_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _dev_float("gru_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("gru_cell", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    _check_rank("gru_cell", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("gru_cell", "h", h, 2)
+    _check_rank("gru_cell", "w_ih", w_ih, 2)
+    G = w_ih.shape[0]
+    _check_rank("gru_cell", "w_hh", w_hh, 2)
+    _check_rank("gru_cell", "b_ih", b_ih, 1)
+    _check_rank("gru_cell", "b_hh", b_hh, 1)
+    _check_rank("gru_cell", "t_x", t_x, 2)
+    _check_rank("gru_cell", "t_h", t_h, 2)
+    _check_rank("gru_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("gru_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("gru_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("gru_cell", "t_b_hh", t_b_hh, 1)
+    _check_relation("gru_cell", "recurrent.py", "G = 3*H", "G", G, "3*H", 3*H, {'G': (G, 'from w_ih axis 0'), 'H': (H, 'from g_y axis 1')})
+    _check_dim("gru_cell", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "h", h, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "h", h, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "w_hh", w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "w_hh", w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "b_ih", b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "b_hh", b_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_h", t_h, 0, "B", B, "from g_y axis 0")
+    _check_dim("gru_cell", "t_h", t_h, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_w_hh", t_w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("gru_cell", "t_b_ih", t_b_ih, 0, "G", G, "from w_ih axis 0")
+    _check_dim("gru_cell", "t_b_hh", t_b_hh, 0, "G", G, "from w_ih axis 0")
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    t_g_x = _empty((B, I), _dtype)
+    t_g_h = _empty((B, H), _dtype)
+    t_g_w_ih = _empty((G, I), _dtype)
+    t_g_w_hh = _empty((G, H), _dtype)
+    t_g_b_ih = _empty((G,), _dtype)
+    t_g_b_hh = _empty((G,), _dtype)
+    t_r = _empty((B, H), _dtype)
+    t_z = _empty((B, H), _dtype)
+    t_hn = _empty((B, H), _dtype)
+    t_nn = _empty((B, H), _dtype)
+    _launch(_gru_cell_hvp0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H, I)
+    _launch(_gru_cell_hvp1, G, z, nn, g_y, t_g_b_ih, t_z, t_nn, B, G, H)
+    _launch(_gru_cell_hvp2, G * I, x, z, nn, g_y, t_x, t_g_w_ih, t_z, t_nn, B, G, H, I)
+    _launch(_gru_cell_hvp3, B * I, w_ih, z, nn, g_y, t_w_ih, t_g_x, t_z, t_nn, B, H, I)
+    _launch(_gru_cell_hvp4, G, r, z, nn, g_y, t_g_b_hh, t_r, t_z, t_nn, B, G, H)
+    _launch(_gru_cell_hvp5, B * H, w_hh, r, z, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_nn, B, H)
+    _launch(_gru_cell_hvp6, G * H, h, r, z, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_nn, B, G, H)
+    _launch(_gru_cell_hvp7, G, h, z, nn, g_y, t_h, t_g_b_ih, t_g_b_hh, t_z, t_nn, B, G, H)
+    _launch(_gru_cell_hvp8, G * I, x, h, z, nn, g_y, t_x, t_h, t_g_w_ih, t_z, t_nn, B, G, H, I)
+    _launch(_gru_cell_hvp9, B * I, h, w_ih, z, nn, g_y, t_h, t_w_ih, t_g_x, t_z, t_nn, B, H, I)
+    _launch(_gru_cell_hvp10, B * H, h, w_hh, z, nn, g_y, t_h, t_w_hh, t_g_h, t_z, t_nn, B, H)
+    _launch(_gru_cell_hvp11, G * H, h, z, nn, g_y, t_h, t_g_w_hh, t_z, t_nn, B, G, H)
+    _launch(_gru_cell_hvp12, G, r, z, hn, nn, g_y, t_g_b_ih, t_g_b_hh, t_r, t_z, t_hn, t_nn, B, G, H)
+    _launch(_gru_cell_hvp13, G * I, x, r, z, hn, nn, g_y, t_x, t_g_w_ih, t_r, t_z, t_hn, t_nn, B, G, H, I)
+    _launch(_gru_cell_hvp14, B * I, w_ih, r, z, hn, nn, g_y, t_w_ih, t_g_x, t_r, t_z, t_hn, t_nn, B, H, I)
+    _launch(_gru_cell_hvp15, B * H, w_hh, r, z, hn, nn, g_y, t_w_hh, t_g_h, t_r, t_z, t_hn, t_nn, B, H)
+    _launch(_gru_cell_hvp16, G * H, h, r, z, hn, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_hn, t_nn, B, G, H)
+    return _result(t_g_x, _dev), _result(t_g_h, _dev), _result(t_g_w_ih, _dev), _result(t_g_w_hh, _dev), _result(t_g_b_ih, _dev), _result(t_g_b_hh, _dev)
 
 
 # ============================================================================ layer_norm
@@ -2209,6 +4429,203 @@ def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D, _to
         g_x[b, d] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _layer_norm_jvp0(x, mean, var, rstd, B, D, eps, _total):
+    """mean_sum0[b] = sum(x[b, d], d)
+    mean[b] = mean_sum0[b]/D
+    var_sum0[b] = sum((-mean[b] + x[b, d])**2, d)
+    var[b] = var_sum0[b]/D
+    rstd[b] = 1/sqrt(eps + var[b])
+    """
+    _F = mean.dtype.type
+    _c0 = _F(1) / _F(D)
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # mean_sum0[b] = sum(x[b, d], d)
+        _v_mean_sum0 = _F(0)
+        for d in range(0, D):
+            _v_mean_sum0 += x[b, d]
+        # mean[b] = mean_sum0[b]/D
+        _v_mean = _c0*_v_mean_sum0
+        mean[b] = _v_mean
+        # var_sum0[b] = sum((-mean[b] + x[b, d])**2, d)
+        _v_var_sum0 = _F(0)
+        for d in range(0, D):
+            _v_var_sum0 += (-_v_mean + x[b, d])**2
+        # var[b] = var_sum0[b]/D
+        _v_var = _c0*_v_var_sum0
+        var[b] = _v_var
+        # rstd[b] = 1/sqrt(eps + var[b])
+        _v_rstd = _F(1) / math.sqrt(_v_var + eps)
+        rstd[b] = _v_rstd
+
+
+@cuda.jit(cache=True)
+def _layer_norm_jvp1(x, mean, var, t_x, t_mean, t_rstd, B, D, eps, _total):
+    """t_mean_sum0[b] = sum(t_x[b, d], d)
+    t_mean[b] = t_mean_sum0[b]/D
+    t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+    t_var[b] = t_var_sum0[b]/D
+    t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+    """
+    _F = t_mean.dtype.type
+    _c0 = _F(1) / _F(D)
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_mean_sum0[b] = sum(t_x[b, d], d)
+        _v_t_mean_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_mean_sum0 += t_x[b, d]
+        # t_mean[b] = t_mean_sum0[b]/D
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[b] = _v_t_mean
+        # t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+        _v_t_var_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[b, d])*(mean[b] - x[b, d])
+        # t_var[b] = t_var_sum0[b]/D
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[b])**(_F(1.5))
+        t_rstd[b] = _v_t_rstd
+
+
+@cuda.jit(cache=True)
+def _layer_norm_jvp2(x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, B, D, _total):
+    """t_xhat[b, d] = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+    t_y[b, d] = t_bias[d] + t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d]
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        # t_xhat[b, d] = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+        _v_t_xhat = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+        # t_y[b, d] = t_bias[d] + t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d]
+        _v_t_y = _v_t_xhat*weight[d] + t_bias[d] + t_weight[d]*xhat[b, d]
+        t_y[b, d] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _layer_norm_hvp0(x, weight, mean, var, xhat, g_y, g_x_sum0, g_x_sum1, t_x, t_mean, t_rstd, B, D, eps, _total):
+    """g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+    g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+    t_mean_sum0[b] = sum(t_x[b, d], d)
+    t_mean[b] = t_mean_sum0[b]/D
+    t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+    t_var[b] = t_var_sum0[b]/D
+    t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+    """
+    _F = g_x_sum0.dtype.type
+    _c0 = _F(1) / _F(D)
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # g_x_sum0[b] = sum(g_y[b, d]*weight[d], d)
+        _v_g_x_sum0 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum0 += g_y[b, d]*weight[d]
+        g_x_sum0[b] = _v_g_x_sum0
+        # g_x_sum1[b] = sum(g_y[b, d]*weight[d]*xhat[b, d], d)
+        _v_g_x_sum1 = _F(0)
+        for d in range(0, D):
+            _v_g_x_sum1 += g_y[b, d]*weight[d]*xhat[b, d]
+        g_x_sum1[b] = _v_g_x_sum1
+        # t_mean_sum0[b] = sum(t_x[b, d], d)
+        _v_t_mean_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_mean_sum0 += t_x[b, d]
+        # t_mean[b] = t_mean_sum0[b]/D
+        _v_t_mean = _c0*_v_t_mean_sum0
+        t_mean[b] = _v_t_mean
+        # t_var_sum0[b] = sum(2*(mean[b] - x[b, d])*(t_mean[b] - t_x[b, d]), d)
+        _v_t_var_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_var_sum0 += _F(2)*(_v_t_mean - t_x[b, d])*(mean[b] - x[b, d])
+        # t_var[b] = t_var_sum0[b]/D
+        _v_t_var = _c0*_v_t_var_sum0
+        # t_rstd[b] = -t_var[b]/(2*(eps + var[b])**(3/2))
+        _v_t_rstd = -_F(0.5)*_v_t_var/(eps + var[b])**(_F(1.5))
+        t_rstd[b] = _v_t_rstd
+
+
+@cuda.jit(cache=True)
+def _layer_norm_hvp1(x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, B, D, _total):
+    """t_xhat[b, d] = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]"""
+    _F = t_xhat.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        _v_t_xhat = (-mean[b] + x[b, d])*t_rstd[b] + (-t_mean[b] + t_x[b, d])*rstd[b]
+        t_xhat[b, d] = _v_t_xhat
+
+
+@cuda.jit(cache=True)
+def _layer_norm_hvp2(g_y, t_g_weight, t_xhat, B, D, _total):
+    """t_g_weight[d] = sum(g_y[b, d]*t_xhat[b, d], b)"""
+    _F = t_g_weight.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r
+        _v_t_g_weight = _F(0)
+        for b in range(0, B):
+            _v_t_g_weight += g_y[b, d]*t_xhat[b, d]
+        t_g_weight[d] = _v_t_g_weight
+
+
+@cuda.jit(cache=True)
+def _layer_norm_hvp3(weight, xhat, g_y, t_weight, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D, _total):
+    """t_g_x_sum0[b] = sum(g_y[b, d]*t_weight[d], d)
+    t_g_x_sum1[b] = sum((t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d])*g_y[b, d], d)
+    """
+    _F = t_g_x_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_g_x_sum0[b] = sum(g_y[b, d]*t_weight[d], d)
+        _v_t_g_x_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_g_x_sum0 += g_y[b, d]*t_weight[d]
+        t_g_x_sum0[b] = _v_t_g_x_sum0
+        # t_g_x_sum1[b] = sum((t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d])*g_y[b, d], d)
+        _v_t_g_x_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_g_x_sum1 += (t_weight[d]*xhat[b, d] + t_xhat[b, d]*weight[d])*g_y[b, d]
+        t_g_x_sum1[b] = _v_t_g_x_sum1
+
+
+@cuda.jit(cache=True)
+def _layer_norm_hvp4(weight, rstd, xhat, g_y, g_x_sum0, g_x_sum1, t_weight, t_g_x, t_rstd, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D, _total):
+    """t_g_x[b, d] = (g_y[b, d]*weight[d] - g_x_sum0[b]/D - g_x_sum1[b]*xhat[b, d]/D)*t_rstd[b] + (g_y[b, d]*t_weight[d] - g_x_sum1[b]*t_xhat[b, d]/D - t_g_x_sum0[b]/D - t_g_x_sum1[b]*xhat[b, d]/D)*rstd[b]"""
+    _F = t_g_x.dtype.type
+    _c0 = _F(1) / _F(D)
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        _t0 = _c0*g_x_sum1[b]
+        _v_t_g_x = (-_c0*g_x_sum0[b] - _t0*xhat[b, d] + g_y[b, d]*weight[d])*t_rstd[b] + (-_c0*t_g_x_sum0[b] - _c0*t_g_x_sum1[b]*xhat[b, d] - _t0*t_xhat[b, d] + g_y[b, d]*t_weight[d])*rstd[b]
+        t_g_x[b, d] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _layer_norm_hvp5(t_g_bias, D, _total):
+    """t_g_bias = 0 (no path from a differentiable argument)"""
+    _F = t_g_bias.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bias = _F(0)
+        t_g_bias[i0] = _v_t_g_bias
+
+
 def _layer_norm_fwd(x, weight, bias, *, eps):
     """Forward of layer_norm: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -2265,6 +4682,99 @@ def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
     _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
     _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _layer_norm_jvp(x, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Forward mode of layer_norm: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
+    x = _dev_float("layer_norm", "x", x, _dtype)
+    weight = _dev_float("layer_norm", "weight", weight, _dtype)
+    bias = _dev_float("layer_norm", "bias", bias, _dtype)
+    t_x = _dev_float("layer_norm", "t_x", t_x, _dtype)
+    t_weight = _dev_float("layer_norm", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("layer_norm", "t_bias", t_bias, _dtype)
+    _check_rank("layer_norm", "x", x, 2)
+    B = x.shape[0]
+    D = x.shape[1]
+    _check_rank("layer_norm", "weight", weight, 1)
+    _check_rank("layer_norm", "bias", bias, 1)
+    _check_rank("layer_norm", "t_x", t_x, 2)
+    _check_rank("layer_norm", "t_weight", t_weight, 1)
+    _check_rank("layer_norm", "t_bias", t_bias, 1)
+    _check_dim("layer_norm", "weight", weight, 0, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "bias", bias, 0, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("layer_norm", "t_x", t_x, 1, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "t_weight", t_weight, 0, "D", D, "from x axis 1")
+    _check_dim("layer_norm", "t_bias", t_bias, 0, "D", D, "from x axis 1")
+    eps = _dtype.type(eps)
+    mean = _empty((B,), _dtype)
+    var = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    t_y = _empty((B, D), _dtype)
+    t_mean = _empty((B,), _dtype)
+    t_rstd = _empty((B,), _dtype)
+    _launch(_layer_norm_jvp0, B, x, mean, var, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_jvp1, B, x, mean, var, t_x, t_mean, t_rstd, B, D, eps)
+    _launch(_layer_norm_jvp2, B * D, x, weight, mean, rstd, xhat, t_x, t_weight, t_bias, t_y, t_mean, t_rstd, B, D)
+    return _result(t_y, _dev)
+
+
+def _layer_norm_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, eps):
+    """Second order of layer_norm: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, weight, bias, t_x, t_weight, t_bias))
+    _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
+    g_y = _dev_float("layer_norm", "g_y", g_y, _dtype)
+    x = _dev_float("layer_norm", "x", x, _dtype)
+    weight = _dev_float("layer_norm", "weight", weight, _dtype)
+    bias = _dev_float("layer_norm", "bias", bias, _dtype)
+    t_x = _dev_float("layer_norm", "t_x", t_x, _dtype)
+    t_weight = _dev_float("layer_norm", "t_weight", t_weight, _dtype)
+    t_bias = _dev_float("layer_norm", "t_bias", t_bias, _dtype)
+    _check_rank("layer_norm", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    _check_rank("layer_norm", "x", x, 2)
+    _check_rank("layer_norm", "weight", weight, 1)
+    _check_rank("layer_norm", "bias", bias, 1)
+    _check_rank("layer_norm", "t_x", t_x, 2)
+    _check_rank("layer_norm", "t_weight", t_weight, 1)
+    _check_rank("layer_norm", "t_bias", t_bias, 1)
+    _check_dim("layer_norm", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("layer_norm", "x", x, 1, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "weight", weight, 0, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "bias", bias, 0, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("layer_norm", "t_x", t_x, 1, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "t_weight", t_weight, 0, "D", D, "from g_y axis 1")
+    _check_dim("layer_norm", "t_bias", t_bias, 0, "D", D, "from g_y axis 1")
+    eps = _dtype.type(eps)
+    mean = _empty((B,), _dtype)
+    var = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    g_x_sum1 = _empty((B,), _dtype)
+    t_g_x = _empty((B, D), _dtype)
+    t_g_weight = _empty((D,), _dtype)
+    t_g_bias = _empty((D,), _dtype)
+    t_mean = _empty((B,), _dtype)
+    t_rstd = _empty((B,), _dtype)
+    t_xhat = _empty((B, D), _dtype)
+    t_g_x_sum0 = _empty((B,), _dtype)
+    t_g_x_sum1 = _empty((B,), _dtype)
+    _launch(_layer_norm_jvp0, B, x, mean, var, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_hvp0, B, x, weight, mean, var, xhat, g_y, g_x_sum0, g_x_sum1, t_x, t_mean, t_rstd, B, D, eps)
+    _launch(_layer_norm_hvp1, B * D, x, mean, rstd, t_x, t_mean, t_rstd, t_xhat, B, D)
+    _launch(_layer_norm_hvp2, D, g_y, t_g_weight, t_xhat, B, D)
+    _launch(_layer_norm_hvp3, B, weight, xhat, g_y, t_weight, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D)
+    _launch(_layer_norm_hvp4, B * D, weight, rstd, xhat, g_y, g_x_sum0, g_x_sum1, t_weight, t_g_x, t_rstd, t_xhat, t_g_x_sum0, t_g_x_sum1, B, D)
+    _launch(_layer_norm_hvp5, D, t_g_bias, D)
+    return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
 
 
 # ============================================================================ log_softmax
@@ -2371,6 +4881,121 @@ def _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C, _total):
         g_x[b, k] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _log_softmax_jvp0(x, y_max0, y_sumexp0, B, C, _total):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    """
+    _F = y_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_jvp1(t_x, t_y_shifted0, B, C, _total):
+    """t_y_shifted0[b, k] = t_x[b, k]"""
+    _F = t_y_shifted0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_y_shifted0 = t_x[b, k]
+        t_y_shifted0[b, k] = _v_t_y_shifted0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_jvp2(x, y_max0, y_sumexp0, t_x, t_y_logsumexp0, B, C, _total):
+    """t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    t_y_logsumexp0[b] = t_y_sumexp0[b]/y_sumexp0[b]
+    """
+    _F = t_y_logsumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(x[b, k] - y_max0[b])*t_x[b, k]
+        # t_y_logsumexp0[b] = t_y_sumexp0[b]/y_sumexp0[b]
+        _v_t_y_logsumexp0 = _v_t_y_sumexp0/y_sumexp0[b]
+        t_y_logsumexp0[b] = _v_t_y_logsumexp0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_jvp3(t_y, t_y_shifted0, t_y_logsumexp0, B, C, _total):
+    """t_y[b, c] = -t_y_logsumexp0[b] + t_y_shifted0[b, c]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r % C
+        _r //= C
+        b = _r
+        _v_t_y = -t_y_logsumexp0[b] + t_y_shifted0[b, c]
+        t_y[b, c] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _log_softmax_hvp0(x, y_max0, y_sumexp0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C, _total):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    g_x_sum0[b] = sum(g_y[b, c], c)
+    t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    """
+    _F = y_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+        # g_x_sum0[b] = sum(g_y[b, c], c)
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])*t_x[b, k]
+        t_y_sumexp0[b] = _v_t_y_sumexp0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_hvp1(x, y_max0, y_sumexp0, g_x_sum0, t_x, t_g_x, t_y_sumexp0, B, C, _total):
+    """t_g_x[b, k] = -(t_x[b, k]*y_sumexp0[b] - t_y_sumexp0[b])*exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b]**2"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_g_x = -(t_x[b, k]*y_sumexp0[b] - t_y_sumexp0[b])*math.exp(x[b, k] - y_max0[b])*g_x_sum0[b]/(y_sumexp0[b] * y_sumexp0[b])
+        t_g_x[b, k] = _v_t_g_x
+
+
 def _log_softmax_fwd(x):
     """Forward of log_softmax: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -2409,6 +5034,56 @@ def _log_softmax_bwd(g_y, x):
     _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
     _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
+
+
+def _log_softmax_jvp(x, t_x):
+    """Forward mode of log_softmax: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("log_softmax", "x", x, _dtype)
+    t_x = _dev_float("log_softmax", "t_x", t_x, _dtype)
+    _check_rank("log_softmax", "x", x, 2)
+    B = x.shape[0]
+    C = x.shape[1]
+    _check_rank("log_softmax", "t_x", t_x, 2)
+    _check_dim("log_softmax", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("log_softmax", "t_x", t_x, 1, "C", C, "from x axis 1")
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    t_y = _empty((B, C), _dtype)
+    t_y_shifted0 = _empty((B, C), _dtype)
+    t_y_logsumexp0 = _empty((B,), _dtype)
+    _launch(_log_softmax_jvp0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_log_softmax_jvp1, B * C, t_x, t_y_shifted0, B, C)
+    _launch(_log_softmax_jvp2, B, x, y_max0, y_sumexp0, t_x, t_y_logsumexp0, B, C)
+    _launch(_log_softmax_jvp3, B * C, t_y, t_y_shifted0, t_y_logsumexp0, B, C)
+    return _result(t_y, _dev)
+
+
+def _log_softmax_hvp(g_y, x, t_x):
+    """Second order of log_softmax: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("log_softmax", "g_y", g_y, _dtype)
+    x = _dev_float("log_softmax", "x", x, _dtype)
+    t_x = _dev_float("log_softmax", "t_x", t_x, _dtype)
+    _check_rank("log_softmax", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("log_softmax", "x", x, 2)
+    _check_rank("log_softmax", "t_x", t_x, 2)
+    _check_dim("log_softmax", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("log_softmax", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("log_softmax", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("log_softmax", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    t_g_x = _empty((B, C), _dtype)
+    t_y_sumexp0 = _empty((B,), _dtype)
+    _launch(_log_softmax_hvp0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C)
+    _launch(_log_softmax_hvp1, B * C, x, y_max0, y_sumexp0, g_x_sum0, t_x, t_g_x, t_y_sumexp0, B, C)
+    return _result(t_g_x, _dev)
 
 
 # ============================================================================ max_pool2d
@@ -2487,6 +5162,54 @@ def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO,
         g_x[n, c, h1, w1] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO, _total):
+    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
+    t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        h = _r % HO
+        _r //= HO
+        c = _r % C
+        _r //= C
+        n = _r
+        # y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
+        _v_y = -_F(math.inf)
+        _v_y_argmax_p = 0
+        _v_y_argmax_q = 0
+        for p in range(0, K):
+            for q in range(0, K):
+                _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                if _m > _v_y:
+                    _v_y = _m
+                    _v_y_argmax_p = p
+                    _v_y_argmax_q = q
+        # t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
+        _v_t_y = (t_x[n, c, S*h + _v_y_argmax_p, S*w + _v_y_argmax_q] if ((S*h + _v_y_argmax_p >= 0) and (S*w + _v_y_argmax_q >= 0) and (H > S*h + _v_y_argmax_p) and (W > S*w + _v_y_argmax_q)) else _F(0))
+        t_y[n, c, h, w] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _max_pool2d_hvp0(t_g_x, C, H, N, W, _total):
+    """t_g_x = 0 (no path from a differentiable argument)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i3 = _r % W
+        _r //= W
+        i2 = _r % H
+        _r //= H
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_x = _F(0)
+        t_g_x[i0, i1, i2, i3] = _v_t_g_x
+
+
 def _max_pool2d_fwd(x, *, K, S):
     """Forward of max_pool2d: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -2532,6 +5255,62 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
     _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return _result(g_x, _dev)
+
+
+def _max_pool2d_jvp(x, t_x, *, K, S):
+    """Forward mode of max_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("max_pool2d", "x", x, _dtype)
+    t_x = _dev_float("max_pool2d", "t_x", t_x, _dtype)
+    _check_rank("max_pool2d", "x", x, 4)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("max_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("max_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("max_pool2d", "WO", WO)
+    _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
+    _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
+    _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    t_y = _empty((N, C, HO, WO), _dtype)
+    _launch(_max_pool2d_jvp0, N * C * HO * WO, x, t_x, t_y, C, H, HO, K, N, S, W, WO)
+    return _result(t_y, _dev)
+
+
+def _max_pool2d_hvp(g_y, x, t_x, *, K, S):
+    """Second order of max_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("max_pool2d", "g_y", g_y, _dtype)
+    x = _dev_float("max_pool2d", "x", x, _dtype)
+    t_x = _dev_float("max_pool2d", "t_x", t_x, _dtype)
+    _check_rank("max_pool2d", "g_y", g_y, 4)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("max_pool2d", "x", x, 4)
+    H = x.shape[2]
+    W = x.shape[3]
+    _check_rank("max_pool2d", "t_x", t_x, 4)
+    HO = ((H - K) // S) + 1
+    _check_derived("max_pool2d", "HO", HO)
+    WO = ((-K + W) // S) + 1
+    _check_derived("max_pool2d", "WO", WO)
+    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
+    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
+    _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
+    _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
+    _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
+    t_g_x = _empty((N, C, H, W), _dtype)
+    _launch(_max_pool2d_hvp0, N * C * H * W, t_g_x, C, H, N, W)
+    return _result(t_g_x, _dev)
 
 
 # ============================================================================ multi_head_attention
@@ -3064,6 +5843,530 @@ def _multi_head_attention_bwd16(wq, g_x, g_qh, B, Dh, E, L, heads, _total):
         g_x[b, l, e] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp0(x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads, _total):
+    """t_qh_sum0[b, d, h, l] = sum(t_wq[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wq[e, Dh*h + d], e)"""
+    _F = t_qh_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        d = _r % Dh
+        _r //= Dh
+        b = _r
+        _v_t_qh_sum0 = _F(0)
+        for e in range(0, E):
+            _v_t_qh_sum0 += t_wq[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wq[e, Dh*h + d]
+        t_qh_sum0[b, d, h, l] = _v_t_qh_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp1(t_bq, t_qh_sum0, t_qh, B, Dh, L, heads, _total):
+    """t_qh[b, h, l, d] = t_bq[Dh*h + d] + t_qh_sum0[b, d, h, l]"""
+    _F = t_qh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_qh = t_bq[Dh*h + d] + t_qh_sum0[b, d, h, l]
+        t_qh[b, h, l, d] = _v_t_qh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp2(x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads, _total):
+    """t_kh_sum0[b, d, h, l] = sum(t_wk[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wk[e, Dh*h + d], e)"""
+    _F = t_kh_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        d = _r % Dh
+        _r //= Dh
+        b = _r
+        _v_t_kh_sum0 = _F(0)
+        for e in range(0, E):
+            _v_t_kh_sum0 += t_wk[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wk[e, Dh*h + d]
+        t_kh_sum0[b, d, h, l] = _v_t_kh_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp3(t_bk, t_kh_sum0, t_kh, B, Dh, L, heads, _total):
+    """t_kh[b, h, l, d] = t_bk[Dh*h + d] + t_kh_sum0[b, d, h, l]"""
+    _F = t_kh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_kh = t_bk[Dh*h + d] + t_kh_sum0[b, d, h, l]
+        t_kh[b, h, l, d] = _v_t_kh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp4(x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads, _total):
+    """t_vh_sum0[b, d, h, l] = sum(t_wv[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wv[e, Dh*h + d], e)"""
+    _F = t_vh_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        d = _r % Dh
+        _r //= Dh
+        b = _r
+        _v_t_vh_sum0 = _F(0)
+        for e in range(0, E):
+            _v_t_vh_sum0 += t_wv[e, Dh*h + d]*x[b, l, e] + t_x[b, l, e]*wv[e, Dh*h + d]
+        t_vh_sum0[b, d, h, l] = _v_t_vh_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp5(t_bv, t_vh_sum0, t_vh, B, Dh, L, heads, _total):
+    """t_vh[b, h, l, d] = t_bv[Dh*h + d] + t_vh_sum0[b, d, h, l]"""
+    _F = t_vh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_vh = t_bv[Dh*h + d] + t_vh_sum0[b, d, h, l]
+        t_vh[b, h, l, d] = _v_t_vh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp6(qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads, _total):
+    """t_raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*t_qh[b, h, l, d] + qh[b, h, l, d]*t_kh[b, h, s, d], d)
+    t_raw[b, h, l, s] = t_raw_sum0[b, h, l, s]/sqrt(Dh)
+    t_score[b, h, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, h, l, s], True))
+    """
+    _F = t_score.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % L
+        _r //= L
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        # t_raw_sum0[b, h, l, s] = sum(kh[b, h, s, d]*t_qh[b, h, l, d] + qh[b, h, l, d]*t_kh[b, h, s, d], d)
+        _v_t_raw_sum0 = _F(0)
+        for d in range(0, Dh):
+            _v_t_raw_sum0 += kh[b, h, s, d]*t_qh[b, h, l, d] + qh[b, h, l, d]*t_kh[b, h, s, d]
+        # t_raw[b, h, l, s] = t_raw_sum0[b, h, l, s]/sqrt(Dh)
+        _v_t_raw = _c0*_v_t_raw_sum0
+        # t_score[b, h, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, h, l, s], True))
+        _v_t_score = (_F(0) if ((causal > 0) and (l < s)) else _v_t_raw)
+        t_score[b, h, l, s] = _v_t_score
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp7(score, prob_max0, t_score, t_prob_sumexp0, B, L, heads, _total):
+    """t_prob_sumexp0[b, h, l] = sum(exp(-prob_max0[b, h, l] + score[b, h, l, t])*t_score[b, h, l, t], t)"""
+    _F = t_prob_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_prob_sumexp0 = _F(0)
+        for t in range(0, L):
+            _v_t_prob_sumexp0 += math.exp(-prob_max0[b, h, l] + score[b, h, l, t])*t_score[b, h, l, t]
+        t_prob_sumexp0[b, h, l] = _v_t_prob_sumexp0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp8(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads, _total):
+    """t_prob[b, h, l, s] = (prob_sumexp0[b, h, l]*t_score[b, h, l, s] - t_prob_sumexp0[b, h, l])*exp(-prob_max0[b, h, l] + score[b, h, l, s])/prob_sumexp0[b, h, l]**2"""
+    _F = t_prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % L
+        _r //= L
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_prob = (prob_sumexp0[b, h, l]*t_score[b, h, l, s] - t_prob_sumexp0[b, h, l])*math.exp(-prob_max0[b, h, l] + score[b, h, l, s])/(prob_sumexp0[b, h, l] * prob_sumexp0[b, h, l])
+        t_prob[b, h, l, s] = _v_t_prob
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp9(vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads, _total):
+    """t_oh[b, h, l, d] = sum(prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d], s)"""
+    _F = t_oh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_oh = _F(0)
+        for s in range(0, L):
+            _v_t_oh += prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d]
+        t_oh[b, h, l, d] = _v_t_oh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp10(wo, oh, t_wo, t_oh, t_y_sum0, B, Dh, E, L, heads, _total):
+    """t_y_sum0[b, f, l] = sum(oh[b, h, l, d]*t_wo[Dh*h + d, f] + t_oh[b, h, l, d]*wo[Dh*h + d, f], h, d)"""
+    _F = t_y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        f = _r % E
+        _r //= E
+        b = _r
+        _v_t_y_sum0 = _F(0)
+        for h in range(0, heads):
+            for d in range(0, Dh):
+                _v_t_y_sum0 += oh[b, h, l, d]*t_wo[Dh*h + d, f] + t_oh[b, h, l, d]*wo[Dh*h + d, f]
+        t_y_sum0[b, f, l] = _v_t_y_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_jvp11(t_bo, t_y, t_y_sum0, B, E, L, _total):
+    """t_y[b, l, f] = t_bo[f] + t_y_sum0[b, f, l]"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        f = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_y = t_bo[f] + t_y_sum0[b, f, l]
+        t_y[b, l, f] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp0(vh, prob, g_y, t_wo, t_vh, t_prob, t_oh, t_g_oh, B, Dh, E, L, heads, _total):
+    """t_oh[b, h, l, d] = sum(prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d], s)
+    t_g_oh[b, h, l, d] = sum(g_y[b, l, f]*t_wo[Dh*h + d, f], f)
+    """
+    _F = t_oh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        # t_oh[b, h, l, d] = sum(prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d], s)
+        _v_t_oh = _F(0)
+        for s in range(0, L):
+            _v_t_oh += prob[b, h, l, s]*t_vh[b, h, s, d] + t_prob[b, h, l, s]*vh[b, h, s, d]
+        t_oh[b, h, l, d] = _v_t_oh
+        # t_g_oh[b, h, l, d] = sum(g_y[b, l, f]*t_wo[Dh*h + d, f], f)
+        _v_t_g_oh = _F(0)
+        for f in range(0, E):
+            _v_t_g_oh += g_y[b, l, f]*t_wo[Dh*h + d, f]
+        t_g_oh[b, h, l, d] = _v_t_g_oh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp1(g_y, t_g_wo, t_oh, B, Dh, E, L, heads, _total):
+    """t_g_wo[e, f] = sum(Piecewise((t_oh[b, h, l, -Dh*h + e], (Dh > -Dh*h + e) & (Dh*h - e <= 0)), (0, True))*g_y[b, l, f], b, l, h)"""
+    _F = t_g_wo.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        f = _r % E
+        _r //= E
+        e = _r
+        _v_t_g_wo = _F(0)
+        for b in range(0, B):
+            for l in range(0, L):
+                for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                    _v_t_g_wo += (t_oh[b, h, l, -Dh*h + e] if ((Dh > -Dh*h + e) and (Dh*h - e <= 0)) else _F(0))*g_y[b, l, f]
+        t_g_wo[e, f] = _v_t_g_wo
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp2(vh, g_oh, t_vh, t_g_oh, t_g_prob, B, Dh, L, heads, _total):
+    """t_g_prob[b, h, l, s] = sum(g_oh[b, h, l, d]*t_vh[b, h, s, d] + t_g_oh[b, h, l, d]*vh[b, h, s, d], d)"""
+    _F = t_g_prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % L
+        _r //= L
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_g_prob = _F(0)
+        for d in range(0, Dh):
+            _v_t_g_prob += g_oh[b, h, l, d]*t_vh[b, h, s, d] + t_g_oh[b, h, l, d]*vh[b, h, s, d]
+        t_g_prob[b, h, l, s] = _v_t_g_prob
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp3(prob, g_oh, t_prob, t_g_oh, t_g_vh, B, Dh, L, heads, _total):
+    """t_g_vh[b, h, s, d] = sum(g_oh[b, h, l, d]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_oh[b, h, l, d], l)"""
+    _F = t_g_vh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        s = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_g_vh = _F(0)
+        for l in range(0, L):
+            _v_t_g_vh += g_oh[b, h, l, d]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_oh[b, h, l, d]
+        t_g_vh[b, h, s, d] = _v_t_g_vh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp4(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, heads, _total):
+    """t_g_prob_sumexp0_sum0[b, h, l] = sum(g_prob[b, h, l, s]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_prob[b, h, l, s], s)"""
+    _F = t_g_prob_sumexp0_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_g_prob_sumexp0_sum0 = _F(0)
+        for s in range(0, L):
+            _v_t_g_prob_sumexp0_sum0 += g_prob[b, h, l, s]*t_prob[b, h, l, s] + prob[b, h, l, s]*t_g_prob[b, h, l, s]
+        t_g_prob_sumexp0_sum0[b, h, l] = _v_t_g_prob_sumexp0_sum0
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp5(qh, prob, g_prob, g_prob_sumexp0_sum0, t_qh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_kh, B, Dh, L, causal, heads, _total):
+    """t_g_kh[b, h, s, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*t_qh[b, h, l, d]/sqrt(Dh) + (g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*qh[b, h, l, d]*t_prob[b, h, l, s]/sqrt(Dh) + (t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*qh[b, h, l, d]/sqrt(Dh), l)"""
+    _F = t_g_kh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        s = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_g_kh = _F(0)
+        for l in range(0, L):
+            _t0 = _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
+            _v_t_g_kh += _c0*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*t_qh[b, h, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*qh[b, h, l, d]*t_prob[b, h, l, s]
+        t_g_kh[b, h, s, d] = _v_t_g_kh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp6(kh, prob, g_prob, g_prob_sumexp0_sum0, t_kh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_qh, B, Dh, L, causal, heads, _total):
+    """t_g_qh[b, h, l, d] = sum((g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*t_prob[b, h, l, s]/sqrt(Dh) + (g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, h, l, s]*t_kh[b, h, s, d]/sqrt(Dh) + (t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*kh[b, h, s, d]*prob[b, h, l, s]/sqrt(Dh), s)"""
+    _F = t_g_qh.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(Dh))
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % Dh
+        _r //= Dh
+        l = _r % L
+        _r //= L
+        h = _r % heads
+        _r //= heads
+        b = _r
+        _v_t_g_qh = _F(0)
+        for s in range(0, L):
+            _t0 = _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
+            _v_t_g_qh += _c0*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*t_prob[b, h, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*t_kh[b, h, s, d]
+        t_g_qh[b, h, l, d] = _v_t_g_qh
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp7(t_g_bv, t_g_vh, B, Dh, E, L, heads, _total):
+    """t_g_bv[e] = sum(t_g_vh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = t_g_bv.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r
+        _v_t_g_bv = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_bv += t_g_vh[b, h, l, -Dh*h + e]
+        t_g_bv[e] = _v_t_g_bv
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp8(x, g_vh, t_x, t_g_wv, t_g_vh, B, Dh, E, L, heads, _total):
+    """t_g_wv[e, e1] = sum(g_vh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_vh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = t_g_wv.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e1 = _r % E
+        _r //= E
+        e = _r
+        _v_t_g_wv = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_wv += g_vh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_vh[b, h, l, -Dh*h + e1]*x[b, l, e]
+        t_g_wv[e, e1] = _v_t_g_wv
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp9(wv, g_vh, t_wv, t_g_x, t_g_vh, B, Dh, E, L, heads, _total):
+    """t_g_x[b, l, e] = sum(g_vh[b, h, l, d]*t_wv[e, Dh*h + d] + t_g_vh[b, h, l, d]*wv[e, Dh*h + d], d, h)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_g_x = _F(0)
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                _v_t_g_x += g_vh[b, h, l, d]*t_wv[e, Dh*h + d] + t_g_vh[b, h, l, d]*wv[e, Dh*h + d]
+        t_g_x[b, l, e] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp10(t_g_bk, t_g_kh, B, Dh, E, L, heads, _total):
+    """t_g_bk[e] = sum(t_g_kh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = t_g_bk.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r
+        _v_t_g_bk = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_bk += t_g_kh[b, h, l, -Dh*h + e]
+        t_g_bk[e] = _v_t_g_bk
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp11(x, g_kh, t_x, t_g_wk, t_g_kh, B, Dh, E, L, heads, _total):
+    """t_g_wk[e, e1] = sum(g_kh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_kh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = t_g_wk.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e1 = _r % E
+        _r //= E
+        e = _r
+        _v_t_g_wk = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_wk += g_kh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_kh[b, h, l, -Dh*h + e1]*x[b, l, e]
+        t_g_wk[e, e1] = _v_t_g_wk
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp12(wk, g_kh, t_wk, t_g_x, t_g_kh, B, Dh, E, L, heads, _total):
+    """t_g_x[b, l, e] += sum(g_kh[b, h, l, d]*t_wk[e, Dh*h + d] + t_g_kh[b, h, l, d]*wk[e, Dh*h + d], d, h)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_g_x = t_g_x[b, l, e]
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                _v_t_g_x += g_kh[b, h, l, d]*t_wk[e, Dh*h + d] + t_g_kh[b, h, l, d]*wk[e, Dh*h + d]
+        t_g_x[b, l, e] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp13(t_g_bq, t_g_qh, B, Dh, E, L, heads, _total):
+    """t_g_bq[e] = sum(t_g_qh[b, h, l, -Dh*h + e], b, h, l)"""
+    _F = t_g_bq.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r
+        _v_t_g_bq = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e) // Dh) + 1), min(heads, (e // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_bq += t_g_qh[b, h, l, -Dh*h + e]
+        t_g_bq[e] = _v_t_g_bq
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp14(x, g_qh, t_x, t_g_wq, t_g_qh, B, Dh, E, L, heads, _total):
+    """t_g_wq[e, e1] = sum(g_qh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_qh[b, h, l, -Dh*h + e1]*x[b, l, e], b, h, l)"""
+    _F = t_g_wq.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e1 = _r % E
+        _r //= E
+        e = _r
+        _v_t_g_wq = _F(0)
+        for b in range(0, B):
+            for h in range(max(0, ((-Dh + e1) // Dh) + 1), min(heads, (e1 // Dh) + 1)):
+                for l in range(0, L):
+                    _v_t_g_wq += g_qh[b, h, l, -Dh*h + e1]*t_x[b, l, e] + t_g_qh[b, h, l, -Dh*h + e1]*x[b, l, e]
+        t_g_wq[e, e1] = _v_t_g_wq
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp15(wq, g_qh, t_wq, t_g_x, t_g_qh, B, Dh, E, L, heads, _total):
+    """t_g_x[b, l, e] += sum(g_qh[b, h, l, d]*t_wq[e, Dh*h + d] + t_g_qh[b, h, l, d]*wq[e, Dh*h + d], d, h)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_g_x = t_g_x[b, l, e]
+        for d in range(0, Dh):
+            for h in range(0, heads):
+                _v_t_g_x += g_qh[b, h, l, d]*t_wq[e, Dh*h + d] + t_g_qh[b, h, l, d]*wq[e, Dh*h + d]
+        t_g_x[b, l, e] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _multi_head_attention_hvp16(t_g_bo, E, _total):
+    """t_g_bo = 0 (no path from a differentiable argument)"""
+    _F = t_g_bo.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i0 = _r
+        _v_t_g_bo = _F(0)
+        t_g_bo[i0] = _v_t_g_bo
+
+
 def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
     """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo."""
     _dev = any(_on_device(a) for a in (x, wq, wk, wv, bq, bk, bv, wo, bo))
@@ -3231,6 +6534,290 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
     return _result(g_x, _dev), _result(g_wq, _dev), _result(g_wk, _dev), _result(g_wv, _dev), _result(g_bq, _dev), _result(g_bk, _dev), _result(g_bv, _dev), _result(g_wo, _dev), _result(g_bo, _dev)
+
+
+def _multi_head_attention_jvp(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, *, heads, causal):
+    """Forward mode of multi_head_attention: the tangents t_y of the outputs from x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo))
+    _dtype = _float_dtype((x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo))
+    x = _dev_float("multi_head_attention", "x", x, _dtype)
+    wq = _dev_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _dev_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _dev_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _dev_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _dev_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _dev_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _dev_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _dev_float("multi_head_attention", "bo", bo, _dtype)
+    t_x = _dev_float("multi_head_attention", "t_x", t_x, _dtype)
+    t_wq = _dev_float("multi_head_attention", "t_wq", t_wq, _dtype)
+    t_wk = _dev_float("multi_head_attention", "t_wk", t_wk, _dtype)
+    t_wv = _dev_float("multi_head_attention", "t_wv", t_wv, _dtype)
+    t_bq = _dev_float("multi_head_attention", "t_bq", t_bq, _dtype)
+    t_bk = _dev_float("multi_head_attention", "t_bk", t_bk, _dtype)
+    t_bv = _dev_float("multi_head_attention", "t_bv", t_bv, _dtype)
+    t_wo = _dev_float("multi_head_attention", "t_wo", t_wo, _dtype)
+    t_bo = _dev_float("multi_head_attention", "t_bo", t_bo, _dtype)
+    _check_rank("multi_head_attention", "x", x, 3)
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    _check_rank("multi_head_attention", "t_x", t_x, 3)
+    _check_rank("multi_head_attention", "t_wq", t_wq, 2)
+    _check_rank("multi_head_attention", "t_wk", t_wk, 2)
+    _check_rank("multi_head_attention", "t_wv", t_wv, 2)
+    _check_rank("multi_head_attention", "t_bq", t_bq, 1)
+    _check_rank("multi_head_attention", "t_bk", t_bk, 1)
+    _check_rank("multi_head_attention", "t_bv", t_bv, 1)
+    _check_rank("multi_head_attention", "t_wo", t_wo, 2)
+    _check_rank("multi_head_attention", "t_bo", t_bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from x axis 2'), 'heads': (heads, 'attribute')})
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("multi_head_attention", "t_x", t_x, 1, "L", L, "from x axis 1")
+    _check_dim("multi_head_attention", "t_x", t_x, 2, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bq", t_bq, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bk", t_bk, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bv", t_bv, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 0, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 1, "E", E, "from x axis 2")
+    _check_dim("multi_head_attention", "t_bo", t_bo, 0, "E", E, "from x axis 2")
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    t_y = _empty((B, L, E), _dtype)
+    t_qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    t_qh = _empty((B, heads, L, Dh), _dtype)
+    t_kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    t_kh = _empty((B, heads, L, Dh), _dtype)
+    t_vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    t_vh = _empty((B, heads, L, Dh), _dtype)
+    t_score = _empty((B, heads, L, L), _dtype)
+    t_prob_sumexp0 = _empty((B, heads, L), _dtype)
+    t_prob = _empty((B, heads, L, L), _dtype)
+    t_oh = _empty((B, heads, L, Dh), _dtype)
+    t_y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp0, B * Dh * heads * L, x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp1, B * heads * L * Dh, t_bq, t_qh_sum0, t_qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp2, B * Dh * heads * L, x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp3, B * heads * L * Dh, t_bk, t_kh_sum0, t_kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp4, B * Dh * heads * L, x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp5, B * heads * L * Dh, t_bv, t_vh_sum0, t_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp6, B * heads * L * L, qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_jvp7, B * heads * L, score, prob_max0, t_score, t_prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_jvp8, B * heads * L * L, score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads)
+    _launch(_multi_head_attention_jvp9, B * heads * L * Dh, vh, prob, t_vh, t_prob, t_oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp10, B * E * L, wo, oh, t_wo, t_oh, t_y_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp11, B * L * E, t_bo, t_y, t_y_sum0, B, E, L)
+    return _result(t_y, _dev)
+
+
+def _multi_head_attention_hvp(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, *, heads, causal):
+    """Second order of multi_head_attention: t_g_x, t_g_wq, t_g_wk, t_g_wv, t_g_bq, t_g_bk, t_g_bv, t_g_wo, t_g_bo, the derivatives of the gradients along the tangents, from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo))
+    _dtype = _float_dtype((g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo))
+    g_y = _dev_float("multi_head_attention", "g_y", g_y, _dtype)
+    x = _dev_float("multi_head_attention", "x", x, _dtype)
+    wq = _dev_float("multi_head_attention", "wq", wq, _dtype)
+    wk = _dev_float("multi_head_attention", "wk", wk, _dtype)
+    wv = _dev_float("multi_head_attention", "wv", wv, _dtype)
+    bq = _dev_float("multi_head_attention", "bq", bq, _dtype)
+    bk = _dev_float("multi_head_attention", "bk", bk, _dtype)
+    bv = _dev_float("multi_head_attention", "bv", bv, _dtype)
+    wo = _dev_float("multi_head_attention", "wo", wo, _dtype)
+    bo = _dev_float("multi_head_attention", "bo", bo, _dtype)
+    t_x = _dev_float("multi_head_attention", "t_x", t_x, _dtype)
+    t_wq = _dev_float("multi_head_attention", "t_wq", t_wq, _dtype)
+    t_wk = _dev_float("multi_head_attention", "t_wk", t_wk, _dtype)
+    t_wv = _dev_float("multi_head_attention", "t_wv", t_wv, _dtype)
+    t_bq = _dev_float("multi_head_attention", "t_bq", t_bq, _dtype)
+    t_bk = _dev_float("multi_head_attention", "t_bk", t_bk, _dtype)
+    t_bv = _dev_float("multi_head_attention", "t_bv", t_bv, _dtype)
+    t_wo = _dev_float("multi_head_attention", "t_wo", t_wo, _dtype)
+    t_bo = _dev_float("multi_head_attention", "t_bo", t_bo, _dtype)
+    _check_rank("multi_head_attention", "g_y", g_y, 3)
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    _check_rank("multi_head_attention", "x", x, 3)
+    _check_rank("multi_head_attention", "wq", wq, 2)
+    _check_rank("multi_head_attention", "wk", wk, 2)
+    _check_rank("multi_head_attention", "wv", wv, 2)
+    _check_rank("multi_head_attention", "bq", bq, 1)
+    _check_rank("multi_head_attention", "bk", bk, 1)
+    _check_rank("multi_head_attention", "bv", bv, 1)
+    _check_rank("multi_head_attention", "wo", wo, 2)
+    _check_rank("multi_head_attention", "bo", bo, 1)
+    _check_rank("multi_head_attention", "t_x", t_x, 3)
+    _check_rank("multi_head_attention", "t_wq", t_wq, 2)
+    _check_rank("multi_head_attention", "t_wk", t_wk, 2)
+    _check_rank("multi_head_attention", "t_wv", t_wv, 2)
+    _check_rank("multi_head_attention", "t_bq", t_bq, 1)
+    _check_rank("multi_head_attention", "t_bk", t_bk, 1)
+    _check_rank("multi_head_attention", "t_bv", t_bv, 1)
+    _check_rank("multi_head_attention", "t_wo", t_wo, 2)
+    _check_rank("multi_head_attention", "t_bo", t_bo, 1)
+    Dh = (E // heads)
+    _check_derived("multi_head_attention", "Dh", Dh)
+    _check_relation("multi_head_attention", "attention.py", "E = Dh*heads", "E", E, "Dh*heads", Dh*heads, {'Dh': (Dh, 'derived: floor(E/heads)'), 'E': (E, 'from g_y axis 2'), 'heads': (heads, 'attribute')})
+    _check_dim("multi_head_attention", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("multi_head_attention", "x", x, 1, "L", L, "from g_y axis 1")
+    _check_dim("multi_head_attention", "x", x, 2, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wq", wq, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wk", wk, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wv", wv, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bq", bq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bk", bk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bv", bv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("multi_head_attention", "t_x", t_x, 1, "L", L, "from g_y axis 1")
+    _check_dim("multi_head_attention", "t_x", t_x, 2, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wq", t_wq, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wk", t_wk, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wv", t_wv, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bq", t_bq, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bk", t_bk, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bv", t_bv, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 0, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_wo", t_wo, 1, "E", E, "from g_y axis 2")
+    _check_dim("multi_head_attention", "t_bo", t_bo, 0, "E", E, "from g_y axis 2")
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    t_g_x = _empty((B, L, E), _dtype)
+    t_g_wq = _empty((E, E), _dtype)
+    t_g_wk = _empty((E, E), _dtype)
+    t_g_wv = _empty((E, E), _dtype)
+    t_g_bq = _empty((E,), _dtype)
+    t_g_bk = _empty((E,), _dtype)
+    t_g_bv = _empty((E,), _dtype)
+    t_g_wo = _empty((E, E), _dtype)
+    t_g_bo = _empty((E,), _dtype)
+    t_qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    t_qh = _empty((B, heads, L, Dh), _dtype)
+    t_kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    t_kh = _empty((B, heads, L, Dh), _dtype)
+    t_vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    t_vh = _empty((B, heads, L, Dh), _dtype)
+    t_score = _empty((B, heads, L, L), _dtype)
+    t_prob_sumexp0 = _empty((B, heads, L), _dtype)
+    t_prob = _empty((B, heads, L, L), _dtype)
+    t_oh = _empty((B, heads, L, Dh), _dtype)
+    t_g_oh = _empty((B, heads, L, Dh), _dtype)
+    t_g_prob = _empty((B, heads, L, L), _dtype)
+    t_g_vh = _empty((B, heads, L, Dh), _dtype)
+    t_g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    t_g_kh = _empty((B, heads, L, Dh), _dtype)
+    t_g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_jvp0, B * Dh * heads * L, x, wq, t_x, t_wq, t_qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp1, B * heads * L * Dh, t_bq, t_qh_sum0, t_qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp2, B * Dh * heads * L, x, wk, t_x, t_wk, t_kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp3, B * heads * L * Dh, t_bk, t_kh_sum0, t_kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp4, B * Dh * heads * L, x, wv, t_x, t_wv, t_vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_jvp5, B * heads * L * Dh, t_bv, t_vh_sum0, t_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_jvp6, B * heads * L * L, qh, kh, t_qh, t_kh, t_score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_jvp7, B * heads * L, score, prob_max0, t_score, t_prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_jvp8, B * heads * L * L, score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, heads)
+    _launch(_multi_head_attention_hvp0, B * heads * L * Dh, vh, prob, g_y, t_wo, t_vh, t_prob, t_oh, t_g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp1, E * E, g_y, t_g_wo, t_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp2, B * heads * L * L, vh, g_oh, t_vh, t_g_oh, t_g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_hvp3, B * heads * L * Dh, prob, g_oh, t_prob, t_g_oh, t_g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_hvp4, B * heads * L, prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_hvp5, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, t_qh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_hvp6, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, t_kh, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, t_g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_hvp7, E, t_g_bv, t_g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp8, E * E, x, g_vh, t_x, t_g_wv, t_g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp9, B * L * E, wv, g_vh, t_wv, t_g_x, t_g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp10, E, t_g_bk, t_g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp11, E * E, x, g_kh, t_x, t_g_wk, t_g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp12, B * L * E, wk, g_kh, t_wk, t_g_x, t_g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp13, E, t_g_bq, t_g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp14, E * E, x, g_qh, t_x, t_g_wq, t_g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp15, B * L * E, wq, g_qh, t_wq, t_g_x, t_g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_hvp16, E, t_g_bo, E)
+    return _result(t_g_x, _dev), _result(t_g_wq, _dev), _result(t_g_wk, _dev), _result(t_g_wv, _dev), _result(t_g_bq, _dev), _result(t_g_bk, _dev), _result(t_g_bv, _dev), _result(t_g_wo, _dev), _result(t_g_bo, _dev)
 
 
 # ============================================================================ rnn_cell
@@ -3455,6 +7042,252 @@ def _rnn_cell_bwd4(h, y, g_y, g_w_hh, B, H, _total):
         g_w_hh[j, k] = _v_g_w_hh
 
 
+@cuda.jit(cache=True)
+def _rnn_cell_jvp0_f32(x, w_ih, y_sum1, B, H, I):
+    """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)"""
+    _F = y_sum1.dtype.type
+    _sa = cuda.shared.array((16, 16), float32)
+    _sb = cuda.shared.array((16, 16), float32)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    b = cuda.blockIdx.y * 16 + _ty
+    j = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, I, 16):
+        _kk = _k0 + _tx
+        if b < B and _kk < I:
+            _sa[_ty, _tx] = x[b, _kk]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < I and j < H:
+            _sb[_ty, _tx] = w_ih[j, _kk]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if b < B and j < H:
+        _dot = _acc
+        _v_y_sum1 = _dot
+        y_sum1[b, j] = _v_y_sum1
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_jvp0_f64(x, w_ih, y_sum1, B, H, I):
+    """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)"""
+    _F = y_sum1.dtype.type
+    _sa = cuda.shared.array((16, 16), float64)
+    _sb = cuda.shared.array((16, 16), float64)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    b = cuda.blockIdx.y * 16 + _ty
+    j = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, I, 16):
+        _kk = _k0 + _tx
+        if b < B and _kk < I:
+            _sa[_ty, _tx] = x[b, _kk]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < I and j < H:
+            _sb[_ty, _tx] = w_ih[j, _kk]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if b < B and j < H:
+        _dot = _acc
+        _v_y_sum1 = _dot
+        y_sum1[b, j] = _v_y_sum1
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_jvp1(x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I, _total):
+    """t_y_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+    t_y_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+    t_y[b, j] = (1 - tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])**2)*(t_b_hh[j] + t_b_ih[j] + t_y_sum0[b, j] + t_y_sum1[b, j])
+    """
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        # t_y_sum0[b, j] = sum(h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k], k)
+        _v_t_y_sum0 = _F(0)
+        for k in range(0, H):
+            _v_t_y_sum0 += h[b, k]*t_w_hh[j, k] + t_h[b, k]*w_hh[j, k]
+        # t_y_sum1[b, j] = sum(t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i], i)
+        _v_t_y_sum1 = _F(0)
+        for i in range(0, I):
+            _v_t_y_sum1 += t_w_ih[j, i]*x[b, i] + t_x[b, i]*w_ih[j, i]
+        # t_y[b, j] = (1 - tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])**2)*(t_b_hh[j] + t_b_ih[j] + t_y_sum0[b, j] + t_y_sum1[b, j])
+        _v_t_y = (_F(1) - math.tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])**2)*(_v_t_y_sum0 + _v_t_y_sum1 + t_b_hh[j] + t_b_ih[j])
+        t_y[b, j] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp0_f32(x, w_ih, b_ih, b_hh, y, y_sum0, y_sum1, B, H, I):
+    """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
+    """
+    _F = y_sum1.dtype.type
+    _sa = cuda.shared.array((16, 16), float32)
+    _sb = cuda.shared.array((16, 16), float32)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    b = cuda.blockIdx.y * 16 + _ty
+    j = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, I, 16):
+        _kk = _k0 + _tx
+        if b < B and _kk < I:
+            _sa[_ty, _tx] = x[b, _kk]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < I and j < H:
+            _sb[_ty, _tx] = w_ih[j, _kk]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if b < B and j < H:
+        _dot = _acc
+        # y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+        _v_y_sum1 = _dot
+        y_sum1[b, j] = _v_y_sum1
+        # y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
+        _v_y = math.tanh(_v_y_sum1 + b_hh[j] + b_ih[j] + y_sum0[b, j])
+        y[b, j] = _v_y
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp0_f64(x, w_ih, b_ih, b_hh, y, y_sum0, y_sum1, B, H, I):
+    """y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
+    """
+    _F = y_sum1.dtype.type
+    _sa = cuda.shared.array((16, 16), float64)
+    _sb = cuda.shared.array((16, 16), float64)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    b = cuda.blockIdx.y * 16 + _ty
+    j = cuda.blockIdx.x * 16 + _tx
+    _acc = _F(0)
+    for _k0 in range(0, I, 16):
+        _kk = _k0 + _tx
+        if b < B and _kk < I:
+            _sa[_ty, _tx] = x[b, _kk]
+        else:
+            _sa[_ty, _tx] = _F(0)
+        _kk = _k0 + _ty
+        if _kk < I and j < H:
+            _sb[_ty, _tx] = w_ih[j, _kk]
+        else:
+            _sb[_ty, _tx] = _F(0)
+        cuda.syncthreads()
+        for _q in range(16):
+            _acc += _sa[_ty, _q] * _sb[_q, _tx]
+        cuda.syncthreads()
+    if b < B and j < H:
+        _dot = _acc
+        # y_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+        _v_y_sum1 = _dot
+        y_sum1[b, j] = _v_y_sum1
+        # y[b, j] = tanh(b_hh[j] + b_ih[j] + y_sum0[b, j] + y_sum1[b, j])
+        _v_y = math.tanh(_v_y_sum1 + b_hh[j] + b_ih[j] + y_sum0[b, j])
+        y[b, j] = _v_y
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp1(y, g_y, t_y, t_g_b_ih, t_g_b_hh, B, H, _total):
+    """t_g_b_hh[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+    t_g_b_ih[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+    """
+    _F = t_g_b_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r
+        # t_g_b_hh[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+        _v_t_g_b_hh = _F(0)
+        for b in range(0, B):
+            _v_t_g_b_hh += -_F(2)*g_y[b, j]*t_y[b, j]*y[b, j]
+        t_g_b_hh[j] = _v_t_g_b_hh
+        # t_g_b_ih[j] = sum(-2*g_y[b, j]*t_y[b, j]*y[b, j], b)
+        _v_t_g_b_ih = _F(0)
+        for b in range(0, B):
+            _v_t_g_b_ih += -_F(2)*g_y[b, j]*t_y[b, j]*y[b, j]
+        t_g_b_ih[j] = _v_t_g_b_ih
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp2(x, y, g_y, t_x, t_y, t_g_w_ih, B, H, I, _total):
+    """t_g_w_ih[j, i] = sum((1 - y[b, j]**2)*g_y[b, j]*t_x[b, i] - 2*g_y[b, j]*t_y[b, j]*x[b, i]*y[b, j], b)"""
+    _F = t_g_w_ih.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        j = _r
+        _v_t_g_w_ih = _F(0)
+        for b in range(0, B):
+            _v_t_g_w_ih += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_x[b, i] - _F(2)*g_y[b, j]*t_y[b, j]*x[b, i]*y[b, j]
+        t_g_w_ih[j, i] = _v_t_g_w_ih
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp3(w_ih, y, g_y, t_w_ih, t_y, t_g_x, B, H, I, _total):
+    """t_g_x[b, i] = sum((1 - y[b, j]**2)*g_y[b, j]*t_w_ih[j, i] - 2*g_y[b, j]*t_y[b, j]*w_ih[j, i]*y[b, j], j)"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i = _r % I
+        _r //= I
+        b = _r
+        _v_t_g_x = _F(0)
+        for j in range(0, H):
+            _v_t_g_x += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_w_ih[j, i] - _F(2)*g_y[b, j]*t_y[b, j]*w_ih[j, i]*y[b, j]
+        t_g_x[b, i] = _v_t_g_x
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp4(w_hh, y, g_y, t_w_hh, t_y, t_g_h, B, H, _total):
+    """t_g_h[b, k] = sum((1 - y[b, j]**2)*g_y[b, j]*t_w_hh[j, k] - 2*g_y[b, j]*t_y[b, j]*w_hh[j, k]*y[b, j], j)"""
+    _F = t_g_h.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        b = _r
+        _v_t_g_h = _F(0)
+        for j in range(0, H):
+            _v_t_g_h += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_w_hh[j, k] - _F(2)*g_y[b, j]*t_y[b, j]*w_hh[j, k]*y[b, j]
+        t_g_h[b, k] = _v_t_g_h
+
+
+@cuda.jit(cache=True)
+def _rnn_cell_hvp5(h, y, g_y, t_h, t_y, t_g_w_hh, B, H, _total):
+    """t_g_w_hh[j, k] = sum((1 - y[b, j]**2)*g_y[b, j]*t_h[b, k] - 2*g_y[b, j]*h[b, k]*t_y[b, j]*y[b, j], b)"""
+    _F = t_g_w_hh.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % H
+        _r //= H
+        j = _r
+        _v_t_g_w_hh = _F(0)
+        for b in range(0, B):
+            _v_t_g_w_hh += (_F(1) - y[b, j] * y[b, j])*g_y[b, j]*t_h[b, k] - _F(2)*g_y[b, j]*h[b, k]*t_y[b, j]*y[b, j]
+        t_g_w_hh[j, k] = _v_t_g_w_hh
+
+
 def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh."""
     _dev = any(_on_device(a) for a in (x, h, w_ih, w_hh, b_ih, b_hh))
@@ -3534,6 +7367,136 @@ def _rnn_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _launch(_rnn_cell_bwd3, B * H, w_hh, y, g_y, g_h, B, H)
     _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
     return _result(g_x, _dev), _result(g_h, _dev), _result(g_w_ih, _dev), _result(g_w_hh, _dev), _result(g_b_ih, _dev), _result(g_b_hh, _dev)
+
+
+def _rnn_cell_jvp(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Forward mode of rnn_cell: the tangents t_y of the outputs from x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    _dtype = _float_dtype((x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    x = _dev_float("rnn_cell", "x", x, _dtype)
+    h = _dev_float("rnn_cell", "h", h, _dtype)
+    w_ih = _dev_float("rnn_cell", "w_ih", w_ih, _dtype)
+    w_hh = _dev_float("rnn_cell", "w_hh", w_hh, _dtype)
+    b_ih = _dev_float("rnn_cell", "b_ih", b_ih, _dtype)
+    b_hh = _dev_float("rnn_cell", "b_hh", b_hh, _dtype)
+    t_x = _dev_float("rnn_cell", "t_x", t_x, _dtype)
+    t_h = _dev_float("rnn_cell", "t_h", t_h, _dtype)
+    t_w_ih = _dev_float("rnn_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _dev_float("rnn_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _dev_float("rnn_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _dev_float("rnn_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("rnn_cell", "x", x, 2)
+    B = x.shape[0]
+    I = x.shape[1]
+    _check_rank("rnn_cell", "h", h, 2)
+    H = h.shape[1]
+    _check_rank("rnn_cell", "w_ih", w_ih, 2)
+    _check_rank("rnn_cell", "w_hh", w_hh, 2)
+    _check_rank("rnn_cell", "b_ih", b_ih, 1)
+    _check_rank("rnn_cell", "b_hh", b_hh, 1)
+    _check_rank("rnn_cell", "t_x", t_x, 2)
+    _check_rank("rnn_cell", "t_h", t_h, 2)
+    _check_rank("rnn_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("rnn_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("rnn_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("rnn_cell", "t_b_hh", t_b_hh, 1)
+    _check_dim("rnn_cell", "h", h, 0, "B", B, "from x axis 0")
+    _check_dim("rnn_cell", "w_ih", w_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "b_ih", b_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "b_hh", b_hh, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("rnn_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_h", t_h, 0, "B", B, "from x axis 0")
+    _check_dim("rnn_cell", "t_h", t_h, 1, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 1, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_b_ih", t_b_ih, 0, "H", H, "from h axis 1")
+    _check_dim("rnn_cell", "t_b_hh", t_b_hh, 0, "H", H, "from h axis 1")
+    y_sum0 = _empty((B, H), _dtype)
+    y_sum1 = _empty((B, H), _dtype)
+    t_y = _empty((B, H), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_jvp0_f32, _rnn_cell_jvp0_f64), _dtype, B, H, x, w_ih, y_sum1, B, H, I)
+    _launch(_rnn_cell_jvp1, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    return _result(t_y, _dev)
+
+
+def _rnn_cell_hvp(g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
+    """Second order of rnn_cell: t_g_x, t_g_h, t_g_w_ih, t_g_w_hh, t_g_b_ih, t_g_b_hh, the derivatives of the gradients along the tangents, from g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    _dtype = _float_dtype((g_y, x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh))
+    g_y = _dev_float("rnn_cell", "g_y", g_y, _dtype)
+    x = _dev_float("rnn_cell", "x", x, _dtype)
+    h = _dev_float("rnn_cell", "h", h, _dtype)
+    w_ih = _dev_float("rnn_cell", "w_ih", w_ih, _dtype)
+    w_hh = _dev_float("rnn_cell", "w_hh", w_hh, _dtype)
+    b_ih = _dev_float("rnn_cell", "b_ih", b_ih, _dtype)
+    b_hh = _dev_float("rnn_cell", "b_hh", b_hh, _dtype)
+    t_x = _dev_float("rnn_cell", "t_x", t_x, _dtype)
+    t_h = _dev_float("rnn_cell", "t_h", t_h, _dtype)
+    t_w_ih = _dev_float("rnn_cell", "t_w_ih", t_w_ih, _dtype)
+    t_w_hh = _dev_float("rnn_cell", "t_w_hh", t_w_hh, _dtype)
+    t_b_ih = _dev_float("rnn_cell", "t_b_ih", t_b_ih, _dtype)
+    t_b_hh = _dev_float("rnn_cell", "t_b_hh", t_b_hh, _dtype)
+    _check_rank("rnn_cell", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    _check_rank("rnn_cell", "x", x, 2)
+    I = x.shape[1]
+    _check_rank("rnn_cell", "h", h, 2)
+    _check_rank("rnn_cell", "w_ih", w_ih, 2)
+    _check_rank("rnn_cell", "w_hh", w_hh, 2)
+    _check_rank("rnn_cell", "b_ih", b_ih, 1)
+    _check_rank("rnn_cell", "b_hh", b_hh, 1)
+    _check_rank("rnn_cell", "t_x", t_x, 2)
+    _check_rank("rnn_cell", "t_h", t_h, 2)
+    _check_rank("rnn_cell", "t_w_ih", t_w_ih, 2)
+    _check_rank("rnn_cell", "t_w_hh", t_w_hh, 2)
+    _check_rank("rnn_cell", "t_b_ih", t_b_ih, 1)
+    _check_rank("rnn_cell", "t_b_hh", t_b_hh, 1)
+    _check_dim("rnn_cell", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "h", h, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "h", h, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "w_ih", w_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "w_ih", w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "w_hh", w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "b_ih", b_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "b_hh", b_hh, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "t_x", t_x, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_h", t_h, 0, "B", B, "from g_y axis 0")
+    _check_dim("rnn_cell", "t_h", t_h, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_w_ih", t_w_ih, 1, "I", I, "from x axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_w_hh", t_w_hh, 1, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_b_ih", t_b_ih, 0, "H", H, "from g_y axis 1")
+    _check_dim("rnn_cell", "t_b_hh", t_b_hh, 0, "H", H, "from g_y axis 1")
+    y = _empty((B, H), _dtype)
+    y_sum0 = _empty((B, H), _dtype)
+    y_sum1 = _empty((B, H), _dtype)
+    t_y = _empty((B, H), _dtype)
+    t_g_x = _empty((B, I), _dtype)
+    t_g_h = _empty((B, H), _dtype)
+    t_g_w_ih = _empty((H, I), _dtype)
+    t_g_w_hh = _empty((H, H), _dtype)
+    t_g_b_ih = _empty((H,), _dtype)
+    t_g_b_hh = _empty((H,), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_hvp0_f32, _rnn_cell_hvp0_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, y_sum1, B, H, I)
+    _launch(_rnn_cell_jvp1, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y_sum0, y_sum1, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_y, B, H, I)
+    _launch(_rnn_cell_hvp1, H, y, g_y, t_y, t_g_b_ih, t_g_b_hh, B, H)
+    _launch(_rnn_cell_hvp2, H * I, x, y, g_y, t_x, t_y, t_g_w_ih, B, H, I)
+    _launch(_rnn_cell_hvp3, B * I, w_ih, y, g_y, t_w_ih, t_y, t_g_x, B, H, I)
+    _launch(_rnn_cell_hvp4, B * H, w_hh, y, g_y, t_w_hh, t_y, t_g_h, B, H)
+    _launch(_rnn_cell_hvp5, H * H, h, y, g_y, t_h, t_y, t_g_w_hh, B, H)
+    return _result(t_g_x, _dev), _result(t_g_h, _dev), _result(t_g_w_ih, _dev), _result(t_g_w_hh, _dev), _result(t_g_b_ih, _dev), _result(t_g_b_hh, _dev)
 
 
 # ============================================================================ scaled_dot_product_attention
@@ -3713,6 +7676,202 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0
         g_q[b, l, d] = _v_g_q
 
 
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_jvp0(q, k, score, prob_max0, prob_sumexp0, prob, t_q, t_k, t_score, B, D, L, S, causal, _total):
+    """prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+    t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+    t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+    t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+    """
+    _F = prob.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % S
+        _r //= S
+        l = _r % L
+        _r //= L
+        b = _r
+        # prob[b, l, s] = exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+        _v_prob = math.exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]
+        prob[b, l, s] = _v_prob
+        # t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+        _v_t_raw_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_raw_sum0 += k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d]
+        # t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+        _v_t_raw = _c0*_v_t_raw_sum0
+        # t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+        _v_t_score = (_F(0) if ((causal > 0) and (l < s)) else _v_t_raw)
+        t_score[b, l, s] = _v_t_score
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_jvp1(score, prob_max0, t_score, t_prob_sumexp0, B, L, S, _total):
+    """t_prob_sumexp0[b, l] = sum(exp(-prob_max0[b, l] + score[b, l, t])*t_score[b, l, t], t)"""
+    _F = t_prob_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_prob_sumexp0 = _F(0)
+        for t in range(0, S):
+            _v_t_prob_sumexp0 += math.exp(-prob_max0[b, l] + score[b, l, t])*t_score[b, l, t]
+        t_prob_sumexp0[b, l] = _v_t_prob_sumexp0
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_jvp2(score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S, _total):
+    """t_prob[b, l, s] = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]**2"""
+    _F = t_prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % S
+        _r //= S
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_prob = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*math.exp(-prob_max0[b, l] + score[b, l, s])/(prob_sumexp0[b, l] * prob_sumexp0[b, l])
+        t_prob[b, l, s] = _v_t_prob
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_jvp3(v, prob, t_v, t_y, t_prob, B, E, L, S, _total):
+    """t_y[b, l, e] = sum(prob[b, l, s]*t_v[b, s, e] + t_prob[b, l, s]*v[b, s, e], s)"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_y = _F(0)
+        for s in range(0, S):
+            _v_t_y += prob[b, l, s]*t_v[b, s, e] + t_prob[b, l, s]*v[b, s, e]
+        t_y[b, l, e] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_hvp0(q, k, t_q, t_k, t_score, B, D, L, S, causal, _total):
+    """t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+    t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+    t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+    """
+    _F = t_score.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % S
+        _r //= S
+        l = _r % L
+        _r //= L
+        b = _r
+        # t_raw_sum0[b, l, s] = sum(k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d], d)
+        _v_t_raw_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_raw_sum0 += k[b, s, d]*t_q[b, l, d] + q[b, l, d]*t_k[b, s, d]
+        # t_raw[b, l, s] = t_raw_sum0[b, l, s]/sqrt(D)
+        _v_t_raw = _c0*_v_t_raw_sum0
+        # t_score[b, l, s] = Piecewise((0, (causal > 0) & (l < s)), (t_raw[b, l, s], True))
+        _v_t_score = (_F(0) if ((causal > 0) and (l < s)) else _v_t_raw)
+        t_score[b, l, s] = _v_t_score
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_hvp1(score, prob_max0, prob_sumexp0, g_y, t_v, t_score, t_prob_sumexp0, t_prob, t_g_prob, B, E, L, S, _total):
+    """t_prob[b, l, s] = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]**2
+    t_g_prob[b, l, s] = sum(g_y[b, l, e]*t_v[b, s, e], e)
+    """
+    _F = t_prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % S
+        _r //= S
+        l = _r % L
+        _r //= L
+        b = _r
+        # t_prob[b, l, s] = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*exp(-prob_max0[b, l] + score[b, l, s])/prob_sumexp0[b, l]**2
+        _v_t_prob = (prob_sumexp0[b, l]*t_score[b, l, s] - t_prob_sumexp0[b, l])*math.exp(-prob_max0[b, l] + score[b, l, s])/(prob_sumexp0[b, l] * prob_sumexp0[b, l])
+        t_prob[b, l, s] = _v_t_prob
+        # t_g_prob[b, l, s] = sum(g_y[b, l, e]*t_v[b, s, e], e)
+        _v_t_g_prob = _F(0)
+        for e in range(0, E):
+            _v_t_g_prob += g_y[b, l, e]*t_v[b, s, e]
+        t_g_prob[b, l, s] = _v_t_g_prob
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_hvp2(g_y, t_g_v, t_prob, B, E, L, S, _total):
+    """t_g_v[b, s, e] = sum(g_y[b, l, e]*t_prob[b, l, s], l)"""
+    _F = t_g_v.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        e = _r % E
+        _r //= E
+        s = _r % S
+        _r //= S
+        b = _r
+        _v_t_g_v = _F(0)
+        for l in range(0, L):
+            _v_t_g_v += g_y[b, l, e]*t_prob[b, l, s]
+        t_g_v[b, s, e] = _v_t_g_v
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_hvp3(prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, S, _total):
+    """t_g_prob_sumexp0_sum0[b, l] = sum(g_prob[b, l, s]*t_prob[b, l, s] + prob[b, l, s]*t_g_prob[b, l, s], s)"""
+    _F = t_g_prob_sumexp0_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_g_prob_sumexp0_sum0 = _F(0)
+        for s in range(0, S):
+            _v_t_g_prob_sumexp0_sum0 += g_prob[b, l, s]*t_prob[b, l, s] + prob[b, l, s]*t_g_prob[b, l, s]
+        t_g_prob_sumexp0_sum0[b, l] = _v_t_g_prob_sumexp0_sum0
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_hvp4(q, prob, g_prob, g_prob_sumexp0_sum0, t_q, t_g_k, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal, _total):
+    """t_g_k[b, s, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*t_q[b, l, d]/sqrt(D) + (g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*q[b, l, d]*t_prob[b, l, s]/sqrt(D) + (t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*q[b, l, d]/sqrt(D), l)"""
+    _F = t_g_k.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        s = _r % S
+        _r //= S
+        b = _r
+        _v_t_g_k = _F(0)
+        for l in range(0, L):
+            _t0 = _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
+            _v_t_g_k += _c0*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*t_q[b, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*q[b, l, d]*t_prob[b, l, s]
+        t_g_k[b, s, d] = _v_t_g_k
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_hvp5(k, prob, g_prob, g_prob_sumexp0_sum0, t_k, t_g_q, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal, _total):
+    """t_g_q[b, l, d] = sum((g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*t_prob[b, l, s]/sqrt(D) + (g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*prob[b, l, s]*t_k[b, s, d]/sqrt(D) + (t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*Piecewise((0, (causal > 0) & (l < s)), (1, True))*k[b, s, d]*prob[b, l, s]/sqrt(D), s)"""
+    _F = t_g_q.dtype.type
+    _c0 = _F(1) / math.sqrt(_F(D))
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_t_g_q = _F(0)
+        for s in range(0, S):
+            _t0 = _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
+            _v_t_g_q += _c0*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*t_prob[b, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*t_k[b, s, d]
+        t_g_q[b, l, d] = _v_t_g_q
+
+
 def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     """Forward of scaled_dot_product_attention: y from q, k, v."""
     _dev = any(_on_device(a) for a in (q, k, v))
@@ -3787,6 +7946,124 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     return _result(g_q, _dev), _result(g_k, _dev), _result(g_v, _dev)
 
 
+def _scaled_dot_product_attention_jvp(q, k, v, t_q, t_k, t_v, *, causal):
+    """Forward mode of scaled_dot_product_attention: the tangents t_y of the outputs from q, k, v, t_q, t_k, t_v (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (q, k, v, t_q, t_k, t_v))
+    _dtype = _float_dtype((q, k, v, t_q, t_k, t_v))
+    q = _dev_float("scaled_dot_product_attention", "q", q, _dtype)
+    k = _dev_float("scaled_dot_product_attention", "k", k, _dtype)
+    v = _dev_float("scaled_dot_product_attention", "v", v, _dtype)
+    t_q = _dev_float("scaled_dot_product_attention", "t_q", t_q, _dtype)
+    t_k = _dev_float("scaled_dot_product_attention", "t_k", t_k, _dtype)
+    t_v = _dev_float("scaled_dot_product_attention", "t_v", t_v, _dtype)
+    _check_rank("scaled_dot_product_attention", "q", q, 3)
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    _check_rank("scaled_dot_product_attention", "k", k, 3)
+    S = k.shape[1]
+    _check_rank("scaled_dot_product_attention", "v", v, 3)
+    E = v.shape[2]
+    _check_rank("scaled_dot_product_attention", "t_q", t_q, 3)
+    _check_rank("scaled_dot_product_attention", "t_k", t_k, 3)
+    _check_rank("scaled_dot_product_attention", "t_v", t_v, 3)
+    _check_dim("scaled_dot_product_attention", "k", k, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "k", k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "v", v, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 1, "L", L, "from q axis 1")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 0, "B", B, "from q axis 0")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 2, "E", E, "from v axis 2")
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    t_y = _empty((B, L, E), _dtype)
+    t_score = _empty((B, L, S), _dtype)
+    t_prob_sumexp0 = _empty((B, L), _dtype)
+    t_prob = _empty((B, L, S), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_jvp0, B * L * S, q, k, score, prob_max0, prob_sumexp0, prob, t_q, t_k, t_score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_jvp1, B * L, score, prob_max0, t_score, t_prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_jvp2, B * L * S, score, prob_max0, prob_sumexp0, t_score, t_prob_sumexp0, t_prob, B, L, S)
+    _launch(_scaled_dot_product_attention_jvp3, B * L * E, v, prob, t_v, t_y, t_prob, B, E, L, S)
+    return _result(t_y, _dev)
+
+
+def _scaled_dot_product_attention_hvp(g_y, q, k, v, t_q, t_k, t_v, *, causal):
+    """Second order of scaled_dot_product_attention: t_g_q, t_g_k, t_g_v, the derivatives of the gradients along the tangents, from g_y, q, k, v, t_q, t_k, t_v (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, q, k, v, t_q, t_k, t_v))
+    _dtype = _float_dtype((g_y, q, k, v, t_q, t_k, t_v))
+    g_y = _dev_float("scaled_dot_product_attention", "g_y", g_y, _dtype)
+    q = _dev_float("scaled_dot_product_attention", "q", q, _dtype)
+    k = _dev_float("scaled_dot_product_attention", "k", k, _dtype)
+    v = _dev_float("scaled_dot_product_attention", "v", v, _dtype)
+    t_q = _dev_float("scaled_dot_product_attention", "t_q", t_q, _dtype)
+    t_k = _dev_float("scaled_dot_product_attention", "t_k", t_k, _dtype)
+    t_v = _dev_float("scaled_dot_product_attention", "t_v", t_v, _dtype)
+    _check_rank("scaled_dot_product_attention", "g_y", g_y, 3)
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    _check_rank("scaled_dot_product_attention", "q", q, 3)
+    D = q.shape[2]
+    _check_rank("scaled_dot_product_attention", "k", k, 3)
+    S = k.shape[1]
+    _check_rank("scaled_dot_product_attention", "v", v, 3)
+    _check_rank("scaled_dot_product_attention", "t_q", t_q, 3)
+    _check_rank("scaled_dot_product_attention", "t_k", t_k, 3)
+    _check_rank("scaled_dot_product_attention", "t_v", t_v, 3)
+    _check_dim("scaled_dot_product_attention", "q", q, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "q", q, 1, "L", L, "from g_y axis 1")
+    _check_dim("scaled_dot_product_attention", "k", k, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "k", k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "v", v, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "v", v, 2, "E", E, "from g_y axis 2")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 1, "L", L, "from g_y axis 1")
+    _check_dim("scaled_dot_product_attention", "t_q", t_q, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_k", t_k, 2, "D", D, "from q axis 2")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 0, "B", B, "from g_y axis 0")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 1, "S", S, "from k axis 1")
+    _check_dim("scaled_dot_product_attention", "t_v", t_v, 2, "E", E, "from g_y axis 2")
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    g_prob = _empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    t_g_q = _empty((B, L, D), _dtype)
+    t_g_k = _empty((B, S, D), _dtype)
+    t_g_v = _empty((B, S, E), _dtype)
+    t_score = _empty((B, L, S), _dtype)
+    t_prob_sumexp0 = _empty((B, L), _dtype)
+    t_prob = _empty((B, L, S), _dtype)
+    t_g_prob = _empty((B, L, S), _dtype)
+    t_g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_hvp0, B * L * S, q, k, t_q, t_k, t_score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_jvp1, B * L, score, prob_max0, t_score, t_prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_hvp1, B * L * S, score, prob_max0, prob_sumexp0, g_y, t_v, t_score, t_prob_sumexp0, t_prob, t_g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_hvp2, B * S * E, g_y, t_g_v, t_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_hvp3, B * L, prob, g_prob, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_hvp4, B * S * D, q, prob, g_prob, g_prob_sumexp0_sum0, t_q, t_g_k, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_hvp5, B * L * D, k, prob, g_prob, g_prob_sumexp0_sum0, t_k, t_g_q, t_prob, t_g_prob, t_g_prob_sumexp0_sum0, B, D, L, S, causal)
+    return _result(t_g_q, _dev), _result(t_g_k, _dev), _result(t_g_v, _dev)
+
+
 # ============================================================================ softmax
 
 
@@ -3852,6 +8129,95 @@ def _softmax_bwd1(y, g_y, g_x, g_x_sum0, B, C, _total):
         g_x[b, k] = _v_g_x
 
 
+@cuda.jit(cache=True)
+def _softmax_jvp0(x, y_max0, y_sumexp0, t_x, t_y_sumexp0, B, C, _total):
+    """y_max0[b] = max(x[b, k], k)
+    y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    """
+    _F = y_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_max0[b] = max(x[b, k], k)
+        _v_y_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = x[b, k]
+            if _m > _v_y_max0:
+                _v_y_max0 = _m
+        y_max0[b] = _v_y_max0
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])
+        y_sumexp0[b] = _v_y_sumexp0
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(-_v_y_max0 + x[b, k])*t_x[b, k]
+        t_y_sumexp0[b] = _v_t_y_sumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_jvp1(x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C, _total):
+    """t_y[b, c] = (t_x[b, c]*y_sumexp0[b] - t_y_sumexp0[b])*exp(x[b, c] - y_max0[b])/y_sumexp0[b]**2"""
+    _F = t_y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r % C
+        _r //= C
+        b = _r
+        _v_t_y = (t_x[b, c]*y_sumexp0[b] - t_y_sumexp0[b])*math.exp(x[b, c] - y_max0[b])/(y_sumexp0[b] * y_sumexp0[b])
+        t_y[b, c] = _v_t_y
+
+
+@cuda.jit(cache=True)
+def _softmax_hvp0(x, y, y_max0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C, _total):
+    """g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)
+    t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+    """
+    _F = g_x_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # g_x_sum0[b] = sum(g_y[b, c]*y[b, c], c)
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]*y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
+        # t_y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b])*t_x[b, k], k)
+        _v_t_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_y_sumexp0 += math.exp(x[b, k] - y_max0[b])*t_x[b, k]
+        t_y_sumexp0[b] = _v_t_y_sumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_hvp1(g_y, t_y, t_g_x_sum0, B, C, _total):
+    """t_g_x_sum0[b] = sum(g_y[b, c]*t_y[b, c], c)"""
+    _F = t_g_x_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_t_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_t_g_x_sum0 += g_y[b, c]*t_y[b, c]
+        t_g_x_sum0[b] = _v_t_g_x_sum0
+
+
+@cuda.jit(cache=True)
+def _softmax_hvp2(y, g_y, g_x_sum0, t_y, t_g_x, t_g_x_sum0, B, C, _total):
+    """t_g_x[b, k] = (-g_x_sum0[b] + g_y[b, k])*t_y[b, k] - t_g_x_sum0[b]*y[b, k]"""
+    _F = t_g_x.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_g_x = (-g_x_sum0[b] + g_y[b, k])*t_y[b, k] - t_g_x_sum0[b]*y[b, k]
+        t_g_x[b, k] = _v_t_g_x
+
+
 def _softmax_fwd(x):
     """Forward of softmax: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -3892,19 +8258,79 @@ def _softmax_bwd(g_y, x):
     return _result(g_x, _dev)
 
 
+def _softmax_jvp(x, t_x):
+    """Forward mode of softmax: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
+    x = _dev_float("softmax", "x", x, _dtype)
+    t_x = _dev_float("softmax", "t_x", t_x, _dtype)
+    _check_rank("softmax", "x", x, 2)
+    B = x.shape[0]
+    C = x.shape[1]
+    _check_rank("softmax", "t_x", t_x, 2)
+    _check_dim("softmax", "t_x", t_x, 0, "B", B, "from x axis 0")
+    _check_dim("softmax", "t_x", t_x, 1, "C", C, "from x axis 1")
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    t_y = _empty((B, C), _dtype)
+    t_y_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_jvp0, B, x, y_max0, y_sumexp0, t_x, t_y_sumexp0, B, C)
+    _launch(_softmax_jvp1, B * C, x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C)
+    return _result(t_y, _dev)
+
+
+def _softmax_hvp(g_y, x, t_x):
+    """Second order of softmax: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
+    g_y = _dev_float("softmax", "g_y", g_y, _dtype)
+    x = _dev_float("softmax", "x", x, _dtype)
+    t_x = _dev_float("softmax", "t_x", t_x, _dtype)
+    _check_rank("softmax", "g_y", g_y, 2)
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    _check_rank("softmax", "x", x, 2)
+    _check_rank("softmax", "t_x", t_x, 2)
+    _check_dim("softmax", "x", x, 0, "B", B, "from g_y axis 0")
+    _check_dim("softmax", "x", x, 1, "C", C, "from g_y axis 1")
+    _check_dim("softmax", "t_x", t_x, 0, "B", B, "from g_y axis 0")
+    _check_dim("softmax", "t_x", t_x, 1, "C", C, "from g_y axis 1")
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    t_y = _empty((B, C), _dtype)
+    t_g_x = _empty((B, C), _dtype)
+    t_y_sumexp0 = _empty((B,), _dtype)
+    t_g_x_sum0 = _empty((B,), _dtype)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_hvp0, B, x, y, y_max0, g_y, g_x_sum0, t_x, t_y_sumexp0, B, C)
+    _launch(_softmax_jvp1, B * C, x, y_max0, y_sumexp0, t_x, t_y, t_y_sumexp0, B, C)
+    _launch(_softmax_hvp1, B, g_y, t_y, t_g_x_sum0, B, C)
+    _launch(_softmax_hvp2, B * C, y, g_y, g_x_sum0, t_y, t_g_x, t_g_x_sum0, B, C)
+    return _result(t_g_x, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "avg_pool2d": {
         "backward": _avg_pool2d_bwd,
         "forward": _avg_pool2d_fwd,
+        "hvp": _avg_pool2d_hvp,
+        "jvp": _avg_pool2d_jvp,
     },
     "batch_norm2d": {
         "backward": _batch_norm2d_bwd,
         "forward": _batch_norm2d_fwd,
+        "hvp": _batch_norm2d_hvp,
+        "jvp": _batch_norm2d_jvp,
     },
     "batch_norm2d_eval": {
         "backward": _batch_norm2d_eval_bwd,
         "forward": _batch_norm2d_eval_fwd,
+        "hvp": _batch_norm2d_eval_hvp,
+        "jvp": _batch_norm2d_eval_jvp,
     },
     "batch_norm2d_stats": {
         "forward": _batch_norm2d_stats_fwd,
@@ -3912,62 +8338,92 @@ _FUNCS = {
     "conv2d": {
         "backward": _conv2d_bwd,
         "forward": _conv2d_fwd,
+        "hvp": _conv2d_hvp,
+        "jvp": _conv2d_jvp,
     },
     "cosine_similarity": {
         "backward": _cosine_similarity_bwd,
         "forward": _cosine_similarity_fwd,
+        "hvp": _cosine_similarity_hvp,
+        "jvp": _cosine_similarity_jvp,
     },
     "dense": {
         "backward": _dense_bwd,
         "forward": _dense_fwd,
+        "hvp": _dense_hvp,
+        "jvp": _dense_jvp,
     },
     "dropout": {
         "backward": _dropout_bwd,
         "forward": _dropout_fwd,
+        "hvp": _dropout_hvp,
+        "jvp": _dropout_jvp,
     },
     "embedding": {
         "backward": _embedding_bwd,
         "forward": _embedding_fwd,
+        "hvp": _embedding_hvp,
+        "jvp": _embedding_jvp,
     },
     "flatten": {
         "backward": _flatten_bwd,
         "forward": _flatten_fwd,
+        "hvp": _flatten_hvp,
+        "jvp": _flatten_jvp,
     },
     "gcn_layer": {
         "backward": _gcn_layer_bwd,
         "forward": _gcn_layer_fwd,
+        "hvp": _gcn_layer_hvp,
+        "jvp": _gcn_layer_jvp,
     },
     "gru_cell": {
         "backward": _gru_cell_bwd,
         "forward": _gru_cell_fwd,
+        "hvp": _gru_cell_hvp,
+        "jvp": _gru_cell_jvp,
     },
     "layer_norm": {
         "backward": _layer_norm_bwd,
         "forward": _layer_norm_fwd,
+        "hvp": _layer_norm_hvp,
+        "jvp": _layer_norm_jvp,
     },
     "log_softmax": {
         "backward": _log_softmax_bwd,
         "forward": _log_softmax_fwd,
+        "hvp": _log_softmax_hvp,
+        "jvp": _log_softmax_jvp,
     },
     "max_pool2d": {
         "backward": _max_pool2d_bwd,
         "forward": _max_pool2d_fwd,
+        "hvp": _max_pool2d_hvp,
+        "jvp": _max_pool2d_jvp,
     },
     "multi_head_attention": {
         "backward": _multi_head_attention_bwd,
         "forward": _multi_head_attention_fwd,
+        "hvp": _multi_head_attention_hvp,
+        "jvp": _multi_head_attention_jvp,
     },
     "rnn_cell": {
         "backward": _rnn_cell_bwd,
         "forward": _rnn_cell_fwd,
+        "hvp": _rnn_cell_hvp,
+        "jvp": _rnn_cell_jvp,
     },
     "scaled_dot_product_attention": {
         "backward": _scaled_dot_product_attention_bwd,
         "forward": _scaled_dot_product_attention_fwd,
+        "hvp": _scaled_dot_product_attention_hvp,
+        "jvp": _scaled_dot_product_attention_jvp,
     },
     "softmax": {
         "backward": _softmax_bwd,
         "forward": _softmax_fwd,
+        "hvp": _softmax_hvp,
+        "jvp": _softmax_jvp,
     },
 }
 

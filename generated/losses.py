@@ -165,6 +165,35 @@ def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N):
+    """t_loss_sum0 = sum(-(1 - target[b, n])*sigmoid(pred[b, n])*t_pred[b, n] + sigmoid(-pred[b, n])*t_pred[b, n]*target[b, n], b, n)
+    t_loss = -t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    # t_loss_sum0 = sum(-(1 - target[b, n])*sigmoid(pred[b, n])*t_pred[b, n] + sigmoid(-pred[b, n])*t_pred[b, n]*target[b, n], b, n)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_loss_sum0 += -(_F(1) - target[b, n])*_sigmoid(pred[b, n], _F)*t_pred[b, n] + _sigmoid(-pred[b, n], _F)*t_pred[b, n]*target[b, n]
+    # t_loss = -t_loss_sum0/(B*N)
+    _v_t_loss = -_c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N):
+    """t_g_pred[b, n] = g_loss*(1 - sigmoid(pred[b, n]))*sigmoid(pred[b, n])*t_pred[b, n]/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = _sigmoid(pred[b, n], _F)
+            _v_t_g_pred = _c0*_t0*(_F(1) - _t0)*t_pred[b, n]
+            t_g_pred[b, n] = _v_t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _bce_with_logits_fwd_core(pred, target):
     """Forward of bce_with_logits: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
@@ -248,6 +277,100 @@ def _bce_with_logits_bwd(g_loss, pred, target):
     _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
     return _bce_with_logits_bwd_core(g_loss, pred, target)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _bce_with_logits_jvp_core(pred, target, t_pred):
+    """Forward mode of bce_with_logits: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N)
+    return t_loss
+
+
+def _bce_with_logits_jvp_alloc(pred, target, t_pred):
+    """The results of ``_bce_with_logits_jvp_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _bce_with_logits_jvp_into(pred, target, t_pred, t_loss):
+    """``_bce_with_logits_jvp_core`` writing its results into t_loss (from ``_bce_with_logits_jvp_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N)
+
+
+def _bce_with_logits_jvp(pred, target, t_pred):
+    """Forward mode of bce_with_logits: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("bce_with_logits", "pred", pred, _dtype)
+    target = _as_float("bce_with_logits", "target", target, _dtype)
+    t_pred = _as_float("bce_with_logits", "t_pred", t_pred, _dtype)
+    _check_rank("bce_with_logits", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("bce_with_logits", "target", target, 2)
+    _check_rank("bce_with_logits", "t_pred", t_pred, 2)
+    _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_loss = _bce_with_logits_jvp_core(pred, target, t_pred)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _bce_with_logits_hvp_core(g_loss, pred, target, t_pred):
+    """Second order of bce_with_logits: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N)
+    return t_g_pred
+
+
+def _bce_with_logits_hvp_alloc(g_loss, pred, target, t_pred):
+    """The results of ``_bce_with_logits_hvp_core`` for arguments of these shapes, uninitialised: what ``_bce_with_logits_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _bce_with_logits_hvp_into(g_loss, pred, target, t_pred, t_g_pred):
+    """``_bce_with_logits_hvp_core`` writing its results into t_g_pred (from ``_bce_with_logits_hvp_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N)
+
+
+def _bce_with_logits_hvp(g_loss, pred, target, t_pred):
+    """Second order of bce_with_logits: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_scalar("bce_with_logits", "g_loss", g_loss, _dtype)
+    pred = _as_float("bce_with_logits", "pred", pred, _dtype)
+    target = _as_float("bce_with_logits", "target", target, _dtype)
+    t_pred = _as_float("bce_with_logits", "t_pred", t_pred, _dtype)
+    _check_rank("bce_with_logits", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("bce_with_logits", "target", target, 2)
+    _check_rank("bce_with_logits", "t_pred", t_pred, 2)
+    _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    return _bce_with_logits_hvp_core(g_loss, pred, target, t_pred)
 
 
 # ============================================================================ cosine_embedding_loss
@@ -343,6 +466,144 @@ def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
             # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
             _v_g_x1 = _t3*(_t2*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t2
             g_x1[b, d] = _v_g_x1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_cos[b] = t_cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b])) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*cos_sum2[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _t0 = _v_cos_sum0 + eps
+        _t1 = _v_cos_sum1 + eps
+        _t2 = _F(1) / math.sqrt(_t0*_t1)
+        _t3 = _t2*_v_cos_sum2
+        _v_cos = _t3
+        cos[b] = _v_cos
+        # t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        # t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        # t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_cos[b] = t_cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b])) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*cos_sum2[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_t_cos = _t2*_v_t_cos_sum2 + _t3*(-_F(0.5)*_t0*_v_t_cos_sum1 - _F(0.5)*_t1*_v_t_cos_sum0)/(_t0*_t1)
+        t_cos[b] = _v_t_cos
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin):
+    """t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
+    t_loss = t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        _v_t_loss_sum0 += (-t_cos[b] if (label[b] > _F(0)) else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan))))*t_cos[b] if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+    # t_loss = t_loss_sum0/B
+    _v_t_loss = _c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    """
+    _F = cos_sum0.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+        # t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        t_cos_sum0[b] = _v_t_cos_sum0
+        # t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        t_cos_sum1[b] = _v_t_cos_sum1
+        # t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        t_cos_sum2[b] = _v_t_cos_sum2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin):
+    """t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+    t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+    """
+    _F = t_g_x2.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    for b in range(0, B):
+        for d in range(0, D):
+            # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+            _t0 = (label[b] > _F(0))
+            _t1 = eps + cos_sum0[b]
+            _t2 = eps + cos_sum1[b]
+            _t3 = _c0/math.sqrt(_t1*_t2)
+            _t4 = (_t2*x1[b, d] - cos_sum2[b]*x2[b, d])/(_t2 * _t2)
+            _t5 = _t3/_t2
+            _t6 = -_F(0.5)*_t1*t_cos_sum1[b] - _F(0.5)*_t2*t_cos_sum0[b]
+            _t7 = _t3/_t1
+            _v_t_g_x2 = -_t3*_t4*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*t_cos_sum1[b] + _t4*_t6*_t7*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan)))) + _t5*(_t2*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+            t_g_x2[b, d] = _v_t_g_x2
+            # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+            _t8 = (_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t1 * _t1)
+            _v_t_g_x1 = -_t3*_t8*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*t_cos_sum0[b] + _t5*_t6*_t8*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan)))) + _t7*(_t1*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+            t_g_x1[b, d] = _v_t_g_x1
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -545,6 +806,152 @@ def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_s
     _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps):
+    """Forward mode of cosine_embedding_loss: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos = np.empty((B,), _dtype)
+    t_loss = np.empty((1,), _dtype)
+    t_cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps)
+    _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin)
+    return t_loss
+
+
+def _cosine_embedding_loss_jvp_alloc(x1, x2, label, t_x1, t_x2, margin, eps):
+    """The results of ``_cosine_embedding_loss_jvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_jvp_into(x1, x2, label, t_x1, t_x2, margin, eps, t_loss):
+    """``_cosine_embedding_loss_jvp_core`` writing its results into t_loss (from ``_cosine_embedding_loss_jvp_alloc``)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos = np.empty((B,), _dtype)
+    t_cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps)
+    _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin)
+
+
+def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps):
+    """Forward mode of cosine_embedding_loss: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed)."""
+    _dtype = _float_dtype((x1, x2, label, t_x1, t_x2))
+    x1 = _as_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss", "label", label, _dtype)
+    t_x1 = _as_float("cosine_embedding_loss", "t_x1", t_x1, _dtype)
+    t_x2 = _as_float("cosine_embedding_loss", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_rank("cosine_embedding_loss", "t_x1", t_x1, 2)
+    _check_rank("cosine_embedding_loss", "t_x2", t_x2, 2)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    t_loss = _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps):
+    """Second order of cosine_embedding_loss: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    t_g_x1 = np.empty((B, D), _dtype)
+    t_g_x2 = np.empty((B, D), _dtype)
+    t_cos_sum0 = np.empty((B,), _dtype)
+    t_cos_sum1 = np.empty((B,), _dtype)
+    t_cos_sum2 = np.empty((B,), _dtype)
+    _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
+    _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+    return t_g_x1, t_g_x2
+
+
+def _cosine_embedding_loss_hvp_alloc(g_loss, x1, x2, label, t_x1, t_x2, margin, eps):
+    """The results of ``_cosine_embedding_loss_hvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    t_g_x1 = np.empty((B, D), _dtype)
+    t_g_x2 = np.empty((B, D), _dtype)
+    return t_g_x1, t_g_x2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_hvp_into(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, t_g_x1, t_g_x2):
+    """``_cosine_embedding_loss_hvp_core`` writing its results into t_g_x1, t_g_x2 (from ``_cosine_embedding_loss_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    t_cos_sum0 = np.empty((B,), _dtype)
+    t_cos_sum1 = np.empty((B,), _dtype)
+    t_cos_sum2 = np.empty((B,), _dtype)
+    _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
+    _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+
+
+def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps):
+    """Second order of cosine_embedding_loss: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, x1, x2, label, t_x1, t_x2))
+    g_loss = _as_scalar("cosine_embedding_loss", "g_loss", g_loss, _dtype)
+    x1 = _as_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss", "label", label, _dtype)
+    t_x1 = _as_float("cosine_embedding_loss", "t_x1", t_x1, _dtype)
+    t_x2 = _as_float("cosine_embedding_loss", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_rank("cosine_embedding_loss", "t_x1", t_x1, 2)
+    _check_rank("cosine_embedding_loss", "t_x2", t_x2, 2)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    return _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps)
+
+
 # ============================================================================ huber
 
 
@@ -577,6 +984,35 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
             _t0 = pred[b, n] - target[b, n]
             _v_g_pred = _c0*(_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan)))) if (delta <= abs(_t0)) else _F(math.nan)))
             g_pred[b, n] = _v_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta):
+    """t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
+    t_loss = t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    # t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = pred[b, n] - target[b, n]
+            _v_t_loss_sum0 += (_t0*t_pred[b, n] if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan))))*t_pred[b, n] if (delta <= abs(_t0)) else _F(math.nan)))
+    # t_loss = t_loss_sum0/(B*N)
+    _v_t_loss = _c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta):
+    """t_g_pred[b, n] = g_loss*Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_g_pred = _c0*(t_pred[b, n] if (delta > abs(pred[b, n] - target[b, n])) else (_F(0) if (delta <= abs(pred[b, n] - target[b, n])) else _F(math.nan)))
+            t_g_pred[b, n] = _v_t_g_pred
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -673,6 +1109,108 @@ def _huber_bwd(g_loss, pred, target, *, delta):
     return _huber_bwd_core(g_loss, pred, target, delta)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_jvp_core(pred, target, t_pred, delta):
+    """Forward mode of huber: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta)
+    return t_loss
+
+
+def _huber_jvp_alloc(pred, target, t_pred, delta):
+    """The results of ``_huber_jvp_core`` for arguments of these shapes, uninitialised: what ``_huber_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_jvp_into(pred, target, t_pred, delta, t_loss):
+    """``_huber_jvp_core`` writing its results into t_loss (from ``_huber_jvp_alloc``)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta)
+
+
+def _huber_jvp(pred, target, t_pred, *, delta):
+    """Forward mode of huber: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("huber", "pred", pred, _dtype)
+    target = _as_float("huber", "target", target, _dtype)
+    t_pred = _as_float("huber", "t_pred", t_pred, _dtype)
+    _check_rank("huber", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber", "target", target, 2)
+    _check_rank("huber", "t_pred", t_pred, 2)
+    _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("huber", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    t_loss = _huber_jvp_core(pred, target, t_pred, delta)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_hvp_core(g_loss, pred, target, t_pred, delta):
+    """Second order of huber: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    return t_g_pred
+
+
+def _huber_hvp_alloc(g_loss, pred, target, t_pred, delta):
+    """The results of ``_huber_hvp_core`` for arguments of these shapes, uninitialised: what ``_huber_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_hvp_into(g_loss, pred, target, t_pred, delta, t_g_pred):
+    """``_huber_hvp_core`` writing its results into t_g_pred (from ``_huber_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+
+
+def _huber_hvp(g_loss, pred, target, t_pred, *, delta):
+    """Second order of huber: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_scalar("huber", "g_loss", g_loss, _dtype)
+    pred = _as_float("huber", "pred", pred, _dtype)
+    target = _as_float("huber", "target", target, _dtype)
+    t_pred = _as_float("huber", "t_pred", t_pred, _dtype)
+    _check_rank("huber", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber", "target", target, 2)
+    _check_rank("huber", "t_pred", t_pred, 2)
+    _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("huber", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    return _huber_hvp_core(g_loss, pred, target, t_pred, delta)
+
+
 # ============================================================================ kl_div
 
 
@@ -709,6 +1247,41 @@ def _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C):
             # g_logq[b, c] = -g_loss*exp(logp[b, c])/B
             _v_g_logq = -_t0
             g_logq[b, c] = _v_g_logq
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _kl_div_jvp0(logq, logp, t_logq, t_logp, t_loss, B, C):
+    """t_loss_sum0 = sum((logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + t_logp[b, c] - t_logq[b, c])*exp(logp[b, c]), b, c)
+    t_loss = t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # t_loss_sum0 = sum((logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + t_logp[b, c] - t_logq[b, c])*exp(logp[b, c]), b, c)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_t_loss_sum0 += (logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + t_logp[b, c] - t_logq[b, c])*math.exp(logp[b, c])
+    # t_loss = t_loss_sum0/B
+    _v_t_loss = _c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _kl_div_hvp0(logq, logp, g_loss, t_logq, t_logp, t_g_logq, t_g_logp, B, C):
+    """t_g_logp[b, c] = g_loss*(logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + 2*t_logp[b, c] - t_logq[b, c])*exp(logp[b, c])/B
+    t_g_logq[b, c] = -g_loss*exp(logp[b, c])*t_logp[b, c]/B
+    """
+    _F = t_g_logp.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    for b in range(0, B):
+        for c in range(0, C):
+            # t_g_logp[b, c] = g_loss*(logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + 2*t_logp[b, c] - t_logq[b, c])*exp(logp[b, c])/B
+            _t0 = _c0*math.exp(logp[b, c])
+            _v_t_g_logp = _t0*(logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + _F(2)*t_logp[b, c] - t_logq[b, c])
+            t_g_logp[b, c] = _v_t_g_logp
+            # t_g_logq[b, c] = -g_loss*exp(logp[b, c])*t_logp[b, c]/B
+            _v_t_g_logq = -_t0*t_logp[b, c]
+            t_g_logq[b, c] = _v_t_g_logq
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -799,6 +1372,110 @@ def _kl_div_bwd(g_loss, logq, logp):
     return _kl_div_bwd_core(g_loss, logq, logp)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _kl_div_jvp_core(logq, logp, t_logq, t_logp):
+    """Forward mode of kl_div: the tangents t_loss of the outputs from logq, logp, t_logq, t_logp (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _kl_div_jvp0(logq, logp, t_logq, t_logp, t_loss, B, C)
+    return t_loss
+
+
+def _kl_div_jvp_alloc(logq, logp, t_logq, t_logp):
+    """The results of ``_kl_div_jvp_core`` for arguments of these shapes, uninitialised: what ``_kl_div_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _kl_div_jvp_into(logq, logp, t_logq, t_logp, t_loss):
+    """``_kl_div_jvp_core`` writing its results into t_loss (from ``_kl_div_jvp_alloc``)."""
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _kl_div_jvp0(logq, logp, t_logq, t_logp, t_loss, B, C)
+
+
+def _kl_div_jvp(logq, logp, t_logq, t_logp):
+    """Forward mode of kl_div: the tangents t_loss of the outputs from logq, logp, t_logq, t_logp (forward recomputed)."""
+    _dtype = _float_dtype((logq, logp, t_logq, t_logp))
+    logq = _as_float("kl_div", "logq", logq, _dtype)
+    logp = _as_float("kl_div", "logp", logp, _dtype)
+    t_logq = _as_float("kl_div", "t_logq", t_logq, _dtype)
+    t_logp = _as_float("kl_div", "t_logp", t_logp, _dtype)
+    _check_rank("kl_div", "logq", logq, 2)
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _check_rank("kl_div", "logp", logp, 2)
+    _check_rank("kl_div", "t_logq", t_logq, 2)
+    _check_rank("kl_div", "t_logp", t_logp, 2)
+    _check_dim("kl_div", "logp", logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logq", t_logq, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logq", t_logq, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logp", t_logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logp", t_logp, 1, "C", C, "from logq axis 1")
+    t_loss = _kl_div_jvp_core(logq, logp, t_logq, t_logp)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _kl_div_hvp_core(g_loss, logq, logp, t_logq, t_logp):
+    """Second order of kl_div: t_g_logq, t_g_logp, the derivatives of the gradients along the tangents, from g_loss, logq, logp, t_logq, t_logp (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    t_g_logq = np.empty((B, C), _dtype)
+    t_g_logp = np.empty((B, C), _dtype)
+    _kl_div_hvp0(logq, logp, g_loss, t_logq, t_logp, t_g_logq, t_g_logp, B, C)
+    return t_g_logq, t_g_logp
+
+
+def _kl_div_hvp_alloc(g_loss, logq, logp, t_logq, t_logp):
+    """The results of ``_kl_div_hvp_core`` for arguments of these shapes, uninitialised: what ``_kl_div_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    t_g_logq = np.empty((B, C), _dtype)
+    t_g_logp = np.empty((B, C), _dtype)
+    return t_g_logq, t_g_logp
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _kl_div_hvp_into(g_loss, logq, logp, t_logq, t_logp, t_g_logq, t_g_logp):
+    """``_kl_div_hvp_core`` writing its results into t_g_logq, t_g_logp (from ``_kl_div_hvp_alloc``)."""
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _kl_div_hvp0(logq, logp, g_loss, t_logq, t_logp, t_g_logq, t_g_logp, B, C)
+
+
+def _kl_div_hvp(g_loss, logq, logp, t_logq, t_logp):
+    """Second order of kl_div: t_g_logq, t_g_logp, the derivatives of the gradients along the tangents, from g_loss, logq, logp, t_logq, t_logp (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logq, logp, t_logq, t_logp))
+    g_loss = _as_scalar("kl_div", "g_loss", g_loss, _dtype)
+    logq = _as_float("kl_div", "logq", logq, _dtype)
+    logp = _as_float("kl_div", "logp", logp, _dtype)
+    t_logq = _as_float("kl_div", "t_logq", t_logq, _dtype)
+    t_logp = _as_float("kl_div", "t_logp", t_logp, _dtype)
+    _check_rank("kl_div", "logq", logq, 2)
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _check_rank("kl_div", "logp", logp, 2)
+    _check_rank("kl_div", "t_logq", t_logq, 2)
+    _check_rank("kl_div", "t_logp", t_logp, 2)
+    _check_dim("kl_div", "logp", logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logq", t_logq, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logq", t_logq, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logp", t_logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logp", t_logp, 1, "C", C, "from logq axis 1")
+    return _kl_div_hvp_core(g_loss, logq, logp, t_logq, t_logp)
+
+
 # ============================================================================ mse
 
 
@@ -828,6 +1505,34 @@ def _mse_bwd0(pred, target, g_loss, g_pred, B, N):
         for n in range(0, N):
             _v_g_pred = _F(2)*_c0*(pred[b, n] - target[b, n])
             g_pred[b, n] = _v_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_jvp0(pred, target, t_pred, t_loss, B, N):
+    """t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
+    t_loss = t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    # t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_loss_sum0 += _F(2)*(pred[b, n] - target[b, n])*t_pred[b, n]
+    # t_loss = t_loss_sum0/(B*N)
+    _v_t_loss = _c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N):
+    """t_g_pred[b, n] = 2*g_loss*t_pred[b, n]/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_g_pred = _F(2)*_c0*t_pred[b, n]
+            t_g_pred[b, n] = _v_t_g_pred
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -916,6 +1621,100 @@ def _mse_bwd(g_loss, pred, target):
     return _mse_bwd_core(g_loss, pred, target)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_jvp_core(pred, target, t_pred):
+    """Forward mode of mse: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _mse_jvp0(pred, target, t_pred, t_loss, B, N)
+    return t_loss
+
+
+def _mse_jvp_alloc(pred, target, t_pred):
+    """The results of ``_mse_jvp_core`` for arguments of these shapes, uninitialised: what ``_mse_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_jvp_into(pred, target, t_pred, t_loss):
+    """``_mse_jvp_core`` writing its results into t_loss (from ``_mse_jvp_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _mse_jvp0(pred, target, t_pred, t_loss, B, N)
+
+
+def _mse_jvp(pred, target, t_pred):
+    """Forward mode of mse: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("mse", "pred", pred, _dtype)
+    target = _as_float("mse", "target", target, _dtype)
+    t_pred = _as_float("mse", "t_pred", t_pred, _dtype)
+    _check_rank("mse", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse", "target", target, 2)
+    _check_rank("mse", "t_pred", t_pred, 2)
+    _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_loss = _mse_jvp_core(pred, target, t_pred)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_hvp_core(g_loss, pred, target, t_pred):
+    """Second order of mse: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _mse_hvp0(g_loss, t_pred, t_g_pred, B, N)
+    return t_g_pred
+
+
+def _mse_hvp_alloc(g_loss, pred, target, t_pred):
+    """The results of ``_mse_hvp_core`` for arguments of these shapes, uninitialised: what ``_mse_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_hvp_into(g_loss, pred, target, t_pred, t_g_pred):
+    """``_mse_hvp_core`` writing its results into t_g_pred (from ``_mse_hvp_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _mse_hvp0(g_loss, t_pred, t_g_pred, B, N)
+
+
+def _mse_hvp(g_loss, pred, target, t_pred):
+    """Second order of mse: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_scalar("mse", "g_loss", g_loss, _dtype)
+    pred = _as_float("mse", "pred", pred, _dtype)
+    target = _as_float("mse", "target", target, _dtype)
+    t_pred = _as_float("mse", "t_pred", t_pred, _dtype)
+    _check_rank("mse", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse", "target", target, 2)
+    _check_rank("mse", "t_pred", t_pred, 2)
+    _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    return _mse_hvp_core(g_loss, pred, target, t_pred)
+
+
 # ============================================================================ nll
 
 
@@ -945,6 +1744,33 @@ def _nll_bwd0(target, g_loss, g_logprobs, B, C):
         for c in range(0, C):
             _v_g_logprobs = -_c0*target[b, c]
             g_logprobs[b, c] = _v_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_jvp0(target, t_logprobs, t_loss, B, C):
+    """t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
+    t_loss = -t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_t_loss_sum0 += t_logprobs[b, c]*target[b, c]
+    # t_loss = -t_loss_sum0/B
+    _v_t_loss = -_c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_hvp0(t_g_logprobs, B, C):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, C):
+            _v_t_g_logprobs = _F(0)
+            t_g_logprobs[i0, i1] = _v_t_g_logprobs
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1031,6 +1857,100 @@ def _nll_bwd(g_loss, logprobs, target):
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
     return _nll_bwd_core(g_loss, logprobs, target)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_jvp_core(logprobs, target, t_logprobs):
+    """Forward mode of nll: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _nll_jvp0(target, t_logprobs, t_loss, B, C)
+    return t_loss
+
+
+def _nll_jvp_alloc(logprobs, target, t_logprobs):
+    """The results of ``_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_jvp_into(logprobs, target, t_logprobs, t_loss):
+    """``_nll_jvp_core`` writing its results into t_loss (from ``_nll_jvp_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _nll_jvp0(target, t_logprobs, t_loss, B, C)
+
+
+def _nll_jvp(logprobs, target, t_logprobs):
+    """Forward mode of nll: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed)."""
+    _dtype = _float_dtype((logprobs, target, t_logprobs))
+    logprobs = _as_float("nll", "logprobs", logprobs, _dtype)
+    target = _as_float("nll", "target", target, _dtype)
+    t_logprobs = _as_float("nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll", "target", target, 2)
+    _check_rank("nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_loss = _nll_jvp_core(logprobs, target, t_logprobs)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_hvp_core(g_loss, logprobs, target, t_logprobs):
+    """Second order of nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    _nll_hvp0(t_g_logprobs, B, C)
+    return t_g_logprobs
+
+
+def _nll_hvp_alloc(g_loss, logprobs, target, t_logprobs):
+    """The results of ``_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    return t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_hvp_into(g_loss, logprobs, target, t_logprobs, t_g_logprobs):
+    """``_nll_hvp_core`` writing its results into t_g_logprobs (from ``_nll_hvp_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _nll_hvp0(t_g_logprobs, B, C)
+
+
+def _nll_hvp(g_loss, logprobs, target, t_logprobs):
+    """Second order of nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, target, t_logprobs))
+    g_loss = _as_scalar("nll", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("nll", "logprobs", logprobs, _dtype)
+    target = _as_float("nll", "target", target, _dtype)
+    t_logprobs = _as_float("nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll", "target", target, 2)
+    _check_rank("nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    return _nll_hvp_core(g_loss, logprobs, target, t_logprobs)
 
 
 # ============================================================================ softmax_cross_entropy
@@ -1139,6 +2059,87 @@ def _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_log
         # loss_logsumexp0[b] = log(loss_sumexp0[b])
         _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
         loss_logsumexp0[b] = _v_loss_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C):
+    """t_loss_shifted0[b, k] = t_logits[b, k]"""
+    _F = t_loss_shifted0.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_loss_shifted0 = t_logits[b, k]
+            t_loss_shifted0[b, k] = _v_t_loss_shifted0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C):
+    """t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+    """
+    _F = t_loss_logsumexp0.dtype.type
+    for b in range(0, B):
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])*t_logits[b, k]
+        # t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+        _v_t_loss_logsumexp0 = _v_t_loss_sumexp0/loss_sumexp0[b]
+        t_loss_logsumexp0[b] = _v_t_loss_logsumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C):
+    """t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
+    t_loss = -t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_t_loss_sum0 += (-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c]
+    # t_loss = -t_loss_sum0/B
+    _v_t_loss = -_c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    """
+    _F = loss_max0.dtype.type
+    for b in range(0, B):
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])*t_logits[b, k]
+        t_loss_sumexp0[b] = _v_t_loss_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C):
+    """t_g_logits[b, k] = g_loss*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*exp(logits[b, k] - loss_max0[b])/(B*loss_sumexp0[b]**2)"""
+    _F = t_g_logits.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_g_logits = _c0*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*math.exp(logits[b, k] - loss_max0[b])/(loss_sumexp0[b] * loss_sumexp0[b])
+            t_g_logits[b, k] = _v_t_g_logits
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1319,35 +2320,168 @@ def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_max0, los
     _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_jvp_core(logits, target, t_logits):
+    """Forward mode of softmax_cross_entropy: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_loss = np.empty((1,), _dtype)
+    t_loss_shifted0 = np.empty((B, C), _dtype)
+    t_loss_logsumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C)
+    _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C)
+    _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C)
+    return t_loss
+
+
+def _softmax_cross_entropy_jvp_alloc(logits, target, t_logits):
+    """The results of ``_softmax_cross_entropy_jvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_jvp_into(logits, target, t_logits, t_loss):
+    """``_softmax_cross_entropy_jvp_core`` writing its results into t_loss (from ``_softmax_cross_entropy_jvp_alloc``)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_loss_shifted0 = np.empty((B, C), _dtype)
+    t_loss_logsumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C)
+    _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C)
+    _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C)
+
+
+def _softmax_cross_entropy_jvp(logits, target, t_logits):
+    """Forward mode of softmax_cross_entropy: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed)."""
+    _dtype = _float_dtype((logits, target, t_logits))
+    logits = _as_float("softmax_cross_entropy", "logits", logits, _dtype)
+    target = _as_float("softmax_cross_entropy", "target", target, _dtype)
+    t_logits = _as_float("softmax_cross_entropy", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy", "target", target, 2)
+    _check_rank("softmax_cross_entropy", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    t_loss = _softmax_cross_entropy_jvp_core(logits, target, t_logits)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits):
+    """Second order of softmax_cross_entropy: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_g_logits = np.empty((B, C), _dtype)
+    t_loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
+    _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+    return t_g_logits
+
+
+def _softmax_cross_entropy_hvp_alloc(g_loss, logits, target, t_logits):
+    """The results of ``_softmax_cross_entropy_hvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    t_g_logits = np.empty((B, C), _dtype)
+    return t_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_hvp_into(g_loss, logits, target, t_logits, t_g_logits):
+    """``_softmax_cross_entropy_hvp_core`` writing its results into t_g_logits (from ``_softmax_cross_entropy_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
+    _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+
+
+def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits):
+    """Second order of softmax_cross_entropy: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logits, target, t_logits))
+    g_loss = _as_scalar("softmax_cross_entropy", "g_loss", g_loss, _dtype)
+    logits = _as_float("softmax_cross_entropy", "logits", logits, _dtype)
+    target = _as_float("softmax_cross_entropy", "target", target, _dtype)
+    t_logits = _as_float("softmax_cross_entropy", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy", "target", target, 2)
+    _check_rank("softmax_cross_entropy", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
+    return _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "bce_with_logits": {
         "backward": _bce_with_logits_bwd,
         "forward": _bce_with_logits_fwd,
+        "hvp": _bce_with_logits_hvp,
+        "jvp": _bce_with_logits_jvp,
     },
     "cosine_embedding_loss": {
         "backward": _cosine_embedding_loss_bwd,
         "forward": _cosine_embedding_loss_fwd,
+        "hvp": _cosine_embedding_loss_hvp,
+        "jvp": _cosine_embedding_loss_jvp,
     },
     "huber": {
         "backward": _huber_bwd,
         "forward": _huber_fwd,
+        "hvp": _huber_hvp,
+        "jvp": _huber_jvp,
     },
     "kl_div": {
         "backward": _kl_div_bwd,
         "forward": _kl_div_fwd,
+        "hvp": _kl_div_hvp,
+        "jvp": _kl_div_jvp,
     },
     "mse": {
         "backward": _mse_bwd,
         "forward": _mse_fwd,
+        "hvp": _mse_hvp,
+        "jvp": _mse_jvp,
     },
     "nll": {
         "backward": _nll_bwd,
         "forward": _nll_fwd,
+        "hvp": _nll_hvp,
+        "jvp": _nll_jvp,
     },
     "softmax_cross_entropy": {
         "backward": _softmax_cross_entropy_bwd,
         "forward": _softmax_cross_entropy_fwd,
+        "hvp": _softmax_cross_entropy_hvp,
+        "jvp": _softmax_cross_entropy_jvp,
     },
 }
 
@@ -2303,6 +3437,30 @@ class Op:
         if len(args) != n:
             raise TypeError("%s.backward takes %d arguments (%d output gradient(s), then %s); got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
         return fn(*args, **self.attrs)
+
+    def jvp(self, *args, tangents):
+        """The output tangents (forward mode): the derivative of the outputs along
+        ``tangents``, one per differentiable argument (``self.differentiable``)."""
+        fn = self._fn("jvp")
+        if len(args) != len(self.arg_names):
+            raise TypeError("%s.jvp takes %d arguments (%s) and tangents=; got %d" % (self.name, len(self.arg_names), ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("jvp", tangents), **self.attrs)
+
+    def hvp(self, *args, tangents):
+        """For each differentiable argument, the derivative of its gradient (the
+        output gradients given first, held fixed) along ``tangents``: a Hessian-vector
+        product for a loss (output gradient 1)."""
+        fn = self._fn("hvp")
+        n = self._seeds + len(self.arg_names)
+        if len(args) != n:
+            raise TypeError("%s.hvp takes %d arguments (%d output gradient(s), then %s) and tangents=; got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("hvp", tangents), **self.attrs)
+
+    def _tangents(self, what, tangents):
+        tangents = tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,)
+        if len(tangents) != len(self.differentiable):
+            raise TypeError("%s.%s takes one tangent per differentiable argument (%s); got %d" % (self.name, what, ", ".join(self.differentiable), len(tangents)))
+        return tangents
 
     def init_state(self, p):
         return self._fn("init_state")(p)

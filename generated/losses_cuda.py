@@ -260,6 +260,40 @@ def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N, _total):
         g_pred[b, n] = _v_g_pred
 
 
+@cuda.jit(cache=True)
+def _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N, _total):
+    """t_loss_sum0 = sum(-(1 - target[b, n])*sigmoid(pred[b, n])*t_pred[b, n] + sigmoid(-pred[b, n])*t_pred[b, n]*target[b, n], b, n)
+    t_loss = -t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(-(1 - target[b, n])*sigmoid(pred[b, n])*t_pred[b, n] + sigmoid(-pred[b, n])*t_pred[b, n]*target[b, n], b, n)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _v_t_loss_sum0 += -(_F(1) - target[b, n])*_sigmoid_dev(pred[b, n], _F)*t_pred[b, n] + _sigmoid_dev(-pred[b, n], _F)*t_pred[b, n]*target[b, n]
+        # t_loss = -t_loss_sum0/(B*N)
+        _v_t_loss = -_c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N, _total):
+    """t_g_pred[b, n] = g_loss*(1 - sigmoid(pred[b, n]))*sigmoid(pred[b, n])*t_pred[b, n]/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _t0 = _sigmoid_dev(pred[b, n], _F)
+        _v_t_g_pred = _c0*_t0*(_F(1) - _t0)*t_pred[b, n]
+        t_g_pred[b, n] = _v_t_g_pred
+
+
 def _bce_with_logits_fwd(pred, target):
     """Forward of bce_with_logits: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -293,6 +327,49 @@ def _bce_with_logits_bwd(g_loss, pred, target):
     g_pred = _empty((B, N), _dtype)
     _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
     return _result(g_pred, _dev)
+
+
+def _bce_with_logits_jvp(pred, target, t_pred):
+    """Forward mode of bce_with_logits: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("bce_with_logits", "pred", pred, _dtype)
+    target = _dev_float("bce_with_logits", "target", target, _dtype)
+    t_pred = _dev_float("bce_with_logits", "t_pred", t_pred, _dtype)
+    _check_rank("bce_with_logits", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("bce_with_logits", "target", target, 2)
+    _check_rank("bce_with_logits", "t_pred", t_pred, 2)
+    _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_loss = _empty((1,), _dtype)
+    _launch(_bce_with_logits_jvp0, 1, pred, target, t_pred, t_loss, B, N)
+    return _result(t_loss, False)[0]
+
+
+def _bce_with_logits_hvp(g_loss, pred, target, t_pred):
+    """Second order of bce_with_logits: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_scalar("bce_with_logits", "g_loss", g_loss, _dtype)
+    pred = _dev_float("bce_with_logits", "pred", pred, _dtype)
+    target = _dev_float("bce_with_logits", "target", target, _dtype)
+    t_pred = _dev_float("bce_with_logits", "t_pred", t_pred, _dtype)
+    _check_rank("bce_with_logits", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("bce_with_logits", "target", target, 2)
+    _check_rank("bce_with_logits", "t_pred", t_pred, 2)
+    _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_bce_with_logits_hvp0, B * N, pred, g_loss, t_pred, t_g_pred, B, N)
+    return _result(t_g_pred, _dev)
 
 
 # ============================================================================ cosine_embedding_loss
@@ -399,6 +476,153 @@ def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         g_x1[b, d] = _v_g_x1
 
 
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps, _total):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_cos[b] = t_cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b])) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*cos_sum2[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _t0 = _v_cos_sum0 + eps
+        _t1 = _v_cos_sum1 + eps
+        _t2 = _F(1) / math.sqrt(_t0*_t1)
+        _t3 = _t2*_v_cos_sum2
+        _v_cos = _t3
+        cos[b] = _v_cos
+        # t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        # t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        # t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_cos[b] = t_cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b])) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*cos_sum2[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_t_cos = _t2*_v_t_cos_sum2 + _t3*(-_F(0.5)*_t0*_v_t_cos_sum1 - _F(0.5)*_t1*_v_t_cos_sum0)/(_t0*_t1)
+        t_cos[b] = _v_t_cos
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, _total):
+    """t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
+    t_loss = t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            _v_t_loss_sum0 += (-t_cos[b] if (label[b] > _F(0)) else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan))))*t_cos[b] if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        # t_loss = t_loss_sum0/B
+        _v_t_loss = _c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, _total):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    """
+    _F = cos_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+        # t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        t_cos_sum0[b] = _v_t_cos_sum0
+        # t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        t_cos_sum1[b] = _v_t_cos_sum1
+        # t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        t_cos_sum2[b] = _v_t_cos_sum2
+
+
+@cuda.jit(cache=True)
+def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, _total):
+    """t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+    t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+    """
+    _F = t_g_x2.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+        _t0 = (label[b] > _F(0))
+        _t1 = eps + cos_sum0[b]
+        _t2 = eps + cos_sum1[b]
+        _t3 = _c0/math.sqrt(_t1*_t2)
+        _t4 = (_t2*x1[b, d] - cos_sum2[b]*x2[b, d])/(_t2 * _t2)
+        _t5 = _t3/_t2
+        _t6 = -_F(0.5)*_t1*t_cos_sum1[b] - _F(0.5)*_t2*t_cos_sum0[b]
+        _t7 = _t3/_t1
+        _v_t_g_x2 = -_t3*_t4*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*t_cos_sum1[b] + _t4*_t6*_t7*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan)))) + _t5*(_t2*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        t_g_x2[b, d] = _v_t_g_x2
+        # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+        _t8 = (_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t1 * _t1)
+        _v_t_g_x1 = -_t3*_t8*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*t_cos_sum0[b] + _t5*_t6*_t8*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan)))) + _t7*(_t1*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        t_g_x1[b, d] = _v_t_g_x1
+
+
 def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     """Forward of cosine_embedding_loss: loss from x1, x2, label."""
     _dev = any(_on_device(a) for a in (x1, x2, label))
@@ -452,6 +676,79 @@ def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
     return _result(g_x1, _dev), _result(g_x2, _dev)
 
 
+def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps):
+    """Forward mode of cosine_embedding_loss: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x1, x2, label, t_x1, t_x2))
+    _dtype = _float_dtype((x1, x2, label, t_x1, t_x2))
+    x1 = _dev_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _dev_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _dev_float("cosine_embedding_loss", "label", label, _dtype)
+    t_x1 = _dev_float("cosine_embedding_loss", "t_x1", t_x1, _dtype)
+    t_x2 = _dev_float("cosine_embedding_loss", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_rank("cosine_embedding_loss", "t_x1", t_x1, 2)
+    _check_rank("cosine_embedding_loss", "t_x2", t_x2, 2)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    cos = _empty((B,), _dtype)
+    t_loss = _empty((1,), _dtype)
+    t_cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_jvp0, B, x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps)
+    _launch(_cosine_embedding_loss_jvp1, 1, label, cos, t_loss, t_cos, B, margin)
+    return _result(t_loss, False)[0]
+
+
+def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps):
+    """Second order of cosine_embedding_loss: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, x1, x2, label, t_x1, t_x2))
+    _dtype = _float_dtype((g_loss, x1, x2, label, t_x1, t_x2))
+    g_loss = _dev_scalar("cosine_embedding_loss", "g_loss", g_loss, _dtype)
+    x1 = _dev_float("cosine_embedding_loss", "x1", x1, _dtype)
+    x2 = _dev_float("cosine_embedding_loss", "x2", x2, _dtype)
+    label = _dev_float("cosine_embedding_loss", "label", label, _dtype)
+    t_x1 = _dev_float("cosine_embedding_loss", "t_x1", t_x1, _dtype)
+    t_x2 = _dev_float("cosine_embedding_loss", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_embedding_loss", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss", "label", label, 1)
+    _check_rank("cosine_embedding_loss", "t_x1", t_x1, 2)
+    _check_rank("cosine_embedding_loss", "t_x2", t_x2, 2)
+    _check_dim("cosine_embedding_loss", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    t_g_x1 = _empty((B, D), _dtype)
+    t_g_x2 = _empty((B, D), _dtype)
+    t_cos_sum0 = _empty((B,), _dtype)
+    t_cos_sum1 = _empty((B,), _dtype)
+    t_cos_sum2 = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_hvp0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
+    _launch(_cosine_embedding_loss_hvp1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+    return _result(t_g_x1, _dev), _result(t_g_x2, _dev)
+
+
 # ============================================================================ huber
 
 
@@ -491,6 +788,40 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, _total):
         g_pred[b, n] = _v_g_pred
 
 
+@cuda.jit(cache=True)
+def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, _total):
+    """t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
+    t_loss = t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _t0 = pred[b, n] - target[b, n]
+                _v_t_loss_sum0 += (_t0*t_pred[b, n] if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan))))*t_pred[b, n] if (delta <= abs(_t0)) else _F(math.nan)))
+        # t_loss = t_loss_sum0/(B*N)
+        _v_t_loss = _c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, _total):
+    """t_g_pred[b, n] = g_loss*Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_g_pred = _c0*(t_pred[b, n] if (delta > abs(pred[b, n] - target[b, n])) else (_F(0) if (delta <= abs(pred[b, n] - target[b, n])) else _F(math.nan)))
+        t_g_pred[b, n] = _v_t_g_pred
+
+
 def _huber_fwd(pred, target, *, delta):
     """Forward of huber: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -526,6 +857,51 @@ def _huber_bwd(g_loss, pred, target, *, delta):
     g_pred = _empty((B, N), _dtype)
     _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
     return _result(g_pred, _dev)
+
+
+def _huber_jvp(pred, target, t_pred, *, delta):
+    """Forward mode of huber: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("huber", "pred", pred, _dtype)
+    target = _dev_float("huber", "target", target, _dtype)
+    t_pred = _dev_float("huber", "t_pred", t_pred, _dtype)
+    _check_rank("huber", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber", "target", target, 2)
+    _check_rank("huber", "t_pred", t_pred, 2)
+    _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("huber", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    t_loss = _empty((1,), _dtype)
+    _launch(_huber_jvp0, 1, pred, target, t_pred, t_loss, B, N, delta)
+    return _result(t_loss, False)[0]
+
+
+def _huber_hvp(g_loss, pred, target, t_pred, *, delta):
+    """Second order of huber: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_scalar("huber", "g_loss", g_loss, _dtype)
+    pred = _dev_float("huber", "pred", pred, _dtype)
+    target = _dev_float("huber", "target", target, _dtype)
+    t_pred = _dev_float("huber", "t_pred", t_pred, _dtype)
+    _check_rank("huber", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber", "target", target, 2)
+    _check_rank("huber", "t_pred", t_pred, 2)
+    _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("huber", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_huber_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    return _result(t_g_pred, _dev)
 
 
 # ============================================================================ kl_div
@@ -571,6 +947,46 @@ def _kl_div_bwd0(logq, logp, g_loss, g_logq, g_logp, B, C, _total):
         g_logq[b, c] = _v_g_logq
 
 
+@cuda.jit(cache=True)
+def _kl_div_jvp0(logq, logp, t_logq, t_logp, t_loss, B, C, _total):
+    """t_loss_sum0 = sum((logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + t_logp[b, c] - t_logq[b, c])*exp(logp[b, c]), b, c)
+    t_loss = t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum((logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + t_logp[b, c] - t_logq[b, c])*exp(logp[b, c]), b, c)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for c in range(0, C):
+                _v_t_loss_sum0 += (logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + t_logp[b, c] - t_logq[b, c])*math.exp(logp[b, c])
+        # t_loss = t_loss_sum0/B
+        _v_t_loss = _c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _kl_div_hvp0(logq, logp, g_loss, t_logq, t_logp, t_g_logq, t_g_logp, B, C, _total):
+    """t_g_logp[b, c] = g_loss*(logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + 2*t_logp[b, c] - t_logq[b, c])*exp(logp[b, c])/B
+    t_g_logq[b, c] = -g_loss*exp(logp[b, c])*t_logp[b, c]/B
+    """
+    _F = t_g_logp.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r % C
+        _r //= C
+        b = _r
+        # t_g_logp[b, c] = g_loss*(logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + 2*t_logp[b, c] - t_logq[b, c])*exp(logp[b, c])/B
+        _t0 = _c0*math.exp(logp[b, c])
+        _v_t_g_logp = _t0*(logp[b, c]*t_logp[b, c] - logq[b, c]*t_logp[b, c] + _F(2)*t_logp[b, c] - t_logq[b, c])
+        t_g_logp[b, c] = _v_t_g_logp
+        # t_g_logq[b, c] = -g_loss*exp(logp[b, c])*t_logp[b, c]/B
+        _v_t_g_logq = -_t0*t_logp[b, c]
+        t_g_logq[b, c] = _v_t_g_logq
+
+
 def _kl_div_fwd(logq, logp):
     """Forward of kl_div: loss from logq, logp."""
     _dev = any(_on_device(a) for a in (logq, logp))
@@ -605,6 +1021,58 @@ def _kl_div_bwd(g_loss, logq, logp):
     g_logp = _empty((B, C), _dtype)
     _launch(_kl_div_bwd0, B * C, logq, logp, g_loss, g_logq, g_logp, B, C)
     return _result(g_logq, _dev), _result(g_logp, _dev)
+
+
+def _kl_div_jvp(logq, logp, t_logq, t_logp):
+    """Forward mode of kl_div: the tangents t_loss of the outputs from logq, logp, t_logq, t_logp (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logq, logp, t_logq, t_logp))
+    _dtype = _float_dtype((logq, logp, t_logq, t_logp))
+    logq = _dev_float("kl_div", "logq", logq, _dtype)
+    logp = _dev_float("kl_div", "logp", logp, _dtype)
+    t_logq = _dev_float("kl_div", "t_logq", t_logq, _dtype)
+    t_logp = _dev_float("kl_div", "t_logp", t_logp, _dtype)
+    _check_rank("kl_div", "logq", logq, 2)
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _check_rank("kl_div", "logp", logp, 2)
+    _check_rank("kl_div", "t_logq", t_logq, 2)
+    _check_rank("kl_div", "t_logp", t_logp, 2)
+    _check_dim("kl_div", "logp", logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logq", t_logq, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logq", t_logq, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logp", t_logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logp", t_logp, 1, "C", C, "from logq axis 1")
+    t_loss = _empty((1,), _dtype)
+    _launch(_kl_div_jvp0, 1, logq, logp, t_logq, t_logp, t_loss, B, C)
+    return _result(t_loss, False)[0]
+
+
+def _kl_div_hvp(g_loss, logq, logp, t_logq, t_logp):
+    """Second order of kl_div: t_g_logq, t_g_logp, the derivatives of the gradients along the tangents, from g_loss, logq, logp, t_logq, t_logp (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logq, logp, t_logq, t_logp))
+    _dtype = _float_dtype((g_loss, logq, logp, t_logq, t_logp))
+    g_loss = _dev_scalar("kl_div", "g_loss", g_loss, _dtype)
+    logq = _dev_float("kl_div", "logq", logq, _dtype)
+    logp = _dev_float("kl_div", "logp", logp, _dtype)
+    t_logq = _dev_float("kl_div", "t_logq", t_logq, _dtype)
+    t_logp = _dev_float("kl_div", "t_logp", t_logp, _dtype)
+    _check_rank("kl_div", "logq", logq, 2)
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _check_rank("kl_div", "logp", logp, 2)
+    _check_rank("kl_div", "t_logq", t_logq, 2)
+    _check_rank("kl_div", "t_logp", t_logp, 2)
+    _check_dim("kl_div", "logp", logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logq", t_logq, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logq", t_logq, 1, "C", C, "from logq axis 1")
+    _check_dim("kl_div", "t_logp", t_logp, 0, "B", B, "from logq axis 0")
+    _check_dim("kl_div", "t_logp", t_logp, 1, "C", C, "from logq axis 1")
+    t_g_logq = _empty((B, C), _dtype)
+    t_g_logp = _empty((B, C), _dtype)
+    _launch(_kl_div_hvp0, B * C, logq, logp, g_loss, t_logq, t_logp, t_g_logq, t_g_logp, B, C)
+    return _result(t_g_logq, _dev), _result(t_g_logp, _dev)
 
 
 # ============================================================================ mse
@@ -643,6 +1111,39 @@ def _mse_bwd0(pred, target, g_loss, g_pred, B, N, _total):
         g_pred[b, n] = _v_g_pred
 
 
+@cuda.jit(cache=True)
+def _mse_jvp0(pred, target, t_pred, t_loss, B, N, _total):
+    """t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
+    t_loss = t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _v_t_loss_sum0 += _F(2)*(pred[b, n] - target[b, n])*t_pred[b, n]
+        # t_loss = t_loss_sum0/(B*N)
+        _v_t_loss = _c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, _total):
+    """t_g_pred[b, n] = 2*g_loss*t_pred[b, n]/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_g_pred = _F(2)*_c0*t_pred[b, n]
+        t_g_pred[b, n] = _v_t_g_pred
+
+
 def _mse_fwd(pred, target):
     """Forward of mse: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -676,6 +1177,49 @@ def _mse_bwd(g_loss, pred, target):
     g_pred = _empty((B, N), _dtype)
     _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
     return _result(g_pred, _dev)
+
+
+def _mse_jvp(pred, target, t_pred):
+    """Forward mode of mse: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("mse", "pred", pred, _dtype)
+    target = _dev_float("mse", "target", target, _dtype)
+    t_pred = _dev_float("mse", "t_pred", t_pred, _dtype)
+    _check_rank("mse", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse", "target", target, 2)
+    _check_rank("mse", "t_pred", t_pred, 2)
+    _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_loss = _empty((1,), _dtype)
+    _launch(_mse_jvp0, 1, pred, target, t_pred, t_loss, B, N)
+    return _result(t_loss, False)[0]
+
+
+def _mse_hvp(g_loss, pred, target, t_pred):
+    """Second order of mse: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_scalar("mse", "g_loss", g_loss, _dtype)
+    pred = _dev_float("mse", "pred", pred, _dtype)
+    target = _dev_float("mse", "target", target, _dtype)
+    t_pred = _dev_float("mse", "t_pred", t_pred, _dtype)
+    _check_rank("mse", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse", "target", target, 2)
+    _check_rank("mse", "t_pred", t_pred, 2)
+    _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_mse_hvp0, B * N, g_loss, t_pred, t_g_pred, B, N)
+    return _result(t_g_pred, _dev)
 
 
 # ============================================================================ nll
@@ -714,6 +1258,38 @@ def _nll_bwd0(target, g_loss, g_logprobs, B, C, _total):
         g_logprobs[b, c] = _v_g_logprobs
 
 
+@cuda.jit(cache=True)
+def _nll_jvp0(target, t_logprobs, t_loss, B, C, _total):
+    """t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
+    t_loss = -t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for c in range(0, C):
+                _v_t_loss_sum0 += t_logprobs[b, c]*target[b, c]
+        # t_loss = -t_loss_sum0/B
+        _v_t_loss = -_c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _nll_hvp0(t_g_logprobs, B, C, _total):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_logprobs = _F(0)
+        t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
 def _nll_fwd(logprobs, target):
     """Forward of nll: loss from logprobs, target."""
     _dev = any(_on_device(a) for a in (logprobs, target))
@@ -747,6 +1323,49 @@ def _nll_bwd(g_loss, logprobs, target):
     g_logprobs = _empty((B, C), _dtype)
     _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C)
     return _result(g_logprobs, _dev)
+
+
+def _nll_jvp(logprobs, target, t_logprobs):
+    """Forward mode of nll: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logprobs, target, t_logprobs))
+    _dtype = _float_dtype((logprobs, target, t_logprobs))
+    logprobs = _dev_float("nll", "logprobs", logprobs, _dtype)
+    target = _dev_float("nll", "target", target, _dtype)
+    t_logprobs = _dev_float("nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll", "target", target, 2)
+    _check_rank("nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_loss = _empty((1,), _dtype)
+    _launch(_nll_jvp0, 1, target, t_logprobs, t_loss, B, C)
+    return _result(t_loss, False)[0]
+
+
+def _nll_hvp(g_loss, logprobs, target, t_logprobs):
+    """Second order of nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, target, t_logprobs))
+    _dtype = _float_dtype((g_loss, logprobs, target, t_logprobs))
+    g_loss = _dev_scalar("nll", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("nll", "logprobs", logprobs, _dtype)
+    target = _dev_float("nll", "target", target, _dtype)
+    t_logprobs = _dev_float("nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll", "target", target, 2)
+    _check_rank("nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_g_logprobs = _empty((B, C), _dtype)
+    _launch(_nll_hvp0, B * C, t_g_logprobs, B, C)
+    return _result(t_g_logprobs, _dev)
 
 
 # ============================================================================ softmax_cross_entropy
@@ -854,6 +1473,99 @@ def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss,
         g_logits[b, k] = _v_g_logits
 
 
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C, _total):
+    """t_loss_shifted0[b, k] = t_logits[b, k]"""
+    _F = t_loss_shifted0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_loss_shifted0 = t_logits[b, k]
+        t_loss_shifted0[b, k] = _v_t_loss_shifted0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C, _total):
+    """t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+    """
+    _F = t_loss_logsumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])*t_logits[b, k]
+        # t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+        _v_t_loss_logsumexp0 = _v_t_loss_sumexp0/loss_sumexp0[b]
+        t_loss_logsumexp0[b] = _v_t_loss_logsumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, _total):
+    """t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
+    t_loss = -t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for c in range(0, C):
+                _v_t_loss_sum0 += (-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c]
+        # t_loss = -t_loss_sum0/B
+        _v_t_loss = -_c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C, _total):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    """
+    _F = loss_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])*t_logits[b, k]
+        t_loss_sumexp0[b] = _v_t_loss_sumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, _total):
+    """t_g_logits[b, k] = g_loss*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*exp(logits[b, k] - loss_max0[b])/(B*loss_sumexp0[b]**2)"""
+    _F = t_g_logits.dtype.type
+    _c0 = g_loss[0]/_F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_g_logits = _c0*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*math.exp(logits[b, k] - loss_max0[b])/(loss_sumexp0[b] * loss_sumexp0[b])
+        t_g_logits[b, k] = _v_t_g_logits
+
+
 def _softmax_cross_entropy_fwd(logits, target):
     """Forward of softmax_cross_entropy: loss from logits, target."""
     _dev = any(_on_device(a) for a in (logits, target))
@@ -899,35 +1611,104 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     return _result(g_logits, _dev)
 
 
+def _softmax_cross_entropy_jvp(logits, target, t_logits):
+    """Forward mode of softmax_cross_entropy: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logits, target, t_logits))
+    _dtype = _float_dtype((logits, target, t_logits))
+    logits = _dev_float("softmax_cross_entropy", "logits", logits, _dtype)
+    target = _dev_float("softmax_cross_entropy", "target", target, _dtype)
+    t_logits = _dev_float("softmax_cross_entropy", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy", "target", target, 2)
+    _check_rank("softmax_cross_entropy", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    t_loss = _empty((1,), _dtype)
+    t_loss_shifted0 = _empty((B, C), _dtype)
+    t_loss_logsumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_jvp0, B * C, t_logits, t_loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_jvp1, B, logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_jvp2, 1, target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C)
+    return _result(t_loss, False)[0]
+
+
+def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits):
+    """Second order of softmax_cross_entropy: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logits, target, t_logits))
+    _dtype = _float_dtype((g_loss, logits, target, t_logits))
+    g_loss = _dev_scalar("softmax_cross_entropy", "g_loss", g_loss, _dtype)
+    logits = _dev_float("softmax_cross_entropy", "logits", logits, _dtype)
+    target = _dev_float("softmax_cross_entropy", "target", target, _dtype)
+    t_logits = _dev_float("softmax_cross_entropy", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy", "target", target, 2)
+    _check_rank("softmax_cross_entropy", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    t_g_logits = _empty((B, C), _dtype)
+    t_loss_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_hvp0, B, logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_hvp1, B * C, logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+    return _result(t_g_logits, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "bce_with_logits": {
         "backward": _bce_with_logits_bwd,
         "forward": _bce_with_logits_fwd,
+        "hvp": _bce_with_logits_hvp,
+        "jvp": _bce_with_logits_jvp,
     },
     "cosine_embedding_loss": {
         "backward": _cosine_embedding_loss_bwd,
         "forward": _cosine_embedding_loss_fwd,
+        "hvp": _cosine_embedding_loss_hvp,
+        "jvp": _cosine_embedding_loss_jvp,
     },
     "huber": {
         "backward": _huber_bwd,
         "forward": _huber_fwd,
+        "hvp": _huber_hvp,
+        "jvp": _huber_jvp,
     },
     "kl_div": {
         "backward": _kl_div_bwd,
         "forward": _kl_div_fwd,
+        "hvp": _kl_div_hvp,
+        "jvp": _kl_div_jvp,
     },
     "mse": {
         "backward": _mse_bwd,
         "forward": _mse_fwd,
+        "hvp": _mse_hvp,
+        "jvp": _mse_jvp,
     },
     "nll": {
         "backward": _nll_bwd,
         "forward": _nll_fwd,
+        "hvp": _nll_hvp,
+        "jvp": _nll_jvp,
     },
     "softmax_cross_entropy": {
         "backward": _softmax_cross_entropy_bwd,
         "forward": _softmax_cross_entropy_fwd,
+        "hvp": _softmax_cross_entropy_hvp,
+        "jvp": _softmax_cross_entropy_jvp,
     },
 }
 

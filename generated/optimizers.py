@@ -797,6 +797,30 @@ class Op:
             raise TypeError("%s.backward takes %d arguments (%d output gradient(s), then %s); got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
         return fn(*args, **self.attrs)
 
+    def jvp(self, *args, tangents):
+        """The output tangents (forward mode): the derivative of the outputs along
+        ``tangents``, one per differentiable argument (``self.differentiable``)."""
+        fn = self._fn("jvp")
+        if len(args) != len(self.arg_names):
+            raise TypeError("%s.jvp takes %d arguments (%s) and tangents=; got %d" % (self.name, len(self.arg_names), ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("jvp", tangents), **self.attrs)
+
+    def hvp(self, *args, tangents):
+        """For each differentiable argument, the derivative of its gradient (the
+        output gradients given first, held fixed) along ``tangents``: a Hessian-vector
+        product for a loss (output gradient 1)."""
+        fn = self._fn("hvp")
+        n = self._seeds + len(self.arg_names)
+        if len(args) != n:
+            raise TypeError("%s.hvp takes %d arguments (%d output gradient(s), then %s) and tangents=; got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
+        return fn(*args, *self._tangents("hvp", tangents), **self.attrs)
+
+    def _tangents(self, what, tangents):
+        tangents = tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,)
+        if len(tangents) != len(self.differentiable):
+            raise TypeError("%s.%s takes one tangent per differentiable argument (%s); got %d" % (self.name, what, ", ".join(self.differentiable), len(tangents)))
+        return tangents
+
     def init_state(self, p):
         return self._fn("init_state")(p)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 
 KINDS_WITH_GRADIENTS = ("activation", "layer", "loss")
@@ -318,6 +319,43 @@ def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) 
     return [g.numpy() for g in grads]
 
 
+def _oracle_call(name: str, attrs: dict):
+    """The oracle as a function of its differentiable arguments (the rest fixed)."""
+
+    def call(args, wrt, *diff):
+        full = [_t(a) for a in args]
+        for i, d in zip(wrt, diff):
+            full[i] = d
+        # the math attention kernel: PyTorch's fused CPU kernel has no second derivative
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            return TORCH_ORACLE[name](*full, **attrs)
+
+    return call
+
+
+def torch_jvp(name: str, args: Sequence, attrs: dict, tangents: Sequence, wrt: Sequence[int]) -> np.ndarray:
+    """The derivative of the oracle's output along ``tangents`` (one per args[i], i in wrt)."""
+    call = _oracle_call(name, attrs)
+    primals = tuple(_t(args[i]) for i in wrt)
+    _, out = torch.autograd.functional.jvp(lambda *d: call(args, wrt, *d), primals, tuple(_t(t) for t in tangents))
+    return out.numpy()
+
+
+def torch_hvp(name: str, args: Sequence, attrs: dict, seed, tangents: Sequence, wrt: Sequence[int]) -> list[np.ndarray]:
+    """For each args[i], i in wrt: the derivative of its vector-Jacobian product with
+    ``seed`` along ``tangents`` (reverse over reverse; the Hessian of sum(seed * f) is
+    symmetric, so this is the forward-over-reverse product too)."""
+    call = _oracle_call(name, attrs)
+    ps = [_t(args[i], grad=True) for i in wrt]
+    out = call(args, wrt, *ps)
+    grads = torch.autograd.grad((out * _t(seed).reshape(out.shape)).sum(), ps, create_graph=True, allow_unused=True)
+    dot = sum((g * _t(t)).sum() for g, t in zip(grads, tangents) if g is not None and g.requires_grad)
+    if not (torch.is_tensor(dot) and dot.requires_grad):
+        return [np.zeros(np.shape(args[i])) for i in wrt]
+    second = torch.autograd.grad(dot, ps, allow_unused=True)
+    return [np.zeros(np.shape(args[i])) if h is None else h.numpy() for h, i in zip(second, wrt)]
+
+
 # ----------------------------------------------------------------------------------
 # Central finite differences, float64
 # ----------------------------------------------------------------------------------
@@ -348,6 +386,20 @@ def numerical_vjp(forward: Callable, args: Sequence, seeds: Sequence, wrt: Seque
             gflat[k] = (up - down) / (2 * step)
         grads.append(g)
     return grads
+
+
+def numerical_directional(fn: Callable, args: Sequence, tangents: Sequence, wrt: Sequence[int], h: float = 1e-5) -> tuple:
+    """Central difference of ``fn(*args)`` (each of its results) along ``tangents``:
+    (fn(args + h t) - fn(args - h t)) / 2h, in float64."""
+    args = [np.array(a) if _is_int(a) else np.array(a, dtype=np.float64) for a in args]
+
+    def at(sign):
+        moved = list(args)
+        for i, t in zip(wrt, tangents):
+            moved[i] = args[i] + sign * h * np.asarray(t, dtype=np.float64)
+        return [np.asarray(r, dtype=np.float64) for r in as_tuple(fn(*moved))]
+
+    return tuple((u - d) / (2 * h) for u, d in zip(at(1), at(-1)))
 
 
 # ----------------------------------------------------------------------------------

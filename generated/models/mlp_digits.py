@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 92985126f9e72064
-#   generated/layers.py aa2969d0b08b0c08
-#   generated/losses.py ba10f21bf28470d7
-#   generated/optimizers.py 9072ecf0ebc71829
+#   generated/activations.py 0f486d477867aa21
+#   generated/layers.py 3114bef8571f1ed5
+#   generated/losses.py 930e7455d07a5389
+#   generated/optimizers.py edee100363ad16d0
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).
