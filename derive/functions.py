@@ -249,6 +249,28 @@ def _elu(x, alpha=1):
     return Piecewise((x, x > 0), (alpha * expm1(x), True))
 
 
+class stop_gradient(Function):
+    """The value of its argument, with derivative 0 (``torch.Tensor.detach``,
+    ``jax.lax.stop_gradient``): a straight-through estimator is
+    ``x + stop_gradient(round(x) - x)``, PyTorch's clamp under ``no_grad`` is
+    ``v + stop_gradient(Max(v, eps) - v)``. Differentiation (reverse and forward mode)
+    sees a constant; derive/pipeline.py removes the marker once every derivative is
+    taken, so the kernels compute the argument itself."""
+
+    is_real = True
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+    def _latex(self, printer, exp=None):
+        head = r"\operatorname{sg}" if exp is None else r"\operatorname{sg}^{%s}" % exp
+        return r"%s\left(%s\right)" % (head, printer._print(self.args[0]))
+
+    def _eval_evalf(self, prec):
+        return self.args[0].evalf(prec) if self.args[0].is_number else None
+
+
 def _gelu(x):
     return x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2
 
@@ -289,6 +311,7 @@ ELEMENTARY = {
     "Max": _scalar_max,
     "Min": _scalar_min,
     "where": _where,
+    "stop_gradient": stop_gradient,
 }
 
 def _relation(cls):

@@ -57,8 +57,25 @@ def build(op: OpDef) -> ir.Program:
     substitute_statistics(backward, stmts, shapes, {grad_name(a) for a in diff_args})
     program = lower(op, stmts, backward, shapes, diff_args)
     program = _replace(program, **forward_mode(program, {s.target for s in stmts if s.stop_gradient}))
+    program = without_stop_gradient(program)
     blocks = derivation_blocks(op, stmts, backward, program)
     return _replace(program, latex=render_tex(blocks), extra={"blocks": blocks}, assumptions=checked_assumptions(op))
+
+
+def without_stop_gradient(program: ir.Program) -> ir.Program:
+    """Every ``stop_gradient(e)`` replaced by ``e`` once the derivatives are taken: the
+    marker means "derivative 0" to differentiation and nothing to a kernel."""
+    from dataclasses import replace
+
+    from .functions import stop_gradient
+
+    def strip(a: ir.Assign) -> ir.Assign:
+        if not a.body.has(stop_gradient):
+            return a
+        return replace(a, body=a.body.replace(stop_gradient, lambda e: e))
+
+    return _replace(program, **{k: tuple(strip(a) for a in getattr(program, k))
+                                for k in ("forward", "backward", "jvp", "hvp", "step")})
 
 
 def _stabilised(op: OpDef) -> list[Stmt]:

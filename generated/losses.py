@@ -3,7 +3,7 @@
 # Template: codegen/templates/cpu/module.py.jinja
 # Regenerate: python -m codegen
 
-"""losses: bce_with_logits, cosine_embedding_loss, huber, kl_div, mse, nll, softmax_cross_entropy.
+"""losses: bce_with_logits, categorical_nll, cosine_embedding_loss, gaussian_nll, huber, kl_div, mse, nll, poisson_nll, softmax_cross_entropy.
 
 Use ``generated.op(name, target="cpu", **attrs)`` (``target="cuda"`` imports
 losses_cuda.py).
@@ -371,6 +371,250 @@ def _bce_with_logits_hvp(g_loss, pred, target, t_pred):
     _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     return _bce_with_logits_hvp_core(g_loss, pred, target, t_pred)
+
+
+# ============================================================================ categorical_nll
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_fwd0(logprobs, idx, loss, B, C):
+    """loss_sum0 = sum(logprobs[b, idx[b]], b)
+    loss = -loss_sum0/B
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # loss_sum0 = sum(logprobs[b, idx[b]], b)
+    _v_loss_sum0 = _F(0)
+    for b in range(0, B):
+        _v_loss_sum0 += (logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+    # loss = -loss_sum0/B
+    _v_loss = -_c0*_v_loss_sum0
+    loss[0] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_bwd0(g_logprobs, B, C):
+    """g_logprobs = 0"""
+    _F = g_logprobs.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, C):
+            _v_g_logprobs = _F(0)
+            g_logprobs[i0, i1] = _v_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C):
+    """g_logprobs[b, idx[b]] += -g_loss/B  (scatter)"""
+    _F = g_logprobs.dtype.type
+    _c0 = -g_loss[0]/_F(B)
+    for b in range(0, B):
+        _v_g_logprobs = _c0
+        if ((idx[b] >= 0) and (idx[b] < C)):
+            g_logprobs[b, idx[b]] += _v_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C):
+    """t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
+    t_loss = -t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    # t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        _v_t_loss_sum0 += (t_logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+    # t_loss = -t_loss_sum0/B
+    _v_t_loss = -_c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_hvp0(t_g_logprobs, B, C):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, C):
+            _v_t_g_logprobs = _F(0)
+            t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_fwd_core(logprobs, idx):
+    """Forward of categorical_nll: loss from logprobs, idx. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((1,), _dtype)
+    _categorical_nll_fwd0(logprobs, idx, loss, B, C)
+    return loss
+
+
+def _categorical_nll_fwd_alloc(logprobs, idx):
+    """The results of ``_categorical_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_fwd_into(logprobs, idx, loss):
+    """``_categorical_nll_fwd_core`` writing its results into loss (from ``_categorical_nll_fwd_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_fwd0(logprobs, idx, loss, B, C)
+
+
+def _categorical_nll_fwd(logprobs, idx):
+    """Forward of categorical_nll: loss from logprobs, idx."""
+    _dtype = _float_dtype((logprobs, idx))
+    logprobs = _as_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll", "idx", idx)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    loss = _categorical_nll_fwd_core(logprobs, idx)
+    return loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_bwd_core(g_loss, logprobs, idx):
+    """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    _categorical_nll_bwd0(g_logprobs, B, C)
+    _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C)
+    return g_logprobs
+
+
+def _categorical_nll_bwd_alloc(g_loss, logprobs, idx):
+    """The results of ``_categorical_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    return g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_bwd_into(g_loss, logprobs, idx, g_logprobs):
+    """``_categorical_nll_bwd_core`` writing its results into g_logprobs (from ``_categorical_nll_bwd_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_bwd0(g_logprobs, B, C)
+    _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C)
+
+
+def _categorical_nll_bwd(g_loss, logprobs, idx):
+    """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, idx))
+    g_loss = _as_scalar("categorical_nll", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll", "idx", idx)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    return _categorical_nll_bwd_core(g_loss, logprobs, idx)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_jvp_core(logprobs, idx, t_logprobs):
+    """Forward mode of categorical_nll: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C)
+    return t_loss
+
+
+def _categorical_nll_jvp_alloc(logprobs, idx, t_logprobs):
+    """The results of ``_categorical_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_jvp_into(logprobs, idx, t_logprobs, t_loss):
+    """``_categorical_nll_jvp_core`` writing its results into t_loss (from ``_categorical_nll_jvp_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C)
+
+
+def _categorical_nll_jvp(logprobs, idx, t_logprobs):
+    """Forward mode of categorical_nll: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed)."""
+    _dtype = _float_dtype((logprobs, idx, t_logprobs))
+    logprobs = _as_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll", "idx", idx)
+    t_logprobs = _as_float("categorical_nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_rank("categorical_nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_loss = _categorical_nll_jvp_core(logprobs, idx, t_logprobs)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs):
+    """Second order of categorical_nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    _categorical_nll_hvp0(t_g_logprobs, B, C)
+    return t_g_logprobs
+
+
+def _categorical_nll_hvp_alloc(g_loss, logprobs, idx, t_logprobs):
+    """The results of ``_categorical_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    return t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_hvp_into(g_loss, logprobs, idx, t_logprobs, t_g_logprobs):
+    """``_categorical_nll_hvp_core`` writing its results into t_g_logprobs (from ``_categorical_nll_hvp_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_hvp0(t_g_logprobs, B, C)
+
+
+def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs):
+    """Second order of categorical_nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, idx, t_logprobs))
+    g_loss = _as_scalar("categorical_nll", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll", "idx", idx)
+    t_logprobs = _as_float("categorical_nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_rank("categorical_nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    return _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs)
 
 
 # ============================================================================ cosine_embedding_loss
@@ -950,6 +1194,360 @@ def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
     return _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps)
+
+
+# ============================================================================ gaussian_nll
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_fwd0(var, vc, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]"""
+    _F = vc.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            vc[b, n] = _v_vc
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full):
+    """loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
+    loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _c1 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    # loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
+    _v_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_loss_sum0 += (pred[b, n] - target[b, n])**2/vc[b, n] + math.log(vc[b, n])
+    # loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
+    _v_loss = _F(0.5)*_c0*_v_loss_sum0 + _c1
+    loss[0] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
+    g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+    """
+    _F = g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            # g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
+            _t0 = pred[b, n] - target[b, n]
+            _t1 = _F(1) / _v_vc
+            _t2 = _c0*_t1
+            _v_g_pred = _t0*_t2
+            g_pred[b, n] = _v_g_pred
+            # g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+            _v_g_var = _F(0.5)*_t2*(-_t0 * _t0*_t1 + _F(1))
+            g_var[b, n] = _v_g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    """
+    _F = vc.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            vc[b, n] = _v_vc
+            # t_vc[b, n] = t_var[b, n]
+            _v_t_vc = t_var[b, n]
+            t_vc[b, n] = _v_t_vc
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N):
+    """t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
+    t_loss = t_loss_sum0/(2*B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    # t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = _F(1) / vc[b, n]
+            _t1 = pred[b, n] - target[b, n]
+            _v_t_loss_sum0 += _F(2)*_t0*_t1*t_pred[b, n] + _t0*t_vc[b, n] - _t1 * _t1*t_vc[b, n]/(vc[b, n] * vc[b, n])
+    # t_loss = t_loss_sum0/(2*B*N)
+    _v_t_loss = _F(0.5)*_c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
+    t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
+    """
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            # t_vc[b, n] = t_var[b, n]
+            _v_t_vc = t_var[b, n]
+            # t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
+            _t0 = _F(1) / (_v_vc * _v_vc)
+            _t1 = _c0*_t0
+            _v_t_g_pred = -_t1*(_v_t_vc*pred[b, n] - _v_t_vc*target[b, n] - _v_vc*t_pred[b, n])
+            t_g_pred[b, n] = _v_t_g_pred
+            # t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
+            _t2 = _F(1) / _v_vc
+            _t3 = pred[b, n] - target[b, n]
+            _t4 = _t3 * _t3
+            _v_t_g_var = _F(0.5)*_c0*_t2*(_t0*_t4*_v_t_vc - _F(2)*_t2*_t3*t_pred[b, n]) - _F(0.5)*_t1*_v_t_vc*(-_t2*_t4 + _F(1))
+            t_g_var[b, n] = _v_t_g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_fwd_core(pred, target, var, eps, full):
+    """Forward of gaussian_nll: loss from pred, target, var. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    vc = np.empty((B, N), _dtype)
+    _gaussian_nll_fwd0(var, vc, B, N, eps)
+    _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full)
+    return loss
+
+
+def _gaussian_nll_fwd_alloc(pred, target, var, eps, full):
+    """The results of ``_gaussian_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_fwd_into(pred, target, var, eps, full, loss):
+    """``_gaussian_nll_fwd_core`` writing its results into loss (from ``_gaussian_nll_fwd_alloc``)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    vc = np.empty((B, N), _dtype)
+    _gaussian_nll_fwd0(var, vc, B, N, eps)
+    _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full)
+
+
+def _gaussian_nll_fwd(pred, target, var, *, eps, full):
+    """Forward of gaussian_nll: loss from pred, target, var."""
+    _dtype = _float_dtype((pred, target, var))
+    pred = _as_float("gaussian_nll", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll", "target", target, _dtype)
+    var = _as_float("gaussian_nll", "var", var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    loss = _gaussian_nll_fwd_core(pred, target, var, eps, full)
+    return loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full):
+    """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    g_var = np.empty((B, N), _dtype)
+    _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    return g_pred, g_var
+
+
+def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full):
+    """The results of ``_gaussian_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    g_var = np.empty((B, N), _dtype)
+    return g_pred, g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, g_pred, g_var):
+    """``_gaussian_nll_bwd_core`` writing its results into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+
+
+def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):
+    """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, var))
+    g_loss = _as_scalar("gaussian_nll", "g_loss", g_loss, _dtype)
+    pred = _as_float("gaussian_nll", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll", "target", target, _dtype)
+    var = _as_float("gaussian_nll", "var", var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    return _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full):
+    """Forward mode of gaussian_nll: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    vc = np.empty((B, N), _dtype)
+    t_loss = np.empty((1,), _dtype)
+    t_vc = np.empty((B, N), _dtype)
+    _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps)
+    _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N)
+    return t_loss
+
+
+def _gaussian_nll_jvp_alloc(pred, target, var, t_pred, t_var, eps, full):
+    """The results of ``_gaussian_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_jvp_into(pred, target, var, t_pred, t_var, eps, full, t_loss):
+    """``_gaussian_nll_jvp_core`` writing its results into t_loss (from ``_gaussian_nll_jvp_alloc``)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    vc = np.empty((B, N), _dtype)
+    t_vc = np.empty((B, N), _dtype)
+    _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps)
+    _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N)
+
+
+def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full):
+    """Forward mode of gaussian_nll: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, var, t_pred, t_var))
+    pred = _as_float("gaussian_nll", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll", "target", target, _dtype)
+    var = _as_float("gaussian_nll", "var", var, _dtype)
+    t_pred = _as_float("gaussian_nll", "t_pred", t_pred, _dtype)
+    t_var = _as_float("gaussian_nll", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_rank("gaussian_nll", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll", "t_var", t_var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_var", t_var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_var", t_var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    t_loss = _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full):
+    """Second order of gaussian_nll: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    t_g_var = np.empty((B, N), _dtype)
+    _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    return t_g_pred, t_g_var
+
+
+def _gaussian_nll_hvp_alloc(g_loss, pred, target, var, t_pred, t_var, eps, full):
+    """The results of ``_gaussian_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    t_g_var = np.empty((B, N), _dtype)
+    return t_g_pred, t_g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_hvp_into(g_loss, pred, target, var, t_pred, t_var, eps, full, t_g_pred, t_g_var):
+    """``_gaussian_nll_hvp_core`` writing its results into t_g_pred, t_g_var (from ``_gaussian_nll_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+
+
+def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full):
+    """Second order of gaussian_nll: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, var, t_pred, t_var))
+    g_loss = _as_scalar("gaussian_nll", "g_loss", g_loss, _dtype)
+    pred = _as_float("gaussian_nll", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll", "target", target, _dtype)
+    var = _as_float("gaussian_nll", "var", var, _dtype)
+    t_pred = _as_float("gaussian_nll", "t_pred", t_pred, _dtype)
+    t_var = _as_float("gaussian_nll", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_rank("gaussian_nll", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll", "t_var", t_var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_var", t_var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_var", t_var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    return _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full)
 
 
 # ============================================================================ huber
@@ -1953,6 +2551,276 @@ def _nll_hvp(g_loss, logprobs, target, t_logprobs):
     return _nll_hvp_core(g_loss, logprobs, target, t_logprobs)
 
 
+# ============================================================================ poisson_nll
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input):
+    """loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
+    loss = loss_sum0/(B*N)
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    # loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
+    _v_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_loss_sum0 += full*((_F(0) if (target[b, n] == _F(0)) else (math.log(target[b, n])*target[b, n] if (target[b, n] != _F(0)) else _F(math.nan))) + _F(0.5)*math.log(target[b, n]) - target[b, n] + _F(0.5)*math.log(_F(2)) + _F(0.5)*math.log(_F(math.pi)) if (target[b, n] > _F(1)) else (_F(0) if (target[b, n] <= _F(1)) else _F(math.nan))) + (math.exp(pred[b, n]) - pred[b, n]*target[b, n] if (log_input > _F(0)) else (-math.log(eps + pred[b, n])*target[b, n] + pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
+    # loss = loss_sum0/(B*N)
+    _v_loss = _c0*_v_loss_sum0
+    loss[0] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input):
+    """g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))/(B*N)"""
+    _F = g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_g_pred = _c0*(math.exp(pred[b, n]) - target[b, n] if (log_input > _F(0)) else (_F(1) - target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))
+            g_pred[b, n] = _v_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input):
+    """t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
+    t_loss = t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    # t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
+    _v_t_loss_sum0 = _F(0)
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_loss_sum0 += (math.exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n] if (log_input > _F(0)) else (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))
+    # t_loss = t_loss_sum0/(B*N)
+    _v_t_loss = _c0*_v_t_loss_sum0
+    t_loss[0] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input):
+    """t_g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_g_pred = _c0*(math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2 if (log_input <= _F(0)) else _F(math.nan)))
+            t_g_pred[b, n] = _v_t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_fwd_core(pred, target, log_input, full, eps):
+    """Forward of poisson_nll: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input)
+    return loss
+
+
+def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps):
+    """The results of ``_poisson_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((1,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_fwd_into(pred, target, log_input, full, eps, loss):
+    """``_poisson_nll_fwd_core`` writing its results into loss (from ``_poisson_nll_fwd_alloc``)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input)
+
+
+def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
+    """Forward of poisson_nll: loss from pred, target."""
+    _dtype = _float_dtype((pred, target))
+    pred = _as_float("poisson_nll", "pred", pred, _dtype)
+    target = _as_float("poisson_nll", "target", target, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    loss = _poisson_nll_fwd_core(pred, target, log_input, full, eps)
+    return loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
+    """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input)
+    return g_pred
+
+
+def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps):
+    """The results of ``_poisson_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, g_pred):
+    """``_poisson_nll_bwd_core`` writing its results into g_pred (from ``_poisson_nll_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input)
+
+
+def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):
+    """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _as_scalar("poisson_nll", "g_loss", g_loss, _dtype)
+    pred = _as_float("poisson_nll", "pred", pred, _dtype)
+    target = _as_float("poisson_nll", "target", target, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    return _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps):
+    """Forward mode of poisson_nll: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input)
+    return t_loss
+
+
+def _poisson_nll_jvp_alloc(pred, target, t_pred, log_input, full, eps):
+    """The results of ``_poisson_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((1,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_jvp_into(pred, target, t_pred, log_input, full, eps, t_loss):
+    """``_poisson_nll_jvp_core`` writing its results into t_loss (from ``_poisson_nll_jvp_alloc``)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input)
+
+
+def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps):
+    """Forward mode of poisson_nll: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("poisson_nll", "pred", pred, _dtype)
+    target = _as_float("poisson_nll", "target", target, _dtype)
+    t_pred = _as_float("poisson_nll", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_rank("poisson_nll", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("poisson_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    t_loss = _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps)
+    return t_loss[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps):
+    """Second order of poisson_nll: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    return t_g_pred
+
+
+def _poisson_nll_hvp_alloc(g_loss, pred, target, t_pred, log_input, full, eps):
+    """The results of ``_poisson_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_hvp_into(g_loss, pred, target, t_pred, log_input, full, eps, t_g_pred):
+    """``_poisson_nll_hvp_core`` writing its results into t_g_pred (from ``_poisson_nll_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+
+
+def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps):
+    """Second order of poisson_nll: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_scalar("poisson_nll", "g_loss", g_loss, _dtype)
+    pred = _as_float("poisson_nll", "pred", pred, _dtype)
+    target = _as_float("poisson_nll", "target", target, _dtype)
+    t_pred = _as_float("poisson_nll", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_rank("poisson_nll", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("poisson_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    return _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps)
+
+
 # ============================================================================ softmax_cross_entropy
 
 
@@ -2447,11 +3315,23 @@ _FUNCS = {
         "hvp": _bce_with_logits_hvp,
         "jvp": _bce_with_logits_jvp,
     },
+    "categorical_nll": {
+        "backward": _categorical_nll_bwd,
+        "forward": _categorical_nll_fwd,
+        "hvp": _categorical_nll_hvp,
+        "jvp": _categorical_nll_jvp,
+    },
     "cosine_embedding_loss": {
         "backward": _cosine_embedding_loss_bwd,
         "forward": _cosine_embedding_loss_fwd,
         "hvp": _cosine_embedding_loss_hvp,
         "jvp": _cosine_embedding_loss_jvp,
+    },
+    "gaussian_nll": {
+        "backward": _gaussian_nll_bwd,
+        "forward": _gaussian_nll_fwd,
+        "hvp": _gaussian_nll_hvp,
+        "jvp": _gaussian_nll_jvp,
     },
     "huber": {
         "backward": _huber_bwd,
@@ -2477,6 +3357,12 @@ _FUNCS = {
         "hvp": _nll_hvp,
         "jvp": _nll_jvp,
     },
+    "poisson_nll": {
+        "backward": _poisson_nll_bwd,
+        "forward": _poisson_nll_fwd,
+        "hvp": _poisson_nll_hvp,
+        "jvp": _poisson_nll_jvp,
+    },
     "softmax_cross_entropy": {
         "backward": _softmax_cross_entropy_bwd,
         "forward": _softmax_cross_entropy_fwd,
@@ -2497,6 +3383,15 @@ _SPECS = {
         "seeds": 1,
         "doc": "Binary cross-entropy of sigmoid(pred), written from its definition; the stability pass turns the logs into softplus.",
     },
+    "categorical_nll": {
+        "kind": "loss",
+        "attrs": {},
+        "arg_names": ("logprobs", "idx"),
+        "differentiable": ("logprobs",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Negative log-likelihood of log-probabilities at integer class indices, mean over the batch (F.nll_loss); nll takes one-hot or probability rows instead.",
+    },
     "cosine_embedding_loss": {
         "kind": "loss",
         "attrs": {"margin": 0.0, "eps": 1e-12},
@@ -2505,6 +3400,15 @@ _SPECS = {
         "state": (),
         "seeds": 1,
         "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
+    },
+    "gaussian_nll": {
+        "kind": "loss",
+        "attrs": {"eps": 1e-06, "full": 0.0},
+        "arg_names": ("pred", "target", "var"),
+        "differentiable": ("pred", "var"),
+        "state": (),
+        "seeds": 1,
+        "doc": "Gaussian negative log-likelihood with a predicted variance, mean over all elements, as F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no_grad), full = 1 adds the constant log(2 pi)/2.",
     },
     "huber": {
         "kind": "loss",
@@ -2541,6 +3445,15 @@ _SPECS = {
         "state": (),
         "seeds": 1,
         "doc": "Negative log-likelihood of log-probabilities with one-hot or probability targets, mean over the batch.",
+    },
+    "poisson_nll": {
+        "kind": "loss",
+        "attrs": {"log_input": 1.0, "full": 0.0, "eps": 1e-08},
+        "arg_names": ("pred", "target"),
+        "differentiable": ("pred",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Poisson negative log-likelihood, mean over all elements, as F.poisson_nll_loss: pred is the log of the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.",
     },
     "softmax_cross_entropy": {
         "kind": "loss",
@@ -2629,6 +3542,85 @@ _LATEX = {
         "\n"
         "\\begin{equation*}\n"
         "\\dot{\\bar{\\mathrm{pred}}}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(1 - \\sigma\\left(\\mathrm{pred}_{b,n}\\right)\\right) \\sigma\\left(\\mathrm{pred}_{b,n}\\right) \\dot{\\mathrm{pred}}_{b,n}}{B N}\n"
+        "\\end{equation*}\n"
+    ),
+    "categorical_nll": (
+        "\\subsection*{categorical\\_nll}\n"
+        "\n"
+        "Negative log-likelihood of log-probabilities at integer class indices, mean over the batch (F.nll\\_loss); nll takes one-hot or probability rows instead.\n"
+        "\n"
+        "Forward definition (the spec):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = - \\frac{\\sum_{b} \\left(\\mathrm{logprobs}_{b,\\mathrm{idx}_{b}}\\right)}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss\\_sum0} = \\sum_{b} \\left(\\mathrm{logprobs}_{b,\\mathrm{idx}_{b}}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = - \\frac{\\mathrm{loss\\_sum0}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
+        "\n"
+        "Through the read $\\mathrm{loss\\_sum0}$ in the statement for $\\mathrm{loss}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sum0}} = - \\frac{1}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,- \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{logprobs}_{b,\\mathrm{idx}_{b}}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{logprobs}_{b,\\mathrm{idx}_{b}}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logprobs}}_{b,\\mathrm{idx}_{b}} \\mathrel{+}= \\sum_{b} - \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logprobs}}_{b,\\mathrm{idx}_{b}} \\mathrel{+}= - \\frac{\\bar{\\mathrm{loss}}}{B} \\quad \\text{for every } (b)\\ \\text{(scatter-add)}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} = - \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logprobs}}_{i_{0},i_{1}} = 0\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{logprobs}}_{b} \\mathrel{+}= - \\frac{\\bar{\\mathrm{loss}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{\\mathrm{logprobs}}$ of the differentiable arguments (the Jacobian-vector product):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\mathrm{loss\\_sum0}} = \\sum_{b=0}^{B - 1} \\begin{cases} \\dot{\\mathrm{logprobs}}_{b,\\mathrm{idx}_{b}} & \\text{for}\\: 0 \\le \\mathrm{idx}_{b} < C \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\mathrm{loss}} = - \\frac{\\dot{\\mathrm{loss\\_sum0}}}{B}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Second order (forward over reverse): the derivative of each vector-Jacobian product along the same tangents, the output gradients held fixed (the Hessian-vector product; the forward's tangents as above):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\bar{\\mathrm{logprobs}}}_{i_{0},i_{1}} = 0\n"
         "\\end{equation*}\n"
     ),
     "cosine_embedding_loss": (
@@ -2862,6 +3854,133 @@ _LATEX = {
         "\n"
         "\\begin{equation*}\n"
         "\\dot{\\bar{x1}}_{b,d} = \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\dot{x2}_{b,d} - \\mathrm{cos\\_sum2}_{b} \\dot{x1}_{b,d} + \\dot{\\mathrm{cos\\_sum0}}_{b} x2_{b,d} - \\dot{\\mathrm{cos\\_sum2}}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)} - \\frac{\\bar{\\mathrm{loss}} \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{cos\\_sum0}}_{b}}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)^{2}} + \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\dot{\\mathrm{cos\\_sum1}}_{b}}{2} - \\frac{\\left(eps + \\mathrm{cos\\_sum1}_{b}\\right) \\dot{\\mathrm{cos\\_sum0}}_{b}}{2}\\right) \\left(\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) x2_{b,d} - \\mathrm{cos\\_sum2}_{b} x1_{b,d}\\right) \\left(\\begin{cases} -1 & \\text{for}\\: \\mathrm{label}_{b} > 0 \\\\\\begin{cases} 1 & \\text{for}\\: margin - \\mathrm{cos}_{b} < 0 \\\\0 & \\text{for}\\: margin - \\mathrm{cos}_{b} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases} & \\text{for}\\: \\mathrm{label}_{b} < 0 \\\\0 & \\text{otherwise} \\end{cases}\\right)}{B \\sqrt{\\left(eps + \\mathrm{cos\\_sum0}_{b}\\right) \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)} \\left(eps + \\mathrm{cos\\_sum0}_{b}\\right)^{2} \\left(eps + \\mathrm{cos\\_sum1}_{b}\\right)}\n"
+        "\\end{equation*}\n"
+    ),
+    "gaussian_nll": (
+        "\\subsection*{gaussian\\_nll}\n"
+        "\n"
+        "Gaussian negative log-likelihood with a predicted variance, mean over all elements, as F.gaussian\\_nll\\_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no\\_grad), full = 1 adds the constant log(2 pi)/2.\n"
+        "\n"
+        "Forward definition (the spec):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "vc_{b,n} = \\operatorname{sg}\\left(- \\mathrm{var}_{b,n} + \\max\\left(eps, \\mathrm{var}_{b,n}\\right)\\right) + \\mathrm{var}_{b,n}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = \\frac{full \\log{\\left(2 \\pi \\right)}}{2} + \\frac{\\sum_{b,n} \\left(\\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}} + \\log{\\left(vc_{b,n} \\right)}\\right)}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "vc_{b,n} = \\operatorname{sg}\\left(- \\mathrm{var}_{b,n} + \\max\\left(eps, \\mathrm{var}_{b,n}\\right)\\right) + \\mathrm{var}_{b,n}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss\\_sum0} = \\sum_{b,n} \\left(\\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}} + \\log{\\left(vc_{b,n} \\right)}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = \\frac{full \\left(\\log{\\left(2 \\right)} + \\log{\\left(\\pi \\right)}\\right)}{2} + \\frac{\\mathrm{loss\\_sum0}}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
+        "\n"
+        "Through the read $\\mathrm{loss\\_sum0}$ in the statement for $\\mathrm{loss}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sum0}} = \\frac{1}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{pred}_{b,n}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{pred}_{b,n}} = \\frac{2 \\mathrm{pred}_{b,n} - 2 \\mathrm{target}_{b,n}}{vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{pred}}_{b',n'} \\mathrel{+}= \\sum_{b,n} \\frac{\\bar{\\mathrm{loss}} \\left(2 \\mathrm{pred}_{b,n} - 2 \\mathrm{target}_{b,n}\\right) \\delta_{b,\\,b'} \\delta_{n,\\,n'}}{2 B N vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{pred}}_{b,n} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)}{B N vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $vc_{b,n}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial vc_{b,n}} = - \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}^{2}} + \\frac{1}{vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{vc}_{b',n'} \\mathrel{+}= \\sum_{b,n} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}^{2}} + \\frac{1}{vc_{b,n}}\\right) \\delta_{b,\\,b'} \\delta_{n,\\,n'}}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{vc}_{b,n} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}^{2}} + \\frac{1}{vc_{b,n}}\\right)}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{var}_{b,n}$ in the statement for $vc$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial vc_{b,n}}{\\partial \\mathrm{var}_{b,n}} = 1\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{b',n'} \\mathrel{+}= \\sum_{b,n} \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}^{2}} + \\frac{1}{vc_{b,n}}\\right) \\delta_{b,\\,b'} \\delta_{n,\\,n'}}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{b,n} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}} + 1\\right)}{2 B N vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} = \\frac{\\bar{\\mathrm{loss}}}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{vc}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}^{2}} + \\frac{1}{vc_{b,n}}\\right)}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{pred}}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)}{B N vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{var}}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}} + 1\\right)}{2 B N vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{\\mathrm{pred}}$, $\\dot{\\mathrm{var}}$ of the differentiable arguments (the Jacobian-vector product):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{vc}_{b,n} = \\dot{\\mathrm{var}}_{b,n}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\mathrm{loss\\_sum0}} = \\sum_{b=0}^{B - 1} \\sum_{n=0}^{N - 1} - \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2} \\dot{vc}_{b,n}}{vc_{b,n}^{2}} + \\frac{2 \\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right) \\dot{\\mathrm{pred}}_{b,n}}{vc_{b,n}} + \\frac{\\dot{vc}_{b,n}}{vc_{b,n}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\mathrm{loss}} = \\frac{\\dot{\\mathrm{loss\\_sum0}}}{2 B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Second order (forward over reverse): the derivative of each vector-Jacobian product along the same tangents, the output gradients held fixed (the Hessian-vector product; the forward's tangents as above):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\bar{\\mathrm{pred}}}_{b,n} = - \\frac{\\bar{\\mathrm{loss}} \\left(\\mathrm{pred}_{b,n} \\dot{vc}_{b,n} - \\dot{\\mathrm{pred}}_{b,n} vc_{b,n} - \\dot{vc}_{b,n} \\mathrm{target}_{b,n}\\right)}{B N vc_{b,n}^{2}}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\bar{\\mathrm{var}}}_{b,n} = - \\frac{\\bar{\\mathrm{loss}} \\left(- \\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2}}{vc_{b,n}} + 1\\right) \\dot{vc}_{b,n}}{2 B N vc_{b,n}^{2}} + \\frac{\\bar{\\mathrm{loss}} \\left(\\frac{\\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right)^{2} \\dot{vc}_{b,n}}{vc_{b,n}^{2}} - \\frac{2 \\left(\\mathrm{pred}_{b,n} - \\mathrm{target}_{b,n}\\right) \\dot{\\mathrm{pred}}_{b,n}}{vc_{b,n}}\\right)}{2 B N vc_{b,n}}\n"
         "\\end{equation*}\n"
     ),
     "huber": (
@@ -3184,6 +4303,81 @@ _LATEX = {
         "\n"
         "\\begin{equation*}\n"
         "\\dot{\\bar{\\mathrm{logprobs}}}_{i_{0},i_{1}} = 0\n"
+        "\\end{equation*}\n"
+    ),
+    "poisson_nll": (
+        "\\subsection*{poisson\\_nll}\n"
+        "\n"
+        "Poisson negative log-likelihood, mean over all elements, as F.poisson\\_nll\\_loss: pred is the log of the rate (log\\_input = 1) or the rate (log\\_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.\n"
+        "\n"
+        "Forward definition (the spec):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = \\frac{\\sum_{b,n} \\left(full \\left(\\begin{cases} \\frac{\\log{\\left(2 \\pi \\mathrm{target}_{b,n} \\right)}}{2} + \\log{\\left(\\mathrm{target}_{b,n} \\right)} \\mathrm{target}_{b,n} - \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{target}_{b,n} > 1 \\\\0 & \\text{otherwise} \\end{cases}\\right) + \\begin{cases} e^{\\mathrm{pred}_{b,n}} - \\mathrm{pred}_{b,n} \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\- \\log{\\left(eps + \\mathrm{pred}_{b,n} \\right)} \\mathrm{target}_{b,n} + \\mathrm{pred}_{b,n} & \\text{otherwise} \\end{cases}\\right)}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Normalised statements (each reduction its own intermediate; stability rewrites applied):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss\\_sum0} = \\sum_{b,n} \\left(full \\left(\\begin{cases} \\begin{cases} 0 & \\text{for}\\: \\mathrm{target}_{b,n} = 0 \\\\\\log{\\left(\\mathrm{target}_{b,n} \\right)} \\mathrm{target}_{b,n} & \\text{otherwise} \\end{cases} + \\frac{\\log{\\left(\\mathrm{target}_{b,n} \\right)}}{2} - \\mathrm{target}_{b,n} + \\frac{\\log{\\left(2 \\right)}}{2} + \\frac{\\log{\\left(\\pi \\right)}}{2} & \\text{for}\\: \\mathrm{target}_{b,n} > 1 \\\\0 & \\text{otherwise} \\end{cases}\\right) + \\begin{cases} e^{\\mathrm{pred}_{b,n}} - \\mathrm{pred}_{b,n} \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\- \\log{\\left(eps + \\mathrm{pred}_{b,n} \\right)} \\mathrm{target}_{b,n} + \\mathrm{pred}_{b,n} & \\text{otherwise} \\end{cases}\\right)\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\mathrm{loss} = \\frac{\\mathrm{loss\\_sum0}}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Reverse mode: $\\bar{t}$ denotes the gradient of the final scalar with respect to $t$. For each read, the local partial derivative, the chain rule with Kronecker deltas, and the contracted gather form:\n"
+        "\n"
+        "Through the read $\\mathrm{loss\\_sum0}$ in the statement for $\\mathrm{loss}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss}}{\\partial \\mathrm{loss\\_sum0}} = \\frac{1}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}}}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Through the read $\\mathrm{pred}_{b,n}$ in the statement for $\\mathrm{loss\\_sum0}$:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\frac{\\partial \\mathrm{loss\\_sum0}}{\\partial \\mathrm{pred}_{b,n}} = \\begin{cases} e^{\\mathrm{pred}_{b,n}} - \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\1 - \\frac{\\mathrm{target}_{b,n}}{eps + \\mathrm{pred}_{b,n}} & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{pred}}_{b',n'} \\mathrel{+}= \\sum_{b,n} \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} e^{\\mathrm{pred}_{b,n}} - \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\1 - \\frac{\\mathrm{target}_{b,n}}{eps + \\mathrm{pred}_{b,n}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{n,\\,n'}}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{pred}}_{b,n} \\mathrel{+}= \\,\\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} e^{\\mathrm{pred}_{b,n}} - \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\1 - \\frac{\\mathrm{target}_{b,n}}{eps + \\mathrm{pred}_{b,n}} & \\text{otherwise} \\end{cases}\\right)}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{loss\\_sum0}} = \\frac{\\bar{\\mathrm{loss}}}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Result: the vector-Jacobian products the kernels compute:\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\bar{\\mathrm{pred}}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} e^{\\mathrm{pred}_{b,n}} - \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\1 - \\frac{\\mathrm{target}_{b,n}}{eps + \\mathrm{pred}_{b,n}} & \\text{otherwise} \\end{cases}\\right)}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{\\mathrm{pred}}$ of the differentiable arguments (the Jacobian-vector product):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\mathrm{loss\\_sum0}} = \\sum_{b=0}^{B - 1} \\sum_{n=0}^{N - 1} \\begin{cases} e^{\\mathrm{pred}_{b,n}} \\dot{\\mathrm{pred}}_{b,n} - \\dot{\\mathrm{pred}}_{b,n} \\mathrm{target}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\\\dot{\\mathrm{pred}}_{b,n} - \\frac{\\dot{\\mathrm{pred}}_{b,n} \\mathrm{target}_{b,n}}{eps + \\mathrm{pred}_{b,n}} & \\text{otherwise} \\end{cases}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\mathrm{loss}} = \\frac{\\dot{\\mathrm{loss\\_sum0}}}{B N}\n"
+        "\\end{equation*}\n"
+        "\n"
+        "Second order (forward over reverse): the derivative of each vector-Jacobian product along the same tangents, the output gradients held fixed (the Hessian-vector product; the forward's tangents as above):\n"
+        "\n"
+        "\\begin{equation*}\n"
+        "\\dot{\\bar{\\mathrm{pred}}}_{b,n} = \\frac{\\bar{\\mathrm{loss}} \\left(\\begin{cases} e^{\\mathrm{pred}_{b,n}} \\dot{\\mathrm{pred}}_{b,n} & \\text{for}\\: \\mathrm{log\\_input} > 0 \\\\\\frac{\\dot{\\mathrm{pred}}_{b,n} \\mathrm{target}_{b,n}}{\\left(eps + \\mathrm{pred}_{b,n}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right)}{B N}\n"
         "\\end{equation*}\n"
     ),
     "softmax_cross_entropy": (

@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""losses_cuda: generated CUDA kernels and host wrappers (7 ops).
+"""losses_cuda: generated CUDA kernels and host wrappers (10 ops).
 
 Imported by ``losses.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -370,6 +370,159 @@ def _bce_with_logits_hvp(g_loss, pred, target, t_pred):
     t_g_pred = _empty((B, N), _dtype)
     _launch(_bce_with_logits_hvp0, B * N, pred, g_loss, t_pred, t_g_pred, B, N)
     return _result(t_g_pred, _dev)
+
+
+# ============================================================================ categorical_nll
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_fwd0(logprobs, idx, loss, B, C, _total):
+    """loss_sum0 = sum(logprobs[b, idx[b]], b)
+    loss = -loss_sum0/B
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # loss_sum0 = sum(logprobs[b, idx[b]], b)
+        _v_loss_sum0 = _F(0)
+        for b in range(0, B):
+            _v_loss_sum0 += (logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+        # loss = -loss_sum0/B
+        _v_loss = -_c0*_v_loss_sum0
+        loss[0] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_bwd0(g_logprobs, B, C, _total):
+    """g_logprobs = 0"""
+    _F = g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_g_logprobs = _F(0)
+        g_logprobs[i0, i1] = _v_g_logprobs
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, _total):
+    """g_logprobs[b, idx[b]] += -g_loss/B  (scatter)"""
+    _F = g_logprobs.dtype.type
+    _c0 = -g_loss[0]/_F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_g_logprobs = _c0
+        if ((idx[b] >= 0) and (idx[b] < C)):
+            cuda.atomic.add(g_logprobs, (b, idx[b],), _v_g_logprobs)
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C, _total):
+    """t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
+    t_loss = -t_loss_sum0/B
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1) / _F(B)
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            _v_t_loss_sum0 += (t_logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+        # t_loss = -t_loss_sum0/B
+        _v_t_loss = -_c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_hvp0(t_g_logprobs, B, C, _total):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_logprobs = _F(0)
+        t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
+def _categorical_nll_fwd(logprobs, idx):
+    """Forward of categorical_nll: loss from logprobs, idx."""
+    _dev = any(_on_device(a) for a in (logprobs, idx))
+    _dtype = _float_dtype((logprobs, idx))
+    logprobs = _dev_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll", "idx", idx)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    loss = _empty((1,), _dtype)
+    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C)
+    return _result(loss, False)[0]
+
+
+def _categorical_nll_bwd(g_loss, logprobs, idx):
+    """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, idx))
+    _dtype = _float_dtype((g_loss, logprobs, idx))
+    g_loss = _dev_scalar("categorical_nll", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll", "idx", idx)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_categorical_nll_bwd0, B * C, g_logprobs, B, C)
+    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C)
+    return _result(g_logprobs, _dev)
+
+
+def _categorical_nll_jvp(logprobs, idx, t_logprobs):
+    """Forward mode of categorical_nll: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logprobs, idx, t_logprobs))
+    _dtype = _float_dtype((logprobs, idx, t_logprobs))
+    logprobs = _dev_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll", "idx", idx)
+    t_logprobs = _dev_float("categorical_nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_rank("categorical_nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_loss = _empty((1,), _dtype)
+    _launch(_categorical_nll_jvp0, 1, idx, t_logprobs, t_loss, B, C)
+    return _result(t_loss, False)[0]
+
+
+def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs):
+    """Second order of categorical_nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, idx, t_logprobs))
+    _dtype = _float_dtype((g_loss, logprobs, idx, t_logprobs))
+    g_loss = _dev_scalar("categorical_nll", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("categorical_nll", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll", "idx", idx)
+    t_logprobs = _dev_float("categorical_nll", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll", "idx", idx, 1)
+    _check_rank("categorical_nll", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_g_logprobs = _empty((B, C), _dtype)
+    _launch(_categorical_nll_hvp0, B * C, t_g_logprobs, B, C)
+    return _result(t_g_logprobs, _dev)
 
 
 # ============================================================================ cosine_embedding_loss
@@ -747,6 +900,253 @@ def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps
     _launch(_cosine_embedding_loss_hvp0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
     _launch(_cosine_embedding_loss_hvp1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
     return _result(t_g_x1, _dev), _result(t_g_x2, _dev)
+
+
+# ============================================================================ gaussian_nll
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_fwd0(var, vc, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]"""
+    _F = vc.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        vc[b, n] = _v_vc
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full, _total):
+    """loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
+    loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _c1 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
+        _v_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _v_loss_sum0 += (pred[b, n] - target[b, n])**2/vc[b, n] + math.log(vc[b, n])
+        # loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
+        _v_loss = _F(0.5)*_c0*_v_loss_sum0 + _c1
+        loss[0] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
+    g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+    """
+    _F = g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        # g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
+        _t0 = pred[b, n] - target[b, n]
+        _t1 = _F(1) / _v_vc
+        _t2 = _c0*_t1
+        _v_g_pred = _t0*_t2
+        g_pred[b, n] = _v_g_pred
+        # g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+        _v_g_var = _F(0.5)*_t2*(-_t0 * _t0*_t1 + _F(1))
+        g_var[b, n] = _v_g_var
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    """
+    _F = vc.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        vc[b, n] = _v_vc
+        # t_vc[b, n] = t_var[b, n]
+        _v_t_vc = t_var[b, n]
+        t_vc[b, n] = _v_t_vc
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N, _total):
+    """t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
+    t_loss = t_loss_sum0/(2*B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _t0 = _F(1) / vc[b, n]
+                _t1 = pred[b, n] - target[b, n]
+                _v_t_loss_sum0 += _F(2)*_t0*_t1*t_pred[b, n] + _t0*t_vc[b, n] - _t1 * _t1*t_vc[b, n]/(vc[b, n] * vc[b, n])
+        # t_loss = t_loss_sum0/(2*B*N)
+        _v_t_loss = _F(0.5)*_c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
+    t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
+    """
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        # t_vc[b, n] = t_var[b, n]
+        _v_t_vc = t_var[b, n]
+        # t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
+        _t0 = _F(1) / (_v_vc * _v_vc)
+        _t1 = _c0*_t0
+        _v_t_g_pred = -_t1*(_v_t_vc*pred[b, n] - _v_t_vc*target[b, n] - _v_vc*t_pred[b, n])
+        t_g_pred[b, n] = _v_t_g_pred
+        # t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
+        _t2 = _F(1) / _v_vc
+        _t3 = pred[b, n] - target[b, n]
+        _t4 = _t3 * _t3
+        _v_t_g_var = _F(0.5)*_c0*_t2*(_t0*_t4*_v_t_vc - _F(2)*_t2*_t3*t_pred[b, n]) - _F(0.5)*_t1*_v_t_vc*(-_t2*_t4 + _F(1))
+        t_g_var[b, n] = _v_t_g_var
+
+
+def _gaussian_nll_fwd(pred, target, var, *, eps, full):
+    """Forward of gaussian_nll: loss from pred, target, var."""
+    _dev = any(_on_device(a) for a in (pred, target, var))
+    _dtype = _float_dtype((pred, target, var))
+    pred = _dev_float("gaussian_nll", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll", "target", target, _dtype)
+    var = _dev_float("gaussian_nll", "var", var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    loss = _empty((1,), _dtype)
+    vc = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
+    return _result(loss, False)[0]
+
+
+def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):
+    """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, var))
+    _dtype = _float_dtype((g_loss, pred, target, var))
+    g_loss = _dev_scalar("gaussian_nll", "g_loss", g_loss, _dtype)
+    pred = _dev_float("gaussian_nll", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll", "target", target, _dtype)
+    var = _dev_float("gaussian_nll", "var", var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    return _result(g_pred, _dev), _result(g_var, _dev)
+
+
+def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full):
+    """Forward mode of gaussian_nll: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, var, t_pred, t_var))
+    _dtype = _float_dtype((pred, target, var, t_pred, t_var))
+    pred = _dev_float("gaussian_nll", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll", "target", target, _dtype)
+    var = _dev_float("gaussian_nll", "var", var, _dtype)
+    t_pred = _dev_float("gaussian_nll", "t_pred", t_pred, _dtype)
+    t_var = _dev_float("gaussian_nll", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_rank("gaussian_nll", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll", "t_var", t_var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_var", t_var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_var", t_var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    vc = _empty((B, N), _dtype)
+    t_loss = _empty((1,), _dtype)
+    t_vc = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_jvp0, B * N, var, vc, t_var, t_vc, B, N, eps)
+    _launch(_gaussian_nll_jvp1, 1, pred, target, vc, t_pred, t_loss, t_vc, B, N)
+    return _result(t_loss, False)[0]
+
+
+def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full):
+    """Second order of gaussian_nll: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, var, t_pred, t_var))
+    _dtype = _float_dtype((g_loss, pred, target, var, t_pred, t_var))
+    g_loss = _dev_scalar("gaussian_nll", "g_loss", g_loss, _dtype)
+    pred = _dev_float("gaussian_nll", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll", "target", target, _dtype)
+    var = _dev_float("gaussian_nll", "var", var, _dtype)
+    t_pred = _dev_float("gaussian_nll", "t_pred", t_pred, _dtype)
+    t_var = _dev_float("gaussian_nll", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll", "target", target, 2)
+    _check_rank("gaussian_nll", "var", var, 2)
+    _check_rank("gaussian_nll", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll", "t_var", t_var, 2)
+    _check_dim("gaussian_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll", "t_var", t_var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll", "t_var", t_var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    t_g_pred = _empty((B, N), _dtype)
+    t_g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_hvp0, B * N, pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    return _result(t_g_pred, _dev), _result(t_g_var, _dev)
 
 
 # ============================================================================ huber
@@ -1368,6 +1768,162 @@ def _nll_hvp(g_loss, logprobs, target, t_logprobs):
     return _result(t_g_logprobs, _dev)
 
 
+# ============================================================================ poisson_nll
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, _total):
+    """loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
+    loss = loss_sum0/(B*N)
+    """
+    _F = loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
+        _v_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _v_loss_sum0 += full*((_F(0) if (target[b, n] == _F(0)) else (math.log(target[b, n])*target[b, n] if (target[b, n] != _F(0)) else _F(math.nan))) + _F(0.5)*math.log(target[b, n]) - target[b, n] + _F(0.5)*math.log(_F(2)) + _F(0.5)*math.log(_F(math.pi)) if (target[b, n] > _F(1)) else (_F(0) if (target[b, n] <= _F(1)) else _F(math.nan))) + (math.exp(pred[b, n]) - pred[b, n]*target[b, n] if (log_input > _F(0)) else (-math.log(eps + pred[b, n])*target[b, n] + pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
+        # loss = loss_sum0/(B*N)
+        _v_loss = _c0*_v_loss_sum0
+        loss[0] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, _total):
+    """g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))/(B*N)"""
+    _F = g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_g_pred = _c0*(math.exp(pred[b, n]) - target[b, n] if (log_input > _F(0)) else (_F(1) - target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))
+        g_pred[b, n] = _v_g_pred
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, _total):
+    """t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
+    t_loss = t_loss_sum0/(B*N)
+    """
+    _F = t_loss.dtype.type
+    _c0 = _F(1)/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        # t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
+        _v_t_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for n in range(0, N):
+                _v_t_loss_sum0 += (math.exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n] if (log_input > _F(0)) else (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))
+        # t_loss = t_loss_sum0/(B*N)
+        _v_t_loss = _c0*_v_t_loss_sum0
+        t_loss[0] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, _total):
+    """t_g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))/(B*N)"""
+    _F = t_g_pred.dtype.type
+    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_g_pred = _c0*(math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2 if (log_input <= _F(0)) else _F(math.nan)))
+        t_g_pred[b, n] = _v_t_g_pred
+
+
+def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
+    """Forward of poisson_nll: loss from pred, target."""
+    _dev = any(_on_device(a) for a in (pred, target))
+    _dtype = _float_dtype((pred, target))
+    pred = _dev_float("poisson_nll", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll", "target", target, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    loss = _empty((1,), _dtype)
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
+    return _result(loss, False)[0]
+
+
+def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):
+    """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target))
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _dev_scalar("poisson_nll", "g_loss", g_loss, _dtype)
+    pred = _dev_float("poisson_nll", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll", "target", target, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    return _result(g_pred, _dev)
+
+
+def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps):
+    """Forward mode of poisson_nll: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("poisson_nll", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll", "target", target, _dtype)
+    t_pred = _dev_float("poisson_nll", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_rank("poisson_nll", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("poisson_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    t_loss = _empty((1,), _dtype)
+    _launch(_poisson_nll_jvp0, 1, pred, target, t_pred, t_loss, B, N, eps, log_input)
+    return _result(t_loss, False)[0]
+
+
+def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps):
+    """Second order of poisson_nll: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_scalar("poisson_nll", "g_loss", g_loss, _dtype)
+    pred = _dev_float("poisson_nll", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll", "target", target, _dtype)
+    t_pred = _dev_float("poisson_nll", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll", "target", target, 2)
+    _check_rank("poisson_nll", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("poisson_nll", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    return _result(t_g_pred, _dev)
+
+
 # ============================================================================ softmax_cross_entropy
 
 
@@ -1674,11 +2230,23 @@ _FUNCS = {
         "hvp": _bce_with_logits_hvp,
         "jvp": _bce_with_logits_jvp,
     },
+    "categorical_nll": {
+        "backward": _categorical_nll_bwd,
+        "forward": _categorical_nll_fwd,
+        "hvp": _categorical_nll_hvp,
+        "jvp": _categorical_nll_jvp,
+    },
     "cosine_embedding_loss": {
         "backward": _cosine_embedding_loss_bwd,
         "forward": _cosine_embedding_loss_fwd,
         "hvp": _cosine_embedding_loss_hvp,
         "jvp": _cosine_embedding_loss_jvp,
+    },
+    "gaussian_nll": {
+        "backward": _gaussian_nll_bwd,
+        "forward": _gaussian_nll_fwd,
+        "hvp": _gaussian_nll_hvp,
+        "jvp": _gaussian_nll_jvp,
     },
     "huber": {
         "backward": _huber_bwd,
@@ -1703,6 +2271,12 @@ _FUNCS = {
         "forward": _nll_fwd,
         "hvp": _nll_hvp,
         "jvp": _nll_jvp,
+    },
+    "poisson_nll": {
+        "backward": _poisson_nll_bwd,
+        "forward": _poisson_nll_fwd,
+        "hvp": _poisson_nll_hvp,
+        "jvp": _poisson_nll_jvp,
     },
     "softmax_cross_entropy": {
         "backward": _softmax_cross_entropy_bwd,

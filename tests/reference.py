@@ -54,6 +54,11 @@ TORCH_ORACLE: dict[str, Callable] = {
     "softmax_cross_entropy": lambda logits, target: F.cross_entropy(logits, target),
     "nll": _nll,
     "kl_div": lambda logq, logp: F.kl_div(logq, logp, reduction="batchmean", log_target=True),
+    "categorical_nll": lambda logprobs, idx: F.nll_loss(logprobs, idx),
+    "gaussian_nll": lambda pred, target, var, eps=1e-6, full=0.0: F.gaussian_nll_loss(
+        pred, target, var, full=bool(full), eps=eps),
+    "poisson_nll": lambda pred, target, log_input=1.0, full=0.0, eps=1e-8: F.poisson_nll_loss(
+        pred, target, log_input=bool(log_input), full=bool(full), eps=eps),
     "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12: F.cosine_embedding_loss(
         x1, x2, label, margin=margin),
 }
@@ -144,7 +149,8 @@ DOCUMENTED_KINDS = {
     "dense": "layer",
     **{
         n: "loss"
-        for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div", "cosine_embedding_loss")
+        for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div", "cosine_embedding_loss",
+                  "categorical_nll", "gaussian_nll", "poisson_nll")
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
@@ -159,6 +165,7 @@ DOCUMENTED_KINDS = {
 DOCUMENTED_ATTRS = {
     "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0},
     "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12},
+    "gaussian_nll": {"eps": 1e-6, "full": 0.0}, "poisson_nll": {"log_input": 1.0, "full": 0.0, "eps": 1e-8},
     # the layer library's table (issue 3)
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
     "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
@@ -169,6 +176,7 @@ DOCUMENTED_ATTRS = {
 ATTR_VARIANTS = {
     "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}],
     "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12}],
+    "gaussian_nll": [{"full": 1.0, "eps": 1e-3}], "poisson_nll": [{"log_input": 0.0, "full": 1.0, "eps": 1e-8}],
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
@@ -189,10 +197,13 @@ DOCUMENTED_DIFFERENTIABLE = {
     "batch_norm2d_eval": ("x", "weight", "bias"),
     "batch_norm2d_stats": (),
     "cosine_embedding_loss": ("x1", "x2"),
+    "categorical_nll": ("logprobs",),
+    "gaussian_nll": ("pred", "var"),
+    "poisson_nll": ("pred",),
 }
 
 # Arguments holding discrete labels (+1/-1): not differentiable, not even for torch.
-DISCRETE_ARGS = {"cosine_embedding_loss": ("label",)}
+DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",)}
 
 # ----------------------------------------------------------------------------------
 # Tolerances
@@ -442,6 +453,14 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
         return [log_prob_rows(rng, (B, C)), prob_rows(rng, (B, C))]
     if name == "kl_div":
         return [log_prob_rows(rng, (B, C)), log_prob_rows(rng, (B, C))]
+    if name == "categorical_nll":  # class indices, some repeated
+        idx = rng.integers(0, C, size=B)
+        idx[: min(2, B)] = idx[0]
+        return [log_prob_rows(rng, (B, C)), idx.astype(np.int64)]
+    if name == "gaussian_nll":
+        return [n(size=(B, C)), n(size=(B, C)), rng.uniform(0.5, 2.0, size=(B, C))]
+    if name == "poisson_nll":  # positive predictions serve as log-rates and as rates; counts above 1 too
+        return [rng.uniform(0.2, 2.0, size=(B, C)), rng.poisson(2.0, size=(B, C)).astype(np.float64)]
     if name == "cosine_embedding_loss":  # labels 1 and -1, cosines on both sides of any margin
         return [n(size=(B, I)), n(size=(B, I)), rng.choice([-1.0, 1.0], size=B)]
     return None

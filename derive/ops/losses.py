@@ -1,9 +1,9 @@
 """Losses with PyTorch's default reductions; targets are data (not differentiated)."""
 
-from sympy import Abs, Max, Piecewise, exp, log, sqrt
+from sympy import Abs, Max, Piecewise, exp, log, pi, sqrt
 
 from ..dsl import Mean, Sum, attr, dims, indices, loss, scalar, tensors
-from ..functions import sigmoid
+from ..functions import sigmoid, stop_gradient
 
 b, n, c, k, d_ = indices("b n c k d")
 (B,) = dims("B")
@@ -11,6 +11,8 @@ pred, target, logits, logprobs, logq, logp = tensors("pred target logits logprob
 L = scalar("loss")
 delta, margin, eps = attr("delta", 1.0), attr("margin", 0.0), attr("eps", 1e-12)
 x1, x2, label = tensors("x1 x2 label")
+var, vc, idx = tensors("var vc idx")
+log_input, full = attr("log_input", 1.0), attr("full", 0.0)
 cos = tensors("cos")[0]
 d = pred[b, n] - target[b, n]
 
@@ -31,6 +33,28 @@ OPS = [
     loss("nll", task="classification", inputs={"logprobs": "B C", "target": "B C"}, outputs={"loss": ""}, differentiate=["logprobs"],
          equations=[(L, -Sum(target[b, c] * logprobs[b, c], b, c) / B)],
          doc="Negative log-likelihood of log-probabilities with one-hot or probability targets, mean over the batch."),
+    loss("categorical_nll", task="classification", inputs={"logprobs": "B C", "idx": "B"}, outputs={"loss": ""},
+         dtypes={"idx": "int"}, differentiate=["logprobs"],
+         equations=[(L, -Mean(logprobs[b, idx[b]], b))],
+         doc="Negative log-likelihood of log-probabilities at integer class indices, mean over the batch "
+             "(F.nll_loss); nll takes one-hot or probability rows instead."),
+    loss("gaussian_nll", inputs={"pred": "B N", "target": "B N", "var": "B N"}, outputs={"loss": ""},
+         differentiate=["pred", "var"], attrs={"eps": 1e-6, "full": 0.0},
+         equations=[(vc[b, n], var[b, n] + stop_gradient(Max(var[b, n], eps) - var[b, n])),
+                    (L, Mean(log(vc[b, n]) + d**2 / vc[b, n], b, n) / 2 + full * log(2 * pi) / 2)],
+         doc="Gaussian negative log-likelihood with a predicted variance, mean over all elements, as "
+             "F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps "
+             "under no_grad), full = 1 adds the constant log(2 pi)/2."),
+    loss("poisson_nll", inputs={"pred": "B N", "target": "B N"}, outputs={"loss": ""}, differentiate=["pred"],
+         attrs={"log_input": 1.0, "full": 0.0, "eps": 1e-8},
+         equations=[(L, Mean(Piecewise((exp(pred[b, n]) - target[b, n] * pred[b, n], log_input > 0),
+                                       (pred[b, n] - target[b, n] * log(pred[b, n] + eps), True))
+                             + full * Piecewise((target[b, n] * log(target[b, n]) - target[b, n]
+                                                 + log(2 * pi * target[b, n]) / 2, target[b, n] > 1), (0, True)),
+                             b, n))],
+         doc="Poisson negative log-likelihood, mean over all elements, as F.poisson_nll_loss: pred is the log of "
+             "the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's "
+             "term for targets above 1."),
     loss("kl_div", inputs={"logq": "B C", "logp": "B C"}, outputs={"loss": ""},
          equations=[(L, Sum(exp(logp[b, c]) * (logp[b, c] - logq[b, c]), b, c) / B)],
          doc="KL(p || q) from log-probabilities, batchmean (F.kl_div(logq, logp, reduction='batchmean', log_target=True))."),

@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 0f486d477867aa21
 #   generated/layers.py 3114bef8571f1ed5
-#   generated/losses.py 930e7455d07a5389
+#   generated/losses.py 5db3c7b76acf2861
 #   generated/optimizers.py edee100363ad16d0
 """The cnn_digits model.
 
