@@ -171,6 +171,136 @@ def loss_and_grads(params, x, y):
     return loss, grads
 
 
+def hvp(params, x, y, v):
+    """The Hessian of the loss on the batch (x, y) times ``v`` (a dict shaped like
+    ``params``), by forward over reverse through the layers' derived derivatives: each
+    layer's ``jvp`` carries the tangents forward; going back, the gradient's tangent is
+    the layer's backward of the incoming tangent plus its ``hvp`` (the derivative of its
+    backward along the tangents, the incoming gradient held fixed)."""
+    conv2d0_weight = params["conv2d0.weight"]
+    conv2d0_bias = params["conv2d0.bias"]
+    dense4_weight = params["dense4.weight"]
+    dense4_bias = params["dense4.bias"]
+    v = _tangent_tree(params, v)
+    h0 = x
+    t0 = None  # the input is data: its tangent is 0
+    a0 = (h0, conv2d0_weight, conv2d0_bias,)
+    h1 = _conv2d0.forward(*a0)
+    t1 = _conv2d0.jvp(*a0, tangents=_along(_conv2d0, a0, (t0, v["conv2d0.weight"], v["conv2d0.bias"],)))
+    a1 = (h1,)
+    h2 = _relu1.forward(*a1)
+    t2 = _relu1.jvp(*a1, tangents=_along(_relu1, a1, (t1,)))
+    a2 = (h2,)
+    h3 = _max_pool2d2.forward(*a2)
+    t3 = _max_pool2d2.jvp(*a2, tangents=_along(_max_pool2d2, a2, (t2,)))
+    a3 = (h3,)
+    h4 = _flatten3.forward(*a3)
+    t4 = _flatten3.jvp(*a3, tangents=_along(_flatten3, a3, (t3,)))
+    a4 = (h4, dense4_weight, dense4_bias,)
+    h5 = _dense4.forward(*a4)
+    t5 = _dense4.jvp(*a4, tangents=_along(_dense4, a4, (t4, v["dense4.weight"], v["dense4.bias"],)))
+    a5 = (h5, y)
+    g5 = _by_arg(_loss, _loss.backward(1.0, *a5))[_loss.arg_names[0]]
+    gt5 = _by_arg(_loss, _loss.hvp(1.0, *a5, tangents=_along(_loss, a5, (t5, None))))[_loss.arg_names[0]]
+    out = {}
+    first = _by_arg(_dense4, _dense4.backward(g5, *a4))
+    second = _by_arg(_dense4, _dense4.backward(gt5, *a4))
+    third = _by_arg(_dense4, _dense4.hvp(g5, *a4, tangents=_along(_dense4, a4, (t4, v["dense4.weight"], v["dense4.bias"],))))
+    out["dense4.weight"] = second["weight"] + third["weight"]
+    out["dense4.bias"] = second["bias"] + third["bias"]
+    name = _dense4.arg_names[0]
+    if name in first:
+        g4 = first[name]
+        gt4 = second[name] + third[name]
+    first = _by_arg(_flatten3, _flatten3.backward(g4, *a3))
+    second = _by_arg(_flatten3, _flatten3.backward(gt4, *a3))
+    third = _by_arg(_flatten3, _flatten3.hvp(g4, *a3, tangents=_along(_flatten3, a3, (t3,))))
+    name = _flatten3.arg_names[0]
+    if name in first:
+        g3 = first[name]
+        gt3 = second[name] + third[name]
+    first = _by_arg(_max_pool2d2, _max_pool2d2.backward(g3, *a2))
+    second = _by_arg(_max_pool2d2, _max_pool2d2.backward(gt3, *a2))
+    third = _by_arg(_max_pool2d2, _max_pool2d2.hvp(g3, *a2, tangents=_along(_max_pool2d2, a2, (t2,))))
+    name = _max_pool2d2.arg_names[0]
+    if name in first:
+        g2 = first[name]
+        gt2 = second[name] + third[name]
+    first = _by_arg(_relu1, _relu1.backward(g2, *a1))
+    second = _by_arg(_relu1, _relu1.backward(gt2, *a1))
+    third = _by_arg(_relu1, _relu1.hvp(g2, *a1, tangents=_along(_relu1, a1, (t1,))))
+    name = _relu1.arg_names[0]
+    if name in first:
+        g1 = first[name]
+        gt1 = second[name] + third[name]
+    first = _by_arg(_conv2d0, _conv2d0.backward(g1, *a0))
+    second = _by_arg(_conv2d0, _conv2d0.backward(gt1, *a0))
+    third = _by_arg(_conv2d0, _conv2d0.hvp(g1, *a0, tangents=_along(_conv2d0, a0, (t0, v["conv2d0.weight"], v["conv2d0.bias"],))))
+    out["conv2d0.weight"] = second["weight"] + third["weight"]
+    out["conv2d0.bias"] = second["bias"] + third["bias"]
+    name = _conv2d0.arg_names[0]
+    if name in first:
+        g0 = first[name]
+        gt0 = second[name] + third[name]
+    return {key: out[key] for key in PARAM_SHAPES}
+
+
+def hessian(params, x, y, max_size=4096):
+    """The Hessian of the loss on the batch (x, y) with respect to every parameter, dense,
+    over the parameters flattened in their dict order (``PARAM_SHAPES``): one ``hvp`` per
+    column, so for small models only (at most ``max_size`` numbers)."""
+    sizes = [int(np.prod(shape)) for shape in PARAM_SHAPES.values()]
+    total = sum(sizes)
+    if total > max_size:
+        raise ValueError("hessian: %s has %d parameters, more than max_size=%d; use hvp" % (NAME, total, max_size))
+    dtype = params[next(iter(PARAM_SHAPES))].dtype
+    columns = np.empty((total, total), dtype)
+    for k in range(total):
+        unit = np.zeros(total, dtype)
+        unit[k] = 1
+        columns[:, k] = _flat(hvp(params, x, y, _unflat(unit)))
+    return columns
+
+
+def _flat(tree):
+    """A dict shaped like the parameters, as one vector (``PARAM_SHAPES`` order)."""
+    return np.concatenate([np.asarray(tree[key]).reshape(-1) for key in PARAM_SHAPES])
+
+
+def _unflat(vector):
+    """The inverse of ``_flat``."""
+    out, start = {}, 0
+    for key, shape in PARAM_SHAPES.items():
+        size = int(np.prod(shape))
+        out[key] = vector[start:start + size].reshape(shape)
+        start += size
+    return out
+
+
+def _tangent_tree(params, v):
+    """``v`` checked against the parameters: the same keys and shapes, their float type."""
+    if set(v) != set(PARAM_SHAPES):
+        raise ValueError("hvp: v must have the parameters' keys %s; got %s" % (sorted(PARAM_SHAPES), sorted(v)))
+    out = {}
+    for key, shape in PARAM_SHAPES.items():
+        t = np.asarray(v[key], params[key].dtype)
+        if t.shape != shape:
+            raise ValueError("hvp: v[%r] must have shape %r, got %r" % (key, shape, t.shape))
+        out[key] = t
+    return out
+
+
+def _along(op, args, tangents):
+    """One tangent per differentiable argument of ``op`` (``None``: zero)."""
+    return tuple(np.zeros_like(a) if t is None else t
+                 for name, a, t in zip(op.arg_names, args, tangents) if name in op.differentiable)
+
+
+def _by_arg(op, results):
+    """An op's backward (or hvp) results by the name of the argument they belong to."""
+    return dict(zip(op.differentiable, results if isinstance(results, tuple) else (results,)))
+
+
 def train_step(params, state, x, y, **hyper):
     """One training step on the batch (x, y), in place; returns the loss before the step.
 

@@ -161,6 +161,116 @@ def loss_and_grads(params, x, y):
     return loss, grads
 
 
+def hvp(params, x, y, v):
+    """The Hessian of the loss on the batch (x, y) times ``v`` (a dict shaped like
+    ``params``), by forward over reverse through the layers' derived derivatives: each
+    layer's ``jvp`` carries the tangents forward; going back, the gradient's tangent is
+    the layer's backward of the incoming tangent plus its ``hvp`` (the derivative of its
+    backward along the tangents, the incoming gradient held fixed)."""
+    dense0_weight = params["dense0.weight"]
+    dense0_bias = params["dense0.bias"]
+    dense2_weight = params["dense2.weight"]
+    dense2_bias = params["dense2.bias"]
+    v = _tangent_tree(params, v)
+    h0 = x
+    t0 = None  # the input is data: its tangent is 0
+    a0 = (h0, dense0_weight, dense0_bias,)
+    h1 = _dense0.forward(*a0)
+    t1 = _dense0.jvp(*a0, tangents=_along(_dense0, a0, (t0, v["dense0.weight"], v["dense0.bias"],)))
+    a1 = (h1,)
+    h2 = _relu1.forward(*a1)
+    t2 = _relu1.jvp(*a1, tangents=_along(_relu1, a1, (t1,)))
+    a2 = (h2, dense2_weight, dense2_bias,)
+    h3 = _dense2.forward(*a2)
+    t3 = _dense2.jvp(*a2, tangents=_along(_dense2, a2, (t2, v["dense2.weight"], v["dense2.bias"],)))
+    a3 = (h3, y)
+    g3 = _by_arg(_loss, _loss.backward(1.0, *a3))[_loss.arg_names[0]]
+    gt3 = _by_arg(_loss, _loss.hvp(1.0, *a3, tangents=_along(_loss, a3, (t3, None))))[_loss.arg_names[0]]
+    out = {}
+    first = _by_arg(_dense2, _dense2.backward(g3, *a2))
+    second = _by_arg(_dense2, _dense2.backward(gt3, *a2))
+    third = _by_arg(_dense2, _dense2.hvp(g3, *a2, tangents=_along(_dense2, a2, (t2, v["dense2.weight"], v["dense2.bias"],))))
+    out["dense2.weight"] = second["weight"] + third["weight"]
+    out["dense2.bias"] = second["bias"] + third["bias"]
+    name = _dense2.arg_names[0]
+    if name in first:
+        g2 = first[name]
+        gt2 = second[name] + third[name]
+    first = _by_arg(_relu1, _relu1.backward(g2, *a1))
+    second = _by_arg(_relu1, _relu1.backward(gt2, *a1))
+    third = _by_arg(_relu1, _relu1.hvp(g2, *a1, tangents=_along(_relu1, a1, (t1,))))
+    name = _relu1.arg_names[0]
+    if name in first:
+        g1 = first[name]
+        gt1 = second[name] + third[name]
+    first = _by_arg(_dense0, _dense0.backward(g1, *a0))
+    second = _by_arg(_dense0, _dense0.backward(gt1, *a0))
+    third = _by_arg(_dense0, _dense0.hvp(g1, *a0, tangents=_along(_dense0, a0, (t0, v["dense0.weight"], v["dense0.bias"],))))
+    out["dense0.weight"] = second["weight"] + third["weight"]
+    out["dense0.bias"] = second["bias"] + third["bias"]
+    name = _dense0.arg_names[0]
+    if name in first:
+        g0 = first[name]
+        gt0 = second[name] + third[name]
+    return {key: out[key] for key in PARAM_SHAPES}
+
+
+def hessian(params, x, y, max_size=4096):
+    """The Hessian of the loss on the batch (x, y) with respect to every parameter, dense,
+    over the parameters flattened in their dict order (``PARAM_SHAPES``): one ``hvp`` per
+    column, so for small models only (at most ``max_size`` numbers)."""
+    sizes = [int(np.prod(shape)) for shape in PARAM_SHAPES.values()]
+    total = sum(sizes)
+    if total > max_size:
+        raise ValueError("hessian: %s has %d parameters, more than max_size=%d; use hvp" % (NAME, total, max_size))
+    dtype = params[next(iter(PARAM_SHAPES))].dtype
+    columns = np.empty((total, total), dtype)
+    for k in range(total):
+        unit = np.zeros(total, dtype)
+        unit[k] = 1
+        columns[:, k] = _flat(hvp(params, x, y, _unflat(unit)))
+    return columns
+
+
+def _flat(tree):
+    """A dict shaped like the parameters, as one vector (``PARAM_SHAPES`` order)."""
+    return np.concatenate([np.asarray(tree[key]).reshape(-1) for key in PARAM_SHAPES])
+
+
+def _unflat(vector):
+    """The inverse of ``_flat``."""
+    out, start = {}, 0
+    for key, shape in PARAM_SHAPES.items():
+        size = int(np.prod(shape))
+        out[key] = vector[start:start + size].reshape(shape)
+        start += size
+    return out
+
+
+def _tangent_tree(params, v):
+    """``v`` checked against the parameters: the same keys and shapes, their float type."""
+    if set(v) != set(PARAM_SHAPES):
+        raise ValueError("hvp: v must have the parameters' keys %s; got %s" % (sorted(PARAM_SHAPES), sorted(v)))
+    out = {}
+    for key, shape in PARAM_SHAPES.items():
+        t = np.asarray(v[key], params[key].dtype)
+        if t.shape != shape:
+            raise ValueError("hvp: v[%r] must have shape %r, got %r" % (key, shape, t.shape))
+        out[key] = t
+    return out
+
+
+def _along(op, args, tangents):
+    """One tangent per differentiable argument of ``op`` (``None``: zero)."""
+    return tuple(np.zeros_like(a) if t is None else t
+                 for name, a, t in zip(op.arg_names, args, tangents) if name in op.differentiable)
+
+
+def _by_arg(op, results):
+    """An op's backward (or hvp) results by the name of the argument they belong to."""
+    return dict(zip(op.differentiable, results if isinstance(results, tuple) else (results,)))
+
+
 def train_step(params, state, x, y, **hyper):
     """One training step on the batch (x, y), in place; returns the loss before the step.
 
