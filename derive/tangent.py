@@ -125,7 +125,11 @@ class Tangents:
             if body == 0:
                 return self._zero_if_overwritten(a)
             if not a.argmax:
-                raise ValueError(f"{a.equation}: the tangent of a maximum needs the argmax the forward records")
+                # reverse mode sends no gradient into this maximum (it is read only
+                # where the derivative is 0: inside a condition), so no argmax was
+                # recorded; its tangent is never used either
+                self.constant.add(a.target)
+                return
             at = {}
             for lp, am in zip(a.over, a.argmax):
                 at[lp.index] = read_of(am, [l.index for l in a.free])
