@@ -897,7 +897,8 @@ class Lowerer:
         """The subexpressions of ``pw`` that CSE may compute before it (and share):
         largest first, one entry per occurrence (so CSE sees what repeats), sorted.
 
-        A subexpression qualifies where it is a value (not a condition: a condition
+        A subexpression qualifies where it is a float value (not index arithmetic,
+        not a condition: a condition
         replaced by a symbol would lose its NaN-ordered complement in the printer), not
         a bare read or negation, and either is evaluated whenever ``pw`` is anyway (in
         ``evaluated``) or is total (_total). Not looked into: what a guard (_is_guard)
@@ -918,6 +919,8 @@ class Lowerer:
                 return
             if e.is_Atom or not e.args or isinstance(e, sympy.Indexed):
                 return
+            if isinstance(e, sympy.Expr) and self.typer.is_int(e):
+                return  # index arithmetic stays as written (j // W is no float j / W)
             if isinstance(e, sympy.Expr) and self._value_ok(e, evaluated):
                 found.append(e)
                 return

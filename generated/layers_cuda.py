@@ -1223,8 +1223,8 @@ def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, co
         # mean[c] = mean_sum0[c]/(H*N*W)
         _v_mean = _c0*_v_mean_sum0
         # new_mean[c] = Piecewise((momentum*mean[c] + (1 - momentum)*running_mean[c], count > 0), (running_mean[c], True))
-        _t0 = (count[0] > _F(0))
-        _v_new_mean = (_v_mean*momentum + (_F(1) - momentum)*running_mean[c] if _t0 else running_mean[c])
+        _t0 = _F(1) - momentum
+        _v_new_mean = (_t0*running_mean[c] + _v_mean*momentum if (count[0] > _F(0)) else (running_mean[c] if (count[0] <= _F(0)) else _F(math.nan)))
         new_mean[c] = _v_new_mean
         # new_var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
         _v_new_var_sum0 = _F(0)
@@ -1233,7 +1233,7 @@ def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, co
                 for w in range(0, W):
                     _v_new_var_sum0 += (-_v_mean + x[n, c, h, w])**2
         # new_var[c] = Piecewise((momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c], count > 0), (running_var[c], True))
-        _v_new_var = (_v_new_var_sum0*momentum/_F(H*N*W - 1) + (_F(1) - momentum)*running_var[c] if _t0 else running_var[c])
+        _v_new_var = (_t0*running_var[c] + _v_new_var_sum0*momentum/_F(H*N*W - 1) if (count[0] > _F(0)) else (running_var[c] if (count[0] <= _F(0)) else _F(math.nan)))
         new_var[c] = _v_new_var
 
 

@@ -466,13 +466,13 @@ def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         b = _r
         # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
         _t0 = eps + cos_sum1[b]
-        _t1 = (label[b] > _F(0))
-        _t2 = eps + cos_sum0[b]
-        _t3 = _c0/math.sqrt(_t0*_t2)
-        _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t0
+        _t1 = eps + cos_sum0[b]
+        _t2 = margin - cos[b]
+        _t3 = _c0*(-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/math.sqrt(_t0*_t1)
+        _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])/_t0
         g_x2[b, d] = _v_g_x2
         # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
-        _v_g_x1 = _t3*(_t2*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t2
+        _v_g_x1 = _t3*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/_t1
         g_x1[b, d] = _v_g_x1
 
 
