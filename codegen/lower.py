@@ -49,6 +49,22 @@ DOT = sympy.Symbol("_dot")
 TOTAL_FUNCTIONS = frozenset({"tanh", "atan", "erf", "erfc", "sigmoid", "softplus"})
 
 
+def _moved(cond):
+    """``cond`` with every comparison written as ``difference < 0`` (``<=``, ``==``, ``!=``),
+    the difference expanded: SymPy writes one comparison differently depending on how it
+    was built (``t - 1 <= s`` against ``t <= s + 1``)."""
+    rep = {}
+    for r in cond.atoms(sympy.core.relational.Relational):
+        if isinstance(r, (sympy.StrictGreaterThan, sympy.GreaterThan)):
+            d, kind = sympy.expand(r.rhs - r.lhs), (sympy.StrictLessThan if r.rel_op == ">" else sympy.LessThan)
+        else:
+            d, kind = sympy.expand(r.lhs - r.rhs), type(r)
+        if kind in (sympy.Eq, sympy.Ne) and d.could_extract_minus_sign():
+            d = -d
+        rep[r] = kind(d, 0, evaluate=False)
+    return cond.xreplace(rep)
+
+
 # --------------------------------------------------------------------------- plan types
 @dataclass
 class Temp:
@@ -807,6 +823,10 @@ class Lowerer:
         padded read where it is, and SymPy cannot fold it again."""
         if e.is_Atom or not e.args or isinstance(e, sympy.Indexed):
             return e
+        if isinstance(e, sympy.logic.boolalg.ITE):
+            chain = self._unfold_chain(e, pads)
+            if chain is not None:
+                return self._unfold(chain, pads)
         args = [self._unfold(a, pads) for a in e.args]
         e = e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
         if not isinstance(e, sympy.logic.boolalg.ITE):
@@ -821,11 +841,88 @@ class Lowerer:
             except Exception:  # noqa: BLE001 -- SymPy evaluating 1/0 (zoo) in a comparison
                 continue
             if zeroed == b:
-                pad = sympy.Piecewise((read, c), (sympy.S.Zero, True))
-                if pad not in pads:
-                    pads[pad] = sympy.Dummy("pad")  # numbered in _cse
-                return a.xreplace({read: pads[pad]})
+                return a.xreplace({read: self._pad(read, c, pads)})
         return e
+
+    @staticmethod
+    def _pad(read, guard, pads: dict):
+        pad = sympy.Piecewise((read, guard), (sympy.S.Zero, True))
+        if pad not in pads:
+            pads[pad] = sympy.Dummy("pad")  # numbered in _cse
+        return pads[pad]
+
+    def _unfold_chain(self, e, pads: dict):
+        """SymPy's fold of several padded reads of one condition: a chain
+        ``ITE(c1, a1, ITE(c2, a2, ... a0))`` over every subset K of the reads, each ``aj``
+        the first ``a1`` with the reads outside K set to 0 and ``cj`` the conjunction of
+        the guards of the reads in K, larger K first. Written back as ``a1`` with each
+        read padded by its own guard (None where the chain is not of that form).
+
+        The guards are the smallest nonempty sets of conjuncts of ``c1`` that a branch
+        goes without (disjoint; every branch goes without a union of them, each union
+        once, so there are 2**k branches), the read of a guard is the one whose zero
+        turns ``a1`` into the branch that goes without that guard alone, and every
+        branch is checked to be ``a1`` with its failing guards' reads 0 (up to how SymPy
+        arranged the comparisons, see _moved). Equal at every point: the first branch
+        whose condition holds is the one whose guards are exactly those that hold (all
+        subsets are there, and none comes before a larger one), and its value is what
+        the padded reads give."""
+        branches = []
+        rest = e
+        while isinstance(rest, sympy.logic.boolalg.ITE) and not self._float_condition(rest.args[0]):
+            c, a, rest = rest.args
+            branches.append((c, a))
+        branches.append((sympy.true, rest))
+        full = set(sympy.And.make_args(branches[0][0]))
+        conj = [set(sympy.And.make_args(c)) for c, _ in branches[:-1]] + [set()]
+        if len(branches) < 2 or any(not cj <= full for cj in conj):
+            return None
+        missing = [frozenset(full - cj) for cj in conj]
+        # the guards: the smallest nonempty sets of conjuncts a branch goes without
+        groups = sorted({m for m in missing if m and not any(o and o < m for o in missing)},
+                        key=lambda g: sorted(map(sympy.default_sort_key, g)))
+        if len(branches) != 2 ** len(groups) or len(groups) > 8:
+            return None
+        if sum(len(g) for g in groups) != len(frozenset().union(*groups)):
+            return None  # guards that share a conjunct
+        dropped = []
+        for m in missing:
+            inside = [g for g in groups if g <= m]
+            if frozenset().union(*inside) != m:
+                return None
+            dropped.append(frozenset(inside))
+        if len(set(dropped)) != len(dropped):
+            return None
+        for i, d in enumerate(dropped):
+            if any(earlier > d for earlier in dropped[:i]):
+                return None  # a branch with more guards failing comes first
+        first = branches[0][1]
+
+        def zeroed(reads):
+            try:
+                return first.xreplace({r: sympy.S.Zero for r in reads})
+            except Exception:  # noqa: BLE001 -- SymPy evaluating 1/0 (zoo) in a comparison
+                return None
+
+        def same(u, v):
+            return u is not None and (u == v or _moved(u) == _moved(v))
+
+        read_of = {}
+        for g in groups:
+            a = branches[dropped.index(frozenset([g]))][1]
+            found = [r for r in reads_of(first) if r not in read_of.values() and same(zeroed([r]), a)]
+            if not found:
+                return None
+            read_of[g] = found[0]
+        for (_, a), d in zip(branches, dropped):
+            if not same(zeroed([read_of[g] for g in d]), a):
+                return None
+        return first.xreplace({read_of[g]: self._pad(read_of[g], sympy.And(*sorted(g, key=sympy.default_sort_key)), pads)
+                               for g in groups})
+
+    def _float_condition(self, cond) -> bool:
+        return any(not (self.typer.is_int(r.lhs) and self.typer.is_int(r.rhs))
+                   for r in sympy.sympify(cond).atoms(sympy.core.relational.Relational))
 
     @staticmethod
     def _unconditional(e, out: set):

@@ -653,10 +653,30 @@ def test_padded_reads_in_a_condition_are_one_temporary_each():
     for t in reversed(item.pre):
         full = full.xreplace({t.sym: t.expr})
     for xv in (-1.0, 0.5, 2.0):
-        env = {x[b, o]: xv, x[b, o - 1]: 0.3, bias[o]: 1.5, O: 4}
         for ov in (0, 1, 3):
-            pt = {k.xreplace({o: ov}): v for k, v in env.items()}
-            assert full.xreplace({o: ov}).xreplace(pt) == value.xreplace({o: ov}).xreplace(pt)
+            pt = {x[b, ov]: xv, x[b, ov - 1]: 0.3, bias[ov]: 1.5, O: 4}
+            assert full.xreplace({o: ov}).xreplace(pt) == value.xreplace({o: ov}).xreplace(pt), (xv, ov)
+
+
+def test_padded_reads_folded_for_every_subset_are_one_temporary_each():
+    # two padded reads in one condition: SymPy writes the condition once per subset of
+    # the reads whose guards hold (a chain of four ITE branches)
+    pad1 = sympy.Piecewise((x[b, o - 1], o - 1 >= 0), (0, True))
+    pad2 = sympy.Piecewise((x[b, o + 1], O > o + 1), (0, True))
+    cond = (sympy.tanh(x[b, o]) <= pad1 * bias[o]) | (sympy.exp(x[b, o]) > pad2 + pad1)
+    value = sympy.Piecewise((x[b, o] ** 3, cond), (x[b, o], True))
+    assert value.atoms(sympy.logic.boolalg.ITE)
+    item = _lowered(value)
+    assert not item.value.atoms(sympy.logic.boolalg.ITE)
+    pads = [t.expr for t in item.pre if isinstance(t.expr, sympy.Piecewise)]
+    assert sorted(pads, key=str) == sorted([pad1, pad2], key=str)
+    full = item.value
+    for t in reversed(item.pre):
+        full = full.xreplace({t.sym: t.expr})
+    for xv in (-1.0, 0.1, 2.0):
+        for ov in (0, 1, 3):
+            pt = {x[b, ov]: xv, x[b, ov - 1]: 0.3, x[b, ov + 1]: -0.7, bias[ov]: 1.5, O: 4}
+            assert full.xreplace({o: ov}).xreplace(pt) == value.xreplace({o: ov}).xreplace(pt), (xv, ov)
 
 
 def test_cse_shares_what_is_safe_inside_where_branches_and_conditions():

@@ -77,18 +77,19 @@ FINDINGS = {
     "max_with_itself": TextSpec(
         'name = "max_with_itself"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
         'equations = ["y[i] = Max(x[N - 1 - i], x[i]) + Min(x[i], x[N - 1 - i])"]\n', sizes={"N": 5}),
-    # campaign 4 (fz_b0f4c48f69): three zero-padded reads (u[n//2], x[b//2, n], u[N-1-n])
-    # inside nested where conditions; SymPy folded the padding out of the condition,
-    # writing it 2**3 times, the printer doubled it again (an if-then-else printed with
-    # a NaN default, its complement through to_nnf), and the kernel held a 49 KB line
-    # that Numba took minutes to compile (see Lowerer._unfold, ordered_complement)
+    # campaign 4 (fz_b0f4c48f69, tests/specs/fuzz_findings/, minimised): zero-padded reads
+    # (u[n//2], x[b//2, n], u[N-1-n]) inside a where's condition inside another where's
+    # condition. SymPy folds the padding out of the condition, writing it once for
+    # every subset of the reads (2**3 times), the printer doubled that again (an
+    # if-then-else printed with a NaN default, its complement through to_nnf), and
+    # nothing inside a Piecewise was shared: the fuzzer's spec had a 49 KB kernel line
+    # that Numba took minutes to compile (see Lowerer._unfold_chain, _speculable)
     "padded_reads_in_conditions": TextSpec(
         'name = "padded_reads_in_conditions"\nkind = "loss"\ninputs = { x = "B N", u = "N" }\n'
-        'params = { w = "K", v = "B K" }\noutputs = { loss = "" }\ndifferentiate = ["w", "v"]\n'
-        'equations = [\n'
-        '  "t0 = N / -exp(abs(sigmoid(0.044715)**sigmoid(0.25 + (2/3))))",\n'
-        '  "loss = (max(w[j1], j1) - sum(where(where(Le(1 / u[n], where(Lt(-where(0.25 > (-1/2), 1/3, t0), -1/2) or where(And(-N < 0.5, where(Ge(t0, -1/2), t0, t0) > 0), B * t0, (2/3) * N) > u[n] - t0 + (1 + x[b, n]**2)**sin(x[b, n]), exp(x[b//2, n]) / exp(x[b, n]), u[n//2] * where(t0 > x[b, n], t0, u[n]))) or Ge(cosh(u[N - 1 - n]) - (t0 - t0) - t0, silu(1 / x[b, n])), (exp(t0) + floor(1)) * B, (1 + 2**2)**0.5) <= t0, x[b, n + 1] + softplus(u[n]) + -t0 + t0 + u[n] * t0, where(Lt(1 / u[n], 0.5), (-(1 + where(Gt(u[n], 0), x[b, n], x[b, n])**2))**(-3), exp(sigmoid(where(Ne(1.5, x[b, n]), t0, u[n]))))), b, n)) * sum(v[j2, j3], j2, j3)",\n'
-        ']\n', sizes={"B": 3, "N": 4, "K": 3}),
+        'params = { w = "B N" }\noutputs = { loss = "" }\n'
+        'equations = ["loss = sum(where(where(u[n//2] * x[b, n] > 1 / u[n], x[b//2, n], u[N - 1 - n])'
+        ' + cosh(u[N - 1 - n]) <= w[b, n], x[b, n] * w[b, n]**2, exp(w[b, n]) * u[n//2]), b, n)"]\n',
+        sizes={"B": 3, "N": 4}, positive={"u"}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
