@@ -788,7 +788,8 @@ class Lowerer:
                     key = sympy.Symbol("_pw%d" % len(guards))
                     shared = self._speculable(e, evaluated)
                     guards[key] = (e, shared)
-                    hidden_of[e] = guarded(*shared, key)
+                    # a shared Piecewise is hidden too: CSE takes it whole or not at all
+                    hidden_of[e] = guarded(*[hide(x) for x in shared], key)
                 return hidden_of[e]
             if not e.args or e.is_Atom or isinstance(e, sympy.Indexed):
                 return e
@@ -1038,17 +1039,18 @@ class Lowerer:
     def _restore(e, guards, avail):
         """Put the Piecewise subtrees back, substituting available temporaries and the
         values CSE gave their shared subexpressions."""
-        calls = [c for c in e.atoms(sympy.Function) if type(c).__name__ == "_guarded"]
-        if not calls:
-            return e
-        rep = {}
-        for c in calls:
-            pw, shared = guards[c.args[-1]]
-            sub = dict(avail)
-            sub.update(zip(shared, c.args[:-1]))
-            pieces = [(a.expr.xreplace(sub), a.cond.xreplace(sub)) for a in pw.args]
-            rep[c] = sympy.Piecewise(*pieces, evaluate=False)
-        return e.xreplace(rep)
+        while True:  # the values of shared subexpressions may hold hidden Piecewise
+            calls = [c for c in e.atoms(sympy.Function) if type(c).__name__ == "_guarded"]
+            if not calls:
+                return e
+            rep = {}
+            for c in calls:
+                pw, shared = guards[c.args[-1]]
+                sub = dict(avail)
+                sub.update(zip(shared, c.args[:-1]))
+                pieces = [(a.expr.xreplace(sub), a.cond.xreplace(sub)) for a in pw.args]
+                rep[c] = sympy.Piecewise(*pieces, evaluate=False)
+            e = e.xreplace(rep)
 
     @staticmethod
     def _place(items, ew, temps):

@@ -719,3 +719,17 @@ def test_cuda_simulator_does_not_evaluate_a_raising_unselected_branch(tmp_path, 
     _, module = build(spec, tmp_path)
     args = [np.array([-3.0, -0.5, 0.25, 1.0, -1.5, 2.0])]  # log and sqrt raise on the negatives
     check_cuda_matches_cpu(module, args, rng, spec.name)
+
+
+def test_a_shared_ternary_keeps_its_guarded_read_inside():
+    # the guarded ternary is total (safe anywhere) and shared with a where's branch;
+    # what it selects (x[b, o - 1] * 2, also in the branch) must stay behind its guard
+    n = index("n")
+    read2 = 2 * x[b, n - 1]
+    guarded = sympy.Piecewise((read2, n - 1 >= 0), (0, True))
+    value = sympy.Piecewise((guarded * w[n, o], x[b, n] > 0), (guarded + 1, True)) + guarded ** 2
+    fwd = [Assign("y", (Loop(b, 0, B), Loop(n, 0, I), Loop(o, 0, O)), value)]
+    (k,) = Lowerer(_program(fwd, TENSORS)).lower(fwd, ["y"], "k")
+    for t in k.items[0].pre:
+        if t.expr.atoms(sympy.Indexed) & {x[b, n - 1]}:
+            assert isinstance(t.expr, sympy.Piecewise), t.expr
