@@ -19,8 +19,12 @@ What happens here, in order:
 4. Loop-invariant float subexpressions (``lr / (1 - beta1**t)``) become constants
    ``_c0, _c1, ...`` computed once before the loops.
 5. Each item's expression is CSE'd (``sympy.cse``, ``order='canonical'``, temporaries
-   ``_t0, _t1, ...`` numbered per kernel in order). ``Piecewise`` subtrees are kept
-   whole, so nothing a guard protects is hoisted in front of its guard.
+   ``_t0, _t1, ...`` numbered per kernel in order). Inside a ``Piecewise`` CSE shares
+   only what is safe to compute before it: float values that are evaluated anyway or
+   can neither raise (the CUDA simulator runs plain Python) nor read what a guard
+   protects (see Lowerer._speculable); a guard's branches are never looked into. A
+   padded read that SymPy folded out of a condition (once per subset of such reads)
+   becomes one temporary again (Lowerer._unfold).
 6. A GEMM writes straight into an output array of its group when nothing reads that
    array's old content (no temporary; no loop at all without an epilogue).
 7. With ``contract=True`` (the CPU), any other sum of a product of two operands
@@ -624,10 +628,11 @@ class Lowerer:
     def cse(self, kernel: Kernel):
         """CSE of the kernel's items; temporaries ``_t0, _t1, ...`` in order.
 
-        ``Piecewise`` subtrees are opaque to CSE (a guarded read must stay behind its
-        guard), except their first condition, which is evaluated whenever the
-        ``Piecewise`` is. Temporaries already computed are then substituted back
-        inside the ``Piecewise`` branches (using a value computed earlier is safe)."""
+        ``Piecewise`` subtrees are opaque to CSE but for the subexpressions that are
+        safe to compute before them (see _cse, _speculable): a guarded read stays behind
+        its guard, and a branch that may raise is not computed unless selected.
+        Temporaries already computed are then substituted back inside the ``Piecewise``
+        branches (using a value computed earlier is safe)."""
         counter = [0]
 
         def fresh_syms():
@@ -918,8 +923,11 @@ class Lowerer:
         for (_, a), d in zip(branches, dropped):
             if not same(zeroed([read_of[g] for g in d]), a):
                 return None
-        return first.xreplace({read_of[g]: self._pad(read_of[g], sympy.And(*sorted(g, key=sympy.default_sort_key)), pads)
-                               for g in groups})
+        padded = {}
+        for g in groups:
+            guard = sympy.And(*sorted(g, key=sympy.default_sort_key))
+            padded[read_of[g]] = self._pad(read_of[g], guard, pads)
+        return first.xreplace(padded)
 
     def _float_condition(self, cond) -> bool:
         return any(not (self.typer.is_int(r.lhs) and self.typer.is_int(r.rhs))

@@ -714,7 +714,8 @@ def test_cuda_simulator_does_not_evaluate_a_raising_unselected_branch(tmp_path, 
 
     spec = TextSpec(
         'name = "log_where"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
-        'equations = ["y[i] = where(x[i] > 0, log(x[i]) * (1 + log(x[i])) + sqrt(x[i]), exp(x[i]) * (2 + exp(x[i])))"]\n',
+        'equations = ["y[i] = where(x[i] > 0, log(x[i]) * (1 + log(x[i])) + sqrt(x[i]),'
+        ' exp(x[i]) * (2 + exp(x[i])))"]\n',
         sizes={"N": 6})
     _, module = build(spec, tmp_path)
     args = [np.array([-3.0, -0.5, 0.25, 1.0, -1.5, 2.0])]  # log and sqrt raise on the negatives
