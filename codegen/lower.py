@@ -19,8 +19,12 @@ What happens here, in order:
 4. Loop-invariant float subexpressions (``lr / (1 - beta1**t)``) become constants
    ``_c0, _c1, ...`` computed once before the loops.
 5. Each item's expression is CSE'd (``sympy.cse``, ``order='canonical'``, temporaries
-   ``_t0, _t1, ...`` numbered per kernel in order). ``Piecewise`` subtrees are kept
-   whole, so nothing a guard protects is hoisted in front of its guard.
+   ``_t0, _t1, ...`` numbered per kernel in order). Inside a ``Piecewise`` CSE shares
+   only what is safe to compute before it: float values that are evaluated anyway or
+   can neither raise (the CUDA simulator runs plain Python) nor read what a guard
+   protects (see Lowerer._speculable); a guard's branches are never looked into. A
+   padded read that SymPy folded out of a condition (once per subset of such reads)
+   becomes one temporary again (Lowerer._unfold).
 6. A GEMM writes straight into an output array of its group when nothing reads that
    array's old content (no temporary; no loop at all without an epilogue).
 7. With ``contract=True`` (the CPU), any other sum of a product of two operands
@@ -43,6 +47,26 @@ from . import contract as cn
 from .printers import RESERVED_NAMES, CPUPrinter
 
 DOT = sympy.Symbol("_dot")
+
+#: Functions that return a finite or NaN value for every argument without raising, in
+#: Numba and in plain Python (the CUDA simulator): see Lowerer._total.
+TOTAL_FUNCTIONS = frozenset({"tanh", "atan", "erf", "erfc", "sigmoid", "softplus"})
+
+
+def _moved(cond):
+    """``cond`` with every comparison written as ``difference < 0`` (``<=``, ``==``, ``!=``),
+    the difference expanded: SymPy writes one comparison differently depending on how it
+    was built (``t - 1 <= s`` against ``t <= s + 1``)."""
+    rep = {}
+    for r in cond.atoms(sympy.core.relational.Relational):
+        if isinstance(r, (sympy.StrictGreaterThan, sympy.GreaterThan)):
+            d, kind = sympy.expand(r.rhs - r.lhs), (sympy.StrictLessThan if r.rel_op == ">" else sympy.LessThan)
+        else:
+            d, kind = sympy.expand(r.lhs - r.rhs), type(r)
+        if kind in (sympy.Eq, sympy.Ne) and d.could_extract_minus_sign():
+            d = -d
+        rep[r] = kind(d, 0, evaluate=False)
+    return cond.xreplace(rep)
 
 
 # --------------------------------------------------------------------------- plan types
@@ -335,6 +359,7 @@ class Lowerer:
             int_syms.add(program.step_counter.name)
         self.int_symbols = int_syms
         self.int_tensors = {d.name for d in self.decls.values() if d.dtype == "int"}
+        self.pad_symbols: set = set()  # temporaries holding a padded read, see _unfold
         self.typer = CPUPrinter(int_symbols=int_syms, int_tensors=self.int_tensors, scalars=self.scalars)
 
     # ---------------------------------------------------------------- entry point
@@ -603,10 +628,11 @@ class Lowerer:
     def cse(self, kernel: Kernel):
         """CSE of the kernel's items; temporaries ``_t0, _t1, ...`` in order.
 
-        ``Piecewise`` subtrees are opaque to CSE (a guarded read must stay behind its
-        guard), except their first condition, which is evaluated whenever the
-        ``Piecewise`` is. Temporaries already computed are then substituted back
-        inside the ``Piecewise`` branches (using a value computed earlier is safe)."""
+        ``Piecewise`` subtrees are opaque to CSE but for the subexpressions that are
+        safe to compute before them (see _cse, _speculable): a guarded read stays behind
+        its guard, and a branch that may raise is not computed unless selected.
+        Temporaries already computed are then substituted back inside the ``Piecewise``
+        branches (using a value computed earlier is safe)."""
         counter = [0]
 
         def fresh_syms():
@@ -631,7 +657,8 @@ class Lowerer:
             over = {l.index for l in it.over}
             dep = set()
             for t in temps:
-                if t.expr.free_symbols & (over | dep):
+                # the symbols of the whole temporary: a Piecewise CSE saw as one call
+                if self._restore(t.expr, guards, {}).free_symbols & (over | dep):
                     dep.add(t.sym)
                     it.inner.append(t)
                 else:
@@ -643,10 +670,7 @@ class Lowerer:
             avail: dict = {}
             full: dict = {}
             for t in temps:
-                t.expr = self._restore(t.expr, own_guards, avail)
-                f = self._restore(t.expr, own_guards, {}).xreplace(full)
-                full[t.sym] = f
-                avail[f] = t.sym
+                self._restore_temp(t, own_guards, avail, full)
             op.value = self._restore(value, own_guards, avail)
             op.pre = temps
         kernel.temps = counter[0]
@@ -657,11 +681,18 @@ class Lowerer:
             for it in kernel.items:
                 for group in (it.pre, it.inner):
                     for t in group:
-                        t.expr = self._restore(t.expr, guards, avail)
-                        f = self._restore(t.expr, guards, {}).xreplace(full)
-                        full[t.sym] = f
-                        avail[f] = t.sym
+                        self._restore_temp(t, guards, avail, full)
                 it.value = self._restore(it.value, guards, avail)
+
+    def _restore_temp(self, t: Temp, guards, avail: dict, full: dict):
+        """Restore ``t``'s Piecewise subtrees; record its value (in terms of no other
+        temporary but the padded reads, which stay symbols: put back into a condition,
+        SymPy would fold them out again, see _unfold) as available for reuse."""
+        t.expr = self._restore(t.expr, guards, avail)
+        f = self._restore(t.expr, guards, {}).xreplace(full)
+        if t.sym not in self.pad_symbols:
+            full[t.sym] = f
+        avail[f] = t.sym
 
     def hoist(self, kernel: Kernel):
         """Move loop-invariant float subexpressions (``1 - beta1**t``, ``g_loss/B``) to
@@ -728,78 +759,306 @@ class Lowerer:
         c = kernel.contract
         return [] if c is None else [op for op in (c.left, c.right) if not op.view]
 
-    @staticmethod
-    def _plain_reads(e) -> bool:
-        return all(all(isinstance(i, sympy.Symbol) for i in r.indices) for r in e.atoms(sympy.Indexed))
-
     def _cse(self, exprs, symbols, guards):
+        """``sympy.cse`` of ``exprs`` with every ``Piecewise`` hidden behind a call
+        ``_guarded(*shared, key)`` (``guards[key]`` keeps it and its ``shared`` list; see
+        _restore). Temporaries are computed unconditionally, before the expression, so a
+        subexpression of a Piecewise is only shared (passed in ``shared``) where that is
+        safe (see _speculable); the rest of the Piecewise stays as written.
+
+        First, a Boolean if-then-else that SymPy built from a padded read inside a
+        condition is undone (see _unfold): each padded read becomes one temporary."""
         guarded = sympy.Function("_guarded", real=True)  # real: Max and Min accept it as an argument
+        exprs = [sympy.sympify(e) for e in exprs]
+        pads: dict = {}
+        exprs = [self._unfold(e, pads) for e in exprs]
+        temps = []
+        numbered = {}
+        for pad, placeholder in pads.items():
+            # a padded read, computed once: a ternary, never out of bounds, never raises
+            key = sympy.Symbol("_pw%d" % len(guards))
+            guards[key] = (pad, ())
+            numbered[placeholder] = next(symbols)
+            self.pad_symbols.add(numbered[placeholder])
+            temps.append((numbered[placeholder], guarded(key)))
+        exprs = [e.xreplace(numbered) for e in exprs]
+        evaluated: set = set()
+        for e in exprs:
+            self._unconditional(e, evaluated)
+        hidden_of: dict = {}
 
         def hide(e):
             if isinstance(e, sympy.Piecewise):
-                key = sympy.Symbol("_pw%d" % len(guards))
-                c1 = e.args[0].cond
-                if isinstance(c1, sympy.core.relational.Relational) and self._plain_reads(c1):
-                    # the first condition is always evaluated: what it shares with
-                    # the branches is passed alongside it, so CSE computes it once
-                    shared = self._shared(c1, e)
+                if e not in hidden_of:
+                    key = sympy.Symbol("_pw%d" % len(guards))
+                    shared = self._speculable(e, evaluated)
                     guards[key] = (e, shared)
-                    return guarded(c1, *shared, key)
-                guards[key] = (e, ())
-                return guarded(key)
+                    # a shared Piecewise is hidden too: CSE takes it whole or not at all
+                    hidden_of[e] = guarded(*[hide(x) for x in shared], key)
+                return hidden_of[e]
             if not e.args or e.is_Atom or isinstance(e, sympy.Indexed):
                 return e
             return e.func(*[hide(a) for a in e.args])
 
-        hidden = [hide(sympy.sympify(e)) for e in exprs]
+        hidden = [hide(e) for e in exprs]
         repl, reduced = sympy.cse(hidden, symbols=symbols, order="canonical")
+        repl = temps + list(repl)  # the padded reads first: they use no other temporary
         # integer-valued temporaries get integer symbols (they index and bound)
         rename = {}
-        temps = []
+        out = []
         for s, e in repl:
             e = e.xreplace(rename)
             if self.typer.is_int(self._restore(e, guards, {})):
                 ns = sympy.Symbol(s.name, integer=True)
                 rename[s] = ns
                 s = ns
-            temps.append(Temp(s, e))
+            out.append(Temp(s, e))
         reduced = [e.xreplace(rename) for e in reduced]
-        return temps, reduced
+        return out, reduced
+
+    def _unfold(self, e, pads: dict):
+        """``e`` with each ``ITE(c, a, b)`` whose ``b`` is ``a`` with one read set to zero
+        written as ``a`` with that read padded: ``(read if c else 0)``, one symbol from
+        ``pads`` ({padded Piecewise: symbol}).
+
+        The two are equal for every ``c`` (where ``c`` holds both read the element,
+        elsewhere both read 0). SymPy builds the ``ITE`` form itself: a Piecewise inside
+        a condition (a read that may fall outside its tensor, zero-padded by derive, in
+        a comparison) is folded out of the condition, which doubles the condition for
+        every such read; nested, n padded reads write it 2**n times. A symbol keeps the
+        padded read where it is, and SymPy cannot fold it again."""
+        if e.is_Atom or not e.args or isinstance(e, sympy.Indexed):
+            return e
+        if isinstance(e, sympy.logic.boolalg.ITE):
+            chain = self._unfold_chain(e, pads)
+            if chain is not None:
+                return self._unfold(chain, pads)
+        args = [self._unfold(a, pads) for a in e.args]
+        e = e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+        if not isinstance(e, sympy.logic.boolalg.ITE):
+            return e
+        c, a, b = e.args
+        in_b = set(b.atoms(sympy.Indexed))
+        for read in reads_of(a):
+            if read in in_b:
+                continue
+            try:
+                zeroed = a.xreplace({read: sympy.S.Zero})
+            except Exception:  # noqa: BLE001 -- SymPy evaluating 1/0 (zoo) in a comparison
+                continue
+            if zeroed == b:
+                return a.xreplace({read: self._pad(read, c, pads)})
+        return e
+
+    @staticmethod
+    def _pad(read, guard, pads: dict):
+        pad = sympy.Piecewise((read, guard), (sympy.S.Zero, True))
+        if pad not in pads:
+            pads[pad] = sympy.Dummy("pad")  # numbered in _cse
+        return pads[pad]
+
+    def _unfold_chain(self, e, pads: dict):
+        """SymPy's fold of several padded reads of one condition: a chain
+        ``ITE(c1, a1, ITE(c2, a2, ... a0))`` over every subset K of the reads, each ``aj``
+        the first ``a1`` with the reads outside K set to 0 and ``cj`` the conjunction of
+        the guards of the reads in K, larger K first. Written back as ``a1`` with each
+        read padded by its own guard (None where the chain is not of that form).
+
+        The guards are the smallest nonempty sets of conjuncts of ``c1`` that a branch
+        goes without (disjoint; every branch goes without a union of them, each union
+        once, so there are 2**k branches), the read of a guard is the one whose zero
+        turns ``a1`` into the branch that goes without that guard alone, and every
+        branch is checked to be ``a1`` with its failing guards' reads 0 (up to how SymPy
+        arranged the comparisons, see _moved). Equal at every point: the first branch
+        whose condition holds is the one whose guards are exactly those that hold (all
+        subsets are there, and none comes before a larger one), and its value is what
+        the padded reads give."""
+        branches = []
+        rest = e
+        while isinstance(rest, sympy.logic.boolalg.ITE) and not self._float_condition(rest.args[0]):
+            c, a, rest = rest.args
+            branches.append((c, a))
+        branches.append((sympy.true, rest))
+        full = set(sympy.And.make_args(branches[0][0]))
+        conj = [set(sympy.And.make_args(c)) for c, _ in branches[:-1]] + [set()]
+        if len(branches) < 2 or any(not cj <= full for cj in conj):
+            return None
+        missing = [frozenset(full - cj) for cj in conj]
+        # the guards: the smallest nonempty sets of conjuncts a branch goes without
+        groups = sorted({m for m in missing if m and not any(o and o < m for o in missing)},
+                        key=lambda g: sorted(map(sympy.default_sort_key, g)))
+        if len(branches) != 2 ** len(groups) or len(groups) > 8:
+            return None
+        if sum(len(g) for g in groups) != len(frozenset().union(*groups)):
+            return None  # guards that share a conjunct
+        dropped = []
+        for m in missing:
+            inside = [g for g in groups if g <= m]
+            if frozenset().union(*inside) != m:
+                return None
+            dropped.append(frozenset(inside))
+        if len(set(dropped)) != len(dropped):
+            return None
+        for i, d in enumerate(dropped):
+            if any(earlier > d for earlier in dropped[:i]):
+                return None  # a branch with more guards failing comes first
+        first = branches[0][1]
+
+        def zeroed(reads):
+            try:
+                return first.xreplace({r: sympy.S.Zero for r in reads})
+            except Exception:  # noqa: BLE001 -- SymPy evaluating 1/0 (zoo) in a comparison
+                return None
+
+        def same(u, v):
+            return u is not None and (u == v or _moved(u) == _moved(v))
+
+        read_of = {}
+        for g in groups:
+            a = branches[dropped.index(frozenset([g]))][1]
+            found = [r for r in reads_of(first) if r not in read_of.values() and same(zeroed([r]), a)]
+            if not found:
+                return None
+            read_of[g] = found[0]
+        for (_, a), d in zip(branches, dropped):
+            if not same(zeroed([read_of[g] for g in d]), a):
+                return None
+        padded = {}
+        for g in groups:
+            guard = sympy.And(*sorted(g, key=sympy.default_sort_key))
+            padded[read_of[g]] = self._pad(read_of[g], guard, pads)
+        return first.xreplace(padded)
+
+    def _float_condition(self, cond) -> bool:
+        return any(not (self.typer.is_int(r.lhs) and self.typer.is_int(r.rhs))
+                   for r in sympy.sympify(cond).atoms(sympy.core.relational.Relational))
+
+    @staticmethod
+    def _unconditional(e, out: set):
+        """Add to ``out`` the subexpressions of ``e`` that are evaluated whenever ``e`` is:
+        everything outside a Piecewise, and of a Piecewise its first condition, as a
+        whole (as CSE always treated it: derive pads each read of a condition by itself,
+        so no read of a condition depends on another part of it being true)."""
+        if isinstance(e, sympy.Piecewise):
+            Lowerer._unconditional(e.args[0].cond, out)
+            return
+        if isinstance(e, sympy.logic.boolalg.ITE):
+            Lowerer._unconditional(e.args[0], out)
+            return
+        if e.is_Atom or not e.args:
+            return
+        out.add(e)
+        for a in e.args:
+            Lowerer._unconditional(a, out)
+
+    def _is_guard(self, pw) -> bool:
+        """Whether a Piecewise tests an index (a comparison of integers in a condition):
+        a bounds guard (derive's zero padding, a gradient's range) or a ``where`` on an
+        index. What such a Piecewise selects may read outside a tensor elsewhere."""
+        for a in pw.args:
+            for r in sympy.sympify(a.cond).atoms(sympy.core.relational.Relational):
+                if self.typer.is_int(r.lhs) and self.typer.is_int(r.rhs):
+                    return True
+        return False
+
+    def _total(self, e) -> bool:
+        """Whether ``e`` may be evaluated anywhere: it never raises, in Numba or as the
+        plain Python the CUDA simulator runs (where ``math.log(-1)``, ``math.exp(1e3)`` and
+        a Python float divided by 0 raise), and reads only what it reads through a
+        ternary of its own. Reads are fine: derive pads every read that may fall outside
+        its tensor, so a read not under a guard is inside for every value of the loops.
+
+        Total: numbers, symbols, reads, sums, products (a quotient only with a NumPy
+        scalar -- a number or an array element -- in the numerator, as NumPy divides by
+        zero without raising), the powers that print as ``_F(1) / ...`` or ``x * x``,
+        comparisons and Boolean operators, Max, Min, abs, sign, the bounded functions
+        (tanh, atan, erf, erfc, sigmoid, softplus), integer index arithmetic, and
+        ternaries of those."""
+        if e.is_Atom:
+            return True
+        if isinstance(e, sympy.Indexed):
+            return True
+        if isinstance(e, sympy.Expr) and self.typer.is_int(e) and not e.atoms(sympy.Indexed):
+            return True
+        if not all(self._total(a) for a in e.args):
+            return False
+        if isinstance(e, sympy.Piecewise):
+            return True
+        if isinstance(e, sympy.Pow):
+            if isinstance(e.exp, sympy.Integer) and e.exp < 0:
+                return True  # _F(1) / base
+            return e.exp == 2 and (e.base.is_Symbol or isinstance(e.base, sympy.Indexed))
+        if isinstance(e, sympy.Mul):
+            if any(isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+                return any(a.is_Number or isinstance(a, sympy.Indexed) for a in e.args)
+            return True
+        if isinstance(e, (sympy.Add, sympy.Max, sympy.Min, sympy.Abs, sympy.sign)):
+            return True
+        if isinstance(e, (sympy.core.relational.Relational, sympy.And, sympy.Or, sympy.Not,
+                          sympy.logic.boolalg.ITE)):
+            return True
+        return type(e).__name__ in TOTAL_FUNCTIONS
+
+    def _speculable(self, pw, evaluated: set) -> tuple:
+        """The subexpressions of ``pw`` that CSE may compute before it (and share):
+        largest first, one entry per occurrence (so CSE sees what repeats), sorted.
+
+        A subexpression qualifies where it is a float value (not index arithmetic,
+        not a condition: a condition
+        replaced by a symbol would lose its NaN-ordered complement in the printer), not
+        a bare read or negation, and either is evaluated whenever ``pw`` is anyway (in
+        ``evaluated``) or is total (_total). Not looked into: what a guard (_is_guard)
+        selects, whose reads may be outside their tensor where the guard fails."""
+        found = []
+
+        def walk(e, top=False):
+            if isinstance(e, sympy.Piecewise):
+                if not top and self._value_ok(e, evaluated):
+                    found.append(e)
+                    return
+                walk(e.args[0].cond)
+                if not self._is_guard(e):
+                    walk(e.args[0].expr)
+                    for a in e.args[1:]:
+                        walk(a.expr)
+                        walk(a.cond)
+                return
+            if e.is_Atom or not e.args or isinstance(e, sympy.Indexed):
+                return
+            if isinstance(e, sympy.Expr) and self.typer.is_int(e):
+                return  # index arithmetic stays as written (j // W is no float j / W)
+            if isinstance(e, sympy.Expr) and self._value_ok(e, evaluated):
+                found.append(e)
+                return
+            for a in e.args:
+                walk(a)
+
+        walk(pw, top=True)
+        return tuple(sorted(found, key=sympy.default_sort_key))
+
+    def _value_ok(self, e, evaluated) -> bool:
+        if not isinstance(e, sympy.Expr) or e.is_Atom or isinstance(e, sympy.Indexed):
+            return False
+        if isinstance(e, sympy.Mul) and len(e.args) == 2 and e.args[0] == -1 and e.args[1].is_Atom:
+            return False  # a bare negation is not worth a temporary
+        return e in evaluated or self._total(e)
 
     @staticmethod
     def _restore(e, guards, avail):
-        """Put the Piecewise subtrees back, substituting available temporaries."""
-        calls = [c for c in e.atoms(sympy.Function) if type(c).__name__ == "_guarded"]
-        if not calls:
-            return e
-        rep = {}
-        for c in calls:
-            pw, shared = guards[c.args[-1]]
-            sub = dict(avail)
-            if len(c.args) > 1:
-                first = c.args[0]
-                sub.update(zip(shared, c.args[1:-1]))
-            else:
-                first = pw.args[0].cond.xreplace(sub)
-            pieces = [(pw.args[0].expr.xreplace(sub), first)]
-            pieces += [(a.expr.xreplace(sub), a.cond.xreplace(sub)) for a in pw.args[1:]]
-            rep[c] = sympy.Piecewise(*pieces, evaluate=False)
-        return e.xreplace(rep)
-
-    @staticmethod
-    def _shared(cond, pw) -> tuple:
-        """Subexpressions of ``cond`` that also occur in the rest of ``pw``, sorted."""
-        rest = [pw.args[0].expr] + [x for a in pw.args[1:] for x in (a.expr, a.cond)]
-        rest_subtrees = [set(sympy.preorder_traversal(r)) for r in rest]
-        found = set()
-        for sub in sympy.preorder_traversal(cond):
-            if isinstance(sub, sympy.Indexed) or sub.is_Atom or not isinstance(sub, sympy.Expr):
-                continue
-            if isinstance(sub, sympy.Mul) and len(sub.args) == 2 and sub.args[0] == -1:
-                continue  # a bare negation is not worth a temporary
-            if any(sub in subtrees for subtrees in rest_subtrees):
-                found.add(sub)
-        return tuple(sorted(found, key=sympy.default_sort_key))
+        """Put the Piecewise subtrees back, substituting available temporaries and the
+        values CSE gave their shared subexpressions."""
+        while True:  # the values of shared subexpressions may hold hidden Piecewise
+            calls = [c for c in e.atoms(sympy.Function) if type(c).__name__ == "_guarded"]
+            if not calls:
+                return e
+            rep = {}
+            for c in calls:
+                pw, shared = guards[c.args[-1]]
+                sub = dict(avail)
+                sub.update(zip(shared, c.args[:-1]))
+                pieces = [(a.expr.xreplace(sub), a.cond.xreplace(sub)) for a in pw.args]
+                rep[c] = sympy.Piecewise(*pieces, evaluate=False)
+            e = e.xreplace(rep)
 
     @staticmethod
     def _place(items, ew, temps):

@@ -76,6 +76,22 @@ RESERVED_NAMES = frozenset(
 )
 
 
+def ordered_complement(cond):
+    """Where ``cond`` is false for ordered operands: ``x <= 0`` for ``x > 0`` (both are
+    false for a NaN ``x``), De Morgan through And/Or. An if-then-else ``ITE(c, a, b)``
+    is false where the branch it takes is false, so its complement keeps ``c`` once
+    (``to_nnf`` would write ``c`` and its complement, doubling the text at each level
+    of nesting)."""
+    if isinstance(cond, sympy.logic.boolalg.ITE):
+        c, a, b = cond.args
+        return sympy.logic.boolalg.ITE(c, ordered_complement(a), ordered_complement(b))
+    if isinstance(cond, sympy.And):
+        return sympy.Or(*[ordered_complement(a) for a in cond.args])
+    if isinstance(cond, sympy.Or):
+        return sympy.And(*[ordered_complement(a) for a in cond.args])
+    return sympy.logic.boolalg.to_nnf(sympy.Not(cond))
+
+
 class CodegenError(Exception):
     """An expression codegen cannot print (names the construct)."""
 
@@ -544,14 +560,20 @@ class CPUPrinter(PythonCodePrinter):
                 # NaN in, NaN out: a comparison with a NaN operand is false, so the
                 # default branch is taken only where the last condition's ordered
                 # complement holds (x <= 0 after x > 0), and NaN otherwise
-                complement = sympy.logic.boolalg.to_nnf(sympy.Not(last))
-                tail = "(%s if %s else %s)" % (tail, self._print(complement), nan)
+                tail = "(%s if %s else %s)" % (tail, self._print(ordered_complement(last)), nan)
         else:
             tail = nan
         s = tail
         for piece in reversed(pieces):
             s = "(%s if %s else %s)" % (self._print(piece.expr), self._print(piece.cond), s)
         return s
+
+    def _print_ITE(self, expr):
+        """A Boolean if-then-else (SymPy folds a comparison of a Piecewise into one) as a
+        Boolean ternary. Not through Piecewise: that would append the NaN default, and
+        a NaN is truthy where a condition is read."""
+        c, a, b = expr.args
+        return "(%s if %s else %s)" % (self._print(a), self._print(c), self._print(b))
 
     def _print_Relational(self, expr):
         mode = "int" if self.is_int(expr.lhs) and self.is_int(expr.rhs) else "float"

@@ -1223,8 +1223,8 @@ def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, co
         # mean[c] = mean_sum0[c]/(H*N*W)
         _v_mean = _c0*_v_mean_sum0
         # new_mean[c] = Piecewise((momentum*mean[c] + (1 - momentum)*running_mean[c], count > 0), (running_mean[c], True))
-        _t0 = (count[0] > _F(0))
-        _v_new_mean = (_v_mean*momentum + (_F(1) - momentum)*running_mean[c] if _t0 else running_mean[c])
+        _t0 = _F(1) - momentum
+        _v_new_mean = (_t0*running_mean[c] + _v_mean*momentum if (count[0] > _F(0)) else (running_mean[c] if (count[0] <= _F(0)) else _F(math.nan)))
         new_mean[c] = _v_new_mean
         # new_var_sum0[c] = sum((-mean[c] + x[n, c, h, w])**2, n, h, w)
         _v_new_var_sum0 = _F(0)
@@ -1233,7 +1233,7 @@ def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, co
                 for w in range(0, W):
                     _v_new_var_sum0 += (-_v_mean + x[n, c, h, w])**2
         # new_var[c] = Piecewise((momentum*new_var_sum0[c]/(H*N*W - 1) + (1 - momentum)*running_var[c], count > 0), (running_var[c], True))
-        _v_new_var = (_v_new_var_sum0*momentum/_F(H*N*W - 1) + (_F(1) - momentum)*running_var[c] if _t0 else running_var[c])
+        _v_new_var = (_t0*running_var[c] + _v_new_var_sum0*momentum/_F(H*N*W - 1) if (count[0] > _F(0)) else (running_var[c] if (count[0] <= _F(0)) else _F(math.nan)))
         new_var[c] = _v_new_var
 
 
@@ -1831,35 +1831,38 @@ def _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g
         b = _r
         # t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
         _t0 = math.sqrt(y_sum1[b])
-        _t1 = -_t0*x1[b, d]
-        _t2 = -_t0 + eps
-        _t3 = (_t2 < _F(0))
-        _t4 = math.sqrt(y_sum0[b])
-        _t5 = (eps if eps != eps else max(_t4, eps))
-        _t6 = _t5*x2[b, d]
-        _t7 = _t6*y[b]
-        _t8 = _F(0.5)*t_y_sum1[b]
-        _t9 = (eps if eps != eps else max(_t0, eps))
-        _t10 = _F(1) / _t9
-        _t11 = _F(1) / _t5
-        _t12 = _t11*g_y[b]
-        _t13 = _t10*_t12
-        _t14 = _t12/(_t9 * _t9)
-        _t15 = _F(1) / _t0
-        _t16 = -_t4 + eps
-        _t17 = (_t16 < _F(0))
-        _t18 = _F(1) / _t4
-        _t19 = _F(0.5)*t_y_sum0[b]
-        _t20 = _t18*_t19
-        _t21 = _t10*g_y[b]/(_t5 * _t5)
-        _v_t_g_x2 = _t10*_t11*_t15*(_t0*t_x1[b, d] + _F(0.5)*_t15*t_y_sum1[b]*x1[b, d] - _t20*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*x2[b, d]*y[b] - _t5*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*t_x2[b, d]*y[b] - _t6*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*t_y[b])*g_y[b] - _t13*_t8*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))/y_sum1[b]**(_F(1.5)) - _t14*_t8*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))/y_sum1[b] - _t15*_t20*_t21*(-_t1 - _t7*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))
+        _t1 = (eps if eps != eps else max(_t0, eps))
+        _t2 = _F(1) / _t1
+        _t3 = math.sqrt(y_sum0[b])
+        _t4 = (eps if eps != eps else max(_t3, eps))
+        _t5 = _F(1) / _t4
+        _t6 = _t5*g_y[b]
+        _t7 = _t2*_t6
+        _t8 = -_t0 + eps
+        _t9 = (_F(1) if (_t8 < _F(0)) else (_F(0) if (_t8 > _F(0)) else (_F(0.5) if (_t8 <= _F(0)) else _F(math.nan))))
+        _t10 = _t4*_t9
+        _t11 = _t10*x2[b, d]
+        _t12 = _t0*x1[b, d] - _t11*y[b]
+        _t13 = _F(0.5)*t_y_sum1[b]
+        _t14 = _t12*_t13
+        _t15 = _t6*_t9/(_t1 * _t1)
+        _t16 = _F(1) / _t0
+        _t17 = _F(1) / _t3
+        _t18 = _F(0.5)*t_y_sum0[b]
+        _t19 = _t17*_t18
+        _t20 = -_t3 + eps
+        _t21 = (_F(1) if (_t20 < _F(0)) else (_F(0) if (_t20 > _F(0)) else (_F(0.5) if (_t20 <= _F(0)) else _F(math.nan))))
+        _t22 = _t2*_t21*g_y[b]/(_t4 * _t4)
+        _t23 = _t21*_t9*y[b]
+        _v_t_g_x2 = -_t12*_t16*_t19*_t22 - _t14*_t15/y_sum1[b] - _t14*_t7/y_sum1[b]**(_F(1.5)) + _t16*_t2*_t5*(_t0*t_x1[b, d] - _t10*t_x2[b, d]*y[b] - _t11*t_y[b] + _F(0.5)*_t16*t_y_sum1[b]*x1[b, d] - _t19*_t23*x2[b, d])*g_y[b]
         t_g_x2[b, d] = _v_t_g_x2
         # t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t22 = -_t4*x2[b, d]
-        _t23 = _t9*x1[b, d]
-        _t24 = _t23*y[b]
-        _t25 = _t15*_t8
-        _v_t_g_x1 = _t10*_t11*_t18*(_F(0.5)*_t18*t_y_sum0[b]*x2[b, d] - _t23*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*t_y[b] - _t25*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b] + _t4*t_x2[b, d] - _t9*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))*t_x1[b, d]*y[b])*g_y[b] - _t13*_t19*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))/y_sum0[b]**(_F(1.5)) - _t14*_t18*_t25*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t3 else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) - _t19*_t21*(-_t22 - _t24*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan)))))*(_F(1) if _t17 else (_F(0) if (_t16 > _F(0)) else (_F(0.5) if (_t16 <= _F(0)) else _F(math.nan))))/y_sum0[b]
+        _t24 = _t1*_t21
+        _t25 = _t24*x1[b, d]
+        _t26 = -_t25*y[b] + _t3*x2[b, d]
+        _t27 = _t18*_t26
+        _t28 = _t13*_t16
+        _v_t_g_x1 = -_t15*_t17*_t26*_t28 + _t17*_t2*_t5*(_F(0.5)*_t17*t_y_sum0[b]*x2[b, d] - _t23*_t28*x1[b, d] - _t24*t_x1[b, d]*y[b] - _t25*t_y[b] + _t3*t_x2[b, d])*g_y[b] - _t22*_t27/y_sum0[b] - _t27*_t7/y_sum0[b]**(_F(1.5))
         t_g_x1[b, d] = _v_t_g_x1
 
 
@@ -6180,8 +6183,9 @@ def _multi_head_attention_hvp5(qh, prob, g_prob, g_prob_sumexp0_sum0, t_qh, t_pr
         b = _r
         _v_t_g_kh = _F(0)
         for l in range(0, L):
-            _t0 = _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
-            _v_t_g_kh += _c0*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*qh[b, h, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*t_qh[b, h, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*qh[b, h, l, d]*t_prob[b, h, l, s]
+            _t0 = (0 if ((causal > 0) and (l < s)) else 1)
+            _t1 = _c0*_F(_t0)*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
+            _v_t_g_kh += _c0*_F(_t0)*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*prob[b, h, l, s]*qh[b, h, l, d] + _t1*prob[b, h, l, s]*t_qh[b, h, l, d] + _t1*qh[b, h, l, d]*t_prob[b, h, l, s]
         t_g_kh[b, h, s, d] = _v_t_g_kh
 
 
@@ -6201,8 +6205,9 @@ def _multi_head_attention_hvp6(kh, prob, g_prob, g_prob_sumexp0_sum0, t_kh, t_pr
         b = _r
         _v_t_g_qh = _F(0)
         for s in range(0, L):
-            _t0 = _c0*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
-            _v_t_g_qh += _c0*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*prob[b, h, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*kh[b, h, s, d]*t_prob[b, h, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, h, l, s]*t_kh[b, h, s, d]
+            _t0 = (0 if ((causal > 0) and (l < s)) else 1)
+            _t1 = _c0*_F(_t0)*(g_prob[b, h, l, s] - g_prob_sumexp0_sum0[b, h, l])
+            _v_t_g_qh += _c0*_F(_t0)*(t_g_prob[b, h, l, s] - t_g_prob_sumexp0_sum0[b, h, l])*kh[b, h, s, d]*prob[b, h, l, s] + _t1*kh[b, h, s, d]*t_prob[b, h, l, s] + _t1*prob[b, h, l, s]*t_kh[b, h, s, d]
         t_g_qh[b, h, l, d] = _v_t_g_qh
 
 
@@ -7848,8 +7853,9 @@ def _scaled_dot_product_attention_hvp4(q, prob, g_prob, g_prob_sumexp0_sum0, t_q
         b = _r
         _v_t_g_k = _F(0)
         for l in range(0, L):
-            _t0 = _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
-            _v_t_g_k += _c0*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*q[b, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*t_q[b, l, d] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*q[b, l, d]*t_prob[b, l, s]
+            _t0 = (0 if ((causal > 0) and (l < s)) else 1)
+            _t1 = _c0*_F(_t0)*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
+            _v_t_g_k += _c0*_F(_t0)*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*prob[b, l, s]*q[b, l, d] + _t1*prob[b, l, s]*t_q[b, l, d] + _t1*q[b, l, d]*t_prob[b, l, s]
         t_g_k[b, s, d] = _v_t_g_k
 
 
@@ -7867,8 +7873,9 @@ def _scaled_dot_product_attention_hvp5(k, prob, g_prob, g_prob_sumexp0_sum0, t_k
         b = _r
         _v_t_g_q = _F(0)
         for s in range(0, S):
-            _t0 = _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
-            _v_t_g_q += _c0*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*t_prob[b, l, s] + _t0*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*prob[b, l, s]*t_k[b, s, d]
+            _t0 = (0 if ((causal > 0) and (l < s)) else 1)
+            _t1 = _c0*_F(_t0)*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])
+            _v_t_g_q += _c0*_F(_t0)*(t_g_prob[b, l, s] - t_g_prob_sumexp0_sum0[b, l])*k[b, s, d]*prob[b, l, s] + _t1*k[b, s, d]*t_prob[b, l, s] + _t1*prob[b, l, s]*t_k[b, s, d]
         t_g_q[b, l, d] = _v_t_g_q
 
 

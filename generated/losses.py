@@ -702,13 +702,13 @@ def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         for d in range(0, D):
             # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
             _t0 = eps + cos_sum1[b]
-            _t1 = (label[b] > _F(0))
-            _t2 = eps + cos_sum0[b]
-            _t3 = _c0/math.sqrt(_t0*_t2)
-            _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t0
+            _t1 = eps + cos_sum0[b]
+            _t2 = margin - cos[b]
+            _t3 = _c0*(-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/math.sqrt(_t0*_t1)
+            _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])/_t0
             g_x2[b, d] = _v_g_x2
             # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
-            _v_g_x1 = _t3*(_t2*x2[b, d] - cos_sum2[b]*x1[b, d])*(-_F(1) if _t1 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/_t2
+            _v_g_x1 = _t3*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/_t1
             g_x1[b, d] = _v_g_x1
 
 
@@ -771,7 +771,8 @@ def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin):
     # t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
-        _v_t_loss_sum0 += (-t_cos[b] if (label[b] > _F(0)) else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan))))*t_cos[b] if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        _t0 = margin - cos[b]
+        _v_t_loss_sum0 += (-t_cos[b] if (label[b] > _F(0)) else ((_F(1) if (_t0 < _F(0)) else (_F(0) if (_t0 > _F(0)) else (_F(0.5) if (_t0 <= _F(0)) else _F(math.nan))))*t_cos[b] if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
     # t_loss = t_loss_sum0/B
     _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
@@ -834,19 +835,19 @@ def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
     for b in range(0, B):
         for d in range(0, D):
             # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
-            _t0 = (label[b] > _F(0))
-            _t1 = eps + cos_sum0[b]
-            _t2 = eps + cos_sum1[b]
-            _t3 = _c0/math.sqrt(_t1*_t2)
-            _t4 = (_t2*x1[b, d] - cos_sum2[b]*x2[b, d])/(_t2 * _t2)
-            _t5 = _t3/_t2
-            _t6 = -_F(0.5)*_t1*t_cos_sum1[b] - _F(0.5)*_t2*t_cos_sum0[b]
-            _t7 = _t3/_t1
-            _v_t_g_x2 = -_t3*_t4*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*t_cos_sum1[b] + _t4*_t6*_t7*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan)))) + _t5*(_t2*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+            _t0 = eps + cos_sum0[b]
+            _t1 = eps + cos_sum1[b]
+            _t2 = margin - cos[b]
+            _t3 = _c0*(-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/math.sqrt(_t0*_t1)
+            _t4 = (_t1*x1[b, d] - cos_sum2[b]*x2[b, d])/(_t1 * _t1)
+            _t5 = _t3/_t1
+            _t6 = -_F(0.5)*_t0*t_cos_sum1[b] - _F(0.5)*_t1*t_cos_sum0[b]
+            _t7 = _t3/_t0
+            _v_t_g_x2 = -_t3*_t4*t_cos_sum1[b] + _t4*_t6*_t7 + _t5*(_t1*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])
             t_g_x2[b, d] = _v_t_g_x2
             # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
-            _t8 = (_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t1 * _t1)
-            _v_t_g_x1 = -_t3*_t8*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*t_cos_sum0[b] + _t5*_t6*_t8*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan)))) + _t7*(_t1*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*(-_F(1) if _t0 else ((_F(1) if (margin - cos[b] < _F(0)) else (_F(0) if (margin - cos[b] > _F(0)) else (_F(0.5) if (margin - cos[b] <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+            _t8 = (_t0*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t0 * _t0)
+            _v_t_g_x1 = -_t3*_t8*t_cos_sum0[b] + _t5*_t6*_t8 + _t7*(_t0*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])
             t_g_x1[b, d] = _v_t_g_x1
 
 
@@ -2593,7 +2594,8 @@ def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input):
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
-            _v_t_loss_sum0 += (math.exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n] if (log_input > _F(0)) else (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))
+            _t0 = t_pred[b, n]*target[b, n]
+            _v_t_loss_sum0 += (-_t0 + math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (-_t0/(eps + pred[b, n]) + t_pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
     # t_loss = t_loss_sum0/(B*N)
     _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss

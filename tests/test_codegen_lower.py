@@ -622,3 +622,115 @@ def test_a_guarded_read_inside_max(tmp_path):
     (g_w,) = ref.as_tuple(op.backward(gy, w))
     num = ref.numerical_vjp(lambda a: op.forward(a), [w], [gy], [0])[0]
     np.testing.assert_allclose(g_w, num, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- CSE through Piecewise
+def _lowered(value):
+    fwd = [Assign("y", BO, value)]
+    (k,) = Lowerer(_program(fwd, TENSORS)).lower(fwd, ["y"], "k")
+    return k.items[0]
+
+
+def _uses(item, sub) -> int:
+    """How often ``sub`` is written in the item's temporaries and value."""
+    exprs = [t.expr for t in item.pre] + [item.value]
+    return sum(1 for e in exprs for s in sympy.preorder_traversal(e) if s == sub)
+
+
+def test_padded_reads_in_a_condition_are_one_temporary_each():
+    # a read that may fall outside, zero-padded inside a where's condition: SymPy folds
+    # the padding out of the condition into ITE(guard, cond, cond with the read 0)
+    pad1 = sympy.Piecewise((x[b, o - 1], o - 1 >= 0), (0, True))
+    cond = (sympy.tanh(x[b, o]) <= pad1 * bias[o]) | (sympy.exp(x[b, o]) > pad1 + 1)
+    value = sympy.Piecewise((x[b, o] ** 3, cond), (x[b, o], True))
+    assert value.atoms(sympy.logic.boolalg.ITE)  # what SymPy makes of it
+    item = _lowered(value)
+    assert not item.value.atoms(sympy.logic.boolalg.ITE)
+    pads = [t.expr for t in item.pre if isinstance(t.expr, sympy.Piecewise)]
+    assert pads == [pad1]
+    # the same value: substitute the temporaries back
+    full = item.value
+    for t in reversed(item.pre):
+        full = full.xreplace({t.sym: t.expr})
+    for xv in (-1.0, 0.5, 2.0):
+        for ov in (0, 1, 3):
+            pt = {x[b, ov]: xv, x[b, ov - 1]: 0.3, bias[ov]: 1.5, O: 4}
+            assert full.xreplace({o: ov}).xreplace(pt) == value.xreplace({o: ov}).xreplace(pt), (xv, ov)
+
+
+def test_padded_reads_folded_for_every_subset_are_one_temporary_each():
+    # two padded reads in one condition: SymPy writes the condition once per subset of
+    # the reads whose guards hold (a chain of four ITE branches)
+    pad1 = sympy.Piecewise((x[b, o - 1], o - 1 >= 0), (0, True))
+    pad2 = sympy.Piecewise((x[b, o + 1], O > o + 1), (0, True))
+    cond = (sympy.tanh(x[b, o]) <= pad1 * bias[o]) | (sympy.exp(x[b, o]) > pad2 + pad1)
+    value = sympy.Piecewise((x[b, o] ** 3, cond), (x[b, o], True))
+    assert value.atoms(sympy.logic.boolalg.ITE)
+    item = _lowered(value)
+    assert not item.value.atoms(sympy.logic.boolalg.ITE)
+    pads = [t.expr for t in item.pre if isinstance(t.expr, sympy.Piecewise)]
+    assert sorted(pads, key=str) == sorted([pad1, pad2], key=str)
+    full = item.value
+    for t in reversed(item.pre):
+        full = full.xreplace({t.sym: t.expr})
+    for xv in (-1.0, 0.1, 2.0):
+        for ov in (0, 1, 3):
+            pt = {x[b, ov]: xv, x[b, ov - 1]: 0.3, x[b, ov + 1]: -0.7, bias[ov]: 1.5, O: 4}
+            assert full.xreplace({o: ov}).xreplace(pt) == value.xreplace({o: ov}).xreplace(pt), (xv, ov)
+
+
+def test_cse_shares_what_is_safe_inside_where_branches_and_conditions():
+    # tanh(x + bias) in both branches and the second condition: computed once
+    shared = sympy.tanh(x[b, o] + bias[o])
+    value = sympy.Piecewise((2 * shared, x[b, o] > 0), (3 * shared, shared > sympy.Rational(1, 3)), (shared, True))
+    item = _lowered(value + sympy.Piecewise((shared ** 2, x[b, o] < -1), (0, True)))
+    assert _uses(item, shared) == 1
+    assert [t.expr for t in item.pre].count(shared) == 1
+
+
+def test_cse_keeps_a_branch_that_may_raise_behind_its_condition():
+    # log raises on a negative number in the CUDA simulator (plain Python): log(x) is
+    # written twice in the branch but never computed before x > 0 is known
+    value = sympy.Piecewise((sympy.log(x[b, o]) * (1 + sympy.log(x[b, o])), x[b, o] > 0), (0, True))
+    item = _lowered(value)
+    assert not any(t.expr.atoms(sympy.log) for t in item.pre)
+
+
+def test_cse_keeps_guarded_reads_behind_a_guard_inside_a_where():
+    n = index("n")
+    read = x[b, n - 1]
+    guarded = sympy.Piecewise((read * w[n, o], n - 1 >= 0), (0, True))
+    value = sympy.Piecewise((guarded + read * w[n, o], x[b, n] > 0), (guarded, True))
+    fwd = [Assign("y", (Loop(b, 0, B), Loop(n, 0, I), Loop(o, 0, O)), value)]
+    (k,) = Lowerer(_program(fwd, TENSORS)).lower(fwd, ["y"], "k")
+    for t in k.items[0].pre:
+        if read in t.expr.atoms(sympy.Indexed):
+            assert isinstance(t.expr, sympy.Piecewise), t.expr
+
+
+@pytest.mark.cuda
+def test_cuda_simulator_does_not_evaluate_a_raising_unselected_branch(tmp_path, rng):
+    from spec_check import TextSpec, build, check_cuda_matches_cpu
+
+    spec = TextSpec(
+        'name = "log_where"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
+        'equations = ["y[i] = where(x[i] > 0, log(x[i]) * (1 + log(x[i])) + sqrt(x[i]),'
+        ' exp(x[i]) * (2 + exp(x[i])))"]\n',
+        sizes={"N": 6})
+    _, module = build(spec, tmp_path)
+    args = [np.array([-3.0, -0.5, 0.25, 1.0, -1.5, 2.0])]  # log and sqrt raise on the negatives
+    check_cuda_matches_cpu(module, args, rng, spec.name)
+
+
+def test_a_shared_ternary_keeps_its_guarded_read_inside():
+    # the guarded ternary is total (safe anywhere) and shared with a where's branch;
+    # what it selects (x[b, o - 1] * 2, also in the branch) must stay behind its guard
+    n = index("n")
+    read2 = 2 * x[b, n - 1]
+    guarded = sympy.Piecewise((read2, n - 1 >= 0), (0, True))
+    value = sympy.Piecewise((guarded * w[n, o], x[b, n] > 0), (guarded + 1, True)) + guarded ** 2
+    fwd = [Assign("y", (Loop(b, 0, B), Loop(n, 0, I), Loop(o, 0, O)), value)]
+    (k,) = Lowerer(_program(fwd, TENSORS)).lower(fwd, ["y"], "k")
+    for t in k.items[0].pre:
+        if t.expr.atoms(sympy.Indexed) & {x[b, n - 1]}:
+            assert isinstance(t.expr, sympy.Piecewise), t.expr

@@ -77,6 +77,19 @@ FINDINGS = {
     "max_with_itself": TextSpec(
         'name = "max_with_itself"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
         'equations = ["y[i] = Max(x[N - 1 - i], x[i]) + Min(x[i], x[N - 1 - i])"]\n', sizes={"N": 5}),
+    # campaign 4 (fz_b0f4c48f69, tests/specs/fuzz_findings/, minimised): zero-padded reads
+    # (u[n//2], x[b//2, n], u[N-1-n]) inside a where's condition inside another where's
+    # condition. SymPy folds the padding out of the condition, writing it once for
+    # every subset of the reads (2**3 times), the printer doubled that again (an
+    # if-then-else printed with a NaN default, its complement through to_nnf), and
+    # nothing inside a Piecewise was shared: the fuzzer's spec had a 49 KB kernel line
+    # that Numba took minutes to compile (see Lowerer._unfold_chain, _speculable)
+    "padded_reads_in_conditions": TextSpec(
+        'name = "padded_reads_in_conditions"\nkind = "loss"\ninputs = { x = "B N", u = "N" }\n'
+        'params = { w = "B N" }\noutputs = { loss = "" }\n'
+        'equations = ["loss = sum(where(where(u[n//2] * x[b, n] > 1 / u[n], x[b//2, n], u[N - 1 - n])'
+        ' + cosh(u[N - 1 - n]) <= w[b, n], x[b, n] * w[b, n]**2, exp(w[b, n]) * u[n//2]), b, n)"]\n',
+        sizes={"B": 3, "N": 4}, positive={"u"}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 

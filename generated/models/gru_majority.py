@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 3114bef8571f1ed5
-#   generated/losses.py 5db3c7b76acf2861
+#   generated/layers.py 1944b18b219f5567
+#   generated/losses.py 7643d883387e4146
 #   generated/optimizers.py edee100363ad16d0
 """The gru_majority model.
 
