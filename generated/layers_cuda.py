@@ -2764,7 +2764,7 @@ def _embedding_hvp(g_y, idx, table, t_table):
 
 
 @cuda.jit(cache=True)
-def _flatten_fwd0(x, y, C, F, H, N, W, _total):
+def _flatten_fwd0(x, y, F, H, N, W, _total):
     """y[n, j] = x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)]"""
     _F = y.dtype.type
     _r = cuda.grid(1)
@@ -2772,39 +2772,25 @@ def _flatten_fwd0(x, y, C, F, H, N, W, _total):
         j = _r % F
         _r //= F
         n = _r
-        _v_y = (x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+        _v_y = (x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
         y[n, j] = _v_y
 
 
 @cuda.jit(cache=True)
-def _flatten_bwd0(g_x, C, H, N, W, _total):
-    """g_x = 0"""
+def _flatten_bwd0(g_y, g_x, C, H, N, W, _total):
+    """g_x[n, c, h, w] = g_y[n, W*(H*c + h) + w]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        i3 = _r % W
+        w = _r % W
         _r //= W
-        i2 = _r % H
+        h = _r % H
         _r //= H
-        i1 = _r % C
+        c = _r % C
         _r //= C
-        i0 = _r
-        _v_g_x = _F(0)
-        g_x[i0, i1, i2, i3] = _v_g_x
-
-
-@cuda.jit(cache=True)
-def _flatten_bwd1(g_y, g_x, C, F, H, N, W, _total):
-    """g_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)] += g_y[n, j]  (scatter)"""
-    _F = g_x.dtype.type
-    _r = cuda.grid(1)
-    if _r < _total:
-        j = _r % F
-        _r //= F
         n = _r
-        _v_g_x = g_y[n, j]
-        if ((j % W < W) and ((j // W) % H < H) and ((j // (H*W)) >= 0) and ((j // (H*W)) < C)):
-            cuda.atomic.add(g_x, (n, (j // (H*W)), (j // W) % H, j % W,), _v_g_x)
+        _v_g_x = g_y[n, W*(H*c + h) + w]
+        g_x[n, c, h, w] = _v_g_x
 
 
 @cuda.jit(cache=True)
@@ -2850,7 +2836,7 @@ def _flatten_fwd(x):
     F = C*H*W
     _check_derived("flatten", "F", F)
     y = _empty((N, F), _dtype)
-    _launch(_flatten_fwd0, N * F, x, y, C, F, H, N, W)
+    _launch(_flatten_fwd0, N * F, x, y, F, H, N, W)
     return _result(y, _dev)
 
 
@@ -2871,8 +2857,7 @@ def _flatten_bwd(g_y, x):
     _check_dim("flatten", "g_y", g_y, 1, "F", F, "derived: C*H*W")
     _check_dim("flatten", "x", x, 0, "N", N, "from g_y axis 0")
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_flatten_bwd0, N * C * H * W, g_x, C, H, N, W)
-    _launch(_flatten_bwd1, N * F, g_y, g_x, C, F, H, N, W)
+    _launch(_flatten_bwd0, N * C * H * W, g_y, g_x, C, H, N, W)
     return _result(g_x, _dev)
 
 
