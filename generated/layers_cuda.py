@@ -2645,12 +2645,11 @@ def _embedding_bwd1(idx, g_y, g_table, B, D, V, _total):
     _F = g_table.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        d = _r % D
-        _r //= D
-        b = _r
-        _v_g_table = g_y[b, d]
-        if ((idx[b] >= 0) and (idx[b] < V)):
-            cuda.atomic.add(g_table, (idx[b], d,), _v_g_table)
+        d = _r
+        for b in range(0, B):
+            _v_g_table = g_y[b, d]
+            if ((idx[b] >= 0) and (idx[b] < V)):
+                g_table[idx[b], d] += _v_g_table
 
 
 @cuda.jit(cache=True)
@@ -2712,7 +2711,7 @@ def _embedding_bwd(g_y, idx, table):
     _check_dim("embedding", "table", table, 1, "D", D, "from g_y axis 1")
     g_table = _empty((V, D), _dtype)
     _launch(_embedding_bwd0, V * D, g_table, D, V)
-    _launch(_embedding_bwd1, B * D, idx, g_y, g_table, B, D, V)
+    _launch(_embedding_bwd1, D, idx, g_y, g_table, B, D, V)
     return _result(g_table, _dev)
 
 
