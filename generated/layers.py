@@ -13092,7 +13092,7 @@ _LATEX = {
         "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{x}$ of the differentiable arguments (the Jacobian-vector product):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\dot{y}_{n,j} = \\begin{cases} \\dot{x}_{n,\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,j \\bmod W} & \\text{for}\\: j \\bmod W < W \\wedge \\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H < H \\wedge 0 \\le \\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor < C \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\dot{y}_{n,j} = \\begin{cases} \\dot{x}_{n,\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,j \\bmod W} & \\text{for}\\: j \\bmod W < W \\wedge \\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H < H \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "Second order (forward over reverse): the derivative of each vector-Jacobian product along the same tangents, the output gradients held fixed (the Hessian-vector product; the forward's tangents as above):\n"
