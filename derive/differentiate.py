@@ -12,7 +12,11 @@ unit coefficient), which is substituted everywhere and leaves a range guard
 ``0 <= solution < range``; a coefficient other than +-1 leaves a divisibility guard.
 Remaining summation indices whose guards are linear in them get tightened loop bounds
 (the window of a transposed convolution), so the gather form costs no more than the
-forward. For ``max`` the partial is routed to the first maximal element through the
+forward. A read whose indices are the mixed-radix digits of a loop index
+(``x[n, j // (H*W), (j // W) % H, j % W]``) is first rewritten over one index per digit,
+``j = c H W + h W + w``, where the sizes prove that map a bijection (:func:`digit_change`),
+so it contracts the same way; other non-affine reads (``table[idx[b], d]``) are scattered.
+For ``max`` the partial is routed to the first maximal element through the
 argmax recorded by the forward (PyTorch's rule). Every step is recorded for the LaTeX
 derivation.
 """
@@ -225,7 +229,8 @@ def is_affine(a, indices) -> bool:
 def needs_scatter(stmt: Stmt, read) -> bool:
     """A read whose index expressions are not affine in the statement's indices
     (a data-dependent index such as ``table[idx[b], d]``, or ``//`` and ``%``) cannot be
-    contracted into gather form; its gradient is scattered instead."""
+    contracted into gather form as it stands; its gradient is scattered instead, unless
+    those indices are the mixed-radix digits of loop indices (:func:`digit_change`)."""
     if not isinstance(read, sympy.Indexed):
         return False
     indices = list(stmt.free) + list(stmt.over)
@@ -355,7 +360,7 @@ def digit_change(stmt: Stmt, read, shape, dim_names, facts) -> DigitChange | Non
             ranges[u] = radix if radix is not None else shape[p]
             total += stride * u
         value[j] = total
-        bounds = {u: (sympy.S.Zero, ranges[u]) for _, u in ((p, digits[positions[p]]) for p, _, _ in chain)}
+        bounds = {digits[positions[p]]: (sympy.S.Zero, ranges[digits[positions[p]]]) for p, _, _ in chain}
         if not facts.proves(sympy.Lt(total, stmt.ranges[j]), bounds):
             guards.append(Guard("range", total, 0, stmt.ranges[j]))
 
