@@ -277,6 +277,24 @@ def _digit(a, indices):
     return None
 
 
+def _chain(first, digits, facts):
+    """The digits ordered by stride from ``first``, each next stride the one before
+    times its radix, and the stride past the last (``(None, None)`` where the digits do
+    not form one such chain, or a digit without a radix is not the last)."""
+    stride, left, chain = first[1], list(digits), []
+    while left:
+        nxt = [d for d in left if facts.equal(d[1], stride)]
+        if len(nxt) != 1:
+            return None, None
+        d = nxt[0]
+        left.remove(d)
+        chain.append(d)
+        if d[2] is None:
+            return (chain, None) if not left else (None, None)
+        stride = stride * d[2]
+    return chain, stride
+
+
 @dataclass
 class DigitChange:
     """A read whose indices are the mixed-radix digits of loop indices, rewritten over
@@ -307,6 +325,11 @@ def digit_change(stmt: Stmt, read, shape, dim_names, facts) -> DigitChange | Non
     digit's index runs over its axis of the read tensor: a j whose leading digit falls
     outside the tensor reads zero (the padding rule) and has no gradient to receive.
 
+    A lowest stride ``s_0`` other than 1 (``x[j // S]``, nearest upsampling) leaves the
+    remainder: the j with given digits are ``t + sum_k d_k s_k`` for ``t`` in
+    ``[0, s_0)``, a new summation index, so the gradient is a gather summed over a window
+    of ``s_0`` (its bound tightened by ``< R``).
+
     Returns None (keep the scatter) when some non-affine index is not a digit, a loop
     index with digits also occurs elsewhere in the read, or a condition is not proven."""
     if not isinstance(read, sympy.Indexed):
@@ -331,29 +354,32 @@ def digit_change(stmt: Stmt, read, shape, dim_names, facts) -> DigitChange | Non
         own = {p for p, _, _ in digits}
         if any(a.has(j) for p, a in enumerate(positions) if p not in own):
             return None
-        stride, left, chain = sympy.S.One, list(digits), []
-        while left:
-            nxt = [d for d in left if facts.equal(d[1], stride)]
-            if len(nxt) != 1:
-                return None
-            d = nxt[0]
-            left.remove(d)
-            chain.append(d)
-            if d[2] is None:
-                if left:
-                    return None
+        found = None
+        for first in digits:  # the lowest digit: the one whose chain takes every digit
+            chain, stride = _chain(first, digits, facts)
+            if chain is not None:
+                found = chain, stride
                 break
-            stride = stride * d[2]
+        if found is None:
+            return None
+        chain, stride = found
         if chain[-1][2] is not None and not facts.proves(sympy.Ge(stride, stmt.ranges[j]), {}):
             return None
         chains[j] = chain
     taken = {str(s) for s in indices} | {str(s) for s in stmt.body.free_symbols}
     taken |= {str(s) for a in positions for s in a.free_symbols}
     ranges = dict(stmt.ranges)
-    value, digits, guards = {}, {}, []
+    value, digits, guards, remainders = {}, {}, [], {}
     for j, chain in chains.items():
         del ranges[j]
         total = sympy.S.Zero
+        low = chain[0][1]
+        if not facts.equal(low, 1):
+            # the lowest stride s_0 > 1: j = t + s_0 (...) with t in [0, s_0), summed
+            t = fresh_index(str(j), taken)
+            ranges[t] = low
+            remainders[j] = t
+            total = t
         for p, stride, radix in chain:
             u = fresh_index(str(dim_names[p]).lower(), taken)
             digits[positions[p]] = u
@@ -361,6 +387,8 @@ def digit_change(stmt: Stmt, read, shape, dim_names, facts) -> DigitChange | Non
             total += stride * u
         value[j] = total
         bounds = {digits[positions[p]]: (sympy.S.Zero, ranges[digits[positions[p]]]) for p, _, _ in chain}
+        if j in remainders:
+            bounds[remainders[j]] = (sympy.S.Zero, low)
         if not facts.proves(sympy.Lt(total, stmt.ranges[j]), bounds):
             guards.append(Guard("range", total, 0, stmt.ranges[j]))
 
@@ -378,7 +406,8 @@ def digit_change(stmt: Stmt, read, shape, dim_names, facts) -> DigitChange | Non
 
     from dataclasses import replace
 
-    new = replace(stmt, free=replaced(stmt.free), over=replaced(stmt.over), ranges=ranges, body=over(stmt.body))
+    over_idx = replaced(stmt.over) + tuple(remainders.values())
+    new = replace(stmt, free=replaced(stmt.free), over=over_idx, ranges=ranges, body=over(stmt.body))
     return DigitChange(new, over(read), value, digits, guards)
 
 

@@ -271,8 +271,8 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
                     add(("text", f"Using the assumption ${tex(lhs)} = {tex(rhs)}$:"))
                 elif kind == "digits":
                     add(("text", f"The indices that hold ${tex(lhs)}$ are its mixed-radix digits (each stride the one "
-                                 f"below times its radix, the first 1): ${tex(lhs)} = {tex(rhs)}$ is the only "
-                                 f"${tex(lhs)}$ with these digits, so the deltas contract to a gather:"))
+                                 f"below times its radix): the ${tex(lhs)}$ with these digits are ${tex(lhs)} = {tex(rhs)}$, "
+                                 f"so the deltas contract to a gather:"))
         add(("math", _term_tex(t)))
         for kind, lhs, rhs in t.steps:
             if kind == "closed":

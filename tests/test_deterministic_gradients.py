@@ -50,6 +50,11 @@ SPECS = {
     # every digit with a radix: a bijection because the range F = A*B is the product
     "all_radix": (_spec("all_radix", 'inputs = { x = "A B" }\noutputs = { y = "F" }\ndims = { F = "A*B" }\n'
                         'equations = ["y[j] = exp(x[j % A, (j // A) % B])"]\n', {"A": 2, "B": 3}), True),
+    # nearest upsampling: one digit of stride S, so each x[n, w] is read by S outputs and
+    # its gradient gathers the window j = S*w + t, t < S (S an attribute: not assumed to
+    # divide F, the bound j < F stays a guard)
+    "upsample": (_spec("upsample", 'attrs = { S = 2 }\ninputs = { x = "N W" }\noutputs = { y = "N F" }\n'
+                       'dims = { F = "S*W" }\nequations = ["y[n, j] = tanh(x[n, j // S])"]\n', {"N": 2, "W": 3}), True),
     # the radix W does not cover the range 2W: j and j + W read the same element
     "wrapping": (_spec("wrapping", 'inputs = { x = "N W" }\noutputs = { y = "N F" }\ndims = { F = "2*W" }\n'
                        'equations = ["y[n, j] = sin(x[n, j % W])"]\n', {"N": 2, "W": 3}), False),
@@ -137,8 +142,16 @@ def test_reshapes_match_torch(built, rng):
     ref.assert_close(op.backward(gy, x), want, np.float64, "channels-last flatten")
 
 
+def test_upsample_matches_torch(built, rng):
+    op = built("upsample")[1].op(S=3)
+    x = rng.normal(size=(2, 3))
+    gy = rng.normal(size=(2, 9))
+    want = _torch_grad(lambda t: t.repeat_interleave(3, dim=1).tanh(), x, gy)
+    ref.assert_close(op.backward(gy, x), want, np.float64, "nearest upsampling by 3")
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["flatten_channels_last", "wrapping", "lookup_1d"])
+@pytest.mark.parametrize("name", ["flatten_channels_last", "upsample", "wrapping", "lookup_1d"])
 def test_user_spec_cuda_equals_cpu(name, built, rng):
     spec, _ = SPECS[name]
     opdef, module = built(name)
