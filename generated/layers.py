@@ -13077,7 +13077,7 @@ _LATEX = {
         "\\bar{x}_{n',c',h',w'} \\mathrel{+}= \\sum_{n,j} \\delta_{n,\\,n'} \\left(\\delta_{j \\bmod W,\\,w'}\\right) \\left(\\delta_{\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,\\,h'}\\right) \\delta_{\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\,c'} \\bar{y}_{n,j}\n"
         "\\end{equation*}\n"
         "\n"
-        "The indices that hold $j$ are its mixed-radix digits (each stride the one below times its radix, the first 1): $j = H W c + W h + w$ is the only $j$ with these digits, so the deltas contract to a gather:\n"
+        "The indices that hold $j$ are its mixed-radix digits (each stride the one below times its radix): $j = H W c + W h + w$ is the only $j$ with these digits, so the deltas contract to a gather:\n"
         "\n"
         "\\begin{equation*}\n"
         "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\bar{y}_{n,W \\left(H c + h\\right) + w}\n"
