@@ -3855,12 +3855,12 @@ def _flatten_bwd0(g_y, g_x, C, H, N, W):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _flatten_jvp0(t_x, t_y, C, F, H, N, W):
-    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H)) & (floor(j/(H*W)) >= 0) & (C > floor(j/(H*W)))), (0, True))"""
+def _flatten_jvp0(t_x, t_y, F, H, N, W):
+    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H))), (0, True))"""
     _F = t_y.dtype.type
     for n in range(0, N):
         for j in range(0, F):
-            _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+            _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
             t_y[n, j] = _v_t_y
 
 
@@ -3992,7 +3992,7 @@ def _flatten_jvp_core(x, t_x):
     W = x.shape[3]
     F = C*H*W
     t_y = np.empty((N, F), _dtype)
-    _flatten_jvp0(t_x, t_y, C, F, H, N, W)
+    _flatten_jvp0(t_x, t_y, F, H, N, W)
     return t_y
 
 
@@ -4016,7 +4016,7 @@ def _flatten_jvp_into(x, t_x, t_y):
     H = x.shape[2]
     W = x.shape[3]
     F = C*H*W
-    _flatten_jvp0(t_x, t_y, C, F, H, N, W)
+    _flatten_jvp0(t_x, t_y, F, H, N, W)
 
 
 def _flatten_jvp(x, t_x):

@@ -2793,15 +2793,15 @@ def _flatten_bwd0(g_y, g_x, C, H, N, W, _total):
 
 
 @cuda.jit(cache=True)
-def _flatten_jvp0(t_x, t_y, C, F, H, N, W, _total):
-    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H)) & (floor(j/(H*W)) >= 0) & (C > floor(j/(H*W)))), (0, True))"""
+def _flatten_jvp0(t_x, t_y, F, H, N, W, _total):
+    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H))), (0, True))"""
     _F = t_y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         j = _r % F
         _r //= F
         n = _r
-        _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+        _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
         t_y[n, j] = _v_t_y
 
 
@@ -2879,7 +2879,7 @@ def _flatten_jvp(x, t_x):
     _check_dim("flatten", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("flatten", "t_x", t_x, 3, "W", W, "from x axis 3")
     t_y = _empty((N, F), _dtype)
-    _launch(_flatten_jvp0, N * F, t_x, t_y, C, F, H, N, W)
+    _launch(_flatten_jvp0, N * F, t_x, t_y, F, H, N, W)
     return _result(t_y, _dev)
 
 

@@ -5,7 +5,7 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 3114bef8571f1ed5
+#   generated/layers.py 5631613dd44fa084
 #   generated/losses.py 5db3c7b76acf2861
 #   generated/optimizers.py edee100363ad16d0
 """The linear_diabetes model.
