@@ -15,7 +15,7 @@ from derive.errors import SpecError
 from derive.ir import Program
 
 from . import contract as cn
-from .lower import DOT, Kernel, Lowerer, decl_of, read_names, safe_index_names, tensor_decls, written_names
+from .lower import DOT, Kernel, Lowerer, decl_of, parallel_nest, read_names, safe_index_names, tensor_decls, written_names
 from .printers import RESERVED_NAMES, CPUPrinter, CUDAPrinter, HostPrinter
 from .template_util import render
 
@@ -246,11 +246,11 @@ def _subscript(pr, item, lw):
 
 
 def _scatter_store(pr, item, target: str) -> str:
-    """``target[idx] += value`` (several iterations may add to one element: atomics on CUDA)."""
+    """``target[idx] += value``: several iterations may add to one element, but one
+    worker runs all of them in order (codegen/lower.py's exclusive_loops), so no target
+    needs an atomic add."""
     idx = ", ".join(pr.index(e) for e in item.scatter)
     local = pr.index(item.local)
-    if target == "cuda":
-        return "cuda.atomic.add(%s, (%s,), %s)" % (item.target, idx, local)
     return "%s[%s] += %s" % (item.target, idx, local)
 
 
@@ -531,14 +531,18 @@ def reduce_outer(k: Kernel) -> bool:
 
 def cuda_layout(ctx: dict, k: Kernel, pr) -> None:
     """One thread per element of the leading free loops whose bounds do not depend on
-    other free indices; the remaining loops run inside the thread."""
+    other free indices, of those ``k.parallel`` allows (a scatter's exclusive writers,
+    codegen/lower.py's exclusive_loops); the remaining loops run inside the thread."""
     free_syms = {l.index for l in k.free}
+    nest = parallel_nest(k)
     par = []
-    for l in k.free:
+    for l in nest:
         if (sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & free_syms:
             break
+        if k.parallel is not None and l.index not in k.parallel:
+            break
         par.append(l)
-    seq = k.free[len(par):]
+    seq = nest[len(par):]
     ctx["parallel"] = [
         {"var": pr.index(l.index), "lo": pr.index(l.lo), "extent": pr.index(sympy.Max(l.hi - l.lo, 0))}
         for l in par
@@ -696,7 +700,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
             else:
                 ctx = {}
                 cuda_layout(ctx, k, pr)
-                total = [hp.index(sympy.Max(l.hi - l.lo, 0)) for l in k.free[: len(ctx["parallel"])]]
+                total = [hp.index(sympy.Max(l.hi - l.lo, 0)) for l in parallel_nest(k)[: len(ctx["parallel"])]]
                 call["total"] = " * ".join(t if sympy.Symbol(t).is_Atom and t.isidentifier() else "(%s)" % t for t in total) if total else "1"
         calls.append(call)
     result_kinds = []

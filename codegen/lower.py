@@ -133,6 +133,10 @@ class Kernel:
     temps: int = 0
     consts: list = field(default_factory=list)  # loop-invariant values, kernel prologue
     contract: cn.Contraction | None = None  # CPU lowering of a contraction (else loops)
+    # the free loops a target may run in parallel (one worker per point of them); the
+    # others run in order inside each worker (:func:`parallel_nest`). None: any of them,
+    # every iteration writes elements of its own. See :func:`exclusive_loops`.
+    parallel: tuple | None = None
 
 
 @dataclass
@@ -284,6 +288,48 @@ def equation_text(stmt: Assign) -> str:
     if stmt.reduce != "none":
         body = "%s(%s, %s)" % (stmt.reduce, body, ", ".join(str(l.index) for l in stmt.over))
     return "%s %s %s" % (lhs, op, body)
+
+
+def exclusive_loops(stmt: Assign) -> tuple:
+    """The free loops of a scatter ``target[a(o)] += value(o)`` that may run in parallel
+    without an atomic add: those that index the destination as plain indices.
+
+    Several iterations of a scatter may add to one element (``table[idx[b], d]`` with a
+    repeated ``idx[b]``). Two iterations that differ in a loop ``d`` standing alone in
+    the destination's index write different elements, so those loops may run in
+    parallel; the loops reached only through other index expressions (``b`` through
+    ``idx[b]``, a map the derivation could not invert into a gather) run in order
+    inside each worker, in their loop order. Every element then has exactly one
+    writer, which adds its contributions in a fixed order: the sum is the same, bit for
+    bit, on every run, with plain ``+=`` and no atomics (floating-point atomics add in
+    whatever order the threads arrive, so their results change from run to run).
+
+    The price is parallelism: the scatter runs on as many workers as the plain
+    destination loops have points (embedding's backward: D workers, each walking the
+    whole batch), not one per iteration. A scatter with no plain destination index runs
+    in one worker, sequentially: correct and deterministic, and slow on a GPU. Grouping
+    the indices first (sort the batch by ``idx[b]``, then one worker per distinct row
+    and column summing its group in order) would give a worker per written element; it
+    needs a sort on the device per call and is not done here: embedding's backward is
+    small beside the layers around it. A loop whose bounds depend on another free index
+    is kept in order too. The CPU runs every loop in one worker anyway, in the
+    statement's order (which keeps its memory walk: batch outer, row inner)."""
+    indices = {l.index for l in stmt.free}
+    plain = {e for e in stmt.scatter if isinstance(e, sympy.Symbol)}
+
+    def independent(l):
+        return not ((sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & indices)
+
+    return tuple(l.index for l in stmt.free if l.index in plain and independent(l))
+
+
+def parallel_nest(kernel: Kernel) -> tuple:
+    """The kernel's free loops in the order a parallel target nests them: the loops it
+    may run in parallel (``kernel.parallel``) first, then the others in their order."""
+    if kernel.parallel is None:
+        return tuple(kernel.free)
+    lead = tuple(l for l in kernel.free if l.index in kernel.parallel)
+    return lead + tuple(l for l in kernel.free if l.index not in kernel.parallel)
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -472,6 +518,11 @@ class Lowerer:
 
     # ---------------------------------------------------------------- kernel build
     def build(self, g: Group, local_ok: set, name: str) -> Kernel:
+        parallel = None
+        if g.gemm is None and g.contract is None and any(s.scatter for s in g.statements):
+            # a scatter is a group of its own (can_join): exclusive writers, no atomics
+            (stmt,) = g.statements
+            parallel = exclusive_loops(stmt)
         free_syms = tuple(l.index for l in g.free)
         locals_: dict[str, sympy.Symbol] = {}
         last_write = {}
@@ -569,6 +620,7 @@ class Lowerer:
             float_source="",
             equations=[it.equation for it in items],
             contract=contract,
+            parallel=parallel,
         )
         if contract is not None and contract.note:
             kernel.equations.append(contract.note)

@@ -12,7 +12,11 @@ unit coefficient), which is substituted everywhere and leaves a range guard
 ``0 <= solution < range``; a coefficient other than +-1 leaves a divisibility guard.
 Remaining summation indices whose guards are linear in them get tightened loop bounds
 (the window of a transposed convolution), so the gather form costs no more than the
-forward. For ``max`` the partial is routed to the first maximal element through the
+forward. A read whose indices are the mixed-radix digits of a loop index
+(``x[n, j // (H*W), (j // W) % H, j % W]``) is first rewritten over one index per digit,
+``j = c H W + h W + w``, where the sizes prove that map a bijection (:func:`digit_change`),
+so it contracts the same way; other non-affine reads (``table[idx[b], d]``) are scattered.
+For ``max`` the partial is routed to the first maximal element through the
 argmax recorded by the forward (PyTorch's rule). Every step is recorded for the LaTeX
 derivation.
 """
@@ -225,11 +229,186 @@ def is_affine(a, indices) -> bool:
 def needs_scatter(stmt: Stmt, read) -> bool:
     """A read whose index expressions are not affine in the statement's indices
     (a data-dependent index such as ``table[idx[b], d]``, or ``//`` and ``%``) cannot be
-    contracted into gather form; its gradient is scattered instead."""
+    contracted into gather form as it stands; its gradient is scattered instead, unless
+    those indices are the mixed-radix digits of loop indices (:func:`digit_change`)."""
     if not isinstance(read, sympy.Indexed):
         return False
     indices = list(stmt.free) + list(stmt.over)
     return not all(is_affine(a, indices) for a in read.indices)
+
+
+def _digit(a, indices):
+    """``(j, stride, radix)`` when the index expression ``a`` is one mixed-radix digit of
+    a single loop index ``j``: ``floor(j/s)`` is ``(j, s, None)`` (a leading digit,
+    unbounded above), ``Mod(j, r)`` is ``(j, 1, r)``, ``Mod(floor(j/s), r)`` is
+    ``(j, s, r)`` and ``floor(Mod(j, m)/s)`` is ``(j, s, m/s)`` where ``m/s`` is a whole
+    number. Stride and radix must be positive and free of the loop indices. None for
+    anything else (an offset, a product, two indices, a data-dependent read)."""
+    loop = set(indices)
+
+    def size(e):
+        e = sympy.sympify(e)
+        return not (e.free_symbols & loop) and not e.atoms(sympy.Indexed) and bool(e.is_positive) and bool(e.is_integer)
+
+    def quotient(e):
+        """(numerator, stride) of floor(numerator / stride)."""
+        num, den = sympy.fraction(sympy.together(e))
+        return (num, den) if size(den) and den != 1 else (None, None)
+
+    if isinstance(a, sympy.Mod):
+        inner, radix = a.args
+        if not size(radix):
+            return None
+        if inner in loop:
+            return inner, sympy.S.One, radix
+        if isinstance(inner, sympy.floor):
+            num, stride = quotient(inner.args[0])
+            if num in loop:
+                return num, stride, radix
+        return None
+    if isinstance(a, sympy.floor):
+        num, stride = quotient(a.args[0])
+        if num in loop:
+            return num, stride, None
+        if isinstance(num, sympy.Mod) and num.args[0] in loop and size(num.args[1]):
+            radix = sympy.cancel(num.args[1] / stride)
+            if size(radix):
+                return num.args[0], stride, radix
+    return None
+
+
+def _chain(first, digits, facts):
+    """The digits ordered by stride from ``first``, each next stride the one before
+    times its radix, and the stride past the last (``(None, None)`` where the digits do
+    not form one such chain, or a digit without a radix is not the last)."""
+    stride, left, chain = first[1], list(digits), []
+    while left:
+        nxt = [d for d in left if facts.equal(d[1], stride)]
+        if len(nxt) != 1:
+            return None, None
+        d = nxt[0]
+        left.remove(d)
+        chain.append(d)
+        if d[2] is None:
+            return (chain, None) if not left else (None, None)
+        stride = stride * d[2]
+    return chain, stride
+
+
+@dataclass
+class DigitChange:
+    """A read whose indices are the mixed-radix digits of loop indices, rewritten over
+    one new index per digit (see :func:`digit_change`)."""
+
+    stmt: Stmt  # the statement over the digits (j replaced)
+    read: sympy.Expr  # the read, each digit a plain new index
+    value: dict  # loop index -> its value from the digits, j = sum_k u_k s_k
+    digits: dict  # digit expression of the read -> its new index
+    guards: list  # what the digits must satisfy to come from some j of its range
+
+
+def digit_change(stmt: Stmt, read, shape, dim_names, facts) -> DigitChange | None:
+    """The gather form of a read whose non-affine indices are digits of loop indices.
+
+    A loop index ``j`` over ``[0, R)`` read only through digits ``d_k = floor(j/s_k) mod r_k``
+    (:func:`_digit`) is a bijection onto its digits when the digits form a mixed-radix
+    system: ordered by stride, the first has stride 1 and each next stride is the one
+    before times its radix (``s_{k+1} = s_k r_k``); the last digit has no radix
+    (``floor(j/s)``, any j >= 0 has exactly one set of digits), or it has one and
+    ``R <= s_top r_top`` (so that no two j of the range wrap onto the same digits). The
+    equalities and the inequality are proven from the sizes, the relations of ``dims``
+    and the derived dimensions (``facts``, e.g. F = C H W); where one cannot be proven the
+    read stays a scatter. Then ``j = sum_k d_k s_k`` is the only j with these digits, so
+    the deltas of the chain rule contract: ``g_x[.., d_k, ..] = g_y[.., sum_k d_k s_k, ..]``
+    where ``0 <= d_k < r_k`` (the digits' ranges; the guard is dropped where the axis is
+    that size) and ``sum_k d_k s_k < R`` (dropped where the facts prove it). The leading
+    digit's index runs over its axis of the read tensor: a j whose leading digit falls
+    outside the tensor reads zero (the padding rule) and has no gradient to receive.
+
+    A lowest stride ``s_0`` other than 1 (``x[j // S]``, nearest upsampling) leaves the
+    remainder: the j with given digits are ``t + sum_k d_k s_k`` for ``t`` in
+    ``[0, s_0)``, a new summation index, so the gradient is a gather summed over a window
+    of ``s_0`` (its bound tightened by ``< R``).
+
+    Returns None (keep the scatter) when some non-affine index is not a digit, a loop
+    index with digits also occurs elsewhere in the read, or a condition is not proven."""
+    if not isinstance(read, sympy.Indexed):
+        return None
+    indices = list(stmt.free) + list(stmt.over)
+    positions = [sympy.sympify(a) for a in read.indices]
+    by_index: dict = {}
+    for p, a in enumerate(positions):
+        if is_affine(a, indices):
+            continue
+        found = _digit(a, indices)
+        if found is None:
+            return None
+        j, stride, radix = found
+        by_index.setdefault(j, []).append((p, stride, radix))
+    if not by_index:
+        return None
+    if stmt.reduce == "max" and any(j in stmt.over for j in by_index):
+        return None  # the argmax routing is over j itself: left to the scatter
+    chains = {}
+    for j, digits in by_index.items():
+        own = {p for p, _, _ in digits}
+        if any(a.has(j) for p, a in enumerate(positions) if p not in own):
+            return None
+        found = None
+        for first in digits:  # the lowest digit: the one whose chain takes every digit
+            chain, stride = _chain(first, digits, facts)
+            if chain is not None:
+                found = chain, stride
+                break
+        if found is None:
+            return None
+        chain, stride = found
+        if chain[-1][2] is not None and not facts.proves(sympy.Ge(stride, stmt.ranges[j]), {}):
+            return None
+        chains[j] = chain
+    taken = {str(s) for s in indices} | {str(s) for s in stmt.body.free_symbols}
+    taken |= {str(s) for a in positions for s in a.free_symbols}
+    ranges = dict(stmt.ranges)
+    value, digits, guards, remainders = {}, {}, [], {}
+    for j, chain in chains.items():
+        del ranges[j]
+        total = sympy.S.Zero
+        low = chain[0][1]
+        if not facts.equal(low, 1):
+            # the lowest stride s_0 > 1: j = t + s_0 (...) with t in [0, s_0), summed
+            t = fresh_index(str(j), taken)
+            ranges[t] = low
+            remainders[j] = t
+            total = t
+        for p, stride, radix in chain:
+            u = fresh_index(str(dim_names[p]).lower(), taken)
+            digits[positions[p]] = u
+            ranges[u] = radix if radix is not None else shape[p]
+            total += stride * u
+        value[j] = total
+        bounds = {digits[positions[p]]: (sympy.S.Zero, ranges[digits[positions[p]]]) for p, _, _ in chain}
+        if j in remainders:
+            bounds[remainders[j]] = (sympy.S.Zero, low)
+        if not facts.proves(sympy.Lt(total, stmt.ranges[j]), bounds):
+            guards.append(Guard("range", total, 0, stmt.ranges[j]))
+
+    def over(e):
+        return sympy.sympify(e).xreplace(digits).xreplace(value)
+
+    def replaced(seq):
+        out = []
+        for i in seq:
+            if i in chains:
+                out.extend(digits[positions[p]] for p, _, _ in sorted(chains[i], key=lambda d: d[0]))
+            else:
+                out.append(i)
+        return tuple(out)
+
+    from dataclasses import replace
+
+    over_idx = replaced(stmt.over) + tuple(remainders.values())
+    new = replace(stmt, free=replaced(stmt.free), over=over_idx, ranges=ranges, body=over(stmt.body))
+    return DigitChange(new, over(read), value, digits, guards)
 
 
 def scatter_term(stmt: Stmt, read, name, seed, local, argmax_reads):
@@ -433,16 +612,48 @@ def _fresh_grad(name: str, wrt, outputs) -> str:
     return fresh
 
 
+def _digit_term(stmt, read, name, shape, dim_names, seed, local, argmax_reads, change: DigitChange, assumptions):
+    """The gather-form term of a read whose indices are digits of loop indices: the
+    contraction of the statement rewritten over the digits (:func:`digit_change`); the
+    derivation keeps the statement, the read and the chain rule as written."""
+
+    def over(e):
+        return sympy.sympify(e).xreplace(change.digits).xreplace(change.value)
+
+    moved = [(over(r), over(am)) for r, am in argmax_reads]
+    free, loops, guards, subst = contract(change.stmt, change.read, shape, dim_names, moved, over(seed))
+    guards = [g.subs(subst) for g in change.guards] + guards
+    expr = (over(seed) * over(local)).xreplace(subst)
+    expr, loops, used = apply_assumptions(expr, loops, guards, assumptions)
+    primed = tuple(sympy.Symbol(f"{j}'", integer=True) for j in free)
+    deltas = sympy.Mul(*[sympy.KroneckerDelta(a, j, evaluate=False) for a, j in zip(read.indices, primed)])
+    t = Term(grad_name(name), name, free, loops, guards, expr, stmt, read, local, seed * local * deltas,
+             tuple(stmt.free) + tuple(stmt.over))
+    t.chain_free = primed
+    for j, v in change.value.items():
+        t.steps.append(("digits", j, v.xreplace(subst)))
+    if used:
+        t.steps.append(("assume", *used))
+    return t
+
+
 def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str, tuple], outputs: set[str], assumptions=(),
-                  path: str = "", equations=()):
+                  path: str = "", equations=(), facts=None):
     """Reverse-mode pass. ``wrt``: tensor name -> shape for every tensor that needs a
     gradient (differentiable args and the intermediates between them and the outputs).
     ``path`` and ``equations`` (the spec's) name the file and the equation in the error
-    for a function that cannot be differentiated.
+    for a function that cannot be differentiated. ``facts`` (derive.pipeline.Facts: the
+    relations of ``dims`` and the derived dimensions) proves the conditions under which
+    a read through mixed-radix digits is a bijection and its gradient a gather
+    (:func:`digit_change`); without it only what holds for all sizes is proven.
 
     A gradient of an intermediate whose contributions are all elementwise is not
     materialised: its expression is substituted into the statements that read it.
     """
+    if facts is None:
+        from .pipeline import Facts
+
+        facts = Facts()
     terms: dict[str, list[Term]] = {}
     order: list[Term] = []
     everything: list[Term] = []
@@ -501,6 +712,13 @@ def differentiate(stmts: list[Stmt], wrt: dict[str, tuple], dim_names: dict[str,
             if local == 0:
                 continue
             shape = wrt[name]
+            change = digit_change(stmt, read, shape, dim_names[name], facts) if needs_scatter(stmt, read) else None
+            if change is not None:
+                t = _digit_term(stmt, read, name, shape, dim_names[name], seed, local, argmax_reads, change, assumptions)
+                terms.setdefault(grad_name(name), []).append(t)
+                order.append(t)
+                everything.append(t)
+                continue
             if needs_scatter(stmt, read):
                 loops, over, target, expr = scatter_term(stmt, read, name, seed, local, argmax_reads)
                 t = Term(grad_name(name), name, (), loops, [], expr, stmt, read, local, seed * local,

@@ -90,8 +90,10 @@ class Assign:
       expressions over the loop indices) instead of ``target[free indices]``: ``free``
       is then the iteration space, not the target's shape, several iterations may hit
       the same element, and they add up (``accumulate`` is True; the target was zeroed
-      by an earlier statement; CUDA needs atomic adds). ``where`` is the condition under
-      which an iteration writes at all (its position inside the target's bounds).
+      by an earlier statement; codegen runs the iterations that may meet on one element
+      in one worker, in loop order, so no target needs atomic adds). ``where`` is the
+      condition under which an iteration writes at all (its position inside the
+      target's bounds).
     * ``equation``: the statement in readable text, for the kernel's docstring.
     """
 

@@ -269,6 +269,13 @@ def derivation_blocks(op: OpDef, stmts, backward, program) -> list[tuple[str, st
             for kind, lhs, rhs in t.steps:
                 if kind == "assume":
                     add(("text", f"Using the assumption ${tex(lhs)} = {tex(rhs)}$:"))
+                elif kind == "digits":
+                    rest = [i for i, _, _ in t.loops if rhs.has(i)]  # the remainder below the lowest stride
+                    which = (f"the ${tex(lhs)}$ with these digits are ${tex(lhs)} = {tex(rhs)}$ for each "
+                             f"${tex(rest[0])}$ below the lowest stride" if rest else
+                             f"${tex(lhs)} = {tex(rhs)}$ is the only ${tex(lhs)}$ with these digits")
+                    add(("text", f"The indices that hold ${tex(lhs)}$ are its mixed-radix digits (each stride the one "
+                                 f"below times its radix): {which}, so the deltas contract to a gather:"))
         add(("math", _term_tex(t)))
         for kind, lhs, rhs in t.steps:
             if kind == "closed":

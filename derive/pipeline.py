@@ -52,7 +52,9 @@ def build(op: OpDef) -> ir.Program:
         ):
             depends.add(s.target)
     wrt = {n: shapes[n] for n in sorted(depends)}
-    backward = differentiate(stmts, wrt, dim_names, set(op.outputs), op.assumptions, path=op.source, equations=op.equations)
+    facts = _facts(op)
+    backward = differentiate(stmts, wrt, dim_names, set(op.outputs), op.assumptions, path=op.source, equations=op.equations,
+                             facts=facts)
     simplify_terms(backward, stmts, shapes)
     substitute_statistics(backward, stmts, shapes, {grad_name(a) for a in diff_args})
     program = lower(op, stmts, backward, shapes, diff_args)
@@ -114,24 +116,34 @@ def _dim_names(op: OpDef, stmts: list[Stmt], shapes) -> dict[str, tuple]:
 
 class Facts:
     """What lowering knows about sizes and loop indices: every dimension and positive
-    attribute is positive, every loop index lies in its range, and the relations of
-    ``dims`` hold (``G = 2*H``: the wrappers check them at run time). ``proves(cond)``
+    attribute is positive, every loop index lies in its range, the relations of
+    ``dims`` hold (``G = 2*H``: the wrappers check them at run time) and the derived
+    dimensions are what ``dims`` computes them from (``F = C*H*W``). ``proves(cond)``
     says whether a guard or bounds condition holds for every value of the loops."""
 
     def __init__(self, relations=None, derived=None):
         self.relations = dict(relations or {})
         self.derived = dict(derived or {})  # derived dimensions, substituted when proving
 
-    def _nonnegative(self, e) -> bool:
-        """Whether ``e`` (over sizes) is >= 0: with the relations and derived dimensions
-        substituted, and each ``c * floor(a/q)`` bounded below (floor(x) <= x for c < 0,
-        floor(a/q) >= (a - q + 1)/q for c > 0 and integers a, q > 0)."""
+    def _sizes(self, e):
+        """``e`` with the relations and derived dimensions substituted (to a fixed point)."""
         for _ in range(4):
             e2 = sympy.sympify(e).xreplace(self.relations).xreplace(self.derived)
             if e2 == e:
                 break
             e = e2
-        e = sympy.expand(e)
+        return e
+
+    def equal(self, a, b) -> bool:
+        """Whether the size expressions ``a`` and ``b`` are equal for every size the
+        relations allow (``W*H`` and ``H*W``; ``F`` and ``C*H*W`` for F derived so)."""
+        return sympy.simplify(self._sizes(sympy.sympify(a) - sympy.sympify(b))) == 0
+
+    def _nonnegative(self, e) -> bool:
+        """Whether ``e`` (over sizes) is >= 0: with the relations and derived dimensions
+        substituted, and each ``c * floor(a/q)`` bounded below (floor(x) <= x for c < 0,
+        floor(a/q) >= (a - q + 1)/q for c > 0 and integers a, q > 0)."""
+        e = sympy.expand(self._sizes(e))
         low = sympy.S.Zero
         for term in sympy.Add.make_args(e):
             floors = [f for f in term.atoms(sympy.floor)]
@@ -218,6 +230,16 @@ class Facts:
         return False
 
 
+def _facts(op: OpDef) -> Facts:
+    """The facts of an op: its relations, and its derived dimensions computed from array
+    sizes alone (``F = C*H*W``; the wrappers compute and check them). A dimension derived
+    with attributes (``HO = (H - K)//S + 1``) is left out: the attributes' signs, which
+    its bounds would rest on, are not checked at run time."""
+    attrs = {op.symbols[a] for a in op.attrs}
+    derived = {d: e for d, e in _sizes(op)[0] if not (sympy.sympify(e).free_symbols & attrs)}
+    return Facts({op.symbols[d]: e for d, e in op.relations.items()}, derived)
+
+
 def _provably_inside(e, size, loops: dict, guards: list[Guard], facts: Facts | None = None) -> bool:
     if e in loops:
         lo, hi = loops[e]
@@ -228,7 +250,7 @@ def _provably_inside(e, size, loops: dict, guards: list[Guard], facts: Facts | N
     for g in guards:
         if g.kind == "range" and g.expr == e and g.lo == 0 and sympy.simplify(g.hi - size) == 0:
             return True
-    if facts is not None and facts.relations:
+    if facts is not None and (facts.relations or facts.derived):
         inside = sympy.And(sympy.Ge(e, 0), sympy.Lt(e, size))
         if facts.proves(inside, loops):
             return True
@@ -263,7 +285,7 @@ def _statement_text(target, free, reduce, over, body):
 
 def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
     shapes = dict(shapes)
-    facts = Facts({op.symbols[d]: e for d, e in op.relations.items()})
+    facts = _facts(op)
     forward = []
     intermediates = []
     for s in stmts:
@@ -313,7 +335,7 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         body = t.expr
         # guards the relations of `dims` prove true for every value of the loops are dropped
         conds = [c for g in t.guards for c in sympy.And.make_args(g.condition())]
-        kept = [c for c in conds if not (facts.relations and facts.proves(c, loops))]
+        kept = [c for c in conds if not ((facts.relations or facts.derived) and facts.proves(c, loops))]
         if kept:
             body = sympy.Piecewise((body, sympy.And(*kept)), (0, True))
         body = wrap_reads(body, shapes, loops, t.guards, facts)

@@ -3836,45 +3836,34 @@ def _embedding_hvp(g_y, idx, table, t_table):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _flatten_fwd0(x, y, C, F, H, N, W):
+def _flatten_fwd0(x, y, F, H, N, W):
     """y[n, j] = x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)]"""
     _F = y.dtype.type
     for n in range(0, N):
         for j in range(0, F):
-            _v_y = (x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+            _v_y = (x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
             y[n, j] = _v_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _flatten_bwd0(g_x, C, H, N, W):
-    """g_x = 0"""
-    _F = g_x.dtype.type
-    for i0 in range(0, N):
-        for i1 in range(0, C):
-            for i2 in range(0, H):
-                for i3 in range(0, W):
-                    _v_g_x = _F(0)
-                    g_x[i0, i1, i2, i3] = _v_g_x
-
-
-@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _flatten_bwd1(g_y, g_x, C, F, H, N, W):
-    """g_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)] += g_y[n, j]  (scatter)"""
+def _flatten_bwd0(g_y, g_x, C, H, N, W):
+    """g_x[n, c, h, w] = g_y[n, W*(H*c + h) + w]"""
     _F = g_x.dtype.type
     for n in range(0, N):
-        for j in range(0, F):
-            _v_g_x = g_y[n, j]
-            if ((j % W < W) and ((j // W) % H < H) and ((j // (H*W)) >= 0) and ((j // (H*W)) < C)):
-                g_x[n, (j // (H*W)), (j // W) % H, j % W] += _v_g_x
+        for c in range(0, C):
+            for h in range(0, H):
+                for w in range(0, W):
+                    _v_g_x = g_y[n, W*(H*c + h) + w]
+                    g_x[n, c, h, w] = _v_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _flatten_jvp0(t_x, t_y, C, F, H, N, W):
-    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H)) & (floor(j/(H*W)) >= 0) & (C > floor(j/(H*W)))), (0, True))"""
+def _flatten_jvp0(t_x, t_y, F, H, N, W):
+    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H))), (0, True))"""
     _F = t_y.dtype.type
     for n in range(0, N):
         for j in range(0, F):
-            _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+            _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
             t_y[n, j] = _v_t_y
 
 
@@ -3900,7 +3889,7 @@ def _flatten_fwd_core(x):
     W = x.shape[3]
     F = C*H*W
     y = np.empty((N, F), _dtype)
-    _flatten_fwd0(x, y, C, F, H, N, W)
+    _flatten_fwd0(x, y, F, H, N, W)
     return y
 
 
@@ -3924,7 +3913,7 @@ def _flatten_fwd_into(x, y):
     H = x.shape[2]
     W = x.shape[3]
     F = C*H*W
-    _flatten_fwd0(x, y, C, F, H, N, W)
+    _flatten_fwd0(x, y, F, H, N, W)
 
 
 def _flatten_fwd(x):
@@ -3951,8 +3940,7 @@ def _flatten_bwd_core(g_y, x):
     W = x.shape[3]
     F = C*H*W
     g_x = np.empty((N, C, H, W), _dtype)
-    _flatten_bwd0(g_x, C, H, N, W)
-    _flatten_bwd1(g_y, g_x, C, F, H, N, W)
+    _flatten_bwd0(g_y, g_x, C, H, N, W)
     return g_x
 
 
@@ -3976,8 +3964,7 @@ def _flatten_bwd_into(g_y, x, g_x):
     H = x.shape[2]
     W = x.shape[3]
     F = C*H*W
-    _flatten_bwd0(g_x, C, H, N, W)
-    _flatten_bwd1(g_y, g_x, C, F, H, N, W)
+    _flatten_bwd0(g_y, g_x, C, H, N, W)
 
 
 def _flatten_bwd(g_y, x):
@@ -4008,7 +3995,7 @@ def _flatten_jvp_core(x, t_x):
     W = x.shape[3]
     F = C*H*W
     t_y = np.empty((N, F), _dtype)
-    _flatten_jvp0(t_x, t_y, C, F, H, N, W)
+    _flatten_jvp0(t_x, t_y, F, H, N, W)
     return t_y
 
 
@@ -4032,7 +4019,7 @@ def _flatten_jvp_into(x, t_x, t_y):
     H = x.shape[2]
     W = x.shape[3]
     F = C*H*W
-    _flatten_jvp0(t_x, t_y, C, F, H, N, W)
+    _flatten_jvp0(t_x, t_y, F, H, N, W)
 
 
 def _flatten_jvp(x, t_x):
@@ -13094,27 +13081,25 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,j \\bmod W} \\mathrel{+}= \\sum_{n,j} \\bar{y}_{n,j}\n"
+        "\\bar{x}_{n',c',h',w'} \\mathrel{+}= \\sum_{n,j} \\delta_{n,\\,n'} \\left(\\delta_{j \\bmod W,\\,w'}\\right) \\left(\\delta_{\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,\\,h'}\\right) \\delta_{\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\,c'} \\bar{y}_{n,j}\n"
         "\\end{equation*}\n"
         "\n"
+        "The indices that hold $j$ are its mixed-radix digits (each stride the one below times its radix): $j = H W c + W h + w$ is the only $j$ with these digits, so the deltas contract to a gather:\n"
+        "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{n,\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,j \\bmod W} \\mathrel{+}= \\bar{y}_{n,j} \\quad \\text{for every } (n,j)\\ \\text{(scatter-add)}\n"
+        "\\bar{x}_{n,c,h,w} \\mathrel{+}= \\,\\bar{y}_{n,W \\left(H c + h\\right) + w}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x}_{i_{0},i_{1},i_{2},i_{3}} = 0\n"
-        "\\end{equation*}\n"
-        "\n"
-        "\\begin{equation*}\n"
-        "\\bar{x}_{n,j} \\mathrel{+}= \\bar{y}_{n,j}\n"
+        "\\bar{x}_{n,c,h,w} = \\bar{y}_{n,W \\left(H c + h\\right) + w}\n"
         "\\end{equation*}\n"
         "\n"
         "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{x}$ of the differentiable arguments (the Jacobian-vector product):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\dot{y}_{n,j} = \\begin{cases} \\dot{x}_{n,\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,j \\bmod W} & \\text{for}\\: j \\bmod W < W \\wedge \\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H < H \\wedge 0 \\le \\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor < C \\\\0 & \\text{otherwise} \\end{cases}\n"
+        "\\dot{y}_{n,j} = \\begin{cases} \\dot{x}_{n,\\left\\lfloor{\\frac{j}{H W}}\\right\\rfloor,\\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H,j \\bmod W} & \\text{for}\\: j \\bmod W < W \\wedge \\left\\lfloor{\\frac{j}{W}}\\right\\rfloor \\bmod H < H \\\\0 & \\text{otherwise} \\end{cases}\n"
         "\\end{equation*}\n"
         "\n"
         "Second order (forward over reverse): the derivative of each vector-Jacobian product along the same tangents, the output gradients held fixed (the Hessian-vector product; the forward's tangents as above):\n"

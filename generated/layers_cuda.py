@@ -2648,12 +2648,11 @@ def _embedding_bwd1(idx, g_y, g_table, B, D, V, _total):
     _F = g_table.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        d = _r % D
-        _r //= D
-        b = _r
-        _v_g_table = g_y[b, d]
-        if ((idx[b] >= 0) and (idx[b] < V)):
-            cuda.atomic.add(g_table, (idx[b], d,), _v_g_table)
+        d = _r
+        for b in range(0, B):
+            _v_g_table = g_y[b, d]
+            if ((idx[b] >= 0) and (idx[b] < V)):
+                g_table[idx[b], d] += _v_g_table
 
 
 @cuda.jit(cache=True)
@@ -2715,7 +2714,7 @@ def _embedding_bwd(g_y, idx, table):
     _check_dim("embedding", "table", table, 1, "D", D, "from g_y axis 1")
     g_table = _empty((V, D), _dtype)
     _launch(_embedding_bwd0, V * D, g_table, D, V)
-    _launch(_embedding_bwd1, B * D, idx, g_y, g_table, B, D, V)
+    _launch(_embedding_bwd1, D, idx, g_y, g_table, B, D, V)
     return _result(g_table, _dev)
 
 
@@ -2767,7 +2766,7 @@ def _embedding_hvp(g_y, idx, table, t_table):
 
 
 @cuda.jit(cache=True)
-def _flatten_fwd0(x, y, C, F, H, N, W, _total):
+def _flatten_fwd0(x, y, F, H, N, W, _total):
     """y[n, j] = x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)]"""
     _F = y.dtype.type
     _r = cuda.grid(1)
@@ -2775,51 +2774,37 @@ def _flatten_fwd0(x, y, C, F, H, N, W, _total):
         j = _r % F
         _r //= F
         n = _r
-        _v_y = (x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+        _v_y = (x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
         y[n, j] = _v_y
 
 
 @cuda.jit(cache=True)
-def _flatten_bwd0(g_x, C, H, N, W, _total):
-    """g_x = 0"""
+def _flatten_bwd0(g_y, g_x, C, H, N, W, _total):
+    """g_x[n, c, h, w] = g_y[n, W*(H*c + h) + w]"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        i3 = _r % W
+        w = _r % W
         _r //= W
-        i2 = _r % H
+        h = _r % H
         _r //= H
-        i1 = _r % C
+        c = _r % C
         _r //= C
-        i0 = _r
-        _v_g_x = _F(0)
-        g_x[i0, i1, i2, i3] = _v_g_x
-
-
-@cuda.jit(cache=True)
-def _flatten_bwd1(g_y, g_x, C, F, H, N, W, _total):
-    """g_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)] += g_y[n, j]  (scatter)"""
-    _F = g_x.dtype.type
-    _r = cuda.grid(1)
-    if _r < _total:
-        j = _r % F
-        _r //= F
         n = _r
-        _v_g_x = g_y[n, j]
-        if ((j % W < W) and ((j // W) % H < H) and ((j // (H*W)) >= 0) and ((j // (H*W)) < C)):
-            cuda.atomic.add(g_x, (n, (j // (H*W)), (j // W) % H, j % W,), _v_g_x)
+        _v_g_x = g_y[n, W*(H*c + h) + w]
+        g_x[n, c, h, w] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _flatten_jvp0(t_x, t_y, C, F, H, N, W, _total):
-    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H)) & (floor(j/(H*W)) >= 0) & (C > floor(j/(H*W)))), (0, True))"""
+def _flatten_jvp0(t_x, t_y, F, H, N, W, _total):
+    """t_y[n, j] = Piecewise((t_x[n, floor(j/(H*W)), Mod(floor(j/W), H), Mod(j, W)], (W > Mod(j, W)) & (H > Mod(floor(j/W), H))), (0, True))"""
     _F = t_y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         j = _r % F
         _r //= F
         n = _r
-        _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H) and ((j // (H*W)) >= 0) and (C > (j // (H*W)))) else _F(0))
+        _v_t_y = (t_x[n, (j // (H*W)), (j // W) % H, j % W] if ((W > j % W) and (H > (j // W) % H)) else _F(0))
         t_y[n, j] = _v_t_y
 
 
@@ -2853,7 +2838,7 @@ def _flatten_fwd(x):
     F = C*H*W
     _check_derived("flatten", "F", F)
     y = _empty((N, F), _dtype)
-    _launch(_flatten_fwd0, N * F, x, y, C, F, H, N, W)
+    _launch(_flatten_fwd0, N * F, x, y, F, H, N, W)
     return _result(y, _dev)
 
 
@@ -2874,8 +2859,7 @@ def _flatten_bwd(g_y, x):
     _check_dim("flatten", "g_y", g_y, 1, "F", F, "derived: C*H*W")
     _check_dim("flatten", "x", x, 0, "N", N, "from g_y axis 0")
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_flatten_bwd0, N * C * H * W, g_x, C, H, N, W)
-    _launch(_flatten_bwd1, N * F, g_y, g_x, C, F, H, N, W)
+    _launch(_flatten_bwd0, N * C * H * W, g_y, g_x, C, H, N, W)
     return _result(g_x, _dev)
 
 
@@ -2898,7 +2882,7 @@ def _flatten_jvp(x, t_x):
     _check_dim("flatten", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("flatten", "t_x", t_x, 3, "W", W, "from x axis 3")
     t_y = _empty((N, F), _dtype)
-    _launch(_flatten_jvp0, N * F, t_x, t_y, C, F, H, N, W)
+    _launch(_flatten_jvp0, N * F, t_x, t_y, F, H, N, W)
     return _result(t_y, _dev)
 
 

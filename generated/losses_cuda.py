@@ -416,7 +416,7 @@ def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, _total):
         b = _r
         _v_g_logprobs = _c0
         if ((idx[b] >= 0) and (idx[b] < C)):
-            cuda.atomic.add(g_logprobs, (b, idx[b],), _v_g_logprobs)
+            g_logprobs[b, idx[b]] += _v_g_logprobs
 
 
 @cuda.jit(cache=True)
