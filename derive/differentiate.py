@@ -206,7 +206,30 @@ def local_partial(body, read):
         while isinstance(inner, (sympy.Derivative, sympy.Subs)):
             inner = inner.args[0]
         raise NotDifferentiable(from_real_kinks(inner).xreplace({d: read}))
-    return partial.xreplace({d: read})
+    return guard_zero_branches(partial).xreplace({d: read})
+
+
+def guard_zero_branches(expr):
+    """A product with a Piecewise that is 0 on some branch takes its other factors into
+    the branches: ``Piecewise((1, u < 0), (0, True)) * exp(x)`` (the derivative of
+    ``Min(0, expm1(x))``) becomes ``Piecewise((exp(x), u < 0), (0, True))``. Only the branch
+    taken is computed, so a factor that overflows where the branch is 0 (``0 * inf`` is
+    NaN) is never evaluated there. Numeric coefficients stay outside."""
+
+    def zero_branch(f):
+        return isinstance(f, sympy.Piecewise) and any(v == 0 for v, _ in f.args)
+
+    def absorb(m):
+        pw = next(f for f in m.args if zero_branch(f))
+        rest = [f for f in m.args if f is not pw and not f.is_number]
+        coeff = sympy.Mul(*[f for f in m.args if f is not pw and f.is_number])
+        return coeff * sympy.Piecewise(*[(v * sympy.Mul(*rest), c) for v, c in pw.args])
+
+    return expr.replace(
+        lambda e: isinstance(e, sympy.Mul) and any(zero_branch(f) for f in e.args)
+        and any(not f.is_number and not zero_branch(f) for f in e.args),
+        absorb,
+    )
 
 
 def is_affine(a, indices) -> bool:

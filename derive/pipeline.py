@@ -444,6 +444,15 @@ def _index_extreme(e, lowest: bool, loops: dict):
     return total
 
 
+def _offset(e: sympy.Expr, loops: set) -> sympy.Expr:
+    """The part of index ``e`` that no loop index multiplies, looking through a floor
+    division (``(l + P - k) // S``, a transposed convolution's read, has the offset P of
+    its numerator: padding, like ``l + k - P``)."""
+    if isinstance(e, sympy.floor):
+        e = sympy.fraction(sympy.together(e.args[0]))[0]
+    return sum((t for t in sympy.Add.make_args(sympy.expand(e)) if not t.free_symbols & loops), sympy.S.Zero)
+
+
 def _read_checks(op: OpDef, facts: Facts) -> tuple:
     """The spec's reads that must stay inside their tensor for every value of the loops:
     an index built from loop indices and attributes, with no offset of its own and no
@@ -469,8 +478,7 @@ def _read_checks(op: OpDef, facts: Facts) -> tuple:
                 inner = e.free_symbols & set(loops)
                 if not inner or e.atoms(sympy.Indexed) or (e.free_symbols - inner - sizes):
                     continue
-                offset = sum((t for t in sympy.Add.make_args(sympy.expand(e)) if not t.free_symbols & set(loops)), sympy.S.Zero)
-                if offset != 0:
+                if _offset(e, set(loops)) != 0:
                     continue  # padding: a read outside is zero by the spec's rule
                 if any(sympy.simplify(loops[i] - size) == 0 for i in inner):
                     continue  # a window around a position of this axis (x[b, i + k]): padding too

@@ -13,6 +13,8 @@ normalised statements (derive/normalize.py) before differentiation:
   factor of Y, and X nowhere else (``p log p``, ``p log(p / q)``: an entropy or a KL
   divergence written from its definition), is 0 where X is 0, its limit, instead of
   ``0 * log(0) = NaN``.
+* :func:`merge_exponentials`: ``exp(a) / exp(b)`` is ``exp(a - b)``, also where the
+  numerator is a sum holding the exponential (``(exp(a) + c) / exp(b)``).
 * :func:`idle_shifts`: the maxima of derive/normalize.py's shifted sums
   ``exp(m) * sum(exp(E - m) F)`` whose factor ``exp(m)`` is not absorbed anywhere (see
   there); the pipeline normalises again without them.
@@ -262,9 +264,38 @@ def idle_shifts(stmts: list[Stmt], outputs) -> frozenset:
     return frozenset(idle)
 
 
+def _has_exp_term(add) -> bool:
+    return any(isinstance(f, sympy.exp) for t in add.args for f in sympy.Mul.make_args(t))
+
+
+def _merged_exponentials(mul):
+    """``exp(-b) * (exp(a) + c)`` as ``exp(a - b) + c exp(-b)``; ``exp(a) exp(-b)`` as ``exp(a - b)``."""
+    sums = [f for f in mul.args if isinstance(f, sympy.Add) and _has_exp_term(f)]
+    if sums and any(isinstance(f, sympy.exp) for f in mul.args):
+        rest = sympy.Mul(*[f for f in mul.args if f is not sums[0]])
+        return sympy.Add(*[_merged_exponentials(m) if m.is_Mul else m for m in (rest * t for t in sums[0].args)])
+    if sum(isinstance(f, sympy.exp) for f in mul.args) > 1:
+        return sympy.powsimp(mul, combine="exp")
+    return mul
+
+
+def merge_exponentials(stmts: list[Stmt]) -> None:
+    """A quotient or product of exponentials is one exponential: ``exp(a) / exp(b)``
+    (a ratio of variances given by their logarithms, as the KL divergence between two
+    Gaussians is written) is ``inf / inf = NaN`` where a and b are large, while
+    ``exp(a - b)`` is finite wherever the true value is. An exponential times a sum that
+    holds an exponential is distributed over the sum for this."""
+    for s in stmts:
+        if s.body.has(sympy.exp):
+            body = s.body.replace(lambda e: e.is_Mul and any(isinstance(f, sympy.exp) for f in e.args), _merged_exponentials)
+            if body != s.body:
+                s.body, s.text = body, ""
+
+
 def stabilize(stmts: list[Stmt], shapes: dict | None = None) -> None:
     """The rewrites, in place; a rewritten statement's text is written again. ``shapes``
     (the op's intermediates) gets the shapes of the statements added."""
+    merge_exponentials(stmts)
     look_through(stmts)
     zero_times_log(stmts)
     name_shifted_logs(stmts, shapes if shapes is not None else {})

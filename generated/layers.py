@@ -2508,24 +2508,23 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps):
-    """g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-    g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
     """
     _F = g_x2.dtype.type
     for b in range(0, B):
         for d in range(0, D):
-            # g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-            _t0 = math.sqrt(y_sum1[b])
-            _t1 = math.sqrt(y_sum0[b])
-            _t2 = (eps if eps != eps else max(_t1, eps))
-            _t3 = -_t0 + eps
-            _t4 = (eps if eps != eps else max(_t0, eps))
-            _t5 = g_y[b]/(_t2*_t4)
-            _v_g_x2 = _t5*(_t0*x1[b, d] - _t2*(_F(1) if (_t3 < _F(0)) else (_F(0) if (_t3 > _F(0)) else (_F(0.5) if (_t3 <= _F(0)) else _F(math.nan))))*x2[b, d]*y[b])/_t0
+            # g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+            _t0 = math.sqrt(y_sum0[b])
+            _t1 = _F(1) / (eps if eps != eps else max(_t0, eps))
+            _t2 = math.sqrt(y_sum1[b])
+            _t3 = _F(1) / (eps if eps != eps else max(_t2, eps))
+            _t4 = -_t2 + eps
+            _v_g_x2 = (_t1*_t3*x1[b, d] - (_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 < _F(0)) else (_F(0) if (_t4 > _F(0)) else (_F(0.5)*_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 <= _F(0)) else _F(math.nan))))*x2[b, d])*g_y[b]
             g_x2[b, d] = _v_g_x2
-            # g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-            _t6 = -_t1 + eps
-            _v_g_x1 = _t5*(_t1*x2[b, d] - _t4*(_F(1) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5) if (_t6 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b])/_t1
+            # g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+            _t5 = -_t0 + eps
+            _v_g_x1 = (_t1*_t3*x2[b, d] - (_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 < _F(0)) else (_F(0) if (_t5 > _F(0)) else (_F(0.5)*_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 <= _F(0)) else _F(math.nan))))*x1[b, d])*g_y[b]
             g_x1[b, d] = _v_g_x1
 
 
@@ -12697,29 +12696,29 @@ _LATEX = {
         "Through the read $\\mathrm{y\\_sum0}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum0}_{b}} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum0}_{b}} = - \\frac{\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{y\\_sum1}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum1}_{b}} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum1}_{b}} = - \\frac{\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{y\\_sum2}_{b}$ in the statement for $y$:\n"
@@ -12771,11 +12770,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x2_{b,d} \\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x2_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} + \\frac{x1_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x1_{b,d}$ in the statement for $\\mathrm{y\\_sum0}$:\n"
@@ -12785,11 +12784,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x1_{b,d} \\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x1_{b,d}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} + \\frac{x2_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -12799,21 +12798,21 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b} = - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b} = - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} = \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x2}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} + \\frac{x1_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} = \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\bar{x1}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} + \\frac{x2_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{x1}$, $\\dot{x2}$ of the differentiable arguments (the Jacobian-vector product):\n"

@@ -1680,8 +1680,8 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps, _total):
 
 @cuda.jit(cache=True)
 def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps, _total):
-    """g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-    g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
     """
     _F = g_x2.dtype.type
     _r = cuda.grid(1)
@@ -1689,18 +1689,17 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
         d = _r % D
         _r //= D
         b = _r
-        # g_x2[b, d] = (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t0 = math.sqrt(y_sum1[b])
-        _t1 = math.sqrt(y_sum0[b])
-        _t2 = (eps if eps != eps else max(_t1, eps))
-        _t3 = -_t0 + eps
-        _t4 = (eps if eps != eps else max(_t0, eps))
-        _t5 = g_y[b]/(_t2*_t4)
-        _v_g_x2 = _t5*(_t0*x1[b, d] - _t2*(_F(1) if (_t3 < _F(0)) else (_F(0) if (_t3 > _F(0)) else (_F(0.5) if (_t3 <= _F(0)) else _F(math.nan))))*x2[b, d]*y[b])/_t0
+        # g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+        _t0 = math.sqrt(y_sum0[b])
+        _t1 = _F(1) / (eps if eps != eps else max(_t0, eps))
+        _t2 = math.sqrt(y_sum1[b])
+        _t3 = _F(1) / (eps if eps != eps else max(_t2, eps))
+        _t4 = -_t2 + eps
+        _v_g_x2 = (_t1*_t3*x1[b, d] - (_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 < _F(0)) else (_F(0) if (_t4 > _F(0)) else (_F(0.5)*_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 <= _F(0)) else _F(math.nan))))*x2[b, d])*g_y[b]
         g_x2[b, d] = _v_g_x2
-        # g_x1[b, d] = (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t6 = -_t1 + eps
-        _v_g_x1 = _t5*(_t1*x2[b, d] - _t4*(_F(1) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5) if (_t6 <= _F(0)) else _F(math.nan))))*x1[b, d]*y[b])/_t1
+        # g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+        _t5 = -_t0 + eps
+        _v_g_x1 = (_t1*_t3*x2[b, d] - (_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 < _F(0)) else (_F(0) if (_t5 > _F(0)) else (_F(0.5)*_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 <= _F(0)) else _F(math.nan))))*x1[b, d])*g_y[b]
         g_x1[b, d] = _v_g_x1
 
 
