@@ -31,6 +31,9 @@ class Scope:
     symbols: dict[str, sympy.Symbol] = field(default_factory=dict)  # dims, attrs, hyper
     indices: dict[str, sympy.Symbol] = field(default_factory=dict)  # filled while parsing
     tensor_base: dict[str, sympy.IndexedBase] = field(default_factory=dict)
+    # an optimizer's update lines: ``sum(expr)`` (no index) reduces over every element
+    # of the parameter, read at this index
+    whole: sympy.Symbol | None = None
 
     def base(self, name: str) -> sympy.IndexedBase:
         if name not in self.tensor_base:
@@ -266,6 +269,10 @@ class ExprParser:
         if node.keywords:
             self.fail(f"`{name}` takes positional arguments only")
         if name in REDUCTIONS:
+            if len(node.args) == 1 and self.scope.whole is not None:
+                reduction = REDUCTIONS[name](self.build(node.args[0]), self.scope.whole)
+                self.reads.append(reduction)
+                return reduction
             if len(node.args) < 2:
                 self.fail(f"`{name}(expr, i, ...)` needs an expression and at least one index")
             indices = []

@@ -17,6 +17,7 @@ from . import ir
 from .assumptions import checked_assumptions
 from .differentiate import Guard, differentiate, grad_name, read_of
 from .errors import SpecError
+from .functions import Reduce
 from .latex import derivation_blocks, optimizer_blocks, render_tex, schedule_blocks
 from .normalize import Stmt, normalize
 from .simplify import simplify_terms
@@ -538,7 +539,9 @@ def _build_optimizer(op: OpDef) -> ir.Program:
     temps: dict[str, bool] = {}  # temporary -> per-element
     assigned = set()
     for k, eq in enumerate(op.equations):
-        reads = {s.name for s in eq.rhs.free_symbols if isinstance(s, sympy.Symbol)}
+        # a reduction over the whole parameter (``sum(p**2)``) is one number per step
+        outside = eq.rhs.xreplace({r: sympy.Dummy() for r in eq.rhs.atoms(Reduce)})
+        reads = {s.name for s in outside.free_symbols if isinstance(s, sympy.Symbol)}
         per_element = bool(reads & (elementwise | {t for t, e in temps.items() if e}))
         target = eq.target
         if target == "g":
@@ -572,16 +575,29 @@ def _build_optimizer(op: OpDef) -> ir.Program:
         raise SpecError(path, f"state `{never[0]}` is declared but no update line assigns it")
     arrays = elementwise | {t for t, e in temps.items() if e}
     mapping = {sympy.Symbol(k, real=True): sympy.IndexedBase(k, real=True)[n] for k in sorted(arrays)}
-    steps = []
+    steps, reduced = [], []
+    taken = set(arrays) | set(scalar) | set(temps) | {str(h) for h in op.symbols}
     for eq in op.equations:
-        body = eq.rhs.xreplace(mapping)
+        rhs = eq.rhs
+        for r in sorted(rhs.atoms(Reduce), key=sympy.default_sort_key):
+            # lifted into a per-step scalar computed by its own loop over every element
+            name = next(f"{eq.target}_{r.kind}{j}" for j in range(len(taken) + 1) if f"{eq.target}_{r.kind}{j}" not in taken)
+            taken.add(name)
+            reduce = "sum" if r.kind == "mean" else r.kind
+            total = sympy.Symbol(name, real=True)
+            steps.append(ir.Assign(name, (), r.body.xreplace(mapping), reduce=reduce, over=(ir.Loop(n, sympy.S.Zero, N),),
+                                   equation=f"{name} = {r.kind}({sympy.sstr(r.body)}) over every element (in `{eq.text}`)"))
+            rhs = rhs.xreplace({r: total / N if r.kind == "mean" else total})
+            reduced.append(name)
+        body = rhs.xreplace(mapping)
         loops = (ir.Loop(n, sympy.S.Zero, N),) if eq.target in arrays else ()
         steps.append(ir.Assign(eq.target, loops, body, equation=eq.text))
     args = (ir.TensorDecl("p", (N,), "param"), ir.TensorDecl("g", (N,), "input"))
     state = tuple(ir.TensorDecl(s, (N,), "state") for s in op.state)
     state += tuple(ir.TensorDecl(s, (), "state") for s in op.scalar_state)
     locals_ = tuple(ir.TensorDecl(t, (N,) if e else (), "intermediate") for t, e in temps.items())
-    scalars = tuple(op.scalar_state) + tuple(t for t, e in temps.items() if not e)
+    locals_ += tuple(ir.TensorDecl(t, (), "intermediate") for t in reduced)
+    scalars = tuple(op.scalar_state) + tuple(t for t, e in temps.items() if not e) + tuple(reduced)
     attrs = tuple((op.symbols[h], v) for h, v in op.hyper.items())
     program = ir.Program(
         name=op.name, kind="optimizer", source=op.source, dims=(N,), derived_dims=(), attrs=attrs,

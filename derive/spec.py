@@ -20,6 +20,7 @@ import sympy
 from .errors import SpecError
 from .functions import Reduce, expand_means
 from .ir import dim as dim_symbol
+from .ir import index as index_symbol
 from .parse import Scope, distribute, parse_equation, parse_expression
 
 KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
@@ -297,7 +298,8 @@ def _optimizer_from_dict(op, data, path):
     for name in ["p", "g", *op.state, *op.scalar_state]:
         if name in op.symbols:
             raise SpecError(path, f"`{name}` names both a hyperparameter (or the step t) and a tensor of the update")
-    scope = Scope(path, tensors={n: 0 for n in ["p", "g", *op.state, *op.scalar_state]}, symbols=dict(op.symbols))
+    scope = Scope(path, tensors={n: 0 for n in ["p", "g", *op.state, *op.scalar_state]}, symbols=dict(op.symbols),
+                  whole=WHOLE)
     for text in updates:
         target, idx, rhs = parse_equation(text, scope)
         if idx:
@@ -308,6 +310,10 @@ def _optimizer_from_dict(op, data, path):
         scope.tensors.setdefault(target, 0)
         op.equations.append(Equation(target, (), rhs, text.strip()))
     return op
+
+
+# the element an optimizer's update reads; ``sum(expr)`` in an update reduces over it
+WHOLE = index_symbol("n")
 
 
 def _schedule_from_dict(op, data, path):

@@ -6,7 +6,8 @@ differences; float32 results within a small factor of PyTorch's own float32 erro
 inputs of magnitude 1e3 finite and correct wherever the true value is finite; and, for a
 few, the CUDA kernels (the simulator unless a GPU is lent) equal to the CPU kernels.
 Optimizers are run for many steps against torch.optim, or a NumPy transcription of the
-paper's algorithm where torch has none."""
+paper's algorithm where torch has none (LAMB's trust ratio needs norms over the whole
+parameter: ``sum(expr)`` without an index in an update line)."""
 
 from __future__ import annotations
 
@@ -286,11 +287,24 @@ def _sgdw(p, grads, lr, momentum, weight_decay):
     return p
 
 
+def _lamb(p, grads, lr, beta1, beta2, eps, weight_decay):
+    """You et al. 2020, Algorithm 2, with the identity as the scaling function: the trust
+    ratio ||p|| / ||u|| is over the whole parameter."""
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        u = m / (1 - beta1**t) / (np.sqrt(v / (1 - beta2**t)) + eps) + weight_decay * p
+        p = p - lr * np.linalg.norm(p) / np.linalg.norm(u) * u
+    return p
+
+
 OPTIMIZERS = {
     "amsgrad": _torch_optimizer(torch.optim.Adam, amsgrad=True),
     "adadelta": _torch_optimizer(torch.optim.Adadelta),
     "yogi": lambda p0, grads, hyper: _yogi(np.asarray(p0, np.float64), np.asarray(grads, np.float64), **hyper),
     "sgdw": lambda p0, grads, hyper: _sgdw(np.asarray(p0, np.float64), np.asarray(grads, np.float64), **hyper),
+    "lamb": lambda p0, grads, hyper: _lamb(np.asarray(p0, np.float64), np.asarray(grads, np.float64), **hyper),
 }
 
 
@@ -318,12 +332,13 @@ def test_optimizer_is_finite_and_correct_for_large_gradients(build_spec, name, r
 
 
 @pytest.mark.cuda
-def test_optimizer_on_cuda_equals_cpu(build_spec, rng):
-    module = build_spec(PAPERS / "amsgrad.toml")
+@pytest.mark.parametrize("name", ["amsgrad", "lamb"])
+def test_optimizer_on_cuda_equals_cpu(build_spec, name, rng):
+    module = build_spec(PAPERS / f"{name}.toml")
     p0, grads = sequence(rng, np.float64)
     p_cpu, _ = run_symgrad(module.op(), p0, grads[:5], np.float64, dict(module.op().hyper))
     p_gpu, _ = run_symgrad(module.op(target="cuda"), p0, grads[:5], np.float64, dict(module.op().hyper))
-    ref.assert_close(p_gpu, p_cpu, np.float64, "amsgrad on CUDA")
+    ref.assert_close(p_gpu, p_cpu, np.float64, f"{name} on CUDA")
 
 
 # ---------------------------------------------------------------- the engine's rules these specs found
@@ -358,3 +373,26 @@ def test_a_quotient_of_exponentials_is_one_exponential():
     s = Stmt("y", (), (sympy.exp(a) + c**2) / sympy.exp(b), text="y = (exp(a) + c**2) / exp(b)")
     merge_exponentials([s])
     assert s.body == sympy.exp(a - b) + c**2 * sympy.exp(-b), s.body
+
+
+def test_whole_parameter_reductions_in_an_update(tmp_path, rng):
+    """``sum``, ``mean`` and ``max`` without an index reduce over every element of the
+    parameter, once per step, from the values the earlier lines left."""
+    import codegen
+
+    path = tmp_path / "centred.toml"
+    path.write_text('name = "centred"\nkind = "optimizer"\nstate = ["m"]\nhyper = { lr = 0.1 }\nupdate = [\n'
+                    '  "m = 0.5*m + g",\n  "c = m - mean(m)",\n  "p = p - lr*c/max(abs(c)) + sum(p)*0.01",\n]\n')
+    module = codegen.build(str(path), str(tmp_path / "out"))
+    for target in ("cpu", "cuda"):
+        op = module.op(target=target)
+        p0, grads = rng.normal(size=(2, 3)), rng.normal(size=(3, 2, 3))
+        p, (m,) = p0.copy(), op.init_state(p0)
+        p_ref, m_ref = p0.copy(), np.zeros_like(p0)
+        for t, g in enumerate(grads, start=1):
+            op.step(p, g, m, t=t)
+            m_ref = 0.5 * m_ref + g
+            c = m_ref - m_ref.mean()
+            p_ref = p_ref - 0.1 * c / np.abs(c).max() + p_ref.sum() * 0.01
+        ref.assert_close(p, p_ref, np.float64, f"centred on {target}")
+        ref.assert_close(m, m_ref, np.float64, f"centred's m on {target}")
