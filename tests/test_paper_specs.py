@@ -404,3 +404,16 @@ def test_whole_parameter_reductions_in_an_update(tmp_path, rng):
             p_ref = p_ref - 0.1 * c / np.abs(c).max() + p_ref.sum() * 0.01
         ref.assert_close(p, p_ref, np.float64, f"centred on {target}")
         ref.assert_close(m, m_ref, np.float64, f"centred's m on {target}")
+
+
+@pytest.mark.parametrize("spec, attrs, shapes, message", [
+    ("pixel_shuffle", {"r": 2}, [(1, 6, 2, 2)], "break the relation C = CO*r**2"),
+    ("group_norm", {"G": 3}, [(2, 4, 3), (4,), (4,)], "break the relation C = CG*G"),
+])
+def test_a_size_the_attributes_do_not_divide_is_an_error(build_spec, spec, attrs, shapes, message):
+    """A user's attribute that does not fit the shapes (3 groups of 4 channels, a
+    channel count that is not a multiple of r*r) is an error naming the relation."""
+    op = build_spec(PAPERS / f"{spec}.toml").op(**attrs)
+    with pytest.raises(ValueError) as info:
+        op.forward(*[np.ones(s) for s in shapes])
+    assert message in str(info.value) and f"{spec}.toml" in str(info.value)
