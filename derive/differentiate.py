@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.codegen.cfunctions import expm1
 
 from .normalize import Stmt
 from .terms import fresh_index
@@ -210,24 +211,33 @@ def local_partial(body, read):
 
 
 def guard_zero_branches(expr):
-    """A product with a Piecewise that is 0 on some branch takes its other factors into
-    the branches: ``Piecewise((1, u < 0), (0, True)) * exp(x)`` (the derivative of
-    ``Min(0, expm1(x))``) becomes ``Piecewise((exp(x), u < 0), (0, True))``. Only the branch
-    taken is computed, so a factor that overflows where the branch is 0 (``0 * inf`` is
-    NaN) is never evaluated there. Numeric coefficients stay outside."""
+    """A product of a step (a Piecewise of numbers with a 0 branch, as the derivative of
+    ``Max``/``Min``/``where`` is) and a factor that may overflow (an exponential, a
+    quotient by a tensor's value) takes that factor into the step's branches:
+    ``Piecewise((1, u < 0), (0, True)) * exp(x)`` (the derivative of ``Min(0, expm1(x))``)
+    becomes ``Piecewise((exp(x), u < 0), (0, True))``. Only the branch taken is computed,
+    so the factor is never evaluated where the step is 0 (``0 * inf`` is NaN, the
+    step's 0 is the true value). Other factors stay outside."""
 
-    def zero_branch(f):
-        return isinstance(f, sympy.Piecewise) and any(v == 0 for v, _ in f.args)
+    def step(f):
+        return (isinstance(f, sympy.Piecewise) and all(v.is_number for v, _ in f.args)
+                and any(v == 0 for v, _ in f.args))
+
+    def may_overflow(f):
+        if f.has(sympy.exp, expm1, sympy.sinh, sympy.cosh, sympy.tan):
+            return True
+        return any(p.exp.is_negative and p.base.has(sympy.Indexed, sympy.Dummy)
+                   for p in sympy.preorder_traversal(f) if isinstance(p, sympy.Pow))
 
     def absorb(m):
-        pw = next(f for f in m.args if zero_branch(f))
-        rest = [f for f in m.args if f is not pw and not f.is_number]
-        coeff = sympy.Mul(*[f for f in m.args if f is not pw and f.is_number])
-        return coeff * sympy.Piecewise(*[(v * sympy.Mul(*rest), c) for v, c in pw.args])
+        pw = next(f for f in m.args if step(f))
+        inside = sympy.Mul(*[f for f in m.args if f is not pw and may_overflow(f)])
+        outside = sympy.Mul(*[f for f in m.args if f is not pw and not may_overflow(f)])
+        return outside * sympy.Piecewise(*[(v * inside, c) for v, c in pw.args])
 
     return expr.replace(
-        lambda e: isinstance(e, sympy.Mul) and any(zero_branch(f) for f in e.args)
-        and any(not f.is_number and not zero_branch(f) for f in e.args),
+        lambda e: isinstance(e, sympy.Mul) and any(step(f) for f in e.args)
+        and any(not step(f) and may_overflow(f) for f in e.args),
         absorb,
     )
 
