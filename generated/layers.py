@@ -2479,7 +2479,56 @@ def _cosine_similarity_fwd0(x1, x2, y, B, D, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
+def _cosine_similarity_bwd0(x1, x2, y_sum0, y_sum1, y_sum2, B, D):
+    """y_sum0[b] = sum(x1[b, d]**2, d)
+    y_sum1[b] = sum(x2[b, d]**2, d)
+    y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    """
+    _F = y_sum0.dtype.type
+    for b in range(0, B):
+        # y_sum0[b] = sum(x1[b, d]**2, d)
+        _v_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_y_sum0 += x1[b, d] * x1[b, d]
+        y_sum0[b] = _v_y_sum0
+        # y_sum1[b] = sum(x2[b, d]**2, d)
+        _v_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_y_sum1 += x2[b, d] * x2[b, d]
+        y_sum1[b] = _v_y_sum1
+        # y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_y_sum2 += x1[b, d]*x2[b, d]
+        y_sum2[b] = _v_y_sum2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps):
+    """g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    """
+    _F = g_x2.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            # g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+            _t0 = math.sqrt(y_sum0[b])
+            _t1 = (eps if eps != eps else max(_t0, eps))
+            _t2 = _F(1) / _t1
+            _t3 = math.sqrt(y_sum1[b])
+            _t4 = (eps if eps != eps else max(_t3, eps))
+            _t5 = _F(1) / _t4
+            _t6 = -_t3 + eps
+            _v_g_x2 = (_t2*_t5*x1[b, d] - (_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))*x2[b, d]*y_sum2[b])*g_y[b]
+            g_x2[b, d] = _v_g_x2
+            # g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+            _t7 = -_t0 + eps
+            _v_g_x1 = (_t2*_t5*x2[b, d] - (_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t7 < _F(0)) else (_F(0) if (_t7 > _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t7 <= _F(0)) else _F(math.nan))))*x1[b, d]*y_sum2[b])*g_y[b]
+            g_x1[b, d] = _v_g_x1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_similarity_fwd_saving0(x1, x2, y, y_sum0, y_sum1, y_sum2, B, D, eps):
     """y_sum0[b] = sum(x1[b, d]**2, d)
     y_sum1[b] = sum(x2[b, d]**2, d)
     y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
@@ -2501,31 +2550,10 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps):
         _v_y_sum2 = _F(0)
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
+        y_sum2[b] = _v_y_sum2
         # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
         _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
         y[b] = _v_y
-
-
-@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps):
-    """g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
-    g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
-    """
-    _F = g_x2.dtype.type
-    for b in range(0, B):
-        for d in range(0, D):
-            # g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
-            _t0 = math.sqrt(y_sum0[b])
-            _t1 = _F(1) / (eps if eps != eps else max(_t0, eps))
-            _t2 = math.sqrt(y_sum1[b])
-            _t3 = _F(1) / (eps if eps != eps else max(_t2, eps))
-            _t4 = -_t2 + eps
-            _v_g_x2 = (_t1*_t3*x1[b, d] - (_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 < _F(0)) else (_F(0) if (_t4 > _F(0)) else (_F(0.5)*_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 <= _F(0)) else _F(math.nan))))*x2[b, d])*g_y[b]
-            g_x2[b, d] = _v_g_x2
-            # g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
-            _t5 = -_t0 + eps
-            _v_g_x1 = (_t1*_t3*x2[b, d] - (_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 < _F(0)) else (_F(0) if (_t5 > _F(0)) else (_F(0.5)*_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 <= _F(0)) else _F(math.nan))))*x1[b, d])*g_y[b]
-            g_x1[b, d] = _v_g_x1
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2536,7 +2564,7 @@ def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps):
     t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
     t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
     t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
-    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    t_y[b] = -Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*y_sum2[b]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*y_sum2[b]/2 + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     """
     _F = t_y.dtype.type
     for b in range(0, B):
@@ -2564,7 +2592,7 @@ def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps):
         _v_t_y_sum2 = _F(0)
         for d in range(0, D):
             _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
-        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        # t_y[b] = -Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*y_sum2[b]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*y_sum2[b]/2 + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
         _t0 = math.sqrt(_v_y_sum0)
         _t1 = (eps if eps != eps else max(_t0, eps))
         _t2 = _F(1) / _t1
@@ -2575,20 +2603,18 @@ def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps):
         _t7 = _t0 + _t6
         _t8 = _F(0.5)*_v_y_sum2
         _t9 = _t3 + _t6
-        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
+        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t8*_v_t_y_sum0*(_t5/(_t1 * _t1*math.sqrt(_v_y_sum0)) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(_v_y_sum0)) if (_t7 >= _F(0)) else _F(math.nan)))) - _t8*_v_t_y_sum1*(_t2/(_t4 * _t4*math.sqrt(_v_y_sum1)) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5)*_t2/(_t4 * _t4*math.sqrt(_v_y_sum1)) if (_t9 >= _F(0)) else _F(math.nan))))
         t_y[b] = _v_t_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps):
+def _cosine_similarity_hvp0(x1, x2, y_sum0, y_sum1, y_sum2, t_x1, t_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D):
     """y_sum0[b] = sum(x1[b, d]**2, d)
     y_sum1[b] = sum(x2[b, d]**2, d)
     y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
-    y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
     t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
     t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
-    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     """
     _F = y_sum0.dtype.type
     for b in range(0, B):
@@ -2606,15 +2632,7 @@ def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0
         _v_y_sum2 = _F(0)
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
-        # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t0 = math.sqrt(_v_y_sum0)
-        _t1 = (eps if eps != eps else max(_t0, eps))
-        _t2 = _F(1) / _t1
-        _t3 = math.sqrt(_v_y_sum1)
-        _t4 = (eps if eps != eps else max(_t3, eps))
-        _t5 = _F(1) / _t4
-        _v_y = _t2*_t5*_v_y_sum2
-        y[b] = _v_y
+        y_sum2[b] = _v_y_sum2
         # t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
         _v_t_y_sum0 = _F(0)
         for d in range(0, D):
@@ -2629,57 +2647,38 @@ def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0
         _v_t_y_sum2 = _F(0)
         for d in range(0, D):
             _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
-        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t6 = -eps
-        _t7 = _t0 + _t6
-        _t8 = _F(0.5)*_v_y_sum2
-        _t9 = _t3 + _t6
-        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
-        t_y[b] = _v_t_y
+        t_y_sum2[b] = _v_t_y_sum2
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps):
-    """t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-    t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+def _cosine_similarity_hvp1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, t_x1, t_x2, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D, eps):
+    """t_g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_x2[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum2[b]*x2[b, d] - Piecewise((-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/2 - t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/4 - t_y_sum1[b]/(4*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + t_x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    t_g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_x1[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x2[b, d]/2 - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum2[b]*x1[b, d] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x2[b, d]/2 - Piecewise((-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/2 - t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/4 - t_y_sum0[b]/(4*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + t_x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
     """
     _F = t_g_x2.dtype.type
     for b in range(0, B):
         for d in range(0, D):
-            # t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-            _t0 = math.sqrt(y_sum1[b])
+            # t_g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_x2[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum2[b]*x2[b, d] - Piecewise((-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/2 - t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/4 - t_y_sum1[b]/(4*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + t_x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+            _t0 = math.sqrt(y_sum0[b])
             _t1 = (eps if eps != eps else max(_t0, eps))
             _t2 = _F(1) / _t1
-            _t3 = math.sqrt(y_sum0[b])
+            _t3 = math.sqrt(y_sum1[b])
             _t4 = (eps if eps != eps else max(_t3, eps))
             _t5 = _F(1) / _t4
-            _t6 = _t5*g_y[b]
-            _t7 = _t2*_t6
-            _t8 = -_t0 + eps
-            _t9 = (_F(1) if (_t8 < _F(0)) else (_F(0) if (_t8 > _F(0)) else (_F(0.5) if (_t8 <= _F(0)) else _F(math.nan))))
-            _t10 = _t4*_t9
-            _t11 = _t10*x2[b, d]
-            _t12 = _t0*x1[b, d] - _t11*y[b]
+            _t6 = -_t3 + eps
+            _t7 = (_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))
+            _t8 = _t7*x2[b, d]
+            _t9 = -_t0 + eps
+            _t10 = (_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t9 <= _F(0)) else _F(math.nan))))
+            _t11 = _t10*x1[b, d]
+            _t12 = _F(0.5)*t_y_sum0[b]
             _t13 = _F(0.5)*t_y_sum1[b]
-            _t14 = _t12*_t13
-            _t15 = _t6*_t9/(_t1 * _t1)
-            _t16 = _F(1) / _t0
-            _t17 = _F(1) / _t3
-            _t18 = _F(0.5)*t_y_sum0[b]
-            _t19 = _t17*_t18
-            _t20 = -_t3 + eps
-            _t21 = (_F(1) if (_t20 < _F(0)) else (_F(0) if (_t20 > _F(0)) else (_F(0.5) if (_t20 <= _F(0)) else _F(math.nan))))
-            _t22 = _t2*_t21*g_y[b]/(_t4 * _t4)
-            _t23 = _t21*_t9*y[b]
-            _v_t_g_x2 = -_t12*_t16*_t19*_t22 - _t14*_t15/y_sum1[b] - _t14*_t7/y_sum1[b]**(_F(1.5)) + _t16*_t2*_t5*(_t0*t_x1[b, d] - _t10*t_x2[b, d]*y[b] - _t11*t_y[b] + _F(0.5)*_t16*t_y_sum1[b]*x1[b, d] - _t19*_t23*x2[b, d])*g_y[b]
+            _t14 = _F(1) / y_sum1[b]
+            _v_t_g_x2 = (-_t11*_t12 - _t13*_t7*x1[b, d] + _t2*_t5*t_x1[b, d] - _t7*t_x2[b, d]*y_sum2[b] - _t8*t_y_sum2[b] - (-_F(0.5)*_t2*t_y_sum1[b]/(_t4 * _t4*y_sum1[b]**(_F(1.5))) - (_t14*_t2/_t4**3 if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t14*_t2/_t4**3 if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.5)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (-_F(0.25)*_t2*t_y_sum1[b]/(_t4 * _t4*y_sum1[b]**(_F(1.5))) - _F(0.5)*(_t14*_t2/_t4**3 if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t14*_t2/_t4**3 if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.25)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] if (_t6 <= _F(0)) else _F(math.nan))))*x2[b, d]*y_sum2[b])*g_y[b]
             t_g_x2[b, d] = _v_t_g_x2
-            # t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-            _t24 = _t1*_t21
-            _t25 = _t24*x1[b, d]
-            _t26 = -_t25*y[b] + _t3*x2[b, d]
-            _t27 = _t18*_t26
-            _t28 = _t13*_t16
-            _v_t_g_x1 = -_t15*_t17*_t26*_t28 + _t17*_t2*_t5*(_F(0.5)*_t17*t_y_sum0[b]*x2[b, d] - _t23*_t28*x1[b, d] - _t24*t_x1[b, d]*y[b] - _t25*t_y[b] + _t3*t_x2[b, d])*g_y[b] - _t22*_t27/y_sum0[b] - _t27*_t7/y_sum0[b]**(_F(1.5))
+            # t_g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_x1[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x2[b, d]/2 - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum2[b]*x1[b, d] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x2[b, d]/2 - Piecewise((-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/2 - t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/4 - t_y_sum0[b]/(4*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + t_x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+            _t15 = _F(1) / y_sum0[b]
+            _v_t_g_x1 = (-_t10*_t12*x2[b, d] - _t10*t_x1[b, d]*y_sum2[b] - _t11*t_y_sum2[b] - _t13*_t8 + _t2*_t5*t_x2[b, d] - (-(_t15*_t5/_t1**3 if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)*_t15*_t5/_t1**3 if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] - _F(0.5)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.5)*_t5*t_y_sum0[b]/(_t1 * _t1*y_sum0[b]**(_F(1.5))) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (-_F(0.5)*(_t15*_t5/_t1**3 if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)*_t15*_t5/_t1**3 if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] - _F(0.25)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.25)*_t5*t_y_sum0[b]/(_t1 * _t1*y_sum0[b]**(_F(1.5))) if (_t9 <= _F(0)) else _F(math.nan))))*x1[b, d]*y_sum2[b])*g_y[b]
             t_g_x1[b, d] = _v_t_g_x1
 
 
@@ -2736,13 +2735,13 @@ def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
-    y = np.empty((B,), _dtype)
     y_sum0 = np.empty((B,), _dtype)
     y_sum1 = np.empty((B,), _dtype)
+    y_sum2 = np.empty((B,), _dtype)
     g_x1 = np.empty((B, D), _dtype)
     g_x2 = np.empty((B, D), _dtype)
-    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
-    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
+    _cosine_similarity_bwd0(x1, x2, y_sum0, y_sum1, y_sum2, B, D)
+    _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
     return g_x1, g_x2
 
 
@@ -2763,11 +2762,11 @@ def _cosine_similarity_bwd_into(g_y, x1, x2, eps, g_x1, g_x2):
     eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
-    y = np.empty((B,), _dtype)
     y_sum0 = np.empty((B,), _dtype)
     y_sum1 = np.empty((B,), _dtype)
-    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
-    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
+    y_sum2 = np.empty((B,), _dtype)
+    _cosine_similarity_bwd0(x1, x2, y_sum0, y_sum1, y_sum2, B, D)
+    _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
 
 
 def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
@@ -2790,7 +2789,7 @@ def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_fwd_saving_core(x1, x2, eps):
-    """Forward of cosine_similarity: y, y_sum0, y_sum1 from x1, x2, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of cosine_similarity: y, y_sum0, y_sum1, y_sum2 from x1, x2, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
     eps = _dtype.type(eps)
     B = x1.shape[0]
@@ -2798,8 +2797,9 @@ def _cosine_similarity_fwd_saving_core(x1, x2, eps):
     y = np.empty((B,), _dtype)
     y_sum0 = np.empty((B,), _dtype)
     y_sum1 = np.empty((B,), _dtype)
-    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
-    return y, y_sum0, y_sum1
+    y_sum2 = np.empty((B,), _dtype)
+    _cosine_similarity_fwd_saving0(x1, x2, y, y_sum0, y_sum1, y_sum2, B, D, eps)
+    return y, y_sum0, y_sum1, y_sum2
 
 
 def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
@@ -2810,33 +2810,34 @@ def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
     y = np.empty((B,), _dtype)
     y_sum0 = np.empty((B,), _dtype)
     y_sum1 = np.empty((B,), _dtype)
-    return y, y_sum0, y_sum1
+    y_sum2 = np.empty((B,), _dtype)
+    return y, y_sum0, y_sum1, y_sum2
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_fwd_saving_into(x1, x2, eps, y, y_sum0, y_sum1):
-    """``_cosine_similarity_fwd_saving_core`` writing its results into y, y_sum0, y_sum1 (from ``_cosine_similarity_fwd_saving_alloc``)."""
+def _cosine_similarity_fwd_saving_into(x1, x2, eps, y, y_sum0, y_sum1, y_sum2):
+    """``_cosine_similarity_fwd_saving_core`` writing its results into y, y_sum0, y_sum1, y_sum2 (from ``_cosine_similarity_fwd_saving_alloc``)."""
     _dtype = x1.dtype
     eps = _dtype.type(eps)
     B = x1.shape[0]
     D = x1.shape[1]
-    _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps)
+    _cosine_similarity_fwd_saving0(x1, x2, y, y_sum0, y_sum1, y_sum2, B, D, eps)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y, y_sum0, y_sum1, eps):
-    """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2, y, y_sum0, y_sum1 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps):
+    """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2, y_sum0, y_sum1, y_sum2 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
     g_x1 = np.empty((B, D), _dtype)
     g_x2 = np.empty((B, D), _dtype)
-    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
+    _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
     return g_x1, g_x2
 
 
-def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y, y_sum0, y_sum1, eps):
+def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps):
     """The results of ``_cosine_similarity_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_similarity_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -2847,13 +2848,13 @@ def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y, y_sum0, y_sum1, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y, y_sum0, y_sum1, eps, g_x1, g_x2):
+def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps, g_x1, g_x2):
     """``_cosine_similarity_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_similarity_bwd_saved_alloc``)."""
     _dtype = g_y.dtype
     eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
-    _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
+    _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2917,16 +2918,16 @@ def _cosine_similarity_hvp_core(g_y, x1, x2, t_x1, t_x2, eps):
     eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
-    y = np.empty((B,), _dtype)
     y_sum0 = np.empty((B,), _dtype)
     y_sum1 = np.empty((B,), _dtype)
-    t_y = np.empty((B,), _dtype)
+    y_sum2 = np.empty((B,), _dtype)
     t_g_x1 = np.empty((B, D), _dtype)
     t_g_x2 = np.empty((B, D), _dtype)
     t_y_sum0 = np.empty((B,), _dtype)
     t_y_sum1 = np.empty((B,), _dtype)
-    _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps)
-    _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps)
+    t_y_sum2 = np.empty((B,), _dtype)
+    _cosine_similarity_hvp0(x1, x2, y_sum0, y_sum1, y_sum2, t_x1, t_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D)
+    _cosine_similarity_hvp1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, t_x1, t_x2, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D, eps)
     return t_g_x1, t_g_x2
 
 
@@ -2947,14 +2948,14 @@ def _cosine_similarity_hvp_into(g_y, x1, x2, t_x1, t_x2, eps, t_g_x1, t_g_x2):
     eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
-    y = np.empty((B,), _dtype)
     y_sum0 = np.empty((B,), _dtype)
     y_sum1 = np.empty((B,), _dtype)
-    t_y = np.empty((B,), _dtype)
+    y_sum2 = np.empty((B,), _dtype)
     t_y_sum0 = np.empty((B,), _dtype)
     t_y_sum1 = np.empty((B,), _dtype)
-    _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps)
-    _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps)
+    t_y_sum2 = np.empty((B,), _dtype)
+    _cosine_similarity_hvp0(x1, x2, y_sum0, y_sum1, y_sum2, t_x1, t_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D)
+    _cosine_similarity_hvp1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, t_x1, t_x2, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D, eps)
 
 
 def _cosine_similarity_hvp(g_y, x1, x2, t_x1, t_x2, *, eps):
@@ -12696,29 +12697,29 @@ _LATEX = {
         "Through the read $\\mathrm{y\\_sum0}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum0}_{b}} = - \\frac{\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}}{2}\n"
+        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum0}_{b}} = - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b}}{2}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{y\\_sum1}_{b}$ in the statement for $y$:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum1}_{b}} = - \\frac{\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}}{2}\n"
+        "\\frac{\\partial y_{b}}{\\partial \\mathrm{y\\_sum1}_{b}} = - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b}}{2}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b'} \\mathrel{+}= \\sum_{b} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b} \\mathrel{+}= \\,- \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $\\mathrm{y\\_sum2}_{b}$ in the statement for $y$:\n"
@@ -12770,11 +12771,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x2_{b,d}\n"
+        "\\bar{x2}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x2_{b,d} \\mathrm{y\\_sum2}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} + \\frac{x1_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
+        "\\bar{x2}_{b,d} \\mathrel{+}= \\,\\left(- \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} \\mathrm{y\\_sum2}_{b} + \\frac{x1_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Through the read $x1_{b,d}$ in the statement for $\\mathrm{y\\_sum0}$:\n"
@@ -12784,11 +12785,11 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x1_{b,d}\n"
+        "\\bar{x1}_{b',d'} \\mathrel{+}= \\sum_{b,d} - \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\delta_{b,\\,b'} \\delta_{d,\\,d'} \\bar{y}_{b} x1_{b,d} \\mathrm{y\\_sum2}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} + \\frac{x2_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
+        "\\bar{x1}_{b,d} \\mathrel{+}= \\,\\left(- \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} \\mathrm{y\\_sum2}_{b} + \\frac{x2_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Gradients of intermediates that are elementwise and therefore substituted, not stored:\n"
@@ -12798,21 +12799,21 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum1}}_{b} = - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
+        "\\bar{\\mathrm{y\\_sum1}}_{b} = - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{\\mathrm{y\\_sum0}}_{b} = - \\frac{\\left(\\begin{cases} \\frac{\\mathrm{y\\_sum2}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{\\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b}}{2}\n"
+        "\\bar{\\mathrm{y\\_sum0}}_{b} = - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\mathrm{y\\_sum2}_{b}}{2}\n"
         "\\end{equation*}\n"
         "\n"
         "Result: the vector-Jacobian products the kernels compute:\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x2}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} + \\frac{x1_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
+        "\\bar{x2}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} \\mathrm{y\\_sum2}_{b} + \\frac{x1_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\bar{x1}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{y_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{y_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} + \\frac{x2_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
+        "\\bar{x1}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} \\mathrm{y\\_sum2}_{b} + \\frac{x2_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "Forward mode: $\\dot{t}$ denotes the derivative of $t$ along the tangents $\\dot{x1}$, $\\dot{x2}$ of the differentiable arguments (the Jacobian-vector product):\n"
@@ -12830,17 +12831,17 @@ _LATEX = {
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\dot{y}_{b} = - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} - \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b} \\mathrm{y\\_sum2}_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} + \\frac{\\dot{\\mathrm{y\\_sum2}}_{b}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\dot{y}_{b} = - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b} \\mathrm{y\\_sum2}_{b}}{2} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b} \\mathrm{y\\_sum2}_{b}}{2} + \\frac{\\dot{\\mathrm{y\\_sum2}}_{b}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
         "\\end{equation*}\n"
         "\n"
         "Second order (forward over reverse): the derivative of each vector-Jacobian product along the same tangents, the output gradients held fixed (the Hessian-vector product; the forward's tangents as above):\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\dot{\\bar{x2}}_{b,d} = - \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\dot{\\mathrm{y\\_sum0}}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} - \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\dot{\\mathrm{y\\_sum1}}_{b}}{2 \\mathrm{y\\_sum1}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} - \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + x1_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) \\bar{y}_{b} \\dot{\\mathrm{y\\_sum1}}_{b}}{2 \\mathrm{y\\_sum1}_{b}^{\\frac{3}{2}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} + \\frac{\\left(- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b} x2_{b,d} y_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}}} - \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{x2}_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) - \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{y}_{b} x2_{b,d} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) + \\dot{x1}_{b,d} \\sqrt{\\mathrm{y\\_sum1}_{b}} + \\frac{\\dot{\\mathrm{y\\_sum1}}_{b} x1_{b,d}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\dot{\\bar{x2}}_{b,d} = \\left(- \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b} x1_{b,d}}{2} - \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{x2}_{b,d} \\mathrm{y\\_sum2}_{b} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b} x1_{b,d}}{2} - \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum2}}_{b} x2_{b,d} - \\left(\\begin{cases} - \\left(\\begin{cases} \\frac{1}{\\mathrm{y\\_sum1}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{3}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\mathrm{y\\_sum1}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{3}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b}}{2} - \\frac{\\dot{\\mathrm{y\\_sum1}}_{b}}{2 \\mathrm{y\\_sum1}_{b}^{\\frac{3}{2}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\- \\frac{\\left(\\begin{cases} \\frac{1}{\\mathrm{y\\_sum1}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{3}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\mathrm{y\\_sum1}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{3}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b}}{2} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b}}{4} - \\frac{\\dot{\\mathrm{y\\_sum1}}_{b}}{4 \\mathrm{y\\_sum1}_{b}^{\\frac{3}{2}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) x2_{b,d} \\mathrm{y\\_sum2}_{b} + \\frac{\\dot{x1}_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
         "\n"
         "\\begin{equation*}\n"
-        "\\dot{\\bar{x1}}_{b,d} = - \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\dot{\\mathrm{y\\_sum0}}_{b}}{2 \\mathrm{y\\_sum0}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} - \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\bar{y}_{b} \\dot{\\mathrm{y\\_sum1}}_{b}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} - \\frac{\\left(- \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + x2_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\bar{y}_{b} \\dot{\\mathrm{y\\_sum0}}_{b}}{2 \\mathrm{y\\_sum0}_{b}^{\\frac{3}{2}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} + \\frac{\\left(- \\frac{\\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b} x1_{b,d} y_{b}}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}}} - \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{x1}_{b,d} y_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) - \\left(\\begin{cases} 1 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2} & \\text{otherwise} \\end{cases}\\right) \\dot{y}_{b} x1_{b,d} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right) + \\dot{x2}_{b,d} \\sqrt{\\mathrm{y\\_sum0}_{b}} + \\frac{\\dot{\\mathrm{y\\_sum0}}_{b} x2_{b,d}}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}}}\\right) \\bar{y}_{b}}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\n"
+        "\\dot{\\bar{x1}}_{b,d} = \\left(- \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{x1}_{b,d} \\mathrm{y\\_sum2}_{b} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b} x2_{b,d}}{2} - \\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum2}}_{b} x1_{b,d} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b} x2_{b,d}}{2} - \\left(\\begin{cases} - \\left(\\begin{cases} \\frac{1}{\\mathrm{y\\_sum0}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{3} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\mathrm{y\\_sum0}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{3} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b}}{2} - \\frac{\\dot{\\mathrm{y\\_sum0}}_{b}}{2 \\mathrm{y\\_sum0}_{b}^{\\frac{3}{2}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\- \\frac{\\left(\\begin{cases} \\frac{1}{\\mathrm{y\\_sum0}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{3} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum0}_{b}} > 0 \\\\\\frac{1}{2 \\mathrm{y\\_sum0}_{b} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{3} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum0}}_{b}}{2} - \\frac{\\left(\\begin{cases} \\frac{1}{\\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} < 0 \\\\0 & \\text{for}\\: eps - \\sqrt{\\mathrm{y\\_sum1}_{b}} > 0 \\\\\\frac{1}{2 \\sqrt{\\mathrm{y\\_sum0}_{b}} \\sqrt{\\mathrm{y\\_sum1}_{b}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)^{2}} & \\text{otherwise} \\end{cases}\\right) \\dot{\\mathrm{y\\_sum1}}_{b}}{4} - \\frac{\\dot{\\mathrm{y\\_sum0}}_{b}}{4 \\mathrm{y\\_sum0}_{b}^{\\frac{3}{2}} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right)^{2} \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)} & \\text{otherwise} \\end{cases}\\right) x1_{b,d} \\mathrm{y\\_sum2}_{b} + \\frac{\\dot{x2}_{b,d}}{\\max\\left(eps, \\sqrt{\\mathrm{y\\_sum0}_{b}}\\right) \\max\\left(eps, \\sqrt{\\mathrm{y\\_sum1}_{b}}\\right)}\\right) \\bar{y}_{b}\n"
         "\\end{equation*}\n"
     ),
     "dense": (

@@ -1649,11 +1649,10 @@ def _cosine_similarity_fwd0(x1, x2, y, B, D, eps, _total):
 
 
 @cuda.jit(cache=True)
-def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps, _total):
+def _cosine_similarity_bwd0(x1, x2, y_sum0, y_sum1, y_sum2, B, D, _total):
     """y_sum0[b] = sum(x1[b, d]**2, d)
     y_sum1[b] = sum(x2[b, d]**2, d)
     y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
-    y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     """
     _F = y_sum0.dtype.type
     _r = cuda.grid(1)
@@ -1673,15 +1672,13 @@ def _cosine_similarity_bwd0(x1, x2, y, y_sum0, y_sum1, B, D, eps, _total):
         _v_y_sum2 = _F(0)
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
-        # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
-        y[b] = _v_y
+        y_sum2[b] = _v_y_sum2
 
 
 @cuda.jit(cache=True)
-def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps, _total):
-    """g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
-    g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+def _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps, _total):
+    """g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
     """
     _F = g_x2.dtype.type
     _r = cuda.grid(1)
@@ -1689,17 +1686,19 @@ def _cosine_similarity_bwd1(x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, ep
         d = _r % D
         _r //= D
         b = _r
-        # g_x2[b, d] = (-Piecewise((y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (y[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum1[b]))), True))*x2[b, d] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+        # g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
         _t0 = math.sqrt(y_sum0[b])
-        _t1 = _F(1) / (eps if eps != eps else max(_t0, eps))
-        _t2 = math.sqrt(y_sum1[b])
-        _t3 = _F(1) / (eps if eps != eps else max(_t2, eps))
-        _t4 = -_t2 + eps
-        _v_g_x2 = (_t1*_t3*x1[b, d] - (_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 < _F(0)) else (_F(0) if (_t4 > _F(0)) else (_F(0.5)*_t3*y[b]/math.sqrt(y_sum1[b]) if (_t4 <= _F(0)) else _F(math.nan))))*x2[b, d])*g_y[b]
+        _t1 = (eps if eps != eps else max(_t0, eps))
+        _t2 = _F(1) / _t1
+        _t3 = math.sqrt(y_sum1[b])
+        _t4 = (eps if eps != eps else max(_t3, eps))
+        _t5 = _F(1) / _t4
+        _t6 = -_t3 + eps
+        _v_g_x2 = (_t2*_t5*x1[b, d] - (_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))*x2[b, d]*y_sum2[b])*g_y[b]
         g_x2[b, d] = _v_g_x2
-        # g_x1[b, d] = (-Piecewise((y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (y[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))), True))*x1[b, d] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
-        _t5 = -_t0 + eps
-        _v_g_x1 = (_t1*_t3*x2[b, d] - (_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 < _F(0)) else (_F(0) if (_t5 > _F(0)) else (_F(0.5)*_t1*y[b]/math.sqrt(y_sum0[b]) if (_t5 <= _F(0)) else _F(math.nan))))*x1[b, d])*g_y[b]
+        # g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+        _t7 = -_t0 + eps
+        _v_g_x1 = (_t2*_t5*x2[b, d] - (_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t7 < _F(0)) else (_F(0) if (_t7 > _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t7 <= _F(0)) else _F(math.nan))))*x1[b, d]*y_sum2[b])*g_y[b]
         g_x1[b, d] = _v_g_x1
 
 
@@ -1711,7 +1710,7 @@ def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps, _total):
     t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
     t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
     t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
-    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    t_y[b] = -Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*y_sum2[b]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*y_sum2[b]/2 + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     """
     _F = t_y.dtype.type
     _r = cuda.grid(1)
@@ -1741,7 +1740,7 @@ def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps, _total):
         _v_t_y_sum2 = _F(0)
         for d in range(0, D):
             _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
-        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        # t_y[b] = -Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*y_sum2[b]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*y_sum2[b]/2 + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
         _t0 = math.sqrt(_v_y_sum0)
         _t1 = (eps if eps != eps else max(_t0, eps))
         _t2 = _F(1) / _t1
@@ -1752,20 +1751,18 @@ def _cosine_similarity_jvp0(x1, x2, t_x1, t_x2, t_y, B, D, eps, _total):
         _t7 = _t0 + _t6
         _t8 = _F(0.5)*_v_y_sum2
         _t9 = _t3 + _t6
-        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
+        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t8*_v_t_y_sum0*(_t5/(_t1 * _t1*math.sqrt(_v_y_sum0)) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(_v_y_sum0)) if (_t7 >= _F(0)) else _F(math.nan)))) - _t8*_v_t_y_sum1*(_t2/(_t4 * _t4*math.sqrt(_v_y_sum1)) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5)*_t2/(_t4 * _t4*math.sqrt(_v_y_sum1)) if (_t9 >= _F(0)) else _F(math.nan))))
         t_y[b] = _v_t_y
 
 
 @cuda.jit(cache=True)
-def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps, _total):
+def _cosine_similarity_hvp0(x1, x2, y_sum0, y_sum1, y_sum2, t_x1, t_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D, _total):
     """y_sum0[b] = sum(x1[b, d]**2, d)
     y_sum1[b] = sum(x2[b, d]**2, d)
     y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
-    y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
     t_y_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
     t_y_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
-    t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
     """
     _F = y_sum0.dtype.type
     _r = cuda.grid(1)
@@ -1785,15 +1782,7 @@ def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0
         _v_y_sum2 = _F(0)
         for d in range(0, D):
             _v_y_sum2 += x1[b, d]*x2[b, d]
-        # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t0 = math.sqrt(_v_y_sum0)
-        _t1 = (eps if eps != eps else max(_t0, eps))
-        _t2 = _F(1) / _t1
-        _t3 = math.sqrt(_v_y_sum1)
-        _t4 = (eps if eps != eps else max(_t3, eps))
-        _t5 = _F(1) / _t4
-        _v_y = _t2*_t5*_v_y_sum2
-        y[b] = _v_y
+        y_sum2[b] = _v_y_sum2
         # t_y_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
         _v_t_y_sum0 = _F(0)
         for d in range(0, D):
@@ -1808,19 +1797,13 @@ def _cosine_similarity_hvp0(x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0
         _v_t_y_sum2 = _F(0)
         for d in range(0, D):
             _v_t_y_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
-        # t_y[b] = -Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y_sum0[b]*y_sum2[b]/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*y_sum2[b]/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) + t_y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t6 = -eps
-        _t7 = _t0 + _t6
-        _t8 = _F(0.5)*_v_y_sum2
-        _t9 = _t3 + _t6
-        _v_t_y = _t2*_t5*_v_t_y_sum2 - _t2*_t8*_v_t_y_sum1*(_F(1) if (_t9 > _F(0)) else (_F(0) if (_t9 < _F(0)) else (_F(0.5) if (_t9 >= _F(0)) else _F(math.nan))))/(_t3*(_t4 * _t4)) - _t5*_t8*_v_t_y_sum0*(_F(1) if (_t7 > _F(0)) else (_F(0) if (_t7 < _F(0)) else (_F(0.5) if (_t7 >= _F(0)) else _F(math.nan))))/(_t0*(_t1 * _t1))
-        t_y[b] = _v_t_y
+        t_y_sum2[b] = _v_t_y_sum2
 
 
 @cuda.jit(cache=True)
-def _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps, _total):
-    """t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-    t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+def _cosine_similarity_hvp1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, t_x1, t_x2, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D, eps, _total):
+    """t_g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_x2[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum2[b]*x2[b, d] - Piecewise((-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/2 - t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/4 - t_y_sum1[b]/(4*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + t_x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+    t_g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_x1[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x2[b, d]/2 - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum2[b]*x1[b, d] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x2[b, d]/2 - Piecewise((-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/2 - t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/4 - t_y_sum0[b]/(4*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + t_x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
     """
     _F = t_g_x2.dtype.type
     _r = cuda.grid(1)
@@ -1828,40 +1811,27 @@ def _cosine_similarity_hvp1(x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g
         d = _r % D
         _r //= D
         b = _r
-        # t_g_x2[b, d] = -(-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) + x1[b, d]*sqrt(y_sum1[b]))*g_y[b]*t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum0[b]*x2[b, d]*y[b]/(2*sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_x2[b, d]*y[b]*Max(eps, sqrt(y_sum0[b])) - Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y[b]*x2[b, d]*Max(eps, sqrt(y_sum0[b])) + t_x1[b, d]*sqrt(y_sum1[b]) + t_y_sum1[b]*x1[b, d]/(2*sqrt(y_sum1[b])))*g_y[b]/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t0 = math.sqrt(y_sum1[b])
+        # t_g_x2[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_x2[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x1[b, d]/2 - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum2[b]*x2[b, d] - Piecewise((-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/2 - t_y_sum1[b]/(2*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (-Piecewise((1/(y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*y_sum1[b]*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**3), True))*t_y_sum1[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum0[b]/4 - t_y_sum1[b]/(4*y_sum1[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*x2[b, d]*y_sum2[b] + t_x1[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+        _t0 = math.sqrt(y_sum0[b])
         _t1 = (eps if eps != eps else max(_t0, eps))
         _t2 = _F(1) / _t1
-        _t3 = math.sqrt(y_sum0[b])
+        _t3 = math.sqrt(y_sum1[b])
         _t4 = (eps if eps != eps else max(_t3, eps))
         _t5 = _F(1) / _t4
-        _t6 = _t5*g_y[b]
-        _t7 = _t2*_t6
-        _t8 = -_t0 + eps
-        _t9 = (_F(1) if (_t8 < _F(0)) else (_F(0) if (_t8 > _F(0)) else (_F(0.5) if (_t8 <= _F(0)) else _F(math.nan))))
-        _t10 = _t4*_t9
-        _t11 = _t10*x2[b, d]
-        _t12 = _t0*x1[b, d] - _t11*y[b]
+        _t6 = -_t3 + eps
+        _t7 = (_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t2/(_t4 * _t4*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))
+        _t8 = _t7*x2[b, d]
+        _t9 = -_t0 + eps
+        _t10 = (_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t9 <= _F(0)) else _F(math.nan))))
+        _t11 = _t10*x1[b, d]
+        _t12 = _F(0.5)*t_y_sum0[b]
         _t13 = _F(0.5)*t_y_sum1[b]
-        _t14 = _t12*_t13
-        _t15 = _t6*_t9/(_t1 * _t1)
-        _t16 = _F(1) / _t0
-        _t17 = _F(1) / _t3
-        _t18 = _F(0.5)*t_y_sum0[b]
-        _t19 = _t17*_t18
-        _t20 = -_t3 + eps
-        _t21 = (_F(1) if (_t20 < _F(0)) else (_F(0) if (_t20 > _F(0)) else (_F(0.5) if (_t20 <= _F(0)) else _F(math.nan))))
-        _t22 = _t2*_t21*g_y[b]/(_t4 * _t4)
-        _t23 = _t21*_t9*y[b]
-        _v_t_g_x2 = -_t12*_t16*_t19*_t22 - _t14*_t15/y_sum1[b] - _t14*_t7/y_sum1[b]**(_F(1.5)) + _t16*_t2*_t5*(_t0*t_x1[b, d] - _t10*t_x2[b, d]*y[b] - _t11*t_y[b] + _F(0.5)*_t16*t_y_sum1[b]*x1[b, d] - _t19*_t23*x2[b, d])*g_y[b]
+        _t14 = _F(1) / y_sum1[b]
+        _v_t_g_x2 = (-_t11*_t12 - _t13*_t7*x1[b, d] + _t2*_t5*t_x1[b, d] - _t7*t_x2[b, d]*y_sum2[b] - _t8*t_y_sum2[b] - (-_F(0.5)*_t2*t_y_sum1[b]/(_t4 * _t4*y_sum1[b]**(_F(1.5))) - (_t14*_t2/_t4**3 if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t14*_t2/_t4**3 if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.5)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (-_F(0.25)*_t2*t_y_sum1[b]/(_t4 * _t4*y_sum1[b]**(_F(1.5))) - _F(0.5)*(_t14*_t2/_t4**3 if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)*_t14*_t2/_t4**3 if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.25)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] if (_t6 <= _F(0)) else _F(math.nan))))*x2[b, d]*y_sum2[b])*g_y[b]
         t_g_x2[b, d] = _v_t_g_x2
-        # t_g_x1[b, d] = -(-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*g_y[b]*t_y_sum1[b]/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2) - (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) + x2[b, d]*sqrt(y_sum0[b]))*g_y[b]*t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))) + (-Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*Piecewise((1, eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/2, True))*t_y_sum1[b]*x1[b, d]*y[b]/(2*sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_x1[b, d]*y[b]*Max(eps, sqrt(y_sum1[b])) - Piecewise((1, eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/2, True))*t_y[b]*x1[b, d]*Max(eps, sqrt(y_sum1[b])) + t_x2[b, d]*sqrt(y_sum0[b]) + t_y_sum0[b]*x2[b, d]/(2*sqrt(y_sum0[b])))*g_y[b]/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
-        _t24 = _t1*_t21
-        _t25 = _t24*x1[b, d]
-        _t26 = -_t25*y[b] + _t3*x2[b, d]
-        _t27 = _t18*_t26
-        _t28 = _t13*_t16
-        _v_t_g_x1 = -_t15*_t17*_t26*_t28 + _t17*_t2*_t5*(_F(0.5)*_t17*t_y_sum0[b]*x2[b, d] - _t23*_t28*x1[b, d] - _t24*t_x1[b, d]*y[b] - _t25*t_y[b] + _t3*t_x2[b, d])*g_y[b] - _t22*_t27/y_sum0[b] - _t27*_t7/y_sum0[b]**(_F(1.5))
+        # t_g_x1[b, d] = (-Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_x1[b, d]*y_sum2[b] - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]*x2[b, d]/2 - Piecewise((1/(sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*sqrt(y_sum0[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum2[b]*x1[b, d] - Piecewise((1/(sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]*x2[b, d]/2 - Piecewise((-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b] - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/2 - t_y_sum0[b]/(2*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (-Piecewise((1/(y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), eps - sqrt(y_sum0[b]) < 0), (0, eps - sqrt(y_sum0[b]) > 0), (1/(2*y_sum0[b]*Max(eps, sqrt(y_sum0[b]))**3*Max(eps, sqrt(y_sum1[b]))), True))*t_y_sum0[b]/2 - Piecewise((1/(sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), eps - sqrt(y_sum1[b]) < 0), (0, eps - sqrt(y_sum1[b]) > 0), (1/(2*sqrt(y_sum0[b])*sqrt(y_sum1[b])*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))**2), True))*t_y_sum1[b]/4 - t_y_sum0[b]/(4*y_sum0[b]**(3/2)*Max(eps, sqrt(y_sum0[b]))**2*Max(eps, sqrt(y_sum1[b]))), True))*x1[b, d]*y_sum2[b] + t_x2[b, d]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b]))))*g_y[b]
+        _t15 = _F(1) / y_sum0[b]
+        _v_t_g_x1 = (-_t10*_t12*x2[b, d] - _t10*t_x1[b, d]*y_sum2[b] - _t11*t_y_sum2[b] - _t13*_t8 + _t2*_t5*t_x2[b, d] - (-(_t15*_t5/_t1**3 if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)*_t15*_t5/_t1**3 if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] - _F(0.5)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.5)*_t5*t_y_sum0[b]/(_t1 * _t1*y_sum0[b]**(_F(1.5))) if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (-_F(0.5)*(_t15*_t5/_t1**3 if (_t9 < _F(0)) else (_F(0) if (_t9 > _F(0)) else (_F(0.5)*_t15*_t5/_t1**3 if (_t9 <= _F(0)) else _F(math.nan))))*t_y_sum0[b] - _F(0.25)*(_F(1)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 < _F(0)) else (_F(0) if (_t6 > _F(0)) else (_F(0.5)/(_t1 * _t1*(_t4 * _t4)*math.sqrt(y_sum0[b])*math.sqrt(y_sum1[b])) if (_t6 <= _F(0)) else _F(math.nan))))*t_y_sum1[b] - _F(0.25)*_t5*t_y_sum0[b]/(_t1 * _t1*y_sum0[b]**(_F(1.5))) if (_t9 <= _F(0)) else _F(math.nan))))*x1[b, d]*y_sum2[b])*g_y[b]
         t_g_x1[b, d] = _v_t_g_x1
 
 
@@ -1899,13 +1869,13 @@ def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
     _check_dim("cosine_similarity", "x2", x2, 0, "B", B, "from g_y axis 0")
     _check_dim("cosine_similarity", "x2", x2, 1, "D", D, "from x1 axis 1")
     eps = _dtype.type(eps)
-    y = _empty((B,), _dtype)
     y_sum0 = _empty((B,), _dtype)
     y_sum1 = _empty((B,), _dtype)
+    y_sum2 = _empty((B,), _dtype)
     g_x1 = _empty((B, D), _dtype)
     g_x2 = _empty((B, D), _dtype)
-    _launch(_cosine_similarity_bwd0, B, x1, x2, y, y_sum0, y_sum1, B, D, eps)
-    _launch(_cosine_similarity_bwd1, B * D, x1, x2, y, y_sum0, y_sum1, g_y, g_x1, g_x2, B, D, eps)
+    _launch(_cosine_similarity_bwd0, B, x1, x2, y_sum0, y_sum1, y_sum2, B, D)
+    _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
     return _result(g_x1, _dev), _result(g_x2, _dev)
 
 
@@ -1959,16 +1929,16 @@ def _cosine_similarity_hvp(g_y, x1, x2, t_x1, t_x2, *, eps):
     _check_dim("cosine_similarity", "t_x2", t_x2, 0, "B", B, "from g_y axis 0")
     _check_dim("cosine_similarity", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
     eps = _dtype.type(eps)
-    y = _empty((B,), _dtype)
     y_sum0 = _empty((B,), _dtype)
     y_sum1 = _empty((B,), _dtype)
-    t_y = _empty((B,), _dtype)
+    y_sum2 = _empty((B,), _dtype)
     t_g_x1 = _empty((B, D), _dtype)
     t_g_x2 = _empty((B, D), _dtype)
     t_y_sum0 = _empty((B,), _dtype)
     t_y_sum1 = _empty((B,), _dtype)
-    _launch(_cosine_similarity_hvp0, B, x1, x2, y, y_sum0, y_sum1, t_x1, t_x2, t_y, t_y_sum0, t_y_sum1, B, D, eps)
-    _launch(_cosine_similarity_hvp1, B * D, x1, x2, y, y_sum0, y_sum1, g_y, t_x1, t_x2, t_y, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, B, D, eps)
+    t_y_sum2 = _empty((B,), _dtype)
+    _launch(_cosine_similarity_hvp0, B, x1, x2, y_sum0, y_sum1, y_sum2, t_x1, t_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D)
+    _launch(_cosine_similarity_hvp1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, t_x1, t_x2, t_g_x1, t_g_x2, t_y_sum0, t_y_sum1, t_y_sum2, B, D, eps)
     return _result(t_g_x1, _dev), _result(t_g_x2, _dev)
 
 

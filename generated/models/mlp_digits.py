@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations.py 0f486d477867aa21
-#   generated/layers.py 4edbd740e0272092
+#   generated/layers.py 799bae56948d368c
 #   generated/losses.py 7643d883387e4146
 #   generated/optimizers.py edee100363ad16d0
 """The mlp_digits model.
