@@ -29,17 +29,18 @@ __all__ = ["render_library", "regenerate", "check", "render_spec", "build", "loa
 
 def render_programs(programs, command: str = COMMAND) -> dict:
     """{relative path: text} for group modules, their CUDA companions and __init__.py."""
-    from .emit import group_of, render_group, render_package
+    from . import targets
+    from .emit import group_of, render_package, render_targets
 
     groups: dict[str, list] = {}
     for p in programs:
         groups.setdefault(group_of(p), []).append(p)
     files = {}
     for module in sorted(groups):
-        cpu, cuda = render_group(groups[module], module, command)
-        files[module + ".py"] = cpu
-        if cuda is not None:
-            files[module + "_cuda.py"] = cuda
+        texts = render_targets(groups[module], module, command)
+        for target in targets.all_targets():
+            if texts[target.name] is not None:
+                files[target.module_file(module)] = texts[target.name]
     files["__init__.py"] = render_package({m: [p.name for p in ps] for m, ps in groups.items()}, command)
     return files
 
@@ -96,7 +97,8 @@ def render_spec(path, out_dir=".", command: str | None = None) -> dict:
     an op; ``<name>.py`` for a model spec (``kind = "model"``, via codegen.model)."""
     from derive import from_file
 
-    from .emit import render_group
+    from . import targets
+    from .emit import render_targets
 
     if command is None:
         command = "%s %s --out %s" % (COMMAND, path, out_dir)
@@ -107,11 +109,8 @@ def render_spec(path, out_dir=".", command: str | None = None) -> dict:
         return {Path(rel).name: text}
     program = from_file(path)
     stem = _module_name(program.name)
-    cpu, cuda = render_group([program], stem, command, single=program.name)
-    files = {stem + ".py": cpu}
-    if cuda is not None:
-        files[stem + "_cuda.py"] = cuda
-    return files
+    texts = render_targets([program], stem, command, single=program.name)
+    return {t.module_file(stem): texts[t.name] for t in targets.all_targets() if texts[t.name] is not None}
 
 
 def build(path, out_dir):

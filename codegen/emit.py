@@ -15,8 +15,11 @@ from derive.errors import SpecError
 from derive.ir import Program
 
 from . import contract as cn
-from .lower import DOT, Kernel, Lowerer, decl_of, parallel_nest, read_names, safe_index_names, tensor_decls, written_names
-from .printers import RESERVED_NAMES, CPUPrinter, CUDAPrinter, HostPrinter
+from . import targets as tg
+from .lower import Kernel, Lowerer, decl_of, read_names, safe_index_names, tensor_decls, written_names
+from .printers import RESERVED_NAMES, HostPrinter
+from .targets.base import loops as loops_context
+from .targets.numba_cpu import reduce_outer  # noqa: F401 (tests import it from here)
 from .template_util import render
 
 GROUPS = {
@@ -26,11 +29,7 @@ GROUPS = {
     "optimizer": "optimizers",
     "schedule": "schedules",
 }
-CPU_TEMPLATE = "cpu/module.py.jinja"
-CUDA_TEMPLATE = "cuda/module.py.jinja"
 PACKAGE_TEMPLATE = "package/__init__.py.jinja"
-CUDA_THREADS = 128
-CUDA_TILE = 16
 
 
 def group_of(program: Program) -> str:
@@ -154,22 +153,22 @@ def into_name(op: str, entry: str) -> str:
 
 # --------------------------------------------------------------------------- per op plan
 class OpPlan:
-    """Everything both targets need for one op: lowered kernels per entry point and
-    target, and the host-side bookkeeping (binding, allocation, returns). The CPU
-    lowering turns contractions into BLAS products (codegen/contract.py); the CUDA
-    kernels keep their loops (GEMMs of matrix-product shape are tiled there)."""
-
-    TARGETS = ("cpu", "cuda")
+    """Everything every target needs for one op: lowered kernels per entry point and
+    target, and the host-side bookkeeping (binding, allocation, returns). Each target
+    says how it lowers (codegen/targets/): a target with ``contractions`` turns them
+    into BLAS products (codegen/contract.py), the others keep their loops."""
 
     def __init__(self, program: Program, contract: bool = True):
         program = self.p = safe_index_names(check_names(program))
         self.id = ident(program.name)
         self.lowerer = Lowerer(program)
-        self.lowerers = {"cpu": Lowerer(program, contract=contract), "cuda": self.lowerer}
+        self.lowerers = {
+            t.name: Lowerer(program, contract=contract) if t.contractions else self.lowerer for t in tg.all_targets()
+        }
         self.attr_int = {
             a.name: isinstance(v, int) and not isinstance(v, bool) for a, v in program.attrs
         }
-        self.entries = {t: [] for t in self.TARGETS}  # target -> [(entry, kernels, statements, returned)]
+        self.entries = {t: [] for t in self.lowerers}  # target name -> [(entry, kernels, statements, returned)]
         self.variants = set()  # entries with a compiled core only (no Python wrapper)
         self.inputs = {}  # entry -> its arguments, where they are not the usual ones
         self.flat = program.elementwise or program.kind == "optimizer"
@@ -198,14 +197,14 @@ class OpPlan:
 
     def _add(self, entry, statements, returned, inputs=None, variant=False):
         """Lower one entry point. ``inputs`` replaces its usual arguments; a ``variant``
-        is a compiled CPU core for the fused model steps only (no Python wrapper, no
-        CUDA kernels)."""
+        is a compiled core for the fused model steps only (no Python wrapper), emitted
+        by the targets whose ``variants`` say so."""
         if inputs is not None:
             self.inputs[entry] = inputs
         if variant:
             self.variants.add(entry)
         for target, lowerer in self.lowerers.items():
-            if variant and target != "cpu":
+            if variant and not tg.get(target).variants:
                 continue
             kernels = lowerer.lower(statements, returned, "_%s_%s" % (self.id, entry))
             live = lowerer.live(list(statements), set(returned))
@@ -229,14 +228,8 @@ class OpPlan:
 
 
 # --------------------------------------------------------------------------- printing
-def _printers(plan: OpPlan, target: str):
-    lw = plan.lowerer
-    cls = CUDAPrinter if target == "cuda" else CPUPrinter
-    return cls(int_symbols=lw.int_symbols, int_tensors=lw.int_tensors, scalars=lw.scalars)
-
-
 def _loops(pr, loops):
-    return [{"var": pr.index(l.index), "lo": pr.index(l.lo), "hi": pr.index(l.hi)} for l in loops]
+    return loops_context(pr, loops)
 
 
 def _subscript(pr, item, lw):
@@ -245,17 +238,9 @@ def _subscript(pr, item, lw):
     return ", ".join(pr.index(i) for i in item.index) or "0"
 
 
-def _scatter_store(pr, item, target: str) -> str:
-    """``target[idx] += value``: several iterations may add to one element, but one
-    worker runs all of them in order (codegen/lower.py's exclusive_loops), so no target
-    needs an atomic add."""
-    idx = ", ".join(pr.index(e) for e in item.scatter)
-    local = pr.index(item.local)
-    return "%s[%s] += %s" % (item.target, idx, local)
-
-
-def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
-    pr = _printers(plan, target)
+def kernel_context(plan: OpPlan, k: Kernel, target) -> dict:
+    target = tg.get(target)
+    pr = target.make_printer(plan.lowerer)
     lw = plan.lowerer
     items = []
     for it in k.items:
@@ -283,7 +268,7 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
                 "store": it.store and not it.scatter,
                 "target": it.target,
                 "subscript": _subscript(pr, it, lw),
-                "scatter": _scatter_store(pr, it, target) if it.scatter else "",
+                "scatter": target.scatter_store(pr, it) if it.scatter else "",
                 "where": pr.index(it.where) if it.scatter and it.where is not sympy.true else "",
             }
         )
@@ -325,251 +310,14 @@ def kernel_context(plan: OpPlan, k: Kernel, target: str) -> dict:
         }
     ctx["reduce_outer"] = False
     ctx["contract"] = None
-    if target == "cuda":
-        cuda_layout(ctx, k, pr)
-    else:
-        ctx["depth"] = len(k.free) + 1
-        ctx["reduce_outer"] = reduce_outer(k)
-        if k.contract is not None:
-            ctx["contract"] = contract_context(k, ctx, pr)
-            used = {"gemm"} | ({"span"} if ctx["contract"]["uses_span"] else set())
-            # the gathered operands print through pr too (softplus(x[...]) in a patch)
-            ctx["helpers"] = sorted(set(pr.helpers_used) | used)
+    target.layout(ctx, k, pr)
     return ctx
 
 
-def _extent(pr, loops) -> str:
-    return pr.index(sympy.Mul(*[l.hi - l.lo for l in loops]))
 
-
-def _matrix(pr, op) -> str:
-    """A contraction operand as a 2-D matrix: a view of its array or its buffer."""
-    base = op.name
-    if op.view and op.outer:
-        base = "%s[%s]" % (op.name, ", ".join(pr.index(v) for v in op.outer))
-    text = "%s.reshape(%s, %s)" % (base, _extent(pr, op.rows), _extent(pr, op.cols))
-    return text + (".T" if op.trans else "")
-
-
-def _span(pr, sp, loops, store: str = "", fill: str = "") -> tuple[dict, list, list]:
-    """The split innermost loop of a gather or scatter nested in ``loops``, and where
-    its bounds are computed: (span, lines before the nest, lines after each loop's
-    header). The bounds go right after the innermost loop whose index they use, so
-    they are not recomputed (integer divisions) for every row."""
-    var, lo, hi = pr.index(sp.var), pr.index(sp.lo), pr.index(sp.hi)
-    calc = ["%s, %s = %s, %s" % ("{lo}", "{hi}", lo, hi)]
-    calc += ["{lo}, {hi} = _span(%s, %s, {lo}, {hi})" % (pr.index(a), pr.index(b)) for a, b in sp.bounds]
-    uses = set().union(*(sympy.sympify(e).free_symbols for ab in sp.bounds for e in ab)) if sp.bounds else set()
-    level = max((k for k, l in enumerate(loops) if l.index in uses), default=-1)
-    before, heads = [], [[] for _ in loops]
-    if sp.bounds and level < len(loops) - 1:
-        names = {"lo": "_lo_" + var, "hi": "_hi_" + var}
-        (before if level < 0 else heads[level]).extend(line.format(**names) for line in calc)
-        init = ["_lo, _hi = %s, %s" % (names["lo"], names["hi"])]
-    else:
-        init = [line.format(lo="_lo", hi="_hi") for line in calc]
-    span = {
-        "var": var,
-        "lo": lo,
-        "hi": hi,
-        "split": bool(sp.bounds) or sp.row is not sympy.true,
-        "init": init,
-        "row": "" if sp.row is sympy.true else pr.index(sp.row),
-        "rest": "" if sp.rest is sympy.true else pr.index(sp.rest),
-        "store": store,
-        "fill": fill,
-    }
-    return span, before, heads
-
-
-def _nest(pr, loops, heads) -> list:
-    out = _loops(pr, loops)
-    for l, head in zip(out, heads):
-        l["head"] = head
-    return out
-
-
-def _subscripted(pr, name: str, index) -> str:
-    """``name[index]`` printed as a read (so ``CPUPrinter.unsigned`` applies)."""
-    return pr.index(sympy.Indexed(sympy.IndexedBase(name), *index))
-
-
-@contextlib.contextmanager
-def _unsigned(pr, var, temps):
-    """Print subscripts that move with a span's loop index ``var`` (directly or through
-    the temporaries ``temps``) as unsigned: inside the span every guard holds, so they
-    are in bounds (see ``CPUPrinter.unsigned``)."""
-    moving = {var}
-    for t in temps:
-        if t.expr.free_symbols & moving:
-            moving.add(t.sym)
-    old, pr.unsigned = pr.unsigned, frozenset(moving)
-    try:
-        yield
-    finally:
-        pr.unsigned = old
-
-
-def contract_context(k: Kernel, ctx: dict, pr) -> dict:
-    """The CPU layout of a contraction kernel (codegen/contract.py): buffers, the
-    gathers, the product, the epilogue or scatter."""
-    c = k.contract
-    gathers = []
-    for op in (c.left, c.right):
-        if op.view:
-            continue
-        layout = op.rows + op.cols
-        plain = "%s[%s]" % (op.name, ", ".join(pr.index(l.index) for l in layout))
-        # where the zeros fall does not change from one product to the next: the
-        # buffer starts zeroed and only the span is written
-        outer = {l.index for l in c.outer + c.kouter}
-        sp = op.span
-        moving = set().union(*(sympy.sympify(e).free_symbols for ab in sp.bounds for e in ab), sp.row.free_symbols)
-        zeroed = not (moving & outer)
-        with _unsigned(pr, op.span.var, op.pre):
-            store = _subscripted(pr, op.name, [l.index for l in layout])
-            span, before, heads = _span(pr, op.span, layout[:-1], store, "" if zeroed else pr.expr(0))
-            span["pre"] = [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in op.pre]
-            span["value"] = pr.expr(op.value)
-        conds, value = cn.split_guards(op.expr)
-        comment = "%s = %s" % (plain, value)
-        if conds:
-            comment += ", 0 where its guard fails"
-        gathers.append(
-            {
-                "comment": comment,
-                "buffer": op.name,
-                "shape": ", ".join(pr.index(l.hi - l.lo) for l in layout),
-                "zeroed": zeroed,
-                "head": before,
-                "loops": _nest(pr, layout[:-1], heads),
-                "span": span,
-            }
-        )
-    a, b = _matrix(pr, c.left), _matrix(pr, c.right)
-    m, n = _extent(pr, c.m), _extent(pr, c.n)
-    prod = view = None
-    if c.out is not None:
-        outer = [pr.index(l.index) for l in c.outer]
-        target = "%s[%s]" % (c.out, ", ".join(outer)) if outer else c.out
-        dot = "_gemm(%s, %s, %s.reshape(%s, %s), False)" % (a, b, target, m, n)
-        read = "%s[%s]" % (c.out, ", ".join(pr.index(l.index) for l in c.outer + c.m + c.n))
-    else:
-        prod = "%s, %s" % (m, n)
-        dot = "_gemm(%s, %s, _prod, %s)" % (a, b, bool(c.kouter))
-        if len(c.m) == 1 and len(c.n) == 1:
-            pv = "_prod"
-        else:
-            pv = "_pv"
-            view = ", ".join(pr.index(l.hi - l.lo) for l in c.m + c.n)
-        read = "%s[%s]" % (pv, ", ".join(pr.index(l.index) for l in c.m + c.n))
-    direct = c.out is not None and len(k.items) == 1 and k.items[0].value == DOT and k.items[0].target == c.out
-    epi = list(c.m + c.n) if not c.scatter else list(c.m + c.n[:-1])
-    before, heads = [], [[] for _ in epi]
-    spans = [g["span"] for g in gathers]
-    scatter = None
-    if c.scatter:
-        (it,) = k.items
-        with _unsigned(pr, c.span.var, it.pre):
-            scatter, before, heads = _span(pr, c.span, epi)
-            scatter["read"] = _subscripted(pr, pv, [l.index for l in c.m + c.n])
-            scatter["pre"] = [{"sym": pr.index(t.sym), "expr": pr.auto(t.expr)} for t in it.pre]
-            scatter["assign"] = "%s = %s" % (pr.index(it.local), pr.expr(it.value))
-            scatter["store"] = "%s += %s" % (_subscripted(pr, it.target, it.scatter), pr.index(it.local))
-        spans.append(scatter)
-    lines = before + [x for h in heads for x in h] + [x for s_ in spans for x in s_["init"]]
-    lines += [x for g in gathers for x in g["head"] + [y for l in g["loops"] for y in l["head"]]]
-    return {
-        "uses_span": any("_span(" in line for line in lines),
-        "zero": [c.zero] if c.zero else [],
-        "buffers": [{"name": g["buffer"], "shape": g["shape"], "zeroed": g["zeroed"]} for g in gathers],
-        "prod": prod,
-        "view": view,
-        "outer": _loops(pr, c.outer),
-        "kouter": _loops(pr, c.kouter),
-        "gathers": gathers,
-        "dot": dot,
-        "read": read,
-        "epilogue": not direct,
-        "head": before,
-        "loops": _nest(pr, epi, heads),
-        "scatter": scatter,
-        "spans": spans,
-    }
-
-
-def reduce_outer(k: Kernel) -> bool:
-    """Whether a CPU kernel's sums should run with their reduction loops outside the
-    free loops (accumulating into the output arrays): when the reads walk memory along
-    the innermost free index rather than the innermost reduction index (column sums).
-    Several sums fused in one kernel qualify together when they reduce over the same
-    loops (layer_norm's g_bias and g_weight, both over the batch)."""
-    if k.gemm is not None or not k.items or not k.free:
-        return False
-    first = k.items[0]
-    same_over = [(l.index, l.lo, l.hi) for l in first.over]
-    for it in k.items:
-        if it.reduce != "sum" or not it.store or it.argmax or it.finish is not None or it.init is None:
-            return False
-        if it.scatter or [(l.index, l.lo, l.hi) for l in it.over] != same_over:
-            return False
-    loops = list(k.free) + list(first.over)
-    indices = {l.index for l in loops}
-    for l in loops:
-        if (sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & indices:
-            return False
-    inner_free, inner_over = k.free[-1].index, first.over[-1].index
-    reads = []
-    for it in k.items:
-        reads += list(sympy.sympify(it.value).atoms(sympy.Indexed))
-        for t in it.pre + it.inner:
-            reads += list(sympy.sympify(t.expr).atoms(sympy.Indexed))
-    along_free = sum(1 for r in reads if r.indices[-1] == inner_free)
-    along_over = sum(1 for r in reads if r.indices[-1] == inner_over)
-    return along_free > along_over
-
-
-def cuda_layout(ctx: dict, k: Kernel, pr) -> None:
-    """One thread per element of the leading free loops whose bounds do not depend on
-    other free indices, of those ``k.parallel`` allows (a scatter's exclusive writers,
-    codegen/lower.py's exclusive_loops); the remaining loops run inside the thread."""
-    free_syms = {l.index for l in k.free}
-    nest = parallel_nest(k)
-    par = []
-    for l in nest:
-        if (sympy.sympify(l.lo).free_symbols | sympy.sympify(l.hi).free_symbols) & free_syms:
-            break
-        if k.parallel is not None and l.index not in k.parallel:
-            break
-        par.append(l)
-    seq = nest[len(par):]
-    ctx["parallel"] = [
-        {"var": pr.index(l.index), "lo": pr.index(l.lo), "extent": pr.index(sympy.Max(l.hi - l.lo, 0))}
-        for l in par
-    ]
-    lines = []
-    rev = list(reversed(par))
-    for n, l in enumerate(rev):
-        var = pr.index(l.index)
-        offset = "" if l.lo == 0 else "%s + " % pr.index(l.lo)
-        if n == len(rev) - 1:
-            lines.append("%s = %s_r" % (var, offset))
-        else:
-            extent = pr.expr(sympy.Max(l.hi - l.lo, 0), "int")
-            lines.append("%s = %s_r %% %s" % (var, offset, extent if l.hi.is_Atom and l.lo == 0 else "(%s)" % extent))
-            lines.append("_r //= %s" % (extent if l.hi.is_Atom and l.lo == 0 else "(%s)" % extent))
-    ctx["decompose"] = [{"assign": a} for a in lines]
-    ctx["sequential"] = _loops(pr, seq)
-    ctx["total"] = [pr.index(sympy.Max(l.hi - l.lo, 0)) for l in par]
-    if k.gemm is None:
-        ctx["params"] = ctx.get("params", []) + ["_total"]
-        ctx["depth"] = 2 + len(seq)
-    else:
-        ctx["depth"] = 2
-
-
-def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, target: str) -> dict:
+def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, target) -> dict:
     """The host wrapper of one entry point (forward, backward or step)."""
+    target = tg.get(target)
     p = plan.p
     hp = HostPrinter(int_symbols=plan.lowerer.int_symbols)
     if entry in plan.inputs:
@@ -692,16 +440,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         for s in k.symbols:
             args.append(s.name)
         call = {"kernel": k.name, "args": args, "gemm": k.gemm is not None}
-        if target == "cuda":
-            pr = _printers(plan, "cuda")
-            if k.gemm is not None:
-                call["m"] = hp.index(k.gemm.m)
-                call["n"] = hp.index(k.gemm.n)
-            else:
-                ctx = {}
-                cuda_layout(ctx, k, pr)
-                total = [hp.index(sympy.Max(l.hi - l.lo, 0)) for l in parallel_nest(k)[: len(ctx["parallel"])]]
-                call["total"] = " * ".join(t if sympy.Symbol(t).is_Atom and t.isidentifier() else "(%s)" % t for t in total) if total else "1"
+        target.launch(call, k, plan, hp)
         calls.append(call)
     result_kinds = []
     for n in results:
@@ -794,13 +533,14 @@ def assumption_checks(p: Program) -> list:
              "free": a.free, "text": "%s (%s)" % (a.text, p.source)} for a in p.assumptions]
 
 
-def op_context(plan: OpPlan, target: str) -> dict:
+def op_context(plan: OpPlan, target) -> dict:
+    target = tg.get(target)
     p = plan.p
     hp = HostPrinter(int_symbols=plan.lowerer.int_symbols)
     kernels = []
     entries = {}
     seen = {}
-    for entry, ks, statements, returned in plan.entries[target]:
+    for entry, ks, statements, returned in plan.entries[target.name]:
         # a kernel identical to one of an earlier entry (backward recomputing the
         # forward) is emitted once; new ones are numbered per entry point
         number = 0
@@ -843,7 +583,7 @@ def op_context(plan: OpPlan, target: str) -> dict:
 def _funcs(plan: OpPlan):
     """(key, function name) pairs for the op's entry in ``_FUNCS``."""
     names = {"fwd": "forward", "bwd": "backward", "step": "step", "jvp": "jvp", "hvp": "hvp"}
-    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries["cpu"] if entry not in plan.variants]
+    out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries[tg.primary().name] if entry not in plan.variants]
     if plan.p.kind == "optimizer":
         out.append(("init_state", "_%s_init_state" % plan.id))
     if plan.p.kind == "schedule":
@@ -876,56 +616,47 @@ def header_context(programs, template: str, command: str) -> dict:
     return {"sources": sources, "template": template, "command": command}
 
 
-def render_group(programs, module: str, command: str, single: str | None = None, contract: bool = True):
-    """Text of the CPU module and (when any op has kernels) the CUDA companion.
+def render_targets(programs, module: str, command: str, single: str | None = None, contract: bool = True) -> dict:
+    """{target name: text of its module} for a group of ops (or one user op); None for
+    a target that renders none of them (schedules have no CUDA companion).
 
     ``module`` is the module's file stem; ``single`` names the op of a one-op user
-    module (its ``op()`` then needs no name). ``contract=False`` keeps the CPU's
-    contractions as loops (the reference the tests compare the BLAS lowering with)."""
+    module (its ``op()`` then needs no name). ``contract=False`` keeps the contractions
+    of every target as loops (the reference the tests compare the BLAS lowering with)."""
     plans = [OpPlan(p, contract) for p in programs]
-    cpu_ops = [op_context(pl, "cpu") for pl in plans]
-    helpers = sorted({h for o in cpu_ops for k in o["kernels"] for h in k["helpers"]})
-    has_cuda = any(o["kind"] != "schedule" for o in cpu_ops)
-    scalar_state = any(o["scalar_state"] for o in cpu_ops)
-    assumptions = any(pl.p.assumptions for pl in plans)
-    relations = any(pl.p.relations for pl in plans)
-    read_checks = any(pl.p.read_checks for pl in plans)
-    cpu = render(
-        CPU_TEMPLATE,
-        header=header_context(programs, CPU_TEMPLATE, command),
-        scalar_state=scalar_state,
-        assumptions=assumptions,
-        relations=relations,
-        read_checks=read_checks,
-        module=module,
-        ops=cpu_ops,
-        helpers=helpers,
-        single=single,
-        has_kernels=has_cuda,
-        threads=CUDA_THREADS,
-        tile=CUDA_TILE,
-    )
-    if not has_cuda:
-        return cpu, None
-    cuda_ops = [op_context(pl, "cuda") for pl in plans if pl.p.kind != "schedule"]
-    cuda_helpers = sorted({h for o in cuda_ops for k in o["kernels"] for h in k["helpers"]})
-    text = render(
-        CUDA_TEMPLATE,
-        header=header_context(programs, CUDA_TEMPLATE, command),
-        scalar_state=scalar_state,
-        assumptions=assumptions,
-        relations=relations,
-        read_checks=read_checks,
-        module=module,
-        ops=cuda_ops,
-        helpers=cuda_helpers,
-        has_gemm=any(k["gemm"] for o in cuda_ops for k in o["kernels"]),
-        single=single,
-        has_kernels=True,
-        threads=CUDA_THREADS,
-        tile=CUDA_TILE,
-    )
-    return cpu, text
+    flags = {
+        "scalar_state": any(pl.p.state_init for pl in plans),
+        "assumptions": any(pl.p.assumptions for pl in plans),
+        "relations": any(pl.p.relations for pl in plans),
+        "read_checks": any(pl.p.read_checks for pl in plans),
+        # whether the module has kernels at all (a module of schedules has none)
+        "has_kernels": any(pl.p.kind != "schedule" for pl in plans),
+    }
+    texts = {}
+    for target in tg.all_targets():
+        rendered = [pl for pl in plans if target.renders(pl.p)]
+        if not rendered:
+            texts[target.name] = None
+            continue
+        ops = [op_context(pl, target) for pl in rendered]
+        texts[target.name] = render(
+            target.module_template,
+            header=header_context(programs, target.module_template, command),
+            module=module,
+            ops=ops,
+            helpers=sorted({h for o in ops for k in o["kernels"] for h in k["helpers"]}),
+            single=single,
+            **flags,
+            **target.module_context(ops),
+        )
+    return texts
+
+
+def render_group(programs, module: str, command: str, single: str | None = None, contract: bool = True):
+    """The texts of :func:`render_targets` as a tuple in target order: (the CPU
+    module, the CUDA companion or None)."""
+    texts = render_targets(programs, module, command, single, contract)
+    return tuple(texts[t.name] for t in tg.all_targets())
 
 
 def render_package(groups: dict, command: str) -> str:

@@ -1,7 +1,8 @@
 """Code printers: SymPy scalar expressions to Numba-compilable Python.
 
-:class:`CPUPrinter` prints for ``@njit`` kernels, :class:`CUDAPrinter` for
-``@cuda.jit`` kernels and overrides only what differs. Both are dtype-aware without
+:class:`CPUPrinter` prints for ``@njit`` kernels and is the shared base of every
+target's printer: the CUDA target's ``CUDAPrinter`` (codegen/targets/numba_cuda.py,
+re-exported here) overrides only what differs. Both are dtype-aware without
 being dtype-specific: every kernel binds ``_F = <float array>.dtype.type`` on entry,
 and the printer wraps every number and every integer-valued quantity that enters
 floating-point arithmetic in ``_F(...)``. A float32 kernel therefore computes in
@@ -609,18 +610,6 @@ class CPUPrinter(PythonCodePrinter):
         raise CodegenError("no code printer for %s (%s)" % (type(expr).__name__, expr))
 
 
-class CUDAPrinter(CPUPrinter):
-    """Prints scalar expressions for ``@cuda.jit`` kernels and device functions.
-
-    Numba's CUDA target accepts the same scalar Python as the CPU target (``math``
-    functions map to libdevice, ``max``/``min``/``abs`` are supported), so the only
-    differences are the names of the device-function helpers.
-    """
-
-    target = "cuda"
-    helper_functions = {k: v + "_dev" for k, v in HELPER_FUNCTIONS.items()}
-
-
 class HostPrinter(CPUPrinter):
     """Prints for plain (un-jitted) Python on the host: shapes, derived dimensions,
     learning-rate schedules. Numbers print as Python literals; no ``_F`` casts."""
@@ -678,3 +667,12 @@ class HostPrinter(CPUPrinter):
 
 
 __all__ = ["CPUPrinter", "CUDAPrinter", "HostPrinter", "CodegenError", "precedence"]
+
+
+def __getattr__(name):
+    # the CUDA printer lives with its target (codegen/targets/numba_cuda.py)
+    if name == "CUDAPrinter":
+        from .targets.numba_cuda import CUDAPrinter
+
+        return CUDAPrinter
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))

@@ -1,0 +1,90 @@
+"""The interface every code-generation target implements.
+
+A target is one object (a subclass of :class:`Target`, one module per target under
+``codegen/targets/``) that codegen/emit.py asks everything that differs between
+targets: which printer prints its kernels, how it lowers (contractions to BLAS or
+loops), which entry points it compiles, how a kernel is laid out (threads, loops),
+how a scatter stores, how the host launches a kernel, which templates render its
+module and what its files are called. emit.py never compares target names.
+
+See docs/targets.md for how a new target is added.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+
+class Target:
+    """One code-generation target. Subclasses set the class attributes and override
+    the hooks whose default does not fit."""
+
+    #: what ``generated.op(name, target=...)`` takes ("cpu", "cuda")
+    name: str = ""
+    #: the printer class of its kernels (codegen/printers.py holds the shared base)
+    printer: type = None
+    #: its template directory under codegen/templates/ (``<templates>/module.py.jinja``
+    #: renders its modules; it may extend another target's module template)
+    templates: str = ""
+    #: the module file of an op group or user spec: ``<stem><suffix>.py``
+    suffix: str = ""
+    #: whether the lowering turns contractions into matrix products (codegen/contract.py)
+    contractions: bool = False
+    #: whether it compiles the fused model steps' extra cores (``bwd_params``,
+    #: ``fwd_saving``, ``bwd_saved``: emit.backward_variants, emit.saving_variants)
+    variants: bool = False
+    #: whether it holds every op's specs and the ``op()`` entry point (exactly one
+    #: target does; the others are companions it imports on first use)
+    primary: bool = False
+    #: the op kinds it emits no module text for (schedules run on the host)
+    skips_kinds: frozenset = frozenset()
+
+    # ----------------------------------------------------------------- naming
+    @property
+    def module_template(self) -> str:
+        return "%s/module.py.jinja" % self.templates
+
+    def module_file(self, stem: str) -> str:
+        """The file name of a module with this stem (``layers.py``, ``layers_cuda.py``)."""
+        return "%s%s.py" % (stem, self.suffix)
+
+    def renders(self, program) -> bool:
+        """Whether this target emits kernels or functions for ``program``."""
+        return program.kind not in self.skips_kinds
+
+    # ----------------------------------------------------------------- printing
+    def make_printer(self, lowerer):
+        """The kernel printer for an op lowered by ``lowerer``."""
+        return self.printer(int_symbols=lowerer.int_symbols, int_tensors=lowerer.int_tensors, scalars=lowerer.scalars)
+
+    def scatter_store(self, pr, item) -> str:
+        """The statement adding a scatter item's local value to its target element
+        (several iterations may add to one element)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- layout
+    def layout(self, ctx: dict, kernel, pr) -> None:
+        """Fill a kernel's template context with how it runs on this target
+        (``depth``, and what its kernel templates need)."""
+        raise NotImplementedError
+
+    def launch(self, call: dict, kernel, plan, hp) -> None:
+        """Fill a kernel call's host context with its launch sizes (nothing on a
+        target that calls kernels as plain functions)."""
+
+    def module_context(self, ops: list) -> dict:
+        """Extra variables of this target's module template (launch configuration)."""
+        return {}
+
+    def __repr__(self):
+        return "<target %s>" % self.name
+
+
+def loops(pr, loops_) -> list:
+    """Loop headers as the templates lay them out: {var, lo, hi}, printed by ``pr``."""
+    return [{"var": pr.index(l.index), "lo": pr.index(l.lo), "hi": pr.index(l.hi)} for l in loops_]
+
+
+def extent(pr, loops_) -> str:
+    """The number of iterations of a loop nest, printed as an index expression."""
+    return pr.index(sympy.Mul(*[l.hi - l.lo for l in loops_]))
