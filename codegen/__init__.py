@@ -28,21 +28,11 @@ __all__ = ["render_library", "regenerate", "check", "render_spec", "build", "loa
 
 
 def render_programs(programs, command: str = COMMAND) -> dict:
-    """{relative path: text} for group modules, their CUDA companions and __init__.py."""
-    from . import targets
-    from .emit import group_of, render_package, render_targets
+    """{relative path: text} for the op modules, the runtime modules, the group
+    packages with their derivations and __init__.py (emit.render_op_modules)."""
+    from .emit import render_op_modules
 
-    groups: dict[str, list] = {}
-    for p in programs:
-        groups.setdefault(group_of(p), []).append(p)
-    files = {}
-    for module in sorted(groups):
-        texts = render_targets(groups[module], module, command)
-        for target in targets.all_targets():
-            if texts[target.name] is not None:
-                files[target.module_file(module)] = texts[target.name]
-    files["__init__.py"] = render_package({m: [p.name for p in ps] for m, ps in groups.items()}, command)
-    return files
+    return render_op_modules(programs, command)
 
 
 def render_models(spec_dir=MODEL_SPECS, programs=None, modules=None) -> dict:

@@ -7,7 +7,9 @@ checks, launch sizes) and hands plain dicts of printed strings to the templates 
 
 from __future__ import annotations
 
-import contextlib
+import ast
+import hashlib
+import keyword
 
 import sympy
 
@@ -30,6 +32,8 @@ GROUPS = {
     "schedule": "schedules",
 }
 PACKAGE_TEMPLATE = "package/__init__.py.jinja"
+GROUP_TEMPLATE = "package/group.py.jinja"
+DERIVATIONS_TEMPLATE = "package/derivations.py.jinja"
 
 
 def group_of(program: Program) -> str:
@@ -616,13 +620,27 @@ def header_context(programs, template: str, command: str) -> dict:
     return {"sources": sources, "template": template, "command": command}
 
 
-def render_targets(programs, module: str, command: str, single: str | None = None, contract: bool = True) -> dict:
-    """{target name: text of its module} for a group of ops (or one user op); None for
-    a target that renders none of them (schedules have no CUDA companion).
+def render_targets(
+    programs,
+    module: str,
+    command: str,
+    single: str | None = None,
+    contract: bool = True,
+    runtime: dict | None = None,
+    latex_module: dict | None = None,
+) -> dict:
+    """{target name: text of its module} for a group of ops (or one op); None for a
+    target that renders none of them (schedules have no CUDA companion).
 
-    ``module`` is the module's file stem; ``single`` names the op of a one-op user
-    module (its ``op()`` then needs no name). ``contract=False`` keeps the contractions
-    of every target as loops (the reference the tests compare the BLAS lowering with)."""
+    ``module`` is the module's file stem; ``single`` names the op of a one-op module
+    (its ``op()`` then needs no name). ``contract=False`` keeps the contractions of
+    every target as loops (the reference the tests compare the BLAS lowering with).
+
+    By default a module is self-contained: it holds its runtime helpers and its
+    derivations. ``runtime`` ({target name: :func:`runtime_info`}) makes each module
+    import the runtime names it uses from the shared runtime module instead, and
+    ``latex_module`` ({"module", "file"}) makes ``op.latex()`` read the derivation from
+    that module (the library's layout: see :func:`render_op_modules`)."""
     plans = [OpPlan(p, contract) for p in programs]
     flags = {
         "scalar_state": any(pl.p.state_init for pl in plans),
@@ -639,17 +657,130 @@ def render_targets(programs, module: str, command: str, single: str | None = Non
             texts[target.name] = None
             continue
         ops = [op_context(pl, target) for pl in rendered]
-        texts[target.name] = render(
-            target.module_template,
+        context = dict(
             header=header_context(programs, target.module_template, command),
             module=module,
             ops=ops,
             helpers=sorted({h for o in ops for k in o["kernels"] for h in k["helpers"]}),
             single=single,
+            runtime_import=None,
+            latex_module=latex_module,
             **flags,
             **target.module_context(ops),
         )
+        text = render(target.module_template, **context)
+        if runtime is not None:
+            # import exactly the runtime names the module uses: render once to find them
+            rt = runtime[target.name]
+            names = sorted(loaded_names(text) & rt["names"])
+            context["runtime_import"] = dict(rt, names=names)
+            text = render(target.module_template, **context)
+        texts[target.name] = text
     return texts
+
+
+def loaded_names(text: str) -> set:
+    """The global names Python source reads (``ast.Name`` nodes)."""
+    return {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name)}
+
+
+def defined_names(text: str) -> set:
+    """The top-level functions, classes and assigned names of Python source."""
+    out = set()
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign):
+            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return out
+
+
+def digest(text: str) -> str:
+    """The short sha256 a generated file records of a file it depends on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def render_runtime(target, command: str) -> str:
+    """``generated/_runtime<suffix>.py``: every runtime helper of ``target``, once."""
+    target = tg.get(target)
+    return render(
+        target.runtime_template,
+        header={"sources": ["derive.library() (the runtime its op modules share)"], "template": target.runtime_template, "command": command},
+        module=target.runtime_module,
+        helpers=target.helpers(),
+        scalar_state=True,
+        assumptions=True,
+        relations=True,
+        read_checks=True,
+        **target.module_context([]),
+    )
+
+
+def runtime_info(target, text: str) -> dict:
+    """What an op module needs to import from a runtime module of the library."""
+    target = tg.get(target)
+    return {
+        "module": ".." + target.runtime_module,
+        "file": target.runtime_module + ".py",
+        "digest": digest(text),
+        "names": frozenset(n for n in defined_names(text) if n.startswith("_") or n == "Op"),
+    }
+
+
+def module_name(name: str) -> str:
+    """The file stem of an op's module: its name as a Python identifier."""
+    stem = ident(name)
+    if not stem or stem[0].isdigit() or keyword.iskeyword(stem):
+        stem = "op_" + stem
+    return stem
+
+
+def op_module(program: Program) -> str:
+    """The library module of an op, relative to ``generated`` (``layers.conv2d``)."""
+    return "%s.%s" % (group_of(program), module_name(program.name))
+
+
+def render_op_modules(programs, command: str) -> dict:
+    """{path under generated/: text} for the library's ops: per target a runtime
+    module (``_runtime.py``, ``_runtime_cuda.py``); per op its modules
+    (``layers/conv2d.py``, ``layers/conv2d_cuda.py``) importing that runtime; per
+    group ``__init__.py`` and ``_derivations.py`` (the LaTeX, out of the kernel
+    modules); and the package's ``__init__.py``."""
+    files = {}
+    runtime = {}
+    for target in tg.all_targets():
+        text = render_runtime(target, command)
+        files[target.runtime_module + ".py"] = text
+        runtime[target.name] = runtime_info(target, text)
+    groups: dict[str, list] = {}
+    for p in programs:
+        groups.setdefault(group_of(p), []).append(p)
+    latex = {"module": "._derivations", "file": "_derivations.py"}
+    for group in sorted(groups):
+        stems = {}
+        for p in groups[group]:
+            stem = module_name(p.name)
+            if stem in stems:
+                raise ValueError("%s: ops %s and %s share the module name %s" % (group, stems[stem], p.name, stem))
+            stems[stem] = p.name
+            texts = render_targets([p], stem, command, single=p.name, runtime=runtime, latex_module=latex)
+            for target in tg.all_targets():
+                if texts[target.name] is not None:
+                    files["%s/%s" % (group, target.module_file(stem))] = texts[target.name]
+        files[group + "/_derivations.py"] = render(
+            DERIVATIONS_TEMPLATE,
+            header=header_context(groups[group], DERIVATIONS_TEMPLATE, command),
+            group=group,
+            ops=[{"name": p.name, "latex_lines": p.latex.splitlines(keepends=True)} for p in groups[group]],
+        )
+        files[group + "/__init__.py"] = render(
+            GROUP_TEMPLATE,
+            header=header_context(groups[group], GROUP_TEMPLATE, command),
+            group=group,
+            ops=[p.name for p in groups[group]],
+        )
+    files["__init__.py"] = render_package({op_module(p): [p.name] for p in programs}, command)
+    return files
 
 
 def render_group(programs, module: str, command: str, single: str | None = None, contract: bool = True):

@@ -98,7 +98,7 @@ import tomllib
 
 from derive.errors import SpecError
 
-from .emit import alloc_name, assumption_checks, backward_variants, core_name, group_of, into_name, saved_for_backward
+from .emit import alloc_name, assumption_checks, backward_variants, core_name, into_name, op_module, saved_for_backward
 from .template_util import COMMAND, render
 
 TEMPLATE = "model/model.py.jinja"
@@ -182,7 +182,7 @@ def op_info(program) -> OpInfo:
         hyper=hyper_names,
         state=tuple(program.state),
         elementwise=bool(program.elementwise),
-        module=group_of(program),
+        module=op_module(program),
         attr_defaults=tuple((str(sym), v) for sym, v in program.attrs),
         counter=program.step_counter.name if program.step_counter is not None else "",
         variants=tuple(suffix for suffix, _ in backward_variants(program)),
@@ -1088,9 +1088,17 @@ def render_model(
     path = Path(spec_path)
     context = check_model(path, programs)
     context["header"] = {"sources": [_display_path(path)], "template": TEMPLATE, "command": command}
-    context["digests"] = [(m, _digest(m + ".py", modules)) for m in context["modules"]]
+    context["digests"] = [(f, _digest(f + ".py", modules)) for f in _compiled_in(context["modules"])]
     text = render(TEMPLATE, **context)
     return f"models/{context['name']}.py", text
+
+
+def _compiled_in(op_modules) -> list:
+    """The files (under generated/, without ``.py``) whose compiled code a model's fused
+    step compiles in: the op modules it imports cores from (``layers.dense`` ->
+    ``layers/dense``) and the CPU runtime their cores call. Only these: editing any
+    other op leaves the model's Numba cache valid."""
+    return [m.replace(".", "/") for m in op_modules] + ["_runtime"]
 
 
 def _digest(filename: str, modules: Mapping[str, str] | None) -> str:

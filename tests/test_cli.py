@@ -169,7 +169,7 @@ def test_check_passes_on_the_committed_tree():
 @pytest.mark.parametrize("change", ["edit", "delete"])
 def test_check_fails_naming_a_stale_file(tmp_path, change):
     copy = repo_copy(tmp_path)
-    stale = copy / "generated" / "activations.py"
+    stale = copy / "generated" / "activations" / "relu.py"
     if change == "edit":
         stale.write_text(stale.read_text().replace("def ", "def  ", 1))
     else:
@@ -177,7 +177,7 @@ def test_check_fails_naming_a_stale_file(tmp_path, change):
     before = tree(copy / "generated")
     proc = run(["-m", "codegen", "--check"], cwd=copy, env={"PYTHONPATH": str(copy)})
     assert proc.returncode != 0, "--check must fail on a stale tree"
-    assert "activations.py" in proc.stdout + proc.stderr
+    assert "activations/relu.py" in proc.stdout + proc.stderr
     assert tree(copy / "generated") == before, "--check only checks; it writes nothing"
 
 

@@ -157,7 +157,7 @@ def test_column_sums_fused_in_one_kernel_run_their_reduction_loop_outside_togeth
 
 
 def test_layer_norm_parameter_gradients_walk_the_batch_outside():
-    import generated.layers as layers
+    import generated.layers.layer_norm as layers
 
     src = layers._layer_norm_bwd1.py_func.__code__.co_filename
     text = open(src).read()

@@ -85,17 +85,17 @@ def test_check_detects_stale_missing_and_extra(tmp_path, library_files):
     root = tmp_path / "generated"
     writer.sync_directory(root, library_files)
     assert writer.stale_files(root, library_files) == {"stale": [], "missing": [], "extra": []}
-    (root / "activations.py").write_text((root / "activations.py").read_text() + "# edited\n")
-    (root / "losses.py").unlink()
+    (root / "activations/relu.py").write_text((root / "activations/relu.py").read_text() + "# edited\n")
+    (root / "losses/mse.py").unlink()
     (root / "old_op.py").write_text(writer.MARKER + "\n")
     (root / "user_notes.py").write_text("# not generated\n")
     result = writer.stale_files(root, library_files)
-    assert result == {"stale": ["activations.py"], "missing": ["losses.py"], "extra": ["old_op.py"]}
+    assert result == {"stale": ["activations/relu.py"], "missing": ["losses/mse.py"], "extra": ["old_op.py"]}
     cli = subprocess.run(
         [sys.executable, "-m", "codegen", "--check", "--root", str(root)], cwd=REPO, capture_output=True, text=True
     )
     assert cli.returncode == 1
-    assert "activations.py" in cli.stdout and "losses.py" in cli.stdout and "old_op.py" in cli.stdout
+    assert "activations/relu.py" in cli.stdout and "losses/mse.py" in cli.stdout and "old_op.py" in cli.stdout
     report = writer.sync_directory(root, library_files)
     assert report["removed"] == ["old_op.py"] and (root / "user_notes.py").exists()
     assert writer.stale_files(root, library_files) == {"stale": [], "missing": [], "extra": []}

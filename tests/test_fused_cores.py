@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from codegen.emit import alloc_name, backward_variants, core_name, group_of, into_name, saved_for_backward
+from codegen.emit import alloc_name, backward_variants, core_name, into_name, op_module, saved_for_backward
 
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
 
@@ -48,7 +48,7 @@ DIFFERENTIABLE = _names(lambda p: bool(p.grads))
 
 def _core(name: str, entry: str, kind=core_name):
     program = _programs()[name]
-    module = importlib.import_module("generated." + group_of(program))
+    module = importlib.import_module("generated." + op_module(program))
     return getattr(module, kind(name, entry))
 
 
@@ -90,7 +90,7 @@ def test_softmax_cross_entropy_keeps_its_log_sum_exp():
 def test_softmax_hands_its_output_to_the_backward_and_has_no_second_forward():
     # the output is kept by whoever called the forward: the plain forward serves
     assert saved_for_backward(_programs()["softmax"]) == (["y"], [])
-    module = importlib.import_module("generated.layers")
+    module = importlib.import_module("generated.layers.softmax")
     assert hasattr(module, core_name("softmax", "bwd_saved"))
     assert not hasattr(module, core_name("softmax", "fwd_saving"))
 

@@ -44,6 +44,22 @@ class Target:
     def module_template(self) -> str:
         return "%s/module.py.jinja" % self.templates
 
+    @property
+    def runtime_template(self) -> str:
+        return "%s/runtime_module.py.jinja" % self.templates
+
+    @property
+    def runtime_module(self) -> str:
+        """The stem of the runtime module the library's op modules import
+        (``_runtime``, ``_runtime_cuda``)."""
+        return "_runtime%s" % self.suffix
+
+    def helpers(self) -> list:
+        """The compiled helpers its runtime holds: ``<templates>/helper_<name>.py.jinja``."""
+        from ..template_util import TEMPLATE_DIR
+
+        return sorted(p.name[len("helper_"): -len(".py.jinja")] for p in (TEMPLATE_DIR / self.templates).glob("helper_*.py.jinja"))
+
     def module_file(self, stem: str) -> str:
         """The file name of a module with this stem (``layers.py``, ``layers_cuda.py``)."""
         return "%s%s.py" % (stem, self.suffix)

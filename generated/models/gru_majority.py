@@ -5,9 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 799bae56948d368c
-#   generated/losses.py 7643d883387e4146
-#   generated/optimizers.py edee100363ad16d0
+#   generated/layers/dense.py 479d7e365abde364
+#   generated/layers/gru_cell.py 571b9a74d7459707
+#   generated/losses/softmax_cross_entropy.py 99362533b3bd4d6c
+#   generated/optimizers/adam.py 2dc7926fc7c6eb28
+#   generated/_runtime.py 3d0538f1c606345b
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).
@@ -34,9 +36,10 @@ import numpy as np
 from numba import njit
 
 import generated
-from generated.layers import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into, _gru_cell_bwd_saved_core, _gru_cell_fwd_saving_core
-from generated.losses import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
-from generated.optimizers import _adam_step_core
+from generated.layers.dense import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into
+from generated.layers.gru_cell import _gru_cell_bwd_saved_core, _gru_cell_fwd_saving_core
+from generated.losses.softmax_cross_entropy import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
+from generated.optimizers.adam import _adam_step_core
 
 NAME = "gru_majority"
 INPUT_SHAPE = (15, 1)  # one sample: a batch is (B,) + INPUT_SHAPE

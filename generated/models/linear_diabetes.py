@@ -5,9 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 799bae56948d368c
-#   generated/losses.py 7643d883387e4146
-#   generated/optimizers.py edee100363ad16d0
+#   generated/layers/dense.py 479d7e365abde364
+#   generated/losses/mse.py 22270b5050803812
+#   generated/optimizers/adam.py 2dc7926fc7c6eb28
+#   generated/_runtime.py 3d0538f1c606345b
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).
@@ -30,9 +31,9 @@ import numpy as np
 from numba import njit
 
 import generated
-from generated.layers import _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
-from generated.losses import _mse_bwd_alloc, _mse_bwd_into, _mse_fwd_alloc, _mse_fwd_into
-from generated.optimizers import _adam_step_core
+from generated.layers.dense import _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
+from generated.losses.mse import _mse_bwd_alloc, _mse_bwd_into, _mse_fwd_alloc, _mse_fwd_into
+from generated.optimizers.adam import _adam_step_core
 
 NAME = "linear_diabetes"
 INPUT_SHAPE = (10,)  # one sample: a batch is (B,) + INPUT_SHAPE

@@ -5,9 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers.py 799bae56948d368c
-#   generated/losses.py 7643d883387e4146
-#   generated/optimizers.py edee100363ad16d0
+#   generated/layers/dense.py 479d7e365abde364
+#   generated/losses/bce_with_logits.py 8941006d14340ec6
+#   generated/optimizers/adam.py 2dc7926fc7c6eb28
+#   generated/_runtime.py 3d0538f1c606345b
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).
@@ -30,9 +31,9 @@ import numpy as np
 from numba import njit
 
 import generated
-from generated.layers import _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
-from generated.losses import _bce_with_logits_bwd_alloc, _bce_with_logits_bwd_into, _bce_with_logits_fwd_alloc, _bce_with_logits_fwd_into
-from generated.optimizers import _adam_step_core
+from generated.layers.dense import _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
+from generated.losses.bce_with_logits import _bce_with_logits_bwd_alloc, _bce_with_logits_bwd_into, _bce_with_logits_fwd_alloc, _bce_with_logits_fwd_into
+from generated.optimizers.adam import _adam_step_core
 
 NAME = "logreg_breast_cancer"
 INPUT_SHAPE = (30,)  # one sample: a batch is (B,) + INPUT_SHAPE

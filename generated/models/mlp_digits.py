@@ -5,10 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations.py 0f486d477867aa21
-#   generated/layers.py 799bae56948d368c
-#   generated/losses.py 7643d883387e4146
-#   generated/optimizers.py edee100363ad16d0
+#   generated/activations/relu.py 536c54c995c1a30a
+#   generated/layers/dense.py 479d7e365abde364
+#   generated/losses/softmax_cross_entropy.py 99362533b3bd4d6c
+#   generated/optimizers/adam.py 2dc7926fc7c6eb28
+#   generated/_runtime.py 3d0538f1c606345b
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).
@@ -33,10 +34,10 @@ import numpy as np
 from numba import njit
 
 import generated
-from generated.activations import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
-from generated.layers import _dense_bwd_alloc, _dense_bwd_into, _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
-from generated.losses import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
-from generated.optimizers import _adam_step_core
+from generated.activations.relu import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
+from generated.layers.dense import _dense_bwd_alloc, _dense_bwd_into, _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_fwd_alloc, _dense_fwd_into
+from generated.losses.softmax_cross_entropy import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
+from generated.optimizers.adam import _adam_step_core
 
 NAME = "mlp_digits"
 INPUT_SHAPE = (64,)  # one sample: a batch is (B,) + INPUT_SHAPE
