@@ -77,9 +77,9 @@ def test_rnn_cell_across_gemm_tiles(rng):
 
 def test_crossing_sizes_really_cross_the_tile():
     """The sizes above are meaningful only for the tile the generator uses."""
-    from codegen import emit
+    from codegen import targets
 
-    assert emit.CUDA_TILE == TILE
+    assert targets.get("cuda").tile == TILE
     for sizes in (CROSSING, CROSSING_RNN):
         for v in sizes.values():
             assert v > TILE and v % TILE
