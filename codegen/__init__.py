@@ -3,7 +3,8 @@
 Knows no particular op. Public API:
 
 * :func:`render_library` -- {path under generated/: text} for the whole library
-  (group modules, CUDA companions, ``__init__.py``, model modules).
+  (one module per op and target, the runtimes they import, the derivations,
+  ``__init__.py``, model modules).
 * :func:`regenerate` / :func:`check` -- write ``generated/`` / compare it (``python -m
   codegen`` and ``python -m codegen --check``).
 * :func:`render_spec` / :func:`build` -- a user's TOML spec to a self-contained module

@@ -1,8 +1,10 @@
 """Module emission: Programs to the text of generated modules.
 
 Python decides everything here (what kernels exist, their arguments, allocations,
-checks, launch sizes) and hands plain dicts of printed strings to the templates in
-``codegen/templates/``, which only lay them out.
+checks) and hands plain dicts of printed strings to the templates in
+``codegen/templates/``, which only lay them out. What differs between targets
+(printer, lowering, layout, launch sizes, scatter stores, templates, file names) it
+asks the target objects of codegen/targets/.
 """
 
 from __future__ import annotations
@@ -791,7 +793,7 @@ def render_group(programs, module: str, command: str, single: str | None = None,
 
 
 def render_package(groups: dict, command: str) -> str:
-    """generated/__init__.py: ``ops()`` and ``op()`` over the group modules."""
+    """generated/__init__.py: ``ops()`` and ``op()`` over the op modules (``groups``: {module: [op names]})."""
     names = sorted((name, module) for module, names in groups.items() for name in names)
     return render(
         PACKAGE_TEMPLATE,
