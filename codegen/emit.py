@@ -665,7 +665,7 @@ def render_targets(
             ops=ops,
             helpers=sorted({h for o in ops for k in o["kernels"] for h in k["helpers"]}),
             single=single,
-            runtime_import=None,
+            runtime_import=None if runtime is None else dict(runtime[target.name], names=[]),
             latex_module=latex_module,
             **flags,
             **target.module_context(ops),
@@ -673,9 +673,8 @@ def render_targets(
         text = render(target.module_template, **context)
         if runtime is not None:
             # import exactly the runtime names the module uses: render once to find them
-            rt = runtime[target.name]
-            names = sorted(loaded_names(text) & rt["names"])
-            context["runtime_import"] = dict(rt, names=names)
+            names = sorted(loaded_names(text) & runtime[target.name]["names"])
+            context["runtime_import"]["names"] = names
             text = render(target.module_template, **context)
         texts[target.name] = text
     return texts

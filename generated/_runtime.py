@@ -7,8 +7,9 @@
 
 Argument checking and conversion, the float type, the run-time checks of sizes and
 assumptions, the compiled helpers kernels call (``_gemm``, ``_span``, ``_sigmoid``,
-``_softplus``) and the ``Op`` class ``op()`` returns. Emitted once; each op module
-imports what it uses and records this file's digest in its header.
+``_softplus``), the ``Op`` class ``op()`` returns and ``_bind``, the body of every op
+module's ``op()``. Emitted once; each op module imports what it uses and records
+this file's digest in its header.
 """
 
 import math
@@ -278,3 +279,34 @@ class Op:
 
     def latex(self):
         return self._latex(self.name)
+
+
+def _bind(module, name, target, attrs, specs, funcs, latex):
+    """``op()`` of the op module ``module`` (its tables ``specs``, ``funcs``, ``latex``):
+    the attributes checked and converted, the functions of ``target`` (the CUDA
+    companion ``<module>_cuda`` is imported on first use)."""
+    spec = specs.get(name)
+    if spec is None:
+        raise ValueError("unknown op %r; this module has %s" % (name, ", ".join(sorted(specs))))
+    unknown = sorted(set(attrs) - set(spec["attrs"]))
+    if unknown:
+        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"])) or "none"))
+    values = dict(spec["attrs"])
+    for key, value in attrs.items():
+        default = values[key]
+        if isinstance(default, int) and not isinstance(default, bool):
+            if int(value) != value:
+                raise ValueError("%s: attribute %s must be an integer; got %r" % (name, key, value))
+            value = int(value)
+        else:
+            value = float(value)
+        values[key] = value
+    if target == "cpu" or spec["kind"] == "schedule":
+        funcs = funcs[name]
+    elif target == "cuda":
+        import importlib
+
+        funcs = importlib.import_module(module + "_cuda")._FUNCS[name]
+    else:
+        raise ValueError("%s: unknown target %r; expected 'cpu' or 'cuda'" % (name, target))
+    return Op(name, target, values, spec, funcs, latex)

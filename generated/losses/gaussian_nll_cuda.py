@@ -20,20 +20,12 @@ from numba import cuda
 # generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
-    _THREADS,
-    _TILE,
-    _as_float,
-    _as_int,
-    _as_scalar,
     _check_dim,
     _check_rank,
     _dev_float,
     _dev_scalar,
-    _device,
     _empty,
-    _fill_zero,
     _float_dtype,
-    _in_place,
     _launch,
     _on_device,
     _result,

@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 536c54c995c1a30a
-#   generated/layers/conv2d.py e38964bc29fc6da5
-#   generated/layers/dense.py 479d7e365abde364
-#   generated/layers/flatten.py 75e9d63a2b3d3099
-#   generated/layers/max_pool2d.py 0fdfedec6c59c48f
-#   generated/losses/softmax_cross_entropy.py 99362533b3bd4d6c
-#   generated/optimizers/adam.py 2dc7926fc7c6eb28
-#   generated/_runtime.py 3d0538f1c606345b
+#   generated/activations/relu.py a54f8ca7181216c8
+#   generated/layers/conv2d.py 1d05b1356856343c
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/layers/flatten.py 1b956ef93a092d1d
+#   generated/layers/max_pool2d.py 16e2bd15844001aa
+#   generated/losses/softmax_cross_entropy.py 11f0bb9b09ffe041
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

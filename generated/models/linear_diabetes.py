@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 479d7e365abde364
-#   generated/losses/mse.py 22270b5050803812
-#   generated/optimizers/adam.py 2dc7926fc7c6eb28
-#   generated/_runtime.py 3d0538f1c606345b
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/losses/mse.py 3b6191ec68f60856
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

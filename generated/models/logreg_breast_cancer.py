@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 479d7e365abde364
-#   generated/losses/bce_with_logits.py 8941006d14340ec6
-#   generated/optimizers/adam.py 2dc7926fc7c6eb28
-#   generated/_runtime.py 3d0538f1c606345b
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/losses/bce_with_logits.py 8e90bd068d782cc4
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).

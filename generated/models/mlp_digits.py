@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 536c54c995c1a30a
-#   generated/layers/dense.py 479d7e365abde364
-#   generated/losses/softmax_cross_entropy.py 99362533b3bd4d6c
-#   generated/optimizers/adam.py 2dc7926fc7c6eb28
-#   generated/_runtime.py 3d0538f1c606345b
+#   generated/activations/relu.py a54f8ca7181216c8
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/losses/softmax_cross_entropy.py 11f0bb9b09ffe041
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).

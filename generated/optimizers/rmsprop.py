@@ -19,11 +19,11 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 3d0538f1c606345b): its compiled helpers are compiled
+# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
-    Op,
     _as_float,
+    _bind,
     _check_dim,
     _check_rank,
     _float_dtype,
@@ -122,31 +122,6 @@ def _latex(name):
     return LATEX[name]
 
 
-_CUDA = None
-
-
-def _cuda_module():
-    """The CUDA companion (rmsprop_cuda.py), imported on first use only."""
-    global _CUDA
-    if _CUDA is None:
-        import importlib
-
-        if __package__:
-            _CUDA = importlib.import_module(__package__ + ".rmsprop_cuda")
-        else:
-            import importlib.util
-            import os
-            import sys
-
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rmsprop_cuda.py")
-            spec = importlib.util.spec_from_file_location(__name__ + "_cuda", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-            _CUDA = module
-    return _CUDA
-
-
 def ops():
     """Names of the ops in this module, sorted."""
     return sorted(_SPECS)
@@ -154,26 +129,4 @@ def ops():
 
 def op(name="rmsprop", target="cpu", **attrs):
     """The op ``name`` on ``target`` ("cpu" or "cuda") with attributes ``attrs``."""
-    spec = _SPECS.get(name)
-    if spec is None:
-        raise ValueError("unknown op %r; this module has %s" % (name, ", ".join(sorted(_SPECS))))
-    unknown = sorted(set(attrs) - set(spec["attrs"]))
-    if unknown:
-        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"])) or "none"))
-    values = dict(spec["attrs"])
-    for key, value in attrs.items():
-        default = values[key]
-        if isinstance(default, int) and not isinstance(default, bool):
-            if int(value) != value:
-                raise ValueError("%s: attribute %s must be an integer; got %r" % (name, key, value))
-            value = int(value)
-        else:
-            value = float(value)
-        values[key] = value
-    if target == "cpu" or spec["kind"] == "schedule":
-        funcs = _FUNCS[name]
-    elif target == "cuda":
-        funcs = _cuda_module()._FUNCS[name]
-    else:
-        raise ValueError("%s: unknown target %r; expected 'cpu' or 'cuda'" % (name, target))
-    return Op(name, target, values, spec, funcs, _latex)
+    return _bind(__name__, name, target, attrs, _SPECS, _FUNCS, _latex)
