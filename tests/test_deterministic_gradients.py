@@ -164,7 +164,7 @@ def test_scatter_kernels_run_one_writer_per_element(built):
     loops inside it, a plain +=; with no plain destination index, one thread."""
     import generated
 
-    text = Path(generated.__file__).with_name("layers_cuda.py").read_text()
+    text = (Path(generated.__file__).parent / "layers" / "embedding_cuda.py").read_text()
     kernel = re.search(r"def _embedding_bwd1\(.*?\n\n\n", text, re.S).group(0)
     assert "for b in range(0, B):" in kernel and "g_table[idx[b], d] += " in kernel
     assert re.search(r"_launch\(_embedding_bwd1, D, ", text)
