@@ -54,10 +54,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,21 @@ class IOp(IExpr):
 
 def _iparen(node, text):
     return f"({text})" if isinstance(node, IOp) and node.op in "+-" else text
+
+
+@dataclass(frozen=True)
+class IRead(IExpr):
+    """A read of an integer input (``dtypes = { idx = "int" }``) by plain indices:
+    ``idx[b]`` inside another read (``table[idx[b], d]``, a gather) or as a value."""
+
+    name: str
+    idx: tuple  # IVar per dimension
+
+    def spec(self):
+        return f"{self.name}[{', '.join(i.spec() for i in self.idx)}]"
+
+    def eval(self, ctx):
+        return ctx.env[self.name][tuple(e.eval(ctx) for e in self.idx)]
 
 
 # ======================================================================================
@@ -280,6 +297,24 @@ class Pow(Node):
 
     def children(self):
         return (self.base, self.expo)
+
+
+@dataclass(frozen=True)
+class IVal(Node):
+    """An index expression used as a value: ``Eq(v, idx[b])``, ``idx[b] > 1``."""
+
+    e: IExpr
+
+    @property
+    def prec(self):
+        return 100 if isinstance(self.e, (IVar, IConst, IRead)) else 20
+
+    def spec(self):
+        return self.e.spec()
+
+    def eval(self, ctx):
+        v = self.e.eval(ctx)
+        return torch.as_tensor(v).to(torch.get_default_dtype())
 
 
 def _leaky(x, slope=None):
@@ -524,6 +559,10 @@ class FuzzSpec:
     params: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     positive: set = field(default_factory=set)  # tensors sampled positive
+    sampling: dict = field(default_factory=dict)  # name -> how its values are drawn (see sample_inputs)
+    dtypes: dict = field(default_factory=dict)  # name -> "int" (an integer input)
+    assume: list = field(default_factory=list)  # assumptions, as the spec writes them
+    large: bool = False  # large-input mode: checked against the high-precision oracle
     attrs: dict = field(default_factory=dict)  # name -> default
     run_attrs: dict = field(default_factory=dict)  # attributes given at run time
     derived: dict = field(default_factory=dict)  # dim name -> IExpr
@@ -552,7 +591,7 @@ class FuzzSpec:
             return ("x",)
         if self.differentiate is not None:
             return tuple(n for n in self.arg_names if n in self.differentiate)
-        return self.arg_names
+        return tuple(n for n in self.arg_names if self.dtypes.get(n) != "int")
 
     def attr_values(self) -> dict:
         values = dict(self.attrs)
@@ -603,7 +642,9 @@ class FuzzSpec:
         else:
             where = f"sizes {self.sizes}"
         pos = f", positive inputs {sorted(self.positive)}" if self.positive else ""
-        return f"# family {self.family}, seed {self.seed}, {where}, {run}{pos}\n{self.toml}"
+        samp = f", inputs drawn {self.sampling}" if self.sampling else ""
+        mode = " (large-input mode)" if self.large else ""
+        return f"# family {self.family}{mode}, seed {self.seed}, {where}, {run}{pos}{samp}\n{self.toml}"
 
 
 class _IntCtx:
@@ -655,8 +696,12 @@ def render_toml(s: FuzzSpec) -> str:
         lines.append("dims = " + _table({k: f'"{e.spec()}"' for k, e in {**s.derived, **s.relations}.items()}))
     if s.ranges:
         lines.append("ranges = " + _table({k: f'"{v}"' for k, v in s.ranges.items()}))
+    if s.dtypes:
+        lines.append("dtypes = " + _table({k: f'"{v}"' for k, v in s.dtypes.items()}))
     if s.differentiate is not None:
         lines.append("differentiate = [" + ", ".join(f'"{n}"' for n in s.differentiate) + "]")
+    if s.assume:
+        lines.append("assume = [" + ", ".join(f'"{a}"' for a in s.assume) + "]")
     lines.append("equations = [")
     lines += [f'  "{eq.spec()}",' for eq in s.equations]
     lines.append("]")
@@ -664,6 +709,8 @@ def render_toml(s: FuzzSpec) -> str:
 
 
 def finish(s: FuzzSpec) -> FuzzSpec:
+    if s.kind == "activation" and not s.outputs:
+        s.outputs = {"y": ()}  # the output every check compares (an activation's y has x's shape)
     body = render_toml(FuzzSpec(**{**s.__dict__, "name": "NAME"}))
     s.name = "fz_" + hashlib.sha1(body.encode()).hexdigest()[:10]
     s.toml = render_toml(s)
@@ -1366,19 +1413,419 @@ def gen_optimizer(g: Gen, spec: FuzzSpec, temporaries: bool):
     spec.equations = eqs
 
 
+def _reindex(node, mapping: dict):
+    """``node`` with its plain indices renamed (``mapping``: old name -> new name)."""
+    import dataclasses
+
+    if isinstance(node, IVar):
+        return IVar(mapping.get(node.name, node.name))
+    if isinstance(node, (IConst, Num, Sym)):
+        return node
+    if isinstance(node, IOp):
+        return IOp(node.op, _reindex(node.a, mapping), _reindex(node.b, mapping))
+    if isinstance(node, (Read, IRead)):
+        return dataclasses.replace(node, idx=tuple(_reindex(e, mapping) for e in node.idx))
+    if isinstance(node, IVal):
+        return IVal(_reindex(node.e, mapping))
+    if isinstance(node, Fn):
+        return Fn(node.name, tuple(_reindex(a, mapping) for a in node.args))
+    if isinstance(node, Red):
+        return Red(node.kind, _reindex(node.body, mapping), node.idx)
+    fields = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    return dataclasses.replace(node, **{k: _reindex(v, mapping) for k, v in fields.items() if isinstance(v, Node)})
+
+
+def gen_gather(g: Gen, spec: FuzzSpec):
+    """Integer inputs (``dtypes = { idx = "int" }``): a gather from a parameter table by
+    an index input with repeated values (its gradient is a scatter-add), the index in
+    comparisons (``where(idx[b] > 1, ...)``, ``Eq(v, idx[b])``, a one-hot) and in
+    integer arithmetic (``table[(idx[b] + 1) % V, d]``)."""
+    spec.sizes = {"B": g.pick([4, 5]), "V": g.pick([2, 3]), "D": g.pick([2, 3])}
+    spec.inputs = {"idx": ("B",)}
+    spec.dtypes = {"idx": "int"}
+    spec.sampling = {"idx": "int:V"}
+    if g.chance(60):
+        spec.inputs["x"] = ("B", "D")
+        g.tensors["x"] = TensorInfo(("B", "D"), "input")
+    spec.params = {"table": ("V", "D")}
+    g.tensors["table"] = TensorInfo(("V", "D"), "param")
+    if g.chance(30):
+        spec.params["w"] = ("D",)
+        g.tensors["w"] = TensorInfo(("D",), "param")
+    i_b = IRead("idx", (IVar("b"),))
+    row = i_b if g.chance(80) else IOp("%", IOp("+", i_b, IConst(g.pick([1, 2]))), IVar("V"))
+    gathered = Read("table", (row, IVar("d")))
+    leaves = [gathered] + [Read(n, (IVar("b"), IVar("d")) if n == "x" else (IVar("d"),))
+                           for n in spec.inputs if n == "x"] + ([Read("w", (IVar("d"),))] if "w" in spec.params else [])
+    form = g.weighted({"gather": 4, "onehot": 2, "compare": 2})
+    if form == "onehot":  # sum(where(Eq(v, idx[b]), table[v, d], 0), v): the gather written as a one-hot
+        cmp = Cmp("==", IVal(IVar("v")), IVal(i_b), fn=g.chance(70)) if g.chance(70) else \
+            Cmp("==", IVal(i_b), IVal(IVar("v")), fn=True)
+        gathered = Red("sum", Where(cmp, Read("table", (IVar("v"), IVar("d"))), Num("0", 0.0)), (("v", "V"),))
+        leaves[0] = gathered
+    body = _window_body(g, leaves, g.pick([1, 2]))
+    if "table" not in Gen.reads_of(body):
+        body = Bin(g.pick(["+", "*"]), body, gathered)
+    for n in spec.inputs:
+        if n != "idx" and n not in Gen.reads_of(body):
+            body = Bin("+", body, leaves[1])
+    if "w" in spec.params and "w" not in Gen.reads_of(body):
+        body = Bin("*", body, Read("w", (IVar("d"),)))
+    if form == "compare":  # the index as a value in a condition
+        thr = g.pick([0, 1])
+        cond = Cmp(g.pick([">", ">=", "<", "!="]), IVal(i_b), Num(str(thr), float(thr)), fn=g.chance(30))
+        other = _window_body(g, leaves, 1)
+        body = Where(cond, body, other) if g.chance(50) else Where(cond, other, body)
+    out = g.weighted({"elementwise": 3, "row": 2, "loss": 2})
+    if out == "elementwise":
+        spec.outputs = {"y": ("B", "D")}
+        spec.equations = [Equation("y", (("b", "B"), ("d", "D")), body)]
+    elif out == "row":
+        spec.outputs = {"y": ("B",)}
+        spec.equations = [Equation("y", (("b", "B"),), Red("sum", body, (("d", "D"),)))]
+    else:
+        spec.kind = "loss"
+        spec.outputs = {"loss": ()}
+        spec.equations = [Equation("loss", (), Bin("/", Red("sum", body, (("b", "B"), ("d", "D"))), Sym("B")))]
+    if g.chance(30):
+        floats = [a for a in spec.arg_names if spec.dtypes.get(a) != "int"]
+        spec.differentiate = [a for a in floats if a == "table" or g.chance(50)]
+
+
+def gen_assume(g: Gen, spec: FuzzSpec):
+    """``assume = ["sum(target[b, c], c) == 1"]``: a target whose rows are distributions
+    (drawn so), read by a cross-entropy-like form whose derivation may use the fact;
+    :func:`check` also breaks one row and requires the documented error."""
+    spec.sizes = {"B": g.pick([2, 3]), "C": g.pick([3, 4])}
+    spec.inputs = {"logits": ("B", "C"), "target": ("B", "C")}
+    spec.sampling = {"target": "rows"}
+    g.tensors["logits"] = TensorInfo(("B", "C"), "input")
+    if g.chance(40):
+        spec.params = {"w": ("C",)}
+        g.tensors["w"] = TensorInfo(("C",), "param")
+    spec.assume = [g.pick(["sum(target[b, c], c) == 1", "sum(target[b,c], c) == 1"])]
+    spec.differentiate = ["logits"] + list(spec.params)
+    leaves = [Read("logits", (IVar("b"), IVar("c")))] + [Read(n, (IVar("c"),)) for n in spec.params]
+    h = leaves[0] if g.chance(40) else _window_body(g, leaves, g.pick([1, 2]))
+    if "logits" not in Gen.reads_of(h):
+        h = Bin("+", h, leaves[0])
+    if "w" in spec.params and "w" not in Gen.reads_of(h):
+        h = Bin("*", h, leaves[1])
+    hk = _reindex(h, {"c": "k"})
+    lse = Fn("log", (Red("sum", Fn("exp", (hk,)), (("k", "C"),)),))
+    t = Read("target", (IVar("b"), IVar("c")))
+    form = g.weighted({"inline": 3, "named": 2, "layer": 2, "free": 2})
+    if form == "free":  # any expression of the logits, weighted by the target
+        free = _window_body(g, leaves, 2)
+        if "logits" not in Gen.reads_of(free):
+            free = Bin(g.pick(["+", "*"]), free, leaves[0])
+        body = Bin("*", t, free)
+    else:
+        body = Bin("*", t, Bin("-", h, lse))
+    if form == "named":
+        spec.equations = [Equation("lse", (("b", "B"),), lse),
+                          Equation("loss", (), Bin("/", Neg(Red("sum", Bin("*", t, Bin("-", h, Read("lse", (IVar("b"),)))),
+                                                                   (("b", "B"), ("c", "C")))), Sym("B")))]
+    elif form == "layer":
+        spec.kind = "layer"
+        spec.outputs = {"y": ("B",)}
+        spec.equations = [Equation("y", (("b", "B"),), Neg(Red("sum", body, (("c", "C"),))))]
+        return
+    else:
+        spec.equations = [Equation("loss", (), Bin("/", Neg(Red("sum", body, (("b", "B"), ("c", "C")))), Sym("B")))]
+    spec.kind = "loss"
+    spec.outputs = {"loss": ()}
+
+
+# ======================================================================================
+# Large-input mode: stability-relevant shapes at |x| ~ 1e2-1e3
+# ======================================================================================
+
+
+def _one(v=1.0):
+    return Num(str(int(v)) if float(v).is_integer() else repr(v), float(v))
+
+
+def _large_arg(g: Gen, read: Node) -> Node:
+    """A linear argument around a large read: x, -x, x/2, 2*x - 1, alpha*x: large stays large."""
+    form = g.weighted({"plain": 6, "neg": 2, "half": 1, "affine": 1, "attr": 1 if g.float_attrs else 0})
+    if form == "neg":
+        return Neg(read)
+    if form == "half":
+        return Bin("/", read, Num("2", 2.0))
+    if form == "affine":
+        return Bin("-", Bin("*", Num("2", 2.0), read), Num("1", 1.0))
+    if form == "attr":
+        return Bin("*", Sym(g.float_attrs[0]), read)
+    return read
+
+
+def _stable_atom(g: Gen, a: Node, b: Node, p: Node | None, y: Node | None) -> Node:
+    """One shape whose naive evaluation overflows, underflows or cancels at large
+    arguments ``a``, ``b``; ``p`` is positive (or None), ``y`` in [0, 1] (or None)."""
+    one = Num("1", 1.0)
+    weights = {"softplus": 2, "logsig": 4, "log1msig": 3, "log1pexp": 3, "log1p_exp": 2, "sig_ratio": 3,
+               "sig_recip": 2, "sig_var": 2, "swish": 2, "tanh_ratio": 2, "logcosh": 2, "lse2": 4, "ratio2": 4,
+               "named": 3, "focal": 2, "bce": 2 if y is not None else 0, "hypot": 1, "expdiff": 1,
+               "xlogx": 3 if p is not None else 0, "softsign": 1, "log_exp": 1, "sig_diff": 1, "siglogsig": 2,
+               "mish_written": 1, "gelu_tanh": 1, "exp_neg_sq": 1, "sum_ratio": 2}
+    k = g.weighted(weights)
+    sig = Fn("sigmoid", (a,))
+    if k == "softplus":
+        return Fn("softplus", (a,))
+    if k == "logsig":
+        return Fn("log", (sig,))
+    if k == "log1msig":
+        return Fn("log", (Bin("-", one, sig),))
+    if k == "log1pexp":
+        return Fn("log", (Bin("+", one, Fn("exp", (a,))),))
+    if k == "log1p_exp":
+        return Fn("log1p", (Fn("exp", (a,)),))
+    if k == "sig_ratio":
+        return Bin("/", Fn("exp", (a,)), Bin("+", one, Fn("exp", (a,))))
+    if k == "sig_recip":
+        return Bin("/", one, Bin("+", one, Fn("exp", (Neg(a),))))
+    if k == "sig_var":
+        return Bin("*", sig, Bin("-", one, sig))
+    if k == "swish":
+        return Bin("*", a, sig)
+    if k == "tanh_ratio":
+        e, f = Fn("exp", (a,)), Fn("exp", (Neg(a),))
+        return Bin("/", Bin("-", e, f), Bin("+", e, f))
+    if k == "logcosh":
+        return Fn("log", (Fn("cosh", (a,)),))
+    if k == "lse2":
+        return Fn("log", (Bin("+", Fn("exp", (a,)), Fn("exp", (b,))),))
+    if k == "ratio2":
+        return Bin("/", Fn("exp", (a,)), Bin("+", Fn("exp", (a,)), Fn("exp", (b,))))
+    if k == "sum_ratio":  # (exp(a) - exp(b)) / (exp(a) + exp(b))
+        return Bin("/", Bin("-", Fn("exp", (a,)), Fn("exp", (b,))), Bin("+", Fn("exp", (a,)), Fn("exp", (b,))))
+    if k == "named":
+        return Fn(g.pick(["silu", "mish", "gelu", "elu", "tanh", "sigmoid", "softplus", "erf", "atan", "relu",
+                          "leaky_relu", "abs"]), (a,))
+    if k == "focal":
+        return Bin("*", Neg(Pow(Bin("-", one, sig), Num("2", 2.0))), Fn("log", (sig,)))
+    if k == "bce":
+        return Bin("+", Bin("*", y, Fn("log", (sig,))), Bin("*", Bin("-", one, y), Fn("log", (Bin("-", one, sig),))))
+    if k == "hypot":
+        return Fn("sqrt", (Bin("+", Pow(a, Num("2", 2.0)), Pow(b, Num("2", 2.0))),))
+    if k == "expdiff":
+        return Fn("exp", (Bin("-", a, b),))
+    if k == "xlogx":
+        return Bin("*", p, Fn("log", (p,)))
+    if k == "softsign":
+        return Bin("/", a, Bin("+", one, Fn("abs", (a,))))
+    if k == "log_exp":
+        return Fn("log", (Fn("exp", (a,)),))
+    if k == "sig_diff":
+        return Fn("sigmoid", (Bin("-", a, b),))
+    if k == "siglogsig":
+        return Bin("*", sig, Fn("log", (sig,)))
+    if k == "mish_written":
+        return Bin("*", a, Fn("tanh", (Fn("log", (Bin("+", one, Fn("exp", (a,))),)),)))
+    if k == "gelu_tanh":
+        inner = Bin("*", Num("0.7978845608", 0.7978845608),
+                    Bin("+", a, Bin("*", Num("0.044715", 0.044715), Pow(a, Num("3", 3.0)))))
+        return Bin("*", Bin("*", Num("0.5", 0.5), a), Bin("+", one, Fn("tanh", (inner,))))
+    return Fn("exp", (Neg(Pow(a, Num("2", 2.0))),))
+
+
+def _stable_expr(g: Gen, args, p=None, y=None) -> Node:
+    """A stability atom, sometimes combined with another or scaled (``args()`` draws one
+    large argument)."""
+    e = _stable_atom(g, args(), args(), p, y)
+    if g.chance(40):
+        op = g.pick(["+", "-", "*"])
+        e = Bin(op, e, _stable_atom(g, args(), args(), p, y))
+    if g.chance(15):
+        e = Bin("*", Num(*g.pick([("0.5", 0.5), ("3", 3.0), ("0.25", 0.25)])), e)
+    return e
+
+
+def gen_stable_act(g: Gen, spec: FuzzSpec):
+    spec.inputs = {"x": ()}
+    spec.sampling = {"x": "large"}
+    if g.chance(20):
+        spec.attrs["alpha"] = g.pick([0.5, 1.5, 2.0])
+        g.float_attrs.append("alpha")
+    x = Read("x")
+    p = g.pick([Fn("abs", (x,)), Pow(x, Num("2", 2.0))])
+    rhs = _stable_expr(g, lambda: _large_arg(g, x), p=p)
+    if "x" not in Gen.reads_of(rhs):
+        rhs = Bin("+", rhs, x)
+    spec.equations = [Equation("y", (), rhs)]
+    spec.act_shape = g.pick([(6,), (2, 4), (9,)])
+
+
+def _row_forms(g: Gen, S, v):
+    """Row-wise shapes over j (S(i) is a large score at index i of the row; v(i) values)."""
+    j, n = "j", "n"
+    e_n, den = Fn("exp", (S(n),)), Red("sum", Fn("exp", (S(j),)), ((j, "N"),))
+    lse = Fn("log", (den,))
+    form = g.weighted({"softmax": 3, "attention": 3, "lse": 2, "logsoftmax": 2, "logratio": 3, "lsediff": 1,
+                       "maxshift": 1})
+    if form == "softmax":
+        return ("B", "N"), Bin("/", e_n, den)
+    if form == "attention":
+        return ("B",), Bin("/", Red("sum", Bin("*", Fn("exp", (S(j),)), v(j)), ((j, "N"),)), den)
+    if form == "lse":
+        return ("B",), lse
+    if form == "logsoftmax":
+        return ("B", "N"), Bin("-", S(n), lse)
+    if form == "logratio":
+        return ("B", "N"), Fn("log", (Bin("/", e_n, den),))
+    if form == "lsediff":
+        return ("B", "N"), Fn("log", (Red("sum", Fn("exp", (Bin("-", S(j), S(n)),)), ((j, "N"),)),))
+    m = Red("max", S("k"), (("k", "N"),))
+    return ("B",), Bin("+", m, Fn("log", (Red("sum", Fn("exp", (Bin("-", S(j), m),)), ((j, "N"),)),)))
+
+
+def gen_stable_layer(g: Gen, spec: FuzzSpec, loss: bool = False):
+    """Layers and losses of stability-relevant shapes over large inputs: softmax and
+    attention ratios of sums of exponentials, log-sum-exp, log-softmax, the log of a
+    softmax ratio, a softmax or a sigmoid named on its own line then logged, entropies
+    ``q log q``, cross-entropy, focal and binary cross-entropy losses, elementwise atoms
+    (:func:`_stable_atom`); scores are an input or a contraction ``sum(u[b,k]*w[k,n], k)``."""
+    spec.sizes = {"B": g.pick([2, 3]), "N": g.pick([3, 4, 5]), "K": g.pick([2, 3])}
+    spec.inputs = {"x": ("B", "N")}
+    spec.sampling = {"x": g.pick(["large", "offset", "offset"])}
+    g.tensors["x"] = TensorInfo(("B", "N"), "input")
+    scores = g.chance(25)
+    if scores:
+        spec.inputs["u"] = ("B", "K")
+        spec.sampling["u"] = g.pick(["large", "offset"])
+        spec.params["w"] = ("K", "N")
+    want_v = g.chance(50)
+    if want_v:
+        spec.inputs["v"] = ("B", "N")
+    want_p = g.chance(25)
+    if want_p:
+        spec.inputs["p"] = ("B", "N")
+        spec.sampling["p"] = "large"
+        spec.positive = {"p"}
+    want_t = loss or g.chance(15)
+    if want_t:
+        spec.inputs["target"] = ("B", "N")
+        spec.sampling["target"] = g.pick(["prob", "rows"])
+    eqs = []
+
+    def X(i):
+        return Read("x", (IVar("b"), IVar(i)))
+
+    if scores:
+        eqs.append(Equation("t", (("b", "B"), ("n", "N")),
+                            Bin("+", Red("sum", Bin("*", Read("u", (IVar("b"), IVar("k"))), Read("w", (IVar("k"), IVar("n")))),
+                                         (("k", "K"),)), Read("x", (IVar("b"), IVar("n"))))))
+
+        def S(i):
+            return Read("t", (IVar("b"), IVar(i)))
+    else:
+        shape = _large_arg(g, X("n"))
+
+        def S(i):
+            return _reindex(shape, {"n": i})
+
+    def V(i):
+        return Read("v", (IVar("b"), IVar(i))) if want_v else Fn("tanh", (X(i),))
+
+    P = Read("p", (IVar("b"), IVar("n"))) if want_p else None
+    T = Read("target", (IVar("b"), IVar("n"))) if want_t else None
+    lhs_bn = (("b", "B"), ("n", "N"))
+    form = g.weighted({"row": 5, "named_softmax": 3, "named_sigmoid": 2, "elementwise": 4})
+    if form == "row":
+        dims, rhs = _row_forms(g, S, V)
+        body_bn = rhs if dims == ("B", "N") else None
+        if body_bn is None:
+            target = ("y", (("b", "B"),), rhs)
+    elif form == "named_softmax":
+        eqs.append(Equation("q", lhs_bn, Bin("/", Fn("exp", (S("n"),)), Red("sum", Fn("exp", (S("j"),)), (("j", "N"),)))))
+        q = Read("q", (IVar("b"), IVar("n")))
+        k = g.weighted({"entropy": 2, "log": 2, "weighted": 1})
+        if k == "entropy":
+            body_bn = None
+            target = ("y", (("b", "B"),), Red("sum", Bin("*", q, Fn("log", (q,))), (("n", "N"),)))
+        elif k == "log":
+            body_bn = Fn("log", (q,))
+        else:
+            body_bn = Bin("*", q, V("n"))
+    elif form == "named_sigmoid":
+        eqs.append(Equation("q", lhs_bn, Fn("sigmoid", (S("n"),))))
+        q = Read("q", (IVar("b"), IVar("n")))
+        one = Num("1", 1.0)
+        k = g.weighted({"focal": 2, "log": 1, "log1m": 1, "bce": 1 if T is not None else 0})
+        if k == "focal":
+            body_bn = Bin("*", Neg(Pow(Bin("-", one, q), Num("2", 2.0))), Fn("log", (q,)))
+        elif k == "log":
+            body_bn = Fn("log", (q,))
+        elif k == "log1m":
+            body_bn = Fn("log", (Bin("-", one, q),))
+        else:
+            body_bn = Bin("+", Bin("*", T, Fn("log", (q,))), Bin("*", Bin("-", one, T), Fn("log", (Bin("-", one, q),))))
+    else:
+        others = [X("n")] + ([Read("u", (IVar("b"), IVar("k")))] if False else [])
+
+        def arg():
+            return _large_arg(g, g.pick(others)) if not scores or g.chance(50) else S("n")
+
+        body_bn = _stable_expr(g, arg, p=P, y=T)
+        if want_v and g.chance(50):
+            body_bn = Bin("*", body_bn, V("n"))
+    if loss:
+        spec.kind = "loss"
+        spec.outputs = {"loss": ()}
+        if body_bn is not None:
+            w = T if T is not None and g.chance(60) else None
+            body = Bin("*", w, body_bn) if w is not None else body_bn
+            rhs = Bin("/", Neg(Red("sum", body, (("b", "B"), ("n", "N")))), Sym("B"))
+        else:
+            _, lhs, row = target
+            rhs = Bin("/", Red("sum", _reindex(row, {}), (("b", "B"),)), Sym("B"))
+        eqs.append(Equation("loss", (), rhs))
+    else:
+        if body_bn is not None:
+            spec.outputs = {"y": ("B", "N")}
+            eqs.append(Equation("y", lhs_bn, body_bn))
+        else:
+            name, lhs, rhs = target
+            spec.outputs = {"y": ("B",)}
+            eqs.append(Equation("y", lhs, rhs))
+    spec.equations = eqs
+    # every declared input is read; a target, an index tensor and p are data
+    reads = set().union(*(Gen.reads_of(e.rhs) for e in eqs))
+    for n in list(spec.inputs):
+        if n not in reads:
+            del spec.inputs[n]
+            spec.sampling.pop(n, None)
+            spec.positive.discard(n)
+    for n in list(spec.params):
+        if n not in reads:
+            del spec.params[n]
+    if "target" in spec.inputs:
+        spec.differentiate = [n for n in spec.arg_names if n != "target"]
+
+
 # ======================================================================================
 # The strategy
 # ======================================================================================
 
-FAMILIES = ("activation", "layer", "window", "split", "loss", "optimizer")
+FAMILIES = ("activation", "layer", "window", "split", "loss", "optimizer", "gather", "assume")
 
 
-def generate(src, families=FAMILIES, temporaries=True, max_depth=3) -> FuzzSpec:
-    """One random :class:`FuzzSpec` from the choices of ``src`` (``.toml`` is its text)."""
+LARGE_FAMILIES = ("stable_act",) * 3 + ("stable_layer",) * 4 + ("stable_loss",) * 2 + ("activation", "layer")
+
+
+def generate(src, families=FAMILIES, temporaries=True, max_depth=3, large=False) -> FuzzSpec:
+    """One random :class:`FuzzSpec` from the choices of ``src`` (``.toml`` is its text).
+    ``large``: the large-input mode's mix (LARGE_FAMILIES, unless ``families`` names some
+    of them): stability-relevant shapes, and inputs at |v| ~ 1e2-1e3."""
+    if large:
+        chosen = [f for f in LARGE_FAMILIES if f in families]
+        families = chosen or LARGE_FAMILIES
     family = src.pick(list(families))
     depth = src.integer(1, max_depth)
     g = Gen(src, depth)
-    kind = {"window": "layer", "split": "layer"}.get(family, family)
+    kind = {"window": "layer", "split": "layer", "gather": "layer", "assume": "loss", "stable_act": "activation",
+            "stable_layer": "layer", "stable_loss": "loss"}.get(family, family)
     spec = FuzzSpec(family=family, kind=kind)
     if family == "activation":
         gen_activation(g, spec)
@@ -1390,21 +1837,234 @@ def generate(src, families=FAMILIES, temporaries=True, max_depth=3) -> FuzzSpec:
         gen_split(g, spec)
     elif family == "window":
         gen_window(g, spec)
+    elif family == "gather":
+        gen_gather(g, spec)
+    elif family == "stable_act":
+        gen_stable_act(g, spec)
+    elif family in ("stable_layer", "stable_loss"):
+        gen_stable_layer(g, spec, loss=family == "stable_loss")
+    elif family == "assume":
+        gen_assume(g, spec)
     else:
         gen_optimizer(g, spec, temporaries)
     spec.seed = src.integer(0, 2**31 - 1)
+    if large:
+        spec.large = True
+        for n in spec.arg_names:  # the general families' float inputs: large too
+            if spec.dtypes.get(n) != "int" and n not in spec.sampling:
+                spec.sampling[n] = "large"
     return finish(spec)
 
 
 @st.composite
-def specs(draw, families=FAMILIES, temporaries=True, max_depth=3):
+def specs(draw, families=FAMILIES, temporaries=True, max_depth=3, large=False):
     """The Hypothesis strategy of random specs."""
-    return generate(HypothesisSource(draw), families, temporaries, max_depth)
+    return generate(HypothesisSource(draw), families, temporaries, max_depth, large)
 
 
 def random_spec(seed: int, k: int, **kw) -> FuzzSpec:
     """Spec number ``k`` of campaign seed ``seed`` (reproducible on its own)."""
     return generate(RandomSource(f"{seed}:{k}"), **kw)
+
+
+# ======================================================================================
+# The high-precision oracle (large-input mode)
+# ======================================================================================
+#
+# The same expression trees, evaluated with mpmath at MP_DIGITS significant digits on
+# numpy object arrays: no overflow (mpmath's exponent range is unbounded), no
+# cancellation at these magnitudes. Its forward value is "the true value"; its
+# gradients are central differences at a step of 1e-20 (relative), exact to far more
+# digits than float64 keeps. A tree whose true value is not real (a logarithm of a
+# negative number) or whose evaluation divides by zero is not a usable sample.
+
+MP_DIGITS = 50
+
+
+def _mp_sigmoid(x):
+    return 1 / (1 + mpmath.exp(-x))
+
+
+def _mp_softplus(x):
+    return mpmath.log1p(mpmath.exp(x)) if x < 0 else x + mpmath.log1p(mpmath.exp(-x))
+
+
+MP_FUNCTIONS = {
+    "exp": mpmath.exp, "log": mpmath.log, "log1p": mpmath.log1p, "expm1": mpmath.expm1, "sqrt": mpmath.sqrt,
+    "sin": mpmath.sin, "cos": mpmath.cos, "tan": mpmath.tan, "atan": mpmath.atan, "sinh": mpmath.sinh,
+    "cosh": mpmath.cosh, "tanh": mpmath.tanh, "erf": mpmath.erf, "abs": abs, "sign": mpmath.sign,
+    "floor": mpmath.floor,
+    "Max": lambda *a: max(a), "Min": lambda *a: min(a),
+    "sigmoid": _mp_sigmoid, "softplus": _mp_softplus,
+    "relu": lambda x: x if x > 0 else mpmath.mpf(0),
+    "leaky_relu": lambda x, s=mpmath.mpf("0.01"): x if x > 0 else s * x,
+    "elu": lambda x, a=mpmath.mpf(1): x if x > 0 else a * mpmath.expm1(x),
+    "gelu": lambda x: x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2,
+    "silu": lambda x: x * _mp_sigmoid(x),
+    "mish": lambda x: x * mpmath.tanh(_mp_softplus(x)),
+}
+
+
+def _obj(v):
+    return np.asarray(v, dtype=object)
+
+
+def _vec(f, *args):
+    return _obj(np.frompyfunc(f, len(args), 1)(*args))
+
+
+def _mp_num(text):
+    if "/" in text:
+        a, b = text.split("/")
+        return mpmath.mpf(a) / mpmath.mpf(b)
+    return mpmath.mpf(text)
+
+
+class MpCtx(Ctx):
+    def arange(self, index):
+        shape = [1] * self.nd
+        shape[self.axes[index]] = self.size(index)
+        return np.arange(self.size(index)).reshape(shape)
+
+
+_MP_CMP = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq,
+           "!=": operator.ne}
+
+
+def mp_eval(node: Node, ctx: MpCtx):
+    """``node`` on object arrays of mpf (the high-precision twin of ``Node.eval``)."""
+    if isinstance(node, Num):
+        return _obj(_mp_num(node.text))
+    if isinstance(node, Sym):
+        return _obj(mpmath.mpf(repr(ctx.scalars[node.name])))
+    if isinstance(node, IVal):
+        return _vec(lambda v: mpmath.mpf(int(v)), np.asarray(node.e.eval(ctx)))
+    if isinstance(node, Read):
+        t = ctx.env[node.name]
+        if not node.idx:
+            return t
+        mask, clamped = None, []
+        for e, n in zip(node.idx, t.shape):
+            v = np.asarray(e.eval(ctx))
+            v = v.reshape([1] * ctx.nd) if v.ndim == 0 else v
+            ok = (v >= 0) & (v < n)
+            mask = ok if mask is None else mask & ok
+            clamped.append(np.clip(v, 0, max(n - 1, 0)))
+        return _obj(np.where(mask, t[tuple(clamped)], mpmath.mpf(0)))
+    if isinstance(node, Neg):
+        return _obj(-mp_eval(node.a, ctx))
+    if isinstance(node, Bin):
+        a, b = mp_eval(node.a, ctx), mp_eval(node.b, ctx)
+        return _obj({"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}[node.op](a, b))
+    if isinstance(node, Pow):
+        return _vec(lambda a, b: a ** b, mp_eval(node.base, ctx), mp_eval(node.expo, ctx))
+    if isinstance(node, Fn):
+        f = MP_FUNCTIONS[node.name]
+        if node.name in ("leaky_relu", "elu") and len(node.args) == 2:
+            c = _mp_num(node.args[1].text)
+            return _vec(lambda x: f(x, c), mp_eval(node.args[0], ctx))
+        return _vec(f, *[mp_eval(a, ctx) for a in node.args])
+    if isinstance(node, Cmp):
+        return _vec(_MP_CMP[node.op], mp_eval(node.a, ctx), mp_eval(node.b, ctx)).astype(bool)
+    if isinstance(node, BoolOp):
+        a = mp_eval(node.a, ctx).astype(bool)
+        if node.op == "not":
+            return ~a
+        b = mp_eval(node.b, ctx).astype(bool)
+        return a & b if node.op == "and" else a | b
+    if isinstance(node, Where):
+        return _obj(np.where(mp_eval(node.cond, ctx).astype(bool), mp_eval(node.a, ctx), mp_eval(node.b, ctx)))
+    if isinstance(node, Red):
+        body = mp_eval(node.body, ctx)
+        axes = tuple(ctx.axes[i] for i, _ in node.idx)
+        shape = [1] * ctx.nd
+        for i, _ in node.idx:
+            shape[ctx.axes[i]] = ctx.size(i)
+        body = body.reshape(body.shape + (1,) * (ctx.nd - body.ndim)) if body.ndim < ctx.nd else body
+        body = np.broadcast_to(body, np.broadcast_shapes(body.shape, tuple(shape)))
+        if node.kind == "max":
+            return _obj(np.max(body, axis=axes, keepdims=True))
+        total = _obj(np.sum(body, axis=axes, keepdims=True))
+        if node.kind == "mean":
+            count = 1
+            for a in axes:
+                count *= body.shape[a]
+            return _obj(total / count)
+        return total
+    raise TypeError(f"no high-precision rule for {type(node).__name__}")
+
+
+def _mp_equation(eq: Equation, ctx: MpCtx):
+    sizes = dict(eq.lhs)
+    for node in eq.rhs.walk():
+        if isinstance(node, Red):
+            sizes.update(dict(node.idx))
+    names = [i for i, _ in eq.lhs] + [i for i in sizes if i not in dict(eq.lhs)]
+    ctx.axes = {n: k for k, n in enumerate(names)}
+    ctx.sizes = sizes
+    ctx.nd = len(names)
+    value = mp_eval(eq.rhs, ctx)
+    shape = [ctx.size(i) for i, _ in eq.lhs]
+    if value.ndim < ctx.nd:
+        value = value.reshape(value.shape + (1,) * (ctx.nd - value.ndim))
+    if value.ndim == 0:
+        return _obj(np.broadcast_to(value, shape).copy()) if shape else value
+    value = np.broadcast_to(value, shape + list(value.shape[len(shape):]))
+    return _obj(value.reshape(shape))
+
+
+def mp_outputs(spec: FuzzSpec, env: dict) -> list:
+    """The outputs (object arrays of mpf) of ``spec`` on ``env`` (name -> object array,
+    or an int64 array for an integer input)."""
+    if spec.kind == "activation":
+        ctx = MpCtx(env={"x": env["x"]}, ints={}, scalars=spec.attr_values())
+        return [_obj(np.broadcast_to(mp_eval(spec.equations[0].rhs, ctx), env["x"].shape).copy())]
+    ints = spec.dim_values()
+    ctx = MpCtx(env=dict(env), ints=ints, scalars={**ints, **spec.attr_values()})
+    for eq in spec.equations:
+        ctx.env[eq.target] = _mp_equation(eq, ctx)
+    return [ctx.env[o] for o in spec.outputs]
+
+
+def _to_float(a) -> np.ndarray:
+    """Object array of mpf -> float64 (inf beyond float64's range, NaN where not real)."""
+    def conv(v):
+        if isinstance(v, mpmath.mpc):
+            return float("nan") if abs(v.imag) > 1e-40 * max(1, abs(v.real)) else float(v.real)
+        return float(v)
+    return np.vectorize(conv, otypes=[np.float64])(a) if np.size(a) else np.zeros(np.shape(a))
+
+
+def mp_reference(spec: FuzzSpec, args, seeds, wrt):
+    """The true outputs and the true gradients (of sum(seed * output) with respect to
+    ``args[i]``, i in ``wrt``) as float64 arrays, from the high-precision oracle."""
+    with mpmath.workdps(MP_DIGITS):
+        env = {n: (a if ref._is_int(a) else _vec(lambda v: mpmath.mpf(float(v)), a))
+               for n, a in zip(spec.arg_names, args)}
+        outs = mp_outputs(spec, env)
+        if seeds is None:
+            return [_to_float(o) for o in outs], None
+        s_mp = [_vec(lambda v: mpmath.mpf(float(v)), np.asarray(s, dtype=np.float64)) for s in seeds]
+
+        def phi():
+            return sum((np.sum(s * o) for s, o in zip(s_mp, mp_outputs(spec, env))), mpmath.mpf(0))
+
+        grads = []
+        for i in wrt:
+            name = spec.arg_names[i]
+            base = env[name]
+            g = np.zeros(np.shape(base))
+            for k in np.ndindex(np.shape(base)):
+                x0 = base[k]
+                h = mpmath.mpf(10) ** -20 * max(1, abs(x0))
+                base[k] = x0 + h
+                up = phi()
+                base[k] = x0 - h
+                down = phi()
+                base[k] = x0
+                g[k] = _to_float(_obj((up - down) / (2 * h)))
+            grads.append(g)
+        return [_to_float(o) for o in outs], grads
 
 
 # ======================================================================================
@@ -1473,19 +2133,55 @@ def _finite_ok(arrays, what):
 
 
 def sample_inputs(spec: FuzzSpec, rng: np.random.Generator) -> list:
-    """Float64 inputs, |v| in [0.3, 1.5], positive for the tensors in ``spec.positive``."""
+    """The arguments, float64 (int64 for integer inputs). By default |v| in [0.3, 1.5],
+    positive for the tensors in ``spec.positive``; ``spec.sampling`` draws others:
+
+    * ``large``: |v| log-uniform in [1e2, 1e3], mixed signs (positive if in
+      ``spec.positive``), one entry in five near zero (|v| in [1e-3, 1]);
+    * ``offset``: a row offset ±[1e2, 1e3] plus small differences (normal, sd 1-3) along
+      the last axis: large logits whose softmax is not one-hot;
+    * ``prob``: uniform in [0, 1]; ``rows``: rows summing to 1 along the last axis
+      (what ``assume = ["sum(t[b, c], c) == 1"]`` states);
+    * ``int:V``: integers in [0, V) (V a dimension), with repeats (a gather's scatter-add).
+    """
     args = []
+    ints = spec.dim_values() if spec.kind != "activation" else {}
     for name in spec.arg_names:
         shape = spec.act_shape if spec.kind == "activation" else spec.shape(name)
-        v = rng.uniform(0.3, 1.5, size=shape)
-        if name not in spec.positive:
+        how = spec.sampling.get(name, "")
+        positive = name in spec.positive
+        if how.startswith("int:"):
+            n = ints[how[4:]]
+            v = rng.integers(0, n, size=shape)
+            if v.size > 1:
+                v.reshape(-1)[-1] = v.reshape(-1)[0]  # a repeated index, always
+            args.append(v.astype(np.int64))
+            continue
+        if how == "large":
+            v = 10.0 ** rng.uniform(2, 3, size=shape)
+            near = rng.random(size=shape) < 0.2
+            v = np.where(near, 10.0 ** rng.uniform(-3, 0, size=shape), v)
+        elif how == "offset":
+            off = 10.0 ** rng.uniform(2, 3, size=shape[:-1] + (1,) if shape else ())
+            off = off * (1.0 if positive else rng.choice([-1.0, 1.0], size=np.shape(off)))
+            v = off + rng.normal(size=shape) * rng.uniform(1, 3)
+            positive = True  # the offset has its sign already
+        elif how == "prob":
+            v = rng.uniform(0, 1, size=shape)
+            positive = True
+        elif how == "rows":
+            v = ref.prob_rows(rng, shape)
+            positive = True
+        else:
+            v = rng.uniform(0.3, 1.5, size=shape)
+        if not positive:
             v = v * rng.choice([-1.0, 1.0], size=shape)
         args.append(np.asarray(v, dtype=np.float64))
     return args
 
 
 def _torch_call(spec, args, grad=False):
-    ts = {n: torch.tensor(a, requires_grad=grad) for n, a in zip(spec.arg_names, args)}
+    ts = {n: torch.tensor(a, requires_grad=grad and spec.dtypes.get(n) != "int") for n, a in zip(spec.arg_names, args)}
     return ts, spec.reference(ts)
 
 
@@ -1528,6 +2224,8 @@ def check(spec: FuzzSpec, workdir, target: str = "cpu", fd: bool = True, float32
         stage = "run"
         if spec.kind == "optimizer":
             _check_optimizer(spec, op, target)
+        elif spec.large:
+            _check_large(spec, op, float32)
         else:
             _check_layer(spec, op, target, fd)
             if float32:
@@ -1593,6 +2291,38 @@ def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
         for i, g, n in zip(wrt, grads, numeric):
             _close(g, n, FD_TOL, f"gradient of {spec.arg_names[i]} (against central differences)", "backward")
     _check_other_shape(spec, op, rng, wrt)
+    if spec.assume:
+        _check_assumption_enforced(spec, op, args, seeds, rng)
+
+
+def _check_assumption_enforced(spec: FuzzSpec, op, args, seeds, rng):
+    """Inputs that break an assumption (one row of the assumed tensor masked to zero, or
+    scaled): the forward still matches the oracle (it uses no assumption), and the
+    backward raises the documented error naming the op and the assumption instead of
+    returning a gradient derived from a fact that does not hold."""
+    import re as _re
+
+    for a in spec.assume:
+        name = _re.match(r"sum\((\w+)\[", a).group(1)
+        k = spec.arg_names.index(name)
+        for how in ("masked", "scaled"):
+            bad = [np.array(v) for v in args]
+            row = int(rng.integers(0, bad[k].shape[0]))
+            bad[k][row] = 0.0 if how == "masked" else bad[k][row] * 1.5
+            with torch.no_grad():
+                _, outs = _torch_call(spec, bad)
+            for n, o, e in zip(spec.outputs, ref.as_tuple(op.forward(*bad)), outs):
+                _close(o, e.numpy(), SPEC_TOL, f"forward output {n} with a {how} row of {name}", "assume")
+            try:
+                op.backward(*seeds, *bad)
+            except ValueError as exc:
+                text = str(exc)
+                if "assumption" not in text or spec.name not in text:
+                    raise _Wrong("assume", f"the error for a {how} row of {name} does not name the op and "
+                                           f"the assumption: {text}") from None
+                continue
+            raise _Wrong("assume", f"a {how} row {row} of {name} breaks `{a}`, and the backward returned a "
+                                   f"gradient instead of the documented error")
 
 
 def _torch_reference(spec: FuzzSpec, args, rng, wrt):
@@ -1675,14 +2405,15 @@ def _check_float32(spec: FuzzSpec, op):
     """Outputs and gradients in float32: float32 dtype, and an error against the float64
     oracle within F32_FACTOR of PyTorch's float32 error on the same (rounded) inputs."""
     rng = np.random.default_rng(spec.seed)
-    args = [a.astype(np.float32).astype(np.float64) for a in sample_inputs(spec, rng)]
+    args = [a if ref._is_int(a) else a.astype(np.float32).astype(np.float64) for a in sample_inputs(spec, rng)]
     want = spec.expected_differentiable
     wrt = [spec.arg_names.index(n) for n in want]
 
     def torch_eval(dtype, seeds=None):
         torch.set_default_dtype(dtype)
         try:
-            ts = {n: torch.tensor(a, dtype=dtype, requires_grad=True) for n, a in zip(spec.arg_names, args)}
+            ts = {n: torch.tensor(a) if ref._is_int(a) else torch.tensor(a, dtype=dtype, requires_grad=True)
+                  for n, a in zip(spec.arg_names, args)}
             outs = spec.reference(ts)
             if seeds is None:
                 return [o.detach().double().numpy() for o in outs], None
@@ -1704,7 +2435,7 @@ def _check_float32(spec: FuzzSpec, op):
     out64, g64 = torch_eval(torch.float64, seeds)
     out32, g32 = torch_eval(torch.float32, seeds)
     _finite_ok(out32 + g32, "float32 values")
-    a32 = [a.astype(np.float32) for a in args]
+    a32 = [a if ref._is_int(a) else a.astype(np.float32) for a in args]
     s32 = [s if np.ndim(s) == 0 else np.asarray(s, np.float32) for s in seeds]
     mine = ref.as_tuple(op.forward(*a32))
     grads = ref.as_tuple(op.backward(*s32, *a32))
@@ -1721,3 +2452,129 @@ def _check_float32(spec: FuzzSpec, op):
         if not np.all(np.isfinite(m64)) or mine_err > F32_FACTOR * torch_err + F32_FLOOR * eps * scale:
             raise _Imprecise(f"{what} in float32: error {mine_err:.3g} against float64, PyTorch float32's "
                              f"{torch_err:.3g} (scale {scale:.3g})")
+
+
+LARGE_TOL = ref.Tol(rtol=1e-7, atol=1e-9)  # float64 against the true value, relative to each array's scale
+LARGE_SENS = 16.0  # ... plus this many times the true value's change under one rounding of the inputs
+LARGE_LIMIT = {np.float64: 1e300, np.float32: 1e37}  # a true value beyond this overflows: discarded
+
+
+def _true_or_discard(spec, args, seeds, wrt):
+    try:
+        return mp_reference(spec, args, seeds, wrt)
+    except (ZeroDivisionError, OverflowError, ValueError) as exc:
+        raise _Discard(f"the true value is undefined at this sample ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - the fuzzer's own oracle failed: a bug in this file
+        raise _Oracle(_tb()) from exc
+
+
+def _check_large(spec: FuzzSpec, op, float32: bool):
+    """Large-input mode: inputs at |v| ~ 1e2-1e3 (``spec.sampling``), checked against the
+    high-precision oracle (:func:`mp_reference`) wherever the true forward and gradients
+    are finite (else the sample is discarded). float64: finite, and within LARGE_TOL of
+    the true value plus LARGE_SENS times its sensitivity to one rounding of the inputs
+    (what any backward-stable evaluation may lose); a non-finite or inaccurate result is
+    ``wrong``. With ``float32``: the same inputs rounded to float32 must give finite
+    results (else ``wrong``) within F32_FACTOR of PyTorch float32's own error on the
+    same tree, or, where PyTorch's float32 is not finite itself, of the float32
+    sensitivity (else ``imprecise``)."""
+    rng = np.random.default_rng(spec.seed)
+    args = sample_inputs(spec, rng)
+    if float32:
+        args = [a if ref._is_int(a) else a.astype(np.float32).astype(np.float64) for a in args]
+    if tuple(op.arg_names) != spec.arg_names:
+        raise _Wrong("signature", f"op.arg_names {tuple(op.arg_names)}, expected {spec.arg_names}")
+    want = spec.expected_differentiable
+    if tuple(op.differentiable) != want:
+        raise _Wrong("signature", f"op.differentiable {tuple(op.differentiable)}, expected {want}")
+    wrt = [spec.arg_names.index(n) for n in want]
+    limit = LARGE_LIMIT[np.float32 if float32 else np.float64]
+    out_t, _ = _true_or_discard(spec, args, None, wrt)
+    _within(out_t, limit, "true forward")
+    seeds = [float(np.float32(s)) if np.ndim(s) == 0 else np.asarray(s, np.float32).astype(np.float64)
+             for s in ref.make_seeds(out_t, rng, np.float64)]
+    out_t, grads_t = _true_or_discard(spec, args, seeds, wrt)
+    _within(grads_t, limit, "true gradient")
+    for dtype in [np.float64] + ([np.float32] if float32 else []):
+        eps = float(np.finfo(dtype).eps)
+        moved = [a if ref._is_int(a) else a * (1 + eps * rng.uniform(-1, 1, size=np.shape(a))) for a in args]
+        out_m, grads_m = _true_or_discard(spec, moved, seeds, wrt)
+        sens = []
+        for m, t in zip(out_m + grads_m, out_t + grads_t):
+            d = np.abs(np.asarray(m) - np.asarray(t))
+            sens.append(float(np.max(np.where(np.isfinite(d), d, np.inf))) if d.size else 0.0)
+        _compare_large(spec, op, args, seeds, wrt, out_t + grads_t, sens, dtype)
+
+
+def _within(arrays, limit, what):
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float64)
+        if not np.all(np.isfinite(a)) or (a.size and np.max(np.abs(a)) > limit):
+            raise _Discard(f"the {what} is not finite or beyond {limit:g} (it overflows)")
+
+
+def _torch_in(spec, args, seeds, wrt, dtype):
+    """PyTorch on the same tree in ``dtype``: outputs and gradients (float64 arrays)."""
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    torch.set_default_dtype(tdtype)
+    try:
+        ts = {n: torch.tensor(a) if ref._is_int(a) else torch.tensor(a, dtype=tdtype, requires_grad=True)
+              for n, a in zip(spec.arg_names, args)}
+        outs = spec.reference(ts)
+        live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+        grads = [None] * len(wrt)
+        if live:
+            grads = torch.autograd.grad([o for o, _ in live], [ts[spec.arg_names[i]] for i in wrt],
+                                        grad_outputs=[torch.tensor(np.asarray(s), dtype=tdtype).reshape(o.shape)
+                                                      for o, s in live], allow_unused=True)
+        return ([o.detach().double().numpy() for o in outs]
+                + [np.zeros(np.shape(args[i])) if g is None else g.double().numpy() for i, g in zip(wrt, grads)])
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def _compare_large(spec, op, args, seeds, wrt, truth, sens, dtype):
+    a_d = [a if ref._is_int(a) else a.astype(dtype) for a in args]
+    s_d = [s if np.ndim(s) == 0 else np.asarray(s, dtype) for s in seeds]
+    mine = list(ref.as_tuple(op.forward(*a_d)))
+    if len(mine) != len(spec.outputs):
+        raise _Wrong("forward", f"{len(mine)} outputs, expected {len(spec.outputs)}")
+    mine += list(ref.as_tuple(op.backward(*s_d, *a_d)))
+    try:
+        theirs = _torch_in(spec, args, seeds, wrt, dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise _Oracle(_tb()) from exc
+    whats = [f"output {n}" for n in spec.outputs] + [f"gradient of {spec.arg_names[i]}" for i in wrt]
+    eps = float(np.finfo(dtype).eps)
+    label = np.dtype(dtype).name
+    for what, m, e, t, sv in zip(whats, mine, truth, theirs, sens):
+        m = np.asarray(m)
+        if m.dtype != dtype:
+            raise _Wrong("large", f"{what} has dtype {m.dtype} for {label} inputs")
+        e = np.asarray(e, dtype=np.float64)
+        m64 = m.astype(np.float64)
+        if m64.shape != e.shape:
+            raise _Wrong("large", f"{what}: shape {m64.shape}, expected {e.shape}")
+        if not m64.size:
+            continue
+        if not np.all(np.isfinite(m64)):
+            k = tuple(int(v) for v in np.argwhere(~np.isfinite(m64))[0]) if m64.ndim else ()
+            raise _Wrong("large", f"{what} ({label}) is not finite where the true value is: at {k}: got "
+                                  f"{m64[k]!r}, true {e[k]!r}, PyTorch {label} on the same tree {t[k]!r}")
+        scale = max(1.0, float(np.max(np.abs(e))))
+        err = np.abs(m64 - e)
+        if dtype == np.float64:
+            bad = err > LARGE_TOL.rtol * np.abs(e) + LARGE_TOL.atol * scale + LARGE_SENS * sv
+            if np.any(bad):
+                k = tuple(int(v) for v in np.argwhere(bad)[0]) if m64.ndim else ()
+                raise _Wrong("large", f"{what} (float64): {int(bad.sum())} of {bad.size} differ from the true "
+                                      f"value; at {k}: got {m64[k]!r}, true {e[k]!r}, PyTorch {t[k]!r} "
+                                      f"(scale {scale:.3g}, sensitivity {sv:.3g})")
+        else:
+            torch_ok = np.all(np.isfinite(t))
+            base = float(np.max(np.abs(t - e))) if torch_ok else sv
+            mine_err = float(np.max(err))
+            if mine_err > F32_FACTOR * base + F32_FLOOR * eps * scale:
+                against = "PyTorch float32's" if torch_ok else "the float32 sensitivity (PyTorch's float32 is not finite)"
+                raise _Imprecise(f"{what} in float32 at large inputs: error {mine_err:.3g} against the true "
+                                 f"value, {against} {base:.3g} (scale {scale:.3g})")
