@@ -3,6 +3,15 @@ language, each built with ``codegen.build`` and compared with PyTorch (float64) 
 central finite differences; see tests/fuzz_specs.py for the generator and the check.
 
     .venv/bin/python scripts/fuzz_campaign.py --n 2000 --out fuzz-out
+    .venv/bin/python scripts/fuzz_campaign.py --large --n 200 --out fuzz-large  # |x| ~ 1e2-1e3
+
+``--large`` is the large-input mode: stability-relevant shapes (log-sum-exp, softmax and
+attention ratios, log of sigmoid, softplus, x*log(x), ...) with inputs at |v| ~ 1e2-1e3,
+checked against a 50-digit mpmath evaluation of the same tree (the true value): results
+must be finite and accurate wherever the true value is finite; a sample whose true value
+overflows is discarded. With ``--float32`` too, float32 results are held to PyTorch's
+float32 error on the same tree (or to the float32 sensitivity where PyTorch's float32 is
+not finite): ``imprecise`` otherwise.
 
 Spec ``k`` of a campaign depends only on ``--seed``, ``k`` and the fuzzer's version
 (``--start`` resumes or replays one: ``--start 417 --n 1``). Every failing spec's TOML
@@ -70,13 +79,17 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200, help="how many specs (default 200)")
     ap.add_argument("--seed", type=int, default=0, help="campaign seed (default 0)")
     ap.add_argument("--start", type=int, default=0, help="index of the first spec (default 0)")
-    ap.add_argument("--families", default="", help="comma-separated subset of: activation,layer,window,loss,optimizer")
+    ap.add_argument("--families", default="",
+                    help="comma-separated subset of: activation,layer,window,split,loss,optimizer,gather,assume "
+                         "(with --large: stable_act,stable_layer,stable_loss,activation,layer)")
     ap.add_argument("--cuda-every", type=int, default=0,
                     help="also check every K-th spec's CUDA kernels (simulator unless a GPU is lent); 0: never")
     ap.add_argument("--no-temporaries", action="store_true", help="no optimizer temporaries")
     ap.add_argument("--float32", action="store_true",
                     help="also compare float32 results' error with PyTorch float32's (status 'imprecise')")
     ap.add_argument("--max-depth", type=int, default=3)
+    ap.add_argument("--large", action="store_true",
+                    help="large-input mode: stability shapes at |x| ~ 1e2-1e3 against a high-precision oracle")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per spec before it counts as a crash")
     ap.add_argument("--recycle", type=int, default=40, help="specs per worker process before a fresh one")
     ap.add_argument("--out", default="fuzz-out", help="directory for failing specs and summary.json")
@@ -91,14 +104,14 @@ def main(argv=None):
     codegen_file = importlib.util.find_spec("codegen").origin  # what the workers will import
     derive_file = importlib.util.find_spec("derive").origin
     print(f"codegen: {codegen_file}\nderive:  {derive_file}\nfuzzer:  {fz.__file__}", flush=True)
-    families = tuple(f for f in args.families.split(",") if f) or fz.FAMILIES
+    families = tuple(f for f in args.families.split(",") if f) or (fz.LARGE_FAMILIES if args.large else fz.FAMILIES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replay:  # the spec exactly as the campaign that saved it generated it
         spec = pickle.loads(Path(args.replay).read_bytes())
         for target in ["cpu"] + (["cuda"] if args.cuda_every else []):
             with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-                outcome = fz.check(spec, tmp, target=target)
+                outcome = fz.check(spec, tmp, target=target, float32=args.float32)
             print(outcome.report())
         return 0 if outcome.status in ("ok", "refused", "discarded") else 1
 
@@ -107,7 +120,7 @@ def main(argv=None):
     first: dict = {}  # signature -> {"index", "count", "spec", "message"}
     imprecise: dict = {}
     t0 = time.time()
-    gen_kw = dict(families=families, temporaries=not args.no_temporaries, max_depth=args.max_depth)
+    gen_kw = dict(families=families, temporaries=not args.no_temporaries, max_depth=args.max_depth, large=args.large)
     # each spec runs in a worker process, replaced every --recycle specs: the built modules
     # and their compiled kernels stay loaded (~25 MB a spec), and a hang or a crash of the
     # interpreter costs one spec, not the campaign
@@ -161,7 +174,8 @@ def main(argv=None):
     cuda = {s: counts[(s, "cuda")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
     summary = {
         "codegen": codegen_file,
-        "seed": args.seed, "start": args.start, "specs": args.n, "families": list(families),
+        "seed": args.seed, "start": args.start, "specs": args.n, "families": sorted(set(families)),
+        "large": args.large, "float32": args.float32,
         "seconds": round(elapsed, 1),
         "cpu": cpu, "cuda": cuda,
         "checked": cpu["ok"] + cpu["wrong"] + cpu["crash"],
