@@ -36,6 +36,7 @@ import functools
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.codegen.cfunctions import log1p
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from .functions import Reduce, ReduceMax, ReduceSum, sigmoid, softplus
@@ -79,19 +80,17 @@ def check_shift_invariance() -> bool:
 WILD = sympy.Wild("w")
 
 
-def elementary_rewrites(expr):
-    """Rewrites towards overflow-free primitives (each an identity)."""
-    if not isinstance(expr, sympy.Expr):
-        return expr  # conditions (relations, booleans) hold no overflow-prone arithmetic of their own
-    rules = [
-        (sympy.log(sympy.exp(WILD) + 1), lambda w: softplus(w)),
-        (sympy.log(1 + sympy.exp(-WILD)), lambda w: softplus(-w)),
-        (sympy.log(sigmoid(WILD)), lambda w: -softplus(-w)),
-        (sympy.log(1 - sigmoid(WILD)), lambda w: -softplus(w)),
-        (sympy.exp(WILD) / (sympy.exp(WILD) + 1), lambda w: sigmoid(w)),
-        (1 / (1 + sympy.exp(-WILD)), lambda w: sigmoid(w)),
-        (sympy.log(sympy.cosh(WILD)), lambda w: w + softplus(-2 * w) - sympy.log(2)),
-    ]
+def _positive_exp_sum(d) -> bool:
+    terms = _exponential_terms(d) if d.is_Add and d.has(sympy.exp) else None
+    return terms is not None and all(c.is_positive for c in terms.values())
+
+
+def _literal_rules(expr, rules):
+    # log(D**p) -> p*log(D) for D a sum of exponentials with positive coefficients (D > 0)
+    expr = expr.replace(
+        lambda e: isinstance(e, sympy.log) and e.args[0].is_Pow and _positive_exp_sum(e.args[0].base),
+        lambda e: e.args[0].exp * sympy.log(e.args[0].base),
+    )
     for pattern, build in rules:
         expr = replace_literal(expr, pattern, build)
     expr = expr.replace(
@@ -106,12 +105,92 @@ def elementary_rewrites(expr):
         lambda e: isinstance(e, sympy.log) and e.args[0].is_Mul and any(isinstance(f, sympy.exp) for f in e.args[0].args),
         _split_log_of_exp,
     )
-    expr = expr.replace(
+    return expr.replace(
         lambda e: isinstance(e, sympy.log) and e.args[0].is_Add and len(e.args[0].args) == 2
         and all(isinstance(t, sympy.exp) for t in e.args[0].args),
         _log_add_exp,
     )
+
+
+def elementary_rewrites(expr):
+    """Rewrites towards overflow-free primitives (each an identity)."""
+    if not isinstance(expr, sympy.Expr):
+        return expr  # conditions (relations, booleans) hold no overflow-prone arithmetic of their own
+    rules = [
+        (sympy.log(sympy.exp(WILD) + 1), lambda w: softplus(w)),
+        (sympy.log(1 + sympy.exp(-WILD)), lambda w: softplus(-w)),
+        (sympy.log(sigmoid(WILD)), lambda w: -softplus(-w)),
+        (sympy.log(1 - sigmoid(WILD)), lambda w: -softplus(w)),
+        (sympy.exp(WILD) / (sympy.exp(WILD) + 1), lambda w: sigmoid(w)),
+        (1 / (1 + sympy.exp(-WILD)), lambda w: sigmoid(w)),
+        (sympy.log(sympy.cosh(WILD)), lambda w: w + softplus(-2 * w) - sympy.log(2)),
+        (log1p(sympy.exp(WILD)), lambda w: softplus(w)),
+    ]
+    # a ratio of exponentials: its largest exponential divided out of numerator and divisor
+    # (first: 1/(1 + exp(x)) alone would become 1 - sigmoid(x), and exp(x) * (1 - sigmoid(x))
+    # is inf * 0 where the ratio is 1)
+    shifted = expr.replace(lambda e: e.is_Mul and _exp_sum_divisor(e) is not None, _shift_exponential_quotient)
+    if shifted != expr:  # a logarithm of a ratio: one per branch, for the rules below
+        expr = shifted.replace(lambda e: isinstance(e, _LOGS) and isinstance(e.args[0], sympy.Piecewise),
+                               lambda e: sympy.Piecewise(*[(e.func(b), c) for b, c in e.args[0].args]))
+    for _ in range(3):  # to a fixed point: one rule's result can be another's pattern
+        before, expr = expr, _literal_rules(expr, rules)
+        if expr == before:
+            break
     return optimize(expr, [log1p_opt, expm1_opt])
+
+
+_LOGS = (sympy.log, log1p)
+_MAX_EXPONENTS = 4  # a divisor with more distinct exponents keeps its written form (2**k conditions)
+
+
+def _exponential_terms(d):
+    """``d`` as ``sum(c_i * exp(e_i))`` (a term without an exponential has e = 0):
+    {e_i: c_i}, or None where a term holds a non-exponential function of an
+    exponential, or several exponential factors."""
+    terms: dict = {}
+    for t in sympy.Add.make_args(d):
+        exps = [f for f in sympy.Mul.make_args(t) if isinstance(f, sympy.exp)]
+        if len(exps) > 1:
+            return None
+        e = exps[0].args[0] if exps else sympy.S.Zero
+        c = t / exps[0] if exps else t
+        if c.has(sympy.exp):
+            return None
+        terms[e] = terms.get(e, 0) + c
+    return terms
+
+
+def _exp_sum_divisor(mul):
+    """The factor ``D**p`` (p < 0) of a product whose base ``D`` is a sum of at least two
+    exponentials with different exponents (a constant counts as exp(0)), or None."""
+    for f in mul.args:
+        if f.is_Pow and f.exp.is_negative and f.base.is_Add and f.base.has(sympy.exp):
+            terms = _exponential_terms(f.base)
+            if terms is not None and 2 <= len(terms) <= _MAX_EXPONENTS and any(e != 0 for e in terms):
+                return f
+    return None
+
+
+def _shift_exponential_quotient(mul):
+    """``N * D**p`` with ``D = sum(c_i exp(e_i))`` and p < 0 (a ratio of exponentials:
+    ``exp(a) / (exp(a) + exp(b))``, tanh written as ``(exp(x) - exp(-x)) / (exp(x) + exp(-x))``)
+    -> on the branch where ``e_j`` is the largest exponent, numerator and divisor divided
+    by ``exp(e_j)``: ``(N exp(p e_j)) * (sum(c_i exp(e_i - e_j)))**p``. Every exponential
+    of the divisor is then at most 1 and the one of the largest is 1: nothing overflows
+    and the divisor does not vanish (inf/inf and 0/0 become the true ratio). The
+    branches are the same function, so the derivative is continuous across them."""
+    f = _exp_sum_divisor(mul)
+    terms = _exponential_terms(f.base)
+    exponents = list(terms)
+    n = mul / f
+    branches = []
+    for j, ej in enumerate(exponents):
+        d = sympy.Add(*[c * sympy.exp(e - ej) for e, c in terms.items()])
+        num = sympy.Add(*[sympy.powsimp(t * sympy.exp(f.exp * ej), combine="exp") for t in sympy.Add.make_args(n)])
+        cond = sympy.And(*[ej >= e for e in exponents if e != ej]) if j < len(exponents) - 1 else sympy.true
+        branches.append((num * d ** f.exp, cond))
+    return sympy.Piecewise(*branches)
 
 
 def _split_log_of_exp(e):
@@ -268,6 +347,10 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
             replaced = shifted(node)
             if replaced is not None:
                 return replaced
+            if any(node.body.has(m) for m in maxima.values()):
+                # an inner sum's exp(m) in a sum kept as written (a softmax inside a sum over
+                # its own index): exp(E) * exp(-m) -> exp(E - m), so that the shift pays
+                node = node.func(sympy.powsimp(node.body, combine="exp"), *node.indices)
         return node
 
     rhs = walk(rhs)

@@ -4,7 +4,8 @@ language (tests/fuzz_specs.py) built with ``codegen.build`` and compared with Py
 (the simulator unless a GPU is lent). Derandomised: the same examples every run. A
 failure prints the spec's TOML, its sizes and its input seed; replay a long campaign's
 spec with ``scripts/fuzz_campaign.py --seed S --start K --n 1`` (same fuzzer version) or
-``--replay OUT/K-NAME-cpu.pkl``. Runtime here: about 70 s (45 CPU, 10 CUDA examples).
+``--replay OUT/K-NAME-cpu.pkl``. Runtime here: about 70 s (45 CPU, 10 CUDA examples),
+plus about 40 s for 6 integer-input and `assume` specs and 8 large-input specs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class _Timeout(Exception):
     pass
 
 
-def _run(spec, target):
+def _run(spec, target, float32=False):
     def alarm(signum, frame):
         raise _Timeout(f"no result after {TIMEOUT} s\n{spec.describe()}")
 
@@ -40,7 +41,7 @@ def _run(spec, target):
     signal.alarm(TIMEOUT)
     try:
         with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-            outcome = fz.check(spec, tmp, target=target)
+            outcome = fz.check(spec, tmp, target=target, float32=float32)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -59,6 +60,24 @@ def test_random_specs_match_torch_and_finite_differences_on_cpu(spec):
 @given(spec=fz.specs())
 def test_random_specs_match_torch_on_cuda(spec):
     _run(spec, "cuda")
+
+
+# Integer inputs (a gather with repeated indices, an index in comparisons) and `assume`
+# (rows drawn to satisfy it; a broken row must raise the documented error): a few more
+# of these families than the mix above draws.
+@settings(max_examples=6, **CI)
+@given(spec=fz.specs(families=("gather", "assume")))
+def test_random_int_and_assume_specs(spec):
+    _run(spec, "cpu")
+
+
+# The large-input mode: stability-relevant shapes at |x| ~ 1e2-1e3, against the
+# high-precision oracle, float64 and float32 (a non-finite result where the true value
+# is finite fails; a float32 result less precise than PyTorch's is reported apart).
+@settings(max_examples=8, **CI)
+@given(spec=fz.specs(large=True))
+def test_random_specs_are_finite_and_accurate_at_large_inputs(spec):
+    _run(spec, "cpu", float32=True)
 
 
 # ------------------------------------------------------------- the regressions of issue 11
@@ -141,8 +160,47 @@ def test_generator_covers_the_spec_language():
         "optimizer temporary": any(s.temporaries for s in texts["optimizer"]),
         "optimizer t": "**t" in "\n".join(s.toml for s in texts["optimizer"]),
         "0-d activation input": any(s.act_shape == () for s in texts["activation"]),
+        "integer input": 'dtypes = { idx = "int" }' in every, "gather": "table[idx[b], d]" in every,
+        "gather by index arithmetic": "table[(idx[b] + 1) % V, d]" in every or "table[(idx[b] + 2) % V, d]" in every,
+        "index compared": "Eq(v, idx[b])" in every and "where(idx[b] " in every,
+        "assume": 'assume = ["sum(target[b' in every,
     }
     assert all(constructs.values()), [k for k, v in constructs.items() if not v]
+
+
+def test_large_mode_covers_the_stability_shapes():
+    """The large-input mode draws the shapes issue 11 names (log of a sigmoid, softplus
+    written out, ratios of sums of exponentials inline and over an index, log-sum-exp,
+    x*log(x), a softmax or sigmoid named then logged) with large inputs."""
+    specs = [fz.random_spec(2026, k, large=True) for k in range(300)]
+    every = "\n".join(s.toml for s in specs)
+    for s in specs:
+        tomllib.loads(s.toml)
+        assert s.large and any(v in ("large", "offset") for v in s.sampling.values()), s.describe()
+    shapes = ["log(sigmoid(", "log(1 - sigmoid(", "log(1 + exp(", "log1p(exp(", ") / (exp(", "/ sum(exp(",
+              "log(sum(exp(", "* log(p[b, n])", "log(q[b, n])", "log(cosh(", "q[b, n] = sigmoid(", "exp(x) / (1 + exp(x))"]
+    missing = [m for m in shapes if m not in every]
+    assert not missing, missing
+
+
+def test_high_precision_oracle_agrees_with_torch_on_ordinary_inputs():
+    """The mpmath twin of the oracle (large mode's true value) equals the torch oracle
+    where float64 is exact enough: ordinary inputs, every family but the optimizer."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for k in range(60):
+        spec = fz.random_spec(7, k, families=tuple(f for f in fz.FAMILIES if f != "optimizer"))
+        args = fz.sample_inputs(spec, rng)
+        try:
+            torch_out = [o.numpy() for o in fz._torch_call(spec, args)[1]]
+            true_out, _ = fz.mp_reference(spec, args, None, [])
+        except (ZeroDivisionError, ValueError):
+            continue
+        for t, m in zip(torch_out, true_out):
+            ok = np.isfinite(t) & (np.abs(t) < 1e6)
+            np.testing.assert_allclose(m[ok], t[ok], rtol=1e-8, atol=1e-10, err_msg=spec.describe())
+        checked += 1
+    assert checked >= 50
 
 
 def test_reference_interpreter_agrees_with_torch_functional():
@@ -200,9 +258,17 @@ def test_check_reports_wrong_gradients_crashes_and_refusals(monkeypatch):
 
                 def forward(self, *a):
                     out = self._op.forward(*a)
+                    if which == "nan":
+                        out = out.copy()
+                        out.reshape(-1)[0] = np.nan
                     return out * (1 + 1e-6) if which == "forward" else out
 
                 def backward(self, *a):
+                    if which == "no-check":  # an op that does not check its assumption
+                        try:
+                            return self._op.backward(*a)
+                        except ValueError:
+                            return np.zeros_like(a[1])
                     grads = self._op.backward(*a)
                     if which == "backward":
                         return (grads[0], grads[1] * 1.001)
@@ -226,6 +292,20 @@ def test_check_reports_wrong_gradients_crashes_and_refusals(monkeypatch):
         monkeypatch.setattr(codegen, "build", broken)
         out = fz.check(spec, tmp + "/c")
         assert out.status == "crash" and out.failed and "duplicate argument" in out.message
+        monkeypatch.setattr(codegen, "build", real_build)
+        # large-input mode: a NaN where the true value is finite is wrong, not discarded
+        monkeypatch.setattr(codegen, "build", perturbed("nan"))
+        big = fz.FuzzSpec(**{**spec.__dict__, "sampling": {"x": "large", "s": "large"}, "large": True})
+        out = fz.check(big, tmp + "/e")
+        assert out.status == "wrong" and "not finite where the true value is" in out.message, out.report()
+        monkeypatch.setattr(codegen, "build", real_build)
+        out = fz.check(big, tmp + "/f")
+        assert out.status == "ok", out.report()
+        # an assumption the backward ignores is wrong
+        masked = fz.random_spec(0, 0, families=("assume",))
+        monkeypatch.setattr(codegen, "build", perturbed("no-check"))
+        out = fz.check(masked, tmp + "/g")
+        assert out.status == "wrong" and out.stage == "assume", out.report()
         monkeypatch.setattr(codegen, "build", real_build)
         bad = fz.FuzzSpec(**{**spec.__dict__})
         bad.toml = spec.toml.replace("x[i] / s[i]", "x[i] / q[i]")

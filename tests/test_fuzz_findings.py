@@ -113,3 +113,73 @@ def test_finding_has_correct_gradients(built, rng):
 def test_finding_cuda_matches_cpu(built, rng):
     spec, opdef, module = built
     check_cuda_matches_cpu(module, make_args(spec, opdef, rng), rng, spec.name)
+
+
+# ---------------------------------------------------------------------------------------
+# Large-input mode (tests/fuzz_specs.py, ``large``): inputs at |x| ~ 1e2-1e3 checked
+# against the 50-digit mpmath evaluation of the same tree, in float64 and float32. Each
+# case was non-finite or wrong before the general rewrite that fixed it
+# (derive/normalize.py: elementary_rewrites, stabilise).
+
+import fuzz_specs as fz  # noqa: E402
+
+_X = fz.Read("x")
+
+
+def _exp(a):
+    return fz.Fn("exp", (a,))
+
+
+def _one():
+    return fz.Num("1", 1.0)
+
+
+def _large_activation(node):
+    return fz.finish(fz.FuzzSpec("stable_act", "activation", inputs={"x": ()}, equations=[fz.Equation("y", (), node)],
+                                 act_shape=(8,), sampling={"x": "large"}, large=True, seed=7))
+
+
+_BN = (("b", "B"), ("n", "N"))
+
+
+def _bn(name, i="n"):
+    return fz.Read(name, (fz.IVar("b"), fz.IVar(i)))
+
+
+_SIGMOID_RATIO = fz.Bin("/", _exp(_X), fz.Bin("+", _one(), _exp(_X)))
+LARGE_FINDINGS = {
+    # log1p(exp(x)) was computed as written: inf at x = 800, and its gradient
+    # (1 - sigmoid(x)) * exp(x) lost every digit from x ~ 20 (0 at 300, NaN at 800)
+    "log1p_of_exp": _large_activation(fz.Bin("*", fz.Num("3", 3.0), fz.Fn("log1p", (_exp(_X),)))),
+    # tanh written as a ratio of exponentials: SymPy's expm1 rewriting made it
+    # (sigmoid(2x) - 1)(exp(x) + 1) expm1(x): 0 at x = 30 (true -1), NaN at 800
+    "tanh_as_a_ratio": _large_activation(fz.Bin("/", fz.Bin("-", _exp(fz.Neg(_X)), _exp(_X)),
+                                                fz.Bin("+", _exp(fz.Neg(_X)), _exp(_X)))),
+    # a sigmoid written out, times anything: 1/(1 + exp(x)) alone became 1 - sigmoid(x),
+    # and exp(x) * (1 - sigmoid(x)) is inf * 0 (0 or NaN where the ratio is 1)
+    "scaled_sigmoid_ratio": _large_activation(fz.Bin("*", fz.Num("0.5", 0.5), _SIGMOID_RATIO)),
+    "log_times_sigmoid_ratio": _large_activation(
+        fz.Bin("*", fz.Fn("log", (fz.Bin("+", _exp(_X), _exp(_X)),)), _SIGMOID_RATIO)),
+    "sigmoid_ratio_times_input": fz.finish(fz.FuzzSpec(
+        "stable_layer", "layer", inputs={"x": ("B", "N"), "v": ("B", "N")}, outputs={"y": ("B", "N")},
+        sizes={"B": 3, "N": 3}, sampling={"x": "large"}, large=True, seed=1205059189,
+        equations=[fz.Equation("y", _BN, fz.Bin("*", fz.Bin("/", _exp(_bn("x")), fz.Bin("+", _one(), _exp(_bn("x")))),
+                                                      _bn("v")))])),
+    # a softmax inside a sum over its own index (weighted by a target): the inner sum's
+    # shift was undone as idle, since exp(E) * exp(-m) stayed two factors in the outer sum
+    "softmax_inside_a_sum": fz.finish(fz.FuzzSpec(
+        "stable_loss", "loss", inputs={"x": ("B", "N"), "target": ("B", "N")}, outputs={"loss": ()},
+        sizes={"B": 3, "N": 3}, sampling={"x": "offset", "target": "prob"}, large=True, seed=487466105,
+        differentiate=["x"],
+        equations=[fz.Equation("loss", (), fz.Bin("/", fz.Neg(fz.Red("sum", fz.Bin("*", _bn("target"), fz.Bin(
+            "/", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _bn("x")), _one())),
+            fz.Red("sum", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _bn("x", "j")), _one())), (("j", "N"),)))),
+            _BN)), fz.Sym("B")))])),
+}
+
+
+@pytest.mark.parametrize("name", list(LARGE_FINDINGS))
+def test_large_input_finding_is_finite_and_accurate(name, tmp_path):
+    spec = LARGE_FINDINGS[name]
+    outcome = fz.check(spec, tmp_path, float32=True)
+    assert outcome.status == "ok", outcome.report()
