@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--large", action="store_true",
                     help="large-input mode: stability shapes at |x| ~ 1e2-1e3 against a high-precision oracle")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per spec before it counts as a crash")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="stop starting new specs after this many minutes (the summary counts those run); 0: no limit")
     ap.add_argument("--recycle", type=int, default=40, help="specs per worker process before a fresh one")
     ap.add_argument("--out", default="fuzz-out", help="directory for failing specs and summary.json")
     ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
@@ -126,7 +128,12 @@ def main(argv=None):
     # interpreter costs one spec, not the campaign
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(1, maxtasksperchild=args.recycle)
+    run = 0
     for k in range(args.start, args.start + args.n):
+        if args.minutes and time.time() - t0 > 60 * args.minutes:
+            print(f"stopped after {args.minutes:g} minutes, at spec {k}", flush=True)
+            break
+        run += 1
         spec = fz.random_spec(args.seed, k, **gen_kw)
         targets = ["cpu"] + (["cuda"] if args.cuda_every and k % args.cuda_every == 0 else [])
         for target in targets:
@@ -174,7 +181,7 @@ def main(argv=None):
     cuda = {s: counts[(s, "cuda")] for s in ("ok", "wrong", "crash", "oracle", "refused", "discarded")}
     summary = {
         "codegen": codegen_file,
-        "seed": args.seed, "start": args.start, "specs": args.n, "families": sorted(set(families)),
+        "seed": args.seed, "start": args.start, "specs": run, "families": sorted(set(families)),
         "large": args.large, "float32": args.float32,
         "seconds": round(elapsed, 1),
         "cpu": cpu, "cuda": cuda,
@@ -187,7 +194,7 @@ def main(argv=None):
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n==== summary ====")
-    print(f"{args.n} specs (seed {args.seed}, from {args.start}) in {elapsed:.0f} s")
+    print(f"{run} specs (seed {args.seed}, from {args.start}) in {elapsed:.0f} s")
     print(f"CPU:  checked {summary['checked']} (ok {cpu['ok']}, wrong {cpu['wrong']}, crashed {cpu['crash']}); "
           f"refused {cpu['refused']}, discarded {cpu['discarded']}, oracle errors {cpu['oracle']}"
           + (f", float32 less precise than PyTorch's {cpu['imprecise']}" if args.float32 else ""))
