@@ -20,9 +20,11 @@ work on. The passes, in order:
    ``exp(m)`` overflows exactly where its unshifted terms do), the shift gains nothing:
    derive/stabilize.py's :func:`~derive.stabilize.idle_shifts` finds those maxima and the
    op is normalised again with them in ``unshifted``, so that sum keeps its written form.
-   Then ``log(exp(a) * b) -> a + log(b)``, exponentials are combined
-   (``exp(a)/exp(b) -> exp(a - b)``), and the elementary rewrites
-   ``log(1 + exp(a)) -> softplus(a)``, ``log(sigmoid(a)) -> -softplus(-a)``,
+   Then a quotient whose divisor is a sum of a few exponentials is divided by the
+   largest of them, branch by branch (``_shift_exponential_quotient``: tanh or a sigmoid
+   written out as a ratio, ``exp(a) / (exp(a) + exp(b))``), ``log(exp(a) * b) -> a + log(b)``,
+   exponentials are combined (``exp(a)/exp(b) -> exp(a - b)``), and the elementary rewrites
+   ``log(1 + exp(a))``, ``log1p(exp(a)) -> softplus(a)``, ``log(sigmoid(a)) -> -softplus(-a)``,
    ``exp(a)/(1 + exp(a)) -> sigmoid(a)``, ``log(1 + a) -> log1p(a)``,
    ``exp(a) - 1 -> expm1(a)``, ``sigmoid(-a) -> 1 - sigmoid(a)``,
    ``log(cosh(a)) -> a + softplus(-2a) - log 2`` apply.

@@ -23,7 +23,27 @@ Families (``family`` of :func:`specs`), together the whole spec language:
 * ``loss``: a scalar output (``sum(..., b, n) / B``), ``differentiate = [...]``;
 * ``optimizer``: state, scalar state, hyperparameters (default and given at run time),
   ``t``, temporaries; ``op.step`` over three steps is compared with the same update tree
-  evaluated by torch.
+  evaluated by torch;
+* ``gather``: an integer input (``dtypes = { idx = "int" }``) used as an index into a
+  parameter table (``table[idx[b], d]``, also ``table[(idx[b] + 1) % V, d]``), drawn with
+  repeated values so that the table's gradient is a scatter-add, and as a value in
+  comparisons (``where(idx[b] > 1, ...)``, a one-hot ``where(Eq(v, idx[b]), table[v, d], 0)``);
+* ``assume``: ``assume = ["sum(target[b, c], c) == 1"]`` with target rows drawn to satisfy
+  it, read by cross-entropy-like forms whose derivation may use it; the check then
+  breaks a row (masked to zero, scaled) and requires the forward to stay right and the
+  backward to raise the documented error naming the op and the assumption.
+
+The large-input mode (``large=True``; families ``stable_act``, ``stable_layer``,
+``stable_loss`` and the general ``activation`` and ``layer``) draws the shapes where
+stability matters (log of a sigmoid, softplus written out, ratios of exponentials
+inline and over an index, softmax and attention, log-sum-exp, log-softmax, the log of a
+softmax ratio, a softmax or sigmoid named on its own line and then logged, ``x log x``,
+focal and binary cross-entropy losses, scores from a contraction) on inputs at |v| ~
+1e2-1e3 (mixed signs, one in five near zero, or a large row offset plus small
+differences). The reference there is :func:`mp_reference`: the same tree evaluated with
+mpmath at 50 digits (1000 where 50 leave a value non-finite), gradients by central
+differences at a step of 1e-20; a sample whose true value or gradient overflows is
+discarded, and everything else must be finite and accurate (:func:`_check_large`).
 
 Expressions use every whitelisted function (derive/functions.py FUNCTIONS), where with
 comparisons (``>``, ``==``, ``Gt(a, b)``, ``Ne(a, b)``), ``and``/``or``/``not`` and ``And``/``Or``/``Not``,
