@@ -286,7 +286,41 @@ def simplify_expr(expr, stmts: list[Stmt], rules) -> sympy.Expr:
     reused = reuse_forward(best, stmts)
     if cost(reused) <= cost(best):
         best = reused
-    return best
+    return cancel_exponential_pairs(best)
+
+
+def _exp_count(e) -> int:
+    return sum(1 for n in sympy.preorder_traversal(e) if isinstance(n, sympy.exp))
+
+
+def _distribute_exp(mul):
+    """``exp(u) * (A exp(-u) + B) -> A + B exp(u)`` in a product, where distributing the
+    exponential over a sum factor leaves fewer exponentials (a pair cancels)."""
+    exps = [f for f in mul.args if isinstance(f, sympy.exp)]
+    for e in exps:
+        for a in (f for f in mul.args if f.is_Add and f.has(sympy.exp)):
+            spread = sympy.Add(*[sympy.powsimp(t * e, combine="exp") for t in a.args])
+            if _exp_count(spread) < _exp_count(a) + 1:
+                rest = [f for f in mul.args if f is not e and f is not a]
+                return sympy.Mul(*rest, spread)
+    return mul
+
+
+def cancel_exponential_pairs(expr):
+    """A product that holds ``exp(u)`` and, inside a sum factor, ``exp(-u)`` (the chain
+    rule through ``exp(E - m)`` divided by it again) has the exponentials cancelled: each
+    alone overflows where ``E`` is far below ``m`` (``exp(m - E) * q`` is inf * 0 where
+    the softmax ``q`` underflows), their product is 1."""
+    if not expr.has(sympy.exp):
+        return expr
+    expr = sympy.powsimp(expr, combine="exp")
+    for _ in range(4):
+        new = expr.replace(lambda e: e.is_Mul and any(isinstance(f, sympy.exp) for f in e.args), _distribute_exp)
+        new = sympy.powsimp(new, combine="exp")
+        if new == expr:
+            break
+        expr = new
+    return expr
 
 
 def merge_elementwise(backward) -> None:

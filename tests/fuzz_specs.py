@@ -2065,7 +2065,12 @@ def mp_reference(spec: FuzzSpec, args, seeds, wrt):
     sigmoid(800)`` is 0 at 50 digits; its logarithm is not -inf)."""
     out = _mp_reference(spec, args, seeds, wrt, MP_DIGITS)
     if not all(np.all(np.isfinite(a)) for a in out[0] + (out[1] or [])):
-        out = _mp_reference(spec, args, seeds, wrt, MP_DIGITS_WIDE)
+        return _mp_reference(spec, args, seeds, wrt, MP_DIGITS_WIDE)
+    # a central difference resolves a change of 1e-20 relative to the argument in an
+    # output element only if the digits cover that element's magnitude too
+    top = max((float(np.max(np.abs(a))) for a in out[0] if np.size(a)), default=1.0)
+    if seeds is not None and top > 1e10:
+        return _mp_reference(spec, args, seeds, wrt, MP_DIGITS + int(math.log10(top)))
     return out
 
 

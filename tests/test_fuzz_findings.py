@@ -175,6 +175,18 @@ LARGE_FINDINGS = {
             "/", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _bn("x")), _one())),
             fz.Red("sum", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _bn("x", "j")), _one())), (("j", "N"),)))),
             _BN)), fz.Sym("B")))])),
+    # the entropy of a softmax named on its own line: the gradient held exp(m - x) * q
+    # (the chain rule through exp(x - m), divided by it again): inf * 0 where q underflows
+    "entropy_of_a_named_softmax": fz.finish(fz.FuzzSpec(
+        "stable_layer", "layer", inputs={"x": ("B", "N"), "u": ("B", "K")}, params={"w": ("K", "N")},
+        outputs={"y": ("B",)}, sizes={"B": 2, "N": 4, "K": 2}, sampling={"x": "offset", "u": "large"}, large=True,
+        seed=681062268,
+        equations=[fz.Equation("t", _BN, fz.Bin("+", fz.Red("sum", fz.Bin("*", fz.Read("u", (fz.IVar("b"), fz.IVar("k"))),
+                                                                           fz.Read("w", (fz.IVar("k"), fz.IVar("n")))),
+                                                             (("k", "K"),)), _bn("x"))),
+                   fz.Equation("q", _BN, fz.Bin("/", _exp(_bn("t")), fz.Red("sum", _exp(_bn("t", "j")), (("j", "N"),)))),
+                   fz.Equation("y", (("b", "B"),), fz.Red("sum", fz.Bin("*", _bn("q"), fz.Fn("log", (_bn("q"),))),
+                                                         (("n", "N"),)))])),
 }
 
 
