@@ -257,7 +257,16 @@ def _collect_shared(add):
     f = min(shared, key=sympy.default_sort_key)
     inside = [t for t in terms if f in sympy.Mul.make_args(t)]
     rest = [t for t in terms if f not in sympy.Mul.make_args(t)]
-    return f * sympy.Add(*[t / f for t in inside]) + sympy.Add(*rest)
+    return f * sympy.Add(*[_without(t, f) for t in inside]) + sympy.Add(*rest)
+
+
+def _without(term, f):
+    """``term / f`` for a factor ``f`` of ``term``, by removing it: SymPy's own division
+    would invert a Piecewise factor branch by branch (``1/0 -> zoo`` on a zero branch)
+    before the pair cancels, leaving ``zoo * 0 = NaN`` in the kernel."""
+    args = list(sympy.Mul.make_args(term))
+    args.remove(f)
+    return sympy.Mul(*args)
 
 
 def collect_shared(expr):

@@ -90,6 +90,12 @@ FINDINGS = {
         'equations = ["loss = sum(where(where(u[n//2] * x[b, n] > 1 / u[n], x[b//2, n], u[N - 1 - n])'
         ' + cosh(u[N - 1 - n]) <= w[b, n], x[b, n] * w[b, n]**2, exp(w[b, n]) * u[n//2]), b, n)"]\n',
         sizes={"B": 3, "N": 4}, positive={"u"}),
+    # a factor shared by terms of a gradient was divided out with SymPy's division, which
+    # inverts a Piecewise branch by branch (1/0 -> zoo) before the pair cancels: the
+    # kernel computed zoo * 0 = NaN wherever the where() takes its 0 branch
+    "shared_piecewise_factor": TextSpec(
+        'name = "shared_piecewise_factor"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
+        'equations = ["y[i] = (2 - x[i]) * where(Eq(x[i], 1.5), x[i] + 1, 0) * sin(x[i])"]\n', sizes={"N": 4}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
