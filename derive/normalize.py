@@ -147,16 +147,14 @@ _MAX_EXPONENTS = 4  # a divisor with more distinct exponents keeps its written f
 
 
 def _exponential_terms(d):
-    """``d`` as ``sum(c_i * exp(e_i))`` (a term without an exponential has e = 0):
-    {e_i: c_i}, or None where a term holds a non-exponential function of an
-    exponential, or several exponential factors."""
+    """``d`` as ``sum(c_i * exp(e_i))`` (a term without an exponential has e = 0; several
+    exponential factors are one): {e_i: c_i}, or None where a coefficient holds an
+    exponential inside another function."""
     terms: dict = {}
     for t in sympy.Add.make_args(d):
         exps = [f for f in sympy.Mul.make_args(t) if isinstance(f, sympy.exp)]
-        if len(exps) > 1:
-            return None
-        e = exps[0].args[0] if exps else sympy.S.Zero
-        c = t / exps[0] if exps else t
+        e = sympy.Add(*[f.args[0] for f in exps])  # exp(2*x - 1) is held as exp(-1) * exp(2*x)
+        c = sympy.Mul(*[f for f in sympy.Mul.make_args(t) if not isinstance(f, sympy.exp)])
         if c.has(sympy.exp):
             return None
         terms[e] = terms.get(e, 0) + c

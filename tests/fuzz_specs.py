@@ -391,6 +391,9 @@ TORCH_FUNCTIONS = {
     "gelu": (lambda x: F.gelu(x, approximate="none"), "any", 1),
     "silu": (F.silu, "any", 1),
     "mish": (F.mish, "any", 1),
+    # its value, with derivative 0 (central differences see the value: a sample where it
+    # changes the gradient is discarded as a kink is; the large-input mode leaves it out)
+    "stop_gradient": (lambda x: x.detach(), "any", 1),
 }
 
 
@@ -813,6 +816,7 @@ class Gen:
         self.dim_syms: list[str] = []
         self.n_index = 0
         self.allow_mean = True
+        self.exclude: set = set()  # functions not to draw
 
     # ---------------------------------------------------------------- drawing helpers
     def pick(self, options):
@@ -955,7 +959,7 @@ class Gen:
         return self.reduction(scope, d)
 
     def function(self, scope: Scope, depth: int) -> Node:
-        name = self.weighted({n: w for n, (_, _, w) in TORCH_FUNCTIONS.items()})
+        name = self.weighted({n: w for n, (_, _, w) in TORCH_FUNCTIONS.items() if n not in self.exclude})
         domain = TORCH_FUNCTIONS[name][1]
         d = depth - 1
         if name in ("Max", "Min"):
@@ -1846,6 +1850,8 @@ def generate(src, families=FAMILIES, temporaries=True, max_depth=3, large=False)
     family = src.pick(list(families))
     depth = src.integer(1, max_depth)
     g = Gen(src, depth)
+    if large:  # the high-precision oracle's central differences would differentiate through it
+        g.exclude = {"stop_gradient"}
     kind = {"window": "layer", "split": "layer", "gather": "layer", "assume": "loss", "stable_act": "activation",
             "stable_layer": "layer", "stable_loss": "loss"}.get(family, family)
     spec = FuzzSpec(family=family, kind=kind)
@@ -1925,6 +1931,7 @@ MP_FUNCTIONS = {
     "gelu": lambda x: x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2,
     "silu": lambda x: x * _mp_sigmoid(x),
     "mish": lambda x: x * mpmath.tanh(_mp_softplus(x)),
+    "stop_gradient": lambda x: x,
 }
 
 

@@ -181,6 +181,11 @@ LARGE_FINDINGS = {
             "/", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _bn("x")), _one())),
             fz.Red("sum", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _bn("x", "j")), _one())), (("j", "N"),)))),
             _BN)), fz.Sym("B")))])),
+    # a ratio of exponentials whose exponent has a constant: SymPy holds exp(2x - 1) as
+    # exp(-1) * exp(2x), which the shift did not recognise as one exponential (NaN)
+    "ratio_with_affine_exponents": _large_activation(fz.Bin(
+        "/", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _X), _one())),
+        fz.Bin("+", _exp(fz.Bin("-", fz.Bin("*", fz.Num("2", 2.0), _X), _one())), _exp(_X)))),
     # the entropy of a softmax named on its own line: the gradient held exp(m - x) * q
     # (the chain rule through exp(x - m), divided by it again): inf * 0 where q underflows
     "entropy_of_a_named_softmax": fz.finish(fz.FuzzSpec(
