@@ -868,7 +868,7 @@ class Lowerer:
         reduced = [e.xreplace(rename) for e in reduced]
         return out, reduced
 
-    def _unfold(self, e, pads: dict):
+    def _unfold(self, e, pads: dict, outer=sympy.true):
         """``e`` with each ``ITE(c, a, b)`` whose ``b`` is ``a`` with one read set to zero
         written as ``a`` with that read padded: ``(read if c else 0)``, one symbol from
         ``pads`` ({padded Piecewise: symbol}).
@@ -878,14 +878,29 @@ class Lowerer:
         a condition (a read that may fall outside its tensor, zero-padded by derive, in
         a comparison) is folded out of the condition, which doubles the condition for
         every such read; nested, n padded reads write it 2**n times. A symbol keeps the
-        padded read where it is, and SymPy cannot fold it again."""
+        padded read where it is, and SymPy cannot fold it again.
+
+        ``outer``: the conditions under which ``e`` is evaluated at all (the branches of
+        the bounds guards around it). A padded read becomes a temporary computed before
+        everything, so its own guard takes them in: a read that a gradient's range guard
+        keeps inside its tensor (``x[b // 2, n1 + 2 n2]`` under ``n1 + 2 n2 < N``) stays
+        inside."""
         if e.is_Atom or not e.args or isinstance(e, sympy.Indexed):
             return e
+        if isinstance(e, sympy.Piecewise) and self._is_guard(e):
+            pairs, before = [], []
+            for expr, cond in e.args:
+                reached = sympy.And(outer, *[sympy.Not(c) for c in before])  # cond is evaluated
+                unfolded = self._unfold(cond, pads, reached)
+                pairs.append((self._unfold(expr, pads, sympy.And(reached, cond)), unfolded))
+                before.append(cond)
+            changed = any(p[0] is not a.expr or p[1] is not a.cond for p, a in zip(pairs, e.args))
+            return sympy.Piecewise(*pairs) if changed else e
         if isinstance(e, sympy.logic.boolalg.ITE):
-            chain = self._unfold_chain(e, pads)
+            chain = self._unfold_chain(e, pads, outer)
             if chain is not None:
-                return self._unfold(chain, pads)
-        args = [self._unfold(a, pads) for a in e.args]
+                return self._unfold(chain, pads, outer)
+        args = [self._unfold(a, pads, outer) for a in e.args]
         e = e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
         if not isinstance(e, sympy.logic.boolalg.ITE):
             return e
@@ -899,17 +914,17 @@ class Lowerer:
             except Exception:  # noqa: BLE001 -- SymPy evaluating 1/0 (zoo) in a comparison
                 continue
             if zeroed == b:
-                return a.xreplace({read: self._pad(read, c, pads)})
+                return a.xreplace({read: self._pad(read, c, pads, outer)})
         return e
 
     @staticmethod
-    def _pad(read, guard, pads: dict):
-        pad = sympy.Piecewise((read, guard), (sympy.S.Zero, True))
+    def _pad(read, guard, pads: dict, outer=sympy.true):
+        pad = sympy.Piecewise((read, sympy.And(guard, outer)), (sympy.S.Zero, True))
         if pad not in pads:
             pads[pad] = sympy.Dummy("pad")  # numbered in _cse
         return pads[pad]
 
-    def _unfold_chain(self, e, pads: dict):
+    def _unfold_chain(self, e, pads: dict, outer=sympy.true):
         """SymPy's fold of several padded reads of one condition: a chain
         ``ITE(c1, a1, ITE(c2, a2, ... a0))`` over every subset K of the reads, each ``aj``
         the first ``a1`` with the reads outside K set to 0 and ``cj`` the conjunction of
@@ -978,7 +993,7 @@ class Lowerer:
         padded = {}
         for g in groups:
             guard = sympy.And(*sorted(g, key=sympy.default_sort_key))
-            padded[read_of[g]] = self._pad(read_of[g], guard, pads)
+            padded[read_of[g]] = self._pad(read_of[g], guard, pads, outer)
         return first.xreplace(padded)
 
     def _float_condition(self, cond) -> bool:
