@@ -202,8 +202,9 @@ DOCUMENTED_DIFFERENTIABLE = {
     "poisson_nll": ("pred",),
 }
 
-# Arguments holding discrete labels (+1/-1): not differentiable, not even for torch.
-DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",)}
+# Arguments holding discrete labels (+1/-1, classes, counts): not differentiable, not
+# even for torch (PyTorch's Stirling term has a NaN gradient at a zero count).
+DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",), "poisson_nll": ("target",)}
 
 # ----------------------------------------------------------------------------------
 # Tolerances
@@ -460,10 +461,18 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
     if name == "gaussian_nll":
         return [n(size=(B, C)), n(size=(B, C)), rng.uniform(0.5, 2.0, size=(B, C))]
     if name == "poisson_nll":  # positive predictions serve as log-rates and as rates; counts above 1 too
-        return [rng.uniform(0.2, 2.0, size=(B, C)), rng.poisson(2.0, size=(B, C)).astype(np.float64)]
+        return [rng.uniform(0.2, 2.0, size=(B, C)), _counts(rng, (B, C), 2.0)]
     if name == "cosine_embedding_loss":  # labels 1 and -1, cosines on both sides of any margin
         return [n(size=(B, I)), n(size=(B, I)), rng.choice([-1.0, 1.0], size=B)]
     return None
+
+
+def _counts(rng, shape, rate: float) -> np.ndarray:
+    """Poisson counts, none equal to 1: PyTorch's Stirling term (full=True) switches on
+    above 1, so a count of 1 sits on its jump, where no finite difference holds."""
+    counts = rng.poisson(rate, size=shape).astype(np.float64)
+    counts[counts == 1] = 2
+    return counts
 
 
 def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict | None = None) -> list[np.ndarray]:
@@ -557,9 +566,12 @@ def make_inputs(
     return cast(args, dtype)
 
 
-def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3) -> list[np.ndarray] | None:
+def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3,
+                   attrs: dict | None = None) -> list[np.ndarray] | None:
     """Inputs of magnitude ``magnitude`` of both signs (float64, exactly representable
-    in float32), with valid targets; None for ops without an extreme-input recipe."""
+    in float32), with valid targets; None for ops without an extreme-input recipe.
+    ``attrs``: the op's attributes where they change what a valid input is."""
+    attrs = attrs or {}
 
     def big(shape):
         signs = rng.choice([-1.0, 1.0], size=shape)
@@ -589,6 +601,17 @@ def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3) 
         return [log_prob_rows(rng, (B, C), scale=magnitude), log_prob_rows(rng, (B, C), scale=magnitude)]
     if name == "cosine_embedding_loss":
         return [big((B, I)), big((B, I)), rng.choice([-1.0, 1.0], size=B)]
+    if name == "categorical_nll":
+        return [log_prob_rows(rng, (B, C), scale=magnitude), rng.integers(0, C, size=B).astype(np.int64)]
+    if name == "gaussian_nll":  # far predictions; a variance below the clamp, one at zero
+        var = rng.uniform(0.5, 2.0, size=(B, C))
+        var[0, :2] = (1e-9, 0.0)
+        return [big((B, C)), rng.normal(size=(B, C)), var]
+    if name == "poisson_nll":
+        counts = _counts(rng, (B, C), 50.0)
+        if attrs.get("log_input", 1.0) > 0:  # log-rates: far below 0, and as high as a rate stays finite
+            return [np.minimum(big((B, C)), 80.0), counts]
+        return [np.abs(big((B, C))), counts]  # rates
     if name in LAYER_SIZES:  # the layer's main float argument at the magnitude, the rest as usual
         args = layer_inputs(name, rng, LAYER_SIZES[name])
         k = EXTREME_ARG.get(name, 0)

@@ -21,7 +21,7 @@ def make_op(case):
 
 
 def extreme_args(case, rng, dtype):
-    args = ref.extreme_inputs(case.name, rng, MAGNITUDE)
+    args = ref.extreme_inputs(case.name, rng, MAGNITUDE, case.kw)
     assert args is not None, f"no extreme-input recipe for {case.name}: add one to reference.extreme_inputs"
     return ref.cast(args, dtype)
 
