@@ -47,14 +47,14 @@ sys.path.append(str(HERE))  # derive, codegen: unless PYTHONPATH names another c
 
 
 def _work(job):
-    """One spec, checked in a worker process: (spec, target, float32)."""
+    """One spec, checked in a worker process: (spec, target, float32, second_order)."""
     import fuzz_specs as fz
 
     import codegen
 
-    spec, target, float32 = job  # the parent's spec: a change to the generator mid-campaign cannot skew it
+    spec, target, float32, second_order = job  # the parent's spec: a change to the generator mid-campaign cannot skew it
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-        return fz.check(spec, tmp, target=target, float32=float32), codegen.__file__
+        return fz.check(spec, tmp, target=target, float32=float32, second_order=second_order), codegen.__file__
 
 
 def signature(outcome) -> str:
@@ -87,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--no-temporaries", action="store_true", help="no optimizer temporaries")
     ap.add_argument("--float32", action="store_true",
                     help="also compare float32 results' error with PyTorch float32's (status 'imprecise')")
+    ap.add_argument("--no-second-order", action="store_true",
+                    help="do not compare op.jvp and op.hvp with PyTorch's forward-mode and second derivatives")
     ap.add_argument("--max-depth", type=int, default=3)
     ap.add_argument("--large", action="store_true",
                     help="large-input mode: stability shapes at |x| ~ 1e2-1e3 against a high-precision oracle")
@@ -113,7 +115,8 @@ def main(argv=None):
         spec = pickle.loads(Path(args.replay).read_bytes())
         for target in ["cpu"] + (["cuda"] if args.cuda_every else []):
             with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-                outcome = fz.check(spec, tmp, target=target, float32=args.float32)
+                outcome = fz.check(spec, tmp, target=target, float32=args.float32,
+                                   second_order=not args.no_second_order)
             print(outcome.report())
         return 0 if outcome.status in ("ok", "refused", "discarded") else 1
 
@@ -138,7 +141,7 @@ def main(argv=None):
         targets = ["cpu"] + (["cuda"] if args.cuda_every and k % args.cuda_every == 0 else [])
         for target in targets:
             t1 = time.time()
-            job = (spec, target, args.float32 and target == "cpu")
+            job = (spec, target, args.float32 and target == "cpu", not args.no_second_order)
             try:
                 outcome, used = pool.apply_async(_work, (job,)).get(timeout=args.timeout)
                 if used != codegen_file:

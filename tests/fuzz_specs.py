@@ -2236,13 +2236,16 @@ def _torch_forward_np(spec):
     return fwd
 
 
-def check(spec: FuzzSpec, workdir, target: str = "cpu", fd: bool = True, float32: bool = False) -> Outcome:
+def check(spec: FuzzSpec, workdir, target: str = "cpu", fd: bool = True, float32: bool = False,
+          second_order: bool = False) -> Outcome:
     """Build ``spec`` in ``workdir`` and compare it with its oracle on ``target``.
 
     ``float32``: also run the op on the same inputs rounded to float32 and require float32
     results (outputs and gradients) whose error against the float64 oracle is within
     :data:`F32_FACTOR` of PyTorch's own float32 error on those inputs (issue 11's
-    precision criterion); a miss is ``imprecise`` (reported, not a failure)."""
+    precision criterion); a miss is ``imprecise`` (reported, not a failure).
+    ``second_order``: also compare ``op.jvp`` and ``op.hvp`` with PyTorch's forward-mode
+    and second derivatives of the same tree (issue 14), see :func:`_check_second_order`."""
     from derive.errors import SpecError
 
     import codegen
@@ -2270,7 +2273,7 @@ def check(spec: FuzzSpec, workdir, target: str = "cpu", fd: bool = True, float32
         elif spec.large:
             _check_large(spec, op, float32)
         else:
-            _check_layer(spec, op, target, fd)
+            _check_layer(spec, op, target, fd, second_order)
             if float32:
                 _check_float32(spec, op)
     except _Imprecise as exc:
@@ -2291,7 +2294,7 @@ def _tb():
     return "\n".join(lines[-12:])
 
 
-def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
+def _check_layer(spec: FuzzSpec, op, target: str, fd: bool, second_order: bool = False):
     rng = np.random.default_rng(spec.seed)
     args = sample_inputs(spec, rng)
     if tuple(op.arg_names) != spec.arg_names:
@@ -2333,9 +2336,56 @@ def _check_layer(spec: FuzzSpec, op, target: str, fd: bool):
         numeric = ref.numerical_vjp(op.forward, args, seeds, wrt)
         for i, g, n in zip(wrt, grads, numeric):
             _close(g, n, FD_TOL, f"gradient of {spec.arg_names[i]} (against central differences)", "backward")
+    if second_order and want:
+        _check_second_order(spec, op, args, seeds, wrt, rng)
     _check_other_shape(spec, op, rng, wrt)
     if spec.assume:
         _check_assumption_enforced(spec, op, args, seeds, rng)
+
+
+def _check_second_order(spec: FuzzSpec, op, args, seeds, wrt, rng):
+    """``op.jvp`` against PyTorch's directional derivative of the tree's outputs and
+    ``op.hvp`` against its second derivative (reverse over reverse: the derivative of
+    sum(seed * outputs)'s gradient along the tangents), float64. Where PyTorch's own
+    second derivative is not finite or not defined, the second-order part is skipped."""
+    tangents = [rng.normal(size=np.shape(args[i])) for i in wrt]
+    names = [spec.arg_names[i] for i in wrt]
+    try:
+        ts, outs = _torch_call(spec, args, grad=True)
+        diff = [ts[n] for n in names]
+        live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+        tt = [torch.tensor(t) for t in tangents]
+        # forward mode by the double-vjp trick: d/du <vjp(u), t> is J t
+        jvp_ref = []
+        for o in outs:
+            if not o.requires_grad:
+                jvp_ref.append(np.zeros(tuple(o.shape)))
+                continue
+            u = torch.zeros_like(o, requires_grad=True)
+            g = torch.autograd.grad(o, diff, grad_outputs=u, create_graph=True, allow_unused=True)
+            dot = sum((gi * ti).sum() for gi, ti in zip(g, tt) if gi is not None)
+            jt = torch.autograd.grad(dot, u, allow_unused=True)[0] if torch.is_tensor(dot) and dot.requires_grad else None
+            jvp_ref.append(np.zeros(tuple(o.shape)) if jt is None else jt.detach().numpy())
+        hvp_ref = [np.zeros(np.shape(args[i])) for i in wrt]
+        if live:
+            g = torch.autograd.grad([o for o, _ in live], diff, create_graph=True, allow_unused=True,
+                                    grad_outputs=[torch.tensor(np.asarray(s, dtype=np.float64)).reshape(o.shape)
+                                                  for o, s in live])
+            dot = sum((gi * ti).sum() for gi, ti in zip(g, tt) if gi is not None and gi.requires_grad)
+            if torch.is_tensor(dot) and dot.requires_grad:
+                second = torch.autograd.grad(dot, diff, allow_unused=True)
+                hvp_ref = [np.zeros(np.shape(args[i])) if h is None else h.detach().numpy()
+                           for h, i in zip(second, wrt)]
+    except RuntimeError:  # an op PyTorch does not differentiate twice
+        return
+    if not all(np.all(np.isfinite(r)) for r in jvp_ref + hvp_ref):
+        return
+    got = ref.as_tuple(op.jvp(*args, tangents=tangents))
+    for name, g, e in zip(spec.outputs, got, jvp_ref):
+        _close(g, e, SPEC_TOL, f"jvp of output {name} (against torch)", "jvp")
+    got = ref.as_tuple(op.hvp(*seeds, *args, tangents=tangents))
+    for name, g, e in zip(names, got, hvp_ref):
+        _close(g, e, SPEC_TOL, f"hvp of {name} (against torch's second derivative)", "hvp")
 
 
 def _check_assumption_enforced(spec: FuzzSpec, op, args, seeds, rng):

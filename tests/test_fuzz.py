@@ -5,7 +5,8 @@ language (tests/fuzz_specs.py) built with ``codegen.build`` and compared with Py
 failure prints the spec's TOML, its sizes and its input seed; replay a long campaign's
 spec with ``scripts/fuzz_campaign.py --seed S --start K --n 1`` (same fuzzer version) or
 ``--replay OUT/K-NAME-cpu.pkl``. Runtime here: about 70 s (45 CPU, 10 CUDA examples),
-plus about 40 s for 6 integer-input and `assume` specs and 8 large-input specs.
+plus about 40 s for 6 integer-input and `assume` specs and 8 large-input specs, and about
+30 s for 12 specs whose jvp and hvp are checked too (second order, issue 14).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class _Timeout(Exception):
     pass
 
 
-def _run(spec, target, float32=False):
+def _run(spec, target, float32=False, second_order=False):
     def alarm(signum, frame):
         raise _Timeout(f"no result after {TIMEOUT} s\n{spec.describe()}")
 
@@ -41,7 +42,7 @@ def _run(spec, target, float32=False):
     signal.alarm(TIMEOUT)
     try:
         with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
-            outcome = fz.check(spec, tmp, target=target, float32=float32)
+            outcome = fz.check(spec, tmp, target=target, float32=float32, second_order=second_order)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -53,6 +54,14 @@ def _run(spec, target, float32=False):
 @given(spec=fz.specs())
 def test_random_specs_match_torch_and_finite_differences_on_cpu(spec):
     _run(spec, "cpu")
+
+
+# Second order (issue 14): op.jvp and op.hvp against PyTorch's forward-mode and second
+# derivatives of the same tree, on other random specs.
+@settings(max_examples=12, **CI)
+@given(spec=fz.specs())
+def test_random_specs_second_order_on_cpu(spec):
+    _run(spec, "cpu", second_order=True)
 
 
 @pytest.mark.cuda
