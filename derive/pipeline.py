@@ -29,7 +29,7 @@ from .tangent import forward_mode
 
 def build(op: OpDef) -> ir.Program:
     if op.kind == "optimizer":
-        return _build_optimizer(op)
+        return without_stop_gradient(_build_optimizer(op))
     if op.kind == "schedule":
         return _build_schedule(op)
     bind(op)

@@ -80,3 +80,23 @@ def test_stop_gradient_is_detach(tmp_path, rng):
         ref.assert_close(op.backward(gy, x), want_g.numpy(), np.float64, f"stop_gradient backward ({target})")
         ref.assert_close(op.jvp(x, tangents=(tx,)), (1 + x) * tx, np.float64, f"stop_gradient jvp ({target})")
     assert r"\operatorname{sg}" in module.op().latex()
+
+
+def test_stop_gradient_in_an_optimizer_update_is_its_value(tmp_path):
+    """An update is not differentiated: the marker is the identity there (a fuzz
+    campaign found it left in the kernel, which no printer prints)."""
+    spec = TextSpec(
+        """name = "sg_step"
+kind = "optimizer"
+state = ["m"]
+scalar_state = { sc = 1.0 }
+hyper = { lr = 0.01 }
+update = ["sc = sc * 0.5", "c2 = stop_gradient(sc)", "m = 0.9 * m + (1 - 0.9) * g", "p = p - lr * (m + c2)"]
+""")
+    _, module = build(spec, tmp_path)
+    for target in ("cpu", "cuda"):
+        op = module.op(target=target)
+        p, g = np.ones(3), np.full(3, 2.0)
+        state = op.init_state(p)
+        op.step(p, g, *state, t=1)
+        ref.assert_close(p, 1 - 0.01 * (0.2 + 0.5), np.float64, f"stop_gradient in an update ({target})")
