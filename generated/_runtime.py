@@ -298,9 +298,6 @@ def _bind(module, name, target, attrs, specs, funcs, latex):
             if int(value) != value:
                 raise ValueError("%s: attribute %s must be an integer; got %r" % (name, key, value))
             value = int(value)
-            if default > 0 and value <= 0:
-                # the derivation took this attribute to be positive, as its default is
-                raise ValueError("%s: attribute %s must be a positive integer (its default %d makes it one, and the derivation relies on it; an integer flag that may be 0 needs the default 0); got %r" % (name, key, default, value))
         else:
             value = float(value)
         values[key] = value

@@ -53,16 +53,6 @@ def test_attribute_defaults(name):
     assert generated.op(name).attrs == pytest.approx(ref.DOCUMENTED_ATTRS[name])
 
 
-def test_a_positive_integer_attribute_refuses_zero():
-    """An integer attribute with a positive default is positive to the derivation (a
-    stride divides sizes); zero or less would silently break what it derived."""
-    import generated
-
-    with pytest.raises(ValueError, match="attribute S must be a positive integer"):
-        generated.op("conv2d", S=0)
-    assert generated.op("conv2d", P=0).attrs["P"] == 0  # P's default is 0: any integer
-
-
 @pytest.mark.parametrize("name", sorted(ref.DOCUMENTED_ATTRS))
 def test_attributes_given_at_run_time_are_in_force(name):
     import generated

@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 9fb6b705850dc551
-#   generated/layers/conv2d.py 2d14c9acd2a23b4e
-#   generated/layers/dense.py b9885c89b380e4f6
-#   generated/layers/flatten.py 1115766e4924a205
-#   generated/layers/max_pool2d.py eb33396bb9f2642d
-#   generated/losses/softmax_cross_entropy.py 5d1632b7c6391163
-#   generated/optimizers/adam.py 1a0de7527be0e2ee
-#   generated/_runtime.py 06b0e2f6aa0cbe26
+#   generated/activations/relu.py a54f8ca7181216c8
+#   generated/layers/conv2d.py 1d05b1356856343c
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/layers/flatten.py 1b956ef93a092d1d
+#   generated/layers/max_pool2d.py 16e2bd15844001aa
+#   generated/losses/softmax_cross_entropy.py 11f0bb9b09ffe041
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

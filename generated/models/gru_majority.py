@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b9885c89b380e4f6
-#   generated/layers/gru_cell.py cafefdd009035370
-#   generated/losses/softmax_cross_entropy.py 5d1632b7c6391163
-#   generated/optimizers/adam.py 1a0de7527be0e2ee
-#   generated/_runtime.py 06b0e2f6aa0cbe26
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/layers/gru_cell.py 4400d7b2c646b047
+#   generated/losses/softmax_cross_entropy.py 11f0bb9b09ffe041
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).

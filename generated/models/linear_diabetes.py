@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b9885c89b380e4f6
-#   generated/losses/mse.py e723c4bb85744b3b
-#   generated/optimizers/adam.py 1a0de7527be0e2ee
-#   generated/_runtime.py 06b0e2f6aa0cbe26
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/losses/mse.py 3b6191ec68f60856
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

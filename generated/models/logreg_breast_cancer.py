@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b9885c89b380e4f6
-#   generated/losses/bce_with_logits.py 52e96e0dd0863402
-#   generated/optimizers/adam.py 1a0de7527be0e2ee
-#   generated/_runtime.py 06b0e2f6aa0cbe26
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/losses/bce_with_logits.py 8e90bd068d782cc4
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).
