@@ -14,6 +14,15 @@ import sys
 import zlib
 from pathlib import Path
 
+# Under pytest-xdist (``-n auto``) each worker gets its share of the cores for BLAS and
+# OpenMP, so that two workers on two cores do not each start two threads. Set before
+# anything imports numpy, which reads it once.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
 REAL_GPU = os.environ.get("SYMGRAD_REAL_GPU") == "1"
 if not REAL_GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
