@@ -460,6 +460,9 @@ def train(config: Config, log=print) -> dict:
     start, history = 0, []
     if config.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"].get("method", "first-order") != "first-order":
+            raise TrainError(f"{ckpt_path} was written by --method {ckpt['config']['method']}; resume it with that "
+                             "method, or use another --out")
         mismatch = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != run_config[k]]
         if mismatch:
             raise TrainError(

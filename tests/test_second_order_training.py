@@ -120,6 +120,8 @@ def test_resumed_solver_reaches_the_uninterrupted_result(examples, breast_cancer
     assert resumed["history"][:3] == part["history"]
     for key, value in whole["params"].items():
         np.testing.assert_allclose(resumed["params"][key], value, rtol=1e-8, atol=0, err_msg=key)
+    with pytest.raises(trainer.TrainError, match="--method newton"):  # not by the first-order loop
+        trainer.train(config(examples, tmp_path / "split", resume=True), log=lambda *a: None)
 
 
 def test_objective_gradient_and_hessian_vector_product_match_torch(examples, breast_cancer, rng):
