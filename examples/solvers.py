@@ -14,7 +14,8 @@ more: weight matrices and convolution kernels are penalised; rank-1 parameters (
 normalisation scales and shifts) are not. With the model's loss a mean over n training
 samples, ``--l2 1/(C n)`` is scikit-learn's ``LogisticRegression(C=C)`` objective
 (C * summed loss + ||w||^2/2, the intercept unpenalised) divided by C n: the same
-minimiser.
+minimiser. The history's (and the plot's) training "loss" is this objective, penalty
+included; the test loss is the model's alone.
 
 Checkpoints: after every solver iteration the parameters, the iteration count and the
 history are written atomically to OUT/checkpoint.npz (``trainer.save_checkpoint``);

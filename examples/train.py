@@ -4,6 +4,8 @@
     python examples/train.py --model cnn_digits       # an example, by name (--list)
     python examples/train.py specs/models/mlp_digits.toml --epochs 20 --batch-size 32 \
         --seed 0 --out runs/mlp_digits                # any model spec, on --dataset
+    python examples/train.py --model logreg_breast_cancer --method newton --l2 0.0022
+                                                      # full batch by SciPy (examples/solvers.py)
 
 An example (``--model``) brings its dataset, epochs and batch size; the options
 override them. Prints the loss and test accuracy (regression: R^2, and the test MSE
@@ -45,7 +47,7 @@ def parse_args(argv=None) -> trainer.Config | None:
     p.add_argument("--method", choices=("first-order", "newton", "lbfgs"), default="first-order",
                    help="first-order: the spec's optimizer over mini-batches; newton (trust-ncg on derived Hessian-vector "
                    "products) or lbfgs (L-BFGS-B): scipy.optimize.minimize, full batch, float64 (examples/solvers.py)")
-    p.add_argument("--l2", type=float, default=0.0, help="newton/lbfgs: L2 penalty LAMBDA/2 * ||w||^2 on the parameters of rank >= 2 (not biases)")
+    p.add_argument("--l2", type=float, default=0.0, metavar="LAMBDA", help="newton/lbfgs: L2 penalty LAMBDA/2 * ||w||^2 on the parameters of rank >= 2 (not biases)")
     p.add_argument("--max-iter", type=int, default=None, help="newton/lbfgs: most solver iterations (default 100 / 1000)")
     p.add_argument("--tol", type=float, default=None, help="newton/lbfgs: gradient tolerance (default 1e-10 / 1e-6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
