@@ -4,6 +4,8 @@
     python examples/train.py --model cnn_digits       # an example, by name (--list)
     python examples/train.py specs/models/mlp_digits.toml --epochs 20 --batch-size 32 \
         --seed 0 --out runs/mlp_digits                # any model spec, on --dataset
+    python examples/train.py --model logreg_breast_cancer --method newton --l2 0.0022
+                                                      # full batch by SciPy (examples/solvers.py)
 
 An example (``--model``) brings its dataset, epochs and batch size; the options
 override them. Prints the loss and test accuracy (regression: R^2, and the test MSE
@@ -42,6 +44,12 @@ def parse_args(argv=None) -> trainer.Config | None:
     p.add_argument("--gamma", type=float, default=None, help="step/exponential schedule: decay factor (default 0.1 / 0.9)")
     p.add_argument("--eta-min", type=float, default=None, help="cosine schedule: final learning rate (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--method", choices=("first-order", "newton", "lbfgs"), default="first-order",
+                   help="first-order: the spec's optimizer over mini-batches; newton (trust-ncg on derived Hessian-vector "
+                   "products) or lbfgs (L-BFGS-B): scipy.optimize.minimize, full batch, float64 (examples/solvers.py)")
+    p.add_argument("--l2", type=float, default=0.0, metavar="LAMBDA", help="newton/lbfgs: L2 penalty LAMBDA/2 * ||w||^2 on the parameters of rank >= 2 (not biases)")
+    p.add_argument("--max-iter", type=int, default=None, help="newton/lbfgs: most solver iterations (default 100 / 1000)")
+    p.add_argument("--tol", type=float, default=None, help="newton/lbfgs: gradient tolerance (default 1e-10 / 1e-6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write training.png")
     a = p.parse_args(argv)
@@ -64,6 +72,10 @@ def parse_args(argv=None) -> trainer.Config | None:
     for name in ("epochs", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.method == "first-order" and (a.l2 or a.max_iter is not None or a.tol is not None):
+        p.error("--l2, --max-iter and --tol need --method newton or lbfgs")
+    if a.l2 < 0 or (a.max_iter is not None and a.max_iter < 1) or (a.tol is not None and a.tol <= 0):
+        p.error("--l2 must be >= 0, --max-iter >= 1 and --tol > 0")
     hyper = {}
     if a.step_size is not None:
         hyper["step_size"] = a.step_size
@@ -88,6 +100,10 @@ def parse_args(argv=None) -> trainer.Config | None:
         dtype=a.dtype,
         progress=not a.no_progress,
         plot=not a.no_plot,
+        method=a.method,
+        l2=a.l2,
+        max_iter=a.max_iter,
+        tol=a.tol,
     )
 
 
@@ -117,10 +133,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; `--resume` continues from the last completed epoch in {config.out}", file=sys.stderr)
         return 130
+    steps = f"{result['epochs']} {'epochs' if config.method == 'first-order' else config.method + ' iterations'}"
     if "test_accuracy" in result:
-        print(f"test accuracy: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {result['epochs']} epochs)")
+        print(f"test accuracy: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {steps})")
     elif "test_r2" in result:
-        print(f"test R^2: {result['test_r2']:.4f} ({result['model']} on {result['dataset']}, {result['epochs']} epochs)")
+        print(f"test R^2: {result['test_r2']:.4f} ({result['model']} on {result['dataset']}, {steps})")
         ls = result["least_squares"]
         print(
             f"test MSE: {result['test_mse']:.4f}; closed-form least squares (np.linalg.lstsq) on the same split: "

@@ -369,6 +369,10 @@ class Config:
     split_seed: int = 0
     progress: bool = True
     plot: bool = True
+    method: str = "first-order"  # or "newton", "lbfgs": examples/solvers.py (full batch, float64)
+    l2: float = 0.0  # solvers: L2 penalty on the parameters of rank >= 2
+    max_iter: int | None = None  # solvers: iteration budget (None: the solver's default)
+    tol: float | None = None  # solvers: gradient tolerance (None: the solver's default)
 
 
 # what must agree between a checkpoint and the run that resumes from it
@@ -426,8 +430,13 @@ def train(config: Config, log=print) -> dict:
     """Train ``config.spec`` on ``config.dataset``; return the history and final metrics.
 
     Raises :class:`Diverged` when the loss becomes NaN or infinite (the checkpoint of
-    the last completed epoch is kept).
+    the last completed epoch is kept). ``config.method`` "newton" or "lbfgs": full-batch
+    training by SciPy's solvers (examples/solvers.py).
     """
+    if config.method != "first-order":
+        import solvers
+
+        return solvers.train(config, log)
     from tqdm import tqdm
 
     out = Path(config.out)
@@ -451,6 +460,9 @@ def train(config: Config, log=print) -> dict:
     start, history = 0, []
     if config.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"].get("method", "first-order") != "first-order":
+            raise TrainError(f"{ckpt_path} was written by --method {ckpt['config']['method']}; resume it with that "
+                             "method, or use another --out")
         mismatch = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != run_config[k]]
         if mismatch:
             raise TrainError(
@@ -552,9 +564,11 @@ def train(config: Config, log=print) -> dict:
 # ----------------------------------------------------------------------------- plot
 
 
-def plot_history(history: list[dict], path, title: str = "", baseline: float | None = None) -> None:
-    """Loss (train and test) and the test metric per epoch, as a PNG (written atomically).
-    ``baseline``: a reference test loss drawn as a line (least squares, for regression)."""
+def plot_history(history: list[dict], path, title: str = "", baseline: float | None = None,
+                 xlabel: str = "epoch") -> None:
+    """Loss (train and test) and the test metric per epoch (or per solver iteration:
+    ``xlabel``), as a PNG (written atomically). ``baseline``: a reference test loss
+    drawn as a line (least squares, for regression)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,13 +581,13 @@ def plot_history(history: list[dict], path, title: str = "", baseline: float | N
     ax1.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
     if baseline is not None:
         ax1.axhline(baseline, color="C3", linestyle="--", label="least squares (test)")
-    ax1.set_xlabel("epoch")
+    ax1.set_xlabel(xlabel)
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
     ax1.legend()
     ax1.grid(alpha=0.3)
     ax2.plot(epochs, [h[metric] for h in history], marker="o", color="C2")
-    ax2.set_xlabel("epoch")
+    ax2.set_xlabel(xlabel)
     ax2.set_ylabel("test accuracy" if metric == "test_accuracy" else "test $R^2$")
     ax2.grid(alpha=0.3)
     if title:

@@ -38,6 +38,7 @@ _MODULES = {
     "gru_cell": "layers.gru_cell",
     "huber": "losses.huber",
     "kl_div": "losses.kl_div",
+    "l2_penalty": "losses.l2_penalty",
     "layer_norm": "layers.layer_norm",
     "leaky_relu": "activations.leaky_relu",
     "log_softmax": "layers.log_softmax",

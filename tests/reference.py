@@ -61,6 +61,7 @@ TORCH_ORACLE: dict[str, Callable] = {
         pred, target, log_input=bool(log_input), full=bool(full), eps=eps),
     "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12: F.cosine_embedding_loss(
         x1, x2, label, margin=margin),
+    "l2_penalty": lambda w, lam=1.0: lam * (w * w).sum() / 2,
 }
 def _multi_head_attention(x, w, b, wo, bo, heads, causal):
     """Projections, a split into heads, F.scaled_dot_product_attention, the heads joined and projected."""
@@ -150,7 +151,7 @@ DOCUMENTED_KINDS = {
     **{
         n: "loss"
         for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div", "cosine_embedding_loss",
-                  "categorical_nll", "gaussian_nll", "poisson_nll")
+                  "categorical_nll", "gaussian_nll", "poisson_nll", "l2_penalty")
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
@@ -166,6 +167,7 @@ DOCUMENTED_ATTRS = {
     "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0},
     "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12},
     "gaussian_nll": {"eps": 1e-6, "full": 0.0}, "poisson_nll": {"log_input": 1.0, "full": 0.0, "eps": 1e-8},
+    "l2_penalty": {"lam": 1.0},
     # the layer library's table (issue 3)
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
     "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
@@ -177,6 +179,7 @@ ATTR_VARIANTS = {
     "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}],
     "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12}],
     "gaussian_nll": [{"full": 1.0, "eps": 1e-3}], "poisson_nll": [{"log_input": 0.0, "full": 1.0, "eps": 1e-8}],
+    "l2_penalty": [{"lam": 0.03}],
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
@@ -200,6 +203,7 @@ DOCUMENTED_DIFFERENTIABLE = {
     "categorical_nll": ("logprobs",),
     "gaussian_nll": ("pred", "var"),
     "poisson_nll": ("pred",),
+    "l2_penalty": ("w",),
 }
 
 # Arguments holding discrete labels (+1/-1, classes, counts): not differentiable, not
@@ -462,6 +466,8 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
         return [n(size=(B, C)), n(size=(B, C)), rng.uniform(0.5, 2.0, size=(B, C))]
     if name == "poisson_nll":  # positive predictions serve as log-rates and as rates; counts above 1 too
         return [rng.uniform(0.2, 2.0, size=(B, C)), _counts(rng, (B, C), 2.0)]
+    if name == "l2_penalty":  # a parameter flattened to a vector
+        return [n(size=(I,))]
     if name == "cosine_embedding_loss":  # labels 1 and -1, cosines on both sides of any margin
         return [n(size=(B, I)), n(size=(B, I)), rng.choice([-1.0, 1.0], size=B)]
     return None
@@ -601,6 +607,8 @@ def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3,
         return [log_prob_rows(rng, (B, C), scale=magnitude), log_prob_rows(rng, (B, C), scale=magnitude)]
     if name == "cosine_embedding_loss":
         return [big((B, I)), big((B, I)), rng.choice([-1.0, 1.0], size=B)]
+    if name == "l2_penalty":
+        return [big((I,))]
     if name == "categorical_nll":
         return [log_prob_rows(rng, (B, C), scale=magnitude), rng.integers(0, C, size=B).astype(np.int64)]
     if name == "gaussian_nll":  # far predictions; a variance below the clamp, one at zero

@@ -13,6 +13,8 @@ delta, margin, eps = attr("delta", 1.0), attr("margin", 0.0), attr("eps", 1e-12)
 x1, x2, label = tensors("x1 x2 label")
 var, vc, idx = tensors("var vc idx")
 log_input, full = attr("log_input", 1.0), attr("full", 0.0)
+lam = attr("lam", 1.0)
+w = tensors("w")[0]
 cos = tensors("cos")[0]
 d = pred[b, n] - target[b, n]
 
@@ -65,4 +67,10 @@ OPS = [
                      (L, Mean(Piecewise((1 - cos[b], label[b] > 0), (Max(0, cos[b] - margin), label[b] < 0), (0, True)), b))],
          doc="Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as "
              "F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12)."),
+    loss("l2_penalty", inputs={"w": "N"}, outputs={"loss": ""},
+         attrs={"lam": 1.0},
+         equations=[(L, lam * Sum(w[n] ** 2, n) / 2)],
+         doc="L2 penalty (ridge, weight decay): lam/2 times the sum of squares of w, a parameter flattened to a "
+             "vector. Added to a loss that is a mean over n samples, lam = 1/(C n) gives scikit-learn's "
+             "LogisticRegression(C) objective (C times the summed loss plus half the squared norm) divided by C n."),
 ]

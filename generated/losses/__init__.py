@@ -10,5 +10,5 @@
 ``generated.op(name, target, **attrs)``.
 
 Ops: bce_with_logits, categorical_nll, cosine_embedding_loss, gaussian_nll, huber,
-kl_div, mse, nll, poisson_nll, softmax_cross_entropy.
+kl_div, l2_penalty, mse, nll, poisson_nll, softmax_cross_entropy.
 """
