@@ -4,6 +4,8 @@
     python examples/train.py --model cnn_digits       # an example, by name (--list)
     python examples/train.py specs/models/mlp_digits.toml --epochs 20 --batch-size 32 \
         --seed 0 --out runs/mlp_digits                # any model spec, on --dataset
+    mpiexec -n 2 python examples/train.py --model mlp_digits --distributed
+                                                      # data-parallel over MPI ranks
 
 An example (``--model``) brings its dataset, epochs and batch size; the options
 override them. Prints the loss and test accuracy (regression: R^2, and the test MSE
@@ -44,6 +46,11 @@ def parse_args(argv=None) -> trainer.Config | None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write training.png")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the ranks of `mpiexec -n N` (mpi4py: pip install 'symgrad[mpi]'); the batch size must divide by N",
+    )
     a = p.parse_args(argv)
     if a.list:
         return None
@@ -88,6 +95,7 @@ def parse_args(argv=None) -> trainer.Config | None:
         dtype=a.dtype,
         progress=not a.no_progress,
         plot=not a.no_plot,
+        distributed=a.distributed,
     )
 
 
@@ -109,14 +117,27 @@ def main(argv=None) -> int:
     if config is None:
         print_examples()
         return 0
+    import distributed
+
+    if not config.distributed and distributed.launched_size() > 1:
+        print(
+            f"error: started by mpiexec as one of {distributed.launched_size()} processes without --distributed: "
+            "each would train the whole run and write the same files; add --distributed",
+            file=sys.stderr,
+        )
+        return 1
     try:
         result = trainer.train(config)
     except trainer.TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if config.distributed:
+            distributed.abort_others()
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; `--resume` continues from the last completed epoch in {config.out}", file=sys.stderr)
         return 130
+    if config.distributed and not distributed.is_root():
+        return 0
     if "test_accuracy" in result:
         print(f"test accuracy: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {result['epochs']} epochs)")
     elif "test_r2" in result:
