@@ -13,7 +13,8 @@ the transfer) and update (the optimizer op per parameter). The ranks meet at a b
 before each step (outside the timing), so a step starts together on all. The table
 reports, for the rank whose steps took longest, the mean of each part (they add up to
 the mean step; under load a rank that was descheduled makes the other wait in the
-allreduce, so the parts' medians would not add up), and the step's median and minimum. Alone: the same ``Allreduce`` timed
+allreduce, so the parts' medians would not add up), the step's median, and the minima
+of the step, the compute and the allreduce (the least disturbed steps). Alone: the same ``Allreduce`` timed
 by itself after a barrier, the cost of the transfer without waiting. Fused: the model's
 fused ``train_step`` on the whole batch in one process, for reference.
 """
@@ -109,6 +110,8 @@ def worker(model_name: str, batch: int, steps: int) -> None:
     mine = {k: sum(r[k] for r in rows) / len(rows) for k in ("compute", "allreduce", "update", "step")}
     mine["median"] = median([r["step"] for r in rows])
     mine["min"] = min(r["step"] for r in rows)
+    for k in ("compute", "allreduce"):
+        mine[f"{k}_min"] = min(r[k] for r in rows)
     mine["alone"] = median(alone)
     every = comm.gather(mine, root=0)
     if group.rank == 0:
@@ -159,10 +162,10 @@ def main() -> None:
         return
     print(f"transport {a.btl}; load average before: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cores)")
     print(
-        "| model | B | ranks | samples/rank | step ms: mean | = compute | + allreduce | + update | step median | step min "
-        "| allreduce alone | fused, 1 process | allreduce KiB |"
+        "| model | B | ranks | samples/rank | step ms: mean | = compute | + allreduce | + update | step median "
+        "| min: step | compute | allreduce | allreduce alone | fused, 1 process | allreduce KiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in a.models:
         batch = a.batch or MODELS.get(model, 128)
         for n in a.ranks:
@@ -171,6 +174,7 @@ def main() -> None:
             print(
                 f"| {model} | {batch} | {n} | {batch // n} | {r['step'] * 1e3:.3f} | {r['compute'] * 1e3:.3f} | "
                 f"{r['allreduce'] * 1e3:.3f} | {r['update'] * 1e3:.3f} | {r['median'] * 1e3:.3f} | {r['min'] * 1e3:.3f} | "
+                f"{r['compute_min'] * 1e3:.3f} | {r['allreduce_min'] * 1e3:.3f} | "
                 f"{r['alone'] * 1e3:.3f} | {fused} | {r['bytes'] / 1024:.1f} |",
                 flush=True,
             )
