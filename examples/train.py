@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import distributed  # data-parallel training over MPI (mpi4py is imported only with --distributed)
 import trainer
 
 
@@ -117,8 +118,6 @@ def main(argv=None) -> int:
     if config is None:
         print_examples()
         return 0
-    import distributed
-
     if not config.distributed and distributed.launched_size() > 1:
         print(
             f"error: started by mpiexec as one of {distributed.launched_size()} processes without --distributed: "
