@@ -207,7 +207,7 @@ class DataParallel:
             weight = (hi - lo) / n
             loss, g = model.loss_and_grads(params, x[lo:hi], y[lo:hi])
             for key in self._keys:
-                np.multiply(g[key], weight, out=grads[key], casting="unsafe")
+                np.multiply(g[key], weight, out=grads[key])
             buffer[-1] = float(loss) * weight
         else:  # a last batch smaller than the ranks: nothing to add
             buffer[:] = 0
