@@ -12,6 +12,7 @@ OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, set here for the child processes.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -156,8 +157,6 @@ def test_two_ranks_match_one_process_and_resume(examples, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("resuming mlp_digits") == 1, second.stdout
     _assert_same_run(ref_2, _checkpoint(trainer, out / trainer.CHECKPOINT))
-    import json
-
     metrics = json.loads((out / trainer.METRICS).read_text())
     assert metrics["ranks"] == 2 and metrics["epochs"] == 2
     assert sorted(p.name for p in out.iterdir()) == [trainer.CHECKPOINT, trainer.METRICS]
