@@ -6,6 +6,8 @@
         --seed 0 --out runs/mlp_digits                # any model spec, on --dataset
     python examples/train.py --model logreg_breast_cancer --method newton --l2 0.0022
                                                       # full batch by SciPy (examples/solvers.py)
+    mpiexec -n 2 python examples/train.py --model mlp_digits --distributed
+                                                      # data-parallel over MPI ranks
 
 An example (``--model``) brings its dataset, epochs and batch size; the options
 override them. Prints the loss and test accuracy (regression: R^2, and the test MSE
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import distributed  # data-parallel training over MPI (mpi4py is imported only with --distributed)
 import trainer
 
 
@@ -52,6 +55,11 @@ def parse_args(argv=None) -> trainer.Config | None:
     p.add_argument("--tol", type=float, default=None, help="newton/lbfgs: gradient tolerance (default 1e-10 / 1e-6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write training.png")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the ranks of `mpiexec -n N` (mpi4py: pip install 'symgrad[mpi]'); the batch size must divide by N",
+    )
     a = p.parse_args(argv)
     if a.list:
         return None
@@ -85,6 +93,8 @@ def parse_args(argv=None) -> trainer.Config | None:
         hyper["eta_min"] = a.eta_min
     if hyper and a.schedule is None:
         p.error("--step-size/--gamma/--eta-min need --schedule")
+    if a.distributed and a.method != "first-order":
+        p.error("--distributed trains first-order (the spec's optimizer over mini-batches); --method newton/lbfgs run in one process")
     out = a.out if a.out is not None else f"runs/{trainer.model_name(a.spec)}"
     return trainer.Config(
         spec=a.spec,
@@ -104,6 +114,7 @@ def parse_args(argv=None) -> trainer.Config | None:
         l2=a.l2,
         max_iter=a.max_iter,
         tol=a.tol,
+        distributed=a.distributed,
     )
 
 
@@ -125,15 +136,26 @@ def main(argv=None) -> int:
     if config is None:
         print_examples()
         return 0
+    if not config.distributed and distributed.launched_size() > 1:
+        print(
+            f"error: started by mpiexec as one of {distributed.launched_size()} processes without --distributed: "
+            "each would train the whole run and write the same files; add --distributed",
+            file=sys.stderr,
+        )
+        return 1
     try:
         result = trainer.train(config)
     except trainer.TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if config.distributed:
+            distributed.abort_others()
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; `--resume` continues from the last completed epoch in {config.out}", file=sys.stderr)
         return 130
     steps = f"{result['epochs']} {'epochs' if config.method == 'first-order' else config.method + ' iterations'}"
+    if config.distributed and not distributed.is_root():
+        return 0
     if "test_accuracy" in result:
         print(f"test accuracy: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {steps})")
     elif "test_r2" in result:

@@ -373,6 +373,7 @@ class Config:
     l2: float = 0.0  # solvers: L2 penalty on the parameters of rank >= 2
     max_iter: int | None = None  # solvers: iteration budget (None: the solver's default)
     tol: float | None = None  # solvers: gradient tolerance (None: the solver's default)
+    distributed: bool = False  # data-parallel over the MPI ranks (examples/distributed.py)
 
 
 # what must agree between a checkpoint and the run that resumes from it
@@ -431,7 +432,9 @@ def train(config: Config, log=print) -> dict:
 
     Raises :class:`Diverged` when the loss becomes NaN or infinite (the checkpoint of
     the last completed epoch is kept). ``config.method`` "newton" or "lbfgs": full-batch
-    training by SciPy's solvers (examples/solvers.py).
+    training by SciPy's solvers (examples/solvers.py). ``config.distributed``:
+    data-parallel over the MPI ranks (examples/distributed.py); rank 0 alone logs and
+    writes files.
     """
     if config.method != "first-order":
         import solvers
@@ -439,6 +442,14 @@ def train(config: Config, log=print) -> dict:
         return solvers.train(config, log)
     from tqdm import tqdm
 
+    parallel = None
+    if config.distributed:
+        import distributed
+
+        parallel = distributed.DataParallel(distributed.Group.world(), config.batch_size)
+        if not parallel.root:
+            log = lambda *args, **kwargs: None  # noqa: E731
+    writes = parallel is None or parallel.root
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config.spec, build_dir=out / "model")
@@ -476,12 +487,18 @@ def train(config: Config, log=print) -> dict:
     else:
         if config.resume:
             log(f"no checkpoint in {out}; starting from scratch")
-        elif ckpt_path.exists():
+        elif ckpt_path.exists() and writes:
             ckpt_path.unlink()  # a fresh run: an old run's checkpoint must not pass for this one's
         params = model.init(config.seed, dtype=dtype)
         state = model.init_state(params)
         rng = np.random.default_rng(config.seed)
 
+    train_step = model.train_step
+    if parallel is not None:
+        parallel.attach(model)
+        params, state, rng, start, history = parallel.share(params, state, rng, start, history)
+        train_step = parallel.step
+        log(parallel.describe(dtype))
     base_lr = float(config.lr) if config.lr is not None else _optimizer_default_lr(model)
     lr_at = learning_rates(config, base_lr)
     labels_test = data.labels_test if data.task == "classification" else None
@@ -499,12 +516,12 @@ def train(config: Config, log=print) -> dict:
             desc=f"epoch {epoch}/{config.epochs}",
             unit="batch",
             leave=False,
-            disable=None if config.progress else True,  # None: off when not a terminal
+            disable=None if config.progress and writes else True,  # None: off when not a terminal
             file=sys.stderr,
         )
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            loss = float(model.train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr))
+            loss = float(train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr))
             if not math.isfinite(loss):
                 bar.close()
                 if epoch > 1:
@@ -529,7 +546,10 @@ def train(config: Config, log=print) -> dict:
                 f"(learning rate {lr:g}); {kept}. Try a smaller --lr."
             )
         history.append(record)
-        save_checkpoint(ckpt_path, params=params, state=state, epoch=epoch, rng=rng, history=history, config=run_config)
+        if parallel is not None:
+            parallel.check_identical(params, state, f"after epoch {epoch}")
+        if writes:
+            save_checkpoint(ckpt_path, params=params, state=state, epoch=epoch, rng=rng, history=history, config=run_config)
         log(
             f"epoch {epoch:3d}/{config.epochs}  loss {record['loss']:.4f}  test loss {record['test_loss']:.4f}  "
             f"{metric.replace('_', ' ')} {record[metric]:.4f}  lr {lr:.3g}  {seconds:.2f} s"
@@ -555,6 +575,10 @@ def train(config: Config, log=print) -> dict:
             baseline = result["least_squares"]["test_mse"]
     result["params"] = params
     metrics = {k: v for k, v in result.items() if k != "params"}
+    if parallel is not None:
+        metrics["ranks"] = parallel.group.size
+    if not writes:
+        return result
     _write_atomic(out / METRICS, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     if config.plot and history:
         plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}", baseline=baseline)
