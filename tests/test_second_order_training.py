@@ -156,3 +156,10 @@ def test_solver_options_need_a_solver_method(examples, capsys):
     assert "--method newton or lbfgs" in capsys.readouterr().err
     cfg = train.parse_args(["--model", "logreg_breast_cancer", "--method", "newton", "--l2", "0.01", "--max-iter", "5"])
     assert (cfg.method, cfg.l2, cfg.max_iter) == ("newton", 0.01, 5)
+
+
+def test_solver_methods_do_not_run_distributed(examples, capsys):
+    _, _, train = examples
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "logreg_breast_cancer", "--method", "lbfgs", "--distributed"])
+    assert "--distributed trains first-order" in capsys.readouterr().err
