@@ -79,6 +79,38 @@ def _elu_hvp0(x, g_y, t_x, t_g_x, N, alpha, _total):
         t_g_x[n] = _v_t_g_x
 
 
+def _elu_fwd_core(x, alpha):
+    """Forward of elu: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    alpha = _dtype.type(alpha)
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    _launch(_elu_fwd0, N, x, y, N, alpha)
+    return y.reshape(_shape)
+
+
+def _elu_fwd_alloc(x, alpha):
+    """The results of ``_elu_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_elu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+def _elu_fwd_into(x, alpha, y):
+    """``_elu_fwd_core`` launching its kernels into y (from ``_elu_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    alpha = _dtype.type(alpha)
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _launch(_elu_fwd0, N, x, y, N, alpha)
+
+
 def _elu_fwd(x, *, alpha):
     """Forward of elu: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -92,6 +124,41 @@ def _elu_fwd(x, *, alpha):
     y = _empty((N,), _dtype)
     _launch(_elu_fwd0, N, x, y, N, alpha)
     return _result(y, _dev).reshape(_shape)
+
+
+def _elu_bwd_core(g_y, x, alpha):
+    """Backward of elu: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    alpha = _dtype.type(alpha)
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    _launch(_elu_bwd0, N, x, g_y, g_x, N, alpha)
+    return g_x.reshape(_shape)
+
+
+def _elu_bwd_alloc(g_y, x, alpha):
+    """The results of ``_elu_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_elu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+def _elu_bwd_into(g_y, x, alpha, g_x):
+    """``_elu_bwd_core`` launching its kernels into g_x (from ``_elu_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    alpha = _dtype.type(alpha)
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _launch(_elu_bwd0, N, x, g_y, g_x, N, alpha)
 
 
 def _elu_bwd(g_y, x, *, alpha):

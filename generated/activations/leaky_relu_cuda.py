@@ -79,6 +79,38 @@ def _leaky_relu_hvp0(t_g_x, N, _total):
         t_g_x[i0] = _v_t_g_x
 
 
+def _leaky_relu_fwd_core(x, slope):
+    """Forward of leaky_relu: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    slope = _dtype.type(slope)
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    _launch(_leaky_relu_fwd0, N, x, y, N, slope)
+    return y.reshape(_shape)
+
+
+def _leaky_relu_fwd_alloc(x, slope):
+    """The results of ``_leaky_relu_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_leaky_relu_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+def _leaky_relu_fwd_into(x, slope, y):
+    """``_leaky_relu_fwd_core`` launching its kernels into y (from ``_leaky_relu_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    slope = _dtype.type(slope)
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _launch(_leaky_relu_fwd0, N, x, y, N, slope)
+
+
 def _leaky_relu_fwd(x, *, slope):
     """Forward of leaky_relu: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -92,6 +124,41 @@ def _leaky_relu_fwd(x, *, slope):
     y = _empty((N,), _dtype)
     _launch(_leaky_relu_fwd0, N, x, y, N, slope)
     return _result(y, _dev).reshape(_shape)
+
+
+def _leaky_relu_bwd_core(g_y, x, slope):
+    """Backward of leaky_relu: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    slope = _dtype.type(slope)
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    _launch(_leaky_relu_bwd0, N, x, g_y, g_x, N, slope)
+    return g_x.reshape(_shape)
+
+
+def _leaky_relu_bwd_alloc(g_y, x, slope):
+    """The results of ``_leaky_relu_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_leaky_relu_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+def _leaky_relu_bwd_into(g_y, x, slope, g_x):
+    """``_leaky_relu_bwd_core`` launching its kernels into g_x (from ``_leaky_relu_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    slope = _dtype.type(slope)
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _launch(_leaky_relu_bwd0, N, x, g_y, g_x, N, slope)
 
 
 def _leaky_relu_bwd(g_y, x, *, slope):

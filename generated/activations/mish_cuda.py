@@ -86,6 +86,36 @@ def _mish_hvp0(x, g_y, t_x, t_g_x, N, _total):
         t_g_x[n] = _v_t_g_x
 
 
+def _mish_fwd_core(x):
+    """Forward of mish: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    _launch(_mish_fwd0, N, x, y, N)
+    return y.reshape(_shape)
+
+
+def _mish_fwd_alloc(x):
+    """The results of ``_mish_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mish_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+def _mish_fwd_into(x, y):
+    """``_mish_fwd_core`` launching its kernels into y (from ``_mish_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _launch(_mish_fwd0, N, x, y, N)
+
+
 def _mish_fwd(x):
     """Forward of mish: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -98,6 +128,39 @@ def _mish_fwd(x):
     y = _empty((N,), _dtype)
     _launch(_mish_fwd0, N, x, y, N)
     return _result(y, _dev).reshape(_shape)
+
+
+def _mish_bwd_core(g_y, x):
+    """Backward of mish: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    _launch(_mish_bwd0, N, x, g_y, g_x, N)
+    return g_x.reshape(_shape)
+
+
+def _mish_bwd_alloc(g_y, x):
+    """The results of ``_mish_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mish_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+def _mish_bwd_into(g_y, x, g_x):
+    """``_mish_bwd_core`` launching its kernels into g_x (from ``_mish_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _launch(_mish_bwd0, N, x, g_y, g_x, N)
 
 
 def _mish_bwd(g_y, x):

@@ -83,6 +83,36 @@ def _sigmoid_hvp0(x, g_y, t_x, t_g_x, N, _total):
         t_g_x[n] = _v_t_g_x
 
 
+def _sigmoid_fwd_core(x):
+    """Forward of sigmoid: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    _launch(_sigmoid_fwd0, N, x, y, N)
+    return y.reshape(_shape)
+
+
+def _sigmoid_fwd_alloc(x):
+    """The results of ``_sigmoid_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_sigmoid_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+def _sigmoid_fwd_into(x, y):
+    """``_sigmoid_fwd_core`` launching its kernels into y (from ``_sigmoid_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _launch(_sigmoid_fwd0, N, x, y, N)
+
+
 def _sigmoid_fwd(x):
     """Forward of sigmoid: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -95,6 +125,39 @@ def _sigmoid_fwd(x):
     y = _empty((N,), _dtype)
     _launch(_sigmoid_fwd0, N, x, y, N)
     return _result(y, _dev).reshape(_shape)
+
+
+def _sigmoid_bwd_core(g_y, x):
+    """Backward of sigmoid: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    _launch(_sigmoid_bwd0, N, x, g_y, g_x, N)
+    return g_x.reshape(_shape)
+
+
+def _sigmoid_bwd_alloc(g_y, x):
+    """The results of ``_sigmoid_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_sigmoid_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+def _sigmoid_bwd_into(g_y, x, g_x):
+    """``_sigmoid_bwd_core`` launching its kernels into g_x (from ``_sigmoid_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _launch(_sigmoid_bwd0, N, x, g_y, g_x, N)
 
 
 def _sigmoid_bwd(g_y, x):

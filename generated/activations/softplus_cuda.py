@@ -82,6 +82,36 @@ def _softplus_hvp0(x, g_y, t_x, t_g_x, N, _total):
         t_g_x[n] = _v_t_g_x
 
 
+def _softplus_fwd_core(x):
+    """Forward of softplus: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    _launch(_softplus_fwd0, N, x, y, N)
+    return y.reshape(_shape)
+
+
+def _softplus_fwd_alloc(x):
+    """The results of ``_softplus_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softplus_fwd_into`` writes."""
+    _dtype = x.dtype
+    _shape = x.shape
+    x = x.reshape(x.size)
+    N = x.shape[0]
+    y = _empty((N,), _dtype)
+    return y.reshape(_shape)
+
+
+def _softplus_fwd_into(x, y):
+    """``_softplus_fwd_core`` launching its kernels into y (from ``_softplus_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    x = x.reshape(x.size)
+    y = y.reshape(y.size)
+    N = x.shape[0]
+    _launch(_softplus_fwd0, N, x, y, N)
+
+
 def _softplus_fwd(x):
     """Forward of softplus: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -94,6 +124,39 @@ def _softplus_fwd(x):
     y = _empty((N,), _dtype)
     _launch(_softplus_fwd0, N, x, y, N)
     return _result(y, _dev).reshape(_shape)
+
+
+def _softplus_bwd_core(g_y, x):
+    """Backward of softplus: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    _launch(_softplus_bwd0, N, x, g_y, g_x, N)
+    return g_x.reshape(_shape)
+
+
+def _softplus_bwd_alloc(g_y, x):
+    """The results of ``_softplus_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softplus_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    _shape = g_y.shape
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    N = g_y.shape[0]
+    g_x = _empty((N,), _dtype)
+    return g_x.reshape(_shape)
+
+
+def _softplus_bwd_into(g_y, x, g_x):
+    """``_softplus_bwd_core`` launching its kernels into g_x (from ``_softplus_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    g_y = g_y.reshape(g_y.size)
+    x = x.reshape(x.size)
+    g_x = g_x.reshape(g_x.size)
+    N = g_y.shape[0]
+    _launch(_softplus_bwd0, N, x, g_y, g_x, N)
 
 
 def _softplus_bwd(g_y, x):

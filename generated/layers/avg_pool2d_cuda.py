@@ -149,6 +149,49 @@ def _avg_pool2d_hvp0(t_g_x, C, H, N, W, _total):
         t_g_x[i0, i1, i2, i3] = _v_t_g_x
 
 
+def _avg_pool2d_fwd_core(x, K, S):
+    """Forward of avg_pool2d: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = _empty((N, C, HO, WO), _dtype)
+    y_sum0 = _empty((C, HO, N, WO), _dtype)
+    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
+    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
+    return y
+
+
+def _avg_pool2d_fwd_alloc(x, K, S):
+    """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_avg_pool2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = _empty((N, C, HO, WO), _dtype)
+    return y
+
+
+def _avg_pool2d_fwd_into(x, K, S, y):
+    """``_avg_pool2d_fwd_core`` launching its kernels into y (from ``_avg_pool2d_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y_sum0 = _empty((C, HO, N, WO), _dtype)
+    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
+    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
+
+
 def _avg_pool2d_fwd(x, *, K, S):
     """Forward of avg_pool2d: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -168,6 +211,45 @@ def _avg_pool2d_fwd(x, *, K, S):
     _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
     _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
     return _result(y, _dev)
+
+
+def _avg_pool2d_bwd_core(g_y, x, K, S):
+    """Backward of avg_pool2d: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = _empty((N, C, H, W), _dtype)
+    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    return g_x
+
+
+def _avg_pool2d_bwd_alloc(g_y, x, K, S):
+    """The results of ``_avg_pool2d_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_avg_pool2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = _empty((N, C, H, W), _dtype)
+    return g_x
+
+
+def _avg_pool2d_bwd_into(g_y, x, K, S, g_x):
+    """``_avg_pool2d_bwd_core`` launching its kernels into g_x (from ``_avg_pool2d_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, K, N, S, W, WO)
 
 
 def _avg_pool2d_bwd(g_y, x, *, K, S):

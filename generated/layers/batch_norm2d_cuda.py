@@ -358,6 +358,47 @@ def _batch_norm2d_hvp4(t_g_bias, C, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
+def _batch_norm2d_fwd_core(x, weight, bias, eps, momentum):
+    """Forward of batch_norm2d: y from x, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = _empty((N, C, H, W), _dtype)
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_fwd1, N * C * H * W, x, weight, bias, y, mean, rstd, C, H, N, W)
+    return y
+
+
+def _batch_norm2d_fwd_alloc(x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = _empty((N, C, H, W), _dtype)
+    return y
+
+
+def _batch_norm2d_fwd_into(x, weight, bias, eps, momentum, y):
+    """``_batch_norm2d_fwd_core`` launching its kernels into y (from ``_batch_norm2d_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_fwd1, N * C * H * W, x, weight, bias, y, mean, rstd, C, H, N, W)
+
+
 def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     """Forward of batch_norm2d: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -381,6 +422,57 @@ def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
     _launch(_batch_norm2d_fwd1, N * C * H * W, x, weight, bias, y, mean, rstd, C, H, N, W)
     return _result(y, _dev)
+
+
+def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
+    """Backward of batch_norm2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
+    return g_x, g_weight, g_bias
+
+
+def _batch_norm2d_bwd_alloc(g_y, x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _batch_norm2d_bwd_into(g_y, x, weight, bias, eps, momentum, g_x, g_weight, g_bias):
+    """``_batch_norm2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
 
 
 def _batch_norm2d_bwd(g_y, x, weight, bias, *, eps, momentum):

@@ -154,6 +154,41 @@ def _batch_norm2d_eval_hvp2(t_g_bias, C, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
+def _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps):
+    """Forward of batch_norm2d_eval: y from x, running_mean, running_var, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = _empty((N, C, H, W), _dtype)
+    _launch(_batch_norm2d_eval_fwd0, N * C * H * W, x, running_mean, running_var, weight, bias, y, C, H, N, W, eps)
+    return y
+
+
+def _batch_norm2d_eval_fwd_alloc(x, running_mean, running_var, weight, bias, eps):
+    """The results of ``_batch_norm2d_eval_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_eval_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = _empty((N, C, H, W), _dtype)
+    return y
+
+
+def _batch_norm2d_eval_fwd_into(x, running_mean, running_var, weight, bias, eps, y):
+    """``_batch_norm2d_eval_fwd_core`` launching its kernels into y (from ``_batch_norm2d_eval_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    _launch(_batch_norm2d_eval_fwd0, N * C * H * W, x, running_mean, running_var, weight, bias, y, C, H, N, W, eps)
+
+
 def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
     """Forward of batch_norm2d_eval: y from x, running_mean, running_var, weight, bias."""
     _dev = any(_on_device(a) for a in (x, running_mean, running_var, weight, bias))
@@ -180,6 +215,47 @@ def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
     y = _empty((N, C, H, W), _dtype)
     _launch(_batch_norm2d_eval_fwd0, N * C * H * W, x, running_mean, running_var, weight, bias, y, C, H, N, W, eps)
     return _result(y, _dev)
+
+
+def _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias, eps):
+    """Backward of batch_norm2d_eval: gradients g_x, g_weight, g_bias from g_y, x, running_mean, running_var, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_eval_bwd0, C, x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
+    _launch(_batch_norm2d_eval_bwd1, N * C * H * W, running_var, weight, g_y, g_x, C, H, N, W, eps)
+    return g_x, g_weight, g_bias
+
+
+def _batch_norm2d_eval_bwd_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
+    """The results of ``_batch_norm2d_eval_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_eval_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _batch_norm2d_eval_bwd_into(g_y, x, running_mean, running_var, weight, bias, eps, g_x, g_weight, g_bias):
+    """``_batch_norm2d_eval_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_eval_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _launch(_batch_norm2d_eval_bwd0, C, x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
+    _launch(_batch_norm2d_eval_bwd1, N * C * H * W, running_var, weight, g_y, g_x, C, H, N, W, eps)
 
 
 def _batch_norm2d_eval_bwd(g_y, x, running_mean, running_var, weight, bias, *, eps):

@@ -84,6 +84,47 @@ def _batch_norm2d_stats_fwd1(x, running_mean, running_var, new_mean, new_var, co
         new_var[c] = _v_new_var
 
 
+def _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum):
+    """Forward of batch_norm2d_stats: new_mean, new_var from x, running_mean, running_var. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    momentum = _dtype.type(momentum)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    new_mean = _empty((C,), _dtype)
+    new_var = _empty((C,), _dtype)
+    count = _empty((1,), _dtype)
+    _launch(_batch_norm2d_stats_fwd0, 1, count, H, N, W)
+    _launch(_batch_norm2d_stats_fwd1, C, x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum)
+    return new_mean, new_var
+
+
+def _batch_norm2d_stats_fwd_alloc(x, running_mean, running_var, momentum):
+    """The results of ``_batch_norm2d_stats_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_stats_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    new_mean = _empty((C,), _dtype)
+    new_var = _empty((C,), _dtype)
+    return new_mean, new_var
+
+
+def _batch_norm2d_stats_fwd_into(x, running_mean, running_var, momentum, new_mean, new_var):
+    """``_batch_norm2d_stats_fwd_core`` launching its kernels into new_mean, new_var (from ``_batch_norm2d_stats_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    momentum = _dtype.type(momentum)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    count = _empty((1,), _dtype)
+    _launch(_batch_norm2d_stats_fwd0, 1, count, H, N, W)
+    _launch(_batch_norm2d_stats_fwd1, C, x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum)
+
+
 def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
     """Forward of batch_norm2d_stats: new_mean, new_var from x, running_mean, running_var."""
     _dev = any(_on_device(a) for a in (x, running_mean, running_var))

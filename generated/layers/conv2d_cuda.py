@@ -221,6 +221,58 @@ def _conv2d_hvp2(t_g_bias, O, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
+def _conv2d_fwd_core(x, weight, bias, S, P):
+    """Forward of conv2d: y from x, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    y = _empty((N, O, HO, WO), _dtype)
+    y_sum0 = _empty((HO, N, O, WO), _dtype)
+    _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
+    return y
+
+
+def _conv2d_fwd_alloc(x, weight, bias, S, P):
+    """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    y = _empty((N, O, HO, WO), _dtype)
+    return y
+
+
+def _conv2d_fwd_into(x, weight, bias, S, P, y):
+    """``_conv2d_fwd_core`` launching its kernels into y (from ``_conv2d_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    y_sum0 = _empty((HO, N, O, WO), _dtype)
+    _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
+
+
 def _conv2d_fwd(x, weight, bias, *, S, P):
     """Forward of conv2d: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -249,6 +301,62 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
     _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
     _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
     return _result(y, _dev)
+
+
+def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
+    """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_bias = _empty((O,), _dtype)
+    _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
+    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    return g_x, g_weight, g_bias
+
+
+def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
+    """The results of ``_conv2d_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias):
+    """``_conv2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
+    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
 
 
 def _conv2d_bwd(g_y, x, weight, bias, *, S, P):

@@ -249,6 +249,35 @@ def _cosine_similarity_hvp1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, t_x1, t_x2, t_g
         t_g_x1[b, d] = _v_t_g_x1
 
 
+def _cosine_similarity_fwd_core(x1, x2, eps):
+    """Forward of cosine_similarity: y from x1, x2. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = _empty((B,), _dtype)
+    _launch(_cosine_similarity_fwd0, B, x1, x2, y, B, D, eps)
+    return y
+
+
+def _cosine_similarity_fwd_alloc(x1, x2, eps):
+    """The results of ``_cosine_similarity_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_similarity_fwd_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = _empty((B,), _dtype)
+    return y
+
+
+def _cosine_similarity_fwd_into(x1, x2, eps, y):
+    """``_cosine_similarity_fwd_core`` launching its kernels into y (from ``_cosine_similarity_fwd_alloc``); returns nothing."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_similarity_fwd0, B, x1, x2, y, B, D, eps)
+
+
 def _cosine_similarity_fwd(x1, x2, *, eps):
     """Forward of cosine_similarity: y from x1, x2."""
     _dev = any(_on_device(a) for a in (x1, x2))
@@ -265,6 +294,45 @@ def _cosine_similarity_fwd(x1, x2, *, eps):
     y = _empty((B,), _dtype)
     _launch(_cosine_similarity_fwd0, B, x1, x2, y, B, D, eps)
     return _result(y, _dev)
+
+
+def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
+    """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2 (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    y_sum0 = _empty((B,), _dtype)
+    y_sum1 = _empty((B,), _dtype)
+    y_sum2 = _empty((B,), _dtype)
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_similarity_bwd0, B, x1, x2, y_sum0, y_sum1, y_sum2, B, D)
+    _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
+    return g_x1, g_x2
+
+
+def _cosine_similarity_bwd_alloc(g_y, x1, x2, eps):
+    """The results of ``_cosine_similarity_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_similarity_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+def _cosine_similarity_bwd_into(g_y, x1, x2, eps, g_x1, g_x2):
+    """``_cosine_similarity_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_similarity_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    y_sum0 = _empty((B,), _dtype)
+    y_sum1 = _empty((B,), _dtype)
+    y_sum2 = _empty((B,), _dtype)
+    _launch(_cosine_similarity_bwd0, B, x1, x2, y_sum0, y_sum1, y_sum2, B, D)
+    _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
 
 
 def _cosine_similarity_bwd(g_y, x1, x2, *, eps):

@@ -409,6 +409,36 @@ def _dense_hvp2(t_g_bias, O, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
+def _dense_fwd_core(x, weight, bias):
+    """Forward of dense: y from x, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = _empty((B, O), _dtype)
+    _launch_gemm((_dense_fwd0_f32, _dense_fwd0_f64), _dtype, B, O, x, weight, bias, y, B, I, O)
+    return y
+
+
+def _dense_fwd_alloc(x, weight, bias):
+    """The results of ``_dense_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_dense_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = _empty((B, O), _dtype)
+    return y
+
+
+def _dense_fwd_into(x, weight, bias, y):
+    """``_dense_fwd_core`` launching its kernels into y (from ``_dense_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    _launch_gemm((_dense_fwd0_f32, _dense_fwd0_f64), _dtype, B, O, x, weight, bias, y, B, I, O)
+
+
 def _dense_fwd(x, weight, bias):
     """Forward of dense: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -427,6 +457,44 @@ def _dense_fwd(x, weight, bias):
     y = _empty((B, O), _dtype)
     _launch_gemm((_dense_fwd0_f32, _dense_fwd0_f64), _dtype, B, O, x, weight, bias, y, B, I, O)
     return _result(y, _dev)
+
+
+def _dense_bwd_core(g_y, x, weight, bias):
+    """Backward of dense: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((B, I), _dtype)
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    _launch(_dense_bwd0, O, g_y, g_bias, B, O)
+    _launch_gemm((_dense_bwd1_f32, _dense_bwd1_f64), _dtype, I, O, x, g_y, g_weight, B, I, O)
+    _launch_gemm((_dense_bwd2_f32, _dense_bwd2_f64), _dtype, B, I, weight, g_y, g_x, B, I, O)
+    return g_x, g_weight, g_bias
+
+
+def _dense_bwd_alloc(g_y, x, weight, bias):
+    """The results of ``_dense_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_dense_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((B, I), _dtype)
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _dense_bwd_into(g_y, x, weight, bias, g_x, g_weight, g_bias):
+    """``_dense_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_dense_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _launch(_dense_bwd0, O, g_y, g_bias, B, O)
+    _launch_gemm((_dense_bwd1_f32, _dense_bwd1_f64), _dtype, I, O, x, g_y, g_weight, B, I, O)
+    _launch_gemm((_dense_bwd2_f32, _dense_bwd2_f64), _dtype, B, I, weight, g_y, g_x, B, I, O)
 
 
 def _dense_bwd(g_y, x, weight, bias):

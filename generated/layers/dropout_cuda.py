@@ -89,6 +89,35 @@ def _dropout_hvp0(t_g_x, B, N, _total):
         t_g_x[i0, i1] = _v_t_g_x
 
 
+def _dropout_fwd_core(x, mask, p):
+    """Forward of dropout: y from x, mask. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    p = _dtype.type(p)
+    B = x.shape[0]
+    N = x.shape[1]
+    y = _empty((B, N), _dtype)
+    _launch(_dropout_fwd0, B * N, x, mask, y, B, N, p)
+    return y
+
+
+def _dropout_fwd_alloc(x, mask, p):
+    """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_dropout_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    N = x.shape[1]
+    y = _empty((B, N), _dtype)
+    return y
+
+
+def _dropout_fwd_into(x, mask, p, y):
+    """``_dropout_fwd_core`` launching its kernels into y (from ``_dropout_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    p = _dtype.type(p)
+    B = x.shape[0]
+    N = x.shape[1]
+    _launch(_dropout_fwd0, B * N, x, mask, y, B, N, p)
+
+
 def _dropout_fwd(x, mask, *, p):
     """Forward of dropout: y from x, mask."""
     _dev = any(_on_device(a) for a in (x, mask))
@@ -105,6 +134,35 @@ def _dropout_fwd(x, mask, *, p):
     y = _empty((B, N), _dtype)
     _launch(_dropout_fwd0, B * N, x, mask, y, B, N, p)
     return _result(y, _dev)
+
+
+def _dropout_bwd_core(g_y, x, mask, p):
+    """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    p = _dtype.type(p)
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    g_x = _empty((B, N), _dtype)
+    _launch(_dropout_bwd0, B * N, mask, g_y, g_x, B, N, p)
+    return g_x
+
+
+def _dropout_bwd_alloc(g_y, x, mask, p):
+    """The results of ``_dropout_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_dropout_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    g_x = _empty((B, N), _dtype)
+    return g_x
+
+
+def _dropout_bwd_into(g_y, x, mask, p, g_x):
+    """``_dropout_bwd_core`` launching its kernels into g_x (from ``_dropout_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    p = _dtype.type(p)
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    _launch(_dropout_bwd0, B * N, mask, g_y, g_x, B, N, p)
 
 
 def _dropout_bwd(g_y, x, mask, *, p):

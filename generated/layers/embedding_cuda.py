@@ -100,6 +100,36 @@ def _embedding_hvp0(t_g_table, D, V, _total):
         t_g_table[i0, i1] = _v_t_g_table
 
 
+def _embedding_fwd_core(idx, table):
+    """Forward of embedding: y from idx, table. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = table.dtype
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    y = _empty((B, D), _dtype)
+    _launch(_embedding_fwd0, B * D, idx, table, y, B, D, V)
+    return y
+
+
+def _embedding_fwd_alloc(idx, table):
+    """The results of ``_embedding_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_embedding_fwd_into`` writes."""
+    _dtype = table.dtype
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    y = _empty((B, D), _dtype)
+    return y
+
+
+def _embedding_fwd_into(idx, table, y):
+    """``_embedding_fwd_core`` launching its kernels into y (from ``_embedding_fwd_alloc``); returns nothing."""
+    _dtype = table.dtype
+    B = idx.shape[0]
+    V = table.shape[0]
+    D = table.shape[1]
+    _launch(_embedding_fwd0, B * D, idx, table, y, B, D, V)
+
+
 def _embedding_fwd(idx, table):
     """Forward of embedding: y from idx, table."""
     _dev = any(_on_device(a) for a in (idx, table))
@@ -114,6 +144,38 @@ def _embedding_fwd(idx, table):
     y = _empty((B, D), _dtype)
     _launch(_embedding_fwd0, B * D, idx, table, y, B, D, V)
     return _result(y, _dev)
+
+
+def _embedding_bwd_core(g_y, idx, table):
+    """Backward of embedding: gradients g_table from g_y, idx, table (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    g_table = _empty((V, D), _dtype)
+    _launch(_embedding_bwd0, V * D, g_table, D, V)
+    _launch(_embedding_bwd1, D, idx, g_y, g_table, B, D, V)
+    return g_table
+
+
+def _embedding_bwd_alloc(g_y, idx, table):
+    """The results of ``_embedding_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_embedding_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    g_table = _empty((V, D), _dtype)
+    return g_table
+
+
+def _embedding_bwd_into(g_y, idx, table, g_table):
+    """``_embedding_bwd_core`` launching its kernels into g_table (from ``_embedding_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    V = table.shape[0]
+    _launch(_embedding_bwd0, V * D, g_table, D, V)
+    _launch(_embedding_bwd1, D, idx, g_y, g_table, B, D, V)
 
 
 def _embedding_bwd(g_y, idx, table):

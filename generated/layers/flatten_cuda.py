@@ -95,6 +95,42 @@ def _flatten_hvp0(t_g_x, C, H, N, W, _total):
         t_g_x[i0, i1, i2, i3] = _v_t_g_x
 
 
+def _flatten_fwd_core(x):
+    """Forward of flatten: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    y = _empty((N, F), _dtype)
+    _launch(_flatten_fwd0, N * F, x, y, F, H, N, W)
+    return y
+
+
+def _flatten_fwd_alloc(x):
+    """The results of ``_flatten_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_flatten_fwd_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    y = _empty((N, F), _dtype)
+    return y
+
+
+def _flatten_fwd_into(x, y):
+    """``_flatten_fwd_core`` launching its kernels into y (from ``_flatten_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    _launch(_flatten_fwd0, N * F, x, y, F, H, N, W)
+
+
 def _flatten_fwd(x):
     """Forward of flatten: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -110,6 +146,42 @@ def _flatten_fwd(x):
     y = _empty((N, F), _dtype)
     _launch(_flatten_fwd0, N * F, x, y, F, H, N, W)
     return _result(y, _dev)
+
+
+def _flatten_bwd_core(g_y, x):
+    """Backward of flatten: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    g_x = _empty((N, C, H, W), _dtype)
+    _launch(_flatten_bwd0, N * C * H * W, g_y, g_x, C, H, N, W)
+    return g_x
+
+
+def _flatten_bwd_alloc(g_y, x):
+    """The results of ``_flatten_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_flatten_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    g_x = _empty((N, C, H, W), _dtype)
+    return g_x
+
+
+def _flatten_bwd_into(g_y, x, g_x):
+    """``_flatten_bwd_core`` launching its kernels into g_x (from ``_flatten_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    _launch(_flatten_bwd0, N * C * H * W, g_y, g_x, C, H, N, W)
 
 
 def _flatten_bwd(g_y, x):

@@ -180,6 +180,40 @@ def _gcn_layer_hvp2(t_g_bias, O, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
+def _gcn_layer_fwd_core(A, x, weight, bias):
+    """Forward of gcn_layer: y from A, x, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = _empty((V, O), _dtype)
+    y_sum0 = _empty((O, V), _dtype)
+    _launch(_gcn_layer_fwd0, O * V, A, x, weight, y_sum0, I, O, V)
+    _launch(_gcn_layer_fwd1, V * O, bias, y, y_sum0, O, V)
+    return y
+
+
+def _gcn_layer_fwd_alloc(A, x, weight, bias):
+    """The results of ``_gcn_layer_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gcn_layer_fwd_into`` writes."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y = _empty((V, O), _dtype)
+    return y
+
+
+def _gcn_layer_fwd_into(A, x, weight, bias, y):
+    """``_gcn_layer_fwd_core`` launching its kernels into y (from ``_gcn_layer_fwd_alloc``); returns nothing."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    y_sum0 = _empty((O, V), _dtype)
+    _launch(_gcn_layer_fwd0, O * V, A, x, weight, y_sum0, I, O, V)
+    _launch(_gcn_layer_fwd1, V * O, bias, y, y_sum0, O, V)
+
+
 def _gcn_layer_fwd(A, x, weight, bias):
     """Forward of gcn_layer: y from A, x, weight, bias."""
     _dev = any(_on_device(a) for a in (A, x, weight, bias))
@@ -204,6 +238,44 @@ def _gcn_layer_fwd(A, x, weight, bias):
     _launch(_gcn_layer_fwd0, O * V, A, x, weight, y_sum0, I, O, V)
     _launch(_gcn_layer_fwd1, V * O, bias, y, y_sum0, O, V)
     return _result(y, _dev)
+
+
+def _gcn_layer_bwd_core(g_y, A, x, weight, bias):
+    """Backward of gcn_layer: gradients g_x, g_weight, g_bias from g_y, A, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((V, I), _dtype)
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    _launch(_gcn_layer_bwd0, O, g_y, g_bias, O, V)
+    _launch(_gcn_layer_bwd1, I * O, A, x, g_y, g_weight, I, O, V)
+    _launch(_gcn_layer_bwd2, V * I, A, weight, g_y, g_x, I, O, V)
+    return g_x, g_weight, g_bias
+
+
+def _gcn_layer_bwd_alloc(g_y, A, x, weight, bias):
+    """The results of ``_gcn_layer_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gcn_layer_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((V, I), _dtype)
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _gcn_layer_bwd_into(g_y, A, x, weight, bias, g_x, g_weight, g_bias):
+    """``_gcn_layer_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_gcn_layer_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _launch(_gcn_layer_bwd0, O, g_y, g_bias, O, V)
+    _launch(_gcn_layer_bwd1, I * O, A, x, g_y, g_weight, I, O, V)
+    _launch(_gcn_layer_bwd2, V * I, A, weight, g_y, g_x, I, O, V)
 
 
 def _gcn_layer_bwd(g_y, A, x, weight, bias):

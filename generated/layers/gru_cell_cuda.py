@@ -894,6 +894,39 @@ def _gru_cell_hvp16(h, r, z, hn, nn, g_y, t_h, t_g_w_hh, t_r, t_z, t_hn, t_nn, B
         t_g_w_hh[j, k] = _v_t_g_w_hh
 
 
+def _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
+    """Forward of gru_cell: y from x, h, w_ih, w_hh, b_ih, b_hh. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    y = _empty((B, H), _dtype)
+    _launch(_gru_cell_fwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, B, H, I)
+    return y
+
+
+def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gru_cell_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    y = _empty((B, H), _dtype)
+    return y
+
+
+def _gru_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """``_gru_cell_fwd_core`` launching its kernels into y (from ``_gru_cell_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    _launch(_gru_cell_fwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, B, H, I)
+
+
 def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of gru_cell: y from x, h, w_ih, w_hh, b_ih, b_hh."""
     _dev = any(_on_device(a) for a in (x, h, w_ih, w_hh, b_ih, b_hh))
@@ -924,6 +957,89 @@ def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     y = _empty((B, H), _dtype)
     _launch(_gru_cell_fwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, B, H, I)
     return _result(y, _dev)
+
+
+def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    _launch(_gru_cell_bwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, H, I)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd3, B * I, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd5, B * H, w_hh, r, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd9, B * I, h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd10, B * H, h, w_hh, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd14, B * I, w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gru_cell_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_gru_cell_bwd_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    _launch(_gru_cell_bwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, H, I)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd3, B * I, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd5, B * H, w_hh, r, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd9, B * I, h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd10, B * H, h, w_hh, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd14, B * I, w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
 def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):

@@ -349,6 +349,41 @@ def _layer_norm_hvp5(t_g_bias, D, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
+def _layer_norm_fwd_core(x, weight, bias, eps):
+    """Forward of layer_norm: y from x, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    y = _empty((B, D), _dtype)
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_fwd1, B * D, x, weight, bias, y, mean, rstd, B, D)
+    return y
+
+
+def _layer_norm_fwd_alloc(x, weight, bias, eps):
+    """The results of ``_layer_norm_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_layer_norm_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    D = x.shape[1]
+    y = _empty((B, D), _dtype)
+    return y
+
+
+def _layer_norm_fwd_into(x, weight, bias, eps, y):
+    """``_layer_norm_fwd_core`` launching its kernels into y (from ``_layer_norm_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_fwd1, B * D, x, weight, bias, y, mean, rstd, B, D)
+
+
 def _layer_norm_fwd(x, weight, bias, *, eps):
     """Forward of layer_norm: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
@@ -370,6 +405,57 @@ def _layer_norm_fwd(x, weight, bias, *, eps):
     _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
     _launch(_layer_norm_fwd1, B * D, x, weight, bias, y, mean, rstd, B, D)
     return _result(y, _dev)
+
+
+def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
+    """Backward of layer_norm: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    g_x = _empty((B, D), _dtype)
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    g_x_sum1 = _empty((B,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
+    return g_x, g_weight, g_bias
+
+
+def _layer_norm_bwd_alloc(g_y, x, weight, bias, eps):
+    """The results of ``_layer_norm_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_layer_norm_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x = _empty((B, D), _dtype)
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _layer_norm_bwd_into(g_y, x, weight, bias, eps, g_x, g_weight, g_bias):
+    """``_layer_norm_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_layer_norm_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    g_x_sum1 = _empty((B,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
 
 
 def _layer_norm_bwd(g_y, x, weight, bias, *, eps):

@@ -250,6 +250,45 @@ def _log_softmax_hvp1(x, y_max0, y_sumexp0, g_x_sum0, t_x, t_g_x, t_y_sumexp0, B
         t_g_x[b, k] = _v_t_g_x
 
 
+def _log_softmax_fwd_core(x):
+    """Forward of log_softmax: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_shifted0 = _empty((B, C), _dtype)
+    y_logsumexp0 = _empty((B,), _dtype)
+    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_fwd2, B, x, y_max0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd3, B * C, y, y_shifted0, y_logsumexp0, B, C)
+    return y
+
+
+def _log_softmax_fwd_alloc(x):
+    """The results of ``_log_softmax_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_log_softmax_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = _empty((B, C), _dtype)
+    return y
+
+
+def _log_softmax_fwd_into(x, y):
+    """``_log_softmax_fwd_core`` launching its kernels into y (from ``_log_softmax_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_max0 = _empty((B,), _dtype)
+    y_shifted0 = _empty((B, C), _dtype)
+    y_logsumexp0 = _empty((B,), _dtype)
+    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_fwd2, B, x, y_max0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd3, B * C, y, y_shifted0, y_logsumexp0, B, C)
+
+
 def _log_softmax_fwd(x):
     """Forward of log_softmax: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -267,6 +306,41 @@ def _log_softmax_fwd(x):
     _launch(_log_softmax_fwd2, B, x, y_max0, y_logsumexp0, B, C)
     _launch(_log_softmax_fwd3, B * C, y, y_shifted0, y_logsumexp0, B, C)
     return _result(y, _dev)
+
+
+def _log_softmax_bwd_core(g_y, x):
+    """Backward of log_softmax: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    g_x = _empty((B, C), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    return g_x
+
+
+def _log_softmax_bwd_alloc(g_y, x):
+    """The results of ``_log_softmax_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_log_softmax_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = _empty((B, C), _dtype)
+    return g_x
+
+
+def _log_softmax_bwd_into(g_y, x, g_x):
+    """``_log_softmax_bwd_core`` launching its kernels into g_x (from ``_log_softmax_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
 def _log_softmax_bwd(g_y, x):

@@ -1089,6 +1089,85 @@ def _multi_head_attention_hvp16(t_g_bo, E, _total):
         t_g_bo[i0] = _v_t_g_bo
 
 
+def _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
+    return y
+
+
+def _multi_head_attention_fwd_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_multi_head_attention_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    return y
+
+
+def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y):
+    """``_multi_head_attention_fwd_core`` launching its kernels into y (from ``_multi_head_attention_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
+
+
 def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
     """Forward of multi_head_attention: y from x, wq, wk, wv, bq, bk, bv, wo, bo."""
     _dev = any(_on_device(a) for a in (x, wq, wk, wv, bq, bk, bv, wo, bo))
@@ -1155,6 +1234,141 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
     return _result(y, _dev)
+
+
+def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_x = _empty((B, L, E), _dtype)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd13, B * L * E, wk, g_x, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_multi_head_attention_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_x = _empty((B, L, E), _dtype)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
+    """``_multi_head_attention_bwd_core`` launching its kernels into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd13, B * L * E, wk, g_x, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
 
 
 def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):

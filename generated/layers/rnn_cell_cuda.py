@@ -500,6 +500,40 @@ def _rnn_cell_hvp5(h, y, g_y, t_h, t_y, t_g_w_hh, B, H, _total):
         t_g_w_hh[j, k] = _v_t_g_w_hh
 
 
+def _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh):
+    """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y = _empty((B, H), _dtype)
+    y_sum0 = _empty((B, H), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    return y
+
+
+def _rnn_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_rnn_cell_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_rnn_cell_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y = _empty((B, H), _dtype)
+    return y
+
+
+def _rnn_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """``_rnn_cell_fwd_core`` launching its kernels into y (from ``_rnn_cell_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    y_sum0 = _empty((B, H), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+
+
 def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     """Forward of rnn_cell: y from x, h, w_ih, w_hh, b_ih, b_hh."""
     _dev = any(_on_device(a) for a in (x, h, w_ih, w_hh, b_ih, b_hh))
@@ -531,6 +565,62 @@ def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
     _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
     return _result(y, _dev)
+
+
+def _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = _empty((B, H), _dtype)
+    y_sum0 = _empty((B, H), _dtype)
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd2, B * I, w_ih, y, g_y, g_x, B, H, I)
+    _launch(_rnn_cell_bwd3, B * H, w_hh, y, g_y, g_h, B, H)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_rnn_cell_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_rnn_cell_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+    """``_rnn_cell_bwd_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = _empty((B, H), _dtype)
+    y_sum0 = _empty((B, H), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd2, B * I, w_ih, y, g_y, g_x, B, H, I)
+    _launch(_rnn_cell_bwd3, B * H, w_hh, y, g_y, g_h, B, H)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
 
 
 def _rnn_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):

@@ -406,6 +406,56 @@ def _scaled_dot_product_attention_hvp5(k, prob, g_prob, g_prob_sumexp0_sum0, t_k
         t_g_q[b, l, d] = _v_t_g_q
 
 
+def _scaled_dot_product_attention_fwd_core(q, k, v, causal):
+    """Forward of scaled_dot_product_attention: y from q, k, v. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = _empty((B, L, E), _dtype)
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd3, B * L * E, v, y, prob, B, E, L, S)
+    return y
+
+
+def _scaled_dot_product_attention_fwd_alloc(q, k, v, causal):
+    """The results of ``_scaled_dot_product_attention_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_scaled_dot_product_attention_fwd_into`` writes."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = _empty((B, L, E), _dtype)
+    return y
+
+
+def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y):
+    """``_scaled_dot_product_attention_fwd_core`` launching its kernels into y (from ``_scaled_dot_product_attention_fwd_alloc``); returns nothing."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd3, B * L * E, v, y, prob, B, E, L, S)
+
+
 def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     """Forward of scaled_dot_product_attention: y from q, k, v."""
     _dev = any(_on_device(a) for a in (q, k, v))
@@ -435,6 +485,70 @@ def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
     _launch(_scaled_dot_product_attention_fwd3, B * L * E, v, y, prob, B, E, L, S)
     return _result(y, _dev)
+
+
+def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
+    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    g_q = _empty((B, L, D), _dtype)
+    g_k = _empty((B, S, D), _dtype)
+    g_v = _empty((B, S, E), _dtype)
+    g_prob = _empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd1, B * S * E, prob, g_y, g_v, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    return g_q, g_k, g_v
+
+
+def _scaled_dot_product_attention_bwd_alloc(g_y, q, k, v, causal):
+    """The results of ``_scaled_dot_product_attention_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_scaled_dot_product_attention_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_q = _empty((B, L, D), _dtype)
+    g_k = _empty((B, S, D), _dtype)
+    g_v = _empty((B, S, E), _dtype)
+    return g_q, g_k, g_v
+
+
+def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
+    """``_scaled_dot_product_attention_bwd_core`` launching its kernels into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    g_prob = _empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd1, B * S * E, prob, g_y, g_v, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
 
 
 def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):

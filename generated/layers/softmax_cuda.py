@@ -185,6 +185,39 @@ def _softmax_hvp2(y, g_y, g_x_sum0, t_y, t_g_x, t_g_x_sum0, B, C, _total):
         t_g_x[b, k] = _v_t_g_x
 
 
+def _softmax_fwd_core(x):
+    """Forward of softmax: y from x. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
+    return y
+
+
+def _softmax_fwd_alloc(x):
+    """The results of ``_softmax_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = _empty((B, C), _dtype)
+    return y
+
+
+def _softmax_fwd_into(x, y):
+    """``_softmax_fwd_core`` launching its kernels into y (from ``_softmax_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
+
+
 def _softmax_fwd(x):
     """Forward of softmax: y from x."""
     _dev = any(_on_device(a) for a in (x,))
@@ -199,6 +232,47 @@ def _softmax_fwd(x):
     _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
     _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
     return _result(y, _dev)
+
+
+def _softmax_bwd_core(g_y, x):
+    """Backward of softmax: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    g_x = _empty((B, C), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
+    _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
+    return g_x
+
+
+def _softmax_bwd_alloc(g_y, x):
+    """The results of ``_softmax_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = _empty((B, C), _dtype)
+    return g_x
+
+
+def _softmax_bwd_into(g_y, x, g_x):
+    """``_softmax_bwd_core`` launching its kernels into g_x (from ``_softmax_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
+    _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
+    _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
 
 
 def _softmax_bwd(g_y, x):

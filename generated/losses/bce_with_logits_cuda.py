@@ -104,6 +104,33 @@ def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _bce_with_logits_fwd_core(pred, target):
+    """Forward of bce_with_logits: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N)
+    return loss
+
+
+def _bce_with_logits_fwd_alloc(pred, target):
+    """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_bce_with_logits_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _bce_with_logits_fwd_into(pred, target, loss):
+    """``_bce_with_logits_fwd_core`` launching its kernels into loss (from ``_bce_with_logits_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N)
+
+
 def _bce_with_logits_fwd(pred, target):
     """Forward of bce_with_logits: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -119,6 +146,33 @@ def _bce_with_logits_fwd(pred, target):
     loss = _empty((1,), _dtype)
     _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N)
     return _result(loss, False)[0]
+
+
+def _bce_with_logits_bwd_core(g_loss, pred, target):
+    """Backward of bce_with_logits: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    return g_pred
+
+
+def _bce_with_logits_bwd_alloc(g_loss, pred, target):
+    """The results of ``_bce_with_logits_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_bce_with_logits_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _bce_with_logits_bwd_into(g_loss, pred, target, g_pred):
+    """``_bce_with_logits_bwd_core`` launching its kernels into g_pred (from ``_bce_with_logits_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
 
 
 def _bce_with_logits_bwd(g_loss, pred, target):

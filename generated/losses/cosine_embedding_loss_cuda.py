@@ -284,6 +284,41 @@ def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         t_g_x1[b, d] = _v_t_g_x1
 
 
+def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
+    """Forward of cosine_embedding_loss: loss from x1, x2, label. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((1,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
+    return loss
+
+
+def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
+    """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_fwd_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
+    """``_cosine_embedding_loss_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_fwd_alloc``); returns nothing."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
+
+
 def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     """Forward of cosine_embedding_loss: loss from x1, x2, label."""
     _dev = any(_on_device(a) for a in (x1, x2, label))
@@ -306,6 +341,49 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
     return _result(loss, False)[0]
+
+
+def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
+    """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_x2):
+    """``_cosine_embedding_loss_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
 
 
 def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):

@@ -165,6 +165,41 @@ def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_v
         t_g_var[b, n] = _v_t_g_var
 
 
+def _gaussian_nll_fwd_core(pred, target, var, eps, full):
+    """Forward of gaussian_nll: loss from pred, target, var. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    vc = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
+    return loss
+
+
+def _gaussian_nll_fwd_alloc(pred, target, var, eps, full):
+    """The results of ``_gaussian_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _gaussian_nll_fwd_into(pred, target, var, eps, full, loss):
+    """``_gaussian_nll_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    vc = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
+
+
 def _gaussian_nll_fwd(pred, target, var, *, eps, full):
     """Forward of gaussian_nll: loss from pred, target, var."""
     _dev = any(_on_device(a) for a in (pred, target, var))
@@ -188,6 +223,37 @@ def _gaussian_nll_fwd(pred, target, var, *, eps, full):
     _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
     _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
     return _result(loss, False)[0]
+
+
+def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full):
+    """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    return g_pred, g_var
+
+
+def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full):
+    """The results of ``_gaussian_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    return g_pred, g_var
+
+
+def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, g_pred, g_var):
+    """``_gaussian_nll_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
 
 
 def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):

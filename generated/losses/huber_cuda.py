@@ -105,6 +105,35 @@ def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _huber_fwd_core(pred, target, delta):
+    """Forward of huber: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta)
+    return loss
+
+
+def _huber_fwd_alloc(pred, target, delta):
+    """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _huber_fwd_into(pred, target, delta, loss):
+    """``_huber_fwd_core`` launching its kernels into loss (from ``_huber_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta)
+
+
 def _huber_fwd(pred, target, *, delta):
     """Forward of huber: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -121,6 +150,35 @@ def _huber_fwd(pred, target, *, delta):
     loss = _empty((1,), _dtype)
     _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta)
     return _result(loss, False)[0]
+
+
+def _huber_bwd_core(g_loss, pred, target, delta):
+    """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+    return g_pred
+
+
+def _huber_bwd_alloc(g_loss, pred, target, delta):
+    """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _huber_bwd_into(g_loss, pred, target, delta, g_pred):
+    """``_huber_bwd_core`` launching its kernels into g_pred (from ``_huber_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
 
 
 def _huber_bwd(g_loss, pred, target, *, delta):

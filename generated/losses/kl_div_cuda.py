@@ -115,6 +115,33 @@ def _kl_div_hvp0(logq, logp, g_loss, t_logq, t_logp, t_g_logq, t_g_logp, B, C, _
         t_g_logq[b, c] = _v_t_g_logq
 
 
+def _kl_div_fwd_core(logq, logp):
+    """Forward of kl_div: loss from logq, logp. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_kl_div_fwd0, 1, logq, logp, loss, B, C)
+    return loss
+
+
+def _kl_div_fwd_alloc(logq, logp):
+    """The results of ``_kl_div_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_kl_div_fwd_into`` writes."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _kl_div_fwd_into(logq, logp, loss):
+    """``_kl_div_fwd_core`` launching its kernels into loss (from ``_kl_div_fwd_alloc``); returns nothing."""
+    _dtype = logq.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _launch(_kl_div_fwd0, 1, logq, logp, loss, B, C)
+
+
 def _kl_div_fwd(logq, logp):
     """Forward of kl_div: loss from logq, logp."""
     _dev = any(_on_device(a) for a in (logq, logp))
@@ -130,6 +157,35 @@ def _kl_div_fwd(logq, logp):
     loss = _empty((1,), _dtype)
     _launch(_kl_div_fwd0, 1, logq, logp, loss, B, C)
     return _result(loss, False)[0]
+
+
+def _kl_div_bwd_core(g_loss, logq, logp):
+    """Backward of kl_div: gradients g_logq, g_logp from g_loss, logq, logp (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    g_logq = _empty((B, C), _dtype)
+    g_logp = _empty((B, C), _dtype)
+    _launch(_kl_div_bwd0, B * C, logq, logp, g_loss, g_logq, g_logp, B, C)
+    return g_logq, g_logp
+
+
+def _kl_div_bwd_alloc(g_loss, logq, logp):
+    """The results of ``_kl_div_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_kl_div_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    g_logq = _empty((B, C), _dtype)
+    g_logp = _empty((B, C), _dtype)
+    return g_logq, g_logp
+
+
+def _kl_div_bwd_into(g_loss, logq, logp, g_logq, g_logp):
+    """``_kl_div_bwd_core`` launching its kernels into g_logq, g_logp (from ``_kl_div_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logq.shape[0]
+    C = logq.shape[1]
+    _launch(_kl_div_bwd0, B * C, logq, logp, g_loss, g_logq, g_logp, B, C)
 
 
 def _kl_div_bwd(g_loss, logq, logp):

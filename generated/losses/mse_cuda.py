@@ -101,6 +101,33 @@ def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _mse_fwd_core(pred, target):
+    """Forward of mse: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N)
+    return loss
+
+
+def _mse_fwd_alloc(pred, target):
+    """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _mse_fwd_into(pred, target, loss):
+    """``_mse_fwd_core`` launching its kernels into loss (from ``_mse_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N)
+
+
 def _mse_fwd(pred, target):
     """Forward of mse: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -116,6 +143,33 @@ def _mse_fwd(pred, target):
     loss = _empty((1,), _dtype)
     _launch(_mse_fwd0, 1, pred, target, loss, B, N)
     return _result(loss, False)[0]
+
+
+def _mse_bwd_core(g_loss, pred, target):
+    """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    return g_pred
+
+
+def _mse_bwd_alloc(g_loss, pred, target):
+    """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _mse_bwd_into(g_loss, pred, target, g_pred):
+    """``_mse_bwd_core`` launching its kernels into g_pred (from ``_mse_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
 
 
 def _mse_bwd(g_loss, pred, target):

@@ -100,6 +100,33 @@ def _nll_hvp0(t_g_logprobs, B, C, _total):
         t_g_logprobs[i0, i1] = _v_t_g_logprobs
 
 
+def _nll_fwd_core(logprobs, target):
+    """Forward of nll: loss from logprobs, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C)
+    return loss
+
+
+def _nll_fwd_alloc(logprobs, target):
+    """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_fwd_into`` writes."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _nll_fwd_into(logprobs, target, loss):
+    """``_nll_fwd_core`` launching its kernels into loss (from ``_nll_fwd_alloc``); returns nothing."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C)
+
+
 def _nll_fwd(logprobs, target):
     """Forward of nll: loss from logprobs, target."""
     _dev = any(_on_device(a) for a in (logprobs, target))
@@ -115,6 +142,33 @@ def _nll_fwd(logprobs, target):
     loss = _empty((1,), _dtype)
     _launch(_nll_fwd0, 1, logprobs, target, loss, B, C)
     return _result(loss, False)[0]
+
+
+def _nll_bwd_core(g_loss, logprobs, target):
+    """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+    return g_logprobs
+
+
+def _nll_bwd_alloc(g_loss, logprobs, target):
+    """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    return g_logprobs
+
+
+def _nll_bwd_into(g_loss, logprobs, target, g_logprobs):
+    """``_nll_bwd_core`` launching its kernels into g_logprobs (from ``_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C)
 
 
 def _nll_bwd(g_loss, logprobs, target):

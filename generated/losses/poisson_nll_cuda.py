@@ -102,6 +102,39 @@ def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_inp
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _poisson_nll_fwd_core(pred, target, log_input, full, eps):
+    """Forward of poisson_nll: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
+    return loss
+
+
+def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps):
+    """The results of ``_poisson_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _poisson_nll_fwd_into(pred, target, log_input, full, eps, loss):
+    """``_poisson_nll_fwd_core`` launching its kernels into loss (from ``_poisson_nll_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
+
+
 def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
     """Forward of poisson_nll: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -120,6 +153,37 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
     loss = _empty((1,), _dtype)
     _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
     return _result(loss, False)[0]
+
+
+def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
+    """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    return g_pred
+
+
+def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps):
+    """The results of ``_poisson_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, g_pred):
+    """``_poisson_nll_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
 
 
 def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):

@@ -53,6 +53,18 @@ def _adagrad_step0(p, g, s, N, eps, lr, _total):
         p[n] = _v_p
 
 
+def _adagrad_step_core(p, g, s, t, lr, eps):
+    """One in-place adagrad step: updates p, s. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    eps = _dtype.type(eps)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    s = s.reshape(s.size)
+    N = p.shape[0]
+    _launch(_adagrad_step0, N, p, g, s, N, eps, lr)
+
+
 def _adagrad_step(p, g, s, *, t, lr, eps):
     """One in-place adagrad step: updates p, s."""
     _dev = any(_on_device(a) for a in (p, g, s))

@@ -61,6 +61,21 @@ def _adam_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, _total):
         p[n] = _v_p
 
 
+def _adam_step_core(p, g, m, v, t, lr, beta1, beta2, eps):
+    """One in-place adam step: updates p, m, v. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    beta1 = _dtype.type(beta1)
+    beta2 = _dtype.type(beta2)
+    eps = _dtype.type(eps)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    m = m.reshape(m.size)
+    v = v.reshape(v.size)
+    N = p.shape[0]
+    _launch(_adam_step0, N, p, g, m, v, N, beta1, beta2, eps, lr, t)
+
+
 def _adam_step(p, g, m, v, *, t, lr, beta1, beta2, eps):
     """One in-place adam step: updates p, m, v."""
     _dev = any(_on_device(a) for a in (p, g, m, v))

@@ -65,6 +65,22 @@ def _adamw_step0(p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay, _total):
         p[n] = _v_p
 
 
+def _adamw_step_core(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """One in-place adamw step: updates p, m, v. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    beta1 = _dtype.type(beta1)
+    beta2 = _dtype.type(beta2)
+    eps = _dtype.type(eps)
+    weight_decay = _dtype.type(weight_decay)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    m = m.reshape(m.size)
+    v = v.reshape(v.size)
+    N = p.shape[0]
+    _launch(_adamw_step0, N, p, g, m, v, N, beta1, beta2, eps, lr, t, weight_decay)
+
+
 def _adamw_step(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
     """One in-place adamw step: updates p, m, v."""
     _dev = any(_on_device(a) for a in (p, g, m, v))

@@ -53,6 +53,18 @@ def _nesterov_step0(p, g, buf, N, lr, momentum, _total):
         p[n] = _v_p
 
 
+def _nesterov_step_core(p, g, buf, t, lr, momentum):
+    """One in-place nesterov step: updates p, buf. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    momentum = _dtype.type(momentum)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    buf = buf.reshape(buf.size)
+    N = p.shape[0]
+    _launch(_nesterov_step0, N, p, g, buf, N, lr, momentum)
+
+
 def _nesterov_step(p, g, buf, *, t, lr, momentum):
     """One in-place nesterov step: updates p, buf."""
     _dev = any(_on_device(a) for a in (p, g, buf))

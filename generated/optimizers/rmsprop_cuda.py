@@ -54,6 +54,19 @@ def _rmsprop_step0(p, g, v, N, alpha, eps, lr, _total):
         p[n] = _v_p
 
 
+def _rmsprop_step_core(p, g, v, t, lr, alpha, eps):
+    """One in-place rmsprop step: updates p, v. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    alpha = _dtype.type(alpha)
+    eps = _dtype.type(eps)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    v = v.reshape(v.size)
+    N = p.shape[0]
+    _launch(_rmsprop_step0, N, p, g, v, N, alpha, eps, lr)
+
+
 def _rmsprop_step(p, g, v, *, t, lr, alpha, eps):
     """One in-place rmsprop step: updates p, v."""
     _dev = any(_on_device(a) for a in (p, g, v))

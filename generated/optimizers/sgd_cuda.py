@@ -47,6 +47,16 @@ def _sgd_step0(p, g, N, lr, _total):
         p[n] = _v_p
 
 
+def _sgd_step_core(p, g, t, lr):
+    """One in-place sgd step: updates p. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = p.dtype
+    lr = _dtype.type(lr)
+    p = p.reshape(p.size)
+    g = g.reshape(g.size)
+    N = p.shape[0]
+    _launch(_sgd_step0, N, p, g, N, lr)
+
+
 def _sgd_step(p, g, *, t, lr):
     """One in-place sgd step: updates p."""
     _dev = any(_on_device(a) for a in (p, g))
