@@ -98,7 +98,8 @@ import tomllib
 
 from derive.errors import SpecError
 
-from .emit import alloc_name, assumption_checks, backward_variants, core_name, into_name, op_module, saved_for_backward
+from .emit import assumption_checks, backward_variants, op_module, saved_for_backward
+from .model_plan import TIME, Cell, Layer, ModelPlan, Param, _integer, _tuple_literal, plan_step
 from .template_util import COMMAND, render
 
 TEMPLATE = "model/model.py.jinja"
@@ -292,114 +293,6 @@ def _display_path(path: Path) -> str:
 # ------------------------------------------------------------------------- layers
 
 
-@dataclass(frozen=True)
-class _Param:
-    arg: str  # the op's argument name
-    key: str  # the params dict key, e.g. conv2d0.weight
-    local: str  # the local variable name, e.g. conv2d0_weight
-    shape: tuple[int, ...]
-    init: str  # one of INIT_RULES
-    fan_in: int
-
-
-@dataclass(frozen=True)
-class _Cell:
-    """How the compiled and the Python code call a cell at step t (one line each)."""
-
-    state_shape: tuple[int, ...]  # per sample
-    axes: tuple[int, ...]  # batch-major (B, T, ...) <-> time-major (T, B, ...)
-    py_fwd_args: str
-    py_bwd_args: str
-    py_bwd_unpack: str
-    jit_fwd_args: str
-    jit_bwd_args: str
-    jit_bwd_unpack: str
-    step_grad: bool  # whether the step input's gradient is needed (layers below)
-    kept: tuple[str, ...] = ()  # lists of what the forward keeps, one entry per step
-    new_state: str = ""  # the compiled forward's new state at one step, when it keeps values
-
-    @property
-    def jit_fwd_targets(self) -> str:
-        """The compiled forward's results at one step: the new state, then the kept values."""
-        return ", ".join([self.new_state, *(f"{name}_step" for name in self.kept)])
-
-    @property
-    def state_dims(self) -> str:
-        """The state's sizes after the batch, as a call writes them: "16"."""
-        return ", ".join(str(d) for d in self.state_shape)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    index: int
-    var: str  # the module-level name of the op object, e.g. _dense0
-    op: str
-    kind: str
-    attrs: tuple[tuple[str, str], ...]  # (name, Python literal) given in the spec
-    params: tuple[_Param, ...]
-    shape_in: tuple[int, ...]  # one sample's shape
-    shape_out: tuple[int, ...]
-    grads: tuple[str, ...]  # what backward returns, unpacked: g<index> or _ for the input
-    param_grads: tuple[tuple[str, str, str], ...]  # (params key, local name, its grad's name)
-    fwd_entry: str = ""  # the entry points the fused step calls (emit.core_name, into_name)
-    bwd_entry: str = ""
-    bwd_unpack: tuple[str, ...] = ()  # what the backward core returns, unpacked
-    core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
-    cell: _Cell | None = None  # set when the layer unrolls a cell over time
-    kept: tuple[str, ...] = ()  # locals holding what the forward keeps for the backward
-    given: tuple[str, ...] = ()  # what the backward core takes of it, after the parameters
-
-    needs_backward: bool = True  # False below the first layer with parameters: no gradient is needed there
-
-    @property
-    def py_args(self) -> str:
-        """The parameters, as the Python wrappers take them after the input."""
-        return "".join(", " + p.local for p in self.params)
-
-    @property
-    def core_args(self) -> str:
-        """The parameters and attributes, as the compiled forward takes them after the input."""
-        return "".join(", " + a for a in [p.local for p in self.params] + list(self.core_attrs))
-
-    @property
-    def bwd_core_args(self) -> str:
-        """The same for the compiled backward: the kept values come before the attributes."""
-        return "".join(", " + a for a in [p.local for p in self.params] + list(self.given) + list(self.core_attrs))
-
-    @property
-    def fwd_core(self) -> str:
-        return core_name(self.op, self.fwd_entry)
-
-    @property
-    def bwd_core(self) -> str:
-        return core_name(self.op, self.bwd_entry)
-
-    @property
-    def fwd_into(self) -> str:
-        return into_name(self.op, self.fwd_entry)
-
-    @property
-    def bwd_into(self) -> str:
-        return into_name(self.op, self.bwd_entry)
-
-    @property
-    def fwd_alloc(self) -> str:
-        return alloc_name(self.op, self.fwd_entry)
-
-    @property
-    def bwd_alloc(self) -> str:
-        return alloc_name(self.op, self.bwd_entry)
-
-    @property
-    def fwd_results(self) -> tuple[str, ...]:
-        """The arrays the compiled forward writes: the output, then the kept values."""
-        return (f"h{self.index + 1}", *self.kept)
-
-    @property
-    def fwd_targets(self) -> str:
-        return ", ".join(self.fwd_results)
-
-
 def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
@@ -408,13 +301,6 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _tuple_literal(names) -> str:
-    items = ", ".join(f'"{n}"' for n in names)
-    return f"({items},)" if len(names) == 1 else f"({items})"
 
 
 def _literal(value) -> str:
@@ -720,7 +606,7 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple
     return attr_values, b, out_shape, cell, batch
 
 
-def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]:
+def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool = True) -> list[Layer]:
     raw = spec["layers"]
     if not isinstance(raw, list) or not raw:
         check.fail("layers", "must be a non-empty list of tables like { op = \"dense\", out = 10 }")
@@ -747,7 +633,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
             fan_value = _evaluate(fan, values)
             if not fan_value.is_Integer or int(fan_value) < 1:
                 check.fail(where, f"parameter {pname!r}: its fan-in {fan} is {fan_value}, not a positive integer")
-            params.append(_Param(pname, key, key.replace(".", "_"), sizes, rule, int(fan_value)))
+            params.append(Param(pname, key, key.replace(".", "_"), sizes, rule, int(fan_value)))
 
         flowing = cell[0] if cell else (info.inputs[0][0] if info.inputs else info.args[0][0])
         if i > first and flowing not in info.differentiable:
@@ -771,7 +657,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
         core_attrs = _core_attrs(info, {k: v for k, v in entry.items() if k in info.attrs})
         # below the first trained layer no gradient is used: that layer's params-only core
         # skips its input gradient, and the layers before it run no backward at all
-        if i <= first and "params" in info.variants and cell is None:
+        if variants and i <= first and "params" in info.variants and cell is None:
             bwd_entry, bwd_unpack = "bwd_params", tuple(g for _, _, g in param_grads)
         else:
             # unused gradients get names of their own: Numba types each variable once
@@ -780,7 +666,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
         # the forward keeps what rests on its reductions, so the backward does not redo them
         # (an unrolled cell keeps them per time step, in one list per value)
         fwd_entry, kept, given = "fwd", (), ()
-        saving = bool(info.kept or info.saved_outputs) and i >= first
+        saving = variants and bool(info.kept or info.saved_outputs) and i >= first
         if saving:
             fwd_entry, bwd_entry = "fwd_saving" if info.kept else "fwd", bwd_entry + "_saved"
             kept = tuple(f"kept{i}_{n}" for n in info.kept)
@@ -790,9 +676,9 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...]) -> list[_Layer]
             layer_cell = _cell_calls(
                 i, info, cell, params, core_attrs, len(shape), shape_out, i > first, kept if saving else None
             )
-            given = ()  # a cell's backward takes them per step: _Cell.jit_bwd_args
+            given = ()  # a cell's backward takes them per step: Cell.jit_bwd_args
         layers.append(
-            _Layer(
+            Layer(
                 index=i,
                 var=f"_{info.name}{i}",
                 op=info.name,
@@ -834,14 +720,12 @@ def _unused(i: int, arg: str) -> str:
     return f"_unused{i}_{arg}"
 
 
-# the time loop's variable in the emitted code (not t: that is an optimizer's counter)
-TIME = "step"
 
 
 def _cell_calls(
     i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape, step_grad: bool,
     kept: tuple[str, ...] | None = None,
-) -> _Cell:
+) -> Cell:
     """The one-line calls of a cell at time ``step``, in the op's argument order.
 
     Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, step]``, the state
@@ -878,7 +762,7 @@ def _cell_calls(
     given = []
     if kept is not None:
         given = [f"hs{n}[{k} + 1]" for _ in info.saved_outputs] + [f"{name}[{k}]" for name in kept]
-    return _Cell(
+    return Cell(
         state_shape=tuple(state_shape),
         axes=axes,
         py_fwd_args=args(f"h{i}[:, {k}]", f"hs{n}[{k}]", locals_),
@@ -906,8 +790,9 @@ def _check_loss_input(check: _Checker, loss: OpInfo, shape: tuple[int, ...]):
         )
 
 
-def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
-    """Validate ``spec``; return the template's context."""
+def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool = True) -> ModelPlan:
+    """Validate ``spec``; return the plan of its step (``variants``: whether the target
+    has the fused-step variant cores, :mod:`codegen.model_plan`)."""
     check = _Checker(path, infos)
     for field in REQUIRED_FIELDS:
         if field not in spec:
@@ -924,7 +809,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
     if not isinstance(doc, str):
         check.fail("doc", f"must be a string, got {doc!r}")
     input_shape = _input_shape(check, spec["input"])
-    layers = _layers(check, spec, input_shape)
+    layers = _layers(check, spec, input_shape, variants)
     output_shape = layers[-1].shape_out
 
     loss_name = spec["loss"]
@@ -965,87 +850,10 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo]) -> dict:
         op = layer.op + (" (unrolled)" if layer.cell else "")
         pshapes = ", ".join(f"{p.key} {_shape(p.shape)}" for p in layer.params)
         summary.append(f"{layer.index:<5}  {op:<22}  {shapes:<24}  {pshapes}".rstrip())
-    # the fused step: the compiled cores it calls, by module
-    # (a layer writes into arrays allocated once per batch shape; an unrolled cell calls
-    # the cores, which allocate per time step)
-    cores: dict[str, set] = {}
-    for layer in layers:
-        module = infos[layer.op].module
-        used = [layer.fwd_core] if layer.cell else [layer.fwd_into, layer.fwd_alloc]
-        if layer.needs_backward:
-            used += [layer.bwd_core] if layer.cell else [layer.bwd_into, layer.bwd_alloc]
-        cores.setdefault(module, set()).update(used)
-    # the loss keeps what its backward reads of its reductions (a log-sum-exp), as layers do
-    saving = bool(loss.kept or loss.saved_outputs)
-    loss_entries = ("fwd_saving" if loss.kept else "fwd", "bwd_saved" if saving else "bwd")
-    loss_kept = tuple(f"kept_{n}" for n in loss.kept) if saving else ()
-    loss_given = tuple("loss" for _ in loss.saved_outputs) + loss_kept if saving else ()
-    opt_core = core_name(opt.name, "step")
-    cores.setdefault(loss.module, set()).update(
-        f(loss.name, e) for e in loss_entries for f in (into_name, alloc_name)
+    return plan_step(
+        infos, layers, loss, loss_given_attrs, _core_attrs(loss, loss_given_attrs), loss_attrs, opt, hyper, params, summary,
+        name, doc, input_shape, output_shape, task, variants,
     )
-    cores.setdefault(opt.module, set()).add(opt_core)
-    if loss.assume:  # checked on y before the fused step (the loss's backward wrapper is not called)
-        cores[loss.module].add("_check_assumption")
-    # the arrays the fused step writes, in the order it writes them
-    buffers = [name for layer in layers if not layer.cell for name in layer.fwd_results]
-    buffers += ["loss", *loss_kept, "seed", f"g{len(layers)}"]
-    buffers += [
-        name for layer in reversed(layers) if layer.needs_backward and not layer.cell for name in layer.bwd_unpack
-    ]
-    target = loss.args[1][0] if len(loss.args) > 1 else None
-    target_dims = loss.args[1][2] if target else ()
-    # the target's shape when it is the prediction's (checked before the fused step runs)
-    target_like_output = target_dims == loss.args[0][2]
-    slot_locals = [(f"{p.key}.{s}", f"{p.local}_{s}") for p in params for s in opt.state]
-    # one list, so that an optimizer without state or counter (sgd) leaves no empty slot
-    step_signature = ["x", "y", *(p.local for p in params), *(local for _, local in slot_locals)]
-    step_signature += [opt.counter] if opt.counter else []
-    step_signature += [a for a, _ in opt.attr_defaults]
-    step_signature += ["buffers"]
-    step_inputs = ["x", "y", *(p.local for p in params)]
-    return {
-        "imports": [(m, sorted(cores[m])) for m in sorted(cores)],
-        "modules": sorted(cores),
-        "loss_fwd_into": into_name(loss.name, loss_entries[0]),
-        "loss_bwd_into": into_name(loss.name, loss_entries[1]),
-        "loss_fwd_alloc": alloc_name(loss.name, loss_entries[0]),
-        "loss_bwd_alloc": alloc_name(loss.name, loss_entries[1]),
-        "buffers": buffers,
-        "step_inputs": step_inputs,
-        "loss_core_attrs": _core_attrs(loss, loss_given_attrs),
-        "loss_fwd_targets": ("loss",) + loss_kept,
-        "loss_bwd_given": loss_given,
-        "target_int": target in loss.int_args,
-        "loss_assume": loss.assume,
-        "target_like_output": target_like_output,
-        "opt_core": opt_core,
-        "opt_counter": opt.counter,
-        "opt_attrs": [(a, "int" if _integer(d) else "float") for a, d in opt.attr_defaults],
-        "param_locals": [p.local for p in params],
-        "slot_locals": slot_locals,
-        "step_signature": step_signature,
-        "summary": summary,
-        "hyper_literal": "{" + ", ".join(f'"{k}": {v}' for k, v in hyper) + "}",
-        "slots_literal": _tuple_literal(opt.state),
-        "name": name,
-        "doc": doc.strip() or f"The {name} model.",
-        "input_shape": _shape(input_shape),
-        "output_shape": _shape(output_shape),
-        "input_size": math.prod(input_shape),
-        "output_size": math.prod(output_shape),
-        "layers": layers,
-        "params": params,
-        "loss": loss.name,
-        "loss_attrs": loss_attrs,
-        "task": task,
-        "optimizer": opt.name,
-        "hyper": hyper,
-        "slots": opt.state,
-        "n": len(layers),
-        "unrolled": any(layer.cell for layer in layers),
-        "time": TIME,
-    }
 
 
 def load_spec(spec_path) -> dict:
@@ -1062,10 +870,18 @@ def load_spec(spec_path) -> dict:
 
 
 def check_model(spec_path, programs: Iterable | Mapping | None = None) -> dict:
-    """Validate a model spec; return what the template is rendered with (its layers,
+    """Validate a model spec; return what the CPU template is rendered with (its layers,
     with their shapes and parameters, among it). Raises :class:`ModelSpecError`."""
+    return plan_model(spec_path, programs).context()
+
+
+def plan_model(spec_path, programs: Iterable | Mapping | None = None, target: str = "cpu") -> ModelPlan:
+    """Validate a model spec; return the plan of its step for ``target`` (the plan is the
+    same for every target whose op modules have the same entry points)."""
+    from . import targets
+
     path = Path(spec_path)
-    return _check_spec(path, load_spec(path), _library_infos(programs))
+    return _check_spec(path, load_spec(path), _library_infos(programs), targets.get(target).variants)
 
 
 def render_model(
@@ -1073,8 +889,9 @@ def render_model(
     programs: Iterable | Mapping | None = None,
     modules: Mapping[str, str] | None = None,
     command: str = COMMAND,
+    target: str = "cpu",
 ) -> tuple[str, str]:
-    """Render one model spec; return ``("models/<name>.py", text)``.
+    """Render one model spec for ``target``; return ``("models/<name><suffix>.py", text)``.
 
     ``programs`` are the library's :class:`derive.ir.Program` objects (a list, or a dict
     by name); by default :func:`derive.library` is asked. The filename is relative to
@@ -1082,15 +899,30 @@ def render_model(
     modules the model's fused step compiles in, as they will be written; by default
     they are read from ``generated/``. Their digests go into the model's text, so the
     fused step's Numba cache (keyed on the model file) is invalidated whenever a
-    kernel it was compiled from changes. ``command`` is the regenerate command its
-    header names (a user's model built with ``--out`` names its own).
+    kernel it was compiled from changes (the CUDA model compiles nothing of its own:
+    its kernels are cached with the op modules). ``command`` is the regenerate command
+    its header names (a user's model built with ``--out`` names its own).
     """
+    from . import targets
+
+    tgt = targets.get(target)
     path = Path(spec_path)
-    context = check_model(path, programs)
-    context["header"] = {"sources": [_display_path(path)], "template": TEMPLATE, "command": command}
+    plan = plan_model(path, programs, target)
+    if not tgt.model_cells:
+        for layer in plan.layers:
+            if layer.cell:
+                raise ModelSpecError(
+                    path,
+                    f"layers[{layer.index}] (op {layer.op!r}, unrolled): a cell unrolled over time has no "
+                    f"{tgt.name} training step yet; train this model on the CPU (the {tgt.name} model module is not built)",
+                )
+    context = plan.context()
+    template = tgt.model_template
+    context["header"] = {"sources": [_display_path(path)], "template": template, "command": command}
     context["digests"] = [(f, _digest(f + ".py", modules)) for f in _compiled_in(context["modules"])]
-    text = render(TEMPLATE, **context)
-    return f"models/{context['name']}.py", text
+    context["suffix"] = tgt.suffix
+    text = render(template, **context)
+    return f"models/{context['name']}{tgt.suffix}.py", text
 
 
 def _compiled_in(op_modules) -> list:

@@ -36,6 +36,9 @@ class Target:
     #: whether it holds every op's specs and the ``op()`` entry point (exactly one
     #: target does; the others are companions it imports on first use)
     primary: bool = False
+    #: whether its model template runs a cell unrolled over time (``unroll = true``);
+    #: a model with one gets no module for a target without
+    model_cells: bool = False
     #: the op kinds it emits no module text for (schedules run on the host)
     skips_kinds: frozenset = frozenset()
 
@@ -43,6 +46,12 @@ class Target:
     @property
     def module_template(self) -> str:
         return "%s/module.py.jinja" % self.templates
+
+    @property
+    def model_template(self) -> str:
+        """The template rendering a model's plan (codegen/model_plan.py) for this target:
+        ``model/model.py.jinja`` (CPU), ``model/model_cuda.py.jinja`` (CUDA)."""
+        return "model/model%s.py.jinja" % self.suffix
 
     @property
     def runtime_template(self) -> str:

@@ -28,6 +28,7 @@ class NumbaCPU(Target):
     suffix = ""
     contractions = True
     variants = True
+    model_cells = True
     primary = True
 
     def scatter_store(self, pr, item) -> str:

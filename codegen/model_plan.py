@@ -1,0 +1,295 @@
+"""The plan of a model's training step, independent of the target it runs on.
+
+:mod:`codegen.model` checks a model spec against the library's ops and builds a
+:class:`ModelPlan`: a plain data structure saying what one step computes (each
+layer's forward entry point and, going back, its backward one; the loss's; the
+optimizer's update of every parameter), in which order, what the forward keeps for the
+backward (activations, and values resting on reductions: ``kept<i>_<name>``), and
+which arrays the step writes (``buffers``: allocated once per batch shape and reused
+while the shape stays the same). Names in the plan are the library's entry points
+(:func:`codegen.emit.core_name`, ``into_name``, ``alloc_name``), which every target's
+op modules define under the same names: the CPU's compiled cores, the CUDA target's
+device-array launchers (codegen/templates/cuda/core.py.jinja).
+
+A target renders the plan with its own template (``Target.model_template``:
+``model/model.py.jinja`` for the CPU, ``model/model_cuda.py.jinja`` for CUDA), and
+imports the cores from its op modules (``generated.<group>.<op><suffix>``). The one
+thing a target decides before planning is whether its op modules have the fused-step
+variants (``Target.variants``: params-only backward cores, forward-saving and
+saved-backward cores); without them the plan uses the plain ``fwd``/``bwd`` entries,
+and gradients nobody uses are still computed (and named ``_unused<i>_<arg>``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .emit import alloc_name, core_name, into_name
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tuple_literal(names) -> str:
+    items = ", ".join(f'"{n}"' for n in names)
+    return f"({items},)" if len(names) == 1 else f"({items})"
+
+
+# the time loop's variable in the emitted code (not t: that is an optimizer's counter)
+TIME = "step"
+
+
+@dataclass(frozen=True)
+class Param:
+    arg: str  # the op's argument name
+    key: str  # the params dict key, e.g. conv2d0.weight
+    local: str  # the local variable name, e.g. conv2d0_weight
+    shape: tuple[int, ...]
+    init: str  # one of INIT_RULES
+    fan_in: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    """How the compiled and the Python code call a cell at step t (one line each)."""
+
+    state_shape: tuple[int, ...]  # per sample
+    axes: tuple[int, ...]  # batch-major (B, T, ...) <-> time-major (T, B, ...)
+    py_fwd_args: str
+    py_bwd_args: str
+    py_bwd_unpack: str
+    jit_fwd_args: str
+    jit_bwd_args: str
+    jit_bwd_unpack: str
+    step_grad: bool  # whether the step input's gradient is needed (layers below)
+    kept: tuple[str, ...] = ()  # lists of what the forward keeps, one entry per step
+    new_state: str = ""  # the compiled forward's new state at one step, when it keeps values
+
+    @property
+    def jit_fwd_targets(self) -> str:
+        """The compiled forward's results at one step: the new state, then the kept values."""
+        return ", ".join([self.new_state, *(f"{name}_step" for name in self.kept)])
+
+    @property
+    def state_dims(self) -> str:
+        """The state's sizes after the batch, as a call writes them: "16"."""
+        return ", ".join(str(d) for d in self.state_shape)
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int
+    var: str  # the module-level name of the op object, e.g. _dense0
+    op: str
+    kind: str
+    attrs: tuple[tuple[str, str], ...]  # (name, Python literal) given in the spec
+    params: tuple[_Param, ...]
+    shape_in: tuple[int, ...]  # one sample's shape
+    shape_out: tuple[int, ...]
+    grads: tuple[str, ...]  # what backward returns, unpacked: g<index> or _ for the input
+    param_grads: tuple[tuple[str, str, str], ...]  # (params key, local name, its grad's name)
+    fwd_entry: str = ""  # the entry points the fused step calls (emit.core_name, into_name)
+    bwd_entry: str = ""
+    bwd_unpack: tuple[str, ...] = ()  # what the backward core returns, unpacked
+    core_attrs: tuple[str, ...] = ()  # attribute values (literals), in core order
+    cell: Cell | None = None  # set when the layer unrolls a cell over time
+    kept: tuple[str, ...] = ()  # locals holding what the forward keeps for the backward
+    given: tuple[str, ...] = ()  # what the backward core takes of it, after the parameters
+
+    needs_backward: bool = True  # False below the first layer with parameters: no gradient is needed there
+
+    @property
+    def py_args(self) -> str:
+        """The parameters, as the Python wrappers take them after the input."""
+        return "".join(", " + p.local for p in self.params)
+
+    @property
+    def core_args(self) -> str:
+        """The parameters and attributes, as the compiled forward takes them after the input."""
+        return "".join(", " + a for a in [p.local for p in self.params] + list(self.core_attrs))
+
+    @property
+    def bwd_core_args(self) -> str:
+        """The same for the compiled backward: the kept values come before the attributes."""
+        return "".join(", " + a for a in [p.local for p in self.params] + list(self.given) + list(self.core_attrs))
+
+    @property
+    def fwd_core(self) -> str:
+        return core_name(self.op, self.fwd_entry)
+
+    @property
+    def bwd_core(self) -> str:
+        return core_name(self.op, self.bwd_entry)
+
+    @property
+    def fwd_into(self) -> str:
+        return into_name(self.op, self.fwd_entry)
+
+    @property
+    def bwd_into(self) -> str:
+        return into_name(self.op, self.bwd_entry)
+
+    @property
+    def fwd_alloc(self) -> str:
+        return alloc_name(self.op, self.fwd_entry)
+
+    @property
+    def bwd_alloc(self) -> str:
+        return alloc_name(self.op, self.bwd_entry)
+
+    @property
+    def fwd_results(self) -> tuple[str, ...]:
+        """The arrays the compiled forward writes: the output, then the kept values."""
+        return (f"h{self.index + 1}", *self.kept)
+
+    @property
+    def fwd_targets(self) -> str:
+        return ", ".join(self.fwd_results)
+
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything a target's model template is rendered with (see the module docstring).
+
+    ``layers`` hold each layer's shapes, parameters and entry points; ``buffers`` are
+    the arrays the fused step writes, in the order it writes them; ``imports`` the
+    entry points used, by op module (without the target's suffix)."""
+
+    imports: list
+    modules: list
+    loss_fwd_into: str
+    loss_bwd_into: str
+    loss_fwd_alloc: str
+    loss_bwd_alloc: str
+    buffers: list
+    step_inputs: list
+    loss_core_attrs: tuple
+    loss_fwd_targets: tuple
+    loss_bwd_given: tuple
+    target_int: bool
+    loss_assume: tuple
+    target_like_output: bool
+    opt_core: str
+    opt_counter: str
+    opt_attrs: list
+    param_locals: list
+    slot_locals: list
+    step_signature: list
+    summary: list
+    hyper_literal: str
+    slots_literal: str
+    name: str
+    doc: str
+    input_shape: str
+    output_shape: str
+    input_size: int
+    output_size: int
+    layers: list
+    params: list
+    loss: str
+    loss_attrs: tuple
+    task: str
+    optimizer: str
+    hyper: tuple
+    slots: tuple
+    n: int
+    unrolled: bool
+    time: str
+    variants: bool
+
+    def context(self) -> dict:
+        """The plan as a template context (a shallow dict of its fields)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs, opt, hyper, params, summary, name, doc,
+              input_shape, output_shape, task, variants: bool) -> ModelPlan:
+    """The step of a checked model: the cores it calls, the loss's entries, the arrays
+    it writes. ``variants``: whether the target's op modules have the fused-step
+    variants (forward-saving and saved-backward cores)."""
+    # the fused step: the compiled cores it calls, by module
+    # (a layer writes into arrays allocated once per batch shape; an unrolled cell calls
+    # the cores, which allocate per time step)
+    cores: dict[str, set] = {}
+    for layer in layers:
+        module = infos[layer.op].module
+        used = [layer.fwd_core] if layer.cell else [layer.fwd_into, layer.fwd_alloc]
+        if layer.needs_backward:
+            used += [layer.bwd_core] if layer.cell else [layer.bwd_into, layer.bwd_alloc]
+        cores.setdefault(module, set()).update(used)
+    # the loss keeps what its backward reads of its reductions (a log-sum-exp), as layers do
+    saving = bool(loss.kept or loss.saved_outputs) and variants
+    loss_entries = ("fwd_saving" if loss.kept else "fwd", "bwd_saved" if saving else "bwd")
+    loss_kept = tuple(f"kept_{n}" for n in loss.kept) if saving else ()
+    loss_given = tuple("loss" for _ in loss.saved_outputs) + loss_kept if saving else ()
+    opt_core = core_name(opt.name, "step")
+    cores.setdefault(loss.module, set()).update(
+        f(loss.name, e) for e in loss_entries for f in (into_name, alloc_name)
+    )
+    cores.setdefault(opt.module, set()).add(opt_core)
+    if loss.assume:  # checked on y before the fused step (the loss's backward wrapper is not called)
+        cores[loss.module].add("_check_assumption")
+    # the arrays the fused step writes, in the order it writes them
+    buffers = [name for layer in layers if not layer.cell for name in layer.fwd_results]
+    buffers += ["loss", *loss_kept, "seed", f"g{len(layers)}"]
+    buffers += [
+        name for layer in reversed(layers) if layer.needs_backward and not layer.cell for name in layer.bwd_unpack
+    ]
+    target = loss.args[1][0] if len(loss.args) > 1 else None
+    target_dims = loss.args[1][2] if target else ()
+    # the target's shape when it is the prediction's (checked before the fused step runs)
+    target_like_output = target_dims == loss.args[0][2]
+    slot_locals = [(f"{p.key}.{s}", f"{p.local}_{s}") for p in params for s in opt.state]
+    # one list, so that an optimizer without state or counter (sgd) leaves no empty slot
+    step_signature = ["x", "y", *(p.local for p in params), *(local for _, local in slot_locals)]
+    step_signature += [opt.counter] if opt.counter else []
+    step_signature += [a for a, _ in opt.attr_defaults]
+    step_signature += ["buffers"]
+    step_inputs = ["x", "y", *(p.local for p in params)]
+    context = {
+        "imports": [(m, sorted(cores[m])) for m in sorted(cores)],
+        "modules": sorted(cores),
+        "loss_fwd_into": into_name(loss.name, loss_entries[0]),
+        "loss_bwd_into": into_name(loss.name, loss_entries[1]),
+        "loss_fwd_alloc": alloc_name(loss.name, loss_entries[0]),
+        "loss_bwd_alloc": alloc_name(loss.name, loss_entries[1]),
+        "buffers": buffers,
+        "step_inputs": step_inputs,
+        "loss_core_attrs": loss_core_attrs,
+        "loss_fwd_targets": ("loss",) + loss_kept,
+        "loss_bwd_given": loss_given,
+        "target_int": target in loss.int_args,
+        "loss_assume": loss.assume,
+        "target_like_output": target_like_output,
+        "opt_core": opt_core,
+        "opt_counter": opt.counter,
+        "opt_attrs": [(a, "int" if _integer(d) else "float") for a, d in opt.attr_defaults],
+        "param_locals": [p.local for p in params],
+        "slot_locals": slot_locals,
+        "step_signature": step_signature,
+        "summary": summary,
+        "hyper_literal": "{" + ", ".join(f'"{k}": {v}' for k, v in hyper) + "}",
+        "slots_literal": _tuple_literal(opt.state),
+        "name": name,
+        "doc": doc.strip() or f"The {name} model.",
+        "input_shape": repr(tuple(input_shape)),
+        "output_shape": repr(tuple(output_shape)),
+        "input_size": math.prod(input_shape),
+        "output_size": math.prod(output_shape),
+        "layers": layers,
+        "params": params,
+        "loss": loss.name,
+        "loss_attrs": loss_attrs,
+        "task": task,
+        "optimizer": opt.name,
+        "hyper": hyper,
+        "slots": opt.state,
+        "n": len(layers),
+        "unrolled": any(layer.cell for layer in layers),
+        "time": TIME,
+        "variants": variants,
+    }
+    return ModelPlan(**context)
