@@ -46,16 +46,22 @@ def render_models(spec_dir=MODEL_SPECS, programs=None, modules=None) -> dict:
     files = {}
     names = []
     specs = {}  # module path -> the spec that renders it
+    from . import targets
+
     for spec in sorted(Path(spec_dir).glob("*.toml")):
-        rel, text = model.render_model(spec, programs, modules)
-        rel = Path(rel).as_posix()
-        if rel.startswith("generated/"):
-            rel = rel[len("generated/"):]
-        if rel in specs:
-            raise model.ModelSpecError(spec, f"name: {Path(rel).stem!r} is also the name of {specs[rel]}; each model needs a name of its own")
-        specs[rel] = spec
-        files[rel] = text
-        names.append(Path(rel).stem)
+        for target in targets.all_targets():
+            if not target.primary and model.unsupported(model.plan_model(spec, programs, target.name), target):
+                continue  # e.g. no CUDA twin for a model with an unrolled cell
+            rel, text = model.render_model(spec, programs, modules, target=target.name)
+            rel = Path(rel).as_posix()
+            if rel.startswith("generated/"):
+                rel = rel[len("generated/"):]
+            if rel in specs:
+                raise model.ModelSpecError(spec, f"name: {Path(rel).stem!r} is also the name of {specs[rel]}; each model needs a name of its own")
+            specs[rel] = spec
+            files[rel] = text
+            if target.primary:
+                names.append(Path(rel).stem)
     if names and hasattr(model, "render_models_init"):
         rel, text = model.render_models_init(names)
         files[rel] = text
@@ -83,9 +89,10 @@ def check(root=GENERATED, programs=None) -> dict:
     return stale_files(root, render_library(programs))
 
 
-def render_spec(path, out_dir=".", command: str | None = None) -> dict:
+def render_spec(path, out_dir=".", command: str | None = None, target: str = "cpu") -> dict:
     """{file name: text} for a user's TOML spec: ``<name>.py`` and ``<name>_cuda.py`` for
-    an op; ``<name>.py`` for a model spec (``kind = "model"``, via codegen.model)."""
+    an op; ``<name><suffix>.py`` of ``target`` for a model spec (``kind = "model"``, via
+    codegen.model: ``<name>.py``, or ``<name>_cuda.py`` with ``target="cuda"``)."""
     from derive import from_file
 
     from . import targets
@@ -96,7 +103,7 @@ def render_spec(path, out_dir=".", command: str | None = None) -> dict:
     if _spec_kind(path) == "model":
         from . import model
 
-        rel, text = model.render_model(path, command=command)
+        rel, text = model.render_model(path, command=command, target=target)
         return {Path(rel).name: text}
     program = from_file(path)
     stem = _module_name(program.name)
@@ -104,10 +111,14 @@ def render_spec(path, out_dir=".", command: str | None = None) -> dict:
     return {t.module_file(stem): texts[t.name] for t in targets.all_targets() if texts[t.name] is not None}
 
 
-def build(path, out_dir):
-    """Generate a user's TOML spec into ``out_dir`` and return the imported module."""
+def build(path, out_dir, target: str = "cpu"):
+    """Generate a user's TOML spec into ``out_dir`` and return the imported module: an
+    op's module (its CUDA companion beside it), or a model's module for ``target``
+    (``target="cuda"``: ``<name>_cuda.py``, the model over device arrays)."""
     out_dir = Path(out_dir)
-    files = render_spec(path, out_dir)
+    if target != "cpu" and _spec_kind(path) != "model":
+        raise ValueError("build: target=%r is for model specs; an op's module takes target= in its op()" % target)
+    files = render_spec(path, out_dir, target=target)
     for name, text in files.items():
         write_if_changed(out_dir / name, text)
     stem = min(files, key=len)[: -len(".py")]

@@ -884,6 +884,19 @@ def plan_model(spec_path, programs: Iterable | Mapping | None = None, target: st
     return _check_spec(path, load_spec(path), _library_infos(programs), targets.get(target).variants)
 
 
+def unsupported(plan: ModelPlan, target) -> str | None:
+    """Why ``target`` cannot run the plan's step (None when it can): a cell unrolled over
+    time needs a target whose model template has the time loop (``Target.model_cells``)."""
+    if not target.model_cells:
+        for layer in plan.layers:
+            if layer.cell:
+                return (
+                    f"layers[{layer.index}] (op {layer.op!r}, unrolled): a cell unrolled over time has no "
+                    f"{target.name} training step yet; train this model on the CPU"
+                )
+    return None
+
+
 def render_model(
     spec_path,
     programs: Iterable | Mapping | None = None,
@@ -908,14 +921,9 @@ def render_model(
     tgt = targets.get(target)
     path = Path(spec_path)
     plan = plan_model(path, programs, target)
-    if not tgt.model_cells:
-        for layer in plan.layers:
-            if layer.cell:
-                raise ModelSpecError(
-                    path,
-                    f"layers[{layer.index}] (op {layer.op!r}, unrolled): a cell unrolled over time has no "
-                    f"{tgt.name} training step yet; train this model on the CPU (the {tgt.name} model module is not built)",
-                )
+    problem = unsupported(plan, tgt)
+    if problem:
+        raise ModelSpecError(path, problem + f" (the {tgt.name} model module is not built)")
     context = plan.context()
     template = tgt.model_template
     context["header"] = {"sources": [_display_path(path)], "template": template, "command": command}

@@ -222,7 +222,7 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         cores.setdefault(module, set()).update(used)
     # the loss keeps what its backward reads of its reductions (a log-sum-exp), as layers do
     saving = bool(loss.kept or loss.saved_outputs) and variants
-    loss_entries = ("fwd_saving" if loss.kept else "fwd", "bwd_saved" if saving else "bwd")
+    loss_entries = ("fwd_saving" if loss.kept and variants else "fwd", "bwd_saved" if saving else "bwd")
     loss_kept = tuple(f"kept_{n}" for n in loss.kept) if saving else ()
     loss_given = tuple("loss" for _ in loss.saved_outputs) + loss_kept if saving else ()
     opt_core = core_name(opt.name, "step")
