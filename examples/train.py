@@ -53,6 +53,7 @@ def parse_args(argv=None) -> trainer.Config | None:
     p.add_argument("--l2", type=float, default=0.0, metavar="LAMBDA", help="newton/lbfgs: L2 penalty LAMBDA/2 * ||w||^2 on the parameters of rank >= 2 (not biases)")
     p.add_argument("--max-iter", type=int, default=None, help="newton/lbfgs: most solver iterations (default 100 / 1000)")
     p.add_argument("--tol", type=float, default=None, help="newton/lbfgs: gradient tolerance (default 1e-10 / 1e-6)")
+    p.add_argument("--device", choices=trainer.DEVICES, default="cpu", help="cuda: train the model's CUDA twin on the GPU (checkpoints hold host copies)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write training.png")
     p.add_argument(
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> trainer.Config | None:
         p.error("--step-size/--gamma/--eta-min need --schedule")
     if a.distributed and a.method != "first-order":
         p.error("--distributed trains first-order (the spec's optimizer over mini-batches); --method newton/lbfgs run in one process")
+    if a.device != "cpu" and (a.distributed or a.method != "first-order"):
+        p.error("--device cuda trains first-order in one process; --distributed and --method newton/lbfgs run on the CPU")
     out = a.out if a.out is not None else f"runs/{trainer.model_name(a.spec)}"
     return trainer.Config(
         spec=a.spec,
@@ -115,6 +118,7 @@ def parse_args(argv=None) -> trainer.Config | None:
         max_iter=a.max_iter,
         tol=a.tol,
         distributed=a.distributed,
+        device=a.device,
     )
 
 

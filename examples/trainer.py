@@ -239,20 +239,26 @@ def model_name(spec_path) -> str:
     return name
 
 
-def load_model(spec_path, build_dir=None):
-    """The generated module of a model spec.
+def load_model(spec_path, build_dir=None, device: str = "cpu"):
+    """The generated module of a model spec (``device="cuda"``: its CUDA twin,
+    ``<name>_cuda``, whose parameters and state are device arrays; see :func:`host_copy`).
 
     A spec of the library (``generated/models/<name>.py`` exists) imports the committed
     module. Any other spec is rendered with ``codegen.model.render_model`` into
     ``build_dir`` and imported from there, so a user's own model trains without
     touching ``generated/``.
     """
+    if device not in DEVICES:
+        raise TrainError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     name = model_name(spec_path)
+    suffix = "" if device == "cpu" else "_" + device
     try:
-        return importlib.import_module(f"generated.models.{name}")
+        return importlib.import_module(f"generated.models.{name}{suffix}")
     except ModuleNotFoundError as exc:
-        if exc.name not in (f"generated.models.{name}", "generated.models"):
+        if exc.name not in (f"generated.models.{name}{suffix}", "generated.models"):
             raise
+        if device != "cpu" and importlib.util.find_spec(f"generated.models.{name}") is not None:
+            raise TrainError(f"the model {name!r} has no {device} module in generated/models (see `python -m codegen`); train it on the CPU")
     if build_dir is None:
         raise TrainError(
             f"no generated module for the model {name!r}; run `python -m codegen` "
@@ -261,14 +267,14 @@ def load_model(spec_path, build_dir=None):
     from codegen.model import ModelSpecError, render_model
 
     try:
-        _, text = render_model(spec_path)
+        _, text = render_model(spec_path, target=device)
     except ModelSpecError as exc:
         raise TrainError(str(exc)) from None
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
-    target = build_dir / f"{name}.py"
+    target = build_dir / f"{name}{suffix}.py"
     _write_atomic(target, text.encode())
-    module_name = f"symgrad_user_model_{name}"
+    module_name = f"symgrad_user_model_{name}{suffix}"
     spec = importlib.util.spec_from_file_location(module_name, target)
     module = importlib.util.module_from_spec(spec)
     # registered before it runs: Numba's on-disk cache of its fused step finds the
@@ -276,6 +282,22 @@ def load_model(spec_path, build_dir=None):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def host_copy(model, tree):
+    """``tree`` (parameters, optimizer state, an output) as NumPy arrays: what a
+    checkpoint holds. A CUDA model's ``to_host``; the CPU's arrays are already there."""
+    to_host = getattr(model, "to_host", None)
+    return tree if to_host is None else to_host(tree)
+
+
+def device_copy(model, tree):
+    """The inverse of :func:`host_copy`: a checkpoint's arrays where ``model`` trains."""
+    to_device = getattr(model, "to_device", None)
+    return tree if to_device is None else to_device(tree)
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -374,6 +396,7 @@ class Config:
     max_iter: int | None = None  # solvers: iteration budget (None: the solver's default)
     tol: float | None = None  # solvers: gradient tolerance (None: the solver's default)
     distributed: bool = False  # data-parallel over the MPI ranks (examples/distributed.py)
+    device: str = "cpu"  # "cuda": the model's CUDA twin; params and state stay on the GPU
 
 
 # what must agree between a checkpoint and the run that resumes from it
@@ -412,7 +435,7 @@ def evaluate(model, params, x, y, labels=None) -> dict:
     if labels is not None:
         out["test_accuracy"] = float(np.mean(np.reshape(model.predict(params, x), len(labels)) == labels))
     else:
-        pred = np.asarray(model.forward(params, x), dtype=np.float64)
+        pred = np.asarray(host_copy(model, model.forward(params, x)), dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         out["test_mse"] = float(np.mean((pred - y) ** 2))
         out["test_r2"] = _r2(pred, y)
@@ -452,7 +475,7 @@ def train(config: Config, log=print) -> dict:
     writes = parallel is None or parallel.root
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.spec, build_dir=out / "model")
+    model = load_model(config.spec, build_dir=out / "model", device=config.device)
     dtype = np.dtype(config.dtype)
     try:
         data = fit_to_model(load_dataset(config.dataset, config.test_size, config.split_seed, dtype), model)
@@ -481,7 +504,7 @@ def train(config: Config, log=print) -> dict:
                 + ", ".join(f"{k}: {ckpt['config'].get(k)!r} there, {run_config[k]!r} here" for k in mismatch)
                 + "); use another --out or drop --resume"
             )
-        params, state, rng = ckpt["params"], ckpt["state"], ckpt["rng"]
+        params, state, rng = device_copy(model, ckpt["params"]), device_copy(model, ckpt["state"]), ckpt["rng"]
         start, history = ckpt["epoch"], ckpt["history"]
         log(f"resuming {model.NAME} from {ckpt_path} after epoch {start}")
     else:
@@ -549,7 +572,7 @@ def train(config: Config, log=print) -> dict:
         if parallel is not None:
             parallel.check_identical(params, state, f"after epoch {epoch}")
         if writes:
-            save_checkpoint(ckpt_path, params=params, state=state, epoch=epoch, rng=rng, history=history, config=run_config)
+            save_checkpoint(ckpt_path, params=host_copy(model, params), state=host_copy(model, state), epoch=epoch, rng=rng, history=history, config=run_config)
         log(
             f"epoch {epoch:3d}/{config.epochs}  loss {record['loss']:.4f}  test loss {record['test_loss']:.4f}  "
             f"{metric.replace('_', ' ')} {record[metric]:.4f}  lr {lr:.3g}  {seconds:.2f} s"
@@ -573,7 +596,7 @@ def train(config: Config, log=print) -> dict:
         result["least_squares"] = least_squares(data)
         if model.LOSS == "mse":  # the same measure as the test loss
             baseline = result["least_squares"]["test_mse"]
-    result["params"] = params
+    result["params"] = host_copy(model, params)
     metrics = {k: v for k, v in result.items() if k != "params"}
     if parallel is not None:
         metrics["ranks"] = parallel.group.size
