@@ -115,8 +115,10 @@ def build(path, out_dir, target: str = "cpu"):
     """Generate a user's TOML spec into ``out_dir`` and return the imported module: an
     op's module (its CUDA companion beside it), or a model's module for ``target``
     (``target="cuda"``: ``<name>_cuda.py``, the model over device arrays)."""
+    from . import targets
+
     out_dir = Path(out_dir)
-    if target != "cpu" and _spec_kind(path) != "model":
+    if not targets.get(target).primary and _spec_kind(path) != "model":
         raise ValueError("build: target=%r is for model specs; an op's module takes target= in its op()" % target)
     files = render_spec(path, out_dir, target=target)
     for name, text in files.items():
