@@ -50,7 +50,9 @@ def render_models(spec_dir=MODEL_SPECS, programs=None, modules=None) -> dict:
 
     for spec in sorted(Path(spec_dir).glob("*.toml")):
         for target in targets.all_targets():
-            if not target.primary and model.unsupported(model.plan_model(spec, programs, target.name), target):
+            if not target.primary and (
+                not target.renders_models or model.unsupported(model.plan_model(spec, programs, target.name), target)
+            ):
                 continue  # e.g. no CUDA twin for a model with an unrolled cell
             rel, text = model.render_model(spec, programs, modules, target=target.name)
             rel = Path(rel).as_posix()

@@ -54,6 +54,13 @@ class Target:
         return "model/model%s.py.jinja" % self.suffix
 
     @property
+    def renders_models(self) -> bool:
+        """Whether it has a model template (a new target may start with op modules only)."""
+        from ..template_util import TEMPLATE_DIR
+
+        return (TEMPLATE_DIR / self.model_template).is_file()
+
+    @property
     def runtime_template(self) -> str:
         return "%s/runtime_module.py.jinja" % self.templates
 
