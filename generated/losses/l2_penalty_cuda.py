@@ -93,6 +93,32 @@ def _l2_penalty_hvp0(g_loss, t_w, t_g_w, N, lam, _total):
         t_g_w[n] = _v_t_g_w
 
 
+def _l2_penalty_fwd_core(w, lam):
+    """Forward of l2_penalty: loss from w. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = w.dtype
+    lam = _dtype.type(lam)
+    N = w.shape[0]
+    loss = _empty((1,), _dtype)
+    _launch(_l2_penalty_fwd0, 1, w, loss, N, lam)
+    return loss
+
+
+def _l2_penalty_fwd_alloc(w, lam):
+    """The results of ``_l2_penalty_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_l2_penalty_fwd_into`` writes."""
+    _dtype = w.dtype
+    N = w.shape[0]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _l2_penalty_fwd_into(w, lam, loss):
+    """``_l2_penalty_fwd_core`` launching its kernels into loss (from ``_l2_penalty_fwd_alloc``); returns nothing."""
+    _dtype = w.dtype
+    lam = _dtype.type(lam)
+    N = w.shape[0]
+    _launch(_l2_penalty_fwd0, 1, w, loss, N, lam)
+
+
 def _l2_penalty_fwd(w, *, lam):
     """Forward of l2_penalty: loss from w."""
     _dev = any(_on_device(a) for a in (w,))
@@ -104,6 +130,32 @@ def _l2_penalty_fwd(w, *, lam):
     loss = _empty((1,), _dtype)
     _launch(_l2_penalty_fwd0, 1, w, loss, N, lam)
     return _result(loss, False)[0]
+
+
+def _l2_penalty_bwd_core(g_loss, w, lam):
+    """Backward of l2_penalty: gradients g_w from g_loss, w (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    lam = _dtype.type(lam)
+    N = w.shape[0]
+    g_w = _empty((N,), _dtype)
+    _launch(_l2_penalty_bwd0, N, w, g_loss, g_w, N, lam)
+    return g_w
+
+
+def _l2_penalty_bwd_alloc(g_loss, w, lam):
+    """The results of ``_l2_penalty_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_l2_penalty_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    N = w.shape[0]
+    g_w = _empty((N,), _dtype)
+    return g_w
+
+
+def _l2_penalty_bwd_into(g_loss, w, lam, g_w):
+    """``_l2_penalty_bwd_core`` launching its kernels into g_w (from ``_l2_penalty_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    lam = _dtype.type(lam)
+    N = w.shape[0]
+    _launch(_l2_penalty_bwd0, N, w, g_loss, g_w, N, lam)
 
 
 def _l2_penalty_bwd(g_loss, w, *, lam):
