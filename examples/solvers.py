@@ -138,39 +138,14 @@ def train(config, log=print) -> dict:
     method = config.method
     if method not in SCIPY_METHODS:
         raise trainer.TrainError(f"unknown method {method!r} (known: {', '.join(SCIPY_METHODS)})")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = trainer.load_model(config.spec, build_dir=out / "model")
+    out, model, data, run_config = trainer.open_run(config, np.float64, l2=float(config.l2))
     dtype = np.dtype(np.float64)
-    try:
-        data = trainer.fit_to_model(trainer.load_dataset(config.dataset, config.test_size, config.split_seed, dtype), model)
-    except trainer.TrainError as exc:
-        raise trainer.TrainError(f"{exc} (dataset {config.dataset!r})") from None
     max_iter = config.max_iter if config.max_iter is not None else MAX_ITER[method]
-    run_config = {
-        "model": model.NAME,
-        "spec": str(config.spec),
-        "dataset": config.dataset,
-        "dtype": dtype.name,
-        "test_size": config.test_size,
-        "split_seed": config.split_seed,
-        "seed": config.seed,
-        "method": method,
-        "l2": float(config.l2),
-    }
     objective = Objective(model, data.x_train, data.y_train, config.l2)
     ckpt_path = out / trainer.CHECKPOINT
     start, history = 0, []
     if config.resume and ckpt_path.exists():
-        ckpt = trainer.load_checkpoint(ckpt_path)
-        keys = (*trainer._RESUME_KEYS, "method", "l2")
-        mismatch = [k for k in keys if ckpt["config"].get(k) != run_config[k]]
-        if mismatch:
-            raise trainer.TrainError(
-                f"{ckpt_path} was written by a different run ("
-                + ", ".join(f"{k}: {ckpt['config'].get(k)!r} there, {run_config[k]!r} here" for k in mismatch)
-                + "); use another --out or drop --resume"
-            )
+        ckpt = trainer.resumable_checkpoint(ckpt_path, run_config, (*trainer._RESUME_KEYS, "l2"))
         x0 = objective.flat(ckpt["params"])
         start, history = ckpt["epoch"], ckpt["history"]
         log(f"resuming {model.NAME} ({method}) from {ckpt_path} after iteration {start}")

@@ -450,6 +450,50 @@ def _optimizer_default_lr(model) -> float:
     return float(generated.op(model.OPTIMIZER).hyper["lr"])
 
 
+def open_run(config: Config, dtype, **settings) -> tuple[Path, object, Split, dict]:
+    """The run directory (made), the model (on ``config.device``), the data fitted to it,
+    and the run's settings that a checkpoint records: the ones a resume must match
+    (``_RESUME_KEYS``), the method, and the method's own ``settings``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(config.spec, build_dir=out / "model", device=config.device)
+    dtype = np.dtype(dtype)
+    try:
+        data = fit_to_model(load_dataset(config.dataset, config.test_size, config.split_seed, dtype), model)
+    except TrainError as exc:
+        raise TrainError(f"{exc} (dataset {config.dataset!r})") from None
+    run_config = {
+        "model": model.NAME,
+        "spec": str(config.spec),
+        "dataset": config.dataset,
+        "dtype": dtype.name,
+        "test_size": config.test_size,
+        "split_seed": config.split_seed,
+        "seed": config.seed,
+        "method": config.method,
+        **settings,
+    }
+    return out, model, data, run_config
+
+
+def resumable_checkpoint(path, run_config: dict, keys=_RESUME_KEYS) -> dict:
+    """The checkpoint at ``path``, refused (naming what differs) unless the run that
+    wrote it had the same method and the same ``keys`` of ``run_config``."""
+    ckpt = load_checkpoint(path)
+    there = {"method": "first-order", **ckpt["config"]}  # checkpoints before --method
+    if there["method"] != run_config["method"]:
+        raise TrainError(f"{path} was written by --method {there['method']}; resume it with that method, "
+                         "or use another --out")
+    mismatch = [k for k in keys if there.get(k) != run_config[k]]
+    if mismatch:
+        raise TrainError(
+            f"{path} was written by a different run ("
+            + ", ".join(f"{k}: {there.get(k)!r} there, {run_config[k]!r} here" for k in mismatch)
+            + "); use another --out or drop --resume"
+        )
+    return ckpt
+
+
 def train(config: Config, log=print) -> dict:
     """Train ``config.spec`` on ``config.dataset``; return the history and final metrics.
 
@@ -473,37 +517,12 @@ def train(config: Config, log=print) -> dict:
         if not parallel.root:
             log = lambda *args, **kwargs: None  # noqa: E731
     writes = parallel is None or parallel.root
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.spec, build_dir=out / "model", device=config.device)
+    out, model, data, run_config = open_run(config, np.dtype(config.dtype))
     dtype = np.dtype(config.dtype)
-    try:
-        data = fit_to_model(load_dataset(config.dataset, config.test_size, config.split_seed, dtype), model)
-    except TrainError as exc:
-        raise TrainError(f"{exc} (dataset {config.dataset!r})") from None
-    run_config = {
-        "model": model.NAME,
-        "spec": str(config.spec),
-        "dataset": config.dataset,
-        "dtype": dtype.name,
-        "test_size": config.test_size,
-        "split_seed": config.split_seed,
-        "seed": config.seed,
-    }
     ckpt_path = out / CHECKPOINT
     start, history = 0, []
     if config.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"].get("method", "first-order") != "first-order":
-            raise TrainError(f"{ckpt_path} was written by --method {ckpt['config']['method']}; resume it with that "
-                             "method, or use another --out")
-        mismatch = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != run_config[k]]
-        if mismatch:
-            raise TrainError(
-                f"{ckpt_path} was written by a different run ("
-                + ", ".join(f"{k}: {ckpt['config'].get(k)!r} there, {run_config[k]!r} here" for k in mismatch)
-                + "); use another --out or drop --resume"
-            )
+        ckpt = resumable_checkpoint(ckpt_path, run_config)
         params, state, rng = device_copy(model, ckpt["params"]), device_copy(model, ckpt["state"]), ckpt["rng"]
         start, history = ckpt["epoch"], ckpt["history"]
         log(f"resuming {model.NAME} from {ckpt_path} after epoch {start}")
