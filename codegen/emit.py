@@ -520,6 +520,12 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
             for r in result_kinds
         ],
         "flat": plan.flat,
+        # the shape of each result as the wrapper returns it, from the arguments' shapes
+        # (``_shape``: that of the arguments of a flat op); what ``_shapes`` returns
+        "result_shapes": [
+            "()" if r["scalar"] else ("_shape" if plan.flat else next(a["shape"] for a in alloc if a["name"] == r["name"]))
+            for r in result_kinds
+        ],
     }
 
 
@@ -590,6 +596,8 @@ def _funcs(plan: OpPlan):
     """(key, function name) pairs for the op's entry in ``_FUNCS``."""
     names = {"fwd": "forward", "bwd": "backward", "step": "step", "jvp": "jvp", "hvp": "hvp"}
     out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries[tg.primary().name] if entry not in plan.variants]
+    if "fwd" in [entry for entry, *_ in plan.entries[tg.primary().name]] and plan.p.outputs:
+        out.append(("shapes", "_%s_fwd_shapes" % plan.id))
     if plan.p.kind == "optimizer":
         out.append(("init_state", "_%s_init_state" % plan.id))
     if plan.p.kind == "schedule":

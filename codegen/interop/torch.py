@@ -1,0 +1,203 @@
+"""A generated op as a PyTorch function: ``op.torch()``.
+
+``torch_function(op)`` registers two custom operators with ``torch.library.custom_op``,
+named deterministically from the op's module, name and attributes
+(``symgrad::activations_elu_<digest>`` and ``..._backward``):
+
+- the forward, whose result autograd differentiates through the op's generated
+  backward (``register_autograd``): no gradient is computed by PyTorch;
+- the backward, itself a custom operator, so that ``torch.compile`` (AOTAutograd)
+  traces the backward graph too.
+
+Both have fake (meta) implementations: the forward's result shapes come from the op's
+generated ``shapes`` function (its dimensions and derived dimensions, plain Python on
+the arguments' shapes), the gradients are shaped like their arguments. So the function
+works in ``torch.compile`` graphs (as an opaque call) and with ``torch.func``-free
+tracing such as ``torch.export``.
+
+Tensors reach the kernels without copies: a contiguous CPU tensor as a NumPy view
+(``tensor.detach().numpy()``); a CUDA tensor through ``__cuda_array_interface__``
+(``numba.cuda.as_cuda_array``, no synchronisation), with the kernels launched on
+PyTorch's current stream. A tensor of another float type than float32/float64, or a
+non-contiguous one, is converted by the op's own argument checks (a copy), as NumPy
+arrays are.
+
+What is differentiated: the arguments the spec declares differentiable
+(``op.differentiable``). Integer arguments (class indices, embedding ids) and float
+data the spec does not differentiate (a loss's target) get no gradient, as if
+detached. Optimizers and schedules are not functions: ``torch()`` raises TypeError.
+An op with nothing differentiable (``batch_norm2d_stats``) returns results that carry
+no gradient. Second derivatives (double backward) are not registered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from codegen.interop import qualified_name, reject
+
+# qualified name -> (the CPU forward it wraps, the torch function): each op and
+# attribute set is registered once per process.
+_FUNCTIONS: dict = {}
+
+
+def torch_function(op):
+    """The torch function of ``op`` (a generated op on any target; the function runs
+    each call on the device of its tensors)."""
+    reject(op, "PyTorch")
+    cpu = op.on("cpu")
+    name = "symgrad::" + qualified_name(cpu)
+    known = _FUNCTIONS.get(name)
+    if known is not None:
+        if known[0] is not cpu._funcs["forward"]:
+            raise RuntimeError(
+                "%s: another op is already registered with PyTorch as %s in this process (a module "
+                "rebuilt and imported again under the same name?); PyTorch cannot replace a custom "
+                "operator: restart the process or build the spec into a module of another name" % (op.name, name))
+        return known[1]
+    function = _register(cpu, name)
+    _FUNCTIONS[name] = (cpu._funcs["forward"], function)
+    return function
+
+
+def _float_dtype(tensors) -> torch.dtype:
+    """The op's float type, chosen as the generated wrappers choose it: that of the
+    first float32/float64 argument, else float64."""
+    for t in tensors:
+        if t.dtype in (torch.float32, torch.float64):
+            return t.dtype
+    return torch.float64
+
+
+def _schema(names, n_results: int) -> str:
+    results = "Tensor" if n_results == 1 else "(%s)" % ", ".join(["Tensor"] * n_results)
+    return "(%s) -> %s" % (", ".join("Tensor %s" % n for n in names), results)
+
+
+def _register(op, name: str):
+    n_args = len(op.arg_names)
+    n_results = op._seeds
+    wrt = [op.arg_names.index(a) for a in op.differentiable]
+    has_backward = bool(wrt) and "backward" in op._funcs
+    arg_names = ["%s_" % a for a in op.arg_names]  # never a reserved schema word (self, out)
+    seed_names = ["grad_%d" % k for k in range(n_results)]
+
+    def forward_impl(*args):
+        return _single(_run(op, "forward", args, _float_dtype(args)))
+
+    def forward_fake(*args):
+        dtype = _float_dtype(args)
+        return _single(tuple(args[0].new_empty(tuple(s), dtype=dtype) for s in op.shapes(*args)))
+
+    forward = torch.library.custom_op(name, forward_impl, mutates_args=(), schema=_schema(arg_names, n_results))
+    forward.register_fake(forward_fake)
+
+    if has_backward:
+        def backward_impl(*seeds_and_args):
+            return _single(_run(op, "backward", seeds_and_args, _float_dtype(seeds_and_args[n_results:])))
+
+        def backward_fake(*seeds_and_args):
+            args = seeds_and_args[n_results:]
+            dtype = _float_dtype(args)
+            return _single(tuple(args[i].new_empty(args[i].shape, dtype=dtype) for i in wrt))
+
+        backward = torch.library.custom_op(
+            name + "_backward", backward_impl, mutates_args=(), schema=_schema(seed_names + arg_names, len(wrt)))
+        backward.register_fake(backward_fake)
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        def autograd_backward(ctx, *seeds):
+            args = ctx.saved_tensors
+            grads = backward(*seeds, *args)
+            grads = grads if isinstance(grads, tuple) else (grads,)
+            out = [None] * n_args
+            for i, g in zip(wrt, grads):
+                out[i] = g.reshape(args[i].shape).to(args[i].dtype)  # no-ops unless a scalar or another float type
+            return tuple(out)
+    else:  # nothing differentiable: results are data to autograd
+        def setup_context(ctx, inputs, output):
+            pass
+
+        def autograd_backward(ctx, *seeds):
+            return (None,) * n_args
+
+    forward.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def function(*args):
+        if len(args) != n_args:
+            raise TypeError("%s takes %d tensors (%s); got %d" % (op.name, n_args, ", ".join(op.arg_names), len(args)))
+        return forward(*args)
+
+    function.__name__ = op.name
+    function.__qualname__ = op.name
+    function.__doc__ = "%s (symgrad, registered as %s): %s\n\nArguments: %s; attributes %s." % (
+        op.name, name, op.doc, ", ".join(op.arg_names), op.attrs or "none")
+    function.op = op
+    function.custom_op = forward
+    return function
+
+
+def _single(results: tuple):
+    return results[0] if len(results) == 1 else results
+
+
+def _run(op, entry: str, tensors, dtype: torch.dtype) -> tuple:
+    """``op.<entry>`` on the tensors' device: their data as NumPy views or CUDA arrays,
+    the results as tensors on the same device."""
+    device = tensors[0].device
+    if device.type == "cuda":
+        return _run_cuda(op.on("cuda"), entry, tensors, dtype)
+    if device.type != "cpu":
+        raise ValueError("%s: tensors on %s; symgrad runs on CPU and CUDA tensors" % (op.name, device))
+    arrays = [t.detach().numpy() for t in tensors]  # views; the wrappers copy what is not C-contiguous
+    results = getattr(op, entry)(*arrays)
+    results = results if isinstance(results, tuple) else (results,)
+    return tuple(torch.from_numpy(np.asarray(r)) if np.ndim(r) else torch.tensor(float(r), dtype=dtype)
+                 for r in results)
+
+
+def _run_cuda(op, entry: str, tensors, dtype: torch.dtype) -> tuple:
+    """The CUDA kernels on PyTorch's current stream of the tensors' device. Inputs are
+    imported through ``__cuda_array_interface__`` without synchronising (the kernels
+    are ordered after PyTorch's work by the stream itself); results left on the device
+    are handed to PyTorch without copies. On a stream other than the default one the
+    stream is synchronised once first: the argument checks that read device data
+    (assumptions such as rows summing to one) copy on the default stream."""
+    from numba import cuda
+
+    device = tensors[0].device
+    stream = torch.cuda.current_stream(device)
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        launch_stream = cuda.external_stream(stream.cuda_stream) if stream.cuda_stream else 0
+        if launch_stream:
+            stream.synchronize()
+        arrays = [cuda.as_cuda_array(t.detach().contiguous(), sync=False) for t in tensors]
+        cell = _stream_cell(op._funcs[entry])
+        saved, cell[0] = cell[0], launch_stream
+        try:
+            results = getattr(op, entry)(*arrays)
+        finally:
+            cell[0] = saved
+    results = results if isinstance(results, tuple) else (results,)
+    out = []
+    for r in results:
+        if hasattr(r, "__cuda_array_interface__"):
+            out.append(torch.as_tensor(r, device=device))
+        else:  # a scalar result, copied to the host by the wrapper
+            out.append(torch.tensor(float(np.asarray(r).reshape(())), dtype=dtype, device=device))
+    return tuple(out)
+
+
+def _stream_cell(fn) -> list:
+    """The ``_STREAM`` cell of the CUDA runtime that ``fn``'s module launches through
+    (``generated/_runtime_cuda.py``, or the runtime inside a user's CUDA module)."""
+    g = fn.__globals__
+    if "_STREAM" in g:
+        return g["_STREAM"]
+    for helper in ("_launch", "_launch_gemm", "_zeros", "_result"):
+        if helper in g:
+            return g[helper].__globals__["_STREAM"]
+    raise RuntimeError("%s: no CUDA runtime (_STREAM) found for its kernels" % fn.__qualname__)
