@@ -22,12 +22,17 @@ def reject(op, framework: str):
 
 def qualified_name(op) -> str:
     """A deterministic, unique name for the op with these attributes: the module that
-    holds it (``generated.activations.elu``, or a user's module), the op's name and its
-    attribute values, as ``<group>_<op>_<digest>``."""
+    holds it (``generated.activations.elu``, or a user's module and its file), the op's
+    name and its attribute values, as ``<group>_<op>_<digest>``."""
     import hashlib
 
+    import os
+    import sys
+
     module = op._funcs["forward"].__module__
-    key = "%s:%s:%s" % (module, op.name, sorted(op.attrs.items()))
+    path = getattr(sys.modules.get(module), "__file__", None) or ""
+    where = module if module.startswith("generated.") else "%s:%s" % (module, os.path.realpath(path))
+    key = "%s:%s:%s" % (where, op.name, sorted(op.attrs.items()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     parts = module.split(".")
     group = parts[1] if parts[0] == "generated" and len(parts) > 2 else parts[-1]

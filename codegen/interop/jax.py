@@ -27,7 +27,9 @@ import numpy as np
 
 from codegen.interop import qualified_name, reject
 
-_FUNCTIONS: dict = {}  # qualified name -> the jax function
+# qualified name -> (the CPU forward it runs, the jax function): one function per op and
+# attribute set (so that jax.jit's cache keeps it), made again for a rebuilt module
+_FUNCTIONS: dict = {}
 
 
 def jax_function(op):
@@ -35,9 +37,10 @@ def jax_function(op):
     reject(op, "JAX")
     cpu = op.on("cpu")
     name = qualified_name(cpu)
-    if name not in _FUNCTIONS:
-        _FUNCTIONS[name] = _build(cpu)
-    return _FUNCTIONS[name]
+    known = _FUNCTIONS.get(name)
+    if known is None or known[0] is not cpu._funcs["forward"]:
+        known = _FUNCTIONS[name] = (cpu._funcs["forward"], _build(cpu))
+    return known[1]
 
 
 def _float_dtype(args):

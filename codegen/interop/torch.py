@@ -37,8 +37,10 @@ import torch
 
 from codegen.interop import qualified_name, reject
 
-# qualified name -> (the CPU forward it wraps, the torch function): each op and
-# attribute set is registered once per process.
+# qualified name -> (signature, {"op": the op it runs}, the torch function): each op and
+# attribute set is registered once per process. A module built again from the same
+# file and imported afresh (codegen.build) takes over the registration when its
+# signature is the same: the torch function then runs the new module's kernels.
 _FUNCTIONS: dict = {}
 
 
@@ -48,17 +50,18 @@ def torch_function(op):
     reject(op, "PyTorch")
     cpu = op.on("cpu")
     name = "symgrad::" + qualified_name(cpu)
+    signature = (cpu.arg_names, cpu._seeds, cpu.differentiable, "backward" in cpu._funcs)
     known = _FUNCTIONS.get(name)
-    if known is not None:
-        if known[0] is not cpu._funcs["forward"]:
-            raise RuntimeError(
-                "%s: another op is already registered with PyTorch as %s in this process (a module "
-                "rebuilt and imported again under the same name?); PyTorch cannot replace a custom "
-                "operator: restart the process or build the spec into a module of another name" % (op.name, name))
-        return known[1]
-    function = _register(cpu, name)
-    _FUNCTIONS[name] = (cpu._funcs["forward"], function)
-    return function
+    if known is None:
+        current = {"op": cpu}
+        known = _FUNCTIONS[name] = (signature, current, _register(current, name))
+    elif known[0] != signature:
+        raise RuntimeError(
+            "%s: PyTorch already has %s in this process with other arguments or results (%s rebuilt "
+            "with another signature?); PyTorch cannot replace a custom operator: restart the process "
+            "or build the spec into another file" % (op.name, name, op.name))
+    known[1]["op"] = cpu
+    return known[2]
 
 
 def _float_dtype(tensors) -> torch.dtype:
@@ -75,7 +78,8 @@ def _schema(names, n_results: int) -> str:
     return "(%s) -> %s" % (", ".join("Tensor %s" % n for n in names), results)
 
 
-def _register(op, name: str):
+def _register(current: dict, name: str):
+    op = current["op"]  # the signature; each call runs current["op"]
     n_args = len(op.arg_names)
     n_results = op._seeds
     wrt = [op.arg_names.index(a) for a in op.differentiable]
@@ -84,18 +88,18 @@ def _register(op, name: str):
     seed_names = ["grad_%d" % k for k in range(n_results)]
 
     def forward_impl(*args):
-        return _single(_run(op, "forward", args, _float_dtype(args)))
+        return _single(_run(current["op"], "forward", args, _float_dtype(args)))
 
     def forward_fake(*args):
         dtype = _float_dtype(args)
-        return _single(tuple(args[0].new_empty(tuple(s), dtype=dtype) for s in op.shapes(*args)))
+        return _single(tuple(args[0].new_empty(tuple(s), dtype=dtype) for s in current["op"].shapes(*args)))
 
     forward = torch.library.custom_op(name, forward_impl, mutates_args=(), schema=_schema(arg_names, n_results))
     forward.register_fake(forward_fake)
 
     if has_backward:
         def backward_impl(*seeds_and_args):
-            return _single(_run(op, "backward", seeds_and_args, _float_dtype(seeds_and_args[n_results:])))
+            return _single(_run(current["op"], "backward", seeds_and_args, _float_dtype(seeds_and_args[n_results:])))
 
         def backward_fake(*seeds_and_args):
             args = seeds_and_args[n_results:]
@@ -135,7 +139,6 @@ def _register(op, name: str):
     function.__qualname__ = op.name
     function.__doc__ = "%s (symgrad, registered as %s): %s\n\nArguments: %s; attributes %s." % (
         op.name, name, op.doc, ", ".join(op.arg_names), op.attrs or "none")
-    function.op = op
     function.custom_op = forward
     return function
 
