@@ -1,7 +1,7 @@
 """``op.torch()`` (issue 15): every generated op as a PyTorch custom operator.
 
 gradcheck (float64, central differences against the derived backward) for every op with
-gradients and its attribute variants; forward values against ``op.forward``; the fake
+gradients and its attribute variants, and gradgradcheck (double backward) for every op; forward values against ``op.forward``; the fake
 (meta) implementation against the real shapes for every op; one op inside
 ``torch.compile``; integer and data arguments without gradients; optimizers and
 schedules refused. The CUDA path (tensors through ``__cuda_array_interface__``) needs a
@@ -45,6 +45,16 @@ def test_gradcheck(case, rng):
     assert torch.autograd.gradcheck(f, args, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", op_cases(variants=False))
+def test_gradgradcheck(case, rng):
+    """Double backward (the backward's own vector-Jacobian product from the generated
+    jvp and hvp kernels) against finite differences of the backward; fast mode (random
+    projections of the second-order Jacobian: any wrong entry breaks it) keeps it cheap."""
+    op = generated.op(case.name, **case.kw)
+    args = _tensors(op, make_inputs(case.name, rng, np.float64, case.kw))
+    assert torch.autograd.gradgradcheck(op.torch(), args, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
 def _all_function_ops():
     return [name for name, kind in sorted(library_kinds().items()) if kind in FUNCTION_KINDS]
 
@@ -63,6 +73,16 @@ def test_fake_shapes_match_real(name, rng):
     fake = fake if isinstance(fake, tuple) else (fake,)
     assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real]
     assert all(t.dtype == torch.float32 for t in real)  # float32 in, float32 out
+
+
+@pytest.mark.parametrize("name", ["conv2d", "categorical_nll"])
+def test_opcheck(name, rng):
+    """torch.library.opcheck: schema, fake tensors, autograd registration and AOT
+    dispatch with dynamic shapes (conv2d's derived output size from SymInts; integer
+    class indices and a scalar result)."""
+    op = generated.op(name, S=2, P=1) if name == "conv2d" else generated.op(name)
+    args = _tensors(op, make_inputs(name, rng, np.float64, op.attrs))
+    torch.library.opcheck(op.torch().custom_op, args)
 
 
 def test_every_function_op_is_covered():

@@ -27,7 +27,12 @@ What is differentiated: the arguments the spec declares differentiable
 data the spec does not differentiate (a loss's target) get no gradient, as if
 detached. Optimizers and schedules are not functions: ``torch()`` raises TypeError.
 An op with nothing differentiable (``batch_norm2d_stats``) returns results that carry
-no gradient. Second derivatives (double backward) are not registered.
+no gradient.
+
+Second derivatives: the backward operator is differentiable once more (double
+backward: ``create_graph=True``, gradient penalties, Hessian-vector products) through
+the op's generated ``jvp`` and ``hvp`` kernels, two more custom operators; third
+derivatives are not available. Forward-mode AD (``torch.func.jvp``) is not registered.
 """
 
 from __future__ import annotations
@@ -121,6 +126,8 @@ def _register(current: dict, name: str):
             for i, g in zip(wrt, grads):
                 out[i] = g.reshape(args[i].shape).to(args[i].dtype)  # no-ops unless a scalar or another float type
             return tuple(out)
+
+        _register_second_order(current, name, backward, arg_names, seed_names, wrt)
     else:  # nothing differentiable: results are data to autograd
         def setup_context(ctx, inputs, output):
             pass
@@ -143,26 +150,86 @@ def _register(current: dict, name: str):
     return function
 
 
+def _register_second_order(current: dict, name: str, backward, arg_names, seed_names, wrt):
+    """Autograd of the backward operator (double backward: gradient penalties, Hessian
+    products) from the op's generated forward-mode and second-order kernels. The
+    backward maps (seeds g, arguments x) to the gradients J(x)^T g; its vector-Jacobian
+    product with cotangents v (one per gradient) is, for g, the forward-mode product
+    J(x) v (``op.jvp``), and for x, the derivative of the gradients along v with g held
+    fixed (``op.hvp``: the Hessian of g.f, symmetric, times v). Data arguments get none."""
+    op = current["op"]
+    n_args = len(op.arg_names)
+    n_results = op._seeds
+    tangent_names = ["t_%s" % op.arg_names[i] for i in wrt]
+
+    def jvp_impl(*args_and_tangents):
+        return _single(_run(current["op"], "jvp", args_and_tangents, _float_dtype(args_and_tangents), len(wrt)))
+
+    def jvp_fake(*args_and_tangents):
+        args = args_and_tangents[:n_args]
+        dtype = _float_dtype(args)
+        return _single(tuple(args[0].new_empty(tuple(s), dtype=dtype) for s in current["op"].shapes(*args)))
+
+    def hvp_impl(*seeds_args_tangents):
+        dtype = _float_dtype(seeds_args_tangents[n_results:])
+        return _single(_run(current["op"], "hvp", seeds_args_tangents, dtype, len(wrt)))
+
+    def hvp_fake(*seeds_args_tangents):
+        args = seeds_args_tangents[n_results:n_results + n_args]
+        dtype = _float_dtype(args)
+        return _single(tuple(args[i].new_empty(args[i].shape, dtype=dtype) for i in wrt))
+
+    jvp = torch.library.custom_op(name + "_jvp", jvp_impl, mutates_args=(), schema=_schema(arg_names + tangent_names, n_results))
+    jvp.register_fake(jvp_fake)
+    hvp = torch.library.custom_op(
+        name + "_hvp", hvp_impl, mutates_args=(), schema=_schema(seed_names + arg_names + tangent_names, len(wrt)))
+    hvp.register_fake(hvp_fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_backward(ctx, *cotangents):
+        saved = ctx.saved_tensors
+        seeds, args = saved[:n_results], saved[n_results:]
+        d_seeds = jvp(*args, *cotangents)
+        d_seeds = d_seeds if isinstance(d_seeds, tuple) else (d_seeds,)
+        d_args = hvp(*seeds, *args, *cotangents)
+        d_args = d_args if isinstance(d_args, tuple) else (d_args,)
+        out = [d.reshape(s.shape).to(s.dtype) for d, s in zip(d_seeds, seeds)] + [None] * n_args
+        for i, d in zip(wrt, d_args):
+            out[n_results + i] = d.reshape(args[i].shape).to(args[i].dtype)
+        return tuple(out)
+
+    backward.register_autograd(backward_backward, setup_context=setup_context)
+
+
 def _single(results: tuple):
     return results[0] if len(results) == 1 else results
 
 
-def _run(op, entry: str, tensors, dtype: torch.dtype) -> tuple:
+def _call(op, entry: str, arrays, n_tangents: int):
+    """``op.<entry>(*arrays)``; the last ``n_tangents`` arrays are its ``tangents=``."""
+    if n_tangents:
+        return getattr(op, entry)(*arrays[:-n_tangents], tangents=tuple(arrays[-n_tangents:]))
+    return getattr(op, entry)(*arrays)
+
+
+def _run(op, entry: str, tensors, dtype: torch.dtype, n_tangents: int = 0) -> tuple:
     """``op.<entry>`` on the tensors' device: their data as NumPy views or CUDA arrays,
     the results as tensors on the same device."""
     device = tensors[0].device
     if device.type == "cuda":
-        return _run_cuda(op.on("cuda"), entry, tensors, dtype)
+        return _run_cuda(op.on("cuda"), entry, tensors, dtype, n_tangents)
     if device.type != "cpu":
         raise ValueError("%s: tensors on %s; symgrad runs on CPU and CUDA tensors" % (op.name, device))
     arrays = [t.detach().numpy() for t in tensors]  # views; the wrappers copy what is not C-contiguous
-    results = getattr(op, entry)(*arrays)
+    results = _call(op, entry, arrays, n_tangents)
     results = results if isinstance(results, tuple) else (results,)
     return tuple(torch.from_numpy(np.asarray(r)) if np.ndim(r) else torch.tensor(float(r), dtype=dtype)
                  for r in results)
 
 
-def _run_cuda(op, entry: str, tensors, dtype: torch.dtype) -> tuple:
+def _run_cuda(op, entry: str, tensors, dtype: torch.dtype, n_tangents: int) -> tuple:
     """The CUDA kernels on PyTorch's current stream of the tensors' device. Inputs are
     imported through ``__cuda_array_interface__`` without synchronising (the kernels
     are ordered after PyTorch's work by the stream itself); results left on the device
@@ -181,7 +248,7 @@ def _run_cuda(op, entry: str, tensors, dtype: torch.dtype) -> tuple:
         cell = _stream_cell(op._funcs[entry])
         saved, cell[0] = cell[0], launch_stream
         try:
-            results = getattr(op, entry)(*arrays)
+            results = _call(op, entry, arrays, n_tangents)
         finally:
             cell[0] = saved
     results = results if isinstance(results, tuple) else (results,)
