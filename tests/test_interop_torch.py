@@ -152,6 +152,35 @@ def test_wrong_number_of_tensors():
         generated.op("mse").torch()(torch.zeros(2, 2))
 
 
+def test_cuda_kernels_launch_on_the_given_stream(rng):
+    """The CUDA side of the torch path as far as the simulator goes (it has no torch
+    CUDA tensors): the stream cell the glue sets is the one the op's kernels launch
+    through, and launches and the copy of a scalar result run on that stream."""
+    from numba import cuda
+
+    import generated._runtime_cuda as runtime
+    from codegen.interop.torch import _call, _stream_cell
+
+    op = generated.op("softmax_cross_entropy", target="cuda")
+    cell = _stream_cell(op._funcs["backward"])
+    assert cell is runtime._STREAM and cell == [0]
+    args = make_inputs("softmax_cross_entropy", rng)
+    stream = cuda.stream()
+    cell[0] = stream
+    try:
+        device = [cuda.to_device(a, stream=stream) for a in args]
+        loss = _call(op, "forward", device, 0)
+        grad = _call(op, "backward", [np.float64(1.5), *device], 0).copy_to_host(stream=stream)
+        tangent = _call(op, "jvp", [*device, cuda.to_device(args[0], stream=stream)], 1)
+        stream.synchronize()
+    finally:
+        cell[0] = 0
+    cpu = op.on("cpu")
+    np.testing.assert_allclose(loss, cpu.forward(*args), rtol=1e-12)
+    np.testing.assert_allclose(grad, cpu.backward(1.5, *args), rtol=1e-12)
+    np.testing.assert_allclose(tangent, cpu.jvp(*args, tangents=(args[0],)), rtol=1e-12)
+
+
 @pytest.mark.gpu
 def test_cuda_tensors(rng):
     """CUDA tensors through __cuda_array_interface__ on the current stream, against the
