@@ -314,7 +314,6 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
 def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
     """The shapes of the results of ``_conv2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
-    C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]

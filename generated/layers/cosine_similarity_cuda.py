@@ -299,7 +299,6 @@ def _cosine_similarity_fwd(x1, x2, *, eps):
 def _cosine_similarity_fwd_shapes(x1, x2, *, eps):
     """The shapes of the results of ``_cosine_similarity_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = x1.shape[0]
-    D = x1.shape[1]
     return ((B,),)
 
 

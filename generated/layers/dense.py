@@ -166,7 +166,6 @@ def _dense_fwd(x, weight, bias):
 def _dense_fwd_shapes(x, weight, bias):
     """The shapes of the results of ``_dense_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = x.shape[0]
-    I = x.shape[1]
     O = weight.shape[1]
     return ((B, O),)
 

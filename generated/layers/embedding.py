@@ -132,7 +132,6 @@ def _embedding_fwd(idx, table):
 def _embedding_fwd_shapes(idx, table):
     """The shapes of the results of ``_embedding_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = idx.shape[0]
-    V = table.shape[0]
     D = table.shape[1]
     return ((B, D),)
 

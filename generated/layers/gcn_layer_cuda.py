@@ -243,7 +243,6 @@ def _gcn_layer_fwd(A, x, weight, bias):
 def _gcn_layer_fwd_shapes(A, x, weight, bias):
     """The shapes of the results of ``_gcn_layer_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     V = A.shape[0]
-    I = x.shape[1]
     O = weight.shape[1]
     return ((V, O),)
 

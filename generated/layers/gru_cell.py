@@ -985,9 +985,7 @@ def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
 def _gru_cell_fwd_shapes(x, h, w_ih, w_hh, b_ih, b_hh):
     """The shapes of the results of ``_gru_cell_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = x.shape[0]
-    I = x.shape[1]
     H = h.shape[1]
-    G = w_ih.shape[0]
     return ((B, H),)
 
 

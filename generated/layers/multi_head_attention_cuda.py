@@ -1241,7 +1241,6 @@ def _multi_head_attention_fwd_shapes(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads
     B = x.shape[0]
     L = x.shape[1]
     E = x.shape[2]
-    Dh = (E // heads)
     return ((B, L, E),)
 
 

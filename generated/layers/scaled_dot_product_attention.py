@@ -374,8 +374,6 @@ def _scaled_dot_product_attention_fwd_shapes(q, k, v, *, causal):
     """The shapes of the results of ``_scaled_dot_product_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = q.shape[0]
     L = q.shape[1]
-    D = q.shape[2]
-    S = k.shape[1]
     E = v.shape[2]
     return ((B, L, E),)
 

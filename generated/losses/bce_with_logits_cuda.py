@@ -150,8 +150,6 @@ def _bce_with_logits_fwd(pred, target):
 
 def _bce_with_logits_fwd_shapes(pred, target):
     """The shapes of the results of ``_bce_with_logits_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
-    B = pred.shape[0]
-    N = pred.shape[1]
     return ((),)
 
 

@@ -142,8 +142,6 @@ def _categorical_nll_fwd(logprobs, idx):
 
 def _categorical_nll_fwd_shapes(logprobs, idx):
     """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
-    B = logprobs.shape[0]
-    C = logprobs.shape[1]
     return ((),)
 
 

@@ -324,8 +324,6 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
 
 def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps):
     """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
-    B = x1.shape[0]
-    D = x1.shape[1]
     return ((),)
 
 

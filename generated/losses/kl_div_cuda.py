@@ -161,8 +161,6 @@ def _kl_div_fwd(logq, logp):
 
 def _kl_div_fwd_shapes(logq, logp):
     """The shapes of the results of ``_kl_div_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
-    B = logq.shape[0]
-    C = logq.shape[1]
     return ((),)
 
 

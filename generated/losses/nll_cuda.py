@@ -146,8 +146,6 @@ def _nll_fwd(logprobs, target):
 
 def _nll_fwd_shapes(logprobs, target):
     """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
-    B = logprobs.shape[0]
-    C = logprobs.shape[1]
     return ((),)
 
 

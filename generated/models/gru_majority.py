@@ -5,9 +5,9 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 3da705a44c4787b0
-#   generated/layers/gru_cell.py 9f01ee331735a6fa
-#   generated/losses/softmax_cross_entropy.py cbc3b3e513647ee7
+#   generated/layers/dense.py 68f01f39ee549452
+#   generated/layers/gru_cell.py 021671c5b7943b90
+#   generated/losses/softmax_cross_entropy.py 45b83ae5d502c4c8
 #   generated/optimizers/adam.py f21445bf308f9c07
 #   generated/_runtime.py 03eee27c19d4ec7b
 """The gru_majority model.

@@ -5,8 +5,8 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 3da705a44c4787b0
-#   generated/losses/bce_with_logits.py 7fa89968f95a9232
+#   generated/layers/dense.py 68f01f39ee549452
+#   generated/losses/bce_with_logits.py c174ea5dc9adad57
 #   generated/optimizers/adam.py f21445bf308f9c07
 #   generated/_runtime.py 03eee27c19d4ec7b
 """The logreg_breast_cancer model.
