@@ -125,7 +125,6 @@ def _l2_penalty_fwd(w, *, lam):
 
 def _l2_penalty_fwd_shapes(w, *, lam):
     """The shapes of the results of ``_l2_penalty_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
-    N = w.shape[0]
     return ((),)
 
 
