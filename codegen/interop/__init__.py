@@ -16,8 +16,11 @@ def reject(op, framework: str):
             "op.step(p, g, *state, t=t) on NumPy arrays, or use the framework's own optimizers" % (op.name, framework))
     if op.kind == "schedule":
         raise TypeError("%s is a learning-rate schedule, not a %s function: call op.lr(t)" % (op.name, framework))
-    if "forward" not in op._funcs or "shapes" not in op._funcs:
+    if "forward" not in op._funcs:
         raise TypeError("%s (%s) has no forward to wrap as a %s function" % (op.name, op.kind, framework))
+    if "shapes" not in op._funcs:
+        raise TypeError("%s: its module was generated without a shapes function (an older symgrad); "
+                        "regenerate it (python -m codegen, or codegen.build) to use it in %s" % (op.name, framework))
 
 
 def qualified_name(op) -> str:
