@@ -478,6 +478,10 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
     # float attributes cast to the arrays' float type, outputs allocated inside
     floats = [c["name"] for c in convert if c["kind"] != "int"]
     casts = [a for a in attrs if a in float_attrs and a in symbols_used]
+    result_shapes = [
+        "()" if r["scalar"] else ("_shape" if plan.flat else next(a["shape"] for a in alloc if a["name"] == r["name"]))
+        for r in result_kinds
+    ]
     return {
         "signature": signature,
         "doc": doc,
@@ -520,7 +524,31 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
             for r in result_kinds
         ],
         "flat": plan.flat,
+        # the shape of each result as the wrapper returns it, from the arguments' shapes
+        # (``_shape``: that of the arguments of a flat op); what ``_shapes`` returns,
+        # after the sizes those shapes need
+        "result_shapes": result_shapes,
+        "shape_sizes": [] if plan.flat else _sizes_needed(result_shapes, bind, derived),
     }
+
+
+def _sizes_needed(shapes, bind, derived) -> list:
+    """The assignments (``{"name", "expr"}``, in order: dimensions read from the
+    arguments' shapes, then derived ones) that the expressions ``shapes`` need."""
+    import re
+
+    def names(text):
+        return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text))
+
+    sizes = [{"name": a["dim"], "expr": "%s.shape[%d]" % (b["name"], a["axis"])} for b in bind for a in b["axes"]]
+    sizes += [{"name": d["name"], "expr": d["expr"]} for d in derived]
+    needed = set().union(*(names(t) for t in shapes)) if shapes else set()
+    kept = []
+    for size in reversed(sizes):
+        if size["name"] in needed:
+            needed |= names(size["expr"])
+            kept.append(size)
+    return kept[::-1]
 
 
 def _sizes_dict(names, bound, derived_exprs) -> str:
@@ -590,6 +618,8 @@ def _funcs(plan: OpPlan):
     """(key, function name) pairs for the op's entry in ``_FUNCS``."""
     names = {"fwd": "forward", "bwd": "backward", "step": "step", "jvp": "jvp", "hvp": "hvp"}
     out = [(names[entry], "_%s_%s" % (plan.id, entry)) for entry, *_ in plan.entries[tg.primary().name] if entry not in plan.variants]
+    if "fwd" in [entry for entry, *_ in plan.entries[tg.primary().name]] and plan.p.outputs:
+        out.append(("shapes", "_%s_fwd_shapes" % plan.id))
     if plan.p.kind == "optimizer":
         out.append(("init_state", "_%s_init_state" % plan.id))
     if plan.p.kind == "schedule":

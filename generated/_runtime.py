@@ -198,7 +198,7 @@ def _span(a, b, lo, hi):
 class Op:
     """One op bound to a target ("cpu" or "cuda") and attribute values."""
 
-    def __init__(self, name, target, attrs, spec, funcs, latex):
+    def __init__(self, name, target, attrs, spec, funcs, latex, retarget):
         self.name = name
         self.kind = spec["kind"]
         self.target = target
@@ -211,6 +211,7 @@ class Op:
         self._seeds = spec["seeds"]
         self._funcs = funcs
         self._latex = latex
+        self._retarget = retarget  # target -> this op on that target
 
     def __repr__(self):
         attrs = "".join(", %s=%r" % kv for kv in sorted(self.attrs.items()))
@@ -240,6 +241,35 @@ class Op:
         if len(args) != n:
             raise TypeError("%s.backward takes %d arguments (%d output gradient(s), then %s); got %d" % (self.name, n, self._seeds, ", ".join(self.arg_names), len(args)))
         return fn(*args, **self.attrs)
+
+    def shapes(self, *args):
+        """The shapes of ``forward``'s results (a tuple, one per output; ``()`` for a
+        scalar) for arguments of these shapes: anything with ``.shape`` (arrays, torch
+        fake tensors, JAX abstract values). Nothing is computed or checked."""
+        fn = self._fn("shapes")
+        if len(args) != len(self.arg_names):
+            raise TypeError("%s.shapes takes %d arguments (%s); got %d" % (self.name, len(self.arg_names), ", ".join(self.arg_names), len(args)))
+        return fn(*args, **self.attrs)
+
+    def on(self, target):
+        """This op, with the same attributes, on ``target`` ("cpu" or "cuda")."""
+        return self if target == self.target else self._retarget(target)
+
+    def torch(self):
+        """This op as a function on torch tensors (CPU and CUDA), differentiated by torch
+        autograd through this op's backward and usable in ``torch.compile``
+        (``codegen/interop/torch.py``; torch is imported on first use)."""
+        from codegen.interop.torch import torch_function
+
+        return torch_function(self)
+
+    def jax(self):
+        """This op as a JAX function with a ``jax.custom_vjp`` (its forward and backward
+        run the CPU kernels through ``jax.pure_callback``), usable under ``jax.jit`` and
+        ``jax.grad`` (``codegen/interop/jax.py``; jax is imported on first use)."""
+        from codegen.interop.jax import jax_function
+
+        return jax_function(self)
 
     def jvp(self, *args, tangents):
         """The output tangents (forward mode): the derivative of the outputs along
@@ -302,11 +332,11 @@ def _bind(module, name, target, attrs, specs, funcs, latex):
             value = float(value)
         values[key] = value
     if target == "cpu" or spec["kind"] == "schedule":
-        funcs = funcs[name]
+        table = funcs[name]
     elif target == "cuda":
         import importlib
 
-        funcs = importlib.import_module(module + "_cuda")._FUNCS[name]
+        table = importlib.import_module(module + "_cuda")._FUNCS[name]
     else:
         raise ValueError("%s: unknown target %r; expected 'cpu' or 'cuda'" % (name, target))
-    return Op(name, target, values, spec, funcs, latex)
+    return Op(name, target, values, spec, table, latex, lambda other: _bind(module, name, other, values, specs, funcs, latex))

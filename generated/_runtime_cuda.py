@@ -149,6 +149,9 @@ def _check_read(op, spec, read, tensor, axis, least, greatest, size, extents, si
 
 _THREADS = 128
 _TILE = 16
+# The stream every kernel launches on: 0 (the default stream) unless a caller sets
+# another for the length of a call (codegen/interop/torch.py: PyTorch's current stream).
+_STREAM = [0]
 
 
 def _on_device(a):
@@ -225,7 +228,7 @@ def _fill_zero(a, n):
 def _zeros(shape, dtype):
     a = cuda.device_array(shape, dtype)
     if a.size:
-        _fill_zero[(a.size + _THREADS - 1) // _THREADS, _THREADS](a.reshape(a.size), a.size)
+        _fill_zero[(a.size + _THREADS - 1) // _THREADS, _THREADS, _STREAM[0]](a.reshape(a.size), a.size)
     return a
 
 
@@ -236,18 +239,25 @@ def _empty(shape, dtype):
 def _launch(kernel, total, *args):
     """One thread per element of the kernel's parallel index space."""
     if total > 0:
-        kernel[(total + _THREADS - 1) // _THREADS, _THREADS](*args, total)
+        kernel[(total + _THREADS - 1) // _THREADS, _THREADS, _STREAM[0]](*args, total)
 
 
 def _launch_gemm(kernels, dtype, m, n, *args):
     """The tiled matrix-product kernel for ``dtype`` over an m x n output."""
     if m > 0 and n > 0:
         kernel = kernels[0] if dtype == np.float32 else kernels[1]
-        kernel[((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE), (_TILE, _TILE)](*args)
+        kernel[((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE), (_TILE, _TILE), _STREAM[0]](*args)
 
 
 def _result(a, device):
-    return a if device else a.copy_to_host()
+    """A result left on the device, or copied to the host (on the launch stream)."""
+    if device:
+        return a
+    stream = _STREAM[0]
+    host = a.copy_to_host(stream=stream)
+    if stream:
+        stream.synchronize()
+    return host
 
 
 @cuda.jit(device=True)

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -115,6 +115,12 @@ def _leaky_relu_fwd(x, *, slope):
     slope = _dtype.type(slope)
     y = _leaky_relu_fwd_core(x, slope)
     return y.reshape(_shape)
+
+
+def _leaky_relu_fwd_shapes(x, *, slope):
+    """The shapes of the results of ``_leaky_relu_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    _shape = tuple(x.shape)
+    return (_shape,)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -289,6 +295,7 @@ _FUNCS = {
         "forward": _leaky_relu_fwd,
         "hvp": _leaky_relu_hvp,
         "jvp": _leaky_relu_jvp,
+        "shapes": _leaky_relu_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -127,6 +127,12 @@ def _sigmoid_fwd(x):
     return _result(y, _dev).reshape(_shape)
 
 
+def _sigmoid_fwd_shapes(x):
+    """The shapes of the results of ``_sigmoid_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    _shape = tuple(x.shape)
+    return (_shape,)
+
+
 def _sigmoid_bwd_core(g_y, x):
     """Backward of sigmoid: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -225,6 +231,7 @@ _FUNCS = {
         "forward": _sigmoid_fwd,
         "hvp": _sigmoid_hvp,
         "jvp": _sigmoid_jvp,
+        "shapes": _sigmoid_fwd_shapes,
     },
 }
 

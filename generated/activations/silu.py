@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -129,6 +129,12 @@ def _silu_fwd(x):
     N = x.shape[0]
     y = _silu_fwd_core(x)
     return y.reshape(_shape)
+
+
+def _silu_fwd_shapes(x):
+    """The shapes of the results of ``_silu_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    _shape = tuple(x.shape)
+    return (_shape,)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -295,6 +301,7 @@ _FUNCS = {
         "forward": _silu_fwd,
         "hvp": _silu_hvp,
         "jvp": _silu_jvp,
+        "shapes": _silu_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -424,6 +424,15 @@ def _batch_norm2d_fwd(x, weight, bias, *, eps, momentum):
     return _result(y, _dev)
 
 
+def _batch_norm2d_fwd_shapes(x, weight, bias, *, eps, momentum):
+    """The shapes of the results of ``_batch_norm2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    return ((N, C, H, W),)
+
+
 def _batch_norm2d_bwd_core(g_y, x, weight, bias, eps, momentum):
     """Backward of batch_norm2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -618,6 +627,7 @@ _FUNCS = {
         "forward": _batch_norm2d_fwd,
         "hvp": _batch_norm2d_hvp,
         "jvp": _batch_norm2d_jvp,
+        "shapes": _batch_norm2d_fwd_shapes,
     },
 }
 

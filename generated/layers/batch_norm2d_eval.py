@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -187,6 +187,15 @@ def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
     _check_dim("batch_norm2d_eval", "bias", bias, 0, "C", C, "from x axis 1")
     eps = _dtype.type(eps)
     return _batch_norm2d_eval_fwd_core(x, running_mean, running_var, weight, bias, eps)
+
+
+def _batch_norm2d_eval_fwd_shapes(x, running_mean, running_var, weight, bias, *, eps):
+    """The shapes of the results of ``_batch_norm2d_eval_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    return ((N, C, H, W),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -471,6 +480,7 @@ _FUNCS = {
         "forward": _batch_norm2d_eval_fwd,
         "hvp": _batch_norm2d_eval_hvp,
         "jvp": _batch_norm2d_eval_jvp,
+        "shapes": _batch_norm2d_eval_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -217,6 +217,15 @@ def _batch_norm2d_eval_fwd(x, running_mean, running_var, weight, bias, *, eps):
     return _result(y, _dev)
 
 
+def _batch_norm2d_eval_fwd_shapes(x, running_mean, running_var, weight, bias, *, eps):
+    """The shapes of the results of ``_batch_norm2d_eval_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    return ((N, C, H, W),)
+
+
 def _batch_norm2d_eval_bwd_core(g_y, x, running_mean, running_var, weight, bias, eps):
     """Backward of batch_norm2d_eval: gradients g_x, g_weight, g_bias from g_y, x, running_mean, running_var, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -392,6 +401,7 @@ _FUNCS = {
         "forward": _batch_norm2d_eval_fwd,
         "hvp": _batch_norm2d_eval_hvp,
         "jvp": _batch_norm2d_eval_jvp,
+        "shapes": _batch_norm2d_eval_fwd_shapes,
     },
 }
 

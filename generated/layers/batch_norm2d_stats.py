@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -141,10 +141,17 @@ def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
     return _batch_norm2d_stats_fwd_core(x, running_mean, running_var, momentum)
 
 
+def _batch_norm2d_stats_fwd_shapes(x, running_mean, running_var, *, momentum):
+    """The shapes of the results of ``_batch_norm2d_stats_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    C = x.shape[1]
+    return ((C,), (C,))
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "batch_norm2d_stats": {
         "forward": _batch_norm2d_stats_fwd,
+        "shapes": _batch_norm2d_stats_fwd_shapes,
     },
 }
 

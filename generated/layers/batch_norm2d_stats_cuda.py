@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -150,10 +150,17 @@ def _batch_norm2d_stats_fwd(x, running_mean, running_var, *, momentum):
     return _result(new_mean, _dev), _result(new_var, _dev)
 
 
+def _batch_norm2d_stats_fwd_shapes(x, running_mean, running_var, *, momentum):
+    """The shapes of the results of ``_batch_norm2d_stats_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    C = x.shape[1]
+    return ((C,), (C,))
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "batch_norm2d_stats": {
         "forward": _batch_norm2d_stats_fwd,
+        "shapes": _batch_norm2d_stats_fwd_shapes,
     },
 }
 

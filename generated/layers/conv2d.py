@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -309,6 +309,19 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
     _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
     return _conv2d_fwd_core(x, weight, bias, S, P)
+
+
+def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
+    """The shapes of the results of ``_conv2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    return ((N, O, HO, WO),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -656,6 +669,7 @@ _FUNCS = {
         "forward": _conv2d_fwd,
         "hvp": _conv2d_hvp,
         "jvp": _conv2d_jvp,
+        "shapes": _conv2d_fwd_shapes,
     },
 }
 

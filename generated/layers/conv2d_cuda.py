@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -303,6 +303,19 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
     return _result(y, _dev)
 
 
+def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
+    """The shapes of the results of ``_conv2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    return ((N, O, HO, WO),)
+
+
 def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -502,6 +515,7 @@ _FUNCS = {
         "forward": _conv2d_fwd,
         "hvp": _conv2d_hvp,
         "jvp": _conv2d_jvp,
+        "shapes": _conv2d_fwd_shapes,
     },
 }
 

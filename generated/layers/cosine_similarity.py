@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -309,6 +309,12 @@ def _cosine_similarity_fwd(x1, x2, *, eps):
     return _cosine_similarity_fwd_core(x1, x2, eps)
 
 
+def _cosine_similarity_fwd_shapes(x1, x2, *, eps):
+    """The shapes of the results of ``_cosine_similarity_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x1.shape[0]
+    return ((B,),)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2 (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
@@ -572,6 +578,7 @@ _FUNCS = {
         "forward": _cosine_similarity_fwd,
         "hvp": _cosine_similarity_hvp,
         "jvp": _cosine_similarity_jvp,
+        "shapes": _cosine_similarity_fwd_shapes,
     },
 }
 

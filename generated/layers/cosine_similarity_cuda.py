@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -296,6 +296,12 @@ def _cosine_similarity_fwd(x1, x2, *, eps):
     return _result(y, _dev)
 
 
+def _cosine_similarity_fwd_shapes(x1, x2, *, eps):
+    """The shapes of the results of ``_cosine_similarity_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x1.shape[0]
+    return ((B,),)
+
+
 def _cosine_similarity_bwd_core(g_y, x1, x2, eps):
     """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2 (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -431,6 +437,7 @@ _FUNCS = {
         "forward": _cosine_similarity_fwd,
         "hvp": _cosine_similarity_hvp,
         "jvp": _cosine_similarity_jvp,
+        "shapes": _cosine_similarity_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -161,6 +161,13 @@ def _dense_fwd(x, weight, bias):
     _check_dim("dense", "weight", weight, 0, "I", I, "from x axis 1")
     _check_dim("dense", "bias", bias, 0, "O", O, "from weight axis 1")
     return _dense_fwd_core(x, weight, bias)
+
+
+def _dense_fwd_shapes(x, weight, bias):
+    """The shapes of the results of ``_dense_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    O = weight.shape[1]
+    return ((B, O),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -395,6 +402,7 @@ _FUNCS = {
         "forward": _dense_fwd,
         "hvp": _dense_hvp,
         "jvp": _dense_jvp,
+        "shapes": _dense_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -459,6 +459,13 @@ def _dense_fwd(x, weight, bias):
     return _result(y, _dev)
 
 
+def _dense_fwd_shapes(x, weight, bias):
+    """The shapes of the results of ``_dense_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    O = weight.shape[1]
+    return ((B, O),)
+
+
 def _dense_bwd_core(g_y, x, weight, bias):
     """Backward of dense: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -602,6 +609,7 @@ _FUNCS = {
         "forward": _dense_fwd,
         "hvp": _dense_hvp,
         "jvp": _dense_jvp,
+        "shapes": _dense_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -120,6 +120,13 @@ def _dropout_fwd(x, mask, *, p):
     _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
     p = _dtype.type(p)
     return _dropout_fwd_core(x, mask, p)
+
+
+def _dropout_fwd_shapes(x, mask, *, p):
+    """The shapes of the results of ``_dropout_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    N = x.shape[1]
+    return ((B, N),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -279,6 +286,7 @@ _FUNCS = {
         "forward": _dropout_fwd,
         "hvp": _dropout_hvp,
         "jvp": _dropout_jvp,
+        "shapes": _dropout_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -136,6 +136,13 @@ def _dropout_fwd(x, mask, *, p):
     return _result(y, _dev)
 
 
+def _dropout_fwd_shapes(x, mask, *, p):
+    """The shapes of the results of ``_dropout_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    N = x.shape[1]
+    return ((B, N),)
+
+
 def _dropout_bwd_core(g_y, x, mask, p):
     """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -241,6 +248,7 @@ _FUNCS = {
         "forward": _dropout_fwd,
         "hvp": _dropout_hvp,
         "jvp": _dropout_jvp,
+        "shapes": _dropout_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -127,6 +127,13 @@ def _embedding_fwd(idx, table):
     V = table.shape[0]
     D = table.shape[1]
     return _embedding_fwd_core(idx, table)
+
+
+def _embedding_fwd_shapes(idx, table):
+    """The shapes of the results of ``_embedding_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = idx.shape[0]
+    D = table.shape[1]
+    return ((B, D),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -286,6 +293,7 @@ _FUNCS = {
         "forward": _embedding_fwd,
         "hvp": _embedding_hvp,
         "jvp": _embedding_jvp,
+        "shapes": _embedding_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -146,6 +146,13 @@ def _embedding_fwd(idx, table):
     return _result(y, _dev)
 
 
+def _embedding_fwd_shapes(idx, table):
+    """The shapes of the results of ``_embedding_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = idx.shape[0]
+    D = table.shape[1]
+    return ((B, D),)
+
+
 def _embedding_bwd_core(g_y, idx, table):
     """Backward of embedding: gradients g_table from g_y, idx, table (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -250,6 +257,7 @@ _FUNCS = {
         "forward": _embedding_fwd,
         "hvp": _embedding_hvp,
         "jvp": _embedding_jvp,
+        "shapes": _embedding_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -127,6 +127,16 @@ def _flatten_fwd(x):
     F = C*H*W
     _check_derived("flatten", "F", F)
     return _flatten_fwd_core(x)
+
+
+def _flatten_fwd_shapes(x):
+    """The shapes of the results of ``_flatten_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    return ((N, F),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -309,6 +319,7 @@ _FUNCS = {
         "forward": _flatten_fwd,
         "hvp": _flatten_hvp,
         "jvp": _flatten_jvp,
+        "shapes": _flatten_fwd_shapes,
     },
 }
 

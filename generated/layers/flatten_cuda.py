@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -148,6 +148,16 @@ def _flatten_fwd(x):
     return _result(y, _dev)
 
 
+def _flatten_fwd_shapes(x):
+    """The shapes of the results of ``_flatten_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    F = C*H*W
+    return ((N, F),)
+
+
 def _flatten_bwd_core(g_y, x):
     """Backward of flatten: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -262,6 +272,7 @@ _FUNCS = {
         "forward": _flatten_fwd,
         "hvp": _flatten_hvp,
         "jvp": _flatten_jvp,
+        "shapes": _flatten_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -206,6 +206,13 @@ def _gcn_layer_fwd(A, x, weight, bias):
     _check_dim("gcn_layer", "weight", weight, 0, "I", I, "from x axis 1")
     _check_dim("gcn_layer", "bias", bias, 0, "O", O, "from weight axis 1")
     return _gcn_layer_fwd_core(A, x, weight, bias)
+
+
+def _gcn_layer_fwd_shapes(A, x, weight, bias):
+    """The shapes of the results of ``_gcn_layer_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    V = A.shape[0]
+    O = weight.shape[1]
+    return ((V, O),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -457,6 +464,7 @@ _FUNCS = {
         "forward": _gcn_layer_fwd,
         "hvp": _gcn_layer_hvp,
         "jvp": _gcn_layer_jvp,
+        "shapes": _gcn_layer_fwd_shapes,
     },
 }
 

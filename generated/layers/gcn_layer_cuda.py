@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -240,6 +240,13 @@ def _gcn_layer_fwd(A, x, weight, bias):
     return _result(y, _dev)
 
 
+def _gcn_layer_fwd_shapes(A, x, weight, bias):
+    """The shapes of the results of ``_gcn_layer_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    V = A.shape[0]
+    O = weight.shape[1]
+    return ((V, O),)
+
+
 def _gcn_layer_bwd_core(g_y, A, x, weight, bias):
     """Backward of gcn_layer: gradients g_x, g_weight, g_bias from g_y, A, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -397,6 +404,7 @@ _FUNCS = {
         "forward": _gcn_layer_fwd,
         "hvp": _gcn_layer_hvp,
         "jvp": _gcn_layer_jvp,
+        "shapes": _gcn_layer_fwd_shapes,
     },
 }
 

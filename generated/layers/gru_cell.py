@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -982,6 +982,13 @@ def _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     return _gru_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh)
 
 
+def _gru_cell_fwd_shapes(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The shapes of the results of ``_gru_cell_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    H = h.shape[1]
+    return ((B, H),)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _gru_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
@@ -1681,6 +1688,7 @@ _FUNCS = {
         "forward": _gru_cell_fwd,
         "hvp": _gru_cell_hvp,
         "jvp": _gru_cell_jvp,
+        "shapes": _gru_cell_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -378,6 +378,13 @@ def _layer_norm_fwd(x, weight, bias, *, eps):
     _check_dim("layer_norm", "bias", bias, 0, "D", D, "from x axis 1")
     eps = _dtype.type(eps)
     return _layer_norm_fwd_core(x, weight, bias, eps)
+
+
+def _layer_norm_fwd_shapes(x, weight, bias, *, eps):
+    """The shapes of the results of ``_layer_norm_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    D = x.shape[1]
+    return ((B, D),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -792,6 +799,7 @@ _FUNCS = {
         "forward": _layer_norm_fwd,
         "hvp": _layer_norm_hvp,
         "jvp": _layer_norm_jvp,
+        "shapes": _layer_norm_fwd_shapes,
     },
 }
 

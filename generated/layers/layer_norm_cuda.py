@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -407,6 +407,13 @@ def _layer_norm_fwd(x, weight, bias, *, eps):
     return _result(y, _dev)
 
 
+def _layer_norm_fwd_shapes(x, weight, bias, *, eps):
+    """The shapes of the results of ``_layer_norm_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    D = x.shape[1]
+    return ((B, D),)
+
+
 def _layer_norm_bwd_core(g_y, x, weight, bias, eps):
     """Backward of layer_norm: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -593,6 +600,7 @@ _FUNCS = {
         "forward": _layer_norm_fwd,
         "hvp": _layer_norm_hvp,
         "jvp": _layer_norm_jvp,
+        "shapes": _layer_norm_fwd_shapes,
     },
 }
 

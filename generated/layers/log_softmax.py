@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -298,6 +298,13 @@ def _log_softmax_fwd(x):
     return _log_softmax_fwd_core(x)
 
 
+def _log_softmax_fwd_shapes(x):
+    """The shapes of the results of ``_log_softmax_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    C = x.shape[1]
+    return ((B, C),)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _log_softmax_bwd_core(g_y, x):
     """Backward of log_softmax: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
@@ -546,6 +553,7 @@ _FUNCS = {
         "forward": _log_softmax_fwd,
         "hvp": _log_softmax_hvp,
         "jvp": _log_softmax_jvp,
+        "shapes": _log_softmax_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -308,6 +308,13 @@ def _log_softmax_fwd(x):
     return _result(y, _dev)
 
 
+def _log_softmax_fwd_shapes(x):
+    """The shapes of the results of ``_log_softmax_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    C = x.shape[1]
+    return ((B, C),)
+
+
 def _log_softmax_bwd_core(g_y, x):
     """Backward of log_softmax: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -421,6 +428,7 @@ _FUNCS = {
         "forward": _log_softmax_fwd,
         "hvp": _log_softmax_hvp,
         "jvp": _log_softmax_jvp,
+        "shapes": _log_softmax_fwd_shapes,
     },
 }
 

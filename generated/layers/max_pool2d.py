@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -207,6 +207,17 @@ def _max_pool2d_fwd(x, *, K, S):
     WO = ((-K + W) // S) + 1
     _check_derived("max_pool2d", "WO", WO)
     return _max_pool2d_fwd_core(x, K, S)
+
+
+def _max_pool2d_fwd_shapes(x, *, K, S):
+    """The shapes of the results of ``_max_pool2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    return ((N, C, HO, WO),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -499,6 +510,7 @@ _FUNCS = {
         "forward": _max_pool2d_fwd,
         "hvp": _max_pool2d_hvp,
         "jvp": _max_pool2d_jvp,
+        "shapes": _max_pool2d_fwd_shapes,
     },
 }
 

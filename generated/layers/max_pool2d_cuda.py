@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -214,6 +214,17 @@ def _max_pool2d_fwd(x, *, K, S):
     return _result(y, _dev)
 
 
+def _max_pool2d_fwd_shapes(x, *, K, S):
+    """The shapes of the results of ``_max_pool2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    return ((N, C, HO, WO),)
+
+
 def _max_pool2d_bwd_core(g_y, x, K, S):
     """Backward of max_pool2d: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -350,6 +361,7 @@ _FUNCS = {
         "forward": _max_pool2d_fwd,
         "hvp": _max_pool2d_hvp,
         "jvp": _max_pool2d_jvp,
+        "shapes": _max_pool2d_fwd_shapes,
     },
 }
 

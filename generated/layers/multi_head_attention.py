@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -973,6 +973,14 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     _check_dim("multi_head_attention", "wo", wo, 1, "E", E, "from x axis 2")
     _check_dim("multi_head_attention", "bo", bo, 0, "E", E, "from x axis 2")
     return _multi_head_attention_fwd_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+
+
+def _multi_head_attention_fwd_shapes(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
+    """The shapes of the results of ``_multi_head_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    return ((B, L, E),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -1967,6 +1975,7 @@ _FUNCS = {
         "forward": _multi_head_attention_fwd,
         "hvp": _multi_head_attention_hvp,
         "jvp": _multi_head_attention_jvp,
+        "shapes": _multi_head_attention_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -1236,6 +1236,14 @@ def _multi_head_attention_fwd(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causa
     return _result(y, _dev)
 
 
+def _multi_head_attention_fwd_shapes(x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, causal):
+    """The shapes of the results of ``_multi_head_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    return ((B, L, E),)
+
+
 def _multi_head_attention_bwd_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
     """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -1763,6 +1771,7 @@ _FUNCS = {
         "forward": _multi_head_attention_fwd,
         "hvp": _multi_head_attention_hvp,
         "jvp": _multi_head_attention_jvp,
+        "shapes": _multi_head_attention_fwd_shapes,
     },
 }
 

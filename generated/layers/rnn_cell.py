@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -299,6 +299,13 @@ def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     _check_dim("rnn_cell", "b_ih", b_ih, 0, "H", H, "from h axis 1")
     _check_dim("rnn_cell", "b_hh", b_hh, 0, "H", H, "from h axis 1")
     return _rnn_cell_fwd_core(x, h, w_ih, w_hh, b_ih, b_hh)
+
+
+def _rnn_cell_fwd_shapes(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The shapes of the results of ``_rnn_cell_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    H = h.shape[1]
+    return ((B, H),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -746,6 +753,7 @@ _FUNCS = {
         "forward": _rnn_cell_fwd,
         "hvp": _rnn_cell_hvp,
         "jvp": _rnn_cell_jvp,
+        "shapes": _rnn_cell_fwd_shapes,
     },
 }
 

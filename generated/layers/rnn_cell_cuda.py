@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -567,6 +567,13 @@ def _rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh):
     return _result(y, _dev)
 
 
+def _rnn_cell_fwd_shapes(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The shapes of the results of ``_rnn_cell_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    H = h.shape[1]
+    return ((B, H),)
+
+
 def _rnn_cell_bwd_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -808,6 +815,7 @@ _FUNCS = {
         "forward": _rnn_cell_fwd,
         "hvp": _rnn_cell_hvp,
         "jvp": _rnn_cell_jvp,
+        "shapes": _rnn_cell_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -368,6 +368,14 @@ def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     _check_dim("scaled_dot_product_attention", "v", v, 0, "B", B, "from q axis 0")
     _check_dim("scaled_dot_product_attention", "v", v, 1, "S", S, "from k axis 1")
     return _scaled_dot_product_attention_fwd_core(q, k, v, causal)
+
+
+def _scaled_dot_product_attention_fwd_shapes(q, k, v, *, causal):
+    """The shapes of the results of ``_scaled_dot_product_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = q.shape[0]
+    L = q.shape[1]
+    E = v.shape[2]
+    return ((B, L, E),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -804,6 +812,7 @@ _FUNCS = {
         "forward": _scaled_dot_product_attention_fwd,
         "hvp": _scaled_dot_product_attention_hvp,
         "jvp": _scaled_dot_product_attention_jvp,
+        "shapes": _scaled_dot_product_attention_fwd_shapes,
     },
 }
 

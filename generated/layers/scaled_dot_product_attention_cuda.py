@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -487,6 +487,14 @@ def _scaled_dot_product_attention_fwd(q, k, v, *, causal):
     return _result(y, _dev)
 
 
+def _scaled_dot_product_attention_fwd_shapes(q, k, v, *, causal):
+    """The shapes of the results of ``_scaled_dot_product_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = q.shape[0]
+    L = q.shape[1]
+    E = v.shape[2]
+    return ((B, L, E),)
+
+
 def _scaled_dot_product_attention_bwd_core(g_y, q, k, v, causal):
     """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
@@ -719,6 +727,7 @@ _FUNCS = {
         "forward": _scaled_dot_product_attention_fwd,
         "hvp": _scaled_dot_product_attention_hvp,
         "jvp": _scaled_dot_product_attention_jvp,
+        "shapes": _scaled_dot_product_attention_fwd_shapes,
     },
 }
 

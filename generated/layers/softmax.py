@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -205,6 +205,13 @@ def _softmax_fwd(x):
     B = x.shape[0]
     C = x.shape[1]
     return _softmax_fwd_core(x)
+
+
+def _softmax_fwd_shapes(x):
+    """The shapes of the results of ``_softmax_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    C = x.shape[1]
+    return ((B, C),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -426,6 +433,7 @@ _FUNCS = {
         "forward": _softmax_fwd,
         "hvp": _softmax_hvp,
         "jvp": _softmax_jvp,
+        "shapes": _softmax_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -138,6 +138,11 @@ def _categorical_nll_fwd(logprobs, idx):
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
     loss = _categorical_nll_fwd_core(logprobs, idx)
     return loss[0]
+
+
+def _categorical_nll_fwd_shapes(logprobs, idx):
+    """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -283,6 +288,7 @@ _FUNCS = {
         "forward": _categorical_nll_fwd,
         "hvp": _categorical_nll_hvp,
         "jvp": _categorical_nll_jvp,
+        "shapes": _categorical_nll_fwd_shapes,
     },
 }
 

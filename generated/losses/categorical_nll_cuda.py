@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -154,6 +154,11 @@ def _categorical_nll_fwd(logprobs, idx):
     return _result(loss, False)[0]
 
 
+def _categorical_nll_fwd_shapes(logprobs, idx):
+    """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _categorical_nll_bwd_core(g_loss, logprobs, idx):
     """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -249,6 +254,7 @@ _FUNCS = {
         "forward": _categorical_nll_fwd,
         "hvp": _categorical_nll_hvp,
         "jvp": _categorical_nll_jvp,
+        "shapes": _categorical_nll_fwd_shapes,
     },
 }
 

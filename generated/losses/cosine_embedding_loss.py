@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -322,6 +322,11 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     return loss[0]
 
 
+def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps):
+    """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
@@ -618,6 +623,7 @@ _FUNCS = {
         "forward": _cosine_embedding_loss_fwd,
         "hvp": _cosine_embedding_loss_hvp,
         "jvp": _cosine_embedding_loss_jvp,
+        "shapes": _cosine_embedding_loss_fwd_shapes,
     },
 }
 

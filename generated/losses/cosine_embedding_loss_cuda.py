@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -343,6 +343,11 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     return _result(loss, False)[0]
 
 
+def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps):
+    """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -495,6 +500,7 @@ _FUNCS = {
         "forward": _cosine_embedding_loss_fwd,
         "hvp": _cosine_embedding_loss_hvp,
         "jvp": _cosine_embedding_loss_jvp,
+        "shapes": _cosine_embedding_loss_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -204,6 +204,11 @@ def _gaussian_nll_fwd(pred, target, var, *, eps, full):
     full = _dtype.type(full)
     loss = _gaussian_nll_fwd_core(pred, target, var, eps, full)
     return loss[0]
+
+
+def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full):
+    """The shapes of the results of ``_gaussian_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -392,6 +397,7 @@ _FUNCS = {
         "forward": _gaussian_nll_fwd,
         "hvp": _gaussian_nll_hvp,
         "jvp": _gaussian_nll_jvp,
+        "shapes": _gaussian_nll_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -139,6 +139,11 @@ def _huber_fwd(pred, target, *, delta):
     delta = _dtype.type(delta)
     loss = _huber_fwd_core(pred, target, delta)
     return loss[0]
+
+
+def _huber_fwd_shapes(pred, target, *, delta):
+    """The shapes of the results of ``_huber_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -297,6 +302,7 @@ _FUNCS = {
         "forward": _huber_fwd,
         "hvp": _huber_hvp,
         "jvp": _huber_jvp,
+        "shapes": _huber_fwd_shapes,
     },
 }
 

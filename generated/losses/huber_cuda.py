@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -152,6 +152,11 @@ def _huber_fwd(pred, target, *, delta):
     return _result(loss, False)[0]
 
 
+def _huber_fwd_shapes(pred, target, *, delta):
+    """The shapes of the results of ``_huber_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _huber_bwd_core(g_loss, pred, target, delta):
     """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -252,6 +257,7 @@ _FUNCS = {
         "forward": _huber_fwd,
         "hvp": _huber_hvp,
         "jvp": _huber_jvp,
+        "shapes": _huber_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -145,6 +145,11 @@ def _kl_div_fwd(logq, logp):
     _check_dim("kl_div", "logp", logp, 1, "C", C, "from logq axis 1")
     loss = _kl_div_fwd_core(logq, logp)
     return loss[0]
+
+
+def _kl_div_fwd_shapes(logq, logp):
+    """The shapes of the results of ``_kl_div_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -303,6 +308,7 @@ _FUNCS = {
         "forward": _kl_div_fwd,
         "hvp": _kl_div_hvp,
         "jvp": _kl_div_jvp,
+        "shapes": _kl_div_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -159,6 +159,11 @@ def _kl_div_fwd(logq, logp):
     return _result(loss, False)[0]
 
 
+def _kl_div_fwd_shapes(logq, logp):
+    """The shapes of the results of ``_kl_div_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _kl_div_bwd_core(g_loss, logq, logp):
     """Backward of kl_div: gradients g_logq, g_logp from g_loss, logq, logp (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -266,6 +271,7 @@ _FUNCS = {
         "forward": _kl_div_fwd,
         "hvp": _kl_div_hvp,
         "jvp": _kl_div_jvp,
+        "shapes": _kl_div_fwd_shapes,
     },
 }
 

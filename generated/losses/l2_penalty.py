@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -121,6 +121,11 @@ def _l2_penalty_fwd(w, *, lam):
     lam = _dtype.type(lam)
     loss = _l2_penalty_fwd_core(w, lam)
     return loss[0]
+
+
+def _l2_penalty_fwd_shapes(w, *, lam):
+    """The shapes of the results of ``_l2_penalty_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -253,6 +258,7 @@ _FUNCS = {
         "forward": _l2_penalty_fwd,
         "hvp": _l2_penalty_hvp,
         "jvp": _l2_penalty_jvp,
+        "shapes": _l2_penalty_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -132,6 +132,11 @@ def _l2_penalty_fwd(w, *, lam):
     return _result(loss, False)[0]
 
 
+def _l2_penalty_fwd_shapes(w, *, lam):
+    """The shapes of the results of ``_l2_penalty_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _l2_penalty_bwd_core(g_loss, w, lam):
     """Backward of l2_penalty: gradients g_w from g_loss, w (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -212,6 +217,7 @@ _FUNCS = {
         "forward": _l2_penalty_fwd,
         "hvp": _l2_penalty_hvp,
         "jvp": _l2_penalty_jvp,
+        "shapes": _l2_penalty_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -131,6 +131,11 @@ def _mse_fwd(pred, target):
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
     loss = _mse_fwd_core(pred, target)
     return loss[0]
+
+
+def _mse_fwd_shapes(pred, target):
+    """The shapes of the results of ``_mse_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -277,6 +282,7 @@ _FUNCS = {
         "forward": _mse_fwd,
         "hvp": _mse_hvp,
         "jvp": _mse_jvp,
+        "shapes": _mse_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -130,6 +130,11 @@ def _nll_fwd(logprobs, target):
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
     loss = _nll_fwd_core(logprobs, target)
     return loss[0]
+
+
+def _nll_fwd_shapes(logprobs, target):
+    """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -276,6 +281,7 @@ _FUNCS = {
         "forward": _nll_fwd,
         "hvp": _nll_hvp,
         "jvp": _nll_jvp,
+        "shapes": _nll_fwd_shapes,
     },
 }
 

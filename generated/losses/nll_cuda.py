@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -144,6 +144,11 @@ def _nll_fwd(logprobs, target):
     return _result(loss, False)[0]
 
 
+def _nll_fwd_shapes(logprobs, target):
+    """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _nll_bwd_core(g_loss, logprobs, target):
     """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -239,6 +244,7 @@ _FUNCS = {
         "forward": _nll_fwd,
         "hvp": _nll_hvp,
         "jvp": _nll_jvp,
+        "shapes": _nll_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -142,6 +142,11 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
     eps = _dtype.type(eps)
     loss = _poisson_nll_fwd_core(pred, target, log_input, full, eps)
     return loss[0]
+
+
+def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps):
+    """The shapes of the results of ``_poisson_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -309,6 +314,7 @@ _FUNCS = {
         "forward": _poisson_nll_fwd,
         "hvp": _poisson_nll_hvp,
         "jvp": _poisson_nll_jvp,
+        "shapes": _poisson_nll_fwd_shapes,
     },
 }
 

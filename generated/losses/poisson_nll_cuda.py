@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -155,6 +155,11 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
     return _result(loss, False)[0]
 
 
+def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps):
+    """The shapes of the results of ``_poisson_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
     """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -260,6 +265,7 @@ _FUNCS = {
         "forward": _poisson_nll_fwd,
         "hvp": _poisson_nll_hvp,
         "jvp": _poisson_nll_jvp,
+        "shapes": _poisson_nll_fwd_shapes,
     },
 }
 

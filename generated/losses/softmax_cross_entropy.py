@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -277,6 +277,11 @@ def _softmax_cross_entropy_fwd(logits, target):
     return loss[0]
 
 
+def _softmax_cross_entropy_fwd_shapes(logits, target):
+    """The shapes of the results of ``_softmax_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
@@ -525,6 +530,7 @@ _FUNCS = {
         "forward": _softmax_cross_entropy_fwd,
         "hvp": _softmax_cross_entropy_hvp,
         "jvp": _softmax_cross_entropy_jvp,
+        "shapes": _softmax_cross_entropy_fwd_shapes,
     },
 }
 

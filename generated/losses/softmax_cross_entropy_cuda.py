@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_assumption,
@@ -293,6 +293,11 @@ def _softmax_cross_entropy_fwd(logits, target):
     return _result(loss, False)[0]
 
 
+def _softmax_cross_entropy_fwd_shapes(logits, target):
+    """The shapes of the results of ``_softmax_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
 def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
@@ -410,6 +415,7 @@ _FUNCS = {
         "forward": _softmax_cross_entropy_fwd,
         "hvp": _softmax_cross_entropy_hvp,
         "jvp": _softmax_cross_entropy_jvp,
+        "shapes": _softmax_cross_entropy_fwd_shapes,
     },
 }
 
