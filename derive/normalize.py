@@ -27,7 +27,8 @@ work on. The passes, in order:
    ``log(1 + exp(a))``, ``log1p(exp(a)) -> softplus(a)``, ``log(sigmoid(a)) -> -softplus(-a)``,
    ``exp(a)/(1 + exp(a)) -> sigmoid(a)``, ``log(1 + a) -> log1p(a)``,
    ``exp(a) - 1 -> expm1(a)``, ``sigmoid(-a) -> 1 - sigmoid(a)``,
-   ``log(cosh(a)) -> a + softplus(-2a) - log 2`` apply.
+   ``log(cosh(a)) -> a + softplus(-2a) - log 2`` apply, and ``log(softplus(a))`` is split
+   where softplus underflows (``split_log_softplus``).
 2. ``lift``: innermost-first, every reduction that is not the whole right-hand side
    becomes an intermediate indexed by the indices it leaves free.
 """
@@ -139,7 +140,49 @@ def elementary_rewrites(expr):
         before, expr = expr, _literal_rules(expr, rules)
         if expr == before:
             break
-    return optimize(expr, [log1p_opt, expm1_opt])
+    return optimize(split_log_softplus(expr), [log1p_opt, expm1_opt])
+
+
+# log(softplus(a)) for a below -_LOG_SOFTPLUS_SPLIT is a + (a series in exp(a)), see split_log_softplus
+_LOG_SOFTPLUS_SPLIT = 20
+_LOG_SOFTPLUS_TERMS = 3  # the series to u**2: its error, about u**3 with u <= exp(-20), is below rounding
+
+
+@functools.lru_cache(maxsize=None)
+def _log_softplus_series():
+    """SymPy's series of ``log(softplus(a)) - a = log(log1p(u) / u)`` in ``u = exp(a)``,
+    as a polynomial in u (``-u/2 + 5 u**2/24``)."""
+    u = sympy.Dummy("u", positive=True)
+    return sympy.Lambda(u, sympy.series(sympy.log(sympy.log(1 + u) / u), u, 0, _LOG_SOFTPLUS_TERMS).removeO())
+
+
+def _log_softplus_branches(a):
+    return sympy.Piecewise((a + _log_softplus_series()(sympy.exp(a)), a < -_LOG_SOFTPLUS_SPLIT),
+                           (sympy.log(softplus(a)), True))
+
+
+def _is_split_log_softplus(e) -> bool:
+    return (isinstance(e, sympy.Piecewise) and len(e.args) == 2 and isinstance(e.args[1].expr, sympy.log)
+            and isinstance(e.args[1].expr.args[0], softplus)
+            and e == _log_softplus_branches(e.args[1].expr.args[0].args[0]))
+
+
+def split_log_softplus(expr):
+    """``log(softplus(a))`` -> ``a + log(log1p(u)/u)`` (u = exp(a)) as its series in u where
+    a < -20, and as written elsewhere. softplus(a) is about exp(a) for a << 0 and underflows
+    to 0 (a < -745 in float64, -104 in float32), where the log is -inf and its derivative
+    sigmoid(a)/softplus(a) is 0/0, while the true value is about a and the true derivative
+    about 1. The series (SymPy's, to u**2) is exact to rounding there, and so are its
+    derivatives, which SymPy derives from it like any other branch. A log of a softplus
+    already split is left alone (the rewrites run more than once)."""
+    if not isinstance(expr, sympy.Basic) or not expr.has(softplus) or not expr.has(sympy.log):
+        return expr
+    if _is_split_log_softplus(expr):
+        return expr
+    if isinstance(expr, sympy.log) and isinstance(expr.args[0], softplus):
+        return _log_softplus_branches(split_log_softplus(expr.args[0].args[0]))
+    args = [split_log_softplus(a) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
 
 
 _LOGS = (sympy.log, log1p)

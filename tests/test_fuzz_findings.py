@@ -171,6 +171,10 @@ LARGE_FINDINGS = {
         sizes={"B": 3, "N": 3}, sampling={"x": "large"}, large=True, seed=1205059189,
         equations=[fz.Equation("y", _BN, fz.Bin("*", fz.Bin("/", _exp(_bn("x")), fz.Bin("+", _one(), _exp(_bn("x")))),
                                                       _bn("v")))])),
+    # log(softplus(x)) at x ~ -800 (campaign seed 14): softplus underflows to 0 where it is
+    # about exp(x), the log is -inf (true value about x) and its derivative
+    # sigmoid/softplus is 0/0 (true value about 1)
+    "log_of_softplus": _large_activation(fz.Bin("*", fz.Num("2", 2.0), fz.Fn("log", (fz.Fn("softplus", (_X,)),)))),
     # a softmax inside a sum over its own index (weighted by a target): the inner sum's
     # shift was undone as idle, since exp(E) * exp(-m) stayed two factors in the outer sum
     "softmax_inside_a_sum": fz.finish(fz.FuzzSpec(
