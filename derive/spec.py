@@ -123,11 +123,69 @@ def _number(path, owner, value):
 
 
 def attr_symbol(name, default):
-    """The SymPy symbol of an attribute: an integer default makes it an integer (positive
-    when the default is), which the derivation's index arithmetic relies on."""
+    """The SymPy symbol of an attribute: an integer default makes it an integer, and a
+    positive default a nonnegative one (a stride, a size, a padding, a flag: 0 is a value
+    a user may give), which the derivation's index arithmetic relies on. Positivity is
+    taken only where it is needed, for an attribute that divides (:func:`positive_divisors`)."""
     if isinstance(default, int):
-        return sympy.Symbol(name, integer=True, positive=True) if default > 0 else sympy.Symbol(name, integer=True)
+        return sympy.Symbol(name, integer=True, nonnegative=True) if default > 0 else sympy.Symbol(name, integer=True)
     return sympy.Symbol(name, real=True)
+
+
+def _divisors(expr) -> set:
+    """The symbols of ``expr`` that stand in a divisor: ``a / S``, ``a // S`` (a floor of a
+    quotient), ``a % S``."""
+    found = set()
+    if not isinstance(expr, sympy.Basic):
+        return found
+    for node in sympy.preorder_traversal(expr):
+        if node.is_Pow and node.exp.is_negative:
+            found |= node.base.free_symbols
+        elif isinstance(node, sympy.Mod):
+            found |= node.args[1].free_symbols
+    return found
+
+
+def _replace_everywhere(obj, mapping):
+    if isinstance(obj, sympy.Basic):
+        return obj.xreplace(mapping)
+    if isinstance(obj, tuple):
+        return tuple(_replace_everywhere(o, mapping) for o in obj)
+    if isinstance(obj, list):
+        return [_replace_everywhere(o, mapping) for o in obj]
+    return obj
+
+
+def positive_divisors(op: OpDef) -> None:
+    """An integer attribute that divides (a stride in ``(H - K) // S + 1``, ``n % S``) is
+    positive to the derivation: its symbol is replaced, in place, by a positive one in
+    every expression of ``op``. Any other integer attribute keeps the sign its default
+    gives (nonnegative where the default is positive), so a condition on it
+    (``where(flag > 0, ...)``) is decided by the value the op is given, not when it is
+    derived."""
+    exprs = [*op.derived_dims.values(), *op.relations.values(), *op.ranges.values(), op.expr,
+             *(e.rhs for e in op.equations), *(r for e in op.equations for r in e.reads),
+             *(v for a in op.assumptions for v in a[:2])]
+    divisors = set().union(*(_divisors(e) for e in exprs))
+    mapping = {}
+    for a, v in op.attrs.items():
+        sym = op.symbols.get(a)
+        if isinstance(v, int) and v > 0 and sym in divisors and not sym.is_positive:
+            mapping[sym] = sympy.Symbol(a, integer=True, positive=True)
+    if not mapping:
+        return
+    for a, sym in list(op.symbols.items()):
+        op.symbols[a] = mapping.get(sym, sym)
+    for table in (op.derived_dims, op.relations, op.ranges):
+        for k in table:
+            table[k] = table[k].xreplace(mapping)
+    if op.expr is not None:
+        op.expr = op.expr.xreplace(mapping)
+    for e in op.equations:
+        e.rhs = e.rhs.xreplace(mapping)
+        e.reads = _replace_everywhere(e.reads, mapping)
+        e.ranges = {k: v.xreplace(mapping) for k, v in e.ranges.items()}
+    op.assumptions = [(lhs.xreplace(mapping), rhs.xreplace(mapping), text) for lhs, rhs, text in op.assumptions]
 
 
 def load_toml(path) -> OpDef:
@@ -396,6 +454,7 @@ def multiple_of(op: OpDef, big, small) -> bool:
 def bind(op: OpDef) -> OpDef:
     """Give every index a range and every intermediate a shape, or fail clearly."""
     path = op.source
+    positive_divisors(op)
     split_dims(op)
     shapes: dict[str, tuple[sympy.Expr, ...]] = {}
     dim_names: dict[str, tuple[str, ...]] = {}

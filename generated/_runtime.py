@@ -328,6 +328,9 @@ def _bind(module, name, target, attrs, specs, funcs, latex):
             if int(value) != value:
                 raise ValueError("%s: attribute %s must be an integer; got %r" % (name, key, value))
             value = int(value)
+            if default > 0 and value < 0:
+                # the derivation takes an integer attribute with a positive default to be nonnegative
+                raise ValueError("%s: attribute %s must be a nonnegative integer (its default %d makes it one to the derivation; an integer that may be negative needs a default of 0 or less); got %r" % (name, key, default, value))
         else:
             value = float(value)
         values[key] = value

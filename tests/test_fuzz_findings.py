@@ -4,6 +4,7 @@ differences on the CPU and its CUDA kernels match the CPU (simulator)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from spec_check import TextSpec, build, check_cuda_matches_cpu, check_gradients, make_args
@@ -210,3 +211,38 @@ def test_large_input_finding_is_finite_and_accurate(name, tmp_path):
     spec = LARGE_FINDINGS[name]
     outcome = fz.check(spec, tmp_path, float32=True)
     assert outcome.status == "ok", outcome.report()
+
+
+# ---------------------------------------------------------------------------------------
+# Integer attributes given 0 where their default is positive. Such an attribute is
+# nonnegative to the derivation, and positive only where it divides (derive/spec.py,
+# positive_divisors): a flag with the default 1 was taken to be positive, so
+# where(flag > 0, ...) was decided when the op was derived and flag=0 was ignored; a
+# padding P=0 with the default 1 must work too.
+
+ATTRIBUTE_FINDINGS = {
+    "flag_default_one": (TextSpec(
+        'name = "flag_default_one"\nkind = "layer"\nattrs = { flag = 1 }\ninputs = { x = "N" }\n'
+        'outputs = { y = "N" }\nequations = ["y[i] = where(flag > 0, x[i]**2, sin(x[i]))"]\n', sizes={"N": 4}),
+        lambda x, flag: x**2 if flag > 0 else np.sin(x), "flag"),
+    "padding_zero": (TextSpec(
+        'name = "padding_zero"\nkind = "layer"\nattrs = { P = 1, S = 2 }\ninputs = { x = "N L" }\nparams = { w = "K" }\n'
+        'outputs = { y = "N LO" }\ndims = { LO = "(L + 2*P - K) // S + 1" }\nranges = { k = "K" }\n'
+        'equations = ["y[n,l] = sum(x[n, l*S + k - P] * w[k], k)"]\n', sizes={"N": 2, "L": 7, "K": 3}),
+        lambda x, w, P: np.stack([np.convolve(np.pad(r, P), w[::-1], "valid")[::2] for r in x]), "P"),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTRIBUTE_FINDINGS))
+def test_integer_attribute_may_be_zero(name, tmp_path, rng):
+    spec, reference, attr = ATTRIBUTE_FINDINGS[name]
+    opdef, module = build(spec, tmp_path)
+    args = make_args(spec, opdef, rng)
+    for value in (0, 1):
+        op = module.op(**{attr: value})
+        got = op.forward(*args)
+        np.testing.assert_allclose(got, reference(*args, value), rtol=1e-12, atol=1e-12,
+                                   err_msg=f"{name} with {attr}={value}")
+        check_gradients(op, args, rng, f"{name} with {attr}={value}")
+    with pytest.raises(ValueError, match=f"attribute {attr} must be a nonnegative integer"):
+        module.op(**{attr: -1})

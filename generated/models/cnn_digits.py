@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 4f79af4f32293657
-#   generated/layers/conv2d.py 829f9cdbe97f6118
-#   generated/layers/dense.py 68f01f39ee549452
-#   generated/layers/flatten.py 512ea6bfd5bc2d89
-#   generated/layers/max_pool2d.py d45043a4a5836f7e
-#   generated/losses/softmax_cross_entropy.py 45b83ae5d502c4c8
-#   generated/optimizers/adam.py f21445bf308f9c07
-#   generated/_runtime.py 03eee27c19d4ec7b
+#   generated/activations/relu.py e513f10956d051b3
+#   generated/layers/conv2d.py 62b5aa6a693535d6
+#   generated/layers/dense.py 104d2689f6a23857
+#   generated/layers/flatten.py e933fa4342859139
+#   generated/layers/max_pool2d.py 7ef99dd37d2d33c7
+#   generated/losses/softmax_cross_entropy.py 04b9180119dd80d2
+#   generated/optimizers/adam.py cb7e4d316801043c
+#   generated/_runtime.py 1a7be6c3f9cc04a2
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 68f01f39ee549452
-#   generated/losses/mse.py 1c34474bb378474a
-#   generated/optimizers/adam.py f21445bf308f9c07
-#   generated/_runtime.py 03eee27c19d4ec7b
+#   generated/layers/dense.py 104d2689f6a23857
+#   generated/losses/mse.py 6fb15a81a32b6aac
+#   generated/optimizers/adam.py cb7e4d316801043c
+#   generated/_runtime.py 1a7be6c3f9cc04a2
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

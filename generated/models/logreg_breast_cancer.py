@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 68f01f39ee549452
-#   generated/losses/bce_with_logits.py c174ea5dc9adad57
-#   generated/optimizers/adam.py f21445bf308f9c07
-#   generated/_runtime.py 03eee27c19d4ec7b
+#   generated/layers/dense.py 104d2689f6a23857
+#   generated/losses/bce_with_logits.py d196475b751ffb48
+#   generated/optimizers/adam.py cb7e4d316801043c
+#   generated/_runtime.py 1a7be6c3f9cc04a2
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).

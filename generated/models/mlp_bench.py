@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 4f79af4f32293657
-#   generated/layers/dense.py 68f01f39ee549452
-#   generated/losses/softmax_cross_entropy.py 45b83ae5d502c4c8
-#   generated/optimizers/adam.py f21445bf308f9c07
-#   generated/_runtime.py 03eee27c19d4ec7b
+#   generated/activations/relu.py e513f10956d051b3
+#   generated/layers/dense.py 104d2689f6a23857
+#   generated/losses/softmax_cross_entropy.py 04b9180119dd80d2
+#   generated/optimizers/adam.py cb7e4d316801043c
+#   generated/_runtime.py 1a7be6c3f9cc04a2
 """The mlp_bench model.
 
 Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).
