@@ -35,11 +35,14 @@ def cost(e):
 def _inverse_rules(stmts: list[Stmt], shapes):
     """Rules S[o] -> f^-1(L[o], ...) from elementwise statements L[o] = f(S[o], ...)."""
     sums = {s.target for s in stmts if s.reduce == "sum"}
+    maxima = {s.target for s in stmts if s.reduce == "max"}
     rules = []
     for s in stmts:
-        if s.reduce != "none" or not s.free or s.origin == "stability":
-            # not the stability pass's log(S): S = exp(log S) would bring exp(E - m - log S)
-            # back, which reassociating arithmetic rounds as exp(E - (m + log S))
+        if s.reduce != "none" or not s.free or s.origin == "stability" or _reads_any(s.body, maxima):
+            # not the stability pass's log(S), nor a log-sum-exp written with its maximum
+            # (y = m + log S): S = exp(y - m) would bring exp(E - m - log S) back as
+            # exp(E - y), with y rounded at the magnitude of m (a float32 gradient 100x
+            # less precise at logits ~ 1e3)
             continue
         for read in sorted(s.body.atoms(sympy.Indexed), key=sympy.default_sort_key):
             if str(read.base) not in sums or sorted(read.indices, key=str) != sorted(s.free, key=str):
@@ -55,6 +58,11 @@ def _inverse_rules(stmts: list[Stmt], shapes):
             if len(sol) == 1:
                 rules.append((read, s.free, sol[0]))
     return rules
+
+
+def _reads_any(expr, names) -> bool:
+    return any(str(r.base) in names for r in expr.atoms(sympy.Indexed)) or any(
+        x.name in names for x in expr.atoms(sympy.Symbol))
 
 
 def _invertible_kind(body) -> bool:
@@ -373,6 +381,21 @@ def _read_at(name, idx):
     return sympy.IndexedBase(name, real=True)[tuple(idx)]
 
 
+def _pieces(inside, loop_idx, stmts):
+    """The terms of a summand, by linearity: expanded with its exponentials kept whole
+    first (``exp(x[b,j] - m[b])``, the body of a forward sum, is not split into
+    ``exp(x[b,j]) exp(-m[b])``, which no forward sum matches), and a term that matches no
+    forward sum so is expanded further."""
+    out = []
+    for piece in sympy.Add.make_args(sympy.expand(inside, power_exp=False)):
+        coeff, core = split_factors(piece, loop_idx)
+        if core == 1 or _match_forward_sum(core, loop_idx, stmts) is not None:
+            out.append(piece)
+        else:
+            out.extend(sympy.Add.make_args(sympy.expand(piece)))
+    return out
+
+
 def close_sums(backward, stmts: list[Stmt], rules) -> None:
     """Evaluate sums of gradient terms in closed form where the forward already did.
 
@@ -387,7 +410,7 @@ def close_sums(backward, stmts: list[Stmt], rules) -> None:
         loop_idx = [i for i, _, _ in t.loops]
         outside, inside = split_factors(t.expr, loop_idx)
         closed, open_ = [], []
-        for piece in sympy.Add.make_args(sympy.expand(inside)):
+        for piece in _pieces(inside, loop_idx, stmts):
             coeff, core = split_factors(piece, loop_idx)
             if core == 1:
                 closed.append(coeff * sympy.Mul(*[hi for _, _, hi in t.loops]))
