@@ -97,6 +97,12 @@ FINDINGS = {
     "shared_piecewise_factor": TextSpec(
         'name = "shared_piecewise_factor"\nkind = "layer"\ninputs = { x = "N" }\noutputs = { y = "N" }\n'
         'equations = ["y[i] = (2 - x[i]) * where(Eq(x[i], 1.5), x[i] + 1, 0) * sin(x[i])"]\n', sizes={"N": 4}),
+    # reported by a campaign, not reproduced: an index (j // 2) % A printed as a float (an
+    # array index Numba refuses); kept to hold the CPU and CUDA printers to integer indices
+    "floor_division_mod_index": TextSpec(
+        'name = "floor_division_mod_index"\nkind = "layer"\ninputs = { x = "A", u = "N" }\noutputs = { y = "N" }\n'
+        'equations = ["y[j] = x[(j // 2) % A] * u[j] + sin(x[(j // 2) % A]) * u[(j // 2) % N]"]\n',
+        sizes={"A": 3, "N": 7}),
 }
 PARAMS = [pytest.param(spec, id=name) for name, spec in FINDINGS.items()]
 
@@ -176,6 +182,16 @@ LARGE_FINDINGS = {
     # about exp(x), the log is -inf (true value about x) and its derivative
     # sigmoid/softplus is 0/0 (true value about 1)
     "log_of_softplus": _large_activation(fz.Bin("*", fz.Num("2", 2.0), fz.Fn("log", (fz.Fn("softplus", (_X,)),)))),
+    # a log-sum-exp written with its maximum, max(x) + log(sum(exp(x - max(x)))) (campaign
+    # seed 14): in float32 its gradient was 100-400x less precise than PyTorch's at
+    # logits ~ 1e3, computed as exp(x - y) with y rounded at its own magnitude (an inverse
+    # rule S = exp(y - m) through the log), and the maximum's gradient 1 - sum(softmax)
+    # was left to rounding (a sum of exp(x - m) split as exp(x) exp(-m) was not seen as S)
+    "logsumexp_with_its_max": fz.finish(fz.FuzzSpec(
+        "stable_layer", "layer", inputs={"x": ("B", "N")}, outputs={"y": ("B",)}, sizes={"B": 3, "N": 5},
+        sampling={"x": "offset"}, large=True, seed=1,
+        equations=[fz.Equation("y", (("b", "B"),), fz.Bin("+", fz.Red("max", _bn("x", "k"), (("k", "N"),)), fz.Fn("log", (
+            fz.Red("sum", _exp(fz.Bin("-", _bn("x", "j"), fz.Red("max", _bn("x", "k"), (("k", "N"),)))), (("j", "N"),)),))))])),
     # a softmax inside a sum over its own index (weighted by a target): the inner sum's
     # shift was undone as idle, since exp(E) * exp(-m) stayed two factors in the outer sum
     "softmax_inside_a_sum": fz.finish(fz.FuzzSpec(
