@@ -40,7 +40,8 @@ inline and over an index, softmax and attention, log-sum-exp, log-softmax, the l
 softmax ratio, a softmax or sigmoid named on its own line and then logged, ``x log x``,
 focal and binary cross-entropy losses, scores from a contraction) on inputs at |v| ~
 1e2-1e3 (mixed signs, one in five near zero, or a large row offset plus small
-differences). The reference there is :func:`mp_reference`: the same tree evaluated with
+differences; and a second sample with exact 0, 1 and -1 among them, where functions
+have kinks, see :func:`_check_kinks`). The reference there is :func:`mp_reference`: the same tree evaluated with
 mpmath at 50 digits (1000 where 50 leave a value non-finite), gradients by central
 differences at a step of 1e-20; a sample whose true value or gradient overflows is
 discarded, and everything else must be finite and accurate (:func:`_check_large`).
@@ -2597,6 +2598,69 @@ def _check_large(spec: FuzzSpec, op, float32: bool):
             d = np.abs(np.asarray(m) - np.asarray(t))
             sens.append(float(np.max(np.where(np.isfinite(d), d, np.inf))) if d.size else 0.0)
         _compare_large(spec, op, args, seeds, wrt, out_t + grads_t, sens, dtype)
+    _check_kinks(spec, op, wrt)
+
+
+KINK_VALUES = (0.0, 1.0, -1.0)  # where abs, sign, relu, where(x > 0), log(x), x**p, Max(x, 1) ... change form
+KINK_SHARE = 0.3  # the share of each large or offset input's entries moved to them
+KINK_GAP = 1e-3  # a gradient off the true value by this (times its scale) and on PyTorch's is a kink's side
+
+
+def kink_inputs(spec: FuzzSpec, rng) -> list:
+    """A second large-input sample with about KINK_SHARE of the entries of every input
+    drawn ``large`` or ``offset`` replaced by exact 0, 1 or -1 (only 1 for a positive
+    input): the points where functions have kinks, jumps or a limit (``x log x`` at 0)."""
+    args = sample_inputs(spec, rng)
+    for k, name in enumerate(spec.arg_names):
+        if spec.sampling.get(name) not in ("large", "offset") or ref._is_int(args[k]):
+            continue
+        values = np.array([1.0]) if name in spec.positive else np.array(KINK_VALUES)
+        a = np.array(args[k], dtype=np.float64)
+        hit = rng.random(size=a.shape) < KINK_SHARE
+        args[k] = np.where(hit, rng.choice(values, size=a.shape), a)
+    return args
+
+
+def _check_kinks(spec: FuzzSpec, op, wrt):
+    """Large-input mode at exact kinks (:func:`kink_inputs`), float64, against the
+    high-precision oracle as :func:`_check_large` does. A sample whose true value is not
+    finite there (``log(0)``) is skipped. The oracle's central difference at a kink is
+    the mean of the two one-sided slopes (relu'(0) = 1/2), where symgrad's contract is
+    PyTorch's one-sided value (relu'(0) = 0, docs/spec-language.md): a gradient element
+    off the true value is accepted only where PyTorch float64 is off it too by more than
+    KINK_GAP of the scale (a side taken, not a rounding) and symgrad matches PyTorch.
+    Outputs must match the true value everywhere."""
+    rng = np.random.default_rng(spec.seed + 1)
+    args = kink_inputs(spec, rng)
+    mine = list(ref.as_tuple(op.forward(*args)))
+    seeds = ref.make_seeds(mine, rng, np.float64)  # one oracle run: the outputs' shapes are symgrad's
+    try:
+        out_t, grads_t = _true_or_discard(spec, args, seeds, wrt)
+        _within(out_t, LARGE_LIMIT[np.float64], "true forward")
+        _within(grads_t, LARGE_LIMIT[np.float64], "true gradient")
+    except _Discard:
+        return
+    mine += list(ref.as_tuple(op.backward(*seeds, *args)))
+    try:
+        theirs = _torch_in(spec, args, seeds, wrt, np.float64)
+    except Exception as exc:  # noqa: BLE001
+        raise _Oracle(_tb()) from exc
+    whats = [f"output {n}" for n in spec.outputs] + [f"gradient of {spec.arg_names[i]}" for i in wrt]
+    for k, (what, m, e, t) in enumerate(zip(whats, mine, out_t + grads_t, theirs)):
+        m64 = np.asarray(m, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        if not m64.size:
+            continue
+        scale = max(1.0, float(np.max(np.abs(e))))
+        err = np.abs(m64 - e)
+        bad = ~(err <= LARGE_TOL.rtol * np.abs(e) + LARGE_TOL.atol * scale)
+        if k >= len(spec.outputs):
+            sided = (np.abs(t - e) > KINK_GAP * scale) & (np.abs(m64 - t) <= SPEC_TOL.rtol * scale + SPEC_TOL.atol)
+            bad &= ~sided
+        if np.any(bad):
+            i = tuple(int(v) for v in np.argwhere(bad)[0]) if m64.ndim else ()
+            raise _Wrong("kinks", f"{what} (float64) at inputs with exact 0 and +-1: {int(bad.sum())} of {bad.size} "
+                                  f"differ from the true value; at {i}: got {m64[i]!r}, true {e[i]!r}, PyTorch {t[i]!r}")
 
 
 def _within(arrays, limit, what):

@@ -192,6 +192,23 @@ def test_large_mode_covers_the_stability_shapes():
     assert not missing, missing
 
 
+def test_large_mode_draws_kinks():
+    """The large-input mode's second sample (fuzz_specs.kink_inputs) holds exact 0, 1 and
+    -1 among the large values, only 1 in a positive input, and leaves probabilities alone."""
+    drawn = {}
+    for k in range(40):
+        spec = fz.random_spec(2026, k, large=True)
+        for name, a in zip(spec.arg_names, fz.kink_inputs(spec, np.random.default_rng(k))):
+            how = spec.sampling.get(name)
+            if how in ("large", "offset"):
+                kind = "positive" if name in spec.positive else "signed"
+                drawn.setdefault(kind, set()).update(float(v) for v in np.ravel(a) if v in (0.0, 1.0, -1.0))
+            elif how in ("prob", "rows"):
+                assert np.all((a >= 0) & (a <= 1)), (spec.name, name)
+    assert drawn["signed"] == {0.0, 1.0, -1.0}, drawn
+    assert drawn.get("positive", {1.0}) == {1.0}, drawn
+
+
 def test_high_precision_oracle_agrees_with_torch_on_ordinary_inputs():
     """The mpmath twin of the oracle (large mode's true value) equals the torch oracle
     where float64 is exact enough: ordinary inputs, every family but the optimizer."""
