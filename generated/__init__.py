@@ -42,6 +42,7 @@ _MODULES = {
     "layer_norm": "layers.layer_norm",
     "leaky_relu": "activations.leaky_relu",
     "log_softmax": "layers.log_softmax",
+    "lstm_cell": "layers.lstm_cell",
     "max_pool2d": "layers.max_pool2d",
     "mish": "activations.mish",
     "momentum": "optimizers.momentum",

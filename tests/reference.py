@@ -90,6 +90,11 @@ LAYER_ORACLE: dict[str, Callable] = {
     "embedding": lambda idx, table: F.embedding(idx, table),
     "rnn_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh),
     "gru_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),
+    "lstm_cell": lambda x, h, c, weight_ih, weight_hh, bias_ih, bias_hh: torch.lstm_cell(
+        x, (h, c), weight_ih, weight_hh, bias_ih, bias_hh),
+    "add": lambda x1, x2: torch.add(x1, x2),
+    "concat": lambda x1, x2: torch.cat((x1, x2), dim=1),
+    "positional_embedding": lambda x, table: x + F.embedding(torch.arange(x.shape[1]), table),
     "scaled_dot_product_attention": lambda q, k, v, causal=0: F.scaled_dot_product_attention(
         q, k, v, is_causal=bool(causal)),
     "cosine_similarity": lambda x1, x2, eps=1e-8: F.cosine_similarity(x1, x2, dim=-1, eps=eps),
@@ -112,6 +117,10 @@ LAYER_SIZES = {
     "embedding": {"B": 6, "V": 5, "D": 4},
     "rnn_cell": {"B": 3, "I": 5, "H": 4},
     "gru_cell": {"B": 3, "I": 5, "H": 4},
+    "lstm_cell": {"B": 3, "I": 5, "H": 4},
+    "add": {"B": 3, "N": 5},
+    "concat": {"A": 2, "N1": 3, "N2": 4, "R": 2},
+    "positional_embedding": {"B": 2, "T": 3, "P": 5, "D": 4},
     "scaled_dot_product_attention": {"B": 2, "L": 3, "S": 5, "D": 4, "E": 6},
     "cosine_similarity": {"B": 3, "D": 7},
     "gcn_layer": {"V": 6, "I": 5, "O": 3},
@@ -155,8 +164,8 @@ DOCUMENTED_KINDS = {
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
-                            "gru_cell", "scaled_dot_product_attention", "cosine_similarity", "gcn_layer",
-                            "multi_head_attention")},
+                            "gru_cell", "lstm_cell", "scaled_dot_product_attention", "cosine_similarity",
+                            "gcn_layer", "multi_head_attention", "add", "concat", "positional_embedding")},
     **{
         n: "optimizer"
         for n in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
@@ -306,10 +315,21 @@ def _t(a, grad: bool = False) -> torch.Tensor:
     return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
 
 
-def torch_forward(name: str, args: Sequence, attrs: dict) -> np.ndarray:
+def torch_forward(name: str, args: Sequence, attrs: dict):
+    """The oracle's output as an array, or a tuple of arrays for an op with several
+    outputs (lstm_cell's h and c)."""
     with torch.no_grad():
         out = TORCH_ORACLE[name](*[_t(a) for a in args], **attrs)
-    return out.numpy()
+    return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+
+
+def _seeded(out, seed) -> torch.Tensor:
+    """sum over outputs of sum(seed_k * out_k): ``seed`` is one output gradient, or a
+    list/tuple of one per output (ref.make_seeds's list)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    seeds = seed if isinstance(seed, (list, tuple)) else (seed,)
+    assert len(outs) == len(seeds), f"{len(outs)} outputs, {len(seeds)} output gradients"
+    return sum((o * _t(s).reshape(o.shape)).sum() for o, s in zip(outs, seeds))
 
 
 def oracle_wrt(name: str) -> list[int]:
@@ -328,10 +348,11 @@ def oracle_wrt(name: str) -> list[int]:
 
 
 def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) -> list[np.ndarray]:
-    """Gradients of sum(seed * f(args)) with respect to args[i] for i in wrt."""
+    """Gradients of sum(seed * f(args)) with respect to args[i] for i in wrt (``seed``:
+    one output gradient, or a list of one per output)."""
     ts = [_t(a, grad=i in wrt) for i, a in enumerate(args)]
     out = TORCH_ORACLE[name](*ts, **attrs)
-    grads = torch.autograd.grad(out, [ts[i] for i in wrt], grad_outputs=_t(seed).reshape(out.shape))
+    grads = torch.autograd.grad(_seeded(out, seed), [ts[i] for i in wrt])
     return [g.numpy() for g in grads]
 
 
@@ -349,12 +370,13 @@ def _oracle_call(name: str, attrs: dict):
     return call
 
 
-def torch_jvp(name: str, args: Sequence, attrs: dict, tangents: Sequence, wrt: Sequence[int]) -> np.ndarray:
-    """The derivative of the oracle's output along ``tangents`` (one per args[i], i in wrt)."""
+def torch_jvp(name: str, args: Sequence, attrs: dict, tangents: Sequence, wrt: Sequence[int]):
+    """The derivative of the oracle's output along ``tangents`` (one per args[i], i in wrt):
+    an array, or a tuple of one per output."""
     call = _oracle_call(name, attrs)
     primals = tuple(_t(args[i]) for i in wrt)
     _, out = torch.autograd.functional.jvp(lambda *d: call(args, wrt, *d), primals, tuple(_t(t) for t in tangents))
-    return out.numpy()
+    return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
 
 
 def torch_hvp(name: str, args: Sequence, attrs: dict, seed, tangents: Sequence, wrt: Sequence[int]) -> list[np.ndarray]:
@@ -364,7 +386,7 @@ def torch_hvp(name: str, args: Sequence, attrs: dict, seed, tangents: Sequence, 
     call = _oracle_call(name, attrs)
     ps = [_t(args[i], grad=True) for i in wrt]
     out = call(args, wrt, *ps)
-    grads = torch.autograd.grad((out * _t(seed).reshape(out.shape)).sum(), ps, create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(_seeded(out, seed), ps, create_graph=True, allow_unused=True)
     dot = sum((g * _t(t)).sum() for g, t in zip(grads, tangents) if g is not None and g.requires_grad)
     if not (torch.is_tensor(dot) and dot.requires_grad):
         return [np.zeros(np.shape(args[i])) for i in wrt]
@@ -513,6 +535,16 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
         H, I, Bn = z["H"], z["I"], z["B"]
         return [n(size=(Bn, I)), n(size=(Bn, H)), 0.5 * n(size=(g * H, I)), 0.5 * n(size=(g * H, H)),
                 0.5 * n(size=(g * H,)), 0.5 * n(size=(g * H,))]
+    if name == "lstm_cell":  # x, h, c, then the 4H-row weights and biases (gates i, f, g, o)
+        H, I, Bn = z["H"], z["I"], z["B"]
+        return [n(size=(Bn, I)), n(size=(Bn, H)), n(size=(Bn, H)), 0.5 * n(size=(4 * H, I)),
+                0.5 * n(size=(4 * H, H)), 0.5 * n(size=(4 * H,)), 0.5 * n(size=(4 * H,))]
+    if name == "add":
+        return [n(size=(z["B"], z["N"])), n(size=(z["B"], z["N"]))]
+    if name == "concat":
+        return [n(size=(z["A"], z["N1"], z["R"])), n(size=(z["A"], z["N2"], z["R"]))]
+    if name == "positional_embedding":  # a table longer than the sequences (P > T)
+        return [n(size=(z["B"], z["T"], z["D"])), n(size=(z["P"], z["D"]))]
     if name == "scaled_dot_product_attention":
         return [n(size=(z["B"], z["L"], z["D"])), n(size=(z["B"], z["S"], z["D"])), n(size=(z["B"], z["S"], z["E"]))]
     if name == "cosine_similarity":

@@ -19,6 +19,6 @@
 
 Ops: avg_pool2d, batch_norm2d, batch_norm2d_eval, batch_norm2d_stats, conv2d,
 cosine_similarity, dense, dropout, embedding, flatten, gcn_layer, gru_cell,
-layer_norm, log_softmax, max_pool2d, multi_head_attention, rnn_cell,
+layer_norm, log_softmax, lstm_cell, max_pool2d, multi_head_attention, rnn_cell,
 scaled_dot_product_attention, softmax.
 """
