@@ -28,6 +28,7 @@ _MODULES = {
     "cosine": "schedules.cosine",
     "cosine_embedding_loss": "losses.cosine_embedding_loss",
     "cosine_similarity": "layers.cosine_similarity",
+    "cross_entropy": "losses.cross_entropy",
     "dense": "layers.dense",
     "dropout": "layers.dropout",
     "elu": "activations.elu",

@@ -28,8 +28,13 @@ KINDS_WITH_GRADIENTS = ("activation", "layer", "loss")
 # ----------------------------------------------------------------------------------
 
 
-def _nll(logprobs, target):
-    return -(target * logprobs).sum() / logprobs.shape[0]
+def _nll(logprobs, target, reduction=1):
+    total = -(target * logprobs).sum()
+    return total if reduction == 2 else total / logprobs.shape[0]
+
+
+# The losses' ``reduction`` attribute: PyTorch's own codes (torch.nn._reduction.get_enum).
+REDUCTION = {1: "mean", 2: "sum"}
 
 
 TORCH_ORACLE: dict[str, Callable] = {
@@ -48,19 +53,25 @@ TORCH_ORACLE: dict[str, Callable] = {
     # layers (dense's weight is I x O)
     "dense": lambda x, weight, bias: x @ weight + bias,
     # losses
-    "mse": lambda pred, target: F.mse_loss(pred, target),
-    "huber": lambda pred, target, delta=1.0: F.huber_loss(pred, target, delta=delta),
-    "bce_with_logits": lambda pred, target: F.binary_cross_entropy_with_logits(pred, target),
-    "softmax_cross_entropy": lambda logits, target: F.cross_entropy(logits, target),
+    "mse": lambda pred, target, reduction=1: F.mse_loss(pred, target, reduction=REDUCTION[reduction]),
+    "huber": lambda pred, target, delta=1.0, reduction=1: F.huber_loss(
+        pred, target, delta=delta, reduction=REDUCTION[reduction]),
+    "bce_with_logits": lambda pred, target, reduction=1: F.binary_cross_entropy_with_logits(
+        pred, target, reduction=REDUCTION[reduction]),
+    "softmax_cross_entropy": lambda logits, target, reduction=1: F.cross_entropy(
+        logits, target, reduction=REDUCTION[reduction]),
     "nll": _nll,
     "kl_div": lambda logq, logp: F.kl_div(logq, logp, reduction="batchmean", log_target=True),
-    "categorical_nll": lambda logprobs, idx: F.nll_loss(logprobs, idx),
-    "gaussian_nll": lambda pred, target, var, eps=1e-6, full=0.0: F.gaussian_nll_loss(
-        pred, target, var, full=bool(full), eps=eps),
-    "poisson_nll": lambda pred, target, log_input=1.0, full=0.0, eps=1e-8: F.poisson_nll_loss(
-        pred, target, log_input=bool(log_input), full=bool(full), eps=eps),
-    "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12: F.cosine_embedding_loss(
-        x1, x2, label, margin=margin),
+    "categorical_nll": lambda logprobs, idx, reduction=1: F.nll_loss(logprobs, idx, reduction=REDUCTION[reduction]),
+    "gaussian_nll": lambda pred, target, var, eps=1e-6, full=0.0, reduction=1: F.gaussian_nll_loss(
+        pred, target, var, full=bool(full), eps=eps, reduction=REDUCTION[reduction]),
+    "poisson_nll": lambda pred, target, log_input=1.0, full=0.0, eps=1e-8, reduction=1: F.poisson_nll_loss(
+        pred, target, log_input=bool(log_input), full=bool(full), eps=eps, reduction=REDUCTION[reduction]),
+    "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12, reduction=1: F.cosine_embedding_loss(
+        x1, x2, label, margin=margin, reduction=REDUCTION[reduction]),
+    "cross_entropy": lambda logits, target, weight, ignore_index=-100, label_smoothing=0.0, reduction=1: F.cross_entropy(
+        logits, target, weight=weight, ignore_index=int(ignore_index), label_smoothing=label_smoothing,
+        reduction=REDUCTION[reduction]),
     "l2_penalty": lambda w, lam=1.0: lam * (w * w).sum() / 2,
 }
 def _multi_head_attention(x, w, b, wo, bo, heads, causal):
@@ -160,7 +171,7 @@ DOCUMENTED_KINDS = {
     **{
         n: "loss"
         for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div", "cosine_embedding_loss",
-                  "categorical_nll", "gaussian_nll", "poisson_nll", "l2_penalty")
+                  "categorical_nll", "gaussian_nll", "poisson_nll", "l2_penalty", "cross_entropy")
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
@@ -173,9 +184,12 @@ DOCUMENTED_KINDS = {
     **{n: "schedule" for n in ("step", "exponential", "cosine")},
 }
 DOCUMENTED_ATTRS = {
-    "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0},
-    "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12},
-    "gaussian_nll": {"eps": 1e-6, "full": 0.0}, "poisson_nll": {"log_input": 1.0, "full": 0.0, "eps": 1e-8},
+    "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0, "reduction": 1},
+    "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12, "reduction": 1},
+    "gaussian_nll": {"eps": 1e-6, "full": 0.0, "reduction": 1},
+    "poisson_nll": {"log_input": 1.0, "full": 0.0, "eps": 1e-8, "reduction": 1},
+    **{n: {"reduction": 1} for n in ("mse", "bce_with_logits", "softmax_cross_entropy", "nll", "categorical_nll")},
+    "cross_entropy": {"ignore_index": -100, "label_smoothing": 0.0, "reduction": 1},
     "l2_penalty": {"lam": 1.0},
     # the layer library's table (issue 3)
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
@@ -185,9 +199,15 @@ DOCUMENTED_ATTRS = {
 }
 # Non-default attribute values the tests also run with (attributes are given at run time).
 ATTR_VARIANTS = {
-    "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}],
-    "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12}],
-    "gaussian_nll": [{"full": 1.0, "eps": 1e-3}], "poisson_nll": [{"log_input": 0.0, "full": 1.0, "eps": 1e-8}],
+    "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5, "reduction": 2}],
+    "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12, "reduction": 2}],
+    "gaussian_nll": [{"full": 1.0, "eps": 1e-3, "reduction": 2}],
+    "poisson_nll": [{"log_input": 0.0, "full": 1.0, "eps": 1e-8, "reduction": 2}],
+    # reduction = 2: PyTorch's "sum"
+    **{n: [{"reduction": 2}] for n in ("mse", "bce_with_logits", "softmax_cross_entropy", "nll", "categorical_nll")},
+    # class 1 ignored (the inputs hold it), smoothing; the weighted mean, then the sum
+    "cross_entropy": [{"ignore_index": 1, "label_smoothing": 0.1},
+                      {"ignore_index": 1, "label_smoothing": 0.2, "reduction": 2}],
     "l2_penalty": [{"lam": 0.03}],
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
@@ -210,6 +230,7 @@ DOCUMENTED_DIFFERENTIABLE = {
     "batch_norm2d_stats": (),
     "cosine_embedding_loss": ("x1", "x2"),
     "categorical_nll": ("logprobs",),
+    "cross_entropy": ("logits",),
     "gaussian_nll": ("pred", "var"),
     "poisson_nll": ("pred",),
     "l2_penalty": ("w",),
@@ -217,7 +238,8 @@ DOCUMENTED_DIFFERENTIABLE = {
 
 # Arguments holding discrete labels (+1/-1, classes, counts): not differentiable, not
 # even for torch (PyTorch's Stirling term has a NaN gradient at a zero count).
-DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",), "poisson_nll": ("target",)}
+DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",), "poisson_nll": ("target",),
+                 "cross_entropy": ("target", "weight")}
 
 # ----------------------------------------------------------------------------------
 # Tolerances
@@ -486,6 +508,8 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
         return [log_prob_rows(rng, (B, C)), idx.astype(np.int64)]
     if name == "gaussian_nll":
         return [n(size=(B, C)), n(size=(B, C)), rng.uniform(0.5, 2.0, size=(B, C))]
+    if name == "cross_entropy":  # class indices (class 1 among them: a variant ignores it), class weights
+        return [2.0 * n(size=(B, C)), _class_targets(rng, B, C), rng.uniform(0.5, 2.0, size=C)]
     if name == "poisson_nll":  # positive predictions serve as log-rates and as rates; counts above 1 too
         return [rng.uniform(0.2, 2.0, size=(B, C)), _counts(rng, (B, C), 2.0)]
     if name == "l2_penalty":  # a parameter flattened to a vector
@@ -493,6 +517,15 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
     if name == "cosine_embedding_loss":  # labels 1 and -1, cosines on both sides of any margin
         return [n(size=(B, I)), n(size=(B, I)), rng.choice([-1.0, 1.0], size=B)]
     return None
+
+
+def _class_targets(rng, B, C) -> np.ndarray:
+    """Class indices, one of them 1 and one other, so that ignoring class 1 leaves some."""
+    idx = rng.integers(0, C, size=B)
+    idx[0] = 1
+    if B > 1:
+        idx[1] = 0
+    return idx.astype(np.int64)
 
 
 def _counts(rng, shape, rate: float) -> np.ndarray:
@@ -643,6 +676,8 @@ def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3,
         return [big((I,))]
     if name == "categorical_nll":
         return [log_prob_rows(rng, (B, C), scale=magnitude), rng.integers(0, C, size=B).astype(np.int64)]
+    if name == "cross_entropy":
+        return [big((B, C)), _class_targets(rng, B, C), rng.uniform(0.5, 2.0, size=C)]
     if name == "gaussian_nll":  # far predictions; a variance below the clamp, one at zero
         var = rng.uniform(0.5, 2.0, size=(B, C))
         var[0, :2] = (1e-9, 0.0)

@@ -100,6 +100,13 @@ def _only(kwargs: dict, allowed: dict):
 
 
 MEAN = {"reduction": "mean"}
+# The losses' reduction attribute (PyTorch's codes): "mean" and "sum"; "none" is not a scalar loss.
+REDUCTIONS = {"mean": 1, "sum": 2}
+MEAN_OR_SUM = {"reduction": lambda r: r in REDUCTIONS}
+
+
+def _reduction(kwargs) -> dict:
+    return {"reduction": REDUCTIONS[kwargs.get("reduction", "mean")]}
 
 
 def _rows(shape) -> tuple:
@@ -145,13 +152,13 @@ def _pair_loss(extra=None, rename=None):
 
     def convert(o, s):
         (target,) = s.args
-        _only(s.kwargs, {**MEAN, **(extra or {})})
+        _only(s.kwargs, {**MEAN_OR_SUM, **(extra or {})})
         if target.shape != s.input.shape:
             raise Skip("broadcast target")
         shape = tuple(s.input.shape)
         rows = _rows(shape)
         kw = dict(s.kwargs)
-        attrs = {rename[k]: float(v) for k, v in kw.items() if k in rename}
+        attrs = {**{rename[k]: float(v) for k, v in kw.items() if k in rename}, **_reduction(kw)}
         return Case([_np(s.input).reshape(rows), _np(target).reshape(rows)],
                     lambda p, t: o.op(p.reshape(shape), t.reshape(shape), **kw), attrs, wrt=(0,))
 
@@ -184,21 +191,54 @@ def class_loss(o, s):
     """cross_entropy and nll_loss: logits (or log-probabilities) with class indices or
     probability rows, the class axis second (or the only axis), mean reduction."""
     (target,) = s.args
-    _only(s.kwargs, MEAN)
+    _only(s.kwargs, MEAN_OR_SUM)
     shape = tuple(s.input.shape)
     C = shape[1] if len(shape) > 1 else shape[0]
     x = _class_last(_np(s.input))
+    kw = dict(s.kwargs)
     if target.dtype.is_floating_point:  # probabilities, same layout as the input
         t = _class_last(_np(target))
         sums = t.sum(axis=1)
-        ref_fn = lambda x2, t2: o.op(_class_back(x2, shape), _class_back(t2, shape))  # noqa: E731
+        ref_fn = lambda x2, t2: o.op(_class_back(x2, shape), _class_back(t2, shape), **kw)  # noqa: E731
         # the library's cross-entropy gradient assumes rows summing to 1 and says so
         error = None
         if o.name.endswith("cross_entropy") and np.any(np.abs(sums - 1) > 1e-6):
             error = r"sum\(target\[b, c\], c\) == 1"
-        return Case([x, t], ref_fn, wrt=(0,), backward_error=error)
+        return Case([x, t], ref_fn, _reduction(kw), wrt=(0,), backward_error=error)
     fixed = target.clone()
-    return Case([x, _one_hot_rows(target, C)], lambda x2, t2: o.op(_class_back(x2, shape), fixed), wrt=(0,))
+    return Case([x, _one_hot_rows(target, C)], lambda x2, t2: o.op(_class_back(x2, shape), fixed, **kw),
+                _reduction(kw), wrt=(0,))
+
+
+def class_index_loss(o, s):
+    """cross_entropy and nll_loss with integer class targets and their options (class
+    weights, ignore_index, label_smoothing, reduction mean or sum), the class axis second
+    (or the only axis), onto cross_entropy(logits, target, weight) or
+    categorical_nll(logprobs, idx) (which has no weight or ignore_index)."""
+    (target,) = s.args
+    full = o.name.endswith("cross_entropy")
+    options = {**MEAN_OR_SUM, "weight": None, "ignore_index": None, "label_smoothing": None} if full else MEAN_OR_SUM
+    _only(s.kwargs, options)
+    if target.dtype.is_floating_point:
+        raise Skip("probability targets")
+    shape = tuple(s.input.shape)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    x = _class_last(_np(s.input))
+    idx = _np(target).reshape(-1)
+    kw = dict(s.kwargs)
+    fixed = target.clone()
+    attrs = _reduction(kw)
+    if not full:
+        return Case([x, idx], lambda x2, _t: o.op(_class_back(x2, shape), fixed, **kw), attrs, wrt=(0,))
+    weight = kw.get("weight")
+    attrs.update(ignore_index=int(kw.get("ignore_index", -100)), label_smoothing=float(kw.get("label_smoothing", 0.0)))
+    w = _np(weight) if weight is not None else np.ones(C)
+    rest = {k: v for k, v in kw.items() if k != "weight"}
+
+    def call(x2, _t, w2):  # the weight in the dtype of the run (PyTorch's None where the sample has none)
+        return o.op(_class_back(x2, shape), fixed, weight=w2 if weight is not None else None, **rest)
+
+    return Case([x, idx, w], call, attrs, wrt=(0,))
 
 
 def kl_div(o, s):
@@ -213,7 +253,7 @@ def kl_div(o, s):
 
 def cosine_embedding(o, s):
     x2, label = s.args
-    _only(s.kwargs, {**MEAN, "margin": None})
+    _only(s.kwargs, {**MEAN_OR_SUM, "margin": None})
     shape = tuple(s.input.shape)
     if len(shape) == 1:
         a, b, lab = _np(s.input)[None], _np(x2)[None], _np(label).reshape(1)
@@ -222,7 +262,7 @@ def cosine_embedding(o, s):
     kw = dict(s.kwargs)
     fixed = label.clone()
     return Case([a, b, lab], lambda u, v, _l: o.op(u.reshape(shape), v.reshape(shape), fixed, **kw),
-                {"margin": float(kw.get("margin", 0.0))})
+                {"margin": float(kw.get("margin", 0.0)), **_reduction(kw)})
 
 
 def cosine_similarity(o, s):
@@ -431,6 +471,8 @@ OPINFO = {
     "bce_with_logits": ("nn.functional.binary_cross_entropy_with_logits", _pair_loss()),
     "softmax_cross_entropy": ("nn.functional.cross_entropy", class_loss),
     "nll": ("nn.functional.nll_loss", class_loss),
+    "cross_entropy": ("nn.functional.cross_entropy", class_index_loss),
+    "categorical_nll": ("nn.functional.nll_loss", class_index_loss),
     "kl_div": ("nn.functional.kl_div", kl_div),
     "cosine_embedding_loss": ("nn.functional.cosine_embedding_loss", cosine_embedding),
     "cosine_similarity": ("nn.functional.cosine_similarity", cosine_similarity),

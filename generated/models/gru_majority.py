@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 68f01f39ee549452
-#   generated/layers/gru_cell.py 021671c5b7943b90
-#   generated/losses/softmax_cross_entropy.py 45b83ae5d502c4c8
-#   generated/optimizers/adam.py f21445bf308f9c07
-#   generated/_runtime.py 03eee27c19d4ec7b
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/layers/gru_cell.py 4400d7b2c646b047
+#   generated/losses/softmax_cross_entropy.py b5d29ded38997345
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).
@@ -398,8 +398,8 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
         kept0_nn.append(kept0_nn_step)
     h1 = hs1[xs1.shape[0]]
     _dense_fwd_into(h1, dense1_weight, dense1_bias, h2)
-    _softmax_cross_entropy_fwd_saving_into(h2, y, loss, kept_loss_max0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, g2)
+    _softmax_cross_entropy_fwd_saving_into(h2, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, 1, g2)
     _dense_bwd_into(g2, h1, dense1_weight, dense1_bias, g1, g_dense1_weight, g_dense1_bias)
     _adam_step_core(dense1_weight, g_dense1_weight, dense1_weight_m, dense1_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense1_bias, g_dense1_bias, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps)
@@ -428,9 +428,9 @@ def _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0
     h0 = x
     h1 = np.empty((h0.shape[0], 16), h0.dtype)  # its shape (the unrolled cell allocates per step)
     h2 = _dense_fwd_alloc(h1, dense1_weight, dense1_bias)
-    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y, 1)
     seed = np.ones(1, h2.dtype)
-    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_max0, kept_loss_sumexp0)
+    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g1, g_dense1_weight, g_dense1_bias = _dense_bwd_alloc(g2, h1, dense1_weight, dense1_bias)
     return (
         h2,

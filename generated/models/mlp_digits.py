@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 4f79af4f32293657
-#   generated/layers/dense.py 68f01f39ee549452
-#   generated/losses/softmax_cross_entropy.py 45b83ae5d502c4c8
-#   generated/optimizers/adam.py f21445bf308f9c07
-#   generated/_runtime.py 03eee27c19d4ec7b
+#   generated/activations/relu.py a54f8ca7181216c8
+#   generated/layers/dense.py 0e8e5d35552f8fe2
+#   generated/losses/softmax_cross_entropy.py b5d29ded38997345
+#   generated/optimizers/adam.py 774198359a3a219a
+#   generated/_runtime.py add2834f4b1737c4
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).
@@ -374,8 +374,8 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, de
     _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
     _relu_fwd_into(h1, h2)
     _dense_fwd_into(h2, dense2_weight, dense2_bias, h3)
-    _softmax_cross_entropy_fwd_saving_into(h3, y, loss, kept_loss_max0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h3, y, kept_loss_max0, kept_loss_sumexp0, g3)
+    _softmax_cross_entropy_fwd_saving_into(h3, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h3, y, kept_loss_max0, kept_loss_sumexp0, 1, g3)
     _dense_bwd_into(g3, h2, dense2_weight, dense2_bias, g2, g_dense2_weight, g_dense2_bias)
     _adam_step_core(dense2_weight, g_dense2_weight, dense2_weight_m, dense2_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense2_bias, g_dense2_bias, dense2_bias_m, dense2_bias_v, t, lr, beta1, beta2, eps)
@@ -393,9 +393,9 @@ def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias):
     h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
     h2 = _relu_fwd_alloc(h1)
     h3 = _dense_fwd_alloc(h2, dense2_weight, dense2_bias)
-    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h3, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h3, y, 1)
     seed = np.ones(1, h3.dtype)
-    g3 = _softmax_cross_entropy_bwd_saved_alloc(seed, h3, y, kept_loss_max0, kept_loss_sumexp0)
+    g3 = _softmax_cross_entropy_bwd_saved_alloc(seed, h3, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g2, g_dense2_weight, g_dense2_bias = _dense_bwd_alloc(g3, h2, dense2_weight, dense2_bias)
     g1 = _relu_bwd_alloc(g2, h1)
     g_dense0_weight, g_dense0_bias = _dense_bwd_params_alloc(g1, h0, dense0_weight, dense0_bias)
