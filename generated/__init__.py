@@ -51,6 +51,7 @@ _MODULES = {
     "momentum": "optimizers.momentum",
     "mse": "losses.mse",
     "multi_head_attention": "layers.multi_head_attention",
+    "multihead_attention": "layers.multihead_attention",
     "nesterov": "optimizers.nesterov",
     "nll": "losses.nll",
     "poisson_nll": "losses.poisson_nll",

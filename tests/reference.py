@@ -86,6 +86,20 @@ def _multi_head_attention(x, w, b, wo, bo, heads, causal):
     return o.transpose(1, 2).reshape(B_, L_, E_) @ wo + bo
 
 
+def _multihead_attention(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias,
+                         out_proj_weight, out_proj_bias, heads=2, causal=0):
+    """torch.nn.MultiheadAttention's functional form, batch first, float masks added to the scores."""
+    L_, S_, E_ = query.shape[1], key.shape[1], query.shape[2]
+    mask = attn_mask
+    if causal:
+        mask = mask + torch.triu(torch.full((L_, S_), float("-inf"), dtype=mask.dtype), 1)
+    y, _ = F.multi_head_attention_forward(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), E_, int(heads), in_proj_weight,
+        in_proj_bias, None, None, False, 0.0, out_proj_weight, out_proj_bias, training=False,
+        key_padding_mask=key_padding_mask, need_weights=False, attn_mask=mask)
+    return y.transpose(0, 1)
+
+
 # The layer library (issue 3); attributes keep the ops' own names.
 LAYER_ORACLE: dict[str, Callable] = {
     "conv2d": lambda x, weight, bias, S=1, P=0: F.conv2d(x, weight, bias, stride=S, padding=P),
@@ -112,6 +126,7 @@ LAYER_ORACLE: dict[str, Callable] = {
     "gcn_layer": lambda A, x, weight, bias: A @ x @ weight + bias,
     "multi_head_attention": lambda x, wq, wk, wv, bq, bk, bv, wo, bo, heads=2, causal=0: _multi_head_attention(
         x, (wq, wk, wv), (bq, bk, bv), wo, bo, heads, causal),
+    "multihead_attention": _multihead_attention,
 }
 TORCH_ORACLE.update(LAYER_ORACLE)
 # Default sizes of the layer library's inputs (small, odd, all different).
@@ -136,6 +151,7 @@ LAYER_SIZES = {
     "cosine_similarity": {"B": 3, "D": 7},
     "gcn_layer": {"V": 6, "I": 5, "O": 3},
     "multi_head_attention": {"B": 2, "L": 3, "E": 4},
+    "multihead_attention": {"B": 2, "L": 3, "S": 4, "E": 4},
 }
 
 
@@ -176,7 +192,8 @@ DOCUMENTED_KINDS = {
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
                             "gru_cell", "lstm_cell", "scaled_dot_product_attention", "cosine_similarity",
-                            "gcn_layer", "multi_head_attention", "add", "concat", "positional_embedding")},
+                            "gcn_layer", "multi_head_attention", "multihead_attention", "add", "concat",
+                            "positional_embedding")},
     **{
         n: "optimizer"
         for n in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
@@ -195,7 +212,7 @@ DOCUMENTED_ATTRS = {
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
     "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
     "scaled_dot_product_attention": {"causal": 0}, "cosine_similarity": {"eps": 1e-8},
-    "multi_head_attention": {"heads": 2, "causal": 0},
+    "multi_head_attention": {"heads": 2, "causal": 0}, "multihead_attention": {"heads": 2, "causal": 0},
 }
 # Non-default attribute values the tests also run with (attributes are given at run time).
 ATTR_VARIANTS = {
@@ -212,7 +229,7 @@ ATTR_VARIANTS = {
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
-    "multi_head_attention": [{"heads": 4, "causal": 1}],
+    "multi_head_attention": [{"heads": 4, "causal": 1}], "multihead_attention": [{"heads": 1, "causal": 1}],
 }
 DOCUMENTED_DIFFERENTIABLE = {
     "dense": ("x", "weight", "bias"),
@@ -228,6 +245,8 @@ DOCUMENTED_DIFFERENTIABLE = {
     "gcn_layer": ("x", "weight", "bias"),
     "batch_norm2d_eval": ("x", "weight", "bias"),
     "batch_norm2d_stats": (),
+    "multihead_attention": ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+                            "out_proj_bias"),
     "cosine_embedding_loss": ("x1", "x2"),
     "categorical_nll": ("logprobs",),
     "cross_entropy": ("logits",),
@@ -592,6 +611,14 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
         E_ = z["E"]
         return [n(size=(z["B"], z["L"], E_)), *(0.5 * n(size=(E_, E_)) for _ in range(3)),
                 *(0.5 * n(size=(E_,)) for _ in range(3)), 0.5 * n(size=(E_, E_)), 0.5 * n(size=(E_,))]
+    if name == "multihead_attention":  # float masks: small additive values and a few -inf (never a whole row)
+        Bn, L_, S_, E_ = z["B"], z["L"], z["S"], z["E"]
+        attn_mask = 0.3 * n(size=(L_, S_))
+        attn_mask[0, S_ - 1] = -np.inf
+        padding = np.zeros((Bn, S_))
+        padding[0, S_ - 1] = padding[-1, 1 % S_] = -np.inf
+        return [n(size=(Bn, L_, E_)), n(size=(Bn, S_, E_)), n(size=(Bn, S_, E_)), attn_mask, padding,
+                0.5 * n(size=(3 * E_, E_)), 0.5 * n(size=(3 * E_,)), 0.5 * n(size=(E_, E_)), 0.5 * n(size=(E_,))]
     raise KeyError(f"no input recipe for layer {name}")
 
 

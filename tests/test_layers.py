@@ -119,6 +119,8 @@ CASES = _conv_cases() + [
     case("multi_head_attention", B=2, L=3, E=4),
     case("multi_head_attention", {"heads": 3, "causal": 1}, B=1, L=4, E=6),
     case("multi_head_attention", {"heads": 1}, B=2, L=2, E=3),
+    case("multihead_attention", B=2, L=3, S=4, E=4),
+    case("multihead_attention", {"heads": 3, "causal": 1}, B=1, L=4, S=4, E=6),
 ]
 # Tiny shapes for the CUDA simulator (every thread runs in Python).
 CUDA_CASES = [
@@ -142,6 +144,7 @@ CUDA_CASES = [
     case("cosine_similarity", B=2, D=3),
     case("gcn_layer", V=3, I=2, O=2),
     case("multi_head_attention", {"causal": 1}, B=1, L=2, E=4),
+    case("multihead_attention", {"causal": 1}, B=1, L=2, S=2, E=2),
 ]
 
 
@@ -221,6 +224,10 @@ EXPECTED_ARGS = {
     "cosine_similarity": (("x1", "x2"), ("x1", "x2"), {"eps": 1e-8}),
     "gcn_layer": (("A", "x", "weight", "bias"), ("x", "weight", "bias"), {}),
     "multi_head_attention": (("x", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo"),) * 2 + ({"heads": 2, "causal": 0},),
+    "multihead_attention": (("query", "key", "value", "attn_mask", "key_padding_mask", "in_proj_weight", "in_proj_bias",
+                             "out_proj_weight", "out_proj_bias"),
+                            ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+                             "out_proj_bias"), {"heads": 2, "causal": 0}),
 }
 
 

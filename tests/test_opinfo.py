@@ -453,6 +453,52 @@ def flatten(o, s):
     return Case([_np(s.input)], lambda x: o.op(x, start, end))
 
 
+def multihead_attention(o, s):
+    """F.multi_head_attention_forward, unbatched (L, E) or (L, B, E), onto multihead_attention
+    (batch first, float masks): every PyTorch sample so far adds bias_k and bias_v (an extra
+    key and value position), which the op has not."""
+    key, value, E, heads, w_in, b_in, bias_k, bias_v, add_zero_attn, dropout_p, w_out, b_out = s.args[:12]
+    _only(s.kwargs, {"q_proj_weight": lambda v: v is None, "k_proj_weight": lambda v: v is None,
+                     "v_proj_weight": lambda v: v is None, "attn_mask": None, "training": None,
+                     "use_separate_proj_weight": False, "key_padding_mask": None, "need_weights": None})
+    if bias_k is not None or bias_v is not None:
+        raise Skip("bias_k/bias_v")
+    if add_zero_attn:
+        raise Skip("add_zero_attn")
+    if dropout_p and s.kwargs.get("training", True):
+        raise Skip("dropout in training")
+    q = s.input
+    batched = q.dim() == 3
+
+    def first(a):  # (L, B, E) or (L, E) -> (B, L, E)
+        return _np(a).transpose(1, 0, 2) if batched else _np(a)[None]
+
+    B_, L_, S_ = (q.shape[1] if batched else 1), q.shape[0], key.shape[0]
+
+    def as_float(m, shape):
+        if m is None:
+            return np.zeros(shape)
+        a = _np(m).reshape(shape) if m.dtype.is_floating_point else np.where(_np(m).reshape(shape) != 0, -np.inf, 0.0)
+        return a.astype(np.float64)
+
+    attn_mask, kpm = s.kwargs.get("attn_mask"), s.kwargs.get("key_padding_mask")
+    if attn_mask is not None and attn_mask.dim() == 3:
+        raise Skip("a mask per batch and head")
+    args = [first(q), first(key), first(value), as_float(attn_mask, (L_, S_)), as_float(kpm, (B_, S_)),
+            _np(w_in), _np(b_in), _np(w_out), _np(b_out)]
+
+    def call(q3, k3, v3, _m, _p, wi, bi, wo, bo):
+        def back(a):
+            return a.transpose(0, 1) if batched else a[0]
+
+        y, _ = F.multi_head_attention_forward(back(q3), back(k3), back(v3), E, heads, wi, bi, None, None, False,
+                                              0.0, wo, bo, training=False, key_padding_mask=kpm, need_weights=False,
+                                              attn_mask=attn_mask)
+        return y.transpose(0, 1) if batched else y[None]
+
+    return Case(args, call, {"heads": int(heads)}, wrt=(0, 1, 2, 5, 6, 7, 8))
+
+
 # symgrad op -> (OpInfo name, converter)
 OPINFO = {
     "relu": ("nn.functional.relu", elementwise()),
@@ -486,12 +532,14 @@ OPINFO = {
     "batch_norm2d_eval": ("nn.functional.batch_norm", batch_norm),
     "batch_norm2d_stats": ("nn.functional.batch_norm", batch_norm_stats),
     "scaled_dot_product_attention": ("nn.functional.scaled_dot_product_attention", sdpa),
+    "multihead_attention": ("nn.functional.multi_head_attention_forward", multihead_attention),
     "flatten": ("flatten", flatten),
 }
 
 # The fewest samples each op must convert (the rest are counted as skipped). softplus
-# has none: every PyTorch sample sets beta=3, threshold=0.2, which symgrad's has not.
-COVERAGE = {name: 1 for name in OPINFO} | {"softplus": 0}
+# has none: every PyTorch sample sets beta=3, threshold=0.2, which symgrad's has not;
+# nor multihead_attention: every sample adds bias_k and bias_v.
+COVERAGE = {name: 1 for name in OPINFO} | {"softplus": 0, "multihead_attention": 0}
 
 
 def _signature(s) -> str:
@@ -666,23 +714,56 @@ def test_samples_convert(name):
     assert len(cases) >= COVERAGE[name], f"{name}: {len(cases)} samples converted; skipped {skipped}"
 
 
+def check_float64(library, name, case, rng):
+    op = library.op(name, **case.attrs)
+    args = ref.cast(case.args, np.float64)
+    outs = ref.as_tuple(op.forward(*args))
+    seeds = _seeds(outs, rng, np.float64)
+    wrt = case.wrt if case.wrt is not None else tuple(ref.differentiable_indices(op))
+    t_outs, t_grads = torch_results(case, args, np.float64, wrt if op.differentiable else (), seeds)
+    for k, (o, t) in enumerate(zip(outs, t_outs)):
+        check_close(f"{case.what}: output {k}", o, t, np.float64)
+    _, grads = _ours(op, case, args, seeds)
+    if grads is not None:
+        _compare_grads(op, case, args, grads, t_grads, wrt,
+                       lambda what, g, tg: check_close(what, g, tg, np.float64))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_float64_matches_torch(library, name):
     cases, _ = samples(name)
     rng = np.random.default_rng(11)
     for case in cases:
-        op = library.op(name, **case.attrs)
-        args = ref.cast(case.args, np.float64)
-        outs = ref.as_tuple(op.forward(*args))
-        seeds = _seeds(outs, rng, np.float64)
-        wrt = case.wrt if case.wrt is not None else tuple(ref.differentiable_indices(op))
-        t_outs, t_grads = torch_results(case, args, np.float64, wrt if op.differentiable else (), seeds)
-        for k, (o, t) in enumerate(zip(outs, t_outs)):
-            check_close(f"{case.what}: output {k}", o, t, np.float64)
-        _, grads = _ours(op, case, args, seeds)
-        if grads is not None:
-            _compare_grads(op, case, args, grads, t_grads, wrt,
-                           lambda what, g, tg: check_close(what, g, tg, np.float64))
+        check_float64(library, name, case, rng)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+def test_multihead_attention_converter_without_bias_kv(library, batched):
+    """PyTorch's samples all add bias_k and bias_v; the converter is checked on its first
+    sample without them, with a boolean attention mask and key padding mask."""
+    from torch.testing._internal.opinfo.core import SampleInput
+
+    o = _op_db()[("nn.functional.multi_head_attention_forward", "")]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = next(iter(o.reference_inputs("cpu", torch.float64, requires_grad=False)))
+    args = list(s.args)
+    args[6] = args[7] = None  # no bias_k, bias_v
+    args[9] = 0.0  # no dropout
+    q, k, v = s.input, args[0], args[1]
+    if batched:
+        q, k, v = (t.unsqueeze(1).repeat(1, 2, 1) for t in (q, k, v))
+    L_, S_ = q.shape[0], k.shape[0]
+    mask = torch.zeros(L_, S_, dtype=torch.bool)
+    mask[0, S_ - 1] = True
+    kpm = torch.zeros(2 if batched else S_, S_, dtype=torch.bool)[: (2 if batched else 1)]
+    kpm[0, 0] = True
+    kwargs = {**s.kwargs, "attn_mask": mask, "key_padding_mask": kpm if batched else kpm[0], "training": False}
+    case = multihead_attention(o, SampleInput(q, args=(k, v, *args[2:]), kwargs=kwargs))
+    case.what = "multi_head_attention_forward without bias_k/bias_v"
+    assert np.isneginf(case.args[3]).sum() == 1 and np.isneginf(case.args[4]).sum() == 1
+    check_float64(library, "multihead_attention", case, np.random.default_rng(3))
 
 
 @pytest.mark.parametrize("name", NAMES)

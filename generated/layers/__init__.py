@@ -21,5 +21,6 @@
 Ops: add, avg_pool2d, batch_norm2d, batch_norm2d_eval, batch_norm2d_stats, concat,
 conv2d, cosine_similarity, dense, dropout, embedding, flatten, gcn_layer,
 gru_cell, layer_norm, log_softmax, lstm_cell, max_pool2d, multi_head_attention,
-positional_embedding, rnn_cell, scaled_dot_product_attention, softmax.
+multihead_attention, positional_embedding, rnn_cell,
+scaled_dot_product_attention, softmax.
 """
