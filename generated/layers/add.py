@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -125,6 +125,13 @@ def _add_fwd(x1, x2):
     _check_dim("add", "x2", x2, 0, "B", B, "from x1 axis 0")
     _check_dim("add", "x2", x2, 1, "N", N, "from x1 axis 1")
     return _add_fwd_core(x1, x2)
+
+
+def _add_fwd_shapes(x1, x2):
+    """The shapes of the results of ``_add_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x1.shape[0]
+    N = x1.shape[1]
+    return ((B, N),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -288,6 +295,7 @@ _FUNCS = {
         "forward": _add_fwd,
         "hvp": _add_hvp,
         "jvp": _add_jvp,
+        "shapes": _add_fwd_shapes,
     },
 }
 

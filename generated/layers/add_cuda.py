@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -98,6 +98,33 @@ def _add_hvp0(t_g_x1, t_g_x2, B, N, _total):
         t_g_x2[i0, i1] = _v_t_g_x2
 
 
+def _add_fwd_core(x1, x2):
+    """Forward of add: y from x1, x2. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    N = x1.shape[1]
+    y = _empty((B, N), _dtype)
+    _launch(_add_fwd0, B * N, x1, x2, y, B, N)
+    return y
+
+
+def _add_fwd_alloc(x1, x2):
+    """The results of ``_add_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_add_fwd_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    N = x1.shape[1]
+    y = _empty((B, N), _dtype)
+    return y
+
+
+def _add_fwd_into(x1, x2, y):
+    """``_add_fwd_core`` launching its kernels into y (from ``_add_fwd_alloc``); returns nothing."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    N = x1.shape[1]
+    _launch(_add_fwd0, B * N, x1, x2, y, B, N)
+
+
 def _add_fwd(x1, x2):
     """Forward of add: y from x1, x2."""
     _dev = any(_on_device(a) for a in (x1, x2))
@@ -113,6 +140,42 @@ def _add_fwd(x1, x2):
     y = _empty((B, N), _dtype)
     _launch(_add_fwd0, B * N, x1, x2, y, B, N)
     return _result(y, _dev)
+
+
+def _add_fwd_shapes(x1, x2):
+    """The shapes of the results of ``_add_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x1.shape[0]
+    N = x1.shape[1]
+    return ((B, N),)
+
+
+def _add_bwd_core(g_y, x1, x2):
+    """Backward of add: gradients g_x1, g_x2 from g_y, x1, x2 (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    g_x1 = _empty((B, N), _dtype)
+    g_x2 = _empty((B, N), _dtype)
+    _launch(_add_bwd0, B * N, g_y, g_x1, g_x2, B, N)
+    return g_x1, g_x2
+
+
+def _add_bwd_alloc(g_y, x1, x2):
+    """The results of ``_add_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_add_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    g_x1 = _empty((B, N), _dtype)
+    g_x2 = _empty((B, N), _dtype)
+    return g_x1, g_x2
+
+
+def _add_bwd_into(g_y, x1, x2, g_x1, g_x2):
+    """``_add_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_add_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    N = g_y.shape[1]
+    _launch(_add_bwd0, B * N, g_y, g_x1, g_x2, B, N)
 
 
 def _add_bwd(g_y, x1, x2):
@@ -199,6 +262,7 @@ _FUNCS = {
         "forward": _add_fwd,
         "hvp": _add_hvp,
         "jvp": _add_jvp,
+        "shapes": _add_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -153,6 +153,16 @@ def _concat_fwd(x1, x2):
     _check_dim("concat", "x2", x2, 0, "A", A, "from x1 axis 0")
     _check_dim("concat", "x2", x2, 2, "R", R, "from x1 axis 2")
     return _concat_fwd_core(x1, x2)
+
+
+def _concat_fwd_shapes(x1, x2):
+    """The shapes of the results of ``_concat_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    A = x1.shape[0]
+    N1 = x1.shape[1]
+    R = x1.shape[2]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    return ((A, N, R),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -365,6 +375,7 @@ _FUNCS = {
         "forward": _concat_fwd,
         "hvp": _concat_hvp,
         "jvp": _concat_jvp,
+        "shapes": _concat_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -125,6 +125,42 @@ def _concat_hvp1(t_g_x2, A, N2, R, _total):
         t_g_x2[i0, i1, i2] = _v_t_g_x2
 
 
+def _concat_fwd_core(x1, x2):
+    """Forward of concat: y from x1, x2. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    A = x1.shape[0]
+    N1 = x1.shape[1]
+    R = x1.shape[2]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    y = _empty((A, N, R), _dtype)
+    _launch(_concat_fwd0, A * N * R, x1, x2, y, A, N, N1, N2, R)
+    return y
+
+
+def _concat_fwd_alloc(x1, x2):
+    """The results of ``_concat_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_concat_fwd_into`` writes."""
+    _dtype = x1.dtype
+    A = x1.shape[0]
+    N1 = x1.shape[1]
+    R = x1.shape[2]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    y = _empty((A, N, R), _dtype)
+    return y
+
+
+def _concat_fwd_into(x1, x2, y):
+    """``_concat_fwd_core`` launching its kernels into y (from ``_concat_fwd_alloc``); returns nothing."""
+    _dtype = x1.dtype
+    A = x1.shape[0]
+    N1 = x1.shape[1]
+    R = x1.shape[2]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    _launch(_concat_fwd0, A * N * R, x1, x2, y, A, N, N1, N2, R)
+
+
 def _concat_fwd(x1, x2):
     """Forward of concat: y from x1, x2."""
     _dev = any(_on_device(a) for a in (x1, x2))
@@ -144,6 +180,56 @@ def _concat_fwd(x1, x2):
     y = _empty((A, N, R), _dtype)
     _launch(_concat_fwd0, A * N * R, x1, x2, y, A, N, N1, N2, R)
     return _result(y, _dev)
+
+
+def _concat_fwd_shapes(x1, x2):
+    """The shapes of the results of ``_concat_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    A = x1.shape[0]
+    N1 = x1.shape[1]
+    R = x1.shape[2]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    return ((A, N, R),)
+
+
+def _concat_bwd_core(g_y, x1, x2):
+    """Backward of concat: gradients g_x1, g_x2 from g_y, x1, x2 (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    A = g_y.shape[0]
+    R = g_y.shape[2]
+    N1 = x1.shape[1]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    g_x1 = _empty((A, N1, R), _dtype)
+    g_x2 = _empty((A, N2, R), _dtype)
+    _launch(_concat_bwd0, A * N1 * R, g_y, g_x1, A, N1, R)
+    _launch(_concat_bwd1, A * N2 * R, g_y, g_x2, A, N1, N2, R)
+    return g_x1, g_x2
+
+
+def _concat_bwd_alloc(g_y, x1, x2):
+    """The results of ``_concat_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_concat_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    A = g_y.shape[0]
+    R = g_y.shape[2]
+    N1 = x1.shape[1]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    g_x1 = _empty((A, N1, R), _dtype)
+    g_x2 = _empty((A, N2, R), _dtype)
+    return g_x1, g_x2
+
+
+def _concat_bwd_into(g_y, x1, x2, g_x1, g_x2):
+    """``_concat_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_concat_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    A = g_y.shape[0]
+    R = g_y.shape[2]
+    N1 = x1.shape[1]
+    N2 = x2.shape[1]
+    N = N1 + N2
+    _launch(_concat_bwd0, A * N1 * R, g_y, g_x1, A, N1, R)
+    _launch(_concat_bwd1, A * N2 * R, g_y, g_x2, A, N1, N2, R)
 
 
 def _concat_bwd(g_y, x1, x2):
@@ -250,6 +336,7 @@ _FUNCS = {
         "forward": _concat_fwd,
         "hvp": _concat_hvp,
         "jvp": _concat_jvp,
+        "shapes": _concat_fwd_shapes,
     },
 }
 

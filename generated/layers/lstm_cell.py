@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -1268,6 +1268,13 @@ def _lstm_cell_fwd(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
     return _lstm_cell_fwd_core(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
 
 
+def _lstm_cell_fwd_shapes(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The shapes of the results of ``_lstm_cell_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    H = h.shape[1]
+    return ((B, H), (B, H))
+
+
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _lstm_cell_bwd_core(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
     """Backward of lstm_cell: gradients g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh from g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
@@ -2099,6 +2106,7 @@ _FUNCS = {
         "forward": _lstm_cell_fwd,
         "hvp": _lstm_cell_hvp,
         "jvp": _lstm_cell_jvp,
+        "shapes": _lstm_cell_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -1169,6 +1169,41 @@ def _lstm_cell_hvp20(h, c_new, ig, gg, og, g_h_new, g_c_new, t_h, t_c_new, t_g_w
         t_g_weight_hh[j, k] = _v_t_g_weight_hh
 
 
+def _lstm_cell_fwd_core(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Forward of lstm_cell: h_new, c_new from x, h, c, weight_ih, weight_hh, bias_ih, bias_hh. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    _launch(_lstm_cell_fwd0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, B, H, I)
+    return h_new, c_new
+
+
+def _lstm_cell_fwd_alloc(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The results of ``_lstm_cell_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_lstm_cell_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    return h_new, c_new
+
+
+def _lstm_cell_fwd_into(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new):
+    """``_lstm_cell_fwd_core`` launching its kernels into h_new, c_new (from ``_lstm_cell_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = weight_ih.shape[0]
+    _launch(_lstm_cell_fwd0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, B, H, I)
+
+
 def _lstm_cell_fwd(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
     """Forward of lstm_cell: h_new, c_new from x, h, c, weight_ih, weight_hh, bias_ih, bias_hh."""
     _dev = any(_on_device(a) for a in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh))
@@ -1204,6 +1239,110 @@ def _lstm_cell_fwd(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
     c_new = _empty((B, H), _dtype)
     _launch(_lstm_cell_fwd0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, B, H, I)
     return _result(h_new, _dev), _result(c_new, _dev)
+
+
+def _lstm_cell_fwd_shapes(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The shapes of the results of ``_lstm_cell_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    H = h.shape[1]
+    return ((B, H), (B, H))
+
+
+def _lstm_cell_bwd_core(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Backward of lstm_cell: gradients g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh from g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    ig = _empty((B, H), _dtype)
+    fg = _empty((B, H), _dtype)
+    gg = _empty((B, H), _dtype)
+    og = _empty((B, H), _dtype)
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_c = _empty((B, H), _dtype)
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    _launch(_lstm_cell_bwd0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, g_h_new, g_c_new, g_c, B, H, I)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd3, B * I, weight_ih, h_new, og, g_h_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd4, B * H, weight_hh, h_new, og, g_h_new, g_h, B, H)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd8, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd9, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd13, B * I, c, weight_ih, c_new, fg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd14, B * H, c, weight_hh, c_new, fg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd18, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd19, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    return g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_alloc(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The results of ``_lstm_cell_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_lstm_cell_bwd_into`` writes."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_c = _empty((B, H), _dtype)
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    return g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh):
+    """``_lstm_cell_bwd_core`` launching its kernels into g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh (from ``_lstm_cell_bwd_alloc``); returns nothing."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    ig = _empty((B, H), _dtype)
+    fg = _empty((B, H), _dtype)
+    gg = _empty((B, H), _dtype)
+    og = _empty((B, H), _dtype)
+    _launch(_lstm_cell_bwd0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, g_h_new, g_c_new, g_c, B, H, I)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd3, B * I, weight_ih, h_new, og, g_h_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd4, B * H, weight_hh, h_new, og, g_h_new, g_h, B, H)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd8, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd9, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd13, B * I, c, weight_ih, c_new, fg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd14, B * H, c, weight_hh, c_new, fg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd18, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd19, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
 
 
 def _lstm_cell_bwd(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -1460,6 +1599,7 @@ _FUNCS = {
         "forward": _lstm_cell_fwd,
         "hvp": _lstm_cell_hvp,
         "jvp": _lstm_cell_jvp,
+        "shapes": _lstm_cell_fwd_shapes,
     },
 }
 

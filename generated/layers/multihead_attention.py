@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -993,6 +993,14 @@ def _multihead_attention_fwd(query, key, value, attn_mask, key_padding_mask, in_
     _check_dim("multihead_attention", "out_proj_weight", out_proj_weight, 1, "E", E, "from query axis 2")
     _check_dim("multihead_attention", "out_proj_bias", out_proj_bias, 0, "E", E, "from query axis 2")
     return _multihead_attention_fwd_core(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal)
+
+
+def _multihead_attention_fwd_shapes(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, *, heads, causal):
+    """The shapes of the results of ``_multihead_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    return ((B, L, E),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -2014,6 +2022,7 @@ _FUNCS = {
         "forward": _multihead_attention_fwd,
         "hvp": _multihead_attention_hvp,
         "jvp": _multihead_attention_jvp,
+        "shapes": _multihead_attention_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -1090,6 +1090,91 @@ def _multihead_attention_hvp16(t_g_out_proj_bias, E, _total):
         t_g_out_proj_bias[i0] = _v_t_g_out_proj_bias
 
 
+def _multihead_attention_fwd_core(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """Forward of multihead_attention: y from query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_fwd10, B * E * L, out_proj_weight, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd11, B * L * E, out_proj_bias, y, y_sum0, B, E, L)
+    return y
+
+
+def _multihead_attention_fwd_alloc(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The results of ``_multihead_attention_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_multihead_attention_fwd_into`` writes."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    return y
+
+
+def _multihead_attention_fwd_into(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, y):
+    """``_multihead_attention_fwd_core`` launching its kernels into y (from ``_multihead_attention_fwd_alloc``); returns nothing."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_fwd10, B * E * L, out_proj_weight, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd11, B * L * E, out_proj_bias, y, y_sum0, B, E, L)
+
+
 def _multihead_attention_fwd(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, *, heads, causal):
     """Forward of multihead_attention: y from query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias."""
     _dev = any(_on_device(a) for a in (query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias))
@@ -1163,6 +1248,151 @@ def _multihead_attention_fwd(query, key, value, attn_mask, key_padding_mask, in_
     _launch(_multihead_attention_fwd10, B * E * L, out_proj_weight, oh, y_sum0, B, Dh, E, L, heads)
     _launch(_multihead_attention_fwd11, B * L * E, out_proj_bias, y, y_sum0, B, E, L)
     return _result(y, _dev)
+
+
+def _multihead_attention_fwd_shapes(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, *, heads, causal):
+    """The shapes of the results of ``_multihead_attention_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    return ((B, L, E),)
+
+
+def _multihead_attention_bwd_core(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """Backward of multihead_attention: gradients g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias from g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_query = _empty((B, L, E), _dtype)
+    g_key = _empty((B, S, E), _dtype)
+    g_value = _empty((B, S, E), _dtype)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd10, B * S * E, in_proj_weight, g_value, g_vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd13, B * S * E, in_proj_weight, g_key, g_kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+    _launch(_multihead_attention_bwd16, B * L * E, in_proj_weight, g_query, g_qh, B, Dh, E, L, heads)
+    return g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_alloc(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The results of ``_multihead_attention_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_multihead_attention_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_query = _empty((B, L, E), _dtype)
+    g_key = _empty((B, S, E), _dtype)
+    g_value = _empty((B, S, E), _dtype)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    return g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_into(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias):
+    """``_multihead_attention_bwd_core`` launching its kernels into g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias (from ``_multihead_attention_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd10, B * S * E, in_proj_weight, g_value, g_vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd13, B * S * E, in_proj_weight, g_key, g_kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+    _launch(_multihead_attention_bwd16, B * L * E, in_proj_weight, g_query, g_qh, B, Dh, E, L, heads)
 
 
 def _multihead_attention_bwd(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, *, heads, causal):
@@ -1566,6 +1796,7 @@ _FUNCS = {
         "forward": _multihead_attention_fwd,
         "hvp": _multihead_attention_hvp,
         "jvp": _multihead_attention_jvp,
+        "shapes": _multihead_attention_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -149,6 +149,14 @@ def _positional_embedding_fwd(x, table):
     _check_read("positional_embedding", "combine.py", "table[t, d]", "table", 0, 0, T - 1, P, (T,), {'P': (P, 'from table axis 0'), 'T': (T, 'from x axis 1')})
     _check_dim("positional_embedding", "table", table, 1, "D", D, "from x axis 2")
     return _positional_embedding_fwd_core(x, table)
+
+
+def _positional_embedding_fwd_shapes(x, table):
+    """The shapes of the results of ``_positional_embedding_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    T = x.shape[1]
+    D = x.shape[2]
+    return ((B, T, D),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -378,6 +386,7 @@ _FUNCS = {
         "forward": _positional_embedding_fwd,
         "hvp": _positional_embedding_hvp,
         "jvp": _positional_embedding_jvp,
+        "shapes": _positional_embedding_fwd_shapes,
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -123,6 +123,39 @@ def _positional_embedding_hvp1(t_g_table, D, P, _total):
         t_g_table[i0, i1] = _v_t_g_table
 
 
+def _positional_embedding_fwd_core(x, table):
+    """Forward of positional_embedding: y from x, table. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    T = x.shape[1]
+    D = x.shape[2]
+    P = table.shape[0]
+    y = _empty((B, T, D), _dtype)
+    _launch(_positional_embedding_fwd0, B * T * D, x, table, y, B, D, P, T)
+    return y
+
+
+def _positional_embedding_fwd_alloc(x, table):
+    """The results of ``_positional_embedding_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_positional_embedding_fwd_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    T = x.shape[1]
+    D = x.shape[2]
+    P = table.shape[0]
+    y = _empty((B, T, D), _dtype)
+    return y
+
+
+def _positional_embedding_fwd_into(x, table, y):
+    """``_positional_embedding_fwd_core`` launching its kernels into y (from ``_positional_embedding_fwd_alloc``); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    T = x.shape[1]
+    D = x.shape[2]
+    P = table.shape[0]
+    _launch(_positional_embedding_fwd0, B * T * D, x, table, y, B, D, P, T)
+
+
 def _positional_embedding_fwd(x, table):
     """Forward of positional_embedding: y from x, table."""
     _dev = any(_on_device(a) for a in (x, table))
@@ -140,6 +173,51 @@ def _positional_embedding_fwd(x, table):
     y = _empty((B, T, D), _dtype)
     _launch(_positional_embedding_fwd0, B * T * D, x, table, y, B, D, P, T)
     return _result(y, _dev)
+
+
+def _positional_embedding_fwd_shapes(x, table):
+    """The shapes of the results of ``_positional_embedding_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x.shape[0]
+    T = x.shape[1]
+    D = x.shape[2]
+    return ((B, T, D),)
+
+
+def _positional_embedding_bwd_core(g_y, x, table):
+    """Backward of positional_embedding: gradients g_x, g_table from g_y, x, table (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    T = g_y.shape[1]
+    D = g_y.shape[2]
+    P = table.shape[0]
+    g_x = _empty((B, T, D), _dtype)
+    g_table = _empty((P, D), _dtype)
+    _launch(_positional_embedding_bwd0, P * D, g_y, g_table, B, D, P, T)
+    _launch(_positional_embedding_bwd1, B * T * D, g_y, g_x, B, D, T)
+    return g_x, g_table
+
+
+def _positional_embedding_bwd_alloc(g_y, x, table):
+    """The results of ``_positional_embedding_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_positional_embedding_bwd_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    T = g_y.shape[1]
+    D = g_y.shape[2]
+    P = table.shape[0]
+    g_x = _empty((B, T, D), _dtype)
+    g_table = _empty((P, D), _dtype)
+    return g_x, g_table
+
+
+def _positional_embedding_bwd_into(g_y, x, table, g_x, g_table):
+    """``_positional_embedding_bwd_core`` launching its kernels into g_x, g_table (from ``_positional_embedding_bwd_alloc``); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    T = g_y.shape[1]
+    D = g_y.shape[2]
+    P = table.shape[0]
+    _launch(_positional_embedding_bwd0, P * D, g_y, g_table, B, D, P, T)
+    _launch(_positional_embedding_bwd1, B * T * D, g_y, g_x, B, D, T)
 
 
 def _positional_embedding_bwd(g_y, x, table):
@@ -238,6 +316,7 @@ _FUNCS = {
         "forward": _positional_embedding_fwd,
         "hvp": _positional_embedding_hvp,
         "jvp": _positional_embedding_jvp,
+        "shapes": _positional_embedding_fwd_shapes,
     },
 }
 

@@ -10,5 +10,6 @@
 ``generated.op(name, target, **attrs)``.
 
 Ops: bce_with_logits, categorical_nll, cosine_embedding_loss, cross_entropy,
-gaussian_nll, huber, kl_div, mse, nll, poisson_nll, softmax_cross_entropy.
+gaussian_nll, huber, kl_div, l2_penalty, mse, nll, poisson_nll,
+softmax_cross_entropy.
 """

@@ -136,7 +136,7 @@ def _bce_with_logits_fwd(pred, target, *, reduction):
     return loss[0]
 
 
-def _bce_with_logits_fwd_shapes(pred, target):
+def _bce_with_logits_fwd_shapes(pred, target, *, reduction):
     """The shapes of the results of ``_bce_with_logits_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

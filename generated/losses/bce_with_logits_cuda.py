@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -104,6 +104,33 @@ def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N, reduction, _tota
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _bce_with_logits_fwd_core(pred, target, reduction):
+    """Forward of bce_with_logits: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N, reduction)
+    return loss
+
+
+def _bce_with_logits_fwd_alloc(pred, target, reduction):
+    """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_bce_with_logits_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _bce_with_logits_fwd_into(pred, target, reduction, loss):
+    """``_bce_with_logits_fwd_core`` launching its kernels into loss (from ``_bce_with_logits_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N, reduction)
+
+
 def _bce_with_logits_fwd(pred, target, *, reduction):
     """Forward of bce_with_logits: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -119,6 +146,38 @@ def _bce_with_logits_fwd(pred, target, *, reduction):
     loss = _empty((1,), _dtype)
     _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N, reduction)
     return _result(loss, False)[0]
+
+
+def _bce_with_logits_fwd_shapes(pred, target, *, reduction):
+    """The shapes of the results of ``_bce_with_logits_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _bce_with_logits_bwd_core(g_loss, pred, target, reduction):
+    """Backward of bce_with_logits: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
+    return g_pred
+
+
+def _bce_with_logits_bwd_alloc(g_loss, pred, target, reduction):
+    """The results of ``_bce_with_logits_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_bce_with_logits_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _bce_with_logits_bwd_into(g_loss, pred, target, reduction, g_pred):
+    """``_bce_with_logits_bwd_core`` launching its kernels into g_pred (from ``_bce_with_logits_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
 
 
 def _bce_with_logits_bwd(g_loss, pred, target, *, reduction):
@@ -189,6 +248,7 @@ _FUNCS = {
         "forward": _bce_with_logits_fwd,
         "hvp": _bce_with_logits_hvp,
         "jvp": _bce_with_logits_jvp,
+        "shapes": _bce_with_logits_fwd_shapes,
     },
 }
 

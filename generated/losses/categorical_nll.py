@@ -140,7 +140,7 @@ def _categorical_nll_fwd(logprobs, idx, *, reduction):
     return loss[0]
 
 
-def _categorical_nll_fwd_shapes(logprobs, idx):
+def _categorical_nll_fwd_shapes(logprobs, idx, *, reduction):
     """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -111,6 +111,33 @@ def _categorical_nll_hvp0(t_g_logprobs, B, C, _total):
         t_g_logprobs[i0, i1] = _v_t_g_logprobs
 
 
+def _categorical_nll_fwd_core(logprobs, idx, reduction):
+    """Forward of categorical_nll: loss from logprobs, idx. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C, reduction)
+    return loss
+
+
+def _categorical_nll_fwd_alloc(logprobs, idx, reduction):
+    """The results of ``_categorical_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_categorical_nll_fwd_into`` writes."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _categorical_nll_fwd_into(logprobs, idx, reduction, loss):
+    """``_categorical_nll_fwd_core`` launching its kernels into loss (from ``_categorical_nll_fwd_alloc``); returns nothing."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C, reduction)
+
+
 def _categorical_nll_fwd(logprobs, idx, *, reduction):
     """Forward of categorical_nll: loss from logprobs, idx."""
     _dev = any(_on_device(a) for a in (logprobs, idx))
@@ -125,6 +152,40 @@ def _categorical_nll_fwd(logprobs, idx, *, reduction):
     loss = _empty((1,), _dtype)
     _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C, reduction)
     return _result(loss, False)[0]
+
+
+def _categorical_nll_fwd_shapes(logprobs, idx, *, reduction):
+    """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _categorical_nll_bwd_core(g_loss, logprobs, idx, reduction):
+    """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_categorical_nll_bwd0, B * C, g_logprobs, B, C)
+    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C, reduction)
+    return g_logprobs
+
+
+def _categorical_nll_bwd_alloc(g_loss, logprobs, idx, reduction):
+    """The results of ``_categorical_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_categorical_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    return g_logprobs
+
+
+def _categorical_nll_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs):
+    """``_categorical_nll_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_categorical_nll_bwd0, B * C, g_logprobs, B, C)
+    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C, reduction)
 
 
 def _categorical_nll_bwd(g_loss, logprobs, idx, *, reduction):
@@ -193,6 +254,7 @@ _FUNCS = {
         "forward": _categorical_nll_fwd,
         "hvp": _categorical_nll_hvp,
         "jvp": _categorical_nll_jvp,
+        "shapes": _categorical_nll_fwd_shapes,
     },
 }
 

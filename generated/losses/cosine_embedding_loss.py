@@ -322,7 +322,7 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps, reduction):
     return loss[0]
 
 
-def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps, reduction):
     """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -284,6 +284,41 @@ def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         t_g_x1[b, d] = _v_t_g_x1
 
 
+def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps, reduction):
+    """Forward of cosine_embedding_loss: loss from x1, x2, label. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((1,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
+    return loss
+
+
+def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_fwd_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, reduction, loss):
+    """``_cosine_embedding_loss_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_fwd_alloc``); returns nothing."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
+
+
 def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps, reduction):
     """Forward of cosine_embedding_loss: loss from x1, x2, label."""
     _dev = any(_on_device(a) for a in (x1, x2, label))
@@ -306,6 +341,54 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps, reduction):
     _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
     return _result(loss, False)[0]
+
+
+def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps, reduction):
+    """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps, reduction):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2):
+    """``_cosine_embedding_loss_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
 
 
 def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps, reduction):
@@ -417,6 +500,7 @@ _FUNCS = {
         "forward": _cosine_embedding_loss_fwd,
         "hvp": _cosine_embedding_loss_hvp,
         "jvp": _cosine_embedding_loss_jvp,
+        "shapes": _cosine_embedding_loss_fwd_shapes,
     },
 }
 

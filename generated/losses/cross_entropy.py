@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 add2834f4b1737c4): its compiled helpers are compiled
+# generated/_runtime.py (sha256 03eee27c19d4ec7b): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -332,6 +332,11 @@ def _cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing,
     label_smoothing = _dtype.type(label_smoothing)
     loss = _cross_entropy_fwd_core(logits, target, weight, ignore_index, label_smoothing, reduction)
     return loss[0]
+
+
+def _cross_entropy_fwd_shapes(logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """The shapes of the results of ``_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -652,6 +657,7 @@ _FUNCS = {
         "forward": _cross_entropy_fwd,
         "hvp": _cross_entropy_hvp,
         "jvp": _cross_entropy_jvp,
+        "shapes": _cross_entropy_fwd_shapes,
     },
 }
 

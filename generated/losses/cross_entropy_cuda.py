@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -251,6 +251,47 @@ def _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, wsum, g_loss, g_logits_su
         t_g_logits[b, k] = _v_t_g_logits
 
 
+def _cross_entropy_fwd_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy: loss from logits, target, weight. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wsum_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
+    _launch(_cross_entropy_fwd3, 1, logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+    return loss
+
+
+def _cross_entropy_fwd_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_fwd_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss):
+    """``_cross_entropy_fwd_core`` launching its kernels into loss (from ``_cross_entropy_fwd_alloc``); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wsum_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
+    _launch(_cross_entropy_fwd3, 1, logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+
+
 def _cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, reduction):
     """Forward of cross_entropy: loss from logits, target, weight."""
     _dev = any(_on_device(a) for a in (logits, target, weight))
@@ -275,6 +316,62 @@ def _cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing,
     _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
     _launch(_cross_entropy_fwd3, 1, logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
     return _result(loss, False)[0]
+
+
+def _cross_entropy_fwd_shapes(logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """The shapes of the results of ``_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _cross_entropy_bwd_core(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wsum_sum0 = _empty((B,), _dtype)
+    wsum = _empty((1,), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
+    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    return g_logits
+
+
+def _cross_entropy_bwd_alloc(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits):
+    """``_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wsum_sum0 = _empty((B,), _dtype)
+    wsum = _empty((1,), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
+    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_smoothing, reduction):
@@ -388,6 +485,7 @@ _FUNCS = {
         "forward": _cross_entropy_fwd,
         "hvp": _cross_entropy_hvp,
         "jvp": _cross_entropy_jvp,
+        "shapes": _cross_entropy_fwd_shapes,
     },
 }
 

@@ -207,7 +207,7 @@ def _gaussian_nll_fwd(pred, target, var, *, eps, full, reduction):
     return loss[0]
 
 
-def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full):
+def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full, reduction):
     """The shapes of the results of ``_gaussian_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

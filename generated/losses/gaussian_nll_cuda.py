@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -166,6 +166,41 @@ def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_v
         t_g_var[b, n] = _v_t_g_var
 
 
+def _gaussian_nll_fwd_core(pred, target, var, eps, full, reduction):
+    """Forward of gaussian_nll: loss from pred, target, var. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    vc = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
+    return loss
+
+
+def _gaussian_nll_fwd_alloc(pred, target, var, eps, full, reduction):
+    """The results of ``_gaussian_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _gaussian_nll_fwd_into(pred, target, var, eps, full, reduction, loss):
+    """``_gaussian_nll_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    vc = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
+
+
 def _gaussian_nll_fwd(pred, target, var, *, eps, full, reduction):
     """Forward of gaussian_nll: loss from pred, target, var."""
     _dev = any(_on_device(a) for a in (pred, target, var))
@@ -189,6 +224,42 @@ def _gaussian_nll_fwd(pred, target, var, *, eps, full, reduction):
     _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
     _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
     return _result(loss, False)[0]
+
+
+def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full, reduction):
+    """The shapes of the results of ``_gaussian_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full, reduction):
+    """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
+    return g_pred, g_var
+
+
+def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full, reduction):
+    """The results of ``_gaussian_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    return g_pred, g_var
+
+
+def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var):
+    """``_gaussian_nll_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
 
 
 def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full, reduction):
@@ -287,6 +358,7 @@ _FUNCS = {
         "forward": _gaussian_nll_fwd,
         "hvp": _gaussian_nll_hvp,
         "jvp": _gaussian_nll_jvp,
+        "shapes": _gaussian_nll_fwd_shapes,
     },
 }
 

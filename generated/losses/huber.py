@@ -141,7 +141,7 @@ def _huber_fwd(pred, target, *, delta, reduction):
     return loss[0]
 
 
-def _huber_fwd_shapes(pred, target, *, delta):
+def _huber_fwd_shapes(pred, target, *, delta, reduction):
     """The shapes of the results of ``_huber_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

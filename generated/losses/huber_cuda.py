@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -105,6 +105,35 @@ def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, reduction, 
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _huber_fwd_core(pred, target, delta, reduction):
+    """Forward of huber: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta, reduction)
+    return loss
+
+
+def _huber_fwd_alloc(pred, target, delta, reduction):
+    """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _huber_fwd_into(pred, target, delta, reduction, loss):
+    """``_huber_fwd_core`` launching its kernels into loss (from ``_huber_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta, reduction)
+
+
 def _huber_fwd(pred, target, *, delta, reduction):
     """Forward of huber: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -121,6 +150,40 @@ def _huber_fwd(pred, target, *, delta, reduction):
     loss = _empty((1,), _dtype)
     _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta, reduction)
     return _result(loss, False)[0]
+
+
+def _huber_fwd_shapes(pred, target, *, delta, reduction):
+    """The shapes of the results of ``_huber_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _huber_bwd_core(g_loss, pred, target, delta, reduction):
+    """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta, reduction)
+    return g_pred
+
+
+def _huber_bwd_alloc(g_loss, pred, target, delta, reduction):
+    """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _huber_bwd_into(g_loss, pred, target, delta, reduction, g_pred):
+    """``_huber_bwd_core`` launching its kernels into g_pred (from ``_huber_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta, reduction)
 
 
 def _huber_bwd(g_loss, pred, target, *, delta, reduction):
@@ -194,6 +257,7 @@ _FUNCS = {
         "forward": _huber_fwd,
         "hvp": _huber_hvp,
         "jvp": _huber_jvp,
+        "shapes": _huber_fwd_shapes,
     },
 }
 

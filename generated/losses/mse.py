@@ -133,7 +133,7 @@ def _mse_fwd(pred, target, *, reduction):
     return loss[0]
 
 
-def _mse_fwd_shapes(pred, target):
+def _mse_fwd_shapes(pred, target, *, reduction):
     """The shapes of the results of ``_mse_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -101,6 +101,33 @@ def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, reduction, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _mse_fwd_core(pred, target, reduction):
+    """Forward of mse: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N, reduction)
+    return loss
+
+
+def _mse_fwd_alloc(pred, target, reduction):
+    """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _mse_fwd_into(pred, target, reduction, loss):
+    """``_mse_fwd_core`` launching its kernels into loss (from ``_mse_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N, reduction)
+
+
 def _mse_fwd(pred, target, *, reduction):
     """Forward of mse: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -116,6 +143,38 @@ def _mse_fwd(pred, target, *, reduction):
     loss = _empty((1,), _dtype)
     _launch(_mse_fwd0, 1, pred, target, loss, B, N, reduction)
     return _result(loss, False)[0]
+
+
+def _mse_fwd_shapes(pred, target, *, reduction):
+    """The shapes of the results of ``_mse_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _mse_bwd_core(g_loss, pred, target, reduction):
+    """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
+    return g_pred
+
+
+def _mse_bwd_alloc(g_loss, pred, target, reduction):
+    """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _mse_bwd_into(g_loss, pred, target, reduction, g_pred):
+    """``_mse_bwd_core`` launching its kernels into g_pred (from ``_mse_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
 
 
 def _mse_bwd(g_loss, pred, target, *, reduction):
@@ -186,6 +245,7 @@ _FUNCS = {
         "forward": _mse_fwd,
         "hvp": _mse_hvp,
         "jvp": _mse_jvp,
+        "shapes": _mse_fwd_shapes,
     },
 }
 

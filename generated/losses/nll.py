@@ -132,7 +132,7 @@ def _nll_fwd(logprobs, target, *, reduction):
     return loss[0]
 
 
-def _nll_fwd_shapes(logprobs, target):
+def _nll_fwd_shapes(logprobs, target, *, reduction):
     """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

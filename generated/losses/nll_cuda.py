@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -100,6 +100,33 @@ def _nll_hvp0(t_g_logprobs, B, C, _total):
         t_g_logprobs[i0, i1] = _v_t_g_logprobs
 
 
+def _nll_fwd_core(logprobs, target, reduction):
+    """Forward of nll: loss from logprobs, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C, reduction)
+    return loss
+
+
+def _nll_fwd_alloc(logprobs, target, reduction):
+    """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_fwd_into`` writes."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _nll_fwd_into(logprobs, target, reduction, loss):
+    """``_nll_fwd_core`` launching its kernels into loss (from ``_nll_fwd_alloc``); returns nothing."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C, reduction)
+
+
 def _nll_fwd(logprobs, target, *, reduction):
     """Forward of nll: loss from logprobs, target."""
     _dev = any(_on_device(a) for a in (logprobs, target))
@@ -115,6 +142,38 @@ def _nll_fwd(logprobs, target, *, reduction):
     loss = _empty((1,), _dtype)
     _launch(_nll_fwd0, 1, logprobs, target, loss, B, C, reduction)
     return _result(loss, False)[0]
+
+
+def _nll_fwd_shapes(logprobs, target, *, reduction):
+    """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _nll_bwd_core(g_loss, logprobs, target, reduction):
+    """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C, reduction)
+    return g_logprobs
+
+
+def _nll_bwd_alloc(g_loss, logprobs, target, reduction):
+    """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    return g_logprobs
+
+
+def _nll_bwd_into(g_loss, logprobs, target, reduction, g_logprobs):
+    """``_nll_bwd_core`` launching its kernels into g_logprobs (from ``_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C, reduction)
 
 
 def _nll_bwd(g_loss, logprobs, target, *, reduction):
@@ -185,6 +244,7 @@ _FUNCS = {
         "forward": _nll_fwd,
         "hvp": _nll_hvp,
         "jvp": _nll_jvp,
+        "shapes": _nll_fwd_shapes,
     },
 }
 

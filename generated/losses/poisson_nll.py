@@ -144,7 +144,7 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps, reduction):
     return loss[0]
 
 
-def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps):
+def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps, reduction):
     """The shapes of the results of ``_poisson_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -102,6 +102,39 @@ def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_inp
         t_g_pred[b, n] = _v_t_g_pred
 
 
+def _poisson_nll_fwd_core(pred, target, log_input, full, eps, reduction):
+    """Forward of poisson_nll: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input, reduction)
+    return loss
+
+
+def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _poisson_nll_fwd_into(pred, target, log_input, full, eps, reduction, loss):
+    """``_poisson_nll_fwd_core`` launching its kernels into loss (from ``_poisson_nll_fwd_alloc``); returns nothing."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input, reduction)
+
+
 def _poisson_nll_fwd(pred, target, *, log_input, full, eps, reduction):
     """Forward of poisson_nll: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
@@ -120,6 +153,42 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps, reduction):
     loss = _empty((1,), _dtype)
     _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input, reduction)
     return _result(loss, False)[0]
+
+
+def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps, reduction):
+    """The shapes of the results of ``_poisson_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps, reduction):
+    """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
+    return g_pred
+
+
+def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred):
+    """``_poisson_nll_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
 
 
 def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps, reduction):
@@ -196,6 +265,7 @@ _FUNCS = {
         "forward": _poisson_nll_fwd,
         "hvp": _poisson_nll_hvp,
         "jvp": _poisson_nll_jvp,
+        "shapes": _poisson_nll_fwd_shapes,
     },
 }
 

@@ -278,7 +278,7 @@ def _softmax_cross_entropy_fwd(logits, target, *, reduction):
     return loss[0]
 
 
-def _softmax_cross_entropy_fwd_shapes(logits, target):
+def _softmax_cross_entropy_fwd_shapes(logits, target, *, reduction):
     """The shapes of the results of ``_softmax_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 

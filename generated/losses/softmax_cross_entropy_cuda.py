@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 412a48f5a2ab5d87): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_assumption,
@@ -232,6 +232,45 @@ def _softmax_cross_entropy_hvp1(logits, target, loss_max0, loss_sumexp0, g_loss,
         t_g_logits[b, k] = _v_t_g_logits
 
 
+def _softmax_cross_entropy_fwd_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy: loss from logits, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    loss_logsumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
+    return loss
+
+
+def _softmax_cross_entropy_fwd_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_fwd_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    return loss
+
+
+def _softmax_cross_entropy_fwd_into(logits, target, reduction, loss):
+    """``_softmax_cross_entropy_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_fwd_alloc``); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    loss_logsumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
+
+
 def _softmax_cross_entropy_fwd(logits, target, *, reduction):
     """Forward of softmax_cross_entropy: loss from logits, target."""
     _dev = any(_on_device(a) for a in (logits, target))
@@ -253,6 +292,44 @@ def _softmax_cross_entropy_fwd(logits, target, *, reduction):
     _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
     _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
     return _result(loss, False)[0]
+
+
+def _softmax_cross_entropy_fwd_shapes(logits, target, *, reduction):
+    """The shapes of the results of ``_softmax_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    return ((),)
+
+
+def _softmax_cross_entropy_bwd_core(g_loss, logits, target, reduction):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
+    return g_logits
+
+
+def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _softmax_cross_entropy_bwd_into(g_loss, logits, target, reduction, g_logits):
+    """``_softmax_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_bwd_alloc``); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
 
 
 def _softmax_cross_entropy_bwd(g_loss, logits, target, *, reduction):
@@ -339,6 +416,7 @@ _FUNCS = {
         "forward": _softmax_cross_entropy_fwd,
         "hvp": _softmax_cross_entropy_hvp,
         "jvp": _softmax_cross_entropy_jvp,
+        "shapes": _softmax_cross_entropy_fwd_shapes,
     },
 }
 

@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py a54f8ca7181216c8
-#   generated/layers/conv2d.py 1d05b1356856343c
-#   generated/layers/dense.py 0e8e5d35552f8fe2
-#   generated/layers/flatten.py 1b956ef93a092d1d
-#   generated/layers/max_pool2d.py 16e2bd15844001aa
-#   generated/losses/softmax_cross_entropy.py b5d29ded38997345
-#   generated/optimizers/adam.py 774198359a3a219a
-#   generated/_runtime.py add2834f4b1737c4
+#   generated/activations/relu.py 4f79af4f32293657
+#   generated/layers/conv2d.py 829f9cdbe97f6118
+#   generated/layers/dense.py 68f01f39ee549452
+#   generated/layers/flatten.py 512ea6bfd5bc2d89
+#   generated/layers/max_pool2d.py d45043a4a5836f7e
+#   generated/losses/softmax_cross_entropy.py 06b0a36951b89c9a
+#   generated/optimizers/adam.py f21445bf308f9c07
+#   generated/_runtime.py 03eee27c19d4ec7b
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 0e8e5d35552f8fe2
-#   generated/losses/mse.py 41f097de833d15f6
-#   generated/optimizers/adam.py 774198359a3a219a
-#   generated/_runtime.py add2834f4b1737c4
+#   generated/layers/dense.py 68f01f39ee549452
+#   generated/losses/mse.py 028b8b6f2f3098b0
+#   generated/optimizers/adam.py f21445bf308f9c07
+#   generated/_runtime.py 03eee27c19d4ec7b
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

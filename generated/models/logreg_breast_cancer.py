@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 0e8e5d35552f8fe2
-#   generated/losses/bce_with_logits.py 7349502cc777f965
-#   generated/optimizers/adam.py 774198359a3a219a
-#   generated/_runtime.py add2834f4b1737c4
+#   generated/layers/dense.py 68f01f39ee549452
+#   generated/losses/bce_with_logits.py 70446f113d1ad116
+#   generated/optimizers/adam.py f21445bf308f9c07
+#   generated/_runtime.py 03eee27c19d4ec7b
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).

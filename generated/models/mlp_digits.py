@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py a54f8ca7181216c8
-#   generated/layers/dense.py 0e8e5d35552f8fe2
-#   generated/losses/softmax_cross_entropy.py b5d29ded38997345
-#   generated/optimizers/adam.py 774198359a3a219a
-#   generated/_runtime.py add2834f4b1737c4
+#   generated/activations/relu.py 4f79af4f32293657
+#   generated/layers/dense.py 68f01f39ee549452
+#   generated/losses/softmax_cross_entropy.py 06b0a36951b89c9a
+#   generated/optimizers/adam.py f21445bf308f9c07
+#   generated/_runtime.py 03eee27c19d4ec7b
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).
