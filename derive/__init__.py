@@ -22,11 +22,11 @@ __all__ = ["SpecError", "Program", "library", "library_defs", "from_file", "buil
 
 def library_defs():
     """The library's OpDefs in a stable order (by group, then name)."""
-    from .ops import (activations, attention, conv, graph, layers, losses, norm, optimizers, pool, recurrent,
+    from .ops import (activations, attention, combine, conv, graph, layers, losses, norm, optimizers, pool, recurrent,
                       rowwise, schedules)
 
     ops = []
-    for module in (activations, rowwise, layers, conv, pool, norm, recurrent, attention, graph, losses, optimizers,
+    for module in (activations, rowwise, layers, combine, conv, pool, norm, recurrent, attention, graph, losses, optimizers,
                    schedules):
         ops.extend(module.OPS)
     names = [o.name for o in ops]

@@ -14,3 +14,8 @@ class SpecError(ValueError):
         if equation:
             where += f", in `{equation}`"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):
+        # pickled with its own arguments: an error raised in one of derive.library()'s
+        # worker processes reaches the caller as itself, not as a broken process pool
+        return (type(self), (self.path, self.problem, self.equation))

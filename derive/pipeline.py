@@ -462,13 +462,16 @@ def _read_checks(op: OpDef, facts: Facts) -> tuple:
     (``- P``, ``+ 1``) or a window around a position of the same axis (``x[b, i + k]``
     with i over that axis) is the spec's padding, read as zero outside. Those the relations of ``dims`` prove inside need nothing; the others
     are checked by the host wrappers against the actual sizes (grouped-query attention's
-    R against the number of heads: a mismatch is an error, not a read of zeros)."""
+    R against the number of heads: a mismatch is an error, not a read of zeros). A read
+    under a ``where`` whose condition keeps the index inside (``where(n < N1, x1[a, n],
+    ...)``, a concatenation) needs nothing either: the branch is taken only there."""
     shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
     shapes.update(op.intermediates)
     sizes = set(op.symbols.values())
     checks = []
     for eq in op.equations:
         loops = dict(eq.ranges)
+        guards = _guards_of_reads(eq.rhs)
         for read in sorted(eq.rhs.atoms(sympy.Indexed), key=sympy.default_sort_key):
             name = str(read.base)
             if name not in shapes or op.dtypes.get(name) == "int":
@@ -490,9 +493,63 @@ def _read_checks(op: OpDef, facts: Facts) -> tuple:
                 greatest = _index_extreme(e, False, {i: loops[i] for i in inner})
                 if least is None or greatest is None:
                     continue
+                if guards.get(read) is not None and _guard_bounds(guards[read], e, size, least):
+                    continue  # read only where a condition keeps it inside
                 extents = tuple(loops[i] for i in sorted(inner, key=str))
                 checks.append((read, name, axis, least, greatest, size, extents))
     return tuple(checks)
+
+
+def _guards_of_reads(expr) -> dict:
+    """{read: the conditions under which it is evaluated}, for reads that appear under
+    Piecewise branches only (a branch's own condition and the negations of the earlier
+    ones); a read that also appears unguarded, or under different guards, maps to None."""
+    found: dict = {}
+
+    def walk(e, conds):
+        if isinstance(e, sympy.Indexed):
+            key = tuple(conds)
+            found[e] = key if found.get(e, key) == key else None
+            return
+        if isinstance(e, sympy.Piecewise):
+            earlier = []
+            for value, cond in e.args:
+                walk(value, conds + [cond] + [sympy.Not(c) for c in earlier])
+                earlier.append(cond)
+            return
+        for arg in e.args:
+            walk(arg, conds)
+
+    walk(expr, [])
+    return {r: (c if c else None) for r, c in found.items()}
+
+
+def _guard_bounds(conds, e, size, least) -> bool:
+    """Whether the guard conditions ``conds`` (with the index's least value ``least``)
+    keep ``e`` inside [0, size): a condition that states e < size, or a stronger one."""
+    def below(c):  # the expression d such that c says d < 0 (integers), or None
+        if isinstance(c, sympy.StrictLessThan):
+            return c.lhs - c.rhs
+        if isinstance(c, sympy.StrictGreaterThan):
+            return c.rhs - c.lhs
+        if isinstance(c, sympy.LessThan):
+            return c.lhs - c.rhs - 1
+        if isinstance(c, sympy.GreaterThan):
+            return c.rhs - c.lhs - 1
+        return None
+
+    atoms = []
+    for c in conds:
+        atoms.extend(c.args if isinstance(c, sympy.And) else [c])
+    upper = False
+    for c in atoms:
+        d = below(c)
+        if d is None:
+            continue
+        gap = sympy.expand(d - (e - size))  # c: e - size + gap < 0, so e < size when gap >= 0
+        if gap.is_number and gap >= 0:
+            upper = True
+    return upper and bool(sympy.Ge(least, 0) == sympy.true)
 
 
 def _sizes(op: OpDef):

@@ -28,8 +28,13 @@ KINDS_WITH_GRADIENTS = ("activation", "layer", "loss")
 # ----------------------------------------------------------------------------------
 
 
-def _nll(logprobs, target):
-    return -(target * logprobs).sum() / logprobs.shape[0]
+def _nll(logprobs, target, reduction=1):
+    total = -(target * logprobs).sum()
+    return total if reduction == 2 else total / logprobs.shape[0]
+
+
+# The losses' ``reduction`` attribute: PyTorch's own codes (torch.nn._reduction.get_enum).
+REDUCTION = {1: "mean", 2: "sum"}
 
 
 TORCH_ORACLE: dict[str, Callable] = {
@@ -48,19 +53,25 @@ TORCH_ORACLE: dict[str, Callable] = {
     # layers (dense's weight is I x O)
     "dense": lambda x, weight, bias: x @ weight + bias,
     # losses
-    "mse": lambda pred, target: F.mse_loss(pred, target),
-    "huber": lambda pred, target, delta=1.0: F.huber_loss(pred, target, delta=delta),
-    "bce_with_logits": lambda pred, target: F.binary_cross_entropy_with_logits(pred, target),
-    "softmax_cross_entropy": lambda logits, target: F.cross_entropy(logits, target),
+    "mse": lambda pred, target, reduction=1: F.mse_loss(pred, target, reduction=REDUCTION[reduction]),
+    "huber": lambda pred, target, delta=1.0, reduction=1: F.huber_loss(
+        pred, target, delta=delta, reduction=REDUCTION[reduction]),
+    "bce_with_logits": lambda pred, target, reduction=1: F.binary_cross_entropy_with_logits(
+        pred, target, reduction=REDUCTION[reduction]),
+    "softmax_cross_entropy": lambda logits, target, reduction=1: F.cross_entropy(
+        logits, target, reduction=REDUCTION[reduction]),
     "nll": _nll,
     "kl_div": lambda logq, logp: F.kl_div(logq, logp, reduction="batchmean", log_target=True),
-    "categorical_nll": lambda logprobs, idx: F.nll_loss(logprobs, idx),
-    "gaussian_nll": lambda pred, target, var, eps=1e-6, full=0.0: F.gaussian_nll_loss(
-        pred, target, var, full=bool(full), eps=eps),
-    "poisson_nll": lambda pred, target, log_input=1.0, full=0.0, eps=1e-8: F.poisson_nll_loss(
-        pred, target, log_input=bool(log_input), full=bool(full), eps=eps),
-    "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12: F.cosine_embedding_loss(
-        x1, x2, label, margin=margin),
+    "categorical_nll": lambda logprobs, idx, reduction=1: F.nll_loss(logprobs, idx, reduction=REDUCTION[reduction]),
+    "gaussian_nll": lambda pred, target, var, eps=1e-6, full=0.0, reduction=1: F.gaussian_nll_loss(
+        pred, target, var, full=bool(full), eps=eps, reduction=REDUCTION[reduction]),
+    "poisson_nll": lambda pred, target, log_input=1.0, full=0.0, eps=1e-8, reduction=1: F.poisson_nll_loss(
+        pred, target, log_input=bool(log_input), full=bool(full), eps=eps, reduction=REDUCTION[reduction]),
+    "cosine_embedding_loss": lambda x1, x2, label, margin=0.0, eps=1e-12, reduction=1: F.cosine_embedding_loss(
+        x1, x2, label, margin=margin, reduction=REDUCTION[reduction]),
+    "cross_entropy": lambda logits, target, weight, ignore_index=-100, label_smoothing=0.0, reduction=1: F.cross_entropy(
+        logits, target, weight=weight, ignore_index=int(ignore_index), label_smoothing=label_smoothing,
+        reduction=REDUCTION[reduction]),
     "l2_penalty": lambda w, lam=1.0: lam * (w * w).sum() / 2,
 }
 def _multi_head_attention(x, w, b, wo, bo, heads, causal):
@@ -73,6 +84,20 @@ def _multi_head_attention(x, w, b, wo, bo, heads, causal):
     q, k, v = (split(x @ wi + bi) for wi, bi in zip(w, b))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
     return o.transpose(1, 2).reshape(B_, L_, E_) @ wo + bo
+
+
+def _multihead_attention(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias,
+                         out_proj_weight, out_proj_bias, heads=2, causal=0):
+    """torch.nn.MultiheadAttention's functional form, batch first, float masks added to the scores."""
+    L_, S_, E_ = query.shape[1], key.shape[1], query.shape[2]
+    mask = attn_mask
+    if causal:
+        mask = mask + torch.triu(torch.full((L_, S_), float("-inf"), dtype=mask.dtype), 1)
+    y, _ = F.multi_head_attention_forward(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), E_, int(heads), in_proj_weight,
+        in_proj_bias, None, None, False, 0.0, out_proj_weight, out_proj_bias, training=False,
+        key_padding_mask=key_padding_mask, need_weights=False, attn_mask=mask)
+    return y.transpose(0, 1)
 
 
 # The layer library (issue 3); attributes keep the ops' own names.
@@ -90,12 +115,18 @@ LAYER_ORACLE: dict[str, Callable] = {
     "embedding": lambda idx, table: F.embedding(idx, table),
     "rnn_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh),
     "gru_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),
+    "lstm_cell": lambda x, h, c, weight_ih, weight_hh, bias_ih, bias_hh: torch.lstm_cell(
+        x, (h, c), weight_ih, weight_hh, bias_ih, bias_hh),
+    "add": lambda x1, x2: torch.add(x1, x2),
+    "concat": lambda x1, x2: torch.cat((x1, x2), dim=1),
+    "positional_embedding": lambda x, table: x + F.embedding(torch.arange(x.shape[1]), table),
     "scaled_dot_product_attention": lambda q, k, v, causal=0: F.scaled_dot_product_attention(
         q, k, v, is_causal=bool(causal)),
     "cosine_similarity": lambda x1, x2, eps=1e-8: F.cosine_similarity(x1, x2, dim=-1, eps=eps),
     "gcn_layer": lambda A, x, weight, bias: A @ x @ weight + bias,
     "multi_head_attention": lambda x, wq, wk, wv, bq, bk, bv, wo, bo, heads=2, causal=0: _multi_head_attention(
         x, (wq, wk, wv), (bq, bk, bv), wo, bo, heads, causal),
+    "multihead_attention": _multihead_attention,
 }
 TORCH_ORACLE.update(LAYER_ORACLE)
 # Default sizes of the layer library's inputs (small, odd, all different).
@@ -112,10 +143,15 @@ LAYER_SIZES = {
     "embedding": {"B": 6, "V": 5, "D": 4},
     "rnn_cell": {"B": 3, "I": 5, "H": 4},
     "gru_cell": {"B": 3, "I": 5, "H": 4},
+    "lstm_cell": {"B": 3, "I": 5, "H": 4},
+    "add": {"B": 3, "N": 5},
+    "concat": {"A": 2, "N1": 3, "N2": 4, "R": 2},
+    "positional_embedding": {"B": 2, "T": 3, "P": 5, "D": 4},
     "scaled_dot_product_attention": {"B": 2, "L": 3, "S": 5, "D": 4, "E": 6},
     "cosine_similarity": {"B": 3, "D": 7},
     "gcn_layer": {"V": 6, "I": 5, "O": 3},
     "multi_head_attention": {"B": 2, "L": 3, "E": 4},
+    "multihead_attention": {"B": 2, "L": 3, "S": 4, "E": 4},
 }
 
 
@@ -151,12 +187,13 @@ DOCUMENTED_KINDS = {
     **{
         n: "loss"
         for n in ("mse", "huber", "bce_with_logits", "softmax_cross_entropy", "nll", "kl_div", "cosine_embedding_loss",
-                  "categorical_nll", "gaussian_nll", "poisson_nll", "l2_penalty")
+                  "categorical_nll", "gaussian_nll", "poisson_nll", "l2_penalty", "cross_entropy")
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
                             "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
-                            "gru_cell", "scaled_dot_product_attention", "cosine_similarity", "gcn_layer",
-                            "multi_head_attention")},
+                            "gru_cell", "lstm_cell", "scaled_dot_product_attention", "cosine_similarity",
+                            "gcn_layer", "multi_head_attention", "multihead_attention", "add", "concat",
+                            "positional_embedding")},
     **{
         n: "optimizer"
         for n in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
@@ -164,26 +201,35 @@ DOCUMENTED_KINDS = {
     **{n: "schedule" for n in ("step", "exponential", "cosine")},
 }
 DOCUMENTED_ATTRS = {
-    "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0},
-    "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12},
-    "gaussian_nll": {"eps": 1e-6, "full": 0.0}, "poisson_nll": {"log_input": 1.0, "full": 0.0, "eps": 1e-8},
+    "leaky_relu": {"slope": 0.01}, "elu": {"alpha": 1.0}, "huber": {"delta": 1.0, "reduction": 1},
+    "cosine_embedding_loss": {"margin": 0.0, "eps": 1e-12, "reduction": 1},
+    "gaussian_nll": {"eps": 1e-6, "full": 0.0, "reduction": 1},
+    "poisson_nll": {"log_input": 1.0, "full": 0.0, "eps": 1e-8, "reduction": 1},
+    **{n: {"reduction": 1} for n in ("mse", "bce_with_logits", "softmax_cross_entropy", "nll", "categorical_nll")},
+    "cross_entropy": {"ignore_index": -100, "label_smoothing": 0.0, "reduction": 1},
     "l2_penalty": {"lam": 1.0},
     # the layer library's table (issue 3)
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
     "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
     "scaled_dot_product_attention": {"causal": 0}, "cosine_similarity": {"eps": 1e-8},
-    "multi_head_attention": {"heads": 2, "causal": 0},
+    "multi_head_attention": {"heads": 2, "causal": 0}, "multihead_attention": {"heads": 2, "causal": 0},
 }
 # Non-default attribute values the tests also run with (attributes are given at run time).
 ATTR_VARIANTS = {
-    "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5}],
-    "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12}],
-    "gaussian_nll": [{"full": 1.0, "eps": 1e-3}], "poisson_nll": [{"log_input": 0.0, "full": 1.0, "eps": 1e-8}],
+    "leaky_relu": [{"slope": 0.2}], "elu": [{"alpha": 0.5}], "huber": [{"delta": 0.5, "reduction": 2}],
+    "cosine_embedding_loss": [{"margin": 0.3, "eps": 1e-12, "reduction": 2}],
+    "gaussian_nll": [{"full": 1.0, "eps": 1e-3, "reduction": 2}],
+    "poisson_nll": [{"log_input": 0.0, "full": 1.0, "eps": 1e-8, "reduction": 2}],
+    # reduction = 2: PyTorch's "sum"
+    **{n: [{"reduction": 2}] for n in ("mse", "bce_with_logits", "softmax_cross_entropy", "nll", "categorical_nll")},
+    # class 1 ignored (the inputs hold it), smoothing; the weighted mean, then the sum
+    "cross_entropy": [{"ignore_index": 1, "label_smoothing": 0.1},
+                      {"ignore_index": 1, "label_smoothing": 0.2, "reduction": 2}],
     "l2_penalty": [{"lam": 0.03}],
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
-    "multi_head_attention": [{"heads": 4, "causal": 1}],
+    "multi_head_attention": [{"heads": 4, "causal": 1}], "multihead_attention": [{"heads": 1, "causal": 1}],
 }
 DOCUMENTED_DIFFERENTIABLE = {
     "dense": ("x", "weight", "bias"),
@@ -199,8 +245,11 @@ DOCUMENTED_DIFFERENTIABLE = {
     "gcn_layer": ("x", "weight", "bias"),
     "batch_norm2d_eval": ("x", "weight", "bias"),
     "batch_norm2d_stats": (),
+    "multihead_attention": ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+                            "out_proj_bias"),
     "cosine_embedding_loss": ("x1", "x2"),
     "categorical_nll": ("logprobs",),
+    "cross_entropy": ("logits",),
     "gaussian_nll": ("pred", "var"),
     "poisson_nll": ("pred",),
     "l2_penalty": ("w",),
@@ -208,7 +257,8 @@ DOCUMENTED_DIFFERENTIABLE = {
 
 # Arguments holding discrete labels (+1/-1, classes, counts): not differentiable, not
 # even for torch (PyTorch's Stirling term has a NaN gradient at a zero count).
-DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",), "poisson_nll": ("target",)}
+DISCRETE_ARGS = {"cosine_embedding_loss": ("label",), "categorical_nll": ("idx",), "poisson_nll": ("target",),
+                 "cross_entropy": ("target", "weight")}
 
 # ----------------------------------------------------------------------------------
 # Tolerances
@@ -306,10 +356,21 @@ def _t(a, grad: bool = False) -> torch.Tensor:
     return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
 
 
-def torch_forward(name: str, args: Sequence, attrs: dict) -> np.ndarray:
+def torch_forward(name: str, args: Sequence, attrs: dict):
+    """The oracle's output as an array, or a tuple of arrays for an op with several
+    outputs (lstm_cell's h and c)."""
     with torch.no_grad():
         out = TORCH_ORACLE[name](*[_t(a) for a in args], **attrs)
-    return out.numpy()
+    return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+
+
+def _seeded(out, seed) -> torch.Tensor:
+    """sum over outputs of sum(seed_k * out_k): ``seed`` is one output gradient, or a
+    list/tuple of one per output (ref.make_seeds's list)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    seeds = seed if isinstance(seed, (list, tuple)) else (seed,)
+    assert len(outs) == len(seeds), f"{len(outs)} outputs, {len(seeds)} output gradients"
+    return sum((o * _t(s).reshape(o.shape)).sum() for o, s in zip(outs, seeds))
 
 
 def oracle_wrt(name: str) -> list[int]:
@@ -328,10 +389,11 @@ def oracle_wrt(name: str) -> list[int]:
 
 
 def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) -> list[np.ndarray]:
-    """Gradients of sum(seed * f(args)) with respect to args[i] for i in wrt."""
+    """Gradients of sum(seed * f(args)) with respect to args[i] for i in wrt (``seed``:
+    one output gradient, or a list of one per output)."""
     ts = [_t(a, grad=i in wrt) for i, a in enumerate(args)]
     out = TORCH_ORACLE[name](*ts, **attrs)
-    grads = torch.autograd.grad(out, [ts[i] for i in wrt], grad_outputs=_t(seed).reshape(out.shape))
+    grads = torch.autograd.grad(_seeded(out, seed), [ts[i] for i in wrt])
     return [g.numpy() for g in grads]
 
 
@@ -349,12 +411,13 @@ def _oracle_call(name: str, attrs: dict):
     return call
 
 
-def torch_jvp(name: str, args: Sequence, attrs: dict, tangents: Sequence, wrt: Sequence[int]) -> np.ndarray:
-    """The derivative of the oracle's output along ``tangents`` (one per args[i], i in wrt)."""
+def torch_jvp(name: str, args: Sequence, attrs: dict, tangents: Sequence, wrt: Sequence[int]):
+    """The derivative of the oracle's output along ``tangents`` (one per args[i], i in wrt):
+    an array, or a tuple of one per output."""
     call = _oracle_call(name, attrs)
     primals = tuple(_t(args[i]) for i in wrt)
     _, out = torch.autograd.functional.jvp(lambda *d: call(args, wrt, *d), primals, tuple(_t(t) for t in tangents))
-    return out.numpy()
+    return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
 
 
 def torch_hvp(name: str, args: Sequence, attrs: dict, seed, tangents: Sequence, wrt: Sequence[int]) -> list[np.ndarray]:
@@ -364,7 +427,7 @@ def torch_hvp(name: str, args: Sequence, attrs: dict, seed, tangents: Sequence, 
     call = _oracle_call(name, attrs)
     ps = [_t(args[i], grad=True) for i in wrt]
     out = call(args, wrt, *ps)
-    grads = torch.autograd.grad((out * _t(seed).reshape(out.shape)).sum(), ps, create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(_seeded(out, seed), ps, create_graph=True, allow_unused=True)
     dot = sum((g * _t(t)).sum() for g, t in zip(grads, tangents) if g is not None and g.requires_grad)
     if not (torch.is_tensor(dot) and dot.requires_grad):
         return [np.zeros(np.shape(args[i])) for i in wrt]
@@ -464,6 +527,8 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
         return [log_prob_rows(rng, (B, C)), idx.astype(np.int64)]
     if name == "gaussian_nll":
         return [n(size=(B, C)), n(size=(B, C)), rng.uniform(0.5, 2.0, size=(B, C))]
+    if name == "cross_entropy":  # class indices (class 1 among them: a variant ignores it), class weights
+        return [2.0 * n(size=(B, C)), _class_targets(rng, B, C), rng.uniform(0.5, 2.0, size=C)]
     if name == "poisson_nll":  # positive predictions serve as log-rates and as rates; counts above 1 too
         return [rng.uniform(0.2, 2.0, size=(B, C)), _counts(rng, (B, C), 2.0)]
     if name == "l2_penalty":  # a parameter flattened to a vector
@@ -471,6 +536,15 @@ def _library_inputs(name: str, rng: np.random.Generator, B=B, I=I, O=O, C=C) -> 
     if name == "cosine_embedding_loss":  # labels 1 and -1, cosines on both sides of any margin
         return [n(size=(B, I)), n(size=(B, I)), rng.choice([-1.0, 1.0], size=B)]
     return None
+
+
+def _class_targets(rng, B, C) -> np.ndarray:
+    """Class indices, one of them 1 and one other, so that ignoring class 1 leaves some."""
+    idx = rng.integers(0, C, size=B)
+    idx[0] = 1
+    if B > 1:
+        idx[1] = 0
+    return idx.astype(np.int64)
 
 
 def _counts(rng, shape, rate: float) -> np.ndarray:
@@ -513,6 +587,16 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
         H, I, Bn = z["H"], z["I"], z["B"]
         return [n(size=(Bn, I)), n(size=(Bn, H)), 0.5 * n(size=(g * H, I)), 0.5 * n(size=(g * H, H)),
                 0.5 * n(size=(g * H,)), 0.5 * n(size=(g * H,))]
+    if name == "lstm_cell":  # x, h, c, then the 4H-row weights and biases (gates i, f, g, o)
+        H, I, Bn = z["H"], z["I"], z["B"]
+        return [n(size=(Bn, I)), n(size=(Bn, H)), n(size=(Bn, H)), 0.5 * n(size=(4 * H, I)),
+                0.5 * n(size=(4 * H, H)), 0.5 * n(size=(4 * H,)), 0.5 * n(size=(4 * H,))]
+    if name == "add":
+        return [n(size=(z["B"], z["N"])), n(size=(z["B"], z["N"]))]
+    if name == "concat":
+        return [n(size=(z["A"], z["N1"], z["R"])), n(size=(z["A"], z["N2"], z["R"]))]
+    if name == "positional_embedding":  # a table longer than the sequences (P > T)
+        return [n(size=(z["B"], z["T"], z["D"])), n(size=(z["P"], z["D"]))]
     if name == "scaled_dot_product_attention":
         return [n(size=(z["B"], z["L"], z["D"])), n(size=(z["B"], z["S"], z["D"])), n(size=(z["B"], z["S"], z["E"]))]
     if name == "cosine_similarity":
@@ -527,6 +611,14 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
         E_ = z["E"]
         return [n(size=(z["B"], z["L"], E_)), *(0.5 * n(size=(E_, E_)) for _ in range(3)),
                 *(0.5 * n(size=(E_,)) for _ in range(3)), 0.5 * n(size=(E_, E_)), 0.5 * n(size=(E_,))]
+    if name == "multihead_attention":  # float masks: small additive values and a few -inf (never a whole row)
+        Bn, L_, S_, E_ = z["B"], z["L"], z["S"], z["E"]
+        attn_mask = 0.3 * n(size=(L_, S_))
+        attn_mask[0, S_ - 1] = -np.inf
+        padding = np.zeros((Bn, S_))
+        padding[0, S_ - 1] = padding[-1, 1 % S_] = -np.inf
+        return [n(size=(Bn, L_, E_)), n(size=(Bn, S_, E_)), n(size=(Bn, S_, E_)), attn_mask, padding,
+                0.5 * n(size=(3 * E_, E_)), 0.5 * n(size=(3 * E_,)), 0.5 * n(size=(E_, E_)), 0.5 * n(size=(E_,))]
     raise KeyError(f"no input recipe for layer {name}")
 
 
@@ -611,6 +703,8 @@ def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3,
         return [big((I,))]
     if name == "categorical_nll":
         return [log_prob_rows(rng, (B, C), scale=magnitude), rng.integers(0, C, size=B).astype(np.int64)]
+    if name == "cross_entropy":
+        return [big((B, C)), _class_targets(rng, B, C), rng.uniform(0.5, 2.0, size=C)]
     if name == "gaussian_nll":  # far predictions; a variance below the clamp, one at zero
         var = rng.uniform(0.5, 2.0, size=(B, C))
         var[0, :2] = (1e-9, 0.0)

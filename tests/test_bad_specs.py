@@ -158,3 +158,15 @@ def test_a_name_the_generated_module_binds_is_refused(spec, name, tmp_path, monk
     message = str(info.value)
     assert path.name in message and f"`{name}`" in message and "rename" in message, message
     assert not (tmp_path / "out" / "bad.py").exists()
+
+
+def test_spec_error_survives_pickling():
+    """derive.library() derives in worker processes: an error must reach the caller whole
+    (it used to arrive as a BrokenProcessPool, the message lost)."""
+    import pickle
+
+    from derive.errors import SpecError
+
+    e = pickle.loads(pickle.dumps(SpecError("ops/x.py", "index `n` is bound to two dimensions", "y[n] = x[n]")))
+    assert isinstance(e, SpecError) and (e.path, e.problem, e.equation) == ("ops/x.py", "index `n` is bound to two dimensions", "y[n] = x[n]")
+    assert str(e) == "ops/x.py, in `y[n] = x[n]`: index `n` is bound to two dimensions"

@@ -38,12 +38,15 @@ def cuda_op(case: ref.OpCase):
 def check_against_torch(case: ref.OpCase, args, rng, dtype=np.float64):
     """Forward and every gradient of the CUDA op against PyTorch autograd."""
     op = cuda_op(case)
-    (out,) = ref.run_forward(op, args)
-    ref.assert_close(out, ref.torch_forward(case.name, args, case.kw), dtype, f"{case.id} cuda forward vs torch")
-    seeds = ref.make_seeds([out], rng, dtype)
+    outs = ref.run_forward(op, args)
+    expected = ref.as_tuple(ref.torch_forward(case.name, args, case.kw))
+    assert len(outs) == len(expected)
+    for out, e in zip(outs, expected):
+        ref.assert_close(out, e, dtype, f"{case.id} cuda forward vs torch")
+    seeds = ref.make_seeds(outs, rng, dtype)
     wrt = ref.differentiable_indices(op)
     grads = ref.run_backward(op, seeds, args)
-    expected = ref.torch_vjp(case.name, args, case.kw, seeds[0], wrt)
+    expected = ref.torch_vjp(case.name, args, case.kw, seeds, wrt)
     assert len(grads) == len(expected) == len(wrt)
     for name, g, e in zip(op.differentiable, grads, expected):
         assert np.shape(g) == e.shape, f"{case.id}: gradient of {name}"

@@ -62,7 +62,11 @@ def test_softmax_cross_entropy_gradient_is_softmax_minus_target_over_batch():
     # softmax as exp(logits - max) / sum(exp(logits - max))
     softmax = sympy.exp(_t("logits")[b, k] - _t("loss_max0")[b]) / _t("loss_sumexp0")[b]
     assert assign.reduce == "none"
-    assert sympy.simplify(assign.body - g * (softmax - _t("target")[b, k]) / B) == 0
+    # reduction = 1 (PyTorch's "mean", the default) and 2 ("sum")
+    (reduction,) = [s for s in assign.body.free_symbols if s.name == "reduction"]
+    mean, total = assign.body.subs(reduction, 1), assign.body.subs(reduction, 2)
+    assert sympy.simplify(mean - g * (softmax - _t("target")[b, k]) / B) == 0
+    assert sympy.simplify(total - g * (softmax - _t("target")[b, k])) == 0
 
 
 def test_dense_weight_gradient_is_x_transpose_times_output_gradient():

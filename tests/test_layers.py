@@ -23,7 +23,7 @@ import sympy
 
 import reference as ref
 
-LAYER_MODULES = ("conv", "pool", "norm", "recurrent", "attention", "graph")
+LAYER_MODULES = ("conv", "pool", "norm", "recurrent", "attention", "graph", "combine")
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
 
 # What the engine or codegen cannot do yet (see the report): op name -> {part: reason},
@@ -101,6 +101,14 @@ CASES = _conv_cases() + [
     case("rnn_cell", B=1, I=2, H=3),
     case("gru_cell", B=3, I=5, H=4),
     case("gru_cell", B=1, I=2, H=3),
+    case("lstm_cell", B=3, I=5, H=4),
+    case("lstm_cell", B=1, I=2, H=3),
+    case("add", B=3, N=5),
+    case("add", B=1, N=2),
+    case("concat", A=2, N1=3, N2=4, R=2),
+    case("concat", A=1, N1=1, N2=2, R=3),
+    case("positional_embedding", B=2, T=3, P=5, D=4),
+    case("positional_embedding", B=1, T=4, P=4, D=2),
     case("scaled_dot_product_attention", B=2, L=3, S=5, D=4, E=6),
     case("scaled_dot_product_attention", {"causal": 1}, B=2, L=3, S=5, D=4, E=6),
     case("scaled_dot_product_attention", {"causal": 1}, B=1, L=4, S=4, D=3, E=2),
@@ -111,6 +119,8 @@ CASES = _conv_cases() + [
     case("multi_head_attention", B=2, L=3, E=4),
     case("multi_head_attention", {"heads": 3, "causal": 1}, B=1, L=4, E=6),
     case("multi_head_attention", {"heads": 1}, B=2, L=2, E=3),
+    case("multihead_attention", B=2, L=3, S=4, E=4),
+    case("multihead_attention", {"heads": 3, "causal": 1}, B=1, L=4, S=4, E=6),
 ]
 # Tiny shapes for the CUDA simulator (every thread runs in Python).
 CUDA_CASES = [
@@ -126,10 +136,15 @@ CUDA_CASES = [
     case("embedding", B=5, V=3, D=2),
     case("rnn_cell", B=2, I=3, H=2),
     case("gru_cell", B=2, I=3, H=2),
+    case("lstm_cell", B=2, I=3, H=2),
+    case("add", B=2, N=3),
+    case("concat", A=2, N1=2, N2=1, R=2),
+    case("positional_embedding", B=2, T=2, P=3, D=2),
     case("scaled_dot_product_attention", {"causal": 1}, B=1, L=3, S=4, D=2, E=3),
     case("cosine_similarity", B=2, D=3),
     case("gcn_layer", V=3, I=2, O=2),
     case("multi_head_attention", {"causal": 1}, B=1, L=2, E=4),
+    case("multihead_attention", {"causal": 1}, B=1, L=2, S=2, E=2),
 ]
 
 
@@ -201,10 +216,18 @@ EXPECTED_ARGS = {
     "embedding": (("idx", "table"), ("table",), {}),
     "rnn_cell": (("x", "h", "w_ih", "w_hh", "b_ih", "b_hh"),) * 2 + ({},),
     "gru_cell": (("x", "h", "w_ih", "w_hh", "b_ih", "b_hh"),) * 2 + ({},),
+    "lstm_cell": (("x", "h", "c", "weight_ih", "weight_hh", "bias_ih", "bias_hh"),) * 2 + ({},),
+    "add": (("x1", "x2"), ("x1", "x2"), {}),
+    "concat": (("x1", "x2"), ("x1", "x2"), {}),
+    "positional_embedding": (("x", "table"), ("x", "table"), {}),
     "scaled_dot_product_attention": (("q", "k", "v"), ("q", "k", "v"), {"causal": 0}),
     "cosine_similarity": (("x1", "x2"), ("x1", "x2"), {"eps": 1e-8}),
     "gcn_layer": (("A", "x", "weight", "bias"), ("x", "weight", "bias"), {}),
     "multi_head_attention": (("x", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo"),) * 2 + ({"heads": 2, "causal": 0},),
+    "multihead_attention": (("query", "key", "value", "attn_mask", "key_padding_mask", "in_proj_weight", "in_proj_bias",
+                             "out_proj_weight", "out_proj_bias"),
+                            ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+                             "out_proj_bias"), {"heads": 2, "causal": 0}),
 }
 
 
@@ -225,11 +248,13 @@ def test_issue_table_names_arguments_and_attrs(built, name):
 def test_forward_matches_torch(built, c, dtype, rng):
     op = make_op(built, c)
     args = inputs(c, rng, dtype)
-    (out,) = ref.run_forward(op, args)
-    expected = ref.torch_forward(c.name, args, c.kw)
-    assert np.shape(out) == expected.shape
-    assert np.asarray(out).dtype == np.dtype(dtype)
-    ref.assert_close(out, expected, dtype, f"{c.id} forward")
+    outs = ref.run_forward(op, args)
+    expected = ref.as_tuple(ref.torch_forward(c.name, args, c.kw))
+    assert len(outs) == len(expected)
+    for out, e in zip(outs, expected):
+        assert np.shape(out) == e.shape
+        assert np.asarray(out).dtype == np.dtype(dtype)
+        ref.assert_close(out, e, dtype, f"{c.id} forward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,7 +265,7 @@ def test_backward_matches_torch(built, c, dtype, rng):
     seeds = ref.make_seeds(ref.run_forward(op, args), rng, dtype)
     wrt = ref.differentiable_indices(op)
     grads = ref.run_backward(op, seeds, args)
-    expected = ref.torch_vjp(c.name, args, c.kw, seeds[0], wrt)
+    expected = ref.torch_vjp(c.name, args, c.kw, seeds, wrt)
     assert len(grads) == len(wrt)
     for name, g, e in zip(op.differentiable, grads, expected):
         assert np.shape(g) == e.shape, f"gradient of {name}"

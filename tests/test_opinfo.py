@@ -100,6 +100,13 @@ def _only(kwargs: dict, allowed: dict):
 
 
 MEAN = {"reduction": "mean"}
+# The losses' reduction attribute (PyTorch's codes): "mean" and "sum"; "none" is not a scalar loss.
+REDUCTIONS = {"mean": 1, "sum": 2}
+MEAN_OR_SUM = {"reduction": lambda r: r in REDUCTIONS}
+
+
+def _reduction(kwargs) -> dict:
+    return {"reduction": REDUCTIONS[kwargs.get("reduction", "mean")]}
 
 
 def _rows(shape) -> tuple:
@@ -145,13 +152,13 @@ def _pair_loss(extra=None, rename=None):
 
     def convert(o, s):
         (target,) = s.args
-        _only(s.kwargs, {**MEAN, **(extra or {})})
+        _only(s.kwargs, {**MEAN_OR_SUM, **(extra or {})})
         if target.shape != s.input.shape:
             raise Skip("broadcast target")
         shape = tuple(s.input.shape)
         rows = _rows(shape)
         kw = dict(s.kwargs)
-        attrs = {rename[k]: float(v) for k, v in kw.items() if k in rename}
+        attrs = {**{rename[k]: float(v) for k, v in kw.items() if k in rename}, **_reduction(kw)}
         return Case([_np(s.input).reshape(rows), _np(target).reshape(rows)],
                     lambda p, t: o.op(p.reshape(shape), t.reshape(shape), **kw), attrs, wrt=(0,))
 
@@ -184,21 +191,54 @@ def class_loss(o, s):
     """cross_entropy and nll_loss: logits (or log-probabilities) with class indices or
     probability rows, the class axis second (or the only axis), mean reduction."""
     (target,) = s.args
-    _only(s.kwargs, MEAN)
+    _only(s.kwargs, MEAN_OR_SUM)
     shape = tuple(s.input.shape)
     C = shape[1] if len(shape) > 1 else shape[0]
     x = _class_last(_np(s.input))
+    kw = dict(s.kwargs)
     if target.dtype.is_floating_point:  # probabilities, same layout as the input
         t = _class_last(_np(target))
         sums = t.sum(axis=1)
-        ref_fn = lambda x2, t2: o.op(_class_back(x2, shape), _class_back(t2, shape))  # noqa: E731
+        ref_fn = lambda x2, t2: o.op(_class_back(x2, shape), _class_back(t2, shape), **kw)  # noqa: E731
         # the library's cross-entropy gradient assumes rows summing to 1 and says so
         error = None
         if o.name.endswith("cross_entropy") and np.any(np.abs(sums - 1) > 1e-6):
             error = r"sum\(target\[b, c\], c\) == 1"
-        return Case([x, t], ref_fn, wrt=(0,), backward_error=error)
+        return Case([x, t], ref_fn, _reduction(kw), wrt=(0,), backward_error=error)
     fixed = target.clone()
-    return Case([x, _one_hot_rows(target, C)], lambda x2, t2: o.op(_class_back(x2, shape), fixed), wrt=(0,))
+    return Case([x, _one_hot_rows(target, C)], lambda x2, t2: o.op(_class_back(x2, shape), fixed, **kw),
+                _reduction(kw), wrt=(0,))
+
+
+def class_index_loss(o, s):
+    """cross_entropy and nll_loss with integer class targets and their options (class
+    weights, ignore_index, label_smoothing, reduction mean or sum), the class axis second
+    (or the only axis), onto cross_entropy(logits, target, weight) or
+    categorical_nll(logprobs, idx) (which has no weight or ignore_index)."""
+    (target,) = s.args
+    full = o.name.endswith("cross_entropy")
+    options = {**MEAN_OR_SUM, "weight": None, "ignore_index": None, "label_smoothing": None} if full else MEAN_OR_SUM
+    _only(s.kwargs, options)
+    if target.dtype.is_floating_point:
+        raise Skip("probability targets")
+    shape = tuple(s.input.shape)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    x = _class_last(_np(s.input))
+    idx = _np(target).reshape(-1)
+    kw = dict(s.kwargs)
+    fixed = target.clone()
+    attrs = _reduction(kw)
+    if not full:
+        return Case([x, idx], lambda x2, _t: o.op(_class_back(x2, shape), fixed, **kw), attrs, wrt=(0,))
+    weight = kw.get("weight")
+    attrs.update(ignore_index=int(kw.get("ignore_index", -100)), label_smoothing=float(kw.get("label_smoothing", 0.0)))
+    w = _np(weight) if weight is not None else np.ones(C)
+    rest = {k: v for k, v in kw.items() if k != "weight"}
+
+    def call(x2, _t, w2):  # the weight in the dtype of the run (PyTorch's None where the sample has none)
+        return o.op(_class_back(x2, shape), fixed, weight=w2 if weight is not None else None, **rest)
+
+    return Case([x, idx, w], call, attrs, wrt=(0,))
 
 
 def kl_div(o, s):
@@ -213,7 +253,7 @@ def kl_div(o, s):
 
 def cosine_embedding(o, s):
     x2, label = s.args
-    _only(s.kwargs, {**MEAN, "margin": None})
+    _only(s.kwargs, {**MEAN_OR_SUM, "margin": None})
     shape = tuple(s.input.shape)
     if len(shape) == 1:
         a, b, lab = _np(s.input)[None], _np(x2)[None], _np(label).reshape(1)
@@ -222,7 +262,7 @@ def cosine_embedding(o, s):
     kw = dict(s.kwargs)
     fixed = label.clone()
     return Case([a, b, lab], lambda u, v, _l: o.op(u.reshape(shape), v.reshape(shape), fixed, **kw),
-                {"margin": float(kw.get("margin", 0.0))})
+                {"margin": float(kw.get("margin", 0.0)), **_reduction(kw)})
 
 
 def cosine_similarity(o, s):
@@ -413,6 +453,52 @@ def flatten(o, s):
     return Case([_np(s.input)], lambda x: o.op(x, start, end))
 
 
+def multihead_attention(o, s):
+    """F.multi_head_attention_forward, unbatched (L, E) or (L, B, E), onto multihead_attention
+    (batch first, float masks): every PyTorch sample so far adds bias_k and bias_v (an extra
+    key and value position), which the op has not."""
+    key, value, E, heads, w_in, b_in, bias_k, bias_v, add_zero_attn, dropout_p, w_out, b_out = s.args[:12]
+    _only(s.kwargs, {"q_proj_weight": lambda v: v is None, "k_proj_weight": lambda v: v is None,
+                     "v_proj_weight": lambda v: v is None, "attn_mask": None, "training": None,
+                     "use_separate_proj_weight": False, "key_padding_mask": None, "need_weights": None})
+    if bias_k is not None or bias_v is not None:
+        raise Skip("bias_k/bias_v")
+    if add_zero_attn:
+        raise Skip("add_zero_attn")
+    if dropout_p and s.kwargs.get("training", True):
+        raise Skip("dropout in training")
+    q = s.input
+    batched = q.dim() == 3
+
+    def first(a):  # (L, B, E) or (L, E) -> (B, L, E)
+        return _np(a).transpose(1, 0, 2) if batched else _np(a)[None]
+
+    B_, L_, S_ = (q.shape[1] if batched else 1), q.shape[0], key.shape[0]
+
+    def as_float(m, shape):
+        if m is None:
+            return np.zeros(shape)
+        a = _np(m).reshape(shape) if m.dtype.is_floating_point else np.where(_np(m).reshape(shape) != 0, -np.inf, 0.0)
+        return a.astype(np.float64)
+
+    attn_mask, kpm = s.kwargs.get("attn_mask"), s.kwargs.get("key_padding_mask")
+    if attn_mask is not None and attn_mask.dim() == 3:
+        raise Skip("a mask per batch and head")
+    args = [first(q), first(key), first(value), as_float(attn_mask, (L_, S_)), as_float(kpm, (B_, S_)),
+            _np(w_in), _np(b_in), _np(w_out), _np(b_out)]
+
+    def call(q3, k3, v3, _m, _p, wi, bi, wo, bo):
+        def back(a):
+            return a.transpose(0, 1) if batched else a[0]
+
+        y, _ = F.multi_head_attention_forward(back(q3), back(k3), back(v3), E, heads, wi, bi, None, None, False,
+                                              0.0, wo, bo, training=False, key_padding_mask=kpm, need_weights=False,
+                                              attn_mask=attn_mask)
+        return y.transpose(0, 1) if batched else y[None]
+
+    return Case(args, call, {"heads": int(heads)}, wrt=(0, 1, 2, 5, 6, 7, 8))
+
+
 # symgrad op -> (OpInfo name, converter)
 OPINFO = {
     "relu": ("nn.functional.relu", elementwise()),
@@ -431,6 +517,8 @@ OPINFO = {
     "bce_with_logits": ("nn.functional.binary_cross_entropy_with_logits", _pair_loss()),
     "softmax_cross_entropy": ("nn.functional.cross_entropy", class_loss),
     "nll": ("nn.functional.nll_loss", class_loss),
+    "cross_entropy": ("nn.functional.cross_entropy", class_index_loss),
+    "categorical_nll": ("nn.functional.nll_loss", class_index_loss),
     "kl_div": ("nn.functional.kl_div", kl_div),
     "cosine_embedding_loss": ("nn.functional.cosine_embedding_loss", cosine_embedding),
     "cosine_similarity": ("nn.functional.cosine_similarity", cosine_similarity),
@@ -444,12 +532,14 @@ OPINFO = {
     "batch_norm2d_eval": ("nn.functional.batch_norm", batch_norm),
     "batch_norm2d_stats": ("nn.functional.batch_norm", batch_norm_stats),
     "scaled_dot_product_attention": ("nn.functional.scaled_dot_product_attention", sdpa),
+    "multihead_attention": ("nn.functional.multi_head_attention_forward", multihead_attention),
     "flatten": ("flatten", flatten),
 }
 
 # The fewest samples each op must convert (the rest are counted as skipped). softplus
-# has none: every PyTorch sample sets beta=3, threshold=0.2, which symgrad's has not.
-COVERAGE = {name: 1 for name in OPINFO} | {"softplus": 0}
+# has none: every PyTorch sample sets beta=3, threshold=0.2, which symgrad's has not;
+# nor multihead_attention: every sample adds bias_k and bias_v.
+COVERAGE = {name: 1 for name in OPINFO} | {"softplus": 0, "multihead_attention": 0}
 
 
 def _signature(s) -> str:
@@ -624,23 +714,56 @@ def test_samples_convert(name):
     assert len(cases) >= COVERAGE[name], f"{name}: {len(cases)} samples converted; skipped {skipped}"
 
 
+def check_float64(library, name, case, rng):
+    op = library.op(name, **case.attrs)
+    args = ref.cast(case.args, np.float64)
+    outs = ref.as_tuple(op.forward(*args))
+    seeds = _seeds(outs, rng, np.float64)
+    wrt = case.wrt if case.wrt is not None else tuple(ref.differentiable_indices(op))
+    t_outs, t_grads = torch_results(case, args, np.float64, wrt if op.differentiable else (), seeds)
+    for k, (o, t) in enumerate(zip(outs, t_outs)):
+        check_close(f"{case.what}: output {k}", o, t, np.float64)
+    _, grads = _ours(op, case, args, seeds)
+    if grads is not None:
+        _compare_grads(op, case, args, grads, t_grads, wrt,
+                       lambda what, g, tg: check_close(what, g, tg, np.float64))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_float64_matches_torch(library, name):
     cases, _ = samples(name)
     rng = np.random.default_rng(11)
     for case in cases:
-        op = library.op(name, **case.attrs)
-        args = ref.cast(case.args, np.float64)
-        outs = ref.as_tuple(op.forward(*args))
-        seeds = _seeds(outs, rng, np.float64)
-        wrt = case.wrt if case.wrt is not None else tuple(ref.differentiable_indices(op))
-        t_outs, t_grads = torch_results(case, args, np.float64, wrt if op.differentiable else (), seeds)
-        for k, (o, t) in enumerate(zip(outs, t_outs)):
-            check_close(f"{case.what}: output {k}", o, t, np.float64)
-        _, grads = _ours(op, case, args, seeds)
-        if grads is not None:
-            _compare_grads(op, case, args, grads, t_grads, wrt,
-                           lambda what, g, tg: check_close(what, g, tg, np.float64))
+        check_float64(library, name, case, rng)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+def test_multihead_attention_converter_without_bias_kv(library, batched):
+    """PyTorch's samples all add bias_k and bias_v; the converter is checked on its first
+    sample without them, with a boolean attention mask and key padding mask."""
+    from torch.testing._internal.opinfo.core import SampleInput
+
+    o = _op_db()[("nn.functional.multi_head_attention_forward", "")]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = next(iter(o.reference_inputs("cpu", torch.float64, requires_grad=False)))
+    args = list(s.args)
+    args[6] = args[7] = None  # no bias_k, bias_v
+    args[9] = 0.0  # no dropout
+    q, k, v = s.input, args[0], args[1]
+    if batched:
+        q, k, v = (t.unsqueeze(1).repeat(1, 2, 1) for t in (q, k, v))
+    L_, S_ = q.shape[0], k.shape[0]
+    mask = torch.zeros(L_, S_, dtype=torch.bool)
+    mask[0, S_ - 1] = True
+    kpm = torch.zeros(2 if batched else S_, S_, dtype=torch.bool)[: (2 if batched else 1)]
+    kpm[0, 0] = True
+    kwargs = {**s.kwargs, "attn_mask": mask, "key_padding_mask": kpm if batched else kpm[0], "training": False}
+    case = multihead_attention(o, SampleInput(q, args=(k, v, *args[2:]), kwargs=kwargs))
+    case.what = "multi_head_attention_forward without bias_k/bias_v"
+    assert np.isneginf(case.args[3]).sum() == 1 and np.isneginf(case.args[4]).sum() == 1
+    check_float64(library, "multihead_attention", case, np.random.default_rng(3))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -59,3 +59,40 @@ OPS.append(
               "heads of E / heads columns, scaled dot-product attention per head (causal mask optional), "
               "heads concatenated and projected by wo, as torch.nn.MultiheadAttention with batch_first "
               "(its weights transposed)."))
+
+# torch.nn.MultiheadAttention itself: distinct query, key and value (cross-attention), its
+# parameter layout (in_proj_weight stacks W_q, W_k, W_v in rows of 3E x E, applied as
+# x W^T; out_proj likewise), and its masks as float tensors added to the scores: attn_mask
+# (L x S) and key_padding_mask (B x S), -inf where a position is masked (PyTorch's float
+# masks; a boolean mask is the float mask with -inf where it is True).
+query, key, value, attn_mask, key_padding_mask = tensors("query key value attn_mask key_padding_mask")
+in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias = tensors(
+    "in_proj_weight in_proj_bias out_proj_weight out_proj_bias")
+
+
+def _in_proj(inp, block, pos):
+    """Block ``block`` (0, 1, 2 for q, k, v) of the stacked projection applied to inp at position pos."""
+    row = block * E + h * Dh + d
+    return Sum(inp[b, pos, e] * in_proj_weight[row, e], e) + in_proj_bias[row]
+
+
+OPS.append(
+    layer("multihead_attention", inputs={"query": "B L E", "key": "B S E", "value": "B S E",
+                                         "attn_mask": "L S", "key_padding_mask": "B S"},
+          params={"in_proj_weight": "G E", "in_proj_bias": "G", "out_proj_weight": "E E", "out_proj_bias": "E"},
+          outputs={"y": "B L E"}, attrs={"heads": 2, "causal": 0}, dims={"Dh": E / NH, "G": 3 * E},
+          differentiate=["query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"],
+          ranges={"h": NH, "d": Dh},
+          equations=[(qh[b, h, l, d], _in_proj(query, 0, l)),
+                     (kh[b, h, s, d], _in_proj(key, 1, s)),
+                     (vh[b, h, s, d], _in_proj(value, 2, s)),
+                     (raw[b, h, l, s], Sum(qh[b, h, l, d] * kh[b, h, s, d], d) / sqrt(Dh)
+                      + attn_mask[l, s] + key_padding_mask[b, s]),
+                     (score[b, h, l, s], Piecewise((-sympy.oo, (causal > 0) & (s > l)), (raw[b, h, l, s], True))),
+                     (prob[b, h, l, s], exp(score[b, h, l, s]) / Sum(exp(score[b, h, l, t]), t)),
+                     (oh[b, h, l, d], Sum(prob[b, h, l, s] * vh[b, h, s, d], s)),
+                     (y[b, l, f], Sum(oh[b, h, l, d] * out_proj_weight[f, h * Dh + d], h, d) + out_proj_bias[f])],
+          doc="Multi-head attention as torch.nn.MultiheadAttention(batch_first=True): distinct query (B, L, E), "
+              "key and value (B, S, E); in_proj_weight (3E x E) stacks the q, k, v projections (x W^T + b), "
+              "out_proj_weight (E x E) likewise; attn_mask (L x S) and key_padding_mask (B x S) are float masks "
+              "added to the scores (-inf masks a position), causal = 1 masks s > l as well."))

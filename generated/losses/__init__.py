@@ -9,6 +9,7 @@
 ``_derivations.py`` the derivations ``op.latex()`` returns. Use
 ``generated.op(name, target, **attrs)``.
 
-Ops: bce_with_logits, categorical_nll, cosine_embedding_loss, gaussian_nll, huber,
-kl_div, l2_penalty, mse, nll, poisson_nll, softmax_cross_entropy.
+Ops: bce_with_logits, categorical_nll, cosine_embedding_loss, cross_entropy,
+gaussian_nll, huber, kl_div, l2_penalty, mse, nll, poisson_nll,
+softmax_cross_entropy.
 """

@@ -38,12 +38,12 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _bce_with_logits_fwd0(pred, target, loss, B, N, _total):
+def _bce_with_logits_fwd0(pred, target, loss, B, N, reduction, _total):
     """loss_sum0 = sum(-(1 - target[b, n])*softplus(pred[b, n]) - softplus(-pred[b, n])*target[b, n], b, n)
-    loss = -loss_sum0/(B*N)
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum(-(1 - target[b, n])*softplus(pred[b, n]) - softplus(-pred[b, n])*target[b, n], b, n)
@@ -51,16 +51,16 @@ def _bce_with_logits_fwd0(pred, target, loss, B, N, _total):
         for b in range(0, B):
             for n in range(0, N):
                 _v_loss_sum0 += -(_F(1) - target[b, n])*_softplus_dev(pred[b, n], _F) - _softplus_dev(-pred[b, n], _F)*target[b, n]
-        # loss = -loss_sum0/(B*N)
+        # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_loss = -_c0*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N, _total):
-    """g_pred[b, n] = g_loss*(sigmoid(pred[b, n]) - target[b, n])/(B*N)"""
+def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N, reduction, _total):
+    """g_pred[b, n] = g_loss*(sigmoid(pred[b, n]) - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -71,12 +71,12 @@ def _bce_with_logits_bwd0(pred, target, g_loss, g_pred, B, N, _total):
 
 
 @cuda.jit(cache=True)
-def _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N, _total):
+def _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N, reduction, _total):
     """t_loss_sum0 = sum(-(1 - target[b, n])*sigmoid(pred[b, n])*t_pred[b, n] + sigmoid(-pred[b, n])*t_pred[b, n]*target[b, n], b, n)
-    t_loss = -t_loss_sum0/(B*N)
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(-(1 - target[b, n])*sigmoid(pred[b, n])*t_pred[b, n] + sigmoid(-pred[b, n])*t_pred[b, n]*target[b, n], b, n)
@@ -84,16 +84,16 @@ def _bce_with_logits_jvp0(pred, target, t_pred, t_loss, B, N, _total):
         for b in range(0, B):
             for n in range(0, N):
                 _v_t_loss_sum0 += -(_F(1) - target[b, n])*_sigmoid_dev(pred[b, n], _F)*t_pred[b, n] + _sigmoid_dev(-pred[b, n], _F)*t_pred[b, n]*target[b, n]
-        # t_loss = -t_loss_sum0/(B*N)
+        # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_t_loss = -_c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
 
 @cuda.jit(cache=True)
-def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N, _total):
-    """t_g_pred[b, n] = g_loss*(1 - sigmoid(pred[b, n]))*sigmoid(pred[b, n])*t_pred[b, n]/(B*N)"""
+def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N, reduction, _total):
+    """t_g_pred[b, n] = g_loss*(1 - sigmoid(pred[b, n]))*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*sigmoid(pred[b, n])*t_pred[b, n]"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -104,17 +104,17 @@ def _bce_with_logits_hvp0(pred, g_loss, t_pred, t_g_pred, B, N, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
-def _bce_with_logits_fwd_core(pred, target):
+def _bce_with_logits_fwd_core(pred, target, reduction):
     """Forward of bce_with_logits: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     loss = _empty((1,), _dtype)
-    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N)
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N, reduction)
     return loss
 
 
-def _bce_with_logits_fwd_alloc(pred, target):
+def _bce_with_logits_fwd_alloc(pred, target, reduction):
     """The results of ``_bce_with_logits_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_bce_with_logits_fwd_into`` writes."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -123,15 +123,15 @@ def _bce_with_logits_fwd_alloc(pred, target):
     return loss
 
 
-def _bce_with_logits_fwd_into(pred, target, loss):
+def _bce_with_logits_fwd_into(pred, target, reduction, loss):
     """``_bce_with_logits_fwd_core`` launching its kernels into loss (from ``_bce_with_logits_fwd_alloc``); returns nothing."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N)
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N, reduction)
 
 
-def _bce_with_logits_fwd(pred, target):
+def _bce_with_logits_fwd(pred, target, *, reduction):
     """Forward of bce_with_logits: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
     _dtype = _float_dtype((pred, target))
@@ -144,26 +144,26 @@ def _bce_with_logits_fwd(pred, target):
     _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
     loss = _empty((1,), _dtype)
-    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N)
+    _launch(_bce_with_logits_fwd0, 1, pred, target, loss, B, N, reduction)
     return _result(loss, False)[0]
 
 
-def _bce_with_logits_fwd_shapes(pred, target):
+def _bce_with_logits_fwd_shapes(pred, target, *, reduction):
     """The shapes of the results of ``_bce_with_logits_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _bce_with_logits_bwd_core(g_loss, pred, target):
+def _bce_with_logits_bwd_core(g_loss, pred, target, reduction):
     """Backward of bce_with_logits: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = _empty((B, N), _dtype)
-    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
     return g_pred
 
 
-def _bce_with_logits_bwd_alloc(g_loss, pred, target):
+def _bce_with_logits_bwd_alloc(g_loss, pred, target, reduction):
     """The results of ``_bce_with_logits_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_bce_with_logits_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -172,15 +172,15 @@ def _bce_with_logits_bwd_alloc(g_loss, pred, target):
     return g_pred
 
 
-def _bce_with_logits_bwd_into(g_loss, pred, target, g_pred):
+def _bce_with_logits_bwd_into(g_loss, pred, target, reduction, g_pred):
     """``_bce_with_logits_bwd_core`` launching its kernels into g_pred (from ``_bce_with_logits_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
 
 
-def _bce_with_logits_bwd(g_loss, pred, target):
+def _bce_with_logits_bwd(g_loss, pred, target, *, reduction):
     """Backward of bce_with_logits: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target))
     _dtype = _float_dtype((g_loss, pred, target))
@@ -194,11 +194,11 @@ def _bce_with_logits_bwd(g_loss, pred, target):
     _check_dim("bce_with_logits", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "target", target, 1, "N", N, "from pred axis 1")
     g_pred = _empty((B, N), _dtype)
-    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    _launch(_bce_with_logits_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
     return _result(g_pred, _dev)
 
 
-def _bce_with_logits_jvp(pred, target, t_pred):
+def _bce_with_logits_jvp(pred, target, t_pred, *, reduction):
     """Forward mode of bce_with_logits: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dev = any(_on_device(a) for a in (pred, target, t_pred))
     _dtype = _float_dtype((pred, target, t_pred))
@@ -215,11 +215,11 @@ def _bce_with_logits_jvp(pred, target, t_pred):
     _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     t_loss = _empty((1,), _dtype)
-    _launch(_bce_with_logits_jvp0, 1, pred, target, t_pred, t_loss, B, N)
+    _launch(_bce_with_logits_jvp0, 1, pred, target, t_pred, t_loss, B, N, reduction)
     return _result(t_loss, False)[0]
 
 
-def _bce_with_logits_hvp(g_loss, pred, target, t_pred):
+def _bce_with_logits_hvp(g_loss, pred, target, t_pred, *, reduction):
     """Second order of bce_with_logits: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
@@ -237,7 +237,7 @@ def _bce_with_logits_hvp(g_loss, pred, target, t_pred):
     _check_dim("bce_with_logits", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("bce_with_logits", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     t_g_pred = _empty((B, N), _dtype)
-    _launch(_bce_with_logits_hvp0, B * N, pred, g_loss, t_pred, t_g_pred, B, N)
+    _launch(_bce_with_logits_hvp0, B * N, pred, g_loss, t_pred, t_g_pred, B, N, reduction)
     return _result(t_g_pred, _dev)
 
 

@@ -36,17 +36,17 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_fwd0(logprobs, idx, loss, B, C):
+def _categorical_nll_fwd0(logprobs, idx, loss, B, C, reduction):
     """loss_sum0 = sum(logprobs[b, idx[b]], b)
-    loss = -loss_sum0/B
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # loss_sum0 = sum(logprobs[b, idx[b]], b)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         _v_loss_sum0 += (logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
-    # loss = -loss_sum0/B
+    # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_loss = -_c0*_v_loss_sum0
     loss[0] = _v_loss
 
@@ -62,10 +62,10 @@ def _categorical_nll_bwd0(g_logprobs, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C):
-    """g_logprobs[b, idx[b]] += -g_loss/B  (scatter)"""
+def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, reduction):
+    """g_logprobs[b, idx[b]] += -g_loss*Piecewise((1, Eq(reduction, 2)), (1/B, True))  (scatter)"""
     _F = g_logprobs.dtype.type
-    _c0 = -g_loss[0]/_F(B)
+    _c0 = -g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     for b in range(0, B):
         _v_g_logprobs = _c0
         if ((idx[b] >= 0) and (idx[b] < C)):
@@ -73,17 +73,17 @@ def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C):
+def _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C, reduction):
     """t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
-    t_loss = -t_loss_sum0/B
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         _v_t_loss_sum0 += (t_logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
-    # t_loss = -t_loss_sum0/B
+    # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_t_loss = -_c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
@@ -99,17 +99,17 @@ def _categorical_nll_hvp0(t_g_logprobs, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_fwd_core(logprobs, idx):
+def _categorical_nll_fwd_core(logprobs, idx, reduction):
     """Forward of categorical_nll: loss from logprobs, idx. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     loss = np.empty((1,), _dtype)
-    _categorical_nll_fwd0(logprobs, idx, loss, B, C)
+    _categorical_nll_fwd0(logprobs, idx, loss, B, C, reduction)
     return loss
 
 
-def _categorical_nll_fwd_alloc(logprobs, idx):
+def _categorical_nll_fwd_alloc(logprobs, idx, reduction):
     """The results of ``_categorical_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
@@ -119,14 +119,14 @@ def _categorical_nll_fwd_alloc(logprobs, idx):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_fwd_into(logprobs, idx, loss):
+def _categorical_nll_fwd_into(logprobs, idx, reduction, loss):
     """``_categorical_nll_fwd_core`` writing its results into loss (from ``_categorical_nll_fwd_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _categorical_nll_fwd0(logprobs, idx, loss, B, C)
+    _categorical_nll_fwd0(logprobs, idx, loss, B, C, reduction)
 
 
-def _categorical_nll_fwd(logprobs, idx):
+def _categorical_nll_fwd(logprobs, idx, *, reduction):
     """Forward of categorical_nll: loss from logprobs, idx."""
     _dtype = _float_dtype((logprobs, idx))
     logprobs = _as_float("categorical_nll", "logprobs", logprobs, _dtype)
@@ -136,28 +136,28 @@ def _categorical_nll_fwd(logprobs, idx):
     C = logprobs.shape[1]
     _check_rank("categorical_nll", "idx", idx, 1)
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
-    loss = _categorical_nll_fwd_core(logprobs, idx)
+    loss = _categorical_nll_fwd_core(logprobs, idx, reduction)
     return loss[0]
 
 
-def _categorical_nll_fwd_shapes(logprobs, idx):
+def _categorical_nll_fwd_shapes(logprobs, idx, *, reduction):
     """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_bwd_core(g_loss, logprobs, idx):
+def _categorical_nll_bwd_core(g_loss, logprobs, idx, reduction):
     """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     g_logprobs = np.empty((B, C), _dtype)
     _categorical_nll_bwd0(g_logprobs, B, C)
-    _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C)
+    _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, reduction)
     return g_logprobs
 
 
-def _categorical_nll_bwd_alloc(g_loss, logprobs, idx):
+def _categorical_nll_bwd_alloc(g_loss, logprobs, idx, reduction):
     """The results of ``_categorical_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -167,15 +167,15 @@ def _categorical_nll_bwd_alloc(g_loss, logprobs, idx):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_bwd_into(g_loss, logprobs, idx, g_logprobs):
+def _categorical_nll_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs):
     """``_categorical_nll_bwd_core`` writing its results into g_logprobs (from ``_categorical_nll_bwd_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     _categorical_nll_bwd0(g_logprobs, B, C)
-    _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C)
+    _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, reduction)
 
 
-def _categorical_nll_bwd(g_loss, logprobs, idx):
+def _categorical_nll_bwd(g_loss, logprobs, idx, *, reduction):
     """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed)."""
     _dtype = _float_dtype((g_loss, logprobs, idx))
     g_loss = _as_scalar("categorical_nll", "g_loss", g_loss, _dtype)
@@ -186,21 +186,21 @@ def _categorical_nll_bwd(g_loss, logprobs, idx):
     C = logprobs.shape[1]
     _check_rank("categorical_nll", "idx", idx, 1)
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
-    return _categorical_nll_bwd_core(g_loss, logprobs, idx)
+    return _categorical_nll_bwd_core(g_loss, logprobs, idx, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_jvp_core(logprobs, idx, t_logprobs):
+def _categorical_nll_jvp_core(logprobs, idx, t_logprobs, reduction):
     """Forward mode of categorical_nll: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     t_loss = np.empty((1,), _dtype)
-    _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C)
+    _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C, reduction)
     return t_loss
 
 
-def _categorical_nll_jvp_alloc(logprobs, idx, t_logprobs):
+def _categorical_nll_jvp_alloc(logprobs, idx, t_logprobs, reduction):
     """The results of ``_categorical_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
@@ -210,14 +210,14 @@ def _categorical_nll_jvp_alloc(logprobs, idx, t_logprobs):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_jvp_into(logprobs, idx, t_logprobs, t_loss):
+def _categorical_nll_jvp_into(logprobs, idx, t_logprobs, reduction, t_loss):
     """``_categorical_nll_jvp_core`` writing its results into t_loss (from ``_categorical_nll_jvp_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C)
+    _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C, reduction)
 
 
-def _categorical_nll_jvp(logprobs, idx, t_logprobs):
+def _categorical_nll_jvp(logprobs, idx, t_logprobs, *, reduction):
     """Forward mode of categorical_nll: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed)."""
     _dtype = _float_dtype((logprobs, idx, t_logprobs))
     logprobs = _as_float("categorical_nll", "logprobs", logprobs, _dtype)
@@ -231,12 +231,12 @@ def _categorical_nll_jvp(logprobs, idx, t_logprobs):
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
     _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
     _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
-    t_loss = _categorical_nll_jvp_core(logprobs, idx, t_logprobs)
+    t_loss = _categorical_nll_jvp_core(logprobs, idx, t_logprobs, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs):
+def _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs, reduction):
     """Second order of categorical_nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -246,7 +246,7 @@ def _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs):
     return t_g_logprobs
 
 
-def _categorical_nll_hvp_alloc(g_loss, logprobs, idx, t_logprobs):
+def _categorical_nll_hvp_alloc(g_loss, logprobs, idx, t_logprobs, reduction):
     """The results of ``_categorical_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -256,14 +256,14 @@ def _categorical_nll_hvp_alloc(g_loss, logprobs, idx, t_logprobs):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _categorical_nll_hvp_into(g_loss, logprobs, idx, t_logprobs, t_g_logprobs):
+def _categorical_nll_hvp_into(g_loss, logprobs, idx, t_logprobs, reduction, t_g_logprobs):
     """``_categorical_nll_hvp_core`` writing its results into t_g_logprobs (from ``_categorical_nll_hvp_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     _categorical_nll_hvp0(t_g_logprobs, B, C)
 
 
-def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs):
+def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs, *, reduction):
     """Second order of categorical_nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, logprobs, idx, t_logprobs))
     g_loss = _as_scalar("categorical_nll", "g_loss", g_loss, _dtype)
@@ -278,7 +278,7 @@ def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs):
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
     _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
     _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
-    return _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs)
+    return _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs, reduction)
 
 
 # The host functions of each op on this target.
@@ -297,12 +297,12 @@ _FUNCS = {
 _SPECS = {
     "categorical_nll": {
         "kind": "loss",
-        "attrs": {},
+        "attrs": {"reduction": 1},
         "arg_names": ("logprobs", "idx"),
         "differentiable": ("logprobs",),
         "state": (),
         "seeds": 1,
-        "doc": "Negative log-likelihood of log-probabilities at integer class indices, mean over the batch (F.nll_loss); nll takes one-hot or probability rows instead.",
+        "doc": "Negative log-likelihood of log-probabilities at integer class indices, mean (or sum) over the batch (F.nll_loss); nll takes one-hot or probability rows instead.",
     },
 }
 

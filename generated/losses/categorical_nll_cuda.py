@@ -37,19 +37,19 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _categorical_nll_fwd0(logprobs, idx, loss, B, C, _total):
+def _categorical_nll_fwd0(logprobs, idx, loss, B, C, reduction, _total):
     """loss_sum0 = sum(logprobs[b, idx[b]], b)
-    loss = -loss_sum0/B
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum(logprobs[b, idx[b]], b)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
             _v_loss_sum0 += (logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
-        # loss = -loss_sum0/B
+        # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_loss = -_c0*_v_loss_sum0
         loss[0] = _v_loss
 
@@ -68,10 +68,10 @@ def _categorical_nll_bwd0(g_logprobs, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, _total):
-    """g_logprobs[b, idx[b]] += -g_loss/B  (scatter)"""
+def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, reduction, _total):
+    """g_logprobs[b, idx[b]] += -g_loss*Piecewise((1, Eq(reduction, 2)), (1/B, True))  (scatter)"""
     _F = g_logprobs.dtype.type
-    _c0 = -g_loss[0]/_F(B)
+    _c0 = -g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
@@ -81,19 +81,19 @@ def _categorical_nll_bwd1(idx, g_loss, g_logprobs, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C, _total):
+def _categorical_nll_jvp0(idx, t_logprobs, t_loss, B, C, reduction, _total):
     """t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
-    t_loss = -t_loss_sum0/B
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True)), b)
         _v_t_loss_sum0 = _F(0)
         for b in range(0, B):
             _v_t_loss_sum0 += (t_logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
-        # t_loss = -t_loss_sum0/B
+        # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_t_loss = -_c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
@@ -111,17 +111,17 @@ def _categorical_nll_hvp0(t_g_logprobs, B, C, _total):
         t_g_logprobs[i0, i1] = _v_t_g_logprobs
 
 
-def _categorical_nll_fwd_core(logprobs, idx):
+def _categorical_nll_fwd_core(logprobs, idx, reduction):
     """Forward of categorical_nll: loss from logprobs, idx. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     loss = _empty((1,), _dtype)
-    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C)
+    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C, reduction)
     return loss
 
 
-def _categorical_nll_fwd_alloc(logprobs, idx):
+def _categorical_nll_fwd_alloc(logprobs, idx, reduction):
     """The results of ``_categorical_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_categorical_nll_fwd_into`` writes."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
@@ -130,15 +130,15 @@ def _categorical_nll_fwd_alloc(logprobs, idx):
     return loss
 
 
-def _categorical_nll_fwd_into(logprobs, idx, loss):
+def _categorical_nll_fwd_into(logprobs, idx, reduction, loss):
     """``_categorical_nll_fwd_core`` launching its kernels into loss (from ``_categorical_nll_fwd_alloc``); returns nothing."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C)
+    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C, reduction)
 
 
-def _categorical_nll_fwd(logprobs, idx):
+def _categorical_nll_fwd(logprobs, idx, *, reduction):
     """Forward of categorical_nll: loss from logprobs, idx."""
     _dev = any(_on_device(a) for a in (logprobs, idx))
     _dtype = _float_dtype((logprobs, idx))
@@ -150,27 +150,27 @@ def _categorical_nll_fwd(logprobs, idx):
     _check_rank("categorical_nll", "idx", idx, 1)
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
     loss = _empty((1,), _dtype)
-    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C)
+    _launch(_categorical_nll_fwd0, 1, logprobs, idx, loss, B, C, reduction)
     return _result(loss, False)[0]
 
 
-def _categorical_nll_fwd_shapes(logprobs, idx):
+def _categorical_nll_fwd_shapes(logprobs, idx, *, reduction):
     """The shapes of the results of ``_categorical_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _categorical_nll_bwd_core(g_loss, logprobs, idx):
+def _categorical_nll_bwd_core(g_loss, logprobs, idx, reduction):
     """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     g_logprobs = _empty((B, C), _dtype)
     _launch(_categorical_nll_bwd0, B * C, g_logprobs, B, C)
-    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C)
+    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C, reduction)
     return g_logprobs
 
 
-def _categorical_nll_bwd_alloc(g_loss, logprobs, idx):
+def _categorical_nll_bwd_alloc(g_loss, logprobs, idx, reduction):
     """The results of ``_categorical_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_categorical_nll_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -179,16 +179,16 @@ def _categorical_nll_bwd_alloc(g_loss, logprobs, idx):
     return g_logprobs
 
 
-def _categorical_nll_bwd_into(g_loss, logprobs, idx, g_logprobs):
+def _categorical_nll_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs):
     """``_categorical_nll_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     _launch(_categorical_nll_bwd0, B * C, g_logprobs, B, C)
-    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C)
+    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C, reduction)
 
 
-def _categorical_nll_bwd(g_loss, logprobs, idx):
+def _categorical_nll_bwd(g_loss, logprobs, idx, *, reduction):
     """Backward of categorical_nll: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, logprobs, idx))
     _dtype = _float_dtype((g_loss, logprobs, idx))
@@ -202,11 +202,11 @@ def _categorical_nll_bwd(g_loss, logprobs, idx):
     _check_dim("categorical_nll", "idx", idx, 0, "B", B, "from logprobs axis 0")
     g_logprobs = _empty((B, C), _dtype)
     _launch(_categorical_nll_bwd0, B * C, g_logprobs, B, C)
-    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C)
+    _launch(_categorical_nll_bwd1, B, idx, g_loss, g_logprobs, B, C, reduction)
     return _result(g_logprobs, _dev)
 
 
-def _categorical_nll_jvp(logprobs, idx, t_logprobs):
+def _categorical_nll_jvp(logprobs, idx, t_logprobs, *, reduction):
     """Forward mode of categorical_nll: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed)."""
     _dev = any(_on_device(a) for a in (logprobs, idx, t_logprobs))
     _dtype = _float_dtype((logprobs, idx, t_logprobs))
@@ -222,11 +222,11 @@ def _categorical_nll_jvp(logprobs, idx, t_logprobs):
     _check_dim("categorical_nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
     _check_dim("categorical_nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
     t_loss = _empty((1,), _dtype)
-    _launch(_categorical_nll_jvp0, 1, idx, t_logprobs, t_loss, B, C)
+    _launch(_categorical_nll_jvp0, 1, idx, t_logprobs, t_loss, B, C, reduction)
     return _result(t_loss, False)[0]
 
 
-def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs):
+def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs, *, reduction):
     """Second order of categorical_nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, logprobs, idx, t_logprobs))
     _dtype = _float_dtype((g_loss, logprobs, idx, t_logprobs))

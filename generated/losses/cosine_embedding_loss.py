@@ -61,17 +61,17 @@ def _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin):
+def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, reduction):
     """loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
-    loss = loss_sum0/B
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(-margin + cos[b], _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
-    # loss = loss_sum0/B
+    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
 
@@ -106,22 +106,22 @@ def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin):
-    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
-    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction):
+    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
     """
     _F = g_x2.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     for b in range(0, B):
         for d in range(0, D):
-            # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+            # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
             _t0 = eps + cos_sum1[b]
             _t1 = eps + cos_sum0[b]
             _t2 = margin - cos[b]
             _t3 = _c0*(-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/math.sqrt(_t0*_t1)
             _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])/_t0
             g_x2[b, d] = _v_g_x2
-            # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+            # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
             _v_g_x1 = _t3*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/_t1
             g_x1[b, d] = _v_g_x1
 
@@ -176,18 +176,18 @@ def _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin):
+def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, reduction):
     """t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
-    t_loss = t_loss_sum0/B
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         _t0 = margin - cos[b]
         _v_t_loss_sum0 += (-t_cos[b] if (label[b] > _F(0)) else ((_F(1) if (_t0 < _F(0)) else (_F(0) if (_t0 > _F(0)) else (_F(0.5) if (_t0 <= _F(0)) else _F(math.nan))))*t_cos[b] if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
-    # t_loss = t_loss_sum0/B
+    # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
@@ -240,15 +240,15 @@ def _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1,
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin):
-    """t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
-    t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, reduction):
+    """t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+    t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
     """
     _F = t_g_x2.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     for b in range(0, B):
         for d in range(0, D):
-            # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+            # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
             _t0 = eps + cos_sum0[b]
             _t1 = eps + cos_sum1[b]
             _t2 = margin - cos[b]
@@ -259,14 +259,14 @@ def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
             _t7 = _t3/_t0
             _v_t_g_x2 = -_t3*_t4*t_cos_sum1[b] + _t4*_t6*_t7 + _t5*(_t1*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])
             t_g_x2[b, d] = _v_t_g_x2
-            # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+            # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
             _t8 = (_t0*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t0 * _t0)
             _v_t_g_x1 = -_t3*_t8*t_cos_sum0[b] + _t5*_t6*_t8 + _t7*(_t0*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])
             t_g_x1[b, d] = _v_t_g_x1
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
+def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps, reduction):
     """Forward of cosine_embedding_loss: loss from x1, x2, label. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -276,11 +276,11 @@ def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
     loss = np.empty((1,), _dtype)
     cos = np.empty((B,), _dtype)
     _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps)
-    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, reduction)
     return loss
 
 
-def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
+def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
@@ -290,7 +290,7 @@ def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
+def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, reduction, loss):
     """``_cosine_embedding_loss_fwd_core`` writing its results into loss (from ``_cosine_embedding_loss_fwd_alloc``)."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -299,10 +299,10 @@ def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
     D = x1.shape[1]
     cos = np.empty((B,), _dtype)
     _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps)
-    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, reduction)
 
 
-def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps, reduction):
     """Forward of cosine_embedding_loss: loss from x1, x2, label."""
     _dtype = _float_dtype((x1, x2, label))
     x1 = _as_float("cosine_embedding_loss", "x1", x1, _dtype)
@@ -318,17 +318,17 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
-    loss = _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps)
+    loss = _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps, reduction)
     return loss[0]
 
 
-def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps, reduction):
     """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
+def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps, reduction):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -342,11 +342,11 @@ def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     g_x1 = np.empty((B, D), _dtype)
     g_x2 = np.empty((B, D), _dtype)
     _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
     return g_x1, g_x2
 
 
-def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
+def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = x1.shape[0]
@@ -357,7 +357,7 @@ def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_x2):
+def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2):
     """``_cosine_embedding_loss_bwd_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``)."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -369,10 +369,10 @@ def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_
     cos_sum2 = np.empty((B,), _dtype)
     cos = np.empty((B,), _dtype)
     _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
 
 
-def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps, reduction):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed)."""
     _dtype = _float_dtype((g_loss, x1, x2, label))
     g_loss = _as_scalar("cosine_embedding_loss", "g_loss", g_loss, _dtype)
@@ -389,11 +389,11 @@ def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
     _check_dim("cosine_embedding_loss", "label", label, 0, "B", B, "from x1 axis 0")
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
-    return _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps)
+    return _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
+def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps, reduction):
     """Forward of cosine_embedding_loss: loss, cos_sum0, cos_sum1, cos_sum2, cos from x1, x2, label, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -406,11 +406,11 @@ def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps):
     cos_sum2 = np.empty((B,), _dtype)
     cos = np.empty((B,), _dtype)
     _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, reduction)
     return loss, cos_sum0, cos_sum1, cos_sum2, cos
 
 
-def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps):
+def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
@@ -424,7 +424,7 @@ def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, loss, cos_sum0, cos_sum1, cos_sum2, cos):
+def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, reduction, loss, cos_sum0, cos_sum1, cos_sum2, cos):
     """``_cosine_embedding_loss_fwd_saving_core`` writing its results into loss, cos_sum0, cos_sum1, cos_sum2, cos (from ``_cosine_embedding_loss_fwd_saving_alloc``)."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -432,11 +432,11 @@ def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, loss, cos
     B = x1.shape[0]
     D = x1.shape[1]
     _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin)
+    _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
+def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -445,11 +445,11 @@ def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_s
     D = x1.shape[1]
     g_x1 = np.empty((B, D), _dtype)
     g_x2 = np.empty((B, D), _dtype)
-    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
     return g_x1, g_x2
 
 
-def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps):
+def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = x1.shape[0]
@@ -460,18 +460,18 @@ def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, g_x1, g_x2):
+def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction, g_x1, g_x2):
     """``_cosine_embedding_loss_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_saved_alloc``)."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
     B = x1.shape[0]
     D = x1.shape[1]
-    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps):
+def _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps, reduction):
     """Forward mode of cosine_embedding_loss: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -482,11 +482,11 @@ def _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps):
     t_loss = np.empty((1,), _dtype)
     t_cos = np.empty((B,), _dtype)
     _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps)
-    _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin)
+    _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, reduction)
     return t_loss
 
 
-def _cosine_embedding_loss_jvp_alloc(x1, x2, label, t_x1, t_x2, margin, eps):
+def _cosine_embedding_loss_jvp_alloc(x1, x2, label, t_x1, t_x2, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_jvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x1.dtype
     B = x1.shape[0]
@@ -496,7 +496,7 @@ def _cosine_embedding_loss_jvp_alloc(x1, x2, label, t_x1, t_x2, margin, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_jvp_into(x1, x2, label, t_x1, t_x2, margin, eps, t_loss):
+def _cosine_embedding_loss_jvp_into(x1, x2, label, t_x1, t_x2, margin, eps, reduction, t_loss):
     """``_cosine_embedding_loss_jvp_core`` writing its results into t_loss (from ``_cosine_embedding_loss_jvp_alloc``)."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -506,10 +506,10 @@ def _cosine_embedding_loss_jvp_into(x1, x2, label, t_x1, t_x2, margin, eps, t_lo
     cos = np.empty((B,), _dtype)
     t_cos = np.empty((B,), _dtype)
     _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps)
-    _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin)
+    _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, reduction)
 
 
-def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps):
+def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
     """Forward mode of cosine_embedding_loss: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed)."""
     _dtype = _float_dtype((x1, x2, label, t_x1, t_x2))
     x1 = _as_float("cosine_embedding_loss", "x1", x1, _dtype)
@@ -533,12 +533,12 @@ def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps):
     _check_dim("cosine_embedding_loss", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
-    t_loss = _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps)
+    t_loss = _cosine_embedding_loss_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps):
+def _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction):
     """Second order of cosine_embedding_loss: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -555,11 +555,11 @@ def _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, e
     t_cos_sum1 = np.empty((B,), _dtype)
     t_cos_sum2 = np.empty((B,), _dtype)
     _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
-    _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+    _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, reduction)
     return t_g_x1, t_g_x2
 
 
-def _cosine_embedding_loss_hvp_alloc(g_loss, x1, x2, label, t_x1, t_x2, margin, eps):
+def _cosine_embedding_loss_hvp_alloc(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_hvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = x1.shape[0]
@@ -570,7 +570,7 @@ def _cosine_embedding_loss_hvp_alloc(g_loss, x1, x2, label, t_x1, t_x2, margin, 
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cosine_embedding_loss_hvp_into(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, t_g_x1, t_g_x2):
+def _cosine_embedding_loss_hvp_into(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction, t_g_x1, t_g_x2):
     """``_cosine_embedding_loss_hvp_core`` writing its results into t_g_x1, t_g_x2 (from ``_cosine_embedding_loss_hvp_alloc``)."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -585,10 +585,10 @@ def _cosine_embedding_loss_hvp_into(g_loss, x1, x2, label, t_x1, t_x2, margin, e
     t_cos_sum1 = np.empty((B,), _dtype)
     t_cos_sum2 = np.empty((B,), _dtype)
     _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
-    _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+    _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, reduction)
 
 
-def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps):
+def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
     """Second order of cosine_embedding_loss: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, x1, x2, label, t_x1, t_x2))
     g_loss = _as_scalar("cosine_embedding_loss", "g_loss", g_loss, _dtype)
@@ -613,7 +613,7 @@ def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps
     _check_dim("cosine_embedding_loss", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
-    return _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps)
+    return _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction)
 
 
 # The host functions of each op on this target.
@@ -632,12 +632,12 @@ _FUNCS = {
 _SPECS = {
     "cosine_embedding_loss": {
         "kind": "loss",
-        "attrs": {"margin": 0.0, "eps": 1e-12},
+        "attrs": {"margin": 0.0, "eps": 1e-12, "reduction": 1},
         "arg_names": ("x1", "x2", "label"),
         "differentiable": ("x1", "x2"),
         "state": (),
         "seeds": 1,
-        "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
+        "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean (or sum) over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
     },
 }
 

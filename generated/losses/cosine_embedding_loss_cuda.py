@@ -64,19 +64,19 @@ def _cosine_embedding_loss_fwd0(x1, x2, cos, B, D, eps, _total):
 
 
 @cuda.jit(cache=True)
-def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, _total):
+def _cosine_embedding_loss_fwd1(label, loss, cos, B, margin, reduction, _total):
     """loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
-    loss = loss_sum0/B
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum(Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True)), b)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
             _v_loss_sum0 += (_F(1) - cos[b] if (label[b] > _F(0)) else (max(-margin + cos[b], _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
-        # loss = loss_sum0/B
+        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
 
@@ -113,25 +113,25 @@ def _cosine_embedding_loss_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D,
 
 
 @cuda.jit(cache=True)
-def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, _total):
-    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
-    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+def _cosine_embedding_loss_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction, _total):
+    """g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
     """
     _F = g_x2.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         d = _r % D
         _r //= D
         b = _r
-        # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+        # g_x2[b, d] = g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
         _t0 = eps + cos_sum1[b]
         _t1 = eps + cos_sum0[b]
         _t2 = margin - cos[b]
         _t3 = _c0*(-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))/math.sqrt(_t0*_t1)
         _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])/_t0
         g_x2[b, d] = _v_g_x2
-        # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+        # g_x1[b, d] = g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
         _v_g_x1 = _t3*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/_t1
         g_x1[b, d] = _v_g_x1
 
@@ -188,12 +188,12 @@ def _cosine_embedding_loss_jvp0(x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps, _tota
 
 
 @cuda.jit(cache=True)
-def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, _total):
+def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, reduction, _total):
     """t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
-    t_loss = t_loss_sum0/B
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True)), b)
@@ -201,7 +201,7 @@ def _cosine_embedding_loss_jvp1(label, cos, t_loss, t_cos, B, margin, _total):
         for b in range(0, B):
             _t0 = margin - cos[b]
             _v_t_loss_sum0 += (-t_cos[b] if (label[b] > _F(0)) else ((_F(1) if (_t0 < _F(0)) else (_F(0) if (_t0 > _F(0)) else (_F(0.5) if (_t0 <= _F(0)) else _F(math.nan))))*t_cos[b] if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
-        # t_loss = t_loss_sum0/B
+        # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_t_loss = _c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
@@ -256,18 +256,18 @@ def _cosine_embedding_loss_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1,
 
 
 @cuda.jit(cache=True)
-def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, _total):
-    """t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
-    t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, reduction, _total):
+    """t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+    t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
     """
     _F = t_g_x2.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         d = _r % D
         _r //= D
         b = _r
-        # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+        # t_g_x2[b, d] = g_loss*((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - g_loss*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum1[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
         _t0 = eps + cos_sum0[b]
         _t1 = eps + cos_sum1[b]
         _t2 = margin - cos[b]
@@ -278,13 +278,13 @@ def _cosine_embedding_loss_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos
         _t7 = _t3/_t0
         _v_t_g_x2 = -_t3*_t4*t_cos_sum1[b] + _t4*_t6*_t7 + _t5*(_t1*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])
         t_g_x2[b, d] = _v_t_g_x2
-        # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(B*sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+        # t_g_x1[b, d] = g_loss*((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - g_loss*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*t_cos_sum0[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + g_loss*(-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
         _t8 = (_t0*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t0 * _t0)
         _v_t_g_x1 = -_t3*_t8*t_cos_sum0[b] + _t5*_t6*_t8 + _t7*(_t0*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])
         t_g_x1[b, d] = _v_t_g_x1
 
 
-def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
+def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps, reduction):
     """Forward of cosine_embedding_loss: loss from x1, x2, label. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -294,11 +294,11 @@ def _cosine_embedding_loss_fwd_core(x1, x2, label, margin, eps):
     loss = _empty((1,), _dtype)
     cos = _empty((B,), _dtype)
     _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
-    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
     return loss
 
 
-def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
+def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_fwd_into`` writes."""
     _dtype = x1.dtype
     B = x1.shape[0]
@@ -307,7 +307,7 @@ def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps):
     return loss
 
 
-def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
+def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, reduction, loss):
     """``_cosine_embedding_loss_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_fwd_alloc``); returns nothing."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
@@ -316,10 +316,10 @@ def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, loss):
     D = x1.shape[1]
     cos = _empty((B,), _dtype)
     _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
-    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
 
 
-def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps, reduction):
     """Forward of cosine_embedding_loss: loss from x1, x2, label."""
     _dev = any(_on_device(a) for a in (x1, x2, label))
     _dtype = _float_dtype((x1, x2, label))
@@ -339,16 +339,16 @@ def _cosine_embedding_loss_fwd(x1, x2, label, *, margin, eps):
     loss = _empty((1,), _dtype)
     cos = _empty((B,), _dtype)
     _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
-    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
     return _result(loss, False)[0]
 
 
-def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_fwd_shapes(x1, x2, label, *, margin, eps, reduction):
     """The shapes of the results of ``_cosine_embedding_loss_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
+def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps, reduction):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -362,11 +362,11 @@ def _cosine_embedding_loss_bwd_core(g_loss, x1, x2, label, margin, eps):
     g_x1 = _empty((B, D), _dtype)
     g_x2 = _empty((B, D), _dtype)
     _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
     return g_x1, g_x2
 
 
-def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
+def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps, reduction):
     """The results of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = x1.shape[0]
@@ -376,7 +376,7 @@ def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps):
     return g_x1, g_x2
 
 
-def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_x2):
+def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2):
     """``_cosine_embedding_loss_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     margin = _dtype.type(margin)
@@ -388,10 +388,10 @@ def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, g_x1, g_
     cos_sum2 = _empty((B,), _dtype)
     cos = _empty((B,), _dtype)
     _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
 
 
-def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
+def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps, reduction):
     """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, x1, x2, label))
     _dtype = _float_dtype((g_loss, x1, x2, label))
@@ -416,11 +416,11 @@ def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps):
     g_x1 = _empty((B, D), _dtype)
     g_x2 = _empty((B, D), _dtype)
     _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
-    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
     return _result(g_x1, _dev), _result(g_x2, _dev)
 
 
-def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps):
+def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
     """Forward mode of cosine_embedding_loss: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed)."""
     _dev = any(_on_device(a) for a in (x1, x2, label, t_x1, t_x2))
     _dtype = _float_dtype((x1, x2, label, t_x1, t_x2))
@@ -449,11 +449,11 @@ def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps):
     t_loss = _empty((1,), _dtype)
     t_cos = _empty((B,), _dtype)
     _launch(_cosine_embedding_loss_jvp0, B, x1, x2, cos, t_x1, t_x2, t_cos, B, D, eps)
-    _launch(_cosine_embedding_loss_jvp1, 1, label, cos, t_loss, t_cos, B, margin)
+    _launch(_cosine_embedding_loss_jvp1, 1, label, cos, t_loss, t_cos, B, margin, reduction)
     return _result(t_loss, False)[0]
 
 
-def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps):
+def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
     """Second order of cosine_embedding_loss: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, x1, x2, label, t_x1, t_x2))
     _dtype = _float_dtype((g_loss, x1, x2, label, t_x1, t_x2))
@@ -489,7 +489,7 @@ def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps
     t_cos_sum1 = _empty((B,), _dtype)
     t_cos_sum2 = _empty((B,), _dtype)
     _launch(_cosine_embedding_loss_hvp0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
-    _launch(_cosine_embedding_loss_hvp1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+    _launch(_cosine_embedding_loss_hvp1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin, reduction)
     return _result(t_g_x1, _dev), _result(t_g_x2, _dev)
 
 

@@ -45,42 +45,42 @@ def _gaussian_nll_fwd0(var, vc, B, N, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full):
-    """loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
-    loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
+def _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full, reduction):
+    """loss_sum0 = sum(full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2, b, n)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
-    _c1 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
-    # loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
+    _c0 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    _c1 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
+    # loss_sum0 = sum(full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2, b, n)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
-            _v_loss_sum0 += (pred[b, n] - target[b, n])**2/vc[b, n] + math.log(vc[b, n])
-    # loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
-    _v_loss = _F(0.5)*_c0*_v_loss_sum0 + _c1
+            _v_loss_sum0 += _c0 + _F(0.5)*(pred[b, n] - target[b, n])**2/vc[b, n] + _F(0.5)*math.log(vc[b, n])
+    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
+    _v_loss = _c1*_v_loss_sum0
     loss[0] = _v_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps):
+def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction):
     """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
-    g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
-    g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+    g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/vc[b, n]
+    g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
     """
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
             _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
-            # g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
+            # g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/vc[b, n]
             _t0 = pred[b, n] - target[b, n]
             _t1 = _F(1) / _v_vc
             _t2 = _c0*_t1
             _v_g_pred = _t0*_t2
             g_pred[b, n] = _v_g_pred
-            # g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+            # g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
             _v_g_var = _F(0.5)*_t2*(-_t0 * _t0*_t1 + _F(1))
             g_var[b, n] = _v_g_var
 
@@ -102,54 +102,55 @@ def _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N):
-    """t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
-    t_loss = t_loss_sum0/(2*B*N)
+def _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N, reduction):
+    """t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n]), b, n)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
-    # t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
+    # t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n]), b, n)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
             _t0 = _F(1) / vc[b, n]
-            _t1 = pred[b, n] - target[b, n]
-            _v_t_loss_sum0 += _F(2)*_t0*_t1*t_pred[b, n] + _t0*t_vc[b, n] - _t1 * _t1*t_vc[b, n]/(vc[b, n] * vc[b, n])
-    # t_loss = t_loss_sum0/(2*B*N)
-    _v_t_loss = _F(0.5)*_c0*_v_t_loss_sum0
+            _t1 = _F(0.5)*t_vc[b, n]
+            _t2 = pred[b, n] - target[b, n]
+            _v_t_loss_sum0 += _t0*_t1 + _t0*_t2*t_pred[b, n] - _t1*(_t2 * _t2)/(vc[b, n] * vc[b, n])
+    # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
+    _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps):
+def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, reduction):
     """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
     t_vc[b, n] = t_var[b, n]
-    t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
-    t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
+    t_g_pred[b, n] = -g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/vc[b, n]**2 + g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_pred[b, n]/vc[b, n]
+    t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/(2*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
     """
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
             _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
             # t_vc[b, n] = t_var[b, n]
             _v_t_vc = t_var[b, n]
-            # t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
-            _t0 = _F(1) / (_v_vc * _v_vc)
-            _t1 = _c0*_t0
-            _v_t_g_pred = -_t1*(_v_t_vc*pred[b, n] - _v_t_vc*target[b, n] - _v_vc*t_pred[b, n])
+            # t_g_pred[b, n] = -g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/vc[b, n]**2 + g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_pred[b, n]/vc[b, n]
+            _t0 = _F(1) / _v_vc
+            _t1 = pred[b, n] - target[b, n]
+            _t2 = _v_t_vc/(_v_vc * _v_vc)
+            _t3 = _c0*_t2
+            _v_t_g_pred = _c0*_t0*t_pred[b, n] - _t1*_t3
             t_g_pred[b, n] = _v_t_g_pred
-            # t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
-            _t2 = _F(1) / _v_vc
-            _t3 = pred[b, n] - target[b, n]
-            _t4 = _t3 * _t3
-            _v_t_g_var = _F(0.5)*_c0*_t2*(_t0*_t4*_v_t_vc - _F(2)*_t2*_t3*t_pred[b, n]) - _F(0.5)*_t1*_v_t_vc*(-_t2*_t4 + _F(1))
+            # t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/(2*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
+            _t4 = _t1 * _t1
+            _v_t_g_var = _F(0.5)*_c0*_t0*(-_F(2)*_t0*_t1*t_pred[b, n] + _t2*_t4) - _F(0.5)*_t3*(-_t0*_t4 + _F(1))
             t_g_var[b, n] = _v_t_g_var
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_fwd_core(pred, target, var, eps, full):
+def _gaussian_nll_fwd_core(pred, target, var, eps, full, reduction):
     """Forward of gaussian_nll: loss from pred, target, var. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
@@ -159,11 +160,11 @@ def _gaussian_nll_fwd_core(pred, target, var, eps, full):
     loss = np.empty((1,), _dtype)
     vc = np.empty((B, N), _dtype)
     _gaussian_nll_fwd0(var, vc, B, N, eps)
-    _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full)
+    _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full, reduction)
     return loss
 
 
-def _gaussian_nll_fwd_alloc(pred, target, var, eps, full):
+def _gaussian_nll_fwd_alloc(pred, target, var, eps, full, reduction):
     """The results of ``_gaussian_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -173,7 +174,7 @@ def _gaussian_nll_fwd_alloc(pred, target, var, eps, full):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_fwd_into(pred, target, var, eps, full, loss):
+def _gaussian_nll_fwd_into(pred, target, var, eps, full, reduction, loss):
     """``_gaussian_nll_fwd_core`` writing its results into loss (from ``_gaussian_nll_fwd_alloc``)."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
@@ -182,10 +183,10 @@ def _gaussian_nll_fwd_into(pred, target, var, eps, full, loss):
     N = pred.shape[1]
     vc = np.empty((B, N), _dtype)
     _gaussian_nll_fwd0(var, vc, B, N, eps)
-    _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full)
+    _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full, reduction)
 
 
-def _gaussian_nll_fwd(pred, target, var, *, eps, full):
+def _gaussian_nll_fwd(pred, target, var, *, eps, full, reduction):
     """Forward of gaussian_nll: loss from pred, target, var."""
     _dtype = _float_dtype((pred, target, var))
     pred = _as_float("gaussian_nll", "pred", pred, _dtype)
@@ -202,17 +203,17 @@ def _gaussian_nll_fwd(pred, target, var, *, eps, full):
     _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
     eps = _dtype.type(eps)
     full = _dtype.type(full)
-    loss = _gaussian_nll_fwd_core(pred, target, var, eps, full)
+    loss = _gaussian_nll_fwd_core(pred, target, var, eps, full, reduction)
     return loss[0]
 
 
-def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full):
+def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full, reduction):
     """The shapes of the results of ``_gaussian_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full):
+def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full, reduction):
     """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
@@ -220,11 +221,11 @@ def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full):
     N = pred.shape[1]
     g_pred = np.empty((B, N), _dtype)
     g_var = np.empty((B, N), _dtype)
-    _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
     return g_pred, g_var
 
 
-def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full):
+def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full, reduction):
     """The results of ``_gaussian_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -235,16 +236,16 @@ def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, g_pred, g_var):
+def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var):
     """``_gaussian_nll_bwd_core`` writing its results into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``)."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
 
 
-def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):
+def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full, reduction):
     """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target, var))
     g_loss = _as_scalar("gaussian_nll", "g_loss", g_loss, _dtype)
@@ -261,11 +262,11 @@ def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):
     _check_dim("gaussian_nll", "var", var, 0, "B", B, "from pred axis 0")
     _check_dim("gaussian_nll", "var", var, 1, "N", N, "from pred axis 1")
     eps = _dtype.type(eps)
-    return _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full)
+    return _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full):
+def _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full, reduction):
     """Forward mode of gaussian_nll: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
@@ -275,11 +276,11 @@ def _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full):
     t_loss = np.empty((1,), _dtype)
     t_vc = np.empty((B, N), _dtype)
     _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps)
-    _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N)
+    _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N, reduction)
     return t_loss
 
 
-def _gaussian_nll_jvp_alloc(pred, target, var, t_pred, t_var, eps, full):
+def _gaussian_nll_jvp_alloc(pred, target, var, t_pred, t_var, eps, full, reduction):
     """The results of ``_gaussian_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -289,7 +290,7 @@ def _gaussian_nll_jvp_alloc(pred, target, var, t_pred, t_var, eps, full):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_jvp_into(pred, target, var, t_pred, t_var, eps, full, t_loss):
+def _gaussian_nll_jvp_into(pred, target, var, t_pred, t_var, eps, full, reduction, t_loss):
     """``_gaussian_nll_jvp_core`` writing its results into t_loss (from ``_gaussian_nll_jvp_alloc``)."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
@@ -298,10 +299,10 @@ def _gaussian_nll_jvp_into(pred, target, var, t_pred, t_var, eps, full, t_loss):
     vc = np.empty((B, N), _dtype)
     t_vc = np.empty((B, N), _dtype)
     _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps)
-    _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N)
+    _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N, reduction)
 
 
-def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full):
+def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full, reduction):
     """Forward mode of gaussian_nll: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed)."""
     _dtype = _float_dtype((pred, target, var, t_pred, t_var))
     pred = _as_float("gaussian_nll", "pred", pred, _dtype)
@@ -325,12 +326,12 @@ def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full):
     _check_dim("gaussian_nll", "t_var", t_var, 0, "B", B, "from pred axis 0")
     _check_dim("gaussian_nll", "t_var", t_var, 1, "N", N, "from pred axis 1")
     eps = _dtype.type(eps)
-    t_loss = _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full)
+    t_loss = _gaussian_nll_jvp_core(pred, target, var, t_pred, t_var, eps, full, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full):
+def _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction):
     """Second order of gaussian_nll: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
@@ -338,11 +339,11 @@ def _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full):
     N = pred.shape[1]
     t_g_pred = np.empty((B, N), _dtype)
     t_g_var = np.empty((B, N), _dtype)
-    _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, reduction)
     return t_g_pred, t_g_var
 
 
-def _gaussian_nll_hvp_alloc(g_loss, pred, target, var, t_pred, t_var, eps, full):
+def _gaussian_nll_hvp_alloc(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction):
     """The results of ``_gaussian_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -353,16 +354,16 @@ def _gaussian_nll_hvp_alloc(g_loss, pred, target, var, t_pred, t_var, eps, full)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _gaussian_nll_hvp_into(g_loss, pred, target, var, t_pred, t_var, eps, full, t_g_pred, t_g_var):
+def _gaussian_nll_hvp_into(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction, t_g_pred, t_g_var):
     """``_gaussian_nll_hvp_core`` writing its results into t_g_pred, t_g_var (from ``_gaussian_nll_hvp_alloc``)."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, reduction)
 
 
-def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full):
+def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full, reduction):
     """Second order of gaussian_nll: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target, var, t_pred, t_var))
     g_loss = _as_scalar("gaussian_nll", "g_loss", g_loss, _dtype)
@@ -387,7 +388,7 @@ def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full):
     _check_dim("gaussian_nll", "t_var", t_var, 0, "B", B, "from pred axis 0")
     _check_dim("gaussian_nll", "t_var", t_var, 1, "N", N, "from pred axis 1")
     eps = _dtype.type(eps)
-    return _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full)
+    return _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction)
 
 
 # The host functions of each op on this target.
@@ -406,12 +407,12 @@ _FUNCS = {
 _SPECS = {
     "gaussian_nll": {
         "kind": "loss",
-        "attrs": {"eps": 1e-06, "full": 0.0},
+        "attrs": {"eps": 1e-06, "full": 0.0, "reduction": 1},
         "arg_names": ("pred", "target", "var"),
         "differentiable": ("pred", "var"),
         "state": (),
         "seeds": 1,
-        "doc": "Gaussian negative log-likelihood with a predicted variance, mean over all elements, as F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no_grad), full = 1 adds the constant log(2 pi)/2.",
+        "doc": "Gaussian negative log-likelihood with a predicted variance, mean (or sum) over all elements, as F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no_grad), full = 1 adds the constant log(2 pi)/2.",
     },
 }
 

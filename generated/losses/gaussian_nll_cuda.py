@@ -49,33 +49,33 @@ def _gaussian_nll_fwd0(var, vc, B, N, eps, _total):
 
 
 @cuda.jit(cache=True)
-def _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full, _total):
-    """loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
-    loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
+def _gaussian_nll_fwd1(pred, target, loss, vc, B, N, full, reduction, _total):
+    """loss_sum0 = sum(full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2, b, n)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
-    _c1 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    _c0 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    _c1 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
-        # loss_sum0 = sum((pred[b, n] - target[b, n])**2/vc[b, n] + log(vc[b, n]), b, n)
+        # loss_sum0 = sum(full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2, b, n)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
             for n in range(0, N):
-                _v_loss_sum0 += (pred[b, n] - target[b, n])**2/vc[b, n] + math.log(vc[b, n])
-        # loss = full*(log(2) + log(pi))/2 + loss_sum0/(2*B*N)
-        _v_loss = _F(0.5)*_c0*_v_loss_sum0 + _c1
+                _v_loss_sum0 += _c0 + _F(0.5)*(pred[b, n] - target[b, n])**2/vc[b, n] + _F(0.5)*math.log(vc[b, n])
+        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
+        _v_loss = _c1*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, _total):
+def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction, _total):
     """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
-    g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
-    g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+    g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/vc[b, n]
+    g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
     """
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -83,13 +83,13 @@ def _gaussian_nll_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, _tot
         b = _r
         # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
         _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
-        # g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])/(B*N*vc[b, n])
+        # g_pred[b, n] = g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/vc[b, n]
         _t0 = pred[b, n] - target[b, n]
         _t1 = _F(1) / _v_vc
         _t2 = _c0*_t1
         _v_g_pred = _t0*_t2
         g_pred[b, n] = _v_g_pred
-        # g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)/(2*B*N*vc[b, n])
+        # g_var[b, n] = g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
         _v_g_var = _F(0.5)*_t2*(-_t0 * _t0*_t1 + _F(1))
         g_var[b, n] = _v_g_var
 
@@ -114,35 +114,36 @@ def _gaussian_nll_jvp0(var, vc, t_var, t_vc, B, N, eps, _total):
 
 
 @cuda.jit(cache=True)
-def _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N, _total):
-    """t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
-    t_loss = t_loss_sum0/(2*B*N)
+def _gaussian_nll_jvp1(pred, target, vc, t_pred, t_loss, t_vc, B, N, reduction, _total):
+    """t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n]), b, n)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
-        # t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 + 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/vc[b, n], b, n)
+        # t_loss_sum0 = sum(-(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n]), b, n)
         _v_t_loss_sum0 = _F(0)
         for b in range(0, B):
             for n in range(0, N):
                 _t0 = _F(1) / vc[b, n]
-                _t1 = pred[b, n] - target[b, n]
-                _v_t_loss_sum0 += _F(2)*_t0*_t1*t_pred[b, n] + _t0*t_vc[b, n] - _t1 * _t1*t_vc[b, n]/(vc[b, n] * vc[b, n])
-        # t_loss = t_loss_sum0/(2*B*N)
-        _v_t_loss = _F(0.5)*_c0*_v_t_loss_sum0
+                _t1 = _F(0.5)*t_vc[b, n]
+                _t2 = pred[b, n] - target[b, n]
+                _v_t_loss_sum0 += _t0*_t1 + _t0*_t2*t_pred[b, n] - _t1*(_t2 * _t2)/(vc[b, n] * vc[b, n])
+        # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
+        _v_t_loss = _c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
 
 @cuda.jit(cache=True)
-def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, _total):
+def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, reduction, _total):
     """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
     t_vc[b, n] = t_var[b, n]
-    t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
-    t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
+    t_g_pred[b, n] = -g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/vc[b, n]**2 + g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_pred[b, n]/vc[b, n]
+    t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/(2*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
     """
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -152,20 +153,20 @@ def _gaussian_nll_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_v
         _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
         # t_vc[b, n] = t_var[b, n]
         _v_t_vc = t_var[b, n]
-        # t_g_pred[b, n] = -g_loss*(pred[b, n]*t_vc[b, n] - t_pred[b, n]*vc[b, n] - t_vc[b, n]*target[b, n])/(B*N*vc[b, n]**2)
-        _t0 = _F(1) / (_v_vc * _v_vc)
-        _t1 = _c0*_t0
-        _v_t_g_pred = -_t1*(_v_t_vc*pred[b, n] - _v_t_vc*target[b, n] - _v_vc*t_pred[b, n])
+        # t_g_pred[b, n] = -g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/vc[b, n]**2 + g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_pred[b, n]/vc[b, n]
+        _t0 = _F(1) / _v_vc
+        _t1 = pred[b, n] - target[b, n]
+        _t2 = _v_t_vc/(_v_vc * _v_vc)
+        _t3 = _c0*_t2
+        _v_t_g_pred = _c0*_t0*t_pred[b, n] - _t1*_t3
         t_g_pred[b, n] = _v_t_g_pred
-        # t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*t_vc[b, n]/(2*B*N*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])/(2*B*N*vc[b, n])
-        _t2 = _F(1) / _v_vc
-        _t3 = pred[b, n] - target[b, n]
-        _t4 = _t3 * _t3
-        _v_t_g_var = _F(0.5)*_c0*_t2*(_t0*_t4*_v_t_vc - _F(2)*_t2*_t3*t_pred[b, n]) - _F(0.5)*_t1*_v_t_vc*(-_t2*_t4 + _F(1))
+        # t_g_var[b, n] = -g_loss*(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_vc[b, n]/(2*vc[b, n]**2) + g_loss*((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))/(2*vc[b, n])
+        _t4 = _t1 * _t1
+        _v_t_g_var = _F(0.5)*_c0*_t0*(-_F(2)*_t0*_t1*t_pred[b, n] + _t2*_t4) - _F(0.5)*_t3*(-_t0*_t4 + _F(1))
         t_g_var[b, n] = _v_t_g_var
 
 
-def _gaussian_nll_fwd_core(pred, target, var, eps, full):
+def _gaussian_nll_fwd_core(pred, target, var, eps, full, reduction):
     """Forward of gaussian_nll: loss from pred, target, var. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
@@ -175,11 +176,11 @@ def _gaussian_nll_fwd_core(pred, target, var, eps, full):
     loss = _empty((1,), _dtype)
     vc = _empty((B, N), _dtype)
     _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
-    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
     return loss
 
 
-def _gaussian_nll_fwd_alloc(pred, target, var, eps, full):
+def _gaussian_nll_fwd_alloc(pred, target, var, eps, full, reduction):
     """The results of ``_gaussian_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_fwd_into`` writes."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -188,7 +189,7 @@ def _gaussian_nll_fwd_alloc(pred, target, var, eps, full):
     return loss
 
 
-def _gaussian_nll_fwd_into(pred, target, var, eps, full, loss):
+def _gaussian_nll_fwd_into(pred, target, var, eps, full, reduction, loss):
     """``_gaussian_nll_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_fwd_alloc``); returns nothing."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
@@ -197,10 +198,10 @@ def _gaussian_nll_fwd_into(pred, target, var, eps, full, loss):
     N = pred.shape[1]
     vc = _empty((B, N), _dtype)
     _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
-    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
 
 
-def _gaussian_nll_fwd(pred, target, var, *, eps, full):
+def _gaussian_nll_fwd(pred, target, var, *, eps, full, reduction):
     """Forward of gaussian_nll: loss from pred, target, var."""
     _dev = any(_on_device(a) for a in (pred, target, var))
     _dtype = _float_dtype((pred, target, var))
@@ -221,16 +222,16 @@ def _gaussian_nll_fwd(pred, target, var, *, eps, full):
     loss = _empty((1,), _dtype)
     vc = _empty((B, N), _dtype)
     _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
-    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full)
+    _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
     return _result(loss, False)[0]
 
 
-def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full):
+def _gaussian_nll_fwd_shapes(pred, target, var, *, eps, full, reduction):
     """The shapes of the results of ``_gaussian_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full):
+def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full, reduction):
     """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
@@ -238,11 +239,11 @@ def _gaussian_nll_bwd_core(g_loss, pred, target, var, eps, full):
     N = pred.shape[1]
     g_pred = _empty((B, N), _dtype)
     g_var = _empty((B, N), _dtype)
-    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
     return g_pred, g_var
 
 
-def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full):
+def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full, reduction):
     """The results of ``_gaussian_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -252,16 +253,16 @@ def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full):
     return g_pred, g_var
 
 
-def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, g_pred, g_var):
+def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var):
     """``_gaussian_nll_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
 
 
-def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):
+def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full, reduction):
     """Backward of gaussian_nll: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target, var))
     _dtype = _float_dtype((g_loss, pred, target, var))
@@ -281,11 +282,11 @@ def _gaussian_nll_bwd(g_loss, pred, target, var, *, eps, full):
     eps = _dtype.type(eps)
     g_pred = _empty((B, N), _dtype)
     g_var = _empty((B, N), _dtype)
-    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    _launch(_gaussian_nll_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps, reduction)
     return _result(g_pred, _dev), _result(g_var, _dev)
 
 
-def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full):
+def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full, reduction):
     """Forward mode of gaussian_nll: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed)."""
     _dev = any(_on_device(a) for a in (pred, target, var, t_pred, t_var))
     _dtype = _float_dtype((pred, target, var, t_pred, t_var))
@@ -314,11 +315,11 @@ def _gaussian_nll_jvp(pred, target, var, t_pred, t_var, *, eps, full):
     t_loss = _empty((1,), _dtype)
     t_vc = _empty((B, N), _dtype)
     _launch(_gaussian_nll_jvp0, B * N, var, vc, t_var, t_vc, B, N, eps)
-    _launch(_gaussian_nll_jvp1, 1, pred, target, vc, t_pred, t_loss, t_vc, B, N)
+    _launch(_gaussian_nll_jvp1, 1, pred, target, vc, t_pred, t_loss, t_vc, B, N, reduction)
     return _result(t_loss, False)[0]
 
 
-def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full):
+def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full, reduction):
     """Second order of gaussian_nll: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target, var, t_pred, t_var))
     _dtype = _float_dtype((g_loss, pred, target, var, t_pred, t_var))
@@ -346,7 +347,7 @@ def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full):
     eps = _dtype.type(eps)
     t_g_pred = _empty((B, N), _dtype)
     t_g_var = _empty((B, N), _dtype)
-    _launch(_gaussian_nll_hvp0, B * N, pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    _launch(_gaussian_nll_hvp0, B * N, pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, reduction)
     return _result(t_g_pred, _dev), _result(t_g_var, _dev)
 
 

@@ -35,12 +35,12 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_fwd0(pred, target, loss, B, N, delta):
+def _huber_fwd0(pred, target, loss, B, N, delta, reduction):
     """loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True)), b, n)
-    loss = loss_sum0/(B*N)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     # loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True)), b, n)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
@@ -48,16 +48,16 @@ def _huber_fwd0(pred, target, loss, B, N, delta):
             _t0 = pred[b, n] - target[b, n]
             _t1 = abs(_t0)
             _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else (delta*(_t1 - _F(0.5)*delta) if (delta <= _t1) else _F(math.nan)))
-    # loss = loss_sum0/(B*N)
+    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
-    """g_pred[b, n] = g_loss*Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))/(B*N)"""
+def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, reduction):
+    """g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             _t0 = pred[b, n] - target[b, n]
@@ -66,28 +66,28 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta):
+def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, reduction):
     """t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
-    t_loss = t_loss_sum0/(B*N)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     # t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
             _t0 = pred[b, n] - target[b, n]
             _v_t_loss_sum0 += (_t0*t_pred[b, n] if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan))))*t_pred[b, n] if (delta <= abs(_t0)) else _F(math.nan)))
-    # t_loss = t_loss_sum0/(B*N)
+    # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta):
-    """t_g_pred[b, n] = g_loss*Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))/(B*N)"""
+def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, reduction):
+    """t_g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             _v_t_g_pred = _c0*(t_pred[b, n] if (delta > abs(pred[b, n] - target[b, n])) else (_F(0) if (delta <= abs(pred[b, n] - target[b, n])) else _F(math.nan)))
@@ -95,18 +95,18 @@ def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_fwd_core(pred, target, delta):
+def _huber_fwd_core(pred, target, delta, reduction):
     """Forward of huber: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
     loss = np.empty((1,), _dtype)
-    _huber_fwd0(pred, target, loss, B, N, delta)
+    _huber_fwd0(pred, target, loss, B, N, delta, reduction)
     return loss
 
 
-def _huber_fwd_alloc(pred, target, delta):
+def _huber_fwd_alloc(pred, target, delta, reduction):
     """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised: what ``_huber_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -116,16 +116,16 @@ def _huber_fwd_alloc(pred, target, delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_fwd_into(pred, target, delta, loss):
+def _huber_fwd_into(pred, target, delta, reduction, loss):
     """``_huber_fwd_core`` writing its results into loss (from ``_huber_fwd_alloc``)."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
-    _huber_fwd0(pred, target, loss, B, N, delta)
+    _huber_fwd0(pred, target, loss, B, N, delta, reduction)
 
 
-def _huber_fwd(pred, target, *, delta):
+def _huber_fwd(pred, target, *, delta, reduction):
     """Forward of huber: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
     pred = _as_float("huber", "pred", pred, _dtype)
@@ -137,28 +137,28 @@ def _huber_fwd(pred, target, *, delta):
     _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
-    loss = _huber_fwd_core(pred, target, delta)
+    loss = _huber_fwd_core(pred, target, delta, reduction)
     return loss[0]
 
 
-def _huber_fwd_shapes(pred, target, *, delta):
+def _huber_fwd_shapes(pred, target, *, delta, reduction):
     """The shapes of the results of ``_huber_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_bwd_core(g_loss, pred, target, delta):
+def _huber_bwd_core(g_loss, pred, target, delta, reduction):
     """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = np.empty((B, N), _dtype)
-    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
+    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, reduction)
     return g_pred
 
 
-def _huber_bwd_alloc(g_loss, pred, target, delta):
+def _huber_bwd_alloc(g_loss, pred, target, delta, reduction):
     """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised: what ``_huber_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -168,16 +168,16 @@ def _huber_bwd_alloc(g_loss, pred, target, delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_bwd_into(g_loss, pred, target, delta, g_pred):
+def _huber_bwd_into(g_loss, pred, target, delta, reduction, g_pred):
     """``_huber_bwd_core`` writing its results into g_pred (from ``_huber_bwd_alloc``)."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
-    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta)
+    _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, reduction)
 
 
-def _huber_bwd(g_loss, pred, target, *, delta):
+def _huber_bwd(g_loss, pred, target, *, delta, reduction):
     """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target))
     g_loss = _as_scalar("huber", "g_loss", g_loss, _dtype)
@@ -190,22 +190,22 @@ def _huber_bwd(g_loss, pred, target, *, delta):
     _check_dim("huber", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
-    return _huber_bwd_core(g_loss, pred, target, delta)
+    return _huber_bwd_core(g_loss, pred, target, delta, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_jvp_core(pred, target, t_pred, delta):
+def _huber_jvp_core(pred, target, t_pred, delta, reduction):
     """Forward mode of huber: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
     t_loss = np.empty((1,), _dtype)
-    _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta)
+    _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, reduction)
     return t_loss
 
 
-def _huber_jvp_alloc(pred, target, t_pred, delta):
+def _huber_jvp_alloc(pred, target, t_pred, delta, reduction):
     """The results of ``_huber_jvp_core`` for arguments of these shapes, uninitialised: what ``_huber_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -215,16 +215,16 @@ def _huber_jvp_alloc(pred, target, t_pred, delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_jvp_into(pred, target, t_pred, delta, t_loss):
+def _huber_jvp_into(pred, target, t_pred, delta, reduction, t_loss):
     """``_huber_jvp_core`` writing its results into t_loss (from ``_huber_jvp_alloc``)."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
-    _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta)
+    _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, reduction)
 
 
-def _huber_jvp(pred, target, t_pred, *, delta):
+def _huber_jvp(pred, target, t_pred, *, delta, reduction):
     """Forward mode of huber: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dtype = _float_dtype((pred, target, t_pred))
     pred = _as_float("huber", "pred", pred, _dtype)
@@ -240,23 +240,23 @@ def _huber_jvp(pred, target, t_pred, *, delta):
     _check_dim("huber", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
-    t_loss = _huber_jvp_core(pred, target, t_pred, delta)
+    t_loss = _huber_jvp_core(pred, target, t_pred, delta, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_hvp_core(g_loss, pred, target, t_pred, delta):
+def _huber_hvp_core(g_loss, pred, target, t_pred, delta, reduction):
     """Second order of huber: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
     t_g_pred = np.empty((B, N), _dtype)
-    _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, reduction)
     return t_g_pred
 
 
-def _huber_hvp_alloc(g_loss, pred, target, t_pred, delta):
+def _huber_hvp_alloc(g_loss, pred, target, t_pred, delta, reduction):
     """The results of ``_huber_hvp_core`` for arguments of these shapes, uninitialised: what ``_huber_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -266,16 +266,16 @@ def _huber_hvp_alloc(g_loss, pred, target, t_pred, delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _huber_hvp_into(g_loss, pred, target, t_pred, delta, t_g_pred):
+def _huber_hvp_into(g_loss, pred, target, t_pred, delta, reduction, t_g_pred):
     """``_huber_hvp_core`` writing its results into t_g_pred (from ``_huber_hvp_alloc``)."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
-    _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, reduction)
 
 
-def _huber_hvp(g_loss, pred, target, t_pred, *, delta):
+def _huber_hvp(g_loss, pred, target, t_pred, *, delta, reduction):
     """Second order of huber: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
     g_loss = _as_scalar("huber", "g_loss", g_loss, _dtype)
@@ -292,7 +292,7 @@ def _huber_hvp(g_loss, pred, target, t_pred, *, delta):
     _check_dim("huber", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
-    return _huber_hvp_core(g_loss, pred, target, t_pred, delta)
+    return _huber_hvp_core(g_loss, pred, target, t_pred, delta, reduction)
 
 
 # The host functions of each op on this target.
@@ -311,12 +311,12 @@ _FUNCS = {
 _SPECS = {
     "huber": {
         "kind": "loss",
-        "attrs": {"delta": 1.0},
+        "attrs": {"delta": 1.0, "reduction": 1},
         "arg_names": ("pred", "target"),
         "differentiable": ("pred",),
         "state": (),
         "seeds": 1,
-        "doc": "Huber loss, mean over all elements.",
+        "doc": "Huber loss, mean (or sum) over all elements.",
     },
 }
 

@@ -36,12 +36,12 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _huber_fwd0(pred, target, loss, B, N, delta, _total):
+def _huber_fwd0(pred, target, loss, B, N, delta, reduction, _total):
     """loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True)), b, n)
-    loss = loss_sum0/(B*N)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True)), b, n)
@@ -51,16 +51,16 @@ def _huber_fwd0(pred, target, loss, B, N, delta, _total):
                 _t0 = pred[b, n] - target[b, n]
                 _t1 = abs(_t0)
                 _v_loss_sum0 += (_F(0.5)*(_t0 * _t0) if (delta > _t1) else (delta*(_t1 - _F(0.5)*delta) if (delta <= _t1) else _F(math.nan)))
-        # loss = loss_sum0/(B*N)
+        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, _total):
-    """g_pred[b, n] = g_loss*Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))/(B*N)"""
+def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, reduction, _total):
+    """g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -72,12 +72,12 @@ def _huber_bwd0(pred, target, g_loss, g_pred, B, N, delta, _total):
 
 
 @cuda.jit(cache=True)
-def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, _total):
+def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, reduction, _total):
     """t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
-    t_loss = t_loss_sum0/(B*N)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True)), b, n)
@@ -86,16 +86,16 @@ def _huber_jvp0(pred, target, t_pred, t_loss, B, N, delta, _total):
             for n in range(0, N):
                 _t0 = pred[b, n] - target[b, n]
                 _v_t_loss_sum0 += (_t0*t_pred[b, n] if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan))))*t_pred[b, n] if (delta <= abs(_t0)) else _F(math.nan)))
-        # t_loss = t_loss_sum0/(B*N)
+        # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_t_loss = _c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
 
 @cuda.jit(cache=True)
-def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, _total):
-    """t_g_pred[b, n] = g_loss*Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))/(B*N)"""
+def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, reduction, _total):
+    """t_g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -105,18 +105,18 @@ def _huber_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
-def _huber_fwd_core(pred, target, delta):
+def _huber_fwd_core(pred, target, delta, reduction):
     """Forward of huber: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
     loss = _empty((1,), _dtype)
-    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta)
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta, reduction)
     return loss
 
 
-def _huber_fwd_alloc(pred, target, delta):
+def _huber_fwd_alloc(pred, target, delta, reduction):
     """The results of ``_huber_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_fwd_into`` writes."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -125,16 +125,16 @@ def _huber_fwd_alloc(pred, target, delta):
     return loss
 
 
-def _huber_fwd_into(pred, target, delta, loss):
+def _huber_fwd_into(pred, target, delta, reduction, loss):
     """``_huber_fwd_core`` launching its kernels into loss (from ``_huber_fwd_alloc``); returns nothing."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta)
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta, reduction)
 
 
-def _huber_fwd(pred, target, *, delta):
+def _huber_fwd(pred, target, *, delta, reduction):
     """Forward of huber: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
     _dtype = _float_dtype((pred, target))
@@ -148,27 +148,27 @@ def _huber_fwd(pred, target, *, delta):
     _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
     loss = _empty((1,), _dtype)
-    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta)
+    _launch(_huber_fwd0, 1, pred, target, loss, B, N, delta, reduction)
     return _result(loss, False)[0]
 
 
-def _huber_fwd_shapes(pred, target, *, delta):
+def _huber_fwd_shapes(pred, target, *, delta, reduction):
     """The shapes of the results of ``_huber_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _huber_bwd_core(g_loss, pred, target, delta):
+def _huber_bwd_core(g_loss, pred, target, delta, reduction):
     """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = _empty((B, N), _dtype)
-    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta, reduction)
     return g_pred
 
 
-def _huber_bwd_alloc(g_loss, pred, target, delta):
+def _huber_bwd_alloc(g_loss, pred, target, delta, reduction):
     """The results of ``_huber_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -177,16 +177,16 @@ def _huber_bwd_alloc(g_loss, pred, target, delta):
     return g_pred
 
 
-def _huber_bwd_into(g_loss, pred, target, delta, g_pred):
+def _huber_bwd_into(g_loss, pred, target, delta, reduction, g_pred):
     """``_huber_bwd_core`` launching its kernels into g_pred (from ``_huber_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta, reduction)
 
 
-def _huber_bwd(g_loss, pred, target, *, delta):
+def _huber_bwd(g_loss, pred, target, *, delta, reduction):
     """Backward of huber: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target))
     _dtype = _float_dtype((g_loss, pred, target))
@@ -201,11 +201,11 @@ def _huber_bwd(g_loss, pred, target, *, delta):
     _check_dim("huber", "target", target, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
     g_pred = _empty((B, N), _dtype)
-    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+    _launch(_huber_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta, reduction)
     return _result(g_pred, _dev)
 
 
-def _huber_jvp(pred, target, t_pred, *, delta):
+def _huber_jvp(pred, target, t_pred, *, delta, reduction):
     """Forward mode of huber: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dev = any(_on_device(a) for a in (pred, target, t_pred))
     _dtype = _float_dtype((pred, target, t_pred))
@@ -223,11 +223,11 @@ def _huber_jvp(pred, target, t_pred, *, delta):
     _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
     t_loss = _empty((1,), _dtype)
-    _launch(_huber_jvp0, 1, pred, target, t_pred, t_loss, B, N, delta)
+    _launch(_huber_jvp0, 1, pred, target, t_pred, t_loss, B, N, delta, reduction)
     return _result(t_loss, False)[0]
 
 
-def _huber_hvp(g_loss, pred, target, t_pred, *, delta):
+def _huber_hvp(g_loss, pred, target, t_pred, *, delta, reduction):
     """Second order of huber: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
@@ -246,7 +246,7 @@ def _huber_hvp(g_loss, pred, target, t_pred, *, delta):
     _check_dim("huber", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     delta = _dtype.type(delta)
     t_g_pred = _empty((B, N), _dtype)
-    _launch(_huber_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    _launch(_huber_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, delta, reduction)
     return _result(t_g_pred, _dev)
 
 

@@ -35,27 +35,27 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_fwd0(pred, target, loss, B, N):
+def _mse_fwd0(pred, target, loss, B, N, reduction):
     """loss_sum0 = sum((pred[b, n] - target[b, n])**2, b, n)
-    loss = loss_sum0/(B*N)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     # loss_sum0 = sum((pred[b, n] - target[b, n])**2, b, n)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
             _v_loss_sum0 += (pred[b, n] - target[b, n])**2
-    # loss = loss_sum0/(B*N)
+    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_bwd0(pred, target, g_loss, g_pred, B, N):
-    """g_pred[b, n] = 2*g_loss*(pred[b, n] - target[b, n])/(B*N)"""
+def _mse_bwd0(pred, target, g_loss, g_pred, B, N, reduction):
+    """g_pred[b, n] = 2*g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             _v_g_pred = _F(2)*_c0*(pred[b, n] - target[b, n])
@@ -63,27 +63,27 @@ def _mse_bwd0(pred, target, g_loss, g_pred, B, N):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_jvp0(pred, target, t_pred, t_loss, B, N):
+def _mse_jvp0(pred, target, t_pred, t_loss, B, N, reduction):
     """t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
-    t_loss = t_loss_sum0/(B*N)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     # t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
             _v_t_loss_sum0 += _F(2)*(pred[b, n] - target[b, n])*t_pred[b, n]
-    # t_loss = t_loss_sum0/(B*N)
+    # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N):
-    """t_g_pred[b, n] = 2*g_loss*t_pred[b, n]/(B*N)"""
+def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, reduction):
+    """t_g_pred[b, n] = 2*g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_pred[b, n]"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             _v_t_g_pred = _F(2)*_c0*t_pred[b, n]
@@ -91,17 +91,17 @@ def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_fwd_core(pred, target):
+def _mse_fwd_core(pred, target, reduction):
     """Forward of mse: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     loss = np.empty((1,), _dtype)
-    _mse_fwd0(pred, target, loss, B, N)
+    _mse_fwd0(pred, target, loss, B, N, reduction)
     return loss
 
 
-def _mse_fwd_alloc(pred, target):
+def _mse_fwd_alloc(pred, target, reduction):
     """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised: what ``_mse_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -111,14 +111,14 @@ def _mse_fwd_alloc(pred, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_fwd_into(pred, target, loss):
+def _mse_fwd_into(pred, target, reduction, loss):
     """``_mse_fwd_core`` writing its results into loss (from ``_mse_fwd_alloc``)."""
     B = pred.shape[0]
     N = pred.shape[1]
-    _mse_fwd0(pred, target, loss, B, N)
+    _mse_fwd0(pred, target, loss, B, N, reduction)
 
 
-def _mse_fwd(pred, target):
+def _mse_fwd(pred, target, *, reduction):
     """Forward of mse: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
     pred = _as_float("mse", "pred", pred, _dtype)
@@ -129,27 +129,27 @@ def _mse_fwd(pred, target):
     _check_rank("mse", "target", target, 2)
     _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
-    loss = _mse_fwd_core(pred, target)
+    loss = _mse_fwd_core(pred, target, reduction)
     return loss[0]
 
 
-def _mse_fwd_shapes(pred, target):
+def _mse_fwd_shapes(pred, target, *, reduction):
     """The shapes of the results of ``_mse_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_bwd_core(g_loss, pred, target):
+def _mse_bwd_core(g_loss, pred, target, reduction):
     """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = np.empty((B, N), _dtype)
-    _mse_bwd0(pred, target, g_loss, g_pred, B, N)
+    _mse_bwd0(pred, target, g_loss, g_pred, B, N, reduction)
     return g_pred
 
 
-def _mse_bwd_alloc(g_loss, pred, target):
+def _mse_bwd_alloc(g_loss, pred, target, reduction):
     """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised: what ``_mse_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -159,14 +159,14 @@ def _mse_bwd_alloc(g_loss, pred, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_bwd_into(g_loss, pred, target, g_pred):
+def _mse_bwd_into(g_loss, pred, target, reduction, g_pred):
     """``_mse_bwd_core`` writing its results into g_pred (from ``_mse_bwd_alloc``)."""
     B = pred.shape[0]
     N = pred.shape[1]
-    _mse_bwd0(pred, target, g_loss, g_pred, B, N)
+    _mse_bwd0(pred, target, g_loss, g_pred, B, N, reduction)
 
 
-def _mse_bwd(g_loss, pred, target):
+def _mse_bwd(g_loss, pred, target, *, reduction):
     """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target))
     g_loss = _as_scalar("mse", "g_loss", g_loss, _dtype)
@@ -178,21 +178,21 @@ def _mse_bwd(g_loss, pred, target):
     _check_rank("mse", "target", target, 2)
     _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
-    return _mse_bwd_core(g_loss, pred, target)
+    return _mse_bwd_core(g_loss, pred, target, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_jvp_core(pred, target, t_pred):
+def _mse_jvp_core(pred, target, t_pred, reduction):
     """Forward mode of mse: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     t_loss = np.empty((1,), _dtype)
-    _mse_jvp0(pred, target, t_pred, t_loss, B, N)
+    _mse_jvp0(pred, target, t_pred, t_loss, B, N, reduction)
     return t_loss
 
 
-def _mse_jvp_alloc(pred, target, t_pred):
+def _mse_jvp_alloc(pred, target, t_pred, reduction):
     """The results of ``_mse_jvp_core`` for arguments of these shapes, uninitialised: what ``_mse_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -202,14 +202,14 @@ def _mse_jvp_alloc(pred, target, t_pred):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_jvp_into(pred, target, t_pred, t_loss):
+def _mse_jvp_into(pred, target, t_pred, reduction, t_loss):
     """``_mse_jvp_core`` writing its results into t_loss (from ``_mse_jvp_alloc``)."""
     B = pred.shape[0]
     N = pred.shape[1]
-    _mse_jvp0(pred, target, t_pred, t_loss, B, N)
+    _mse_jvp0(pred, target, t_pred, t_loss, B, N, reduction)
 
 
-def _mse_jvp(pred, target, t_pred):
+def _mse_jvp(pred, target, t_pred, *, reduction):
     """Forward mode of mse: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dtype = _float_dtype((pred, target, t_pred))
     pred = _as_float("mse", "pred", pred, _dtype)
@@ -224,22 +224,22 @@ def _mse_jvp(pred, target, t_pred):
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
     _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
-    t_loss = _mse_jvp_core(pred, target, t_pred)
+    t_loss = _mse_jvp_core(pred, target, t_pred, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_hvp_core(g_loss, pred, target, t_pred):
+def _mse_hvp_core(g_loss, pred, target, t_pred, reduction):
     """Second order of mse: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     t_g_pred = np.empty((B, N), _dtype)
-    _mse_hvp0(g_loss, t_pred, t_g_pred, B, N)
+    _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, reduction)
     return t_g_pred
 
 
-def _mse_hvp_alloc(g_loss, pred, target, t_pred):
+def _mse_hvp_alloc(g_loss, pred, target, t_pred, reduction):
     """The results of ``_mse_hvp_core`` for arguments of these shapes, uninitialised: what ``_mse_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -249,14 +249,14 @@ def _mse_hvp_alloc(g_loss, pred, target, t_pred):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _mse_hvp_into(g_loss, pred, target, t_pred, t_g_pred):
+def _mse_hvp_into(g_loss, pred, target, t_pred, reduction, t_g_pred):
     """``_mse_hvp_core`` writing its results into t_g_pred (from ``_mse_hvp_alloc``)."""
     B = pred.shape[0]
     N = pred.shape[1]
-    _mse_hvp0(g_loss, t_pred, t_g_pred, B, N)
+    _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, reduction)
 
 
-def _mse_hvp(g_loss, pred, target, t_pred):
+def _mse_hvp(g_loss, pred, target, t_pred, *, reduction):
     """Second order of mse: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
     g_loss = _as_scalar("mse", "g_loss", g_loss, _dtype)
@@ -272,7 +272,7 @@ def _mse_hvp(g_loss, pred, target, t_pred):
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
     _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
-    return _mse_hvp_core(g_loss, pred, target, t_pred)
+    return _mse_hvp_core(g_loss, pred, target, t_pred, reduction)
 
 
 # The host functions of each op on this target.
@@ -291,12 +291,12 @@ _FUNCS = {
 _SPECS = {
     "mse": {
         "kind": "loss",
-        "attrs": {},
+        "attrs": {"reduction": 1},
         "arg_names": ("pred", "target"),
         "differentiable": ("pred",),
         "state": (),
         "seeds": 1,
-        "doc": "Mean squared error over all elements.",
+        "doc": "Squared error, mean (or sum) over all elements.",
     },
 }
 

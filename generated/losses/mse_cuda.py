@@ -36,12 +36,12 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _mse_fwd0(pred, target, loss, B, N, _total):
+def _mse_fwd0(pred, target, loss, B, N, reduction, _total):
     """loss_sum0 = sum((pred[b, n] - target[b, n])**2, b, n)
-    loss = loss_sum0/(B*N)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum((pred[b, n] - target[b, n])**2, b, n)
@@ -49,16 +49,16 @@ def _mse_fwd0(pred, target, loss, B, N, _total):
         for b in range(0, B):
             for n in range(0, N):
                 _v_loss_sum0 += (pred[b, n] - target[b, n])**2
-        # loss = loss_sum0/(B*N)
+        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _mse_bwd0(pred, target, g_loss, g_pred, B, N, _total):
-    """g_pred[b, n] = 2*g_loss*(pred[b, n] - target[b, n])/(B*N)"""
+def _mse_bwd0(pred, target, g_loss, g_pred, B, N, reduction, _total):
+    """g_pred[b, n] = 2*g_loss*(pred[b, n] - target[b, n])*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -69,12 +69,12 @@ def _mse_bwd0(pred, target, g_loss, g_pred, B, N, _total):
 
 
 @cuda.jit(cache=True)
-def _mse_jvp0(pred, target, t_pred, t_loss, B, N, _total):
+def _mse_jvp0(pred, target, t_pred, t_loss, B, N, reduction, _total):
     """t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
-    t_loss = t_loss_sum0/(B*N)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(2*(pred[b, n] - target[b, n])*t_pred[b, n], b, n)
@@ -82,16 +82,16 @@ def _mse_jvp0(pred, target, t_pred, t_loss, B, N, _total):
         for b in range(0, B):
             for n in range(0, N):
                 _v_t_loss_sum0 += _F(2)*(pred[b, n] - target[b, n])*t_pred[b, n]
-        # t_loss = t_loss_sum0/(B*N)
+        # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_t_loss = _c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
 
 @cuda.jit(cache=True)
-def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, _total):
-    """t_g_pred[b, n] = 2*g_loss*t_pred[b, n]/(B*N)"""
+def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, reduction, _total):
+    """t_g_pred[b, n] = 2*g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*t_pred[b, n]"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -101,17 +101,17 @@ def _mse_hvp0(g_loss, t_pred, t_g_pred, B, N, _total):
         t_g_pred[b, n] = _v_t_g_pred
 
 
-def _mse_fwd_core(pred, target):
+def _mse_fwd_core(pred, target, reduction):
     """Forward of mse: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     loss = _empty((1,), _dtype)
-    _launch(_mse_fwd0, 1, pred, target, loss, B, N)
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N, reduction)
     return loss
 
 
-def _mse_fwd_alloc(pred, target):
+def _mse_fwd_alloc(pred, target, reduction):
     """The results of ``_mse_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_fwd_into`` writes."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -120,15 +120,15 @@ def _mse_fwd_alloc(pred, target):
     return loss
 
 
-def _mse_fwd_into(pred, target, loss):
+def _mse_fwd_into(pred, target, reduction, loss):
     """``_mse_fwd_core`` launching its kernels into loss (from ``_mse_fwd_alloc``); returns nothing."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_mse_fwd0, 1, pred, target, loss, B, N)
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N, reduction)
 
 
-def _mse_fwd(pred, target):
+def _mse_fwd(pred, target, *, reduction):
     """Forward of mse: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
     _dtype = _float_dtype((pred, target))
@@ -141,26 +141,26 @@ def _mse_fwd(pred, target):
     _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
     loss = _empty((1,), _dtype)
-    _launch(_mse_fwd0, 1, pred, target, loss, B, N)
+    _launch(_mse_fwd0, 1, pred, target, loss, B, N, reduction)
     return _result(loss, False)[0]
 
 
-def _mse_fwd_shapes(pred, target):
+def _mse_fwd_shapes(pred, target, *, reduction):
     """The shapes of the results of ``_mse_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _mse_bwd_core(g_loss, pred, target):
+def _mse_bwd_core(g_loss, pred, target, reduction):
     """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = _empty((B, N), _dtype)
-    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
     return g_pred
 
 
-def _mse_bwd_alloc(g_loss, pred, target):
+def _mse_bwd_alloc(g_loss, pred, target, reduction):
     """The results of ``_mse_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -169,15 +169,15 @@ def _mse_bwd_alloc(g_loss, pred, target):
     return g_pred
 
 
-def _mse_bwd_into(g_loss, pred, target, g_pred):
+def _mse_bwd_into(g_loss, pred, target, reduction, g_pred):
     """``_mse_bwd_core`` launching its kernels into g_pred (from ``_mse_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
 
 
-def _mse_bwd(g_loss, pred, target):
+def _mse_bwd(g_loss, pred, target, *, reduction):
     """Backward of mse: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target))
     _dtype = _float_dtype((g_loss, pred, target))
@@ -191,11 +191,11 @@ def _mse_bwd(g_loss, pred, target):
     _check_dim("mse", "target", target, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "target", target, 1, "N", N, "from pred axis 1")
     g_pred = _empty((B, N), _dtype)
-    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    _launch(_mse_bwd0, B * N, pred, target, g_loss, g_pred, B, N, reduction)
     return _result(g_pred, _dev)
 
 
-def _mse_jvp(pred, target, t_pred):
+def _mse_jvp(pred, target, t_pred, *, reduction):
     """Forward mode of mse: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dev = any(_on_device(a) for a in (pred, target, t_pred))
     _dtype = _float_dtype((pred, target, t_pred))
@@ -212,11 +212,11 @@ def _mse_jvp(pred, target, t_pred):
     _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     t_loss = _empty((1,), _dtype)
-    _launch(_mse_jvp0, 1, pred, target, t_pred, t_loss, B, N)
+    _launch(_mse_jvp0, 1, pred, target, t_pred, t_loss, B, N, reduction)
     return _result(t_loss, False)[0]
 
 
-def _mse_hvp(g_loss, pred, target, t_pred):
+def _mse_hvp(g_loss, pred, target, t_pred, *, reduction):
     """Second order of mse: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
@@ -234,7 +234,7 @@ def _mse_hvp(g_loss, pred, target, t_pred):
     _check_dim("mse", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
     _check_dim("mse", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     t_g_pred = _empty((B, N), _dtype)
-    _launch(_mse_hvp0, B * N, g_loss, t_pred, t_g_pred, B, N)
+    _launch(_mse_hvp0, B * N, g_loss, t_pred, t_g_pred, B, N, reduction)
     return _result(t_g_pred, _dev)
 
 

@@ -35,27 +35,27 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_fwd0(logprobs, target, loss, B, C):
+def _nll_fwd0(logprobs, target, loss, B, C, reduction):
     """loss_sum0 = sum(logprobs[b, c]*target[b, c], b, c)
-    loss = -loss_sum0/B
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # loss_sum0 = sum(logprobs[b, c]*target[b, c], b, c)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
             _v_loss_sum0 += logprobs[b, c]*target[b, c]
-    # loss = -loss_sum0/B
+    # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_loss = -_c0*_v_loss_sum0
     loss[0] = _v_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_bwd0(target, g_loss, g_logprobs, B, C):
-    """g_logprobs[b, c] = -g_loss*target[b, c]/B"""
+def _nll_bwd0(target, g_loss, g_logprobs, B, C, reduction):
+    """g_logprobs[b, c] = -g_loss*Piecewise((1, Eq(reduction, 2)), (1/B, True))*target[b, c]"""
     _F = g_logprobs.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     for b in range(0, B):
         for c in range(0, C):
             _v_g_logprobs = -_c0*target[b, c]
@@ -63,18 +63,18 @@ def _nll_bwd0(target, g_loss, g_logprobs, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_jvp0(target, t_logprobs, t_loss, B, C):
+def _nll_jvp0(target, t_logprobs, t_loss, B, C, reduction):
     """t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
-    t_loss = -t_loss_sum0/B
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
             _v_t_loss_sum0 += t_logprobs[b, c]*target[b, c]
-    # t_loss = -t_loss_sum0/B
+    # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_t_loss = -_c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
@@ -90,17 +90,17 @@ def _nll_hvp0(t_g_logprobs, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_fwd_core(logprobs, target):
+def _nll_fwd_core(logprobs, target, reduction):
     """Forward of nll: loss from logprobs, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     loss = np.empty((1,), _dtype)
-    _nll_fwd0(logprobs, target, loss, B, C)
+    _nll_fwd0(logprobs, target, loss, B, C, reduction)
     return loss
 
 
-def _nll_fwd_alloc(logprobs, target):
+def _nll_fwd_alloc(logprobs, target, reduction):
     """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
@@ -110,14 +110,14 @@ def _nll_fwd_alloc(logprobs, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_fwd_into(logprobs, target, loss):
+def _nll_fwd_into(logprobs, target, reduction, loss):
     """``_nll_fwd_core`` writing its results into loss (from ``_nll_fwd_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _nll_fwd0(logprobs, target, loss, B, C)
+    _nll_fwd0(logprobs, target, loss, B, C, reduction)
 
 
-def _nll_fwd(logprobs, target):
+def _nll_fwd(logprobs, target, *, reduction):
     """Forward of nll: loss from logprobs, target."""
     _dtype = _float_dtype((logprobs, target))
     logprobs = _as_float("nll", "logprobs", logprobs, _dtype)
@@ -128,27 +128,27 @@ def _nll_fwd(logprobs, target):
     _check_rank("nll", "target", target, 2)
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
-    loss = _nll_fwd_core(logprobs, target)
+    loss = _nll_fwd_core(logprobs, target, reduction)
     return loss[0]
 
 
-def _nll_fwd_shapes(logprobs, target):
+def _nll_fwd_shapes(logprobs, target, *, reduction):
     """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_bwd_core(g_loss, logprobs, target):
+def _nll_bwd_core(g_loss, logprobs, target, reduction):
     """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     g_logprobs = np.empty((B, C), _dtype)
-    _nll_bwd0(target, g_loss, g_logprobs, B, C)
+    _nll_bwd0(target, g_loss, g_logprobs, B, C, reduction)
     return g_logprobs
 
 
-def _nll_bwd_alloc(g_loss, logprobs, target):
+def _nll_bwd_alloc(g_loss, logprobs, target, reduction):
     """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -158,14 +158,14 @@ def _nll_bwd_alloc(g_loss, logprobs, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_bwd_into(g_loss, logprobs, target, g_logprobs):
+def _nll_bwd_into(g_loss, logprobs, target, reduction, g_logprobs):
     """``_nll_bwd_core`` writing its results into g_logprobs (from ``_nll_bwd_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _nll_bwd0(target, g_loss, g_logprobs, B, C)
+    _nll_bwd0(target, g_loss, g_logprobs, B, C, reduction)
 
 
-def _nll_bwd(g_loss, logprobs, target):
+def _nll_bwd(g_loss, logprobs, target, *, reduction):
     """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed)."""
     _dtype = _float_dtype((g_loss, logprobs, target))
     g_loss = _as_scalar("nll", "g_loss", g_loss, _dtype)
@@ -177,21 +177,21 @@ def _nll_bwd(g_loss, logprobs, target):
     _check_rank("nll", "target", target, 2)
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
-    return _nll_bwd_core(g_loss, logprobs, target)
+    return _nll_bwd_core(g_loss, logprobs, target, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_jvp_core(logprobs, target, t_logprobs):
+def _nll_jvp_core(logprobs, target, t_logprobs, reduction):
     """Forward mode of nll: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     t_loss = np.empty((1,), _dtype)
-    _nll_jvp0(target, t_logprobs, t_loss, B, C)
+    _nll_jvp0(target, t_logprobs, t_loss, B, C, reduction)
     return t_loss
 
 
-def _nll_jvp_alloc(logprobs, target, t_logprobs):
+def _nll_jvp_alloc(logprobs, target, t_logprobs, reduction):
     """The results of ``_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
@@ -201,14 +201,14 @@ def _nll_jvp_alloc(logprobs, target, t_logprobs):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_jvp_into(logprobs, target, t_logprobs, t_loss):
+def _nll_jvp_into(logprobs, target, t_logprobs, reduction, t_loss):
     """``_nll_jvp_core`` writing its results into t_loss (from ``_nll_jvp_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _nll_jvp0(target, t_logprobs, t_loss, B, C)
+    _nll_jvp0(target, t_logprobs, t_loss, B, C, reduction)
 
 
-def _nll_jvp(logprobs, target, t_logprobs):
+def _nll_jvp(logprobs, target, t_logprobs, *, reduction):
     """Forward mode of nll: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed)."""
     _dtype = _float_dtype((logprobs, target, t_logprobs))
     logprobs = _as_float("nll", "logprobs", logprobs, _dtype)
@@ -223,12 +223,12 @@ def _nll_jvp(logprobs, target, t_logprobs):
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
     _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
-    t_loss = _nll_jvp_core(logprobs, target, t_logprobs)
+    t_loss = _nll_jvp_core(logprobs, target, t_logprobs, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_hvp_core(g_loss, logprobs, target, t_logprobs):
+def _nll_hvp_core(g_loss, logprobs, target, t_logprobs, reduction):
     """Second order of nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -238,7 +238,7 @@ def _nll_hvp_core(g_loss, logprobs, target, t_logprobs):
     return t_g_logprobs
 
 
-def _nll_hvp_alloc(g_loss, logprobs, target, t_logprobs):
+def _nll_hvp_alloc(g_loss, logprobs, target, t_logprobs, reduction):
     """The results of ``_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -248,14 +248,14 @@ def _nll_hvp_alloc(g_loss, logprobs, target, t_logprobs):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _nll_hvp_into(g_loss, logprobs, target, t_logprobs, t_g_logprobs):
+def _nll_hvp_into(g_loss, logprobs, target, t_logprobs, reduction, t_g_logprobs):
     """``_nll_hvp_core`` writing its results into t_g_logprobs (from ``_nll_hvp_alloc``)."""
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     _nll_hvp0(t_g_logprobs, B, C)
 
 
-def _nll_hvp(g_loss, logprobs, target, t_logprobs):
+def _nll_hvp(g_loss, logprobs, target, t_logprobs, *, reduction):
     """Second order of nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, logprobs, target, t_logprobs))
     g_loss = _as_scalar("nll", "g_loss", g_loss, _dtype)
@@ -271,7 +271,7 @@ def _nll_hvp(g_loss, logprobs, target, t_logprobs):
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
     _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
-    return _nll_hvp_core(g_loss, logprobs, target, t_logprobs)
+    return _nll_hvp_core(g_loss, logprobs, target, t_logprobs, reduction)
 
 
 # The host functions of each op on this target.
@@ -290,12 +290,12 @@ _FUNCS = {
 _SPECS = {
     "nll": {
         "kind": "loss",
-        "attrs": {},
+        "attrs": {"reduction": 1},
         "arg_names": ("logprobs", "target"),
         "differentiable": ("logprobs",),
         "state": (),
         "seeds": 1,
-        "doc": "Negative log-likelihood of log-probabilities with one-hot or probability targets, mean over the batch.",
+        "doc": "Negative log-likelihood of log-probabilities with one-hot or probability targets, mean (or sum) over the batch.",
     },
 }
 

@@ -36,12 +36,12 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _nll_fwd0(logprobs, target, loss, B, C, _total):
+def _nll_fwd0(logprobs, target, loss, B, C, reduction, _total):
     """loss_sum0 = sum(logprobs[b, c]*target[b, c], b, c)
-    loss = -loss_sum0/B
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum(logprobs[b, c]*target[b, c], b, c)
@@ -49,16 +49,16 @@ def _nll_fwd0(logprobs, target, loss, B, C, _total):
         for b in range(0, B):
             for c in range(0, C):
                 _v_loss_sum0 += logprobs[b, c]*target[b, c]
-        # loss = -loss_sum0/B
+        # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_loss = -_c0*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _nll_bwd0(target, g_loss, g_logprobs, B, C, _total):
-    """g_logprobs[b, c] = -g_loss*target[b, c]/B"""
+def _nll_bwd0(target, g_loss, g_logprobs, B, C, reduction, _total):
+    """g_logprobs[b, c] = -g_loss*Piecewise((1, Eq(reduction, 2)), (1/B, True))*target[b, c]"""
     _F = g_logprobs.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         c = _r % C
@@ -69,12 +69,12 @@ def _nll_bwd0(target, g_loss, g_logprobs, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _nll_jvp0(target, t_logprobs, t_loss, B, C, _total):
+def _nll_jvp0(target, t_logprobs, t_loss, B, C, reduction, _total):
     """t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
-    t_loss = -t_loss_sum0/B
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(t_logprobs[b, c]*target[b, c], b, c)
@@ -82,7 +82,7 @@ def _nll_jvp0(target, t_logprobs, t_loss, B, C, _total):
         for b in range(0, B):
             for c in range(0, C):
                 _v_t_loss_sum0 += t_logprobs[b, c]*target[b, c]
-        # t_loss = -t_loss_sum0/B
+        # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_t_loss = -_c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
@@ -100,17 +100,17 @@ def _nll_hvp0(t_g_logprobs, B, C, _total):
         t_g_logprobs[i0, i1] = _v_t_g_logprobs
 
 
-def _nll_fwd_core(logprobs, target):
+def _nll_fwd_core(logprobs, target, reduction):
     """Forward of nll: loss from logprobs, target. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     loss = _empty((1,), _dtype)
-    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C)
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C, reduction)
     return loss
 
 
-def _nll_fwd_alloc(logprobs, target):
+def _nll_fwd_alloc(logprobs, target, reduction):
     """The results of ``_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_fwd_into`` writes."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
@@ -119,15 +119,15 @@ def _nll_fwd_alloc(logprobs, target):
     return loss
 
 
-def _nll_fwd_into(logprobs, target, loss):
+def _nll_fwd_into(logprobs, target, reduction, loss):
     """``_nll_fwd_core`` launching its kernels into loss (from ``_nll_fwd_alloc``); returns nothing."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C)
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C, reduction)
 
 
-def _nll_fwd(logprobs, target):
+def _nll_fwd(logprobs, target, *, reduction):
     """Forward of nll: loss from logprobs, target."""
     _dev = any(_on_device(a) for a in (logprobs, target))
     _dtype = _float_dtype((logprobs, target))
@@ -140,26 +140,26 @@ def _nll_fwd(logprobs, target):
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
     loss = _empty((1,), _dtype)
-    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C)
+    _launch(_nll_fwd0, 1, logprobs, target, loss, B, C, reduction)
     return _result(loss, False)[0]
 
 
-def _nll_fwd_shapes(logprobs, target):
+def _nll_fwd_shapes(logprobs, target, *, reduction):
     """The shapes of the results of ``_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _nll_bwd_core(g_loss, logprobs, target):
+def _nll_bwd_core(g_loss, logprobs, target, reduction):
     """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
     g_logprobs = _empty((B, C), _dtype)
-    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C, reduction)
     return g_logprobs
 
 
-def _nll_bwd_alloc(g_loss, logprobs, target):
+def _nll_bwd_alloc(g_loss, logprobs, target, reduction):
     """The results of ``_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
@@ -168,15 +168,15 @@ def _nll_bwd_alloc(g_loss, logprobs, target):
     return g_logprobs
 
 
-def _nll_bwd_into(g_loss, logprobs, target, g_logprobs):
+def _nll_bwd_into(g_loss, logprobs, target, reduction, g_logprobs):
     """``_nll_bwd_core`` launching its kernels into g_logprobs (from ``_nll_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
-    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C, reduction)
 
 
-def _nll_bwd(g_loss, logprobs, target):
+def _nll_bwd(g_loss, logprobs, target, *, reduction):
     """Backward of nll: gradients g_logprobs from g_loss, logprobs, target (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, logprobs, target))
     _dtype = _float_dtype((g_loss, logprobs, target))
@@ -190,11 +190,11 @@ def _nll_bwd(g_loss, logprobs, target):
     _check_dim("nll", "target", target, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "target", target, 1, "C", C, "from logprobs axis 1")
     g_logprobs = _empty((B, C), _dtype)
-    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+    _launch(_nll_bwd0, B * C, target, g_loss, g_logprobs, B, C, reduction)
     return _result(g_logprobs, _dev)
 
 
-def _nll_jvp(logprobs, target, t_logprobs):
+def _nll_jvp(logprobs, target, t_logprobs, *, reduction):
     """Forward mode of nll: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed)."""
     _dev = any(_on_device(a) for a in (logprobs, target, t_logprobs))
     _dtype = _float_dtype((logprobs, target, t_logprobs))
@@ -211,11 +211,11 @@ def _nll_jvp(logprobs, target, t_logprobs):
     _check_dim("nll", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
     _check_dim("nll", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
     t_loss = _empty((1,), _dtype)
-    _launch(_nll_jvp0, 1, target, t_logprobs, t_loss, B, C)
+    _launch(_nll_jvp0, 1, target, t_logprobs, t_loss, B, C, reduction)
     return _result(t_loss, False)[0]
 
 
-def _nll_hvp(g_loss, logprobs, target, t_logprobs):
+def _nll_hvp(g_loss, logprobs, target, t_logprobs, *, reduction):
     """Second order of nll: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, logprobs, target, t_logprobs))
     _dtype = _float_dtype((g_loss, logprobs, target, t_logprobs))

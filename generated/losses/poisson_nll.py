@@ -35,27 +35,27 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input):
+def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, reduction):
     """loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
-    loss = loss_sum0/(B*N)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     # loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
             _v_loss_sum0 += full*((_F(0) if (target[b, n] == _F(0)) else (math.log(target[b, n])*target[b, n] if (target[b, n] != _F(0)) else _F(math.nan))) + _F(0.5)*math.log(target[b, n]) - target[b, n] + _F(0.5)*math.log(_F(2)) + _F(0.5)*math.log(_F(math.pi)) if (target[b, n] > _F(1)) else (_F(0) if (target[b, n] <= _F(1)) else _F(math.nan))) + (math.exp(pred[b, n]) - pred[b, n]*target[b, n] if (log_input > _F(0)) else (-math.log(eps + pred[b, n])*target[b, n] + pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
-    # loss = loss_sum0/(B*N)
+    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     _v_loss = _c0*_v_loss_sum0
     loss[0] = _v_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input):
-    """g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))/(B*N)"""
+def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, reduction):
+    """g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             _v_g_pred = _c0*(math.exp(pred[b, n]) - target[b, n] if (log_input > _F(0)) else (_F(1) - target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))
@@ -63,28 +63,28 @@ def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input):
+def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, reduction):
     """t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
-    t_loss = t_loss_sum0/(B*N)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     # t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for n in range(0, N):
             _t0 = t_pred[b, n]*target[b, n]
             _v_t_loss_sum0 += (-_t0 + math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (-_t0/(eps + pred[b, n]) + t_pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
-    # t_loss = t_loss_sum0/(B*N)
+    # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     _v_t_loss = _c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input):
-    """t_g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))/(B*N)"""
+def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, reduction):
+    """t_g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     for b in range(0, B):
         for n in range(0, N):
             _v_t_g_pred = _c0*(math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2 if (log_input <= _F(0)) else _F(math.nan)))
@@ -92,7 +92,7 @@ def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_inp
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_fwd_core(pred, target, log_input, full, eps):
+def _poisson_nll_fwd_core(pred, target, log_input, full, eps, reduction):
     """Forward of poisson_nll: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
@@ -101,11 +101,11 @@ def _poisson_nll_fwd_core(pred, target, log_input, full, eps):
     B = pred.shape[0]
     N = pred.shape[1]
     loss = np.empty((1,), _dtype)
-    _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input)
+    _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, reduction)
     return loss
 
 
-def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps):
+def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps, reduction):
     """The results of ``_poisson_nll_fwd_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -115,7 +115,7 @@ def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_fwd_into(pred, target, log_input, full, eps, loss):
+def _poisson_nll_fwd_into(pred, target, log_input, full, eps, reduction, loss):
     """``_poisson_nll_fwd_core`` writing its results into loss (from ``_poisson_nll_fwd_alloc``)."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
@@ -123,10 +123,10 @@ def _poisson_nll_fwd_into(pred, target, log_input, full, eps, loss):
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input)
+    _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, reduction)
 
 
-def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
+def _poisson_nll_fwd(pred, target, *, log_input, full, eps, reduction):
     """Forward of poisson_nll: loss from pred, target."""
     _dtype = _float_dtype((pred, target))
     pred = _as_float("poisson_nll", "pred", pred, _dtype)
@@ -140,17 +140,17 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
     log_input = _dtype.type(log_input)
     full = _dtype.type(full)
     eps = _dtype.type(eps)
-    loss = _poisson_nll_fwd_core(pred, target, log_input, full, eps)
+    loss = _poisson_nll_fwd_core(pred, target, log_input, full, eps, reduction)
     return loss[0]
 
 
-def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps):
+def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps, reduction):
     """The shapes of the results of ``_poisson_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
+def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps, reduction):
     """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
@@ -158,11 +158,11 @@ def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = np.empty((B, N), _dtype)
-    _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input)
+    _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
     return g_pred
 
 
-def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps):
+def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps, reduction):
     """The results of ``_poisson_nll_bwd_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -172,17 +172,17 @@ def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, g_pred):
+def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred):
     """``_poisson_nll_bwd_core`` writing its results into g_pred (from ``_poisson_nll_bwd_alloc``)."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input)
+    _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
 
 
-def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):
+def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps, reduction):
     """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target))
     g_loss = _as_scalar("poisson_nll", "g_loss", g_loss, _dtype)
@@ -196,11 +196,11 @@ def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):
     _check_dim("poisson_nll", "target", target, 1, "N", N, "from pred axis 1")
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
-    return _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps)
+    return _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps):
+def _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps, reduction):
     """Forward mode of poisson_nll: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
@@ -208,11 +208,11 @@ def _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps):
     B = pred.shape[0]
     N = pred.shape[1]
     t_loss = np.empty((1,), _dtype)
-    _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input)
+    _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, reduction)
     return t_loss
 
 
-def _poisson_nll_jvp_alloc(pred, target, t_pred, log_input, full, eps):
+def _poisson_nll_jvp_alloc(pred, target, t_pred, log_input, full, eps, reduction):
     """The results of ``_poisson_nll_jvp_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -222,17 +222,17 @@ def _poisson_nll_jvp_alloc(pred, target, t_pred, log_input, full, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_jvp_into(pred, target, t_pred, log_input, full, eps, t_loss):
+def _poisson_nll_jvp_into(pred, target, t_pred, log_input, full, eps, reduction, t_loss):
     """``_poisson_nll_jvp_core`` writing its results into t_loss (from ``_poisson_nll_jvp_alloc``)."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input)
+    _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, reduction)
 
 
-def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps):
+def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps, reduction):
     """Forward mode of poisson_nll: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dtype = _float_dtype((pred, target, t_pred))
     pred = _as_float("poisson_nll", "pred", pred, _dtype)
@@ -249,12 +249,12 @@ def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps):
     _check_dim("poisson_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
-    t_loss = _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps)
+    t_loss = _poisson_nll_jvp_core(pred, target, t_pred, log_input, full, eps, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps):
+def _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps, reduction):
     """Second order of poisson_nll: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
@@ -262,11 +262,11 @@ def _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps):
     B = pred.shape[0]
     N = pred.shape[1]
     t_g_pred = np.empty((B, N), _dtype)
-    _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, reduction)
     return t_g_pred
 
 
-def _poisson_nll_hvp_alloc(g_loss, pred, target, t_pred, log_input, full, eps):
+def _poisson_nll_hvp_alloc(g_loss, pred, target, t_pred, log_input, full, eps, reduction):
     """The results of ``_poisson_nll_hvp_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -276,17 +276,17 @@ def _poisson_nll_hvp_alloc(g_loss, pred, target, t_pred, log_input, full, eps):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _poisson_nll_hvp_into(g_loss, pred, target, t_pred, log_input, full, eps, t_g_pred):
+def _poisson_nll_hvp_into(g_loss, pred, target, t_pred, log_input, full, eps, reduction, t_g_pred):
     """``_poisson_nll_hvp_core`` writing its results into t_g_pred (from ``_poisson_nll_hvp_alloc``)."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, reduction)
 
 
-def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps):
+def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps, reduction):
     """Second order of poisson_nll: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
     g_loss = _as_scalar("poisson_nll", "g_loss", g_loss, _dtype)
@@ -304,7 +304,7 @@ def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps):
     _check_dim("poisson_nll", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
-    return _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps)
+    return _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps, reduction)
 
 
 # The host functions of each op on this target.
@@ -323,12 +323,12 @@ _FUNCS = {
 _SPECS = {
     "poisson_nll": {
         "kind": "loss",
-        "attrs": {"log_input": 1.0, "full": 0.0, "eps": 1e-08},
+        "attrs": {"log_input": 1.0, "full": 0.0, "eps": 1e-08, "reduction": 1},
         "arg_names": ("pred", "target"),
         "differentiable": ("pred",),
         "state": (),
         "seeds": 1,
-        "doc": "Poisson negative log-likelihood, mean over all elements, as F.poisson_nll_loss: pred is the log of the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.",
+        "doc": "Poisson negative log-likelihood, mean (or sum) over all elements, as F.poisson_nll_loss: pred is the log of the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.",
     },
 }
 

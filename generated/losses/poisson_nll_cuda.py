@@ -36,12 +36,12 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, _total):
+def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, reduction, _total):
     """loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
-    loss = loss_sum0/(B*N)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum(full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True)), b, n)
@@ -49,16 +49,16 @@ def _poisson_nll_fwd0(pred, target, loss, B, N, eps, full, log_input, _total):
         for b in range(0, B):
             for n in range(0, N):
                 _v_loss_sum0 += full*((_F(0) if (target[b, n] == _F(0)) else (math.log(target[b, n])*target[b, n] if (target[b, n] != _F(0)) else _F(math.nan))) + _F(0.5)*math.log(target[b, n]) - target[b, n] + _F(0.5)*math.log(_F(2)) + _F(0.5)*math.log(_F(math.pi)) if (target[b, n] > _F(1)) else (_F(0) if (target[b, n] <= _F(1)) else _F(math.nan))) + (math.exp(pred[b, n]) - pred[b, n]*target[b, n] if (log_input > _F(0)) else (-math.log(eps + pred[b, n])*target[b, n] + pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
-        # loss = loss_sum0/(B*N)
+        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_loss = _c0*_v_loss_sum0
         loss[0] = _v_loss
 
 
 @cuda.jit(cache=True)
-def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, _total):
-    """g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))/(B*N)"""
+def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, reduction, _total):
+    """g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))"""
     _F = g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -69,12 +69,12 @@ def _poisson_nll_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, _total
 
 
 @cuda.jit(cache=True)
-def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, _total):
+def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, reduction, _total):
     """t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
-    t_loss = t_loss_sum0/(B*N)
+    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1)/(_F(B)*_F(N))
+    _c0 = (_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum(Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True)), b, n)
@@ -83,16 +83,16 @@ def _poisson_nll_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, _total
             for n in range(0, N):
                 _t0 = t_pred[b, n]*target[b, n]
                 _v_t_loss_sum0 += (-_t0 + math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (-_t0/(eps + pred[b, n]) + t_pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
-        # t_loss = t_loss_sum0/(B*N)
+        # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))
         _v_t_loss = _c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
 
 @cuda.jit(cache=True)
-def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, _total):
-    """t_g_pred[b, n] = g_loss*Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))/(B*N)"""
+def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, reduction, _total):
+    """t_g_pred[b, n] = g_loss*Piecewise((1, Eq(reduction, 2)), (1/(B*N), True))*Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))"""
     _F = t_g_pred.dtype.type
-    _c0 = g_loss[0]/(_F(B)*_F(N))
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1)/(_F(B)*_F(N)))
     _r = cuda.grid(1)
     if _r < _total:
         n = _r % N
@@ -102,7 +102,7 @@ def _poisson_nll_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_inp
         t_g_pred[b, n] = _v_t_g_pred
 
 
-def _poisson_nll_fwd_core(pred, target, log_input, full, eps):
+def _poisson_nll_fwd_core(pred, target, log_input, full, eps, reduction):
     """Forward of poisson_nll: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
@@ -111,11 +111,11 @@ def _poisson_nll_fwd_core(pred, target, log_input, full, eps):
     B = pred.shape[0]
     N = pred.shape[1]
     loss = _empty((1,), _dtype)
-    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input, reduction)
     return loss
 
 
-def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps):
+def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps, reduction):
     """The results of ``_poisson_nll_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_fwd_into`` writes."""
     _dtype = pred.dtype
     B = pred.shape[0]
@@ -124,7 +124,7 @@ def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps):
     return loss
 
 
-def _poisson_nll_fwd_into(pred, target, log_input, full, eps, loss):
+def _poisson_nll_fwd_into(pred, target, log_input, full, eps, reduction, loss):
     """``_poisson_nll_fwd_core`` launching its kernels into loss (from ``_poisson_nll_fwd_alloc``); returns nothing."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
@@ -132,10 +132,10 @@ def _poisson_nll_fwd_into(pred, target, log_input, full, eps, loss):
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input, reduction)
 
 
-def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
+def _poisson_nll_fwd(pred, target, *, log_input, full, eps, reduction):
     """Forward of poisson_nll: loss from pred, target."""
     _dev = any(_on_device(a) for a in (pred, target))
     _dtype = _float_dtype((pred, target))
@@ -151,16 +151,16 @@ def _poisson_nll_fwd(pred, target, *, log_input, full, eps):
     full = _dtype.type(full)
     eps = _dtype.type(eps)
     loss = _empty((1,), _dtype)
-    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input)
+    _launch(_poisson_nll_fwd0, 1, pred, target, loss, B, N, eps, full, log_input, reduction)
     return _result(loss, False)[0]
 
 
-def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps):
+def _poisson_nll_fwd_shapes(pred, target, *, log_input, full, eps, reduction):
     """The shapes of the results of ``_poisson_nll_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
+def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps, reduction):
     """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
@@ -168,11 +168,11 @@ def _poisson_nll_bwd_core(g_loss, pred, target, log_input, full, eps):
     B = pred.shape[0]
     N = pred.shape[1]
     g_pred = _empty((B, N), _dtype)
-    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
     return g_pred
 
 
-def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps):
+def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps, reduction):
     """The results of ``_poisson_nll_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
@@ -181,17 +181,17 @@ def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps):
     return g_pred
 
 
-def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, g_pred):
+def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred):
     """``_poisson_nll_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     B = pred.shape[0]
     N = pred.shape[1]
-    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
 
 
-def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):
+def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps, reduction):
     """Backward of poisson_nll: gradients g_pred from g_loss, pred, target (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target))
     _dtype = _float_dtype((g_loss, pred, target))
@@ -207,11 +207,11 @@ def _poisson_nll_bwd(g_loss, pred, target, *, log_input, full, eps):
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     g_pred = _empty((B, N), _dtype)
-    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    _launch(_poisson_nll_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input, reduction)
     return _result(g_pred, _dev)
 
 
-def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps):
+def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps, reduction):
     """Forward mode of poisson_nll: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
     _dev = any(_on_device(a) for a in (pred, target, t_pred))
     _dtype = _float_dtype((pred, target, t_pred))
@@ -230,11 +230,11 @@ def _poisson_nll_jvp(pred, target, t_pred, *, log_input, full, eps):
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     t_loss = _empty((1,), _dtype)
-    _launch(_poisson_nll_jvp0, 1, pred, target, t_pred, t_loss, B, N, eps, log_input)
+    _launch(_poisson_nll_jvp0, 1, pred, target, t_pred, t_loss, B, N, eps, log_input, reduction)
     return _result(t_loss, False)[0]
 
 
-def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps):
+def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps, reduction):
     """Second order of poisson_nll: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
     _dtype = _float_dtype((g_loss, pred, target, t_pred))
@@ -254,7 +254,7 @@ def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps):
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
     t_g_pred = _empty((B, N), _dtype)
-    _launch(_poisson_nll_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    _launch(_poisson_nll_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, reduction)
     return _result(t_g_pred, _dev)
 
 

@@ -75,18 +75,18 @@ def _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C):
+def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction):
     """loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
-    loss = -loss_sum0/B
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
             _v_loss_sum0 += (-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c]
-    # loss = -loss_sum0/B
+    # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_loss = -_c0*_v_loss_sum0
     loss[0] = _v_loss
 
@@ -113,13 +113,13 @@ def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C):
-    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])/B"""
+def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction):
+    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b]) - loss_sumexp0[b]*target[b, k])*Piecewise((1, Eq(reduction, 2)), (1/B, True))/loss_sumexp0[b]"""
     _F = g_logits.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     for b in range(0, B):
         for k in range(0, C):
-            _v_g_logits = _c0*(math.exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])
+            _v_g_logits = _c0*(math.exp(logits[b, k] - loss_max0[b]) - loss_sumexp0[b]*target[b, k])/loss_sumexp0[b]
             g_logits[b, k] = _v_g_logits
 
 
@@ -167,18 +167,18 @@ def _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_los
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C):
+def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, reduction):
     """t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
-    t_loss = -t_loss_sum0/B
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     # t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
     _v_t_loss_sum0 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
             _v_t_loss_sum0 += (-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c]
-    # t_loss = -t_loss_sum0/B
+    # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     _v_t_loss = -_c0*_v_t_loss_sum0
     t_loss[0] = _v_t_loss
 
@@ -211,18 +211,19 @@ def _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_los
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C):
-    """t_g_logits[b, k] = g_loss*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*exp(logits[b, k] - loss_max0[b])/(B*loss_sumexp0[b]**2)"""
+def _softmax_cross_entropy_hvp1(logits, target, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, reduction):
+    """t_g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b])*t_logits[b, k] - t_loss_sumexp0[b]*target[b, k])*Piecewise((1, Eq(reduction, 2)), (1/B, True))/loss_sumexp0[b] - g_loss*(exp(logits[b, k] - loss_max0[b]) - loss_sumexp0[b]*target[b, k])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*t_loss_sumexp0[b]/loss_sumexp0[b]**2"""
     _F = t_g_logits.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     for b in range(0, B):
         for k in range(0, C):
-            _v_t_g_logits = _c0*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*math.exp(logits[b, k] - loss_max0[b])/(loss_sumexp0[b] * loss_sumexp0[b])
+            _t0 = math.exp(logits[b, k] - loss_max0[b])
+            _v_t_g_logits = -_c0*(_t0 - loss_sumexp0[b]*target[b, k])*t_loss_sumexp0[b]/(loss_sumexp0[b] * loss_sumexp0[b]) + _c0*(_t0*t_logits[b, k] - t_loss_sumexp0[b]*target[b, k])/loss_sumexp0[b]
             t_g_logits[b, k] = _v_t_g_logits
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_core(logits, target):
+def _softmax_cross_entropy_fwd_core(logits, target, reduction):
     """Forward of softmax_cross_entropy: loss from logits, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -234,11 +235,11 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C)
-    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
     return loss
 
 
-def _softmax_cross_entropy_fwd_alloc(logits, target):
+def _softmax_cross_entropy_fwd_alloc(logits, target, reduction):
     """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -248,7 +249,7 @@ def _softmax_cross_entropy_fwd_alloc(logits, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_into(logits, target, loss):
+def _softmax_cross_entropy_fwd_into(logits, target, reduction, loss):
     """``_softmax_cross_entropy_fwd_core`` writing its results into loss (from ``_softmax_cross_entropy_fwd_alloc``)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -259,10 +260,10 @@ def _softmax_cross_entropy_fwd_into(logits, target, loss):
     _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C)
-    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
 
 
-def _softmax_cross_entropy_fwd(logits, target):
+def _softmax_cross_entropy_fwd(logits, target, *, reduction):
     """Forward of softmax_cross_entropy: loss from logits, target."""
     _dtype = _float_dtype((logits, target))
     logits = _as_float("softmax_cross_entropy", "logits", logits, _dtype)
@@ -273,17 +274,17 @@ def _softmax_cross_entropy_fwd(logits, target):
     _check_rank("softmax_cross_entropy", "target", target, 2)
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
-    loss = _softmax_cross_entropy_fwd_core(logits, target)
+    loss = _softmax_cross_entropy_fwd_core(logits, target, reduction)
     return loss[0]
 
 
-def _softmax_cross_entropy_fwd_shapes(logits, target):
+def _softmax_cross_entropy_fwd_shapes(logits, target, *, reduction):
     """The shapes of the results of ``_softmax_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
+def _softmax_cross_entropy_bwd_core(g_loss, logits, target, reduction):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -292,11 +293,11 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     loss_sumexp0 = np.empty((B,), _dtype)
     g_logits = np.empty((B, C), _dtype)
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
-    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
+def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target, reduction):
     """The results of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -306,7 +307,7 @@ def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
+def _softmax_cross_entropy_bwd_into(g_loss, logits, target, reduction, g_logits):
     """``_softmax_cross_entropy_bwd_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_alloc``)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -314,10 +315,10 @@ def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
     loss_max0 = np.empty((B,), _dtype)
     loss_sumexp0 = np.empty((B,), _dtype)
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
-    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
 
 
-def _softmax_cross_entropy_bwd(g_loss, logits, target):
+def _softmax_cross_entropy_bwd(g_loss, logits, target, *, reduction):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed)."""
     _dtype = _float_dtype((g_loss, logits, target))
     g_loss = _as_scalar("softmax_cross_entropy", "g_loss", g_loss, _dtype)
@@ -330,11 +331,11 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
-    return _softmax_cross_entropy_bwd_core(g_loss, logits, target)
+    return _softmax_cross_entropy_bwd_core(g_loss, logits, target, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_saving_core(logits, target):
+def _softmax_cross_entropy_fwd_saving_core(logits, target, reduction):
     """Forward of softmax_cross_entropy: loss, loss_max0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -347,11 +348,11 @@ def _softmax_cross_entropy_fwd_saving_core(logits, target):
     _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
-    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
     return loss, loss_max0, loss_sumexp0
 
 
-def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
+def _softmax_cross_entropy_fwd_saving_alloc(logits, target, reduction):
     """The results of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -363,7 +364,7 @@ def _softmax_cross_entropy_fwd_saving_alloc(logits, target):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_max0, loss_sumexp0):
+def _softmax_cross_entropy_fwd_saving_into(logits, target, reduction, loss, loss_max0, loss_sumexp0):
     """``_softmax_cross_entropy_fwd_saving_core`` writing its results into loss, loss_max0, loss_sumexp0 (from ``_softmax_cross_entropy_fwd_saving_alloc``)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -373,21 +374,21 @@ def _softmax_cross_entropy_fwd_saving_into(logits, target, loss, loss_max0, loss
     _softmax_cross_entropy_fwd0(logits, loss_max0, B, C)
     _softmax_cross_entropy_fwd1(logits, loss_max0, loss_shifted0, B, C)
     _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
-    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0):
+def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_max0, loss_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     g_logits = np.empty((B, C), _dtype)
-    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0):
+def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
     """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -397,15 +398,15 @@ def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_max0, lo
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, g_logits):
+def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, reduction, g_logits):
     """``_softmax_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``)."""
     B = logits.shape[0]
     C = logits.shape[1]
-    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_jvp_core(logits, target, t_logits):
+def _softmax_cross_entropy_jvp_core(logits, target, t_logits, reduction):
     """Forward mode of softmax_cross_entropy: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -418,11 +419,11 @@ def _softmax_cross_entropy_jvp_core(logits, target, t_logits):
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
     _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C)
     _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C)
-    _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C)
+    _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, reduction)
     return t_loss
 
 
-def _softmax_cross_entropy_jvp_alloc(logits, target, t_logits):
+def _softmax_cross_entropy_jvp_alloc(logits, target, t_logits, reduction):
     """The results of ``_softmax_cross_entropy_jvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -432,7 +433,7 @@ def _softmax_cross_entropy_jvp_alloc(logits, target, t_logits):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_jvp_into(logits, target, t_logits, t_loss):
+def _softmax_cross_entropy_jvp_into(logits, target, t_logits, reduction, t_loss):
     """``_softmax_cross_entropy_jvp_core`` writing its results into t_loss (from ``_softmax_cross_entropy_jvp_alloc``)."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -444,10 +445,10 @@ def _softmax_cross_entropy_jvp_into(logits, target, t_logits, t_loss):
     _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C)
     _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C)
     _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C)
-    _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C)
+    _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, reduction)
 
 
-def _softmax_cross_entropy_jvp(logits, target, t_logits):
+def _softmax_cross_entropy_jvp(logits, target, t_logits, *, reduction):
     """Forward mode of softmax_cross_entropy: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed)."""
     _dtype = _float_dtype((logits, target, t_logits))
     logits = _as_float("softmax_cross_entropy", "logits", logits, _dtype)
@@ -462,12 +463,12 @@ def _softmax_cross_entropy_jvp(logits, target, t_logits):
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
-    t_loss = _softmax_cross_entropy_jvp_core(logits, target, t_logits)
+    t_loss = _softmax_cross_entropy_jvp_core(logits, target, t_logits, reduction)
     return t_loss[0]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits):
+def _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits, reduction):
     """Second order of softmax_cross_entropy: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -477,11 +478,11 @@ def _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits):
     t_g_logits = np.empty((B, C), _dtype)
     t_loss_sumexp0 = np.empty((B,), _dtype)
     _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
-    _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+    _softmax_cross_entropy_hvp1(logits, target, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, reduction)
     return t_g_logits
 
 
-def _softmax_cross_entropy_hvp_alloc(g_loss, logits, target, t_logits):
+def _softmax_cross_entropy_hvp_alloc(g_loss, logits, target, t_logits, reduction):
     """The results of ``_softmax_cross_entropy_hvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -491,7 +492,7 @@ def _softmax_cross_entropy_hvp_alloc(g_loss, logits, target, t_logits):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _softmax_cross_entropy_hvp_into(g_loss, logits, target, t_logits, t_g_logits):
+def _softmax_cross_entropy_hvp_into(g_loss, logits, target, t_logits, reduction, t_g_logits):
     """``_softmax_cross_entropy_hvp_core`` writing its results into t_g_logits (from ``_softmax_cross_entropy_hvp_alloc``)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -500,10 +501,10 @@ def _softmax_cross_entropy_hvp_into(g_loss, logits, target, t_logits, t_g_logits
     loss_sumexp0 = np.empty((B,), _dtype)
     t_loss_sumexp0 = np.empty((B,), _dtype)
     _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
-    _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+    _softmax_cross_entropy_hvp1(logits, target, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, reduction)
 
 
-def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits):
+def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits, *, reduction):
     """Second order of softmax_cross_entropy: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed)."""
     _dtype = _float_dtype((g_loss, logits, target, t_logits))
     g_loss = _as_scalar("softmax_cross_entropy", "g_loss", g_loss, _dtype)
@@ -520,7 +521,7 @@ def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits):
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
     _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
-    return _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits)
+    return _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits, reduction)
 
 
 # The host functions of each op on this target.
@@ -539,12 +540,12 @@ _FUNCS = {
 _SPECS = {
     "softmax_cross_entropy": {
         "kind": "loss",
-        "attrs": {},
+        "attrs": {"reduction": 1},
         "arg_names": ("logits", "target"),
         "differentiable": ("logits",),
         "state": (),
         "seeds": 1,
-        "doc": "Cross-entropy of softmax(logits) with one-hot or probability targets (rows sum to 1, which the derivation uses), mean over the batch.",
+        "doc": "Cross-entropy of softmax(logits) with one-hot or probability targets (rows sum to 1, which the derivation uses), mean (or sum) over the batch.",
     },
 }
 

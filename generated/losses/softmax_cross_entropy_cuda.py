@@ -83,12 +83,12 @@ def _softmax_cross_entropy_fwd2(logits, loss_max0, loss_logsumexp0, B, C, _total
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, _total):
+def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction, _total):
     """loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
-    loss = -loss_sum0/B
+    loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # loss_sum0 = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], b, c)
@@ -96,7 +96,7 @@ def _softmax_cross_entropy_fwd3(target, loss, loss_shifted0, loss_logsumexp0, B,
         for b in range(0, B):
             for c in range(0, C):
                 _v_loss_sum0 += (-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c]
-        # loss = -loss_sum0/B
+        # loss = -loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_loss = -_c0*_v_loss_sum0
         loss[0] = _v_loss
 
@@ -125,16 +125,16 @@ def _softmax_cross_entropy_bwd0(logits, loss_max0, loss_sumexp0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, _total):
-    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])/B"""
+def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction, _total):
+    """g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b]) - loss_sumexp0[b]*target[b, k])*Piecewise((1, Eq(reduction, 2)), (1/B, True))/loss_sumexp0[b]"""
     _F = g_logits.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
         _r //= C
         b = _r
-        _v_g_logits = _c0*(math.exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])
+        _v_g_logits = _c0*(math.exp(logits[b, k] - loss_max0[b]) - loss_sumexp0[b]*target[b, k])/loss_sumexp0[b]
         g_logits[b, k] = _v_g_logits
 
 
@@ -170,12 +170,12 @@ def _softmax_cross_entropy_jvp1(logits, loss_max0, loss_sumexp0, t_logits, t_los
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, _total):
+def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, reduction, _total):
     """t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
-    t_loss = -t_loss_sum0/B
+    t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
     """
     _F = t_loss.dtype.type
-    _c0 = _F(1) / _F(B)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         # t_loss_sum0 = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], b, c)
@@ -183,7 +183,7 @@ def _softmax_cross_entropy_jvp2(target, t_loss, t_loss_shifted0, t_loss_logsumex
         for b in range(0, B):
             for c in range(0, C):
                 _v_t_loss_sum0 += (-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c]
-        # t_loss = -t_loss_sum0/B
+        # t_loss = -t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/B, True))
         _v_t_loss = -_c0*_v_t_loss_sum0
         t_loss[0] = _v_t_loss
 
@@ -218,20 +218,21 @@ def _softmax_cross_entropy_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_los
 
 
 @cuda.jit(cache=True)
-def _softmax_cross_entropy_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, _total):
-    """t_g_logits[b, k] = g_loss*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*exp(logits[b, k] - loss_max0[b])/(B*loss_sumexp0[b]**2)"""
+def _softmax_cross_entropy_hvp1(logits, target, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, reduction, _total):
+    """t_g_logits[b, k] = g_loss*(exp(logits[b, k] - loss_max0[b])*t_logits[b, k] - t_loss_sumexp0[b]*target[b, k])*Piecewise((1, Eq(reduction, 2)), (1/B, True))/loss_sumexp0[b] - g_loss*(exp(logits[b, k] - loss_max0[b]) - loss_sumexp0[b]*target[b, k])*Piecewise((1, Eq(reduction, 2)), (1/B, True))*t_loss_sumexp0[b]/loss_sumexp0[b]**2"""
     _F = t_g_logits.dtype.type
-    _c0 = g_loss[0]/_F(B)
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / _F(B))
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
         _r //= C
         b = _r
-        _v_t_g_logits = _c0*(loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*math.exp(logits[b, k] - loss_max0[b])/(loss_sumexp0[b] * loss_sumexp0[b])
+        _t0 = math.exp(logits[b, k] - loss_max0[b])
+        _v_t_g_logits = -_c0*(_t0 - loss_sumexp0[b]*target[b, k])*t_loss_sumexp0[b]/(loss_sumexp0[b] * loss_sumexp0[b]) + _c0*(_t0*t_logits[b, k] - t_loss_sumexp0[b]*target[b, k])/loss_sumexp0[b]
         t_g_logits[b, k] = _v_t_g_logits
 
 
-def _softmax_cross_entropy_fwd_core(logits, target):
+def _softmax_cross_entropy_fwd_core(logits, target, reduction):
     """Forward of softmax_cross_entropy: loss from logits, target. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -243,11 +244,11 @@ def _softmax_cross_entropy_fwd_core(logits, target):
     _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
     _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
-    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
     return loss
 
 
-def _softmax_cross_entropy_fwd_alloc(logits, target):
+def _softmax_cross_entropy_fwd_alloc(logits, target, reduction):
     """The results of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_fwd_into`` writes."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -256,7 +257,7 @@ def _softmax_cross_entropy_fwd_alloc(logits, target):
     return loss
 
 
-def _softmax_cross_entropy_fwd_into(logits, target, loss):
+def _softmax_cross_entropy_fwd_into(logits, target, reduction, loss):
     """``_softmax_cross_entropy_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_fwd_alloc``); returns nothing."""
     _dtype = logits.dtype
     B = logits.shape[0]
@@ -267,10 +268,10 @@ def _softmax_cross_entropy_fwd_into(logits, target, loss):
     _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
     _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
-    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
 
 
-def _softmax_cross_entropy_fwd(logits, target):
+def _softmax_cross_entropy_fwd(logits, target, *, reduction):
     """Forward of softmax_cross_entropy: loss from logits, target."""
     _dev = any(_on_device(a) for a in (logits, target))
     _dtype = _float_dtype((logits, target))
@@ -289,16 +290,16 @@ def _softmax_cross_entropy_fwd(logits, target):
     _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
     _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
-    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
     return _result(loss, False)[0]
 
 
-def _softmax_cross_entropy_fwd_shapes(logits, target):
+def _softmax_cross_entropy_fwd_shapes(logits, target, *, reduction):
     """The shapes of the results of ``_softmax_cross_entropy_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     return ((),)
 
 
-def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
+def _softmax_cross_entropy_bwd_core(g_loss, logits, target, reduction):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -307,11 +308,11 @@ def _softmax_cross_entropy_bwd_core(g_loss, logits, target):
     loss_sumexp0 = _empty((B,), _dtype)
     g_logits = _empty((B, C), _dtype)
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
-    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
+def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target, reduction):
     """The results of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_bwd_into`` writes."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -320,7 +321,7 @@ def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target):
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
+def _softmax_cross_entropy_bwd_into(g_loss, logits, target, reduction, g_logits):
     """``_softmax_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_bwd_alloc``); returns nothing."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -328,10 +329,10 @@ def _softmax_cross_entropy_bwd_into(g_loss, logits, target, g_logits):
     loss_max0 = _empty((B,), _dtype)
     loss_sumexp0 = _empty((B,), _dtype)
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
-    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
 
 
-def _softmax_cross_entropy_bwd(g_loss, logits, target):
+def _softmax_cross_entropy_bwd(g_loss, logits, target, *, reduction):
     """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, logits, target))
     _dtype = _float_dtype((g_loss, logits, target))
@@ -349,11 +350,11 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target):
     loss_sumexp0 = _empty((B,), _dtype)
     g_logits = _empty((B, C), _dtype)
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
-    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
     return _result(g_logits, _dev)
 
 
-def _softmax_cross_entropy_jvp(logits, target, t_logits):
+def _softmax_cross_entropy_jvp(logits, target, t_logits, *, reduction):
     """Forward mode of softmax_cross_entropy: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed)."""
     _dev = any(_on_device(a) for a in (logits, target, t_logits))
     _dtype = _float_dtype((logits, target, t_logits))
@@ -377,11 +378,11 @@ def _softmax_cross_entropy_jvp(logits, target, t_logits):
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
     _launch(_softmax_cross_entropy_jvp0, B * C, t_logits, t_loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_jvp1, B, logits, loss_max0, loss_sumexp0, t_logits, t_loss_logsumexp0, B, C)
-    _launch(_softmax_cross_entropy_jvp2, 1, target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_jvp2, 1, target, t_loss, t_loss_shifted0, t_loss_logsumexp0, B, C, reduction)
     return _result(t_loss, False)[0]
 
 
-def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits):
+def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits, *, reduction):
     """Second order of softmax_cross_entropy: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_loss, logits, target, t_logits))
     _dtype = _float_dtype((g_loss, logits, target, t_logits))
@@ -404,7 +405,7 @@ def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits):
     t_g_logits = _empty((B, C), _dtype)
     t_loss_sumexp0 = _empty((B,), _dtype)
     _launch(_softmax_cross_entropy_hvp0, B, logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
-    _launch(_softmax_cross_entropy_hvp1, B * C, logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_hvp1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, reduction)
     return _result(t_g_logits, _dev)
 
 

@@ -10,7 +10,7 @@
 #   generated/layers/dense.py 104d2689f6a23857
 #   generated/layers/flatten.py e933fa4342859139
 #   generated/layers/max_pool2d.py 7ef99dd37d2d33c7
-#   generated/losses/softmax_cross_entropy.py 04b9180119dd80d2
+#   generated/losses/softmax_cross_entropy.py b379c1d6391a048c
 #   generated/optimizers/adam.py cb7e4d316801043c
 #   generated/_runtime.py 1a7be6c3f9cc04a2
 """The cnn_digits model.
@@ -412,8 +412,8 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
     _flatten_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
-    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_max0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, g5)
+    _softmax_cross_entropy_fwd_saving_into(h5, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1, g5)
     _dense_bwd_into(g5, h4, dense4_weight, dense4_bias, g4, g_dense4_weight, g_dense4_bias)
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
@@ -435,9 +435,9 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
     h4 = _flatten_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
-    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y, 1)
     seed = np.ones(1, h5.dtype)
-    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0)
+    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
     g3 = _flatten_bwd_alloc(g4, h3)
     g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)

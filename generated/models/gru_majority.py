@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/layers/dense.py 104d2689f6a23857
 #   generated/layers/gru_cell.py 74e5d980b14f31ba
-#   generated/losses/softmax_cross_entropy.py 04b9180119dd80d2
+#   generated/losses/softmax_cross_entropy.py b379c1d6391a048c
 #   generated/optimizers/adam.py cb7e4d316801043c
 #   generated/_runtime.py 1a7be6c3f9cc04a2
 """The gru_majority model.
@@ -398,8 +398,8 @@ def _train_step(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_
         kept0_nn.append(kept0_nn_step)
     h1 = hs1[xs1.shape[0]]
     _dense_fwd_into(h1, dense1_weight, dense1_bias, h2)
-    _softmax_cross_entropy_fwd_saving_into(h2, y, loss, kept_loss_max0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, g2)
+    _softmax_cross_entropy_fwd_saving_into(h2, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, 1, g2)
     _dense_bwd_into(g2, h1, dense1_weight, dense1_bias, g1, g_dense1_weight, g_dense1_bias)
     _adam_step_core(dense1_weight, g_dense1_weight, dense1_weight_m, dense1_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense1_bias, g_dense1_bias, dense1_bias_m, dense1_bias_v, t, lr, beta1, beta2, eps)
@@ -428,9 +428,9 @@ def _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0
     h0 = x
     h1 = np.empty((h0.shape[0], 16), h0.dtype)  # its shape (the unrolled cell allocates per step)
     h2 = _dense_fwd_alloc(h1, dense1_weight, dense1_bias)
-    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h2, y, 1)
     seed = np.ones(1, h2.dtype)
-    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_max0, kept_loss_sumexp0)
+    g2 = _softmax_cross_entropy_bwd_saved_alloc(seed, h2, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g1, g_dense1_weight, g_dense1_bias = _dense_bwd_alloc(g2, h1, dense1_weight, dense1_bias)
     return (
         h2,

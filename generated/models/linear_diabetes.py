@@ -6,7 +6,7 @@
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/layers/dense.py 104d2689f6a23857
-#   generated/losses/mse.py 6fb15a81a32b6aac
+#   generated/losses/mse.py 989d45e4cdb335e6
 #   generated/optimizers/adam.py cb7e4d316801043c
 #   generated/_runtime.py 1a7be6c3f9cc04a2
 """The linear_diabetes model.
@@ -294,8 +294,8 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense0_weight_m, dense0_weight
     h1, loss, seed, g1, g_dense0_weight, g_dense0_bias = buffers
     h0 = x
     _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
-    _mse_fwd_into(h1, y, loss)
-    _mse_bwd_into(seed, h1, y, g1)
+    _mse_fwd_into(h1, y, 1, loss)
+    _mse_bwd_into(seed, h1, y, 1, g1)
     _dense_bwd_params_into(g1, h0, dense0_weight, dense0_bias, g_dense0_weight, g_dense0_bias)
     _adam_step_core(dense0_weight, g_dense0_weight, dense0_weight_m, dense0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense0_bias, g_dense0_bias, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps)
@@ -307,9 +307,9 @@ def _step_arrays(x, y, dense0_weight, dense0_bias):
     uninitialised, for a batch of the shape of ``x`` (plain Python: once per batch shape)."""
     h0 = x
     h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
-    loss = _mse_fwd_alloc(h1, y)
+    loss = _mse_fwd_alloc(h1, y, 1)
     seed = np.ones(1, h1.dtype)
-    g1 = _mse_bwd_alloc(seed, h1, y)
+    g1 = _mse_bwd_alloc(seed, h1, y, 1)
     g_dense0_weight, g_dense0_bias = _dense_bwd_params_alloc(g1, h0, dense0_weight, dense0_bias)
     return (
         h1,

@@ -149,8 +149,8 @@ def loss(params, x, y):
     """The loss of the model on the batch (x, y), as a number (read back from the device)."""
     h1 = forward(params, x)
     y = _batch("y", y, h1.dtype)
-    loss = _bce_with_logits_fwd_alloc(h1, y)
-    _bce_with_logits_fwd_into(h1, y, loss)
+    loss = _bce_with_logits_fwd_alloc(h1, y, 1)
+    _bce_with_logits_fwd_into(h1, y, 1, loss)
     return loss.copy_to_host()[0]
 
 
@@ -168,8 +168,8 @@ def loss_and_grads(params, x, y):
     h1, loss, seed, g1, _unused0_x, g_dense0_weight, g_dense0_bias = _step_arrays(x, y, dense0_weight, dense0_bias)
     h0 = x
     _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
-    _bce_with_logits_fwd_into(h1, y, loss)
-    _bce_with_logits_bwd_into(seed, h1, y, g1)
+    _bce_with_logits_fwd_into(h1, y, 1, loss)
+    _bce_with_logits_bwd_into(seed, h1, y, 1, g1)
     _dense_bwd_into(g1, h0, dense0_weight, dense0_bias, _unused0_x, g_dense0_weight, g_dense0_bias)
     grads = {
         "dense0.weight": g_dense0_weight,
@@ -271,8 +271,8 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense0_weight_m, dense0_weight
     h1, loss, seed, g1, _unused0_x, g_dense0_weight, g_dense0_bias = buffers
     h0 = x
     _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
-    _bce_with_logits_fwd_into(h1, y, loss)
-    _bce_with_logits_bwd_into(seed, h1, y, g1)
+    _bce_with_logits_fwd_into(h1, y, 1, loss)
+    _bce_with_logits_bwd_into(seed, h1, y, 1, g1)
     _dense_bwd_into(g1, h0, dense0_weight, dense0_bias, _unused0_x, g_dense0_weight, g_dense0_bias)
     _adam_step_core(dense0_weight, g_dense0_weight, dense0_weight_m, dense0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense0_bias, g_dense0_bias, dense0_bias_m, dense0_bias_v, t, lr, beta1, beta2, eps)
@@ -284,9 +284,9 @@ def _step_arrays(x, y, dense0_weight, dense0_bias):
     uninitialised but for the loss's seed (one), for a batch of the shape of ``x``."""
     h0 = x
     h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
-    loss = _bce_with_logits_fwd_alloc(h1, y)
+    loss = _bce_with_logits_fwd_alloc(h1, y, 1)
     seed = cuda.to_device(np.ones(1, h1.dtype))
-    g1 = _bce_with_logits_bwd_alloc(seed, h1, y)
+    g1 = _bce_with_logits_bwd_alloc(seed, h1, y, 1)
     _unused0_x, g_dense0_weight, g_dense0_bias = _dense_bwd_alloc(g1, h0, dense0_weight, dense0_bias)
     return (
         h1,

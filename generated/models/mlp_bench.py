@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations/relu.py e513f10956d051b3
 #   generated/layers/dense.py 104d2689f6a23857
-#   generated/losses/softmax_cross_entropy.py 04b9180119dd80d2
+#   generated/losses/softmax_cross_entropy.py b379c1d6391a048c
 #   generated/optimizers/adam.py cb7e4d316801043c
 #   generated/_runtime.py 1a7be6c3f9cc04a2
 """The mlp_bench model.
@@ -451,8 +451,8 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, de
     _dense_fwd_into(h2, dense2_weight, dense2_bias, h3)
     _relu_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
-    _softmax_cross_entropy_fwd_saving_into(h5, y, loss, kept_loss_max0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, g5)
+    _softmax_cross_entropy_fwd_saving_into(h5, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1, g5)
     _dense_bwd_into(g5, h4, dense4_weight, dense4_bias, g4, g_dense4_weight, g_dense4_bias)
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
@@ -476,9 +476,9 @@ def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, d
     h3 = _dense_fwd_alloc(h2, dense2_weight, dense2_bias)
     h4 = _relu_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
-    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y, 1)
     seed = np.ones(1, h5.dtype)
-    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0)
+    g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
     g3 = _relu_bwd_alloc(g4, h3)
     g2, g_dense2_weight, g_dense2_bias = _dense_bwd_alloc(g3, h2, dense2_weight, dense2_bias)

@@ -7,7 +7,7 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations/relu.py e513f10956d051b3
 #   generated/layers/dense.py 104d2689f6a23857
-#   generated/losses/softmax_cross_entropy.py 04b9180119dd80d2
+#   generated/losses/softmax_cross_entropy.py b379c1d6391a048c
 #   generated/optimizers/adam.py cb7e4d316801043c
 #   generated/_runtime.py 1a7be6c3f9cc04a2
 """The mlp_digits model.
@@ -374,8 +374,8 @@ def _train_step(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias, de
     _dense_fwd_into(h0, dense0_weight, dense0_bias, h1)
     _relu_fwd_into(h1, h2)
     _dense_fwd_into(h2, dense2_weight, dense2_bias, h3)
-    _softmax_cross_entropy_fwd_saving_into(h3, y, loss, kept_loss_max0, kept_loss_sumexp0)
-    _softmax_cross_entropy_bwd_saved_into(seed, h3, y, kept_loss_max0, kept_loss_sumexp0, g3)
+    _softmax_cross_entropy_fwd_saving_into(h3, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
+    _softmax_cross_entropy_bwd_saved_into(seed, h3, y, kept_loss_max0, kept_loss_sumexp0, 1, g3)
     _dense_bwd_into(g3, h2, dense2_weight, dense2_bias, g2, g_dense2_weight, g_dense2_bias)
     _adam_step_core(dense2_weight, g_dense2_weight, dense2_weight_m, dense2_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense2_bias, g_dense2_bias, dense2_bias_m, dense2_bias_v, t, lr, beta1, beta2, eps)
@@ -393,9 +393,9 @@ def _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias):
     h1 = _dense_fwd_alloc(h0, dense0_weight, dense0_bias)
     h2 = _relu_fwd_alloc(h1)
     h3 = _dense_fwd_alloc(h2, dense2_weight, dense2_bias)
-    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h3, y)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h3, y, 1)
     seed = np.ones(1, h3.dtype)
-    g3 = _softmax_cross_entropy_bwd_saved_alloc(seed, h3, y, kept_loss_max0, kept_loss_sumexp0)
+    g3 = _softmax_cross_entropy_bwd_saved_alloc(seed, h3, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g2, g_dense2_weight, g_dense2_bias = _dense_bwd_alloc(g3, h2, dense2_weight, dense2_bias)
     g1 = _relu_bwd_alloc(g2, h1)
     g_dense0_weight, g_dense0_bias = _dense_bwd_params_alloc(g1, h0, dense0_weight, dense0_bias)
