@@ -43,7 +43,7 @@ PY
 } 2>&1 | tee "$out/versions.txt"
 
 if wants tests; then
-  SYMGRAD_REAL_GPU=1 timeout 330 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model_cuda.py 2>&1 | tee "$out/test_cuda.log"
+  SYMGRAD_REAL_GPU=1 timeout 330 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model_cuda.py "tests/test_interop_torch.py::test_cuda_tensors" 2>&1 | tee "$out/test_cuda.log"
   rc=${PIPESTATUS[0]}; summary+=("tests exit $rc"); [ "$rc" = 0 ] || status=1
 fi
 if wants bench; then
