@@ -108,12 +108,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_FIELDS = ("name", "kind", "input", "layers", "loss", "optimizer")
 OPTIONAL_FIELDS = ("doc",)
 LAYER_KINDS = ("activation", "layer")
-LAYER_FIELDS = ("op", "out", "unroll")  # besides the op's dimensions and attributes
+LAYER_FIELDS = ("op", "out", "unroll", "name", "inputs")  # besides the op's dimensions and attributes
+# the model's input, as an entry's ``inputs`` names it
+MODEL_INPUT = "x"
 
 # How a parameter starts, by the role it plays in its op's forward equations.
 INIT_RULES = ("fan_in", "zeros", "ones", "normal")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # no leading "_": not "__init__" of the package
+_LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a layer entry's name for its output
 
 
 class ModelSpecError(SpecError):
@@ -519,11 +522,14 @@ def _describe(i: int, entry: dict) -> str:
     return f"layers[{i}] {_entry_text(entry)}"
 
 
-def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple[int, ...], before: str):
-    """Bind layer ``i``'s dimensions to sizes. Returns (attr values, binder, output
-    shape, cell, batch dimension): the cell is (step input, state input) names when the
-    layer unrolls; elementwise layers have no dimensions (cell and batch are None)."""
+def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: list, graph: bool):
+    """Bind layer ``i``'s dimensions to sizes. ``sources``: (shape, description) of each
+    array the entry reads, in order (one, the previous entry's output, unless the entry
+    names its ``inputs``: ``graph``). Returns (attr values, binder, output shape, cell,
+    batch dimension): the cell is (step input, state input) names when the layer
+    unrolls; elementwise layers have no dimensions (cell and batch are None)."""
     where = _describe(i, entry)
+    shape, before = sources[0]
     b = _Binder(check, where, info, entry)
     attrs_given = {k: v for k, v in entry.items() if k in info.attrs}
     attr_values = {**dict(info.attr_defaults), **attrs_given}  # values checked by _Checker.attrs
@@ -535,11 +541,13 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple
         ints = ", ".join(n for n, _ in info.inputs if n in info.int_args)
         check.fail(where, f"input {ints} holds integer data; a model layer passes float arrays from layer to layer")
     got = _shape(shape)
+    if (info.elementwise or unroll) and len(sources) != 1:
+        check.fail(where, f"'inputs' names {len(sources)} arrays, but this op takes one{' (the step input of the cell)' if unroll else ''}")
     if info.elementwise:
         if unroll:
             check.fail(where, "'unroll' is for cells (two inputs, a step and a state); this op is elementwise")
         for key in entry:
-            if key not in ("op",) and key not in info.attrs:
+            if key not in ("op", "name", "inputs") and key not in info.attrs:
                 check.fail(where, f"unknown field {key!r}: this op is elementwise (it keeps the shape); it takes only attributes ({', '.join(info.attrs) or 'none'})")
         return attr_values, b, shape, None, None
 
@@ -570,28 +578,35 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple
             b.bind(d, size, f"from {before}")
         cell = (step_name, state_name)
     else:
-        if len(float_inputs) != 1:
+        if len(float_inputs) != len(sources):
             names = ", ".join(f"{n} {_dims_text(s)}" for n, s in float_inputs)
+            if graph:
+                check.fail(where, f"this op takes {len(float_inputs)} input(s) ({names}), but 'inputs' names {len(sources)}")
             hint = ""
             if len(float_inputs) == 2 and sum(s == info.output_shape for _, s in float_inputs) == 1:
                 hint = "; to run it as a recurrent cell over a sequence, add unroll = true"
+            if len(float_inputs) > 1:
+                hint += f"; name the arrays it reads with inputs = [{', '.join(chr(34) + '...' + chr(34) for _ in float_inputs)}]"
             check.fail(where, f"this op takes {len(float_inputs)} inputs ({names}); a model layer takes one, the output of the layer before{hint}")
-        in_name, in_dims = float_inputs[0]
-        if len(in_dims) != len(shape) + 1:
-            hint = ""
-            fix = _reshapers(check.infos, len(shape) + 1, len(in_dims))
-            if fix:
-                hint = "; reshape it first, e.g. with " + " or ".join(f'{{ op = "{n}" }}' for n in fix)
-            check.fail(
-                where,
-                f"shape mismatch: this op takes {in_name} {_dims_text(in_dims)}, {len(in_dims) - 1} dimension(s) "
-                f"per sample, but {before} gives {got} per sample{hint}",
-            )
-        batch = in_dims[0]
+        batch = float_inputs[0][1][0]
+        for (in_name, in_dims), (src_shape, src_before) in zip(float_inputs, sources):
+            if len(in_dims) != len(src_shape) + 1:
+                hint = ""
+                fix = _reshapers(check.infos, len(src_shape) + 1, len(in_dims))
+                if fix:
+                    hint = "; reshape it first, e.g. with " + " or ".join(f'{{ op = "{n}" }}' for n in fix)
+                check.fail(
+                    where,
+                    f"shape mismatch: this op takes {in_name} {_dims_text(in_dims)}, {len(in_dims) - 1} dimension(s) "
+                    f"per sample, but {src_before} gives {_shape(src_shape)} per sample{hint}",
+                )
+            if in_dims[0] != batch:
+                check.fail(where, f"the op's inputs do not share the batch dimension {batch} first ({in_name} {_dims_text(in_dims)})")
         if info.output_shape[:1] != (batch,):
             check.fail(where, f"the op's output {_dims_text(info.output_shape)} does not keep the batch dimension {batch} first")
-        for d, size in zip(in_dims[1:], shape):
-            b.bind(d, size, f"from {before}")
+        for (in_name, in_dims), (src_shape, src_before) in zip(float_inputs, sources):
+            for d, size in zip(in_dims[1:], src_shape):
+                b.bind(d, size, f"{in_name} from {src_before}" if len(sources) > 1 else f"from {src_before}")
         cell = None
 
     bound = set(b.dims)
@@ -606,13 +621,91 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, shape: tuple
     return attr_values, b, out_shape, cell, batch
 
 
+def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict) -> tuple[list[int], str]:
+    """The arrays entry ``i`` reads (value numbers: 0 the model's input, k + 1 entry k's
+    output) and the name it gives its own output ("" when none); registers that name in
+    ``names``. ``later``: the names of all entries, for the message about a forward
+    reference."""
+    where = _describe(i, entry)
+    label = entry.get("name", "")
+    if "name" in entry:
+        if not isinstance(label, str) or not _LABEL_RE.match(label):
+            check.fail(where, f"'name' must be an identifier naming the entry's output (e.g. \"h1\"), got {label!r}")
+        if label == MODEL_INPUT:
+            check.fail(where, f"name {label!r} is the model's input; give the entry's output another name")
+        if label in names:
+            check.fail(where, f"name {label!r} is already the name of layers[{names[label] - 1}]; each output has a name of its own")
+    if "inputs" not in entry:
+        sources = [i]
+    else:
+        given = entry["inputs"]
+        if not isinstance(given, list) or not given or not all(isinstance(s, str) for s in given):
+            check.fail(
+                where,
+                f"'inputs' must be a non-empty list of names (earlier entries' names, or \"{MODEL_INPUT}\", the model's "
+                f"input), got {given!r}",
+            )
+        sources = []
+        for s in given:
+            if s == MODEL_INPUT:
+                sources.append(0)
+            elif s in names:
+                sources.append(names[s])
+            elif s == label:
+                check.fail(where, f"input {s!r} is this entry's own output: an entry reads the model's input and earlier entries' outputs (no cycles)")
+            elif s in later:
+                check.fail(
+                    where,
+                    f"input {s!r} is the output of a later entry, layers[{later[s]}]: an entry reads the model's input "
+                    "and earlier entries' outputs (no cycles, no forward references)",
+                )
+            else:
+                known = ", ".join([MODEL_INPUT, *names]) 
+                check.fail(where, f"unknown input {s!r} (the names defined before this entry: {known})")
+    if label:
+        names[label] = i + 1
+    return sources, label
+
+
+def _graph(check: _Checker, raw: list):
+    """A first pass over the entries: what each reads, and whether each array depends on
+    a parameter (so needs a gradient). Entries that are not valid are reported by the
+    main pass, in order; this pass stops at the first (``complete`` is then False)."""
+    later = {}
+    for i, entry in enumerate(raw):
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            later.setdefault(entry["name"], i)
+    names: dict[str, int] = {}
+    sources, requires = [], [False]
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            return sources, requires, False
+        try:
+            src, _ = _entry_inputs(check, i, entry, names, later)
+        except ModelSpecError:
+            return sources, requires, False
+        info = check.infos.get(entry.get("op")) if isinstance(entry.get("op"), str) else None
+        sources.append(src)
+        requires.append(bool(info is not None and info.params) or any(requires[k] for k in src))
+    return sources, requires, True
+
+
 def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool = True) -> list[Layer]:
     raw = spec["layers"]
     if not isinstance(raw, list) or not raw:
         check.fail("layers", "must be a non-empty list of tables like { op = \"dense\", out = 10 }")
     layers = []
-    before = "the input"
-    first = _first_trained(check, raw)
+    # value k: 0 the model's input, k + 1 entry k's output; each with its shape and how messages name it
+    values = [(shape, "the input")]
+    all_sources, requires, complete = _graph(check, raw)
+    # who reads each value, in the order the backward runs (later entries first): the first
+    # writes the value's gradient, the others write parts that are added to it
+    readers: dict[int, list] = {}
+    for i in range(len(all_sources) - 1, -1, -1):
+        for pos, k in enumerate(all_sources[i]):
+            readers.setdefault(k, []).append((i, pos))
+    names: dict[str, int] = {}
+    later = {e["name"]: j for j, e in reversed(list(enumerate(raw))) if isinstance(e, dict) and isinstance(e.get("name"), str)}
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             check.fail(f"layers[{i}]", f"must be a table like {{ op = \"relu\" }}, got {entry!r}")
@@ -620,44 +713,62 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
             check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
         info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
         where = _describe(i, entry)
+        sources, label = _entry_inputs(check, i, entry, names, later)
+        graph = "inputs" in entry
         attrs = check.attrs(where, {k: v for k, v in entry.items() if k in info.attrs}, info.attrs, "attribute", dict(info.attr_defaults))
-        attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, shape, before)
+        attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, [values[k] for k in sources], graph)
+        if cell and sources != [i]:
+            check.fail(where, "an unrolled cell reads the previous entry's output (other 'inputs' are not supported yet)")
+        if cell and requires[i] and len(readers.get(i, ())) > 1:
+            check.fail(where, f"the cell's input, {values[i][1]}, is read by other entries too: not supported yet for an unrolled cell")
 
-        values = {**attr_values, **binder.dims}
+        values_at = {**attr_values, **binder.dims}
         inits = {p: (rule, fan) for p, rule, fan in info.inits}
         params = []
         for pname, pshape in info.params:
             sizes = binder.sizes(pshape, f"parameter {pname!r} {_dims_text(pshape)}", batch)
             key = f"{info.name}{i}.{pname}"
             rule, fan = inits.get(pname, ("fan_in", sympy.Mul(*(sympy.Symbol(d) for d in pshape[1:]))))
-            fan_value = _evaluate(fan, values)
+            fan_value = _evaluate(fan, values_at)
             if not fan_value.is_Integer or int(fan_value) < 1:
                 check.fail(where, f"parameter {pname!r}: its fan-in {fan} is {fan_value}, not a positive integer")
             params.append(Param(pname, key, key.replace(".", "_"), sizes, rule, int(fan_value)))
 
-        flowing = cell[0] if cell else (info.inputs[0][0] if info.inputs else info.args[0][0])
-        if i > first and flowing not in info.differentiable:
-            check.fail(where, f"input {flowing!r} is not differentiable, so no gradient reaches the layers before it")
+        float_inputs = [n for n, _ in info.inputs if n not in info.int_args] or [info.args[0][0]]
+        reading = [(cell[0], i)] if cell else list(zip(float_inputs, sources))
+        for arg, k in reading:
+            if requires[k] and arg not in info.differentiable:
+                reach = "the layers before it" if not graph else values[k][1]
+                check.fail(where, f"input {arg!r} is not differentiable, so no gradient reaches {reach}")
         if cell and cell[1] not in info.differentiable:
             check.fail(where, f"the state {cell[1]!r} is not differentiable, so the gradient cannot run back through time")
         for p in params:
             if p.arg not in info.differentiable:
                 check.fail(where, f"parameter {p.arg!r} is not differentiable, so it cannot be trained")
         by_arg = {p.arg: p for p in params}
-        grads, param_grads = [], []
+        reads = dict(reading)
+        position = {arg: pos for pos, (arg, _) in enumerate(reading)}
+        grads, param_grads, accumulate = [], [], []
         for arg in info.differentiable:
             if arg in by_arg:
                 p = by_arg[arg]
                 grads.append("g_" + p.local)
                 param_grads.append((p.key, p.local, "g_" + p.local))
-            elif arg == flowing:
-                grads.append(f"g{i}" if i > first else "_")
+            elif arg in reads and requires[reads[arg]]:
+                k = reads[arg]
+                if readers[k][0] == (i, position[arg]):
+                    grads.append(f"g{k}")
+                else:  # a part of the gradient of an array several entries read
+                    grads.append(f"g{k}_{i}_{arg}")
+                    accumulate.append((f"g{k}", f"g{k}_{i}_{arg}", len(values[k][0]) + 1))
             else:
                 grads.append("_")
         core_attrs = _core_attrs(info, {k: v for k, v in entry.items() if k in info.attrs})
+        needs_backward = requires[i + 1]
+        input_grads = any(requires[k] for _, k in reading)
         # below the first trained layer no gradient is used: that layer's params-only core
         # skips its input gradient, and the layers before it run no backward at all
-        if variants and i <= first and "params" in info.variants and cell is None:
+        if variants and needs_backward and not input_grads and "params" in info.variants and cell is None:
             bwd_entry, bwd_unpack = "bwd_params", tuple(g for _, _, g in param_grads)
         else:
             # unused gradients get names of their own: Numba types each variable once
@@ -666,7 +777,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
         # the forward keeps what rests on its reductions, so the backward does not redo them
         # (an unrolled cell keeps them per time step, in one list per value)
         fwd_entry, kept, given = "fwd", (), ()
-        saving = variants and bool(info.kept or info.saved_outputs) and i >= first
+        saving = variants and bool(info.kept or info.saved_outputs) and needs_backward
         if saving:
             fwd_entry, bwd_entry = "fwd_saving" if info.kept else "fwd", bwd_entry + "_saved"
             kept = tuple(f"kept{i}_{n}" for n in info.kept)
@@ -674,9 +785,11 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
         layer_cell = None
         if cell is not None:
             layer_cell = _cell_calls(
-                i, info, cell, params, core_attrs, len(shape), shape_out, i > first, kept if saving else None
+                i, info, cell, params, core_attrs, len(shape), shape_out, requires[i], kept if saving else None
             )
             given = ()  # a cell's backward takes them per step: Cell.jit_bwd_args
+        if complete and i < len(raw) - 1 and not readers.get(i + 1):
+            check.fail(where, "its output is read by no later entry; name it (name = \"...\") and read it with inputs = [...], or remove the entry")
         layers.append(
             Layer(
                 index=i,
@@ -685,7 +798,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 kind=info.kind,
                 attrs=attrs,
                 params=tuple(params),
-                shape_in=shape,
+                shape_in=values[sources[0]][0],
                 shape_out=shape_out,
                 grads=tuple(grads),
                 param_grads=tuple(param_grads),
@@ -696,23 +809,19 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 cell=layer_cell,
                 kept=kept,
                 given=given,
-                needs_backward=i >= first,
+                needs_backward=needs_backward,
+                inputs=tuple(f"h{k}" for k in sources),
+                accumulate=tuple(accumulate),
+                label=label,
+                sources_text=(
+                    " (" + ", ".join(entry["inputs"]) + ")" if graph else ""
+                ) + (f" as {label}" if label else ""),
+                shapes_in=tuple(values[k][0] for k in sources),
             )
         )
+        values.append((shape_out, f"{label!r} (layers[{i}], op {info.name!r})" if label else f"layers[{i}] (op {info.name!r})"))
         shape = shape_out
-        before = f"layers[{i}] (op {info.name!r})"
     return layers
-
-
-def _first_trained(check: _Checker, raw: list) -> int:
-    """The index of the first layer whose op has parameters (len(raw) when none has):
-    gradients flow back only to there. Entries that are not valid are reported by the
-    main pass, in order."""
-    for i, entry in enumerate(raw):
-        info = check.infos.get(entry.get("op")) if isinstance(entry, dict) else None
-        if info is not None and info.params:
-            return i
-    return len(raw)
 
 
 def _unused(i: int, arg: str) -> str:
@@ -841,13 +950,15 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
 
     task = loss.task or "regression"
 
+    if any(layer.accumulate for layer in layers) and "add" not in infos:
+        check.fail("layers", "an array read by several entries sums their gradients with the library op 'add', which is missing")
     params = [p for layer in layers for p in layer.params]
     if not params:
         check.fail("layers", "no layer has parameters, so there is nothing to train; add a layer with weights (dense, conv2d, ...)")
     summary = []
     for layer in layers:
-        shapes = f"{_shape(layer.shape_in)} -> {_shape(layer.shape_out)}"
-        op = layer.op + (" (unrolled)" if layer.cell else "")
+        shapes = f"{' + '.join(_shape(s) for s in layer.shapes_in)} -> {_shape(layer.shape_out)}"
+        op = layer.op + (" (unrolled)" if layer.cell else "") + layer.sources_text
         pshapes = ", ".join(f"{p.key} {_shape(p.shape)}" for p in layer.params)
         summary.append(f"{layer.index:<5}  {op:<22}  {shapes:<24}  {pshapes}".rstrip())
     return plan_step(

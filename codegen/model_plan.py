@@ -99,6 +99,25 @@ class Layer:
     given: tuple[str, ...] = ()  # what the backward core takes of it, after the parameters
 
     needs_backward: bool = True  # False below the first layer with parameters: no gradient is needed there
+    # a graph's entry: the arrays it reads (h0 the model's input, h<k+1> entry k's output),
+    # by default the previous entry's output
+    inputs: tuple[str, ...] = ()
+    # after its backward: (gradient, part, rank) for each array it reads that others read
+    # too; the part is added to the gradient (in a fixed order: the backward's)
+    accumulate: tuple[tuple[str, str, int], ...] = ()
+    label: str = ""  # the entry's name for its output, when it gives one
+    sources_text: str = ""  # how the summary shows the entry's inputs and name
+    shapes_in: tuple[tuple[int, ...], ...] = ()  # one sample's shape of each array it reads
+
+    @property
+    def in_args(self) -> str:
+        """The arrays it reads, as a call passes them: "h3" or "h2, h1"."""
+        return ", ".join(self.inputs or (f"h{self.index}",))
+
+    @property
+    def chain(self) -> bool:
+        """Whether it reads the previous entry's output only (what a chain model's entries do)."""
+        return self.inputs in ((), (f"h{self.index}",))
 
     @property
     def py_args(self) -> str:
@@ -199,6 +218,8 @@ class ModelPlan:
     unrolled: bool
     time: str
     variants: bool
+    graph: bool  # some entry reads other than the previous entry's output
+    accumulate_into: str  # the add op's entry point that sums a gradient's parts ("" when none are)
 
     def context(self) -> dict:
         """The plan as a template context (a shallow dict of its fields)."""
@@ -230,6 +251,11 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         f(loss.name, e) for e in loss_entries for f in (into_name, alloc_name)
     )
     cores.setdefault(opt.module, set()).add(opt_core)
+    # an array several entries read gets the sum of their gradients: the library's add, in place
+    accumulate_into = ""
+    if any(layer.accumulate for layer in layers):
+        accumulate_into = into_name("add", "fwd")
+        cores.setdefault(infos["add"].module, set()).add(accumulate_into)
     if loss.assume:  # checked on y before the fused step (the loss's backward wrapper is not called)
         cores[loss.module].add("_check_assumption")
     # the arrays the fused step writes, in the order it writes them
@@ -291,5 +317,7 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         "unrolled": any(layer.cell for layer in layers),
         "time": TIME,
         "variants": variants,
+        "graph": any(not layer.chain for layer in layers),
+        "accumulate_into": accumulate_into,
     }
     return ModelPlan(**context)

@@ -1,0 +1,276 @@
+"""Model specs as graphs (codegen/model.py, codegen/model_plan.py): an entry names its
+output (``name = "h1"``) and the arrays it reads (``inputs = ["h2", "h1"]``, earlier
+names or ``"x"``, the model's input). The residual block of DESIGN.md builds as written;
+its loss and every parameter gradient match the same network in PyTorch (float64) and
+central finite differences; an array read by several entries gets the sum of their
+gradients (the library's add, in the backward's order); the fused step is
+loss_and_grads followed by the optimizer; bad graphs fail naming the file and the entry.
+The CUDA twin of a residual model is checked against the CPU step in
+tests/test_model_cuda.py."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from codegen.model import ModelSpecError, check_model, render_model
+
+OPS = ("adam", "add", "conv2d", "dense", "flatten", "layer_norm", "relu", "softmax_cross_entropy", "tanh")
+
+# DESIGN.md's example, as written there
+RESIDUAL = """
+{ op = "dense", out = 16, name = "h1" }, { op = "tanh" },
+{ op = "dense", out = 16, name = "h2" }, { op = "add", inputs = ["h2", "h1"] },
+{ op = "layer_norm" }, { op = "dense", out = 10 },
+"""
+
+
+@pytest.fixture(scope="module")
+def programs():
+    import derive
+
+    return [derive.build(d) for d in derive.library_defs() if d.name in OPS]
+
+
+@pytest.fixture
+def spec(tmp_path):
+    """``spec(input, layers)`` -> the path of a model spec with those fields."""
+
+    def write(input, layers, name="g"):
+        text = f"""
+            name = "{name}"
+            kind = "model"
+            input = {input}
+            layers = [
+            {textwrap.indent(layers.strip(), " " * 12).strip()}
+            ]
+            loss = "softmax_cross_entropy"
+            optimizer = {{ op = "adam", lr = 0.01 }}
+        """
+        path = tmp_path / f"{name}.toml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+def _load(programs, path, out_dir):
+    import codegen
+
+    rel, text = render_model(path, programs)
+    target = out_dir / rel.split("/")[-1]
+    target.write_text(text)
+    return codegen.load_module(target)
+
+
+@pytest.fixture(scope="module")
+def residual(programs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graphs")
+    path = out / "residual.toml"
+    path.write_text(
+        'name = "residual"\nkind = "model"\ninput = 6\nlayers = [' + RESIDUAL + ']\n'
+        'loss = "softmax_cross_entropy"\noptimizer = { op = "adam", lr = 0.01 }\n'
+    )
+    return _load(programs, path, out)
+
+
+def torch_residual(p: dict, x, y):
+    """The residual network of DESIGN.md in torch.nn.functional."""
+    h1 = torch.tensor(x) @ p["dense0.weight"] + p["dense0.bias"]
+    h3 = torch.tanh(h1) @ p["dense2.weight"] + p["dense2.bias"]
+    h5 = F.layer_norm(h3 + h1, (16,), p["layer_norm4.weight"], p["layer_norm4.bias"], eps=1e-5)
+    return F.cross_entropy(h5 @ p["dense5.weight"] + p["dense5.bias"], torch.tensor(y))
+
+
+def _batch(rng, model, size=5):
+    return rng.normal(size=(size,) + model.INPUT_SHAPE), np.eye(model.OUTPUT)[rng.integers(0, model.OUTPUT, size)]
+
+
+def _params(model, seed):
+    """Parameters with no entry at its special value (layer_norm's scale 1, biases 0)."""
+    rng = np.random.default_rng(seed)
+    return {k: v + 0.3 * rng.normal(size=v.shape) for k, v in model.init(seed, np.float64).items()}
+
+
+def test_the_residual_example_reads_named_outputs(residual):
+    assert residual.PARAM_SHAPES == {
+        "dense0.weight": (6, 16), "dense0.bias": (16,), "dense2.weight": (16, 16), "dense2.bias": (16,),
+        "layer_norm4.weight": (16,), "layer_norm4.bias": (16,), "dense5.weight": (16, 10), "dense5.bias": (10,),
+    }  # fmt: skip
+    assert re.search(r"3 +add \(h2, h1\) +\(16,\) \+ \(16,\) -> \(16,\)", residual.__doc__)
+    source = open(residual.__file__).read()
+    step = source[source.index("def _train_step"):]
+    # h1 is read by tanh and add: add's backward writes its gradient, tanh's a part added to it
+    assert "_add_bwd_into(g4, h3, h1, g3, g1)\n" in step
+    assert "_tanh_bwd_into(g2, h1, g1_1_x)\n    _add_fwd_into(g1, g1_1_x, g1)\n" in step
+
+
+def test_residual_loss_and_grads_match_torch_and_finite_differences(residual, rng):
+    params = _params(residual, 0)
+    x, y = _batch(rng, residual)
+    loss, grads = residual.loss_and_grads(params, x, y)
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    expected = torch_residual(tparams, x, y)
+    expected.backward()
+    ref.assert_close(loss, expected.item(), np.float64, "loss")
+    np.testing.assert_allclose(residual.forward(params, x).argmax(1), residual.predict(params, x))
+    for k in residual.PARAM_SHAPES:
+        ref.assert_close(grads[k], tparams[k].grad.numpy(), np.float64, f"gradient of {k}")
+    # central differences on a few entries of every parameter
+    h = 1e-6
+    for k, v in params.items():
+        for flat in rng.choice(v.size, size=min(3, v.size), replace=False):
+            idx = np.unravel_index(flat, v.shape)
+            up, down = {**params, k: v.copy()}, {**params, k: v.copy()}
+            up[k][idx] += h
+            down[k][idx] -= h
+            numeric = (residual.loss(up, x, y) - residual.loss(down, x, y)) / (2 * h)
+            np.testing.assert_allclose(grads[k][idx], numeric, rtol=1e-6, atol=1e-8, err_msg=f"{k}{idx}")
+
+
+def test_residual_train_step_is_loss_and_grads_then_adam(residual, rng):
+    import generated
+
+    params = _params(residual, 1)
+    manual = {k: v.copy() for k, v in params.items()}
+    state = residual.init_state(params)
+    adam = generated.op(residual.OPTIMIZER)
+    slots = {k: adam.init_state(v) for k, v in manual.items()}
+    hyper = {**adam.hyper, **residual.HYPER}
+    for t in (1, 2, 3):
+        x, y = _batch(rng, residual, 4)
+        loss_manual, grads = residual.loss_and_grads(manual, x, y)
+        for k in manual:
+            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
+        ref.assert_close(residual.train_step(params, state, x, y), loss_manual, np.float64, f"loss at step {t}")
+        for k in params:
+            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+
+
+def test_second_order_is_refused_for_a_graph(residual, rng):
+    params = residual.init(0, np.float64)
+    x, y = _batch(rng, residual)
+    with pytest.raises(NotImplementedError, match="chains of layers only"):
+        residual.hvp(params, x, y, params)
+
+
+def test_two_branches_of_an_image_sum_their_gradients(programs, spec, tmp_path, rng):
+    """A convolution's (rank 4) output read by two branches, each from the model's
+    input too: its gradient is the sum of the branches' (the add over (B, rest) views)."""
+    layers = """
+    { op = "conv2d", out = 2, KH = 3, KW = 3, P = 1, name = "c" },
+    { op = "flatten" }, { op = "dense", out = 3, name = "a" },
+    { op = "relu", inputs = ["c"] }, { op = "flatten" }, { op = "dense", out = 3, name = "b" },
+    { op = "add", inputs = ["a", "b"] },
+    """
+    model = _load(programs, spec("[1, 3, 3]", layers), tmp_path)
+    params = _params(model, 2)
+    x, y = _batch(rng, model, 3)
+    loss, grads = model.loss_and_grads(params, x, y)
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    c = F.conv2d(torch.tensor(x), p["conv2d0.weight"], p["conv2d0.bias"], padding=1)
+    a = c.flatten(1) @ p["dense2.weight"] + p["dense2.bias"]
+    b = F.relu(c).flatten(1) @ p["dense5.weight"] + p["dense5.bias"]
+    expected = F.cross_entropy(a + b, torch.tensor(y))
+    expected.backward()
+    ref.assert_close(loss, expected.item(), np.float64, "loss")
+    for k in model.PARAM_SHAPES:
+        ref.assert_close(grads[k], p[k].grad.numpy(), np.float64, f"gradient of {k}")
+    # the fused step sums the same parts
+    before = {k: v.copy() for k, v in params.items()}
+    state = model.init_state(params)
+    ref.assert_close(model.train_step(params, state, x, y), loss, np.float64, "fused loss")
+    import generated
+
+    adam = generated.op("adam")
+    for k in before:
+        slots = adam.init_state(before[k])
+        adam.step(before[k], grads[k], *slots, t=1, **{**adam.hyper, **model.HYPER})
+        ref.assert_close(params[k], before[k], np.float64, f"{k} after the fused step")
+
+
+def test_chain_entries_may_name_their_input_explicitly(programs, spec):
+    """``inputs`` naming the previous output is the chain: the same plan as without it."""
+    chain = check_model(spec("4", '{ op = "dense", out = 3 }, { op = "relu" }, { op = "dense", out = 2 }', name="a"), programs)
+    named = check_model(
+        spec("4", '{ op = "dense", out = 3, inputs = ["x"], name = "h" }, { op = "relu", inputs = ["h"] }, { op = "dense", out = 2 }', name="b"),
+        programs,
+    )
+    for a, b in zip(chain["layers"], named["layers"]):
+        assert (a.in_args, a.grads, a.bwd_entry, a.accumulate) == (b.in_args, b.grads, b.bwd_entry, b.accumulate)
+    assert not named["graph"] and chain["buffers"] == named["buffers"]
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def fails(programs, path, *patterns):
+    with pytest.raises(ModelSpecError) as info:
+        check_model(path, programs)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    for p in patterns:
+        assert re.search(p, message), f"{p!r} not in: {message}"
+
+
+def test_an_unknown_input_name_lists_the_known_ones(programs, spec):
+    path = spec("4", '{ op = "dense", out = 3, name = "h1" }, { op = "relu", inputs = ["h9"] }, { op = "dense", out = 2 }')
+    fails(programs, path, r'layers\[1\] \{ op = "relu", inputs = \["h9"\] \}', r"unknown input 'h9'", r"before this entry: x, h1")
+
+
+def test_a_name_used_twice_is_refused(programs, spec):
+    path = spec("4", '{ op = "dense", out = 3, name = "h" }, { op = "dense", out = 3, name = "h" }, { op = "dense", out = 2 }')
+    fails(programs, path, r"layers\[1\]", r"name 'h' is already the name of layers\[0\]")
+
+
+def test_the_model_input_cannot_be_renamed(programs, spec):
+    fails(programs, spec("4", '{ op = "dense", out = 2, name = "x" }'), r"layers\[0\]", r"name 'x' is the model's input")
+
+
+def test_a_forward_reference_is_refused(programs, spec):
+    path = spec("4", '{ op = "dense", out = 3, inputs = ["h2"] }, { op = "relu", name = "h2" }, { op = "dense", out = 2 }')
+    fails(programs, path, r"layers\[0\]", r"input 'h2' is the output of a later entry, layers\[1\]", "no cycles")
+
+
+def test_an_entry_reading_its_own_output_is_a_cycle(programs, spec):
+    path = spec("4", '{ op = "dense", out = 3, name = "h", inputs = ["h"] }, { op = "dense", out = 2 }')
+    fails(programs, path, r"layers\[0\]", r"input 'h' is this entry's own output", "no cycles")
+
+
+def test_add_of_different_shapes_is_a_shape_mismatch(programs, spec):
+    path = spec(
+        "4", '{ op = "dense", out = 3, name = "h1" }, { op = "dense", out = 5, name = "h2" }, { op = "add", inputs = ["h2", "h1"] }'
+    )
+    fails(
+        programs, path, r'layers\[2\] \{ op = "add", inputs = \["h2", "h1"\] \}',
+        r"shape mismatch: dimension N is 5 \(x1 from 'h2' \(layers\[1\], op 'dense'\)\) but 3 \(x2 from 'h1' \(layers\[0\], op 'dense'\)\)",
+    )  # fmt: skip
+
+
+def test_add_of_different_ranks_is_a_shape_mismatch(programs, spec):
+    path = spec("[1, 3, 3]", '{ op = "flatten", name = "f" }, { op = "add", inputs = ["f", "x"] }, { op = "dense", out = 2 }')
+    fails(programs, path, r"layers\[1\]", r"this op takes x2 \(B, N\), 1 dimension\(s\) per sample, but the input gives \(1, 3, 3\)")
+
+
+def test_a_two_input_op_without_inputs_says_how_to_name_them(programs, spec):
+    fails(programs, spec("4", '{ op = "dense", out = 2 }, { op = "add" }'), r"layers\[1\]", r"takes 2 inputs", r"inputs = \[")
+
+
+def test_the_number_of_inputs_must_be_the_ops(programs, spec):
+    path = spec("4", '{ op = "dense", out = 2, name = "h" }, { op = "add", inputs = ["h"] }')
+    fails(programs, path, r"layers\[1\]", r"this op takes 2 input\(s\) \(x1 \(B, N\), x2 \(B, N\)\), but 'inputs' names 1")
+
+
+def test_inputs_must_be_a_list_of_names(programs, spec):
+    fails(programs, spec("4", '{ op = "dense", out = 2, inputs = "x" }'), r"layers\[0\]", r"'inputs' must be a non-empty list of names")
+
+
+def test_an_output_nobody_reads_is_refused(programs, spec):
+    path = spec("4", '{ op = "dense", out = 3, name = "lost" }, { op = "dense", out = 2, inputs = ["x"] }')
+    fails(programs, path, r"layers\[0\]", r"its output is read by no later entry")
