@@ -6,8 +6,8 @@ and every kernel a model step launches compiles to PTX for sm_90 (the models' fi
 scanned for atomics with the rest of generated/ in tests/test_deterministic_gradients.py).
 
 The models are tiny specs of the library's examples' shapes (an MLP, a CNN, a logistic
-regression): the simulator runs each CUDA thread as a Python thread, so a block costs
-about 0.1 s whatever its work.
+regression) and a residual block (a graph): the simulator runs each CUDA thread as a
+Python thread, so a block costs about 0.1 s whatever its work.
 """
 
 from __future__ import annotations
@@ -52,6 +52,19 @@ layers = [
 loss = "softmax_cross_entropy"
 optimizer = { op = "adam", lr = 0.05 }
 """,
+    # a graph: h1 is read by relu and add, so its gradient is the sum of two parts
+    "residual": """
+name = "tiny_residual"
+kind = "model"
+input = 3
+layers = [
+  { op = "dense", out = 4, name = "h1" }, { op = "relu" },
+  { op = "dense", out = 4, name = "h2" }, { op = "add", inputs = ["h2", "h1"] },
+  { op = "dense", out = 3 },
+]
+loss = "softmax_cross_entropy"
+optimizer = { op = "adam", lr = 0.05 }
+""",
     "logreg": """
 name = "tiny_logreg"
 kind = "model"
@@ -63,7 +76,7 @@ optimizer = { op = "momentum", lr = 0.1 }
 }
 
 
-OPS = ("dense", "relu", "conv2d", "max_pool2d", "flatten", "rnn_cell", "softmax_cross_entropy", "bce_with_logits", "adam", "momentum")
+OPS = ("add", "dense", "relu", "conv2d", "max_pool2d", "flatten", "rnn_cell", "softmax_cross_entropy", "bce_with_logits", "adam", "momentum")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +254,7 @@ def test_every_model_step_kernel_compiles_to_ptx_for_sm90(built, tmp_path, rng):
     if REAL_GPU:
         pytest.skip("on a real GPU the steps above compiled every kernel for the device itself")
     launches = []
-    for kind in ("cnn", "logreg"):  # the CNN's ops include the MLP's, launched with the same types
+    for kind in ("cnn", "logreg", "residual"):  # the CNN's ops include the MLP's, launched with the same types; the residual adds add
         _, gpu = built[kind]
         for dtype in (np.float32,):
             params = gpu.init(0, dtype)
