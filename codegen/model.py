@@ -34,6 +34,25 @@ layer's entry:
 The output's shape (without the batch) is the next layer's input; the last layer's
 must be what the loss takes. Elementwise ops (activations) keep the shape.
 
+**Graphs.** An entry may name its output (``name = "h1"``) and the arrays it reads
+(``inputs = ["h2", "h1"]``, in the order of the op's inputs: earlier entries' names, or
+``"x"``, the model's input); without ``inputs`` it reads the previous entry's output::
+
+    layers = [
+      { op = "dense", out = 16, name = "h1" }, { op = "tanh" },
+      { op = "dense", out = 16, name = "h2" }, { op = "add", inputs = ["h2", "h1"] },
+      { op = "layer_norm" }, { op = "dense", out = 10 },
+    ]
+
+Each input binds the op's dimensions as a chain's one input does, so two inputs that
+disagree on a dimension are a shape mismatch naming both. Names are checked in order
+(unknown, used twice, a later entry's: no cycles), and every output but the last must
+be read. Going back, an array several entries read gets the sum of their gradients:
+the first reader's backward (the last entry, in the backward's order) writes its
+gradient, each later one a part the library's ``add`` adds in place
+(:class:`codegen.model_plan.Layer` ``accumulate``). A chain's plan, and module, is
+the same as without graphs.
+
 **Recurrence.** A *cell* is an op with two inputs, a step input and a state, whose
 output has the state's shape (rnn_cell, gru_cell). ``unroll = true`` runs it over a
 sequence::
@@ -748,7 +767,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
         by_arg = {p.arg: p for p in params}
         reads = dict(reading)
         position = {arg: pos for pos, (arg, _) in enumerate(reading)}
-        grads, param_grads, accumulate = [], [], []
+        grads, param_grads, accumulate, hvp_reads = [], [], [], []
         for arg in info.differentiable:
             if arg in by_arg:
                 p = by_arg[arg]
@@ -756,6 +775,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 param_grads.append((p.key, p.local, "g_" + p.local))
             elif arg in reads and requires[reads[arg]]:
                 k = reads[arg]
+                hvp_reads.append((arg, k, readers[k][0] == (i, position[arg])))
                 if readers[k][0] == (i, position[arg]):
                     grads.append(f"g{k}")
                 else:  # a part of the gradient of an array several entries read
@@ -812,6 +832,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 needs_backward=needs_backward,
                 inputs=tuple(f"h{k}" for k in sources),
                 accumulate=tuple(accumulate),
+                hvp_reads=tuple(hvp_reads),
                 label=label,
                 sources_text=(
                     " (" + ", ".join(entry["inputs"]) + ")" if graph else ""

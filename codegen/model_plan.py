@@ -108,11 +108,19 @@ class Layer:
     label: str = ""  # the entry's name for its output, when it gives one
     sources_text: str = ""  # how the summary shows the entry's inputs and name
     shapes_in: tuple[tuple[int, ...], ...] = ()  # one sample's shape of each array it reads
+    # (argument, k, first) for each argument reading an array h<k> that needs a gradient:
+    # whether its gradient is the first part of h<k>'s (the backward's order)
+    hvp_reads: tuple[tuple[str, int, bool], ...] = ()
 
     @property
     def in_args(self) -> str:
         """The arrays it reads, as a call passes them: "h3" or "h2, h1"."""
         return ", ".join(self.inputs or (f"h{self.index}",))
+
+    @property
+    def tangent_args(self) -> str:
+        """The tangents of the arrays it reads (``hvp``): "t2, t1"."""
+        return ", ".join("t" + name[1:] for name in self.inputs or (f"h{self.index}",))
 
     @property
     def chain(self) -> bool:
