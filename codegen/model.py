@@ -17,6 +17,9 @@ A model spec composes library ops into a network, a loss and an optimizer::
 
 ``input`` is the shape of one sample: a number (``input = 64``, features) or a list
 (``input = [1, 8, 8]``, channels, height, width); the batch dimension is added in front.
+``inputs = { token = { shape = [], dtype = "int64" }, feats = 4 }`` instead names several
+inputs with their dtypes, which entries read by name (below); the module's batch ``x`` is
+then a dict of arrays (CPU only for now: :func:`unsupported`).
 
 **Shapes.** Each layer's op is read off its derived :class:`derive.ir.Program`, never
 off its name. The op's (one) input binds its dimension names to the shape coming in:
@@ -125,7 +128,7 @@ TEMPLATE = "model/model.py.jinja"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 REQUIRED_FIELDS = ("name", "kind", "input", "layers", "loss", "optimizer")
-OPTIONAL_FIELDS = ("doc",)
+OPTIONAL_FIELDS = ("doc", "inputs")
 LAYER_KINDS = ("activation", "layer")
 LAYER_FIELDS = ("op", "out", "unroll", "name", "inputs")  # besides the op's dimensions and attributes
 # the model's input, as an entry's ``inputs`` names it
@@ -421,6 +424,42 @@ def _input_shape(check: _Checker, value) -> tuple[int, ...]:
     check.fail("input", f"must be a positive integer (features) or a non-empty list of them (one sample's shape, e.g. [1, 8, 8]), got {value!r}")
 
 
+def _model_inputs(check: _Checker, spec: dict) -> list:
+    """(name, key, variable, shape, integer) of each model input: ``input = 64`` is one,
+    read as ``"x"``; ``inputs = { feats = 64, token = { shape = [], dtype = "int64" } }``
+    names several (float by default), in the spec's order."""
+    if "inputs" not in spec:
+        return [(MODEL_INPUT, 0, "h0", _input_shape(check, spec["input"]), False)]
+    if "input" in spec:
+        check.fail("inputs", "a model has either 'input' (one input, read as \"x\") or 'inputs' (several, by name), not both")
+    table = spec["inputs"]
+    if not isinstance(table, dict) or not table:
+        check.fail("inputs", f"must be a table of named inputs, e.g. {{ feats = 64, token = {{ shape = [], dtype = \"int64\" }} }}, got {table!r}")
+    out = []
+    for j, (in_name, value) in enumerate(table.items()):
+        where = f"inputs.{in_name}"
+        if not _LABEL_RE.match(in_name) or keyword.iskeyword(in_name):
+            check.fail(where, "an input's name must be an identifier")
+        dtype = "float"
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"shape", "dtype"})
+            if unknown or "shape" not in value:
+                check.fail(where, f"must be a shape, or a table {{ shape = [...], dtype = \"float\" or \"int64\" }}, got {value!r}")
+            dtype = value.get("dtype", "float")
+            if dtype not in ("float", "int64"):
+                check.fail(where, f"dtype must be \"float\" or \"int64\", got {dtype!r}")
+            value = value["shape"]
+        if dtype == "int64" and value == []:
+            shape = ()  # one integer per sample (a token id)
+        else:
+            shape = _input_shape(_Checker(check.path, check.infos), value) if _integer(value) or (
+                isinstance(value, list) and value and all(_integer(v) and v >= 1 for v in value)) else None
+            if shape is None:
+                check.fail(where, f"shape must be a positive integer or a non-empty list of them, got {value!r}")
+        out.append((in_name, -(j + 1), f"x_{in_name}", shape, dtype == "int64"))
+    return out
+
+
 def _evaluate(expr: sympy.Expr, values: dict) -> sympy.Expr:
     """``expr`` (a library op's SymPy expression) at the given sizes and attributes."""
     mapping = {s: values[s.name] for s in expr.free_symbols if s.name in values}
@@ -542,20 +581,30 @@ def _describe(i: int, entry: dict) -> str:
 
 
 def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: list, graph: bool):
-    """Bind layer ``i``'s dimensions to sizes. ``sources``: (shape, description) of each
+    """Bind layer ``i``'s dimensions to sizes. ``sources``: (shape, description, integer) of each
     array the entry reads, in order (one, the previous entry's output, unless the entry
     names its ``inputs``: ``graph``). Returns (attr values, binder, output shape, cell,
     batch dimension): the cell is (step input, state input) names when the layer
     unrolls; elementwise layers have no dimensions (cell and batch are None)."""
     where = _describe(i, entry)
-    shape, before = sources[0]
+    shape, before = sources[0][:2]
     b = _Binder(check, where, info, entry)
     attrs_given = {k: v for k, v in entry.items() if k in info.attrs}
     attr_values = {**dict(info.attr_defaults), **attrs_given}  # values checked by _Checker.attrs
     unroll = entry.get("unroll", False)
     if not isinstance(unroll, bool):
         check.fail(where, f"'unroll' must be true or false, got {unroll!r}")
-    float_inputs = [(n, s) for n, s in info.inputs if n not in info.int_args]
+    if graph and len(sources) == len(info.inputs) and not unroll:
+        # an entry naming its inputs may read the model's integer inputs with the op's integer arguments
+        for (n, _), (_, src_before, src_int) in zip(info.inputs, sources):
+            if (n in info.int_args) != src_int:
+                held = "integers" if src_int else "floats"
+                check.fail(where, f"input {n!r} takes {'integer' if n in info.int_args else 'float'} data, but {src_before} holds {held}")
+        float_inputs = list(info.inputs)
+    else:
+        float_inputs = [(n, s) for n, s in info.inputs if n not in info.int_args]
+        if any(src[2] for src in sources):
+            check.fail(where, f"{sources[0][1]} holds integers; an op reads them with an integer argument, named in inputs = [...]")
     if len(float_inputs) != len(info.inputs):
         ints = ", ".join(n for n, _ in info.inputs if n in info.int_args)
         check.fail(where, f"input {ints} holds integer data; a model layer passes float arrays from layer to layer")
@@ -608,7 +657,7 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
                 hint += f"; name the arrays it reads with inputs = [{', '.join(chr(34) + '...' + chr(34) for _ in float_inputs)}]"
             check.fail(where, f"this op takes {len(float_inputs)} inputs ({names}); a model layer takes one, the output of the layer before{hint}")
         batch = float_inputs[0][1][0]
-        for (in_name, in_dims), (src_shape, src_before) in zip(float_inputs, sources):
+        for (in_name, in_dims), (src_shape, src_before, _) in zip(float_inputs, sources):
             if len(in_dims) != len(src_shape) + 1:
                 hint = ""
                 fix = _reshapers(check.infos, len(src_shape) + 1, len(in_dims))
@@ -623,7 +672,7 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
                 check.fail(where, f"the op's inputs do not share the batch dimension {batch} first ({in_name} {_dims_text(in_dims)})")
         if info.output_shape[:1] != (batch,):
             check.fail(where, f"the op's output {_dims_text(info.output_shape)} does not keep the batch dimension {batch} first")
-        for (in_name, in_dims), (src_shape, src_before) in zip(float_inputs, sources):
+        for (in_name, in_dims), (src_shape, src_before, _) in zip(float_inputs, sources):
             for d, size in zip(in_dims[1:], src_shape):
                 b.bind(d, size, f"{in_name} from {src_before}" if len(sources) > 1 else f"from {src_before}")
         cell = None
@@ -650,11 +699,13 @@ def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict
     if "name" in entry:
         if not isinstance(label, str) or not _LABEL_RE.match(label):
             check.fail(where, f"'name' must be an identifier naming the entry's output (e.g. \"h1\"), got {label!r}")
-        if label == MODEL_INPUT:
+        if names.get(label, 1) <= 0:
             check.fail(where, f"name {label!r} is the model's input; give the entry's output another name")
         if label in names:
             check.fail(where, f"name {label!r} is already the name of layers[{names[label] - 1}]; each output has a name of its own")
     if "inputs" not in entry:
+        if i == 0 and 0 not in names.values():
+            check.fail(where, f"the model has several inputs ({', '.join(n for n, k in names.items() if k < 0)}); name the ones this entry reads with inputs = [...]")
         sources = [i]
     else:
         given = entry["inputs"]
@@ -666,9 +717,7 @@ def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict
             )
         sources = []
         for s in given:
-            if s == MODEL_INPUT:
-                sources.append(0)
-            elif s in names:
+            if s in names:
                 sources.append(names[s])
             elif s == label:
                 check.fail(where, f"input {s!r} is this entry's own output: an entry reads the model's input and earlier entries' outputs (no cycles)")
@@ -679,14 +728,14 @@ def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict
                     "and earlier entries' outputs (no cycles, no forward references)",
                 )
             else:
-                known = ", ".join([MODEL_INPUT, *names]) 
+                known = ", ".join(names)
                 check.fail(where, f"unknown input {s!r} (the names defined before this entry: {known})")
     if label:
         names[label] = i + 1
     return sources, label
 
 
-def _graph(check: _Checker, raw: list):
+def _graph(check: _Checker, raw: list, inputs: dict):
     """A first pass over the entries: what each reads, and whether each array depends on
     a parameter (so needs a gradient). Entries that are not valid are reported by the
     main pass, in order; this pass stops at the first (``complete`` is then False)."""
@@ -694,8 +743,8 @@ def _graph(check: _Checker, raw: list):
     for i, entry in enumerate(raw):
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
             later.setdefault(entry["name"], i)
-    names: dict[str, int] = {}
-    sources, requires = [], [False]
+    names = dict(inputs)
+    sources, requires = [], {k: False for k in inputs.values()}
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             return sources, requires, False
@@ -705,25 +754,34 @@ def _graph(check: _Checker, raw: list):
             return sources, requires, False
         info = check.infos.get(entry.get("op")) if isinstance(entry.get("op"), str) else None
         sources.append(src)
-        requires.append(bool(info is not None and info.params) or any(requires[k] for k in src))
+        requires[i + 1] = bool(info is not None and info.params) or any(requires[k] for k in src)
     return sources, requires, True
 
 
-def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool = True) -> list[Layer]:
+def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = True) -> list[Layer]:
+    """The checked layers. ``model_inputs``: (name, key, variable, shape, integer) of each
+    model input; a model with one input has the key 0 (``h0``, read as ``"x"``), one with
+    several the keys -1, -2, ... (``x_<name>``); entry i's output has the key i + 1."""
     raw = spec["layers"]
     if not isinstance(raw, list) or not raw:
         check.fail("layers", "must be a non-empty list of tables like { op = \"dense\", out = 10 }")
     layers = []
     # value k: 0 the model's input, k + 1 entry k's output; each with its shape and how messages name it
-    values = [(shape, "the input")]
-    all_sources, requires, complete = _graph(check, raw)
+    values = {}
+    var = {}
+    for in_name, k, v, in_shape, is_int in model_inputs:
+        values[k] = (in_shape, "the input" if k == 0 else f"input {in_name!r}", is_int)
+        var[k] = v
+    shape = model_inputs[0][3]
+    input_names = {in_name: k for in_name, k, *_ in model_inputs}
+    all_sources, requires, complete = _graph(check, raw, input_names)
     # who reads each value, in the order the backward runs (later entries first): the first
     # writes the value's gradient, the others write parts that are added to it
     readers: dict[int, list] = {}
     for i in range(len(all_sources) - 1, -1, -1):
         for pos, k in enumerate(all_sources[i]):
             readers.setdefault(k, []).append((i, pos))
-    names: dict[str, int] = {}
+    names = dict(input_names)
     later = {e["name"]: j for j, e in reversed(list(enumerate(raw))) if isinstance(e, dict) and isinstance(e.get("name"), str)}
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
@@ -753,7 +811,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 check.fail(where, f"parameter {pname!r}: its fan-in {fan} is {fan_value}, not a positive integer")
             params.append(Param(pname, key, key.replace(".", "_"), sizes, rule, int(fan_value)))
 
-        float_inputs = [n for n, _ in info.inputs if n not in info.int_args] or [info.args[0][0]]
+        float_inputs = [n for n, _ in info.inputs if graph or n not in info.int_args] or [info.args[0][0]]
         reading = [(cell[0], i)] if cell else list(zip(float_inputs, sources))
         for arg, k in reading:
             if requires[k] and arg not in info.differentiable:
@@ -830,7 +888,7 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 kept=kept,
                 given=given,
                 needs_backward=needs_backward,
-                inputs=tuple(f"h{k}" for k in sources),
+                inputs=tuple(var[k] for k in sources),
                 accumulate=tuple(accumulate),
                 hvp_reads=tuple(hvp_reads),
                 label=label,
@@ -840,7 +898,8 @@ def _layers(check: _Checker, spec: dict, shape: tuple[int, ...], variants: bool 
                 shapes_in=tuple(values[k][0] for k in sources),
             )
         )
-        values.append((shape_out, f"{label!r} (layers[{i}], op {info.name!r})" if label else f"layers[{i}] (op {info.name!r})"))
+        values[i + 1] = (shape_out, f"{label!r} (layers[{i}], op {info.name!r})" if label else f"layers[{i}] (op {info.name!r})", False)
+        var[i + 1] = f"h{i + 1}"
         shape = shape_out
     return layers
 
@@ -925,7 +984,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
     has the fused-step variant cores, :mod:`codegen.model_plan`)."""
     check = _Checker(path, infos)
     for field in REQUIRED_FIELDS:
-        if field not in spec:
+        if field not in spec and not (field == "input" and "inputs" in spec):
             check.fail("", f"missing field {field!r} (a model spec has {', '.join(REQUIRED_FIELDS)})")
     for field in spec:
         if field not in REQUIRED_FIELDS + OPTIONAL_FIELDS:
@@ -938,8 +997,9 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
     doc = spec.get("doc", "")
     if not isinstance(doc, str):
         check.fail("doc", f"must be a string, got {doc!r}")
-    input_shape = _input_shape(check, spec["input"])
-    layers = _layers(check, spec, input_shape, variants)
+    model_inputs = _model_inputs(check, spec)
+    input_shape = model_inputs[0][3]
+    layers = _layers(check, spec, model_inputs, variants)
     output_shape = layers[-1].shape_out
 
     loss_name = spec["loss"]
@@ -984,7 +1044,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
         summary.append(f"{layer.index:<5}  {op:<22}  {shapes:<24}  {pshapes}".rstrip())
     return plan_step(
         infos, layers, loss, loss_given_attrs, _core_attrs(loss, loss_given_attrs), loss_attrs, opt, hyper, params, summary,
-        name, doc, input_shape, output_shape, task, variants,
+        name, doc, input_shape, output_shape, task, variants, model_inputs,
     )
 
 
@@ -1019,6 +1079,8 @@ def plan_model(spec_path, programs: Iterable | Mapping | None = None, target: st
 def unsupported(plan: ModelPlan, target) -> str | None:
     """Why ``target`` cannot run the plan's step (None when it can): a cell unrolled over
     time needs a target whose model template has the time loop (``Target.model_cells``)."""
+    if plan.several_inputs and not target.model_inputs:
+        return f"inputs: a model with several inputs has no {target.name} training step yet; train this model on the CPU"
     if not target.model_cells:
         for layer in plan.layers:
             if layer.cell:

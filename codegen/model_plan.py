@@ -227,6 +227,8 @@ class ModelPlan:
     time: str
     variants: bool
     graph: bool  # some entry reads other than the previous entry's output
+    several_inputs: bool
+    model_inputs: list
     accumulate_into: str  # the add op's entry point that sums a gradient's parts ("" when none are)
 
     def context(self) -> dict:
@@ -235,7 +237,7 @@ class ModelPlan:
 
 
 def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs, opt, hyper, params, summary, name, doc,
-              input_shape, output_shape, task, variants: bool) -> ModelPlan:
+              input_shape, output_shape, task, variants: bool, model_inputs=None) -> ModelPlan:
     """The step of a checked model: the cores it calls, the loss's entries, the arrays
     it writes. ``variants``: whether the target's op modules have the fused-step
     variants (forward-saving and saved-backward cores)."""
@@ -278,11 +280,14 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
     target_like_output = target_dims == loss.args[0][2]
     slot_locals = [(f"{p.key}.{s}", f"{p.local}_{s}") for p in params for s in opt.state]
     # one list, so that an optimizer without state or counter (sgd) leaves no empty slot
-    step_signature = ["x", "y", *(p.local for p in params), *(local for _, local in slot_locals)]
+    model_inputs = model_inputs or [("x", 0, "h0", tuple(input_shape), False)]
+    several = model_inputs[0][1] != 0
+    xs = [v for _, _, v, _, _ in model_inputs] if several else ["x"]
+    step_signature = [*xs, "y", *(p.local for p in params), *(local for _, local in slot_locals)]
     step_signature += [opt.counter] if opt.counter else []
     step_signature += [a for a, _ in opt.attr_defaults]
     step_signature += ["buffers"]
-    step_inputs = ["x", "y", *(p.local for p in params)]
+    step_inputs = [*xs, "y", *(p.local for p in params)]
     context = {
         "imports": [(m, sorted(cores[m])) for m in sorted(cores)],
         "modules": sorted(cores),
@@ -327,5 +332,8 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         "variants": variants,
         "graph": any(not layer.chain for layer in layers),
         "accumulate_into": accumulate_into,
+        # several named inputs: (name, variable, one sample's shape, integer) of each
+        "several_inputs": several,
+        "model_inputs": [(n, v, repr(tuple(shape)), is_int) for n, _, v, shape, is_int in model_inputs],
     }
     return ModelPlan(**context)

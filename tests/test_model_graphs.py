@@ -282,3 +282,81 @@ def test_inputs_must_be_a_list_of_names(programs, spec):
 def test_an_output_nobody_reads_is_refused(programs, spec):
     path = spec("4", '{ op = "dense", out = 3, name = "lost" }, { op = "dense", out = 2, inputs = ["x"] }')
     fails(programs, path, r"layers\[0\]", r"its output is read by no later entry")
+
+
+# ------------------------------------------------------------- several inputs
+
+MULTI = """
+name = "two_inputs"
+kind = "model"
+inputs = { token = { shape = [], dtype = "int64" }, feats = 4 }
+layers = [
+  { op = "embedding", V = 7, D = 5, inputs = ["token"], name = "e" },
+  { op = "dense", out = 5, inputs = ["feats"], name = "f" },
+  { op = "add", inputs = ["e", "f"] }, { op = "tanh" },
+  { op = "dense", out = 3 },
+]
+loss = "softmax_cross_entropy"
+optimizer = { op = "adam", lr = 0.01 }
+"""
+
+
+@pytest.fixture(scope="module")
+def multi_programs(programs):
+    import derive
+
+    return [*programs, *(derive.build(d) for d in derive.library_defs() if d.name == "embedding")]
+
+
+def test_named_inputs_of_their_dtypes_train_as_in_torch(multi_programs, tmp_path, rng):
+    """Integer token ids and float features, each read by name: loss and gradients as
+    PyTorch's, and the fused step is loss_and_grads then adam. The CUDA twin is not
+    built yet for several inputs, and says so."""
+    import generated
+
+    path = tmp_path / "two_inputs.toml"
+    path.write_text(MULTI)
+    model = _load(multi_programs, path, tmp_path)
+    assert model.INPUTS == {"token": ((), "int64"), "feats": ((4,), "float")}
+    params = _params(model, 4)
+    x = {"token": rng.integers(0, 7, size=6), "feats": rng.normal(size=(6, 4))}
+    y = np.eye(3)[rng.integers(0, 3, size=6)]
+    loss, grads = model.loss_and_grads(params, x, y)
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    h = p["embedding0.table"][torch.tensor(x["token"])] + torch.tensor(x["feats"]) @ p["dense1.weight"] + p["dense1.bias"]
+    expected = F.cross_entropy(torch.tanh(h) @ p["dense4.weight"] + p["dense4.bias"], torch.tensor(y))
+    expected.backward()
+    ref.assert_close(loss, expected.item(), np.float64, "loss")
+    for k in model.PARAM_SHAPES:
+        ref.assert_close(grads[k], p[k].grad.numpy(), np.float64, f"gradient of {k}")
+    adam = generated.op("adam")
+    manual = {k: v.copy() for k, v in params.items()}
+    state = model.init_state(params)
+    ref.assert_close(model.train_step(params, state, x, y), loss, np.float64, "fused loss")
+    for k in manual:
+        adam.step(manual[k], grads[k], *adam.init_state(manual[k]), t=1, **{**adam.hyper, **model.HYPER})
+        ref.assert_close(params[k], manual[k], np.float64, f"{k} after the fused step")
+    with pytest.raises(ValueError, match=r"x\['feats'\] must have shape \(B,\) \+ \(4,\)"):
+        model.train_step(params, state, {"token": x["token"], "feats": x["feats"][:, :3]}, y)
+    with pytest.raises(ModelSpecError, match="several inputs has no cuda training step yet"):
+        render_model(path, multi_programs, target="cuda")
+
+
+def test_several_inputs_errors(multi_programs, tmp_path):
+    def spec(text):
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        return path
+
+    both = spec(MULTI.replace('inputs = { token', 'input = 4\ninputs = { token'))
+    fails(multi_programs, both, r"inputs: a model has either 'input' .* or 'inputs'")
+    unnamed = spec(MULTI.replace('{ op = "embedding", V = 7, D = 5, inputs = ["token"], name = "e" }', '{ op = "embedding", V = 7, D = 5, name = "e" }'))
+    fails(multi_programs, unnamed, r"layers\[0\]", r"the model has several inputs \(token, feats\); name the ones this entry reads")
+    float_op = spec(MULTI.replace('inputs = ["feats"], name = "f"', 'inputs = ["token"], name = "f"'))
+    fails(multi_programs, float_op, r"layers\[1\]", r"input 'x' takes float data, but input 'token' holds integers")
+    int_arg = spec(MULTI.replace('V = 7, D = 5, inputs = ["token"]', 'V = 7, D = 5, inputs = ["feats"]'))
+    fails(multi_programs, int_arg, r"layers\[0\]", r"input 'idx' takes integer data, but input 'feats' holds floats")
+    dtype = spec(MULTI.replace('"int64"', '"int32"'))
+    fails(multi_programs, dtype, r"inputs\.token: dtype must be \"float\" or \"int64\"")
+    renamed = spec(MULTI.replace('name = "f"', 'name = "token"'))
+    fails(multi_programs, renamed, r"layers\[1\]", r"name 'token' is the model's input")

@@ -39,6 +39,9 @@ class Target:
     #: whether its model template runs a cell unrolled over time (``unroll = true``);
     #: a model with one gets no module for a target without
     model_cells: bool = False
+    #: whether its model template takes several named inputs (``inputs = {...}``, a batch
+    #: a dict of arrays); a model with several gets no module for a target without
+    model_inputs: bool = False
     #: the op kinds it emits no module text for (schedules run on the host)
     skips_kinds: frozenset = frozenset()
 

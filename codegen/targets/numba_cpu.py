@@ -29,6 +29,7 @@ class NumbaCPU(Target):
     contractions = True
     variants = True
     model_cells = True
+    model_inputs = True
     primary = True
 
     def scatter_store(self, pr, item) -> str:
