@@ -121,7 +121,7 @@ import tomllib
 from derive.errors import SpecError
 
 from .emit import assumption_checks, backward_variants, op_module, saved_for_backward
-from .model_plan import TIME, Cell, Layer, ModelPlan, Param, _integer, _tuple_literal, plan_step
+from .model_plan import TIME, Cell, Layer, ModelPlan, Param, is_integer, tuple_literal, plan_step
 from .template_util import COMMAND, render
 
 TEMPLATE = "model/model.py.jinja"
@@ -364,7 +364,7 @@ def _core_attrs(info: OpInfo, given: dict) -> tuple[str, ...]:
     out = []
     for name, default in info.attr_defaults:
         value = given.get(name, default)
-        if _integer(default):
+        if is_integer(default):
             out.append(repr(int(value)))
         else:
             out.append(repr(float(value)))
@@ -403,23 +403,23 @@ class _Checker:
                 self.fail(where, f"unknown {what} {key!r} (this op has: {have})")
             if not _number(value) or not math.isfinite(value):
                 self.fail(where, f"{what} {key!r} must be a finite number, got {value!r}")
-            if _integer(defaults.get(key)) and not _integer(value):
+            if is_integer(defaults.get(key)) and not is_integer(value):
                 self.fail(where, f"{what} {key!r} must be an integer (its default is {defaults[key]}), got {value!r}")
             out.append((key, _literal(value)))
         return tuple(out)
 
 
 def _positive_int(check: _Checker, where: str, field: str, value) -> int:
-    if not _integer(value) or value < 1:
+    if not is_integer(value) or value < 1:
         check.fail(where, f"{field!r} must be a positive integer, got {value!r}")
     return value
 
 
 def _input_shape(check: _Checker, value) -> tuple[int, ...]:
     """The spec's ``input``: a number of features, or a list of sizes (one sample)."""
-    if _integer(value):
+    if is_integer(value):
         return (_positive_int(check, "", "input", value),)
-    if isinstance(value, list) and value and all(_integer(v) and v >= 1 for v in value):
+    if isinstance(value, list) and value and all(is_integer(v) and v >= 1 for v in value):
         return tuple(value)
     check.fail("input", f"must be a positive integer (features) or a non-empty list of them (one sample's shape, e.g. [1, 8, 8]), got {value!r}")
 
@@ -452,8 +452,8 @@ def _model_inputs(check: _Checker, spec: dict) -> list:
         if dtype == "int64" and value == []:
             shape = ()  # one integer per sample (a token id)
         else:
-            shape = _input_shape(_Checker(check.path, check.infos), value) if _integer(value) or (
-                isinstance(value, list) and value and all(_integer(v) and v >= 1 for v in value)) else None
+            shape = _input_shape(_Checker(check.path, check.infos), value) if is_integer(value) or (
+                isinstance(value, list) and value and all(is_integer(v) and v >= 1 for v in value)) else None
             if shape is None:
                 check.fail(where, f"shape must be a positive integer or a non-empty list of them, got {value!r}")
         out.append((in_name, -(j + 1), f"x_{in_name}", shape, dtype == "int64"))
@@ -1150,7 +1150,7 @@ def render_models_init(names: Iterable[str]) -> tuple[str, str]:
     """``generated/models/__init__.py``: the package of generated models, listing them."""
     context = {
         "names": sorted(names),
-        "names_literal": _tuple_literal(sorted(names)),
+        "names_literal": tuple_literal(sorted(names)),
         "header": {"sources": ["specs/models/*.toml"], "template": "model/__init__.py.jinja", "command": COMMAND},
     }
     text = render("model/__init__.py.jinja", **context)

@@ -28,11 +28,13 @@ from dataclasses import dataclass, fields
 from .emit import alloc_name, core_name, into_name
 
 
-def _integer(value) -> bool:
+def is_integer(value) -> bool:
+    """A spec value that is an integer (TOML's true and false are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tuple_literal(names) -> str:
+def tuple_literal(names) -> str:
+    """The Python literal of a tuple of names, as emitted code writes it."""
     items = ", ".join(f'"{n}"' for n in names)
     return f"({items},)" if len(names) == 1 else f"({items})"
 
@@ -305,13 +307,13 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         "target_like_output": target_like_output,
         "opt_core": opt_core,
         "opt_counter": opt.counter,
-        "opt_attrs": [(a, "int" if _integer(d) else "float") for a, d in opt.attr_defaults],
+        "opt_attrs": [(a, "int" if is_integer(d) else "float") for a, d in opt.attr_defaults],
         "param_locals": [p.local for p in params],
         "slot_locals": slot_locals,
         "step_signature": step_signature,
         "summary": summary,
         "hyper_literal": "{" + ", ".join(f'"{k}": {v}' for k, v in hyper) + "}",
-        "slots_literal": _tuple_literal(opt.state),
+        "slots_literal": tuple_literal(opt.state),
         "name": name,
         "doc": doc.strip() or f"The {name} model.",
         "input_shape": repr(tuple(input_shape)),
