@@ -259,17 +259,17 @@ class Op:
         """This op as a function on torch tensors (CPU and CUDA), differentiated by torch
         autograd through this op's backward and usable in ``torch.compile``
         (``codegen/interop/torch.py``; torch is imported on first use)."""
-        from codegen.interop.torch import torch_function
+        import importlib  # a module attribute: the module's names stay the reserved ones
 
-        return torch_function(self)
+        return importlib.import_module("codegen.interop.torch").torch_function(self)
 
     def jax(self):
         """This op as a JAX function with a ``jax.custom_vjp`` (its forward and backward
         run the CPU kernels through ``jax.pure_callback``), usable under ``jax.jit`` and
         ``jax.grad`` (``codegen/interop/jax.py``; jax is imported on first use)."""
-        from codegen.interop.jax import jax_function
+        import importlib  # a module attribute: the module's names stay the reserved ones
 
-        return jax_function(self)
+        return importlib.import_module("codegen.interop.jax").jax_function(self)
 
     def jvp(self, *args, tangents):
         """The output tangents (forward mode): the derivative of the outputs along

@@ -26,8 +26,18 @@ def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("user_ops")
 
 
+@pytest.fixture
+def torch_defaults():
+    """PyTorch's own default dtype (float32), as a user's fresh process has it: some test
+    modules (tests/fuzz_specs.py) switch the worker's default to float64 on import."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(default)
+
+
 @pytest.mark.parametrize("example", ["torch_user_op", "jax_user_op"])
-def test_example_trains(example, build_dir, capsys):
+def test_example_trains(example, build_dir, capsys, torch_defaults):
     accuracy = _example(example).main(["--epochs", "2", "--build-dir", str(build_dir)])
     out = capsys.readouterr().out
     assert "epoch  2" in out

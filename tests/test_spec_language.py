@@ -354,14 +354,19 @@ def test_mean_derives_as_the_sum_over_the_size(tmp_path, mean_form, sum_form):
 
 
 def test_python_ops_mean_is_the_spec_languages_mean(tmp_path):
-    """derive.dsl.Mean, the Python twin of ``mean``: the library's mse (written with it)
-    derives what the TOML ``mean`` derives."""
+    """derive.dsl.Mean, the Python twin of ``mean``: the library's layer_norm (written
+    with it) derives what the same equations with the TOML ``mean`` derive."""
     import derive
 
-    mse = next(op for op in derive.library_defs() if op.name == "mse")
-    text = layer_toml("mse", '{ pred = "B N", target = "B N" }', '{ loss = "" }',
-                      ["loss = mean((pred[b,n] - target[b,n])**2, b, n)"], kind="loss", extra='differentiate = ["pred"]')
-    assert statements(derive.build(mse)) == statements(derive_text(tmp_path, text, "mse"))
+    norm = next(op for op in derive.library_defs() if op.name == "layer_norm")
+    text = layer_toml("layer_norm", '{ x = "B D" }', '{ y = "B D" }', [
+        "mean[b] = mean(x[b,d], d)",
+        "var[b] = mean((x[b,d] - mean[b])**2, d)",
+        "rstd[b] = 1 / sqrt(var[b] + eps)",
+        "xhat[b,d] = (x[b,d] - mean[b]) * rstd[b]",
+        "y[b,d] = xhat[b,d] * weight[d] + bias[d]",
+    ], params='{ weight = "D", bias = "D" }', extra="attrs = { eps = 1e-5 }")
+    assert statements(derive.build(norm)) == statements(derive_text(tmp_path, text, "layer_norm"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py e513f10956d051b3
-#   generated/layers/conv2d.py 62b5aa6a693535d6
-#   generated/layers/dense.py 104d2689f6a23857
-#   generated/layers/flatten.py e933fa4342859139
-#   generated/layers/max_pool2d.py 7ef99dd37d2d33c7
-#   generated/losses/softmax_cross_entropy.py b379c1d6391a048c
-#   generated/optimizers/adam.py cb7e4d316801043c
-#   generated/_runtime.py 1a7be6c3f9cc04a2
+#   generated/activations/relu.py f9e58be44c06e511
+#   generated/layers/conv2d.py 4057d82da32c17ea
+#   generated/layers/dense.py b1064debb7184e0d
+#   generated/layers/flatten.py b7213c173fd2ffd3
+#   generated/layers/max_pool2d.py 7db3094f306974de
+#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
+#   generated/optimizers/adam.py ec2f20d25229f4c1
+#   generated/_runtime.py 42c360a0f9c2bcce
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 104d2689f6a23857
-#   generated/layers/gru_cell.py 74e5d980b14f31ba
-#   generated/losses/softmax_cross_entropy.py b379c1d6391a048c
-#   generated/optimizers/adam.py cb7e4d316801043c
-#   generated/_runtime.py 1a7be6c3f9cc04a2
+#   generated/layers/dense.py b1064debb7184e0d
+#   generated/layers/gru_cell.py 4adf5b7b1ac6d228
+#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
+#   generated/optimizers/adam.py ec2f20d25229f4c1
+#   generated/_runtime.py 42c360a0f9c2bcce
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).

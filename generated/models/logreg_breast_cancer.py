@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 104d2689f6a23857
-#   generated/losses/bce_with_logits.py 12568f343fd11fc9
-#   generated/optimizers/adam.py cb7e4d316801043c
-#   generated/_runtime.py 1a7be6c3f9cc04a2
+#   generated/layers/dense.py b1064debb7184e0d
+#   generated/losses/bce_with_logits.py 646bf11dfd686078
+#   generated/optimizers/adam.py ec2f20d25229f4c1
+#   generated/_runtime.py 42c360a0f9c2bcce
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).
