@@ -130,7 +130,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_FIELDS = ("name", "kind", "input", "layers", "loss", "optimizer")
 OPTIONAL_FIELDS = ("doc", "inputs")
 LAYER_KINDS = ("activation", "layer")
-LAYER_FIELDS = ("op", "out", "unroll", "name", "inputs")  # besides the op's dimensions and attributes
+LAYER_FIELDS = ("op", "out", "unroll", "return_sequences", "name", "inputs")  # besides the op's dimensions and attributes
 # the model's input, as an entry's ``inputs`` names it
 MODEL_INPUT = "x"
 
@@ -174,6 +174,7 @@ class OpInfo:
     kept: tuple[str, ...] = ()
     task: str = ""  # a loss's: what the model's output means; decides what ``predict`` returns
     assume: tuple = ()  # the run-time checks of the assumptions its gradient was derived from
+    outputs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, shape as dim names) of each output
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -221,6 +222,7 @@ def op_info(program) -> OpInfo:
         kept=tuple(kept),
         task=program.task,
         assume=tuple(assumption_checks(program)),
+        outputs=tuple((o.name, tuple(str(d) for d in o.shape)) for o in program.outputs),
     )
 
 
@@ -594,6 +596,11 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
     unroll = entry.get("unroll", False)
     if not isinstance(unroll, bool):
         check.fail(where, f"'unroll' must be true or false, got {unroll!r}")
+    sequences = entry.get("return_sequences", False)
+    if not isinstance(sequences, bool):
+        check.fail(where, f"'return_sequences' must be true or false, got {sequences!r}")
+    if "return_sequences" in entry and not unroll:
+        check.fail(where, "'return_sequences' is for a cell unrolled over time (unroll = true)")
     if graph and len(sources) == len(info.inputs) and not unroll:
         # an entry naming its inputs may read the model's integer inputs with the op's integer arguments
         for (n, _), (_, src_before, src_int) in zip(info.inputs, sources):
@@ -620,18 +627,8 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
         return attr_values, b, shape, None, None
 
     if unroll:
-        if len(float_inputs) != 2:
-            check.fail(where, f"'unroll' needs a cell: an op with two inputs (a step and a state), this one has {len(float_inputs)}")
-        states = [k for k, (_, s) in enumerate(float_inputs) if s == info.output_shape]
-        if len(states) != 1:
-            check.fail(
-                where,
-                "'unroll' needs a cell: one of its two inputs must be the state, shaped as its output "
-                f"{_dims_text(info.output_shape)}; the inputs are "
-                + ", ".join(f"{n} {_dims_text(s)}" for n, s in float_inputs),
-            )
-        step_name, step_dims = float_inputs[1 - states[0]]
-        state_name, state_dims = float_inputs[states[0]]
+        step_name, step_dims, pairs = _cell_states(check, where, info, float_inputs)
+        state_dims = pairs[0][1]
         if len(step_dims) != len(shape):
             check.fail(
                 where,
@@ -644,7 +641,7 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
             check.fail(where, f"the cell's step, state and output must share the batch dimension {batch}")
         for d, size in zip(step_dims[1:], shape[1:]):
             b.bind(d, size, f"from {before}")
-        cell = (step_name, state_name)
+        cell = (step_name, tuple(state for state, _, _ in pairs), sequences)
     else:
         if len(float_inputs) != len(sources):
             names = ", ".join(f"{n} {_dims_text(s)}" for n, s in float_inputs)
@@ -686,7 +683,40 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
         if batch in pshape:
             check.fail(where, f"parameter {pname!r} {_dims_text(pshape)} has the batch dimension {batch}")
     out_shape = b.sizes(info.output_shape[1:], f"output {_dims_text(info.output_shape)}", batch)
+    if cell is not None:
+        # the states' shapes per sample; the entry's output is the first state's, last or every one
+        state_shapes = tuple(b.sizes(dims[1:], f"state {state} {_dims_text(dims)}", batch) for state, dims, _ in pairs)
+        cell = (*cell, state_shapes)
+        out_shape = ((shape[0],) if sequences else ()) + state_shapes[0]
     return attr_values, b, out_shape, cell, batch
+
+
+def _cell_states(check: _Checker, where: str, info: OpInfo, float_inputs):
+    """A cell's step input and its states: (step name, step dims, ((state, dims, output),
+    ...)). Its outputs are its next states: each output is paired, in order, with the
+    input shaped as it (the states), and the one input left is the step."""
+    outputs = info.outputs or (("y", info.output_shape),)
+    shapes = {dims for _, dims in outputs}
+    states = [(n, s) for n, s in float_inputs if s in shapes]
+    steps = [(n, s) for n, s in float_inputs if s not in shapes]
+    listing = ", ".join(f"{n} {_dims_text(s)}" for n, s in float_inputs)
+    outs = ", ".join(f"{n} {_dims_text(s)}" for n, s in outputs)
+    if len(steps) != 1 or len(states) != len(outputs):
+        check.fail(
+            where,
+            f"'unroll' needs a cell: an op whose inputs are a step and its states, one state shaped as each of its "
+            f"outputs (the next states: {outs}); its inputs are {listing}",
+        )
+    for (state, dims), (out, out_dims) in zip(states, outputs):
+        if dims != out_dims:
+            check.fail(
+                where,
+                f"'unroll' needs a cell whose outputs are its next states in the order of its state inputs: output "
+                f"{out} {_dims_text(out_dims)} pairs with state {state} {_dims_text(dims)}",
+            )
+        if dims[0] != steps[0][1][0]:
+            check.fail(where, f"the cell's step, states and outputs must share the batch dimension {steps[0][1][0]}")
+    return steps[0][0], steps[0][1], tuple((state, dims, out) for (state, dims), (out, _) in zip(states, outputs))
 
 
 def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict) -> tuple[list[int], str]:
@@ -817,8 +847,9 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             if requires[k] and arg not in info.differentiable:
                 reach = "the layers before it" if not graph else values[k][1]
                 check.fail(where, f"input {arg!r} is not differentiable, so no gradient reaches {reach}")
-        if cell and cell[1] not in info.differentiable:
-            check.fail(where, f"the state {cell[1]!r} is not differentiable, so the gradient cannot run back through time")
+        for state in cell[1] if cell else ():
+            if state not in info.differentiable:
+                check.fail(where, f"the state {state!r} is not differentiable, so the gradient cannot run back through time")
         for p in params:
             if p.arg not in info.differentiable:
                 check.fail(where, f"parameter {p.arg!r} is not differentiable, so it cannot be trained")
@@ -863,7 +894,7 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
         layer_cell = None
         if cell is not None:
             layer_cell = _cell_calls(
-                i, info, cell, params, core_attrs, len(shape), shape_out, requires[i], kept if saving else None
+                i, info, cell, params, core_attrs, len(values[i][0]), requires[i], kept if saving else None
             )
             given = ()  # a cell's backward takes them per step: Cell.jit_bwd_args
         if complete and i < len(raw) - 1 and not readers.get(i + 1):
@@ -912,24 +943,28 @@ def _unused(i: int, arg: str) -> str:
 
 
 def _cell_calls(
-    i: int, info: OpInfo, cell: tuple[str, str], params, core_attrs, rank: int, state_shape, step_grad: bool,
+    i: int, info: OpInfo, cell: tuple, params, core_attrs, rank: int, step_grad: bool,
     kept: tuple[str, ...] | None = None,
 ) -> Cell:
     """The one-line calls of a cell at time ``step``, in the op's argument order.
 
-    Python (``forward``, ``loss_and_grads``): the step is ``h<i>[:, step]``, the state
-    ``hs<i+1>[step]`` (a list of states). Compiled: the steps are ``xs<i+1>[step]`` (the
-    input made time-major), the states ``hs<i+1>[step]`` (an array of T + 1 states).
-    ``kept`` (the names of lists, one entry per step) when the compiled forward saves what
-    rests on its reductions: the backward at ``step`` then reads the entries of that step,
-    and the step's new state where the op keeps its output."""
-    step, state = cell
+    ``cell``: (step input, state inputs, return_sequences, the states' shapes). The first
+    state is ``hs<i+1>``, any other ``hs<i+1>_<state>`` (its gradient ``gh<i+1>...``, the
+    compiled forward's new value ``state<i+1>...``). Python (``forward``,
+    ``loss_and_grads``): the step is ``h<i>[:, step]``, a state ``hs<i+1>[step]`` (a list
+    of states). Compiled: the steps are ``xs<i+1>[step]`` (the input made time-major), a
+    state ``hs<i+1>[step]`` (an array of T + 1 states). ``kept`` (the names of lists, one
+    entry per step) when the compiled forward saves what rests on its reductions: the
+    backward at ``step`` then reads the entries of that step, and the step's new states
+    where the op keeps its outputs."""
+    step, states, sequences, state_shapes = cell
     n = i + 1
     k = TIME
     locals_ = [p.local for p in params]
+    suffix = {state: "" if j == 0 else f"_{state}" for j, state in enumerate(states)}
 
-    def args(step_expr, state_expr, tail):
-        by_name = {step: step_expr, state: state_expr}
+    def args(step_expr, tail):
+        by_name = {step: step_expr, **{state: f"hs{n}{suffix[state]}[{k}]" for state in states}}
         return ", ".join([by_name[name] for name, _ in info.inputs] + tail)
 
     by_arg = {p.arg: p for p in params}
@@ -939,8 +974,8 @@ def _cell_calls(
         for arg in info.differentiable:
             if arg in by_arg:
                 out.append("d_" + by_arg[arg].local)
-            elif arg == state:
-                out.append(f"gh{n}")
+            elif arg in suffix:
+                out.append(f"gh{n}{suffix[arg]}")
             elif arg == step and step_grad:
                 out.append("gx")
             else:
@@ -948,21 +983,29 @@ def _cell_calls(
         return ", ".join(out)
 
     axes = (1, 0) + tuple(range(2, rank + 1))
+    # a saved output is the new value of the state it pairs with (outputs in the states' order)
+    out_state = {out: state for (out, _), state in zip(info.outputs or (("y", ()),), states)}
     given = []
     if kept is not None:
-        given = [f"hs{n}[{k} + 1]" for _ in info.saved_outputs] + [f"{name}[{k}]" for name in kept]
+        given = [f"hs{n}{suffix[out_state[o]]}[{k} + 1]" for o in info.saved_outputs] + [f"{name}[{k}]" for name in kept]
+    grads_in = ", ".join(f"gh{n}{suffix[state]}" for state in states)
     return Cell(
-        state_shape=tuple(state_shape),
+        state_shape=tuple(state_shapes[0]),
         axes=axes,
-        py_fwd_args=args(f"h{i}[:, {k}]", f"hs{n}[{k}]", locals_),
-        py_bwd_args=f"gh{n}, " + args(f"h{i}[:, {k}]", f"hs{n}[{k}]", locals_),
+        py_fwd_args=args(f"h{i}[:, {k}]", locals_),
+        py_bwd_args=f"{grads_in}, " + args(f"h{i}[:, {k}]", locals_),
         py_bwd_unpack=unpack(lambda arg: "_"),
-        jit_fwd_args=args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + list(core_attrs)),
-        jit_bwd_args=f"gh{n}, " + args(f"xs{n}[{k}]", f"hs{n}[{k}]", locals_ + given + list(core_attrs)),
+        jit_fwd_args=args(f"xs{n}[{k}]", locals_ + list(core_attrs)),
+        jit_bwd_args=f"{grads_in}, " + args(f"xs{n}[{k}]", locals_ + given + list(core_attrs)),
         kept=tuple(kept or ()),
         new_state=f"state{n}",
         jit_bwd_unpack=unpack(lambda arg: _unused(i, arg)),
         step_grad=step_grad,
+        states=tuple(
+            (f"hs{n}{suffix[state]}", f"state{n}{suffix[state]}", f"gh{n}{suffix[state]}", ", ".join(str(d) for d in shape))
+            for state, shape in zip(states, state_shapes)
+        ),
+        sequences=sequences,
     )
 
 
@@ -1039,7 +1082,8 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
     summary = []
     for layer in layers:
         shapes = f"{' + '.join(_shape(s) for s in layer.shapes_in)} -> {_shape(layer.shape_out)}"
-        op = layer.op + (" (unrolled)" if layer.cell else "") + layer.sources_text
+        op = layer.op + (" (unrolled, sequences)" if layer.cell and layer.cell.sequences else " (unrolled)" if layer.cell else "")
+        op += layer.sources_text
         pshapes = ", ".join(f"{p.key} {_shape(p.shape)}" for p in layer.params)
         summary.append(f"{layer.index:<5}  {op:<22}  {shapes:<24}  {pshapes}".rstrip())
     return plan_step(

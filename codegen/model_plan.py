@@ -67,12 +67,26 @@ class Cell:
     jit_bwd_unpack: str
     step_grad: bool  # whether the step input's gradient is needed (layers below)
     kept: tuple[str, ...] = ()  # lists of what the forward keeps, one entry per step
-    new_state: str = ""  # the compiled forward's new state at one step, when it keeps values
+    new_state: str = ""  # the compiled forward's new (first) state at one step
+    # (array of states, new state at one step, its gradient, its sizes after the batch) of
+    # each state, the first (the entry's output) first: an LSTM's h and c
+    states: tuple[tuple[str, str, str, str], ...] = ()
+    sequences: bool = False  # the entry's output is every step's first state (B, T, ...), not the last
 
     @property
     def jit_fwd_targets(self) -> str:
-        """The compiled forward's results at one step: the new state, then the kept values."""
-        return ", ".join([self.new_state, *(f"{name}_step" for name in self.kept)])
+        """The compiled forward's results at one step: the new states, then the kept values."""
+        return ", ".join([*(new for _, new, _, _ in self.states), *(f"{name}_step" for name in self.kept)])
+
+    @property
+    def py_fwd_targets(self) -> str:
+        """The Python forward's results at one step: the new states."""
+        return ", ".join(new for _, new, _, _ in self.states)
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        """Time-major (T, B, ...) <-> batch-major (B, T, ...) for the states' sequence."""
+        return (1, 0) + tuple(range(2, len(self.state_shape) + 2))
 
     @property
     def state_dims(self) -> str:
