@@ -71,6 +71,29 @@ def majority_bits(n: int = MAJORITY_SAMPLES, steps: int = MAJORITY_STEPS, seed: 
     return bits.astype(np.float64), (2 * bits.sum(axis=(1, 2)) > steps).astype(np.int64)
 
 
+TEMPORAL_SAMPLES, TEMPORAL_STEPS = 2000, 50
+TEMPORAL_SYMBOLS = ("B", "E", "a", "b", "c", "d", "X", "Y")  # one-hot features, in this order
+
+
+def temporal_order(n: int = TEMPORAL_SAMPLES, steps: int = TEMPORAL_STEPS, seed: int = 1234):
+    """A generated long-memory task, the temporal order problem of Hochreiter and
+    Schmidhuber's LSTM paper (1997, experiment 6a) at ``steps`` steps: a sequence of
+    random distractor symbols (a, b, c, d) between a start symbol B and an end symbol E
+    holds two relevant symbols, X or Y, one in the first third of the sequence and one in
+    its second half; the class (4) is their order: XX, XY, YX or YY. Features are one-hot
+    symbols, shape (n, steps, 8); the model must carry the first symbol over 10 to 40
+    steps of distractors."""
+    rng = np.random.default_rng(seed)
+    symbols = rng.integers(2, 6, size=(n, steps))  # distractors
+    symbols[:, 0], symbols[:, -1] = 0, 1  # B, E
+    first = rng.integers(5, steps // 3, size=n)
+    second = rng.integers(steps // 2, steps - 5, size=n)
+    v1, v2 = rng.integers(0, 2, size=n), rng.integers(0, 2, size=n)
+    rows = np.arange(n)
+    symbols[rows, first], symbols[rows, second] = 6 + v1, 6 + v2
+    return np.eye(len(TEMPORAL_SYMBOLS))[symbols], 2 * v1 + v2
+
+
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
@@ -83,6 +106,13 @@ DATASETS: dict[str, Dataset] = {
             majority_bits,
             f"generated: {MAJORITY_SAMPLES} random bit sequences of {MAJORITY_STEPS} steps; is the majority 1? (2 classes)",
         ),
+        Dataset(
+            "temporal_order",
+            "classification",
+            temporal_order,
+            f"generated: {TEMPORAL_SAMPLES} symbol sequences of {TEMPORAL_STEPS} steps; the order of the two "
+            "relevant symbols among distractors (XX, XY, YX, YY: 4 classes)",
+        ),
     )
 }
 
@@ -90,7 +120,7 @@ DATASETS: dict[str, Dataset] = {
 @dataclass
 class Split:
     """Standardised train/test arrays. ``x_*`` keep the dataset's sample shape (digits:
-    64 features; majority: 15 steps of 1). ``y_*`` are one-hot rows (classification) or
+    64 features; majority: 15 steps of 1; temporal_order: 50 steps of 8). ``y_*`` are one-hot rows (classification) or
     standardised targets of shape (N, 1) (regression); ``labels_*`` the class indices."""
 
     task: str
@@ -167,6 +197,10 @@ EXAMPLES: dict[str, Example] = {
         Example("logreg_breast_cancer", "breast_cancer", 30, 32, "logistic regression (BCE with logits) on breast cancer (>= 95%)"),
         Example("linear_diabetes", "diabetes", 200, 512, "linear regression (MSE, full batch) on diabetes: the least-squares fit"),
         Example("gru_majority", "majority", 10, 32, "GRU over 15 random bits, trained through time: is the majority 1? (>= 95%)"),
+        Example(
+            "lstm_temporal_order", "temporal_order", 10, 32,
+            "two stacked LSTMs over 50 symbols: the order of two symbols 10-40 steps apart (>= 95%)",
+        ),
     )
 }
 
