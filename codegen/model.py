@@ -705,7 +705,7 @@ def _cell_states(check: _Checker, where: str, info: OpInfo, float_inputs):
         check.fail(
             where,
             f"'unroll' needs a cell: an op whose inputs are a step and its states, one state shaped as each of its "
-            f"outputs (the next states: {outs}); its inputs are {listing}",
+            f"outputs (the next states: {outs}); this one has {len(float_inputs)} input(s): {listing}",
         )
     for (state, dims), (out, out_dims) in zip(states, outputs):
         if dims != out_dims:
