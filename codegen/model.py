@@ -667,8 +667,9 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
                 )
             if in_dims[0] != batch:
                 check.fail(where, f"the op's inputs do not share the batch dimension {batch} first ({in_name} {_dims_text(in_dims)})")
-        if info.output_shape[:1] != (batch,):
-            check.fail(where, f"the op's output {_dims_text(info.output_shape)} does not keep the batch dimension {batch} first")
+        for _, out_dims in info.outputs or (("y", info.output_shape),):
+            if out_dims[:1] != (batch,):
+                check.fail(where, f"the op's output {_dims_text(out_dims)} does not keep the batch dimension {batch} first")
         for (in_name, in_dims), (src_shape, src_before, _) in zip(float_inputs, sources):
             for d, size in zip(in_dims[1:], src_shape):
                 b.bind(d, size, f"{in_name} from {src_before}" if len(sources) > 1 else f"from {src_before}")
@@ -676,13 +677,16 @@ def _bind_layer(check: _Checker, i: int, entry: dict, info: OpInfo, sources: lis
 
     bound = set(b.dims)
     derived = {n for n, _ in info.derived}
-    new_out = [d for d in info.output_shape[1:] if d not in bound and d not in derived]
+    out_dims = [d for _, dims in info.outputs or (("y", info.output_shape),) for d in dims[1:]]
+    new_out = list(dict.fromkeys(d for d in out_dims if d not in bound and d not in derived))
     b.given(batch, bound, new_out)
     b.derive(attr_values)
     for pname, pshape in info.params:
         if batch in pshape:
             check.fail(where, f"parameter {pname!r} {_dims_text(pshape)} has the batch dimension {batch}")
     out_shape = b.sizes(info.output_shape[1:], f"output {_dims_text(info.output_shape)}", batch)
+    # every output's shape (an op with several: name = [...]; an unrolled cell's are its states)
+    b.out_shapes = [b.sizes(dims[1:], f"output {name} {_dims_text(dims)}", batch) for name, dims in info.outputs] or [out_shape]
     if cell is not None:
         # the states' shapes per sample; the entry's output is the first state's, last or every one
         state_shapes = tuple(b.sizes(dims[1:], f"state {state} {_dims_text(dims)}", batch) for state, dims, _ in pairs)
@@ -719,20 +723,73 @@ def _cell_states(check: _Checker, where: str, info: OpInfo, float_inputs):
     return steps[0][0], steps[0][1], tuple((state, dims, out) for (state, dims), (out, _) in zip(states, outputs))
 
 
-def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict) -> tuple[list[int], str]:
-    """The arrays entry ``i`` reads (value numbers: 0 the model's input, k + 1 entry k's
-    output) and the name it gives its own output ("" when none); registers that name in
-    ``names``. ``later``: the names of all entries, for the message about a forward
-    reference."""
+def _is_model_input(key) -> bool:
+    """Whether a value key is a model input's (0, or -1, -2, ... for several)."""
+    return isinstance(key, int) and key <= 0
+
+
+def _entry_of(key) -> int:
+    """The index of the entry whose output a value key is (1 or "1_c_new": entry 0)."""
+    return (key if isinstance(key, int) else int(key.split("_", 1)[0])) - 1
+
+
+def output_keys(i: int, outputs) -> list:
+    """The value keys of entry ``i``'s outputs: i + 1 for the first (held in h<i+1>), and
+    "<i+1>_<output>" for the others of an op with several (held in h<i+1>_<output>)."""
+    return [i + 1] + [f"{i + 1}_{out}" for out in outputs[1:]]
+
+
+def _entry_names(check: _Checker, where: str, entry: dict, outputs) -> list[str]:
+    """The names entry gives its outputs ([] when none): ``name = "h"`` names the only
+    (or an unrolled cell's) output, ``name = ["h", "c"]`` each output of an op with
+    several, in the op's order. ``outputs``: the op's output names (None: one output)."""
+    if "name" not in entry:
+        if outputs and len(outputs) > 1:
+            listed = ", ".join(outputs)
+            check.fail(
+                where,
+                f"this op has {len(outputs)} outputs ({listed}): name each, in that order, with "
+                f"name = [{', '.join(chr(34) + o + chr(34) for o in outputs)}], and read them by name with inputs = [...]",
+            )
+        return []
+    label = entry["name"]
+    several = outputs is not None and len(outputs) > 1
+    if isinstance(label, list):
+        if not several:
+            check.fail(where, f"'name' lists {len(label)} names, but this entry has one output (an unrolled cell's is its first state); name it with name = \"...\"")
+        if len(label) != len(outputs):
+            check.fail(where, f"'name' lists {len(label)} names, but this op has {len(outputs)} outputs ({', '.join(outputs)}); name each, in that order")
+        labels = label
+    else:
+        if several:
+            check.fail(
+                where,
+                f"this op has {len(outputs)} outputs ({', '.join(outputs)}): name each, in that order, with a list "
+                f"(name = [{', '.join(chr(34) + o + chr(34) for o in outputs)}])",
+            )
+        labels = [label]
+    for one in labels:
+        if not isinstance(one, str) or not _LABEL_RE.match(one):
+            check.fail(where, f"'name' must be an identifier naming the entry's output (e.g. \"h1\"), got {one!r}")
+    if len(set(labels)) != len(labels):
+        check.fail(where, f"'name' lists a name twice: {labels!r}; each output has a name of its own")
+    return labels
+
+
+def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict, outputs=None) -> tuple[list, str]:
+    """The arrays entry ``i`` reads (value keys: 0 the model's input, :func:`output_keys`
+    of entry k's outputs) and the name it gives its output ("" when none; "h, c" for
+    several); registers those names in ``names``. ``later``: the names of all entries,
+    for the message about a forward reference. ``outputs``: the op's output names, when
+    the entry may have several (None: one)."""
     where = _describe(i, entry)
-    label = entry.get("name", "")
-    if "name" in entry:
-        if not isinstance(label, str) or not _LABEL_RE.match(label):
-            check.fail(where, f"'name' must be an identifier naming the entry's output (e.g. \"h1\"), got {label!r}")
-        if names.get(label, 1) <= 0:
+    labels = _entry_names(check, where, entry, outputs)
+    for label in labels:
+        if _is_model_input(names.get(label, 1)):
             check.fail(where, f"name {label!r} is the model's input; give the entry's output another name")
         if label in names:
-            check.fail(where, f"name {label!r} is already the name of layers[{names[label] - 1}]; each output has a name of its own")
+            check.fail(where, f"name {label!r} is already the name of layers[{_entry_of(names[label])}]; each output has a name of its own")
+    label = ", ".join(labels)
     if "inputs" not in entry:
         if i == 0 and 0 not in names.values():
             check.fail(where, f"the model has several inputs ({', '.join(n for n, k in names.items() if k < 0)}); name the ones this entry reads with inputs = [...]")
@@ -749,7 +806,7 @@ def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict
         for s in given:
             if s in names:
                 sources.append(names[s])
-            elif s == label:
+            elif s in labels:
                 check.fail(where, f"input {s!r} is this entry's own output: an entry reads the model's input and earlier entries' outputs (no cycles)")
             elif s in later:
                 check.fail(
@@ -760,31 +817,49 @@ def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict
             else:
                 known = ", ".join(names)
                 check.fail(where, f"unknown input {s!r} (the names defined before this entry: {known})")
-    if label:
-        names[label] = i + 1
+    for one, key in zip(labels, output_keys(i, outputs or (None,)) if len(labels) > 1 else [i + 1]):
+        names[one] = key
     return sources, label
+
+
+def _later_names(raw: list) -> dict:
+    """Each name an entry gives its output(s) -> the index of the first entry giving it."""
+    later = {}
+    for i, entry in enumerate(raw):
+        label = entry.get("name") if isinstance(entry, dict) else None
+        for one in label if isinstance(label, list) else [label]:
+            if isinstance(one, str):
+                later.setdefault(one, i)
+    return later
+
+
+def _outputs_of(info, entry: dict):
+    """The output names an entry of ``info`` may name (None: one output, or an unrolled
+    cell, whose output is its first state)."""
+    if info is None or entry.get("unroll") is True or len(info.outputs) < 2:
+        return None
+    return tuple(n for n, _ in info.outputs)
 
 
 def _graph(check: _Checker, raw: list, inputs: dict):
     """A first pass over the entries: what each reads, and whether each array depends on
     a parameter (so needs a gradient). Entries that are not valid are reported by the
     main pass, in order; this pass stops at the first (``complete`` is then False)."""
-    later = {}
-    for i, entry in enumerate(raw):
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            later.setdefault(entry["name"], i)
+    later = _later_names(raw)
     names = dict(inputs)
     sources, requires = [], {k: False for k in inputs.values()}
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             return sources, requires, False
+        info = check.infos.get(entry.get("op")) if isinstance(entry.get("op"), str) else None
+        outputs = _outputs_of(info, entry)
         try:
-            src, _ = _entry_inputs(check, i, entry, names, later)
+            src, _ = _entry_inputs(check, i, entry, names, later, outputs)
         except ModelSpecError:
             return sources, requires, False
-        info = check.infos.get(entry.get("op")) if isinstance(entry.get("op"), str) else None
         sources.append(src)
-        requires[i + 1] = bool(info is not None and info.params) or any(requires[k] for k in src)
+        for key in output_keys(i, outputs or (None,)):
+            requires[key] = bool(info is not None and info.params) or any(requires[k] for k in src)
     return sources, requires, True
 
 
@@ -812,7 +887,7 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
         for pos, k in enumerate(all_sources[i]):
             readers.setdefault(k, []).append((i, pos))
     names = dict(input_names)
-    later = {e["name"]: j for j, e in reversed(list(enumerate(raw))) if isinstance(e, dict) and isinstance(e.get("name"), str)}
+    later = _later_names(raw)
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             check.fail(f"layers[{i}]", f"must be a table like {{ op = \"relu\" }}, got {entry!r}")
@@ -820,7 +895,8 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
         info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
         where = _describe(i, entry)
-        sources, label = _entry_inputs(check, i, entry, names, later)
+        outputs = _outputs_of(info, entry)
+        sources, label = _entry_inputs(check, i, entry, names, later, outputs)
         graph = "inputs" in entry
         attrs = check.attrs(where, {k: v for k, v in entry.items() if k in info.attrs}, info.attrs, "attribute", dict(info.attr_defaults))
         attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, [values[k] for k in sources], graph)
@@ -890,15 +966,28 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
         if saving:
             fwd_entry, bwd_entry = "fwd_saving" if info.kept else "fwd", bwd_entry + "_saved"
             kept = tuple(f"kept{i}_{n}" for n in info.kept)
-            given = tuple(f"h{i + 1}" for _ in info.saved_outputs) + kept
+            held = dict(zip((n for n, _ in info.outputs), (f"h{k}" for k in output_keys(i, outputs or (None,)))))
+            given = tuple(held.get(n, f"h{i + 1}") for n in info.saved_outputs) + kept
         layer_cell = None
         if cell is not None:
             layer_cell = _cell_calls(
                 i, info, cell, params, core_attrs, len(values[i][0]), requires[i], kept if saving else None
             )
             given = ()  # a cell's backward takes them per step: Cell.jit_bwd_args
-        if complete and i < len(raw) - 1 and not readers.get(i + 1):
-            check.fail(where, "its output is read by no later entry; name it (name = \"...\") and read it with inputs = [...], or remove the entry")
+        keys = output_keys(i, outputs or (None,))
+        shapes_out = getattr(binder, "out_shapes", None) if outputs else None
+        shapes_out = tuple(shapes_out or [shape_out])
+        if outputs and i == len(raw) - 1:
+            check.fail(
+                where,
+                f"the last entry's output is the model's output, which the loss takes, but this op has {len(outputs)} "
+                f"outputs ({', '.join(outputs)}); end with an entry that reads them",
+            )
+        for key, one in zip(keys, label.split(", ") if outputs else [label]):
+            if complete and i < len(raw) - 1 and not readers.get(key):
+                if outputs:
+                    check.fail(where, f"its output {one!r} is read by no later entry; read it with inputs = [...] (an output nobody reads has no gradient)")
+                check.fail(where, "its output is read by no later entry; name it (name = \"...\") and read it with inputs = [...], or remove the entry")
         layers.append(
             Layer(
                 index=i,
@@ -927,10 +1016,13 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
                     " (" + ", ".join(entry["inputs"]) + ")" if graph else ""
                 ) + (f" as {label}" if label else ""),
                 shapes_in=tuple(values[k][0] for k in sources),
+                more_outputs=tuple(keys[1:]),
+                shapes_out=shapes_out,
             )
         )
-        values[i + 1] = (shape_out, f"{label!r} (layers[{i}], op {info.name!r})" if label else f"layers[{i}] (op {info.name!r})", False)
-        var[i + 1] = f"h{i + 1}"
+        for key, one, one_shape in zip(keys, label.split(", ") if outputs else [label], shapes_out):
+            values[key] = (one_shape, f"{one!r} (layers[{i}], op {info.name!r})" if one else f"layers[{i}] (op {info.name!r})", False)
+            var[key] = f"h{key}"
         shape = shape_out
     return layers
 
@@ -1081,7 +1173,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
         check.fail("layers", "no layer has parameters, so there is nothing to train; add a layer with weights (dense, conv2d, ...)")
     summary = []
     for layer in layers:
-        shapes = f"{' + '.join(_shape(s) for s in layer.shapes_in)} -> {_shape(layer.shape_out)}"
+        shapes = f"{' + '.join(_shape(s) for s in layer.shapes_in)} -> {', '.join(_shape(s) for s in layer.shapes_out or (layer.shape_out,))}"
         op = layer.op + (" (unrolled, sequences)" if layer.cell and layer.cell.sequences else " (unrolled)" if layer.cell else "")
         op += layer.sources_text
         pshapes = ", ".join(f"{p.key} {_shape(p.shape)}" for p in layer.params)
@@ -1125,6 +1217,13 @@ def unsupported(plan: ModelPlan, target) -> str | None:
     time needs a target whose model template has the time loop (``Target.model_cells``)."""
     if plan.several_inputs and not target.model_inputs:
         return f"inputs: a model with several inputs has no {target.name} training step yet; train this model on the CPU"
+    if not getattr(target, "model_outputs", False):
+        for layer in plan.layers:
+            if layer.more_outputs:
+                return (
+                    f"layers[{layer.index}] (op {layer.op!r}): an entry with several outputs has no {target.name} "
+                    "training step yet; train this model on the CPU"
+                )
     if not target.model_cells:
         for layer in plan.layers:
             if layer.cell:

@@ -127,6 +127,10 @@ class Layer:
     # (argument, k, first) for each argument reading an array h<k> that needs a gradient:
     # whether its gradient is the first part of h<k>'s (the backward's order)
     hvp_reads: tuple[tuple[str, int, bool], ...] = ()
+    # the keys of its other outputs, after the first (h<index+1>), when its op has several
+    # (name = ["h", "c"]): "3_c_new" is entry 2's output c_new, held in h3_c_new
+    more_outputs: tuple[str, ...] = ()
+    shapes_out: tuple[tuple[int, ...], ...] = ()  # one sample's shape of each output
 
     @property
     def in_args(self) -> str:
@@ -183,9 +187,29 @@ class Layer:
         return alloc_name(self.op, self.bwd_entry)
 
     @property
+    def out_values(self) -> tuple[str, ...]:
+        """Its outputs: "h3", or "h3", "h3_c_new" for an op with several."""
+        return (f"h{self.index + 1}", *(f"h{k}" for k in self.more_outputs))
+
+    @property
+    def out_grads(self) -> str:
+        """The gradients of its outputs, as its backward takes them first: "g3, g3_c_new"."""
+        return ", ".join("g" + name[1:] for name in self.out_values)
+
+    @property
+    def out_tangents(self) -> str:
+        """The tangents of its outputs (``hvp``): "t3, t3_c_new"."""
+        return ", ".join("t" + name[1:] for name in self.out_values)
+
+    @property
+    def out_grad_tangents(self) -> str:
+        """The tangents of its outputs' gradients (``hvp``): "gt3, gt3_c_new"."""
+        return ", ".join("gt" + name[1:] for name in self.out_values)
+
+    @property
     def fwd_results(self) -> tuple[str, ...]:
-        """The arrays the compiled forward writes: the output, then the kept values."""
-        return (f"h{self.index + 1}", *self.kept)
+        """The arrays the compiled forward writes: the outputs, then the kept values."""
+        return (*self.out_values, *self.kept)
 
     @property
     def fwd_targets(self) -> str:

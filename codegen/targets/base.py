@@ -42,6 +42,9 @@ class Target:
     #: whether its model template takes several named inputs (``inputs = {...}``, a batch
     #: a dict of arrays); a model with several gets no module for a target without
     model_inputs: bool = False
+    #: whether its model template runs an entry whose op has several outputs (``name =
+    #: ["h", "c"]``); a model with one gets no module for a target without
+    model_outputs: bool = False
     #: the op kinds it emits no module text for (schedules run on the host)
     skips_kinds: frozenset = frozenset()
 

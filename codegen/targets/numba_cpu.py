@@ -30,6 +30,7 @@ class NumbaCPU(Target):
     variants = True
     model_cells = True
     model_inputs = True
+    model_outputs = True
     primary = True
 
     def scatter_store(self, pr, item) -> str:
