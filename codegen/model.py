@@ -56,18 +56,26 @@ gradient, each later one a part the library's ``add`` adds in place
 (:class:`codegen.model_plan.Layer` ``accumulate``). A chain's plan, and module, is
 the same as without graphs.
 
-**Recurrence.** A *cell* is an op with two inputs, a step input and a state, whose
-output has the state's shape (rnn_cell, gru_cell). ``unroll = true`` runs it over a
+**Recurrence.** A *cell* is an op whose inputs are a step input and its states, one
+shaped as each of its outputs, which are its next states, paired in order (rnn_cell,
+gru_cell: h; lstm_cell: h, c -> h_new, c_new). ``unroll = true`` runs it over a
 sequence::
 
     input = [12, 1]                                        # T = 12 steps of 1 feature
     layers = [{ op = "gru_cell", out = 16, unroll = true }, { op = "dense", out = 2 }]
 
 The first axis of a sample is time: the cell's step input binds the others (``I = 1``),
-``out`` sizes the state (``H = 16``). The state starts at zero, the cell runs over the
-T steps, and the layer passes on the last state (batch, H). The fused training step
-keeps every state, and backpropagates through time: the state's gradient runs back
-over the steps while each step's parameter gradients are summed.
+``out`` sizes the state (``H = 16``). The states start at zero, the cell runs over the
+T steps, and the layer passes on the last first state (batch, H), or with
+``return_sequences = true`` every step's (batch, T, H), so recurrent layers stack. The
+fused training step keeps every state, and backpropagates through time: the states'
+gradients run back over the steps (the output's gradient at each step added to the
+first state's) while each step's parameter gradients are summed.
+
+**Several outputs.** An entry whose op has several outputs names each, in the op's
+order (``name = ["h", "c"]``); their values are ``h<i+1>`` and ``h<i+1>_<output>``
+(:func:`output_keys`), every one must be read, and the op's backward takes all their
+gradients.
 
 **Parameters** are initialised by the role they play in the op's forward equations
 (read off the Program, so any op gets a suitable rule): a parameter multiplied with the
