@@ -1106,6 +1106,12 @@ def _cell_calls(
             for state, shape in zip(states, state_shapes)
         ),
         sequences=sequences,
+        step_arg=step,
+        state_args=tuple(states),
+        tangent_states=tuple((f"ts{n}{suffix[state]}", f"gth{n}{suffix[state]}") for state in states),
+        py_tangent_args=", ".join(
+            f"_at_step(t{i}, {k})" if name == step else f"ts{n}{suffix[name]}[{k}]" for name, _ in info.inputs
+        ),
     )
 
 

@@ -72,6 +72,13 @@ class Cell:
     # each state, the first (the entry's output) first: an LSTM's h and c
     states: tuple[tuple[str, str, str, str], ...] = ()
     sequences: bool = False  # the entry's output is every step's first state (B, T, ...), not the last
+    # ``hvp`` (Python, forward over reverse through the time loop): the step's and the
+    # states' argument names; (tangents of a state, the tangent of its gradient) of each
+    # state, as the states; the tangents of the op's inputs at one step, in its order
+    step_arg: str = ""
+    state_args: tuple[str, ...] = ()
+    tangent_states: tuple[tuple[str, str], ...] = ()
+    py_tangent_args: str = ""
 
     @property
     def jit_fwd_targets(self) -> str:

@@ -306,6 +306,23 @@ def test_stacked_lstm_train_step_is_loss_and_grads_then_adam(lstm, rng):
     assert_train_step_is_loss_and_grads_then_adam(lstm, lstm_params(lstm, 2), rng)
 
 
+@pytest.mark.parametrize("model", ["rnn", "lstm"])
+def test_hvp_through_time_matches_differences_of_the_gradient(model, request):
+    """Forward over reverse through the time loop (rnn: tanh below two stacked cells, so
+    the step input's tangent and gradient run too; lstm: h and c, return_sequences)."""
+    module = request.getfixturevalue(model)
+    rng = np.random.default_rng(5)
+    params = lstm_params(module, 3) if model == "lstm" else module.init(3, dtype=np.float64)
+    x, y = batch(rng, module, n=2)
+    v = {k: rng.normal(size=p.shape) for k, p in params.items()}
+    hv = module.hvp(params, x, y, v)
+    h = 1e-5
+    plus = module.loss_and_grads({k: p + h * v[k] for k, p in params.items()}, x, y)[1]
+    minus = module.loss_and_grads({k: p - h * v[k] for k, p in params.items()}, x, y)[1]
+    for k in params:
+        ref.assert_close(hv[k], (plus[k] - minus[k]) / (2 * h), np.float64, f"Hv for {k}", ref.Tol(rtol=1e-6, atol=1e-8))
+
+
 @pytest.mark.parametrize(
     "model, forward, kept",
     [("rnn", "_rnn_cell_fwd_core(", "hs3[step + 1]"), ("gru", "_gru_cell_fwd_saving_core(", "kept0_r[step]")],

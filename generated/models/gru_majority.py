@@ -206,7 +206,56 @@ def hvp(params, x, y, v):
     layer's ``jvp`` carries the tangents forward; going back, the gradient's tangent is
     the layer's backward of the incoming tangent plus its ``hvp`` (the derivative of its
     backward along the tangents, the incoming gradient held fixed)."""
-    raise NotImplementedError("%s: hvp is not derived through a cell unrolled over time yet" % NAME)
+    gru_cell0_w_ih = params["gru_cell0.w_ih"]
+    gru_cell0_w_hh = params["gru_cell0.w_hh"]
+    gru_cell0_b_ih = params["gru_cell0.b_ih"]
+    gru_cell0_b_hh = params["gru_cell0.b_hh"]
+    dense1_weight = params["dense1.weight"]
+    dense1_bias = params["dense1.bias"]
+    v = _tangent_tree(params, v)
+    h0 = x
+    t0 = None  # the input is data: its tangent is 0
+    hs1 = [np.zeros((h0.shape[0], 16), h0.dtype)]
+    ts1 = [np.zeros_like(hs1[0])]  # the zero initial state is fixed
+    for step in range(h0.shape[1]):
+        a = (h0[:, step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh,)
+        along = _along(_gru_cell0, a, (_at_step(t0, step), ts1[step], v["gru_cell0.w_ih"], v["gru_cell0.w_hh"], v["gru_cell0.b_ih"], v["gru_cell0.b_hh"],))
+        hs1.append(_gru_cell0.forward(*a))
+        ts1.append(_gru_cell0.jvp(*a, tangents=along))
+    h1, t1 = hs1[-1], ts1[-1]
+    a1 = (h1, dense1_weight, dense1_bias,)
+    h2 = _dense1.forward(*a1)
+    t2 = _dense1.jvp(*a1, tangents=_along(_dense1, a1, (t1, v["dense1.weight"], v["dense1.bias"],)))
+    a2 = (h2, y)
+    g2 = _by_arg(_loss, _loss.backward(1.0, *a2))[_loss.arg_names[0]]
+    gt2 = _by_arg(_loss, _loss.hvp(1.0, *a2, tangents=_along(_loss, a2, (t2, None))))[_loss.arg_names[0]]
+    out = {}
+    first = _by_arg(_dense1, _dense1.backward(g2, *a1))
+    second = _by_arg(_dense1, _dense1.backward(gt2, *a1))
+    third = _by_arg(_dense1, _dense1.hvp(g2, *a1, tangents=_along(_dense1, a1, (t1, v["dense1.weight"], v["dense1.bias"],))))
+    out["dense1.weight"] = second["weight"] + third["weight"]
+    out["dense1.bias"] = second["bias"] + third["bias"]
+    name = _dense1.arg_names[0]
+    if name in first:
+        g1 = first[name]
+        gt1 = second[name] + third[name]
+    out["gru_cell0.w_ih"] = np.zeros_like(gru_cell0_w_ih)
+    out["gru_cell0.w_hh"] = np.zeros_like(gru_cell0_w_hh)
+    out["gru_cell0.b_ih"] = np.zeros_like(gru_cell0_b_ih)
+    out["gru_cell0.b_hh"] = np.zeros_like(gru_cell0_b_hh)
+    gh1, gth1 = g1, gt1
+    for step in range(h0.shape[1] - 1, -1, -1):
+        a = (h0[:, step], hs1[step], gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh,)
+        along = _along(_gru_cell0, a, (_at_step(t0, step), ts1[step], v["gru_cell0.w_ih"], v["gru_cell0.w_hh"], v["gru_cell0.b_ih"], v["gru_cell0.b_hh"],))
+        first = _by_arg(_gru_cell0, _gru_cell0.backward(gh1, *a))
+        second = _by_arg(_gru_cell0, _gru_cell0.backward(gth1, *a))
+        third = _by_arg(_gru_cell0, _gru_cell0.hvp(gh1, *a, tangents=along))
+        out["gru_cell0.w_ih"] += second["w_ih"] + third["w_ih"]
+        out["gru_cell0.w_hh"] += second["w_hh"] + third["w_hh"]
+        out["gru_cell0.b_ih"] += second["b_ih"] + third["b_ih"]
+        out["gru_cell0.b_hh"] += second["b_hh"] + third["b_hh"]
+        gh1, gth1 = first["h"], second["h"] + third["h"]
+    return {key: out[key] for key in PARAM_SHAPES}
 
 
 def hessian(params, x, y, max_size=4096):
@@ -239,6 +288,11 @@ def _unflat(vector):
         out[key] = vector[start:start + size].reshape(shape)
         start += size
     return out
+
+
+def _at_step(tangent, step):
+    """A sequence's tangent at one time step (``None``, an input's: zero)."""
+    return None if tangent is None else tangent[:, step]
 
 
 def _tangent_tree(params, v):

@@ -291,7 +291,103 @@ def hvp(params, x, y, v):
     layer's ``jvp`` carries the tangents forward; going back, the gradient's tangent is
     the layer's backward of the incoming tangent plus its ``hvp`` (the derivative of its
     backward along the tangents, the incoming gradient held fixed)."""
-    raise NotImplementedError("%s: hvp is not derived through a cell unrolled over time yet" % NAME)
+    lstm_cell0_weight_ih = params["lstm_cell0.weight_ih"]
+    lstm_cell0_weight_hh = params["lstm_cell0.weight_hh"]
+    lstm_cell0_bias_ih = params["lstm_cell0.bias_ih"]
+    lstm_cell0_bias_hh = params["lstm_cell0.bias_hh"]
+    lstm_cell1_weight_ih = params["lstm_cell1.weight_ih"]
+    lstm_cell1_weight_hh = params["lstm_cell1.weight_hh"]
+    lstm_cell1_bias_ih = params["lstm_cell1.bias_ih"]
+    lstm_cell1_bias_hh = params["lstm_cell1.bias_hh"]
+    dense2_weight = params["dense2.weight"]
+    dense2_bias = params["dense2.bias"]
+    v = _tangent_tree(params, v)
+    h0 = x
+    t0 = None  # the input is data: its tangent is 0
+    hs1 = [np.zeros((h0.shape[0], 16), h0.dtype)]
+    ts1 = [np.zeros_like(hs1[0])]  # the zero initial state is fixed
+    hs1_c = [np.zeros((h0.shape[0], 16), h0.dtype)]
+    ts1_c = [np.zeros_like(hs1_c[0])]  # the zero initial state is fixed
+    for step in range(h0.shape[1]):
+        a = (h0[:, step], hs1[step], hs1_c[step], lstm_cell0_weight_ih, lstm_cell0_weight_hh, lstm_cell0_bias_ih, lstm_cell0_bias_hh,)
+        along = _along(_lstm_cell0, a, (_at_step(t0, step), ts1[step], ts1_c[step], v["lstm_cell0.weight_ih"], v["lstm_cell0.weight_hh"], v["lstm_cell0.bias_ih"], v["lstm_cell0.bias_hh"],))
+        new, tangent = _lstm_cell0.forward(*a), _lstm_cell0.jvp(*a, tangents=along)
+        hs1.append(new[0])
+        ts1.append(tangent[0])
+        hs1_c.append(new[1])
+        ts1_c.append(tangent[1])
+    h1, t1 = np.stack(hs1[1:], axis=1), np.stack(ts1[1:], axis=1)
+    hs2 = [np.zeros((h1.shape[0], 16), h1.dtype)]
+    ts2 = [np.zeros_like(hs2[0])]  # the zero initial state is fixed
+    hs2_c = [np.zeros((h1.shape[0], 16), h1.dtype)]
+    ts2_c = [np.zeros_like(hs2_c[0])]  # the zero initial state is fixed
+    for step in range(h1.shape[1]):
+        a = (h1[:, step], hs2[step], hs2_c[step], lstm_cell1_weight_ih, lstm_cell1_weight_hh, lstm_cell1_bias_ih, lstm_cell1_bias_hh,)
+        along = _along(_lstm_cell1, a, (_at_step(t1, step), ts2[step], ts2_c[step], v["lstm_cell1.weight_ih"], v["lstm_cell1.weight_hh"], v["lstm_cell1.bias_ih"], v["lstm_cell1.bias_hh"],))
+        new, tangent = _lstm_cell1.forward(*a), _lstm_cell1.jvp(*a, tangents=along)
+        hs2.append(new[0])
+        ts2.append(tangent[0])
+        hs2_c.append(new[1])
+        ts2_c.append(tangent[1])
+    h2, t2 = hs2[-1], ts2[-1]
+    a2 = (h2, dense2_weight, dense2_bias,)
+    h3 = _dense2.forward(*a2)
+    t3 = _dense2.jvp(*a2, tangents=_along(_dense2, a2, (t2, v["dense2.weight"], v["dense2.bias"],)))
+    a3 = (h3, y)
+    g3 = _by_arg(_loss, _loss.backward(1.0, *a3))[_loss.arg_names[0]]
+    gt3 = _by_arg(_loss, _loss.hvp(1.0, *a3, tangents=_along(_loss, a3, (t3, None))))[_loss.arg_names[0]]
+    out = {}
+    first = _by_arg(_dense2, _dense2.backward(g3, *a2))
+    second = _by_arg(_dense2, _dense2.backward(gt3, *a2))
+    third = _by_arg(_dense2, _dense2.hvp(g3, *a2, tangents=_along(_dense2, a2, (t2, v["dense2.weight"], v["dense2.bias"],))))
+    out["dense2.weight"] = second["weight"] + third["weight"]
+    out["dense2.bias"] = second["bias"] + third["bias"]
+    name = _dense2.arg_names[0]
+    if name in first:
+        g2 = first[name]
+        gt2 = second[name] + third[name]
+    out["lstm_cell1.weight_ih"] = np.zeros_like(lstm_cell1_weight_ih)
+    out["lstm_cell1.weight_hh"] = np.zeros_like(lstm_cell1_weight_hh)
+    out["lstm_cell1.bias_ih"] = np.zeros_like(lstm_cell1_bias_ih)
+    out["lstm_cell1.bias_hh"] = np.zeros_like(lstm_cell1_bias_hh)
+    gh2, gth2 = g2, gt2
+    gh2_c, gth2_c = np.zeros_like(hs2_c[0]), np.zeros_like(hs2_c[0])
+    g1, gt1 = np.zeros_like(h1), np.zeros_like(h1)
+    for step in range(h1.shape[1] - 1, -1, -1):
+        a = (h1[:, step], hs2[step], hs2_c[step], lstm_cell1_weight_ih, lstm_cell1_weight_hh, lstm_cell1_bias_ih, lstm_cell1_bias_hh,)
+        along = _along(_lstm_cell1, a, (_at_step(t1, step), ts2[step], ts2_c[step], v["lstm_cell1.weight_ih"], v["lstm_cell1.weight_hh"], v["lstm_cell1.bias_ih"], v["lstm_cell1.bias_hh"],))
+        first = _by_arg(_lstm_cell1, _lstm_cell1.backward(gh2, gh2_c, *a))
+        second = _by_arg(_lstm_cell1, _lstm_cell1.backward(gth2, gth2_c, *a))
+        third = _by_arg(_lstm_cell1, _lstm_cell1.hvp(gh2, gh2_c, *a, tangents=along))
+        out["lstm_cell1.weight_ih"] += second["weight_ih"] + third["weight_ih"]
+        out["lstm_cell1.weight_hh"] += second["weight_hh"] + third["weight_hh"]
+        out["lstm_cell1.bias_ih"] += second["bias_ih"] + third["bias_ih"]
+        out["lstm_cell1.bias_hh"] += second["bias_hh"] + third["bias_hh"]
+        gh2, gth2 = first["h"], second["h"] + third["h"]
+        gh2_c, gth2_c = first["c"], second["c"] + third["c"]
+        g1[:, step] = first["x"]
+        gt1[:, step] = second["x"] + third["x"]
+    out["lstm_cell0.weight_ih"] = np.zeros_like(lstm_cell0_weight_ih)
+    out["lstm_cell0.weight_hh"] = np.zeros_like(lstm_cell0_weight_hh)
+    out["lstm_cell0.bias_ih"] = np.zeros_like(lstm_cell0_bias_ih)
+    out["lstm_cell0.bias_hh"] = np.zeros_like(lstm_cell0_bias_hh)
+    gh1, gth1 = np.zeros_like(hs1[0]), np.zeros_like(hs1[0])
+    gh1_c, gth1_c = np.zeros_like(hs1_c[0]), np.zeros_like(hs1_c[0])
+    for step in range(h0.shape[1] - 1, -1, -1):
+        gh1 = gh1 + g1[:, step]
+        gth1 = gth1 + gt1[:, step]
+        a = (h0[:, step], hs1[step], hs1_c[step], lstm_cell0_weight_ih, lstm_cell0_weight_hh, lstm_cell0_bias_ih, lstm_cell0_bias_hh,)
+        along = _along(_lstm_cell0, a, (_at_step(t0, step), ts1[step], ts1_c[step], v["lstm_cell0.weight_ih"], v["lstm_cell0.weight_hh"], v["lstm_cell0.bias_ih"], v["lstm_cell0.bias_hh"],))
+        first = _by_arg(_lstm_cell0, _lstm_cell0.backward(gh1, gh1_c, *a))
+        second = _by_arg(_lstm_cell0, _lstm_cell0.backward(gth1, gth1_c, *a))
+        third = _by_arg(_lstm_cell0, _lstm_cell0.hvp(gh1, gh1_c, *a, tangents=along))
+        out["lstm_cell0.weight_ih"] += second["weight_ih"] + third["weight_ih"]
+        out["lstm_cell0.weight_hh"] += second["weight_hh"] + third["weight_hh"]
+        out["lstm_cell0.bias_ih"] += second["bias_ih"] + third["bias_ih"]
+        out["lstm_cell0.bias_hh"] += second["bias_hh"] + third["bias_hh"]
+        gh1, gth1 = first["h"], second["h"] + third["h"]
+        gh1_c, gth1_c = first["c"], second["c"] + third["c"]
+    return {key: out[key] for key in PARAM_SHAPES}
 
 
 def hessian(params, x, y, max_size=4096):
@@ -324,6 +420,11 @@ def _unflat(vector):
         out[key] = vector[start:start + size].reshape(shape)
         start += size
     return out
+
+
+def _at_step(tangent, step):
+    """A sequence's tangent at one time step (``None``, an input's: zero)."""
+    return None if tangent is None else tangent[:, step]
 
 
 def _tangent_tree(params, v):
