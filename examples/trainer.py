@@ -81,7 +81,7 @@ def temporal_order(n: int = TEMPORAL_SAMPLES, steps: int = TEMPORAL_STEPS, seed:
     random distractor symbols (a, b, c, d) between a start symbol B and an end symbol E
     holds two relevant symbols, X or Y, one in the first third of the sequence and one in
     its second half; the class (4) is their order: XX, XY, YX or YY. Features are one-hot
-    symbols, shape (n, steps, 8); the model must carry the first symbol over 10 to 40
+    symbols, shape (n, steps, 8); the model must carry the first symbol over 10 to 39
     steps of distractors."""
     rng = np.random.default_rng(seed)
     symbols = rng.integers(2, 6, size=(n, steps))  # distractors
@@ -199,7 +199,7 @@ EXAMPLES: dict[str, Example] = {
         Example("gru_majority", "majority", 10, 32, "GRU over 15 random bits, trained through time: is the majority 1? (>= 95%)"),
         Example(
             "lstm_temporal_order", "temporal_order", 10, 32,
-            "two stacked LSTMs over 50 symbols: the order of two symbols 10-40 steps apart (>= 95%)",
+            "two stacked LSTMs over 50 symbols: the order of two symbols 10-39 steps apart (>= 95%)",
         ),
     )
 }
