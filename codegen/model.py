@@ -1231,7 +1231,7 @@ def unsupported(plan: ModelPlan, target) -> str | None:
     time needs a target whose model template has the time loop (``Target.model_cells``)."""
     if plan.several_inputs and not target.model_inputs:
         return f"inputs: a model with several inputs has no {target.name} training step yet; train this model on the CPU"
-    if not getattr(target, "model_outputs", False):
+    if not target.model_outputs:
         for layer in plan.layers:
             if layer.more_outputs:
                 return (
