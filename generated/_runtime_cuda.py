@@ -225,6 +225,14 @@ def _fill_zero(a, n):
         a[i] = 0
 
 
+@cuda.jit(cache=True)
+def _add_scaled(total, value, weight, n):
+    """total[0] += weight * value[0], in one thread (a model step adding its loss, times
+    the batch's rows, to an epoch's running sum on the device)."""
+    if cuda.grid(1) < n:
+        total[0] += weight * value[0]
+
+
 def _zeros(shape, dtype):
     a = cuda.device_array(shape, dtype)
     if a.size:
