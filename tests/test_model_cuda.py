@@ -52,7 +52,8 @@ layers = [
 loss = "softmax_cross_entropy"
 optimizer = { op = "adam", lr = 0.05 }
 """,
-    # a graph: h1 is read by relu and add, so its gradient is the sum of two parts
+    # a graph: h1 is read by relu and add, so its gradient is the sum of two parts;
+    # layer_norm keeps its mean and reciprocal deviation for its backward (fwd_saving, bwd_saved)
     "residual": """
 name = "tiny_residual"
 kind = "model"
@@ -60,7 +61,7 @@ input = 3
 layers = [
   { op = "dense", out = 4, name = "h1" }, { op = "relu" },
   { op = "dense", out = 4, name = "h2" }, { op = "add", inputs = ["h2", "h1"] },
-  { op = "dense", out = 3 },
+  { op = "layer_norm" }, { op = "dense", out = 3 },
 ]
 loss = "softmax_cross_entropy"
 optimizer = { op = "adam", lr = 0.05 }
@@ -76,7 +77,7 @@ optimizer = { op = "momentum", lr = 0.1 }
 }
 
 
-OPS = ("add", "dense", "embedding", "relu", "conv2d", "max_pool2d", "flatten", "rnn_cell", "softmax_cross_entropy", "bce_with_logits", "adam", "momentum")
+OPS = ("add", "dense", "embedding", "layer_norm", "relu", "conv2d", "max_pool2d", "flatten", "rnn_cell", "softmax_cross_entropy", "bce_with_logits", "adam", "momentum")
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +383,7 @@ def test_every_model_step_kernel_compiles_to_ptx_for_sm90(built, tmp_path, rng):
     unique = sorted(set(launches))
     assert any(k.endswith("_f32") for _, k, _ in unique) and len(unique) > 20
     # the fused-step variants' kernels (forward-saving, saved and params-only backward) and the loss's sum are among them
-    assert {"_add_scaled", "_max_pool2d_fwd_saving0"} <= {k for _, k, _ in unique}
+    assert {"_add_scaled", "_max_pool2d_fwd_saving0", "_layer_norm_fwd_saving0"} <= {k for _, k, _ in unique}
     (tmp_path / "launches.json").write_text(json.dumps([{"module": m, "kernel": k, "types": list(t)} for m, k, t in unique]))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
