@@ -1,9 +1,12 @@
 """The CUDA twins of model specs (generated/models/<name>_cuda.py, codegen/templates/
 model/model_cuda.py.jinja) under the simulator: each model's CUDA training step equals
-its CPU step over several steps (float64, tight tolerance), a model with an unrolled
-cell is refused at build time, ``examples/train.py --device cuda`` trains and resumes,
-and every kernel a model step launches compiles to PTX for sm_90 (the models' files are
-scanned for atomics with the rest of generated/ in tests/test_deterministic_gradients.py).
+its CPU step over several steps (float64, tight tolerance), a model with two named
+inputs (int64 token ids and floats, dict batches) too, a step allocates no device memory
+after its first with a batch shape, a model with an unrolled cell is refused at build
+time, ``examples/train.py --device cuda`` trains and resumes reading back the same per
+epoch whatever its number of batches, and every kernel a model step launches compiles
+to PTX for sm_90 (the models' files are scanned for atomics with the rest of generated/
+in tests/test_deterministic_gradients.py).
 
 The models are tiny specs of the library's examples' shapes (an MLP, a CNN, a logistic
 regression) and a residual block (a graph): the simulator runs each CUDA thread as a
