@@ -547,7 +547,9 @@ def train(config: Config, log=print) -> dict:
     n = len(data.x_train)
     n_batches = math.ceil(n / config.batch_size)
     metric = "test_accuracy" if labels_test is not None else "test_r2"
-    on_device = config.device != "cpu"  # the step's loss stays on the device (see below)
+    on_device = config.device != "cpu"  # the data set and the step's loss stay on the device (see below)
+    if on_device:  # copied once: each batch is gathered there by its rows (train_step's index=)
+        x_device, y_device = device_copy(model, data.x_train), device_copy(model, data.y_train)
 
     for epoch in range(start + 1, config.epochs + 1):
         lr = lr_at(epoch - 1)
@@ -565,12 +567,14 @@ def train(config: Config, log=print) -> dict:
         # a device model adds each batch's loss to a running sum on the device, read at
         # the progress bar's refreshes and once at the end of the epoch (nothing per batch)
         loss_sum = device_copy(model, np.zeros(1, dtype)) if on_device else None
+        order_device = device_copy(model, order.astype(np.int64)) if on_device else None
         seen = 0
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             seen += len(idx)
             if on_device:
-                train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr, loss_sum=loss_sum)
+                rows = order_device[b * config.batch_size : (b + 1) * config.batch_size]  # a view: nothing copied
+                train_step(params, state, x_device, y_device, lr=lr, loss_sum=loss_sum, index=rows)
                 if bar.disable or b % 10 != 0:
                     continue
                 loss = float(host_copy(model, loss_sum)[0]) / seen  # the epoch's mean so far

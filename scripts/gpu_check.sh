@@ -12,7 +12,8 @@
 #             trainer's per-epoch loss read;
 #   bench     benchmarks/bench_cuda.py: the generated CUDA kernels against PyTorch CUDA;
 #   train     examples/train.py --device cuda for mlp_digits and cnn_digits (their
-#             example settings; the epoch's loss summed on the device): test accuracy
+#             example settings; the data set on the device, each batch gathered there
+#             by its rows, the epoch's loss summed on the device): test accuracy
 #             recorded in $out/train_<model>.json;
 #   step      benchmarks/bench_cuda_step.py: the fused CUDA step of the MLP 784-256-128-10
 #             (batch 1024 and 8192) and of the digits CNN against PyTorch CUDA eager and

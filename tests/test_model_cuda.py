@@ -197,9 +197,14 @@ def test_cuda_step_allocates_nothing_after_its_first(built, rng, allocations):
     params, dparams = cpu.init(2, np.float64), gpu.init(2, np.float64)
     state, dstate = cpu.init_state(params), gpu.init_state(dparams)
     batches = [batch(cpu, rng, 3), batch(cpu, rng, 2)]  # a full batch and a last, smaller one
+    # a data set kept on the device, its batches gathered by their rows (index=, as examples/train.py does)
+    data_x, data_y = batch(cpu, rng, 5)
+    device_data, order = (gpu.to_device(data_x), gpu.to_device(data_y)), gpu.to_device(np.array([4, 0, 2, 3, 1]))
     for x, y in batches:  # the first step of each shape allocates
         cpu.train_step(params, state, x, y)
         gpu.train_step(dparams, dstate, x, y)
+    cpu.train_step(params, state, data_x[[4, 0, 2]], data_y[[4, 0, 2]])
+    gpu.train_step(dparams, dstate, *device_data, index=order[:3])
     assert allocations, "the first steps allocate (else this test counts nothing)"
     total = gpu.to_device(np.zeros(1))
     device_x = gpu.to_device(batches[0][0])
@@ -209,12 +214,18 @@ def test_cuda_step_allocates_nothing_after_its_first(built, rng, allocations):
         expected += cpu.train_step(params, state, gpu.to_host(x), y) * len(y)
         loss = gpu.train_step(dparams, dstate, x, y, loss_sum=total)
         assert hasattr(loss, "copy_to_host")
+    expected += cpu.train_step(params, state, data_x[[2, 3, 1]], data_y[[2, 3, 1]]) * 3
+    gpu.train_step(dparams, dstate, *device_data, loss_sum=total, index=order[2:])
     assert allocations == [], "device allocations in steps after the first"
     np.testing.assert_allclose(total.copy_to_host()[0], expected, rtol=1e-12)
     for key, value in gpu.to_host(dparams).items():
         np.testing.assert_allclose(value, params[key], rtol=1e-11, atol=1e-13, err_msg=key)
     with pytest.raises(ValueError, match="loss_sum must be a one-element float64 device array"):
         gpu.train_step(dparams, dstate, *batches[0], loss_sum=np.zeros(1))
+    with pytest.raises(ValueError, match=r"index must be one-dimensional integers in \[0, 5\)"):
+        gpu.train_step(dparams, dstate, *device_data, index=np.array([1, 5]))
+    with pytest.raises(ValueError, match="with index=, x must be a C-contiguous float64 device array"):
+        gpu.train_step(dparams, dstate, data_x, data_y, index=np.array([1, 2]))
 
 
 TWO_INPUTS = """
@@ -382,11 +393,13 @@ def test_every_model_step_kernel_compiles_to_ptx_for_sm90(built, tmp_path, rng):
             x, y = batch(gpu, rng, 2)
             with recorded_launches(launches):
                 # the loss summed on the device, as examples/train.py does (_add_scaled)
-                gpu.train_step(params, state, x.astype(dtype), y.astype(dtype), loss_sum=gpu.to_device(np.zeros(1, dtype)))
+                # (and the batch gathered from device data by its rows, as examples/train.py does: _gather_rows)
+                gpu.train_step(params, state, gpu.to_device(x.astype(dtype)), gpu.to_device(y.astype(dtype)),
+                               loss_sum=gpu.to_device(np.zeros(1, dtype)), index=gpu.to_device(np.array([1, 0])))
     unique = sorted(set(launches))
     assert any(k.endswith("_f32") for _, k, _ in unique) and len(unique) > 20
     # the fused-step variants' kernels (forward-saving, saved and params-only backward) and the loss's sum are among them
-    assert {"_add_scaled", "_max_pool2d_fwd_saving0", "_layer_norm_fwd_saving0"} <= {k for _, k, _ in unique}
+    assert {"_add_scaled", "_gather_rows", "_max_pool2d_fwd_saving0", "_layer_norm_fwd_saving0"} <= {k for _, k, _ in unique}
     (tmp_path / "launches.json").write_text(json.dumps([{"module": m, "kernel": k, "types": list(t)} for m, k, t in unique]))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])

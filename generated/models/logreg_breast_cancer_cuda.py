@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda
 
 import generated
-from generated._runtime_cuda import _add_scaled, _launch
+from generated._runtime_cuda import _add_scaled, _gather_rows, _launch
 from generated.layers.dense_cuda import _dense_bwd_params_alloc, _dense_bwd_params_into, _dense_bwd_params_work, _dense_fwd_alloc, _dense_fwd_into, _dense_fwd_work
 from generated.losses.bce_with_logits_cuda import _bce_with_logits_bwd_alloc, _bce_with_logits_bwd_into, _bce_with_logits_bwd_work, _bce_with_logits_fwd_alloc, _bce_with_logits_fwd_into, _bce_with_logits_fwd_work
 from generated.optimizers.adam_cuda import _adam_step_core
@@ -123,10 +123,13 @@ def _param(params, key):
     return a if _on_device(a) else cuda.to_device(np.ascontiguousarray(a))
 
 
-def _batch(name, a, dtype, staged=None):
+def _batch(name, a, dtype, staged=None, index=None):
     """A batch array on the device with the given element type: a device array as it
     is, a host array copied (into ``staged[name]``, the device array kept for this
-    batch shape, when given: no allocation after the first step)."""
+    batch shape, when given: no allocation after the first step); with ``index`` (a
+    device int64 array), the rows ``a[index]`` of a device array, gathered there."""
+    if index is not None:
+        return _gather(name, a, dtype, staged, index)
     if _on_device(a):
         if a.dtype != dtype or not a.is_c_contiguous():
             raise ValueError("%s: device array %s must be C-contiguous %s, got %s" % (NAME, name, np.dtype(dtype), a.dtype))
@@ -142,9 +145,40 @@ def _batch(name, a, dtype, staged=None):
     return d
 
 
-def _inputs(x, dtype, staged=None):
-    """The batch's inputs on the device, as the step's variables take them: (x,)."""
-    return (_batch("x", x, dtype, staged),)
+def _gather(name, a, dtype, staged, index):
+    """The rows ``a[index]`` of the device array ``a`` (a data set kept on the device),
+    gathered on the device into ``staged[name]`` (allocated on first use)."""
+    if not _on_device(a) or a.dtype != dtype or not a.is_c_contiguous():
+        got = a.dtype if _on_device(a) else "a host array"
+        raise ValueError("%s: with index=, %s must be a C-contiguous %s device array (to_device the data once), got %s" % (NAME, name, np.dtype(dtype), got))
+    shape = (len(index),) + tuple(a.shape[1:])
+    d = staged.get(name)
+    if d is None or d.shape != shape:
+        d = staged[name] = cuda.device_array(shape, dtype)
+    if d.size:
+        cols = d.size // shape[0]
+        _launch(_gather_rows, d.size, d.reshape((shape[0], cols)), a.reshape((a.shape[0], cols)), index, cols)
+    return d
+
+
+def _index(index, n, staged):
+    """A batch's row numbers as a device int64 array: a device array as it is (its
+    values are not read back: they must lie in [0, n)), host ones checked and copied
+    into ``staged``."""
+    if _on_device(index):
+        if index.dtype != np.int64 or index.ndim != 1:
+            raise ValueError("%s: index must be a one-dimensional int64 array, got %s of %d dimensions" % (NAME, index.dtype, index.ndim))
+        return index
+    index = np.asarray(index)
+    if index.ndim != 1 or index.dtype.kind not in "iu" or (index.size and (index.min() < 0 or index.max() >= n)):
+        raise ValueError("%s: index must be one-dimensional integers in [0, %d) (rows of x), got %r" % (NAME, n, index))
+    return _batch("index", index, np.int64, staged)
+
+
+def _inputs(x, dtype, staged=None, index=None):
+    """The batch's inputs on the device, as the step's variables take them: (x,)
+    (with ``index``, their rows ``index``)."""
+    return (_batch("x", x, dtype, staged, index),)
 
 
 def _rows(x, fn):
@@ -245,14 +279,17 @@ def _arrays_for(key):
     return found
 
 
-def train_step(params, state, x, y, read_loss=True, loss_sum=None, **hyper):
+def train_step(params, state, x, y, read_loss=True, loss_sum=None, index=None, **hyper):
     """One training step on the batch (x, y), in place on the device; returns the loss
     before the step (a number; with ``read_loss=False`` a one-element device array,
     so that nothing is read back). ``loss_sum``: a one-element device array of the
     parameters' float type (``to_device(np.zeros(1, dtype))``) to which the step adds
     the loss times the batch's rows, on the device; the loss is then returned as a
     device array, not read (an epoch's mean loss is ``loss_sum`` over its samples,
-    read once).
+    read once). ``index``: the batch is the rows ``x[index]``, ``y[index]`` of a data
+    set on the device (``to_device`` it once), gathered on the device; ``index`` is a
+    device int64 array (a slice of an epoch's permutation on the device: nothing is
+    copied per batch) or host integers (copied).
 
     Forward, loss, backward and the adam update of every parameter launch the
     op modules' kernels layer by layer, into device arrays and workspaces allocated on
@@ -276,9 +313,13 @@ def train_step(params, state, x, y, read_loss=True, loss_sum=None, **hyper):
     if loss_sum is not None and (not _on_device(loss_sum) or loss_sum.shape != (1,) or loss_sum.dtype != dtype):
         raise ValueError("train_step: loss_sum must be a one-element %s device array (to_device(np.zeros(1, dtype)))" % dtype)
     rows = _check_batch(x, y)
-    step = _arrays_for((tuple(x.shape), tuple(y.shape), dtype))
-    (x,) = _inputs(x, dtype, step["staged"])
-    y = _batch("y", y, dtype, step["staged"])
+    key = (tuple(x.shape), tuple(y.shape), dtype)
+    step = _arrays_for(key if index is None else key + (len(index),))
+    if index is not None:
+        index = _index(index, rows, step["staged"])
+        rows = len(index)
+    (x,) = _inputs(x, dtype, step["staged"], index)
+    y = _batch("y", y, dtype, step["staged"], index)
     if step["arrays"] is None:
         step["arrays"] = _step_arrays(x, y, dense0_weight, dense0_bias)
     t = state["t"] + 1
