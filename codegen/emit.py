@@ -157,6 +157,14 @@ def into_name(op: str, entry: str) -> str:
     return "_%s_%s_into" % (ident(op), entry)
 
 
+def work_name(op: str, entry: str) -> str:
+    """The function allocating an entry point's intermediates, its workspace
+    (``_softmax_fwd_work``), where a target's ``_into`` form would otherwise allocate
+    them on every call (CUDA): a model step allocates it once per batch shape and
+    passes it to the ``_into`` form."""
+    return "_%s_%s_work" % (ident(op), entry)
+
+
 # --------------------------------------------------------------------------- per op plan
 class OpPlan:
     """Everything every target needs for one op: lowered kernels per entry point and
@@ -488,6 +496,7 @@ def entry_context(plan: OpPlan, entry: str, kernels, statements, returned, targe
         "core": core_name(p.name, entry),
         "alloc_fn": alloc_name(p.name, entry),
         "into_fn": into_name(p.name, entry),
+        "work_fn": work_name(p.name, entry),
         "core_args": params + keywords,
         "core_doc": "%s Compiled; the arguments are already checked (C-contiguous arrays of one float type)." % doc,
         "dtype_source": floats[0] if floats else None,

@@ -581,6 +581,9 @@ def train(config: Config, log=print) -> dict:
     n = len(data.x_train)
     n_batches = math.ceil(n / config.batch_size)
     metric = "test_accuracy" if labels_test is not None else "test_r2"
+    on_device = config.device != "cpu"  # the data set and the step's loss stay on the device (see below)
+    if on_device:  # copied once: each batch is gathered there by its rows (train_step's index=)
+        x_device, y_device = device_copy(model, data.x_train), device_copy(model, data.y_train)
 
     for epoch in range(start + 1, config.epochs + 1):
         lr = lr_at(epoch - 1)
@@ -595,22 +598,33 @@ def train(config: Config, log=print) -> dict:
             disable=None if config.progress and writes else True,  # None: off when not a terminal
             file=sys.stderr,
         )
+        # a device model adds each batch's loss to a running sum on the device, read at
+        # the progress bar's refreshes and once at the end of the epoch (nothing per batch)
+        loss_sum = device_copy(model, np.zeros(1, dtype)) if on_device else None
+        order_device = device_copy(model, order.astype(np.int64)) if on_device else None
+        seen = 0
         for b in bar:
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            loss = float(train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr))
+            seen += len(idx)
+            if on_device:
+                rows = order_device[b * config.batch_size : (b + 1) * config.batch_size]  # a view: nothing copied
+                train_step(params, state, x_device, y_device, lr=lr, loss_sum=loss_sum, index=rows)
+                if bar.disable or b % 10 != 0:
+                    continue
+                loss = float(host_copy(model, loss_sum)[0]) / seen  # the epoch's mean so far
+            else:
+                loss = float(train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr))
+                total += loss * len(idx)
             if not math.isfinite(loss):
                 bar.close()
-                if epoch > 1:
-                    kept = f"the checkpoint of epoch {epoch - 1} is kept in {ckpt_path}"
-                else:
-                    kept = "no epoch was completed, so no checkpoint was written"
-                raise Diverged(
-                    f"training diverged: the loss became {loss} at epoch {epoch}, batch {b + 1} "
-                    f"(learning rate {lr:g}); {kept}. Try a smaller --lr."
-                )
-            total += loss * len(idx)
+                _diverged(loss, epoch, b, lr, ckpt_path, on_device)
             if b % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if on_device:
+            total = float(host_copy(model, loss_sum)[0])
+            if not math.isfinite(total):
+                bar.close()
+                _diverged(total, epoch, n_batches - 1, lr, ckpt_path, on_device)
         bar.close()
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "loss": total / n, "lr": lr, "seconds": seconds}
@@ -659,6 +673,20 @@ def train(config: Config, log=print) -> dict:
     if config.plot and history:
         plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}", baseline=baseline)
     return result
+
+
+def _diverged(loss, epoch, b, lr, ckpt_path, on_device):
+    """Raise :class:`Diverged`: the training loss of batch ``b`` (0-based) of ``epoch``
+    is not finite (on a device: the epoch's running sum, read by that batch)."""
+    if epoch > 1:
+        kept = f"the checkpoint of epoch {epoch - 1} is kept in {ckpt_path}"
+    else:
+        kept = "no epoch was completed, so no checkpoint was written"
+    where = f"by batch {b + 1} (the epoch's loss is summed on the device)" if on_device else f"batch {b + 1}"
+    raise Diverged(
+        f"training diverged: the loss became {loss} at epoch {epoch}, {where} "
+        f"(learning rate {lr:g}); {kept}. Try a smaller --lr."
+    )
 
 
 # ----------------------------------------------------------------------------- plot

@@ -225,6 +225,24 @@ def _fill_zero(a, n):
         a[i] = 0
 
 
+@cuda.jit(cache=True)
+def _add_scaled(total, value, weight, n):
+    """total[0] += weight * value[0], in one thread (a model step adding its loss, times
+    the batch's rows, to an epoch's running sum on the device)."""
+    if cuda.grid(1) < n:
+        total[0] += weight * value[0]
+
+
+@cuda.jit(cache=True)
+def _gather_rows(out, src, index, cols, n):
+    """out[r, c] = src[index[r], c]: a batch's rows gathered from a data set kept on the
+    device (a training step's ``index=``), one thread per element."""
+    i = cuda.grid(1)
+    if i < n:
+        r = i // cols
+        out[r, i - r * cols] = src[index[r], i - r * cols]
+
+
 def _zeros(shape, dtype):
     a = cuda.device_array(shape, dtype)
     if a.size:

@@ -7,10 +7,14 @@
 #   tests     tests/test_cuda.py and tests/test_model_cuda.py on the device
 #             (SYMGRAD_REAL_GPU=1): every op's CUDA kernels against its CPU kernels,
 #             the `gpu` tests' shapes that span many blocks, each model's CUDA step
-#             against its CPU step;
+#             against its CPU step (the fused-step variants, a two-input model with
+#             int64 token ids), no device allocation in a step after its first, the
+#             trainer's per-epoch loss read;
 #   bench     benchmarks/bench_cuda.py: the generated CUDA kernels against PyTorch CUDA;
 #   train     examples/train.py --device cuda for mlp_digits and cnn_digits (their
-#             example settings): test accuracy recorded in $out/train_<model>.json;
+#             example settings; the data set on the device, each batch gathered there
+#             by its rows, the epoch's loss summed on the device): test accuracy
+#             recorded in $out/train_<model>.json;
 #   step      benchmarks/bench_cuda_step.py: the fused CUDA step of the MLP 784-256-128-10
 #             (batch 1024 and 8192) and of the digits CNN against PyTorch CUDA eager and
 #             torch.compile, each in its own process.

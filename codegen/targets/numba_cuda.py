@@ -5,7 +5,10 @@ matrix products of GEMM shape run as a tiled shared-memory kernel (``TILE`` x
 ``TILE``); every other contraction keeps its loops. A scatter's writers run in one
 thread each, in order (no atomics). Its
 module is a companion of the CPU one (imported by ``op(..., target="cuda")``); it has
-no fused-step variants and no schedules. Templates: codegen/templates/cuda/.
+the fused-step variants (params-only backward, forward-saving and saved-backward
+launchers, as the CPU's cores) and no schedules. Every launcher that writes into
+given results (``_into``) also takes a workspace (``_work``), so that a model step
+allocates nothing on the device after its first. Templates: codegen/templates/cuda/.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class NumbaCUDA(Target):
     templates = "cuda"
     suffix = "_cuda"
     contractions = False
-    variants = False
+    variants = True
     primary = False
+    model_inputs = True
     skips_kinds = frozenset({"schedule"})
     threads = THREADS
     tile = TILE

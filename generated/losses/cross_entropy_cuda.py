@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9ae15216d723dbfd): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -176,6 +176,60 @@ def _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_log
 
 
 @cuda.jit(cache=True)
+def _cross_entropy_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C, _total):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_fwd_saving1(logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction, _total):
+    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
+    loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+    """
+    _F = wsum.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        # wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
+        _v_wsum = _F(0)
+        for b in range(0, B):
+            _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
+        wsum[0] = _v_wsum
+        # loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+        _v_loss_sum0 = _F(0)
+        for b in range(0, B):
+            for c in range(0, C):
+                _v_loss_sum0 += (-logits[b, c] + lse[b])*coef[b, c]
+        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+        _v_loss = _v_loss_sum0*(_F(1) if (reduction == 2) else _F(1) / _v_wsum)
+        loss[0] = _v_loss
+
+
+@cuda.jit(cache=True)
 def _cross_entropy_jvp0(logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C, _total):
     """t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
     t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
@@ -277,15 +331,26 @@ def _cross_entropy_fwd_alloc(logits, target, weight, ignore_index, label_smoothi
     return loss
 
 
-def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss):
-    """``_cross_entropy_fwd_core`` launching its kernels into loss (from ``_cross_entropy_fwd_alloc``); returns nothing."""
+def _cross_entropy_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_fwd_core`` for arguments of these shapes (lse, coef, wsum_sum0), uninitialised device arrays: the workspace ``_cross_entropy_fwd_into`` takes."""
     _dtype = logits.dtype
-    label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
     wsum_sum0 = _empty((B,), _dtype)
+    return (lse, coef, wsum_sum0)
+
+
+def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, _work=None):
+    """``_cross_entropy_fwd_core`` launching its kernels into loss (from ``_cross_entropy_fwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef, wsum_sum0 = _work
     _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
@@ -354,10 +419,9 @@ def _cross_entropy_bwd_alloc(g_loss, logits, target, weight, ignore_index, label
     return g_logits
 
 
-def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits):
-    """``_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_alloc``); returns nothing."""
+def _cross_entropy_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_bwd_core`` for arguments of these shapes (lse_max0, lse_sumexp0, coef, wsum_sum0, wsum, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_into`` takes."""
     _dtype = g_loss.dtype
-    label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     lse_max0 = _empty((B,), _dtype)
@@ -366,6 +430,18 @@ def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_
     wsum_sum0 = _empty((B,), _dtype)
     wsum = _empty((1,), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
+    return (lse_max0, lse_sumexp0, coef, wsum_sum0, wsum, g_logits_sum0)
+
+
+def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse_max0, lse_sumexp0, coef, wsum_sum0, wsum, g_logits_sum0 = _work
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
@@ -404,6 +480,112 @@ def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_sm
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
     _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return _result(g_logits, _dev)
+
+
+def _cross_entropy_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy: loss, lse_max0, lse_sumexp0, wsum from logits, target, weight, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wsum_sum0 = _empty((B,), _dtype)
+    wsum = _empty((1,), _dtype)
+    _launch(_cross_entropy_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
+    _launch(_cross_entropy_fwd_saving1, 1, logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction)
+    return loss, lse_max0, lse_sumexp0, wsum
+
+
+def _cross_entropy_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    wsum = _empty((1,), _dtype)
+    return loss, lse_max0, lse_sumexp0, wsum
+
+
+def _cross_entropy_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_fwd_saving_core`` for arguments of these shapes (lse, coef, wsum_sum0), uninitialised device arrays: the workspace ``_cross_entropy_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wsum_sum0 = _empty((B,), _dtype)
+    return (lse, coef, wsum_sum0)
+
+
+def _cross_entropy_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, wsum, _work=None):
+    """``_cross_entropy_fwd_saving_core`` launching its kernels into loss, lse_max0, lse_sumexp0, wsum (from ``_cross_entropy_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef, wsum_sum0 = _work
+    _launch(_cross_entropy_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
+    _launch(_cross_entropy_fwd_saving1, 1, logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction)
+
+
+def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    return g_logits
+
+
+def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes (coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_saved_into`` takes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    return (coef, g_logits_sum0)
+
+
+def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_bwd_saved_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction)
+    coef, g_logits_sum0 = _work
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 def _cross_entropy_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
