@@ -397,7 +397,7 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
         return node
 
     rhs = walk(rhs)
-    rhs = sympy.powsimp(rhs, combine="exp")
+    rhs = sympy.powsimp(_exponentials_into_masks(rhs), combine="exp")
     rhs = _rewrite_outside_reductions(rhs)
     # log(S) of a shifted sum, computed once per row rather than per element
     for s_name, free, ranges, e, m, e_free, over in sums:
@@ -410,6 +410,31 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
             rhs = rhs.xreplace({log_s: _read(l_name, free)})
             rhs = _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes)
     return rhs
+
+
+def _is_mask(f) -> bool:
+    """``where(cond, value, 0)``: a term kept where a condition holds, 0 elsewhere."""
+    return isinstance(f, sympy.Piecewise) and len(f.args) == 2 and f.args[1] == (0, True)
+
+
+def _exponentials_into_masks(expr):
+    """``where(c, exp(E), 0) * exp(-m)`` -> ``where(c, exp(E) * exp(-m), 0)``: a product's
+    exponential factors move into the kept branch of a masked factor (a causal softmax
+    written as ``where(s <= l, exp(score), 0) / sum(...)``), where they meet the
+    exponential they shift; outside it, ``exp(E)`` alone overflows and the masked zero
+    times the overflow is NaN. An identity: where the mask is 0 the product is 0 either way."""
+
+    def move(mul):
+        exps = [f for f in mul.args if isinstance(f, sympy.exp)]
+        masks = [f for f in mul.args if _is_mask(f) and f.args[0][0].has(sympy.exp)]
+        if not exps or len(masks) != 1:
+            return mul
+        (value, cond), _ = masks[0].args
+        rest = [f for f in mul.args if f is not masks[0] and not isinstance(f, sympy.exp)]
+        kept = sympy.powsimp(sympy.Mul(value, *exps), combine="exp")
+        return sympy.Mul(sympy.Piecewise((kept, cond), (0, True)), *rest)
+
+    return expr.replace(lambda e: e.is_Mul and not isinstance(e, Reduce), move)
 
 
 def _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes):
@@ -518,6 +543,17 @@ def _instance(d: Equation, rhs, read, reader: Equation):
     return rhs.xreplace(mapping)
 
 
+def _is_exp_ratio(rhs) -> bool:
+    """``exp(E) * F / sum(exp(..), j)`` (a softmax written on one line): an exponential
+    factor over sums of exponentials, no other reduction."""
+    factors = sympy.Mul.make_args(rhs)
+    divisors = [f for f in factors if f.is_Pow and f.exp == -1 and isinstance(f.base, ReduceSum)]
+    rest = [f for f in factors if f not in divisors]
+    return bool(divisors) and _has_exp_factor(sympy.Mul(*rest)) and not sympy.Mul(*rest).has(Reduce) \
+        and all(not d.base.body.has(Reduce) and _masked_exp_factor(d.base.body, d.base.indices) is not None
+                for d in divisors)
+
+
 def look_through_exponentials(op: OpDef) -> list[Equation]:
     """The equations with sums of exponentials written in steps seen as written inline,
     so that :func:`stabilise` shifts them as it does a softmax written on one line:
@@ -526,6 +562,10 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
       (``e[b,c] = exp(x[b,c])``), read inside a sum that thereby becomes a sum of
       exponentials (``sum(e[b,k], k)``, ``sum(e[b,t,s] * v[b,s,d], s)``), is read through
       its definition there;
+    * a named softmax (``w[b,k] = exp(x[b,k]) / sum(exp(x[b,j]), j)``) read inside a sum
+      of exponentials (a mixture's ``log(sum(w[b,k] * exp(a[b,k]), k))``) is read through
+      its definition there, so that its exponent joins the sum's: the weight alone
+      underflows where the product does not;
     * a named sum of exponentials (``z[b] = sum(exp(x[b,k]), k)``) read as a divisor is
       read through its definition, and so are, in that quotient, the exponential
       intermediates of the numerator: the factors exp(m) of both then cancel.
@@ -537,6 +577,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
     outputs = set(op.outputs)
     exps: dict = {}   # elementwise intermediates with an exponential factor: name -> (eq, rhs)
     sums: dict = {}   # named sums of exponentials: name -> (eq, rhs)
+    ratios: dict = {}  # named softmaxes, exp(E) / sum(exp(..)): name -> (eq, rhs)
     out: list[Equation] = []
     for eq in op.equations:
         eq = replace(eq, ranges=dict(eq.ranges))
@@ -544,7 +585,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
 
         def through(expr, names, pred=lambda r: True):
             for n in names:
-                d, body = exps.get(n) or sums[n]
+                d, body = exps.get(n) or ratios.get(n) or sums[n]
                 for r in _reads(n, expr):
                     if pred(r):
                         inst = _instance(d, body, r, eq)
@@ -553,7 +594,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
             return expr
 
         def in_sum(node):
-            body = through(node.body, exps)
+            body = through(through(node.body, exps), ratios)
             if body == node.body or _masked_exp_factor(node.body, node.indices) is not None \
                     or _masked_exp_factor(body, node.indices) is None:
                 return node
@@ -571,6 +612,8 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
             eq = replace(eq, rhs=rhs)
         if not isinstance(rhs, Reduce) and not rhs.has(Reduce) and _has_exp_factor(rhs):
             exps[eq.target] = (eq, rhs)
+        elif _is_exp_ratio(rhs):
+            ratios[eq.target] = (eq, rhs)
         elif isinstance(rhs, ReduceSum) and not rhs.body.has(Reduce) \
                 and _masked_exp_factor(rhs.body, rhs.indices) is not None:
             sums[eq.target] = (eq, rhs)
@@ -580,7 +623,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
     kept: list[Equation] = []
     needed = set(outputs)
     for eq in reversed(out):
-        if eq.target in needed or eq.target not in exps and eq.target not in sums:
+        if eq.target in needed or eq.target not in exps and eq.target not in sums and eq.target not in ratios:
             kept.append(eq)
             needed |= {str(r.base) for r in eq.rhs.atoms(sympy.Indexed)} | {x.name for x in eq.rhs.atoms(sympy.Symbol)}
     return kept[::-1]
