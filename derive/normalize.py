@@ -343,6 +343,47 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
     rhs = eq.rhs
     maxima: dict = {}
     sums: list = []
+    exponents: dict = {}  # a compound exponent -> (the read of its statement, its statement)
+    shifts: dict = {}  # (a named exponent's read, its maximum's read) -> (the read of E - m, its statement)
+
+    def named_exponent(e, e_free, over):
+        """A compound exponent as a read of a statement computing it once: the maximum,
+        the shifted terms and the backward then subtract the same rounded value (the
+        largest term is exp(0) = 1 exactly), where computed twice, in loops the compiler
+        may round differently, ``E - m`` at the magnitude of E (a Gaussian density's
+        exponent, ~1e5) would be ``E``'s rounding error away from 0."""
+        if isinstance(e, (sympy.Indexed, sympy.Symbol)) or not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e)):
+            return e
+        if e not in exponents:
+            idx = e_free + over
+            name = namer(f"{eq.target}_exponent")
+            stmt = Stmt(name, idx, e, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
+                        note="the exponent, computed once: the maximum and the shifted terms subtract the same rounded value")
+            extra.append(stmt)
+            shapes[name] = tuple(eq.ranges[i] for i in idx)
+            exponents[e] = (_read(name, idx), stmt)
+        return exponents[e][0]
+
+    def shifted_exponent(e, m, e_free, over):
+        """``E - m``; for a named (compound) exponent, a read of a statement computing it
+        once, right after the maximum: what every exponential of the shifted exponent reads
+        (the sum's terms, a softmax's numerator, the backward), so that a product with
+        other exponentials (``exp(-2 s) * exp(E - m)``) cannot fold E - m into a longer
+        sum rounded at the magnitude of E."""
+        named = [v for v in exponents.values() if v[0] == e]
+        if not named:
+            return e - m
+        if (e, m) not in shifts:
+            idx = e_free + over
+            name = namer(f"{eq.target}_shifted")
+            m_name = str(m.base) if isinstance(m, sympy.Indexed) else str(m)
+            at = next(k for k, t in enumerate(extra) if t.target == m_name) + 1
+            stmt = Stmt(name, idx, e - m, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
+                        note="the exponent less its maximum, rounded once")
+            extra.insert(at, stmt)
+            shapes[name] = tuple(eq.ranges[i] for i in idx)
+            shifts[(e, m)] = (_read(name, idx), stmt)
+        return shifts[(e, m)][0]
 
     def shifted(node):
         if not isinstance(node, ReduceSum) or node.body.has(Reduce):
@@ -355,6 +396,7 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
         over = tuple(node.indices)
         own = set(over)
         e_free = tuple(sorted((i for i in e.free_symbols if i in eq.ranges and i not in own), key=str))
+        e = named_exponent(e, e_free, over)
         # the maximum over the terms the sum takes (a masked term is -inf for it)
         masked = e if cond == sympy.true else sympy.Piecewise((e, cond), (-sympy.oo, True))
         key = (masked, over)
@@ -372,7 +414,7 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
         free = _free_indices(node, eq.ranges)
         ranges = {i: eq.ranges[i] for i in free + over}
         s_name = namer(f"{eq.target}_sumexp")
-        shifted_term = sympy.exp(e - m) * rest
+        shifted_term = sympy.exp(shifted_exponent(e, m, e_free, over)) * rest
         if cond != sympy.true:
             shifted_term = sympy.Piecewise((shifted_term, cond), (0, True))
         extra.append(Stmt(s_name, free, shifted_term, "sum", over, ranges, origin="stability"))
@@ -398,6 +440,8 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
 
     rhs = walk(rhs)
     rhs = sympy.powsimp(_exponentials_into_masks(rhs), combine="exp")
+    rhs = _read_named_exponents(rhs, exponents)
+    rhs = _read_named_exponents(rhs, {e - m: v for (e, m), v in shifts.items()})
     rhs = _rewrite_outside_reductions(rhs)
     # log(S) of a shifted sum, computed once per row rather than per element
     for s_name, free, ranges, e, m, e_free, over in sums:
@@ -410,6 +454,31 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
             rhs = rhs.xreplace({log_s: _read(l_name, free)})
             rhs = _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes)
     return rhs
+
+
+def _read_named_exponents(rhs, exponents: dict):
+    """Each exponential of a named exponent outside its sums (a softmax's numerator,
+    ``exp(E[b,k] - m[b])``) reads the statement too, at its own indices."""
+    from .simplify import index_instances
+
+    for e, (read, stmt) in exponents.items():
+        for mapping in index_instances(stmt, rhs):
+            concrete, target = e.xreplace(mapping), read.xreplace(mapping) if mapping else read
+            rhs = rhs.replace(lambda n: isinstance(n, sympy.exp) and n.args[0].has(*concrete.free_symbols),
+                              lambda n: sympy.exp(_replace_term(n.args[0], concrete, target)))
+    return rhs
+
+
+def _replace_term(arg, concrete, target):
+    """``arg`` (a sum of terms) with the terms of ``concrete`` replaced by ``target``,
+    when it holds all of them (``E - m`` -> ``x - m``)."""
+    parts = sympy.Add.make_args(sympy.expand(concrete, power_exp=False, mul=True, multinomial=False, log=False))
+    have = list(sympy.Add.make_args(sympy.expand(arg, power_exp=False, mul=True, multinomial=False, log=False)))
+    if not all(p in have for p in parts):
+        return arg
+    for p in parts:
+        have.remove(p)
+    return sympy.Add(target, *have)
 
 
 def _is_mask(f) -> bool:
