@@ -153,6 +153,10 @@ CASES = [
           lambda rng, s: [s * rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 2))],
           terms=4 * 3),
     Paper("rope", _rope, normal((2, 5, 4)), f32=False),
+    # acos (with asin, asinh, acosh, atanh and erfc) joined the spec language for it; its
+    # argument is a cosine (|c| < 1), so inputs are not scaled to 1e3
+    Paper("arcface_logit", lambda c, onehot: 30.0 * torch.where(onehot > 0, torch.cos(torch.acos(c) + 0.5), c),
+          lambda rng, s: [np.tanh(rng.normal(size=(3, 4))), rng.choice([0.0, 1.0], size=(3, 4))], large=False),
     Paper("bilinear_nobias", lambda x1, x2, w: F.bilinear(x1, x2, w), normal((3, 4), (3, 2), (2, 4, 2)),
           terms=M * 8, large=False, f32=False),  # a trilinear product: 1e3 in every factor is 1e9
     # losses
