@@ -50,7 +50,7 @@ DOT = sympy.Symbol("_dot")
 
 #: Functions that return a finite or NaN value for every argument without raising, in
 #: Numba and in plain Python (the CUDA simulator): see Lowerer._total.
-TOTAL_FUNCTIONS = frozenset({"tanh", "atan", "erf", "erfc", "sigmoid", "softplus"})
+TOTAL_FUNCTIONS = frozenset({"tanh", "atan", "asinh", "erf", "erfc", "sigmoid", "softplus"})
 
 
 def _moved(cond):

@@ -343,6 +343,47 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
     rhs = eq.rhs
     maxima: dict = {}
     sums: list = []
+    exponents: dict = {}  # a compound exponent -> (the read of its statement, its statement)
+    shifts: dict = {}  # (a named exponent's read, its maximum's read) -> (the read of E - m, its statement)
+
+    def named_exponent(e, e_free, over):
+        """A compound exponent as a read of a statement computing it once: the maximum,
+        the shifted terms and the backward then subtract the same rounded value (the
+        largest term is exp(0) = 1 exactly), where computed twice, in loops the compiler
+        may round differently, ``E - m`` at the magnitude of E (a Gaussian density's
+        exponent, ~1e5) would be ``E``'s rounding error away from 0."""
+        if isinstance(e, (sympy.Indexed, sympy.Symbol)) or not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e)):
+            return e
+        if e not in exponents:
+            idx = e_free + over
+            name = namer(f"{eq.target}_exponent")
+            stmt = Stmt(name, idx, e, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
+                        note="the exponent, computed once: the maximum and the shifted terms subtract the same rounded value")
+            extra.append(stmt)
+            shapes[name] = tuple(eq.ranges[i] for i in idx)
+            exponents[e] = (_read(name, idx), stmt)
+        return exponents[e][0]
+
+    def shifted_exponent(e, m, e_free, over):
+        """``E - m``; for a named (compound) exponent, a read of a statement computing it
+        once, right after the maximum: what every exponential of the shifted exponent reads
+        (the sum's terms, a softmax's numerator, the backward), so that a product with
+        other exponentials (``exp(-2 s) * exp(E - m)``) cannot fold E - m into a longer
+        sum rounded at the magnitude of E."""
+        named = [v for v in exponents.values() if v[0] == e]
+        if not named:
+            return e - m
+        if (e, m) not in shifts:
+            idx = e_free + over
+            name = namer(f"{eq.target}_shifted")
+            m_name = str(m.base) if isinstance(m, sympy.Indexed) else str(m)
+            at = next(k for k, t in enumerate(extra) if t.target == m_name) + 1
+            stmt = Stmt(name, idx, e - m, "none", (), {i: eq.ranges[i] for i in idx}, origin="stability",
+                        note="the exponent less its maximum, rounded once")
+            extra.insert(at, stmt)
+            shapes[name] = tuple(eq.ranges[i] for i in idx)
+            shifts[(e, m)] = (_read(name, idx), stmt)
+        return shifts[(e, m)][0]
 
     def shifted(node):
         if not isinstance(node, ReduceSum) or node.body.has(Reduce):
@@ -355,6 +396,7 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
         over = tuple(node.indices)
         own = set(over)
         e_free = tuple(sorted((i for i in e.free_symbols if i in eq.ranges and i not in own), key=str))
+        e = named_exponent(e, e_free, over)
         # the maximum over the terms the sum takes (a masked term is -inf for it)
         masked = e if cond == sympy.true else sympy.Piecewise((e, cond), (-sympy.oo, True))
         key = (masked, over)
@@ -372,7 +414,7 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
         free = _free_indices(node, eq.ranges)
         ranges = {i: eq.ranges[i] for i in free + over}
         s_name = namer(f"{eq.target}_sumexp")
-        shifted_term = sympy.exp(e - m) * rest
+        shifted_term = sympy.exp(shifted_exponent(e, m, e_free, over)) * rest
         if cond != sympy.true:
             shifted_term = sympy.Piecewise((shifted_term, cond), (0, True))
         extra.append(Stmt(s_name, free, shifted_term, "sum", over, ranges, origin="stability"))
@@ -397,7 +439,9 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
         return node
 
     rhs = walk(rhs)
-    rhs = sympy.powsimp(rhs, combine="exp")
+    rhs = sympy.powsimp(_exponentials_into_masks(rhs), combine="exp")
+    rhs = _read_named_exponents(rhs, exponents)
+    rhs = _read_named_exponents(rhs, {e - m: v for (e, m), v in shifts.items()})
     rhs = _rewrite_outside_reductions(rhs)
     # log(S) of a shifted sum, computed once per row rather than per element
     for s_name, free, ranges, e, m, e_free, over in sums:
@@ -410,6 +454,56 @@ def stabilise(eq: Equation, namer: Namer, extra: list[Stmt], shapes: dict,
             rhs = rhs.xreplace({log_s: _read(l_name, free)})
             rhs = _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes)
     return rhs
+
+
+def _read_named_exponents(rhs, exponents: dict):
+    """Each exponential of a named exponent outside its sums (a softmax's numerator,
+    ``exp(E[b,k] - m[b])``) reads the statement too, at its own indices."""
+    from .simplify import index_instances
+
+    for e, (read, stmt) in exponents.items():
+        for mapping in index_instances(stmt, rhs):
+            concrete, target = e.xreplace(mapping), read.xreplace(mapping) if mapping else read
+            rhs = rhs.replace(lambda n: isinstance(n, sympy.exp) and n.args[0].has(*concrete.free_symbols),
+                              lambda n: sympy.exp(_replace_term(n.args[0], concrete, target)))
+    return rhs
+
+
+def _replace_term(arg, concrete, target):
+    """``arg`` (a sum of terms) with the terms of ``concrete`` replaced by ``target``,
+    when it holds all of them (``E - m`` -> ``x - m``)."""
+    parts = sympy.Add.make_args(sympy.expand(concrete, power_exp=False, mul=True, multinomial=False, log=False))
+    have = list(sympy.Add.make_args(sympy.expand(arg, power_exp=False, mul=True, multinomial=False, log=False)))
+    if not all(p in have for p in parts):
+        return arg
+    for p in parts:
+        have.remove(p)
+    return sympy.Add(target, *have)
+
+
+def _is_mask(f) -> bool:
+    """``where(cond, value, 0)``: a term kept where a condition holds, 0 elsewhere."""
+    return isinstance(f, sympy.Piecewise) and len(f.args) == 2 and f.args[1] == (0, True)
+
+
+def _exponentials_into_masks(expr):
+    """``where(c, exp(E), 0) * exp(-m)`` -> ``where(c, exp(E) * exp(-m), 0)``: a product's
+    exponential factors move into the kept branch of a masked factor (a causal softmax
+    written as ``where(s <= l, exp(score), 0) / sum(...)``), where they meet the
+    exponential they shift; outside it, ``exp(E)`` alone overflows and the masked zero
+    times the overflow is NaN. An identity: where the mask is 0 the product is 0 either way."""
+
+    def move(mul):
+        exps = [f for f in mul.args if isinstance(f, sympy.exp)]
+        masks = [f for f in mul.args if _is_mask(f) and f.args[0][0].has(sympy.exp)]
+        if not exps or len(masks) != 1:
+            return mul
+        (value, cond), _ = masks[0].args
+        rest = [f for f in mul.args if f is not masks[0] and not isinstance(f, sympy.exp)]
+        kept = sympy.powsimp(sympy.Mul(value, *exps), combine="exp")
+        return sympy.Mul(sympy.Piecewise((kept, cond), (0, True)), *rest)
+
+    return expr.replace(lambda e: e.is_Mul and not isinstance(e, Reduce), move)
 
 
 def _name_shift(rhs, e, m, e_free, over, eq, namer, extra, shapes):
@@ -518,6 +612,17 @@ def _instance(d: Equation, rhs, read, reader: Equation):
     return rhs.xreplace(mapping)
 
 
+def _is_exp_ratio(rhs) -> bool:
+    """``exp(E) * F / sum(exp(..), j)`` (a softmax written on one line): an exponential
+    factor over sums of exponentials, no other reduction."""
+    factors = sympy.Mul.make_args(rhs)
+    divisors = [f for f in factors if f.is_Pow and f.exp == -1 and isinstance(f.base, ReduceSum)]
+    rest = [f for f in factors if f not in divisors]
+    return bool(divisors) and _has_exp_factor(sympy.Mul(*rest)) and not sympy.Mul(*rest).has(Reduce) \
+        and all(not d.base.body.has(Reduce) and _masked_exp_factor(d.base.body, d.base.indices) is not None
+                for d in divisors)
+
+
 def look_through_exponentials(op: OpDef) -> list[Equation]:
     """The equations with sums of exponentials written in steps seen as written inline,
     so that :func:`stabilise` shifts them as it does a softmax written on one line:
@@ -526,6 +631,10 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
       (``e[b,c] = exp(x[b,c])``), read inside a sum that thereby becomes a sum of
       exponentials (``sum(e[b,k], k)``, ``sum(e[b,t,s] * v[b,s,d], s)``), is read through
       its definition there;
+    * a named softmax (``w[b,k] = exp(x[b,k]) / sum(exp(x[b,j]), j)``) read inside a sum
+      of exponentials (a mixture's ``log(sum(w[b,k] * exp(a[b,k]), k))``) is read through
+      its definition there, so that its exponent joins the sum's: the weight alone
+      underflows where the product does not;
     * a named sum of exponentials (``z[b] = sum(exp(x[b,k]), k)``) read as a divisor is
       read through its definition, and so are, in that quotient, the exponential
       intermediates of the numerator: the factors exp(m) of both then cancel.
@@ -537,6 +646,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
     outputs = set(op.outputs)
     exps: dict = {}   # elementwise intermediates with an exponential factor: name -> (eq, rhs)
     sums: dict = {}   # named sums of exponentials: name -> (eq, rhs)
+    ratios: dict = {}  # named softmaxes, exp(E) / sum(exp(..)): name -> (eq, rhs)
     out: list[Equation] = []
     for eq in op.equations:
         eq = replace(eq, ranges=dict(eq.ranges))
@@ -544,7 +654,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
 
         def through(expr, names, pred=lambda r: True):
             for n in names:
-                d, body = exps.get(n) or sums[n]
+                d, body = exps.get(n) or ratios.get(n) or sums[n]
                 for r in _reads(n, expr):
                     if pred(r):
                         inst = _instance(d, body, r, eq)
@@ -553,7 +663,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
             return expr
 
         def in_sum(node):
-            body = through(node.body, exps)
+            body = through(through(node.body, exps), ratios)
             if body == node.body or _masked_exp_factor(node.body, node.indices) is not None \
                     or _masked_exp_factor(body, node.indices) is None:
                 return node
@@ -571,6 +681,8 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
             eq = replace(eq, rhs=rhs)
         if not isinstance(rhs, Reduce) and not rhs.has(Reduce) and _has_exp_factor(rhs):
             exps[eq.target] = (eq, rhs)
+        elif _is_exp_ratio(rhs):
+            ratios[eq.target] = (eq, rhs)
         elif isinstance(rhs, ReduceSum) and not rhs.body.has(Reduce) \
                 and _masked_exp_factor(rhs.body, rhs.indices) is not None:
             sums[eq.target] = (eq, rhs)
@@ -580,7 +692,7 @@ def look_through_exponentials(op: OpDef) -> list[Equation]:
     kept: list[Equation] = []
     needed = set(outputs)
     for eq in reversed(out):
-        if eq.target in needed or eq.target not in exps and eq.target not in sums:
+        if eq.target in needed or eq.target not in exps and eq.target not in sums and eq.target not in ratios:
             kept.append(eq)
             needed |= {str(r.base) for r in eq.rhs.atoms(sympy.Indexed)} | {x.name for x in eq.rhs.atoms(sympy.Symbol)}
     return kept[::-1]

@@ -323,6 +323,17 @@ def _distribute_exp(mul):
     return mul
 
 
+def combine_exponentials(expr):
+    """``exp(a) * exp(b) -> exp(a + b)``, in the branches of a ``where`` too (SymPy's
+    ``powsimp`` stops at a Piecewise): a masked softmax's derivative holds
+    ``where(s <= l, exp(-m) * exp(score), 0)``, where ``exp(score)`` alone overflows."""
+    expr = expr.replace(
+        lambda e: isinstance(e, sympy.Piecewise) and e.has(sympy.exp),
+        lambda e: sympy.Piecewise(*[(sympy.powsimp(v, combine="exp"), c) for v, c in e.args]),
+    )
+    return sympy.powsimp(expr, combine="exp")
+
+
 def cancel_exponential_pairs(expr):
     """A product that holds ``exp(u)`` and, inside a sum factor, ``exp(-u)`` (the chain
     rule through ``exp(E - m)`` divided by it again) has the exponentials cancelled: each
@@ -330,7 +341,7 @@ def cancel_exponential_pairs(expr):
     the softmax ``q`` underflows), their product is 1."""
     if not expr.has(sympy.exp):
         return expr
-    expr = sympy.powsimp(expr, combine="exp")
+    expr = combine_exponentials(expr)
     for _ in range(4):
         new = expr.replace(lambda e: e.is_Mul and any(isinstance(f, sympy.exp) for f in e.args), _distribute_exp)
         new = sympy.powsimp(new, combine="exp")

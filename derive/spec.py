@@ -451,6 +451,30 @@ def multiple_of(op: OpDef, big, small) -> bool:
     return ratio.is_Integer and ratio > 1
 
 
+def _range_from_readers(op: OpDef, eq, i, shapes: dict):
+    """The range of index ``i`` of an intermediate's left-hand side that no read of its own
+    equation binds (``theta[t,d] = t * 10000**(-2*(d // 2) / D)``), from where a later
+    equation reads the intermediate with a bare index at that position, bound there by a
+    tensor of known shape (``y[b,t,d] = x[b,t,d]*cos(theta[t,d]) ...``): (size, where), or None."""
+    k = eq.index.index(i)
+    for other in op.equations[op.equations.index(eq) + 1:]:
+        reads = sorted(other.rhs.atoms(sympy.Indexed) | {r for r in other.reads if isinstance(r, sympy.Indexed)},
+                       key=sympy.default_sort_key)
+        for r in reads:
+            if str(r.base) != eq.target or len(r.indices) != len(eq.index) or not isinstance(r.indices[k], sympy.Symbol):
+                continue
+            j = r.indices[k]
+            if j.name in op.ranges:
+                return op.ranges[j.name], f"the range of `{j}`, where `{eq.target}` is read as `{r}`"
+            bound = [(str(t.base), n) for t in reads if str(t.base) in shapes for n, e in enumerate(t.indices) if e == j]
+            if other.target in op.outputs:
+                bound += [(other.target, n) for n, e in enumerate(other.index) if e == j]
+            if bound:
+                name, n = bound[0]
+                return shapes[name][n], f"dimension {n + 1} of `{name}`, where `{eq.target}` is read as `{r}`"
+    return None
+
+
 def bind(op: OpDef) -> OpDef:
     """Give every index a range and every intermediate a shape, or fail clearly."""
     path = op.source
@@ -519,6 +543,10 @@ def bind(op: OpDef) -> OpDef:
                 }
         all_indices |= set(eq.index) | bound_by_reduce
         for i in sorted(all_indices, key=str):
+            if i not in local and i in eq.index and eq.target not in shapes:
+                found = _range_from_readers(op, eq, i, shapes)
+                if found is not None:
+                    bind_index(i, *found)
             if i not in local:
                 raise SpecError(
                     path,

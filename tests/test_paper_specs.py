@@ -81,6 +81,28 @@ def _log_cosh(pred, target):
     return (d.abs() + torch.log1p(torch.exp(-2 * d.abs())) - np.log(2.0)).mean()
 
 
+def _alibi_attention(q, k, v, m=0.5):
+    """Causal attention with ALiBi's linear bias, through PyTorch's masked softmax."""
+    L = q.shape[1]
+    l, s = torch.arange(L)[:, None], torch.arange(L)[None]
+    score = q @ k.transpose(1, 2) / np.sqrt(q.shape[-1]) - (m * (l - s)).to(q.dtype)
+    return torch.softmax(score.masked_fill(s > l, -float("inf")), -1) @ v
+
+
+def _mdn_nll(logit, mu, log_sigma, y):
+    """The mixture's log-likelihood in log space (log-softmax plus log-density, log-sum-exp)."""
+    log_density = -(y[:, None] - mu) ** 2 / (2 * torch.exp(2 * log_sigma)) - log_sigma - 0.5 * np.log(2 * np.pi)
+    return -torch.logsumexp(F.log_softmax(logit, -1) + log_density, -1).mean()
+
+
+def _rope(x):
+    """Rotary embedding, pairs (2i, 2i+1) rotated by t * 10000^(-2i/D)."""
+    T, D = x.shape[1], x.shape[2]
+    theta = torch.arange(T, dtype=x.dtype)[:, None] * 10000.0 ** (-2 * (torch.arange(D) // 2) / D).to(x.dtype)
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], -1).reshape(x.shape)
+    return x * torch.cos(theta) + rotated * torch.sin(theta)
+
+
 @dataclass(frozen=True)
 class Paper:
     spec: str
@@ -125,6 +147,16 @@ CASES = [
     Paper("cross_attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
           lambda rng, s: [s * rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 3))],
           terms=4 * 5 * 3, f32=False),
+    # causal attention written with where(s <= l, exp(score), 0): at scores ~1e3 the masked
+    # exponentials overflowed outside their mask (NaN) until the shift moved into the mask
+    Paper("alibi_attention", _alibi_attention,
+          lambda rng, s: [s * rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 2))],
+          terms=4 * 3),
+    Paper("rope", _rope, normal((2, 5, 4)), f32=False),
+    # acos (with asin, asinh, acosh, atanh and erfc) joined the spec language for it; its
+    # argument is a cosine (|c| < 1), so inputs are not scaled to 1e3
+    Paper("arcface_logit", lambda c, onehot: 30.0 * torch.where(onehot > 0, torch.cos(torch.acos(c) + 0.5), c),
+          lambda rng, s: [np.tanh(rng.normal(size=(3, 4))), rng.choice([0.0, 1.0], size=(3, 4))], large=False),
     Paper("bilinear_nobias", lambda x1, x2, w: F.bilinear(x1, x2, w), normal((3, 4), (3, 2), (2, 4, 2)),
           terms=M * 8, large=False, f32=False),  # a trilinear product: 1e3 in every factor is 1e9
     # losses
@@ -148,6 +180,14 @@ CASES = [
     Paper("weighted_cross_entropy", lambda x, t, w: F.cross_entropy(x, t, weight=w),
           with_fixed(normal((5, 3)), lambda rng: rng.integers(0, 3, size=5), lambda rng: rng.uniform(0.5, 2.0, 3))),
     Paper("log_cosh", _log_cosh, normal((3, 4), (3, 4))),
+    # a mixture density network's likelihood written from its definition: a softmax weight
+    # times a density inside log(sum(...)); at means ~1e3 every weight-density product
+    # underflowed separately (log 0) until the weight's exponent joined the density's; its
+    # float32 gradients were 100x less precise than PyTorch's until the exponent (~1e5) and
+    # the exponent less its maximum were each computed once
+    Paper("mdn_nll", _mdn_nll,
+          with_fixed(lambda rng, s: [s * rng.normal(size=(3, 3)), s * rng.normal(size=(3, 3)),
+                                     rng.normal(size=(3, 3)), s * rng.normal(size=3)])),
 ]
 PARAMS = [pytest.param(c, id=c.spec) for c in CASES]
 CUDA = ["gelu_tanh", "group_norm", "pixel_shuffle", "conv_transpose1d", "weighted_cross_entropy"]
