@@ -63,6 +63,14 @@ HELPER_FUNCTIONS = {
     "softplus": "_softplus",
 }
 
+#: The counter-based generator's draws (derive/functions.py ``RandomFunction``) -> the
+#: generated helper; each takes its integer arguments (seed, step, counter) and ``_F``,
+#: and calls the Philox helper (``_philox``), which the runtime holds beside it.
+RANDOM_FUNCTIONS = {
+    "uniform": "_uniform",
+    "normal": "_normal",
+}
+
 CAST = "_F"
 
 #: Names a symbol that codegen invents (a loop index) must not take: the modules the
@@ -197,6 +205,7 @@ class CPUPrinter(PythonCodePrinter):
 
     target = "cpu"
     helper_functions = HELPER_FUNCTIONS
+    random_functions = RANDOM_FUNCTIONS
 
     def __init__(self, int_symbols=(), int_tensors=(), scalars=(), settings=None):
         super().__init__(dict({"fully_qualified_modules": True}, **(settings or {})))
@@ -547,8 +556,22 @@ class CPUPrinter(PythonCodePrinter):
 
     # ----------------------------------------------------------------- logic
     def _float_comparison(self, cond) -> bool:
-        """Whether a condition compares float values (a NaN operand makes it unordered)."""
-        return any(not (self.is_int(r.lhs) and self.is_int(r.rhs)) for r in cond.atoms(sympy.core.relational.Relational))
+        """Whether a condition compares float values (a NaN operand makes it unordered).
+        A draw of the generator compared with an expression reading no tensor
+        (``uniform(seed, step, i) >= p``) counts as ordered: the draw is never NaN, and
+        the other side holds attributes and sizes only (a NaN attribute is not data
+        whose NaN the kernel carries through); the NaN branch would draw twice."""
+        return any(
+            not (self.is_int(r.lhs) and self.is_int(r.rhs)) and not self._ordered_draw(r)
+            for r in cond.atoms(sympy.core.relational.Relational)
+        )
+
+    def _ordered_draw(self, rel) -> bool:
+        """A comparison of a random draw with a tensor-free expression."""
+        for a, b in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)):
+            if isinstance(a, sympy.Function) and type(a).__name__ in self.random_functions and not b.atoms(sympy.Indexed):
+                return True
+        return False
 
     def _print_Piecewise(self, expr):
         pieces = list(expr.args)
@@ -598,6 +621,11 @@ class CPUPrinter(PythonCodePrinter):
             self.helpers_used.add(name)
             args = ", ".join(self.expr(a, "float") for a in expr.args)
             return "%s(%s, %s)" % (self.helper_functions[name], args, CAST)
+        if name in self.random_functions:
+            # integer arguments; the helper draws through the Philox helper (a helper too)
+            self.helpers_used.update((name, "philox"))
+            args = ", ".join(self.expr(a, "int") for a in expr.args)
+            return "%s(%s, %s)" % (self.random_functions[name], args, CAST)
         if name in MATH_FUNCTIONS:
             args = ", ".join(self.expr(a, "float") for a in expr.args)
             return "%s(%s)" % (MATH_FUNCTIONS[name], args)
@@ -659,7 +687,7 @@ class HostPrinter(CPUPrinter):
 
     def _print_Function(self, expr):
         name = type(expr).__name__
-        if name in HELPER_FUNCTIONS:
+        if name in HELPER_FUNCTIONS or name in RANDOM_FUNCTIONS:
             raise CodegenError("%s is not available in host code (%s)" % (name, expr))
         if name in MATH_FUNCTIONS:
             return "%s(%s)" % (MATH_FUNCTIONS[name], ", ".join(self._print(a) for a in expr.args))

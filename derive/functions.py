@@ -271,6 +271,48 @@ class stop_gradient(Function):
         return self.args[0].evalf(prec) if self.args[0].is_number else None
 
 
+class RandomFunction(Function):
+    """A draw of a counter-based generator: ``uniform(seed, step, counter)`` and
+    ``normal(seed, step, counter)``, integer arguments, one value per (seed, step,
+    counter). The generator is Philox-4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel
+    random numbers: as easy as 1, 2, 3", SC 2011; the generator of cuRAND and of
+    PyTorch's CUDA dropout): the key is the seed's two 32-bit words, the counter the
+    counter's two words then the step's two. It is pure integer arithmetic, so the
+    CPU and the CUDA kernels (each target's runtime holds it once) draw the same bits.
+    A draw is data: its derivative with respect to anything is 0 (the arguments are
+    integers besides). ``dropout`` keeps ``x[b,d]`` where
+    ``uniform(seed, step, b*N + d) >= p``."""
+
+    is_real = True
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+    def _latex(self, printer, exp=None):
+        name = r"\operatorname{%s}" % type(self).__name__
+        head = name if exp is None else r"%s^{%s}" % (name, exp)
+        return r"%s\left(%s\right)" % (head, ", ".join(printer._print(a) for a in self.args))
+
+    def _eval_evalf(self, prec):
+        return None
+
+
+class uniform(RandomFunction):
+    """Uniform on (0, 1): the first 32-bit word of the Philox block, its top 23 bits as
+    the odd multiples of 2**-24 ((2k + 1) / 2**24, k < 2**23), exact in float32 and in
+    float64 (so a mask does not depend on the float type) and never 0 or 1."""
+
+
+class normal(RandomFunction):
+    """Standard normal by Box-Muller from the block's first two words as uniforms u1, u2
+    (as ``uniform`` makes them): sqrt(-2 log u1) cos(2 pi u2); |value| <= 5.77 (u1 >=
+    2**-24)."""
+
+
+RANDOM = {"uniform": uniform, "normal": normal}
+
+
 def _gelu(x):
     return x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2
 
@@ -318,6 +360,7 @@ ELEMENTARY = {
     "Min": _scalar_min,
     "where": _where,
     "stop_gradient": stop_gradient,
+    **RANDOM,
 }
 
 def _relation(cls):

@@ -31,6 +31,7 @@ _MODULES = {
     "cross_entropy": "losses.cross_entropy",
     "dense": "layers.dense",
     "dropout": "layers.dropout",
+    "dropout_mask": "layers.dropout_mask",
     "elu": "activations.elu",
     "embedding": "layers.embedding",
     "exponential": "schedules.exponential",

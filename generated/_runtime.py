@@ -168,6 +168,45 @@ def _gemm(a, b, out, add):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _normal(seed, step, counter, F):
+    """normal(seed, step, counter): a standard normal by Box-Muller, sqrt(-2 log u1)
+    cos(2 pi u2), from the Philox block's first two words as uniforms (as _uniform
+    makes them: u1 >= 2**-24, so |value| <= 5.77)."""
+    r0, r1 = _philox(seed, step, counter)
+    u1 = F((r0 >> 9) * 2 + 1) * F(5.9604644775390625e-08)
+    u2 = F((r1 >> 9) * 2 + 1) * F(5.9604644775390625e-08)
+    return math.sqrt(F(-2) * math.log(u1)) * math.cos(F(6.283185307179586) * u2)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _philox(seed, step, counter):
+    """Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+    SC 2011; cuRAND's and PyTorch's CUDA generator): the block's first two 32-bit
+    words for the key (seed's low word, seed's high word) and the counter (counter's
+    low and high words, step's low and high words). Plain int64 arithmetic, every
+    result masked to 32 bits (a product of two words wraps past 2**63 in int64, and its
+    words are still right), so compiled code and plain Python (the CUDA simulator)
+    draw the same bits."""
+    m = 0xFFFFFFFF
+    seed = int(seed)
+    step = int(step)
+    counter = int(counter)
+    k0 = seed & m
+    k1 = (seed >> 32) & m
+    c0 = counter & m
+    c1 = (counter >> 32) & m
+    c2 = step & m
+    c3 = (step >> 32) & m
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) & m) ^ c1 ^ k0, p1 & m, ((p0 >> 32) & m) ^ c3 ^ k1, p0 & m
+        k0 = (k0 + 0x9E3779B9) & m
+        k1 = (k1 + 0xBB67AE85) & m
+    return c0, c1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _sigmoid(x, F):
     """1 / (1 + exp(-x)), stable for both signs: exp only ever sees -|x| (no
     overflow), and the sign picks r or z*r without a branch the data can mispredict."""
@@ -193,6 +232,14 @@ def _span(a, b, lo, hi):
     elif b < 0:
         hi = lo
     return lo, max(lo, hi)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _uniform(seed, step, counter, F):
+    """uniform(seed, step, counter): the Philox block's first word as a number in (0, 1),
+    its top 23 bits k as (2k + 1) / 2**24: exact in float32 and float64, never 0 or 1."""
+    r0, r1 = _philox(seed, step, counter)
+    return F((r0 >> 9) * 2 + 1) * F(5.9604644775390625e-08)
 
 
 class Op:

@@ -100,6 +100,67 @@ def _multihead_attention(query, key, value, attn_mask, key_padding_mask, in_proj
     return y.transpose(0, 1)
 
 
+# ----------------------------------------------------------------------------------
+# The counter-based generator's NumPy twin (derive/functions.py uniform/normal): an
+# independent, vectorised Philox-4x32-10, checked against Random123's known answers.
+# ----------------------------------------------------------------------------------
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter_words, key_words, rounds: int = 10) -> tuple:
+    """Philox-4x32 (Random123's philox4x32_R) of four counter words and two key words
+    (arrays or numbers, each taken as uint32): the four output words, uint64 arrays."""
+    c = [np.asarray(w, np.uint64) & _M32 for w in counter_words]
+    k0, k1 = (np.asarray(w, np.uint64) & _M32 for w in key_words)
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
+            k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
+        p0 = np.uint64(0xD2511F53) * c[0]  # < 2**64: exact in uint64
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _M32]
+    return tuple(c)
+
+
+def _words(v):
+    v = np.asarray(v, np.int64).astype(np.uint64)  # two's complement, as the kernels' masks take it
+    return v & _M32, v >> np.uint64(32)
+
+
+def philox_draw(seed, step, counter) -> tuple:
+    """The block the kernels draw for (seed, step, counter): key = seed's words, counter =
+    counter's words then step's."""
+    (s0, s1), (t0, t1), (c0, c1) = _words(seed), _words(step), _words(counter)
+    return philox4x32((c0, c1, t0, t1), (s0, s1))
+
+
+def _unit(word):
+    return ((word >> np.uint64(9)) * np.uint64(2) + np.uint64(1)).astype(np.float64) * 2.0**-24
+
+
+def uniform_twin(seed, step, counter) -> np.ndarray:
+    """uniform(seed, step, counter) of the spec language, in float64 (exact in float32 too)."""
+    return _unit(philox_draw(seed, step, counter)[0])
+
+
+def normal_twin(seed, step, counter) -> np.ndarray:
+    """normal(seed, step, counter): Box-Muller of the block's first two words."""
+    r = philox_draw(seed, step, counter)
+    return np.sqrt(-2.0 * np.log(_unit(r[0]))) * np.cos(2.0 * np.pi * _unit(r[1]))
+
+
+def dropout_keep(shape, p, seed=0, step=0) -> np.ndarray:
+    """The library dropout's mask (1.0 kept, 0.0 dropped) for an input of ``shape`` (B, N)."""
+    counter = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    return (uniform_twin(seed, step, counter) >= p).astype(np.float64)
+
+
+def _dropout(x, p=0.5, seed=0, step=0):
+    keep = torch.from_numpy(dropout_keep(tuple(x.shape), p, seed, step)).to(x.dtype)
+    return x * keep / (1 - p)
+
+
 # The layer library (issue 3); attributes keep the ops' own names.
 LAYER_ORACLE: dict[str, Callable] = {
     "conv2d": lambda x, weight, bias, S=1, P=0: F.conv2d(x, weight, bias, stride=S, padding=P),
@@ -111,7 +172,8 @@ LAYER_ORACLE: dict[str, Callable] = {
         x, None, None, weight, bias, training=True, momentum=momentum, eps=eps),
     "batch_norm2d_eval": lambda x, running_mean, running_var, weight, bias, eps=1e-5: F.batch_norm(
         x, running_mean, running_var, weight, bias, training=False, eps=eps),
-    "dropout": lambda x, mask, p=0.5: x * mask / (1 - p),
+    "dropout": _dropout,
+    "dropout_mask": lambda x, mask, p=0.5: x * mask / (1 - p),
     "embedding": lambda idx, table: F.embedding(idx, table),
     "rnn_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh),
     "gru_cell": lambda x, h, w_ih, w_hh, b_ih, b_hh: torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),
@@ -140,6 +202,7 @@ LAYER_SIZES = {
     "batch_norm2d_eval": {"N": 3, "C": 2, "H": 3, "W": 5},
     "batch_norm2d_stats": {"N": 3, "C": 2, "H": 3, "W": 5},
     "dropout": {"B": 3, "N": 7},
+    "dropout_mask": {"B": 3, "N": 7},
     "embedding": {"B": 6, "V": 5, "D": 4},
     "rnn_cell": {"B": 3, "I": 5, "H": 4},
     "gru_cell": {"B": 3, "I": 5, "H": 4},
@@ -190,7 +253,7 @@ DOCUMENTED_KINDS = {
                   "categorical_nll", "gaussian_nll", "poisson_nll", "l2_penalty", "cross_entropy")
     },
     **{n: "layer" for n in ("conv2d", "max_pool2d", "avg_pool2d", "flatten", "layer_norm", "batch_norm2d",
-                            "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "embedding", "rnn_cell",
+                            "batch_norm2d_eval", "batch_norm2d_stats", "dropout", "dropout_mask", "embedding", "rnn_cell",
                             "gru_cell", "lstm_cell", "scaled_dot_product_attention", "cosine_similarity",
                             "gcn_layer", "multi_head_attention", "multihead_attention", "add", "concat",
                             "positional_embedding")},
@@ -210,7 +273,8 @@ DOCUMENTED_ATTRS = {
     "l2_penalty": {"lam": 1.0},
     # the layer library's table (issue 3)
     "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
-    "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1}, "dropout": {"p": 0.5},
+    "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1},
+    "dropout": {"p": 0.5, "seed": 0, "step": 0}, "dropout_mask": {"p": 0.5},
     "scaled_dot_product_attention": {"causal": 0}, "cosine_similarity": {"eps": 1e-8},
     "multi_head_attention": {"heads": 2, "causal": 0}, "multihead_attention": {"heads": 2, "causal": 0},
 }
@@ -227,7 +291,8 @@ ATTR_VARIANTS = {
                       {"ignore_index": 1, "label_smoothing": 0.2, "reduction": 2}],
     "l2_penalty": [{"lam": 0.03}],
     "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
-    "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}], "dropout": [{"p": 0.2}],
+    "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}],
+    "dropout": [{"p": 0.2, "seed": 7, "step": 3}], "dropout_mask": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
     "multi_head_attention": [{"heads": 4, "causal": 1}], "multihead_attention": [{"heads": 1, "causal": 1}],
 }
@@ -241,6 +306,7 @@ DOCUMENTED_DIFFERENTIABLE = {
     "kl_div": ("logq", "logp"),
     # layers with data inputs (masks, indices, adjacency, running statistics)
     "dropout": ("x",),
+    "dropout_mask": ("x",),
     "embedding": ("table",),
     "gcn_layer": ("x", "weight", "bias"),
     "batch_norm2d_eval": ("x", "weight", "bias"),
@@ -576,6 +642,8 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
             return [x, *stats]
         return [x, *stats, 1.0 + 0.3 * n(size=(z["C"],)), n(size=(z["C"],))]
     if name == "dropout":
+        return [n(size=(z["B"], z["N"]))]
+    if name == "dropout_mask":
         p = attrs.get("p", 0.5)
         return [n(size=(z["B"], z["N"])), (rng.uniform(size=(z["B"], z["N"])) >= p).astype(np.float64)]
     if name == "embedding":

@@ -18,7 +18,7 @@ from codegen.model import ModelSpecError, check_model, render_model
 
 # the library ops these tests compose (derived once: gru_cell would be slow)
 OPS = (
-    "adam", "conv2d", "dense", "dropout", "flatten", "layer_norm", "log_softmax", "max_pool2d", "mse",
+    "adam", "conv2d", "dense", "dropout", "dropout_mask", "flatten", "layer_norm", "log_softmax", "max_pool2d", "mse",
     "nll", "relu", "rnn_cell", "softmax", "softmax_cross_entropy",
 )  # fmt: skip
 # every library optimizer: a model's fused step must compile and run for each
@@ -214,7 +214,7 @@ def test_a_loss_after_an_image_is_a_shape_mismatch(programs, spec):
 
 
 def test_an_op_with_two_inputs_is_not_a_feedforward_layer(programs, spec):
-    fails(programs, spec("4", '{ op = "dropout" }'), r"takes 2 inputs \(x \(B, N\), mask \(B, N\)\)")
+    fails(programs, spec("4", '{ op = "dropout_mask" }'), r"takes 2 inputs \(x \(B, N\), mask \(B, N\)\)")
 
 
 def test_the_input_must_be_a_shape(programs, spec):

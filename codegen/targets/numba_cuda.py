@@ -16,7 +16,7 @@ from __future__ import annotations
 import sympy
 
 from ..lower import Kernel, parallel_nest
-from ..printers import HELPER_FUNCTIONS, CPUPrinter
+from ..printers import HELPER_FUNCTIONS, RANDOM_FUNCTIONS, CPUPrinter
 from .base import Target
 from .base import loops as _loops
 
@@ -34,6 +34,7 @@ class CUDAPrinter(CPUPrinter):
 
     target = "cuda"
     helper_functions = {k: v + "_dev" for k, v in HELPER_FUNCTIONS.items()}
+    random_functions = {k: v + "_dev" for k, v in RANDOM_FUNCTIONS.items()}
 
 
 class NumbaCUDA(Target):

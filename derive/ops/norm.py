@@ -10,10 +10,12 @@ import sympy
 from sympy import Piecewise, sqrt
 
 from ..dsl import Mean, Sum, attr, dims, indices, layer, tensors
+from ..functions import uniform
 
 b, d, n, c, h, w = indices("b d n c h w")
 N, H, W = dims("N H W")
 eps, momentum, p = attr("eps", 1e-5), attr("momentum", 0.1), attr("p", 0.5)
+seed, step = attr("seed", 0), attr("step", 0)
 x, weight, bias, y, mask = tensors("x weight bias y mask")
 mean, var, rstd, xhat = tensors("mean var rstd xhat")
 count = sympy.Symbol("count", real=True)
@@ -56,7 +58,13 @@ OPS = [
           differentiate=["x", "weight", "bias"],
           equations=[(y[n, c, h, w], (x[n, c, h, w] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c])],
           doc="Batch normalisation in inference mode (running statistics are data)."),
-    layer("dropout", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5},
+    layer("dropout", inputs={"x": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5, "seed": 0, "step": 0},
+          equations=[(y[b, d], x[b, d] * Piecewise((1, uniform(seed, step, b * N + d) >= p), (0, True)) / (1 - p))],
+          doc="Inverted dropout drawing its own mask: element (b, d) is kept, scaled by 1/(1 - p), where "
+              "uniform(seed, step, b*N + d) >= p (the counter-based generator, derive/functions.py), so the "
+              "forward and the backward draw the same mask and a (seed, step) reproduces it; a model passes "
+              "its seed and step counter (docs/models.md)."),
+    layer("dropout_mask", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5},
           differentiate=["x"], equations=[(y[b, d], x[b, d] * mask[b, d] / (1 - p))],
           doc="Inverted dropout with a given 0/1 mask (data), scaled by 1/(1 - p)."),
 ]

@@ -19,8 +19,8 @@
 ``generated.op(name, target, **attrs)``.
 
 Ops: add, avg_pool2d, batch_norm2d, batch_norm2d_eval, batch_norm2d_stats, concat,
-conv2d, cosine_similarity, dense, dropout, embedding, flatten, gcn_layer,
-gru_cell, layer_norm, log_softmax, lstm_cell, max_pool2d, multi_head_attention,
-multihead_attention, positional_embedding, rnn_cell,
+conv2d, cosine_similarity, dense, dropout, dropout_mask, embedding, flatten,
+gcn_layer, gru_cell, layer_norm, log_softmax, lstm_cell, max_pool2d,
+multi_head_attention, multihead_attention, positional_embedding, rnn_cell,
 scaled_dot_product_attention, softmax.
 """

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 42c360a0f9c2bcce): its compiled helpers are compiled
+# generated/_runtime.py (sha256 c3a65686cfa20d22): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -27,6 +27,7 @@ from .._runtime import (
     _check_dim,
     _check_rank,
     _float_dtype,
+    _uniform,
 )
 
 
@@ -34,35 +35,35 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_fwd0(x, mask, y, B, N, p):
-    """y[b, d] = mask[b, d]*x[b, d]/(1 - p)"""
+def _dropout_fwd0(x, y, B, N, p, seed, step):
+    """y[b, d] = Piecewise((1, p <= uniform(seed, step, N*b + d)), (0, True))*x[b, d]/(1 - p)"""
     _F = y.dtype.type
     _c0 = _F(1) / (_F(1) - p)
     for b in range(0, B):
         for d in range(0, N):
-            _v_y = _c0*mask[b, d]*x[b, d]
+            _v_y = _c0*(_F(1) if (p <= _uniform(seed, step, N*b + d, _F)) else _F(0))*x[b, d]
             y[b, d] = _v_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_bwd0(mask, g_y, g_x, B, N, p):
-    """g_x[b, d] = g_y[b, d]*mask[b, d]/(1 - p)"""
+def _dropout_bwd0(g_y, g_x, B, N, p, seed, step):
+    """g_x[b, d] = Piecewise((1, p <= uniform(seed, step, N*b + d)), (0, True))*g_y[b, d]/(1 - p)"""
     _F = g_x.dtype.type
     _c0 = _F(1) / (_F(1) - p)
     for b in range(0, B):
         for d in range(0, N):
-            _v_g_x = _c0*g_y[b, d]*mask[b, d]
+            _v_g_x = _c0*(_F(1) if (p <= _uniform(seed, step, N*b + d, _F)) else _F(0))*g_y[b, d]
             g_x[b, d] = _v_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_jvp0(mask, t_x, t_y, B, N, p):
-    """t_y[b, d] = mask[b, d]*t_x[b, d]/(1 - p)"""
+def _dropout_jvp0(t_x, t_y, B, N, p, seed, step):
+    """t_y[b, d] = Piecewise((1, p <= uniform(seed, step, N*b + d)), (0, True))*t_x[b, d]/(1 - p)"""
     _F = t_y.dtype.type
     _c0 = _F(1) / (_F(1) - p)
     for b in range(0, B):
         for d in range(0, N):
-            _v_t_y = _c0*mask[b, d]*t_x[b, d]
+            _v_t_y = _c0*(_F(1) if (p <= _uniform(seed, step, N*b + d, _F)) else _F(0))*t_x[b, d]
             t_y[b, d] = _v_t_y
 
 
@@ -77,18 +78,18 @@ def _dropout_hvp0(t_g_x, B, N):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_fwd_core(x, mask, p):
-    """Forward of dropout: y from x, mask. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _dropout_fwd_core(x, p, seed, step):
+    """Forward of dropout: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
     N = x.shape[1]
     y = np.empty((B, N), _dtype)
-    _dropout_fwd0(x, mask, y, B, N, p)
+    _dropout_fwd0(x, y, B, N, p, seed, step)
     return y
 
 
-def _dropout_fwd_alloc(x, mask, p):
+def _dropout_fwd_alloc(x, p, seed, step):
     """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
@@ -98,31 +99,27 @@ def _dropout_fwd_alloc(x, mask, p):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_fwd_into(x, mask, p, y):
+def _dropout_fwd_into(x, p, seed, step, y):
     """``_dropout_fwd_core`` writing its results into y (from ``_dropout_fwd_alloc``)."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
     N = x.shape[1]
-    _dropout_fwd0(x, mask, y, B, N, p)
+    _dropout_fwd0(x, y, B, N, p, seed, step)
 
 
-def _dropout_fwd(x, mask, *, p):
-    """Forward of dropout: y from x, mask."""
-    _dtype = _float_dtype((x, mask))
+def _dropout_fwd(x, *, p, seed, step):
+    """Forward of dropout: y from x."""
+    _dtype = _float_dtype((x,))
     x = _as_float("dropout", "x", x, _dtype)
-    mask = _as_float("dropout", "mask", mask, _dtype)
     _check_rank("dropout", "x", x, 2)
     B = x.shape[0]
     N = x.shape[1]
-    _check_rank("dropout", "mask", mask, 2)
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from x axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
     p = _dtype.type(p)
-    return _dropout_fwd_core(x, mask, p)
+    return _dropout_fwd_core(x, p, seed, step)
 
 
-def _dropout_fwd_shapes(x, mask, *, p):
+def _dropout_fwd_shapes(x, *, p, seed, step):
     """The shapes of the results of ``_dropout_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = x.shape[0]
     N = x.shape[1]
@@ -130,18 +127,18 @@ def _dropout_fwd_shapes(x, mask, *, p):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_bwd_core(g_y, x, mask, p):
-    """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _dropout_bwd_core(g_y, x, p, seed, step):
+    """Backward of dropout: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     p = _dtype.type(p)
     B = g_y.shape[0]
     N = g_y.shape[1]
     g_x = np.empty((B, N), _dtype)
-    _dropout_bwd0(mask, g_y, g_x, B, N, p)
+    _dropout_bwd0(g_y, g_x, B, N, p, seed, step)
     return g_x
 
 
-def _dropout_bwd_alloc(g_y, x, mask, p):
+def _dropout_bwd_alloc(g_y, x, p, seed, step):
     """The results of ``_dropout_bwd_core`` for arguments of these shapes, uninitialised: what ``_dropout_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -151,47 +148,43 @@ def _dropout_bwd_alloc(g_y, x, mask, p):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_bwd_into(g_y, x, mask, p, g_x):
+def _dropout_bwd_into(g_y, x, p, seed, step, g_x):
     """``_dropout_bwd_core`` writing its results into g_x (from ``_dropout_bwd_alloc``)."""
     _dtype = g_y.dtype
     p = _dtype.type(p)
     B = g_y.shape[0]
     N = g_y.shape[1]
-    _dropout_bwd0(mask, g_y, g_x, B, N, p)
+    _dropout_bwd0(g_y, g_x, B, N, p, seed, step)
 
 
-def _dropout_bwd(g_y, x, mask, *, p):
-    """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed)."""
-    _dtype = _float_dtype((g_y, x, mask))
+def _dropout_bwd(g_y, x, *, p, seed, step):
+    """Backward of dropout: gradients g_x from g_y, x (forward recomputed)."""
+    _dtype = _float_dtype((g_y, x))
     g_y = _as_float("dropout", "g_y", g_y, _dtype)
     x = _as_float("dropout", "x", x, _dtype)
-    mask = _as_float("dropout", "mask", mask, _dtype)
     _check_rank("dropout", "g_y", g_y, 2)
     B = g_y.shape[0]
     N = g_y.shape[1]
     _check_rank("dropout", "x", x, 2)
-    _check_rank("dropout", "mask", mask, 2)
     _check_dim("dropout", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("dropout", "x", x, 1, "N", N, "from g_y axis 1")
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from g_y axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from g_y axis 1")
     p = _dtype.type(p)
-    return _dropout_bwd_core(g_y, x, mask, p)
+    return _dropout_bwd_core(g_y, x, p, seed, step)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_jvp_core(x, mask, t_x, p):
-    """Forward mode of dropout: the tangents t_y of the outputs from x, mask, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _dropout_jvp_core(x, t_x, p, seed, step):
+    """Forward mode of dropout: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
     N = x.shape[1]
     t_y = np.empty((B, N), _dtype)
-    _dropout_jvp0(mask, t_x, t_y, B, N, p)
+    _dropout_jvp0(t_x, t_y, B, N, p, seed, step)
     return t_y
 
 
-def _dropout_jvp_alloc(x, mask, t_x, p):
+def _dropout_jvp_alloc(x, t_x, p, seed, step):
     """The results of ``_dropout_jvp_core`` for arguments of these shapes, uninitialised: what ``_dropout_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     B = x.shape[0]
@@ -201,37 +194,33 @@ def _dropout_jvp_alloc(x, mask, t_x, p):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_jvp_into(x, mask, t_x, p, t_y):
+def _dropout_jvp_into(x, t_x, p, seed, step, t_y):
     """``_dropout_jvp_core`` writing its results into t_y (from ``_dropout_jvp_alloc``)."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
     N = x.shape[1]
-    _dropout_jvp0(mask, t_x, t_y, B, N, p)
+    _dropout_jvp0(t_x, t_y, B, N, p, seed, step)
 
 
-def _dropout_jvp(x, mask, t_x, *, p):
-    """Forward mode of dropout: the tangents t_y of the outputs from x, mask, t_x (forward recomputed)."""
-    _dtype = _float_dtype((x, mask, t_x))
+def _dropout_jvp(x, t_x, *, p, seed, step):
+    """Forward mode of dropout: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dtype = _float_dtype((x, t_x))
     x = _as_float("dropout", "x", x, _dtype)
-    mask = _as_float("dropout", "mask", mask, _dtype)
     t_x = _as_float("dropout", "t_x", t_x, _dtype)
     _check_rank("dropout", "x", x, 2)
     B = x.shape[0]
     N = x.shape[1]
-    _check_rank("dropout", "mask", mask, 2)
     _check_rank("dropout", "t_x", t_x, 2)
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from x axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
     _check_dim("dropout", "t_x", t_x, 0, "B", B, "from x axis 0")
     _check_dim("dropout", "t_x", t_x, 1, "N", N, "from x axis 1")
     p = _dtype.type(p)
-    return _dropout_jvp_core(x, mask, t_x, p)
+    return _dropout_jvp_core(x, t_x, p, seed, step)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_hvp_core(g_y, x, mask, t_x, p):
-    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, mask, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _dropout_hvp_core(g_y, x, t_x, p, seed, step):
+    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     N = g_y.shape[1]
@@ -240,7 +229,7 @@ def _dropout_hvp_core(g_y, x, mask, t_x, p):
     return t_g_x
 
 
-def _dropout_hvp_alloc(g_y, x, mask, t_x, p):
+def _dropout_hvp_alloc(g_y, x, t_x, p, seed, step):
     """The results of ``_dropout_hvp_core`` for arguments of these shapes, uninitialised: what ``_dropout_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -250,33 +239,29 @@ def _dropout_hvp_alloc(g_y, x, mask, t_x, p):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _dropout_hvp_into(g_y, x, mask, t_x, p, t_g_x):
+def _dropout_hvp_into(g_y, x, t_x, p, seed, step, t_g_x):
     """``_dropout_hvp_core`` writing its results into t_g_x (from ``_dropout_hvp_alloc``)."""
     B = g_y.shape[0]
     N = g_y.shape[1]
     _dropout_hvp0(t_g_x, B, N)
 
 
-def _dropout_hvp(g_y, x, mask, t_x, *, p):
-    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, mask, t_x (forward and backward recomputed)."""
-    _dtype = _float_dtype((g_y, x, mask, t_x))
+def _dropout_hvp(g_y, x, t_x, *, p, seed, step):
+    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_y, x, t_x))
     g_y = _as_float("dropout", "g_y", g_y, _dtype)
     x = _as_float("dropout", "x", x, _dtype)
-    mask = _as_float("dropout", "mask", mask, _dtype)
     t_x = _as_float("dropout", "t_x", t_x, _dtype)
     _check_rank("dropout", "g_y", g_y, 2)
     B = g_y.shape[0]
     N = g_y.shape[1]
     _check_rank("dropout", "x", x, 2)
-    _check_rank("dropout", "mask", mask, 2)
     _check_rank("dropout", "t_x", t_x, 2)
     _check_dim("dropout", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("dropout", "x", x, 1, "N", N, "from g_y axis 1")
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from g_y axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from g_y axis 1")
     _check_dim("dropout", "t_x", t_x, 0, "B", B, "from g_y axis 0")
     _check_dim("dropout", "t_x", t_x, 1, "N", N, "from g_y axis 1")
-    return _dropout_hvp_core(g_y, x, mask, t_x, p)
+    return _dropout_hvp_core(g_y, x, t_x, p, seed, step)
 
 
 # The host functions of each op on this target.
@@ -295,12 +280,12 @@ _FUNCS = {
 _SPECS = {
     "dropout": {
         "kind": "layer",
-        "attrs": {"p": 0.5},
-        "arg_names": ("x", "mask"),
+        "attrs": {"p": 0.5, "seed": 0, "step": 0},
+        "arg_names": ("x",),
         "differentiable": ("x",),
         "state": (),
         "seeds": 1,
-        "doc": "Inverted dropout with a given 0/1 mask (data), scaled by 1/(1 - p).",
+        "doc": "Inverted dropout drawing its own mask: element (b, d) is kept, scaled by 1/(1 - p), where uniform(seed, step, b*N + d) >= p (the counter-based generator, derive/functions.py), so the forward and the backward draw the same mask and a (seed, step) reproduces it; a model passes its seed and step counter (docs/models.md).",
     },
 }
 

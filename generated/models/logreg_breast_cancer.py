@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/losses/bce_with_logits.py 646bf11dfd686078
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 89dffd1a1aeca0a3
+#   generated/losses/bce_with_logits.py 69b40de8ab65f633
+#   generated/optimizers/adam.py cfa8c2ef71518e8d
+#   generated/_runtime.py c3a65686cfa20d22
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).

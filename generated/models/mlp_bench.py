@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py f9e58be44c06e511
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/relu.py 3b09c94bc14fe60a
+#   generated/layers/dense.py 89dffd1a1aeca0a3
+#   generated/losses/softmax_cross_entropy.py f70fada3de4b73cd
+#   generated/optimizers/adam.py cfa8c2ef71518e8d
+#   generated/_runtime.py c3a65686cfa20d22
 """The mlp_bench model.
 
 Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).
