@@ -129,7 +129,8 @@ import tomllib
 from derive.errors import SpecError
 
 from .emit import assumption_checks, backward_variants, op_module, saved_for_backward
-from .model_plan import TIME, Cell, Layer, ModelPlan, Param, is_integer, tuple_literal, plan_step
+from .emit import core_name
+from .model_plan import TIME, Cell, Layer, ModelPlan, Param, Running, is_integer, tuple_literal, plan_step
 from .template_util import COMMAND, render
 
 TEMPLATE = "model/model.py.jinja"
@@ -183,6 +184,9 @@ class OpInfo:
     task: str = ""  # a loss's: what the model's output means; decides what ``predict`` returns
     assume: tuple = ()  # the run-time checks of the assumptions its gradient was derived from
     outputs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, shape as dim names) of each output
+    rng: tuple[str, ...] = ()  # (seed attribute, step attribute) of an op drawing random numbers
+    modes: tuple = ()  # how a model runs it outside training (derive.ir.Program.modes)
+    output_names: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -231,7 +235,27 @@ def op_info(program) -> OpInfo:
         task=program.task,
         assume=tuple(assumption_checks(program)),
         outputs=tuple((o.name, tuple(str(d) for d in o.shape)) for o in program.outputs),
+        rng=draw_attrs(program),
+        modes=tuple(program.modes),
+        output_names=tuple(o.name for o in program.outputs),
     )
+
+
+def draw_attrs(program) -> tuple[str, ...]:
+    """(seed, step): the integer attributes an op's forward draws random numbers with
+    (``uniform(seed, step, i)``: the first two arguments of every draw), so a model can
+    pass its seed and step counter; () when it draws none, or not with attributes."""
+    from derive.functions import RandomFunction
+
+    ints = {str(sym) for sym, v in program.attrs if is_integer(v)}
+    keys = set()
+    for stmt in program.forward:
+        for draw in sympy.sympify(stmt.body).atoms(RandomFunction):
+            keys.add(tuple(str(a) for a in draw.args[:2]))
+    if len(keys) != 1:
+        return ()
+    (key,) = keys
+    return key if all(k in ints for k in key) else ()
 
 
 # ------------------------------------------------------------------ initialisation
@@ -957,6 +981,12 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             else:
                 grads.append("_")
         core_attrs = _core_attrs(info, {k: v for k, v in entry.items() if k in info.attrs})
+        modes = _layer_modes(
+            check, where, i, info, entry, params, attr_values, binder, batch, {arg: var[k] for arg, k in reading}, core_attrs,
+        )
+        core_attrs = modes.pop("core_attrs", core_attrs)
+        if cell is not None and (modes.get("rng") or modes.get("running") or modes.get("eval_op")):
+            check.fail(where, "an unrolled cell that draws random numbers or runs differently in eval mode is not supported yet")
         needs_backward = requires[i + 1]
         input_grads = any(requires[k] for _, k in reading)
         # below the first trained layer no gradient is used: that layer's params-only core
@@ -1026,6 +1056,7 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
                 shapes_in=tuple(values[k][0] for k in sources),
                 more_outputs=tuple(keys[1:]),
                 shapes_out=shapes_out,
+                **modes,
             )
         )
         for key, one, one_shape in zip(keys, label.split(", ") if outputs else [label], shapes_out):
@@ -1033,6 +1064,65 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             var[key] = f"h{key}"
         shape = shape_out
     return layers
+
+
+def _layer_modes(
+    check: _Checker, where: str, i: int, info: OpInfo, entry: dict, params, attr_values: dict, binder, batch,
+    arrays: dict, core_attrs: tuple,
+) -> dict:
+    """The :class:`Layer` fields of layer ``i``'s train and eval modes (docs/models.md),
+    read off the op (:attr:`OpInfo.rng`, :attr:`OpInfo.modes`): an op that draws takes
+    the model's seed (plus ``i << 32``: each layer draws a stream of its own) and step
+    counter in its seed and step attributes (``core_attrs`` gets their expressions); the
+    op it runs in eval mode, with its arguments (``arrays``: the arrays the layer reads,
+    by the op's input names); its running statistics and the op updating them."""
+    out: dict = {}
+    modes = dict(info.modes)
+    if info.rng:
+        for a in info.rng:
+            if a in entry:
+                check.fail(where, f"attribute {a!r} is the model's: a layer draws with the model's seed (init_state(params, seed=...)) and step counter")
+        seed = f"draw_seed + {i << 32}" if i else "draw_seed"
+        by_attr = dict(zip(info.rng, (seed, "draw_step")))
+        names = [n for n, _ in info.attr_defaults]
+        out["rng"] = info.rng
+        out["draw_attrs"] = tuple((a, by_attr[a]) for a in info.rng)
+        out["core_attrs"] = tuple(by_attr.get(n, v) for n, v in zip(names, core_attrs))
+    running_name = modes.get("running", "")
+    if running_name:
+        run = check.lookup(where, running_name, LAYER_KINDS)
+        stats = [(n, s) for n, _, s in run.args if n not in arrays]
+        if not stats or len(stats) != len(run.output_names):
+            check.fail(where, f"the running-statistics op {running_name!r} must take the layer's inputs, then the statistics, and give their new values")
+        running = []
+        for n, dims in stats:
+            key = f"{info.name}{i}.{n}"
+            init = float(modes.get(f"init.{n}", 0.0))
+            running.append(Running(key, key.replace(".", "_"), binder.sizes(dims, f"running statistic {n!r} {_dims_text(dims)}", batch), init))
+        by_name = {**arrays, **{n: r.local for (n, _), r in zip(stats, running)}}
+        run_attrs = _core_attrs(run, {a: attr_values[a] for a in run.attrs if a in attr_values})
+        args = ", ".join([by_name[n] for n, _, _ in run.args] + list(run_attrs))
+        out["running"] = tuple(running)
+        out["running_op"] = running_name
+        out["running_call"] = f"{core_name(running_name, 'fwd')}({args})"
+        out["running_new"] = tuple(f"new{i}_{n}" for n, _ in stats)
+    eval_name = modes.get("eval", "")
+    if eval_name == "identity":
+        if len(arrays) != 1:
+            check.fail(where, "an op that passes its input in eval mode must read one array")
+        out["eval_op"] = "identity"
+        out["eval_args"] = next(iter(arrays.values()))
+    elif eval_name:
+        ev = check.lookup(where, eval_name, LAYER_KINDS)
+        by_name = {**arrays, **{p.arg: p.local for p in params}, **{r.key.split(".", 1)[1]: r.local for r in out.get("running", ())}}
+        missing = [n for n, _, _ in ev.args if n not in by_name]
+        if missing:
+            check.fail(where, f"its eval-mode op {eval_name!r} takes {', '.join(missing)}, which the layer neither reads nor keeps")
+        out["eval_op"] = eval_name
+        out["eval_var"] = f"_{eval_name}{i}"
+        out["eval_attrs"] = tuple((a, _literal(attr_values[a])) for a in ev.attrs if a in attr_values and a in entry)
+        out["eval_args"] = ", ".join(by_name[n] for n, _, _ in ev.args)
+    return out
 
 
 def _unused(i: int, arg: str) -> str:
@@ -1229,6 +1319,12 @@ def plan_model(spec_path, programs: Iterable | Mapping | None = None, target: st
 def unsupported(plan: ModelPlan, target) -> str | None:
     """Why ``target`` cannot run the plan's step (None when it can): a cell unrolled over
     time needs a target whose model template has the time loop (``Target.model_cells``)."""
+    if plan.modes and not target.model_modes:
+        layer = next(layer for layer in plan.layers if layer.rng or layer.eval_op or layer.running)
+        return (
+            f"layers[{layer.index}] (op {layer.op!r}): train and eval modes (dropout's draws, batch norm's running "
+            f"statistics) have no {target.name} model step yet; train this model on the CPU"
+        )
     if plan.several_inputs and not target.model_inputs:
         return f"inputs: a model with several inputs has no {target.name} training step yet; train this model on the CPU"
     if not target.model_outputs:

@@ -54,6 +54,17 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Running:
+    """A running statistic a layer keeps in the model's state (batch norm's running mean):
+    updated by the training step, read in eval mode."""
+
+    key: str  # the state dict key, e.g. batch_norm2d1.running_mean
+    local: str  # the local variable name, e.g. batch_norm2d1_running_mean
+    shape: tuple[int, ...]
+    init: float  # its starting value
+
+
+@dataclass(frozen=True)
 class Cell:
     """How the compiled and the Python code call a cell at step t (one line each)."""
 
@@ -138,6 +149,22 @@ class Layer:
     # (name = ["h", "c"]): "3_c_new" is entry 2's output c_new, held in h3_c_new
     more_outputs: tuple[str, ...] = ()
     shapes_out: tuple[tuple[int, ...], ...] = ()  # one sample's shape of each output
+    # train and eval modes (docs/models.md, "Train and eval modes"): an op drawing random
+    # numbers takes the model's seed and step counter in these attributes (seed, step)
+    rng: tuple[str, ...] = ()
+    draw_attrs: tuple[tuple[str, str], ...] = ()  # (attribute, expression) the Python functions pass
+    # what forward runs instead in eval mode: "" the same op, "identity" nothing (the
+    # input passes), else that op (its module-level object eval_var, called with eval_args)
+    eval_op: str = ""
+    eval_var: str = ""
+    eval_attrs: tuple[tuple[str, str], ...] = ()
+    eval_args: str = ""
+    # the running statistics it keeps, and the op updating them in training (the compiled
+    # step calls running_call, whose results running_new are copied into the statistics)
+    running: tuple[Running, ...] = ()
+    running_op: str = ""
+    running_call: str = ""
+    running_new: tuple[str, ...] = ()
 
     @property
     def in_args(self) -> str:
@@ -277,6 +304,9 @@ class ModelPlan:
     several_inputs: bool
     model_inputs: list
     accumulate_into: str  # the add op's entry point that sums a gradient's parts ("" when none are)
+    draws: bool  # some layer draws random numbers (the state holds the seed)
+    running: list  # every layer's running statistics (Running), in layer order
+    modes: bool  # some layer runs differently in eval mode
 
     def context(self) -> dict:
         """The plan as a template context (a shallow dict of its fields)."""
@@ -298,6 +328,8 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         if layer.needs_backward:
             used += [layer.bwd_core] if layer.cell else [layer.bwd_into, layer.bwd_alloc]
         cores.setdefault(module, set()).update(used)
+        if layer.running_op:
+            cores.setdefault(infos[layer.running_op].module, set()).add(core_name(layer.running_op, "fwd"))
     # the loss keeps what its backward reads of its reductions (a log-sum-exp), as layers do
     saving = bool(loss.kept or loss.saved_outputs) and variants
     loss_entries = ("fwd_saving" if loss.kept and variants else "fwd", "bwd_saved" if saving else "bwd")
@@ -330,9 +362,13 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
     model_inputs = model_inputs or [("x", 0, "h0", tuple(input_shape), False)]
     several = model_inputs[0][1] != 0
     xs = [v for _, _, v, _, _ in model_inputs] if several else ["x"]
+    running = [r for layer in layers for r in layer.running]
+    draws = any(layer.rng for layer in layers)
     step_signature = [*xs, "y", *(p.local for p in params), *(local for _, local in slot_locals)]
+    step_signature += [r.local for r in running]
     step_signature += [opt.counter] if opt.counter else []
     step_signature += [a for a, _ in opt.attr_defaults]
+    step_signature += ["draw_seed", "draw_step"] if draws else []
     step_signature += ["buffers"]
     step_inputs = [*xs, "y", *(p.local for p in params)]
     context = {
@@ -379,6 +415,9 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         "variants": variants,
         "graph": any(not layer.chain for layer in layers),
         "accumulate_into": accumulate_into,
+        "draws": draws,
+        "running": running,
+        "modes": any(layer.rng or layer.eval_op or layer.running for layer in layers),
         # several named inputs: (name, variable, one sample's shape, integer) of each
         "several_inputs": several,
         "model_inputs": [(n, v, repr(tuple(shape)), is_int) for n, _, v, shape, is_int in model_inputs],

@@ -64,7 +64,7 @@ def activation(name, expr, attrs=None, doc=""):
 
 
 def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, ranges=None,
-          differentiate=None, doc="", kind="layer", assume=(), dtypes=None):
+          differentiate=None, doc="", kind="layer", assume=(), dtypes=None, modes=None):
     op = OpDef(name=name, kind=kind, source=_source(), doc=doc)
     op.inputs = {k: tuple(v.split()) for k, v in inputs.items()}
     op.params = {k: tuple(v.split()) for k, v in (params or {}).items()}
@@ -85,6 +85,7 @@ def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, 
             op.equations.append(Equation(str(lhs), (), rhs, _text(lhs, rhs)))
     op.differentiate = differentiate
     op.assumptions = [(lhs, rhs, f"{sympy.sstr(lhs)} == {sympy.sstr(rhs)}") for lhs, rhs in assume]
+    op.modes = dict(modes or {})
     return op
 
 

@@ -138,6 +138,12 @@ class Program:
     scalars: tuple[str, ...] = ()  # tensors of shape () read as plain Symbols
     elementwise: bool = False  # activation: any input shape, computed on the flat array
     task: str = ""  # losses: what the model's output means (classification, binary, regression)
+    # layers: how a model runs it outside training, as (key, value) pairs: "eval" names the
+    # op it runs in eval mode instead ("identity": the input passes unchanged), "running"
+    # the op updating running statistics in training (its inputs: the layer's, then the
+    # statistics; its outputs: their new values, in the same order), "init.<statistic>"
+    # a statistic's starting value (0 when not given); see docs/models.md
+    modes: tuple[tuple[str, str | float], ...] = ()
     state: tuple[str, ...] = ()  # optimizer state names, in order (per-element, then scalar)
     state_init: tuple[tuple[str, float], ...] = ()  # scalar state (in ``scalars``): initial values
     # facts about the sizes checked by the host wrappers once dimensions are bound and

@@ -403,6 +403,7 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         scalars=scalars,
         elementwise=op.kind == "activation",
         task=op.task if op.kind == "loss" else "",
+        modes=tuple(sorted(op.modes.items())),
         doc=op.doc,
     )
 

@@ -80,6 +80,8 @@ class OpDef:
     # losses: what the model's output means (TASKS): classes scored by the output's
     # last axis, a binary label per element (logit > 0), or the value itself
     task: str = "regression"
+    # layers: how a model runs it outside training (ir.Program.modes)
+    modes: dict[str, str | float] = field(default_factory=dict)
     # facts about the data the derivation may use, e.g. sum(target[b, c], c) == 1
     assumptions: list[tuple[sympy.Expr, sympy.Expr, str]] = field(default_factory=list)
     # optimizers and schedules: per-element state (arrays shaped like p, starting at 0)

@@ -45,6 +45,10 @@ class Target:
     #: whether its model template runs an entry whose op has several outputs (``name =
     #: ["h", "c"]``); a model with one gets no module for a target without
     model_outputs: bool = False
+    #: whether its model template runs train and eval modes (a layer that draws random
+    #: numbers, runs another op in eval mode or keeps running statistics: dropout, batch
+    #: norm); a model with one gets no module for a target without
+    model_modes: bool = False
     #: the op kinds it emits no module text for (schedules run on the host)
     skips_kinds: frozenset = frozenset()
 

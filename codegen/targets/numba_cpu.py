@@ -31,6 +31,7 @@ class NumbaCPU(Target):
     model_cells = True
     model_inputs = True
     model_outputs = True
+    model_modes = True
     primary = True
 
     def scatter_store(self, pr, item) -> str:

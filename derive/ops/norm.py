@@ -39,8 +39,11 @@ OPS = [
                      (rstd[c], 1 / sqrt(var[c] + eps)),
                      (xhat[n, c, h, w], (x[n, c, h, w] - mean[c]) * rstd[c]),
                      (y[n, c, h, w], xhat[n, c, h, w] * weight[c] + bias[c])],
+          modes={"eval": "batch_norm2d_eval", "running": "batch_norm2d_stats", "init.running_var": 1.0},
           doc="Batch normalisation in training mode (batch statistics, biased variance), as "
-              "torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats."),
+              "torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats. In a "
+              "model, training updates the running statistics (batch_norm2d_stats) and eval mode uses them "
+              "(batch_norm2d_eval)."),
     layer("batch_norm2d_stats", inputs={"x": "N C H W", "running_mean": "C", "running_var": "C"},
           outputs={"new_mean": "C", "new_var": "C"}, attrs={"momentum": 0.1}, differentiate=[],
           ranges={"n": N, "h": H, "w": W},
@@ -59,6 +62,7 @@ OPS = [
           equations=[(y[n, c, h, w], (x[n, c, h, w] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c])],
           doc="Batch normalisation in inference mode (running statistics are data)."),
     layer("dropout", inputs={"x": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5, "seed": 0, "step": 0},
+          modes={"eval": "identity"},
           equations=[(y[b, d], x[b, d] * Piecewise((1, uniform(seed, step, b * N + d) >= p), (0, True)) / (1 - p))],
           doc="Inverted dropout drawing its own mask: element (b, d) is kept, scaled by 1/(1 - p), where "
               "uniform(seed, step, b*N + d) >= p (the counter-based generator, derive/functions.py), so the "

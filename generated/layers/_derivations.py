@@ -166,7 +166,7 @@ LATEX = {
     "batch_norm2d": (
         "\\subsection*{batch\\_norm2d}\n"
         "\n"
-        "Batch normalisation in training mode (batch statistics, biased variance), as torch.nn.functional.batch\\_norm(training=True); momentum is used by batch\\_norm2d\\_stats.\n"
+        "Batch normalisation in training mode (batch statistics, biased variance), as torch.nn.functional.batch\\_norm(training=True); momentum is used by batch\\_norm2d\\_stats. In a model, training updates the running statistics (batch\\_norm2d\\_stats) and eval mode uses them (batch\\_norm2d\\_eval).\n"
         "\n"
         "Forward definition (the spec):\n"
         "\n"

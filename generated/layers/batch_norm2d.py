@@ -865,7 +865,7 @@ _SPECS = {
         "differentiable": ("x", "weight", "bias"),
         "state": (),
         "seeds": 1,
-        "doc": "Batch normalisation in training mode (batch statistics, biased variance), as torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats.",
+        "doc": "Batch normalisation in training mode (batch statistics, biased variance), as torch.nn.functional.batch_norm(training=True); momentum is used by batch_norm2d_stats. In a model, training updates the running statistics (batch_norm2d_stats) and eval mode uses them (batch_norm2d_eval).",
     },
 }
 
