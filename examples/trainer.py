@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -463,13 +464,16 @@ def learning_rates(config: Config, base_lr: float):
     return lambda epoch: base_lr * float(sched.lr(epoch, **hyper))
 
 
-def evaluate(model, params, x, y, labels=None) -> dict:
-    """Test loss and, for classification, accuracy (for regression, MSE and R^2)."""
-    out = {"test_loss": float(model.loss(params, x, y))}
+def evaluate(model, params, x, y, labels=None, state=None) -> dict:
+    """Test loss and, for classification, accuracy (for regression, MSE and R^2), in eval
+    mode: a model keeping running statistics (batch norm: ``RUNNING``) reads them from
+    ``state``."""
+    kw = {"state": state} if hasattr(model, "RUNNING") else {}
+    out = {"test_loss": float(model.loss(params, x, y, **kw))}
     if labels is not None:
-        out["test_accuracy"] = float(np.mean(np.reshape(model.predict(params, x), len(labels)) == labels))
+        out["test_accuracy"] = float(np.mean(np.reshape(model.predict(params, x, **kw), len(labels)) == labels))
     else:
-        pred = np.asarray(host_copy(model, model.forward(params, x)), dtype=np.float64)
+        pred = np.asarray(host_copy(model, model.forward(params, x, **kw)), dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         out["test_mse"] = float(np.mean((pred - y) ** 2))
         out["test_r2"] = _r2(pred, y)
@@ -566,7 +570,9 @@ def train(config: Config, log=print) -> dict:
         elif ckpt_path.exists() and writes:
             ckpt_path.unlink()  # a fresh run: an old run's checkpoint must not pass for this one's
         params = model.init(config.seed, dtype=dtype)
-        state = model.init_state(params)
+        # a model whose layers draw (dropout) takes its seed in the state
+        draws = "seed" in inspect.signature(model.init_state).parameters
+        state = model.init_state(params, seed=config.seed % 2**32) if draws else model.init_state(params)
         rng = np.random.default_rng(config.seed)
 
     train_step = model.train_step
@@ -628,7 +634,7 @@ def train(config: Config, log=print) -> dict:
         bar.close()
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "loss": total / n, "lr": lr, "seconds": seconds}
-        record.update(evaluate(model, params, data.x_test, data.y_test, labels_test))
+        record.update(evaluate(model, params, data.x_test, data.y_test, labels_test, state))
         if not math.isfinite(record["test_loss"]):
             kept = f"the checkpoint of epoch {epoch - 1} is kept in {ckpt_path}" if epoch > 1 else "no checkpoint was written"
             raise Diverged(

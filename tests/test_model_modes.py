@@ -3,7 +3,7 @@ dropout draws its mask from the model's seed and step counter, batch norm trains
 statistics and updates running statistics held in the state, and ``forward`` runs in
 eval mode (no dropout, batch norm on the running statistics).
 
-One tiny model (batch norm, dense, dropout), float64, against the same network in
+One tiny model (batch norm, dense, dropout: docs/models.md's example), float64, against the same network in
 PyTorch with the same masks (regenerated from the generator's NumPy twin,
 tests/reference.py): the loss and every gradient of one batch, several fused training
 steps (parameters and running statistics), the eval-mode forward, and a checkpoint and
@@ -12,7 +12,9 @@ resume that draws the same masks.
 
 from __future__ import annotations
 
-import textwrap
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,24 +24,22 @@ import torch.nn.functional as F
 import reference as ref
 from codegen.model import ModelSpecError, render_model
 
+REPO = Path(__file__).resolve().parent.parent
 OPS = ("batch_norm2d", "batch_norm2d_eval", "batch_norm2d_stats", "dense", "dropout", "flatten", "sgd",
        "softmax_cross_entropy", "tanh")
 P, MOMENTUM, LR, SEED = 0.3, 0.2, 0.1, 7
-SPEC = f"""
-name = "modes"
-kind = "model"
-input = [2, 3, 3]
-layers = [
-  {{ op = "batch_norm2d", momentum = {MOMENTUM} }},
-  {{ op = "flatten" }},
-  {{ op = "dense", out = 6 }},
-  {{ op = "tanh" }},
-  {{ op = "dropout", p = {P} }},
-  {{ op = "dense", out = 3 }},
-]
-loss = "softmax_cross_entropy"
-optimizer = {{ op = "sgd", lr = {LR} }}
-"""
+
+
+def _doc_spec() -> str:
+    """The example of docs/models.md's "Train and eval modes", as written there."""
+    text = (REPO / "docs" / "models.md").read_text()
+    spec = next(m for m in re.findall(r"```toml\n(.*?)```", text, re.S) if 'name = "bn_dropout"' in m)
+    for setting in (f"momentum = {MOMENTUM}", f"p = {P} }}", f"lr = {LR} }}"):  # what the PyTorch twin uses
+        assert setting in spec, setting
+    return spec
+
+
+SPEC = _doc_spec()
 DROPOUT_LAYER = 4  # its stream: the seed's high word
 
 
@@ -55,7 +55,7 @@ def model(programs, tmp_path_factory):
     import codegen
 
     out = tmp_path_factory.mktemp("modes")
-    path = out / "modes.toml"
+    path = out / "bn_dropout.toml"
     path.write_text(SPEC)
     rel, text = render_model(path, programs)
     target = out / rel.split("/")[-1]
@@ -145,6 +145,17 @@ def test_train_steps_and_running_statistics_match_pytorch(model):
     with pytest.raises(ValueError, match="running statistics .* pass state="):
         model.forward(params, x)
 
+    # examples/trainer.py evaluates in eval mode, with the state
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import trainer
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    labels = np.argmax(y, axis=1)
+    metrics = trainer.evaluate(model, params, x, y, labels, state)
+    assert metrics["test_loss"] == pytest.approx(model.loss(params, x, y, state), rel=1e-12)
+    assert metrics["test_accuracy"] == np.mean(np.argmax(logits, axis=1) == labels)
+
 
 def _checkpoint(state, path):
     """The state through an .npz file, as examples/trainer.py saves and loads it."""
@@ -179,7 +190,7 @@ def test_resuming_from_a_checkpoint_draws_the_same_masks(model, tmp_path):
 
 
 def test_the_cuda_twin_is_refused_naming_the_reason(programs, tmp_path):
-    path = tmp_path / "modes.toml"
+    path = tmp_path / "bn_dropout.toml"
     path.write_text(SPEC)
     with pytest.raises(ModelSpecError, match=r"layers\[0\] \(op 'batch_norm2d'\): train and eval modes .* on the CPU"):
         render_model(path, programs, target="cuda")
