@@ -1122,6 +1122,7 @@ def _layer_modes(
         out["eval_var"] = f"_{eval_name}{i}"
         out["eval_attrs"] = tuple((a, _literal(attr_values[a])) for a in ev.attrs if a in attr_values and a in entry)
         out["eval_args"] = ", ".join(by_name[n] for n, _, _ in ev.args)
+        out["eval_core_attrs"] = "".join(", " + v for v in _core_attrs(ev, {a: attr_values[a] for a in ev.attrs if a in attr_values}))
     return out
 
 

@@ -159,6 +159,7 @@ class Layer:
     eval_var: str = ""
     eval_attrs: tuple[tuple[str, str], ...] = ()
     eval_args: str = ""
+    eval_core_attrs: str = ""  # the eval op's attributes as its entry points take them: ", 1e-05"
     # the running statistics it keeps, and the op updating them in training (the compiled
     # step calls running_call, whose results running_new are copied into the statistics)
     running: tuple[Running, ...] = ()
@@ -241,6 +242,14 @@ class Layer:
         return ", ".join("gt" + name[1:] for name in self.out_values)
 
     @property
+    def eval_fwd_into(self) -> str:
+        return into_name(self.eval_op, "fwd")
+
+    @property
+    def eval_fwd_alloc(self) -> str:
+        return alloc_name(self.eval_op, "fwd")
+
+    @property
     def fwd_results(self) -> tuple[str, ...]:
         """The arrays the compiled forward writes: the outputs, then the kept values."""
         return (*self.out_values, *self.kept)
@@ -307,6 +316,8 @@ class ModelPlan:
     draws: bool  # some layer draws random numbers (the state holds the seed)
     running: list  # every layer's running statistics (Running), in layer order
     modes: bool  # some layer runs differently in eval mode
+    # the eval-mode ops' entry points, by module (a target whose forward calls them: CUDA's)
+    eval_imports: list
 
     def context(self) -> dict:
         """The plan as a template context (a shallow dict of its fields)."""
@@ -363,6 +374,10 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
     several = model_inputs[0][1] != 0
     xs = [v for _, _, v, _, _ in model_inputs] if several else ["x"]
     running = [r for layer in layers for r in layer.running]
+    eval_cores: dict[str, set] = {}
+    for layer in layers:
+        if layer.eval_op and layer.eval_op != "identity":
+            eval_cores.setdefault(infos[layer.eval_op].module, set()).update((layer.eval_fwd_into, layer.eval_fwd_alloc))
     draws = any(layer.rng for layer in layers)
     step_signature = [*xs, "y", *(p.local for p in params), *(local for _, local in slot_locals)]
     step_signature += [r.local for r in running]
@@ -418,6 +433,7 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         "draws": draws,
         "running": running,
         "modes": any(layer.rng or layer.eval_op or layer.running for layer in layers),
+        "eval_imports": [(m, sorted(eval_cores[m])) for m in sorted(eval_cores)],
         # several named inputs: (name, variable, one sample's shape, integer) of each
         "several_inputs": several,
         "model_inputs": [(n, v, repr(tuple(shape)), is_int) for n, _, v, shape, is_int in model_inputs],

@@ -7,7 +7,7 @@
 
 Argument checking and conversion, the float type, the run-time checks of sizes and
 assumptions, the compiled helpers kernels call (``_gemm``, ``_span``, ``_sigmoid``,
-``_softplus``), the ``Op`` class ``op()`` returns and ``_bind``, the body of every op
+``_softplus``, and the counter-based generator ``_philox``, ``_uniform``, ``_normal``), the ``Op`` class ``op()`` returns and ``_bind``, the body of every op
 module's ``op()``. Emitted once; each op module imports what it uses and records
 this file's digest in its header.
 """

@@ -7,7 +7,8 @@
 
 The CPU runtime's argument checks, device-array handling, launch sizes (128
 threads per block, 16x16 GEMM tiles) and the device functions kernels call
-(``_sigmoid_dev``, ``_softplus_dev``). Emitted once; each op module imports what it
+(``_sigmoid_dev``, ``_softplus_dev``, the generator's ``_philox_dev``, ``_uniform_dev``,
+``_normal_dev``: the CPU's integer arithmetic, so the same bits). Emitted once; each op module imports what it
 uses and records this file's digest in its header.
 """
 

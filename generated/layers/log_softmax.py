@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 c3a65686cfa20d22): its compiled helpers are compiled
+# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,

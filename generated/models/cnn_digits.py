@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 3b09c94bc14fe60a
-#   generated/layers/conv2d.py ff4a592383ac5156
-#   generated/layers/dense.py 89dffd1a1aeca0a3
-#   generated/layers/flatten.py 218514840e7f4b9d
-#   generated/layers/max_pool2d.py a87bf36a0016567e
-#   generated/losses/softmax_cross_entropy.py f70fada3de4b73cd
-#   generated/optimizers/adam.py cfa8c2ef71518e8d
-#   generated/_runtime.py c3a65686cfa20d22
+#   generated/activations/relu.py 25fe5ced7021b0b9
+#   generated/layers/conv2d.py 52b5fbf12f801511
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/layers/flatten.py 9c3c40ac5590b045
+#   generated/layers/max_pool2d.py 1d2572df53a16a28
+#   generated/losses/softmax_cross_entropy.py 689a729d3921ba91
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 89dffd1a1aeca0a3
-#   generated/layers/gru_cell.py cc572b4a41b707e8
-#   generated/losses/softmax_cross_entropy.py f70fada3de4b73cd
-#   generated/optimizers/adam.py cfa8c2ef71518e8d
-#   generated/_runtime.py c3a65686cfa20d22
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/layers/gru_cell.py aaf4908c634b4e54
+#   generated/losses/softmax_cross_entropy.py 689a729d3921ba91
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).

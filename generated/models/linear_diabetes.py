@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 89dffd1a1aeca0a3
-#   generated/losses/mse.py 59dcaf9c592ae6a6
-#   generated/optimizers/adam.py cfa8c2ef71518e8d
-#   generated/_runtime.py c3a65686cfa20d22
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/losses/mse.py b54dba67d097a485
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

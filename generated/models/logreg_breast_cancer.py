@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 89dffd1a1aeca0a3
-#   generated/losses/bce_with_logits.py 69b40de8ab65f633
-#   generated/optimizers/adam.py cfa8c2ef71518e8d
-#   generated/_runtime.py c3a65686cfa20d22
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/losses/bce_with_logits.py 9394c28118d43345
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 3b09c94bc14fe60a
-#   generated/layers/dense.py 89dffd1a1aeca0a3
-#   generated/losses/softmax_cross_entropy.py f70fada3de4b73cd
-#   generated/optimizers/adam.py cfa8c2ef71518e8d
-#   generated/_runtime.py c3a65686cfa20d22
+#   generated/activations/relu.py 25fe5ced7021b0b9
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/losses/softmax_cross_entropy.py 689a729d3921ba91
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """The mlp_bench model.
 
 Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).
