@@ -185,7 +185,8 @@ def _function_call(name):
     from derive.functions import FUNCTIONS
 
     x, y = sympy.symbols("x y", real=True)
-    args = {"Max": (x, y), "Min": (x, y), "where": (x > 0, x, y)}.get(name, (x,))
+    s, t, i = sympy.symbols("seed step i", integer=True)
+    args = {"Max": (x, y), "Min": (x, y), "where": (x > 0, x, y), "uniform": (s, t, i), "normal": (s, t, i)}.get(name, (x,))
     return FUNCTIONS[name](*args)
 
 
