@@ -286,6 +286,18 @@ class RandomFunction(Function):
     is_real = True
     nargs = 3
 
+    @classmethod
+    def eval(cls, *args):
+        """Nothing is evaluated; an argument that is not an integer is an error (the
+        parser reports it naming the equation)."""
+        for a in args:
+            if not sympy.sympify(a).is_integer:
+                raise TypeError(
+                    f"{cls.__name__}(seed, step, counter) takes integers (integer attributes, dimensions, "
+                    f"indices and their arithmetic); {a} is not one"
+                )
+        return None
+
     def fdiff(self, argindex=1):
         return sympy.S.Zero
 

@@ -118,3 +118,14 @@ def test_dropout_backward_uses_the_forward_mask():
     keep = ref.dropout_keep((4, 6), 0.25, 3, 8)
     np.testing.assert_allclose(op.forward(x), x * keep / 0.75, rtol=1e-15)
     np.testing.assert_allclose(op.backward(g, x), g * keep / 0.75, rtol=1e-15)
+
+
+def test_a_draw_takes_integers(tmp_path):
+    from derive.errors import SpecError
+    from derive.spec import load_toml
+
+    path = tmp_path / "bad_draw.toml"
+    path.write_text('name = "bad_draw"\nkind = "layer"\nattrs = { seed = 0, p = 0.5 }\ninputs = { x = "B N" }\n'
+                    'outputs = { y = "B N" }\nequations = ["y[b,n] = x[b,n] * uniform(seed, p, b*N + n)"]\n')
+    with pytest.raises(SpecError, match=r"bad_draw.toml.*uniform\(seed, p, b\*N \+ n\).*takes integers.*p is not one"):
+        load_toml(path)
