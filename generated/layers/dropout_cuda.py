@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 9ae15216d723dbfd): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -28,6 +28,7 @@ from .._runtime_cuda import (
     _launch,
     _on_device,
     _result,
+    _uniform_dev,
 )
 
 
@@ -35,8 +36,8 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _dropout_fwd0(x, mask, y, B, N, p, _total):
-    """y[b, d] = mask[b, d]*x[b, d]/(1 - p)"""
+def _dropout_fwd0(x, y, B, N, p, seed, step, _total):
+    """y[b, d] = Piecewise((1, p <= uniform(seed, step, N*b + d)), (0, True))*x[b, d]/(1 - p)"""
     _F = y.dtype.type
     _c0 = _F(1) / (_F(1) - p)
     _r = cuda.grid(1)
@@ -44,13 +45,13 @@ def _dropout_fwd0(x, mask, y, B, N, p, _total):
         d = _r % N
         _r //= N
         b = _r
-        _v_y = _c0*mask[b, d]*x[b, d]
+        _v_y = _c0*(_F(1) if (p <= _uniform_dev(seed, step, N*b + d, _F)) else _F(0))*x[b, d]
         y[b, d] = _v_y
 
 
 @cuda.jit(cache=True)
-def _dropout_bwd0(mask, g_y, g_x, B, N, p, _total):
-    """g_x[b, d] = g_y[b, d]*mask[b, d]/(1 - p)"""
+def _dropout_bwd0(g_y, g_x, B, N, p, seed, step, _total):
+    """g_x[b, d] = Piecewise((1, p <= uniform(seed, step, N*b + d)), (0, True))*g_y[b, d]/(1 - p)"""
     _F = g_x.dtype.type
     _c0 = _F(1) / (_F(1) - p)
     _r = cuda.grid(1)
@@ -58,13 +59,13 @@ def _dropout_bwd0(mask, g_y, g_x, B, N, p, _total):
         d = _r % N
         _r //= N
         b = _r
-        _v_g_x = _c0*g_y[b, d]*mask[b, d]
+        _v_g_x = _c0*(_F(1) if (p <= _uniform_dev(seed, step, N*b + d, _F)) else _F(0))*g_y[b, d]
         g_x[b, d] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _dropout_jvp0(mask, t_x, t_y, B, N, p, _total):
-    """t_y[b, d] = mask[b, d]*t_x[b, d]/(1 - p)"""
+def _dropout_jvp0(t_x, t_y, B, N, p, seed, step, _total):
+    """t_y[b, d] = Piecewise((1, p <= uniform(seed, step, N*b + d)), (0, True))*t_x[b, d]/(1 - p)"""
     _F = t_y.dtype.type
     _c0 = _F(1) / (_F(1) - p)
     _r = cuda.grid(1)
@@ -72,7 +73,7 @@ def _dropout_jvp0(mask, t_x, t_y, B, N, p, _total):
         d = _r % N
         _r //= N
         b = _r
-        _v_t_y = _c0*mask[b, d]*t_x[b, d]
+        _v_t_y = _c0*(_F(1) if (p <= _uniform_dev(seed, step, N*b + d, _F)) else _F(0))*t_x[b, d]
         t_y[b, d] = _v_t_y
 
 
@@ -89,18 +90,18 @@ def _dropout_hvp0(t_g_x, B, N, _total):
         t_g_x[i0, i1] = _v_t_g_x
 
 
-def _dropout_fwd_core(x, mask, p):
-    """Forward of dropout: y from x, mask. Device arrays in (already checked), kernels launched, results on the device."""
+def _dropout_fwd_core(x, p, seed, step):
+    """Forward of dropout: y from x. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
     N = x.shape[1]
     y = _empty((B, N), _dtype)
-    _launch(_dropout_fwd0, B * N, x, mask, y, B, N, p)
+    _launch(_dropout_fwd0, B * N, x, y, B, N, p, seed, step)
     return y
 
 
-def _dropout_fwd_alloc(x, mask, p):
+def _dropout_fwd_alloc(x, p, seed, step):
     """The results of ``_dropout_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_dropout_fwd_into`` writes."""
     _dtype = x.dtype
     B = x.shape[0]
@@ -109,57 +110,53 @@ def _dropout_fwd_alloc(x, mask, p):
     return y
 
 
-def _dropout_fwd_work(x, mask, p):
+def _dropout_fwd_work(x, p, seed, step):
     """The workspace of ``_dropout_fwd_into``: none (its kernels pass nothing between them)."""
     return ()
 
 
-def _dropout_fwd_into(x, mask, p, y, _work=None):
+def _dropout_fwd_into(x, p, seed, step, y, _work=None):
     """``_dropout_fwd_core`` launching its kernels into y (from ``_dropout_fwd_alloc``), its intermediates in ``_work`` (from ``_dropout_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
     N = x.shape[1]
-    _launch(_dropout_fwd0, B * N, x, mask, y, B, N, p)
+    _launch(_dropout_fwd0, B * N, x, y, B, N, p, seed, step)
 
 
-def _dropout_fwd(x, mask, *, p):
-    """Forward of dropout: y from x, mask."""
-    _dev = any(_on_device(a) for a in (x, mask))
-    _dtype = _float_dtype((x, mask))
+def _dropout_fwd(x, *, p, seed, step):
+    """Forward of dropout: y from x."""
+    _dev = any(_on_device(a) for a in (x,))
+    _dtype = _float_dtype((x,))
     x = _dev_float("dropout", "x", x, _dtype)
-    mask = _dev_float("dropout", "mask", mask, _dtype)
     _check_rank("dropout", "x", x, 2)
     B = x.shape[0]
     N = x.shape[1]
-    _check_rank("dropout", "mask", mask, 2)
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from x axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
     p = _dtype.type(p)
     y = _empty((B, N), _dtype)
-    _launch(_dropout_fwd0, B * N, x, mask, y, B, N, p)
+    _launch(_dropout_fwd0, B * N, x, y, B, N, p, seed, step)
     return _result(y, _dev)
 
 
-def _dropout_fwd_shapes(x, mask, *, p):
+def _dropout_fwd_shapes(x, *, p, seed, step):
     """The shapes of the results of ``_dropout_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     B = x.shape[0]
     N = x.shape[1]
     return ((B, N),)
 
 
-def _dropout_bwd_core(g_y, x, mask, p):
-    """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+def _dropout_bwd_core(g_y, x, p, seed, step):
+    """Backward of dropout: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
     p = _dtype.type(p)
     B = g_y.shape[0]
     N = g_y.shape[1]
     g_x = _empty((B, N), _dtype)
-    _launch(_dropout_bwd0, B * N, mask, g_y, g_x, B, N, p)
+    _launch(_dropout_bwd0, B * N, g_y, g_x, B, N, p, seed, step)
     return g_x
 
 
-def _dropout_bwd_alloc(g_y, x, mask, p):
+def _dropout_bwd_alloc(g_y, x, p, seed, step):
     """The results of ``_dropout_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_dropout_bwd_into`` writes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
@@ -168,82 +165,70 @@ def _dropout_bwd_alloc(g_y, x, mask, p):
     return g_x
 
 
-def _dropout_bwd_work(g_y, x, mask, p):
+def _dropout_bwd_work(g_y, x, p, seed, step):
     """The workspace of ``_dropout_bwd_into``: none (its kernels pass nothing between them)."""
     return ()
 
 
-def _dropout_bwd_into(g_y, x, mask, p, g_x, _work=None):
+def _dropout_bwd_into(g_y, x, p, seed, step, g_x, _work=None):
     """``_dropout_bwd_core`` launching its kernels into g_x (from ``_dropout_bwd_alloc``), its intermediates in ``_work`` (from ``_dropout_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     p = _dtype.type(p)
     B = g_y.shape[0]
     N = g_y.shape[1]
-    _launch(_dropout_bwd0, B * N, mask, g_y, g_x, B, N, p)
+    _launch(_dropout_bwd0, B * N, g_y, g_x, B, N, p, seed, step)
 
 
-def _dropout_bwd(g_y, x, mask, *, p):
-    """Backward of dropout: gradients g_x from g_y, x, mask (forward recomputed)."""
-    _dev = any(_on_device(a) for a in (g_y, x, mask))
-    _dtype = _float_dtype((g_y, x, mask))
+def _dropout_bwd(g_y, x, *, p, seed, step):
+    """Backward of dropout: gradients g_x from g_y, x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x))
+    _dtype = _float_dtype((g_y, x))
     g_y = _dev_float("dropout", "g_y", g_y, _dtype)
     x = _dev_float("dropout", "x", x, _dtype)
-    mask = _dev_float("dropout", "mask", mask, _dtype)
     _check_rank("dropout", "g_y", g_y, 2)
     B = g_y.shape[0]
     N = g_y.shape[1]
     _check_rank("dropout", "x", x, 2)
-    _check_rank("dropout", "mask", mask, 2)
     _check_dim("dropout", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("dropout", "x", x, 1, "N", N, "from g_y axis 1")
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from g_y axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from g_y axis 1")
     p = _dtype.type(p)
     g_x = _empty((B, N), _dtype)
-    _launch(_dropout_bwd0, B * N, mask, g_y, g_x, B, N, p)
+    _launch(_dropout_bwd0, B * N, g_y, g_x, B, N, p, seed, step)
     return _result(g_x, _dev)
 
 
-def _dropout_jvp(x, mask, t_x, *, p):
-    """Forward mode of dropout: the tangents t_y of the outputs from x, mask, t_x (forward recomputed)."""
-    _dev = any(_on_device(a) for a in (x, mask, t_x))
-    _dtype = _float_dtype((x, mask, t_x))
+def _dropout_jvp(x, t_x, *, p, seed, step):
+    """Forward mode of dropout: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (x, t_x))
+    _dtype = _float_dtype((x, t_x))
     x = _dev_float("dropout", "x", x, _dtype)
-    mask = _dev_float("dropout", "mask", mask, _dtype)
     t_x = _dev_float("dropout", "t_x", t_x, _dtype)
     _check_rank("dropout", "x", x, 2)
     B = x.shape[0]
     N = x.shape[1]
-    _check_rank("dropout", "mask", mask, 2)
     _check_rank("dropout", "t_x", t_x, 2)
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from x axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from x axis 1")
     _check_dim("dropout", "t_x", t_x, 0, "B", B, "from x axis 0")
     _check_dim("dropout", "t_x", t_x, 1, "N", N, "from x axis 1")
     p = _dtype.type(p)
     t_y = _empty((B, N), _dtype)
-    _launch(_dropout_jvp0, B * N, mask, t_x, t_y, B, N, p)
+    _launch(_dropout_jvp0, B * N, t_x, t_y, B, N, p, seed, step)
     return _result(t_y, _dev)
 
 
-def _dropout_hvp(g_y, x, mask, t_x, *, p):
-    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, mask, t_x (forward and backward recomputed)."""
-    _dev = any(_on_device(a) for a in (g_y, x, mask, t_x))
-    _dtype = _float_dtype((g_y, x, mask, t_x))
+def _dropout_hvp(g_y, x, t_x, *, p, seed, step):
+    """Second order of dropout: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_y, x, t_x))
+    _dtype = _float_dtype((g_y, x, t_x))
     g_y = _dev_float("dropout", "g_y", g_y, _dtype)
     x = _dev_float("dropout", "x", x, _dtype)
-    mask = _dev_float("dropout", "mask", mask, _dtype)
     t_x = _dev_float("dropout", "t_x", t_x, _dtype)
     _check_rank("dropout", "g_y", g_y, 2)
     B = g_y.shape[0]
     N = g_y.shape[1]
     _check_rank("dropout", "x", x, 2)
-    _check_rank("dropout", "mask", mask, 2)
     _check_rank("dropout", "t_x", t_x, 2)
     _check_dim("dropout", "x", x, 0, "B", B, "from g_y axis 0")
     _check_dim("dropout", "x", x, 1, "N", N, "from g_y axis 1")
-    _check_dim("dropout", "mask", mask, 0, "B", B, "from g_y axis 0")
-    _check_dim("dropout", "mask", mask, 1, "N", N, "from g_y axis 1")
     _check_dim("dropout", "t_x", t_x, 0, "B", B, "from g_y axis 0")
     _check_dim("dropout", "t_x", t_x, 1, "N", N, "from g_y axis 1")
     t_g_x = _empty((B, N), _dtype)

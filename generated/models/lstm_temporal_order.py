@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/lstm_cell.py e36623d66a2a6af7
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/layers/lstm_cell.py f608a984d5e89b7b
+#   generated/losses/softmax_cross_entropy.py 689a729d3921ba91
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """The lstm_temporal_order model.
 
 Model ``lstm_temporal_order``: samples of shape (50, 8) -> outputs of shape (4,).
