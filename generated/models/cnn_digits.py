@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py f9e58be44c06e511
-#   generated/layers/conv2d.py 4057d82da32c17ea
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/flatten.py b7213c173fd2ffd3
-#   generated/layers/max_pool2d.py 7db3094f306974de
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/relu.py 3f1cd957a6523ab7
+#   generated/layers/conv2d.py 7cd242efd31b79c9
+#   generated/layers/dense.py 11b02b53aaf4fd5e
+#   generated/layers/flatten.py e7de998b8a689f31
+#   generated/layers/max_pool2d.py d14772e0a3761df0
+#   generated/losses/softmax_cross_entropy.py 137e12716b855ec4
+#   generated/optimizers/adam.py 28abf13efea0a933
+#   generated/_runtime.py b1dbc1983b388b79
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
@@ -356,7 +356,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
-    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ("b",))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)

@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/losses/mse.py 350749cab6e224ad
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 11b02b53aaf4fd5e
+#   generated/losses/mse.py ffa3a2492dca7739
+#   generated/optimizers/adam.py 28abf13efea0a933
+#   generated/_runtime.py b1dbc1983b388b79
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).
