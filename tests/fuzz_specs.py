@@ -42,8 +42,9 @@ focal and binary cross-entropy losses, scores from a contraction) on inputs at |
 1e2-1e3 (mixed signs, one in five near zero, or a large row offset plus small
 differences; and a second sample with exact 0, 1 and -1 among them, where functions
 have kinks, see :func:`_check_kinks`). The reference there is :func:`mp_reference`: the same tree evaluated with
-mpmath at 50 digits (1000 where 50 leave a value non-finite), gradients by central
-differences at a step of 1e-20; a sample whose true value or gradient overflows is
+mpmath at 50 digits, more where its intermediates are large (50 + 2m digits and a
+step of 1e-(20 + m) where one reaches 1e m; 1000 where 50 leave a value non-finite),
+gradients by central differences; a sample whose true value or gradient overflows is
 discarded, and everything else must be finite and accurate (:func:`_check_large`).
 
 Expressions use every whitelisted function (derive/functions.py FUNCTIONS), where with
@@ -1909,6 +1910,10 @@ def random_spec(seed: int, k: int, **kw) -> FuzzSpec:
 
 MP_DIGITS = 50
 MP_DIGITS_WIDE = 1000
+# the most digits the oracle takes: a sample whose intermediates need more (a cosine of
+# exp(exp(x))) has no true value the oracle can give, and is discarded
+MP_DIGITS_MAX = 20000
+MP_SMALL = 10  # intermediates below 10**MP_SMALL need no more than MP_DIGITS
 
 
 def _mp_sigmoid(x):
@@ -1952,6 +1957,8 @@ def _mp_num(text):
 
 
 class MpCtx(Ctx):
+    top = None  # a one-element list: the largest magnitude met (see mp_eval), when tracked
+
     def arange(self, index):
         shape = [1] * self.nd
         shape[self.axes[index]] = self.size(index)
@@ -1963,7 +1970,22 @@ _MP_CMP = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator
 
 
 def mp_eval(node: Node, ctx: MpCtx):
-    """``node`` on object arrays of mpf (the high-precision twin of ``Node.eval``)."""
+    """``node`` on object arrays of mpf (the high-precision twin of ``Node.eval``). With
+    ``ctx.top`` (a one-element list) set, records there the largest magnitude (in
+    decimal digits before the point) of any value computed: what the working precision
+    must cover for the digits after the point to be right (``cos(expm1(x) - x)`` at x =
+    350 reads the fractional part of a number of 152 digits)."""
+    value = _mp_eval(node, ctx)
+    top = ctx.top
+    if top is not None and value.dtype == object and value.size:
+        digits = max((mpmath.mag(v) for v in value.flat if isinstance(v, (mpmath.mpf, mpmath.mpc)) and v),
+                     default=0) * 0.30103  # log10(2): mag is a bound on log2 |v|
+        if digits > top[0]:
+            top[0] = digits
+    return value
+
+
+def _mp_eval(node: Node, ctx: MpCtx):
     if isinstance(node, Num):
         return _obj(_mp_num(node.text))
     if isinstance(node, Sym):
@@ -2044,14 +2066,16 @@ def _mp_equation(eq: Equation, ctx: MpCtx):
     return _obj(value.reshape(shape))
 
 
-def mp_outputs(spec: FuzzSpec, env: dict) -> list:
+def mp_outputs(spec: FuzzSpec, env: dict, top: list | None = None) -> list:
     """The outputs (object arrays of mpf) of ``spec`` on ``env`` (name -> object array,
-    or an int64 array for an integer input)."""
+    or an int64 array for an integer input); ``top``: see :func:`mp_eval`."""
     if spec.kind == "activation":
         ctx = MpCtx(env={"x": env["x"]}, ints={}, scalars=spec.attr_values())
+        ctx.top = top
         return [_obj(np.broadcast_to(mp_eval(spec.equations[0].rhs, ctx), env["x"].shape).copy())]
     ints = spec.dim_values()
     ctx = MpCtx(env=dict(env), ints=ints, scalars={**ints, **spec.attr_values()})
+    ctx.top = top
     for eq in spec.equations:
         ctx.env[eq.target] = _mp_equation(eq, ctx)
     return [ctx.env[o] for o in spec.outputs]
@@ -2068,25 +2092,39 @@ def _to_float(a) -> np.ndarray:
 
 def mp_reference(spec: FuzzSpec, args, seeds, wrt):
     """The true outputs and the true gradients (of sum(seed * output) with respect to
-    ``args[i]``, i in ``wrt``) as float64 arrays, from the high-precision oracle: at
-    MP_DIGITS digits, or at MP_DIGITS_WIDE where that leaves a value non-finite (``1 -
-    sigmoid(800)`` is 0 at 50 digits; its logarithm is not -inf)."""
-    out = _mp_reference(spec, args, seeds, wrt, MP_DIGITS)
-    if not all(np.all(np.isfinite(a)) for a in out[0] + (out[1] or [])):
-        return _mp_reference(spec, args, seeds, wrt, MP_DIGITS_WIDE)
-    # a central difference resolves a change of 1e-20 relative to the argument in an
-    # output element only if the digits cover that element's magnitude too
-    top = max((float(np.max(np.abs(a))) for a in out[0] if np.size(a)), default=1.0)
-    if seeds is not None and top > 1e10:
-        return _mp_reference(spec, args, seeds, wrt, MP_DIGITS + int(math.log10(top)))
-    return out
+    ``args[i]``, i in ``wrt``) as float64 arrays, from the high-precision oracle.
+
+    The precision grows with the magnitude of the values the evaluation meets: where an
+    intermediate reaches 10**m (m > MP_SMALL), the oracle works at MP_DIGITS + 2 m digits
+    with a central-difference step of 10**-(20 + m) relative to the argument.
+    ``cos(expm1(x) - x)`` at x = 350 reads the fractional part of a number of 152 digits
+    (50 digits gave a wrong value), and its derivative, of order 1e152, is linear only
+    over steps far below 1e-152; the digits cover the step and the value's magnitude
+    together. Where MP_DIGITS leave a value non-finite (``1 - sigmoid(800)`` is 0 at 50
+    digits; its logarithm is not -inf) it takes at least MP_DIGITS_WIDE. Repeated until
+    the precision covers what the evaluation at that precision meets; a sample needing
+    more than MP_DIGITS_MAX digits is discarded."""
+    digits, grow = MP_DIGITS, 0
+    while True:
+        top = [0.0]
+        out = _mp_reference(spec, args, seeds, wrt, digits, top, grow)
+        m = math.ceil(top[0]) if top[0] > MP_SMALL else 0
+        need = MP_DIGITS + 2 * m
+        if not all(np.all(np.isfinite(a)) for a in out[0] + (out[1] or [])):
+            need = max(need, MP_DIGITS_WIDE)
+        if need <= digits and m <= grow:
+            return out
+        if need > MP_DIGITS_MAX:
+            raise _Discard(f"the true value needs {need} digits (an intermediate of about 1e{top[0]:.0f}); "
+                           f"the oracle takes at most {MP_DIGITS_MAX}")
+        digits, grow = max(digits, need), max(grow, m)
 
 
-def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits):
+def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits, top=None, grow=0):
     with mpmath.workdps(digits):
         env = {n: (a if ref._is_int(a) else _vec(lambda v: mpmath.mpf(float(v)), a))
                for n, a in zip(spec.arg_names, args)}
-        outs = mp_outputs(spec, env)
+        outs = mp_outputs(spec, env, top)
         if seeds is None:
             return [_to_float(o) for o in outs], None
         s_mp = [_vec(lambda v: mpmath.mpf(float(v)), np.asarray(s, dtype=np.float64)) for s in seeds]
@@ -2097,7 +2135,7 @@ def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits):
             g = np.zeros(np.shape(base))
             for k in np.ndindex(np.shape(base)):
                 x0 = base[k]
-                h = mpmath.mpf(10) ** -20 * max(1, abs(x0))
+                h = mpmath.mpf(10) ** -(20 + grow) * max(1, abs(x0))
                 base[k] = x0 + h
                 up = mp_outputs(spec, env)
                 base[k] = x0 - h

@@ -9,9 +9,9 @@ penalty (lam/2 times a sum), not a mean."""
 
 from sympy import Abs, Eq, Max, Piecewise, exp, log, pi, sqrt
 
-from ..dsl import FLAG, Reduce, Sum, attr, dims, indices, loss, scalar, tensors
+from ..dsl import Attr, Reduce, Sum, attr, dims, indices, loss, scalar, tensors
 from ..functions import sigmoid, stop_gradient
-from ..spec import Attr
+
 
 b, n, c, k, d_ = indices("b n c k d")
 B, N = dims("B N")

@@ -9,7 +9,7 @@ is derived from these equations (derive/statistics.py), not written.
 import sympy
 from sympy import Piecewise, sqrt
 
-from ..dsl import Mean, Sum, attr, dims, indices, layer, tensors
+from ..dsl import Attr, Mean, Sum, attr, dims, indices, layer, tensors
 
 b, d, n, c, h, w = indices("b d n c h w")
 N, H, W = dims("N H W")
@@ -56,7 +56,7 @@ OPS = [
           differentiate=["x", "weight", "bias"],
           equations=[(y[n, c, h, w], (x[n, c, h, w] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c])],
           doc="Batch normalisation in inference mode (running statistics are data)."),
-    layer("dropout", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5},
+    layer("dropout", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"}, attrs={"p": Attr(0.5, min=0.0, below=1.0)},
           differentiate=["x"], equations=[(y[b, d], x[b, d] * mask[b, d] / (1 - p))],
           doc="Inverted dropout with a given 0/1 mask (data), scaled by 1/(1 - p)."),
 ]

@@ -296,6 +296,7 @@ _SPECS = {
     "dropout": {
         "kind": "layer",
         "attrs": {"p": 0.5},
+        "domains": {"p": {"min": 0.0, "below": 1.0, "text": "0.0 <= value < 1.0"}},
         "arg_names": ("x", "mask"),
         "differentiable": ("x",),
         "state": (),

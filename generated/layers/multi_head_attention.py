@@ -1985,6 +1985,7 @@ _SPECS = {
     "multi_head_attention": {
         "kind": "layer",
         "attrs": {"heads": 2, "causal": 0},
+        "domains": {"heads": {"min": 1, "text": "1 <= value"}, "causal": {"values": (0, 1), "text": "0, 1"}},
         "arg_names": ("x", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo"),
         "differentiable": ("x", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo"),
         "state": (),

@@ -2032,6 +2032,7 @@ _SPECS = {
     "multihead_attention": {
         "kind": "layer",
         "attrs": {"heads": 2, "causal": 0},
+        "domains": {"heads": {"min": 1, "text": "1 <= value"}, "causal": {"values": (0, 1), "text": "0, 1"}},
         "arg_names": ("query", "key", "value", "attn_mask", "key_padding_mask", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"),
         "differentiable": ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"),
         "state": (),

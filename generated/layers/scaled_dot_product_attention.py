@@ -822,6 +822,7 @@ _SPECS = {
     "scaled_dot_product_attention": {
         "kind": "layer",
         "attrs": {"causal": 0},
+        "domains": {"causal": {"values": (0, 1), "text": "0, 1"}},
         "arg_names": ("q", "k", "v"),
         "differentiable": ("q", "k", "v"),
         "state": (),
