@@ -2605,8 +2605,11 @@ def _check_large(spec: FuzzSpec, op, float32: bool):
     high-precision oracle (:func:`mp_reference`) wherever the true forward and gradients
     are finite (else the sample is discarded). float64: finite, and within LARGE_TOL of
     the true value plus LARGE_SENS times its sensitivity to one rounding of the inputs
-    (what any backward-stable evaluation may lose); a non-finite or inaccurate result is
-    ``wrong``. With ``float32``: the same inputs rounded to float32 must give finite
+    (what any backward-stable evaluation may lose; the sensitivity is the largest change
+    of the true value when every input moves one unit in the last place, up or down); a
+    non-finite or inaccurate result is ``wrong``. A sample that one rounding of the
+    inputs moves by ILL_CONDITIONED of its scale has no digit any evaluation in that
+    precision could get (``cos(expm1(x) - x)`` at x ~ 350): discarded. With ``float32``: the same inputs rounded to float32 must give finite
     results (else ``wrong``) within F32_FACTOR of PyTorch float32's own error on the
     same tree, or, where PyTorch's float32 is not finite itself, of the float32
     sensitivity (else ``imprecise``)."""
@@ -2628,13 +2631,20 @@ def _check_large(spec: FuzzSpec, op, float32: bool):
     out_t, grads_t = _true_or_discard(spec, args, seeds, wrt)
     _within(grads_t, limit, "true gradient")
     for dtype in [np.float64] + ([np.float32] if float32 else []):
-        eps = float(np.finfo(dtype).eps)
-        moved = [a if ref._is_int(a) else a * (1 + eps * rng.uniform(-1, 1, size=np.shape(a))) for a in args]
-        out_m, grads_m = _true_or_discard(spec, moved, seeds, wrt)
-        sens = []
-        for m, t in zip(out_m + grads_m, out_t + grads_t):
-            d = np.abs(np.asarray(m) - np.asarray(t))
-            sens.append(float(np.max(np.where(np.isfinite(d), d, np.inf))) if d.size else 0.0)
+        sens = [0.0] * len(out_t + grads_t)
+        up = [rng.random(size=np.shape(a)) < 0.5 for a in args]
+        for side in (up, [~u for u in up]):  # every input moved one rounding, then the other way
+            moved = [a if ref._is_int(a) else _ulp_moved(a, u, dtype) for a, u in zip(args, side)]
+            out_m, grads_m = _true_or_discard(spec, moved, seeds, wrt)
+            for k, (m, t) in enumerate(zip(out_m + grads_m, out_t + grads_t)):
+                d = np.abs(np.asarray(m) - np.asarray(t))
+                sens[k] = max(sens[k], float(np.max(np.where(np.isfinite(d), d, np.inf))) if d.size else 0.0)
+        for k, t in enumerate(out_t + grads_t):
+            scale = float(np.max(np.abs(t))) if np.size(t) else 0.0
+            if sens[k] > ILL_CONDITIONED * max(scale, 1e-300):
+                raise _Discard(f"ill-conditioned in {np.dtype(dtype).name}: one rounding of the inputs moves the true "
+                               f"value by {sens[k]:.3g} (its scale {scale:.3g}); no evaluation in that precision has a "
+                               f"digit of it")
         _compare_large(spec, op, args, seeds, wrt, out_t + grads_t, sens, dtype)
     _check_kinks(spec, op, wrt)
 
@@ -2699,6 +2709,17 @@ def _check_kinks(spec: FuzzSpec, op, wrt):
             i = tuple(int(v) for v in np.argwhere(bad)[0]) if m64.ndim else ()
             raise _Wrong("kinks", f"{what} (float64) at inputs with exact 0 and +-1: {int(bad.sum())} of {bad.size} "
                                   f"differ from the true value; at {i}: got {m64[i]!r}, true {e[i]!r}, PyTorch {t[i]!r}")
+
+
+ILL_CONDITIONED = 0.5  # a true value that one rounding of the inputs moves by this share of its scale
+
+
+def _ulp_moved(a, up, dtype) -> np.ndarray:
+    """``a`` (float64 holding ``dtype`` values) moved by one unit in the last place of
+    ``dtype``, up where ``up``, down elsewhere: one rounding of every input."""
+    a = np.asarray(a, dtype=np.float64)
+    d = a.astype(dtype)
+    return np.where(up, np.nextafter(d, dtype(np.inf)), np.nextafter(d, dtype(-np.inf))).astype(np.float64)
 
 
 def _within(arrays, limit, what):
