@@ -42,9 +42,9 @@ focal and binary cross-entropy losses, scores from a contraction) on inputs at |
 1e2-1e3 (mixed signs, one in five near zero, or a large row offset plus small
 differences; and a second sample with exact 0, 1 and -1 among them, where functions
 have kinks, see :func:`_check_kinks`). The reference there is :func:`mp_reference`: the same tree evaluated with
-mpmath at 50 digits, more where its intermediates are large (50 + 2m digits and a
-step of 1e-(20 + m) where one reaches 1e m; 1000 where 50 leave a value non-finite),
-gradients by central differences; a sample whose true value or gradient overflows is
+mpmath at 50 digits, more where its intermediates are large (50 + m digits where one
+reaches 1e m, and a step of 1e-(20 + m) with m more digits where the step of 1e-20 is too
+coarse; 1000 where 50 leave a value non-finite), gradients by central differences; a sample whose true value or gradient overflows is
 discarded, and everything else must be finite and accurate (:func:`_check_large`).
 
 Expressions use every whitelisted function (derive/functions.py FUNCTIONS), where with
@@ -2095,32 +2095,42 @@ def mp_reference(spec: FuzzSpec, args, seeds, wrt):
     ``args[i]``, i in ``wrt``) as float64 arrays, from the high-precision oracle.
 
     The precision grows with the magnitude of the values the evaluation meets: where an
-    intermediate reaches 10**m (m > MP_SMALL), the oracle works at MP_DIGITS + 2 m digits
-    with a central-difference step of 10**-(20 + m) relative to the argument.
-    ``cos(expm1(x) - x)`` at x = 350 reads the fractional part of a number of 152 digits
-    (50 digits gave a wrong value), and its derivative, of order 1e152, is linear only
-    over steps far below 1e-152; the digits cover the step and the value's magnitude
-    together. Where MP_DIGITS leave a value non-finite (``1 - sigmoid(800)`` is 0 at 50
-    digits; its logarithm is not -inf) it takes at least MP_DIGITS_WIDE. Repeated until
-    the precision covers what the evaluation at that precision meets; a sample needing
-    more than MP_DIGITS_MAX digits is discarded."""
+    intermediate reaches 10**m (m > MP_SMALL) the oracle works at MP_DIGITS + m digits
+    (``cos(expm1(x) - x)`` at x = 350 reads the fractional part of a number of 152
+    digits: 50 digits gave a wrong value; a central difference resolves a change of 1e-20
+    relative to the argument in an output element only if the digits cover that element
+    too). Where the central difference's step (1e-20 relative) is too coarse for the
+    function (its two one-sided differences disagree: the derivative of that cosine is
+    of order 1e152), the step shrinks to 10**-(20 + m) and the digits grow by m more.
+    Where MP_DIGITS leave a value non-finite (``1 - sigmoid(800)`` is 0 at 50 digits; its
+    logarithm is not -inf) it takes at least MP_DIGITS_WIDE. Repeated until the precision
+    covers what the evaluation at that precision meets; a sample needing more than
+    MP_DIGITS_MAX digits is discarded."""
     digits, grow = MP_DIGITS, 0
-    while True:
+    if seeds is not None:  # the forward alone first: what the intermediates' magnitude asks for
         top = [0.0]
-        out = _mp_reference(spec, args, seeds, wrt, digits, top, grow)
+        _mp_reference(spec, args, None, wrt, MP_DIGITS, top)
+        digits = MP_DIGITS + (math.ceil(top[0]) if top[0] > MP_SMALL else 0)
+    while True:
+        top, coarse = [0.0], [False]
+        out = _mp_reference(spec, args, seeds, wrt, digits, top, grow, coarse)
         m = math.ceil(top[0]) if top[0] > MP_SMALL else 0
-        need = MP_DIGITS + 2 * m
+        step = m if coarse[0] and not grow else grow  # the step shrinks once: a kink stays coarse
+        need = MP_DIGITS + m + step
         if not all(np.all(np.isfinite(a)) for a in out[0] + (out[1] or [])):
             need = max(need, MP_DIGITS_WIDE)
-        if need <= digits and m <= grow:
+        if need <= digits and step <= grow:
             return out
         if need > MP_DIGITS_MAX:
             raise _Discard(f"the true value needs {need} digits (an intermediate of about 1e{top[0]:.0f}); "
                            f"the oracle takes at most {MP_DIGITS_MAX}")
-        digits, grow = max(digits, need), max(grow, m)
+        digits, grow = max(digits, need), step
 
 
-def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits, top=None, grow=0):
+def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits, top=None, grow=0, coarse=None):
+    """:func:`mp_reference` at ``digits`` digits and a step of 10**-(20 + grow) relative;
+    ``top``: see :func:`mp_eval`; ``coarse`` (a one-element list) is set where the
+    one-sided differences of a gradient element disagree beyond 1e-8 of it."""
     with mpmath.workdps(digits):
         env = {n: (a if ref._is_int(a) else _vec(lambda v: mpmath.mpf(float(v)), a))
                for n, a in zip(spec.arg_names, args)}
@@ -2143,8 +2153,11 @@ def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits, top=None, grow=0):
                 base[k] = x0
                 # differences element by element: an output at 1e200 that does not depend on
                 # this argument must not swamp one at 1 that does
-                d = sum((np.sum(sk * (u - w)) for sk, u, w in zip(s_mp, up, down)), mpmath.mpf(0))
-                g[k] = _to_float(_obj(d / (2 * h)))
+                ahead = sum((np.sum(sk * (u - o)) for sk, u, o in zip(s_mp, up, outs)), mpmath.mpf(0))
+                behind = sum((np.sum(sk * (o - w)) for sk, o, w in zip(s_mp, outs, down)), mpmath.mpf(0))
+                if coarse is not None and abs(ahead - behind) > 1e-8 * max(abs(ahead), abs(behind)):
+                    coarse[0] = True
+                g[k] = _to_float(_obj((ahead + behind) / (2 * h)))
             grads.append(g)
         return [_to_float(o) for o in outs], grads
 
