@@ -492,7 +492,7 @@ class Where(Node):
 
 @dataclass(frozen=True)
 class Red(Node):
-    kind: str  # sum | max | mean
+    kind: str  # sum | max | mean | reduce (a loss's: the attribute ``reduction`` says how)
     body: Node
     idx: tuple  # ((index name, size name), ...)
 
@@ -500,6 +500,8 @@ class Red(Node):
         return f"{self.kind}({self.body.spec()}, {', '.join(i for i, _ in self.idx)})"
 
     def eval(self, ctx):
+        if self.kind == "reduce":  # "none" never gets here: see Equation.resolved
+            return Red("sum" if ctx.scalars["reduction"] == 2 else "mean", self.body, self.idx).eval(ctx)
         body = self.body.eval(ctx)
         axes = [ctx.axes[i] for i, _ in self.idx]
         shape = [1] * ctx.nd
@@ -549,6 +551,13 @@ class Equation:
         if not self.lhs:
             return f"{self.target} = {self.rhs.spec()}"
         return f"{self.target}[{', '.join(i for i, _ in self.lhs)}] = {self.rhs.spec()}"
+
+    def resolved(self, scalars: dict) -> "Equation":
+        """The equation the oracle evaluates: ``loss = reduce(body, b, n)`` with
+        reduction = 0 ("none") is ``loss[b, n] = body``, the terms."""
+        if isinstance(self.rhs, Red) and self.rhs.kind == "reduce" and scalars.get("reduction") == 0:
+            return Equation(self.target, self.rhs.idx, self.rhs.body)
+        return self
 
     def eval(self, ctx: Ctx) -> torch.Tensor:
         sizes = dict(self.lhs)
@@ -646,7 +655,7 @@ class FuzzSpec:
         scalars = {**ints, **self.attr_values()}
         ctx = Ctx(env=dict(args), ints=ints, scalars=scalars)
         for eq in self.equations:
-            ctx.env[eq.target] = eq.eval(ctx)
+            ctx.env[eq.target] = eq.resolved(scalars).eval(ctx)
         return [ctx.env[o] for o in self.outputs]
 
     def reference_step(self, env: dict, t: int, hyper: dict) -> dict:
@@ -1207,6 +1216,16 @@ def gen_layer(g: Gen, spec: FuzzSpec, loss: bool = False):
         g.tensors[target] = TensorInfo(dims, role)
         unread.append(target)
     spec.equations = eqs
+    last = eqs[-1].rhs if loss else None
+    if isinstance(last, Bin) and last.op == "/" and isinstance(last.a, Red) and last.b == Sym("B"):
+        last = last.a  # sum(..., b, n) / B
+    if isinstance(last, Red) and last.kind in ("sum", "mean") and g.chance(50):
+        # PyTorch's reduction (the spec language's reduce): "none", "mean" or "sum"
+        eqs[-1] = Equation("loss", (), Red("reduce", last.body, last.idx))
+        spec.attrs["reduction"] = 1
+        reduction = g.pick([0, 0, 1, 2])
+        if reduction != 1:
+            spec.run_attrs["reduction"] = reduction
     if loss or g.chance(15):
         args = list(spec.inputs) + list(spec.params)
         chosen = [a for a in args if g.chance(60)] or [args[0]]
@@ -2027,6 +2046,8 @@ def _mp_eval(node: Node, ctx: MpCtx):
         return a & b if node.op == "and" else a | b
     if isinstance(node, Where):
         return _obj(np.where(mp_eval(node.cond, ctx).astype(bool), mp_eval(node.a, ctx), mp_eval(node.b, ctx)))
+    if isinstance(node, Red) and node.kind == "reduce":
+        return mp_eval(Red("sum" if ctx.scalars["reduction"] == 2 else "mean", node.body, node.idx), ctx)
     if isinstance(node, Red):
         body = mp_eval(node.body, ctx)
         axes = tuple(ctx.axes[i] for i, _ in node.idx)
@@ -2077,7 +2098,7 @@ def mp_outputs(spec: FuzzSpec, env: dict, top: list | None = None) -> list:
     ctx = MpCtx(env=dict(env), ints=ints, scalars={**ints, **spec.attr_values()})
     ctx.top = top
     for eq in spec.equations:
-        ctx.env[eq.target] = _mp_equation(eq, ctx)
+        ctx.env[eq.target] = _mp_equation(eq.resolved(ctx.scalars), ctx)
     return [ctx.env[o] for o in spec.outputs]
 
 

@@ -173,6 +173,8 @@ def test_generator_covers_the_spec_language():
         "gather by index arithmetic": "table[(idx[b] + 1) % V, d]" in every or "table[(idx[b] + 2) % V, d]" in every,
         "index compared": "Eq(v, idx[b])" in every and "where(idx[b] " in every,
         "assume": 'assume = ["sum(target[b' in every,
+        "loss reduce, each reduction": {s.run_attrs.get("reduction", 1) for s in texts["loss"] if "reduce(" in s.toml}
+        == {0, 1, 2},
     }
     assert all(constructs.values()), [k for k, v in constructs.items() if not v]
 
