@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -101,8 +101,13 @@ def _elu_fwd_alloc(x, alpha):
     return y.reshape(_shape)
 
 
-def _elu_fwd_into(x, alpha, y):
-    """``_elu_fwd_core`` launching its kernels into y (from ``_elu_fwd_alloc``); returns nothing."""
+def _elu_fwd_work(x, alpha):
+    """The workspace of ``_elu_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _elu_fwd_into(x, alpha, y, _work=None):
+    """``_elu_fwd_core`` launching its kernels into y (from ``_elu_fwd_alloc``), its intermediates in ``_work`` (from ``_elu_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     alpha = _dtype.type(alpha)
     x = x.reshape(x.size)
@@ -156,8 +161,13 @@ def _elu_bwd_alloc(g_y, x, alpha):
     return g_x.reshape(_shape)
 
 
-def _elu_bwd_into(g_y, x, alpha, g_x):
-    """``_elu_bwd_core`` launching its kernels into g_x (from ``_elu_bwd_alloc``); returns nothing."""
+def _elu_bwd_work(g_y, x, alpha):
+    """The workspace of ``_elu_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _elu_bwd_into(g_y, x, alpha, g_x, _work=None):
+    """``_elu_bwd_core`` launching its kernels into g_x (from ``_elu_bwd_alloc``), its intermediates in ``_work`` (from ``_elu_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     alpha = _dtype.type(alpha)
     g_y = g_y.reshape(g_y.size)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -109,8 +109,13 @@ def _gelu_fwd_alloc(x):
     return y.reshape(_shape)
 
 
-def _gelu_fwd_into(x, y):
-    """``_gelu_fwd_core`` launching its kernels into y (from ``_gelu_fwd_alloc``); returns nothing."""
+def _gelu_fwd_work(x):
+    """The workspace of ``_gelu_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gelu_fwd_into(x, y, _work=None):
+    """``_gelu_fwd_core`` launching its kernels into y (from ``_gelu_fwd_alloc``), its intermediates in ``_work`` (from ``_gelu_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     x = x.reshape(x.size)
     y = y.reshape(y.size)
@@ -161,8 +166,13 @@ def _gelu_bwd_alloc(g_y, x):
     return g_x.reshape(_shape)
 
 
-def _gelu_bwd_into(g_y, x, g_x):
-    """``_gelu_bwd_core`` launching its kernels into g_x (from ``_gelu_bwd_alloc``); returns nothing."""
+def _gelu_bwd_work(g_y, x):
+    """The workspace of ``_gelu_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gelu_bwd_into(g_y, x, g_x, _work=None):
+    """``_gelu_bwd_core`` launching its kernels into g_x (from ``_gelu_bwd_alloc``), its intermediates in ``_work`` (from ``_gelu_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     g_y = g_y.reshape(g_y.size)
     x = x.reshape(x.size)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -101,8 +101,13 @@ def _leaky_relu_fwd_alloc(x, slope):
     return y.reshape(_shape)
 
 
-def _leaky_relu_fwd_into(x, slope, y):
-    """``_leaky_relu_fwd_core`` launching its kernels into y (from ``_leaky_relu_fwd_alloc``); returns nothing."""
+def _leaky_relu_fwd_work(x, slope):
+    """The workspace of ``_leaky_relu_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _leaky_relu_fwd_into(x, slope, y, _work=None):
+    """``_leaky_relu_fwd_core`` launching its kernels into y (from ``_leaky_relu_fwd_alloc``), its intermediates in ``_work`` (from ``_leaky_relu_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     slope = _dtype.type(slope)
     x = x.reshape(x.size)
@@ -156,8 +161,13 @@ def _leaky_relu_bwd_alloc(g_y, x, slope):
     return g_x.reshape(_shape)
 
 
-def _leaky_relu_bwd_into(g_y, x, slope, g_x):
-    """``_leaky_relu_bwd_core`` launching its kernels into g_x (from ``_leaky_relu_bwd_alloc``); returns nothing."""
+def _leaky_relu_bwd_work(g_y, x, slope):
+    """The workspace of ``_leaky_relu_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _leaky_relu_bwd_into(g_y, x, slope, g_x, _work=None):
+    """``_leaky_relu_bwd_core`` launching its kernels into g_x (from ``_leaky_relu_bwd_alloc``), its intermediates in ``_work`` (from ``_leaky_relu_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     slope = _dtype.type(slope)
     g_y = g_y.reshape(g_y.size)

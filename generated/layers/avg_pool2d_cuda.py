@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -178,8 +178,8 @@ def _avg_pool2d_fwd_alloc(x, K, S):
     return y
 
 
-def _avg_pool2d_fwd_into(x, K, S, y):
-    """``_avg_pool2d_fwd_core`` launching its kernels into y (from ``_avg_pool2d_fwd_alloc``); returns nothing."""
+def _avg_pool2d_fwd_work(x, K, S):
+    """The intermediates of ``_avg_pool2d_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_avg_pool2d_fwd_into`` takes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -188,6 +188,21 @@ def _avg_pool2d_fwd_into(x, K, S, y):
     HO = ((H - K) // S) + 1
     WO = ((-K + W) // S) + 1
     y_sum0 = _empty((C, HO, N, WO), _dtype)
+    return (y_sum0,)
+
+
+def _avg_pool2d_fwd_into(x, K, S, y, _work=None):
+    """``_avg_pool2d_fwd_core`` launching its kernels into y (from ``_avg_pool2d_fwd_alloc``), its intermediates in ``_work`` (from ``_avg_pool2d_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    if _work is None:
+        _work = _avg_pool2d_fwd_work(x, K, S)
+    y_sum0, = _work
     _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
     _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
 
@@ -251,8 +266,13 @@ def _avg_pool2d_bwd_alloc(g_y, x, K, S):
     return g_x
 
 
-def _avg_pool2d_bwd_into(g_y, x, K, S, g_x):
-    """``_avg_pool2d_bwd_core`` launching its kernels into g_x (from ``_avg_pool2d_bwd_alloc``); returns nothing."""
+def _avg_pool2d_bwd_work(g_y, x, K, S):
+    """The workspace of ``_avg_pool2d_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _avg_pool2d_bwd_into(g_y, x, K, S, g_x, _work=None):
+    """``_avg_pool2d_bwd_core`` launching its kernels into g_x (from ``_avg_pool2d_bwd_alloc``), its intermediates in ``_work`` (from ``_avg_pool2d_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]

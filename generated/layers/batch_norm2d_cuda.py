@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -149,6 +149,29 @@ def _batch_norm2d_bwd2(weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, 
         n = _r
         _v_g_x = (-_c0*g_bias[c] - _c0*g_weight[c]*xhat[n, c, h, w] + g_y[n, c, h, w])*rstd[c]*weight[c]
         g_x[n, c, h, w] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _batch_norm2d_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, C, H, N, W, _total):
+    """xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+    y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+    """
+    _F = xhat.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % W
+        _r //= W
+        h = _r % H
+        _r //= H
+        c = _r % C
+        _r //= C
+        n = _r
+        # xhat[n, c, h, w] = (-mean[c] + x[n, c, h, w])*rstd[c]
+        _v_xhat = (-mean[c] + x[n, c, h, w])*rstd[c]
+        xhat[n, c, h, w] = _v_xhat
+        # y[n, c, h, w] = bias[c] + weight[c]*xhat[n, c, h, w]
+        _v_y = _v_xhat*weight[c] + bias[c]
+        y[n, c, h, w] = _v_y
 
 
 @cuda.jit(cache=True)
@@ -385,16 +408,29 @@ def _batch_norm2d_fwd_alloc(x, weight, bias, eps, momentum):
     return y
 
 
-def _batch_norm2d_fwd_into(x, weight, bias, eps, momentum, y):
-    """``_batch_norm2d_fwd_core`` launching its kernels into y (from ``_batch_norm2d_fwd_alloc``); returns nothing."""
+def _batch_norm2d_fwd_work(x, weight, bias, eps, momentum):
+    """The intermediates of ``_batch_norm2d_fwd_core`` for arguments of these shapes (mean, rstd), uninitialised device arrays: the workspace ``_batch_norm2d_fwd_into`` takes."""
     _dtype = x.dtype
-    eps = _dtype.type(eps)
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
     mean = _empty((C,), _dtype)
     rstd = _empty((C,), _dtype)
+    return (mean, rstd)
+
+
+def _batch_norm2d_fwd_into(x, weight, bias, eps, momentum, y, _work=None):
+    """``_batch_norm2d_fwd_core`` launching its kernels into y (from ``_batch_norm2d_fwd_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    if _work is None:
+        _work = _batch_norm2d_fwd_work(x, weight, bias, eps, momentum)
+    mean, rstd = _work
     _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
     _launch(_batch_norm2d_fwd1, N * C * H * W, x, weight, bias, y, mean, rstd, C, H, N, W)
 
@@ -467,10 +503,9 @@ def _batch_norm2d_bwd_alloc(g_y, x, weight, bias, eps, momentum):
     return g_x, g_weight, g_bias
 
 
-def _batch_norm2d_bwd_into(g_y, x, weight, bias, eps, momentum, g_x, g_weight, g_bias):
-    """``_batch_norm2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_alloc``); returns nothing."""
+def _batch_norm2d_bwd_work(g_y, x, weight, bias, eps, momentum):
+    """The intermediates of ``_batch_norm2d_bwd_core`` for arguments of these shapes (mean, rstd, xhat), uninitialised device arrays: the workspace ``_batch_norm2d_bwd_into`` takes."""
     _dtype = g_y.dtype
-    eps = _dtype.type(eps)
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = g_y.shape[2]
@@ -478,6 +513,20 @@ def _batch_norm2d_bwd_into(g_y, x, weight, bias, eps, momentum, g_x, g_weight, g
     mean = _empty((C,), _dtype)
     rstd = _empty((C,), _dtype)
     xhat = _empty((N, C, H, W), _dtype)
+    return (mean, rstd, xhat)
+
+
+def _batch_norm2d_bwd_into(g_y, x, weight, bias, eps, momentum, g_x, g_weight, g_bias, _work=None):
+    """``_batch_norm2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    if _work is None:
+        _work = _batch_norm2d_bwd_work(g_y, x, weight, bias, eps, momentum)
+    mean, rstd, xhat = _work
     _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
     _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
     _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
@@ -518,6 +567,206 @@ def _batch_norm2d_bwd(g_y, x, weight, bias, *, eps, momentum):
     _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
     _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _batch_norm2d_bwd_params_core(g_y, x, weight, bias, eps, momentum):
+    """Backward of batch_norm2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    return g_weight, g_bias
+
+
+def _batch_norm2d_bwd_params_alloc(g_y, x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    return g_weight, g_bias
+
+
+def _batch_norm2d_bwd_params_work(g_y, x, weight, bias, eps, momentum):
+    """The intermediates of ``_batch_norm2d_bwd_params_core`` for arguments of these shapes (mean, rstd, xhat), uninitialised device arrays: the workspace ``_batch_norm2d_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    return (mean, rstd, xhat)
+
+
+def _batch_norm2d_bwd_params_into(g_y, x, weight, bias, eps, momentum, g_weight, g_bias, _work=None):
+    """``_batch_norm2d_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_batch_norm2d_bwd_params_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    if _work is None:
+        _work = _batch_norm2d_bwd_params_work(g_y, x, weight, bias, eps, momentum)
+    mean, rstd, xhat = _work
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_bwd0, N * C * H * W, x, mean, rstd, xhat, C, H, N, W)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+
+
+def _batch_norm2d_fwd_saving_core(x, weight, bias, eps, momentum):
+    """Forward of batch_norm2d: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = _empty((N, C, H, W), _dtype)
+    mean = _empty((C,), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_fwd_saving0, N * C * H * W, x, weight, bias, y, mean, rstd, xhat, C, H, N, W)
+    return y, rstd, xhat
+
+
+def _batch_norm2d_fwd_saving_alloc(x, weight, bias, eps, momentum):
+    """The results of ``_batch_norm2d_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    y = _empty((N, C, H, W), _dtype)
+    rstd = _empty((C,), _dtype)
+    xhat = _empty((N, C, H, W), _dtype)
+    return y, rstd, xhat
+
+
+def _batch_norm2d_fwd_saving_work(x, weight, bias, eps, momentum):
+    """The intermediates of ``_batch_norm2d_fwd_saving_core`` for arguments of these shapes (mean), uninitialised device arrays: the workspace ``_batch_norm2d_fwd_saving_into`` takes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    mean = _empty((C,), _dtype)
+    return (mean,)
+
+
+def _batch_norm2d_fwd_saving_into(x, weight, bias, eps, momentum, y, rstd, xhat, _work=None):
+    """``_batch_norm2d_fwd_saving_core`` launching its kernels into y, rstd, xhat (from ``_batch_norm2d_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    if _work is None:
+        _work = _batch_norm2d_fwd_saving_work(x, weight, bias, eps, momentum)
+    mean, = _work
+    _launch(_batch_norm2d_fwd0, C, x, mean, rstd, C, H, N, W, eps)
+    _launch(_batch_norm2d_fwd_saving0, N * C * H * W, x, weight, bias, y, mean, rstd, xhat, C, H, N, W)
+
+
+def _batch_norm2d_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """Backward of batch_norm2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
+    return g_x, g_weight, g_bias
+
+
+def _batch_norm2d_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_x = _empty((N, C, H, W), _dtype)
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _batch_norm2d_bwd_saved_work(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """The workspace of ``_batch_norm2d_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _batch_norm2d_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum, g_x, g_weight, g_bias, _work=None):
+    """``_batch_norm2d_bwd_saved_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    _launch(_batch_norm2d_bwd2, N * C * H * W, weight, rstd, xhat, g_y, g_x, g_weight, g_bias, C, H, N, W)
+
+
+def _batch_norm2d_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """Backward of batch_norm2d: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
+    return g_weight, g_bias
+
+
+def _batch_norm2d_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """The results of ``_batch_norm2d_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    return g_weight, g_bias
+
+
+def _batch_norm2d_bwd_params_saved_work(g_y, x, weight, bias, rstd, xhat, eps, momentum):
+    """The workspace of ``_batch_norm2d_bwd_params_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _batch_norm2d_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, momentum, g_weight, g_bias, _work=None):
+    """``_batch_norm2d_bwd_params_saved_core`` launching its kernels into g_weight, g_bias (from ``_batch_norm2d_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _launch(_batch_norm2d_bwd1, C, xhat, g_y, g_weight, g_bias, C, H, N, W)
 
 
 def _batch_norm2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, eps, momentum):

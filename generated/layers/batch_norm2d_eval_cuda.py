@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -178,8 +178,13 @@ def _batch_norm2d_eval_fwd_alloc(x, running_mean, running_var, weight, bias, eps
     return y
 
 
-def _batch_norm2d_eval_fwd_into(x, running_mean, running_var, weight, bias, eps, y):
-    """``_batch_norm2d_eval_fwd_core`` launching its kernels into y (from ``_batch_norm2d_eval_fwd_alloc``); returns nothing."""
+def _batch_norm2d_eval_fwd_work(x, running_mean, running_var, weight, bias, eps):
+    """The workspace of ``_batch_norm2d_eval_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _batch_norm2d_eval_fwd_into(x, running_mean, running_var, weight, bias, eps, y, _work=None):
+    """``_batch_norm2d_eval_fwd_core`` launching its kernels into y (from ``_batch_norm2d_eval_fwd_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_eval_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     eps = _dtype.type(eps)
     N = x.shape[0]
@@ -255,8 +260,13 @@ def _batch_norm2d_eval_bwd_alloc(g_y, x, running_mean, running_var, weight, bias
     return g_x, g_weight, g_bias
 
 
-def _batch_norm2d_eval_bwd_into(g_y, x, running_mean, running_var, weight, bias, eps, g_x, g_weight, g_bias):
-    """``_batch_norm2d_eval_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_eval_bwd_alloc``); returns nothing."""
+def _batch_norm2d_eval_bwd_work(g_y, x, running_mean, running_var, weight, bias, eps):
+    """The workspace of ``_batch_norm2d_eval_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _batch_norm2d_eval_bwd_into(g_y, x, running_mean, running_var, weight, bias, eps, g_x, g_weight, g_bias, _work=None):
+    """``_batch_norm2d_eval_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_batch_norm2d_eval_bwd_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_eval_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     eps = _dtype.type(eps)
     N = g_y.shape[0]
@@ -302,6 +312,48 @@ def _batch_norm2d_eval_bwd(g_y, x, running_mean, running_var, weight, bias, *, e
     _launch(_batch_norm2d_eval_bwd0, C, x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
     _launch(_batch_norm2d_eval_bwd1, N * C * H * W, running_var, weight, g_y, g_x, C, H, N, W, eps)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _batch_norm2d_eval_bwd_params_core(g_y, x, running_mean, running_var, weight, bias, eps):
+    """Backward of batch_norm2d_eval: gradients g_weight, g_bias from g_y, x, running_mean, running_var, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    _launch(_batch_norm2d_eval_bwd0, C, x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
+    return g_weight, g_bias
+
+
+def _batch_norm2d_eval_bwd_params_alloc(g_y, x, running_mean, running_var, weight, bias, eps):
+    """The results of ``_batch_norm2d_eval_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_batch_norm2d_eval_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    g_weight = _empty((C,), _dtype)
+    g_bias = _empty((C,), _dtype)
+    return g_weight, g_bias
+
+
+def _batch_norm2d_eval_bwd_params_work(g_y, x, running_mean, running_var, weight, bias, eps):
+    """The workspace of ``_batch_norm2d_eval_bwd_params_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _batch_norm2d_eval_bwd_params_into(g_y, x, running_mean, running_var, weight, bias, eps, g_weight, g_bias, _work=None):
+    """``_batch_norm2d_eval_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_batch_norm2d_eval_bwd_params_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_eval_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = g_y.shape[2]
+    W = g_y.shape[3]
+    _launch(_batch_norm2d_eval_bwd0, C, x, running_mean, running_var, g_y, g_weight, g_bias, C, H, N, W, eps)
 
 
 def _batch_norm2d_eval_jvp(x, running_mean, running_var, weight, bias, t_x, t_weight, t_bias, *, eps):

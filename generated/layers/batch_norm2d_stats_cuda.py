@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -112,15 +112,28 @@ def _batch_norm2d_stats_fwd_alloc(x, running_mean, running_var, momentum):
     return new_mean, new_var
 
 
-def _batch_norm2d_stats_fwd_into(x, running_mean, running_var, momentum, new_mean, new_var):
-    """``_batch_norm2d_stats_fwd_core`` launching its kernels into new_mean, new_var (from ``_batch_norm2d_stats_fwd_alloc``); returns nothing."""
+def _batch_norm2d_stats_fwd_work(x, running_mean, running_var, momentum):
+    """The intermediates of ``_batch_norm2d_stats_fwd_core`` for arguments of these shapes (count), uninitialised device arrays: the workspace ``_batch_norm2d_stats_fwd_into`` takes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    count = _empty((1,), _dtype)
+    return (count,)
+
+
+def _batch_norm2d_stats_fwd_into(x, running_mean, running_var, momentum, new_mean, new_var, _work=None):
+    """``_batch_norm2d_stats_fwd_core`` launching its kernels into new_mean, new_var (from ``_batch_norm2d_stats_fwd_alloc``), its intermediates in ``_work`` (from ``_batch_norm2d_stats_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     momentum = _dtype.type(momentum)
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    count = _empty((1,), _dtype)
+    if _work is None:
+        _work = _batch_norm2d_stats_fwd_work(x, running_mean, running_var, momentum)
+    count, = _work
     _launch(_batch_norm2d_stats_fwd0, 1, count, H, N, W)
     _launch(_batch_norm2d_stats_fwd1, C, x, running_mean, running_var, new_mean, new_var, count, C, H, N, W, momentum)
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -150,8 +150,13 @@ def _concat_fwd_alloc(x1, x2):
     return y
 
 
-def _concat_fwd_into(x1, x2, y):
-    """``_concat_fwd_core`` launching its kernels into y (from ``_concat_fwd_alloc``); returns nothing."""
+def _concat_fwd_work(x1, x2):
+    """The workspace of ``_concat_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _concat_fwd_into(x1, x2, y, _work=None):
+    """``_concat_fwd_core`` launching its kernels into y (from ``_concat_fwd_alloc``), its intermediates in ``_work`` (from ``_concat_fwd_work``; allocated when None); returns nothing."""
     _dtype = x1.dtype
     A = x1.shape[0]
     N1 = x1.shape[1]
@@ -220,8 +225,13 @@ def _concat_bwd_alloc(g_y, x1, x2):
     return g_x1, g_x2
 
 
-def _concat_bwd_into(g_y, x1, x2, g_x1, g_x2):
-    """``_concat_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_concat_bwd_alloc``); returns nothing."""
+def _concat_bwd_work(g_y, x1, x2):
+    """The workspace of ``_concat_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _concat_bwd_into(g_y, x1, x2, g_x1, g_x2, _work=None):
+    """``_concat_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_concat_bwd_alloc``), its intermediates in ``_work`` (from ``_concat_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     A = g_y.shape[0]
     R = g_y.shape[2]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -256,8 +256,8 @@ def _conv2d_fwd_alloc(x, weight, bias, S, P):
     return y
 
 
-def _conv2d_fwd_into(x, weight, bias, S, P, y):
-    """``_conv2d_fwd_core`` launching its kernels into y (from ``_conv2d_fwd_alloc``); returns nothing."""
+def _conv2d_fwd_work(x, weight, bias, S, P):
+    """The intermediates of ``_conv2d_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_conv2d_fwd_into`` takes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -269,6 +269,24 @@ def _conv2d_fwd_into(x, weight, bias, S, P, y):
     HO = ((H - KH + 2*P) // S) + 1
     WO = ((-KW + 2*P + W) // S) + 1
     y_sum0 = _empty((HO, N, O, WO), _dtype)
+    return (y_sum0,)
+
+
+def _conv2d_fwd_into(x, weight, bias, S, P, y, _work=None):
+    """``_conv2d_fwd_core`` launching its kernels into y (from ``_conv2d_fwd_alloc``), its intermediates in ``_work`` (from ``_conv2d_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    if _work is None:
+        _work = _conv2d_fwd_work(x, weight, bias, S, P)
+    y_sum0, = _work
     _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
     _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
 
@@ -355,8 +373,13 @@ def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
     return g_x, g_weight, g_bias
 
 
-def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias):
-    """``_conv2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``); returns nothing."""
+def _conv2d_bwd_work(g_y, x, weight, bias, S, P):
+    """The workspace of ``_conv2d_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias, _work=None):
+    """``_conv2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``), its intermediates in ``_work`` (from ``_conv2d_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
@@ -408,6 +431,63 @@ def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
     _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
     _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
+    """Backward of conv2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_bias = _empty((O,), _dtype)
+    _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
+    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    return g_weight, g_bias
+
+
+def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
+    """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+def _conv2d_bwd_params_work(g_y, x, weight, bias, S, P):
+    """The workspace of ``_conv2d_bwd_params_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias, _work=None):
+    """``_conv2d_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_conv2d_bwd_params_alloc``), its intermediates in ``_work`` (from ``_conv2d_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    HO = ((H - KH + 2*P) // S) + 1
+    WO = ((-KW + 2*P + W) // S) + 1
+    _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
+    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
 
 
 def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -114,6 +114,37 @@ def _cosine_similarity_bwd1(x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, 
         _t7 = -_t0 + eps
         _v_g_x1 = (_t2*_t5*x2[b, d] - (_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t7 < _F(0)) else (_F(0) if (_t7 > _F(0)) else (_F(0.5)*_t5/(_t1 * _t1*math.sqrt(y_sum0[b])) if (_t7 <= _F(0)) else _F(math.nan))))*x1[b, d]*y_sum2[b])*g_y[b]
         g_x1[b, d] = _v_g_x1
+
+
+@cuda.jit(cache=True)
+def _cosine_similarity_fwd_saving0(x1, x2, y, y_sum0, y_sum1, y_sum2, B, D, eps, _total):
+    """y_sum0[b] = sum(x1[b, d]**2, d)
+    y_sum1[b] = sum(x2[b, d]**2, d)
+    y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+    """
+    _F = y_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_sum0[b] = sum(x1[b, d]**2, d)
+        _v_y_sum0 = _F(0)
+        for d in range(0, D):
+            _v_y_sum0 += x1[b, d] * x1[b, d]
+        y_sum0[b] = _v_y_sum0
+        # y_sum1[b] = sum(x2[b, d]**2, d)
+        _v_y_sum1 = _F(0)
+        for d in range(0, D):
+            _v_y_sum1 += x2[b, d] * x2[b, d]
+        y_sum1[b] = _v_y_sum1
+        # y_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_y_sum2 = _F(0)
+        for d in range(0, D):
+            _v_y_sum2 += x1[b, d]*x2[b, d]
+        y_sum2[b] = _v_y_sum2
+        # y[b] = y_sum2[b]/(Max(eps, sqrt(y_sum0[b]))*Max(eps, sqrt(y_sum1[b])))
+        _v_y = _v_y_sum2/((math.sqrt(_v_y_sum0) if math.sqrt(_v_y_sum0) != math.sqrt(_v_y_sum0) else max(eps, math.sqrt(_v_y_sum0)))*(math.sqrt(_v_y_sum1) if math.sqrt(_v_y_sum1) != math.sqrt(_v_y_sum1) else max(eps, math.sqrt(_v_y_sum1))))
+        y[b] = _v_y
 
 
 @cuda.jit(cache=True)
@@ -269,8 +300,13 @@ def _cosine_similarity_fwd_alloc(x1, x2, eps):
     return y
 
 
-def _cosine_similarity_fwd_into(x1, x2, eps, y):
-    """``_cosine_similarity_fwd_core`` launching its kernels into y (from ``_cosine_similarity_fwd_alloc``); returns nothing."""
+def _cosine_similarity_fwd_work(x1, x2, eps):
+    """The workspace of ``_cosine_similarity_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_similarity_fwd_into(x1, x2, eps, y, _work=None):
+    """``_cosine_similarity_fwd_core`` launching its kernels into y (from ``_cosine_similarity_fwd_alloc``), its intermediates in ``_work`` (from ``_cosine_similarity_fwd_work``; allocated when None); returns nothing."""
     _dtype = x1.dtype
     eps = _dtype.type(eps)
     B = x1.shape[0]
@@ -328,15 +364,26 @@ def _cosine_similarity_bwd_alloc(g_y, x1, x2, eps):
     return g_x1, g_x2
 
 
-def _cosine_similarity_bwd_into(g_y, x1, x2, eps, g_x1, g_x2):
-    """``_cosine_similarity_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_similarity_bwd_alloc``); returns nothing."""
+def _cosine_similarity_bwd_work(g_y, x1, x2, eps):
+    """The intermediates of ``_cosine_similarity_bwd_core`` for arguments of these shapes (y_sum0, y_sum1, y_sum2), uninitialised device arrays: the workspace ``_cosine_similarity_bwd_into`` takes."""
     _dtype = g_y.dtype
-    eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = x1.shape[1]
     y_sum0 = _empty((B,), _dtype)
     y_sum1 = _empty((B,), _dtype)
     y_sum2 = _empty((B,), _dtype)
+    return (y_sum0, y_sum1, y_sum2)
+
+
+def _cosine_similarity_bwd_into(g_y, x1, x2, eps, g_x1, g_x2, _work=None):
+    """``_cosine_similarity_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_similarity_bwd_alloc``), its intermediates in ``_work`` (from ``_cosine_similarity_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    if _work is None:
+        _work = _cosine_similarity_bwd_work(g_y, x1, x2, eps)
+    y_sum0, y_sum1, y_sum2 = _work
     _launch(_cosine_similarity_bwd0, B, x1, x2, y_sum0, y_sum1, y_sum2, B, D)
     _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
 
@@ -365,6 +412,82 @@ def _cosine_similarity_bwd(g_y, x1, x2, *, eps):
     _launch(_cosine_similarity_bwd0, B, x1, x2, y_sum0, y_sum1, y_sum2, B, D)
     _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
     return _result(g_x1, _dev), _result(g_x2, _dev)
+
+
+def _cosine_similarity_fwd_saving_core(x1, x2, eps):
+    """Forward of cosine_similarity: y, y_sum0, y_sum1, y_sum2 from x1, x2, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = _empty((B,), _dtype)
+    y_sum0 = _empty((B,), _dtype)
+    y_sum1 = _empty((B,), _dtype)
+    y_sum2 = _empty((B,), _dtype)
+    _launch(_cosine_similarity_fwd_saving0, B, x1, x2, y, y_sum0, y_sum1, y_sum2, B, D, eps)
+    return y, y_sum0, y_sum1, y_sum2
+
+
+def _cosine_similarity_fwd_saving_alloc(x1, x2, eps):
+    """The results of ``_cosine_similarity_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_similarity_fwd_saving_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    y = _empty((B,), _dtype)
+    y_sum0 = _empty((B,), _dtype)
+    y_sum1 = _empty((B,), _dtype)
+    y_sum2 = _empty((B,), _dtype)
+    return y, y_sum0, y_sum1, y_sum2
+
+
+def _cosine_similarity_fwd_saving_work(x1, x2, eps):
+    """The workspace of ``_cosine_similarity_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_similarity_fwd_saving_into(x1, x2, eps, y, y_sum0, y_sum1, y_sum2, _work=None):
+    """``_cosine_similarity_fwd_saving_core`` launching its kernels into y, y_sum0, y_sum1, y_sum2 (from ``_cosine_similarity_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cosine_similarity_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x1.dtype
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_similarity_fwd_saving0, B, x1, x2, y, y_sum0, y_sum1, y_sum2, B, D, eps)
+
+
+def _cosine_similarity_bwd_saved_core(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps):
+    """Backward of cosine_similarity: gradients g_x1, g_x2 from g_y, x1, x2, y_sum0, y_sum1, y_sum2 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
+    return g_x1, g_x2
+
+
+def _cosine_similarity_bwd_saved_alloc(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps):
+    """The results of ``_cosine_similarity_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_similarity_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+def _cosine_similarity_bwd_saved_work(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps):
+    """The workspace of ``_cosine_similarity_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_similarity_bwd_saved_into(g_y, x1, x2, y_sum0, y_sum1, y_sum2, eps, g_x1, g_x2, _work=None):
+    """``_cosine_similarity_bwd_saved_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_similarity_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cosine_similarity_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_similarity_bwd1, B * D, x1, x2, y_sum0, y_sum1, y_sum2, g_y, g_x1, g_x2, B, D, eps)
 
 
 def _cosine_similarity_jvp(x1, x2, t_x1, t_x2, *, eps):

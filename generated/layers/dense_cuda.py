@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -430,8 +430,13 @@ def _dense_fwd_alloc(x, weight, bias):
     return y
 
 
-def _dense_fwd_into(x, weight, bias, y):
-    """``_dense_fwd_core`` launching its kernels into y (from ``_dense_fwd_alloc``); returns nothing."""
+def _dense_fwd_work(x, weight, bias):
+    """The workspace of ``_dense_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _dense_fwd_into(x, weight, bias, y, _work=None):
+    """``_dense_fwd_core`` launching its kernels into y (from ``_dense_fwd_alloc``), its intermediates in ``_work`` (from ``_dense_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -493,8 +498,13 @@ def _dense_bwd_alloc(g_y, x, weight, bias):
     return g_x, g_weight, g_bias
 
 
-def _dense_bwd_into(g_y, x, weight, bias, g_x, g_weight, g_bias):
-    """``_dense_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_dense_bwd_alloc``); returns nothing."""
+def _dense_bwd_work(g_y, x, weight, bias):
+    """The workspace of ``_dense_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _dense_bwd_into(g_y, x, weight, bias, g_x, g_weight, g_bias, _work=None):
+    """``_dense_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_dense_bwd_alloc``), its intermediates in ``_work`` (from ``_dense_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     O = g_y.shape[1]
@@ -530,6 +540,45 @@ def _dense_bwd(g_y, x, weight, bias):
     _launch_gemm((_dense_bwd1_f32, _dense_bwd1_f64), _dtype, I, O, x, g_y, g_weight, B, I, O)
     _launch_gemm((_dense_bwd2_f32, _dense_bwd2_f64), _dtype, B, I, weight, g_y, g_x, B, I, O)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _dense_bwd_params_core(g_y, x, weight, bias):
+    """Backward of dense: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    _launch(_dense_bwd0, O, g_y, g_bias, B, O)
+    _launch_gemm((_dense_bwd1_f32, _dense_bwd1_f64), _dtype, I, O, x, g_y, g_weight, B, I, O)
+    return g_weight, g_bias
+
+
+def _dense_bwd_params_alloc(g_y, x, weight, bias):
+    """The results of ``_dense_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_dense_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+def _dense_bwd_params_work(g_y, x, weight, bias):
+    """The workspace of ``_dense_bwd_params_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _dense_bwd_params_into(g_y, x, weight, bias, g_weight, g_bias, _work=None):
+    """``_dense_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_dense_bwd_params_alloc``), its intermediates in ``_work`` (from ``_dense_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _launch(_dense_bwd0, O, g_y, g_bias, B, O)
+    _launch_gemm((_dense_bwd1_f32, _dense_bwd1_f64), _dtype, I, O, x, g_y, g_weight, B, I, O)
 
 
 def _dense_jvp(x, weight, bias, t_x, t_weight, t_bias):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -109,8 +109,13 @@ def _dropout_fwd_alloc(x, mask, p):
     return y
 
 
-def _dropout_fwd_into(x, mask, p, y):
-    """``_dropout_fwd_core`` launching its kernels into y (from ``_dropout_fwd_alloc``); returns nothing."""
+def _dropout_fwd_work(x, mask, p):
+    """The workspace of ``_dropout_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _dropout_fwd_into(x, mask, p, y, _work=None):
+    """``_dropout_fwd_core`` launching its kernels into y (from ``_dropout_fwd_alloc``), its intermediates in ``_work`` (from ``_dropout_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     p = _dtype.type(p)
     B = x.shape[0]
@@ -163,8 +168,13 @@ def _dropout_bwd_alloc(g_y, x, mask, p):
     return g_x
 
 
-def _dropout_bwd_into(g_y, x, mask, p, g_x):
-    """``_dropout_bwd_core`` launching its kernels into g_x (from ``_dropout_bwd_alloc``); returns nothing."""
+def _dropout_bwd_work(g_y, x, mask, p):
+    """The workspace of ``_dropout_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _dropout_bwd_into(g_y, x, mask, p, g_x, _work=None):
+    """``_dropout_bwd_core`` launching its kernels into g_x (from ``_dropout_bwd_alloc``), its intermediates in ``_work`` (from ``_dropout_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     p = _dtype.type(p)
     B = g_y.shape[0]

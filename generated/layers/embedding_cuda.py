@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -121,8 +121,13 @@ def _embedding_fwd_alloc(idx, table):
     return y
 
 
-def _embedding_fwd_into(idx, table, y):
-    """``_embedding_fwd_core`` launching its kernels into y (from ``_embedding_fwd_alloc``); returns nothing."""
+def _embedding_fwd_work(idx, table):
+    """The workspace of ``_embedding_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _embedding_fwd_into(idx, table, y, _work=None):
+    """``_embedding_fwd_core`` launching its kernels into y (from ``_embedding_fwd_alloc``), its intermediates in ``_work`` (from ``_embedding_fwd_work``; allocated when None); returns nothing."""
     _dtype = table.dtype
     B = idx.shape[0]
     V = table.shape[0]
@@ -175,8 +180,13 @@ def _embedding_bwd_alloc(g_y, idx, table):
     return g_table
 
 
-def _embedding_bwd_into(g_y, idx, table, g_table):
-    """``_embedding_bwd_core`` launching its kernels into g_table (from ``_embedding_bwd_alloc``); returns nothing."""
+def _embedding_bwd_work(g_y, idx, table):
+    """The workspace of ``_embedding_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _embedding_bwd_into(g_y, idx, table, g_table, _work=None):
+    """``_embedding_bwd_core`` launching its kernels into g_table (from ``_embedding_bwd_alloc``), its intermediates in ``_work`` (from ``_embedding_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     D = g_y.shape[1]

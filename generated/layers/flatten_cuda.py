@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -120,8 +120,13 @@ def _flatten_fwd_alloc(x):
     return y
 
 
-def _flatten_fwd_into(x, y):
-    """``_flatten_fwd_core`` launching its kernels into y (from ``_flatten_fwd_alloc``); returns nothing."""
+def _flatten_fwd_work(x):
+    """The workspace of ``_flatten_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _flatten_fwd_into(x, y, _work=None):
+    """``_flatten_fwd_core`` launching its kernels into y (from ``_flatten_fwd_alloc``), its intermediates in ``_work`` (from ``_flatten_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -183,8 +188,13 @@ def _flatten_bwd_alloc(g_y, x):
     return g_x
 
 
-def _flatten_bwd_into(g_y, x, g_x):
-    """``_flatten_bwd_core`` launching its kernels into g_x (from ``_flatten_bwd_alloc``); returns nothing."""
+def _flatten_bwd_work(g_y, x):
+    """The workspace of ``_flatten_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _flatten_bwd_into(g_y, x, g_x, _work=None):
+    """``_flatten_bwd_core`` launching its kernels into g_x (from ``_flatten_bwd_alloc``), its intermediates in ``_work`` (from ``_flatten_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = x.shape[1]

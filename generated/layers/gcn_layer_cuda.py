@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -203,13 +203,25 @@ def _gcn_layer_fwd_alloc(A, x, weight, bias):
     return y
 
 
-def _gcn_layer_fwd_into(A, x, weight, bias, y):
-    """``_gcn_layer_fwd_core`` launching its kernels into y (from ``_gcn_layer_fwd_alloc``); returns nothing."""
+def _gcn_layer_fwd_work(A, x, weight, bias):
+    """The intermediates of ``_gcn_layer_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_gcn_layer_fwd_into`` takes."""
     _dtype = A.dtype
     V = A.shape[0]
     I = x.shape[1]
     O = weight.shape[1]
     y_sum0 = _empty((O, V), _dtype)
+    return (y_sum0,)
+
+
+def _gcn_layer_fwd_into(A, x, weight, bias, y, _work=None):
+    """``_gcn_layer_fwd_core`` launching its kernels into y (from ``_gcn_layer_fwd_alloc``), its intermediates in ``_work`` (from ``_gcn_layer_fwd_work``; allocated when None); returns nothing."""
+    _dtype = A.dtype
+    V = A.shape[0]
+    I = x.shape[1]
+    O = weight.shape[1]
+    if _work is None:
+        _work = _gcn_layer_fwd_work(A, x, weight, bias)
+    y_sum0, = _work
     _launch(_gcn_layer_fwd0, O * V, A, x, weight, y_sum0, I, O, V)
     _launch(_gcn_layer_fwd1, V * O, bias, y, y_sum0, O, V)
 
@@ -274,8 +286,13 @@ def _gcn_layer_bwd_alloc(g_y, A, x, weight, bias):
     return g_x, g_weight, g_bias
 
 
-def _gcn_layer_bwd_into(g_y, A, x, weight, bias, g_x, g_weight, g_bias):
-    """``_gcn_layer_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_gcn_layer_bwd_alloc``); returns nothing."""
+def _gcn_layer_bwd_work(g_y, A, x, weight, bias):
+    """The workspace of ``_gcn_layer_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gcn_layer_bwd_into(g_y, A, x, weight, bias, g_x, g_weight, g_bias, _work=None):
+    """``_gcn_layer_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_gcn_layer_bwd_alloc``), its intermediates in ``_work`` (from ``_gcn_layer_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     V = g_y.shape[0]
     O = g_y.shape[1]
@@ -315,6 +332,45 @@ def _gcn_layer_bwd(g_y, A, x, weight, bias):
     _launch(_gcn_layer_bwd1, I * O, A, x, g_y, g_weight, I, O, V)
     _launch(_gcn_layer_bwd2, V * I, A, weight, g_y, g_x, I, O, V)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _gcn_layer_bwd_params_core(g_y, A, x, weight, bias):
+    """Backward of gcn_layer: gradients g_weight, g_bias from g_y, A, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    _launch(_gcn_layer_bwd0, O, g_y, g_bias, O, V)
+    _launch(_gcn_layer_bwd1, I * O, A, x, g_y, g_weight, I, O, V)
+    return g_weight, g_bias
+
+
+def _gcn_layer_bwd_params_alloc(g_y, A, x, weight, bias):
+    """The results of ``_gcn_layer_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_gcn_layer_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    g_weight = _empty((I, O), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+def _gcn_layer_bwd_params_work(g_y, A, x, weight, bias):
+    """The workspace of ``_gcn_layer_bwd_params_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gcn_layer_bwd_params_into(g_y, A, x, weight, bias, g_weight, g_bias, _work=None):
+    """``_gcn_layer_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_gcn_layer_bwd_params_alloc``), its intermediates in ``_work`` (from ``_gcn_layer_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    V = g_y.shape[0]
+    O = g_y.shape[1]
+    I = x.shape[1]
+    _launch(_gcn_layer_bwd0, O, g_y, g_bias, O, V)
+    _launch(_gcn_layer_bwd1, I * O, A, x, g_y, g_weight, I, O, V)
 
 
 def _gcn_layer_jvp(A, x, weight, bias, t_x, t_weight, t_bias):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -400,6 +400,137 @@ def _gru_cell_bwd16(h, r, z, hn, nn, g_y, g_w_hh, B, G, H, _total):
         for b in range(0, B):
             _v_g_w_hh += ((_F(1) - nn[b, j] * nn[b, j])*(_F(1) - r[b, j])*(_F(1) - z[b, j])*g_y[b, j]*h[b, k]*hn[b, j]*r[b, j] if (H > j) else _F(0))
         g_w_hh[j, k] = _v_g_w_hh
+
+
+@cuda.jit(cache=True)
+def _gru_cell_bwd_params0(x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, B, H, I, _total):
+    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+    hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+    """
+    _F = r.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+        _v_r_sum0 = _F(0)
+        for k in range(0, H):
+            _v_r_sum0 += h[b, k]*w_hh[j, k]
+        # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+        _v_r_sum1 = _F(0)
+        for i in range(0, I):
+            _v_r_sum1 += w_ih[j, i]*x[b, i]
+        # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+        _v_r = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + b_hh[j] + b_ih[j], _F)
+        r[b, j] = _v_r
+        # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+        _v_z_sum0 = _F(0)
+        for k in range(0, H):
+            _v_z_sum0 += h[b, k]*w_hh[H + j, k]
+        # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+        _v_z_sum1 = _F(0)
+        for i in range(0, I):
+            _v_z_sum1 += w_ih[H + j, i]*x[b, i]
+        # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+        _v_z = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + b_hh[H + j] + b_ih[H + j], _F)
+        z[b, j] = _v_z
+        # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+        _v_hn_sum0 = _F(0)
+        for k in range(0, H):
+            _v_hn_sum0 += h[b, k]*w_hh[2*H + j, k]
+        # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+        _v_hn = _v_hn_sum0 + b_hh[2*H + j]
+        hn[b, j] = _v_hn
+        # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+        _v_nn_sum0 = _F(0)
+        for i in range(0, I):
+            _v_nn_sum0 += w_ih[2*H + j, i]*x[b, i]
+        # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+        _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + b_ih[2*H + j])
+        nn[b, j] = _v_nn
+
+
+@cuda.jit(cache=True)
+def _gru_cell_fwd_saving0(x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn, B, H, I, _total):
+    """r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+    r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+    r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+    z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+    z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+    z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+    hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+    hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+    nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+    nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+    y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
+    """
+    _F = r.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        # r_sum0[b, j] = sum(h[b, k]*w_hh[j, k], k)
+        _v_r_sum0 = _F(0)
+        for k in range(0, H):
+            _v_r_sum0 += h[b, k]*w_hh[j, k]
+        # r_sum1[b, j] = sum(w_ih[j, i]*x[b, i], i)
+        _v_r_sum1 = _F(0)
+        for i in range(0, I):
+            _v_r_sum1 += w_ih[j, i]*x[b, i]
+        # r[b, j] = sigmoid(b_hh[j] + b_ih[j] + r_sum0[b, j] + r_sum1[b, j])
+        _v_r = _sigmoid_dev(_v_r_sum0 + _v_r_sum1 + b_hh[j] + b_ih[j], _F)
+        r[b, j] = _v_r
+        # z_sum0[b, j] = sum(h[b, k]*w_hh[H + j, k], k)
+        _v_z_sum0 = _F(0)
+        for k in range(0, H):
+            _v_z_sum0 += h[b, k]*w_hh[H + j, k]
+        # z_sum1[b, j] = sum(w_ih[H + j, i]*x[b, i], i)
+        _v_z_sum1 = _F(0)
+        for i in range(0, I):
+            _v_z_sum1 += w_ih[H + j, i]*x[b, i]
+        # z[b, j] = sigmoid(b_hh[H + j] + b_ih[H + j] + z_sum0[b, j] + z_sum1[b, j])
+        _v_z = _sigmoid_dev(_v_z_sum0 + _v_z_sum1 + b_hh[H + j] + b_ih[H + j], _F)
+        z[b, j] = _v_z
+        # hn_sum0[b, j] = sum(h[b, k]*w_hh[2*H + j, k], k)
+        _v_hn_sum0 = _F(0)
+        for k in range(0, H):
+            _v_hn_sum0 += h[b, k]*w_hh[2*H + j, k]
+        # hn[b, j] = b_hh[2*H + j] + hn_sum0[b, j]
+        _v_hn = _v_hn_sum0 + b_hh[2*H + j]
+        hn[b, j] = _v_hn
+        # nn_sum0[b, j] = sum(w_ih[2*H + j, i]*x[b, i], i)
+        _v_nn_sum0 = _F(0)
+        for i in range(0, I):
+            _v_nn_sum0 += w_ih[2*H + j, i]*x[b, i]
+        # nn[b, j] = tanh(b_ih[2*H + j] + hn[b, j]*r[b, j] + nn_sum0[b, j])
+        _v_nn = math.tanh(_v_hn*_v_r + _v_nn_sum0 + b_ih[2*H + j])
+        nn[b, j] = _v_nn
+        # y[b, j] = (1 - z[b, j])*nn[b, j] + h[b, j]*z[b, j]
+        _v_y = _v_nn*(_F(1) - _v_z) + _v_z*h[b, j]
+        y[b, j] = _v_y
+
+
+@cuda.jit(cache=True)
+def _gru_cell_bwd_saved0(z, g_y, g_h, B, H, _total):
+    """g_h[b, j] = g_y[b, j]*z[b, j]"""
+    _F = g_h.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        _v_g_h = g_y[b, j]*z[b, j]
+        g_h[b, j] = _v_g_h
 
 
 @cuda.jit(cache=True)
@@ -917,8 +1048,13 @@ def _gru_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-def _gru_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
-    """``_gru_cell_fwd_core`` launching its kernels into y (from ``_gru_cell_fwd_alloc``); returns nothing."""
+def _gru_cell_fwd_work(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The workspace of ``_gru_cell_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gru_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y, _work=None):
+    """``_gru_cell_fwd_core`` launching its kernels into y (from ``_gru_cell_fwd_alloc``), its intermediates in ``_work`` (from ``_gru_cell_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -1019,8 +1155,8 @@ def _gru_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
-    """``_gru_cell_bwd_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_alloc``); returns nothing."""
+def _gru_cell_bwd_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The intermediates of ``_gru_cell_bwd_core`` for arguments of these shapes (r, z, hn, nn), uninitialised device arrays: the workspace ``_gru_cell_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
@@ -1030,6 +1166,19 @@ def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_
     z = _empty((B, H), _dtype)
     hn = _empty((B, H), _dtype)
     nn = _empty((B, H), _dtype)
+    return (r, z, hn, nn)
+
+
+def _gru_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_gru_cell_bwd_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_alloc``), its intermediates in ``_work`` (from ``_gru_cell_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    if _work is None:
+        _work = _gru_cell_bwd_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
+    r, z, hn, nn = _work
     _launch(_gru_cell_bwd0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_y, g_h, B, H, I)
     _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
     _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
@@ -1108,6 +1257,274 @@ def _gru_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
     _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
     return _result(g_x, _dev), _result(g_h, _dev), _result(g_w_ih, _dev), _result(g_w_hh, _dev), _result(g_b_ih, _dev), _result(g_b_hh, _dev)
+
+
+def _gru_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """Backward of gru_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    _launch(_gru_cell_bwd_params0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, B, H, I)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_gru_cell_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_params_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The intermediates of ``_gru_cell_bwd_params_core`` for arguments of these shapes (r, z, hn, nn), uninitialised device arrays: the workspace ``_gru_cell_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    return (r, z, hn, nn)
+
+
+def _gru_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_gru_cell_bwd_params_core`` launching its kernels into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_params_alloc``), its intermediates in ``_work`` (from ``_gru_cell_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    if _work is None:
+        _work = _gru_cell_bwd_params_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
+    r, z, hn, nn = _work
+    _launch(_gru_cell_bwd_params0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, B, H, I)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+
+
+def _gru_cell_fwd_saving_core(x, h, w_ih, w_hh, b_ih, b_hh):
+    """Forward of gru_cell: y, r, z, hn, nn from x, h, w_ih, w_hh, b_ih, b_hh, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    y = _empty((B, H), _dtype)
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    _launch(_gru_cell_fwd_saving0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn, B, H, I)
+    return y, r, z, hn, nn
+
+
+def _gru_cell_fwd_saving_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_gru_cell_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_gru_cell_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    y = _empty((B, H), _dtype)
+    r = _empty((B, H), _dtype)
+    z = _empty((B, H), _dtype)
+    hn = _empty((B, H), _dtype)
+    nn = _empty((B, H), _dtype)
+    return y, r, z, hn, nn
+
+
+def _gru_cell_fwd_saving_work(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The workspace of ``_gru_cell_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gru_cell_fwd_saving_into(x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn, _work=None):
+    """``_gru_cell_fwd_saving_core`` launching its kernels into y, r, z, hn, nn (from ``_gru_cell_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_gru_cell_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = w_ih.shape[0]
+    _launch(_gru_cell_fwd_saving0, B * H, x, h, w_ih, w_hh, b_ih, b_hh, y, r, z, hn, nn, B, H, I)
+
+
+def _gru_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """Backward of gru_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    _launch(_gru_cell_bwd_saved0, B * H, z, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd3, B * I, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd5, B * H, w_hh, r, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd9, B * I, h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd10, B * H, h, w_hh, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd14, B * I, w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """The results of ``_gru_cell_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_gru_cell_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_saved_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """The workspace of ``_gru_cell_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gru_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_gru_cell_bwd_saved_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_gru_cell_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    _launch(_gru_cell_bwd_saved0, B * H, z, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd3, B * I, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd5, B * H, w_hh, r, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd9, B * I, h, w_ih, z, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd10, B * H, h, w_hh, z, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd14, B * I, w_ih, r, z, hn, nn, g_y, g_x, B, H, I)
+    _launch(_gru_cell_bwd15, B * H, w_hh, r, z, hn, nn, g_y, g_h, B, H)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+
+
+def _gru_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """Backward of gru_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """The results of ``_gru_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_gru_cell_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    g_w_ih = _empty((G, I), _dtype)
+    g_w_hh = _empty((G, H), _dtype)
+    g_b_ih = _empty((G,), _dtype)
+    g_b_hh = _empty((G,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _gru_cell_bwd_params_saved_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn):
+    """The workspace of ``_gru_cell_bwd_params_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gru_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, r, z, hn, nn, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_gru_cell_bwd_params_saved_core`` launching its kernels into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_gru_cell_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_gru_cell_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    G = w_ih.shape[0]
+    _launch(_gru_cell_bwd1, G, z, nn, g_y, g_b_ih, B, G, H)
+    _launch(_gru_cell_bwd2, G * I, x, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd4, G, r, z, nn, g_y, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd6, G * H, h, r, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd7, G, h, z, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd8, G * I, x, h, z, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd11, G * H, h, z, nn, g_y, g_w_hh, B, G, H)
+    _launch(_gru_cell_bwd12, G, r, z, hn, nn, g_y, g_b_ih, g_b_hh, B, G, H)
+    _launch(_gru_cell_bwd13, G * I, x, r, z, hn, nn, g_y, g_w_ih, B, G, H, I)
+    _launch(_gru_cell_bwd16, G * H, h, r, z, hn, nn, g_y, g_w_hh, B, G, H)
 
 
 def _gru_cell_jvp(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -150,6 +150,25 @@ def _layer_norm_bwd3(weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D, _to
         b = _r
         _v_g_x = (-_c0*g_x_sum0[b] - _c0*g_x_sum1[b]*xhat[b, d] + g_y[b, d]*weight[d])*rstd[b]
         g_x[b, d] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _layer_norm_fwd_saving0(x, weight, bias, y, mean, rstd, xhat, B, D, _total):
+    """xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+    y[b, d] = bias[d] + weight[d]*xhat[b, d]
+    """
+    _F = xhat.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        d = _r % D
+        _r //= D
+        b = _r
+        # xhat[b, d] = (-mean[b] + x[b, d])*rstd[b]
+        _v_xhat = (-mean[b] + x[b, d])*rstd[b]
+        xhat[b, d] = _v_xhat
+        # y[b, d] = bias[d] + weight[d]*xhat[b, d]
+        _v_y = _v_xhat*weight[d] + bias[d]
+        y[b, d] = _v_y
 
 
 @cuda.jit(cache=True)
@@ -372,14 +391,25 @@ def _layer_norm_fwd_alloc(x, weight, bias, eps):
     return y
 
 
-def _layer_norm_fwd_into(x, weight, bias, eps, y):
-    """``_layer_norm_fwd_core`` launching its kernels into y (from ``_layer_norm_fwd_alloc``); returns nothing."""
+def _layer_norm_fwd_work(x, weight, bias, eps):
+    """The intermediates of ``_layer_norm_fwd_core`` for arguments of these shapes (mean, rstd), uninitialised device arrays: the workspace ``_layer_norm_fwd_into`` takes."""
     _dtype = x.dtype
-    eps = _dtype.type(eps)
     B = x.shape[0]
     D = x.shape[1]
     mean = _empty((B,), _dtype)
     rstd = _empty((B,), _dtype)
+    return (mean, rstd)
+
+
+def _layer_norm_fwd_into(x, weight, bias, eps, y, _work=None):
+    """``_layer_norm_fwd_core`` launching its kernels into y (from ``_layer_norm_fwd_alloc``), its intermediates in ``_work`` (from ``_layer_norm_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    if _work is None:
+        _work = _layer_norm_fwd_work(x, weight, bias, eps)
+    mean, rstd = _work
     _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
     _launch(_layer_norm_fwd1, B * D, x, weight, bias, y, mean, rstd, B, D)
 
@@ -447,10 +477,9 @@ def _layer_norm_bwd_alloc(g_y, x, weight, bias, eps):
     return g_x, g_weight, g_bias
 
 
-def _layer_norm_bwd_into(g_y, x, weight, bias, eps, g_x, g_weight, g_bias):
-    """``_layer_norm_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_layer_norm_bwd_alloc``); returns nothing."""
+def _layer_norm_bwd_work(g_y, x, weight, bias, eps):
+    """The intermediates of ``_layer_norm_bwd_core`` for arguments of these shapes (mean, rstd, xhat, g_x_sum0, g_x_sum1), uninitialised device arrays: the workspace ``_layer_norm_bwd_into`` takes."""
     _dtype = g_y.dtype
-    eps = _dtype.type(eps)
     B = g_y.shape[0]
     D = g_y.shape[1]
     mean = _empty((B,), _dtype)
@@ -458,6 +487,18 @@ def _layer_norm_bwd_into(g_y, x, weight, bias, eps, g_x, g_weight, g_bias):
     xhat = _empty((B, D), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
     g_x_sum1 = _empty((B,), _dtype)
+    return (mean, rstd, xhat, g_x_sum0, g_x_sum1)
+
+
+def _layer_norm_bwd_into(g_y, x, weight, bias, eps, g_x, g_weight, g_bias, _work=None):
+    """``_layer_norm_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_layer_norm_bwd_alloc``), its intermediates in ``_work`` (from ``_layer_norm_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    if _work is None:
+        _work = _layer_norm_bwd_work(g_y, x, weight, bias, eps)
+    mean, rstd, xhat, g_x_sum0, g_x_sum1 = _work
     _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
     _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
     _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
@@ -498,6 +539,190 @@ def _layer_norm_bwd(g_y, x, weight, bias, *, eps):
     _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
     _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _layer_norm_bwd_params_core(g_y, x, weight, bias, eps):
+    """Backward of layer_norm: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    return g_weight, g_bias
+
+
+def _layer_norm_bwd_params_alloc(g_y, x, weight, bias, eps):
+    """The results of ``_layer_norm_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_layer_norm_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    return g_weight, g_bias
+
+
+def _layer_norm_bwd_params_work(g_y, x, weight, bias, eps):
+    """The intermediates of ``_layer_norm_bwd_params_core`` for arguments of these shapes (mean, rstd, xhat), uninitialised device arrays: the workspace ``_layer_norm_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    return (mean, rstd, xhat)
+
+
+def _layer_norm_bwd_params_into(g_y, x, weight, bias, eps, g_weight, g_bias, _work=None):
+    """``_layer_norm_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_layer_norm_bwd_params_alloc``), its intermediates in ``_work`` (from ``_layer_norm_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    eps = _dtype.type(eps)
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    if _work is None:
+        _work = _layer_norm_bwd_params_work(g_y, x, weight, bias, eps)
+    mean, rstd, xhat = _work
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_bwd0, B * D, x, mean, rstd, xhat, B, D)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+
+
+def _layer_norm_fwd_saving_core(x, weight, bias, eps):
+    """Forward of layer_norm: y, rstd, xhat from x, weight, bias, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    y = _empty((B, D), _dtype)
+    mean = _empty((B,), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_fwd_saving0, B * D, x, weight, bias, y, mean, rstd, xhat, B, D)
+    return y, rstd, xhat
+
+
+def _layer_norm_fwd_saving_alloc(x, weight, bias, eps):
+    """The results of ``_layer_norm_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_layer_norm_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    D = x.shape[1]
+    y = _empty((B, D), _dtype)
+    rstd = _empty((B,), _dtype)
+    xhat = _empty((B, D), _dtype)
+    return y, rstd, xhat
+
+
+def _layer_norm_fwd_saving_work(x, weight, bias, eps):
+    """The intermediates of ``_layer_norm_fwd_saving_core`` for arguments of these shapes (mean), uninitialised device arrays: the workspace ``_layer_norm_fwd_saving_into`` takes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    D = x.shape[1]
+    mean = _empty((B,), _dtype)
+    return (mean,)
+
+
+def _layer_norm_fwd_saving_into(x, weight, bias, eps, y, rstd, xhat, _work=None):
+    """``_layer_norm_fwd_saving_core`` launching its kernels into y, rstd, xhat (from ``_layer_norm_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_layer_norm_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    eps = _dtype.type(eps)
+    B = x.shape[0]
+    D = x.shape[1]
+    if _work is None:
+        _work = _layer_norm_fwd_saving_work(x, weight, bias, eps)
+    mean, = _work
+    _launch(_layer_norm_fwd0, B, x, mean, rstd, B, D, eps)
+    _launch(_layer_norm_fwd_saving0, B * D, x, weight, bias, y, mean, rstd, xhat, B, D)
+
+
+def _layer_norm_bwd_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
+    """Backward of layer_norm: gradients g_x, g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x = _empty((B, D), _dtype)
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    g_x_sum1 = _empty((B,), _dtype)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
+    return g_x, g_weight, g_bias
+
+
+def _layer_norm_bwd_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
+    """The results of ``_layer_norm_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_layer_norm_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x = _empty((B, D), _dtype)
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    return g_x, g_weight, g_bias
+
+
+def _layer_norm_bwd_saved_work(g_y, x, weight, bias, rstd, xhat, eps):
+    """The intermediates of ``_layer_norm_bwd_saved_core`` for arguments of these shapes (g_x_sum0, g_x_sum1), uninitialised device arrays: the workspace ``_layer_norm_bwd_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_x_sum0 = _empty((B,), _dtype)
+    g_x_sum1 = _empty((B,), _dtype)
+    return (g_x_sum0, g_x_sum1)
+
+
+def _layer_norm_bwd_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_x, g_weight, g_bias, _work=None):
+    """``_layer_norm_bwd_saved_core`` launching its kernels into g_x, g_weight, g_bias (from ``_layer_norm_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_layer_norm_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    if _work is None:
+        _work = _layer_norm_bwd_saved_work(g_y, x, weight, bias, rstd, xhat, eps)
+    g_x_sum0, g_x_sum1 = _work
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    _launch(_layer_norm_bwd2, B, weight, xhat, g_y, g_x_sum0, g_x_sum1, B, D)
+    _launch(_layer_norm_bwd3, B * D, weight, rstd, xhat, g_y, g_x, g_x_sum0, g_x_sum1, B, D)
+
+
+def _layer_norm_bwd_params_saved_core(g_y, x, weight, bias, rstd, xhat, eps):
+    """Backward of layer_norm: gradients g_weight, g_bias from g_y, x, weight, bias, rstd, xhat (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
+    return g_weight, g_bias
+
+
+def _layer_norm_bwd_params_saved_alloc(g_y, x, weight, bias, rstd, xhat, eps):
+    """The results of ``_layer_norm_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_layer_norm_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    g_weight = _empty((D,), _dtype)
+    g_bias = _empty((D,), _dtype)
+    return g_weight, g_bias
+
+
+def _layer_norm_bwd_params_saved_work(g_y, x, weight, bias, rstd, xhat, eps):
+    """The workspace of ``_layer_norm_bwd_params_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _layer_norm_bwd_params_saved_into(g_y, x, weight, bias, rstd, xhat, eps, g_weight, g_bias, _work=None):
+    """``_layer_norm_bwd_params_saved_core`` launching its kernels into g_weight, g_bias (from ``_layer_norm_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_layer_norm_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    D = g_y.shape[1]
+    _launch(_layer_norm_bwd1, D, xhat, g_y, g_weight, g_bias, B, D)
 
 
 def _layer_norm_jvp(x, weight, bias, t_x, t_weight, t_bias, *, eps):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -133,6 +133,38 @@ def _log_softmax_bwd1(x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C, _total):
         b = _r
         _v_g_x = -math.exp(x[b, k] - y_max0[b])*g_x_sum0[b]/y_sumexp0[b] + g_y[b, k]
         g_x[b, k] = _v_g_x
+
+
+@cuda.jit(cache=True)
+def _log_softmax_fwd_saving0(x, y_max0, y_sumexp0, y_logsumexp0, B, C, _total):
+    """y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+    y_logsumexp0[b] = log(y_sumexp0[b])
+    """
+    _F = y_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # y_sumexp0[b] = sum(exp(x[b, k] - y_max0[b]), k)
+        _v_y_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_y_sumexp0 += math.exp(x[b, k] - y_max0[b])
+        y_sumexp0[b] = _v_y_sumexp0
+        # y_logsumexp0[b] = log(y_sumexp0[b])
+        _v_y_logsumexp0 = math.log(_v_y_sumexp0)
+        y_logsumexp0[b] = _v_y_logsumexp0
+
+
+@cuda.jit(cache=True)
+def _log_softmax_bwd_saved0(g_y, g_x_sum0, B, C, _total):
+    """g_x_sum0[b] = sum(g_y[b, c], c)"""
+    _F = g_x_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_g_x_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_x_sum0 += g_y[b, c]
+        g_x_sum0[b] = _v_g_x_sum0
 
 
 @cuda.jit(cache=True)
@@ -275,14 +307,25 @@ def _log_softmax_fwd_alloc(x):
     return y
 
 
-def _log_softmax_fwd_into(x, y):
-    """``_log_softmax_fwd_core`` launching its kernels into y (from ``_log_softmax_fwd_alloc``); returns nothing."""
+def _log_softmax_fwd_work(x):
+    """The intermediates of ``_log_softmax_fwd_core`` for arguments of these shapes (y_max0, y_shifted0, y_logsumexp0), uninitialised device arrays: the workspace ``_log_softmax_fwd_into`` takes."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y_max0 = _empty((B,), _dtype)
     y_shifted0 = _empty((B, C), _dtype)
     y_logsumexp0 = _empty((B,), _dtype)
+    return (y_max0, y_shifted0, y_logsumexp0)
+
+
+def _log_softmax_fwd_into(x, y, _work=None):
+    """``_log_softmax_fwd_core`` launching its kernels into y (from ``_log_softmax_fwd_alloc``), its intermediates in ``_work`` (from ``_log_softmax_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    if _work is None:
+        _work = _log_softmax_fwd_work(x)
+    y_max0, y_shifted0, y_logsumexp0 = _work
     _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
     _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
     _launch(_log_softmax_fwd2, B, x, y_max0, y_logsumexp0, B, C)
@@ -338,14 +381,25 @@ def _log_softmax_bwd_alloc(g_y, x):
     return g_x
 
 
-def _log_softmax_bwd_into(g_y, x, g_x):
-    """``_log_softmax_bwd_core`` launching its kernels into g_x (from ``_log_softmax_bwd_alloc``); returns nothing."""
+def _log_softmax_bwd_work(g_y, x):
+    """The intermediates of ``_log_softmax_bwd_core`` for arguments of these shapes (y_max0, y_sumexp0, g_x_sum0), uninitialised device arrays: the workspace ``_log_softmax_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
     y_max0 = _empty((B,), _dtype)
     y_sumexp0 = _empty((B,), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
+    return (y_max0, y_sumexp0, g_x_sum0)
+
+
+def _log_softmax_bwd_into(g_y, x, g_x, _work=None):
+    """``_log_softmax_bwd_core`` launching its kernels into g_x (from ``_log_softmax_bwd_alloc``), its intermediates in ``_work`` (from ``_log_softmax_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    if _work is None:
+        _work = _log_softmax_bwd_work(g_y, x)
+    y_max0, y_sumexp0, g_x_sum0 = _work
     _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
     _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
@@ -369,6 +423,100 @@ def _log_softmax_bwd(g_y, x):
     _launch(_log_softmax_bwd0, B, x, y_max0, y_sumexp0, g_y, g_x_sum0, B, C)
     _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
+
+
+def _log_softmax_fwd_saving_core(x):
+    """Forward of log_softmax: y, y_max0, y_sumexp0 from x, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_shifted0 = _empty((B, C), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    y_logsumexp0 = _empty((B,), _dtype)
+    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_fwd_saving0, B, x, y_max0, y_sumexp0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd3, B * C, y, y_shifted0, y_logsumexp0, B, C)
+    return y, y_max0, y_sumexp0
+
+
+def _log_softmax_fwd_saving_alloc(x):
+    """The results of ``_log_softmax_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_log_softmax_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y = _empty((B, C), _dtype)
+    y_max0 = _empty((B,), _dtype)
+    y_sumexp0 = _empty((B,), _dtype)
+    return y, y_max0, y_sumexp0
+
+
+def _log_softmax_fwd_saving_work(x):
+    """The intermediates of ``_log_softmax_fwd_saving_core`` for arguments of these shapes (y_shifted0, y_logsumexp0), uninitialised device arrays: the workspace ``_log_softmax_fwd_saving_into`` takes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    y_shifted0 = _empty((B, C), _dtype)
+    y_logsumexp0 = _empty((B,), _dtype)
+    return (y_shifted0, y_logsumexp0)
+
+
+def _log_softmax_fwd_saving_into(x, y, y_max0, y_sumexp0, _work=None):
+    """``_log_softmax_fwd_saving_core`` launching its kernels into y, y_max0, y_sumexp0 (from ``_log_softmax_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_log_softmax_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    if _work is None:
+        _work = _log_softmax_fwd_saving_work(x)
+    y_shifted0, y_logsumexp0 = _work
+    _launch(_log_softmax_fwd0, B, x, y_max0, B, C)
+    _launch(_log_softmax_fwd1, B * C, x, y_max0, y_shifted0, B, C)
+    _launch(_log_softmax_fwd_saving0, B, x, y_max0, y_sumexp0, y_logsumexp0, B, C)
+    _launch(_log_softmax_fwd3, B * C, y, y_shifted0, y_logsumexp0, B, C)
+
+
+def _log_softmax_bwd_saved_core(g_y, x, y_max0, y_sumexp0):
+    """Backward of log_softmax: gradients g_x from g_y, x, y_max0, y_sumexp0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = _empty((B, C), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_log_softmax_bwd_saved0, B, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
+    return g_x
+
+
+def _log_softmax_bwd_saved_alloc(g_y, x, y_max0, y_sumexp0):
+    """The results of ``_log_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_log_softmax_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = _empty((B, C), _dtype)
+    return g_x
+
+
+def _log_softmax_bwd_saved_work(g_y, x, y_max0, y_sumexp0):
+    """The intermediates of ``_log_softmax_bwd_saved_core`` for arguments of these shapes (g_x_sum0), uninitialised device arrays: the workspace ``_log_softmax_bwd_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x_sum0 = _empty((B,), _dtype)
+    return (g_x_sum0,)
+
+
+def _log_softmax_bwd_saved_into(g_y, x, y_max0, y_sumexp0, g_x, _work=None):
+    """``_log_softmax_bwd_saved_core`` launching its kernels into g_x (from ``_log_softmax_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_log_softmax_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    if _work is None:
+        _work = _log_softmax_bwd_saved_work(g_y, x, y_max0, y_sumexp0)
+    g_x_sum0, = _work
+    _launch(_log_softmax_bwd_saved0, B, g_y, g_x_sum0, B, C)
+    _launch(_log_softmax_bwd1, B * C, x, y_max0, y_sumexp0, g_y, g_x, g_x_sum0, B, C)
 
 
 def _log_softmax_jvp(x, t_x):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -509,6 +509,94 @@ def _lstm_cell_bwd20(h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, 
         for b in range(0, B):
             _v_g_weight_hh += ((_F(1) - ig[b, j])*((_F(1) - math.tanh(c_new[b, j])**2)*g_h_new[b, j]*og[b, j] + g_c_new[b, j])*gg[b, j]*h[b, k]*ig[b, j] if (H > j) else _F(0))
         g_weight_hh[j, k] = _v_g_weight_hh
+
+
+@cuda.jit(cache=True)
+def _lstm_cell_bwd_params0(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, B, H, I, _total):
+    """ig_sum0[b, j] = sum(h[b, k]*weight_hh[j, k], k)
+    ig_sum1[b, j] = sum(weight_ih[j, i]*x[b, i], i)
+    ig[b, j] = sigmoid(bias_hh[j] + bias_ih[j] + ig_sum0[b, j] + ig_sum1[b, j])
+    fg_sum0[b, j] = sum(h[b, k]*weight_hh[H + j, k], k)
+    fg_sum1[b, j] = sum(weight_ih[H + j, i]*x[b, i], i)
+    fg[b, j] = sigmoid(bias_hh[H + j] + bias_ih[H + j] + fg_sum0[b, j] + fg_sum1[b, j])
+    gg_sum0[b, j] = sum(h[b, k]*weight_hh[2*H + j, k], k)
+    gg_sum1[b, j] = sum(weight_ih[2*H + j, i]*x[b, i], i)
+    gg[b, j] = tanh(bias_hh[2*H + j] + bias_ih[2*H + j] + gg_sum0[b, j] + gg_sum1[b, j])
+    og_sum0[b, j] = sum(h[b, k]*weight_hh[3*H + j, k], k)
+    og_sum1[b, j] = sum(weight_ih[3*H + j, i]*x[b, i], i)
+    og[b, j] = sigmoid(bias_hh[3*H + j] + bias_ih[3*H + j] + og_sum0[b, j] + og_sum1[b, j])
+    c_new[b, j] = c[b, j]*fg[b, j] + gg[b, j]*ig[b, j]
+    h_new[b, j] = tanh(c_new[b, j])*og[b, j]
+    """
+    _F = ig.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        # ig_sum0[b, j] = sum(h[b, k]*weight_hh[j, k], k)
+        _v_ig_sum0 = _F(0)
+        for k in range(0, H):
+            _v_ig_sum0 += h[b, k]*weight_hh[j, k]
+        # ig_sum1[b, j] = sum(weight_ih[j, i]*x[b, i], i)
+        _v_ig_sum1 = _F(0)
+        for i in range(0, I):
+            _v_ig_sum1 += weight_ih[j, i]*x[b, i]
+        # ig[b, j] = sigmoid(bias_hh[j] + bias_ih[j] + ig_sum0[b, j] + ig_sum1[b, j])
+        _v_ig = _sigmoid_dev(_v_ig_sum0 + _v_ig_sum1 + bias_hh[j] + bias_ih[j], _F)
+        ig[b, j] = _v_ig
+        # fg_sum0[b, j] = sum(h[b, k]*weight_hh[H + j, k], k)
+        _v_fg_sum0 = _F(0)
+        for k in range(0, H):
+            _v_fg_sum0 += h[b, k]*weight_hh[H + j, k]
+        # fg_sum1[b, j] = sum(weight_ih[H + j, i]*x[b, i], i)
+        _v_fg_sum1 = _F(0)
+        for i in range(0, I):
+            _v_fg_sum1 += weight_ih[H + j, i]*x[b, i]
+        # fg[b, j] = sigmoid(bias_hh[H + j] + bias_ih[H + j] + fg_sum0[b, j] + fg_sum1[b, j])
+        _v_fg = _sigmoid_dev(_v_fg_sum0 + _v_fg_sum1 + bias_hh[H + j] + bias_ih[H + j], _F)
+        fg[b, j] = _v_fg
+        # gg_sum0[b, j] = sum(h[b, k]*weight_hh[2*H + j, k], k)
+        _v_gg_sum0 = _F(0)
+        for k in range(0, H):
+            _v_gg_sum0 += h[b, k]*weight_hh[2*H + j, k]
+        # gg_sum1[b, j] = sum(weight_ih[2*H + j, i]*x[b, i], i)
+        _v_gg_sum1 = _F(0)
+        for i in range(0, I):
+            _v_gg_sum1 += weight_ih[2*H + j, i]*x[b, i]
+        # gg[b, j] = tanh(bias_hh[2*H + j] + bias_ih[2*H + j] + gg_sum0[b, j] + gg_sum1[b, j])
+        _v_gg = math.tanh(_v_gg_sum0 + _v_gg_sum1 + bias_hh[2*H + j] + bias_ih[2*H + j])
+        gg[b, j] = _v_gg
+        # og_sum0[b, j] = sum(h[b, k]*weight_hh[3*H + j, k], k)
+        _v_og_sum0 = _F(0)
+        for k in range(0, H):
+            _v_og_sum0 += h[b, k]*weight_hh[3*H + j, k]
+        # og_sum1[b, j] = sum(weight_ih[3*H + j, i]*x[b, i], i)
+        _v_og_sum1 = _F(0)
+        for i in range(0, I):
+            _v_og_sum1 += weight_ih[3*H + j, i]*x[b, i]
+        # og[b, j] = sigmoid(bias_hh[3*H + j] + bias_ih[3*H + j] + og_sum0[b, j] + og_sum1[b, j])
+        _v_og = _sigmoid_dev(_v_og_sum0 + _v_og_sum1 + bias_hh[3*H + j] + bias_ih[3*H + j], _F)
+        og[b, j] = _v_og
+        # c_new[b, j] = c[b, j]*fg[b, j] + gg[b, j]*ig[b, j]
+        _v_c_new = _v_fg*c[b, j] + _v_gg*_v_ig
+        c_new[b, j] = _v_c_new
+        # h_new[b, j] = tanh(c_new[b, j])*og[b, j]
+        _v_h_new = _v_og*math.tanh(_v_c_new)
+        h_new[b, j] = _v_h_new
+
+
+@cuda.jit(cache=True)
+def _lstm_cell_bwd_saved0(c_new, fg, og, g_h_new, g_c_new, g_c, B, H, _total):
+    """g_c[b, j] = ((1 - tanh(c_new[b, j])**2)*g_h_new[b, j]*og[b, j] + g_c_new[b, j])*fg[b, j]"""
+    _F = g_c.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        j = _r % H
+        _r //= H
+        b = _r
+        _v_g_c = ((_F(1) - math.tanh(c_new[b, j])**2)*g_h_new[b, j]*og[b, j] + g_c_new[b, j])*fg[b, j]
+        g_c[b, j] = _v_g_c
 
 
 @cuda.jit(cache=True)
@@ -1194,8 +1282,13 @@ def _lstm_cell_fwd_alloc(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
     return h_new, c_new
 
 
-def _lstm_cell_fwd_into(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new):
-    """``_lstm_cell_fwd_core`` launching its kernels into h_new, c_new (from ``_lstm_cell_fwd_alloc``); returns nothing."""
+def _lstm_cell_fwd_work(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The workspace of ``_lstm_cell_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _lstm_cell_fwd_into(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, _work=None):
+    """``_lstm_cell_fwd_core`` launching its kernels into h_new, c_new (from ``_lstm_cell_fwd_alloc``), its intermediates in ``_work`` (from ``_lstm_cell_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
@@ -1309,8 +1402,8 @@ def _lstm_cell_bwd_alloc(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_i
     return g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
 
 
-def _lstm_cell_bwd_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh):
-    """``_lstm_cell_bwd_core`` launching its kernels into g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh (from ``_lstm_cell_bwd_alloc``); returns nothing."""
+def _lstm_cell_bwd_work(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The intermediates of ``_lstm_cell_bwd_core`` for arguments of these shapes (h_new, c_new, ig, fg, gg, og), uninitialised device arrays: the workspace ``_lstm_cell_bwd_into`` takes."""
     _dtype = g_h_new.dtype
     B = g_h_new.shape[0]
     H = g_h_new.shape[1]
@@ -1322,6 +1415,19 @@ def _lstm_cell_bwd_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih
     fg = _empty((B, H), _dtype)
     gg = _empty((B, H), _dtype)
     og = _empty((B, H), _dtype)
+    return (h_new, c_new, ig, fg, gg, og)
+
+
+def _lstm_cell_bwd_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh, _work=None):
+    """``_lstm_cell_bwd_core`` launching its kernels into g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh (from ``_lstm_cell_bwd_alloc``), its intermediates in ``_work`` (from ``_lstm_cell_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    if _work is None:
+        _work = _lstm_cell_bwd_work(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    h_new, c_new, ig, fg, gg, og = _work
     _launch(_lstm_cell_bwd0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, g_h_new, g_c_new, g_c, B, H, I)
     _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
     _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
@@ -1419,6 +1525,298 @@ def _lstm_cell_bwd(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bia
     _launch(_lstm_cell_bwd19, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
     _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
     return _result(g_x, _dev), _result(g_h, _dev), _result(g_c, _dev), _result(g_weight_ih, _dev), _result(g_weight_hh, _dev), _result(g_bias_ih, _dev), _result(g_bias_hh, _dev)
+
+
+def _lstm_cell_bwd_params_core(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Backward of lstm_cell: gradients g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh from g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    ig = _empty((B, H), _dtype)
+    fg = _empty((B, H), _dtype)
+    gg = _empty((B, H), _dtype)
+    og = _empty((B, H), _dtype)
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    _launch(_lstm_cell_bwd_params0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, B, H, I)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    return g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_params_alloc(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The results of ``_lstm_cell_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_lstm_cell_bwd_params_into`` writes."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    return g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_params_work(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The intermediates of ``_lstm_cell_bwd_params_core`` for arguments of these shapes (h_new, c_new, ig, fg, gg, og), uninitialised device arrays: the workspace ``_lstm_cell_bwd_params_into`` takes."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    ig = _empty((B, H), _dtype)
+    fg = _empty((B, H), _dtype)
+    gg = _empty((B, H), _dtype)
+    og = _empty((B, H), _dtype)
+    return (h_new, c_new, ig, fg, gg, og)
+
+
+def _lstm_cell_bwd_params_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh, _work=None):
+    """``_lstm_cell_bwd_params_core`` launching its kernels into g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh (from ``_lstm_cell_bwd_params_alloc``), its intermediates in ``_work`` (from ``_lstm_cell_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    if _work is None:
+        _work = _lstm_cell_bwd_params_work(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    h_new, c_new, ig, fg, gg, og = _work
+    _launch(_lstm_cell_bwd_params0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, B, H, I)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+
+
+def _lstm_cell_fwd_saving_core(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Forward of lstm_cell: h_new, c_new, ig, fg, gg, og from x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    ig = _empty((B, H), _dtype)
+    fg = _empty((B, H), _dtype)
+    gg = _empty((B, H), _dtype)
+    og = _empty((B, H), _dtype)
+    _launch(_lstm_cell_bwd_params0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, B, H, I)
+    return h_new, c_new, ig, fg, gg, og
+
+
+def _lstm_cell_fwd_saving_alloc(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The results of ``_lstm_cell_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_lstm_cell_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = weight_ih.shape[0]
+    h_new = _empty((B, H), _dtype)
+    c_new = _empty((B, H), _dtype)
+    ig = _empty((B, H), _dtype)
+    fg = _empty((B, H), _dtype)
+    gg = _empty((B, H), _dtype)
+    og = _empty((B, H), _dtype)
+    return h_new, c_new, ig, fg, gg, og
+
+
+def _lstm_cell_fwd_saving_work(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """The workspace of ``_lstm_cell_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _lstm_cell_fwd_saving_into(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, _work=None):
+    """``_lstm_cell_fwd_saving_core`` launching its kernels into h_new, c_new, ig, fg, gg, og (from ``_lstm_cell_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_lstm_cell_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    G = weight_ih.shape[0]
+    _launch(_lstm_cell_bwd_params0, B * H, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, B, H, I)
+
+
+def _lstm_cell_bwd_saved_core(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og):
+    """Backward of lstm_cell: gradients g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh from g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_c = _empty((B, H), _dtype)
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    _launch(_lstm_cell_bwd_saved0, B * H, c_new, fg, og, g_h_new, g_c_new, g_c, B, H)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd3, B * I, weight_ih, h_new, og, g_h_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd4, B * H, weight_hh, h_new, og, g_h_new, g_h, B, H)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd8, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd9, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd13, B * I, c, weight_ih, c_new, fg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd14, B * H, c, weight_hh, c_new, fg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd18, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd19, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    return g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_saved_alloc(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og):
+    """The results of ``_lstm_cell_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_lstm_cell_bwd_saved_into`` writes."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_c = _empty((B, H), _dtype)
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    return g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_saved_work(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og):
+    """The workspace of ``_lstm_cell_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _lstm_cell_bwd_saved_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh, _work=None):
+    """``_lstm_cell_bwd_saved_core`` launching its kernels into g_x, g_h, g_c, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh (from ``_lstm_cell_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_lstm_cell_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    _launch(_lstm_cell_bwd_saved0, B * H, c_new, fg, og, g_h_new, g_c_new, g_c, B, H)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd3, B * I, weight_ih, h_new, og, g_h_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd4, B * H, weight_hh, h_new, og, g_h_new, g_h, B, H)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd8, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd9, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd13, B * I, c, weight_ih, c_new, fg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd14, B * H, c, weight_hh, c_new, fg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd18, B * I, weight_ih, c_new, ig, gg, og, g_h_new, g_c_new, g_x, B, H, I)
+    _launch(_lstm_cell_bwd19, B * H, weight_hh, c_new, ig, gg, og, g_h_new, g_c_new, g_h, B, H)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+
+
+def _lstm_cell_bwd_params_saved_core(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og):
+    """Backward of lstm_cell: gradients g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh from g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    return g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_params_saved_alloc(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og):
+    """The results of ``_lstm_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_lstm_cell_bwd_params_saved_into`` writes."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    g_weight_ih = _empty((G, I), _dtype)
+    g_weight_hh = _empty((G, H), _dtype)
+    g_bias_ih = _empty((G,), _dtype)
+    g_bias_hh = _empty((G,), _dtype)
+    return g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh
+
+
+def _lstm_cell_bwd_params_saved_work(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og):
+    """The workspace of ``_lstm_cell_bwd_params_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _lstm_cell_bwd_params_saved_into(g_h_new, g_c_new, x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, h_new, c_new, ig, fg, gg, og, g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh, _work=None):
+    """``_lstm_cell_bwd_params_saved_core`` launching its kernels into g_weight_ih, g_weight_hh, g_bias_ih, g_bias_hh (from ``_lstm_cell_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_lstm_cell_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_h_new.dtype
+    B = g_h_new.shape[0]
+    H = g_h_new.shape[1]
+    I = x.shape[1]
+    G = weight_ih.shape[0]
+    _launch(_lstm_cell_bwd1, G, h_new, og, g_h_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd2, G * I, x, h_new, og, g_h_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd5, G * H, h, h_new, og, g_h_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd6, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd7, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd10, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd11, G, c, c_new, fg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd12, G * I, x, c, c_new, fg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd15, G * H, h, c, c_new, fg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
+    _launch(_lstm_cell_bwd16, G, c_new, ig, gg, og, g_h_new, g_c_new, g_bias_ih, g_bias_hh, B, G, H)
+    _launch(_lstm_cell_bwd17, G * I, x, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_ih, B, G, H, I)
+    _launch(_lstm_cell_bwd20, G * H, h, c_new, ig, gg, og, g_h_new, g_c_new, g_weight_hh, B, G, H)
 
 
 def _lstm_cell_jvp(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, t_x, t_h, t_c, t_weight_ih, t_weight_hh, t_bias_ih, t_bias_hh):

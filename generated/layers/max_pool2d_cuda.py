@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -109,6 +109,34 @@ def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO,
 
 
 @cuda.jit(cache=True)
+def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO, _total):
+    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+    _F = y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        h = _r % HO
+        _r //= HO
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_y = -_F(math.inf)
+        _v_y_argmax_p = 0
+        _v_y_argmax_q = 0
+        for p in range(0, K):
+            for q in range(0, K):
+                _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                if _m > _v_y:
+                    _v_y = _m
+                    _v_y_argmax_p = p
+                    _v_y_argmax_q = q
+        y[n, c, h, w] = _v_y
+        y_argmax_p[n, c, h, w] = _v_y_argmax_p
+        y_argmax_q[n, c, h, w] = _v_y_argmax_q
+
+
+@cuda.jit(cache=True)
 def _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO, _total):
     """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
     t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
@@ -183,8 +211,13 @@ def _max_pool2d_fwd_alloc(x, K, S):
     return y
 
 
-def _max_pool2d_fwd_into(x, K, S, y):
-    """``_max_pool2d_fwd_core`` launching its kernels into y (from ``_max_pool2d_fwd_alloc``); returns nothing."""
+def _max_pool2d_fwd_work(x, K, S):
+    """The workspace of ``_max_pool2d_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _max_pool2d_fwd_into(x, K, S, y, _work=None):
+    """``_max_pool2d_fwd_core`` launching its kernels into y (from ``_max_pool2d_fwd_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -255,8 +288,8 @@ def _max_pool2d_bwd_alloc(g_y, x, K, S):
     return g_x
 
 
-def _max_pool2d_bwd_into(g_y, x, K, S, g_x):
-    """``_max_pool2d_bwd_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_alloc``); returns nothing."""
+def _max_pool2d_bwd_work(g_y, x, K, S):
+    """The intermediates of ``_max_pool2d_bwd_core`` for arguments of these shapes (y_argmax_p, y_argmax_q), uninitialised device arrays: the workspace ``_max_pool2d_bwd_into`` takes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -266,6 +299,21 @@ def _max_pool2d_bwd_into(g_y, x, K, S, g_x):
     WO = ((-K + W) // S) + 1
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
+    return (y_argmax_p, y_argmax_q)
+
+
+def _max_pool2d_bwd_into(g_y, x, K, S, g_x, _work=None):
+    """``_max_pool2d_bwd_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    if _work is None:
+        _work = _max_pool2d_bwd_work(g_y, x, K, S)
+    y_argmax_p, y_argmax_q = _work
     _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
     _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
 
@@ -296,6 +344,98 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
     _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
     return _result(g_x, _dev)
+
+
+def _max_pool2d_fwd_saving_core(x, K, S):
+    """Forward of max_pool2d: y, y_argmax_p, y_argmax_q from x, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = _empty((N, C, HO, WO), _dtype)
+    y_argmax_p = _empty((N, C, HO, WO), np.int64)
+    y_argmax_q = _empty((N, C, HO, WO), np.int64)
+    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    return y, y_argmax_p, y_argmax_q
+
+
+def _max_pool2d_fwd_saving_alloc(x, K, S):
+    """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    y = _empty((N, C, HO, WO), _dtype)
+    y_argmax_p = _empty((N, C, HO, WO), np.int64)
+    y_argmax_q = _empty((N, C, HO, WO), np.int64)
+    return y, y_argmax_p, y_argmax_q
+
+
+def _max_pool2d_fwd_saving_work(x, K, S):
+    """The workspace of ``_max_pool2d_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _max_pool2d_fwd_saving_into(x, K, S, y, y_argmax_p, y_argmax_q, _work=None):
+    """``_max_pool2d_fwd_saving_core`` launching its kernels into y, y_argmax_p, y_argmax_q (from ``_max_pool2d_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+
+
+def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
+    """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = _empty((N, C, H, W), _dtype)
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    return g_x
+
+
+def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
+    """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    g_x = _empty((N, C, H, W), _dtype)
+    return g_x
+
+
+def _max_pool2d_bwd_saved_work(g_y, x, y_argmax_p, y_argmax_q, K, S):
+    """The workspace of ``_max_pool2d_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x, _work=None):
+    """``_max_pool2d_bwd_saved_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HO = ((H - K) // S) + 1
+    WO = ((-K + W) // S) + 1
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
 
 
 def _max_pool2d_jvp(x, t_x, *, K, S):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -1135,8 +1135,8 @@ def _multi_head_attention_fwd_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, ca
     return y
 
 
-def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y):
-    """``_multi_head_attention_fwd_core`` launching its kernels into y (from ``_multi_head_attention_fwd_alloc``); returns nothing."""
+def _multi_head_attention_fwd_work(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The intermediates of ``_multi_head_attention_fwd_core`` for arguments of these shapes (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, y_sum0), uninitialised device arrays: the workspace ``_multi_head_attention_fwd_into`` takes."""
     _dtype = x.dtype
     B = x.shape[0]
     L = x.shape[1]
@@ -1154,6 +1154,19 @@ def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, cau
     prob = _empty((B, heads, L, L), _dtype)
     oh = _empty((B, heads, L, Dh), _dtype)
     y_sum0 = _empty((B, E, L), _dtype)
+    return (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, y_sum0)
+
+
+def _multi_head_attention_fwd_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, _work=None):
+    """``_multi_head_attention_fwd_core`` launching its kernels into y (from ``_multi_head_attention_fwd_alloc``), its intermediates in ``_work`` (from ``_multi_head_attention_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multi_head_attention_fwd_work(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+    qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, y_sum0 = _work
     _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
@@ -1326,8 +1339,8 @@ def _multi_head_attention_bwd_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, head
     return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
 
 
-def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo):
-    """``_multi_head_attention_bwd_core`` launching its kernels into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_alloc``); returns nothing."""
+def _multi_head_attention_bwd_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The intermediates of ``_multi_head_attention_bwd_core`` for arguments of these shapes (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multi_head_attention_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -1350,6 +1363,19 @@ def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads
     g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
     g_kh = _empty((B, heads, L, Dh), _dtype)
     g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multi_head_attention_bwd_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo, _work=None):
+    """``_multi_head_attention_bwd_core`` launching its kernels into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_alloc``), its intermediates in ``_work`` (from ``_multi_head_attention_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multi_head_attention_bwd_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+    qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
     _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
     _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
     _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
@@ -1478,6 +1504,442 @@ def _multi_head_attention_bwd(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, *, heads, 
     _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
     _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
     return _result(g_x, _dev), _result(g_wq, _dev), _result(g_wk, _dev), _result(g_wv, _dev), _result(g_bq, _dev), _result(g_bk, _dev), _result(g_bv, _dev), _result(g_wo, _dev), _result(g_bo, _dev)
+
+
+def _multi_head_attention_bwd_params_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_params_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_multi_head_attention_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_params_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The intermediates of ``_multi_head_attention_bwd_params_core`` for arguments of these shapes (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multi_head_attention_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multi_head_attention_bwd_params_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo, _work=None):
+    """``_multi_head_attention_bwd_params_core`` launching its kernels into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_alloc``), its intermediates in ``_work`` (from ``_multi_head_attention_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multi_head_attention_bwd_params_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+    qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+
+
+def _multi_head_attention_fwd_saving_core(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """Forward of multi_head_attention: y, qh, kh, vh, prob, oh from x, wq, wk, wv, bq, bk, bv, wo, bo, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
+    return y, qh, kh, vh, prob, oh
+
+
+def _multi_head_attention_fwd_saving_alloc(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The results of ``_multi_head_attention_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_multi_head_attention_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh = _empty((B, heads, L, Dh), _dtype)
+    vh = _empty((B, heads, L, Dh), _dtype)
+    prob = _empty((B, heads, L, L), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    return y, qh, kh, vh, prob, oh
+
+
+def _multi_head_attention_fwd_saving_work(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal):
+    """The intermediates of ``_multi_head_attention_fwd_saving_core`` for arguments of these shapes (qh_sum0, kh_sum0, vh_sum0, score, prob_max0, prob_sumexp0, y_sum0), uninitialised device arrays: the workspace ``_multi_head_attention_fwd_saving_into`` takes."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    score = _empty((B, heads, L, L), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    return (qh_sum0, kh_sum0, vh_sum0, score, prob_max0, prob_sumexp0, y_sum0)
+
+
+def _multi_head_attention_fwd_saving_into(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal, y, qh, kh, vh, prob, oh, _work=None):
+    """``_multi_head_attention_fwd_saving_core`` launching its kernels into y, qh, kh, vh, prob, oh (from ``_multi_head_attention_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_multi_head_attention_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    L = x.shape[1]
+    E = x.shape[2]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multi_head_attention_fwd_saving_work(x, wq, wk, wv, bq, bk, bv, wo, bo, heads, causal)
+    qh_sum0, kh_sum0, vh_sum0, score, prob_max0, prob_sumexp0, y_sum0 = _work
+    _launch(_multi_head_attention_fwd0, B * Dh * heads * L, x, wq, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd1, B * heads * L * Dh, bq, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd2, B * Dh * heads * L, x, wk, kh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd3, B * heads * L * Dh, bk, kh_sum0, kh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd4, B * Dh * heads * L, x, wv, vh_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd5, B * heads * L * Dh, bv, vh_sum0, vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd6, B * heads * L * L, qh, kh, score, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, heads)
+    _launch(_multi_head_attention_fwd8, B * heads * L * L, score, prob_max0, prob_sumexp0, prob, B, L, heads)
+    _launch(_multi_head_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, heads)
+    _launch(_multi_head_attention_fwd10, B * E * L, wo, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_fwd11, B * L * E, bo, y, y_sum0, B, E, L)
+
+
+def _multi_head_attention_bwd_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_x = _empty((B, L, E), _dtype)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd13, B * L * E, wk, g_x, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """The results of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_multi_head_attention_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_x = _empty((B, L, E), _dtype)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    return g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_saved_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """The intermediates of ``_multi_head_attention_bwd_saved_core`` for arguments of these shapes (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multi_head_attention_bwd_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multi_head_attention_bwd_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo, _work=None):
+    """``_multi_head_attention_bwd_saved_core`` launching its kernels into g_x, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_multi_head_attention_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multi_head_attention_bwd_saved_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal)
+    g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd10, B * L * E, wv, g_x, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd13, B * L * E, wk, g_x, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd16, B * L * E, wq, g_x, g_qh, B, Dh, E, L, heads)
+
+
+def _multi_head_attention_bwd_params_saved_core(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multi_head_attention: gradients g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo from g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_params_saved_alloc(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """The results of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_multi_head_attention_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_wq = _empty((E, E), _dtype)
+    g_wk = _empty((E, E), _dtype)
+    g_wv = _empty((E, E), _dtype)
+    g_bq = _empty((E,), _dtype)
+    g_bk = _empty((E,), _dtype)
+    g_bv = _empty((E,), _dtype)
+    g_wo = _empty((E, E), _dtype)
+    g_bo = _empty((E,), _dtype)
+    return g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo
+
+
+def _multi_head_attention_bwd_params_saved_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal):
+    """The intermediates of ``_multi_head_attention_bwd_params_saved_core`` for arguments of these shapes (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multi_head_attention_bwd_params_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, L), _dtype)
+    g_vh = _empty((B, heads, L, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, L, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multi_head_attention_bwd_params_saved_into(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal, g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo, _work=None):
+    """``_multi_head_attention_bwd_params_saved_core`` launching its kernels into g_wq, g_wk, g_wv, g_bq, g_bk, g_bv, g_wo, g_bo (from ``_multi_head_attention_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_multi_head_attention_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multi_head_attention_bwd_params_saved_work(g_y, x, wq, wk, wv, bq, bk, bv, wo, bo, qh, kh, vh, prob, oh, heads, causal)
+    g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
+    _launch(_multi_head_attention_bwd0, E, g_y, g_bo, B, E, L)
+    _launch(_multi_head_attention_bwd1, B * heads * L * Dh, wo, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd2, E * E, oh, g_y, g_wo, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd3, B * heads * L * L, vh, g_oh, g_prob, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd4, B * heads * L * Dh, prob, g_oh, g_vh, B, Dh, L, heads)
+    _launch(_multi_head_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, heads)
+    _launch(_multi_head_attention_bwd6, B * heads * L * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, causal, heads)
+    _launch(_multi_head_attention_bwd8, E, g_bv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd9, E * E, x, g_wv, g_vh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd11, E, g_bk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd12, E * E, x, g_wk, g_kh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd14, E, g_bq, g_qh, B, Dh, E, L, heads)
+    _launch(_multi_head_attention_bwd15, E * E, x, g_wq, g_qh, B, Dh, E, L, heads)
 
 
 def _multi_head_attention_jvp(x, wq, wk, wv, bq, bk, bv, wo, bo, t_x, t_wq, t_wk, t_wv, t_bq, t_bk, t_bv, t_wo, t_bo, *, heads, causal):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -1140,8 +1140,8 @@ def _multihead_attention_fwd_alloc(query, key, value, attn_mask, key_padding_mas
     return y
 
 
-def _multihead_attention_fwd_into(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, y):
-    """``_multihead_attention_fwd_core`` launching its kernels into y (from ``_multihead_attention_fwd_alloc``); returns nothing."""
+def _multihead_attention_fwd_work(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The intermediates of ``_multihead_attention_fwd_core`` for arguments of these shapes (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, y_sum0), uninitialised device arrays: the workspace ``_multihead_attention_fwd_into`` takes."""
     _dtype = query.dtype
     B = query.shape[0]
     L = query.shape[1]
@@ -1161,6 +1161,21 @@ def _multihead_attention_fwd_into(query, key, value, attn_mask, key_padding_mask
     prob = _empty((B, heads, L, S), _dtype)
     oh = _empty((B, heads, L, Dh), _dtype)
     y_sum0 = _empty((B, E, L), _dtype)
+    return (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, y_sum0)
+
+
+def _multihead_attention_fwd_into(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, y, _work=None):
+    """``_multihead_attention_fwd_core`` launching its kernels into y (from ``_multihead_attention_fwd_alloc``), its intermediates in ``_work`` (from ``_multihead_attention_fwd_work``; allocated when None); returns nothing."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multihead_attention_fwd_work(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal)
+    qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, y_sum0 = _work
     _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
     _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
     _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
@@ -1340,8 +1355,8 @@ def _multihead_attention_bwd_alloc(g_y, query, key, value, attn_mask, key_paddin
     return g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
 
 
-def _multihead_attention_bwd_into(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias):
-    """``_multihead_attention_bwd_core`` launching its kernels into g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias (from ``_multihead_attention_bwd_alloc``); returns nothing."""
+def _multihead_attention_bwd_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The intermediates of ``_multihead_attention_bwd_core`` for arguments of these shapes (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multihead_attention_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -1366,6 +1381,21 @@ def _multihead_attention_bwd_into(g_y, query, key, value, attn_mask, key_padding
     g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
     g_kh = _empty((B, heads, S, Dh), _dtype)
     g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multihead_attention_bwd_into(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias, _work=None):
+    """``_multihead_attention_bwd_core`` launching its kernels into g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias (from ``_multihead_attention_bwd_alloc``), its intermediates in ``_work`` (from ``_multihead_attention_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multihead_attention_bwd_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal)
+    qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
     _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
     _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
     _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
@@ -1499,6 +1529,454 @@ def _multihead_attention_bwd(g_y, query, key, value, attn_mask, key_padding_mask
     _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
     _launch(_multihead_attention_bwd16, B * L * E, in_proj_weight, g_query, g_qh, B, Dh, E, L, heads)
     return _result(g_query, _dev), _result(g_key, _dev), _result(g_value, _dev), _result(g_in_proj_weight, _dev), _result(g_in_proj_bias, _dev), _result(g_out_proj_weight, _dev), _result(g_out_proj_bias, _dev)
+
+
+def _multihead_attention_bwd_params_core(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """Backward of multihead_attention: gradients g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias from g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+    return g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_params_alloc(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The results of ``_multihead_attention_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_multihead_attention_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    return g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_params_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The intermediates of ``_multihead_attention_bwd_params_core`` for arguments of these shapes (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multihead_attention_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multihead_attention_bwd_params_into(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias, _work=None):
+    """``_multihead_attention_bwd_params_core`` launching its kernels into g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias (from ``_multihead_attention_bwd_params_alloc``), its intermediates in ``_work`` (from ``_multihead_attention_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multihead_attention_bwd_params_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal)
+    qh_sum0, qh, kh_sum0, kh, vh_sum0, vh, score, prob_max0, prob_sumexp0, prob, oh, g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+
+
+def _multihead_attention_fwd_saving_core(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """Forward of multihead_attention: y, qh, kh, vh, prob, oh from query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_fwd10, B * E * L, out_proj_weight, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd11, B * L * E, out_proj_bias, y, y_sum0, B, E, L)
+    return y, qh, kh, vh, prob, oh
+
+
+def _multihead_attention_fwd_saving_alloc(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The results of ``_multihead_attention_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_multihead_attention_fwd_saving_into`` writes."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    y = _empty((B, L, E), _dtype)
+    qh = _empty((B, heads, L, Dh), _dtype)
+    kh = _empty((B, heads, S, Dh), _dtype)
+    vh = _empty((B, heads, S, Dh), _dtype)
+    prob = _empty((B, heads, L, S), _dtype)
+    oh = _empty((B, heads, L, Dh), _dtype)
+    return y, qh, kh, vh, prob, oh
+
+
+def _multihead_attention_fwd_saving_work(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal):
+    """The intermediates of ``_multihead_attention_fwd_saving_core`` for arguments of these shapes (qh_sum0, kh_sum0, vh_sum0, score, prob_max0, prob_sumexp0, y_sum0), uninitialised device arrays: the workspace ``_multihead_attention_fwd_saving_into`` takes."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    qh_sum0 = _empty((B, Dh, heads, L), _dtype)
+    kh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    vh_sum0 = _empty((B, Dh, heads, S), _dtype)
+    score = _empty((B, heads, L, S), _dtype)
+    prob_max0 = _empty((B, heads, L), _dtype)
+    prob_sumexp0 = _empty((B, heads, L), _dtype)
+    y_sum0 = _empty((B, E, L), _dtype)
+    return (qh_sum0, kh_sum0, vh_sum0, score, prob_max0, prob_sumexp0, y_sum0)
+
+
+def _multihead_attention_fwd_saving_into(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal, y, qh, kh, vh, prob, oh, _work=None):
+    """``_multihead_attention_fwd_saving_core`` launching its kernels into y, qh, kh, vh, prob, oh (from ``_multihead_attention_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_multihead_attention_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = query.dtype
+    B = query.shape[0]
+    L = query.shape[1]
+    E = query.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multihead_attention_fwd_saving_work(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, heads, causal)
+    qh_sum0, kh_sum0, vh_sum0, score, prob_max0, prob_sumexp0, y_sum0 = _work
+    _launch(_multihead_attention_fwd0, B * Dh * heads * L, query, in_proj_weight, qh_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd1, B * heads * L * Dh, in_proj_bias, qh_sum0, qh, B, Dh, L, heads)
+    _launch(_multihead_attention_fwd2, B * Dh * heads * S, key, in_proj_weight, kh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd3, B * heads * S * Dh, in_proj_bias, kh_sum0, kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd4, B * Dh * heads * S, value, in_proj_weight, vh_sum0, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd5, B * heads * S * Dh, in_proj_bias, vh_sum0, vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_fwd6, B * heads * L * S, attn_mask, key_padding_mask, qh, kh, score, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_fwd7, B * heads * L, score, prob_max0, prob_sumexp0, B, L, S, heads)
+    _launch(_multihead_attention_fwd8, B * heads * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S, heads)
+    _launch(_multihead_attention_fwd9, B * heads * L * Dh, vh, prob, oh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_fwd10, B * E * L, out_proj_weight, oh, y_sum0, B, Dh, E, L, heads)
+    _launch(_multihead_attention_fwd11, B * L * E, out_proj_bias, y, y_sum0, B, E, L)
+
+
+def _multihead_attention_bwd_saved_core(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multihead_attention: gradients g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias from g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_query = _empty((B, L, E), _dtype)
+    g_key = _empty((B, S, E), _dtype)
+    g_value = _empty((B, S, E), _dtype)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd10, B * S * E, in_proj_weight, g_value, g_vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd13, B * S * E, in_proj_weight, g_key, g_kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+    _launch(_multihead_attention_bwd16, B * L * E, in_proj_weight, g_query, g_qh, B, Dh, E, L, heads)
+    return g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_saved_alloc(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal):
+    """The results of ``_multihead_attention_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_multihead_attention_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_query = _empty((B, L, E), _dtype)
+    g_key = _empty((B, S, E), _dtype)
+    g_value = _empty((B, S, E), _dtype)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    return g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_saved_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal):
+    """The intermediates of ``_multihead_attention_bwd_saved_core`` for arguments of these shapes (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multihead_attention_bwd_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multihead_attention_bwd_saved_into(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal, g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias, _work=None):
+    """``_multihead_attention_bwd_saved_core`` launching its kernels into g_query, g_key, g_value, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias (from ``_multihead_attention_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_multihead_attention_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multihead_attention_bwd_saved_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal)
+    g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd10, B * S * E, in_proj_weight, g_value, g_vh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd13, B * S * E, in_proj_weight, g_key, g_kh, B, Dh, E, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+    _launch(_multihead_attention_bwd16, B * L * E, in_proj_weight, g_query, g_qh, B, Dh, E, L, heads)
+
+
+def _multihead_attention_bwd_params_saved_core(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal):
+    """Backward of multihead_attention: gradients g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias from g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
+    return g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_params_saved_alloc(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal):
+    """The results of ``_multihead_attention_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_multihead_attention_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_in_proj_weight = _empty((G, E), _dtype)
+    g_in_proj_bias = _empty((G,), _dtype)
+    g_out_proj_weight = _empty((E, E), _dtype)
+    g_out_proj_bias = _empty((E,), _dtype)
+    return g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias
+
+
+def _multihead_attention_bwd_params_saved_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal):
+    """The intermediates of ``_multihead_attention_bwd_params_saved_core`` for arguments of these shapes (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh), uninitialised device arrays: the workspace ``_multihead_attention_bwd_params_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    g_oh = _empty((B, heads, L, Dh), _dtype)
+    g_prob = _empty((B, heads, L, S), _dtype)
+    g_vh = _empty((B, heads, S, Dh), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, heads, L), _dtype)
+    g_kh = _empty((B, heads, S, Dh), _dtype)
+    g_qh = _empty((B, heads, L, Dh), _dtype)
+    return (g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh)
+
+
+def _multihead_attention_bwd_params_saved_into(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal, g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias, _work=None):
+    """``_multihead_attention_bwd_params_saved_core`` launching its kernels into g_in_proj_weight, g_in_proj_bias, g_out_proj_weight, g_out_proj_bias (from ``_multihead_attention_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_multihead_attention_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    S = key.shape[1]
+    G = in_proj_weight.shape[0]
+    Dh = (E // heads)
+    if _work is None:
+        _work = _multihead_attention_bwd_params_saved_work(g_y, query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, qh, kh, vh, prob, oh, heads, causal)
+    g_oh, g_prob, g_vh, g_prob_sumexp0_sum0, g_kh, g_qh = _work
+    _launch(_multihead_attention_bwd0, E, g_y, g_out_proj_bias, B, E, L)
+    _launch(_multihead_attention_bwd1, B * heads * L * Dh, out_proj_weight, g_y, g_oh, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd2, E * E, oh, g_y, g_out_proj_weight, B, Dh, E, L, heads)
+    _launch(_multihead_attention_bwd3, B * heads * L * S, vh, g_oh, g_prob, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd4, B * heads * S * Dh, prob, g_oh, g_vh, B, Dh, L, S, heads)
+    _launch(_multihead_attention_bwd5, B * heads * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S, heads)
+    _launch(_multihead_attention_bwd6, B * heads * S * Dh, qh, prob, g_prob, g_prob_sumexp0_sum0, g_kh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd7, B * heads * L * Dh, kh, prob, g_prob, g_prob_sumexp0_sum0, g_qh, B, Dh, L, S, causal, heads)
+    _launch(_multihead_attention_bwd8, G, g_in_proj_bias, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd9, G * E, value, g_in_proj_weight, g_vh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd11, G, g_in_proj_bias, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd12, G * E, key, g_in_proj_weight, g_kh, B, Dh, E, G, S, heads)
+    _launch(_multihead_attention_bwd14, G, g_in_proj_bias, g_qh, B, Dh, G, L, heads)
+    _launch(_multihead_attention_bwd15, G * E, query, g_in_proj_weight, g_qh, B, Dh, E, G, L, heads)
 
 
 def _multihead_attention_jvp(query, key, value, attn_mask, key_padding_mask, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, t_query, t_key, t_value, t_in_proj_weight, t_in_proj_bias, t_out_proj_weight, t_out_proj_bias, *, heads, causal):

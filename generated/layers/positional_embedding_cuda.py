@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -146,8 +146,13 @@ def _positional_embedding_fwd_alloc(x, table):
     return y
 
 
-def _positional_embedding_fwd_into(x, table, y):
-    """``_positional_embedding_fwd_core`` launching its kernels into y (from ``_positional_embedding_fwd_alloc``); returns nothing."""
+def _positional_embedding_fwd_work(x, table):
+    """The workspace of ``_positional_embedding_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _positional_embedding_fwd_into(x, table, y, _work=None):
+    """``_positional_embedding_fwd_core`` launching its kernels into y (from ``_positional_embedding_fwd_alloc``), its intermediates in ``_work`` (from ``_positional_embedding_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     B = x.shape[0]
     T = x.shape[1]
@@ -209,8 +214,13 @@ def _positional_embedding_bwd_alloc(g_y, x, table):
     return g_x, g_table
 
 
-def _positional_embedding_bwd_into(g_y, x, table, g_x, g_table):
-    """``_positional_embedding_bwd_core`` launching its kernels into g_x, g_table (from ``_positional_embedding_bwd_alloc``); returns nothing."""
+def _positional_embedding_bwd_work(g_y, x, table):
+    """The workspace of ``_positional_embedding_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _positional_embedding_bwd_into(g_y, x, table, g_x, g_table, _work=None):
+    """``_positional_embedding_bwd_core`` launching its kernels into g_x, g_table (from ``_positional_embedding_bwd_alloc``), its intermediates in ``_work`` (from ``_positional_embedding_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     T = g_y.shape[1]
@@ -244,6 +254,44 @@ def _positional_embedding_bwd(g_y, x, table):
     _launch(_positional_embedding_bwd0, P * D, g_y, g_table, B, D, P, T)
     _launch(_positional_embedding_bwd1, B * T * D, g_y, g_x, B, D, T)
     return _result(g_x, _dev), _result(g_table, _dev)
+
+
+def _positional_embedding_bwd_params_core(g_y, x, table):
+    """Backward of positional_embedding: gradients g_table from g_y, x, table (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    T = g_y.shape[1]
+    D = g_y.shape[2]
+    P = table.shape[0]
+    g_table = _empty((P, D), _dtype)
+    _launch(_positional_embedding_bwd0, P * D, g_y, g_table, B, D, P, T)
+    return g_table
+
+
+def _positional_embedding_bwd_params_alloc(g_y, x, table):
+    """The results of ``_positional_embedding_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_positional_embedding_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    T = g_y.shape[1]
+    D = g_y.shape[2]
+    P = table.shape[0]
+    g_table = _empty((P, D), _dtype)
+    return g_table
+
+
+def _positional_embedding_bwd_params_work(g_y, x, table):
+    """The workspace of ``_positional_embedding_bwd_params_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _positional_embedding_bwd_params_into(g_y, x, table, g_table, _work=None):
+    """``_positional_embedding_bwd_params_core`` launching its kernels into g_table (from ``_positional_embedding_bwd_params_alloc``), its intermediates in ``_work`` (from ``_positional_embedding_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    T = g_y.shape[1]
+    D = g_y.shape[2]
+    P = table.shape[0]
+    _launch(_positional_embedding_bwd0, P * D, g_y, g_table, B, D, P, T)
 
 
 def _positional_embedding_jvp(x, table, t_x, t_table):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -523,13 +523,25 @@ def _rnn_cell_fwd_alloc(x, h, w_ih, w_hh, b_ih, b_hh):
     return y
 
 
-def _rnn_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y):
-    """``_rnn_cell_fwd_core`` launching its kernels into y (from ``_rnn_cell_fwd_alloc``); returns nothing."""
+def _rnn_cell_fwd_work(x, h, w_ih, w_hh, b_ih, b_hh):
+    """The intermediates of ``_rnn_cell_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_rnn_cell_fwd_into`` takes."""
     _dtype = x.dtype
     B = x.shape[0]
     I = x.shape[1]
     H = h.shape[1]
     y_sum0 = _empty((B, H), _dtype)
+    return (y_sum0,)
+
+
+def _rnn_cell_fwd_into(x, h, w_ih, w_hh, b_ih, b_hh, y, _work=None):
+    """``_rnn_cell_fwd_core`` launching its kernels into y (from ``_rnn_cell_fwd_alloc``), its intermediates in ``_work`` (from ``_rnn_cell_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    I = x.shape[1]
+    H = h.shape[1]
+    if _work is None:
+        _work = _rnn_cell_fwd_work(x, h, w_ih, w_hh, b_ih, b_hh)
+    y_sum0, = _work
     _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
     _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
 
@@ -613,14 +625,26 @@ def _rnn_cell_bwd_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
 
 
-def _rnn_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh):
-    """``_rnn_cell_bwd_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_alloc``); returns nothing."""
+def _rnn_cell_bwd_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The intermediates of ``_rnn_cell_bwd_core`` for arguments of these shapes (y, y_sum0), uninitialised device arrays: the workspace ``_rnn_cell_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     H = g_y.shape[1]
     I = x.shape[1]
     y = _empty((B, H), _dtype)
     y_sum0 = _empty((B, H), _dtype)
+    return (y, y_sum0)
+
+
+def _rnn_cell_bwd_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_rnn_cell_bwd_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_alloc``), its intermediates in ``_work`` (from ``_rnn_cell_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    if _work is None:
+        _work = _rnn_cell_bwd_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
+    y, y_sum0 = _work
     _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
     _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
     _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
@@ -676,6 +700,164 @@ def _rnn_cell_bwd(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
     _launch(_rnn_cell_bwd3, B * H, w_hh, y, g_y, g_h, B, H)
     _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
     return _result(g_x, _dev), _result(g_h, _dev), _result(g_w_ih, _dev), _result(g_w_hh, _dev), _result(g_b_ih, _dev), _result(g_b_hh, _dev)
+
+
+def _rnn_cell_bwd_params_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """Backward of rnn_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = _empty((B, H), _dtype)
+    y_sum0 = _empty((B, H), _dtype)
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_params_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The results of ``_rnn_cell_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_rnn_cell_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_params_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh):
+    """The intermediates of ``_rnn_cell_bwd_params_core`` for arguments of these shapes (y, y_sum0), uninitialised device arrays: the workspace ``_rnn_cell_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    y = _empty((B, H), _dtype)
+    y_sum0 = _empty((B, H), _dtype)
+    return (y, y_sum0)
+
+
+def _rnn_cell_bwd_params_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_rnn_cell_bwd_params_core`` launching its kernels into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_params_alloc``), its intermediates in ``_work`` (from ``_rnn_cell_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    if _work is None:
+        _work = _rnn_cell_bwd_params_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh)
+    y, y_sum0 = _work
+    _launch_gemm((_rnn_cell_fwd0_f32, _rnn_cell_fwd0_f64), _dtype, B, H, h, w_hh, y_sum0, B, H)
+    _launch_gemm((_rnn_cell_fwd1_f32, _rnn_cell_fwd1_f64), _dtype, B, H, x, w_ih, b_ih, b_hh, y, y_sum0, B, H, I)
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
+
+
+def _rnn_cell_bwd_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """Backward of rnn_cell: gradients g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd2, B * I, w_ih, y, g_y, g_x, B, H, I)
+    _launch(_rnn_cell_bwd3, B * H, w_hh, y, g_y, g_h, B, H)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """The results of ``_rnn_cell_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_rnn_cell_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_x = _empty((B, I), _dtype)
+    g_h = _empty((B, H), _dtype)
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    return g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_saved_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """The workspace of ``_rnn_cell_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _rnn_cell_bwd_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_rnn_cell_bwd_saved_core`` launching its kernels into g_x, g_h, g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_rnn_cell_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd2, B * I, w_ih, y, g_y, g_x, B, H, I)
+    _launch(_rnn_cell_bwd3, B * H, w_hh, y, g_y, g_h, B, H)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
+
+
+def _rnn_cell_bwd_params_saved_core(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """Backward of rnn_cell: gradients g_w_ih, g_w_hh, g_b_ih, g_b_hh from g_y, x, h, w_ih, w_hh, b_ih, b_hh, y (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_params_saved_alloc(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """The results of ``_rnn_cell_bwd_params_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_rnn_cell_bwd_params_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    g_w_ih = _empty((H, I), _dtype)
+    g_w_hh = _empty((H, H), _dtype)
+    g_b_ih = _empty((H,), _dtype)
+    g_b_hh = _empty((H,), _dtype)
+    return g_w_ih, g_w_hh, g_b_ih, g_b_hh
+
+
+def _rnn_cell_bwd_params_saved_work(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y):
+    """The workspace of ``_rnn_cell_bwd_params_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _rnn_cell_bwd_params_saved_into(g_y, x, h, w_ih, w_hh, b_ih, b_hh, y, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _work=None):
+    """``_rnn_cell_bwd_params_saved_core`` launching its kernels into g_w_ih, g_w_hh, g_b_ih, g_b_hh (from ``_rnn_cell_bwd_params_saved_alloc``), its intermediates in ``_work`` (from ``_rnn_cell_bwd_params_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    H = g_y.shape[1]
+    I = x.shape[1]
+    _launch(_rnn_cell_bwd0, H, y, g_y, g_b_ih, g_b_hh, B, H)
+    _launch(_rnn_cell_bwd1, H * I, x, y, g_y, g_w_ih, B, H, I)
+    _launch(_rnn_cell_bwd4, H * H, h, y, g_y, g_w_hh, B, H)
 
 
 def _rnn_cell_jvp(x, h, w_ih, w_hh, b_ih, b_hh, t_x, t_h, t_w_ih, t_w_hh, t_b_ih, t_b_hh):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -206,6 +206,23 @@ def _scaled_dot_product_attention_bwd4(k, prob, g_q, g_prob, g_prob_sumexp0_sum0
         for s in range(0, S):
             _v_g_q += _c0*(g_prob[b, l, s] - g_prob_sumexp0_sum0[b, l])*(_F(0) if ((causal > 0) and (l < s)) else _F(1))*k[b, s, d]*prob[b, l, s]
         g_q[b, l, d] = _v_g_q
+
+
+@cuda.jit(cache=True)
+def _scaled_dot_product_attention_bwd_saved0(v, g_y, g_prob, B, E, L, S, _total):
+    """g_prob[b, l, s] = sum(g_y[b, l, e]*v[b, s, e], e)"""
+    _F = g_prob.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        s = _r % S
+        _r //= S
+        l = _r % L
+        _r //= L
+        b = _r
+        _v_g_prob = _F(0)
+        for e in range(0, E):
+            _v_g_prob += g_y[b, l, e]*v[b, s, e]
+        g_prob[b, l, s] = _v_g_prob
 
 
 @cuda.jit(cache=True)
@@ -438,8 +455,8 @@ def _scaled_dot_product_attention_fwd_alloc(q, k, v, causal):
     return y
 
 
-def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y):
-    """``_scaled_dot_product_attention_fwd_core`` launching its kernels into y (from ``_scaled_dot_product_attention_fwd_alloc``); returns nothing."""
+def _scaled_dot_product_attention_fwd_work(q, k, v, causal):
+    """The intermediates of ``_scaled_dot_product_attention_fwd_core`` for arguments of these shapes (score, prob_max0, prob_sumexp0, prob), uninitialised device arrays: the workspace ``_scaled_dot_product_attention_fwd_into`` takes."""
     _dtype = q.dtype
     B = q.shape[0]
     L = q.shape[1]
@@ -450,6 +467,20 @@ def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y):
     prob_max0 = _empty((B, L), _dtype)
     prob_sumexp0 = _empty((B, L), _dtype)
     prob = _empty((B, L, S), _dtype)
+    return (score, prob_max0, prob_sumexp0, prob)
+
+
+def _scaled_dot_product_attention_fwd_into(q, k, v, causal, y, _work=None):
+    """``_scaled_dot_product_attention_fwd_core`` launching its kernels into y (from ``_scaled_dot_product_attention_fwd_alloc``), its intermediates in ``_work`` (from ``_scaled_dot_product_attention_fwd_work``; allocated when None); returns nothing."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    if _work is None:
+        _work = _scaled_dot_product_attention_fwd_work(q, k, v, causal)
+    score, prob_max0, prob_sumexp0, prob = _work
     _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
     _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
     _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
@@ -536,8 +567,8 @@ def _scaled_dot_product_attention_bwd_alloc(g_y, q, k, v, causal):
     return g_q, g_k, g_v
 
 
-def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
-    """``_scaled_dot_product_attention_bwd_core`` launching its kernels into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_alloc``); returns nothing."""
+def _scaled_dot_product_attention_bwd_work(g_y, q, k, v, causal):
+    """The intermediates of ``_scaled_dot_product_attention_bwd_core`` for arguments of these shapes (score, prob_max0, prob_sumexp0, prob, g_prob, g_prob_sumexp0_sum0), uninitialised device arrays: the workspace ``_scaled_dot_product_attention_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     L = g_y.shape[1]
@@ -550,6 +581,20 @@ def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v):
     prob = _empty((B, L, S), _dtype)
     g_prob = _empty((B, L, S), _dtype)
     g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    return (score, prob_max0, prob_sumexp0, prob, g_prob, g_prob_sumexp0_sum0)
+
+
+def _scaled_dot_product_attention_bwd_into(g_y, q, k, v, causal, g_q, g_k, g_v, _work=None):
+    """``_scaled_dot_product_attention_bwd_core`` launching its kernels into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_alloc``), its intermediates in ``_work`` (from ``_scaled_dot_product_attention_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    if _work is None:
+        _work = _scaled_dot_product_attention_bwd_work(g_y, q, k, v, causal)
+    score, prob_max0, prob_sumexp0, prob, g_prob, g_prob_sumexp0_sum0 = _work
     _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
     _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
     _launch(_scaled_dot_product_attention_bwd0, B * L * S, v, score, prob_max0, prob_sumexp0, prob, g_y, g_prob, B, E, L, S)
@@ -600,6 +645,136 @@ def _scaled_dot_product_attention_bwd(g_y, q, k, v, *, causal):
     _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
     _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
     return _result(g_q, _dev), _result(g_k, _dev), _result(g_v, _dev)
+
+
+def _scaled_dot_product_attention_fwd_saving_core(q, k, v, causal):
+    """Forward of scaled_dot_product_attention: y, prob from q, k, v, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = _empty((B, L, E), _dtype)
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd3, B * L * E, v, y, prob, B, E, L, S)
+    return y, prob
+
+
+def _scaled_dot_product_attention_fwd_saving_alloc(q, k, v, causal):
+    """The results of ``_scaled_dot_product_attention_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_scaled_dot_product_attention_fwd_saving_into`` writes."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    y = _empty((B, L, E), _dtype)
+    prob = _empty((B, L, S), _dtype)
+    return y, prob
+
+
+def _scaled_dot_product_attention_fwd_saving_work(q, k, v, causal):
+    """The intermediates of ``_scaled_dot_product_attention_fwd_saving_core`` for arguments of these shapes (score, prob_max0, prob_sumexp0), uninitialised device arrays: the workspace ``_scaled_dot_product_attention_fwd_saving_into`` takes."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    score = _empty((B, L, S), _dtype)
+    prob_max0 = _empty((B, L), _dtype)
+    prob_sumexp0 = _empty((B, L), _dtype)
+    return (score, prob_max0, prob_sumexp0)
+
+
+def _scaled_dot_product_attention_fwd_saving_into(q, k, v, causal, y, prob, _work=None):
+    """``_scaled_dot_product_attention_fwd_saving_core`` launching its kernels into y, prob (from ``_scaled_dot_product_attention_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_scaled_dot_product_attention_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = q.dtype
+    B = q.shape[0]
+    L = q.shape[1]
+    D = q.shape[2]
+    S = k.shape[1]
+    E = v.shape[2]
+    if _work is None:
+        _work = _scaled_dot_product_attention_fwd_saving_work(q, k, v, causal)
+    score, prob_max0, prob_sumexp0 = _work
+    _launch(_scaled_dot_product_attention_fwd0, B * L * S, q, k, score, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_fwd1, B * L, score, prob_max0, prob_sumexp0, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd2, B * L * S, score, prob_max0, prob_sumexp0, prob, B, L, S)
+    _launch(_scaled_dot_product_attention_fwd3, B * L * E, v, y, prob, B, E, L, S)
+
+
+def _scaled_dot_product_attention_bwd_saved_core(g_y, q, k, v, prob, causal):
+    """Backward of scaled_dot_product_attention: gradients g_q, g_k, g_v from g_y, q, k, v, prob (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_q = _empty((B, L, D), _dtype)
+    g_k = _empty((B, S, D), _dtype)
+    g_v = _empty((B, S, E), _dtype)
+    g_prob = _empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    _launch(_scaled_dot_product_attention_bwd_saved0, B * L * S, v, g_y, g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd1, B * S * E, prob, g_y, g_v, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    return g_q, g_k, g_v
+
+
+def _scaled_dot_product_attention_bwd_saved_alloc(g_y, q, k, v, prob, causal):
+    """The results of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_scaled_dot_product_attention_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_q = _empty((B, L, D), _dtype)
+    g_k = _empty((B, S, D), _dtype)
+    g_v = _empty((B, S, E), _dtype)
+    return g_q, g_k, g_v
+
+
+def _scaled_dot_product_attention_bwd_saved_work(g_y, q, k, v, prob, causal):
+    """The intermediates of ``_scaled_dot_product_attention_bwd_saved_core`` for arguments of these shapes (g_prob, g_prob_sumexp0_sum0), uninitialised device arrays: the workspace ``_scaled_dot_product_attention_bwd_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    g_prob = _empty((B, L, S), _dtype)
+    g_prob_sumexp0_sum0 = _empty((B, L), _dtype)
+    return (g_prob, g_prob_sumexp0_sum0)
+
+
+def _scaled_dot_product_attention_bwd_saved_into(g_y, q, k, v, prob, causal, g_q, g_k, g_v, _work=None):
+    """``_scaled_dot_product_attention_bwd_saved_core`` launching its kernels into g_q, g_k, g_v (from ``_scaled_dot_product_attention_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_scaled_dot_product_attention_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    L = g_y.shape[1]
+    E = g_y.shape[2]
+    D = q.shape[2]
+    S = k.shape[1]
+    if _work is None:
+        _work = _scaled_dot_product_attention_bwd_saved_work(g_y, q, k, v, prob, causal)
+    g_prob, g_prob_sumexp0_sum0 = _work
+    _launch(_scaled_dot_product_attention_bwd_saved0, B * L * S, v, g_y, g_prob, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd1, B * S * E, prob, g_y, g_v, B, E, L, S)
+    _launch(_scaled_dot_product_attention_bwd2, B * L, prob, g_prob, g_prob_sumexp0_sum0, B, L, S)
+    _launch(_scaled_dot_product_attention_bwd3, B * S * D, q, prob, g_k, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
+    _launch(_scaled_dot_product_attention_bwd4, B * L * D, k, prob, g_q, g_prob, g_prob_sumexp0_sum0, B, D, L, S, causal)
 
 
 def _scaled_dot_product_attention_jvp(q, k, v, t_q, t_k, t_v, *, causal):

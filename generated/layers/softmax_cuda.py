@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -207,13 +207,24 @@ def _softmax_fwd_alloc(x):
     return y
 
 
-def _softmax_fwd_into(x, y):
-    """``_softmax_fwd_core`` launching its kernels into y (from ``_softmax_fwd_alloc``); returns nothing."""
+def _softmax_fwd_work(x):
+    """The intermediates of ``_softmax_fwd_core`` for arguments of these shapes (y_max0, y_sumexp0), uninitialised device arrays: the workspace ``_softmax_fwd_into`` takes."""
     _dtype = x.dtype
     B = x.shape[0]
     C = x.shape[1]
     y_max0 = _empty((B,), _dtype)
     y_sumexp0 = _empty((B,), _dtype)
+    return (y_max0, y_sumexp0)
+
+
+def _softmax_fwd_into(x, y, _work=None):
+    """``_softmax_fwd_core`` launching its kernels into y (from ``_softmax_fwd_alloc``), its intermediates in ``_work`` (from ``_softmax_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    B = x.shape[0]
+    C = x.shape[1]
+    if _work is None:
+        _work = _softmax_fwd_work(x)
+    y_max0, y_sumexp0 = _work
     _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
     _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
 
@@ -267,8 +278,8 @@ def _softmax_bwd_alloc(g_y, x):
     return g_x
 
 
-def _softmax_bwd_into(g_y, x, g_x):
-    """``_softmax_bwd_core`` launching its kernels into g_x (from ``_softmax_bwd_alloc``); returns nothing."""
+def _softmax_bwd_work(g_y, x):
+    """The intermediates of ``_softmax_bwd_core`` for arguments of these shapes (y, y_max0, y_sumexp0, g_x_sum0), uninitialised device arrays: the workspace ``_softmax_bwd_into`` takes."""
     _dtype = g_y.dtype
     B = g_y.shape[0]
     C = g_y.shape[1]
@@ -276,6 +287,17 @@ def _softmax_bwd_into(g_y, x, g_x):
     y_max0 = _empty((B,), _dtype)
     y_sumexp0 = _empty((B,), _dtype)
     g_x_sum0 = _empty((B,), _dtype)
+    return (y, y_max0, y_sumexp0, g_x_sum0)
+
+
+def _softmax_bwd_into(g_y, x, g_x, _work=None):
+    """``_softmax_bwd_core`` launching its kernels into g_x (from ``_softmax_bwd_alloc``), its intermediates in ``_work`` (from ``_softmax_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    if _work is None:
+        _work = _softmax_bwd_work(g_y, x)
+    y, y_max0, y_sumexp0, g_x_sum0 = _work
     _launch(_softmax_fwd0, B, x, y_max0, y_sumexp0, B, C)
     _launch(_softmax_fwd1, B * C, x, y, y_max0, y_sumexp0, B, C)
     _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
@@ -304,6 +326,48 @@ def _softmax_bwd(g_y, x):
     _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
     _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
     return _result(g_x, _dev)
+
+
+def _softmax_bwd_saved_core(g_y, x, y):
+    """Backward of softmax: gradients g_x from g_y, x, y (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = _empty((B, C), _dtype)
+    g_x_sum0 = _empty((B,), _dtype)
+    _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
+    _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
+    return g_x
+
+
+def _softmax_bwd_saved_alloc(g_y, x, y):
+    """The results of ``_softmax_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x = _empty((B, C), _dtype)
+    return g_x
+
+
+def _softmax_bwd_saved_work(g_y, x, y):
+    """The intermediates of ``_softmax_bwd_saved_core`` for arguments of these shapes (g_x_sum0), uninitialised device arrays: the workspace ``_softmax_bwd_saved_into`` takes."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    g_x_sum0 = _empty((B,), _dtype)
+    return (g_x_sum0,)
+
+
+def _softmax_bwd_saved_into(g_y, x, y, g_x, _work=None):
+    """``_softmax_bwd_saved_core`` launching its kernels into g_x (from ``_softmax_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_softmax_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    B = g_y.shape[0]
+    C = g_y.shape[1]
+    if _work is None:
+        _work = _softmax_bwd_saved_work(g_y, x, y)
+    g_x_sum0, = _work
+    _launch(_softmax_bwd0, B, y, g_y, g_x_sum0, B, C)
+    _launch(_softmax_bwd1, B * C, y, g_y, g_x, g_x_sum0, B, C)
 
 
 def _softmax_jvp(x, t_x):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -130,8 +130,13 @@ def _categorical_nll_fwd_alloc(logprobs, idx, reduction):
     return loss
 
 
-def _categorical_nll_fwd_into(logprobs, idx, reduction, loss):
-    """``_categorical_nll_fwd_core`` launching its kernels into loss (from ``_categorical_nll_fwd_alloc``); returns nothing."""
+def _categorical_nll_fwd_work(logprobs, idx, reduction):
+    """The workspace of ``_categorical_nll_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _categorical_nll_fwd_into(logprobs, idx, reduction, loss, _work=None):
+    """``_categorical_nll_fwd_core`` launching its kernels into loss (from ``_categorical_nll_fwd_alloc``), its intermediates in ``_work`` (from ``_categorical_nll_fwd_work``; allocated when None); returns nothing."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
@@ -179,8 +184,13 @@ def _categorical_nll_bwd_alloc(g_loss, logprobs, idx, reduction):
     return g_logprobs
 
 
-def _categorical_nll_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs):
-    """``_categorical_nll_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_bwd_alloc``); returns nothing."""
+def _categorical_nll_bwd_work(g_loss, logprobs, idx, reduction):
+    """The workspace of ``_categorical_nll_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _categorical_nll_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs, _work=None):
+    """``_categorical_nll_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_bwd_alloc``), its intermediates in ``_work`` (from ``_categorical_nll_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
@@ -329,8 +339,13 @@ def _categorical_nll_reduction_none_fwd_alloc(logprobs, idx, reduction):
     return loss
 
 
-def _categorical_nll_reduction_none_fwd_into(logprobs, idx, reduction, loss):
-    """``_categorical_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_categorical_nll_reduction_none_fwd_alloc``); returns nothing."""
+def _categorical_nll_reduction_none_fwd_work(logprobs, idx, reduction):
+    """The workspace of ``_categorical_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _categorical_nll_reduction_none_fwd_into(logprobs, idx, reduction, loss, _work=None):
+    """``_categorical_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_categorical_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_categorical_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
     _dtype = logprobs.dtype
     B = logprobs.shape[0]
     C = logprobs.shape[1]
@@ -379,8 +394,13 @@ def _categorical_nll_reduction_none_bwd_alloc(g_loss, logprobs, idx, reduction):
     return g_logprobs
 
 
-def _categorical_nll_reduction_none_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs):
-    """``_categorical_nll_reduction_none_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_reduction_none_bwd_alloc``); returns nothing."""
+def _categorical_nll_reduction_none_bwd_work(g_loss, logprobs, idx, reduction):
+    """The workspace of ``_categorical_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _categorical_nll_reduction_none_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs, _work=None):
+    """``_categorical_nll_reduction_none_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_categorical_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     B = g_loss.shape[0]
     C = logprobs.shape[1]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -307,14 +307,25 @@ def _cosine_embedding_loss_fwd_alloc(x1, x2, label, margin, eps, reduction):
     return loss
 
 
-def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, reduction, loss):
-    """``_cosine_embedding_loss_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_fwd_alloc``); returns nothing."""
+def _cosine_embedding_loss_fwd_work(x1, x2, label, margin, eps, reduction):
+    """The intermediates of ``_cosine_embedding_loss_fwd_core`` for arguments of these shapes (cos), uninitialised device arrays: the workspace ``_cosine_embedding_loss_fwd_into`` takes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    cos = _empty((B,), _dtype)
+    return (cos,)
+
+
+def _cosine_embedding_loss_fwd_into(x1, x2, label, margin, eps, reduction, loss, _work=None):
+    """``_cosine_embedding_loss_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_fwd_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_fwd_work``; allocated when None); returns nothing."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
     B = x1.shape[0]
     D = x1.shape[1]
-    cos = _empty((B,), _dtype)
+    if _work is None:
+        _work = _cosine_embedding_loss_fwd_work(x1, x2, label, margin, eps, reduction)
+    cos, = _work
     _launch(_cosine_embedding_loss_fwd0, B, x1, x2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
 
@@ -376,17 +387,28 @@ def _cosine_embedding_loss_bwd_alloc(g_loss, x1, x2, label, margin, eps, reducti
     return g_x1, g_x2
 
 
-def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2):
-    """``_cosine_embedding_loss_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``); returns nothing."""
+def _cosine_embedding_loss_bwd_work(g_loss, x1, x2, label, margin, eps, reduction):
+    """The intermediates of ``_cosine_embedding_loss_bwd_core`` for arguments of these shapes (cos_sum0, cos_sum1, cos_sum2, cos), uninitialised device arrays: the workspace ``_cosine_embedding_loss_bwd_into`` takes."""
     _dtype = g_loss.dtype
-    margin = _dtype.type(margin)
-    eps = _dtype.type(eps)
     B = x1.shape[0]
     D = x1.shape[1]
     cos_sum0 = _empty((B,), _dtype)
     cos_sum1 = _empty((B,), _dtype)
     cos_sum2 = _empty((B,), _dtype)
     cos = _empty((B,), _dtype)
+    return (cos_sum0, cos_sum1, cos_sum2, cos)
+
+
+def _cosine_embedding_loss_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2, _work=None):
+    """``_cosine_embedding_loss_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    if _work is None:
+        _work = _cosine_embedding_loss_bwd_work(g_loss, x1, x2, label, margin, eps, reduction)
+    cos_sum0, cos_sum1, cos_sum2, cos = _work
     _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
 
@@ -418,6 +440,90 @@ def _cosine_embedding_loss_bwd(g_loss, x1, x2, label, *, margin, eps, reduction)
     _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
     return _result(g_x1, _dev), _result(g_x2, _dev)
+
+
+def _cosine_embedding_loss_fwd_saving_core(x1, x2, label, margin, eps, reduction):
+    """Forward of cosine_embedding_loss: loss, cos_sum0, cos_sum1, cos_sum2, cos from x1, x2, label, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((1,), _dtype)
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+def _cosine_embedding_loss_fwd_saving_alloc(x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_fwd_saving_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((1,), _dtype)
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+def _cosine_embedding_loss_fwd_saving_work(x1, x2, label, margin, eps, reduction):
+    """The workspace of ``_cosine_embedding_loss_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_embedding_loss_fwd_saving_into(x1, x2, label, margin, eps, reduction, loss, cos_sum0, cos_sum1, cos_sum2, cos, _work=None):
+    """``_cosine_embedding_loss_fwd_saving_core`` launching its kernels into loss, cos_sum0, cos_sum1, cos_sum2, cos (from ``_cosine_embedding_loss_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_embedding_loss_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _launch(_cosine_embedding_loss_fwd1, 1, label, loss, cos, B, margin, reduction)
+
+
+def _cosine_embedding_loss_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """Backward of cosine_embedding_loss: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_bwd_saved_work(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """The workspace of ``_cosine_embedding_loss_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_embedding_loss_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction, g_x1, g_x2, _work=None):
+    """``_cosine_embedding_loss_bwd_saved_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_embedding_loss_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin, reduction)
 
 
 def _cosine_embedding_loss_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
@@ -582,6 +688,41 @@ def _cosine_embedding_loss_reduction_none_bwd1(x1, x2, label, cos_sum0, cos_sum1
 
 
 @cuda.jit(cache=True)
+def _cosine_embedding_loss_reduction_none_fwd_saving0(x1, x2, label, loss, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, margin, _total):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    loss[b] = Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True))
+    """
+    _F = cos_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+        # loss[b] = Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True))
+        _v_loss = (_F(1) - _v_cos if (label[b] > _F(0)) else (max(_v_cos - margin, _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
 def _cosine_embedding_loss_reduction_none_jvp0(x1, x2, label, t_x1, t_x2, t_loss, B, D, eps, margin, _total):
     """cos_sum0[b] = sum(x1[b, d]**2, d)
     cos_sum1[b] = sum(x2[b, d]**2, d)
@@ -733,8 +874,13 @@ def _cosine_embedding_loss_reduction_none_fwd_alloc(x1, x2, label, margin, eps, 
     return loss
 
 
-def _cosine_embedding_loss_reduction_none_fwd_into(x1, x2, label, margin, eps, reduction, loss):
-    """``_cosine_embedding_loss_reduction_none_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_reduction_none_fwd_alloc``); returns nothing."""
+def _cosine_embedding_loss_reduction_none_fwd_work(x1, x2, label, margin, eps, reduction):
+    """The workspace of ``_cosine_embedding_loss_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_embedding_loss_reduction_none_fwd_into(x1, x2, label, margin, eps, reduction, loss, _work=None):
+    """``_cosine_embedding_loss_reduction_none_fwd_core`` launching its kernels into loss (from ``_cosine_embedding_loss_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_reduction_none_fwd_work``; allocated when None); returns nothing."""
     _dtype = x1.dtype
     margin = _dtype.type(margin)
     eps = _dtype.type(eps)
@@ -799,17 +945,28 @@ def _cosine_embedding_loss_reduction_none_bwd_alloc(g_loss, x1, x2, label, margi
     return g_x1, g_x2
 
 
-def _cosine_embedding_loss_reduction_none_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2):
-    """``_cosine_embedding_loss_reduction_none_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_reduction_none_bwd_alloc``); returns nothing."""
+def _cosine_embedding_loss_reduction_none_bwd_work(g_loss, x1, x2, label, margin, eps, reduction):
+    """The intermediates of ``_cosine_embedding_loss_reduction_none_bwd_core`` for arguments of these shapes (cos_sum0, cos_sum1, cos_sum2, cos), uninitialised device arrays: the workspace ``_cosine_embedding_loss_reduction_none_bwd_into`` takes."""
     _dtype = g_loss.dtype
-    margin = _dtype.type(margin)
-    eps = _dtype.type(eps)
     B = g_loss.shape[0]
     D = x1.shape[1]
     cos_sum0 = _empty((B,), _dtype)
     cos_sum1 = _empty((B,), _dtype)
     cos_sum2 = _empty((B,), _dtype)
     cos = _empty((B,), _dtype)
+    return (cos_sum0, cos_sum1, cos_sum2, cos)
+
+
+def _cosine_embedding_loss_reduction_none_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2, _work=None):
+    """``_cosine_embedding_loss_reduction_none_bwd_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    if _work is None:
+        _work = _cosine_embedding_loss_reduction_none_bwd_work(g_loss, x1, x2, label, margin, eps, reduction)
+    cos_sum0, cos_sum1, cos_sum2, cos = _work
     _launch(_cosine_embedding_loss_reduction_none_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_reduction_none_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
 
@@ -843,6 +1000,88 @@ def _cosine_embedding_loss_reduction_none_bwd(g_loss, x1, x2, label, *, margin, 
     _launch(_cosine_embedding_loss_reduction_none_bwd0, B, x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
     _launch(_cosine_embedding_loss_reduction_none_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
     return _result(g_x1, _dev), _result(g_x2, _dev)
+
+
+def _cosine_embedding_loss_reduction_none_fwd_saving_core(x1, x2, label, margin, eps, reduction):
+    """Forward of cosine_embedding_loss[reduction=none]: loss, cos_sum0, cos_sum1, cos_sum2, cos from x1, x2, label, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((B,), _dtype)
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    _launch(_cosine_embedding_loss_reduction_none_fwd_saving0, B, x1, x2, label, loss, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, margin)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+def _cosine_embedding_loss_reduction_none_fwd_saving_alloc(x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_reduction_none_fwd_saving_into`` writes."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = _empty((B,), _dtype)
+    cos_sum0 = _empty((B,), _dtype)
+    cos_sum1 = _empty((B,), _dtype)
+    cos_sum2 = _empty((B,), _dtype)
+    cos = _empty((B,), _dtype)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+def _cosine_embedding_loss_reduction_none_fwd_saving_work(x1, x2, label, margin, eps, reduction):
+    """The workspace of ``_cosine_embedding_loss_reduction_none_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_embedding_loss_reduction_none_fwd_saving_into(x1, x2, label, margin, eps, reduction, loss, cos_sum0, cos_sum1, cos_sum2, cos, _work=None):
+    """``_cosine_embedding_loss_reduction_none_fwd_saving_core`` launching its kernels into loss, cos_sum0, cos_sum1, cos_sum2, cos (from ``_cosine_embedding_loss_reduction_none_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_reduction_none_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_embedding_loss_reduction_none_fwd_saving0, B, x1, x2, label, loss, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, margin)
+
+
+def _cosine_embedding_loss_reduction_none_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """Backward of cosine_embedding_loss[reduction=none]: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    _launch(_cosine_embedding_loss_reduction_none_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_reduction_none_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cosine_embedding_loss_reduction_none_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    g_x1 = _empty((B, D), _dtype)
+    g_x2 = _empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_reduction_none_bwd_saved_work(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """The workspace of ``_cosine_embedding_loss_reduction_none_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _cosine_embedding_loss_reduction_none_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction, g_x1, g_x2, _work=None):
+    """``_cosine_embedding_loss_reduction_none_bwd_saved_core`` launching its kernels into g_x1, g_x2 (from ``_cosine_embedding_loss_reduction_none_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cosine_embedding_loss_reduction_none_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    _launch(_cosine_embedding_loss_reduction_none_bwd1, B * D, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
 
 
 def _cosine_embedding_loss_reduction_none_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):

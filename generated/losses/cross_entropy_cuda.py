@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -181,6 +181,60 @@ def _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, 
 
 
 @cuda.jit(cache=True)
+def _cross_entropy_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C, _total):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_fwd_saving1(logits, loss, lse, coef, wt, loss_sum0, B, C, reduction, _total):
+    """loss_sum0 = sum(wt[b], b)
+    loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+    """
+    _F = loss_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        # loss_sum0 = sum(wt[b], b)
+        _v_loss_sum0 = _F(0)
+        for b in range(0, B):
+            _v_loss_sum0 += wt[b]
+        loss_sum0[0] = _v_loss_sum0
+        # loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+        _v_loss_sum1 = _F(0)
+        for b in range(0, B):
+            for c in range(0, C):
+                _v_loss_sum1 += (-logits[b, c] + lse[b])*coef[b, c]
+        # loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+        _v_loss = _v_loss_sum1*(_F(1) if (reduction == 2) else _F(1) / _v_loss_sum0)
+        loss[0] = _v_loss
+
+
+@cuda.jit(cache=True)
 def _cross_entropy_jvp0(logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C, _total):
     """t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
     t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
@@ -282,15 +336,26 @@ def _cross_entropy_fwd_alloc(logits, target, weight, ignore_index, label_smoothi
     return loss
 
 
-def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss):
-    """``_cross_entropy_fwd_core`` launching its kernels into loss (from ``_cross_entropy_fwd_alloc``); returns nothing."""
+def _cross_entropy_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_fwd_core`` for arguments of these shapes (lse, coef, wt), uninitialised device arrays: the workspace ``_cross_entropy_fwd_into`` takes."""
     _dtype = logits.dtype
-    label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
     wt = _empty((B,), _dtype)
+    return (lse, coef, wt)
+
+
+def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, _work=None):
+    """``_cross_entropy_fwd_core`` launching its kernels into loss (from ``_cross_entropy_fwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef, wt = _work
     _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
@@ -359,10 +424,9 @@ def _cross_entropy_bwd_alloc(g_loss, logits, target, weight, ignore_index, label
     return g_logits
 
 
-def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits):
-    """``_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_alloc``); returns nothing."""
+def _cross_entropy_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_bwd_core`` for arguments of these shapes (lse_max0, lse_sumexp0, coef, wt, loss_sum0, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_into`` takes."""
     _dtype = g_loss.dtype
-    label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     lse_max0 = _empty((B,), _dtype)
@@ -371,6 +435,18 @@ def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_
     wt = _empty((B,), _dtype)
     loss_sum0 = _empty((1,), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
+    return (lse_max0, lse_sumexp0, coef, wt, loss_sum0, g_logits_sum0)
+
+
+def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse_max0, lse_sumexp0, coef, wt, loss_sum0, g_logits_sum0 = _work
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
@@ -409,6 +485,112 @@ def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_sm
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
     _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return _result(g_logits, _dev)
+
+
+def _cross_entropy_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy: loss, lse_max0, lse_sumexp0, loss_sum0 from logits, target, weight, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
+    _launch(_cross_entropy_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd_saving1, 1, logits, loss, lse, coef, wt, loss_sum0, B, C, reduction)
+    return loss, lse_max0, lse_sumexp0, loss_sum0
+
+
+def _cross_entropy_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
+    return loss, lse_max0, lse_sumexp0, loss_sum0
+
+
+def _cross_entropy_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_fwd_saving_core`` for arguments of these shapes (lse, coef, wt), uninitialised device arrays: the workspace ``_cross_entropy_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    wt = _empty((B,), _dtype)
+    return (lse, coef, wt)
+
+
+def _cross_entropy_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, loss_sum0, _work=None):
+    """``_cross_entropy_fwd_saving_core`` launching its kernels into loss, lse_max0, lse_sumexp0, loss_sum0 (from ``_cross_entropy_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef, wt = _work
+    _launch(_cross_entropy_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd_saving1, 1, logits, loss, lse, coef, wt, loss_sum0, B, C, reduction)
+
+
+def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    return g_logits
+
+
+def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes (coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_saved_into`` takes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    return (coef, g_logits_sum0)
+
+
+def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_bwd_saved_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction)
+    coef, g_logits_sum0 = _work
+    _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 def _cross_entropy_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
@@ -590,6 +772,36 @@ def _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_lo
 
 
 @cuda.jit(cache=True)
+def _cross_entropy_reduction_none_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C, _total):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@cuda.jit(cache=True)
 def _cross_entropy_reduction_none_jvp0(logits, lse_max0, lse_sumexp0, coef, t_logits, t_loss, B, C, _total):
     """t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
     t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
@@ -673,14 +885,25 @@ def _cross_entropy_reduction_none_fwd_alloc(logits, target, weight, ignore_index
     return loss
 
 
-def _cross_entropy_reduction_none_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss):
-    """``_cross_entropy_reduction_none_fwd_core`` launching its kernels into loss (from ``_cross_entropy_reduction_none_fwd_alloc``); returns nothing."""
+def _cross_entropy_reduction_none_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes (lse, coef), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_fwd_into`` takes."""
     _dtype = logits.dtype
-    label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
+    return (lse, coef)
+
+
+def _cross_entropy_reduction_none_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, _work=None):
+    """``_cross_entropy_reduction_none_fwd_core`` launching its kernels into loss (from ``_cross_entropy_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef = _work
     _launch(_cross_entropy_reduction_none_fwd0, B, logits, lse, B, C)
     _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
@@ -743,16 +966,27 @@ def _cross_entropy_reduction_none_bwd_alloc(g_loss, logits, target, weight, igno
     return g_logits
 
 
-def _cross_entropy_reduction_none_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits):
-    """``_cross_entropy_reduction_none_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_reduction_none_bwd_alloc``); returns nothing."""
+def _cross_entropy_reduction_none_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes (lse_max0, lse_sumexp0, coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_bwd_into`` takes."""
     _dtype = g_loss.dtype
-    label_smoothing = _dtype.type(label_smoothing)
     B = g_loss.shape[0]
     C = logits.shape[1]
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
+    return (lse_max0, lse_sumexp0, coef, g_logits_sum0)
+
+
+def _cross_entropy_reduction_none_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_reduction_none_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse_max0, lse_sumexp0, coef, g_logits_sum0 = _work
     _launch(_cross_entropy_reduction_none_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
@@ -787,6 +1021,106 @@ def _cross_entropy_reduction_none_bwd(g_loss, logits, target, weight, *, ignore_
     _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
     _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
     return _result(g_logits, _dev)
+
+
+def _cross_entropy_reduction_none_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss, lse_max0, lse_sumexp0 from logits, target, weight, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    _launch(_cross_entropy_reduction_none_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+    return loss, lse_max0, lse_sumexp0
+
+
+def _cross_entropy_reduction_none_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_reduction_none_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    return loss, lse_max0, lse_sumexp0
+
+
+def _cross_entropy_reduction_none_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes (lse, coef), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    return (lse, coef)
+
+
+def _cross_entropy_reduction_none_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, _work=None):
+    """``_cross_entropy_reduction_none_fwd_saving_core`` launching its kernels into loss, lse_max0, lse_sumexp0 (from ``_cross_entropy_reduction_none_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef = _work
+    _launch(_cross_entropy_reduction_none_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+
+
+def _cross_entropy_reduction_none_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_reduction_none_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes (coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_bwd_saved_into`` takes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    return (coef, g_logits_sum0)
+
+
+def _cross_entropy_reduction_none_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_reduction_none_bwd_saved_core`` launching its kernels into g_logits (from ``_cross_entropy_reduction_none_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction)
+    coef, g_logits_sum0 = _work
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
 
 
 def _cross_entropy_reduction_none_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):

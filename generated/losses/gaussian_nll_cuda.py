@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -189,14 +189,25 @@ def _gaussian_nll_fwd_alloc(pred, target, var, eps, full, reduction):
     return loss
 
 
-def _gaussian_nll_fwd_into(pred, target, var, eps, full, reduction, loss):
-    """``_gaussian_nll_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_fwd_alloc``); returns nothing."""
+def _gaussian_nll_fwd_work(pred, target, var, eps, full, reduction):
+    """The intermediates of ``_gaussian_nll_fwd_core`` for arguments of these shapes (vc), uninitialised device arrays: the workspace ``_gaussian_nll_fwd_into`` takes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    vc = _empty((B, N), _dtype)
+    return (vc,)
+
+
+def _gaussian_nll_fwd_into(pred, target, var, eps, full, reduction, loss, _work=None):
+    """``_gaussian_nll_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_fwd_alloc``), its intermediates in ``_work`` (from ``_gaussian_nll_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
     full = _dtype.type(full)
     B = pred.shape[0]
     N = pred.shape[1]
-    vc = _empty((B, N), _dtype)
+    if _work is None:
+        _work = _gaussian_nll_fwd_work(pred, target, var, eps, full, reduction)
+    vc, = _work
     _launch(_gaussian_nll_fwd0, B * N, var, vc, B, N, eps)
     _launch(_gaussian_nll_fwd1, 1, pred, target, loss, vc, B, N, full, reduction)
 
@@ -253,8 +264,13 @@ def _gaussian_nll_bwd_alloc(g_loss, pred, target, var, eps, full, reduction):
     return g_pred, g_var
 
 
-def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var):
-    """``_gaussian_nll_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``); returns nothing."""
+def _gaussian_nll_bwd_work(g_loss, pred, target, var, eps, full, reduction):
+    """The workspace of ``_gaussian_nll_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gaussian_nll_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var, _work=None):
+    """``_gaussian_nll_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_bwd_alloc``), its intermediates in ``_work`` (from ``_gaussian_nll_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
     B = pred.shape[0]
@@ -473,8 +489,13 @@ def _gaussian_nll_reduction_none_fwd_alloc(pred, target, var, eps, full, reducti
     return loss
 
 
-def _gaussian_nll_reduction_none_fwd_into(pred, target, var, eps, full, reduction, loss):
-    """``_gaussian_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_reduction_none_fwd_alloc``); returns nothing."""
+def _gaussian_nll_reduction_none_fwd_work(pred, target, var, eps, full, reduction):
+    """The workspace of ``_gaussian_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gaussian_nll_reduction_none_fwd_into(pred, target, var, eps, full, reduction, loss, _work=None):
+    """``_gaussian_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_gaussian_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     eps = _dtype.type(eps)
     full = _dtype.type(full)
@@ -535,8 +556,13 @@ def _gaussian_nll_reduction_none_bwd_alloc(g_loss, pred, target, var, eps, full,
     return g_pred, g_var
 
 
-def _gaussian_nll_reduction_none_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var):
-    """``_gaussian_nll_reduction_none_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_reduction_none_bwd_alloc``); returns nothing."""
+def _gaussian_nll_reduction_none_bwd_work(g_loss, pred, target, var, eps, full, reduction):
+    """The workspace of ``_gaussian_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gaussian_nll_reduction_none_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var, _work=None):
+    """``_gaussian_nll_reduction_none_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_gaussian_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     eps = _dtype.type(eps)
     B = g_loss.shape[0]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -125,8 +125,13 @@ def _huber_fwd_alloc(pred, target, delta, reduction):
     return loss
 
 
-def _huber_fwd_into(pred, target, delta, reduction, loss):
-    """``_huber_fwd_core`` launching its kernels into loss (from ``_huber_fwd_alloc``); returns nothing."""
+def _huber_fwd_work(pred, target, delta, reduction):
+    """The workspace of ``_huber_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _huber_fwd_into(pred, target, delta, reduction, loss, _work=None):
+    """``_huber_fwd_core`` launching its kernels into loss (from ``_huber_fwd_alloc``), its intermediates in ``_work`` (from ``_huber_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
@@ -177,8 +182,13 @@ def _huber_bwd_alloc(g_loss, pred, target, delta, reduction):
     return g_pred
 
 
-def _huber_bwd_into(g_loss, pred, target, delta, reduction, g_pred):
-    """``_huber_bwd_core`` launching its kernels into g_pred (from ``_huber_bwd_alloc``); returns nothing."""
+def _huber_bwd_work(g_loss, pred, target, delta, reduction):
+    """The workspace of ``_huber_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _huber_bwd_into(g_loss, pred, target, delta, reduction, g_pred, _work=None):
+    """``_huber_bwd_core`` launching its kernels into g_pred (from ``_huber_bwd_alloc``), its intermediates in ``_work`` (from ``_huber_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
@@ -329,8 +339,13 @@ def _huber_reduction_none_fwd_alloc(pred, target, delta, reduction):
     return loss
 
 
-def _huber_reduction_none_fwd_into(pred, target, delta, reduction, loss):
-    """``_huber_reduction_none_fwd_core`` launching its kernels into loss (from ``_huber_reduction_none_fwd_alloc``); returns nothing."""
+def _huber_reduction_none_fwd_work(pred, target, delta, reduction):
+    """The workspace of ``_huber_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _huber_reduction_none_fwd_into(pred, target, delta, reduction, loss, _work=None):
+    """``_huber_reduction_none_fwd_core`` launching its kernels into loss (from ``_huber_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_huber_reduction_none_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     delta = _dtype.type(delta)
     B = pred.shape[0]
@@ -383,8 +398,13 @@ def _huber_reduction_none_bwd_alloc(g_loss, pred, target, delta, reduction):
     return g_pred
 
 
-def _huber_reduction_none_bwd_into(g_loss, pred, target, delta, reduction, g_pred):
-    """``_huber_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_huber_reduction_none_bwd_alloc``); returns nothing."""
+def _huber_reduction_none_bwd_work(g_loss, pred, target, delta, reduction):
+    """The workspace of ``_huber_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _huber_reduction_none_bwd_into(g_loss, pred, target, delta, reduction, g_pred, _work=None):
+    """``_huber_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_huber_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_huber_reduction_none_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     delta = _dtype.type(delta)
     B = g_loss.shape[0]

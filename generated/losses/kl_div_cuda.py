@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -134,8 +134,13 @@ def _kl_div_fwd_alloc(logq, logp):
     return loss
 
 
-def _kl_div_fwd_into(logq, logp, loss):
-    """``_kl_div_fwd_core`` launching its kernels into loss (from ``_kl_div_fwd_alloc``); returns nothing."""
+def _kl_div_fwd_work(logq, logp):
+    """The workspace of ``_kl_div_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _kl_div_fwd_into(logq, logp, loss, _work=None):
+    """``_kl_div_fwd_core`` launching its kernels into loss (from ``_kl_div_fwd_alloc``), its intermediates in ``_work`` (from ``_kl_div_fwd_work``; allocated when None); returns nothing."""
     _dtype = logq.dtype
     B = logq.shape[0]
     C = logq.shape[1]
@@ -185,8 +190,13 @@ def _kl_div_bwd_alloc(g_loss, logq, logp):
     return g_logq, g_logp
 
 
-def _kl_div_bwd_into(g_loss, logq, logp, g_logq, g_logp):
-    """``_kl_div_bwd_core`` launching its kernels into g_logq, g_logp (from ``_kl_div_bwd_alloc``); returns nothing."""
+def _kl_div_bwd_work(g_loss, logq, logp):
+    """The workspace of ``_kl_div_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _kl_div_bwd_into(g_loss, logq, logp, g_logq, g_logp, _work=None):
+    """``_kl_div_bwd_core`` launching its kernels into g_logq, g_logp (from ``_kl_div_bwd_alloc``), its intermediates in ``_work`` (from ``_kl_div_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     B = logq.shape[0]
     C = logq.shape[1]

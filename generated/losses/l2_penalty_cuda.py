@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -111,8 +111,13 @@ def _l2_penalty_fwd_alloc(w, lam):
     return loss
 
 
-def _l2_penalty_fwd_into(w, lam, loss):
-    """``_l2_penalty_fwd_core`` launching its kernels into loss (from ``_l2_penalty_fwd_alloc``); returns nothing."""
+def _l2_penalty_fwd_work(w, lam):
+    """The workspace of ``_l2_penalty_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _l2_penalty_fwd_into(w, lam, loss, _work=None):
+    """``_l2_penalty_fwd_core`` launching its kernels into loss (from ``_l2_penalty_fwd_alloc``), its intermediates in ``_work`` (from ``_l2_penalty_fwd_work``; allocated when None); returns nothing."""
     _dtype = w.dtype
     lam = _dtype.type(lam)
     N = w.shape[0]
@@ -155,8 +160,13 @@ def _l2_penalty_bwd_alloc(g_loss, w, lam):
     return g_w
 
 
-def _l2_penalty_bwd_into(g_loss, w, lam, g_w):
-    """``_l2_penalty_bwd_core`` launching its kernels into g_w (from ``_l2_penalty_bwd_alloc``); returns nothing."""
+def _l2_penalty_bwd_work(g_loss, w, lam):
+    """The workspace of ``_l2_penalty_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _l2_penalty_bwd_into(g_loss, w, lam, g_w, _work=None):
+    """``_l2_penalty_bwd_core`` launching its kernels into g_w (from ``_l2_penalty_bwd_alloc``), its intermediates in ``_work`` (from ``_l2_penalty_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     lam = _dtype.type(lam)
     N = w.shape[0]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -120,8 +120,13 @@ def _mse_fwd_alloc(pred, target, reduction):
     return loss
 
 
-def _mse_fwd_into(pred, target, reduction, loss):
-    """``_mse_fwd_core`` launching its kernels into loss (from ``_mse_fwd_alloc``); returns nothing."""
+def _mse_fwd_work(pred, target, reduction):
+    """The workspace of ``_mse_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _mse_fwd_into(pred, target, reduction, loss, _work=None):
+    """``_mse_fwd_core`` launching its kernels into loss (from ``_mse_fwd_alloc``), its intermediates in ``_work`` (from ``_mse_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -169,8 +174,13 @@ def _mse_bwd_alloc(g_loss, pred, target, reduction):
     return g_pred
 
 
-def _mse_bwd_into(g_loss, pred, target, reduction, g_pred):
-    """``_mse_bwd_core`` launching its kernels into g_pred (from ``_mse_bwd_alloc``); returns nothing."""
+def _mse_bwd_work(g_loss, pred, target, reduction):
+    """The workspace of ``_mse_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _mse_bwd_into(g_loss, pred, target, reduction, g_pred, _work=None):
+    """``_mse_bwd_core`` launching its kernels into g_pred (from ``_mse_bwd_alloc``), its intermediates in ``_work`` (from ``_mse_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -312,8 +322,13 @@ def _mse_reduction_none_fwd_alloc(pred, target, reduction):
     return loss
 
 
-def _mse_reduction_none_fwd_into(pred, target, reduction, loss):
-    """``_mse_reduction_none_fwd_core`` launching its kernels into loss (from ``_mse_reduction_none_fwd_alloc``); returns nothing."""
+def _mse_reduction_none_fwd_work(pred, target, reduction):
+    """The workspace of ``_mse_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _mse_reduction_none_fwd_into(pred, target, reduction, loss, _work=None):
+    """``_mse_reduction_none_fwd_core`` launching its kernels into loss (from ``_mse_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_mse_reduction_none_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     B = pred.shape[0]
     N = pred.shape[1]
@@ -363,8 +378,13 @@ def _mse_reduction_none_bwd_alloc(g_loss, pred, target, reduction):
     return g_pred
 
 
-def _mse_reduction_none_bwd_into(g_loss, pred, target, reduction, g_pred):
-    """``_mse_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_mse_reduction_none_bwd_alloc``); returns nothing."""
+def _mse_reduction_none_bwd_work(g_loss, pred, target, reduction):
+    """The workspace of ``_mse_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _mse_reduction_none_bwd_into(g_loss, pred, target, reduction, g_pred, _work=None):
+    """``_mse_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_mse_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_mse_reduction_none_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     B = g_loss.shape[0]
     N = g_loss.shape[1]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -124,8 +124,13 @@ def _poisson_nll_fwd_alloc(pred, target, log_input, full, eps, reduction):
     return loss
 
 
-def _poisson_nll_fwd_into(pred, target, log_input, full, eps, reduction, loss):
-    """``_poisson_nll_fwd_core`` launching its kernels into loss (from ``_poisson_nll_fwd_alloc``); returns nothing."""
+def _poisson_nll_fwd_work(pred, target, log_input, full, eps, reduction):
+    """The workspace of ``_poisson_nll_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _poisson_nll_fwd_into(pred, target, log_input, full, eps, reduction, loss, _work=None):
+    """``_poisson_nll_fwd_core`` launching its kernels into loss (from ``_poisson_nll_fwd_alloc``), its intermediates in ``_work`` (from ``_poisson_nll_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
     full = _dtype.type(full)
@@ -181,8 +186,13 @@ def _poisson_nll_bwd_alloc(g_loss, pred, target, log_input, full, eps, reduction
     return g_pred
 
 
-def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred):
-    """``_poisson_nll_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_bwd_alloc``); returns nothing."""
+def _poisson_nll_bwd_work(g_loss, pred, target, log_input, full, eps, reduction):
+    """The workspace of ``_poisson_nll_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _poisson_nll_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred, _work=None):
+    """``_poisson_nll_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_bwd_alloc``), its intermediates in ``_work`` (from ``_poisson_nll_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)
@@ -336,8 +346,13 @@ def _poisson_nll_reduction_none_fwd_alloc(pred, target, log_input, full, eps, re
     return loss
 
 
-def _poisson_nll_reduction_none_fwd_into(pred, target, log_input, full, eps, reduction, loss):
-    """``_poisson_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_poisson_nll_reduction_none_fwd_alloc``); returns nothing."""
+def _poisson_nll_reduction_none_fwd_work(pred, target, log_input, full, eps, reduction):
+    """The workspace of ``_poisson_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _poisson_nll_reduction_none_fwd_into(pred, target, log_input, full, eps, reduction, loss, _work=None):
+    """``_poisson_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_poisson_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_poisson_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
     _dtype = pred.dtype
     log_input = _dtype.type(log_input)
     full = _dtype.type(full)
@@ -395,8 +410,13 @@ def _poisson_nll_reduction_none_bwd_alloc(g_loss, pred, target, log_input, full,
     return g_pred
 
 
-def _poisson_nll_reduction_none_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred):
-    """``_poisson_nll_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_reduction_none_bwd_alloc``); returns nothing."""
+def _poisson_nll_reduction_none_bwd_work(g_loss, pred, target, log_input, full, eps, reduction):
+    """The workspace of ``_poisson_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _poisson_nll_reduction_none_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred, _work=None):
+    """``_poisson_nll_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_poisson_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     log_input = _dtype.type(log_input)
     eps = _dtype.type(eps)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 a5b691f7c0d6d0f2): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 a298b8819940c33d): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_assumption,
@@ -139,6 +139,25 @@ def _softmax_cross_entropy_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss,
 
 
 @cuda.jit(cache=True)
+def _softmax_cross_entropy_fwd_saving0(logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C, _total):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    """
+    _F = loss_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        loss_logsumexp0[b] = _v_loss_logsumexp0
+
+
+@cuda.jit(cache=True)
 def _softmax_cross_entropy_jvp0(t_logits, t_loss_shifted0, B, C, _total):
     """t_loss_shifted0[b, k] = t_logits[b, k]"""
     _F = t_loss_shifted0.dtype.type
@@ -257,14 +276,25 @@ def _softmax_cross_entropy_fwd_alloc(logits, target, reduction):
     return loss
 
 
-def _softmax_cross_entropy_fwd_into(logits, target, reduction, loss):
-    """``_softmax_cross_entropy_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_fwd_alloc``); returns nothing."""
+def _softmax_cross_entropy_fwd_work(logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_fwd_core`` for arguments of these shapes (loss_max0, loss_shifted0, loss_logsumexp0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_fwd_into`` takes."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = _empty((B,), _dtype)
     loss_shifted0 = _empty((B, C), _dtype)
     loss_logsumexp0 = _empty((B,), _dtype)
+    return (loss_max0, loss_shifted0, loss_logsumexp0)
+
+
+def _softmax_cross_entropy_fwd_into(logits, target, reduction, loss, _work=None):
+    """``_softmax_cross_entropy_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_fwd_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_fwd_work(logits, target, reduction)
+    loss_max0, loss_shifted0, loss_logsumexp0 = _work
     _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
     _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_fwd2, B, logits, loss_max0, loss_logsumexp0, B, C)
@@ -321,13 +351,24 @@ def _softmax_cross_entropy_bwd_alloc(g_loss, logits, target, reduction):
     return g_logits
 
 
-def _softmax_cross_entropy_bwd_into(g_loss, logits, target, reduction, g_logits):
-    """``_softmax_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_bwd_alloc``); returns nothing."""
+def _softmax_cross_entropy_bwd_work(g_loss, logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_bwd_core`` for arguments of these shapes (loss_max0, loss_sumexp0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_bwd_into`` takes."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = _empty((B,), _dtype)
     loss_sumexp0 = _empty((B,), _dtype)
+    return (loss_max0, loss_sumexp0)
+
+
+def _softmax_cross_entropy_bwd_into(g_loss, logits, target, reduction, g_logits, _work=None):
+    """``_softmax_cross_entropy_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_bwd_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_bwd_work(g_loss, logits, target, reduction)
+    loss_max0, loss_sumexp0 = _work
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
     _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
 
@@ -352,6 +393,90 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target, *, reduction):
     _launch(_softmax_cross_entropy_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
     _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
     return _result(g_logits, _dev)
+
+
+def _softmax_cross_entropy_fwd_saving_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy: loss, loss_max0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    loss_logsumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_fwd_saving0, B, logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_fwd_saving_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((1,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_fwd_saving_work(logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_fwd_saving_core`` for arguments of these shapes (loss_shifted0, loss_logsumexp0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_shifted0 = _empty((B, C), _dtype)
+    loss_logsumexp0 = _empty((B,), _dtype)
+    return (loss_shifted0, loss_logsumexp0)
+
+
+def _softmax_cross_entropy_fwd_saving_into(logits, target, reduction, loss, loss_max0, loss_sumexp0, _work=None):
+    """``_softmax_cross_entropy_fwd_saving_core`` launching its kernels into loss, loss_max0, loss_sumexp0 (from ``_softmax_cross_entropy_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_fwd_saving_work(logits, target, reduction)
+    loss_shifted0, loss_logsumexp0 = _work
+    _launch(_softmax_cross_entropy_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_fwd_saving0, B, logits, loss_max0, loss_sumexp0, loss_logsumexp0, B, C)
+    _launch(_softmax_cross_entropy_fwd3, 1, target, loss, loss_shifted0, loss_logsumexp0, B, C, reduction)
+
+
+def _softmax_cross_entropy_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """Backward of softmax_cross_entropy: gradients g_logits from g_loss, logits, target, loss_max0, loss_sumexp0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
+    return g_logits
+
+
+def _softmax_cross_entropy_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The results of ``_softmax_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _softmax_cross_entropy_bwd_saved_work(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The workspace of ``_softmax_cross_entropy_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _softmax_cross_entropy_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, reduction, g_logits, _work=None):
+    """``_softmax_cross_entropy_bwd_saved_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _launch(_softmax_cross_entropy_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, reduction)
 
 
 def _softmax_cross_entropy_jvp(logits, target, t_logits, *, reduction):
@@ -503,6 +628,33 @@ def _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_s
 
 
 @cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_fwd_saving0(logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C, _total):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        # loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += (-_v_loss_logsumexp0 + loss_shifted0[b, c])*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
 def _softmax_cross_entropy_reduction_none_jvp0(t_logits, t_loss_shifted0, B, C, _total):
     """t_loss_shifted0[b, k] = t_logits[b, k]"""
     _F = t_loss_shifted0.dtype.type
@@ -606,13 +758,24 @@ def _softmax_cross_entropy_reduction_none_fwd_alloc(logits, target, reduction):
     return loss
 
 
-def _softmax_cross_entropy_reduction_none_fwd_into(logits, target, reduction, loss):
-    """``_softmax_cross_entropy_reduction_none_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_reduction_none_fwd_alloc``); returns nothing."""
+def _softmax_cross_entropy_reduction_none_fwd_work(logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes (loss_max0, loss_shifted0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_reduction_none_fwd_into`` takes."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     loss_max0 = _empty((B,), _dtype)
     loss_shifted0 = _empty((B, C), _dtype)
+    return (loss_max0, loss_shifted0)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_into(logits, target, reduction, loss, _work=None):
+    """``_softmax_cross_entropy_reduction_none_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_reduction_none_fwd_work(logits, target, reduction)
+    loss_max0, loss_shifted0 = _work
     _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
     _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
     _launch(_softmax_cross_entropy_reduction_none_fwd2, B, logits, target, loss, loss_max0, loss_shifted0, B, C)
@@ -667,13 +830,24 @@ def _softmax_cross_entropy_reduction_none_bwd_alloc(g_loss, logits, target, redu
     return g_logits
 
 
-def _softmax_cross_entropy_reduction_none_bwd_into(g_loss, logits, target, reduction, g_logits):
-    """``_softmax_cross_entropy_reduction_none_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_alloc``); returns nothing."""
+def _softmax_cross_entropy_reduction_none_bwd_work(g_loss, logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes (loss_max0, loss_sumexp0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_reduction_none_bwd_into`` takes."""
     _dtype = g_loss.dtype
     B = g_loss.shape[0]
     C = logits.shape[1]
     loss_max0 = _empty((B,), _dtype)
     loss_sumexp0 = _empty((B,), _dtype)
+    return (loss_max0, loss_sumexp0)
+
+
+def _softmax_cross_entropy_reduction_none_bwd_into(g_loss, logits, target, reduction, g_logits, _work=None):
+    """``_softmax_cross_entropy_reduction_none_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_reduction_none_bwd_work(g_loss, logits, target, reduction)
+    loss_max0, loss_sumexp0 = _work
     _launch(_softmax_cross_entropy_reduction_none_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
     _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
 
@@ -700,6 +874,86 @@ def _softmax_cross_entropy_reduction_none_bwd(g_loss, logits, target, *, reducti
     _launch(_softmax_cross_entropy_reduction_none_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
     _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
     return _result(g_logits, _dev)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss, loss_max0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd_saving0, B, logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_reduction_none_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_work(logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes (loss_shifted0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_reduction_none_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_shifted0 = _empty((B, C), _dtype)
+    return (loss_shifted0,)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_into(logits, target, reduction, loss, loss_max0, loss_sumexp0, _work=None):
+    """``_softmax_cross_entropy_reduction_none_fwd_saving_core`` launching its kernels into loss, loss_max0, loss_sumexp0 (from ``_softmax_cross_entropy_reduction_none_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_reduction_none_fwd_saving_work(logits, target, reduction)
+    loss_shifted0, = _work
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd_saving0, B, logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, loss_max0, loss_sumexp0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_reduction_none_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_work(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The workspace of ``_softmax_cross_entropy_reduction_none_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, reduction, g_logits, _work=None):
+    """``_softmax_cross_entropy_reduction_none_bwd_saved_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
 
 
 def _softmax_cross_entropy_reduction_none_jvp(logits, target, t_logits, *, reduction):

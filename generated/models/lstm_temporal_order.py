@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/lstm_cell.py e36623d66a2a6af7
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 11b02b53aaf4fd5e
+#   generated/layers/lstm_cell.py 1042ff7416b14ba4
+#   generated/losses/softmax_cross_entropy.py 137e12716b855ec4
+#   generated/optimizers/adam.py 28abf13efea0a933
+#   generated/_runtime.py b1dbc1983b388b79
 """The lstm_temporal_order model.
 
 Model ``lstm_temporal_order``: samples of shape (50, 8) -> outputs of shape (4,).
@@ -535,7 +535,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
-    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ("b",))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, lstm_cell0_weight_ih, lstm_cell0_weight_hh, lstm_cell0_bias_ih, lstm_cell0_bias_hh, lstm_cell1_weight_ih, lstm_cell1_weight_hh, lstm_cell1_bias_ih, lstm_cell1_bias_hh, dense2_weight, dense2_bias)
