@@ -46,8 +46,9 @@ def group_of(program: Program) -> str:
 
 
 def ident(name: str) -> str:
-    """A Python identifier fragment for an op name."""
-    return "".join(c if c.isalnum() else "_" for c in name)
+    """A Python identifier fragment for an op name (a variant's ``mse[reduction=none]``:
+    ``mse_reduction_none``)."""
+    return "".join(c if c.isalnum() else "_" for c in name.replace("]", ""))
 
 
 # --------------------------------------------------------------------------- per op plan
@@ -605,6 +606,11 @@ def op_context(plan: OpPlan, target) -> dict:
         "source": p.source,
         "doc": p.doc,
         "attrs": [{"name": a.name, "default": v} for a, v in p.attrs],
+        # the allowed values of the attributes that declare them, and the variants the
+        # attribute values select (op() checks and picks: cpu/runtime.py.jinja)
+        "domains": {name: dict(table, text=text) for name, table, text in p.attr_domains},
+        "variants": tuple((condition, v.name) for condition, v in p.variants),
+        "variant_of": p.extra.get("variant_of") if p.extra else None,
         "arg_names": [d.name for d in p.args],
         "differentiable": list(p.grad_of),
         "state": list(p.state),
@@ -653,6 +659,17 @@ def schedule_context(p: Program, hp: HostPrinter) -> dict:
 
 
 # --------------------------------------------------------------------------- modules
+def with_variants(programs) -> list:
+    """``programs`` with each one's variants (Program.variants) after it: a variant is
+    emitted in its op's module as an op of its own that ``op()`` picks by the attribute
+    values, never listed by ``ops()``."""
+    out = []
+    for p in programs:
+        out.append(p)
+        out.extend(v for _, v in p.variants)
+    return out
+
+
 def header_context(programs, template: str, command: str) -> dict:
     sources = []
     for p in programs:
@@ -682,7 +699,7 @@ def render_targets(
     import the runtime names it uses from the shared runtime module instead, and
     ``latex_module`` ({"module", "file"}) makes ``op.latex()`` read the derivation from
     that module (the library's layout: see :func:`render_op_modules`)."""
-    plans = [OpPlan(p, contract) for p in programs]
+    plans = [OpPlan(p, contract) for p in with_variants(programs)]
     flags = {
         "scalar_state": any(pl.p.state_init for pl in plans),
         "assumptions": any(pl.p.assumptions for pl in plans),
@@ -811,7 +828,7 @@ def render_op_modules(programs, command: str) -> dict:
             DERIVATIONS_TEMPLATE,
             header=header_context(groups[group], DERIVATIONS_TEMPLATE, command),
             group=group,
-            ops=[{"name": p.name, "latex_lines": p.latex.splitlines(keepends=True)} for p in groups[group]],
+            ops=[{"name": p.name, "latex_lines": p.latex.splitlines(keepends=True)} for p in with_variants(groups[group])],
         )
         files[group + "/__init__.py"] = render(
             GROUP_TEMPLATE,

@@ -182,6 +182,10 @@ class OpInfo:
     saved_outputs: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
     task: str = ""  # a loss's: what the model's output means; decides what ``predict`` returns
+    # the attributes' allowed values (Program.attr_domains) and the values that select a
+    # variant of the op with other output shapes (a loss's reduction = "none")
+    domains: tuple = ()
+    variant_values: tuple = ()
     assume: tuple = ()  # the run-time checks of the assumptions its gradient was derived from
     outputs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, shape as dim names) of each output
     rng: tuple[str, ...] = ()  # (seed attribute, step attribute) of an op drawing random numbers
@@ -238,6 +242,8 @@ def op_info(program) -> OpInfo:
         rng=draw_attrs(program),
         modes=tuple(program.modes),
         output_names=tuple(o.name for o in program.outputs),
+        domains=tuple(program.attr_domains),
+        variant_values=tuple(condition for condition, _ in program.variants),
     )
 
 
@@ -426,6 +432,29 @@ class _Checker:
             self.fail(where, f"op {name!r} is {_a(info.kind)}, not {' or '.join(_a(k) for k in kinds)}")
         return info
 
+    def named_values(self, where: str, table: dict, info: "OpInfo") -> dict:
+        """``table`` (a layer entry, a loss table) with the named values of the op's
+        attributes (``reduction = "sum"``) replaced by their numbers; checks each value
+        against the attribute's allowed values, and refuses the values that select a
+        variant of the op whose outputs have other shapes (a model's loss is a scalar)."""
+        out = dict(table)
+        for name, domain, text in info.domains:
+            if name not in out:
+                continue
+            value = out[name]
+            if isinstance(value, str):
+                if value not in domain.get("names", {}):
+                    self.fail(where, f"attribute {name!r} = {value!r} is not a name of its values ({text})")
+                value = out[name] = domain["names"][value]
+            if _number(value) and not _allowed(value, domain):
+                self.fail(where, f"attribute {name!r} = {value!r} is not allowed; allowed values: {text}")
+        for condition in info.variant_values:
+            if all(out.get(k, dict(info.attr_defaults).get(k)) == v for k, v in condition):
+                given = ", ".join(f"{k} = {v!r}" for k, v in condition)
+                self.fail(where, f"{given} makes op {info.name!r} return one value per term instead of one "
+                                 f"number (a model needs a scalar loss and whole-batch layers)")
+        return out
+
     def attrs(self, where: str, table: dict, allowed: tuple[str, ...], what: str, defaults: dict):
         """The spec's values of an op's attributes, as literals. A value must be a finite
         number, and an integer where the op's default is one (a size, a stride): the
@@ -441,6 +470,14 @@ class _Checker:
                 self.fail(where, f"{what} {key!r} must be an integer (its default is {defaults[key]}), got {value!r}")
             out.append((key, _literal(value)))
         return tuple(out)
+
+
+def _allowed(value, domain: dict) -> bool:
+    """Whether ``value`` is in ``domain`` (AttrDomain.table: values and/or bounds)."""
+    if "values" in domain and value not in domain["values"]:
+        return False
+    return not (("min" in domain and value < domain["min"]) or ("max" in domain and value > domain["max"])
+                or ("above" in domain and value <= domain["above"]) or ("below" in domain and value >= domain["below"]))
 
 
 def _positive_int(check: _Checker, where: str, field: str, value) -> int:
@@ -927,6 +964,7 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
         info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
         where = _describe(i, entry)
+        entry = check.named_values(where, entry, info)
         outputs = _outputs_of(info, entry)
         sources, label = _entry_inputs(check, i, entry, names, later, outputs)
         graph = "inputs" in entry
@@ -1249,7 +1287,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
         if "op" not in loss_name:
             check.fail("loss", "missing field 'op' (the library loss)")
         loss = check.lookup("loss", loss_name["op"], ("loss",))
-        rest = {k: v for k, v in loss_name.items() if k != "op"}
+        rest = check.named_values(f"loss (op {loss.name!r})", {k: v for k, v in loss_name.items() if k != "op"}, loss)
         loss_attrs = check.attrs(f"loss (op {loss.name!r})", rest, loss.attrs, "attribute", dict(loss.attr_defaults))
         loss_given_attrs = rest
     else:

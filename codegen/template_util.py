@@ -19,7 +19,14 @@ NJIT = '@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "ns
 
 
 def _pyrepr(value) -> str:
-    """A Python literal for a str/int/float/bool/None value (strings double-quoted)."""
+    """A Python literal for a str/int/float/bool/None value (strings double-quoted), or
+    a dict, tuple or list of them."""
+    if isinstance(value, dict):
+        return "{%s}" % ", ".join("%s: %s" % (_pyrepr(k), _pyrepr(v)) for k, v in value.items())
+    if isinstance(value, tuple):
+        return _pytuple(value)
+    if isinstance(value, list):
+        return "[%s]" % ", ".join(_pyrepr(v) for v in value)
     r = repr(value)
     if isinstance(value, str) and r.startswith("'"):
         body = r[1:-1].replace("\\'", "'").replace('"', '\\"')

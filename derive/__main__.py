@@ -20,7 +20,9 @@ def _blocks_for(program):
 
 
 def document(programs, fmt: str, title: str = "derivations of the op library") -> str:
-    """A whole document: Markdown with ``$$`` math, or a .tex file that compiles."""
+    """A whole document: Markdown with ``$$`` math, or a .tex file that compiles. An op's
+    variants (a loss at reduction = "none") follow it."""
+    programs = [q for p in programs for q in (p, *(v for _, v in p.variants))]
     if fmt == "md":
         parts = [f"# symgrad: {title}", "",
                  "Every gradient below was derived by SymPy from the forward definition; "

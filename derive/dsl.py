@@ -11,13 +11,15 @@ import inspect
 
 import sympy
 
-from .functions import ReduceMax, ReduceMean, ReduceSum
+from .functions import ReduceMax, ReduceMean, ReduceSum, reduce_terms
 from .ir import dim, index
-from .spec import Equation, OpDef, attr_symbol, finish_activation
+from .spec import Attr, Equation, OpDef, attr_domain, attr_symbol, declare_attrs, finish_activation
 
 Sum = ReduceSum
 Max = ReduceMax
 Mean = ReduceMean  # Mean(body, i, ...): the sum over the indices divided by their ranges' product
+# Reduce(body, i, ..., weight=w): a loss's terms under PyTorch's `reduction` (derive/reductions.py)
+Reduce = reduce_terms
 
 x = sympy.Symbol("x", real=True)  # the argument of an activation
 
@@ -39,7 +41,20 @@ def scalar(name: str):
 
 
 def attr(name: str, default):
+    """The symbol of an attribute; ``default`` is a number or an :class:`Attr` (a default
+    with the allowed values)."""
+    if isinstance(default, Attr):
+        default = attr_domain("derive/ops", name, default)[0]
     return attr_symbol(name, default)
+
+
+def choice(default, values):
+    """An attribute taking one of ``values`` (a list of numbers, or a dict name -> number,
+    as PyTorch's ``reduction``: ``{"none": 0, "mean": 1, "sum": 2}``)."""
+    return Attr(default, values=values)
+
+
+FLAG = Attr(0, values=[0, 1])  # an integer switch, off by default (``causal``)
 
 
 def _source():
@@ -55,9 +70,7 @@ def _text(lhs, rhs):
 
 def activation(name, expr, attrs=None, doc=""):
     op = OpDef(name=name, kind="activation", source=_source(), doc=doc)
-    op.attrs = dict(attrs or {})
-    for a, v in op.attrs.items():
-        op.symbols[a] = attr_symbol(a, v)
+    declare_attrs(op, op.source, dict(attrs or {}))
     op.expr = expr
     op.expr_text = sympy.sstr(expr)
     return finish_activation(op)
@@ -69,13 +82,11 @@ def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, 
     op.inputs = {k: tuple(v.split()) for k, v in inputs.items()}
     op.params = {k: tuple(v.split()) for k, v in (params or {}).items()}
     op.outputs = {k: tuple(v.split()) for k, v in outputs.items()}
-    op.attrs = dict(attrs or {})
     op.dtypes = dict(dtypes or {})
     names = {d for t in (op.inputs, op.params, op.outputs) for s in t.values() for d in s} | set(dims or {})
     for d in sorted(names):
         op.symbols[d] = dim(d)
-    for a, v in op.attrs.items():
-        op.symbols[a] = attr_symbol(a, v)
+    declare_attrs(op, op.source, dict(attrs or {}))
     op.derived_dims = dict(dims or {})
     op.ranges = dict(ranges or {})
     for lhs, rhs in equations:

@@ -189,6 +189,36 @@ class ReduceMean(Reduce):
     latex_op = r"\operatorname{mean}"
 
 
+class ReduceTerms(Reduce):
+    """``reduce(body, i, ..., weight=w)``: a loss's terms reduced as PyTorch's
+    ``reduction`` attribute says (an attribute the construct declares: 1 = "mean", the
+    default, 2 = "sum", 0 = "none"). The mean divides the sum by the number of terms, or
+    by the sum of ``weight`` over the same indices where one is given (PyTorch's weighted
+    mean, cross-entropy's class weights); "none" keeps the terms: the output takes the
+    reduced indices as its own (derive/reductions.py builds that variant of the op).
+    Arguments: (body, weight, *indices)."""
+
+    kind = "reduce"
+    latex_op = r"\operatorname{reduce}"
+
+    @property
+    def weight(self):
+        return self.args[1]
+
+    @property
+    def indices(self):
+        return self.args[2:]
+
+    def _sympystr(self, printer):
+        weight = "" if self.weight == 1 else ", weight=%s" % printer._print(self.weight)
+        return "reduce(%s, %s%s)" % (printer._print(self.body), ", ".join(map(printer._print, self.indices)), weight)
+
+
+def reduce_terms(body, *indices, weight=sympy.S.One):
+    """``reduce(body, i, ..., weight=w)`` (:class:`ReduceTerms`)."""
+    return ReduceTerms(body, sympy.sympify(weight), *indices)
+
+
 def _fold_outside_reductions(fold):
     """SymPy's piecewise_fold with every reduction opaque. A Piecewise in a condition
     (``where(x <= max(relu(w[j]), j), ...)``, relu a Piecewise) is folded when the condition
@@ -227,6 +257,26 @@ def expand_means(expr, ranges):
         return ReduceSum(body, *node.indices) / sympy.Mul(*[ranges[i] for i in node.indices])
 
     return expr.replace(lambda e: isinstance(e, ReduceMean), as_sum)
+
+
+def expand_terms(expr, ranges, reduction):
+    """Every ``reduce(body, i, ..., weight=w)`` of ``expr`` as the sum of ``body`` over
+    the indices times ``where(reduction == 2, 1, 1/count)`` (``ranges``: index -> size).
+    A body that is itself a sum joins the outer one (``sum(sum(t, c), b)`` is
+    ``sum(t, b, c)``)."""
+    if not expr.has(ReduceTerms):
+        return expr
+
+    def expand(node):
+        body, indices = node.body, tuple(node.indices)
+        if isinstance(body, ReduceSum):
+            total = ReduceSum(body.body, *indices, *body.indices)
+        else:
+            total = ReduceSum(body, *indices)
+        count = sympy.Mul(*[ranges[i] for i in indices]) if node.weight == 1 else ReduceSum(node.weight, *indices)
+        return total * sympy.Piecewise((1, sympy.Eq(reduction, 2)), (1 / count, True))
+
+    return expr.replace(lambda e: isinstance(e, ReduceTerms), expand)
 
 
 # ---------------------------------------------------------------------------
@@ -408,7 +458,7 @@ ACTIVATIONS = {
     "mish": _mish,
 }
 
-REDUCTIONS = {"sum": ReduceSum, "max": ReduceMax, "mean": ReduceMean}
+REDUCTIONS = {"sum": ReduceSum, "max": ReduceMax, "mean": ReduceMean, "reduce": reduce_terms}
 
 CONSTANTS = {"pi": sympy.pi}
 

@@ -172,6 +172,14 @@ class Program:
     hvp: tuple[Assign, ...] = ()
     hvp_outputs: tuple[TensorDecl, ...] = ()
     tangent_intermediates: tuple[TensorDecl, ...] = ()
+    # the allowed values of attributes that declare them (derive.spec.AttrDomain), as
+    # (name, the domain as plain data (AttrDomain.table), the values in words), checked
+    # when the op is made
+    attr_domains: tuple = ()
+    # programs of the same op for attribute values that change its outputs' shapes
+    # (a loss's reduction = 0, "none": the terms, not their mean): (((attr, value), ...),
+    # Program) pairs; the variant's name is this one's with the values in brackets
+    variants: tuple = ()
 
     def tensor(self, name: str) -> TensorDecl:
         for t in self.all_tensors():

@@ -271,8 +271,13 @@ class ExprParser:
             self.fail("only whitelisted functions may be called, by their plain name")
         name = node.func.id
         self._check_name(name)
+        keywords = {}
         if node.keywords:
-            self.fail(f"`{name}` takes positional arguments only")
+            if name != "reduce" or [k.arg for k in node.keywords] != ["weight"]:
+                self.fail(f"`{name}` takes positional arguments only" + (" and `weight=`" if name == "reduce" else ""))
+            keywords["weight"] = self.build(node.keywords[0].value)
+        if name == "reduce" and self.scope.whole is not None:
+            self.fail("`reduce(expr, i, ...)` is a loss's reduction (PyTorch's `reduction`), not an update's; use sum or mean")
         if name in REDUCTIONS:
             if len(node.args) == 1 and self.scope.whole is not None:
                 reduction = REDUCTIONS[name](self.build(node.args[0]), self.scope.whole)
@@ -287,7 +292,7 @@ class ExprParser:
                     self.fail(f"the reduction indices of `{name}` must be plain index names{other}")
                 self._check_name(arg.id)
                 indices.append(self.scope.index(arg.id))
-            reduction = REDUCTIONS[name](self.build(node.args[0]), *indices)
+            reduction = REDUCTIONS[name](self.build(node.args[0]), *indices, **keywords)
             self.reads.append(reduction)
             return reduction
         if name not in FUNCTIONS:

@@ -13,7 +13,7 @@ import re
 
 import sympy
 
-from . import ir
+from . import ir, reductions
 from .assumptions import checked_assumptions
 from .differentiate import Guard, differentiate, grad_name, read_of
 from .errors import SpecError
@@ -32,6 +32,17 @@ def build(op: OpDef) -> ir.Program:
         return without_stop_gradient(_build_optimizer(op))
     if op.kind == "schedule":
         return _build_schedule(op)
+    found = reductions.declare(op)
+    variant = reductions.none_variant(op, found) if found else None
+    program = _build_layer(op)
+    if variant is None:
+        return program
+    none = _build_layer(variant)
+    none = _replace(none, extra=dict(none.extra, variant_of=op.name))
+    return _replace(program, variants=((((reductions.ATTR, reductions.NONE),), none),))
+
+
+def _build_layer(op: OpDef) -> ir.Program:
     bind(op)
     stmts = _stabilised(op)
     shapes = {n: op.shape_of(n) for n in list(op.inputs) + list(op.params) + list(op.outputs)}
@@ -405,7 +416,13 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         task=op.task if op.kind == "loss" else "",
         modes=tuple(sorted(op.modes.items())),
         doc=op.doc,
+        attr_domains=attr_domains(op),
     )
+
+
+def attr_domains(op: OpDef) -> tuple:
+    """``Program.attr_domains`` of an op, in attribute order."""
+    return tuple((a, d.table(), d.describe()) for a, d in op.attr_domains.items() if a in op.attrs)
 
 
 def _index_extreme(e, lowest: bool, loops: dict):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from .errors import SpecError
-from .functions import Reduce, expand_means
+from .functions import Reduce, ReduceTerms, expand_means, expand_terms
 from .ir import dim as dim_symbol
 from .ir import index as index_symbol
 from .parse import Scope, distribute, parse_equation, parse_expression
@@ -41,6 +41,118 @@ _REQUIRED = {
     "optimizer": ("name", "kind", "update"),
     "schedule": ("name", "kind", "expr"),
 }
+
+
+@dataclass(frozen=True)
+class AttrDomain:
+    """The values an attribute may take, checked when the op is made (``op(...)``) and by
+    a model spec: a finite set (``values``, with optional names for them: PyTorch's
+    ``reduction = "none" | "mean" | "sum"`` are the codes 0, 1, 2) and/or bounds
+    (``min``/``max`` inclusive, ``above``/``below`` exclusive). Whether the value is an
+    integer comes from the attribute's default, as always."""
+
+    values: tuple = ()  # the allowed values; empty: any (within the bounds)
+    names: tuple = ()  # (name, value) pairs: a value may be given by its name
+    min: int | float | None = None
+    max: int | float | None = None
+    above: int | float | None = None
+    below: int | float | None = None
+
+    def allows(self, value) -> bool:
+        if self.values and value not in self.values:
+            return False
+        return not ((self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+                    or (self.above is not None and value <= self.above)
+                    or (self.below is not None and value >= self.below))
+
+    def describe(self) -> str:
+        """The allowed values in words: ``0 (none), 1 (mean), 2 (sum)``, ``0 <= p < 1``."""
+        label = {v: n for n, v in self.names}
+        parts = []
+        if self.values:
+            parts.append(", ".join(f"{v!r} ({label[v]})" if v in label else repr(v) for v in self.values))
+        low = f"{self.min!r} <= " if self.min is not None else (f"{self.above!r} < " if self.above is not None else "")
+        high = f" <= {self.max!r}" if self.max is not None else (f" < {self.below!r}" if self.below is not None else "")
+        if low or high:
+            parts.append(f"{low}value{high}")
+        return "; ".join(parts)
+
+    def table(self) -> dict:
+        """The domain as plain Python data, for the generated modules (only what is set)."""
+        out = {}
+        if self.values:
+            out["values"] = tuple(self.values)
+        if self.names:
+            out["names"] = dict(self.names)
+        for key in ("min", "max", "above", "below"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+@dataclass(frozen=True)
+class Attr:
+    """An attribute with its allowed values, in a library op (derive/dsl.py) as in a TOML
+    spec's ``attrs = { name = { default = ..., values = [...] | { name = value }, min, max,
+    above, below } }``. ``default`` may be one of the names of ``values``."""
+
+    default: object
+    values: object = None  # a list of numbers, or a dict name -> number
+    min: int | float | None = None
+    max: int | float | None = None
+    above: int | float | None = None
+    below: int | float | None = None
+
+
+def attr_domain(path, name, spec: Attr):
+    """(default, AttrDomain) of an attribute declared with its allowed values, or a
+    SpecError naming the file and the attribute."""
+    values, names = (), ()
+    if isinstance(spec.values, dict):
+        for n, v in spec.values.items():
+            if not isinstance(n, str) or not n.isidentifier():
+                raise SpecError(path, f"attribute `{name}`: the names of `values` must be identifiers, got {n!r}")
+            _number(path, f"{name}.values.{n}", v)
+        names = tuple(spec.values.items())
+        values = tuple(v for _, v in names)
+    elif spec.values is not None:
+        if not isinstance(spec.values, (list, tuple)) or not spec.values:
+            raise SpecError(path, f"attribute `{name}`: `values` must be a non-empty list of numbers or a table of named numbers")
+        values = tuple(_number(path, f"{name}.values", v) for v in spec.values)
+    bounds = {}
+    for key in ("min", "max", "above", "below"):
+        if getattr(spec, key) is not None:
+            bounds[key] = _number(path, f"{name}.{key}", getattr(spec, key))
+    default = spec.default
+    if isinstance(default, str):
+        if default not in dict(names):
+            raise SpecError(path, f"attribute `{name}`: the default {default!r} is not one of the names of its values "
+                                  f"({', '.join(n for n, _ in names) or 'none'})")
+        default = dict(names)[default]
+    _number(path, f"{name}.default", default)
+    domain = AttrDomain(values, names, **bounds)
+    if isinstance(default, int) and any(isinstance(v, float) and v != int(v) for v in (*values, *bounds.values())):
+        raise SpecError(path, f"attribute `{name}` is an integer (its default {default!r} is) but its allowed values are not")
+    if not domain.allows(default):
+        raise SpecError(path, f"attribute `{name}`: the default {default!r} is not an allowed value ({domain.describe()})")
+    return default, domain
+
+
+def declare_attrs(op, path, table: dict) -> None:
+    """``op.attrs`` (defaults), ``op.attr_domains`` and the attributes' symbols from a
+    table name -> number or :class:`Attr` (a TOML spec's inline table is turned into one)."""
+    for a, v in table.items():
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - {"default", "values", "min", "max", "above", "below"})
+            if unknown or "default" not in v:
+                raise SpecError(path, f"attribute `{a}`: a table declares `default` and may declare `values`, "
+                                      f"`min`, `max`, `above`, `below`" + (f"; unknown key `{unknown[0]}`" if unknown else ""))
+            v = Attr(**v)
+        if isinstance(v, Attr):
+            op.attrs[a], op.attr_domains[a] = attr_domain(path, a, v)
+        else:
+            op.attrs[a] = _number(path, a, v)
+        op.symbols[a] = attr_symbol(a, op.attrs[a])
 
 
 @dataclass
@@ -69,6 +181,7 @@ class OpDef:
     outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)  # input name -> "int" (index data)
     attrs: dict[str, int | float] = field(default_factory=dict)
+    attr_domains: dict[str, AttrDomain] = field(default_factory=dict)  # allowed values, where declared
     derived_dims: dict[str, sympy.Expr] = field(default_factory=dict)
     # `dims` entries naming an argument's dimension: relations checked against the shapes
     # at run time (``G = 4*H``); split off derived_dims by bind()
@@ -245,7 +358,7 @@ def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
     names = list(op.inputs) + list(op.params) + list(op.outputs)
     if len(set(names)) != len(names):
         raise SpecError(path, "a tensor name is declared twice among inputs, params and outputs")
-    op.attrs = {k: _number(path, k, v) for k, v in _table(path, data, "attrs").items()}
+    attrs_table = _table(path, data, "attrs")
     for k, v in _table(path, data, "dtypes").items():
         if k not in op.inputs:
             raise SpecError(path, f"`dtypes` names `{k}`, which is not an input")
@@ -257,8 +370,7 @@ def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
     all_dims = {d for table in (op.inputs, op.params, op.outputs) for shape in table.values() for d in shape}
     for d in sorted(all_dims | set(dims_text)):
         op.symbols[d] = dim_symbol(d)
-    for a, v in op.attrs.items():
-        op.symbols[a] = attr_symbol(a, v)
+    declare_attrs(op, path, attrs_table)
     scope = Scope(path, symbols=dict(op.symbols))
     for d, text in dims_text.items():
         op.derived_dims[d] = parse_expression(str(text), scope)
@@ -312,9 +424,7 @@ def parse_equations(op: OpDef, texts: list[str], path: str) -> list[Equation]:
 
 
 def _activation_from_dict(op, data, path):
-    op.attrs = {k: _number(path, k, v) for k, v in _table(path, data, "attrs").items()}
-    for a, v in op.attrs.items():
-        op.symbols[a] = attr_symbol(a, v)
+    declare_attrs(op, path, _table(path, data, "attrs"))
     scope = Scope(path, symbols=dict(op.symbols))
     scope.symbols["x"] = sympy.Symbol("x", real=True)
     op.expr = parse_expression(data["expr"], scope)
@@ -567,6 +677,8 @@ def bind(op: OpDef) -> OpDef:
             ranges[i] = size
         eq.ranges = {i: size for i, (size, _) in local.items()}
         eq.rhs = expand_means(eq.rhs, eq.ranges)
+        if eq.rhs.has(ReduceTerms):  # a loss's reduce(...) (derive/reductions.py)
+            eq.rhs = expand_terms(eq.rhs, eq.ranges, op.symbols["reduction"])
         if eq.target not in shapes:
             shapes[eq.target] = tuple(local[i][0] for i in eq.index)
             op.intermediates[eq.target] = shapes[eq.target]

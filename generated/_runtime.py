@@ -102,6 +102,58 @@ def _first_broken(rows, value, tol):
     return -1
 
 
+def _attr_values(name, spec, attrs):
+    """The attributes of op ``name`` (its ``spec`` from ``_SPECS``): the defaults, with
+    ``attrs`` given by the caller checked and converted to the defaults' types. A value
+    outside the attribute's declared domain (``spec["domains"]``) is an error naming the
+    op, the attribute, the value and the allowed values; a named value (PyTorch's
+    ``reduction="none"``) is turned into its number."""
+    unknown = sorted(set(attrs) - set(spec["attrs"]))
+    if unknown:
+        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"])) or "none"))
+    values = dict(spec["attrs"])
+    domains = spec.get("domains", {})
+    for key, value in attrs.items():
+        default = values[key]
+        domain = domains.get(key, {})
+        if isinstance(value, str):
+            if value not in domain.get("names", {}):
+                named = ", ".join("%r" % n for n in domain.get("names", {})) or "none: give a number"
+                raise ValueError("%s: attribute %s = %r is not a name of its values (names: %s)" % (name, key, value, named))
+            value = domain["names"][value]
+        if isinstance(default, int) and not isinstance(default, bool):
+            if int(value) != value:
+                raise ValueError("%s: attribute %s must be an integer; got %r" % (name, key, value))
+            value = int(value)
+            if default > 0 and value < 0:
+                # the derivation takes an integer attribute with a positive default to be nonnegative
+                raise ValueError("%s: attribute %s must be a nonnegative integer (its default %d makes it one to the derivation; an integer that may be negative needs a default of 0 or less); got %r" % (name, key, default, value))
+        else:
+            value = float(value)
+        if domain and not _allowed(value, domain):
+            raise ValueError("%s: attribute %s = %r is not allowed; allowed values: %s" % (name, key, value, domain["text"]))
+        values[key] = value
+    return values
+
+
+def _allowed(value, domain):
+    """Whether ``value`` is in ``domain`` (a set of values and/or bounds)."""
+    if "values" in domain and value not in domain["values"]:
+        return False
+    return not (("min" in domain and value < domain["min"]) or ("max" in domain and value > domain["max"])
+                or ("above" in domain and value <= domain["above"]) or ("below" in domain and value >= domain["below"]))
+
+
+def _variant(name, spec, values, specs):
+    """The name under which ``specs`` holds the program of op ``name`` for the attribute
+    ``values``: a variant's (``mse[reduction=none]``, its outputs shaped otherwise) where
+    the values select one, else ``name``."""
+    for condition, variant in spec.get("variants", ()):
+        if all(values[k] == v for k, v in condition):
+            return variant
+    return name
+
+
 def _same_shape(op, names, arrays):
     shape = arrays[0].shape
     for name, a in zip(names[1:], arrays[1:]):
@@ -363,30 +415,17 @@ def _bind(module, name, target, attrs, specs, funcs, latex):
     the attributes checked and converted, the functions of ``target`` (the CUDA
     companion ``<module>_cuda`` is imported on first use)."""
     spec = specs.get(name)
-    if spec is None:
-        raise ValueError("unknown op %r; this module has %s" % (name, ", ".join(sorted(specs))))
-    unknown = sorted(set(attrs) - set(spec["attrs"]))
-    if unknown:
-        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"])) or "none"))
-    values = dict(spec["attrs"])
-    for key, value in attrs.items():
-        default = values[key]
-        if isinstance(default, int) and not isinstance(default, bool):
-            if int(value) != value:
-                raise ValueError("%s: attribute %s must be an integer; got %r" % (name, key, value))
-            value = int(value)
-            if default > 0 and value < 0:
-                # the derivation takes an integer attribute with a positive default to be nonnegative
-                raise ValueError("%s: attribute %s must be a nonnegative integer (its default %d makes it one to the derivation; an integer that may be negative needs a default of 0 or less); got %r" % (name, key, default, value))
-        else:
-            value = float(value)
-        values[key] = value
+    if spec is None or "variant_of" in spec:
+        raise ValueError("unknown op %r; this module has %s" % (name, ", ".join(sorted(n for n in specs if "variant_of" not in specs[n]))))
+    values = _attr_values(name, spec, attrs)
+    variant = _variant(name, spec, values, specs)
+    spec = specs[variant]
     if target == "cpu" or spec["kind"] == "schedule":
-        table = funcs[name]
+        table = funcs[variant]
     elif target == "cuda":
         import importlib
 
-        table = importlib.import_module(module + "_cuda")._FUNCS[name]
+        table = importlib.import_module(module + "_cuda")._FUNCS[variant]
     else:
         raise ValueError("%s: unknown target %r; expected 'cpu' or 'cuda'" % (name, target))
-    return Op(name, target, values, spec, table, latex, lambda other: _bind(module, name, other, values, specs, funcs, latex))
+    return Op(name, target, values, spec, table, lambda _name: latex(variant), lambda other: _bind(module, name, other, values, specs, funcs, latex))

@@ -42,8 +42,9 @@ focal and binary cross-entropy losses, scores from a contraction) on inputs at |
 1e2-1e3 (mixed signs, one in five near zero, or a large row offset plus small
 differences; and a second sample with exact 0, 1 and -1 among them, where functions
 have kinks, see :func:`_check_kinks`). The reference there is :func:`mp_reference`: the same tree evaluated with
-mpmath at 50 digits (1000 where 50 leave a value non-finite), gradients by central
-differences at a step of 1e-20; a sample whose true value or gradient overflows is
+mpmath at 50 digits, more where its intermediates are large (50 + m digits where one
+reaches 1e m, and a step of 1e-(20 + m) with m more digits where the step of 1e-20 is too
+coarse; 1000 where 50 leave a value non-finite), gradients by central differences; a sample whose true value or gradient overflows is
 discarded, and everything else must be finite and accurate (:func:`_check_large`).
 
 Expressions use every whitelisted function (derive/functions.py FUNCTIONS), where with
@@ -491,7 +492,7 @@ class Where(Node):
 
 @dataclass(frozen=True)
 class Red(Node):
-    kind: str  # sum | max | mean
+    kind: str  # sum | max | mean | reduce (a loss's: the attribute ``reduction`` says how)
     body: Node
     idx: tuple  # ((index name, size name), ...)
 
@@ -499,6 +500,8 @@ class Red(Node):
         return f"{self.kind}({self.body.spec()}, {', '.join(i for i, _ in self.idx)})"
 
     def eval(self, ctx):
+        if self.kind == "reduce":  # "none" never gets here: see Equation.resolved
+            return Red("sum" if ctx.scalars["reduction"] == 2 else "mean", self.body, self.idx).eval(ctx)
         body = self.body.eval(ctx)
         axes = [ctx.axes[i] for i, _ in self.idx]
         shape = [1] * ctx.nd
@@ -548,6 +551,13 @@ class Equation:
         if not self.lhs:
             return f"{self.target} = {self.rhs.spec()}"
         return f"{self.target}[{', '.join(i for i, _ in self.lhs)}] = {self.rhs.spec()}"
+
+    def resolved(self, scalars: dict) -> "Equation":
+        """The equation the oracle evaluates: ``loss = reduce(body, b, n)`` with
+        reduction = 0 ("none") is ``loss[b, n] = body``, the terms."""
+        if isinstance(self.rhs, Red) and self.rhs.kind == "reduce" and scalars.get("reduction") == 0:
+            return Equation(self.target, self.rhs.idx, self.rhs.body)
+        return self
 
     def eval(self, ctx: Ctx) -> torch.Tensor:
         sizes = dict(self.lhs)
@@ -645,7 +655,7 @@ class FuzzSpec:
         scalars = {**ints, **self.attr_values()}
         ctx = Ctx(env=dict(args), ints=ints, scalars=scalars)
         for eq in self.equations:
-            ctx.env[eq.target] = eq.eval(ctx)
+            ctx.env[eq.target] = eq.resolved(scalars).eval(ctx)
         return [ctx.env[o] for o in self.outputs]
 
     def reference_step(self, env: dict, t: int, hyper: dict) -> dict:
@@ -1206,6 +1216,16 @@ def gen_layer(g: Gen, spec: FuzzSpec, loss: bool = False):
         g.tensors[target] = TensorInfo(dims, role)
         unread.append(target)
     spec.equations = eqs
+    last = eqs[-1].rhs if loss else None
+    if isinstance(last, Bin) and last.op == "/" and isinstance(last.a, Red) and last.b == Sym("B"):
+        last = last.a  # sum(..., b, n) / B
+    if isinstance(last, Red) and last.kind in ("sum", "mean") and g.chance(50):
+        # PyTorch's reduction (the spec language's reduce): "none", "mean" or "sum"
+        eqs[-1] = Equation("loss", (), Red("reduce", last.body, last.idx))
+        spec.attrs["reduction"] = 1
+        reduction = g.pick([0, 0, 1, 2])
+        if reduction != 1:
+            spec.run_attrs["reduction"] = reduction
     if loss or g.chance(15):
         args = list(spec.inputs) + list(spec.params)
         chosen = [a for a in args if g.chance(60)] or [args[0]]
@@ -1909,6 +1929,10 @@ def random_spec(seed: int, k: int, **kw) -> FuzzSpec:
 
 MP_DIGITS = 50
 MP_DIGITS_WIDE = 1000
+# the most digits the oracle takes: a sample whose intermediates need more (a cosine of
+# exp(exp(x))) has no true value the oracle can give, and is discarded
+MP_DIGITS_MAX = 20000
+MP_SMALL = 10  # intermediates below 10**MP_SMALL need no more than MP_DIGITS
 
 
 def _mp_sigmoid(x):
@@ -1952,6 +1976,8 @@ def _mp_num(text):
 
 
 class MpCtx(Ctx):
+    top = None  # a one-element list: the largest magnitude met (see mp_eval), when tracked
+
     def arange(self, index):
         shape = [1] * self.nd
         shape[self.axes[index]] = self.size(index)
@@ -1963,7 +1989,22 @@ _MP_CMP = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator
 
 
 def mp_eval(node: Node, ctx: MpCtx):
-    """``node`` on object arrays of mpf (the high-precision twin of ``Node.eval``)."""
+    """``node`` on object arrays of mpf (the high-precision twin of ``Node.eval``). With
+    ``ctx.top`` (a one-element list) set, records there the largest magnitude (in
+    decimal digits before the point) of any value computed: what the working precision
+    must cover for the digits after the point to be right (``cos(expm1(x) - x)`` at x =
+    350 reads the fractional part of a number of 152 digits)."""
+    value = _mp_eval(node, ctx)
+    top = ctx.top
+    if top is not None and value.dtype == object and value.size:
+        digits = max((mpmath.mag(v) for v in value.flat if isinstance(v, (mpmath.mpf, mpmath.mpc)) and v),
+                     default=0) * 0.30103  # log10(2): mag is a bound on log2 |v|
+        if digits > top[0]:
+            top[0] = digits
+    return value
+
+
+def _mp_eval(node: Node, ctx: MpCtx):
     if isinstance(node, Num):
         return _obj(_mp_num(node.text))
     if isinstance(node, Sym):
@@ -2005,6 +2046,8 @@ def mp_eval(node: Node, ctx: MpCtx):
         return a & b if node.op == "and" else a | b
     if isinstance(node, Where):
         return _obj(np.where(mp_eval(node.cond, ctx).astype(bool), mp_eval(node.a, ctx), mp_eval(node.b, ctx)))
+    if isinstance(node, Red) and node.kind == "reduce":
+        return mp_eval(Red("sum" if ctx.scalars["reduction"] == 2 else "mean", node.body, node.idx), ctx)
     if isinstance(node, Red):
         body = mp_eval(node.body, ctx)
         axes = tuple(ctx.axes[i] for i, _ in node.idx)
@@ -2044,16 +2087,18 @@ def _mp_equation(eq: Equation, ctx: MpCtx):
     return _obj(value.reshape(shape))
 
 
-def mp_outputs(spec: FuzzSpec, env: dict) -> list:
+def mp_outputs(spec: FuzzSpec, env: dict, top: list | None = None) -> list:
     """The outputs (object arrays of mpf) of ``spec`` on ``env`` (name -> object array,
-    or an int64 array for an integer input)."""
+    or an int64 array for an integer input); ``top``: see :func:`mp_eval`."""
     if spec.kind == "activation":
         ctx = MpCtx(env={"x": env["x"]}, ints={}, scalars=spec.attr_values())
+        ctx.top = top
         return [_obj(np.broadcast_to(mp_eval(spec.equations[0].rhs, ctx), env["x"].shape).copy())]
     ints = spec.dim_values()
     ctx = MpCtx(env=dict(env), ints=ints, scalars={**ints, **spec.attr_values()})
+    ctx.top = top
     for eq in spec.equations:
-        ctx.env[eq.target] = _mp_equation(eq, ctx)
+        ctx.env[eq.target] = _mp_equation(eq.resolved(ctx.scalars), ctx)
     return [ctx.env[o] for o in spec.outputs]
 
 
@@ -2068,25 +2113,49 @@ def _to_float(a) -> np.ndarray:
 
 def mp_reference(spec: FuzzSpec, args, seeds, wrt):
     """The true outputs and the true gradients (of sum(seed * output) with respect to
-    ``args[i]``, i in ``wrt``) as float64 arrays, from the high-precision oracle: at
-    MP_DIGITS digits, or at MP_DIGITS_WIDE where that leaves a value non-finite (``1 -
-    sigmoid(800)`` is 0 at 50 digits; its logarithm is not -inf)."""
-    out = _mp_reference(spec, args, seeds, wrt, MP_DIGITS)
-    if not all(np.all(np.isfinite(a)) for a in out[0] + (out[1] or [])):
-        return _mp_reference(spec, args, seeds, wrt, MP_DIGITS_WIDE)
-    # a central difference resolves a change of 1e-20 relative to the argument in an
-    # output element only if the digits cover that element's magnitude too
-    top = max((float(np.max(np.abs(a))) for a in out[0] if np.size(a)), default=1.0)
-    if seeds is not None and top > 1e10:
-        return _mp_reference(spec, args, seeds, wrt, MP_DIGITS + int(math.log10(top)))
-    return out
+    ``args[i]``, i in ``wrt``) as float64 arrays, from the high-precision oracle.
+
+    The precision grows with the magnitude of the values the evaluation meets: where an
+    intermediate reaches 10**m (m > MP_SMALL) the oracle works at MP_DIGITS + m digits
+    (``cos(expm1(x) - x)`` at x = 350 reads the fractional part of a number of 152
+    digits: 50 digits gave a wrong value; a central difference resolves a change of 1e-20
+    relative to the argument in an output element only if the digits cover that element
+    too). Where the central difference's step (1e-20 relative) is too coarse for the
+    function (its two one-sided differences disagree: the derivative of that cosine is
+    of order 1e152), the step shrinks to 10**-(20 + m) and the digits grow by m more.
+    Where MP_DIGITS leave a value non-finite (``1 - sigmoid(800)`` is 0 at 50 digits; its
+    logarithm is not -inf) it takes at least MP_DIGITS_WIDE. Repeated until the precision
+    covers what the evaluation at that precision meets; a sample needing more than
+    MP_DIGITS_MAX digits is discarded."""
+    digits, grow = MP_DIGITS, 0
+    if seeds is not None:  # the forward alone first: what the intermediates' magnitude asks for
+        top = [0.0]
+        _mp_reference(spec, args, None, wrt, MP_DIGITS, top)
+        digits = MP_DIGITS + (math.ceil(top[0]) if top[0] > MP_SMALL else 0)
+    while True:
+        top, coarse = [0.0], [False]
+        out = _mp_reference(spec, args, seeds, wrt, digits, top, grow, coarse)
+        m = math.ceil(top[0]) if top[0] > MP_SMALL else 0
+        step = m if coarse[0] and not grow else grow  # the step shrinks once: a kink stays coarse
+        need = MP_DIGITS + m + step
+        if not all(np.all(np.isfinite(a)) for a in out[0] + (out[1] or [])):
+            need = max(need, MP_DIGITS_WIDE)
+        if need <= digits and step <= grow:
+            return out
+        if need > MP_DIGITS_MAX:
+            raise _Discard(f"the true value needs {need} digits (an intermediate of about 1e{top[0]:.0f}); "
+                           f"the oracle takes at most {MP_DIGITS_MAX}")
+        digits, grow = max(digits, need), step
 
 
-def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits):
+def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits, top=None, grow=0, coarse=None):
+    """:func:`mp_reference` at ``digits`` digits and a step of 10**-(20 + grow) relative;
+    ``top``: see :func:`mp_eval`; ``coarse`` (a one-element list) is set where the
+    one-sided differences of a gradient element disagree beyond 1e-8 of it."""
     with mpmath.workdps(digits):
         env = {n: (a if ref._is_int(a) else _vec(lambda v: mpmath.mpf(float(v)), a))
                for n, a in zip(spec.arg_names, args)}
-        outs = mp_outputs(spec, env)
+        outs = mp_outputs(spec, env, top)
         if seeds is None:
             return [_to_float(o) for o in outs], None
         s_mp = [_vec(lambda v: mpmath.mpf(float(v)), np.asarray(s, dtype=np.float64)) for s in seeds]
@@ -2097,7 +2166,7 @@ def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits):
             g = np.zeros(np.shape(base))
             for k in np.ndindex(np.shape(base)):
                 x0 = base[k]
-                h = mpmath.mpf(10) ** -20 * max(1, abs(x0))
+                h = mpmath.mpf(10) ** -(20 + grow) * max(1, abs(x0))
                 base[k] = x0 + h
                 up = mp_outputs(spec, env)
                 base[k] = x0 - h
@@ -2105,8 +2174,11 @@ def _mp_reference(spec: FuzzSpec, args, seeds, wrt, digits):
                 base[k] = x0
                 # differences element by element: an output at 1e200 that does not depend on
                 # this argument must not swamp one at 1 that does
-                d = sum((np.sum(sk * (u - w)) for sk, u, w in zip(s_mp, up, down)), mpmath.mpf(0))
-                g[k] = _to_float(_obj(d / (2 * h)))
+                ahead = sum((np.sum(sk * (u - o)) for sk, u, o in zip(s_mp, up, outs)), mpmath.mpf(0))
+                behind = sum((np.sum(sk * (o - w)) for sk, o, w in zip(s_mp, outs, down)), mpmath.mpf(0))
+                if coarse is not None and abs(ahead - behind) > 1e-8 * max(abs(ahead), abs(behind)):
+                    coarse[0] = True
+                g[k] = _to_float(_obj((ahead + behind) / (2 * h)))
             grads.append(g)
         return [_to_float(o) for o in outs], grads
 
@@ -2567,8 +2639,11 @@ def _check_large(spec: FuzzSpec, op, float32: bool):
     high-precision oracle (:func:`mp_reference`) wherever the true forward and gradients
     are finite (else the sample is discarded). float64: finite, and within LARGE_TOL of
     the true value plus LARGE_SENS times its sensitivity to one rounding of the inputs
-    (what any backward-stable evaluation may lose); a non-finite or inaccurate result is
-    ``wrong``. With ``float32``: the same inputs rounded to float32 must give finite
+    (what any backward-stable evaluation may lose; the sensitivity is the largest change
+    of the true value when every input moves one unit in the last place, up or down); a
+    non-finite or inaccurate result is ``wrong``. A sample that one rounding of the
+    inputs moves by ILL_CONDITIONED of its scale has no digit any evaluation in that
+    precision could get (``cos(expm1(x) - x)`` at x ~ 350): discarded. With ``float32``: the same inputs rounded to float32 must give finite
     results (else ``wrong``) within F32_FACTOR of PyTorch float32's own error on the
     same tree, or, where PyTorch's float32 is not finite itself, of the float32
     sensitivity (else ``imprecise``)."""
@@ -2590,13 +2665,20 @@ def _check_large(spec: FuzzSpec, op, float32: bool):
     out_t, grads_t = _true_or_discard(spec, args, seeds, wrt)
     _within(grads_t, limit, "true gradient")
     for dtype in [np.float64] + ([np.float32] if float32 else []):
-        eps = float(np.finfo(dtype).eps)
-        moved = [a if ref._is_int(a) else a * (1 + eps * rng.uniform(-1, 1, size=np.shape(a))) for a in args]
-        out_m, grads_m = _true_or_discard(spec, moved, seeds, wrt)
-        sens = []
-        for m, t in zip(out_m + grads_m, out_t + grads_t):
-            d = np.abs(np.asarray(m) - np.asarray(t))
-            sens.append(float(np.max(np.where(np.isfinite(d), d, np.inf))) if d.size else 0.0)
+        sens = [0.0] * len(out_t + grads_t)
+        up = [rng.random(size=np.shape(a)) < 0.5 for a in args]
+        for side in (up, [~u for u in up]):  # every input moved one rounding, then the other way
+            moved = [a if ref._is_int(a) else _ulp_moved(a, u, dtype) for a, u in zip(args, side)]
+            out_m, grads_m = _true_or_discard(spec, moved, seeds, wrt)
+            for k, (m, t) in enumerate(zip(out_m + grads_m, out_t + grads_t)):
+                d = np.abs(np.asarray(m) - np.asarray(t))
+                sens[k] = max(sens[k], float(np.max(np.where(np.isfinite(d), d, np.inf))) if d.size else 0.0)
+        for k, t in enumerate(out_t + grads_t):
+            scale = float(np.max(np.abs(t))) if np.size(t) else 0.0
+            if sens[k] > ILL_CONDITIONED * max(scale, 1e-300):
+                raise _Discard(f"ill-conditioned in {np.dtype(dtype).name}: one rounding of the inputs moves the true "
+                               f"value by {sens[k]:.3g} (its scale {scale:.3g}); no evaluation in that precision has a "
+                               f"digit of it")
         _compare_large(spec, op, args, seeds, wrt, out_t + grads_t, sens, dtype)
     _check_kinks(spec, op, wrt)
 
@@ -2661,6 +2743,17 @@ def _check_kinks(spec: FuzzSpec, op, wrt):
             i = tuple(int(v) for v in np.argwhere(bad)[0]) if m64.ndim else ()
             raise _Wrong("kinks", f"{what} (float64) at inputs with exact 0 and +-1: {int(bad.sum())} of {bad.size} "
                                   f"differ from the true value; at {i}: got {m64[i]!r}, true {e[i]!r}, PyTorch {t[i]!r}")
+
+
+ILL_CONDITIONED = 0.5  # a true value that one rounding of the inputs moves by this share of its scale
+
+
+def _ulp_moved(a, up, dtype) -> np.ndarray:
+    """``a`` (float64 holding ``dtype`` values) moved by one unit in the last place of
+    ``dtype``, up where ``up``, down elsewhere: one rounding of every input."""
+    a = np.asarray(a, dtype=np.float64)
+    d = a.astype(dtype)
+    return np.where(up, np.nextafter(d, dtype(np.inf)), np.nextafter(d, dtype(-np.inf))).astype(np.float64)
 
 
 def _within(arrays, limit, what):

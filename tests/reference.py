@@ -29,12 +29,14 @@ KINDS_WITH_GRADIENTS = ("activation", "layer", "loss")
 
 
 def _nll(logprobs, target, reduction=1):
+    if reduction == 0:  # "none": one loss per sample
+        return -(target * logprobs).sum(dim=1)
     total = -(target * logprobs).sum()
     return total if reduction == 2 else total / logprobs.shape[0]
 
 
 # The losses' ``reduction`` attribute: PyTorch's own codes (torch.nn._reduction.get_enum).
-REDUCTION = {1: "mean", 2: "sum"}
+REDUCTION = {0: "none", 1: "mean", 2: "sum"}
 
 
 TORCH_ORACLE: dict[str, Callable] = {

@@ -17,7 +17,8 @@ import reference as ref
 class TextSpec:
     """A spec's TOML text and what inputs it needs: ``sizes`` of its dimensions, ``ints``
     (integer input -> the dimension bounding its values), ``rows`` (inputs whose last axis
-    is a probability distribution), ``positive`` (inputs drawn positive)."""
+    is a probability distribution), ``positive`` (inputs drawn positive), ``attr_sets``
+    (attribute values the op is checked with too, besides its defaults)."""
 
     text: str
     name: str = ""
@@ -25,6 +26,7 @@ class TextSpec:
     ints: dict = field(default_factory=dict)
     rows: set = field(default_factory=set)
     positive: set = field(default_factory=set)
+    attr_sets: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.name:
@@ -73,8 +75,8 @@ def check_gradients(op, args, rng, what: str):
         ref.assert_close(got, want, np.float64, f"{what}: gradient of {name}", ref.FD_TOL)
 
 
-def check_cuda_matches_cpu(module, args, rng, what: str):
-    cpu, gpu = module.op(), module.op(target="cuda")
+def check_cuda_matches_cpu(module, args, rng, what: str, attrs: dict | None = None):
+    cpu, gpu = module.op(**(attrs or {})), module.op(target="cuda", **(attrs or {}))
     seeds = ref.make_seeds(ref.run_forward(cpu, args), rng, np.float64)
     for a, b in zip(ref.run_forward(gpu, args), ref.run_forward(cpu, args)):
         ref.assert_close(a, b, np.float64, f"{what}: CUDA forward")

@@ -175,6 +175,8 @@ def test_generator_covers_the_spec_language():
         "gather by index arithmetic": "table[(idx[b] + 1) % V, d]" in every or "table[(idx[b] + 2) % V, d]" in every,
         "index compared": "Eq(v, idx[b])" in every and "where(idx[b] " in every,
         "assume": 'assume = ["sum(target[b' in every,
+        "loss reduce, each reduction": {s.run_attrs.get("reduction", 1) for s in texts["loss"] if "reduce(" in s.toml}
+        == {0, 1, 2},
     }
     assert all(constructs.values()), [k for k, v in constructs.items() if not v]
 
@@ -339,3 +341,24 @@ def test_check_reports_wrong_gradients_crashes_and_refusals(monkeypatch):
         bad.toml = spec.toml.replace("x[i] / s[i]", "x[i] / q[i]")
         out = fz.check(bad, tmp + "/d")
         assert out.status == "refused" and not out.failed and "q" in out.message, out.report()
+
+
+def test_high_precision_oracle_takes_the_digits_its_intermediates_need():
+    """cos(expm1(x) - x) at x ~ 350 reads the fractional part of a number of 152 digits:
+    the oracle's precision grows with its intermediates' magnitude (50 digits gave a
+    wrong "true value"), and its value and gradient match mpmath at 400 digits."""
+    import mpmath
+
+    x_ = fz.Read("x")
+    expr = fz.Fn("cos", (fz.Bin("-", fz.Fn("expm1", (x_,)), x_),))
+    spec = fz.FuzzSpec(family="activation", name="cos_expm1", kind="activation", inputs={"x": ("N",)},
+                       equations=[fz.Equation("y", (), expr)], large=True)
+    x = np.array([350.25, -3.5, 351.0])
+    out, (grad,) = fz.mp_reference(spec, [x], [np.ones(3)], [0])
+    with mpmath.workdps(400):
+        true = [mpmath.cos(mpmath.expm1(mpmath.mpf(v)) - mpmath.mpf(v)) for v in x]
+        slope = [-mpmath.sin(mpmath.expm1(mpmath.mpf(v)) - mpmath.mpf(v)) * mpmath.expm1(mpmath.mpf(v)) for v in x]
+    np.testing.assert_allclose(out[0], [float(t) for t in true], rtol=1e-12)
+    np.testing.assert_allclose(grad, [float(s) for s in slope], rtol=1e-9)
+    with mpmath.workdps(fz.MP_DIGITS):  # what the fixed 50 digits gave: not the true value
+        assert abs(float(mpmath.cos(mpmath.expm1(mpmath.mpf(350.25)) - mpmath.mpf(350.25))) - float(true[0])) > 1e-3

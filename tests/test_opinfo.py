@@ -100,13 +100,21 @@ def _only(kwargs: dict, allowed: dict):
 
 
 MEAN = {"reduction": "mean"}
-# The losses' reduction attribute (PyTorch's codes): "mean" and "sum"; "none" is not a scalar loss.
-REDUCTIONS = {"mean": 1, "sum": 2}
+# The losses' reduction attribute (PyTorch's codes): "none" (the terms), "mean" and "sum".
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 MEAN_OR_SUM = {"reduction": lambda r: r in REDUCTIONS}
 
 
 def _reduction(kwargs) -> dict:
     return {"reduction": REDUCTIONS[kwargs.get("reduction", "mean")]}
+
+
+def _terms(fn, kwargs, shape):
+    """``fn`` (PyTorch's loss), its per-term result with reduction="none" laid out as the
+    library's: ``shape`` (rows of the flattened input, or one per sample)."""
+    if kwargs.get("reduction") != "none":
+        return fn
+    return lambda *args: fn(*args).reshape(shape)
 
 
 def _rows(shape) -> tuple:
@@ -160,7 +168,7 @@ def _pair_loss(extra=None, rename=None):
         kw = dict(s.kwargs)
         attrs = {**{rename[k]: float(v) for k, v in kw.items() if k in rename}, **_reduction(kw)}
         return Case([_np(s.input).reshape(rows), _np(target).reshape(rows)],
-                    lambda p, t: o.op(p.reshape(shape), t.reshape(shape), **kw), attrs, wrt=(0,))
+                    _terms(lambda p, t: o.op(p.reshape(shape), t.reshape(shape), **kw), kw, rows), attrs, wrt=(0,))
 
     return convert
 
@@ -204,10 +212,10 @@ def class_loss(o, s):
         error = None
         if o.name.endswith("cross_entropy") and np.any(np.abs(sums - 1) > 1e-6):
             error = r"sum\(target\[b, c\], c\) == 1"
-        return Case([x, t], ref_fn, _reduction(kw), wrt=(0,), backward_error=error)
+        return Case([x, t], _terms(ref_fn, kw, x.shape[:1]), _reduction(kw), wrt=(0,), backward_error=error)
     fixed = target.clone()
-    return Case([x, _one_hot_rows(target, C)], lambda x2, t2: o.op(_class_back(x2, shape), fixed, **kw),
-                _reduction(kw), wrt=(0,))
+    return Case([x, _one_hot_rows(target, C)],
+                _terms(lambda x2, t2: o.op(_class_back(x2, shape), fixed, **kw), kw, x.shape[:1]), _reduction(kw), wrt=(0,))
 
 
 def class_index_loss(o, s):
@@ -229,7 +237,8 @@ def class_index_loss(o, s):
     fixed = target.clone()
     attrs = _reduction(kw)
     if not full:
-        return Case([x, idx], lambda x2, _t: o.op(_class_back(x2, shape), fixed, **kw), attrs, wrt=(0,))
+        return Case([x, idx], _terms(lambda x2, _t: o.op(_class_back(x2, shape), fixed, **kw), kw, x.shape[:1]), attrs,
+                    wrt=(0,))
     weight = kw.get("weight")
     attrs.update(ignore_index=int(kw.get("ignore_index", -100)), label_smoothing=float(kw.get("label_smoothing", 0.0)))
     w = _np(weight) if weight is not None else np.ones(C)
@@ -238,7 +247,7 @@ def class_index_loss(o, s):
     def call(x2, _t, w2):  # the weight in the dtype of the run (PyTorch's None where the sample has none)
         return o.op(_class_back(x2, shape), fixed, weight=w2 if weight is not None else None, **rest)
 
-    return Case([x, idx, w], call, attrs, wrt=(0,))
+    return Case([x, idx, w], _terms(call, kw, x.shape[:1]), attrs, wrt=(0,))
 
 
 def kl_div(o, s):
@@ -261,7 +270,7 @@ def cosine_embedding(o, s):
         a, b, lab = _np(s.input), _np(x2), _np(label)
     kw = dict(s.kwargs)
     fixed = label.clone()
-    return Case([a, b, lab], lambda u, v, _l: o.op(u.reshape(shape), v.reshape(shape), fixed, **kw),
+    return Case([a, b, lab], _terms(lambda u, v, _l: o.op(u.reshape(shape), v.reshape(shape), fixed, **kw), kw, a.shape[:1]),
                 {"margin": float(kw.get("margin", 0.0)), **_reduction(kw)})
 
 

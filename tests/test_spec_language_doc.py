@@ -7,7 +7,8 @@ few steps on CPU and CUDA agree and change the parameter. Schedules: the rate is
 for the first steps. The HTML comments just before a block give what the test needs to
 make inputs: ``<!-- sizes: B=3 N=4 -->`` (dimension sizes), ``<!-- ints: target < C -->``
 (an integer input's bound), ``<!-- rows: target sum to 1 -->`` (an input whose rows are
-probability distributions).
+probability distributions), ``<!-- attrs: reduction=none -->`` (attribute values whose
+op is checked too, besides the defaults).
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ def examples() -> list[TextSpec]:
                 spec.ints[tensor] = bound
             elif key == "rows":
                 spec.rows.add(body.split()[0])
+            elif key == "attrs":  # attribute values checked besides the defaults (a name or a number)
+                spec.attr_sets.append({k: _value(v) for k, v in (kv.split("=") for kv in body.split())})
         found.append(spec)
     return found
+
+
+def _value(text: str):
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        return text
 
 
 def _kind(spec: TextSpec) -> str:
@@ -70,14 +80,16 @@ def built(tmp_path_factory, request):
 @pytest.mark.parametrize("built", _ids({"activation", "layer", "loss"}), indirect=True)
 def test_example_gradients_match_finite_differences(built, rng):
     spec, opdef, module = built
-    check_gradients(module.op(), make_args(spec, opdef, rng), rng, spec.name)
+    for attrs in [{}, *spec.attr_sets]:
+        check_gradients(module.op(**attrs), make_args(spec, opdef, rng), rng, f"{spec.name} {attrs}")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("built", _ids({"activation", "layer", "loss"}), indirect=True)
 def test_example_cuda_kernels_match_the_cpu(built, rng):
     spec, opdef, module = built
-    check_cuda_matches_cpu(module, make_args(spec, opdef, rng), rng, spec.name)
+    for attrs in [{}, *spec.attr_sets]:
+        check_cuda_matches_cpu(module, make_args(spec, opdef, rng), rng, f"{spec.name} {attrs}", attrs)
 
 
 @pytest.mark.parametrize("built", _ids({"optimizer"}), indirect=True)

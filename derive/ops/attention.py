@@ -4,7 +4,7 @@ stability pass turns it into log-sum-exp with the maximum subtracted)."""
 import sympy
 from sympy import Max, Piecewise, exp, sqrt
 
-from ..dsl import Sum, attr, dims, indices, layer, tensors
+from ..dsl import FLAG, Attr, Sum, attr, dims, indices, layer, tensors
 
 b, l, s, t, d, e = indices("b l s t d e")
 (D,) = dims("D")
@@ -13,7 +13,7 @@ q, k, v, y, raw, score, prob, x1, x2 = tensors("q k v y raw score prob x1 x2")
 
 OPS = [
     layer("scaled_dot_product_attention", inputs={"q": "B L D", "k": "B S D", "v": "B S E"},
-          outputs={"y": "B L E"}, attrs={"causal": 0},
+          outputs={"y": "B L E"}, attrs={"causal": FLAG},
           equations=[(raw[b, l, s], Sum(q[b, l, d] * k[b, s, d], d) / sqrt(D)),
                      (score[b, l, s], Piecewise((-sympy.oo, (causal > 0) & (s > l)), (raw[b, l, s], True))),
                      (prob[b, l, s], exp(score[b, l, s]) / Sum(exp(score[b, l, t]), t)),
@@ -31,7 +31,8 @@ OPS = [
 # model dimension E into NH blocks of Dh = E / NH columns of the projections.
 h, f = indices("h f")
 (E,) = dims("E")
-NH = attr("heads", 2)
+HEADS = Attr(2, min=1)  # the number of heads
+NH = attr("heads", HEADS)
 Dh = dims("Dh")[0]
 x, wq, wk, wv, wo, bq, bk, bv, bo = tensors("x wq wk wv wo bq bk bv bo")
 qh, kh, vh, oh = tensors("qh kh vh oh")
@@ -44,7 +45,7 @@ def _project(w, bias):
 OPS.append(
     layer("multi_head_attention", inputs={"x": "B L E"},
           params={"wq": "E E", "wk": "E E", "wv": "E E", "bq": "E", "bk": "E", "bv": "E", "wo": "E E", "bo": "E"},
-          outputs={"y": "B L E"}, attrs={"heads": 2, "causal": 0}, dims={"Dh": E / NH},
+          outputs={"y": "B L E"}, attrs={"heads": HEADS, "causal": FLAG}, dims={"Dh": E / NH},
           ranges={"h": NH, "d": Dh, "s": sympy.Symbol("L", integer=True, positive=True),
                   "t": sympy.Symbol("L", integer=True, positive=True)},
           equations=[(qh[b, h, l, d], _project(wq, bq)),
@@ -80,7 +81,7 @@ OPS.append(
     layer("multihead_attention", inputs={"query": "B L E", "key": "B S E", "value": "B S E",
                                          "attn_mask": "L S", "key_padding_mask": "B S"},
           params={"in_proj_weight": "G E", "in_proj_bias": "G", "out_proj_weight": "E E", "out_proj_bias": "E"},
-          outputs={"y": "B L E"}, attrs={"heads": 2, "causal": 0}, dims={"Dh": E / NH, "G": 3 * E},
+          outputs={"y": "B L E"}, attrs={"heads": HEADS, "causal": FLAG}, dims={"Dh": E / NH, "G": 3 * E},
           differentiate=["query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"],
           ranges={"h": NH, "d": Dh},
           equations=[(qh[b, h, l, d], _in_proj(query, 0, l)),

@@ -9,7 +9,7 @@ is derived from these equations (derive/statistics.py), not written.
 import sympy
 from sympy import Piecewise, sqrt
 
-from ..dsl import Mean, Sum, attr, dims, indices, layer, tensors
+from ..dsl import Attr, Mean, Sum, attr, dims, indices, layer, tensors
 from ..functions import uniform
 
 b, d, n, c, h, w = indices("b d n c h w")
@@ -61,14 +61,16 @@ OPS = [
           differentiate=["x", "weight", "bias"],
           equations=[(y[n, c, h, w], (x[n, c, h, w] - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c])],
           doc="Batch normalisation in inference mode (running statistics are data)."),
-    layer("dropout", inputs={"x": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5, "seed": 0, "step": 0},
+    layer("dropout", inputs={"x": "B N"}, outputs={"y": "B N"},
+          attrs={"p": Attr(0.5, min=0.0, below=1.0), "seed": 0, "step": 0},
           modes={"eval": "identity"},
           equations=[(y[b, d], x[b, d] * Piecewise((1, uniform(seed, step, b * N + d) >= p), (0, True)) / (1 - p))],
           doc="Inverted dropout drawing its own mask: element (b, d) is kept, scaled by 1/(1 - p), where "
               "uniform(seed, step, b*N + d) >= p (the counter-based generator, derive/functions.py), so the "
               "forward and the backward draw the same mask and a (seed, step) reproduces it; a model passes "
               "its seed and step counter (docs/models.md)."),
-    layer("dropout_mask", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"}, attrs={"p": 0.5},
+    layer("dropout_mask", inputs={"x": "B N", "mask": "B N"}, outputs={"y": "B N"},
+          attrs={"p": Attr(0.5, min=0.0, below=1.0)},
           differentiate=["x"], equations=[(y[b, d], x[b, d] * mask[b, d] / (1 - p))],
           doc="Inverted dropout with a given 0/1 mask (data), scaled by 1/(1 - p)."),
 ]

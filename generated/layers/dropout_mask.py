@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -296,6 +296,7 @@ _SPECS = {
     "dropout_mask": {
         "kind": "layer",
         "attrs": {"p": 0.5},
+        "domains": {"p": {"min": 0.0, "below": 1.0, "text": "0.0 <= value < 1.0"}},
         "arg_names": ("x", "mask"),
         "differentiable": ("x",),
         "state": (),
@@ -314,7 +315,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="dropout_mask", target="cpu", **attrs):

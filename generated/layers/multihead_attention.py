@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -2032,6 +2032,7 @@ _SPECS = {
     "multihead_attention": {
         "kind": "layer",
         "attrs": {"heads": 2, "causal": 0},
+        "domains": {"heads": {"min": 1, "text": "1 <= value"}, "causal": {"values": (0, 1), "text": "0, 1"}},
         "arg_names": ("query", "key", "value", "attn_mask", "key_padding_mask", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"),
         "differentiable": ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"),
         "state": (),
@@ -2050,7 +2051,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="multihead_attention", target="cpu", **attrs):

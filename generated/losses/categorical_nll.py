@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -281,6 +281,243 @@ def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs, *, reduction):
     return _categorical_nll_hvp_core(g_loss, logprobs, idx, t_logprobs, reduction)
 
 
+# ============================================================================ categorical_nll[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_fwd0(logprobs, idx, loss, B, C):
+    """loss[b] = -logprobs[b, idx[b]]"""
+    _F = loss.dtype.type
+    for b in range(0, B):
+        _v_loss = -(logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_bwd0(g_logprobs, B, C):
+    """g_logprobs = 0"""
+    _F = g_logprobs.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, C):
+            _v_g_logprobs = _F(0)
+            g_logprobs[i0, i1] = _v_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_bwd1(idx, g_loss, g_logprobs, B, C):
+    """g_logprobs[b, idx[b]] += -g_loss[b]  (scatter)"""
+    _F = g_logprobs.dtype.type
+    for b in range(0, B):
+        _v_g_logprobs = -g_loss[b]
+        if ((idx[b] >= 0) and (idx[b] < C)):
+            g_logprobs[b, idx[b]] += _v_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_jvp0(idx, t_logprobs, t_loss, B, C):
+    """t_loss[b] = -Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True))"""
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        _v_t_loss = -(t_logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+        t_loss[b] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_hvp0(t_g_logprobs, B, C):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, C):
+            _v_t_g_logprobs = _F(0)
+            t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_fwd_core(logprobs, idx, reduction):
+    """Forward of categorical_nll[reduction=none]: loss from logprobs, idx. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((B,), _dtype)
+    _categorical_nll_reduction_none_fwd0(logprobs, idx, loss, B, C)
+    return loss
+
+
+def _categorical_nll_reduction_none_fwd_alloc(logprobs, idx, reduction):
+    """The results of ``_categorical_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((B,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_fwd_into(logprobs, idx, reduction, loss):
+    """``_categorical_nll_reduction_none_fwd_core`` writing its results into loss (from ``_categorical_nll_reduction_none_fwd_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_reduction_none_fwd0(logprobs, idx, loss, B, C)
+
+
+def _categorical_nll_reduction_none_fwd(logprobs, idx, *, reduction):
+    """Forward of categorical_nll[reduction=none]: loss from logprobs, idx."""
+    _dtype = _float_dtype((logprobs, idx))
+    logprobs = _as_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll[reduction=none]", "idx", idx)
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    return _categorical_nll_reduction_none_fwd_core(logprobs, idx, reduction)
+
+
+def _categorical_nll_reduction_none_fwd_shapes(logprobs, idx, *, reduction):
+    """The shapes of the results of ``_categorical_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logprobs.shape[0]
+    return ((B,),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_bwd_core(g_loss, logprobs, idx, reduction):
+    """Backward of categorical_nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    _categorical_nll_reduction_none_bwd0(g_logprobs, B, C)
+    _categorical_nll_reduction_none_bwd1(idx, g_loss, g_logprobs, B, C)
+    return g_logprobs
+
+
+def _categorical_nll_reduction_none_bwd_alloc(g_loss, logprobs, idx, reduction):
+    """The results of ``_categorical_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    return g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs):
+    """``_categorical_nll_reduction_none_bwd_core`` writing its results into g_logprobs (from ``_categorical_nll_reduction_none_bwd_alloc``)."""
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_reduction_none_bwd0(g_logprobs, B, C)
+    _categorical_nll_reduction_none_bwd1(idx, g_loss, g_logprobs, B, C)
+
+
+def _categorical_nll_reduction_none_bwd(g_loss, logprobs, idx, *, reduction):
+    """Backward of categorical_nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, idx))
+    g_loss = _as_float("categorical_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll[reduction=none]", "idx", idx)
+    _check_rank("categorical_nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_dim("categorical_nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from g_loss axis 0")
+    return _categorical_nll_reduction_none_bwd_core(g_loss, logprobs, idx, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_jvp_core(logprobs, idx, t_logprobs, reduction):
+    """Forward mode of categorical_nll[reduction=none]: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    _categorical_nll_reduction_none_jvp0(idx, t_logprobs, t_loss, B, C)
+    return t_loss
+
+
+def _categorical_nll_reduction_none_jvp_alloc(logprobs, idx, t_logprobs, reduction):
+    """The results of ``_categorical_nll_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_jvp_into(logprobs, idx, t_logprobs, reduction, t_loss):
+    """``_categorical_nll_reduction_none_jvp_core`` writing its results into t_loss (from ``_categorical_nll_reduction_none_jvp_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_reduction_none_jvp0(idx, t_logprobs, t_loss, B, C)
+
+
+def _categorical_nll_reduction_none_jvp(logprobs, idx, t_logprobs, *, reduction):
+    """Forward mode of categorical_nll[reduction=none]: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed)."""
+    _dtype = _float_dtype((logprobs, idx, t_logprobs))
+    logprobs = _as_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll[reduction=none]", "idx", idx)
+    t_logprobs = _as_float("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_rank("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    return _categorical_nll_reduction_none_jvp_core(logprobs, idx, t_logprobs, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_hvp_core(g_loss, logprobs, idx, t_logprobs, reduction):
+    """Second order of categorical_nll[reduction=none]: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    _categorical_nll_reduction_none_hvp0(t_g_logprobs, B, C)
+    return t_g_logprobs
+
+
+def _categorical_nll_reduction_none_hvp_alloc(g_loss, logprobs, idx, t_logprobs, reduction):
+    """The results of ``_categorical_nll_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_categorical_nll_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    return t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _categorical_nll_reduction_none_hvp_into(g_loss, logprobs, idx, t_logprobs, reduction, t_g_logprobs):
+    """``_categorical_nll_reduction_none_hvp_core`` writing its results into t_g_logprobs (from ``_categorical_nll_reduction_none_hvp_alloc``)."""
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    _categorical_nll_reduction_none_hvp0(t_g_logprobs, B, C)
+
+
+def _categorical_nll_reduction_none_hvp(g_loss, logprobs, idx, t_logprobs, *, reduction):
+    """Second order of categorical_nll[reduction=none]: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, idx, t_logprobs))
+    g_loss = _as_float("categorical_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _as_int("categorical_nll[reduction=none]", "idx", idx)
+    t_logprobs = _as_float("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_rank("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    return _categorical_nll_reduction_none_hvp_core(g_loss, logprobs, idx, t_logprobs, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "categorical_nll": {
@@ -290,6 +527,13 @@ _FUNCS = {
         "jvp": _categorical_nll_jvp,
         "shapes": _categorical_nll_fwd_shapes,
     },
+    "categorical_nll[reduction=none]": {
+        "backward": _categorical_nll_reduction_none_bwd,
+        "forward": _categorical_nll_reduction_none_fwd,
+        "hvp": _categorical_nll_reduction_none_hvp,
+        "jvp": _categorical_nll_reduction_none_jvp,
+        "shapes": _categorical_nll_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -298,11 +542,24 @@ _SPECS = {
     "categorical_nll": {
         "kind": "loss",
         "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "categorical_nll[reduction=none]"),),
         "arg_names": ("logprobs", "idx"),
         "differentiable": ("logprobs",),
         "state": (),
         "seeds": 1,
-        "doc": "Negative log-likelihood of log-probabilities at integer class indices, mean (or sum) over the batch (F.nll_loss); nll takes one-hot or probability rows instead.",
+        "doc": "Negative log-likelihood of log-probabilities at integer class indices, mean (or sum, or none) over the batch (F.nll_loss); nll takes one-hot or probability rows instead.",
+    },
+    "categorical_nll[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "categorical_nll",
+        "arg_names": ("logprobs", "idx"),
+        "differentiable": ("logprobs",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Negative log-likelihood of log-probabilities at integer class indices, mean (or sum, or none) over the batch (F.nll_loss); nll takes one-hot or probability rows instead.",
     },
 }
 
@@ -316,7 +573,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="categorical_nll", target="cpu", **attrs):

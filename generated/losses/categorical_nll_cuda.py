@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""categorical_nll_cuda: generated CUDA kernels and host wrappers (1 op).
+"""categorical_nll_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``categorical_nll.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -257,6 +257,220 @@ def _categorical_nll_hvp(g_loss, logprobs, idx, t_logprobs, *, reduction):
     return _result(t_g_logprobs, _dev)
 
 
+# ============================================================================ categorical_nll[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_reduction_none_fwd0(logprobs, idx, loss, B, C, _total):
+    """loss[b] = -logprobs[b, idx[b]]"""
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_loss = -(logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_reduction_none_bwd0(g_logprobs, B, C, _total):
+    """g_logprobs = 0"""
+    _F = g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_g_logprobs = _F(0)
+        g_logprobs[i0, i1] = _v_g_logprobs
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_reduction_none_bwd1(idx, g_loss, g_logprobs, B, C, _total):
+    """g_logprobs[b, idx[b]] += -g_loss[b]  (scatter)"""
+    _F = g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_g_logprobs = -g_loss[b]
+        if ((idx[b] >= 0) and (idx[b] < C)):
+            g_logprobs[b, idx[b]] += _v_g_logprobs
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_reduction_none_jvp0(idx, t_logprobs, t_loss, B, C, _total):
+    """t_loss[b] = -Piecewise((t_logprobs[b, idx[b]], (idx[b] >= 0) & (C > idx[b])), (0, True))"""
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_t_loss = -(t_logprobs[b, idx[b]] if ((idx[b] >= 0) and (C > idx[b])) else _F(0))
+        t_loss[b] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _categorical_nll_reduction_none_hvp0(t_g_logprobs, B, C, _total):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_logprobs = _F(0)
+        t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
+def _categorical_nll_reduction_none_fwd_core(logprobs, idx, reduction):
+    """Forward of categorical_nll[reduction=none]: loss from logprobs, idx. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((B,), _dtype)
+    _launch(_categorical_nll_reduction_none_fwd0, B, logprobs, idx, loss, B, C)
+    return loss
+
+
+def _categorical_nll_reduction_none_fwd_alloc(logprobs, idx, reduction):
+    """The results of ``_categorical_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_categorical_nll_reduction_none_fwd_into`` writes."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((B,), _dtype)
+    return loss
+
+
+def _categorical_nll_reduction_none_fwd_work(logprobs, idx, reduction):
+    """The workspace of ``_categorical_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _categorical_nll_reduction_none_fwd_into(logprobs, idx, reduction, loss, _work=None):
+    """``_categorical_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_categorical_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_categorical_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_categorical_nll_reduction_none_fwd0, B, logprobs, idx, loss, B, C)
+
+
+def _categorical_nll_reduction_none_fwd(logprobs, idx, *, reduction):
+    """Forward of categorical_nll[reduction=none]: loss from logprobs, idx."""
+    _dev = any(_on_device(a) for a in (logprobs, idx))
+    _dtype = _float_dtype((logprobs, idx))
+    logprobs = _dev_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll[reduction=none]", "idx", idx)
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    loss = _empty((B,), _dtype)
+    _launch(_categorical_nll_reduction_none_fwd0, B, logprobs, idx, loss, B, C)
+    return _result(loss, _dev)
+
+
+def _categorical_nll_reduction_none_fwd_shapes(logprobs, idx, *, reduction):
+    """The shapes of the results of ``_categorical_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logprobs.shape[0]
+    return ((B,),)
+
+
+def _categorical_nll_reduction_none_bwd_core(g_loss, logprobs, idx, reduction):
+    """Backward of categorical_nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_categorical_nll_reduction_none_bwd0, B * C, g_logprobs, B, C)
+    _launch(_categorical_nll_reduction_none_bwd1, B, idx, g_loss, g_logprobs, B, C)
+    return g_logprobs
+
+
+def _categorical_nll_reduction_none_bwd_alloc(g_loss, logprobs, idx, reduction):
+    """The results of ``_categorical_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_categorical_nll_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    return g_logprobs
+
+
+def _categorical_nll_reduction_none_bwd_work(g_loss, logprobs, idx, reduction):
+    """The workspace of ``_categorical_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _categorical_nll_reduction_none_bwd_into(g_loss, logprobs, idx, reduction, g_logprobs, _work=None):
+    """``_categorical_nll_reduction_none_bwd_core`` launching its kernels into g_logprobs (from ``_categorical_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_categorical_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    _launch(_categorical_nll_reduction_none_bwd0, B * C, g_logprobs, B, C)
+    _launch(_categorical_nll_reduction_none_bwd1, B, idx, g_loss, g_logprobs, B, C)
+
+
+def _categorical_nll_reduction_none_bwd(g_loss, logprobs, idx, *, reduction):
+    """Backward of categorical_nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, idx (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, idx))
+    _dtype = _float_dtype((g_loss, logprobs, idx))
+    g_loss = _dev_float("categorical_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll[reduction=none]", "idx", idx)
+    _check_rank("categorical_nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_dim("categorical_nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from g_loss axis 0")
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_categorical_nll_reduction_none_bwd0, B * C, g_logprobs, B, C)
+    _launch(_categorical_nll_reduction_none_bwd1, B, idx, g_loss, g_logprobs, B, C)
+    return _result(g_logprobs, _dev)
+
+
+def _categorical_nll_reduction_none_jvp(logprobs, idx, t_logprobs, *, reduction):
+    """Forward mode of categorical_nll[reduction=none]: the tangents t_loss of the outputs from logprobs, idx, t_logprobs (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logprobs, idx, t_logprobs))
+    _dtype = _float_dtype((logprobs, idx, t_logprobs))
+    logprobs = _dev_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll[reduction=none]", "idx", idx)
+    t_logprobs = _dev_float("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_rank("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_loss = _empty((B,), _dtype)
+    _launch(_categorical_nll_reduction_none_jvp0, B, idx, t_logprobs, t_loss, B, C)
+    return _result(t_loss, _dev)
+
+
+def _categorical_nll_reduction_none_hvp(g_loss, logprobs, idx, t_logprobs, *, reduction):
+    """Second order of categorical_nll[reduction=none]: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, idx, t_logprobs (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, idx, t_logprobs))
+    _dtype = _float_dtype((g_loss, logprobs, idx, t_logprobs))
+    g_loss = _dev_float("categorical_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("categorical_nll[reduction=none]", "logprobs", logprobs, _dtype)
+    idx = _dev_int("categorical_nll[reduction=none]", "idx", idx)
+    t_logprobs = _dev_float("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("categorical_nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("categorical_nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("categorical_nll[reduction=none]", "idx", idx, 1)
+    _check_rank("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("categorical_nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "idx", idx, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("categorical_nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_g_logprobs = _empty((B, C), _dtype)
+    _launch(_categorical_nll_reduction_none_hvp0, B * C, t_g_logprobs, B, C)
+    return _result(t_g_logprobs, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "categorical_nll": {
@@ -265,6 +479,13 @@ _FUNCS = {
         "hvp": _categorical_nll_hvp,
         "jvp": _categorical_nll_jvp,
         "shapes": _categorical_nll_fwd_shapes,
+    },
+    "categorical_nll[reduction=none]": {
+        "backward": _categorical_nll_reduction_none_bwd,
+        "forward": _categorical_nll_reduction_none_fwd,
+        "hvp": _categorical_nll_reduction_none_hvp,
+        "jvp": _categorical_nll_reduction_none_jvp,
+        "shapes": _categorical_nll_reduction_none_fwd_shapes,
     },
 }
 

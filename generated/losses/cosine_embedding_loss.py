@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -616,6 +616,586 @@ def _cosine_embedding_loss_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps
     return _cosine_embedding_loss_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction)
 
 
+# ============================================================================ cosine_embedding_loss[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_fwd0(x1, x2, label, loss, B, D, eps, margin):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    loss[b] = Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True))
+    """
+    _F = loss.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        # loss[b] = Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True))
+        _v_loss = (_F(1) - _v_cos if (label[b] > _F(0)) else (max(_v_cos - margin, _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    """
+    _F = cos_sum0.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin):
+    """g_x2[b, d] = ((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+    g_x1[b, d] = ((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+    """
+    _F = g_x2.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            # g_x2[b, d] = ((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b]))
+            _t0 = eps + cos_sum1[b]
+            _t1 = eps + cos_sum0[b]
+            _t2 = margin - cos[b]
+            _t3 = (-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*g_loss[b]/math.sqrt(_t0*_t1)
+            _v_g_x2 = _t3*(_t0*x1[b, d] - cos_sum2[b]*x2[b, d])/_t0
+            g_x2[b, d] = _v_g_x2
+            # g_x1[b, d] = ((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b]))
+            _v_g_x1 = _t3*(_t1*x2[b, d] - cos_sum2[b]*x1[b, d])/_t1
+            g_x1[b, d] = _v_g_x1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_fwd_saving0(x1, x2, label, loss, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, margin):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    loss[b] = Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True))
+    """
+    _F = cos_sum0.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+        # loss[b] = Piecewise((1 - cos[b], label[b] > 0), (Max(0, -margin + cos[b]), label[b] < 0), (0, True))
+        _v_loss = (_F(1) - _v_cos if (label[b] > _F(0)) else (max(_v_cos - margin, _F(0)) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_jvp0(x1, x2, label, t_x1, t_x2, t_loss, B, D, eps, margin):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    t_cos[b] = t_cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b])) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*cos_sum2[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_loss[b] = Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True))
+    """
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _t0 = _v_cos_sum0 + eps
+        _t1 = _v_cos_sum1 + eps
+        _t2 = _F(1) / math.sqrt(_t0*_t1)
+        _t3 = _t2*_v_cos_sum2
+        _v_cos = _t3
+        # t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        # t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        # t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        # t_cos[b] = t_cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b])) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*cos_sum2[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_t_cos = _t2*_v_t_cos_sum2 + _t3*(-_F(0.5)*_t0*_v_t_cos_sum1 - _F(0.5)*_t1*_v_t_cos_sum0)/(_t0*_t1)
+        # t_loss[b] = Piecewise((-t_cos[b], label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True))*t_cos[b], label[b] < 0), (0, True))
+        _t4 = _v_cos - margin
+        _v_t_loss = (-_v_t_cos if (label[b] > _F(0)) else (_v_t_cos*(_F(1) if (_t4 > _F(0)) else (_F(0) if (_t4 < _F(0)) else (_F(0.5) if (_t4 >= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))
+        t_loss[b] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps):
+    """cos_sum0[b] = sum(x1[b, d]**2, d)
+    cos_sum1[b] = sum(x2[b, d]**2, d)
+    cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+    cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+    t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+    t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+    t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+    """
+    _F = cos_sum0.dtype.type
+    for b in range(0, B):
+        # cos_sum0[b] = sum(x1[b, d]**2, d)
+        _v_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum0 += x1[b, d] * x1[b, d]
+        cos_sum0[b] = _v_cos_sum0
+        # cos_sum1[b] = sum(x2[b, d]**2, d)
+        _v_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum1 += x2[b, d] * x2[b, d]
+        cos_sum1[b] = _v_cos_sum1
+        # cos_sum2[b] = sum(x1[b, d]*x2[b, d], d)
+        _v_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_cos_sum2 += x1[b, d]*x2[b, d]
+        cos_sum2[b] = _v_cos_sum2
+        # cos[b] = cos_sum2[b]/sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))
+        _v_cos = _v_cos_sum2/math.sqrt((_v_cos_sum0 + eps)*(_v_cos_sum1 + eps))
+        cos[b] = _v_cos
+        # t_cos_sum0[b] = sum(2*t_x1[b, d]*x1[b, d], d)
+        _v_t_cos_sum0 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum0 += _F(2)*t_x1[b, d]*x1[b, d]
+        t_cos_sum0[b] = _v_t_cos_sum0
+        # t_cos_sum1[b] = sum(2*t_x2[b, d]*x2[b, d], d)
+        _v_t_cos_sum1 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum1 += _F(2)*t_x2[b, d]*x2[b, d]
+        t_cos_sum1[b] = _v_t_cos_sum1
+        # t_cos_sum2[b] = sum(t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d], d)
+        _v_t_cos_sum2 = _F(0)
+        for d in range(0, D):
+            _v_t_cos_sum2 += t_x1[b, d]*x2[b, d] + t_x2[b, d]*x1[b, d]
+        t_cos_sum2[b] = _v_t_cos_sum2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin):
+    """t_g_x2[b, d] = ((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - ((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]*t_cos_sum1[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+    t_g_x1[b, d] = ((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - ((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]*t_cos_sum0[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+    """
+    _F = t_g_x2.dtype.type
+    for b in range(0, B):
+        for d in range(0, D):
+            # t_g_x2[b, d] = ((eps + cos_sum1[b])*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])) - ((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]*t_cos_sum1[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum1[b])**2) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum1[b])*x1[b, d] - cos_sum2[b]*x2[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])*(eps + cos_sum1[b])**2)
+            _t0 = eps + cos_sum0[b]
+            _t1 = eps + cos_sum1[b]
+            _t2 = margin - cos[b]
+            _t3 = (-_F(1) if (label[b] > _F(0)) else ((_F(1) if (_t2 < _F(0)) else (_F(0) if (_t2 > _F(0)) else (_F(0.5) if (_t2 <= _F(0)) else _F(math.nan)))) if (label[b] < _F(0)) else (_F(0) if (label[b] >= _F(0)) else _F(math.nan))))*g_loss[b]/math.sqrt(_t0*_t1)
+            _t4 = (_t1*x1[b, d] - cos_sum2[b]*x2[b, d])/(_t1 * _t1)
+            _t5 = _t3/_t1
+            _t6 = -_F(0.5)*_t0*t_cos_sum1[b] - _F(0.5)*_t1*t_cos_sum0[b]
+            _t7 = _t3/_t0
+            _v_t_g_x2 = -_t3*_t4*t_cos_sum1[b] + _t4*_t6*_t7 + _t5*(_t1*t_x1[b, d] - cos_sum2[b]*t_x2[b, d] + t_cos_sum1[b]*x1[b, d] - t_cos_sum2[b]*x2[b, d])
+            t_g_x2[b, d] = _v_t_g_x2
+            # t_g_x1[b, d] = ((eps + cos_sum0[b])*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])) - ((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]*t_cos_sum0[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2) + (-(eps + cos_sum0[b])*t_cos_sum1[b]/2 - (eps + cos_sum1[b])*t_cos_sum0[b]/2)*((eps + cos_sum0[b])*x2[b, d] - cos_sum2[b]*x1[b, d])*Piecewise((-1, label[b] > 0), (Piecewise((1, margin - cos[b] < 0), (0, margin - cos[b] > 0), (1/2, True)), label[b] < 0), (0, True))*g_loss[b]/(sqrt((eps + cos_sum0[b])*(eps + cos_sum1[b]))*(eps + cos_sum0[b])**2*(eps + cos_sum1[b]))
+            _t8 = (_t0*x2[b, d] - cos_sum2[b]*x1[b, d])/(_t0 * _t0)
+            _v_t_g_x1 = -_t3*_t8*t_cos_sum0[b] + _t5*_t6*_t8 + _t7*(_t0*t_x2[b, d] - cos_sum2[b]*t_x1[b, d] + t_cos_sum0[b]*x2[b, d] - t_cos_sum2[b]*x1[b, d])
+            t_g_x1[b, d] = _v_t_g_x1
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_fwd_core(x1, x2, label, margin, eps, reduction):
+    """Forward of cosine_embedding_loss[reduction=none]: loss from x1, x2, label. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((B,), _dtype)
+    _cosine_embedding_loss_reduction_none_fwd0(x1, x2, label, loss, B, D, eps, margin)
+    return loss
+
+
+def _cosine_embedding_loss_reduction_none_fwd_alloc(x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((B,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_fwd_into(x1, x2, label, margin, eps, reduction, loss):
+    """``_cosine_embedding_loss_reduction_none_fwd_core`` writing its results into loss (from ``_cosine_embedding_loss_reduction_none_fwd_alloc``)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_embedding_loss_reduction_none_fwd0(x1, x2, label, loss, B, D, eps, margin)
+
+
+def _cosine_embedding_loss_reduction_none_fwd(x1, x2, label, *, margin, eps, reduction):
+    """Forward of cosine_embedding_loss[reduction=none]: loss from x1, x2, label."""
+    _dtype = _float_dtype((x1, x2, label))
+    x1 = _as_float("cosine_embedding_loss[reduction=none]", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss[reduction=none]", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss[reduction=none]", "label", label, _dtype)
+    _check_rank("cosine_embedding_loss[reduction=none]", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss[reduction=none]", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss[reduction=none]", "label", label, 1)
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss[reduction=none]", "label", label, 0, "B", B, "from x1 axis 0")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    return _cosine_embedding_loss_reduction_none_fwd_core(x1, x2, label, margin, eps, reduction)
+
+
+def _cosine_embedding_loss_reduction_none_fwd_shapes(x1, x2, label, *, margin, eps, reduction):
+    """The shapes of the results of ``_cosine_embedding_loss_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = x1.shape[0]
+    return ((B,),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_bwd_core(g_loss, x1, x2, label, margin, eps, reduction):
+    """Backward of cosine_embedding_loss[reduction=none]: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    _cosine_embedding_loss_reduction_none_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _cosine_embedding_loss_reduction_none_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_reduction_none_bwd_alloc(g_loss, x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_bwd_into(g_loss, x1, x2, label, margin, eps, reduction, g_x1, g_x2):
+    """``_cosine_embedding_loss_reduction_none_bwd_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_reduction_none_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_reduction_none_bwd0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps)
+    _cosine_embedding_loss_reduction_none_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+
+
+def _cosine_embedding_loss_reduction_none_bwd(g_loss, x1, x2, label, *, margin, eps, reduction):
+    """Backward of cosine_embedding_loss[reduction=none]: gradients g_x1, g_x2 from g_loss, x1, x2, label (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, x1, x2, label))
+    g_loss = _as_float("cosine_embedding_loss[reduction=none]", "g_loss", g_loss, _dtype)
+    x1 = _as_float("cosine_embedding_loss[reduction=none]", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss[reduction=none]", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss[reduction=none]", "label", label, _dtype)
+    _check_rank("cosine_embedding_loss[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("cosine_embedding_loss[reduction=none]", "x1", x1, 2)
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss[reduction=none]", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss[reduction=none]", "label", label, 1)
+    _check_dim("cosine_embedding_loss[reduction=none]", "x1", x1, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss[reduction=none]", "label", label, 0, "B", B, "from g_loss axis 0")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    return _cosine_embedding_loss_reduction_none_bwd_core(g_loss, x1, x2, label, margin, eps, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_fwd_saving_core(x1, x2, label, margin, eps, reduction):
+    """Forward of cosine_embedding_loss[reduction=none]: loss, cos_sum0, cos_sum1, cos_sum2, cos from x1, x2, label, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((B,), _dtype)
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    _cosine_embedding_loss_reduction_none_fwd_saving0(x1, x2, label, loss, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, margin)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+def _cosine_embedding_loss_reduction_none_fwd_saving_alloc(x1, x2, label, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_reduction_none_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    loss = np.empty((B,), _dtype)
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    return loss, cos_sum0, cos_sum1, cos_sum2, cos
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_fwd_saving_into(x1, x2, label, margin, eps, reduction, loss, cos_sum0, cos_sum1, cos_sum2, cos):
+    """``_cosine_embedding_loss_reduction_none_fwd_saving_core`` writing its results into loss, cos_sum0, cos_sum1, cos_sum2, cos (from ``_cosine_embedding_loss_reduction_none_fwd_saving_alloc``)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_embedding_loss_reduction_none_fwd_saving0(x1, x2, label, loss, cos_sum0, cos_sum1, cos_sum2, cos, B, D, eps, margin)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_bwd_saved_core(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """Backward of cosine_embedding_loss[reduction=none]: gradients g_x1, g_x2 from g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    _cosine_embedding_loss_reduction_none_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+    return g_x1, g_x2
+
+
+def _cosine_embedding_loss_reduction_none_bwd_saved_alloc(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_reduction_none_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    g_x1 = np.empty((B, D), _dtype)
+    g_x2 = np.empty((B, D), _dtype)
+    return g_x1, g_x2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_bwd_saved_into(g_loss, x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, margin, eps, reduction, g_x1, g_x2):
+    """``_cosine_embedding_loss_reduction_none_bwd_saved_core`` writing its results into g_x1, g_x2 (from ``_cosine_embedding_loss_reduction_none_bwd_saved_alloc``)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    _cosine_embedding_loss_reduction_none_bwd1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, g_x1, g_x2, B, D, eps, margin)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps, reduction):
+    """Forward mode of cosine_embedding_loss[reduction=none]: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    _cosine_embedding_loss_reduction_none_jvp0(x1, x2, label, t_x1, t_x2, t_loss, B, D, eps, margin)
+    return t_loss
+
+
+def _cosine_embedding_loss_reduction_none_jvp_alloc(x1, x2, label, t_x1, t_x2, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = x1.dtype
+    B = x1.shape[0]
+    D = x1.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_jvp_into(x1, x2, label, t_x1, t_x2, margin, eps, reduction, t_loss):
+    """``_cosine_embedding_loss_reduction_none_jvp_core`` writing its results into t_loss (from ``_cosine_embedding_loss_reduction_none_jvp_alloc``)."""
+    _dtype = x1.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _cosine_embedding_loss_reduction_none_jvp0(x1, x2, label, t_x1, t_x2, t_loss, B, D, eps, margin)
+
+
+def _cosine_embedding_loss_reduction_none_jvp(x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
+    """Forward mode of cosine_embedding_loss[reduction=none]: the tangents t_loss of the outputs from x1, x2, label, t_x1, t_x2 (forward recomputed)."""
+    _dtype = _float_dtype((x1, x2, label, t_x1, t_x2))
+    x1 = _as_float("cosine_embedding_loss[reduction=none]", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss[reduction=none]", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss[reduction=none]", "label", label, _dtype)
+    t_x1 = _as_float("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, _dtype)
+    t_x2 = _as_float("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_embedding_loss[reduction=none]", "x1", x1, 2)
+    B = x1.shape[0]
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss[reduction=none]", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss[reduction=none]", "label", label, 1)
+    _check_rank("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, 2)
+    _check_rank("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, 2)
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss[reduction=none]", "label", label, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, 0, "B", B, "from x1 axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    return _cosine_embedding_loss_reduction_none_jvp_core(x1, x2, label, t_x1, t_x2, margin, eps, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction):
+    """Second order of cosine_embedding_loss[reduction=none]: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    t_g_x1 = np.empty((B, D), _dtype)
+    t_g_x2 = np.empty((B, D), _dtype)
+    t_cos_sum0 = np.empty((B,), _dtype)
+    t_cos_sum1 = np.empty((B,), _dtype)
+    t_cos_sum2 = np.empty((B,), _dtype)
+    _cosine_embedding_loss_reduction_none_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
+    _cosine_embedding_loss_reduction_none_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+    return t_g_x1, t_g_x2
+
+
+def _cosine_embedding_loss_reduction_none_hvp_alloc(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction):
+    """The results of ``_cosine_embedding_loss_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_cosine_embedding_loss_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    t_g_x1 = np.empty((B, D), _dtype)
+    t_g_x2 = np.empty((B, D), _dtype)
+    return t_g_x1, t_g_x2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cosine_embedding_loss_reduction_none_hvp_into(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction, t_g_x1, t_g_x2):
+    """``_cosine_embedding_loss_reduction_none_hvp_core`` writing its results into t_g_x1, t_g_x2 (from ``_cosine_embedding_loss_reduction_none_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    D = x1.shape[1]
+    cos_sum0 = np.empty((B,), _dtype)
+    cos_sum1 = np.empty((B,), _dtype)
+    cos_sum2 = np.empty((B,), _dtype)
+    cos = np.empty((B,), _dtype)
+    t_cos_sum0 = np.empty((B,), _dtype)
+    t_cos_sum1 = np.empty((B,), _dtype)
+    t_cos_sum2 = np.empty((B,), _dtype)
+    _cosine_embedding_loss_reduction_none_hvp0(x1, x2, cos_sum0, cos_sum1, cos_sum2, cos, t_x1, t_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps)
+    _cosine_embedding_loss_reduction_none_hvp1(x1, x2, label, cos_sum0, cos_sum1, cos_sum2, cos, g_loss, t_x1, t_x2, t_g_x1, t_g_x2, t_cos_sum0, t_cos_sum1, t_cos_sum2, B, D, eps, margin)
+
+
+def _cosine_embedding_loss_reduction_none_hvp(g_loss, x1, x2, label, t_x1, t_x2, *, margin, eps, reduction):
+    """Second order of cosine_embedding_loss[reduction=none]: t_g_x1, t_g_x2, the derivatives of the gradients along the tangents, from g_loss, x1, x2, label, t_x1, t_x2 (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, x1, x2, label, t_x1, t_x2))
+    g_loss = _as_float("cosine_embedding_loss[reduction=none]", "g_loss", g_loss, _dtype)
+    x1 = _as_float("cosine_embedding_loss[reduction=none]", "x1", x1, _dtype)
+    x2 = _as_float("cosine_embedding_loss[reduction=none]", "x2", x2, _dtype)
+    label = _as_float("cosine_embedding_loss[reduction=none]", "label", label, _dtype)
+    t_x1 = _as_float("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, _dtype)
+    t_x2 = _as_float("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, _dtype)
+    _check_rank("cosine_embedding_loss[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("cosine_embedding_loss[reduction=none]", "x1", x1, 2)
+    D = x1.shape[1]
+    _check_rank("cosine_embedding_loss[reduction=none]", "x2", x2, 2)
+    _check_rank("cosine_embedding_loss[reduction=none]", "label", label, 1)
+    _check_rank("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, 2)
+    _check_rank("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, 2)
+    _check_dim("cosine_embedding_loss[reduction=none]", "x1", x1, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "x2", x2, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss[reduction=none]", "label", label, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x1", t_x1, 1, "D", D, "from x1 axis 1")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cosine_embedding_loss[reduction=none]", "t_x2", t_x2, 1, "D", D, "from x1 axis 1")
+    margin = _dtype.type(margin)
+    eps = _dtype.type(eps)
+    return _cosine_embedding_loss_reduction_none_hvp_core(g_loss, x1, x2, label, t_x1, t_x2, margin, eps, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "cosine_embedding_loss": {
@@ -625,6 +1205,13 @@ _FUNCS = {
         "jvp": _cosine_embedding_loss_jvp,
         "shapes": _cosine_embedding_loss_fwd_shapes,
     },
+    "cosine_embedding_loss[reduction=none]": {
+        "backward": _cosine_embedding_loss_reduction_none_bwd,
+        "forward": _cosine_embedding_loss_reduction_none_fwd,
+        "hvp": _cosine_embedding_loss_reduction_none_hvp,
+        "jvp": _cosine_embedding_loss_reduction_none_jvp,
+        "shapes": _cosine_embedding_loss_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -633,11 +1220,24 @@ _SPECS = {
     "cosine_embedding_loss": {
         "kind": "loss",
         "attrs": {"margin": 0.0, "eps": 1e-12, "reduction": 1},
+        "domains": {"eps": {"above": 0.0, "text": "0.0 < value"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "cosine_embedding_loss[reduction=none]"),),
         "arg_names": ("x1", "x2", "label"),
         "differentiable": ("x1", "x2"),
         "state": (),
         "seeds": 1,
-        "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean (or sum) over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
+        "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean (or sum, or none) over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
+    },
+    "cosine_embedding_loss[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"margin": 0.0, "eps": 1e-12, "reduction": 1},
+        "domains": {"eps": {"above": 0.0, "text": "0.0 < value"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "cosine_embedding_loss",
+        "arg_names": ("x1", "x2", "label"),
+        "differentiable": ("x1", "x2"),
+        "state": (),
+        "seeds": 1,
+        "doc": "Cosine embedding loss with labels 1 (similar) and -1 (dissimilar), mean (or sum, or none) over the batch, as F.cosine_embedding_loss (eps guards the squared norms, as PyTorch's 1e-12).",
     },
 }
 
@@ -651,7 +1251,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="cosine_embedding_loss", target="cpu", **attrs):

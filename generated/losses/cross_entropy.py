@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -72,34 +72,39 @@ def _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothin
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_fwd2(target, weight, wsum_sum0, B, C):
-    """wsum_sum0[b] = sum(Piecewise((weight[c], Eq(c, target[b])), (0, True)), c)"""
-    _F = wsum_sum0.dtype.type
+def _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index):
+    """wt_sum0[b] = sum(Piecewise((weight[c], Eq(c, target[b])), (0, True)), c)
+    wt[b] = Piecewise((0, Eq(ignore_index, target[b])), (wt_sum0[b], True))
+    """
+    _F = wt.dtype.type
     for b in range(0, B):
-        _v_wsum_sum0 = _F(0)
+        # wt_sum0[b] = sum(Piecewise((weight[c], Eq(c, target[b])), (0, True)), c)
+        _v_wt_sum0 = _F(0)
         for c in range(0, C):
-            _v_wsum_sum0 += (weight[c] if (c == target[b]) else _F(0))
-        wsum_sum0[b] = _v_wsum_sum0
+            _v_wt_sum0 += (weight[c] if (c == target[b]) else _F(0))
+        # wt[b] = Piecewise((0, Eq(ignore_index, target[b])), (wt_sum0[b], True))
+        _v_wt = (_F(0) if (ignore_index == target[b]) else _v_wt_sum0)
+        wt[b] = _v_wt
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_fwd3(logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction):
-    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-    loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
-    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+def _cross_entropy_fwd3(logits, loss, lse, coef, wt, B, C, reduction):
+    """loss_sum0 = sum(wt[b], b)
+    loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
     """
     _F = loss.dtype.type
-    # wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-    _v_wsum = _F(0)
-    for b in range(0, B):
-        _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
-    # loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    # loss_sum0 = sum(wt[b], b)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
+        _v_loss_sum0 += wt[b]
+    # loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    _v_loss_sum1 = _F(0)
+    for b in range(0, B):
         for c in range(0, C):
-            _v_loss_sum0 += (-logits[b, c] + lse[b])*coef[b, c]
-    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
-    _v_loss = _v_loss_sum0*(_F(1) if (reduction == 2) else _F(1) / _v_wsum)
+            _v_loss_sum1 += (-logits[b, c] + lse[b])*coef[b, c]
+    # loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+    _v_loss = _v_loss_sum1*(_F(1) if (reduction == 2) else _F(1) / _v_loss_sum0)
     loss[0] = _v_loss
 
 
@@ -125,13 +130,13 @@ def _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index):
-    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)"""
-    _F = wsum.dtype.type
-    _v_wsum = _F(0)
+def _cross_entropy_bwd1(wt, loss_sum0, B):
+    """loss_sum0 = sum(wt[b], b)"""
+    _F = loss_sum0.dtype.type
+    _v_loss_sum0 = _F(0)
     for b in range(0, B):
-        _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
-    wsum[0] = _v_wsum
+        _v_loss_sum0 += wt[b]
+    loss_sum0[0] = _v_loss_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -146,10 +151,10 @@ def _cross_entropy_bwd2(coef, g_logits_sum0, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction):
-    """g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))"""
+def _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction):
+    """g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))"""
     _F = g_logits.dtype.type
-    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / wsum[0])
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / loss_sum0[0])
     for b in range(0, B):
         for k in range(0, C):
             _v_g_logits = _c0*(math.exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])
@@ -185,24 +190,24 @@ def _cross_entropy_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_fwd_saving1(logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction):
-    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-    loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
-    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+def _cross_entropy_fwd_saving1(logits, loss, lse, coef, wt, loss_sum0, B, C, reduction):
+    """loss_sum0 = sum(wt[b], b)
+    loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
     """
-    _F = wsum.dtype.type
-    # wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-    _v_wsum = _F(0)
-    for b in range(0, B):
-        _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
-    wsum[0] = _v_wsum
-    # loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    _F = loss_sum0.dtype.type
+    # loss_sum0 = sum(wt[b], b)
     _v_loss_sum0 = _F(0)
     for b in range(0, B):
+        _v_loss_sum0 += wt[b]
+    loss_sum0[0] = _v_loss_sum0
+    # loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    _v_loss_sum1 = _F(0)
+    for b in range(0, B):
         for c in range(0, C):
-            _v_loss_sum0 += (-logits[b, c] + lse[b])*coef[b, c]
-    # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
-    _v_loss = _v_loss_sum0*(_F(1) if (reduction == 2) else _F(1) / _v_wsum)
+            _v_loss_sum1 += (-logits[b, c] + lse[b])*coef[b, c]
+    # loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+    _v_loss = _v_loss_sum1*(_F(1) if (reduction == 2) else _F(1) / _v_loss_sum0)
     loss[0] = _v_loss
 
 
@@ -226,19 +231,19 @@ def _cross_entropy_jvp0(logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_jvp1(coef, wsum, t_logits, t_loss, t_lse, B, C, reduction):
-    """t_loss_sum0 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
-    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+def _cross_entropy_jvp1(coef, loss_sum0, t_logits, t_loss, t_lse, B, C, reduction):
+    """t_loss_sum1 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
+    t_loss = t_loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
     """
     _F = t_loss.dtype.type
-    _c0 = (_F(1) if (reduction == 2) else _F(1) / wsum[0])
-    # t_loss_sum0 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
-    _v_t_loss_sum0 = _F(0)
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / loss_sum0[0])
+    # t_loss_sum1 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
+    _v_t_loss_sum1 = _F(0)
     for b in range(0, B):
         for c in range(0, C):
-            _v_t_loss_sum0 += (-t_logits[b, c] + t_lse[b])*coef[b, c]
-    # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
-    _v_t_loss = _c0*_v_t_loss_sum0
+            _v_t_loss_sum1 += (-t_logits[b, c] + t_lse[b])*coef[b, c]
+    # t_loss = t_loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+    _v_t_loss = _c0*_v_t_loss_sum1
     t_loss[0] = _v_t_loss
 
 
@@ -262,10 +267,10 @@ def _cross_entropy_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_s
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, wsum, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction):
-    """t_g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_logits[b, k]/lse_sumexp0[b] - exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_lse_sumexp0[b]/lse_sumexp0[b]**2)*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))"""
+def _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, loss_sum0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction):
+    """t_g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_logits[b, k]/lse_sumexp0[b] - exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_lse_sumexp0[b]/lse_sumexp0[b]**2)*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))"""
     _F = t_g_logits.dtype.type
-    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / wsum[0])
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / loss_sum0[0])
     for b in range(0, B):
         for k in range(0, C):
             _t0 = math.exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]
@@ -283,11 +288,11 @@ def _cross_entropy_fwd_core(logits, target, weight, ignore_index, label_smoothin
     loss = np.empty((1,), _dtype)
     lse = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
+    wt = np.empty((B,), _dtype)
     _cross_entropy_fwd0(logits, lse, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_fwd3(logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_fwd3(logits, loss, lse, coef, wt, B, C, reduction)
     return loss
 
 
@@ -309,11 +314,11 @@ def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothin
     C = logits.shape[1]
     lse = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
+    wt = np.empty((B,), _dtype)
     _cross_entropy_fwd0(logits, lse, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_fwd3(logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_fwd3(logits, loss, lse, coef, wt, B, C, reduction)
 
 
 def _cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, reduction):
@@ -349,16 +354,16 @@ def _cross_entropy_bwd_core(g_loss, logits, target, weight, ignore_index, label_
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     g_logits = np.empty((B, C), _dtype)
     g_logits_sum0 = np.empty((B,), _dtype)
     _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_bwd1(wt, loss_sum0, B)
     _cross_entropy_bwd2(coef, g_logits_sum0, B, C)
-    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return g_logits
 
 
@@ -381,15 +386,15 @@ def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     g_logits_sum0 = np.empty((B,), _dtype)
     _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_bwd1(wt, loss_sum0, B)
     _cross_entropy_bwd2(coef, g_logits_sum0, B, C)
-    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_smoothing, reduction):
@@ -412,7 +417,7 @@ def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_sm
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
 def _cross_entropy_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
-    """Forward of cross_entropy: loss, lse_max0, lse_sumexp0, wsum from logits, target, weight, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    """Forward of cross_entropy: loss, lse_max0, lse_sumexp0, loss_sum0 from logits, target, weight, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = logits.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
@@ -422,13 +427,13 @@ def _cross_entropy_fwd_saving_core(logits, target, weight, ignore_index, label_s
     lse_sumexp0 = np.empty((B,), _dtype)
     lse = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     _cross_entropy_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_fwd_saving1(logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction)
-    return loss, lse_max0, lse_sumexp0, wsum
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_fwd_saving1(logits, loss, lse, coef, wt, loss_sum0, B, C, reduction)
+    return loss, lse_max0, lse_sumexp0, loss_sum0
 
 
 def _cross_entropy_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -439,29 +444,29 @@ def _cross_entropy_fwd_saving_alloc(logits, target, weight, ignore_index, label_
     loss = np.empty((1,), _dtype)
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
-    return loss, lse_max0, lse_sumexp0, wsum
+    loss_sum0 = np.empty((1,), _dtype)
+    return loss, lse_max0, lse_sumexp0, loss_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, wsum):
-    """``_cross_entropy_fwd_saving_core`` writing its results into loss, lse_max0, lse_sumexp0, wsum (from ``_cross_entropy_fwd_saving_alloc``)."""
+def _cross_entropy_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, loss_sum0):
+    """``_cross_entropy_fwd_saving_core`` writing its results into loss, lse_max0, lse_sumexp0, loss_sum0 (from ``_cross_entropy_fwd_saving_alloc``)."""
     _dtype = logits.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     lse = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
+    wt = np.empty((B,), _dtype)
     _cross_entropy_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_fwd_saving1(logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_fwd_saving1(logits, loss, lse, coef, wt, loss_sum0, B, C, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
-    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_loss.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
@@ -471,11 +476,11 @@ def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_
     g_logits_sum0 = np.empty((B,), _dtype)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
     _cross_entropy_bwd2(coef, g_logits_sum0, B, C)
-    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return g_logits
 
 
-def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
+def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
     """The results of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -485,7 +490,7 @@ def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction, g_logits):
+def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction, g_logits):
     """``_cross_entropy_bwd_saved_core`` writing its results into g_logits (from ``_cross_entropy_bwd_saved_alloc``)."""
     _dtype = g_loss.dtype
     label_smoothing = _dtype.type(label_smoothing)
@@ -495,7 +500,7 @@ def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_
     g_logits_sum0 = np.empty((B,), _dtype)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
     _cross_entropy_bwd2(coef, g_logits_sum0, B, C)
-    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
@@ -508,16 +513,16 @@ def _cross_entropy_jvp_core(logits, target, weight, t_logits, ignore_index, labe
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     t_loss = np.empty((1,), _dtype)
     t_lse = np.empty((B,), _dtype)
     _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_bwd1(wt, loss_sum0, B)
     _cross_entropy_jvp0(logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C)
-    _cross_entropy_jvp1(coef, wsum, t_logits, t_loss, t_lse, B, C, reduction)
+    _cross_entropy_jvp1(coef, loss_sum0, t_logits, t_loss, t_lse, B, C, reduction)
     return t_loss
 
 
@@ -540,15 +545,15 @@ def _cross_entropy_jvp_into(logits, target, weight, t_logits, ignore_index, labe
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     t_lse = np.empty((B,), _dtype)
     _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_bwd1(wt, loss_sum0, B)
     _cross_entropy_jvp0(logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C)
-    _cross_entropy_jvp1(coef, wsum, t_logits, t_loss, t_lse, B, C, reduction)
+    _cross_entropy_jvp1(coef, loss_sum0, t_logits, t_loss, t_lse, B, C, reduction)
 
 
 def _cross_entropy_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
@@ -583,17 +588,17 @@ def _cross_entropy_hvp_core(g_loss, logits, target, weight, t_logits, ignore_ind
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     g_logits_sum0 = np.empty((B,), _dtype)
     t_g_logits = np.empty((B, C), _dtype)
     t_lse_sumexp0 = np.empty((B,), _dtype)
     _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_bwd1(wt, loss_sum0, B)
     _cross_entropy_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C)
-    _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, wsum, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction)
+    _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, loss_sum0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction)
     return t_g_logits
 
 
@@ -616,16 +621,16 @@ def _cross_entropy_hvp_into(g_loss, logits, target, weight, t_logits, ignore_ind
     lse_max0 = np.empty((B,), _dtype)
     lse_sumexp0 = np.empty((B,), _dtype)
     coef = np.empty((B, C), _dtype)
-    wsum_sum0 = np.empty((B,), _dtype)
-    wsum = np.empty((1,), _dtype)
+    wt = np.empty((B,), _dtype)
+    loss_sum0 = np.empty((1,), _dtype)
     g_logits_sum0 = np.empty((B,), _dtype)
     t_lse_sumexp0 = np.empty((B,), _dtype)
     _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C)
     _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
-    _cross_entropy_fwd2(target, weight, wsum_sum0, B, C)
-    _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index)
+    _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index)
+    _cross_entropy_bwd1(wt, loss_sum0, B)
     _cross_entropy_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C)
-    _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, wsum, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction)
+    _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, loss_sum0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction)
 
 
 def _cross_entropy_hvp(g_loss, logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
@@ -650,6 +655,521 @@ def _cross_entropy_hvp(g_loss, logits, target, weight, t_logits, *, ignore_index
     return _cross_entropy_hvp_core(g_loss, logits, target, weight, t_logits, ignore_index, label_smoothing, reduction)
 
 
+# ============================================================================ cross_entropy[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd0(logits, lse, B, C):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse.dtype.type
+    for b in range(0, B):
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing):
+    """coef[b, c] = Piecewise((0, Eq(ignore_index, target[b])), (((1 - label_smoothing)*Piecewise((1, Eq(c, target[b])), (0, True)) + label_smoothing/C)*weight[c], True))"""
+    _F = coef.dtype.type
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_coef = (_F(0) if (ignore_index == target[b]) else ((_F(1) - label_smoothing)*(_F(1) if (c == target[b]) else _F(0)) + label_smoothing/_F(C))*weight[c])
+            coef[b, c] = _v_coef
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd2(logits, loss, lse, coef, B, C):
+    """loss[b] = sum((-logits[b, c] + lse[b])*coef[b, c], c)"""
+    _F = loss.dtype.type
+    for b in range(0, B):
+        _v_loss = _F(0)
+        for c in range(0, C):
+            _v_loss += (-logits[b, c] + lse[b])*coef[b, c]
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    """
+    _F = lse_max0.dtype.type
+    for b in range(0, B):
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd1(coef, g_logits_sum0, B, C):
+    """g_logits_sum0[b] = sum(coef[b, c], c)"""
+    _F = g_logits_sum0.dtype.type
+    for b in range(0, B):
+        _v_g_logits_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_logits_sum0 += coef[b, c]
+        g_logits_sum0[b] = _v_g_logits_sum0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C):
+    """g_logits[b, k] = (exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*g_loss[b]"""
+    _F = g_logits.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_g_logits = (math.exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*g_loss[b]
+            g_logits[b, k] = _v_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse_max0.dtype.type
+    for b in range(0, B):
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_jvp0(logits, lse_max0, lse_sumexp0, coef, t_logits, t_loss, B, C):
+    """t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+    t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
+    t_lse[b] = t_lse_logsumexp0[b]
+    t_loss[b] = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], c)
+    """
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        # t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+        _v_t_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_lse_sumexp0 += math.exp(logits[b, k] - lse_max0[b])*t_logits[b, k]
+        # t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
+        _v_t_lse_logsumexp0 = _v_t_lse_sumexp0/lse_sumexp0[b]
+        # t_lse[b] = t_lse_logsumexp0[b]
+        _v_t_lse = _v_t_lse_logsumexp0
+        # t_loss[b] = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], c)
+        _v_t_loss = _F(0)
+        for c in range(0, C):
+            _v_t_loss += (_v_t_lse - t_logits[b, c])*coef[b, c]
+        t_loss[b] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C):
+    """g_logits_sum0[b] = sum(coef[b, c], c)
+    t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+    """
+    _F = g_logits_sum0.dtype.type
+    for b in range(0, B):
+        # g_logits_sum0[b] = sum(coef[b, c], c)
+        _v_g_logits_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_logits_sum0 += coef[b, c]
+        g_logits_sum0[b] = _v_g_logits_sum0
+        # t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+        _v_t_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_lse_sumexp0 += math.exp(logits[b, k] - lse_max0[b])*t_logits[b, k]
+        t_lse_sumexp0[b] = _v_t_lse_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_hvp1(logits, lse_max0, lse_sumexp0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C):
+    """t_g_logits[b, k] = (lse_sumexp0[b]*t_logits[b, k] - t_lse_sumexp0[b])*exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*g_loss[b]/lse_sumexp0[b]**2"""
+    _F = t_g_logits.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_g_logits = (lse_sumexp0[b]*t_logits[b, k] - t_lse_sumexp0[b])*math.exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*g_loss[b]/(lse_sumexp0[b] * lse_sumexp0[b])
+            t_g_logits[b, k] = _v_t_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss from logits, target, weight. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    lse = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    _cross_entropy_reduction_none_fwd0(logits, lse, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_fwd2(logits, loss, lse, coef, B, C)
+    return loss
+
+
+def _cross_entropy_reduction_none_fwd_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss):
+    """``_cross_entropy_reduction_none_fwd_core`` writing its results into loss (from ``_cross_entropy_reduction_none_fwd_alloc``)."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    _cross_entropy_reduction_none_fwd0(logits, lse, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_fwd2(logits, loss, lse, coef, B, C)
+
+
+def _cross_entropy_reduction_none_fwd(logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss from logits, target, weight."""
+    _dtype = _float_dtype((logits, target, weight))
+    logits = _as_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_int("cross_entropy[reduction=none]", "target", target)
+    weight = _as_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    return _cross_entropy_reduction_none_fwd_core(logits, target, weight, ignore_index, label_smoothing, reduction)
+
+
+def _cross_entropy_reduction_none_fwd_shapes(logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """The shapes of the results of ``_cross_entropy_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logits.shape[0]
+    return ((B,),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd_core(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    g_logits = np.empty((B, C), _dtype)
+    g_logits_sum0 = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_bwd1(coef, g_logits_sum0, B, C)
+    _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_alloc(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    return g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits):
+    """``_cross_entropy_reduction_none_bwd_core`` writing its results into g_logits (from ``_cross_entropy_reduction_none_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    g_logits_sum0 = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_bwd1(coef, g_logits_sum0, B, C)
+    _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+
+
+def _cross_entropy_reduction_none_bwd(g_loss, logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, logits, target, weight))
+    g_loss = _as_float("cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _as_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_int("cross_entropy[reduction=none]", "target", target)
+    weight = _as_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_dim("cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    return _cross_entropy_reduction_none_bwd_core(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss, lse_max0, lse_sumexp0 from logits, target, weight, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    lse = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    _cross_entropy_reduction_none_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_fwd2(logits, loss, lse, coef, B, C)
+    return loss, lse_max0, lse_sumexp0
+
+
+def _cross_entropy_reduction_none_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_reduction_none_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    return loss, lse_max0, lse_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0):
+    """``_cross_entropy_reduction_none_fwd_saving_core`` writing its results into loss, lse_max0, lse_sumexp0 (from ``_cross_entropy_reduction_none_fwd_saving_alloc``)."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    _cross_entropy_reduction_none_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_fwd2(logits, loss, lse, coef, B, C)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    coef = np.empty((B, C), _dtype)
+    g_logits = np.empty((B, C), _dtype)
+    g_logits_sum0 = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_bwd1(coef, g_logits_sum0, B, C)
+    _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_reduction_none_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    return g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction, g_logits):
+    """``_cross_entropy_reduction_none_bwd_saved_core`` writing its results into g_logits (from ``_cross_entropy_reduction_none_bwd_saved_alloc``)."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    coef = np.empty((B, C), _dtype)
+    g_logits_sum0 = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_bwd1(coef, g_logits_sum0, B, C)
+    _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_jvp_core(logits, target, weight, t_logits, ignore_index, label_smoothing, reduction):
+    """Forward mode of cross_entropy[reduction=none]: the tangents t_loss of the outputs from logits, target, weight, t_logits (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    t_loss = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_jvp0(logits, lse_max0, lse_sumexp0, coef, t_logits, t_loss, B, C)
+    return t_loss
+
+
+def _cross_entropy_reduction_none_jvp_alloc(logits, target, weight, t_logits, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_jvp_into(logits, target, weight, t_logits, ignore_index, label_smoothing, reduction, t_loss):
+    """``_cross_entropy_reduction_none_jvp_core`` writing its results into t_loss (from ``_cross_entropy_reduction_none_jvp_alloc``)."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_jvp0(logits, lse_max0, lse_sumexp0, coef, t_logits, t_loss, B, C)
+
+
+def _cross_entropy_reduction_none_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
+    """Forward mode of cross_entropy[reduction=none]: the tangents t_loss of the outputs from logits, target, weight, t_logits (forward recomputed)."""
+    _dtype = _float_dtype((logits, target, weight, t_logits))
+    logits = _as_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_int("cross_entropy[reduction=none]", "target", target)
+    weight = _as_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    t_logits = _as_float("cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_rank("cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    return _cross_entropy_reduction_none_jvp_core(logits, target, weight, t_logits, ignore_index, label_smoothing, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_hvp_core(g_loss, logits, target, weight, t_logits, ignore_index, label_smoothing, reduction):
+    """Second order of cross_entropy[reduction=none]: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, weight, t_logits (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    g_logits_sum0 = np.empty((B,), _dtype)
+    t_g_logits = np.empty((B, C), _dtype)
+    t_lse_sumexp0 = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_hvp1(logits, lse_max0, lse_sumexp0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C)
+    return t_g_logits
+
+
+def _cross_entropy_reduction_none_hvp_alloc(g_loss, logits, target, weight, t_logits, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_cross_entropy_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    t_g_logits = np.empty((B, C), _dtype)
+    return t_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _cross_entropy_reduction_none_hvp_into(g_loss, logits, target, weight, t_logits, ignore_index, label_smoothing, reduction, t_g_logits):
+    """``_cross_entropy_reduction_none_hvp_core`` writing its results into t_g_logits (from ``_cross_entropy_reduction_none_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    lse_max0 = np.empty((B,), _dtype)
+    lse_sumexp0 = np.empty((B,), _dtype)
+    coef = np.empty((B, C), _dtype)
+    g_logits_sum0 = np.empty((B,), _dtype)
+    t_lse_sumexp0 = np.empty((B,), _dtype)
+    _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing)
+    _cross_entropy_reduction_none_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C)
+    _cross_entropy_reduction_none_hvp1(logits, lse_max0, lse_sumexp0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C)
+
+
+def _cross_entropy_reduction_none_hvp(g_loss, logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
+    """Second order of cross_entropy[reduction=none]: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, weight, t_logits (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logits, target, weight, t_logits))
+    g_loss = _as_float("cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _as_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_int("cross_entropy[reduction=none]", "target", target)
+    weight = _as_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    t_logits = _as_float("cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_rank("cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    return _cross_entropy_reduction_none_hvp_core(g_loss, logits, target, weight, t_logits, ignore_index, label_smoothing, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "cross_entropy": {
@@ -659,6 +1179,13 @@ _FUNCS = {
         "jvp": _cross_entropy_jvp,
         "shapes": _cross_entropy_fwd_shapes,
     },
+    "cross_entropy[reduction=none]": {
+        "backward": _cross_entropy_reduction_none_bwd,
+        "forward": _cross_entropy_reduction_none_fwd,
+        "hvp": _cross_entropy_reduction_none_hvp,
+        "jvp": _cross_entropy_reduction_none_jvp,
+        "shapes": _cross_entropy_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -667,11 +1194,24 @@ _SPECS = {
     "cross_entropy": {
         "kind": "loss",
         "attrs": {"ignore_index": -100, "label_smoothing": 0.0, "reduction": 1},
+        "domains": {"label_smoothing": {"min": 0.0, "max": 1.0, "text": "0.0 <= value <= 1.0"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "cross_entropy[reduction=none]"),),
         "arg_names": ("logits", "target", "weight"),
         "differentiable": ("logits",),
         "state": (),
         "seeds": 1,
-        "doc": "Cross-entropy of softmax(logits) at integer class targets, as F.cross_entropy with its options: class weights (data; ones for PyTorch's None), targets equal to ignore_index count for nothing, label_smoothing mixes the target with the uniform distribution; the mean divides by the summed weights of the counted targets (reduction = 2: the sum).",
+        "doc": "Cross-entropy of softmax(logits) at integer class targets, as F.cross_entropy with its options: class weights (data; ones for PyTorch's None), targets equal to ignore_index count for nothing, label_smoothing mixes the target with the uniform distribution; the mean divides by the summed weights of the counted targets (reduction = 2: the sum; 0: each sample's weighted loss).",
+    },
+    "cross_entropy[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"ignore_index": -100, "label_smoothing": 0.0, "reduction": 1},
+        "domains": {"label_smoothing": {"min": 0.0, "max": 1.0, "text": "0.0 <= value <= 1.0"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "cross_entropy",
+        "arg_names": ("logits", "target", "weight"),
+        "differentiable": ("logits",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Cross-entropy of softmax(logits) at integer class targets, as F.cross_entropy with its options: class weights (data; ones for PyTorch's None), targets equal to ignore_index count for nothing, label_smoothing mixes the target with the uniform distribution; the mean divides by the summed weights of the counted targets (reduction = 2: the sum; 0: each sample's weighted loss).",
     },
 }
 
@@ -685,7 +1225,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="cross_entropy", target="cpu", **attrs):

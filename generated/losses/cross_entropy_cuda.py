@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""cross_entropy_cuda: generated CUDA kernels and host wrappers (1 op).
+"""cross_entropy_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``cross_entropy.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -78,38 +78,43 @@ def _cross_entropy_fwd1(target, weight, coef, B, C, ignore_index, label_smoothin
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_fwd2(target, weight, wsum_sum0, B, C, _total):
-    """wsum_sum0[b] = sum(Piecewise((weight[c], Eq(c, target[b])), (0, True)), c)"""
-    _F = wsum_sum0.dtype.type
+def _cross_entropy_fwd2(target, weight, wt, B, C, ignore_index, _total):
+    """wt_sum0[b] = sum(Piecewise((weight[c], Eq(c, target[b])), (0, True)), c)
+    wt[b] = Piecewise((0, Eq(ignore_index, target[b])), (wt_sum0[b], True))
+    """
+    _F = wt.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         b = _r
-        _v_wsum_sum0 = _F(0)
+        # wt_sum0[b] = sum(Piecewise((weight[c], Eq(c, target[b])), (0, True)), c)
+        _v_wt_sum0 = _F(0)
         for c in range(0, C):
-            _v_wsum_sum0 += (weight[c] if (c == target[b]) else _F(0))
-        wsum_sum0[b] = _v_wsum_sum0
+            _v_wt_sum0 += (weight[c] if (c == target[b]) else _F(0))
+        # wt[b] = Piecewise((0, Eq(ignore_index, target[b])), (wt_sum0[b], True))
+        _v_wt = (_F(0) if (ignore_index == target[b]) else _v_wt_sum0)
+        wt[b] = _v_wt
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_fwd3(logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction, _total):
-    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-    loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
-    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+def _cross_entropy_fwd3(logits, loss, lse, coef, wt, B, C, reduction, _total):
+    """loss_sum0 = sum(wt[b], b)
+    loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
     """
     _F = loss.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        # wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-        _v_wsum = _F(0)
-        for b in range(0, B):
-            _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
-        # loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+        # loss_sum0 = sum(wt[b], b)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
+            _v_loss_sum0 += wt[b]
+        # loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+        _v_loss_sum1 = _F(0)
+        for b in range(0, B):
             for c in range(0, C):
-                _v_loss_sum0 += (-logits[b, c] + lse[b])*coef[b, c]
-        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
-        _v_loss = _v_loss_sum0*(_F(1) if (reduction == 2) else _F(1) / _v_wsum)
+                _v_loss_sum1 += (-logits[b, c] + lse[b])*coef[b, c]
+        # loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+        _v_loss = _v_loss_sum1*(_F(1) if (reduction == 2) else _F(1) / _v_loss_sum0)
         loss[0] = _v_loss
 
 
@@ -137,15 +142,15 @@ def _cross_entropy_bwd0(logits, lse_max0, lse_sumexp0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_bwd1(target, wsum_sum0, wsum, B, ignore_index, _total):
-    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)"""
-    _F = wsum.dtype.type
+def _cross_entropy_bwd1(wt, loss_sum0, B, _total):
+    """loss_sum0 = sum(wt[b], b)"""
+    _F = loss_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        _v_wsum = _F(0)
+        _v_loss_sum0 = _F(0)
         for b in range(0, B):
-            _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
-        wsum[0] = _v_wsum
+            _v_loss_sum0 += wt[b]
+        loss_sum0[0] = _v_loss_sum0
 
 
 @cuda.jit(cache=True)
@@ -162,10 +167,10 @@ def _cross_entropy_bwd2(coef, g_logits_sum0, B, C, _total):
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction, _total):
-    """g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))"""
+def _cross_entropy_bwd3(logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction, _total):
+    """g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))"""
     _F = g_logits.dtype.type
-    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / wsum[0])
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / loss_sum0[0])
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
@@ -206,26 +211,26 @@ def _cross_entropy_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C, _total)
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_fwd_saving1(logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction, _total):
-    """wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-    loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
-    loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+def _cross_entropy_fwd_saving1(logits, loss, lse, coef, wt, loss_sum0, B, C, reduction, _total):
+    """loss_sum0 = sum(wt[b], b)
+    loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+    loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
     """
-    _F = wsum.dtype.type
+    _F = loss_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        # wsum = sum(Piecewise((0, Eq(ignore_index, target[b])), (wsum_sum0[b], True)), b)
-        _v_wsum = _F(0)
-        for b in range(0, B):
-            _v_wsum += (_F(0) if (ignore_index == target[b]) else wsum_sum0[b])
-        wsum[0] = _v_wsum
-        # loss_sum0 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+        # loss_sum0 = sum(wt[b], b)
         _v_loss_sum0 = _F(0)
         for b in range(0, B):
+            _v_loss_sum0 += wt[b]
+        loss_sum0[0] = _v_loss_sum0
+        # loss_sum1 = sum((-logits[b, c] + lse[b])*coef[b, c], b, c)
+        _v_loss_sum1 = _F(0)
+        for b in range(0, B):
             for c in range(0, C):
-                _v_loss_sum0 += (-logits[b, c] + lse[b])*coef[b, c]
-        # loss = loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
-        _v_loss = _v_loss_sum0*(_F(1) if (reduction == 2) else _F(1) / _v_wsum)
+                _v_loss_sum1 += (-logits[b, c] + lse[b])*coef[b, c]
+        # loss = loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+        _v_loss = _v_loss_sum1*(_F(1) if (reduction == 2) else _F(1) / _v_loss_sum0)
         loss[0] = _v_loss
 
 
@@ -251,21 +256,21 @@ def _cross_entropy_jvp0(logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C, _t
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_jvp1(coef, wsum, t_logits, t_loss, t_lse, B, C, reduction, _total):
-    """t_loss_sum0 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
-    t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
+def _cross_entropy_jvp1(coef, loss_sum0, t_logits, t_loss, t_lse, B, C, reduction, _total):
+    """t_loss_sum1 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
+    t_loss = t_loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
     """
     _F = t_loss.dtype.type
-    _c0 = (_F(1) if (reduction == 2) else _F(1) / wsum[0])
+    _c0 = (_F(1) if (reduction == 2) else _F(1) / loss_sum0[0])
     _r = cuda.grid(1)
     if _r < _total:
-        # t_loss_sum0 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
-        _v_t_loss_sum0 = _F(0)
+        # t_loss_sum1 = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], b, c)
+        _v_t_loss_sum1 = _F(0)
         for b in range(0, B):
             for c in range(0, C):
-                _v_t_loss_sum0 += (-t_logits[b, c] + t_lse[b])*coef[b, c]
-        # t_loss = t_loss_sum0*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))
-        _v_t_loss = _c0*_v_t_loss_sum0
+                _v_t_loss_sum1 += (-t_logits[b, c] + t_lse[b])*coef[b, c]
+        # t_loss = t_loss_sum1*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))
+        _v_t_loss = _c0*_v_t_loss_sum1
         t_loss[0] = _v_t_loss
 
 
@@ -291,10 +296,10 @@ def _cross_entropy_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_s
 
 
 @cuda.jit(cache=True)
-def _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, wsum, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction, _total):
-    """t_g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_logits[b, k]/lse_sumexp0[b] - exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_lse_sumexp0[b]/lse_sumexp0[b]**2)*Piecewise((1, Eq(reduction, 2)), (1/wsum, True))"""
+def _cross_entropy_hvp1(logits, lse_max0, lse_sumexp0, loss_sum0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction, _total):
+    """t_g_logits[b, k] = g_loss*(exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_logits[b, k]/lse_sumexp0[b] - exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*t_lse_sumexp0[b]/lse_sumexp0[b]**2)*Piecewise((1, Eq(reduction, 2)), (1/loss_sum0, True))"""
     _F = t_g_logits.dtype.type
-    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / wsum[0])
+    _c0 = g_loss[0]*(_F(1) if (reduction == 2) else _F(1) / loss_sum0[0])
     _r = cuda.grid(1)
     if _r < _total:
         k = _r % C
@@ -314,11 +319,11 @@ def _cross_entropy_fwd_core(logits, target, weight, ignore_index, label_smoothin
     loss = _empty((1,), _dtype)
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
+    wt = _empty((B,), _dtype)
     _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_fwd3, 1, logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd3, 1, logits, loss, lse, coef, wt, B, C, reduction)
     return loss
 
 
@@ -332,14 +337,14 @@ def _cross_entropy_fwd_alloc(logits, target, weight, ignore_index, label_smoothi
 
 
 def _cross_entropy_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction):
-    """The intermediates of ``_cross_entropy_fwd_core`` for arguments of these shapes (lse, coef, wsum_sum0), uninitialised device arrays: the workspace ``_cross_entropy_fwd_into`` takes."""
+    """The intermediates of ``_cross_entropy_fwd_core`` for arguments of these shapes (lse, coef, wt), uninitialised device arrays: the workspace ``_cross_entropy_fwd_into`` takes."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    return (lse, coef, wsum_sum0)
+    wt = _empty((B,), _dtype)
+    return (lse, coef, wt)
 
 
 def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, _work=None):
@@ -350,11 +355,11 @@ def _cross_entropy_fwd_into(logits, target, weight, ignore_index, label_smoothin
     C = logits.shape[1]
     if _work is None:
         _work = _cross_entropy_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction)
-    lse, coef, wsum_sum0 = _work
+    lse, coef, wt = _work
     _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_fwd3, 1, logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd3, 1, logits, loss, lse, coef, wt, B, C, reduction)
 
 
 def _cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, reduction):
@@ -375,11 +380,11 @@ def _cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing,
     loss = _empty((1,), _dtype)
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
+    wt = _empty((B,), _dtype)
     _launch(_cross_entropy_fwd0, B, logits, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_fwd3, 1, logits, target, loss, lse, coef, wsum_sum0, B, C, ignore_index, reduction)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd3, 1, logits, loss, lse, coef, wt, B, C, reduction)
     return _result(loss, False)[0]
 
 
@@ -397,16 +402,16 @@ def _cross_entropy_bwd_core(g_loss, logits, target, weight, ignore_index, label_
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
     g_logits = _empty((B, C), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_bwd1, 1, wt, loss_sum0, B)
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
-    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return g_logits
 
 
@@ -420,17 +425,17 @@ def _cross_entropy_bwd_alloc(g_loss, logits, target, weight, ignore_index, label
 
 
 def _cross_entropy_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
-    """The intermediates of ``_cross_entropy_bwd_core`` for arguments of these shapes (lse_max0, lse_sumexp0, coef, wsum_sum0, wsum, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_into`` takes."""
+    """The intermediates of ``_cross_entropy_bwd_core`` for arguments of these shapes (lse_max0, lse_sumexp0, coef, wt, loss_sum0, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_into`` takes."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
-    return (lse_max0, lse_sumexp0, coef, wsum_sum0, wsum, g_logits_sum0)
+    return (lse_max0, lse_sumexp0, coef, wt, loss_sum0, g_logits_sum0)
 
 
 def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits, _work=None):
@@ -441,13 +446,13 @@ def _cross_entropy_bwd_into(g_loss, logits, target, weight, ignore_index, label_
     C = logits.shape[1]
     if _work is None:
         _work = _cross_entropy_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction)
-    lse_max0, lse_sumexp0, coef, wsum_sum0, wsum, g_logits_sum0 = _work
+    lse_max0, lse_sumexp0, coef, wt, loss_sum0, g_logits_sum0 = _work
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_bwd1, 1, wt, loss_sum0, B)
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
-    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_smoothing, reduction):
@@ -469,21 +474,21 @@ def _cross_entropy_bwd(g_loss, logits, target, weight, *, ignore_index, label_sm
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
     g_logits = _empty((B, C), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_bwd1, 1, wt, loss_sum0, B)
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
-    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return _result(g_logits, _dev)
 
 
 def _cross_entropy_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
-    """Forward of cross_entropy: loss, lse_max0, lse_sumexp0, wsum from logits, target, weight, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    """Forward of cross_entropy: loss, lse_max0, lse_sumexp0, loss_sum0 from logits, target, weight, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = logits.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
@@ -493,13 +498,13 @@ def _cross_entropy_fwd_saving_core(logits, target, weight, ignore_index, label_s
     lse_sumexp0 = _empty((B,), _dtype)
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
     _launch(_cross_entropy_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_fwd_saving1, 1, logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction)
-    return loss, lse_max0, lse_sumexp0, wsum
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd_saving1, 1, logits, loss, lse, coef, wt, loss_sum0, B, C, reduction)
+    return loss, lse_max0, lse_sumexp0, loss_sum0
 
 
 def _cross_entropy_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -510,38 +515,38 @@ def _cross_entropy_fwd_saving_alloc(logits, target, weight, ignore_index, label_
     loss = _empty((1,), _dtype)
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
-    return loss, lse_max0, lse_sumexp0, wsum
+    loss_sum0 = _empty((1,), _dtype)
+    return loss, lse_max0, lse_sumexp0, loss_sum0
 
 
 def _cross_entropy_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction):
-    """The intermediates of ``_cross_entropy_fwd_saving_core`` for arguments of these shapes (lse, coef, wsum_sum0), uninitialised device arrays: the workspace ``_cross_entropy_fwd_saving_into`` takes."""
+    """The intermediates of ``_cross_entropy_fwd_saving_core`` for arguments of these shapes (lse, coef, wt), uninitialised device arrays: the workspace ``_cross_entropy_fwd_saving_into`` takes."""
     _dtype = logits.dtype
     B = logits.shape[0]
     C = logits.shape[1]
     lse = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    return (lse, coef, wsum_sum0)
+    wt = _empty((B,), _dtype)
+    return (lse, coef, wt)
 
 
-def _cross_entropy_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, wsum, _work=None):
-    """``_cross_entropy_fwd_saving_core`` launching its kernels into loss, lse_max0, lse_sumexp0, wsum (from ``_cross_entropy_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_fwd_saving_work``; allocated when None); returns nothing."""
+def _cross_entropy_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, loss_sum0, _work=None):
+    """``_cross_entropy_fwd_saving_core`` launching its kernels into loss, lse_max0, lse_sumexp0, loss_sum0 (from ``_cross_entropy_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_fwd_saving_work``; allocated when None); returns nothing."""
     _dtype = logits.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     if _work is None:
         _work = _cross_entropy_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction)
-    lse, coef, wsum_sum0 = _work
+    lse, coef, wt = _work
     _launch(_cross_entropy_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_fwd_saving1, 1, logits, target, loss, lse, coef, wsum_sum0, wsum, B, C, ignore_index, reduction)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_fwd_saving1, 1, logits, loss, lse, coef, wt, loss_sum0, B, C, reduction)
 
 
-def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
-    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_loss.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
@@ -551,11 +556,11 @@ def _cross_entropy_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_
     g_logits_sum0 = _empty((B,), _dtype)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
-    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
     return g_logits
 
 
-def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
+def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
     """The results of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_bwd_saved_into`` writes."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -564,7 +569,7 @@ def _cross_entropy_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse
     return g_logits
 
 
-def _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction):
+def _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction):
     """The intermediates of ``_cross_entropy_bwd_saved_core`` for arguments of these shapes (coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_bwd_saved_into`` takes."""
     _dtype = g_loss.dtype
     B = logits.shape[0]
@@ -574,18 +579,18 @@ def _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_
     return (coef, g_logits_sum0)
 
 
-def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+def _cross_entropy_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction, g_logits, _work=None):
     """``_cross_entropy_bwd_saved_core`` launching its kernels into g_logits (from ``_cross_entropy_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_bwd_saved_work``; allocated when None); returns nothing."""
     _dtype = g_loss.dtype
     label_smoothing = _dtype.type(label_smoothing)
     B = logits.shape[0]
     C = logits.shape[1]
     if _work is None:
-        _work = _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, wsum, ignore_index, label_smoothing, reduction)
+        _work = _cross_entropy_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, loss_sum0, ignore_index, label_smoothing, reduction)
     coef, g_logits_sum0 = _work
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
     _launch(_cross_entropy_bwd2, B, coef, g_logits_sum0, B, C)
-    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, wsum, g_loss, g_logits, g_logits_sum0, B, C, reduction)
+    _launch(_cross_entropy_bwd3, B * C, logits, lse_max0, lse_sumexp0, coef, loss_sum0, g_loss, g_logits, g_logits_sum0, B, C, reduction)
 
 
 def _cross_entropy_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
@@ -610,16 +615,16 @@ def _cross_entropy_jvp(logits, target, weight, t_logits, *, ignore_index, label_
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
     t_loss = _empty((1,), _dtype)
     t_lse = _empty((B,), _dtype)
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_bwd1, 1, wt, loss_sum0, B)
     _launch(_cross_entropy_jvp0, B, logits, lse_max0, lse_sumexp0, t_logits, t_lse, B, C)
-    _launch(_cross_entropy_jvp1, 1, coef, wsum, t_logits, t_loss, t_lse, B, C, reduction)
+    _launch(_cross_entropy_jvp1, 1, coef, loss_sum0, t_logits, t_loss, t_lse, B, C, reduction)
     return _result(t_loss, False)[0]
 
 
@@ -646,17 +651,539 @@ def _cross_entropy_hvp(g_loss, logits, target, weight, t_logits, *, ignore_index
     lse_max0 = _empty((B,), _dtype)
     lse_sumexp0 = _empty((B,), _dtype)
     coef = _empty((B, C), _dtype)
-    wsum_sum0 = _empty((B,), _dtype)
-    wsum = _empty((1,), _dtype)
+    wt = _empty((B,), _dtype)
+    loss_sum0 = _empty((1,), _dtype)
     g_logits_sum0 = _empty((B,), _dtype)
     t_g_logits = _empty((B, C), _dtype)
     t_lse_sumexp0 = _empty((B,), _dtype)
     _launch(_cross_entropy_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
     _launch(_cross_entropy_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
-    _launch(_cross_entropy_fwd2, B, target, weight, wsum_sum0, B, C)
-    _launch(_cross_entropy_bwd1, 1, target, wsum_sum0, wsum, B, ignore_index)
+    _launch(_cross_entropy_fwd2, B, target, weight, wt, B, C, ignore_index)
+    _launch(_cross_entropy_bwd1, 1, wt, loss_sum0, B)
     _launch(_cross_entropy_hvp0, B, logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C)
-    _launch(_cross_entropy_hvp1, B * C, logits, lse_max0, lse_sumexp0, wsum, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction)
+    _launch(_cross_entropy_hvp1, B * C, logits, lse_max0, lse_sumexp0, loss_sum0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, reduction)
+    return _result(t_g_logits, _dev)
+
+
+# ============================================================================ cross_entropy[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_fwd0(logits, lse, B, C, _total):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_fwd1(target, weight, coef, B, C, ignore_index, label_smoothing, _total):
+    """coef[b, c] = Piecewise((0, Eq(ignore_index, target[b])), (((1 - label_smoothing)*Piecewise((1, Eq(c, target[b])), (0, True)) + label_smoothing/C)*weight[c], True))"""
+    _F = coef.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r % C
+        _r //= C
+        b = _r
+        _v_coef = (_F(0) if (ignore_index == target[b]) else ((_F(1) - label_smoothing)*(_F(1) if (c == target[b]) else _F(0)) + label_smoothing/_F(C))*weight[c])
+        coef[b, c] = _v_coef
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_fwd2(logits, loss, lse, coef, B, C, _total):
+    """loss[b] = sum((-logits[b, c] + lse[b])*coef[b, c], c)"""
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_loss = _F(0)
+        for c in range(0, C):
+            _v_loss += (-logits[b, c] + lse[b])*coef[b, c]
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_bwd0(logits, lse_max0, lse_sumexp0, B, C, _total):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    """
+    _F = lse_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_bwd1(coef, g_logits_sum0, B, C, _total):
+    """g_logits_sum0[b] = sum(coef[b, c], c)"""
+    _F = g_logits_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_g_logits_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_logits_sum0 += coef[b, c]
+        g_logits_sum0[b] = _v_g_logits_sum0
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_bwd2(logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C, _total):
+    """g_logits[b, k] = (exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*g_loss[b]"""
+    _F = g_logits.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_g_logits = (math.exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]/lse_sumexp0[b] - coef[b, k])*g_loss[b]
+        g_logits[b, k] = _v_g_logits
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_fwd_saving0(logits, lse_max0, lse_sumexp0, lse, B, C, _total):
+    """lse_max0[b] = max(logits[b, k], k)
+    lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+    lse_logsumexp0[b] = log(lse_sumexp0[b])
+    lse[b] = lse_logsumexp0[b] + lse_max0[b]
+    """
+    _F = lse_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # lse_max0[b] = max(logits[b, k], k)
+        _v_lse_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_lse_max0:
+                _v_lse_max0 = _m
+        lse_max0[b] = _v_lse_max0
+        # lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b]), k)
+        _v_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_lse_sumexp0 += math.exp(-_v_lse_max0 + logits[b, k])
+        lse_sumexp0[b] = _v_lse_sumexp0
+        # lse_logsumexp0[b] = log(lse_sumexp0[b])
+        _v_lse_logsumexp0 = math.log(_v_lse_sumexp0)
+        # lse[b] = lse_logsumexp0[b] + lse_max0[b]
+        _v_lse = _v_lse_logsumexp0 + _v_lse_max0
+        lse[b] = _v_lse
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_jvp0(logits, lse_max0, lse_sumexp0, coef, t_logits, t_loss, B, C, _total):
+    """t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+    t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
+    t_lse[b] = t_lse_logsumexp0[b]
+    t_loss[b] = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], c)
+    """
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+        _v_t_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_lse_sumexp0 += math.exp(logits[b, k] - lse_max0[b])*t_logits[b, k]
+        # t_lse_logsumexp0[b] = t_lse_sumexp0[b]/lse_sumexp0[b]
+        _v_t_lse_logsumexp0 = _v_t_lse_sumexp0/lse_sumexp0[b]
+        # t_lse[b] = t_lse_logsumexp0[b]
+        _v_t_lse = _v_t_lse_logsumexp0
+        # t_loss[b] = sum((-t_logits[b, c] + t_lse[b])*coef[b, c], c)
+        _v_t_loss = _F(0)
+        for c in range(0, C):
+            _v_t_loss += (_v_t_lse - t_logits[b, c])*coef[b, c]
+        t_loss[b] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_hvp0(logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C, _total):
+    """g_logits_sum0[b] = sum(coef[b, c], c)
+    t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+    """
+    _F = g_logits_sum0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # g_logits_sum0[b] = sum(coef[b, c], c)
+        _v_g_logits_sum0 = _F(0)
+        for c in range(0, C):
+            _v_g_logits_sum0 += coef[b, c]
+        g_logits_sum0[b] = _v_g_logits_sum0
+        # t_lse_sumexp0[b] = sum(exp(logits[b, k] - lse_max0[b])*t_logits[b, k], k)
+        _v_t_lse_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_lse_sumexp0 += math.exp(logits[b, k] - lse_max0[b])*t_logits[b, k]
+        t_lse_sumexp0[b] = _v_t_lse_sumexp0
+
+
+@cuda.jit(cache=True)
+def _cross_entropy_reduction_none_hvp1(logits, lse_max0, lse_sumexp0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C, _total):
+    """t_g_logits[b, k] = (lse_sumexp0[b]*t_logits[b, k] - t_lse_sumexp0[b])*exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*g_loss[b]/lse_sumexp0[b]**2"""
+    _F = t_g_logits.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_g_logits = (lse_sumexp0[b]*t_logits[b, k] - t_lse_sumexp0[b])*math.exp(logits[b, k] - lse_max0[b])*g_logits_sum0[b]*g_loss[b]/(lse_sumexp0[b] * lse_sumexp0[b])
+        t_g_logits[b, k] = _v_t_g_logits
+
+
+def _cross_entropy_reduction_none_fwd_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss from logits, target, weight. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    _launch(_cross_entropy_reduction_none_fwd0, B, logits, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+    return loss
+
+
+def _cross_entropy_reduction_none_fwd_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_reduction_none_fwd_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    return loss
+
+
+def _cross_entropy_reduction_none_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes (lse, coef), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_fwd_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    return (lse, coef)
+
+
+def _cross_entropy_reduction_none_fwd_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, _work=None):
+    """``_cross_entropy_reduction_none_fwd_core`` launching its kernels into loss (from ``_cross_entropy_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_fwd_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef = _work
+    _launch(_cross_entropy_reduction_none_fwd0, B, logits, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+
+
+def _cross_entropy_reduction_none_fwd(logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss from logits, target, weight."""
+    _dev = any(_on_device(a) for a in (logits, target, weight))
+    _dtype = _float_dtype((logits, target, weight))
+    logits = _dev_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_int("cross_entropy[reduction=none]", "target", target)
+    weight = _dev_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    loss = _empty((B,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    _launch(_cross_entropy_reduction_none_fwd0, B, logits, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+    return _result(loss, _dev)
+
+
+def _cross_entropy_reduction_none_fwd_shapes(logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """The shapes of the results of ``_cross_entropy_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logits.shape[0]
+    return ((B,),)
+
+
+def _cross_entropy_reduction_none_bwd_core(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_reduction_none_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_alloc(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes (lse_max0, lse_sumexp0, coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_bwd_into`` takes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    return (lse_max0, lse_sumexp0, coef, g_logits_sum0)
+
+
+def _cross_entropy_reduction_none_bwd_into(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_reduction_none_bwd_core`` launching its kernels into g_logits (from ``_cross_entropy_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_bwd_work(g_loss, logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse_max0, lse_sumexp0, coef, g_logits_sum0 = _work
+    _launch(_cross_entropy_reduction_none_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+
+
+def _cross_entropy_reduction_none_bwd(g_loss, logits, target, weight, *, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logits, target, weight))
+    _dtype = _float_dtype((g_loss, logits, target, weight))
+    g_loss = _dev_float("cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _dev_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_int("cross_entropy[reduction=none]", "target", target)
+    weight = _dev_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_dim("cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_reduction_none_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+    return _result(g_logits, _dev)
+
+
+def _cross_entropy_reduction_none_fwd_saving_core(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Forward of cross_entropy[reduction=none]: loss, lse_max0, lse_sumexp0 from logits, target, weight, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    _launch(_cross_entropy_reduction_none_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+    return loss, lse_max0, lse_sumexp0
+
+
+def _cross_entropy_reduction_none_fwd_saving_alloc(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_reduction_none_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    return loss, lse_max0, lse_sumexp0
+
+
+def _cross_entropy_reduction_none_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes (lse, coef), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    lse = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    return (lse, coef)
+
+
+def _cross_entropy_reduction_none_fwd_saving_into(logits, target, weight, ignore_index, label_smoothing, reduction, loss, lse_max0, lse_sumexp0, _work=None):
+    """``_cross_entropy_reduction_none_fwd_saving_core`` launching its kernels into loss, lse_max0, lse_sumexp0 (from ``_cross_entropy_reduction_none_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_fwd_saving_work(logits, target, weight, ignore_index, label_smoothing, reduction)
+    lse, coef = _work
+    _launch(_cross_entropy_reduction_none_fwd_saving0, B, logits, lse_max0, lse_sumexp0, lse, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_fwd2, B, logits, loss, lse, coef, B, C)
+
+
+def _cross_entropy_reduction_none_bwd_saved_core(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """Backward of cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, weight, lse_max0, lse_sumexp0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_saved_alloc(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """The results of ``_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_cross_entropy_reduction_none_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _cross_entropy_reduction_none_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction):
+    """The intermediates of ``_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes (coef, g_logits_sum0), uninitialised device arrays: the workspace ``_cross_entropy_reduction_none_bwd_saved_into`` takes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    coef = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    return (coef, g_logits_sum0)
+
+
+def _cross_entropy_reduction_none_bwd_saved_into(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction, g_logits, _work=None):
+    """``_cross_entropy_reduction_none_bwd_saved_core`` launching its kernels into g_logits (from ``_cross_entropy_reduction_none_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_cross_entropy_reduction_none_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    label_smoothing = _dtype.type(label_smoothing)
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _cross_entropy_reduction_none_bwd_saved_work(g_loss, logits, target, weight, lse_max0, lse_sumexp0, ignore_index, label_smoothing, reduction)
+    coef, g_logits_sum0 = _work
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_bwd1, B, coef, g_logits_sum0, B, C)
+    _launch(_cross_entropy_reduction_none_bwd2, B * C, logits, lse_max0, lse_sumexp0, coef, g_loss, g_logits, g_logits_sum0, B, C)
+
+
+def _cross_entropy_reduction_none_jvp(logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
+    """Forward mode of cross_entropy[reduction=none]: the tangents t_loss of the outputs from logits, target, weight, t_logits (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logits, target, weight, t_logits))
+    _dtype = _float_dtype((logits, target, weight, t_logits))
+    logits = _dev_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_int("cross_entropy[reduction=none]", "target", target)
+    weight = _dev_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    t_logits = _dev_float("cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_rank("cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    t_loss = _empty((B,), _dtype)
+    _launch(_cross_entropy_reduction_none_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_jvp0, B, logits, lse_max0, lse_sumexp0, coef, t_logits, t_loss, B, C)
+    return _result(t_loss, _dev)
+
+
+def _cross_entropy_reduction_none_hvp(g_loss, logits, target, weight, t_logits, *, ignore_index, label_smoothing, reduction):
+    """Second order of cross_entropy[reduction=none]: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, weight, t_logits (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logits, target, weight, t_logits))
+    _dtype = _float_dtype((g_loss, logits, target, weight, t_logits))
+    g_loss = _dev_float("cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _dev_float("cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_int("cross_entropy[reduction=none]", "target", target)
+    weight = _dev_float("cross_entropy[reduction=none]", "weight", weight, _dtype)
+    t_logits = _dev_float("cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("cross_entropy[reduction=none]", "target", target, 1)
+    _check_rank("cross_entropy[reduction=none]", "weight", weight, 1)
+    _check_rank("cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "weight", weight, 0, "C", C, "from logits axis 1")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    label_smoothing = _dtype.type(label_smoothing)
+    lse_max0 = _empty((B,), _dtype)
+    lse_sumexp0 = _empty((B,), _dtype)
+    coef = _empty((B, C), _dtype)
+    g_logits_sum0 = _empty((B,), _dtype)
+    t_g_logits = _empty((B, C), _dtype)
+    t_lse_sumexp0 = _empty((B,), _dtype)
+    _launch(_cross_entropy_reduction_none_bwd0, B, logits, lse_max0, lse_sumexp0, B, C)
+    _launch(_cross_entropy_reduction_none_fwd1, B * C, target, weight, coef, B, C, ignore_index, label_smoothing)
+    _launch(_cross_entropy_reduction_none_hvp0, B, logits, lse_max0, coef, g_logits_sum0, t_logits, t_lse_sumexp0, B, C)
+    _launch(_cross_entropy_reduction_none_hvp1, B * C, logits, lse_max0, lse_sumexp0, g_loss, g_logits_sum0, t_logits, t_g_logits, t_lse_sumexp0, B, C)
     return _result(t_g_logits, _dev)
 
 
@@ -668,6 +1195,13 @@ _FUNCS = {
         "hvp": _cross_entropy_hvp,
         "jvp": _cross_entropy_jvp,
         "shapes": _cross_entropy_fwd_shapes,
+    },
+    "cross_entropy[reduction=none]": {
+        "backward": _cross_entropy_reduction_none_bwd,
+        "forward": _cross_entropy_reduction_none_fwd,
+        "hvp": _cross_entropy_reduction_none_hvp,
+        "jvp": _cross_entropy_reduction_none_jvp,
+        "shapes": _cross_entropy_reduction_none_fwd_shapes,
     },
 }
 

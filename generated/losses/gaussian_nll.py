@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -391,6 +391,333 @@ def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full, re
     return _gaussian_nll_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction)
 
 
+# ============================================================================ gaussian_nll[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_fwd0(pred, target, var, loss, B, N, eps, full):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    loss[b, n] = full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2
+    """
+    _F = loss.dtype.type
+    _c0 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            # loss[b, n] = full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2
+            _v_loss = _c0 + _F(0.5)*math.log(_v_vc) + _F(0.5)*(pred[b, n] - target[b, n])**2/_v_vc
+            loss[b, n] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    g_pred[b, n] = (pred[b, n] - target[b, n])*g_loss[b, n]/vc[b, n]
+    g_var[b, n] = (-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]/(2*vc[b, n])
+    """
+    _F = g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            # g_pred[b, n] = (pred[b, n] - target[b, n])*g_loss[b, n]/vc[b, n]
+            _t0 = pred[b, n] - target[b, n]
+            _t1 = _F(1) / _v_vc
+            _t2 = _t1*g_loss[b, n]
+            _v_g_pred = _t0*_t2
+            g_pred[b, n] = _v_g_pred
+            # g_var[b, n] = (-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]/(2*vc[b, n])
+            _v_g_var = _F(0.5)*_t2*(-_t0 * _t0*_t1 + _F(1))
+            g_var[b, n] = _v_g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_jvp0(pred, target, var, t_pred, t_var, t_loss, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    t_loss[b, n] = -(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n])
+    """
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            # t_vc[b, n] = t_var[b, n]
+            _v_t_vc = t_var[b, n]
+            # t_loss[b, n] = -(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n])
+            _t0 = _F(1) / _v_vc
+            _t1 = _F(0.5)*_v_t_vc
+            _t2 = pred[b, n] - target[b, n]
+            _v_t_loss = _t0*_t1 + _t0*_t2*t_pred[b, n] - _t1*(_t2 * _t2)/(_v_vc * _v_vc)
+            t_loss[b, n] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    t_g_pred[b, n] = -(pred[b, n] - target[b, n])*g_loss[b, n]*t_vc[b, n]/vc[b, n]**2 + g_loss[b, n]*t_pred[b, n]/vc[b, n]
+    t_g_var[b, n] = -(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]*t_vc[b, n]/(2*vc[b, n]**2) + ((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*g_loss[b, n]/(2*vc[b, n])
+    """
+    _F = t_g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+            _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+            # t_vc[b, n] = t_var[b, n]
+            _v_t_vc = t_var[b, n]
+            # t_g_pred[b, n] = -(pred[b, n] - target[b, n])*g_loss[b, n]*t_vc[b, n]/vc[b, n]**2 + g_loss[b, n]*t_pred[b, n]/vc[b, n]
+            _t0 = _F(1) / _v_vc
+            _t1 = pred[b, n] - target[b, n]
+            _t2 = _v_t_vc/(_v_vc * _v_vc)
+            _t3 = _t2*g_loss[b, n]
+            _v_t_g_pred = _t0*g_loss[b, n]*t_pred[b, n] - _t1*_t3
+            t_g_pred[b, n] = _v_t_g_pred
+            # t_g_var[b, n] = -(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]*t_vc[b, n]/(2*vc[b, n]**2) + ((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*g_loss[b, n]/(2*vc[b, n])
+            _t4 = _t1 * _t1
+            _v_t_g_var = _F(0.5)*_t0*(-_F(2)*_t0*_t1*t_pred[b, n] + _t2*_t4)*g_loss[b, n] - _F(0.5)*_t3*(-_t0*_t4 + _F(1))
+            t_g_var[b, n] = _v_t_g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_fwd_core(pred, target, var, eps, full, reduction):
+    """Forward of gaussian_nll[reduction=none]: loss from pred, target, var. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    _gaussian_nll_reduction_none_fwd0(pred, target, var, loss, B, N, eps, full)
+    return loss
+
+
+def _gaussian_nll_reduction_none_fwd_alloc(pred, target, var, eps, full, reduction):
+    """The results of ``_gaussian_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_fwd_into(pred, target, var, eps, full, reduction, loss):
+    """``_gaussian_nll_reduction_none_fwd_core`` writing its results into loss (from ``_gaussian_nll_reduction_none_fwd_alloc``)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _gaussian_nll_reduction_none_fwd0(pred, target, var, loss, B, N, eps, full)
+
+
+def _gaussian_nll_reduction_none_fwd(pred, target, var, *, eps, full, reduction):
+    """Forward of gaussian_nll[reduction=none]: loss from pred, target, var."""
+    _dtype = _float_dtype((pred, target, var))
+    pred = _as_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _as_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    return _gaussian_nll_reduction_none_fwd_core(pred, target, var, eps, full, reduction)
+
+
+def _gaussian_nll_reduction_none_fwd_shapes(pred, target, var, *, eps, full, reduction):
+    """The shapes of the results of ``_gaussian_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_bwd_core(g_loss, pred, target, var, eps, full, reduction):
+    """Backward of gaussian_nll[reduction=none]: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    g_var = np.empty((B, N), _dtype)
+    _gaussian_nll_reduction_none_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    return g_pred, g_var
+
+
+def _gaussian_nll_reduction_none_bwd_alloc(g_loss, pred, target, var, eps, full, reduction):
+    """The results of ``_gaussian_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    g_var = np.empty((B, N), _dtype)
+    return g_pred, g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var):
+    """``_gaussian_nll_reduction_none_bwd_core`` writing its results into g_pred, g_var (from ``_gaussian_nll_reduction_none_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _gaussian_nll_reduction_none_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+
+
+def _gaussian_nll_reduction_none_bwd(g_loss, pred, target, var, *, eps, full, reduction):
+    """Backward of gaussian_nll[reduction=none]: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, var))
+    g_loss = _as_float("gaussian_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _as_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from g_loss axis 1")
+    eps = _dtype.type(eps)
+    return _gaussian_nll_reduction_none_bwd_core(g_loss, pred, target, var, eps, full, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_jvp_core(pred, target, var, t_pred, t_var, eps, full, reduction):
+    """Forward mode of gaussian_nll[reduction=none]: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    _gaussian_nll_reduction_none_jvp0(pred, target, var, t_pred, t_var, t_loss, B, N, eps)
+    return t_loss
+
+
+def _gaussian_nll_reduction_none_jvp_alloc(pred, target, var, t_pred, t_var, eps, full, reduction):
+    """The results of ``_gaussian_nll_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_jvp_into(pred, target, var, t_pred, t_var, eps, full, reduction, t_loss):
+    """``_gaussian_nll_reduction_none_jvp_core`` writing its results into t_loss (from ``_gaussian_nll_reduction_none_jvp_alloc``)."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _gaussian_nll_reduction_none_jvp0(pred, target, var, t_pred, t_var, t_loss, B, N, eps)
+
+
+def _gaussian_nll_reduction_none_jvp(pred, target, var, t_pred, t_var, *, eps, full, reduction):
+    """Forward mode of gaussian_nll[reduction=none]: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, var, t_pred, t_var))
+    pred = _as_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _as_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    t_pred = _as_float("gaussian_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    t_var = _as_float("gaussian_nll[reduction=none]", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_var", t_var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    return _gaussian_nll_reduction_none_jvp_core(pred, target, var, t_pred, t_var, eps, full, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction):
+    """Second order of gaussian_nll[reduction=none]: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    t_g_var = np.empty((B, N), _dtype)
+    _gaussian_nll_reduction_none_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    return t_g_pred, t_g_var
+
+
+def _gaussian_nll_reduction_none_hvp_alloc(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction):
+    """The results of ``_gaussian_nll_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_gaussian_nll_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    t_g_var = np.empty((B, N), _dtype)
+    return t_g_pred, t_g_var
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _gaussian_nll_reduction_none_hvp_into(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction, t_g_pred, t_g_var):
+    """``_gaussian_nll_reduction_none_hvp_core`` writing its results into t_g_pred, t_g_var (from ``_gaussian_nll_reduction_none_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _gaussian_nll_reduction_none_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+
+
+def _gaussian_nll_reduction_none_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full, reduction):
+    """Second order of gaussian_nll[reduction=none]: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, var, t_pred, t_var))
+    g_loss = _as_float("gaussian_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _as_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    t_pred = _as_float("gaussian_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    t_var = _as_float("gaussian_nll[reduction=none]", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_var", t_var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 1, "N", N, "from g_loss axis 1")
+    eps = _dtype.type(eps)
+    return _gaussian_nll_reduction_none_hvp_core(g_loss, pred, target, var, t_pred, t_var, eps, full, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "gaussian_nll": {
@@ -400,6 +727,13 @@ _FUNCS = {
         "jvp": _gaussian_nll_jvp,
         "shapes": _gaussian_nll_fwd_shapes,
     },
+    "gaussian_nll[reduction=none]": {
+        "backward": _gaussian_nll_reduction_none_bwd,
+        "forward": _gaussian_nll_reduction_none_fwd,
+        "hvp": _gaussian_nll_reduction_none_hvp,
+        "jvp": _gaussian_nll_reduction_none_jvp,
+        "shapes": _gaussian_nll_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -408,11 +742,24 @@ _SPECS = {
     "gaussian_nll": {
         "kind": "loss",
         "attrs": {"eps": 1e-06, "full": 0.0, "reduction": 1},
+        "domains": {"eps": {"above": 0.0, "text": "0.0 < value"}, "full": {"values": (0.0, 1.0), "text": "0.0, 1.0"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "gaussian_nll[reduction=none]"),),
         "arg_names": ("pred", "target", "var"),
         "differentiable": ("pred", "var"),
         "state": (),
         "seeds": 1,
-        "doc": "Gaussian negative log-likelihood with a predicted variance, mean (or sum) over all elements, as F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no_grad), full = 1 adds the constant log(2 pi)/2.",
+        "doc": "Gaussian negative log-likelihood with a predicted variance, mean (or sum, or none) over all elements, as F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no_grad), full = 1 adds the constant log(2 pi)/2.",
+    },
+    "gaussian_nll[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"eps": 1e-06, "full": 0.0, "reduction": 1},
+        "domains": {"eps": {"above": 0.0, "text": "0.0 < value"}, "full": {"values": (0.0, 1.0), "text": "0.0, 1.0"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "gaussian_nll",
+        "arg_names": ("pred", "target", "var"),
+        "differentiable": ("pred", "var"),
+        "state": (),
+        "seeds": 1,
+        "doc": "Gaussian negative log-likelihood with a predicted variance, mean (or sum, or none) over all elements, as F.gaussian_nll_loss: the variance is clamped at eps without blocking its gradient (PyTorch clamps under no_grad), full = 1 adds the constant log(2 pi)/2.",
     },
 }
 
@@ -426,7 +773,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="gaussian_nll", target="cpu", **attrs):

@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""gaussian_nll_cuda: generated CUDA kernels and host wrappers (1 op).
+"""gaussian_nll_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``gaussian_nll.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -367,6 +367,301 @@ def _gaussian_nll_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full, re
     return _result(t_g_pred, _dev), _result(t_g_var, _dev)
 
 
+# ============================================================================ gaussian_nll[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_reduction_none_fwd0(pred, target, var, loss, B, N, eps, full, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    loss[b, n] = full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2
+    """
+    _F = loss.dtype.type
+    _c0 = _F(0.5)*full*(math.log(_F(2)) + math.log(_F(math.pi)))
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        # loss[b, n] = full*(log(2) + log(pi))/2 + (pred[b, n] - target[b, n])**2/(2*vc[b, n]) + log(vc[b, n])/2
+        _v_loss = _c0 + _F(0.5)*math.log(_v_vc) + _F(0.5)*(pred[b, n] - target[b, n])**2/_v_vc
+        loss[b, n] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_reduction_none_bwd0(pred, target, var, g_loss, g_pred, g_var, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    g_pred[b, n] = (pred[b, n] - target[b, n])*g_loss[b, n]/vc[b, n]
+    g_var[b, n] = (-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]/(2*vc[b, n])
+    """
+    _F = g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        # g_pred[b, n] = (pred[b, n] - target[b, n])*g_loss[b, n]/vc[b, n]
+        _t0 = pred[b, n] - target[b, n]
+        _t1 = _F(1) / _v_vc
+        _t2 = _t1*g_loss[b, n]
+        _v_g_pred = _t0*_t2
+        g_pred[b, n] = _v_g_pred
+        # g_var[b, n] = (-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]/(2*vc[b, n])
+        _v_g_var = _F(0.5)*_t2*(-_t0 * _t0*_t1 + _F(1))
+        g_var[b, n] = _v_g_var
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_reduction_none_jvp0(pred, target, var, t_pred, t_var, t_loss, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    t_loss[b, n] = -(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n])
+    """
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        # t_vc[b, n] = t_var[b, n]
+        _v_t_vc = t_var[b, n]
+        # t_loss[b, n] = -(pred[b, n] - target[b, n])**2*t_vc[b, n]/(2*vc[b, n]**2) + (pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n] + t_vc[b, n]/(2*vc[b, n])
+        _t0 = _F(1) / _v_vc
+        _t1 = _F(0.5)*_v_t_vc
+        _t2 = pred[b, n] - target[b, n]
+        _v_t_loss = _t0*_t1 + _t0*_t2*t_pred[b, n] - _t1*(_t2 * _t2)/(_v_vc * _v_vc)
+        t_loss[b, n] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _gaussian_nll_reduction_none_hvp0(pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps, _total):
+    """vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+    t_vc[b, n] = t_var[b, n]
+    t_g_pred[b, n] = -(pred[b, n] - target[b, n])*g_loss[b, n]*t_vc[b, n]/vc[b, n]**2 + g_loss[b, n]*t_pred[b, n]/vc[b, n]
+    t_g_var[b, n] = -(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]*t_vc[b, n]/(2*vc[b, n]**2) + ((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*g_loss[b, n]/(2*vc[b, n])
+    """
+    _F = t_g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        # vc[b, n] = stop_gradient(-var[b, n] + Max(eps, var[b, n])) + var[b, n]
+        _v_vc = (var[b, n] if var[b, n] != var[b, n] else max(eps, var[b, n]))
+        # t_vc[b, n] = t_var[b, n]
+        _v_t_vc = t_var[b, n]
+        # t_g_pred[b, n] = -(pred[b, n] - target[b, n])*g_loss[b, n]*t_vc[b, n]/vc[b, n]**2 + g_loss[b, n]*t_pred[b, n]/vc[b, n]
+        _t0 = _F(1) / _v_vc
+        _t1 = pred[b, n] - target[b, n]
+        _t2 = _v_t_vc/(_v_vc * _v_vc)
+        _t3 = _t2*g_loss[b, n]
+        _v_t_g_pred = _t0*g_loss[b, n]*t_pred[b, n] - _t1*_t3
+        t_g_pred[b, n] = _v_t_g_pred
+        # t_g_var[b, n] = -(-(pred[b, n] - target[b, n])**2/vc[b, n] + 1)*g_loss[b, n]*t_vc[b, n]/(2*vc[b, n]**2) + ((pred[b, n] - target[b, n])**2*t_vc[b, n]/vc[b, n]**2 - 2*(pred[b, n] - target[b, n])*t_pred[b, n]/vc[b, n])*g_loss[b, n]/(2*vc[b, n])
+        _t4 = _t1 * _t1
+        _v_t_g_var = _F(0.5)*_t0*(-_F(2)*_t0*_t1*t_pred[b, n] + _t2*_t4)*g_loss[b, n] - _F(0.5)*_t3*(-_t0*_t4 + _F(1))
+        t_g_var[b, n] = _v_t_g_var
+
+
+def _gaussian_nll_reduction_none_fwd_core(pred, target, var, eps, full, reduction):
+    """Forward of gaussian_nll[reduction=none]: loss from pred, target, var. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_reduction_none_fwd0, B * N, pred, target, var, loss, B, N, eps, full)
+    return loss
+
+
+def _gaussian_nll_reduction_none_fwd_alloc(pred, target, var, eps, full, reduction):
+    """The results of ``_gaussian_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_reduction_none_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    return loss
+
+
+def _gaussian_nll_reduction_none_fwd_work(pred, target, var, eps, full, reduction):
+    """The workspace of ``_gaussian_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gaussian_nll_reduction_none_fwd_into(pred, target, var, eps, full, reduction, loss, _work=None):
+    """``_gaussian_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_gaussian_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_gaussian_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = pred.dtype
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_gaussian_nll_reduction_none_fwd0, B * N, pred, target, var, loss, B, N, eps, full)
+
+
+def _gaussian_nll_reduction_none_fwd(pred, target, var, *, eps, full, reduction):
+    """Forward of gaussian_nll[reduction=none]: loss from pred, target, var."""
+    _dev = any(_on_device(a) for a in (pred, target, var))
+    _dtype = _float_dtype((pred, target, var))
+    pred = _dev_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _dev_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    full = _dtype.type(full)
+    loss = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_reduction_none_fwd0, B * N, pred, target, var, loss, B, N, eps, full)
+    return _result(loss, _dev)
+
+
+def _gaussian_nll_reduction_none_fwd_shapes(pred, target, var, *, eps, full, reduction):
+    """The shapes of the results of ``_gaussian_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+def _gaussian_nll_reduction_none_bwd_core(g_loss, pred, target, var, eps, full, reduction):
+    """Backward of gaussian_nll[reduction=none]: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_reduction_none_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    return g_pred, g_var
+
+
+def _gaussian_nll_reduction_none_bwd_alloc(g_loss, pred, target, var, eps, full, reduction):
+    """The results of ``_gaussian_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_gaussian_nll_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    return g_pred, g_var
+
+
+def _gaussian_nll_reduction_none_bwd_work(g_loss, pred, target, var, eps, full, reduction):
+    """The workspace of ``_gaussian_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _gaussian_nll_reduction_none_bwd_into(g_loss, pred, target, var, eps, full, reduction, g_pred, g_var, _work=None):
+    """``_gaussian_nll_reduction_none_bwd_core`` launching its kernels into g_pred, g_var (from ``_gaussian_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_gaussian_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _launch(_gaussian_nll_reduction_none_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+
+
+def _gaussian_nll_reduction_none_bwd(g_loss, pred, target, var, *, eps, full, reduction):
+    """Backward of gaussian_nll[reduction=none]: gradients g_pred, g_var from g_loss, pred, target, var (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, var))
+    _dtype = _float_dtype((g_loss, pred, target, var))
+    g_loss = _dev_float("gaussian_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _dev_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from g_loss axis 1")
+    eps = _dtype.type(eps)
+    g_pred = _empty((B, N), _dtype)
+    g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_reduction_none_bwd0, B * N, pred, target, var, g_loss, g_pred, g_var, B, N, eps)
+    return _result(g_pred, _dev), _result(g_var, _dev)
+
+
+def _gaussian_nll_reduction_none_jvp(pred, target, var, t_pred, t_var, *, eps, full, reduction):
+    """Forward mode of gaussian_nll[reduction=none]: the tangents t_loss of the outputs from pred, target, var, t_pred, t_var (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, var, t_pred, t_var))
+    _dtype = _float_dtype((pred, target, var, t_pred, t_var))
+    pred = _dev_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _dev_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    t_pred = _dev_float("gaussian_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    t_var = _dev_float("gaussian_nll[reduction=none]", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_var", t_var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 0, "B", B, "from pred axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 1, "N", N, "from pred axis 1")
+    eps = _dtype.type(eps)
+    t_loss = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_reduction_none_jvp0, B * N, pred, target, var, t_pred, t_var, t_loss, B, N, eps)
+    return _result(t_loss, _dev)
+
+
+def _gaussian_nll_reduction_none_hvp(g_loss, pred, target, var, t_pred, t_var, *, eps, full, reduction):
+    """Second order of gaussian_nll[reduction=none]: t_g_pred, t_g_var, the derivatives of the gradients along the tangents, from g_loss, pred, target, var, t_pred, t_var (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, var, t_pred, t_var))
+    _dtype = _float_dtype((g_loss, pred, target, var, t_pred, t_var))
+    g_loss = _dev_float("gaussian_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("gaussian_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("gaussian_nll[reduction=none]", "target", target, _dtype)
+    var = _dev_float("gaussian_nll[reduction=none]", "var", var, _dtype)
+    t_pred = _dev_float("gaussian_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    t_var = _dev_float("gaussian_nll[reduction=none]", "t_var", t_var, _dtype)
+    _check_rank("gaussian_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("gaussian_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "target", target, 2)
+    _check_rank("gaussian_nll[reduction=none]", "var", var, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_rank("gaussian_nll[reduction=none]", "t_var", t_var, 2)
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "var", var, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 0, "B", B, "from g_loss axis 0")
+    _check_dim("gaussian_nll[reduction=none]", "t_var", t_var, 1, "N", N, "from g_loss axis 1")
+    eps = _dtype.type(eps)
+    t_g_pred = _empty((B, N), _dtype)
+    t_g_var = _empty((B, N), _dtype)
+    _launch(_gaussian_nll_reduction_none_hvp0, B * N, pred, target, var, g_loss, t_pred, t_var, t_g_pred, t_g_var, B, N, eps)
+    return _result(t_g_pred, _dev), _result(t_g_var, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "gaussian_nll": {
@@ -375,6 +670,13 @@ _FUNCS = {
         "hvp": _gaussian_nll_hvp,
         "jvp": _gaussian_nll_jvp,
         "shapes": _gaussian_nll_fwd_shapes,
+    },
+    "gaussian_nll[reduction=none]": {
+        "backward": _gaussian_nll_reduction_none_bwd,
+        "forward": _gaussian_nll_reduction_none_fwd,
+        "hvp": _gaussian_nll_reduction_none_hvp,
+        "jvp": _gaussian_nll_reduction_none_jvp,
+        "shapes": _gaussian_nll_reduction_none_fwd_shapes,
     },
 }
 

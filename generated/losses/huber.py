@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -295,6 +295,260 @@ def _huber_hvp(g_loss, pred, target, t_pred, *, delta, reduction):
     return _huber_hvp_core(g_loss, pred, target, t_pred, delta, reduction)
 
 
+# ============================================================================ huber[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_fwd0(pred, target, loss, B, N, delta):
+    """loss[b, n] = Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True))"""
+    _F = loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = pred[b, n] - target[b, n]
+            _t1 = abs(_t0)
+            _v_loss = (_F(0.5)*(_t0 * _t0) if (delta > _t1) else (delta*(_t1 - _F(0.5)*delta) if (delta <= _t1) else _F(math.nan)))
+            loss[b, n] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, delta):
+    """g_pred[b, n] = Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))*g_loss[b, n]"""
+    _F = g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = pred[b, n] - target[b, n]
+            _v_g_pred = (_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan)))) if (delta <= abs(_t0)) else _F(math.nan)))*g_loss[b, n]
+            g_pred[b, n] = _v_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, delta):
+    """t_loss[b, n] = Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True))"""
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = pred[b, n] - target[b, n]
+            _v_t_loss = (_t0*t_pred[b, n] if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan))))*t_pred[b, n] if (delta <= abs(_t0)) else _F(math.nan)))
+            t_loss[b, n] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta):
+    """t_g_pred[b, n] = Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))*g_loss[b, n]"""
+    _F = t_g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_g_pred = (t_pred[b, n] if (delta > abs(pred[b, n] - target[b, n])) else (_F(0) if (delta <= abs(pred[b, n] - target[b, n])) else _F(math.nan)))*g_loss[b, n]
+            t_g_pred[b, n] = _v_t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_fwd_core(pred, target, delta, reduction):
+    """Forward of huber[reduction=none]: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    _huber_reduction_none_fwd0(pred, target, loss, B, N, delta)
+    return loss
+
+
+def _huber_reduction_none_fwd_alloc(pred, target, delta, reduction):
+    """The results of ``_huber_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_huber_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_fwd_into(pred, target, delta, reduction, loss):
+    """``_huber_reduction_none_fwd_core`` writing its results into loss (from ``_huber_reduction_none_fwd_alloc``)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _huber_reduction_none_fwd0(pred, target, loss, B, N, delta)
+
+
+def _huber_reduction_none_fwd(pred, target, *, delta, reduction):
+    """Forward of huber[reduction=none]: loss from pred, target."""
+    _dtype = _float_dtype((pred, target))
+    pred = _as_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("huber[reduction=none]", "target", target, _dtype)
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    return _huber_reduction_none_fwd_core(pred, target, delta, reduction)
+
+
+def _huber_reduction_none_fwd_shapes(pred, target, *, delta, reduction):
+    """The shapes of the results of ``_huber_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_bwd_core(g_loss, pred, target, delta, reduction):
+    """Backward of huber[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _huber_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, delta)
+    return g_pred
+
+
+def _huber_reduction_none_bwd_alloc(g_loss, pred, target, delta, reduction):
+    """The results of ``_huber_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_huber_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_bwd_into(g_loss, pred, target, delta, reduction, g_pred):
+    """``_huber_reduction_none_bwd_core`` writing its results into g_pred (from ``_huber_reduction_none_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _huber_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, delta)
+
+
+def _huber_reduction_none_bwd(g_loss, pred, target, *, delta, reduction):
+    """Backward of huber[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _as_float("huber[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("huber[reduction=none]", "target", target, _dtype)
+    _check_rank("huber[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_dim("huber[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    delta = _dtype.type(delta)
+    return _huber_reduction_none_bwd_core(g_loss, pred, target, delta, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_jvp_core(pred, target, t_pred, delta, reduction):
+    """Forward mode of huber[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    _huber_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, delta)
+    return t_loss
+
+
+def _huber_reduction_none_jvp_alloc(pred, target, t_pred, delta, reduction):
+    """The results of ``_huber_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_huber_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_jvp_into(pred, target, t_pred, delta, reduction, t_loss):
+    """``_huber_reduction_none_jvp_core`` writing its results into t_loss (from ``_huber_reduction_none_jvp_alloc``)."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _huber_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, delta)
+
+
+def _huber_reduction_none_jvp(pred, target, t_pred, *, delta, reduction):
+    """Forward mode of huber[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("huber[reduction=none]", "target", target, _dtype)
+    t_pred = _as_float("huber[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_rank("huber[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    return _huber_reduction_none_jvp_core(pred, target, t_pred, delta, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_hvp_core(g_loss, pred, target, t_pred, delta, reduction):
+    """Second order of huber[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _huber_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    return t_g_pred
+
+
+def _huber_reduction_none_hvp_alloc(g_loss, pred, target, t_pred, delta, reduction):
+    """The results of ``_huber_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_huber_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _huber_reduction_none_hvp_into(g_loss, pred, target, t_pred, delta, reduction, t_g_pred):
+    """``_huber_reduction_none_hvp_core`` writing its results into t_g_pred (from ``_huber_reduction_none_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _huber_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+
+
+def _huber_reduction_none_hvp(g_loss, pred, target, t_pred, *, delta, reduction):
+    """Second order of huber[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_float("huber[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("huber[reduction=none]", "target", target, _dtype)
+    t_pred = _as_float("huber[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("huber[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_rank("huber[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("huber[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    delta = _dtype.type(delta)
+    return _huber_reduction_none_hvp_core(g_loss, pred, target, t_pred, delta, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "huber": {
@@ -304,6 +558,13 @@ _FUNCS = {
         "jvp": _huber_jvp,
         "shapes": _huber_fwd_shapes,
     },
+    "huber[reduction=none]": {
+        "backward": _huber_reduction_none_bwd,
+        "forward": _huber_reduction_none_fwd,
+        "hvp": _huber_reduction_none_hvp,
+        "jvp": _huber_reduction_none_jvp,
+        "shapes": _huber_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -312,11 +573,24 @@ _SPECS = {
     "huber": {
         "kind": "loss",
         "attrs": {"delta": 1.0, "reduction": 1},
+        "domains": {"delta": {"above": 0.0, "text": "0.0 < value"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "huber[reduction=none]"),),
         "arg_names": ("pred", "target"),
         "differentiable": ("pred",),
         "state": (),
         "seeds": 1,
-        "doc": "Huber loss, mean (or sum) over all elements.",
+        "doc": "Huber loss, mean (or sum, or none) over all elements.",
+    },
+    "huber[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"delta": 1.0, "reduction": 1},
+        "domains": {"delta": {"above": 0.0, "text": "0.0 < value"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "huber",
+        "arg_names": ("pred", "target"),
+        "differentiable": ("pred",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Huber loss, mean (or sum, or none) over all elements.",
     },
 }
 
@@ -330,7 +604,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="huber", target="cpu", **attrs):

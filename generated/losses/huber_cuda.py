@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""huber_cuda: generated CUDA kernels and host wrappers (1 op).
+"""huber_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``huber.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -260,6 +260,228 @@ def _huber_hvp(g_loss, pred, target, t_pred, *, delta, reduction):
     return _result(t_g_pred, _dev)
 
 
+# ============================================================================ huber[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _huber_reduction_none_fwd0(pred, target, loss, B, N, delta, _total):
+    """loss[b, n] = Piecewise(((pred[b, n] - target[b, n])**2/2, delta > Abs(pred[b, n] - target[b, n])), (delta*(-delta/2 + Abs(pred[b, n] - target[b, n])), True))"""
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _t0 = pred[b, n] - target[b, n]
+        _t1 = abs(_t0)
+        _v_loss = (_F(0.5)*(_t0 * _t0) if (delta > _t1) else (delta*(_t1 - _F(0.5)*delta) if (delta <= _t1) else _F(math.nan)))
+        loss[b, n] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _huber_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, delta, _total):
+    """g_pred[b, n] = Piecewise((pred[b, n] - target[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n]), True))*g_loss[b, n]"""
+    _F = g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _t0 = pred[b, n] - target[b, n]
+        _v_g_pred = (_t0 if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan)))) if (delta <= abs(_t0)) else _F(math.nan)))*g_loss[b, n]
+        g_pred[b, n] = _v_g_pred
+
+
+@cuda.jit(cache=True)
+def _huber_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, delta, _total):
+    """t_loss[b, n] = Piecewise(((pred[b, n] - target[b, n])*t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (delta*sign(pred[b, n] - target[b, n])*t_pred[b, n], True))"""
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _t0 = pred[b, n] - target[b, n]
+        _v_t_loss = (_t0*t_pred[b, n] if (delta > abs(_t0)) else (delta*(_F(1) if _t0 > 0 else (-_F(1) if _t0 < 0 else (_F(0) if _t0 == 0 else _F(math.nan))))*t_pred[b, n] if (delta <= abs(_t0)) else _F(math.nan)))
+        t_loss[b, n] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _huber_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, delta, _total):
+    """t_g_pred[b, n] = Piecewise((t_pred[b, n], delta > Abs(pred[b, n] - target[b, n])), (0, True))*g_loss[b, n]"""
+    _F = t_g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_g_pred = (t_pred[b, n] if (delta > abs(pred[b, n] - target[b, n])) else (_F(0) if (delta <= abs(pred[b, n] - target[b, n])) else _F(math.nan)))*g_loss[b, n]
+        t_g_pred[b, n] = _v_t_g_pred
+
+
+def _huber_reduction_none_fwd_core(pred, target, delta, reduction):
+    """Forward of huber[reduction=none]: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    _launch(_huber_reduction_none_fwd0, B * N, pred, target, loss, B, N, delta)
+    return loss
+
+
+def _huber_reduction_none_fwd_alloc(pred, target, delta, reduction):
+    """The results of ``_huber_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_reduction_none_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    return loss
+
+
+def _huber_reduction_none_fwd_work(pred, target, delta, reduction):
+    """The workspace of ``_huber_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _huber_reduction_none_fwd_into(pred, target, delta, reduction, loss, _work=None):
+    """``_huber_reduction_none_fwd_core`` launching its kernels into loss (from ``_huber_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_huber_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = pred.dtype
+    delta = _dtype.type(delta)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_huber_reduction_none_fwd0, B * N, pred, target, loss, B, N, delta)
+
+
+def _huber_reduction_none_fwd(pred, target, *, delta, reduction):
+    """Forward of huber[reduction=none]: loss from pred, target."""
+    _dev = any(_on_device(a) for a in (pred, target))
+    _dtype = _float_dtype((pred, target))
+    pred = _dev_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("huber[reduction=none]", "target", target, _dtype)
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    loss = _empty((B, N), _dtype)
+    _launch(_huber_reduction_none_fwd0, B * N, pred, target, loss, B, N, delta)
+    return _result(loss, _dev)
+
+
+def _huber_reduction_none_fwd_shapes(pred, target, *, delta, reduction):
+    """The shapes of the results of ``_huber_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+def _huber_reduction_none_bwd_core(g_loss, pred, target, delta, reduction):
+    """Backward of huber[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_huber_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+    return g_pred
+
+
+def _huber_reduction_none_bwd_alloc(g_loss, pred, target, delta, reduction):
+    """The results of ``_huber_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_huber_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _huber_reduction_none_bwd_work(g_loss, pred, target, delta, reduction):
+    """The workspace of ``_huber_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _huber_reduction_none_bwd_into(g_loss, pred, target, delta, reduction, g_pred, _work=None):
+    """``_huber_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_huber_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_huber_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    delta = _dtype.type(delta)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _launch(_huber_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+
+
+def _huber_reduction_none_bwd(g_loss, pred, target, *, delta, reduction):
+    """Backward of huber[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target))
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _dev_float("huber[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("huber[reduction=none]", "target", target, _dtype)
+    _check_rank("huber[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_dim("huber[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    delta = _dtype.type(delta)
+    g_pred = _empty((B, N), _dtype)
+    _launch(_huber_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N, delta)
+    return _result(g_pred, _dev)
+
+
+def _huber_reduction_none_jvp(pred, target, t_pred, *, delta, reduction):
+    """Forward mode of huber[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("huber[reduction=none]", "target", target, _dtype)
+    t_pred = _dev_float("huber[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_rank("huber[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    delta = _dtype.type(delta)
+    t_loss = _empty((B, N), _dtype)
+    _launch(_huber_reduction_none_jvp0, B * N, pred, target, t_pred, t_loss, B, N, delta)
+    return _result(t_loss, _dev)
+
+
+def _huber_reduction_none_hvp(g_loss, pred, target, t_pred, *, delta, reduction):
+    """Second order of huber[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_float("huber[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("huber[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("huber[reduction=none]", "target", target, _dtype)
+    t_pred = _dev_float("huber[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("huber[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("huber[reduction=none]", "pred", pred, 2)
+    _check_rank("huber[reduction=none]", "target", target, 2)
+    _check_rank("huber[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("huber[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("huber[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("huber[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    delta = _dtype.type(delta)
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_huber_reduction_none_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, delta)
+    return _result(t_g_pred, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "huber": {
@@ -268,6 +490,13 @@ _FUNCS = {
         "hvp": _huber_hvp,
         "jvp": _huber_jvp,
         "shapes": _huber_fwd_shapes,
+    },
+    "huber[reduction=none]": {
+        "backward": _huber_reduction_none_bwd,
+        "forward": _huber_reduction_none_fwd,
+        "hvp": _huber_reduction_none_hvp,
+        "jvp": _huber_reduction_none_jvp,
+        "shapes": _huber_reduction_none_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -275,6 +275,240 @@ def _mse_hvp(g_loss, pred, target, t_pred, *, reduction):
     return _mse_hvp_core(g_loss, pred, target, t_pred, reduction)
 
 
+# ============================================================================ mse[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_fwd0(pred, target, loss, B, N):
+    """loss[b, n] = (pred[b, n] - target[b, n])**2"""
+    _F = loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_loss = (pred[b, n] - target[b, n])**2
+            loss[b, n] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N):
+    """g_pred[b, n] = 2*(pred[b, n] - target[b, n])*g_loss[b, n]"""
+    _F = g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_g_pred = _F(2)*(pred[b, n] - target[b, n])*g_loss[b, n]
+            g_pred[b, n] = _v_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N):
+    """t_loss[b, n] = 2*(pred[b, n] - target[b, n])*t_pred[b, n]"""
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_loss = _F(2)*(pred[b, n] - target[b, n])*t_pred[b, n]
+            t_loss[b, n] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_hvp0(g_loss, t_pred, t_g_pred, B, N):
+    """t_g_pred[b, n] = 2*g_loss[b, n]*t_pred[b, n]"""
+    _F = t_g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_g_pred = _F(2)*g_loss[b, n]*t_pred[b, n]
+            t_g_pred[b, n] = _v_t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_fwd_core(pred, target, reduction):
+    """Forward of mse[reduction=none]: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    _mse_reduction_none_fwd0(pred, target, loss, B, N)
+    return loss
+
+
+def _mse_reduction_none_fwd_alloc(pred, target, reduction):
+    """The results of ``_mse_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_mse_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_fwd_into(pred, target, reduction, loss):
+    """``_mse_reduction_none_fwd_core`` writing its results into loss (from ``_mse_reduction_none_fwd_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _mse_reduction_none_fwd0(pred, target, loss, B, N)
+
+
+def _mse_reduction_none_fwd(pred, target, *, reduction):
+    """Forward of mse[reduction=none]: loss from pred, target."""
+    _dtype = _float_dtype((pred, target))
+    pred = _as_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("mse[reduction=none]", "target", target, _dtype)
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    return _mse_reduction_none_fwd_core(pred, target, reduction)
+
+
+def _mse_reduction_none_fwd_shapes(pred, target, *, reduction):
+    """The shapes of the results of ``_mse_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_bwd_core(g_loss, pred, target, reduction):
+    """Backward of mse[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _mse_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N)
+    return g_pred
+
+
+def _mse_reduction_none_bwd_alloc(g_loss, pred, target, reduction):
+    """The results of ``_mse_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_mse_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_bwd_into(g_loss, pred, target, reduction, g_pred):
+    """``_mse_reduction_none_bwd_core`` writing its results into g_pred (from ``_mse_reduction_none_bwd_alloc``)."""
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _mse_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N)
+
+
+def _mse_reduction_none_bwd(g_loss, pred, target, *, reduction):
+    """Backward of mse[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _as_float("mse[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("mse[reduction=none]", "target", target, _dtype)
+    _check_rank("mse[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_dim("mse[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    return _mse_reduction_none_bwd_core(g_loss, pred, target, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_jvp_core(pred, target, t_pred, reduction):
+    """Forward mode of mse[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    _mse_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N)
+    return t_loss
+
+
+def _mse_reduction_none_jvp_alloc(pred, target, t_pred, reduction):
+    """The results of ``_mse_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_mse_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_jvp_into(pred, target, t_pred, reduction, t_loss):
+    """``_mse_reduction_none_jvp_core`` writing its results into t_loss (from ``_mse_reduction_none_jvp_alloc``)."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _mse_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N)
+
+
+def _mse_reduction_none_jvp(pred, target, t_pred, *, reduction):
+    """Forward mode of mse[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("mse[reduction=none]", "target", target, _dtype)
+    t_pred = _as_float("mse[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_rank("mse[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    return _mse_reduction_none_jvp_core(pred, target, t_pred, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_hvp_core(g_loss, pred, target, t_pred, reduction):
+    """Second order of mse[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _mse_reduction_none_hvp0(g_loss, t_pred, t_g_pred, B, N)
+    return t_g_pred
+
+
+def _mse_reduction_none_hvp_alloc(g_loss, pred, target, t_pred, reduction):
+    """The results of ``_mse_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_mse_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _mse_reduction_none_hvp_into(g_loss, pred, target, t_pred, reduction, t_g_pred):
+    """``_mse_reduction_none_hvp_core`` writing its results into t_g_pred (from ``_mse_reduction_none_hvp_alloc``)."""
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _mse_reduction_none_hvp0(g_loss, t_pred, t_g_pred, B, N)
+
+
+def _mse_reduction_none_hvp(g_loss, pred, target, t_pred, *, reduction):
+    """Second order of mse[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_float("mse[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("mse[reduction=none]", "target", target, _dtype)
+    t_pred = _as_float("mse[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("mse[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_rank("mse[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("mse[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    return _mse_reduction_none_hvp_core(g_loss, pred, target, t_pred, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "mse": {
@@ -284,6 +518,13 @@ _FUNCS = {
         "jvp": _mse_jvp,
         "shapes": _mse_fwd_shapes,
     },
+    "mse[reduction=none]": {
+        "backward": _mse_reduction_none_bwd,
+        "forward": _mse_reduction_none_fwd,
+        "hvp": _mse_reduction_none_hvp,
+        "jvp": _mse_reduction_none_jvp,
+        "shapes": _mse_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -292,11 +533,24 @@ _SPECS = {
     "mse": {
         "kind": "loss",
         "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "mse[reduction=none]"),),
         "arg_names": ("pred", "target"),
         "differentiable": ("pred",),
         "state": (),
         "seeds": 1,
-        "doc": "Squared error, mean (or sum) over all elements.",
+        "doc": "Squared error, mean (or sum, or none) over all elements.",
+    },
+    "mse[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "mse",
+        "arg_names": ("pred", "target"),
+        "differentiable": ("pred",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Squared error, mean (or sum, or none) over all elements.",
     },
 }
 
@@ -310,7 +564,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="mse", target="cpu", **attrs):

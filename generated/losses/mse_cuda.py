@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""mse_cuda: generated CUDA kernels and host wrappers (1 op).
+"""mse_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``mse.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -248,6 +248,216 @@ def _mse_hvp(g_loss, pred, target, t_pred, *, reduction):
     return _result(t_g_pred, _dev)
 
 
+# ============================================================================ mse[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _mse_reduction_none_fwd0(pred, target, loss, B, N, _total):
+    """loss[b, n] = (pred[b, n] - target[b, n])**2"""
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_loss = (pred[b, n] - target[b, n])**2
+        loss[b, n] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _mse_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, _total):
+    """g_pred[b, n] = 2*(pred[b, n] - target[b, n])*g_loss[b, n]"""
+    _F = g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_g_pred = _F(2)*(pred[b, n] - target[b, n])*g_loss[b, n]
+        g_pred[b, n] = _v_g_pred
+
+
+@cuda.jit(cache=True)
+def _mse_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, _total):
+    """t_loss[b, n] = 2*(pred[b, n] - target[b, n])*t_pred[b, n]"""
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_loss = _F(2)*(pred[b, n] - target[b, n])*t_pred[b, n]
+        t_loss[b, n] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _mse_reduction_none_hvp0(g_loss, t_pred, t_g_pred, B, N, _total):
+    """t_g_pred[b, n] = 2*g_loss[b, n]*t_pred[b, n]"""
+    _F = t_g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_g_pred = _F(2)*g_loss[b, n]*t_pred[b, n]
+        t_g_pred[b, n] = _v_t_g_pred
+
+
+def _mse_reduction_none_fwd_core(pred, target, reduction):
+    """Forward of mse[reduction=none]: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    _launch(_mse_reduction_none_fwd0, B * N, pred, target, loss, B, N)
+    return loss
+
+
+def _mse_reduction_none_fwd_alloc(pred, target, reduction):
+    """The results of ``_mse_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_reduction_none_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    return loss
+
+
+def _mse_reduction_none_fwd_work(pred, target, reduction):
+    """The workspace of ``_mse_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _mse_reduction_none_fwd_into(pred, target, reduction, loss, _work=None):
+    """``_mse_reduction_none_fwd_core`` launching its kernels into loss (from ``_mse_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_mse_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_mse_reduction_none_fwd0, B * N, pred, target, loss, B, N)
+
+
+def _mse_reduction_none_fwd(pred, target, *, reduction):
+    """Forward of mse[reduction=none]: loss from pred, target."""
+    _dev = any(_on_device(a) for a in (pred, target))
+    _dtype = _float_dtype((pred, target))
+    pred = _dev_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("mse[reduction=none]", "target", target, _dtype)
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    loss = _empty((B, N), _dtype)
+    _launch(_mse_reduction_none_fwd0, B * N, pred, target, loss, B, N)
+    return _result(loss, _dev)
+
+
+def _mse_reduction_none_fwd_shapes(pred, target, *, reduction):
+    """The shapes of the results of ``_mse_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+def _mse_reduction_none_bwd_core(g_loss, pred, target, reduction):
+    """Backward of mse[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_mse_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    return g_pred
+
+
+def _mse_reduction_none_bwd_alloc(g_loss, pred, target, reduction):
+    """The results of ``_mse_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_mse_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _mse_reduction_none_bwd_work(g_loss, pred, target, reduction):
+    """The workspace of ``_mse_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _mse_reduction_none_bwd_into(g_loss, pred, target, reduction, g_pred, _work=None):
+    """``_mse_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_mse_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_mse_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _launch(_mse_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+
+
+def _mse_reduction_none_bwd(g_loss, pred, target, *, reduction):
+    """Backward of mse[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target))
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _dev_float("mse[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("mse[reduction=none]", "target", target, _dtype)
+    _check_rank("mse[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_dim("mse[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    g_pred = _empty((B, N), _dtype)
+    _launch(_mse_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N)
+    return _result(g_pred, _dev)
+
+
+def _mse_reduction_none_jvp(pred, target, t_pred, *, reduction):
+    """Forward mode of mse[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("mse[reduction=none]", "target", target, _dtype)
+    t_pred = _dev_float("mse[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_rank("mse[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    t_loss = _empty((B, N), _dtype)
+    _launch(_mse_reduction_none_jvp0, B * N, pred, target, t_pred, t_loss, B, N)
+    return _result(t_loss, _dev)
+
+
+def _mse_reduction_none_hvp(g_loss, pred, target, t_pred, *, reduction):
+    """Second order of mse[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_float("mse[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("mse[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("mse[reduction=none]", "target", target, _dtype)
+    t_pred = _dev_float("mse[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("mse[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("mse[reduction=none]", "pred", pred, 2)
+    _check_rank("mse[reduction=none]", "target", target, 2)
+    _check_rank("mse[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("mse[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("mse[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("mse[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_mse_reduction_none_hvp0, B * N, g_loss, t_pred, t_g_pred, B, N)
+    return _result(t_g_pred, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "mse": {
@@ -256,6 +466,13 @@ _FUNCS = {
         "hvp": _mse_hvp,
         "jvp": _mse_jvp,
         "shapes": _mse_fwd_shapes,
+    },
+    "mse[reduction=none]": {
+        "backward": _mse_reduction_none_bwd,
+        "forward": _mse_reduction_none_fwd,
+        "hvp": _mse_reduction_none_hvp,
+        "jvp": _mse_reduction_none_jvp,
+        "shapes": _mse_reduction_none_fwd_shapes,
     },
 }
 

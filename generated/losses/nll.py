@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -274,6 +274,249 @@ def _nll_hvp(g_loss, logprobs, target, t_logprobs, *, reduction):
     return _nll_hvp_core(g_loss, logprobs, target, t_logprobs, reduction)
 
 
+# ============================================================================ nll[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_fwd0(logprobs, target, loss, B, C):
+    """loss_sum0[b] = sum(logprobs[b, c]*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss.dtype.type
+    for b in range(0, B):
+        # loss_sum0[b] = sum(logprobs[b, c]*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += logprobs[b, c]*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_bwd0(target, g_loss, g_logprobs, B, C):
+    """g_logprobs[b, c] = -g_loss[b]*target[b, c]"""
+    _F = g_logprobs.dtype.type
+    for b in range(0, B):
+        for c in range(0, C):
+            _v_g_logprobs = -g_loss[b]*target[b, c]
+            g_logprobs[b, c] = _v_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_jvp0(target, t_logprobs, t_loss, B, C):
+    """t_loss_sum0[b] = sum(t_logprobs[b, c]*target[b, c], c)
+    t_loss[b] = -t_loss_sum0[b]
+    """
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        # t_loss_sum0[b] = sum(t_logprobs[b, c]*target[b, c], c)
+        _v_t_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_t_loss_sum0 += t_logprobs[b, c]*target[b, c]
+        # t_loss[b] = -t_loss_sum0[b]
+        _v_t_loss = -_v_t_loss_sum0
+        t_loss[b] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_hvp0(t_g_logprobs, B, C):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    for i0 in range(0, B):
+        for i1 in range(0, C):
+            _v_t_g_logprobs = _F(0)
+            t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_fwd_core(logprobs, target, reduction):
+    """Forward of nll[reduction=none]: loss from logprobs, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((B,), _dtype)
+    _nll_reduction_none_fwd0(logprobs, target, loss, B, C)
+    return loss
+
+
+def _nll_reduction_none_fwd_alloc(logprobs, target, reduction):
+    """The results of ``_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_nll_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = np.empty((B,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_fwd_into(logprobs, target, reduction, loss):
+    """``_nll_reduction_none_fwd_core`` writing its results into loss (from ``_nll_reduction_none_fwd_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _nll_reduction_none_fwd0(logprobs, target, loss, B, C)
+
+
+def _nll_reduction_none_fwd(logprobs, target, *, reduction):
+    """Forward of nll[reduction=none]: loss from logprobs, target."""
+    _dtype = _float_dtype((logprobs, target))
+    logprobs = _as_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _as_float("nll[reduction=none]", "target", target, _dtype)
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    return _nll_reduction_none_fwd_core(logprobs, target, reduction)
+
+
+def _nll_reduction_none_fwd_shapes(logprobs, target, *, reduction):
+    """The shapes of the results of ``_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logprobs.shape[0]
+    return ((B,),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_bwd_core(g_loss, logprobs, target, reduction):
+    """Backward of nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    _nll_reduction_none_bwd0(target, g_loss, g_logprobs, B, C)
+    return g_logprobs
+
+
+def _nll_reduction_none_bwd_alloc(g_loss, logprobs, target, reduction):
+    """The results of ``_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_nll_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = np.empty((B, C), _dtype)
+    return g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_bwd_into(g_loss, logprobs, target, reduction, g_logprobs):
+    """``_nll_reduction_none_bwd_core`` writing its results into g_logprobs (from ``_nll_reduction_none_bwd_alloc``)."""
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    _nll_reduction_none_bwd0(target, g_loss, g_logprobs, B, C)
+
+
+def _nll_reduction_none_bwd(g_loss, logprobs, target, *, reduction):
+    """Backward of nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, target (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, target))
+    g_loss = _as_float("nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _as_float("nll[reduction=none]", "target", target, _dtype)
+    _check_rank("nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_dim("nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    return _nll_reduction_none_bwd_core(g_loss, logprobs, target, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_jvp_core(logprobs, target, t_logprobs, reduction):
+    """Forward mode of nll[reduction=none]: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    _nll_reduction_none_jvp0(target, t_logprobs, t_loss, B, C)
+    return t_loss
+
+
+def _nll_reduction_none_jvp_alloc(logprobs, target, t_logprobs, reduction):
+    """The results of ``_nll_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_nll_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_jvp_into(logprobs, target, t_logprobs, reduction, t_loss):
+    """``_nll_reduction_none_jvp_core`` writing its results into t_loss (from ``_nll_reduction_none_jvp_alloc``)."""
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _nll_reduction_none_jvp0(target, t_logprobs, t_loss, B, C)
+
+
+def _nll_reduction_none_jvp(logprobs, target, t_logprobs, *, reduction):
+    """Forward mode of nll[reduction=none]: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed)."""
+    _dtype = _float_dtype((logprobs, target, t_logprobs))
+    logprobs = _as_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _as_float("nll[reduction=none]", "target", target, _dtype)
+    t_logprobs = _as_float("nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_rank("nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    return _nll_reduction_none_jvp_core(logprobs, target, t_logprobs, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_hvp_core(g_loss, logprobs, target, t_logprobs, reduction):
+    """Second order of nll[reduction=none]: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    _nll_reduction_none_hvp0(t_g_logprobs, B, C)
+    return t_g_logprobs
+
+
+def _nll_reduction_none_hvp_alloc(g_loss, logprobs, target, t_logprobs, reduction):
+    """The results of ``_nll_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_nll_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    t_g_logprobs = np.empty((B, C), _dtype)
+    return t_g_logprobs
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _nll_reduction_none_hvp_into(g_loss, logprobs, target, t_logprobs, reduction, t_g_logprobs):
+    """``_nll_reduction_none_hvp_core`` writing its results into t_g_logprobs (from ``_nll_reduction_none_hvp_alloc``)."""
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    _nll_reduction_none_hvp0(t_g_logprobs, B, C)
+
+
+def _nll_reduction_none_hvp(g_loss, logprobs, target, t_logprobs, *, reduction):
+    """Second order of nll[reduction=none]: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logprobs, target, t_logprobs))
+    g_loss = _as_float("nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _as_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _as_float("nll[reduction=none]", "target", target, _dtype)
+    t_logprobs = _as_float("nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_rank("nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    return _nll_reduction_none_hvp_core(g_loss, logprobs, target, t_logprobs, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "nll": {
@@ -283,6 +526,13 @@ _FUNCS = {
         "jvp": _nll_jvp,
         "shapes": _nll_fwd_shapes,
     },
+    "nll[reduction=none]": {
+        "backward": _nll_reduction_none_bwd,
+        "forward": _nll_reduction_none_fwd,
+        "hvp": _nll_reduction_none_hvp,
+        "jvp": _nll_reduction_none_jvp,
+        "shapes": _nll_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -291,11 +541,24 @@ _SPECS = {
     "nll": {
         "kind": "loss",
         "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "nll[reduction=none]"),),
         "arg_names": ("logprobs", "target"),
         "differentiable": ("logprobs",),
         "state": (),
         "seeds": 1,
-        "doc": "Negative log-likelihood of log-probabilities with one-hot or probability targets, mean (or sum) over the batch.",
+        "doc": "Negative log-likelihood of log-probabilities with one-hot or probability targets, mean (or sum, or none) over the batch.",
+    },
+    "nll[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "nll",
+        "arg_names": ("logprobs", "target"),
+        "differentiable": ("logprobs",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Negative log-likelihood of log-probabilities with one-hot or probability targets, mean (or sum, or none) over the batch.",
     },
 }
 
@@ -309,7 +572,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="nll", target="cpu", **attrs):

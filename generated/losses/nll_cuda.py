@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""nll_cuda: generated CUDA kernels and host wrappers (1 op).
+"""nll_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``nll.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -247,6 +247,223 @@ def _nll_hvp(g_loss, logprobs, target, t_logprobs, *, reduction):
     return _result(t_g_logprobs, _dev)
 
 
+# ============================================================================ nll[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _nll_reduction_none_fwd0(logprobs, target, loss, B, C, _total):
+    """loss_sum0[b] = sum(logprobs[b, c]*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_sum0[b] = sum(logprobs[b, c]*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += logprobs[b, c]*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _nll_reduction_none_bwd0(target, g_loss, g_logprobs, B, C, _total):
+    """g_logprobs[b, c] = -g_loss[b]*target[b, c]"""
+    _F = g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        c = _r % C
+        _r //= C
+        b = _r
+        _v_g_logprobs = -g_loss[b]*target[b, c]
+        g_logprobs[b, c] = _v_g_logprobs
+
+
+@cuda.jit(cache=True)
+def _nll_reduction_none_jvp0(target, t_logprobs, t_loss, B, C, _total):
+    """t_loss_sum0[b] = sum(t_logprobs[b, c]*target[b, c], c)
+    t_loss[b] = -t_loss_sum0[b]
+    """
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_loss_sum0[b] = sum(t_logprobs[b, c]*target[b, c], c)
+        _v_t_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_t_loss_sum0 += t_logprobs[b, c]*target[b, c]
+        # t_loss[b] = -t_loss_sum0[b]
+        _v_t_loss = -_v_t_loss_sum0
+        t_loss[b] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _nll_reduction_none_hvp0(t_g_logprobs, B, C, _total):
+    """t_g_logprobs = 0 (no path from a differentiable argument)"""
+    _F = t_g_logprobs.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        i1 = _r % C
+        _r //= C
+        i0 = _r
+        _v_t_g_logprobs = _F(0)
+        t_g_logprobs[i0, i1] = _v_t_g_logprobs
+
+
+def _nll_reduction_none_fwd_core(logprobs, target, reduction):
+    """Forward of nll[reduction=none]: loss from logprobs, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((B,), _dtype)
+    _launch(_nll_reduction_none_fwd0, B, logprobs, target, loss, B, C)
+    return loss
+
+
+def _nll_reduction_none_fwd_alloc(logprobs, target, reduction):
+    """The results of ``_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_reduction_none_fwd_into`` writes."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    loss = _empty((B,), _dtype)
+    return loss
+
+
+def _nll_reduction_none_fwd_work(logprobs, target, reduction):
+    """The workspace of ``_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _nll_reduction_none_fwd_into(logprobs, target, reduction, loss, _work=None):
+    """``_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logprobs.dtype
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _launch(_nll_reduction_none_fwd0, B, logprobs, target, loss, B, C)
+
+
+def _nll_reduction_none_fwd(logprobs, target, *, reduction):
+    """Forward of nll[reduction=none]: loss from logprobs, target."""
+    _dev = any(_on_device(a) for a in (logprobs, target))
+    _dtype = _float_dtype((logprobs, target))
+    logprobs = _dev_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _dev_float("nll[reduction=none]", "target", target, _dtype)
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    loss = _empty((B,), _dtype)
+    _launch(_nll_reduction_none_fwd0, B, logprobs, target, loss, B, C)
+    return _result(loss, _dev)
+
+
+def _nll_reduction_none_fwd_shapes(logprobs, target, *, reduction):
+    """The shapes of the results of ``_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logprobs.shape[0]
+    return ((B,),)
+
+
+def _nll_reduction_none_bwd_core(g_loss, logprobs, target, reduction):
+    """Backward of nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_nll_reduction_none_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+    return g_logprobs
+
+
+def _nll_reduction_none_bwd_alloc(g_loss, logprobs, target, reduction):
+    """The results of ``_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_nll_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    g_logprobs = _empty((B, C), _dtype)
+    return g_logprobs
+
+
+def _nll_reduction_none_bwd_work(g_loss, logprobs, target, reduction):
+    """The workspace of ``_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _nll_reduction_none_bwd_into(g_loss, logprobs, target, reduction, g_logprobs, _work=None):
+    """``_nll_reduction_none_bwd_core`` launching its kernels into g_logprobs (from ``_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logprobs.shape[1]
+    _launch(_nll_reduction_none_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+
+
+def _nll_reduction_none_bwd(g_loss, logprobs, target, *, reduction):
+    """Backward of nll[reduction=none]: gradients g_logprobs from g_loss, logprobs, target (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, target))
+    _dtype = _float_dtype((g_loss, logprobs, target))
+    g_loss = _dev_float("nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _dev_float("nll[reduction=none]", "target", target, _dtype)
+    _check_rank("nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_dim("nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    g_logprobs = _empty((B, C), _dtype)
+    _launch(_nll_reduction_none_bwd0, B * C, target, g_loss, g_logprobs, B, C)
+    return _result(g_logprobs, _dev)
+
+
+def _nll_reduction_none_jvp(logprobs, target, t_logprobs, *, reduction):
+    """Forward mode of nll[reduction=none]: the tangents t_loss of the outputs from logprobs, target, t_logprobs (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logprobs, target, t_logprobs))
+    _dtype = _float_dtype((logprobs, target, t_logprobs))
+    logprobs = _dev_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _dev_float("nll[reduction=none]", "target", target, _dtype)
+    t_logprobs = _dev_float("nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    B = logprobs.shape[0]
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_rank("nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from logprobs axis 0")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_loss = _empty((B,), _dtype)
+    _launch(_nll_reduction_none_jvp0, B, target, t_logprobs, t_loss, B, C)
+    return _result(t_loss, _dev)
+
+
+def _nll_reduction_none_hvp(g_loss, logprobs, target, t_logprobs, *, reduction):
+    """Second order of nll[reduction=none]: t_g_logprobs, the derivatives of the gradients along the tangents, from g_loss, logprobs, target, t_logprobs (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logprobs, target, t_logprobs))
+    _dtype = _float_dtype((g_loss, logprobs, target, t_logprobs))
+    g_loss = _dev_float("nll[reduction=none]", "g_loss", g_loss, _dtype)
+    logprobs = _dev_float("nll[reduction=none]", "logprobs", logprobs, _dtype)
+    target = _dev_float("nll[reduction=none]", "target", target, _dtype)
+    t_logprobs = _dev_float("nll[reduction=none]", "t_logprobs", t_logprobs, _dtype)
+    _check_rank("nll[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("nll[reduction=none]", "logprobs", logprobs, 2)
+    C = logprobs.shape[1]
+    _check_rank("nll[reduction=none]", "target", target, 2)
+    _check_rank("nll[reduction=none]", "t_logprobs", t_logprobs, 2)
+    _check_dim("nll[reduction=none]", "logprobs", logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "target", target, 1, "C", C, "from logprobs axis 1")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 0, "B", B, "from g_loss axis 0")
+    _check_dim("nll[reduction=none]", "t_logprobs", t_logprobs, 1, "C", C, "from logprobs axis 1")
+    t_g_logprobs = _empty((B, C), _dtype)
+    _launch(_nll_reduction_none_hvp0, B * C, t_g_logprobs, B, C)
+    return _result(t_g_logprobs, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "nll": {
@@ -255,6 +472,13 @@ _FUNCS = {
         "hvp": _nll_hvp,
         "jvp": _nll_jvp,
         "shapes": _nll_fwd_shapes,
+    },
+    "nll[reduction=none]": {
+        "backward": _nll_reduction_none_bwd,
+        "forward": _nll_reduction_none_fwd,
+        "hvp": _nll_reduction_none_hvp,
+        "jvp": _nll_reduction_none_jvp,
+        "shapes": _nll_reduction_none_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -307,6 +307,272 @@ def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps, redu
     return _poisson_nll_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps, reduction)
 
 
+# ============================================================================ poisson_nll[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_fwd0(pred, target, loss, B, N, eps, full, log_input):
+    """loss[b, n] = full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True))"""
+    _F = loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_loss = full*((_F(0) if (target[b, n] == _F(0)) else (math.log(target[b, n])*target[b, n] if (target[b, n] != _F(0)) else _F(math.nan))) + _F(0.5)*math.log(target[b, n]) - target[b, n] + _F(0.5)*math.log(_F(2)) + _F(0.5)*math.log(_F(math.pi)) if (target[b, n] > _F(1)) else (_F(0) if (target[b, n] <= _F(1)) else _F(math.nan))) + (math.exp(pred[b, n]) - pred[b, n]*target[b, n] if (log_input > _F(0)) else (-math.log(eps + pred[b, n])*target[b, n] + pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
+            loss[b, n] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input):
+    """g_pred[b, n] = Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))*g_loss[b, n]"""
+    _F = g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_g_pred = (math.exp(pred[b, n]) - target[b, n] if (log_input > _F(0)) else (_F(1) - target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))*g_loss[b, n]
+            g_pred[b, n] = _v_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input):
+    """t_loss[b, n] = Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True))"""
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _t0 = t_pred[b, n]*target[b, n]
+            _v_t_loss = (-_t0 + math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (-_t0/(eps + pred[b, n]) + t_pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
+            t_loss[b, n] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input):
+    """t_g_pred[b, n] = Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))*g_loss[b, n]"""
+    _F = t_g_pred.dtype.type
+    for b in range(0, B):
+        for n in range(0, N):
+            _v_t_g_pred = (math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2 if (log_input <= _F(0)) else _F(math.nan)))*g_loss[b, n]
+            t_g_pred[b, n] = _v_t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_fwd_core(pred, target, log_input, full, eps, reduction):
+    """Forward of poisson_nll[reduction=none]: loss from pred, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    _poisson_nll_reduction_none_fwd0(pred, target, loss, B, N, eps, full, log_input)
+    return loss
+
+
+def _poisson_nll_reduction_none_fwd_alloc(pred, target, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = np.empty((B, N), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_fwd_into(pred, target, log_input, full, eps, reduction, loss):
+    """``_poisson_nll_reduction_none_fwd_core`` writing its results into loss (from ``_poisson_nll_reduction_none_fwd_alloc``)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _poisson_nll_reduction_none_fwd0(pred, target, loss, B, N, eps, full, log_input)
+
+
+def _poisson_nll_reduction_none_fwd(pred, target, *, log_input, full, eps, reduction):
+    """Forward of poisson_nll[reduction=none]: loss from pred, target."""
+    _dtype = _float_dtype((pred, target))
+    pred = _as_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    return _poisson_nll_reduction_none_fwd_core(pred, target, log_input, full, eps, reduction)
+
+
+def _poisson_nll_reduction_none_fwd_shapes(pred, target, *, log_input, full, eps, reduction):
+    """The shapes of the results of ``_poisson_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_bwd_core(g_loss, pred, target, log_input, full, eps, reduction):
+    """Backward of poisson_nll[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    _poisson_nll_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input)
+    return g_pred
+
+
+def _poisson_nll_reduction_none_bwd_alloc(g_loss, pred, target, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = np.empty((B, N), _dtype)
+    return g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred):
+    """``_poisson_nll_reduction_none_bwd_core`` writing its results into g_pred (from ``_poisson_nll_reduction_none_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _poisson_nll_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input)
+
+
+def _poisson_nll_reduction_none_bwd(g_loss, pred, target, *, log_input, full, eps, reduction):
+    """Backward of poisson_nll[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _as_float("poisson_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    return _poisson_nll_reduction_none_bwd_core(g_loss, pred, target, log_input, full, eps, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_jvp_core(pred, target, t_pred, log_input, full, eps, reduction):
+    """Forward mode of poisson_nll[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    _poisson_nll_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input)
+    return t_loss
+
+
+def _poisson_nll_reduction_none_jvp_alloc(pred, target, t_pred, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    t_loss = np.empty((B, N), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_jvp_into(pred, target, t_pred, log_input, full, eps, reduction, t_loss):
+    """``_poisson_nll_reduction_none_jvp_core`` writing its results into t_loss (from ``_poisson_nll_reduction_none_jvp_alloc``)."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _poisson_nll_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input)
+
+
+def _poisson_nll_reduction_none_jvp(pred, target, t_pred, *, log_input, full, eps, reduction):
+    """Forward mode of poisson_nll[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _as_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    t_pred = _as_float("poisson_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_rank("poisson_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    return _poisson_nll_reduction_none_jvp_core(pred, target, t_pred, log_input, full, eps, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps, reduction):
+    """Second order of poisson_nll[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    _poisson_nll_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    return t_g_pred
+
+
+def _poisson_nll_reduction_none_hvp_alloc(g_loss, pred, target, t_pred, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_poisson_nll_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    t_g_pred = np.empty((B, N), _dtype)
+    return t_g_pred
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _poisson_nll_reduction_none_hvp_into(g_loss, pred, target, t_pred, log_input, full, eps, reduction, t_g_pred):
+    """``_poisson_nll_reduction_none_hvp_core`` writing its results into t_g_pred (from ``_poisson_nll_reduction_none_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _poisson_nll_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+
+
+def _poisson_nll_reduction_none_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps, reduction):
+    """Second order of poisson_nll[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _as_float("poisson_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _as_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _as_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    t_pred = _as_float("poisson_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_rank("poisson_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    return _poisson_nll_reduction_none_hvp_core(g_loss, pred, target, t_pred, log_input, full, eps, reduction)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "poisson_nll": {
@@ -316,6 +582,13 @@ _FUNCS = {
         "jvp": _poisson_nll_jvp,
         "shapes": _poisson_nll_fwd_shapes,
     },
+    "poisson_nll[reduction=none]": {
+        "backward": _poisson_nll_reduction_none_bwd,
+        "forward": _poisson_nll_reduction_none_fwd,
+        "hvp": _poisson_nll_reduction_none_hvp,
+        "jvp": _poisson_nll_reduction_none_jvp,
+        "shapes": _poisson_nll_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -324,11 +597,24 @@ _SPECS = {
     "poisson_nll": {
         "kind": "loss",
         "attrs": {"log_input": 1.0, "full": 0.0, "eps": 1e-08, "reduction": 1},
+        "domains": {"log_input": {"values": (0.0, 1.0), "text": "0.0, 1.0"}, "full": {"values": (0.0, 1.0), "text": "0.0, 1.0"}, "eps": {"above": 0.0, "text": "0.0 < value"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "poisson_nll[reduction=none]"),),
         "arg_names": ("pred", "target"),
         "differentiable": ("pred",),
         "state": (),
         "seeds": 1,
-        "doc": "Poisson negative log-likelihood, mean (or sum) over all elements, as F.poisson_nll_loss: pred is the log of the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.",
+        "doc": "Poisson negative log-likelihood, mean (or sum, or none) over all elements, as F.poisson_nll_loss: pred is the log of the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.",
+    },
+    "poisson_nll[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"log_input": 1.0, "full": 0.0, "eps": 1e-08, "reduction": 1},
+        "domains": {"log_input": {"values": (0.0, 1.0), "text": "0.0, 1.0"}, "full": {"values": (0.0, 1.0), "text": "0.0, 1.0"}, "eps": {"above": 0.0, "text": "0.0 < value"}, "reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "poisson_nll",
+        "arg_names": ("pred", "target"),
+        "differentiable": ("pred",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Poisson negative log-likelihood, mean (or sum, or none) over all elements, as F.poisson_nll_loss: pred is the log of the rate (log_input = 1) or the rate (log_input = 0, log(rate + eps)); full = 1 adds Stirling's term for targets above 1.",
     },
 }
 
@@ -342,7 +628,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="poisson_nll", target="cpu", **attrs):

@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""poisson_nll_cuda: generated CUDA kernels and host wrappers (1 op).
+"""poisson_nll_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``poisson_nll.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,
@@ -268,6 +268,236 @@ def _poisson_nll_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps, redu
     return _result(t_g_pred, _dev)
 
 
+# ============================================================================ poisson_nll[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_reduction_none_fwd0(pred, target, loss, B, N, eps, full, log_input, _total):
+    """loss[b, n] = full*Piecewise((Piecewise((0, Eq(target[b, n], 0)), (log(target[b, n])*target[b, n], True)) + log(target[b, n])/2 - target[b, n] + log(2)/2 + log(pi)/2, target[b, n] > 1), (0, True)) + Piecewise((exp(pred[b, n]) - pred[b, n]*target[b, n], log_input > 0), (-log(eps + pred[b, n])*target[b, n] + pred[b, n], True))"""
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_loss = full*((_F(0) if (target[b, n] == _F(0)) else (math.log(target[b, n])*target[b, n] if (target[b, n] != _F(0)) else _F(math.nan))) + _F(0.5)*math.log(target[b, n]) - target[b, n] + _F(0.5)*math.log(_F(2)) + _F(0.5)*math.log(_F(math.pi)) if (target[b, n] > _F(1)) else (_F(0) if (target[b, n] <= _F(1)) else _F(math.nan))) + (math.exp(pred[b, n]) - pred[b, n]*target[b, n] if (log_input > _F(0)) else (-math.log(eps + pred[b, n])*target[b, n] + pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
+        loss[b, n] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_reduction_none_bwd0(pred, target, g_loss, g_pred, B, N, eps, log_input, _total):
+    """g_pred[b, n] = Piecewise((exp(pred[b, n]) - target[b, n], log_input > 0), (1 - target[b, n]/(eps + pred[b, n]), True))*g_loss[b, n]"""
+    _F = g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_g_pred = (math.exp(pred[b, n]) - target[b, n] if (log_input > _F(0)) else (_F(1) - target[b, n]/(eps + pred[b, n]) if (log_input <= _F(0)) else _F(math.nan)))*g_loss[b, n]
+        g_pred[b, n] = _v_g_pred
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_reduction_none_jvp0(pred, target, t_pred, t_loss, B, N, eps, log_input, _total):
+    """t_loss[b, n] = Piecewise((exp(pred[b, n])*t_pred[b, n] - t_pred[b, n]*target[b, n], log_input > 0), (t_pred[b, n] - t_pred[b, n]*target[b, n]/(eps + pred[b, n]), True))"""
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _t0 = t_pred[b, n]*target[b, n]
+        _v_t_loss = (-_t0 + math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (-_t0/(eps + pred[b, n]) + t_pred[b, n] if (log_input <= _F(0)) else _F(math.nan)))
+        t_loss[b, n] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _poisson_nll_reduction_none_hvp0(pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input, _total):
+    """t_g_pred[b, n] = Piecewise((exp(pred[b, n])*t_pred[b, n], log_input > 0), (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2, True))*g_loss[b, n]"""
+    _F = t_g_pred.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        n = _r % N
+        _r //= N
+        b = _r
+        _v_t_g_pred = (math.exp(pred[b, n])*t_pred[b, n] if (log_input > _F(0)) else (t_pred[b, n]*target[b, n]/(eps + pred[b, n])**2 if (log_input <= _F(0)) else _F(math.nan)))*g_loss[b, n]
+        t_g_pred[b, n] = _v_t_g_pred
+
+
+def _poisson_nll_reduction_none_fwd_core(pred, target, log_input, full, eps, reduction):
+    """Forward of poisson_nll[reduction=none]: loss from pred, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    _launch(_poisson_nll_reduction_none_fwd0, B * N, pred, target, loss, B, N, eps, full, log_input)
+    return loss
+
+
+def _poisson_nll_reduction_none_fwd_alloc(pred, target, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_reduction_none_fwd_into`` writes."""
+    _dtype = pred.dtype
+    B = pred.shape[0]
+    N = pred.shape[1]
+    loss = _empty((B, N), _dtype)
+    return loss
+
+
+def _poisson_nll_reduction_none_fwd_work(pred, target, log_input, full, eps, reduction):
+    """The workspace of ``_poisson_nll_reduction_none_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _poisson_nll_reduction_none_fwd_into(pred, target, log_input, full, eps, reduction, loss, _work=None):
+    """``_poisson_nll_reduction_none_fwd_core`` launching its kernels into loss (from ``_poisson_nll_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_poisson_nll_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = pred.dtype
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _launch(_poisson_nll_reduction_none_fwd0, B * N, pred, target, loss, B, N, eps, full, log_input)
+
+
+def _poisson_nll_reduction_none_fwd(pred, target, *, log_input, full, eps, reduction):
+    """Forward of poisson_nll[reduction=none]: loss from pred, target."""
+    _dev = any(_on_device(a) for a in (pred, target))
+    _dtype = _float_dtype((pred, target))
+    pred = _dev_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    full = _dtype.type(full)
+    eps = _dtype.type(eps)
+    loss = _empty((B, N), _dtype)
+    _launch(_poisson_nll_reduction_none_fwd0, B * N, pred, target, loss, B, N, eps, full, log_input)
+    return _result(loss, _dev)
+
+
+def _poisson_nll_reduction_none_fwd_shapes(pred, target, *, log_input, full, eps, reduction):
+    """The shapes of the results of ``_poisson_nll_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = pred.shape[0]
+    N = pred.shape[1]
+    return ((B, N),)
+
+
+def _poisson_nll_reduction_none_bwd_core(g_loss, pred, target, log_input, full, eps, reduction):
+    """Backward of poisson_nll[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    return g_pred
+
+
+def _poisson_nll_reduction_none_bwd_alloc(g_loss, pred, target, log_input, full, eps, reduction):
+    """The results of ``_poisson_nll_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_poisson_nll_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    g_pred = _empty((B, N), _dtype)
+    return g_pred
+
+
+def _poisson_nll_reduction_none_bwd_work(g_loss, pred, target, log_input, full, eps, reduction):
+    """The workspace of ``_poisson_nll_reduction_none_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _poisson_nll_reduction_none_bwd_into(g_loss, pred, target, log_input, full, eps, reduction, g_pred, _work=None):
+    """``_poisson_nll_reduction_none_bwd_core`` launching its kernels into g_pred (from ``_poisson_nll_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_poisson_nll_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _launch(_poisson_nll_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+
+
+def _poisson_nll_reduction_none_bwd(g_loss, pred, target, *, log_input, full, eps, reduction):
+    """Backward of poisson_nll[reduction=none]: gradients g_pred from g_loss, pred, target (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target))
+    _dtype = _float_dtype((g_loss, pred, target))
+    g_loss = _dev_float("poisson_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_reduction_none_bwd0, B * N, pred, target, g_loss, g_pred, B, N, eps, log_input)
+    return _result(g_pred, _dev)
+
+
+def _poisson_nll_reduction_none_jvp(pred, target, t_pred, *, log_input, full, eps, reduction):
+    """Forward mode of poisson_nll[reduction=none]: the tangents t_loss of the outputs from pred, target, t_pred (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (pred, target, t_pred))
+    _dtype = _float_dtype((pred, target, t_pred))
+    pred = _dev_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    t_pred = _dev_float("poisson_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    B = pred.shape[0]
+    N = pred.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_rank("poisson_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from pred axis 1")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from pred axis 0")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from pred axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    t_loss = _empty((B, N), _dtype)
+    _launch(_poisson_nll_reduction_none_jvp0, B * N, pred, target, t_pred, t_loss, B, N, eps, log_input)
+    return _result(t_loss, _dev)
+
+
+def _poisson_nll_reduction_none_hvp(g_loss, pred, target, t_pred, *, log_input, full, eps, reduction):
+    """Second order of poisson_nll[reduction=none]: t_g_pred, the derivatives of the gradients along the tangents, from g_loss, pred, target, t_pred (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, pred, target, t_pred))
+    _dtype = _float_dtype((g_loss, pred, target, t_pred))
+    g_loss = _dev_float("poisson_nll[reduction=none]", "g_loss", g_loss, _dtype)
+    pred = _dev_float("poisson_nll[reduction=none]", "pred", pred, _dtype)
+    target = _dev_float("poisson_nll[reduction=none]", "target", target, _dtype)
+    t_pred = _dev_float("poisson_nll[reduction=none]", "t_pred", t_pred, _dtype)
+    _check_rank("poisson_nll[reduction=none]", "g_loss", g_loss, 2)
+    B = g_loss.shape[0]
+    N = g_loss.shape[1]
+    _check_rank("poisson_nll[reduction=none]", "pred", pred, 2)
+    _check_rank("poisson_nll[reduction=none]", "target", target, 2)
+    _check_rank("poisson_nll[reduction=none]", "t_pred", t_pred, 2)
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "pred", pred, 1, "N", N, "from g_loss axis 1")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "target", target, 1, "N", N, "from g_loss axis 1")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 0, "B", B, "from g_loss axis 0")
+    _check_dim("poisson_nll[reduction=none]", "t_pred", t_pred, 1, "N", N, "from g_loss axis 1")
+    log_input = _dtype.type(log_input)
+    eps = _dtype.type(eps)
+    t_g_pred = _empty((B, N), _dtype)
+    _launch(_poisson_nll_reduction_none_hvp0, B * N, pred, target, g_loss, t_pred, t_g_pred, B, N, eps, log_input)
+    return _result(t_g_pred, _dev)
+
+
 # The host functions of each op on this target.
 _FUNCS = {
     "poisson_nll": {
@@ -276,6 +506,13 @@ _FUNCS = {
         "hvp": _poisson_nll_hvp,
         "jvp": _poisson_nll_jvp,
         "shapes": _poisson_nll_fwd_shapes,
+    },
+    "poisson_nll[reduction=none]": {
+        "backward": _poisson_nll_reduction_none_bwd,
+        "forward": _poisson_nll_reduction_none_fwd,
+        "hvp": _poisson_nll_reduction_none_hvp,
+        "jvp": _poisson_nll_reduction_none_jvp,
+        "shapes": _poisson_nll_reduction_none_fwd_shapes,
     },
 }
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 41a4e9bdef58353a): its compiled helpers are compiled
+# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -330,7 +330,7 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target, *, reduction):
     _check_rank("softmax_cross_entropy", "target", target, 2)
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
-    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
+    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
     return _softmax_cross_entropy_bwd_core(g_loss, logits, target, reduction)
 
 
@@ -520,8 +520,478 @@ def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits, *, reduction):
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
-    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
+    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
     return _softmax_cross_entropy_hvp_core(g_loss, logits, target, t_logits, reduction)
+
+
+# ============================================================================ softmax_cross_entropy[reduction=none]
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd0(logits, loss_max0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)"""
+    _F = loss_max0.dtype.type
+    for b in range(0, B):
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd1(logits, loss_max0, loss_shifted0, B, C):
+    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]"""
+    _F = loss_shifted0.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_loss_shifted0 = logits[b, k] - loss_max0[b]
+            loss_shifted0[b, k] = _v_loss_shifted0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd2(logits, target, loss, loss_max0, loss_shifted0, B, C):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss.dtype.type
+    for b in range(0, B):
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        # loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += (-_v_loss_logsumexp0 + loss_shifted0[b, c])*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_bwd0(logits, loss_max0, loss_sumexp0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    """
+    _F = loss_max0.dtype.type
+    for b in range(0, B):
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C):
+    """g_logits[b, k] = (exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])*g_loss[b]"""
+    _F = g_logits.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_g_logits = (math.exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])*g_loss[b]
+            g_logits[b, k] = _v_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd_saving0(logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss_sumexp0.dtype.type
+    for b in range(0, B):
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        # loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += (-_v_loss_logsumexp0 + loss_shifted0[b, c])*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_jvp0(t_logits, t_loss_shifted0, B, C):
+    """t_loss_shifted0[b, k] = t_logits[b, k]"""
+    _F = t_loss_shifted0.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_loss_shifted0 = t_logits[b, k]
+            t_loss_shifted0[b, k] = _v_t_loss_shifted0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_jvp1(logits, target, loss_max0, loss_sumexp0, t_logits, t_loss, t_loss_shifted0, B, C):
+    """t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+    t_loss_sum0[b] = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], c)
+    t_loss[b] = -t_loss_sum0[b]
+    """
+    _F = t_loss.dtype.type
+    for b in range(0, B):
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])*t_logits[b, k]
+        # t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+        _v_t_loss_logsumexp0 = _v_t_loss_sumexp0/loss_sumexp0[b]
+        # t_loss_sum0[b] = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], c)
+        _v_t_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_t_loss_sum0 += (-_v_t_loss_logsumexp0 + t_loss_shifted0[b, c])*target[b, c]
+        # t_loss[b] = -t_loss_sum0[b]
+        _v_t_loss = -_v_t_loss_sum0
+        t_loss[b] = _v_t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    """
+    _F = loss_max0.dtype.type
+    for b in range(0, B):
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])*t_logits[b, k]
+        t_loss_sumexp0[b] = _v_t_loss_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C):
+    """t_g_logits[b, k] = (loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*exp(logits[b, k] - loss_max0[b])*g_loss[b]/loss_sumexp0[b]**2"""
+    _F = t_g_logits.dtype.type
+    for b in range(0, B):
+        for k in range(0, C):
+            _v_t_g_logits = (loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*math.exp(logits[b, k] - loss_max0[b])*g_loss[b]/(loss_sumexp0[b] * loss_sumexp0[b])
+            t_g_logits[b, k] = _v_t_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss from logits, target. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_fwd0(logits, loss_max0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd2(logits, target, loss, loss_max0, loss_shifted0, B, C)
+    return loss
+
+
+def _softmax_cross_entropy_reduction_none_fwd_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_reduction_none_fwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    return loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd_into(logits, target, reduction, loss):
+    """``_softmax_cross_entropy_reduction_none_fwd_core`` writing its results into loss (from ``_softmax_cross_entropy_reduction_none_fwd_alloc``)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_fwd0(logits, loss_max0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd2(logits, target, loss, loss_max0, loss_shifted0, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_fwd(logits, target, *, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss from logits, target."""
+    _dtype = _float_dtype((logits, target))
+    logits = _as_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    return _softmax_cross_entropy_reduction_none_fwd_core(logits, target, reduction)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_shapes(logits, target, *, reduction):
+    """The shapes of the results of ``_softmax_cross_entropy_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logits.shape[0]
+    return ((B,),)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_bwd_core(g_loss, logits, target, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    g_logits = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_alloc(g_loss, logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_reduction_none_bwd_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    return g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_bwd_into(g_loss, logits, target, reduction, g_logits):
+    """``_softmax_cross_entropy_reduction_none_bwd_core`` writing its results into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_alloc``)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_reduction_none_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_bwd(g_loss, logits, target, *, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target (forward recomputed)."""
+    _dtype = _float_dtype((g_loss, logits, target))
+    g_loss = _as_float("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _as_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    _check_assumption("softmax_cross_entropy[reduction=none]", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
+    return _softmax_cross_entropy_reduction_none_bwd_core(g_loss, logits, target, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd_saving_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss, loss_max0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_shifted0 = np.empty((B, C), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_reduction_none_fwd0(logits, loss_max0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd_saving0(logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_reduction_none_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = np.empty((B,), _dtype)
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    return loss, loss_max0, loss_sumexp0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_fwd_saving_into(logits, target, reduction, loss, loss_max0, loss_sumexp0):
+    """``_softmax_cross_entropy_reduction_none_fwd_saving_core`` writing its results into loss, loss_max0, loss_sumexp0 (from ``_softmax_cross_entropy_reduction_none_fwd_saving_alloc``)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_fwd0(logits, loss_max0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd1(logits, loss_max0, loss_shifted0, B, C)
+    _softmax_cross_entropy_reduction_none_fwd_saving0(logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, loss_max0, loss_sumexp0 (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_reduction_none_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = np.empty((B, C), _dtype)
+    return g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, reduction, g_logits):
+    """``_softmax_cross_entropy_reduction_none_bwd_saved_core`` writing its results into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_saved_alloc``)."""
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_jvp_core(logits, target, t_logits, reduction):
+    """Forward mode of softmax_cross_entropy[reduction=none]: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_loss = np.empty((B,), _dtype)
+    t_loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_reduction_none_jvp0(t_logits, t_loss_shifted0, B, C)
+    _softmax_cross_entropy_reduction_none_jvp1(logits, target, loss_max0, loss_sumexp0, t_logits, t_loss, t_loss_shifted0, B, C)
+    return t_loss
+
+
+def _softmax_cross_entropy_reduction_none_jvp_alloc(logits, target, t_logits, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_jvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_reduction_none_jvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    t_loss = np.empty((B,), _dtype)
+    return t_loss
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_jvp_into(logits, target, t_logits, reduction, t_loss):
+    """``_softmax_cross_entropy_reduction_none_jvp_core`` writing its results into t_loss (from ``_softmax_cross_entropy_reduction_none_jvp_alloc``)."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_loss_shifted0 = np.empty((B, C), _dtype)
+    _softmax_cross_entropy_reduction_none_bwd0(logits, loss_max0, loss_sumexp0, B, C)
+    _softmax_cross_entropy_reduction_none_jvp0(t_logits, t_loss_shifted0, B, C)
+    _softmax_cross_entropy_reduction_none_jvp1(logits, target, loss_max0, loss_sumexp0, t_logits, t_loss, t_loss_shifted0, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_jvp(logits, target, t_logits, *, reduction):
+    """Forward mode of softmax_cross_entropy[reduction=none]: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed)."""
+    _dtype = _float_dtype((logits, target, t_logits))
+    logits = _as_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    t_logits = _as_float("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_rank("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    return _softmax_cross_entropy_reduction_none_jvp_core(logits, target, t_logits, reduction)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_hvp_core(g_loss, logits, target, t_logits, reduction):
+    """Second order of softmax_cross_entropy[reduction=none]: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_g_logits = np.empty((B, C), _dtype)
+    t_loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_reduction_none_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
+    _softmax_cross_entropy_reduction_none_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+    return t_g_logits
+
+
+def _softmax_cross_entropy_reduction_none_hvp_alloc(g_loss, logits, target, t_logits, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_hvp_core`` for arguments of these shapes, uninitialised: what ``_softmax_cross_entropy_reduction_none_hvp_into`` writes (plain Python: it runs once per batch shape)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    t_g_logits = np.empty((B, C), _dtype)
+    return t_g_logits
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _softmax_cross_entropy_reduction_none_hvp_into(g_loss, logits, target, t_logits, reduction, t_g_logits):
+    """``_softmax_cross_entropy_reduction_none_hvp_core`` writing its results into t_g_logits (from ``_softmax_cross_entropy_reduction_none_hvp_alloc``)."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    loss_max0 = np.empty((B,), _dtype)
+    loss_sumexp0 = np.empty((B,), _dtype)
+    t_loss_sumexp0 = np.empty((B,), _dtype)
+    _softmax_cross_entropy_reduction_none_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
+    _softmax_cross_entropy_reduction_none_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_hvp(g_loss, logits, target, t_logits, *, reduction):
+    """Second order of softmax_cross_entropy[reduction=none]: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed)."""
+    _dtype = _float_dtype((g_loss, logits, target, t_logits))
+    g_loss = _as_float("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _as_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _as_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    t_logits = _as_float("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_rank("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    _check_assumption("softmax_cross_entropy[reduction=none]", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
+    return _softmax_cross_entropy_reduction_none_hvp_core(g_loss, logits, target, t_logits, reduction)
 
 
 # The host functions of each op on this target.
@@ -533,6 +1003,13 @@ _FUNCS = {
         "jvp": _softmax_cross_entropy_jvp,
         "shapes": _softmax_cross_entropy_fwd_shapes,
     },
+    "softmax_cross_entropy[reduction=none]": {
+        "backward": _softmax_cross_entropy_reduction_none_bwd,
+        "forward": _softmax_cross_entropy_reduction_none_fwd,
+        "hvp": _softmax_cross_entropy_reduction_none_hvp,
+        "jvp": _softmax_cross_entropy_reduction_none_jvp,
+        "shapes": _softmax_cross_entropy_reduction_none_fwd_shapes,
+    },
 }
 
 
@@ -541,11 +1018,24 @@ _SPECS = {
     "softmax_cross_entropy": {
         "kind": "loss",
         "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variants": (((("reduction", 0),), "softmax_cross_entropy[reduction=none]"),),
         "arg_names": ("logits", "target"),
         "differentiable": ("logits",),
         "state": (),
         "seeds": 1,
-        "doc": "Cross-entropy of softmax(logits) with one-hot or probability targets (rows sum to 1, which the derivation uses), mean (or sum) over the batch.",
+        "doc": "Cross-entropy of softmax(logits) with one-hot or probability targets (rows sum to 1, which the derivation uses), mean (or sum, or none) over the batch.",
+    },
+    "softmax_cross_entropy[reduction=none]": {
+        "kind": "loss",
+        "attrs": {"reduction": 1},
+        "domains": {"reduction": {"values": (0, 1, 2), "names": {"none": 0, "mean": 1, "sum": 2}, "text": "0 (none), 1 (mean), 2 (sum)"}},
+        "variant_of": "softmax_cross_entropy",
+        "arg_names": ("logits", "target"),
+        "differentiable": ("logits",),
+        "state": (),
+        "seeds": 1,
+        "doc": "Cross-entropy of softmax(logits) with one-hot or probability targets (rows sum to 1, which the derivation uses), mean (or sum, or none) over the batch.",
     },
 }
 
@@ -559,7 +1049,7 @@ def _latex(name):
 
 def ops():
     """Names of the ops in this module, sorted."""
-    return sorted(_SPECS)
+    return sorted(n for n in _SPECS if "variant_of" not in _SPECS[n])
 
 
 def op(name="softmax_cross_entropy", target="cpu", **attrs):

@@ -3,7 +3,7 @@
 # Template: codegen/templates/cuda/module.py.jinja
 # Regenerate: python -m codegen
 
-"""softmax_cross_entropy_cuda: generated CUDA kernels and host wrappers (1 op).
+"""softmax_cross_entropy_cuda: generated CUDA kernels and host wrappers (2 ops).
 
 Imported by ``softmax_cross_entropy.op(..., target="cuda")`` only. Wrappers take NumPy arrays
 (copied in and out) or device arrays (results stay on the device). Elementwise and
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 4be748ea97c3c521): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_assumption,
@@ -386,7 +386,7 @@ def _softmax_cross_entropy_bwd(g_loss, logits, target, *, reduction):
     _check_rank("softmax_cross_entropy", "target", target, 2)
     _check_dim("softmax_cross_entropy", "target", target, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
-    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
+    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
     loss_max0 = _empty((B,), _dtype)
     loss_sumexp0 = _empty((B,), _dtype)
     g_logits = _empty((B, C), _dtype)
@@ -524,13 +524,490 @@ def _softmax_cross_entropy_hvp(g_loss, logits, target, t_logits, *, reduction):
     _check_dim("softmax_cross_entropy", "target", target, 1, "C", C, "from logits axis 1")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
     _check_dim("softmax_cross_entropy", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
-    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ('b',))
+    _check_assumption("softmax_cross_entropy", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
     loss_max0 = _empty((B,), _dtype)
     loss_sumexp0 = _empty((B,), _dtype)
     t_g_logits = _empty((B, C), _dtype)
     t_loss_sumexp0 = _empty((B,), _dtype)
     _launch(_softmax_cross_entropy_hvp0, B, logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
     _launch(_softmax_cross_entropy_hvp1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, reduction)
+    return _result(t_g_logits, _dev)
+
+
+# ============================================================================ softmax_cross_entropy[reduction=none]
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_fwd0(logits, loss_max0, B, C, _total):
+    """loss_max0[b] = max(logits[b, k], k)"""
+    _F = loss_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_fwd1(logits, loss_max0, loss_shifted0, B, C, _total):
+    """loss_shifted0[b, k] = logits[b, k] - loss_max0[b]"""
+    _F = loss_shifted0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_loss_shifted0 = logits[b, k] - loss_max0[b]
+        loss_shifted0[b, k] = _v_loss_shifted0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_fwd2(logits, target, loss, loss_max0, loss_shifted0, B, C, _total):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        # loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += (-_v_loss_logsumexp0 + loss_shifted0[b, c])*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_bwd0(logits, loss_max0, loss_sumexp0, B, C, _total):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    """
+    _F = loss_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_bwd1(logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C, _total):
+    """g_logits[b, k] = (exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])*g_loss[b]"""
+    _F = g_logits.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_g_logits = (math.exp(logits[b, k] - loss_max0[b])/loss_sumexp0[b] - target[b, k])*g_loss[b]
+        g_logits[b, k] = _v_g_logits
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_fwd_saving0(logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C, _total):
+    """loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    loss_logsumexp0[b] = log(loss_sumexp0[b])
+    loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+    loss[b] = -loss_sum0[b]
+    """
+    _F = loss_sumexp0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # loss_logsumexp0[b] = log(loss_sumexp0[b])
+        _v_loss_logsumexp0 = math.log(_v_loss_sumexp0)
+        # loss_sum0[b] = sum((-loss_logsumexp0[b] + loss_shifted0[b, c])*target[b, c], c)
+        _v_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_loss_sum0 += (-_v_loss_logsumexp0 + loss_shifted0[b, c])*target[b, c]
+        # loss[b] = -loss_sum0[b]
+        _v_loss = -_v_loss_sum0
+        loss[b] = _v_loss
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_jvp0(t_logits, t_loss_shifted0, B, C, _total):
+    """t_loss_shifted0[b, k] = t_logits[b, k]"""
+    _F = t_loss_shifted0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_loss_shifted0 = t_logits[b, k]
+        t_loss_shifted0[b, k] = _v_t_loss_shifted0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_jvp1(logits, target, loss_max0, loss_sumexp0, t_logits, t_loss, t_loss_shifted0, B, C, _total):
+    """t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+    t_loss_sum0[b] = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], c)
+    t_loss[b] = -t_loss_sum0[b]
+    """
+    _F = t_loss.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(logits[b, k] - loss_max0[b])*t_logits[b, k]
+        # t_loss_logsumexp0[b] = t_loss_sumexp0[b]/loss_sumexp0[b]
+        _v_t_loss_logsumexp0 = _v_t_loss_sumexp0/loss_sumexp0[b]
+        # t_loss_sum0[b] = sum((-t_loss_logsumexp0[b] + t_loss_shifted0[b, c])*target[b, c], c)
+        _v_t_loss_sum0 = _F(0)
+        for c in range(0, C):
+            _v_t_loss_sum0 += (-_v_t_loss_logsumexp0 + t_loss_shifted0[b, c])*target[b, c]
+        # t_loss[b] = -t_loss_sum0[b]
+        _v_t_loss = -_v_t_loss_sum0
+        t_loss[b] = _v_t_loss
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_hvp0(logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C, _total):
+    """loss_max0[b] = max(logits[b, k], k)
+    loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+    t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+    """
+    _F = loss_max0.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r
+        # loss_max0[b] = max(logits[b, k], k)
+        _v_loss_max0 = -_F(math.inf)
+        for k in range(0, C):
+            _m = logits[b, k]
+            if _m > _v_loss_max0:
+                _v_loss_max0 = _m
+        loss_max0[b] = _v_loss_max0
+        # loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b]), k)
+        _v_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])
+        loss_sumexp0[b] = _v_loss_sumexp0
+        # t_loss_sumexp0[b] = sum(exp(logits[b, k] - loss_max0[b])*t_logits[b, k], k)
+        _v_t_loss_sumexp0 = _F(0)
+        for k in range(0, C):
+            _v_t_loss_sumexp0 += math.exp(-_v_loss_max0 + logits[b, k])*t_logits[b, k]
+        t_loss_sumexp0[b] = _v_t_loss_sumexp0
+
+
+@cuda.jit(cache=True)
+def _softmax_cross_entropy_reduction_none_hvp1(logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C, _total):
+    """t_g_logits[b, k] = (loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*exp(logits[b, k] - loss_max0[b])*g_loss[b]/loss_sumexp0[b]**2"""
+    _F = t_g_logits.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        k = _r % C
+        _r //= C
+        b = _r
+        _v_t_g_logits = (loss_sumexp0[b]*t_logits[b, k] - t_loss_sumexp0[b])*math.exp(logits[b, k] - loss_max0[b])*g_loss[b]/(loss_sumexp0[b] * loss_sumexp0[b])
+        t_g_logits[b, k] = _v_t_g_logits
+
+
+def _softmax_cross_entropy_reduction_none_fwd_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss from logits, target. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd2, B, logits, target, loss, loss_max0, loss_shifted0, B, C)
+    return loss
+
+
+def _softmax_cross_entropy_reduction_none_fwd_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_reduction_none_fwd_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    return loss
+
+
+def _softmax_cross_entropy_reduction_none_fwd_work(logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_reduction_none_fwd_core`` for arguments of these shapes (loss_max0, loss_shifted0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_reduction_none_fwd_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    return (loss_max0, loss_shifted0)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_into(logits, target, reduction, loss, _work=None):
+    """``_softmax_cross_entropy_reduction_none_fwd_core`` launching its kernels into loss (from ``_softmax_cross_entropy_reduction_none_fwd_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_fwd_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_reduction_none_fwd_work(logits, target, reduction)
+    loss_max0, loss_shifted0 = _work
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd2, B, logits, target, loss, loss_max0, loss_shifted0, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_fwd(logits, target, *, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss from logits, target."""
+    _dev = any(_on_device(a) for a in (logits, target))
+    _dtype = _float_dtype((logits, target))
+    logits = _dev_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    loss = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd2, B, logits, target, loss, loss_max0, loss_shifted0, B, C)
+    return _result(loss, _dev)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_shapes(logits, target, *, reduction):
+    """The shapes of the results of ``_softmax_cross_entropy_reduction_none_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
+    B = logits.shape[0]
+    return ((B,),)
+
+
+def _softmax_cross_entropy_reduction_none_bwd_core(g_loss, logits, target, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_alloc(g_loss, logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_reduction_none_bwd_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_work(g_loss, logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_reduction_none_bwd_core`` for arguments of these shapes (loss_max0, loss_sumexp0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_reduction_none_bwd_into`` takes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    return (loss_max0, loss_sumexp0)
+
+
+def _softmax_cross_entropy_reduction_none_bwd_into(g_loss, logits, target, reduction, g_logits, _work=None):
+    """``_softmax_cross_entropy_reduction_none_bwd_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_reduction_none_bwd_work(g_loss, logits, target, reduction)
+    loss_max0, loss_sumexp0 = _work
+    _launch(_softmax_cross_entropy_reduction_none_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_bwd(g_loss, logits, target, *, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logits, target))
+    _dtype = _float_dtype((g_loss, logits, target))
+    g_loss = _dev_float("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _dev_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    _check_assumption("softmax_cross_entropy[reduction=none]", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    g_logits = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    return _result(g_logits, _dev)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_core(logits, target, reduction):
+    """Forward of softmax_cross_entropy[reduction=none]: loss, loss_max0, loss_sumexp0 from logits, target, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_shifted0 = _empty((B, C), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd_saving0, B, logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_alloc(logits, target, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_reduction_none_fwd_saving_into`` writes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss = _empty((B,), _dtype)
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    return loss, loss_max0, loss_sumexp0
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_work(logits, target, reduction):
+    """The intermediates of ``_softmax_cross_entropy_reduction_none_fwd_saving_core`` for arguments of these shapes (loss_shifted0), uninitialised device arrays: the workspace ``_softmax_cross_entropy_reduction_none_fwd_saving_into`` takes."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    loss_shifted0 = _empty((B, C), _dtype)
+    return (loss_shifted0,)
+
+
+def _softmax_cross_entropy_reduction_none_fwd_saving_into(logits, target, reduction, loss, loss_max0, loss_sumexp0, _work=None):
+    """``_softmax_cross_entropy_reduction_none_fwd_saving_core`` launching its kernels into loss, loss_max0, loss_sumexp0 (from ``_softmax_cross_entropy_reduction_none_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = logits.dtype
+    B = logits.shape[0]
+    C = logits.shape[1]
+    if _work is None:
+        _work = _softmax_cross_entropy_reduction_none_fwd_saving_work(logits, target, reduction)
+    loss_shifted0, = _work
+    _launch(_softmax_cross_entropy_reduction_none_fwd0, B, logits, loss_max0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd1, B * C, logits, loss_max0, loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_fwd_saving0, B, logits, target, loss, loss_max0, loss_shifted0, loss_sumexp0, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_core(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """Backward of softmax_cross_entropy[reduction=none]: gradients g_logits from g_loss, logits, target, loss_max0, loss_sumexp0 (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_alloc(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The results of ``_softmax_cross_entropy_reduction_none_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_softmax_cross_entropy_reduction_none_bwd_saved_into`` writes."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    g_logits = _empty((B, C), _dtype)
+    return g_logits
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_work(g_loss, logits, target, loss_max0, loss_sumexp0, reduction):
+    """The workspace of ``_softmax_cross_entropy_reduction_none_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _softmax_cross_entropy_reduction_none_bwd_saved_into(g_loss, logits, target, loss_max0, loss_sumexp0, reduction, g_logits, _work=None):
+    """``_softmax_cross_entropy_reduction_none_bwd_saved_core`` launching its kernels into g_logits (from ``_softmax_cross_entropy_reduction_none_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_softmax_cross_entropy_reduction_none_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_loss.dtype
+    B = g_loss.shape[0]
+    C = logits.shape[1]
+    _launch(_softmax_cross_entropy_reduction_none_bwd1, B * C, logits, target, loss_max0, loss_sumexp0, g_loss, g_logits, B, C)
+
+
+def _softmax_cross_entropy_reduction_none_jvp(logits, target, t_logits, *, reduction):
+    """Forward mode of softmax_cross_entropy[reduction=none]: the tangents t_loss of the outputs from logits, target, t_logits (forward recomputed)."""
+    _dev = any(_on_device(a) for a in (logits, target, t_logits))
+    _dtype = _float_dtype((logits, target, t_logits))
+    logits = _dev_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    t_logits = _dev_float("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    B = logits.shape[0]
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_rank("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from logits axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    t_loss = _empty((B,), _dtype)
+    t_loss_shifted0 = _empty((B, C), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_bwd0, B, logits, loss_max0, loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_jvp0, B * C, t_logits, t_loss_shifted0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_jvp1, B, logits, target, loss_max0, loss_sumexp0, t_logits, t_loss, t_loss_shifted0, B, C)
+    return _result(t_loss, _dev)
+
+
+def _softmax_cross_entropy_reduction_none_hvp(g_loss, logits, target, t_logits, *, reduction):
+    """Second order of softmax_cross_entropy[reduction=none]: t_g_logits, the derivatives of the gradients along the tangents, from g_loss, logits, target, t_logits (forward and backward recomputed)."""
+    _dev = any(_on_device(a) for a in (g_loss, logits, target, t_logits))
+    _dtype = _float_dtype((g_loss, logits, target, t_logits))
+    g_loss = _dev_float("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, _dtype)
+    logits = _dev_float("softmax_cross_entropy[reduction=none]", "logits", logits, _dtype)
+    target = _dev_float("softmax_cross_entropy[reduction=none]", "target", target, _dtype)
+    t_logits = _dev_float("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, _dtype)
+    _check_rank("softmax_cross_entropy[reduction=none]", "g_loss", g_loss, 1)
+    B = g_loss.shape[0]
+    _check_rank("softmax_cross_entropy[reduction=none]", "logits", logits, 2)
+    C = logits.shape[1]
+    _check_rank("softmax_cross_entropy[reduction=none]", "target", target, 2)
+    _check_rank("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 2)
+    _check_dim("softmax_cross_entropy[reduction=none]", "logits", logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "target", target, 1, "C", C, "from logits axis 1")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 0, "B", B, "from g_loss axis 0")
+    _check_dim("softmax_cross_entropy[reduction=none]", "t_logits", t_logits, 1, "C", C, "from logits axis 1")
+    _check_assumption("softmax_cross_entropy[reduction=none]", "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "target", target, (1,), 1.0, ("b",))
+    loss_max0 = _empty((B,), _dtype)
+    loss_sumexp0 = _empty((B,), _dtype)
+    t_g_logits = _empty((B, C), _dtype)
+    t_loss_sumexp0 = _empty((B,), _dtype)
+    _launch(_softmax_cross_entropy_reduction_none_hvp0, B, logits, loss_max0, loss_sumexp0, t_logits, t_loss_sumexp0, B, C)
+    _launch(_softmax_cross_entropy_reduction_none_hvp1, B * C, logits, loss_max0, loss_sumexp0, g_loss, t_logits, t_g_logits, t_loss_sumexp0, B, C)
     return _result(t_g_logits, _dev)
 
 
@@ -542,6 +1019,13 @@ _FUNCS = {
         "hvp": _softmax_cross_entropy_hvp,
         "jvp": _softmax_cross_entropy_jvp,
         "shapes": _softmax_cross_entropy_fwd_shapes,
+    },
+    "softmax_cross_entropy[reduction=none]": {
+        "backward": _softmax_cross_entropy_reduction_none_bwd,
+        "forward": _softmax_cross_entropy_reduction_none_fwd,
+        "hvp": _softmax_cross_entropy_reduction_none_hvp,
+        "jvp": _softmax_cross_entropy_reduction_none_jvp,
+        "shapes": _softmax_cross_entropy_reduction_none_fwd_shapes,
     },
 }
 

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 0ca757221d4d66fb
-#   generated/layers/gru_cell.py aaf4908c634b4e54
-#   generated/losses/softmax_cross_entropy.py 689a729d3921ba91
-#   generated/optimizers/adam.py f9beecf6817908e6
-#   generated/_runtime.py 41a4e9bdef58353a
+#   generated/layers/dense.py 28f2af6dc907efce
+#   generated/layers/gru_cell.py 1ab905e117164bb4
+#   generated/losses/softmax_cross_entropy.py 009d48a172c69f61
+#   generated/optimizers/adam.py 893cf79ce5b2235c
+#   generated/_runtime.py 0f103c4f0e40ac46
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).
@@ -379,7 +379,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
-    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ("b",))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, gru_cell0_w_ih, gru_cell0_w_hh, gru_cell0_b_ih, gru_cell0_b_hh, dense1_weight, dense1_bias)

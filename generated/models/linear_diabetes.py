@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 0ca757221d4d66fb
-#   generated/losses/mse.py b54dba67d097a485
-#   generated/optimizers/adam.py f9beecf6817908e6
-#   generated/_runtime.py 41a4e9bdef58353a
+#   generated/layers/dense.py 28f2af6dc907efce
+#   generated/losses/mse.py 15f900a869be4296
+#   generated/optimizers/adam.py 893cf79ce5b2235c
+#   generated/_runtime.py 0f103c4f0e40ac46
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

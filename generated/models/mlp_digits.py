@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 25fe5ced7021b0b9
-#   generated/layers/dense.py 0ca757221d4d66fb
-#   generated/losses/softmax_cross_entropy.py 689a729d3921ba91
-#   generated/optimizers/adam.py f9beecf6817908e6
-#   generated/_runtime.py 41a4e9bdef58353a
+#   generated/activations/relu.py 1af727d1205c7018
+#   generated/layers/dense.py 28f2af6dc907efce
+#   generated/losses/softmax_cross_entropy.py 009d48a172c69f61
+#   generated/optimizers/adam.py 893cf79ce5b2235c
+#   generated/_runtime.py 0f103c4f0e40ac46
 """The mlp_digits model.
 
 Model ``mlp_digits``: samples of shape (64,) -> outputs of shape (10,).
@@ -320,7 +320,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
-    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ("b",))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, dense0_weight, dense0_bias, dense2_weight, dense2_bias)
