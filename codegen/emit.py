@@ -605,6 +605,7 @@ def op_context(plan: OpPlan, target) -> dict:
         "source": p.source,
         "doc": p.doc,
         "attrs": [{"name": a.name, "default": v} for a, v in p.attrs],
+        "shorthands": [{"name": k, "parts": list(v)} for k, v in p.shorthands],
         "arg_names": [d.name for d in p.args],
         "differentiable": list(p.grad_of),
         "state": list(p.state),

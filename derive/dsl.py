@@ -13,7 +13,7 @@ import sympy
 
 from .functions import ReduceMax, ReduceMean, ReduceSum
 from .ir import dim, index
-from .spec import Equation, OpDef, attr_symbol, finish_activation
+from .spec import Equation, OpDef, attr_symbol, check_shorthands, finish_activation
 
 Sum = ReduceSum
 Max = ReduceMax
@@ -64,7 +64,7 @@ def activation(name, expr, attrs=None, doc=""):
 
 
 def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, ranges=None,
-          differentiate=None, doc="", kind="layer", assume=(), dtypes=None):
+          differentiate=None, doc="", kind="layer", assume=(), dtypes=None, shorthands=None):
     op = OpDef(name=name, kind=kind, source=_source(), doc=doc)
     op.inputs = {k: tuple(v.split()) for k, v in inputs.items()}
     op.params = {k: tuple(v.split()) for k, v in (params or {}).items()}
@@ -76,6 +76,7 @@ def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, 
         op.symbols[d] = dim(d)
     for a, v in op.attrs.items():
         op.symbols[a] = attr_symbol(a, v)
+    op.shorthands = check_shorthands(op.source, op.attrs, dict(shorthands or {}))
     op.derived_dims = dict(dims or {})
     op.ranges = dict(ranges or {})
     for lhs, rhs in equations:
