@@ -318,9 +318,15 @@ def _bind(module, name, target, attrs, specs, funcs, latex):
     spec = specs.get(name)
     if spec is None:
         raise ValueError("unknown op %r; this module has %s" % (name, ", ".join(sorted(specs))))
-    unknown = sorted(set(attrs) - set(spec["attrs"]))
+    shorthands = spec.get("shorthands", {})
+    unknown = sorted(set(attrs) - set(spec["attrs"]) - set(shorthands))
     if unknown:
-        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"])) or "none"))
+        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"]) + sorted(shorthands)) or "none"))
+    if shorthands:
+        # a shorthand sets each of its attributes (S=2: SH=2, SW=2); one given by its own name wins
+        given = {part: value for key, value in attrs.items() for part in shorthands.get(key, ())}
+        given.update((key, value) for key, value in attrs.items() if key not in shorthands)
+        attrs = given
     values = dict(spec["attrs"])
     for key, value in attrs.items():
         default = values[key]

@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py f9e58be44c06e511
-#   generated/layers/conv2d.py 4057d82da32c17ea
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/flatten.py b7213c173fd2ffd3
-#   generated/layers/max_pool2d.py 7db3094f306974de
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/relu.py 4300f6c82cf54919
+#   generated/layers/conv2d.py e3c09e9481a4e51a
+#   generated/layers/dense.py 792dec06e661ef61
+#   generated/layers/flatten.py 219d855f58137a0a
+#   generated/layers/max_pool2d.py d4a52fed0492ed00
+#   generated/losses/softmax_cross_entropy.py 73fafebee3caa750
+#   generated/optimizers/adam.py fc83a939ef149aa9
+#   generated/_runtime.py 2663c8a70f1e3e9c
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
@@ -64,7 +64,7 @@ PARAM_SHAPES = {
     "dense4.bias": (10,),
 }
 
-_conv2d0 = generated.op("conv2d", P=1)
+_conv2d0 = generated.op("conv2d", PH=1, PW=1)
 _relu1 = generated.op("relu")
 _max_pool2d2 = generated.op("max_pool2d")
 _flatten3 = generated.op("flatten")
@@ -407,7 +407,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
     h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, loss, kept_loss_max0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g1, g_conv2d0_weight, g_conv2d0_bias = buffers
     h0 = x
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, h1)
     _relu_fwd_into(h1, h2)
     _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
     _flatten_fwd_into(h3, h4)
@@ -420,7 +420,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     _flatten_bwd_into(g4, h3, g3)
     _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, g2)
     _relu_bwd_into(g2, h1, g1)
-    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias)
+    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, g_conv2d0_weight, g_conv2d0_bias)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d0_bias, g_conv2d0_bias, conv2d0_bias_m, conv2d0_bias_v, t, lr, beta1, beta2, eps)
     return loss
@@ -430,7 +430,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
     uninitialised, for a batch of the shape of ``x`` (plain Python: once per batch shape)."""
     h0 = x
-    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     h2 = _relu_fwd_alloc(h1)
     h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
     h4 = _flatten_fwd_alloc(h3)
@@ -442,7 +442,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     g3 = _flatten_bwd_alloc(g4, h3)
     g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
     g1 = _relu_bwd_alloc(g2, h1)
-    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     return (
         h1,
         h2,

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/gru_cell.py 4adf5b7b1ac6d228
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 792dec06e661ef61
+#   generated/layers/gru_cell.py d7ada38590b11a3d
+#   generated/losses/softmax_cross_entropy.py 73fafebee3caa750
+#   generated/optimizers/adam.py fc83a939ef149aa9
+#   generated/_runtime.py 2663c8a70f1e3e9c
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).

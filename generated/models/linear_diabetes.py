@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/losses/mse.py 350749cab6e224ad
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 792dec06e661ef61
+#   generated/losses/mse.py f4c25256d5b4c875
+#   generated/optimizers/adam.py fc83a939ef149aa9
+#   generated/_runtime.py 2663c8a70f1e3e9c
 """The linear_diabetes model.
 
 Model ``linear_diabetes``: samples of shape (10,) -> outputs of shape (1,).

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py f9e58be44c06e511
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/relu.py 4300f6c82cf54919
+#   generated/layers/dense.py 792dec06e661ef61
+#   generated/losses/softmax_cross_entropy.py 73fafebee3caa750
+#   generated/optimizers/adam.py fc83a939ef149aa9
+#   generated/_runtime.py 2663c8a70f1e3e9c
 """The mlp_bench model.
 
 Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).

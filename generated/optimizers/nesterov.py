@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 42c360a0f9c2bcce): its compiled helpers are compiled
+# generated/_runtime.py (sha256 2663c8a70f1e3e9c): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
