@@ -134,7 +134,7 @@ LAYER_ORACLE: dict[str, Callable] = {
 TORCH_ORACLE.update(LAYER_ORACLE)
 # Default sizes of the layer library's inputs (small, odd, all different).
 LAYER_SIZES = {
-    "conv2d": {"N": 2, "C": 4, "H": 7, "W": 5, "O": 6, "KH": 3, "KW": 2},  # groups 2 divides C and O
+    "conv2d": {"N": 2, "C": 4, "H": 5, "W": 3, "O": 6, "KH": 3, "KW": 2},  # groups 2 divides C and O
     "max_pool2d": {"N": 2, "C": 3, "H": 7, "W": 6},
     "avg_pool2d": {"N": 2, "C": 3, "H": 7, "W": 6},
     "flatten": {"N": 2, "C": 3, "H": 4, "W": 5},
