@@ -9,7 +9,7 @@
 #   generated/layers/conv2d.py e3c09e9481a4e51a
 #   generated/layers/dense.py 792dec06e661ef61
 #   generated/layers/flatten.py 219d855f58137a0a
-#   generated/layers/max_pool2d.py d4a52fed0492ed00
+#   generated/layers/max_pool2d.py 6f5563d245b1b06d
 #   generated/losses/softmax_cross_entropy.py 73fafebee3caa750
 #   generated/optimizers/adam.py fc83a939ef149aa9
 #   generated/_runtime.py 2663c8a70f1e3e9c
@@ -409,7 +409,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     h0 = x
     _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
+    _max_pool2d_fwd_saving_into(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0, h3, kept2_y_argmax_p, kept2_y_argmax_q)
     _flatten_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
     _softmax_cross_entropy_fwd_saving_into(h5, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
@@ -418,7 +418,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
     _flatten_bwd_into(g4, h3, g3)
-    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, g2)
+    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0, g2)
     _relu_bwd_into(g2, h1, g1)
     _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, g_conv2d0_weight, g_conv2d0_bias)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
@@ -432,7 +432,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     h0 = x
     h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     h2 = _relu_fwd_alloc(h1)
-    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
+    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     h4 = _flatten_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
     loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y, 1)
@@ -440,7 +440,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
     g3 = _flatten_bwd_alloc(g4, h3)
-    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
+    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     g1 = _relu_bwd_alloc(g2, h1)
     g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     return (
