@@ -595,6 +595,10 @@ class _Binder:
         for name, expr in self.info.derived:
             values = {**attrs, **self.dims}
             missing = sorted(s.name for s in expr.free_symbols if s.name not in values)
+            if missing and missing == self.new_out:
+                # the op's own output size, which 'out' gives (conv2d's OG = O/groups needs O)
+                self.fail(f"unknown dimension {missing[0]!r}: the derived dimension {name} = {expr} needs it and "
+                          "neither the input nor the entry gives it; add out = <size> to the entry")
             if missing:
                 self.fail(
                     f"unknown dimension {', '.join(missing)}: the derived dimension {name} = {expr} needs it; "
@@ -953,6 +957,11 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
         info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
         where = _describe(i, entry)
+        shorthands = dict(info.shorthands)
+        if shorthands:  # checked as written (P = 0.5 names P), then spelled out
+            defaults = dict(info.attr_defaults)
+            check.attrs(where, {k: v for k, v in entry.items() if k in shorthands}, tuple(shorthands), "attribute",
+                        {k: defaults[parts[0]] for k, parts in shorthands.items()})
         entry = _expand_shorthands(entry, info)
         outputs = _outputs_of(info, entry)
         sources, label = _entry_inputs(check, i, entry, names, later, outputs)

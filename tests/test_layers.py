@@ -447,3 +447,4 @@ def test_normalisation_backward_is_compact(built, name):
     for a in program.backward:
         assert not any(isinstance(p, sympy.Pow) and abs(p.exp) in (sympy.Rational(3, 2), 3)
                        for p in sympy.preorder_traversal(a.body)), a.equation
+
