@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9ae15216d723dbfd): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -197,8 +197,8 @@ def _avg_pool2d_fwd_alloc(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pa
     return y
 
 
-def _avg_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, y):
-    """``_avg_pool2d_fwd_core`` launching its kernels into y (from ``_avg_pool2d_fwd_alloc``); returns nothing."""
+def _avg_pool2d_fwd_work(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
+    """The intermediates of ``_avg_pool2d_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_avg_pool2d_fwd_into`` takes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -209,6 +209,23 @@ def _avg_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad
     HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_sum0 = _empty((C, HO, N, WO), _dtype)
+    return (y_sum0,)
+
+
+def _avg_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, y, _work=None):
+    """``_avg_pool2d_fwd_core`` launching its kernels into y (from ``_avg_pool2d_fwd_alloc``), its intermediates in ``_work`` (from ``_avg_pool2d_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    if _work is None:
+        _work = _avg_pool2d_fwd_work(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad)
+    y_sum0, = _work
     _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
 
@@ -282,8 +299,13 @@ def _avg_pool2d_bwd_alloc(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_inclu
     return g_x
 
 
-def _avg_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, g_x):
-    """``_avg_pool2d_bwd_core`` launching its kernels into g_x (from ``_avg_pool2d_bwd_alloc``); returns nothing."""
+def _avg_pool2d_bwd_work(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
+    """The workspace of ``_avg_pool2d_bwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _avg_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, g_x, _work=None):
+    """``_avg_pool2d_bwd_core`` launching its kernels into g_x (from ``_avg_pool2d_bwd_alloc``), its intermediates in ``_work`` (from ``_avg_pool2d_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9ae15216d723dbfd): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -456,8 +456,8 @@ def _conv2d_fwd_alloc(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     return y
 
 
-def _conv2d_fwd_into(x, weight, bias, SH, SW, PH, PW, DH, DW, groups, y):
-    """``_conv2d_fwd_core`` launching its kernels into y (from ``_conv2d_fwd_alloc``); returns nothing."""
+def _conv2d_fwd_work(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The intermediates of ``_conv2d_fwd_core`` for arguments of these shapes (xg, wg, z), uninitialised device arrays: the workspace ``_conv2d_fwd_into`` takes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -474,6 +474,27 @@ def _conv2d_fwd_into(x, weight, bias, SH, SW, PH, PW, DH, DW, groups, y):
     xg = _empty((N, G, CG, H, W), _dtype)
     wg = _empty((G, OG, CG, KH, KW), _dtype)
     z = _empty((N, G, OG, HO, WO), _dtype)
+    return (xg, wg, z)
+
+
+def _conv2d_fwd_into(x, weight, bias, SH, SW, PH, PW, DH, DW, groups, y, _work=None):
+    """``_conv2d_fwd_core`` launching its kernels into y (from ``_conv2d_fwd_alloc``), its intermediates in ``_work`` (from ``_conv2d_fwd_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = weight.shape[0]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    if _work is None:
+        _work = _conv2d_fwd_work(x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
+    xg, wg, z = _work
     _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
     _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
     _launch(_conv2d_fwd2, N * G * OG * HO * WO, xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
@@ -588,8 +609,8 @@ def _conv2d_bwd_alloc(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     return g_x, g_weight, g_bias
 
 
-def _conv2d_bwd_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_x, g_weight, g_bias):
-    """``_conv2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``); returns nothing."""
+def _conv2d_bwd_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The intermediates of ``_conv2d_bwd_core`` for arguments of these shapes (xg, wg, g_z, g_wg, g_xg), uninitialised device arrays: the workspace ``_conv2d_bwd_into`` takes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
@@ -608,6 +629,27 @@ def _conv2d_bwd_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_x, 
     g_z = _empty((N, G, OG, HO, WO), _dtype)
     g_wg = _empty((G, OG, CG, KH, KW), _dtype)
     g_xg = _empty((N, G, CG, H, W), _dtype)
+    return (xg, wg, g_z, g_wg, g_xg)
+
+
+def _conv2d_bwd_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_x, g_weight, g_bias, _work=None):
+    """``_conv2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``), its intermediates in ``_work`` (from ``_conv2d_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    if _work is None:
+        _work = _conv2d_bwd_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
+    xg, wg, g_z, g_wg, g_xg = _work
     _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
     _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
     _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
@@ -670,6 +712,100 @@ def _conv2d_bwd(g_y, x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
     _launch(_conv2d_bwd5, N * C * H * W, g_x, g_xg, C, CG, G, H, N, W)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
+
+
+def _conv2d_bwd_params_core(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """Backward of conv2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    g_weight = _empty((O, CG, KH, KW), _dtype)
+    g_bias = _empty((O,), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
+    return g_weight, g_bias
+
+
+def _conv2d_bwd_params_alloc(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_bwd_params_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    g_weight = _empty((O, CG, KH, KW), _dtype)
+    g_bias = _empty((O,), _dtype)
+    return g_weight, g_bias
+
+
+def _conv2d_bwd_params_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The intermediates of ``_conv2d_bwd_params_core`` for arguments of these shapes (xg, g_z, g_wg), uninitialised device arrays: the workspace ``_conv2d_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    return (xg, g_z, g_wg)
+
+
+def _conv2d_bwd_params_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_weight, g_bias, _work=None):
+    """``_conv2d_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_conv2d_bwd_params_alloc``), its intermediates in ``_work`` (from ``_conv2d_bwd_params_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    if _work is None:
+        _work = _conv2d_bwd_params_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
+    xg, g_z, g_wg = _work
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
 
 
 def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, SH, SW, PH, PW, DH, DW, groups):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 9429bf6b66f13224): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 9ae15216d723dbfd): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -109,6 +109,34 @@ def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW,
 
 
 @cuda.jit(cache=True)
+def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
+    _F = y.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        h = _r % HO
+        _r //= HO
+        c = _r % C
+        _r //= C
+        n = _r
+        _v_y = -_F(math.inf)
+        _v_y_argmax_p = 0
+        _v_y_argmax_q = 0
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
+                if _m > _v_y:
+                    _v_y = _m
+                    _v_y_argmax_p = p
+                    _v_y_argmax_q = q
+        y[n, c, h, w] = _v_y
+        y_argmax_p[n, c, h, w] = _v_y_argmax_p
+        y_argmax_q[n, c, h, w] = _v_y_argmax_q
+
+
+@cuda.jit(cache=True)
 def _max_pool2d_jvp0(x, t_x, t_y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
     """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)
     t_y[n, c, h, w] = Piecewise((t_x[n, c, DH*y_argmax_p[n, c, h, w] - PH + SH*h, DW*y_argmax_q[n, c, h, w] - PW + SW*w], (DH*y_argmax_p[n, c, h, w] - PH + SH*h >= 0) & (DW*y_argmax_q[n, c, h, w] - PW + SW*w >= 0) & (H > DH*y_argmax_p[n, c, h, w] - PH + SH*h) & (W > DW*y_argmax_q[n, c, h, w] - PW + SW*w)), (0, True))
@@ -187,8 +215,13 @@ def _max_pool2d_fwd_alloc(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     return y
 
 
-def _max_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y):
-    """``_max_pool2d_fwd_core`` launching its kernels into y (from ``_max_pool2d_fwd_alloc``); returns nothing."""
+def _max_pool2d_fwd_work(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """The workspace of ``_max_pool2d_fwd_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _max_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y, _work=None):
+    """``_max_pool2d_fwd_core`` launching its kernels into y (from ``_max_pool2d_fwd_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
@@ -271,8 +304,8 @@ def _max_pool2d_bwd_alloc(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     return g_x
 
 
-def _max_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x):
-    """``_max_pool2d_bwd_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_alloc``); returns nothing."""
+def _max_pool2d_bwd_work(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """The intermediates of ``_max_pool2d_bwd_core`` for arguments of these shapes (y_argmax_p, y_argmax_q), uninitialised device arrays: the workspace ``_max_pool2d_bwd_into`` takes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
@@ -284,6 +317,23 @@ def _max_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x)
     WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
+    return (y_argmax_p, y_argmax_q)
+
+
+def _max_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x, _work=None):
+    """``_max_pool2d_bwd_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_bwd_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    if _work is None:
+        _work = _max_pool2d_bwd_work(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode)
+    y_argmax_p, y_argmax_q = _work
     _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
@@ -318,6 +368,110 @@ def _max_pool2d_bwd(g_y, x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return _result(g_x, _dev)
+
+
+def _max_pool2d_fwd_saving_core(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """Forward of max_pool2d: y, y_argmax_p, y_argmax_q from x, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    y = _empty((N, C, HO, WO), _dtype)
+    y_argmax_p = _empty((N, C, HO, WO), np.int64)
+    y_argmax_q = _empty((N, C, HO, WO), np.int64)
+    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    return y, y_argmax_p, y_argmax_q
+
+
+def _max_pool2d_fwd_saving_alloc(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_fwd_saving_into`` writes."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    y = _empty((N, C, HO, WO), _dtype)
+    y_argmax_p = _empty((N, C, HO, WO), np.int64)
+    y_argmax_q = _empty((N, C, HO, WO), np.int64)
+    return y, y_argmax_p, y_argmax_q
+
+
+def _max_pool2d_fwd_saving_work(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """The workspace of ``_max_pool2d_fwd_saving_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _max_pool2d_fwd_saving_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y, y_argmax_p, y_argmax_q, _work=None):
+    """``_max_pool2d_fwd_saving_core`` launching its kernels into y, y_argmax_p, y_argmax_q (from ``_max_pool2d_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_fwd_saving_work``; allocated when None); returns nothing."""
+    _dtype = x.dtype
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+
+
+def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    g_x = _empty((N, C, H, W), _dtype)
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    return g_x
+
+
+def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_bwd_saved_into`` writes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    g_x = _empty((N, C, H, W), _dtype)
+    return g_x
+
+
+def _max_pool2d_bwd_saved_work(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
+    """The workspace of ``_max_pool2d_bwd_saved_into``: none (its kernels pass nothing between them)."""
+    return ()
+
+
+def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x, _work=None):
+    """``_max_pool2d_bwd_saved_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_bwd_saved_work``; allocated when None); returns nothing."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    C = g_y.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
 def _max_pool2d_jvp(x, t_x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/lstm_cell.py e36623d66a2a6af7
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/layers/dense.py 792dec06e661ef61
+#   generated/layers/lstm_cell.py de6bd6cc7c13c761
+#   generated/losses/softmax_cross_entropy.py 73fafebee3caa750
+#   generated/optimizers/adam.py fc83a939ef149aa9
+#   generated/_runtime.py 2663c8a70f1e3e9c
 """The lstm_temporal_order model.
 
 Model ``lstm_temporal_order``: samples of shape (50, 8) -> outputs of shape (4,).
