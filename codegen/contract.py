@@ -422,6 +422,134 @@ def _rewrite(stmt, read, fi, factors, conds, where, full, decls, is_int):
     return new, note
 
 
+def _floor_position(e, m, free):
+    """(a, rest, s) with the read position ``e == floor((a*m + rest)/s)``, a = +-1,
+    ``rest`` and the positive divisor ``s`` free of the free indices; None otherwise."""
+    if not isinstance(e, sympy.floor):
+        return None
+    num, den = sympy.fraction(sympy.together(e.args[0]))
+    if den == 1 or (den.free_symbols & free) or not den.is_positive:
+        return None
+    lin = linear_in(sympy.expand(num), m)
+    if lin is None or lin[0] not in (1, -1) or lin[1].free_symbols & free:
+        return None
+    return lin[0], lin[1], den
+
+
+def floor_to_scatter(stmt: Assign, decls: dict, is_int):
+    """A strided gather rewritten as a scatter, as (statement, note); None when it does
+    not apply.
+
+    The input gradient of a strided, dilated convolution is derived in the form
+    ``g_x[n,c,h1,w1] = sum(g_y[n,o, floor((h1 + P - D*p)/S), ...] * weight[o,c,p,q], o, p, q)``
+    under the guard ``Mod(h1 + P - D*p, S) == 0`` and the read's bounds: a free index
+    ``m`` is read, in one position of one read, as ``floor((a*m + rest)/s)`` (a = +-1)
+    and only where ``s`` divides ``a*m + rest``. Then ``m = a*(s*u - rest)`` for the new
+    index ``u`` over that axis: the read becomes plain (``g_y[n,o,u,v]``), the guard's
+    divisibility and the read's bounds hold by construction (they are checked to be
+    there), and the statement becomes ``g_x[n, c, S*u + D*p - P, ...] += sum(...)``: the
+    summation indices of ``rest`` become free loops of the scatter (each writes its own
+    element), the others stay summed. Every element of the target that no term reaches
+    is zero, as before (the caller zeroes a plain assignment's target)."""
+    if stmt.reduce != "sum" or stmt.scatter or not stmt.over:
+        return None
+    if any(l.lo != 0 or _bound_syms(l) & (_loop_syms(stmt.free) | _loop_syms(stmt.over)) for l in stmt.free + stmt.over):
+        return None
+    free = _loop_syms(stmt.free)
+    body = sympy.sympify(stmt.body)
+    outer_cond = sympy.true
+    if is_zero_guard(body):
+        outer_cond, body = body.args[0].cond, body.args[0].expr
+    factors = list(sympy.Mul.make_args(body))
+    conds = conjuncts(outer_cond)
+    for fi, f in enumerate(factors):
+        read, fcond = (f.args[0].expr, f.args[0].cond) if is_zero_guard(f) else (f, sympy.true)
+        if not isinstance(read, sympy.Indexed) or read.base.label.name not in decls:
+            continue
+        moved = {m for m in free for e in read.indices if isinstance(e, sympy.floor) and e.has(m)}
+        if not moved:
+            continue
+        others = factors[:fi] + factors[fi + 1:]
+        if any(o.has(m) for o in others for m in moved):
+            continue
+        where, ok = {}, True
+        for m in sorted(moved, key=lambda s: s.name):
+            pos = [k for k, e in enumerate(read.indices) if sympy.sympify(e).has(m)]
+            form = _floor_position(read.indices[pos[0]], m, free) if len(pos) == 1 else None
+            if form is None:
+                ok = False
+                break
+            where[m] = (pos[0],) + form
+        if not ok:
+            continue
+        allconds = conds + conjuncts(fcond)
+        d = decls[read.base.label.name]
+        taken = {s.name for s in body.free_symbols} | {stmt.target}
+        for l in stmt.free + stmt.over:
+            taken.add(l.index.name)
+        subst, new_of = {}, {}
+        new_idx = list(read.indices)
+        for m, (pos, a, rest, s) in sorted(where.items(), key=lambda kv: kv[1][0]):
+            extent = d.shape[pos]
+            base = str(extent).lower() if isinstance(extent, sympy.Symbol) else "u"
+            u = fresh_index(base, taken)
+            new_idx[pos] = u
+            subst[m] = sympy.expand(a * (s * u - rest))
+            new_of[m] = (u, extent, s)
+        # the divisibility and the read's bounds must be among the conditions: each is
+        # then true by construction; any other condition is kept
+        kept, covered = [], {u: [False, False, s == 1] for u, _, s in new_of.values()}
+        for c in allconds:
+            divides = [m for m, (_, a, rest, s) in where.items()
+                       if isinstance(c, sympy.Eq) and c.rhs == 0 and isinstance(c.lhs, sympy.Mod)
+                       and c.lhs.args[1] == s and sympy.expand(c.lhs.args[0] - a * m - rest) == 0]
+            if divides:
+                covered[new_of[divides[0]][0]][2] = True
+                continue
+            c2 = c.xreplace(subst)
+            e = nonneg_form(c2, is_int)
+            hit = False
+            for u, extent, _ in new_of.values():
+                if e is not None and sympy.expand(e - u) == 0:
+                    covered[u][0] = hit = True
+                elif e is not None and sympy.expand(e - (extent - 1 - u)) == 0:
+                    covered[u][1] = hit = True
+            if not hit:
+                kept.append(c2)
+        if not all(all(v) for v in covered.values()):
+            continue
+        rest_free = [sympy.expand(subst[l.index]) for l in stmt.free if l.index in subst]
+        to_free = {l.index for l in stmt.over if any(e.has(l.index) for e in rest_free)}
+        # the new indices last: the scatter's innermost loop then walks the target's
+        # axis with the stride s (the read's own last axis)
+        new_free = [l for l in stmt.free if l.index not in new_of]
+        new_free += [l for l in stmt.over if l.index in to_free]
+        new_free += [Loop(new_of[l.index][0], ZERO, new_of[l.index][1]) for l in stmt.free if l.index in new_of]
+        over = tuple(l for l in stmt.over if l.index not in to_free)
+        if not over:
+            return None
+        new_body = [g.xreplace(subst) for g in others]
+        new_body.append(sympy.Indexed(read.base, *new_idx))
+        target_idx = tuple(subst.get(l.index, l.index) for l in stmt.free)
+        inside = sympy.And(*[c for l in stmt.free if l.index in subst
+                             for c in (subst[l.index] >= 0, subst[l.index] < l.hi)])
+        new = Assign(
+            target=stmt.target,
+            free=tuple(new_free),
+            body=guarded(sympy.Mul(*new_body), sympy.And(*kept)),
+            reduce="sum",
+            over=over,
+            accumulate=True,
+            equation=stmt.equation,
+            scatter=target_idx,
+            where=inside,
+        )
+        lhs = "%s[%s]" % (stmt.target, ", ".join(str(e) for e in target_idx))
+        note = "as a scatter: %s += sum(%s, %s)" % (lhs, new.body, ", ".join(str(l.index) for l in over))
+        return new, note
+    return None
+
+
 # --------------------------------------------------------------------------- matching
 def match(stmt: Assign, decls: dict, is_int) -> Match | None:
     """The statement as a contraction of two operands, or None."""
@@ -435,6 +563,11 @@ def match(stmt: Assign, decls: dict, is_int) -> Match | None:
             return None
         zero = None if stmt.accumulate else stmt.target
         stmt, note = res
+    else:
+        res = floor_to_scatter(stmt, decls, is_int)
+        if res is not None:
+            zero = None if stmt.accumulate else stmt.target
+            stmt, note = res
     loops = list(stmt.free) + list(stmt.over)
     syms = _loop_syms(loops)
     if any(l.lo != 0 or _bound_syms(l) & syms for l in loops):

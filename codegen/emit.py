@@ -611,6 +611,7 @@ def op_context(plan: OpPlan, target) -> dict:
         "domains": {name: dict(table, text=text) for name, table, text in p.attr_domains},
         "variants": tuple((condition, v.name) for condition, v in p.variants),
         "variant_of": p.extra.get("variant_of") if p.extra else None,
+        "shorthands": [{"name": k, "parts": list(v)} for k, v in p.shorthands],
         "arg_names": [d.name for d in p.args],
         "differentiable": list(p.grad_of),
         "state": list(p.state),

@@ -191,6 +191,7 @@ class OpInfo:
     rng: tuple[str, ...] = ()  # (seed attribute, step attribute) of an op drawing random numbers
     modes: tuple = ()  # how a model runs it outside training (derive.ir.Program.modes)
     output_names: tuple[str, ...] = ()
+    shorthands: tuple = ()  # (name, attributes it sets), as op() takes them (S -> SH, SW)
 
     @property
     def inputs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -199,6 +200,28 @@ class OpInfo:
     @property
     def params(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         return tuple((n, s) for n, r, s in self.args if r == "param")
+
+
+def _sized_by_relations(program) -> tuple:
+    """The relations of `dims` that size a dimension for a model, as (name, expression):
+    a relation naming a dimension (GRU's G = 3*H), or a multiple of one by attributes and
+    numbers (a convolution's CG*groups = C sizes CG = C/groups; a size that does not
+    divide is then an error naming it). A relation that only checks a dimension that a
+    derived one divides (O = OG*groups, with OG = O/groups derived from O) sizes nothing:
+    O is given, and the relation is checked when the op runs."""
+    derived = {sym for sym, _ in program.derived_dims}
+    dims = set(program.dims)
+    out = []
+    for lhs, rhs, _ in program.relations:
+        if sympy.sympify(rhs).free_symbols & derived:
+            continue
+        if isinstance(lhs, sympy.Symbol):
+            out.append((str(lhs), rhs))
+            continue
+        syms = [s for s in lhs.free_symbols if s in dims]
+        if lhs.is_Mul and len(syms) == 1:
+            out.append((str(syms[0]), rhs / (lhs / syms[0])))
+    return tuple(out)
 
 
 def op_info(program) -> OpInfo:
@@ -227,12 +250,14 @@ def op_info(program) -> OpInfo:
         elementwise=bool(program.elementwise),
         module=op_module(program),
         attr_defaults=tuple((str(sym), v) for sym, v in program.attrs),
+        shorthands=tuple(program.shorthands),
         counter=program.step_counter.name if program.step_counter is not None else "",
         variants=tuple(suffix for suffix, _ in backward_variants(program)),
         int_args=tuple(a.name for a in program.args if a.dtype == "int"),
-        # a relation of `dims` naming a dimension (GRU's G = 3*H) sizes it as a derived one
-        derived=tuple((str(sym), expr) for sym, expr in program.derived_dims)
-        + tuple((str(lhs), rhs) for lhs, rhs, _ in program.relations if isinstance(lhs, sympy.Symbol)),
+        # a relation of `dims` naming a dimension (GRU's G = 3*H) sizes it as a derived one,
+        # unless it only checks a dimension that a derived one divides (O = OG*groups, with
+        # OG = O/groups derived from O): then O is given and the relation checks it
+        derived=tuple((str(sym), expr) for sym, expr in program.derived_dims) + _sized_by_relations(program),
         inits=param_inits(program),
         saved_outputs=tuple(saved_outputs),
         kept=tuple(kept),
@@ -307,11 +332,18 @@ def param_inits(program) -> tuple[tuple[str, str, sympy.Expr], ...]:
         if arg.role != "param":
             continue
         rule, fan_in, contexts = None, sympy.Integer(1), []
+        names = {arg.name}  # the param and its copies (a statement that only reads it, reindexed)
         for stmt in program.forward:
-            reads = [r for r in _reads(stmt.body) if _tensor(r) == arg.name]
+            reads = [r for r in _reads(stmt.body) if _tensor(r) in names]
             if not reads:
                 continue
-            others = [r for r in _reads(stmt.body) if _tensor(r) != arg.name]
+            body = stmt.body
+            if isinstance(body, sympy.Piecewise) and len(body.args) == 2 and body.args[1].expr == 0:
+                body = body.args[0].expr  # a read that is zero outside its tensor
+            if stmt.reduce == "none" and isinstance(body, sympy.Indexed):
+                names.add(stmt.target)
+                continue
+            others = [r for r in _reads(stmt.body) if _tensor(r) not in names]
             if stmt.reduce == "sum" and others:
                 extent = {loop.index: loop.hi - loop.lo for loop in stmt.over}
                 spanned = set()
@@ -396,6 +428,24 @@ def _toml_value(value) -> str:
 def _entry_text(entry: dict) -> str:
     """A layer entry as the spec writes it: { op = "dense", out = 10 }."""
     return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in entry.items()) + " }"
+
+
+def _expand_shorthands(entry: dict, info: OpInfo) -> dict:
+    """``entry`` with each shorthand of the op replaced by the attributes it sets
+    (``P = 1``: ``PH = 1, PW = 1``), as ``op()`` does; an attribute the entry gives by its
+    own name wins, wherever it stands."""
+    table = dict(info.shorthands)
+    if not any(k in table for k in entry):
+        return entry
+    out = {}
+    for key, value in entry.items():
+        if key in table:
+            for part in table[key]:
+                if part not in entry:
+                    out[part] = value
+        else:
+            out[key] = value
+    return out
 
 
 def _core_attrs(info: OpInfo, given: dict) -> tuple[str, ...]:
@@ -606,6 +656,10 @@ class _Binder:
         for name, expr in self.info.derived:
             values = {**attrs, **self.dims}
             missing = sorted(s.name for s in expr.free_symbols if s.name not in values)
+            if missing and missing == self.new_out:
+                # the op's own output size, which 'out' gives (conv2d's OG = O/groups needs O)
+                self.fail(f"unknown dimension {missing[0]!r}: the derived dimension {name} = {expr} needs it and "
+                          "neither the input nor the entry gives it; add out = <size> to the entry")
             if missing:
                 self.fail(
                     f"unknown dimension {', '.join(missing)}: the derived dimension {name} = {expr} needs it; "
@@ -964,6 +1018,12 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             check.fail(_describe(i, entry), "missing field 'op' (the library op of this layer)")
         info = check.lookup(_describe(i, entry), entry["op"], LAYER_KINDS)
         where = _describe(i, entry)
+        shorthands = dict(info.shorthands)
+        if shorthands:  # checked as written (P = 0.5 names P), then spelled out
+            defaults = dict(info.attr_defaults)
+            check.attrs(where, {k: v for k, v in entry.items() if k in shorthands}, tuple(shorthands), "attribute",
+                        {k: defaults[parts[0]] for k, parts in shorthands.items()})
+        entry = _expand_shorthands(entry, info)
         entry = check.named_values(where, entry, info)
         outputs = _outputs_of(info, entry)
         sources, label = _entry_inputs(check, i, entry, names, later, outputs)

@@ -13,7 +13,7 @@ import sympy
 
 from .functions import ReduceMax, ReduceMean, ReduceSum, reduce_terms
 from .ir import dim, index
-from .spec import Attr, Equation, OpDef, attr_domain, attr_symbol, declare_attrs, finish_activation
+from .spec import Attr, Equation, OpDef, attr_domain, attr_symbol, check_shorthands, declare_attrs, finish_activation
 
 Sum = ReduceSum
 Max = ReduceMax
@@ -77,7 +77,7 @@ def activation(name, expr, attrs=None, doc=""):
 
 
 def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, ranges=None,
-          differentiate=None, doc="", kind="layer", assume=(), dtypes=None, modes=None):
+          differentiate=None, doc="", kind="layer", assume=(), dtypes=None, modes=None, shorthands=None):
     op = OpDef(name=name, kind=kind, source=_source(), doc=doc)
     op.inputs = {k: tuple(v.split()) for k, v in inputs.items()}
     op.params = {k: tuple(v.split()) for k, v in (params or {}).items()}
@@ -87,6 +87,7 @@ def layer(name, inputs, outputs, equations, params=None, attrs=None, dims=None, 
     for d in sorted(names):
         op.symbols[d] = dim(d)
     declare_attrs(op, op.source, dict(attrs or {}))
+    op.shorthands = check_shorthands(op.source, op.attrs, dict(shorthands or {}))
     op.derived_dims = dict(dims or {})
     op.ranges = dict(ranges or {})
     for lhs, rhs in equations:

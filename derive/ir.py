@@ -160,6 +160,9 @@ class Program:
     doc: str = ""  # one-line description
     # facts the derivation used (derive.assumptions.Assumption), checked by the backward
     assumptions: tuple = ()
+    # names that set several attributes at once (``S`` -> (SH, SW)), in declaration order;
+    # an attribute given by name overrides what a shorthand sets
+    shorthands: tuple[tuple[str, tuple[str, ...]], ...] = ()
     extra: dict = field(default_factory=dict)
     # forward mode and second order (derive/tangent.py): the tangents of the
     # differentiable args (in ``grad_of`` order: the extra arguments of jvp and hvp);

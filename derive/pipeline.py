@@ -402,6 +402,7 @@ def lower(op: OpDef, stmts, backward, shapes, diff_args) -> ir.Program:
         relations=relations,
         read_checks=read_checks,
         attrs=attrs,
+        shorthands=tuple(op.shorthands.items()),
         args=args,
         outputs=outputs,
         intermediates=tuple(intermediates),

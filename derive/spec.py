@@ -27,7 +27,7 @@ KINDS = ("activation", "layer", "loss", "optimizer", "schedule")
 
 _KEYS = {
     "activation": {"name", "kind", "doc", "expr", "attrs"},
-    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate", "assume", "dtypes"},
+    "layer": {"name", "kind", "doc", "inputs", "params", "outputs", "attrs", "dims", "ranges", "equations", "differentiate", "assume", "dtypes", "shorthands"},
     "optimizer": {"name", "kind", "doc", "state", "scalar_state", "hyper", "update"},
     "schedule": {"name", "kind", "doc", "hyper", "expr"},
 }
@@ -182,6 +182,8 @@ class OpDef:
     dtypes: dict[str, str] = field(default_factory=dict)  # input name -> "int" (index data)
     attrs: dict[str, int | float] = field(default_factory=dict)
     attr_domains: dict[str, AttrDomain] = field(default_factory=dict)  # allowed values, where declared
+    # a name setting several attributes at once (S = ("SH", "SW")), see check_shorthands
+    shorthands: dict[str, tuple[str, ...]] = field(default_factory=dict)
     derived_dims: dict[str, sympy.Expr] = field(default_factory=dict)
     # `dims` entries naming an argument's dimension: relations checked against the shapes
     # at run time (``G = 4*H``); split off derived_dims by bind()
@@ -245,6 +247,25 @@ def attr_symbol(name, default):
     if isinstance(default, int):
         return sympy.Symbol(name, integer=True, nonnegative=True) if default > 0 else sympy.Symbol(name, integer=True)
     return sympy.Symbol(name, real=True)
+
+
+def check_shorthands(path, attrs: dict, table: dict) -> dict[str, tuple[str, ...]]:
+    """A spec's ``shorthands``: each name sets several attributes of one type at once
+    (``S = ["SH", "SW"]``: ``op(S=2)`` is ``op(SH=2, SW=2)``, as PyTorch's ``stride=2``);
+    an attribute given by its own name overrides the shorthand."""
+    out = {}
+    for name, parts in table.items():
+        if name in attrs:
+            raise SpecError(path, f"shorthand `{name}` is also an attribute")
+        if isinstance(parts, str) or not isinstance(parts, (list, tuple)) or not parts:
+            raise SpecError(path, f"shorthand `{name}` must be a list of attribute names, like [\"SH\", \"SW\"]")
+        for part in parts:
+            if part not in attrs:
+                raise SpecError(path, f"shorthand `{name}` names `{part}`, which is not an attribute")
+        if len({type(attrs[part]) for part in parts}) != 1:
+            raise SpecError(path, f"shorthand `{name}` sets attributes of different types ({', '.join(parts)})")
+        out[name] = tuple(parts)
+    return out
 
 
 def _divisors(expr) -> set:
@@ -371,6 +392,7 @@ def _layer_from_dict(op: OpDef, data: dict, path: str) -> OpDef:
     for d in sorted(all_dims | set(dims_text)):
         op.symbols[d] = dim_symbol(d)
     declare_attrs(op, path, attrs_table)
+    op.shorthands = check_shorthands(path, op.attrs, _table(path, data, "shorthands"))
     scope = Scope(path, symbols=dict(op.symbols))
     for d, text in dims_text.items():
         op.derived_dims[d] = parse_expression(str(text), scope)

@@ -107,10 +107,17 @@ def _attr_values(name, spec, attrs):
     ``attrs`` given by the caller checked and converted to the defaults' types. A value
     outside the attribute's declared domain (``spec["domains"]``) is an error naming the
     op, the attribute, the value and the allowed values; a named value (PyTorch's
-    ``reduction="none"``) is turned into its number."""
-    unknown = sorted(set(attrs) - set(spec["attrs"]))
+    ``reduction="none"``) is turned into its number. A shorthand (``spec["shorthands"]``:
+    conv2d's ``S=2`` for ``SH=2, SW=2``) sets each of its attributes; one given by its own
+    name wins."""
+    shorthands = spec.get("shorthands", {})
+    unknown = sorted(set(attrs) - set(spec["attrs"]) - set(shorthands))
     if unknown:
-        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"])) or "none"))
+        raise ValueError("%s: unknown attribute(s) %s; attributes: %s" % (name, ", ".join(unknown), ", ".join(sorted(spec["attrs"]) + sorted(shorthands)) or "none"))
+    if shorthands:
+        given = {part: value for key, value in attrs.items() for part in shorthands.get(key, ())}
+        given.update((key, value) for key, value in attrs.items() if key not in shorthands)
+        attrs = given
     values = dict(spec["attrs"])
     domains = spec.get("domains", {})
     for key, value in attrs.items():

@@ -165,9 +165,12 @@ def _dropout(x, p=0.5, seed=0, step=0):
 
 # The layer library (issue 3); attributes keep the ops' own names.
 LAYER_ORACLE: dict[str, Callable] = {
-    "conv2d": lambda x, weight, bias, S=1, P=0: F.conv2d(x, weight, bias, stride=S, padding=P),
-    "max_pool2d": lambda x, K=2, S=2: F.max_pool2d(x, K, S),
-    "avg_pool2d": lambda x, K=2, S=2: F.avg_pool2d(x, K, S),
+    "conv2d": lambda x, weight, bias, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, groups=1: F.conv2d(
+        x, weight, bias, stride=(SH, SW), padding=(PH, PW), dilation=(DH, DW), groups=groups),
+    "max_pool2d": lambda x, KH=2, KW=2, SH=2, SW=2, PH=0, PW=0, DH=1, DW=1, ceil_mode=0: F.max_pool2d(
+        x, (KH, KW), (SH, SW), (PH, PW), (DH, DW), ceil_mode=bool(ceil_mode)),
+    "avg_pool2d": lambda x, KH=2, KW=2, SH=2, SW=2, PH=0, PW=0, ceil_mode=0, count_include_pad=1: F.avg_pool2d(
+        x, (KH, KW), (SH, SW), (PH, PW), ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad)),
     "flatten": lambda x: torch.flatten(x, 1),
     "layer_norm": lambda x, weight, bias, eps=1e-5: F.layer_norm(x, (x.shape[-1],), weight, bias, eps),
     "batch_norm2d": lambda x, weight, bias, eps=1e-5, momentum=0.1: F.batch_norm(
@@ -195,7 +198,7 @@ LAYER_ORACLE: dict[str, Callable] = {
 TORCH_ORACLE.update(LAYER_ORACLE)
 # Default sizes of the layer library's inputs (small, odd, all different).
 LAYER_SIZES = {
-    "conv2d": {"N": 2, "C": 3, "H": 7, "W": 6, "O": 4, "KH": 3, "KW": 2},
+    "conv2d": {"N": 2, "C": 4, "H": 5, "W": 3, "O": 6, "KH": 3, "KW": 2},  # groups 2 divides C and O
     "max_pool2d": {"N": 2, "C": 3, "H": 7, "W": 6},
     "avg_pool2d": {"N": 2, "C": 3, "H": 7, "W": 6},
     "flatten": {"N": 2, "C": 3, "H": 4, "W": 5},
@@ -274,7 +277,9 @@ DOCUMENTED_ATTRS = {
     "cross_entropy": {"ignore_index": -100, "label_smoothing": 0.0, "reduction": 1},
     "l2_penalty": {"lam": 1.0},
     # the layer library's table (issue 3)
-    "conv2d": {"S": 1, "P": 0}, "max_pool2d": {"K": 2, "S": 2}, "avg_pool2d": {"K": 2, "S": 2},
+    "conv2d": {"SH": 1, "SW": 1, "PH": 0, "PW": 0, "DH": 1, "DW": 1, "groups": 1},
+    "max_pool2d": {"KH": 2, "KW": 2, "SH": 2, "SW": 2, "PH": 0, "PW": 0, "DH": 1, "DW": 1, "ceil_mode": 0},
+    "avg_pool2d": {"KH": 2, "KW": 2, "SH": 2, "SW": 2, "PH": 0, "PW": 0, "ceil_mode": 0, "count_include_pad": 1},
     "layer_norm": {"eps": 1e-5}, "batch_norm2d": {"eps": 1e-5, "momentum": 0.1},
     "dropout": {"p": 0.5, "seed": 0, "step": 0}, "dropout_mask": {"p": 0.5},
     "scaled_dot_product_attention": {"causal": 0}, "cosine_similarity": {"eps": 1e-8},
@@ -292,7 +297,17 @@ ATTR_VARIANTS = {
     "cross_entropy": [{"ignore_index": 1, "label_smoothing": 0.1},
                       {"ignore_index": 1, "label_smoothing": 0.2, "reduction": 2}],
     "l2_penalty": [{"lam": 0.03}],
-    "conv2d": [{"S": 2, "P": 1}], "max_pool2d": [{"K": 3, "S": 1}], "avg_pool2d": [{"K": 3, "S": 2}],
+    # PyTorch's options (issue 13): per-axis stride, padding and dilation, groups; pools with
+    # non-square windows, padding, ceil_mode (the last H window starts in the right padding at
+    # H = 7, K = 2, S = 3, P = 1: dropped), count_include_pad off
+    "conv2d": [{"SH": 2, "SW": 2, "PH": 1, "PW": 1},
+               {"SH": 2, "SW": 1, "PH": 1, "PW": 2, "DH": 2, "DW": 1, "groups": 2}],
+    "max_pool2d": [{"KH": 3, "KW": 3, "SH": 1, "SW": 1},
+                   {"KH": 3, "KW": 2, "SH": 2, "SW": 1, "PH": 1, "PW": 1, "DW": 2, "ceil_mode": 1},
+                   {"SH": 3, "SW": 3, "PH": 1, "PW": 1, "ceil_mode": 1}],
+    "avg_pool2d": [{"KH": 3, "KW": 3, "SH": 2, "SW": 2},
+                   {"KH": 3, "KW": 2, "SH": 2, "SW": 1, "PH": 1, "PW": 1, "ceil_mode": 1, "count_include_pad": 0},
+                   {"SH": 3, "SW": 3, "PH": 1, "PW": 1, "ceil_mode": 1}],
     "layer_norm": [{"eps": 1e-3}], "batch_norm2d": [{"eps": 1e-3, "momentum": 0.3}],
     "dropout": [{"p": 0.2, "seed": 7, "step": 3}], "dropout_mask": [{"p": 0.2}],
     "scaled_dot_product_attention": [{"causal": 1}], "cosine_similarity": [{"eps": 1e-3}],
@@ -424,11 +439,28 @@ def _t(a, grad: bool = False) -> torch.Tensor:
     return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
 
 
+# Names that set several attributes at once, as op() takes them (PyTorch's stride=2 for
+# (2, 2)); written out here, not read from the library, so the oracle checks op()'s reading.
+SHORTHANDS = {
+    "conv2d": {"S": ("SH", "SW"), "P": ("PH", "PW"), "D": ("DH", "DW")},
+    "max_pool2d": {"K": ("KH", "KW"), "S": ("SH", "SW"), "P": ("PH", "PW"), "D": ("DH", "DW")},
+    "avg_pool2d": {"K": ("KH", "KW"), "S": ("SH", "SW"), "P": ("PH", "PW")},
+}
+
+
+def torch_attrs(name: str, attrs: dict) -> dict:
+    """``attrs`` with shorthands spelled out (an attribute given by its own name wins)."""
+    table = SHORTHANDS.get(name, {})
+    out = {part: v for k, v in attrs.items() for part in table.get(k, ())}
+    out.update((k, v) for k, v in attrs.items() if k not in table)
+    return out
+
+
 def torch_forward(name: str, args: Sequence, attrs: dict):
     """The oracle's output as an array, or a tuple of arrays for an op with several
     outputs (lstm_cell's h and c)."""
     with torch.no_grad():
-        out = TORCH_ORACLE[name](*[_t(a) for a in args], **attrs)
+        out = TORCH_ORACLE[name](*[_t(a) for a in args], **torch_attrs(name, attrs))
     return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
 
 
@@ -460,7 +492,7 @@ def torch_vjp(name: str, args: Sequence, attrs: dict, seed, wrt: Sequence[int]) 
     """Gradients of sum(seed * f(args)) with respect to args[i] for i in wrt (``seed``:
     one output gradient, or a list of one per output)."""
     ts = [_t(a, grad=i in wrt) for i, a in enumerate(args)]
-    out = TORCH_ORACLE[name](*ts, **attrs)
+    out = TORCH_ORACLE[name](*ts, **torch_attrs(name, attrs))
     grads = torch.autograd.grad(_seeded(out, seed), [ts[i] for i in wrt])
     return [g.numpy() for g in grads]
 
@@ -474,7 +506,7 @@ def _oracle_call(name: str, attrs: dict):
             full[i] = d
         # the math attention kernel: PyTorch's fused CPU kernel has no second derivative
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return TORCH_ORACLE[name](*full, **attrs)
+            return TORCH_ORACLE[name](*full, **torch_attrs(name, attrs))
 
     return call
 
@@ -629,8 +661,9 @@ def layer_inputs(name: str, rng: np.random.Generator, sizes: dict, attrs: dict |
     attrs = attrs or {}
     n = rng.normal
     z = sizes
-    if name == "conv2d":
-        return [n(size=(z["N"], z["C"], z["H"], z["W"])), n(size=(z["O"], z["C"], z["KH"], z["KW"])), n(size=(z["O"],))]
+    if name == "conv2d":  # weight (O, C / groups, KH, KW), as torch
+        cg = z["C"] // int(attrs.get("groups", 1))
+        return [n(size=(z["N"], z["C"], z["H"], z["W"])), n(size=(z["O"], cg, z["KH"], z["KW"])), n(size=(z["O"],))]
     if name in ("max_pool2d", "avg_pool2d", "flatten"):
         return [n(size=(z["N"], z["C"], z["H"], z["W"]))]
     if name == "layer_norm":

@@ -283,13 +283,57 @@ def test_sum_of_one_operand_is_a_reduction_not_a_contraction():
 
 
 # ------------------------------------------------------------------ gather to scatter
+# A square-stride convolution without dilation or groups (the library's conv2d before it
+# took them): derive writes its input gradient as a windowed gather, which these tests
+# follow to the scatter of one BLAS product per image. The library's conv2d (per-axis
+# stride and dilation) takes the strided form instead: test_strided_gather_... below.
+PLAIN_CONV = """
+name = "conv2d"
+kind = "layer"
+attrs = { S = 1, P = 0 }
+inputs = { x = "N C H W" }
+params = { weight = "O C KH KW", bias = "O" }
+outputs = { y = "N O HO WO" }
+dims = { HO = "(H + 2*P - KH) // S + 1", WO = "(W + 2*P - KW) // S + 1" }
+equations = ["y[n,o,h,w] = sum(x[n, c, h*S + p - P, w*S + q - P] * weight[o,c,p,q], c, p, q) + bias[o]"]
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def _conv_program():
+    import tomllib
+
+    from derive import build
+    from derive.spec import from_dict
+
+    return build(from_dict(tomllib.loads(PLAIN_CONV), "plain_conv.toml"))
+
+
+@functools.lru_cache(maxsize=None)
+def _library_conv_program():
     from derive import build
     from derive.ops import conv
 
     (opdef,) = [o for o in conv.OPS if o.name == "conv2d"]
     return build(opdef)
+
+
+def test_strided_gather_becomes_a_scatter_of_a_gemm_per_image_and_group():
+    """The library's conv2d has a stride and a dilation per axis: derive writes the input
+    gradient with the output position solved for, ``g_z[n, g, j, floor((h1 + PH - DH*p)/SH), ...]``
+    under ``Mod(h1 + PH - DH*p, SH) == 0``. The CPU computes it as one np.dot per image and
+    group added into g_xg (contract.floor_to_scatter), not as loops."""
+    from codegen.emit import OpPlan
+
+    (kernels,) = [ks for entry, ks, _, _ in OpPlan(_library_conv_program()).entries["cpu"] if entry == "bwd"]
+    (k,) = [k for k in kernels if [it.target for it in k.items] == ["g_xg"]]
+    c = k.contract
+    assert c is not None and c.scatter and not k.items[0].over
+    assert (c.left.view, c.right.view) == (True, True)  # wg[g] and g_z[n, g], no gather
+    assert [l.index.name for l in c.outer] == ["n", "g"] and [l.index.name for l in c.k] == ["j"]
+    # and the weight gradient: one product per image and group, accumulated
+    (k,) = [k for k in kernels if [it.target for it in k.items] == ["g_wg"]]
+    assert k.contract is not None and not k.items[0].over
 
 
 def _conv_input_grad(program):

@@ -351,5 +351,5 @@ def test_padding_guards_print_as_ranges():
 
 def test_conv2d_derivation_writes_its_padding_as_ranges():
     text = LIB["conv2d"].latex
-    assert r"0 \le - P + S h + p < H" in text
+    assert r"0 \le DH p - PH + SH h < H" in text and r"0 \le DW q - PW + SW w < W" in text
     assert r"\geq 0" not in text

@@ -74,6 +74,11 @@ def _conv_cases():
             out.append(case("conv2d", {"S": S, "P": P}, N=2, C=3, H=7, W=6, O=4, KH=3, KW=3))
             # batch 1, non-square kernel, wide input
             out.append(case("conv2d", {"S": S, "P": P}, N=1, C=2, H=5, W=8, O=3, KH=2, KW=3))
+    # PyTorch's options: per-axis stride, padding and dilation; groups (3 = C: depthwise,
+    # two filters per channel); a per-axis value wins over its shorthand
+    out.append(case("conv2d", {"SH": 2, "SW": 1, "PH": 2, "PW": 1, "DH": 1, "DW": 2}, N=1, C=2, H=6, W=7, O=3, KH=3, KW=2))
+    out.append(case("conv2d", {"groups": 3, "D": 2, "P": 2}, N=2, C=3, H=7, W=6, O=6, KH=3, KW=3))
+    out.append(case("conv2d", {"groups": 2, "S": 2, "SW": 1}, N=1, C=4, H=5, W=6, O=2, KH=2, KW=3))
     return out
 
 
@@ -82,10 +87,15 @@ CASES = _conv_cases() + [
     case("max_pool2d", {"K": 3, "S": 1}, N=1, C=2, H=5, W=7),
     case("max_pool2d", {"K": 3, "S": 2}, N=2, C=1, H=8, W=9),
     case("max_pool2d", {"K": 2, "S": 3}, N=1, C=2, H=7, W=8),
+    case("max_pool2d", {"K": 3, "S": 2, "P": 1, "D": 2, "ceil_mode": 1}, N=1, C=2, H=8, W=7),
+    case("max_pool2d", {"KH": 3, "KW": 2, "SH": 1, "SW": 3, "PH": 1, "ceil_mode": 1}, N=2, C=1, H=5, W=7),
     case("avg_pool2d", N=2, C=3, H=7, W=6),
     case("avg_pool2d", {"K": 3, "S": 1}, N=1, C=2, H=5, W=7),
     case("avg_pool2d", {"K": 3, "S": 2}, N=2, C=1, H=8, W=9),
     case("avg_pool2d", {"K": 2, "S": 3}, N=1, C=2, H=7, W=8),
+    case("avg_pool2d", {"K": 3, "S": 2, "P": 1, "ceil_mode": 1}, N=1, C=2, H=8, W=7),
+    case("avg_pool2d", {"KH": 3, "KW": 2, "SH": 1, "SW": 3, "P": 1, "ceil_mode": 1, "count_include_pad": 0},
+         N=2, C=1, H=5, W=7),
     case("flatten", N=2, C=3, H=4, W=5),
     case("flatten", N=1, C=2, H=3, W=2),
     case("layer_norm", B=3, D=7),
@@ -128,8 +138,11 @@ CASES = _conv_cases() + [
 CUDA_CASES = [
     case("conv2d", {"S": 2, "P": 1}, N=1, C=2, H=4, W=5, O=2, KH=3, KW=2),
     case("conv2d", {"S": 1, "P": 0}, N=2, C=1, H=3, W=4, O=2, KH=2, KW=2),
+    case("conv2d", {"groups": 2, "SH": 2, "PW": 1, "DW": 2}, N=1, C=2, H=4, W=5, O=4, KH=2, KW=2),
     case("max_pool2d", N=1, C=2, H=5, W=4),
+    case("max_pool2d", {"K": 3, "S": 2, "P": 1, "DW": 2, "ceil_mode": 1}, N=1, C=1, H=5, W=6),
     case("avg_pool2d", {"K": 3, "S": 1}, N=1, C=2, H=4, W=3),
+    case("avg_pool2d", {"K": 3, "S": 2, "P": 1, "ceil_mode": 1, "count_include_pad": 0}, N=1, C=1, H=5, W=6),
     case("flatten", N=2, C=2, H=2, W=3),
     case("layer_norm", B=2, D=5),
     case("batch_norm2d", N=2, C=2, H=2, W=3),
@@ -209,9 +222,11 @@ def test_layer_builds_with_its_documented_arguments(built, name):
 
 
 EXPECTED_ARGS = {
-    "conv2d": (("x", "weight", "bias"), ("x", "weight", "bias"), {"S": 1, "P": 0}),
-    "max_pool2d": (("x",), ("x",), {"K": 2, "S": 2}),
-    "avg_pool2d": (("x",), ("x",), {"K": 2, "S": 2}),
+    "conv2d": (("x", "weight", "bias"), ("x", "weight", "bias"),
+               {"SH": 1, "SW": 1, "PH": 0, "PW": 0, "DH": 1, "DW": 1, "groups": 1}),
+    "max_pool2d": (("x",), ("x",), {"KH": 2, "KW": 2, "SH": 2, "SW": 2, "PH": 0, "PW": 0, "DH": 1, "DW": 1, "ceil_mode": 0}),
+    "avg_pool2d": (("x",), ("x",), {"KH": 2, "KW": 2, "SH": 2, "SW": 2, "PH": 0, "PW": 0, "ceil_mode": 0,
+                                    "count_include_pad": 1}),
     "flatten": (("x",), ("x",), {}),
     "layer_norm": (("x", "weight", "bias"), ("x", "weight", "bias"), {"eps": 1e-5}),
     "batch_norm2d": (("x", "weight", "bias"), ("x", "weight", "bias"), {"eps": 1e-5, "momentum": 0.1}),
@@ -376,29 +391,53 @@ def _reads(expr, name):
 
 
 def test_conv2d_input_gradient_is_a_transposed_convolution(built):
-    """g_x[n,c,h1,w1] = sum_{o,h,w} g_y[n,o,h,w] weight[o,c,h1+P-S h, w1+P-S w]: a gather
-    over output positions and channels with the kernel read at the transposed offset."""
+    """Per group, g_xg[n,g,c,h1,w1] = sum_{j,p,q} g_z[n,g,j,(h1 + PH - DH p)/SH, ...] wg[g,j,c,p,q]
+    where SH divides h1 + PH - DH p: the output gradient read back at the positions the
+    kernel tap p reached from h1 (a transposed convolution), no read of the input."""
     program = built["conv2d"][0]
-    (gx,) = _backward(program, "g_x")
-    assert {str(lp.index) for lp in gx.over} == {"o", "h", "w"}
-    assert not _reads(gx.body, "x"), "the input gradient does not read the input"
-    (wread,) = _reads(gx.body, "weight")
-    (gyread,) = _reads(gx.body, "g_y")
-    S, P = sympy.Symbol("S", integer=True, positive=True), sympy.Symbol("P", integer=True)
-    h1, w1 = gx.free[2].index, gx.free[3].index
-    h, w = (lp.index for lp in gx.over if str(lp.index) in ("h", "w"))
-    assert sympy.expand(wread.indices[2] - (h1 + P - S * h)) == 0
-    assert sympy.expand(wread.indices[3] - (w1 + P - S * w)) == 0
-    assert tuple(gyread.indices[2:]) == (h, w)
+    (gx,) = _backward(program, "g_xg")
+    assert {str(lp.index) for lp in gx.over} == {"j", "p", "q"}
+    assert not _reads(gx.body, "xg") and not _reads(gx.body, "x"), "the input gradient does not read the input"
+    (wread,) = _reads(gx.body, "wg")
+    (gzread,) = _reads(gx.body, "g_z")
+    row = gzread.indices[3]
+    assert isinstance(row, sympy.floor) and {str(s) for s in row.free_symbols} == {"h1", "PH", "DH", "p", "SH"}
+    assert str(gx.free[3].index) == "h1" and sympy.fraction(row.args[0])[1] == sympy.Symbol("SH", integer=True, positive=True)
+    assert [str(e) for e in wread.indices] == ["g", "j", "c", "p", "q"]
+    (gw,) = _backward(program, "g_x")  # the channels of each group back in place
+    assert {str(lp.index) for lp in gw.over} == {"g"}
 
 
 def test_conv2d_weight_gradient_is_a_correlation_of_input_and_output_gradient(built):
     program = built["conv2d"][0]
-    (gw,) = _backward(program, "g_weight")
+    (gw,) = _backward(program, "g_wg")
     assert {str(lp.index) for lp in gw.over} == {"n", "h", "w"}
-    (xread,) = _reads(gw.body, "x")
-    assert {str(s) for s in xread.free_symbols} >= {"n", "c", "h", "w", "p", "q", "S", "P"}
-    assert _reads(gw.body, "g_y") and not _reads(gw.body, "weight")
+    (xread,) = _reads(gw.body, "xg")
+    assert {str(s) for s in xread.free_symbols} >= {"n", "g", "c", "h", "w", "p", "q", "SH", "PH", "DH"}
+    assert _reads(gw.body, "g_z") and not _reads(gw.body, "wg")
+
+
+def test_conv2d_groups_that_do_not_divide_are_an_error(built):
+    op = built["conv2d"][1].op("conv2d", groups=2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="CG"):
+        op.forward(x, rng.normal(size=(4, 1, 3, 3)), np.zeros(4))  # C = 3, groups 2
+    x = rng.normal(size=(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="O"):
+        op.forward(x, rng.normal(size=(3, 2, 3, 3)), np.zeros(3))  # O = 3, groups 2
+    with pytest.raises(ValueError, match="CG"):
+        op.forward(x, rng.normal(size=(4, 4, 3, 3)), np.zeros(4))  # weight (O, C, ...), not (O, C/groups, ...)
+
+
+def test_shorthands_set_both_axes_and_lose_to_a_named_axis(built):
+    module = built["conv2d"][1]
+    attrs = module.op("conv2d", S=2, P=1, SW=3).attrs
+    assert (attrs["SH"], attrs["SW"], attrs["PH"], attrs["PW"]) == (2, 3, 1, 1)
+    pool = built["max_pool2d"][1].op("max_pool2d", K=3, P=1).attrs
+    assert (pool["KH"], pool["KW"], pool["PH"], pool["PW"], pool["SH"]) == (3, 3, 1, 1, 2)
+    with pytest.raises(ValueError, match="unknown attribute"):
+        module.op("conv2d", stride=2)
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "batch_norm2d"])
@@ -412,3 +451,4 @@ def test_normalisation_backward_is_compact(built, name):
     for a in program.backward:
         assert not any(isinstance(p, sympy.Pow) and abs(p.exp) in (sympy.Rational(3, 2), 3)
                        for p in sympy.preorder_traversal(a.body)), a.equation
+

@@ -179,7 +179,8 @@ def test_a_kernel_larger_than_the_input_is_a_non_positive_derived_size(programs,
 
 def test_pooling_a_too_small_map_is_a_non_positive_derived_size(programs, spec):
     layers = "{ op = \"max_pool2d\", K = 3, S = 3 }, { op = \"flatten\" }, { op = \"dense\", out = 2 }"
-    fails(programs, spec("[1, 2, 2]", layers), r"layers\[0\]", r"derived dimension HO", "must be positive")
+    # HC: the output size rounded (down, or up with ceil_mode), before PyTorch's last-window rule
+    fails(programs, spec("[1, 2, 2]", layers), r"layers\[0\]", r"derived dimension HC", "must be positive")
 
 
 def test_a_dim_the_input_sets_cannot_be_given(programs, spec):
@@ -464,3 +465,26 @@ def test_train_step_refuses_a_batch_of_the_wrong_sample_shape(cnn):
     params = cnn.init(0)
     with pytest.raises(ValueError, match=r"x must have shape \(B,\) \+ \(1, 8, 8\)"):
         cnn.train_step(params, cnn.init_state(params), np.zeros((4, 64), np.float32), np.zeros((4, 10), np.float32))
+
+
+def test_depthwise_conv_and_padded_pool_match_torch(programs, spec, tmp_path, rng):
+    """A grouped weight (O, C/groups, KH, KW) is sized from the input; shorthands (P, K,
+    S) set both axes; loss and gradients are torch's. Groups that do not divide the
+    input's channels are an error naming the entry and the sizes."""
+    layers = ('{ op = "conv2d", out = 8, KH = 3, KW = 3, P = 1, groups = 4 }, { op = "relu" }, '
+              '{ op = "max_pool2d", K = 3, S = 2, P = 1, ceil_mode = 1 }, { op = "flatten" }, { op = "dense", out = 3 }')
+    m = _load(programs, spec("[4, 6, 6]", layers), tmp_path)
+    assert m.PARAM_SHAPES["conv2d0.weight"] == (8, 1, 3, 3) and m.PARAM_SHAPES["dense4.weight"] == (128, 3)
+    p = m.init(0, np.float64)
+    x, labels = rng.normal(size=(2, 4, 6, 6)), [0, 2]
+    loss, grads = m.loss_and_grads(p, x, np.eye(3)[labels])
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+    h = F.conv2d(torch.tensor(x), t["conv2d0.weight"], t["conv2d0.bias"], padding=1, groups=4).relu()
+    h = F.max_pool2d(h, 3, 2, 1, ceil_mode=True).flatten(1) @ t["dense4.weight"] + t["dense4.bias"]
+    expected = F.cross_entropy(h, torch.tensor(labels))
+    expected.backward()
+    np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-12)
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, t[k].grad.numpy(), rtol=1e-10, atol=1e-12)
+    fails(programs, spec("[4, 6, 6]", layers.replace("groups = 4", "groups = 3")), r"layers\[0\]",
+          r"derived dimension CG = C/groups is 4/3 at C=4, groups=3, not an integer")

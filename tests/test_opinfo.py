@@ -19,7 +19,7 @@ bias gets a zero bias), and compared with PyTorch calling the *sample itself*:
 
 A sample is skipped only when it uses an option the symgrad op does not have (a
 ``reduction`` other than the mean, ``weight``, ``inplace=True``, a ``dim`` other than
-the last, grouped or dilated convolution, ...); the skips are counted and the counts
+the last, padding='same' where it is not symmetric, max pooling's return_indices, ...); the skips are counted and the counts
 are checked (COVERAGE), so a converter that silently skips everything fails. Samples
 are bounded per op (the first MAX_SAMPLES in PyTorch's order among the first
 MAX_EXAMINED, duplicates dropped, none over MAX_NUMEL elements) to keep the file near a
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import reference as ref
 
 MAX_SAMPLES = 24  # converted samples per op at most (the first, in PyTorch's order)
-MAX_EXAMINED = 400  # samples looked at per op (max_pool2d has 2,880, mostly of options symgrad lacks)
+MAX_EXAMINED = 400  # samples looked at per op (max_pool2d has 2,880)
 MAX_NUMEL = 1 << 16  # larger samples (PyTorch's 1029 x 917 and 1024 x 1024) are left out
 CUDA_SAMPLES = 3  # per op on the CUDA simulator (the smallest, up to CUDA_NUMEL elements)
 CUDA_NUMEL = 64
@@ -327,54 +327,91 @@ def linear(o, s):
     return Case(args, call, wrt=wrt)
 
 
-def _int_or_pair(v):
-    if isinstance(v, (tuple, list)):
-        if len(set(v)) != 1:
-            raise Skip(f"unequal pair {tuple(v)}")
-        return int(v[0])
-    return int(v)
-
-
 def _batched(shape):
     """An unbatched (C, H, W) input gets a batch of one."""
     return shape if len(shape) == 4 else (1,) + shape
 
 
+def _pair(v) -> tuple:
+    """A size or a (height, width) pair, as PyTorch takes them."""
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return int(v[0]), int(v[0])
+        if len(v) != 2:
+            raise Skip(f"a {len(v)}-tuple")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _conv_padding(padding, kernel, dilation) -> tuple:
+    """PyTorch's conv2d padding: a size, a pair, "valid" (none) or "same" (the output keeps
+    the input's size: d*(k - 1) in all, the left side the smaller; symgrad pads both sides
+    alike, so an odd total is skipped)."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in total):
+            raise Skip("padding='same' with an odd total padding")
+        return total[0] // 2, total[1] // 2
+    return _pair(padding)
+
+
 def conv2d(o, s):
+    """F.conv2d with every option: per-axis stride, padding (a size, a pair, "valid",
+    "same" where it is symmetric), dilation, groups."""
     weight, *rest = s.args
-    _only(s.kwargs, {"stride": None, "padding": lambda p: not isinstance(p, str), "groups": 1,
-                     "dilation": lambda d: _int_or_pair(d) == 1})
+    _only(s.kwargs, {"stride": None, "padding": None, "groups": None, "dilation": None})
     bias = rest[0] if rest else None
-    S = _int_or_pair(s.kwargs.get("stride", 1))
-    P = _int_or_pair(s.kwargs.get("padding", 0))
+    SH, SW = _pair(s.kwargs.get("stride", 1))
+    DH, DW = _pair(s.kwargs.get("dilation", 1))
+    PH, PW = _conv_padding(s.kwargs.get("padding", 0), tuple(weight.shape[2:]), (DH, DW))
     shape = tuple(s.input.shape)
     O = weight.shape[0]
     args = [_np(s.input).reshape(_batched(shape)), _np(weight), _np(bias) if bias is not None else np.zeros(O)]
     wrt = (0, 1, 2) if bias is not None else (0, 1)
+    kwargs = dict(s.kwargs)
 
     def call(x4, w, b):
-        y = F.conv2d(x4.reshape(shape), w, b if bias is not None else None, stride=S, padding=P)
+        y = F.conv2d(x4.reshape(shape), w, b if bias is not None else None, **kwargs)
         return y.reshape((x4.shape[0],) + y.shape[-3:])
 
-    return Case(args, call, {"S": S, "P": P}, wrt=wrt)
+    attrs = {"SH": SH, "SW": SW, "PH": PH, "PW": PW, "DH": DH, "DW": DW, "groups": int(s.kwargs.get("groups", 1))}
+    return Case(args, call, attrs, wrt=wrt)
+
+
+POOL_ARGS = {
+    "nn.functional.max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "nn.functional.avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                 "divisor_override"),
+}
 
 
 def pool2d(o, s):
-    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-    given = dict(zip(names, s.args), **s.kwargs)
-    _only(given, {"kernel_size": None, "stride": None, "padding": lambda p: _int_or_pair(p) == 0,
-                  "ceil_mode": False, "count_include_pad": None, "divisor_override": None,
-                  "dilation": lambda d: _int_or_pair(d) == 1, "return_indices": False})
-    K = _int_or_pair(given["kernel_size"])
+    """max_pool2d and avg_pool2d with PyTorch's options: non-square windows, strides
+    (the window by default), padding, max pooling's dilation, ceil_mode, average
+    pooling's count_include_pad (not divisor_override, not return_indices)."""
+    given = dict(zip(POOL_ARGS[o.name], s.args), **s.kwargs)
+    _only(given, {"kernel_size": None, "stride": None, "padding": None, "ceil_mode": None,
+                  "count_include_pad": None, "divisor_override": lambda d: d is None,
+                  "dilation": None, "return_indices": False})
+    KH, KW = _pair(given["kernel_size"])
     stride = given.get("stride")
-    S = K if stride is None or stride == () else _int_or_pair(stride)
+    SH, SW = (KH, KW) if stride is None or stride == () or stride == [] else _pair(stride)
+    PH, PW = _pair(given.get("padding", 0))
+    attrs = {"KH": KH, "KW": KW, "SH": SH, "SW": SW, "PH": PH, "PW": PW, "ceil_mode": int(bool(given.get("ceil_mode")))}
+    if o.name == "nn.functional.max_pool2d":
+        attrs["DH"], attrs["DW"] = _pair(given.get("dilation", 1))
+    else:
+        attrs["count_include_pad"] = int(bool(given.get("count_include_pad", True)))
     shape = tuple(s.input.shape)
+    args, kwargs = list(s.args), dict(s.kwargs)
 
     def call(x4):
-        y = o.op(x4.reshape(shape), K, S)
+        y = o.op(x4.reshape(shape), *args, **kwargs)
         return y.reshape((x4.shape[0],) + y.shape[-3:])
 
-    return Case([_np(s.input).reshape(_batched(shape))], call, {"K": K, "S": S})
+    return Case([_np(s.input).reshape(_batched(shape))], call, attrs)
 
 
 def embedding(o, s):

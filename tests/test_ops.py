@@ -86,7 +86,7 @@ def test_latex_derivation_is_available(case):
 @pytest.mark.parametrize("case", ORACLE_CASES)
 def test_forward_matches_torch(case, dtype, rng):
     op = make_op(case)
-    args = ref.make_inputs(case.name, rng, dtype)
+    args = ref.make_inputs(case.name, rng, dtype, case.kw)
     outs = ref.run_forward(op, args)
     expected = ref.as_tuple(ref.torch_forward(case.name, args, case.kw))
     assert len(outs) == len(expected)
@@ -99,7 +99,7 @@ def test_forward_matches_torch(case, dtype, rng):
 @pytest.mark.parametrize("case", ORACLE_CASES)
 def test_backward_matches_torch_autograd(case, dtype, rng):
     op = make_op(case)
-    args = ref.make_inputs(case.name, rng, dtype)
+    args = ref.make_inputs(case.name, rng, dtype, case.kw)
     seeds = ref.make_seeds(ref.run_forward(op, args), rng, dtype)
     wrt = ref.differentiable_indices(op)
     grads = ref.run_backward(op, seeds, args)

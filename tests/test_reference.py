@@ -15,7 +15,7 @@ CASES = [(n, {}) for n in sorted(ref.TORCH_ORACLE)] + [
 
 @pytest.mark.parametrize("name, attrs", CASES, ids=[n + "".join(f"-{k}={v}" for k, v in a.items()) for n, a in CASES])
 def test_finite_differences_agree_with_torch_autograd(name, attrs, rng):
-    args = ref.make_inputs(name, rng)
+    args = ref.make_inputs(name, rng, attrs=attrs)
     outs = ref.as_tuple(ref.torch_forward(name, args, attrs))  # lstm_cell has two
     seeds = ref.make_seeds(outs, rng, np.float64)
     wrt = ref.oracle_wrt(name)

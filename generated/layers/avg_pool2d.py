@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
+# generated/_runtime.py (sha256 4fc0ad4a8c9778af): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -35,74 +35,89 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO):
-    """y_sum0[c, h, n, w] = sum(x[n, c, S*h + p, S*w + q], p, q)"""
+def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """y_sum0[c, h, n, w] = sum(x[n, c, -PH + SH*h + p, -PW + SW*w + q], p, q)"""
     _F = y_sum0.dtype.type
     for c in range(0, C):
         for h in range(0, HO):
             for n in range(0, N):
                 for w in range(0, WO):
                     _v_y_sum0 = _F(0)
-                    for p in range(0, K):
-                        for q in range(0, K):
-                            _v_y_sum0 += (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _v_y_sum0 += (x[n, c, -PH + SH*h + p, -PW + SW*w + q] if ((-PH + SH*h + p >= 0) and (-PW + SW*w + q >= 0) and (H > -PH + SH*h + p) and (W > -PW + SW*w + q)) else _F(0))
                     y_sum0[c, h, n, w] = _v_y_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO):
-    """y[n, c, h, w] = y_sum0[c, h, n, w]/K**2"""
+def _avg_pool2d_fwd1(y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad):
+    """y[n, c, h, w] = y_sum0[c, h, n, w]/(count_include_pad*(PH - SH*h + Min(H + PH, KH - PH + SH*h))*(PW - SW*w + Min(PW + W, KW - PW + SW*w)) + (1 - count_include_pad)*(-Max(0, -PH + SH*h) + Min(H, KH - PH + SH*h))*(-Max(0, -PW + SW*w) + Min(W, KW - PW + SW*w)))"""
     _F = y.dtype.type
-    _c0 = _F(1) / _F(K * K)
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, HO):
                 for w in range(0, WO):
-                    _v_y = _c0*y_sum0[c, h, n, w]
+                    _t0 = SH*h
+                    _t1 = KH - PH + _t0
+                    _t2 = PH - _t0
+                    _t3 = SW*w
+                    _t4 = KW - PW + _t3
+                    _t5 = PW - _t3
+                    _v_y = y_sum0[c, h, n, w]/_F(count_include_pad*(_t2 + min(_t1, H + PH))*(_t5 + min(_t4, PW + W)) + (1 - count_include_pad)*(-max(0, -_t2) + min(H, _t1))*(-max(0, -_t5) + min(W, _t4)))
                     y[n, c, h, w] = _v_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO):
-    """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/K**2, h, w)"""
+def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad):
+    """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/(count_include_pad*(PH - SH*h + Min(H + PH, KH - PH + SH*h))*(PW - SW*w + Min(PW + W, KW - PW + SW*w)) + (1 - count_include_pad)*(-Max(0, -PH + SH*h) + Min(H, KH - PH + SH*h))*(-Max(0, -PW + SW*w) + Min(W, KW - PW + SW*w))), h, w)"""
     _F = g_x.dtype.type
-    _c0 = _F(1) / _F(K * K)
     for n in range(0, N):
         for c in range(0, C):
             for h1 in range(0, H):
                 for w1 in range(0, W):
                     _v_g_x = _F(0)
-                    for h in range(max(0, ((-K + h1) // S) + 1), min(HO, (h1 // S) + 1)):
-                        for w in range(max(0, ((-K + w1) // S) + 1), min(WO, (w1 // S) + 1)):
-                            _v_g_x += _c0*g_y[n, c, h, w]
+                    for h in range(max(0, ((-KH + PH + h1) // SH) + 1), min(HO, ((PH + h1) // SH) + 1)):
+                        for w in range(max(0, ((-KW + PW + w1) // SW) + 1), min(WO, ((PW + w1) // SW) + 1)):
+                            _t0 = SH*h
+                            _t1 = KH - PH + _t0
+                            _t2 = PH - _t0
+                            _t3 = SW*w
+                            _t4 = KW - PW + _t3
+                            _t5 = PW - _t3
+                            _v_g_x += g_y[n, c, h, w]/_F(count_include_pad*(_t2 + min(_t1, H + PH))*(_t5 + min(_t4, PW + W)) + (1 - count_include_pad)*(-max(0, -_t2) + min(H, _t1))*(-max(0, -_t5) + min(W, _t4)))
                     g_x[n, c, h1, w1] = _v_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO):
-    """t_y_sum0[c, h, n, w] = sum(Piecewise((t_x[n, c, S*h + p, S*w + q], (S*h + p >= 0) & (S*w + q >= 0) & (H > S*h + p) & (W > S*w + q)), (0, True)), p, q)"""
+def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """t_y_sum0[c, h, n, w] = sum(Piecewise((t_x[n, c, -PH + SH*h + p, -PW + SW*w + q], (-PH + SH*h + p >= 0) & (-PW + SW*w + q >= 0) & (H > -PH + SH*h + p) & (W > -PW + SW*w + q)), (0, True)), p, q)"""
     _F = t_y_sum0.dtype.type
     for c in range(0, C):
         for h in range(0, HO):
             for n in range(0, N):
                 for w in range(0, WO):
                     _v_t_y_sum0 = _F(0)
-                    for p in range(0, K):
-                        for q in range(0, K):
-                            _v_t_y_sum0 += (t_x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _v_t_y_sum0 += (t_x[n, c, -PH + SH*h + p, -PW + SW*w + q] if ((-PH + SH*h + p >= 0) and (-PW + SW*w + q >= 0) and (H > -PH + SH*h + p) and (W > -PW + SW*w + q)) else _F(0))
                     t_y_sum0[c, h, n, w] = _v_t_y_sum0
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO):
-    """t_y[n, c, h, w] = t_y_sum0[c, h, n, w]/K**2"""
+def _avg_pool2d_jvp1(t_y, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad):
+    """t_y[n, c, h, w] = t_y_sum0[c, h, n, w]/(count_include_pad*(PH - SH*h + Min(H + PH, KH - PH + SH*h))*(PW - SW*w + Min(PW + W, KW - PW + SW*w)) + (1 - count_include_pad)*(-Max(0, -PH + SH*h) + Min(H, KH - PH + SH*h))*(-Max(0, -PW + SW*w) + Min(W, KW - PW + SW*w)))"""
     _F = t_y.dtype.type
-    _c0 = _F(1) / _F(K * K)
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, HO):
                 for w in range(0, WO):
-                    _v_t_y = _c0*t_y_sum0[c, h, n, w]
+                    _t0 = SH*h
+                    _t1 = KH - PH + _t0
+                    _t2 = PH - _t0
+                    _t3 = SW*w
+                    _t4 = KW - PW + _t3
+                    _t5 = PW - _t3
+                    _v_t_y = t_y_sum0[c, h, n, w]/_F(count_include_pad*(_t2 + min(_t1, H + PH))*(_t5 + min(_t4, PW + W)) + (1 - count_include_pad)*(-max(0, -_t2) + min(H, _t1))*(-max(0, -_t5) + min(W, _t4)))
                     t_y[n, c, h, w] = _v_t_y
 
 
@@ -119,51 +134,57 @@ def _avg_pool2d_hvp0(t_g_x, C, H, N, W):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_fwd_core(x, K, S):
+def _avg_pool2d_fwd_core(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward of avg_pool2d: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = np.empty((N, C, HO, WO), _dtype)
     y_sum0 = np.empty((C, HO, N, WO), _dtype)
-    _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO)
-    _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO)
+    _avg_pool2d_fwd0(x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _avg_pool2d_fwd1(y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return y
 
 
-def _avg_pool2d_fwd_alloc(x, K, S):
+def _avg_pool2d_fwd_alloc(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = np.empty((N, C, HO, WO), _dtype)
     return y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_fwd_into(x, K, S, y):
+def _avg_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, y):
     """``_avg_pool2d_fwd_core`` writing its results into y (from ``_avg_pool2d_fwd_alloc``)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_sum0 = np.empty((C, HO, N, WO), _dtype)
-    _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO)
-    _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO)
+    _avg_pool2d_fwd0(x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _avg_pool2d_fwd1(y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
 
 
-def _avg_pool2d_fwd(x, *, K, S):
+def _avg_pool2d_fwd(x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward of avg_pool2d: y from x."""
     _dtype = _float_dtype((x,))
     x = _as_float("avg_pool2d", "x", x, _dtype)
@@ -172,65 +193,77 @@ def _avg_pool2d_fwd(x, *, K, S):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
-    return _avg_pool2d_fwd_core(x, K, S)
+    return _avg_pool2d_fwd_core(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad)
 
 
-def _avg_pool2d_fwd_shapes(x, *, K, S):
+def _avg_pool2d_fwd_shapes(x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The shapes of the results of ``_avg_pool2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     return ((N, C, HO, WO),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_bwd_core(g_y, x, K, S):
+def _avg_pool2d_bwd_core(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Backward of avg_pool2d: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = np.empty((N, C, H, W), _dtype)
-    _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _avg_pool2d_bwd0(g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return g_x
 
 
-def _avg_pool2d_bwd_alloc(g_y, x, K, S):
+def _avg_pool2d_bwd_alloc(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The results of ``_avg_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = np.empty((N, C, H, W), _dtype)
     return g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_bwd_into(g_y, x, K, S, g_x):
+def _avg_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, g_x):
     """``_avg_pool2d_bwd_core`` writing its results into g_x (from ``_avg_pool2d_bwd_alloc``)."""
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO)
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _avg_pool2d_bwd0(g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
 
 
-def _avg_pool2d_bwd(g_y, x, *, K, S):
+def _avg_pool2d_bwd(g_y, x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Backward of avg_pool2d: gradients g_x from g_y, x (forward recomputed)."""
     _dtype = _float_dtype((g_y, x))
     g_y = _as_float("avg_pool2d", "g_y", g_y, _dtype)
@@ -241,63 +274,73 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
     _check_rank("avg_pool2d", "x", x, 4)
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
-    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("avg_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("avg_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
-    return _avg_pool2d_bwd_core(g_y, x, K, S)
+    return _avg_pool2d_bwd_core(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_jvp_core(x, t_x, K, S):
+def _avg_pool2d_jvp_core(x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward mode of avg_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_y = np.empty((N, C, HO, WO), _dtype)
     t_y_sum0 = np.empty((C, HO, N, WO), _dtype)
-    _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO)
-    _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO)
+    _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _avg_pool2d_jvp1(t_y, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return t_y
 
 
-def _avg_pool2d_jvp_alloc(x, t_x, K, S):
+def _avg_pool2d_jvp_alloc(x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The results of ``_avg_pool2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_y = np.empty((N, C, HO, WO), _dtype)
     return t_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_jvp_into(x, t_x, K, S, t_y):
+def _avg_pool2d_jvp_into(x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, t_y):
     """``_avg_pool2d_jvp_core`` writing its results into t_y (from ``_avg_pool2d_jvp_alloc``)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_y_sum0 = np.empty((C, HO, N, WO), _dtype)
-    _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO)
-    _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO)
+    _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _avg_pool2d_jvp1(t_y, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
 
 
-def _avg_pool2d_jvp(x, t_x, *, K, S):
+def _avg_pool2d_jvp(x, t_x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward mode of avg_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
     _dtype = _float_dtype((x, t_x))
     x = _as_float("avg_pool2d", "x", x, _dtype)
@@ -308,58 +351,68 @@ def _avg_pool2d_jvp(x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("avg_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
     _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
     _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("avg_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
-    return _avg_pool2d_jvp_core(x, t_x, K, S)
+    return _avg_pool2d_jvp_core(x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_hvp_core(g_y, x, t_x, K, S):
+def _avg_pool2d_hvp_core(g_y, x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Second order of avg_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_g_x = np.empty((N, C, H, W), _dtype)
     _avg_pool2d_hvp0(t_g_x, C, H, N, W)
     return t_g_x
 
 
-def _avg_pool2d_hvp_alloc(g_y, x, t_x, K, S):
+def _avg_pool2d_hvp_alloc(g_y, x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The results of ``_avg_pool2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_avg_pool2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_g_x = np.empty((N, C, H, W), _dtype)
     return t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _avg_pool2d_hvp_into(g_y, x, t_x, K, S, t_g_x):
+def _avg_pool2d_hvp_into(g_y, x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, t_g_x):
     """``_avg_pool2d_hvp_core`` writing its results into t_g_x (from ``_avg_pool2d_hvp_alloc``)."""
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _avg_pool2d_hvp0(t_g_x, C, H, N, W)
 
 
-def _avg_pool2d_hvp(g_y, x, t_x, *, K, S):
+def _avg_pool2d_hvp(g_y, x, t_x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Second order of avg_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
     _dtype = _float_dtype((g_y, x, t_x))
     g_y = _as_float("avg_pool2d", "g_y", g_y, _dtype)
@@ -372,19 +425,23 @@ def _avg_pool2d_hvp(g_y, x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("avg_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
-    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("avg_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("avg_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
     _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
     _check_dim("avg_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
-    return _avg_pool2d_hvp_core(g_y, x, t_x, K, S)
+    return _avg_pool2d_hvp_core(g_y, x, t_x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad)
 
 
 # The host functions of each op on this target.
@@ -403,12 +460,13 @@ _FUNCS = {
 _SPECS = {
     "avg_pool2d": {
         "kind": "layer",
-        "attrs": {"K": 2, "S": 2},
+        "attrs": {"KH": 2, "KW": 2, "SH": 2, "SW": 2, "PH": 0, "PW": 0, "ceil_mode": 0, "count_include_pad": 1},
+        "shorthands": {"K": ("KH", "KW"), "S": ("SH", "SW"), "P": ("PH", "PW")},
         "arg_names": ("x",),
         "differentiable": ("x",),
         "state": (),
         "seeds": 1,
-        "doc": "Average pooling with a K x K window and stride S (no padding), as torch.nn.functional.avg_pool2d.",
+        "doc": "Average pooling as torch.nn.functional.avg_pool2d: a KH x KW window, stride (SH, SW), zero padding (PH, PW), ceil_mode, count_include_pad; K, S and P set both axes.",
     },
 }
 

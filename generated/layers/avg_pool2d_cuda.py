@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 bf24439c3b9b7762): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -36,8 +36,8 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO, _total):
-    """y_sum0[c, h, n, w] = sum(x[n, c, S*h + p, S*w + q], p, q)"""
+def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """y_sum0[c, h, n, w] = sum(x[n, c, -PH + SH*h + p, -PW + SW*w + q], p, q)"""
     _F = y_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -49,17 +49,16 @@ def _avg_pool2d_fwd0(x, y_sum0, C, H, HO, K, N, S, W, WO, _total):
         _r //= HO
         c = _r
         _v_y_sum0 = _F(0)
-        for p in range(0, K):
-            for q in range(0, K):
-                _v_y_sum0 += (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _v_y_sum0 += (x[n, c, -PH + SH*h + p, -PW + SW*w + q] if ((-PH + SH*h + p >= 0) and (-PW + SW*w + q >= 0) and (H > -PH + SH*h + p) and (W > -PW + SW*w + q)) else _F(0))
         y_sum0[c, h, n, w] = _v_y_sum0
 
 
 @cuda.jit(cache=True)
-def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO, _total):
-    """y[n, c, h, w] = y_sum0[c, h, n, w]/K**2"""
+def _avg_pool2d_fwd1(y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad, _total):
+    """y[n, c, h, w] = y_sum0[c, h, n, w]/(count_include_pad*(PH - SH*h + Min(H + PH, KH - PH + SH*h))*(PW - SW*w + Min(PW + W, KW - PW + SW*w)) + (1 - count_include_pad)*(-Max(0, -PH + SH*h) + Min(H, KH - PH + SH*h))*(-Max(0, -PW + SW*w) + Min(W, KW - PW + SW*w)))"""
     _F = y.dtype.type
-    _c0 = _F(1) / _F(K * K)
     _r = cuda.grid(1)
     if _r < _total:
         w = _r % WO
@@ -69,15 +68,20 @@ def _avg_pool2d_fwd1(y, y_sum0, C, HO, K, N, WO, _total):
         c = _r % C
         _r //= C
         n = _r
-        _v_y = _c0*y_sum0[c, h, n, w]
+        _t0 = SH*h
+        _t1 = KH - PH + _t0
+        _t2 = PH - _t0
+        _t3 = SW*w
+        _t4 = KW - PW + _t3
+        _t5 = PW - _t3
+        _v_y = y_sum0[c, h, n, w]/_F(count_include_pad*(_t2 + min(_t1, H + PH))*(_t5 + min(_t4, PW + W)) + (1 - count_include_pad)*(-max(0, -_t2) + min(H, _t1))*(-max(0, -_t5) + min(W, _t4)))
         y[n, c, h, w] = _v_y
 
 
 @cuda.jit(cache=True)
-def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO, _total):
-    """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/K**2, h, w)"""
+def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad, _total):
+    """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w]/(count_include_pad*(PH - SH*h + Min(H + PH, KH - PH + SH*h))*(PW - SW*w + Min(PW + W, KW - PW + SW*w)) + (1 - count_include_pad)*(-Max(0, -PH + SH*h) + Min(H, KH - PH + SH*h))*(-Max(0, -PW + SW*w) + Min(W, KW - PW + SW*w))), h, w)"""
     _F = g_x.dtype.type
-    _c0 = _F(1) / _F(K * K)
     _r = cuda.grid(1)
     if _r < _total:
         w1 = _r % W
@@ -88,15 +92,21 @@ def _avg_pool2d_bwd0(g_y, g_x, C, H, HO, K, N, S, W, WO, _total):
         _r //= C
         n = _r
         _v_g_x = _F(0)
-        for h in range(max(0, ((-K + h1) // S) + 1), min(HO, (h1 // S) + 1)):
-            for w in range(max(0, ((-K + w1) // S) + 1), min(WO, (w1 // S) + 1)):
-                _v_g_x += _c0*g_y[n, c, h, w]
+        for h in range(max(0, ((-KH + PH + h1) // SH) + 1), min(HO, ((PH + h1) // SH) + 1)):
+            for w in range(max(0, ((-KW + PW + w1) // SW) + 1), min(WO, ((PW + w1) // SW) + 1)):
+                _t0 = SH*h
+                _t1 = KH - PH + _t0
+                _t2 = PH - _t0
+                _t3 = SW*w
+                _t4 = KW - PW + _t3
+                _t5 = PW - _t3
+                _v_g_x += g_y[n, c, h, w]/_F(count_include_pad*(_t2 + min(_t1, H + PH))*(_t5 + min(_t4, PW + W)) + (1 - count_include_pad)*(-max(0, -_t2) + min(H, _t1))*(-max(0, -_t5) + min(W, _t4)))
         g_x[n, c, h1, w1] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO, _total):
-    """t_y_sum0[c, h, n, w] = sum(Piecewise((t_x[n, c, S*h + p, S*w + q], (S*h + p >= 0) & (S*w + q >= 0) & (H > S*h + p) & (W > S*w + q)), (0, True)), p, q)"""
+def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """t_y_sum0[c, h, n, w] = sum(Piecewise((t_x[n, c, -PH + SH*h + p, -PW + SW*w + q], (-PH + SH*h + p >= 0) & (-PW + SW*w + q >= 0) & (H > -PH + SH*h + p) & (W > -PW + SW*w + q)), (0, True)), p, q)"""
     _F = t_y_sum0.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -108,17 +118,16 @@ def _avg_pool2d_jvp0(t_x, t_y_sum0, C, H, HO, K, N, S, W, WO, _total):
         _r //= HO
         c = _r
         _v_t_y_sum0 = _F(0)
-        for p in range(0, K):
-            for q in range(0, K):
-                _v_t_y_sum0 += (t_x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _v_t_y_sum0 += (t_x[n, c, -PH + SH*h + p, -PW + SW*w + q] if ((-PH + SH*h + p >= 0) and (-PW + SW*w + q >= 0) and (H > -PH + SH*h + p) and (W > -PW + SW*w + q)) else _F(0))
         t_y_sum0[c, h, n, w] = _v_t_y_sum0
 
 
 @cuda.jit(cache=True)
-def _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO, _total):
-    """t_y[n, c, h, w] = t_y_sum0[c, h, n, w]/K**2"""
+def _avg_pool2d_jvp1(t_y, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad, _total):
+    """t_y[n, c, h, w] = t_y_sum0[c, h, n, w]/(count_include_pad*(PH - SH*h + Min(H + PH, KH - PH + SH*h))*(PW - SW*w + Min(PW + W, KW - PW + SW*w)) + (1 - count_include_pad)*(-Max(0, -PH + SH*h) + Min(H, KH - PH + SH*h))*(-Max(0, -PW + SW*w) + Min(W, KW - PW + SW*w)))"""
     _F = t_y.dtype.type
-    _c0 = _F(1) / _F(K * K)
     _r = cuda.grid(1)
     if _r < _total:
         w = _r % WO
@@ -128,7 +137,13 @@ def _avg_pool2d_jvp1(t_y, t_y_sum0, C, HO, K, N, WO, _total):
         c = _r % C
         _r //= C
         n = _r
-        _v_t_y = _c0*t_y_sum0[c, h, n, w]
+        _t0 = SH*h
+        _t1 = KH - PH + _t0
+        _t2 = PH - _t0
+        _t3 = SW*w
+        _t4 = KW - PW + _t3
+        _t5 = PW - _t3
+        _v_t_y = t_y_sum0[c, h, n, w]/_F(count_include_pad*(_t2 + min(_t1, H + PH))*(_t5 + min(_t4, PW + W)) + (1 - count_include_pad)*(-max(0, -_t2) + min(H, _t1))*(-max(0, -_t5) + min(W, _t4)))
         t_y[n, c, h, w] = _v_t_y
 
 
@@ -149,65 +164,73 @@ def _avg_pool2d_hvp0(t_g_x, C, H, N, W, _total):
         t_g_x[i0, i1, i2, i3] = _v_t_g_x
 
 
-def _avg_pool2d_fwd_core(x, K, S):
+def _avg_pool2d_fwd_core(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward of avg_pool2d: y from x. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = _empty((N, C, HO, WO), _dtype)
     y_sum0 = _empty((C, HO, N, WO), _dtype)
-    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
-    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
+    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return y
 
 
-def _avg_pool2d_fwd_alloc(x, K, S):
+def _avg_pool2d_fwd_alloc(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The results of ``_avg_pool2d_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_avg_pool2d_fwd_into`` writes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = _empty((N, C, HO, WO), _dtype)
     return y
 
 
-def _avg_pool2d_fwd_work(x, K, S):
+def _avg_pool2d_fwd_work(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The intermediates of ``_avg_pool2d_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_avg_pool2d_fwd_into`` takes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_sum0 = _empty((C, HO, N, WO), _dtype)
     return (y_sum0,)
 
 
-def _avg_pool2d_fwd_into(x, K, S, y, _work=None):
+def _avg_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, y, _work=None):
     """``_avg_pool2d_fwd_core`` launching its kernels into y (from ``_avg_pool2d_fwd_alloc``), its intermediates in ``_work`` (from ``_avg_pool2d_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     if _work is None:
-        _work = _avg_pool2d_fwd_work(x, K, S)
+        _work = _avg_pool2d_fwd_work(x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad)
     y_sum0, = _work
-    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
-    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
+    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
 
 
-def _avg_pool2d_fwd(x, *, K, S):
+def _avg_pool2d_fwd(x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward of avg_pool2d: y from x."""
     _dev = any(_on_device(a) for a in (x,))
     _dtype = _float_dtype((x,))
@@ -217,73 +240,85 @@ def _avg_pool2d_fwd(x, *, K, S):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
     y = _empty((N, C, HO, WO), _dtype)
     y_sum0 = _empty((C, HO, N, WO), _dtype)
-    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, K, N, S, W, WO)
-    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, HO, K, N, WO)
+    _launch(_avg_pool2d_fwd0, C * HO * N * WO, x, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_avg_pool2d_fwd1, N * C * HO * WO, y, y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return _result(y, _dev)
 
 
-def _avg_pool2d_fwd_shapes(x, *, K, S):
+def _avg_pool2d_fwd_shapes(x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The shapes of the results of ``_avg_pool2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     return ((N, C, HO, WO),)
 
 
-def _avg_pool2d_bwd_core(g_y, x, K, S):
+def _avg_pool2d_bwd_core(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Backward of avg_pool2d: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return g_x
 
 
-def _avg_pool2d_bwd_alloc(g_y, x, K, S):
+def _avg_pool2d_bwd_alloc(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The results of ``_avg_pool2d_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_avg_pool2d_bwd_into`` writes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = _empty((N, C, H, W), _dtype)
     return g_x
 
 
-def _avg_pool2d_bwd_work(g_y, x, K, S):
+def _avg_pool2d_bwd_work(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """The workspace of ``_avg_pool2d_bwd_into``: none (its kernels pass nothing between them)."""
     return ()
 
 
-def _avg_pool2d_bwd_into(g_y, x, K, S, g_x, _work=None):
+def _avg_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad, g_x, _work=None):
     """``_avg_pool2d_bwd_core`` launching its kernels into g_x (from ``_avg_pool2d_bwd_alloc``), its intermediates in ``_work`` (from ``_avg_pool2d_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
 
 
-def _avg_pool2d_bwd(g_y, x, *, K, S):
+def _avg_pool2d_bwd(g_y, x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Backward of avg_pool2d: gradients g_x from g_y, x (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_y, x))
     _dtype = _float_dtype((g_y, x))
@@ -295,20 +330,24 @@ def _avg_pool2d_bwd(g_y, x, *, K, S):
     _check_rank("avg_pool2d", "x", x, 4)
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
-    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("avg_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("avg_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _launch(_avg_pool2d_bwd0, N * C * H * W, g_y, g_x, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return _result(g_x, _dev)
 
 
-def _avg_pool2d_jvp(x, t_x, *, K, S):
+def _avg_pool2d_jvp(x, t_x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Forward mode of avg_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
     _dev = any(_on_device(a) for a in (x, t_x))
     _dtype = _float_dtype((x, t_x))
@@ -320,9 +359,13 @@ def _avg_pool2d_jvp(x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("avg_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
     _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
     _check_dim("avg_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
@@ -330,12 +373,12 @@ def _avg_pool2d_jvp(x, t_x, *, K, S):
     _check_dim("avg_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
     t_y = _empty((N, C, HO, WO), _dtype)
     t_y_sum0 = _empty((C, HO, N, WO), _dtype)
-    _launch(_avg_pool2d_jvp0, C * HO * N * WO, t_x, t_y_sum0, C, H, HO, K, N, S, W, WO)
-    _launch(_avg_pool2d_jvp1, N * C * HO * WO, t_y, t_y_sum0, C, HO, K, N, WO)
+    _launch(_avg_pool2d_jvp0, C * HO * N * WO, t_x, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_avg_pool2d_jvp1, N * C * HO * WO, t_y, t_y_sum0, C, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, count_include_pad)
     return _result(t_y, _dev)
 
 
-def _avg_pool2d_hvp(g_y, x, t_x, *, K, S):
+def _avg_pool2d_hvp(g_y, x, t_x, *, KH, KW, SH, SW, PH, PW, ceil_mode, count_include_pad):
     """Second order of avg_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_y, x, t_x))
     _dtype = _float_dtype((g_y, x, t_x))
@@ -349,12 +392,16 @@ def _avg_pool2d_hvp(g_y, x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("avg_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((H - KH + 2*PH + ceil_mode*(SH - 1)) // SH) + 1
+    _check_derived("avg_pool2d", "HC", HC)
+    WC = ((-KW + 2*PW + W + ceil_mode*(SW - 1)) // SW) + 1
+    _check_derived("avg_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("avg_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("avg_pool2d", "WO", WO)
-    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("avg_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("avg_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("avg_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("avg_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     _check_dim("avg_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
+# generated/_runtime.py (sha256 4fc0ad4a8c9778af): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -27,6 +27,7 @@ from .._runtime import (
     _check_derived,
     _check_dim,
     _check_rank,
+    _check_relation,
     _float_dtype,
     _gemm,
     _span,
@@ -37,35 +38,63 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)
-    y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]
-    """
-    _F = y.dtype.type
-    _b = np.zeros((C, KH, KW, HO, WO), y.dtype)
+def _conv2d_fwd0(x, xg, C, CG, G, H, N, W):
+    """xg[n, g, c, a, b] = x[n, CG*g + c, a, b]"""
+    _F = xg.dtype.type
     for n in range(0, N):
-        # gather: _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
-        for c in range(0, C):
-            for p in range(0, KH):
-                for q in range(0, KW):
-                    _lo_w, _hi_w = 0, WO
-                    _lo_w, _hi_w = _span(S, -P + q, _lo_w, _hi_w)
-                    _lo_w, _hi_w = _span(-S, P + W - q - 1, _lo_w, _hi_w)
-                    for h in range(0, HO):
-                        _lo, _hi = _lo_w, _hi_w
-                        if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
-                            _hi = _lo
-                        for w in range(_lo, _hi):
-                            _b[c, p, q, h, np.uint64(w)] = x[n, c, -P + S*h + p, np.uint64(-P + S*w + q)]
-        _gemm(weight.reshape(O, C*KH*KW), _b.reshape(C*KH*KW, HO*WO), y[n].reshape(O, HO*WO), False)
+        for g in range(0, G):
+            for c in range(0, CG):
+                for a in range(0, H):
+                    for b in range(0, W):
+                        _v_xg = (x[n, CG*g + c, a, b] if ((CG*g + c >= 0) and (C > CG*g + c)) else _F(0))
+                        xg[n, g, c, a, b] = _v_xg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG):
+    """wg[g, j, c, p, q] = weight[OG*g + j, c, p, q]"""
+    _F = wg.dtype.type
+    for g in range(0, G):
+        for j in range(0, OG):
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _v_wg = (weight[OG*g + j, c, p, q] if ((OG*g + j >= 0) and (O > OG*g + j)) else _F(0))
+                        wg[g, j, c, p, q] = _v_wg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_fwd2(xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO):
+    """z[n, g, j, h, w] = sum(wg[g, j, c, p, q]*xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], c, p, q)"""
+    _F = z.dtype.type
+    _b = np.zeros((CG, KH, KW, HO, WO), z.dtype)
+    for n in range(0, N):
+        for g in range(0, G):
+            # gather: _b[c, p, q, h, w] = xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], 0 where its guard fails
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _lo_w, _hi_w = 0, WO
+                        _lo_w, _hi_w = _span(SW, DW*q - PW, _lo_w, _hi_w)
+                        _lo_w, _hi_w = _span(-SW, -DW*q + PW + W - 1, _lo_w, _hi_w)
+                        for h in range(0, HO):
+                            _lo, _hi = _lo_w, _hi_w
+                            if not ((DH*p - PH + SH*h >= 0) and (H > DH*p - PH + SH*h)):
+                                _hi = _lo
+                            for w in range(_lo, _hi):
+                                _b[c, p, q, h, np.uint64(w)] = xg[n, g, c, DH*p - PH + SH*h, np.uint64(DW*q - PW + SW*w)]
+            _gemm(wg[g].reshape(OG, CG*KH*KW), _b.reshape(CG*KH*KW, HO*WO), z[n, g].reshape(OG, HO*WO), False)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_fwd3(bias, y, z, G, HO, N, O, OG, WO):
+    """y[n, o, h, w] = bias[o] + z[n, floor(o/OG), Mod(o, OG), h, w]"""
+    _F = y.dtype.type
+    for n in range(0, N):
         for o in range(0, O):
             for h in range(0, HO):
                 for w in range(0, WO):
-                    _dot = y[n, o, h, w]
-                    # y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)
-                    _v_y_sum0 = _dot
-                    # y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]
-                    _v_y = _v_y_sum0 + bias[o]
+                    _v_y = (z[n, (o // OG), o % OG, h, w] if ((OG > o % OG) and ((o // OG) >= 0) and (G > (o // OG))) else _F(0)) + bias[o]
                     y[n, o, h, w] = _v_y
 
 
@@ -83,153 +112,253 @@ def _conv2d_bwd0(g_y, g_bias, HO, N, O, WO):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """g_weight[o, c, p, q] = sum(g_y[n, o, h, w]*x[n, c, -P + S*h + p, -P + S*w + q], h, n, w)"""
-    _F = g_weight.dtype.type
-    _b = np.zeros((C, KH, KW, HO, WO), g_weight.dtype)
-    _prod = np.empty((O, C*KH*KW), g_weight.dtype)
-    _pv = _prod.reshape((O, C, KH, KW))
-    _prod[:] = _F(0)
+def _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO):
+    """g_z[n, g, og, h, w] = g_y[n, OG*g + og, h, w]"""
+    _F = g_z.dtype.type
     for n in range(0, N):
-        # gather: _b[c, p, q, h, w] = x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
-        for c in range(0, C):
-            for p in range(0, KH):
-                for q in range(0, KW):
-                    _lo_w, _hi_w = 0, WO
-                    _lo_w, _hi_w = _span(S, -P + q, _lo_w, _hi_w)
-                    _lo_w, _hi_w = _span(-S, P + W - q - 1, _lo_w, _hi_w)
-                    for h in range(0, HO):
-                        _lo, _hi = _lo_w, _hi_w
-                        if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
-                            _hi = _lo
-                        for w in range(_lo, _hi):
-                            _b[c, p, q, h, np.uint64(w)] = x[n, c, -P + S*h + p, np.uint64(-P + S*w + q)]
-        _gemm(g_y[n].reshape(O, HO*WO), _b.reshape(C*KH*KW, HO*WO).T, _prod, True)
+        for g in range(0, G):
+            for og in range(0, OG):
+                for h in range(0, HO):
+                    for w in range(0, WO):
+                        _v_g_z = (g_y[n, OG*g + og, h, w] if (O > OG*g + og) else _F(0))
+                        g_z[n, g, og, h, w] = _v_g_z
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_bwd2(xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO):
+    """g_wg[g, j, c, p, q] = sum(g_z[n, g, j, h, w]*xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], n, h, w)"""
+    _F = g_wg.dtype.type
+    _b = np.zeros((HO, WO, CG, KH, KW), g_wg.dtype)
+    _prod = np.empty((OG, CG*KH*KW), g_wg.dtype)
+    _pv = _prod.reshape((OG, CG, KH, KW))
+    for g in range(0, G):
+        _prod[:] = _F(0)
+        for n in range(0, N):
+            # gather: _b[h, w, c, p, q] = xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], 0 where its guard fails
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _lo_q, _hi_q = 0, KW
+                    _lo_q, _hi_q = _span(DW, -PW + SW*w, _lo_q, _hi_q)
+                    _lo_q, _hi_q = _span(-DW, PW - SW*w + W - 1, _lo_q, _hi_q)
+                    for c in range(0, CG):
+                        for p in range(0, KH):
+                            _lo, _hi = _lo_q, _hi_q
+                            if not ((DH*p - PH + SH*h >= 0) and (H > DH*p - PH + SH*h)):
+                                _hi = _lo
+                            for q in range(_lo, _hi):
+                                _b[h, w, c, p, np.uint64(q)] = xg[n, g, c, DH*p - PH + SH*h, np.uint64(DW*q - PW + SW*w)]
+            _gemm(g_z[n, g].reshape(OG, HO*WO), _b.reshape(HO*WO, CG*KH*KW), _prod, True)
+        for j in range(0, OG):
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _dot = _pv[j, c, p, q]
+                        _v_g_wg = _dot
+                        g_wg[g, j, c, p, q] = _v_g_wg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_bwd3(wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO):
+    """g_xg[n, g, c, h1, w1] = sum(g_z[n, g, j, floor((-DH*p + PH + h1)/SH), floor((-DW*q + PW + w1)/SW)]*wg[g, j, c, p, q], j, p, q)
+    as a scatter: g_xg[n, g, c, DH*p - PH + SH*ho, DW*q - PW + SW*wo] += sum(g_z[n, g, j, ho, wo]*wg[g, j, c, p, q], j)
+    """
+    _F = g_xg.dtype.type
+    g_xg[:] = _F(0)
+    _prod = np.empty((CG*KH*KW, HO*WO), g_xg.dtype)
+    _pv = _prod.reshape((CG, KH, KW, HO, WO))
+    for n in range(0, N):
+        for g in range(0, G):
+            _gemm(wg[g].reshape(OG, CG*KH*KW).T, g_z[n, g].reshape(OG, HO*WO), _prod, False)
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _lo_wo, _hi_wo = 0, WO
+                        _lo_wo, _hi_wo = _span(SW, DW*q - PW, _lo_wo, _hi_wo)
+                        _lo_wo, _hi_wo = _span(-SW, -DW*q + PW + W - 1, _lo_wo, _hi_wo)
+                        for ho in range(0, HO):
+                            _lo, _hi = _lo_wo, _hi_wo
+                            if not ((DH*p - PH + SH*ho >= 0) and (DH*p - PH + SH*ho < H)):
+                                _hi = _lo
+                            for wo in range(_lo, _hi):
+                                _dot = _pv[c, p, q, ho, np.uint64(wo)]
+                                _v_g_xg = _dot
+                                g_xg[n, g, c, DH*p - PH + SH*ho, np.uint64(DW*q - PW + SW*wo)] += _v_g_xg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_bwd4(g_weight, g_wg, CG, G, KH, KW, O, OG):
+    """g_weight[o, c, p, q] = sum(g_wg[g, -OG*g + o, c, p, q], g)"""
+    _F = g_weight.dtype.type
     for o in range(0, O):
-        for c in range(0, C):
+        for c in range(0, CG):
             for p in range(0, KH):
                 for q in range(0, KW):
-                    _dot = _pv[o, c, p, q]
-                    _v_g_weight = _dot
+                    _v_g_weight = _F(0)
+                    for g in range(max(0, ((-OG + o) // OG) + 1), min(G, (o // OG) + 1)):
+                        _v_g_weight += g_wg[g, -OG*g + o, c, p, q]
                     g_weight[o, c, p, q] = _v_g_weight
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """g_x[n, c, h1, w1] = sum(g_y[n, o, h, w]*weight[o, c, P - S*h + h1, P - S*w + w1], h, o, w)
-    as a scatter: g_x[n, c, -P + S*h + kh, -P + S*w + kw] += sum(g_y[n, o, h, w]*weight[o, c, kh, kw], o)
-    """
+def _conv2d_bwd5(g_x, g_xg, C, CG, G, H, N, W):
+    """g_x[n, c1, a, b] = sum(g_xg[n, g, -CG*g + c1, a, b], g)"""
     _F = g_x.dtype.type
-    g_x[:] = _F(0)
-    _prod = np.empty((C*KH*KW, HO*WO), g_x.dtype)
-    _pv = _prod.reshape((C, KH, KW, HO, WO))
     for n in range(0, N):
-        _gemm(weight.reshape(O, C*KH*KW).T, g_y[n].reshape(O, HO*WO), _prod, False)
-        for c in range(0, C):
-            for kh in range(0, KH):
-                for kw in range(0, KW):
-                    _lo_w, _hi_w = 0, WO
-                    _lo_w, _hi_w = _span(S, -P + kw, _lo_w, _hi_w)
-                    _lo_w, _hi_w = _span(-S, P + W - kw - 1, _lo_w, _hi_w)
-                    for h in range(0, HO):
-                        _lo, _hi = _lo_w, _hi_w
-                        if not ((-P + S*h + kh >= 0) and (-P + S*h + kh < H)):
-                            _hi = _lo
-                        for w in range(_lo, _hi):
-                            _dot = _pv[c, kh, kw, h, np.uint64(w)]
-                            _v_g_x = _dot
-                            g_x[n, c, -P + S*h + kh, np.uint64(-P + S*w + kw)] += _v_g_x
+        for c1 in range(0, C):
+            for a in range(0, H):
+                for b in range(0, W):
+                    _v_g_x = _F(0)
+                    for g in range(max(0, ((-CG + c1) // CG) + 1), min(G, (c1 // CG) + 1)):
+                        _v_g_x += g_xg[n, g, -CG*g + c1, a, b]
+                    g_x[n, c1, a, b] = _v_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """t_y_sum0[h, n, o, w] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*weight[o, c, p, q] + Piecewise((x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*t_weight[o, c, p, q], c, p, q)"""
-    _F = t_y_sum0.dtype.type
-    for h in range(0, HO):
-        for n in range(0, N):
-            for o in range(0, O):
-                for w in range(0, WO):
-                    _v_t_y_sum0 = _F(0)
-                    for c in range(0, C):
-                        for p in range(0, KH):
-                            for q in range(0, KW):
-                                _v_t_y_sum0 += (t_x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*weight[o, c, p, q] + (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*t_weight[o, c, p, q]
-                    t_y_sum0[h, n, o, w] = _v_t_y_sum0
+def _conv2d_jvp0(t_x, t_xg, C, CG, G, H, N, W):
+    """t_xg[n, g, c, a, b] = Piecewise((t_x[n, CG*g + c, a, b], (CG*g + c >= 0) & (C > CG*g + c)), (0, True))"""
+    _F = t_xg.dtype.type
+    for n in range(0, N):
+        for g in range(0, G):
+            for c in range(0, CG):
+                for a in range(0, H):
+                    for b in range(0, W):
+                        _v_t_xg = (t_x[n, CG*g + c, a, b] if ((CG*g + c >= 0) and (C > CG*g + c)) else _F(0))
+                        t_xg[n, g, c, a, b] = _v_t_xg
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO):
-    """t_y[n, o, h, w] = t_bias[o] + t_y_sum0[h, n, o, w]"""
+def _conv2d_jvp1(t_weight, t_wg, CG, G, KH, KW, O, OG):
+    """t_wg[g, j, c, p, q] = Piecewise((t_weight[OG*g + j, c, p, q], (OG*g + j >= 0) & (O > OG*g + j)), (0, True))"""
+    _F = t_wg.dtype.type
+    for g in range(0, G):
+        for j in range(0, OG):
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _v_t_wg = (t_weight[OG*g + j, c, p, q] if ((OG*g + j >= 0) and (O > OG*g + j)) else _F(0))
+                        t_wg[g, j, c, p, q] = _v_t_wg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_jvp2(xg, wg, t_xg, t_wg, t_z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO):
+    """t_z[n, g, j, h, w] = sum(Piecewise((t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*wg[g, j, c, p, q] + Piecewise((xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*t_wg[g, j, c, p, q], c, p, q)"""
+    _F = t_z.dtype.type
+    for n in range(0, N):
+        for g in range(0, G):
+            for j in range(0, OG):
+                for h in range(0, HO):
+                    for w in range(0, WO):
+                        _v_t_z = _F(0)
+                        for c in range(0, CG):
+                            for p in range(0, KH):
+                                for q in range(0, KW):
+                                    _v_t_z += (t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*wg[g, j, c, p, q] + (xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*t_wg[g, j, c, p, q]
+                        t_z[n, g, j, h, w] = _v_t_z
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_jvp3(t_bias, t_y, t_z, G, HO, N, O, OG, WO):
+    """t_y[n, o, h, w] = Piecewise((t_z[n, floor(o/OG), Mod(o, OG), h, w], (OG > Mod(o, OG)) & (floor(o/OG) >= 0) & (G > floor(o/OG))), (0, True)) + t_bias[o]"""
     _F = t_y.dtype.type
     for n in range(0, N):
         for o in range(0, O):
             for h in range(0, HO):
                 for w in range(0, WO):
-                    _v_t_y = t_bias[o] + t_y_sum0[h, n, o, w]
+                    _v_t_y = (t_z[n, (o // OG), o % OG, h, w] if ((OG > o % OG) and ((o // OG) >= 0) and (G > (o // OG))) else _F(0)) + t_bias[o]
                     t_y[n, o, h, w] = _v_t_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """t_g_weight[o, c, p, q] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*g_y[n, o, h, w], h, n, w)"""
-    _F = t_g_weight.dtype.type
-    _b = np.zeros((C, KH, KW, HO, WO), t_g_weight.dtype)
-    _prod = np.empty((O, C*KH*KW), t_g_weight.dtype)
-    _pv = _prod.reshape((O, C, KH, KW))
-    _prod[:] = _F(0)
+def _conv2d_hvp0(g_z, t_xg, t_g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO):
+    """t_g_wg[g, j, c, p, q] = sum(Piecewise((t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*g_z[n, g, j, h, w], n, h, w)"""
+    _F = t_g_wg.dtype.type
+    _b = np.zeros((HO, WO, CG, KH, KW), t_g_wg.dtype)
+    _prod = np.empty((OG, CG*KH*KW), t_g_wg.dtype)
+    _pv = _prod.reshape((OG, CG, KH, KW))
+    for g in range(0, G):
+        _prod[:] = _F(0)
+        for n in range(0, N):
+            # gather: _b[h, w, c, p, q] = t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], 0 where its guard fails
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _lo_q, _hi_q = 0, KW
+                    _lo_q, _hi_q = _span(DW, -PW + SW*w, _lo_q, _hi_q)
+                    _lo_q, _hi_q = _span(-DW, PW - SW*w + W - 1, _lo_q, _hi_q)
+                    for c in range(0, CG):
+                        for p in range(0, KH):
+                            _lo, _hi = _lo_q, _hi_q
+                            if not ((DH*p - PH + SH*h >= 0) and (H > DH*p - PH + SH*h)):
+                                _hi = _lo
+                            for q in range(_lo, _hi):
+                                _b[h, w, c, p, np.uint64(q)] = t_xg[n, g, c, DH*p - PH + SH*h, np.uint64(DW*q - PW + SW*w)]
+            _gemm(g_z[n, g].reshape(OG, HO*WO), _b.reshape(HO*WO, CG*KH*KW), _prod, True)
+        for j in range(0, OG):
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _dot = _pv[j, c, p, q]
+                        _v_t_g_wg = _dot
+                        t_g_wg[g, j, c, p, q] = _v_t_g_wg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp1(g_z, t_wg, t_g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO):
+    """t_g_xg[n, g, c, h1, w1] = sum(Piecewise((g_z[n, g, j, floor((-DH*p + PH + h1)/SH), floor((-DW*q + PW + w1)/SW)]*t_wg[g, j, c, p, q], Eq(Mod(-DH*p + PH + h1, SH), 0) & Eq(Mod(-DW*q + PW + w1, SW), 0) & (floor((-DH*p + PH + h1)/SH) >= 0) & (floor((-DW*q + PW + w1)/SW) >= 0) & (HO > floor((-DH*p + PH + h1)/SH)) & (WO > floor((-DW*q + PW + w1)/SW))), (0, True)), j, p, q)
+    as a scatter: t_g_xg[n, g, c, DH*p - PH + SH*ho, DW*q - PW + SW*wo] += sum(g_z[n, g, j, ho, wo]*t_wg[g, j, c, p, q], j)
+    """
+    _F = t_g_xg.dtype.type
+    t_g_xg[:] = _F(0)
+    _prod = np.empty((CG*KH*KW, HO*WO), t_g_xg.dtype)
+    _pv = _prod.reshape((CG, KH, KW, HO, WO))
     for n in range(0, N):
-        # gather: _b[c, p, q, h, w] = t_x[n, c, -P + S*h + p, -P + S*w + q], 0 where its guard fails
-        for c in range(0, C):
-            for p in range(0, KH):
-                for q in range(0, KW):
-                    _lo_w, _hi_w = 0, WO
-                    _lo_w, _hi_w = _span(S, -P + q, _lo_w, _hi_w)
-                    _lo_w, _hi_w = _span(-S, P + W - q - 1, _lo_w, _hi_w)
-                    for h in range(0, HO):
-                        _lo, _hi = _lo_w, _hi_w
-                        if not ((-P + S*h + p >= 0) and (H > -P + S*h + p)):
-                            _hi = _lo
-                        for w in range(_lo, _hi):
-                            _b[c, p, q, h, np.uint64(w)] = t_x[n, c, -P + S*h + p, np.uint64(-P + S*w + q)]
-        _gemm(g_y[n].reshape(O, HO*WO), _b.reshape(C*KH*KW, HO*WO).T, _prod, True)
+        for g in range(0, G):
+            _gemm(t_wg[g].reshape(OG, CG*KH*KW).T, g_z[n, g].reshape(OG, HO*WO), _prod, False)
+            for c in range(0, CG):
+                for p in range(0, KH):
+                    for q in range(0, KW):
+                        _lo_wo, _hi_wo = 0, WO
+                        _lo_wo, _hi_wo = _span(SW, DW*q - PW, _lo_wo, _hi_wo)
+                        _lo_wo, _hi_wo = _span(-SW, -DW*q + PW + W - 1, _lo_wo, _hi_wo)
+                        for ho in range(0, HO):
+                            _lo, _hi = _lo_wo, _hi_wo
+                            if not ((DH*p - PH + SH*ho >= 0) and (DH*p - PH + SH*ho < H)):
+                                _hi = _lo
+                            for wo in range(_lo, _hi):
+                                _dot = _pv[c, p, q, ho, np.uint64(wo)]
+                                _v_t_g_xg = _dot
+                                t_g_xg[n, g, c, DH*p - PH + SH*ho, np.uint64(DW*q - PW + SW*wo)] += _v_t_g_xg
+
+
+@njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
+def _conv2d_hvp2(t_g_weight, t_g_wg, CG, G, KH, KW, O, OG):
+    """t_g_weight[o, c, p, q] = sum(t_g_wg[g, -OG*g + o, c, p, q], g)"""
+    _F = t_g_weight.dtype.type
     for o in range(0, O):
-        for c in range(0, C):
+        for c in range(0, CG):
             for p in range(0, KH):
                 for q in range(0, KW):
-                    _dot = _pv[o, c, p, q]
-                    _v_t_g_weight = _dot
+                    _v_t_g_weight = _F(0)
+                    for g in range(max(0, ((-OG + o) // OG) + 1), min(G, (o // OG) + 1)):
+                        _v_t_g_weight += t_g_wg[g, -OG*g + o, c, p, q]
                     t_g_weight[o, c, p, q] = _v_t_g_weight
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO):
-    """t_g_x[n, c, h1, w1] = sum(Piecewise((t_weight[o, c, P - S*h + h1, P - S*w + w1], (P - S*h + h1 >= 0) & (P - S*w + w1 >= 0) & (KH > P - S*h + h1) & (KW > P - S*w + w1)), (0, True))*g_y[n, o, h, w], h, o, w)
-    as a scatter: t_g_x[n, c, -P + S*h + kh, -P + S*w + kw] += sum(g_y[n, o, h, w]*t_weight[o, c, kh, kw], o)
-    """
+def _conv2d_hvp3(t_g_x, t_g_xg, C, CG, G, H, N, W):
+    """t_g_x[n, c1, a, b] = sum(t_g_xg[n, g, -CG*g + c1, a, b], g)"""
     _F = t_g_x.dtype.type
-    t_g_x[:] = _F(0)
-    _prod = np.empty((C*KH*KW, HO*WO), t_g_x.dtype)
-    _pv = _prod.reshape((C, KH, KW, HO, WO))
     for n in range(0, N):
-        _gemm(t_weight.reshape(O, C*KH*KW).T, g_y[n].reshape(O, HO*WO), _prod, False)
-        for c in range(0, C):
-            for kh in range(0, KH):
-                for kw in range(0, KW):
-                    _lo_w, _hi_w = 0, WO
-                    _lo_w, _hi_w = _span(S, -P + kw, _lo_w, _hi_w)
-                    _lo_w, _hi_w = _span(-S, P + W - kw - 1, _lo_w, _hi_w)
-                    for h in range(0, HO):
-                        _lo, _hi = _lo_w, _hi_w
-                        if not ((-P + S*h + kh >= 0) and (-P + S*h + kh < H)):
-                            _hi = _lo
-                        for w in range(_lo, _hi):
-                            _dot = _pv[c, kh, kw, h, np.uint64(w)]
-                            _v_t_g_x = _dot
-                            t_g_x[n, c, -P + S*h + kh, np.uint64(-P + S*w + kw)] += _v_t_g_x
+        for c1 in range(0, C):
+            for a in range(0, H):
+                for b in range(0, W):
+                    _v_t_g_x = _F(0)
+                    for g in range(max(0, ((-CG + c1) // CG) + 1), min(G, (c1 // CG) + 1)):
+                        _v_t_g_x += t_g_xg[n, g, -CG*g + c1, a, b]
+                    t_g_x[n, c1, a, b] = _v_t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_hvp2(t_g_bias, O):
+def _conv2d_hvp4(t_g_bias, O):
     """t_g_bias = 0 (no path from a differentiable argument)"""
     _F = t_g_bias.dtype.type
     for i0 in range(0, O):
@@ -238,7 +367,7 @@ def _conv2d_hvp2(t_g_bias, O):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_fwd_core(x, weight, bias, S, P):
+def _conv2d_fwd_core(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """Forward of conv2d: y from x, weight, bias. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -246,16 +375,25 @@ def _conv2d_fwd_core(x, weight, bias, S, P):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     y = np.empty((N, O, HO, WO), _dtype)
-    _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    z = np.empty((N, G, OG, HO, WO), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
+    _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG)
+    _conv2d_fwd2(xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_fwd3(bias, y, z, G, HO, N, O, OG, WO)
     return y
 
 
-def _conv2d_fwd_alloc(x, weight, bias, S, P):
+def _conv2d_fwd_alloc(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -263,30 +401,43 @@ def _conv2d_fwd_alloc(x, weight, bias, S, P):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     y = np.empty((N, O, HO, WO), _dtype)
     return y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_fwd_into(x, weight, bias, S, P, y):
+def _conv2d_fwd_into(x, weight, bias, SH, SW, PH, PW, DH, DW, groups, y):
     """``_conv2d_fwd_core`` writing its results into y (from ``_conv2d_fwd_alloc``)."""
+    _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    _conv2d_fwd0(x, weight, bias, y, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    z = np.empty((N, G, OG, HO, WO), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
+    _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG)
+    _conv2d_fwd2(xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_fwd3(bias, y, z, G, HO, N, O, OG, WO)
 
 
-def _conv2d_fwd(x, weight, bias, *, S, P):
+def _conv2d_fwd(x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Forward of conv2d: y from x, weight, bias."""
     _dtype = _float_dtype((x, weight, bias))
     x = _as_float("conv2d", "x", x, _dtype)
@@ -299,19 +450,25 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from weight axis 0'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
-    return _conv2d_fwd_core(x, weight, bias, S, P)
+    return _conv2d_fwd_core(x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
 
 
-def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
+def _conv2d_fwd_shapes(x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     """The shapes of the results of ``_conv2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
     H = x.shape[2]
@@ -319,13 +476,13 @@ def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
     O = weight.shape[0]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     return ((N, O, HO, WO),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_core(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -333,20 +490,33 @@ def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    wg = np.empty((G, OG, CG, KH, KW), _dtype)
     g_x = np.empty((N, C, H, W), _dtype)
-    g_weight = np.empty((O, C, KH, KW), _dtype)
+    g_weight = np.empty((O, CG, KH, KW), _dtype)
     g_bias = np.empty((O,), _dtype)
+    g_z = np.empty((N, G, OG, HO, WO), _dtype)
+    g_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    g_xg = np.empty((N, G, CG, H, W), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
+    _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG)
     _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
-    _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO)
+    _conv2d_bwd2(xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_bwd3(wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_bwd4(g_weight, g_wg, CG, G, KH, KW, O, OG)
+    _conv2d_bwd5(g_x, g_xg, C, CG, G, H, N, W)
     return g_x, g_weight, g_bias
 
 
-def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_alloc(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -354,34 +524,51 @@ def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     g_x = np.empty((N, C, H, W), _dtype)
-    g_weight = np.empty((O, C, KH, KW), _dtype)
+    g_weight = np.empty((O, CG, KH, KW), _dtype)
     g_bias = np.empty((O,), _dtype)
     return g_x, g_weight, g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias):
+def _conv2d_bwd_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_x, g_weight, g_bias):
     """``_conv2d_bwd_core`` writing its results into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``)."""
+    _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    g_z = np.empty((N, G, OG, HO, WO), _dtype)
+    g_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    g_xg = np.empty((N, G, CG, H, W), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
+    _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG)
     _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
-    _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO)
+    _conv2d_bwd2(xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_bwd3(wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_bwd4(g_weight, g_wg, CG, G, KH, KW, O, OG)
+    _conv2d_bwd5(g_x, g_xg, C, CG, G, H, N, W)
 
 
-def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
+def _conv2d_bwd(g_y, x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed)."""
     _dtype = _float_dtype((g_y, x, weight, bias))
     g_y = _as_float("conv2d", "g_y", g_y, _dtype)
@@ -396,24 +583,30 @@ def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - KH + 2*P)/S) + 1")
-    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-KW + 2*P + W)/S) + 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from g_y axis 1'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
+    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((-DH*(KH - 1) + H + 2*PH - 1)/SH) + 1")
+    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-DW*(KW - 1) + 2*PW + W - 1)/SW) + 1")
     _check_dim("conv2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("conv2d", "weight", weight, 0, "O", O, "from g_y axis 1")
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from g_y axis 1")
-    return _conv2d_bwd_core(g_y, x, weight, bias, S, P)
+    return _conv2d_bwd_core(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_params_core(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """Backward of conv2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -421,18 +614,27 @@ def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    g_weight = np.empty((O, C, KH, KW), _dtype)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    g_weight = np.empty((O, CG, KH, KW), _dtype)
     g_bias = np.empty((O,), _dtype)
+    g_z = np.empty((N, G, OG, HO, WO), _dtype)
+    g_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
     _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
-    _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO)
+    _conv2d_bwd2(xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_bwd4(g_weight, g_wg, CG, G, KH, KW, O, OG)
     return g_weight, g_bias
 
 
-def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_params_alloc(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised: what ``_conv2d_bwd_params_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -440,33 +642,46 @@ def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    g_weight = np.empty((O, C, KH, KW), _dtype)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    g_weight = np.empty((O, CG, KH, KW), _dtype)
     g_bias = np.empty((O,), _dtype)
     return g_weight, g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias):
+def _conv2d_bwd_params_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_weight, g_bias):
     """``_conv2d_bwd_params_core`` writing its results into g_weight, g_bias (from ``_conv2d_bwd_params_alloc``)."""
+    _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    g_z = np.empty((N, G, OG, HO, WO), _dtype)
+    g_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
     _conv2d_bwd0(g_y, g_bias, HO, N, O, WO)
-    _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO)
+    _conv2d_bwd2(xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_bwd4(g_weight, g_wg, CG, G, KH, KW, O, OG)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, S, P):
+def _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups):
     """Forward mode of conv2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -474,18 +689,29 @@ def _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, S, P):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    wg = np.empty((G, OG, CG, KH, KW), _dtype)
     t_y = np.empty((N, O, HO, WO), _dtype)
-    t_y_sum0 = np.empty((HO, N, O, WO), _dtype)
-    _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO)
+    t_xg = np.empty((N, G, CG, H, W), _dtype)
+    t_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_z = np.empty((N, G, OG, HO, WO), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
+    _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG)
+    _conv2d_jvp0(t_x, t_xg, C, CG, G, H, N, W)
+    _conv2d_jvp1(t_weight, t_wg, CG, G, KH, KW, O, OG)
+    _conv2d_jvp2(xg, wg, t_xg, t_wg, t_z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_jvp3(t_bias, t_y, t_z, G, HO, N, O, OG, WO)
     return t_y
 
 
-def _conv2d_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias, S, P):
+def _conv2d_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_conv2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -493,16 +719,19 @@ def _conv2d_jvp_alloc(x, weight, bias, t_x, t_weight, t_bias, S, P):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     t_y = np.empty((N, O, HO, WO), _dtype)
     return t_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_jvp_into(x, weight, bias, t_x, t_weight, t_bias, S, P, t_y):
+def _conv2d_jvp_into(x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups, t_y):
     """``_conv2d_jvp_core`` writing its results into t_y (from ``_conv2d_jvp_alloc``)."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -510,16 +739,27 @@ def _conv2d_jvp_into(x, weight, bias, t_x, t_weight, t_bias, S, P, t_y):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    t_y_sum0 = np.empty((HO, N, O, WO), _dtype)
-    _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = np.empty((N, G, CG, H, W), _dtype)
+    wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_xg = np.empty((N, G, CG, H, W), _dtype)
+    t_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_z = np.empty((N, G, OG, HO, WO), _dtype)
+    _conv2d_fwd0(x, xg, C, CG, G, H, N, W)
+    _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG)
+    _conv2d_jvp0(t_x, t_xg, C, CG, G, H, N, W)
+    _conv2d_jvp1(t_weight, t_wg, CG, G, KH, KW, O, OG)
+    _conv2d_jvp2(xg, wg, t_xg, t_wg, t_z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_jvp3(t_bias, t_y, t_z, G, HO, N, O, OG, WO)
 
 
-def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Forward mode of conv2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
     _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
     x = _as_float("conv2d", "x", x, _dtype)
@@ -535,32 +775,38 @@ def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
     _check_rank("conv2d", "t_x", t_x, 4)
     _check_rank("conv2d", "t_weight", t_weight, 4)
     _check_rank("conv2d", "t_bias", t_bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from weight axis 0'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
     _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from x axis 0")
     _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
     _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from weight axis 0")
-    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "CG", CG, "from weight axis 1")
     _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
     _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
     _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from weight axis 0")
-    return _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, S, P)
+    return _conv2d_jvp_core(x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P):
+def _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups):
     """Second order of conv2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -568,20 +814,33 @@ def _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    g_z = np.empty((N, G, OG, HO, WO), _dtype)
     t_g_x = np.empty((N, C, H, W), _dtype)
-    t_g_weight = np.empty((O, C, KH, KW), _dtype)
+    t_g_weight = np.empty((O, CG, KH, KW), _dtype)
     t_g_bias = np.empty((O,), _dtype)
-    _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_hvp2(t_g_bias, O)
+    t_xg = np.empty((N, G, CG, H, W), _dtype)
+    t_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_g_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_g_xg = np.empty((N, G, CG, H, W), _dtype)
+    _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO)
+    _conv2d_jvp0(t_x, t_xg, C, CG, G, H, N, W)
+    _conv2d_jvp1(t_weight, t_wg, CG, G, KH, KW, O, OG)
+    _conv2d_hvp0(g_z, t_xg, t_g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_hvp1(g_z, t_wg, t_g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_hvp2(t_g_weight, t_g_wg, CG, G, KH, KW, O, OG)
+    _conv2d_hvp3(t_g_x, t_g_xg, C, CG, G, H, N, W)
+    _conv2d_hvp4(t_g_bias, O)
     return t_g_x, t_g_weight, t_g_bias
 
 
-def _conv2d_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P):
+def _conv2d_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_conv2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -589,34 +848,51 @@ def _conv2d_hvp_alloc(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     t_g_x = np.empty((N, C, H, W), _dtype)
-    t_g_weight = np.empty((O, C, KH, KW), _dtype)
+    t_g_weight = np.empty((O, CG, KH, KW), _dtype)
     t_g_bias = np.empty((O,), _dtype)
     return t_g_x, t_g_weight, t_g_bias
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _conv2d_hvp_into(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P, t_g_x, t_g_weight, t_g_bias):
+def _conv2d_hvp_into(g_y, x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups, t_g_x, t_g_weight, t_g_bias):
     """``_conv2d_hvp_core`` writing its results into t_g_x, t_g_weight, t_g_bias (from ``_conv2d_hvp_alloc``)."""
+    _dtype = g_y.dtype
     N = g_y.shape[0]
     O = g_y.shape[1]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _conv2d_hvp2(t_g_bias, O)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    g_z = np.empty((N, G, OG, HO, WO), _dtype)
+    t_xg = np.empty((N, G, CG, H, W), _dtype)
+    t_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_g_wg = np.empty((G, OG, CG, KH, KW), _dtype)
+    t_g_xg = np.empty((N, G, CG, H, W), _dtype)
+    _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO)
+    _conv2d_jvp0(t_x, t_xg, C, CG, G, H, N, W)
+    _conv2d_jvp1(t_weight, t_wg, CG, G, KH, KW, O, OG)
+    _conv2d_hvp0(g_z, t_xg, t_g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_hvp1(g_z, t_wg, t_g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _conv2d_hvp2(t_g_weight, t_g_wg, CG, G, KH, KW, O, OG)
+    _conv2d_hvp3(t_g_x, t_g_xg, C, CG, G, H, N, W)
+    _conv2d_hvp4(t_g_bias, O)
 
 
-def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Second order of conv2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
     _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
     g_y = _as_float("conv2d", "g_y", g_y, _dtype)
@@ -634,32 +910,38 @@ def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, S, P):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
     _check_rank("conv2d", "t_x", t_x, 4)
     _check_rank("conv2d", "t_weight", t_weight, 4)
     _check_rank("conv2d", "t_bias", t_bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - KH + 2*P)/S) + 1")
-    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-KW + 2*P + W)/S) + 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from g_y axis 1'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
+    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((-DH*(KH - 1) + H + 2*PH - 1)/SH) + 1")
+    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-DW*(KW - 1) + 2*PW + W - 1)/SW) + 1")
     _check_dim("conv2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("conv2d", "weight", weight, 0, "O", O, "from g_y axis 1")
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from g_y axis 1")
     _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
     _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
     _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from g_y axis 1")
-    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "CG", CG, "from weight axis 1")
     _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
     _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
     _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
-    return _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, S, P)
+    return _conv2d_hvp_core(g_y, x, weight, bias, t_x, t_weight, t_bias, SH, SW, PH, PW, DH, DW, groups)
 
 
 # The host functions of each op on this target.
@@ -678,12 +960,13 @@ _FUNCS = {
 _SPECS = {
     "conv2d": {
         "kind": "layer",
-        "attrs": {"S": 1, "P": 0},
+        "attrs": {"SH": 1, "SW": 1, "PH": 0, "PW": 0, "DH": 1, "DW": 1, "groups": 1},
+        "shorthands": {"S": ("SH", "SW"), "P": ("PH", "PW"), "D": ("DH", "DW")},
         "arg_names": ("x", "weight", "bias"),
         "differentiable": ("x", "weight", "bias"),
         "state": (),
         "seeds": 1,
-        "doc": "2-D convolution (cross-correlation) with stride S and zero padding P, as torch.nn.functional.conv2d.",
+        "doc": "2-D convolution (cross-correlation) as torch.nn.functional.conv2d: stride (SH, SW), zero padding (PH, PW), dilation (DH, DW) and groups; S, P and D set both axes.",
     },
 }
 

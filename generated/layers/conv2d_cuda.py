@@ -17,12 +17,13 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 bf24439c3b9b7762): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
     _check_dim,
     _check_rank,
+    _check_relation,
     _dev_float,
     _empty,
     _float_dtype,
@@ -36,29 +37,69 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _conv2d_fwd0(x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
-    """y_sum0[h, n, o, w] = sum(weight[o, c, p, q]*x[n, c, -P + S*h + p, -P + S*w + q], c, p, q)"""
-    _F = y_sum0.dtype.type
+def _conv2d_fwd0(x, xg, C, CG, G, H, N, W, _total):
+    """xg[n, g, c, a, b] = x[n, CG*g + c, a, b]"""
+    _F = xg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r % W
+        _r //= W
+        a = _r % H
+        _r //= H
+        c = _r % CG
+        _r //= CG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_xg = (x[n, CG*g + c, a, b] if ((CG*g + c >= 0) and (C > CG*g + c)) else _F(0))
+        xg[n, g, c, a, b] = _v_xg
+
+
+@cuda.jit(cache=True)
+def _conv2d_fwd1(weight, wg, CG, G, KH, KW, O, OG, _total):
+    """wg[g, j, c, p, q] = weight[OG*g + j, c, p, q]"""
+    _F = wg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        q = _r % KW
+        _r //= KW
+        p = _r % KH
+        _r //= KH
+        c = _r % CG
+        _r //= CG
+        j = _r % OG
+        _r //= OG
+        g = _r
+        _v_wg = (weight[OG*g + j, c, p, q] if ((OG*g + j >= 0) and (O > OG*g + j)) else _F(0))
+        wg[g, j, c, p, q] = _v_wg
+
+
+@cuda.jit(cache=True)
+def _conv2d_fwd2(xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO, _total):
+    """z[n, g, j, h, w] = sum(wg[g, j, c, p, q]*xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], c, p, q)"""
+    _F = z.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         w = _r % WO
         _r //= WO
-        o = _r % O
-        _r //= O
-        n = _r % N
-        _r //= N
-        h = _r
-        _v_y_sum0 = _F(0)
-        for c in range(0, C):
+        h = _r % HO
+        _r //= HO
+        j = _r % OG
+        _r //= OG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_z = _F(0)
+        for c in range(0, CG):
             for p in range(0, KH):
                 for q in range(0, KW):
-                    _v_y_sum0 += (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*weight[o, c, p, q]
-        y_sum0[h, n, o, w] = _v_y_sum0
+                    _v_z += (xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*wg[g, j, c, p, q]
+        z[n, g, j, h, w] = _v_z
 
 
 @cuda.jit(cache=True)
-def _conv2d_fwd1(bias, y, y_sum0, HO, N, O, WO, _total):
-    """y[n, o, h, w] = bias[o] + y_sum0[h, n, o, w]"""
+def _conv2d_fwd3(bias, y, z, G, HO, N, O, OG, WO, _total):
+    """y[n, o, h, w] = bias[o] + z[n, floor(o/OG), Mod(o, OG), h, w]"""
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -69,7 +110,7 @@ def _conv2d_fwd1(bias, y, y_sum0, HO, N, O, WO, _total):
         o = _r % O
         _r //= O
         n = _r
-        _v_y = bias[o] + y_sum0[h, n, o, w]
+        _v_y = (z[n, (o // OG), o % OG, h, w] if ((OG > o % OG) and ((o // OG) >= 0) and (G > (o // OG))) else _F(0)) + bias[o]
         y[n, o, h, w] = _v_y
 
 
@@ -89,8 +130,73 @@ def _conv2d_bwd0(g_y, g_bias, HO, N, O, WO, _total):
 
 
 @cuda.jit(cache=True)
-def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
-    """g_weight[o, c, p, q] = sum(g_y[n, o, h, w]*x[n, c, -P + S*h + p, -P + S*w + q], h, n, w)"""
+def _conv2d_bwd1(g_y, g_z, G, HO, N, O, OG, WO, _total):
+    """g_z[n, g, og, h, w] = g_y[n, OG*g + og, h, w]"""
+    _F = g_z.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w = _r % WO
+        _r //= WO
+        h = _r % HO
+        _r //= HO
+        og = _r % OG
+        _r //= OG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_g_z = (g_y[n, OG*g + og, h, w] if (O > OG*g + og) else _F(0))
+        g_z[n, g, og, h, w] = _v_g_z
+
+
+@cuda.jit(cache=True)
+def _conv2d_bwd2(xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO, _total):
+    """g_wg[g, j, c, p, q] = sum(g_z[n, g, j, h, w]*xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], n, h, w)"""
+    _F = g_wg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        q = _r % KW
+        _r //= KW
+        p = _r % KH
+        _r //= KH
+        c = _r % CG
+        _r //= CG
+        j = _r % OG
+        _r //= OG
+        g = _r
+        _v_g_wg = _F(0)
+        for n in range(0, N):
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _v_g_wg += (xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*g_z[n, g, j, h, w]
+        g_wg[g, j, c, p, q] = _v_g_wg
+
+
+@cuda.jit(cache=True)
+def _conv2d_bwd3(wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO, _total):
+    """g_xg[n, g, c, h1, w1] = sum(g_z[n, g, j, floor((-DH*p + PH + h1)/SH), floor((-DW*q + PW + w1)/SW)]*wg[g, j, c, p, q], j, p, q)"""
+    _F = g_xg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w1 = _r % W
+        _r //= W
+        h1 = _r % H
+        _r //= H
+        c = _r % CG
+        _r //= CG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_g_xg = _F(0)
+        for j in range(0, OG):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    _v_g_xg += (g_z[n, g, j, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)]*wg[g, j, c, p, q] if (((-DH*p + PH + h1) % SH == 0) and ((-DW*q + PW + w1) % SW == 0) and (((-DH*p + PH + h1) // SH) >= 0) and (((-DW*q + PW + w1) // SW) >= 0) and (HO > ((-DH*p + PH + h1) // SH)) and (WO > ((-DW*q + PW + w1) // SW))) else _F(0))
+        g_xg[n, g, c, h1, w1] = _v_g_xg
+
+
+@cuda.jit(cache=True)
+def _conv2d_bwd4(g_weight, g_wg, CG, G, KH, KW, O, OG, _total):
+    """g_weight[o, c, p, q] = sum(g_wg[g, -OG*g + o, c, p, q], g)"""
     _F = g_weight.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -98,62 +204,98 @@ def _conv2d_bwd1(x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
         _r //= KW
         p = _r % KH
         _r //= KH
-        c = _r % C
-        _r //= C
+        c = _r % CG
+        _r //= CG
         o = _r
         _v_g_weight = _F(0)
-        for h in range(0, HO):
-            for n in range(0, N):
-                for w in range(0, WO):
-                    _v_g_weight += (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*g_y[n, o, h, w]
+        for g in range(max(0, ((-OG + o) // OG) + 1), min(G, (o // OG) + 1)):
+            _v_g_weight += g_wg[g, -OG*g + o, c, p, q]
         g_weight[o, c, p, q] = _v_g_weight
 
 
 @cuda.jit(cache=True)
-def _conv2d_bwd2(weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
-    """g_x[n, c, h1, w1] = sum(g_y[n, o, h, w]*weight[o, c, P - S*h + h1, P - S*w + w1], h, o, w)"""
+def _conv2d_bwd5(g_x, g_xg, C, CG, G, H, N, W, _total):
+    """g_x[n, c1, a, b] = sum(g_xg[n, g, -CG*g + c1, a, b], g)"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        w1 = _r % W
+        b = _r % W
         _r //= W
-        h1 = _r % H
+        a = _r % H
         _r //= H
-        c = _r % C
+        c1 = _r % C
         _r //= C
         n = _r
         _v_g_x = _F(0)
-        for h in range(max(0, ((-KH + P + h1) // S) + 1), min(HO, ((P + h1) // S) + 1)):
-            for o in range(0, O):
-                for w in range(max(0, ((-KW + P + w1) // S) + 1), min(WO, ((P + w1) // S) + 1)):
-                    _v_g_x += (weight[o, c, P - S*h + h1, P - S*w + w1] if ((P - S*h + h1 >= 0) and (P - S*w + w1 >= 0) and (KH > P - S*h + h1) and (KW > P - S*w + w1)) else _F(0))*g_y[n, o, h, w]
-        g_x[n, c, h1, w1] = _v_g_x
+        for g in range(max(0, ((-CG + c1) // CG) + 1), min(G, (c1 // CG) + 1)):
+            _v_g_x += g_xg[n, g, -CG*g + c1, a, b]
+        g_x[n, c1, a, b] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _conv2d_jvp0(x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
-    """t_y_sum0[h, n, o, w] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*weight[o, c, p, q] + Piecewise((x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*t_weight[o, c, p, q], c, p, q)"""
-    _F = t_y_sum0.dtype.type
+def _conv2d_jvp0(t_x, t_xg, C, CG, G, H, N, W, _total):
+    """t_xg[n, g, c, a, b] = Piecewise((t_x[n, CG*g + c, a, b], (CG*g + c >= 0) & (C > CG*g + c)), (0, True))"""
+    _F = t_xg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        b = _r % W
+        _r //= W
+        a = _r % H
+        _r //= H
+        c = _r % CG
+        _r //= CG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_t_xg = (t_x[n, CG*g + c, a, b] if ((CG*g + c >= 0) and (C > CG*g + c)) else _F(0))
+        t_xg[n, g, c, a, b] = _v_t_xg
+
+
+@cuda.jit(cache=True)
+def _conv2d_jvp1(t_weight, t_wg, CG, G, KH, KW, O, OG, _total):
+    """t_wg[g, j, c, p, q] = Piecewise((t_weight[OG*g + j, c, p, q], (OG*g + j >= 0) & (O > OG*g + j)), (0, True))"""
+    _F = t_wg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        q = _r % KW
+        _r //= KW
+        p = _r % KH
+        _r //= KH
+        c = _r % CG
+        _r //= CG
+        j = _r % OG
+        _r //= OG
+        g = _r
+        _v_t_wg = (t_weight[OG*g + j, c, p, q] if ((OG*g + j >= 0) and (O > OG*g + j)) else _F(0))
+        t_wg[g, j, c, p, q] = _v_t_wg
+
+
+@cuda.jit(cache=True)
+def _conv2d_jvp2(xg, wg, t_xg, t_wg, t_z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO, _total):
+    """t_z[n, g, j, h, w] = sum(Piecewise((t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*wg[g, j, c, p, q] + Piecewise((xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*t_wg[g, j, c, p, q], c, p, q)"""
+    _F = t_z.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
         w = _r % WO
         _r //= WO
-        o = _r % O
-        _r //= O
-        n = _r % N
-        _r //= N
-        h = _r
-        _v_t_y_sum0 = _F(0)
-        for c in range(0, C):
+        h = _r % HO
+        _r //= HO
+        j = _r % OG
+        _r //= OG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_t_z = _F(0)
+        for c in range(0, CG):
             for p in range(0, KH):
                 for q in range(0, KW):
-                    _v_t_y_sum0 += (t_x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*weight[o, c, p, q] + (x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*t_weight[o, c, p, q]
-        t_y_sum0[h, n, o, w] = _v_t_y_sum0
+                    _v_t_z += (t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*wg[g, j, c, p, q] + (xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*t_wg[g, j, c, p, q]
+        t_z[n, g, j, h, w] = _v_t_z
 
 
 @cuda.jit(cache=True)
-def _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO, _total):
-    """t_y[n, o, h, w] = t_bias[o] + t_y_sum0[h, n, o, w]"""
+def _conv2d_jvp3(t_bias, t_y, t_z, G, HO, N, O, OG, WO, _total):
+    """t_y[n, o, h, w] = Piecewise((t_z[n, floor(o/OG), Mod(o, OG), h, w], (OG > Mod(o, OG)) & (floor(o/OG) >= 0) & (G > floor(o/OG))), (0, True)) + t_bias[o]"""
     _F = t_y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -164,13 +306,65 @@ def _conv2d_jvp1(t_bias, t_y, t_y_sum0, HO, N, O, WO, _total):
         o = _r % O
         _r //= O
         n = _r
-        _v_t_y = t_bias[o] + t_y_sum0[h, n, o, w]
+        _v_t_y = (t_z[n, (o // OG), o % OG, h, w] if ((OG > o % OG) and ((o // OG) >= 0) and (G > (o // OG))) else _F(0)) + t_bias[o]
         t_y[n, o, h, w] = _v_t_y
 
 
 @cuda.jit(cache=True)
-def _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
-    """t_g_weight[o, c, p, q] = sum(Piecewise((t_x[n, c, -P + S*h + p, -P + S*w + q], (-P + S*h + p >= 0) & (-P + S*w + q >= 0) & (H > -P + S*h + p) & (W > -P + S*w + q)), (0, True))*g_y[n, o, h, w], h, n, w)"""
+def _conv2d_hvp0(g_z, t_weight, t_xg, t_wg, t_g_wg, CG, DH, DW, G, H, HO, KH, KW, N, O, OG, PH, PW, SH, SW, W, WO, _total):
+    """t_wg[g, j, c, p, q] = Piecewise((t_weight[OG*g + j, c, p, q], (OG*g + j >= 0) & (O > OG*g + j)), (0, True))
+    t_g_wg[g, j, c, p, q] = sum(Piecewise((t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*g_z[n, g, j, h, w], n, h, w)
+    """
+    _F = t_wg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        q = _r % KW
+        _r //= KW
+        p = _r % KH
+        _r //= KH
+        c = _r % CG
+        _r //= CG
+        j = _r % OG
+        _r //= OG
+        g = _r
+        # t_wg[g, j, c, p, q] = Piecewise((t_weight[OG*g + j, c, p, q], (OG*g + j >= 0) & (O > OG*g + j)), (0, True))
+        _v_t_wg = (t_weight[OG*g + j, c, p, q] if ((OG*g + j >= 0) and (O > OG*g + j)) else _F(0))
+        t_wg[g, j, c, p, q] = _v_t_wg
+        # t_g_wg[g, j, c, p, q] = sum(Piecewise((t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (0, True))*g_z[n, g, j, h, w], n, h, w)
+        _v_t_g_wg = _F(0)
+        for n in range(0, N):
+            for h in range(0, HO):
+                for w in range(0, WO):
+                    _v_t_g_wg += (t_xg[n, g, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else _F(0))*g_z[n, g, j, h, w]
+        t_g_wg[g, j, c, p, q] = _v_t_g_wg
+
+
+@cuda.jit(cache=True)
+def _conv2d_hvp1(g_z, t_wg, t_g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO, _total):
+    """t_g_xg[n, g, c, h1, w1] = sum(Piecewise((g_z[n, g, j, floor((-DH*p + PH + h1)/SH), floor((-DW*q + PW + w1)/SW)]*t_wg[g, j, c, p, q], Eq(Mod(-DH*p + PH + h1, SH), 0) & Eq(Mod(-DW*q + PW + w1, SW), 0) & (floor((-DH*p + PH + h1)/SH) >= 0) & (floor((-DW*q + PW + w1)/SW) >= 0) & (HO > floor((-DH*p + PH + h1)/SH)) & (WO > floor((-DW*q + PW + w1)/SW))), (0, True)), j, p, q)"""
+    _F = t_g_xg.dtype.type
+    _r = cuda.grid(1)
+    if _r < _total:
+        w1 = _r % W
+        _r //= W
+        h1 = _r % H
+        _r //= H
+        c = _r % CG
+        _r //= CG
+        g = _r % G
+        _r //= G
+        n = _r
+        _v_t_g_xg = _F(0)
+        for j in range(0, OG):
+            for p in range(0, KH):
+                for q in range(0, KW):
+                    _v_t_g_xg += (g_z[n, g, j, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)]*t_wg[g, j, c, p, q] if (((-DH*p + PH + h1) % SH == 0) and ((-DW*q + PW + w1) % SW == 0) and (((-DH*p + PH + h1) // SH) >= 0) and (((-DW*q + PW + w1) // SW) >= 0) and (HO > ((-DH*p + PH + h1) // SH)) and (WO > ((-DW*q + PW + w1) // SW))) else _F(0))
+        t_g_xg[n, g, c, h1, w1] = _v_t_g_xg
+
+
+@cuda.jit(cache=True)
+def _conv2d_hvp2(t_g_weight, t_g_wg, CG, G, KH, KW, O, OG, _total):
+    """t_g_weight[o, c, p, q] = sum(t_g_wg[g, -OG*g + o, c, p, q], g)"""
     _F = t_g_weight.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -178,40 +372,36 @@ def _conv2d_hvp0(g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO, _tot
         _r //= KW
         p = _r % KH
         _r //= KH
-        c = _r % C
-        _r //= C
+        c = _r % CG
+        _r //= CG
         o = _r
         _v_t_g_weight = _F(0)
-        for h in range(0, HO):
-            for n in range(0, N):
-                for w in range(0, WO):
-                    _v_t_g_weight += (t_x[n, c, -P + S*h + p, -P + S*w + q] if ((-P + S*h + p >= 0) and (-P + S*w + q >= 0) and (H > -P + S*h + p) and (W > -P + S*w + q)) else _F(0))*g_y[n, o, h, w]
+        for g in range(max(0, ((-OG + o) // OG) + 1), min(G, (o // OG) + 1)):
+            _v_t_g_weight += t_g_wg[g, -OG*g + o, c, p, q]
         t_g_weight[o, c, p, q] = _v_t_g_weight
 
 
 @cuda.jit(cache=True)
-def _conv2d_hvp1(g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO, _total):
-    """t_g_x[n, c, h1, w1] = sum(Piecewise((t_weight[o, c, P - S*h + h1, P - S*w + w1], (P - S*h + h1 >= 0) & (P - S*w + w1 >= 0) & (KH > P - S*h + h1) & (KW > P - S*w + w1)), (0, True))*g_y[n, o, h, w], h, o, w)"""
+def _conv2d_hvp3(t_g_x, t_g_xg, C, CG, G, H, N, W, _total):
+    """t_g_x[n, c1, a, b] = sum(t_g_xg[n, g, -CG*g + c1, a, b], g)"""
     _F = t_g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
-        w1 = _r % W
+        b = _r % W
         _r //= W
-        h1 = _r % H
+        a = _r % H
         _r //= H
-        c = _r % C
+        c1 = _r % C
         _r //= C
         n = _r
         _v_t_g_x = _F(0)
-        for h in range(max(0, ((-KH + P + h1) // S) + 1), min(HO, ((P + h1) // S) + 1)):
-            for o in range(0, O):
-                for w in range(max(0, ((-KW + P + w1) // S) + 1), min(WO, ((P + w1) // S) + 1)):
-                    _v_t_g_x += (t_weight[o, c, P - S*h + h1, P - S*w + w1] if ((P - S*h + h1 >= 0) and (P - S*w + w1 >= 0) and (KH > P - S*h + h1) and (KW > P - S*w + w1)) else _F(0))*g_y[n, o, h, w]
-        t_g_x[n, c, h1, w1] = _v_t_g_x
+        for g in range(max(0, ((-CG + c1) // CG) + 1), min(G, (c1 // CG) + 1)):
+            _v_t_g_x += t_g_xg[n, g, -CG*g + c1, a, b]
+        t_g_x[n, c1, a, b] = _v_t_g_x
 
 
 @cuda.jit(cache=True)
-def _conv2d_hvp2(t_g_bias, O, _total):
+def _conv2d_hvp4(t_g_bias, O, _total):
     """t_g_bias = 0 (no path from a differentiable argument)"""
     _F = t_g_bias.dtype.type
     _r = cuda.grid(1)
@@ -221,7 +411,7 @@ def _conv2d_hvp2(t_g_bias, O, _total):
         t_g_bias[i0] = _v_t_g_bias
 
 
-def _conv2d_fwd_core(x, weight, bias, S, P):
+def _conv2d_fwd_core(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """Forward of conv2d: y from x, weight, bias. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -229,18 +419,25 @@ def _conv2d_fwd_core(x, weight, bias, S, P):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     y = _empty((N, O, HO, WO), _dtype)
-    y_sum0 = _empty((HO, N, O, WO), _dtype)
-    _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
+    z = _empty((N, G, OG, HO, WO), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_fwd2, N * G * OG * HO * WO, xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_fwd3, N * O * HO * WO, bias, y, z, G, HO, N, O, OG, WO)
     return y
 
 
-def _conv2d_fwd_alloc(x, weight, bias, S, P):
+def _conv2d_fwd_alloc(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_fwd_into`` writes."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -248,31 +445,39 @@ def _conv2d_fwd_alloc(x, weight, bias, S, P):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     y = _empty((N, O, HO, WO), _dtype)
     return y
 
 
-def _conv2d_fwd_work(x, weight, bias, S, P):
-    """The intermediates of ``_conv2d_fwd_core`` for arguments of these shapes (y_sum0), uninitialised device arrays: the workspace ``_conv2d_fwd_into`` takes."""
+def _conv2d_fwd_work(x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The intermediates of ``_conv2d_fwd_core`` for arguments of these shapes (xg, wg, z), uninitialised device arrays: the workspace ``_conv2d_fwd_into`` takes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    y_sum0 = _empty((HO, N, O, WO), _dtype)
-    return (y_sum0,)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
+    z = _empty((N, G, OG, HO, WO), _dtype)
+    return (xg, wg, z)
 
 
-def _conv2d_fwd_into(x, weight, bias, S, P, y, _work=None):
+def _conv2d_fwd_into(x, weight, bias, SH, SW, PH, PW, DH, DW, groups, y, _work=None):
     """``_conv2d_fwd_core`` launching its kernels into y (from ``_conv2d_fwd_alloc``), its intermediates in ``_work`` (from ``_conv2d_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
@@ -280,18 +485,23 @@ def _conv2d_fwd_into(x, weight, bias, S, P, y, _work=None):
     H = x.shape[2]
     W = x.shape[3]
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     if _work is None:
-        _work = _conv2d_fwd_work(x, weight, bias, S, P)
-    y_sum0, = _work
-    _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
+        _work = _conv2d_fwd_work(x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
+    xg, wg, z = _work
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_fwd2, N * G * OG * HO * WO, xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_fwd3, N * O * HO * WO, bias, y, z, G, HO, N, O, OG, WO)
 
 
-def _conv2d_fwd(x, weight, bias, *, S, P):
+def _conv2d_fwd(x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Forward of conv2d: y from x, weight, bias."""
     _dev = any(_on_device(a) for a in (x, weight, bias))
     _dtype = _float_dtype((x, weight, bias))
@@ -305,23 +515,33 @@ def _conv2d_fwd(x, weight, bias, *, S, P):
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from weight axis 0'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
     y = _empty((N, O, HO, WO), _dtype)
-    y_sum0 = _empty((HO, N, O, WO), _dtype)
-    _launch(_conv2d_fwd0, HO * N * O * WO, x, weight, y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_fwd1, N * O * HO * WO, bias, y, y_sum0, HO, N, O, WO)
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
+    z = _empty((N, G, OG, HO, WO), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_fwd2, N * G * OG * HO * WO, xg, wg, z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_fwd3, N * O * HO * WO, bias, y, z, G, HO, N, O, OG, WO)
     return _result(y, _dev)
 
 
-def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
+def _conv2d_fwd_shapes(x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     """The shapes of the results of ``_conv2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
     H = x.shape[2]
@@ -329,12 +549,12 @@ def _conv2d_fwd_shapes(x, weight, bias, *, S, P):
     O = weight.shape[0]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     return ((N, O, HO, WO),)
 
 
-def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_core(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -342,20 +562,33 @@ def _conv2d_bwd_core(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
     g_x = _empty((N, C, H, W), _dtype)
-    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_weight = _empty((O, CG, KH, KW), _dtype)
     g_bias = _empty((O,), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    g_xg = _empty((N, G, CG, H, W), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
     _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
-    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd3, N * G * CG * H * W, wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_bwd5, N * C * H * W, g_x, g_xg, C, CG, G, H, N, W)
     return g_x, g_weight, g_bias
 
 
-def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_alloc(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_bwd_into`` writes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -363,22 +596,43 @@ def _conv2d_bwd_alloc(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     g_x = _empty((N, C, H, W), _dtype)
-    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_weight = _empty((O, CG, KH, KW), _dtype)
     g_bias = _empty((O,), _dtype)
     return g_x, g_weight, g_bias
 
 
-def _conv2d_bwd_work(g_y, x, weight, bias, S, P):
-    """The workspace of ``_conv2d_bwd_into``: none (its kernels pass nothing between them)."""
-    return ()
+def _conv2d_bwd_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The intermediates of ``_conv2d_bwd_core`` for arguments of these shapes (xg, wg, g_z, g_wg, g_xg), uninitialised device arrays: the workspace ``_conv2d_bwd_into`` takes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    g_xg = _empty((N, G, CG, H, W), _dtype)
+    return (xg, wg, g_z, g_wg, g_xg)
 
 
-def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias, _work=None):
+def _conv2d_bwd_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_x, g_weight, g_bias, _work=None):
     """``_conv2d_bwd_core`` launching its kernels into g_x, g_weight, g_bias (from ``_conv2d_bwd_alloc``), its intermediates in ``_work`` (from ``_conv2d_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -386,16 +640,27 @@ def _conv2d_bwd_into(g_y, x, weight, bias, S, P, g_x, g_weight, g_bias, _work=No
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    if _work is None:
+        _work = _conv2d_bwd_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
+    xg, wg, g_z, g_wg, g_xg = _work
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
     _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
-    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd3, N * G * CG * H * W, wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_bwd5, N * C * H * W, g_x, g_xg, C, CG, G, H, N, W)
 
 
-def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
+def _conv2d_bwd(g_y, x, weight, bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Backward of conv2d: gradients g_x, g_weight, g_bias from g_y, x, weight, bias (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_y, x, weight, bias))
     _dtype = _float_dtype((g_y, x, weight, bias))
@@ -411,29 +676,45 @@ def _conv2d_bwd(g_y, x, weight, bias, *, S, P):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - KH + 2*P)/S) + 1")
-    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-KW + 2*P + W)/S) + 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from g_y axis 1'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
+    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((-DH*(KH - 1) + H + 2*PH - 1)/SH) + 1")
+    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-DW*(KW - 1) + 2*PW + W - 1)/SW) + 1")
     _check_dim("conv2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("conv2d", "weight", weight, 0, "O", O, "from g_y axis 1")
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from g_y axis 1")
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
     g_x = _empty((N, C, H, W), _dtype)
-    g_weight = _empty((O, C, KH, KW), _dtype)
+    g_weight = _empty((O, CG, KH, KW), _dtype)
     g_bias = _empty((O,), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    g_xg = _empty((N, G, CG, H, W), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
     _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
-    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_bwd2, N * C * H * W, weight, g_y, g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd3, N * G * CG * H * W, wg, g_z, g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_bwd5, N * C * H * W, g_x, g_xg, C, CG, G, H, N, W)
     return _result(g_x, _dev), _result(g_weight, _dev), _result(g_bias, _dev)
 
 
-def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_params_core(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """Backward of conv2d: gradients g_weight, g_bias from g_y, x, weight, bias (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -441,18 +722,27 @@ def _conv2d_bwd_params_core(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    g_weight = _empty((O, C, KH, KW), _dtype)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    g_weight = _empty((O, CG, KH, KW), _dtype)
     g_bias = _empty((O,), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
     _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
-    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
     return g_weight, g_bias
 
 
-def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
+def _conv2d_bwd_params_alloc(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
     """The results of ``_conv2d_bwd_params_core`` for arguments of these shapes, uninitialised device arrays: what ``_conv2d_bwd_params_into`` writes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -460,21 +750,40 @@ def _conv2d_bwd_params_alloc(g_y, x, weight, bias, S, P):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
-    g_weight = _empty((O, C, KH, KW), _dtype)
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    g_weight = _empty((O, CG, KH, KW), _dtype)
     g_bias = _empty((O,), _dtype)
     return g_weight, g_bias
 
 
-def _conv2d_bwd_params_work(g_y, x, weight, bias, S, P):
-    """The workspace of ``_conv2d_bwd_params_into``: none (its kernels pass nothing between them)."""
-    return ()
+def _conv2d_bwd_params_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups):
+    """The intermediates of ``_conv2d_bwd_params_core`` for arguments of these shapes (xg, g_z, g_wg), uninitialised device arrays: the workspace ``_conv2d_bwd_params_into`` takes."""
+    _dtype = g_y.dtype
+    N = g_y.shape[0]
+    O = g_y.shape[1]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    CG = weight.shape[1]
+    KH = weight.shape[2]
+    KW = weight.shape[3]
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    xg = _empty((N, G, CG, H, W), _dtype)
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
+    g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    return (xg, g_z, g_wg)
 
 
-def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias, _work=None):
+def _conv2d_bwd_params_into(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups, g_weight, g_bias, _work=None):
     """``_conv2d_bwd_params_core`` launching its kernels into g_weight, g_bias (from ``_conv2d_bwd_params_alloc``), its intermediates in ``_work`` (from ``_conv2d_bwd_params_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
@@ -482,15 +791,24 @@ def _conv2d_bwd_params_into(g_y, x, weight, bias, S, P, g_weight, g_bias, _work=
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
-    HO = ((H - KH + 2*P) // S) + 1
-    WO = ((-KW + 2*P + W) // S) + 1
+    OG = (O // groups)
+    G = groups
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
+    if _work is None:
+        _work = _conv2d_bwd_params_work(g_y, x, weight, bias, SH, SW, PH, PW, DH, DW, groups)
+    xg, g_z, g_wg = _work
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
     _launch(_conv2d_bwd0, O, g_y, g_bias, HO, N, O, WO)
-    _launch(_conv2d_bwd1, O * C * KH * KW, x, g_y, g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_bwd2, G * OG * CG * KH * KW, xg, g_z, g_wg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_bwd4, O * CG * KH * KW, g_weight, g_wg, CG, G, KH, KW, O, OG)
 
 
-def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Forward mode of conv2d: the tangents t_y of the outputs from x, weight, bias, t_x, t_weight, t_bias (forward recomputed)."""
     _dev = any(_on_device(a) for a in (x, weight, bias, t_x, t_weight, t_bias))
     _dtype = _float_dtype((x, weight, bias, t_x, t_weight, t_bias))
@@ -507,35 +825,49 @@ def _conv2d_jvp(x, weight, bias, t_x, t_weight, t_bias, *, S, P):
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
     O = weight.shape[0]
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
     _check_rank("conv2d", "t_x", t_x, 4)
     _check_rank("conv2d", "t_weight", t_weight, 4)
     _check_rank("conv2d", "t_bias", t_bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from weight axis 0'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from weight axis 0")
     _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from x axis 0")
     _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
     _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from weight axis 0")
-    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "CG", CG, "from weight axis 1")
     _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
     _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
     _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from weight axis 0")
+    xg = _empty((N, G, CG, H, W), _dtype)
+    wg = _empty((G, OG, CG, KH, KW), _dtype)
     t_y = _empty((N, O, HO, WO), _dtype)
-    t_y_sum0 = _empty((HO, N, O, WO), _dtype)
-    _launch(_conv2d_jvp0, HO * N * O * WO, x, weight, t_x, t_weight, t_y_sum0, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_jvp1, N * O * HO * WO, t_bias, t_y, t_y_sum0, HO, N, O, WO)
+    t_xg = _empty((N, G, CG, H, W), _dtype)
+    t_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    t_z = _empty((N, G, OG, HO, WO), _dtype)
+    _launch(_conv2d_fwd0, N * G * CG * H * W, x, xg, C, CG, G, H, N, W)
+    _launch(_conv2d_fwd1, G * OG * CG * KH * KW, weight, wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_jvp0, N * G * CG * H * W, t_x, t_xg, C, CG, G, H, N, W)
+    _launch(_conv2d_jvp1, G * OG * CG * KH * KW, t_weight, t_wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_jvp2, N * G * OG * HO * WO, xg, wg, t_xg, t_wg, t_z, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_jvp3, N * O * HO * WO, t_bias, t_y, t_z, G, HO, N, O, OG, WO)
     return _result(t_y, _dev)
 
 
-def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, S, P):
+def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, SH, SW, PH, PW, DH, DW, groups):
     """Second order of conv2d: t_g_x, t_g_weight, t_g_bias, the derivatives of the gradients along the tangents, from g_y, x, weight, bias, t_x, t_weight, t_bias (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_y, x, weight, bias, t_x, t_weight, t_bias))
     _dtype = _float_dtype((g_y, x, weight, bias, t_x, t_weight, t_bias))
@@ -554,37 +886,52 @@ def _conv2d_hvp(g_y, x, weight, bias, t_x, t_weight, t_bias, *, S, P):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("conv2d", "weight", weight, 4)
+    CG = weight.shape[1]
     KH = weight.shape[2]
     KW = weight.shape[3]
     _check_rank("conv2d", "bias", bias, 1)
     _check_rank("conv2d", "t_x", t_x, 4)
     _check_rank("conv2d", "t_weight", t_weight, 4)
     _check_rank("conv2d", "t_bias", t_bias, 1)
-    HO = ((H - KH + 2*P) // S) + 1
+    OG = (O // groups)
+    _check_derived("conv2d", "OG", OG)
+    G = groups
+    _check_derived("conv2d", "G", G)
+    HO = ((-DH*(KH - 1) + H + 2*PH - 1) // SH) + 1
     _check_derived("conv2d", "HO", HO)
-    WO = ((-KW + 2*P + W) // S) + 1
+    WO = ((-DW*(KW - 1) + 2*PW + W - 1) // SW) + 1
     _check_derived("conv2d", "WO", WO)
-    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - KH + 2*P)/S) + 1")
-    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-KW + 2*P + W)/S) + 1")
+    _check_relation("conv2d", "conv.py", "CG = C/groups", "CG*groups", CG*groups, "C", C, {'C': (C, 'from x axis 1'), 'CG': (CG, 'from weight axis 1'), 'groups': (groups, 'attribute')})
+    _check_relation("conv2d", "conv.py", "O = OG*groups", "O", O, "OG*groups", OG*groups, {'O': (O, 'from g_y axis 1'), 'OG': (OG, 'derived: floor(O/groups)'), 'groups': (groups, 'attribute')})
+    _check_dim("conv2d", "g_y", g_y, 2, "HO", HO, "derived: floor((-DH*(KH - 1) + H + 2*PH - 1)/SH) + 1")
+    _check_dim("conv2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-DW*(KW - 1) + 2*PW + W - 1)/SW) + 1")
     _check_dim("conv2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("conv2d", "weight", weight, 0, "O", O, "from g_y axis 1")
-    _check_dim("conv2d", "weight", weight, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "bias", bias, 0, "O", O, "from g_y axis 1")
     _check_dim("conv2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
     _check_dim("conv2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("conv2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("conv2d", "t_x", t_x, 3, "W", W, "from x axis 3")
     _check_dim("conv2d", "t_weight", t_weight, 0, "O", O, "from g_y axis 1")
-    _check_dim("conv2d", "t_weight", t_weight, 1, "C", C, "from x axis 1")
+    _check_dim("conv2d", "t_weight", t_weight, 1, "CG", CG, "from weight axis 1")
     _check_dim("conv2d", "t_weight", t_weight, 2, "KH", KH, "from weight axis 2")
     _check_dim("conv2d", "t_weight", t_weight, 3, "KW", KW, "from weight axis 3")
     _check_dim("conv2d", "t_bias", t_bias, 0, "O", O, "from g_y axis 1")
+    g_z = _empty((N, G, OG, HO, WO), _dtype)
     t_g_x = _empty((N, C, H, W), _dtype)
-    t_g_weight = _empty((O, C, KH, KW), _dtype)
+    t_g_weight = _empty((O, CG, KH, KW), _dtype)
     t_g_bias = _empty((O,), _dtype)
-    _launch(_conv2d_hvp0, O * C * KH * KW, g_y, t_x, t_g_weight, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_hvp1, N * C * H * W, g_y, t_weight, t_g_x, C, H, HO, KH, KW, N, O, P, S, W, WO)
-    _launch(_conv2d_hvp2, O, t_g_bias, O)
+    t_xg = _empty((N, G, CG, H, W), _dtype)
+    t_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    t_g_wg = _empty((G, OG, CG, KH, KW), _dtype)
+    t_g_xg = _empty((N, G, CG, H, W), _dtype)
+    _launch(_conv2d_bwd1, N * G * OG * HO * WO, g_y, g_z, G, HO, N, O, OG, WO)
+    _launch(_conv2d_jvp0, N * G * CG * H * W, t_x, t_xg, C, CG, G, H, N, W)
+    _launch(_conv2d_hvp0, G * OG * CG * KH * KW, g_z, t_weight, t_xg, t_wg, t_g_wg, CG, DH, DW, G, H, HO, KH, KW, N, O, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_hvp1, N * G * CG * H * W, g_z, t_wg, t_g_xg, CG, DH, DW, G, H, HO, KH, KW, N, OG, PH, PW, SH, SW, W, WO)
+    _launch(_conv2d_hvp2, O * CG * KH * KW, t_g_weight, t_g_wg, CG, G, KH, KW, O, OG)
+    _launch(_conv2d_hvp3, N * C * H * W, t_g_x, t_g_xg, C, CG, G, H, N, W)
+    _launch(_conv2d_hvp4, O, t_g_bias, O)
     return _result(t_g_x, _dev), _result(t_g_weight, _dev), _result(t_g_bias, _dev)
 
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 bf24439c3b9b7762): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_dim,

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
+# generated/_runtime.py (sha256 4fc0ad4a8c9778af): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,
@@ -35,8 +35,8 @@ from .._runtime import (
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+def _max_pool2d_fwd0(x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
     _F = y.dtype.type
     for n in range(0, N):
         for c in range(0, C):
@@ -45,9 +45,9 @@ def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO):
                     _v_y = -_F(math.inf)
                     _v_y_argmax_p = 0
                     _v_y_argmax_q = 0
-                    for p in range(0, K):
-                        for q in range(0, K):
-                            _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                             if _m > _v_y:
                                 _v_y = _m
                                 _v_y_argmax_p = p
@@ -56,8 +56,8 @@ def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
     _F = x.dtype.type
     for n in range(0, N):
         for c in range(0, C):
@@ -66,9 +66,9 @@ def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
                     _v_y = -_F(math.inf)
                     _v_y_argmax_p = 0
                     _v_y_argmax_q = 0
-                    for p in range(0, K):
-                        for q in range(0, K):
-                            _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                             if _m > _v_y:
                                 _v_y = _m
                                 _v_y_argmax_p = p
@@ -78,23 +78,23 @@ def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO):
-    """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w], h, w)"""
+def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """g_x[n, c, h1, w1] = sum(Piecewise((1, (DH*p - PH + SH*floor((-DH*p + PH + h1)/SH) >= 0) & (DW*q - PW + SW*floor((-DW*q + PW + w1)/SW) >= 0) & (H > DH*p - PH + SH*floor((-DH*p + PH + h1)/SH)) & (W > DW*q - PW + SW*floor((-DW*q + PW + w1)/SW))), (0, True))*g_y[n, c, floor((-DH*p + PH + h1)/SH), floor((-DW*q + PW + w1)/SW)], p, q)"""
     _F = g_x.dtype.type
     for n in range(0, N):
         for c in range(0, C):
             for h1 in range(0, H):
                 for w1 in range(0, W):
                     _v_g_x = _F(0)
-                    for h in range(max(0, ((-K + h1) // S) + 1), min(HO, (h1 // S) + 1)):
-                        for w in range(max(0, ((-K + w1) // S) + 1), min(WO, (w1 // S) + 1)):
-                            _v_g_x += (g_y[n, c, h, w] if ((S*h - h1 == -y_argmax_p[n, c, h, w]) and (S*w - w1 == -y_argmax_q[n, c, h, w])) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _v_g_x += ((_F(1) if ((DH*p - PH + SH*((-DH*p + PH + h1) // SH) >= 0) and (DW*q - PW + SW*((-DW*q + PW + w1) // SW) >= 0) and (H > DH*p - PH + SH*((-DH*p + PH + h1) // SH)) and (W > DW*q - PW + SW*((-DW*q + PW + w1) // SW))) else _F(0))*g_y[n, c, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)] if (((-DH*p + PH + h1) % SH == 0) and ((-DW*q + PW + w1) % SW == 0) and (((-DH*p + PH + h1) // SH) >= 0) and (((-DW*q + PW + w1) // SW) >= 0) and (HO > ((-DH*p + PH + h1) // SH)) and (WO > ((-DW*q + PW + w1) // SW)) and (p == y_argmax_p[n, c, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)]) and (q == y_argmax_q[n, c, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)])) else _F(0))
                     g_x[n, c, h1, w1] = _v_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
     _F = y.dtype.type
     for n in range(0, N):
         for c in range(0, C):
@@ -103,9 +103,9 @@ def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, 
                     _v_y = -_F(math.inf)
                     _v_y_argmax_p = 0
                     _v_y_argmax_q = 0
-                    for p in range(0, K):
-                        for q in range(0, K):
-                            _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                             if _m > _v_y:
                                 _v_y = _m
                                 _v_y_argmax_p = p
@@ -116,28 +116,28 @@ def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, 
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
-    t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
+def _max_pool2d_jvp0(x, t_x, t_y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)
+    t_y[n, c, h, w] = Piecewise((t_x[n, c, DH*y_argmax_p[n, c, h, w] - PH + SH*h, DW*y_argmax_q[n, c, h, w] - PW + SW*w], (DH*y_argmax_p[n, c, h, w] - PH + SH*h >= 0) & (DW*y_argmax_q[n, c, h, w] - PW + SW*w >= 0) & (H > DH*y_argmax_p[n, c, h, w] - PH + SH*h) & (W > DW*y_argmax_q[n, c, h, w] - PW + SW*w)), (0, True))
     """
     _F = t_y.dtype.type
     for n in range(0, N):
         for c in range(0, C):
             for h in range(0, HO):
                 for w in range(0, WO):
-                    # y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
+                    # y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)
                     _v_y = -_F(math.inf)
                     _v_y_argmax_p = 0
                     _v_y_argmax_q = 0
-                    for p in range(0, K):
-                        for q in range(0, K):
-                            _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+                    for p in range(0, KH):
+                        for q in range(0, KW):
+                            _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                             if _m > _v_y:
                                 _v_y = _m
                                 _v_y_argmax_p = p
                                 _v_y_argmax_q = q
-                    # t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
-                    _v_t_y = (t_x[n, c, S*h + _v_y_argmax_p, S*w + _v_y_argmax_q] if ((S*h + _v_y_argmax_p >= 0) and (S*w + _v_y_argmax_q >= 0) and (H > S*h + _v_y_argmax_p) and (W > S*w + _v_y_argmax_q)) else _F(0))
+                    # t_y[n, c, h, w] = Piecewise((t_x[n, c, DH*y_argmax_p[n, c, h, w] - PH + SH*h, DW*y_argmax_q[n, c, h, w] - PW + SW*w], (DH*y_argmax_p[n, c, h, w] - PH + SH*h >= 0) & (DW*y_argmax_q[n, c, h, w] - PW + SW*w >= 0) & (H > DH*y_argmax_p[n, c, h, w] - PH + SH*h) & (W > DW*y_argmax_q[n, c, h, w] - PW + SW*w)), (0, True))
+                    _v_t_y = (t_x[n, c, DH*_v_y_argmax_p - PH + SH*h, DW*_v_y_argmax_q - PW + SW*w] if ((DH*_v_y_argmax_p - PH + SH*h >= 0) and (DW*_v_y_argmax_q - PW + SW*w >= 0) and (H > DH*_v_y_argmax_p - PH + SH*h) and (W > DW*_v_y_argmax_q - PW + SW*w)) else _F(0))
                     t_y[n, c, h, w] = _v_t_y
 
 
@@ -154,46 +154,52 @@ def _max_pool2d_hvp0(t_g_x, C, H, N, W):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_fwd_core(x, K, S):
+def _max_pool2d_fwd_core(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward of max_pool2d: y from x. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = np.empty((N, C, HO, WO), _dtype)
-    _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_fwd0(x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return y
 
 
-def _max_pool2d_fwd_alloc(x, K, S):
+def _max_pool2d_fwd_alloc(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_fwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = np.empty((N, C, HO, WO), _dtype)
     return y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_fwd_into(x, K, S, y):
+def _max_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y):
     """``_max_pool2d_fwd_core`` writing its results into y (from ``_max_pool2d_fwd_alloc``)."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _max_pool2d_fwd0(x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_fwd(x, *, K, S):
+def _max_pool2d_fwd(x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward of max_pool2d: y from x."""
     _dtype = _float_dtype((x,))
     x = _as_float("max_pool2d", "x", x, _dtype)
@@ -202,72 +208,84 @@ def _max_pool2d_fwd(x, *, K, S):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
-    return _max_pool2d_fwd_core(x, K, S)
+    return _max_pool2d_fwd_core(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode)
 
 
-def _max_pool2d_fwd_shapes(x, *, K, S):
+def _max_pool2d_fwd_shapes(x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The shapes of the results of ``_max_pool2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     return ((N, C, HO, WO),)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_bwd_core(g_y, x, K, S):
+def _max_pool2d_bwd_core(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Backward of max_pool2d: gradients g_x from g_y, x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_argmax_p = np.empty((N, C, HO, WO), np.int64)
     y_argmax_q = np.empty((N, C, HO, WO), np.int64)
     g_x = np.empty((N, C, H, W), _dtype)
-    _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
-    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return g_x
 
 
-def _max_pool2d_bwd_alloc(g_y, x, K, S):
+def _max_pool2d_bwd_alloc(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_bwd_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = np.empty((N, C, H, W), _dtype)
     return g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_bwd_into(g_y, x, K, S, g_x):
+def _max_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x):
     """``_max_pool2d_bwd_core`` writing its results into g_x (from ``_max_pool2d_bwd_alloc``)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_argmax_p = np.empty((N, C, HO, WO), np.int64)
     y_argmax_q = np.empty((N, C, HO, WO), np.int64)
-    _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
-    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_bwd(g_y, x, *, K, S):
+def _max_pool2d_bwd(g_y, x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Backward of max_pool2d: gradients g_x from g_y, x (forward recomputed)."""
     _dtype = _float_dtype((g_y, x))
     g_y = _as_float("max_pool2d", "g_y", g_y, _dtype)
@@ -278,43 +296,51 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     _check_rank("max_pool2d", "x", x, 4)
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
-    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
-    return _max_pool2d_bwd_core(g_y, x, K, S)
+    return _max_pool2d_bwd_core(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_fwd_saving_core(x, K, S):
+def _max_pool2d_fwd_saving_core(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward of max_pool2d: y, y_argmax_p, y_argmax_q from x, with what the backward reads of its reductions. Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = np.empty((N, C, HO, WO), _dtype)
     y_argmax_p = np.empty((N, C, HO, WO), np.int64)
     y_argmax_q = np.empty((N, C, HO, WO), np.int64)
-    _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return y, y_argmax_p, y_argmax_q
 
 
-def _max_pool2d_fwd_saving_alloc(x, K, S):
+def _max_pool2d_fwd_saving_alloc(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_fwd_saving_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = np.empty((N, C, HO, WO), _dtype)
     y_argmax_p = np.empty((N, C, HO, WO), np.int64)
     y_argmax_q = np.empty((N, C, HO, WO), np.int64)
@@ -322,98 +348,112 @@ def _max_pool2d_fwd_saving_alloc(x, K, S):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_fwd_saving_into(x, K, S, y, y_argmax_p, y_argmax_q):
+def _max_pool2d_fwd_saving_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y, y_argmax_p, y_argmax_q):
     """``_max_pool2d_fwd_saving_core`` writing its results into y, y_argmax_p, y_argmax_q (from ``_max_pool2d_fwd_saving_alloc``)."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
+def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = np.empty((N, C, H, W), _dtype)
-    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return g_x
 
 
-def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
+def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_bwd_saved_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = np.empty((N, C, H, W), _dtype)
     return g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x):
+def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x):
     """``_max_pool2d_bwd_saved_core`` writing its results into g_x (from ``_max_pool2d_bwd_saved_alloc``)."""
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_jvp_core(x, t_x, K, S):
+def _max_pool2d_jvp_core(x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward mode of max_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_y = np.empty((N, C, HO, WO), _dtype)
-    _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO)
+    _max_pool2d_jvp0(x, t_x, t_y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return t_y
 
 
-def _max_pool2d_jvp_alloc(x, t_x, K, S):
+def _max_pool2d_jvp_alloc(x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_jvp_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_jvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_y = np.empty((N, C, HO, WO), _dtype)
     return t_y
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_jvp_into(x, t_x, K, S, t_y):
+def _max_pool2d_jvp_into(x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, t_y):
     """``_max_pool2d_jvp_core`` writing its results into t_y (from ``_max_pool2d_jvp_alloc``)."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _max_pool2d_jvp0(x, t_x, t_y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_jvp(x, t_x, *, K, S):
+def _max_pool2d_jvp(x, t_x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward mode of max_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
     _dtype = _float_dtype((x, t_x))
     x = _as_float("max_pool2d", "x", x, _dtype)
@@ -424,58 +464,68 @@ def _max_pool2d_jvp(x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("max_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
     _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
     _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
-    return _max_pool2d_jvp_core(x, t_x, K, S)
+    return _max_pool2d_jvp_core(x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_hvp_core(g_y, x, t_x, K, S):
+def _max_pool2d_hvp_core(g_y, x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Second order of max_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed). Compiled; the arguments are already checked (C-contiguous arrays of one float type)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_g_x = np.empty((N, C, H, W), _dtype)
     _max_pool2d_hvp0(t_g_x, C, H, N, W)
     return t_g_x
 
 
-def _max_pool2d_hvp_alloc(g_y, x, t_x, K, S):
+def _max_pool2d_hvp_alloc(g_y, x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_hvp_core`` for arguments of these shapes, uninitialised: what ``_max_pool2d_hvp_into`` writes (plain Python: it runs once per batch shape)."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     t_g_x = np.empty((N, C, H, W), _dtype)
     return t_g_x
 
 
 @njit(cache=True, error_model="numpy", fastmath={"arcp", "contract", "nsz", "reassoc"})
-def _max_pool2d_hvp_into(g_y, x, t_x, K, S, t_g_x):
+def _max_pool2d_hvp_into(g_y, x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, t_g_x):
     """``_max_pool2d_hvp_core`` writing its results into t_g_x (from ``_max_pool2d_hvp_alloc``)."""
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _max_pool2d_hvp0(t_g_x, C, H, N, W)
 
 
-def _max_pool2d_hvp(g_y, x, t_x, *, K, S):
+def _max_pool2d_hvp(g_y, x, t_x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Second order of max_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
     _dtype = _float_dtype((g_y, x, t_x))
     g_y = _as_float("max_pool2d", "g_y", g_y, _dtype)
@@ -488,19 +538,23 @@ def _max_pool2d_hvp(g_y, x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("max_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
-    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")
     _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from g_y axis 1")
     _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
-    return _max_pool2d_hvp_core(g_y, x, t_x, K, S)
+    return _max_pool2d_hvp_core(g_y, x, t_x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode)
 
 
 # The host functions of each op on this target.
@@ -519,12 +573,13 @@ _FUNCS = {
 _SPECS = {
     "max_pool2d": {
         "kind": "layer",
-        "attrs": {"K": 2, "S": 2},
+        "attrs": {"KH": 2, "KW": 2, "SH": 2, "SW": 2, "PH": 0, "PW": 0, "DH": 1, "DW": 1, "ceil_mode": 0},
+        "shorthands": {"K": ("KH", "KW"), "S": ("SH", "SW"), "P": ("PH", "PW"), "D": ("DH", "DW")},
         "arg_names": ("x",),
         "differentiable": ("x",),
         "state": (),
         "seeds": 1,
-        "doc": "Max pooling with a K x K window and stride S (no padding), as torch.nn.functional.max_pool2d.",
+        "doc": "Max pooling as torch.nn.functional.max_pool2d: a KH x KW window, stride (SH, SW), padding (PH, PW) with -inf, dilation (DH, DW), ceil_mode; K, S, P and D set both axes.",
     },
 }
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import cuda
 
-# generated/_runtime_cuda.py (sha256 ca1d34b030c415db): its compiled helpers are compiled
+# generated/_runtime_cuda.py (sha256 bf24439c3b9b7762): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime_cuda import (
     _check_derived,
@@ -36,8 +36,8 @@ from .._runtime_cuda import (
 
 
 @cuda.jit(cache=True)
-def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO, _total):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+def _max_pool2d_fwd0(x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -51,9 +51,9 @@ def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO, _total):
         _v_y = -_F(math.inf)
         _v_y_argmax_p = 0
         _v_y_argmax_q = 0
-        for p in range(0, K):
-            for q in range(0, K):
-                _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                 if _m > _v_y:
                     _v_y = _m
                     _v_y_argmax_p = p
@@ -62,8 +62,8 @@ def _max_pool2d_fwd0(x, y, C, H, HO, K, N, S, W, WO, _total):
 
 
 @cuda.jit(cache=True)
-def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO, _total):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
     _F = x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -77,9 +77,9 @@ def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO, _total
         _v_y = -_F(math.inf)
         _v_y_argmax_p = 0
         _v_y_argmax_q = 0
-        for p in range(0, K):
-            for q in range(0, K):
-                _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                 if _m > _v_y:
                     _v_y = _m
                     _v_y_argmax_p = p
@@ -89,8 +89,8 @@ def _max_pool2d_bwd0(x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO, _total
 
 
 @cuda.jit(cache=True)
-def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO, _total):
-    """g_x[n, c, h1, w1] = sum(g_y[n, c, h, w], h, w)"""
+def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """g_x[n, c, h1, w1] = sum(Piecewise((1, (DH*p - PH + SH*floor((-DH*p + PH + h1)/SH) >= 0) & (DW*q - PW + SW*floor((-DW*q + PW + w1)/SW) >= 0) & (H > DH*p - PH + SH*floor((-DH*p + PH + h1)/SH)) & (W > DW*q - PW + SW*floor((-DW*q + PW + w1)/SW))), (0, True))*g_y[n, c, floor((-DH*p + PH + h1)/SH), floor((-DW*q + PW + w1)/SW)], p, q)"""
     _F = g_x.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -102,15 +102,15 @@ def _max_pool2d_bwd1(y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO,
         _r //= C
         n = _r
         _v_g_x = _F(0)
-        for h in range(max(0, ((-K + h1) // S) + 1), min(HO, (h1 // S) + 1)):
-            for w in range(max(0, ((-K + w1) // S) + 1), min(WO, (w1 // S) + 1)):
-                _v_g_x += (g_y[n, c, h, w] if ((S*h - h1 == -y_argmax_p[n, c, h, w]) and (S*w - w1 == -y_argmax_q[n, c, h, w])) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _v_g_x += ((_F(1) if ((DH*p - PH + SH*((-DH*p + PH + h1) // SH) >= 0) and (DW*q - PW + SW*((-DW*q + PW + w1) // SW) >= 0) and (H > DH*p - PH + SH*((-DH*p + PH + h1) // SH)) and (W > DW*q - PW + SW*((-DW*q + PW + w1) // SW))) else _F(0))*g_y[n, c, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)] if (((-DH*p + PH + h1) % SH == 0) and ((-DW*q + PW + w1) % SW == 0) and (((-DH*p + PH + h1) // SH) >= 0) and (((-DW*q + PW + w1) // SW) >= 0) and (HO > ((-DH*p + PH + h1) // SH)) and (WO > ((-DW*q + PW + w1) // SW)) and (p == y_argmax_p[n, c, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)]) and (q == y_argmax_q[n, c, ((-DH*p + PH + h1) // SH), ((-DW*q + PW + w1) // SW)])) else _F(0))
         g_x[n, c, h1, w1] = _v_g_x
 
 
 @cuda.jit(cache=True)
-def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO, _total):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)"""
+def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)"""
     _F = y.dtype.type
     _r = cuda.grid(1)
     if _r < _total:
@@ -124,9 +124,9 @@ def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, 
         _v_y = -_F(math.inf)
         _v_y_argmax_p = 0
         _v_y_argmax_q = 0
-        for p in range(0, K):
-            for q in range(0, K):
-                _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                 if _m > _v_y:
                     _v_y = _m
                     _v_y_argmax_p = p
@@ -137,9 +137,9 @@ def _max_pool2d_fwd_saving0(x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, 
 
 
 @cuda.jit(cache=True)
-def _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO, _total):
-    """y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
-    t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
+def _max_pool2d_jvp0(x, t_x, t_y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO, _total):
+    """y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)
+    t_y[n, c, h, w] = Piecewise((t_x[n, c, DH*y_argmax_p[n, c, h, w] - PH + SH*h, DW*y_argmax_q[n, c, h, w] - PW + SW*w], (DH*y_argmax_p[n, c, h, w] - PH + SH*h >= 0) & (DW*y_argmax_q[n, c, h, w] - PW + SW*w >= 0) & (H > DH*y_argmax_p[n, c, h, w] - PH + SH*h) & (W > DW*y_argmax_q[n, c, h, w] - PW + SW*w)), (0, True))
     """
     _F = t_y.dtype.type
     _r = cuda.grid(1)
@@ -151,19 +151,19 @@ def _max_pool2d_jvp0(x, t_x, t_y, C, H, HO, K, N, S, W, WO, _total):
         c = _r % C
         _r //= C
         n = _r
-        # y[n, c, h, w] = max(x[n, c, S*h + p, S*w + q], p, q)
+        # y[n, c, h, w] = max(Piecewise((x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w], (DH*p - PH + SH*h >= 0) & (DW*q - PW + SW*w >= 0) & (H > DH*p - PH + SH*h) & (W > DW*q - PW + SW*w)), (-oo, True)), p, q)
         _v_y = -_F(math.inf)
         _v_y_argmax_p = 0
         _v_y_argmax_q = 0
-        for p in range(0, K):
-            for q in range(0, K):
-                _m = (x[n, c, S*h + p, S*w + q] if ((S*h + p >= 0) and (S*w + q >= 0) and (H > S*h + p) and (W > S*w + q)) else _F(0))
+        for p in range(0, KH):
+            for q in range(0, KW):
+                _m = (x[n, c, DH*p - PH + SH*h, DW*q - PW + SW*w] if ((DH*p - PH + SH*h >= 0) and (DW*q - PW + SW*w >= 0) and (H > DH*p - PH + SH*h) and (W > DW*q - PW + SW*w)) else -_F(math.inf))
                 if _m > _v_y:
                     _v_y = _m
                     _v_y_argmax_p = p
                     _v_y_argmax_q = q
-        # t_y[n, c, h, w] = Piecewise((t_x[n, c, S*h + y_argmax_p[n, c, h, w], S*w + y_argmax_q[n, c, h, w]], (S*h + y_argmax_p[n, c, h, w] >= 0) & (S*w + y_argmax_q[n, c, h, w] >= 0) & (H > S*h + y_argmax_p[n, c, h, w]) & (W > S*w + y_argmax_q[n, c, h, w])), (0, True))
-        _v_t_y = (t_x[n, c, S*h + _v_y_argmax_p, S*w + _v_y_argmax_q] if ((S*h + _v_y_argmax_p >= 0) and (S*w + _v_y_argmax_q >= 0) and (H > S*h + _v_y_argmax_p) and (W > S*w + _v_y_argmax_q)) else _F(0))
+        # t_y[n, c, h, w] = Piecewise((t_x[n, c, DH*y_argmax_p[n, c, h, w] - PH + SH*h, DW*y_argmax_q[n, c, h, w] - PW + SW*w], (DH*y_argmax_p[n, c, h, w] - PH + SH*h >= 0) & (DW*y_argmax_q[n, c, h, w] - PW + SW*w >= 0) & (H > DH*y_argmax_p[n, c, h, w] - PH + SH*h) & (W > DW*y_argmax_q[n, c, h, w] - PW + SW*w)), (0, True))
+        _v_t_y = (t_x[n, c, DH*_v_y_argmax_p - PH + SH*h, DW*_v_y_argmax_q - PW + SW*w] if ((DH*_v_y_argmax_p - PH + SH*h >= 0) and (DW*_v_y_argmax_q - PW + SW*w >= 0) and (H > DH*_v_y_argmax_p - PH + SH*h) and (W > DW*_v_y_argmax_q - PW + SW*w)) else _F(0))
         t_y[n, c, h, w] = _v_t_y
 
 
@@ -184,51 +184,57 @@ def _max_pool2d_hvp0(t_g_x, C, H, N, W, _total):
         t_g_x[i0, i1, i2, i3] = _v_t_g_x
 
 
-def _max_pool2d_fwd_core(x, K, S):
+def _max_pool2d_fwd_core(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward of max_pool2d: y from x. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = _empty((N, C, HO, WO), _dtype)
-    _launch(_max_pool2d_fwd0, N * C * HO * WO, x, y, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_fwd0, N * C * HO * WO, x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return y
 
 
-def _max_pool2d_fwd_alloc(x, K, S):
+def _max_pool2d_fwd_alloc(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_fwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_fwd_into`` writes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = _empty((N, C, HO, WO), _dtype)
     return y
 
 
-def _max_pool2d_fwd_work(x, K, S):
+def _max_pool2d_fwd_work(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The workspace of ``_max_pool2d_fwd_into``: none (its kernels pass nothing between them)."""
     return ()
 
 
-def _max_pool2d_fwd_into(x, K, S, y, _work=None):
+def _max_pool2d_fwd_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y, _work=None):
     """``_max_pool2d_fwd_core`` launching its kernels into y (from ``_max_pool2d_fwd_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_fwd_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _launch(_max_pool2d_fwd0, N * C * HO * WO, x, y, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _launch(_max_pool2d_fwd0, N * C * HO * WO, x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_fwd(x, *, K, S):
+def _max_pool2d_fwd(x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward of max_pool2d: y from x."""
     _dev = any(_on_device(a) for a in (x,))
     _dtype = _float_dtype((x,))
@@ -238,87 +244,101 @@ def _max_pool2d_fwd(x, *, K, S):
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
     y = _empty((N, C, HO, WO), _dtype)
-    _launch(_max_pool2d_fwd0, N * C * HO * WO, x, y, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_fwd0, N * C * HO * WO, x, y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return _result(y, _dev)
 
 
-def _max_pool2d_fwd_shapes(x, *, K, S):
+def _max_pool2d_fwd_shapes(x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The shapes of the results of ``_max_pool2d_fwd`` for arguments of these shapes (anything with ``.shape``: arrays, torch fake tensors, JAX abstract values). Plain Python: nothing is computed or checked."""
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     return ((N, C, HO, WO),)
 
 
-def _max_pool2d_bwd_core(g_y, x, K, S):
+def _max_pool2d_bwd_core(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Backward of max_pool2d: gradients g_x from g_y, x (forward recomputed). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
-    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return g_x
 
 
-def _max_pool2d_bwd_alloc(g_y, x, K, S):
+def _max_pool2d_bwd_alloc(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_bwd_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_bwd_into`` writes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = _empty((N, C, H, W), _dtype)
     return g_x
 
 
-def _max_pool2d_bwd_work(g_y, x, K, S):
+def _max_pool2d_bwd_work(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The intermediates of ``_max_pool2d_bwd_core`` for arguments of these shapes (y_argmax_p, y_argmax_q), uninitialised device arrays: the workspace ``_max_pool2d_bwd_into`` takes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
     return (y_argmax_p, y_argmax_q)
 
 
-def _max_pool2d_bwd_into(g_y, x, K, S, g_x, _work=None):
+def _max_pool2d_bwd_into(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x, _work=None):
     """``_max_pool2d_bwd_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_bwd_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     if _work is None:
-        _work = _max_pool2d_bwd_work(g_y, x, K, S)
+        _work = _max_pool2d_bwd_work(g_y, x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode)
     y_argmax_p, y_argmax_q = _work
-    _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
-    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_bwd(g_y, x, *, K, S):
+def _max_pool2d_bwd(g_y, x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Backward of max_pool2d: gradients g_x from g_y, x (forward recomputed)."""
     _dev = any(_on_device(a) for a in (g_y, x))
     _dtype = _float_dtype((g_y, x))
@@ -330,115 +350,131 @@ def _max_pool2d_bwd(g_y, x, *, K, S):
     _check_rank("max_pool2d", "x", x, 4)
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
-    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
-    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_bwd0, N * C * HO * WO, x, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return _result(g_x, _dev)
 
 
-def _max_pool2d_fwd_saving_core(x, K, S):
+def _max_pool2d_fwd_saving_core(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward of max_pool2d: y, y_argmax_p, y_argmax_q from x, with what the backward reads of its reductions. Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = _empty((N, C, HO, WO), _dtype)
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
-    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return y, y_argmax_p, y_argmax_q
 
 
-def _max_pool2d_fwd_saving_alloc(x, K, S):
+def _max_pool2d_fwd_saving_alloc(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_fwd_saving_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_fwd_saving_into`` writes."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     y = _empty((N, C, HO, WO), _dtype)
     y_argmax_p = _empty((N, C, HO, WO), np.int64)
     y_argmax_q = _empty((N, C, HO, WO), np.int64)
     return y, y_argmax_p, y_argmax_q
 
 
-def _max_pool2d_fwd_saving_work(x, K, S):
+def _max_pool2d_fwd_saving_work(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The workspace of ``_max_pool2d_fwd_saving_into``: none (its kernels pass nothing between them)."""
     return ()
 
 
-def _max_pool2d_fwd_saving_into(x, K, S, y, y_argmax_p, y_argmax_q, _work=None):
+def _max_pool2d_fwd_saving_into(x, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, y, y_argmax_p, y_argmax_q, _work=None):
     """``_max_pool2d_fwd_saving_core`` launching its kernels into y, y_argmax_p, y_argmax_q (from ``_max_pool2d_fwd_saving_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_fwd_saving_work``; allocated when None); returns nothing."""
     _dtype = x.dtype
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _launch(_max_pool2d_fwd_saving0, N * C * HO * WO, x, y, y_argmax_p, y_argmax_q, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, K, S):
+def _max_pool2d_bwd_saved_core(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Backward of max_pool2d: gradients g_x from g_y, x, y_argmax_p, y_argmax_q (the forward's reductions passed in). Device arrays in (already checked), kernels launched, results on the device."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = _empty((N, C, H, W), _dtype)
-    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return g_x
 
 
-def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, K, S):
+def _max_pool2d_bwd_saved_alloc(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The results of ``_max_pool2d_bwd_saved_core`` for arguments of these shapes, uninitialised device arrays: what ``_max_pool2d_bwd_saved_into`` writes."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     g_x = _empty((N, C, H, W), _dtype)
     return g_x
 
 
-def _max_pool2d_bwd_saved_work(g_y, x, y_argmax_p, y_argmax_q, K, S):
+def _max_pool2d_bwd_saved_work(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """The workspace of ``_max_pool2d_bwd_saved_into``: none (its kernels pass nothing between them)."""
     return ()
 
 
-def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, K, S, g_x, _work=None):
+def _max_pool2d_bwd_saved_into(g_y, x, y_argmax_p, y_argmax_q, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, g_x, _work=None):
     """``_max_pool2d_bwd_saved_core`` launching its kernels into g_x (from ``_max_pool2d_bwd_saved_alloc``), its intermediates in ``_work`` (from ``_max_pool2d_bwd_saved_work``; allocated when None); returns nothing."""
     _dtype = g_y.dtype
     N = g_y.shape[0]
     C = g_y.shape[1]
     H = x.shape[2]
     W = x.shape[3]
-    HO = ((H - K) // S) + 1
-    WO = ((-K + W) // S) + 1
-    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, H, HO, K, N, S, W, WO)
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
+    _launch(_max_pool2d_bwd1, N * C * H * W, y_argmax_p, y_argmax_q, g_y, g_x, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
 
 
-def _max_pool2d_jvp(x, t_x, *, K, S):
+def _max_pool2d_jvp(x, t_x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Forward mode of max_pool2d: the tangents t_y of the outputs from x, t_x (forward recomputed)."""
     _dev = any(_on_device(a) for a in (x, t_x))
     _dtype = _float_dtype((x, t_x))
@@ -450,20 +486,24 @@ def _max_pool2d_jvp(x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("max_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
     _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from x axis 0")
     _check_dim("max_pool2d", "t_x", t_x, 1, "C", C, "from x axis 1")
     _check_dim("max_pool2d", "t_x", t_x, 2, "H", H, "from x axis 2")
     _check_dim("max_pool2d", "t_x", t_x, 3, "W", W, "from x axis 3")
     t_y = _empty((N, C, HO, WO), _dtype)
-    _launch(_max_pool2d_jvp0, N * C * HO * WO, x, t_x, t_y, C, H, HO, K, N, S, W, WO)
+    _launch(_max_pool2d_jvp0, N * C * HO * WO, x, t_x, t_y, C, DH, DW, H, HO, KH, KW, N, PH, PW, SH, SW, W, WO)
     return _result(t_y, _dev)
 
 
-def _max_pool2d_hvp(g_y, x, t_x, *, K, S):
+def _max_pool2d_hvp(g_y, x, t_x, *, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode):
     """Second order of max_pool2d: t_g_x, the derivatives of the gradients along the tangents, from g_y, x, t_x (forward and backward recomputed)."""
     _dev = any(_on_device(a) for a in (g_y, x, t_x))
     _dtype = _float_dtype((g_y, x, t_x))
@@ -477,12 +517,16 @@ def _max_pool2d_hvp(g_y, x, t_x, *, K, S):
     H = x.shape[2]
     W = x.shape[3]
     _check_rank("max_pool2d", "t_x", t_x, 4)
-    HO = ((H - K) // S) + 1
+    HC = ((-DH*(KH - 1) + H + 2*PH + ceil_mode*(SH - 1) - 1) // SH) + 1
+    _check_derived("max_pool2d", "HC", HC)
+    WC = ((-DW*(KW - 1) + 2*PW + W + ceil_mode*(SW - 1) - 1) // SW) + 1
+    _check_derived("max_pool2d", "WC", WC)
+    HO = HC - ceil_mode*min(1, max(0, -H - PH + SH*(HC - 1) + 1))
     _check_derived("max_pool2d", "HO", HO)
-    WO = ((-K + W) // S) + 1
+    WO = WC - ceil_mode*min(1, max(0, -PW + SW*(WC - 1) - W + 1))
     _check_derived("max_pool2d", "WO", WO)
-    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: floor((H - K)/S) + 1")
-    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: floor((-K + W)/S) + 1")
+    _check_dim("max_pool2d", "g_y", g_y, 2, "HO", HO, "derived: HC - ceil_mode*Min(1, Max(0, -H - PH + SH*(HC - 1) + 1))")
+    _check_dim("max_pool2d", "g_y", g_y, 3, "WO", WO, "derived: WC - ceil_mode*Min(1, Max(0, -PW + SW*(WC - 1) - W + 1))")
     _check_dim("max_pool2d", "x", x, 0, "N", N, "from g_y axis 0")
     _check_dim("max_pool2d", "x", x, 1, "C", C, "from g_y axis 1")
     _check_dim("max_pool2d", "t_x", t_x, 0, "N", N, "from g_y axis 0")

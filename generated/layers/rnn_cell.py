@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-# generated/_runtime.py (sha256 0f103c4f0e40ac46): its compiled helpers are compiled
+# generated/_runtime.py (sha256 4fc0ad4a8c9778af): its compiled helpers are compiled
 # into this module's kernels, so Numba's cache of this file goes stale with it
 from .._runtime import (
     _as_float,

@@ -5,14 +5,14 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 1af727d1205c7018
-#   generated/layers/conv2d.py 41885484427347db
-#   generated/layers/dense.py 28f2af6dc907efce
-#   generated/layers/flatten.py 068a48f31df9fef9
-#   generated/layers/max_pool2d.py 6668f4ea04110d68
-#   generated/losses/softmax_cross_entropy.py 009d48a172c69f61
-#   generated/optimizers/adam.py 893cf79ce5b2235c
-#   generated/_runtime.py 0f103c4f0e40ac46
+#   generated/activations/relu.py 2a29a6cba8d02f85
+#   generated/layers/conv2d.py ac36f82bf6f74837
+#   generated/layers/dense.py 7d025a3a6a7e2f2f
+#   generated/layers/flatten.py 983db53253857fed
+#   generated/layers/max_pool2d.py 0cfb23d2f3845114
+#   generated/losses/softmax_cross_entropy.py 8a3188956f45f975
+#   generated/optimizers/adam.py f76e09d4a1c7d683
+#   generated/_runtime.py 4fc0ad4a8c9778af
 """The cnn_digits model.
 
 Model ``cnn_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
@@ -64,7 +64,7 @@ PARAM_SHAPES = {
     "dense4.bias": (10,),
 }
 
-_conv2d0 = generated.op("conv2d", P=1)
+_conv2d0 = generated.op("conv2d", PH=1, PW=1)
 _relu1 = generated.op("relu")
 _max_pool2d2 = generated.op("max_pool2d")
 _flatten3 = generated.op("flatten")
@@ -407,9 +407,9 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
     h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, loss, kept_loss_max0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g1, g_conv2d0_weight, g_conv2d0_bias = buffers
     h0 = x
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
+    _max_pool2d_fwd_saving_into(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0, h3, kept2_y_argmax_p, kept2_y_argmax_q)
     _flatten_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
     _softmax_cross_entropy_fwd_saving_into(h5, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
@@ -418,9 +418,9 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
     _flatten_bwd_into(g4, h3, g3)
-    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, g2)
+    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0, g2)
     _relu_bwd_into(g2, h1, g1)
-    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias)
+    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, g_conv2d0_weight, g_conv2d0_bias)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d0_bias, g_conv2d0_bias, conv2d0_bias_m, conv2d0_bias_v, t, lr, beta1, beta2, eps)
     return loss
@@ -430,9 +430,9 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     """The arrays ``_train_step`` writes (activations, kept values, the loss, gradients),
     uninitialised, for a batch of the shape of ``x`` (plain Python: once per batch shape)."""
     h0 = x
-    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     h2 = _relu_fwd_alloc(h1)
-    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
+    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     h4 = _flatten_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
     loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h5, y, 1)
@@ -440,9 +440,9 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     g5 = _softmax_cross_entropy_bwd_saved_alloc(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g4, g_dense4_weight, g_dense4_bias = _dense_bwd_alloc(g5, h4, dense4_weight, dense4_bias)
     g3 = _flatten_bwd_alloc(g4, h3)
-    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
+    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     g1 = _relu_bwd_alloc(g2, h1)
-    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     return (
         h1,
         h2,

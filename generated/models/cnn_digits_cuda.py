@@ -229,14 +229,14 @@ def forward(params, x):
     _rows(x, "forward")
     (x,) = _inputs(x, conv2d0_weight.dtype)
     h0 = x
-    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     h2 = _relu_fwd_alloc(h1)
-    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
+    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     h4 = _flatten_fwd_alloc(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
+    _max_pool2d_fwd_saving_into(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0, h3, kept2_y_argmax_p, kept2_y_argmax_q)
     _flatten_fwd_into(h3, h4)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5)
     return h5
@@ -266,18 +266,18 @@ def loss_and_grads(params, x, y):
     y = _batch("y", y, dtype)
     h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, loss, kept_loss_max0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g1, g_conv2d0_weight, g_conv2d0_bias, w0f, w1f, w2f, w3f, w4f, wlf, wlb, w4b, w3b, w2b, w1b, w0b = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     h0 = x
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1, w0f)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, h1, w0f)
     _relu_fwd_into(h1, h2, w1f)
-    _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q, w2f)
+    _max_pool2d_fwd_saving_into(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0, h3, kept2_y_argmax_p, kept2_y_argmax_q, w2f)
     _flatten_fwd_into(h3, h4, w3f)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5, w4f)
     _softmax_cross_entropy_fwd_saving_into(h5, y, 1, loss, kept_loss_max0, kept_loss_sumexp0, wlf)
     _softmax_cross_entropy_bwd_saved_into(seed, h5, y, kept_loss_max0, kept_loss_sumexp0, 1, g5, wlb)
     _dense_bwd_into(g5, h4, dense4_weight, dense4_bias, g4, g_dense4_weight, g_dense4_bias, w4b)
     _flatten_bwd_into(g4, h3, g3, w3b)
-    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, g2, w2b)
+    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0, g2, w2b)
     _relu_bwd_into(g2, h1, g1, w1b)
-    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias, w0b)
+    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, g_conv2d0_weight, g_conv2d0_bias, w0b)
     grads = {
         "conv2d0.weight": g_conv2d0_weight,
         "conv2d0.bias": g_conv2d0_bias,
@@ -424,9 +424,9 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     launches kernels only, and returns the loss (a one-element device array)."""
     h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, loss, kept_loss_max0, kept_loss_sumexp0, seed, g5, g4, g_dense4_weight, g_dense4_bias, g3, g2, g1, g_conv2d0_weight, g_conv2d0_bias, w0f, w1f, w2f, w3f, w4f, wlf, wlb, w4b, w3b, w2b, w1b, w0b = buffers
     h0 = x
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1, w0f)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, h1, w0f)
     _relu_fwd_into(h1, h2, w1f)
-    _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q, w2f)
+    _max_pool2d_fwd_saving_into(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0, h3, kept2_y_argmax_p, kept2_y_argmax_q, w2f)
     _flatten_fwd_into(h3, h4, w3f)
     _dense_fwd_into(h4, dense4_weight, dense4_bias, h5, w4f)
     _softmax_cross_entropy_fwd_saving_into(h5, y, 1, loss, kept_loss_max0, kept_loss_sumexp0, wlf)
@@ -435,9 +435,9 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias, 
     _adam_step_core(dense4_weight, g_dense4_weight, dense4_weight_m, dense4_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense4_bias, g_dense4_bias, dense4_bias_m, dense4_bias_v, t, lr, beta1, beta2, eps)
     _flatten_bwd_into(g4, h3, g3, w3b)
-    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, g2, w2b)
+    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0, g2, w2b)
     _relu_bwd_into(g2, h1, g1, w1b)
-    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias, w0b)
+    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1, g_conv2d0_weight, g_conv2d0_bias, w0b)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d0_bias, g_conv2d0_bias, conv2d0_bias_m, conv2d0_bias_v, t, lr, beta1, beta2, eps)
     return loss
@@ -449,12 +449,12 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     launches (the intermediates its kernels pass between them), for a batch of this
     shape."""
     h0 = x
-    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
-    w0f = _conv2d_fwd_work(h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
+    w0f = _conv2d_fwd_work(h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     h2 = _relu_fwd_alloc(h1)
     w1f = _relu_fwd_work(h1)
-    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
-    w2f = _max_pool2d_fwd_saving_work(h2, 2, 2)
+    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0)
+    w2f = _max_pool2d_fwd_saving_work(h2, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     h4 = _flatten_fwd_alloc(h3)
     w3f = _flatten_fwd_work(h3)
     h5 = _dense_fwd_alloc(h4, dense4_weight, dense4_bias)
@@ -468,12 +468,12 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, dense4_weight, dense4_bias)
     w4b = _dense_bwd_work(g5, h4, dense4_weight, dense4_bias)
     g3 = _flatten_bwd_alloc(g4, h3)
     w3b = _flatten_bwd_work(g4, h3)
-    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
-    w2b = _max_pool2d_bwd_saved_work(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
+    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0)
+    w2b = _max_pool2d_bwd_saved_work(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, 2, 2, 0, 0, 1, 1, 0)
     g1 = _relu_bwd_alloc(g2, h1)
     w1b = _relu_bwd_work(g2, h1)
-    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
-    w0b = _conv2d_bwd_params_work(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
+    w0b = _conv2d_bwd_params_work(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, 1, 1, 1, 1, 1)
     return (
         h1,
         h2,

@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 28f2af6dc907efce
-#   generated/layers/gru_cell.py 1ab905e117164bb4
-#   generated/losses/softmax_cross_entropy.py 009d48a172c69f61
-#   generated/optimizers/adam.py 893cf79ce5b2235c
-#   generated/_runtime.py 0f103c4f0e40ac46
+#   generated/layers/dense.py 7d025a3a6a7e2f2f
+#   generated/layers/gru_cell.py cb7af0a56bbd4f1a
+#   generated/losses/softmax_cross_entropy.py 8a3188956f45f975
+#   generated/optimizers/adam.py f76e09d4a1c7d683
+#   generated/_runtime.py 4fc0ad4a8c9778af
 """The gru_majority model.
 
 Model ``gru_majority``: samples of shape (15, 1) -> outputs of shape (2,).

@@ -5,10 +5,10 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/layers/dense.py 28f2af6dc907efce
-#   generated/losses/bce_with_logits.py 6e1da0ff36d8ad9b
-#   generated/optimizers/adam.py 893cf79ce5b2235c
-#   generated/_runtime.py 0f103c4f0e40ac46
+#   generated/layers/dense.py 7d025a3a6a7e2f2f
+#   generated/losses/bce_with_logits.py c76bae593a01ac45
+#   generated/optimizers/adam.py f76e09d4a1c7d683
+#   generated/_runtime.py 4fc0ad4a8c9778af
 """The logreg_breast_cancer model.
 
 Model ``logreg_breast_cancer``: samples of shape (30,) -> outputs of shape (1,).

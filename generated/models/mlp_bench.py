@@ -5,11 +5,11 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py 1af727d1205c7018
-#   generated/layers/dense.py 28f2af6dc907efce
-#   generated/losses/softmax_cross_entropy.py 009d48a172c69f61
-#   generated/optimizers/adam.py 893cf79ce5b2235c
-#   generated/_runtime.py 0f103c4f0e40ac46
+#   generated/activations/relu.py 2a29a6cba8d02f85
+#   generated/layers/dense.py 7d025a3a6a7e2f2f
+#   generated/losses/softmax_cross_entropy.py 8a3188956f45f975
+#   generated/optimizers/adam.py f76e09d4a1c7d683
+#   generated/_runtime.py 4fc0ad4a8c9778af
 """The mlp_bench model.
 
 Model ``mlp_bench``: samples of shape (784,) -> outputs of shape (10,).
