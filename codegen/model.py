@@ -77,6 +77,23 @@ order (``name = ["h", "c"]``); their values are ``h<i+1>`` and ``h<i+1>_<output>
 (:func:`output_keys`), every one must be read, and the op's backward takes all their
 gradients.
 
+**Folding: an entry at every position.** An entry whose input has more leading axes
+per sample than its op needs, all of them *position* axes, runs at every position (as
+torch.nn.Linear, LayerNorm and Embedding apply to leading axes)::
+
+    inputs = { tokens = { shape = [11], dtype = "int64" } }
+    layers = [{ op = "embedding", V = 10, D = 32, inputs = ["tokens"] },   # (11,) -> (11, 32)
+              { op = "dense", out = 10 }, { op = "log_softmax" }]          # (11, 10)
+    loss = "categorical_nll"                                               # targets (B, 11)
+
+Those axes join the batch, a free view of a contiguous array ((B, T, D) read as
+(B*T, D)), and the output is unfolded back ((B*T, O) -> (B, T, O)): :func:`_fold`
+decides it, :class:`codegen.model_plan.Layer` ``fold``/``in_views``/``out_view`` carry
+it to the templates. Position axes are every axis of an integer input, the axes an
+entry folded, and those an op keeps in place (:func:`_positions_out`); a float input has
+none, so a rank mismatch on float features stays an error. The loss folds the same way
+(:func:`_loss_fold`): its mean over the batch is then the mean over every position.
+
 **Parameters** are initialised by the role they play in the op's forward equations
 (read off the Program, so any op gets a suitable rule): a parameter multiplied with the
 input inside a sum (a weight) is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in
