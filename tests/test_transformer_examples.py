@@ -193,22 +193,25 @@ def test_position_axes_fold_and_their_checks(programs, tmp_path):
 # ------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_the_sort_transformer_sorts_held_out_sequences(sort_model):
     """500 steps of 64 sequences (the example trains 5 epochs of 157): >= 99% of 2,000
-    held-out digit sequences sorted (every one of the last 6 predictions right)."""
+    held-out digit sequences sorted (every one of the last 6 predictions right). Without
+    the decay the accuracy swings by several points from step to step near the end."""
     m = sort_model
     x, y, x_test, y_test = sequences.sort_data()
     params = m.init(0)
     state = m.init_state(params)
     rng = np.random.default_rng(0)
-    for _ in range(500):
+    for step in range(500):  # Adam at 3e-3 with a cosine decay over the run, as the example
         idx = rng.integers(0, len(x), 64)
-        loss = m.train_step(params, state, {"tokens": x[idx]}, y[idx])
+        loss = m.train_step(params, state, {"tokens": x[idx]}, y[idx], lr=0.0015 * (1 + math.cos(math.pi * step / 500)))
     assert np.isfinite(loss)
     accuracy = np.mean(sequences.sorted_correctly(m.predict(params, {"tokens": x_test}), y_test))
     assert accuracy >= 0.99, accuracy
 
 
+@pytest.mark.slow
 def test_the_char_transformer_beats_the_bigram():
     """200 steps of 32 windows of stdlib source: the validation bits per character are
     below the training text's character bigram."""
