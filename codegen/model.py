@@ -862,12 +862,6 @@ def _entry_names(check: _Checker, where: str, entry: dict, outputs) -> list[str]
     return labels
 
 
-def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict, outputs=None) -> tuple[list, str]:
-    """The arrays entry ``i`` reads (value keys: 0 the model's input, :func:`output_keys`
-    of entry k's outputs) and the name it gives its output ("" when none; "h, c" for
-    several); registers those names in ``names``. ``later``: the names of all entries,
-    for the message about a forward reference. ``outputs``: the op's output names, when
-    the entry may have several (None: one)."""
 # ------------------------------------------------------------------------ folding
 
 
@@ -971,11 +965,12 @@ def _loss_fold(check: _Checker, loss: OpInfo, shape: tuple[int, ...], positions:
     return k, _view(shape[k:]), tuple(shape[:k]) + rest, _view(rest)
 
 
-def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict) -> tuple[list[int], str]:
-    """The arrays entry ``i`` reads (value numbers: 0 the model's input, k + 1 entry k's
-    output) and the name it gives its own output ("" when none); registers that name in
-    ``names``. ``later``: the names of all entries, for the message about a forward
-    reference."""
+def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict, outputs=None) -> tuple[list, str]:
+    """The arrays entry ``i`` reads (value keys: 0 the model's input, :func:`output_keys`
+    of entry k's outputs) and the name it gives its output ("" when none; "h, c" for
+    several); registers those names in ``names``. ``later``: the names of all entries,
+    for the message about a forward reference. ``outputs``: the op's output names, when
+    the entry may have several (None: one)."""
     where = _describe(i, entry)
     labels = _entry_names(check, where, entry, outputs)
     for label in labels:
