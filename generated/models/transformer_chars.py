@@ -5,17 +5,17 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/gelu.py 64014bf2b5672c21
-#   generated/layers/add.py 809d5733899b2fc4
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/embedding.py e22b488a5420604e
-#   generated/layers/layer_norm.py 07660d540034c29b
-#   generated/layers/log_softmax.py b9bb060f9743bfe7
-#   generated/layers/multi_head_attention.py 240ba16e0cf8655c
-#   generated/layers/positional_embedding.py 5453babb45742dad
-#   generated/losses/categorical_nll.py 5f81d9faabda07a3
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/gelu.py 36f4669cf070ee9e
+#   generated/layers/add.py 4606b5db4ac5b993
+#   generated/layers/dense.py 0ca757221d4d66fb
+#   generated/layers/embedding.py 20bbfa02178ffd0f
+#   generated/layers/layer_norm.py 15cbaa465bf6ed3a
+#   generated/layers/log_softmax.py 5a7c127924672309
+#   generated/layers/multi_head_attention.py 628e40551eb8155d
+#   generated/layers/positional_embedding.py dd6068a5fd350e27
+#   generated/losses/categorical_nll.py d02cf1e9b0c3886c
+#   generated/optimizers/adam.py f9beecf6817908e6
+#   generated/_runtime.py 41a4e9bdef58353a
 """A small decoder-only transformer (GPT-style, pre-norm): token and position embeddings, two blocks of causal
 multi-head self-attention and a GELU MLP with residual connections, a final layer norm and a dense map to the
 vocabulary; trained as a character-level language model (next character at each of 32 positions) on Python
