@@ -5,17 +5,17 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/gelu.py 36f4669cf070ee9e
-#   generated/layers/add.py 4606b5db4ac5b993
-#   generated/layers/dense.py 0ca757221d4d66fb
-#   generated/layers/embedding.py 20bbfa02178ffd0f
-#   generated/layers/layer_norm.py 15cbaa465bf6ed3a
-#   generated/layers/log_softmax.py 5a7c127924672309
-#   generated/layers/multi_head_attention.py 628e40551eb8155d
-#   generated/layers/positional_embedding.py dd6068a5fd350e27
-#   generated/losses/categorical_nll.py d02cf1e9b0c3886c
-#   generated/optimizers/adam.py f9beecf6817908e6
-#   generated/_runtime.py 41a4e9bdef58353a
+#   generated/activations/gelu.py 677e071461dc9bd2
+#   generated/layers/add.py 9e8b7015824a2dd6
+#   generated/layers/dense.py 28f2af6dc907efce
+#   generated/layers/embedding.py 197a0259150067bb
+#   generated/layers/layer_norm.py f423905b05bc78a7
+#   generated/layers/log_softmax.py 94e95ac72249bd9b
+#   generated/layers/multi_head_attention.py 80e48ca86c6bea92
+#   generated/layers/positional_embedding.py 7e5674274c62884c
+#   generated/losses/categorical_nll.py 48fa247e61fedd66
+#   generated/optimizers/adam.py 893cf79ce5b2235c
+#   generated/_runtime.py 0f103c4f0e40ac46
 """A small decoder-only transformer (GPT-style, pre-norm): token and position embeddings, two blocks of causal
 multi-head self-attention and a GELU MLP with residual connections, a final layer norm and a dense map to the
 vocabulary; trained as a character-level language model (next character at each of 32 positions) on Python
