@@ -77,6 +77,23 @@ order (``name = ["h", "c"]``); their values are ``h<i+1>`` and ``h<i+1>_<output>
 (:func:`output_keys`), every one must be read, and the op's backward takes all their
 gradients.
 
+**Folding: an entry at every position.** An entry whose input has more leading axes
+per sample than its op needs, all of them *position* axes, runs at every position (as
+torch.nn.Linear, LayerNorm and Embedding apply to leading axes)::
+
+    inputs = { tokens = { shape = [11], dtype = "int64" } }
+    layers = [{ op = "embedding", V = 10, D = 32, inputs = ["tokens"] },   # (11,) -> (11, 32)
+              { op = "dense", out = 10 }, { op = "log_softmax" }]          # (11, 10)
+    loss = "categorical_nll"                                               # targets (B, 11)
+
+Those axes join the batch, a free view of a contiguous array ((B, T, D) read as
+(B*T, D)), and the output is unfolded back ((B*T, O) -> (B, T, O)): :func:`_fold`
+decides it, :class:`codegen.model_plan.Layer` ``fold``/``in_views``/``out_view`` carry
+it to the templates. Position axes are every axis of an integer input, the axes an
+entry folded, and those an op keeps in place (:func:`_positions_out`); a float input has
+none, so a rank mismatch on float features stays an error. The loss folds the same way
+(:func:`_loss_fold`): its mean over the batch is then the mean over every position.
+
 **Parameters** are initialised by the role they play in the op's forward equations
 (read off the Program, so any op gets a suitable rule): a parameter multiplied with the
 input inside a sum (a weight) is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in
@@ -899,6 +916,109 @@ def _entry_names(check: _Checker, where: str, entry: dict, outputs) -> list[str]
     return labels
 
 
+# ------------------------------------------------------------------------ folding
+
+
+def _fold(check: _Checker, where: str, info: OpInfo, entry: dict, sources: list, positions: list, graph: bool):
+    """How entry ``where`` applies its op at every position of its input: ``(k, lead,
+    sources)``, ``k`` the number of leading per-sample axes folded into the batch (0: none),
+    ``lead`` their sizes, ``sources`` what the op then reads, those axes removed.
+
+    An op's input is rank-specific (dense's ``x`` is (B, I)); a source with ``k`` more
+    leading axes per sample than it needs, all of them *position* axes (``positions``:
+    how many leading axes of each source are), is read as the batch of its positions, a
+    free view of a contiguous array ((B, T, D) as (B*T, D)), and the output is unfolded
+    back ((B*T, O) -> (B, T, O)), as torch.nn.Linear, LayerNorm and Embedding apply to
+    leading axes. Every array the op reads must have the same ``k`` position axes of the
+    same sizes. Any other rank mismatch is left to :func:`_bind_layer`, which names it."""
+    if info.elementwise or entry.get("unroll", False) is True or not sources:
+        return 0, (), sources
+    if graph and len(sources) == len(info.inputs):
+        dims = [d for _, d in info.inputs]
+    else:
+        dims = [d for n, d in info.inputs if n not in info.int_args]
+    if len(dims) != len(sources):
+        return 0, (), sources
+    extra = [len(src[0]) + 1 - len(d) for src, d in zip(sources, dims)]
+    if all(k <= 0 for k in extra):
+        return 0, (), sources
+    k = extra[0]
+    if any(kk <= 0 or kk > pos for kk, pos in zip(extra, positions)):
+        return 0, (), sources  # not position axes: _bind_layer names the rank mismatch
+    for src, kk in zip(sources[1:], extra[1:]):
+        if kk != k or tuple(src[0][:k]) != tuple(sources[0][0][:k]):
+            check.fail(
+                where,
+                f"shape mismatch: the op runs at every position of {sources[0][1]} ({_shape(sources[0][0][:k])} "
+                f"before {_dims_text(dims[0][1:])}), but {src[1]} gives {_shape(src[0])} per sample; the arrays "
+                "it reads must share their position axes",
+            )
+    lead = tuple(sources[0][0][:k])
+    return k, lead, [(tuple(src[0][k:]), *src[1:]) for src in sources]
+
+
+def _positions_out(info: OpInfo, fold: int, sources: list, positions: list, cell) -> int:
+    """How many leading axes of an entry's output are position axes (a later entry may
+    fold them): those it folded, then those the op keeps in place (its first input and
+    its output have the same dimension at that axis, as attention's L or a position
+    table's T), up to as many as its input had; an elementwise op keeps its input's."""
+    if info.elementwise:
+        return positions[0] if positions else 0
+    if cell is not None or not sources:
+        return 0
+    left = min(positions) - fold
+    in_dims = info.inputs[0][1] if info.inputs else ()
+    kept = 0
+    for j in range(1, min(len(in_dims), len(info.output_shape))):
+        if kept >= left or in_dims[j] != info.output_shape[j]:
+            break
+        kept += 1
+    return fold + kept
+
+
+def _fold_fields(fold: int, read: list, shape_out: tuple[int, ...], grad_views: list) -> dict:
+    """The :class:`Layer` fields of an entry folding ``fold`` position axes (none when 0)."""
+    if not fold:
+        return {}
+    return {
+        "fold": fold,
+        "in_views": tuple(_view(src[0]) for src in read),
+        "out_view": _view(shape_out[fold:]),
+        "out_shape_view": _view(shape_out),
+        "grad_views": tuple(grad_views),
+    }
+
+
+def _view(sizes) -> str:
+    """A batch of arrays of one sample's shape ``sizes``, as ``reshape`` takes it: (-1, 32)."""
+    return repr((-1, *sizes))
+
+
+def _loss_fold(check: _Checker, loss: OpInfo, shape: tuple[int, ...], positions: int):
+    """The loss at every position: ``(k, pred view, target's shape per sample, target
+    view)``, ``k`` the position axes of the last entry's output folded into the batch
+    (0: the loss takes the output as it is). A loss over (B, C) reads logits (B, T, V)
+    as (B*T, V) and its target (B, T) (integer classes) or (B, T, V) (rows) as (B*T) or
+    (B*T, V): the mean over the batch is then the mean over every position, as
+    F.cross_entropy(logits.view(-1, V), target.view(-1))."""
+    pred_dims = loss.args[0][2]
+    k = len(shape) + 1 - len(pred_dims)
+    if k <= 0 or k > positions:
+        _check_loss_input(check, loss, shape)
+        return 0, "", (), ""
+    sizes = dict(zip(pred_dims[1:], shape[k:]))
+    target_dims = loss.args[1][2] if len(loss.args) > 1 else ()
+    missing = [d for d in target_dims[1:] if d not in sizes]
+    if missing:
+        check.fail(
+            f"loss (op {loss.name!r})",
+            f"the loss runs at every position of the last layer's output {_shape(shape)}, but its target "
+            f"{_dims_text(target_dims)} has the dimension(s) {', '.join(missing)} that the prediction does not size",
+        )
+    rest = tuple(sizes[d] for d in target_dims[1:])
+    return k, _view(shape[k:]), tuple(shape[:k]) + rest, _view(rest)
+
+
 def _entry_inputs(check: _Checker, i: int, entry: dict, names: dict, later: dict, outputs=None) -> tuple[list, str]:
     """The arrays entry ``i`` reads (value keys: 0 the model's input, :func:`output_keys`
     of entry k's outputs) and the name it gives its output ("" when none; "h, c" for
@@ -997,9 +1117,11 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
     # value k: 0 the model's input, k + 1 entry k's output; each with its shape and how messages name it
     values = {}
     var = {}
+    positions = {}  # value k: how many leading axes of one sample are positions (_fold)
     for in_name, k, v, in_shape, is_int in model_inputs:
         values[k] = (in_shape, "the input" if k == 0 else f"input {in_name!r}", is_int)
         var[k] = v
+        positions[k] = len(in_shape) if is_int else 0  # token ids: every axis is a position
     shape = model_inputs[0][3]
     input_names = {in_name: k for in_name, k, *_ in model_inputs}
     all_sources, requires, complete = _graph(check, raw, input_names)
@@ -1029,7 +1151,12 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
         sources, label = _entry_inputs(check, i, entry, names, later, outputs)
         graph = "inputs" in entry
         attrs = check.attrs(where, {k: v for k, v in entry.items() if k in info.attrs}, info.attrs, "attribute", dict(info.attr_defaults))
-        attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, [values[k] for k in sources], graph)
+        read = [values[k] for k in sources]
+        fold, lead, read = _fold(check, where, info, entry, read, [positions[k] for k in sources], graph)
+        attr_values, binder, shape_out, cell, batch = _bind_layer(check, i, entry, info, read, graph)
+        shape_out = (*lead, *shape_out) if fold else shape_out
+        if fold and outputs:
+            check.fail(where, f"an op with several outputs ({', '.join(outputs)}) at every position of a sequence is not supported yet")
         if cell and sources != [i]:
             check.fail(where, "an unrolled cell reads the previous entry's output (other 'inputs' are not supported yet)")
         if cell and requires[i] and len(readers.get(i, ())) > 1:
@@ -1062,7 +1189,7 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
         by_arg = {p.arg: p for p in params}
         reads = dict(reading)
         position = {arg: pos for pos, (arg, _) in enumerate(reading)}
-        grads, param_grads, accumulate, hvp_reads = [], [], [], []
+        grads, param_grads, accumulate, hvp_reads, grad_views = [], [], [], [], []
         for arg in info.differentiable:
             if arg in by_arg:
                 p = by_arg[arg]
@@ -1076,6 +1203,8 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
                 else:  # a part of the gradient of an array several entries read
                     grads.append(f"g{k}_{i}_{arg}")
                     accumulate.append((f"g{k}", f"g{k}_{i}_{arg}", len(values[k][0]) + 1))
+                if fold:  # the op writes it folded, as it reads the array
+                    grad_views.append((grads[-1], _view(read[position[arg]][0]), var[k]))
             else:
                 grads.append("_")
         core_attrs = _core_attrs(info, {k: v for k, v in entry.items() if k in info.attrs})
@@ -1104,6 +1233,8 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
             kept = tuple(f"kept{i}_{n}" for n in info.kept)
             held = dict(zip((n for n, _ in info.outputs), (f"h{k}" for k in output_keys(i, outputs or (None,)))))
             given = tuple(held.get(n, f"h{i + 1}") for n in info.saved_outputs) + kept
+            if fold:  # the op's output as it wrote it
+                given = tuple(f"h{i + 1}.reshape({_view(shape_out[fold:])})" for _ in info.saved_outputs) + kept
         layer_cell = None
         if cell is not None:
             layer_cell = _cell_calls(
@@ -1155,11 +1286,14 @@ def _layers(check: _Checker, spec: dict, model_inputs: list, variants: bool = Tr
                 more_outputs=tuple(keys[1:]),
                 shapes_out=shapes_out,
                 **modes,
+                positions=_positions_out(info, fold, read, [positions[k] for k in sources], cell),
+                **_fold_fields(fold, read, shape_out, grad_views),
             )
         )
         for key, one, one_shape in zip(keys, label.split(", ") if outputs else [label], shapes_out):
             values[key] = (one_shape, f"{one!r} (layers[{i}], op {info.name!r})" if one else f"layers[{i}] (op {info.name!r})", False)
             var[key] = f"h{key}"
+            positions[key] = layers[-1].positions
         shape = shape_out
     return layers
 
@@ -1354,7 +1488,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
         loss = check.lookup("loss", loss_name, ("loss",))
     if len(loss.differentiable) != 1 or loss.differentiable[0] != loss.args[0][0]:
         check.fail(f"loss (op {loss.name!r})", "a model loss must be differentiable in its first argument only")
-    _check_loss_input(check, loss, output_shape)
+    loss_fold = _loss_fold(check, loss, output_shape, layers[-1].positions)
 
     opt_spec = spec["optimizer"]
     if isinstance(opt_spec, str):
@@ -1383,7 +1517,7 @@ def _check_spec(path: Path, spec: dict, infos: dict[str, OpInfo], variants: bool
         summary.append(f"{layer.index:<5}  {op:<22}  {shapes:<24}  {pshapes}".rstrip())
     return plan_step(
         infos, layers, loss, loss_given_attrs, _core_attrs(loss, loss_given_attrs), loss_attrs, opt, hyper, params, summary,
-        name, doc, input_shape, output_shape, task, variants, model_inputs,
+        name, doc, input_shape, output_shape, task, variants, model_inputs, loss_fold,
     )
 
 
@@ -1424,6 +1558,15 @@ def unsupported(plan: ModelPlan, target) -> str | None:
             f"layers[{layer.index}] (op {layer.op!r}): train and eval modes (dropout's draws, batch norm's running "
             f"statistics) have no {target.name} model step yet; train this model on the CPU"
         )
+    if not target.model_folds:
+        for layer in plan.layers:
+            if layer.fold:
+                return (
+                    f"layers[{layer.index}] (op {layer.op!r}): an entry applied at every position of a sequence "
+                    f"(folded into the batch) has no {target.name} training step yet; train this model on the CPU"
+                )
+        if plan.loss_fold:
+            return f"loss (op {plan.loss!r}): a loss at every position has no {target.name} training step yet; train this model on the CPU"
     if plan.several_inputs and not target.model_inputs:
         return f"inputs: a model with several inputs has no {target.name} training step yet; train this model on the CPU"
     if not target.model_outputs:

@@ -166,16 +166,48 @@ class Layer:
     running_op: str = ""
     running_call: str = ""
     running_new: tuple[str, ...] = ()
+    # folding (codegen/model.py, _fold): the leading position axes of what it reads that
+    # join the batch (0: none); each input's view as the op reads it ("(-1, 32)"), the
+    # output's as the op writes it ("(-1, 65)") and as the model keeps it ("(-1, 16, 65)"),
+    # and (gradient, view, array) of each input gradient it writes, folded as its array
+    positions: int = 0  # how many leading axes of its output (one sample) are positions
+    fold: int = 0
+    in_views: tuple[str, ...] = ()
+    out_view: str = ""
+    out_shape_view: str = ""
+    grad_views: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def in_args(self) -> str:
-        """The arrays it reads, as a call passes them: "h3" or "h2, h1"."""
-        return ", ".join(self.inputs or (f"h{self.index}",))
+        """The arrays it reads, as a call passes them: "h3" or "h2, h1" (folded:
+        "h3.reshape((-1, 32))")."""
+        names = self.inputs or (f"h{self.index}",)
+        if self.fold:
+            return ", ".join(f"{n}.reshape({v})" for n, v in zip(names, self.in_views))
+        return ", ".join(names)
 
     @property
     def tangent_args(self) -> str:
-        """The tangents of the arrays it reads (``hvp``): "t2, t1"."""
-        return ", ".join("t" + name[1:] for name in self.inputs or (f"h{self.index}",))
+        """The tangents of the arrays it reads (``hvp``): "t2, t1" (folded: "_view(t2, (-1, 32))")."""
+        names = ["t" + name[1:] for name in self.inputs or (f"h{self.index}",)]
+        if self.fold:
+            return ", ".join(f"_view({n}, {v})" for n, v in zip(names, self.in_views))
+        return ", ".join(names)
+
+    @property
+    def unfold(self) -> str:
+        """What turns its op's output into the model's array: "" or ".reshape((-1, 16, 65))"."""
+        return f".reshape({self.out_shape_view})" if self.fold else ""
+
+    @property
+    def g_out(self) -> str:
+        """Its outputs' gradients, as its op's backward reads them (folded: viewed as the op wrote it)."""
+        return f"g{self.index + 1}.reshape({self.out_view})" if self.fold else self.out_grads
+
+    @property
+    def gt_out(self) -> str:
+        """The tangents of its outputs' gradients (``hvp``), as its op's backward reads them."""
+        return f"gt{self.index + 1}.reshape({self.out_view})" if self.fold else self.out_grad_tangents
 
     @property
     def chain(self) -> bool:
@@ -258,6 +290,21 @@ class Layer:
     def fwd_targets(self) -> str:
         return ", ".join(self.fwd_results)
 
+    @property
+    def fwd_into_targets(self) -> str:
+        """The arrays the compiled forward writes, as its ``_into`` form takes them (folded:
+        the output as the op writes it)."""
+        if not self.fold:
+            return self.fwd_targets
+        return ", ".join([f"h{self.index + 1}.reshape({self.out_view})", *self.kept])
+
+    @property
+    def bwd_into_targets(self) -> str:
+        """The gradients the compiled backward writes, as its ``_into`` form takes them
+        (folded: each input's gradient as the op writes it)."""
+        views = {grad: view for grad, view, _ in self.grad_views}
+        return ", ".join(f"{g}.reshape({views[g]})" if g in views else g for g in self.bwd_unpack)
+
 
 
 @dataclass(frozen=True)
@@ -318,14 +365,38 @@ class ModelPlan:
     modes: bool  # some layer runs differently in eval mode
     # the eval-mode ops' entry points, by module (a target whose forward calls them: CUDA's)
     eval_imports: list
+    # the loss at every position (codegen/model.py, _loss_fold): the position axes folded
+    # (0: none), the prediction's view as the loss reads it, the target's shape per sample
+    # and its view
+    loss_fold: int = 0
+    loss_pred_view: str = ""
+    target_shape: str = ""
+    loss_target_view: str = ""
+
+    @property
+    def loss_pred(self) -> str:
+        """The model's output as the loss reads it: "h9" or "h9.reshape((-1, 65))"."""
+        return f"h{self.n}.reshape({self.loss_pred_view})" if self.loss_fold else f"h{self.n}"
+
+    @property
+    def loss_grad(self) -> str:
+        """The output's gradient as the loss's backward writes it."""
+        return f"g{self.n}.reshape({self.loss_pred_view})" if self.loss_fold else f"g{self.n}"
+
+    @property
+    def folded(self) -> bool:
+        """Whether an entry or the loss runs at every position (folds axes into the batch)."""
+        return bool(self.loss_fold) or any(layer.fold for layer in self.layers)
 
     def context(self) -> dict:
         """The plan as a template context (a shallow dict of its fields)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        context = {f.name: getattr(self, f.name) for f in fields(self)}
+        context.update(loss_pred=self.loss_pred, loss_grad=self.loss_grad, folded=self.folded)
+        return context
 
 
 def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs, opt, hyper, params, summary, name, doc,
-              input_shape, output_shape, task, variants: bool, model_inputs=None) -> ModelPlan:
+              input_shape, output_shape, task, variants: bool, model_inputs=None, loss_fold=(0, "", (), "")) -> ModelPlan:
     """The step of a checked model: the cores it calls, the loss's entries, the arrays
     it writes. ``variants``: whether the target's op modules have the fused-step
     variants (forward-saving and saved-backward cores)."""
@@ -437,5 +508,9 @@ def plan_step(infos, layers, loss, loss_given_attrs, loss_core_attrs, loss_attrs
         # several named inputs: (name, variable, one sample's shape, integer) of each
         "several_inputs": several,
         "model_inputs": [(n, v, repr(tuple(shape)), is_int) for n, _, v, shape, is_int in model_inputs],
+        "loss_fold": loss_fold[0],
+        "loss_pred_view": loss_fold[1],
+        "target_shape": repr(tuple(loss_fold[2])),
+        "loss_target_view": loss_fold[3],
     }
     return ModelPlan(**context)

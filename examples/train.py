@@ -75,6 +75,8 @@ def parse_args(argv=None) -> trainer.Config | None:
     defaults = {"dataset": "digits", "epochs": 20, "batch_size": 32}
     if example is not None:
         defaults = {"dataset": example.dataset, "epochs": example.epochs, "batch_size": example.batch_size}
+        if example.schedule:  # the schedule the example is trained with
+            defaults["schedule"] = example.schedule
     for name, value in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, value)
@@ -160,8 +162,16 @@ def main(argv=None) -> int:
     steps = f"{result['epochs']} {'epochs' if config.method == 'first-order' else config.method + ' iterations'}"
     if config.distributed and not distributed.is_root():
         return 0
-    if "test_accuracy" in result:
-        print(f"test accuracy: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {steps})")
+    if "bigram_bits_per_char" in result:
+        print(
+            f"validation bits per character: {result['test_bits_per_char']:.3f}; character bigram of the training text: "
+            f"{result['bigram_bits_per_char']:.3f} ({result['model']} on {result['dataset']}, {steps}); "
+            f"next-character accuracy {result['test_accuracy']:.4f}"
+        )
+        print("sample (seeded, after the first validation window):\n" + result["sample"])
+    elif "test_accuracy" in result:
+        what = "held-out sequences sorted correctly" if result["dataset"] == "sort" else "test accuracy"
+        print(f"{what}: {result['test_accuracy']:.4f} ({result['model']} on {result['dataset']}, {steps})")
     elif "test_r2" in result:
         print(f"test R^2: {result['test_r2']:.4f} ({result['model']} on {result['dataset']}, {steps})")
         ls = result["least_squares"]

@@ -43,11 +43,14 @@ SPECS = Path(__file__).resolve().parent.parent / "specs" / "models"
 
 @dataclass(frozen=True)
 class Dataset:
-    """A scikit-learn bundled dataset: ``load() -> (features, targets)``."""
+    """A scikit-learn bundled dataset: ``load() -> (features, targets)``; or a sequence
+    dataset (task "sequence", examples/sequences.py): ``load() -> (x_train, y_train,
+    x_test, y_test)``, integer tokens (N, T) and integer targets per position (N, T),
+    split already."""
 
     name: str
-    task: str  # "classification" (integer labels) or "regression" (real targets)
-    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    task: str  # "classification" (integer labels), "regression" (real targets) or "sequence"
+    load: Callable[[], tuple[np.ndarray, ...]]
     description: str
 
 
@@ -93,6 +96,13 @@ def temporal_order(n: int = TEMPORAL_SAMPLES, steps: int = TEMPORAL_STEPS, seed:
     rows = np.arange(n)
     symbols[rows, first], symbols[rows, second] = 6 + v1, 6 + v2
     return np.eye(len(TEMPORAL_SYMBOLS))[symbols], 2 * v1 + v2
+def _sequences(name: str) -> Callable[[], tuple[np.ndarray, ...]]:
+    def load():
+        import sequences
+
+        return sequences.char_data() if name == "chars" else sequences.sort_data()
+
+    return load
 
 
 DATASETS: dict[str, Dataset] = {
@@ -113,6 +123,16 @@ DATASETS: dict[str, Dataset] = {
             temporal_order,
             f"generated: {TEMPORAL_SAMPLES} symbol sequences of {TEMPORAL_STEPS} steps; the order of the two "
             "relevant symbols among distractors (XX, XY, YX, YY: 4 classes)",
+        ),
+        Dataset(
+            "chars", "sequence", _sequences("chars"),
+            "Python standard library source (300,000 characters of this interpreter's Lib/): windows of 32 characters, "
+            "the next character at each position (96 symbols)",
+        ),
+        Dataset(
+            "sort", "sequence", _sequences("sort"),
+            "generated: 6 random digits then the same digits sorted, next token at each position (10,000 train, "
+            "2,000 distinct test sequences)",
         ),
     )
 }
@@ -150,6 +170,8 @@ def load_dataset(name: str, test_size: float = 0.2, split_seed: int = 0, dtype=n
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
     ds = DATASETS[name]
+    if ds.task == "sequence":  # integer tokens and targets, split by the dataset itself
+        return Split("sequence", *ds.load())
     x, t = ds.load()
     x = np.asarray(x, dtype=np.float64)
     stratify = t if ds.task == "classification" else None
@@ -184,6 +206,7 @@ class Example:
     epochs: int
     batch_size: int
     about: str
+    schedule: str | None = None  # the learning-rate schedule it is trained with (--schedule)
 
     @property
     def spec(self) -> Path:
@@ -202,6 +225,9 @@ EXAMPLES: dict[str, Example] = {
             "lstm_temporal_order", "temporal_order", 10, 32,
             "two stacked LSTMs over 50 symbols: the order of two symbols 10-39 steps apart (>= 95%)",
         ),
+        Example("transformer_chars", "chars", 3, 32, "decoder-only transformer (2 blocks, causal attention) as a character LM on stdlib source",
+                "cosine"),
+        Example("transformer_sort", "sort", 5, 64, "the same transformer sorting 6 digits (>= 99% of held-out sequences)", "cosine"),
     )
 }
 
@@ -214,6 +240,10 @@ def fit_to_model(data: Split, model) -> Split:
     """``data`` as ``model`` takes it: each sample reshaped to ``model.INPUT_SHAPE`` (the
     same numbers per sample: digits' 64 features become a 1x8x8 image) and, for a binary
     model (one logit per sample), the labels of a two-class dataset as 0/1 targets."""
+    if data.task == "sequence":
+        return _fit_sequences(data, model)
+    if not hasattr(model, "INPUT"):
+        raise TrainError(f"the model {model.NAME!r} has named inputs ({', '.join(model.INPUTS)}); train it on a sequence dataset")
     if data.n_features != model.INPUT:
         raise TrainError(
             f"the model {model.NAME!r} takes samples of shape {model.INPUT_SHAPE} ({model.INPUT} numbers), "
@@ -236,6 +266,28 @@ def fit_to_model(data: Split, model) -> Split:
             f"but the dataset has {data.n_outputs} {what}"
         )
     return Split(data.task, x(data.x_train), y_train, x(data.x_test), y_test, data.labels_train, data.labels_test)
+
+
+def _fit_sequences(data: Split, model) -> Split:
+    """A sequence dataset's tokens and targets checked against ``model``: one integer
+    input of the tokens' shape, targets of ``model.TARGET_SHAPE`` (a class per position)."""
+    inputs = getattr(model, "INPUTS", {})
+    shapes = {name: shape for name, (shape, dtype) in inputs.items() if dtype == "int64"}
+    if len(inputs) != 1 or tuple(data.x_train.shape[1:]) not in shapes.values():
+        raise TrainError(
+            f"the model {model.NAME!r} takes {inputs or getattr(model, 'INPUT_SHAPE', '?')}, but a sequence dataset "
+            f"feeds one integer input of shape {data.x_train.shape[1:]} (tokens)"
+        )
+    target = tuple(getattr(model, "TARGET_SHAPE", getattr(model, "OUTPUT_SHAPE", ())))
+    if target != tuple(data.y_train.shape[1:]):
+        raise TrainError(f"the model {model.NAME!r} takes targets of shape {target}, but the dataset's are {data.y_train.shape[1:]}")
+    return data
+
+
+def feed(model, x):
+    """A batch as the model takes it: a model with named inputs gets ``{name: x}``."""
+    inputs = getattr(model, "INPUTS", None)
+    return {next(iter(inputs)): x} if inputs and not isinstance(x, dict) else x
 
 
 def least_squares(data: Split) -> dict:
@@ -464,10 +516,14 @@ def learning_rates(config: Config, base_lr: float):
     return lambda epoch: base_lr * float(sched.lr(epoch, **hyper))
 
 
-def evaluate(model, params, x, y, labels=None, state=None) -> dict:
-    """Test loss and, for classification, accuracy (for regression, MSE and R^2), in eval
-    mode: a model keeping running statistics (batch norm: ``RUNNING``) reads them from
-    ``state``."""
+def evaluate(model, params, x, y, labels=None, state=None, dataset: str | None = None) -> dict:
+    """Test loss and, for classification, accuracy (for regression, MSE and R^2; for a
+    sequence dataset, examples/sequences.py's metrics), in eval mode: a model keeping
+    running statistics (batch norm: ``RUNNING``) reads them from ``state``."""
+    if dataset is not None and DATASETS[dataset].task == "sequence":
+        import sequences
+
+        return sequences.metrics(dataset, model, params, x, y)
     kw = {"state": state} if hasattr(model, "RUNNING") else {}
     out = {"test_loss": float(model.loss(params, x, y, **kw))}
     if labels is not None:
@@ -584,9 +640,10 @@ def train(config: Config, log=print) -> dict:
     base_lr = float(config.lr) if config.lr is not None else _optimizer_default_lr(model)
     lr_at = learning_rates(config, base_lr)
     labels_test = data.labels_test if data.task == "classification" else None
+    sequence = data.task == "sequence"
     n = len(data.x_train)
     n_batches = math.ceil(n / config.batch_size)
-    metric = "test_accuracy" if labels_test is not None else "test_r2"
+    metric = "test_accuracy" if labels_test is not None or sequence else "test_r2"
     on_device = config.device != "cpu"  # the data set and the step's loss stay on the device (see below)
     if on_device:  # copied once: each batch is gathered there by its rows (train_step's index=)
         x_device, y_device = device_copy(model, data.x_train), device_copy(model, data.y_train)
@@ -619,7 +676,7 @@ def train(config: Config, log=print) -> dict:
                     continue
                 loss = float(host_copy(model, loss_sum)[0]) / seen  # the epoch's mean so far
             else:
-                loss = float(train_step(params, state, data.x_train[idx], data.y_train[idx], lr=lr))
+                loss = float(train_step(params, state, feed(model, data.x_train[idx]), data.y_train[idx], lr=lr))
                 total += loss * len(idx)
             if not math.isfinite(loss):
                 bar.close()
@@ -634,7 +691,7 @@ def train(config: Config, log=print) -> dict:
         bar.close()
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "loss": total / n, "lr": lr, "seconds": seconds}
-        record.update(evaluate(model, params, data.x_test, data.y_test, labels_test, state))
+        record.update(evaluate(model, params, data.x_test, data.y_test, labels_test, state, config.dataset if sequence else None))
         if not math.isfinite(record["test_loss"]):
             kept = f"the checkpoint of epoch {epoch - 1} is kept in {ckpt_path}" if epoch > 1 else "no checkpoint was written"
             raise Diverged(
@@ -665,6 +722,14 @@ def train(config: Config, log=print) -> dict:
             result["test_mse"] = history[-1]["test_mse"]
         result["seconds_per_epoch"] = float(np.median([h["seconds"] for h in history]))
     baseline = None
+    if sequence and config.dataset == "chars" and history:
+        import sequences
+
+        # the bigram's bits per character, and a sample from the trained model
+        result["bigram_bits_per_char"] = sequences.bigram_bits(data.x_train, data.y_train, data.x_test, data.y_test)
+        result["test_bits_per_char"] = history[-1]["test_bits_per_char"]
+        result["sample"] = sequences.sample(model, host_copy(model, params), sequences.decode(data.x_test[0]), seed=config.seed)
+        baseline = result["bigram_bits_per_char"] * math.log(2)  # in the loss's nats per character
     if data.task == "regression":
         result["least_squares"] = least_squares(data)
         if model.LOSS == "mse":  # the same measure as the test loss
@@ -677,7 +742,8 @@ def train(config: Config, log=print) -> dict:
         return result
     _write_atomic(out / METRICS, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
     if config.plot and history:
-        plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}", baseline=baseline)
+        label = "character bigram (test)" if "bigram_bits_per_char" in result else "least squares (test)"
+        plot_history(history, out / PLOT, title=f"{model.NAME} on {config.dataset}", baseline=baseline, baseline_label=label)
     return result
 
 
@@ -699,7 +765,7 @@ def _diverged(loss, epoch, b, lr, ckpt_path, on_device):
 
 
 def plot_history(history: list[dict], path, title: str = "", baseline: float | None = None,
-                 xlabel: str = "epoch") -> None:
+                 xlabel: str = "epoch", baseline_label: str = "least squares (test)") -> None:
     """Loss (train and test) and the test metric per epoch (or per solver iteration:
     ``xlabel``), as a PNG (written atomically). ``baseline``: a reference test loss
     drawn as a line (least squares, for regression)."""
@@ -714,7 +780,7 @@ def plot_history(history: list[dict], path, title: str = "", baseline: float | N
     ax1.plot(epochs, [h["loss"] for h in history], marker="o", label="train")
     ax1.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
     if baseline is not None:
-        ax1.axhline(baseline, color="C3", linestyle="--", label="least squares (test)")
+        ax1.axhline(baseline, color="C3", linestyle="--", label=baseline_label)
     ax1.set_xlabel(xlabel)
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")

@@ -4,8 +4,9 @@
 # with the generated modules (prints its test accuracy), then the other examples
 # (examples/trainer.py's EXAMPLES: a CNN on the digits, a breast-cancer classifier, a
 # linear regression on diabetes against least squares, a GRU on bit sequences, two
-# stacked LSTMs on the temporal order problem), each with its own settings. Everything
-# it trains goes under runs/ (checkpoints, metrics, the training curves): the tracked
+# stacked LSTMs on the temporal order problem, a transformer sorting digits and one as a
+# character-level language model on Python standard library source), each with its own
+# settings. Everything it trains goes under runs/ (checkpoints, metrics, the training curves): the tracked
 # files of a fresh clone stay as they are (derivations and generated/ are rewritten
 # byte for byte the same).
 #
@@ -45,7 +46,7 @@ t0=$(now)
   --out runs/mlp_digits
 echo "   training (with first-call compilation) took $(elapsed "$t0")"
 
-for model in ${EXAMPLES-cnn_digits logreg_breast_cancer linear_diabetes gru_majority lstm_temporal_order}; do
+for model in ${EXAMPLES-cnn_digits logreg_breast_cancer linear_diabetes gru_majority lstm_temporal_order transformer_sort transformer_chars}; do
   echo "== training the example $model (python examples/train.py --model $model)"
   t0=$(now)
   "$PY" examples/train.py --model "$model" --seed "${SEED:-0}" --out "runs/$model"

@@ -49,6 +49,10 @@ class Target:
     #: numbers, runs another op in eval mode or keeps running statistics: dropout, batch
     #: norm); a model with one gets no module for a target without
     model_modes: bool = False
+    #: whether its model template folds the leading (position) axes of an entry's input
+    #: into the batch (codegen/model.py, "Folding"); a model with one gets no module for a
+    #: target without
+    model_folds: bool = False
     #: the op kinds it emits no module text for (schedules run on the host)
     skips_kinds: frozenset = frozenset()
 

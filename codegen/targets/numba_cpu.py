@@ -32,6 +32,7 @@ class NumbaCPU(Target):
     model_inputs = True
     model_outputs = True
     model_modes = True
+    model_folds = True
     primary = True
 
     def scatter_store(self, pr, item) -> str:

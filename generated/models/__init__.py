@@ -12,6 +12,8 @@
 - ``generated.models.lstm_temporal_order``
 - ``generated.models.mlp_bench``
 - ``generated.models.mlp_digits``
+- ``generated.models.transformer_chars``
+- ``generated.models.transformer_sort``
 """
 
-MODELS = ("cnn_digits", "gru_majority", "linear_diabetes", "logreg_breast_cancer", "lstm_temporal_order", "mlp_bench", "mlp_digits")
+MODELS = ("cnn_digits", "gru_majority", "linear_diabetes", "logreg_breast_cancer", "lstm_temporal_order", "mlp_bench", "mlp_digits", "transformer_chars", "transformer_sort")
