@@ -5,17 +5,17 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/gelu.py 677e071461dc9bd2
-#   generated/layers/add.py 9e8b7015824a2dd6
-#   generated/layers/dense.py 28f2af6dc907efce
-#   generated/layers/embedding.py 197a0259150067bb
-#   generated/layers/layer_norm.py f423905b05bc78a7
-#   generated/layers/log_softmax.py 94e95ac72249bd9b
-#   generated/layers/multi_head_attention.py 80e48ca86c6bea92
-#   generated/layers/positional_embedding.py 7e5674274c62884c
-#   generated/losses/categorical_nll.py 48fa247e61fedd66
-#   generated/optimizers/adam.py 893cf79ce5b2235c
-#   generated/_runtime.py 0f103c4f0e40ac46
+#   generated/activations/gelu.py 249c7a2111f27e92
+#   generated/layers/add.py 3a0f8dbb0372c552
+#   generated/layers/dense.py 7d025a3a6a7e2f2f
+#   generated/layers/embedding.py a7072c42671ff7a1
+#   generated/layers/layer_norm.py 7565c212deab6d91
+#   generated/layers/log_softmax.py a16cc0b686e31092
+#   generated/layers/multi_head_attention.py 0c00d2641bf8975d
+#   generated/layers/positional_embedding.py 5330507be1219b21
+#   generated/losses/categorical_nll.py e60e10f1ac52e224
+#   generated/optimizers/adam.py f76e09d4a1c7d683
+#   generated/_runtime.py 4fc0ad4a8c9778af
 """A small decoder-only transformer (GPT-style, pre-norm): token and position embeddings, two blocks of causal
 multi-head self-attention and a GELU MLP with residual connections, a final layer norm and a dense map to the
 vocabulary; trained as a character-level language model (next character at each of 32 positions) on Python
