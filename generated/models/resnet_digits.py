@@ -7,10 +7,10 @@
 # Numba cache, keyed on this file, goes stale with them):
 #   generated/activations/relu.py f9e58be44c06e511
 #   generated/layers/add.py 809d5733899b2fc4
+#   generated/layers/avg_pool2d.py a3d1ce21b675b645
 #   generated/layers/conv2d.py 4057d82da32c17ea
 #   generated/layers/dense.py b1064debb7184e0d
 #   generated/layers/flatten.py b7213c173fd2ffd3
-#   generated/layers/max_pool2d.py 7db3094f306974de
 #   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
 #   generated/optimizers/adam.py ec2f20d25229f4c1
 #   generated/_runtime.py 42c360a0f9c2bcce
@@ -21,7 +21,7 @@ Model ``resnet_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
   layer  op                      shape per sample          parameters
   0      conv2d                  (1, 8, 8) -> (32, 8, 8)   conv2d0.weight (32, 1, 3, 3), conv2d0.bias (32,)
   1      relu                    (32, 8, 8) -> (32, 8, 8)
-  2      max_pool2d as stem      (32, 8, 8) -> (32, 4, 4)
+  2      avg_pool2d as stem      (32, 8, 8) -> (32, 4, 4)
   3      conv2d                  (32, 4, 4) -> (32, 4, 4)  conv2d3.weight (32, 32, 3, 3), conv2d3.bias (32,)
   4      relu                    (32, 4, 4) -> (32, 4, 4)
   5      conv2d                  (32, 4, 4) -> (32, 4, 4)  conv2d5.weight (32, 32, 3, 3), conv2d5.bias (32,)
@@ -48,10 +48,10 @@ from numba import njit
 import generated
 from generated.activations.relu import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
 from generated.layers.add import _add_bwd_alloc, _add_bwd_into, _add_fwd_alloc, _add_fwd_into
+from generated.layers.avg_pool2d import _avg_pool2d_bwd_alloc, _avg_pool2d_bwd_into, _avg_pool2d_fwd_alloc, _avg_pool2d_fwd_into
 from generated.layers.conv2d import _conv2d_bwd_alloc, _conv2d_bwd_into, _conv2d_bwd_params_alloc, _conv2d_bwd_params_into, _conv2d_fwd_alloc, _conv2d_fwd_into
 from generated.layers.dense import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into
 from generated.layers.flatten import _flatten_bwd_alloc, _flatten_bwd_into, _flatten_fwd_alloc, _flatten_fwd_into
-from generated.layers.max_pool2d import _max_pool2d_bwd_saved_alloc, _max_pool2d_bwd_saved_into, _max_pool2d_fwd_saving_alloc, _max_pool2d_fwd_saving_into
 from generated.losses.softmax_cross_entropy import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into
 from generated.optimizers.adam import _adam_step_core
 
@@ -78,7 +78,7 @@ PARAM_SHAPES = {
 
 _conv2d0 = generated.op("conv2d", P=1)
 _relu1 = generated.op("relu")
-_max_pool2d2 = generated.op("max_pool2d")
+_avg_pool2d2 = generated.op("avg_pool2d")
 _conv2d3 = generated.op("conv2d", P=1)
 _relu4 = generated.op("relu")
 _conv2d5 = generated.op("conv2d", P=1)
@@ -186,7 +186,7 @@ def forward(params, x):
     h0 = x
     h1 = _conv2d0.forward(h0, conv2d0_weight, conv2d0_bias)
     h2 = _relu1.forward(h1)
-    h3 = _max_pool2d2.forward(h2)
+    h3 = _avg_pool2d2.forward(h2)
     h4 = _conv2d3.forward(h3, conv2d3_weight, conv2d3_bias)
     h5 = _relu4.forward(h4)
     h6 = _conv2d5.forward(h5, conv2d5_weight, conv2d5_bias)
@@ -221,7 +221,7 @@ def loss_and_grads(params, x, y):
     h0 = x
     h1 = _conv2d0.forward(h0, conv2d0_weight, conv2d0_bias)
     h2 = _relu1.forward(h1)
-    h3 = _max_pool2d2.forward(h2)
+    h3 = _avg_pool2d2.forward(h2)
     h4 = _conv2d3.forward(h3, conv2d3_weight, conv2d3_bias)
     h5 = _relu4.forward(h4)
     h6 = _conv2d5.forward(h5, conv2d5_weight, conv2d5_bias)
@@ -241,7 +241,7 @@ def loss_and_grads(params, x, y):
     g4 = _relu4.backward(g5, h4)
     g3_3_x, g_conv2d3_weight, g_conv2d3_bias = _conv2d3.backward(g4, h3, conv2d3_weight, conv2d3_bias)
     g3 = g3 + g3_3_x
-    g2 = _max_pool2d2.backward(g3, h2)
+    g2 = _avg_pool2d2.backward(g3, h2)
     g1 = _relu1.backward(g2, h1)
     _, g_conv2d0_weight, g_conv2d0_bias = _conv2d0.backward(g1, h0, conv2d0_weight, conv2d0_bias)
     grads = {
@@ -281,8 +281,8 @@ def hvp(params, x, y, v):
     h2 = _relu1.forward(*a1)
     t2 = _relu1.jvp(*a1, tangents=_along(_relu1, a1, (t1,)))
     a2 = (h2,)
-    h3 = _max_pool2d2.forward(*a2)
-    t3 = _max_pool2d2.jvp(*a2, tangents=_along(_max_pool2d2, a2, (t2,)))
+    h3 = _avg_pool2d2.forward(*a2)
+    t3 = _avg_pool2d2.jvp(*a2, tangents=_along(_avg_pool2d2, a2, (t2,)))
     a3 = (h3, conv2d3_weight, conv2d3_bias,)
     h4 = _conv2d3.forward(*a3)
     t4 = _conv2d3.jvp(*a3, tangents=_along(_conv2d3, a3, (t3, v["conv2d3.weight"], v["conv2d3.bias"],)))
@@ -359,9 +359,9 @@ def hvp(params, x, y, v):
     out["conv2d3.bias"] = second["bias"] + third["bias"]
     g3 = g3 + first["x"]  # h3 is read by several entries: the parts add up
     gt3 = gt3 + second["x"] + third["x"]
-    first = _by_arg(_max_pool2d2, _max_pool2d2.backward(g3, *a2))
-    second = _by_arg(_max_pool2d2, _max_pool2d2.backward(gt3, *a2))
-    third = _by_arg(_max_pool2d2, _max_pool2d2.hvp(g3, *a2, tangents=_along(_max_pool2d2, a2, (t2,))))
+    first = _by_arg(_avg_pool2d2, _avg_pool2d2.backward(g3, *a2))
+    second = _by_arg(_avg_pool2d2, _avg_pool2d2.backward(gt3, *a2))
+    third = _by_arg(_avg_pool2d2, _avg_pool2d2.hvp(g3, *a2, tangents=_along(_avg_pool2d2, a2, (t2,))))
     g2 = first["x"]
     gt2 = second["x"] + third["x"]
     first = _by_arg(_relu1, _relu1.backward(g2, *a1))
@@ -566,11 +566,11 @@ def _check_trained(arrays, dtype):
 def _train_step(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias, conv2d0_weight_m, conv2d0_weight_v, conv2d0_bias_m, conv2d0_bias_v, conv2d3_weight_m, conv2d3_weight_v, conv2d3_bias_m, conv2d3_bias_v, conv2d5_weight_m, conv2d5_weight_v, conv2d5_bias_m, conv2d5_bias_v, dense10_weight_m, dense10_weight_v, dense10_bias_m, dense10_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The fused training step: the library's compiled cores, layer by layer, writing
     into ``buffers`` (from ``_step_arrays``); returns the loss (a one-element array)."""
-    h1, h2, h3, kept2_y_argmax_p, kept2_y_argmax_q, h4, h5, h6, h7, h8, h9, h10, h11, loss, kept_loss_max0, kept_loss_sumexp0, seed, g11, g10, g_dense10_weight, g_dense10_bias, g9, g7, g8, g3, g6, g5, g_conv2d5_weight, g_conv2d5_bias, g4, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, g2, g1, g_conv2d0_weight, g_conv2d0_bias = buffers
+    h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, loss, kept_loss_max0, kept_loss_sumexp0, seed, g11, g10, g_dense10_weight, g_dense10_bias, g9, g7, g8, g3, g6, g5, g_conv2d5_weight, g_conv2d5_bias, g4, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, g2, g1, g_conv2d0_weight, g_conv2d0_bias = buffers
     h0 = x
     _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_saving_into(h2, 2, 2, h3, kept2_y_argmax_p, kept2_y_argmax_q)
+    _avg_pool2d_fwd_into(h2, 2, 2, h3)
     _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4)
     _relu_fwd_into(h4, h5)
     _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6)
@@ -596,7 +596,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias
     _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])))
     _adam_step_core(conv2d3_weight, g_conv2d3_weight, conv2d3_weight_m, conv2d3_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d3_bias, g_conv2d3_bias, conv2d3_bias_m, conv2d3_bias_v, t, lr, beta1, beta2, eps)
-    _max_pool2d_bwd_saved_into(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2, g2)
+    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2)
     _relu_bwd_into(g2, h1, g1)
     _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
@@ -610,7 +610,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bia
     h0 = x
     h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
     h2 = _relu_fwd_alloc(h1)
-    h3, kept2_y_argmax_p, kept2_y_argmax_q = _max_pool2d_fwd_saving_alloc(h2, 2, 2)
+    h3 = _avg_pool2d_fwd_alloc(h2, 2, 2)
     h4 = _conv2d_fwd_alloc(h3, conv2d3_weight, conv2d3_bias, 1, 1)
     h5 = _relu_fwd_alloc(h4)
     h6 = _conv2d_fwd_alloc(h5, conv2d5_weight, conv2d5_bias, 1, 1)
@@ -630,15 +630,13 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bia
     g5, g_conv2d5_weight, g_conv2d5_bias = _conv2d_bwd_alloc(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1)
     g4 = _relu_bwd_alloc(g5, h4)
     g3_3_x, g_conv2d3_weight, g_conv2d3_bias = _conv2d_bwd_alloc(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1)
-    g2 = _max_pool2d_bwd_saved_alloc(g3, h2, kept2_y_argmax_p, kept2_y_argmax_q, 2, 2)
+    g2 = _avg_pool2d_bwd_alloc(g3, h2, 2, 2)
     g1 = _relu_bwd_alloc(g2, h1)
     g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
     return (
         h1,
         h2,
         h3,
-        kept2_y_argmax_p,
-        kept2_y_argmax_q,
         h4,
         h5,
         h6,

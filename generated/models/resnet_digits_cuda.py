@@ -18,7 +18,7 @@ Model ``resnet_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
   layer  op                      shape per sample          parameters
   0      conv2d                  (1, 8, 8) -> (32, 8, 8)   conv2d0.weight (32, 1, 3, 3), conv2d0.bias (32,)
   1      relu                    (32, 8, 8) -> (32, 8, 8)
-  2      max_pool2d as stem      (32, 8, 8) -> (32, 4, 4)
+  2      avg_pool2d as stem      (32, 8, 8) -> (32, 4, 4)
   3      conv2d                  (32, 4, 4) -> (32, 4, 4)  conv2d3.weight (32, 32, 3, 3), conv2d3.bias (32,)
   4      relu                    (32, 4, 4) -> (32, 4, 4)
   5      conv2d                  (32, 4, 4) -> (32, 4, 4)  conv2d5.weight (32, 32, 3, 3), conv2d5.bias (32,)
@@ -39,10 +39,10 @@ from numba import cuda
 import generated
 from generated.activations.relu_cuda import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
 from generated.layers.add_cuda import _add_bwd_alloc, _add_bwd_into, _add_fwd_alloc, _add_fwd_into
+from generated.layers.avg_pool2d_cuda import _avg_pool2d_bwd_alloc, _avg_pool2d_bwd_into, _avg_pool2d_fwd_alloc, _avg_pool2d_fwd_into
 from generated.layers.conv2d_cuda import _conv2d_bwd_alloc, _conv2d_bwd_into, _conv2d_fwd_alloc, _conv2d_fwd_into
 from generated.layers.dense_cuda import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into
 from generated.layers.flatten_cuda import _flatten_bwd_alloc, _flatten_bwd_into, _flatten_fwd_alloc, _flatten_fwd_into
-from generated.layers.max_pool2d_cuda import _max_pool2d_bwd_alloc, _max_pool2d_bwd_into, _max_pool2d_fwd_alloc, _max_pool2d_fwd_into
 from generated.losses.softmax_cross_entropy_cuda import _check_assumption, _softmax_cross_entropy_bwd_alloc, _softmax_cross_entropy_bwd_into, _softmax_cross_entropy_fwd_alloc, _softmax_cross_entropy_fwd_into
 from generated.optimizers.adam_cuda import _adam_step_core
 
@@ -208,7 +208,7 @@ def forward(params, x):
         raise ValueError("forward: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, h0.shape))
     h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
     h2 = _relu_fwd_alloc(h1)
-    h3 = _max_pool2d_fwd_alloc(h2, 2, 2)
+    h3 = _avg_pool2d_fwd_alloc(h2, 2, 2)
     h4 = _conv2d_fwd_alloc(h3, conv2d3_weight, conv2d3_bias, 1, 1)
     h5 = _relu_fwd_alloc(h4)
     h6 = _conv2d_fwd_alloc(h5, conv2d5_weight, conv2d5_bias, 1, 1)
@@ -219,7 +219,7 @@ def forward(params, x):
     h11 = _dense_fwd_alloc(h10, dense10_weight, dense10_bias)
     _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_into(h2, 2, 2, h3)
+    _avg_pool2d_fwd_into(h2, 2, 2, h3)
     _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4)
     _relu_fwd_into(h4, h5)
     _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6)
@@ -255,7 +255,7 @@ def loss_and_grads(params, x, y):
     h0 = x
     _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_into(h2, 2, 2, h3)
+    _avg_pool2d_fwd_into(h2, 2, 2, h3)
     _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4)
     _relu_fwd_into(h4, h5)
     _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6)
@@ -275,7 +275,7 @@ def loss_and_grads(params, x, y):
     _relu_bwd_into(g5, h4, g4)
     _conv2d_bwd_into(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1, g3_3_x, g_conv2d3_weight, g_conv2d3_bias)
     _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])))
-    _max_pool2d_bwd_into(g3, h2, 2, 2, g2)
+    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2)
     _relu_bwd_into(g2, h1, g1)
     _conv2d_bwd_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, _unused0_x, g_conv2d0_weight, g_conv2d0_bias)
     grads = {
@@ -424,7 +424,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias
     h0 = x
     _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
     _relu_fwd_into(h1, h2)
-    _max_pool2d_fwd_into(h2, 2, 2, h3)
+    _avg_pool2d_fwd_into(h2, 2, 2, h3)
     _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4)
     _relu_fwd_into(h4, h5)
     _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6)
@@ -450,7 +450,7 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias
     _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])))
     _adam_step_core(conv2d3_weight, g_conv2d3_weight, conv2d3_weight_m, conv2d3_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d3_bias, g_conv2d3_bias, conv2d3_bias_m, conv2d3_bias_v, t, lr, beta1, beta2, eps)
-    _max_pool2d_bwd_into(g3, h2, 2, 2, g2)
+    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2)
     _relu_bwd_into(g2, h1, g1)
     _conv2d_bwd_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, _unused0_x, g_conv2d0_weight, g_conv2d0_bias)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
@@ -464,7 +464,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bia
     h0 = x
     h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
     h2 = _relu_fwd_alloc(h1)
-    h3 = _max_pool2d_fwd_alloc(h2, 2, 2)
+    h3 = _avg_pool2d_fwd_alloc(h2, 2, 2)
     h4 = _conv2d_fwd_alloc(h3, conv2d3_weight, conv2d3_bias, 1, 1)
     h5 = _relu_fwd_alloc(h4)
     h6 = _conv2d_fwd_alloc(h5, conv2d5_weight, conv2d5_bias, 1, 1)
@@ -484,7 +484,7 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bia
     g5, g_conv2d5_weight, g_conv2d5_bias = _conv2d_bwd_alloc(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1)
     g4 = _relu_bwd_alloc(g5, h4)
     g3_3_x, g_conv2d3_weight, g_conv2d3_bias = _conv2d_bwd_alloc(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1)
-    g2 = _max_pool2d_bwd_alloc(g3, h2, 2, 2)
+    g2 = _avg_pool2d_bwd_alloc(g3, h2, 2, 2)
     g1 = _relu_bwd_alloc(g2, h1)
     _unused0_x, g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
     return (
