@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     labelled = labelled_nodes(labels, a.per_class, a.split_seed)
     runs = [train_once(model, x, labels, labelled, a.steps, seed, a.lr) for seed in range(a.seeds)]
     accuracies = [r["history"][-1]["test_accuracy"] for r in runs]
+    wrong = [[int(n) for n in np.flatnonzero(r["predictions"] != labels)] for r in runs]
     n_unlabelled = len(labels) - len(labelled)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
         "test_accuracy": accuracies[0],
         "test_accuracy_per_seed": accuracies,
         "test_accuracy_mean": float(np.mean(accuracies)),
+        "wrong_per_seed": wrong,
         "seconds_per_run": [r["seconds"] for r in runs],
         "history": runs[0]["history"],
     }
@@ -156,9 +158,10 @@ def main(argv=None) -> int:
         draw(graph, labels, runs[0]["predictions"], labelled, out / "graph.png",
              f"{title}\npredicted sides: {correct} of {n_unlabelled} unlabelled members right (wrong ones ringed in red)")
     print(f"labelled members: {', '.join(str(n) for n in labelled)}; {n_unlabelled} unlabelled")
-    for seed, acc, r in zip(range(a.seeds), accuracies, runs):
+    for seed, acc, r, w in zip(range(a.seeds), accuracies, runs, wrong):
         print(f"seed {seed:2d}: accuracy on the unlabelled members {acc:.4f} "
-              f"({round(acc * n_unlabelled)}/{n_unlabelled}), {a.steps} steps in {r['seconds']:.2f} s")
+              f"({round(acc * n_unlabelled)}/{n_unlabelled}; wrong: {', '.join(map(str, w)) or 'none'}), "
+              f"{a.steps} steps in {r['seconds']:.2f} s")
     print(f"test accuracy: {accuracies[0]:.4f} (seed 0); mean over {a.seeds} seeds {np.mean(accuracies):.4f}, "
           f"min {min(accuracies):.4f}, max {max(accuracies):.4f}")
     print(f"metrics and plots in {out}/")

@@ -3,10 +3,10 @@
 For each model spec of the library (``specs/models/*.toml``, through its generated
 module) and of the tests (``tests/specs/models/*.toml``: graphs, several inputs, a
 graph convolution, attributes; rendered here), the network is built again in PyTorch
-entry by entry from the ops' references (tests/torch_model.py), and the model's loss,
-output and every parameter gradient on one batch (float64) must match. A spec whose op
-has no PyTorch reference, or whose entry has a field the twin does not know, fails
-naming what is missing: no model spec is passed over.
+entry by entry from the ops' references (tests/torch_model.py), and the model's loss
+and every parameter gradient on one batch (float64, ``loss_and_grads``) must match. A
+spec whose op has no PyTorch reference, or whose entry has a field the twin does not
+know, fails naming what is missing: no model spec is passed over.
 """
 
 from __future__ import annotations
@@ -63,8 +63,6 @@ def test_model_loss_and_gradients_match_the_network_in_torch(path, tmp_path):
     expected = twin.loss(tparams, x, y)
     expected.backward()
     ref.assert_close(loss, expected.item(), np.float64, f"{path.name}: loss")
-    with torch.no_grad():
-        ref.assert_close(model.forward(params, x), twin.forward(tparams, x).numpy(), np.float64, f"{path.name}: output")
     assert list(grads) == list(model.PARAM_SHAPES) == list(tparams)
     for k, t in tparams.items():
         assert t.grad is not None, f"{path.name}: {k} does not reach the loss in the torch network"

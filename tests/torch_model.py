@@ -51,6 +51,12 @@ def op_defs() -> dict:
     return {d.name: d for d in derive.library_defs()}
 
 
+def _tensor(a) -> torch.Tensor:
+    """An array as a float64 tensor (integer data, token ids, stays int64)."""
+    a = np.asarray(a)
+    return torch.tensor(a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a.astype(np.float64))
+
+
 def _positional(fn) -> list[str]:
     return [p.name for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
 
@@ -154,9 +160,9 @@ class TorchTwin:
         batch as the module takes it (an array, or a dict of arrays by input name)."""
         values = {}
         if "inputs" in self.spec:
-            values.update({name: ref._t(x[name]) for name in self.inputs})
+            values.update({name: _tensor(x[name]) for name in self.inputs})
         else:
-            values["x"] = ref._t(x)
+            values["x"] = _tensor(x)
         out = None
         for i, entry in enumerate(self.entries):
             out = self._entry(i, entry, params, [values[s] for s in self.reads[i]])
@@ -216,7 +222,7 @@ class TorchTwin:
         if len(d.inputs) != 2 or d.params:
             self.fail(self.where(None), f"the twin passes a loss the prediction and the target; the op takes "
                       f"({', '.join([*d.inputs, *d.params])})")
-        return self.oracle(None)(self.forward(params, x), ref._t(y), **self.attrs(None))
+        return self.oracle(None)(self.forward(params, x), _tensor(y), **self.attrs(None))
 
     # ------------------------------------------------------------------------ a batch
 
