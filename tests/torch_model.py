@@ -11,14 +11,17 @@ arguments in the op's order, its attributes as keywords, the op's defaults under
 spec's values), reading the arrays the entry names (``inputs``: the model's inputs,
 earlier entries' names; by default the previous entry's output); a cell with
 ``unroll = true`` runs its reference over the first axis of each sample from zero
-states. Parameters are the module's (``PARAM_SHAPES``: ``<op><index>.<param>``).
+states (one per output, paired in order), giving its first state at the last step or,
+with ``return_sequences``, at every step; an op with several outputs names them with a
+list (``name = ["h", "c"]``); an op reading arrays with more axes than it declares runs
+at every position (the leading axes folded into the batch, the loss's too). Parameters are the module's (``PARAM_SHAPES``: ``<op><index>.<param>``).
 Nothing here knows a particular network: every model spec is checked against PyTorch
 the moment it exists (tests/test_model_torch.py).
 
 What the twin cannot build it refuses with a :class:`TwinError` naming the spec, the
 entry and what is missing (an op without a PyTorch reference, an entry field whose
-meaning it does not know, an op with several outputs outside a cell, a parameter of
-the module it did not place): a spec is never passed over quietly. Extend the twin (or
+meaning it does not know, outputs it cannot name, a parameter of the module it did not
+place): a spec is never passed over quietly. Extend the twin (or
 the oracle) when a spec needs more.
 """
 
@@ -166,9 +169,16 @@ class TorchTwin:
         out = None
         for i, entry in enumerate(self.entries):
             out = self._entry(i, entry, params, [values[s] for s in self.reads[i]])
+            names = entry.get("name", [])
+            if isinstance(out, tuple):  # several outputs: named in the op's order; the next entry reads the first
+                if not isinstance(names, list) or len(names) != len(out):
+                    self.fail(self.where(i), f"the op has {len(out)} outputs; the twin reads them by the names of a "
+                              "list name = [...], one per output")
+                values.update(zip(names, out))
+                out = out[0]
+            elif isinstance(names, str):
+                values[names] = out
             values[i] = out
-            if "name" in entry:
-                values[entry["name"]] = out
         return out
 
     def _entry(self, i: int, entry: dict, params: dict, reads: list) -> torch.Tensor:
@@ -179,11 +189,26 @@ class TorchTwin:
             return self._unrolled(i, entry, d, fn, by_param, reads)
         if len(reads) != len(d.inputs):
             self.fail(self.where(i), f"reads {len(reads)} array(s), the op takes {len(d.inputs)} input(s)")
+        if d.kind == "activation":  # elementwise: any shape
+            return fn(*reads, **self.attrs(i))
+        reads, unfold = self._fold(i, d, reads)
         args = dict(zip(d.inputs, reads)) | by_param
         out = fn(*(args[n] for n in [*d.inputs, *d.params]), **self.attrs(i))
-        if isinstance(out, tuple):
-            self.fail(self.where(i), f"the op has {len(out)} outputs; the twin builds entries with one")
-        return out
+        return tuple(unfold(o) for o in out) if isinstance(out, tuple) else unfold(out)
+
+    def _fold(self, i, d, reads: list):
+        """An op applied at every position: arrays with more axes than the op declares
+        have their leading axes (the batch and the positions) folded into one batch, and
+        the op's outputs unfolded back (as torch.nn.Linear applies to leading axes)."""
+        extra = {a.dim() - len(dims) for a, dims in zip(reads, d.inputs.values())}
+        if extra == {0}:
+            return reads, lambda out: out
+        if len(extra) != 1 or min(extra) < 0:
+            self.fail(self.where(i), "the arrays it reads have different numbers of axes beyond the op's: "
+                      + ", ".join(f"{n} {tuple(a.shape)} for {dims}" for (n, dims), a in zip(d.inputs.items(), reads)))
+        lead = tuple(reads[0].shape[: 1 + extra.pop()])
+        folded = [a.reshape(-1, *a.shape[len(lead):]) for a in reads]
+        return folded, lambda out: out.reshape(*lead, *out.shape[1:])
 
     def _unrolled(self, i: int, entry: dict, d, fn, by_param: dict, reads: list) -> torch.Tensor:
         """The cell over the first axis of each sample (time), from zero states (its
@@ -222,7 +247,8 @@ class TorchTwin:
         if len(d.inputs) != 2 or d.params:
             self.fail(self.where(None), f"the twin passes a loss the prediction and the target; the op takes "
                       f"({', '.join([*d.inputs, *d.params])})")
-        return self.oracle(None)(self.forward(params, x), _tensor(y), **self.attrs(None))
+        (pred, target), _ = self._fold(None, d, [self.forward(params, x), _tensor(y)])
+        return self.oracle(None)(pred, target, **self.attrs(None))
 
     # ------------------------------------------------------------------------ a batch
 
@@ -260,7 +286,11 @@ class TorchTwin:
             x = x["x"]
         out = tuple(self.model.OUTPUT_SHAPE)
         task = self.model.TASK
-        if task == "classification":
+        loss = self.op(None)
+        target = list(loss.inputs)[1]
+        if (loss.dtypes or {}).get(target) == "int":  # class indices, one per position
+            y = rng.integers(0, out[-1], (size, *out[:-1]))
+        elif task == "classification":
             y = np.eye(out[-1])[rng.integers(0, out[-1], (size, *out[:-1]))]
         elif task == "binary":
             y = rng.integers(0, 2, size=(size, *out)).astype(np.float64)
