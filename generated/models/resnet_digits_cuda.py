@@ -7,11 +7,15 @@
 
 The CUDA twin of ``resnet_digits.py``: the same model, its parameters, optimizer state
 and batches as Numba device arrays. A training step launches the op modules' CUDA
-kernels (their ``_into`` launchers, ``generated.<group>.<op>_cuda``) into arrays
-allocated once per batch shape, and reads nothing back but the loss (and that only
-when asked: ``train_step(..., read_loss=False)`` returns it as a one-element device
-array). Host (NumPy) arrays passed in are copied to the device; ``to_device(tree)`` and
-``to_host(tree)`` move a parameter or state dict (or one array) either way.
+kernels (their ``_into`` launchers, ``generated.<group>.<op>_cuda``) into arrays and
+workspaces allocated on the first step with a batch of that shape and reused after
+(a last, smaller batch gets its own set, kept beside the others), and reads nothing
+back but the loss, and that only when asked: ``train_step(..., read_loss=False)``
+returns it as a one-element device array, and ``train_step(..., loss_sum=total)``
+adds the batch's loss times its rows to a one-element device array (an epoch's
+running sum, read once). Host (NumPy) batches are copied into device arrays kept
+for that batch shape; ``to_device(tree)`` and ``to_host(tree)`` move a parameter,
+state or batch dict (or one array) either way.
 
 Model ``resnet_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
 
@@ -37,13 +41,14 @@ import numpy as np
 from numba import cuda
 
 import generated
-from generated.activations.relu_cuda import _relu_bwd_alloc, _relu_bwd_into, _relu_fwd_alloc, _relu_fwd_into
-from generated.layers.add_cuda import _add_bwd_alloc, _add_bwd_into, _add_fwd_alloc, _add_fwd_into
-from generated.layers.avg_pool2d_cuda import _avg_pool2d_bwd_alloc, _avg_pool2d_bwd_into, _avg_pool2d_fwd_alloc, _avg_pool2d_fwd_into
-from generated.layers.conv2d_cuda import _conv2d_bwd_alloc, _conv2d_bwd_into, _conv2d_fwd_alloc, _conv2d_fwd_into
-from generated.layers.dense_cuda import _dense_bwd_alloc, _dense_bwd_into, _dense_fwd_alloc, _dense_fwd_into
-from generated.layers.flatten_cuda import _flatten_bwd_alloc, _flatten_bwd_into, _flatten_fwd_alloc, _flatten_fwd_into
-from generated.losses.softmax_cross_entropy_cuda import _check_assumption, _softmax_cross_entropy_bwd_alloc, _softmax_cross_entropy_bwd_into, _softmax_cross_entropy_fwd_alloc, _softmax_cross_entropy_fwd_into
+from generated._runtime_cuda import _add_scaled, _gather_rows, _launch
+from generated.activations.relu_cuda import _relu_bwd_alloc, _relu_bwd_into, _relu_bwd_work, _relu_fwd_alloc, _relu_fwd_into, _relu_fwd_work
+from generated.layers.add_cuda import _add_bwd_alloc, _add_bwd_into, _add_bwd_work, _add_fwd_alloc, _add_fwd_into, _add_fwd_work
+from generated.layers.avg_pool2d_cuda import _avg_pool2d_bwd_alloc, _avg_pool2d_bwd_into, _avg_pool2d_bwd_work, _avg_pool2d_fwd_alloc, _avg_pool2d_fwd_into, _avg_pool2d_fwd_work
+from generated.layers.conv2d_cuda import _conv2d_bwd_alloc, _conv2d_bwd_into, _conv2d_bwd_params_alloc, _conv2d_bwd_params_into, _conv2d_bwd_params_work, _conv2d_bwd_work, _conv2d_fwd_alloc, _conv2d_fwd_into, _conv2d_fwd_work
+from generated.layers.dense_cuda import _dense_bwd_alloc, _dense_bwd_into, _dense_bwd_work, _dense_fwd_alloc, _dense_fwd_into, _dense_fwd_work
+from generated.layers.flatten_cuda import _flatten_bwd_alloc, _flatten_bwd_into, _flatten_bwd_work, _flatten_fwd_alloc, _flatten_fwd_into, _flatten_fwd_work
+from generated.losses.softmax_cross_entropy_cuda import _check_assumption, _softmax_cross_entropy_bwd_saved_alloc, _softmax_cross_entropy_bwd_saved_into, _softmax_cross_entropy_bwd_saved_work, _softmax_cross_entropy_fwd_saving_alloc, _softmax_cross_entropy_fwd_saving_into, _softmax_cross_entropy_fwd_saving_work
 from generated.optimizers.adam_cuda import _adam_step_core
 
 NAME = "resnet_digits"
@@ -96,8 +101,11 @@ _TRAINED = (  # what train_step updates in place, with its shape
     ("dense10.bias.m", (10,)),
     ("dense10.bias.v", (10,)),
 )
-# the step's device arrays for the last batch shape, per thread: allocated once and reused
+# the step's device arrays, workspaces and staged batches, per thread and per batch
+# shape: allocated on the first step with that shape and reused; the last _KEPT shapes
+# are kept (an epoch's full batches and its last, smaller one)
 _ARRAYS = threading.local()
+_KEPT = 4
 
 
 def _on_device(a):
@@ -105,7 +113,7 @@ def _on_device(a):
 
 
 def to_device(tree):
-    """An array, or a dict of arrays (parameters, optimizer state), on the device:
+    """An array, or a dict of arrays (parameters, optimizer state, a batch), on the device:
     NumPy arrays are copied, device arrays and other values (the step counter) kept."""
     if isinstance(tree, dict):
         return {k: to_device(v) for k, v in tree.items()}
@@ -181,13 +189,69 @@ def _param(params, key):
     return a if _on_device(a) else cuda.to_device(np.ascontiguousarray(a))
 
 
-def _batch(name, a, dtype):
-    """A batch array on the device with the given element type (a host array is copied)."""
+def _batch(name, a, dtype, staged=None, index=None):
+    """A batch array on the device with the given element type: a device array as it
+    is, a host array copied (into ``staged[name]``, the device array kept for this
+    batch shape, when given: no allocation after the first step); with ``index`` (a
+    device int64 array), the rows ``a[index]`` of a device array, gathered there."""
+    if index is not None:
+        return _gather(name, a, dtype, staged, index)
     if _on_device(a):
         if a.dtype != dtype or not a.is_c_contiguous():
             raise ValueError("%s: device array %s must be C-contiguous %s, got %s" % (NAME, name, np.dtype(dtype), a.dtype))
         return a
-    return cuda.to_device(np.ascontiguousarray(a, dtype))
+    a = np.ascontiguousarray(a, dtype)
+    if staged is None:
+        return cuda.to_device(a)
+    d = staged.get(name)
+    if d is None or d.shape != a.shape:
+        d = staged[name] = cuda.to_device(a)
+    else:
+        d.copy_to_device(a)
+    return d
+
+
+def _gather(name, a, dtype, staged, index):
+    """The rows ``a[index]`` of the device array ``a`` (a data set kept on the device),
+    gathered on the device into ``staged[name]`` (allocated on first use)."""
+    if not _on_device(a) or a.dtype != dtype or not a.is_c_contiguous():
+        got = a.dtype if _on_device(a) else "a host array"
+        raise ValueError("%s: with index=, %s must be a C-contiguous %s device array (to_device the data once), got %s" % (NAME, name, np.dtype(dtype), got))
+    shape = (len(index),) + tuple(a.shape[1:])
+    d = staged.get(name)
+    if d is None or d.shape != shape:
+        d = staged[name] = cuda.device_array(shape, dtype)
+    if d.size:
+        cols = d.size // shape[0]
+        _launch(_gather_rows, d.size, d.reshape((shape[0], cols)), a.reshape((a.shape[0], cols)), index, cols)
+    return d
+
+
+def _index(index, n, staged):
+    """A batch's row numbers as a device int64 array: a device array as it is (its
+    values are not read back: they must lie in [0, n)), host ones checked and copied
+    into ``staged``."""
+    if _on_device(index):
+        if index.dtype != np.int64 or index.ndim != 1:
+            raise ValueError("%s: index must be a one-dimensional int64 array, got %s of %d dimensions" % (NAME, index.dtype, index.ndim))
+        return index
+    index = np.asarray(index)
+    if index.ndim != 1 or index.dtype.kind not in "iu" or (index.size and (index.min() < 0 or index.max() >= n)):
+        raise ValueError("%s: index must be one-dimensional integers in [0, %d) (rows of x), got %r" % (NAME, n, index))
+    return _batch("index", index, np.int64, staged)
+
+
+def _inputs(x, dtype, staged=None, index=None):
+    """The batch's inputs on the device, as the step's variables take them: (x,)
+    (with ``index``, their rows ``index``)."""
+    return (_batch("x", x, dtype, staged, index),)
+
+
+def _rows(x, fn):
+    """The batch's rows (B), its inputs' shapes checked."""
+    if tuple(x.shape[1:]) != INPUT_SHAPE:
+        raise ValueError("%s: x must have shape (B,) + %r, got %r" % (fn, INPUT_SHAPE, tuple(x.shape)))
+    return x.shape[0]
 
 
 def _params(params, fn):
@@ -203,9 +267,9 @@ def _params(params, fn):
 def forward(params, x):
     """The model's output (before the loss) for a batch ``x`` of shape (B,) + INPUT_SHAPE, on the device."""
     conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias = _params(params, "forward")
-    h0 = _batch("x", x, conv2d0_weight.dtype)
-    if h0.shape[1:] != INPUT_SHAPE:
-        raise ValueError("forward: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, h0.shape))
+    _rows(x, "forward")
+    (x,) = _inputs(x, conv2d0_weight.dtype)
+    h0 = x
     h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
     h2 = _relu_fwd_alloc(h1)
     h3 = _avg_pool2d_fwd_alloc(h2, 2, 2)
@@ -235,8 +299,8 @@ def loss(params, x, y):
     """The loss of the model on the batch (x, y), as a number (read back from the device)."""
     h11 = forward(params, x)
     y = _batch("y", y, h11.dtype)
-    loss = _softmax_cross_entropy_fwd_alloc(h11, y, 1)
-    _softmax_cross_entropy_fwd_into(h11, y, 1, loss)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h11, y, 1)
+    _softmax_cross_entropy_fwd_saving_into(h11, y, 1, loss, kept_loss_max0, kept_loss_sumexp0)
     return loss.copy_to_host()[0]
 
 
@@ -247,37 +311,39 @@ def predict(params, x):
 
 def loss_and_grads(params, x, y):
     """The loss on the batch (x, y) (a number, read back) and its gradient with respect
-    to every parameter (device arrays)."""
+    to every parameter (device arrays of their own: the step's arrays are not reused)."""
     _check_batch(x, y)
     conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias = _params(params, "loss_and_grads")
-    x, y = _device_batch(x, y, conv2d0_weight.dtype)
-    h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, loss, seed, g11, g10, g_dense10_weight, g_dense10_bias, g9, g7, g8, g3, g6, g5, g_conv2d5_weight, g_conv2d5_bias, g4, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, g2, g1, _unused0_x, g_conv2d0_weight, g_conv2d0_bias = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias)
+    dtype = conv2d0_weight.dtype
+    (x,) = _inputs(x, dtype)
+    y = _batch("y", y, dtype)
+    h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, loss, kept_loss_max0, kept_loss_sumexp0, seed, g11, g10, g_dense10_weight, g_dense10_bias, g9, g7, g8, g3, g6, g5, g_conv2d5_weight, g_conv2d5_bias, g4, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, g2, g1, g_conv2d0_weight, g_conv2d0_bias, w0f, w1f, w2f, w3f, w4f, w5f, w6f, w7f, w8f, w9f, w10f, wlf, wlb, w10b, w9b, w8b, w7b, w6b, w5b, w4b, w3b, wa3_0, w2b, w1b, w0b = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias)
     h0 = x
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
-    _relu_fwd_into(h1, h2)
-    _avg_pool2d_fwd_into(h2, 2, 2, h3)
-    _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4)
-    _relu_fwd_into(h4, h5)
-    _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6)
-    _flatten_fwd_into(h6, h7)
-    _flatten_fwd_into(h3, h8)
-    _add_fwd_into(h7, h8, h9)
-    _relu_fwd_into(h9, h10)
-    _dense_fwd_into(h10, dense10_weight, dense10_bias, h11)
-    _softmax_cross_entropy_fwd_into(h11, y, 1, loss)
-    _softmax_cross_entropy_bwd_into(seed, h11, y, 1, g11)
-    _dense_bwd_into(g11, h10, dense10_weight, dense10_bias, g10, g_dense10_weight, g_dense10_bias)
-    _relu_bwd_into(g10, h9, g9)
-    _add_bwd_into(g9, h7, h8, g7, g8)
-    _flatten_bwd_into(g8, h3, g3)
-    _flatten_bwd_into(g7, h6, g6)
-    _conv2d_bwd_into(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1, g5, g_conv2d5_weight, g_conv2d5_bias)
-    _relu_bwd_into(g5, h4, g4)
-    _conv2d_bwd_into(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1, g3_3_x, g_conv2d3_weight, g_conv2d3_bias)
-    _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])))
-    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2)
-    _relu_bwd_into(g2, h1, g1)
-    _conv2d_bwd_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, _unused0_x, g_conv2d0_weight, g_conv2d0_bias)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1, w0f)
+    _relu_fwd_into(h1, h2, w1f)
+    _avg_pool2d_fwd_into(h2, 2, 2, h3, w2f)
+    _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4, w3f)
+    _relu_fwd_into(h4, h5, w4f)
+    _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6, w5f)
+    _flatten_fwd_into(h6, h7, w6f)
+    _flatten_fwd_into(h3, h8, w7f)
+    _add_fwd_into(h7, h8, h9, w8f)
+    _relu_fwd_into(h9, h10, w9f)
+    _dense_fwd_into(h10, dense10_weight, dense10_bias, h11, w10f)
+    _softmax_cross_entropy_fwd_saving_into(h11, y, 1, loss, kept_loss_max0, kept_loss_sumexp0, wlf)
+    _softmax_cross_entropy_bwd_saved_into(seed, h11, y, kept_loss_max0, kept_loss_sumexp0, 1, g11, wlb)
+    _dense_bwd_into(g11, h10, dense10_weight, dense10_bias, g10, g_dense10_weight, g_dense10_bias, w10b)
+    _relu_bwd_into(g10, h9, g9, w9b)
+    _add_bwd_into(g9, h7, h8, g7, g8, w8b)
+    _flatten_bwd_into(g8, h3, g3, w7b)
+    _flatten_bwd_into(g7, h6, g6, w6b)
+    _conv2d_bwd_into(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1, g5, g_conv2d5_weight, g_conv2d5_bias, w5b)
+    _relu_bwd_into(g5, h4, g4, w4b)
+    _conv2d_bwd_into(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, w3b)
+    _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])), wa3_0)
+    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2, w2b)
+    _relu_bwd_into(g2, h1, g1, w1b)
+    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias, w0b)
     grads = {
         "conv2d0.weight": g_conv2d0_weight,
         "conv2d0.bias": g_conv2d0_bias,
@@ -302,31 +368,51 @@ def hessian(params, x, y, max_size=4096):
 
 
 def _check_batch(x, y):
-    """Shapes of a batch; the loss's assumption on ``y`` is checked where ``y`` comes
-    from the host (a batch already on the device is not read back)."""
-    if tuple(x.shape[1:]) != INPUT_SHAPE:
-        raise ValueError("%s: x must have shape (B,) + %r, got %r" % (NAME, INPUT_SHAPE, tuple(x.shape)))
-    if tuple(y.shape) != (x.shape[0],) + OUTPUT_SHAPE:
-        raise ValueError("%s: y must have shape (B,) + %r with B = %d, got %r" % (NAME, OUTPUT_SHAPE, x.shape[0], tuple(y.shape)))
+    """The batch's rows, its shapes checked; the loss's assumption on ``y`` is checked
+    where ``y`` comes from the host (a batch already on the device is not read back)."""
+    rows = _rows(x, NAME)
+    if tuple(y.shape) != (rows,) + OUTPUT_SHAPE:
+        raise ValueError("%s: y must have shape (B,) + %r with B = %d, got %r" % (NAME, OUTPUT_SHAPE, rows, tuple(y.shape)))
     if not _on_device(y):
         y = np.ascontiguousarray(y, np.float64)
         _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+    return rows
 
 
-def _device_batch(x, y, dtype):
-    return _batch("x", x, dtype), _batch("y", y, dtype)
+def _arrays_for(key):
+    """This thread's arrays for batches of one shape (``key``): {"arrays": what
+    ``_step_arrays`` returns (None until the first step), "staged": host batches' device
+    copies}. The least recently used shape beyond ``_KEPT`` is dropped."""
+    sets = getattr(_ARRAYS, "sets", None)
+    if sets is None:
+        sets = _ARRAYS.sets = {}
+    found = sets.pop(key, None)
+    if found is None:
+        found = {"arrays": None, "staged": {}}
+        if len(sets) >= _KEPT:
+            del sets[next(iter(sets))]
+    sets[key] = found
+    return found
 
 
-def train_step(params, state, x, y, read_loss=True, **hyper):
+def train_step(params, state, x, y, read_loss=True, loss_sum=None, index=None, **hyper):
     """One training step on the batch (x, y), in place on the device; returns the loss
     before the step (a number; with ``read_loss=False`` a one-element device array,
-    so that nothing is read back).
+    so that nothing is read back). ``loss_sum``: a one-element device array of the
+    parameters' float type (``to_device(np.zeros(1, dtype))``) to which the step adds
+    the loss times the batch's rows, on the device; the loss is then returned as a
+    device array, not read (an epoch's mean loss is ``loss_sum`` over its samples,
+    read once). ``index``: the batch is the rows ``x[index]``, ``y[index]`` of a data
+    set on the device (``to_device`` it once), gathered on the device; ``index`` is a
+    device int64 array (a slice of an epoch's permutation on the device: nothing is
+    copied per batch) or host integers (copied).
 
     Forward, loss, backward and the adam update of every parameter launch the
-    op modules' kernels layer by layer, into device arrays allocated on the first call
-    with a batch of this shape and reused after (one set per thread). ``hyper``
-    overrides the optimizer's hyperparameters for this step (a learning-rate schedule
-    passes ``lr``).
+    op modules' kernels layer by layer, into device arrays and workspaces allocated on
+    the first call with a batch of this shape and reused after (one set per thread and
+    batch shape; a host batch is copied into device arrays kept with them), so that a
+    step allocates no device memory after its first. ``hyper`` overrides the
+    optimizer's hyperparameters for this step (a learning-rate schedule passes ``lr``).
     """
     h = _optimizer._values({**HYPER, **hyper}) if hyper else _HYPER_VALUES
     trained = (
@@ -358,12 +444,18 @@ def train_step(params, state, x, y, read_loss=True, **hyper):
     _check_trained(trained)
     conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias, conv2d0_weight_m, conv2d0_weight_v, conv2d0_bias_m, conv2d0_bias_v, conv2d3_weight_m, conv2d3_weight_v, conv2d3_bias_m, conv2d3_bias_v, conv2d5_weight_m, conv2d5_weight_v, conv2d5_bias_m, conv2d5_bias_v, dense10_weight_m, dense10_weight_v, dense10_bias_m, dense10_bias_v = trained
     dtype = conv2d0_weight.dtype
-    _check_batch(x, y)
-    x, y = _device_batch(x, y, dtype)
-    key = (x.shape, y.shape, dtype)
-    if getattr(_ARRAYS, "key", None) != key:
-        _ARRAYS.arrays = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias)
-        _ARRAYS.key = key
+    if loss_sum is not None and (not _on_device(loss_sum) or loss_sum.shape != (1,) or loss_sum.dtype != dtype):
+        raise ValueError("train_step: loss_sum must be a one-element %s device array (to_device(np.zeros(1, dtype)))" % dtype)
+    rows = _check_batch(x, y)
+    key = (tuple(x.shape), tuple(y.shape), dtype)
+    step = _arrays_for(key if index is None else key + (len(index),))
+    if index is not None:
+        index = _index(index, rows, step["staged"])
+        rows = len(index)
+    (x,) = _inputs(x, dtype, step["staged"], index)
+    y = _batch("y", y, dtype, step["staged"], index)
+    if step["arrays"] is None:
+        step["arrays"] = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias)
     t = state["t"] + 1
     state["t"] = t
     loss = _train_step(
@@ -398,8 +490,11 @@ def train_step(params, state, x, y, read_loss=True, **hyper):
         float(h["beta1"]),
         float(h["beta2"]),
         float(h["eps"]),
-        _ARRAYS.arrays,
+        step["arrays"],
     )
+    if loss_sum is not None:
+        _launch(_add_scaled, 1, loss_sum, loss, dtype.type(rows))
+        return loss
     return loss.copy_to_host()[0] if read_loss else loss
 
 
@@ -419,40 +514,41 @@ def _check_trained(arrays):
 
 def _train_step(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias, conv2d0_weight_m, conv2d0_weight_v, conv2d0_bias_m, conv2d0_bias_v, conv2d3_weight_m, conv2d3_weight_v, conv2d3_bias_m, conv2d3_bias_v, conv2d5_weight_m, conv2d5_weight_v, conv2d5_bias_m, conv2d5_bias_v, dense10_weight_m, dense10_weight_v, dense10_bias_m, dense10_bias_v, t, lr, beta1, beta2, eps, buffers):
     """The training step: the op modules' CUDA launchers, layer by layer, writing into
-    ``buffers`` (from ``_step_arrays``); returns the loss (a one-element device array)."""
-    h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, loss, seed, g11, g10, g_dense10_weight, g_dense10_bias, g9, g7, g8, g3, g6, g5, g_conv2d5_weight, g_conv2d5_bias, g4, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, g2, g1, _unused0_x, g_conv2d0_weight, g_conv2d0_bias = buffers
+    ``buffers`` (from ``_step_arrays``: the arrays, then each launch's workspace);
+    launches kernels only, and returns the loss (a one-element device array)."""
+    h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, loss, kept_loss_max0, kept_loss_sumexp0, seed, g11, g10, g_dense10_weight, g_dense10_bias, g9, g7, g8, g3, g6, g5, g_conv2d5_weight, g_conv2d5_bias, g4, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, g2, g1, g_conv2d0_weight, g_conv2d0_bias, w0f, w1f, w2f, w3f, w4f, w5f, w6f, w7f, w8f, w9f, w10f, wlf, wlb, w10b, w9b, w8b, w7b, w6b, w5b, w4b, w3b, wa3_0, w2b, w1b, w0b = buffers
     h0 = x
-    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1)
-    _relu_fwd_into(h1, h2)
-    _avg_pool2d_fwd_into(h2, 2, 2, h3)
-    _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4)
-    _relu_fwd_into(h4, h5)
-    _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6)
-    _flatten_fwd_into(h6, h7)
-    _flatten_fwd_into(h3, h8)
-    _add_fwd_into(h7, h8, h9)
-    _relu_fwd_into(h9, h10)
-    _dense_fwd_into(h10, dense10_weight, dense10_bias, h11)
-    _softmax_cross_entropy_fwd_into(h11, y, 1, loss)
-    _softmax_cross_entropy_bwd_into(seed, h11, y, 1, g11)
-    _dense_bwd_into(g11, h10, dense10_weight, dense10_bias, g10, g_dense10_weight, g_dense10_bias)
+    _conv2d_fwd_into(h0, conv2d0_weight, conv2d0_bias, 1, 1, h1, w0f)
+    _relu_fwd_into(h1, h2, w1f)
+    _avg_pool2d_fwd_into(h2, 2, 2, h3, w2f)
+    _conv2d_fwd_into(h3, conv2d3_weight, conv2d3_bias, 1, 1, h4, w3f)
+    _relu_fwd_into(h4, h5, w4f)
+    _conv2d_fwd_into(h5, conv2d5_weight, conv2d5_bias, 1, 1, h6, w5f)
+    _flatten_fwd_into(h6, h7, w6f)
+    _flatten_fwd_into(h3, h8, w7f)
+    _add_fwd_into(h7, h8, h9, w8f)
+    _relu_fwd_into(h9, h10, w9f)
+    _dense_fwd_into(h10, dense10_weight, dense10_bias, h11, w10f)
+    _softmax_cross_entropy_fwd_saving_into(h11, y, 1, loss, kept_loss_max0, kept_loss_sumexp0, wlf)
+    _softmax_cross_entropy_bwd_saved_into(seed, h11, y, kept_loss_max0, kept_loss_sumexp0, 1, g11, wlb)
+    _dense_bwd_into(g11, h10, dense10_weight, dense10_bias, g10, g_dense10_weight, g_dense10_bias, w10b)
     _adam_step_core(dense10_weight, g_dense10_weight, dense10_weight_m, dense10_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(dense10_bias, g_dense10_bias, dense10_bias_m, dense10_bias_v, t, lr, beta1, beta2, eps)
-    _relu_bwd_into(g10, h9, g9)
-    _add_bwd_into(g9, h7, h8, g7, g8)
-    _flatten_bwd_into(g8, h3, g3)
-    _flatten_bwd_into(g7, h6, g6)
-    _conv2d_bwd_into(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1, g5, g_conv2d5_weight, g_conv2d5_bias)
+    _relu_bwd_into(g10, h9, g9, w9b)
+    _add_bwd_into(g9, h7, h8, g7, g8, w8b)
+    _flatten_bwd_into(g8, h3, g3, w7b)
+    _flatten_bwd_into(g7, h6, g6, w6b)
+    _conv2d_bwd_into(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1, g5, g_conv2d5_weight, g_conv2d5_bias, w5b)
     _adam_step_core(conv2d5_weight, g_conv2d5_weight, conv2d5_weight_m, conv2d5_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d5_bias, g_conv2d5_bias, conv2d5_bias_m, conv2d5_bias_v, t, lr, beta1, beta2, eps)
-    _relu_bwd_into(g5, h4, g4)
-    _conv2d_bwd_into(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1, g3_3_x, g_conv2d3_weight, g_conv2d3_bias)
-    _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])))
+    _relu_bwd_into(g5, h4, g4, w4b)
+    _conv2d_bwd_into(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1, g3_3_x, g_conv2d3_weight, g_conv2d3_bias, w3b)
+    _add_fwd_into(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])), g3.reshape((g3.shape[0], g3.size // g3.shape[0])), wa3_0)
     _adam_step_core(conv2d3_weight, g_conv2d3_weight, conv2d3_weight_m, conv2d3_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d3_bias, g_conv2d3_bias, conv2d3_bias_m, conv2d3_bias_v, t, lr, beta1, beta2, eps)
-    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2)
-    _relu_bwd_into(g2, h1, g1)
-    _conv2d_bwd_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, _unused0_x, g_conv2d0_weight, g_conv2d0_bias)
+    _avg_pool2d_bwd_into(g3, h2, 2, 2, g2, w2b)
+    _relu_bwd_into(g2, h1, g1, w1b)
+    _conv2d_bwd_params_into(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1, g_conv2d0_weight, g_conv2d0_bias, w0b)
     _adam_step_core(conv2d0_weight, g_conv2d0_weight, conv2d0_weight_m, conv2d0_weight_v, t, lr, beta1, beta2, eps)
     _adam_step_core(conv2d0_bias, g_conv2d0_bias, conv2d0_bias_m, conv2d0_bias_v, t, lr, beta1, beta2, eps)
     return loss
@@ -460,33 +556,60 @@ def _train_step(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias
 
 def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias):
     """The device arrays ``_train_step`` writes (activations, the loss, gradients),
-    uninitialised but for the loss's seed (one), for a batch of the shape of ``x``."""
+    uninitialised but for the loss's seed (one), then the workspace of each of its
+    launches (the intermediates its kernels pass between them), for a batch of this
+    shape."""
     h0 = x
     h1 = _conv2d_fwd_alloc(h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    w0f = _conv2d_fwd_work(h0, conv2d0_weight, conv2d0_bias, 1, 1)
     h2 = _relu_fwd_alloc(h1)
+    w1f = _relu_fwd_work(h1)
     h3 = _avg_pool2d_fwd_alloc(h2, 2, 2)
+    w2f = _avg_pool2d_fwd_work(h2, 2, 2)
     h4 = _conv2d_fwd_alloc(h3, conv2d3_weight, conv2d3_bias, 1, 1)
+    w3f = _conv2d_fwd_work(h3, conv2d3_weight, conv2d3_bias, 1, 1)
     h5 = _relu_fwd_alloc(h4)
+    w4f = _relu_fwd_work(h4)
     h6 = _conv2d_fwd_alloc(h5, conv2d5_weight, conv2d5_bias, 1, 1)
+    w5f = _conv2d_fwd_work(h5, conv2d5_weight, conv2d5_bias, 1, 1)
     h7 = _flatten_fwd_alloc(h6)
+    w6f = _flatten_fwd_work(h6)
     h8 = _flatten_fwd_alloc(h3)
+    w7f = _flatten_fwd_work(h3)
     h9 = _add_fwd_alloc(h7, h8)
+    w8f = _add_fwd_work(h7, h8)
     h10 = _relu_fwd_alloc(h9)
+    w9f = _relu_fwd_work(h9)
     h11 = _dense_fwd_alloc(h10, dense10_weight, dense10_bias)
-    loss = _softmax_cross_entropy_fwd_alloc(h11, y, 1)
+    w10f = _dense_fwd_work(h10, dense10_weight, dense10_bias)
+    loss, kept_loss_max0, kept_loss_sumexp0 = _softmax_cross_entropy_fwd_saving_alloc(h11, y, 1)
+    wlf = _softmax_cross_entropy_fwd_saving_work(h11, y, 1)
     seed = cuda.to_device(np.ones(1, h11.dtype))
-    g11 = _softmax_cross_entropy_bwd_alloc(seed, h11, y, 1)
+    g11 = _softmax_cross_entropy_bwd_saved_alloc(seed, h11, y, kept_loss_max0, kept_loss_sumexp0, 1)
+    wlb = _softmax_cross_entropy_bwd_saved_work(seed, h11, y, kept_loss_max0, kept_loss_sumexp0, 1)
     g10, g_dense10_weight, g_dense10_bias = _dense_bwd_alloc(g11, h10, dense10_weight, dense10_bias)
+    w10b = _dense_bwd_work(g11, h10, dense10_weight, dense10_bias)
     g9 = _relu_bwd_alloc(g10, h9)
+    w9b = _relu_bwd_work(g10, h9)
     g7, g8 = _add_bwd_alloc(g9, h7, h8)
+    w8b = _add_bwd_work(g9, h7, h8)
     g3 = _flatten_bwd_alloc(g8, h3)
+    w7b = _flatten_bwd_work(g8, h3)
     g6 = _flatten_bwd_alloc(g7, h6)
+    w6b = _flatten_bwd_work(g7, h6)
     g5, g_conv2d5_weight, g_conv2d5_bias = _conv2d_bwd_alloc(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1)
+    w5b = _conv2d_bwd_work(g6, h5, conv2d5_weight, conv2d5_bias, 1, 1)
     g4 = _relu_bwd_alloc(g5, h4)
+    w4b = _relu_bwd_work(g5, h4)
     g3_3_x, g_conv2d3_weight, g_conv2d3_bias = _conv2d_bwd_alloc(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1)
+    w3b = _conv2d_bwd_work(g4, h3, conv2d3_weight, conv2d3_bias, 1, 1)
+    wa3_0 = _add_fwd_work(g3.reshape((g3.shape[0], g3.size // g3.shape[0])), g3_3_x.reshape((g3_3_x.shape[0], g3_3_x.size // g3_3_x.shape[0])))
     g2 = _avg_pool2d_bwd_alloc(g3, h2, 2, 2)
+    w2b = _avg_pool2d_bwd_work(g3, h2, 2, 2)
     g1 = _relu_bwd_alloc(g2, h1)
-    _unused0_x, g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    w1b = _relu_bwd_work(g2, h1)
+    g_conv2d0_weight, g_conv2d0_bias = _conv2d_bwd_params_alloc(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
+    w0b = _conv2d_bwd_params_work(g1, h0, conv2d0_weight, conv2d0_bias, 1, 1)
     return (
         h1,
         h2,
@@ -500,6 +623,8 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bia
         h10,
         h11,
         loss,
+        kept_loss_max0,
+        kept_loss_sumexp0,
         seed,
         g11,
         g10,
@@ -519,7 +644,31 @@ def _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bia
         g_conv2d3_bias,
         g2,
         g1,
-        _unused0_x,
         g_conv2d0_weight,
         g_conv2d0_bias,
+        w0f,
+        w1f,
+        w2f,
+        w3f,
+        w4f,
+        w5f,
+        w6f,
+        w7f,
+        w8f,
+        w9f,
+        w10f,
+        wlf,
+        wlb,
+        w10b,
+        w9b,
+        w8b,
+        w7b,
+        w6b,
+        w5b,
+        w4b,
+        w3b,
+        wa3_0,
+        w2b,
+        w1b,
+        w0b,
     )
