@@ -5,12 +5,12 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py f9e58be44c06e511
-#   generated/layers/gcn_layer.py 529a4b733a92a12a
-#   generated/layers/log_softmax.py b9bb060f9743bfe7
-#   generated/losses/nll.py 363819214bd87636
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/relu.py 1af727d1205c7018
+#   generated/layers/gcn_layer.py d860b0e6a1422b32
+#   generated/layers/log_softmax.py 94e95ac72249bd9b
+#   generated/losses/nll.py 870585bfcc71266d
+#   generated/optimizers/adam.py 893cf79ce5b2235c
+#   generated/_runtime.py 0f103c4f0e40ac46
 """The gcn_karate model.
 
 Model ``gcn_karate``: samples of shape (34,) -> outputs of shape (2,).

@@ -5,15 +5,15 @@
 
 # The fused train step compiles in kernels of (sha256 of each module, so that its
 # Numba cache, keyed on this file, goes stale with them):
-#   generated/activations/relu.py f9e58be44c06e511
-#   generated/layers/add.py 809d5733899b2fc4
-#   generated/layers/avg_pool2d.py a3d1ce21b675b645
-#   generated/layers/conv2d.py 4057d82da32c17ea
-#   generated/layers/dense.py b1064debb7184e0d
-#   generated/layers/flatten.py b7213c173fd2ffd3
-#   generated/losses/softmax_cross_entropy.py 310b0c48c6eddcfb
-#   generated/optimizers/adam.py ec2f20d25229f4c1
-#   generated/_runtime.py 42c360a0f9c2bcce
+#   generated/activations/relu.py 1af727d1205c7018
+#   generated/layers/add.py 9e8b7015824a2dd6
+#   generated/layers/avg_pool2d.py 1b39215e51b0b3d9
+#   generated/layers/conv2d.py 41885484427347db
+#   generated/layers/dense.py 28f2af6dc907efce
+#   generated/layers/flatten.py 068a48f31df9fef9
+#   generated/losses/softmax_cross_entropy.py 009d48a172c69f61
+#   generated/optimizers/adam.py 893cf79ce5b2235c
+#   generated/_runtime.py 0f103c4f0e40ac46
 """The resnet_digits model.
 
 Model ``resnet_digits``: samples of shape (1, 8, 8) -> outputs of shape (10,).
@@ -505,7 +505,7 @@ def train_step(params, state, x, y, **hyper):
         raise ValueError("train_step: x must have shape (B,) + %r, got %r" % (INPUT_SHAPE, x.shape))
     if y.shape != (x.shape[0],) + OUTPUT_SHAPE:
         raise ValueError("train_step: y must have shape (B,) + %r with B = %d, got %r" % (OUTPUT_SHAPE, x.shape[0], y.shape))
-    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+    _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ("b",))
     key = (x.shape, y.shape, dtype)
     if getattr(_ARRAYS, "key", None) != key:
         _ARRAYS.arrays = _step_arrays(x, y, conv2d0_weight, conv2d0_bias, conv2d3_weight, conv2d3_bias, conv2d5_weight, conv2d5_bias, dense10_weight, dense10_bias)

@@ -375,7 +375,7 @@ def _check_batch(x, y):
         raise ValueError("%s: y must have shape (B,) + %r with B = %d, got %r" % (NAME, OUTPUT_SHAPE, rows, tuple(y.shape)))
     if not _on_device(y):
         y = np.ascontiguousarray(y, np.float64)
-        _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ('b',))
+        _check_assumption(LOSS, "sum(target[b, c], c) == 1 (derive/ops/losses.py)", "y", y, (1,), 1.0, ("b",))
     return rows
 
 
