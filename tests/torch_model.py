@@ -54,6 +54,14 @@ def op_defs() -> dict:
     return {d.name: d for d in derive.library_defs()}
 
 
+@functools.cache
+def _op_attrs(name: str) -> dict:
+    """The generated op's attributes with their defaults."""
+    import generated
+
+    return dict(generated.op(name).attrs)
+
+
 def _tensor(a) -> torch.Tensor:
     """An array as a float64 tensor (integer data, token ids, stays int64)."""
     a = np.asarray(a)
@@ -130,7 +138,7 @@ class TorchTwin:
     def _check_fields(self, i: int, entry: dict, d):
         dims = {x for shape in [*d.inputs.values(), *d.params.values(), *d.outputs.values()] for x in shape}
         dims |= {str(x) for x in dict(d.derived_dims or {})}
-        known = set(ENTRY_FIELDS) | {str(a) for a in dict(d.attrs or {})} | dims
+        known = set(ENTRY_FIELDS) | {str(a) for a in dict(d.attrs or {})} | set(_op_attrs(d.name)) | dims
         if entry.get("unroll"):
             known |= set(CELL_FIELDS)
         for key in entry:
@@ -151,6 +159,7 @@ class TorchTwin:
         """Every attribute of the op: the op's defaults under the spec's values."""
         d = self.op(i)
         values = {str(a): v for a, v in dict(d.attrs or {}).items()}
+        values.update(_op_attrs(d.name))  # attributes the op gains when built (a loss's reduction)
         given = self.spec["loss"] if i is None else self.entries[i]
         if isinstance(given, dict):
             values.update({k: v for k, v in given.items() if k in values})
