@@ -218,6 +218,7 @@ EXAMPLES: dict[str, Example] = {
     for e in (
         Example("mlp_digits", "digits", 20, 32, "MLP 64-128-10 on the 8x8 digits (>= 96% test accuracy)"),
         Example("cnn_digits", "digits", 20, 32, "conv 3x3 (32 maps), ReLU, max-pool, dense on the digits as 1x8x8 images (>= 98%)"),
+        Example("resnet_digits", "digits", 15, 32, "residual CNN: conv 3x3, ReLU, avg-pool, a block of two 3x3 convs + shortcut, dense (>= 98.5%)"),
         Example("logreg_breast_cancer", "breast_cancer", 30, 32, "logistic regression (BCE with logits) on breast cancer (>= 95%)"),
         Example("linear_diabetes", "diabetes", 200, 512, "linear regression (MSE, full batch) on diabetes: the least-squares fit"),
         Example("gru_majority", "majority", 10, 32, "GRU over 15 random bits, trained through time: is the majority 1? (>= 95%)"),

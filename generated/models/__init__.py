@@ -6,14 +6,16 @@
 """Generated models: one module per model spec in specs/models/.
 
 - ``generated.models.cnn_digits``
+- ``generated.models.gcn_karate``
 - ``generated.models.gru_majority``
 - ``generated.models.linear_diabetes``
 - ``generated.models.logreg_breast_cancer``
 - ``generated.models.lstm_temporal_order``
 - ``generated.models.mlp_bench``
 - ``generated.models.mlp_digits``
+- ``generated.models.resnet_digits``
 - ``generated.models.transformer_chars``
 - ``generated.models.transformer_sort``
 """
 
-MODELS = ("cnn_digits", "gru_majority", "linear_diabetes", "logreg_breast_cancer", "lstm_temporal_order", "mlp_bench", "mlp_digits", "transformer_chars", "transformer_sort")
+MODELS = ("cnn_digits", "gcn_karate", "gru_majority", "linear_diabetes", "logreg_breast_cancer", "lstm_temporal_order", "mlp_bench", "mlp_digits", "resnet_digits", "transformer_chars", "transformer_sort")
