@@ -139,6 +139,7 @@ class TorchTwin:
         dims = {x for shape in [*d.inputs.values(), *d.params.values(), *d.outputs.values()] for x in shape}
         dims |= {str(x) for x in dict(d.derived_dims or {})}
         known = set(ENTRY_FIELDS) | {str(a) for a in dict(d.attrs or {})} | set(_op_attrs(d.name)) | dims
+        known |= set(dict(d.shorthands or {}))  # conv2d's P for PH and PW
         if entry.get("unroll"):
             known |= set(CELL_FIELDS)
         for key in entry:
@@ -162,6 +163,10 @@ class TorchTwin:
         values.update(_op_attrs(d.name))  # attributes the op gains when built (a loss's reduction)
         given = self.spec["loss"] if i is None else self.entries[i]
         if isinstance(given, dict):
+            # a shorthand (conv2d's P) sets each of its attributes; one given by its own name wins
+            for short, parts in dict(d.shorthands or {}).items():
+                if short in given:
+                    values.update({part: given[short] for part in parts})
             values.update({k: v for k, v in given.items() if k in values})
         return values
 
