@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from model_check import assert_steps_follow_the_optimizer
 from codegen.model import ModelSpecError, check_model, render_model
 
 OPS = ("adam", "add", "conv2d", "dense", "flatten", "layer_norm", "relu", "softmax_cross_entropy", "tanh")
@@ -135,22 +136,7 @@ def test_residual_loss_and_grads_match_torch_and_finite_differences(residual, rn
 
 
 def test_residual_train_step_is_loss_and_grads_then_adam(residual, rng):
-    import generated
-
-    params = _params(residual, 1)
-    manual = {k: v.copy() for k, v in params.items()}
-    state = residual.init_state(params)
-    adam = generated.op(residual.OPTIMIZER)
-    slots = {k: adam.init_state(v) for k, v in manual.items()}
-    hyper = {**adam.hyper, **residual.HYPER}
-    for t in (1, 2, 3):
-        x, y = _batch(rng, residual, 4)
-        loss_manual, grads = residual.loss_and_grads(manual, x, y)
-        for k in manual:
-            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
-        ref.assert_close(residual.train_step(params, state, x, y), loss_manual, np.float64, f"loss at step {t}")
-        for k in params:
-            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+    assert_steps_follow_the_optimizer(residual, _params(residual, 1), [_batch(rng, residual, 4) for _ in range(3)])
 
 
 def test_residual_hvp_matches_torch(residual, rng):
@@ -312,8 +298,6 @@ def test_named_inputs_of_their_dtypes_train_as_in_torch(multi_programs, tmp_path
     """Integer token ids and float features, each read by name: loss and gradients as
     PyTorch's, and the fused step is loss_and_grads then adam. (Its CUDA twin is
     rendered too: tests/test_model_cuda.py trains one against the CPU.)"""
-    import generated
-
     path = tmp_path / "two_inputs.toml"
     path.write_text(MULTI)
     model = _load(multi_programs, path, tmp_path)
@@ -329,15 +313,9 @@ def test_named_inputs_of_their_dtypes_train_as_in_torch(multi_programs, tmp_path
     ref.assert_close(loss, expected.item(), np.float64, "loss")
     for k in model.PARAM_SHAPES:
         ref.assert_close(grads[k], p[k].grad.numpy(), np.float64, f"gradient of {k}")
-    adam = generated.op("adam")
-    manual = {k: v.copy() for k, v in params.items()}
-    state = model.init_state(params)
-    ref.assert_close(model.train_step(params, state, x, y), loss, np.float64, "fused loss")
-    for k in manual:
-        adam.step(manual[k], grads[k], *adam.init_state(manual[k]), t=1, **{**adam.hyper, **model.HYPER})
-        ref.assert_close(params[k], manual[k], np.float64, f"{k} after the fused step")
+    assert_steps_follow_the_optimizer(model, params, [(x, y)])
     with pytest.raises(ValueError, match=r"x\['feats'\] must have shape \(B,\) \+ \(4,\)"):
-        model.train_step(params, state, {"token": x["token"], "feats": x["feats"][:, :3]}, y)
+        model.train_step(params, model.init_state(params), {"token": x["token"], "feats": x["feats"][:, :3]}, y)
     assert render_model(path, multi_programs, target="cuda")[0] == "models/two_inputs_cuda.py"
 
 

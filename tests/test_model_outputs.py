@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from model_check import assert_hvp_matches_gradient_differences, assert_steps_follow_the_optimizer
 from codegen.model import ModelSpecError, check_model, render_model
 
 OPS = ("adam", "add", "dense", "lstm_cell", "softmax_cross_entropy", "tanh")
@@ -97,33 +98,15 @@ def test_both_outputs_gradients_match_torch(model):
 
 
 def test_train_step_is_loss_and_grads_then_adam(model):
-    import generated
-
     params, x, y = params_and_batch(model, 1)
-    manual = {k: v.copy() for k, v in params.items()}
-    state = model.init_state(params)
-    adam = generated.op("adam")
-    slots = {k: adam.init_state(v) for k, v in manual.items()}
-    for t in (1, 2):
-        loss_manual, grads = model.loss_and_grads(manual, x, y)
-        for k in manual:
-            adam.step(manual[k], grads[k], *slots[k], t=t, **{**adam.hyper, **model.HYPER})
-        loss = model.train_step(params, state, x, y)
-        ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
-        for k in params:
-            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+    assert_steps_follow_the_optimizer(model, params, [(x, y), (x, y)])
 
 
 def test_hvp_through_both_outputs_matches_differences_of_the_gradient(model):
     params, x, y = params_and_batch(model, 2)
     rng = np.random.default_rng(3)
     v = {k: rng.normal(size=p.shape) for k, p in params.items()}
-    hv = model.hvp(params, x, y, v)
-    h = 1e-5
-    plus = model.loss_and_grads({k: p + h * v[k] for k, p in params.items()}, x, y)[1]
-    minus = model.loss_and_grads({k: p - h * v[k] for k, p in params.items()}, x, y)[1]
-    for k in params:
-        ref.assert_close(hv[k], (plus[k] - minus[k]) / (2 * h), np.float64, f"Hv for {k}", ref.Tol(rtol=1e-6, atol=1e-8))
+    assert_hvp_matches_gradient_differences(model, params, x, y, v)
 
 
 @pytest.mark.parametrize(

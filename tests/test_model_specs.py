@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from model_check import assert_steps_follow_the_optimizer
 from codegen.model import ModelSpecError, check_model, render_model
 
 # the library ops these tests compose (derived once: gru_cell would be slow)
@@ -290,25 +291,9 @@ def test_cnn_module_loss_and_grads_match_torch(cnn, rng):
 
 
 def test_cnn_train_step_is_loss_and_grads_then_adam(cnn, rng):
-    import generated
-
-    params = cnn.init(1, dtype=np.float64)
-    manual = {k: v.copy() for k, v in params.items()}
-    state = cnn.init_state(params)
-    adam = generated.op(cnn.OPTIMIZER)
-    slots = {k: adam.init_state(v) for k, v in manual.items()}
-    hyper = {**adam.hyper, **cnn.HYPER}
     # the step's arrays are reused while the batch shape stays and replaced when it changes
-    for t, batch in ((1, 6), (2, 6), (3, 4), (4, 6)):
-        x = rng.normal(size=(batch,) + cnn.INPUT_SHAPE)
-        y = np.eye(10)[rng.integers(0, 10, size=batch)]
-        loss_manual, grads = cnn.loss_and_grads(manual, x, y)
-        for k in manual:
-            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
-        loss = cnn.train_step(params, state, x, y)
-        ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
-        for k in params:
-            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+    batches = [(rng.normal(size=(n,) + cnn.INPUT_SHAPE), np.eye(10)[rng.integers(0, 10, size=n)]) for n in (6, 6, 4, 6)]
+    assert_steps_follow_the_optimizer(cnn, cnn.init(1, dtype=np.float64), batches)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

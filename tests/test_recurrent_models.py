@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from model_check import assert_hvp_matches_gradient_differences, assert_steps_follow_the_optimizer
 from codegen.model import ModelSpecError, check_model, render_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,22 +110,7 @@ def assert_grads_match_torch(model, params, x, y, torch_loss):
 
 
 def assert_train_step_is_loss_and_grads_then_adam(model, params, rng, steps=2):
-    import generated
-
-    manual = {k: v.copy() for k, v in params.items()}
-    state = model.init_state(params)
-    adam = generated.op(model.OPTIMIZER)
-    slots = {k: adam.init_state(v) for k, v in manual.items()}
-    hyper = {**adam.hyper, **model.HYPER}
-    for t in range(1, steps + 1):
-        x, y = batch(rng, model)
-        loss_manual, grads = model.loss_and_grads(manual, x, y)
-        for k in manual:
-            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
-        loss = model.train_step(params, state, x, y)
-        ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
-        for k in params:
-            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+    assert_steps_follow_the_optimizer(model, params, [batch(rng, model) for _ in range(steps)])
 
 
 # ------------------------------------------------------------------------- specs
@@ -315,12 +301,7 @@ def test_hvp_through_time_matches_differences_of_the_gradient(model, request):
     params = lstm_params(module, 3) if model == "lstm" else module.init(3, dtype=np.float64)
     x, y = batch(rng, module, n=2)
     v = {k: rng.normal(size=p.shape) for k, p in params.items()}
-    hv = module.hvp(params, x, y, v)
-    h = 1e-5
-    plus = module.loss_and_grads({k: p + h * v[k] for k, p in params.items()}, x, y)[1]
-    minus = module.loss_and_grads({k: p - h * v[k] for k, p in params.items()}, x, y)[1]
-    for k in params:
-        ref.assert_close(hv[k], (plus[k] - minus[k]) / (2 * h), np.float64, f"Hv for {k}", ref.Tol(rtol=1e-6, atol=1e-8))
+    assert_hvp_matches_gradient_differences(module, params, x, y, v)
 
 
 @pytest.mark.parametrize(

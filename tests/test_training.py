@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from model_check import assert_steps_follow_the_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 MLP_DIGITS = REPO / "specs" / "models" / "mlp_digits.toml"
@@ -70,23 +71,7 @@ def test_model_loss_and_grads_match_torch(mlp, rng):
 
 
 def test_train_step_is_loss_and_grads_then_optimizer_step(mlp, rng):
-    import generated
-
-    params = mlp.init(1, dtype=np.float64)
-    manual = {k: v.copy() for k, v in params.items()}
-    state = mlp.init_state(params)
-    adam = generated.op(mlp.OPTIMIZER)
-    slots = {k: adam.init_state(v) for k, v in manual.items()}
-    hyper = {**adam.hyper, **mlp.HYPER}
-    for t in (1, 2, 3):
-        x, y = batch(rng)
-        loss_manual, grads = mlp.loss_and_grads(manual, x, y)
-        for k in manual:
-            adam.step(manual[k], grads[k], *slots[k], t=t, **hyper)
-        loss = mlp.train_step(params, state, x, y)
-        ref.assert_close(loss, loss_manual, np.float64, f"loss at step {t}")
-        for k in params:
-            ref.assert_close(params[k], manual[k], np.float64, f"{k} after step {t}")
+    assert_steps_follow_the_optimizer(mlp, mlp.init(1, dtype=np.float64), [batch(rng) for _ in range(3)])
 
 
 def test_train_step_keeps_float32(mlp, rng):
