@@ -364,7 +364,7 @@ def _min(*a):
 
 
 # name -> (torch function, domain of the first argument, weight)
-#   domain: any | pos (positive, away from 0) | tan (|arg| < 1.5)
+#   domain: any | pos (positive, away from 0) | tan (|arg| < 1.5) | unit (|arg| < 0.91) | ge1 (arg > 1)
 TORCH_FUNCTIONS = {
     "exp": (torch.exp, "any", 3),
     "log": (torch.log, "pos", 3),
@@ -375,6 +375,12 @@ TORCH_FUNCTIONS = {
     "cos": (torch.cos, "any", 2),
     "tan": (torch.tan, "tan", 2),
     "atan": (torch.atan, "any", 2),
+    "asin": (torch.asin, "unit", 1),
+    "acos": (torch.acos, "unit", 1),
+    "atanh": (torch.atanh, "unit", 1),
+    "asinh": (torch.asinh, "any", 1),
+    "acosh": (torch.acosh, "ge1", 1),
+    "erfc": (torch.erfc, "any", 1),
     "sinh": (torch.sinh, "any", 2),
     "cosh": (torch.cosh, "any", 2),
     "tanh": (torch.tanh, "any", 3),
@@ -986,6 +992,10 @@ class Gen:
             return Fn(name, (arg,))
         if domain == "tan":
             return Fn(name, (self.small(scope, d),))
+        if domain == "unit":  # tanh of |value| < 1.5: inside (-0.91, 0.91), away from the poles at +-1
+            return Fn(name, (Fn("tanh", (self.small(scope, d),)),))
+        if domain == "ge1":  # 1 + a positive value: away from acosh's pole at 1
+            return Fn(name, (Bin("+", Num("1", 1.0), self.positive(scope, d)),))
         arg = self.gen(scope, d)
         if name == "leaky_relu" and self.chance(50):
             return Fn(name, (arg, Num(*self.pick([("0.2", 0.2), ("0.1", 0.1)]))))
@@ -1946,6 +1956,8 @@ def _mp_softplus(x):
 MP_FUNCTIONS = {
     "exp": mpmath.exp, "log": mpmath.log, "log1p": mpmath.log1p, "expm1": mpmath.expm1, "sqrt": mpmath.sqrt,
     "sin": mpmath.sin, "cos": mpmath.cos, "tan": mpmath.tan, "atan": mpmath.atan, "sinh": mpmath.sinh,
+    "asin": mpmath.asin, "acos": mpmath.acos, "atanh": mpmath.atanh, "asinh": mpmath.asinh, "acosh": mpmath.acosh,
+    "erfc": mpmath.erfc,
     "cosh": mpmath.cosh, "tanh": mpmath.tanh, "erf": mpmath.erf, "abs": abs, "sign": mpmath.sign,
     "floor": mpmath.floor,
     "Max": lambda *a: max(a), "Min": lambda *a: min(a),

@@ -818,7 +818,7 @@ def extreme_inputs(name: str, rng: np.random.Generator, magnitude: float = 1e3,
             return [np.minimum(big((B, C)), 80.0), counts]
         return [np.abs(big((B, C))), counts]  # rates
     if name in LAYER_SIZES:  # the layer's main float argument at the magnitude, the rest as usual
-        args = layer_inputs(name, rng, LAYER_SIZES[name])
+        args = layer_inputs(name, rng, LAYER_SIZES[name], attrs)  # conv2d's weight follows its groups
         k = EXTREME_ARG.get(name, 0)
         args[k] = big(args[k].shape)
         return args

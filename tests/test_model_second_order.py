@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 import reference as ref
 
-MODELS = ["cnn_digits", "linear_diabetes", "logreg_breast_cancer", "mlp_bench", "mlp_digits"]
+MODELS = ["cnn_digits", "gcn_karate", "linear_diabetes", "logreg_breast_cancer", "mlp_bench", "mlp_digits",
+          "resnet_digits", "transformer_chars", "transformer_sort"]
+# the batch is the graph's nodes where an input is a graph's adjacency (one row per node)
+BATCH = {"gcn_karate": 34}
 
 
 def model(name):
@@ -27,7 +30,14 @@ def model(name):
 
 
 def batch(m, rng, n=5):
-    x = rng.normal(size=(n,) + m.INPUT_SHAPE)
+    n = BATCH.get(m.NAME, n)
+    if hasattr(m, "INPUTS"):  # named inputs: token ids (small, valid for any table) and float data
+        x = {k: rng.integers(0, 2, size=(n,) + shape) if dtype == "int64" else rng.normal(size=(n,) + shape)
+             for k, (shape, dtype) in m.INPUTS.items()}
+    else:
+        x = rng.normal(size=(n,) + m.INPUT_SHAPE)
+    if hasattr(m, "TARGET_SHAPE"):  # a class per position
+        return x, rng.integers(0, m.OUTPUT_SHAPE[-1], size=(n,) + m.TARGET_SHAPE)
     if m.TASK == "classification":
         y = np.eye(m.OUTPUT)[rng.integers(0, m.OUTPUT, n)]
     elif m.TASK == "binary":
